@@ -1,0 +1,148 @@
+// binding.cpp: the one place where tensors become a VarlenFwdParams.
+#include "binding.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <limits>
+
+namespace dmattn {
+namespace {
+
+constexpr const char* kOp = "dmattn.varlen_fwd: ";
+
+ScalarType to_scalar_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return ScalarType::kFloat32;
+    case at::kHalf: return ScalarType::kFloat16;
+    case at::kBFloat16: return ScalarType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, kOp, "unsupported dtype ", t);
+  }
+}
+
+void check_device(const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(t.device() == q.device(), kOp, name, " must be on q's device (", q.device(), "), got ",
+                    t.device());
+}
+
+// Checks the rank, rows, head count and (query-side) width of a mask or bias; returns its layout.
+OperandLayout check_operand(const char* name, const at::Tensor& t, const VarlenFwdArgs& a) {
+  const int64_t H = a.q.size(1), Hk = a.k.size(1);
+  check_device(name, t, a.q);
+  TORCH_CHECK_VALUE(t.dim() == 2 || t.dim() == 3, kOp, name,
+                    " must be key-side (total_k, Hm) or query-side (total_q, Hm, max_seqlen_k), got rank ", t.dim());
+  const bool key_side = t.dim() == 2;
+  const int64_t rows = key_side ? a.k.size(0) : a.q.size(0);
+  TORCH_CHECK_VALUE(t.size(0) == rows, kOp, name, key_side ? " (key-side) must have total_k = " : " (query-side) must have total_q = ",
+                    rows, " rows, got ", t.size(0));
+  const int64_t hm = t.size(1);
+  TORCH_CHECK_VALUE(hm == 1 || hm == Hk || hm == H, kOp, name, " head dim Hm must be 1, Hk = ", Hk, " or H = ", H,
+                    ", got ", hm);
+  if (!key_side) {
+    TORCH_CHECK_VALUE(t.size(2) == a.max_seqlen_k, kOp, name, " (query-side) last dim must be max_seqlen_k = ",
+                      a.max_seqlen_k, ", got ", t.size(2));
+  }
+  return key_side ? OperandLayout::kKeySide : OperandLayout::kQuerySide;
+}
+
+ScoreOperand make_operand(const at::Tensor& t, OperandLayout layout, int64_t num_heads) {
+  ScoreOperand op;
+  op.ptr = t.data_ptr();
+  op.layout = layout;
+  op.dtype = t.scalar_type() == at::kBool ? ScalarType::kFloat32 : to_scalar_type(t.scalar_type());
+  op.head_group = static_cast<int32_t>(num_heads / t.size(1));
+  op.row_stride = t.stride(0);
+  op.head_stride = t.size(1) == 1 ? 0 : t.stride(1);
+  op.col_stride = layout == OperandLayout::kQuerySide ? t.stride(2) : 0;
+  return op;
+}
+
+}  // namespace
+
+void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type) {
+  const at::Tensor& q = a.q;
+  TORCH_CHECK_VALUE(q.device().type() == device_type, kOp, "q is on ", q.device(), ", expected ", device_type);
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &a.q}, {"k", &a.k}, {"v", &a.v}}) {
+    TORCH_CHECK_VALUE(t->dim() == 3, kOp, name, " must have rank 3 (tokens, heads, head_dim), got rank ", t->dim());
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), kOp, name, " must have q's dtype ", q.scalar_type(),
+                     ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->size(2) == 0 || t->stride(2) == 1, kOp, name,
+                      " must have a contiguous head_dim (stride 1), got stride ", t->stride(2));
+    check_device(name, *t, q);
+  }
+  to_scalar_type(q.scalar_type());
+  TORCH_CHECK_VALUE(a.k.sizes() == a.v.sizes(), kOp, "k and v must have the same shape, got ", a.k.sizes(), " and ",
+                    a.v.sizes());
+  TORCH_CHECK_VALUE(q.size(2) == a.k.size(2), kOp, "q and k must have the same head_dim, got ", q.size(2), " and ",
+                    a.k.size(2));
+  TORCH_CHECK_VALUE(a.k.size(1) >= 1 && q.size(1) % a.k.size(1) == 0, kOp,
+                    "the number of query heads H must be a multiple of the number of key/value heads Hk, got H = ",
+                    q.size(1), ", Hk = ", a.k.size(1));
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"cu_seqlens_q", &a.cu_seqlens_q},
+                         {"cu_seqlens_k", &a.cu_seqlens_k}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kInt, kOp, name, " must be int32, got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) >= 1, kOp, name, " must have shape (B + 1,), got ", t->sizes());
+    TORCH_CHECK_VALUE(t->stride(0) == 1, kOp, name, " must be contiguous");
+    check_device(name, *t, q);
+  }
+  TORCH_CHECK_VALUE(a.cu_seqlens_q.size(0) == a.cu_seqlens_k.size(0), kOp,
+                    "cu_seqlens_q and cu_seqlens_k must have the same length B + 1, got ", a.cu_seqlens_q.size(0),
+                    " and ", a.cu_seqlens_k.size(0));
+  TORCH_CHECK_VALUE(a.max_seqlen_q >= 0 && a.max_seqlen_k >= 0, kOp, "max_seqlen_q and max_seqlen_k must be >= 0");
+  if (a.mask) {
+    TORCH_CHECK_TYPE(a.mask->scalar_type() == at::kBool, kOp, "mask must be bool, got ", a.mask->scalar_type());
+    check_operand("mask", *a.mask, a);
+  }
+  if (a.bias) {
+    const auto bt = a.bias->scalar_type();
+    TORCH_CHECK_TYPE(bt == at::kFloat || bt == q.scalar_type(), kOp, "bias must be float32 or q's dtype ",
+                     q.scalar_type(), ", got ", bt);
+    check_operand("bias", *a.bias, a);
+  }
+  if (a.softmax_scale) {
+    TORCH_CHECK_VALUE(std::isfinite(*a.softmax_scale), kOp, "softmax_scale must be finite, got ", *a.softmax_scale);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> allocate_outputs(const VarlenFwdArgs& a) {
+  at::Tensor out = at::empty({a.q.size(0), a.q.size(1), a.q.size(2)}, a.q.options());
+  at::Tensor lse = at::empty({a.q.size(1), a.q.size(0)}, a.q.options().dtype(at::kFloat));
+  return {out, lse};
+}
+
+VarlenFwdParams make_params(const VarlenFwdArgs& a, at::Tensor& out, at::Tensor& lse) {
+  VarlenFwdParams p;
+  p.q = a.q.data_ptr();
+  p.k = a.k.data_ptr();
+  p.v = a.v.data_ptr();
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.cu_seqlens_q = a.cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = a.cu_seqlens_k.data_ptr<int32_t>();
+  p.dtype = to_scalar_type(a.q.scalar_type());
+  p.q_row_stride = a.q.stride(0);
+  p.q_head_stride = a.q.stride(1);
+  p.k_row_stride = a.k.stride(0);
+  p.k_head_stride = a.k.stride(1);
+  p.v_row_stride = a.v.stride(0);
+  p.v_head_stride = a.v.stride(1);
+  p.out_row_stride = out.stride(0);
+  p.out_head_stride = out.stride(1);
+  p.batch = static_cast<int32_t>(a.cu_seqlens_q.size(0) - 1);
+  p.num_heads = static_cast<int32_t>(a.q.size(1));
+  p.num_heads_k = static_cast<int32_t>(a.k.size(1));
+  p.head_dim = static_cast<int32_t>(a.q.size(2));
+  p.total_q = a.q.size(0);
+  p.total_k = a.k.size(0);
+  p.max_seqlen_q = a.max_seqlen_q;
+  p.max_seqlen_k = a.max_seqlen_k;
+  p.softmax_scale = static_cast<float>(
+      a.softmax_scale ? *a.softmax_scale : 1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(a.q.size(2), 1))));
+  p.is_causal = a.is_causal;
+  if (a.mask) p.mask = make_operand(*a.mask, a.mask->dim() == 2 ? OperandLayout::kKeySide : OperandLayout::kQuerySide, p.num_heads);
+  if (a.bias) p.bias = make_operand(*a.bias, a.bias->dim() == 2 ? OperandLayout::kKeySide : OperandLayout::kQuerySide, p.num_heads);
+  return p;
+}
+
+}  // namespace dmattn

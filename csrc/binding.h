@@ -1,0 +1,38 @@
+// binding.h: tensors -> VarlenFwdParams, shared by every backend's registration file.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+#include "varlen_fwd_params.h"
+
+namespace dmattn {
+
+// The arguments of dmattn::varlen_fwd, as the dispatcher hands them to a backend.
+struct VarlenFwdArgs {
+  const at::Tensor& q;
+  const at::Tensor& k;
+  const at::Tensor& v;
+  const at::Tensor& cu_seqlens_q;
+  const at::Tensor& cu_seqlens_k;
+  int64_t max_seqlen_q;
+  int64_t max_seqlen_k;
+  const std::optional<at::Tensor>& mask;
+  const std::optional<at::Tensor>& bias;
+  std::optional<double> softmax_scale;
+  bool is_causal;
+};
+
+// Checks every shape, dtype, stride and device invariant a kernel relies on for memory safety and raises a
+// ValueError/TypeError naming the argument otherwise. The user-facing statement of these rules, used by the
+// fake implementation and the Python API, is meta/rules.py; the two are kept in step by tests/test_errors.py.
+void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type);
+
+// Allocates out (total_q, H, D) and softmax_lse (H, total_q) and fills the params struct.
+// Query rows no sequence owns are left for the kernel to write (0 and -inf).
+std::tuple<at::Tensor, at::Tensor> allocate_outputs(const VarlenFwdArgs& a);
+VarlenFwdParams make_params(const VarlenFwdArgs& a, at::Tensor& out, at::Tensor& lse);
+
+}  // namespace dmattn

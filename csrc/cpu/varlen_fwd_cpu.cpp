@@ -1,0 +1,80 @@
+// varlen_fwd_cpu.cpp: registers the CPU kernel of dmattn::varlen_fwd.
+//
+// Validates once (binding.cpp, plus the cu_seqlens data checks that are cheap here), lists the work items
+// (sequence, query head, query block) and runs them with at::parallel_for.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../binding.h"
+#include "varlen_fwd_cpu_kernel.h"
+
+namespace dmattn {
+namespace {
+
+// cu_seqlens must start at 0, never decrease, end at or before the total, and no sequence may be longer than
+// max_seqlen. (The CUDA path cannot afford a device sync for this and clamps instead.)
+void check_cu_seqlens_data(const char* name, const at::Tensor& cu, int64_t total, int64_t max_seqlen,
+                           const char* total_name, const char* max_name) {
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int64_t n = cu.size(0);
+  TORCH_CHECK_VALUE(c[0] == 0, "dmattn.varlen_fwd: ", name, "[0] must be 0, got ", c[0]);
+  for (int64_t b = 0; b + 1 < n; ++b) {
+    TORCH_CHECK_VALUE(c[b + 1] >= c[b], "dmattn.varlen_fwd: ", name, " must be non-decreasing, got ", name, "[", b,
+                      "] = ", c[b], " > ", name, "[", b + 1, "] = ", c[b + 1]);
+    TORCH_CHECK_VALUE(c[b + 1] - c[b] <= max_seqlen, "dmattn.varlen_fwd: sequence ", b, " has ", c[b + 1] - c[b],
+                      " tokens in ", name, ", more than ", max_name, " = ", max_seqlen);
+  }
+  TORCH_CHECK_VALUE(c[n - 1] <= total, "dmattn.varlen_fwd: ", name, "[-1] must be <= ", total_name, " = ", total,
+                    ", got ", c[n - 1]);
+}
+
+struct WorkItem {
+  int32_t batch, head;
+  int64_t q_begin, q_end;
+};
+
+std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                                  int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                  const std::optional<at::Tensor>& mask,
+                                                  const std::optional<at::Tensor>& bias,
+                                                  std::optional<double> softmax_scale, bool is_causal) {
+  const VarlenFwdArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           mask, bias, softmax_scale, is_causal};
+  check_args(args, c10::DeviceType::CPU);
+  check_cu_seqlens_data("cu_seqlens_q", cu_seqlens_q, q.size(0), max_seqlen_q, "total_q", "max_seqlen_q");
+  check_cu_seqlens_data("cu_seqlens_k", cu_seqlens_k, k.size(0), max_seqlen_k, "total_k", "max_seqlen_k");
+
+  auto [out, lse] = allocate_outputs(args);
+  const VarlenFwdParams p = make_params(args, out, lse);
+
+  std::vector<WorkItem> items;
+  for (int32_t b = 0; b < p.batch; ++b) {
+    const int64_t lq = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
+    for (int32_t h = 0; h < p.num_heads; ++h) {
+      for (int64_t q0 = 0; q0 < lq; q0 += cpu::kQueryBlock) {
+        items.push_back({b, h, q0, std::min(lq, q0 + cpu::kQueryBlock)});
+      }
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    cpu::Scratch scratch;
+    for (int64_t i = begin; i < end; ++i) {
+      cpu::run_block(p, items[i].batch, items[i].head, items[i].q_begin, items[i].q_end, scratch);
+    }
+  });
+  const int64_t owned_end = p.cu_seqlens_q[p.batch];
+  if (owned_end < p.total_q) {
+    for (int32_t h = 0; h < p.num_heads; ++h) cpu::write_empty_rows(p, h, owned_end, p.total_q);
+  }
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace dmattn
+
+TORCH_LIBRARY_IMPL(dmattn, CPU, m) { m.impl("varlen_fwd", &dmattn::varlen_fwd_cpu); }

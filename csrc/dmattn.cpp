@@ -1,0 +1,21 @@
+// dmattn.cpp: the op schema, defined once. Backends register their kernels in their own files
+// (csrc/cpu/varlen_fwd_cpu.cpp, csrc/cuda/varlen_fwd_cuda.cpp); the fake (meta) implementation and the layout
+// rules live in meta/ (installed as dmattn_ops._meta).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty module, so that `from dmattn_ops import _C` loads this library (and its TORCH_LIBRARY blocks) from
+// Python with the limited API.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(dmattn, m) {
+  m.def(
+      "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "SymInt max_seqlen_q, SymInt max_seqlen_k, Tensor? mask=None, Tensor? bias=None, "
+      "float? softmax_scale=None, bool is_causal=False) -> (Tensor out, Tensor softmax_lse)");
+}

@@ -1,0 +1,98 @@
+// varlen_fwd_params.h: the plain description of one dmattn::varlen_fwd call.
+//
+// Kernels (CPU and CUDA) see only this struct: pointers, element strides and sizes. No torch header may be
+// included here or by any kernel source; the binding layer (csrc/binding.cpp) is the only place that turns
+// tensors into a VarlenFwdParams, after the one validation pass.
+//
+// Shapes (element strides, innermost head-dim stride is always 1):
+//   q    (total_q, H,  D)     out (total_q, H, D)     lse (H, total_q) float32, contiguous
+//   k, v (total_k, Hk, D)
+//   cu_seqlens_q (B + 1) int32, cu_seqlens_k (B + 1) int32
+//   mask / bias, key-side   (total_k, Hm)              element [key, hm]
+//               query-side (total_q, Hm, max_seqlen_k) element [query, hm, j], j = key position in the sequence
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DMATTN_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DMATTN_HOST_DEVICE inline
+#endif
+
+namespace dmattn {
+
+enum class ScalarType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// How a mask or bias tensor is laid out; told apart by rank in the binding (2 = key-side, 3 = query-side).
+enum class OperandLayout : int32_t { kAbsent = 0, kKeySide = 1, kQuerySide = 2 };
+
+// A mask (bool) or bias (float32 or q's dtype) operand.
+struct ScoreOperand {
+  const void* ptr = nullptr;
+  OperandLayout layout = OperandLayout::kAbsent;
+  ScalarType dtype = ScalarType::kFloat32;  // bias only; a mask is always bool (1 byte)
+  // Query head h reads operand head h / head_group. head_group = H / Hm, so Hm = 1 gives head 0 for every h,
+  // Hm = Hk gives the KV group of h, Hm = H gives h itself.
+  int32_t head_group = 1;
+  int64_t row_stride = 0;   // per key (key-side) or per query (query-side)
+  int64_t head_stride = 0;  // per operand head
+  int64_t col_stride = 0;   // per key position j (query-side only)
+
+  DMATTN_HOST_DEVICE bool present() const { return layout != OperandLayout::kAbsent; }
+};
+
+struct VarlenFwdParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+
+  ScalarType dtype = ScalarType::kFloat32;  // of q, k, v and out
+
+  int64_t q_row_stride = 0, q_head_stride = 0;
+  int64_t k_row_stride = 0, k_head_stride = 0;
+  int64_t v_row_stride = 0, v_head_stride = 0;
+  int64_t out_row_stride = 0, out_head_stride = 0;
+  // lse is (H, total_q) contiguous: element [h, i] at h * total_q + i.
+
+  int32_t batch = 0;       // B
+  int32_t num_heads = 0;   // H
+  int32_t num_heads_k = 0; // Hk, H % Hk == 0
+  int32_t head_dim = 0;    // D
+  int64_t total_q = 0;
+  int64_t total_k = 0;
+  int64_t max_seqlen_q = 0;
+  int64_t max_seqlen_k = 0;
+
+  float softmax_scale = 1.0f;
+  bool is_causal = false;
+
+  ScoreOperand mask;
+  ScoreOperand bias;
+};
+
+// The extent of one sequence after clamping cu_seqlens to the tensor extents, so that lying cu_seqlens can never
+// make a kernel read or write out of bounds: start <= end <= total and end - start <= max_seqlen.
+struct SeqRange {
+  int64_t start;
+  int64_t len;
+};
+
+DMATTN_HOST_DEVICE SeqRange clamp_seq(const int32_t* cu, int32_t b, int64_t total, int64_t max_seqlen) {
+  int64_t start = cu[b];
+  int64_t end = cu[b + 1];
+  start = start < 0 ? 0 : (start > total ? total : start);
+  end = end < start ? start : (end > total ? total : end);
+  int64_t len = end - start;
+  return {start, len > max_seqlen ? max_seqlen : len};
+}
+
+// Bottom-right aligned causal rule (FlashAttention >= 2.1): query i of a sequence with lq queries and lk keys sees
+// keys j <= i + lk - lq. Returns the number of visible key positions (can be <= 0).
+DMATTN_HOST_DEVICE int64_t causal_visible_keys(int64_t i, int64_t lq, int64_t lk) { return i + lk - lq + 1; }
+
+}  // namespace dmattn

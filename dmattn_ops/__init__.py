@@ -1,0 +1,24 @@
+"""dmattn_ops: varlen attention with dynamic key-side / query-side masks and biases, as a PyTorch custom op.
+
+    import dmattn_ops
+    out = dmattn_ops.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      mask=key_side_mask, bias=key_side_bias, is_causal=True)
+
+The op itself is ``torch.ops.dmattn.varlen_fwd`` (schema in csrc/dmattn.cpp).
+"""
+
+import torch  # noqa: F401  (loads libtorch before the op library)
+
+from . import _C  # noqa: F401  (loads the op library: schema + CPU/CUDA kernels)
+from . import _meta  # noqa: F401  (fake impl + autograd guard)
+from ._meta.rules import Layout
+from .ops import varlen_attention
+
+__all__ = ["Layout", "varlen_attention", "build_info"]
+
+
+def build_info():
+    """What this build contains: torch version, backends, dtypes, head dims (written by setup.py)."""
+    from ._build_config import CONFIG
+
+    return dict(CONFIG)
