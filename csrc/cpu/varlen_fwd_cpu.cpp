@@ -1,7 +1,7 @@
 // varlen_fwd_cpu.cpp: registers the CPU kernel of dmattn::varlen_fwd.
 //
 // Validates once (binding.cpp, plus the cu_seqlens data checks that are cheap here), lists the work items
-// (sequence, query head, query block) and runs them with at::parallel_for.
+// (sequence, KV group heads, query block) and runs them with at::parallel_for.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -32,11 +32,6 @@ void check_cu_seqlens_data(const char* name, const at::Tensor& cu, int64_t total
                     ", got ", c[n - 1]);
 }
 
-struct WorkItem {
-  int32_t batch, head;
-  int64_t q_begin, q_end;
-};
-
 std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                                   int64_t max_seqlen_q, int64_t max_seqlen_k,
@@ -52,20 +47,10 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
   auto [out, lse] = allocate_outputs(args);
   const VarlenFwdParams p = make_params(args, out, lse);
 
-  std::vector<WorkItem> items;
-  for (int32_t b = 0; b < p.batch; ++b) {
-    const int64_t lq = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
-    for (int32_t h = 0; h < p.num_heads; ++h) {
-      for (int64_t q0 = 0; q0 < lq; q0 += cpu::kQueryBlock) {
-        items.push_back({b, h, q0, std::min(lq, q0 + cpu::kQueryBlock)});
-      }
-    }
-  }
+  const std::vector<cpu::WorkItem> items = cpu::plan_work(p);
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     cpu::Scratch scratch;
-    for (int64_t i = begin; i < end; ++i) {
-      cpu::run_block(p, items[i].batch, items[i].head, items[i].q_begin, items[i].q_end, scratch);
-    }
+    for (int64_t i = begin; i < end; ++i) cpu::run_block(p, items[i], scratch);
   });
   const int64_t owned_end = p.cu_seqlens_q[p.batch];
   if (owned_end < p.total_q) {

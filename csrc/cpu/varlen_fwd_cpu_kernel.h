@@ -1,15 +1,15 @@
 // varlen_fwd_cpu_kernel.h: the CPU kernel of dmattn::varlen_fwd, one work item at a time.
 //
 // Torch-free: it sees a VarlenFwdParams and plain scratch buffers; the registration file
-// (varlen_fwd_cpu.cpp) spreads work items over threads. A work item is (sequence b, query head h, block of up to
-// kQueryBlock queries of that sequence). For that item the kernel
-//   1. lists the candidate keys: those visible to at least one query of the block (causal limit, key-side mask,
-//      and for a query-side mask a True for at least one query of the block). Every other key costs nothing:
-//      no dot product, no bias read, no V read;
-//   2. computes the scaled scores of the block's queries against the candidates (one K row read serves the
-//      whole block);
-//   3. adds the bias, applies the per-query causal limit and query-side mask, then a float32 softmax and the
-//      V accumulation.
+// (varlen_fwd_cpu.cpp) spreads work items over threads. A work item is (sequence, a range of query heads of one
+// KV group, a block of queries of that sequence): its rows are every (head, query) pair, so one K or V row read
+// serves all query heads that share it (GQA/MQA decode reads each KV row once per item, not once per head).
+// For that item the kernel
+//   1. lists the candidate keys: those visible to at least one row (causal limit, key-side mask, query-side
+//      mask). Every other key costs nothing: no dot product, no bias read, no K or V read;
+//   2. runs an online softmax over chunks of kKeyChunk candidates: scores (scaled q . k + bias, -inf where the
+//      row may not attend), running max and sum, then the V accumulation;
+//   3. normalizes and stores out and lse.
 // Accumulation is float32 for every input dtype.
 #pragma once
 
@@ -20,19 +20,29 @@
 
 namespace dmattn::cpu {
 
-constexpr int64_t kQueryBlock = 16;
+constexpr int64_t kQueryBlock = 16;  // queries per work item, at most
+constexpr int64_t kMaxRows = 64;     // (head, query) rows per work item, at most
+constexpr int64_t kKeyChunk = 128;   // candidate keys per online-softmax step
+
+struct WorkItem {
+  int32_t batch;
+  int32_t head_begin, head_end;  // query heads, all in one KV group
+  int64_t q_begin, q_end;        // query positions inside the sequence
+};
+
+// Splits the call into work items: per sequence, per KV group, blocks of heads x queries of at most kMaxRows rows.
+std::vector<WorkItem> plan_work(const VarlenFwdParams& p);
 
 // Per-thread scratch, reused across work items.
 struct Scratch {
-  std::vector<float> q;       // (kQueryBlock, D) queries as float32, pre-scaled by softmax_scale
+  std::vector<float> q;       // (rows, D) queries as float32, pre-scaled by softmax_scale
   std::vector<float> row;     // (D) one K or V row as float32
-  std::vector<float> scores;  // (kQueryBlock, n_candidates)
-  std::vector<float> acc;     // (kQueryBlock, D)
+  std::vector<float> scores;  // (rows, kKeyChunk)
+  std::vector<float> acc;     // (rows, D)
   std::vector<int64_t> keys;  // candidate key positions inside the sequence
 };
 
-// Runs one work item: sequence b, query head h, queries [q_begin, q_end) (positions inside the sequence).
-void run_block(const VarlenFwdParams& p, int32_t b, int32_t h, int64_t q_begin, int64_t q_end, Scratch& s);
+void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s);
 
 // Writes 0 to out and -inf to lse for packed query rows [row_begin, row_end) of head h: rows no sequence owns.
 void write_empty_rows(const VarlenFwdParams& p, int32_t h, int64_t row_begin, int64_t row_end);
