@@ -12,12 +12,12 @@ namespace {
 
 constexpr const char* kOp = "dmattn.varlen_fwd: ";
 
-ScalarType to_scalar_type(at::ScalarType t) {
+ScalarType to_scalar_type(const char* name, at::ScalarType t) {
   switch (t) {
     case at::kFloat: return ScalarType::kFloat32;
     case at::kHalf: return ScalarType::kFloat16;
     case at::kBFloat16: return ScalarType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, kOp, "unsupported dtype ", t);
+    default: TORCH_CHECK_TYPE(false, kOp, name, " must be float32, float16 or bfloat16, got ", t);
   }
 }
 
@@ -50,7 +50,7 @@ ScoreOperand make_operand(const at::Tensor& t, OperandLayout layout, int64_t num
   ScoreOperand op;
   op.ptr = t.data_ptr();
   op.layout = layout;
-  op.dtype = t.scalar_type() == at::kBool ? ScalarType::kFloat32 : to_scalar_type(t.scalar_type());
+  op.dtype = t.scalar_type() == at::kBool ? ScalarType::kFloat32 : to_scalar_type("bias", t.scalar_type());
   op.head_group = static_cast<int32_t>(num_heads / t.size(1));
   op.row_stride = t.stride(0);
   op.head_stride = t.size(1) == 1 ? 0 : t.stride(1);
@@ -71,27 +71,31 @@ void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type) {
                       " must have a contiguous head_dim (stride 1), got stride ", t->stride(2));
     check_device(name, *t, q);
   }
-  to_scalar_type(q.scalar_type());
+  to_scalar_type("q", q.scalar_type());
   TORCH_CHECK_VALUE(a.k.sizes() == a.v.sizes(), kOp, "k and v must have the same shape, got ", a.k.sizes(), " and ",
                     a.v.sizes());
   TORCH_CHECK_VALUE(q.size(2) == a.k.size(2), kOp, "q and k must have the same head_dim, got ", q.size(2), " and ",
                     a.k.size(2));
+  TORCH_CHECK_VALUE(q.size(2) >= 1, kOp, "head_dim D must be >= 1, got ", q.size(2));
   TORCH_CHECK_VALUE(a.k.size(1) >= 1 && q.size(1) % a.k.size(1) == 0, kOp,
                     "the number of query heads H must be a multiple of the number of key/value heads Hk, got H = ",
                     q.size(1), ", Hk = ", a.k.size(1));
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"cu_seqlens_q", &a.cu_seqlens_q},
                          {"cu_seqlens_k", &a.cu_seqlens_k}}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kInt, kOp, name, " must be int32, got ", t->scalar_type());
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kInt, kOp, name, " must be int32 (convert with .int()), got ",
+                     t->scalar_type());
     TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) >= 1, kOp, name, " must have shape (B + 1,), got ", t->sizes());
-    TORCH_CHECK_VALUE(t->stride(0) == 1, kOp, name, " must be contiguous");
+    TORCH_CHECK_VALUE(t->stride(0) == 1, kOp, name, " must be contiguous, got stride ", t->stride(0));
     check_device(name, *t, q);
   }
   TORCH_CHECK_VALUE(a.cu_seqlens_q.size(0) == a.cu_seqlens_k.size(0), kOp,
                     "cu_seqlens_q and cu_seqlens_k must have the same length B + 1, got ", a.cu_seqlens_q.size(0),
                     " and ", a.cu_seqlens_k.size(0));
-  TORCH_CHECK_VALUE(a.max_seqlen_q >= 0 && a.max_seqlen_k >= 0, kOp, "max_seqlen_q and max_seqlen_k must be >= 0");
+  TORCH_CHECK_VALUE(a.max_seqlen_q >= 0, kOp, "max_seqlen_q must be >= 0, got ", a.max_seqlen_q);
+  TORCH_CHECK_VALUE(a.max_seqlen_k >= 0, kOp, "max_seqlen_k must be >= 0, got ", a.max_seqlen_k);
   if (a.mask) {
-    TORCH_CHECK_TYPE(a.mask->scalar_type() == at::kBool, kOp, "mask must be bool, got ", a.mask->scalar_type());
+    TORCH_CHECK_TYPE(a.mask->scalar_type() == at::kBool, kOp, "mask must be bool (True = attend), got ",
+                     a.mask->scalar_type());
     check_operand("mask", *a.mask, a);
   }
   if (a.bias) {
@@ -120,7 +124,7 @@ VarlenFwdParams make_params(const VarlenFwdArgs& a, at::Tensor& out, at::Tensor&
   p.lse = lse.data_ptr<float>();
   p.cu_seqlens_q = a.cu_seqlens_q.data_ptr<int32_t>();
   p.cu_seqlens_k = a.cu_seqlens_k.data_ptr<int32_t>();
-  p.dtype = to_scalar_type(a.q.scalar_type());
+  p.dtype = to_scalar_type("q", a.q.scalar_type());
   p.q_row_stride = a.q.stride(0);
   p.q_head_stride = a.q.stride(1);
   p.k_row_stride = a.k.stride(0);

@@ -51,8 +51,16 @@ def _fail(kind, msg):
     raise kind(f"{OP}: {msg}")
 
 
+def _n(x):
+    """A size as a message shows it: while tracing with symbolic shapes, the example's value (the SymInt's hint),
+    so a message reads the same under torch.compile / torch.export as in eager mode."""
+    if isinstance(x, torch.SymInt) and x.node.has_hint():
+        return int(x.node.hint)
+    return x
+
+
 def _shape(t):
-    return tuple(t.shape)
+    return tuple(_n(s) for s in t.shape)
 
 
 def _check_qkv(q, k, v):
@@ -68,21 +76,21 @@ def _check_qkv(q, k, v):
             _fail(TypeError, f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             _fail(ValueError, f"{name} must be on q's device {q.device}, got {t.device}")
-    if _shape(k) != _shape(v):
+    if k.shape != v.shape:  # compares the (symbolic) sizes themselves; _shape is for messages only
         _fail(ValueError, f"k and v must have the same shape (total_k, Hk, D), got {_shape(k)} and {_shape(v)}")
     if q.shape[2] != k.shape[2]:
-        _fail(ValueError, f"q and k must have the same head_dim D, got {q.shape[2]} and {k.shape[2]}")
+        _fail(ValueError, f"q and k must have the same head_dim D, got {_n(q.shape[2])} and {_n(k.shape[2])}")
     if q.shape[2] < 1:
-        _fail(ValueError, f"head_dim D must be >= 1, got {q.shape[2]}")
+        _fail(ValueError, f"head_dim D must be >= 1, got {_n(q.shape[2])}")
     if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
         _fail(
             ValueError,
             f"the number of query heads H must be a multiple of the number of key/value heads Hk, "
-            f"got H = {q.shape[1]}, Hk = {k.shape[1]}",
+            f"got H = {_n(q.shape[1])}, Hk = {_n(k.shape[1])}",
         )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(2) != 1:
-            _fail(ValueError, f"{name} must have a contiguous head_dim (stride 1), got strides {tuple(t.stride())}")
+            _fail(ValueError, f"{name} must have a contiguous head_dim (stride 1), got strides {tuple(_n(s) for s in t.stride())}")
 
 
 def _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k):
@@ -96,12 +104,12 @@ def _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k):
         if t.device != q.device:
             _fail(ValueError, f"{name} must be on q's device {q.device}, got {t.device}")
         if t.stride(0) != 1:
-            _fail(ValueError, f"{name} must be contiguous, got stride {t.stride(0)}")
+            _fail(ValueError, f"{name} must be contiguous, got stride {_n(t.stride(0))}")
     if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
         _fail(
             ValueError,
             f"cu_seqlens_q and cu_seqlens_k must have the same length B + 1, "
-            f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}",
+            f"got {_n(cu_seqlens_q.shape[0])} and {_n(cu_seqlens_k.shape[0])}",
         )
 
 
@@ -117,18 +125,18 @@ def _check_operand(name, t, q, k, max_seqlen_k):
             f"{name} must be key-side (total_k, Hm) or query-side (total_q, Hm, max_seqlen_k), got shape {_shape(t)}",
         )
     if layout is Layout.KEY_SIDE and t.shape[0] != k.shape[0]:
-        _fail(ValueError, f"{name} is key-side (rank 2), so it must have total_k = {k.shape[0]} rows, got {t.shape[0]}")
+        _fail(ValueError, f"{name} is key-side (rank 2), so it must have total_k = {_n(k.shape[0])} rows, got {_n(t.shape[0])}")
     if layout is Layout.QUERY_SIDE and t.shape[0] != q.shape[0]:
         _fail(
-            ValueError, f"{name} is query-side (rank 3), so it must have total_q = {q.shape[0]} rows, got {t.shape[0]}"
+            ValueError, f"{name} is query-side (rank 3), so it must have total_q = {_n(q.shape[0])} rows, got {_n(t.shape[0])}"
         )
     hm = t.shape[1]
     if hm != 1 and hm != Hk and hm != H:
-        _fail(ValueError, f"{name} head dim Hm must be 1, Hk = {Hk} or H = {H}, got {hm}")
+        _fail(ValueError, f"{name} head dim Hm must be 1, Hk = {_n(Hk)} or H = {_n(H)}, got {_n(hm)}")
     if layout is Layout.QUERY_SIDE and t.shape[2] != max_seqlen_k:
         _fail(
             ValueError,
-            f"{name} is query-side, so its last dim must be max_seqlen_k = {max_seqlen_k}, got {t.shape[2]}",
+            f"{name} is query-side, so its last dim must be max_seqlen_k = {_n(max_seqlen_k)}, got {_n(t.shape[2])}",
         )
     return layout
 
@@ -143,7 +151,7 @@ def check_varlen_fwd(
     _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k)
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if value < 0:
-            _fail(ValueError, f"{name} must be >= 0, got {value}")
+            _fail(ValueError, f"{name} must be >= 0, got {_n(value)}")
     mask_layout = bias_layout = Layout.ABSENT
     if mask is not None:
         if mask.dtype != torch.bool:

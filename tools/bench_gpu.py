@@ -1,0 +1,806 @@
+"""Side-by-side GPU benchmark: dmattn_ops against FlexAttention, torch SDPA and torch's varlen attention, on the
+same inputs in one run (issue 3's performance section; peer figures in shared/PEERS.md).
+
+    python tools/bench_gpu.py --workload all --out benchmarks/results         # on the H100
+    python tools/bench_gpu.py --workload decode --quick                        # fewer repetitions
+    python tools/bench_gpu.py --device cpu --tiny --out /tmp/bench_test        # CPU smoke test, tiny shapes
+
+Workloads (all packed varlen batches, H=32, Hk=8, D=128, bf16 on CUDA; ``--tiny`` shrinks every size):
+  prefill  B=8, lengths 512-4096 (q = k), causal, key-side mask keeping the top 50% of each sequence's keys by a
+           random gating score + key-side bias (the gating score itself). Peers: FlexAttention compiled on the packed
+           batch (document + causal mask_mod reading the keep tensor, score_mod adding the bias; BlockMask build time
+           beside it), SDPA on padded tensors with causal+mask+bias materialized as a (B, H, Lmax, Lmax) float bias,
+           dmattn_ops with the key-side mask and bias. A "no mask" group: dmattn_ops vs torch varlen_attn.
+  dense    B=4 x 4096, no mask, causal and non-causal: SDPA FLASH_ATTENTION and CUDNN_ATTENTION backends, torch
+           varlen_attn (where this torch has it) and dmattn_ops.
+  decode   B=64, 1-8 queries and 1024-8192 keys per sequence, key-side mask keeping the top 25% of keys + key-side
+           bias, not causal. Peers: SDPA padded with the mask+bias materialized (B, H, Lq, Lk), SDPA padded with a
+           (B, H, 1, Lk) bias expanded over queries (stride 0), FlexAttention compiled packed (+ BlockMask build),
+           dmattn_ops; plus the "no mask" group.
+
+What each number means (also written into every JSON under "definitions"):
+  ms            median of per-call CUDA-event times after warm-up; the L2 cache is flushed before every repetition
+                (outside the timed region). Only the attention call is timed: padding, mask materialization, K/V head
+                expansion, layout copies and BlockMask builds are the peer's untimed preparation.
+  TFLOP/s unm.  4 * D * (query, key, head) triples that are visible after causality AND the mask, per second: only
+                the work that contributes to the output.
+  TFLOP/s dense 4 * D * triples visible after causality alone (Lq * Lk per sequence when not causal), at the real
+                sequence lengths (no padding): what a mask-free kernel would do on the same batch.
+  TB/s K/V      (decode) bytes of all real K and V rows (total_k * Hk * D * 2 tensors) per second; "kept" counts only
+                the K/V rows the mask keeps for at least one query head of the KV group.
+  extra MB      peak memory the call allocates above what was allocated before it, output included (CUDA only).
+  mask MB       bytes of the tensors the peer consumes to encode mask + bias (a stride-0 broadcast counted once; for
+                Flex: keep + bias + lookup tensors + BlockMask).
+  max|d|, rel   the peer's output against the group's reference (dmattn_ops where it ran, else the first peer that
+                ran), over the (query, head) rows that see at least one key; rel = ||peer - ref||_F / ||ref||_F.
+                A peer above the dtype's tolerance (or with NaN) is marked MISMATCH so a fast wrong kernel can't win.
+  speed-up      peer ms / dmattn_ops ms within the group (> 1: dmattn_ops is faster).
+
+Every peer runs in its own try/except: one failing peer (OOM, compile error, missing backend) is reported, not fatal.
+Until the dmattn_ops CUDA kernel is built, dmattn_ops is reported as "not built (no CUDA backend)" and the peers are
+checked against each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import math
+import os
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_SEED = 186  # picked so the prefill batch totals ~16k tokens, the size PEERS.md measured
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 2e-2}  # relative error, see "rel" above
+
+
+class Skip(Exception):
+    """A peer that cannot run here, with the reason (status "skipped")."""
+
+
+class NotBuilt(Exception):
+    """dmattn_ops has no kernel for this device (status "not built")."""
+
+
+# ----------------------------------------------------------------------------------------------------- problem
+
+
+@dataclass
+class Problem:
+    """One packed varlen batch and its key-side mask/bias: the inputs every peer of a group shares."""
+
+    lens_q: List[int]
+    lens_k: List[int]
+    heads: int  # H
+    heads_k: int  # Hk
+    head_dim: int  # D
+    causal: bool
+    q: torch.Tensor  # (total_q, H, D)
+    k: torch.Tensor  # (total_k, Hk, D)
+    v: torch.Tensor  # (total_k, Hk, D)
+    cu_q: torch.Tensor  # (B + 1,) int32
+    cu_k: torch.Tensor  # (B + 1,) int32
+    keep: Optional[torch.Tensor]  # (total_k, Hm) bool, True = attend; None = no mask
+    bias: Optional[torch.Tensor]  # (total_k, Hm) q's dtype; None = no bias
+
+    @property
+    def batch(self):
+        return len(self.lens_q)
+
+    @property
+    def max_q(self):
+        return max(self.lens_q, default=0)
+
+    @property
+    def max_k(self):
+        return max(self.lens_k, default=0)
+
+    @property
+    def mask_heads(self):  # Hm
+        return self.keep.shape[1] if self.keep is not None else 1
+
+    @property
+    def device(self):
+        return self.q.device
+
+    def without_mask(self) -> "Problem":
+        return dataclasses.replace(self, keep=None, bias=None)
+
+    def describe(self) -> Dict[str, object]:
+        return {
+            "batch": self.batch, "total_q": sum(self.lens_q), "total_k": sum(self.lens_k),
+            "max_seqlen_q": self.max_q, "max_seqlen_k": self.max_k, "lens_q": self.lens_q, "lens_k": self.lens_k,
+            "heads": self.heads, "heads_k": self.heads_k, "head_dim": self.head_dim, "dtype": str(self.q.dtype),
+            "causal": self.causal, "mask": None if self.keep is None else f"key-side {tuple(self.keep.shape)} bool",
+            "bias": None if self.bias is None else f"key-side {tuple(self.bias.shape)} {self.bias.dtype}",
+        }
+
+
+def _cu(lens, device):
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens, dtype=torch.int64).cumsum(0)
+    return cu.to(device)
+
+
+def make_problem(lens_q, lens_k, heads, heads_k, head_dim, mask_heads, keep_frac, causal, dtype, device, seed):
+    """Random q/k/v and, where keep_frac is given, a key-side mask keeping the top ``keep_frac`` of each sequence's
+    keys (per mask head) by a random gating score, with that score as the key-side bias."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    total_q, total_k = sum(lens_q), sum(lens_k)
+    dev_gen = torch.Generator(device=device).manual_seed(seed + 2)
+    q = torch.randn(total_q, heads, head_dim, generator=dev_gen, device=device, dtype=dtype)
+    k = torch.randn(total_k, heads_k, head_dim, generator=dev_gen, device=device, dtype=dtype)
+    v = torch.randn(total_k, heads_k, head_dim, generator=dev_gen, device=device, dtype=dtype)
+    keep = bias = None
+    if keep_frac is not None:
+        score = torch.randn(total_k, mask_heads, generator=gen)  # (total_k, Hm) gating score
+        keep = torch.zeros(total_k, mask_heads, dtype=torch.bool)
+        start = 0
+        for lk in lens_k:
+            if lk:
+                top = score[start:start + lk].topk(max(1, math.ceil(keep_frac * lk)), dim=0).indices  # (n, Hm)
+                keep[start:start + lk].scatter_(0, top, True)
+            start += lk
+        keep, bias = keep.to(device), score.to(device=device, dtype=dtype)
+    return Problem(list(lens_q), list(lens_k), heads, heads_k, head_dim, causal, q, k, v,
+                   _cu(lens_q, device), _cu(lens_k, device), keep, bias)
+
+
+@dataclass
+class Work:
+    """What one call of a group computes: visible (query, key, head) triples and K/V bytes."""
+
+    triples_unmasked: int  # visible after causality and the mask
+    triples_dense: int  # visible after causality alone
+    rows_visible: torch.Tensor  # (total_q, H) bool: the (query, head) rows that see at least one key
+    kv_bytes_all: int
+    kv_bytes_kept: int
+
+
+def work_of(p: Problem) -> Work:
+    H, Hm = p.heads, p.mask_heads
+    keep = p.keep.cpu() if p.keep is not None else None
+    rows = torch.zeros(sum(p.lens_q), H, dtype=torch.bool)
+    unmasked = dense = 0
+    q0 = k0 = 0
+    for lq, lk in zip(p.lens_q, p.lens_k):
+        if lq and lk:
+            # last visible key index of each query, then the number of keys at or before it
+            last = torch.arange(lq) + (lk - lq) if p.causal else torch.full((lq,), lk - 1)
+            n_vis = (last.clamp(max=lk - 1) + 1).clamp(min=0)  # (lq,)
+            dense += int(n_vis.sum()) * H
+            if keep is None:
+                cnt = n_vis[:, None].expand(lq, H)
+            else:
+                csum = torch.cat([torch.zeros(1, Hm, dtype=torch.int64), keep[k0:k0 + lk].long().cumsum(0)])
+                cnt = csum[n_vis].repeat_interleave(H // Hm, dim=1)  # (lq, H)
+            unmasked += int(cnt.sum())
+            rows[q0:q0 + lq] = cnt > 0
+        q0, k0 = q0 + lq, k0 + lk
+    row_bytes = p.head_dim * p.k.element_size() * 2  # one K row + one V row of one KV head
+    total_k = sum(p.lens_k)
+    kv_all = total_k * p.heads_k * row_bytes
+    if keep is None:
+        kept = total_k * p.heads_k
+    elif Hm == p.heads:
+        kept = int(keep.view(total_k, p.heads_k, H // p.heads_k).any(-1).sum())
+    else:
+        kept = int(keep.sum()) * (p.heads_k // Hm)
+    return Work(unmasked, dense, rows.to(p.device), kv_all, kept * row_bytes)
+
+
+class Padding:
+    """Maps a packed (total, ...) tensor to a zero-padded (B, padded_len, ...) one and back."""
+
+    def __init__(self, lens, padded_len, device):
+        lens_t = torch.tensor(lens, dtype=torch.int64)
+        starts = torch.cumsum(lens_t, 0) - lens_t
+        self.b = torch.repeat_interleave(torch.arange(len(lens)), lens_t).to(device)  # (total,)
+        self.pos = (torch.arange(int(lens_t.sum())) - torch.repeat_interleave(starts, lens_t)).to(device)  # (total,)
+        self.batch, self.padded_len = len(lens), padded_len
+
+    def pad(self, x):  # (total, *rest) -> (B, padded_len, *rest)
+        out = x.new_zeros((self.batch, self.padded_len) + tuple(x.shape[1:]))
+        out[self.b, self.pos] = x
+        return out
+
+    def unpad(self, y):  # (B, padded_len, *rest) -> (total, *rest)
+        return y[self.b, self.pos]
+
+
+def _round_up(x, m):
+    return (x + m - 1) // m * m
+
+
+# ------------------------------------------------------------------------------------------------------- peers
+
+
+@dataclass
+class Prepared:
+    """A peer ready to time: ``run`` is the timed call, ``to_packed`` turns its output into (total_q, H, D)."""
+
+    run: Callable[[], torch.Tensor]
+    to_packed: Callable[[torch.Tensor], torch.Tensor] = lambda out: out
+    mask_bytes: int = 0
+    extras: Dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class Peer:
+    name: str
+    prepare: Callable[[], Prepared]  # untimed: layouts, padding, materialization, compilation
+    family: str  # dmattn | flex | sdpa | varlen: the chart colour
+    cuda_only: str = ""  # non-empty: skipped off CUDA with this reason
+
+
+def dmattn_peer(p: Problem, name="dmattn_ops"):
+    def prepare():
+        reason = dmattn_unavailable(p.device)
+        if reason:
+            raise NotBuilt(reason)
+        import dmattn_ops
+
+        def run():
+            return dmattn_ops.varlen_attention(p.q, p.k, p.v, p.cu_q, p.cu_k, p.max_q, p.max_k, mask=p.keep,
+                                               bias=p.bias, is_causal=p.causal)
+        return Prepared(run, mask_bytes=bc.tensor_bytes(p.keep, p.bias),
+                        extras={"layout": "packed, key-side mask/bias" if p.keep is not None else "packed"})
+    return Peer(name, prepare, "dmattn")
+
+
+def dmattn_unavailable(device) -> str:
+    """Why dmattn_ops cannot run on ``device`` ("" when it can)."""
+    try:
+        import dmattn_ops  # noqa: F401
+    except Exception as e:  # an unbuilt or broken extension must not stop the peers
+        return f"not built (import failed: {type(e).__name__}: {e})"
+    key = "CUDA" if device.type == "cuda" else "CPU"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("dmattn::varlen_fwd", key):
+        return f"not built (no {key} backend)"
+    return ""
+
+
+def flex_peer(p: Problem):
+    """FlexAttention, compiled, on the packed batch (B = 1): a document (+ causal) mask_mod that reads the key-side
+    keep tensor and a score_mod that adds the key-side bias."""
+
+    def prepare():
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        H, Hm, dev = p.heads, p.mask_heads, p.device
+        head_div = H // Hm  # query head h reads mask/bias column h // head_div
+        total_q, total_k = sum(p.lens_q), sum(p.lens_k)
+        # Per-token lookups, padded past the ends with documents that never match (-1 / -2) because the kernels may
+        # evaluate mask_mod on indices of a partial last block.
+        qpad, kpad = _round_up(total_q, 128) + 128, _round_up(total_k, 128) + 128
+        q_doc = torch.full((qpad,), -1, dtype=torch.int32)
+        k_doc = torch.full((kpad,), -2, dtype=torch.int32)
+        q_last = torch.zeros(qpad, dtype=torch.int32)  # last visible in-sequence key position (causal)
+        k_pos = torch.zeros(kpad, dtype=torch.int32)  # in-sequence key position
+        q0 = k0 = 0
+        for b, (lq, lk) in enumerate(zip(p.lens_q, p.lens_k)):
+            q_doc[q0:q0 + lq] = b
+            k_doc[k0:k0 + lk] = b
+            q_last[q0:q0 + lq] = torch.arange(lq, dtype=torch.int32) + (lk - lq)
+            k_pos[k0:k0 + lk] = torch.arange(lk, dtype=torch.int32)
+            q0, k0 = q0 + lq, k0 + lk
+        q_doc, k_doc, q_last, k_pos = (t.to(dev) for t in (q_doc, k_doc, q_last, k_pos))
+        keep = torch.zeros(kpad, Hm, dtype=torch.bool, device=dev)
+        bias = torch.zeros(kpad, Hm, dtype=p.q.dtype, device=dev)
+        if p.keep is not None:
+            keep[:total_k] = p.keep
+        else:
+            keep[:total_k] = True
+        if p.bias is not None:
+            bias[:total_k] = p.bias
+        causal = p.causal
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            same = (q_doc[q_idx] == k_doc[kv_idx]) & keep[kv_idx, h // head_div]
+            return same & (k_pos[kv_idx] <= q_last[q_idx]) if causal else same
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[kv_idx, h // head_div].to(score.dtype)
+
+        build = torch.compile(create_block_mask)
+        block_h = 1 if Hm == 1 else H
+
+        def make_block_mask():
+            return build(mask_mod, 1, block_h, total_q, total_k, device=dev)
+
+        bm_compile_s, block_mask = bc.time_once_s(make_block_mask, dev)
+        bm_timing = bc.time_callable(make_block_mask, dev, warmup=1, reps=ARGS.reps_blockmask)
+        bm_peak = bc.peak_extra_bytes(make_block_mask, dev)
+        bm_bytes = bc.tensor_bytes(*(getattr(block_mask, a, None) for a in type(block_mask)._TENSOR_ATTRS))
+        # flex wants (B, heads, tokens, D); contiguous copies, so no layout copy lands inside the timed call
+        qf = p.q.transpose(0, 1).unsqueeze(0).contiguous()  # (1, H, total_q, D)
+        kf = p.k.transpose(0, 1).unsqueeze(0).contiguous()  # (1, Hk, total_k, D)
+        vf = p.v.transpose(0, 1).unsqueeze(0).contiguous()
+        flex = torch.compile(flex_attention, dynamic=False)
+        gqa = p.heads != p.heads_k
+
+        def run():
+            return flex(qf, kf, vf, score_mod=score_mod if p.bias is not None else None, block_mask=block_mask,
+                        enable_gqa=gqa)
+
+        return Prepared(
+            run, to_packed=lambda out: out[0].transpose(0, 1),  # (1, H, total_q, D) -> (total_q, H, D)
+            mask_bytes=bc.tensor_bytes(keep, bias, q_doc, k_doc, q_last, k_pos) + bm_bytes,
+            extras={"layout": "packed (B=1), contiguous (1, heads, tokens, D) copies",
+                    "blockmask_build_ms": bm_timing.median_ms, "blockmask_compile_s": bm_compile_s,
+                    "blockmask_peak_extra_bytes": bm_peak, "blockmask_bytes": bm_bytes,
+                    "blockmask_tiles_visited_pct": _tiles_visited_pct(block_mask, total_k)})
+    return Peer("flex compiled, packed", prepare, "flex")
+
+
+def _tiles_visited_pct(block_mask, total_k) -> float:
+    """Share of (head, query tile, key tile) triples Flex computes (partial + full tiles), in percent."""
+    visited = block_mask.kv_num_blocks.sum()
+    if block_mask.full_kv_num_blocks is not None:
+        visited = visited + block_mask.full_kv_num_blocks.sum()
+    tiles = block_mask.kv_num_blocks.numel() * -(-total_k // block_mask.BLOCK_SIZE[1])
+    return 100.0 * float(visited) / max(tiles, 1)
+
+
+def sdpa_peer(p: Problem, mode: str, backend: Optional[str] = None):
+    """torch SDPA on zero-padded (B, H, L, D) tensors with K/V heads expanded to H (untimed). ``mode``:
+    "materialized": causal + mask + bias as one float (B, H, Lq, Lk) bias; "expanded": mask + bias as a
+    (B, H, 1, Lk) float bias expanded (stride 0) over queries (not causal); "none": no mask, ``is_causal`` for the
+    causal case (equal lengths only), with ``backend`` forced through sdpa_kernel."""
+    label = {"materialized": "SDPA padded, materialized (B,H,Lq,Lk) bias",
+             "expanded": "SDPA padded, (B,H,1,Lk) bias expanded over queries",
+             "none": f"SDPA {backend}, padded"}[mode]
+
+    def prepare():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        H, Hk, Hm, dev = p.heads, p.heads_k, p.mask_heads, p.device
+        lq_pad = p.max_q
+        lk_pad = _round_up(p.max_k, 16) if mode != "none" else p.max_k  # aligned bias rows: no copy inside SDPA
+        pq, pk = Padding(p.lens_q, lq_pad, dev), Padding(p.lens_k, lk_pad, dev)
+        qp = pq.pad(p.q).transpose(1, 2)  # (B, H, Lq, D), FlashAttention's native strides
+        kp = pk.pad(p.k).repeat_interleave(H // Hk, dim=2).transpose(1, 2)  # (B, H, Lk, D)
+        vp = pk.pad(p.v).repeat_interleave(H // Hk, dim=2).transpose(1, 2)
+        attn_bias, is_causal = None, False
+        if mode == "none":
+            if p.keep is not None or p.bias is not None:
+                raise Skip("the dense SDPA peer takes no mask")
+            if p.causal and len(set(p.lens_q) | set(p.lens_k)) != 1:
+                raise Skip("SDPA is_causal is top-left aligned: equal lengths only")
+            is_causal = p.causal
+        else:
+            if p.causal and mode == "expanded":
+                raise Skip("a bias broadcast over queries cannot express causality")
+            B = p.batch
+            keep = pk.pad(p.keep if p.keep is not None else torch.ones(sum(p.lens_k), Hm, dtype=torch.bool,
+                                                                          device=dev))  # (B, Lk, Hm), padding False
+            bias = pk.pad(p.bias) if p.bias is not None else torch.zeros(B, lk_pad, Hm, dtype=p.q.dtype, device=dev)
+            keep, bias = keep.permute(0, 2, 1)[:, :, None, :], bias.permute(0, 2, 1)[:, :, None, :]  # (B, Hm, 1, Lk)
+            if p.causal:
+                shift = torch.tensor([lk - lq for lq, lk in zip(p.lens_q, p.lens_k)], device=dev)  # (B,)
+                i = torch.arange(lq_pad, device=dev)
+                j = torch.arange(lk_pad, device=dev)
+                keep = keep & (j[None, None, :] <= i[None, :, None] + shift[:, None, None])[:, None]  # (B,Hm,Lq,Lk)
+            attn_bias = torch.where(keep, bias, torch.tensor(float("-inf"), dtype=p.q.dtype, device=dev))
+            attn_bias = attn_bias.repeat_interleave(H // Hm, dim=1)  # (B, H, Lq or 1, Lk)
+            attn_bias = attn_bias.expand(B, H, lq_pad, lk_pad)  # "expanded": stride 0 over queries
+            if mode == "materialized":
+                attn_bias = attn_bias.contiguous()  # (B, H, Lq, Lk), one float per (query, key, head)
+            del keep, bias
+        backends = [getattr(SDPBackend, backend)] if backend else None
+
+        def call():
+            return F.scaled_dot_product_attention(qp, kp, vp, attn_mask=attn_bias, is_causal=is_causal)
+
+        def run():
+            if backends is None:
+                return call()
+            with sdpa_kernel(backends):
+                return call()
+
+        return Prepared(run, to_packed=lambda out: pq.unpad(out.transpose(1, 2)),  # -> (total_q, H, D)
+                        mask_bytes=bc.tensor_bytes(attn_bias),
+                        extras={"layout": f"padded (B, H, {lq_pad}, D) / (B, H, {lk_pad}, D), K/V heads expanded "
+                                          f"to H before the call", "backend": backend or "default dispatch",
+                                "padded_input_bytes": bc.tensor_bytes(qp, kp, vp)})
+    return Peer(label, prepare, "sdpa", cuda_only="no cuDNN on the CPU" if backend == "CUDNN_ATTENTION" else "")
+
+
+def varlen_peer(p: Problem):
+    """torch.nn.attention.varlen.varlen_attn (FlashAttention in torch), packed, no mask or bias."""
+
+    def prepare():
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            raise Skip(f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn")
+        if p.keep is not None or p.bias is not None:
+            raise Skip("varlen_attn takes no mask or bias")
+        params = inspect.signature(varlen_attn).parameters
+        kw, k, v = {}, p.k, p.v
+        if p.causal:
+            if "is_causal" in params:
+                kw["is_causal"] = True
+            elif "window_size" in params:
+                kw["window_size"] = (-1, 0)  # FlashAttention's causal window: bottom-right aligned
+            else:
+                raise Skip("this varlen_attn has no causal option")
+        if p.heads != p.heads_k:
+            if "enable_gqa" in params:
+                kw["enable_gqa"] = True
+            else:
+                k, v = (t.repeat_interleave(p.heads // p.heads_k, dim=1) for t in (k, v))
+
+        def run():
+            return varlen_attn(p.q, k, v, p.cu_q, p.cu_k, p.max_q, p.max_k, **kw)
+
+        return Prepared(run, extras={"layout": "packed", "kwargs": {k_: str(v_) for k_, v_ in kw.items()}})
+    return Peer("torch varlen_attn (FA2), no mask", prepare, "varlen", cuda_only="FlashAttention kernels are CUDA only")
+
+
+# ------------------------------------------------------------------------------------------------- measurement
+
+
+def measure(peer: Peer, p: Problem, work: Work, ref: Dict[str, object]) -> Dict[str, object]:
+    """Prepares, times and checks one peer; never raises. ``ref`` holds the group's reference output."""
+    dev = p.device
+    res: Dict[str, object] = {"peer": peer.name, "family": peer.family, "status": "ok", "reason": ""}
+    prepared = out = None
+    try:
+        if peer.cuda_only and dev.type != "cuda":
+            raise Skip(peer.cuda_only)
+        prepared = peer.prepare()
+        first_s, out = bc.time_once_s(prepared.run, dev)
+        packed = prepared.to_packed(out)
+        res.update(check_output(packed, work, ref, p.q.dtype))
+        if res["check"] == "reference":
+            ref.update(name=peer.name, out=packed.detach().clone())
+        out = packed = None
+        timing = bc.time_callable(prepared.run, dev, ARGS.warmup, ARGS.reps, FLUSH)
+        secs = timing.median_ms * 1e-3
+        res.update(timing.as_dict())
+        res.update(first_call_s=first_s, peak_extra_bytes=bc.peak_extra_bytes(prepared.run, dev),
+                   mask_bytes=prepared.mask_bytes,
+                   tflops_unmasked=4 * p.head_dim * work.triples_unmasked / secs / 1e12,
+                   tflops_dense=4 * p.head_dim * work.triples_dense / secs / 1e12,
+                   kv_tbps_all=work.kv_bytes_all / secs / 1e12, kv_tbps_kept=work.kv_bytes_kept / secs / 1e12)
+        res.update(prepared.extras)
+    except Skip as e:
+        res.update(status="skipped", reason=str(e))
+    except NotBuilt as e:
+        res.update(status="not built", reason=str(e))
+    except Exception as e:  # noqa: BLE001 - one failing peer (OOM, compile error, ...) is reported, not fatal
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        res.update(status="failed", reason=f"{type(e).__name__}: {lines[0] if lines else ''}"[:300])
+        if ARGS.verbose:
+            traceback.print_exc()
+    finally:
+        prepared = out = None
+        bc.free_device_memory(dev)
+    print(f"  {peer.name:<52} {res['status']:<9} "
+          + (f"{res['ms_median']:.4g} ms" if "ms_median" in res else res["reason"])
+          + (f"  {res['check']} vs {res['checked_against']}" if res.get("check") == "MISMATCH" else "")
+          + ("  NON-FINITE output" if res.get("check") == "NON-FINITE" else ""), flush=True)
+    return res
+
+
+def check_output(out, work: Work, ref, dtype) -> Dict[str, object]:
+    """The output against the group's reference over the rows that see at least one key."""
+    rows = work.rows_visible  # (total_q, H)
+    if not ref:  # this peer becomes the reference, if its output is finite where a key is visible
+        finite = bool(torch.isfinite(out[rows]).all())
+        return {"checked_against": None, "check": "reference" if finite else "NON-FINITE"}
+    a, b = out.float()[rows], ref["out"].float()[rows]
+    diff = a - b
+    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+    rel = float(diff.norm() / b.norm().clamp_min(1e-30)) if diff.numel() else 0.0
+    bad = not (math.isfinite(max_abs) and math.isfinite(rel)) or rel > TOLERANCE[dtype]
+    return {"checked_against": ref["name"], "max_abs_diff": bc.finite_or_none(max_abs),
+            "rel_err": bc.finite_or_none(rel), "check": "MISMATCH" if bad else "ok",
+            "rows_compared": int(rows.sum()), "rows_without_visible_key": int((~rows).sum())}
+
+
+# --------------------------------------------------------------------------------------------------- workloads
+
+
+def sizes(name: str, tiny: bool, gen: torch.Generator):
+    """Sequence lengths (lens_q, lens_k) and head sizes of a workload."""
+    def rand(lo, hi, n):
+        return torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+
+    heads = dict(heads=4, heads_k=2, head_dim=16) if tiny else dict(heads=32, heads_k=8, head_dim=128)
+    if name == "prefill":
+        lens = rand(16, 64, 3) if tiny else rand(512, 4096, 8)
+        return lens, lens, heads
+    if name == "decode":
+        return (rand(1, 4, 4), rand(32, 128, 4), heads) if tiny else (rand(1, 8, 64), rand(1024, 8192, 64), heads)
+    if name == "dense":
+        lens = [64] * 2 if tiny else [4096] * 4
+        return lens, lens, heads
+    raise ValueError(name)
+
+
+def groups_of(name: str, base: Problem):
+    """(group name, problem, peers) for a workload; dmattn_ops first in each group, so it is the reference."""
+    if name == "prefill":
+        masked, plain = base, base.without_mask()
+        return [("causal, key-side mask 50% + bias", masked,
+                 [dmattn_peer(masked), flex_peer(masked), sdpa_peer(masked, "materialized")]),
+                ("causal, no mask (varlen dense reference)", plain, [dmattn_peer(plain), varlen_peer(plain)])]
+    if name == "decode":
+        masked, plain = base, base.without_mask()
+        return [("key-side mask 25% + bias", masked,
+                 [dmattn_peer(masked), sdpa_peer(masked, "materialized"), sdpa_peer(masked, "expanded"),
+                  flex_peer(masked)]),
+                ("no mask (dense reference)", plain, [dmattn_peer(plain), varlen_peer(plain)])]
+    if name == "dense":
+        out = []
+        for causal in (True, False):
+            pr = dataclasses.replace(base, causal=causal)
+            out.append(("causal" if causal else "non-causal", pr,
+                        [dmattn_peer(pr), sdpa_peer(pr, "none", "FLASH_ATTENTION"),
+                         sdpa_peer(pr, "none", "CUDNN_ATTENTION"), varlen_peer(pr)]))
+        return out
+    raise ValueError(name)
+
+
+def layout_memory(p: Problem) -> Dict[str, int]:
+    """Bytes each way of encoding this workload's mask + bias would take (computed, not allocated)."""
+    if p.keep is None:
+        return {}
+    Hm, H, B = p.mask_heads, p.heads, p.batch
+    tq, tk, el = sum(p.lens_q), sum(p.lens_k), p.q.element_size()
+    return {
+        "dmattn key-side mask (total_k, Hm) bool + bias (total_k, Hm)": tk * Hm * (1 + el),
+        "dmattn query-side mask (total_q, Hm, max_seqlen_k) bool + bias": tq * Hm * p.max_k * (1 + el),
+        "SDPA materialized float bias (B, H, Lq_max, Lk_max)": B * H * p.max_q * p.max_k * el,
+        "SDPA (B, H, 1, Lk_max) float bias, expanded over queries": B * H * p.max_k * el,
+    }
+
+
+def run_workload(name: str, args) -> Dict[str, object]:
+    dev = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.tiny else torch.bfloat16)
+    gen = torch.Generator().manual_seed(args.seed)
+    lens_q, lens_k, hs = sizes(name, args.tiny, gen)
+    mask_heads = {"1": 1, "hk": hs["heads_k"], "h": hs["heads"]}[args.mask_heads]
+    keep_frac = {"prefill": 0.5, "decode": 0.25, "dense": None}[name]
+    base = make_problem(lens_q, lens_k, hs["heads"], hs["heads_k"], hs["head_dim"], mask_heads, keep_frac,
+                        causal=name == "prefill", dtype=dtype, device=dev, seed=args.seed)
+    print(f"\n== {name}: B={base.batch} total_q={sum(lens_q)} total_k={sum(lens_k)} max_q={base.max_q} "
+          f"max_k={base.max_k} H={base.heads} Hk={base.heads_k} D={base.head_dim} {dtype} on {dev}", flush=True)
+    results = []
+    for group, prob, peers in groups_of(name, base):
+        print(f" [{group}]", flush=True)
+        work, ref = work_of(prob), {}
+        for peer in peers:
+            if ARGS.only and not any(s in peer.name for s in ARGS.only) and peer.family != "dmattn":
+                continue
+            res = measure(peer, prob, work, ref)
+            res.update(group=group, triples_unmasked=work.triples_unmasked, triples_dense=work.triples_dense,
+                       kv_bytes_all=work.kv_bytes_all, kv_bytes_kept=work.kv_bytes_kept)
+            results.append(res)
+        del ref
+    add_speedups(results)
+    return {"workload": name, "targets": check_targets(name, results), "problem": base.describe(),
+            "mask_heads": args.mask_heads, "keep_fraction": keep_frac, "seed": args.seed,
+            "layout_memory_bytes": layout_memory(base), "environment": bc.environment(dev, REPO),
+            "dmattn_build": dmattn_build(),
+            "timing": {"warmup": args.warmup, "reps": args.reps, "l2_flush": dev.type == "cuda"},
+            "definitions": DEFINITIONS, "results": results}
+
+
+# Issue 3's performance targets: (workload, group prefix, peer prefix, least dmattn speed-up).
+TARGETS = [
+    ("prefill", "causal, key-side", "flex compiled", 2.0),
+    ("prefill", "causal, key-side", "SDPA padded, materialized", 5.0),
+    ("dense", "causal", "SDPA FLASH_ATTENTION", 0.9),
+    ("dense", "non-causal", "SDPA FLASH_ATTENTION", 0.9),
+]
+
+
+def check_targets(name, results):
+    """Each of issue 3's targets for this workload: met, missed, or not measurable (with why)."""
+    out = []
+    for workload, group, peer, least in TARGETS:
+        if workload != name:
+            continue
+        r = next((r for r in results if r["group"].startswith(group) and r["peer"].startswith(peer)), None)
+        what = f"dmattn_ops >= {least:g}x {peer} [{group}]"
+        speedup = r and r.get("dmattn_speedup")
+        if not speedup:
+            verdict = "not measured"
+        elif r.get("check") in ("MISMATCH", "NON-FINITE"):
+            verdict = "not comparable (output mismatch)"
+        else:
+            verdict = f"{'met' if speedup >= least else 'MISSED'} ({speedup:.2f}x)"
+        out.append({"target": what, "verdict": verdict})
+    return out
+
+
+def add_speedups(results):
+    by_group = {}
+    for r in results:
+        if r["family"] == "dmattn" and r["status"] == "ok":
+            by_group[r["group"]] = r["ms_median"]
+    for r in results:
+        base = by_group.get(r["group"])
+        r["dmattn_speedup"] = r["ms_median"] / base if base and r.get("ms_median") else None
+
+
+def dmattn_build():
+    try:
+        import dmattn_ops
+
+        return dmattn_ops.build_info()
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+DEFINITIONS = {
+    "ms_median": "median CUDA-event time of one call after warm-up, L2 flushed before each repetition (CPU: "
+                 "perf_counter); only the attention call is timed",
+    "tflops_unmasked": "4*D*(query,key,head) triples visible after causality and the mask, per second",
+    "tflops_dense": "4*D*triples visible after causality alone at the real lengths (no padding), per second",
+    "kv_tbps_all": "bytes of all real K and V rows (total_k*Hk*D*2 tensors) per second",
+    "kv_tbps_kept": "bytes of the K and V rows the mask keeps for at least one head of their KV group, per second",
+    "peak_extra_bytes": "peak allocation of one call above what was allocated before it, output included",
+    "mask_bytes": "bytes of the tensors the peer consumes to encode mask and bias (stride-0 broadcast counted once)",
+    "max_abs_diff / rel_err": "output vs checked_against over rows with >= 1 visible key; rel = ||d||_F/||ref||_F",
+    "dmattn_speedup": "peer ms / dmattn_ops ms in the same group (> 1: dmattn_ops faster)",
+    "blockmask_build_ms": "median time of torch.compile(create_block_mask) after its first (compiling) call",
+    "blockmask_tiles_visited_pct": "share of (head, 128-query tile, 128-key tile) triples Flex computes",
+    "first_call_s": "wall time of the first call (includes torch.compile for compiled peers)",
+    "check": "reference | ok | MISMATCH (rel_err above the dtype's tolerance, or NaN) | NON-FINITE (would-be "
+             "reference with NaN/inf on visible rows)",
+}
+
+
+# ----------------------------------------------------------------------------------------------------- output
+
+
+COLORS = {"dmattn": "#1f77b4", "flex": "#ff7f0e", "sdpa": "#7f7f7f", "varlen": "#2ca02c"}
+
+
+def table(payload) -> str:
+    """The short text table of one workload: a header row per group, then its peers."""
+    decode = payload["workload"] == "decode"
+    headers = ["peer", "status", "ms", "TFLOP/s unm.", "TFLOP/s dense"] + (["TB/s K/V"] if decode else []) + \
+        ["extra MB", "mask MB", "max|d|", "rel err", "check", "speed-up", "note"]
+    rows, group = [], None
+    for r in payload["results"]:
+        if r["group"] != group:
+            group = r["group"]
+            rows.append([f"[{group}]"] + [""] * (len(headers) - 1))
+        note = r["reason"]
+        if "blockmask_build_ms" in r:
+            note = (f"+ BlockMask {r['blockmask_build_ms']:.3g} ms/build; compile {r['blockmask_compile_s']:.1f} s "
+                    f"+ {r['first_call_s']:.1f} s")
+        speedup = r.get("dmattn_speedup")
+        rows.append([f"  {r['peer']}", r["status"], bc.fmt(r.get("ms_median"), ".4g"),
+                     bc.fmt(r.get("tflops_unmasked"), ".3g"), bc.fmt(r.get("tflops_dense"), ".3g")]
+                    + ([bc.fmt(r.get("kv_tbps_all"), ".3g")] if decode else [])
+                    + [_mib(r.get("peak_extra_bytes")), _mib(r.get("mask_bytes")),
+                       bc.fmt(r.get("max_abs_diff"), ".2e"), bc.fmt(r.get("rel_err"), ".2e"), r.get("check", "-"),
+                       "-" if speedup is None else f"{speedup:.2f}x", note[:70]])
+    return bc.format_table(headers, rows)
+
+
+def _mib(x):
+    return "-" if x is None else format(x / 2**20, ".4g")
+
+
+def write_outputs(payload, out_dir):
+    name = payload["workload"]
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    results = payload["results"]
+    labels = [f"{r['peer']}\n[{r['group']}]" for r in results]
+    notes = []
+    for r in results:
+        parts = [r["status"]] if r["status"] != "ok" else []
+        if r.get("dmattn_speedup") and r["family"] != "dmattn":
+            parts.append(f"{r['dmattn_speedup']:.2f}x dmattn_ops' time")
+        if "blockmask_build_ms" in r:
+            parts.append(f"+{r['blockmask_build_ms']:.3g} ms BlockMask")
+        if r.get("check") in ("MISMATCH", "NON-FINITE"):
+            parts.append(r["check"])
+        notes.append("; ".join(parts))
+    env = payload["environment"]
+    p = payload["problem"]
+    title = (f"{name}: B={p['batch']} total_q={p['total_q']} total_k={p['total_k']} H={p['heads']} "
+             f"Hk={p['heads_k']} D={p['head_dim']} {p['dtype']}\n{env['device_name']}, torch {env['torch']}")
+    png = os.path.join(out_dir, f"{name}.png")
+    why = bc.bar_chart(png, title, labels, [r.get("ms_median") for r in results],
+                       [COLORS[r["family"]] for r in results], notes,
+                       extra_ms=[r.get("blockmask_build_ms") for r in results],
+                       extra_label="+ BlockMask build (create_block_mask, compiled), paid per mask change")
+    payload["chart"] = None if why else os.path.basename(png)
+    if why:
+        payload["chart_note"] = why
+    bc.write_json(path, payload)
+    print(f"wrote {path}" + (f" and {png}" if not why else f" ({why})"), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=["prefill", "decode", "dense", "all"], default="all")
+    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (for a smoke test with --tiny)")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (float32 unless --dtype): a CPU smoke test")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--out", default=None, help="directory for <workload>.json and <workload>.png")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                    help="default: bfloat16 (float32 with --tiny)")
+    ap.add_argument("--mask-heads", choices=["1", "hk", "h"], default="hk",
+                    help="Hm of the key-side mask and bias: 1, Hk (default: per KV head) or H")
+    ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--only", default="", help="comma-separated substrings of peer names to run (dmattn always)")
+    ap.add_argument("--verbose", action="store_true", help="print the traceback of a failing peer")
+    args = ap.parse_args(argv)
+    slow = not (args.quick or args.tiny)
+    args.warmup = args.warmup if args.warmup is not None else (5 if slow else 2)
+    args.reps = args.reps if args.reps is not None else (30 if slow else (3 if args.tiny else 10))
+    args.reps_blockmask = max(3, args.reps // 3)
+    args.only = [s for s in args.only.split(",") if s]
+    return args
+
+
+ARGS = None  # the parsed command line (read by the peers)
+FLUSH = None  # the L2 flusher of the run's device
+
+
+def main(argv=None):
+    global ARGS, FLUSH
+    ARGS = parse_args(argv)
+    dev = torch.device(ARGS.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_gpu: CUDA is not available here; use --device cpu --tiny for a smoke test")
+    for knob in ("recompile_limit", "cache_size_limit"):  # one compile per workload and peer, more than the default
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
+    FLUSH = bc.L2Flusher(dev)
+    why = dmattn_unavailable(dev)
+    print(f"dmattn_ops on {dev}: {why or 'available'}; torch {torch.__version__}", flush=True)
+    names = ["prefill", "dense", "decode"] if ARGS.workload == "all" else [ARGS.workload]
+    payloads = []
+    with torch.no_grad():
+        for name in names:
+            payload = run_workload(name, ARGS)
+            if ARGS.out:
+                write_outputs(payload, ARGS.out)
+            payloads.append(payload)
+            bc.free_device_memory(dev)
+    for payload in payloads:
+        env, p = payload["environment"], payload["problem"]
+        print(f"\n{payload['workload']} ({env['device_name']}, torch {env['torch']}, CUDA {env['cuda']}; "
+              f"B={p['batch']} total_q={p['total_q']} total_k={p['total_k']})")
+        print(table(payload))
+        layouts = payload["layout_memory_bytes"]
+        if layouts:
+            print("mask + bias memory by layout:")
+            for k, v in layouts.items():
+                print(f"  {_mib(v):>10} MB  {k}")
+        for t in payload["targets"]:
+            print(f"target (issue 3): {t['target']}: {t['verdict']}"
+                  + ("  [tiny shapes: a smoke test, not a measurement]" if ARGS.tiny else ""))
+    return payloads
+
+
+if __name__ == "__main__":
+    main()
