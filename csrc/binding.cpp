@@ -34,8 +34,9 @@ OperandLayout check_operand(const char* name, const at::Tensor& t, const VarlenF
                     " must be key-side (total_k, Hm) or query-side (total_q, Hm, max_seqlen_k), got rank ", t.dim());
   const bool key_side = t.dim() == 2;
   const int64_t rows = key_side ? a.k.size(0) : a.q.size(0);
-  TORCH_CHECK_VALUE(t.size(0) == rows, kOp, name, key_side ? " (key-side) must have total_k = " : " (query-side) must have total_q = ",
-                    rows, " rows, got ", t.size(0));
+  TORCH_CHECK_VALUE(t.size(0) == rows, kOp, name,
+                    key_side ? " (key-side) must have total_k = " : " (query-side) must have total_q = ", rows,
+                    " rows, got ", t.size(0));
   const int64_t hm = t.size(1);
   TORCH_CHECK_VALUE(hm == 1 || hm == Hk || hm == H, kOp, name, " head dim Hm must be 1, Hk = ", Hk, " or H = ", H,
                     ", got ", hm);
@@ -46,7 +47,9 @@ OperandLayout check_operand(const char* name, const at::Tensor& t, const VarlenF
   return key_side ? OperandLayout::kKeySide : OperandLayout::kQuerySide;
 }
 
-ScoreOperand make_operand(const at::Tensor& t, OperandLayout layout, int64_t num_heads) {
+// The layout is told by rank alone: 2 is key-side, 3 is query-side (check_operand has checked the rank).
+ScoreOperand make_operand(const at::Tensor& t, int64_t num_heads) {
+  const OperandLayout layout = t.dim() == 2 ? OperandLayout::kKeySide : OperandLayout::kQuerySide;
   ScoreOperand op;
   op.ptr = t.data_ptr();
   op.layout = layout;
@@ -144,8 +147,8 @@ VarlenFwdParams make_params(const VarlenFwdArgs& a, at::Tensor& out, at::Tensor&
   p.softmax_scale = static_cast<float>(
       a.softmax_scale ? *a.softmax_scale : 1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(a.q.size(2), 1))));
   p.is_causal = a.is_causal;
-  if (a.mask) p.mask = make_operand(*a.mask, a.mask->dim() == 2 ? OperandLayout::kKeySide : OperandLayout::kQuerySide, p.num_heads);
-  if (a.bias) p.bias = make_operand(*a.bias, a.bias->dim() == 2 ? OperandLayout::kKeySide : OperandLayout::kQuerySide, p.num_heads);
+  if (a.mask) p.mask = make_operand(*a.mask, p.num_heads);
+  if (a.bias) p.bias = make_operand(*a.bias, p.num_heads);
   return p;
 }
 

@@ -90,7 +90,8 @@ def _check_qkv(q, k, v):
         )
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(2) != 1:
-            _fail(ValueError, f"{name} must have a contiguous head_dim (stride 1), got strides {tuple(_n(s) for s in t.stride())}")
+            strides = tuple(_n(s) for s in t.stride())
+            _fail(ValueError, f"{name} must have a contiguous head_dim (stride 1), got strides {strides}")
 
 
 def _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k):
@@ -125,10 +126,14 @@ def _check_operand(name, t, q, k, max_seqlen_k):
             f"{name} must be key-side (total_k, Hm) or query-side (total_q, Hm, max_seqlen_k), got shape {_shape(t)}",
         )
     if layout is Layout.KEY_SIDE and t.shape[0] != k.shape[0]:
-        _fail(ValueError, f"{name} is key-side (rank 2), so it must have total_k = {_n(k.shape[0])} rows, got {_n(t.shape[0])}")
+        _fail(
+            ValueError,
+            f"{name} is key-side (rank 2), so it must have total_k = {_n(k.shape[0])} rows, got {_n(t.shape[0])}",
+        )
     if layout is Layout.QUERY_SIDE and t.shape[0] != q.shape[0]:
         _fail(
-            ValueError, f"{name} is query-side (rank 3), so it must have total_q = {_n(q.shape[0])} rows, got {_n(t.shape[0])}"
+            ValueError,
+            f"{name} is query-side (rank 3), so it must have total_q = {_n(q.shape[0])} rows, got {_n(t.shape[0])}",
         )
     hm = t.shape[1]
     if hm != 1 and hm != Hk and hm != H:

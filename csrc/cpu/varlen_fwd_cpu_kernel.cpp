@@ -173,7 +173,8 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s) {
   const bool key_mask = p.mask.layout == OperandLayout::kKeySide;
   const bool query_mask = p.mask.layout == OperandLayout::kQuerySide;
   // With Hm in {1, Hk} every head of the item reads the same key-side mask column.
-  const bool shared_key_mask = key_mask && item.head_begin / p.mask.head_group == (item.head_end - 1) / p.mask.head_group;
+  const bool shared_key_mask =
+      key_mask && item.head_begin / p.mask.head_group == (item.head_end - 1) / p.mask.head_group;
   auto head_of = [&](int64_t r) { return static_cast<int32_t>(item.head_begin + r / nq); };
   auto query_row = [&](int64_t r) { return sq.start + item.q_begin + r % nq; };
 

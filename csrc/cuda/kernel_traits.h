@@ -12,7 +12,6 @@
 #include <cuda_fp16.h>
 
 #include <cute/arch/mma_sm80.hpp>
-#include <cute/tensor.hpp>
 
 namespace dmattn::cuda {
 
@@ -24,7 +23,11 @@ struct TileShape {
 
 // The tile policy. Register budget per thread (fp32): O accumulator kMTiles * D / 2, scores kMTiles * block_n / 4.
 constexpr TileShape tile_shape(int head_dim) {
-  return head_dim <= 128 ? TileShape{128, 64, 4} : TileShape{64, 64, 4};
+#ifdef XBM
+  return head_dim <= 128 ? TileShape{XBM, XBN, XW} : TileShape{64, 32, 4};
+#else
+  return head_dim <= 128 ? TileShape{128, 64, 8} : TileShape{64, 32, 4};
+#endif
 }
 
 // What differs between fp16 and bf16: the MMA atom and the fp32 -> 16-bit packing of probabilities / outputs.
@@ -70,15 +73,27 @@ struct KernelTraits {
   static_assert((kBlockN * kChunksPerRow) % kThreads == 0 && (kBlockM * kChunksPerRow) % kThreads == 0,
                 "tile loads split evenly over the threads");
 
-  // Shared-memory tiles are row-major [rows][kHeadDim] with the 16-byte chunks of each 8-row group XOR-swizzled
-  // (CuTe Swizzle<B, 3, 3> over 8 x kGroup atoms), so that ldmatrix reads of 8 rows at one column and cp.async
-  // writes of one row are both free of bank conflicts.
+  // Shared-memory tiles: the head dim is cut into column groups of kGroup elements (128 or 64 bytes); each group
+  // is a row-major [rows][kGroup] block whose 16-byte chunks are XOR-swizzled by row (the CuTe Swizzle<3,3,3> /
+  // Swizzle<2,3,3> pattern), so ldmatrix reads of 8 rows at one column and cp.async writes of a row are free of bank
+  // conflicts. Because the swizzle only flips the chunk bits of a byte offset, moving a fragment by 16 rows is an
+  // add and moving it by a chunk is an XOR with a constant: no per-fragment address registers.
   static constexpr int kGroup = kHeadDim % 64 == 0 ? 64 : 32;
-  using SmemAtom = decltype(cute::composition(
-      cute::Swizzle<kGroup == 64 ? 3 : 2, 3, 3>{},
-      cute::Layout<cute::Shape<cute::_8, cute::Int<kGroup>>, cute::Stride<cute::Int<kGroup>, cute::_1>>{}));
-  using SmemLayoutQ = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
-  using SmemLayoutKV = decltype(cute::tile_to_shape(SmemAtom{}, cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}));
+  static constexpr int kGroupChunks = kGroup / 8;
+
+  // Element offset of (row, col) in a tile of kRows rows.
+  template <int kRows>
+  static __device__ __forceinline__ int smem_offset(int row, int col) {
+    const int swz = kGroup == 64 ? row % 8 : (row / 2) % 4;
+    return (col / kGroup) * (kRows * kGroup) + row * kGroup + (((col % kGroup) / 8) ^ swz) * 8 + col % 8;
+  }
+  // Byte offset of the fragment at (row0 + 16 * m, col0 + c) given the byte offset of (row0, col0), where col0 is
+  // within the first chunk of its group pair and c is a compile-time multiple of 8.
+  template <int kRows>
+  static __device__ __forceinline__ uint32_t smem_step(uint32_t base_bytes, int rows16, int c) {
+    return ((base_bytes + rows16 * 16 * kGroup * 2 + (c / kGroup) * (kRows * kGroup * 2)) ^
+            (((c % kGroup) / 8) << 4));
+  }
 
   struct alignas(128) SharedStorage {
     Elem q[kBlockM * kHeadDim];   // sQ (kBlockM, D), SmemLayoutQ

@@ -69,14 +69,17 @@ __device__ __forceinline__ int64_t slots_before(const TileContext& c, int64_t li
   return lo;
 }
 
-template <typename Traits>
-__device__ __forceinline__ void ldmatrix_x4(const typename Traits::Elem* p, uint32_t (&r)[4]) {
-  cute::SM75_U32x4_LDSM_N::copy(*reinterpret_cast<const cute::uint128_t*>(p), r[0], r[1], r[2], r[3]);
+// ldmatrix of four 8x8 matrices from shared memory, at a 32-bit shared-space byte address.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.x4.m8n8.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
 }
 
-template <typename Traits>
-__device__ __forceinline__ void ldmatrix_x4_trans(const typename Traits::Elem* p, uint32_t (&r)[4]) {
-  cute::SM75_U16x8_LDSM_T::copy(*reinterpret_cast<const cute::uint128_t*>(p), r[0], r[1], r[2], r[3]);
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.x4.trans.m8n8.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
 }
 
 template <typename Traits>
@@ -86,7 +89,7 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
 
 // cp.async of `rows` rows of a (tokens, heads, D) tensor into a swizzled smem tile; rows whose slot is invalid are
 // zero-filled (nothing is read for them). row_of(r) returns the packed token row of tile row r, or -1.
-template <typename Traits, typename Layout, int kRows, typename RowOf>
+template <typename Traits, int kRows, typename RowOf>
 __device__ __forceinline__ void load_tile(typename Traits::Elem* smem, const void* gmem, int64_t row_stride,
                                           int64_t head_offset, RowOf row_of) {
   using Elem = typename Traits::Elem;
@@ -101,16 +104,14 @@ __device__ __forceinline__ void load_tile(typename Traits::Elem* smem, const voi
     const Elem* src = row >= 0 ? base + row * row_stride + head_offset + col : base;
     cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
         *reinterpret_cast<const cute::uint128_t*>(src),
-        *reinterpret_cast<cute::uint128_t*>(smem + Layout{}(r, col)), row >= 0);
+        *reinterpret_cast<cute::uint128_t*>(smem + Traits::template smem_offset<kRows>(r, col)), row >= 0);
   }
 }
 
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads)
+__global__ void __launch_bounds__(Traits::kThreads, 1)
 varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys) {
   using Elem = typename Traits::Elem;
-  using SmemQ = typename Traits::SmemLayoutQ;
-  using SmemKV = typename Traits::SmemLayoutKV;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kMTiles = Traits::kMTiles;
   constexpr int kNTiles = Traits::kNTiles, kDTiles = Traits::kDTiles, kHeadDim = Traits::kHeadDim;
 
@@ -148,13 +149,12 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
   }
   const int n_tiles = static_cast<int>((c.slots_end + kBlockN - 1) / kBlockN);
 
-  const Elem* q_base = static_cast<const Elem*>(p.q);
   const int64_t q_head = static_cast<int64_t>(c.h) * p.q_head_stride;
   const int64_t k_head = static_cast<int64_t>(c.hk) * p.k_head_stride;
   const int64_t v_head = static_cast<int64_t>(c.hk) * p.v_head_stride;
   const bool query_mask = p.mask.layout == OperandLayout::kQuerySide;
-  const bool key_bias = p.bias.layout == OperandLayout::kKeySide;
   const bool query_bias = p.bias.layout == OperandLayout::kQuerySide;
+  const bool key_bias = p.bias.layout == OperandLayout::kKeySide;
   const float scale_log2 = p.softmax_scale * kLog2e;
 
   auto kv_row = [&](int64_t n0) {
@@ -195,12 +195,12 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
   };
 
   // ---- Prologue: Q tile and the first live K tile ----
-  load_tile<Traits, SmemQ, kBlockM>(smem.q, p.q, p.q_row_stride, q_head, [&c](int r) -> int64_t {
+  load_tile<Traits, kBlockM>(smem.q, p.q, p.q_row_stride, q_head, [&c](int r) -> int64_t {
     return r < c.rows ? c.sq.start + c.m0 + r : -1;
   });
   int n = next_live(0);
   if (n < n_tiles) {
-    load_tile<Traits, SmemKV, kBlockN>(smem.k, p.k, p.k_row_stride, k_head, kv_row(static_cast<int64_t>(n) * kBlockN));
+    load_tile<Traits, kBlockN>(smem.k, p.k, p.k_row_stride, k_head, kv_row(static_cast<int64_t>(n) * kBlockN));
     load_tile_meta(n);
   }
   cute::cp_async_fence();
@@ -215,12 +215,20 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
   const int warp_row0 = warp * kMTiles * 16;
+  // Per-lane ldmatrix byte addresses of the first fragment of each operand; the others are smem_step away.
+  const uint32_t q_lane = static_cast<uint32_t>(__cvta_generic_to_shared(smem.q)) +
+                          2 * Traits::template smem_offset<kBlockM>(warp_row0 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                                                    (lane >> 4) * 8);
+  const uint32_t k_lane = static_cast<uint32_t>(__cvta_generic_to_shared(smem.k)) +
+                          2 * Traits::template smem_offset<kBlockN>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
+  const uint32_t v_lane = static_cast<uint32_t>(__cvta_generic_to_shared(smem.v)) +
+                          2 * Traits::template smem_offset<kBlockN>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
 
   while (n < n_tiles) {
     const int64_t n0 = static_cast<int64_t>(n) * kBlockN;
     cute::cp_async_wait<0>();
     __syncthreads();  // K tile n (and Q) landed; every warp is done with V of the previous tile
-    load_tile<Traits, SmemKV, kBlockN>(smem.v, p.v, p.v_row_stride, v_head, kv_row(n0));
+    load_tile<Traits, kBlockN>(smem.v, p.v, p.v_row_stride, v_head, kv_row(n0));
     cute::cp_async_fence();
 
     // ---- S = Q K^T: s[mt][nt] is the m16n8 fragment (rows warp_row0 + 16 mt, slots 8 nt) ----
@@ -234,14 +242,12 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
       uint32_t a[kMTiles][4];
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
-        const int row = warp_row0 + mt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        ldmatrix_x4<Traits>(smem.q + SmemQ{}(row, kk * 16 + (lane >> 4) * 8), a[mt]);
+        ldmatrix_x4(Traits::template smem_step<kBlockM>(q_lane, mt, kk * 16), a[mt]);
       }
 #pragma unroll
       for (int nt2 = 0; nt2 < kNTiles / 2; ++nt2) {
         uint32_t bk[4];
-        const int key = nt2 * 16 + (lane & 7) + (lane >> 4) * 8;
-        ldmatrix_x4<Traits>(smem.k + SmemKV{}(key, kk * 16 + ((lane >> 3) & 1) * 8), bk);
+        ldmatrix_x4(Traits::template smem_step<kBlockN>(k_lane, nt2, kk * 16), bk);
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
           mma<Traits>(s[mt][2 * nt2], a[mt], bk[0], bk[1]);
@@ -260,7 +266,8 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
         for (int e = 0; e < 4; ++e) {
           const int r = warp_row0 + mt * 16 + g + (e / 2) * 8;
           const int col = nt * 8 + 2 * t + (e % 2);
-          float x = s[mt][nt][e] * scale_log2 + smem.key_bias[col];
+          float x = s[mt][nt][e] * scale_log2;
+          if (key_bias) x += smem.key_bias[col];
           if (check || query_mask || query_bias) {
             const int64_t pos = smem.key_pos[col], i = c.m0 + r;
             const bool visible = pos >= 0 && r < c.rows && (!p.is_causal || pos < i + c.causal_shift);
@@ -280,7 +287,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     __syncthreads();  // V tile n landed; every warp is done with K tile n and its metadata
     const int next = next_live(n + 1);
     if (next < n_tiles) {
-      load_tile<Traits, SmemKV, kBlockN>(smem.k, p.k, p.k_row_stride, k_head,
+      load_tile<Traits, kBlockN>(smem.k, p.k, p.k_row_stride, k_head,
                                          kv_row(static_cast<int64_t>(next) * kBlockN));
       load_tile_meta(next);
     }
@@ -330,8 +337,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
 #pragma unroll
       for (int dt2 = 0; dt2 < kDTiles / 2; ++dt2) {
         uint32_t bv[4];
-        const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        ldmatrix_x4_trans<Traits>(smem.v + SmemKV{}(key, dt2 * 16 + (lane >> 4) * 8), bv);
+        ldmatrix_x4_trans(Traits::template smem_step<kBlockN>(v_lane, kk, dt2 * 16), bv);
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
           mma<Traits>(o[mt][2 * dt2], a[mt], bv[0], bv[1]);

@@ -32,6 +32,7 @@ struct Workspace {
 // The smallest head dim >= head_dim that has a compiled kernel for dtype, or -1. The binding pads q / k / v with
 // zeros up to it (exact: zero columns add nothing to q . k, and the padded output columns are dropped).
 int32_t kernel_head_dim(ScalarType dtype, int32_t head_dim);
+int32_t max_kernel_head_dim(ScalarType dtype);
 
 // Runs the whole forward on stream: key compaction (key-side mask), the attention kernel, and 0 / -inf for the
 // query rows no sequence owns. p.head_dim must be a kernel_head_dim. Returns the first CUDA error.

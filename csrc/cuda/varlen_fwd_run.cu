@@ -62,16 +62,16 @@ __global__ void mark_rows_kernel(const int32_t* cu_seqlens_q, int64_t total_q, i
   }
 }
 
-// One warp per query row: rows nobody owns get out = 0 on every head and lse = -inf.
-template <typename Elem>
+// One warp per query row: rows nobody owns get out = 0 on every head and lse = -inf. (0.0 is all-zero bits in
+// float16 and bfloat16 alike.)
 __global__ void fill_rows_kernel(const __grid_constant__ VarlenFwdParams p, const uint8_t* row_owned) {
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (row >= p.total_q || row_owned[row]) return;
-  Elem* out = static_cast<Elem*>(p.out);
+  uint16_t* out = static_cast<uint16_t*>(p.out);
   for (int h = 0; h < p.num_heads; ++h) {
-    Elem* dst = out + row * p.out_row_stride + static_cast<int64_t>(h) * p.out_head_stride;
-    for (int d = lane; d < p.head_dim; d += 32) dst[d] = Elem(0.f);
+    uint16_t* dst = out + row * p.out_row_stride + static_cast<int64_t>(h) * p.out_head_stride;
+    for (int d = lane; d < p.head_dim; d += 32) dst[d] = 0;
     if (lane == 0) p.lse[static_cast<int64_t>(h) * p.total_q + row] = -INFINITY;
   }
 }
@@ -95,11 +95,7 @@ cudaError_t run_varlen_fwd(const VarlenFwdParams& p, const Workspace& ws, cudaSt
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   const unsigned fill_blocks = static_cast<unsigned>((p.total_q * 32 + 255) / 256);
-  if (p.dtype == ScalarType::kBFloat16) {
-    fill_rows_kernel<__nv_bfloat16><<<fill_blocks, 256, 0, stream>>>(p, ws.row_owned);
-  } else {
-    fill_rows_kernel<__half><<<fill_blocks, 256, 0, stream>>>(p, ws.row_owned);
-  }
+  fill_rows_kernel<<<fill_blocks, 256, 0, stream>>>(p, ws.row_owned);
   return cudaGetLastError();
 }
 
