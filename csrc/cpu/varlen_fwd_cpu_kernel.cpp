@@ -255,14 +255,16 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s) {
       }
       row_sum[r] += l;
     }
+    s.chunk.assign(rows * D, 0.f);
     for (int64_t c = 0; c < cn; ++c) {
       const float* value = row_as_float(p.v, (sk.start + s.keys[c0 + c]) * p.v_row_stride + hk * p.v_head_stride,
                                         D, p.dtype, s.row.data());
       for (int64_t r = 0; r < rows; ++r) {
         const float weight = row_max[r] == kNegInf ? 0.f : s.scores[r * kKeyChunk + c];
-        if (weight != 0.f) axpy(weight, value, s.acc.data() + r * D, D);
+        if (weight != 0.f) axpy(weight, value, s.chunk.data() + r * D, D);
       }
     }
+    for (int64_t i = 0; i < rows * D; ++i) s.acc[i] += s.chunk[i];
   }
 
   // 3. Normalize and store. A row with no visible key gets 0 and lse -inf (never NaN).

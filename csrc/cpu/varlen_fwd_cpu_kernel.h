@@ -38,7 +38,8 @@ struct Scratch {
   std::vector<float> q;       // (rows, D) queries as float32, pre-scaled by softmax_scale
   std::vector<float> row;     // (D) one K or V row as float32
   std::vector<float> scores;  // (rows, kKeyChunk)
-  std::vector<float> acc;     // (rows, D)
+  std::vector<float> acc;     // (rows, D) running P . V
+  std::vector<float> chunk;   // (rows, D) P . V of one chunk, added to acc whole (bounds float32 rounding growth)
   std::vector<int64_t> keys;  // candidate key positions inside the sequence
 };
 

@@ -1,0 +1,184 @@
+"""A plain PyTorch reference for ``dmattn::varlen_fwd``, written from the op contract alone.
+
+    from dmattn_ops.reference import reference_varlen_attention
+    out_ref, lse_ref = reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                  mask=mask, bias=bias, is_causal=True)
+
+It loops over (sequence, query head), turns the mask and bias of one sequence into dense (H, Lq, Lk) tensors
+(``materialize_mask`` / ``materialize_bias``) and runs textbook softmax attention on them. Nothing here shares code
+with the dmattn kernels, so it can judge them. It computes in float64 by default; passing ``dtype=q.dtype`` gives
+"a PyTorch implementation in the same dtype", the yardstick of the accuracy rule in the tests.
+
+It is slow (a Python loop, dense per-sequence masks) and meant for checking results, not for use in a model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+__all__ = ["causal_mask", "materialize_bias", "materialize_mask", "reference_varlen_attention"]
+
+_NAME = "dmattn_ops.reference"
+
+
+def _bounds(cu_seqlens: torch.Tensor) -> List[int]:
+    return [int(x) for x in cu_seqlens.tolist()]
+
+
+def _check_cu_seqlens(name: str, cu: List[int], total: int, max_seqlen: int) -> None:
+    """The data rules of the contract: start at 0, non-decreasing, last entry <= total, lengths <= max_seqlen."""
+    if cu[0] != 0:
+        raise ValueError(f"{_NAME}: {name}[0] must be 0, got {cu[0]}")
+    for b in range(len(cu) - 1):
+        length = cu[b + 1] - cu[b]
+        if length < 0:
+            raise ValueError(f"{_NAME}: {name} must be non-decreasing, got {cu[b]} then {cu[b + 1]}")
+        if length > max_seqlen:
+            raise ValueError(f"{_NAME}: sequence {b} has {length} tokens in {name}, more than max_seqlen {max_seqlen}")
+    if cu[-1] > total:
+        raise ValueError(f"{_NAME}: {name}[-1] must be <= {total}, got {cu[-1]}")
+
+
+def _heads_view(per_hm: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(Hm, Lq, Lk) -> (H, Lq, Lk): query head h reads operand head h // (H / Hm), which covers Hm = 1 (one
+    head for all), Hm = Hk (the KV group of h) and Hm = H (h itself)."""
+    hm = per_hm.shape[0]
+    if num_heads % hm != 0:
+        raise ValueError(f"{_NAME}: operand head count Hm = {hm} does not divide H = {num_heads}")
+    index = torch.arange(num_heads, device=per_hm.device) // (num_heads // hm)
+    return per_hm.index_select(0, index)
+
+
+def _dense_operand(
+    t: torch.Tensor, name: str, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, batch_index: int,
+    num_heads: int,
+) -> torch.Tensor:
+    """The (H, Lq, Lk) values of a key-side or query-side operand for sequence ``batch_index``."""
+    cu_q, cu_k = _bounds(cu_seqlens_q), _bounds(cu_seqlens_k)
+    q0, q1 = cu_q[batch_index], cu_q[batch_index + 1]
+    k0, k1 = cu_k[batch_index], cu_k[batch_index + 1]
+    lq, lk = q1 - q0, k1 - k0
+    if t.dim() == 2:
+        # key-side (total_k, Hm): row k0 + j is key j of the sequence, the same for every query.
+        per_key = t[k0:k1].transpose(0, 1)  # (Hm, Lk)
+        per_hm = per_key[:, None, :].expand(per_key.shape[0], lq, lk)  # (Hm, Lq, Lk)
+    elif t.dim() == 3:
+        # query-side (total_q, Hm, max_seqlen_k): [q0 + i, :, j] is query i against key j; columns >= Lk unused.
+        if t.shape[2] < lk:
+            raise ValueError(
+                f"{_NAME}: query-side {name} has {t.shape[2]} columns, sequence {batch_index} has {lk} keys"
+            )
+        per_hm = t[q0:q1, :, :lk].permute(1, 0, 2)  # (Hm, Lq, Lk)
+    else:
+        raise ValueError(
+            f"{_NAME}: {name} must be key-side (rank 2) or query-side (rank 3), got shape {tuple(t.shape)}"
+        )
+    return _heads_view(per_hm, num_heads)
+
+
+def materialize_mask(
+    mask: Optional[torch.Tensor], cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, batch_index: int,
+    num_heads: int,
+) -> torch.Tensor:
+    """The dense (H, Lq, Lk) bool mask of sequence ``batch_index`` (True = attend; all True when ``mask`` is None).
+
+    ``mask`` is key-side (total_k, Hm) or query-side (total_q, Hm, max_seqlen_k), Hm in {1, Hk, H}. The causal
+    rule is not applied here (see ``causal_mask``).
+    """
+    if mask is None:
+        cu_q, cu_k = _bounds(cu_seqlens_q), _bounds(cu_seqlens_k)
+        lq = cu_q[batch_index + 1] - cu_q[batch_index]
+        lk = cu_k[batch_index + 1] - cu_k[batch_index]
+        return torch.ones(num_heads, lq, lk, dtype=torch.bool, device=cu_seqlens_q.device)
+    return _dense_operand(mask, "mask", cu_seqlens_q, cu_seqlens_k, batch_index, num_heads)
+
+
+def materialize_bias(
+    bias: Optional[torch.Tensor], cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, batch_index: int,
+    num_heads: int, dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The dense (H, Lq, Lk) additive bias of sequence ``batch_index`` in ``dtype`` (zeros when ``bias`` is None).
+
+    Same layouts as ``materialize_mask``.
+    """
+    if bias is None:
+        cu_q, cu_k = _bounds(cu_seqlens_q), _bounds(cu_seqlens_k)
+        lq = cu_q[batch_index + 1] - cu_q[batch_index]
+        lk = cu_k[batch_index + 1] - cu_k[batch_index]
+        return torch.zeros(num_heads, lq, lk, dtype=dtype, device=cu_seqlens_q.device)
+    return _dense_operand(bias, "bias", cu_seqlens_q, cu_seqlens_k, batch_index, num_heads).to(dtype)
+
+
+def causal_mask(lq: int, lk: int, device=None) -> torch.Tensor:
+    """(Lq, Lk) bool, bottom-right aligned: query i sees key j iff j <= i + Lk - Lq."""
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    return j <= i + (lk - lq)
+
+
+def reference_varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    is_causal: bool = False,
+    dtype: torch.dtype = torch.float64,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Varlen attention by the contract of ``dmattn_ops.varlen_attention``, computed in ``dtype``.
+
+    Args: as ``dmattn_ops.varlen_attention`` (q (total_q, H, D); k, v (total_k, Hk, D); cu_seqlens (B + 1,);
+    mask / bias key-side (total_k, Hm) or query-side (total_q, Hm, max_seqlen_k)). Inputs of any float dtype are
+    converted to ``dtype`` first; the bias is added to the scaled score in ``dtype``.
+
+    Returns:
+        out (total_q, H, D) and lse (H, total_q), both in ``dtype`` (the op returns lse in float32). A query
+        with no visible key (empty key side, all masked, causal with Lq > Lk, or every visible score -inf) and
+        every row after cu_seqlens_q[-1] gets an output row of 0 and lse -inf.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"{_NAME}: q, k, v must have rank 3, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    total_q, num_heads, head_dim = q.shape
+    total_k, num_heads_k, _ = k.shape
+    if num_heads % num_heads_k != 0:
+        raise ValueError(f"{_NAME}: H = {num_heads} must be a multiple of Hk = {num_heads_k}")
+    cu_q, cu_k = _bounds(cu_seqlens_q), _bounds(cu_seqlens_k)
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"{_NAME}: cu_seqlens_q and cu_seqlens_k differ in length: {len(cu_q)} and {len(cu_k)}")
+    _check_cu_seqlens("cu_seqlens_q", cu_q, total_q, max_seqlen_q)
+    _check_cu_seqlens("cu_seqlens_k", cu_k, total_k, max_seqlen_k)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    group = num_heads // num_heads_k  # query heads per KV head
+
+    out = torch.zeros(total_q, num_heads, head_dim, dtype=dtype, device=q.device)
+    lse = torch.full((num_heads, total_q), -math.inf, dtype=dtype, device=q.device)
+    for b in range(len(cu_q) - 1):
+        q0, q1, k0, k1 = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+        lq, lk = q1 - q0, k1 - k0
+        if lq == 0:
+            continue
+        allowed = materialize_mask(mask, cu_seqlens_q, cu_seqlens_k, b, num_heads)  # (H, Lq, Lk)
+        if is_causal:
+            allowed = allowed & causal_mask(lq, lk, device=q.device)
+        add = materialize_bias(bias, cu_seqlens_q, cu_seqlens_k, b, num_heads, dtype)  # (H, Lq, Lk)
+        for h in range(num_heads):
+            qh = q[q0:q1, h].to(dtype)  # (Lq, D)
+            kh = k[k0:k1, h // group].to(dtype)  # (Lk, D)
+            vh = v[k0:k1, h // group].to(dtype)  # (Lk, D)
+            scores = scale * (qh @ kh.transpose(0, 1)) + add[h]  # (Lq, Lk)
+            scores = scores.masked_fill(~allowed[h], -math.inf)
+            row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (Lq, 1), -inf where no key is visible
+            seen = row_lse > -math.inf
+            probs = torch.where(seen, torch.exp(scores - row_lse), 0.0)  # (Lq, Lk) softmax, 0 for unseen rows
+            out[q0:q1, h] = probs @ vh
+            lse[h, q0:q1] = row_lse[:, 0]
+    return out, lse

@@ -1,0 +1,51 @@
+"""Shared test set-up: the device list every test is parametrized over, and the hypothesis profile.
+
+"cpu" always runs. "cuda" runs when a GPU is visible and this build has the CUDA backend; otherwise it is skipped
+with the reason, so the same test files serve CPU-only and GPU machines.
+"""
+
+from typing import Optional
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import dmattn_ops
+
+
+def cuda_skip_reason() -> Optional[str]:
+    """None when the CUDA backend can run here, else why not."""
+    if not torch.cuda.is_available():
+        return "CUDA not available"
+    if "cuda" not in dmattn_ops.build_info()["backends"]:
+        return "this build has no CUDA backend"
+    return None
+
+
+_CUDA_SKIP = cuda_skip_reason()
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))),
+]
+
+
+@pytest.fixture(params=DEVICES, scope="session")
+def device(request) -> str:
+    """Every device this build can run on: "cpu", and "cuda" (skipped with a reason where absent)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def cuda_device() -> str:
+    """For CUDA-only tests: "cuda", or a skip with the reason."""
+    if _CUDA_SKIP is not None:
+        pytest.skip(_CUDA_SKIP)
+    return "cuda"
+
+
+# Kernel calls have no stable timing (first-call set-up, 2-core CI), so no deadline; each test sets its own
+# max_examples to stay within the suite's time budget.
+settings.register_profile(
+    "dmattn", deadline=None, max_examples=50, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("dmattn")

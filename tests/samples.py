@@ -1,0 +1,383 @@
+"""Test inputs for dmattn::varlen_fwd and the one accuracy rule the tests judge them by.
+
+- ``Spec``: a recipe for one call (sequence lengths, heads, layouts, edge-case knobs); ``SAMPLES`` is the named list
+  that every correctness test and opcheck runs over.
+- ``make_sample(spec, dtype, device)``: builds the tensors of a spec (same values on every device for one seed).
+- ``assert_close_to_reference``: the accuracy rule (FlashAttention 3's): the kernel's error against the float64
+  reference is at most 2x the error of a PyTorch implementation in the same dtype, plus a small atol; NaN never.
+  ``assert_devices_agree`` applies the same rule to a CPU and a CUDA result of one sample.
+- ``support_reason``: why a device cannot run a sample ("" when it can), from ``dmattn_ops.build_info()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+import dmattn_ops
+from dmattn_ops.reference import reference_varlen_attention
+
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A recipe for one dmattn::varlen_fwd call. Heads of a mask/bias are named "1", "Hk" or "H"."""
+
+    name: str
+    seqlens_q: Tuple[int, ...]
+    seqlens_k: Tuple[int, ...]
+    heads: int = 4
+    heads_k: int = 2
+    head_dim: int = 64  # a head dim every CUDA build has
+    mask: Optional[str] = None  # None | "key" (total_k, Hm) | "query" (total_q, Hm, max_seqlen_k)
+    mask_heads: str = "1"
+    keep: float = 0.6  # fraction of True mask entries
+    mask_runs: int = 1  # the mask is constant over runs of this many consecutive keys (block-sparse when > 1)
+    masked_rows: bool = False  # force some queries (or a whole sequence's keys) to be fully masked
+    bias: Optional[str] = None  # None | "key" | "query"
+    bias_heads: str = "1"
+    bias_dtype: str = "float32"  # "float32" | "q" (q's dtype)
+    bias_neg_inf: bool = False  # some bias entries are -inf
+    is_causal: bool = False
+    extra_rows_q: int = 0  # query rows after cu_seqlens_q[-1] (owned by no sequence)
+    extra_rows_k: int = 0  # key rows after cu_seqlens_k[-1]
+    slack_q: int = 0  # max_seqlen_q - the longest query sequence
+    slack_k: int = 0  # max_seqlen_k - the longest key sequence
+    packed_qkv: bool = False  # q, k, v: head slices of one (tokens, H + 2 Hk, D) projection; total_q == total_k
+    softmax_scale: Optional[float] = None
+    dtypes: Tuple[torch.dtype, ...] = ALL_DTYPES
+
+    @property
+    def total_q(self) -> int:
+        return sum(self.seqlens_q) + self.extra_rows_q
+
+    @property
+    def total_k(self) -> int:
+        return sum(self.seqlens_k) + self.extra_rows_k
+
+
+@dataclass
+class Sample:
+    """The tensors of one call, on one device."""
+
+    spec: Spec
+    q: torch.Tensor  # (total_q, H, D)
+    k: torch.Tensor  # (total_k, Hk, D)
+    v: torch.Tensor  # (total_k, Hk, D)
+    cu_seqlens_q: torch.Tensor  # (B + 1,) int32
+    cu_seqlens_k: torch.Tensor  # (B + 1,) int32
+    max_seqlen_q: int
+    max_seqlen_k: int
+    mask: Optional[torch.Tensor] = None  # bool, (total_k, Hm) or (total_q, Hm, max_seqlen_k)
+    bias: Optional[torch.Tensor] = None  # float32 or q's dtype, same layouts
+    softmax_scale: Optional[float] = None
+    is_causal: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def args(self) -> tuple:
+        """Positional arguments of torch.ops.dmattn.varlen_fwd."""
+        return (
+            self.q, self.k, self.v, self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k,
+            self.mask, self.bias, self.softmax_scale, self.is_causal,
+        )
+
+    def run(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) of the public API."""
+        return dmattn_ops.varlen_attention(
+            self.q, self.k, self.v, self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k,
+            mask=self.mask, bias=self.bias, softmax_scale=self.softmax_scale, is_causal=self.is_causal,
+            return_lse=True,
+        )
+
+    def reference(self, dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) of the reference, computed in ``dtype``, on the CPU."""
+        cpu = {f.name: _to_cpu(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "spec"}
+        with _one_thread():
+            return reference_varlen_attention(
+                cpu["q"], cpu["k"], cpu["v"], cpu["cu_seqlens_q"], cpu["cu_seqlens_k"], self.max_seqlen_q,
+                self.max_seqlen_k, mask=cpu["mask"], bias=cpu["bias"], softmax_scale=self.softmax_scale,
+                is_causal=self.is_causal, dtype=dtype,
+            )
+
+    def replace(self, **changes) -> "Sample":
+        return dataclasses.replace(self, **changes)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The reference runs hundreds of tiny ops; on a busy 2-core machine each intra-op thread hand-off costs more
+    than the op (20x slower in total), so it runs on one thread. The kernels under test keep every thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _to_cpu(x):
+    return x.cpu() if isinstance(x, torch.Tensor) else x
+
+
+def _heads(which: str, spec: Spec) -> int:
+    return {"1": 1, "Hk": spec.heads_k, "H": spec.heads}[which]
+
+
+def _cu(lengths: Sequence[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def make_sample(spec: Spec, dtype: torch.dtype, device="cpu", seed: int = 0) -> Sample:
+    """Builds the tensors of ``spec``. Values come from a CPU generator seeded by (spec name, seed), so the CPU and
+    CUDA samples of one spec hold the same numbers; views (packed qkv) are taken on the target device."""
+    if len(spec.seqlens_q) != len(spec.seqlens_k):
+        raise ValueError(f"spec {spec.name}: seqlens_q and seqlens_k must have the same length")
+    gen = torch.Generator().manual_seed(zlib.crc32(spec.name.encode()) * 1000 + seed)
+    H, Hk, D = spec.heads, spec.heads_k, spec.head_dim
+    total_q, total_k = spec.total_q, spec.total_k
+    max_q = max(spec.seqlens_q, default=0) + spec.slack_q
+    max_k = max(spec.seqlens_k, default=0) + spec.slack_k
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    if spec.packed_qkv:
+        if total_q != total_k:
+            raise ValueError(f"spec {spec.name}: packed_qkv needs total_q == total_k")
+        qkv = randn(total_q, H + 2 * Hk, D).to(dtype).to(device)  # one projection, heads [q | k | v]
+        q, k, v = qkv[:, :H], qkv[:, H : H + Hk], qkv[:, H + Hk :]
+    else:
+        q = randn(total_q, H, D).to(dtype).to(device)
+        k = randn(total_k, Hk, D).to(dtype).to(device)
+        v = randn(total_k, Hk, D).to(dtype).to(device)
+
+    mask = None
+    if spec.mask is not None:
+        hm = _heads(spec.mask_heads, spec)
+        shape = (total_k, hm) if spec.mask == "key" else (total_q, hm, max_k)
+        mask = _runs(torch.rand(*_run_shape(shape, spec), generator=gen) < spec.keep, spec, shape)
+        if spec.masked_rows:
+            _mask_some_rows(spec, mask)
+        mask = mask.to(device)
+
+    bias = None
+    if spec.bias is not None:
+        hm = _heads(spec.bias_heads, spec)
+        shape = (total_k, hm) if spec.bias == "key" else (total_q, hm, max_k)
+        bias = randn(*shape)
+        if spec.bias_neg_inf:
+            bias = bias.masked_fill(torch.rand(*shape, generator=gen) < 0.3, -math.inf)
+        bias = bias.to(torch.float32 if spec.bias_dtype == "float32" else dtype).to(device)
+
+    return Sample(
+        spec=spec, q=q, k=k, v=v,
+        cu_seqlens_q=_cu(spec.seqlens_q).to(device), cu_seqlens_k=_cu(spec.seqlens_k).to(device),
+        max_seqlen_q=max_q, max_seqlen_k=max_k, mask=mask, bias=bias,
+        softmax_scale=spec.softmax_scale, is_causal=spec.is_causal,
+    )
+
+
+def _run_shape(shape, spec: Spec):
+    """The shape of the per-run draws: the key axis (dim 0 key-side, dim 2 query-side) divided into runs."""
+    key_dim = 0 if len(shape) == 2 else 2
+    runs = -(-shape[key_dim] // spec.mask_runs)
+    return tuple(runs if d == key_dim else n for d, n in enumerate(shape))
+
+
+def _runs(draws: torch.Tensor, spec: Spec, shape) -> torch.Tensor:
+    """Repeats each draw over ``spec.mask_runs`` consecutive keys and trims to ``shape``."""
+    key_dim = 0 if len(shape) == 2 else 2
+    return draws.repeat_interleave(spec.mask_runs, dim=key_dim).narrow(key_dim, 0, shape[key_dim])
+
+
+def _mask_some_rows(spec: Spec, mask: torch.Tensor) -> None:
+    """Makes some queries see no key: key-side, every key of the first non-empty key sequence (for operand head 0);
+    query-side, every third query row (all operand heads)."""
+    if mask.dim() == 2:
+        cu = _cu(spec.seqlens_k).tolist()
+        for b in range(len(spec.seqlens_k)):
+            if cu[b + 1] > cu[b]:
+                mask[cu[b] : cu[b + 1], 0] = False
+                return
+    else:
+        mask[::3] = False
+
+
+def support_reason(spec: Spec, dtype: torch.dtype, device: str) -> str:
+    """Why this build cannot run ``spec`` in ``dtype`` on ``device``; "" when it can. The CPU runs everything; the
+    CUDA kernels cover the dtypes and head dims in build_info()."""
+    if device == "cpu":
+        return ""
+    info = dmattn_ops.build_info()
+    dtype_name = str(dtype).replace("torch.", "")
+    if dtype_name not in info["cuda_dtypes"]:
+        return f"CUDA kernels are built for {info['cuda_dtypes']}, not {dtype_name}"
+    if spec.head_dim not in info["cuda_head_dims"]:
+        return f"CUDA kernels are built for head dims {info['cuda_head_dims']}, not {spec.head_dim}"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The accuracy rule.
+
+
+def _atol(dtype: torch.dtype, magnitude: float) -> float:
+    """A few units in the last place of ``dtype`` at ``magnitude`` (at least 1)."""
+    return 4 * torch.finfo(dtype).eps * max(1.0, magnitude)
+
+
+def assert_close_to_reference(result, ref64, same_dtype, *, label: str = "") -> None:
+    """Judges a kernel's (out, lse) against the float64 reference ``ref64`` = (out, lse).
+
+    ``same_dtype`` is the reference run in the inputs' dtype (``Sample.reference(sample.dtype)``): "a PyTorch
+    implementation in the same dtype". The rule, for out and for lse:
+        max |kernel - ref64| <= 2 * max |same_dtype - ref64| + atol,
+    with atol a few ulps of the output dtype (float32 for lse). On top of it, exactly: no NaN anywhere; where the
+    reference sees no key (lse -inf) the kernel's row is 0 and its lse -inf; everywhere else its lse is finite.
+    """
+    out, lse = (t.detach().cpu() for t in result)
+    ref_out, ref_lse = ref64
+    pt_out, pt_lse = same_dtype
+    where = f" ({label})" if label else ""
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape, f"shapes differ{where}"
+    assert not out.isnan().any(), f"out has NaN{where}"
+    assert not lse.isnan().any(), f"lse has NaN{where}"
+
+    empty = ref_lse == -math.inf  # (H, total_q): queries that see no key
+    rows = out.permute(1, 0, 2)  # (H, total_q, D)
+    assert (lse[empty] == -math.inf).all(), f"lse must be -inf for queries with no visible key{where}"
+    assert (rows[empty] == 0).all(), f"out must be 0 for queries with no visible key{where}"
+    assert lse[~empty].isfinite().all(), f"lse must be finite for queries that see a key{where}"
+    assert out.isfinite().all(), f"out has inf{where}"
+
+    checks = (
+        ("out", out.double(), ref_out, pt_out.double(), out.dtype),
+        ("lse", lse.double()[~empty], ref_lse[~empty], pt_lse.double()[~empty], torch.float32),
+    )
+    for name, got, want, base, dtype in checks:
+        if want.numel() == 0:
+            continue
+        err = (got - want).abs().max().item()
+        base_err = (base - want).abs().nan_to_num(math.inf).max().item()
+        atol = _atol(dtype, want.abs().max().item())
+        assert err <= 2 * base_err + atol, (
+            f"{name}: max error {err:.3g} vs the float64 reference exceeds 2 x {base_err:.3g} (PyTorch in "
+            f"{pt_out.dtype}) + atol {atol:.3g}{where}"
+        )
+
+
+def assert_devices_agree(cpu_result, cuda_result, ref64, same_dtype, *, label: str = "") -> None:
+    """The CPU and CUDA results of one sample see the same keys (identical 0 / -inf rows) and differ by no more
+    than the rule allows the two together: |cuda - cpu| <= 2 * |same_dtype - ref64| + |cpu - ref64| + atol."""
+    (out_c, lse_c), (out_g, lse_g) = ((t.detach().cpu() for t in r) for r in (cpu_result, cuda_result))
+    where = f" ({label})" if label else ""
+    assert torch.equal(lse_c == -math.inf, lse_g == -math.inf), f"CPU and CUDA disagree on which rows see a key{where}"
+    for name, a, b, ref, pt, dtype in (
+        ("out", out_c, out_g, ref64[0], same_dtype[0], out_c.dtype),
+        ("lse", lse_c, lse_g, ref64[1], same_dtype[1], torch.float32),
+    ):
+        seen = ref.isfinite()
+        if not seen.any():
+            continue
+        a, b, ref, pt = a.double()[seen], b.double()[seen], ref[seen], pt.double()[seen]
+        allowed = (2 * (pt - ref).abs().max() + (a - ref).abs().max()).item() + _atol(dtype, ref.abs().max().item())
+        diff = (a - b).abs().max().item()
+        assert diff <= allowed, f"{name}: CPU and CUDA differ by {diff:.3g}, more than {allowed:.3g}{where}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The named samples.
+
+
+def _samples() -> Tuple[Spec, ...]:
+    mixed = dict(seqlens_q=(5, 3, 8), seqlens_k=(7, 4, 9))
+    specs = [
+        Spec("dense_mha", heads=4, heads_k=4, **mixed),
+        Spec("dense_gqa", **mixed),
+        Spec("dense_mqa", heads=4, heads_k=1, **mixed),
+    ]
+    # Every layout and head broadcast, for mask and bias alone.
+    for operand in ("mask", "bias"):
+        for layout in ("key", "query"):
+            for hm in ("1", "Hk", "H"):
+                specs.append(Spec(f"{layout}_{operand}_{hm}", **mixed, **{operand: layout, f"{operand}_heads": hm}))
+    specs += [
+        Spec("key_bias_in_q_dtype", bias="key", bias_heads="H", bias_dtype="q", **mixed),
+        Spec("query_bias_in_q_dtype", bias="query", bias_heads="Hk", bias_dtype="q", **mixed),
+        # Mixed layouts in one call.
+        Spec("key_mask_query_bias", mask="key", mask_heads="Hk", bias="query", bias_heads="H", **mixed),
+        Spec("query_mask_key_bias", mask="query", mask_heads="H", bias="key", bias_heads="1", **mixed),
+        Spec("key_mask_key_bias_mqa", heads=4, heads_k=1, mask="key", mask_heads="H", bias="key", bias_heads="Hk",
+             **mixed),
+        Spec("query_mask_query_bias", heads=6, heads_k=3, mask="query", mask_heads="Hk", bias="query",
+             bias_heads="1", **mixed),
+        # Causal, bottom-right aligned.
+        Spec("causal_lq_lt_lk", seqlens_q=(3, 1, 6), seqlens_k=(7, 5, 9), is_causal=True, mask="key", bias="key",
+             bias_heads="Hk"),
+        Spec("causal_lq_eq_lk", seqlens_q=(6, 2, 9), seqlens_k=(6, 2, 9), is_causal=True, mask="query",
+             mask_heads="H"),
+        Spec("causal_lq_gt_lk", seqlens_q=(7, 5, 4), seqlens_k=(3, 2, 4), is_causal=True, bias="query"),
+        Spec("causal_mqa_mixed", heads=4, heads_k=1, seqlens_q=(2, 9, 4), seqlens_k=(8, 4, 4), is_causal=True,
+             mask="query", mask_heads="1", bias="key", bias_heads="H"),
+        # Empty sequences on either side, no queries, no keys, no sequences.
+        Spec("empty_sequences", seqlens_q=(0, 4, 3, 0, 2), seqlens_k=(5, 0, 3, 0, 4), mask="key", bias="query"),
+        Spec("empty_sequences_causal", seqlens_q=(0, 4, 3, 5), seqlens_k=(3, 0, 3, 2), is_causal=True,
+             mask="query", bias="key"),
+        Spec("no_queries", seqlens_q=(0, 0), seqlens_k=(3, 4), mask="key", bias="key"),
+        Spec("no_keys", seqlens_q=(3, 2), seqlens_k=(0, 0), mask="query", bias="key"),
+        Spec("no_sequences", seqlens_q=(), seqlens_k=(), extra_rows_q=3, extra_rows_k=2, mask="key"),
+        # Fully masked rows, -inf bias.
+        Spec("masked_rows_key_side", mask="key", mask_heads="H", masked_rows=True, **mixed),
+        Spec("masked_rows_query_side", mask="query", mask_heads="Hk", masked_rows=True, bias="key", **mixed),
+        Spec("mask_all_false", mask="key", keep=0.0, **mixed),
+        Spec("bias_neg_inf", bias="query", bias_heads="H", bias_neg_inf=True, mask="key", **mixed),
+        # max_seqlen above the real lengths, rows after cu_seqlens[-1].
+        Spec("max_seqlen_slack", slack_q=4, slack_k=6, mask="query", bias="query", bias_heads="H", **mixed),
+        Spec("trailing_rows", extra_rows_q=3, extra_rows_k=4, mask="query", bias="key", is_causal=True, **mixed),
+        # Strided views of a packed projection, self-attention.
+        Spec("packed_qkv", seqlens_q=(6, 1, 9), seqlens_k=(6, 1, 9), packed_qkv=True, mask="key", bias="key"),
+        Spec("packed_qkv_causal_mqa", heads=4, heads_k=1, seqlens_q=(5, 7), seqlens_k=(5, 7), packed_qkv=True,
+             is_causal=True, mask="query", bias="query"),
+        # Sequences spanning several CPU blocks and CUDA tiles; block-sparse masks (runs of masked keys that do not
+        # line up with tiles) for tile skipping; decode with long key sides; an explicit softmax scale.
+        Spec("long_sequences", seqlens_q=(150, 37, 70), seqlens_k=(200, 41, 300), mask="query", mask_heads="Hk",
+             bias="key", is_causal=True),
+        Spec("block_sparse_key_mask", seqlens_q=(130, 5), seqlens_k=(520, 300), mask="key", mask_heads="Hk",
+             mask_runs=100, keep=0.5, bias="key", bias_heads="H"),
+        Spec("block_sparse_query_mask_causal", seqlens_q=(200,), seqlens_k=(260,), mask="query", mask_heads="H",
+             mask_runs=70, keep=0.5, is_causal=True, bias="query"),
+        Spec("decode_key_side", heads=8, heads_k=2, seqlens_q=(1, 4, 8), seqlens_k=(700, 1000, 300), mask="key",
+             mask_heads="Hk", keep=0.25, bias="key", bias_heads="Hk"),
+        Spec("softmax_scale", softmax_scale=0.37, mask="key", bias="key", **mixed),
+        # Odd and common head dims.
+        Spec("head_dim_1", head_dim=1, mask="key", bias="query", **mixed),
+        Spec("head_dim_5", head_dim=5, mask="query", bias="key", is_causal=True, **mixed),
+        Spec("head_dim_16", head_dim=16, mask="key", mask_heads="Hk", bias="key", is_causal=True, **mixed),
+        Spec("head_dim_32", head_dim=32, mask="query", mask_heads="H", bias="key", **mixed),
+        Spec("head_dim_80", head_dim=80, mask="query", bias="query", bias_heads="Hk", **mixed),
+        Spec("head_dim_96", head_dim=96, mask="key", bias="query", is_causal=True, **mixed),
+        Spec("head_dim_256", head_dim=256, seqlens_q=(3, 70), seqlens_k=(90, 70), mask="key", bias="key",
+             is_causal=True),
+        Spec("head_dim_128_causal", head_dim=128, seqlens_q=(3, 18), seqlens_k=(20, 18), is_causal=True,
+             mask="key", bias="key", bias_heads="H"),
+    ]
+    names = [s.name for s in specs]
+    assert len(names) == len(set(names)), "sample names must be unique"
+    return tuple(specs)
+
+
+SAMPLES = _samples()

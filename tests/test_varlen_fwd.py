@@ -1,0 +1,476 @@
+"""Correctness of dmattn::varlen_fwd against the float64 reference, on every device this build has.
+
+- every named sample (tests/samples.py) in every dtype, by the accuracy rule;
+- hypothesis property tests over random shapes, layouts, head broadcasting, dtypes and edge cases;
+- NaN padding (xformers): every input embedded in a larger NaN-filled buffer, and every entry the contract says is
+  unused poisoned, must give a bit-identical result (catches out-of-bounds and out-of-sequence reads);
+- operand strides: non-contiguous, transposed and stride-0 masks/biases;
+- a key-side mask/bias is never expanded to the query-side layout;
+- rows after cu_seqlens_q[-1]; lying cu_seqlens (CPU: ValueError; CUDA: clamped, no crash, no NaN);
+- CPU vs CUDA agreement, and the CUDA build's clear errors for what it was not built for;
+- the reference itself: the causal alignment and head broadcast by hand, and the output against torch SDPA.
+"""
+
+import math
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.profiler import ProfilerActivity, profile
+
+import dmattn_ops
+from dmattn_ops.reference import causal_mask, materialize_bias, materialize_mask, reference_varlen_attention
+from samples import (
+    ALL_DTYPES,
+    SAMPLES,
+    Sample,
+    Spec,
+    assert_close_to_reference,
+    assert_devices_agree,
+    make_sample,
+    support_reason,
+)
+
+SAMPLE_DTYPES = [
+    pytest.param(spec, dtype, id=f"{spec.name}-{str(dtype).replace('torch.', '')}")
+    for spec in SAMPLES
+    for dtype in spec.dtypes
+]
+
+
+def _run_checked(sample: Sample, label: str = ""):
+    """Runs the public API, checks the output metadata and the accuracy rule; returns (out, lse)."""
+    out, lse = sample.run()
+    total_q, H, D = sample.q.shape
+    assert out.shape == (total_q, H, D) and out.dtype == sample.dtype and out.device == sample.device
+    assert lse.shape == (H, total_q) and lse.dtype == torch.float32 and lse.device == sample.device
+    assert_close_to_reference((out, lse), sample.reference(), sample.reference(sample.dtype), label=label)
+    return out, lse
+
+
+def _skip_unsupported(spec: Spec, dtype: torch.dtype, device: str) -> None:
+    reason = support_reason(spec, dtype, device)
+    if reason:
+        pytest.skip(reason)  # test_cuda_rejects_what_it_was_not_built_for checks these give a clear error
+
+
+@pytest.mark.parametrize("spec, dtype", SAMPLE_DTYPES)
+def test_sample_matches_reference(spec, dtype, device):
+    _skip_unsupported(spec, dtype, device)
+    _run_checked(make_sample(spec, dtype, device))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NaN padding: the same values at other addresses, surrounded by NaN, with every unused entry poisoned.
+
+
+def _embed(t: torch.Tensor, fill, *, before: int = 2, after: int = 3, extra: int = 8) -> torch.Tensor:
+    """A view holding t's values inside a larger buffer filled with ``fill``: ``before``/``after`` extra rows, and
+    ``extra`` extra entries on each side of every other dim (heads, columns). The last dim keeps stride 1.
+
+    extra = 8 keeps every q/k/v row 16-byte aligned when D % 8 == 0, as slices of a packed qkv projection are;
+    misaligned views are a different question from out-of-bounds reads."""
+    pads = [(before, after)] + [(extra, extra)] * (t.dim() - 1)
+    buf = torch.full([n + a + b for n, (a, b) in zip(t.shape, pads)], fill, dtype=t.dtype, device=t.device)
+    view = buf[tuple(slice(a, a + n) for n, (a, _) in zip(t.shape, pads))]
+    view.copy_(t)
+    return view
+
+
+def _poison(t: torch.Tensor):
+    """The fill for entries nobody may read: NaN for floats, True for a mask, a huge value for cu_seqlens."""
+    if t.dtype == torch.bool:
+        return True
+    if t.dtype == torch.int32:
+        return 2**30
+    return math.nan
+
+
+def _padded(sample: Sample) -> Sample:
+    """``sample`` with every tensor embedded in a poisoned buffer, and, inside the views, every entry the contract
+    leaves unused poisoned too: q rows after cu_seqlens_q[-1], k/v rows after cu_seqlens_k[-1], mask/bias rows
+    owned by no sequence, and query-side columns j >= the row's sequence length Lk."""
+    owned_q = int(sample.cu_seqlens_q[-1])
+    owned_k = int(sample.cu_seqlens_k[-1])
+    cu_q, cu_k = sample.cu_seqlens_q.tolist(), sample.cu_seqlens_k.tolist()
+
+    def pad(t, owned_rows):
+        view = _embed(t, _poison(t))
+        view[owned_rows:] = _poison(t)
+        return view
+
+    def pad_operand(t):
+        if t is None:
+            return None
+        if t.dim() == 2:  # key-side (total_k, Hm)
+            return pad(t, owned_k)
+        view = pad(t, owned_q)  # query-side (total_q, Hm, max_seqlen_k)
+        for b in range(len(cu_q) - 1):
+            view[cu_q[b] : cu_q[b + 1], :, cu_k[b + 1] - cu_k[b] :] = _poison(t)
+        return view
+
+    return sample.replace(
+        q=pad(sample.q, owned_q), k=pad(sample.k, owned_k), v=pad(sample.v, owned_k),
+        cu_seqlens_q=_embed(sample.cu_seqlens_q, _poison(sample.cu_seqlens_q)),
+        cu_seqlens_k=_embed(sample.cu_seqlens_k, _poison(sample.cu_seqlens_k)),
+        mask=pad_operand(sample.mask), bias=pad_operand(sample.bias),
+    )
+
+
+def _assert_identical(a, b, what: str):
+    for name, x, y in (("out", a[0], b[0]), ("lse", a[1], b[1])):
+        assert torch.equal(x, y), f"{name} differs {what}: max diff {(x.double() - y.double()).abs().max().item()}"
+
+
+@pytest.mark.parametrize("spec, dtype", SAMPLE_DTYPES)
+def test_nan_padding_gives_identical_result(spec, dtype, device):
+    _skip_unsupported(spec, dtype, device)
+    sample = make_sample(spec, dtype, device)
+    padded = _padded(sample)
+    assert padded.q.stride() != sample.q.stride()  # really a view into a larger buffer
+    _assert_identical(sample.run(), padded.run(), "when the inputs sit in NaN-filled buffers")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Operand strides: the same mask/bias values through other strides.
+
+
+def _every_other(t: torch.Tensor) -> torch.Tensor:
+    """Same values, stride 2 on the last dim."""
+    buf = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    buf[..., ::2] = t
+    return buf[..., ::2]
+
+
+def _reversed_strides(t: torch.Tensor) -> torch.Tensor:
+    """Same values, stored with the dims in reverse order (a transposed view)."""
+    dims = list(range(t.dim()))[::-1]
+    out = torch.empty(t.shape[::-1], dtype=t.dtype, device=t.device).permute(dims)
+    out.copy_(t)
+    return out
+
+
+STRIDED_SPECS = [s for s in SAMPLES if s.name in ("key_mask_query_bias", "query_mask_key_bias", "trailing_rows")]
+
+
+@pytest.mark.parametrize("spec", STRIDED_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("restride", [_every_other, _reversed_strides], ids=["every_other", "reversed"])
+def test_operand_strides_give_identical_result(spec, restride, device):
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    _skip_unsupported(spec, dtype, device)
+    sample = make_sample(spec, dtype, device)
+    strided = sample.replace(mask=restride(sample.mask), bias=restride(sample.bias))
+    assert strided.mask.stride() != sample.mask.stride() and strided.bias.stride() != sample.bias.stride()
+    _assert_identical(sample.run(), strided.run(), f"with {restride.__name__} mask/bias strides")
+
+
+@pytest.mark.parametrize("layout", ["key", "query"])
+def test_stride_zero_operands(layout, device):
+    """Masks and biases broadcast with expand(): stride 0 over heads, and (query-side) over query rows."""
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    spec = Spec(f"stride_zero_{layout}", seqlens_q=(4, 6), seqlens_k=(9, 5), is_causal=True)
+    _skip_unsupported(spec, dtype, device)
+    sample = make_sample(spec, dtype, device)
+    H, total_q, total_k, max_k = spec.heads, spec.total_q, spec.total_k, sample.max_seqlen_k
+    gen = torch.Generator().manual_seed(7)
+    if layout == "key":
+        mask = (torch.rand(total_k, 1, generator=gen) < 0.7).to(device).expand(total_k, H)
+        bias = torch.randn(total_k, 1, generator=gen).to(device).expand(total_k, H)
+    else:
+        mask = (torch.rand(1, 1, max_k, generator=gen) < 0.7).to(device).expand(total_q, H, max_k)
+        bias = torch.randn(1, 1, max_k, generator=gen).to(device).expand(total_q, H, max_k)
+    assert 0 in mask.stride() and 0 in bias.stride()
+    _run_checked(sample.replace(mask=mask, bias=bias))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_long_sequence_accuracy(dtype, device):
+    """32,768 keys with a peaky key-side bias (|out| ~ 1): accumulation over many keys stays within the rule."""
+    spec = Spec("long_keys", seqlens_q=(8,), seqlens_k=(32_768,), heads=2, heads_k=1, head_dim=64, bias="key")
+    _skip_unsupported(spec, dtype, device)
+    sample = make_sample(spec, dtype, device, seed=1)
+    _run_checked(sample.replace(bias=3 * sample.bias))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Property tests.
+
+_HEADS = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (6, 2), (6, 3)]
+_CPU_HEAD_DIMS = [1, 2, 3, 5, 8, 16, 24]
+
+
+def _supported(device: str):
+    """(dtypes, head dims) to draw from on ``device``."""
+    if device == "cpu":
+        return list(ALL_DTYPES), _CPU_HEAD_DIMS
+    info = dmattn_ops.build_info()
+    dtypes = [d for d in ALL_DTYPES if str(d).replace("torch.", "") in info["cuda_dtypes"]]
+    return dtypes, sorted(info["cuda_head_dims"])
+
+
+@st.composite
+def specs(draw, device: str):
+    """A random Spec and dtype: 0-3 sequences of 0-12 tokens on each side, every layout and head broadcast,
+    GQA/MQA, causal, masked rows, -inf bias, trailing rows, max_seqlen slack, packed qkv views."""
+    dtypes, head_dims = _supported(device)
+    batch = draw(st.integers(0, 3))
+    lengths = st.lists(st.integers(0, 12), min_size=batch, max_size=batch)
+    seqlens_q = tuple(draw(lengths))
+    packed = draw(st.booleans())
+    seqlens_k = seqlens_q if packed else tuple(draw(lengths))
+    extra_q = draw(st.integers(0, 3))
+    heads, heads_k = draw(st.sampled_from(_HEADS))
+    layouts = st.sampled_from([None, "key", "query"])
+    head_kinds = st.sampled_from(["1", "Hk", "H"])
+    mask, bias = draw(layouts), draw(layouts)
+    spec = Spec(
+        "hypothesis",
+        seqlens_q=seqlens_q,
+        seqlens_k=seqlens_k,
+        heads=heads,
+        heads_k=heads_k,
+        head_dim=draw(st.sampled_from(head_dims)),
+        mask=mask,
+        mask_heads=draw(head_kinds),
+        keep=draw(st.sampled_from([0.0, 0.2, 0.6, 1.0])),
+        masked_rows=mask is not None and draw(st.booleans()),
+        bias=bias,
+        bias_heads=draw(head_kinds),
+        bias_dtype=draw(st.sampled_from(["float32", "q"])),
+        bias_neg_inf=bias is not None and draw(st.booleans()),
+        is_causal=draw(st.booleans()),
+        extra_rows_q=extra_q,
+        extra_rows_k=extra_q if packed else draw(st.integers(0, 3)),
+        slack_q=draw(st.integers(0, 3)),
+        slack_k=draw(st.integers(0, 3)),
+        packed_qkv=packed,
+        softmax_scale=draw(st.none() | st.floats(0.05, 2.0)),
+    )
+    return spec, draw(st.sampled_from(dtypes)), draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=120)
+@given(data=st.data())
+def test_random_calls_match_reference(device, data):
+    if not all(_supported(device)):
+        pytest.skip("this build's CUDA backend has no kernel instantiations")
+    spec, dtype, seed = data.draw(specs(device), label="spec, dtype, seed")
+    sample = make_sample(spec, dtype, device, seed=seed)
+    result = _run_checked(sample)
+    _assert_identical(result, _padded(sample).run(), "when the inputs sit in NaN-filled buffers")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The key-side layout stays key-side.
+
+
+def _bytes_allocated(sample: Sample):
+    """(result, bytes the call allocated): peak CUDA allocator growth, or on the CPU every allocation the profiler
+    sees (an upper bound on the peak)."""
+    if sample.device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = sample.run()
+        torch.cuda.synchronize()
+        return result, torch.cuda.max_memory_allocated() - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = sample.run()
+    return result, sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+
+
+@pytest.mark.parametrize("mask_heads", [1, 8])
+def test_key_side_operand_is_never_expanded(mask_heads, device):
+    """One sequence of 8 queries and 50,000 keys, key-side mask (keeping ~1%) and bias of Hm heads. A query-side
+    copy would hold total_q * Hm * max_seqlen_k elements, 8x the operands; what the call allocates because of the
+    operands (with them minus without them) must stay within O(total_k * Hm): the operands' own size."""
+    dtype = torch.float16  # on every device; float32 accuracy over many keys is test_long_sequence_accuracy's
+    lq, lk, H, Hk, D = 8, 50_000, 8, 2, 64
+    spec = Spec("huge_key_side", seqlens_q=(lq,), seqlens_k=(lk,), heads=H, heads_k=Hk, head_dim=D)
+    _skip_unsupported(spec, dtype, device)
+    gen = torch.Generator().manual_seed(3)
+    mask = (torch.rand(lk, mask_heads, generator=gen) < 0.01).to(device)  # (total_k, Hm)
+    bias = torch.randn(lk, mask_heads, generator=gen).to(device)  # (total_k, Hm) float32
+    dense = make_sample(spec, dtype, device)
+    sample = dense.replace(mask=mask, bias=bias)
+
+    budget = mask.nbytes + bias.nbytes
+    query_side = lq * mask_heads * lk * (mask.element_size() + bias.element_size())
+    assert query_side >= 8 * budget, "the shape must make an expansion stand out"
+    _, without = _bytes_allocated(dense)
+    result, with_operands = _bytes_allocated(sample)
+    extra = with_operands - without
+    assert extra <= budget, f"the mask and bias cost {extra} extra bytes, more than their own {budget} bytes " \
+        f"(a query-side copy: {query_side})"
+    assert_close_to_reference(result, sample.reference(), sample.reference(dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows no sequence owns; lying cu_seqlens.
+
+
+@pytest.mark.parametrize("name", ["trailing_rows", "no_sequences"])
+def test_rows_after_last_sequence_are_zero(name, device):
+    spec = next(s for s in SAMPLES if s.name == name)
+    dtype = torch.bfloat16
+    _skip_unsupported(spec, dtype, device)
+    sample = make_sample(spec, dtype, device)
+    out, lse = sample.run()
+    owned = int(sample.cu_seqlens_q[-1])
+    assert owned < out.shape[0]
+    assert (out[owned:] == 0).all()
+    assert (lse[:, owned:] == -math.inf).all()
+
+
+def _lying(sample: Sample, case: str) -> Sample:
+    """``sample`` (3 sequences) with cu_seqlens or max_seqlen that break the contract."""
+    total_q, total_k = sample.q.shape[0], sample.k.shape[0]
+    cu_q, cu_k = sample.cu_seqlens_q.tolist(), sample.cu_seqlens_k.tolist()
+    lies = {
+        "last_past_total": dict(cu_q=cu_q[:-1] + [total_q + 5], cu_k=cu_k[:-1] + [total_k + 1000]),
+        "decreasing": dict(cu_q=[0, cu_q[2], cu_q[1], cu_q[3]], cu_k=[0, cu_k[3], 1, cu_k[3]]),
+        "longer_than_max_seqlen": dict(max_q=1, max_k=2),
+        "negative": dict(cu_q=[-7] + cu_q[1:], cu_k=[0, -3] + cu_k[2:]),
+    }[case]
+    max_k = lies.get("max_k", sample.max_seqlen_k)
+
+    def cu(values):
+        return torch.tensor(values, dtype=torch.int32).to(sample.device)
+
+    def narrow(t):  # a query-side operand is (total_q, Hm, max_seqlen_k) wide, whatever the lengths say
+        return t[..., :max_k] if t is not None and t.dim() == 3 else t
+
+    return sample.replace(
+        cu_seqlens_q=cu(lies.get("cu_q", cu_q)),
+        cu_seqlens_k=cu(lies.get("cu_k", cu_k)),
+        max_seqlen_q=lies.get("max_q", sample.max_seqlen_q),
+        max_seqlen_k=max_k,
+        mask=narrow(sample.mask),
+        bias=narrow(sample.bias),
+    )
+
+
+LYING = ["last_past_total", "decreasing", "longer_than_max_seqlen", "negative"]
+
+
+@pytest.mark.parametrize("case", LYING)
+@pytest.mark.parametrize("name", ["key_mask_query_bias", "causal_mqa_mixed"])
+def test_lying_cu_seqlens(name, case, device):
+    """CPU: a ValueError from the data checks. CUDA (no data check, no sync): lengths are clamped in the kernel;
+    the output is unspecified but the call must not fail, read out of bounds or produce NaN."""
+    spec = next(s for s in SAMPLES if s.name == name)
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    _skip_unsupported(spec, dtype, device)
+    sample = _lying(make_sample(spec, dtype, device), case)
+    if device == "cpu":
+        with pytest.raises(ValueError, match=r"dmattn\.varlen_fwd: .*(cu_seqlens|max_seqlen)"):
+            sample.run()
+        with pytest.raises(ValueError, match=r"dmattn\.varlen_fwd: "):
+            torch.ops.dmattn.varlen_fwd(*sample.args())
+        return
+    out, lse = sample.run()
+    torch.cuda.synchronize()
+    assert out.isfinite().all()
+    assert not lse.isnan().any() and not (lse == math.inf).any()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA: agreement with the CPU, and clear errors for what the build does not cover.
+
+
+@pytest.mark.parametrize("spec, dtype", SAMPLE_DTYPES)
+def test_cpu_and_cuda_agree(spec, dtype, cuda_device):
+    """Both devices pass the rule on their own (test_sample_matches_reference); here they must also see the same
+    keys (identical 0 / -inf rows) and differ by no more than the rule allows both together."""
+    _skip_unsupported(spec, dtype, cuda_device)
+    cpu = make_sample(spec, dtype, "cpu")
+    assert_devices_agree(cpu.run(), make_sample(spec, dtype, cuda_device).run(), cpu.reference(), cpu.reference(dtype))
+
+
+def test_cuda_rejects_what_it_was_not_built_for(cuda_device):
+    """float32 and head dims outside build_info()["cuda_head_dims"] get an error naming the op, never garbage."""
+    info = dmattn_ops.build_info()
+    spec = next(s for s in SAMPLES if s.name == "key_mask_query_bias")
+    cases = []
+    if "float32" not in info["cuda_dtypes"]:
+        cases.append((spec, torch.float32, r"float32|Float"))
+    odd_dims = [d for d in (1, 5, 80) if d not in info["cuda_head_dims"]]
+    if odd_dims:
+        cases.append((Spec("odd_head_dim", (3, 4), (5, 2), head_dim=odd_dims[0], mask="key"), torch.float16,
+                      r"head.?dim"))
+    if not cases:
+        pytest.skip("this build's CUDA kernels cover float32 and every tested head dim")
+    for case_spec, dtype, what in cases:
+        sample = make_sample(case_spec, dtype, cuda_device)
+        for call in (sample.run, lambda: torch.ops.dmattn.varlen_fwd(*sample.args())):
+            with pytest.raises((TypeError, ValueError, NotImplementedError, RuntimeError)) as err:
+                call()
+            message = str(err.value)
+            assert message.startswith("dmattn.varlen_fwd: "), message
+            assert re.search(what, message), message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference itself.
+
+
+def test_reference_causal_alignment_by_hand():
+    # Bottom-right: with Lq = 2, Lk = 4, query 0 sees keys 0..2 and query 1 sees keys 0..3.
+    assert causal_mask(2, 4).tolist() == [[True, True, True, False], [True, True, True, True]]
+    # Lq > Lk: the first Lq - Lk queries see nothing.
+    assert causal_mask(3, 1).tolist() == [[False], [False], [True]]
+
+
+def test_reference_head_broadcast_by_hand():
+    # H = 4, Hk = 2; one sequence of 1 query and 2 keys. Key-side mask with Hm = Hk: heads 0, 1 read column 0,
+    # heads 2, 3 read column 1.
+    cu_q, cu_k = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 2], dtype=torch.int32)
+    mask = torch.tensor([[True, False], [False, True]])  # (total_k = 2, Hm = 2)
+    dense = materialize_mask(mask, cu_q, cu_k, 0, num_heads=4)  # (H, Lq, Lk)
+    assert dense[:, 0].tolist() == [[True, False], [True, False], [False, True], [False, True]]
+    # Query-side bias with Hm = H: head h reads its own slice; columns past Lk are ignored.
+    bias = torch.arange(12.0).reshape(1, 4, 3)  # (total_q = 1, Hm = 4, max_seqlen_k = 3)
+    assert materialize_bias(bias, cu_q, cu_k, 0, num_heads=4)[:, 0].tolist() == [[0, 1], [3, 4], [6, 7], [9, 10]]
+
+
+def test_reference_by_hand():
+    # One query, two keys, D = 1, scale 1: scores 1 and 3, plus a key-side bias of -1 on the second key.
+    q = torch.tensor([[[1.0]]])
+    k = torch.tensor([[[1.0]], [[3.0]]])
+    v = torch.tensor([[[10.0]], [[20.0]]])
+    cu = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 2], dtype=torch.int32)
+    bias = torch.tensor([[0.0], [-1.0]])
+    out, lse = reference_varlen_attention(q, k, v, *cu, 1, 2, bias=bias, softmax_scale=1.0)
+    p = 1 / (1 + math.exp(1.0))  # weight of the first key: e^1 / (e^1 + e^2)
+    assert out.item() == pytest.approx(10 * p + 20 * (1 - p))
+    assert lse.item() == pytest.approx(math.log(math.exp(1.0) + math.exp(2.0)))
+
+
+@pytest.mark.parametrize("spec", SAMPLES, ids=lambda s: s.name)
+def test_reference_matches_sdpa(spec):
+    """The reference against torch's scaled_dot_product_attention, one (sequence, head) at a time, in float64,
+    on the rows that see at least one key."""
+    sample = make_sample(spec, torch.float32)
+    out, _ = sample.reference()
+    cu_q, cu_k = sample.cu_seqlens_q.tolist(), sample.cu_seqlens_k.tolist()
+    H, Hk, D = spec.heads, spec.heads_k, spec.head_dim
+    scale = spec.softmax_scale if spec.softmax_scale is not None else 1 / math.sqrt(D)
+    for b in range(len(cu_q) - 1):
+        (q0, q1), (k0, k1) = cu_q[b : b + 2], cu_k[b : b + 2]
+        if q1 == q0 or k1 == k0:
+            continue
+        allowed = materialize_mask(sample.mask, sample.cu_seqlens_q, sample.cu_seqlens_k, b, H)
+        if spec.is_causal:
+            allowed = allowed & causal_mask(q1 - q0, k1 - k0)
+        add = materialize_bias(sample.bias, sample.cu_seqlens_q, sample.cu_seqlens_k, b, H).masked_fill(
+            ~allowed, -math.inf
+        )
+        q = sample.q[q0:q1].double().transpose(0, 1)  # (H, Lq, D)
+        k = sample.k[k0:k1].double().transpose(0, 1).repeat_interleave(H // Hk, 0)  # (H, Lk, D)
+        v = sample.v[k0:k1].double().transpose(0, 1).repeat_interleave(H // Hk, 0)
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=scale)
+        seen = (add > -math.inf).any(-1)  # (H, Lq)
+        got = out[q0:q1].transpose(0, 1)
+        torch.testing.assert_close(got[seen], expected[seen], rtol=1e-10, atol=1e-12)
