@@ -87,10 +87,14 @@ def write_build_config(backends, archs):
 def extension():
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-DPy_LIMITED_API=0x03090000"]
+    # -fopenmp: torch's CPU build runs at::parallel_for on OpenMP, which is compiled out without it.
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    link = ["-fopenmp"]
     if not want_cuda():
         write_build_config(["cpu"], [])
-        return CppExtension("dmattn_ops._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)
+        return CppExtension(
+            "dmattn_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link, py_limited_api=True
+        )
 
     archs, gencode = cuda_archs()
     generated = kernel_matrix.render(ROOT / "build" / "generated")
@@ -107,6 +111,7 @@ def extension():
         include_dirs=[cutlass_include(), str(ROOT / "csrc")],
         define_macros=[("DMATTN_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx + ["-DDMATTN_WITH_CUDA"], "nvcc": nvcc},
+        extra_link_args=link,
         py_limited_api=True,
     )
 

@@ -112,20 +112,107 @@ float bias_at(const ScoreOperand& b, int64_t row, int32_t h, int64_t j) {
   return load_scalar(b.ptr, operand_offset(b, row, h, j), b.dtype);
 }
 
-// Eight independent partial sums let the compiler vectorize without reassociating on its own.
-__attribute__((always_inline)) inline float dot(const float* a, const float* b, int64_t n) {
-  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int l = 0; l < 8; ++l) part[l] += a[i + l] * b[i + l];
-  }
-  float sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
+// exp(x) for x <= 0 (scores minus their running max), written so that the compiler vectorizes the softmax loop
+// (libm's expf is a scalar call). Range reduction x = n ln2 + r with ln2 split in two parts, then a degree-6
+// polynomial for e^r on |r| <= ln2 / 2 (the classic Cephes single-precision coefficients): about 1 ulp.
+// exp(-inf) is exactly 0, so a key a row may not attend gets weight 0.
+__attribute__((always_inline)) inline float exp_nonpositive(float x) {
+  const float clamped = std::max(x, -87.0f);
+  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
+  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const float er = poly * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x == -std::numeric_limits<float>::infinity() ? 0.f : er * scale;
 }
 
-__attribute__((always_inline)) inline void axpy(float alpha, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+// Eight floats, as GCC/Clang vector extensions: AVX in the x86-64-v3 clone of run_block, two SSE halves in the
+// baseline one. Unaligned loads and stores go through memcpy.
+using v8f = float __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+__attribute__((always_inline)) inline void add_store8(float* p, v8f v) {
+  v8f old;
+  std::memcpy(&old, p, sizeof(old));
+  old += v;
+  std::memcpy(p, &old, sizeof(old));
+}
+
+// raw[r * kKeyChunk + c] = q_r . k_c for rows [0, rows) and chunk keys [0, cn_pad), cn_pad % 16 == 0.
+// kt: the chunk's keys transposed, kt[d * kKeyChunk + c]. Two rows x 16 keys per step keep four accumulators in
+// registers, and each K element loaded serves both rows. (Odd row counts compute the last row twice.)
+__attribute__((always_inline)) inline void qk_chunk(const float* q, int64_t rows, int64_t D, const float* kt,
+                                                    int64_t cn_pad, float* raw) {
+  for (int64_t r = 0; r < rows; r += 2) {
+    const int64_t r1 = std::min(r + 1, rows - 1);
+    const float* q0 = q + r * D;
+    const float* q1 = q + r1 * D;
+    for (int64_t c = 0; c < cn_pad; c += 16) {
+      v8f a0 = {}, a1 = {}, b0 = {}, b1 = {};
+      for (int64_t d = 0; d < D; ++d) {
+        const v8f k0 = load8(kt + d * kKeyChunk + c), k1 = load8(kt + d * kKeyChunk + c + 8);
+        const float x = q0[d], y = q1[d];
+        a0 += x * k0;
+        a1 += x * k1;
+        b0 += y * k0;
+        b1 += y * k1;
+      }
+      std::memcpy(raw + r * kKeyChunk + c, &a0, sizeof(a0));
+      std::memcpy(raw + r * kKeyChunk + c + 8, &a1, sizeof(a1));
+      std::memcpy(raw + r1 * kKeyChunk + c, &b0, sizeof(b0));
+      std::memcpy(raw + r1 * kKeyChunk + c + 8, &b1, sizeof(b1));
+    }
+  }
+}
+
+// acc[r * D + d] += sum_c w[r * kKeyChunk + c] * vrow[c][d] over one chunk of cn keys. Two rows x 32 columns per
+// step keep eight accumulators in registers; each V element loaded serves both rows. The chunk's sum is formed
+// apart and then added to acc, which bounds float32 rounding growth over long sequences.
+__attribute__((always_inline)) inline void pv_chunk(const float* w, int64_t rows, int64_t D,
+                                                    const float* const* vrow, int64_t cn, float* acc) {
+  for (int64_t r = 0; r < rows; r += 2) {
+    const bool pair = r + 1 < rows;
+    const float* w0 = w + r * kKeyChunk;
+    const float* w1 = w + (pair ? r + 1 : r) * kKeyChunk;
+    int64_t d = 0;
+    for (; d + 32 <= D; d += 32) {
+      v8f a[4] = {}, b[4] = {};
+      for (int64_t c = 0; c < cn; ++c) {
+        const float x = w0[c], y = w1[c];
+        const float* v = vrow[c] + d;
+        for (int i = 0; i < 4; ++i) {
+          const v8f vv = load8(v + 8 * i);
+          a[i] += x * vv;
+          b[i] += y * vv;
+        }
+      }
+      for (int i = 0; i < 4; ++i) {
+        add_store8(acc + r * D + d + 8 * i, a[i]);
+        if (pair) add_store8(acc + (r + 1) * D + d + 8 * i, b[i]);
+      }
+    }
+    for (; d < D; ++d) {
+      float x = 0.f, y = 0.f;
+      for (int64_t c = 0; c < cn; ++c) {
+        x += w0[c] * vrow[c][d];
+        y += w1[c] * vrow[c][d];
+      }
+      acc[r * D + d] += x;
+      if (pair) acc[(r + 1) * D + d] += y;
+    }
+  }
 }
 
 }  // namespace
@@ -172,9 +259,11 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s) {
   const int32_t hk = item.head_begin / (p.num_heads / p.num_heads_k);
   const bool key_mask = p.mask.layout == OperandLayout::kKeySide;
   const bool query_mask = p.mask.layout == OperandLayout::kQuerySide;
-  // With Hm in {1, Hk} every head of the item reads the same key-side mask column.
+  // With Hm in {1, Hk} every head of the item reads the same key-side mask (and bias) column.
   const bool shared_key_mask =
       key_mask && item.head_begin / p.mask.head_group == (item.head_end - 1) / p.mask.head_group;
+  const bool shared_key_bias = p.bias.layout == OperandLayout::kKeySide &&
+                               item.head_begin / p.bias.head_group == (item.head_end - 1) / p.bias.head_group;
   auto head_of = [&](int64_t r) { return static_cast<int32_t>(item.head_begin + r / nq); };
   auto query_row = [&](int64_t r) { return sq.start + item.q_begin + r % nq; };
 
@@ -208,6 +297,9 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s) {
 
   s.q.resize(rows * D);
   s.row.resize(D);
+  s.kt.resize(D * kKeyChunk);
+  s.vbuf.resize(kKeyChunk * D);
+  s.vrow.resize(kKeyChunk);
   s.scores.resize(rows * kKeyChunk);
   s.acc.assign(rows * D, 0.f);
   for (int64_t r = 0; r < rows; ++r) {
@@ -218,30 +310,47 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s) {
   std::fill(row_max, row_max + rows, kNegInf);
   std::fill(row_sum, row_sum + rows, 0.f);
 
-  // 2. Online softmax over chunks of candidates: one K row read serves every row of the item, then one V row.
+  // 2. Online softmax over chunks of candidates. Per chunk: K rows gathered once (transposed) for every row of
+  //    the item, scores, running max / sum, then the V rows gathered once for the P . V update.
   for (int64_t c0 = 0; c0 < n; c0 += kKeyChunk) {
     const int64_t cn = std::min(kKeyChunk, n - c0);
-    for (int64_t c = 0; c < cn; ++c) {
+    const int64_t cn_pad = (cn + 15) / 16 * 16;
+    for (int64_t c = 0; c < cn_pad; ++c) {
+      if (c >= cn) {
+        for (int64_t d = 0; d < D; ++d) s.kt[d * kKeyChunk + c] = 0.f;
+        continue;
+      }
+      const int64_t key_row = sk.start + s.keys[c0 + c];
+      const float* key = row_as_float(p.k, key_row * p.k_row_stride + hk * p.k_head_stride, D, p.dtype, s.row.data());
+      for (int64_t d = 0; d < D; ++d) s.kt[d * kKeyChunk + c] = key[d];
+      s.vrow[c] = row_as_float(p.v, key_row * p.v_row_stride + hk * p.v_head_stride, D, p.dtype,
+                               s.vbuf.data() + c * D);
+    }
+    qk_chunk(s.q.data(), rows, D, s.kt.data(), cn_pad, s.scores.data());
+    for (int64_t c = 0; c < cn; ++c) {  // bias, and -inf where a row may not attend
       const int64_t j = s.keys[c0 + c];
-      const float* key =
-          row_as_float(p.k, (sk.start + j) * p.k_row_stride + hk * p.k_head_stride, D, p.dtype, s.row.data());
+      const float key_bias = shared_key_bias ? bias_at(p.bias, sk.start + j, item.head_begin, 0) : 0.f;
       for (int64_t r = 0; r < rows; ++r) {
-        float score = kNegInf;
-        if (attends(r, j)) {
-          score = dot(s.q.data() + r * D, key, D);
-          if (p.bias.present()) {
+        float& score = s.scores[r * kKeyChunk + c];
+        if (!attends(r, j)) {
+          score = kNegInf;
+        } else {
+          score += key_bias;
+          if (p.bias.present() && !shared_key_bias) {
             const bool key_side = p.bias.layout == OperandLayout::kKeySide;
             score += bias_at(p.bias, key_side ? sk.start + j : query_row(r), head_of(r), key_side ? 0 : j);
           }
         }
-        s.scores[r * kKeyChunk + c] = score;
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
       float* sr = s.scores.data() + r * kKeyChunk;
       float m = row_max[r];
       for (int64_t c = 0; c < cn; ++c) m = std::max(m, sr[c]);
-      if (m == kNegInf) continue;  // nothing visible yet: the weights below stay 0
+      if (m == kNegInf) {  // nothing visible yet: weights 0
+        std::fill(sr, sr + cn, 0.f);
+        continue;
+      }
       if (m != row_max[r]) {
         const float rescale = std::exp(row_max[r] - m);  // exp(-inf) = 0 on the first visible chunk
         row_sum[r] *= rescale;
@@ -250,21 +359,12 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s) {
       }
       float l = 0.f;
       for (int64_t c = 0; c < cn; ++c) {
-        sr[c] = std::exp(sr[c] - m);
+        sr[c] = exp_nonpositive(sr[c] - m);
         l += sr[c];
       }
       row_sum[r] += l;
     }
-    s.chunk.assign(rows * D, 0.f);
-    for (int64_t c = 0; c < cn; ++c) {
-      const float* value = row_as_float(p.v, (sk.start + s.keys[c0 + c]) * p.v_row_stride + hk * p.v_head_stride,
-                                        D, p.dtype, s.row.data());
-      for (int64_t r = 0; r < rows; ++r) {
-        const float weight = row_max[r] == kNegInf ? 0.f : s.scores[r * kKeyChunk + c];
-        if (weight != 0.f) axpy(weight, value, s.chunk.data() + r * D, D);
-      }
-    }
-    for (int64_t i = 0; i < rows * D; ++i) s.acc[i] += s.chunk[i];
+    pv_chunk(s.scores.data(), rows, D, s.vrow.data(), cn, s.acc.data());
   }
 
   // 3. Normalize and store. A row with no visible key gets 0 and lse -inf (never NaN).

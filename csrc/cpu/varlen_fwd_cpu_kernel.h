@@ -8,7 +8,8 @@
 //   1. lists the candidate keys: those visible to at least one row (causal limit, key-side mask, query-side
 //      mask). Every other key costs nothing: no dot product, no bias read, no K or V read;
 //   2. runs an online softmax over chunks of kKeyChunk candidates: scores (scaled q . k + bias, -inf where the
-//      row may not attend), running max and sum, then the V accumulation;
+//      row may not attend), running max and sum, then the V accumulation. The two products are small register-
+//      blocked loops (two rows at a time) over the chunk's gathered K (transposed) and V rows;
 //   3. normalizes and stores out and lse.
 // Accumulation is float32 for every input dtype.
 #pragma once
@@ -36,10 +37,12 @@ std::vector<WorkItem> plan_work(const VarlenFwdParams& p);
 // Per-thread scratch, reused across work items.
 struct Scratch {
   std::vector<float> q;       // (rows, D) queries as float32, pre-scaled by softmax_scale
-  std::vector<float> row;     // (D) one K or V row as float32
+  std::vector<float> row;     // (D) one K row as float32 (16-bit inputs)
+  std::vector<float> kt;      // (D, kKeyChunk) the chunk's K rows, transposed
+  std::vector<float> vbuf;    // (kKeyChunk, D) the chunk's V rows as float32 (16-bit inputs)
+  std::vector<const float*> vrow;  // (kKeyChunk) the chunk's V rows as float32 (in place for float32 inputs)
   std::vector<float> scores;  // (rows, kKeyChunk)
   std::vector<float> acc;     // (rows, D) running P . V
-  std::vector<float> chunk;   // (rows, D) P . V of one chunk, added to acc whole (bounds float32 rounding growth)
   std::vector<int64_t> keys;  // candidate key positions inside the sequence
 };
 

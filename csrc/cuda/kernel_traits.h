@@ -26,7 +26,7 @@ constexpr TileShape tile_shape(int head_dim) {
 #ifdef XBM
   return head_dim <= 128 ? TileShape{XBM, XBN, XW} : TileShape{64, 32, 4};
 #else
-  return head_dim <= 128 ? TileShape{128, 64, 8} : TileShape{64, 32, 4};
+  return head_dim <= 128 ? TileShape{64, 64, 4} : TileShape{64, 32, 4};
 #endif
 }
 
@@ -66,6 +66,11 @@ struct KernelTraits {
   static constexpr int kNTiles = kBlockN / 8;              // n8 score fragments per KV tile
   static constexpr int kDTiles = kHeadDim / 8;             // n8 output fragments
   static constexpr int kChunksPerRow = kHeadDim / 8;       // 16-byte chunks per q/k/v row
+#ifdef XPF
+  static constexpr int kPrefetch = XPF;
+#else
+  static constexpr int kPrefetch = 2;                      // ldmatrix steps loaded ahead of the MMAs
+#endif
 
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dims are multiples of 32 up to 256");
   static_assert(kBlockM % (16 * kWarps) == 0 && kMTiles >= 1, "each warp owns whole m16 fragments");

@@ -87,26 +87,73 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
   Traits::Mma::fma(d[0], d[1], d[2], d[3], a[0], a[1], a[2], a[3], b0, b1, d[0], d[1], d[2], d[3]);
 }
 
-// cp.async of `rows` rows of a (tokens, heads, D) tensor into a swizzled smem tile; rows whose slot is invalid are
-// zero-filled (nothing is read for them). row_of(r) returns the packed token row of tile row r, or -1.
-template <typename Traits, int kRows, typename RowOf>
-__device__ __forceinline__ void load_tile(typename Traits::Elem* smem, const void* gmem, int64_t row_stride,
-                                          int64_t head_offset, RowOf row_of) {
-  using Elem = typename Traits::Elem;
-  constexpr int kChunks = kRows * Traits::kChunksPerRow;
-  const Elem* base = static_cast<const Elem*>(gmem);
+// Tile loads (cp.async, 16 bytes per thread per row): thread t moves column chunk t % kLoadCols of rows
+// t / kLoadCols + i * kRowStep. Rows at or past valid_rows are zero-filled without reading global memory.
+template <typename Traits>
+struct RowLoader {
+  static constexpr int kLoadCols = Traits::kChunksPerRow <= 4 ? 4 : (Traits::kChunksPerRow <= 8 ? 8 : (Traits::kChunksPerRow <= 16 ? 16 : 32));
+  static constexpr int kRowStep = Traits::kThreads / kLoadCols;
+  static_assert(Traits::kThreads % kLoadCols == 0, "whole rows per load step");
+};
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(*reinterpret_cast<const cute::uint128_t*>(gmem),
+                                                               *reinterpret_cast<cute::uint128_t*>(smem), valid);
+}
+
+// Rows [0, kRows) of a tile whose row r is at first_row + r * row_stride (elements; first_row points at column 0
+// of this head). `fallback` is any readable address, passed for zero-filled rows.
+template <typename Traits, int kRows>
+__device__ __forceinline__ void load_rows(typename Traits::Elem* smem, const typename Traits::Elem* first_row,
+                                          int64_t row_stride, int valid_rows, const void* fallback) {
+  using L = RowLoader<Traits>;
+  const int r0 = threadIdx.x / L::kLoadCols, col = (threadIdx.x % L::kLoadCols) * 8;
+  if (col >= Traits::kHeadDim) return;
+  const typename Traits::Elem* src = first_row + r0 * row_stride + col;
+  const int64_t step = L::kRowStep * row_stride;
 #pragma unroll
-  for (int i = 0; i < kChunks / Traits::kThreads; ++i) {
-    const int chunk = threadIdx.x + i * Traits::kThreads;
-    const int r = chunk / Traits::kChunksPerRow;
-    const int col = (chunk % Traits::kChunksPerRow) * 8;
-    const int64_t row = row_of(r);
-    const Elem* src = row >= 0 ? base + row * row_stride + head_offset + col : base;
-    cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(
-        *reinterpret_cast<const cute::uint128_t*>(src),
-        *reinterpret_cast<cute::uint128_t*>(smem + Traits::template smem_offset<kRows>(r, col)), row >= 0);
+  for (int r = r0, i = 0; i < (kRows + L::kRowStep - 1) / L::kRowStep; ++i, r += L::kRowStep, src += step) {
+    if (kRows % L::kRowStep != 0 && r >= kRows) break;
+    const bool valid = r < valid_rows;
+    cp_async_16(smem + Traits::template smem_offset<kRows>(r, col), valid ? src : fallback, valid);
   }
 }
+
+// Gathered rows: tile row r0 + i * kRowStep is key position pos[i] (from fetch_positions) of a sequence whose
+// position 0 is at seq_row0 (column 0 of this head).
+template <typename Traits, int kRows>
+struct GatherPositions {
+  static constexpr int kIters = (kRows + RowLoader<Traits>::kRowStep - 1) / RowLoader<Traits>::kRowStep;
+  int pos[kIters];
+
+  // Loads (without waiting) the kept-key positions of slots [n0, n0 + kRows) this thread will gather, clamped into
+  // [0, seq_len) when used, so lying cu_seqlens or a racing list cannot leave the sequence.
+  __device__ __forceinline__ void fetch(const int32_t* key_index, int n0, int valid_rows) {
+    using L = RowLoader<Traits>;
+    const int r0 = threadIdx.x / L::kLoadCols;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int r = r0 + i * L::kRowStep;
+      pos[i] = r < valid_rows ? key_index[n0 + r] : 0;
+    }
+  }
+
+  __device__ __forceinline__ void gather(typename Traits::Elem* smem, const typename Traits::Elem* seq_row0,
+                                         int64_t row_stride, int valid_rows, int seq_len, const void* fallback) const {
+    using L = RowLoader<Traits>;
+    const int r0 = threadIdx.x / L::kLoadCols, col = (threadIdx.x % L::kLoadCols) * 8;
+    if (col >= Traits::kHeadDim) return;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int r = r0 + i * L::kRowStep;
+      if (kRows % L::kRowStep != 0 && r >= kRows) break;
+      const bool valid = r < valid_rows;
+      const int j = pos[i] < 0 ? 0 : (pos[i] >= seq_len ? seq_len - 1 : pos[i]);
+      cp_async_16(smem + Traits::template smem_offset<kRows>(r, col),
+                  valid ? static_cast<const void*>(seq_row0 + j * row_stride + col) : fallback, valid);
+    }
+  }
+};
 
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
@@ -114,6 +161,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
   using Elem = typename Traits::Elem;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kMTiles = Traits::kMTiles;
   constexpr int kNTiles = Traits::kNTiles, kDTiles = Traits::kDTiles, kHeadDim = Traits::kHeadDim;
+  constexpr int kPrefetch = Traits::kPrefetch;
 
   extern __shared__ __align__(128) char smem_raw[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
@@ -156,22 +204,47 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
   const bool query_bias = p.bias.layout == OperandLayout::kQuerySide;
   const bool key_bias = p.bias.layout == OperandLayout::kKeySide;
   const float scale_log2 = p.softmax_scale * kLog2e;
+  const int mask_head = c.h / p.mask.head_group, bias_head = c.h / p.bias.head_group;
 
-  auto kv_row = [&](int64_t n0) {
-    return [&c, n0](int r) -> int64_t {
-      const int64_t slot = n0 + r;
-      return slot < c.slots_end ? c.sk.start + c.key_pos(slot) : -1;
-    };
+  using Elem_ = Elem;
+  const Elem* k_seq = static_cast<const Elem*>(p.k) + c.sk.start * p.k_row_stride + k_head;
+  const Elem* v_seq = static_cast<const Elem*>(p.v) + c.sk.start * p.v_row_stride + v_head;
+  // K or V rows of the slots of tile n: contiguous key positions, or gathered through the kept-key list (the
+  // positions of the next tile are fetched into registers one pipeline stage ahead, so no load waits on them).
+  GatherPositions<Traits, kBlockN> gather_pos;
+  auto valid_slots = [&](int n) { return static_cast<int>(min(static_cast<int64_t>(kBlockN), c.slots_end - n * kBlockN)); };
+  auto load_kv = [&](Elem_* dst, const Elem_* seq, int64_t row_stride, const void* base, int n) {
+    if (c.key_index == nullptr) {
+      load_rows<Traits, kBlockN>(dst, seq + n * kBlockN * row_stride, row_stride, valid_slots(n), base);
+    } else {
+      gather_pos.gather(dst, seq, row_stride, valid_slots(n), static_cast<int>(c.sk.len), base);
+    }
   };
-  // Key positions and key-side bias of the slots of tile n, for the score modification.
-  auto load_tile_meta = [&](int n) {
+  auto fetch_positions = [&](int n) {
+    if (c.key_index != nullptr) gather_pos.fetch(c.key_index, n * kBlockN, valid_slots(n));
+  };
+  // Key position and key-side bias (times log2 e) of slot tid of a tile, for the score modification: fetched into
+  // registers (position first, bias once the position has arrived), stored to shared memory a stage later.
+  int meta_pos = -1;
+  float meta_bias = 0.f;
+  auto fetch_meta_pos = [&](int n) {
     if (tid < kBlockN) {
       const int64_t slot = static_cast<int64_t>(n) * kBlockN + tid;
-      const int64_t pos = slot < c.slots_end ? c.key_pos(slot) : -1;
-      smem.key_pos[tid] = static_cast<int32_t>(pos);
-      smem.key_bias[tid] = key_bias && pos >= 0
-                               ? bias_value(p.bias, operand_offset(p.bias, c.sk.start + pos, c.h, 0)) * kLog2e
-                               : 0.f;
+      meta_pos = slot < c.slots_end ? (c.key_index ? c.key_index[slot] : static_cast<int>(slot)) : -1;
+    }
+  };
+  auto fetch_meta_bias = [&]() {
+    if (tid < kBlockN) {
+      if (meta_pos >= 0) meta_pos = meta_pos >= c.sk.len ? static_cast<int>(c.sk.len) - 1 : meta_pos;
+      meta_bias = key_bias && meta_pos >= 0
+                      ? bias_value(p.bias, operand_offset(p.bias, c.sk.start + meta_pos, c.h, 0)) * kLog2e
+                      : 0.f;
+    }
+  };
+  auto store_meta = [&]() {
+    if (tid < kBlockN) {
+      smem.key_pos[tid] = meta_pos;
+      smem.key_bias[tid] = meta_bias;
     }
   };
   // A KV tile is live unless a query-side mask is False for every (row, key) of it the rows can see.
@@ -195,13 +268,15 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
   };
 
   // ---- Prologue: Q tile and the first live K tile ----
-  load_tile<Traits, kBlockM>(smem.q, p.q, p.q_row_stride, q_head, [&c](int r) -> int64_t {
-    return r < c.rows ? c.sq.start + c.m0 + r : -1;
-  });
+  load_rows<Traits, kBlockM>(smem.q, static_cast<const Elem*>(p.q) + (c.sq.start + c.m0) * p.q_row_stride + q_head,
+                             p.q_row_stride, c.rows, p.q);
   int n = next_live(0);
   if (n < n_tiles) {
-    load_tile<Traits, kBlockN>(smem.k, p.k, p.k_row_stride, k_head, kv_row(static_cast<int64_t>(n) * kBlockN));
-    load_tile_meta(n);
+    fetch_positions(n);
+    load_kv(smem.k, k_seq, p.k_row_stride, p.k, n);
+    fetch_meta_pos(n);
+    fetch_meta_bias();
+    store_meta();
   }
   cute::cp_async_fence();
 
@@ -228,69 +303,104 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     const int64_t n0 = static_cast<int64_t>(n) * kBlockN;
     cute::cp_async_wait<0>();
     __syncthreads();  // K tile n (and Q) landed; every warp is done with V of the previous tile
-    load_tile<Traits, kBlockN>(smem.v, p.v, p.v_row_stride, v_head, kv_row(n0));
+    load_kv(smem.v, v_seq, p.v_row_stride, p.v, n);
     cute::cp_async_fence();
+    const int next = next_live(n + 1);
+    if (next < n_tiles) {  // loads issued now, consumed after Q K^T
+      fetch_positions(next);
+      fetch_meta_pos(next);
+    }
 
     // ---- S = Q K^T: s[mt][nt] is the m16n8 fragment (rows warp_row0 + 16 mt, slots 8 nt) ----
+    // Software-pipelined: the K fragments of step i + kPrefetch and the Q fragments of k-step kk + 1 are loaded
+    // before the MMAs of step i / kk are issued, so ldmatrix latency hides behind tensor-core work.
     float s[kMTiles][kNTiles][4];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
       for (int nt = 0; nt < kNTiles; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+    {
+      constexpr int kSteps2 = kNTiles / 2, kSteps = kHeadDim / 16 * kSteps2;
+      uint32_t qa[2][kMTiles][4];
+      uint32_t kb[kPrefetch + 1][4];
 #pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      uint32_t a[kMTiles][4];
+      for (int mt = 0; mt < kMTiles; ++mt) ldmatrix_x4(Traits::template smem_step<kBlockM>(q_lane, mt, 0), qa[0][mt]);
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        ldmatrix_x4(Traits::template smem_step<kBlockM>(q_lane, mt, kk * 16), a[mt]);
+      for (int i = 0; i < kPrefetch && i < kSteps; ++i) {
+        ldmatrix_x4(Traits::template smem_step<kBlockN>(k_lane, i % kSteps2, (i / kSteps2) * 16), kb[i]);
       }
 #pragma unroll
-      for (int nt2 = 0; nt2 < kNTiles / 2; ++nt2) {
-        uint32_t bk[4];
-        ldmatrix_x4(Traits::template smem_step<kBlockN>(k_lane, nt2, kk * 16), bk);
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        if (kk + 1 < kHeadDim / 16) {
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          mma<Traits>(s[mt][2 * nt2], a[mt], bk[0], bk[1]);
-          mma<Traits>(s[mt][2 * nt2 + 1], a[mt], bk[2], bk[3]);
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            ldmatrix_x4(Traits::template smem_step<kBlockM>(q_lane, mt, (kk + 1) * 16), qa[(kk + 1) % 2][mt]);
+          }
+        }
+#pragma unroll
+        for (int nt2 = 0; nt2 < kSteps2; ++nt2) {
+          const int i = kk * kSteps2 + nt2, ahead = i + kPrefetch;
+          if (ahead < kSteps) {
+            ldmatrix_x4(Traits::template smem_step<kBlockN>(k_lane, ahead % kSteps2, (ahead / kSteps2) * 16),
+                        kb[ahead % (kPrefetch + 1)]);
+          }
+          const uint32_t(&b)[4] = kb[i % (kPrefetch + 1)];
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            mma<Traits>(s[mt][2 * nt2], qa[kk % 2][mt], b[0], b[1]);
+            mma<Traits>(s[mt][2 * nt2 + 1], qa[kk % 2][mt], b[2], b[3]);
+          }
         }
       }
     }
 
     // ---- Scores in the log2 domain: scale, bias, and -inf where a key is not visible ----
-    const bool check = n0 + kBlockN > c.slots_full;  // causal diagonal or the last, partial tile
+    if (n0 + kBlockN <= c.slots_full && !query_mask && !query_bias) {
+      // Every row sees every slot of this tile: only the scale and a key-side bias.
 #pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) {
+      for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
+        for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = warp_row0 + mt * 16 + g + (e / 2) * 8;
-          const int col = nt * 8 + 2 * t + (e % 2);
-          float x = s[mt][nt][e] * scale_log2;
-          if (key_bias) x += smem.key_bias[col];
-          if (check || query_mask || query_bias) {
-            const int64_t pos = smem.key_pos[col], i = c.m0 + r;
-            const bool visible = pos >= 0 && r < c.rows && (!p.is_causal || pos < i + c.causal_shift);
-            if (!visible) {
-              x = -INFINITY;
-            } else {
-              if (query_mask && !mask_value(p.mask, operand_offset(p.mask, c.sq.start + i, c.h, pos))) x = -INFINITY;
-              if (query_bias) x += bias_value(p.bias, operand_offset(p.bias, c.sq.start + i, c.h, pos)) * kLog2e;
+          for (int e = 0; e < 4; ++e) {
+            s[mt][nt][e] *= scale_log2;
+            if (key_bias) s[mt][nt][e] += smem.key_bias[nt * 8 + 2 * t + (e % 2)];
+          }
+    } else {
+      // Causal diagonal, the last (partial) tile, or query-side operands: per element.
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = warp_row0 + mt * 16 + g + half * 8;
+          const int64_t i = c.m0 + r, qrow = c.sq.start + i;
+          const int64_t limit = r < c.rows ? (p.is_causal ? i + c.causal_shift : c.sk.len) : 0;
+          const int64_t mask_row = query_mask ? qrow * p.mask.row_stride + mask_head * p.mask.head_stride : 0;
+          const int64_t bias_row = query_bias ? qrow * p.bias.row_stride + bias_head * p.bias.head_stride : 0;
+#pragma unroll
+          for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+            for (int e = 2 * half; e < 2 * half + 2; ++e) {
+              const int col = nt * 8 + 2 * t + (e % 2);
+              const int64_t pos = smem.key_pos[col];
+              float x = s[mt][nt][e] * scale_log2 + smem.key_bias[col];
+              if (pos < 0 || pos >= limit) {
+                x = -INFINITY;
+              } else {
+                if (query_mask && !mask_value(p.mask, mask_row + pos * p.mask.col_stride)) x = -INFINITY;
+                if (query_bias) x += bias_value(p.bias, bias_row + pos * p.bias.col_stride) * kLog2e;
+              }
+              s[mt][nt][e] = x;
             }
           }
-          s[mt][nt][e] = x;
         }
       }
     }
 
+    if (next < n_tiles) fetch_meta_bias();
     cute::cp_async_wait<0>();
     __syncthreads();  // V tile n landed; every warp is done with K tile n and its metadata
-    const int next = next_live(n + 1);
-    if (next < n_tiles) {
-      load_tile<Traits, kBlockN>(smem.k, p.k, p.k_row_stride, k_head,
-                                         kv_row(static_cast<int64_t>(next) * kBlockN));
-      load_tile_meta(next);
-    }
+    if (next < n_tiles) load_kv(smem.k, k_seq, p.k_row_stride, p.k, next);
     cute::cp_async_fence();
 
     // ---- Online softmax: per row, rescale O by exp2(old max - new max), P = exp2(S - new max) ----
@@ -323,28 +433,42 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
       }
     }
 
-    // ---- O += P V: the S accumulators of two n8 fragments are the A operand of one k16 step ----
+    // ---- O += P V: the S accumulators of two n8 fragments are the A operand of one k16 step; V fragments are
+    // prefetched kPrefetch steps ahead as for K ----
+    {
+      constexpr int kSteps2 = kDTiles / 2, kSteps = kBlockN / 16 * kSteps2;
+      uint32_t vb[kPrefetch + 1][4];
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[kMTiles][4];
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        a[mt][0] = ElemTraits<Elem>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-        a[mt][1] = ElemTraits<Elem>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-        a[mt][2] = ElemTraits<Elem>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-        a[mt][3] = ElemTraits<Elem>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      for (int i = 0; i < kPrefetch && i < kSteps; ++i) {
+        ldmatrix_x4_trans(Traits::template smem_step<kBlockN>(v_lane, i / kSteps2, (i % kSteps2) * 16), vb[i]);
       }
 #pragma unroll
-      for (int dt2 = 0; dt2 < kDTiles / 2; ++dt2) {
-        uint32_t bv[4];
-        ldmatrix_x4_trans(Traits::template smem_step<kBlockN>(v_lane, kk, dt2 * 16), bv);
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        uint32_t a[kMTiles][4];
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-          mma<Traits>(o[mt][2 * dt2], a[mt], bv[0], bv[1]);
-          mma<Traits>(o[mt][2 * dt2 + 1], a[mt], bv[2], bv[3]);
+          a[mt][0] = ElemTraits<Elem>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+          a[mt][1] = ElemTraits<Elem>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+          a[mt][2] = ElemTraits<Elem>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+          a[mt][3] = ElemTraits<Elem>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int dt2 = 0; dt2 < kSteps2; ++dt2) {
+          const int i = kk * kSteps2 + dt2, ahead = i + kPrefetch;
+          if (ahead < kSteps) {
+            ldmatrix_x4_trans(Traits::template smem_step<kBlockN>(v_lane, ahead / kSteps2, (ahead % kSteps2) * 16),
+                              vb[ahead % (kPrefetch + 1)]);
+          }
+          const uint32_t(&b)[4] = vb[i % (kPrefetch + 1)];
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            mma<Traits>(o[mt][2 * dt2], a[mt], b[0], b[1]);
+            mma<Traits>(o[mt][2 * dt2 + 1], a[mt], b[2], b[3]);
+          }
         }
       }
     }
+    if (next < n_tiles) store_meta();  // every warp is past this tile's score modification (barrier above)
     n = next;
   }
   cute::cp_async_wait<0>();
