@@ -133,6 +133,15 @@ __attribute__((always_inline)) inline float exp_nonpositive(float x) {
   return x == -std::numeric_limits<float>::infinity() ? 0.f : er * scale;
 }
 
+constexpr int64_t kPrefetchDistance = 8;  // gathered K/V rows requested this many keys ahead
+
+// Asks for the cache lines of one K or V row.
+__attribute__((always_inline)) inline void prefetch_row(const void* base, int64_t offset, int64_t n, ScalarType dtype) {
+  const int64_t bytes = dtype == ScalarType::kFloat32 ? 4 : 2;
+  const char* row = static_cast<const char*>(base) + offset * bytes;
+  for (int64_t b = 0; b < n * bytes; b += 64) __builtin_prefetch(row + b);
+}
+
 // Eight floats, as GCC/Clang vector extensions: AVX in the x86-64-v3 clone of run_block, two SSE halves in the
 // baseline one. Unaligned loads and stores go through memcpy.
 using v8f = float __attribute__((vector_size(32)));
@@ -264,6 +273,9 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s) {
       key_mask && item.head_begin / p.mask.head_group == (item.head_end - 1) / p.mask.head_group;
   const bool shared_key_bias = p.bias.layout == OperandLayout::kKeySide &&
                                item.head_begin / p.bias.head_group == (item.head_end - 1) / p.bias.head_group;
+  // Row-by-row work that a shared key-side mask and bias do not cover: per-head masks or biases, query-side ones.
+  const bool per_row_checks =
+      (key_mask && !shared_key_mask) || query_mask || (p.bias.present() && !shared_key_bias);
   auto head_of = [&](int64_t r) { return static_cast<int32_t>(item.head_begin + r / nq); };
   auto query_row = [&](int64_t r) { return sq.start + item.q_begin + r % nq; };
 
@@ -300,6 +312,7 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s) {
   s.kt.resize(D * kKeyChunk);
   s.vbuf.resize(kKeyChunk * D);
   s.vrow.resize(kKeyChunk);
+  s.key_bias.resize(kKeyChunk);
   s.scores.resize(rows * kKeyChunk);
   s.acc.assign(rows * D, 0.f);
   for (int64_t r = 0; r < rows; ++r) {
@@ -321,25 +334,42 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s) {
         continue;
       }
       const int64_t key_row = sk.start + s.keys[c0 + c];
+      if (c + kPrefetchDistance < cn) {  // gathered rows defeat the hardware prefetcher: ask ahead
+        const int64_t ahead = sk.start + s.keys[c0 + c + kPrefetchDistance];
+        prefetch_row(p.k, ahead * p.k_row_stride + hk * p.k_head_stride, D, p.dtype);
+        prefetch_row(p.v, ahead * p.v_row_stride + hk * p.v_head_stride, D, p.dtype);
+      }
       const float* key = row_as_float(p.k, key_row * p.k_row_stride + hk * p.k_head_stride, D, p.dtype, s.row.data());
       for (int64_t d = 0; d < D; ++d) s.kt[d * kKeyChunk + c] = key[d];
       s.vrow[c] = row_as_float(p.v, key_row * p.v_row_stride + hk * p.v_head_stride, D, p.dtype,
                                s.vbuf.data() + c * D);
     }
     qk_chunk(s.q.data(), rows, D, s.kt.data(), cn_pad, s.scores.data());
-    for (int64_t c = 0; c < cn; ++c) {  // bias, and -inf where a row may not attend
-      const int64_t j = s.keys[c0 + c];
-      const float key_bias = shared_key_bias ? bias_at(p.bias, sk.start + j, item.head_begin, 0) : 0.f;
-      for (int64_t r = 0; r < rows; ++r) {
-        float& score = s.scores[r * kKeyChunk + c];
-        if (!attends(r, j)) {
-          score = kNegInf;
-        } else {
-          score += key_bias;
-          if (p.bias.present() && !shared_key_bias) {
-            const bool key_side = p.bias.layout == OperandLayout::kKeySide;
-            score += bias_at(p.bias, key_side ? sk.start + j : query_row(r), head_of(r), key_side ? 0 : j);
-          }
+    if (shared_key_bias) {
+      for (int64_t c = 0; c < cn; ++c) s.key_bias[c] = bias_at(p.bias, sk.start + s.keys[c0 + c], item.head_begin, 0);
+    }
+    for (int64_t r = 0; r < rows; ++r) {  // bias, and -inf where a row may not attend
+      float* sr = s.scores.data() + r * kKeyChunk;
+      const int64_t* keys = s.keys.data() + c0;
+      const int64_t limit = visible[r % nq];
+      if (shared_key_bias) {
+        for (int64_t c = 0; c < cn; ++c) sr[c] = keys[c] < limit ? sr[c] + s.key_bias[c] : kNegInf;
+      } else {
+        for (int64_t c = 0; c < cn; ++c) sr[c] = keys[c] < limit ? sr[c] : kNegInf;
+      }
+      if (!per_row_checks) continue;
+      const int32_t h = head_of(r);
+      const int64_t qrow = query_row(r);
+      for (int64_t c = 0; c < cn; ++c) {
+        const int64_t j = keys[c];
+        if (sr[c] == kNegInf && j >= limit) continue;
+        const bool keep = (!key_mask || shared_key_mask || mask_at(p.mask, sk.start + j, h, 0)) &&
+                          (!query_mask || mask_at(p.mask, qrow, h, j));
+        if (!keep) {
+          sr[c] = kNegInf;
+        } else if (p.bias.present() && !shared_key_bias) {
+          const bool key_side = p.bias.layout == OperandLayout::kKeySide;
+          sr[c] += bias_at(p.bias, key_side ? sk.start + j : qrow, h, key_side ? 0 : j);
         }
       }
     }

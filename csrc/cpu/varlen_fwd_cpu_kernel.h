@@ -41,6 +41,7 @@ struct Scratch {
   std::vector<float> kt;      // (D, kKeyChunk) the chunk's K rows, transposed
   std::vector<float> vbuf;    // (kKeyChunk, D) the chunk's V rows as float32 (16-bit inputs)
   std::vector<const float*> vrow;  // (kKeyChunk) the chunk's V rows as float32 (in place for float32 inputs)
+  std::vector<float> key_bias;  // (kKeyChunk) the chunk's key-side bias, when every row of the item shares it
   std::vector<float> scores;  // (rows, kKeyChunk)
   std::vector<float> acc;     // (rows, D) running P . V
   std::vector<int64_t> keys;  // candidate key positions inside the sequence

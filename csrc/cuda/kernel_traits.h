@@ -21,13 +21,11 @@ struct TileShape {
   int warps;
 };
 
-// The tile policy. Register budget per thread (fp32): O accumulator kMTiles * D / 2, scores kMTiles * block_n / 4.
+// The tile policy. Accumulators per thread (fp32): O kMTiles * D / 2, scores kMTiles * block_n / 4.
 constexpr TileShape tile_shape(int head_dim) {
-#ifdef XBM
-  return head_dim <= 128 ? TileShape{XBM, XBN, XW} : TileShape{64, 32, 4};
-#else
+  // Measured on the H100 (benchmarks/results/NOTES.md): 64 x 64 with 4 warps (two CTAs per SM) beat 128 x 64 and
+  // 128 x 32 with 8 warps. D = 256 halves the KV tile to stay within 255 registers.
   return head_dim <= 128 ? TileShape{64, 64, 4} : TileShape{64, 32, 4};
-#endif
 }
 
 // What differs between fp16 and bf16: the MMA atom and the fp32 -> 16-bit packing of probabilities / outputs.
@@ -66,11 +64,7 @@ struct KernelTraits {
   static constexpr int kNTiles = kBlockN / 8;              // n8 score fragments per KV tile
   static constexpr int kDTiles = kHeadDim / 8;             // n8 output fragments
   static constexpr int kChunksPerRow = kHeadDim / 8;       // 16-byte chunks per q/k/v row
-#ifdef XPF
-  static constexpr int kPrefetch = XPF;
-#else
   static constexpr int kPrefetch = 2;                      // ldmatrix steps loaded ahead of the MMAs
-#endif
 
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dims are multiples of 32 up to 256");
   static_assert(kBlockM % (16 * kWarps) == 0 && kMTiles >= 1, "each warp owns whole m16 fragments");

@@ -404,6 +404,8 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     cute::cp_async_fence();
 
     // ---- Online softmax: per row, rescale O by exp2(old max - new max), P = exp2(S - new max) ----
+    float alpha[kMTiles][2];
+    bool max_moved = false;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -415,7 +417,8 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float new_max = fmaxf(row_max[mt][half], mx);
         const float base = new_max == -INFINITY ? 0.f : new_max;  // a row with nothing visible yet stays at 0
-        const float alpha = exp2f(row_max[mt][half] - base);
+        alpha[mt][half] = exp2f(row_max[mt][half] - base);
+        max_moved |= new_max != row_max[mt][half];
         row_max[mt][half] = new_max;
         float sum = 0.f;
 #pragma unroll
@@ -424,13 +427,20 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
           s[mt][nt][2 * half + 1] = exp2f(s[mt][nt][2 * half + 1] - base);
           sum += s[mt][nt][2 * half] + s[mt][nt][2 * half + 1];
         }
-        row_sum[mt][half] = row_sum[mt][half] * alpha + sum;
+        row_sum[mt][half] = row_sum[mt][half] * alpha[mt][half] + sum;
+      }
+    }
+    // Once the row maxima settle (most tiles after the first few), no row of the warp needs rescaling.
+    if (__any_sync(0xffffffffu, max_moved)) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt) {
-          o[mt][dt][2 * half] *= alpha;
-          o[mt][dt][2 * half + 1] *= alpha;
+          o[mt][dt][0] *= alpha[mt][0];
+          o[mt][dt][1] *= alpha[mt][0];
+          o[mt][dt][2] *= alpha[mt][1];
+          o[mt][dt][3] *= alpha[mt][1];
         }
-      }
     }
 
     // ---- O += P V: the S accumulators of two n8 fragments are the A operand of one k16 step; V fragments are
