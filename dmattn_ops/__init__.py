@@ -12,9 +12,10 @@ import torch  # noqa: F401  (loads libtorch before the op library)
 from . import _C  # noqa: F401  (loads the op library: schema + CPU/CUDA kernels)
 from . import _meta  # noqa: F401  (fake impl + autograd guard)
 from ._meta.rules import Layout
+from .mods import create_bias, create_mask
 from .ops import varlen_attention
 
-__all__ = ["Layout", "varlen_attention", "build_info"]
+__all__ = ["Layout", "varlen_attention", "create_mask", "create_bias", "build_info"]
 
 
 def build_info():

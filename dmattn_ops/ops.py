@@ -4,6 +4,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from . import mods
 from ._meta import rules
 
 
@@ -21,6 +22,8 @@ def varlen_attention(
     softmax_scale: Optional[float] = None,
     is_causal: bool = False,
     return_lse: bool = False,
+    mask_mod: Optional[mods.MaskMod] = None,
+    score_mod: Optional[mods.ScoreMod] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Attention over packed variable-length sequences with an optional boolean mask and additive bias.
 
@@ -38,11 +41,17 @@ def varlen_attention(
         is_causal: bottom-right aligned: query i of a sequence with Lq queries and Lk keys sees key j iff
             j <= i + Lk - Lq.
         return_lse: also return softmax_lse (H, total_q) float32, natural log.
+        mask_mod, score_mod: FlexAttention-style mods, built into mask / bias by dmattn_ops.create_mask /
+            create_bias in the most compact layout (see docs/mods.md); each excludes the tensor it replaces.
 
     Returns:
         out (total_q, H, D) in q's dtype, or (out, softmax_lse). A query with no visible key gets a row of zeros
         and lse = -inf (never NaN).
     """
+    if mask_mod is not None or score_mod is not None:
+        mask, bias = mods.operands_from_mods(
+            q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, mask_mod, score_mod
+        )
     if not torch.compiler.is_compiling():
         # Traced calls are checked by the fake impl, which runs the same rules.
         rules.check_varlen_fwd(

@@ -1,0 +1,455 @@
+"""FlexAttention-style ``mask_mod`` / ``score_mod`` adapter: builds dmattn masks and biases in the most compact layout.
+
+Users of ``torch.nn.attention.flex_attention`` describe masks and biases as functions of four index tensors::
+
+    mask_mod(b, h, q_idx, kv_idx) -> bool             # True = attend
+    score_mod(score, b, h, q_idx, kv_idx) -> score'   # here only additive ones: score + f(b, h, q_idx, kv_idx)
+
+``create_mask`` / ``create_bias`` evaluate such a function over packed variable-length sequences and return a tensor
+that ``dmattn_ops.varlen_attention`` takes as ``mask=`` / ``bias=``. ``b`` is the sequence index and ``q_idx`` /
+``kv_idx`` are positions *inside* sequence ``b`` (not packed positions), all int64; a closure over a packed per-key
+tensor reads it at ``cu_seqlens_k[b] + kv_idx`` (see docs/mods.md).
+
+The layout is the most compact one the op contract allows, decided exactly from the function's data flow:
+
+- no path from ``q_idx`` to the output  -> key-side ``(total_k, Hm)``, built in O(total_k * Hm);
+- otherwise                              -> query-side ``(total_q, Hm, max_seqlen_k)``;
+- Hm = 1 when no path from ``h`` to the output, else H. (Hm = Hk, "depends on h only through h // (H / Hk)", is
+  a statement about values that data flow cannot prove, so it is never chosen.)
+
+How the data flow is traced: ``torch.vmap`` is a dependency tracer. Each index input is given its own vmap level (a
+batch of two copies of one valid position, so closures index in bounds); every op propagates the levels of its
+inputs to its output, and ``vmap`` returns an output that is not batched at a level as a stride-0 expansion. So
+``out.stride(level) == 0`` exactly when no op chain links that input to the output; the values are never compared.
+Unlike a make_fx graph walk (the test suite uses one as an independent cross-check), this runs unchanged inside
+``torch.compile(fullgraph=True, dynamic=True)``, including for mods that close over tensors created inside the
+compiled region. The strides are static at trace time, so choosing the layout installs no guard and no graph break.
+
+Additivity of a score_mod is proven the same way, structurally: the score_mod runs once with a stand-in for ``score``
+that records what is added to it and refuses every other use (multiplying it, passing it to ``tanh`` or
+``torch.where``, reading it), naming the offending use in a ValueError.
+
+Every evaluation is vectorized (nested ``vmap`` over packed rows, heads and key positions, like FlexAttention's
+``create_block_mask``); no Python loop runs over tokens or sequences, and nothing synchronizes with the device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+
+__all__ = ["ModDependencies", "additive_part", "create_bias", "create_mask", "mod_dependencies"]
+
+# dtype of b, h, q_idx, kv_idx: int64, as FlexAttention's create_block_mask passes them (with int32, torch 2.11-2.13
+# fail to trace `h // group` under vmap once dynamic=True makes `group` a SymInt).
+INDEX_DTYPE = torch.int64
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ModDependencies(NamedTuple):
+    """Which index inputs of a mod reach its output through some chain of ops."""
+
+    batch: bool
+    head: bool
+    query: bool
+    key: bool
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dependency tracing
+
+
+def _checked(mod: MaskMod, what: str) -> MaskMod:
+    """mod, with a clear error when it returns something other than one scalar tensor per index tuple.
+
+    what names the function in errors, e.g. "dmattn.create_mask: mask_mod"."""
+
+    def call(b, h, q_idx, kv_idx):
+        out = mod(b, h, q_idx, kv_idx)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"{what} must return a tensor, got {type(out).__name__}")
+        if out.dim() != 0:
+            raise ValueError(
+                f"{what} must return one value per (b, h, q_idx, kv_idx) (a 0-d tensor under vmap), "
+                f"got shape {tuple(out.shape)}"
+            )
+        return out
+
+    return call
+
+
+def _trace(mod: MaskMod, b: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor):
+    """Traces mod's data flow at one valid position (b, h=0, q_idx, kv_idx), all 0-d INDEX_DTYPE tensors.
+
+    Returns (ModDependencies, the output dtype)."""
+    h = torch.zeros((), dtype=INDEX_DTYPE, device=b.device)
+    traced = mod
+    for level in (3, 2, 1, 0):  # innermost level: kv_idx; outermost: b
+        in_dims = tuple(0 if i == level else None for i in range(4))
+        traced = torch.vmap(traced, in_dims=in_dims)
+    # Two copies of each index, stacked (not expanded: a stride-0 input would read as "no dependency").
+    out = traced(*(torch.stack([x, x]) for x in (b, h, q_idx, kv_idx)))  # (2, 2, 2, 2) over (b, h, q_idx, kv_idx)
+    return ModDependencies(*(out.stride(level) != 0 for level in range(4))), out.dtype
+
+
+def mod_dependencies(mod: MaskMod, *, b: int = 0, q_idx: int = 0, kv_idx: int = 0, device=None) -> ModDependencies:
+    """Which of (b, h, q_idx, kv_idx) reach mod's output, traced at one position where mod can be evaluated.
+
+    For a score_mod, trace ``additive_part(score_mod)``."""
+    idx = [torch.tensor(x, dtype=INDEX_DTYPE, device=device) for x in (b, q_idx, kv_idx)]
+    return _trace(_checked(mod, "dmattn.mod_dependencies: mod"), *idx)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Additivity of a score_mod
+
+
+def _not_additive(why: str):
+    raise ValueError(
+        f"dmattn.create_bias: score_mod is not additive, so it cannot become a bias: it {why}. A bias needs "
+        "score_mod(score, b, h, q_idx, kv_idx) == score + f(b, h, q_idx, kv_idx) with f independent of score, i.e. "
+        "score may only appear as `score + x` or `score - x`. A softcap (tanh), a scale (score * x) or a "
+        "torch.where(..., score, ...) changes the scores themselves; write masking as a mask_mod, and a "
+        "conditional bias as score + torch.where(cond, x, 0.0)."
+    )
+
+
+_ADD = ("add", "__add__", "__radd__", "__iadd__")
+_SUB = ("sub", "__sub__", "__isub__", "subtract")
+
+
+class _ScoreTracer:
+    """Stands in for ``score`` while a score_mod runs once: records the terms added to it, refuses any other use.
+
+    ``score + x`` / ``x + score`` / ``score - x`` return a new tracer holding +x / -x; everything else that touches
+    the score (arithmetic, torch functions, attribute reads beyond dtype/device/shape) raises the ValueError of
+    ``_not_additive`` naming that use."""
+
+    dtype = torch.float32  # FlexAttention's score is a float32 scalar
+    shape = torch.Size([])
+    ndim = 0
+
+    def __init__(self, device, terms=()):
+        self._terms = terms
+        self._device = device
+
+    @property
+    def device(self):
+        return self._device
+
+    def _plus(self, other, sign: int):
+        if isinstance(other, _ScoreTracer):
+            _not_additive("combines score with itself (score + score or score - score)")
+        return _ScoreTracer(self._device, self._terms + ((sign, other),))
+
+    def __add__(self, other):
+        return self._plus(other, 1)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return self._plus(other, -1)
+
+    def __rsub__(self, other):
+        _not_additive("subtracts score from something (x - score negates it)")
+
+    def __mul__(self, other):
+        _not_additive("multiplies score (score * x)")
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        _not_additive("divides score (score / x, e.g. a softcap)")
+
+    def __rtruediv__(self, other):
+        _not_additive("divides by score")
+
+    def __neg__(self):
+        _not_additive("negates score")
+
+    def __pow__(self, other):
+        _not_additive("raises score to a power")
+
+    def __abs__(self):
+        _not_additive("takes abs(score)")
+
+    def __bool__(self):
+        _not_additive("branches on the value of score")
+
+    def __getitem__(self, item):
+        _not_additive("indexes score")
+
+    def _compare(self, other):
+        _not_additive("compares score with something")
+
+    __lt__ = __le__ = __gt__ = __ge__ = _compare
+
+    def __getattr__(self, name):  # only called for attributes the tracer does not define
+        if name.startswith("__"):
+            raise AttributeError(name)  # protocol probes (copy, pickle, dynamo) are not uses of the score
+        _not_additive(f"reads score.{name}")
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if not kwargs and len(args) == 2:
+            a, b = args
+            a_is, b_is = isinstance(a, _ScoreTracer), isinstance(b, _ScoreTracer)
+            if name in _ADD and a_is != b_is:
+                return a._plus(b, 1) if a_is else b._plus(a, 1)
+            if name in _SUB and a_is and not b_is:
+                return a._plus(b, -1)
+            if name == "__rsub__" and b_is and not a_is:  # rsub(a, b) = b - a
+                return b._plus(a, -1)
+        _not_additive(f"passes score to {name}")
+
+    def bias(self, like: torch.Tensor) -> torch.Tensor:
+        """The sum of the recorded terms, float32 (a 0-d zero when nothing was added)."""
+        total = torch.zeros((), dtype=torch.float32, device=like.device)
+        for sign, term in self._terms:
+            term = torch.as_tensor(term, device=like.device).to(torch.float32)
+            total = total + term if sign > 0 else total - term
+        return total
+
+
+def additive_part(score_mod: ScoreMod) -> MaskMod:
+    """f with ``score_mod(score, b, h, q_idx, kv_idx) == score + f(b, h, q_idx, kv_idx)``, returning float32.
+
+    Additivity is proven structurally on each call (see _ScoreTracer); a non-additive score_mod raises ValueError."""
+
+    def bias_mod(b, h, q_idx, kv_idx):
+        result = score_mod(_ScoreTracer(b.device), b, h, q_idx, kv_idx)
+        if not isinstance(result, _ScoreTracer):
+            _not_additive("returns a value that does not contain score (it replaces the score instead of adding to it)")
+        return result.bias(b)
+
+    return bias_mod
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed index grids and evaluation
+
+
+class _Packing(NamedTuple):
+    """The per-sequence facts every evaluation needs, as device tensors (no host sync)."""
+
+    cu_q: torch.Tensor  # (B + 1,) INDEX_DTYPE
+    cu_k: torch.Tensor  # (B + 1,) INDEX_DTYPE
+    len_k: torch.Tensor  # (B,) INDEX_DTYPE
+    anchor: torch.Tensor  # () INDEX_DTYPE: the first sequence with both queries and keys (0 if there is none)
+
+
+def _packing(cu_seqlens_q, cu_seqlens_k, device) -> _Packing:
+    """B >= 1. The anchor is where the dependency trace runs and where don't-care entries are evaluated."""
+    cu_q = cu_seqlens_q.to(device=device, dtype=INDEX_DTYPE)
+    cu_k = cu_seqlens_k.to(device=device, dtype=INDEX_DTYPE)
+    len_q = cu_q[1:] - cu_q[:-1]
+    len_k = cu_k[1:] - cu_k[:-1]
+    anchor = torch.argmax(((len_q > 0) & (len_k > 0)).to(INDEX_DTYPE), dim=0, keepdim=True).to(INDEX_DTYPE)
+    return _Packing(cu_q, cu_k, len_k, anchor.squeeze(0))
+
+
+def _sequence_of(cu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(rows,) packed positions -> (rows,) index of the sequence owning each, clamped to [0, B - 1]."""
+    b = torch.searchsorted(cu, rows, right=True) - 1
+    return b.clamp(0, cu.shape[0] - 2)
+
+
+def _key_side(mod: MaskMod, deps: ModDependencies, p: _Packing, num_heads: int, total_k: int, fill) -> torch.Tensor:
+    """(total_k, Hm): row t = packed key t evaluated at (its sequence b, every head, its position kv_idx)."""
+    dev = p.cu_k.device
+    t = torch.arange(total_k, dtype=INDEX_DTYPE, device=dev)  # (total_k,)
+    inside = t < p.cu_k[-1]  # rows after cu_seqlens_k[-1] belong to no sequence: don't-care
+    b = torch.where(inside, _sequence_of(p.cu_k, t), p.anchor)
+    kv_idx = torch.where(inside, t - p.cu_k[b], 0)
+    q_idx = torch.zeros((), dtype=INDEX_DTYPE, device=dev)  # unused: q_idx does not reach the output
+    fn = mod
+    if deps.head:
+        fn = torch.vmap(fn, in_dims=(None, 0, None, None))  # -> (H,)
+        h = torch.arange(num_heads, dtype=INDEX_DTYPE, device=dev)
+    else:
+        h = torch.zeros((), dtype=INDEX_DTYPE, device=dev)
+    out = torch.vmap(fn, in_dims=(0, None, None, 0))(b, h, q_idx, kv_idx)  # (total_k,) or (total_k, H)
+    if not deps.head:
+        out = out.unsqueeze(1)
+    return torch.where(inside.unsqueeze(1), out, fill).contiguous()
+
+
+def _query_side(
+    mod: MaskMod, deps: ModDependencies, p: _Packing, num_heads: int, total_q: int, max_seqlen_k, fill
+) -> torch.Tensor:
+    """(total_q, Hm, max_seqlen_k): [i, h, j] = query i with the j-th key of its own sequence.
+
+    Entries with j >= that sequence's key length are don't-care (``fill``); the mod is still evaluated there, at
+    kv_idx clamped into the sequence, so a closure never indexes out of bounds."""
+    dev = p.cu_q.device
+    i = torch.arange(total_q, dtype=INDEX_DTYPE, device=dev)  # (total_q,)
+    b = _sequence_of(p.cu_q, i)
+    len_k = torch.where(i < p.cu_q[-1], p.len_k[b], 0)  # (total_q,) 0 on rows after cu_seqlens_q[-1]
+    usable = len_k > 0  # rows that see any key; the others are evaluated at the anchor sequence
+    b = torch.where(usable, b, p.anchor)
+    q_idx = torch.where(usable, i - p.cu_q[b], 0)
+    eval_len = torch.where(usable, len_k, p.len_k.index_select(0, p.anchor.unsqueeze(0)))
+    j = torch.arange(max_seqlen_k, dtype=INDEX_DTYPE, device=dev)  # (max_seqlen_k,)
+
+    def entry(b, q_idx, eval_len, h, j):
+        kv_idx = torch.clamp(torch.minimum(j, eval_len - 1), min=0)
+        return mod(b, h, q_idx, kv_idx)
+
+    fn = torch.vmap(entry, in_dims=(None, None, None, None, 0))  # -> (max_seqlen_k,)
+    if deps.head:
+        fn = torch.vmap(fn, in_dims=(None, None, None, 0, None))  # -> (H, max_seqlen_k)
+        h = torch.arange(num_heads, dtype=INDEX_DTYPE, device=dev)
+    else:
+        h = torch.zeros((), dtype=INDEX_DTYPE, device=dev)
+    out = torch.vmap(fn, in_dims=(0, 0, 0, None, None))(b, q_idx, eval_len, h, j)
+    if not deps.head:
+        out = out.unsqueeze(1)  # (total_q, 1, max_seqlen_k)
+    inside = (j.unsqueeze(0) < len_k.unsqueeze(1)).unsqueeze(1)  # (total_q, 1, max_seqlen_k)
+    return torch.where(inside, out, fill).contiguous()
+
+
+def _check_args(where, cu_seqlens_q, cu_seqlens_k, num_heads, num_heads_k):
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] < 1:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"dmattn.{where}: {name} must be a (B + 1,) tensor, got {got}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"dmattn.{where}: {name} must be an integer tensor, got {t.dtype}")
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(
+            f"dmattn.{where}: cu_seqlens_q and cu_seqlens_k must have the same length B + 1, "
+            f"got {cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}"
+        )
+    if num_heads < 1:
+        raise ValueError(f"dmattn.{where}: num_heads must be >= 1, got {num_heads}")
+    if num_heads_k is not None and (num_heads_k < 1 or num_heads % num_heads_k != 0):
+        raise ValueError(
+            f"dmattn.{where}: num_heads must be a multiple of num_heads_k, got {num_heads} and {num_heads_k}"
+        )
+
+
+def _total(where, name, given, cu):
+    if given is not None:
+        return given
+    if torch.compiler.is_compiling():
+        raise ValueError(
+            f"dmattn.{where}: pass {name} (q.shape[0] / k.shape[0]) when compiling; reading it from the "
+            "cu_seqlens values would be a data-dependent size"
+        )
+    return int(cu[-1])
+
+
+def _build(
+    where, mod, fill, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, num_heads, num_heads_k, device, total_q, total_k
+):
+    """The layout choice and evaluation shared by create_mask (fill False) and create_bias (fill 0.0)."""
+    _check_args(where, cu_seqlens_q, cu_seqlens_k, num_heads, num_heads_k)
+    device = cu_seqlens_q.device if device is None else torch.device(device)
+    total_q = _total(where, "total_q", total_q, cu_seqlens_q)
+    total_k = _total(where, "total_k", total_k, cu_seqlens_k)
+    dtype = torch.bool if where == "create_mask" else torch.float32
+    if cu_seqlens_q.shape[0] == 1:  # B = 0: every entry is don't-care and there is no position to trace at
+        return torch.full((total_k, 1), fill, dtype=dtype, device=device)
+    p = _packing(cu_seqlens_q, cu_seqlens_k, device)
+    zero = torch.zeros((), dtype=INDEX_DTYPE, device=device)
+    deps, out_dtype = _trace(mod, p.anchor, zero, zero)
+    if out_dtype != dtype:  # an additive part is always float32
+        raise TypeError(f"dmattn.create_mask: mask_mod must return bool (True = attend), got {out_dtype}")
+    if deps.query:
+        shape = (total_q, num_heads if deps.head else 1, max_seqlen_k)
+        if total_q == 0 or max_seqlen_k == 0:  # nothing to evaluate (vmap needs a non-empty batch)
+            return torch.full(shape, fill, dtype=dtype, device=device)
+        return _query_side(mod, deps, p, num_heads, total_q, max_seqlen_k, fill)
+    shape = (total_k, num_heads if deps.head else 1)
+    if total_k == 0:
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return _key_side(mod, deps, p, num_heads, total_k, fill)
+
+
+def create_mask(
+    mask_mod: MaskMod,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    num_heads: int,
+    num_heads_k: Optional[int] = None,
+    device=None,
+    *,
+    total_q: Optional[int] = None,
+    total_k: Optional[int] = None,
+) -> torch.Tensor:
+    """Evaluates ``mask_mod(b, h, q_idx, kv_idx) -> bool`` into a dmattn mask of the most compact layout.
+
+    Args:
+        mask_mod: FlexAttention mask_mod. b: sequence index; h: query head; q_idx, kv_idx: positions inside sequence
+            b (0-d int64 tensors under vmap). A closure over a packed per-key tensor reads ``t[cu_seqlens_k[b] +
+            kv_idx]``.
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) as for varlen_attention.
+        max_seqlen_q: accepted for symmetry with varlen_attention (the layout never needs it).
+        max_seqlen_k: width of a query-side mask.
+        num_heads: H. num_heads_k: Hk, only checked (H % Hk == 0).
+        device: where to build it; default cu_seqlens_q's device.
+        total_q, total_k: packed row counts (q.shape[0], k.shape[0]); default cu_seqlens[-1], which reads the
+            values, so pass them inside torch.compile.
+
+    Returns:
+        bool, key-side ``(total_k, Hm)`` when q_idx does not reach mask_mod's output, else query-side
+        ``(total_q, Hm, max_seqlen_k)``; Hm = 1 when h does not reach it, else H. Rows outside every sequence and
+        query-side entries past a sequence's key length are False.
+    """
+    mod = _checked(mask_mod, "dmattn.create_mask: mask_mod")
+    return _build(
+        "create_mask", mod, False, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, num_heads, num_heads_k, device,
+        total_q, total_k,
+    )
+
+
+def create_bias(
+    score_mod: ScoreMod,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    num_heads: int,
+    num_heads_k: Optional[int] = None,
+    device=None,
+    *,
+    total_q: Optional[int] = None,
+    total_k: Optional[int] = None,
+) -> torch.Tensor:
+    """Evaluates the additive part f of ``score_mod(score, b, h, q_idx, kv_idx) == score + f(b, h, q_idx, kv_idx)``
+    into a float32 dmattn bias of the most compact layout (same arguments and layouts as create_mask; don't-care
+    entries are 0).
+
+    Raises ValueError, saying which use of score broke it, when score_mod is not additive (a softcap, a scale)."""
+    mod = _checked(additive_part(score_mod), "dmattn.create_bias: score_mod")
+    return _build(
+        "create_bias", mod, 0.0, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, num_heads, num_heads_k, device,
+        total_q, total_k,
+    )
+
+
+def operands_from_mods(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, mask_mod, score_mod):
+    """varlen_attention's mask_mod= / score_mod= path: (mask, bias) with the mods built in, on q's device.
+
+    A mod next to an explicit tensor for the same operand is an error: combining them could force a key-side tensor
+    into the query-side layout, which the op contract never does silently."""
+    for mod_name, mod, name, given in (("mask_mod", mask_mod, "mask", mask), ("score_mod", score_mod, "bias", bias)):
+        if mod is not None and given is not None:
+            raise ValueError(
+                f"dmattn.varlen_fwd: pass either {name} or {mod_name}, not both (fold the tensor into the {mod_name}, "
+                f"e.g. read it by cu_seqlens_k[b] + kv_idx)"
+            )
+    shape_args = dict(
+        num_heads=q.shape[1], num_heads_k=k.shape[1], device=q.device, total_q=q.shape[0], total_k=k.shape[0]
+    )
+    if mask_mod is not None:
+        mask = create_mask(mask_mod, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **shape_args)
+    if score_mod is not None:
+        bias = create_bias(score_mod, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **shape_args)
+    return mask, bias
