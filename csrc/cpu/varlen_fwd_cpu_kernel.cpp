@@ -243,6 +243,12 @@ std::vector<WorkItem> plan_work(const VarlenFwdParams& p) {
       }
     }
   }
+  // Largest first (rows x keys in reach), so that dynamic hand-out balances the threads.
+  auto cost = [&](const WorkItem& w) {
+    const int64_t keys = clamp_seq(p.cu_seqlens_k, w.batch, p.total_k, p.max_seqlen_k).len;
+    return (w.q_end - w.q_begin) * (w.head_end - w.head_begin) * (keys + 1);
+  };
+  std::stable_sort(items.begin(), items.end(), [&](const WorkItem& a, const WorkItem& b) { return cost(a) > cost(b); });
   return items;
 }
 

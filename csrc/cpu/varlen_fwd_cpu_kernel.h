@@ -31,7 +31,8 @@ struct WorkItem {
   int64_t q_begin, q_end;        // query positions inside the sequence
 };
 
-// Splits the call into work items: per sequence, per KV group, blocks of heads x queries of at most kMaxRows rows.
+// Splits the call into work items (per sequence, per KV group, blocks of heads x queries of at most kMaxRows rows),
+// largest first.
 std::vector<WorkItem> plan_work(const VarlenFwdParams& p);
 
 // Per-thread scratch, reused across work items.
