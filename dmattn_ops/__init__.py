@@ -12,6 +12,7 @@ import torch  # noqa: F401  (loads libtorch before the op library)
 from . import _C  # noqa: F401  (loads the op library: schema + CPU/CUDA kernels)
 from . import _meta  # noqa: F401  (fake impl + autograd guard)
 from ._meta.rules import Layout
+from . import reference  # noqa: F401  (float64 reference of the contract, for checking results)
 from .mods import create_bias, create_mask
 from .ops import varlen_attention
 
