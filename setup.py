@@ -127,5 +127,9 @@ setup(
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
-    extras_require={"test": ["pytest", "expecttest", "hypothesis"], "bench": ["matplotlib"]},
+    extras_require={
+        "test": ["pytest", "expecttest", "hypothesis"],
+        "bench": ["matplotlib"],
+        "cuda": ["nvidia-cutlass==4.2.0.0"],  # CuTe / CUTLASS headers, build time only
+    },
 )

@@ -219,15 +219,15 @@ def _mask_some_rows(spec: Spec, mask: torch.Tensor) -> None:
 
 def support_reason(spec: Spec, dtype: torch.dtype, device: str) -> str:
     """Why this build cannot run ``spec`` in ``dtype`` on ``device``; "" when it can. The CPU runs everything; the
-    CUDA kernels cover the dtypes and head dims in build_info()."""
+    CUDA kernels cover the dtypes in build_info() and every head dim up to the largest one built."""
     if device == "cpu":
         return ""
     info = dmattn_ops.build_info()
     dtype_name = str(dtype).replace("torch.", "")
     if dtype_name not in info["cuda_dtypes"]:
         return f"CUDA kernels are built for {info['cuda_dtypes']}, not {dtype_name}"
-    if spec.head_dim not in info["cuda_head_dims"]:
-        return f"CUDA kernels are built for head dims {info['cuda_head_dims']}, not {spec.head_dim}"
+    if spec.head_dim > max(info["cuda_head_dims"]):  # smaller head dims run zero-padded to the next built one
+        return f"CUDA kernels are built for head dims up to {max(info['cuda_head_dims'])}, not {spec.head_dim}"
     return ""
 
 

@@ -209,7 +209,7 @@ def wants_cuda_build() -> bool:
 def build(reason: str, facts: dict) -> None:
     if wants_cuda_build() and not facts["cutlass"] and not os.environ.get("DMATTN_CUTLASS_DIR"):
         with timed("installing nvidia-cutlass (CuTe headers for the CUDA build)"):
-            pip_install("nvidia-cutlass")
+            pip_install("nvidia-cutlass==4.2.0.0")
     env = dict(os.environ)
     env["PATH"] = f"{VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}"  # torch's build looks up `ninja` on PATH
     if shutil.which("ninja", path=env["PATH"]) is None:  # ninja's package seen through --system-site-packages

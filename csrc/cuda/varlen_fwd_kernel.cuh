@@ -2,13 +2,16 @@
 //
 // One CTA computes one query tile (kBlockM rows) of one query head of one sequence. It walks the sequence's key
 // *slots* in tiles of kBlockN: without a key-side mask slot c is key position c; with one, slot c is the c-th key
-// the mask keeps (KeyLists, built by compact_keys.cu), so masked keys are never loaded nor multiplied, and the
+// the mask keeps (KeyLists, built by varlen_fwd_run.cu), so masked keys are never loaded nor multiplied, and the
 // causal limit becomes a prefix of the slots (found by a warp-wide search of the sorted list).
 //
 // Per KV tile (pipeline as in FlashAttention-2: the V load overlaps Q K^T, the next K load overlaps softmax + P V):
 //   gather K rows (cp.async, zero-fill past the end) -> S = Q K^T (ldmatrix + mma.sync, fp32)
 //   -> scale, bias, causal / query-side mask -> online softmax in registers -> O += P V (ldmatrix.trans + mma.sync)
 // A KV tile whose query-side mask is False for every row of the query tile is skipped before K / V are loaded.
+// The kept-key positions and key-side bias of the next tile are fetched into registers one stage ahead, so neither
+// the gather nor the score modification waits on a global load inside the loop.
+// Measured design notes (tile shapes tried, what did and did not pay): benchmarks/results/NOTES.md.
 //
 // Fragment coordinates (mma.sync m16n8k16, lane = 4 * g + t): accumulator element e of an m16n8 fragment sits at
 // row g + 8 * (e / 2), column 2 * t + e % 2.
@@ -16,7 +19,6 @@
 
 #include <cuda_runtime.h>
 
-#include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
 #include <cmath>
 
@@ -91,7 +93,11 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
 // t / kLoadCols + i * kRowStep. Rows at or past valid_rows are zero-filled without reading global memory.
 template <typename Traits>
 struct RowLoader {
-  static constexpr int kLoadCols = Traits::kChunksPerRow <= 4 ? 4 : (Traits::kChunksPerRow <= 8 ? 8 : (Traits::kChunksPerRow <= 16 ? 16 : 32));
+  // Chunks per row rounded up to a power of two (D = 96: 12 -> 16, the last 4 lanes of each row idle).
+  static constexpr int kLoadCols = Traits::kChunksPerRow <= 4    ? 4
+                                   : Traits::kChunksPerRow <= 8  ? 8
+                                   : Traits::kChunksPerRow <= 16 ? 16
+                                                                 : 32;
   static constexpr int kRowStep = Traits::kThreads / kLoadCols;
   static_assert(Traits::kThreads % kLoadCols == 0, "whole rows per load step");
 };
@@ -206,14 +212,15 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
   const float scale_log2 = p.softmax_scale * kLog2e;
   const int mask_head = c.h / p.mask.head_group, bias_head = c.h / p.bias.head_group;
 
-  using Elem_ = Elem;
   const Elem* k_seq = static_cast<const Elem*>(p.k) + c.sk.start * p.k_row_stride + k_head;
   const Elem* v_seq = static_cast<const Elem*>(p.v) + c.sk.start * p.v_row_stride + v_head;
   // K or V rows of the slots of tile n: contiguous key positions, or gathered through the kept-key list (the
   // positions of the next tile are fetched into registers one pipeline stage ahead, so no load waits on them).
   GatherPositions<Traits, kBlockN> gather_pos;
-  auto valid_slots = [&](int n) { return static_cast<int>(min(static_cast<int64_t>(kBlockN), c.slots_end - n * kBlockN)); };
-  auto load_kv = [&](Elem_* dst, const Elem_* seq, int64_t row_stride, const void* base, int n) {
+  auto valid_slots = [&](int n) {
+    return static_cast<int>(min(static_cast<int64_t>(kBlockN), c.slots_end - static_cast<int64_t>(n) * kBlockN));
+  };
+  auto load_kv = [&](Elem* dst, const Elem* seq, int64_t row_stride, const void* base, int n) {
     if (c.key_index == nullptr) {
       load_rows<Traits, kBlockN>(dst, seq + n * kBlockN * row_stride, row_stride, valid_slots(n), base);
     } else {
@@ -294,10 +301,12 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
   const uint32_t q_lane = static_cast<uint32_t>(__cvta_generic_to_shared(smem.q)) +
                           2 * Traits::template smem_offset<kBlockM>(warp_row0 + (lane & 7) + ((lane >> 3) & 1) * 8,
                                                                     (lane >> 4) * 8);
-  const uint32_t k_lane = static_cast<uint32_t>(__cvta_generic_to_shared(smem.k)) +
-                          2 * Traits::template smem_offset<kBlockN>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
-  const uint32_t v_lane = static_cast<uint32_t>(__cvta_generic_to_shared(smem.v)) +
-                          2 * Traits::template smem_offset<kBlockN>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
+  const uint32_t k_lane =
+      static_cast<uint32_t>(__cvta_generic_to_shared(smem.k)) +
+      2 * Traits::template smem_offset<kBlockN>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
+  const uint32_t v_lane =
+      static_cast<uint32_t>(__cvta_generic_to_shared(smem.v)) +
+      2 * Traits::template smem_offset<kBlockN>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
 
   while (n < n_tiles) {
     const int64_t n0 = static_cast<int64_t>(n) * kBlockN;
@@ -355,7 +364,12 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     }
 
     // ---- Scores in the log2 domain: scale, bias, and -inf where a key is not visible ----
-    if (n0 + kBlockN <= c.slots_full && !query_mask && !query_bias) {
+    // A tile every row sees whole, with no bias, keeps raw scores: the scale is folded into the softmax FFMAs
+    // (exp2(s * scale - max)), score_mul says which domain s is in.
+    const bool whole_tile = n0 + kBlockN <= c.slots_full && !query_mask && !query_bias;
+    const bool raw_scores = whole_tile && !key_bias && scale_log2 > 0.f;
+    const float score_mul = raw_scores ? scale_log2 : 1.f;
+    if (whole_tile && !raw_scores) {
       // Every row sees every slot of this tile: only the scale and a key-side bias.
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
@@ -363,10 +377,9 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
         for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            s[mt][nt][e] *= scale_log2;
-            if (key_bias) s[mt][nt][e] += smem.key_bias[nt * 8 + 2 * t + (e % 2)];
+            s[mt][nt][e] = s[mt][nt][e] * scale_log2 + smem.key_bias[nt * 8 + 2 * t + (e % 2)];
           }
-    } else {
+    } else if (!whole_tile) {
       // Causal diagonal, the last (partial) tile, or query-side operands: per element.
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
@@ -414,7 +427,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2)) * score_mul;  // score_mul > 0 keeps the max
         const float new_max = fmaxf(row_max[mt][half], mx);
         const float base = new_max == -INFINITY ? 0.f : new_max;  // a row with nothing visible yet stays at 0
         alpha[mt][half] = exp2f(row_max[mt][half] - base);
@@ -423,8 +436,8 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
-          s[mt][nt][2 * half] = exp2f(s[mt][nt][2 * half] - base);
-          s[mt][nt][2 * half + 1] = exp2f(s[mt][nt][2 * half + 1] - base);
+          s[mt][nt][2 * half] = exp2f(fmaf(s[mt][nt][2 * half], score_mul, -base));
+          s[mt][nt][2 * half + 1] = exp2f(fmaf(s[mt][nt][2 * half + 1], score_mul, -base));
           sum += s[mt][nt][2 * half] + s[mt][nt][2 * half + 1];
         }
         row_sum[mt][half] = row_sum[mt][half] * alpha[mt][half] + sum;

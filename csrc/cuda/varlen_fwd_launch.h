@@ -13,7 +13,7 @@
 namespace dmattn::cuda {
 
 // Per (sequence, mask head) list of the key positions a key-side mask keeps, in ascending order. Built on the
-// device by a pre-pass (compact_keys.cu) so the main kernel gathers only kept K/V rows.
+// device by a pre-pass (compact_keys_kernel in varlen_fwd_run.cu) so the main kernel gathers only kept K/V rows.
 //   index (mask_heads, total_k) int32: index[hm, cu_k[b] + c] = position (in sequence b) of its c-th kept key
 //   count (batch, mask_heads)   int32: number of kept keys
 struct KeyLists {

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# run_gpu.sh: what the GPU machine runs for dmattn_ops, in one script: install carried wheels, build the CUDA
+# extension in place, print the build, run the tests, compute-sanitizer over the CUDA edge-case tests, benchmark.
+#
+#   tools/run_gpu.sh [STAGE...]      stages: wheels build info test sanitize bench (default: all of them, in order)
+#                                    any other STAGE is a Python script to run (e.g. a carried check script)
+#
+# The GPU machine has no network: carry the wheels it lacks, fetched here with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl nvidia-cutlass==4.2.0.0 expecttest
+# Timings seen on one H100 host (16 cores): wheels 1 s, build (10 kernels x archs 80;90) ~30 s, test ~30 s (the
+# aoti test apart), sanitize ~12 s; `bench --workload all` needs well over 5 minutes (FlexAttention compilation).
+#
+# Environment:
+#   OUT               where logs, the built extension and benchmark results go (default: /tmp/dmattn_gpu_out)
+#   MAX_JOBS          parallel compile jobs (default 16)
+#   DMATTN_CUDA_ARCHS archs to build (default "80;90", see setup.py)
+#   WHEELS            folder of carried wheels (default .whl): nvidia-cutlass (CuTe headers), expecttest
+#   TESTS             pytest arguments of the test stage (default: the CUDA-parametrized tests, tests/ -k cuda; the
+#                     CPU half of every test file runs in CI)
+#   SANITIZE_TESTS    pytest -k expression for the sanitizer stage over tests/test_varlen_fwd.py (default: the CUDA
+#                     samples, NaN padding, rows no sequence owns, lying cu_seqlens)
+#   BENCH_ARGS        arguments of tools/bench_gpu.py (default: --workload all)
+#   DMATTN_PREBUILT   a folder holding _C*.so and _build_config.py of an earlier run (same image): used instead of
+#                     building, unless DMATTN_REBUILD=1
+# Each stage logs to $OUT/<stage>.log.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/dmattn_gpu_out}
+mkdir -p "$OUT"
+export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+STAGES=${*:-wheels build info test sanitize bench}
+status=0
+
+stage() {  # stage NAME COMMAND...: runs COMMAND, tees its output to $OUT/NAME.log, records failure
+  local name=$1
+  shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+  [ "$rc" -eq 0 ] || status=1
+  return "$rc"
+}
+
+for s in $STAGES; do
+  case $s in
+    wheels)
+      if ls "${WHEELS:-.whl}"/*.whl >/dev/null 2>&1; then
+        stage wheels python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+          --target /tmp/site "${WHEELS:-.whl}"/*.whl
+      fi
+      export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+      # An in-place build has no installed dmattn_ops._meta (setup.py maps meta/ there): link it for imports.
+      [ -e dmattn_ops/_meta ] || ln -s ../meta dmattn_ops/_meta
+      ;;
+    build)
+      if [ -n "${DMATTN_PREBUILT:-}" ] && [ -z "$(ls dmattn_ops/_C*.so 2>/dev/null)" ]; then
+        cp "$DMATTN_PREBUILT"/_C*.so "$DMATTN_PREBUILT"/_build_config.py dmattn_ops/
+      fi
+      if ls dmattn_ops/_C*.so >/dev/null 2>&1 && [ "${DMATTN_REBUILD:-0}" != 1 ] \
+          && grep -q cuda dmattn_ops/_build_config.py 2>/dev/null; then
+        echo "=== build: skipped (dmattn_ops/_C*.so with the CUDA backend is already here)"
+      else
+        rm -f dmattn_ops/_C*.so
+        DMATTN_BACKENDS=cuda stage build python3 setup.py build_ext --inplace || exit 1
+        cp dmattn_ops/_C*.so dmattn_ops/_build_config.py "$OUT"/
+      fi
+      ;;
+    info)
+      stage info python3 -m dmattn_ops
+      ;;
+    test)
+      # shellcheck disable=SC2086
+      stage test python3 -m pytest -q --no-header -p no:cacheprovider -rs ${TESTS:-tests/ -k cuda}
+      ;;
+    sanitize)
+      # shellcheck disable=SC2086
+      stage sanitize compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+        python3 -m pytest -q --no-header -p no:cacheprovider tests/test_varlen_fwd.py \
+        -k "${SANITIZE_TESTS:-cuda and (sample_matches or nan_padding or rows_after or lying)}"
+      ;;
+    bench)
+      # shellcheck disable=SC2086
+      stage bench python3 tools/bench_gpu.py ${BENCH_ARGS:---workload all} --out "$OUT"
+      ;;
+    *)
+      # Any other stage name is a script to run with python (e.g. a carried check script).
+      stage "$(basename "$s" .py)" python3 "$s"
+      ;;
+  esac
+done
+exit $status
