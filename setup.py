@@ -88,7 +88,7 @@ def extension():
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
     # -fopenmp: torch's CPU build runs at::parallel_for on OpenMP, which is compiled out without it.
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-DPy_LIMITED_API=0x03090000"]
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]  # torch adds -DPy_LIMITED_API for py_limited_api=True
     link = ["-fopenmp"]
     if not want_cuda():
         write_build_config(["cpu"], [])
