@@ -5,7 +5,7 @@
 - NaN padding (xformers): every input embedded in a larger NaN-filled buffer, and every entry the contract says is
   unused poisoned, must give a bit-identical result (catches out-of-bounds and out-of-sequence reads);
 - operand strides: non-contiguous, transposed and stride-0 masks/biases;
-- a key-side mask/bias is never expanded to the query-side layout;
+- a key-side mask/bias is never expanded to the query-side layout, and the keys it masks out are never read;
 - rows after cu_seqlens_q[-1]; lying cu_seqlens (CPU: ValueError; CUDA: clamped, no crash, no NaN);
 - CPU vs CUDA agreement, and the CUDA build's clear errors for what it was not built for;
 - the reference itself: the causal alignment and head broadcast by hand, and the output against torch SDPA.
@@ -305,6 +305,37 @@ def test_key_side_operand_is_never_expanded(mask_heads, device):
     assert extra <= budget, f"the mask and bias cost {extra} extra bytes, more than their own {budget} bytes " \
         f"(a query-side copy: {query_side})"
     assert_close_to_reference(result, sample.reference(), sample.reference(dtype))
+
+
+@pytest.mark.parametrize("mask_heads", ["1", "Hk", "H"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_key_side_masked_keys_are_never_read(mask_heads, is_causal, device):
+    """The contract's skipping promise, seen from outside: with a key-side mask, the K and V rows (and bias entries)
+    of keys that no query head of their KV group attends are never loaded or multiplied. Poisoning exactly those
+    with NaN must leave out and lse bit-identical (a kernel that computed them and masked the scores afterwards
+    would still multiply 0 by a NaN V row)."""
+    dtype = torch.float16
+    spec = Spec("skip_masked", seqlens_q=(3, 1, 5, 0), seqlens_k=(40, 9, 130, 6), heads=4, heads_k=2, mask="key",
+                mask_heads=mask_heads, keep=0.4, bias="key", bias_heads=mask_heads, is_causal=is_causal)
+    _skip_unsupported(spec, dtype, device)
+    sample = make_sample(spec, dtype, device, seed=7)
+    mask = sample.mask.cpu()  # (total_k, Hm)
+    H, Hk = spec.heads, spec.heads_k
+    # unread[key, hk]: no query head of KV head hk may attend this key.
+    heads_of_group = torch.arange(H).view(Hk, H // Hk)
+    head_to_mask_head = torch.arange(H) // (H // mask.shape[1])
+    unread = ~mask[:, head_to_mask_head][:, heads_of_group].any(dim=2)  # (total_k, Hk)
+    assert unread.any() and (~unread).any(), "the sample must have both read and unread keys"
+
+    k, v, bias = sample.k.clone(), sample.v.clone(), sample.bias.clone()
+    k[unread.to(device)] = float("nan")
+    v[unread.to(device)] = float("nan")
+    unread_bias = ~mask  # a bias entry is read only for kept (key, mask head) pairs
+    bias[unread_bias.to(device)] = float("nan")
+    expected = sample.run()
+    poisoned = sample.replace(k=k, v=v, bias=bias).run()
+    for want, got in zip(expected, poisoned):
+        assert torch.equal(want, got), "a masked-out key's K, V or bias was read"
 
 
 # ---------------------------------------------------------------------------------------------------------------
