@@ -94,6 +94,35 @@ def _check_qkv(q, k, v):
             _fail(ValueError, f"{name} must have a contiguous head_dim (stride 1), got strides {strides}")
 
 
+def _check_backend(q):
+    """What this build's kernels for q's device can run (``dmattn_ops.build_info()``): the CUDA kernels take float16
+    and bfloat16, and head dims up to the largest one compiled (smaller ones run zero-padded to a compiled one).
+    The CUDA binding (csrc/cuda/varlen_fwd_cuda.cpp) holds the same limits with the same messages."""
+    if q.device.type != "cuda":
+        return
+    from .._build_config import CONFIG  # written by setup.py
+
+    if "cuda" not in CONFIG["backends"]:
+        _fail(
+            ValueError,
+            f"q is on {q.device}, but this build of dmattn_ops has no CUDA backend (built against torch "
+            f"{CONFIG['torch_version']}, backends: {', '.join(CONFIG['backends'])}); rebuild it where torch has CUDA "
+            "and nvcc is found, or run on the CPU",
+        )
+    if q.dtype == torch.float32:
+        _fail(
+            TypeError,
+            "float32 q, k, v are not supported on CUDA (the kernels run float16 / bfloat16 tensor cores), got q of "
+            "dtype float32; convert q, k and v to float16 or bfloat16, or run on the CPU",
+        )
+    largest = max(CONFIG["cuda_head_dims"])
+    if q.shape[2] > largest:
+        _fail(
+            ValueError,
+            f"head_dim D must be at most {largest} on CUDA (the largest compiled head dim), got {_n(q.shape[2])}",
+        )
+
+
 def _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k):
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if not isinstance(t, torch.Tensor):
@@ -153,6 +182,7 @@ def check_varlen_fwd(
     """Validates the metadata of one call; raises TypeError/ValueError naming the argument, what was expected and
     what was given. Returns what it found."""
     _check_qkv(q, k, v)
+    _check_backend(q)
     _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k)
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if value < 0:

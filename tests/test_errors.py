@@ -11,6 +11,8 @@ The messages are pinned inline (expecttest); after a deliberate wording change, 
 ``EXPECTTEST_ACCEPT=1 pytest tests/test_errors.py``.
 """
 
+from unittest import mock
+
 import expecttest
 import pytest
 import torch
@@ -386,3 +388,50 @@ def test_export_metadata_error_same_message():
     with pytest.raises(Exception) as info:
         torch.export.export(_BadMaskModule(), inputs)
     assert str(eager_error("float_mask")) in str(info.value)
+
+
+# ---- what the build's CUDA kernels can run, checked from metadata (fake CUDA tensors need no GPU) ---------------
+
+
+def _fake_cuda_call(dtype, head_dim):
+    """rules.check_varlen_fwd on fake CUDA tensors: the limits of the CUDA backend hold while tracing too."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(TOTAL_Q, H, head_dim, dtype=dtype, device="cuda")
+        k = torch.empty(TOTAL_K, HK, head_dim, dtype=dtype, device="cuda")
+        cu_q, cu_k = torch.empty(3, dtype=torch.int32, device="cuda"), torch.empty(3, dtype=torch.int32, device="cuda")
+        dmattn_ops._meta.rules.check_varlen_fwd(q, k, k, cu_q, cu_k, MAX_Q, MAX_K)
+
+
+class TestCudaBackendLimits(expecttest.TestCase):
+    """The CUDA backend's limits are rules too (meta/rules.py, with the same messages as the CUDA binding): they
+    fire on CUDA metadata alone, so they hold while tracing and are tested here with fake CUDA tensors."""
+
+    CUDA_BUILD = dict(backends=["cpu", "cuda"], cuda_head_dims=[32, 64, 96, 128, 256])
+    CPU_BUILD = dict(backends=["cpu"], torch_version="2.13.0+cpu")
+
+    def check(self, build, dtype, head_dim, exc_type=None, expect=None):
+        """The rules on fake CUDA tensors, under a build config patched with ``build``."""
+        from dmattn_ops import _build_config
+
+        with mock.patch.object(_build_config, "CONFIG", dict(_build_config.CONFIG, **build)):
+            if exc_type is None:
+                _fake_cuda_call(dtype, head_dim)
+                return
+            with self.assertRaises(Exception) as ctx:
+                _fake_cuda_call(dtype, head_dim)
+        self.assertIs(type(ctx.exception), exc_type, msg=repr(ctx.exception))
+        self.assertExpectedInline(str(ctx.exception), expect, skip=1)
+
+    def test_build_without_cuda(self):
+        self.check(self.CPU_BUILD, torch.float16, 64, ValueError, """dmattn.varlen_fwd: q is on cuda:0, but this build of dmattn_ops has no CUDA backend (built against torch 2.13.0+cpu, backends: cpu); rebuild it where torch has CUDA and nvcc is found, or run on the CPU""")
+
+    def test_float32_on_cuda(self):
+        self.check(self.CUDA_BUILD, torch.float32, 64, TypeError, """dmattn.varlen_fwd: float32 q, k, v are not supported on CUDA (the kernels run float16 / bfloat16 tensor cores), got q of dtype float32; convert q, k and v to float16 or bfloat16, or run on the CPU""")
+
+    def test_head_dim_past_the_largest_compiled(self):
+        self.check(self.CUDA_BUILD, torch.bfloat16, 264, ValueError, """dmattn.varlen_fwd: head_dim D must be at most 256 on CUDA (the largest compiled head dim), got 264""")
+
+    def test_smaller_head_dims_run_padded(self):
+        self.check(self.CUDA_BUILD, torch.bfloat16, 80)  # no error: the CUDA binding pads 80 to 96
