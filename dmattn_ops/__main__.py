@@ -15,7 +15,8 @@ def main():
     if "cuda" in info["backends"]:
         print(f"  CUDA archs           {', '.join('sm_' + a for a in info['cuda_archs'])}")
         print(f"  CUDA dtypes          {', '.join(info['cuda_dtypes'])}")
-        print(f"  CUDA head dims       {', '.join(str(d) for d in info['cuda_head_dims'])}")
+        dims = info["cuda_head_dims"]
+        print(f"  CUDA head dims       {', '.join(str(d) for d in dims)} compiled; others up to {max(dims)} run padded")
         print(f"  CUDA device here     {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
 
 
