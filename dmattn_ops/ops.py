@@ -1,6 +1,6 @@
 """The Python surface over ``torch.ops.dmattn.varlen_fwd``."""
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -61,3 +61,13 @@ def varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal
     )
     return (out, lse) if return_lse else out
+
+
+def cu_seqlens(lengths: Union[Sequence[int], torch.Tensor], *, device=None) -> torch.Tensor:
+    """The (B + 1,) int32 ``cu_seqlens`` of sequences of the given lengths: 0, then the running sums.
+
+    ``lengths`` is a sequence of ints or a 1-D integer tensor (kept on its device unless ``device`` is given)."""
+    lengths = torch.as_tensor(lengths, dtype=torch.int64, device=device)
+    if lengths.dim() != 1:
+        raise ValueError(f"dmattn.cu_seqlens: lengths must be 1-D, got shape {tuple(lengths.shape)}")
+    return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)

@@ -15,16 +15,14 @@ from typing import Callable, Dict, Optional
 import torch
 from torch.nn.attention.flex_attention import and_masks, or_masks
 
+import dmattn_ops
+
 # Sequence lengths of the shared batch. Sequence 2 has no queries, sequence 4 no keys (its queries see nothing),
 # and the last packed rows of q and k belong to no sequence (total > cu_seqlens[-1]).
 LENS_Q = (3, 1, 0, 5, 2, 4)
 LENS_K = (7, 4, 6, 9, 0, 11)
 PAD_Q, PAD_K = 2, 3
 HEADS, HEADS_K, HEAD_DIM = 4, 2, 16
-
-
-def _cu(lens):
-    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
 
 
 def _owner(cu, total):
@@ -100,7 +98,7 @@ class Batch:
 
 def make_batch(seed: int = 0, dtype=torch.float32) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    cu_q, cu_k = _cu(LENS_Q), _cu(LENS_K)
+    cu_q, cu_k = dmattn_ops.cu_seqlens(LENS_Q), dmattn_ops.cu_seqlens(LENS_K)
     total_q, total_k = int(cu_q[-1]) + PAD_Q, int(cu_k[-1]) + PAD_K
     q = torch.randn(total_q, HEADS, HEAD_DIM, generator=g, dtype=dtype)
     k = torch.randn(total_k, HEADS_K, HEAD_DIM, generator=g, dtype=dtype)

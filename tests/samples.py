@@ -137,10 +137,6 @@ def _heads(which: str, spec: Spec) -> int:
     return {"1": 1, "Hk": spec.heads_k, "H": spec.heads}[which]
 
 
-def _cu(lengths: Sequence[int]) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
-
-
 def make_sample(spec: Spec, dtype: torch.dtype, device="cpu", seed: int = 0) -> Sample:
     """Builds the tensors of ``spec``. Values come from a CPU generator seeded by (spec name, seed), so the CPU and
     CUDA samples of one spec hold the same numbers; views (packed qkv) are taken on the target device."""
@@ -185,7 +181,8 @@ def make_sample(spec: Spec, dtype: torch.dtype, device="cpu", seed: int = 0) -> 
 
     return Sample(
         spec=spec, q=q, k=k, v=v,
-        cu_seqlens_q=_cu(spec.seqlens_q).to(device), cu_seqlens_k=_cu(spec.seqlens_k).to(device),
+        cu_seqlens_q=dmattn_ops.cu_seqlens(spec.seqlens_q, device=device),
+        cu_seqlens_k=dmattn_ops.cu_seqlens(spec.seqlens_k, device=device),
         max_seqlen_q=max_q, max_seqlen_k=max_k, mask=mask, bias=bias,
         softmax_scale=spec.softmax_scale, is_causal=spec.is_causal,
     )
@@ -208,7 +205,7 @@ def _mask_some_rows(spec: Spec, mask: torch.Tensor) -> None:
     """Makes some queries see no key: key-side, every key of the first non-empty key sequence (for operand head 0);
     query-side, every third query row (all operand heads)."""
     if mask.dim() == 2:
-        cu = _cu(spec.seqlens_k).tolist()
+        cu = dmattn_ops.cu_seqlens(spec.seqlens_k).tolist()
         for b in range(len(spec.seqlens_k)):
             if cu[b + 1] > cu[b]:
                 mask[cu[b] : cu[b + 1], 0] = False

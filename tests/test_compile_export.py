@@ -39,14 +39,6 @@ BATCHES = [
 ]
 
 
-def _cu_seqlens(lengths):
-    """(B + 1,) int32 prefix sums starting at 0."""
-    cu = [0]
-    for n in lengths:
-        cu.append(cu[-1] + n)
-    return torch.tensor(cu, dtype=torch.int32)
-
-
 def make_batch(seqlens_q, seqlens_k, device, *, seed, query_side_mask=False):
     """The arguments of api_function for one packed batch, with a key-side bias (total_k, H) and a mask that is
     key-side (total_k, Hk) or query-side (total_q, Hk, max_seqlen_k)."""
@@ -61,8 +53,8 @@ def make_batch(seqlens_q, seqlens_k, device, *, seed, query_side_mask=False):
         q=torch.randn(total_q, H, D, generator=g),  # (total_q, H, D)
         k=torch.randn(total_k, HK, D, generator=g),  # (total_k, Hk, D)
         v=torch.randn(total_k, HK, D, generator=g),  # (total_k, Hk, D)
-        cu_seqlens_q=_cu_seqlens(seqlens_q),  # (B + 1,)
-        cu_seqlens_k=_cu_seqlens(seqlens_k),  # (B + 1,)
+        cu_seqlens_q=dmattn_ops.cu_seqlens(seqlens_q),  # (B + 1,)
+        cu_seqlens_k=dmattn_ops.cu_seqlens(seqlens_k),  # (B + 1,)
         max_seqlen_q=max(seqlens_q),
         max_seqlen_k=max_k,
         mask=mask,

@@ -502,3 +502,13 @@ def test_reference_matches_sdpa(spec):
         seen = (add > -math.inf).any(-1)  # (H, Lq)
         got = out[q0:q1].transpose(0, 1)
         torch.testing.assert_close(got[seen], expected[seen], rtol=1e-10, atol=1e-12)
+
+
+def test_cu_seqlens_helper():
+    """dmattn_ops.cu_seqlens: lengths -> (B + 1,) int32 running sums from 0, from a list or a tensor."""
+    assert dmattn_ops.cu_seqlens([3, 0, 2]).tolist() == [0, 3, 3, 5]
+    assert dmattn_ops.cu_seqlens([3, 0, 2]).dtype == torch.int32
+    assert dmattn_ops.cu_seqlens(torch.tensor([4, 1])).tolist() == [0, 4, 5]
+    assert dmattn_ops.cu_seqlens([]).tolist() == [0]
+    with pytest.raises(ValueError, match="lengths must be 1-D"):
+        dmattn_ops.cu_seqlens([[1, 2]])

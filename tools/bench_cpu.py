@@ -67,10 +67,6 @@ class DecodeBatch:
                     kept_keys=int(self.mask.sum()), mask_entries=self.mask.numel())
 
 
-def _cu_seqlens(lengths: List[int]) -> torch.Tensor:
-    return torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).int()
-
-
 def make_decode_batch(batch=16, queries=(1, 8), keys=(512, 2048), heads=8, kv_heads=2, head_dim=64, keep=0.5,
                       mask_heads: Optional[int] = None, dtype=torch.float32, seed=0) -> DecodeBatch:
     """A decode batch: per sequence, lengths drawn uniformly from `queries` and `keys` (inclusive); the key-side
@@ -93,7 +89,7 @@ def make_decode_batch(batch=16, queries=(1, 8), keys=(512, 2048), heads=8, kv_he
         start += length
     bias = 0.5 * torch.randn(total_k, hm, generator=gen)  # (total_k, Hm) float32
 
-    return DecodeBatch(q, k, v, _cu_seqlens(seqlens_q), _cu_seqlens(seqlens_k), max(seqlens_q), max(seqlens_k),
+    return DecodeBatch(q, k, v, dmattn_ops.cu_seqlens(seqlens_q), dmattn_ops.cu_seqlens(seqlens_k), max(seqlens_q), max(seqlens_k),
                        mask, bias, seqlens_q, seqlens_k)
 
 
