@@ -16,7 +16,7 @@ import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 

@@ -114,7 +114,7 @@ class PaddedSDPA:
 def pad_for_sdpa(db: DecodeBatch) -> PaddedSDPA:
     """Pads q/k/v per sequence and folds the key-side mask and bias into a (B, H, max_q, max_k) additive mask.
     Padding keys get -inf; padding query rows attend to everything (finite rows, dropped by unpad)."""
-    B, (total_q, H, D), Hk = len(db.seqlens_q), db.q.shape, db.k.shape[1]
+    B, (_, H, D), Hk = len(db.seqlens_q), db.q.shape, db.k.shape[1]
     Lq, Lk, group_m = db.max_seqlen_q, db.max_seqlen_k, H // db.mask.shape[1]
     q = db.q.new_zeros(B, H, Lq, D)
     k = db.k.new_zeros(B, Hk, Lk, D)
