@@ -4,6 +4,7 @@
 with the reason, so the same test files serve CPU-only and GPU machines.
 """
 
+import os
 from typing import Optional
 
 import pytest
@@ -48,4 +49,7 @@ def cuda_device() -> str:
 settings.register_profile(
     "dmattn", deadline=None, max_examples=50, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
 )
-settings.load_profile("dmattn")
+# CI (CI=true) draws the same examples every run, so a red CI is reproducible and never a coin toss; local runs
+# keep exploring new ones.
+settings.register_profile("dmattn-ci", parent=settings.get_profile("dmattn"), derandomize=True)
+settings.load_profile("dmattn-ci" if os.environ.get("CI") else "dmattn")
