@@ -88,7 +88,9 @@ def extension():
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
     # -fopenmp: torch's CPU build runs at::parallel_for on OpenMP, which is compiled out without it.
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]  # torch adds -DPy_LIMITED_API for py_limited_api=True
+    # No -std: torch picks the standard its headers need (C++17 up to 2.12, C++20 from 2.13); it also adds
+    # -DPy_LIMITED_API for py_limited_api=True.
+    cxx = ["-O3", "-fopenmp"]
     link = ["-fopenmp"]
     if not want_cuda():
         write_build_config(["cpu"], [])
@@ -101,7 +103,7 @@ def extension():
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     sources += [str(p.relative_to(ROOT)) for p in generated]
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo",
+    nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo",
             f"--threads={os.environ.get('NVCC_THREADS', '4')}", *gencode]
     log(f"building CPU + CUDA backends: {len(generated)} kernel files, archs {archs}")
     write_build_config(["cpu", "cuda"], archs)

@@ -45,6 +45,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", nargs="+", default=["80"], help="compute capabilities (default: 80)")
     ap.add_argument("--all", action="store_true", help="every instantiation, not just bfloat16 D=128")
+    ap.add_argument("--std", default="17", choices=["17", "20"],
+                    help="C++ standard (default 17; torch >= 2.13 builds extensions as C++20)")
     ap.add_argument("--require-nvcc", action="store_true", help="fail (exit 2) instead of skipping without nvcc")
     args = ap.parse_args()
 
@@ -67,7 +69,7 @@ def main() -> int:
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in args.arch]
         failed = 0
         for src in sources:
-            cmd = [nvcc, "-std=c++17", "-O3", "--use_fast_math", "--expt-relaxed-constexpr", *gencode,
+            cmd = [nvcc, f"-std=c++{args.std}", "-O3", "--use_fast_math", "--expt-relaxed-constexpr", *gencode,
                    f"-I{include}", f"-I{ROOT / 'csrc'}", "-Xptxas=-warn-spills", "-c", str(src),
                    "-o", str(Path(tmp) / (Path(src).stem + ".o"))]
             result = subprocess.run(cmd, capture_output=True, text=True)

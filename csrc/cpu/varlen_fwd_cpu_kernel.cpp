@@ -143,8 +143,12 @@ __attribute__((always_inline)) inline void prefetch_row(const void* base, int64_
 }
 
 // Eight floats, as GCC/Clang vector extensions: AVX in the x86-64-v3 clone of run_block, two SSE halves in the
-// baseline one. Unaligned loads and stores go through memcpy.
+// baseline one. Unaligned loads and stores go through memcpy. The helpers below are always inlined, so no v8f ever
+// crosses a call boundary and GCC's note about the AVX calling convention (-Wpsabi) does not apply.
 using v8f = float __attribute__((vector_size(32)));
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 __attribute__((always_inline)) inline v8f load8(const float* p) {
   v8f v;
