@@ -338,6 +338,29 @@ def test_key_side_masked_keys_are_never_read(mask_heads, is_causal, device):
         assert torch.equal(want, got), "a masked-out key's K, V or bias was read"
 
 
+@pytest.mark.parametrize("threads", [1, 3, 16])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        Spec("one_long_decode", seqlens_q=(2,), seqlens_k=(4100,), heads=4, heads_k=1, mask="key", bias="key",
+             is_causal=True),
+        Spec("long_and_empty", seqlens_q=(5, 3), seqlens_k=(3000, 0), heads=2, heads_k=1, mask="query",
+             mask_heads="H", masked_rows=True),
+    ],
+    ids=lambda s: s.name,
+)
+def test_cpu_key_splits(spec, threads):
+    """Fewer (sequence, head block, query block) items than threads: the CPU kernel splits key ranges and merges
+    the partial softmax results. Every thread count, and so every split count, must meet the accuracy rule."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            _run_checked(make_sample(spec, dtype, "cpu", seed=threads), label=f"{threads} threads")
+    finally:
+        torch.set_num_threads(saved)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Rows no sequence owns; lying cu_seqlens.
 

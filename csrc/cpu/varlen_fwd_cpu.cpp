@@ -49,14 +49,19 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
   auto [out, lse] = allocate_outputs(args);
   const VarlenFwdParams p = make_params(args, out, lse);
 
-  const std::vector<cpu::WorkItem> items = cpu::plan_work(p);
+  const int64_t threads = at::get_num_threads();
+  const cpu::WorkPlan plan = cpu::plan_work(p, threads);
+  std::vector<float> partials(plan.partial_floats);
   // Items come largest first; each thread takes the next one as it finishes (a static split of items whose key
   // counts differ 4x leaves threads idle).
   std::atomic<int64_t> next{0};
-  const int64_t n_items = static_cast<int64_t>(items.size());
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_items), 1, [&](int64_t, int64_t) {
+  const int64_t n_items = static_cast<int64_t>(plan.items.size());
+  at::parallel_for(0, std::min(threads, n_items), 1, [&](int64_t, int64_t) {
     cpu::Scratch scratch;
-    for (int64_t i = next++; i < n_items; i = next++) cpu::run_block(p, items[i], scratch);
+    for (int64_t i = next++; i < n_items; i = next++) cpu::run_block(p, plan.items[i], scratch, partials.data());
+  });
+  at::parallel_for(0, static_cast<int64_t>(plan.combines.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) cpu::combine_splits(p, plan.combines[i], partials.data());
   });
   const int64_t owned_end = p.cu_seqlens_q[p.batch];
   if (owned_end < p.total_q) {

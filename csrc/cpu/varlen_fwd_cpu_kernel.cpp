@@ -228,11 +228,27 @@ __attribute__((always_inline)) inline void pv_chunk(const float* w, int64_t rows
   }
 }
 
+// Normalizes one row's P . V by its softmax sum and stores out and lse; a row with no visible key (max = -inf) gets
+// 0 and lse -inf, never NaN. acc is overwritten.
+void finish_row(const VarlenFwdParams& p, int32_t h, int64_t qrow, float row_max, float row_sum, float* acc) {
+  const int64_t D = p.head_dim;
+  if (row_max == kNegInf) {
+    std::fill(acc, acc + D, 0.f);
+    p.lse[h * p.total_q + qrow] = kNegInf;
+  } else {
+    const float inv = 1.f / row_sum;
+    for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
+    p.lse[h * p.total_q + qrow] = row_max + std::log(row_sum);
+  }
+  store_row(acc, D, p.dtype, p.out, qrow * p.out_row_stride + h * p.out_head_stride);
+}
+
 }  // namespace
 
-std::vector<WorkItem> plan_work(const VarlenFwdParams& p) {
+WorkPlan plan_work(const VarlenFwdParams& p, int64_t num_threads) {
   const int32_t group = p.num_heads / p.num_heads_k;
-  std::vector<WorkItem> items;
+  auto keys_of = [&](int32_t b) { return clamp_seq(p.cu_seqlens_k, b, p.total_k, p.max_seqlen_k).len; };
+  WorkPlan plan;
   for (int32_t b = 0; b < p.batch; ++b) {
     const int64_t lq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q).len;
     if (lq == 0) continue;
@@ -241,19 +257,44 @@ std::vector<WorkItem> plan_work(const VarlenFwdParams& p) {
     for (int32_t hk = 0; hk < p.num_heads_k; ++hk) {
       for (int32_t g = 0; g < group; g += head_block) {
         for (int64_t q0 = 0; q0 < lq; q0 += q_block) {
-          items.push_back({b, hk * group + g, hk * group + std::min(group, g + head_block), q0,
-                           std::min(lq, q0 + q_block)});
+          plan.items.push_back({b, hk * group + g, hk * group + std::min(group, g + head_block), q0,
+                                std::min(lq, q0 + q_block), 0, keys_of(b), -1});
         }
       }
     }
   }
+  // Too few blocks for the threads: split key ranges, aiming at about two items per thread.
+  const int64_t n_blocks = static_cast<int64_t>(plan.items.size());
+  if (n_blocks > 0 && n_blocks < num_threads) {
+    const int64_t want = (2 * num_threads + n_blocks - 1) / n_blocks;
+    std::vector<WorkItem> items;
+    for (const WorkItem& w : plan.items) {
+      const int64_t keys = w.key_end;
+      const int64_t splits = std::min(want, keys / kMinKeysPerSplit);
+      if (splits <= 1) {
+        items.push_back(w);
+        continue;
+      }
+      const int64_t row_floats = (w.q_end - w.q_begin) * (w.head_end - w.head_begin) * (p.head_dim + 2);
+      plan.combines.push_back({w, plan.partial_floats, splits});
+      for (int64_t s = 0; s < splits; ++s) {
+        WorkItem part = w;
+        part.key_begin = keys * s / splits;
+        part.key_end = keys * (s + 1) / splits;
+        part.partial = plan.partial_floats + s * row_floats;
+        items.push_back(part);
+      }
+      plan.partial_floats += splits * row_floats;
+    }
+    plan.items = std::move(items);
+  }
   // Largest first (rows x keys in reach), so that dynamic hand-out balances the threads.
-  auto cost = [&](const WorkItem& w) {
-    const int64_t keys = clamp_seq(p.cu_seqlens_k, w.batch, p.total_k, p.max_seqlen_k).len;
-    return (w.q_end - w.q_begin) * (w.head_end - w.head_begin) * (keys + 1);
+  auto cost = [](const WorkItem& w) {
+    return (w.q_end - w.q_begin) * (w.head_end - w.head_begin) * (w.key_end - w.key_begin + 1);
   };
-  std::stable_sort(items.begin(), items.end(), [&](const WorkItem& a, const WorkItem& b) { return cost(a) > cost(b); });
-  return items;
+  std::stable_sort(plan.items.begin(), plan.items.end(),
+                   [&](const WorkItem& a, const WorkItem& b) { return cost(a) > cost(b); });
+  return plan;
 }
 
 void write_empty_rows(const VarlenFwdParams& p, int32_t h, int64_t row_begin, int64_t row_end) {
@@ -269,7 +310,7 @@ void write_empty_rows(const VarlenFwdParams& p, int32_t h, int64_t row_begin, in
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("arch=x86-64-v3", "default")))
 #endif
-void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s) {
+void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float* partials) {
   const int64_t D = p.head_dim;
   const SeqRange sq = clamp_seq(p.cu_seqlens_q, item.batch, p.total_q, p.max_seqlen_q);
   const SeqRange sk = clamp_seq(p.cu_seqlens_k, item.batch, p.total_k, p.max_seqlen_k);
@@ -306,7 +347,8 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s) {
 
   // 1. Candidate keys: visible to at least one row. All other keys cost nothing.
   s.keys.clear();
-  for (int64_t j = 0; j < max_visible; ++j) {
+  const int64_t key_end = std::min(max_visible, item.key_end);
+  for (int64_t j = item.key_begin; j < key_end; ++j) {
     if (shared_key_mask && !mask_at(p.mask, sk.start + j, item.head_begin, 0)) continue;
     if (!shared_key_mask && (key_mask || query_mask)) {
       bool any = false;
@@ -407,19 +449,43 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s) {
     pv_chunk(s.scores.data(), rows, D, s.vrow.data(), cn, s.acc.data());
   }
 
-  // 3. Normalize and store. A row with no visible key gets 0 and lse -inf (never NaN).
+  // 3. Normalize and store, or hand the unnormalized result of a key split to combine_splits.
   for (int64_t r = 0; r < rows; ++r) {
     float* ar = s.acc.data() + r * D;
-    const int32_t h = head_of(r);
-    if (row_max[r] == kNegInf) {
-      std::fill(ar, ar + D, 0.f);
-      p.lse[h * p.total_q + query_row(r)] = kNegInf;
+    if (item.partial >= 0) {
+      float* slot = partials + item.partial + r * (D + 2);
+      slot[0] = row_max[r];
+      slot[1] = row_sum[r];
+      std::copy(ar, ar + D, slot + 2);
     } else {
-      const float inv = 1.f / row_sum[r];
-      for (int64_t d = 0; d < D; ++d) ar[d] *= inv;
-      p.lse[h * p.total_q + query_row(r)] = row_max[r] + std::log(row_sum[r]);
+      finish_row(p, head_of(r), query_row(r), row_max[r], row_sum[r], ar);
     }
-    store_row(ar, D, p.dtype, p.out, query_row(r) * p.out_row_stride + h * p.out_head_stride);
+  }
+}
+
+void combine_splits(const VarlenFwdParams& p, const SplitCombine& c, const float* partials) {
+  const int64_t D = p.head_dim;
+  const WorkItem& w = c.rows;
+  const int64_t nq = w.q_end - w.q_begin;
+  const int64_t rows = nq * (w.head_end - w.head_begin);
+  const int64_t q_start = clamp_seq(p.cu_seqlens_q, w.batch, p.total_q, p.max_seqlen_q).start + w.q_begin;
+  std::vector<float> acc(D);
+  for (int64_t r = 0; r < rows; ++r) {
+    auto split = [&](int64_t s) { return partials + c.first_partial + s * rows * (D + 2) + r * (D + 2); };
+    float m = kNegInf;
+    for (int64_t s = 0; s < c.num_splits; ++s) m = std::max(m, split(s)[0]);
+    float l = 0.f;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    if (m != kNegInf) {
+      for (int64_t s = 0; s < c.num_splits; ++s) {
+        const float* part = split(s);
+        if (part[0] == kNegInf) continue;  // this split saw no key of the row
+        const float scale = std::exp(part[0] - m);
+        l += part[1] * scale;
+        for (int64_t d = 0; d < D; ++d) acc[d] += part[2 + d] * scale;
+      }
+    }
+    finish_row(p, static_cast<int32_t>(w.head_begin + r / nq), q_start + r % nq, m, l, acc.data());
   }
 }
 

@@ -25,15 +25,35 @@ constexpr int64_t kQueryBlock = 16;  // queries per work item, at most
 constexpr int64_t kMaxRows = 64;     // (head, query) rows per work item, at most
 constexpr int64_t kKeyChunk = 128;   // candidate keys per online-softmax step
 
+constexpr int64_t kMinKeysPerSplit = 512;  // a key range long enough to be worth a thread of its own
+
 struct WorkItem {
   int32_t batch;
   int32_t head_begin, head_end;  // query heads, all in one KV group
   int64_t q_begin, q_end;        // query positions inside the sequence
+  int64_t key_begin, key_end;    // key positions inside the sequence this item covers (all of them, or a split)
+  int64_t partial;               // -1: the item writes out / lse; else where its partial result goes (floats)
 };
 
-// Splits the call into work items (per sequence, per KV group, blocks of heads x queries of at most kMaxRows rows),
-// largest first.
-std::vector<WorkItem> plan_work(const VarlenFwdParams& p);
+// Key splits of one block of rows: partial results at partials + first_partial + s * rows * (D + 2) for
+// s < num_splits, each row as (running max, running sum, unnormalized P . V of D floats).
+struct SplitCombine {
+  WorkItem rows;  // which rows (its key range is irrelevant)
+  int64_t first_partial;
+  int64_t num_splits;
+};
+
+struct WorkPlan {
+  std::vector<WorkItem> items;          // largest first
+  std::vector<SplitCombine> combines;   // run after every item
+  int64_t partial_floats = 0;           // scratch the split items write
+};
+
+// Splits the call into work items: per sequence, per KV group, blocks of heads x queries of at most kMaxRows rows.
+// When that gives fewer items than threads (a few long sequences, as in single-batch decode), the key range of each
+// block is split too (flash-decoding style), and combine_splits merges the partial softmax results. The plan, and
+// so the float32 rounding of split blocks, depends on the thread count; it is fixed for a given thread count.
+WorkPlan plan_work(const VarlenFwdParams& p, int64_t num_threads);
 
 // Per-thread scratch, reused across work items.
 struct Scratch {
@@ -48,7 +68,11 @@ struct Scratch {
   std::vector<int64_t> keys;  // candidate key positions inside the sequence
 };
 
-void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s);
+// Runs one work item; a split item writes its partial result into partials (see SplitCombine).
+void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float* partials);
+
+// Merges the partial results of one block's key splits and writes its out / lse rows.
+void combine_splits(const VarlenFwdParams& p, const SplitCombine& c, const float* partials);
 
 // Writes 0 to out and -inf to lse for packed query rows [row_begin, row_end) of head h: rows no sequence owns.
 void write_empty_rows(const VarlenFwdParams& p, int32_t h, int64_t row_begin, int64_t row_end);
