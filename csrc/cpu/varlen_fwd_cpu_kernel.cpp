@@ -25,6 +25,29 @@ uint32_t float_to_bits(float f) {
 
 float bf16_to_float(uint16_t v) { return bits_to_float(static_cast<uint32_t>(v) << 16); }
 
+// Round to nearest even, as torch does.
+uint16_t float_to_bf16(float f) {
+  const uint32_t bits = float_to_bits(f);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);  // quiet nan
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+#if defined(__FLT16_MAX__)
+// The compiler's _Float16: F16C instructions (vectorizable) in the x86-64-v3 clone, an exact library routine in the
+// baseline one.
+inline float half_to_float(uint16_t h) {
+  _Float16 f;
+  std::memcpy(&f, &h, sizeof(f));
+  return static_cast<float>(f);
+}
+
+inline uint16_t float_to_half(float f) {  // round to nearest even; NaN stays NaN
+  const _Float16 h = static_cast<_Float16>(f);
+  uint16_t bits;
+  std::memcpy(&bits, &h, sizeof(bits));
+  return bits;
+}
+#else
 float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
@@ -38,13 +61,6 @@ float half_to_float(uint16_t h) {
     --e;
   }
   return bits_to_float(sign | (e << 23) | ((mant & 0x3ffu) << 13));
-}
-
-// Round to nearest even, as torch does.
-uint16_t float_to_bf16(float f) {
-  const uint32_t bits = float_to_bits(f);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);  // quiet nan
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
 uint16_t float_to_half(float f) {
@@ -64,6 +80,7 @@ uint16_t float_to_half(float f) {
   }
   return sign | static_cast<uint16_t>(((x + 0xfffu + ((x >> 13) & 1u)) >> 13) - 0x1c000u);
 }
+#endif  // __FLT16_MAX__
 
 // Float32 view of element i of a q/k/v/bias buffer of the given storage type.
 inline float load_scalar(const void* base, int64_t i, ScalarType dtype) {
