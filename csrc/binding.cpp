@@ -112,6 +112,10 @@ void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type) {
   }
 }
 
+double resolve_softmax_scale(std::optional<double> softmax_scale, int64_t head_dim) {
+  return softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(head_dim, 1)));
+}
+
 std::tuple<at::Tensor, at::Tensor> allocate_outputs(const VarlenFwdArgs& a) {
   at::Tensor out = at::empty({a.q.size(0), a.q.size(1), a.q.size(2)}, a.q.options());
   at::Tensor lse = at::empty({a.q.size(1), a.q.size(0)}, a.q.options().dtype(at::kFloat));
@@ -144,8 +148,7 @@ VarlenFwdParams make_params(const VarlenFwdArgs& a, at::Tensor& out, at::Tensor&
   p.total_k = a.k.size(0);
   p.max_seqlen_q = a.max_seqlen_q;
   p.max_seqlen_k = a.max_seqlen_k;
-  p.softmax_scale = static_cast<float>(
-      a.softmax_scale ? *a.softmax_scale : 1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(a.q.size(2), 1))));
+  p.softmax_scale = static_cast<float>(resolve_softmax_scale(a.softmax_scale, a.q.size(2)));
   p.is_causal = a.is_causal;
   if (a.mask) p.mask = make_operand(*a.mask, p.num_heads);
   if (a.bias) p.bias = make_operand(*a.bias, p.num_heads);

@@ -30,6 +30,9 @@ struct VarlenFwdArgs {
 // fake implementation and the Python API, is meta/rules.py; the two are kept in step by tests/test_errors.py.
 void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type);
 
+// softmax_scale, or its default 1 / sqrt(D) for the caller's head dim D (before any padding a backend applies).
+double resolve_softmax_scale(std::optional<double> softmax_scale, int64_t head_dim);
+
 // Allocates out (total_q, H, D) and softmax_lse (H, total_q) and fills the params struct.
 // Query rows no sequence owns are left for the kernel to write (0 and -inf).
 std::tuple<at::Tensor, at::Tensor> allocate_outputs(const VarlenFwdArgs& a);

@@ -315,11 +315,8 @@ WorkPlan plan_work(const VarlenFwdParams& p, int64_t num_threads) {
 }
 
 void write_empty_rows(const VarlenFwdParams& p, int32_t h, int64_t row_begin, int64_t row_end) {
-  std::vector<float> zeros(p.head_dim, 0.f);
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    store_row(zeros.data(), p.head_dim, p.dtype, p.out, row * p.out_row_stride + h * p.out_head_stride);
-    p.lse[h * p.total_q + row] = kNegInf;
-  }
+  std::vector<float> acc(p.head_dim);
+  for (int64_t row = row_begin; row < row_end; ++row) finish_row(p, h, row, kNegInf, 0.f, acc.data());
 }
 
 // Compiled twice (AVX2+FMA and the baseline ISA) and picked at load time, so one binary is fast on current x86

@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 
 #include "../binding.h"
@@ -61,8 +60,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
   TORCH_CHECK_VALUE(kernel_dim > 0, kOp, "head_dim D must be at most ", cuda::max_kernel_head_dim(dtype),
                     " on CUDA (the largest compiled head dim), got ", head_dim);
   const at::Tensor qk = for_kernel(q, kernel_dim), kk = for_kernel(k, kernel_dim), vk = for_kernel(v, kernel_dim);
-  const double scale =
-      softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(head_dim, 1)));
+  const double scale = resolve_softmax_scale(softmax_scale, head_dim);  // of the real D, not the padded one
   const VarlenFwdArgs args{qk, kk, vk, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            mask, bias, scale, is_causal};
   auto [out, lse] = allocate_outputs(args);
