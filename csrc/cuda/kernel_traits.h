@@ -22,10 +22,13 @@ struct TileShape {
 };
 
 // The tile policy. Accumulators per thread (fp32): O kMTiles * D / 2, scores kMTiles * block_n / 4.
-constexpr TileShape tile_shape(int head_dim) {
-  // Measured on the H100 (benchmarks/results/NOTES.md): 64 x 64 with 4 warps (two CTAs per SM) beat 128 x 64 and
-  // 128 x 32 with 8 warps. D = 256 halves the KV tile to stay within 255 registers.
-  return head_dim <= 128 ? TileShape{64, 64, 4} : TileShape{64, 32, 4};
+// query_operands: the kernel variant that reads a query-side mask or bias (a per-element path with 64-bit
+// addressing that needs registers the 32-rows-per-warp tile does not have).
+constexpr TileShape tile_shape(int head_dim, bool query_operands) {
+  // Measured on the H100 (benchmarks/results/NOTES.md): with 4 warps, 32 query rows per warp (two m16 fragments
+  // sharing every K / V fragment) beat 16; D = 256 halves the KV tile to stay within 255 registers.
+  if (head_dim > 128) return TileShape{64, 32, 4};
+  return query_operands ? TileShape{64, 64, 4} : TileShape{128, 64, 4};
 }
 
 // What differs between fp16 and bf16: the MMA atom and the fp32 -> 16-bit packing of probabilities / outputs.
@@ -50,12 +53,13 @@ struct ElemTraits<__half> {
   }
 };
 
-template <typename Elem_, int kHeadDim_>
+template <typename Elem_, int kHeadDim_, bool kQueryOperands_>
 struct KernelTraits {
   using Elem = Elem_;
   using Mma = typename ElemTraits<Elem>::Mma;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr TileShape kTile = tile_shape(kHeadDim);
+  static constexpr bool kQueryOperands = kQueryOperands_;  // reads query-side masks / biases
+  static constexpr TileShape kTile = tile_shape(kHeadDim, kQueryOperands);
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;
   static constexpr int kWarps = kTile.warps;
@@ -98,8 +102,8 @@ struct KernelTraits {
     Elem q[kBlockM * kHeadDim];   // sQ (kBlockM, D), SmemLayoutQ
     Elem k[kBlockN * kHeadDim];   // sK (kBlockN, D), SmemLayoutKV
     Elem v[kBlockN * kHeadDim];   // sV (kBlockN, D), SmemLayoutKV
-    int32_t key_pos[kBlockN];     // key position in its sequence of each slot of the K tile, -1 = no key
-    float key_bias[kBlockN];      // key-side bias of each slot, times log2(e); 0 without one
+    int32_t key_pos[2][kBlockN];  // per metadata buffer: key position of each slot of a KV tile, -1 = no key
+    float key_bias[2][kBlockN];   // per metadata buffer: key-side bias of each slot times log2(e); 0 without one
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
 };

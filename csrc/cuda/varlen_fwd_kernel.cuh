@@ -31,41 +31,42 @@ namespace dmattn::cuda {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Everything one CTA knows about its tile, computed once at entry.
+// Everything one CTA knows about its tile, computed once at entry. Positions and lengths are int32: cu_seqlens are
+// int32, so every clamped sequence start and length fits; only element offsets (row * stride) need 64 bits.
 struct TileContext {
-  SeqRange sq, sk;
-  int64_t m0;              // first query position of the tile in its sequence
-  int rows;                // valid query rows in the tile (<= kBlockM)
-  int h, hk;               // query head, KV head
+  int q_start, q_len, k_start, k_len;  // the sequence's rows in q / k (clamped, see clamp_seq)
+  int m0;                    // first query position of the tile in its sequence
+  int rows;                  // valid query rows in the tile (<= kBlockM)
+  int h, hk;                 // query head, KV head
   const int32_t* key_index;  // sorted kept key positions of this (sequence, mask head); null without a key-side mask
-  int64_t n_keys;          // slots: kept keys, or sk.len
-  int64_t slots_end;       // slots any row of the tile can see (causal prefix)
-  int64_t slots_full;      // slots every row of the tile sees: tiles below this need no per-element check
-  int64_t causal_shift;    // query i sees key j iff j < i + causal_shift (sk.len - sq.len + 1), or all keys
+  int n_keys;                // slots: kept keys, or k_len
+  int slots_end;             // slots any row of the tile can see (causal prefix)
+  int slots_full;            // slots every row of the tile sees: tiles below this need no per-element check
+  int causal_shift;          // query i sees key j iff j < i + causal_shift (k_len - q_len + 1), or all keys
 
-  __device__ __forceinline__ int64_t key_pos(int64_t slot) const {
-    if (key_index == nullptr) return slot;
-    const int64_t pos = key_index[slot];  // clamped: cannot leave the sequence even if cu_seqlens lie
-    return pos < 0 ? 0 : (pos >= sk.len ? sk.len - 1 : pos);
+  __device__ __forceinline__ int clamp_pos(int pos) const { return pos < 0 ? 0 : (pos >= k_len ? k_len - 1 : pos); }
+  // Key position of a slot: clamped, so lying cu_seqlens cannot move a read out of the sequence.
+  __device__ __forceinline__ int key_pos(int slot) const {
+    return key_index == nullptr ? slot : clamp_pos(key_index[slot]);
   }
 };
 
 // Number of slots whose key position is < limit (lower_bound on the sorted list), searched by one whole warp:
 // each round probes 32 evenly spaced slots and keeps the gap where the predicate flips.
-__device__ __forceinline__ int64_t slots_before(const TileContext& c, int64_t limit, int lane) {
+__device__ __forceinline__ int slots_before(const TileContext& c, int limit, int lane) {
   if (limit <= 0) return 0;
   if (c.key_index == nullptr) return limit < c.n_keys ? limit : c.n_keys;
-  int64_t lo = 0, hi = c.n_keys;  // answer in [lo, hi]
+  int lo = 0, hi = c.n_keys;  // answer in [lo, hi]
   while (lo < hi) {
-    const int64_t step = (hi - lo + 31) / 32;
-    const int64_t probe = lo + lane * step;
+    const int step = (hi - lo + 31) / 32;
+    const int probe = lo + lane * step;
     const bool below = probe < hi && c.key_index[probe] < limit;
     const int n_below = __popc(__ballot_sync(0xffffffffu, below));
     if (n_below == 0) return lo;
-    const int64_t last_below = lo + (n_below - 1) * step;
+    const int last_below = lo + (n_below - 1) * step;
     if (step == 1) return last_below + 1;
     lo = last_below + 1;
-    const int64_t first_not = lo - 1 + step;
+    const int first_not = lo - 1 + step;
     hi = first_not < hi ? first_not : hi;
   }
   return lo;
@@ -125,41 +126,24 @@ __device__ __forceinline__ void load_rows(typename Traits::Elem* smem, const typ
   }
 }
 
-// Gathered rows: tile row r0 + i * kRowStep is key position pos[i] (from fetch_positions) of a sequence whose
-// position 0 is at seq_row0 (column 0 of this head).
+// Gathered rows: tile row r is key position pos[r] (a list in shared memory, clamped into [0, seq_len) here so a
+// lying list cannot leave the sequence) of a sequence whose position 0 is at seq_row0 (column 0 of this head).
 template <typename Traits, int kRows>
-struct GatherPositions {
-  static constexpr int kIters = (kRows + RowLoader<Traits>::kRowStep - 1) / RowLoader<Traits>::kRowStep;
-  int pos[kIters];
-
-  // Loads (without waiting) the kept-key positions of slots [n0, n0 + kRows) this thread will gather, clamped into
-  // [0, seq_len) when used, so lying cu_seqlens or a racing list cannot leave the sequence.
-  __device__ __forceinline__ void fetch(const int32_t* key_index, int n0, int valid_rows) {
-    using L = RowLoader<Traits>;
-    const int r0 = threadIdx.x / L::kLoadCols;
+__device__ __forceinline__ void gather_rows(typename Traits::Elem* smem, const typename Traits::Elem* seq_row0,
+                                            int64_t row_stride, const int32_t* pos, int valid_rows, int seq_len,
+                                            const void* fallback) {
+  using L = RowLoader<Traits>;
+  const int r0 = threadIdx.x / L::kLoadCols, col = (threadIdx.x % L::kLoadCols) * 8;
+  if (col >= Traits::kHeadDim) return;
 #pragma unroll
-    for (int i = 0; i < kIters; ++i) {
-      const int r = r0 + i * L::kRowStep;
-      pos[i] = r < valid_rows ? key_index[n0 + r] : 0;
-    }
+  for (int r = r0, i = 0; i < (kRows + L::kRowStep - 1) / L::kRowStep; ++i, r += L::kRowStep) {
+    if (kRows % L::kRowStep != 0 && r >= kRows) break;
+    const bool valid = r < valid_rows;
+    const int j = valid ? min(max(pos[r], 0), seq_len - 1) : 0;
+    cp_async_16(smem + Traits::template smem_offset<kRows>(r, col),
+                valid ? static_cast<const void*>(seq_row0 + j * row_stride + col) : fallback, valid);
   }
-
-  __device__ __forceinline__ void gather(typename Traits::Elem* smem, const typename Traits::Elem* seq_row0,
-                                         int64_t row_stride, int valid_rows, int seq_len, const void* fallback) const {
-    using L = RowLoader<Traits>;
-    const int r0 = threadIdx.x / L::kLoadCols, col = (threadIdx.x % L::kLoadCols) * 8;
-    if (col >= Traits::kHeadDim) return;
-#pragma unroll
-    for (int i = 0; i < kIters; ++i) {
-      const int r = r0 + i * L::kRowStep;
-      if (kRows % L::kRowStep != 0 && r >= kRows) break;
-      const bool valid = r < valid_rows;
-      const int j = pos[i] < 0 ? 0 : (pos[i] >= seq_len ? seq_len - 1 : pos[i]);
-      cp_async_16(smem + Traits::template smem_offset<kRows>(r, col),
-                  valid ? static_cast<const void*>(seq_row0 + j * row_stride + col) : fallback, valid);
-    }
-  }
-};
+}
 
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
@@ -177,95 +161,97 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
   const int b = blockIdx.z;
   c.h = blockIdx.y;
   c.hk = c.h / (p.num_heads / p.num_heads_k);
-  c.sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
-  c.sk = clamp_seq(p.cu_seqlens_k, b, p.total_k, p.max_seqlen_k);
-  c.m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;  // longest-running tiles (causal) first
-  if (c.m0 >= c.sq.len) return;
-  c.rows = static_cast<int>(min(static_cast<int64_t>(kBlockM), c.sq.len - c.m0));
+  {
+    const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
+    const SeqRange sk = clamp_seq(p.cu_seqlens_k, b, p.total_k, p.max_seqlen_k);
+    c.q_start = static_cast<int>(sq.start);
+    c.q_len = static_cast<int>(sq.len);
+    c.k_start = static_cast<int>(sk.start);
+    c.k_len = static_cast<int>(sk.len);
+  }
+  const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;  // longest tiles (causal) first
+  if (m0 >= c.q_len) return;
+  c.m0 = static_cast<int>(m0);
+  c.rows = min(kBlockM, c.q_len - c.m0);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
 
   c.key_index = nullptr;
-  c.n_keys = c.sk.len;
+  c.n_keys = c.k_len;
   if (p.mask.layout == OperandLayout::kKeySide) {
     const int hm = c.h / p.mask.head_group;
-    c.key_index = keys.index + static_cast<int64_t>(hm) * p.total_k + c.sk.start;
-    const int64_t n = keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm];
-    c.n_keys = n < 0 ? 0 : (n > c.sk.len ? c.sk.len : n);
+    c.key_index = keys.index + static_cast<int64_t>(hm) * p.total_k + c.k_start;
+    c.n_keys = min(max(keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm], 0), c.k_len);
   }
-  c.causal_shift = c.sk.len - c.sq.len + 1;
+  c.causal_shift = c.k_len - c.q_len + 1;
   if (p.is_causal) {
-    const int64_t last = c.m0 + c.rows - 1 + c.causal_shift, first = c.m0 + c.causal_shift;
-    c.slots_end = slots_before(c, last < c.sk.len ? last : c.sk.len, lane);
-    c.slots_full = slots_before(c, first < c.sk.len ? first : c.sk.len, lane);
+    c.slots_end = slots_before(c, min(c.m0 + c.rows - 1 + c.causal_shift, c.k_len), lane);
+    c.slots_full = slots_before(c, min(c.m0 + c.causal_shift, c.k_len), lane);
   } else {
     c.slots_end = c.slots_full = c.n_keys;
   }
-  const int n_tiles = static_cast<int>((c.slots_end + kBlockN - 1) / kBlockN);
+  const int n_tiles = (c.slots_end + kBlockN - 1) / kBlockN;
 
   const int64_t q_head = static_cast<int64_t>(c.h) * p.q_head_stride;
   const int64_t k_head = static_cast<int64_t>(c.hk) * p.k_head_stride;
   const int64_t v_head = static_cast<int64_t>(c.hk) * p.v_head_stride;
-  const bool query_mask = p.mask.layout == OperandLayout::kQuerySide;
-  const bool query_bias = p.bias.layout == OperandLayout::kQuerySide;
+  const bool query_mask = Traits::kQueryOperands && p.mask.layout == OperandLayout::kQuerySide;
+  const bool query_bias = Traits::kQueryOperands && p.bias.layout == OperandLayout::kQuerySide;
   const bool key_bias = p.bias.layout == OperandLayout::kKeySide;
   const float scale_log2 = p.softmax_scale * kLog2e;
   const int mask_head = c.h / p.mask.head_group, bias_head = c.h / p.bias.head_group;
 
-  const Elem* k_seq = static_cast<const Elem*>(p.k) + c.sk.start * p.k_row_stride + k_head;
-  const Elem* v_seq = static_cast<const Elem*>(p.v) + c.sk.start * p.v_row_stride + v_head;
-  // K or V rows of the slots of tile n: contiguous key positions, or gathered through the kept-key list (the
-  // positions of the next tile are fetched into registers one pipeline stage ahead, so no load waits on them).
-  GatherPositions<Traits, kBlockN> gather_pos;
-  auto valid_slots = [&](int n) {
-    return static_cast<int>(min(static_cast<int64_t>(kBlockN), c.slots_end - static_cast<int64_t>(n) * kBlockN));
-  };
-  auto load_kv = [&](Elem* dst, const Elem* seq, int64_t row_stride, const void* base, int n) {
-    if (c.key_index == nullptr) {
-      load_rows<Traits, kBlockN>(dst, seq + n * kBlockN * row_stride, row_stride, valid_slots(n), base);
-    } else {
-      gather_pos.gather(dst, seq, row_stride, valid_slots(n), static_cast<int>(c.sk.len), base);
-    }
-  };
-  auto fetch_positions = [&](int n) {
-    if (c.key_index != nullptr) gather_pos.fetch(c.key_index, n * kBlockN, valid_slots(n));
-  };
-  // Key position and key-side bias (times log2 e) of slot tid of a tile, for the score modification: fetched into
-  // registers (position first, bias once the position has arrived), stored to shared memory a stage later.
+  const Elem* k_seq = static_cast<const Elem*>(p.k) + c.k_start * p.k_row_stride + k_head;
+  const Elem* v_seq = static_cast<const Elem*>(p.v) + c.k_start * p.v_row_stride + v_head;
+
+  // Tile metadata, double-buffered in shared memory (buffer `buf` is the current tile's, buf ^ 1 the next one's):
+  // the key position of each slot (-1 past the last visible slot) and its key-side bias times log2 e. Thread
+  // tid < kBlockN fetches slot tid of the next tile into registers (position first, bias once the position has
+  // arrived) during the current tile's Q K^T and stores it before the barrier that precedes the next K load, so
+  // neither the gather nor the score modification waits on a global load inside the loop.
   int meta_pos = -1;
   float meta_bias = 0.f;
   auto fetch_meta_pos = [&](int n) {
     if (tid < kBlockN) {
-      const int64_t slot = static_cast<int64_t>(n) * kBlockN + tid;
-      meta_pos = slot < c.slots_end ? (c.key_index ? c.key_index[slot] : static_cast<int>(slot)) : -1;
+      const int slot = n * kBlockN + tid;
+      meta_pos = slot < c.slots_end ? (c.key_index ? c.key_index[slot] : slot) : -1;
     }
   };
   auto fetch_meta_bias = [&]() {
     if (tid < kBlockN) {
-      if (meta_pos >= 0) meta_pos = meta_pos >= c.sk.len ? static_cast<int>(c.sk.len) - 1 : meta_pos;
+      meta_pos = min(meta_pos, c.k_len - 1);  // a negative position (a corrupt list) stays "no key"
       meta_bias = key_bias && meta_pos >= 0
-                      ? bias_value(p.bias, operand_offset(p.bias, c.sk.start + meta_pos, c.h, 0)) * kLog2e
+                      ? bias_value(p.bias, operand_offset(p.bias, c.k_start + meta_pos, c.h, 0)) * kLog2e
                       : 0.f;
     }
   };
-  auto store_meta = [&]() {
+  auto store_meta = [&](int buffer) {
     if (tid < kBlockN) {
-      smem.key_pos[tid] = meta_pos;
-      smem.key_bias[tid] = meta_bias;
+      smem.key_pos[buffer][tid] = meta_pos;
+      smem.key_bias[buffer][tid] = meta_bias;
+    }
+  };
+  // K or V rows of the slots of tile n: contiguous key positions, or gathered at the positions of metadata buffer
+  // `buffer` (key-side mask).
+  auto load_kv = [&](Elem* dst, const Elem* seq, int64_t row_stride, const void* base, int n, int buffer) {
+    const int valid = min(kBlockN, c.slots_end - n * kBlockN);
+    if (c.key_index == nullptr) {
+      load_rows<Traits, kBlockN>(dst, seq + static_cast<int64_t>(n) * kBlockN * row_stride, row_stride, valid, base);
+    } else {
+      gather_rows<Traits, kBlockN>(dst, seq, row_stride, smem.key_pos[buffer], valid, c.k_len, base);
     }
   };
   // A KV tile is live unless a query-side mask is False for every (row, key) of it the rows can see.
   auto tile_live = [&](int n) -> bool {
     if (!query_mask) return true;
     bool any = false;
-    const int64_t n0 = static_cast<int64_t>(n) * kBlockN;
+    const int n0 = n * kBlockN;
     for (int e = tid; e < c.rows * kBlockN && !any; e += Traits::kThreads) {
-      const int r = e / kBlockN;
-      const int64_t slot = n0 + e % kBlockN;
+      const int r = e / kBlockN, slot = n0 + e % kBlockN;
       if (slot >= c.slots_end) continue;
-      const int64_t pos = c.key_pos(slot), i = c.m0 + r;
+      const int pos = c.key_pos(slot), i = c.m0 + r;
       if (p.is_causal && pos >= i + c.causal_shift) continue;
-      any = mask_value(p.mask, operand_offset(p.mask, c.sq.start + i, c.h, pos));
+      any = mask_value(p.mask, operand_offset(p.mask, static_cast<int64_t>(c.q_start) + i, c.h, pos));
     }
     return __syncthreads_or(any) != 0;
   };
@@ -274,16 +260,18 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     return n;
   };
 
-  // ---- Prologue: Q tile and the first live K tile ----
-  load_rows<Traits, kBlockM>(smem.q, static_cast<const Elem*>(p.q) + (c.sq.start + c.m0) * p.q_row_stride + q_head,
+  // ---- Prologue: Q tile, the metadata and K tile of the first live KV tile ----
+  load_rows<Traits, kBlockM>(smem.q,
+                             static_cast<const Elem*>(p.q) + static_cast<int64_t>(c.q_start + c.m0) * p.q_row_stride +
+                                 q_head,
                              p.q_row_stride, c.rows, p.q);
-  int n = next_live(0);
+  int n = next_live(0), buf = 0;
   if (n < n_tiles) {
-    fetch_positions(n);
-    load_kv(smem.k, k_seq, p.k_row_stride, p.k, n);
     fetch_meta_pos(n);
     fetch_meta_bias();
-    store_meta();
+    store_meta(buf);
+    __syncthreads();  // the gather reads the positions
+    load_kv(smem.k, k_seq, p.k_row_stride, p.k, n, buf);
   }
   cute::cp_async_fence();
 
@@ -309,16 +297,15 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
       2 * Traits::template smem_offset<kBlockN>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
 
   while (n < n_tiles) {
-    const int64_t n0 = static_cast<int64_t>(n) * kBlockN;
+    const int n0 = n * kBlockN;
     cute::cp_async_wait<0>();
-    __syncthreads();  // K tile n (and Q) landed; every warp is done with V of the previous tile
-    load_kv(smem.v, v_seq, p.v_row_stride, p.v, n);
+    __syncthreads();  // K tile n (and Q) landed; every warp is done with V and the metadata of the previous tile
+    load_kv(smem.v, v_seq, p.v_row_stride, p.v, n, buf);
     cute::cp_async_fence();
     const int next = next_live(n + 1);
-    if (next < n_tiles) {  // loads issued now, consumed after Q K^T
-      fetch_positions(next);
-      fetch_meta_pos(next);
-    }
+    if (next < n_tiles) fetch_meta_pos(next);  // issued now, consumed after Q K^T
+    const int32_t* key_pos = smem.key_pos[buf];
+    const float* key_bias_log2 = smem.key_bias[buf];
 
     // ---- S = Q K^T: s[mt][nt] is the m16n8 fragment (rows warp_row0 + 16 mt, slots 8 nt) ----
     // Software-pipelined: the K fragments of step i + kPrefetch and the Q fragments of k-step kk + 1 are loaded
@@ -377,43 +364,66 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
         for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            s[mt][nt][e] = s[mt][nt][e] * scale_log2 + smem.key_bias[nt * 8 + 2 * t + (e % 2)];
+            s[mt][nt][e] = s[mt][nt][e] * scale_log2 + key_bias_log2[nt * 8 + 2 * t + (e % 2)];
           }
     } else if (!whole_tile) {
-      // Causal diagonal, the last (partial) tile, or query-side operands: per element.
+      // Causal diagonal, the last (partial) tile, or query-side operands: per element, in two passes that keep
+      // few registers live beside O and S. Pass 1 (key slots outer, so each slot's position and bias are read
+      // once): scale, key-side bias, -inf where the slot is empty or past the row's causal limit.
+      int limit[kMTiles][2];
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
+      for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int r = warp_row0 + mt * 16 + g + half * 8;
-          const int64_t i = c.m0 + r, qrow = c.sq.start + i;
-          const int64_t limit = r < c.rows ? (p.is_causal ? i + c.causal_shift : c.sk.len) : 0;
-          const int64_t mask_row = query_mask ? qrow * p.mask.row_stride + mask_head * p.mask.head_stride : 0;
-          const int64_t bias_row = query_bias ? qrow * p.bias.row_stride + bias_head * p.bias.head_stride : 0;
+          const int r = warp_row0 + mt * 16 + g + half * 8, i = c.m0 + r;
+          limit[mt][half] = r < c.rows ? (p.is_causal ? i + c.causal_shift : c.k_len) : 0;
+        }
 #pragma unroll
-          for (int nt = 0; nt < kNTiles; ++nt) {
+      for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-            for (int e = 2 * half; e < 2 * half + 2; ++e) {
-              const int col = nt * 8 + 2 * t + (e % 2);
-              const int64_t pos = smem.key_pos[col];
-              float x = s[mt][nt][e] * scale_log2 + smem.key_bias[col];
-              if (pos < 0 || pos >= limit) {
-                x = -INFINITY;
-              } else {
+        for (int e2 = 0; e2 < 2; ++e2) {
+          const int col = nt * 8 + 2 * t + e2;
+          const int pos = key_pos[col];
+          const float kb = key_bias_log2[col];
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              float& x = s[mt][nt][2 * half + e2];
+              x = pos < 0 || pos >= limit[mt][half] ? -INFINITY : x * scale_log2 + kb;
+            }
+        }
+      // Pass 2, query-side operands only: a score still finite has a visible key, so its mask / bias element is in
+      // bounds (a -inf key bias skips the read, which changes nothing).
+      if constexpr (Traits::kQueryOperands) {
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int64_t qrow = static_cast<int64_t>(c.q_start) + c.m0 + warp_row0 + mt * 16 + g + half * 8;
+            const int64_t mask_row = query_mask ? qrow * p.mask.row_stride + mask_head * p.mask.head_stride : 0;
+            const int64_t bias_row = query_bias ? qrow * p.bias.row_stride + bias_head * p.bias.head_stride : 0;
+#pragma unroll
+            for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+              for (int e2 = 0; e2 < 2; ++e2) {
+                float& x = s[mt][nt][2 * half + e2];
+                if (x == -INFINITY) continue;
+                const int64_t pos = key_pos[nt * 8 + 2 * t + e2];
                 if (query_mask && !mask_value(p.mask, mask_row + pos * p.mask.col_stride)) x = -INFINITY;
                 if (query_bias) x += bias_value(p.bias, bias_row + pos * p.bias.col_stride) * kLog2e;
               }
-              s[mt][nt][e] = x;
-            }
           }
-        }
       }
     }
 
-    if (next < n_tiles) fetch_meta_bias();
+    if (next < n_tiles) {
+      fetch_meta_bias();
+      store_meta(buf ^ 1);  // free: its last readers (the previous tile) finished before the barrier at the top
+    }
     cute::cp_async_wait<0>();
-    __syncthreads();  // V tile n landed; every warp is done with K tile n and its metadata
-    if (next < n_tiles) load_kv(smem.k, k_seq, p.k_row_stride, p.k, next);
+    __syncthreads();  // V tile n landed; every warp is done with K tile n; the next tile's metadata is visible
+    if (next < n_tiles) load_kv(smem.k, k_seq, p.k_row_stride, p.k, next, buf ^ 1);
     cute::cp_async_fence();
 
     // ---- Online softmax: per row, rescale O by exp2(old max - new max), P = exp2(S - new max) ----
@@ -491,7 +501,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
         }
       }
     }
-    if (next < n_tiles) store_meta();  // every warp is past this tile's score modification (barrier above)
+    buf ^= 1;
     n = next;
   }
   cute::cp_async_wait<0>();
@@ -507,7 +517,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       const int r = warp_row0 + mt * 16 + g + half * 8;
       if (r >= c.rows) continue;
-      const int64_t row = c.sq.start + c.m0 + r;
+      const int64_t row = static_cast<int64_t>(c.q_start) + c.m0 + r;
       const bool seen = l > 0.f;
       const float inv = seen ? 1.f / l : 0.f;
       Elem* dst = out + row * p.out_row_stride + static_cast<int64_t>(c.h) * p.out_head_stride + 2 * t;
@@ -524,9 +534,8 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
   }
 }
 
-template <typename Elem, int kHeadDim>
-cudaError_t launch_attention(const VarlenFwdParams& p, const KeyLists& keys, cudaStream_t stream) {
-  using Traits = KernelTraits<Elem, kHeadDim>;
+template <typename Traits>
+cudaError_t launch_kernel(const VarlenFwdParams& p, const KeyLists& keys, cudaStream_t stream) {
   const int64_t m_blocks = (p.max_seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
   if (m_blocks == 0 || p.batch == 0 || p.num_heads == 0) return cudaSuccess;
   auto kernel = varlen_fwd_kernel<Traits>;
@@ -535,6 +544,16 @@ cudaError_t launch_attention(const VarlenFwdParams& p, const KeyLists& keys, cud
   const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.batch));
   kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, keys);
   return cudaGetLastError();
+}
+
+// Two kernels per (Elem, kHeadDim): calls with a query-side mask or bias get the variant that reads them (a smaller
+// query tile, to keep its per-element path within the register budget); all others the one that cannot.
+template <typename Elem, int kHeadDim>
+cudaError_t launch_attention(const VarlenFwdParams& p, const KeyLists& keys, cudaStream_t stream) {
+  const bool query_operands =
+      p.mask.layout == OperandLayout::kQuerySide || p.bias.layout == OperandLayout::kQuerySide;
+  return query_operands ? launch_kernel<KernelTraits<Elem, kHeadDim, true>>(p, keys, stream)
+                        : launch_kernel<KernelTraits<Elem, kHeadDim, false>>(p, keys, stream);
 }
 
 }  // namespace dmattn::cuda
