@@ -22,7 +22,7 @@ ScalarType to_scalar_type(const char* name, at::ScalarType t) {
 }
 
 void check_device(const char* name, const at::Tensor& t, const at::Tensor& q) {
-  DMATTN_CHECK_VALUE(t.device() == q.device(), kOp, name, " must be on q's device (", q.device(), "), got ",
+  TORCH_CHECK_VALUE(t.device() == q.device(), kOp, name, " must be on q's device (", q.device(), "), got ",
                     t.device());
 }
 
@@ -30,18 +30,18 @@ void check_device(const char* name, const at::Tensor& t, const at::Tensor& q) {
 OperandLayout check_operand(const char* name, const at::Tensor& t, const VarlenFwdArgs& a) {
   const int64_t H = a.q.size(1), Hk = a.k.size(1);
   check_device(name, t, a.q);
-  DMATTN_CHECK_VALUE(t.dim() == 2 || t.dim() == 3, kOp, name,
+  TORCH_CHECK_VALUE(t.dim() == 2 || t.dim() == 3, kOp, name,
                     " must be key-side (total_k, Hm) or query-side (total_q, Hm, max_seqlen_k), got rank ", t.dim());
   const bool key_side = t.dim() == 2;
   const int64_t rows = key_side ? a.k.size(0) : a.q.size(0);
-  DMATTN_CHECK_VALUE(t.size(0) == rows, kOp, name,
+  TORCH_CHECK_VALUE(t.size(0) == rows, kOp, name,
                     key_side ? " (key-side) must have total_k = " : " (query-side) must have total_q = ", rows,
                     " rows, got ", t.size(0));
   const int64_t hm = t.size(1);
-  DMATTN_CHECK_VALUE(hm == 1 || hm == Hk || hm == H, kOp, name, " head dim Hm must be 1, Hk = ", Hk, " or H = ", H,
+  TORCH_CHECK_VALUE(hm == 1 || hm == Hk || hm == H, kOp, name, " head dim Hm must be 1, Hk = ", Hk, " or H = ", H,
                     ", got ", hm);
   if (!key_side) {
-    DMATTN_CHECK_VALUE(t.size(2) == a.max_seqlen_k, kOp, name, " (query-side) last dim must be max_seqlen_k = ",
+    TORCH_CHECK_VALUE(t.size(2) == a.max_seqlen_k, kOp, name, " (query-side) last dim must be max_seqlen_k = ",
                       a.max_seqlen_k, ", got ", t.size(2));
   }
   return key_side ? OperandLayout::kKeySide : OperandLayout::kQuerySide;
@@ -65,37 +65,37 @@ ScoreOperand make_operand(const at::Tensor& t, int64_t num_heads) {
 
 void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type) {
   const at::Tensor& q = a.q;
-  DMATTN_CHECK_VALUE(q.device().type() == device_type, kOp, "q is on ", q.device(), ", expected ", device_type);
+  TORCH_CHECK_VALUE(q.device().type() == device_type, kOp, "q is on ", q.device(), ", expected ", device_type);
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &a.q}, {"k", &a.k}, {"v", &a.v}}) {
-    DMATTN_CHECK_VALUE(t->dim() == 3, kOp, name, " must have rank 3 (tokens, heads, head_dim), got rank ", t->dim());
+    TORCH_CHECK_VALUE(t->dim() == 3, kOp, name, " must have rank 3 (tokens, heads, head_dim), got rank ", t->dim());
     TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), kOp, name, " must have q's dtype ", q.scalar_type(),
                      ", got ", t->scalar_type());
-    DMATTN_CHECK_VALUE(t->size(2) == 0 || t->stride(2) == 1, kOp, name,
+    TORCH_CHECK_VALUE(t->size(2) == 0 || t->stride(2) == 1, kOp, name,
                       " must have a contiguous head_dim (stride 1), got stride ", t->stride(2));
     check_device(name, *t, q);
   }
   to_scalar_type("q", q.scalar_type());
-  DMATTN_CHECK_VALUE(a.k.sizes() == a.v.sizes(), kOp, "k and v must have the same shape, got ", a.k.sizes(), " and ",
+  TORCH_CHECK_VALUE(a.k.sizes() == a.v.sizes(), kOp, "k and v must have the same shape, got ", a.k.sizes(), " and ",
                     a.v.sizes());
-  DMATTN_CHECK_VALUE(q.size(2) == a.k.size(2), kOp, "q and k must have the same head_dim, got ", q.size(2), " and ",
+  TORCH_CHECK_VALUE(q.size(2) == a.k.size(2), kOp, "q and k must have the same head_dim, got ", q.size(2), " and ",
                     a.k.size(2));
-  DMATTN_CHECK_VALUE(q.size(2) >= 1, kOp, "head_dim D must be >= 1, got ", q.size(2));
-  DMATTN_CHECK_VALUE(a.k.size(1) >= 1 && q.size(1) % a.k.size(1) == 0, kOp,
+  TORCH_CHECK_VALUE(q.size(2) >= 1, kOp, "head_dim D must be >= 1, got ", q.size(2));
+  TORCH_CHECK_VALUE(a.k.size(1) >= 1 && q.size(1) % a.k.size(1) == 0, kOp,
                     "the number of query heads H must be a multiple of the number of key/value heads Hk, got H = ",
                     q.size(1), ", Hk = ", a.k.size(1));
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"cu_seqlens_q", &a.cu_seqlens_q},
                          {"cu_seqlens_k", &a.cu_seqlens_k}}) {
     TORCH_CHECK_TYPE(t->scalar_type() == at::kInt, kOp, name, " must be int32 (convert with .int()), got ",
                      t->scalar_type());
-    DMATTN_CHECK_VALUE(t->dim() == 1 && t->size(0) >= 1, kOp, name, " must have shape (B + 1,), got ", t->sizes());
-    DMATTN_CHECK_VALUE(t->stride(0) == 1, kOp, name, " must be contiguous, got stride ", t->stride(0));
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) >= 1, kOp, name, " must have shape (B + 1,), got ", t->sizes());
+    TORCH_CHECK_VALUE(t->stride(0) == 1, kOp, name, " must be contiguous, got stride ", t->stride(0));
     check_device(name, *t, q);
   }
-  DMATTN_CHECK_VALUE(a.cu_seqlens_q.size(0) == a.cu_seqlens_k.size(0), kOp,
+  TORCH_CHECK_VALUE(a.cu_seqlens_q.size(0) == a.cu_seqlens_k.size(0), kOp,
                     "cu_seqlens_q and cu_seqlens_k must have the same length B + 1, got ", a.cu_seqlens_q.size(0),
                     " and ", a.cu_seqlens_k.size(0));
-  DMATTN_CHECK_VALUE(a.max_seqlen_q >= 0, kOp, "max_seqlen_q must be >= 0, got ", a.max_seqlen_q);
-  DMATTN_CHECK_VALUE(a.max_seqlen_k >= 0, kOp, "max_seqlen_k must be >= 0, got ", a.max_seqlen_k);
+  TORCH_CHECK_VALUE(a.max_seqlen_q >= 0, kOp, "max_seqlen_q must be >= 0, got ", a.max_seqlen_q);
+  TORCH_CHECK_VALUE(a.max_seqlen_k >= 0, kOp, "max_seqlen_k must be >= 0, got ", a.max_seqlen_k);
   if (a.mask) {
     TORCH_CHECK_TYPE(a.mask->scalar_type() == at::kBool, kOp, "mask must be bool (True = attend), got ",
                      a.mask->scalar_type());
@@ -108,7 +108,7 @@ void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type) {
     check_operand("bias", *a.bias, a);
   }
   if (a.softmax_scale) {
-    DMATTN_CHECK_VALUE(std::isfinite(*a.softmax_scale), kOp, "softmax_scale must be finite, got ", *a.softmax_scale);
+    TORCH_CHECK_VALUE(std::isfinite(*a.softmax_scale), kOp, "softmax_scale must be finite, got ", *a.softmax_scale);
   }
 }
 

@@ -2,24 +2,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
-#include <torch/version.h>
 
 #include <optional>
 #include <tuple>
 
 #include "varlen_fwd_params.h"
-
-// DMATTN_CHECK_VALUE(cond, ...): TORCH_CHECK_VALUE (a Python ValueError) where that is safe to throw from an
-// extension. On torch 2.11.0+cu130 (the H100 host) throwing c10::ValueError from this library segfaults the
-// process, on the CPU as on CUDA, while c10::TypeError and torch 2.13's ValueError are fine; there the check raises
-// c10::Error (a RuntimeError) with the same message instead. The Python API checks every rule before the op runs
-// (meta/rules.py), so this only affects direct torch.ops.dmattn.varlen_fwd calls.
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
-#define DMATTN_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)
-#else
-#define DMATTN_CHECK_VALUE(cond, ...) TORCH_CHECK(cond, __VA_ARGS__)
-#endif
 
 namespace dmattn {
 
@@ -39,9 +26,8 @@ struct VarlenFwdArgs {
 };
 
 // Checks every shape, dtype, stride and device invariant a kernel relies on for memory safety and raises a
-// ValueError (see DMATTN_CHECK_VALUE) or TypeError naming the argument otherwise. The user-facing statement of these
-// rules, used by the fake implementation and the Python API, is meta/rules.py; the two are kept in step by
-// tests/test_errors.py.
+// ValueError/TypeError naming the argument otherwise. The user-facing statement of these rules, used by the
+// fake implementation and the Python API, is meta/rules.py; the two are kept in step by tests/test_errors.py.
 void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type);
 
 // softmax_scale, or its default 1 / sqrt(D) for the caller's head dim D (before any padding a backend applies).

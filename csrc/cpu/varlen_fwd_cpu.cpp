@@ -23,14 +23,14 @@ void check_cu_seqlens_data(const char* name, const at::Tensor& cu, int64_t total
                            const char* total_name, const char* max_name) {
   const int32_t* c = cu.data_ptr<int32_t>();
   const int64_t n = cu.size(0);
-  DMATTN_CHECK_VALUE(c[0] == 0, "dmattn.varlen_fwd: ", name, "[0] must be 0, got ", c[0]);
+  TORCH_CHECK_VALUE(c[0] == 0, "dmattn.varlen_fwd: ", name, "[0] must be 0, got ", c[0]);
   for (int64_t b = 0; b + 1 < n; ++b) {
-    DMATTN_CHECK_VALUE(c[b + 1] >= c[b], "dmattn.varlen_fwd: ", name, " must be non-decreasing, got ", name, "[", b,
+    TORCH_CHECK_VALUE(c[b + 1] >= c[b], "dmattn.varlen_fwd: ", name, " must be non-decreasing, got ", name, "[", b,
                       "] = ", c[b], " > ", name, "[", b + 1, "] = ", c[b + 1]);
-    DMATTN_CHECK_VALUE(c[b + 1] - c[b] <= max_seqlen, "dmattn.varlen_fwd: sequence ", b, " has ", c[b + 1] - c[b],
+    TORCH_CHECK_VALUE(c[b + 1] - c[b] <= max_seqlen, "dmattn.varlen_fwd: sequence ", b, " has ", c[b + 1] - c[b],
                       " tokens in ", name, ", more than ", max_name, " = ", max_seqlen);
   }
-  DMATTN_CHECK_VALUE(c[n - 1] <= total, "dmattn.varlen_fwd: ", name, "[-1] must be <= ", total_name, " = ", total,
+  TORCH_CHECK_VALUE(c[n - 1] <= total, "dmattn.varlen_fwd: ", name, "[-1] must be <= ", total_name, " = ", total,
                     ", got ", c[n - 1]);
 }
 

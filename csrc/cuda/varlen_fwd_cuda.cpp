@@ -49,14 +49,14 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
                    "float32 q, k, v are not supported on CUDA (the kernels run float16 / bfloat16 tensor cores), "
                    "got q of dtype float32; convert q, k and v to float16 or bfloat16, or run on the CPU");
   const int64_t batch = cu_seqlens_q.size(0) - 1;
-  DMATTN_CHECK_VALUE(batch <= kMaxGridDim, kOp, "at most ", kMaxGridDim, " sequences per call on CUDA, got B = ", batch);
-  DMATTN_CHECK_VALUE(q.size(1) <= kMaxGridDim, kOp, "at most ", kMaxGridDim, " query heads on CUDA, got H = ",
+  TORCH_CHECK_VALUE(batch <= kMaxGridDim, kOp, "at most ", kMaxGridDim, " sequences per call on CUDA, got B = ", batch);
+  TORCH_CHECK_VALUE(q.size(1) <= kMaxGridDim, kOp, "at most ", kMaxGridDim, " query heads on CUDA, got H = ",
                     q.size(1));
 
   const ScalarType dtype = q.scalar_type() == at::kHalf ? ScalarType::kFloat16 : ScalarType::kBFloat16;
   const int64_t head_dim = q.size(2);
   const int32_t kernel_dim = cuda::kernel_head_dim(dtype, static_cast<int32_t>(std::min<int64_t>(head_dim, 1 << 20)));
-  DMATTN_CHECK_VALUE(kernel_dim > 0, kOp, "head_dim D must be at most ", cuda::max_kernel_head_dim(dtype),
+  TORCH_CHECK_VALUE(kernel_dim > 0, kOp, "head_dim D must be at most ", cuda::max_kernel_head_dim(dtype),
                     " on CUDA (the largest compiled head dim), got ", head_dim);
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qk = for_kernel(q, kernel_dim), kk = for_kernel(k, kernel_dim), vk = for_kernel(v, kernel_dim);
