@@ -146,7 +146,11 @@ def free_device_memory(device: torch.device):
 
 def git_commit(repo_dir: str) -> Dict[str, object]:
     """HEAD commit and whether the work tree had uncommitted changes (None where git is unavailable). A copy of the
-    tree without .git (the GPU host) can name its commit in DMATTN_GIT_COMMIT; its dirtiness is then unknown."""
+    tree whose .git is absent or stale (the GPU host's) names its commit in DMATTN_GIT_COMMIT; dirtiness is then
+    unknown."""
+    if os.environ.get("DMATTN_GIT_COMMIT"):
+        return {"commit": os.environ["DMATTN_GIT_COMMIT"], "dirty": None}
+
     def run(*args):
         return subprocess.run(["git", "-C", repo_dir, *args], capture_output=True, text=True, timeout=10)
 
@@ -154,9 +158,9 @@ def git_commit(repo_dir: str) -> Dict[str, object]:
         head = run("rev-parse", "HEAD")
         dirty = run("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        head = None
-    if head is None or head.returncode != 0:
-        return {"commit": os.environ.get("DMATTN_GIT_COMMIT"), "dirty": None}
+        return {"commit": None, "dirty": None}
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
     return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 

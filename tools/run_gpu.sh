@@ -8,8 +8,9 @@
 # The GPU machine has no network: carry the wheels it lacks, fetched here with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl nvidia-cutlass==4.2.0.0 expecttest
-# Timings seen on one H100 host (16 cores): wheels 1 s, build (10 kernels x archs 80;90) ~30 s, test ~30 s (the
-# aoti test apart), sanitize ~12 s; `bench --workload all` needs well over 5 minutes (FlexAttention compilation).
+# Timings seen on one H100 host (16 cores): wheels 1 s, build (10 files x 2 variants x archs 80;90) < 1 min, test
+# ~30 s (the CUDA AOTI test apart: > 200 s), sanitize ~12 s; `bench --workload prefill` alone needs ~7 minutes: the
+# compiled create_block_mask of its FlexAttention peer took 388 s to compile.
 #
 # Environment:
 #   OUT               where logs, the built extension and benchmark results go (default: /tmp/dmattn_gpu_out)

@@ -9,8 +9,10 @@
 //   gather K rows (cp.async, zero-fill past the end) -> S = Q K^T (ldmatrix + mma.sync, fp32)
 //   -> scale, bias, causal / query-side mask -> online softmax in registers -> O += P V (ldmatrix.trans + mma.sync)
 // A KV tile whose query-side mask is False for every row of the query tile is skipped before K / V are loaded.
-// The kept-key positions and key-side bias of the next tile are fetched into registers one stage ahead, so neither
-// the gather nor the score modification waits on a global load inside the loop.
+// The kept-key positions and key-side bias of the next tile are fetched one stage ahead into a second shared-memory
+// metadata buffer, so neither the gather nor the score modification waits on a global load inside the loop.
+// Two variants per (element type, head dim), chosen at launch: one for calls with a query-side mask or bias, one
+// without (kernel_traits.h, tile_shape).
 // Measured design notes (tile shapes tried, what did and did not pay): benchmarks/results/NOTES.md.
 //
 // Fragment coordinates (mma.sync m16n8k16, lane = 4 * g + t): accumulator element e of an m16n8 fragment sits at
