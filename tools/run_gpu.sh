@@ -22,7 +22,7 @@
 #   SANITIZE_TESTS    pytest -k expression for the sanitizer stage over tests/test_varlen_fwd.py (default: the CUDA
 #                     samples, NaN padding, rows no sequence owns, lying cu_seqlens)
 #   BENCH_ARGS        arguments of tools/bench_gpu.py (default: --workload all)
-#   DMATTN_KEEP_CC    set to keep the environment's CC / CXX for the build (default: /usr/bin/gcc, g++ if present)
+#   DMATTN_KEEP_CC    set to keep the environment's CC / CXX (default: /usr/bin/gcc, g++ where present)
 #   DMATTN_PREBUILT   a folder holding _C*.so and _build_config.py of an earlier run (same image): used instead of
 #                     building, unless DMATTN_REBUILD=1
 # Each stage logs to $OUT/<stage>.log.
@@ -32,6 +32,11 @@ OUT=${OUT:-/tmp/dmattn_gpu_out}
 mkdir -p "$OUT"
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 STAGES=${*:-wheels build info test sanitize bench}
+# The GPU image's default compiler (CC / CXX = /opt/gcc/...) puts libstdc++ code into the extension
+# (std::ostream::_M_insert<long> ran from _C.abi3.so in a cuda-gdb backtrace); mixed with the process's own libstdc++
+# that segfaulted every error message formatting an integer. AOTInductor packages, which the test stage compiles
+# with CC / CXX, segfaulted at load the same way until the compiler changed. Every stage uses the system compiler.
+if [ -x /usr/bin/g++ ] && [ -z "${DMATTN_KEEP_CC:-}" ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
 status=0
 
 stage() {  # stage NAME COMMAND...: runs COMMAND, tees its output to $OUT/NAME.log, records failure
@@ -58,10 +63,6 @@ for s in $STAGES; do
       [ -e dmattn_ops/_meta ] || ln -s ../meta dmattn_ops/_meta
       ;;
     build)
-      # The GPU image's default compiler (CC / CXX = /opt/gcc/...) puts libstdc++ code into the extension itself
-      # (std::ostream::_M_insert<long> ran from _C.abi3.so in a cuda-gdb backtrace); mixed with the process's own
-      # libstdc++ that segfaulted every error message formatting an integer. Build with the system compiler.
-      if [ -x /usr/bin/g++ ] && [ -z "${DMATTN_KEEP_CC:-}" ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
       if [ -n "${DMATTN_PREBUILT:-}" ] && [ -z "$(ls dmattn_ops/_C*.so 2>/dev/null)" ]; then
         cp "$DMATTN_PREBUILT"/_C*.so "$DMATTN_PREBUILT"/_build_config.py dmattn_ops/
       fi
