@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
-from hypothesis import given, note, settings
+from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 
 import dmattn_ops
@@ -301,9 +301,15 @@ class Drawn:
         return [n for n in TENSORS if n in self.bases]
 
     def logical(self, name: str, bases=None) -> torch.Tensor:
-        """A tensor's values on the CPU at its full shape (the mask canonical bool)."""
+        """A tensor's values on the CPU at its full shape (the mask canonical bool), except that a query-side
+        operand is only as wide as the longest key sequence: the columns past it are never read, and a
+        max_seqlen_k of 2**40 would make every whole-tensor op on it huge."""
         base = (bases or self.bases)[name]
-        return (base != 0 if name == "mask" else base).expand(self.shape.full_shape(name))
+        full = self.shape.full_shape(name)
+        if name in ("mask", "bias") and len(full) == 3:
+            full = full[:2] + (min(full[2], max(self.shape.seqlens_k, default=0)),)
+            base = base[:, :, : full[2]]
+        return (base != 0 if name == "mask" else base).expand(full)
 
     def sample(self, device, bases=None) -> Sample:
         bases = bases or self.bases
@@ -453,7 +459,7 @@ def _perturb_unseen(draw, drawn: Drawn, gen) -> Tuple[Dict[str, torch.Tensor], L
     return bases, changes
 
 
-@settings(max_examples=120)
+@settings(max_examples=500)
 @given(data=st.data())
 def test_valid_calls_match_the_reference(device, data):
     _skip_without_kernels(device)
@@ -463,8 +469,9 @@ def test_valid_calls_match_the_reference(device, data):
     note(f"{drawn.path} call:\n{describe(sample)}")
     result = call(sample, drawn.path)
     _check_outputs(result, shape, device)
-    ref = drawn.reference_sample()
-    assert_close_to_reference(result, ref.reference(), ref.reference(shape.dtype))
+    if shape.heads > 0:  # without query heads the outputs are empty, as _check_outputs saw
+        ref = drawn.reference_sample()
+        assert_close_to_reference(result, ref.reference(), ref.reference(shape.dtype))
     assert dmattn_ops.check_cu_seqlens(
         sample.cu_seqlens_q, sample.cu_seqlens_k, shape.total_q, shape.total_k, shape.max_seqlen_q,
         shape.max_seqlen_k,
@@ -525,6 +532,7 @@ class Prediction:
     free_cols: torch.Tensor  # (D,) bool: unspecified (V non-finite at a key of weight exactly 0)
     value: Optional[float] = None  # uniform: the bias c, which is also lse
     mean: Optional[torch.Tensor] = None  # uniform: (D,) float64 mean of the V rows of the finite keys
+    sum_error: float = 0.0  # uniform: what float32 accumulation of those rows may be off by
 
 
 def predict(shape: Shape, clean: Dict[str, torch.Tensor], final: Dict[str, torch.Tensor],
@@ -594,8 +602,9 @@ def _same_or_uniform(shape, clean, final, q0, k0, h, g, iq, keys, x, bias, fin, 
         return replace(pred, kind="same")
     c = bias[iq, fin]
     if (c == c[0]).all() and abs(c[0].item()) >= 2.0**99 and (x[iq, fin].abs() <= 2.0**40).all():
-        mean = final["v"][[k0 + j for j in fin], g].double().mean(0)
-        return replace(pred, kind="uniform", value=c[0].item(), mean=mean)
+        rows = final["v"][[k0 + j for j in fin], g].double()
+        sum_error = len(fin) * torch.finfo(torch.float32).eps * rows.nan_to_num(0, 0, 0).abs().max().item()
+        return replace(pred, kind="uniform", value=c[0].item(), mean=rows.mean(0), sum_error=sum_error)
     return None
 
 
@@ -624,12 +633,9 @@ def check_predictions(result, clean_result, predictions, shape: Shape) -> None:
             assert torch.equal(o[checked], clean_out[i, h][checked]), f"{where}: {o} != {clean_out[i, h]}"
         else:
             assert abs(l - p.value) <= 2.0**-20 * abs(p.value), f"{where}: lse {l}, expected {p.value}"
-            want = p.mean[checked]
-            tol = 4 * eps * want.abs().max().item() if want.numel() else 0.0
-            got = o[checked].double()
-            assert (got - want).abs().max().item() <= tol if want.numel() else True, (
-                f"{where}: out {got} is not the mean of the visible V rows {want}"
-            )
+            want, got = p.mean[checked], o[checked].double()
+            tol = 4 * eps * want.abs().max().item() + p.sum_error if want.numel() else 0.0
+            assert ((got - want).abs() <= tol).all(), f"{where}: out {got} is not the mean of the visible V {want}"
 
 
 @st.composite
@@ -678,7 +684,7 @@ def extreme_bases(draw, drawn: Drawn, vis, gen) -> Tuple[Dict[str, torch.Tensor]
     return bases, changes
 
 
-@settings(max_examples=100)
+@settings(max_examples=500)
 @given(data=st.data())
 def test_extreme_values_follow_the_contract(device, data):
     _skip_without_kernels(device)
@@ -698,6 +704,8 @@ def test_extreme_values_follow_the_contract(device, data):
     predictions = predict(shape, clean, final, vis)
     kinds = [p.kind for p in predictions.values()]
     note(f"predicted rows: {({k: kinds.count(k) for k in set(kinds)})} of {shape.total_q * shape.heads}")
+    for kind in set(kinds):
+        event(f"has {kind} rows")
     check_predictions(result, clean_result, predictions, shape)
     # Rows no sequence owns see nothing, whatever q holds.
     owned = sum(shape.seqlens_q)
@@ -813,7 +821,7 @@ def corruptions(drawn: Drawn, sample: Sample, device: str) -> Dict[str, Callable
     def operand_rank(draw):  # rank 1 or 4: neither layout
         name = draw(st.sampled_from(operands))
         t = getattr(sample, name)
-        rank1 = t[(slice(None),) + (0,) * (t.dim() - 1)]
+        rank1 = _filled(t.shape[:1], t.dtype, dev)
         return error(**{name: rank1 if draw(st.booleans()) else t[(None,) * (4 - t.dim())]})
 
     def reshaped(name, shape):
@@ -915,7 +923,7 @@ def _assert_clear_error(err: Optional[BaseException]) -> None:
     )
 
 
-@settings(max_examples=150)
+@settings(max_examples=600)
 @given(data=st.data())
 def test_invalid_calls_raise_clear_errors(device, data):
     _skip_without_kernels(device)
@@ -924,6 +932,7 @@ def test_invalid_calls_raise_clear_errors(device, data):
     options = corruptions(drawn, sample, device)
     name = data.draw(st.sampled_from(sorted(options)), label="corruption")
     bad, path, expect = options[name](data.draw)
+    event(name)
     path = path or drawn.path
     note(f"{name}, {path} call:\n{describe(bad)}")
     result, err = _outcome(lambda: call(bad, path))
