@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -19,6 +20,14 @@ ScalarType to_scalar_type(const char* name, at::ScalarType t) {
     case at::kBFloat16: return ScalarType::kBFloat16;
     default: TORCH_CHECK_TYPE(false, kOp, name, " must be float32, float16 or bfloat16, got ", t);
   }
+}
+
+// Sizes the kernels keep in 32 bits (the int32_t fields of VarlenFwdParams, grid indices); `what` names the size.
+template <typename... What>
+void check_int32(int64_t size, const What&... what) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(size <= kMax, kOp, what..., " must be at most ", kMax, " (the kernels keep it in 32 bits), got ",
+                    size);
 }
 
 void check_device(const char* name, const at::Tensor& t, const at::Tensor& q) {
@@ -49,14 +58,16 @@ OperandLayout check_operand(const char* name, const at::Tensor& t, const VarlenF
 
 // The layout is told by rank alone: 2 is key-side, 3 is query-side (check_operand has checked the rank).
 ScoreOperand make_operand(const at::Tensor& t, int64_t num_heads) {
+  const int64_t hm = t.size(1);
   const OperandLayout layout = t.dim() == 2 ? OperandLayout::kKeySide : OperandLayout::kQuerySide;
   ScoreOperand op;
   op.ptr = t.data_ptr();
   op.layout = layout;
   op.dtype = t.scalar_type() == at::kBool ? ScalarType::kFloat32 : to_scalar_type("bias", t.scalar_type());
-  op.head_group = static_cast<int32_t>(num_heads / t.size(1));
+  // H / Hm; with no query heads (H = 0, so Hm may be 0) no head reads the operand, and 1 keeps h / head_group defined.
+  op.head_group = num_heads == 0 ? 1 : static_cast<int32_t>(num_heads / hm);
   op.row_stride = t.stride(0);
-  op.head_stride = t.size(1) == 1 ? 0 : t.stride(1);
+  op.head_stride = hm == 1 ? 0 : t.stride(1);
   op.col_stride = layout == OperandLayout::kQuerySide ? t.stride(2) : 0;
   return op;
 }
@@ -66,12 +77,11 @@ ScoreOperand make_operand(const at::Tensor& t, int64_t num_heads) {
 void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type) {
   const at::Tensor& q = a.q;
   TORCH_CHECK_VALUE(q.device().type() == device_type, kOp, "q is on ", q.device(), ", expected ", device_type);
-  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &a.q}, {"k", &a.k}, {"v", &a.v}}) {
+  const std::pair<const char*, const at::Tensor*> qkv[] = {{"q", &a.q}, {"k", &a.k}, {"v", &a.v}};
+  for (auto [name, t] : qkv) {
     TORCH_CHECK_VALUE(t->dim() == 3, kOp, name, " must have rank 3 (tokens, heads, head_dim), got rank ", t->dim());
     TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), kOp, name, " must have q's dtype ", q.scalar_type(),
                      ", got ", t->scalar_type());
-    TORCH_CHECK_VALUE(t->size(2) == 0 || t->stride(2) == 1, kOp, name,
-                      " must have a contiguous head_dim (stride 1), got stride ", t->stride(2));
     check_device(name, *t, q);
   }
   to_scalar_type("q", q.scalar_type());
@@ -80,15 +90,26 @@ void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(q.size(2) == a.k.size(2), kOp, "q and k must have the same head_dim, got ", q.size(2), " and ",
                     a.k.size(2));
   TORCH_CHECK_VALUE(q.size(2) >= 1, kOp, "head_dim D must be >= 1, got ", q.size(2));
+  // Sizes before strides: an expanded tensor (stride 0) of a size past int32 gets the size error. Hm needs no check
+  // of its own: it must be 1, Hk or H.
+  check_int32(q.size(1), "the number of query heads H (q.shape[1])");
+  check_int32(a.k.size(1), "the number of key/value heads Hk (k.shape[1])");
+  check_int32(q.size(2), "head_dim D");
   TORCH_CHECK_VALUE(a.k.size(1) >= 1 && q.size(1) % a.k.size(1) == 0, kOp,
                     "the number of query heads H must be a multiple of the number of key/value heads Hk, got H = ",
                     q.size(1), ", Hk = ", a.k.size(1));
+  for (auto [name, t] : qkv) {  // a head dim of 1 is read at element 0 only: any stride will do
+    TORCH_CHECK_VALUE(t->size(2) <= 1 || t->stride(2) == 1, kOp, name,
+                      " must have a contiguous head_dim (stride 1), got stride ", t->stride(2));
+  }
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"cu_seqlens_q", &a.cu_seqlens_q},
                          {"cu_seqlens_k", &a.cu_seqlens_k}}) {
     TORCH_CHECK_TYPE(t->scalar_type() == at::kInt, kOp, name, " must be int32 (convert with .int()), got ",
                      t->scalar_type());
     TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) >= 1, kOp, name, " must have shape (B + 1,), got ", t->sizes());
-    TORCH_CHECK_VALUE(t->stride(0) == 1, kOp, name, " must be contiguous, got stride ", t->stride(0));
+    check_int32(t->size(0), "the length B + 1 of ", name);
+    TORCH_CHECK_VALUE(t->size(0) == 1 || t->stride(0) == 1, kOp, name, " must be contiguous, got stride ",
+                      t->stride(0));  // a single entry is read at element 0 only
     check_device(name, *t, q);
   }
   TORCH_CHECK_VALUE(a.cu_seqlens_q.size(0) == a.cu_seqlens_k.size(0), kOp,
@@ -108,7 +129,10 @@ void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type) {
     check_operand("bias", *a.bias, a);
   }
   if (a.softmax_scale) {
-    TORCH_CHECK_VALUE(std::isfinite(*a.softmax_scale), kOp, "softmax_scale must be finite, got ", *a.softmax_scale);
+    // The kernels use it as float32 (IEEE conversion: a double past float32's range becomes inf).
+    TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(*a.softmax_scale)), kOp,
+                      "softmax_scale must be finite in float32 (the kernels use it as float32), got ",
+                      *a.softmax_scale);
   }
 }
 
@@ -140,14 +164,18 @@ VarlenFwdParams make_params(const VarlenFwdArgs& a, at::Tensor& out, at::Tensor&
   p.v_head_stride = a.v.stride(1);
   p.out_row_stride = out.stride(0);
   p.out_head_stride = out.stride(1);
-  p.batch = static_cast<int32_t>(a.cu_seqlens_q.size(0) - 1);
   p.num_heads = static_cast<int32_t>(a.q.size(1));
+  // With no query heads there is nothing to compute (out and lse have no element): a batch of 0 makes every
+  // backend skip all work, and no kernel divides by a head count of 0.
+  p.batch = p.num_heads == 0 ? 0 : static_cast<int32_t>(a.cu_seqlens_q.size(0) - 1);
   p.num_heads_k = static_cast<int32_t>(a.k.size(1));
   p.head_dim = static_cast<int32_t>(a.q.size(2));
   p.total_q = a.q.size(0);
   p.total_k = a.k.size(0);
-  p.max_seqlen_q = a.max_seqlen_q;
-  p.max_seqlen_k = a.max_seqlen_k;
+  // No sequence is longer than its total, so this is exact, and it sizes the CUDA grid by the rows that exist
+  // (max_seqlen_q = 2^62 would be an impossible launch).
+  p.max_seqlen_q = std::min(a.max_seqlen_q, p.total_q);
+  p.max_seqlen_k = std::min(a.max_seqlen_k, p.total_k);
   p.softmax_scale = static_cast<float>(resolve_softmax_scale(a.softmax_scale, a.q.size(2)));
   p.is_causal = a.is_causal;
   if (a.mask) p.mask = make_operand(*a.mask, p.num_heads);

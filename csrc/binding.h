@@ -25,8 +25,9 @@ struct VarlenFwdArgs {
   bool is_causal;
 };
 
-// Checks every shape, dtype, stride and device invariant a kernel relies on for memory safety and raises a
-// ValueError/TypeError naming the argument otherwise. The user-facing statement of these rules, used by the
+// Checks every shape, dtype, stride and device invariant a kernel relies on for memory safety (sizes the kernels
+// keep in 32 bits included) and raises a ValueError/TypeError naming the argument otherwise. Python type mistakes
+// never get here: the op's schema rejects them first. The user-facing statement of these rules, used by the
 // fake implementation and the Python API, is meta/rules.py; the two are kept in step by tests/test_errors.py.
 void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type);
 
@@ -34,7 +35,8 @@ void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type);
 double resolve_softmax_scale(std::optional<double> softmax_scale, int64_t head_dim);
 
 // Allocates out (total_q, H, D) and softmax_lse (H, total_q) and fills the params struct.
-// Query rows no sequence owns are left for the kernel to write (0 and -inf).
+// Query rows no sequence owns are left for the kernel to write (0 and -inf). The params hold max_seqlen capped at
+// the totals, and a batch of 0 when H = 0 (nothing to compute).
 std::tuple<at::Tensor, at::Tensor> allocate_outputs(const VarlenFwdArgs& a);
 VarlenFwdParams make_params(const VarlenFwdArgs& a, at::Tensor& out, at::Tensor& lse);
 

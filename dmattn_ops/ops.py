@@ -48,6 +48,11 @@ def varlen_attention(
         out (total_q, H, D) in q's dtype, or (out, softmax_lse). A query with no visible key gets a row of zeros
         and lse = -inf (never NaN).
     """
+    # The Python types first, in compiled code too: isinstance checks install no guard, and the op's schema would
+    # coerce (True as 1) or reject such values with torch's own message.
+    rules.check_arg_types(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal
+    )
     if mask_mod is not None or score_mod is not None:
         mask, bias = mods.operands_from_mods(
             q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, mask_mod, score_mod
@@ -71,3 +76,50 @@ def cu_seqlens(lengths: Union[Sequence[int], torch.Tensor], *, device=None) -> t
     if lengths.dim() != 1:
         raise ValueError(f"dmattn.cu_seqlens: lengths must be 1-D, got shape {tuple(lengths.shape)}")
     return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def check_cu_seqlens(
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    total_q: int,
+    total_k: int,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+) -> None:
+    """Checks the values of ``cu_seqlens_q`` / ``cu_seqlens_k`` as the CPU kernel does, on any device.
+
+    The CUDA kernels never read ``cu_seqlens`` on the host (that would synchronize the device), so they report no
+    lying values (not starting at 0, decreasing, past the total, a sequence longer than its max_seqlen; see
+    docs/contract.md for what such values give). This is the check mode for CUDA callers: it copies the values to the
+    host, so it synchronizes, and raises the ValueError the CPU kernel would, with the same message, checking
+    cu_seqlens_q before cu_seqlens_k. It also checks their type, dtype and shape as ``varlen_attention`` does.
+
+    Args:
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) int32, as passed to ``varlen_attention``.
+        total_q, total_k: q.shape[0] and k.shape[0].
+        max_seqlen_q, max_seqlen_k: as passed to ``varlen_attention``.
+    """
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        rules.check_cu_seqlens_tensor(name, t)
+    for name, cu, total, max_seqlen, total_name, max_name in (
+        ("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "total_q", "max_seqlen_q"),
+        ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, "total_k", "max_seqlen_k"),
+    ):
+        c = cu.to("cpu", torch.int64)
+        if c[0] != 0:
+            _value_error(f"{name}[0] must be 0, got {int(c[0])}")
+        lengths = c[1:] - c[:-1]
+        bad = ((lengths < 0) | (lengths > max_seqlen)).nonzero()
+        if len(bad) > 0:  # the first bad sequence, as the kernel's loop finds it
+            b = int(bad[0])
+            if lengths[b] < 0:
+                _value_error(
+                    f"{name} must be non-decreasing, got {name}[{b}] = {int(c[b])} > {name}[{b + 1}] = {int(c[b + 1])}"
+                )
+            _value_error(f"sequence {b} has {int(lengths[b])} tokens in {name}, more than {max_name} = {max_seqlen}")
+        if c[-1] > total:
+            _value_error(f"{name}[-1] must be <= {total_name} = {total}, got {int(c[-1])}")
+
+
+def _value_error(msg):
+    raise ValueError(f"{rules.OP}: {msg}")

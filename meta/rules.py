@@ -1,22 +1,33 @@
 """The shape, dtype and layout rules of ``dmattn::varlen_fwd``: one source for the fake implementation, the eager
 Python API's error messages and the tests.
 
-Every rule here reads only metadata (shapes, strides, dtypes, devices), so it runs unchanged on real tensors, fake
-tensors and symbolic shapes. The layout of a mask or bias is chosen by its rank alone, so no rule depends on data and
-tracing installs no data-dependent guard. The data checks on ``cu_seqlens`` (monotone, in range) need the values and
-live in the CPU kernel; the CUDA kernels clamp lengths to the tensor extents instead.
+Two kinds of rules:
+- ``check_arg_types``: the Python type of every argument (a tensor, and a dense one; an int; a bool; ...). It makes
+  no decision on sizes, so it installs no guard while dynamo traces, and ``varlen_attention`` runs it in compiled
+  code too: the op's schema would otherwise coerce such values or reject them with torch's own message.
+- ``check_varlen_fwd`` (which starts with ``check_arg_types``): the metadata rules (shapes, strides, dtypes,
+  devices), so they run unchanged on real tensors, fake tensors and symbolic shapes; the fake implementation runs
+  them. The layout of a mask or bias is chosen by its rank alone, so no rule depends on data and tracing installs no
+  data-dependent guard.
+
+The data checks on ``cu_seqlens`` (monotone, in range) need the values and live in the CPU kernel (and in
+``dmattn_ops.check_cu_seqlens``); the CUDA kernels do not read them on the host.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import struct
 from typing import NamedTuple, Optional
 
 import torch
 
 OP = "dmattn.varlen_fwd"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT32_MAX = 2**31 - 1  # B + 1, H, Hk, D and Hm are int32 in the kernels (VarlenFwdParams)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the schema's SymInt
+CUDA_MAX_HEADS = 65535  # query heads are a CUDA grid dimension
 
 
 class Layout(enum.Enum):
@@ -63,10 +74,89 @@ def _shape(t):
     return tuple(_n(s) for s in t.shape)
 
 
+def _past(size, limit):
+    """Whether a size exceeds a limit of the kernels. A symbolic size is judged by its example value, so the check
+    installs no guard (an export Dim keeps its full range); a later call past the limit meets the same check in the
+    C++ binding. A size with no example value (unbacked) is left to the binding."""
+    n = _n(size)
+    return isinstance(n, int) and n > limit
+
+
+# ---- Python types (no guards: run by varlen_attention while dynamo traces, too) --------------------------------
+
+
+def _type_name(x):
+    if x is None:
+        return "None"
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _scalar_type_name(x, convert):
+    """The type of a wrong scalar argument, for a message. Dynamo sees a numpy scalar as an array, so any numpy value
+    is named as such, with how to convert it: the message reads the same in eager mode and while compiling."""
+    if type(x).__module__ == "numpy":
+        return f"a numpy value; convert it with {convert}()"
+    return _type_name(x)
+
+
+def _check_tensor(name, t, expected):
+    """t is a dense torch.Tensor; ``expected`` is what the message asks for."""
+    if not isinstance(t, torch.Tensor):
+        hint = "; convert it with torch.from_numpy" if _type_name(t) == "numpy.ndarray" else ""
+        _fail(TypeError, f"{name} must be {expected}, got {_type_name(t)}{hint}")
+    if t.is_nested:
+        _fail(
+            TypeError,
+            f"{name} must be a dense tensor, got a nested tensor (layout {t.layout}); pass the packed tokens instead "
+            "(a jagged nested tensor's .values(), with .offsets().int() as cu_seqlens)",
+        )
+    if t.layout != torch.strided:
+        _fail(TypeError, f"{name} must be a dense tensor, got layout {t.layout}; convert it with .to_dense()")
+
+
+def _check_int(name, value):
+    """An int (a SymInt while tracing) within the schema's int64. Exact types: a bool is no length, and dynamo treats
+    a numpy integer as an array, so both are rejected, in eager mode as while compiling."""
+    if type(value) not in (int, torch.SymInt):
+        _fail(TypeError, f"{name} must be an int, got {_scalar_type_name(value, 'int')}")
+    # While dynamo traces, a dynamic int passes for a plain one and comparing it would install a guard; the op's
+    # schema parser rejects an int past int64 there anyway.
+    if type(value) is int and not torch.compiler.is_compiling() and not INT64_MIN <= value <= INT64_MAX:
+        _fail(ValueError, f"{name} must fit in int64 (at most {INT64_MAX}), got {value}")
+
+
+def check_arg_types(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=None, bias=None, softmax_scale=None,
+    is_causal=False,
+):
+    """Raises TypeError (ValueError for an int past int64) naming the first argument of the wrong Python type."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, "a tensor")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _check_tensor(name, t, "an int32 tensor")
+    _check_int("max_seqlen_q", max_seqlen_q)
+    _check_int("max_seqlen_k", max_seqlen_k)
+    if mask is not None:
+        _check_tensor("mask", mask, "a bool tensor or None")
+    if bias is not None:
+        _check_tensor("bias", bias, "a tensor or None")
+    if softmax_scale is not None and type(softmax_scale) not in (float, int, torch.SymFloat):
+        _fail(TypeError, f"softmax_scale must be a float or None, got {_scalar_type_name(softmax_scale, 'float')}")
+    if type(is_causal) is not bool:
+        _fail(TypeError, f"is_causal must be a bool, got {_scalar_type_name(is_causal, 'bool')}")
+
+
+# ---- metadata ---------------------------------------------------------------------------------------------------
+
+
+def _check_int32(what, size):
+    if _past(size, INT32_MAX):
+        _fail(ValueError, f"{what} must be at most {INT32_MAX} (the kernels keep it in 32 bits), got {_n(size)}")
+
+
 def _check_qkv(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            _fail(TypeError, f"{name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 3:
             _fail(ValueError, f"{name} must have shape (tokens, heads, head_dim), got shape {_shape(t)}")
     if q.dtype not in FLOAT_DTYPES:
@@ -82,6 +172,11 @@ def _check_qkv(q, k, v):
         _fail(ValueError, f"q and k must have the same head_dim D, got {_n(q.shape[2])} and {_n(k.shape[2])}")
     if q.shape[2] < 1:
         _fail(ValueError, f"head_dim D must be >= 1, got {_n(q.shape[2])}")
+    # Sizes before strides: an expanded tensor (stride 0) of a size past int32 gets the size error. Hm needs no
+    # check of its own: it must be 1, Hk or H.
+    _check_int32("the number of query heads H (q.shape[1])", q.shape[1])
+    _check_int32("the number of key/value heads Hk (k.shape[1])", k.shape[1])
+    _check_int32("head_dim D", q.shape[2])
     if k.shape[1] < 1 or q.shape[1] % k.shape[1] != 0:
         _fail(
             ValueError,
@@ -89,15 +184,16 @@ def _check_qkv(q, k, v):
             f"got H = {_n(q.shape[1])}, Hk = {_n(k.shape[1])}",
         )
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(2) != 1:
+        if t.shape[2] > 1 and t.stride(2) != 1:  # a head dim of 1 is read at element 0 only: any stride will do
             strides = tuple(_n(s) for s in t.stride())
             _fail(ValueError, f"{name} must have a contiguous head_dim (stride 1), got strides {strides}")
 
 
 def _check_backend(q):
     """What this build's kernels for q's device can run (``dmattn_ops.build_info()``): the CUDA kernels take float16
-    and bfloat16, and head dims up to the largest one compiled (smaller ones run zero-padded to a compiled one).
-    The CUDA binding (csrc/cuda/varlen_fwd_cuda.cpp) holds the same limits with the same messages."""
+    and bfloat16, at most 65535 query heads (a grid dimension), and head dims up to the largest one compiled (smaller
+    ones run zero-padded to a compiled one). The CUDA binding (csrc/cuda/varlen_fwd_cuda.cpp) holds the same limits
+    with the same messages."""
     if q.device.type != "cuda":
         return
     from .._build_config import CONFIG  # written by setup.py
@@ -115,6 +211,8 @@ def _check_backend(q):
             "float32 q, k, v are not supported on CUDA (the kernels run float16 / bfloat16 tensor cores), got q of "
             "dtype float32; convert q, k and v to float16 or bfloat16, or run on the CPU",
         )
+    if _past(q.shape[1], CUDA_MAX_HEADS):
+        _fail(ValueError, f"at most {CUDA_MAX_HEADS} query heads on CUDA, got H = {_n(q.shape[1])}")
     largest = max(CONFIG["cuda_head_dims"])
     if q.shape[2] > largest:
         _fail(
@@ -123,18 +221,23 @@ def _check_backend(q):
         )
 
 
+def check_cu_seqlens_tensor(name, t):
+    """Type, dtype, shape and strides of one cu_seqlens (``dmattn_ops.check_cu_seqlens`` runs this too)."""
+    _check_tensor(name, t, "an int32 tensor")
+    if t.dtype != torch.int32:
+        _fail(TypeError, f"{name} must be int32 (convert with .int()), got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] < 1:
+        _fail(ValueError, f"{name} must have shape (B + 1,), got shape {_shape(t)}")
+    _check_int32(f"the length B + 1 of {name}", t.shape[0])
+    if t.shape[0] > 1 and t.stride(0) != 1:  # a single entry is read at element 0 only
+        _fail(ValueError, f"{name} must be contiguous, got stride {_n(t.stride(0))}")
+
+
 def _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k):
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not isinstance(t, torch.Tensor):
-            _fail(TypeError, f"{name} must be an int32 tensor, got {type(t).__name__}")
-        if t.dtype != torch.int32:
-            _fail(TypeError, f"{name} must be int32 (convert with .int()), got {t.dtype}")
-        if t.dim() != 1 or t.shape[0] < 1:
-            _fail(ValueError, f"{name} must have shape (B + 1,), got shape {_shape(t)}")
+        check_cu_seqlens_tensor(name, t)
         if t.device != q.device:
             _fail(ValueError, f"{name} must be on q's device {q.device}, got {t.device}")
-        if t.stride(0) != 1:
-            _fail(ValueError, f"{name} must be contiguous, got stride {_n(t.stride(0))}")
     if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
         _fail(
             ValueError,
@@ -175,12 +278,32 @@ def _check_operand(name, t, q, k, max_seqlen_k):
     return layout
 
 
+def _float32(x):
+    """x rounded to float32, or inf where that rounding overflows."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.inf
+
+
+def _check_softmax_scale(softmax_scale):
+    """The kernels use softmax_scale as float32: 1e39 is finite as a double but inf there."""
+    if type(softmax_scale) in (float, int) and not math.isfinite(_float32(softmax_scale)):
+        _fail(
+            ValueError,
+            f"softmax_scale must be finite in float32 (the kernels use it as float32), got {softmax_scale}",
+        )
+
+
 def check_varlen_fwd(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=None, bias=None, softmax_scale=None,
     is_causal=False,
 ) -> VarlenLayout:
-    """Validates the metadata of one call; raises TypeError/ValueError naming the argument, what was expected and
-    what was given. Returns what it found."""
+    """Validates the Python types and the metadata of one call; raises TypeError/ValueError naming the argument, what
+    was expected and what was given. Returns what it found."""
+    check_arg_types(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal
+    )
     _check_qkv(q, k, v)
     _check_backend(q)
     _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k)
@@ -196,8 +319,7 @@ def check_varlen_fwd(
         if bias.dtype != torch.float32 and bias.dtype != q.dtype:
             _fail(TypeError, f"bias must be float32 or q's dtype {q.dtype}, got {bias.dtype}")
         bias_layout = _check_operand("bias", bias, q, k, max_seqlen_k)
-    if softmax_scale is not None and not math.isfinite(softmax_scale):
-        _fail(ValueError, f"softmax_scale must be finite, got {softmax_scale}")
+    _check_softmax_scale(softmax_scale)
     return VarlenLayout(
         total_q=q.shape[0],
         total_k=k.shape[0],

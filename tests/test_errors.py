@@ -1,11 +1,13 @@
 """Bad input to ``dmattn.varlen_fwd`` fails with a clear Python exception: the type and the exact message.
 
-Three ways in, one set of bad calls (``CASES``):
+Three ways in, one set of bad calls (``CASES``: metadata; ``TYPE_CASES``: Python types; ``DATA_CASES``: values):
 - the public API ``dmattn_ops.varlen_attention`` (eager: ``meta/rules.py`` first, then the CPU kernel's data checks);
-- ``torch.compile(fullgraph=True)`` of a function calling it: the fake impl runs the same rules, so the eager message
-  appears inside dynamo's ``TorchRuntimeError``; data errors surface unchanged when the compiled graph runs;
+- ``torch.compile`` of a function calling it: the fake impl runs the same metadata rules, so the eager exception is
+  inside dynamo's ``TorchRuntimeError`` (the chain README's "Errors" documents); ``varlen_attention`` checks the Python
+  types in the traced code itself (dynamo reports them as ``Unsupported`` under fullgraph=True, as themselves
+  without); data errors surface unchanged when the compiled graph runs;
 - ``torch.ops.dmattn.varlen_fwd`` called directly: the C++ safety net (``csrc/binding.cpp``) raises
-  TypeError / ValueError, never crashes.
+  TypeError / ValueError, never crashes; Python type mistakes never reach it (torch's schema parser answers).
 
 The messages are pinned inline (expecttest); after a deliberate wording change, refresh them with
 ``EXPECTTEST_ACCEPT=1 pytest tests/test_errors.py``.
@@ -14,6 +16,7 @@ The messages are pinned inline (expecttest); after a deliberate wording change, 
 from unittest import mock
 
 import expecttest
+import numpy as np
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -87,16 +90,44 @@ CASES = {
     # scalars
     "negative_max_seqlen": dict(max_seqlen_k=-1),
     "infinite_softmax_scale": dict(softmax_scale=float("inf")),
+    "softmax_scale_past_float32": dict(softmax_scale=1e39),  # finite as a double, inf as the kernels' float32
+    # sizes the kernels keep in 32 bits (tensors of no element: no memory)
+    "heads_past_int32": dict(q=torch.empty(0, 2**32, D), k=torch.empty(0, 2**32, D), v=torch.empty(0, 2**32, D)),
+    "kv_heads_past_int32": dict(k=torch.empty(0, 2**32, D), v=torch.empty(0, 2**32, D)),
+    "head_dim_past_int32": dict(q=torch.empty(0, H, 2**32), k=torch.empty(0, HK, 2**32), v=torch.empty(0, HK, 2**32)),
+    "cu_seqlens_length_past_int32": dict(  # stride 0 as well: the size is reported, not the stride
+        cu_seqlens_q=torch.zeros(1, dtype=torch.int32).expand(2**31 + 1),
+        cu_seqlens_k=torch.zeros(1, dtype=torch.int32).expand(2**31 + 1),
+    ),
+}
+# Python type mistakes: checked by varlen_attention before anything else, also while compiling.
+TYPE_CASES = {
+    "mask_list": dict(mask=[True] * TOTAL_K),
+    "cu_seqlens_list": dict(cu_seqlens_q=[0, 3, 5]),
+    "bias_numpy": dict(bias=np.zeros((TOTAL_K, 1), dtype=np.float32)),
+    "q_nested": dict(q=torch.nested.nested_tensor([torch.randn(3, H, D), torch.randn(2, H, D)], layout=torch.jagged)),
+    "q_sparse": dict(q=torch.randn(TOTAL_Q, H, D).to_sparse()),
+    "max_seqlen_none": dict(max_seqlen_q=None),
+    "max_seqlen_str": dict(max_seqlen_q="3"),
+    "max_seqlen_float": dict(max_seqlen_q=3.0),
+    "max_seqlen_bool": dict(max_seqlen_q=True),
+    "max_seqlen_numpy": dict(max_seqlen_k=np.int64(MAX_K)),
+    "softmax_scale_numpy": dict(softmax_scale=np.float32(0.5)),
+    "softmax_scale_str": dict(softmax_scale="0.5"),
+    "is_causal_str": dict(is_causal="yes"),
 }
 DATA_CASES = {
     "cu_seqlens_decreasing": dict(cu_seqlens_q=_cu(0, 3, 2), max_seqlen_q=TOTAL_Q),
     "cu_seqlens_past_total": dict(cu_seqlens_k=_cu(0, 5, 10)),
     "sequence_longer_than_max_seqlen": dict(cu_seqlens_k=_cu(0, 6, 9)),
     "cu_seqlens_not_starting_at_0": dict(cu_seqlens_q=_cu(1, 3, 5)),
+    "later_sequence_longer_than_max_seqlen": dict(cu_seqlens_q=_cu(0, 1, 5)),
 }
+
+
 def bad_args(case):
     args = valid_args()
-    args.update(CASES[case] if case in CASES else DATA_CASES[case])
+    args.update({**CASES, **TYPE_CASES, **DATA_CASES}[case])
     return args
 
 
@@ -209,7 +240,67 @@ class TestPublicApiErrors(ErrorTestCase):
         self.assertRaisesInline(ValueError, call_api, "negative_max_seqlen", """dmattn.varlen_fwd: max_seqlen_k must be >= 0, got -1""")
 
     def test_infinite_softmax_scale(self):
-        self.assertRaisesInline(ValueError, call_api, "infinite_softmax_scale", """dmattn.varlen_fwd: softmax_scale must be finite, got inf""")
+        self.assertRaisesInline(ValueError, call_api, "infinite_softmax_scale", """dmattn.varlen_fwd: softmax_scale must be finite in float32 (the kernels use it as float32), got inf""")
+
+    def test_softmax_scale_past_float32(self):
+        self.assertRaisesInline(ValueError, call_api, "softmax_scale_past_float32", """dmattn.varlen_fwd: softmax_scale must be finite in float32 (the kernels use it as float32), got 1e+39""")
+
+    def test_heads_past_int32(self):
+        self.assertRaisesInline(ValueError, call_api, "heads_past_int32", """dmattn.varlen_fwd: the number of query heads H (q.shape[1]) must be at most 2147483647 (the kernels keep it in 32 bits), got 4294967296""")
+
+    def test_kv_heads_past_int32(self):
+        self.assertRaisesInline(ValueError, call_api, "kv_heads_past_int32", """dmattn.varlen_fwd: the number of key/value heads Hk (k.shape[1]) must be at most 2147483647 (the kernels keep it in 32 bits), got 4294967296""")
+
+    def test_head_dim_past_int32(self):
+        self.assertRaisesInline(ValueError, call_api, "head_dim_past_int32", """dmattn.varlen_fwd: head_dim D must be at most 2147483647 (the kernels keep it in 32 bits), got 4294967296""")
+
+    def test_cu_seqlens_length_past_int32(self):
+        self.assertRaisesInline(ValueError, call_api, "cu_seqlens_length_past_int32", """dmattn.varlen_fwd: the length B + 1 of cu_seqlens_q must be at most 2147483647 (the kernels keep it in 32 bits), got 2147483649""")
+
+    # Python types.
+    def test_mask_list(self):
+        self.assertRaisesInline(TypeError, call_api, "mask_list", """dmattn.varlen_fwd: mask must be a bool tensor or None, got list""")
+
+    def test_cu_seqlens_list(self):
+        self.assertRaisesInline(TypeError, call_api, "cu_seqlens_list", """dmattn.varlen_fwd: cu_seqlens_q must be an int32 tensor, got list""")
+
+    def test_bias_numpy(self):
+        self.assertRaisesInline(TypeError, call_api, "bias_numpy", """dmattn.varlen_fwd: bias must be a tensor or None, got numpy.ndarray; convert it with torch.from_numpy""")
+
+    def test_q_nested(self):
+        self.assertRaisesInline(TypeError, call_api, "q_nested", """dmattn.varlen_fwd: q must be a dense tensor, got a nested tensor (layout torch.jagged); pass the packed tokens instead (a jagged nested tensor's .values(), with .offsets().int() as cu_seqlens)""")
+
+    def test_q_sparse(self):
+        self.assertRaisesInline(TypeError, call_api, "q_sparse", """dmattn.varlen_fwd: q must be a dense tensor, got layout torch.sparse_coo; convert it with .to_dense()""")
+
+    def test_max_seqlen_none(self):
+        self.assertRaisesInline(TypeError, call_api, "max_seqlen_none", """dmattn.varlen_fwd: max_seqlen_q must be an int, got None""")
+
+    def test_max_seqlen_str(self):
+        self.assertRaisesInline(TypeError, call_api, "max_seqlen_str", """dmattn.varlen_fwd: max_seqlen_q must be an int, got str""")
+
+    def test_max_seqlen_float(self):
+        self.assertRaisesInline(TypeError, call_api, "max_seqlen_float", """dmattn.varlen_fwd: max_seqlen_q must be an int, got float""")
+
+    def test_max_seqlen_bool(self):
+        self.assertRaisesInline(TypeError, call_api, "max_seqlen_bool", """dmattn.varlen_fwd: max_seqlen_q must be an int, got bool""")
+
+    def test_max_seqlen_numpy(self):
+        self.assertRaisesInline(TypeError, call_api, "max_seqlen_numpy", """dmattn.varlen_fwd: max_seqlen_k must be an int, got a numpy value; convert it with int()""")
+
+    def test_softmax_scale_numpy(self):
+        self.assertRaisesInline(TypeError, call_api, "softmax_scale_numpy", """dmattn.varlen_fwd: softmax_scale must be a float or None, got a numpy value; convert it with float()""")
+
+    def test_softmax_scale_str(self):
+        self.assertRaisesInline(TypeError, call_api, "softmax_scale_str", """dmattn.varlen_fwd: softmax_scale must be a float or None, got str""")
+
+    def test_is_causal_str(self):
+        self.assertRaisesInline(TypeError, call_api, "is_causal_str", """dmattn.varlen_fwd: is_causal must be a bool, got str""")
+
+    def test_max_seqlen_past_int64(self):
+        with self.assertRaises(ValueError) as ctx:
+            call_api(dict(valid_args(), max_seqlen_q=2**63))
+        self.assertExpectedInline(str(ctx.exception), """dmattn.varlen_fwd: max_seqlen_q must fit in int64 (at most 9223372036854775807), got 9223372036854775808""")
 
     # CPU data checks (in the kernel: they read the cu_seqlens values).
     def test_cu_seqlens_decreasing(self):
@@ -223,6 +314,9 @@ class TestPublicApiErrors(ErrorTestCase):
 
     def test_cu_seqlens_not_starting_at_0(self):
         self.assertRaisesInline(ValueError, call_api, "cu_seqlens_not_starting_at_0", """dmattn.varlen_fwd: cu_seqlens_q[0] must be 0, got 1""")
+
+    def test_later_sequence_longer_than_max_seqlen(self):
+        self.assertRaisesInline(ValueError, call_api, "later_sequence_longer_than_max_seqlen", """dmattn.varlen_fwd: sequence 1 has 4 tokens in cu_seqlens_q, more than max_seqlen_q = 3""")
 
 
 class TestDirectOpErrors(ErrorTestCase):
@@ -299,7 +393,22 @@ class TestDirectOpErrors(ErrorTestCase):
         self.assertRaisesInline(ValueError, call_op, "negative_max_seqlen", """dmattn.varlen_fwd: max_seqlen_k must be >= 0, got -1""")
 
     def test_infinite_softmax_scale(self):
-        self.assertRaisesInline(ValueError, call_op, "infinite_softmax_scale", """dmattn.varlen_fwd: softmax_scale must be finite, got inf""")
+        self.assertRaisesInline(ValueError, call_op, "infinite_softmax_scale", """dmattn.varlen_fwd: softmax_scale must be finite in float32 (the kernels use it as float32), got inf""")
+
+    def test_softmax_scale_past_float32(self):
+        self.assertRaisesInline(ValueError, call_op, "softmax_scale_past_float32", """dmattn.varlen_fwd: softmax_scale must be finite in float32 (the kernels use it as float32), got 1e+39""")
+
+    def test_heads_past_int32(self):
+        self.assertRaisesInline(ValueError, call_op, "heads_past_int32", """dmattn.varlen_fwd: the number of query heads H (q.shape[1]) must be at most 2147483647 (the kernels keep it in 32 bits), got 4294967296""")
+
+    def test_kv_heads_past_int32(self):
+        self.assertRaisesInline(ValueError, call_op, "kv_heads_past_int32", """dmattn.varlen_fwd: the number of key/value heads Hk (k.shape[1]) must be at most 2147483647 (the kernels keep it in 32 bits), got 4294967296""")
+
+    def test_head_dim_past_int32(self):
+        self.assertRaisesInline(ValueError, call_op, "head_dim_past_int32", """dmattn.varlen_fwd: head_dim D must be at most 2147483647 (the kernels keep it in 32 bits), got 4294967296""")
+
+    def test_cu_seqlens_length_past_int32(self):
+        self.assertRaisesInline(ValueError, call_op, "cu_seqlens_length_past_int32", """dmattn.varlen_fwd: the length B + 1 of cu_seqlens_q must be at most 2147483647 (the kernels keep it in 32 bits), got 2147483649""")
 
     def test_cu_seqlens_decreasing(self):
         self.assertRaisesInline(ValueError, call_op, "cu_seqlens_decreasing", """dmattn.varlen_fwd: cu_seqlens_q must be non-decreasing, got cu_seqlens_q[1] = 3 > cu_seqlens_q[2] = 2""")
@@ -312,6 +421,61 @@ class TestDirectOpErrors(ErrorTestCase):
 
     def test_cu_seqlens_not_starting_at_0(self):
         self.assertRaisesInline(ValueError, call_op, "cu_seqlens_not_starting_at_0", """dmattn.varlen_fwd: cu_seqlens_q[0] must be 0, got 1""")
+
+    def test_later_sequence_longer_than_max_seqlen(self):
+        self.assertRaisesInline(ValueError, call_op, "later_sequence_longer_than_max_seqlen", """dmattn.varlen_fwd: sequence 1 has 4 tokens in cu_seqlens_q, more than max_seqlen_q = 3""")
+
+
+# The raw op's Python arguments are parsed by torch before any dmattn code runs: a wrong type gets torch's own
+# RuntimeError naming the argument (and True as max_seqlen, 1 as is_causal, a numpy integer are coerced).
+RAW_OP_TYPE_ERRORS = {
+    "mask_list": "mask",
+    "cu_seqlens_list": "cu_seqlens_q",
+    "bias_numpy": "bias",
+    "max_seqlen_none": "max_seqlen_q",
+    "max_seqlen_str": "max_seqlen_q",
+    "max_seqlen_float": "max_seqlen_q",
+    "softmax_scale_str": "softmax_scale",
+    "is_causal_str": "is_causal",
+}
+
+
+@pytest.mark.parametrize("case", RAW_OP_TYPE_ERRORS)
+def test_raw_op_type_error_is_torchs(case):
+    with pytest.raises(RuntimeError, match=f"for argument '{RAW_OP_TYPE_ERRORS[case]}'"):
+        call_op(bad_args(case))
+
+
+@pytest.mark.parametrize("case", ["q_nested", "q_sparse"])
+def test_raw_op_non_dense_q_not_implemented(case):
+    """A nested or sparse q dispatches to a backend the op has no kernel for (NestedTensor, SparseCPU)."""
+    with pytest.raises(NotImplementedError):
+        call_op(bad_args(case))
+
+
+class TestCheckCuSeqlens(ErrorTestCase):
+    """dmattn_ops.check_cu_seqlens, the check mode for CUDA callers: the CPU kernel's data checks, on the host."""
+
+    @staticmethod
+    def check(args):
+        dmattn_ops.check_cu_seqlens(
+            args["cu_seqlens_q"], args["cu_seqlens_k"], args["q"].shape[0], args["k"].shape[0], args["max_seqlen_q"],
+            args["max_seqlen_k"],
+        )
+
+    def test_valid_values_pass(self):
+        self.check(valid_args())
+
+    def test_same_messages_as_the_cpu_kernel(self):
+        for case in DATA_CASES:
+            with self.subTest(case=case):
+                expected = eager_error(case)
+                with self.assertRaises(ValueError) as ctx:
+                    self.check(bad_args(case))
+                self.assertEqual(str(ctx.exception), str(expected))
+
+    def test_int64_cu_seqlens(self):
+        self.assertRaisesInline(TypeError, self.check, "int64_cu_seqlens", """dmattn.varlen_fwd: cu_seqlens_k must be int32 (convert with .int()), got torch.int64""")
 
 
 class TestBackward(ErrorTestCase):
@@ -352,15 +516,62 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+def compiled_error(exc):
+    """README ("Errors"): the exception eager mode raises, behind the TorchRuntimeError of a compiled call."""
+    return exc.__context__.__cause__
+
+
 @pytest.mark.parametrize("case, dynamic", _compile_params())
-def test_compile_metadata_error_same_message(case, dynamic):
-    """The fake impl runs meta/rules.py, so tracing fails with the eager message (wrapped by dynamo)."""
-    expected = str(eager_error(case))
-    compiled = torch.compile(api_function, backend="eager", fullgraph=True, dynamic=dynamic)
-    with pytest.raises(Exception) as info:
+def test_compile_metadata_error_same_message(case, dynamic, fullgraph=True):
+    """The fake impl runs meta/rules.py, so tracing fails with the eager exception, which dynamo wraps: the way
+    README's "Errors" documents to catch it finds it, type and message."""
+    expected = eager_error(case)
+    compiled = torch.compile(api_function, backend="eager", fullgraph=fullgraph, dynamic=dynamic)
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError) as info:
         compiled(**bad_args(case))
-    assert isinstance(info.value, (torch._dynamo.exc.TorchRuntimeError, TypeError, ValueError)), repr(info.value)
-    assert expected in str(info.value), f"eager: {expected!r}\ncompiled: {info.value}"
+    error = compiled_error(info.value)
+    assert type(error) is type(expected) and str(error) == str(expected)
+
+
+def test_compile_metadata_error_without_fullgraph():
+    """The same TorchRuntimeError without fullgraph: dynamo does not fall back to eager for it."""
+    test_compile_metadata_error_same_message("float_mask", dynamic=False, fullgraph=False)
+
+
+def test_compile_max_seqlen_past_int64():
+    """While compiling, a max_seqlen out of int64 meets torch's schema parser before any rule: its RuntimeError,
+    naming the argument, inside dynamo's."""
+    args = dict(valid_args(), max_seqlen_q=2**63)
+    with pytest.raises(torch._dynamo.exc.TorchRuntimeError) as info:
+        torch.compile(api_function, backend="eager", fullgraph=True)(**args)
+    error = compiled_error(info.value)
+    assert type(error) is RuntimeError and "for argument 'max_seqlen_q'" in str(error)
+
+
+def _type_compile_params():
+    """(case, fullgraph) pairs. Under fullgraph=True dynamo refuses a sparse input before any code of ours runs."""
+    return [
+        pytest.param(case, fullgraph, id=f"{case}-{'fullgraph' if fullgraph else 'graph_breaks'}")
+        for case in TYPE_CASES
+        for fullgraph in (True, False)
+        if not (fullgraph and case == "q_sparse")
+    ]
+
+
+@pytest.mark.parametrize("case, fullgraph", _type_compile_params())
+def test_compile_type_error_same_message(case, fullgraph):
+    """varlen_attention checks the Python types in the traced code: with fullgraph=True dynamo reports the raise as
+    Unsupported (with the eager message); without, it runs the call eagerly and the exception arrives as itself."""
+    expected = eager_error(case)
+    compiled = torch.compile(api_function, backend="eager", fullgraph=fullgraph)
+    if fullgraph:
+        with pytest.raises(torch._dynamo.exc.Unsupported) as info:
+            compiled(**bad_args(case))
+        assert str(expected) in str(info.value)
+    else:
+        with pytest.raises(type(expected)) as info:
+            compiled(**bad_args(case))
+        assert str(info.value) == str(expected)
 
 
 def test_compiled_graph_keeps_data_errors():
@@ -382,23 +593,24 @@ class _BadMaskModule(torch.nn.Module):
         return dmattn_ops.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, MAX_Q, MAX_K, mask=mask)
 
 
-def test_export_metadata_error_same_message():
+def test_export_metadata_error_same_exception():
+    """torch.export (non-strict, no dynamo) lets the fake impl's exception through as itself."""
     args = bad_args("float_mask")
     inputs = tuple(args[n] for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "mask"))
-    with pytest.raises(Exception) as info:
+    with pytest.raises(TypeError) as info:
         torch.export.export(_BadMaskModule(), inputs)
-    assert str(eager_error("float_mask")) in str(info.value)
+    assert str(info.value) == str(eager_error("float_mask"))
 
 
 # ---- what the build's CUDA kernels can run, checked from metadata (fake CUDA tensors need no GPU) ---------------
 
 
-def _fake_cuda_call(dtype, head_dim):
+def _fake_cuda_call(dtype, head_dim, heads=H):
     """rules.check_varlen_fwd on fake CUDA tensors: the limits of the CUDA backend hold while tracing too."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        q = torch.empty(TOTAL_Q, H, head_dim, dtype=dtype, device="cuda")
+        q = torch.empty(TOTAL_Q, heads, head_dim, dtype=dtype, device="cuda")
         k = torch.empty(TOTAL_K, HK, head_dim, dtype=dtype, device="cuda")
         cu_q, cu_k = torch.empty(3, dtype=torch.int32, device="cuda"), torch.empty(3, dtype=torch.int32, device="cuda")
         dmattn_ops._meta.rules.check_varlen_fwd(q, k, k, cu_q, cu_k, MAX_Q, MAX_K)
@@ -411,16 +623,16 @@ class TestCudaBackendLimits(expecttest.TestCase):
     CUDA_BUILD = dict(backends=["cpu", "cuda"], cuda_head_dims=[32, 64, 96, 128, 256])
     CPU_BUILD = dict(backends=["cpu"], torch_version="2.13.0+cpu")
 
-    def check(self, build, dtype, head_dim, exc_type=None, expect=None):
+    def check(self, build, dtype, head_dim, exc_type=None, expect=None, heads=H):
         """The rules on fake CUDA tensors, under a build config patched with ``build``."""
         from dmattn_ops import _build_config
 
         with mock.patch.object(_build_config, "CONFIG", dict(_build_config.CONFIG, **build)):
             if exc_type is None:
-                _fake_cuda_call(dtype, head_dim)
+                _fake_cuda_call(dtype, head_dim, heads)
                 return
             with self.assertRaises(Exception) as ctx:
-                _fake_cuda_call(dtype, head_dim)
+                _fake_cuda_call(dtype, head_dim, heads)
         self.assertIs(type(ctx.exception), exc_type, msg=repr(ctx.exception))
         self.assertExpectedInline(str(ctx.exception), expect, skip=1)
 
@@ -435,3 +647,6 @@ class TestCudaBackendLimits(expecttest.TestCase):
 
     def test_smaller_head_dims_run_padded(self):
         self.check(self.CUDA_BUILD, torch.bfloat16, 80)  # no error: the CUDA binding pads 80 to 96
+
+    def test_query_heads_past_the_grid_limit(self):
+        self.check(self.CUDA_BUILD, torch.float16, 64, ValueError, """dmattn.varlen_fwd: at most 65535 query heads on CUDA, got H = 65536""", heads=65536)
