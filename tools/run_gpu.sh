@@ -27,8 +27,8 @@
 #   MAX_JOBS          parallel compile jobs (default 16)
 #   DMATTN_CUDA_ARCHS archs to build (default "80;90", see setup.py)
 #   WHEELS            folder of carried wheels (default .whl): nvidia-cutlass (CuTe headers), expecttest
-#   TESTS             pytest arguments of the test stage (default: the CUDA-parametrized tests, tests/ -k cuda; the
-#                     CPU half of every test file runs in CI)
+#   TESTS             pytest arguments of the test stage, shell-quoted (default: the CUDA-parametrized tests,
+#                     tests/ -k cuda; the CPU half of every test file runs in CI)
 #   SANITIZE_TESTS    pytest -k expression for the sanitizer stage over tests/test_varlen_fwd.py (default: the CUDA
 #                     samples, NaN padding, rows no sequence owns, lying cu_seqlens)
 #   BENCH_ARGS        arguments of tools/bench_gpu.py (default: --workload all)
@@ -113,8 +113,8 @@ for s in $STAGES; do
       stage info python3 -m dmattn_ops
       ;;
     test)
-      # shellcheck disable=SC2086
-      stage test python3 -m pytest -q --no-header -p no:cacheprovider -rs ${TESTS:-tests/ -k cuda}
+      # bash -c: TESTS may quote a -k expression, e.g. TESTS='tests/ -k "cuda and not aoti"'
+      stage test bash -c "python3 -m pytest -q --no-header -p no:cacheprovider -rs ${TESTS:-tests/ -k cuda}"
       ;;
     sanitize)
       # shellcheck disable=SC2086

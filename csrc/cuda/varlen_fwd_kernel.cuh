@@ -24,6 +24,7 @@
 #include <cute/arch/copy_sm80.hpp>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "kernel_traits.h"
 #include "score_operand.cuh"
@@ -476,9 +477,10 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     }
 
     // ---- Online softmax: per row, rescale O by exp(old max - new max), P = exp(S - new max) ----
+    // Row maxima first, then the exponentials of every row in one straight run (so the MUFU latency of one row hides
+    // behind the others), in the fused form unless some row's max is past kFusedExpLimit (warp-uniform choice).
     float alpha[kMTiles][2];
-    bool max_moved = false;
-    const float mul_log2 = score_mul * kLog2e;
+    bool max_moved = false, fused = true;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -492,26 +494,34 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
         const float base = new_max == -INFINITY ? 0.f : new_max;  // a row with nothing visible yet stays at 0
         alpha[mt][half] = exp2f((row_max[mt][half] - base) * kLog2e);
         max_moved |= new_max != row_max[mt][half];
+        fused &= fabsf(base) <= kFusedExpLimit;
         row_max[mt][half] = new_max;
-        float sum = 0.f;
-        if (fabsf(base) <= kFusedExpLimit) {  // both forms turn a +inf or NaN score into a NaN row sum
-          const float base_log2 = base * kLog2e;
-#pragma unroll
-          for (int e = 0; e < 2 * kNTiles; ++e) {
-            float& x = s[mt][e / 2][2 * half + e % 2];
-            x = exp2f(fmaf(x, mul_log2, -base_log2));
-            sum += x;
-          }
-        } else {
-#pragma unroll
-          for (int e = 0; e < 2 * kNTiles; ++e) {
-            float& x = s[mt][e / 2][2 * half + e % 2];
-            x = exp2f((x * score_mul - base) * kLog2e);
-            sum += x;
-          }
-        }
-        row_sum[mt][half] = row_sum[mt][half] * alpha[mt][half] + sum;
       }
+    }
+    // Both forms turn a +inf or NaN score into a NaN row sum (a NaN row).
+    auto exponentiate = [&](auto fused_form) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float base = row_max[mt][half] == -INFINITY ? 0.f : row_max[mt][half];
+          const float base_log2 = base * kLog2e, mul_log2 = score_mul * kLog2e;
+          float sum = 0.f;
+#pragma unroll
+          for (int e = 0; e < 2 * kNTiles; ++e) {
+            float& x = s[mt][e / 2][2 * half + e % 2];
+            x = decltype(fused_form)::value ? exp2f(fmaf(x, mul_log2, -base_log2))
+                                            : exp2f((x * score_mul - base) * kLog2e);
+            sum += x;
+          }
+          row_sum[mt][half] = row_sum[mt][half] * alpha[mt][half] + sum;
+        }
+      }
+    };
+    if (__all_sync(0xffffffffu, fused)) {
+      exponentiate(std::true_type{});
+    } else {
+      exponentiate(std::false_type{});
     }
     // Once the row maxima settle (most tiles after the first few), no row of the warp needs rescaling.
     if (__any_sync(0xffffffffu, max_moved)) {
