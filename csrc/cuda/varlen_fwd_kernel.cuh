@@ -469,8 +469,10 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     __syncthreads();  // V tile n landed; every warp is done with K tile n; the next tile's metadata is visible
     if (next < n_tiles) load_kv(smem.k, k_seq, p.k_row_stride, p.k, next, buf ^ 1);
     cute::cp_async_fence();
-    // A tile where some row cannot see some key: that key's V must not reach the row even if it is inf / NaN.
-    const bool v_fix = !whole_tile && tile_has_nonfinite<Traits>(smem.v);
+    // A tile where some row cannot see some key (the causal diagonal, a query-side mask): that key's V must not reach
+    // the row even if it is inf / NaN. (Slots past the last one are zero-filled, so a tail tile needs no scan.)
+    const bool hidden_keys = query_mask || (p.is_causal && n0 + kBlockN > c.slots_full && c.slots_full < c.slots_end);
+    const bool v_fix = hidden_keys && tile_has_nonfinite<Traits>(smem.v);
     if (v_fix) {
       zero_nonfinite_rows<Traits>(smem.v, smem.v_bad);
       __syncthreads();
@@ -479,7 +481,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     // ---- Online softmax: per row, rescale O by exp(old max - new max), P = exp(S - new max) ----
     // Row maxima first, then the exponentials of every row in one straight run (so the MUFU latency of one row hides
     // behind the others), in the fused form unless some row's max is past kFusedExpLimit (warp-uniform choice).
-    float alpha[kMTiles][2];
+    float alpha[kMTiles][2], base_log2[kMTiles][2];
     bool max_moved = false, fused = true;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
@@ -492,25 +494,26 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2)) * score_mul;  // score_mul > 0 keeps the max
         const float new_max = fmaxf(row_max[mt][half], mx);
         const float base = new_max == -INFINITY ? 0.f : new_max;  // a row with nothing visible yet stays at 0
-        alpha[mt][half] = exp2f((row_max[mt][half] - base) * kLog2e);
+        base_log2[mt][half] = base * kLog2e;  // inf when |base| > kFusedExpLimit: then the unfused form runs
+        alpha[mt][half] = exp2f((row_max[mt][half] - base) * kLog2e);  // old max <= base: no overflow
         max_moved |= new_max != row_max[mt][half];
         fused &= fabsf(base) <= kFusedExpLimit;
         row_max[mt][half] = new_max;
       }
     }
     // Both forms turn a +inf or NaN score into a NaN row sum (a NaN row).
+    const float mul_log2 = score_mul * kLog2e;
     auto exponentiate = [&](auto fused_form) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const float base = row_max[mt][half] == -INFINITY ? 0.f : row_max[mt][half];
-          const float base_log2 = base * kLog2e, mul_log2 = score_mul * kLog2e;
+          const float base = row_max[mt][half] == -INFINITY ? 0.f : row_max[mt][half];  // for the unfused form
           float sum = 0.f;
 #pragma unroll
           for (int e = 0; e < 2 * kNTiles; ++e) {
             float& x = s[mt][e / 2][2 * half + e % 2];
-            x = decltype(fused_form)::value ? exp2f(fmaf(x, mul_log2, -base_log2))
+            x = decltype(fused_form)::value ? exp2f(fmaf(x, mul_log2, -base_log2[mt][half]))
                                             : exp2f((x * score_mul - base) * kLog2e);
             sum += x;
           }
