@@ -9,6 +9,16 @@ It loops over (sequence, query head), turns the mask and bias of one sequence in
 with the dmattn kernels, so it can judge them. It computes in float64 by default; passing ``dtype=q.dtype`` gives
 "a PyTorch implementation in the same dtype", the yardstick of the accuracy rule in the tests.
 
+The numeric rules of the contract (docs/contract.md), as written here:
+- any nonzero mask byte is True (a uint8 tensor viewed as bool may hold 2..255);
+- scores are float32: a score beyond float32's range is the infinity it rounds to (in float64 the other scores
+  keep their extra precision);
+- the softmax subtracts the row's max score: weights exp(s - max), out = weights @ v / sum, lse = max + log(sum), so
+  huge equal scores (a bias of finfo(float32).min on every key) give the mean of V and a finite lse;
+- a key a row cannot see adds nothing to it, nor does a visible key of weight 0: NaN or inf in its V never reaches
+  the row; a visible score of +inf or NaN makes the row's out and lse NaN; a row whose visible scores are all -inf
+  (or that sees no key) gets out 0 and lse -inf.
+
 It is slow (a Python loop, dense per-sequence masks) and meant for checking results, not for use in a model.
 """
 
@@ -93,6 +103,10 @@ def materialize_mask(
         lq = cu_q[batch_index + 1] - cu_q[batch_index]
         lk = cu_k[batch_index + 1] - cu_k[batch_index]
         return torch.ones(num_heads, lq, lk, dtype=torch.bool, device=cu_seqlens_q.device)
+    if mask.dtype == torch.bool:
+        # Any nonzero byte is True. Torch ops on bool tensors holding bytes 2..255 are not reliable, so the bytes
+        # are compared as uint8 first.
+        mask = mask.view(torch.uint8) != 0
     return _dense_operand(mask, "mask", cu_seqlens_q, cu_seqlens_k, batch_index, num_heads)
 
 
@@ -164,8 +178,8 @@ def reference_varlen_attention(
     for b in range(len(cu_q) - 1):
         q0, q1, k0, k1 = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
         lq, lk = q1 - q0, k1 - k0
-        if lq == 0:
-            continue
+        if lq == 0 or lk == 0:
+            continue  # no key: out 0, lse -inf
         allowed = materialize_mask(mask, cu_seqlens_q, cu_seqlens_k, b, num_heads)  # (H, Lq, Lk)
         if is_causal:
             allowed = allowed & causal_mask(lq, lk, device=q.device)
@@ -174,11 +188,31 @@ def reference_varlen_attention(
             qh = q[q0:q1, h].to(dtype)  # (Lq, D)
             kh = k[k0:k1, h // group].to(dtype)  # (Lk, D)
             vh = v[k0:k1, h // group].to(dtype)  # (Lk, D)
-            scores = scale * (qh @ kh.transpose(0, 1)) + add[h]  # (Lq, Lk)
+            scores = _float32_range(scale * (qh @ kh.transpose(0, 1)) + add[h])  # (Lq, Lk)
             scores = scores.masked_fill(~allowed[h], -math.inf)
-            row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (Lq, 1), -inf where no key is visible
-            seen = row_lse > -math.inf
-            probs = torch.where(seen, torch.exp(scores - row_lse), 0.0)  # (Lq, Lk) softmax, 0 for unseen rows
-            out[q0:q1, h] = probs @ vh
-            lse[h, q0:q1] = row_lse[:, 0]
+            row_max = scores.amax(dim=-1, keepdim=True)  # (Lq, 1); NaN if a visible score is NaN
+            seen = row_max != -math.inf  # rows with a visible score above -inf (NaN rows too: they stay NaN)
+            weights = torch.where(seen, torch.exp(scores - row_max), 0.0)  # (Lq, Lk), 0 for unseen keys and rows
+            total = weights.sum(dim=-1, keepdim=True)
+            out[q0:q1, h] = torch.where(seen, _weighted_values(weights, vh) / total, 0.0)
+            lse[h, q0:q1] = torch.where(seen, row_max + torch.log(total), -math.inf)[:, 0]
     return out, lse
+
+
+def _float32_range(scores: torch.Tensor) -> torch.Tensor:
+    """Scores are float32: in a wider dtype, a score beyond float32's range becomes the infinity it rounds to."""
+    if torch.finfo(scores.dtype).max <= torch.finfo(torch.float32).max:
+        return scores
+    as_float32 = scores.to(torch.float32)
+    return torch.where(as_float32.isinf(), as_float32.to(scores.dtype), scores)
+
+
+def _weighted_values(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """weights (Lq, Lk) @ v (Lk, D), where a key of weight 0 adds nothing even when its V row is not finite (0 * inf
+    would be NaN). Keys with a non-finite V row are summed apart, over the rows that give them weight."""
+    bad = ~v.isfinite().all(dim=-1)  # (Lk,)
+    out = weights @ v.masked_fill(bad[:, None], 0.0)
+    if bad.any():
+        w = weights[:, bad, None]  # (Lq, n_bad, 1)
+        out = out + torch.where(w != 0, w * v[bad][None], 0.0).sum(dim=1)
+    return out

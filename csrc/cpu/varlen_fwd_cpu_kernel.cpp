@@ -121,33 +121,14 @@ int64_t operand_offset(const ScoreOperand& op, int64_t row, int32_t h, int64_t j
   return row * op.row_stride + static_cast<int64_t>(h / op.head_group) * op.head_stride + j * op.col_stride;
 }
 
+// Mask elements are read as bytes: any nonzero byte means True (a uint8 tensor viewed as bool may hold 2..255,
+// which a read through bool* would leave undefined).
 bool mask_at(const ScoreOperand& m, int64_t row, int32_t h, int64_t j) {
-  return static_cast<const bool*>(m.ptr)[operand_offset(m, row, h, j)];
+  return static_cast<const uint8_t*>(m.ptr)[operand_offset(m, row, h, j)] != 0;
 }
 
 float bias_at(const ScoreOperand& b, int64_t row, int32_t h, int64_t j) {
   return load_scalar(b.ptr, operand_offset(b, row, h, j), b.dtype);
-}
-
-// exp(x) for x <= 0 (scores minus their running max), written so that the compiler vectorizes the softmax loop
-// (libm's expf is a scalar call). Range reduction x = n ln2 + r with ln2 split in two parts, then a degree-6
-// polynomial for e^r on |r| <= ln2 / 2 (the classic Cephes single-precision coefficients): about 1 ulp.
-// exp(-inf) is exactly 0, so a key a row may not attend gets weight 0.
-__attribute__((always_inline)) inline float exp_nonpositive(float x) {
-  const float clamped = std::max(x, -87.0f);
-  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
-  const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
-  float poly = 1.9875691500e-4f;
-  poly = poly * r + 1.3981999507e-3f;
-  poly = poly * r + 8.3334519073e-3f;
-  poly = poly * r + 4.1665795894e-2f;
-  poly = poly * r + 1.6666665459e-1f;
-  poly = poly * r + 5.0000001201e-1f;
-  const float er = poly * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x == -std::numeric_limits<float>::infinity() ? 0.f : er * scale;
 }
 
 constexpr int64_t kPrefetchDistance = 8;  // gathered K/V rows requested this many keys ahead
@@ -180,6 +161,80 @@ __attribute__((always_inline)) inline void add_store8(float* p, v8f v) {
   std::memcpy(p, &old, sizeof(old));
 }
 
+__attribute__((always_inline)) inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+
+__attribute__((always_inline)) inline v8f splat8(float x) { return v8f{} + x; }
+
+using v8i = int32_t __attribute__((vector_size(32)));
+using v8u = uint32_t __attribute__((vector_size(32)));
+
+// 2^n for integer n in [-126, 127] (a normal float32), built from its exponent bits.
+__attribute__((always_inline)) inline v8f pow2(v8i n) { return (v8f)(((v8u)n + 127u) << 23); }
+
+// exp(x) for eight x <= 0 (scores minus their running max), branch-free. libm's expf is a scalar call; this runs
+// on whole vectors. Range reduction x = n ln2 + r (n rounded to nearest by the 1.5 * 2^23 trick, ln2 split in two
+// parts), then a degree-6 polynomial for e^r on |r| <= ln2 / 2 (the classic Cephes single-precision coefficients):
+// about 1 ulp. 2^n is applied as 2^n1 * 2^n2 with n1, n2 >= -75, both normal, so results in float32's subnormal
+// range come out right (one rounding, at the last product) instead of being cut off. Below -104, exp(x) < 2^-150
+// rounds to 0 and the lane is set to exactly 0 (it computes exp(0) meanwhile: an underflowing product would cost a
+// microcode assist on every masked key). So exp(-inf) = 0 (a key a row may not attend gets weight 0); NaN stays NaN.
+__attribute__((always_inline)) inline v8f exp_nonpositive(v8f x) {
+  const v8i zero = x < splat8(-104.f);  // false for NaN
+  x = zero ? splat8(0.f) : x;
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: y + kRound holds round(y) in its low mantissa bits
+  const v8f t = x * 1.44269504088896341f + kRound;
+  const v8f n = t - kRound;
+  const v8f r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  v8f poly = splat8(1.9875691500e-4f);
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const v8f er = poly * r * r + r + 1.0f;
+  const v8i ni = (v8i)((v8u)t - float_to_bits(kRound));  // n in [-150, 0] (any value for NaN: er is NaN then)
+  const v8i n1 = ni >> 1;
+  return zero ? splat8(0.f) : er * pow2(n1) * pow2(ni - n1);
+}
+
+// Running max that keeps a NaN: once m or x is NaN the result is NaN (std::max(m, x) would drop a NaN x).
+__attribute__((always_inline)) inline float max_keep_nan(float m, float x) { return x > m || x != x ? x : m; }
+
+// One online-softmax step of one row over one chunk. sr[0, cn) holds the row's scores (-inf where it may not
+// attend) and becomes its weights exp(s - max); the row's running max and sum, and its running P . V (acc, D
+// floats), move to the new max. sr must have room up to cn rounded up to 8. A NaN score, or a +inf one (through
+// inf - inf), makes max or sum NaN, and so the row's out and lse.
+__attribute__((always_inline)) inline void softmax_chunk(float* sr, int64_t cn, int64_t D, float& row_max,
+                                                         float& row_sum, float* acc) {
+  const int64_t c8 = (cn + 7) / 8 * 8;
+  std::fill(sr + cn, sr + c8, kNegInf);  // padding lanes: weight 0
+  v8f mv = splat8(row_max);
+  for (int64_t c = 0; c < c8; c += 8) {
+    const v8f x = load8(sr + c);
+    mv = (x > mv) | (x != x) ? x : mv;
+  }
+  float m = row_max;
+  for (int i = 0; i < 8; ++i) m = max_keep_nan(m, mv[i]);
+  if (m == kNegInf) {  // nothing visible yet: weights 0
+    std::fill(sr, sr + cn, 0.f);
+    return;
+  }
+  if (m != row_max) {  // also when m is NaN
+    const float rescale = std::exp(row_max - m);  // exp(-inf) = 0 on the first visible chunk
+    row_sum *= rescale;
+    for (int64_t d = 0; d < D; ++d) acc[d] *= rescale;
+    row_max = m;
+  }
+  const v8f m8 = splat8(m);
+  v8f sum = {};
+  for (int64_t c = 0; c < c8; c += 8) {
+    const v8f w = exp_nonpositive(load8(sr + c) - m8);
+    store8(sr + c, w);
+    sum += w;
+  }
+  for (int i = 0; i < 8; ++i) row_sum += sum[i];
+}
+
 // raw[r * kKeyChunk + c] = q_r . k_c for rows [0, rows) and chunk keys [0, cn_pad), cn_pad % 16 == 0.
 // kt: the chunk's keys transposed, kt[d * kKeyChunk + c]. Two rows x 16 keys per step keep four accumulators in
 // registers, and each K element loaded serves both rows. (Odd row counts compute the last row twice.)
@@ -209,7 +264,9 @@ __attribute__((always_inline)) inline void qk_chunk(const float* q, int64_t rows
 
 // acc[r * D + d] += sum_c w[r * kKeyChunk + c] * vrow[c][d] over one chunk of cn keys. Two rows x 32 columns per
 // step keep eight accumulators in registers; each V element loaded serves both rows. The chunk's sum is formed
-// apart and then added to acc, which bounds float32 rounding growth over long sequences.
+// apart and then added to acc, which bounds float32 rounding growth over long sequences. A weight of exactly 0 (a
+// key the row may not attend, or one whose weight underflows) adds nothing, not 0 * V: a NaN or inf in the V row of
+// a key hidden from this row but visible to another row of the item never reaches it.
 __attribute__((always_inline)) inline void pv_chunk(const float* w, int64_t rows, int64_t D,
                                                     const float* const* vrow, int64_t cn, float* acc) {
   for (int64_t r = 0; r < rows; r += 2) {
@@ -222,10 +279,16 @@ __attribute__((always_inline)) inline void pv_chunk(const float* w, int64_t rows
       for (int64_t c = 0; c < cn; ++c) {
         const float x = w0[c], y = w1[c];
         const float* v = vrow[c] + d;
-        for (int i = 0; i < 4; ++i) {
-          const v8f vv = load8(v + 8 * i);
-          a[i] += x * vv;
-          b[i] += y * vv;
+        if (x != 0.f && y != 0.f) {
+          for (int i = 0; i < 4; ++i) {
+            const v8f vv = load8(v + 8 * i);
+            a[i] += x * vv;
+            b[i] += y * vv;
+          }
+        } else if (x != 0.f) {
+          for (int i = 0; i < 4; ++i) a[i] += x * load8(v + 8 * i);
+        } else if (y != 0.f) {
+          for (int i = 0; i < 4; ++i) b[i] += y * load8(v + 8 * i);
         }
       }
       for (int i = 0; i < 4; ++i) {
@@ -236,8 +299,8 @@ __attribute__((always_inline)) inline void pv_chunk(const float* w, int64_t rows
     for (; d < D; ++d) {
       float x = 0.f, y = 0.f;
       for (int64_t c = 0; c < cn; ++c) {
-        x += w0[c] * vrow[c][d];
-        y += w1[c] * vrow[c][d];
+        if (w0[c] != 0.f) x += w0[c] * vrow[c][d];
+        if (w1[c] != 0.f) y += w1[c] * vrow[c][d];
       }
       acc[r * D + d] += x;
       if (pair) acc[(r + 1) * D + d] += y;
@@ -246,7 +309,8 @@ __attribute__((always_inline)) inline void pv_chunk(const float* w, int64_t rows
 }
 
 // Normalizes one row's P . V by its softmax sum and stores out and lse; a row with no visible key (max = -inf) gets
-// 0 and lse -inf, never NaN. acc is overwritten.
+// 0 and lse -inf, never NaN. A NaN max or sum (the row had a NaN or +inf score) gives NaN out and lse. acc is
+// overwritten.
 void finish_row(const VarlenFwdParams& p, int32_t h, int64_t qrow, float row_max, float row_sum, float* acc) {
   const int64_t D = p.head_dim;
   if (row_max == kNegInf) {
@@ -440,25 +504,7 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
-      float* sr = s.scores.data() + r * kKeyChunk;
-      float m = row_max[r];
-      for (int64_t c = 0; c < cn; ++c) m = std::max(m, sr[c]);
-      if (m == kNegInf) {  // nothing visible yet: weights 0
-        std::fill(sr, sr + cn, 0.f);
-        continue;
-      }
-      if (m != row_max[r]) {
-        const float rescale = std::exp(row_max[r] - m);  // exp(-inf) = 0 on the first visible chunk
-        row_sum[r] *= rescale;
-        for (int64_t d = 0; d < D; ++d) s.acc[r * D + d] *= rescale;
-        row_max[r] = m;
-      }
-      float l = 0.f;
-      for (int64_t c = 0; c < cn; ++c) {
-        sr[c] = exp_nonpositive(sr[c] - m);
-        l += sr[c];
-      }
-      row_sum[r] += l;
+      softmax_chunk(s.scores.data() + r * kKeyChunk, cn, D, row_max[r], row_sum[r], s.acc.data() + r * D);
     }
     pv_chunk(s.scores.data(), rows, D, s.vrow.data(), cn, s.acc.data());
   }
@@ -486,8 +532,8 @@ void combine_splits(const VarlenFwdParams& p, const SplitCombine& c, const float
   std::vector<float> acc(D);
   for (int64_t r = 0; r < rows; ++r) {
     auto split = [&](int64_t s) { return partials + c.first_partial + s * rows * (D + 2) + r * (D + 2); };
-    float m = kNegInf;
-    for (int64_t s = 0; s < c.num_splits; ++s) m = std::max(m, split(s)[0]);
+    float m = kNegInf;  // NaN when a split's max is NaN: the row is NaN
+    for (int64_t s = 0; s < c.num_splits; ++s) m = max_keep_nan(m, split(s)[0]);
     float l = 0.f;
     std::fill(acc.begin(), acc.end(), 0.f);
     if (m != kNegInf) {

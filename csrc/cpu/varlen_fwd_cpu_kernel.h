@@ -8,10 +8,14 @@
 //   1. lists the candidate keys: those visible to at least one row (causal limit, key-side mask, query-side
 //      mask). Every other key costs nothing: no dot product, no bias read, no K or V read;
 //   2. runs an online softmax over chunks of kKeyChunk candidates: scores (scaled q . k + bias, -inf where the
-//      row may not attend), running max and sum, then the V accumulation. The two products are small register-
-//      blocked loops (two rows at a time) over the chunk's gathered K (transposed) and V rows;
+//      row may not attend), running max and sum, weights exp(score - max) (vectorized; the real value down to
+//      float32's subnormal range, 0 below), then the V accumulation, which skips weights of exactly 0. The two
+//      products are small register-blocked loops (two rows at a time) over the chunk's gathered K (transposed)
+//      and V rows;
 //   3. normalizes and stores out and lse.
-// Accumulation is float32 for every input dtype.
+// Accumulation is float32 for every input dtype. A key a row may not attend never touches that row, whatever its
+// K, V and bias hold: its score is replaced by -inf and its weight 0 is skipped. A NaN or +inf score among the keys
+// a row attends makes that row's out and lse NaN (the running max keeps a NaN, also across key splits).
 #pragma once
 
 #include <cstdint>
