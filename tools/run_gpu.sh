@@ -29,8 +29,9 @@
 #   WHEELS            folder of carried wheels (default .whl): nvidia-cutlass (CuTe headers), expecttest
 #   TESTS             pytest arguments of the test stage, shell-quoted (default: the CUDA-parametrized tests,
 #                     tests/ -k cuda; the CPU half of every test file runs in CI)
-#   SANITIZE_TESTS    pytest -k expression for the sanitizer stage over tests/test_varlen_fwd.py (default: the CUDA
-#                     samples, NaN padding, rows no sequence owns, lying cu_seqlens)
+#   SANITIZE_FILES    test files of the sanitizer stage (default: tests/test_varlen_fwd.py)
+#   SANITIZE_TESTS    pytest -k expression for the sanitizer stage (default: the CUDA samples, NaN padding, rows no
+#                     sequence owns, lying cu_seqlens)
 #   BENCH_ARGS        arguments of tools/bench_gpu.py (default: --workload all)
 #   DMATTN_KEEP_CC    set to keep the environment's CC / CXX (default: /usr/bin/gcc, g++ where present)
 #   DMATTN_PREBUILT   a folder holding _C*.so and _build_config.py of an earlier run (same image): used instead of
@@ -119,7 +120,7 @@ for s in $STAGES; do
     sanitize)
       # shellcheck disable=SC2086
       stage sanitize compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
-        python3 -m pytest -q --no-header -p no:cacheprovider tests/test_varlen_fwd.py \
+        python3 -m pytest -q --no-header -p no:cacheprovider ${SANITIZE_FILES:-tests/test_varlen_fwd.py} \
         -k "${SANITIZE_TESTS:-cuda and (sample_matches or nan_padding or rows_after or lying)}"
       ;;
     bench)
