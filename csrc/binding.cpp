@@ -165,9 +165,7 @@ VarlenFwdParams make_params(const VarlenFwdArgs& a, at::Tensor& out, at::Tensor&
   p.out_row_stride = out.stride(0);
   p.out_head_stride = out.stride(1);
   p.num_heads = static_cast<int32_t>(a.q.size(1));
-  // With no query heads there is nothing to compute (out and lse have no element): a batch of 0 makes every
-  // backend skip all work, and no kernel divides by a head count of 0.
-  p.batch = p.num_heads == 0 ? 0 : static_cast<int32_t>(a.cu_seqlens_q.size(0) - 1);
+  p.batch = static_cast<int32_t>(a.cu_seqlens_q.size(0) - 1);
   p.num_heads_k = static_cast<int32_t>(a.k.size(1));
   p.head_dim = static_cast<int32_t>(a.q.size(2));
   p.total_q = a.q.size(0);

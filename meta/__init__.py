@@ -5,4 +5,4 @@ registers the fake impl and the autograd guard, so dmattn_ops imports it right a
 """
 
 from . import fake, rules  # noqa: F401  (registers the fake impl)
-from .rules import Layout, VarlenLayout, check_varlen_fwd, layout_of, operand_elements  # noqa: F401
+from .rules import Layout, VarlenLayout, check_varlen_fwd, layout_of  # noqa: F401

@@ -336,13 +336,3 @@ def output_shapes(q):
     """out (total_q, H, D) in q's dtype and softmax_lse (H, total_q) float32, both contiguous."""
     total_q, num_heads, head_dim = q.shape
     return (total_q, num_heads, head_dim), (num_heads, total_q)
-
-
-def operand_elements(layout: Layout, rows_k, rows_q, heads, max_seqlen_k) -> int:
-    """Elements a mask or bias of this layout holds: O(total_k * Hm) key-side, O(total_q * Hm * max_seqlen_k)
-    query-side."""
-    if layout is Layout.KEY_SIDE:
-        return rows_k * heads
-    if layout is Layout.QUERY_SIDE:
-        return rows_q * heads * max_seqlen_k
-    return 0

@@ -72,7 +72,7 @@ def _assert_matches_reference(result, sample: Sample, same_dtype=None) -> None:
     nan_rows = ref64[1].isnan()  # (H, total_q)
     assert torch.equal(lse.isnan(), nan_rows), "lse is NaN exactly where a visible score is +inf or NaN"
     assert out.permute(1, 0, 2)[nan_rows].isnan().all(), "out rows with a +inf or NaN visible score must be NaN"
-    assert not same_dtype[1][~nan_rows].isnan().any(), "test set-up: the yardstick must be NaN-free on the compared rows"
+    assert not same_dtype[1][~nan_rows].isnan().any(), "test set-up: the yardstick is NaN-free on the other rows"
 
     def without_nan_rows(o, l):
         o, l = o.clone(), l.clone()
@@ -125,8 +125,9 @@ def _one_query(bias: List[float], v: torch.Tensor, dtype: torch.dtype, device: s
     n, d = v.shape
     spec = Spec("one_query", seqlens_q=(1,), seqlens_k=(n,), heads=1, heads_k=1, head_dim=d)
     return Sample(
-        spec=spec, q=torch.zeros(1, 1, d, dtype=dtype, device=device), k=torch.zeros(n, 1, d, dtype=dtype, device=device),
-        v=v.to(dtype).view(n, 1, d).to(device), cu_seqlens_q=dmattn_ops.cu_seqlens([1], device=device),
+        spec=spec, q=torch.zeros(1, 1, d, dtype=dtype, device=device),
+        k=torch.zeros(n, 1, d, dtype=dtype, device=device), v=v.to(dtype).view(n, 1, d).to(device),
+        cu_seqlens_q=dmattn_ops.cu_seqlens([1], device=device),
         cu_seqlens_k=dmattn_ops.cu_seqlens([n], device=device), max_seqlen_q=1, max_seqlen_k=n,
         bias=torch.tensor(bias, dtype=torch.float32, device=device).view(n, 1),
     )

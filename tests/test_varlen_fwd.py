@@ -6,7 +6,8 @@
   unused poisoned, must give a bit-identical result (catches out-of-bounds and out-of-sequence reads);
 - operand strides: non-contiguous, transposed and stride-0 masks/biases;
 - a key-side mask/bias is never expanded to the query-side layout, and the keys it masks out are never read;
-- rows after cu_seqlens_q[-1]; lying cu_seqlens (CPU: ValueError; CUDA: clamped, no crash, no NaN);
+- rows after cu_seqlens_q[-1]; lying cu_seqlens or max_seqlen (CPU: ValueError; CUDA: NaN everywhere, in bounds);
+  honest but extreme sizes: max_seqlen far above the real lengths, more sequences than a grid dimension holds;
 - CPU vs CUDA agreement, and the CUDA build's clear errors for what it was not built for;
 - the reference itself: the causal alignment and head broadcast by hand, and the output against torch SDPA.
 """
@@ -387,6 +388,8 @@ def _lying(sample: Sample, case: str) -> Sample:
         "decreasing": dict(cu_q=[0, cu_q[2], cu_q[1], cu_q[3]], cu_k=[0, cu_k[3], 1, cu_k[3]]),
         "longer_than_max_seqlen": dict(max_q=1, max_k=2),
         "negative": dict(cu_q=[-7] + cu_q[1:], cu_k=[0, -3] + cu_k[2:]),
+        "int32_min_inside": dict(cu_q=[0, cu_q[1], -(2**31), cu_q[3]]),
+        "max_seqlen_k_zero": dict(max_k=0),
     }[case]
     max_k = lies.get("max_k", sample.max_seqlen_k)
 
@@ -406,14 +409,17 @@ def _lying(sample: Sample, case: str) -> Sample:
     )
 
 
-LYING = ["last_past_total", "decreasing", "longer_than_max_seqlen", "negative"]
+LYING = ["last_past_total", "decreasing", "longer_than_max_seqlen", "negative", "int32_min_inside",
+         "max_seqlen_k_zero"]
 
 
 @pytest.mark.parametrize("case", LYING)
-@pytest.mark.parametrize("name", ["key_mask_query_bias", "causal_mqa_mixed"])
+@pytest.mark.parametrize("name", ["key_mask_query_bias", "causal_mqa_mixed", "decode_key_side"])
 def test_lying_cu_seqlens(name, case, device):
-    """CPU: a ValueError from the data checks. CUDA (no data check, no sync): lengths are clamped in the kernel;
-    the output is unspecified but the call must not fail, read out of bounds or produce NaN."""
+    """CPU: a ValueError from the data checks. CUDA (no host sync): the kernels clamp lengths, so nothing is read
+    or written out of bounds (compute-sanitizer runs this test), and the device-side check makes the lie visible:
+    every element of out and lse is NaN, never a plausible wrong answer. dmattn_ops.check_cu_seqlens reports it
+    synchronously, with the CPU's message."""
     spec = next(s for s in SAMPLES if s.name == name)
     dtype = torch.float32 if device == "cpu" else torch.float16
     _skip_unsupported(spec, dtype, device)
@@ -425,9 +431,53 @@ def test_lying_cu_seqlens(name, case, device):
             torch.ops.dmattn.varlen_fwd(*sample.args())
         return
     out, lse = sample.run()
-    torch.cuda.synchronize()
-    assert out.isfinite().all()
-    assert not lse.isnan().any() and not (lse == math.inf).any()
+    assert out.isnan().all() and lse.isnan().all()
+    out, lse = torch.ops.dmattn.varlen_fwd(*sample.args())
+    assert out.isnan().all() and lse.isnan().all()
+    with pytest.raises(ValueError, match=r"dmattn\.varlen_fwd: .*(cu_seqlens|max_seqlen)"):
+        dmattn_ops.check_cu_seqlens(sample.cu_seqlens_q, sample.cu_seqlens_k, sample.q.shape[0], sample.k.shape[0],
+                                    sample.max_seqlen_q, sample.max_seqlen_k)
+
+
+@pytest.mark.parametrize("name", ["key_mask_query_bias", "causal_mqa_mixed", "decode_key_side"])
+def test_max_seqlen_far_above_the_lengths(name, device):
+    """max_seqlen is an upper bound: 2**62 is honest (a launch sized by it was impossible on CUDA before)."""
+    spec = next(s for s in SAMPLES if s.name == name)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    _skip_unsupported(spec, dtype, device)
+    sample = make_sample(spec, dtype, device)
+    if sample.mask is not None and sample.mask.dim() == 3 or sample.bias is not None and sample.bias.dim() == 3:
+        sample = sample.replace(max_seqlen_q=2**62)  # query-side operands are max_seqlen_k wide
+    else:
+        sample = sample.replace(max_seqlen_q=2**62, max_seqlen_k=2**62 - 1)
+    _run_checked(sample)
+
+
+def test_more_sequences_than_a_grid_dimension(device):
+    """70,000 one-query decode sequences (CUDA grids hold at most 65,535 in one dimension): a valid call runs, on
+    the CPU and CUDA alike, and agrees with the reference on a sample of its sequences."""
+    batch, H, Hk, D = 70_000, 2, 1, 32
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(7)
+    lengths_k = torch.randint(1, 5, (batch,), generator=gen)
+    q = torch.randn(batch, H, D, generator=gen).to(dtype)
+    k = torch.randn(int(lengths_k.sum()), Hk, D, generator=gen).to(dtype)
+    v = torch.randn(int(lengths_k.sum()), Hk, D, generator=gen).to(dtype)
+    keep = torch.rand(k.shape[0], Hk, generator=gen) < 0.7
+    cu_q, cu_k = dmattn_ops.cu_seqlens([1] * batch), dmattn_ops.cu_seqlens(lengths_k)
+    out, lse = dmattn_ops.varlen_attention(
+        *(t.to(device) for t in (q, k, v, cu_q, cu_k)), 1, 4, mask=keep.to(device), return_lse=True
+    )
+    out, lse = out.cpu(), lse.cpu()
+    for b in (0, 1, 65_534, 65_535, 65_536, batch - 1):  # both sides of every launch boundary
+        k0, k1 = int(cu_k[b]), int(cu_k[b + 1])
+        one = (q[b : b + 1], k[k0:k1], v[k0:k1], dmattn_ops.cu_seqlens([1]), dmattn_ops.cu_seqlens([k1 - k0]), 1, 4)
+        assert_close_to_reference(
+            (out[b : b + 1], lse[:, b : b + 1]),
+            reference_varlen_attention(*one, mask=keep[k0:k1]),
+            reference_varlen_attention(*one, mask=keep[k0:k1], dtype=dtype),
+            label=f"sequence {b}",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------

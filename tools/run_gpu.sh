@@ -2,8 +2,14 @@
 # run_gpu.sh: what the GPU machine runs for dmattn_ops, in one script: install carried wheels, build the CUDA
 # extension in place, print the build, run the tests, compute-sanitizer over the CUDA edge-case tests, benchmark.
 #
-#   tools/run_gpu.sh [STAGE...]      stages: wheels build info test sanitize bench (default: all of them, in order)
-#                                    any other STAGE is a Python script to run (e.g. a carried check script)
+#   tools/run_gpu.sh [STAGE...]      stages: wheels build info test sanitize bench (default: all of them, in order),
+#                                    and prev / compare (below); any other STAGE is a Python script to run
+#
+# Comparing against an earlier build (no workload more than 3% slower, say): carry the earlier commit's sources in
+# .prev/ (git-ignored; `rm -rf .prev && mkdir .prev && git archive COMMIT | tar -x -C .prev`), then
+#   tools/run_gpu.sh wheels build prev compare
+# `prev` builds .prev in place; `compare` runs tools/bench_gpu.py (dmattn_ops rows only) with each build in turn,
+# alternating old / new COMPARE_ROUNDS times, and writes $OUT/compare.json, compare.png (tools/compare_builds.py).
 #
 # The GPU machine has no network: carry the wheels it lacks, fetched here with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -13,23 +19,29 @@
 # compiled create_block_mask of its FlexAttention peer took 388 s to compile.
 #
 # Environment:
-#   OUT               where logs, the built extension and benchmark results go (default: /tmp/dmattn_gpu_out)
+#   OUT               where the built extension and benchmark results go (default: /tmp/dmattn_gpu_out)
+#   LOGDIR            where the stage logs go (default: $OUT)
+#   SAVE_BUILD        1 (default): copy the built _C*.so and _build_config.py to $OUT, to carry into a later call
+#   COMPARE_WORKLOADS bench_gpu.py workloads of the compare stage (default: "prefill dense decode")
+#   COMPARE_ROUNDS    old / new alternations of the compare stage (default: 2)
 #   MAX_JOBS          parallel compile jobs (default 16)
 #   DMATTN_CUDA_ARCHS archs to build (default "80;90", see setup.py)
 #   WHEELS            folder of carried wheels (default .whl): nvidia-cutlass (CuTe headers), expecttest
-#   TESTS             pytest arguments of the test stage (default: the CUDA-parametrized tests, tests/ -k cuda; the
-#                     CPU half of every test file runs in CI)
-#   SANITIZE_TESTS    pytest -k expression for the sanitizer stage over tests/test_varlen_fwd.py (default: the CUDA
-#                     samples, NaN padding, rows no sequence owns, lying cu_seqlens)
+#   TESTS             pytest arguments of the test stage, shell-quoted (default: the CUDA-parametrized tests,
+#                     tests/ -k cuda; the CPU half of every test file runs in CI)
+#   SANITIZE_FILES    test files of the sanitizer stage (default: tests/test_varlen_fwd.py)
+#   SANITIZE_TESTS    pytest -k expression for the sanitizer stage (default: the CUDA samples, NaN padding, rows no
+#                     sequence owns, lying cu_seqlens)
 #   BENCH_ARGS        arguments of tools/bench_gpu.py (default: --workload all)
 #   DMATTN_KEEP_CC    set to keep the environment's CC / CXX (default: /usr/bin/gcc, g++ where present)
 #   DMATTN_PREBUILT   a folder holding _C*.so and _build_config.py of an earlier run (same image): used instead of
 #                     building, unless DMATTN_REBUILD=1
-# Each stage logs to $OUT/<stage>.log.
+# Each stage logs to $LOGDIR/<stage>.log.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dmattn_gpu_out}
-mkdir -p "$OUT"
+LOGDIR=${LOGDIR:-$OUT}
+mkdir -p "$OUT" "$LOGDIR"
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 STAGES=${*:-wheels build info test sanitize bench}
 # The GPU image's default compiler (CC / CXX = /opt/gcc/...) puts libstdc++ code into the extension
@@ -44,7 +56,7 @@ stage() {  # stage NAME COMMAND...: runs COMMAND, tees its output to $OUT/NAME.l
   shift
   echo "=== $name: $*"
   local t0=$SECONDS
-  "$@" 2>&1 | tee "$OUT/$name.log"
+  "$@" 2>&1 | tee "$LOGDIR/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc after $((SECONDS - t0)) s"
   [ "$rc" -eq 0 ] || status=1
@@ -72,20 +84,43 @@ for s in $STAGES; do
       else
         rm -f dmattn_ops/_C*.so
         DMATTN_BACKENDS=cuda stage build python3 setup.py build_ext --inplace || exit 1
-        cp dmattn_ops/_C*.so dmattn_ops/_build_config.py "$OUT"/
+        [ "${SAVE_BUILD:-1}" = 1 ] && cp dmattn_ops/_C*.so dmattn_ops/_build_config.py "$OUT"/
       fi
+      ;;
+    prev)
+      [ -f .prev/setup.py ] || { echo "=== prev: no .prev/setup.py (see the header)"; status=1; continue; }
+      [ -e .prev/dmattn_ops/_meta ] || ln -s ../meta .prev/dmattn_ops/_meta
+      (cd .prev && DMATTN_BACKENDS=cuda stage prev python3 setup.py build_ext --inplace) || status=1
+      ;;
+    compare)
+      bench=/tmp/dmattn_compare
+      rm -rf "$bench"
+      olds=() news=()
+      for round in $(seq "${COMPARE_ROUNDS:-2}"); do
+        for build in old new; do
+          for w in ${COMPARE_WORKLOADS:-prefill dense decode}; do
+            if [ $build = old ]; then pp=$PWD/.prev; else pp=$PWD; fi
+            PYTHONPATH=$pp:/tmp/site stage "compare_${build}${round}_$w" python3 tools/bench_gpu.py --workload "$w" \
+              --only dmattn --quick --out "$bench/$build$round" || true
+          done
+          if [ $build = old ]; then olds+=("$bench/old$round"); else news+=("$bench/new$round"); fi
+        done
+      done
+      stage compare python3 tools/compare_builds.py --old "${olds[@]}" --new "${news[@]}" \
+        --old-label "${COMPARE_OLD_LABEL:-.prev}" --new-label "${COMPARE_NEW_LABEL:-this tree}" \
+        --json "$OUT/compare.json" --chart "$OUT/compare.png"
       ;;
     info)
       stage info python3 -m dmattn_ops
       ;;
     test)
-      # shellcheck disable=SC2086
-      stage test python3 -m pytest -q --no-header -p no:cacheprovider -rs ${TESTS:-tests/ -k cuda}
+      # bash -c: TESTS may quote a -k expression, e.g. TESTS='tests/ -k "cuda and not aoti"'
+      stage test bash -c "python3 -m pytest -q --no-header -p no:cacheprovider -rs ${TESTS:-tests/ -k cuda}"
       ;;
     sanitize)
       # shellcheck disable=SC2086
       stage sanitize compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
-        python3 -m pytest -q --no-header -p no:cacheprovider tests/test_varlen_fwd.py \
+        python3 -m pytest -q --no-header -p no:cacheprovider ${SANITIZE_FILES:-tests/test_varlen_fwd.py} \
         -k "${SANITIZE_TESTS:-cuda and (sample_matches or nan_padding or rows_after or lying)}"
       ;;
     bench)

@@ -47,6 +47,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
   check_cu_seqlens_data("cu_seqlens_k", cu_seqlens_k, k.size(0), max_seqlen_k, "total_k", "max_seqlen_k");
 
   auto [out, lse] = allocate_outputs(args);
+  if (out.numel() == 0) return {out, lse};  // no query rows or no heads (H = 0): nothing to compute
   const VarlenFwdParams p = make_params(args, out, lse);
 
   const int64_t threads = at::get_num_threads();

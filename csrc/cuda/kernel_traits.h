@@ -38,6 +38,7 @@ struct ElemTraits;
 template <>
 struct ElemTraits<__nv_bfloat16> {
   using Mma = cute::SM80_16x8x16_F32BF16BF16F32_TN;
+  static constexpr uint32_t kExpBits = 0x7f80u;  // exponent field: all ones for inf and NaN
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
@@ -47,6 +48,7 @@ struct ElemTraits<__nv_bfloat16> {
 template <>
 struct ElemTraits<__half> {
   using Mma = cute::SM80_16x8x16_F32F16F16F32_TN;
+  static constexpr uint32_t kExpBits = 0x7c00u;  // exponent field: all ones for inf and NaN
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
@@ -103,7 +105,8 @@ struct KernelTraits {
     Elem k[kBlockN * kHeadDim];   // sK (kBlockN, D), SmemLayoutKV
     Elem v[kBlockN * kHeadDim];   // sV (kBlockN, D), SmemLayoutKV
     int32_t key_pos[2][kBlockN];  // per metadata buffer: key position of each slot of a KV tile, -1 = no key
-    float key_bias[2][kBlockN];   // per metadata buffer: key-side bias of each slot times log2(e); 0 without one
+    float key_bias[2][kBlockN];   // per metadata buffer: key-side bias of each slot; 0 without one
+    uint8_t v_bad[kBlockN];       // slots of the current V tile whose row held inf / NaN (rare path, see kernel)
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
 };

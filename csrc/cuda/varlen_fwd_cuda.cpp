@@ -1,7 +1,8 @@
 // varlen_fwd_cuda.cpp: registers the CUDA kernels of dmattn::varlen_fwd.
 //
-// Validates once (binding.cpp: the same shape / dtype / device rules as the CPU path; no cu_seqlens data checks,
-// which would need a device sync: the kernels clamp lying cu_seqlens to the tensor extents instead), prepares
+// Validates once (binding.cpp: the same shape / dtype / device rules as the CPU path; no cu_seqlens data checks on
+// the host, which would need a device sync: the kernels clamp lying cu_seqlens to the tensor extents and return NaN
+// everywhere when they break the contract, see varlen_fwd_run.cu), prepares
 // q / k / v for the kernels (zero-padded to a compiled head dim, 16-byte aligned rows), allocates out, lse and the
 // scratch through torch, and runs everything on the current stream (varlen_fwd_launch.h).
 #include <ATen/ATen.h>
@@ -21,7 +22,7 @@ namespace dmattn {
 namespace {
 
 constexpr const char* kOp = "dmattn.varlen_fwd: ";
-constexpr int64_t kMaxGridDim = 65535;  // batch and heads are grid dimensions
+constexpr int64_t kMaxGridDim = 65535;  // query heads are a grid dimension
 
 // cp.async moves 16-byte chunks: the base and the token / head strides must keep every row 16-byte aligned.
 bool rows_aligned(const at::Tensor& t) {
@@ -49,7 +50,6 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
                    "float32 q, k, v are not supported on CUDA (the kernels run float16 / bfloat16 tensor cores), "
                    "got q of dtype float32; convert q, k and v to float16 or bfloat16, or run on the CPU");
   const int64_t batch = cu_seqlens_q.size(0) - 1;
-  TORCH_CHECK_VALUE(batch <= kMaxGridDim, kOp, "at most ", kMaxGridDim, " sequences per call on CUDA, got B = ", batch);
   TORCH_CHECK_VALUE(q.size(1) <= kMaxGridDim, kOp, "at most ", kMaxGridDim, " query heads on CUDA, got H = ",
                     q.size(1));
 
@@ -74,8 +74,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
     key_count = at::empty({batch, mask_heads}, q.options().dtype(at::kInt));
     ws.keys = {key_index.data_ptr<int32_t>(), key_count.data_ptr<int32_t>(), static_cast<int32_t>(mask_heads)};
   }
-  at::Tensor row_owned = at::empty({q.size(0)}, q.options().dtype(at::kByte));
-  ws.row_owned = row_owned.data_ptr<uint8_t>();
+  at::Tensor status = at::empty({1}, q.options().dtype(at::kInt));
+  ws.status = status.data_ptr<int32_t>();
   C10_CUDA_CHECK(cuda::run_varlen_fwd(p, ws, c10::cuda::getCurrentCUDAStream()));
 
   if (kernel_dim != head_dim) out = out.narrow(2, 0, head_dim).contiguous();

@@ -22,7 +22,9 @@
 #include <cuda_runtime.h>
 
 #include <cute/arch/copy_sm80.hpp>
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "kernel_traits.h"
 #include "score_operand.cuh"
@@ -31,7 +33,10 @@
 namespace dmattn::cuda {
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+// Scores are kept in natural units (scale * q.k + bias) and exponentiated as exp2((s - max) * log2 e). The fused
+// form exp2(s * log2e - max * log2e) saves an instruction but overflows once |max| > FLT_MAX / log2 e: rows whose max
+// is past this bound (a bias near finfo.min on every key, say) take the unfused form.
+constexpr float kFusedExpLimit = 2.3587e38f;  // < FLT_MAX / log2(e) = 2.35870e38
 
 // Everything one CTA knows about its tile, computed once at entry. Positions and lengths are int32: cu_seqlens are
 // int32, so every clamped sequence start and length fits; only element offsets (row * stride) need 64 bits.
@@ -147,9 +152,45 @@ __device__ __forceinline__ void gather_rows(typename Traits::Elem* smem, const t
   }
 }
 
+// Whether the (kBlockN, D) V tile in shared memory holds an inf or NaN; every thread scans an equal share (16-byte
+// reads, conflict-free) and the answer is the CTA's vote. Two 16-bit elements per 32-bit word.
+template <typename Traits>
+__device__ __forceinline__ bool tile_has_nonfinite(const typename Traits::Elem* tile) {
+  constexpr uint32_t kLo = ElemTraits<typename Traits::Elem>::kExpBits, kHi = kLo << 16;
+  constexpr int kVecs = Traits::kBlockN * Traits::kHeadDim / 8;  // 16-byte vectors in the tile
+  static_assert(kVecs % Traits::kThreads == 0, "the scan splits evenly over the threads");
+  const uint4* vecs = reinterpret_cast<const uint4*>(tile);
+  bool bad = false;
+#pragma unroll 1  // a few registers, not one 16-byte vector per iteration: this runs beside O and S
+  for (int i = 0; i < kVecs / Traits::kThreads; ++i) {
+    const uint4 w = vecs[i * Traits::kThreads + threadIdx.x];
+    for (const uint32_t x : {w.x, w.y, w.z, w.w}) bad |= (x & kLo) == kLo || (x & kHi) == kHi;
+  }
+  return __syncthreads_or(bad) != 0;
+}
+
+// Rare path of tile_has_nonfinite: zeroes the inf / NaN elements of the V tile and flags their slots in v_bad, so
+// that a row which cannot see such a key gets 0 * 0 from it in the P V product instead of 0 * NaN. (Rows that do
+// give it a nonzero weight are set to NaN by the caller, as the product would have made them.)
+template <typename Traits>
+__device__ void zero_nonfinite_rows(typename Traits::Elem* tile, uint8_t* v_bad) {
+  constexpr uint32_t kLo = ElemTraits<typename Traits::Elem>::kExpBits, kHi = kLo << 16;
+  if (threadIdx.x >= Traits::kBlockN) return;
+  const int slot = threadIdx.x;
+  bool bad = false;
+#pragma unroll 1
+  for (int col = 0; col < Traits::kHeadDim; col += 2) {
+    uint32_t& x = *reinterpret_cast<uint32_t*>(tile + Traits::template smem_offset<Traits::kBlockN>(slot, col));
+    const uint32_t keep = ((x & kLo) == kLo ? 0u : 0xffffu) | ((x & kHi) == kHi ? 0u : 0xffff0000u);
+    bad |= keep != 0xffffffffu;
+    x &= keep;
+  }
+  v_bad[slot] = bad;
+}
+
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
-varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys) {
+varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys, int batch_offset) {
   using Elem = typename Traits::Elem;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kMTiles = Traits::kMTiles;
   constexpr int kNTiles = Traits::kNTiles, kDTiles = Traits::kDTiles, kHeadDim = Traits::kHeadDim;
@@ -160,7 +201,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
 
   // ---- The tile: sequence, head, query rows, and the key slots it can see ----
   TileContext c;
-  const int b = blockIdx.z;
+  const int b = batch_offset + blockIdx.z;
   c.h = blockIdx.y;
   c.hk = c.h / (p.num_heads / p.num_heads_k);
   {
@@ -200,14 +241,14 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
   const bool query_mask = Traits::kQueryOperands && p.mask.layout == OperandLayout::kQuerySide;
   const bool query_bias = Traits::kQueryOperands && p.bias.layout == OperandLayout::kQuerySide;
   const bool key_bias = p.bias.layout == OperandLayout::kKeySide;
-  const float scale_log2 = p.softmax_scale * kLog2e;
+  const float scale = p.softmax_scale;
   const int mask_head = c.h / p.mask.head_group, bias_head = c.h / p.bias.head_group;
 
   const Elem* k_seq = static_cast<const Elem*>(p.k) + c.k_start * p.k_row_stride + k_head;
   const Elem* v_seq = static_cast<const Elem*>(p.v) + c.k_start * p.v_row_stride + v_head;
 
   // Tile metadata, double-buffered in shared memory (buffer `buf` is the current tile's, buf ^ 1 the next one's):
-  // the key position of each slot (-1 past the last visible slot) and its key-side bias times log2 e. Thread
+  // the key position of each slot (-1 past the last visible slot) and its key-side bias. Thread
   // tid < kBlockN fetches slot tid of the next tile into registers (position first, bias once the position has
   // arrived) during the current tile's Q K^T and stores it before the barrier that precedes the next K load, so
   // neither the gather nor the score modification waits on a global load inside the loop.
@@ -223,7 +264,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     if (tid < kBlockN) {
       meta_pos = min(meta_pos, c.k_len - 1);  // a negative position (a corrupt list) stays "no key"
       meta_bias = key_bias && meta_pos >= 0
-                      ? bias_value(p.bias, operand_offset(p.bias, c.k_start + meta_pos, c.h, 0)) * kLog2e
+                      ? bias_value(p.bias, operand_offset(p.bias, c.k_start + meta_pos, c.h, 0))
                       : 0.f;
     }
   };
@@ -287,6 +328,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
   const int warp_row0 = warp * kMTiles * 16;
+  unsigned poisoned_rows = 0;  // bit 2 mt + half: this lane saw that row give weight to a key whose V held inf / NaN
   // Per-lane ldmatrix byte addresses of the first fragment of each operand; the others are smem_step away.
   const uint32_t q_lane = static_cast<uint32_t>(__cvta_generic_to_shared(smem.q)) +
                           2 * Traits::template smem_offset<kBlockM>(warp_row0 + (lane & 7) + ((lane >> 3) & 1) * 8,
@@ -307,7 +349,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     const int next = next_live(n + 1);
     if (next < n_tiles) fetch_meta_pos(next);  // issued now, consumed after Q K^T
     const int32_t* key_pos = smem.key_pos[buf];
-    const float* key_bias_log2 = smem.key_bias[buf];
+    const float* slot_bias = smem.key_bias[buf];
 
     // ---- S = Q K^T: s[mt][nt] is the m16n8 fragment (rows warp_row0 + 16 mt, slots 8 nt) ----
     // Software-pipelined: the K fragments of step i + kPrefetch and the Q fragments of k-step kk + 1 are loaded
@@ -352,12 +394,12 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
       }
     }
 
-    // ---- Scores in the log2 domain: scale, bias, and -inf where a key is not visible ----
+    // ---- Scores: scale, bias, and -inf where a key is not visible ----
     // A tile every row sees whole, with no bias, keeps raw scores: the scale is folded into the softmax FFMAs
-    // (exp2(s * scale - max)), score_mul says which domain s is in.
+    // (exp2(s * scale * log2e - max * log2e)); score_mul says whether s is raw or already scaled.
     const bool whole_tile = n0 + kBlockN <= c.slots_full && !query_mask && !query_bias;
-    const bool raw_scores = whole_tile && !key_bias && scale_log2 > 0.f;
-    const float score_mul = raw_scores ? scale_log2 : 1.f;
+    const bool raw_scores = whole_tile && !key_bias && scale > 0.f;
+    const float score_mul = raw_scores ? scale : 1.f;
     if (whole_tile && !raw_scores) {
       // Every row sees every slot of this tile: only the scale and a key-side bias.
 #pragma unroll
@@ -366,7 +408,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
         for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            s[mt][nt][e] = s[mt][nt][e] * scale_log2 + key_bias_log2[nt * 8 + 2 * t + (e % 2)];
+            s[mt][nt][e] = s[mt][nt][e] * scale + slot_bias[nt * 8 + 2 * t + (e % 2)];
           }
     } else if (!whole_tile) {
       // Causal diagonal, the last (partial) tile, or query-side operands: per element, in two passes that keep
@@ -386,13 +428,13 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
         for (int e2 = 0; e2 < 2; ++e2) {
           const int col = nt * 8 + 2 * t + e2;
           const int pos = key_pos[col];
-          const float kb = key_bias_log2[col];
+          const float kb = slot_bias[col];
 #pragma unroll
           for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
               float& x = s[mt][nt][2 * half + e2];
-              x = pos < 0 || pos >= limit[mt][half] ? -INFINITY : x * scale_log2 + kb;
+              x = pos < 0 || pos >= limit[mt][half] ? -INFINITY : x * scale + kb;
             }
         }
       // Pass 2, query-side operands only: a score still finite has a visible key, so its mask / bias element is in
@@ -413,7 +455,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
                 if (x == -INFINITY) continue;
                 const int64_t pos = key_pos[nt * 8 + 2 * t + e2];
                 if (query_mask && !mask_value(p.mask, mask_row + pos * p.mask.col_stride)) x = -INFINITY;
-                if (query_bias) x += bias_value(p.bias, bias_row + pos * p.bias.col_stride) * kLog2e;
+                if (query_bias) x += bias_value(p.bias, bias_row + pos * p.bias.col_stride);
               }
           }
       }
@@ -427,10 +469,20 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     __syncthreads();  // V tile n landed; every warp is done with K tile n; the next tile's metadata is visible
     if (next < n_tiles) load_kv(smem.k, k_seq, p.k_row_stride, p.k, next, buf ^ 1);
     cute::cp_async_fence();
+    // A tile where some row cannot see some key (the causal diagonal, a query-side mask): that key's V must not reach
+    // the row even if it is inf / NaN. (Slots past the last one are zero-filled, so a tail tile needs no scan.)
+    const bool hidden_keys = query_mask || (p.is_causal && n0 + kBlockN > c.slots_full && c.slots_full < c.slots_end);
+    const bool v_fix = hidden_keys && tile_has_nonfinite<Traits>(smem.v);
+    if (v_fix) {
+      zero_nonfinite_rows<Traits>(smem.v, smem.v_bad);
+      __syncthreads();
+    }
 
-    // ---- Online softmax: per row, rescale O by exp2(old max - new max), P = exp2(S - new max) ----
-    float alpha[kMTiles][2];
-    bool max_moved = false;
+    // ---- Online softmax: per row, rescale O by exp(old max - new max), P = exp(S - new max) ----
+    // Row maxima first, then the exponentials of every row in one straight run (so the MUFU latency of one row hides
+    // behind the others), in the fused form unless some row's max is past kFusedExpLimit (warp-uniform choice).
+    float alpha[kMTiles][2], base_log2[kMTiles][2];
+    bool max_moved = false, fused = true;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -442,18 +494,37 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2)) * score_mul;  // score_mul > 0 keeps the max
         const float new_max = fmaxf(row_max[mt][half], mx);
         const float base = new_max == -INFINITY ? 0.f : new_max;  // a row with nothing visible yet stays at 0
-        alpha[mt][half] = exp2f(row_max[mt][half] - base);
+        base_log2[mt][half] = base * kLog2e;  // inf when |base| > kFusedExpLimit: then the unfused form runs
+        alpha[mt][half] = exp2f((row_max[mt][half] - base) * kLog2e);  // old max <= base: no overflow
         max_moved |= new_max != row_max[mt][half];
+        fused &= fabsf(base) <= kFusedExpLimit;
         row_max[mt][half] = new_max;
-        float sum = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
-          s[mt][nt][2 * half] = exp2f(fmaf(s[mt][nt][2 * half], score_mul, -base));
-          s[mt][nt][2 * half + 1] = exp2f(fmaf(s[mt][nt][2 * half + 1], score_mul, -base));
-          sum += s[mt][nt][2 * half] + s[mt][nt][2 * half + 1];
-        }
-        row_sum[mt][half] = row_sum[mt][half] * alpha[mt][half] + sum;
       }
+    }
+    // Both forms turn a +inf or NaN score into a NaN row sum (a NaN row).
+    const float mul_log2 = score_mul * kLog2e;
+    auto exponentiate = [&](auto fused_form) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float base = row_max[mt][half] == -INFINITY ? 0.f : row_max[mt][half];  // for the unfused form
+          float sum = 0.f;
+#pragma unroll
+          for (int e = 0; e < 2 * kNTiles; ++e) {
+            float& x = s[mt][e / 2][2 * half + e % 2];
+            x = decltype(fused_form)::value ? exp2f(fmaf(x, mul_log2, -base_log2[mt][half]))
+                                            : exp2f((x * score_mul - base) * kLog2e);
+            sum += x;
+          }
+          row_sum[mt][half] = row_sum[mt][half] * alpha[mt][half] + sum;
+        }
+      }
+    };
+    if (__all_sync(0xffffffffu, fused)) {
+      exponentiate(std::true_type{});
+    } else {
+      exponentiate(std::false_type{});
     }
     // Once the row maxima settle (most tiles after the first few), no row of the warp needs rescaling.
     if (__any_sync(0xffffffffu, max_moved)) {
@@ -466,6 +537,14 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
           o[mt][dt][2] *= alpha[mt][1];
           o[mt][dt][3] *= alpha[mt][1];
         }
+    }
+
+    if (v_fix) {  // rows that give a key whose V held inf / NaN a nonzero weight: NaN, as the product would be
+#pragma unroll
+      for (int e = 0; e < kMTiles * kNTiles * 4; ++e) {
+        const int mt = e / (kNTiles * 4), nt = (e / 4) % kNTiles, i = e % 4;
+        if (smem.v_bad[nt * 8 + 2 * t + i % 2] && s[mt][nt][i] > 0.f) poisoned_rows |= 1u << (2 * mt + i / 2);
+      }
     }
 
     // ---- O += P V: the S accumulators of two n8 fragments are the A operand of one k16 step; V fragments are
@@ -517,10 +596,13 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
       float l = row_sum[mt][half];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
+      // The four lanes of a quad hold one row: it is poisoned if any of them saw it.
+      const unsigned poisoned = __ballot_sync(0xffffffffu, (poisoned_rows >> (2 * mt + half)) & 1u);
+      if ((poisoned >> (lane & ~3)) & 0xfu) l = __int_as_float(0x7fc00000);
       const int r = warp_row0 + mt * 16 + g + half * 8;
       if (r >= c.rows) continue;
       const int64_t row = static_cast<int64_t>(c.q_start) + c.m0 + r;
-      const bool seen = l > 0.f;
+      const bool seen = l != 0.f;  // 0: nothing visible (0 / -inf); NaN: a NaN or +inf score (NaN row)
       const float inv = seen ? 1.f / l : 0.f;
       Elem* dst = out + row * p.out_row_stride + static_cast<int64_t>(c.h) * p.out_head_stride + 2 * t;
 #pragma unroll
@@ -530,11 +612,13 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
       }
       if (t == 0) {
         p.lse[static_cast<int64_t>(c.h) * p.total_q + row] =
-            seen ? row_max[mt][half] * kLn2 + logf(l) : -INFINITY;
+            seen ? row_max[mt][half] + logf(l) : -INFINITY;
       }
     }
   }
 }
+
+constexpr int32_t kMaxGridZ = 65535;
 
 template <typename Traits>
 cudaError_t launch_kernel(const VarlenFwdParams& p, const KeyLists& keys, cudaStream_t stream) {
@@ -543,9 +627,15 @@ cudaError_t launch_kernel(const VarlenFwdParams& p, const KeyLists& keys, cudaSt
   auto kernel = varlen_fwd_kernel<Traits>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.batch));
-  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, keys);
-  return cudaGetLastError();
+  // Grid (query tiles, heads, sequences). grid.z holds at most 65535 sequences, so larger batches take several
+  // launches; grid.x (2^31 - 1) holds m_blocks, as the binding caps max_seqlen_q at total_q.
+  for (int64_t b0 = 0; b0 < p.batch; b0 += kMaxGridZ) {
+    const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(p.num_heads),
+                    static_cast<unsigned>(std::min<int64_t>(p.batch - b0, kMaxGridZ)));
+    kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, keys, static_cast<int>(b0));
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 // Two kernels per (Elem, kHeadDim): calls with a query-side mask or bias get the variant that reads them (a smaller

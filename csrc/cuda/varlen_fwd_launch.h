@@ -24,8 +24,8 @@ struct KeyLists {
 
 // Scratch the binding allocates through torch for one call.
 struct Workspace {
-  KeyLists keys;             // only with a key-side mask
-  uint8_t* row_owned = nullptr;  // (total_q,) flags: query rows some sequence owns (the rest get 0 / -inf)
+  KeyLists keys;              // only with a key-side mask
+  int32_t* status = nullptr;  // one int: 0 when cu_seqlens / max_seqlen keep the contract, else 1 (NaN result)
 };
 
 // Generated from tools/kernel_matrix.py (build/generated/kernel_registry.cu), like dispatch_attention below.
@@ -34,8 +34,9 @@ struct Workspace {
 int32_t kernel_head_dim(ScalarType dtype, int32_t head_dim);
 int32_t max_kernel_head_dim(ScalarType dtype);
 
-// Runs the whole forward on stream: key compaction (key-side mask), the attention kernel, and 0 / -inf for the
-// query rows no sequence owns. p.head_dim must be a kernel_head_dim. Returns the first CUDA error.
+// Runs the whole forward on stream: the cu_seqlens check, key compaction (key-side mask), the attention kernel, and
+// 0 / -inf for the query rows no sequence owns (NaN everywhere if cu_seqlens break the contract). p.head_dim must be
+// a kernel_head_dim. Returns the first CUDA error.
 cudaError_t run_varlen_fwd(const VarlenFwdParams& p, const Workspace& ws, cudaStream_t stream);
 
 // The attention kernel alone, one instantiation per (Elem, kHeadDim) of tools/kernel_matrix.py.
