@@ -991,8 +991,8 @@ def test_sizes_past_int32_are_rejected(dim, size, path, device):
         spec=Spec("int32", (0,), (total_k,)), q=torch.empty(0, H, D, dtype=dtype, device=device),
         k=torch.zeros(total_k, Hk, D, dtype=dtype, device=device),
         v=torch.zeros(total_k, Hk, D, dtype=dtype, device=device),
-        cu_seqlens_q=dmattn_ops.cu_seqlens([0], device=device), cu_seqlens_k=dmattn_ops.cu_seqlens([total_k], device=device),
-        max_seqlen_q=0, max_seqlen_k=total_k,
+        cu_seqlens_q=dmattn_ops.cu_seqlens([0], device=device),
+        cu_seqlens_k=dmattn_ops.cu_seqlens([total_k], device=device), max_seqlen_q=0, max_seqlen_k=total_k,
     )
     _assert_clear_error(_outcome(lambda: call(sample, path))[1])
 
@@ -1017,6 +1017,8 @@ def test_many_heads(heads, device):
         _assert_clear_error(err)
         return
     assert err is None, err
-    ref64, ref_same = one.reference(), one.reference(dtype)
-    expand = lambda r: (r[0].expand(5, heads, 8), r[1].expand(heads, 5))  # noqa: E731
-    assert_close_to_reference(result, expand(ref64), expand(ref_same))
+
+    def every_head(ref):  # the one-head reference, for each of the identical heads
+        return ref[0].expand(5, heads, 8), ref[1].expand(heads, 5)
+
+    assert_close_to_reference(result, every_head(one.reference()), every_head(one.reference(dtype)))
