@@ -34,9 +34,11 @@ namespace dmattn::cuda {
 
 constexpr float kLog2e = 1.4426950408889634f;
 // Scores are kept in natural units (scale * q.k + bias) and exponentiated as exp2((s - max) * log2 e). The fused
-// form exp2(s * log2e - max * log2e) saves an instruction but overflows once |max| > FLT_MAX / log2 e: rows whose max
-// is past this bound (a bias near finfo.min on every key, say) take the unfused form.
-constexpr float kFusedExpLimit = 2.3587e38f;  // < FLT_MAX / log2(e) = 2.35870e38
+// form exp2(fma(s, log2 e, -round(max * log2 e))) saves an instruction, but its error, the rounding of max * log2 e,
+// grows with |max| (and overflows past FLT_MAX / log2 e): about |max| * 2^-24, a common factor of the row's weights
+// that shows in lse and, when the max moves, in out. So only rows with |max| <= kFusedExpLimit take it (error under
+// 1e-4); others (a bias of 1e30 or finfo.min on every key, say) take the unfused form, exact for the max itself.
+constexpr float kFusedExpLimit = 1024.f;
 
 // Everything one CTA knows about its tile, computed once at entry. Positions and lengths are int32: cu_seqlens are
 // int32, so every clamped sequence start and length fits; only element offsets (row * stride) need 64 bits.
@@ -454,8 +456,11 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
                 float& x = s[mt][nt][2 * half + e2];
                 if (x == -INFINITY) continue;
                 const int64_t pos = key_pos[nt * 8 + 2 * t + e2];
-                if (query_mask && !mask_value(p.mask, mask_row + pos * p.mask.col_stride)) x = -INFINITY;
-                if (query_bias) x += bias_value(p.bias, bias_row + pos * p.bias.col_stride);
+                if (query_mask && !mask_value(p.mask, mask_row + pos * p.mask.col_stride)) {
+                  x = -INFINITY;  // hidden: its bias is not read (it may be NaN)
+                } else if (query_bias) {
+                  x += bias_value(p.bias, bias_row + pos * p.bias.col_stride);
+                }
               }
           }
       }
@@ -596,14 +601,14 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
       float l = row_sum[mt][half];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
-      // The four lanes of a quad hold one row: it is poisoned if any of them saw it.
+      // The four lanes of a quad hold one row: its out is NaN (lse is not affected) if any of them saw it give weight
+      // to a key whose V held inf / NaN in a tile where those values were zeroed.
       const unsigned poisoned = __ballot_sync(0xffffffffu, (poisoned_rows >> (2 * mt + half)) & 1u);
-      if ((poisoned >> (lane & ~3)) & 0xfu) l = __int_as_float(0x7fc00000);
       const int r = warp_row0 + mt * 16 + g + half * 8;
       if (r >= c.rows) continue;
       const int64_t row = static_cast<int64_t>(c.q_start) + c.m0 + r;
       const bool seen = l != 0.f;  // 0: nothing visible (0 / -inf); NaN: a NaN or +inf score (NaN row)
-      const float inv = seen ? 1.f / l : 0.f;
+      const float inv = (poisoned >> (lane & ~3)) & 0xfu ? __int_as_float(0x7fc00000) : seen ? 1.f / l : 0.f;
       Elem* dst = out + row * p.out_row_stride + static_cast<int64_t>(c.h) * p.out_head_stride + 2 * t;
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
