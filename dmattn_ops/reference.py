@@ -56,6 +56,8 @@ def _heads_view(per_hm: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(Hm, Lq, Lk) -> (H, Lq, Lk): query head h reads operand head h // (H / Hm), which covers Hm = 1 (one
     head for all), Hm = Hk (the KV group of h) and Hm = H (h itself)."""
     hm = per_hm.shape[0]
+    if num_heads == 0:  # no query heads (then Hm may be 0 too): nothing reads the operand
+        return per_hm.new_empty((0, *per_hm.shape[1:]))
     if num_heads % hm != 0:
         raise ValueError(f"{_NAME}: operand head count Hm = {hm} does not divide H = {num_heads}")
     index = torch.arange(num_heads, device=per_hm.device) // (num_heads // hm)
@@ -103,11 +105,10 @@ def materialize_mask(
         lq = cu_q[batch_index + 1] - cu_q[batch_index]
         lk = cu_k[batch_index + 1] - cu_k[batch_index]
         return torch.ones(num_heads, lq, lk, dtype=torch.bool, device=cu_seqlens_q.device)
-    if mask.dtype == torch.bool:
-        # Any nonzero byte is True. Torch ops on bool tensors holding bytes 2..255 are not reliable, so the bytes
-        # are compared as uint8 first.
-        mask = mask.view(torch.uint8) != 0
-    return _dense_operand(mask, "mask", cu_seqlens_q, cu_seqlens_k, batch_index, num_heads)
+    dense = _dense_operand(mask, "mask", cu_seqlens_q, cu_seqlens_k, batch_index, num_heads)
+    # Any nonzero byte is True. Torch's logical ops on bool tensors holding bytes 2..255 are not reliable, so the
+    # bytes are compared as uint8; the slicing above only moved bytes, and this sequence's slice is all it touches.
+    return dense.view(torch.uint8) != 0 if dense.dtype == torch.bool else dense
 
 
 def materialize_bias(

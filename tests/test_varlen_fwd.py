@@ -577,6 +577,21 @@ def test_reference_matches_sdpa(spec):
         torch.testing.assert_close(got[seen], expected[seen], rtol=1e-10, atol=1e-12)
 
 
+def test_reference_zero_heads_and_huge_broadcast_mask():
+    """The reference takes what the op takes: no query heads (with a mask of Hm = 0), and a stride-0 query-side mask
+    2**40 keys wide (it materializes each sequence's own slice only)."""
+    k = torch.randn(3, 1, 4)
+    cu_q, cu_k = dmattn_ops.cu_seqlens([1]), dmattn_ops.cu_seqlens([3])
+    out, lse = reference_varlen_attention(torch.randn(1, 0, 4), k, k, cu_q, cu_k, 1, 3,
+                                          mask=torch.ones(3, 0, dtype=torch.bool))
+    assert out.shape == (1, 0, 4) and lse.shape == (0, 1)
+    wide = torch.ones((), dtype=torch.bool).expand(1, 1, 2**40)
+    q = torch.randn(1, 1, 4)
+    out, lse = reference_varlen_attention(q, k, k, cu_q, cu_k, 1, 2**40, mask=wide)
+    want, want_lse = reference_varlen_attention(q, k, k, cu_q, cu_k, 1, 3)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
 def test_cu_seqlens_helper():
     """dmattn_ops.cu_seqlens: lengths -> (B + 1,) int32 running sums from 0, from a list or a tensor."""
     assert dmattn_ops.cu_seqlens([3, 0, 2]).tolist() == [0, 3, 3, 5]
