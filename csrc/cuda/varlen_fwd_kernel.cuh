@@ -502,7 +502,8 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
         base_log2[mt][half] = base * kLog2e;  // inf when |base| > kFusedExpLimit: then the unfused form runs
         alpha[mt][half] = exp2f((row_max[mt][half] - base) * kLog2e);  // old max <= base: no overflow
         max_moved |= new_max != row_max[mt][half];
-        fused &= fabsf(base) <= kFusedExpLimit;
+        // A row with a +inf max is NaN on either form: it must not move the rest of the warp off the fused one.
+        fused &= fabsf(base) <= kFusedExpLimit || base == INFINITY;
         row_max[mt][half] = new_max;
       }
     }
