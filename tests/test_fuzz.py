@@ -467,14 +467,19 @@ def _perturb_unseen(draw, drawn: Drawn, gen) -> Tuple[Dict[str, torch.Tensor], L
     return bases, changes
 
 
+def _draw_call(data, device: str, **options):
+    """A valid call drawn for ``device`` (skipped where this build has no kernels): (drawn, its shape, its sample)."""
+    _skip_without_kernels(device)
+    drawn = data.draw(drawn_calls(device, **options), label="call")
+    sample = drawn.sample(device)
+    note(f"{drawn.path} call:\n{describe(sample)}")
+    return drawn, drawn.shape, sample
+
+
 @settings(max_examples=500)
 @given(data=st.data())
 def test_valid_calls_match_the_reference(device, data):
-    _skip_without_kernels(device)
-    drawn = data.draw(drawn_calls(device), label="call")
-    shape = drawn.shape
-    sample = drawn.sample(device)
-    note(f"{drawn.path} call:\n{describe(sample)}")
+    drawn, shape, sample = _draw_call(data, device)
     result = call(sample, drawn.path)
     _check_outputs(result, shape, device)
     if shape.heads > 0:  # without query heads the outputs are empty, as _check_outputs saw
@@ -705,11 +710,7 @@ def extreme_bases(draw, drawn: Drawn, vis, gen) -> Tuple[Dict[str, torch.Tensor]
 @settings(max_examples=500)
 @given(data=st.data())
 def test_extreme_values_follow_the_contract(device, data):
-    _skip_without_kernels(device)
-    drawn = data.draw(drawn_calls(device, broadcast_values=False), label="call")
-    shape = drawn.shape
-    sample = drawn.sample(device)
-    note(f"{drawn.path} call:\n{describe(sample)}")
+    drawn, shape, sample = _draw_call(data, device, broadcast_values=False)
     clean_result = call(sample, drawn.path)
     vis = visible(shape, drawn.logical("mask") if shape.mask else None)
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1), label="extreme seed"))
