@@ -164,8 +164,8 @@ VarlenFwdParams make_params(const VarlenFwdArgs& a, at::Tensor& out, at::Tensor&
   p.v_head_stride = a.v.stride(1);
   p.out_row_stride = out.stride(0);
   p.out_head_stride = out.stride(1);
-  p.num_heads = static_cast<int32_t>(a.q.size(1));
   p.batch = static_cast<int32_t>(a.cu_seqlens_q.size(0) - 1);
+  p.num_heads = static_cast<int32_t>(a.q.size(1));
   p.num_heads_k = static_cast<int32_t>(a.k.size(1));
   p.head_dim = static_cast<int32_t>(a.q.size(2));
   p.total_q = a.q.size(0);

@@ -46,7 +46,8 @@ def varlen_attention(
 
     Returns:
         out (total_q, H, D) in q's dtype, or (out, softmax_lse). A query with no visible key gets a row of zeros
-        and lse = -inf (never NaN).
+        and lse = -inf; NaN comes only from non-finite inputs of keys a row sees, or, on CUDA, from cu_seqlens that
+        break the contract (docs/contract.md, "Numeric limits").
     """
     # The Python types first, in compiled code too: isinstance checks install no guard, and the op's schema would
     # coerce (True as 1) or reject such values with torch's own message.
