@@ -5,20 +5,39 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <limits>
+#include <string>
 
 namespace dmattn {
 namespace {
 
 constexpr const char* kOp = "dmattn.varlen_fwd: ";
 
-ScalarType to_scalar_type(const char* name, at::ScalarType t) {
+// Messages read exactly as meta/rules.py writes them (tests/test_errors.py holds the two to one text): dtypes by
+// their torch names, sizes and strides as Python tuples, floats in Python's shortest round-trip form.
+std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
+std::string tuple_str(at::IntArrayRef values) {
+  std::string s = "(";
+  for (size_t i = 0; i < values.size(); ++i) s += (i ? ", " : "") + std::to_string(values[i]);
+  return s + (values.size() == 1 ? ",)" : ")");
+}
+
+std::string float_str(double x) {
+  if (std::isnan(x)) return "nan";
+  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+  char buf[32];
+  return std::string(buf, std::to_chars(buf, buf + sizeof(buf), x).ptr);
+}
+
+ScalarType to_scalar_type(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return ScalarType::kFloat32;
     case at::kHalf: return ScalarType::kFloat16;
     case at::kBFloat16: return ScalarType::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, kOp, name, " must be float32, float16 or bfloat16, got ", t);
+    default: TORCH_CHECK_TYPE(false, kOp, "q must be float32, float16 or bfloat16, got ", dtype_name(t));
   }
 }
 
@@ -31,8 +50,7 @@ void check_int32(int64_t size, const What&... what) {
 }
 
 void check_device(const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(t.device() == q.device(), kOp, name, " must be on q's device (", q.device(), "), got ",
-                    t.device());
+  TORCH_CHECK_VALUE(t.device() == q.device(), kOp, name, " must be on q's device ", q.device(), ", got ", t.device());
 }
 
 // Checks the rank, rows, head count and (query-side) width of a mask or bias; returns its layout.
@@ -40,17 +58,19 @@ OperandLayout check_operand(const char* name, const at::Tensor& t, const VarlenF
   const int64_t H = a.q.size(1), Hk = a.k.size(1);
   check_device(name, t, a.q);
   TORCH_CHECK_VALUE(t.dim() == 2 || t.dim() == 3, kOp, name,
-                    " must be key-side (total_k, Hm) or query-side (total_q, Hm, max_seqlen_k), got rank ", t.dim());
+                    " must be key-side (total_k, Hm) or query-side (total_q, Hm, max_seqlen_k), got shape ",
+                    tuple_str(t.sizes()));
   const bool key_side = t.dim() == 2;
   const int64_t rows = key_side ? a.k.size(0) : a.q.size(0);
   TORCH_CHECK_VALUE(t.size(0) == rows, kOp, name,
-                    key_side ? " (key-side) must have total_k = " : " (query-side) must have total_q = ", rows,
-                    " rows, got ", t.size(0));
+                    key_side ? " is key-side (rank 2), so it must have total_k = "
+                             : " is query-side (rank 3), so it must have total_q = ",
+                    rows, " rows, got ", t.size(0));
   const int64_t hm = t.size(1);
   TORCH_CHECK_VALUE(hm == 1 || hm == Hk || hm == H, kOp, name, " head dim Hm must be 1, Hk = ", Hk, " or H = ", H,
                     ", got ", hm);
   if (!key_side) {
-    TORCH_CHECK_VALUE(t.size(2) == a.max_seqlen_k, kOp, name, " (query-side) last dim must be max_seqlen_k = ",
+    TORCH_CHECK_VALUE(t.size(2) == a.max_seqlen_k, kOp, name, " is query-side, so its last dim must be max_seqlen_k = ",
                       a.max_seqlen_k, ", got ", t.size(2));
   }
   return key_side ? OperandLayout::kKeySide : OperandLayout::kQuerySide;
@@ -63,7 +83,7 @@ ScoreOperand make_operand(const at::Tensor& t, int64_t num_heads) {
   ScoreOperand op;
   op.ptr = t.data_ptr();
   op.layout = layout;
-  op.dtype = t.scalar_type() == at::kBool ? ScalarType::kFloat32 : to_scalar_type("bias", t.scalar_type());
+  op.dtype = t.scalar_type() == at::kBool ? ScalarType::kFloat32 : to_scalar_type(t.scalar_type());
   // H / Hm; with no query heads (H = 0, so Hm may be 0) no head reads the operand, and 1 keeps h / head_group defined.
   op.head_group = num_heads == 0 ? 1 : static_cast<int32_t>(num_heads / hm);
   op.row_stride = t.stride(0);
@@ -79,15 +99,18 @@ void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(q.device().type() == device_type, kOp, "q is on ", q.device(), ", expected ", device_type);
   const std::pair<const char*, const at::Tensor*> qkv[] = {{"q", &a.q}, {"k", &a.k}, {"v", &a.v}};
   for (auto [name, t] : qkv) {
-    TORCH_CHECK_VALUE(t->dim() == 3, kOp, name, " must have rank 3 (tokens, heads, head_dim), got rank ", t->dim());
-    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), kOp, name, " must have q's dtype ", q.scalar_type(),
-                     ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->dim() == 3, kOp, name, " must have shape (tokens, heads, head_dim), got shape ",
+                      tuple_str(t->sizes()));
+  }
+  to_scalar_type(q.scalar_type());
+  for (auto [name, t] : {qkv[1], qkv[2]}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), kOp, name, " must have q's dtype ",
+                     dtype_name(q.scalar_type()), ", got ", dtype_name(t->scalar_type()));
     check_device(name, *t, q);
   }
-  to_scalar_type("q", q.scalar_type());
-  TORCH_CHECK_VALUE(a.k.sizes() == a.v.sizes(), kOp, "k and v must have the same shape, got ", a.k.sizes(), " and ",
-                    a.v.sizes());
-  TORCH_CHECK_VALUE(q.size(2) == a.k.size(2), kOp, "q and k must have the same head_dim, got ", q.size(2), " and ",
+  TORCH_CHECK_VALUE(a.k.sizes() == a.v.sizes(), kOp, "k and v must have the same shape (total_k, Hk, D), got ",
+                    tuple_str(a.k.sizes()), " and ", tuple_str(a.v.sizes()));
+  TORCH_CHECK_VALUE(q.size(2) == a.k.size(2), kOp, "q and k must have the same head_dim D, got ", q.size(2), " and ",
                     a.k.size(2));
   TORCH_CHECK_VALUE(q.size(2) >= 1, kOp, "head_dim D must be >= 1, got ", q.size(2));
   // Sizes before strides: an expanded tensor (stride 0) of a size past int32 gets the size error. Hm needs no check
@@ -100,13 +123,14 @@ void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type) {
                     q.size(1), ", Hk = ", a.k.size(1));
   for (auto [name, t] : qkv) {  // a head dim of 1 is read at element 0 only: any stride will do
     TORCH_CHECK_VALUE(t->size(2) <= 1 || t->stride(2) == 1, kOp, name,
-                      " must have a contiguous head_dim (stride 1), got stride ", t->stride(2));
+                      " must have a contiguous head_dim (stride 1), got strides ", tuple_str(t->strides()));
   }
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"cu_seqlens_q", &a.cu_seqlens_q},
                          {"cu_seqlens_k", &a.cu_seqlens_k}}) {
     TORCH_CHECK_TYPE(t->scalar_type() == at::kInt, kOp, name, " must be int32 (convert with .int()), got ",
-                     t->scalar_type());
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) >= 1, kOp, name, " must have shape (B + 1,), got ", t->sizes());
+                     dtype_name(t->scalar_type()));
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) >= 1, kOp, name, " must have shape (B + 1,), got shape ",
+                      tuple_str(t->sizes()));
     check_int32(t->size(0), "the length B + 1 of ", name);
     TORCH_CHECK_VALUE(t->size(0) == 1 || t->stride(0) == 1, kOp, name, " must be contiguous, got stride ",
                       t->stride(0));  // a single entry is read at element 0 only
@@ -119,20 +143,20 @@ void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type) {
   TORCH_CHECK_VALUE(a.max_seqlen_k >= 0, kOp, "max_seqlen_k must be >= 0, got ", a.max_seqlen_k);
   if (a.mask) {
     TORCH_CHECK_TYPE(a.mask->scalar_type() == at::kBool, kOp, "mask must be bool (True = attend), got ",
-                     a.mask->scalar_type());
+                     dtype_name(a.mask->scalar_type()));
     check_operand("mask", *a.mask, a);
   }
   if (a.bias) {
     const auto bt = a.bias->scalar_type();
     TORCH_CHECK_TYPE(bt == at::kFloat || bt == q.scalar_type(), kOp, "bias must be float32 or q's dtype ",
-                     q.scalar_type(), ", got ", bt);
+                     dtype_name(q.scalar_type()), ", got ", dtype_name(bt));
     check_operand("bias", *a.bias, a);
   }
   if (a.softmax_scale) {
     // The kernels use it as float32 (IEEE conversion: a double past float32's range becomes inf).
     TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(*a.softmax_scale)), kOp,
                       "softmax_scale must be finite in float32 (the kernels use it as float32), got ",
-                      *a.softmax_scale);
+                      float_str(*a.softmax_scale));
   }
 }
 
@@ -155,7 +179,7 @@ VarlenFwdParams make_params(const VarlenFwdArgs& a, at::Tensor& out, at::Tensor&
   p.lse = lse.data_ptr<float>();
   p.cu_seqlens_q = a.cu_seqlens_q.data_ptr<int32_t>();
   p.cu_seqlens_k = a.cu_seqlens_k.data_ptr<int32_t>();
-  p.dtype = to_scalar_type("q", a.q.scalar_type());
+  p.dtype = to_scalar_type(a.q.scalar_type());
   p.q_row_stride = a.q.stride(0);
   p.q_head_stride = a.q.stride(1);
   p.k_row_stride = a.k.stride(0);

@@ -1,5 +1,7 @@
 """The shape, dtype and layout rules of ``dmattn::varlen_fwd``: one source for the fake implementation, the eager
-Python API's error messages and the tests.
+Python API's error messages and the tests. The op's C++ binding (csrc/binding.cpp) holds the same metadata rules with
+the same messages, in the same order (tests/test_errors.py checks every case both ways), so an eager call is checked
+once, there, and a traced one here.
 
 Two kinds of rules:
 - ``check_arg_types``: the Python type of every argument (a tensor, and a dense one; an int; a bool; ...). It makes
@@ -189,11 +191,9 @@ def _check_qkv(q, k, v):
             _fail(ValueError, f"{name} must have a contiguous head_dim (stride 1), got strides {strides}")
 
 
-def _check_backend(q):
-    """What this build's kernels for q's device can run (``dmattn_ops.build_info()``): the CUDA kernels take float16
-    and bfloat16, at most 65535 query heads (a grid dimension), and head dims up to the largest one compiled (smaller
-    ones run zero-padded to a compiled one). The CUDA binding (csrc/cuda/varlen_fwd_cuda.cpp) holds the same limits
-    with the same messages."""
+def check_backend_built(q):
+    """q's device has kernels in this build (``dmattn_ops.build_info()``). The one metadata rule the op's binding
+    cannot raise (without a CUDA backend no binding sees a CUDA call), so the eager API runs it before the op."""
     if q.device.type != "cuda":
         return
     from .._build_config import CONFIG  # written by setup.py
@@ -205,6 +205,16 @@ def _check_backend(q):
             f"{CONFIG['torch_version']}, backends: {', '.join(CONFIG['backends'])}); rebuild it where torch has CUDA "
             "and nvcc is found, or run on the CPU",
         )
+
+
+def _check_backend(q):
+    """What this build's kernels for q's device can run: the CUDA kernels take float16 and bfloat16, at most 65535
+    query heads (a grid dimension), and head dims up to the largest one compiled (smaller ones run zero-padded to a
+    compiled one). The CUDA binding (csrc/cuda/varlen_fwd_cuda.cpp) holds the same limits with the same messages."""
+    check_backend_built(q)
+    if q.device.type != "cuda":
+        return
+    from .._build_config import CONFIG  # written by setup.py
     if q.dtype == torch.float32:
         _fail(
             TypeError,

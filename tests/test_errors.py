@@ -1,13 +1,15 @@
 """Bad input to ``dmattn.varlen_fwd`` fails with a clear Python exception: the type and the exact message.
 
 Three ways in, one set of bad calls (``CASES``: metadata; ``TYPE_CASES``: Python types; ``DATA_CASES``: values):
-- the public API ``dmattn_ops.varlen_attention`` (eager: ``meta/rules.py`` first, then the CPU kernel's data checks);
+- the public API ``dmattn_ops.varlen_attention`` (eager: the Python types, then the op's binding, whose metadata
+  rules are ``meta/rules.py``'s word for word, then the CPU kernel's data checks);
 - ``torch.compile`` of a function calling it: the fake impl runs the same metadata rules, so the eager exception is
   inside dynamo's ``TorchRuntimeError`` (the chain README's "Errors" documents); ``varlen_attention`` checks the Python
   types in the traced code itself (dynamo reports them as ``Unsupported`` under fullgraph=True, as themselves
   without); data errors surface unchanged when the compiled graph runs;
-- ``torch.ops.dmattn.varlen_fwd`` called directly: the C++ safety net (``csrc/binding.cpp``) raises
-  TypeError / ValueError, never crashes; Python type mistakes never reach it (torch's schema parser answers).
+- ``torch.ops.dmattn.varlen_fwd`` called directly: the C++ binding (``csrc/binding.cpp``) raises the public API's
+  exception, type and message, for every metadata and data case (an eager API call relies on it: the rules run once);
+  Python type mistakes never reach it (torch's schema parser answers).
 
 The messages are pinned inline (expecttest); after a deliberate wording change, refresh them with
 ``EXPECTTEST_ACCEPT=1 pytest tests/test_errors.py``.
@@ -319,111 +321,17 @@ class TestPublicApiErrors(ErrorTestCase):
         self.assertRaisesInline(ValueError, call_api, "later_sequence_longer_than_max_seqlen", """dmattn.varlen_fwd: sequence 1 has 4 tokens in cu_seqlens_q, more than max_seqlen_q = 3""")
 
 
-class TestDirectOpErrors(ErrorTestCase):
-    """torch.ops.dmattn.varlen_fwd with no Python checks in front: the C++ safety net answers (the meta-device
-    cases dispatch to the fake impl, i.e. the Python rules)."""
-
-    def test_float_mask(self):
-        self.assertRaisesInline(TypeError, call_op, "float_mask", """dmattn.varlen_fwd: mask must be bool (True = attend), got Float""")
-
-    def test_integer_bias(self):
-        self.assertRaisesInline(TypeError, call_op, "integer_bias", """dmattn.varlen_fwd: bias must be float32 or q's dtype Float, got Long""")
-
-    def test_float_cu_seqlens(self):
-        self.assertRaisesInline(TypeError, call_op, "float_cu_seqlens", """dmattn.varlen_fwd: cu_seqlens_q must be int32 (convert with .int()), got Float""")
-
-    def test_int64_cu_seqlens_rejected(self):
-        self.assertRaisesInline(TypeError, call_op, "int64_cu_seqlens", """dmattn.varlen_fwd: cu_seqlens_k must be int32 (convert with .int()), got Long""")
-
-    def test_float64_qkv(self):
-        self.assertRaisesInline(TypeError, call_op, "float64_qkv", """dmattn.varlen_fwd: q must be float32, float16 or bfloat16, got Double""")
-
-    def test_k_dtype_differs_from_q(self):
-        self.assertRaisesInline(TypeError, call_op, "float16_k_with_float32_q", """dmattn.varlen_fwd: k must have q's dtype Float, got Half""")
-
-    def test_q_rank_2(self):
-        self.assertRaisesInline(ValueError, call_op, "q_rank_2", """dmattn.varlen_fwd: q must have rank 3 (tokens, heads, head_dim), got rank 2""")
-
-    def test_mask_rank_1(self):
-        self.assertRaisesInline(ValueError, call_op, "mask_rank_1", """dmattn.varlen_fwd: mask must be key-side (total_k, Hm) or query-side (total_q, Hm, max_seqlen_k), got rank 1""")
-
-    def test_key_side_mask_rows_not_total_k(self):
-        self.assertRaisesInline(ValueError, call_op, "key_side_mask_rows", """dmattn.varlen_fwd: mask (key-side) must have total_k = 9 rows, got 5""")
-
-    def test_query_side_bias_rows_not_total_q(self):
-        self.assertRaisesInline(ValueError, call_op, "query_side_bias_rows", """dmattn.varlen_fwd: bias (query-side) must have total_q = 5 rows, got 9""")
-
-    def test_mask_heads_not_1_hk_or_h(self):
-        self.assertRaisesInline(ValueError, call_op, "mask_heads_not_1_hk_h", """dmattn.varlen_fwd: mask head dim Hm must be 1, Hk = 2 or H = 4, got 3""")
-
-    def test_query_side_mask_width_not_max_seqlen_k(self):
-        self.assertRaisesInline(ValueError, call_op, "query_side_mask_width", """dmattn.varlen_fwd: mask (query-side) last dim must be max_seqlen_k = 5, got 6""")
-
-    def test_k_v_shape_mismatch(self):
-        self.assertRaisesInline(ValueError, call_op, "k_v_shape_mismatch", """dmattn.varlen_fwd: k and v must have the same shape, got [9, 2, 8] and [7, 2, 8]""")
-
-    def test_head_dim_mismatch(self):
-        self.assertRaisesInline(ValueError, call_op, "head_dim_mismatch", """dmattn.varlen_fwd: q and k must have the same head_dim, got 8 and 4""")
-
-    def test_h_not_multiple_of_hk(self):
-        self.assertRaisesInline(ValueError, call_op, "h_not_multiple_of_hk", """dmattn.varlen_fwd: the number of query heads H must be a multiple of the number of key/value heads Hk, got H = 4, Hk = 3""")
-
-    def test_cu_seqlens_lengths_differ(self):
-        self.assertRaisesInline(ValueError, call_op, "cu_seqlens_lengths_differ", """dmattn.varlen_fwd: cu_seqlens_q and cu_seqlens_k must have the same length B + 1, got 3 and 2""")
-
-    def test_cu_seqlens_empty(self):
-        self.assertRaisesInline(ValueError, call_op, "cu_seqlens_empty", """dmattn.varlen_fwd: cu_seqlens_q must have shape (B + 1,), got [0]""")
-
-    def test_cu_seqlens_strided(self):
-        self.assertRaisesInline(ValueError, call_op, "cu_seqlens_strided", """dmattn.varlen_fwd: cu_seqlens_q must be contiguous, got stride 2""")
-
-    def test_q_non_contiguous_head_dim(self):
-        self.assertRaisesInline(ValueError, call_op, "q_strided_head_dim", """dmattn.varlen_fwd: q must have a contiguous head_dim (stride 1), got stride 2""")
-
-    def test_v_non_contiguous_head_dim(self):
-        self.assertRaisesInline(ValueError, call_op, "v_strided_head_dim", """dmattn.varlen_fwd: v must have a contiguous head_dim (stride 1), got stride 2""")
-
-    def test_cu_seqlens_on_another_device(self):
-        self.assertRaisesInline(ValueError, call_op, "cu_seqlens_on_meta", """dmattn.varlen_fwd: cu_seqlens_k must be on q's device cpu, got meta""")
-
-    def test_bias_on_another_device(self):
-        self.assertRaisesInline(ValueError, call_op, "bias_on_meta", """dmattn.varlen_fwd: bias must be on q's device cpu, got meta""")
-
-    def test_negative_max_seqlen(self):
-        self.assertRaisesInline(ValueError, call_op, "negative_max_seqlen", """dmattn.varlen_fwd: max_seqlen_k must be >= 0, got -1""")
-
-    def test_infinite_softmax_scale(self):
-        self.assertRaisesInline(ValueError, call_op, "infinite_softmax_scale", """dmattn.varlen_fwd: softmax_scale must be finite in float32 (the kernels use it as float32), got inf""")
-
-    def test_softmax_scale_past_float32(self):
-        self.assertRaisesInline(ValueError, call_op, "softmax_scale_past_float32", """dmattn.varlen_fwd: softmax_scale must be finite in float32 (the kernels use it as float32), got 1e+39""")
-
-    def test_heads_past_int32(self):
-        self.assertRaisesInline(ValueError, call_op, "heads_past_int32", """dmattn.varlen_fwd: the number of query heads H (q.shape[1]) must be at most 2147483647 (the kernels keep it in 32 bits), got 4294967296""")
-
-    def test_kv_heads_past_int32(self):
-        self.assertRaisesInline(ValueError, call_op, "kv_heads_past_int32", """dmattn.varlen_fwd: the number of key/value heads Hk (k.shape[1]) must be at most 2147483647 (the kernels keep it in 32 bits), got 4294967296""")
-
-    def test_head_dim_past_int32(self):
-        self.assertRaisesInline(ValueError, call_op, "head_dim_past_int32", """dmattn.varlen_fwd: head_dim D must be at most 2147483647 (the kernels keep it in 32 bits), got 4294967296""")
-
-    def test_cu_seqlens_length_past_int32(self):
-        self.assertRaisesInline(ValueError, call_op, "cu_seqlens_length_past_int32", """dmattn.varlen_fwd: the length B + 1 of cu_seqlens_q must be at most 2147483647 (the kernels keep it in 32 bits), got 2147483649""")
-
-    def test_cu_seqlens_decreasing(self):
-        self.assertRaisesInline(ValueError, call_op, "cu_seqlens_decreasing", """dmattn.varlen_fwd: cu_seqlens_q must be non-decreasing, got cu_seqlens_q[1] = 3 > cu_seqlens_q[2] = 2""")
-
-    def test_cu_seqlens_last_entry_past_total(self):
-        self.assertRaisesInline(ValueError, call_op, "cu_seqlens_past_total", """dmattn.varlen_fwd: cu_seqlens_k[-1] must be <= total_k = 9, got 10""")
-
-    def test_sequence_longer_than_max_seqlen(self):
-        self.assertRaisesInline(ValueError, call_op, "sequence_longer_than_max_seqlen", """dmattn.varlen_fwd: sequence 0 has 6 tokens in cu_seqlens_k, more than max_seqlen_k = 5""")
-
-    def test_cu_seqlens_not_starting_at_0(self):
-        self.assertRaisesInline(ValueError, call_op, "cu_seqlens_not_starting_at_0", """dmattn.varlen_fwd: cu_seqlens_q[0] must be 0, got 1""")
-
-    def test_later_sequence_longer_than_max_seqlen(self):
-        self.assertRaisesInline(ValueError, call_op, "later_sequence_longer_than_max_seqlen", """dmattn.varlen_fwd: sequence 1 has 4 tokens in cu_seqlens_q, more than max_seqlen_q = 3""")
+@pytest.mark.parametrize("case", [*CASES, *DATA_CASES])
+def test_direct_op_raises_the_public_error(case):
+    """torch.ops.dmattn.varlen_fwd with no Python checks in front: the C++ binding (csrc/binding.cpp) holds the same
+    rules as meta/rules.py with the same messages, in the same order, and an eager varlen_attention call relies on
+    it (the rules run once). So the raw op raises exactly what the public API does, for every metadata and data case
+    (the meta-device cases dispatch to the fake impl, i.e. meta/rules.py itself)."""
+    expected = eager_error(case)
+    with pytest.raises(Exception) as info:
+        call_op(bad_args(case))
+    assert type(info.value) is type(expected), repr(info.value)
+    assert str(info.value) == str(expected)
 
 
 # The raw op's Python arguments are parsed by torch before any dmattn code runs: a wrong type gets torch's own
