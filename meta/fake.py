@@ -1,8 +1,8 @@
 """The fake (meta) implementation of ``dmattn::varlen_fwd`` and its autograd guard.
 
 The fake impl runs ``rules.check_varlen_fwd``, the rules the op's C++ binding applies in eager mode, with the same
-messages, so a bad call fails with the same message under ``torch.compile`` / ``torch.export`` as in eager mode, and returns outputs of the real kernels' shapes
-and strides. It reads shapes only, so it is safe under symbolic shapes.
+messages, so a bad call fails with the same message under ``torch.compile`` / ``torch.export`` as in eager mode; it
+returns outputs of the real kernels' shapes and strides. It reads shapes only, so it is safe under symbolic shapes.
 """
 
 import torch
