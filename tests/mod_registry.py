@@ -16,6 +16,7 @@ import torch
 from torch.nn.attention.flex_attention import and_masks, or_masks
 
 import dmattn_ops
+from packed_batch import PackedBatch
 
 # Sequence lengths of the shared batch. Sequence 2 has no queries, sequence 4 no keys (its queries see nothing),
 # and the last packed rows of q and k belong to no sequence (total > cu_seqlens[-1]).
@@ -32,39 +33,31 @@ def _owner(cu, total):
     return torch.where(rows < cu[-1], b, -1)
 
 
-@dataclass
-class Batch:
-    """One packed batch: q/k/v, cu_seqlens and the per-token tensors the mods close over."""
+@dataclass(kw_only=True)
+class Batch(PackedBatch):
+    """A packed batch without mask or bias (the mods make those), and the per-token tensors the mods close over."""
 
-    q: torch.Tensor  # (total_q, H, D)
-    k: torch.Tensor  # (total_k, Hk, D)
-    v: torch.Tensor  # (total_k, Hk, D)
-    cu_q: torch.Tensor  # (B + 1,) int32
-    cu_k: torch.Tensor  # (B + 1,) int32
-    max_q: int
-    max_k: int
     extras: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device) -> "Batch":
-        """The same batch with every tensor on device (the mods built from it then close over those)."""
-        moved = {name: getattr(self, name).to(device) for name in ("q", "k", "v", "cu_q", "cu_k")}
-        extras = {name: t.to(device) for name, t in self.extras.items()}
-        return Batch(**moved, max_q=self.max_q, max_k=self.max_k, extras=extras)
+        """The same batch with every tensor on device, extras included (the mods built from it then close over
+        those)."""
+        return super().to(device).replace(extras={name: t.to(device) for name, t in self.extras.items()})
 
     @property
-    def len_q(self):
-        return self.cu_q[1:] - self.cu_q[:-1]
+    def len_q(self):  # (B,) int32 on the batch's device, for mods to index with b
+        return self.cu_seqlens_q[1:] - self.cu_seqlens_q[:-1]
 
     @property
     def len_k(self):
-        return self.cu_k[1:] - self.cu_k[:-1]
+        return self.cu_seqlens_k[1:] - self.cu_seqlens_k[:-1]
 
     def _unpacker(self):
         """(Q, K) packed query / key rows -> (same sequence?, b, q_idx, kv_idx). Off-sequence pairs get positions
         whose packed address cu[b] + idx is still Q / K, so closures never index out of bounds."""
-        seq_q = _owner(self.cu_q, self.q.shape[0])
-        seq_k = _owner(self.cu_k, self.k.shape[0])
-        cu_q, cu_k = self.cu_q, self.cu_k
+        seq_q = _owner(self.cu_seqlens_q, self.total_q)
+        seq_k = _owner(self.cu_seqlens_k, self.total_k)
+        cu_q, cu_k = self.cu_seqlens_q, self.cu_seqlens_k
 
         def unpack(Q, K):
             bq, bk = seq_q[Q], seq_k[K]
@@ -103,7 +96,8 @@ def make_batch(seed: int = 0, dtype=torch.float32) -> Batch:
     q = torch.randn(total_q, HEADS, HEAD_DIM, generator=g, dtype=dtype)
     k = torch.randn(total_k, HEADS_K, HEAD_DIM, generator=g, dtype=dtype)
     v = torch.randn(total_k, HEADS_K, HEAD_DIM, generator=g, dtype=dtype)
-    batch = Batch(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K))
+    batch = Batch(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(LENS_Q),
+                  max_seqlen_k=max(LENS_K))
 
     # Key gating, top-k at token granularity: keep the top half of each sequence's keys by a gating score.
     gate = torch.rand(total_k, generator=g)
@@ -153,7 +147,7 @@ def _causal(batch):
 
 
 def _gate(batch):
-    keep, cu_k = batch.extras["keep"], batch.cu_k
+    keep, cu_k = batch.extras["keep"], batch.cu_seqlens_k
 
     def gate(b, h, q_idx, kv_idx):
         return keep[cu_k[b] + kv_idx]
@@ -181,7 +175,7 @@ def _prefix_lm(batch):
 
 
 def _document(batch):
-    doc_q, doc_k, cu_q, cu_k = batch.extras["doc_q"], batch.extras["doc_k"], batch.cu_q, batch.cu_k
+    doc_q, doc_k, cu_q, cu_k = batch.extras["doc_q"], batch.extras["doc_k"], batch.cu_seqlens_q, batch.cu_seqlens_k
 
     def same_document(b, h, q_idx, kv_idx):
         return doc_q[cu_q[b] + q_idx] == doc_k[cu_k[b] + kv_idx]
@@ -190,7 +184,7 @@ def _document(batch):
 
 
 def _per_head_gate(batch):
-    keep_h, cu_k = batch.extras["keep_h"], batch.cu_k
+    keep_h, cu_k = batch.extras["keep_h"], batch.cu_seqlens_k
 
     def per_head_gate(b, h, q_idx, kv_idx):
         return keep_h[cu_k[b] + kv_idx, h]
@@ -199,7 +193,7 @@ def _per_head_gate(batch):
 
 
 def _kv_head_gate(batch):
-    keep_hk, cu_k = batch.extras["keep_hk"], batch.cu_k
+    keep_hk, cu_k = batch.extras["keep_hk"], batch.cu_seqlens_k
     group = HEADS // HEADS_K
 
     def kv_head_gate(b, h, q_idx, kv_idx):
@@ -222,7 +216,7 @@ def _alibi(batch):
 
 
 def _key_bias(batch):
-    key_bias, cu_k = batch.extras["key_bias"], batch.cu_k
+    key_bias, cu_k = batch.extras["key_bias"], batch.cu_seqlens_k
 
     def key_bias_mod(score, b, h, q_idx, kv_idx):
         return key_bias[cu_k[b] + kv_idx] + score  # bias on the left: the tensor's __add__ meets the tracer
@@ -231,7 +225,7 @@ def _key_bias(batch):
 
 
 def _key_bias_h(batch):
-    key_bias_h, cu_k = batch.extras["key_bias_h"], batch.cu_k
+    key_bias_h, cu_k = batch.extras["key_bias_h"], batch.cu_seqlens_k
 
     def per_head_key_bias(score, b, h, q_idx, kv_idx):
         return score - key_bias_h[cu_k[b] + kv_idx, h]

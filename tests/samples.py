@@ -2,7 +2,8 @@
 
 - ``Spec``: a recipe for one call (sequence lengths, heads, layouts, edge-case knobs); ``SAMPLES`` is the named list
   that every correctness test and opcheck runs over.
-- ``make_sample(spec, dtype, device)``: builds the tensors of a spec (same values on every device for one seed).
+- ``make_sample(spec, dtype, device)``: builds the tensors of a spec (same values on every device for one seed), a
+  ``Sample``: the ``PackedBatch`` of tools/packed_batch.py (args, run, reference) with its spec.
 - ``assert_close_to_reference``: the accuracy rule (FlashAttention 3's): the kernel's error against the float64
   reference is at most 2x the error of a PyTorch implementation in the same dtype, plus a small atol; NaN never.
   ``assert_devices_agree`` applies the same rule to a CPU and a CUDA result of one sample.
@@ -11,8 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import math
 import zlib
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 import dmattn_ops
-from dmattn_ops.reference import reference_varlen_attention
+from packed_batch import PackedBatch
 
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,74 +62,11 @@ class Spec:
         return sum(self.seqlens_k) + self.extra_rows_k
 
 
-@dataclass
-class Sample:
-    """The tensors of one call, on one device."""
+@dataclass(kw_only=True)
+class Sample(PackedBatch):
+    """The tensors of one spec's call, on one device."""
 
     spec: Spec
-    q: torch.Tensor  # (total_q, H, D)
-    k: torch.Tensor  # (total_k, Hk, D)
-    v: torch.Tensor  # (total_k, Hk, D)
-    cu_seqlens_q: torch.Tensor  # (B + 1,) int32
-    cu_seqlens_k: torch.Tensor  # (B + 1,) int32
-    max_seqlen_q: int
-    max_seqlen_k: int
-    mask: Optional[torch.Tensor] = None  # bool, (total_k, Hm) or (total_q, Hm, max_seqlen_k)
-    bias: Optional[torch.Tensor] = None  # float32 or q's dtype, same layouts
-    softmax_scale: Optional[float] = None
-    is_causal: bool = False
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.q.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    def args(self) -> tuple:
-        """Positional arguments of torch.ops.dmattn.varlen_fwd."""
-        return (
-            self.q, self.k, self.v, self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k,
-            self.mask, self.bias, self.softmax_scale, self.is_causal,
-        )
-
-    def run(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(out, lse) of the public API."""
-        return dmattn_ops.varlen_attention(
-            self.q, self.k, self.v, self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k,
-            mask=self.mask, bias=self.bias, softmax_scale=self.softmax_scale, is_causal=self.is_causal,
-            return_lse=True,
-        )
-
-    def reference(self, dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(out, lse) of the reference, computed in ``dtype``, on the CPU."""
-        cpu = {f.name: _to_cpu(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "spec"}
-        with _one_thread():
-            return reference_varlen_attention(
-                cpu["q"], cpu["k"], cpu["v"], cpu["cu_seqlens_q"], cpu["cu_seqlens_k"], self.max_seqlen_q,
-                self.max_seqlen_k, mask=cpu["mask"], bias=cpu["bias"], softmax_scale=self.softmax_scale,
-                is_causal=self.is_causal, dtype=dtype,
-            )
-
-    def replace(self, **changes) -> "Sample":
-        return dataclasses.replace(self, **changes)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """The reference runs hundreds of tiny ops; on a busy 2-core machine each intra-op thread hand-off costs more
-    than the op (20x slower in total), so it runs on one thread. The kernels under test keep every thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _to_cpu(x):
-    return x.cpu() if isinstance(x, torch.Tensor) else x
 
 
 def _heads(which: str, spec: Spec) -> int:

@@ -47,7 +47,8 @@ from hypothesis import strategies as st
 
 import dmattn_ops
 from dmattn_ops.reference import causal_mask, materialize_mask
-from samples import Sample, Spec, assert_close_to_reference
+from packed_batch import PackedBatch
+from samples import assert_close_to_reference
 
 PREFIX = "dmattn.varlen_fwd: "
 INF = math.inf
@@ -316,28 +317,27 @@ class Drawn:
             base = base[:, :, : full[2]]
         return (base != 0 if name == "mask" else base).expand(full)
 
-    def sample(self, device, bases=None) -> Sample:
+    def sample(self, device, bases=None) -> PackedBatch:
         bases = bases or self.bases
         views = {n: materialize(bases[n], self.plans[n], self.shape.full_shape(n), device) for n in self.present()}
         if "mask" in views:
             views["mask"] = views["mask"].view(torch.bool)
         return self._sample(**views)
 
-    def reference_sample(self, bases=None) -> Sample:
+    def reference_sample(self, bases=None) -> PackedBatch:
         """The same call on the CPU with plain logical tensors (what the float64 reference reads)."""
         return self._sample(**{n: self.logical(n, bases) for n in self.present()})
 
-    def _sample(self, q, k, v, cu_seqlens_q, cu_seqlens_k, mask=None, bias=None) -> Sample:
+    def _sample(self, q, k, v, cu_seqlens_q, cu_seqlens_k, mask=None, bias=None) -> PackedBatch:
         s = self.shape
-        spec = Spec("fuzz", s.seqlens_q, s.seqlens_k, heads=s.heads, heads_k=s.heads_k, head_dim=s.head_dim)
-        return Sample(
-            spec=spec, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        return PackedBatch(
+            q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
             max_seqlen_q=s.max_seqlen_q, max_seqlen_k=s.max_seqlen_k, mask=mask, bias=bias,
             softmax_scale=s.softmax_scale, is_causal=s.is_causal,
         )
 
 
-def describe(sample: Sample) -> str:
+def describe(sample: PackedBatch) -> str:
     lines = []
     for name, value in zip(ARG_NAMES, sample.args()):
         if isinstance(value, torch.Tensor):
@@ -352,7 +352,7 @@ def describe(sample: Sample) -> str:
     return "\n".join(lines)
 
 
-def call(sample: Sample, path: str):
+def call(sample: PackedBatch, path: str):
     if path == "api":
         return sample.run()
     return torch.ops.dmattn.varlen_fwd(*sample.args())
@@ -750,7 +750,7 @@ def _moved(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device) if t.numel() <= 2**20 else _filled(t.shape, t.dtype, device)
 
 
-def corruptions(drawn: Drawn, sample: Sample, device: str) -> Dict[str, Callable]:
+def corruptions(drawn: Drawn, sample: PackedBatch, device: str) -> Dict[str, Callable]:
     """The corruptions that apply to this call: name -> f(draw) returning (bad sample, path or None for the drawn
     one, expectation): "error", "data" (lying cu_seqlens / max_seqlen) or "error_or_empty"."""
     s = drawn.shape
@@ -890,7 +890,7 @@ def corruptions(drawn: Drawn, sample: Sample, device: str) -> Dict[str, Callable
     return {f.__name__: f for f in found}
 
 
-def _lying(draw, s: Shape, sample: Sample) -> Sample:
+def _lying(draw, s: Shape, sample: PackedBatch) -> PackedBatch:
     """cu_seqlens not starting at 0, decreasing, past the total, or a sequence longer than its max_seqlen."""
     side = draw(st.sampled_from(["q", "k"]))
     name, total = f"cu_seqlens_{side}", s.total_q if side == "q" else s.total_k
@@ -910,7 +910,7 @@ def _lying(draw, s: Shape, sample: Sample) -> Sample:
     return sample.replace(**{name: torch.tensor(cu, dtype=torch.int32, device=sample.device)})
 
 
-def _python_type(draw, sample: Sample) -> Sample:
+def _python_type(draw, sample: PackedBatch) -> PackedBatch:
     """One argument of a wrong Python type (lists, strings, None, floats for ints)."""
     name = draw(st.sampled_from(ARG_NAMES))
     value = getattr(sample, name)
@@ -988,8 +988,8 @@ def test_sizes_past_int32_are_rejected(dim, size, path, device):
     dtype = _supported(device)[0][0]
     H, Hk, D = {"H": (size, 2, 8), "Hk": (0, size, 8), "D": (2, 2, size)}[dim]
     total_k = 3 if dim == "H" else 0
-    sample = Sample(
-        spec=Spec("int32", (0,), (total_k,)), q=torch.empty(0, H, D, dtype=dtype, device=device),
+    sample = PackedBatch(
+        q=torch.empty(0, H, D, dtype=dtype, device=device),
         k=torch.zeros(total_k, Hk, D, dtype=dtype, device=device),
         v=torch.zeros(total_k, Hk, D, dtype=dtype, device=device),
         cu_seqlens_q=dmattn_ops.cu_seqlens([0], device=device),
@@ -1005,8 +1005,7 @@ def test_many_heads(heads, device):
     _skip_without_kernels(device)
     dtype = _supported(device)[0][0]
     gen = torch.Generator().manual_seed(0)
-    one = Sample(
-        spec=Spec("many_heads", (3, 2), (4, 3), heads=1, heads_k=1, head_dim=8),
+    one = PackedBatch(
         q=torch.randn(5, 1, 8, generator=gen).to(dtype), k=torch.randn(7, 1, 8, generator=gen).to(dtype),
         v=torch.randn(7, 1, 8, generator=gen).to(dtype), cu_seqlens_q=dmattn_ops.cu_seqlens([3, 2]),
         cu_seqlens_k=dmattn_ops.cu_seqlens([4, 3]), max_seqlen_q=3, max_seqlen_k=4, is_causal=True,

@@ -33,6 +33,11 @@ def batch():
     return reg.make_batch()
 
 
+def _bounds(batch):
+    """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k): the arguments the adapter's functions take."""
+    return batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q, batch.max_seqlen_k
+
+
 def _shape_args(batch):
     return dict(
         num_heads=reg.HEADS, num_heads_k=reg.HEADS_K, total_q=batch.q.shape[0], total_k=batch.k.shape[0]
@@ -82,8 +87,7 @@ class TestChosenLayouts(expecttest.TestCase):
             mask_mod, score_mod = case.mods(batch)
             try:
                 mask, bias = dmattn_ops.mods.operands_from_mods(
-                    batch.q, batch.k, batch.cu_q, batch.cu_k, batch.max_q, batch.max_k, None, None, mask_mod,
-                    score_mod,
+                    batch.q, batch.k, *_bounds(batch), None, None, mask_mod, score_mod
                 )
                 lines.append(f"{case.name:22s} {_describe('mask', mask):38s} | {_describe('bias', bias)}")
             except ValueError as e:
@@ -114,7 +118,7 @@ where_masked_score     rejected: passes score to where""",
     def test_rejection_message(self):
         batch = reg.make_batch()
         with self.assertRaises(ValueError) as ctx:
-            create_bias(reg._softcap, batch.cu_q, batch.cu_k, batch.max_q, batch.max_k, **_shape_args(batch))
+            create_bias(reg._softcap, *_bounds(batch), **_shape_args(batch))
         self.assertExpectedInline(textwrap.fill(str(ctx.exception), 110), """\
 dmattn.create_bias: score_mod is not additive, so it cannot become a bias: it divides score (score / x, e.g. a
 softcap). A bias needs score_mod(score, b, h, q_idx, kv_idx) == score + f(b, h, q_idx, kv_idx) with f
@@ -126,10 +130,7 @@ a conditional bias as score + torch.where(cond, x, 0.0).""")
 @pytest.mark.parametrize("name", ACCEPTED)
 def test_matches_flex_attention(batch, name):
     mask_mod, score_mod = reg.CASES_BY_NAME[name].mods(batch)
-    out, lse = dmattn_ops.varlen_attention(
-        batch.q, batch.k, batch.v, batch.cu_q, batch.cu_k, batch.max_q, batch.max_k, mask_mod=mask_mod,
-        score_mod=score_mod, return_lse=True,
-    )
+    out, lse = batch.run(mask_mod=mask_mod, score_mod=score_mod)
     ref_out, ref_lse = _flex_reference(batch, mask_mod, score_mod)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
@@ -140,9 +141,7 @@ def test_non_additive_score_mods_are_rejected(batch, name):
     case = reg.CASES_BY_NAME[name]
     _, score_mod = case.mods(batch)
     with pytest.raises(ValueError, match=case.rejected):
-        dmattn_ops.varlen_attention(
-            batch.q, batch.k, batch.v, batch.cu_q, batch.cu_k, batch.max_q, batch.max_k, score_mod=score_mod
-        )
+        batch.run(score_mod=score_mod)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -153,9 +152,7 @@ def test_operands_built_on_cuda_match_the_cpu(batch):
         if case.rejected is not None:
             continue
         built = [
-            dmattn_ops.mods.operands_from_mods(
-                b.q, b.k, b.cu_q, b.cu_k, b.max_q, b.max_k, None, None, *case.mods(b)
-            )
+            dmattn_ops.mods.operands_from_mods(b.q, b.k, *_bounds(b), None, None, *case.mods(b))
             for b in (batch, gpu)
         ]
         for on_cpu, on_gpu in zip(*built):
@@ -167,7 +164,7 @@ def test_operands_built_on_cuda_match_the_cpu(batch):
 
 def test_non_additive_score_mod_fails_compilation_with_the_reason(batch):
     """Under fullgraph compilation the ValueError surfaces inside dynamo's error, reason included."""
-    args = (batch.q, batch.k, batch.v, batch.cu_q, batch.cu_k, batch.max_q, batch.max_k)
+    args = (batch.q, batch.k, batch.v, *_bounds(batch))
 
     def step(q, k, v, cu_q, cu_k, max_q, max_k):
         return dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, score_mod=reg._softcap)
@@ -207,25 +204,25 @@ def test_key_side_rows_and_dont_care_entries(batch):
     """Key-side rows after cu_seqlens_k[-1], and query-side entries past a sequence's keys or on rows outside every
     sequence, are False; the rest is the mask_mod itself."""
     keep, causal = reg._gate(batch), reg._causal(batch)
-    key_side = create_mask(keep, batch.cu_q, batch.cu_k, batch.max_q, batch.max_k, **_shape_args(batch))
-    n = int(batch.cu_k[-1])
+    key_side = create_mask(keep, *_bounds(batch), **_shape_args(batch))
+    n = int(batch.cu_seqlens_k[-1])
     assert torch.equal(key_side[:n, 0], batch.extras["keep"][:n]) and not key_side[n:].any()
 
-    query_side = create_mask(causal, batch.cu_q, batch.cu_k, batch.max_q, batch.max_k, **_shape_args(batch))
+    query_side = create_mask(causal, *_bounds(batch), **_shape_args(batch))
     expected = torch.zeros_like(query_side)
     for b, (lq, lk) in enumerate(zip(reg.LENS_Q, reg.LENS_K)):  # a plain-loop reference
         for i in range(lq):
             for j in range(lk):
-                expected[int(batch.cu_q[b]) + i, 0, j] = j <= i + lk - lq
+                expected[int(batch.cu_seqlens_q[b]) + i, 0, j] = j <= i + lk - lq
     assert torch.equal(query_side, expected)
 
 
 def test_default_totals_and_head_count_of_bias(batch):
     """Without total_q / total_k the row counts come from cu_seqlens[-1]; a head-free bias has Hm = 1."""
-    bias = create_bias(reg._alibi(batch), batch.cu_q, batch.cu_k, batch.max_q, batch.max_k, reg.HEADS)
-    assert bias.shape == (int(batch.cu_q[-1]), reg.HEADS, batch.max_k) and bias.dtype == torch.float32
-    flat = create_bias(reg._key_bias(batch), batch.cu_q, batch.cu_k, batch.max_q, batch.max_k, reg.HEADS)
-    assert flat.shape == (int(batch.cu_k[-1]), 1)
+    bias = create_bias(reg._alibi(batch), *_bounds(batch), reg.HEADS)
+    assert bias.shape == (int(batch.cu_seqlens_q[-1]), reg.HEADS, batch.max_seqlen_k) and bias.dtype == torch.float32
+    flat = create_bias(reg._key_bias(batch), *_bounds(batch), reg.HEADS)
+    assert flat.shape == (int(batch.cu_seqlens_k[-1]), 1)
 
 
 def test_empty_batches():
@@ -238,7 +235,7 @@ def test_empty_batches():
 
 
 def test_argument_errors(batch):
-    args = (batch.q, batch.k, batch.v, batch.cu_q, batch.cu_k, batch.max_q, batch.max_k)
+    args = (batch.q, batch.k, batch.v, *_bounds(batch))
     gate = reg._gate(batch)
     with pytest.raises(ValueError, match="pass either mask or mask_mod, not both"):
         dmattn_ops.varlen_attention(*args, mask=torch.ones(batch.k.shape[0], 1, dtype=torch.bool), mask_mod=gate)
@@ -247,9 +244,12 @@ def test_argument_errors(batch):
     with pytest.raises(TypeError, match="mask_mod must return bool"):
         dmattn_ops.varlen_attention(*args, mask_mod=lambda b, h, q_idx, kv_idx: kv_idx + 1)
     with pytest.raises(ValueError, match="must return one value per"):
-        create_mask(lambda b, h, q_idx, kv_idx: torch.ones(2, dtype=torch.bool), batch.cu_q, batch.cu_k, 6, 11, 4)
+        create_mask(
+            lambda b, h, q_idx, kv_idx: torch.ones(2, dtype=torch.bool), batch.cu_seqlens_q, batch.cu_seqlens_k,
+            6, 11, 4,
+        )
     with pytest.raises(ValueError, match="num_heads must be a multiple of num_heads_k"):
-        create_mask(gate, batch.cu_q, batch.cu_k, 6, 11, 4, 3)
+        create_mask(gate, batch.cu_seqlens_q, batch.cu_seqlens_k, 6, 11, 4, 3)
 
 
 def _random_batch(g, num_seqs, heads=6, heads_k=3, dim=8):

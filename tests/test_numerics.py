@@ -35,16 +35,6 @@ def _skip_unsupported(spec: Spec, dtype: torch.dtype, device: str) -> None:
         pytest.skip(reason)
 
 
-def _on(sample: Sample, device: str) -> Sample:
-    """``sample`` with every tensor moved to ``device`` (bytes unchanged)."""
-    moved = {
-        name: getattr(sample, name).to(device)
-        for name in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "mask", "bias")
-        if getattr(sample, name) is not None
-    }
-    return sample.replace(**moved)
-
-
 @contextlib.contextmanager
 def _threads(n: int):
     """Runs the CPU kernel with ``n`` threads: with one long sequence and more threads than (sequence, head block,
@@ -214,7 +204,7 @@ def _overflow_sample(route: str, sign: float, dtype: torch.dtype, device: str) -
         cu_seqlens_q=dmattn_ops.cu_seqlens([3]), cu_seqlens_k=dmattn_ops.cu_seqlens([lk]), max_seqlen_q=3,
         max_seqlen_k=lk, mask=mask, bias=torch.randn(lk, 1, generator=gen), softmax_scale=scale,
     )
-    return _on(sample, device)
+    return sample.to(device)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -259,7 +249,7 @@ def test_nan_and_inf_scores_through_key_splits(case, threads, device):
     elif case.endswith("only_key"):
         mask[:] = False
     mask[poisoned] = True
-    sample = _on(sample.replace(mask=mask, bias=bias), device)
+    sample = sample.replace(mask=mask, bias=bias).to(device)
     with _threads(threads):
         result = sample.run()
     expect_nan = not case.startswith("neg")
@@ -418,8 +408,8 @@ def test_hidden_keys_never_influence_a_row(case, fill, dtype, device):
     poisoned, clean = _poison_hidden(base, keys, fill)
     assert clean.any() and (~clean).any(), "test set-up: both clean and affected rows"
     with _threads(16 if case == "split_decode" else torch.get_num_threads()):
-        want = _on(base, device).run()
-        got = _on(poisoned, device).run()
+        want = base.to(device).run()
+        got = poisoned.to(device).run()
     rows_want, rows_got = (r[0].cpu().permute(1, 0, 2)[clean] for r in (want, got))
     assert torch.equal(rows_want, rows_got), "out of a row changed when keys it cannot see were poisoned"
     assert torch.equal(want[1].cpu()[clean], got[1].cpu()[clean]), "lse of a row changed likewise"

@@ -34,43 +34,24 @@ import torch.nn.functional as F
 import dmattn_ops
 
 import bench_common  # tools/bench_common.py: git commit and JSON writing shared by the benchmark tools
+from packed_batch import PackedBatch
 
 ROOT = Path(__file__).resolve().parent.parent
 SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
 
-@dataclass
-class DecodeBatch:
-    """One packed varlen batch with a key-side mask and bias, and the lengths that describe it."""
-
-    q: torch.Tensor  # (total_q, H, D)
-    k: torch.Tensor  # (total_k, Hk, D)
-    v: torch.Tensor  # (total_k, Hk, D)
-    cu_seqlens_q: torch.Tensor  # (B + 1,) int32
-    cu_seqlens_k: torch.Tensor  # (B + 1,) int32
-    max_seqlen_q: int
-    max_seqlen_k: int
-    mask: torch.Tensor  # (total_k, Hm) bool, key-side
-    bias: torch.Tensor  # (total_k, Hm) float32, key-side
-    seqlens_q: List[int]
-    seqlens_k: List[int]
-
-    def args(self):
-        """Positional arguments of dmattn_ops.varlen_attention."""
-        return (self.q, self.k, self.v, self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k)
-
-    def describe(self) -> Dict[str, int]:
-        total_q, H, D = self.q.shape
-        total_k, Hk, _ = self.k.shape
-        return dict(B=len(self.seqlens_q), total_q=total_q, total_k=total_k, H=H, Hk=Hk, D=D, Hm=self.mask.shape[1],
-                    max_seqlen_q=self.max_seqlen_q, max_seqlen_k=self.max_seqlen_k,
-                    kept_keys=int(self.mask.sum()), mask_entries=self.mask.numel())
+def describe(db: PackedBatch) -> Dict[str, int]:
+    """The shape facts this benchmark prints and writes to its JSON."""
+    return dict(B=db.batch_size, total_q=db.total_q, total_k=db.total_k, H=db.heads, Hk=db.heads_k, D=db.head_dim,
+                Hm=db.mask_heads, max_seqlen_q=db.max_seqlen_q, max_seqlen_k=db.max_seqlen_k,
+                kept_keys=int(db.mask.sum()), mask_entries=db.mask.numel())
 
 
 def make_decode_batch(batch=16, queries=(1, 8), keys=(512, 2048), heads=8, kv_heads=2, head_dim=64, keep=0.5,
-                      mask_heads: Optional[int] = None, dtype=torch.float32, seed=0) -> DecodeBatch:
-    """A decode batch: per sequence, lengths drawn uniformly from `queries` and `keys` (inclusive); the key-side
-    mask keeps the top `keep` fraction of each sequence's keys by a random gating score, per mask head."""
+                      mask_heads: Optional[int] = None, dtype=torch.float32, seed=0) -> PackedBatch:
+    """A decode batch: per sequence, lengths drawn uniformly from `queries` and `keys` (inclusive); a key-side
+    mask (total_k, Hm) keeping the top `keep` fraction of each sequence's keys by a random gating score, per mask
+    head, and a key-side bias (total_k, Hm) float32."""
     gen = torch.Generator().manual_seed(seed)
     hm = kv_heads if mask_heads is None else mask_heads
     seqlens_q = torch.randint(queries[0], queries[1] + 1, (batch,), generator=gen).tolist()
@@ -89,8 +70,9 @@ def make_decode_batch(batch=16, queries=(1, 8), keys=(512, 2048), heads=8, kv_he
         start += length
     bias = 0.5 * torch.randn(total_k, hm, generator=gen)  # (total_k, Hm) float32
 
-    return DecodeBatch(q, k, v, dmattn_ops.cu_seqlens(seqlens_q), dmattn_ops.cu_seqlens(seqlens_k), max(seqlens_q), max(seqlens_k),
-                       mask, bias, seqlens_q, seqlens_k)
+    return PackedBatch(q=q, k=k, v=v, cu_seqlens_q=dmattn_ops.cu_seqlens(seqlens_q),
+                       cu_seqlens_k=dmattn_ops.cu_seqlens(seqlens_k), max_seqlen_q=max(seqlens_q),
+                       max_seqlen_k=max(seqlens_k), mask=mask, bias=bias)
 
 
 @dataclass
@@ -111,17 +93,17 @@ class PaddedSDPA:
         return F.scaled_dot_product_attention(self.q, self.k_expanded, self.v_expanded, attn_mask=self.attn_mask)
 
 
-def pad_for_sdpa(db: DecodeBatch) -> PaddedSDPA:
+def pad_for_sdpa(db: PackedBatch) -> PaddedSDPA:
     """Pads q/k/v per sequence and folds the key-side mask and bias into a (B, H, max_q, max_k) additive mask.
     Padding keys get -inf; padding query rows attend to everything (finite rows, dropped by unpad)."""
-    B, (_, H, D), Hk = len(db.seqlens_q), db.q.shape, db.k.shape[1]
-    Lq, Lk, group_m = db.max_seqlen_q, db.max_seqlen_k, H // db.mask.shape[1]
+    B, H, Hk, D = db.batch_size, db.heads, db.heads_k, db.head_dim
+    Lq, Lk, group_m = db.max_seqlen_q, db.max_seqlen_k, H // db.mask_heads
     q = db.q.new_zeros(B, H, Lq, D)
     k = db.k.new_zeros(B, Hk, Lk, D)
     v = db.v.new_zeros(B, Hk, Lk, D)
     attn_mask = torch.zeros(B, H, Lq, Lk, dtype=db.q.dtype)
-    for b, (sq, sk) in enumerate(zip(db.cu_seqlens_q[:-1].tolist(), db.cu_seqlens_k[:-1].tolist())):
-        nq, nk = db.seqlens_q[b], db.seqlens_k[b]
+    starts_q, starts_k = db.cu_seqlens_q[:-1].tolist(), db.cu_seqlens_k[:-1].tolist()
+    for b, (sq, sk, nq, nk) in enumerate(zip(starts_q, starts_k, db.seqlens_q, db.seqlens_k)):
         q[b, :, :nq] = db.q[sq:sq + nq].transpose(0, 1)
         k[b, :, :nk] = db.k[sk:sk + nk].transpose(0, 1)
         v[b, :, :nk] = db.v[sk:sk + nk].transpose(0, 1)
@@ -133,18 +115,17 @@ def pad_for_sdpa(db: DecodeBatch) -> PaddedSDPA:
     return PaddedSDPA(q, k, v, attn_mask, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1))
 
 
-def unpad(out: torch.Tensor, db: DecodeBatch) -> torch.Tensor:
+def unpad(out: torch.Tensor, db: PackedBatch) -> torch.Tensor:
     """(B, H, max_seqlen_q, D) -> packed (total_q, H, D)."""
     return torch.cat([out[b, :, :n].transpose(0, 1) for b, n in enumerate(db.seqlens_q)])
 
 
-def mask_bytes(db: DecodeBatch, sdpa: PaddedSDPA) -> Dict[str, int]:
+def mask_bytes(db: PackedBatch, sdpa: PaddedSDPA) -> Dict[str, int]:
     """Bytes of mask + bias in each form: dmattn key-side, dmattn query-side, SDPA materialized."""
-    total_q, hm = db.q.shape[0], db.mask.shape[1]
     per_element = db.mask.element_size() + db.bias.element_size()
     return {
         "key_side": db.mask.nbytes + db.bias.nbytes,
-        "query_side": total_q * hm * db.max_seqlen_k * per_element,
+        "query_side": db.total_q * db.mask_heads * db.max_seqlen_k * per_element,
         "sdpa_materialized": sdpa.attn_mask.nbytes,
     }
 
@@ -187,7 +168,7 @@ def main(argv=None) -> int:
 
     db = make_decode_batch(seed=args.seed)
     sdpa = pad_for_sdpa(db)
-    fns = {"dmattn_ops": lambda: dmattn_ops.varlen_attention(*db.args(), mask=db.mask, bias=db.bias)}
+    fns = {"dmattn_ops": lambda: db.run()[0]}
     if SDPA_HAS_GQA:
         fns["sdpa_enable_gqa"] = lambda: sdpa.run("enable_gqa")
     fns["sdpa_expand_kv"] = lambda: sdpa.run("expand")
@@ -201,7 +182,7 @@ def main(argv=None) -> int:
     best_sdpa = min((n for n in median if n.startswith("sdpa")), key=median.get)
     speedup = median[best_sdpa] / median["dmattn_ops"]
     mem = mask_bytes(db, sdpa)
-    shape = db.describe()
+    shape = describe(db)
 
     print(f"decode batch: B={shape['B']}, total_q={shape['total_q']}, total_k={shape['total_k']}, "
           f"H={shape['H']}, Hk={shape['Hk']}, D={shape['D']}, float32, key-side mask keeps "

@@ -44,20 +44,20 @@ checked against each other.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
 import math
 import os
 import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
+from packed_batch import PackedBatch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SEED = 186  # picked so the prefill batch totals ~16k tokens, the size PEERS.md measured
@@ -75,55 +75,15 @@ class NotBuilt(Exception):
 # ----------------------------------------------------------------------------------------------------- problem
 
 
-@dataclass
-class Problem:
-    """One packed varlen batch and its key-side mask/bias: the inputs every peer of a group shares."""
-
-    lens_q: List[int]
-    lens_k: List[int]
-    heads: int  # H
-    heads_k: int  # Hk
-    head_dim: int  # D
-    causal: bool
-    q: torch.Tensor  # (total_q, H, D)
-    k: torch.Tensor  # (total_k, Hk, D)
-    v: torch.Tensor  # (total_k, Hk, D)
-    cu_q: torch.Tensor  # (B + 1,) int32
-    cu_k: torch.Tensor  # (B + 1,) int32
-    keep: Optional[torch.Tensor]  # (total_k, Hm) bool, True = attend; None = no mask
-    bias: Optional[torch.Tensor]  # (total_k, Hm) q's dtype; None = no bias
-
-    @property
-    def batch(self):
-        return len(self.lens_q)
-
-    @property
-    def max_q(self):
-        return max(self.lens_q, default=0)
-
-    @property
-    def max_k(self):
-        return max(self.lens_k, default=0)
-
-    @property
-    def mask_heads(self):  # Hm
-        return self.keep.shape[1] if self.keep is not None else 1
-
-    @property
-    def device(self):
-        return self.q.device
-
-    def without_mask(self) -> "Problem":
-        return dataclasses.replace(self, keep=None, bias=None)
-
-    def describe(self) -> Dict[str, object]:
-        return {
-            "batch": self.batch, "total_q": sum(self.lens_q), "total_k": sum(self.lens_k),
-            "max_seqlen_q": self.max_q, "max_seqlen_k": self.max_k, "lens_q": self.lens_q, "lens_k": self.lens_k,
-            "heads": self.heads, "heads_k": self.heads_k, "head_dim": self.head_dim, "dtype": str(self.q.dtype),
-            "causal": self.causal, "mask": None if self.keep is None else f"key-side {tuple(self.keep.shape)} bool",
-            "bias": None if self.bias is None else f"key-side {tuple(self.bias.shape)} {self.bias.dtype}",
-        }
+def describe(p: PackedBatch) -> Dict[str, object]:
+    """The batch as every JSON records it under "problem"."""
+    return {
+        "batch": p.batch_size, "total_q": p.total_q, "total_k": p.total_k,
+        "max_seqlen_q": p.max_seqlen_q, "max_seqlen_k": p.max_seqlen_k, "lens_q": p.seqlens_q, "lens_k": p.seqlens_k,
+        "heads": p.heads, "heads_k": p.heads_k, "head_dim": p.head_dim, "dtype": str(p.dtype),
+        "causal": p.is_causal, "mask": None if p.mask is None else f"key-side {tuple(p.mask.shape)} bool",
+        "bias": None if p.bias is None else f"key-side {tuple(p.bias.shape)} {p.bias.dtype}",
+    }
 
 
 def _cu(lens, device):
@@ -133,8 +93,9 @@ def _cu(lens, device):
 
 
 def make_problem(lens_q, lens_k, heads, heads_k, head_dim, mask_heads, keep_frac, causal, dtype, device, seed):
-    """Random q/k/v and, where keep_frac is given, a key-side mask keeping the top ``keep_frac`` of each sequence's
-    keys (per mask head) by a random gating score, with that score as the key-side bias."""
+    """One packed batch, the inputs every peer of a group shares: random q/k/v and, where keep_frac is given, a
+    key-side mask (total_k, Hm) keeping the top ``keep_frac`` of each sequence's keys (per mask head) by a random
+    gating score, with that score as the key-side bias (total_k, Hm) in q's dtype."""
     gen = torch.Generator().manual_seed(seed + 1)
     total_q, total_k = sum(lens_q), sum(lens_k)
     dev_gen = torch.Generator(device=device).manual_seed(seed + 2)
@@ -152,8 +113,9 @@ def make_problem(lens_q, lens_k, heads, heads_k, head_dim, mask_heads, keep_frac
                 keep[start:start + lk].scatter_(0, top, True)
             start += lk
         keep, bias = keep.to(device), score.to(device=device, dtype=dtype)
-    return Problem(list(lens_q), list(lens_k), heads, heads_k, head_dim, causal, q, k, v,
-                   _cu(lens_q, device), _cu(lens_k, device), keep, bias)
+    return PackedBatch(q=q, k=k, v=v, cu_seqlens_q=_cu(lens_q, device), cu_seqlens_k=_cu(lens_k, device),
+                       max_seqlen_q=max(lens_q, default=0), max_seqlen_k=max(lens_k, default=0), mask=keep, bias=bias,
+                       is_causal=causal)
 
 
 @dataclass
@@ -167,16 +129,16 @@ class Work:
     kv_bytes_kept: int
 
 
-def work_of(p: Problem) -> Work:
+def work_of(p: PackedBatch) -> Work:
     H, Hm = p.heads, p.mask_heads
-    keep = p.keep.cpu() if p.keep is not None else None
-    rows = torch.zeros(sum(p.lens_q), H, dtype=torch.bool)
+    keep = p.mask.cpu() if p.mask is not None else None
+    rows = torch.zeros(p.total_q, H, dtype=torch.bool)
     unmasked = dense = 0
     q0 = k0 = 0
-    for lq, lk in zip(p.lens_q, p.lens_k):
+    for lq, lk in zip(p.seqlens_q, p.seqlens_k):
         if lq and lk:
             # last visible key index of each query, then the number of keys at or before it
-            last = torch.arange(lq) + (lk - lq) if p.causal else torch.full((lq,), lk - 1)
+            last = torch.arange(lq) + (lk - lq) if p.is_causal else torch.full((lq,), lk - 1)
             n_vis = (last.clamp(max=lk - 1) + 1).clamp(min=0)  # (lq,)
             dense += int(n_vis.sum()) * H
             if keep is None:
@@ -188,7 +150,7 @@ def work_of(p: Problem) -> Work:
             rows[q0:q0 + lq] = cnt > 0
         q0, k0 = q0 + lq, k0 + lk
     row_bytes = p.head_dim * p.k.element_size() * 2  # one K row + one V row of one KV head
-    total_k = sum(p.lens_k)
+    total_k = p.total_k
     kv_all = total_k * p.heads_k * row_bytes
     if keep is None:
         kept = total_k * p.heads_k
@@ -243,18 +205,13 @@ class Peer:
     cuda_only: str = ""  # non-empty: skipped off CUDA with this reason
 
 
-def dmattn_peer(p: Problem, name="dmattn_ops"):
+def dmattn_peer(p: PackedBatch, name="dmattn_ops"):
     def prepare():
         reason = dmattn_unavailable(p.device)
         if reason:
             raise NotBuilt(reason)
-        import dmattn_ops
-
-        def run():
-            return dmattn_ops.varlen_attention(p.q, p.k, p.v, p.cu_q, p.cu_k, p.max_q, p.max_k, mask=p.keep,
-                                               bias=p.bias, is_causal=p.causal)
-        return Prepared(run, mask_bytes=bc.tensor_bytes(p.keep, p.bias),
-                        extras={"layout": "packed, key-side mask/bias" if p.keep is not None else "packed"})
+        return Prepared(lambda: p.run()[0], mask_bytes=bc.tensor_bytes(p.mask, p.bias),
+                        extras={"layout": "packed, key-side mask/bias" if p.mask is not None else "packed"})
     return Peer(name, prepare, "dmattn")
 
 
@@ -270,7 +227,7 @@ def dmattn_unavailable(device) -> str:
     return ""
 
 
-def flex_peer(p: Problem):
+def flex_peer(p: PackedBatch):
     """FlexAttention, compiled, on the packed batch (B = 1): a document (+ causal) mask_mod that reads the key-side
     keep tensor and a score_mod that adds the key-side bias."""
 
@@ -279,7 +236,7 @@ def flex_peer(p: Problem):
 
         H, Hm, dev = p.heads, p.mask_heads, p.device
         head_div = H // Hm  # query head h reads mask/bias column h // head_div
-        total_q, total_k = sum(p.lens_q), sum(p.lens_k)
+        total_q, total_k = p.total_q, p.total_k
         # Per-token lookups, padded past the ends with documents that never match (-1 / -2) because the kernels may
         # evaluate mask_mod on indices of a partial last block.
         qpad, kpad = _round_up(total_q, 128) + 128, _round_up(total_k, 128) + 128
@@ -288,7 +245,7 @@ def flex_peer(p: Problem):
         q_last = torch.zeros(qpad, dtype=torch.int32)  # last visible in-sequence key position (causal)
         k_pos = torch.zeros(kpad, dtype=torch.int32)  # in-sequence key position
         q0 = k0 = 0
-        for b, (lq, lk) in enumerate(zip(p.lens_q, p.lens_k)):
+        for b, (lq, lk) in enumerate(zip(p.seqlens_q, p.seqlens_k)):
             q_doc[q0:q0 + lq] = b
             k_doc[k0:k0 + lk] = b
             q_last[q0:q0 + lq] = torch.arange(lq, dtype=torch.int32) + (lk - lq)
@@ -297,13 +254,13 @@ def flex_peer(p: Problem):
         q_doc, k_doc, q_last, k_pos = (t.to(dev) for t in (q_doc, k_doc, q_last, k_pos))
         keep = torch.zeros(kpad, Hm, dtype=torch.bool, device=dev)
         bias = torch.zeros(kpad, Hm, dtype=p.q.dtype, device=dev)
-        if p.keep is not None:
-            keep[:total_k] = p.keep
+        if p.mask is not None:
+            keep[:total_k] = p.mask
         else:
             keep[:total_k] = True
         if p.bias is not None:
             bias[:total_k] = p.bias
-        causal = p.causal
+        causal = p.is_causal
 
         def mask_mod(b, h, q_idx, kv_idx):
             same = (q_doc[q_idx] == k_doc[kv_idx]) & keep[kv_idx, h // head_div]
@@ -352,7 +309,7 @@ def _tiles_visited_pct(block_mask, total_k) -> float:
     return 100.0 * float(visited) / max(tiles, 1)
 
 
-def sdpa_peer(p: Problem, mode: str, backend: Optional[str] = None):
+def sdpa_peer(p: PackedBatch, mode: str, backend: Optional[str] = None):
     """torch SDPA on zero-padded (B, H, L, D) tensors with K/V heads expanded to H (untimed). ``mode``:
     "materialized": causal + mask + bias as one float (B, H, Lq, Lk) bias; "expanded": mask + bias as a
     (B, H, 1, Lk) float bias expanded (stride 0) over queries (not causal); "none": no mask, ``is_causal`` for the
@@ -365,29 +322,31 @@ def sdpa_peer(p: Problem, mode: str, backend: Optional[str] = None):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         H, Hk, Hm, dev = p.heads, p.heads_k, p.mask_heads, p.device
-        lq_pad = p.max_q
-        lk_pad = _round_up(p.max_k, 16) if mode != "none" else p.max_k  # aligned bias rows: no copy inside SDPA
-        pq, pk = Padding(p.lens_q, lq_pad, dev), Padding(p.lens_k, lk_pad, dev)
+        lens_q, lens_k = p.seqlens_q, p.seqlens_k
+        lq_pad = p.max_seqlen_q
+        # aligned bias rows: no copy inside SDPA
+        lk_pad = _round_up(p.max_seqlen_k, 16) if mode != "none" else p.max_seqlen_k
+        pq, pk = Padding(lens_q, lq_pad, dev), Padding(lens_k, lk_pad, dev)
         qp = pq.pad(p.q).transpose(1, 2)  # (B, H, Lq, D), FlashAttention's native strides
         kp = pk.pad(p.k).repeat_interleave(H // Hk, dim=2).transpose(1, 2)  # (B, H, Lk, D)
         vp = pk.pad(p.v).repeat_interleave(H // Hk, dim=2).transpose(1, 2)
         attn_bias, is_causal = None, False
         if mode == "none":
-            if p.keep is not None or p.bias is not None:
+            if p.mask is not None or p.bias is not None:
                 raise Skip("the dense SDPA peer takes no mask")
-            if p.causal and len(set(p.lens_q) | set(p.lens_k)) != 1:
+            if p.is_causal and len(set(lens_q) | set(lens_k)) != 1:
                 raise Skip("SDPA is_causal is top-left aligned: equal lengths only")
-            is_causal = p.causal
+            is_causal = p.is_causal
         else:
-            if p.causal and mode == "expanded":
+            if p.is_causal and mode == "expanded":
                 raise Skip("a bias broadcast over queries cannot express causality")
-            B = p.batch
-            keep = pk.pad(p.keep if p.keep is not None else torch.ones(sum(p.lens_k), Hm, dtype=torch.bool,
+            B = p.batch_size
+            keep = pk.pad(p.mask if p.mask is not None else torch.ones(p.total_k, Hm, dtype=torch.bool,
                                                                           device=dev))  # (B, Lk, Hm), padding False
             bias = pk.pad(p.bias) if p.bias is not None else torch.zeros(B, lk_pad, Hm, dtype=p.q.dtype, device=dev)
             keep, bias = keep.permute(0, 2, 1)[:, :, None, :], bias.permute(0, 2, 1)[:, :, None, :]  # (B, Hm, 1, Lk)
-            if p.causal:
-                shift = torch.tensor([lk - lq for lq, lk in zip(p.lens_q, p.lens_k)], device=dev)  # (B,)
+            if p.is_causal:
+                shift = torch.tensor([lk - lq for lq, lk in zip(lens_q, lens_k)], device=dev)  # (B,)
                 i = torch.arange(lq_pad, device=dev)
                 j = torch.arange(lk_pad, device=dev)
                 keep = keep & (j[None, None, :] <= i[None, :, None] + shift[:, None, None])[:, None]  # (B,Hm,Lq,Lk)
@@ -416,7 +375,7 @@ def sdpa_peer(p: Problem, mode: str, backend: Optional[str] = None):
     return Peer(label, prepare, "sdpa", cuda_only="no cuDNN on the CPU" if backend == "CUDNN_ATTENTION" else "")
 
 
-def varlen_peer(p: Problem):
+def varlen_peer(p: PackedBatch):
     """torch.nn.attention.varlen.varlen_attn (FlashAttention in torch), packed, no mask or bias."""
 
     def prepare():
@@ -424,11 +383,11 @@ def varlen_peer(p: Problem):
             from torch.nn.attention.varlen import varlen_attn
         except ImportError:
             raise Skip(f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn")
-        if p.keep is not None or p.bias is not None:
+        if p.mask is not None or p.bias is not None:
             raise Skip("varlen_attn takes no mask or bias")
         params = inspect.signature(varlen_attn).parameters
         kw, k, v = {}, p.k, p.v
-        if p.causal:
+        if p.is_causal:
             if "is_causal" in params:
                 kw["is_causal"] = True
             elif "window_size" in params:
@@ -442,7 +401,7 @@ def varlen_peer(p: Problem):
                 k, v = (t.repeat_interleave(p.heads // p.heads_k, dim=1) for t in (k, v))
 
         def run():
-            return varlen_attn(p.q, k, v, p.cu_q, p.cu_k, p.max_q, p.max_k, **kw)
+            return varlen_attn(p.q, k, v, p.cu_seqlens_q, p.cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k, **kw)
 
         return Prepared(run, extras={"layout": "packed", "kwargs": {k_: str(v_) for k_, v_ in kw.items()}})
     return Peer("torch varlen_attn (FA2), no mask", prepare, "varlen", cuda_only="FlashAttention kernels are CUDA only")
@@ -451,7 +410,7 @@ def varlen_peer(p: Problem):
 # ------------------------------------------------------------------------------------------------- measurement
 
 
-def measure(peer: Peer, p: Problem, work: Work, ref: Dict[str, object]) -> Dict[str, object]:
+def measure(peer: Peer, p: PackedBatch, work: Work, ref: Dict[str, object]) -> Dict[str, object]:
     """Prepares, times and checks one peer; never raises. ``ref`` holds the group's reference output."""
     dev = p.device
     res: Dict[str, object] = {"peer": peer.name, "family": peer.family, "status": "ok", "reason": ""}
@@ -530,15 +489,15 @@ def sizes(name: str, tiny: bool, gen: torch.Generator):
     raise ValueError(name)
 
 
-def groups_of(name: str, base: Problem):
+def groups_of(name: str, base: PackedBatch):
     """(group name, problem, peers) for a workload; dmattn_ops first in each group, so it is the reference."""
     if name == "prefill":
-        masked, plain = base, base.without_mask()
+        masked, plain = base, base.replace(mask=None, bias=None)
         return [("causal, key-side mask 50% + bias", masked,
                  [dmattn_peer(masked), flex_peer(masked), sdpa_peer(masked, "materialized")]),
                 ("causal, no mask (varlen dense reference)", plain, [dmattn_peer(plain), varlen_peer(plain)])]
     if name == "decode":
-        masked, plain = base, base.without_mask()
+        masked, plain = base, base.replace(mask=None, bias=None)
         return [("key-side mask 25% + bias", masked,
                  [dmattn_peer(masked), sdpa_peer(masked, "materialized"), sdpa_peer(masked, "expanded"),
                   flex_peer(masked)]),
@@ -546,7 +505,7 @@ def groups_of(name: str, base: Problem):
     if name == "dense":
         out = []
         for causal in (True, False):
-            pr = dataclasses.replace(base, causal=causal)
+            pr = base.replace(is_causal=causal)
             out.append(("causal" if causal else "non-causal", pr,
                         [dmattn_peer(pr), sdpa_peer(pr, "none", "FLASH_ATTENTION"),
                          sdpa_peer(pr, "none", "CUDNN_ATTENTION"), varlen_peer(pr)]))
@@ -554,17 +513,17 @@ def groups_of(name: str, base: Problem):
     raise ValueError(name)
 
 
-def layout_memory(p: Problem) -> Dict[str, int]:
+def layout_memory(p: PackedBatch) -> Dict[str, int]:
     """Bytes each way of encoding this workload's mask + bias would take (computed, not allocated)."""
-    if p.keep is None:
+    if p.mask is None:
         return {}
-    Hm, H, B = p.mask_heads, p.heads, p.batch
-    tq, tk, el = sum(p.lens_q), sum(p.lens_k), p.q.element_size()
+    Hm, H, B = p.mask_heads, p.heads, p.batch_size
+    tq, tk, el = p.total_q, p.total_k, p.q.element_size()
     return {
         "dmattn key-side mask (total_k, Hm) bool + bias (total_k, Hm)": tk * Hm * (1 + el),
-        "dmattn query-side mask (total_q, Hm, max_seqlen_k) bool + bias": tq * Hm * p.max_k * (1 + el),
-        "SDPA materialized float bias (B, H, Lq_max, Lk_max)": B * H * p.max_q * p.max_k * el,
-        "SDPA (B, H, 1, Lk_max) float bias, expanded over queries": B * H * p.max_k * el,
+        "dmattn query-side mask (total_q, Hm, max_seqlen_k) bool + bias": tq * Hm * p.max_seqlen_k * (1 + el),
+        "SDPA materialized float bias (B, H, Lq_max, Lk_max)": B * H * p.max_seqlen_q * p.max_seqlen_k * el,
+        "SDPA (B, H, 1, Lk_max) float bias, expanded over queries": B * H * p.max_seqlen_k * el,
     }
 
 
@@ -577,8 +536,9 @@ def run_workload(name: str, args) -> Dict[str, object]:
     keep_frac = {"prefill": 0.5, "decode": 0.25, "dense": None}[name]
     base = make_problem(lens_q, lens_k, hs["heads"], hs["heads_k"], hs["head_dim"], mask_heads, keep_frac,
                         causal=name == "prefill", dtype=dtype, device=dev, seed=args.seed)
-    print(f"\n== {name}: B={base.batch} total_q={sum(lens_q)} total_k={sum(lens_k)} max_q={base.max_q} "
-          f"max_k={base.max_k} H={base.heads} Hk={base.heads_k} D={base.head_dim} {dtype} on {dev}", flush=True)
+    print(f"\n== {name}: B={base.batch_size} total_q={base.total_q} total_k={base.total_k} "
+          f"max_q={base.max_seqlen_q} max_k={base.max_seqlen_k} H={base.heads} Hk={base.heads_k} D={base.head_dim} "
+          f"{dtype} on {dev}", flush=True)
     results = []
     for group, prob, peers in groups_of(name, base):
         print(f" [{group}]", flush=True)
@@ -592,7 +552,7 @@ def run_workload(name: str, args) -> Dict[str, object]:
             results.append(res)
         del ref
     add_speedups(results)
-    return {"workload": name, "targets": check_targets(name, results), "problem": base.describe(),
+    return {"workload": name, "targets": check_targets(name, results), "problem": describe(base),
             "mask_heads": args.mask_heads, "keep_fraction": keep_frac, "seed": args.seed,
             "layout_memory_bytes": layout_memory(base), "environment": bc.environment(dev, REPO),
             "dmattn_build": dmattn_build(),

@@ -19,10 +19,9 @@ import torch
 from torch.export import Dim
 
 import dmattn_ops
-from dmattn_ops.reference import reference_varlen_attention
 
-from bench_cpu import (SDPA_HAS_GQA, DecodeBatch, make_decode_batch, mask_bytes, pad_for_sdpa, time_side_by_side,
-                       unpad)
+from bench_cpu import SDPA_HAS_GQA, describe, make_decode_batch, mask_bytes, pad_for_sdpa, time_side_by_side, unpad
+from packed_batch import PackedBatch
 
 TOLERANCE = 1e-4  # float32 kernel vs float64 reference, max abs difference of out
 
@@ -37,8 +36,9 @@ class Attend(torch.nn.Module):
         return attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias)
 
 
-def inputs(db: DecodeBatch):
-    return (*db.args(), db.mask, db.bias)
+def inputs(db: PackedBatch):
+    """The arguments of attend: the op's, up to bias."""
+    return (db.q, db.k, db.v, db.cu_seqlens_q, db.cu_seqlens_k, db.max_seqlen_q, db.max_seqlen_k, db.mask, db.bias)
 
 
 def max_error(result, expected) -> float:
@@ -52,7 +52,7 @@ def max_error(result, expected) -> float:
     return max((out.double() - out_ref).abs().max().item(), lse_err)
 
 
-def export_program(db: DecodeBatch):
+def export_program(db: PackedBatch):
     total_q, total_k, batch = Dim("total_q", min=1), Dim("total_k", min=1), Dim("batch", min=1)
     dynamic = {
         "q": {0: total_q}, "k": {0: total_k}, "v": {0: total_k},
@@ -67,12 +67,12 @@ def main() -> int:
     torch.manual_seed(0)
     db = make_decode_batch(seed=0)
     other = make_decode_batch(batch=11, seed=1)  # other B, total_q, total_k, max_seqlen: no recompile expected
-    shape = db.describe()
+    shape = describe(db)
     print(f"decode batch: B={shape['B']}, total_q={shape['total_q']}, total_k={shape['total_k']}, H={shape['H']}, "
           f"Hk={shape['Hk']}, D={shape['D']}, float32; key-side mask ({shape['total_k']}, {shape['Hm']}) keeps "
           f"{shape['kept_keys']:,} of {shape['mask_entries']:,}, key-side bias ({shape['total_k']}, {shape['Hm']})")
 
-    expected = {id(b): reference_varlen_attention(*b.args(), mask=b.mask, bias=b.bias) for b in (db, other)}
+    expected = {id(b): b.reference() for b in (db, other)}
     failures = []
 
     def report(label, batch, result, seconds):
@@ -123,11 +123,11 @@ def main() -> int:
     runs, gqa = 20, ("enable_gqa" if SDPA_HAS_GQA else "expand")
     with torch.inference_mode():
         sdpa_out = unpad(sdpa.run(gqa), db)
-        dm_out = dmattn_ops.varlen_attention(*db.args(), mask=db.mask, bias=db.bias)
+        dm_out = db.run()[0]
         if (sdpa_out - dm_out).abs().max().item() > TOLERANCE:
             failures.append("SDPA agreement")
         times = time_side_by_side({
-            "dmattn_ops": lambda: dmattn_ops.varlen_attention(*db.args(), mask=db.mask, bias=db.bias),
+            "dmattn_ops": lambda: db.run()[0],
             "sdpa": lambda: sdpa.run(gqa),
         }, runs=runs, warmup=3)
     dm, sd = statistics.median(times["dmattn_ops"]), statistics.median(times["sdpa"])

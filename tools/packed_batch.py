@@ -1,0 +1,139 @@
+"""``PackedBatch``: the arguments of one ``dmattn.varlen_fwd`` call over a packed varlen batch, and its shape facts.
+
+The one batch type of the tests (``tests/samples.py``'s ``Sample``, ``tests/mod_registry.py``'s ``Batch``, the fuzz
+calls) and of the tools (``bench_cpu.py``, ``bench_gpu.py``, ``demo.py``); each keeps its own builders.
+
+It lives in ``tools/``, not in the ``dmattn_ops`` package: ``bench_gpu.py`` must start and time its peers where
+``dmattn_ops`` does not import (an unbuilt extension), and ``tools/run_gpu.sh``'s compare stage runs this tree's
+tools against an earlier build's package (``PYTHONPATH=.prev``), which has no such module. So only the methods that
+call the op import ``dmattn_ops``. The tools import this file as a sibling of their script; the tests find it
+through ``pythonpath = tools`` in ``pytest.ini``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+
+@dataclass(kw_only=True)
+class PackedBatch:
+    """One call's inputs: packed q/k/v, the sequence bounds, and the optional mask, bias, scale and causal flag."""
+
+    q: torch.Tensor  # (total_q, H, D)
+    k: torch.Tensor  # (total_k, Hk, D)
+    v: torch.Tensor  # (total_k, Hk, D)
+    cu_seqlens_q: torch.Tensor  # (B + 1,) int32
+    cu_seqlens_k: torch.Tensor  # (B + 1,) int32
+    max_seqlen_q: int
+    max_seqlen_k: int
+    mask: Optional[torch.Tensor] = None  # bool, key-side (total_k, Hm) or query-side (total_q, Hm, max_seqlen_k)
+    bias: Optional[torch.Tensor] = None  # float32 or q's dtype, the same two layouts
+    softmax_scale: Optional[float] = None
+    is_causal: bool = False
+
+    # Shape facts.
+
+    @property
+    def batch_size(self) -> int:  # B
+        return self.cu_seqlens_q.shape[0] - 1
+
+    @property
+    def total_q(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def total_k(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def heads(self) -> int:  # H
+        return self.q.shape[1]
+
+    @property
+    def heads_k(self) -> int:  # Hk
+        return self.k.shape[1]
+
+    @property
+    def head_dim(self) -> int:  # D
+        return self.q.shape[2]
+
+    @property
+    def mask_heads(self) -> int:
+        """Hm of the mask; 1 without one."""
+        return self.mask.shape[1] if self.mask is not None else 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def seqlens_q(self) -> List[int]:
+        """The query count of every sequence, read from cu_seqlens_q (a host copy)."""
+        return self.cu_seqlens_q.diff().tolist()
+
+    @property
+    def seqlens_k(self) -> List[int]:
+        """The key count of every sequence, read from cu_seqlens_k (a host copy)."""
+        return self.cu_seqlens_k.diff().tolist()
+
+    # Calls.
+
+    def args(self) -> tuple:
+        """Positional arguments of torch.ops.dmattn.varlen_fwd, in schema order."""
+        return (
+            self.q, self.k, self.v, self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k,
+            self.mask, self.bias, self.softmax_scale, self.is_causal,
+        )
+
+    def run(self, **options) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) of dmattn_ops.varlen_attention; ``options``: its other keywords (mask_mod, score_mod)."""
+        import dmattn_ops
+
+        return self._call(dmattn_ops.varlen_attention, return_lse=True, **options)
+
+    def reference(self, dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) of dmattn_ops.reference, computed in ``dtype`` on CPU copies, on one thread."""
+        from dmattn_ops.reference import reference_varlen_attention
+
+        with _one_thread():
+            return self.to("cpu")._call(reference_varlen_attention, dtype=dtype)
+
+    def _call(self, fn: Callable, **extra):
+        """``fn`` in the signature varlen_attention and the reference share: the sequence arguments by position,
+        the rest by keyword."""
+        return fn(
+            self.q, self.k, self.v, self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k,
+            mask=self.mask, bias=self.bias, softmax_scale=self.softmax_scale, is_causal=self.is_causal, **extra,
+        )
+
+    # Copies.
+
+    def replace(self, **changes):
+        """A copy with some fields changed (of the same class)."""
+        return dataclasses.replace(self, **changes)
+
+    def to(self, device):
+        """A copy with every tensor field on ``device`` (values and dtypes unchanged)."""
+        fields = ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
+        return self.replace(**{name: t.to(device) for name, t in fields if isinstance(t, torch.Tensor)})
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The reference runs hundreds of tiny ops; on a busy 2-core machine each intra-op thread hand-off costs more
+    than the op (20x slower in total), so it runs on one thread. The kernels under test keep every thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
