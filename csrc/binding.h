@@ -27,8 +27,9 @@ struct VarlenFwdArgs {
 
 // Checks every shape, dtype, stride and device invariant a kernel relies on for memory safety (sizes the kernels
 // keep in 32 bits included) and raises a ValueError/TypeError naming the argument otherwise. Python type mistakes
-// never get here: the op's schema rejects them first. The user-facing statement of these rules, used by the
-// fake implementation and the Python API, is meta/rules.py; the two are kept in step by tests/test_errors.py.
+// never get here: the op's schema rejects them first. The same rules, with the same messages in the same order,
+// are meta/rules.py's, which the fake implementation runs while tracing; an eager call is checked here only.
+// tests/test_errors.py holds the two to one text for every case.
 void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type);
 
 // softmax_scale, or its default 1 / sqrt(D) for the caller's head dim D (before any padding a backend applies).
