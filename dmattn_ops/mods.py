@@ -293,11 +293,11 @@ def _query_side(
     b = torch.where(usable, b, p.anchor)
     q_idx = torch.where(usable, i - p.cu_q[b], 0)
     eval_len = torch.where(usable, len_k, p.len_k.index_select(0, p.anchor.unsqueeze(0)))
+    last_k = torch.clamp(eval_len - 1, min=0)  # (total_q,) the last key position a row is evaluated at
     j = torch.arange(max_seqlen_k, dtype=INDEX_DTYPE, device=dev)  # (max_seqlen_k,)
 
-    def entry(b, q_idx, eval_len, h, j):
-        kv_idx = torch.clamp(torch.minimum(j, eval_len - 1), min=0)
-        return mod(b, h, q_idx, kv_idx)
+    def entry(b, q_idx, last_k, h, j):
+        return mod(b, h, q_idx, torch.minimum(j, last_k))  # one op per entry: the clamp is per row
 
     fn = torch.vmap(entry, in_dims=(None, None, None, None, 0))  # -> (max_seqlen_k,)
     if deps.head:
@@ -305,7 +305,7 @@ def _query_side(
         h = torch.arange(num_heads, dtype=INDEX_DTYPE, device=dev)
     else:
         h = torch.zeros((), dtype=INDEX_DTYPE, device=dev)
-    out = torch.vmap(fn, in_dims=(0, 0, 0, None, None))(b, q_idx, eval_len, h, j)
+    out = torch.vmap(fn, in_dims=(0, 0, 0, None, None))(b, q_idx, last_k, h, j)
     if not deps.head:
         out = out.unsqueeze(1)  # (total_q, 1, max_seqlen_k)
     inside = (j.unsqueeze(0) < len_k.unsqueeze(1)).unsqueeze(1)  # (total_q, 1, max_seqlen_k)
