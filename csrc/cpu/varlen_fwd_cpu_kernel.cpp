@@ -116,19 +116,10 @@ void store_row(const float* src, int64_t n, ScalarType dtype, void* base, int64_
   }
 }
 
-// Where element (row, query head h, key position j) of a mask or bias lives, in elements.
-int64_t operand_offset(const ScoreOperand& op, int64_t row, int32_t h, int64_t j) {
-  return row * op.row_stride + static_cast<int64_t>(h / op.head_group) * op.head_stride + j * op.col_stride;
-}
-
-// Mask elements are read as bytes: any nonzero byte means True (a uint8 tensor viewed as bool may hold 2..255,
-// which a read through bool* would leave undefined).
-bool mask_at(const ScoreOperand& m, int64_t row, int32_t h, int64_t j) {
-  return static_cast<const uint8_t*>(m.ptr)[operand_offset(m, row, h, j)] != 0;
-}
+bool mask_at(const ScoreOperand& m, int64_t row, int32_t h, int64_t j) { return m.mask_allows(m.offset(row, h, j)); }
 
 float bias_at(const ScoreOperand& b, int64_t row, int32_t h, int64_t j) {
-  return load_scalar(b.ptr, operand_offset(b, row, h, j), b.dtype);
+  return load_scalar(b.ptr, b.offset(row, h, j), b.dtype);
 }
 
 constexpr int64_t kPrefetchDistance = 8;  // gathered K/V rows requested this many keys ahead

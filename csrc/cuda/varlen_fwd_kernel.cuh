@@ -266,7 +266,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     if (tid < kBlockN) {
       meta_pos = min(meta_pos, c.k_len - 1);  // a negative position (a corrupt list) stays "no key"
       meta_bias = key_bias && meta_pos >= 0
-                      ? bias_value(p.bias, operand_offset(p.bias, c.k_start + meta_pos, c.h, 0))
+                      ? bias_value(p.bias, p.bias.offset(c.k_start + meta_pos, c.h, 0))
                       : 0.f;
     }
   };
@@ -296,7 +296,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
       if (slot >= c.slots_end) continue;
       const int pos = c.key_pos(slot), i = c.m0 + r;
       if (p.is_causal && pos >= i + c.causal_shift) continue;
-      any = mask_value(p.mask, operand_offset(p.mask, static_cast<int64_t>(c.q_start) + i, c.h, pos));
+      any = p.mask.mask_allows(p.mask.offset(static_cast<int64_t>(c.q_start) + i, c.h, pos));
     }
     return __syncthreads_or(any) != 0;
   };
@@ -456,7 +456,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
                 float& x = s[mt][nt][2 * half + e2];
                 if (x == -INFINITY) continue;
                 const int64_t pos = key_pos[nt * 8 + 2 * t + e2];
-                if (query_mask && !mask_value(p.mask, mask_row + pos * p.mask.col_stride)) {
+                if (query_mask && !p.mask.mask_allows(mask_row + pos * p.mask.col_stride)) {
                   x = -INFINITY;  // hidden: its bias is not read (it may be NaN)
                 } else if (query_bias) {
                   x += bias_value(p.bias, bias_row + pos * p.bias.col_stride);

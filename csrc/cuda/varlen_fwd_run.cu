@@ -55,7 +55,7 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
   int64_t kept = 0;
   for (int64_t j0 = 0; j0 < sk.len; j0 += kCompactThreads) {
     const int64_t j = j0 + threadIdx.x;
-    const bool keep = j < sk.len && mask_value(p.mask, operand_offset(p.mask, sk.start + j, h, 0));
+    const bool keep = j < sk.len && p.mask.mask_allows(p.mask.offset(sk.start + j, h, 0));
     const unsigned ballot = __ballot_sync(0xffffffffu, keep);
     if (lane == 0) warp_base[warp] = __popc(ballot);
     __syncthreads();
