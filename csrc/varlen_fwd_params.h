@@ -1,7 +1,7 @@
 // varlen_fwd_params.h: the plain description of one dmattn::varlen_fwd call.
 //
 // Kernels (CPU and CUDA) see only this struct: pointers, element strides and sizes. No torch header may be
-// included here or by any kernel source; the binding layer (csrc/binding.cpp) is the only place that turns
+// included here or by any kernel source; the binding layer (csrc/tensors_to_params.cpp) is the only place that turns
 // tensors into a VarlenFwdParams, after the one validation pass.
 //
 // Shapes (element strides, innermost head-dim stride is always 1):

@@ -4,7 +4,7 @@
     out = dmattn_ops.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       mask=key_side_mask, bias=key_side_bias, is_causal=True)
 
-The op itself is ``torch.ops.dmattn.varlen_fwd`` (schema in csrc/dmattn.cpp).
+The op itself is ``torch.ops.dmattn.varlen_fwd`` (schema in csrc/schema.cpp).
 """
 
 import torch  # noqa: F401  (loads libtorch before the op library)

@@ -1,7 +1,7 @@
 """The shape, dtype and layout rules of ``dmattn::varlen_fwd``: one source for the fake implementation, the eager
-Python API's error messages and the tests. The op's C++ binding (csrc/binding.cpp) holds the same metadata rules with
-the same messages, in the same order (tests/test_errors.py checks every case both ways), so an eager call is checked
-once, there, and a traced one here.
+Python API's error messages and the tests. The op's C++ binding (csrc/tensors_to_params.cpp) holds the same metadata
+rules with the same messages, in the same order (tests/test_errors.py checks every case both ways), so an eager call
+is checked once, there, and a traced one here.
 
 Two kinds of rules:
 - ``check_arg_types``: the Python type of every argument (a tensor, and a dense one; an int; a bool; ...). It makes

@@ -7,8 +7,8 @@ Three ways in, one set of bad calls (``CASES``: metadata; ``TYPE_CASES``: Python
   inside dynamo's ``TorchRuntimeError`` (the chain README's "Errors" documents); ``varlen_attention`` checks the Python
   types in the traced code itself (dynamo reports them as ``Unsupported`` under fullgraph=True, as themselves
   without); data errors surface unchanged when the compiled graph runs;
-- ``torch.ops.dmattn.varlen_fwd`` called directly: the C++ binding (``csrc/binding.cpp``) raises the public API's
-  exception, type and message, for every metadata and data case (an eager API call relies on it: the rules run once);
+- ``torch.ops.dmattn.varlen_fwd`` called directly: the C++ binding (``csrc/tensors_to_params.cpp``) raises the public
+  API's exception, type and message, for every metadata and data case (an eager API call relies on it: the rules run once);
   Python type mistakes never reach it (torch's schema parser answers).
 
 The messages are pinned inline (expecttest); after a deliberate wording change, refresh them with
@@ -323,9 +323,9 @@ class TestPublicApiErrors(ErrorTestCase):
 
 @pytest.mark.parametrize("case", [*CASES, *DATA_CASES])
 def test_direct_op_raises_the_public_error(case):
-    """torch.ops.dmattn.varlen_fwd with no Python checks in front: the C++ binding (csrc/binding.cpp) holds the same
-    rules as meta/rules.py with the same messages, in the same order, and an eager varlen_attention call relies on
-    it (the rules run once). So the raw op raises exactly what the public API does, for every metadata and data case
+    """torch.ops.dmattn.varlen_fwd with no Python checks in front: the C++ binding (csrc/tensors_to_params.cpp) holds
+    the same rules as meta/rules.py with the same messages, in the same order, and an eager varlen_attention call
+    relies on it (the rules run once). So the raw op raises exactly what the public API does, for every metadata and data case
     (the meta-device cases dispatch to the fake impl, i.e. meta/rules.py itself)."""
     expected = eager_error(case)
     with pytest.raises(Exception) as info:

@@ -1,6 +1,6 @@
 // varlen_fwd_cpu.cpp: registers the CPU kernel of dmattn::varlen_fwd.
 //
-// Validates once (binding.cpp, plus the cu_seqlens data checks that are cheap here), lists the work items
+// Validates once (tensors_to_params.cpp, plus the cu_seqlens data checks that are cheap here), lists the work items
 // (sequence, KV group heads, query block) and runs them with at::parallel_for.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -11,7 +11,7 @@
 #include <atomic>
 #include <vector>
 
-#include "../binding.h"
+#include "../tensors_to_params.h"
 #include "varlen_fwd_cpu_kernel.h"
 
 namespace dmattn {

@@ -1,10 +1,10 @@
 // varlen_fwd_cuda.cpp: registers the CUDA kernels of dmattn::varlen_fwd.
 //
-// Validates once (binding.cpp: the same shape / dtype / device rules as the CPU path; no cu_seqlens data checks on
-// the host, which would need a device sync: the kernels clamp lying cu_seqlens to the tensor extents and return NaN
-// everywhere when they break the contract, see varlen_fwd_run.cu), prepares
-// q / k / v for the kernels (zero-padded to a compiled head dim, 16-byte aligned rows), allocates out, lse and the
-// scratch through torch, and runs everything on the current stream (varlen_fwd_launch.h).
+// Validates once (tensors_to_params.cpp: the same shape / dtype / device rules as the CPU path; no cu_seqlens data
+// checks on the host, which would need a device sync: the kernels clamp lying cu_seqlens to the tensor extents and
+// return NaN everywhere when they break the contract, see varlen_fwd_run.cu), prepares q / k / v for the kernels
+// (zero-padded to a compiled head dim, 16-byte aligned rows), allocates out, lse and the scratch through torch, and
+// runs everything on the current stream (varlen_fwd_launch.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,7 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "../binding.h"
+#include "../tensors_to_params.h"
 #include "varlen_fwd_launch.h"
 
 namespace dmattn {

@@ -1,5 +1,5 @@
-// binding.cpp: the one place where tensors become a VarlenFwdParams.
-#include "binding.h"
+// tensors_to_params.cpp: the one place where tensors become a VarlenFwdParams.
+#include "tensors_to_params.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>

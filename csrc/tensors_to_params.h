@@ -1,4 +1,4 @@
-// binding.h: tensors -> VarlenFwdParams, shared by every backend's registration file.
+// tensors_to_params.h: tensors -> VarlenFwdParams, shared by every backend's registration file.
 #pragma once
 
 #include <ATen/core/Tensor.h>

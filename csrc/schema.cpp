@@ -1,4 +1,4 @@
-// dmattn.cpp: the op schema, defined once. Backends register their kernels in their own files
+// schema.cpp: the op schema, defined once. Backends register their kernels in their own files
 // (csrc/cpu/varlen_fwd_cpu.cpp, csrc/cuda/varlen_fwd_cuda.cpp); the fake (meta) implementation and the layout
 // rules live in meta/ (installed as dmattn_ops._meta).
 #include <Python.h>
