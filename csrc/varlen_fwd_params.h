@@ -100,6 +100,17 @@ DMATTN_HOST_DEVICE SeqRange clamp_seq(const int32_t* cu, int32_t b, int64_t tota
   return {start, len > max_seqlen ? max_seqlen : len};
 }
 
+// Where key j (position in its sequence) of a sequence lives: the packed row of k, v and key-side operands that holds
+// it. Every kernel finds key rows through this one accessor (the CPU kernel, the CUDA key compaction, the CUDA
+// K / V tile loads and key-side operand reads). Dense varlen K / V keep a sequence's keys in consecutive rows from
+// its clamped cu_seqlens_k start; a paged K / V source is another type with the same row() (a page-table lookup)
+// and kContiguous = false, which tells the tile loaders to gather rows one by one.
+struct DenseKeyRows {
+  static constexpr bool kContiguous = true;  // key j + 1 is the row after key j
+  int64_t first = 0;                         // packed row of key 0
+  DMATTN_HOST_DEVICE int64_t row(int64_t j) const { return first + j; }
+};
+
 // Bottom-right aligned causal rule (FlashAttention >= 2.1): query i of a sequence with lq queries and lk keys sees
 // keys j <= i + lk - lq. Returns the number of visible key positions (can be <= 0).
 DMATTN_HOST_DEVICE int64_t causal_visible_keys(int64_t i, int64_t lq, int64_t lk) { return i + lk - lq + 1; }

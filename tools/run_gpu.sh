@@ -3,13 +3,14 @@
 # extension in place, print the build, run the tests, compute-sanitizer over the CUDA edge-case tests, benchmark.
 #
 #   tools/run_gpu.sh [STAGE...]      stages: wheels build info test sanitize bench (default: all of them, in order),
-#                                    and prev / compare (below); any other STAGE is a Python script to run
+#                                    and prev / compare / host (below); any other STAGE is a Python script to run
 #
 # Comparing against an earlier build (no workload more than 3% slower, say): carry the earlier commit's sources in
 # .prev/ (git-ignored; `rm -rf .prev && mkdir .prev && git archive COMMIT | tar -x -C .prev`), then
 #   tools/run_gpu.sh wheels build prev compare
 # `prev` builds .prev in place; `compare` runs tools/bench_gpu.py (dmattn_ops rows only) with each build in turn,
-# alternating old / new COMPARE_ROUNDS times, and writes $OUT/compare.json, compare.png (tools/compare_builds.py).
+# alternating old / new COMPARE_ROUNDS times, and writes $OUT/compare.json, compare.png (tools/compare_builds.py);
+# `host` runs tools/bench_host_overhead.py (host time per decode call) with each build, $OUT/host_<dir>.json.
 #
 # The GPU machine has no network: carry the wheels it lacks, fetched here with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -24,6 +25,8 @@
 #   SAVE_BUILD        1 (default): copy the built _C*.so and _build_config.py to $OUT, to carry into a later call
 #   COMPARE_WORKLOADS bench_gpu.py workloads of the compare stage (default: "prefill dense decode")
 #   COMPARE_ROUNDS    old / new alternations of the compare stage (default: 2)
+#   PREV_DIRS         earlier source trees the prev stage builds and the host stage measures (default: .prev; the
+#                     compare stage always uses .prev)
 #   MAX_JOBS          parallel compile jobs (default 16)
 #   DMATTN_CUDA_ARCHS archs to build (default "80;90", see setup.py)
 #   WHEELS            folder of carried wheels (default .whl): nvidia-cutlass (CuTe headers), expecttest
@@ -88,9 +91,20 @@ for s in $STAGES; do
       fi
       ;;
     prev)
-      [ -f .prev/setup.py ] || { echo "=== prev: no .prev/setup.py (see the header)"; status=1; continue; }
-      [ -e .prev/dmattn_ops/_meta ] || ln -s ../meta .prev/dmattn_ops/_meta
-      (cd .prev && DMATTN_BACKENDS=cuda stage prev python3 setup.py build_ext --inplace) || status=1
+      for dir in ${PREV_DIRS:-.prev}; do
+        [ -f "$dir/setup.py" ] || { echo "=== prev: no $dir/setup.py (see the header)"; status=1; continue; }
+        [ -e "$dir/dmattn_ops/_meta" ] || ln -s ../meta "$dir/dmattn_ops/_meta"
+        (cd "$dir" && DMATTN_BACKENDS=cuda stage "prev_$(basename "$dir")" python3 setup.py build_ext --inplace) \
+          || status=1
+      done
+      ;;
+    host)
+      # Host time per call on a small CUDA decode batch, for each earlier build and this one.
+      for dir in ${PREV_DIRS:-.prev} .; do
+        name=$(basename "$(cd "$dir" && pwd)")
+        PYTHONPATH=$PWD/$dir:/tmp/site stage "host_$name" python3 tools/bench_host_overhead.py --device cuda \
+          --label "$dir" --json "$OUT/host_$name.json" || true
+      done
       ;;
     compare)
       bench=/tmp/dmattn_compare

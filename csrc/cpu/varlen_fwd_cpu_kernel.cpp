@@ -383,6 +383,7 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
   const int64_t D = p.head_dim;
   const SeqRange sq = clamp_seq(p.cu_seqlens_q, item.batch, p.total_q, p.max_seqlen_q);
   const SeqRange sk = clamp_seq(p.cu_seqlens_k, item.batch, p.total_k, p.max_seqlen_k);
+  const DenseKeyRows key_rows{sk.start};  // key j: packed row key_rows.row(j) of k, v and key-side operands
   const int64_t nq = item.q_end - item.q_begin;
   const int64_t rows = nq * (item.head_end - item.head_begin);  // row r = (head item.head_begin + r / nq, query r % nq)
   const int32_t hk = item.head_begin / (p.num_heads / p.num_heads_k);
@@ -410,7 +411,7 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
   // Whether row r may attend key j, apart from the shared key-side mask already applied to the candidates.
   auto attends = [&](int64_t r, int64_t j) {
     if (j >= visible[r % nq]) return false;
-    if (key_mask && !shared_key_mask && !mask_at(p.mask, sk.start + j, head_of(r), 0)) return false;
+    if (key_mask && !shared_key_mask && !mask_at(p.mask, key_rows.row(j), head_of(r), 0)) return false;
     return !query_mask || mask_at(p.mask, query_row(r), head_of(r), j);
   };
 
@@ -418,7 +419,7 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
   s.keys.clear();
   const int64_t key_end = std::min(max_visible, item.key_end);
   for (int64_t j = item.key_begin; j < key_end; ++j) {
-    if (shared_key_mask && !mask_at(p.mask, sk.start + j, item.head_begin, 0)) continue;
+    if (shared_key_mask && !mask_at(p.mask, key_rows.row(j), item.head_begin, 0)) continue;
     if (!shared_key_mask && (key_mask || query_mask)) {
       bool any = false;
       for (int64_t r = 0; r < rows && !any; ++r) any = attends(r, j);
@@ -454,9 +455,9 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
         for (int64_t d = 0; d < D; ++d) s.kt[d * kKeyChunk + c] = 0.f;
         continue;
       }
-      const int64_t key_row = sk.start + s.keys[c0 + c];
+      const int64_t key_row = key_rows.row(s.keys[c0 + c]);
       if (c + kPrefetchDistance < cn) {  // gathered rows defeat the hardware prefetcher: ask ahead
-        const int64_t ahead = sk.start + s.keys[c0 + c + kPrefetchDistance];
+        const int64_t ahead = key_rows.row(s.keys[c0 + c + kPrefetchDistance]);
         prefetch_row(p.k, ahead * p.k_row_stride + hk * p.k_head_stride, D, p.dtype);
         prefetch_row(p.v, ahead * p.v_row_stride + hk * p.v_head_stride, D, p.dtype);
       }
@@ -467,7 +468,9 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
     }
     qk_chunk(s.q.data(), rows, D, s.kt.data(), cn_pad, s.scores.data());
     if (shared_key_bias) {
-      for (int64_t c = 0; c < cn; ++c) s.key_bias[c] = bias_at(p.bias, sk.start + s.keys[c0 + c], item.head_begin, 0);
+      for (int64_t c = 0; c < cn; ++c) {
+        s.key_bias[c] = bias_at(p.bias, key_rows.row(s.keys[c0 + c]), item.head_begin, 0);
+      }
     }
     for (int64_t r = 0; r < rows; ++r) {  // bias, and -inf where a row may not attend
       float* sr = s.scores.data() + r * kKeyChunk;
@@ -484,13 +487,13 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
       for (int64_t c = 0; c < cn; ++c) {
         const int64_t j = keys[c];
         if (sr[c] == kNegInf && j >= limit) continue;
-        const bool keep = (!key_mask || shared_key_mask || mask_at(p.mask, sk.start + j, h, 0)) &&
+        const bool keep = (!key_mask || shared_key_mask || mask_at(p.mask, key_rows.row(j), h, 0)) &&
                           (!query_mask || mask_at(p.mask, qrow, h, j));
         if (!keep) {
           sr[c] = kNegInf;
         } else if (p.bias.present() && !shared_key_bias) {
           const bool key_side = p.bias.layout == OperandLayout::kKeySide;
-          sr[c] += bias_at(p.bias, key_side ? sk.start + j : qrow, h, key_side ? 0 : j);
+          sr[c] += bias_at(p.bias, key_side ? key_rows.row(j) : qrow, h, key_side ? 0 : j);
         }
       }
     }

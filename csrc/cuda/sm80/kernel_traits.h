@@ -1,8 +1,9 @@
-// kernel_traits.h: the compile-time shape of one varlen forward kernel (element type x head dim).
+// kernel_traits.h: the compile-time shape of one sm80-path forward kernel (element type x head dim x variant).
 //
-// The tile policy (tile_shape) is the one constexpr function that both the kernel and its launcher read, so the
-// grid, the shared-memory size and the register fragments can never disagree. Everything that does not change the
-// inner loop (mask / bias layouts, causal, GQA ratio, strides) is a runtime field of VarlenFwdParams.
+// The tile comes from the tile policy (tile_shape_sm80 in ../heuristics.h), the one constexpr function that both the
+// kernel and its launcher read, so the grid, the shared-memory size and the register fragments can never disagree.
+// Everything that does not change the inner loop (mask / bias layouts, causal, GQA ratio, strides) is a runtime
+// field of VarlenFwdParams.
 //
 // Warp layout: kWarps warps split the kBlockM query rows of a tile; warp w owns rows
 // [w * kMTiles * 16, (w + 1) * kMTiles * 16) as kMTiles m16 fragments of the SM80 mma.sync m16n8k16 atom.
@@ -13,23 +14,9 @@
 
 #include <cute/arch/mma_sm80.hpp>
 
-namespace dmattn::cuda {
+#include "../heuristics.h"
 
-struct TileShape {
-  int block_m;  // query rows per CTA
-  int block_n;  // key slots per KV tile
-  int warps;
-};
-
-// The tile policy. Accumulators per thread (fp32): O kMTiles * D / 2, scores kMTiles * block_n / 4.
-// query_operands: the kernel variant that reads a query-side mask or bias (a per-element path with 64-bit
-// addressing that needs registers the 32-rows-per-warp tile does not have).
-constexpr TileShape tile_shape(int head_dim, bool query_operands) {
-  // Measured on the H100 (benchmarks/results/NOTES.md): with 4 warps, 32 query rows per warp (two m16 fragments
-  // sharing every K / V fragment) beat 16; D = 256 halves the KV tile to stay within 255 registers.
-  if (head_dim > 128) return TileShape{64, 32, 4};
-  return query_operands ? TileShape{64, 64, 4} : TileShape{128, 64, 4};
-}
+namespace dmattn::cuda::sm80 {
 
 // What differs between fp16 and bf16: the MMA atom and the fp32 -> 16-bit packing of probabilities / outputs.
 template <typename Elem>
@@ -61,7 +48,7 @@ struct KernelTraits {
   using Mma = typename ElemTraits<Elem>::Mma;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kQueryOperands = kQueryOperands_;  // reads query-side masks / biases
-  static constexpr TileShape kTile = tile_shape(kHeadDim, kQueryOperands);
+  static constexpr TileShape kTile = tile_shape_sm80(kHeadDim, kQueryOperands);
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;
   static constexpr int kWarps = kTile.warps;
@@ -111,4 +98,4 @@ struct KernelTraits {
   static constexpr int kSmemBytes = sizeof(SharedStorage);
 };
 
-}  // namespace dmattn::cuda
+}  // namespace dmattn::cuda::sm80

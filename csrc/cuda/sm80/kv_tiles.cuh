@@ -1,0 +1,163 @@
+// kv_tiles.cuh: moving K, V and key-side bias tiles from global to shared memory (cp.async, 16 bytes per thread per
+// row), densely or gathered at the slots' key positions (key-side mask), plus the Q tile.
+//
+// Per KV tile the loader also keeps the tile's metadata, double-buffered in shared memory (kernel_traits.h,
+// SharedStorage::key_pos / key_bias): the key position of each slot (-1 past the last visible slot) and its
+// key-side bias. Thread tid < kBlockN fetches slot tid of the next tile into registers (position first, bias once
+// the position has arrived) during the current tile's Q K^T and stores it before the barrier that precedes the next
+// K load, so neither the gather nor the score modification waits on a global load inside the loop.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cute/arch/copy_sm80.hpp>
+#include <cstdint>
+
+#include "../../varlen_fwd_params.h"
+#include "../score_operand.cuh"
+#include "tile_scheduler.cuh"
+
+namespace dmattn::cuda::sm80 {
+
+// Thread t moves 16-byte column chunk t % kLoadCols of rows t / kLoadCols + i * kRowStep.
+template <typename Traits>
+struct RowLoader {
+  // Chunks per row rounded up to a power of two (D = 96: 12 -> 16, the last 4 lanes of each row idle).
+  static constexpr int kLoadCols = Traits::kChunksPerRow <= 4    ? 4
+                                   : Traits::kChunksPerRow <= 8  ? 8
+                                   : Traits::kChunksPerRow <= 16 ? 16
+                                                                 : 32;
+  static constexpr int kRowStep = Traits::kThreads / kLoadCols;
+  static_assert(Traits::kThreads % kLoadCols == 0, "whole rows per load step");
+};
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  cute::SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<cute::uint128_t>::copy(*reinterpret_cast<const cute::uint128_t*>(gmem),
+                                                               *reinterpret_cast<cute::uint128_t*>(smem), valid);
+}
+
+// Rows [0, kRows) of a tile whose row r is at first_row + r * row_stride (elements; first_row points at column 0
+// of this head). Rows at or past valid_rows are zero-filled without reading global memory; `fallback` is any
+// readable address, passed for them.
+template <typename Traits, int kRows>
+__device__ __forceinline__ void load_rows(typename Traits::Elem* smem, const typename Traits::Elem* first_row,
+                                          int64_t row_stride, int valid_rows, const void* fallback) {
+  using L = RowLoader<Traits>;
+  const int r0 = threadIdx.x / L::kLoadCols, col = (threadIdx.x % L::kLoadCols) * 8;
+  if (col >= Traits::kHeadDim) return;
+  const typename Traits::Elem* src = first_row + r0 * row_stride + col;
+  const int64_t step = L::kRowStep * row_stride;
+#pragma unroll
+  for (int r = r0, i = 0; i < (kRows + L::kRowStep - 1) / L::kRowStep; ++i, r += L::kRowStep, src += step) {
+    if (kRows % L::kRowStep != 0 && r >= kRows) break;
+    const bool valid = r < valid_rows;
+    cp_async_16(smem + Traits::template smem_offset<kRows>(r, col), valid ? src : fallback, valid);
+  }
+}
+
+// One KV head of K or V as the loaders see it: key position j of the sequence is at row(j). Dense K / V: the
+// sequence's keys are consecutive packed rows (DenseKeyRows), so one pointer to key 0 serves every key. A paged
+// source is another type with the same row(j) (and kContiguous = false).
+template <typename Elem>
+struct KvSource {
+  static_assert(DenseKeyRows::kContiguous, "a dense source addresses keys from key 0");
+  static constexpr bool kContiguous = true;
+  const Elem* key0;    // column 0 of this head in the row of key 0
+  int64_t row_stride;  // elements per packed row
+
+  __device__ __forceinline__ KvSource(const void* base, int64_t head_offset, int64_t row_stride_, DenseKeyRows rows)
+      : key0(static_cast<const Elem*>(base) + rows.row(0) * row_stride_ + head_offset), row_stride(row_stride_) {}
+  __device__ __forceinline__ const Elem* row(int j) const { return key0 + j * row_stride; }
+};
+
+// Gathered rows: tile row r is key position pos[r] (a list in shared memory, clamped into [0, seq_len) here so a
+// lying list cannot leave the sequence).
+template <typename Traits, int kRows>
+__device__ __forceinline__ void gather_rows(typename Traits::Elem* smem, const KvSource<typename Traits::Elem>& src,
+                                            const int32_t* pos, int valid_rows, int seq_len, const void* fallback) {
+  using L = RowLoader<Traits>;
+  const int r0 = threadIdx.x / L::kLoadCols, col = (threadIdx.x % L::kLoadCols) * 8;
+  if (col >= Traits::kHeadDim) return;
+#pragma unroll
+  for (int r = r0, i = 0; i < (kRows + L::kRowStep - 1) / L::kRowStep; ++i, r += L::kRowStep) {
+    if (kRows % L::kRowStep != 0 && r >= kRows) break;
+    const bool valid = r < valid_rows;
+    const int j = valid ? min(max(pos[r], 0), seq_len - 1) : 0;
+    cp_async_16(smem + Traits::template smem_offset<kRows>(r, col),
+                valid ? static_cast<const void*>(src.row(j) + col) : fallback, valid);
+  }
+}
+
+// The KV-tile side of one CTA: K / V tile loads and the per-tile slot metadata (see the top of this file).
+template <typename Traits>
+struct KvTiles {
+  using Elem = typename Traits::Elem;
+  static constexpr int kBlockN = Traits::kBlockN;
+
+  const VarlenFwdParams& p;
+  const TileContext& c;
+  typename Traits::SharedStorage& smem;
+  KvSource<Elem> k, v;
+  bool key_bias;  // a key-side bias, read per slot into the metadata
+  int meta_pos = -1;
+  float meta_bias = 0.f;
+
+  __device__ __forceinline__ KvTiles(const VarlenFwdParams& p_, const TileContext& c_,
+                                     typename Traits::SharedStorage& smem_)
+      : p(p_),
+        c(c_),
+        smem(smem_),
+        k(p_.k, static_cast<int64_t>(c_.hk) * p_.k_head_stride, p_.k_row_stride, c_.key_rows()),
+        v(p_.v, static_cast<int64_t>(c_.hk) * p_.v_head_stride, p_.v_row_stride, c_.key_rows()),
+        key_bias(p_.bias.layout == OperandLayout::kKeySide) {}
+
+  // The Q tile (kBlockM rows of this head from the tile's first query).
+  __device__ __forceinline__ void load_q() {
+    load_rows<Traits, Traits::kBlockM>(smem.q,
+                                       static_cast<const Elem*>(p.q) +
+                                           static_cast<int64_t>(c.q_start + c.m0) * p.q_row_stride +
+                                           static_cast<int64_t>(c.h) * p.q_head_stride,
+                                       p.q_row_stride, c.rows, p.q);
+  }
+
+  // Metadata of tile n, step 1 (issued early): the slot's key position.
+  __device__ __forceinline__ void fetch_pos(int n) {
+    if (threadIdx.x < kBlockN) {
+      const int slot = n * kBlockN + threadIdx.x;
+      meta_pos = slot < c.slots_end ? (c.key_index ? c.key_index[slot] : slot) : -1;
+    }
+  }
+  // Step 2 (once the position has arrived): its key-side bias.
+  __device__ __forceinline__ void fetch_bias() {
+    if (threadIdx.x < kBlockN) {
+      meta_pos = min(meta_pos, c.k_len - 1);  // a negative position (a corrupt list) stays "no key"
+      meta_bias = key_bias && meta_pos >= 0 ? bias_value(p.bias, p.bias.offset(c.key_rows().row(meta_pos), c.h, 0))
+                                            : 0.f;
+    }
+  }
+  // Step 3: into metadata buffer `buffer`, for the loads and score modification of that tile.
+  __device__ __forceinline__ void store(int buffer) {
+    if (threadIdx.x < kBlockN) {
+      smem.key_pos[buffer][threadIdx.x] = meta_pos;
+      smem.key_bias[buffer][threadIdx.x] = meta_bias;
+    }
+  }
+
+  __device__ __forceinline__ void load_k(int n, int buffer) { load(smem.k, k, p.k, n, buffer); }
+  __device__ __forceinline__ void load_v(int n, int buffer) { load(smem.v, v, p.v, n, buffer); }
+
+ private:
+  // The rows of the slots of tile n: contiguous key positions, or gathered at the positions of metadata buffer
+  // `buffer` (key-side mask).
+  __device__ __forceinline__ void load(Elem* dst, const KvSource<Elem>& src, const void* fallback, int n,
+                                       int buffer) {
+    const int valid = min(kBlockN, c.slots_end - n * kBlockN);
+    if (KvSource<Elem>::kContiguous && c.key_index == nullptr) {
+      load_rows<Traits, kBlockN>(dst, src.row(n * kBlockN), src.row_stride, valid, fallback);
+    } else {
+      gather_rows<Traits, kBlockN>(dst, src, smem.key_pos[buffer], valid, c.k_len, fallback);
+    }
+  }
+};
+
+}  // namespace dmattn::cuda::sm80

@@ -1,0 +1,115 @@
+// tile_scheduler.cuh: which (sequence, query head, query tile) a CTA owns, and which key slots that tile can see.
+//
+// Grid (query tiles, query heads, sequences), one launch per kMaxSeqsPerLaunch sequences (grid.z's limit); query
+// tiles are walked longest-first, so under a causal mask the CTAs with the most work start first.
+// Key *slots*: without a key-side mask slot c is key position c; with one, slot c is the c-th key the mask keeps
+// (KeyLists, ../passes.h), so masked keys are never loaded nor multiplied, and the causal limit becomes a prefix of
+// the slots (found by a warp-wide search of the sorted list).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../../varlen_fwd_params.h"
+#include "../passes.h"
+
+namespace dmattn::cuda::sm80 {
+
+// Everything one CTA knows about its tile, computed once at entry. Positions and lengths are int32: cu_seqlens are
+// int32, so every clamped sequence start and length fits; only element offsets (row * stride) need 64 bits.
+struct TileContext {
+  int q_start, q_len, k_start, k_len;  // the sequence's rows in q / k (clamped, see clamp_seq)
+  int m0;                    // first query position of the tile in its sequence
+  int rows;                  // valid query rows in the tile (<= kBlockM)
+  int h, hk;                 // query head, KV head
+  const int32_t* key_index;  // sorted kept key positions of this (sequence, mask head); null without a key-side mask
+  int n_keys;                // slots: kept keys, or k_len
+  int slots_end;             // slots any row of the tile can see (causal prefix)
+  int slots_full;            // slots every row of the tile sees: tiles below this need no per-element check
+  int causal_shift;          // query i sees key j iff j < i + causal_shift (k_len - q_len + 1), or all keys
+
+  // Key position of a slot: clamped, so lying cu_seqlens cannot move a read out of the sequence.
+  __device__ __forceinline__ int key_pos(int slot) const {
+    if (key_index == nullptr) return slot;
+    const int pos = key_index[slot];
+    return pos < 0 ? 0 : (pos >= k_len ? k_len - 1 : pos);
+  }
+  // Where key position j lives in k, v and key-side operands (the accessor of ../../varlen_fwd_params.h).
+  __device__ __forceinline__ DenseKeyRows key_rows() const { return DenseKeyRows{k_start}; }
+};
+
+// Number of slots whose key position is < limit (lower_bound on the sorted list), searched by one whole warp:
+// each round probes 32 evenly spaced slots and keeps the gap where the predicate flips.
+__device__ __forceinline__ int slots_before(const TileContext& c, int limit, int lane) {
+  if (limit <= 0) return 0;
+  if (c.key_index == nullptr) return limit < c.n_keys ? limit : c.n_keys;
+  int lo = 0, hi = c.n_keys;  // answer in [lo, hi]
+  while (lo < hi) {
+    const int step = (hi - lo + 31) / 32;
+    const int probe = lo + lane * step;
+    const bool below = probe < hi && c.key_index[probe] < limit;
+    const int n_below = __popc(__ballot_sync(0xffffffffu, below));
+    if (n_below == 0) return lo;
+    const int last_below = lo + (n_below - 1) * step;
+    if (step == 1) return last_below + 1;
+    lo = last_below + 1;
+    const int first_not = lo - 1 + step;
+    hi = first_not < hi ? first_not : hi;
+  }
+  return lo;
+}
+
+template <int kBlockM>
+struct VarlenTileScheduler {
+  static constexpr int32_t kMaxSeqsPerLaunch = 65535;
+
+  // Query tiles of the longest sequence (grid.x). The binding caps max_seqlen_q at total_q, so this fits in grid.x.
+  static int64_t query_tiles(const VarlenFwdParams& p) { return (p.max_seqlen_q + kBlockM - 1) / kBlockM; }
+
+  // The grid of the launch that starts at sequence seq0 (passed to the kernel as its batch offset).
+  static dim3 grid(const VarlenFwdParams& p, int64_t seq0) {
+    return dim3(static_cast<unsigned>(query_tiles(p)), static_cast<unsigned>(p.num_heads),
+                static_cast<unsigned>(std::min<int64_t>(p.batch - seq0, kMaxSeqsPerLaunch)));
+  }
+
+  // This CTA's tile, and the key slots its rows can see; false when it owns none (a query tile past the end of a
+  // shorter sequence). Called by every thread; the slot search needs whole warps.
+  static __device__ __forceinline__ bool tile(const VarlenFwdParams& p, const KeyLists& keys, int seq0, int lane,
+                                              TileContext& c) {
+    const int b = seq0 + blockIdx.z;
+    c.h = blockIdx.y;
+    c.hk = c.h / (p.num_heads / p.num_heads_k);
+    {
+      const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
+      const SeqRange sk = clamp_seq(p.cu_seqlens_k, b, p.total_k, p.max_seqlen_k);
+      c.q_start = static_cast<int>(sq.start);
+      c.q_len = static_cast<int>(sq.len);
+      c.k_start = static_cast<int>(sk.start);
+      c.k_len = static_cast<int>(sk.len);
+    }
+    const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;  // longest tiles first
+    if (m0 >= c.q_len) return false;
+    c.m0 = static_cast<int>(m0);
+    c.rows = min(kBlockM, c.q_len - c.m0);
+
+    c.key_index = nullptr;
+    c.n_keys = c.k_len;
+    if (p.mask.layout == OperandLayout::kKeySide) {
+      const int hm = c.h / p.mask.head_group;
+      c.key_index = keys.index + static_cast<int64_t>(hm) * p.total_k + c.k_start;
+      c.n_keys = min(max(keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm], 0), c.k_len);
+    }
+    c.causal_shift = c.k_len - c.q_len + 1;
+    if (p.is_causal) {
+      c.slots_end = slots_before(c, min(c.m0 + c.rows - 1 + c.causal_shift, c.k_len), lane);
+      c.slots_full = slots_before(c, min(c.m0 + c.causal_shift, c.k_len), lane);
+    } else {
+      c.slots_end = c.slots_full = c.n_keys;
+    }
+    return true;
+  }
+};
+
+}  // namespace dmattn::cuda::sm80

@@ -1,0 +1,154 @@
+// varlen_fwd_kernel.cuh: the sm80-path attention kernel, FlashAttention-2 style on SM80 tensor-core atoms (runs on
+// SM80+), composed from one header per concern:
+//   tile_scheduler.cuh   which sequence, head and query tile a CTA owns; which key slots it can see
+//   kv_tiles.cuh         Q / K / V tile loads (dense or gathered at kept keys) and the per-tile slot metadata
+//   warp_mma.cuh         the pipelined warp MMA, used for S = Q K^T and O += P V
+//   score_operands.cuh   scale, mask, bias and causal limit on S; tiles skipped whole
+//   online_softmax.cuh   running max / sum and the rescale of O
+//   nonfinite_v.cuh      hidden keys' inf / NaN V kept out of rows that cannot see them
+//   epilogue.cuh         out and lse
+// One CTA computes one query tile (kBlockM rows) of one query head of one sequence, walking its key slots in tiles
+// of kBlockN. Per KV tile (the V load overlaps Q K^T, the next K load overlaps softmax + P V):
+//   wait K -> issue V load -> S = Q K^T -> score operands -> wait V, issue next K -> online softmax -> O += P V
+// Measured design notes (tile shapes tried, what did and did not pay): benchmarks/results/NOTES.md.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cute/arch/copy_sm80.hpp>
+
+#include "../passes.h"
+#include "epilogue.cuh"
+#include "kernel_traits.h"
+#include "kv_tiles.cuh"
+#include "nonfinite_v.cuh"
+#include "online_softmax.cuh"
+#include "score_operands.cuh"
+#include "tile_scheduler.cuh"
+#include "warp_mma.cuh"
+
+namespace dmattn::cuda::sm80 {
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys, int seq0) {
+  using Elem = typename Traits::Elem;
+  using Mma = typename Traits::Mma;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
+  constexpr int kMTiles = Traits::kMTiles, kNTiles = Traits::kNTiles, kDTiles = Traits::kDTiles;
+
+  extern __shared__ __align__(128) char smem_raw[];
+  auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int warp_row0 = warp * kMTiles * 16;  // this warp's first query row in the tile
+
+  TileContext c;
+  if (!VarlenTileScheduler<kBlockM>::tile(p, keys, seq0, lane, c)) return;
+  const int n_tiles = (c.slots_end + kBlockN - 1) / kBlockN;
+  const ScoreOperands<Traits> ops(p, c);
+  KvTiles<Traits> kv(p, c, smem);
+
+  // ---- Prologue: Q tile, the metadata and K tile of the first live KV tile ----
+  kv.load_q();
+  int n = ops.next_live(0, n_tiles), buf = 0;
+  if (n < n_tiles) {
+    kv.fetch_pos(n);
+    kv.fetch_bias();
+    kv.store(buf);
+    __syncthreads();  // the gather reads the positions
+    kv.load_k(n, buf);
+  }
+  cute::cp_async_fence();
+
+  float o[kMTiles][kDTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
+  OnlineSoftmax<kMTiles, kNTiles> softmax;
+  unsigned poisoned_rows = 0;  // bit 2 mt + half: this lane saw that row give weight to a key whose V held inf / NaN
+
+  // Per-lane ldmatrix byte addresses of the first fragment of each operand; the others are smem_step away.
+  const uint32_t q_lane = static_cast<uint32_t>(__cvta_generic_to_shared(smem.q)) +
+                          2 * Traits::template smem_offset<kBlockM>(warp_row0 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                                                    (lane >> 4) * 8);
+  const uint32_t k_lane =
+      static_cast<uint32_t>(__cvta_generic_to_shared(smem.k)) +
+      2 * Traits::template smem_offset<kBlockN>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
+  const uint32_t v_lane =
+      static_cast<uint32_t>(__cvta_generic_to_shared(smem.v)) +
+      2 * Traits::template smem_offset<kBlockN>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
+
+  while (n < n_tiles) {
+    const int n0 = n * kBlockN;
+    cute::cp_async_wait<0>();
+    __syncthreads();  // K tile n (and Q) landed; every warp is done with V and the metadata of the previous tile
+    kv.load_v(n, buf);
+    cute::cp_async_fence();
+    const int next = ops.next_live(n + 1, n_tiles);
+    if (next < n_tiles) kv.fetch_pos(next);  // issued now, consumed after Q K^T
+
+    // ---- S = Q K^T: s[mt][nt] is the m16n8 fragment (rows warp_row0 + 16 mt, slots 8 nt) ----
+    float s[kMTiles][kNTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+    warp_mma<Mma, kMTiles, kHeadDim / 16, kNTiles / 2, Traits::kPrefetch, /*kAAhead=*/true>(
+        s,
+        [&](int kk, uint32_t(&a)[kMTiles][4]) {
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            ldmatrix_x4(Traits::template smem_step<kBlockM>(q_lane, mt, kk * 16), a[mt]);
+          }
+        },
+        [&](int kk, int j, uint32_t(&b)[4]) {
+          ldmatrix_x4(Traits::template smem_step<kBlockN>(k_lane, j, kk * 16), b);
+        });
+
+    // ---- Scores: scale, bias, and -inf where a key is not visible ----
+    const float score_mul = ops.apply(s, n0, smem.key_pos[buf], smem.key_bias[buf], warp_row0, g, t);
+
+    if (next < n_tiles) {
+      kv.fetch_bias();
+      kv.store(buf ^ 1);  // free: its last readers (the previous tile) finished before the barrier at the top
+    }
+    cute::cp_async_wait<0>();
+    __syncthreads();  // V tile n landed; every warp is done with K tile n; the next tile's metadata is visible
+    if (next < n_tiles) kv.load_k(next, buf ^ 1);
+    cute::cp_async_fence();
+    const bool v_fix = ops.hides_keys(n0) && tile_has_nonfinite<Traits>(smem.v);
+    if (v_fix) {
+      zero_nonfinite_rows<Traits>(smem.v, smem.v_bad);
+      __syncthreads();
+    }
+
+    // ---- P = exp(S - max), O rescaled ----
+    softmax.update(s, score_mul, o);
+    if (v_fix) mark_poisoned_rows(s, smem.v_bad, t, poisoned_rows);
+
+    // ---- O += P V: the probabilities of two n8 fragments are the A operand of one k16 step ----
+    warp_mma<Mma, kMTiles, kBlockN / 16, kDTiles / 2, Traits::kPrefetch, /*kAAhead=*/false>(
+        o,
+        [&](int kk, uint32_t(&a)[kMTiles][4]) {
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            a[mt][0] = ElemTraits<Elem>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+            a[mt][1] = ElemTraits<Elem>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+            a[mt][2] = ElemTraits<Elem>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+            a[mt][3] = ElemTraits<Elem>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+          }
+        },
+        [&](int kk, int j, uint32_t(&b)[4]) {
+          ldmatrix_x4_trans(Traits::template smem_step<kBlockN>(v_lane, kk, j * 16), b);
+        });
+    buf ^= 1;
+    n = next;
+  }
+  cute::cp_async_wait<0>();
+
+  store_tile<Traits>(p, c, o, softmax, poisoned_rows, warp_row0, lane);
+}
+
+}  // namespace dmattn::cuda::sm80
