@@ -42,9 +42,13 @@ struct ScoreOperand {
   DMATTN_HOST_DEVICE bool present() const { return layout != OperandLayout::kAbsent; }
   // Element offset of (row, query head h, key position j), in elements: row is the packed key (key-side) or query
   // (query-side) index; j is ignored key-side (col_stride = 0). The one addressing rule every kernel reads by.
-  DMATTN_HOST_DEVICE int64_t offset(int64_t row, int32_t h, int64_t j) const {
-    return row * row_stride + static_cast<int64_t>(h / head_group) * head_stride + j * col_stride;
+  DMATTN_HOST_DEVICE int64_t offset(int64_t row, int32_t h, int64_t j) const { return column(row_start(row, h), j); }
+  // The same rule in two steps, for loops that walk one row's key positions: row_start(row, h) once, then
+  // column(start, j) per key.
+  DMATTN_HOST_DEVICE int64_t row_start(int64_t row, int32_t h) const {
+    return row * row_stride + static_cast<int64_t>(h / head_group) * head_stride;
   }
+  DMATTN_HOST_DEVICE int64_t column(int64_t start, int64_t j) const { return start + j * col_stride; }
   // A mask element: any nonzero byte is True (a uint8 tensor viewed as bool may hold 2..255).
   DMATTN_HOST_DEVICE bool mask_allows(int64_t element) const {
     return static_cast<const uint8_t*>(ptr)[element] != 0;

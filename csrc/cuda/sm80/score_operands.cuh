@@ -27,7 +27,6 @@ struct ScoreOperands {
   const TileContext& c;
   bool query_mask, query_bias, key_bias;
   float scale;
-  int mask_head, bias_head;
 
   __device__ __forceinline__ ScoreOperands(const VarlenFwdParams& p_, const TileContext& c_)
       : p(p_),
@@ -35,9 +34,7 @@ struct ScoreOperands {
         query_mask(Traits::kQueryOperands && p_.mask.layout == OperandLayout::kQuerySide),
         query_bias(Traits::kQueryOperands && p_.bias.layout == OperandLayout::kQuerySide),
         key_bias(p_.bias.layout == OperandLayout::kKeySide),
-        scale(p_.softmax_scale),
-        mask_head(c_.h / p_.mask.head_group),
-        bias_head(c_.h / p_.bias.head_group) {}
+        scale(p_.softmax_scale) {}
 
   // A KV tile is live unless a query-side mask is False for every (row, key) of it the rows can see. CTA-wide.
   __device__ __forceinline__ bool tile_live(int n) const {
@@ -127,8 +124,8 @@ struct ScoreOperands {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int64_t qrow = static_cast<int64_t>(c.q_start) + c.m0 + warp_row0 + mt * 16 + g + half * 8;
-          const int64_t mask_row = query_mask ? qrow * p.mask.row_stride + mask_head * p.mask.head_stride : 0;
-          const int64_t bias_row = query_bias ? qrow * p.bias.row_stride + bias_head * p.bias.head_stride : 0;
+          const int64_t mask_row = query_mask ? p.mask.row_start(qrow, c.h) : 0;
+          const int64_t bias_row = query_bias ? p.bias.row_start(qrow, c.h) : 0;
 #pragma unroll
           for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
@@ -136,10 +133,10 @@ struct ScoreOperands {
               float& x = s[mt][nt][2 * half + e2];
               if (x == -INFINITY) continue;
               const int64_t pos = key_pos[nt * 8 + 2 * t + e2];
-              if (query_mask && !p.mask.mask_allows(mask_row + pos * p.mask.col_stride)) {
+              if (query_mask && !p.mask.mask_allows(p.mask.column(mask_row, pos))) {
                 x = -INFINITY;  // hidden: its bias is not read (it may be NaN)
               } else if (query_bias) {
-                x += bias_value(p.bias, bias_row + pos * p.bias.col_stride);
+                x += bias_value(p.bias, p.bias.column(bias_row, pos));
               }
             }
         }
