@@ -2,14 +2,23 @@
 
 Build knobs (all optional; see README "Build knobs"):
   DMATTN_BACKENDS     auto (default) | cpu | cuda   auto builds CUDA when torch has CUDA and nvcc is found
-  DMATTN_CUDA_ARCHS   semicolon list of compute capabilities, default "80;90"
+  DMATTN_CUDA_ARCHS   semicolon list of compute capabilities, default "80;90" (the sm80 kernels are compiled for
+                      each; the sm90a kernels for sm_90a when 90 is listed: tools/kernel_matrix.py)
   DMATTN_CUTLASS_DIR  a CUTLASS include directory (holding cute/ and cutlass/); default: the nvidia-cutlass package
-  MAX_JOBS            parallel compile jobs (ninja)
+  MAX_JOBS            parallel compile jobs (ninja; the kernel files default to one per core)
   NVCC_THREADS        nvcc --threads, default 4
+
+A CUDA build compiles csrc/cuda's hand-written files and the generated registry through torch's CUDAExtension (one
+nvcc flag set for all, with the gencodes of DMATTN_CUDA_ARCHS) and the generated kernel files itself, each with its
+arch path's flags only, through a ninja file under build/generated (BuildExtensionWithKernels); the objects are
+linked into the same library.
 """
 
+import inspect
 import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +30,9 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 ROOT = Path(__file__).parent.resolve()
 sys.path.insert(0, str(ROOT / "tools"))
 import kernel_matrix  # noqa: E402  (tools/kernel_matrix.py: the one list of CUDA instantiations)
+
+GENERATED = ROOT / "build" / "generated"  # rendered kernel files, their ninja file and objects; never committed
+NINJA_FILE = GENERATED / "build.ninja"
 
 
 def log(msg):
@@ -62,23 +74,81 @@ def cutlass_include():
     return str(path)
 
 
-def cuda_archs():
-    archs = [a.strip() for a in os.environ.get("DMATTN_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
-    flags = []
-    for arch in archs:
-        flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
-    return archs, flags
+def torch_cxx_std():
+    """The C++ standard torch's BuildExtension compiles with: it appends `-std=c++NN` to every compile that names
+    none, NN a literal in BuildExtension.build_extensions (17 up to torch 2.12, 20 from 2.13). Read from there, so the
+    kernel objects compiled here and the files torch compiles agree under any torch."""
+    found = set(re.findall(r"cpp_flag_prefix \+ 'c\+\+(\d+)'", inspect.getsource(BuildExtension.build_extensions)))
+    if len(found) != 1:
+        raise SystemExit(
+            f"cannot tell which -std=c++NN torch {torch.__version__}'s BuildExtension compiles with (found {found}); "
+            "setup.py's torch_cxx_std() needs updating for this torch"
+        )
+    return found.pop()
+
+
+def ninja_binary():
+    found = shutil.which("ninja")
+    if found:
+        return found
+    try:
+        import ninja
+    except ImportError as e:
+        raise SystemExit("the CUDA build needs ninja: `pip install ninja`") from e
+    return os.path.join(ninja.BIN_DIR, "ninja")
+
+
+class BuildExtensionWithKernels(BuildExtension):
+    """torch's BuildExtension, after compiling the generated kernel files with ninja. One torch extension has one nvcc
+    flag set, and each arch path needs its own gencodes, so extension() writes the kernel files' ninja file and lists
+    their objects in extra_objects; this runs it before torch compiles the rest and links everything."""
+
+    def build_extension(self, ext):
+        if ext.extra_objects:  # a CUDA build: the kernel objects
+            jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+            log(f"compiling {len(ext.extra_objects)} kernel files: ninja -j {jobs} -f {NINJA_FILE.relative_to(ROOT)}")
+            cmd = [ninja_binary(), "-C", str(NINJA_FILE.parent), "-f", NINJA_FILE.name, "-j", jobs]
+            if subprocess.run(cmd).returncode != 0:
+                raise SystemExit("[dmattn_ops] compiling the kernel files failed (nvcc's messages above)")
+        super().build_extension(ext)
+
+
+def kernel_objects(archs, std, include_dirs, threads):
+    """Renders the instantiation files and the registry, writes the ninja file that compiles each instantiation with
+    its arch path's flags, and returns (registry .cu, kernel .o list)."""
+    instantiations = kernel_matrix.built(archs)
+    files, registry = kernel_matrix.render(GENERATED, instantiations)
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
+    # Kernel files are torch-free, so no torch include dirs; -fPIC and the C++ ABI as torch compiles the rest, and
+    # CC as nvcc's host compiler where it is set, as torch's own nvcc calls do.
+    extra = ["-Xcompiler", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", threads]
+    if os.environ.get("CC"):
+        extra += ["-ccbin", os.environ["CC"]]
+    flags, sources = {}, {}
+    for path in kernel_matrix.ARCH_PATHS:
+        flags[path.name] = kernel_matrix.nvcc_flags(archs, std, include_dirs, path.name) + extra
+        mine = [(src, GENERATED / "obj" / (src.stem + ".o")) for i, src in files.items() if i[0] == path.name]
+        sources[path.name] = mine
+        codes = path.codes(archs)
+        if mine:
+            log(f"{path.name}: {len(mine)} kernel files for {', '.join('sm_' + c for c in codes)}")
+        elif codes:
+            log(f"{path.name}: no instantiations in tools/kernel_matrix.py (an empty slot)")
+        else:
+            log(f"{path.name}: not built ({path.built_with} is not in DMATTN_CUDA_ARCHS)")
+    kernel_matrix.write_if_changed(NINJA_FILE, kernel_matrix.ninja_source(nvcc, flags, sources))
+    return registry, [obj for files in sources.values() for _, obj in files]
 
 
 def write_build_config(backends, archs):
+    no_cuda = {"cuda_archs": [], "cuda_arch_paths": {}, "cuda_dtypes": [], "cuda_head_dims": []}
     config = {
         "torch_version": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "backends": backends,
         "cpu_dtypes": ["float32", "float16", "bfloat16"],
-        "cuda_archs": archs,
-        "cuda_dtypes": kernel_matrix.DTYPES if "cuda" in backends else [],
-        "cuda_head_dims": kernel_matrix.HEAD_DIMS if "cuda" in backends else [],
+        # cuda_arch_paths: per arch path, in dispatch preference order, its gencode, runs_on, dtypes and head_dims
+        **(kernel_matrix.build_info(archs) if "cuda" in backends else no_cuda),
     }
     text = '"""Written by setup.py at build time: what this build of dmattn_ops contains."""\n\nCONFIG = ' + repr(config) + "\n"
     (ROOT / "dmattn_ops" / "_build_config.py").write_text(text)
@@ -98,21 +168,25 @@ def extension():
             "dmattn_ops._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link, py_limited_api=True
         )
 
-    archs, gencode = cuda_archs()
-    generated = kernel_matrix.render(ROOT / "build" / "generated")
+    archs = kernel_matrix.parse_archs(os.environ.get("DMATTN_CUDA_ARCHS", kernel_matrix.DEFAULT_CUDA_ARCHS))
+    std = torch_cxx_std()
+    include_dirs = [cutlass_include(), str(ROOT / "csrc")]
+    threads = f"--threads={os.environ.get('NVCC_THREADS', '4')}"
+    log(f"building CPU + CUDA backends: archs {archs}, C++{std}")
+    registry, objects = kernel_objects(archs, std, include_dirs, threads)
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
-    sources += [str(p.relative_to(ROOT)) for p in generated]
-    nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo",
-            f"--threads={os.environ.get('NVCC_THREADS', '4')}", *gencode]
-    log(f"building CPU + CUDA backends: {len(generated)} kernel files, archs {archs}")
+    sources.append(str(registry.relative_to(ROOT)))
+    # The global flags of the hand-written CUDA files and the registry (torch adds the include dirs; its -std is std).
+    nvcc = kernel_matrix.nvcc_flags(archs, std, []) + [threads]
     write_build_config(["cpu", "cuda"], archs)
     return CUDAExtension(
         "dmattn_ops._C",
         sources,
-        include_dirs=[cutlass_include(), str(ROOT / "csrc")],
+        include_dirs=include_dirs,
         define_macros=[("DMATTN_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx + ["-DDMATTN_WITH_CUDA"], "nvcc": nvcc},
+        extra_objects=[str(o) for o in objects],
         extra_link_args=link,
         py_limited_api=True,
     )
@@ -125,7 +199,7 @@ setup(
     packages=["dmattn_ops", "dmattn_ops._meta"],
     package_dir={"dmattn_ops": "dmattn_ops", "dmattn_ops._meta": "meta"},
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildExtensionWithKernels},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],

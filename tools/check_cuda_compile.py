@@ -1,7 +1,12 @@
 """Compile-only check of the CUDA kernels with nvcc: no GPU and no torch needed (CI runs it wherever nvcc exists).
 
-    python tools/check_cuda_compile.py                      # bfloat16 D=128 + registry + run kernels, sm_80
+    python tools/check_cuda_compile.py                      # one instantiation per arch path + registry + run kernels
     python tools/check_cuda_compile.py --all --arch 80 90   # every instantiation of tools/kernel_matrix.py
+
+--arch plays DMATTN_CUDA_ARCHS: each file gets the flags the build gives it (kernel_matrix.nvcc_flags), so the sm80
+instantiations are compiled for every listed arch, the sm90a ones for sm_90a when 90 is listed, and the registry and
+csrc/cuda/*.cu for every listed arch. One instantiation per arch path is bfloat16 D=128 where the path has it, else
+its first.
 
 CuTe / CUTLASS headers come from DMATTN_CUTLASS_DIR (an include directory holding cute/ and cutlass/) or from the
 nvidia-cutlass package (cutlass_library/source/include). Exit status: 0 compiled, 1 a compile error, 2 a missing tool
@@ -43,8 +48,9 @@ def find_nvcc() -> str | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", nargs="+", default=["80"], help="compute capabilities (default: 80)")
-    ap.add_argument("--all", action="store_true", help="every instantiation, not just bfloat16 D=128")
+    ap.add_argument("--arch", nargs="+", default=["80"],
+                    help="compute capabilities, as DMATTN_CUDA_ARCHS lists them (default: 80)")
+    ap.add_argument("--all", action="store_true", help="every instantiation, not one per arch path")
     ap.add_argument("--std", default="17", choices=["17", "20"],
                     help="C++ standard (default 17; torch >= 2.13 builds extensions as C++20)")
     ap.add_argument("--require-nvcc", action="store_true", help="fail (exit 2) instead of skipping without nvcc")
@@ -62,20 +68,31 @@ def main() -> int:
         )
         return 2
 
-    chosen = kernel_matrix.INSTANTIATIONS if args.all else [("bfloat16", 128)]
+    archs = [a for text in args.arch for a in kernel_matrix.parse_archs(text)]  # "80 90" or "80;90"
+    built = kernel_matrix.built(archs)
+    includes = [include, ROOT / "csrc"]
     with tempfile.TemporaryDirectory(prefix="dmattn_cuda_check_") as tmp:
-        generated = kernel_matrix.render(Path(tmp), chosen)
-        sources = generated + sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in args.arch]
+        files, registry = kernel_matrix.render(Path(tmp), built)  # the registry over the whole build
+        jobs = []  # (label, source, nvcc flags)
+        for path in kernel_matrix.ARCH_PATHS:
+            mine = [i for i in built if i[0] == path.name]
+            if not mine:
+                built_with = f"--arch {path.built_with}"
+                why = "no instantiations (an empty slot)" if path.codes(archs) else f"not built without {built_with}"
+                print(f"check_cuda_compile: [{path.name}] {why}")
+            elif not args.all:
+                mine = [i for i in mine if i[1:] == ("bfloat16", 128)] or mine[:1]
+            flags = kernel_matrix.nvcc_flags(archs, args.std, includes, path.name)
+            jobs += [(path.name, files[i], flags) for i in mine]
+        for src in [registry, *sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]:
+            jobs.append(("global", src, kernel_matrix.nvcc_flags(archs, args.std, includes)))
         failed = 0
-        for src in sources:
-            cmd = [nvcc, f"-std=c++{args.std}", "-O3", "--use_fast_math", "--expt-relaxed-constexpr", *gencode,
-                   f"-I{include}", f"-I{ROOT / 'csrc'}", "-Xptxas=-warn-spills", "-c", str(src),
-                   "-o", str(Path(tmp) / (Path(src).stem + ".o"))]
+        for label, src, flags in jobs:
+            cmd = [nvcc, *flags, "-Xptxas=-warn-spills", "-c", str(src), "-o", str(Path(tmp) / (Path(src).stem + ".o"))]
             result = subprocess.run(cmd, capture_output=True, text=True)
             spills = [line for line in result.stderr.splitlines() if "spill" in line.lower()]
             status = "FAILED" if result.returncode != 0 else ("ok, but registers spill" if spills else "ok")
-            print(f"check_cuda_compile: {Path(src).name:36s} {status}")
+            print(f"check_cuda_compile: [{label}] {Path(src).name:40s} {status}")
             if result.returncode != 0:
                 failed += 1
                 print(result.stdout + result.stderr)

@@ -1,0 +1,222 @@
+"""tools/kernel_matrix.py: the rendered instantiation files, the registry's dispatch, and the per-arch-path flags.
+
+CPU only, no nvcc: the registry's C++ is compiled with the host compiler against stand-in CUDA headers and run, so
+its dispatch order and head-dim rounding are checked as C++ executes them.
+"""
+
+import operator
+import re
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import kernel_matrix as km
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+DEFAULT_ARCHS = km.parse_archs(km.DEFAULT_CUDA_ARCHS)
+# The default list plus a stand-in Hopper entry, to exercise a non-empty sm90a path.
+WITH_SM90A = km.INSTANTIATIONS + [("sm90a", "bfloat16", 128), ("sm90a", "bfloat16", 192)]
+ELEM = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
+
+
+@pytest.mark.parametrize("instantiations", [km.INSTANTIATIONS, WITH_SM90A], ids=["default", "with_sm90a"])
+def test_every_instantiation_has_its_file(tmp_path, instantiations):
+    files, registry = km.render(tmp_path, instantiations)
+    assert sorted(files) == sorted(instantiations)
+    assert {p.name for p in tmp_path.iterdir()} == {p.name for p in files.values()} | {"kernel_registry.cu"}
+    for (arch, dtype, head_dim), path in files.items():
+        assert path.name == f"varlen_fwd_{arch}_{dtype}_hd{head_dim}.cu"
+        text = path.read_text()
+        assert f'#include "cuda/{arch}/launch.cuh"' in text
+        assert re.search(
+            r"namespace dmattn::cuda \{\n"
+            rf"template cudaError_t {arch}::launch_attention<{ELEM[dtype]}, {head_dim}>"
+            r"\(const VarlenFwdParams&, const KeyLists&, cudaStream_t\);\n"
+            r"\}  // namespace dmattn::cuda",
+            text,
+        ), text
+    # The registry declares the launchers it calls and includes no kernel header.
+    text = registry.read_text()
+    assert re.findall(r"#include [<\"](.*)[>\"]", text) == [
+        "cuda_bf16.h", "cuda_fp16.h", "algorithm", "initializer_list", "cuda/api.h"]
+    for arch in {a for a, _, _ in instantiations}:
+        assert f"namespace {arch} {{" in text
+
+
+def test_default_list():
+    assert km.INSTANTIATIONS == [("sm80", t, d) for t in ["float16", "bfloat16"] for d in [32, 64, 96, 128, 256]]
+    assert [p.name for p in km.ARCH_PATHS] == ["sm90a", "sm80"]  # dispatch preference order
+
+
+def test_sm90a_is_built_only_with_90():
+    assert km.built(["80"], WITH_SM90A) == km.INSTANTIATIONS
+    assert km.built(["80", "90"], WITH_SM90A) == WITH_SM90A
+    assert km.built(["90"], WITH_SM90A) == WITH_SM90A
+    assert km.PATHS["sm90a"].codes(["80"]) == [] and km.PATHS["sm90a"].codes(["80", "90"]) == ["90a"]
+
+
+def test_nvcc_flags_per_arch_path():
+    common = ["-std=c++20", "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+    includes = ["/cutlass/include", "/repo/csrc"]
+    sm80 = km.nvcc_flags(["80", "90"], "20", includes, "sm80")
+    assert sm80 == [*common, "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                    "-I/cutlass/include", "-I/repo/csrc"]
+    assert km.nvcc_flags(["80", "90"], "20", includes) == sm80  # the global flags: every listed arch
+    sm90a = km.nvcc_flags(["80", "90"], "20", includes, "sm90a")
+    assert [f for f in sm90a if f.startswith("-gencode")] == ["-gencode=arch=compute_90a,code=sm_90a"]
+    assert [f for f in km.nvcc_flags(["80"], "17", includes, "sm90a") if f.startswith("-gencode")] == []
+    assert km.parse_archs(" 80; 90,100 ") == ["80", "90", "100"]
+
+
+def test_path_summary():
+    summary = km.path_summary(DEFAULT_ARCHS, WITH_SM90A)
+    assert list(summary) == ["sm90a", "sm80"]
+    assert summary["sm90a"] == {"gencode": ["-gencode=arch=compute_90a,code=sm_90a"], "runs_on": "cc == 90",
+                                "dtypes": ["bfloat16"], "head_dims": [128, 192]}
+    assert summary["sm80"] == {
+        "gencode": ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"],
+        "runs_on": "cc >= 80", "dtypes": ["float16", "bfloat16"], "head_dims": [32, 64, 96, 128, 256]}
+    empty = km.path_summary(["80"])["sm90a"]  # 90 not listed: no gencode, no kernels
+    assert empty == {"gencode": [], "runs_on": "cc == 90", "dtypes": [], "head_dims": []}
+
+
+def test_ninja_file_compiles_each_path_with_its_flags(tmp_path):
+    files, _ = km.render(tmp_path, WITH_SM90A)
+    flags = {p.name: km.nvcc_flags(DEFAULT_ARCHS, "20", ["/inc dir"], p.name) for p in km.ARCH_PATHS}
+    sources = {p.name: [(src, tmp_path / "obj" / (src.stem + ".o")) for i, src in files.items() if i[0] == p.name]
+               for p in km.ARCH_PATHS}
+    text = km.ninja_source("/usr/local/cuda/bin/nvcc", flags, sources)
+    rules = dict(re.findall(r"rule (\w+)\n  command = (.*)\n", text))
+    assert set(rules) == {"nvcc_sm80", "nvcc_sm90a"}
+    assert "-gencode=arch=compute_90a,code=sm_90a" in rules["nvcc_sm90a"]
+    assert "compute_80" not in rules["nvcc_sm90a"] and "compute_90a" not in rules["nvcc_sm80"]
+    for command in rules.values():
+        assert command.startswith("$nvcc -MD -MF $out.d ") and command.endswith(" -c $in -o $out")
+        assert "'-I/inc dir'" in command
+    builds = re.findall(r"build (\S+): (\w+) (\S+)\n", text)
+    assert len(builds) == len(WITH_SM90A)
+    for obj, rule, src in builds:
+        arch = Path(src).name.split("_")[2]
+        assert rule == f"nvcc_{arch}" and Path(obj).stem == Path(src).stem
+    # An empty arch path gets no rule.
+    assert "nvcc_sm90a" not in km.ninja_source("nvcc", flags, {**sources, "sm90a": []})
+
+
+# Stand-ins for the CUDA headers and csrc/cuda/api.h, enough to compile the registry with the host compiler; the
+# launchers print which instantiation ran.
+_STUBS = {
+    "cuda_fp16.h": "#pragma once\nstruct __half {};\n",
+    "cuda_bf16.h": "#pragma once\nstruct __nv_bfloat16 {};\n",
+    "cuda/api.h": """
+        #pragma once
+        #include <cstdint>
+        #include "varlen_fwd_params.h"
+        enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+        using cudaStream_t = struct CUstream_st*;
+        namespace dmattn::cuda {
+        struct KeyLists {};
+        int32_t kernel_head_dim(int32_t cc, ScalarType dtype, int32_t head_dim);
+        int32_t max_kernel_head_dim(int32_t cc, ScalarType dtype);
+        cudaError_t dispatch_attention(int32_t cc, const VarlenFwdParams& p, const KeyLists& keys,
+                                       cudaStream_t stream);
+        }  // namespace dmattn::cuda
+        """,
+    "main.cpp": """
+        #include <cstdio>
+        #include <cuda_bf16.h>
+        #include <cuda_fp16.h>
+        #include "cuda/api.h"
+        namespace dmattn::cuda {
+        template <typename Elem> const char* name();
+        template <> const char* name<__half>() { return "float16"; }
+        template <> const char* name<__nv_bfloat16>() { return "bfloat16"; }
+        #define LAUNCHER(ARCH)                                                                        \\
+          namespace ARCH {                                                                           \\
+          template <typename Elem, int kHeadDim>                                                     \\
+          cudaError_t launch_attention(const VarlenFwdParams&, const KeyLists&, cudaStream_t) {      \\
+            std::printf(#ARCH " %s %d\\n", name<Elem>(), kHeadDim);                                  \\
+            return cudaSuccess;                                                                      \\
+          }                                                                                          \\
+          }
+        LAUNCHER(sm80)
+        LAUNCHER(sm90a)
+        }  // namespace dmattn::cuda
+        #include "kernel_registry.cu"
+        // stdin: lines "cc dtype head_dim" (dtype: the ScalarType value); stdout per line: kernel_head_dim,
+        // max_kernel_head_dim, then what dispatch_attention ran ("none" when it returned cudaErrorInvalidValue).
+        int main() {
+          int cc, dtype, head_dim;
+          while (std::scanf("%d %d %d", &cc, &dtype, &head_dim) == 3) {
+            dmattn::VarlenFwdParams p;
+            p.dtype = static_cast<dmattn::ScalarType>(dtype);
+            p.head_dim = head_dim;
+            std::printf("%d %d ", dmattn::cuda::kernel_head_dim(cc, p.dtype, head_dim),
+                        dmattn::cuda::max_kernel_head_dim(cc, p.dtype));
+            if (dmattn::cuda::dispatch_attention(cc, p, {}, nullptr) != cudaSuccess) std::printf("none\\n");
+          }
+        }
+        """,
+}
+_SCALAR_TYPE = {"float16": 1, "bfloat16": 2}  # csrc/varlen_fwd_params.h
+
+
+def run_registry(tmp_path, instantiations, queries):
+    """Compiles the registry for instantiations with the host compiler and returns its answer to each
+    (cc, dtype, head_dim): (kernel_head_dim, max_kernel_head_dim, "arch dtype head_dim" or "none")."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler to compile the registry with")
+    km.render(tmp_path, instantiations)
+    for name, text in _STUBS.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(textwrap.dedent(text))
+    exe = tmp_path / "registry"
+    subprocess.run([compiler, "-std=c++17", "-Wall", "-Werror", "-I", str(tmp_path), "-I", str(CSRC),
+                    str(tmp_path / "main.cpp"), "-o", str(exe)], check=True)
+    stdin = "".join(f"{cc} {_SCALAR_TYPE[dtype]} {d}\n" for cc, dtype, d in queries)
+    out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout
+    answers = []
+    for line in out.splitlines():
+        fit, largest, ran = line.split(" ", 2)
+        answers.append((int(fit), int(largest), ran))
+    return answers
+
+
+def expected(instantiations, cc, dtype, head_dim):
+    """The registry's contract, from the list: paths that run on cc, the smallest fitting head dim among them, and
+    dispatch to the first path in preference order that has (dtype, head_dim)."""
+    compare = {">=": operator.ge, "==": operator.eq}
+    runs = [p.name for p in km.ARCH_PATHS if compare[p.runs_on[0]](cc, p.runs_on[1])]
+    dims = [d for a, t, d in instantiations if a in runs and t == dtype]
+    fit = min((d for d in dims if d >= head_dim), default=-1)
+    ran = next((f"{a} {dtype} {head_dim}" for a in runs for b, t, d in instantiations
+                if (b, t, d) == (a, dtype, head_dim)), "none")
+    return fit, max(dims, default=0), ran
+
+
+@pytest.mark.parametrize("instantiations", [km.INSTANTIATIONS, WITH_SM90A], ids=["default", "with_sm90a"])
+def test_registry_dispatch(tmp_path, instantiations):
+    queries = [(cc, dtype, d) for cc in (75, 80, 86, 90, 100, 120) for dtype in ("float16", "bfloat16")
+               for d in (1, 31, 32, 33, 64, 80, 96, 100, 128, 129, 150, 192, 200, 256, 257)]
+    answers = run_registry(tmp_path, instantiations, queries)
+    assert answers == [expected(instantiations, *q) for q in queries]
+    # Spelled out for the stand-in sm90a entries: preferred on cc 90 only, and 150 rounds to 192 there alone.
+    if instantiations is WITH_SM90A:
+        by_query = dict(zip(queries, answers))
+        assert by_query[(90, "bfloat16", 128)] == (128, 256, "sm90a bfloat16 128")
+        assert by_query[(80, "bfloat16", 128)] == (128, 256, "sm80 bfloat16 128")
+        assert by_query[(90, "bfloat16", 150)] == (192, 256, "none")
+        assert by_query[(90, "bfloat16", 192)] == (192, 256, "sm90a bfloat16 192")
+        assert by_query[(100, "bfloat16", 150)] == (256, 256, "none")
+
+
+def test_kernel_head_dim_covers_every_head_dim(tmp_path):
+    """Every head dim up to the largest compiled one has a kernel on each device the sm80 path runs on."""
+    queries = [(cc, dtype, d) for cc in (80, 90) for dtype in km.DTYPES for d in range(1, max(km.HEAD_DIMS) + 2)]
+    answers = run_registry(tmp_path, km.INSTANTIATIONS, queries)
+    for (cc, dtype, d), (fit, largest, _) in zip(queries, answers):
+        assert largest == max(km.HEAD_DIMS)
+        assert fit == min((h for h in km.HEAD_DIMS if h >= d), default=-1), (cc, dtype, d)
