@@ -1,7 +1,8 @@
 """tools/kernel_matrix.py: the rendered instantiation files, the registry's dispatch, and the per-arch-path flags.
 
-CPU only, no nvcc: the registry's C++ is compiled with the host compiler against stand-in CUDA headers and run, so
-its dispatch order and head-dim rounding are checked as C++ executes them.
+CPU only, no nvcc: the registry's C++ is compiled with the host compiler against the real csrc/cuda/dispatch.h (with
+stand-ins for the CUDA toolkit headers) and run, so its dispatch order and head-dim rounding are checked as C++
+executes them, and a launcher signature that drifts from csrc/cuda fails to link.
 """
 
 import operator
@@ -31,17 +32,16 @@ def test_every_instantiation_has_its_file(tmp_path, instantiations):
         assert path.name == f"varlen_fwd_{arch}_{dtype}_hd{head_dim}.cu"
         text = path.read_text()
         assert f'#include "cuda/{arch}/launch.cuh"' in text
-        assert re.search(
-            r"namespace dmattn::cuda \{\n"
-            rf"template cudaError_t {arch}::launch_attention<{ELEM[dtype]}, {head_dim}>"
-            r"\(const VarlenFwdParams&, const KeyLists&, cudaStream_t\);\n"
-            r"\}  // namespace dmattn::cuda",
-            text,
+        assert text.endswith(
+            "namespace dmattn::cuda {\n"
+            f"template cudaError_t {arch}::launch_attention<{ELEM[dtype]}, {head_dim}>(const VarlenFwdParams&, "
+            "const FwdPlan&, const KeyLists&, cudaStream_t);\n"
+            "}  // namespace dmattn::cuda\n"
         ), text
     # The registry declares the launchers it calls and includes no kernel header.
     text = registry.read_text()
     assert re.findall(r"#include [<\"](.*)[>\"]", text) == [
-        "cuda_bf16.h", "cuda_fp16.h", "algorithm", "initializer_list", "cuda/api.h"]
+        "cuda_bf16.h", "cuda_fp16.h", "algorithm", "initializer_list", "cuda/dispatch.h"]
     for arch in {a for a, _, _ in instantiations}:
         assert f"namespace {arch} {{" in text
 
@@ -105,61 +105,57 @@ def test_ninja_file_compiles_each_path_with_its_flags(tmp_path):
     assert "nvcc_sm90a" not in km.ninja_source("nvcc", flags, {**sources, "sm90a": []})
 
 
-# Stand-ins for the CUDA headers and csrc/cuda/api.h, enough to compile the registry with the host compiler; the
-# launchers print which instantiation ran.
-_STUBS = {
-    "cuda_fp16.h": "#pragma once\nstruct __half {};\n",
-    "cuda_bf16.h": "#pragma once\nstruct __nv_bfloat16 {};\n",
-    "cuda/api.h": """
+# Stand-ins for the CUDA toolkit headers csrc/cuda includes, enough to compile the registry with the host compiler
+# against the real csrc/cuda/dispatch.h (so a drift between LAUNCH_PARAMS and that header fails here, with no nvcc).
+_CUDA_STUBS = {
+    "cuda_runtime_api.h": """
         #pragma once
-        #include <cstdint>
-        #include "varlen_fwd_params.h"
         enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
         using cudaStream_t = struct CUstream_st*;
-        namespace dmattn::cuda {
-        struct KeyLists {};
-        int32_t kernel_head_dim(int32_t cc, ScalarType dtype, int32_t head_dim);
-        int32_t max_kernel_head_dim(int32_t cc, ScalarType dtype);
-        cudaError_t dispatch_attention(int32_t cc, const VarlenFwdParams& p, const KeyLists& keys,
-                                       cudaStream_t stream);
-        }  // namespace dmattn::cuda
         """,
-    "main.cpp": """
-        #include <cstdio>
-        #include <cuda_bf16.h>
-        #include <cuda_fp16.h>
-        #include "cuda/api.h"
-        namespace dmattn::cuda {
-        template <typename Elem> const char* name();
-        template <> const char* name<__half>() { return "float16"; }
-        template <> const char* name<__nv_bfloat16>() { return "bfloat16"; }
-        #define LAUNCHER(ARCH)                                                                        \\
-          namespace ARCH {                                                                           \\
-          template <typename Elem, int kHeadDim>                                                     \\
-          cudaError_t launch_attention(const VarlenFwdParams&, const KeyLists&, cudaStream_t) {      \\
-            std::printf(#ARCH " %s %d\\n", name<Elem>(), kHeadDim);                                  \\
-            return cudaSuccess;                                                                      \\
-          }                                                                                          \\
-          }
-        LAUNCHER(sm80)
-        LAUNCHER(sm90a)
-        }  // namespace dmattn::cuda
-        #include "kernel_registry.cu"
-        // stdin: lines "cc dtype head_dim" (dtype: the ScalarType value); stdout per line: kernel_head_dim,
-        // max_kernel_head_dim, then what dispatch_attention ran ("none" when it returned cudaErrorInvalidValue).
-        int main() {
-          int cc, dtype, head_dim;
-          while (std::scanf("%d %d %d", &cc, &dtype, &head_dim) == 3) {
-            dmattn::VarlenFwdParams p;
-            p.dtype = static_cast<dmattn::ScalarType>(dtype);
-            p.head_dim = head_dim;
-            std::printf("%d %d ", dmattn::cuda::kernel_head_dim(cc, p.dtype, head_dim),
-                        dmattn::cuda::max_kernel_head_dim(cc, p.dtype));
-            if (dmattn::cuda::dispatch_attention(cc, p, {}, nullptr) != cudaSuccess) std::printf("none\\n");
-          }
-        }
-        """,
+    "cuda_fp16.h": "#pragma once\nstruct __half {};\n",
+    "cuda_bf16.h": "#pragma once\nstruct __nv_bfloat16 {};\n",
 }
+# The launchers print which instantiation ran; main answers queries on stdin.
+_DRIVER = """
+    #include <cuda_bf16.h>
+    #include <cuda_fp16.h>
+
+    #include <cstdio>
+
+    #include "cuda/dispatch.h"
+    namespace dmattn::cuda {
+    template <typename Elem> const char* name();
+    template <> const char* name<__half>() { return "float16"; }
+    template <> const char* name<__nv_bfloat16>() { return "bfloat16"; }
+    #define LAUNCHER(ARCH)                                                      \\
+      namespace ARCH {                                                         \\
+      template <typename Elem, int kHeadDim>                                   \\
+      cudaError_t launch_attention(PARAMS) {                                   \\
+        std::printf(#ARCH " %s %d\\n", name<Elem>(), kHeadDim);              \\
+        return cudaSuccess;                                                    \\
+      }                                                                        \\
+      }
+    LAUNCHER(sm80)
+    LAUNCHER(sm90a)
+    }  // namespace dmattn::cuda
+    #include "kernel_registry.cu"
+    // stdin: lines "cc dtype head_dim" (dtype: the ScalarType value); stdout per line: kernel_head_dim,
+    // max_kernel_head_dim, then what dispatch_attention ran ("none" when it returned cudaErrorInvalidValue).
+    int main() {
+      int cc, dtype, head_dim;
+      while (std::scanf("%d %d %d", &cc, &dtype, &head_dim) == 3) {
+        dmattn::VarlenFwdParams p;
+        p.dtype = static_cast<dmattn::ScalarType>(dtype);
+        p.head_dim = head_dim;
+        std::printf("%d %d ", dmattn::cuda::kernel_head_dim(cc, p.dtype, head_dim),
+                    dmattn::cuda::max_kernel_head_dim(cc, p.dtype));
+        const dmattn::cuda::FwdPlan plan;
+        const dmattn::cuda::KeyLists keys;
+        if (dmattn::cuda::dispatch_attention(cc, p, plan, keys, nullptr) != cudaSuccess) std::printf("none\\n");
+      }
+    }
+    """
 _SCALAR_TYPE = {"float16": 1, "bfloat16": 2}  # csrc/varlen_fwd_params.h
 
 
@@ -170,9 +166,10 @@ def run_registry(tmp_path, instantiations, queries):
     if compiler is None:
         pytest.skip("no host C++ compiler to compile the registry with")
     km.render(tmp_path, instantiations)
-    for name, text in _STUBS.items():
-        (tmp_path / name).parent.mkdir(exist_ok=True)
+    for name, text in _CUDA_STUBS.items():
         (tmp_path / name).write_text(textwrap.dedent(text))
+    params = ", ".join(t for t, _ in km.LAUNCH_PARAMS)
+    (tmp_path / "main.cpp").write_text(textwrap.dedent(_DRIVER).replace("PARAMS", params))
     exe = tmp_path / "registry"
     subprocess.run([compiler, "-std=c++17", "-Wall", "-Werror", "-I", str(tmp_path), "-I", str(CSRC),
                     str(tmp_path / "main.cpp"), "-o", str(exe)], check=True)

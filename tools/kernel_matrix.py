@@ -61,10 +61,12 @@ INSTANTIATIONS = [("sm80", dtype, head_dim) for dtype in DTYPES for head_dim in 
     # sm90a: the Hopper wgmma / TMA kernel (a later issue), e.g. ("sm90a", "bfloat16", 128)
 ]
 
-# The parameters of every arch path's launch_attention, which dispatch_attention(cc, ...) takes and passes on, and the
-# header declaring the registry's functions and these types: the generated code's only contract with csrc/cuda.
-LAUNCH_PARAMS = [("const VarlenFwdParams&", "p"), ("const KeyLists&", "keys"), ("cudaStream_t", "stream")]
-REGISTRY_INCLUDE = "cuda/api.h"
+# The generated code's one contract with csrc/cuda: the parameters of every arch path's launch_attention, which
+# dispatch_attention(cc, ...) takes and passes on, and the header declaring them (csrc/cuda/dispatch.h, which brings
+# api.h's kernel_head_dim / max_kernel_head_dim, FwdPlan and KeyLists).
+LAUNCH_PARAMS = [("const VarlenFwdParams&", "p"), ("const FwdPlan&", "plan"), ("const KeyLists&", "keys"),
+                 ("cudaStream_t", "stream")]
+REGISTRY_INCLUDE = "cuda/dispatch.h"
 
 # dtype name (as torch spells it) -> CUDA element type, ScalarType enumerator of csrc/varlen_fwd_params.h
 _ELEM = {"float16": ("__half", "kFloat16"), "bfloat16": ("__nv_bfloat16", "kBFloat16")}
