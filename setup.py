@@ -76,8 +76,8 @@ def cutlass_include():
 
 def torch_cxx_std():
     """The C++ standard torch's BuildExtension compiles with: it appends `-std=c++NN` to every compile that names
-    none, NN a literal in BuildExtension.build_extensions (17 up to torch 2.12, 20 from 2.13). Read from there, so the
-    kernel objects compiled here and the files torch compiles agree under any torch."""
+    none, NN a literal in BuildExtension.build_extensions (17 in torch 2.11, 20 in 2.13). Read from there, so the kernel
+    objects compiled here and the files torch compiles agree under any torch."""
     found = set(re.findall(r"cpp_flag_prefix \+ 'c\+\+(\d+)'", inspect.getsource(BuildExtension.build_extensions)))
     if len(found) != 1:
         raise SystemExit(
