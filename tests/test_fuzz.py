@@ -549,6 +549,9 @@ class Prediction:
     nonfinite_cols: torch.Tensor  # (D,) bool: out must be non-finite (V non-finite at a key of weight > 0), or the
     # whole out row NaN
     free_cols: torch.Tensor  # (D,) bool: unspecified (V non-finite at a key of weight exactly 0)
+    # V non-finite at a key of finite score but weight <= 2^-100: its columns are free, and the whole out row may be
+    # NaN as for a weighted key (the kernel's weight, in float32 or rounded to q's dtype, may be nonzero)
+    light_nonfinite: bool = False
     value: Optional[float] = None  # uniform: the bias c, which is also lse
     mean: Optional[torch.Tensor] = None  # uniform: (D,) float64 mean of the V rows of the finite keys
     sum_error: float = 0.0  # uniform: what float32 accumulation of those rows may be off by
@@ -584,7 +587,8 @@ def predict(shape: Shape, clean: Dict[str, torch.Tensor], final: Dict[str, torch
                 weighty = (s - s.max()).exp() > 2.0**-100 if fin.any() else fin
                 light = (row == NEG) | (fin & ~weighty)
                 nonfinite = bad_v[weighty].any(0)
-                pred = Prediction("empty", nonfinite, bad_v[light].any(0) & ~nonfinite)
+                pred = Prediction("empty", nonfinite, bad_v[light].any(0) & ~nonfinite,
+                                  light_nonfinite=bool(bad_v[fin & ~weighty].any()))
                 if fin.any():
                     keys = (row >= 0).nonzero().flatten().tolist()
                     fin_keys = fin.nonzero().flatten().tolist()
@@ -646,8 +650,8 @@ def check_predictions(result, clean_result, predictions, shape: Shape) -> None:
         checked = ~p.nonfinite_cols & ~p.free_cols
         if p.nonfinite_cols.any():
             assert not o[p.nonfinite_cols].isfinite().any(), f"{where}: non-finite V of a weighted key, got {o}"
-            if o.isnan().all():  # also allowed: the whole out row NaN (CUDA, tiles hiding keys); lse still holds
-                checked = torch.zeros_like(checked)
+        if (p.nonfinite_cols.any() or p.light_nonfinite) and o.isnan().all():
+            checked = torch.zeros_like(checked)  # also allowed: the whole out row NaN (CUDA, tiles hiding keys)
         if p.kind == "empty":
             assert l == -INF and (o[checked] == 0).all(), f"{where}: no finite visible score, got {o}, lse {l}"
         elif p.kind == "same":
