@@ -441,6 +441,58 @@ def test_non_finite_v_of_a_key_weighing_almost_nothing(dtype, device):
     assert whole_row_nan or (row[1:] == 0.5).all(), f"query 1: key 0's V outside column 0, got {row[:4].tolist()}"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fill", ["nan", "inf"])
+def test_minus_inf_score_takes_its_query_side_bias(fill, dtype, device):
+    """A visible key whose q . k is -inf (an inf in k) plus a query-side bias of NaN or +inf is a NaN score, so the
+    row is NaN: the kernels may skip the bias of keys a row cannot see, never of keys it can (CUDA skipped it for any
+    -inf score; found by test_fuzz on the H200)."""
+    spec = Spec("minus_inf_score", seqlens_q=(1,), seqlens_k=(2,), heads=1, heads_k=1, head_dim=64, bias="query")
+    _skip_unsupported(spec, dtype, device)
+    q = torch.zeros(1, 1, 64)
+    q[0, 0, 0] = -1.0
+    k = torch.zeros(2, 1, 64)
+    k[1, 0, 0] = math.inf  # q . k1 = -inf, and no 0 * inf anywhere
+    bias = torch.zeros(1, 1, 2)
+    bias[0, 0, 1] = math.nan if fill == "nan" else math.inf
+    sample = Sample(
+        spec=spec, q=q.to(dtype).to(device), k=k.to(dtype).to(device),
+        v=torch.ones(2, 1, 64, dtype=dtype, device=device),
+        cu_seqlens_q=dmattn_ops.cu_seqlens([1], device=device), cu_seqlens_k=dmattn_ops.cu_seqlens([2], device=device),
+        max_seqlen_q=1, max_seqlen_k=2, bias=bias.to(device),
+    )
+    out, lse = (t.cpu() for t in sample.run())
+    assert out.isnan().all() and lse.isnan().all(), f"a NaN score: got {out[0, 0, :4]}, lse {lse}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_row_does_not_depend_on_its_neighbours_exponent_form(dtype, device):
+    """CUDA exponentiates rows with |max| <= 1024 in a fused form and others exactly. Rows share warps, so a
+    neighbour's huge max must not change a row's form: query 0 (one visible key, causal) keeps out and lse
+    bit-identical whether query 1's scores are ordinary or near float16's lowest (found by test_fuzz on the H200,
+    an ulp of lse)."""
+    spec = Spec("neighbours", seqlens_q=(2,), seqlens_k=(2,), heads=1, heads_k=1, head_dim=64, bias="query",
+                is_causal=True)
+    _skip_unsupported(spec, dtype, device)
+    g = torch.Generator().manual_seed(0)
+
+    def run(neighbour_bias: float):
+        bias = torch.randn(2, 1, 2, generator=g.manual_seed(1)) * 3
+        bias[1] = neighbour_bias
+        return Sample(
+            spec=spec, q=torch.randn(2, 1, 64, generator=g.manual_seed(2)).to(dtype).to(device),
+            k=torch.randn(2, 1, 64, generator=g.manual_seed(3)).to(dtype).to(device),
+            v=torch.randn(2, 1, 64, generator=g.manual_seed(4)).to(dtype).to(device),
+            cu_seqlens_q=dmattn_ops.cu_seqlens([2], device=device),
+            cu_seqlens_k=dmattn_ops.cu_seqlens([2], device=device), max_seqlen_q=2, max_seqlen_k=2,
+            bias=bias.to(device), is_causal=True,
+        ).run()
+
+    (out_a, lse_a), (out_b, lse_b) = run(0.5), run(-65504.0)
+    assert torch.equal(out_a[0].cpu(), out_b[0].cpu()), "query 0's out changed with its neighbour's scores"
+    assert torch.equal(lse_a[:, 0].cpu(), lse_b[:, 0].cpu()), "query 0's lse changed with its neighbour's scores"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 6. The reference itself, against plain Python arithmetic.
 

@@ -5,6 +5,8 @@
 // grows with |max| (and overflows past FLT_MAX / log2 e): about |max| * 2^-24, a common factor of the row's weights
 // that shows in lse and, when the max moves, in out. So only rows with |max| <= kFusedExpLimit take it (error under
 // 1e-4); others (a bias of 1e30 or finfo.min on every key, say) take the unfused form, exact for the max itself.
+// The choice is per row, so a row's result never depends on the other rows of its warp: while every row of the warp
+// may take the fused form (almost always) the warp runs it alone; otherwise each row picks its own form.
 // Both forms turn a +inf or NaN score into a NaN row sum (a NaN row).
 #pragma once
 
@@ -36,12 +38,12 @@ struct OnlineSoftmax {
   // One KV tile: s (scores times score_mul > 0, -inf where hidden) becomes P = exp(s * score_mul - new max), the
   // row sums take it in, and o (kDTiles n8 fragments per m16 fragment) is rescaled by exp(old max - new max).
   // Row maxima first, then the exponentials of every row in one straight run (so the MUFU latency of one row hides
-  // behind the others), in the fused form unless some row's max is past kFusedExpLimit (a warp-uniform choice).
+  // behind the others), in the fused form where the whole warp may take it, else in each row's own form.
   template <int kDTiles>
   __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float score_mul,
                                          float (&o)[kMTiles][kDTiles][4]) {
     float alpha[kMTiles][2], base_log2[kMTiles][2];
-    bool max_moved = false, fused = true;
+    bool max_moved = false, fused = true, row_fused[kMTiles][2];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -56,24 +58,25 @@ struct OnlineSoftmax {
         base_log2[mt][half] = base * kLog2e;  // inf when |base| > kFusedExpLimit: then the unfused form runs
         alpha[mt][half] = exp2f((row_max[mt][half] - base) * kLog2e);  // old max <= base: no overflow
         max_moved |= new_max != row_max[mt][half];
-        // A row with a +inf max is NaN on either form: it must not move the rest of the warp off the fused one.
-        fused &= fabsf(base) <= kFusedExpLimit || base == INFINITY;
+        // A row with a +inf max is NaN on either form, so either will do.
+        row_fused[mt][half] = fabsf(base) <= kFusedExpLimit || base == INFINITY;
+        fused &= row_fused[mt][half];
         row_max[mt][half] = new_max;
       }
     }
     const float mul_log2 = score_mul * kLog2e;
-    auto exponentiate = [&](auto fused_form) {
+    auto exponentiate = [&](auto warp_fused) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
+          const bool fused_form = decltype(warp_fused)::value || row_fused[mt][half];
           const float base = row_max[mt][half] == -INFINITY ? 0.f : row_max[mt][half];  // for the unfused form
           float sum = 0.f;
 #pragma unroll
           for (int e = 0; e < 2 * kNTiles; ++e) {
             float& x = s[mt][e / 2][2 * half + e % 2];
-            x = decltype(fused_form)::value ? exp2f(fmaf(x, mul_log2, -base_log2[mt][half]))
-                                            : exp2f((x * score_mul - base) * kLog2e);
+            x = exp2f(fused_form ? fmaf(x, mul_log2, -base_log2[mt][half]) : (x * score_mul - base) * kLog2e);
             sum += x;
           }
           row_sum[mt][half] = row_sum[mt][half] * alpha[mt][half] + sum;

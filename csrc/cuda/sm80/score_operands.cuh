@@ -116,8 +116,8 @@ struct ScoreOperands {
             x = pos < 0 || pos >= limit[mt][half] ? -INFINITY : x * scale + kb;
           }
       }
-    // Pass 2, query-side operands only: a score still finite has a visible key, so its mask / bias element is in
-    // bounds (a -inf key bias skips the read, which changes nothing).
+    // Pass 2, query-side operands only, on the keys pass 1 left visible (in [0, limit): in bounds). A score that is
+    // -inf by itself (an inf in k) still takes its bias: -inf + NaN or + inf is NaN, as the contract says.
     if constexpr (Traits::kQueryOperands) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
@@ -131,8 +131,8 @@ struct ScoreOperands {
 #pragma unroll
             for (int e2 = 0; e2 < 2; ++e2) {
               float& x = s[mt][nt][2 * half + e2];
-              if (x == -INFINITY) continue;
-              const int64_t pos = key_pos[nt * 8 + 2 * t + e2];
+              const int pos = key_pos[nt * 8 + 2 * t + e2];
+              if (pos < 0 || pos >= limit[mt][half]) continue;  // hidden: x is -inf already
               if (query_mask && !p.mask.mask_allows(p.mask.column(mask_row, pos))) {
                 x = -INFINITY;  // hidden: its bias is not read (it may be NaN)
               } else if (query_bias) {
