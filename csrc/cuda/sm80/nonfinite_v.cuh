@@ -49,17 +49,16 @@ __device__ void zero_nonfinite_rows(typename Traits::Elem* tile, uint8_t* v_bad)
 }
 
 // After the softmax of a tile whose V was fixed: bit 2 mt + half of `poisoned` is set when this lane's share of that
-// row gives a flagged slot a nonzero weight (p: the float32 probabilities, m16n8 fragments). The weight is judged as
-// P V sees it, rounded to Elem: a probability that rounds to 0 there (say 2^-120 in float16) would have multiplied
-// the inf / NaN by 0 exactly like a hidden key's, so it poisons nothing.
-template <typename Elem, int kMTiles, int kNTiles>
+// row gives a flagged slot a nonzero float32 weight (p: the probabilities, m16n8 fragments). Judged before P is
+// rounded to Elem, as in a tile that needs no fixing, where 0 * NaN in the MMA makes even a weight that rounds to 0
+// (say 2^-50 in float16) give NaN; only a weight of exactly 0 (a hidden key, or one far below the row max) does not.
+template <int kMTiles, int kNTiles>
 __device__ __forceinline__ void mark_poisoned_rows(const float (&p)[kMTiles][kNTiles][4], const uint8_t* v_bad, int t,
                                                    unsigned& poisoned) {
 #pragma unroll
   for (int e = 0; e < kMTiles * kNTiles * 4; ++e) {
     const int mt = e / (kNTiles * 4), nt = (e / 4) % kNTiles, i = e % 4;
-    const bool weighted = (ElemTraits<Elem>::pack(p[mt][nt][i], 0.f) & 0xffffu) != 0;  // +0 packs to 0 bits
-    if (v_bad[nt * 8 + 2 * t + i % 2] && weighted) poisoned |= 1u << (2 * mt + i / 2);
+    if (v_bad[nt * 8 + 2 * t + i % 2] && p[mt][nt][i] > 0.f) poisoned |= 1u << (2 * mt + i / 2);
   }
 }
 

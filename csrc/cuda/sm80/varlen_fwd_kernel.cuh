@@ -126,7 +126,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
 
     // ---- P = exp(S - max), O rescaled ----
     softmax.update(s, score_mul, o);
-    if (v_fix) mark_poisoned_rows<Elem>(s, smem.v_bad, t, poisoned_rows);
+    if (v_fix) mark_poisoned_rows(s, smem.v_bad, t, poisoned_rows);
 
     // ---- O += P V: the probabilities of two n8 fragments are the A operand of one k16 step ----
     warp_mma<Mma, kMTiles, kBlockN / 16, kDTiles / 2, Traits::kPrefetch, /*kAAhead=*/false>(
