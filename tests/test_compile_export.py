@@ -1,7 +1,8 @@
 """dmattn_ops.varlen_attention under torch.compile, torch.export and AOTInductor.
 
 - torch.compile(fullgraph=True, dynamic=True): four batches of different B / total_q / total_k / max_seqlen build
-  one graph (no graph break), matching eager; moving the mask from key-side to query-side recompiles exactly once.
+  one graph (no graph break), matching eager; moving the mask from key-side to query-side recompiles exactly once;
+  an 8-step decode loop whose caches grow by a key per sequence per step never recompiles after its first step.
 - torch.export.export with Dims on total_q, total_k and B (cu_seqlens: B + 1; key-side mask and bias rows share
   total_k): the graph holds torch.ops.dmattn.varlen_fwd; save / load round-trips and runs new shapes.
 - AOTInductor: aoti_compile_and_package / aoti_load_package run the exported program (the op is reached through
@@ -116,6 +117,41 @@ def test_compile_one_graph_for_four_batches_then_one_recompile_for_query_side(de
         assert_same(compiled(**batch), api_function(**batch))
     assert counter.frame_count == 2
     assert count_op_calls(counter.graphs[1]) == 1
+
+
+def gated_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate):
+    """A decode step's attention with dynamic sparsity: keys whose gating score (total_k, Hk) is positive are kept
+    (a key-side mask computed in the graph), and the score is the key-side bias."""
+    return dmattn_ops.varlen_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=gate > 0, bias=gate, is_causal=True,
+    )
+
+
+def test_compile_decode_loop_never_recompiles(device):
+    """Issue 10's decode loop: 8 steps of 4 sequences with one new query each, every sequence gaining one cached key
+    per step (so total_k, cu_seqlens_k and max_seqlen_k change every step): one graph, compiled at the first step,
+    and no recompile after it; each step matches eager."""
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(gated_attention, backend=counter, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    lengths = [5, 9, 7, 12]
+    cache = {name: [torch.randn(n, HK, *width, generator=g) for n in lengths]
+             for name, width in (("k", (D,)), ("v", (D,)), ("gate", ()))}
+    for step in range(8):
+        for name, rows in cache.items():
+            for b, t in enumerate(rows):
+                rows[b] = torch.cat([t, torch.randn(1, *t.shape[1:], generator=g)])
+        k, v, gate = (torch.cat(cache[name]) for name in ("k", "v", "gate"))
+        seqlens_k = [t.shape[0] for t in cache["k"]]
+        args = (
+            torch.randn(len(lengths), H, D, generator=g).to(device, dtype), k.to(device, dtype), v.to(device, dtype),
+            dmattn_ops.cu_seqlens([1] * len(lengths), device=device), dmattn_ops.cu_seqlens(seqlens_k, device=device),
+            1, max(seqlens_k), gate.to(device),
+        )
+        assert_same(compiled(*args), gated_attention(*args))
+        assert counter.frame_count == 1, f"step {step} recompiled"
+    assert count_op_calls(counter.graphs[0]) == 1
 
 
 def test_compile_has_no_graph_break(device):
