@@ -296,8 +296,15 @@ def _query_side(
     last_k = torch.clamp(eval_len - 1, min=0)  # (total_q,) the last key position a row is evaluated at
     j = torch.arange(max_seqlen_k, dtype=INDEX_DTYPE, device=dev)  # (max_seqlen_k,)
 
+    # When every row sees max_seqlen_k keys, no position needs clamping and no entry is don't-care, which saves two
+    # of the few passes over the (total_q, max_seqlen_k) grid. Checked on CPU tensors only, in eager mode: there the
+    # check is free, while on a GPU it would cost a host sync and the two passes cost less.
+    full_width = (
+        dev.type == "cpu" and not torch.compiler.is_compiling() and bool((len_k >= max_seqlen_k).all())
+    )
+
     def entry(b, q_idx, last_k, h, j):
-        return mod(b, h, q_idx, torch.minimum(j, last_k))  # one op per entry: the clamp is per row
+        return mod(b, h, q_idx, j if full_width else torch.minimum(j, last_k))  # the clamp is per row
 
     fn = torch.vmap(entry, in_dims=(None, None, None, None, 0))  # -> (max_seqlen_k,)
     if deps.head:
@@ -308,8 +315,48 @@ def _query_side(
     out = torch.vmap(fn, in_dims=(0, 0, 0, None, None))(b, q_idx, last_k, h, j)
     if not deps.head:
         out = out.unsqueeze(1)  # (total_q, 1, max_seqlen_k)
+    if full_width:
+        return out.contiguous()
     inside = (j.unsqueeze(0) < len_k.unsqueeze(1)).unsqueeze(1)  # (total_q, 1, max_seqlen_k)
     return torch.where(inside, out, fill).contiguous()
+
+
+# A sequence's own (len_q, len_k) block is evaluated by itself when the batch's grid has at least this many entries
+# per sequence: a block costs one vmap call (~0.1 ms) and then only its valid entries, where the grid evaluates every
+# (query, max_seqlen_k) entry and clamps positions past each sequence's end.
+PER_SEQUENCE_MIN_ENTRIES = 1 << 16
+
+
+def _query_side_per_sequence(
+    mod: MaskMod, deps: ModDependencies, p: _Packing, num_heads: int, total_q: int, max_seqlen_k: int, fill, dtype
+) -> Optional[torch.Tensor]:
+    """_query_side's result built block by block, or None where that does not pay or does not apply: CPU tensors in
+    eager mode only (it reads cu_seqlens on the host, free there), non-decreasing cu_seqlens, and a grid with at least
+    PER_SEQUENCE_MIN_ENTRIES entries per sequence."""
+    if p.cu_q.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    cu_q, cu_k = p.cu_q.tolist(), p.cu_k.tolist()
+    batch = len(cu_q) - 1
+    if total_q * max_seqlen_k < batch * PER_SEQUENCE_MIN_ENTRIES:
+        return None
+    if any(a > b for a, b in zip(cu_q, cu_q[1:])) or any(a > b for a, b in zip(cu_k, cu_k[1:])):
+        return None  # rows would not belong to one sequence each; the grid's searchsorted decides those
+    out = torch.full((total_q, num_heads if deps.head else 1, max_seqlen_k), fill, dtype=dtype)
+    fn = torch.vmap(mod, in_dims=(None, None, None, 0))  # over kv_idx
+    h = torch.zeros((), dtype=INDEX_DTYPE)
+    if deps.head:
+        fn = torch.vmap(fn, in_dims=(None, 0, None, None))  # over h
+        h = torch.arange(num_heads, dtype=INDEX_DTYPE)
+    fn = torch.vmap(fn, in_dims=(None, None, 0, None))  # over q_idx
+    for b in range(batch):
+        q0, q1 = min(cu_q[b], total_q), min(cu_q[b + 1], total_q)
+        len_k = min(cu_k[b + 1] - cu_k[b], max_seqlen_k)
+        if q1 <= q0 or len_k <= 0:
+            continue  # no query row, or no key: every entry stays fill
+        block = fn(torch.tensor(b, dtype=INDEX_DTYPE), h, torch.arange(q1 - q0, dtype=INDEX_DTYPE),
+                   torch.arange(len_k, dtype=INDEX_DTYPE))  # (rows, [H,] len_k)
+        out[q0:q1, :, :len_k] = block if deps.head else block.unsqueeze(1)
+    return out
 
 
 def _check_args(where, cu_seqlens_q, cu_seqlens_k, num_heads, num_heads_k):
@@ -363,7 +410,8 @@ def _build(
         shape = (total_q, num_heads if deps.head else 1, max_seqlen_k)
         if total_q == 0 or max_seqlen_k == 0:  # nothing to evaluate (vmap needs a non-empty batch)
             return torch.full(shape, fill, dtype=dtype, device=device)
-        return _query_side(mod, deps, p, num_heads, total_q, max_seqlen_k, fill)
+        blocks = _query_side_per_sequence(mod, deps, p, num_heads, total_q, max_seqlen_k, fill, dtype)
+        return blocks if blocks is not None else _query_side(mod, deps, p, num_heads, total_q, max_seqlen_k, fill)
     shape = (total_k, num_heads if deps.head else 1)
     if total_k == 0:
         return torch.full(shape, fill, dtype=dtype, device=device)

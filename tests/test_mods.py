@@ -217,6 +217,26 @@ def test_key_side_rows_and_dont_care_entries(batch):
     assert torch.equal(query_side, expected)
 
 
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_query_side_block_by_block_equals_the_grid(batch, name, monkeypatch):
+    """create_mask / create_bias evaluate a query-side operand over the (total_q, max_seqlen_k) grid, or, on CPU
+    tensors when the grid is large enough, sequence by sequence over each one's own block: both give the same tensor,
+    bit for bit, don't-care entries included (the batch has sequences without queries, without keys, and rows after
+    cu_seqlens_q[-1])."""
+    mask_mod, score_mod = reg.CASES_BY_NAME[name].mods(batch)
+    builders = []
+    if mask_mod is not None:
+        builders.append(lambda: create_mask(mask_mod, *_bounds(batch), **_shape_args(batch)))
+    if score_mod is not None:
+        builders.append(lambda: create_bias(score_mod, *_bounds(batch), **_shape_args(batch)))
+    for build in builders:
+        monkeypatch.setattr(dmattn_ops.mods, "PER_SEQUENCE_MIN_ENTRIES", 0)  # always block by block
+        blocks = build()
+        monkeypatch.setattr(dmattn_ops.mods, "PER_SEQUENCE_MIN_ENTRIES", 1 << 62)  # always the grid
+        grid = build()
+        assert torch.equal(blocks, grid)
+
+
 def test_default_totals_and_head_count_of_bias(batch):
     """Without total_q / total_k the row counts come from cu_seqlens[-1]; a head-free bias has Hm = 1."""
     bias = create_bias(reg._alibi(batch), *_bounds(batch), reg.HEADS)
