@@ -1,0 +1,151 @@
+"""Building a query-side mask: dmattn_ops.create_mask from a mask_mod against the same tensor written by hand.
+
+Issue 11 asks that the adapter's build stay within 2x of the hand-written tensor expression, eager and compiled.
+Three query-dependent masks, each on two batches:
+
+- window:   causal sliding window of 256 keys        (kv <= q) & (q - kv < 256)
+- prefix:   prefix-LM, the first 25% of each sequence bidirectional, the rest causal
+- document: 4 documents per packed sequence, causal inside each document
+
+- one:      a single 4096 x 4096 sequence (issue 11's build example)
+- prefill:  issue 11's prefill shape, B = 8 sequences of 512-4096 tokens (seeded), queries = keys
+
+The hand-written tensor builds the same (total_q, 1, max_seqlen_k) bool tensor from per-row facts (the row's
+position, its sequence's length, prefix and document ids), False past each sequence's keys; both are checked equal.
+Times are medians of --reps calls after a warm-up (compiled: after compiling, torch.compile(dynamic=True)).
+
+    python tools/bench_query_mask_build.py [--device cpu] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+
+WINDOW = 256
+DOCUMENTS = 4
+
+
+def batches(device):
+    g = torch.Generator().manual_seed(0)
+    prefill = torch.randint(512, 4097, (8,), generator=g).tolist()
+    return {"one": [4096], "prefill": prefill}
+
+
+class Facts:
+    """Per-row and per-key facts of a packed batch (queries = keys per sequence), on `device`."""
+
+    def __init__(self, lengths, device):
+        self.lengths = lengths
+        self.total, self.width = sum(lengths), max(lengths)
+        self.cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+        rows = [torch.arange(n) for n in lengths]
+        self.pos = torch.cat(rows).to(device)  # (T,) position of each row (and key) in its sequence
+        self.len = torch.cat([torch.full((n,), n) for n in lengths]).to(device)  # (T,) its sequence's length
+        self.prefix_per_seq = torch.tensor([n // 4 for n in lengths], device=device)  # (B,)
+        self.prefix = torch.cat([torch.full((n,), n // 4) for n in lengths]).to(device)  # (T,)
+        # document id of each packed token: DOCUMENTS equal parts of its sequence
+        self.doc = torch.cat([torch.arange(n) * DOCUMENTS // n for n in lengths]).to(device)  # (T,)
+        doc_padded = torch.full((len(lengths), self.width), -1, device=device)
+        for b, n in enumerate(lengths):
+            doc_padded[b, :n] = torch.arange(n, device=device) * DOCUMENTS // n
+        seq = torch.cat([torch.full((n,), b) for b, n in enumerate(lengths)]).to(device)
+        self.doc_of_key = doc_padded[seq]  # (T, width): document of key j of each row's sequence
+
+
+def mask_mods(f: Facts):
+    def window(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < WINDOW)
+
+    def prefix(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) | (kv_idx < f.prefix_per_seq[b])
+
+    def document(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (f.doc[f.cu[b] + kv_idx] == f.doc[f.cu[b] + q_idx])
+
+    return {"window": window, "prefix": prefix, "document": document}
+
+
+def hand_written(name, pos, length, prefix, doc, doc_of_key, width, uniform):
+    """The same tensor from per-row facts: (T, 1, width) bool; uniform: every sequence has width keys."""
+    i, n = pos.view(-1, 1, 1), length.view(-1, 1, 1)
+    j = torch.arange(width, device=pos.device).view(1, 1, width)
+    if name == "window":
+        m = (j <= i) & (i - j < WINDOW)
+    elif name == "prefix":
+        m = (j <= i) | (j < prefix.view(-1, 1, 1))
+    else:
+        m = (j <= i) & (doc_of_key.unsqueeze(1) == doc.view(-1, 1, 1))
+    return m if uniform else m & (j < n)  # False past each sequence's keys, where a sequence is shorter
+
+
+def median_ms(fn, reps):
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true", help="eager only")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import dmattn_ops
+
+    device = torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    rows = []
+    for batch_name, lengths in batches(device).items():
+        f = Facts(lengths, device)
+        mods = mask_mods(f)
+        for name, mod in mods.items():
+            def adapter(cu, total, width, mod=mod):
+                return dmattn_ops.create_mask(mod, cu, cu, width, width, 8, total_q=total, total_k=total)
+
+            def hand(pos, length, prefix, doc, doc_of_key, width, name=name, uniform=len(set(lengths)) == 1):
+                return hand_written(name, pos, length, prefix, doc, doc_of_key, width, uniform)
+
+            hand_args = (f.pos, f.len, f.prefix, f.doc, f.doc_of_key, f.width)
+            adapter_args = (f.cu, f.total, f.width)
+            built = adapter(*adapter_args)
+            assert built.shape == (f.total, 1, f.width), built.shape
+            assert torch.equal(built, hand(*hand_args)), f"{batch_name} / {name}: the two builds differ"
+            modes = [("eager", adapter, hand)]
+            if not args.no_compile:
+                torch._dynamo.reset()
+                modes.append(("compiled", torch.compile(adapter, dynamic=True), torch.compile(hand, dynamic=True)))
+            for mode, a_fn, h_fn in modes:
+                a_ms = median_ms(lambda: (a_fn(*adapter_args), sync()), args.reps)
+                h_ms = median_ms(lambda: (h_fn(*hand_args), sync()), args.reps)
+                row = dict(batch=batch_name, lengths=lengths, mask=name, mode=mode, adapter_ms=a_ms,
+                           hand_written_ms=h_ms, ratio=a_ms / h_ms, entries=f.total * f.width)
+                rows.append(row)
+                print(f"{batch_name:8s} {name:9s} {mode:9s} create_mask {a_ms:8.1f} ms   hand-written {h_ms:8.1f} ms"
+                      f"   ratio {a_ms / h_ms:5.2f}")
+    worst = max(r["ratio"] for r in rows)
+    print(f"worst ratio {worst:.2f} (issue 11: <= 2)")
+    if args.json:
+        bc.write_json(args.json, dict(
+            rows=rows, worst_ratio=worst, target="create_mask <= 2x the hand-written tensor expression (issue 11)",
+            environment=bc.environment(device, os.path.join(os.path.dirname(__file__), "..")),
+            dmattn_build=dmattn_ops.build_info(), command=" ".join(sys.argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
