@@ -1,4 +1,4 @@
-// schema.cpp: the op schema, defined once. Backends register their kernels in their own files
+// schema.cpp: the op schemas (the forward and its backward), defined once. Backends register their kernels in their own files
 // (csrc/cpu/varlen_fwd_cpu.cpp, csrc/cuda/varlen_fwd_cuda.cpp); the fake (meta) implementation and the layout
 // rules live in meta/ (installed as dmattn_ops._meta).
 #include <Python.h>
@@ -18,4 +18,11 @@ TORCH_LIBRARY(dmattn, m) {
       "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "SymInt max_seqlen_q, SymInt max_seqlen_k, Tensor? mask=None, Tensor? bias=None, "
       "float? softmax_scale=None, bool is_causal=False) -> (Tensor out, Tensor softmax_lse)");
+  // The gradients of varlen_fwd, given its inputs, its outputs and the gradients of its outputs (dsoftmax_lse may be
+  // empty: no gradient through softmax_lse). dbias is empty unless bias_grad; the mask has no gradient.
+  m.def(
+      "varlen_bwd(Tensor dout, Tensor dsoftmax_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, Tensor? mask=None, "
+      "Tensor? bias=None, float? softmax_scale=None, bool is_causal=False, bool bias_grad=False) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
 }

@@ -160,6 +160,30 @@ void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type) {
   }
 }
 
+void check_bwd_args(const VarlenFwdArgs& a, const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& out,
+                    const at::Tensor& lse) {
+  constexpr const char* kBwd = "dmattn.varlen_bwd: ";
+  const at::Tensor& q = a.q;
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"dout", &dout}, {"out", &out}}) {
+    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), kBwd, name, " must have q's shape ", tuple_str(q.sizes()), ", got ",
+                      tuple_str(t->sizes()));
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), kBwd, name, " must have q's dtype ",
+                     dtype_name(q.scalar_type()), ", got ", dtype_name(t->scalar_type()));
+    TORCH_CHECK_VALUE(t->device() == q.device(), kBwd, name, " must be on q's device ", q.device(), ", got ",
+                      t->device());
+  }
+  const std::vector<int64_t> lse_shape{q.size(1), q.size(0)};
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"softmax_lse", &lse}, {"dsoftmax_lse", &dlse}}) {
+    if (t == &dlse && dlse.numel() == 0) continue;  // no gradient through softmax_lse
+    TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(lse_shape), kBwd, name, " must have shape (H, total_q) = ",
+                      tuple_str(lse_shape), ", got ", tuple_str(t->sizes()));
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, kBwd, name, " must be float32, got ",
+                     dtype_name(t->scalar_type()));
+    TORCH_CHECK_VALUE(t->device() == q.device(), kBwd, name, " must be on q's device ", q.device(), ", got ",
+                      t->device());
+  }
+}
+
 double resolve_softmax_scale(std::optional<double> softmax_scale, int64_t head_dim) {
   return softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(head_dim, 1)));
 }

@@ -32,6 +32,11 @@ struct VarlenFwdArgs {
 // tests/test_errors.py holds the two to one text for every case.
 void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type);
 
+// The extra arguments of dmattn::varlen_bwd, checked after check_args: dout and out of q's shape and dtype,
+// softmax_lse (H, total_q) float32, dsoftmax_lse the same or empty (no gradient through it), all on q's device.
+void check_bwd_args(const VarlenFwdArgs& a, const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& out,
+                    const at::Tensor& lse);
+
 // softmax_scale, or its default 1 / sqrt(D) for the caller's head dim D (before any padding a backend applies).
 double resolve_softmax_scale(std::optional<double> softmax_scale, int64_t head_dim);
 

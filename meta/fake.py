@@ -1,4 +1,4 @@
-"""The fake (meta) implementation of ``dmattn::varlen_fwd`` and its autograd guard.
+"""The fake (meta) implementations of ``dmattn::varlen_fwd`` and ``dmattn::varlen_bwd``, and the autograd of the former.
 
 The fake impl runs ``rules.check_varlen_fwd``, the rules the op's C++ binding applies in eager mode, with the same
 messages, so a bad call fails with the same message under ``torch.compile`` / ``torch.export`` as in eager mode; it
@@ -22,15 +22,45 @@ def _varlen_fwd_fake(
     return q.new_empty(out_shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
+@torch.library.register_fake("dmattn::varlen_bwd")
+def _varlen_bwd_fake(
+    dout, dsoftmax_lse, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=None,
+    bias=None, softmax_scale=None, is_causal=False, bias_grad=False,
+):
+    rules.check_varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal
+    )
+    rules.check_varlen_bwd(q, dout, dsoftmax_lse, out, softmax_lse)
+    dbias = bias.new_empty(bias.shape) if bias is not None and bias_grad else q.new_empty((0,), dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+
+
+# Autograd of varlen_fwd: the gradients come from dmattn::varlen_bwd (a CPU kernel so far; CUDA raises
+# NotImplementedError). q, k, v and the bias get gradients; the mask, cu_seqlens and the ints do not. A bias that
+# does not require grad costs nothing (bias_grad=False).
+_BIAS_INPUT = 8  # position of bias among varlen_fwd's inputs
+
+
 def _setup_context(ctx, inputs, output):
-    pass
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal = inputs
+    out, softmax_lse = output
+    ctx.save_for_backward(q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, mask, bias)
+    ctx.max_seqlen = (max_seqlen_q, max_seqlen_k)
+    ctx.softmax_scale, ctx.is_causal = softmax_scale, is_causal
 
 
 def _backward(ctx, grad_out, grad_lse):
-    raise NotImplementedError(
-        f"{rules.OP} has no backward yet: it is a forward-only (inference) op. Run it under torch.no_grad(), or "
-        "detach its inputs, if no gradient is needed."
+    q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, mask, bias = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if grad_lse is None:
+        grad_lse = softmax_lse.new_empty((0,))
+    bias_grad = bias is not None and ctx.needs_input_grad[_BIAS_INPUT]
+    dq, dk, dv, dbias = torch.ops.dmattn.varlen_bwd(
+        grad_out, grad_lse, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlen, mask, bias,
+        ctx.softmax_scale, ctx.is_causal, bias_grad,
     )
+    return dq, dk, dv, None, None, None, None, None, dbias if bias_grad else None, None, None
 
 
 torch.library.register_autograd("dmattn::varlen_fwd", _backward, setup_context=_setup_context)

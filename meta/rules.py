@@ -342,6 +342,29 @@ def check_varlen_fwd(
     )
 
 
+def check_varlen_bwd(q, dout, dsoftmax_lse, out, softmax_lse):
+    """The extra arguments of dmattn::varlen_bwd, after check_varlen_fwd on the forward's: the rules (and messages) of
+    check_bwd_args in csrc/tensors_to_params.cpp."""
+    prefix = "dmattn.varlen_bwd: "
+    for name, t in (("dout", dout), ("out", out)):
+        if tuple(t.shape) != tuple(q.shape):
+            raise ValueError(f"{prefix}{name} must have q's shape {_shape(q)}, got {_shape(t)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{prefix}{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{prefix}{name} must be on q's device {q.device}, got {t.device}")
+    lse_shape = (_n(q.shape[1]), _n(q.shape[0]))
+    for name, t in (("softmax_lse", softmax_lse), ("dsoftmax_lse", dsoftmax_lse)):
+        if name == "dsoftmax_lse" and t.numel() == 0:
+            continue  # no gradient through softmax_lse
+        if _shape(t) != lse_shape:
+            raise ValueError(f"{prefix}{name} must have shape (H, total_q) = {lse_shape}, got {_shape(t)}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{prefix}{name} must be float32, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{prefix}{name} must be on q's device {q.device}, got {t.device}")
+
+
 def output_shapes(q):
     """out (total_q, H, D) in q's dtype and softmax_lse (H, total_q) float32, both contiguous."""
     total_q, num_heads, head_dim = q.shape

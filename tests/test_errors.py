@@ -387,15 +387,49 @@ class TestCheckCuSeqlens(ErrorTestCase):
 
 
 class TestBackward(ErrorTestCase):
-    def test_backward_raises_not_implemented(self):
+    """dmattn::varlen_bwd checks its extra arguments (dout, out, softmax_lse, dsoftmax_lse) in C++ for raw calls and
+    in meta/rules.py while tracing, with one text; gradients themselves are tests/test_backward.py's."""
+
+    BWD_CASES = {
+        "dout_shape": dict(dout=torch.randn(TOTAL_Q, H, D + 1)),
+        "out_dtype": dict(out=torch.randn(TOTAL_Q, H, D, dtype=torch.float64)),
+        "lse_shape": dict(softmax_lse=torch.randn(TOTAL_Q, H)),
+        "dlse_dtype": dict(dsoftmax_lse=torch.randn(H, TOTAL_Q, dtype=torch.float16)),
+    }
+
+    @staticmethod
+    def bwd_args(**changes):
+        args = valid_args()
+        bwd = dict(dout=torch.randn(TOTAL_Q, H, D), dsoftmax_lse=torch.empty(0), out=torch.randn(TOTAL_Q, H, D),
+                   softmax_lse=torch.randn(H, TOTAL_Q))
+        bwd.update(changes)
+        return (bwd["dout"], bwd["dsoftmax_lse"], args["q"], args["k"], args["v"], bwd["out"], bwd["softmax_lse"],
+                args["cu_seqlens_q"], args["cu_seqlens_k"], args["max_seqlen_q"], args["max_seqlen_k"])
+
+    def test_backward_runs(self):
         args = valid_args()
         args["q"].requires_grad_()
-        out = call_api(args)
-        self.assertTrue(out.requires_grad)
-        with self.assertRaises(NotImplementedError) as ctx:
-            out.sum().backward()
-        self.assertExpectedInline(str(ctx.exception), """dmattn.varlen_fwd has no backward yet: it is a forward-only (inference) op. Run it under torch.no_grad(), or detach its inputs, if no gradient is needed.""")
-        self.assertIsNone(args["q"].grad)
+        call_api(args).sum().backward()
+        self.assertEqual(args["q"].grad.shape, (TOTAL_Q, H, D))
+
+    def test_bad_backward_arguments_same_message_eager_and_traced(self):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        for case, change in self.BWD_CASES.items():
+            with self.subTest(case=case):
+                with self.assertRaises((ValueError, TypeError)) as eager:
+                    torch.ops.dmattn.varlen_bwd(*self.bwd_args(**change))
+                with FakeTensorMode() as mode:
+                    fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in self.bwd_args(**change)]
+                    with self.assertRaises((ValueError, TypeError)) as traced:
+                        torch.ops.dmattn.varlen_bwd(*fake)
+                self.assertIs(type(eager.exception), type(traced.exception))
+                self.assertEqual(str(eager.exception), str(traced.exception))
+
+    def test_bad_dout_message(self):
+        with self.assertRaises(ValueError) as ctx:
+            torch.ops.dmattn.varlen_bwd(*self.bwd_args(**self.BWD_CASES["dout_shape"]))
+        self.assertExpectedInline(str(ctx.exception), """dmattn.varlen_bwd: dout must have q's shape (5, 4, 8), got (5, 4, 9)""")
 
     def test_no_grad_runs(self):
         args = valid_args()

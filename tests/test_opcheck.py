@@ -24,3 +24,15 @@ def test_opcheck(spec, device):
         pytest.skip(support_reason(spec, spec.dtypes[0], device))
     sample = make_sample(spec, dtype, device)
     torch.library.opcheck(torch.ops.dmattn.varlen_fwd.default, sample.args())
+
+
+@pytest.mark.parametrize("spec", SAMPLES, ids=lambda s: s.name)
+def test_opcheck_with_gradients(spec):
+    """The same checks with q, k, v and the bias requiring grad (CPU: the backward's only kernel so far): the
+    autograd registration, and AOT dispatch with dynamic shapes through the backward (dmattn::varlen_bwd, its fake
+    and its kernel) against eager."""
+    sample = make_sample(spec, torch.float32, "cpu")
+    leaves = {name: getattr(sample, name).detach().clone().requires_grad_() for name in ("q", "k", "v")}
+    if sample.bias is not None:
+        leaves["bias"] = sample.bias.detach().clone().requires_grad_()
+    torch.library.opcheck(torch.ops.dmattn.varlen_fwd.default, sample.replace(**leaves).args())

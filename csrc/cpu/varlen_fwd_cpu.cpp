@@ -1,7 +1,8 @@
-// varlen_fwd_cpu.cpp: registers the CPU kernel of dmattn::varlen_fwd.
+// varlen_fwd_cpu.cpp: registers the CPU kernels of dmattn::varlen_fwd and of its backward, dmattn::varlen_bwd.
 //
 // Validates once (tensors_to_params.cpp, plus the cu_seqlens data checks that are cheap here), lists the work items
-// (sequence, KV group heads, query block) and runs them with at::parallel_for.
+// (sequence, KV group heads, query block) and runs them with at::parallel_for. The backward runs one sequence per
+// work item on float32 copies of its inputs (varlen_bwd_cpu_kernel.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "../tensors_to_params.h"
+#include "varlen_bwd_cpu_kernel.h"
 #include "varlen_fwd_cpu_kernel.h"
 
 namespace dmattn {
@@ -71,7 +73,53 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
   return {out, lse};
 }
 
+// float32, contiguous: what the backward kernel reads.
+at::Tensor as_float32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& bias, std::optional<double> softmax_scale, bool is_causal, bool bias_grad) {
+  const VarlenFwdArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           mask, bias, softmax_scale, is_causal};
+  check_args(args, c10::DeviceType::CPU);
+  check_bwd_args(args, dout, dlse, out, lse);
+  check_cu_seqlens_data("cu_seqlens_q", cu_seqlens_q, q.size(0), max_seqlen_q, "total_q", "max_seqlen_q");
+  check_cu_seqlens_data("cu_seqlens_k", cu_seqlens_k, k.size(0), max_seqlen_k, "total_k", "max_seqlen_k");
+
+  const auto f64 = q.options().dtype(at::kDouble);
+  at::Tensor dq = at::zeros(q.sizes(), f64), dk = at::zeros(k.sizes(), f64), dv = at::zeros(v.sizes(), f64);
+  const std::optional<at::Tensor> bias32 = bias ? std::optional<at::Tensor>(as_float32(*bias)) : std::nullopt;
+  at::Tensor dbias = bias && bias_grad ? at::zeros(bias->sizes(), f64) : at::empty({0}, f64);
+  if (q.numel() > 0 && k.numel() > 0) {
+    const at::Tensor q32 = as_float32(q), k32 = as_float32(k), v32 = as_float32(v), dout32 = as_float32(dout);
+    at::Tensor out32 = as_float32(out), lse32 = lse.contiguous();
+    const at::Tensor dlse32 = dlse.numel() > 0 ? dlse.contiguous() : dlse;
+    const VarlenFwdArgs args32{q32, k32, v32, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               mask, bias32, softmax_scale, is_causal};
+    VarlenBwdParams p;
+    p.fwd = make_params(args32, out32, lse32);
+    p.dout = dout32.data_ptr<float>();
+    p.dout_row_stride = dout32.stride(0);
+    p.dout_head_stride = dout32.stride(1);
+    p.dlse = dlse32.numel() > 0 ? dlse32.data_ptr<float>() : nullptr;
+    p.dq = dq.data_ptr<double>();
+    p.dk = dk.data_ptr<double>();
+    p.dv = dv.data_ptr<double>();
+    p.dbias = dbias.numel() > 0 ? dbias.data_ptr<double>() : nullptr;  // laid out like bias32: contiguous
+    at::parallel_for(0, p.fwd.batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) cpu::varlen_bwd_sequence(p, static_cast<int32_t>(b));
+    });
+  }
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()),
+          bias && bias_grad ? dbias.to(bias->scalar_type()) : dbias.to(at::kFloat)};
+}
+
 }  // namespace
 }  // namespace dmattn
 
-TORCH_LIBRARY_IMPL(dmattn, CPU, m) { m.impl("varlen_fwd", &dmattn::varlen_fwd_cpu); }
+TORCH_LIBRARY_IMPL(dmattn, CPU, m) {
+  m.impl("varlen_fwd", &dmattn::varlen_fwd_cpu);
+  m.impl("varlen_bwd", &dmattn::varlen_bwd_cpu);
+}

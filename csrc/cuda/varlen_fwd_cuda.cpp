@@ -88,7 +88,19 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
   return {out, lse};
 }
 
+// The backward has a CPU kernel only so far (issue 14): a clear error instead of the dispatcher's "could not run".
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, std::optional<double>, bool, bool) {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "dmattn.varlen_bwd: the backward has no CUDA kernel yet, only a CPU one; ",
+                              "run the training step on CPU tensors, or the forward under torch.no_grad()");
+}
+
 }  // namespace
 }  // namespace dmattn
 
-TORCH_LIBRARY_IMPL(dmattn, CUDA, m) { m.impl("varlen_fwd", &dmattn::varlen_fwd_cuda); }
+TORCH_LIBRARY_IMPL(dmattn, CUDA, m) {
+  m.impl("varlen_fwd", &dmattn::varlen_fwd_cuda);
+  m.impl("varlen_bwd", &dmattn::varlen_bwd_cuda);
+}

@@ -1,0 +1,205 @@
+"""The backward of dmattn.varlen_fwd (issue 14; a CPU kernel so far, CUDA raises NotImplementedError).
+
+- Gradients of q, k, v and the bias for every sample of tests/samples.py (every layout and head broadcast of mask and
+  bias, causal, GQA / MQA, empty sequences, fully masked rows, -inf biases, odd head dims), in every dtype, against
+  the float64 reference differentiated by autograd, by the forward's accuracy rule: at most 2x the error of the same
+  reference run in the inputs' dtype, plus a few ulps. The loss weighs both outputs (out and softmax_lse), so the
+  gradient through softmax_lse is checked too.
+- Keys a mask removes get dk = dv = 0 and a bias gradient of 0; rows with no visible key produce no NaN.
+- A bias that does not require grad is not differentiated (varlen_bwd's bias_grad is False).
+- A compiled training step (fullgraph, dynamic) is one graph across batch shapes and matches eager.
+- Deterministic: two runs give the same bits (torch.use_deterministic_algorithms(True) is accepted).
+"""
+
+import math
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import dmattn_ops
+from dmattn_ops.reference import reference_varlen_attention
+from samples import ALL_DTYPES, SAMPLES, Sample, _atol, make_sample, support_reason
+
+DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in ALL_DTYPES]
+SAMPLE_IDS = [s.name for s in SAMPLES]
+
+
+def _differentiable(sample: Sample):
+    """Leaf copies of the sample's float inputs (q, k, v and a bias), requiring grad, and the sample using them."""
+    leaves = {name: getattr(sample, name).detach().clone().requires_grad_() for name in ("q", "k", "v")}
+    if sample.bias is not None:
+        leaves["bias"] = sample.bias.detach().clone().requires_grad_()
+    return leaves, sample.replace(**leaves)
+
+
+def _loss(out, lse, seed):
+    """A fixed random weighting of out and of the finite entries of softmax_lse (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    u = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    finite = lse.detach().isfinite()
+    return (out.double() * w).sum() + (torch.where(finite, lse.double(), 0.0) * u).sum()
+
+
+def _gradients(sample: Sample, compute, seed=1):
+    leaves, s = _differentiable(sample)
+    out, lse = compute(s)
+    # + 0 * each input: calls with no query or no key have outputs that do not depend on the inputs at all
+    loss = _loss(out, lse, seed) + sum(0.0 * t.sum() for t in leaves.values())
+    loss.backward()
+    return {name: t.grad for name, t in leaves.items()}
+
+
+def _op(s: Sample):
+    return s.run()
+
+
+def _reference(dtype):
+    def compute(s: Sample):
+        return reference_varlen_attention(
+            s.q, s.k, s.v, s.cu_seqlens_q, s.cu_seqlens_k, s.max_seqlen_q, s.max_seqlen_k, mask=s.mask, bias=s.bias,
+            softmax_scale=s.softmax_scale, is_causal=s.is_causal, dtype=dtype,
+        )
+
+    return compute
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", SAMPLES, ids=SAMPLE_IDS)
+def test_gradients_match_reference(spec, dtype):
+    reason = support_reason(spec, dtype, "cpu")
+    if reason:
+        pytest.skip(reason)
+    sample = make_sample(spec, dtype, "cpu")
+    got = _gradients(sample, _op)
+    want = _gradients(sample, _reference(torch.float64))
+    base = _gradients(sample, _reference(dtype))  # "a PyTorch implementation in the same dtype"
+    for name, g in got.items():
+        assert g is not None and g.dtype == getattr(sample, name).dtype, f"d{name}: missing or of the wrong dtype"
+        assert g.isfinite().all(), f"d{name} has inf / NaN"
+        ref = want[name]
+        usable = ref.isfinite()  # the reference's own autograd gives NaN through rows whose scores are all -inf
+        if not usable.any():
+            continue
+        err = (g.double() - ref)[usable].abs().max().item()
+        base_err = (base[name].double() - ref)[usable].abs().nan_to_num(math.inf).max().item()
+        atol = _atol(g.dtype, ref[usable].abs().max().item())
+        assert err <= 2 * base_err + atol, (
+            f"d{name}: max error {err:.3g} vs the float64 reference exceeds 2 x {base_err:.3g} (PyTorch in {dtype}) "
+            f"+ atol {atol:.3g}"
+        )
+
+
+def test_masked_keys_get_no_gradient():
+    """A key-side mask that removes some keys for every head: those keys' dk, dv and bias gradient are exactly 0."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [6, 9]
+    q = torch.randn(4, 4, 8, generator=g, requires_grad=True)
+    k = torch.randn(15, 2, 8, generator=g, requires_grad=True)
+    v = torch.randn(15, 2, 8, generator=g, requires_grad=True)
+    bias = torch.randn(15, 1, generator=g, requires_grad=True)
+    mask = torch.rand(15, 1, generator=g) > 0.5
+    out = dmattn_ops.varlen_attention(q, k, v, dmattn_ops.cu_seqlens([2, 2]), dmattn_ops.cu_seqlens(lengths), 2, 9,
+                                      mask=mask, bias=bias)
+    out.pow(2).sum().backward()
+    removed = ~mask[:, 0]
+    assert removed.any() and (~removed).any()
+    assert (k.grad[removed] == 0).all() and (v.grad[removed] == 0).all() and (bias.grad[removed] == 0).all()
+    assert (v.grad[~removed] != 0).any()
+
+
+def test_rows_with_no_visible_key_give_no_nan():
+    """Causal with more queries than keys leaves the first queries without a key (out 0, lse -inf): their gradients
+    are 0 and nothing is NaN, whatever weight the loss gives their lse."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 2, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 8, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 8, generator=g, requires_grad=True)
+    out, lse = dmattn_ops.varlen_attention(q, k, v, dmattn_ops.cu_seqlens([5]), dmattn_ops.cu_seqlens([2]), 5, 2,
+                                           is_causal=True, return_lse=True)
+    assert (lse[:, :3] == -math.inf).all()
+    (out.sum() + torch.where(lse.isfinite(), lse, 0.0).sum()).backward()
+    for t in (q, k, v):
+        assert t.grad.isfinite().all()
+    assert (q.grad[:3] == 0).all()
+
+
+def test_frozen_bias_is_not_differentiated(monkeypatch):
+    """A bias that does not require grad: varlen_bwd is called with bias_grad=False and returns no bias gradient."""
+    calls = []
+    real = torch.ops.dmattn.varlen_bwd
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args[-1])
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.dmattn, "varlen_bwd", Spy())
+    sample = make_sample(SAMPLES[SAMPLE_IDS.index("key_bias_H")], torch.float32, "cpu")
+    q = sample.q.detach().clone().requires_grad_()
+    out, _ = sample.replace(q=q).run()
+    out.sum().backward()
+    assert calls == [False] and q.grad is not None
+
+
+def test_deterministic():
+    """Every gradient element is summed by one work item in a fixed order, whatever the thread count: two runs give
+    the same bits, with torch.use_deterministic_algorithms(True) on (which the CPU backward accepts)."""
+    sample = make_sample(SAMPLES[SAMPLE_IDS.index("long_sequences")], torch.float32, "cpu")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [_gradients(sample, _op) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), f"d{name} differs between runs"
+
+
+def _step_batch(seqlens_q, seqlens_k, seed):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        q=torch.randn(sum(seqlens_q), 4, 16, generator=g),
+        k=torch.randn(sum(seqlens_k), 2, 16, generator=g),
+        v=torch.randn(sum(seqlens_k), 2, 16, generator=g),
+        cu_seqlens_q=dmattn_ops.cu_seqlens(seqlens_q),
+        cu_seqlens_k=dmattn_ops.cu_seqlens(seqlens_k),
+        max_seqlen_q=max(seqlens_q),
+        max_seqlen_k=max(seqlens_k),
+        gate=torch.randn(sum(seqlens_k), 2, generator=g),
+    )
+
+
+def _loss_of_step(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, gate, weight):
+    """A learnable key-side gate: its scaled score is the bias, its sign the mask; the loss depends on the output."""
+    out = dmattn_ops.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      mask=gate > -1.0, bias=gate * weight, is_causal=True)
+    return out.pow(2).mean()
+
+
+def test_compiled_training_step_is_one_graph():
+    """The loss compiled (fullgraph, dynamic) across three batch shapes is one graph, and its backward (AOTAutograd,
+    through dmattn::varlen_bwd) gives eager's gradients."""
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(_loss_of_step, backend=counter, fullgraph=True, dynamic=True)
+    for seed, (lq, lk) in enumerate([((3, 2), (5, 4)), ((2, 4, 3), (6, 7, 5)), ((5, 3, 2, 4), (9, 8, 7, 6))]):
+        grads = []
+        for fn in (compiled, _loss_of_step):
+            batch = _step_batch(lq, lk, seed)
+            leaves = [batch[name].requires_grad_() for name in ("q", "k", "v")]
+            weight = torch.tensor(0.5, requires_grad=True)
+            fn(**batch, weight=weight).backward()
+            grads.append([t.grad for t in (*leaves, weight)])
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert counter.frame_count == 1
+
+
+def test_cuda_backward_raises_not_implemented(cuda_device):
+    q = torch.randn(3, 2, 64, device=cuda_device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(4, 2, 64, device=cuda_device, dtype=torch.bfloat16)
+    out = dmattn_ops.varlen_attention(q, k, k, dmattn_ops.cu_seqlens([3], device=cuda_device),
+                                      dmattn_ops.cu_seqlens([4], device=cuda_device), 3, 4)
+    with pytest.raises(NotImplementedError, match="no CUDA kernel yet"):
+        out.float().sum().backward()
