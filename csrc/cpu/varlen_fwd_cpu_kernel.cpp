@@ -418,7 +418,26 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
   // 1. Candidate keys: visible to at least one row. All other keys cost nothing.
   s.keys.clear();
   const int64_t key_end = std::min(max_visible, item.key_end);
+  // A query-side mask read row by row: each distinct (query, mask head) row of the item ORs its visible mask
+  // bytes into `seen`, one sequential pass over the row, instead of asking every row about every key (which cost
+  // rows x keys scattered reads: a 256-key window over 2048 keys ran at 1.3x causal instead of 4x).
+  const bool query_rows_first = query_mask && !key_mask && key_end > item.key_begin;
+  if (query_rows_first) {
+    s.seen.assign(key_end - item.key_begin, 0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int32_t h = head_of(r);
+      if (r >= nq && h / p.mask.head_group == (h - 1) / p.mask.head_group) continue;  // the previous head's row
+      const int64_t start = p.mask.row_start(query_row(r), h);
+      const int64_t end = std::min(visible[r % nq], key_end);
+      const uint8_t* bytes = static_cast<const uint8_t*>(p.mask.ptr);
+      for (int64_t j = item.key_begin; j < end; ++j) s.seen[j - item.key_begin] |= bytes[p.mask.column(start, j)];
+    }
+  }
   for (int64_t j = item.key_begin; j < key_end; ++j) {
+    if (query_rows_first) {
+      if (s.seen[j - item.key_begin]) s.keys.push_back(j);
+      continue;
+    }
     if (shared_key_mask && !mask_at(p.mask, key_rows.row(j), item.head_begin, 0)) continue;
     if (!shared_key_mask && (key_mask || query_mask)) {
       bool any = false;

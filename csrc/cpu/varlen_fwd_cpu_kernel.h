@@ -70,6 +70,7 @@ struct Scratch {
   std::vector<float> scores;  // (rows, kKeyChunk)
   std::vector<float> acc;     // (rows, D) running P . V
   std::vector<int64_t> keys;  // candidate key positions inside the sequence
+  std::vector<uint8_t> seen;  // (keys in the item's range) whether some row's query-side mask keeps each key
 };
 
 // Runs one work item; a split item writes its partial result into partials (see SplitCombine).
