@@ -503,16 +503,20 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
       if (!per_row_checks) continue;
       const int32_t h = head_of(r);
       const int64_t qrow = query_row(r);
+      // This row's start in a query-side mask / bias (ScoreOperand::row_start), once; then a column per key.
+      const int64_t mask_start = query_mask ? p.mask.row_start(qrow, h) : 0;
+      const bool key_side_bias = p.bias.layout == OperandLayout::kKeySide;
+      const int64_t bias_start = p.bias.present() && !key_side_bias ? p.bias.row_start(qrow, h) : 0;
       for (int64_t c = 0; c < cn; ++c) {
         const int64_t j = keys[c];
         if (sr[c] == kNegInf && j >= limit) continue;
         const bool keep = (!key_mask || shared_key_mask || mask_at(p.mask, key_rows.row(j), h, 0)) &&
-                          (!query_mask || mask_at(p.mask, qrow, h, j));
+                          (!query_mask || p.mask.mask_allows(p.mask.column(mask_start, j)));
         if (!keep) {
           sr[c] = kNegInf;
         } else if (p.bias.present() && !shared_key_bias) {
-          const bool key_side = p.bias.layout == OperandLayout::kKeySide;
-          sr[c] += bias_at(p.bias, key_side ? key_rows.row(j) : qrow, h, key_side ? 0 : j);
+          sr[c] += key_side_bias ? bias_at(p.bias, key_rows.row(j), h, 0)
+                                 : load_scalar(p.bias.ptr, p.bias.column(bias_start, j), p.bias.dtype);
         }
       }
     }
