@@ -1,17 +1,23 @@
 // varlen_bwd_cpu_kernel.cpp: see varlen_bwd_cpu_kernel.h.
 #include "varlen_bwd_cpu_kernel.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
-#include <algorithm>
+#include <vector>
 
 namespace dmattn::cpu {
 namespace {
 
+// Four independent sums, so the compiler can keep several lanes busy without reassociating one sum.
 double dot(const float* a, const float* b, int64_t n) {
-  double s = 0.0;
-  for (int64_t d = 0; d < n; ++d) s += static_cast<double>(a[d]) * b[d];
-  return s;
+  double s[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t d = 0;
+  for (; d + 4 <= n; d += 4) {
+    for (int u = 0; u < 4; ++u) s[u] += static_cast<double>(a[d + u]) * b[d + u];
+  }
+  for (; d < n; ++d) s[0] += static_cast<double>(a[d]) * b[d];
+  return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
 void axpy(double alpha, const float* x, double* y, int64_t n) {
@@ -37,6 +43,11 @@ void varlen_bwd_sequence(const VarlenBwdParams& bp, int32_t b) {
   const float* out = static_cast<const float*>(p.out);
   const float* dout = static_cast<const float*>(bp.dout);
 
+  struct Visited {
+    int64_t row, bias_element;
+    double score, dp;  // scale * q . k + bias, and dout . v
+  };
+  std::vector<Visited> visited;
   for (int32_t h = 0; h < p.num_heads; ++h) {
     const int32_t hk = h / group;
     for (int64_t i = 0; i < sq.len; ++i) {
@@ -48,7 +59,7 @@ void varlen_bwd_sequence(const VarlenBwdParams& bp, int32_t b) {
       double* dq_i = bp.dq + (row * p.num_heads + h) * D;
       int64_t visible = sk.len;
       if (p.is_causal) visible = std::max<int64_t>(0, std::min(causal_visible_keys(i, sq.len, sk.len), sk.len));
-      // Calls f(key row, bias element, score) for every key the row can see.
+      // Calls f(key row, bias element, score) for every key the row can see (pass 1; pass 2 replays what it kept).
       auto for_each_visible_key = [&](auto&& f) {
         for (int64_t j = 0; j < visible; ++j) {
           const int64_t key = key_rows.row(j);
@@ -69,9 +80,11 @@ void varlen_bwd_sequence(const VarlenBwdParams& bp, int32_t b) {
       // than read from the forward's float32 lse and rounded out (whose rounding, in dp - delta, would dominate the
       // error of every gradient).
       double max = -std::numeric_limits<double>::infinity(), sum = 0.0, weighted_dp = 0.0;
-      for_each_visible_key([&](int64_t key, int64_t, double s) {
-        if (s == -std::numeric_limits<double>::infinity()) return;
+      visited.clear();
+      for_each_visible_key([&](int64_t key, int64_t bias_element, double s) {
+        if (s == -std::numeric_limits<double>::infinity()) return;  // weight 0: nothing flows through this key
         const double dp = dot(do_i, v + key * p.v_row_stride + hk * p.v_head_stride, D);
+        visited.push_back({key, bias_element, s, dp});
         if (s > max) {
           const double shrink = std::exp(max - s);
           sum *= shrink;
@@ -85,18 +98,16 @@ void varlen_bwd_sequence(const VarlenBwdParams& bp, int32_t b) {
       // A NaN row of the forward (a NaN or +inf score) keeps NaN gradients.
       const double lse = std::isnan(lse_fwd) ? lse_fwd : max + std::log(sum);
       const double delta = weighted_dp / sum - (bp.dlse ? bp.dlse[h * p.total_q + row] : 0.f);
-      // Pass 2: the gradients.
-      for_each_visible_key([&](int64_t key, int64_t bias_element, double s) {
-        const double w = std::exp(s - lse);
-        if (w == 0.0) return;  // weight 0: nothing flows through this key
-        const float* k_j = k + key * p.k_row_stride + hk * p.k_head_stride;
-        const float* v_j = v + key * p.v_row_stride + hk * p.v_head_stride;
-        const double ds = w * (dot(do_i, v_j, D) - delta);
-        axpy(w, do_i, bp.dv + (key * p.num_heads_k + hk) * D, D);
-        axpy(scale * ds, k_j, dq_i, D);
-        axpy(scale * ds, q_i, bp.dk + (key * p.num_heads_k + hk) * D, D);
-        if (bp.dbias) bp.dbias[bias_element] += ds;
-      });
+      // Pass 2: the gradients, over the keys pass 1 kept, with their scores and dout . v.
+      for (const Visited& key : visited) {
+        const double w = std::exp(key.score - lse);
+        if (w == 0.0) continue;  // weight 0: nothing flows through this key
+        const double ds = w * (key.dp - delta);
+        axpy(w, do_i, bp.dv + (key.row * p.num_heads_k + hk) * D, D);
+        axpy(scale * ds, k + key.row * p.k_row_stride + hk * p.k_head_stride, dq_i, D);
+        axpy(scale * ds, q_i, bp.dk + (key.row * p.num_heads_k + hk) * D, D);
+        if (bp.dbias) bp.dbias[key.bias_element] += ds;
+      }
     }
   }
 }
