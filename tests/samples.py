@@ -202,15 +202,32 @@ def assert_close_to_reference(result, ref64, same_dtype, *, label: str = "") -> 
         ("lse", lse.double()[~empty], ref_lse[~empty], pt_lse.double()[~empty], torch.float32),
     )
     for name, got, want, base, dtype in checks:
-        if want.numel() == 0:
-            continue
-        err = (got - want).abs().max().item()
-        base_err = (base - want).abs().nan_to_num(math.inf).max().item()
-        atol = _atol(dtype, want.abs().max().item())
-        assert err <= 2 * base_err + atol, (
-            f"{name}: max error {err:.3g} vs the float64 reference exceeds 2 x {base_err:.3g} (PyTorch in "
-            f"{pt_out.dtype}) + atol {atol:.3g}{where}"
-        )
+        _within_rule(name, got, want, base, dtype, pt_out.dtype, where)
+
+
+def _within_rule(name, got, want, base, dtype, base_dtype, where="") -> None:
+    """The accuracy rule on matching float64 tensors: max |got - want| <= 2 * max |base - want| + atol (a few ulps
+    of ``dtype``), where base is the PyTorch implementation in ``base_dtype``. Nothing to judge when want is empty."""
+    if want.numel() == 0:
+        return
+    err = (got - want).abs().max().item()
+    base_err = (base - want).abs().nan_to_num(math.inf).max().item()
+    atol = _atol(dtype, want.abs().max().item())
+    assert err <= 2 * base_err + atol, (
+        f"{name}: max error {err:.3g} vs the float64 reference exceeds 2 x {base_err:.3g} (PyTorch in "
+        f"{base_dtype}) + atol {atol:.3g}{where}"
+    )
+
+
+def assert_gradients_close(got, want, same_dtype, base_dtype) -> None:
+    """Judges gradients {name: tensor} against those of the float64 reference (``want``) by the forward's rule, with
+    ``same_dtype`` the reference's gradients in ``base_dtype``. On top of it: every gradient finite. Entries where the
+    reference's own autograd is not finite (NaN through rows whose scores are all -inf) are not compared."""
+    for name, g in got.items():
+        assert g.isfinite().all(), f"d{name} has inf / NaN"
+        usable = want[name].isfinite()
+        _within_rule(f"d{name}", g.double()[usable], want[name][usable], same_dtype[name].double()[usable], g.dtype,
+                     base_dtype)
 
 
 def assert_devices_agree(cpu_result, cuda_result, ref64, same_dtype, *, label: str = "") -> None:
