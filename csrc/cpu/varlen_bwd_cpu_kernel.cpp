@@ -59,42 +59,34 @@ void varlen_bwd_sequence(const VarlenBwdParams& bp, int32_t b) {
       double* dq_i = bp.dq + (row * p.num_heads + h) * D;
       int64_t visible = sk.len;
       if (p.is_causal) visible = std::max<int64_t>(0, std::min(causal_visible_keys(i, sq.len, sk.len), sk.len));
-      // Calls f(key row, bias element, score) for every key the row can see (pass 1; pass 2 replays what it kept).
-      auto for_each_visible_key = [&](auto&& f) {
-        for (int64_t j = 0; j < visible; ++j) {
-          const int64_t key = key_rows.row(j);
-          if (p.mask.present() &&
-              !p.mask.mask_allows(key_side_mask ? p.mask.offset(key, h, 0) : p.mask.offset(row, h, j))) {
-            continue;
-          }
-          int64_t bias_element = 0;
-          double s = scale * dot(q_i, k + key * p.k_row_stride + hk * p.k_head_stride, D);
-          if (p.bias.present()) {
-            bias_element = key_side_bias ? p.bias.offset(key, h, 0) : p.bias.offset(row, h, j);
-            s += static_cast<const float*>(p.bias.ptr)[bias_element];
-          }
-          f(key, bias_element, s);
-        }
-      };
-      // Pass 1, in float64: the row's lse and delta = sum_j p_j (dout_i . v_j) = dout_i . out_i, recomputed rather
+      // Pass 1, in float64: every key the row can see with a score above -inf (the others weigh 0), its score and
+      // dout_i . v_j; then the row's lse and delta = sum_j p_j (dout_i . v_j) = dout_i . out_i, recomputed rather
       // than read from the forward's float32 lse and rounded out (whose rounding, in dp - delta, would dominate the
       // error of every gradient).
-      double max = -std::numeric_limits<double>::infinity(), sum = 0.0, weighted_dp = 0.0;
       visited.clear();
-      for_each_visible_key([&](int64_t key, int64_t bias_element, double s) {
-        if (s == -std::numeric_limits<double>::infinity()) return;  // weight 0: nothing flows through this key
-        const double dp = dot(do_i, v + key * p.v_row_stride + hk * p.v_head_stride, D);
-        visited.push_back({key, bias_element, s, dp});
-        if (s > max) {
-          const double shrink = std::exp(max - s);
-          sum *= shrink;
-          weighted_dp *= shrink;
-          max = s;
+      double max = -std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j < visible; ++j) {
+        const int64_t key = key_rows.row(j);
+        if (p.mask.present() &&
+            !p.mask.mask_allows(key_side_mask ? p.mask.offset(key, h, 0) : p.mask.offset(row, h, j))) {
+          continue;
         }
-        const double w = std::exp(s - max);
+        int64_t bias_element = 0;
+        double s = scale * dot(q_i, k + key * p.k_row_stride + hk * p.k_head_stride, D);
+        if (p.bias.present()) {
+          bias_element = key_side_bias ? p.bias.offset(key, h, 0) : p.bias.offset(row, h, j);
+          s += static_cast<const float*>(p.bias.ptr)[bias_element];
+        }
+        if (s == -std::numeric_limits<double>::infinity()) continue;
+        visited.push_back({key, bias_element, s, dot(do_i, v + key * p.v_row_stride + hk * p.v_head_stride, D)});
+        max = std::max(max, s);
+      }
+      double sum = 0.0, weighted_dp = 0.0;
+      for (const Visited& key : visited) {
+        const double w = std::exp(key.score - max);  // NaN for a NaN score: the sums, and so the row, turn NaN
         sum += w;
-        weighted_dp += w * dp;
-      });
+        weighted_dp += w * key.dp;
+      }
       // A NaN row of the forward (a NaN or +inf score) keeps NaN gradients.
       const double lse = std::isnan(lse_fwd) ? lse_fwd : max + std::log(sum);
       const double delta = weighted_dp / sum - (bp.dlse ? bp.dlse[h * p.total_q + row] : 0.f);
