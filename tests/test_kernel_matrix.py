@@ -35,7 +35,7 @@ def test_every_instantiation_has_its_file(tmp_path, instantiations):
         assert text.endswith(
             "namespace dmattn::cuda {\n"
             f"template cudaError_t {arch}::launch_attention<{ELEM[dtype]}, {head_dim}>(const VarlenFwdParams&, "
-            "const FwdPlan&, const KeyLists&, cudaStream_t);\n"
+            "const FwdPlan&, const Workspace&, cudaStream_t);\n"
             "}  // namespace dmattn::cuda\n"
         ), text
     # The registry declares the launchers it calls and includes no kernel header.
@@ -151,8 +151,8 @@ _DRIVER = """
         std::printf("%d %d ", dmattn::cuda::kernel_head_dim(cc, p.dtype, head_dim),
                     dmattn::cuda::max_kernel_head_dim(cc, p.dtype));
         const dmattn::cuda::FwdPlan plan;
-        const dmattn::cuda::KeyLists keys;
-        if (dmattn::cuda::dispatch_attention(cc, p, plan, keys, nullptr) != cudaSuccess) std::printf("none\\n");
+        const dmattn::cuda::Workspace ws;
+        if (dmattn::cuda::dispatch_attention(cc, p, plan, ws, nullptr) != cudaSuccess) std::printf("none\\n");
       }
     }
     """

@@ -63,8 +63,8 @@ INSTANTIATIONS = [("sm80", dtype, head_dim) for dtype in DTYPES for head_dim in 
 
 # The generated code's one contract with csrc/cuda: the parameters of every arch path's launch_attention, which
 # dispatch_attention(cc, ...) takes and passes on, and the header declaring them (csrc/cuda/dispatch.h, which brings
-# api.h's kernel_head_dim / max_kernel_head_dim, FwdPlan and KeyLists).
-LAUNCH_PARAMS = [("const VarlenFwdParams&", "p"), ("const FwdPlan&", "plan"), ("const KeyLists&", "keys"),
+# api.h's kernel_head_dim / max_kernel_head_dim, FwdPlan and Workspace).
+LAUNCH_PARAMS = [("const VarlenFwdParams&", "p"), ("const FwdPlan&", "plan"), ("const Workspace&", "ws"),
                  ("cudaStream_t", "stream")]
 REGISTRY_INCLUDE = "cuda/dispatch.h"
 

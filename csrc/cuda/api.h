@@ -1,8 +1,9 @@
 // api.h: what the CUDA binding (varlen_fwd_cuda.cpp) calls, torch-free.
 //
-// The binding validates, asks for workspace_bytes, allocates out / lse and that workspace through torch, fills a
-// VarlenFwdParams and calls run_varlen_fwd on the current stream. Which kernels run, their tiles and their scratch
-// are decided below this line (heuristics.h). Nothing here synchronises the device.
+// The binding validates, plans the call once (heuristics.h: plan_varlen_fwd, from host-known ints only), allocates
+// out / lse and workspace_bytes(plan, p) of scratch through torch, fills a VarlenFwdParams and calls run_varlen_fwd
+// on the current stream. The plan says which kernels run with which tiles and splits; the binding only passes it on.
+// Nothing here synchronises the device.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -11,11 +12,9 @@
 #include <cstdint>
 
 #include "../varlen_fwd_params.h"
+#include "heuristics.h"
 
 namespace dmattn::cuda {
-
-// Compute capability as an int (major * 10 + minor): 80 for A100, 90 for H100 / H200.
-using ComputeCapability = int32_t;
 
 // Generated from tools/kernel_matrix.py (build/generated/kernel_registry.cu). The smallest head dim >= head_dim that
 // has a compiled kernel for dtype on a device of compute capability cc, or -1. The binding pads q / k / v with zeros
@@ -23,12 +22,11 @@ using ComputeCapability = int32_t;
 int32_t kernel_head_dim(ComputeCapability cc, ScalarType dtype, int32_t head_dim);
 int32_t max_kernel_head_dim(ComputeCapability cc, ScalarType dtype);
 
-// Bytes of device scratch run_varlen_fwd needs for p (0 when it needs none).
-size_t workspace_bytes(const VarlenFwdParams& p);
-
-// The whole forward on stream: kept-key compaction (key-side mask), the attention kernel of the best compiled
-// architecture path for cc, and the rows no sequence owns / the cu_seqlens contract check. p.head_dim must be a
-// kernel_head_dim; workspace holds workspace_bytes(p) bytes, 256-byte aligned. Returns the first CUDA error.
-cudaError_t run_varlen_fwd(const VarlenFwdParams& p, ComputeCapability cc, void* workspace, cudaStream_t stream);
+// The whole forward on stream: kept-key compaction (key-side mask), the attention kernel the plan names from the best
+// compiled architecture path for cc, the split combine (decode with splits), and the rows no sequence owns / the
+// cu_seqlens contract check. p.head_dim must be a kernel_head_dim; plan = plan_varlen_fwd(p, ...); workspace holds
+// workspace_bytes(plan, p) bytes, 256-byte aligned. Returns the first CUDA error.
+cudaError_t run_varlen_fwd(const VarlenFwdParams& p, const FwdPlan& plan, ComputeCapability cc, void* workspace,
+                           cudaStream_t stream);
 
 }  // namespace dmattn::cuda

@@ -3,7 +3,8 @@
 // Each architecture path (tools/kernel_matrix.py, ARCH_PATHS) is a namespace with one launcher template, explicitly
 // instantiated per (dtype, head dim) in files generated at build time and compiled only for that path's
 // architectures:
-//   sm80::launch_attention   mma.sync / ldmatrix / cp.async (csrc/cuda/sm80/), any device with cc >= 80
+//   sm80::launch_attention   mma.sync / ldmatrix / cp.async (csrc/cuda/sm80/): the prefill and decode kernels, any
+//                            device with cc >= 80
 //   sm90a::launch_attention  the Hopper wgmma / TMA slot (csrc/cuda/sm90a/), cc == 90 only; no kernel yet
 #pragma once
 
@@ -17,18 +18,18 @@ namespace dmattn::cuda {
 
 namespace sm80 {
 template <typename Elem, int kHeadDim>
-cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const KeyLists& keys, cudaStream_t stream);
+cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws, cudaStream_t stream);
 }  // namespace sm80
 
 namespace sm90a {
 template <typename Elem, int kHeadDim>
-cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const KeyLists& keys, cudaStream_t stream);
+cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws, cudaStream_t stream);
 }  // namespace sm90a
 
 // Generated (build/generated/kernel_registry.cu): the launcher of the first architecture path, in order of
 // preference (sm90a, then sm80), that runs on cc and has a kernel for (p.dtype, p.head_dim); cudaErrorInvalidValue
 // when none has.
 cudaError_t dispatch_attention(ComputeCapability cc, const VarlenFwdParams& p, const FwdPlan& plan,
-                               const KeyLists& keys, cudaStream_t stream);
+                               const Workspace& ws, cudaStream_t stream);
 
 }  // namespace dmattn::cuda

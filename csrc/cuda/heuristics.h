@@ -1,13 +1,15 @@
 // heuristics.h: every choice the CUDA backend makes for a call, in one place, torch-free.
 //
-//   tile_shape_sm80   the sm80 path's tile policy (constexpr: the kernel's traits and its launcher read the same one)
-//   plan_varlen_fwd   what a call runs: the kernel variant, the passes around it, and (later) split count and GQA
-//                     packing
-//   workspace_layout  the one scratch buffer a call needs and where each piece of it lives (carve_key_lists)
-// The binding asks for workspace_bytes(p), allocates that many bytes through torch and hands the pointer to
-// run_varlen_fwd; it knows nothing of the pieces.
+//   tile_shape_sm80     the sm80 prefill kernel's tile policy (constexpr: its traits and its launcher read the same one)
+//   decode_shape_sm80   the sm80 decode kernel's tile policy
+//   plan_varlen_fwd     what a call runs: prefill or decode kernel, the passes around it, the decode kernel's packed
+//                       row tiles and key splits; from host-known ints only (no device read, no sync)
+//   workspace_layout    the one scratch buffer a call needs and where each piece of it lives (carve_workspace)
+// The binding plans once, asks workspace_bytes(plan, p), allocates that many bytes through torch and hands the plan and
+// the pointer to run_varlen_fwd; it knows nothing of the pieces.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -16,13 +18,21 @@
 
 namespace dmattn::cuda {
 
+// Compute capability as an int (major * 10 + minor): 80 for A100, 90 for H100 / H200.
+using ComputeCapability = int32_t;
+
+struct DeviceInfo {
+  ComputeCapability cc = 0;
+  int32_t sm_count = 0;  // streaming multiprocessors; 0: unknown (the split heuristic assumes an H100's 132)
+};
+
 struct TileShape {
   int block_m;  // query rows per CTA
   int block_n;  // key slots per KV tile
   int warps;
 };
 
-// The sm80 path's tile policy. Accumulators per thread (fp32): O kMTiles * D / 2, scores kMTiles * block_n / 4.
+// The sm80 prefill tile policy. Accumulators per thread (fp32): O kMTiles * D / 2, scores kMTiles * block_n / 4.
 // query_operands: the kernel variant that reads a query-side mask or bias (a per-element path with 64-bit
 // addressing that needs registers the 32-rows-per-warp tile does not have).
 constexpr TileShape tile_shape_sm80(int head_dim, bool query_operands) {
@@ -32,33 +42,106 @@ constexpr TileShape tile_shape_sm80(int head_dim, bool query_operands) {
   return query_operands ? TileShape{64, 64, 4} : TileShape{128, 64, 4};
 }
 
-// What one call runs. The launchers choose a kernel from this and the params alone.
-struct FwdPlan {
-  bool query_operands = false;  // the kernel variant that reads query-side masks / biases
-  int32_t key_lists_heads = 0;  // > 0: a key-side mask with that many heads is compacted into kept-key lists first
-  int32_t num_splits = 1;       // key-range splits per query tile; 1 until split-KV decode fills it
-  bool pack_gqa = false;        // query heads of one KV head in one tile; false until GQA packing fills it
+// The sm80 decode tile policy (sm80/decode_kernel.cuh). A tile is block_m packed rows (the query heads of one KV
+// head x the sequence's queries) that every warp holds whole; the warps split each KV tile of block_n keys (16 keys
+// each) and stages KV tiles are in flight. O per thread: block_m / 16 * D / 2 floats, so D = 256 takes 16 rows.
+struct DecodeShape {
+  int block_m, block_n, warps, stages;
+};
+constexpr DecodeShape decode_shape_sm80(int head_dim) {
+  if (head_dim > 128) return DecodeShape{16, 64, 4, 2};  // 2 x 64 KB of K / V in flight
+  return DecodeShape{32, 64, 4, head_dim <= 64 ? 4 : 3};  // D = 128: 3 x 32 KB, two CTAs per SM
+}
+
+enum class FwdKernel : int32_t { kPrefill = 0, kDecode = 1 };
+
+// Debug overrides of the plan (the binding reads them from DMATTN_KERNEL and DMATTN_DECODE_TILES_PER_SPLIT; the
+// tests run every sample through each kernel with them).
+struct PlanOverrides {
+  enum class Kernel : int32_t { kAuto = 0, kPrefill = 1, kDecode = 2 } kernel = Kernel::kAuto;
+  int32_t tiles_per_split = 0;  // > 0: the decode kernel's KV tiles per split (the split caps still hold)
 };
 
-inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p) {
+// What one call runs. The launchers choose a kernel from this and the params alone.
+struct FwdPlan {
+  FwdKernel kernel = FwdKernel::kPrefill;
+  bool query_operands = false;  // the prefill variant that reads query-side masks / biases
+  int32_t key_lists_heads = 0;  // > 0: a key-side mask with that many heads is compacted into kept-key lists first
+  // Decode kernel only (1 / 0 otherwise):
+  int32_t row_tiles = 1;        // tiles of packed rows per (sequence, KV head): ceil(H / Hk * max_seqlen_q / block_m)
+  int32_t num_splits = 1;       // key splits per (sequence, KV head, row tile); > 1: partials + combine_splits
+  int32_t tiles_per_split = 0;  // KV tiles per split
+};
+
+// Decode kernel policy constants.
+constexpr int64_t kDecodeMaxPackedRows = 64;  // auto-chosen while H / Hk * max_seqlen_q <= this
+constexpr int64_t kDecodeForcedMaxPackedRows = int64_t{1} << 20;  // DMATTN_KERNEL=decode up to this
+constexpr int32_t kMaxDecodeSplits = 128;
+constexpr int64_t kMaxSplitPartialBytes = int64_t{64} << 20;  // the split partials' share of the workspace
+constexpr int64_t kDecodeMinTilesPerSplit = 4;
+constexpr int64_t kDecodeCtasPerSm = 2, kDecodeWaves = 8;
+
+// Whether the decode kernel can run p: one kept-key list and one key-side bias per packed tile, so key-side operands
+// broadcast over the query heads of a KV head (Hm in {1, Hk}); no query-side operands.
+inline bool decode_supports(const VarlenFwdParams& p) {
+  if (p.num_heads_k <= 0 || p.num_heads % p.num_heads_k != 0) return false;
+  const int32_t group = p.num_heads / p.num_heads_k;
+  auto packable = [&](const ScoreOperand& op) {
+    if (op.layout == OperandLayout::kQuerySide) return false;
+    // head_group = H / Hm: Hm = 1 gives H, Hm = Hk gives the group; both are multiples of the group.
+    return op.layout == OperandLayout::kAbsent || op.head_group % group == 0;
+  };
+  return packable(p.mask) && packable(p.bias);
+}
+
+inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, const PlanOverrides& o = {}) {
   FwdPlan plan;
-  plan.query_operands =
-      p.mask.layout == OperandLayout::kQuerySide || p.bias.layout == OperandLayout::kQuerySide;
+  plan.query_operands = p.mask.layout == OperandLayout::kQuerySide || p.bias.layout == OperandLayout::kQuerySide;
   if (p.mask.layout == OperandLayout::kKeySide && p.num_heads > 0) {
     plan.key_lists_heads = p.num_heads / p.mask.head_group;  // head_group = H / Hm
   }
+  if (o.kernel == PlanOverrides::Kernel::kPrefill || !decode_supports(p)) return plan;
+  const int64_t group = p.num_heads / p.num_heads_k;
+  if (group * p.max_seqlen_q > kDecodeForcedMaxPackedRows) return plan;  // even when forced: ints on the device
+  if (o.kernel == PlanOverrides::Kernel::kAuto && group * p.max_seqlen_q > kDecodeMaxPackedRows) return plan;
+
+  // Decode: grid (row tiles x splits, KV heads, sequences). Splits are whole KV tiles; every split of a sequence but
+  // its last holds tiles_per_split of them, so the work of a CTA is bounded whatever the length spread. The host
+  // knows only the totals: tiles_per_split aims at kDecodeWaves waves of CTAs over all (sequence, KV head, row tile)
+  // key ranges, at least kDecodeMinTilesPerSplit tiles each (the prologue and the partial write amortized).
+  const DecodeShape shape = decode_shape_sm80(p.head_dim);
+  plan.kernel = FwdKernel::kDecode;
+  plan.row_tiles = static_cast<int32_t>(std::max<int64_t>(1, (group * p.max_seqlen_q + shape.block_m - 1) / shape.block_m));
+  const int64_t max_tiles = (p.max_seqlen_k + shape.block_n - 1) / shape.block_n;
+  const int64_t all_tiles =
+      ((p.total_k + shape.block_n - 1) / shape.block_n + p.batch) * p.num_heads_k * plan.row_tiles;
+  const int64_t sms = dev.sm_count > 0 ? dev.sm_count : 132;
+  int64_t per_split = o.tiles_per_split > 0
+                          ? o.tiles_per_split
+                          : std::max(kDecodeMinTilesPerSplit,
+                                     (all_tiles + sms * kDecodeCtasPerSm * kDecodeWaves - 1) /
+                                         (sms * kDecodeCtasPerSm * kDecodeWaves));
+  // At most kMaxDecodeSplits splits, and partials of at most kMaxSplitPartialBytes (a million-key sequence beside a
+  // batch of short ones gets fewer, longer splits, not gigabytes of scratch).
+  const int64_t row_bytes = p.total_q * p.num_heads * (p.head_dim + 1) * static_cast<int64_t>(sizeof(float));
+  const int64_t max_splits =
+      std::max<int64_t>(1, std::min<int64_t>(kMaxDecodeSplits, kMaxSplitPartialBytes / std::max<int64_t>(row_bytes, 1)));
+  per_split = std::max<int64_t>(per_split, (max_tiles + max_splits - 1) / max_splits);
+  plan.tiles_per_split = static_cast<int32_t>(std::min<int64_t>(per_split, INT32_MAX));
+  plan.num_splits = static_cast<int32_t>(std::max<int64_t>(1, (max_tiles + per_split - 1) / per_split));
   return plan;
 }
 
-// The workspace, in order: the kept-key index (Hm, total_k) then the counts (B, Hm), int32 each. 256-byte aligned
-// pieces, so a new one can be appended without disturbing the alignment of the others.
+// The workspace, in order: the kept-key index (Hm, total_k) and counts (B, Hm), int32 each (key-side mask); the
+// split partials (decode with num_splits > 1): lse (splits, H, total_q) and O (splits, H, total_q, D), float32 each.
+// 256-byte aligned pieces, so a new one can be appended without disturbing the alignment of the others.
 constexpr size_t kWorkspaceAlign = 256;
 
 inline size_t align_up(size_t bytes) { return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
 
 struct WorkspaceLayout {
-  size_t key_index = 0, key_count = 0;  // byte offsets
-  size_t total = 0;                     // bytes
+  size_t key_index = 0, key_count = 0, split_lse = 0, split_o = 0;  // byte offsets
+  size_t total = 0;                                                 // bytes
 };
 
 inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdParams& p) {
@@ -69,16 +152,36 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
     w.key_count = w.total;
     w.total += align_up(sizeof(int32_t) * static_cast<size_t>(plan.key_lists_heads) * static_cast<size_t>(p.batch));
   }
+  if (plan.kernel == FwdKernel::kDecode && plan.num_splits > 1) {
+    const size_t rows = static_cast<size_t>(plan.num_splits) * static_cast<size_t>(p.num_heads) *
+                        static_cast<size_t>(p.total_q);
+    w.split_lse = w.total;
+    w.total += align_up(sizeof(float) * rows);
+    w.split_o = w.total;
+    w.total += align_up(sizeof(float) * rows * static_cast<size_t>(p.head_dim));
+  }
   return w;
 }
 
-// The pieces of a workspace of workspace_bytes(p) bytes at base (any 256-byte aligned device pointer).
-inline KeyLists carve_key_lists(void* base, const FwdPlan& plan, const VarlenFwdParams& p) {
-  if (plan.key_lists_heads == 0) return {};
+inline size_t workspace_bytes(const FwdPlan& plan, const VarlenFwdParams& p) { return workspace_layout(plan, p).total; }
+
+// The pieces of a workspace of workspace_bytes(plan, p) bytes at base (any 256-byte aligned device pointer).
+inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFwdParams& p) {
   const WorkspaceLayout w = workspace_layout(plan, p);
   char* bytes = static_cast<char*>(base);
-  return {reinterpret_cast<int32_t*>(bytes + w.key_index), reinterpret_cast<int32_t*>(bytes + w.key_count),
-          plan.key_lists_heads};
+  Workspace ws;
+  if (plan.key_lists_heads > 0) {
+    ws.keys = {reinterpret_cast<int32_t*>(bytes + w.key_index), reinterpret_cast<int32_t*>(bytes + w.key_count),
+               plan.key_lists_heads};
+  }
+  ws.splits.num_splits = plan.num_splits;
+  ws.splits.tiles_per_split = plan.tiles_per_split;
+  ws.splits.row_tiles = plan.row_tiles;
+  if (plan.kernel == FwdKernel::kDecode && plan.num_splits > 1) {
+    ws.splits.lse = reinterpret_cast<float*>(bytes + w.split_lse);
+    ws.splits.o = reinterpret_cast<float*>(bytes + w.split_o);
+  }
+  return ws;
 }
 
 }  // namespace dmattn::cuda

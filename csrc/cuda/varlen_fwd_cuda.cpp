@@ -14,7 +14,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
 
 #include "../tensors_to_params.h"
 #include "api.h"
@@ -25,12 +29,66 @@ namespace {
 constexpr const char* kOp = "dmattn.varlen_fwd: ";
 constexpr int64_t kMaxGridDim = 65535;  // query heads are a grid dimension
 
-// major * 10 + minor of a device (a cached attribute query, no sync).
-cuda::ComputeCapability compute_capability(int device) {
-  int major = 0, minor = 0;
+// Compute capability and SM count of a device: three attribute queries the first time, then a cached word (the
+// decode hot path pays no driver call for them).
+cuda::DeviceInfo device_info(int device) {
+  constexpr int kCachedDevices = 64;
+  static std::atomic<int64_t> cache[kCachedDevices];  // (cc << 32) | sm_count; 0: not queried yet
+  if (device >= 0 && device < kCachedDevices) {
+    if (const int64_t word = cache[device].load(std::memory_order_relaxed); word != 0) {
+      return {static_cast<int32_t>(word >> 32), static_cast<int32_t>(word & 0xffffffff)};
+    }
+  }
+  int major = 0, minor = 0, sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return major * 10 + minor;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const cuda::DeviceInfo info{major * 10 + minor, sms};
+  if (device >= 0 && device < kCachedDevices) {
+    cache[device].store((static_cast<int64_t>(info.cc) << 32) | static_cast<uint32_t>(info.sm_count),
+                        std::memory_order_relaxed);
+  }
+  return info;
+}
+
+// The documented debug overrides of the plan (README, "Debug variables"), read per call so a test can switch them:
+//   DMATTN_KERNEL=prefill|decode          force a kernel (decode only where it can run: Hm in {1, Hk}, no
+//                                         query-side operands; elsewhere the prefill kernel runs)
+//   DMATTN_DECODE_TILES_PER_SPLIT=N       the decode kernel's KV tiles (64 keys each) per split
+//   DMATTN_LOG_PLAN=1                     print each call's plan to stderr
+cuda::PlanOverrides plan_overrides() {
+  cuda::PlanOverrides o;
+  if (const char* kernel = std::getenv("DMATTN_KERNEL"); kernel != nullptr && *kernel != '\0') {
+    const std::string name(kernel);
+    TORCH_CHECK_VALUE(name == "auto" || name == "prefill" || name == "decode", kOp,
+                      "the environment variable DMATTN_KERNEL must be auto, prefill or decode, got '", name, "'");
+    o.kernel = name == "prefill"  ? cuda::PlanOverrides::Kernel::kPrefill
+               : name == "decode" ? cuda::PlanOverrides::Kernel::kDecode
+                                  : cuda::PlanOverrides::Kernel::kAuto;
+  }
+  if (const char* tiles = std::getenv("DMATTN_DECODE_TILES_PER_SPLIT"); tiles != nullptr && *tiles != '\0') {
+    char* end = nullptr;
+    const long n = std::strtol(tiles, &end, 10);
+    TORCH_CHECK_VALUE(*end == '\0' && n > 0 && n <= INT32_MAX, kOp,
+                      "the environment variable DMATTN_DECODE_TILES_PER_SPLIT must be a positive integer, got '",
+                      tiles, "'");
+    o.tiles_per_split = static_cast<int32_t>(n);
+  }
+  return o;
+}
+
+void log_plan(const cuda::FwdPlan& plan, const VarlenFwdParams& p) {
+  const char* flag = std::getenv("DMATTN_LOG_PLAN");
+  if (flag == nullptr || *flag == '\0' || std::string(flag) == "0") return;
+  if (plan.kernel == cuda::FwdKernel::kDecode) {
+    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=decode row_tiles=%d splits=%d tiles_per_split=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
+                 plan.row_tiles, plan.num_splits, plan.tiles_per_split, p.batch, p.num_heads, p.num_heads_k,
+                 p.head_dim, static_cast<long long>(p.max_seqlen_q), static_cast<long long>(p.max_seqlen_k));
+  } else {
+    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=prefill query_operands=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
+                 plan.query_operands ? 1 : 0, p.batch, p.num_heads, p.num_heads_k, p.head_dim,
+                 static_cast<long long>(p.max_seqlen_q), static_cast<long long>(p.max_seqlen_k));
+  }
 }
 
 // cp.async moves 16-byte chunks: the base and the token / head strides must keep every row 16-byte aligned.
@@ -62,7 +120,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
                     q.size(1));
 
   const c10::cuda::CUDAGuard guard(q.device());
-  const cuda::ComputeCapability cc = compute_capability(q.get_device());
+  const cuda::DeviceInfo device = device_info(q.get_device());
+  const cuda::ComputeCapability cc = device.cc;
   const ScalarType dtype = q.scalar_type() == at::kHalf ? ScalarType::kFloat16 : ScalarType::kBFloat16;
   const int64_t head_dim = q.size(2);
   const int32_t kernel_dim =
@@ -76,12 +135,14 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
   auto [out, lse] = allocate_outputs(args);
   const VarlenFwdParams p = make_params(args, out, lse);
 
-  const size_t workspace_bytes = cuda::workspace_bytes(p);
+  const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, device, plan_overrides());
+  log_plan(plan, p);
+  const size_t workspace_bytes = cuda::workspace_bytes(plan, p);
   at::Tensor workspace;  // torch's caching allocator: 512-byte aligned, as run_varlen_fwd needs (256)
   if (workspace_bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, q.options().dtype(at::kByte));
   }
-  C10_CUDA_CHECK(cuda::run_varlen_fwd(p, cc, workspace_bytes > 0 ? workspace.data_ptr() : nullptr,
+  C10_CUDA_CHECK(cuda::run_varlen_fwd(p, plan, cc, workspace_bytes > 0 ? workspace.data_ptr() : nullptr,
                                       c10::cuda::getCurrentCUDAStream()));
 
   if (kernel_dim != head_dim) out = out.narrow(2, 0, head_dim).contiguous();

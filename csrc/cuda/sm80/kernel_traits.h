@@ -1,6 +1,6 @@
 // kernel_traits.h: the compile-time shape of one sm80-path forward kernel (element type x head dim x variant).
 //
-// The tile comes from the tile policy (tile_shape_sm80 in ../heuristics.h), the one constexpr function that both the
+// The tile comes from the tile policy (tile_shape_sm80 / decode_shape_sm80 in ../heuristics.h), the one constexpr function that both the
 // kernel and its launcher read, so the grid, the shared-memory size and the register fragments can never disagree.
 // Everything that does not change the inner loop (mask / bias layouts, causal, GQA ratio, strides) is a runtime
 // field of VarlenFwdParams.
@@ -42,8 +42,33 @@ struct ElemTraits<__half> {
   }
 };
 
+// Shared-memory tiles of kHeadDim columns: the head dim is cut into column groups of kGroup elements (128 or 64
+// bytes); each group is a row-major [rows][kGroup] block whose 16-byte chunks are XOR-swizzled by row (the CuTe
+// Swizzle<3,3,3> / Swizzle<2,3,3> pattern), so ldmatrix reads of 8 rows at one column and cp.async writes of a row are
+// free of bank conflicts. Because the swizzle only flips the chunk bits of a byte offset, moving a fragment by 16 rows
+// is an add and moving it by a chunk is an XOR with a constant: no per-fragment address registers.
+template <int kHeadDim>
+struct SwizzledTiles {
+  static constexpr int kGroup = kHeadDim % 64 == 0 ? 64 : 32;
+  static constexpr int kGroupChunks = kGroup / 8;
+
+  // Element offset of (row, col) in a tile of kRows rows.
+  template <int kRows>
+  static __device__ __forceinline__ int smem_offset(int row, int col) {
+    const int swz = kGroup == 64 ? row % 8 : (row / 2) % 4;
+    return (col / kGroup) * (kRows * kGroup) + row * kGroup + (((col % kGroup) / 8) ^ swz) * 8 + col % 8;
+  }
+  // Byte offset of the fragment at (row0 + 16 * m, col0 + c) given the byte offset of (row0, col0), where col0 is
+  // within the first chunk of its group pair and c is a compile-time multiple of 8.
+  template <int kRows>
+  static __device__ __forceinline__ uint32_t smem_step(uint32_t base_bytes, int rows16, int c) {
+    return ((base_bytes + rows16 * 16 * kGroup * 2 + (c / kGroup) * (kRows * kGroup * 2)) ^
+            (((c % kGroup) / 8) << 4));
+  }
+};
+
 template <typename Elem_, int kHeadDim_, bool kQueryOperands_>
-struct KernelTraits {
+struct KernelTraits : SwizzledTiles<kHeadDim_> {
   using Elem = Elem_;
   using Mma = typename ElemTraits<Elem>::Mma;
   static constexpr int kHeadDim = kHeadDim_;
@@ -65,28 +90,6 @@ struct KernelTraits {
   static_assert((kBlockN * kChunksPerRow) % kThreads == 0 && (kBlockM * kChunksPerRow) % kThreads == 0,
                 "tile loads split evenly over the threads");
 
-  // Shared-memory tiles: the head dim is cut into column groups of kGroup elements (128 or 64 bytes); each group
-  // is a row-major [rows][kGroup] block whose 16-byte chunks are XOR-swizzled by row (the CuTe Swizzle<3,3,3> /
-  // Swizzle<2,3,3> pattern), so ldmatrix reads of 8 rows at one column and cp.async writes of a row are free of bank
-  // conflicts. Because the swizzle only flips the chunk bits of a byte offset, moving a fragment by 16 rows is an
-  // add and moving it by a chunk is an XOR with a constant: no per-fragment address registers.
-  static constexpr int kGroup = kHeadDim % 64 == 0 ? 64 : 32;
-  static constexpr int kGroupChunks = kGroup / 8;
-
-  // Element offset of (row, col) in a tile of kRows rows.
-  template <int kRows>
-  static __device__ __forceinline__ int smem_offset(int row, int col) {
-    const int swz = kGroup == 64 ? row % 8 : (row / 2) % 4;
-    return (col / kGroup) * (kRows * kGroup) + row * kGroup + (((col % kGroup) / 8) ^ swz) * 8 + col % 8;
-  }
-  // Byte offset of the fragment at (row0 + 16 * m, col0 + c) given the byte offset of (row0, col0), where col0 is
-  // within the first chunk of its group pair and c is a compile-time multiple of 8.
-  template <int kRows>
-  static __device__ __forceinline__ uint32_t smem_step(uint32_t base_bytes, int rows16, int c) {
-    return ((base_bytes + rows16 * 16 * kGroup * 2 + (c / kGroup) * (kRows * kGroup * 2)) ^
-            (((c % kGroup) / 8) << 4));
-  }
-
   struct alignas(128) SharedStorage {
     Elem q[kBlockM * kHeadDim];   // sQ (kBlockM, D), SmemLayoutQ
     Elem k[kBlockN * kHeadDim];   // sK (kBlockN, D), SmemLayoutKV
@@ -94,6 +97,58 @@ struct KernelTraits {
     int32_t key_pos[2][kBlockN];  // per metadata buffer: key position of each slot of a KV tile, -1 = no key
     float key_bias[2][kBlockN];   // per metadata buffer: key-side bias of each slot; 0 without one
     uint8_t v_bad[kBlockN];       // slots of the current V tile whose row held inf / NaN (rare path, see kernel)
+  };
+  static constexpr int kSmemBytes = sizeof(SharedStorage);
+};
+
+// The decode kernel (decode_kernel.cuh): every warp holds all kBlockM packed rows (kMTiles m16 fragments) and its
+// own 16 keys of each KV tile (kNTiles = 2 n8 fragments); kStages KV tiles in flight.
+template <typename Elem_, int kHeadDim_>
+struct DecodeKernelTraits : SwizzledTiles<kHeadDim_> {
+  using Elem = Elem_;
+  using Mma = typename ElemTraits<Elem>::Mma;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr bool kQueryOperands = false;  // the plan sends query-side operands to the prefill kernel
+  static constexpr DecodeShape kShape = decode_shape_sm80(kHeadDim);
+  static constexpr int kBlockM = kShape.block_m;
+  static constexpr int kBlockN = kShape.block_n;
+  static constexpr int kWarps = kShape.warps;
+  static constexpr int kStages = kShape.stages;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kMTiles = kBlockM / 16;             // m16 fragments, in every warp
+  static constexpr int kWarpKeys = kBlockN / kWarps;       // keys of a KV tile per warp
+  static constexpr int kNTiles = kWarpKeys / 8;            // n8 score fragments per warp
+  static constexpr int kDTiles = kHeadDim / 8;             // n8 output fragments
+  static constexpr int kChunksPerRow = kHeadDim / 8;
+  static constexpr int kPrefetch = 2;
+  static constexpr int kMetaSlots = kStages + 1;           // tile metadata ring (decode_kernel.cuh)
+
+  static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "head dims are multiples of 32 up to 256");
+  static_assert(kWarpKeys == 16, "a warp's keys are one k16 step of P V");
+  static_assert(kBlockN <= kThreads && kBlockM <= kThreads, "one thread per key slot / per row of the metadata");
+  static_assert((kBlockN * kChunksPerRow) % kThreads == 0, "tile loads split evenly over the threads");
+
+  struct Tiles {
+    Elem q[kBlockM * kHeadDim];
+    Elem k[kStages][kBlockN * kHeadDim];
+    Elem v[kStages][kBlockN * kHeadDim];
+  };
+  struct Reduce {  // after the last KV tile, over the tiles: each warp's unnormalized O, for the cross-warp sum
+    float o[kWarps][kBlockM][kHeadDim];
+  };
+  struct alignas(128) SharedStorage {
+    union {
+      Tiles tiles;
+      Reduce reduce;
+    };
+    int32_t key_pos[kMetaSlots][kBlockN];  // per metadata slot: key position of each slot of a KV tile, -1 = none
+    float key_bias[kMetaSlots][kBlockN];   // its key-side bias; 0 without one
+    float row_max[kWarps][kBlockM];        // cross-warp reduction: each warp's row max, row sum, poisoned flag
+    float row_sum[kWarps][kBlockM];
+    float row_coef[kWarps][kBlockM];       // each warp's factor in the CTA's normalized O
+    float row_lse[kBlockM];
+    uint8_t row_poisoned[kWarps][kBlockM];
+    uint8_t v_bad[kBlockN];
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
 };

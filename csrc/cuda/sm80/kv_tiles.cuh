@@ -88,7 +88,8 @@ __device__ __forceinline__ void gather_rows(typename Traits::Elem* smem, const K
   }
 }
 
-// The KV-tile side of one CTA: K / V tile loads and the per-tile slot metadata (see the top of this file).
+// The KV-tile side of one CTA: K / V tile loads and the per-tile slot metadata (see the top of this file). The decode
+// kernel uses it too, with its own ring of metadata slots (`buffer`) and K / V stages (load_k_into / load_v_into).
 template <typename Traits>
 struct KvTiles {
   using Elem = typename Traits::Elem;
@@ -143,8 +144,11 @@ struct KvTiles {
     }
   }
 
-  __device__ __forceinline__ void load_k(int n, int buffer) { load(smem.k, k, p.k, n, buffer); }
-  __device__ __forceinline__ void load_v(int n, int buffer) { load(smem.v, v, p.v, n, buffer); }
+  __device__ __forceinline__ void load_k(int n, int buffer) { load_k_into(smem.k, n, buffer); }
+  __device__ __forceinline__ void load_v(int n, int buffer) { load_v_into(smem.v, n, buffer); }
+  // Into a given tile buffer (the decode kernel's ring of stages).
+  __device__ __forceinline__ void load_k_into(Elem* dst, int n, int buffer) { load(dst, k, p.k, n, buffer); }
+  __device__ __forceinline__ void load_v_into(Elem* dst, int n, int buffer) { load(dst, v, p.v, n, buffer); }
 
  private:
   // The rows of the slots of tile n: contiguous key positions, or gathered at the positions of metadata buffer

@@ -1,11 +1,13 @@
-// launch.cuh: the sm80 path's launcher: which kernel variant a call runs and its grid. Included by the generated
-// instantiation files (tools/kernel_matrix.py), one per (dtype, head dim), compiled for the path's architectures.
+// launch.cuh: the sm80 path's launcher: which kernel a call runs (the plan's prefill or decode kernel, and the
+// prefill variant) and its grid. Included by the generated instantiation files (tools/kernel_matrix.py), one per
+// (dtype, head dim), compiled for the path's architectures.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include "../dispatch.h"
 #include "../heuristics.h"
+#include "decode_kernel.cuh"
 #include "kernel_traits.h"
 #include "tile_scheduler.cuh"
 #include "varlen_fwd_kernel.cuh"
@@ -26,14 +28,30 @@ cudaError_t launch_variant(const VarlenFwdParams& p, const KeyLists& keys, cudaS
   return cudaSuccess;
 }
 
-// Two kernels per (Elem, kHeadDim): calls with a query-side mask or bias (plan.query_operands) get the variant that
-// reads them (a smaller query tile, to keep its per-element path within the register budget); all others the one
-// that cannot.
+template <typename Traits>
+cudaError_t launch_decode(const VarlenFwdParams& p, const Workspace& ws, cudaStream_t stream) {
+  using Scheduler = DecodeTileScheduler<Traits::kBlockM, Traits::kBlockN>;
+  if (p.batch == 0 || p.num_heads == 0 || p.max_seqlen_q == 0) return cudaSuccess;
+  auto kernel = decode_kernel<Traits>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  for (int64_t seq0 = 0; seq0 < p.batch; seq0 += Scheduler::kMaxSeqsPerLaunch) {
+    kernel<<<Scheduler::grid(p, ws.splits, seq0), Traits::kThreads, Traits::kSmemBytes, stream>>>(
+        p, ws.keys, ws.splits, static_cast<int>(seq0));
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+// Three kernels per (Elem, kHeadDim): the decode kernel where the plan picked it; else the prefill kernel, in the
+// variant that reads query-side masks / biases (a smaller query tile, to keep its per-element path within the register
+// budget) for calls with one (plan.query_operands), the one that cannot for all others.
 template <typename Elem, int kHeadDim>
-cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const KeyLists& keys,
+cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws,
                              cudaStream_t stream) {
-  return plan.query_operands ? launch_variant<KernelTraits<Elem, kHeadDim, true>>(p, keys, stream)
-                             : launch_variant<KernelTraits<Elem, kHeadDim, false>>(p, keys, stream);
+  if (plan.kernel == FwdKernel::kDecode) return launch_decode<DecodeKernelTraits<Elem, kHeadDim>>(p, ws, stream);
+  return plan.query_operands ? launch_variant<KernelTraits<Elem, kHeadDim, true>>(p, ws.keys, stream)
+                             : launch_variant<KernelTraits<Elem, kHeadDim, false>>(p, ws.keys, stream);
 }
 
 }  // namespace dmattn::cuda::sm80

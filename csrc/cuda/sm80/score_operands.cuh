@@ -68,10 +68,38 @@ struct ScoreOperands {
   // softmax FFMAs) and returns the scale; every other tile returns 1.
   __device__ __forceinline__ float apply(float (&s)[kMTiles][kNTiles][4], int n0, const int32_t* key_pos,
                                          const float* slot_bias, int warp_row0, int g, int t) const {
+    return apply_tile(s, n0, slot_bias, t, [&] {
+      // The causal diagonal, the last (partial) tile, or query-side operands: per element.
+      int limit[kMTiles][2];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = warp_row0 + mt * 16 + g + half * 8, i = c.m0 + r;
+          limit[mt][half] = r < c.rows ? (p.is_causal ? i + c.causal_shift : c.k_len) : 0;
+        }
+      per_element(s, key_pos, slot_bias, limit, t);
+      if constexpr (Traits::kQueryOperands) query_operands(s, key_pos, limit, warp_row0, g, t);
+    });
+  }
+
+  // The same for a kernel whose rows are not a tile's consecutive queries (the decode kernel's packed rows): the
+  // caller gives each row's key limit (keys at or past it are hidden; 0 for rows past the tile), and s / key_pos /
+  // slot_bias cover the kNTiles * 8 slots of this warp.
+  __device__ __forceinline__ float apply(float (&s)[kMTiles][kNTiles][4], int n0, const int32_t* key_pos,
+                                         const float* slot_bias, const int (&limit)[kMTiles][2], int t) const {
+    static_assert(!Traits::kQueryOperands, "query-side operands need the tile's query rows");
+    return apply_tile(s, n0, slot_bias, t, [&] { per_element(s, key_pos, slot_bias, limit, t); });
+  }
+
+ private:
+  // Tiles every row sees whole take the scale and a key-side bias (or nothing: raw_scores); others per_tile().
+  template <typename PerElement>
+  __device__ __forceinline__ float apply_tile(float (&s)[kMTiles][kNTiles][4], int n0, const float* slot_bias, int t,
+                                              PerElement&& per_tile) const {
     const bool whole_tile = n0 + kBlockN <= c.slots_full && !query_mask && !query_bias;
     const bool raw_scores = whole_tile && !key_bias && scale > 0.f;
     if (whole_tile && !raw_scores) {
-      // Every row sees every slot of this tile: only the scale and a key-side bias.
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -81,26 +109,15 @@ struct ScoreOperands {
             s[mt][nt][e] = s[mt][nt][e] * scale + slot_bias[nt * 8 + 2 * t + (e % 2)];
           }
     } else if (!whole_tile) {
-      per_element(s, key_pos, slot_bias, warp_row0, g, t);
+      per_tile();
     }
     return raw_scores ? scale : 1.f;
   }
 
- private:
-  // The causal diagonal, the last (partial) tile, or query-side operands: per element, in two passes that keep few
-  // registers live beside O and S.
+  // Pass 1 (key slots outer, so each slot's position and bias are read once): scale, key-side bias, -inf where the
+  // slot is empty or at / past the row's limit. Few registers live beside O and S.
   __device__ __forceinline__ void per_element(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
-                                              const float* slot_bias, int warp_row0, int g, int t) const {
-    // Pass 1 (key slots outer, so each slot's position and bias are read once): scale, key-side bias, -inf where the
-    // slot is empty or past the row's causal limit.
-    int limit[kMTiles][2];
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = warp_row0 + mt * 16 + g + half * 8, i = c.m0 + r;
-        limit[mt][half] = r < c.rows ? (p.is_causal ? i + c.causal_shift : c.k_len) : 0;
-      }
+                                              const float* slot_bias, const int (&limit)[kMTiles][2], int t) const {
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
@@ -116,31 +133,33 @@ struct ScoreOperands {
             x = pos < 0 || pos >= limit[mt][half] ? -INFINITY : x * scale + kb;
           }
       }
-    // Pass 2, query-side operands only, on the keys pass 1 left visible (in [0, limit): in bounds). A score that is
-    // -inf by itself (an inf in k) still takes its bias: -inf + NaN or + inf is NaN, as the contract says.
-    if constexpr (Traits::kQueryOperands) {
+  }
+
+  // Pass 2, query-side operands only, on the keys pass 1 left visible (in [0, limit): in bounds). A score that is
+  // -inf by itself (an inf in k) still takes its bias: -inf + NaN or + inf is NaN, as the contract says.
+  __device__ __forceinline__ void query_operands(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
+                                                 const int (&limit)[kMTiles][2], int warp_row0, int g, int t) const {
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt)
+    for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int64_t qrow = static_cast<int64_t>(c.q_start) + c.m0 + warp_row0 + mt * 16 + g + half * 8;
-          const int64_t mask_row = query_mask ? p.mask.row_start(qrow, c.h) : 0;
-          const int64_t bias_row = query_bias ? p.bias.row_start(qrow, c.h) : 0;
+      for (int half = 0; half < 2; ++half) {
+        const int64_t qrow = static_cast<int64_t>(c.q_start) + c.m0 + warp_row0 + mt * 16 + g + half * 8;
+        const int64_t mask_row = query_mask ? p.mask.row_start(qrow, c.h) : 0;
+        const int64_t bias_row = query_bias ? p.bias.row_start(qrow, c.h) : 0;
 #pragma unroll
-          for (int nt = 0; nt < kNTiles; ++nt)
+        for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-            for (int e2 = 0; e2 < 2; ++e2) {
-              float& x = s[mt][nt][2 * half + e2];
-              const int pos = key_pos[nt * 8 + 2 * t + e2];
-              if (pos < 0 || pos >= limit[mt][half]) continue;  // hidden: x is -inf already
-              if (query_mask && !p.mask.mask_allows(p.mask.column(mask_row, pos))) {
-                x = -INFINITY;  // hidden: its bias is not read (it may be NaN)
-              } else if (query_bias) {
-                x += bias_value(p.bias, p.bias.column(bias_row, pos));
-              }
+          for (int e2 = 0; e2 < 2; ++e2) {
+            float& x = s[mt][nt][2 * half + e2];
+            const int pos = key_pos[nt * 8 + 2 * t + e2];
+            if (pos < 0 || pos >= limit[mt][half]) continue;  // hidden: x is -inf already
+            if (query_mask && !p.mask.mask_allows(p.mask.column(mask_row, pos))) {
+              x = -INFINITY;  // hidden: its bias is not read (it may be NaN)
+            } else if (query_bias) {
+              x += bias_value(p.bias, p.bias.column(bias_row, pos));
             }
-        }
-    }
+          }
+      }
   }
 };
 

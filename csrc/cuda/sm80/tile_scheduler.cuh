@@ -112,4 +112,80 @@ struct VarlenTileScheduler {
   }
 };
 
+
+// The decode kernel's tiles. Its rows are packed: the G = H / Hk query heads of one KV head times the sequence's
+// q_len queries, head-major (packed row r is query head hk * G + r / q_len, query r % q_len), so one K / V tile serves
+// every query head of its KV head. Grid (row tiles x splits, KV heads, sequences), row tile fastest so the CTAs that
+// read the same keys run side by side; a split is a range of whole KV tiles of the (sequence, KV head)'s key slots
+// (SplitPartials, ../passes.h), sized on the host, clipped to the slots on the device.
+struct DecodeTile {
+  TileContext c;  // c.m0 / c.rows: packed rows; c.h: the KV group's first query head (operand heads are per group)
+  int split;
+  int tile_begin, tile_end;  // this split's KV tiles (an empty range still writes its rows' partial lse)
+
+  // Query position in its sequence and query head of packed row m0 + r.
+  __device__ __forceinline__ int query(int r) const { return (c.m0 + r) % c.q_len; }
+  __device__ __forceinline__ int head(int r) const { return c.h + (c.m0 + r) / c.q_len; }
+};
+
+template <int kBlockM, int kBlockN>
+struct DecodeTileScheduler {
+  static constexpr int32_t kMaxSeqsPerLaunch = 65535;
+
+  static dim3 grid(const VarlenFwdParams& p, const SplitPartials& s, int64_t seq0) {
+    return dim3(static_cast<unsigned>(s.row_tiles) * static_cast<unsigned>(s.num_splits),
+                static_cast<unsigned>(p.num_heads_k),
+                static_cast<unsigned>(std::min<int64_t>(p.batch - seq0, kMaxSeqsPerLaunch)));
+  }
+
+  // This CTA's tile; false when it owns no rows (a row tile past a sequence's packed rows). Called by every thread.
+  static __device__ __forceinline__ bool tile(const VarlenFwdParams& p, const KeyLists& keys, const SplitPartials& s,
+                                              int seq0, int lane, DecodeTile& d) {
+    TileContext& c = d.c;
+    const int b = seq0 + blockIdx.z;
+    const int group = p.num_heads / p.num_heads_k;
+    c.hk = blockIdx.y;
+    c.h = c.hk * group;
+    {
+      const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
+      const SeqRange sk = clamp_seq(p.cu_seqlens_k, b, p.total_k, p.max_seqlen_k);
+      c.q_start = static_cast<int>(sq.start);
+      c.q_len = static_cast<int>(sq.len);
+      c.k_start = static_cast<int>(sk.start);
+      c.k_len = static_cast<int>(sk.len);
+    }
+    const int row_tile = blockIdx.x % s.row_tiles;
+    d.split = blockIdx.x / s.row_tiles;
+    // q_len <= max_seqlen_q and group * max_seqlen_q fits the grid the host sized, so this is an int.
+    const int packed = group * c.q_len;
+    c.m0 = row_tile * kBlockM;
+    if (c.m0 >= packed) return false;
+    c.rows = min(kBlockM, packed - c.m0);
+
+    c.key_index = nullptr;
+    c.n_keys = c.k_len;
+    if (p.mask.layout == OperandLayout::kKeySide) {  // one list for the whole group (plan: Hm in {1, Hk})
+      const int hm = c.h / p.mask.head_group;
+      c.key_index = keys.index + static_cast<int64_t>(hm) * p.total_k + c.k_start;
+      c.n_keys = min(max(keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm], 0), c.k_len);
+    }
+    c.causal_shift = c.k_len - c.q_len + 1;
+    if (p.is_causal) {
+      // The tile's queries: a run of rows within one head, or every query once it wraps to the next head.
+      const int i0 = c.m0 % c.q_len;
+      const bool wraps = i0 + c.rows > c.q_len;
+      const int i_min = wraps ? 0 : i0, i_max = wraps ? c.q_len - 1 : i0 + c.rows - 1;
+      c.slots_end = slots_before(c, min(i_max + c.causal_shift, c.k_len), lane);
+      c.slots_full = slots_before(c, min(i_min + c.causal_shift, c.k_len), lane);
+    } else {
+      c.slots_end = c.slots_full = c.n_keys;
+    }
+    const int tiles = (c.slots_end + kBlockN - 1) / kBlockN;
+    const int64_t begin = static_cast<int64_t>(d.split) * s.tiles_per_split;
+    d.tile_begin = static_cast<int>(begin < tiles ? begin : tiles);
+    d.tile_end = static_cast<int>(begin + s.tiles_per_split < tiles ? begin + s.tiles_per_split : tiles);
+    return true;
+  }
+};
+
 }  // namespace dmattn::cuda::sm80

@@ -1,0 +1,305 @@
+// decode_kernel.cuh: the sm80-path decode kernel (flash-decoding on SM80 tensor-core atoms): few queries per
+// sequence, many keys. Three things make it read K / V at bandwidth where the prefill kernel cannot:
+//   packed GQA   one CTA holds the G = H / Hk query heads of a KV head times the sequence's queries as its rows
+//                (DecodeTileScheduler, tile_scheduler.cuh), so each K / V row is read once per KV head, not per query
+//                head; the key-side mask and bias are then one per tile (the plan sends Hm = H and query-side
+//                operands to the prefill kernel, heuristics.h)
+//   split-KV     the key slots of a (sequence, KV head) are cut into splits of whole KV tiles, one CTA each, so a
+//                batch of a few long sequences still fills the GPU; splits write float32 partials that
+//                combine_splits (../split_combine.cu) merges through their lse
+//   a deep ring  kStages K / V tiles in flight (cp.async), gathered at the kept keys of a key-side mask, so the time
+//                falls with the kept fraction
+// The warps split each KV tile (16 keys each, every warp holding all the tile's rows) and keep their own running
+// max / sum / O, merged once at the end through shared memory. The per-concern pieces are the prefill kernel's:
+// KvTiles (loads and slot metadata), warp_mma, ScoreOperands, OnlineSoftmax, nonfinite_v.
+//
+// Per KV tile n (ring stage n % kStages, metadata slot n % kMetaSlots):
+//   wait tile n -> issue the loads of tile n + kStages - 1 -> S = Q K^T (this warp's keys) -> score operands
+//   -> metadata of tile n + kStages -> online softmax -> O += P V
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cute/arch/copy_sm80.hpp>
+
+#include "../passes.h"
+#include "kernel_traits.h"
+#include "kv_tiles.cuh"
+#include "nonfinite_v.cuh"
+#include "online_softmax.cuh"
+#include "score_operands.cuh"
+#include "tile_scheduler.cuh"
+#include "warp_mma.cuh"
+
+namespace dmattn::cuda::sm80 {
+
+// The Q tile: packed row r is query d.query(r) of head d.head(r), so each row has its own address.
+template <typename Traits>
+__device__ __forceinline__ void load_packed_q(const VarlenFwdParams& p, const DecodeTile& d,
+                                              typename Traits::Elem* smem) {
+  using Elem = typename Traits::Elem;
+  using L = RowLoader<Traits>;
+  const int r0 = threadIdx.x / L::kLoadCols, col = (threadIdx.x % L::kLoadCols) * 8;
+  if (col >= Traits::kHeadDim) return;
+  const Elem* q = static_cast<const Elem*>(p.q);
+#pragma unroll 1
+  for (int r = r0; r < Traits::kBlockM; r += L::kRowStep) {
+    const bool valid = r < d.c.rows;
+    const Elem* src = valid ? q + static_cast<int64_t>(d.c.q_start + d.query(r)) * p.q_row_stride +
+                                  static_cast<int64_t>(d.head(r)) * p.q_head_stride + col
+                            : q;
+    cp_async_16(smem + Traits::template smem_offset<Traits::kBlockM>(r, col), src, valid);
+  }
+}
+
+// The end of a CTA: the warps' rows merged (max, sum, O rescaled to the CTA's max), then out and lse, or this split's
+// partial lse and O (normalized by the split's own sum). Every warp reaches it after the last barrier of the loop.
+template <typename Traits>
+__device__ __forceinline__ void store_decode_tile(const VarlenFwdParams& p, const DecodeTile& d,
+                                                  const SplitPartials& splits,
+                                                  const float (&o)[Traits::kMTiles][Traits::kDTiles][4],
+                                                  const OnlineSoftmax<Traits::kMTiles, Traits::kNTiles>& softmax,
+                                                  unsigned poisoned_rows, typename Traits::SharedStorage& smem) {
+  using Elem = typename Traits::Elem;
+  constexpr int kBlockM = Traits::kBlockM, kHeadDim = Traits::kHeadDim, kWarps = Traits::kWarps;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const TileContext& c = d.c;
+  const bool split = splits.num_splits > 1;
+
+  // 1. Each warp's view of its rows: max, sum, poisoned, and O (unnormalized, relative to its own max).
+#pragma unroll
+  for (int mt = 0; mt < Traits::kMTiles; ++mt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float l = softmax.row_total(mt, half);
+      const unsigned poisoned = __ballot_sync(0xffffffffu, (poisoned_rows >> (2 * mt + half)) & 1u);
+      const int r = mt * 16 + g + half * 8;
+      if (t == 0) {
+        smem.row_max[warp][r] = softmax.row_max[mt][half];
+        smem.row_sum[warp][r] = l;
+        smem.row_poisoned[warp][r] = ((poisoned >> (lane & ~3)) & 0xfu) != 0;
+      }
+      float* dst = smem.reduce.o[warp][r];
+#pragma unroll
+      for (int dt = 0; dt < Traits::kDTiles; ++dt) {
+        *reinterpret_cast<float2*>(dst + dt * 8 + 2 * t) = make_float2(o[mt][dt][2 * half], o[mt][dt][2 * half + 1]);
+      }
+    }
+  }
+  __syncthreads();
+
+  // 2. Per row: the CTA's max m, each warp's factor exp(m_w - m), the sum l; lse; each warp's coefficient in out.
+  //    A warp that saw nothing (m_w = -inf) has factor 0, which keeps a NaN sum (a NaN score) NaN: 0 * NaN.
+  if (tid < kBlockM) {
+    const int r = tid;
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, smem.row_max[w][r]);
+    float f[kWarps], l = 0.f;
+    bool poisoned = false;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float mw = smem.row_max[w][r];
+      f[w] = mw == -INFINITY ? 0.f : mw == m ? 1.f : exp2f((mw - m) * kLog2e);
+      l += f[w] * smem.row_sum[w][r];
+      poisoned |= smem.row_poisoned[w][r] != 0;
+    }
+    const bool seen = l != 0.f;  // 0: nothing visible; NaN: a NaN or +inf score (a NaN row)
+    const float inv = poisoned ? __int_as_float(0x7fc00000) : seen ? 1.f / l : 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) smem.row_coef[w][r] = f[w] * inv;
+    const float lse = seen ? m + logf(l) : -INFINITY;
+    smem.row_lse[r] = lse;
+    if (r < c.rows) {
+      const int64_t row = static_cast<int64_t>(c.q_start) + d.query(r);
+      const int h = d.head(r);
+      if (split) {
+        splits.lse[(static_cast<int64_t>(d.split) * p.num_heads + h) * p.total_q + row] = lse;
+      } else {
+        p.lse[static_cast<int64_t>(h) * p.total_q + row] = lse;
+      }
+    }
+  }
+  __syncthreads();
+
+  // 3. out (or the split's O), two columns per thread and step: sum over the warps of coefficient x O.
+  Elem* out = static_cast<Elem*>(p.out);
+#pragma unroll 1
+  for (int e = tid; e < kBlockM * kHeadDim / 2; e += Traits::kThreads) {
+    const int r = e / (kHeadDim / 2), col = e % (kHeadDim / 2) * 2;
+    if (r >= c.rows || (split && smem.row_lse[r] == -INFINITY)) continue;  // a split that saw nothing: lse only
+    float x0 = 0.f, x1 = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float coef = smem.row_coef[w][r];
+      const float2 v = *reinterpret_cast<const float2*>(&smem.reduce.o[w][r][col]);
+      x0 += coef * v.x;
+      x1 += coef * v.y;
+    }
+    const int64_t row = static_cast<int64_t>(c.q_start) + d.query(r);
+    const int h = d.head(r);
+    if (split) {
+      const int64_t at = ((static_cast<int64_t>(d.split) * p.num_heads + h) * p.total_q + row) * kHeadDim + col;
+      *reinterpret_cast<float2*>(splits.o + at) = make_float2(x0, x1);
+    } else {
+      *reinterpret_cast<uint32_t*>(out + row * p.out_row_stride + static_cast<int64_t>(h) * p.out_head_stride + col) =
+          ElemTraits<Elem>::pack(x0, x1);
+    }
+  }
+}
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads)
+decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys,
+              const __grid_constant__ SplitPartials splits, int seq0) {
+  using Elem = typename Traits::Elem;
+  using Mma = typename Traits::Mma;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
+  constexpr int kMTiles = Traits::kMTiles, kNTiles = Traits::kNTiles, kDTiles = Traits::kDTiles;
+  constexpr int kStages = Traits::kStages, kMetaSlots = Traits::kMetaSlots, kWarpKeys = Traits::kWarpKeys;
+
+  extern __shared__ __align__(128) char smem_raw[];
+  auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+
+  DecodeTile d;
+  if (!DecodeTileScheduler<kBlockM, kBlockN>::tile(p, keys, splits, seq0, lane, d)) return;
+  const TileContext& c = d.c;
+  if (d.tile_begin >= d.tile_end && splits.num_splits > 1) {
+    // A split with no KV tile (past its sequence's kept keys): its rows' partial lse is -inf, its O unread.
+    for (int r = tid; r < c.rows; r += Traits::kThreads) {
+      splits.lse[(static_cast<int64_t>(d.split) * p.num_heads + d.head(r)) * p.total_q + c.q_start + d.query(r)] =
+          -INFINITY;
+    }
+    return;
+  }
+  const ScoreOperands<Traits> ops(p, c);
+  KvTiles<Traits> kv(p, c, smem);
+
+  // Keys at or past a row's limit are hidden from it (its causal limit; 0 for rows past the tile).
+  int limit[kMTiles][2];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = mt * 16 + g + half * 8;
+      limit[mt][half] = r < c.rows ? (p.is_causal ? d.query(r) + c.causal_shift : c.k_len) : 0;
+    }
+
+  // ---- Prologue: Q, the metadata of the first kStages tiles, the K / V of the first kStages - 1 ----
+  load_packed_q<Traits>(p, d, smem.tiles.q);
+#pragma unroll
+  for (int i = 0; i < kStages; ++i) {
+    if (d.tile_begin + i < d.tile_end) {
+      kv.fetch_pos(d.tile_begin + i);
+      kv.fetch_bias();
+      kv.store(i);
+    }
+  }
+  __syncthreads();  // the gathers read the positions
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (d.tile_begin + i < d.tile_end) {
+      kv.load_k_into(smem.tiles.k[i], d.tile_begin + i, i);
+      kv.load_v_into(smem.tiles.v[i], d.tile_begin + i, i);
+    }
+    cute::cp_async_fence();  // one group per stage, empty or not, so the wait below counts stages
+  }
+
+  float o[kMTiles][kDTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int dt = 0; dt < kDTiles; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
+  OnlineSoftmax<kMTiles, kNTiles> softmax;
+  unsigned poisoned_rows = 0;  // bit 2 mt + half: this lane saw that row give weight to a key whose V held inf / NaN
+
+  // Per-lane ldmatrix byte offsets of the first fragment: Q (all rows), and this warp's 16 keys of a K / V tile.
+  constexpr uint32_t kTileBytes = kBlockN * kHeadDim * sizeof(Elem);
+  const uint32_t q_lane = static_cast<uint32_t>(__cvta_generic_to_shared(smem.tiles.q)) +
+                          2 * Traits::template smem_offset<kBlockM>((lane & 7) + ((lane >> 3) & 1) * 8,
+                                                                    (lane >> 4) * 8);
+  const uint32_t k_lane = static_cast<uint32_t>(__cvta_generic_to_shared(smem.tiles.k[0])) +
+                          2 * Traits::template smem_offset<kBlockN>((lane & 7) + (lane >> 4) * 8,
+                                                                    ((lane >> 3) & 1) * 8);
+  const uint32_t v_lane = static_cast<uint32_t>(__cvta_generic_to_shared(smem.tiles.v[0])) +
+                          2 * Traits::template smem_offset<kBlockN>((lane & 7) + ((lane >> 3) & 1) * 8,
+                                                                    (lane >> 4) * 8);
+
+#pragma unroll 1
+  for (int n = d.tile_begin, it = 0; n < d.tile_end; ++n, ++it) {
+    const int stage = it % kStages, meta = it % kMetaSlots;
+    cute::cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile n (and Q) landed; every warp is done with tile n - 1, whose stage is reloaded now
+    {
+      const int ahead = it + kStages - 1;
+      if (n + kStages - 1 < d.tile_end) {
+        kv.load_k_into(smem.tiles.k[ahead % kStages], n + kStages - 1, ahead % kMetaSlots);
+        kv.load_v_into(smem.tiles.v[ahead % kStages], n + kStages - 1, ahead % kMetaSlots);
+      }
+      cute::cp_async_fence();
+    }
+    const bool fetch = n + kStages < d.tile_end;
+    if (fetch) kv.fetch_pos(n + kStages);  // into the slot of tile n - 1, stored after Q K^T
+
+    // ---- S = Q K^T over this warp's keys: s[mt][nt] is the m16n8 fragment (rows 16 mt, keys 16 warp + 8 nt) ----
+    const uint32_t k_stage = k_lane + stage * kTileBytes;
+    float s[kMTiles][kNTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+    warp_mma<Mma, kMTiles, kHeadDim / 16, kNTiles / 2, Traits::kPrefetch, /*kAAhead=*/true>(
+        s,
+        [&](int kk, uint32_t(&a)[kMTiles][4]) {
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            ldmatrix_x4(Traits::template smem_step<kBlockM>(q_lane, mt, kk * 16), a[mt]);
+          }
+        },
+        [&](int kk, int j, uint32_t(&b)[4]) {
+          ldmatrix_x4(Traits::template smem_step<kBlockN>(k_stage, warp + j, kk * 16), b);
+        });
+
+    // ---- Scores: scale, bias, and -inf where a key is not visible ----
+    const float score_mul = ops.apply(s, n * kBlockN, smem.key_pos[meta] + warp * kWarpKeys,
+                                      smem.key_bias[meta] + warp * kWarpKeys, limit, t);
+    if (fetch) {
+      kv.fetch_bias();
+      kv.store((it + kStages) % kMetaSlots);  // tile n - 1's slot: its readers passed the barrier above
+    }
+    const bool v_fix = ops.hides_keys(n * kBlockN) && tile_has_nonfinite<Traits>(smem.tiles.v[stage]);
+    if (v_fix) {
+      zero_nonfinite_rows<Traits>(smem.tiles.v[stage], smem.v_bad);
+      __syncthreads();
+    }
+
+    // ---- P = exp(S - max), O rescaled ----
+    softmax.update(s, score_mul, o);
+    if (v_fix) mark_poisoned_rows(s, smem.v_bad + warp * kWarpKeys, t, poisoned_rows);
+
+    // ---- O += P V over this warp's keys: its 16 probabilities per row are the A operand of one k16 step ----
+    const uint32_t v_stage = v_lane + stage * kTileBytes;
+    warp_mma<Mma, kMTiles, 1, kDTiles / 2, Traits::kPrefetch, /*kAAhead=*/false>(
+        o,
+        [&](int, uint32_t(&a)[kMTiles][4]) {
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) {
+            a[mt][0] = ElemTraits<Elem>::pack(s[mt][0][0], s[mt][0][1]);
+            a[mt][1] = ElemTraits<Elem>::pack(s[mt][0][2], s[mt][0][3]);
+            a[mt][2] = ElemTraits<Elem>::pack(s[mt][1][0], s[mt][1][1]);
+            a[mt][3] = ElemTraits<Elem>::pack(s[mt][1][2], s[mt][1][3]);
+          }
+        },
+        [&](int, int j, uint32_t(&b)[4]) {
+          ldmatrix_x4_trans(Traits::template smem_step<kBlockN>(v_stage, warp, j * 16), b);
+        });
+  }
+  cute::cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the tiles: the merge reuses their shared memory
+
+  store_decode_tile<Traits>(p, d, splits, o, softmax, poisoned_rows, smem);
+}
+
+}  // namespace dmattn::cuda::sm80

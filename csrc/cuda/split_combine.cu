@@ -1,0 +1,110 @@
+// split_combine.cu: the decode kernel's key splits merged into out and lse (passes.h, SplitPartials).
+//
+// Split s of a row saw the keys of its KV tiles and left lse_s (-inf: it saw none) and O_s, normalized by its own
+// sum. The row's lse is m + log(sum_s exp(lse_s - m)) with m = max_s lse_s, and out = sum_s exp(lse_s - lse) O_s:
+// exact in exact arithmetic, float32 here. The contract's special rows come through as the unsplit kernel writes them:
+//   no split saw a key      out 0, lse -inf
+//   a split's lse is NaN    (a NaN or +inf score) out and lse NaN
+//   a split's O holds NaN   (a poisoned row, or NaN V times weight 0) out NaN, lse kept
+//   m = +inf                weight 1 for the splits at m (no inf - inf)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "passes.h"
+
+namespace dmattn::cuda {
+namespace {
+
+constexpr int kCombineThreads = 256;
+constexpr int kRowsPerBlock = kCombineThreads / 32;  // one warp per (query row, head)
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ float split_weight(float lse_s, float m) {
+  return lse_s == -INFINITY ? 0.f : lse_s == m ? 1.f : exp2f((lse_s - m) * kLog2e);
+}
+
+template <typename Elem>
+__device__ __forceinline__ void store_pair(Elem* dst, float x0, float x1);
+template <>
+__device__ __forceinline__ void store_pair<__half>(__half* dst, float x0, float x1) {
+  *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(x0, x1);
+}
+template <>
+__device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* dst, float x0, float x1) {
+  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(x0, x1);
+}
+
+// One warp per (query row, head), grid-stride. Rows past cu_seqlens_q[B] are finish_rows' (the decode kernel wrote
+// no partials for them).
+template <typename Elem>
+__global__ void __launch_bounds__(kCombineThreads)
+combine_splits_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ SplitPartials sp) {
+  const int lane = threadIdx.x % 32;
+  const int64_t owned = std::min<int64_t>(std::max<int32_t>(p.cu_seqlens_q[p.batch], 0), p.total_q);
+  const int64_t split_stride = static_cast<int64_t>(p.num_heads) * p.total_q;  // rows between splits
+  const float nan_value = __int_as_float(0x7fc00000);
+  for (int64_t pair = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+       pair < owned * p.num_heads; pair += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
+    const int64_t row = pair / p.num_heads;
+    const int h = static_cast<int>(pair % p.num_heads);
+    const float* lse_s = sp.lse + static_cast<int64_t>(h) * p.total_q + row;
+
+    // The max over the splits, and whether any is NaN (fmaxf would drop it).
+    float m = -INFINITY;
+    bool nan = false;
+    for (int s = lane; s < sp.num_splits; s += 32) {
+      const float x = lse_s[s * split_stride];
+      nan |= x != x;
+      m = fmaxf(m, x);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    nan = __any_sync(0xffffffffu, nan);
+    float total = 0.f;
+    for (int s = lane; s < sp.num_splits; s += 32) total += split_weight(lse_s[s * split_stride], m);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) total += __shfl_xor_sync(0xffffffffu, total, off);
+    const float lse = nan ? nan_value : m == -INFINITY ? -INFINITY : m + logf(total);
+    const float inv_total = m == -INFINITY ? 0.f : 1.f / total;
+
+    Elem* out = static_cast<Elem*>(p.out) + row * p.out_row_stride + static_cast<int64_t>(h) * p.out_head_stride;
+    const float* o_s = sp.o + (static_cast<int64_t>(h) * p.total_q + row) * p.head_dim;
+    for (int col = 2 * lane; col < p.head_dim; col += 64) {
+      float x0 = nan_value, x1 = nan_value;
+      if (!nan) {
+        x0 = x1 = 0.f;
+        for (int s = 0; s < sp.num_splits; ++s) {
+          const float l = lse_s[s * split_stride];
+          if (l == -INFINITY) continue;  // that split wrote no O
+          const float w = split_weight(l, m) * inv_total;
+          const float2 v = *reinterpret_cast<const float2*>(o_s + s * split_stride * p.head_dim + col);
+          x0 += w * v.x;
+          x1 += w * v.y;
+        }
+      }
+      store_pair<Elem>(out + col, x0, x1);
+    }
+    if (lane == 0) p.lse[static_cast<int64_t>(h) * p.total_q + row] = lse;
+  }
+}
+
+}  // namespace
+
+cudaError_t combine_splits(const VarlenFwdParams& p, const SplitPartials& splits, cudaStream_t stream) {
+  if (splits.num_splits <= 1 || p.total_q == 0 || p.num_heads == 0 || p.batch == 0) return cudaSuccess;
+  // One pass over the rows up to 64k CTAs; past that the warps stride (the kernel reads the row count on the device).
+  const int64_t blocks = (p.total_q * p.num_heads + kRowsPerBlock - 1) / kRowsPerBlock;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(blocks, 65535)));
+  if (p.dtype == ScalarType::kFloat16) {
+    combine_splits_kernel<__half><<<grid, kCombineThreads, 0, stream>>>(p, splits);
+  } else {
+    combine_splits_kernel<__nv_bfloat16><<<grid, kCombineThreads, 0, stream>>>(p, splits);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace dmattn::cuda

@@ -1,0 +1,175 @@
+"""The CUDA decode kernel (packed GQA, split-KV; csrc/cuda/sm80/decode_kernel.cuh) and its choice, beside the prefill
+kernel: both run every sample, forced through the documented debug variables (README, "Debug variables"):
+
+- DMATTN_KERNEL=prefill|decode forces a kernel (decode only where it can run: key-side operands shared by the query
+  heads of a KV head, no query-side operand; elsewhere the prefill kernel runs);
+- DMATTN_DECODE_TILES_PER_SPLIT=1 makes every 64-key tile its own split, so the split combine runs on every sample
+  with more than 64 keys;
+- DMATTN_LOG_PLAN=1 prints each call's plan to stderr: the tests read which kernel the automatic choice took.
+
+Every case is judged by the same float64 reference and accuracy rule as every kernel (tests/samples.py). The plan
+itself (split counts, workspace) is tested on the host in test_kernel_matrix.py; these tests need a GPU.
+"""
+
+import math
+import re
+
+import pytest
+import torch
+
+from samples import SAMPLES, Spec, assert_close_to_reference, make_sample, support_reason
+
+KERNELS = {
+    "prefill": {"DMATTN_KERNEL": "prefill"},
+    "decode": {"DMATTN_KERNEL": "decode"},
+    "decode_split_every_tile": {"DMATTN_KERNEL": "decode", "DMATTN_DECODE_TILES_PER_SPLIT": "1"},
+}
+
+
+@pytest.fixture(params=list(KERNELS))
+def kernel(request, monkeypatch, cuda_device):
+    for name, value in KERNELS[request.param].items():
+        monkeypatch.setenv(name, value)
+    return request.param
+
+
+def _checked(sample, label=""):
+    out, lse = sample.run()
+    assert_close_to_reference((out, lse), sample.reference(), sample.reference(sample.dtype), label=label)
+    return out, lse
+
+
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("spec", SAMPLES, ids=lambda s: s.name)
+def test_sample_matches_reference_on_each_kernel(spec, dtype, kernel):
+    reason = support_reason(spec, dtype, "cuda")
+    if reason:
+        pytest.skip(reason)
+    _checked(make_sample(spec, dtype, "cuda"), label=kernel)
+
+
+# Decode shapes: few queries, many keys, every head broadcast the decode kernel packs, GQA / MQA / MHA, D 64-256.
+DECODE_SPECS = [
+    Spec("gqa4_key_mask_hk", heads=8, heads_k=2, seqlens_q=(1, 3, 8, 2), seqlens_k=(1500, 700, 2100, 90),
+         mask="key", mask_heads="Hk", keep=0.25, bias="key", bias_heads="Hk"),
+    Spec("gqa4_key_mask_1_bias_1", heads=8, heads_k=2, seqlens_q=(4, 1), seqlens_k=(3000, 64), mask="key",
+         mask_heads="1", keep=0.5, bias="key", bias_heads="1"),
+    Spec("mqa_q8", heads=8, heads_k=1, seqlens_q=(8, 5), seqlens_k=(1100, 600), mask="key", mask_heads="1",
+         keep=0.3, bias="key", bias_heads="Hk"),
+    Spec("mha_no_mask", heads=4, heads_k=4, seqlens_q=(1, 2, 1), seqlens_k=(2000, 129, 64)),
+    Spec("causal_lq8_gqa", heads=8, heads_k=2, seqlens_q=(8, 3, 7), seqlens_k=(900, 3, 1300), is_causal=True,
+         mask="key", mask_heads="Hk", keep=0.6, bias="key", bias_heads="Hk"),
+    Spec("causal_rows_wrap_heads", heads=12, heads_k=2, seqlens_q=(6, 5), seqlens_k=(400, 6), is_causal=True),
+    Spec("empty_and_masked_sequences", heads=8, heads_k=2, seqlens_q=(2, 0, 3, 1), seqlens_k=(500, 300, 0, 800),
+         mask="key", mask_heads="Hk", keep=0.4, masked_rows=True, bias="key"),
+    Spec("all_keys_masked", heads=8, heads_k=2, seqlens_q=(2, 3), seqlens_k=(700, 1200), mask="key", keep=0.0),
+    Spec("bias_neg_inf", heads=8, heads_k=2, seqlens_q=(1, 4), seqlens_k=(900, 300), bias="key", bias_heads="Hk",
+         bias_neg_inf=True, mask="key", mask_heads="Hk"),
+    Spec("head_dim_64", head_dim=64, heads=16, heads_k=4, seqlens_q=(3, 1), seqlens_k=(2500, 400), mask="key",
+         mask_heads="Hk", keep=0.25, bias="key", bias_heads="Hk"),
+    Spec("head_dim_128", head_dim=128, heads=16, heads_k=4, seqlens_q=(3, 1), seqlens_k=(2500, 400), mask="key",
+         mask_heads="Hk", keep=0.25, bias="key", bias_heads="Hk", bias_dtype="q"),
+    Spec("head_dim_256", head_dim=256, heads=8, heads_k=2, seqlens_q=(2, 8), seqlens_k=(1000, 1500), is_causal=True,
+         mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="1"),
+    Spec("head_dim_96", head_dim=96, heads=8, heads_k=2, seqlens_q=(1, 2), seqlens_k=(800, 200), mask="key"),
+    Spec("trailing_rows", heads=8, heads_k=2, seqlens_q=(2, 3), seqlens_k=(600, 900), extra_rows_q=3,
+         extra_rows_k=5, slack_q=2, slack_k=40, mask="key", mask_heads="Hk", bias="key"),
+]
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("spec", DECODE_SPECS, ids=lambda s: s.name)
+def test_decode_shapes_match_reference_on_each_kernel(spec, dtype, kernel):
+    reason = support_reason(spec, dtype, "cuda")
+    if reason:
+        pytest.skip(reason)
+    _checked(make_sample(spec, dtype, "cuda"), label=kernel)
+
+
+@pytest.mark.parametrize("spec", DECODE_SPECS[:4], ids=lambda s: s.name)
+def test_split_counts_agree(spec, monkeypatch, cuda_device):
+    """One split, a few and one per tile: the same result within the accuracy rule, and each deterministic."""
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    results = {}
+    for tiles in ("100000", "3", "1"):
+        monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", tiles)
+        first = _checked(sample, label=f"{tiles} tiles per split")
+        again = sample.run()
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1]), "not deterministic"
+        results[tiles] = first
+    assert results.keys() == {"100000", "3", "1"}
+
+
+def _plan_lines(capfd):
+    return re.findall(r"dmattn\.varlen_fwd plan: kernel=(\w+)", capfd.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        (DECODE_SPECS[0], "decode"),  # 4 query heads per KV head x <= 8 queries: 32 packed rows
+        (next(s for s in SAMPLES if s.name == "long_sequences"), "prefill"),  # query-side mask
+        (Spec("prefill_len", heads=8, heads_k=2, seqlens_q=(300, 40), seqlens_k=(300, 40), is_causal=True),
+         "prefill"),
+        (Spec("mask_per_query_head", heads=8, heads_k=2, seqlens_q=(1, 2), seqlens_k=(500, 90), mask="key",
+              mask_heads="H"), "prefill"),  # each query head its own kept keys: rows of a tile would disagree
+    ],
+    ids=lambda x: x if isinstance(x, str) else x.name,
+)
+def test_automatic_choice(spec, expected, monkeypatch, capfd, cuda_device):
+    monkeypatch.delenv("DMATTN_KERNEL", raising=False)
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    sample = make_sample(spec, torch.float16, "cuda")
+    capfd.readouterr()
+    _checked(sample)
+    torch.cuda.synchronize()
+    assert _plan_lines(capfd) == [expected]
+
+
+def test_forced_decode_falls_back_where_it_cannot_run(monkeypatch, capfd, cuda_device):
+    spec = next(s for s in SAMPLES if s.name == "key_mask_query_bias")
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    sample = make_sample(spec, torch.float16, "cuda")
+    capfd.readouterr()
+    _checked(sample)
+    assert _plan_lines(capfd) == ["prefill"]
+
+
+def test_bad_debug_variables_are_clear_errors(monkeypatch, cuda_device):
+    sample = make_sample(DECODE_SPECS[3], torch.float16, "cuda")
+    monkeypatch.setenv("DMATTN_KERNEL", "fast")
+    with pytest.raises(ValueError, match="DMATTN_KERNEL must be auto, prefill or decode, got 'fast'"):
+        sample.run()
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", "0")
+    with pytest.raises(ValueError, match="DMATTN_DECODE_TILES_PER_SPLIT must be a positive integer, got '0'"):
+        sample.run()
+
+
+@pytest.mark.parametrize("tiles", ["1", "auto"])
+def test_nonfinite_values_follow_the_contract(tiles, monkeypatch, cuda_device):
+    """Through the split combine: a NaN score makes its row NaN (out and lse), a NaN in a visible key's V makes out
+    NaN and keeps lse, a row with nothing visible is 0 / -inf; other rows are unaffected."""
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    if tiles != "auto":
+        monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", tiles)
+    spec = Spec("nonfinite", heads=4, heads_k=2, seqlens_q=(1, 1, 1, 1), seqlens_k=(300, 300, 300, 300),
+                mask="key", mask_heads="Hk", keep=1.0)
+    sample = make_sample(spec, torch.float16, "cuda")
+    q, k, v, mask = sample.q.clone(), sample.k.clone(), sample.v.clone(), sample.mask.clone()
+    k[0 + 200, 0, 3] = math.nan  # sequence 0, KV head 0: a NaN score for query heads 0 and 1
+    v[300 + 250, 1, 5] = math.nan  # sequence 1, KV head 1: a visible key whose V holds a NaN
+    mask[600:900, 0] = False  # sequence 2, KV head 0: nothing visible
+    out, lse = sample.replace(q=q, k=k, v=v, mask=mask).run()
+    ref_out, ref_lse = sample.run()
+    assert out[0, 0:2].isnan().all() and lse[0:2, 0].isnan().all()
+    assert out[1, 2:4].isnan().any() and lse[2:4, 1].isfinite().all()
+    assert (out[2, 0:2] == 0).all() and (lse[0:2, 2] == -math.inf).all()
+    for row, heads in ((0, [2, 3]), (1, [0, 1]), (2, [2, 3]), (3, [0, 1, 2, 3])):
+        assert torch.equal(out[row, heads], ref_out[row, heads]), (row, heads)
+        assert torch.equal(lse[heads, row], ref_lse[heads, row]), (row, heads)

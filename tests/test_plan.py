@@ -1,0 +1,153 @@
+"""csrc/cuda/heuristics.h: what a CUDA call runs (prefill or decode kernel, packed row tiles, key splits) and the
+workspace it needs, decided on the host from host-known ints only.
+
+CPU only, no nvcc: the header is compiled with the host compiler (with stand-ins for the CUDA toolkit headers, as
+test_kernel_matrix.py does) into a small driver that prints the plan of each call described on stdin.
+"""
+
+import math
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from test_kernel_matrix import _CUDA_STUBS
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+_DRIVER = """
+    #include <cstdio>
+
+    #include "cuda/heuristics.h"
+    using namespace dmattn;
+    // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
+    // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes
+    int main() {
+      long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles;
+      while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &B, &H, &Hk,
+                        &D, &tq, &tk, &mq, &mk, &mask, &hm, &bias, &hb, &sms, &force, &tiles) == 15) {
+        VarlenFwdParams p;
+        p.batch = B; p.num_heads = H; p.num_heads_k = Hk; p.head_dim = D;
+        p.total_q = tq; p.total_k = tk; p.max_seqlen_q = mq; p.max_seqlen_k = mk;
+        p.mask.layout = static_cast<OperandLayout>(mask); p.mask.head_group = H / hm;
+        p.bias.layout = static_cast<OperandLayout>(bias); p.bias.head_group = H / hb;
+        cuda::PlanOverrides o;
+        o.kernel = static_cast<cuda::PlanOverrides::Kernel>(force);
+        o.tiles_per_split = tiles;
+        const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, cuda::DeviceInfo{90, static_cast<int>(sms)}, o);
+        std::printf("%s %d %d %d %d %zu\\n", plan.kernel == cuda::FwdKernel::kDecode ? "decode" : "prefill",
+                    plan.row_tiles, plan.num_splits, plan.tiles_per_split, plan.key_lists_heads,
+                    cuda::workspace_bytes(plan, p));
+      }
+    }
+    """
+
+ABSENT, KEY, QUERY = 0, 1, 2
+AUTO, FORCE_PREFILL, FORCE_DECODE = 0, 1, 2
+
+
+@pytest.fixture(scope="module")
+def planner(tmp_path_factory):
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler to compile heuristics.h with")
+    tmp = tmp_path_factory.mktemp("plan")
+    for name, text in _CUDA_STUBS.items():
+        (tmp / name).write_text(textwrap.dedent(text))
+    (tmp / "main.cpp").write_text(textwrap.dedent(_DRIVER))
+    exe = tmp / "plan"
+    subprocess.run([compiler, "-std=c++17", "-Wall", "-Werror", "-I", str(tmp), "-I", str(CSRC),
+                    str(tmp / "main.cpp"), "-o", str(exe)], check=True)
+
+    def plan(B, H, Hk, D, total_q, total_k, max_q, max_k, mask=ABSENT, Hm=1, bias=ABSENT, Hb=1, sms=132,
+             force=AUTO, tiles=0):
+        line = " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
+                                         force, tiles))
+        out = subprocess.run([str(exe)], input=line + "\n", capture_output=True, text=True, check=True).stdout
+        kernel, row_tiles, splits, per_split, lists, workspace = out.split()
+        return dict(kernel=kernel, row_tiles=int(row_tiles), splits=int(splits), tiles_per_split=int(per_split),
+                    key_lists_heads=int(lists), workspace=int(workspace))
+
+    return plan
+
+
+# The benchmark's decode workload: B = 64, 1-8 queries, 1024-8192 keys (about 290k), H = 32, Hk = 8, D = 128.
+WORKLOAD = dict(B=64, H=32, Hk=8, D=128, total_q=288, total_k=290_000, max_q=8, max_k=8192)
+
+
+def test_decode_workload_is_packed_and_split(planner):
+    plan = planner(**WORKLOAD, mask=KEY, Hm=8, bias=KEY, Hb=8)
+    partials = 4 * plan["splits"] * 32 * 288 * (1 + 128)
+    assert plan["kernel"] == "decode"
+    assert plan["row_tiles"] == 1  # 4 query heads x 8 queries = 32 packed rows, one tile
+    # ~36.8k (sequence, KV head) KV tiles over 132 SMs x 2 CTAs x 8 waves: 18 tiles (1152 keys) per split
+    assert plan["tiles_per_split"] == 18
+    assert plan["splits"] == math.ceil(128 / 18)
+    lists = 4 * 8 * 290_000 + 4 * 8 * 64
+    assert abs(plan["workspace"] - lists - partials) < 4 * 256  # each piece 256-byte aligned
+
+
+def test_long_context_gets_many_splits(planner):
+    plan = planner(B=4, H=32, Hk=8, D=128, total_q=4, total_k=320_000, max_q=1, max_k=131_072)
+    assert plan["kernel"] == "decode"
+    assert 16 <= plan["splits"] <= 128 and plan["splits"] == math.ceil(2048 / plan["tiles_per_split"])
+
+
+def test_short_keys_need_no_split(planner):
+    plan = planner(B=64, H=32, Hk=8, D=128, total_q=64, total_k=64 * 200, max_q=1, max_k=200)
+    assert plan["kernel"] == "decode" and plan["splits"] == 1 and plan["workspace"] == 0
+
+
+def test_split_count_is_bounded(planner):
+    plan = planner(B=1, H=8, Hk=8, D=64, total_q=1, total_k=1 << 24, max_q=1, max_k=1 << 24, tiles=1)
+    assert plan["splits"] <= 128 and plan["splits"] * plan["tiles_per_split"] * 64 >= 1 << 24
+
+
+def test_split_partials_are_bounded(planner):
+    """A million-key sequence beside 63 short ones: fewer, longer splits instead of gigabytes of partials."""
+    plan = planner(**{**WORKLOAD, "total_k": 1_200_000, "max_k": 1_000_000})
+    assert plan["kernel"] == "decode" and plan["splits"] > 1
+    assert plan["splits"] * 32 * 288 * 129 * 4 <= 64 << 20
+    assert plan["workspace"] <= (64 << 20) + 4096
+    assert plan["splits"] * plan["tiles_per_split"] * 64 >= 1_000_000
+
+
+@pytest.mark.parametrize(
+    "change, kernel",
+    [
+        (dict(), "decode"),
+        (dict(mask=KEY, Hm=1), "decode"),
+        (dict(mask=KEY, Hm=8), "decode"),  # Hm = Hk
+        (dict(mask=KEY, Hm=32), "prefill"),  # Hm = H: each query head its own kept keys
+        (dict(bias=KEY, Hb=32), "prefill"),
+        (dict(bias=KEY, Hb=16), "prefill"),  # 2 query heads per bias head: a KV group (4 heads) spans two
+        (dict(bias=KEY, Hb=4), "decode"),  # 8 query heads per bias head: two whole KV groups each
+        (dict(mask=QUERY, Hm=8), "prefill"),
+        (dict(bias=QUERY, Hb=1), "prefill"),
+        (dict(max_q=16), "decode"),  # 4 x 16 = 64 packed rows
+        (dict(max_q=17), "prefill"),
+        (dict(H=8, Hk=8, max_q=64), "decode"),  # MHA: 64 queries
+        (dict(H=32, Hk=1, max_q=2), "decode"),  # MQA: 32 heads x 2 queries
+        (dict(H=32, Hk=1, max_q=3), "prefill"),
+    ],
+)
+def test_automatic_choice(planner, change, kernel):
+    assert planner(**{**WORKLOAD, **change})["kernel"] == kernel
+
+
+def test_forcing(planner):
+    assert planner(**WORKLOAD, force=FORCE_PREFILL)["kernel"] == "prefill"
+    forced = planner(**{**WORKLOAD, "max_q": 4000, "total_q": 8000}, force=FORCE_DECODE)
+    assert forced["kernel"] == "decode" and forced["row_tiles"] == math.ceil(4 * 4000 / 32)
+    # where it cannot run, forcing the decode kernel leaves the prefill kernel
+    assert planner(**WORKLOAD, mask=QUERY, Hm=1, force=FORCE_DECODE)["kernel"] == "prefill"
+    assert planner(**WORKLOAD, mask=KEY, Hm=32, force=FORCE_DECODE)["kernel"] == "prefill"
+    small = {**WORKLOAD, "total_q": 64, "max_q": 1, "max_k": 2048}
+    assert planner(**small, force=FORCE_DECODE, tiles=1)["tiles_per_split"] == 1
+    assert planner(**WORKLOAD, force=FORCE_DECODE, tiles=1)["tiles_per_split"] == 10  # the partials cap holds
+
+
+def test_d256_tiles_take_sixteen_rows(planner):
+    assert planner(**{**WORKLOAD, "D": 256})["row_tiles"] == 2  # 32 packed rows, 16 per tile
