@@ -8,12 +8,16 @@ namespace dmattn::cuda {
 namespace {
 
 constexpr int kCompactThreads = 256;
+constexpr int kCompactWarps = kCompactThreads / 32;
+constexpr int kKeysPerThread = 8;  // consecutive keys per thread and chunk: a decode sequence of 8k keys is 4 chunks
+constexpr int kChunk = kCompactThreads * kKeysPerThread;
 
-// Grid (batch, mask heads). Stream compaction of one sequence's key-side mask column: chunks of 256 keys, each
-// warp counts its kept keys with a ballot, a CTA-wide exclusive scan over the 8 warp counts gives the offsets.
+// Grid (batch, mask heads). Stream compaction of one sequence's key-side mask column, in chunks of kChunk keys:
+// each thread reads its kKeysPerThread mask bytes (independent loads in flight together), a warp scan of the kept
+// counts and the CTA's warp totals give each thread its first output slot; one barrier pair per chunk.
 __global__ void __launch_bounds__(kCompactThreads)
 compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys) {
-  __shared__ int warp_base[kCompactThreads / 32 + 1];
+  __shared__ int warp_total[kCompactWarps];
   const int b = blockIdx.x, hm = blockIdx.y;
   const SeqRange sk = clamp_seq(p.cu_seqlens_k, b, p.total_k, p.max_seqlen_k);
   const DenseKeyRows rows{sk.start};
@@ -21,28 +25,39 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
   // Any query head of mask head hm reads the same column: h = hm * head_group.
   const int h = hm * p.mask.head_group;
   int32_t* index = keys.index + static_cast<int64_t>(hm) * p.total_k + sk.start;
-  int64_t kept = 0;
-  for (int64_t j0 = 0; j0 < sk.len; j0 += kCompactThreads) {
-    const int64_t j = j0 + threadIdx.x;
-    const bool keep = j < sk.len && p.mask.mask_allows(p.mask.offset(rows.row(j), h, 0));
-    const unsigned ballot = __ballot_sync(0xffffffffu, keep);
-    if (lane == 0) warp_base[warp] = __popc(ballot);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int run = 0;
-      for (int w = 0; w < kCompactThreads / 32; ++w) {
-        const int n = warp_base[w];
-        warp_base[w] = run;
-        run += n;
-      }
-      warp_base[kCompactThreads / 32] = run;
+  int kept = 0;  // a sequence has < 2^31 keys (cu_seqlens are int32)
+  for (int64_t j0 = 0; j0 < sk.len; j0 += kChunk) {
+    const int64_t first = j0 + static_cast<int64_t>(threadIdx.x) * kKeysPerThread;
+    unsigned bits = 0;
+#pragma unroll
+    for (int i = 0; i < kKeysPerThread; ++i) {
+      const int64_t j = first + i;
+      if (j < sk.len && p.mask.mask_allows(p.mask.offset(rows.row(j), h, 0))) bits |= 1u << i;
     }
+    const int n = __popc(bits);
+    int inclusive = n;  // kept keys of this lane and the lanes before it in the warp
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int before = __shfl_up_sync(0xffffffffu, inclusive, off);
+      if (lane >= off) inclusive += before;
+    }
+    if (lane == 31) warp_total[warp] = inclusive;
     __syncthreads();
-    if (keep) index[kept + warp_base[warp] + __popc(ballot & ((1u << lane) - 1u))] = static_cast<int32_t>(j);
-    kept += warp_base[kCompactThreads / 32];
-    __syncthreads();  // warp_base is rewritten by the next chunk
+    int slot = kept + inclusive - n, chunk_kept = 0;
+#pragma unroll
+    for (int w = 0; w < kCompactWarps; ++w) {
+      const int total = warp_total[w];
+      slot += w < warp ? total : 0;
+      chunk_kept += total;
+    }
+#pragma unroll
+    for (int i = 0; i < kKeysPerThread; ++i) {
+      if ((bits >> i) & 1u) index[slot++] = static_cast<int32_t>(first + i);
+    }
+    kept += chunk_kept;
+    __syncthreads();  // warp_total is rewritten by the next chunk
   }
-  if (threadIdx.x == 0) keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm] = static_cast<int32_t>(kept);
+  if (threadIdx.x == 0) keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm] = kept;
 }
 
 }  // namespace

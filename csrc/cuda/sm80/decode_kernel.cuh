@@ -189,14 +189,7 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
 
   // ---- Prologue: Q, the metadata of the first kStages tiles, the K / V of the first kStages - 1 ----
   load_packed_q<Traits>(p, d, smem.tiles.q);
-#pragma unroll
-  for (int i = 0; i < kStages; ++i) {
-    if (d.tile_begin + i < d.tile_end) {
-      kv.fetch_pos(d.tile_begin + i);
-      kv.fetch_bias();
-      kv.store(i);
-    }
-  }
+  kv.template fetch_store_first<kStages>(d.tile_begin, d.tile_end);
   __syncthreads();  // the gathers read the positions
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {

@@ -123,24 +123,34 @@ struct KvTiles {
 
   // Metadata of tile n, step 1 (issued early): the slot's key position.
   __device__ __forceinline__ void fetch_pos(int n) {
-    if (threadIdx.x < kBlockN) {
-      const int slot = n * kBlockN + threadIdx.x;
-      meta_pos = slot < c.slots_end ? (c.key_index ? c.key_index[slot] : slot) : -1;
-    }
+    if (threadIdx.x < kBlockN) meta_pos = position_of(n * kBlockN + threadIdx.x);
   }
   // Step 2 (once the position has arrived): its key-side bias.
   __device__ __forceinline__ void fetch_bias() {
-    if (threadIdx.x < kBlockN) {
-      meta_pos = min(meta_pos, c.k_len - 1);  // a negative position (a corrupt list) stays "no key"
-      meta_bias = key_bias && meta_pos >= 0 ? bias_value(p.bias, p.bias.offset(c.key_rows().row(meta_pos), c.h, 0))
-                                            : 0.f;
-    }
+    if (threadIdx.x < kBlockN) meta_bias = bias_at(meta_pos);
   }
   // Step 3: into metadata buffer `buffer`, for the loads and score modification of that tile.
   __device__ __forceinline__ void store(int buffer) {
     if (threadIdx.x < kBlockN) {
       smem.key_pos[buffer][threadIdx.x] = meta_pos;
       smem.key_bias[buffer][threadIdx.x] = meta_bias;
+    }
+  }
+  // Steps 1-3 for kCount tiles at once, n0 + i into buffer i (tiles at or past n_end: no keys), with the kCount
+  // position loads and then the kCount bias loads in flight together: a prologue pays two load latencies, not 2 kCount.
+  template <int kCount>
+  __device__ __forceinline__ void fetch_store_first(int n0, int n_end) {
+    if (threadIdx.x >= kBlockN) return;
+    int pos[kCount];
+    float bias[kCount];
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) pos[i] = n0 + i < n_end ? position_of((n0 + i) * kBlockN + threadIdx.x) : -1;
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) bias[i] = bias_at(pos[i]);
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) {
+      smem.key_pos[i][threadIdx.x] = pos[i];
+      smem.key_bias[i][threadIdx.x] = bias[i];
     }
   }
 
@@ -151,6 +161,17 @@ struct KvTiles {
   __device__ __forceinline__ void load_v_into(Elem* dst, int n, int buffer) { load(dst, v, p.v, n, buffer); }
 
  private:
+  // The key position of a slot (-1: past the last visible slot), as the list or the dense order says.
+  __device__ __forceinline__ int position_of(int slot) const {
+    return slot < c.slots_end ? (c.key_index ? c.key_index[slot] : slot) : -1;
+  }
+  // The key-side bias of key position pos, which is clamped to the sequence first (a negative position, from a
+  // corrupt list, stays "no key" and reads nothing).
+  __device__ __forceinline__ float bias_at(int& pos) const {
+    pos = min(pos, c.k_len - 1);
+    return key_bias && pos >= 0 ? bias_value(p.bias, p.bias.offset(c.key_rows().row(pos), c.h, 0)) : 0.f;
+  }
+
   // The rows of the slots of tile n: contiguous key positions, or gathered at the positions of metadata buffer
   // `buffer` (key-side mask).
   __device__ __forceinline__ void load(Elem* dst, const KvSource<Elem>& src, const void* fallback, int n,

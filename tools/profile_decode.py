@@ -1,0 +1,96 @@
+"""Where a CUDA decode call's time goes, kernel by kernel, and how the decode kernel's split size moves it.
+
+    python tools/profile_decode.py --out benchmarks/results        # on the GPU machine
+    python tools/profile_decode.py --tiles 4 8 18 32 --keep 0.25 1.0
+
+The workload is bench_gpu.py's decode batch (B = 64, 1-8 queries and 1024-8192 keys per sequence, H = 32, Hk = 8,
+D = 128, bf16, key-side mask keeping the top fraction of keys + key-side bias; keep 1.0: no mask, no bias). For each
+kept fraction and each DMATTN_DECODE_TILES_PER_SPLIT ("auto": the plan's own choice) it reports the median time of
+the whole call (CUDA events, L2 flushed before each call, as bench_gpu.py times it) and, from torch.profiler, the
+device time of each kernel the call launches (compaction, decode, split combine, row finish), so a change to one pass
+shows where it lands. The TB/s column counts the bytes of every K and V row the sequence has (kept or not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dmattn_ops, built in place
+import bench_common as bc  # noqa: E402
+import bench_gpu  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def kernel_breakdown(fn, reps: int) -> dict:
+    """Mean device microseconds per call of each CUDA kernel fn launches."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    totals = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = event.name.replace("(anonymous namespace)::", "").replace("void ", "")
+            name = name.split("<")[0].split("(")[0].split("::")[-1]
+            totals[name] += event.device_time_total if hasattr(event, "device_time_total") else event.cuda_time_total
+    return {name: us / reps for name, us in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiles", nargs="+", default=["auto", "4", "8", "12", "24", "48"])
+    ap.add_argument("--keep", nargs="+", type=float, default=[0.25, 1.0])
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="folder for decode_profile.json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_decode: needs a CUDA device", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(args.seed)
+    lens_q, lens_k, hs = bench_gpu.sizes("decode", False, gen)
+    flush = bc.L2Flusher(dev)
+    rows = []
+    os.environ["DMATTN_KERNEL"] = "decode"
+    for keep in args.keep:
+        prob = bench_gpu.make_problem(lens_q, lens_k, hs["heads"], hs["heads_k"], hs["head_dim"], hs["heads_k"],
+                                      keep if keep < 1 else None, causal=False, dtype=torch.bfloat16, device=dev,
+                                      seed=args.seed)
+        kv_bytes = 2 * prob.k.numel() * prob.k.element_size()
+        for tiles in args.tiles:
+            if tiles == "auto":
+                os.environ.pop("DMATTN_DECODE_TILES_PER_SPLIT", None)
+            else:
+                os.environ["DMATTN_DECODE_TILES_PER_SPLIT"] = tiles
+            call = lambda: prob.run()  # noqa: E731
+            timing = bc.time_callable(call, dev, warmup=5, reps=args.reps, flush=flush)
+            ms = timing.median_ms
+            kernels = kernel_breakdown(call, reps=10)
+            rows.append({"keep": keep, "tiles_per_split": tiles, "ms": ms, "kv_tbps": kv_bytes / ms / 1e9,
+                         "kernels_us": kernels, "extra_bytes": bc.peak_extra_bytes(call, dev)})
+            parts = "  ".join(f"{k} {v:.1f}" for k, v in kernels.items())
+            print(f"keep {keep:4.2f}  tiles/split {tiles:>4}  {ms * 1e3:8.1f} us  {kv_bytes / ms / 1e9:5.2f} TB/s  "
+                  f"[{parts}]", flush=True)
+    os.environ.pop("DMATTN_KERNEL", None)
+    os.environ.pop("DMATTN_DECODE_TILES_PER_SPLIT", None)
+    if args.out:
+        payload = {"workload": "decode", "problem": {"lens_q": lens_q, "lens_k": lens_k, **hs},
+                   "environment": bc.environment(dev, REPO), "reps": args.reps, "results": rows,
+                   "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv or sys.argv[1:]))}
+        bc.write_json(os.path.join(args.out, "decode_profile.json"), payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
