@@ -149,5 +149,10 @@ def test_forcing(planner):
     assert planner(**WORKLOAD, force=FORCE_DECODE, tiles=1)["tiles_per_split"] == 10  # the partials cap holds
 
 
+def test_zero_heads(planner):
+    """H = 0 is a valid call (empty outputs); planning it must not divide by the empty KV group."""
+    assert planner(**{**WORKLOAD, "H": 0, "Hk": 1}, mask=KEY, Hm=1, bias=KEY, Hb=1)["kernel"] == "prefill"
+
+
 def test_d256_tiles_take_sixteen_rows(planner):
     assert planner(**{**WORKLOAD, "D": 256})["row_tiles"] == 2  # 32 packed rows, 16 per tile

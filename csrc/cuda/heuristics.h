@@ -70,8 +70,7 @@ struct FwdPlan {
   // Decode kernel only (1 / 0 otherwise):
   int32_t row_tiles = 1;        // tiles of packed rows per (sequence, KV head): ceil(H / Hk * max_seqlen_q / block_m)
   int32_t num_splits = 1;       // key splits per (sequence, KV head, row tile); > 1: partials + combine_splits
-  int32_t tiles_per_split = 0;  // the most KV tiles per split
-  int32_t min_tiles_per_split = 0;  // with a key-side mask: the fewest a split spreads thinned ranges to
+  int32_t tiles_per_split = 0;  // KV tiles per split
 };
 
 // Decode kernel policy constants.
@@ -85,7 +84,7 @@ constexpr int64_t kDecodeCtasPerSm = 2, kDecodeWaves = 8;
 // Whether the decode kernel can run p: one kept-key list and one key-side bias per packed tile, so key-side operands
 // broadcast over the query heads of a KV head (Hm in {1, Hk}); no query-side operands.
 inline bool decode_supports(const VarlenFwdParams& p) {
-  if (p.num_heads_k <= 0 || p.num_heads % p.num_heads_k != 0) return false;
+  if (p.num_heads <= 0 || p.num_heads_k <= 0 || p.num_heads % p.num_heads_k != 0) return false;
   const int32_t group = p.num_heads / p.num_heads_k;
   auto packable = [&](const ScoreOperand& op) {
     if (op.layout == OperandLayout::kQuerySide) return false;
@@ -129,13 +128,7 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
       std::max<int64_t>(1, std::min<int64_t>(kMaxDecodeSplits, kMaxSplitPartialBytes / std::max<int64_t>(row_bytes, 1)));
   per_split = std::max<int64_t>(per_split, (max_tiles + max_splits - 1) / max_splits);
   plan.tiles_per_split = static_cast<int32_t>(std::min<int64_t>(per_split, INT32_MAX));
-  // A key-side mask thins each range by a fraction only the device knows: the kernel spreads the kept tiles over
-  // the planned splits, down to kDecodeMinTilesPerSplit each (or the forced size).
-  plan.min_tiles_per_split = p.mask.layout == OperandLayout::kKeySide
-                                 ? static_cast<int32_t>(std::min<int64_t>(plan.tiles_per_split,
-                                                                          o.tiles_per_split > 0 ? o.tiles_per_split
-                                                                                                : kDecodeMinTilesPerSplit))
-                                 : plan.tiles_per_split;
+
   plan.num_splits = static_cast<int32_t>(std::max<int64_t>(1, (max_tiles + per_split - 1) / per_split));
   return plan;
 }
@@ -184,7 +177,6 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
   }
   ws.splits.num_splits = plan.num_splits;
   ws.splits.tiles_per_split = plan.tiles_per_split;
-  ws.splits.min_tiles_per_split = plan.min_tiles_per_split;
   ws.splits.row_tiles = plan.row_tiles;
   if (plan.kernel == FwdKernel::kDecode && plan.num_splits > 1) {
     ws.splits.lse = reinterpret_cast<float*>(bytes + w.split_lse);

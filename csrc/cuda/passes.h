@@ -27,8 +27,7 @@ struct KeyLists {
 };
 
 // The decode kernel's key splits (heuristics.h plans them): split s of a (sequence, KV head, row tile) covers KV
-// tiles [s * t, (s + 1) * t) of its key slots, t = min(tiles_per_split, max(ceil(tiles / num_splits),
-// min_tiles_per_split)) for a range of `tiles` tiles (known on the device only: kept keys). With num_splits > 1 each split writes,
+// tiles [s * tiles_per_split, (s + 1) * tiles_per_split) of its key slots. With num_splits > 1 each split writes,
 // per (query head h, query row i), its own lse and its O normalized by its own sum, float32:
 //   lse[(s * H + h) * total_q + i]            -inf: the split saw no key of the row (its O is then not written)
 //   o[((s * H + h) * total_q + i) * D + d]
@@ -37,10 +36,8 @@ struct SplitPartials {
   float* lse = nullptr;
   float* o = nullptr;
   int32_t num_splits = 1;
-  int32_t tiles_per_split = 0;      // the most KV tiles a split holds
-  int32_t min_tiles_per_split = 0;  // < tiles_per_split: a range with fewer tiles than the host planned for (a
-                                    // key-side mask keeps few keys) spreads them over its splits, down to this many
-  int32_t row_tiles = 1;            // packed-row tiles per (sequence, KV head)
+  int32_t tiles_per_split = 0;
+  int32_t row_tiles = 1;  // packed-row tiles per (sequence, KV head)
 };
 
 // Everything a call's kernels find in its workspace (heuristics.h: workspace_layout, carve_workspace).

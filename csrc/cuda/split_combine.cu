@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "heuristics.h"
 #include "passes.h"
 
 namespace dmattn::cuda {
@@ -38,8 +39,12 @@ __device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* dst, fl
   *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(x0, x1);
 }
 
-// One warp per (query row, head), grid-stride. Rows past cu_seqlens_q[B] are finish_rows' (the decode kernel wrote
-// no partials for them).
+// One warp per (query row, head), grid-stride. Lane i holds the lse of splits i, i + 32, ... (kMaxDecodeSplits =
+// 128: four registers); the O pass shuffles each split's lse to the whole warp and keeps four O loads in flight.
+// Rows past cu_seqlens_q[B] are finish_rows' (the decode kernel wrote no partials for them).
+constexpr int kLsePerLane = 4;
+static_assert(kLsePerLane * 32 >= kMaxDecodeSplits, "every split's lse has a lane");
+
 template <typename Elem>
 __global__ void __launch_bounds__(kCombineThreads)
 combine_splits_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ SplitPartials sp) {
@@ -54,18 +59,22 @@ combine_splits_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_co
     const float* lse_s = sp.lse + static_cast<int64_t>(h) * p.total_q + row;
 
     // The max over the splits, and whether any is NaN (fmaxf would drop it).
+    float mine[kLsePerLane];
     float m = -INFINITY;
     bool nan = false;
-    for (int s = lane; s < sp.num_splits; s += 32) {
-      const float x = lse_s[s * split_stride];
-      nan |= x != x;
-      m = fmaxf(m, x);
+#pragma unroll
+    for (int i = 0; i < kLsePerLane; ++i) {
+      const int s = lane + 32 * i;
+      mine[i] = s < sp.num_splits ? lse_s[s * split_stride] : -INFINITY;
+      nan |= mine[i] != mine[i];
+      m = fmaxf(m, mine[i]);
     }
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
     nan = __any_sync(0xffffffffu, nan);
     float total = 0.f;
-    for (int s = lane; s < sp.num_splits; s += 32) total += split_weight(lse_s[s * split_stride], m);
+#pragma unroll
+    for (int i = 0; i < kLsePerLane; ++i) total += split_weight(mine[i], m);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) total += __shfl_xor_sync(0xffffffffu, total, off);
     const float lse = nan ? nan_value : m == -INFINITY ? -INFINITY : m + logf(total);
@@ -77,13 +86,19 @@ combine_splits_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_co
       float x0 = nan_value, x1 = nan_value;
       if (!nan) {
         x0 = x1 = 0.f;
-        for (int s = 0; s < sp.num_splits; ++s) {
-          const float l = lse_s[s * split_stride];
-          if (l == -INFINITY) continue;  // that split wrote no O
-          const float w = split_weight(l, m) * inv_total;
-          const float2 v = *reinterpret_cast<const float2*>(o_s + s * split_stride * p.head_dim + col);
-          x0 += w * v.x;
-          x1 += w * v.y;
+#pragma unroll
+        for (int i = 0; i < kLsePerLane; ++i) {
+          if (32 * i >= sp.num_splits) break;
+#pragma unroll 4
+          for (int src = 0; src < 32; ++src) {
+            const int s = 32 * i + src;
+            const float l = __shfl_sync(0xffffffffu, mine[i], src);
+            if (s >= sp.num_splits || l == -INFINITY) continue;  // that split wrote no O
+            const float w = split_weight(l, m) * inv_total;
+            const float2 v = *reinterpret_cast<const float2*>(o_s + s * split_stride * p.head_dim + col);
+            x0 += w * v.x;
+            x1 += w * v.y;
+          }
         }
       }
       store_pair<Elem>(out + col, x0, x1);

@@ -181,13 +181,9 @@ struct DecodeTileScheduler {
       c.slots_end = c.slots_full = c.n_keys;
     }
     const int tiles = (c.slots_end + kBlockN - 1) / kBlockN;
-    // The host sized splits for every key; a range the mask thinned out spreads its tiles over the splits instead
-    // of leaving all but the first idle (SplitPartials, ../passes.h).
-    const int spread = max((tiles + s.num_splits - 1) / s.num_splits, s.min_tiles_per_split);
-    const int per_split = min(s.tiles_per_split, spread);
-    const int64_t begin = static_cast<int64_t>(d.split) * per_split;
+    const int64_t begin = static_cast<int64_t>(d.split) * s.tiles_per_split;
     d.tile_begin = static_cast<int>(begin < tiles ? begin : tiles);
-    d.tile_end = static_cast<int>(begin + per_split < tiles ? begin + per_split : tiles);
+    d.tile_end = static_cast<int>(begin + s.tiles_per_split < tiles ? begin + s.tiles_per_split : tiles);
     return true;
   }
 };
