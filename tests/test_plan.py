@@ -82,9 +82,9 @@ def test_decode_workload_is_packed_and_split(planner):
     partials = 4 * plan["splits"] * 32 * 288 * (1 + 128)
     assert plan["kernel"] == "decode"
     assert plan["row_tiles"] == 1  # 4 query heads x 8 queries = 32 packed rows, one tile
-    # ~36.8k (sequence, KV head) KV tiles over 132 SMs x 2 CTAs x 8 waves: 18 tiles (1152 keys) per split
-    assert plan["tiles_per_split"] == 18
-    assert plan["splits"] == math.ceil(128 / 18)
+    # ~36.8k (sequence, KV head) KV tiles over 132 SMs x 2 CTAs x 6 waves: 24 tiles (1536 keys) per split
+    assert plan["tiles_per_split"] == 24
+    assert plan["splits"] == math.ceil(128 / 24)
     lists = 4 * 8 * 290_000 + 4 * 8 * 64
     assert abs(plan["workspace"] - lists - partials) < 4 * 256  # each piece 256-byte aligned
 

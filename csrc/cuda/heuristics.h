@@ -79,7 +79,7 @@ constexpr int64_t kDecodeForcedMaxPackedRows = int64_t{1} << 20;  // DMATTN_KERN
 constexpr int32_t kMaxDecodeSplits = 128;
 constexpr int64_t kMaxSplitPartialBytes = int64_t{64} << 20;  // the split partials' share of the workspace
 constexpr int64_t kDecodeMinTilesPerSplit = 4;
-constexpr int64_t kDecodeCtasPerSm = 2, kDecodeWaves = 8;
+constexpr int64_t kDecodeCtasPerSm = 2, kDecodeWaves = 6;
 
 // Whether the decode kernel can run p: one kept-key list and one key-side bias per packed tile, so key-side operands
 // broadcast over the query heads of a KV head (Hm in {1, Hk}); no query-side operands.
