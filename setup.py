@@ -196,7 +196,7 @@ setup(
     name="dmattn_ops",
     version="0.1.0",
     description="Varlen attention with dynamic key-side / query-side masks and biases, as a PyTorch custom op",
-    packages=["dmattn_ops", "dmattn_ops._meta"],
+    packages=["dmattn_ops", "dmattn_ops._meta", "dmattn_ops.integrations"],
     package_dir={"dmattn_ops": "dmattn_ops", "dmattn_ops._meta": "meta"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtensionWithKernels},

@@ -14,7 +14,7 @@ import torch
 import dmattn_ops
 
 H, HK, D = 8, 2, 64
-CAPACITY = 48  # keys per sequence the buffers can hold
+CAPACITY = 160  # keys per sequence the buffers can hold: 3 KV tiles of 64
 
 
 def _pack(rows_per_seq, capacity_rows):
@@ -25,10 +25,15 @@ def _pack(rows_per_seq, capacity_rows):
     return buffer, dmattn_ops.cu_seqlens([t.shape[0] for t in rows_per_seq], device=packed.device)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "decode_split_every_tile"])
 @pytest.mark.parametrize("layout", ["key", "query"])
-def test_decode_step_replays_with_new_contents(layout, cuda_device):
+def test_decode_step_replays_with_new_contents(layout, kernel, monkeypatch, cuda_device):
+    """Also through the decode kernel with a split per 64-key tile (its partials and combine pass in the graph)."""
+    if kernel != "auto":
+        monkeypatch.setenv("DMATTN_KERNEL", "decode")
+        monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", "1")
     g = torch.Generator().manual_seed(0)
-    lengths = [5, 17, 9, 30]
+    lengths = [5, 70, 9, 130]
     B = len(lengths)
     total_k = B * CAPACITY
     cache = {

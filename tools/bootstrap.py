@@ -6,8 +6,8 @@ and a current build of the extension. Idempotent: when everything is in place it
 1. Reuse .venv, or create it. Where the Python running this script can already import torch (a CUDA host, say), the
    venv gets --system-site-packages and that torch is used as is; otherwise torch==2.13.0 is installed into it.
 2. Upgrade pip inside the venv when it is too old to install a setup.py project editable without build isolation.
-3. Install what is missing or too old: ninja, numpy, pytest, expecttest, hypothesis, setuptools, wheel (and
-   nvidia-cutlass for a CUDA build; see README "Building").
+3. Install what is missing or too old: ninja, numpy, pytest, expecttest, hypothesis, setuptools, wheel, the pinned
+   test-only transformers (and nvidia-cutlass for a CUDA build; see README "Building").
 4. Build the extension (`pip install -e . --no-build-isolation --no-deps`) when the built library is missing, older
    than a file under csrc/, setup.py or tools/kernel_matrix.py, built against another torch, or registered for
    another checkout.
@@ -41,6 +41,8 @@ TORCH_SPEC = "torch==2.13.0"
 # numpy is optional for torch, which warns on import without it.
 TOOLS = {"pip": "24.0", "setuptools": "70.1", "wheel": None, "ninja": None, "numpy": None, "pytest": None,
          "expecttest": None, "hypothesis": None}
+# Test-only dependencies pinned to one version (tests/test_transformers_integration.py runs tiny models of it).
+PINNED = {"transformers": "5.17.0"}
 
 # What the build depends on: a change to any of these makes the built library stale.
 BUILD_INPUTS = ["csrc", "setup.py", "tools/kernel_matrix.py"]
@@ -121,8 +123,8 @@ def ensure_venv() -> None:
 
 
 def probe() -> dict:
-    out = subprocess.run([VENV_PY, "-c", PROBE, json.dumps(["torch", *TOOLS])], capture_output=True, text=True,
-                         cwd="/")
+    out = subprocess.run([VENV_PY, "-c", PROBE, json.dumps(["torch", *TOOLS, *PINNED])], capture_output=True,
+                         text=True, cwd="/")
     if out.returncode != 0:
         fail(f"could not inspect {VENV}: {out.stderr.strip()}")
     return json.loads(out.stdout)
@@ -146,6 +148,7 @@ def ensure_packages() -> dict:
             wanted.append(name if minimum is None else f"{name}>={minimum}")
         elif minimum is not None and version_tuple(have[name]) < version_tuple(minimum):
             wanted.append(f"{name}>={minimum}")
+    wanted += [f"{name}=={version}" for name, version in PINNED.items() if have[name] != version]
     if wanted:
         with timed(f"installing {' '.join(wanted)}"):
             pip_install(*wanted)

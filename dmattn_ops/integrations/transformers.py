@@ -1,0 +1,132 @@
+"""dmattn_ops as a Hugging Face transformers attention implementation.
+
+    from dmattn_ops.integrations import transformers as dmattn_transformers
+    dmattn_transformers.register()
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="dmattn")
+
+``register()`` installs two functions under one name, so padding can never be dropped silently: the attention
+function, and the mask function transformers calls to prepare that attention's mask (transformers passes
+``attention_mask=None`` to an attention function registered alone). The mask is the 2-D padding mask itself,
+``(batch, keys)``, which becomes the op's key-side mask: nothing ``(queries x keys)``-sized is built for causal
+layers.
+
+What it handles: padded batches (left or right), GQA / MQA, the model's ``scaling``, causal decoder layers with a
+dynamic or static cache (keys past the tokens seen so far are never visible), sliding-window layers (a query-side band
+mask for a prefill longer than the window; a decode step needs none), packed rows given as ``cu_seq_lens_q`` /
+``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k`` keyword arguments (what ``DataCollatorWithFlattening``
+produces). No host sync: every length is a Python int of the tensors' shapes.
+
+What it refuses, with an error naming it: attention logit softcapping (Gemma 2), learned attention sinks (gpt-oss),
+dropout while training, a value head dim that differs from the key's, non-causal (encoder) layers with padding.
+
+Its costs today (the serving issue removes them): for a batch of more than one sequence the cache's
+``(batch, kv_heads, keys, head_dim)`` tensors are copied into the op's packed ``(keys, kv_heads, head_dim)`` layout in
+every layer and step, and a sliding-window prefill builds a ``(batch x queries, 1, keys)`` band mask. Packed rows
+marked only by restarting ``position_ids`` (no ``cu_seq_lens_*``) are not detected: pass the ``cu_seq_lens_*``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import dmattn_ops
+
+NAME = "dmattn"
+
+
+def register(name: str = NAME) -> str:
+    """Registers the attention function and its mask function as ``attn_implementation=name``; returns name."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("dmattn_ops.integrations.transformers needs the transformers package (>= 5.0)") from e
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, padding_mask)
+    return name
+
+
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask: Optional[torch.Tensor] = None, **kwargs) -> Optional[torch.Tensor]:
+    """The mask function: the 2-D padding mask of the keys the layer sees, ``(batch, n)`` bool with n <= kv_length
+    (a static cache holds kv_length slots but n tokens so far), or None when the caller has no padding mask."""
+    if attention_mask is None:
+        return None
+    return attention_mask[:, -kv_length:].to(torch.bool)
+
+
+def _refuse(module, query, key, value, dropout, kwargs) -> None:
+    def fail(what: str) -> None:
+        raise NotImplementedError(f"dmattn_ops (attn_implementation='dmattn'): {what} is not supported yet; use "
+                                  "attn_implementation='sdpa' or 'eager' for this model")
+
+    if kwargs.get("softcap") is not None:
+        fail(f"attention logit softcapping (softcap={kwargs['softcap']})")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        fail("learned attention sinks")
+    if dropout:
+        fail(f"attention dropout while training (dropout={dropout})")
+    if value.shape[-1] != key.shape[-1]:
+        fail(f"a value head dim ({value.shape[-1]}) that differs from the key's ({key.shape[-1]})")
+    if kwargs.get("output_attentions"):
+        fail("output_attentions=True (the op never forms the attention weights)")
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                      sliding_window: Optional[int] = None, is_causal: Optional[bool] = None, **kwargs):
+    """The attention function: query ``(B, H, Lq, D)``, key / value ``(B, Hk, Lk, D)`` (the cache), attention_mask as
+    padding_mask returns it. Returns ``(B, Lq, H, D)`` and no attention weights."""
+    _refuse(module, query, key, value, dropout, kwargs)
+    B, H, Lq, D = query.shape
+    Hk = key.shape[1]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q = query.transpose(1, 2)  # (B, Lq, H, D)
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:  # packed rows in one batch row: already the op's layout
+        if B != 1:
+            raise ValueError(f"dmattn_ops: cu_seq_lens_q / cu_seq_lens_k describe packed rows of a batch of 1, "
+                             f"got a batch of {B}")
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        out = dmattn_ops.varlen_attention(
+            q[0], key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q.to(torch.int32), cu_k.to(torch.int32),
+            int(max_q) if max_q is not None else Lq, int(max_k) if max_k is not None else key.shape[2],
+            softmax_scale=scaling, is_causal=causal)
+        return out.unsqueeze(0), None
+
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise NotImplementedError(f"dmattn_ops (attn_implementation='dmattn'): a prepared {attention_mask.dim()}-D "
+                                  "attention mask is not supported; pass the 2-D padding mask")
+    # Keys the layer has seen: a padding mask is as long as the tokens so far, a static cache may hold more slots.
+    Lk = key.shape[2] if attention_mask is None else attention_mask.shape[-1]
+    if Lk > key.shape[2]:
+        raise ValueError(f"dmattn_ops: the padding mask covers {Lk} keys but the cache holds {key.shape[2]}")
+    if not causal and attention_mask is not None:
+        raise NotImplementedError("dmattn_ops (attn_implementation='dmattn'): non-causal layers with a padding mask "
+                                  "are not supported yet")
+    k = key[:, :, :Lk].transpose(1, 2)  # (B, Lk, Hk, D): for B > 1 the reshape below copies
+    v = value[:, :, :Lk].transpose(1, 2)
+    mask = None if attention_mask is None else attention_mask.reshape(B * Lk, 1)  # key-side, one head
+    if sliding_window is not None and Lk > sliding_window and Lq > 1:
+        # Query i (bottom-right aligned) sees keys j in (i + Lk - Lq - window, i + Lk - Lq]: a band, per query.
+        i = torch.arange(Lq, device=query.device).view(Lq, 1)
+        j = torch.arange(Lk, device=query.device).view(1, Lk)
+        band = j > i + (Lk - Lq - sliding_window)  # (Lq, Lk); the causal flag keeps j <= i + Lk - Lq
+        keys = attention_mask.view(B, 1, Lk) if attention_mask is not None else torch.ones(
+            B, 1, Lk, dtype=torch.bool, device=query.device)
+        mask = (band.view(1, Lq, Lk) & keys).reshape(B * Lq, 1, Lk)
+    elif sliding_window is not None and Lk > sliding_window:
+        # One query (a decode step): the last `window` keys.
+        recent = torch.arange(Lk, device=query.device) >= Lk - sliding_window
+        keys = attention_mask if attention_mask is not None else torch.ones(
+            B, Lk, dtype=torch.bool, device=query.device)
+        mask = (keys & recent.view(1, Lk)).reshape(B * Lk, 1)
+    cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=query.device)
+    cu_k = torch.arange(0, (B + 1) * Lk, Lk, dtype=torch.int32, device=query.device)
+    out = dmattn_ops.varlen_attention(
+        q.reshape(B * Lq, H, D), k.reshape(B * Lk, Hk, D), v.reshape(B * Lk, Hk, D), cu_q, cu_k, Lq, Lk,
+        mask=mask, softmax_scale=scaling, is_causal=causal)
+    return out.view(B, Lq, H, D), None

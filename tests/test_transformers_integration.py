@@ -1,0 +1,141 @@
+"""dmattn_ops.integrations.transformers: attn_implementation="dmattn" inside Hugging Face transformers.
+
+Tiny random-weight models (no download) of several families, on the CPU: logits against "sdpa" on unpadded, left-
+and right-padded batches (every real token's logits), greedy generation token for token against "sdpa" with dynamic
+and static caches, packed rows through cu_seq_lens_*, torch.compile(fullgraph=True), and the clear refusals.
+transformers is a test-only dependency, pinned in tools/bootstrap.py.
+"""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from dmattn_ops.integrations import transformers as dmattn_transformers  # noqa: E402
+
+dmattn_transformers.register()
+
+VOCAB = 128
+
+
+def _tiny(family: str, **extra):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    if family == "llama":
+        cfg, cls = transformers.LlamaConfig(**common, **extra), transformers.LlamaForCausalLM
+    elif family == "qwen2":
+        cfg, cls = transformers.Qwen2Config(**common, **extra), transformers.Qwen2ForCausalLM
+    elif family == "qwen3":
+        cfg, cls = transformers.Qwen3Config(**common, head_dim=16, **extra), transformers.Qwen3ForCausalLM
+    elif family == "mistral":  # a sliding window shorter than the prompts
+        cfg, cls = transformers.MistralConfig(**common, sliding_window=6, **extra), transformers.MistralForCausalLM
+    elif family == "gemma3":  # alternating sliding-window and global layers, its own query scaling
+        cfg = transformers.Gemma3TextConfig(**common, head_dim=16, sliding_window=5,
+                                            layer_types=["sliding_attention", "full_attention"], **extra)
+        cls = transformers.Gemma3ForCausalLM
+    elif family == "gemma2":  # attention logit softcapping
+        cfg, cls = transformers.Gemma2Config(**common, head_dim=16, **extra), transformers.Gemma2ForCausalLM
+    else:
+        raise ValueError(family)
+    torch.manual_seed(0)
+    return cls(cfg).eval()
+
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma3"]
+
+
+def _batch(padding: str):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (3, 12), generator=g)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    if padding == "left":
+        mask[0, :4] = 0
+        mask[2, :7] = 0
+    elif padding == "right":
+        mask[0, 8:] = 0
+        mask[1, 5:] = 0
+    return ids, mask
+
+
+def _logits(model, implementation, **inputs):
+    model.set_attn_implementation(implementation)
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_sdpa(family, padding):
+    model = _tiny(family)
+    ids, mask = _batch(padding)
+    want = _logits(model, "sdpa", input_ids=ids, attention_mask=mask)
+    got = _logits(model, "dmattn", input_ids=ids, attention_mask=mask)
+    real = mask.bool()  # padded positions' logits are whatever each implementation leaves there
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generation_matches_sdpa(family, cache):
+    model = _tiny(family)
+    ids, mask = _batch("left")
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    runs = {}
+    for implementation in ("sdpa", "dmattn"):
+        model.set_attn_implementation(implementation)
+        runs[implementation] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                              **extra)
+    assert torch.equal(runs["dmattn"], runs["sdpa"])
+
+
+def test_packed_rows_through_cu_seq_lens():
+    """Three sequences packed in one row (what DataCollatorWithFlattening feeds): each one's logits as if alone."""
+    model = _tiny("llama")
+    lengths = [5, 9, 3]
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, VOCAB, (1, n), generator=g) for n in lengths]
+    cu = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    got = _logits(model, "dmattn", input_ids=torch.cat(seqs, dim=1), position_ids=positions, cu_seq_lens_q=cu,
+                  cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
+    for b, seq in enumerate(seqs):
+        want = _logits(model, "sdpa", input_ids=seq)
+        torch.testing.assert_close(got[:, cu[b]:cu[b + 1]], want, rtol=1e-4, atol=1e-5)
+
+
+def test_compiles_in_one_graph():
+    model = _tiny("llama")
+    ids, mask = _batch("left")
+    model.set_attn_implementation("dmattn")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        got = compiled(input_ids=ids, attention_mask=mask).logits
+    want = _logits(model, "sdpa", input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
+
+
+def test_softcap_is_refused_clearly():
+    model = _tiny("gemma2")
+    ids, mask = _batch("none")
+    model.set_attn_implementation("dmattn")
+    with pytest.raises(NotImplementedError, match=r"dmattn_ops .*softcapping .*use attn_implementation='sdpa'"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_dropout_while_training_is_refused_clearly():
+    model = _tiny("llama", attention_dropout=0.1).train()
+    ids, mask = _batch("none")
+    model.set_attn_implementation("dmattn")
+    with pytest.raises(NotImplementedError, match=r"attention dropout while training \(dropout=0.1\)"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def test_registering_both_functions_keeps_padding():
+    """Registered alone, an attention function gets attention_mask=None from transformers and padding is lost: the
+    mask function registered beside it is what keeps it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    assert AttentionInterface._global_mapping["dmattn"] is dmattn_transformers.attention_forward
+    assert AttentionMaskInterface._global_mapping["dmattn"] is dmattn_transformers.padding_mask
