@@ -77,6 +77,9 @@ DECODE_SPECS = [
     Spec("head_dim_96", head_dim=96, heads=8, heads_k=2, seqlens_q=(1, 2), seqlens_k=(800, 200), mask="key"),
     Spec("trailing_rows", heads=8, heads_k=2, seqlens_q=(2, 3), seqlens_k=(600, 900), extra_rows_q=3,
          extra_rows_k=5, slack_q=2, slack_k=40, mask="key", mask_heads="Hk", bias="key"),
+    # a long sequence beside a short one: many splits, and a compaction over many 2048-key chunks
+    Spec("long_beside_short", heads=4, heads_k=2, seqlens_q=(2, 1), seqlens_k=(40000, 300), mask="key",
+         mask_heads="Hk", keep=0.3, bias="key", bias_heads="Hk", dtypes=(torch.float16, torch.bfloat16)),
 ]
 
 
