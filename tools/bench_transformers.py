@@ -1,0 +1,121 @@
+"""A decode step of a transformers model with attn_implementation="dmattn" against the implementations this
+transformers has ("sdpa", "eager", "flash_attention_2" where installed), on the same random-weight model and cache.
+
+    python tools/bench_transformers.py --device cuda --out benchmarks/results     # the serving issue's shape
+    python tools/bench_transformers.py --device cpu --tiny                        # a smoke run
+
+Model: a Llama of 8 layers (hidden 2048, 32 query heads, 8 KV heads, head dim 64, bf16 on CUDA / float32 on the CPU),
+random weights, no download. Workload: B = 16 left-padded prompts of 1024-2048 tokens (seed 0), prefilled once per
+implementation into a dynamic cache; then each implementation's decode step (one new token per sequence: the model
+forward with that cache) is timed: median of --reps steps after warm-up, CUDA events, the cache trimmed back after
+every step so each one sees the same lengths. The logits of every implementation's step are checked against sdpa's.
+--tiny: 2 layers, hidden 256, B = 4, prompts of 48-96 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dmattn_ops, built in place
+import bench_common as bc  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build(tiny: bool, device: torch.device, dtype: torch.dtype):
+    import transformers
+
+    if tiny:
+        cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+        batch, lo, hi = 4, 48, 96
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                       num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=8,
+                                       max_position_embeddings=8192)
+        batch, lo, hi = 16, 1024, 2048
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(lo, hi + 1, (batch,), generator=gen).tolist()
+    width = max(lengths)
+    ids = torch.randint(0, cfg.vocab_size, (batch, width), generator=gen)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, width - n:] = 1  # left padding
+    return model, ids.to(device), mask.to(device), lengths
+
+
+def implementations():
+    out = ["dmattn", "sdpa", "eager"]
+    try:
+        import flash_attn  # noqa: F401
+
+        out.append("flash_attention_2")
+    except ImportError:
+        pass
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default=None, help="folder for transformers_decode_step.json")
+    args = ap.parse_args(argv)
+
+    from dmattn_ops.integrations import transformers as dmattn_transformers
+
+    dmattn_transformers.register()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, ids, mask, lengths = build(args.tiny, device, dtype)
+    step_ids = ids[:, -1:]
+    step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    rows = []
+    for name in implementations():
+        model.set_attn_implementation(name)
+        with torch.no_grad():
+            prefill = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            cache = prefill.past_key_values
+
+            def step():
+                out = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True)
+                cache.crop(-1)  # drop the new token: every step sees the same lengths
+                return out.logits
+
+            try:
+                logits = step()
+                timing = bc.time_callable(step, device, warmup=3, reps=args.reps)
+            except Exception as e:  # noqa: BLE001 - one implementation failing is reported, not fatal
+                rows.append({"implementation": name, "status": f"failed: {type(e).__name__}: {e}"})
+                print(f"{name:20} failed: {e}", flush=True)
+                continue
+        rows.append({"implementation": name, "status": "ok", "logits": logits.float().cpu(), **timing.as_dict()})
+        print(f"{name:20} {timing.median_ms:9.3f} ms per decode step", flush=True)
+    ok = {r["implementation"]: r for r in rows if r["status"] == "ok"}
+    for r in ok.values():
+        r["max_abs_logit_diff_vs_sdpa"] = (r["logits"] - ok["sdpa"]["logits"]).abs().max().item() if "sdpa" in ok \
+            else None
+        r["dmattn_speedup"] = r["ms_median"] / ok["dmattn"]["ms_median"] if "dmattn" in ok else None
+    for r in ok.values():
+        del r["logits"]
+        print(f"  {r['implementation']:20} {r['ms_median']:9.3f} ms  dmattn speed-up {r['dmattn_speedup'] or 0:.2f}x"
+              f"  max |logit - sdpa| {r['max_abs_logit_diff_vs_sdpa'] or 0:.2e}")
+    if args.out:
+        payload = {"workload": "transformers decode step", "tiny": args.tiny, "batch": len(lengths),
+                   "prompt_lengths": lengths, "config": model.config.to_dict(), "dtype": str(dtype),
+                   "environment": bc.environment(device, REPO), "results": rows,
+                   "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv or sys.argv[1:]))}
+        bc.write_json(os.path.join(args.out, "transformers_decode_step.json"), payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
