@@ -88,6 +88,41 @@ def test_greedy_generation_matches_sdpa(family, cache):
     assert torch.equal(runs["dmattn"], runs["sdpa"])
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_decode_step_reads_the_cache_in_place(cache, monkeypatch):
+    """A decode step of a batch hands the op the cache's own storage (no per-layer copy of K / V), and its logits
+    match sdpa's after the same prefill."""
+    model = _tiny("llama")
+    ids, mask = _batch("left")
+    step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    original = dmattn_transformers.dmattn_ops.varlen_attention
+    seen_storages = []
+
+    def recording(q, k, v, *args, **kwargs):
+        seen_storages.append((k.untyped_storage().data_ptr(), v.untyped_storage().data_ptr()))
+        return original(q, k, v, *args, **kwargs)
+
+    def decode_step(implementation):
+        model.set_attn_implementation(implementation)
+        extra = {}
+        if cache == "static":
+            extra["past_key_values"] = transformers.StaticCache(config=model.config, max_cache_len=32)
+        with torch.no_grad():
+            past = model(input_ids=ids, attention_mask=mask, use_cache=True, **extra).past_key_values
+            if implementation == "dmattn":
+                monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", recording)
+            logits = model(input_ids=ids[:, -1:], attention_mask=step_mask, past_key_values=past,
+                           use_cache=True).logits
+            monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", original)
+        return logits, past
+
+    got, past = decode_step("dmattn")
+    layer0 = past.layers[0]
+    assert seen_storages[0] == (layer0.keys.untyped_storage().data_ptr(), layer0.values.untyped_storage().data_ptr())
+    want, _ = decode_step("sdpa")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_packed_rows_through_cu_seq_lens():
     """Three sequences packed in one row (what DataCollatorWithFlattening feeds): each one's logits as if alone."""
     model = _tiny("llama")

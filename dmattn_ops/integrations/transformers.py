@@ -107,9 +107,17 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if not causal and attention_mask is not None:
         raise NotImplementedError("dmattn_ops (attn_implementation='dmattn'): non-causal layers with a padding mask "
                                   "are not supported yet")
+    real = attention_mask  # (B, Lk) bool or None: the keys sequence b has
+    if sliding_window is not None and Lk > sliding_window and Lq == 1:  # a decode step sees the last `window` keys
+        recent = (torch.arange(Lk, device=query.device) >= Lk - sliding_window).view(1, Lk)
+        real = recent.expand(B, Lk) if real is None else real & recent
+    if Lq == 1 and B > 1:
+        rows = _cache_as_rows(key, value)
+        if rows is not None:
+            return _decode_in_place(q, rows, real, Lk, scaling, causal), None
     k = key[:, :, :Lk].transpose(1, 2)  # (B, Lk, Hk, D): for B > 1 the reshape below copies
     v = value[:, :, :Lk].transpose(1, 2)
-    mask = None if attention_mask is None else attention_mask.reshape(B * Lk, 1)  # key-side, one head
+    mask = None  # key-side, one head; or query-side for a windowed prefill
     if sliding_window is not None and Lk > sliding_window and Lq > 1:
         # Query i (bottom-right aligned) sees keys j in (i + Lk - Lq - window, i + Lk - Lq]: a band, per query.
         i = torch.arange(Lq, device=query.device).view(Lq, 1)
@@ -118,15 +126,49 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         keys = attention_mask.view(B, 1, Lk) if attention_mask is not None else torch.ones(
             B, 1, Lk, dtype=torch.bool, device=query.device)
         mask = (band.view(1, Lq, Lk) & keys).reshape(B * Lq, 1, Lk)
-    elif sliding_window is not None and Lk > sliding_window:
-        # One query (a decode step): the last `window` keys.
-        recent = torch.arange(Lk, device=query.device) >= Lk - sliding_window
-        keys = attention_mask if attention_mask is not None else torch.ones(
-            B, Lk, dtype=torch.bool, device=query.device)
-        mask = (keys & recent.view(1, Lk)).reshape(B * Lk, 1)
+    elif real is not None:
+        mask = real.reshape(B * Lk, 1)
     cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=query.device)
     cu_k = torch.arange(0, (B + 1) * Lk, Lk, dtype=torch.int32, device=query.device)
     out = dmattn_ops.varlen_attention(
         q.reshape(B * Lq, H, D), k.reshape(B * Lk, Hk, D), v.reshape(B * Lk, Hk, D), cu_q, cu_k, Lq, Lk,
         mask=mask, softmax_scale=scaling, is_causal=causal)
     return out.view(B, Lq, H, D), None
+
+
+def _cache_as_rows(key: torch.Tensor, value: torch.Tensor):
+    """The cache's ``(B, Hk, S, D)`` K and V, each seen without a copy as packed rows ``(rows, Hk, D)``: row
+    ``b * R + s`` is position s of sequence b, R = the batch stride over the position stride (Hk x S for a contiguous
+    cache; the rows between sequences hold the other heads and are never visible). None when the strides do not allow
+    it. Returns (k_rows, v_rows, R)."""
+    views = []
+    for t in (key, value):
+        sb, sh, ss, sd = t.stride()
+        if sd != 1 or ss <= 0 or sb % ss != 0 or t.shape[0] < 2:
+            return None
+        rows_per_seq = sb // ss
+        B, Hk, S, D = t.shape
+        # The last sequence's rows stop at its S positions, so the view ends where the tensor ends.
+        n_rows = (B - 1) * rows_per_seq + S
+        views.append((t.as_strided((n_rows, Hk, D), (ss, sh, 1)), rows_per_seq))
+    (k_rows, r_k), (v_rows, r_v) = views
+    return (k_rows, v_rows, r_k) if r_k == r_v else None
+
+
+def _decode_in_place(q: torch.Tensor, rows, real: Optional[torch.Tensor], Lk: int, scaling, causal: bool):
+    """One query per sequence against the cache in place (no copy of K or V): sequence b is rows
+    [b R, b R + R) of the row view (the last one shorter), and a key-side mask keeps exactly its first Lk positions
+    (and, with a padding mask, only the real ones)."""
+    k_rows, v_rows, R = rows
+    B, _, H, D = q.shape
+    device = q.device
+    n_rows = k_rows.shape[0]
+    seen = (torch.arange(R, device=device) < Lk).view(1, R).expand(B, R)
+    if real is not None:
+        seen = seen & torch.nn.functional.pad(real.to(torch.bool), (0, R - Lk))
+    keep = seen.reshape(B * R)[:n_rows].reshape(n_rows, 1)
+    cu_q = torch.arange(0, B + 1, dtype=torch.int32, device=device)
+    cu_k = torch.clamp_max(torch.arange(0, (B + 1) * R, R, dtype=torch.int32, device=device), n_rows)
+    out = dmattn_ops.varlen_attention(q.reshape(B, H, D), k_rows, v_rows, cu_q, cu_k, 1, R, mask=keep,
+                                      softmax_scale=scaling, is_causal=causal)
+    return out.view(B, 1, H, D)
