@@ -111,7 +111,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if sliding_window is not None and Lk > sliding_window and Lq == 1:  # a decode step sees the last `window` keys
         recent = (torch.arange(Lk, device=query.device) >= Lk - sliding_window).view(1, Lk)
         real = recent.expand(B, Lk) if real is None else real & recent
-    if Lq == 1 and B > 1:
+    if Lq == 1 and B > 1 and _no_padding_copy(query):
         rows = _cache_as_rows(key, value)
         if rows is not None:
             return _decode_in_place(q, rows, real, Lk, scaling, causal), None
@@ -134,6 +134,15 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         q.reshape(B * Lq, H, D), k.reshape(B * Lk, Hk, D), v.reshape(B * Lk, Hk, D), cu_q, cu_k, Lq, Lk,
         mask=mask, softmax_scale=scaling, is_causal=causal)
     return out.view(B, Lq, H, D), None
+
+
+def _no_padding_copy(query: torch.Tensor) -> bool:
+    """Whether the op runs this head dim as is. On CUDA a head dim without a compiled kernel is zero-padded, which
+    would copy the whole row view (Hk times the cache): the decode step then takes the copying path instead."""
+    return not query.is_cuda or query.shape[-1] in _CUDA_HEAD_DIMS
+
+
+_CUDA_HEAD_DIMS = frozenset(dmattn_ops.build_info().get("cuda_head_dims", ()))
 
 
 def _cache_as_rows(key: torch.Tensor, value: torch.Tensor):
