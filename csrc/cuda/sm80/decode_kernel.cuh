@@ -11,7 +11,7 @@
 //                falls with the kept fraction
 // The warps split each KV tile (16 keys each, every warp holding all the tile's rows) and keep their own running
 // max / sum / O, merged once at the end through shared memory. The per-concern pieces are the prefill kernel's:
-// KvTiles (loads and slot metadata), warp_mma, ScoreOperands, OnlineSoftmax, nonfinite_v.
+// KvTiles (loads and slot metadata), tile_mma, ScoreOperands, OnlineSoftmax, nonfinite_v.
 //
 // Per KV tile n (ring stage n % kStages, metadata slot n % kMetaSlots):
 //   wait tile n -> issue the loads of tile n + kStages - 1 -> S = Q K^T (this warp's keys) -> score operands
@@ -28,8 +28,8 @@
 #include "nonfinite_v.cuh"
 #include "online_softmax.cuh"
 #include "score_operands.cuh"
+#include "tile_mma.cuh"
 #include "tile_scheduler.cuh"
-#include "warp_mma.cuh"
 
 namespace dmattn::cuda::sm80 {
 
@@ -72,12 +72,12 @@ __device__ __forceinline__ void store_decode_tile(const VarlenFwdParams& p, cons
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const float l = softmax.row_total(mt, half);
-      const unsigned poisoned = __ballot_sync(0xffffffffu, (poisoned_rows >> (2 * mt + half)) & 1u);
+      const bool poisoned = quad_poisoned(poisoned_rows, 2 * mt + half, lane);
       const int r = mt * 16 + g + half * 8;
       if (t == 0) {
         smem.row_max[warp][r] = softmax.row_max[mt][half];
         smem.row_sum[warp][r] = l;
-        smem.row_poisoned[warp][r] = ((poisoned >> (lane & ~3)) & 0xfu) != 0;
+        smem.row_poisoned[warp][r] = poisoned;
       }
       float* dst = smem.reduce.o[warp][r];
 #pragma unroll
@@ -152,8 +152,6 @@ template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads)
 decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys,
               const __grid_constant__ SplitPartials splits, int seq0) {
-  using Elem = typename Traits::Elem;
-  using Mma = typename Traits::Mma;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   constexpr int kMTiles = Traits::kMTiles, kNTiles = Traits::kNTiles, kDTiles = Traits::kDTiles;
   constexpr int kStages = Traits::kStages, kMetaSlots = Traits::kMetaSlots, kWarpKeys = Traits::kWarpKeys;
@@ -209,7 +207,7 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
   unsigned poisoned_rows = 0;  // bit 2 mt + half: this lane saw that row give weight to a key whose V held inf / NaN
 
   // Per-lane ldmatrix byte offsets of the first fragment: Q (all rows), and this warp's 16 keys of a K / V tile.
-  constexpr uint32_t kTileBytes = kBlockN * kHeadDim * sizeof(Elem);
+  constexpr uint32_t kTileBytes = kBlockN * kHeadDim * sizeof(typename Traits::Elem);
   const uint32_t q_lane = static_cast<uint32_t>(__cvta_generic_to_shared(smem.tiles.q)) +
                           2 * Traits::template smem_offset<kBlockM>((lane & 7) + ((lane >> 3) & 1) * 8,
                                                                     (lane >> 4) * 8);
@@ -237,23 +235,8 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
     if (fetch) kv.fetch_pos(n + kStages);  // into the slot of tile n - 1, stored after Q K^T
 
     // ---- S = Q K^T over this warp's keys: s[mt][nt] is the m16n8 fragment (rows 16 mt, keys 16 warp + 8 nt) ----
-    const uint32_t k_stage = k_lane + stage * kTileBytes;
     float s[kMTiles][kNTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
-    warp_mma<Mma, kMTiles, kHeadDim / 16, kNTiles / 2, Traits::kPrefetch, /*kAAhead=*/true>(
-        s,
-        [&](int kk, uint32_t(&a)[kMTiles][4]) {
-#pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) {
-            ldmatrix_x4(Traits::template smem_step<kBlockM>(q_lane, mt, kk * 16), a[mt]);
-          }
-        },
-        [&](int kk, int j, uint32_t(&b)[4]) {
-          ldmatrix_x4(Traits::template smem_step<kBlockN>(k_stage, warp + j, kk * 16), b);
-        });
+    score_tile<Traits>(s, q_lane, k_lane + stage * kTileBytes, warp);
 
     // ---- Scores: scale, bias, and -inf where a key is not visible ----
     const float score_mul = ops.apply(s, n * kBlockN, smem.key_pos[meta] + warp * kWarpKeys,
@@ -272,22 +255,8 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
     softmax.update(s, score_mul, o);
     if (v_fix) mark_poisoned_rows(s, smem.v_bad + warp * kWarpKeys, t, poisoned_rows);
 
-    // ---- O += P V over this warp's keys: its 16 probabilities per row are the A operand of one k16 step ----
-    const uint32_t v_stage = v_lane + stage * kTileBytes;
-    warp_mma<Mma, kMTiles, 1, kDTiles / 2, Traits::kPrefetch, /*kAAhead=*/false>(
-        o,
-        [&](int, uint32_t(&a)[kMTiles][4]) {
-#pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) {
-            a[mt][0] = ElemTraits<Elem>::pack(s[mt][0][0], s[mt][0][1]);
-            a[mt][1] = ElemTraits<Elem>::pack(s[mt][0][2], s[mt][0][3]);
-            a[mt][2] = ElemTraits<Elem>::pack(s[mt][1][0], s[mt][1][1]);
-            a[mt][3] = ElemTraits<Elem>::pack(s[mt][1][2], s[mt][1][3]);
-          }
-        },
-        [&](int, int j, uint32_t(&b)[4]) {
-          ldmatrix_x4_trans(Traits::template smem_step<kBlockN>(v_stage, warp, j * 16), b);
-        });
+    // ---- O += P V over this warp's keys (its 16 probabilities per row: one k16 step) ----
+    accumulate_pv<Traits>(o, s, v_lane + stage * kTileBytes, warp);
   }
   cute::cp_async_wait<0>();
   __syncthreads();  // every warp is done with the tiles: the merge reuses their shared memory

@@ -11,6 +11,7 @@
 
 #include "../../varlen_fwd_params.h"
 #include "kernel_traits.h"
+#include "nonfinite_v.cuh"
 #include "online_softmax.cuh"
 #include "tile_scheduler.cuh"
 
@@ -29,13 +30,12 @@ __device__ __forceinline__ void store_tile(const VarlenFwdParams& p, const TileC
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const float l = softmax.row_total(mt, half);
-      // The four lanes of a quad hold one row: its out is NaN if any of them saw it poisoned.
-      const unsigned poisoned = __ballot_sync(0xffffffffu, (poisoned_rows >> (2 * mt + half)) & 1u);
+      const bool poisoned = quad_poisoned(poisoned_rows, 2 * mt + half, lane);  // before any lane leaves
       const int r = warp_row0 + mt * 16 + g + half * 8;
       if (r >= c.rows) continue;
       const int64_t row = static_cast<int64_t>(c.q_start) + c.m0 + r;
       const bool seen = l != 0.f;  // 0: nothing visible (0 / -inf); NaN: a NaN or +inf score (NaN row)
-      const float inv = (poisoned >> (lane & ~3)) & 0xfu ? __int_as_float(0x7fc00000) : seen ? 1.f / l : 0.f;
+      const float inv = poisoned ? __int_as_float(0x7fc00000) : seen ? 1.f / l : 0.f;
       Elem* dst = out + row * p.out_row_stride + static_cast<int64_t>(c.h) * p.out_head_stride + 2 * t;
 #pragma unroll
       for (int dt = 0; dt < Traits::kDTiles; ++dt) {

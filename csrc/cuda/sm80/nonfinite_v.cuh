@@ -62,4 +62,11 @@ __device__ __forceinline__ void mark_poisoned_rows(const float (&p)[kMTiles][kNT
   }
 }
 
+// Whether row `bit` of mark_poisoned_rows is poisoned for this lane's row: the four lanes of a quad hold one row, and
+// any of them may have seen it. Warp-wide (a ballot): call it before any lane leaves.
+__device__ __forceinline__ bool quad_poisoned(unsigned poisoned_rows, int bit, int lane) {
+  const unsigned poisoned = __ballot_sync(0xffffffffu, (poisoned_rows >> bit) & 1u);
+  return ((poisoned >> (lane & ~3)) & 0xfu) != 0;
+}
+
 }  // namespace dmattn::cuda::sm80

@@ -61,6 +61,37 @@ __device__ __forceinline__ int slots_before(const TileContext& c, int limit, int
   return lo;
 }
 
+// The sequence's rows in q and k, clamped (clamp_seq) as every kernel clamps them.
+__device__ __forceinline__ void load_sequence(const VarlenFwdParams& p, int b, TileContext& c) {
+  const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
+  const SeqRange sk = clamp_seq(p.cu_seqlens_k, b, p.total_k, p.max_seqlen_k);
+  c.q_start = static_cast<int>(sq.start);
+  c.q_len = static_cast<int>(sq.len);
+  c.k_start = static_cast<int>(sk.start);
+  c.k_len = static_cast<int>(sk.len);
+}
+
+// The key slots of query head c.h in sequence b (a key-side mask: its kept-key list), and of those, the ones some
+// query of [i_first, i_first + n_queries) can see (slots_end) and the ones all of them see (slots_full). Called by
+// every thread: the slot search needs whole warps.
+__device__ __forceinline__ void find_slots(const VarlenFwdParams& p, const KeyLists& keys, int b, int i_first,
+                                           int n_queries, int lane, TileContext& c) {
+  c.key_index = nullptr;
+  c.n_keys = c.k_len;
+  if (p.mask.layout == OperandLayout::kKeySide) {
+    const int hm = c.h / p.mask.head_group;
+    c.key_index = keys.index + static_cast<int64_t>(hm) * p.total_k + c.k_start;
+    c.n_keys = min(max(keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm], 0), c.k_len);
+  }
+  c.causal_shift = c.k_len - c.q_len + 1;
+  if (p.is_causal) {
+    c.slots_end = slots_before(c, min(i_first + n_queries - 1 + c.causal_shift, c.k_len), lane);
+    c.slots_full = slots_before(c, min(i_first + c.causal_shift, c.k_len), lane);
+  } else {
+    c.slots_end = c.slots_full = c.n_keys;
+  }
+}
+
 template <int kBlockM>
 struct VarlenTileScheduler {
   static constexpr int32_t kMaxSeqsPerLaunch = 65535;
@@ -81,33 +112,12 @@ struct VarlenTileScheduler {
     const int b = seq0 + blockIdx.z;
     c.h = blockIdx.y;
     c.hk = c.h / (p.num_heads / p.num_heads_k);
-    {
-      const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
-      const SeqRange sk = clamp_seq(p.cu_seqlens_k, b, p.total_k, p.max_seqlen_k);
-      c.q_start = static_cast<int>(sq.start);
-      c.q_len = static_cast<int>(sq.len);
-      c.k_start = static_cast<int>(sk.start);
-      c.k_len = static_cast<int>(sk.len);
-    }
+    load_sequence(p, b, c);
     const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;  // longest tiles first
     if (m0 >= c.q_len) return false;
     c.m0 = static_cast<int>(m0);
     c.rows = min(kBlockM, c.q_len - c.m0);
-
-    c.key_index = nullptr;
-    c.n_keys = c.k_len;
-    if (p.mask.layout == OperandLayout::kKeySide) {
-      const int hm = c.h / p.mask.head_group;
-      c.key_index = keys.index + static_cast<int64_t>(hm) * p.total_k + c.k_start;
-      c.n_keys = min(max(keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm], 0), c.k_len);
-    }
-    c.causal_shift = c.k_len - c.q_len + 1;
-    if (p.is_causal) {
-      c.slots_end = slots_before(c, min(c.m0 + c.rows - 1 + c.causal_shift, c.k_len), lane);
-      c.slots_full = slots_before(c, min(c.m0 + c.causal_shift, c.k_len), lane);
-    } else {
-      c.slots_end = c.slots_full = c.n_keys;
-    }
+    find_slots(p, keys, b, c.m0, c.rows, lane, c);
     return true;
   }
 };
@@ -146,14 +156,7 @@ struct DecodeTileScheduler {
     const int group = p.num_heads / p.num_heads_k;
     c.hk = blockIdx.y;
     c.h = c.hk * group;
-    {
-      const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
-      const SeqRange sk = clamp_seq(p.cu_seqlens_k, b, p.total_k, p.max_seqlen_k);
-      c.q_start = static_cast<int>(sq.start);
-      c.q_len = static_cast<int>(sq.len);
-      c.k_start = static_cast<int>(sk.start);
-      c.k_len = static_cast<int>(sk.len);
-    }
+    load_sequence(p, b, c);
     const int row_tile = blockIdx.x % s.row_tiles;
     d.split = blockIdx.x / s.row_tiles;
     // q_len <= max_seqlen_q and group * max_seqlen_q fits the grid the host sized, so this is an int.
@@ -161,24 +164,12 @@ struct DecodeTileScheduler {
     c.m0 = row_tile * kBlockM;
     if (c.m0 >= packed) return false;
     c.rows = min(kBlockM, packed - c.m0);
-
-    c.key_index = nullptr;
-    c.n_keys = c.k_len;
-    if (p.mask.layout == OperandLayout::kKeySide) {  // one list for the whole group (plan: Hm in {1, Hk})
-      const int hm = c.h / p.mask.head_group;
-      c.key_index = keys.index + static_cast<int64_t>(hm) * p.total_k + c.k_start;
-      c.n_keys = min(max(keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm], 0), c.k_len);
-    }
-    c.causal_shift = c.k_len - c.q_len + 1;
-    if (p.is_causal) {
-      // The tile's queries: a run of rows within one head, or every query once it wraps to the next head.
+    {
+      // The tile's queries: a run of rows within one head, or every query once it wraps to the next head. c.h, the
+      // group's first head, names the one kept-key list of the group (plan: Hm in {1, Hk}).
       const int i0 = c.m0 % c.q_len;
       const bool wraps = i0 + c.rows > c.q_len;
-      const int i_min = wraps ? 0 : i0, i_max = wraps ? c.q_len - 1 : i0 + c.rows - 1;
-      c.slots_end = slots_before(c, min(i_max + c.causal_shift, c.k_len), lane);
-      c.slots_full = slots_before(c, min(i_min + c.causal_shift, c.k_len), lane);
-    } else {
-      c.slots_end = c.slots_full = c.n_keys;
+      find_slots(p, keys, b, wraps ? 0 : i0, wraps ? c.q_len : c.rows, lane, c);
     }
     const int tiles = (c.slots_end + kBlockN - 1) / kBlockN;
     const int64_t begin = static_cast<int64_t>(d.split) * s.tiles_per_split;

@@ -2,7 +2,7 @@
 // SM80+), composed from one header per concern:
 //   tile_scheduler.cuh   which sequence, head and query tile a CTA owns; which key slots it can see
 //   kv_tiles.cuh         Q / K / V tile loads (dense or gathered at kept keys) and the per-tile slot metadata
-//   warp_mma.cuh         the pipelined warp MMA, used for S = Q K^T and O += P V
+//   tile_mma.cuh         S = Q K^T and O += P V on the shared-memory tiles (warp_mma.cuh: the pipelined warp MMA)
 //   score_operands.cuh   scale, mask, bias and causal limit on S; tiles skipped whole
 //   online_softmax.cuh   running max / sum and the rescale of O
 //   nonfinite_v.cuh      hidden keys' inf / NaN V kept out of rows that cannot see them
@@ -24,17 +24,15 @@
 #include "nonfinite_v.cuh"
 #include "online_softmax.cuh"
 #include "score_operands.cuh"
+#include "tile_mma.cuh"
 #include "tile_scheduler.cuh"
-#include "warp_mma.cuh"
 
 namespace dmattn::cuda::sm80 {
 
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
 varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys, int seq0) {
-  using Elem = typename Traits::Elem;
-  using Mma = typename Traits::Mma;
-  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   constexpr int kMTiles = Traits::kMTiles, kNTiles = Traits::kNTiles, kDTiles = Traits::kDTiles;
 
   extern __shared__ __align__(128) char smem_raw[];
@@ -91,21 +89,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
 
     // ---- S = Q K^T: s[mt][nt] is the m16n8 fragment (rows warp_row0 + 16 mt, slots 8 nt) ----
     float s[kMTiles][kNTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
-    warp_mma<Mma, kMTiles, kHeadDim / 16, kNTiles / 2, Traits::kPrefetch, /*kAAhead=*/true>(
-        s,
-        [&](int kk, uint32_t(&a)[kMTiles][4]) {
-#pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) {
-            ldmatrix_x4(Traits::template smem_step<kBlockM>(q_lane, mt, kk * 16), a[mt]);
-          }
-        },
-        [&](int kk, int j, uint32_t(&b)[4]) {
-          ldmatrix_x4(Traits::template smem_step<kBlockN>(k_lane, j, kk * 16), b);
-        });
+    score_tile<Traits>(s, q_lane, k_lane, 0);
 
     // ---- Scores: scale, bias, and -inf where a key is not visible ----
     const float score_mul = ops.apply(s, n0, smem.key_pos[buf], smem.key_bias[buf], warp_row0, g, t);
@@ -128,21 +112,8 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     softmax.update(s, score_mul, o);
     if (v_fix) mark_poisoned_rows(s, smem.v_bad, t, poisoned_rows);
 
-    // ---- O += P V: the probabilities of two n8 fragments are the A operand of one k16 step ----
-    warp_mma<Mma, kMTiles, kBlockN / 16, kDTiles / 2, Traits::kPrefetch, /*kAAhead=*/false>(
-        o,
-        [&](int kk, uint32_t(&a)[kMTiles][4]) {
-#pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) {
-            a[mt][0] = ElemTraits<Elem>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-            a[mt][1] = ElemTraits<Elem>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-            a[mt][2] = ElemTraits<Elem>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-            a[mt][3] = ElemTraits<Elem>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-          }
-        },
-        [&](int kk, int j, uint32_t(&b)[4]) {
-          ldmatrix_x4_trans(Traits::template smem_step<kBlockN>(v_lane, kk, j * 16), b);
-        });
+    // ---- O += P V ----
+    accumulate_pv<Traits>(o, s, v_lane, 0);
     buf ^= 1;
     n = next;
   }
