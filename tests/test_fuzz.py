@@ -206,9 +206,15 @@ def materialize(base: torch.Tensor, plan: ViewPlan, full: Tuple[int, ...], devic
     buf = buf.permute([plan.order.index(d) for d in range(base.dim())])
     view = buf[tuple(slice(p, p + n * s, s) for p, n, s in zip(plan.pads, base.shape, plan.steps))]
     view.copy_(base)
-    view = view.expand(full)
+    # Odd strides (dims of size <= 1) go on before the expand. An as_strided of the expanded view would have an
+    # overlapping input, and autograd counts that overlap in the gradient's dtype: a float16 / bfloat16 count stops at
+    # 256, so a base broadcast 520 times got twice its gradient.
+    odd = [s if o is None else o for s, o in zip(view.stride(), plan.odd_strides)]
+    view = view.as_strided(view.shape, odd, view.storage_offset()).expand(full)
     strides = [s if o is None else o for s, o in zip(view.stride(), plan.odd_strides)]
-    return view.as_strided(view.shape, strides, view.storage_offset())
+    if list(view.stride()) != strides:  # a size-0 dim broadcast from 1: an empty tensor, nothing to differentiate
+        view = view.as_strided(view.shape, strides, view.storage_offset())
+    return view
 
 
 # ---------------------------------------------------------------------------------------------------------------
