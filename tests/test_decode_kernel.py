@@ -41,7 +41,10 @@ def _checked(sample, label=""):
 
 def _check_on_cuda(spec, dtype, kernel):
     """A spec's sample on CUDA, by the accuracy rule; skipped with the reason where this build cannot run it."""
-    _check_on_cuda(spec, dtype, kernel)
+    reason = support_reason(spec, dtype, "cuda")
+    if reason:
+        pytest.skip(reason)
+    _checked(make_sample(spec, dtype, "cuda"), label=kernel)
 
 
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
