@@ -14,8 +14,9 @@
 // KvTiles (loads and slot metadata), tile_mma, ScoreOperands, OnlineSoftmax, nonfinite_v.
 //
 // Per KV tile n (ring stage n % kStages, metadata slot n % kMetaSlots):
-//   wait tile n -> issue the loads of tile n + kStages - 1 -> S = Q K^T (this warp's keys) -> score operands
-//   -> metadata of tile n + kStages -> online softmax -> O += P V
+//   wait tile n -> issue the loads of tile n + kStages - 1 and the metadata loads of tiles n + kStages (bias) and
+//   n + kStages + 1 (position) -> S = Q K^T (this warp's keys) -> score operands -> online softmax -> O += P V
+//   -> store the metadata of tile n + kStages
 #pragma once
 
 #include <cuda_runtime.h>
@@ -188,6 +189,7 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
   // ---- Prologue: Q, the metadata of the first kStages tiles, the K / V of the first kStages - 1 ----
   load_packed_q<Traits>(p, d, smem.tiles.q);
   kv.template fetch_store_first<kStages>(d.tile_begin, d.tile_end);
+  kv.prime_ahead(d.tile_begin + kStages, d.tile_end);
   __syncthreads();  // the gathers read the positions
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
@@ -231,8 +233,11 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
       }
       cute::cp_async_fence();
     }
+    // The metadata of tile n + kStages (its position arrived during the previous iteration): the bias load is issued
+    // now and stored at the end of this iteration, into the slot of tile n - 1; a gathered tile's two dependent
+    // loads never stall the compute (with a key-side mask and bias they cost a tile's time when they did).
     const bool fetch = n + kStages < d.tile_end;
-    if (fetch) kv.fetch_pos(n + kStages);  // into the slot of tile n - 1, stored after Q K^T
+    if (fetch) kv.fetch_pipelined(n + kStages, d.tile_end);
 
     // ---- S = Q K^T over this warp's keys: s[mt][nt] is the m16n8 fragment (rows 16 mt, keys 16 warp + 8 nt) ----
     float s[kMTiles][kNTiles][4];
@@ -241,10 +246,6 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
     // ---- Scores: scale, bias, and -inf where a key is not visible ----
     const float score_mul = ops.apply(s, n * kBlockN, smem.key_pos[meta] + warp * kWarpKeys,
                                       smem.key_bias[meta] + warp * kWarpKeys, limit, t);
-    if (fetch) {
-      kv.fetch_bias();
-      kv.store((it + kStages) % kMetaSlots);  // tile n - 1's slot: its readers passed the barrier above
-    }
     const bool v_fix = ops.hides_keys(n * kBlockN) && tile_has_nonfinite<Traits>(smem.tiles.v[stage]);
     if (v_fix) {
       zero_nonfinite_rows<Traits>(smem.tiles.v[stage], smem.v_bad);
@@ -257,6 +258,7 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
 
     // ---- O += P V over this warp's keys (its 16 probabilities per row: one k16 step) ----
     accumulate_pv<Traits>(o, s, v_lane + stage * kTileBytes, warp);
+    if (fetch) kv.store((it + kStages) % kMetaSlots);  // tile n - 1's slot: its readers passed the barrier above
   }
   cute::cp_async_wait<0>();
   __syncthreads();  // every warp is done with the tiles: the merge reuses their shared memory

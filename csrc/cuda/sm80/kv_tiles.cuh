@@ -102,6 +102,7 @@ struct KvTiles {
   bool key_bias;  // a key-side bias, read per slot into the metadata
   int meta_pos = -1;
   float meta_bias = 0.f;
+  int ahead_pos = -1;  // fetch_pipelined: the position of the tile after the one being fetched
 
   __device__ __forceinline__ KvTiles(const VarlenFwdParams& p_, const TileContext& c_,
                                      typename Traits::SharedStorage& smem_)
@@ -136,6 +137,22 @@ struct KvTiles {
       smem.key_bias[buffer][threadIdx.x] = meta_bias;
     }
   }
+  // The decode ring's metadata, pipelined one iteration deeper than fetch_pos / fetch_bias: called once per iteration
+  // (after the barrier) for the tile whose metadata is stored at the iteration's end, n_store, it issues the bias load
+  // of n_store (whose position arrived during the previous iteration) and the position load of n_store + 1, so neither
+  // load is waited on before the iteration's compute is done. ahead_pos starts as prime_ahead() leaves it.
+  __device__ __forceinline__ void fetch_pipelined(int n_store, int n_end) {
+    if (threadIdx.x < kBlockN) {
+      meta_pos = ahead_pos;
+      meta_bias = bias_at(meta_pos);
+      ahead_pos = n_store + 1 < n_end ? position_of((n_store + 1) * kBlockN + threadIdx.x) : -1;
+    }
+  }
+  // The position of tile n (past n_end: none) for the first fetch_pipelined.
+  __device__ __forceinline__ void prime_ahead(int n, int n_end) {
+    if (threadIdx.x < kBlockN) ahead_pos = n < n_end ? position_of(n * kBlockN + threadIdx.x) : -1;
+  }
+
   // Steps 1-3 for kCount tiles at once, n0 + i into buffer i (tiles at or past n_end: no keys), with the kCount
   // position loads and then the kCount bias loads in flight together: a prologue pays two load latencies, not 2 kCount.
   template <int kCount>
