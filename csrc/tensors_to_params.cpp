@@ -29,7 +29,10 @@ std::string float_str(double x) {
   if (std::isnan(x)) return "nan";
   if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
   char buf[32];
-  return std::string(buf, std::to_chars(buf, buf + sizeof(buf), x).ptr);
+  std::string s(buf, std::to_chars(buf, buf + sizeof(buf), x).ptr);
+  // Python's repr of a float: an integral value keeps its ".0" (-1.0), an exponent does not (1e+39).
+  if (s.find_first_of(".e") == std::string::npos) s += ".0";
+  return s;
 }
 
 ScalarType to_scalar_type(at::ScalarType t) {
@@ -158,6 +161,19 @@ void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type) {
                       "softmax_scale must be finite in float32 (the kernels use it as float32), got ",
                       float_str(*a.softmax_scale));
   }
+  TORCH_CHECK_VALUE(a.window_left >= -1, kOp, "window_left must be >= -1 (-1: no limit), got ", a.window_left);
+  TORCH_CHECK_VALUE(a.window_right >= -1, kOp, "window_right must be >= -1 (-1: no limit), got ", a.window_right);
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(a.softcap)) && a.softcap >= 0, kOp,
+                    "softcap must be >= 0 and finite in float32 (0: no softcap), got ", float_str(a.softcap));
+  if (a.sinks) {
+    const at::Tensor& t = *a.sinks;
+    const auto st = t.scalar_type();
+    TORCH_CHECK_TYPE(st == at::kFloat || st == q.scalar_type(), kOp, "sinks must be float32 or q's dtype ",
+                     dtype_name(q.scalar_type()), ", got ", dtype_name(st));
+    check_device("sinks", t, q);
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == q.size(1), kOp, "sinks must have shape (H,) = (", q.size(1),
+                      ",), got shape ", tuple_str(t.sizes()));
+  }
 }
 
 void check_bwd_args(const VarlenFwdArgs& a, const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& out,
@@ -223,10 +239,26 @@ VarlenFwdParams make_params(const VarlenFwdArgs& a, at::Tensor& out, at::Tensor&
   p.max_seqlen_q = std::min(a.max_seqlen_q, p.total_q);
   p.max_seqlen_k = std::min(a.max_seqlen_k, p.total_k);
   p.softmax_scale = static_cast<float>(resolve_softmax_scale(a.softmax_scale, a.q.size(2)));
-  p.is_causal = a.is_causal;
+  // A limit no query of any sequence reaches is no limit: window_left >= max_seqlen_k keeps key 0 in every query's
+  // reach, window_right >= max_seqlen_q the last key. So the kernels' positions stay 32-bit.
+  p.window_left = a.window_left >= p.max_seqlen_k ? -1 : a.window_left;
+  p.window_right = a.is_causal ? 0 : a.window_right >= p.max_seqlen_q ? -1 : a.window_right;
+  p.softcap = static_cast<float>(a.softcap);
+  p.softcap_log2e2 = a.softcap > 0 ? static_cast<float>(2.0 / std::log(2.0) / a.softcap) : 0.f;
+  if (a.sinks) {
+    TORCH_CHECK(a.sinks->scalar_type() == at::kFloat && a.sinks->is_contiguous(), kOp,
+                "internal: make_params needs float32 contiguous sinks (sinks_as_float32)");
+    p.sinks = a.sinks->data_ptr<float>();
+  }
   if (a.mask) p.mask = make_operand(*a.mask, p.num_heads);
   if (a.bias) p.bias = make_operand(*a.bias, p.num_heads);
   return p;
+}
+
+VarlenFwdArgs sinks_as_float32(const VarlenFwdArgs& a) {
+  VarlenFwdArgs b = a;
+  if (b.sinks) b.sinks = b.sinks->to(at::kFloat).contiguous();
+  return b;
 }
 
 }  // namespace dmattn

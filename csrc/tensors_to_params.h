@@ -23,6 +23,10 @@ struct VarlenFwdArgs {
   const std::optional<at::Tensor>& bias;
   std::optional<double> softmax_scale;
   bool is_causal;
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  double softcap = 0.0;
+  std::optional<at::Tensor> sinks = std::nullopt;
 };
 
 // Checks every shape, dtype, stride and device invariant a kernel relies on for memory safety (sizes the kernels
@@ -42,8 +46,12 @@ double resolve_softmax_scale(std::optional<double> softmax_scale, int64_t head_d
 
 // Allocates out (total_q, H, D) and softmax_lse (H, total_q) and fills the params struct.
 // Query rows no sequence owns are left for the kernel to write (0 and -inf). The params hold max_seqlen capped at
-// the totals, and a batch of 0 when H = 0 (nothing to compute).
+// the totals, the window with is_causal folded in (window_right 0) and limits no sequence reaches as -1, and a batch
+// of 0 when H = 0 (nothing to compute). Sinks must be float32 and contiguous here (sinks_as_float32).
 std::tuple<at::Tensor, at::Tensor> allocate_outputs(const VarlenFwdArgs& a);
 VarlenFwdParams make_params(const VarlenFwdArgs& a, at::Tensor& out, at::Tensor& lse);
+
+// The args with their sinks as the kernels read them: float32, contiguous (a no-op for such sinks).
+VarlenFwdArgs sinks_as_float32(const VarlenFwdArgs& a);
 
 }  // namespace dmattn

@@ -4,6 +4,7 @@
 //   fwd                 the forward call: q, k, v, the forward's out (read), its lse (read), cu_seqlens, mask, bias
 //   dout   (total_q, H, D)   dlse (H, total_q) or null
 //   dq     (total_q, H, D)   dk, dv (total_k, Hk, D)   dbias: the bias's shape, or null when not wanted
+//   dsinks (H,), or null without sinks
 #pragma once
 
 #include "varlen_fwd_params.h"
@@ -19,6 +20,7 @@ struct VarlenBwdParams {
   double* dk = nullptr;
   double* dv = nullptr;
   double* dbias = nullptr;  // element offsets by fwd.bias's strides (dbias is laid out like the bias it is for)
+  double* dsinks = nullptr;  // (H,): d loss / d sinks[h], when fwd.sinks is set
 };
 
 }  // namespace dmattn

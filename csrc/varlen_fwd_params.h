@@ -82,7 +82,21 @@ struct VarlenFwdParams {
   int64_t max_seqlen_k = 0;
 
   float softmax_scale = 1.0f;
-  bool is_causal = false;
+  // The key window of each query (FlashAttention's window_size), in key positions around the query's aligned
+  // position a = i + lk - lq (query i of a sequence with lq queries and lk keys): it sees keys j with
+  // a - window_left <= j <= a + window_right; -1 = no limit on that side. The op's is_causal is window_right = 0
+  // (make_params folds it in, and turns a limit no sequence reaches into -1), so kernels read only the window:
+  // visible_keys() below.
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  // > 0: every score is capped as softcap * tanh(scale * q.k / softcap) before the bias is added (Gemma 2's attention
+  // logit softcapping); 0: off.
+  float softcap = 0.f;
+  float softcap_log2e2 = 0.f;  // 2 log2(e) / softcap (0 when off): the kernels' tanh as exp2
+  // (H,) float32, contiguous, or null: one logit per query head that joins the softmax denominator of every row of
+  // that head (learned attention sinks, gpt-oss): out = sum_j exp(s_j) v_j / (exp(sink) + sum_j exp(s_j)), and lse =
+  // log(exp(sink) + sum_j exp(s_j)). A row that sees no key gets out 0 and lse = sink.
+  const float* sinks = nullptr;
 
   ScoreOperand mask;
   ScoreOperand bias;
@@ -115,8 +129,22 @@ struct DenseKeyRows {
   DMATTN_HOST_DEVICE int64_t row(int64_t j) const { return first + j; }
 };
 
-// Bottom-right aligned causal rule (FlashAttention >= 2.1): query i of a sequence with lq queries and lk keys sees
-// keys j <= i + lk - lq. Returns the number of visible key positions (can be <= 0).
-DMATTN_HOST_DEVICE int64_t causal_visible_keys(int64_t i, int64_t lq, int64_t lk) { return i + lk - lq + 1; }
+// The key positions [begin, end) that query i of a sequence with lq queries and lk keys may see by the window
+// (VarlenFwdParams::window_left / window_right; bottom-right aligned like FlashAttention >= 2.1: the causal rule is
+// j <= i + lk - lq). Clipped to [0, lk]; empty when end <= begin. Masks come on top.
+struct KeyRange {
+  int64_t begin;
+  int64_t end;
+};
+
+DMATTN_HOST_DEVICE KeyRange visible_keys(int64_t i, int64_t lq, int64_t lk, int64_t window_left,
+                                         int64_t window_right) {
+  const int64_t aligned = i + lk - lq;
+  int64_t begin = window_left < 0 ? 0 : aligned - window_left;
+  int64_t end = window_right < 0 ? lk : aligned + window_right + 1;
+  begin = begin < 0 ? 0 : begin;
+  end = end > lk ? lk : end;
+  return {begin, end};
+}
 
 }  // namespace dmattn

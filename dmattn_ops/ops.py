@@ -21,6 +21,9 @@ def varlen_attention(
     bias: Optional[torch.Tensor] = None,
     softmax_scale: Optional[float] = None,
     is_causal: bool = False,
+    window_size: Optional[Tuple[int, int]] = None,
+    softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     mask_mod: Optional[mods.MaskMod] = None,
     score_mod: Optional[mods.ScoreMod] = None,
@@ -40,6 +43,14 @@ def varlen_attention(
         softmax_scale: multiplies q . k; default 1 / sqrt(D).
         is_causal: bottom-right aligned: query i of a sequence with Lq queries and Lk keys sees key j iff
             j <= i + Lk - Lq.
+        window_size: (left, right), FlashAttention's sliding window: query i sees keys j with
+            a - left <= j <= a + right, a = i + Lk - Lq; -1 leaves that side open. is_causal sets right to 0.
+            Key tiles outside every row's window are skipped, so a window costs what it keeps.
+        softcap: > 0 caps every score as softcap * tanh(scale * q . k / softcap) before the bias is added
+            (attention logit softcapping, Gemma 2); None or 0 is off.
+        sinks: (H,) float32 or q's dtype: one learned logit per query head that joins the softmax denominator of
+            every row of that head (attention sinks, gpt-oss): out = sum_j e^s_j v_j / (e^sink + sum_j e^s_j) and
+            lse = log(e^sink + sum_j e^s_j). A row with no visible key gets out 0 and lse = sink.
         return_lse: also return softmax_lse (H, total_q) float32, natural log.
         mask_mod, score_mod: FlexAttention-style mods, built into mask / bias by dmattn_ops.create_mask /
             create_bias in the most compact layout (see docs/mods.md); each excludes the tensor it replaces.
@@ -51,8 +62,10 @@ def varlen_attention(
     """
     # The Python types first, in compiled code too: isinstance checks install no guard, and the op's schema would
     # coerce (True as 1) or reject such values with torch's own message.
+    window_left, window_right = _window_sides(window_size)
     rules.check_arg_types(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
+        window_left, window_right, softcap, sinks,
     )
     if mask_mod is not None or score_mod is not None:
         mask, bias = mods.operands_from_mods(
@@ -63,9 +76,21 @@ def varlen_attention(
         # fake implementation while tracing. Only a device this build has no kernels for is caught here.
         rules.check_backend_built(q)
     out, lse = torch.ops.dmattn.varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
+        window_left, window_right, softcap, sinks,
     )
     return (out, lse) if return_lse else out
+
+
+def _window_sides(window_size) -> Tuple[int, int]:
+    """(left, right) of ``window_size`` (None: (-1, -1)); its Python type checked here, its values by the op."""
+    if window_size is None:
+        return -1, -1
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        got = f"{type(window_size).__qualname__} of length {len(window_size)}" if isinstance(
+            window_size, (tuple, list)) else type(window_size).__qualname__
+        raise TypeError(f"{rules.OP}: window_size must be a (left, right) pair of ints or None, got {got}")
+    return window_size[0], window_size[1]
 
 
 def cu_seqlens(lengths: Union[Sequence[int], torch.Tensor], *, device=None) -> torch.Tensor:

@@ -29,7 +29,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["causal_mask", "materialize_bias", "materialize_mask", "reference_varlen_attention"]
+__all__ = ["causal_mask", "materialize_bias", "materialize_mask", "reference_varlen_attention", "window_mask"]
 
 _NAME = "dmattn_ops.reference"
 
@@ -129,9 +129,22 @@ def materialize_bias(
 
 def causal_mask(lq: int, lk: int, device=None) -> torch.Tensor:
     """(Lq, Lk) bool, bottom-right aligned: query i sees key j iff j <= i + Lk - Lq."""
+    return window_mask(lq, lk, (-1, 0), device=device)
+
+
+def window_mask(lq: int, lk: int, window_size: Tuple[int, int], device=None) -> torch.Tensor:
+    """(Lq, Lk) bool: query i sees key j iff a - left <= j <= a + right, a = i + Lk - Lq (bottom-right aligned);
+    a side of -1 is open."""
+    left, right = window_size
     i = torch.arange(lq, device=device)[:, None]
     j = torch.arange(lk, device=device)[None, :]
-    return j <= i + (lk - lq)
+    aligned = i + (lk - lq)
+    allowed = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if left >= 0:
+        allowed &= j >= aligned - left
+    if right >= 0:
+        allowed &= j <= aligned + right
+    return allowed
 
 
 def reference_varlen_attention(
@@ -147,6 +160,9 @@ def reference_varlen_attention(
     bias: Optional[torch.Tensor] = None,
     softmax_scale: Optional[float] = None,
     is_causal: bool = False,
+    window_size: Optional[Tuple[int, int]] = None,
+    softcap: Optional[float] = None,
+    sinks: Optional[torch.Tensor] = None,
     dtype: torch.dtype = torch.float64,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention by the contract of ``dmattn_ops.varlen_attention``, computed in ``dtype``.
@@ -155,10 +171,14 @@ def reference_varlen_attention(
     mask / bias key-side (total_k, Hm) or query-side (total_q, Hm, max_seqlen_k)). Inputs of any float dtype are
     converted to ``dtype`` first; the bias is added to the scaled score in ``dtype``.
 
+    The window (FlashAttention's window_size; is_causal is a right side of 0) hides keys like a mask. A softcap
+    replaces each scaled score x by softcap * tanh(x / softcap) before the bias is added. A sink (one logit per query
+    head) joins the softmax as a key with that score and V = 0.
+
     Returns:
         out (total_q, H, D) and lse (H, total_q), both in ``dtype`` (the op returns lse in float32). A query
-        with no visible key (empty key side, all masked, causal with Lq > Lk, or every visible score -inf) and
-        every row after cu_seqlens_q[-1] gets an output row of 0 and lse -inf.
+        with no visible key (empty key side, all masked, outside its window, or every visible score -inf) gets an
+        output row of 0 and lse -inf (its head's sink, with sinks), and every row after cu_seqlens_q[-1] 0 and -inf.
     """
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"{_NAME}: q, k, v must have rank 3, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -179,18 +199,34 @@ def reference_varlen_attention(
     for b in range(len(cu_q) - 1):
         q0, q1, k0, k1 = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
         lq, lk = q1 - q0, k1 - k0
-        if lq == 0 or lk == 0:
-            continue  # no key: out 0, lse -inf
+        if lq == 0:
+            continue
+        if lk == 0:  # no key: out 0, lse -inf, or the sink (a NaN or +inf sink: NaN)
+            for h in range(num_heads if sinks is not None else 0):
+                bad = math.isnan(float(sinks[h])) or float(sinks[h]) == math.inf
+                lse[h, q0:q1] = math.nan if bad else sinks[h].to(dtype)
+                if bad:
+                    out[q0:q1, h] = math.nan
+            continue
         allowed = materialize_mask(mask, cu_seqlens_q, cu_seqlens_k, b, num_heads)  # (H, Lq, Lk)
         if is_causal:
             allowed = allowed & causal_mask(lq, lk, device=q.device)
+        if window_size is not None:
+            allowed = allowed & window_mask(lq, lk, window_size, device=q.device)
         add = materialize_bias(bias, cu_seqlens_q, cu_seqlens_k, b, num_heads, dtype)  # (H, Lq, Lk)
         for h in range(num_heads):
             qh = q[q0:q1, h].to(dtype)  # (Lq, D)
             kh = k[k0:k1, h // group].to(dtype)  # (Lk, D)
             vh = v[k0:k1, h // group].to(dtype)  # (Lk, D)
-            scores = _float32_range(scale * (qh @ kh.transpose(0, 1)) + add[h])  # (Lq, Lk)
+            raw = scale * (qh @ kh.transpose(0, 1))  # (Lq, Lk)
+            if softcap:
+                raw = softcap * torch.tanh(raw / softcap)
+            scores = _float32_range(raw + add[h])
             scores = scores.masked_fill(~allowed[h], -math.inf)
+            if sinks is not None:  # the sink is one more score, of a key whose V is 0
+                sink = sinks[h].to(dtype).reshape(1, 1).expand(lq, 1)  # a tensor op: sinks keep their gradient
+                scores = torch.cat([scores, sink], dim=1)
+                vh = torch.cat([vh, vh.new_zeros(1, head_dim)], dim=0)
             row_max = scores.amax(dim=-1, keepdim=True)  # (Lq, 1); NaN if a visible score is NaN
             seen = row_max != -math.inf  # rows with a visible score above -inf (NaN rows too: they stay NaN)
             weights = torch.where(seen, torch.exp(scores - row_max), 0.0)  # (Lq, Lk), 0 for unseen keys and rows

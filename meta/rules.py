@@ -130,7 +130,7 @@ def _check_int(name, value):
 
 def check_arg_types(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=None, bias=None, softmax_scale=None,
-    is_causal=False,
+    is_causal=False, window_left=-1, window_right=-1, softcap=None, sinks=None,
 ):
     """Raises TypeError (ValueError for an int past int64) naming the first argument of the wrong Python type."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -147,6 +147,12 @@ def check_arg_types(
         _fail(TypeError, f"softmax_scale must be a float or None, got {_scalar_type_name(softmax_scale, 'float')}")
     if type(is_causal) is not bool:
         _fail(TypeError, f"is_causal must be a bool, got {_scalar_type_name(is_causal, 'bool')}")
+    _check_int("window_left", window_left)
+    _check_int("window_right", window_right)
+    if softcap is not None and type(softcap) not in (float, int, torch.SymFloat):
+        _fail(TypeError, f"softcap must be a float or None, got {_scalar_type_name(softcap, 'float')}")
+    if sinks is not None:
+        _check_tensor("sinks", sinks, "a tensor or None")
 
 
 # ---- metadata ---------------------------------------------------------------------------------------------------
@@ -305,14 +311,32 @@ def _check_softmax_scale(softmax_scale):
         )
 
 
+def _check_window_softcap_sinks(q, window_left, window_right, softcap, sinks):
+    """The window sides are -1 (no limit) or a key count; softcap is 0 (off) or a positive float32; sinks one logit
+    per query head."""
+    for name, value in (("window_left", window_left), ("window_right", window_right)):
+        if value < -1:
+            _fail(ValueError, f"{name} must be >= -1 (-1: no limit), got {_n(value)}")
+    if type(softcap) in (float, int) and not (math.isfinite(_float32(softcap)) and softcap >= 0):
+        _fail(ValueError, f"softcap must be >= 0 and finite in float32 (0: no softcap), got {float(softcap)!r}")
+    if sinks is not None:
+        if sinks.dtype != torch.float32 and sinks.dtype != q.dtype:
+            _fail(TypeError, f"sinks must be float32 or q's dtype {q.dtype}, got {sinks.dtype}")
+        if sinks.device != q.device:
+            _fail(ValueError, f"sinks must be on q's device {q.device}, got {sinks.device}")
+        if sinks.dim() != 1 or sinks.shape[0] != q.shape[1]:
+            _fail(ValueError, f"sinks must have shape (H,) = ({_n(q.shape[1])},), got shape {_shape(sinks)}")
+
+
 def check_varlen_fwd(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=None, bias=None, softmax_scale=None,
-    is_causal=False,
+    is_causal=False, window_left=-1, window_right=-1, softcap=None, sinks=None,
 ) -> VarlenLayout:
     """Validates the Python types and the metadata of one call; raises TypeError/ValueError naming the argument, what
     was expected and what was given. Returns what it found."""
     check_arg_types(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
+        window_left, window_right, softcap, sinks,
     )
     _check_qkv(q, k, v)
     _check_backend(q)
@@ -330,6 +354,7 @@ def check_varlen_fwd(
             _fail(TypeError, f"bias must be float32 or q's dtype {q.dtype}, got {bias.dtype}")
         bias_layout = _check_operand("bias", bias, q, k, max_seqlen_k)
     _check_softmax_scale(softmax_scale)
+    _check_window_softcap_sinks(q, window_left, window_right, softcap, sinks)
     return VarlenLayout(
         total_q=q.shape[0],
         total_k=k.shape[0],

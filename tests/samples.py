@@ -51,6 +51,10 @@ class Spec:
     slack_k: int = 0  # max_seqlen_k - the longest key sequence
     packed_qkv: bool = False  # q, k, v: head slices of one (tokens, H + 2 Hk, D) projection; total_q == total_k
     softmax_scale: Optional[float] = None
+    window: Optional[Tuple[int, int]] = None  # window_size (left, right)
+    softcap: Optional[float] = None
+    sinks: Optional[str] = None  # None | "float32" | "q" (q's dtype): (H,) sink logits
+    sinks_neg_inf: bool = False  # the first head's sink is -inf (no sink for that head)
     dtypes: Tuple[torch.dtype, ...] = ALL_DTYPES
 
     @property
@@ -115,12 +119,20 @@ def make_sample(spec: Spec, dtype: torch.dtype, device="cpu", seed: int = 0) -> 
             bias = bias.masked_fill(torch.rand(*shape, generator=gen) < 0.3, -math.inf)
         bias = bias.to(torch.float32 if spec.bias_dtype == "float32" else dtype).to(device)
 
+    sinks = None
+    if spec.sinks is not None:
+        sinks = randn(H)
+        if spec.sinks_neg_inf and H > 0:
+            sinks[0] = -math.inf
+        sinks = sinks.to(torch.float32 if spec.sinks == "float32" else dtype).to(device)
+
     return Sample(
         spec=spec, q=q, k=k, v=v,
         cu_seqlens_q=dmattn_ops.cu_seqlens(spec.seqlens_q, device=device),
         cu_seqlens_k=dmattn_ops.cu_seqlens(spec.seqlens_k, device=device),
         max_seqlen_q=max_q, max_seqlen_k=max_k, mask=mask, bias=bias,
-        softmax_scale=spec.softmax_scale, is_causal=spec.is_causal,
+        softmax_scale=spec.softmax_scale, is_causal=spec.is_causal, window_size=spec.window, softcap=spec.softcap,
+        sinks=sinks,
     )
 
 
@@ -324,6 +336,39 @@ def _samples() -> Tuple[Spec, ...]:
              is_causal=True),
         Spec("head_dim_128_causal", head_dim=128, seqlens_q=(3, 18), seqlens_k=(20, 18), is_causal=True,
              mask="key", bias="key", bias_heads="H"),
+    ]
+    # Sliding windows (FlashAttention's window_size), softcap and sinks, alone and together, across tiles and on
+    # decode shapes (the CUDA decode kernel's splits and their combine).
+    long = dict(seqlens_q=(150, 37, 70), seqlens_k=(200, 41, 300))
+    decode = dict(heads=8, heads_k=2, seqlens_q=(1, 4, 8), seqlens_k=(700, 1000, 300))
+    specs += [
+        Spec("window_left", window=(3, -1), mask="key", bias="key", **mixed),
+        Spec("window_right", window=(-1, 2), mask="query", bias="key", bias_heads="Hk", **mixed),
+        Spec("window_both", window=(2, 1), bias="query", **mixed),
+        Spec("window_zero", window=(0, 0), mask="key", **mixed),
+        Spec("window_causal_lq_gt_lk", seqlens_q=(7, 5, 4), seqlens_k=(3, 2, 4), window=(1, 3), is_causal=True,
+             bias="key"),
+        Spec("window_empty_sequences", seqlens_q=(0, 4, 3, 5), seqlens_k=(3, 0, 3, 2), window=(1, 0), mask="query"),
+        Spec("window_long_causal", window=(50, -1), is_causal=True, mask="key", mask_heads="Hk", bias="key", **long),
+        Spec("window_long_query_mask", window=(40, 30), mask="query", mask_heads="H", bias="query", **long),
+        Spec("window_decode", window=(128, -1), is_causal=True, mask="key", mask_heads="Hk", keep=0.5, bias="key",
+             bias_heads="Hk", **decode),
+        Spec("window_decode_no_mask", window=(200, 0), **decode),
+        Spec("softcap", softcap=2.0, bias="key", **mixed),
+        Spec("softcap_long_causal", softcap=1.5, is_causal=True, mask="query", mask_heads="Hk", **long),
+        Spec("softcap_decode", softcap=3.0, mask="key", mask_heads="Hk", bias="key", bias_heads="Hk", **decode),
+        Spec("sinks", sinks="float32", mask="key", bias="key", **mixed),
+        Spec("sinks_q_dtype_masked_rows", sinks="q", sinks_neg_inf=True, mask="key", mask_heads="H",
+             masked_rows=True, **mixed),
+        Spec("sinks_empty_sequences", seqlens_q=(0, 4, 3, 0, 2), seqlens_k=(5, 0, 3, 0, 4), sinks="float32",
+             mask="query", extra_rows_q=2),
+        Spec("sinks_long_causal", sinks="float32", is_causal=True, bias="key", **long),
+        Spec("sinks_decode", sinks="float32", mask="key", mask_heads="Hk", keep=0.25, bias="key", bias_heads="Hk",
+             **decode),
+        Spec("window_softcap_sinks", window=(16, -1), is_causal=True, softcap=4.0, sinks="q", mask="key",
+             bias="key", bias_heads="H", **long),
+        Spec("window_softcap_sinks_decode", window=(256, -1), is_causal=True, softcap=5.0, sinks="float32",
+             mask="key", mask_heads="Hk", bias="key", **decode),
     ]
     names = [s.name for s in specs]
     assert len(names) == len(set(names)), "sample names must be unique"

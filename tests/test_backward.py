@@ -26,10 +26,11 @@ SAMPLE_IDS = [s.name for s in SAMPLES]
 
 
 def _differentiable(sample: Sample):
-    """Leaf copies of the sample's float inputs (q, k, v and a bias), requiring grad, and the sample using them."""
+    """Leaf copies of the sample's float inputs (q, k, v, a bias, sinks), requiring grad, and the sample using them."""
     leaves = {name: getattr(sample, name).detach().clone().requires_grad_() for name in ("q", "k", "v")}
-    if sample.bias is not None:
-        leaves["bias"] = sample.bias.detach().clone().requires_grad_()
+    for name in ("bias", "sinks"):
+        if getattr(sample, name) is not None:
+            leaves[name] = getattr(sample, name).detach().clone().requires_grad_()
     return leaves, sample.replace(**leaves)
 
 
@@ -59,7 +60,8 @@ def _reference(dtype):
     def compute(s: Sample):
         return reference_varlen_attention(
             s.q, s.k, s.v, s.cu_seqlens_q, s.cu_seqlens_k, s.max_seqlen_q, s.max_seqlen_k, mask=s.mask, bias=s.bias,
-            softmax_scale=s.softmax_scale, is_causal=s.is_causal, dtype=dtype,
+            softmax_scale=s.softmax_scale, is_causal=s.is_causal, window_size=s.window_size, softcap=s.softcap,
+            sinks=s.sinks, dtype=dtype,
         )
 
     return compute
@@ -121,7 +123,7 @@ def test_frozen_bias_is_not_differentiated(monkeypatch):
 
     class Spy:
         def __call__(self, *args):
-            calls.append(args[-1])
+            calls.append(args[15])  # bias_grad
             return real(*args)
 
     monkeypatch.setattr(torch.ops.dmattn, "varlen_bwd", Spy())

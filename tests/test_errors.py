@@ -50,6 +50,10 @@ def valid_args():
         bias=None,
         softmax_scale=None,
         is_causal=False,
+        window_left=-1,  # the public API's window_size=(window_left, window_right)
+        window_right=-1,
+        softcap=None,
+        sinks=None,  # (H,)
     )
 
 
@@ -93,6 +97,14 @@ CASES = {
     "negative_max_seqlen": dict(max_seqlen_k=-1),
     "infinite_softmax_scale": dict(softmax_scale=float("inf")),
     "softmax_scale_past_float32": dict(softmax_scale=1e39),  # finite as a double, inf as the kernels' float32
+    "window_left_below_minus_1": dict(window_left=-2),
+    "window_right_below_minus_1": dict(window_right=-5),
+    "negative_softcap": dict(softcap=-1.0),
+    "infinite_softcap": dict(softcap=float("inf")),
+    "sinks_shape": dict(sinks=torch.zeros(HK)),
+    "sinks_rank_2": dict(sinks=torch.zeros(H, 1)),
+    "sinks_dtype": dict(sinks=torch.zeros(H, dtype=torch.float16)),
+    "sinks_on_meta": dict(sinks=torch.zeros(H, device="meta")),
     # sizes the kernels keep in 32 bits (tensors of no element: no memory)
     "heads_past_int32": dict(q=torch.empty(0, 2**32, D), k=torch.empty(0, 2**32, D), v=torch.empty(0, 2**32, D)),
     "kv_heads_past_int32": dict(k=torch.empty(0, 2**32, D), v=torch.empty(0, 2**32, D)),
@@ -117,6 +129,9 @@ TYPE_CASES = {
     "softmax_scale_numpy": dict(softmax_scale=np.float32(0.5)),
     "softmax_scale_str": dict(softmax_scale="0.5"),
     "is_causal_str": dict(is_causal="yes"),
+    "window_float": dict(window_left=2.0),
+    "softcap_str": dict(softcap="30"),
+    "sinks_list": dict(sinks=[0.0] * H),
 }
 DATA_CASES = {
     "cu_seqlens_decreasing": dict(cu_seqlens_q=_cu(0, 3, 2), max_seqlen_q=TOTAL_Q),
@@ -134,9 +149,10 @@ def bad_args(case):
 
 
 def call_api(args):
-    """The public API, keyword arguments as documented."""
+    """The public API, keyword arguments as documented (the window as window_size)."""
     a = dict(args)
     positional = [a.pop(n) for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")]
+    a["window_size"] = (a.pop("window_left"), a.pop("window_right"))
     return dmattn_ops.varlen_attention(*positional, **a)
 
 
@@ -146,11 +162,12 @@ def call_op(args):
 
 
 def api_function(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale,
-                 is_causal):
+                 is_causal, window_left, window_right, softcap, sinks):
     """What torch.compile traces: every tensor and size is an input, so dynamic=True makes the sizes symbolic."""
     return dmattn_ops.varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=mask, bias=bias,
-        softmax_scale=softmax_scale, is_causal=is_causal,
+        softmax_scale=softmax_scale, is_causal=is_causal, window_size=(window_left, window_right), softcap=softcap,
+        sinks=sinks,
     )
 
 
@@ -299,6 +316,49 @@ class TestPublicApiErrors(ErrorTestCase):
     def test_is_causal_str(self):
         self.assertRaisesInline(TypeError, call_api, "is_causal_str", """dmattn.varlen_fwd: is_causal must be a bool, got str""")
 
+    def test_window_left_below_minus_1(self):
+        self.assertRaisesInline(ValueError, call_api, "window_left_below_minus_1", """dmattn.varlen_fwd: window_left must be >= -1 (-1: no limit), got -2""")
+
+    def test_window_right_below_minus_1(self):
+        self.assertRaisesInline(ValueError, call_api, "window_right_below_minus_1", """dmattn.varlen_fwd: window_right must be >= -1 (-1: no limit), got -5""")
+
+    def test_negative_softcap(self):
+        self.assertRaisesInline(ValueError, call_api, "negative_softcap", """dmattn.varlen_fwd: softcap must be >= 0 and finite in float32 (0: no softcap), got -1.0""")
+
+    def test_infinite_softcap(self):
+        self.assertRaisesInline(ValueError, call_api, "infinite_softcap", """dmattn.varlen_fwd: softcap must be >= 0 and finite in float32 (0: no softcap), got inf""")
+
+    def test_sinks_shape(self):
+        self.assertRaisesInline(ValueError, call_api, "sinks_shape", """dmattn.varlen_fwd: sinks must have shape (H,) = (4,), got shape (2,)""")
+
+    def test_sinks_rank_2(self):
+        self.assertRaisesInline(ValueError, call_api, "sinks_rank_2", """dmattn.varlen_fwd: sinks must have shape (H,) = (4,), got shape (4, 1)""")
+
+    def test_sinks_dtype(self):
+        self.assertRaisesInline(TypeError, call_api, "sinks_dtype", """dmattn.varlen_fwd: sinks must be float32 or q's dtype torch.float32, got torch.float16""")
+
+    def test_sinks_on_another_device(self):
+        self.assertRaisesInline(ValueError, call_api, "sinks_on_meta", """dmattn.varlen_fwd: sinks must be on q's device cpu, got meta""")
+
+    def test_window_float(self):
+        self.assertRaisesInline(TypeError, call_api, "window_float", """dmattn.varlen_fwd: window_left must be an int, got float""")
+
+    def test_softcap_str(self):
+        self.assertRaisesInline(TypeError, call_api, "softcap_str", """dmattn.varlen_fwd: softcap must be a float or None, got str""")
+
+    def test_sinks_list(self):
+        self.assertRaisesInline(TypeError, call_api, "sinks_list", """dmattn.varlen_fwd: sinks must be a tensor or None, got list""")
+
+    def test_window_size_not_a_pair(self):
+        a = valid_args()
+        positional = [a.pop(n) for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                                         "max_seqlen_k")]
+        for name in ("window_left", "window_right"):
+            a.pop(name)
+        with self.assertRaises(TypeError) as ctx:
+            dmattn_ops.varlen_attention(*positional, **a, window_size=4)
+        self.assertExpectedInline(str(ctx.exception), """dmattn.varlen_fwd: window_size must be a (left, right) pair of ints or None, got int""")
+
     def test_max_seqlen_past_int64(self):
         with self.assertRaises(ValueError) as ctx:
             call_api(dict(valid_args(), max_seqlen_q=2**63))
@@ -345,6 +405,9 @@ RAW_OP_TYPE_ERRORS = {
     "max_seqlen_float": "max_seqlen_q",
     "softmax_scale_str": "softmax_scale",
     "is_causal_str": "is_causal",
+    "window_float": "window_left",
+    "softcap_str": "softcap",
+    "sinks_list": "sinks",
 }
 
 

@@ -28,11 +28,12 @@ def test_opcheck(spec, device):
 
 @pytest.mark.parametrize("spec", SAMPLES, ids=lambda s: s.name)
 def test_opcheck_with_gradients(spec):
-    """The same checks with q, k, v and the bias requiring grad (CPU: the backward's only kernel so far): the
+    """The same checks with q, k, v, the bias and the sinks requiring grad (CPU: the backward's only kernel so far): the
     autograd registration, and AOT dispatch with dynamic shapes through the backward (dmattn::varlen_bwd, its fake
     and its kernel) against eager."""
     sample = make_sample(spec, torch.float32, "cpu")
     leaves = {name: getattr(sample, name).detach().clone().requires_grad_() for name in ("q", "k", "v")}
-    if sample.bias is not None:
-        leaves["bias"] = sample.bias.detach().clone().requires_grad_()
+    for name in ("bias", "sinks"):
+        if getattr(sample, name) is not None:
+            leaves[name] = getattr(sample, name).detach().clone().requires_grad_()
     torch.library.opcheck(torch.ops.dmattn.varlen_fwd.default, sample.replace(**leaves).args())

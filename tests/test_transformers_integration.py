@@ -33,12 +33,23 @@ def _tiny(family: str, **extra):
         cfg = transformers.Gemma3TextConfig(**common, head_dim=16, sliding_window=5,
                                             layer_types=["sliding_attention", "full_attention"], **extra)
         cls = transformers.Gemma3ForCausalLM
-    elif family == "gemma2":  # attention logit softcapping
-        cfg, cls = transformers.Gemma2Config(**common, head_dim=16, **extra), transformers.Gemma2ForCausalLM
+    elif family == "gemma2":  # attention logit softcapping (a small cap, so that it changes the logits), windows
+        cfg = transformers.Gemma2Config(**common, head_dim=16, attn_logit_softcapping=1.5, sliding_window=5,
+                                        layer_types=["sliding_attention", "full_attention"], **extra)
+        cls = transformers.Gemma2ForCausalLM
+    elif family == "gpt_oss":  # learned attention sinks, sliding and full layers, mixture of experts
+        cfg = transformers.GptOssConfig(**common, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                        sliding_window=5, layer_types=["sliding_attention", "full_attention"], **extra)
+        cls = transformers.GptOssForCausalLM
     else:
         raise ValueError(family)
     torch.manual_seed(0)
-    return cls(cfg).eval()
+    model = cls(cfg).eval()
+    if family == "gpt_oss":  # sinks start at 0: make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 2.0)
+    return model
 
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma3"]
@@ -161,12 +172,30 @@ def test_compiles_in_one_graph():
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
 
 
-def test_softcap_is_refused_clearly():
-    model = _tiny("gemma2")
-    ids, mask = _batch("none")
-    model.set_attn_implementation("dmattn")
-    with pytest.raises(NotImplementedError, match=r"dmattn_ops .*softcapping .*use attn_implementation='sdpa'"):
-        model(input_ids=ids, attention_mask=mask)
+# Softcap and sinks: sdpa ignores both in transformers, so these families are judged against "eager".
+NATIVE_FAMILIES = ["gemma2", "gpt_oss"]
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("family", NATIVE_FAMILIES)
+def test_softcap_and_sinks_logits_match_eager(family, padding):
+    model = _tiny(family)
+    ids, mask = _batch(padding)
+    want = _logits(model, "eager", input_ids=ids, attention_mask=mask)
+    got = _logits(model, "dmattn", input_ids=ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", NATIVE_FAMILIES)
+def test_softcap_and_sinks_greedy_generation_matches_eager(family):
+    model = _tiny(family)
+    ids, mask = _batch("left")
+    runs = {}
+    for implementation in ("eager", "dmattn"):
+        model.set_attn_implementation(implementation)
+        runs[implementation] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(runs["dmattn"], runs["eager"])
 
 
 def test_dropout_while_training_is_refused_clearly():

@@ -339,6 +339,36 @@ def test_key_side_masked_keys_are_never_read(mask_heads, is_causal, device):
         assert torch.equal(want, got), "a masked-out key's K, V or bias was read"
 
 
+@pytest.mark.parametrize("window", [(64, -1), (20, 5)], ids=["left_64_causal", "left_20_right_5"])
+def test_keys_outside_every_window_are_never_read(window, device):
+    """The window's skipping promise, as for masks: K, V and key-side bias rows of keys outside every query's window
+    (before the earliest window start, after the latest window end) can hold NaN without changing out or lse (the
+    kernels skip those key tiles and hide the window's edge keys per element)."""
+    dtype = torch.float16
+    causal = window[1] < 0
+    spec = Spec("skip_window", seqlens_q=(3, 1, 5, 0), seqlens_k=(400, 9, 300, 6), heads=4, heads_k=2, bias="key",
+                bias_heads="Hk", is_causal=causal, window=window)
+    _skip_unsupported(spec, dtype, device)
+    sample = make_sample(spec, dtype, device, seed=7)
+    left, right = window
+    unread = torch.ones(spec.total_k, dtype=torch.bool)
+    k0 = 0
+    for lq, lk in zip(spec.seqlens_q, spec.seqlens_k):
+        if lq:
+            first = max(0, lk - lq - left)  # the first query's window start
+            last = lk - 1 if causal else min(lk - 1, lk - 1 + right)  # the last query's window end
+            unread[k0 + first:k0 + last + 1] = False
+        k0 += lk
+    assert unread.any() and (~unread).any(), "the sample must have both read and unread keys"
+    k, v, bias = sample.k.clone(), sample.v.clone(), sample.bias.clone()
+    where = unread.to(device)
+    k[where], v[where], bias[where] = float("nan"), float("nan"), float("nan")
+    expected = sample.run()
+    poisoned = sample.replace(k=k, v=v, bias=bias).run()
+    for want, got in zip(expected, poisoned):
+        assert torch.equal(want, got), "a key outside every window was read"
+
+
 @pytest.mark.parametrize("threads", [1, 3, 16])
 @pytest.mark.parametrize(
     "spec",
@@ -552,7 +582,10 @@ def test_reference_by_hand():
 @pytest.mark.parametrize("spec", SAMPLES, ids=lambda s: s.name)
 def test_reference_matches_sdpa(spec):
     """The reference against torch's scaled_dot_product_attention, one (sequence, head) at a time, in float64,
-    on the rows that see at least one key."""
+    on the rows that see at least one key. The window becomes part of the boolean mask and a sink one more key (K = 0,
+    V = 0, its logit as the additive mask); SDPA has no softcap (test_softcap_closed_form covers it)."""
+    if spec.softcap:
+        pytest.skip("SDPA has no softcap")
     sample = make_sample(spec, torch.float32)
     out, _ = sample.reference()
     cu_q, cu_k = sample.cu_seqlens_q.tolist(), sample.cu_seqlens_k.tolist()
@@ -565,16 +598,63 @@ def test_reference_matches_sdpa(spec):
         allowed = materialize_mask(sample.mask, sample.cu_seqlens_q, sample.cu_seqlens_k, b, H)
         if spec.is_causal:
             allowed = allowed & causal_mask(q1 - q0, k1 - k0)
+        if spec.window is not None:  # written here from the contract, apart from the reference's window_mask
+            left, right = spec.window
+            aligned = torch.arange(q1 - q0)[:, None] + (k1 - k0) - (q1 - q0)
+            j = torch.arange(k1 - k0)[None, :]
+            allowed = allowed & ((j >= aligned - left) | (left < 0)) & ((j <= aligned + right) | (right < 0))
         add = materialize_bias(sample.bias, sample.cu_seqlens_q, sample.cu_seqlens_k, b, H).masked_fill(
             ~allowed, -math.inf
         )
         q = sample.q[q0:q1].double().transpose(0, 1)  # (H, Lq, D)
         k = sample.k[k0:k1].double().transpose(0, 1).repeat_interleave(H // Hk, 0)  # (H, Lk, D)
         v = sample.v[k0:k1].double().transpose(0, 1).repeat_interleave(H // Hk, 0)
+        if sample.sinks is not None:
+            sink = sample.sinks.double().view(H, 1, 1).expand(H, q1 - q0, 1)
+            add = torch.cat([add, sink], dim=2)
+            k = torch.cat([k, k.new_zeros(H, 1, D)], dim=1)
+            v = torch.cat([v, v.new_zeros(H, 1, D)], dim=1)
         expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=add, scale=scale)
         seen = (add > -math.inf).any(-1)  # (H, Lq)
         got = out[q0:q1].transpose(0, 1)
         torch.testing.assert_close(got[seen], expected[seen], rtol=1e-10, atol=1e-12)
+
+
+def test_softcap_closed_form():
+    """Softcap on one query and two keys, by hand, on the op and the reference: scores c tanh(x / c) + bias, then
+    the softmax."""
+    c = 2.0
+    q = torch.tensor([[[1.0, 0.0]]])  # (1, 1, 2)
+    k = torch.tensor([[[3.0, 0.0]], [[-1.0, 0.0]]])  # q . k = 3, -1
+    v = torch.tensor([[[10.0, 0.0]], [[20.0, 0.0]]])
+    bias = torch.tensor([[0.5], [0.0]])
+    cu_q, cu_k = dmattn_ops.cu_seqlens([1]), dmattn_ops.cu_seqlens([2])
+    s0, s1 = c * math.tanh(3.0 / c) + 0.5, c * math.tanh(-1.0 / c)
+    p0 = math.exp(s0) / (math.exp(s0) + math.exp(s1))
+    for out, lse in (
+        dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 1, 2, bias=bias, softmax_scale=1.0, softcap=c,
+                                    return_lse=True),
+        reference_varlen_attention(q, k, v, cu_q, cu_k, 1, 2, bias=bias, softmax_scale=1.0, softcap=c),
+    ):
+        assert out[0, 0, 0].item() == pytest.approx(10 * p0 + 20 * (1 - p0))
+        assert lse.item() == pytest.approx(math.log(math.exp(s0) + math.exp(s1)))
+
+
+def test_sinks_closed_form():
+    """A sink on one query and one key, by hand, on the op and the reference: out = e^s v / (e^s + e^sink), lse =
+    log(e^s + e^sink); a query with no key: out 0, lse = sink."""
+    q = torch.tensor([[[1.0]], [[1.0]]])  # two sequences, one query each
+    k = torch.tensor([[[2.0]]])  # the first sequence's one key; the second has none
+    v = torch.tensor([[[4.0]]])
+    sinks = torch.tensor([1.0])
+    cu_q, cu_k = dmattn_ops.cu_seqlens([1, 1]), dmattn_ops.cu_seqlens([1, 0])
+    for out, lse in (
+        dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 1, 1, softmax_scale=1.0, sinks=sinks, return_lse=True),
+        reference_varlen_attention(q, k, v, cu_q, cu_k, 1, 1, softmax_scale=1.0, sinks=sinks),
+    ):
+        assert out[0, 0, 0].item() == pytest.approx(4 * math.exp(2) / (math.exp(2) + math.exp(1)))
+        assert lse[0, 0].item() == pytest.approx(math.log(math.exp(2) + math.exp(1)))
+        assert out[1].abs().sum().item() == 0 and lse[0, 1].item() == pytest.approx(1.0)
 
 
 def test_reference_zero_heads_and_huge_broadcast_mask():

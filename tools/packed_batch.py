@@ -35,6 +35,9 @@ class PackedBatch:
     bias: Optional[torch.Tensor] = None  # float32 or q's dtype, the same two layouts
     softmax_scale: Optional[float] = None
     is_causal: bool = False
+    window_size: Optional[Tuple[int, int]] = None  # (left, right); None: no window
+    softcap: Optional[float] = None
+    sinks: Optional[torch.Tensor] = None  # (H,) float32 or q's dtype
 
     # Shape facts.
 
@@ -88,11 +91,22 @@ class PackedBatch:
     # Calls.
 
     def args(self) -> tuple:
-        """Positional arguments of torch.ops.dmattn.varlen_fwd, in schema order."""
-        return (
+        """Positional arguments of torch.ops.dmattn.varlen_fwd, in schema order. The window, softcap and sinks come
+        only when set, so a batch without them also calls a build from before they existed (the compare stage of
+        tools/run_gpu.sh)."""
+        base = (
             self.q, self.k, self.v, self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k,
             self.mask, self.bias, self.softmax_scale, self.is_causal,
         )
+        if not self._newer_options():
+            return base
+        left, right = self.window_size if self.window_size is not None else (-1, -1)
+        return (*base, left, right, self.softcap, self.sinks)
+
+    def _newer_options(self) -> dict:
+        """The keywords of varlen_attention that are set beyond mask, bias, scale and causal."""
+        named = {"window_size": self.window_size, "softcap": self.softcap, "sinks": self.sinks}
+        return {name: value for name, value in named.items() if value is not None}
 
     def run(self, **options) -> Tuple[torch.Tensor, torch.Tensor]:
         """(out, lse) of dmattn_ops.varlen_attention; ``options``: its other keywords (mask_mod, score_mod)."""
@@ -112,7 +126,8 @@ class PackedBatch:
         the rest by keyword."""
         return fn(
             self.q, self.k, self.v, self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k,
-            mask=self.mask, bias=self.bias, softmax_scale=self.softmax_scale, is_causal=self.is_causal, **extra,
+            mask=self.mask, bias=self.bias, softmax_scale=self.softmax_scale, is_causal=self.is_causal,
+            **self._newer_options(), **extra,
         )
 
     # Copies.

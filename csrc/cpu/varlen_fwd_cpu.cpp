@@ -41,10 +41,14 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
                                                   int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                   const std::optional<at::Tensor>& mask,
                                                   const std::optional<at::Tensor>& bias,
-                                                  std::optional<double> softmax_scale, bool is_causal) {
-  const VarlenFwdArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           mask, bias, softmax_scale, is_causal};
-  check_args(args, c10::DeviceType::CPU);
+                                                  std::optional<double> softmax_scale, bool is_causal,
+                                                  int64_t window_left, int64_t window_right,
+                                                  std::optional<double> softcap,
+                                                  const std::optional<at::Tensor>& sinks) {
+  const VarlenFwdArgs given{q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias,
+                            softmax_scale, is_causal, window_left, window_right, softcap.value_or(0.0), sinks};
+  check_args(given, c10::DeviceType::CPU);
+  const VarlenFwdArgs args = sinks_as_float32(given);
   check_cu_seqlens_data("cu_seqlens_q", cu_seqlens_q, q.size(0), max_seqlen_q, "total_q", "max_seqlen_q");
   check_cu_seqlens_data("cu_seqlens_k", cu_seqlens_k, k.size(0), max_seqlen_k, "total_k", "max_seqlen_k");
 
@@ -76,13 +80,16 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
 // float32, contiguous: what the backward kernel reads.
 at::Tensor as_float32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& bias, std::optional<double> softmax_scale, bool is_causal, bool bias_grad) {
+    const std::optional<at::Tensor>& bias, std::optional<double> softmax_scale, bool is_causal, bool bias_grad,
+    int64_t window_left, int64_t window_right, std::optional<double> softcap_arg,
+    const std::optional<at::Tensor>& sinks) {
+  const double softcap = softcap_arg.value_or(0.0);
   const VarlenFwdArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           mask, bias, softmax_scale, is_causal};
+                           mask, bias, softmax_scale, is_causal, window_left, window_right, softcap, sinks};
   check_args(args, c10::DeviceType::CPU);
   check_bwd_args(args, dout, dlse, out, lse);
   check_cu_seqlens_data("cu_seqlens_q", cu_seqlens_q, q.size(0), max_seqlen_q, "total_q", "max_seqlen_q");
@@ -92,12 +99,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
   at::Tensor dq = at::zeros(q.sizes(), f64), dk = at::zeros(k.sizes(), f64), dv = at::zeros(v.sizes(), f64);
   const std::optional<at::Tensor> bias32 = bias ? std::optional<at::Tensor>(as_float32(*bias)) : std::nullopt;
   at::Tensor dbias = bias && bias_grad ? at::zeros(bias->sizes(), f64) : at::empty({0}, f64);
-  if (q.numel() > 0 && k.numel() > 0) {
+  at::Tensor dsinks = sinks ? at::zeros({q.size(1)}, f64) : at::empty({0}, f64);
+  if (q.numel() > 0 && (k.numel() > 0 || sinks)) {  // with sinks, rows of no key still have an lse
     const at::Tensor q32 = as_float32(q), k32 = as_float32(k), v32 = as_float32(v), dout32 = as_float32(dout);
     at::Tensor out32 = as_float32(out), lse32 = lse.contiguous();
     const at::Tensor dlse32 = dlse.numel() > 0 ? dlse.contiguous() : dlse;
     const VarlenFwdArgs args32{q32, k32, v32, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               mask, bias32, softmax_scale, is_causal};
+                               mask, bias32, softmax_scale, is_causal, window_left, window_right, softcap,
+                               sinks ? std::optional<at::Tensor>(as_float32(*sinks)) : std::nullopt};
     VarlenBwdParams p;
     p.fwd = make_params(args32, out32, lse32);
     p.dout = dout32.data_ptr<float>();
@@ -108,12 +117,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     p.dk = dk.data_ptr<double>();
     p.dv = dv.data_ptr<double>();
     p.dbias = dbias.numel() > 0 ? dbias.data_ptr<double>() : nullptr;  // laid out like bias32: contiguous
+    p.dsinks = dsinks.numel() > 0 ? dsinks.data_ptr<double>() : nullptr;
+    // Each sequence's share of dsinks apart (sequences run in parallel), summed in sequence order: deterministic.
+    const int64_t H = p.fwd.num_heads;
+    std::vector<double> dsinks_shares(p.dsinks ? p.fwd.batch * H : 0);
     at::parallel_for(0, p.fwd.batch, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) cpu::varlen_bwd_sequence(p, static_cast<int32_t>(b));
+      for (int64_t b = begin; b < end; ++b) {
+        cpu::varlen_bwd_sequence(p, static_cast<int32_t>(b), p.dsinks ? dsinks_shares.data() + b * H : nullptr);
+      }
     });
+    for (int64_t b = 0; p.dsinks && b < p.fwd.batch; ++b) {
+      for (int64_t h = 0; h < H; ++h) p.dsinks[h] += dsinks_shares[b * H + h];
+    }
   }
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type()),
-          bias && bias_grad ? dbias.to(bias->scalar_type()) : dbias.to(at::kFloat)};
+          bias && bias_grad ? dbias.to(bias->scalar_type()) : dbias.to(at::kFloat),
+          sinks ? dsinks.to(sinks->scalar_type()) : dsinks.to(at::kFloat)};
 }
 
 }  // namespace

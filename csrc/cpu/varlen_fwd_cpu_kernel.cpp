@@ -299,18 +299,28 @@ __attribute__((always_inline)) inline void pv_chunk(const float* w, int64_t rows
   }
 }
 
-// Normalizes one row's P . V by its softmax sum and stores out and lse; a row with no visible key (max = -inf) gets
-// 0 and lse -inf, never NaN. A NaN max or sum (the row had a NaN or +inf score) gives NaN out and lse. acc is
-// overwritten.
-void finish_row(const VarlenFwdParams& p, int32_t h, int64_t qrow, float row_max, float row_sum, float* acc) {
+// The attention sink of query head h as a logit; -inf (weight 0 in every row, the same as no sink) without sinks.
+float sink_logit(const VarlenFwdParams& p, int32_t h) { return p.sinks ? p.sinks[h] : kNegInf; }
+
+// Normalizes one row's P . V by its softmax sum, with the sink logit joining the denominator, and stores out and
+// lse. The sink joins here and only here, once per row (never per key split). A row with no visible key (max =
+// -inf) gets out 0 and lse = sink (-inf without a sink), never NaN. A NaN max or sum (the row had a NaN or +inf
+// score), or a NaN or +inf sink (through inf - inf), gives NaN out and lse. acc is overwritten.
+void finish_row(const VarlenFwdParams& p, int32_t h, int64_t qrow, float row_max, float row_sum, float sink,
+                float* acc) {
   const int64_t D = p.head_dim;
-  if (row_max == kNegInf) {
+  const float m = max_keep_nan(row_max, sink);
+  if (m == kNegInf) {
     std::fill(acc, acc + D, 0.f);
     p.lse[h * p.total_q + qrow] = kNegInf;
   } else {
-    const float inv = 1.f / row_sum;
+    // The keys' sum and P . V move from row_max to m. Without a sink (-inf) m = row_max, keys_scale = 1 and the sink
+    // adds exactly 0: the same rounding as a plain softmax.
+    const float keys_scale = row_max == kNegInf ? 0.f : std::exp(row_max - m);
+    const float sum = row_sum * keys_scale + std::exp(sink - m);
+    const float inv = keys_scale / sum;
     for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
-    p.lse[h * p.total_q + qrow] = row_max + std::log(row_sum);
+    p.lse[h * p.total_q + qrow] = m + std::log(sum);
   }
   store_row(acc, D, p.dtype, p.out, qrow * p.out_row_stride + h * p.out_head_stride);
 }
@@ -319,18 +329,23 @@ void finish_row(const VarlenFwdParams& p, int32_t h, int64_t qrow, float row_max
 
 WorkPlan plan_work(const VarlenFwdParams& p, int64_t num_threads) {
   const int32_t group = p.num_heads / p.num_heads_k;
-  auto keys_of = [&](int32_t b) { return clamp_seq(p.cu_seqlens_k, b, p.total_k, p.max_seqlen_k).len; };
   WorkPlan plan;
   for (int32_t b = 0; b < p.batch; ++b) {
     const int64_t lq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q).len;
     if (lq == 0) continue;
+    const int64_t lk = clamp_seq(p.cu_seqlens_k, b, p.total_k, p.max_seqlen_k).len;
     const int64_t q_block = std::min(kQueryBlock, lq);
     const int32_t head_block = static_cast<int32_t>(std::clamp<int64_t>(kMaxRows / q_block, 1, group));
     for (int32_t hk = 0; hk < p.num_heads_k; ++hk) {
       for (int32_t g = 0; g < group; g += head_block) {
         for (int64_t q0 = 0; q0 < lq; q0 += q_block) {
-          plan.items.push_back({b, hk * group + g, hk * group + std::min(group, g + head_block), q0,
-                                std::min(lq, q0 + q_block), 0, keys_of(b), -1});
+          const int64_t q1 = std::min(lq, q0 + q_block);
+          // The block's keys in reach: a window only moves right as the query does (both ends), so they run from
+          // its first query's window start to its last query's window end.
+          const int64_t first = visible_keys(q0, lq, lk, p.window_left, p.window_right).begin;
+          const int64_t last = std::max(first, visible_keys(q1 - 1, lq, lk, p.window_left, p.window_right).end);
+          plan.items.push_back({b, hk * group + g, hk * group + std::min(group, g + head_block), q0, q1, first, last,
+                                -1});
         }
       }
     }
@@ -341,7 +356,7 @@ WorkPlan plan_work(const VarlenFwdParams& p, int64_t num_threads) {
     const int64_t want = (2 * num_threads + n_blocks - 1) / n_blocks;
     std::vector<WorkItem> items;
     for (const WorkItem& w : plan.items) {
-      const int64_t keys = w.key_end;
+      const int64_t keys = w.key_end - w.key_begin;
       const int64_t splits = std::min(want, keys / kMinKeysPerSplit);
       if (splits <= 1) {
         items.push_back(w);
@@ -351,8 +366,8 @@ WorkPlan plan_work(const VarlenFwdParams& p, int64_t num_threads) {
       plan.combines.push_back({w, plan.partial_floats, splits});
       for (int64_t s = 0; s < splits; ++s) {
         WorkItem part = w;
-        part.key_begin = keys * s / splits;
-        part.key_end = keys * (s + 1) / splits;
+        part.key_begin = w.key_begin + keys * s / splits;
+        part.key_end = w.key_begin + keys * (s + 1) / splits;
         part.partial = plan.partial_floats + s * row_floats;
         items.push_back(part);
       }
@@ -371,7 +386,8 @@ WorkPlan plan_work(const VarlenFwdParams& p, int64_t num_threads) {
 
 void write_empty_rows(const VarlenFwdParams& p, int32_t h, int64_t row_begin, int64_t row_end) {
   std::vector<float> acc(p.head_dim);
-  for (int64_t row = row_begin; row < row_end; ++row) finish_row(p, h, row, kNegInf, 0.f, acc.data());
+  // Not rows of any sequence, so no sink joins them.
+  for (int64_t row = row_begin; row < row_end; ++row) finish_row(p, h, row, kNegInf, 0.f, kNegInf, acc.data());
 }
 
 // Compiled twice (AVX2+FMA and the baseline ISA) and picked at load time, so one binary is fast on current x86
@@ -400,42 +416,50 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
   auto head_of = [&](int64_t r) { return static_cast<int32_t>(item.head_begin + r / nq); };
   auto query_row = [&](int64_t r) { return sq.start + item.q_begin + r % nq; };
 
-  // Keys [0, visible[qi]) are in reach of query qi of the block (causal limit); the item reaches max_visible.
-  int64_t visible[kQueryBlock];
-  int64_t max_visible = 0;
+  // Keys [window_begin[qi], window_end[qi]) are in reach of query qi of the block (its window; empty: begin = end);
+  // the item reaches [reach_begin, reach_end), the span of its non-empty windows.
+  int64_t window_begin[kQueryBlock], window_end[kQueryBlock];
+  int64_t reach_begin = sk.len, reach_end = 0;
   for (int64_t qi = 0; qi < nq; ++qi) {
-    const int64_t limit = p.is_causal ? causal_visible_keys(item.q_begin + qi, sq.len, sk.len) : sk.len;
-    visible[qi] = std::clamp<int64_t>(limit, 0, sk.len);
-    max_visible = std::max(max_visible, visible[qi]);
+    const KeyRange window = visible_keys(item.q_begin + qi, sq.len, sk.len, p.window_left, p.window_right);
+    window_begin[qi] = window.begin;
+    window_end[qi] = std::max(window.begin, window.end);
+    if (window.end > window.begin) {
+      reach_begin = std::min(reach_begin, window.begin);
+      reach_end = std::max(reach_end, window.end);
+    }
   }
+  auto in_window = [&](int64_t r, int64_t j) { return j >= window_begin[r % nq] && j < window_end[r % nq]; };
   // Whether row r may attend key j, apart from the shared key-side mask already applied to the candidates.
   auto attends = [&](int64_t r, int64_t j) {
-    if (j >= visible[r % nq]) return false;
+    if (!in_window(r, j)) return false;
     if (key_mask && !shared_key_mask && !mask_at(p.mask, key_rows.row(j), head_of(r), 0)) return false;
     return !query_mask || mask_at(p.mask, query_row(r), head_of(r), j);
   };
 
   // 1. Candidate keys: visible to at least one row. All other keys cost nothing.
   s.keys.clear();
-  const int64_t key_end = std::min(max_visible, item.key_end);
+  const int64_t key_begin = std::max(reach_begin, item.key_begin);
+  const int64_t key_end = std::min(reach_end, item.key_end);
   // A query-side mask read row by row: each distinct (query, mask head) row of the item ORs its visible mask
   // bytes into `seen`, one sequential pass over the row, instead of asking every row about every key (which cost
   // rows x keys scattered reads: a 256-key window over 2048 keys ran at 1.3x causal instead of 4x).
-  const bool query_rows_first = query_mask && !key_mask && key_end > item.key_begin;
+  const bool query_rows_first = query_mask && !key_mask && key_end > key_begin;
   if (query_rows_first) {
-    s.seen.assign(key_end - item.key_begin, 0);
+    s.seen.assign(key_end - key_begin, 0);
     for (int64_t r = 0; r < rows; ++r) {
       const int32_t h = head_of(r);
       if (r >= nq && h / p.mask.head_group == (h - 1) / p.mask.head_group) continue;  // the previous head's row
       const int64_t start = p.mask.row_start(query_row(r), h);
-      const int64_t end = std::min(visible[r % nq], key_end);
+      const int64_t begin = std::max(window_begin[r % nq], key_begin);
+      const int64_t end = std::min(window_end[r % nq], key_end);
       const uint8_t* bytes = static_cast<const uint8_t*>(p.mask.ptr);
-      for (int64_t j = item.key_begin; j < end; ++j) s.seen[j - item.key_begin] |= bytes[p.mask.column(start, j)];
+      for (int64_t j = begin; j < end; ++j) s.seen[j - key_begin] |= bytes[p.mask.column(start, j)];
     }
   }
-  for (int64_t j = item.key_begin; j < key_end; ++j) {
+  for (int64_t j = key_begin; j < key_end; ++j) {
     if (query_rows_first) {
-      if (s.seen[j - item.key_begin]) s.keys.push_back(j);
+      if (s.seen[j - key_begin]) s.keys.push_back(j);
       continue;
     }
     if (shared_key_mask && !mask_at(p.mask, key_rows.row(j), item.head_begin, 0)) continue;
@@ -491,14 +515,17 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
         s.key_bias[c] = bias_at(p.bias, key_rows.row(s.keys[c0 + c]), item.head_begin, 0);
       }
     }
-    for (int64_t r = 0; r < rows; ++r) {  // bias, and -inf where a row may not attend
+    for (int64_t r = 0; r < rows; ++r) {  // softcap, bias, and -inf where a row may not attend
       float* sr = s.scores.data() + r * kKeyChunk;
       const int64_t* keys = s.keys.data() + c0;
-      const int64_t limit = visible[r % nq];
+      const int64_t lo = window_begin[r % nq], hi = window_end[r % nq];
+      if (p.softcap > 0.f) {  // on the scaled q . k (q is pre-scaled), before the bias
+        for (int64_t c = 0; c < cn; ++c) sr[c] = p.softcap * std::tanh(sr[c] / p.softcap);
+      }
       if (shared_key_bias) {
-        for (int64_t c = 0; c < cn; ++c) sr[c] = keys[c] < limit ? sr[c] + s.key_bias[c] : kNegInf;
+        for (int64_t c = 0; c < cn; ++c) sr[c] = keys[c] >= lo && keys[c] < hi ? sr[c] + s.key_bias[c] : kNegInf;
       } else {
-        for (int64_t c = 0; c < cn; ++c) sr[c] = keys[c] < limit ? sr[c] : kNegInf;
+        for (int64_t c = 0; c < cn; ++c) sr[c] = keys[c] >= lo && keys[c] < hi ? sr[c] : kNegInf;
       }
       if (!per_row_checks) continue;
       const int32_t h = head_of(r);
@@ -509,7 +536,7 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
       const int64_t bias_start = p.bias.present() && !key_side_bias ? p.bias.row_start(qrow, h) : 0;
       for (int64_t c = 0; c < cn; ++c) {
         const int64_t j = keys[c];
-        if (sr[c] == kNegInf && j >= limit) continue;
+        if (j < lo || j >= hi) continue;  // already -inf
         const bool keep = (!key_mask || shared_key_mask || mask_at(p.mask, key_rows.row(j), h, 0)) &&
                           (!query_mask || p.mask.mask_allows(p.mask.column(mask_start, j)));
         if (!keep) {
@@ -526,7 +553,8 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
     pv_chunk(s.scores.data(), rows, D, s.vrow.data(), cn, s.acc.data());
   }
 
-  // 3. Normalize and store, or hand the unnormalized result of a key split to combine_splits.
+  // 3. Normalize (the sink joins here) and store, or hand the unnormalized result of a key split, without the
+  //    sink, to combine_splits.
   for (int64_t r = 0; r < rows; ++r) {
     float* ar = s.acc.data() + r * D;
     if (item.partial >= 0) {
@@ -535,7 +563,7 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
       slot[1] = row_sum[r];
       std::copy(ar, ar + D, slot + 2);
     } else {
-      finish_row(p, head_of(r), query_row(r), row_max[r], row_sum[r], ar);
+      finish_row(p, head_of(r), query_row(r), row_max[r], row_sum[r], sink_logit(p, head_of(r)), ar);
     }
   }
 }
@@ -562,7 +590,8 @@ void combine_splits(const VarlenFwdParams& p, const SplitCombine& c, const float
         for (int64_t d = 0; d < D; ++d) acc[d] += part[2 + d] * scale;
       }
     }
-    finish_row(p, static_cast<int32_t>(w.head_begin + r / nq), q_start + r % nq, m, l, acc.data());
+    const int32_t h = static_cast<int32_t>(w.head_begin + r / nq);
+    finish_row(p, h, q_start + r % nq, m, l, sink_logit(p, h), acc.data());
   }
 }
 

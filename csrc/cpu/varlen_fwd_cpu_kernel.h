@@ -5,17 +5,18 @@
 // KV group, a block of queries of that sequence): its rows are every (head, query) pair, so one K or V row read
 // serves all query heads that share it (GQA/MQA decode reads each KV row once per item, not once per head).
 // For that item the kernel
-//   1. lists the candidate keys: those visible to at least one row (causal limit, key-side mask, query-side
-//      mask). Every other key costs nothing: no dot product, no bias read, no K or V read;
-//   2. runs an online softmax over chunks of kKeyChunk candidates: scores (scaled q . k + bias, -inf where the
-//      row may not attend), running max and sum, weights exp(score - max) (vectorized; the real value down to
-//      float32's subnormal range, 0 below), then the V accumulation, which skips weights of exactly 0. The two
-//      products are small register-blocked loops (two rows at a time) over the chunk's gathered K (transposed)
-//      and V rows;
-//   3. normalizes and stores out and lse.
+//   1. lists the candidate keys: those visible to at least one row (its window, key-side mask, query-side mask).
+//      Every other key costs nothing: no dot product, no bias read, no K or V read;
+//   2. runs an online softmax over chunks of kKeyChunk candidates: scores (scaled q . k, capped when softcap > 0,
+//      + bias; -inf where the row may not attend), running max and sum, weights exp(score - max) (vectorized; the
+//      real value down to float32's subnormal range, 0 below), then the V accumulation, which skips weights of
+//      exactly 0. The two products are small register-blocked loops (two rows at a time) over the chunk's gathered
+//      K (transposed) and V rows;
+//   3. normalizes and stores out and lse, the head's attention sink (if any) joining the softmax denominator.
 // Accumulation is float32 for every input dtype. A key a row may not attend never touches that row, whatever its
 // K, V and bias hold: its score is replaced by -inf and its weight 0 is skipped. A NaN or +inf score among the keys
-// a row attends makes that row's out and lse NaN (the running max keeps a NaN, also across key splits).
+// a row attends makes that row's out and lse NaN (the running max keeps a NaN, also across key splits); so does a NaN
+// or +inf sink, for every row of its head.
 #pragma once
 
 #include <cstdint>
@@ -35,7 +36,8 @@ struct WorkItem {
   int32_t batch;
   int32_t head_begin, head_end;  // query heads, all in one KV group
   int64_t q_begin, q_end;        // query positions inside the sequence
-  int64_t key_begin, key_end;    // key positions inside the sequence this item covers (all of them, or a split)
+  int64_t key_begin, key_end;    // key positions inside the sequence this item covers: all those in reach of its
+                                 // rows' windows, or a split of them
   int64_t partial;               // -1: the item writes out / lse; else where its partial result goes (floats)
 };
 
@@ -76,7 +78,7 @@ struct Scratch {
 // Runs one work item; a split item writes its partial result into partials (see SplitCombine).
 void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float* partials);
 
-// Merges the partial results of one block's key splits and writes its out / lse rows.
+// Merges the partial results of one block's key splits and writes its out / lse rows (the sink joins here).
 void combine_splits(const VarlenFwdParams& p, const SplitCombine& c, const float* partials);
 
 // Writes 0 to out and -inf to lse for packed query rows [row_begin, row_end) of head h: rows no sequence owns.

@@ -112,9 +112,16 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
   const DecodeShape shape = decode_shape_sm80(p.head_dim);
   plan.kernel = FwdKernel::kDecode;
   plan.row_tiles = static_cast<int32_t>(std::max<int64_t>(1, (group * p.max_seqlen_q + shape.block_m - 1) / shape.block_m));
-  const int64_t max_tiles = (p.max_seqlen_k + shape.block_n - 1) / shape.block_n;
-  const int64_t all_tiles =
-      ((p.total_k + shape.block_n - 1) / shape.block_n + p.batch) * p.num_heads_k * plan.row_tiles;
+  // The keys a row tile can reach: all of a sequence's, or with a left window edge at most window_left +
+  // max_seqlen_q + window_right of them (plus a tile, where the range straddles a tile boundary).
+  int64_t max_tiles = (p.max_seqlen_k + shape.block_n - 1) / shape.block_n;
+  int64_t batch_tiles = (p.total_k + shape.block_n - 1) / shape.block_n + p.batch;
+  if (p.window_left >= 0) {
+    const int64_t reach = p.window_left + p.max_seqlen_q + std::max<int64_t>(p.window_right, 0);
+    max_tiles = std::min(max_tiles, (reach + shape.block_n - 1) / shape.block_n + 1);
+    batch_tiles = std::min(batch_tiles, max_tiles * p.batch);
+  }
+  const int64_t all_tiles = batch_tiles * p.num_heads_k * plan.row_tiles;
   const int64_t sms = dev.sm_count > 0 ? dev.sm_count : 132;
   int64_t per_split = o.tiles_per_split > 0
                           ? o.tiles_per_split

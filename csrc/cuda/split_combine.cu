@@ -7,6 +7,8 @@
 //   a split's lse is NaN    (a NaN or +inf score) out and lse NaN
 //   a split's O holds NaN   (a poisoned row, or NaN V times weight 0) out NaN, lse kept
 //   m = +inf                weight 1 for the splits at m (no inf - inf)
+// A head's sink logit (VarlenFwdParams::sinks) joins here, once per row, as one more split with O = 0: a row no split
+// saw gets out 0 and lse = sink; a NaN or +inf sink makes the row NaN, as in the unsplit kernels.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -71,12 +73,17 @@ combine_splits_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_co
     }
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    nan = __any_sync(0xffffffffu, nan);
+    // The head's sink joins the denominator once, as a split of lse = sink and O = 0 (the decode kernel's splits
+    // leave it out).
+    const float sink = p.sinks != nullptr ? p.sinks[h] : -INFINITY;
+    nan = __any_sync(0xffffffffu, nan) || sink != sink || sink == INFINITY;
+    m = fmaxf(m, sink);
     float total = 0.f;
 #pragma unroll
     for (int i = 0; i < kLsePerLane; ++i) total += split_weight(mine[i], m);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) total += __shfl_xor_sync(0xffffffffu, total, off);
+    total += split_weight(sink, m);
     const float lse = nan ? nan_value : m == -INFINITY ? -INFINITY : m + logf(total);
     const float inv_total = m == -INFINITY ? 0.f : 1.f / total;
 

@@ -11,18 +11,19 @@ function, and the mask function transformers calls to prepare that attention's m
 layers.
 
 What it handles: padded batches (left or right), GQA / MQA, the model's ``scaling``, causal decoder layers with a
-dynamic or static cache (keys past the tokens seen so far are never visible), sliding-window layers (a query-side band
-mask for a prefill longer than the window; a decode step needs none), packed rows given as ``cu_seq_lens_q`` /
-``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k`` keyword arguments (what ``DataCollatorWithFlattening``
-produces). No host sync: every length is a Python int of the tensors' shapes.
+dynamic or static cache (keys past the tokens seen so far are never visible), sliding-window layers (the op's native
+window: key tiles outside it are skipped, no mask is built), attention logit softcapping (Gemma 2) and learned
+attention sinks (gpt-oss's ``s_aux``) natively, packed rows given as ``cu_seq_lens_q`` / ``cu_seq_lens_k`` /
+``max_length_q`` / ``max_length_k`` keyword arguments (what ``DataCollatorWithFlattening`` produces). No host sync:
+every length is a Python int of the tensors' shapes.
 
-What it refuses, with an error naming it: attention logit softcapping (Gemma 2), learned attention sinks (gpt-oss),
-dropout while training, a value head dim that differs from the key's, non-causal (encoder) layers with padding.
+What it refuses, with an error naming it: dropout while training, a value head dim that differs from the key's,
+non-causal (encoder) layers with padding, output_attentions.
 
-Its costs today (the serving issue removes them): for a batch of more than one sequence the cache's
-``(batch, kv_heads, keys, head_dim)`` tensors are copied into the op's packed ``(keys, kv_heads, head_dim)`` layout in
-every layer and step, and a sliding-window prefill builds a ``(batch x queries, 1, keys)`` band mask. Packed rows
-marked only by restarting ``position_ids`` (no ``cu_seq_lens_*``) are not detected: pass the ``cu_seq_lens_*``.
+Its costs today: a decode step of a batch reads the cache in place (a strided row view, see ``_cache_as_rows``); a
+prefill of a batch of more than one sequence copies the cache's ``(batch, kv_heads, keys, head_dim)`` tensors into the
+op's packed ``(keys, kv_heads, head_dim)`` layout (the serving issue's padded-cache addressing mode removes it). Packed
+rows marked only by restarting ``position_ids`` (no ``cu_seq_lens_*``) are not detected: pass the ``cu_seq_lens_*``.
 """
 
 from __future__ import annotations
@@ -62,10 +63,6 @@ def _refuse(module, query, key, value, dropout, kwargs) -> None:
         raise NotImplementedError(f"dmattn_ops (attn_implementation='dmattn'): {what} is not supported yet; use "
                                   "attn_implementation='sdpa' or 'eager' for this model")
 
-    if kwargs.get("softcap") is not None:
-        fail(f"attention logit softcapping (softcap={kwargs['softcap']})")
-    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        fail("learned attention sinks")
     if dropout:
         fail(f"attention dropout while training (dropout={dropout})")
     if value.shape[-1] != key.shape[-1]:
@@ -84,6 +81,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     Hk = key.shape[1]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q = query.transpose(1, 2)  # (B, Lq, H, D)
+    # transformers' sliding window W: a query sees itself and the W - 1 keys before it.
+    window = (sliding_window - 1, -1) if sliding_window is not None else None
+    softcap = kwargs.get("softcap")
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))  # gpt-oss passes its (H,) sink logits as s_aux
+    extra = dict(softmax_scale=scaling, is_causal=causal, window_size=window, softcap=softcap or None, sinks=sinks)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None and cu_k is not None:  # packed rows in one batch row: already the op's layout
@@ -93,8 +95,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
         out = dmattn_ops.varlen_attention(
             q[0], key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q.to(torch.int32), cu_k.to(torch.int32),
-            int(max_q) if max_q is not None else Lq, int(max_k) if max_k is not None else key.shape[2],
-            softmax_scale=scaling, is_causal=causal)
+            int(max_q) if max_q is not None else Lq, int(max_k) if max_k is not None else key.shape[2], **extra)
         return out.unsqueeze(0), None
 
     if attention_mask is not None and attention_mask.dim() != 2:
@@ -108,31 +109,24 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         raise NotImplementedError("dmattn_ops (attn_implementation='dmattn'): non-causal layers with a padding mask "
                                   "are not supported yet")
     real = attention_mask  # (B, Lk) bool or None: the keys sequence b has
-    if sliding_window is not None and Lk > sliding_window and Lq == 1:  # a decode step sees the last `window` keys
-        recent = (torch.arange(Lk, device=query.device) >= Lk - sliding_window).view(1, Lk)
-        real = recent.expand(B, Lk) if real is None else real & recent
     if Lq == 1 and B > 1 and _no_padding_copy(query):
         rows = _cache_as_rows(key, value)
         if rows is not None:
-            return _decode_in_place(q, rows, real, Lk, scaling, causal), None
+            if sliding_window is not None and Lk > sliding_window:
+                # In the row view a sequence's last key is not its last row (the rows after it belong to other
+                # heads), so the window becomes part of the key-side mask: the last `sliding_window` keys.
+                recent = (torch.arange(Lk, device=query.device) >= Lk - sliding_window).view(1, Lk)
+                real = recent.expand(B, Lk) if real is None else real & recent
+            extra.update(window_size=None)
+            return _decode_in_place(q, rows, real, Lk, extra), None
     k = key[:, :, :Lk].transpose(1, 2)  # (B, Lk, Hk, D): for B > 1 the reshape below copies
     v = value[:, :, :Lk].transpose(1, 2)
-    mask = None  # key-side, one head; or query-side for a windowed prefill
-    if sliding_window is not None and Lk > sliding_window and Lq > 1:
-        # Query i (bottom-right aligned) sees keys j in (i + Lk - Lq - window, i + Lk - Lq]: a band, per query.
-        i = torch.arange(Lq, device=query.device).view(Lq, 1)
-        j = torch.arange(Lk, device=query.device).view(1, Lk)
-        band = j > i + (Lk - Lq - sliding_window)  # (Lq, Lk); the causal flag keeps j <= i + Lk - Lq
-        keys = attention_mask.view(B, 1, Lk) if attention_mask is not None else torch.ones(
-            B, 1, Lk, dtype=torch.bool, device=query.device)
-        mask = (band.view(1, Lq, Lk) & keys).reshape(B * Lq, 1, Lk)
-    elif real is not None:
-        mask = real.reshape(B * Lk, 1)
+    mask = real.reshape(B * Lk, 1) if real is not None else None  # key-side, one head
     cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=query.device)
     cu_k = torch.arange(0, (B + 1) * Lk, Lk, dtype=torch.int32, device=query.device)
     out = dmattn_ops.varlen_attention(
         q.reshape(B * Lq, H, D), k.reshape(B * Lk, Hk, D), v.reshape(B * Lk, Hk, D), cu_q, cu_k, Lq, Lk,
-        mask=mask, softmax_scale=scaling, is_causal=causal)
+        mask=mask, **extra)
     return out.view(B, Lq, H, D), None
 
 
@@ -164,7 +158,7 @@ def _cache_as_rows(key: torch.Tensor, value: torch.Tensor):
     return (k_rows, v_rows, r_k) if r_k == r_v else None
 
 
-def _decode_in_place(q: torch.Tensor, rows, real: Optional[torch.Tensor], Lk: int, scaling, causal: bool):
+def _decode_in_place(q: torch.Tensor, rows, real: Optional[torch.Tensor], Lk: int, extra: dict):
     """One query per sequence against the cache in place (no copy of K or V): sequence b is rows
     [b R, b R + R) of the row view (the last one shorter), and a key-side mask keeps exactly its first Lk positions
     (and, with a padding mask, only the real ones)."""
@@ -178,6 +172,5 @@ def _decode_in_place(q: torch.Tensor, rows, real: Optional[torch.Tensor], Lk: in
     keep = seen.reshape(B * R)[:n_rows].reshape(n_rows, 1)
     cu_q = torch.arange(0, B + 1, dtype=torch.int32, device=device)
     cu_k = torch.clamp_max(torch.arange(0, (B + 1) * R, R, dtype=torch.int32, device=device), n_rows)
-    out = dmattn_ops.varlen_attention(q.reshape(B, H, D), k_rows, v_rows, cu_q, cu_k, 1, R, mask=keep,
-                                      softmax_scale=scaling, is_causal=causal)
+    out = dmattn_ops.varlen_attention(q.reshape(B, H, D), k_rows, v_rows, cu_q, cu_k, 1, R, mask=keep, **extra)
     return out.view(B, 1, H, D)

@@ -105,11 +105,11 @@ __device__ __forceinline__ void store_decode_tile(const VarlenFwdParams& p, cons
       l += f[w] * smem.row_sum[w][r];
       poisoned |= smem.row_poisoned[w][r] != 0;
     }
-    const bool seen = l != 0.f;  // 0: nothing visible; NaN: a NaN or +inf score (a NaN row)
-    const float inv = poisoned ? __int_as_float(0x7fc00000) : seen ? 1.f / l : 0.f;
+    // A split leaves the sink to combine_splits (it joins once per row); an unsplit row takes it here.
+    const RowEnd end = finish_row(m, l, poisoned, split || r >= c.rows ? -INFINITY : sink_of(p.sinks, d.head(r)));
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) smem.row_coef[w][r] = f[w] * inv;
-    const float lse = seen ? m + logf(l) : -INFINITY;
+    for (int w = 0; w < kWarps; ++w) smem.row_coef[w][r] = f[w] * end.inv;
+    const float lse = end.lse;
     smem.row_lse[r] = lse;
     if (r < c.rows) {
       const int64_t row = static_cast<int64_t>(c.q_start) + d.query(r);
@@ -176,14 +176,16 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
   const ScoreOperands<Traits> ops(p, c);
   KvTiles<Traits> kv(p, c, smem);
 
-  // Keys at or past a row's limit are hidden from it (its causal limit; 0 for rows past the tile).
-  int limit[kMTiles][2];
+  // Each row sees the key positions [low, limit) (its window; 0 / 0 for rows past the tile).
+  int low[kMTiles][2], limit[kMTiles][2];
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int r = mt * 16 + g + half * 8;
-      limit[mt][half] = r < c.rows ? (p.is_causal ? d.query(r) + c.causal_shift : c.k_len) : 0;
+      const bool row = r < c.rows;
+      low[mt][half] = row ? c.window_low(p, d.query(r)) : 0;
+      limit[mt][half] = row ? c.window_limit(p, d.query(r)) : 0;
     }
 
   // ---- Prologue: Q, the metadata of the first kStages tiles, the K / V of the first kStages - 1 ----
@@ -245,7 +247,7 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
 
     // ---- Scores: scale, bias, and -inf where a key is not visible ----
     const float score_mul = ops.apply(s, n * kBlockN, smem.key_pos[meta] + warp * kWarpKeys,
-                                      smem.key_bias[meta] + warp * kWarpKeys, limit, t);
+                                      smem.key_bias[meta] + warp * kWarpKeys, low, limit, t);
     const bool v_fix = ops.hides_keys(n * kBlockN) && tile_has_nonfinite<Traits>(smem.tiles.v[stage]);
     if (v_fix) {
       zero_nonfinite_rows<Traits>(smem.tiles.v[stage], smem.v_bad);

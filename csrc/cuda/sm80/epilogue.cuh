@@ -1,7 +1,7 @@
 // epilogue.cuh: a query tile's results to global memory: out = O / l (16-bit) and lse = max + ln l (float32).
 //
-// A row that saw no key gets out = 0 and lse = -inf; a row with a +inf / NaN score (l is NaN) gets NaN in both; a
-// poisoned row (nonfinite_v.cuh) gets NaN in out and keeps its lse.
+// A row that saw no key gets out = 0 and lse = -inf (its head's sink, with sinks); a row with a +inf / NaN score (l
+// is NaN) gets NaN in both; a poisoned row (nonfinite_v.cuh) gets NaN in out and keeps its lse (finish_row).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -34,8 +34,8 @@ __device__ __forceinline__ void store_tile(const VarlenFwdParams& p, const TileC
       const int r = warp_row0 + mt * 16 + g + half * 8;
       if (r >= c.rows) continue;
       const int64_t row = static_cast<int64_t>(c.q_start) + c.m0 + r;
-      const bool seen = l != 0.f;  // 0: nothing visible (0 / -inf); NaN: a NaN or +inf score (NaN row)
-      const float inv = poisoned ? __int_as_float(0x7fc00000) : seen ? 1.f / l : 0.f;
+      const RowEnd end = finish_row(softmax.row_max[mt][half], l, poisoned, sink_of(p.sinks, c.h));
+      const float inv = end.inv;
       Elem* dst = out + row * p.out_row_stride + static_cast<int64_t>(c.h) * p.out_head_stride + 2 * t;
 #pragma unroll
       for (int dt = 0; dt < Traits::kDTiles; ++dt) {
@@ -43,7 +43,7 @@ __device__ __forceinline__ void store_tile(const VarlenFwdParams& p, const TileC
             ElemTraits<Elem>::pack(o[mt][dt][2 * half] * inv, o[mt][dt][2 * half + 1] * inv);
       }
       if (t == 0) {
-        p.lse[static_cast<int64_t>(c.h) * p.total_q + row] = seen ? softmax.row_max[mt][half] + logf(l) : -INFINITY;
+        p.lse[static_cast<int64_t>(c.h) * p.total_q + row] = end.lse;
       }
     }
   }

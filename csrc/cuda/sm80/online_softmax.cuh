@@ -111,4 +111,28 @@ struct OnlineSoftmax {
   }
 };
 
+// A row's end: its max m and sum l of exp(score - m) (l = 0: it saw no key; NaN: a NaN or +inf score) with the head's
+// sink logit joined (-inf: no sink, VarlenFwdParams::sinks): inv, what its unnormalized O is multiplied by, and its
+// lse. No key: out 0, lse = sink. A NaN or +inf sink makes the row NaN.
+struct RowEnd {
+  float inv;
+  float lse;
+};
+
+__device__ __forceinline__ RowEnd finish_row(float m, float l, bool poisoned, float sink) {
+  const float nan = __int_as_float(0x7fc00000);
+  if (l == 0.f) {
+    const bool bad_sink = sink != sink || sink == INFINITY;
+    return {poisoned || bad_sink ? nan : 0.f, bad_sink ? nan : sink};
+  }
+  if (sink == -INFINITY) return {poisoned ? nan : 1.f / l, m + logf(l)};
+  const float top = fmaxf(m, sink);  // m is finite or NaN here; a NaN m keeps l NaN, so the total is NaN
+  const float f = exp2f((m - top) * kLog2e);
+  const float total = l * f + exp2f((sink - top) * kLog2e);
+  return {poisoned ? nan : f / total, top + logf(total)};
+}
+
+// The sink logit of query head h, or -inf without sinks.
+__device__ __forceinline__ float sink_of(const float* sinks, int h) { return sinks != nullptr ? sinks[h] : -INFINITY; }
+
 }  // namespace dmattn::cuda::sm80

@@ -1,6 +1,6 @@
-// score_operands.cuh: turning the raw Q K^T tile into scores: the softmax scale, the bias and the mask (key-side,
-// query-side or absent; ../../varlen_fwd_params.h holds the one addressing rule, ScoreOperand::offset) and the
-// causal limit, plus the tile-level questions they answer: can any row see this KV tile at all (a query-side mask
+// score_operands.cuh: turning the raw Q K^T tile into scores: the softmax scale, the softcap, the bias and the mask
+// (key-side, query-side or absent; ../../varlen_fwd_params.h holds the one addressing rule, ScoreOperand::offset)
+// and the window (the causal limit is its right side), plus the tile-level questions they answer: can any row see this KV tile at all (a query-side mask
 // may hide it whole: then it is skipped before K / V are loaded), and does it hide some key from some row.
 //
 // Key-side operands arrive per slot through the tile metadata (kv_tiles.cuh): the mask as the kept-key list that
@@ -36,6 +36,15 @@ struct ScoreOperands {
         key_bias(p_.bias.layout == OperandLayout::kKeySide),
         scale(p_.softmax_scale) {}
 
+  // softcap * tanh(x / softcap) for x = scale * q.k, with tanh(y) = 1 - 2 / (e^2y + 1) in five instructions (its
+  // absolute error, ~1e-7 times the softcap, is far below the 16-bit rounding of the scores; tanhf's inlined series
+  // would take registers the prefill loop does not have). The softcap is read from the kernel parameters (constant
+  // memory), not kept in a register.
+  __device__ __forceinline__ float capped(float x) const {
+    const float e = exp2f(x * p.softcap_log2e2);  // e^(2 x / softcap): inf for large x, 0 for very negative x
+    return p.softcap - 2.f * p.softcap * __frcp_rn(e + 1.f);
+  }
+
   // A KV tile is live unless a query-side mask is False for every (row, key) of it the rows can see. CTA-wide.
   __device__ __forceinline__ bool tile_live(int n) const {
     if (!query_mask) return true;
@@ -45,7 +54,7 @@ struct ScoreOperands {
       const int r = e / kBlockN, slot = n0 + e % kBlockN;
       if (slot >= c.slots_end) continue;
       const int pos = c.key_pos(slot), i = c.m0 + r;
-      if (p.is_causal && pos >= i + c.causal_shift) continue;
+      if (pos < c.window_low(p, i) || pos >= c.window_limit(p, i)) continue;
       any = p.mask.mask_allows(p.mask.offset(static_cast<int64_t>(c.q_start) + i, c.h, pos));
     }
     return __syncthreads_or(any) != 0;
@@ -56,40 +65,42 @@ struct ScoreOperands {
     return n;
   }
 
-  // Whether some row of the tile starting at slot n0 cannot see some key of it (the causal diagonal, a query-side
-  // mask). Slots past the last one are zero-filled, so a tail tile alone does not count.
+  // Whether some row of the tile starting at slot n0 cannot see some key of it (a window edge, the causal diagonal, a
+  // query-side mask). Slots past the last one are zero-filled, so a tail tile alone does not count.
   __device__ __forceinline__ bool hides_keys(int n0) const {
-    return query_mask || (p.is_causal && n0 + kBlockN > c.slots_full && c.slots_full < c.slots_end);
+    return query_mask || (n0 + kBlockN > c.slots_full && c.slots_full < c.slots_end) || n0 < c.slots_low_full;
   }
 
   // s[mt][nt]: the m16n8 fragments of Q K^T for the tile starting at slot n0 (rows warp_row0 + 16 mt, slots 8 nt);
-  // key_pos / slot_bias: its metadata buffer. Makes s scale * q.k + bias, -inf where the row cannot see the key, and
-  // returns score_mul: a tile every row sees whole, with no bias, keeps its raw scores (the scale is folded into the
-  // softmax FFMAs) and returns the scale; every other tile returns 1.
+  // key_pos / slot_bias: its metadata buffer. Makes s scale * q.k (capped) + bias, -inf where the row cannot see the key, and
+  // returns score_mul: a tile every row sees whole, with no bias and no softcap, keeps its raw scores (the scale is
+  // folded into the softmax FFMAs) and returns the scale; every other tile returns 1.
   __device__ __forceinline__ float apply(float (&s)[kMTiles][kNTiles][4], int n0, const int32_t* key_pos,
                                          const float* slot_bias, int warp_row0, int g, int t) const {
     return apply_tile(s, n0, slot_bias, t, [&] {
-      // The causal diagonal, the last (partial) tile, or query-side operands: per element.
-      int limit[kMTiles][2];
+      // A window edge (the causal diagonal), the last (partial) tile, or query-side operands: per element.
+      int low[kMTiles][2], limit[kMTiles][2];
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int r = warp_row0 + mt * 16 + g + half * 8, i = c.m0 + r;
-          limit[mt][half] = r < c.rows ? (p.is_causal ? i + c.causal_shift : c.k_len) : 0;
+          low[mt][half] = c.window_low(p, i);
+          limit[mt][half] = r < c.rows ? c.window_limit(p, i) : 0;
         }
-      per_element(s, key_pos, slot_bias, limit, t);
-      if constexpr (Traits::kQueryOperands) query_operands(s, key_pos, limit, warp_row0, g, t);
+      per_element_any(s, key_pos, slot_bias, low, limit, t);
+      if constexpr (Traits::kQueryOperands) query_operands(s, key_pos, low, limit, warp_row0, g, t);
     });
   }
 
   // The same for a kernel whose rows are not a tile's consecutive queries (the decode kernel's packed rows): the
-  // caller gives each row's key limit (keys at or past it are hidden; 0 for rows past the tile), and s / key_pos /
-  // slot_bias cover the kNTiles * 8 slots of this warp.
+  // caller gives each row's key range [low, limit) (0 / 0 for rows past the tile), and s / key_pos / slot_bias cover
+  // the kNTiles * 8 slots of this warp.
   __device__ __forceinline__ float apply(float (&s)[kMTiles][kNTiles][4], int n0, const int32_t* key_pos,
-                                         const float* slot_bias, const int (&limit)[kMTiles][2], int t) const {
+                                         const float* slot_bias, const int (&low)[kMTiles][2],
+                                         const int (&limit)[kMTiles][2], int t) const {
     static_assert(!Traits::kQueryOperands, "query-side operands need the tile's query rows");
-    return apply_tile(s, n0, slot_bias, t, [&] { per_element(s, key_pos, slot_bias, limit, t); });
+    return apply_tile(s, n0, slot_bias, t, [&] { per_element_any(s, key_pos, slot_bias, low, limit, t); });
   }
 
  private:
@@ -97,7 +108,9 @@ struct ScoreOperands {
   template <typename PerElement>
   __device__ __forceinline__ float apply_tile(float (&s)[kMTiles][kNTiles][4], int n0, const float* slot_bias, int t,
                                               PerElement&& per_tile) const {
-    const bool whole_tile = n0 + kBlockN <= c.slots_full && !query_mask && !query_bias;
+    // A softcap sends every tile down the per-element path (its one place that caps scores).
+    const bool whole_tile = n0 + kBlockN <= c.slots_full && n0 >= c.slots_low_full && !query_mask && !query_bias &&
+                            p.softcap == 0.f;
     const bool raw_scores = whole_tile && !key_bias && scale > 0.f;
     if (whole_tile && !raw_scores) {
 #pragma unroll
@@ -114,10 +127,29 @@ struct ScoreOperands {
     return raw_scores ? scale : 1.f;
   }
 
-  // Pass 1 (key slots outer, so each slot's position and bias are read once): scale, key-side bias, -inf where the
-  // slot is empty or at / past the row's limit. Few registers live beside O and S.
+  // Pass 1 (key slots outer, so each slot's position and bias are read once): scale (capped), key-side bias, -inf
+  // where the slot is empty (position -1) or outside the row's [low, limit). Few registers live beside O and S.
+  // A softcap is applied first, in place, in its own pass over the tile (one copy of the loop below, with a scale of
+  // 1, instead of a second one that caps: fewer registers in the kernel's tightest spot).
+  __device__ __forceinline__ void per_element_any(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
+                                                  const float* slot_bias, const int (&low)[kMTiles][2],
+                                                  const int (&limit)[kMTiles][2], int t) const {
+    float mul = scale;
+    if (p.softcap > 0.f) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][nt][e] = capped(s[mt][nt][e] * scale);
+      mul = 1.f;
+    }
+    per_element(s, key_pos, slot_bias, low, limit, t, mul);
+  }
+
   __device__ __forceinline__ void per_element(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
-                                              const float* slot_bias, const int (&limit)[kMTiles][2], int t) const {
+                                              const float* slot_bias, const int (&low)[kMTiles][2],
+                                              const int (&limit)[kMTiles][2], int t, float mul) const {
 #pragma unroll
     for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
@@ -130,15 +162,16 @@ struct ScoreOperands {
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             float& x = s[mt][nt][2 * half + e2];
-            x = pos < 0 || pos >= limit[mt][half] ? -INFINITY : x * scale + kb;
+            x = pos < low[mt][half] || pos >= limit[mt][half] ? -INFINITY : x * mul + kb;
           }
       }
   }
 
-  // Pass 2, query-side operands only, on the keys pass 1 left visible (in [0, limit): in bounds). A score that is
+  // Pass 2, query-side operands only, on the keys pass 1 left visible (in [low, limit): in bounds). A score that is
   // -inf by itself (an inf in k) still takes its bias: -inf + NaN or + inf is NaN, as the contract says.
   __device__ __forceinline__ void query_operands(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
-                                                 const int (&limit)[kMTiles][2], int warp_row0, int g, int t) const {
+                                                 const int (&low)[kMTiles][2], const int (&limit)[kMTiles][2],
+                                                 int warp_row0, int g, int t) const {
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -152,7 +185,7 @@ struct ScoreOperands {
           for (int e2 = 0; e2 < 2; ++e2) {
             float& x = s[mt][nt][2 * half + e2];
             const int pos = key_pos[nt * 8 + 2 * t + e2];
-            if (pos < 0 || pos >= limit[mt][half]) continue;  // hidden: x is -inf already
+            if (pos < low[mt][half] || pos >= limit[mt][half]) continue;  // hidden: x is -inf already
             if (query_mask && !p.mask.mask_allows(p.mask.column(mask_row, pos))) {
               x = -INFINITY;  // hidden: its bias is not read (it may be NaN)
             } else if (query_bias) {

@@ -26,15 +26,32 @@ struct TileContext {
   int h, hk;                 // query head, KV head
   const int32_t* key_index;  // sorted kept key positions of this (sequence, mask head); null without a key-side mask
   int n_keys;                // slots: kept keys, or k_len
-  int slots_end;             // slots any row of the tile can see (causal prefix)
-  int slots_full;            // slots every row of the tile sees: tiles below this need no per-element check
-  int causal_shift;          // query i sees key j iff j < i + causal_shift (k_len - q_len + 1), or all keys
+  int aligned_shift;         // k_len - q_len: query i's aligned key position is i + aligned_shift (the window's centre)
+  int slots_begin;           // slots before this are hidden from every row of the tile (the window's left edge)
+  int slots_low_full;        // slots from here on are past every row's left edge
+  int slots_end;             // slots any row of the tile can see (its right edge)
+  int slots_full;            // slots before this are within every row's right edge
+  // Slots in [slots_low_full, slots_full) are seen by every row: tiles there need no per-element check.
 
   // Key position of a slot: clamped, so lying cu_seqlens cannot move a read out of the sequence.
   __device__ __forceinline__ int key_pos(int slot) const {
     if (key_index == nullptr) return slot;
     const int pos = key_index[slot];
     return pos < 0 ? 0 : (pos >= k_len ? k_len - 1 : pos);
+  }
+  // The key positions [low, limit) query i of the sequence sees by the window (VarlenFwdParams::window_left /
+  // window_right; is_causal is window_right = 0); masks come on top. The sides are read from the kernel parameters
+  // (constant memory): no register holds them through the key loop. make_params turned a side no sequence reaches
+  // into -1, so they fit in 32 bits.
+  __device__ __forceinline__ int window_low(const VarlenFwdParams& p, int i) const {
+    return p.window_left < 0 ? 0 : max(i + aligned_shift - static_cast<int>(p.window_left), 0);
+  }
+  __device__ __forceinline__ int window_limit(const VarlenFwdParams& p, int i) const {
+    return p.window_right < 0 ? k_len : min(i + aligned_shift + 1 + static_cast<int>(p.window_right), k_len);
+  }
+  // The first KV tile any row can see (tiles before it are not loaded).
+  __device__ __forceinline__ int first_tile(int block_n) const {
+    return slots_begin < slots_end ? slots_begin / block_n : (slots_end + block_n - 1) / block_n;
   }
   // Where key position j lives in k, v and key-side operands (the accessor of ../../varlen_fwd_params.h).
   __device__ __forceinline__ DenseKeyRows key_rows() const { return DenseKeyRows{k_start}; }
@@ -72,8 +89,8 @@ __device__ __forceinline__ void load_sequence(const VarlenFwdParams& p, int b, T
 }
 
 // The key slots of query head c.h in sequence b (a key-side mask: its kept-key list), and of those, the ones some
-// query of [i_first, i_first + n_queries) can see (slots_end) and the ones all of them see (slots_full). Called by
-// every thread: the slot search needs whole warps.
+// query of [i_first, i_first + n_queries) can see ([slots_begin, slots_end)) and the ones all of them see
+// ([slots_low_full, slots_full)). Called by every thread: the slot search needs whole warps.
 __device__ __forceinline__ void find_slots(const VarlenFwdParams& p, const KeyLists& keys, int b, int i_first,
                                            int n_queries, int lane, TileContext& c) {
   c.key_index = nullptr;
@@ -83,12 +100,20 @@ __device__ __forceinline__ void find_slots(const VarlenFwdParams& p, const KeyLi
     c.key_index = keys.index + static_cast<int64_t>(hm) * p.total_k + c.k_start;
     c.n_keys = min(max(keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm], 0), c.k_len);
   }
-  c.causal_shift = c.k_len - c.q_len + 1;
-  if (p.is_causal) {
-    c.slots_end = slots_before(c, min(i_first + n_queries - 1 + c.causal_shift, c.k_len), lane);
-    c.slots_full = slots_before(c, min(i_first + c.causal_shift, c.k_len), lane);
+  // make_params turned limits no sequence reaches into -1, so the window sides fit in 32 bits.
+  c.aligned_shift = c.k_len - c.q_len;
+  const int i_last = i_first + n_queries - 1;
+  if (p.window_right >= 0) {
+    c.slots_end = slots_before(c, c.window_limit(p, i_last), lane);
+    c.slots_full = slots_before(c, c.window_limit(p, i_first), lane);
   } else {
     c.slots_end = c.slots_full = c.n_keys;
+  }
+  if (p.window_left >= 0) {
+    c.slots_begin = slots_before(c, min(c.window_low(p, i_first), c.k_len), lane);
+    c.slots_low_full = slots_before(c, min(c.window_low(p, i_last), c.k_len), lane);
+  } else {
+    c.slots_begin = c.slots_low_full = 0;
   }
 }
 
@@ -172,7 +197,7 @@ struct DecodeTileScheduler {
       find_slots(p, keys, b, wraps ? 0 : i0, wraps ? c.q_len : c.rows, lane, c);
     }
     const int tiles = (c.slots_end + kBlockN - 1) / kBlockN;
-    const int64_t begin = static_cast<int64_t>(d.split) * s.tiles_per_split;
+    const int64_t begin = c.first_tile(kBlockN) + static_cast<int64_t>(d.split) * s.tiles_per_split;
     d.tile_begin = static_cast<int>(begin < tiles ? begin : tiles);
     d.tile_end = static_cast<int>(begin + s.tiles_per_split < tiles ? begin + s.tiles_per_split : tiles);
     return true;

@@ -49,7 +49,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
 
   // ---- Prologue: Q tile, the metadata and K tile of the first live KV tile ----
   kv.load_q();
-  int n = ops.next_live(0, n_tiles), buf = 0;
+  int n = ops.next_live(c.first_tile(kBlockN), n_tiles), buf = 0;
   if (n < n_tiles) {
     kv.fetch_pos(n);
     kv.fetch_bias();
