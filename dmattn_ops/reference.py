@@ -203,7 +203,8 @@ def reference_varlen_attention(
             continue
         if lk == 0:  # no key: out 0, lse -inf, or the sink (a NaN or +inf sink: NaN)
             for h in range(num_heads if sinks is not None else 0):
-                bad = math.isnan(float(sinks[h])) or float(sinks[h]) == math.inf
+                sink = float(sinks[h].detach())
+                bad = math.isnan(sink) or sink == math.inf
                 lse[h, q0:q1] = math.nan if bad else sinks[h].to(dtype)
                 if bad:
                     out[q0:q1, h] = math.nan

@@ -526,7 +526,9 @@ def test_gradients_of_valid_calls_match_the_reference(device, data):
     w = torch.randn(shape.total_q, shape.heads, shape.head_dim, generator=weight_gen, dtype=torch.float64)
 
     def base_gradients(run, dtype=None):
-        bases = {n: (t.to(dtype) if dtype is not None and n != "bias" else t).detach().clone().requires_grad_()
+        # The reference's bases in its dtype, the bias too: autograd sums a broadcast base's gradient in the base's
+        # dtype, so a float32 bias expanded over 264 entries would round the float64 reference's dbias to float32.
+        bases = {n: (t.to(dtype) if dtype is not None else t).detach().clone().requires_grad_()
                  if n in names else t for n, t in drawn.bases.items()}
         out = run(bases)
         loss = (out.double() * w).sum() + sum(0.0 * bases[n].sum() for n in names)

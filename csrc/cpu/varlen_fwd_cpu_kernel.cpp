@@ -188,6 +188,31 @@ __attribute__((always_inline)) inline v8f exp_nonpositive(v8f x) {
   return zero ? splat8(0.f) : er * pow2(n1) * pow2(ni - n1);
 }
 
+// tanh(x) for eight x, branch-free: below |x| = 0.625 an odd polynomial x + x^3 P(x^2) (Cephes' single-precision
+// tanhf coefficients, about 1 ulp there), above it (1 - e) / (1 + e) with e = exp(-2 |x|) <= 0.29, so no
+// cancellation; the sign restored last. tanh(+-inf) = +-1, NaN stays NaN.
+__attribute__((always_inline)) inline v8f tanh8(v8f x) {
+  const v8i negative = x < splat8(0.f);
+  const v8f ax = negative ? -x : x;
+  const v8f z = x * x;
+  v8f poly = splat8(-5.70498872745e-3f);
+  poly = poly * z + 2.06390887954e-2f;
+  poly = poly * z + -5.37397155531e-2f;
+  poly = poly * z + 1.33314422036e-1f;
+  poly = poly * z + -3.33332819422e-1f;
+  const v8f small = poly * z * x + x;
+  const v8f e = exp_nonpositive(-2.f * ax);
+  const v8f large_abs = (1.f - e) / (1.f + e);
+  const v8f large = negative ? -large_abs : large_abs;
+  return ax < splat8(0.625f) ? small : large;
+}
+
+// Attention logit softcapping of n scores in place: cap * tanh(x / cap). sr must have room up to n rounded up to 8.
+__attribute__((always_inline)) inline void softcap_scores(float* sr, int64_t n, float cap) {
+  const float inv = 1.f / cap;
+  for (int64_t c = 0; c < n; c += 8) store8(sr + c, tanh8(load8(sr + c) * inv) * cap);
+}
+
 // Running max that keeps a NaN: once m or x is NaN the result is NaN (std::max(m, x) would drop a NaN x).
 __attribute__((always_inline)) inline float max_keep_nan(float m, float x) { return x > m || x != x ? x : m; }
 
@@ -520,7 +545,7 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
       const int64_t* keys = s.keys.data() + c0;
       const int64_t lo = window_begin[r % nq], hi = window_end[r % nq];
       if (p.softcap > 0.f) {  // on the scaled q . k (q is pre-scaled), before the bias
-        for (int64_t c = 0; c < cn; ++c) sr[c] = p.softcap * std::tanh(sr[c] / p.softcap);
+        softcap_scores(sr, cn, p.softcap);
       }
       if (shared_key_bias) {
         for (int64_t c = 0; c < cn; ++c) sr[c] = keys[c] >= lo && keys[c] < hi ? sr[c] + s.key_bias[c] : kNegInf;
