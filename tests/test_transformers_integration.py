@@ -1,8 +1,10 @@
 """dmattn_ops.integrations.transformers: attn_implementation="dmattn" inside Hugging Face transformers.
 
-Tiny random-weight models (no download) of several families, on the CPU: logits against "sdpa" on unpadded, left-
-and right-padded batches (every real token's logits), greedy generation token for token against "sdpa" with dynamic
-and static caches, packed rows through cu_seq_lens_*, torch.compile(fullgraph=True), and the clear refusals.
+Tiny random-weight models (no download) of seven families, on the CPU: logits against "sdpa" ("eager" for Gemma 2's
+softcap and gpt-oss's sinks, which transformers' sdpa path drops) on unpadded, left- and right-padded batches (every
+real token's logits), greedy generation token for token with dynamic and static caches, packed rows through
+cu_seq_lens_* or restarting position_ids, torch.compile(fullgraph=True), the in-place decode step (on CUDA too), and
+the clear refusals.
 transformers is a test-only dependency, pinned in tools/bootstrap.py.
 """
 
@@ -52,7 +54,11 @@ def _tiny(family: str, **extra):
     return model
 
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma3"]
+# Each family and the implementation its logits are judged against: sdpa, or eager where transformers' sdpa path
+# drops what the family uses (Gemma 2's softcap, gpt-oss's sinks).
+REFERENCE = {"llama": "sdpa", "qwen2": "sdpa", "qwen3": "sdpa", "mistral": "sdpa", "gemma3": "sdpa",
+             "gemma2": "eager", "gpt_oss": "eager"}
+FAMILIES = list(REFERENCE)
 
 
 def _batch(padding: str):
@@ -76,10 +82,10 @@ def _logits(model, implementation, **inputs):
 
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_logits_match_sdpa(family, padding):
+def test_logits_match_reference(family, padding):
     model = _tiny(family)
     ids, mask = _batch(padding)
-    want = _logits(model, "sdpa", input_ids=ids, attention_mask=mask)
+    want = _logits(model, REFERENCE[family], input_ids=ids, attention_mask=mask)
     got = _logits(model, "dmattn", input_ids=ids, attention_mask=mask)
     real = mask.bool()  # padded positions' logits are whatever each implementation leaves there
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
@@ -87,16 +93,16 @@ def test_logits_match_sdpa(family, padding):
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generation_matches_sdpa(family, cache):
+def test_greedy_generation_matches_reference(family, cache):
     model = _tiny(family)
     ids, mask = _batch("left")
     extra = {"cache_implementation": "static"} if cache == "static" else {}
     runs = {}
-    for implementation in ("sdpa", "dmattn"):
+    for implementation in (REFERENCE[family], "dmattn"):
         model.set_attn_implementation(implementation)
         runs[implementation] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                                               **extra)
-    assert torch.equal(runs["dmattn"], runs["sdpa"])
+    assert torch.equal(runs["dmattn"], runs[REFERENCE[family]])
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -145,19 +151,38 @@ def test_decode_step_reads_the_cache_in_place(cache, device, monkeypatch):
     torch.testing.assert_close(got, want, **tolerance)
 
 
-def test_packed_rows_through_cu_seq_lens():
-    """Three sequences packed in one row (what DataCollatorWithFlattening feeds): each one's logits as if alone."""
+@pytest.mark.parametrize("max_length", ["int", "tensor"])
+def test_packed_rows_through_cu_seq_lens(max_length):
+    """Three sequences packed in one row (what DataCollatorWithFlattening feeds): each one's logits as if alone. Max
+    lengths given as 0-d tensors are not read (no sync): the row's length bounds the sequences instead."""
     model = _tiny("llama")
     lengths = [5, 9, 3]
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, VOCAB, (1, n), generator=g) for n in lengths]
     cu = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
     positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    longest = 9 if max_length == "int" else torch.tensor(9)
     got = _logits(model, "dmattn", input_ids=torch.cat(seqs, dim=1), position_ids=positions, cu_seq_lens_q=cu,
-                  cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
+                  cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     for b, seq in enumerate(seqs):
         want = _logits(model, "sdpa", input_ids=seq)
         torch.testing.assert_close(got[:, cu[b]:cu[b + 1]], want, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_rows_through_restarting_position_ids():
+    """The same packed row with only position_ids restarting at each sequence (no cu_seq_lens_*): each sequence's
+    logits as if alone."""
+    model = _tiny("llama")
+    lengths = [5, 9, 3]
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, VOCAB, (1, n), generator=g) for n in lengths]
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    got = _logits(model, "dmattn", input_ids=torch.cat(seqs, dim=1), position_ids=positions)
+    start = 0
+    for seq in seqs:
+        want = _logits(model, "sdpa", input_ids=seq)
+        torch.testing.assert_close(got[:, start:start + seq.shape[1]], want, rtol=1e-4, atol=1e-5)
+        start += seq.shape[1]
 
 
 def test_compiles_in_one_graph():
@@ -170,32 +195,6 @@ def test_compiles_in_one_graph():
         got = compiled(input_ids=ids, attention_mask=mask).logits
     want = _logits(model, "sdpa", input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
-
-
-# Softcap and sinks: sdpa ignores both in transformers, so these families are judged against "eager".
-NATIVE_FAMILIES = ["gemma2", "gpt_oss"]
-
-
-@pytest.mark.parametrize("padding", ["none", "left", "right"])
-@pytest.mark.parametrize("family", NATIVE_FAMILIES)
-def test_softcap_and_sinks_logits_match_eager(family, padding):
-    model = _tiny(family)
-    ids, mask = _batch(padding)
-    want = _logits(model, "eager", input_ids=ids, attention_mask=mask)
-    got = _logits(model, "dmattn", input_ids=ids, attention_mask=mask)
-    real = mask.bool()
-    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("family", NATIVE_FAMILIES)
-def test_softcap_and_sinks_greedy_generation_matches_eager(family):
-    model = _tiny(family)
-    ids, mask = _batch("left")
-    runs = {}
-    for implementation in ("eager", "dmattn"):
-        model.set_attn_implementation(implementation)
-        runs[implementation] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    assert torch.equal(runs["dmattn"], runs["eager"])
 
 
 def test_dropout_while_training_is_refused_clearly():

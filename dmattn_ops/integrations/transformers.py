@@ -14,16 +14,16 @@ What it handles: padded batches (left or right), GQA / MQA, the model's ``scalin
 dynamic or static cache (keys past the tokens seen so far are never visible), sliding-window layers (the op's native
 window: key tiles outside it are skipped, no mask is built), attention logit softcapping (Gemma 2) and learned
 attention sinks (gpt-oss's ``s_aux``) natively, packed rows given as ``cu_seq_lens_q`` / ``cu_seq_lens_k`` /
-``max_length_q`` / ``max_length_k`` keyword arguments (what ``DataCollatorWithFlattening`` produces). No host sync:
-every length is a Python int of the tensors' shapes.
+``max_length_q`` / ``max_length_k`` keyword arguments (what ``DataCollatorWithFlattening`` produces) or told by
+``position_ids`` restarting in a batch of one row (that reads the positions on the host: a sync per layer, and not while
+compiling). Otherwise no host sync: every length is a Python int of the tensors' shapes.
 
 What it refuses, with an error naming it: dropout while training, a value head dim that differs from the key's,
 non-causal (encoder) layers with padding, output_attentions.
 
 Its costs today: a decode step of a batch reads the cache in place (a strided row view, see ``_cache_as_rows``); a
 prefill of a batch of more than one sequence copies the cache's ``(batch, kv_heads, keys, head_dim)`` tensors into the
-op's packed ``(keys, kv_heads, head_dim)`` layout (the serving issue's padded-cache addressing mode removes it). Packed
-rows marked only by restarting ``position_ids`` (no ``cu_seq_lens_*``) are not detected: pass the ``cu_seq_lens_*``.
+op's packed ``(keys, kv_heads, head_dim)`` layout (the serving issue's padded-cache addressing mode removes it).
 """
 
 from __future__ import annotations
@@ -88,14 +88,20 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     extra = dict(softmax_scale=scaling, is_causal=causal, window_size=window, softcap=softcap or None, sinks=sinks)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None and B == 1 and Lq == key.shape[2] and attention_mask is None:
+        packed = _packed_by_position_ids(kwargs.get("position_ids"))
+        if packed is not None:
+            cu_q = cu_k = packed[0]
+            kwargs["max_length_q"] = kwargs["max_length_k"] = packed[1]
     if cu_q is not None and cu_k is not None:  # packed rows in one batch row: already the op's layout
         if B != 1:
             raise ValueError(f"dmattn_ops: cu_seq_lens_q / cu_seq_lens_k describe packed rows of a batch of 1, "
                              f"got a batch of {B}")
+        # A max length given as a tensor is not read (that would sync): the row's length bounds every sequence.
         max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
         out = dmattn_ops.varlen_attention(
             q[0], key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q.to(torch.int32), cu_k.to(torch.int32),
-            int(max_q) if max_q is not None else Lq, int(max_k) if max_k is not None else key.shape[2], **extra)
+            max_q if isinstance(max_q, int) else Lq, max_k if isinstance(max_k, int) else key.shape[2], **extra)
         return out.unsqueeze(0), None
 
     if attention_mask is not None and attention_mask.dim() != 2:
@@ -128,6 +134,23 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         q.reshape(B * Lq, H, D), k.reshape(B * Lk, Hk, D), v.reshape(B * Lk, Hk, D), cu_q, cu_k, Lq, Lk,
         mask=mask, **extra)
     return out.view(B, Lq, H, D), None
+
+
+def _packed_by_position_ids(position_ids: Optional[torch.Tensor]):
+    """(cu_seqlens, max length) of the sequences packed into a row of one batch, told by its position_ids restarting
+    (a position that is not the previous one plus 1 starts a sequence), or None when the row holds one sequence. It
+    reads the positions on the host: one device sync per layer (pass the ``cu_seq_lens_*`` keyword arguments to avoid
+    it), and it is skipped while torch.compile traces (a sync would break the graph)."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    pos = position_ids[0]
+    starts = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
+    if starts.numel() == 0:
+        return None
+    bounds = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), pos.shape[0])])
+    return bounds.to(torch.int32), int(bounds.diff().max())
 
 
 def _no_padding_copy(query: torch.Tensor) -> bool:
