@@ -39,7 +39,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-__all__ = ["ModDependencies", "additive_part", "create_bias", "create_mask", "mod_dependencies"]
+__all__ = ["ModDependencies", "additive_part", "create_bias", "create_mask", "mod_dependencies", "sliding_window"]
 
 # dtype of b, h, q_idx, kv_idx: int64, as FlexAttention's create_block_mask passes them (with int32, torch 2.11-2.13
 # fail to trace `h // group` under vmap once dynamic=True makes `group` a SymInt).
@@ -501,3 +501,49 @@ def operands_from_mods(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     if score_mod is not None:
         bias = create_bias(score_mod, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **shape_args)
     return mask, bias
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The op's native window, as a mask_mod
+
+
+class _WindowMaskMod:
+    """A sliding-window mask_mod that knows it is one (see sliding_window)."""
+
+    def __init__(self, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, left: int, right: int):
+        self.cu_seqlens_q, self.cu_seqlens_k, self.window_size = cu_seqlens_q, cu_seqlens_k, (left, right)
+        self._lq = cu_seqlens_q.diff().to(INDEX_DTYPE)
+        self._lk = cu_seqlens_k.diff().to(INDEX_DTYPE)
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        left, right = self.window_size
+        aligned = q_idx + self._lk[b] - self._lq[b]
+        keep = kv_idx >= 0
+        if left >= 0:
+            keep = keep & (kv_idx >= aligned - left)
+        if right >= 0:
+            keep = keep & (kv_idx <= aligned + right)
+        return keep
+
+
+def sliding_window(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, left: int, right: int = 0) -> MaskMod:
+    """FlashAttention's sliding window (the op's ``window_size=(left, right)``) as a mask_mod over these sequences:
+    query ``q_idx`` of sequence ``b`` sees key ``kv_idx`` iff ``a - left <= kv_idx <= a + right`` with the aligned
+    position ``a = q_idx + Lk[b] - Lq[b]`` (bottom-right, as ``is_causal``); -1 leaves a side open.
+
+    ``varlen_attention(..., mask_mod=sliding_window(cu_q, cu_k, W - 1))`` with these same ``cu_seqlens`` tensors runs as
+    the op's native window (key tiles outside it skipped, no mask built): a mask_mod cannot be proven a window by its
+    data flow, but this one is one by construction. Everywhere else (``create_mask``, ``and_masks`` with other mods,
+    FlexAttention) it is a plain mask_mod with the same values."""
+    for name, side in (("left", left), ("right", right)):
+        if type(side) is not int or side < -1:
+            raise ValueError(f"dmattn.sliding_window: {name} must be an int >= -1 (-1: no limit), got {side!r}")
+    return _WindowMaskMod(cu_seqlens_q, cu_seqlens_k, left, right)
+
+
+def native_window(mask_mod, cu_seqlens_q, cu_seqlens_k):
+    """The window_size of a sliding_window mask_mod made for these very cu_seqlens tensors, else None."""
+    if isinstance(mask_mod, _WindowMaskMod) and mask_mod.cu_seqlens_q is cu_seqlens_q \
+            and mask_mod.cu_seqlens_k is cu_seqlens_k:
+        return mask_mod.window_size
+    return None

@@ -53,7 +53,8 @@ def varlen_attention(
             lse = log(e^sink + sum_j e^s_j). A row with no visible key gets out 0 and lse = sink.
         return_lse: also return softmax_lse (H, total_q) float32, natural log.
         mask_mod, score_mod: FlexAttention-style mods, built into mask / bias by dmattn_ops.create_mask /
-            create_bias in the most compact layout (see docs/mods.md); each excludes the tensor it replaces.
+            create_bias in the most compact layout (see docs/mods.md); each excludes the tensor it replaces. A
+            dmattn_ops.sliding_window mask_mod made for these cu_seqlens runs as window_size instead.
 
     Returns:
         out (total_q, H, D) in q's dtype, or (out, softmax_lse). A query with no visible key gets a row of zeros
@@ -67,6 +68,12 @@ def varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
         window_left, window_right, softcap, sinks,
     )
+    window = mods.native_window(mask_mod, cu_seqlens_q, cu_seqlens_k)
+    if window is not None:  # a sliding_window mask_mod runs as the op's own window
+        if window_size is not None:
+            raise ValueError("dmattn.varlen_fwd: pass either window_size or a sliding_window mask_mod, not both")
+        window_left, window_right = window
+        mask_mod = None
     if mask_mod is not None or score_mod is not None:
         mask, bias = mods.operands_from_mods(
             q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, mask_mod, score_mod

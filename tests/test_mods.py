@@ -322,3 +322,65 @@ def test_convenience_path_compiles_fullgraph_dynamic():
         for e, o in zip(expected, got):
             torch.testing.assert_close(o, e, atol=1e-5, rtol=1e-5)
     assert counter.frame_count == 1
+
+
+# ---- sliding_window: the op's native window as a mask_mod ------------------------------------------------------
+
+
+def _window_batch():
+    g = torch.Generator().manual_seed(5)
+    lens_q, lens_k = [5, 40, 3, 0], [9, 40, 30, 4]
+    cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
+    q = torch.randn(sum(lens_q), 4, 16, generator=g)
+    k, v = (torch.randn(sum(lens_k), 2, 16, generator=g) for _ in range(2))
+    return q, k, v, cu_q, cu_k
+
+
+class _OpSpy:
+    """Records the mask and window each call of dmattn::varlen_fwd gets."""
+
+    def __init__(self):
+        self.real, self.calls = torch.ops.dmattn.varlen_fwd, []
+
+    def __call__(self, *args):
+        self.calls.append({"mask": args[7], "window": (args[11], args[12])})
+        return self.real(*args)
+
+
+@pytest.mark.parametrize("window", [(7, 0), (3, 2), (-1, 1), (0, -1)])
+def test_sliding_window_mask_mod_runs_as_the_native_window(window, monkeypatch):
+    """With the call's own cu_seqlens tensors, a sliding_window mask_mod becomes the op's window_size (no mask
+    tensor); built with create_mask, or given other cu_seqlens tensors, it is a plain mask_mod of the same values. All
+    three agree with the reference's window."""
+    q, k, v, cu_q, cu_k = _window_batch()
+    mod = dmattn_ops.sliding_window(cu_q, cu_k, *window)
+    spy = _OpSpy()
+    monkeypatch.setattr(torch.ops.dmattn, "varlen_fwd", spy)
+    native = dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 40, 40, mask_mod=mod)
+    as_mask = dmattn_ops.varlen_attention(q, k, v, cu_q.clone(), cu_k.clone(), 40, 40, mask_mod=mod)
+    assert spy.calls[0] == {"mask": None, "window": window}
+    assert spy.calls[1]["mask"] is not None and spy.calls[1]["window"] == (-1, -1)
+    want = dmattn_ops.reference.reference_varlen_attention(q, k, v, cu_q, cu_k, 40, 40, window_size=window)[0]
+    for got in (native, as_mask):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_sliding_window_errors():
+    q, k, v, cu_q, cu_k = _window_batch()
+    with pytest.raises(ValueError, match=r"dmattn.sliding_window: left must be an int >= -1 \(-1: no limit\), got -2"):
+        dmattn_ops.sliding_window(cu_q, cu_k, -2)
+    with pytest.raises(ValueError, match="pass either window_size or a sliding_window mask_mod, not both"):
+        dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 40, 40, mask_mod=dmattn_ops.sliding_window(cu_q, cu_k, 4),
+                                    window_size=(4, 0))
+
+
+def test_sliding_window_compiles_in_one_graph():
+    q, k, v, cu_q, cu_k = _window_batch()
+
+    def attend(q, k, v, cu_q, cu_k):
+        window = dmattn_ops.sliding_window(cu_q, cu_k, 7)
+        return dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 40, 40, mask_mod=window)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(q, k, v, cu_q, cu_k), attend(q, k, v, cu_q, cu_k), rtol=0, atol=0)
