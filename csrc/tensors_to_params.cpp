@@ -174,6 +174,17 @@ void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type) {
     TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == q.size(1), kOp, "sinks must have shape (H,) = (", q.size(1),
                       ",), got shape ", tuple_str(t.sizes()));
   }
+  if (a.seqused_k) {
+    const at::Tensor& t = *a.seqused_k;
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, kOp, "seqused_k must be int32 (convert with .int()), got ",
+                     dtype_name(t.scalar_type()));
+    check_device("seqused_k", t, q);
+    const int64_t batch = a.cu_seqlens_k.size(0) - 1;
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch, kOp, "seqused_k must have shape (B,) = (", batch,
+                      ",), got shape ", tuple_str(t.sizes()));
+    TORCH_CHECK_VALUE(t.size(0) <= 1 || t.stride(0) == 1, kOp, "seqused_k must be contiguous, got stride ",
+                      t.stride(0));
+  }
 }
 
 void check_bwd_args(const VarlenFwdArgs& a, const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& out,
@@ -250,6 +261,7 @@ VarlenFwdParams make_params(const VarlenFwdArgs& a, at::Tensor& out, at::Tensor&
                 "internal: make_params needs float32 contiguous sinks (sinks_as_float32)");
     p.sinks = a.sinks->data_ptr<float>();
   }
+  if (a.seqused_k) p.seqused_k = a.seqused_k->data_ptr<int32_t>();
   if (a.mask) p.mask = make_operand(*a.mask, p.num_heads);
   if (a.bias) p.bias = make_operand(*a.bias, p.num_heads);
   return p;

@@ -27,6 +27,7 @@ struct VarlenFwdArgs {
   int64_t window_right = -1;
   double softcap = 0.0;
   std::optional<at::Tensor> sinks = std::nullopt;
+  std::optional<at::Tensor> seqused_k = std::nullopt;
 };
 
 // Checks every shape, dtype, stride and device invariant a kernel relies on for memory safety (sizes the kernels

@@ -97,6 +97,9 @@ struct VarlenFwdParams {
   // that head (learned attention sinks, gpt-oss): out = sum_j exp(s_j) v_j / (exp(sink) + sum_j exp(s_j)), and lse =
   // log(exp(sink) + sum_j exp(s_j)). A row that sees no key gets out 0 and lse = sink.
   const float* sinks = nullptr;
+  // (B,) int32, or null: sequence b uses only the first seqused_k[b] keys of its cu_seqlens_k range (FlashAttention's
+  // seqused_k), so a padded cache seen as packed rows (sequence b at rows b * S ..) needs no mask for its unused slots.
+  const int32_t* seqused_k = nullptr;
 
   ScoreOperand mask;
   ScoreOperand bias;
@@ -116,6 +119,17 @@ DMATTN_HOST_DEVICE SeqRange clamp_seq(const int32_t* cu, int32_t b, int64_t tota
   end = end < start ? start : (end > total ? total : end);
   int64_t len = end - start;
   return {start, len > max_seqlen ? max_seqlen : len};
+}
+
+// The keys sequence b uses: its clamped cu_seqlens_k range, cut to its first seqused_k[b] keys when the call has
+// seqused_k (a negative count is none). Every kernel reads a sequence's keys through this.
+DMATTN_HOST_DEVICE SeqRange key_seq(const VarlenFwdParams& p, int32_t b) {
+  SeqRange s = clamp_seq(p.cu_seqlens_k, b, p.total_k, p.max_seqlen_k);
+  if (p.seqused_k != nullptr) {
+    const int64_t used = p.seqused_k[b];
+    s.len = used < 0 ? 0 : (used < s.len ? used : s.len);
+  }
+  return s;
 }
 
 // Where key j (position in its sequence) of a sequence lives: the packed row of k, v and key-side operands that holds

@@ -24,6 +24,7 @@ def varlen_attention(
     window_size: Optional[Tuple[int, int]] = None,
     softcap: Optional[float] = None,
     sinks: Optional[torch.Tensor] = None,
+    seqused_k: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     mask_mod: Optional[mods.MaskMod] = None,
     score_mod: Optional[mods.ScoreMod] = None,
@@ -51,6 +52,10 @@ def varlen_attention(
         sinks: (H,) float32 or q's dtype: one learned logit per query head that joins the softmax denominator of
             every row of that head (attention sinks, gpt-oss): out = sum_j e^s_j v_j / (e^sink + sum_j e^s_j) and
             lse = log(e^sink + sum_j e^s_j). A row with no visible key gets out 0 and lse = sink.
+        seqused_k: (B,) int32: sequence b uses only the first seqused_k[b] keys of its cu_seqlens_k range (its
+            length for the causal / window alignment too), FlashAttention's seqused_k. A padded cache (B, S, Hk, D)
+            seen as packed rows, sequence b at rows b * S .. b * S + S (cu_seqlens_k = arange(B + 1) * S), is then
+            read in place with no mask for its unused slots.
         return_lse: also return softmax_lse (H, total_q) float32, natural log.
         mask_mod, score_mod: FlexAttention-style mods, built into mask / bias by dmattn_ops.create_mask /
             create_bias in the most compact layout (see docs/mods.md); each excludes the tensor it replaces. A
@@ -66,9 +71,10 @@ def varlen_attention(
     window_left, window_right = _window_sides(window_size)
     rules.check_arg_types(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
-        window_left, window_right, softcap, sinks,
+        window_left, window_right, softcap, sinks, seqused_k,
     )
-    window = mods.native_window(mask_mod, cu_seqlens_q, cu_seqlens_k)
+    # (With seqused_k the op aligns windows to the used keys, the mask_mod to cu_seqlens_k: no native mapping then.)
+    window = mods.native_window(mask_mod, cu_seqlens_q, cu_seqlens_k) if seqused_k is None else None
     if window is not None:  # a sliding_window mask_mod runs as the op's own window
         if window_size is not None:
             raise ValueError("dmattn.varlen_fwd: pass either window_size or a sliding_window mask_mod, not both")
@@ -84,7 +90,7 @@ def varlen_attention(
         rules.check_backend_built(q)
     out, lse = torch.ops.dmattn.varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
-        window_left, window_right, softcap, sinks,
+        window_left, window_right, softcap, sinks, seqused_k,
     )
     return (out, lse) if return_lse else out
 
@@ -117,8 +123,11 @@ def check_cu_seqlens(
     total_k: int,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    *,
+    seqused_k: Optional[torch.Tensor] = None,
 ) -> None:
-    """Checks the values of ``cu_seqlens_q`` / ``cu_seqlens_k`` as the CPU kernel does, on any device.
+    """Checks the values of ``cu_seqlens_q`` / ``cu_seqlens_k`` (and ``seqused_k``) as the CPU kernel does, on any
+    device.
 
     The CUDA kernels never read ``cu_seqlens`` on the host (that would synchronize the device), so they report no
     lying values (not starting at 0, decreasing, past the total, a sequence longer than its max_seqlen; see
@@ -130,6 +139,7 @@ def check_cu_seqlens(
         cu_seqlens_q, cu_seqlens_k: (B + 1,) int32, as passed to ``varlen_attention``.
         total_q, total_k: q.shape[0] and k.shape[0].
         max_seqlen_q, max_seqlen_k: as passed to ``varlen_attention``.
+        seqused_k: (B,) int32 or None, as passed to ``varlen_attention``: each entry within its sequence's keys.
     """
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         rules.check_cu_seqlens_tensor(name, t)
@@ -151,6 +161,14 @@ def check_cu_seqlens(
             _value_error(f"sequence {b} has {int(lengths[b])} tokens in {name}, more than {max_name} = {max_seqlen}")
         if c[-1] > total:
             _value_error(f"{name}[-1] must be <= {total_name} = {total}, got {int(c[-1])}")
+    if seqused_k is not None:
+        lengths = cu_seqlens_k.to("cpu", torch.int64).diff()
+        used = seqused_k.to("cpu", torch.int64)
+        bad = ((used < 0) | (used > lengths)).nonzero()
+        if len(bad) > 0:
+            b = int(bad[0])
+            _value_error(f"seqused_k[{b}] must be in [0, {int(lengths[b])}] (the keys of sequence {b} in "
+                         f"cu_seqlens_k), got {int(used[b])}")
 
 
 def _value_error(msg):

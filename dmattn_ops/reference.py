@@ -163,6 +163,7 @@ def reference_varlen_attention(
     window_size: Optional[Tuple[int, int]] = None,
     softcap: Optional[float] = None,
     sinks: Optional[torch.Tensor] = None,
+    seqused_k: Optional[torch.Tensor] = None,
     dtype: torch.dtype = torch.float64,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention by the contract of ``dmattn_ops.varlen_attention``, computed in ``dtype``.
@@ -173,7 +174,8 @@ def reference_varlen_attention(
 
     The window (FlashAttention's window_size; is_causal is a right side of 0) hides keys like a mask. A softcap
     replaces each scaled score x by softcap * tanh(x / softcap) before the bias is added. A sink (one logit per query
-    head) joins the softmax as a key with that score and V = 0.
+    head) joins the softmax as a key with that score and V = 0. With ``seqused_k`` sequence b's keys are the first
+    ``seqused_k[b]`` of its ``cu_seqlens_k`` range (the others are not there at all: not even for the alignment).
 
     Returns:
         out (total_q, H, D) and lse (H, total_q), both in ``dtype`` (the op returns lse in float32). A query
@@ -194,10 +196,17 @@ def reference_varlen_attention(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     group = num_heads // num_heads_k  # query heads per KV head
 
+    if seqused_k is not None:  # sequence b's keys end after its first seqused_k[b]: a shorter cu_seqlens_k range
+        used = [int(n) for n in seqused_k.tolist()]
+        if len(used) != len(cu_k) - 1:
+            raise ValueError(f"{_NAME}: seqused_k has {len(used)} entries for {len(cu_k) - 1} sequences")
+        ends = [cu_k[b] + min(max(u, 0), cu_k[b + 1] - cu_k[b]) for b, u in enumerate(used)]
+    else:
+        ends = cu_k[1:]
     out = torch.zeros(total_q, num_heads, head_dim, dtype=dtype, device=q.device)
     lse = torch.full((num_heads, total_q), -math.inf, dtype=dtype, device=q.device)
     for b in range(len(cu_q) - 1):
-        q0, q1, k0, k1 = cu_q[b], cu_q[b + 1], cu_k[b], cu_k[b + 1]
+        q0, q1, k0, k1 = cu_q[b], cu_q[b + 1], cu_k[b], ends[b]
         lq, lk = q1 - q0, k1 - k0
         if lq == 0:
             continue
@@ -209,12 +218,12 @@ def reference_varlen_attention(
                 if bad:
                     out[q0:q1, h] = math.nan
             continue
-        allowed = materialize_mask(mask, cu_seqlens_q, cu_seqlens_k, b, num_heads)  # (H, Lq, Lk)
+        allowed = materialize_mask(mask, cu_seqlens_q, cu_seqlens_k, b, num_heads)[..., :lk]  # (H, Lq, Lk)
         if is_causal:
             allowed = allowed & causal_mask(lq, lk, device=q.device)
         if window_size is not None:
             allowed = allowed & window_mask(lq, lk, window_size, device=q.device)
-        add = materialize_bias(bias, cu_seqlens_q, cu_seqlens_k, b, num_heads, dtype)  # (H, Lq, Lk)
+        add = materialize_bias(bias, cu_seqlens_q, cu_seqlens_k, b, num_heads, dtype)[..., :lk]  # (H, Lq, Lk)
         for h in range(num_heads):
             qh = q[q0:q1, h].to(dtype)  # (Lq, D)
             kh = k[k0:k1, h // group].to(dtype)  # (Lk, D)

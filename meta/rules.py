@@ -130,7 +130,7 @@ def _check_int(name, value):
 
 def check_arg_types(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=None, bias=None, softmax_scale=None,
-    is_causal=False, window_left=-1, window_right=-1, softcap=None, sinks=None,
+    is_causal=False, window_left=-1, window_right=-1, softcap=None, sinks=None, seqused_k=None,
 ):
     """Raises TypeError (ValueError for an int past int64) naming the first argument of the wrong Python type."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -153,6 +153,8 @@ def check_arg_types(
         _fail(TypeError, f"softcap must be a float or None, got {_scalar_type_name(softcap, 'float')}")
     if sinks is not None:
         _check_tensor("sinks", sinks, "a tensor or None")
+    if seqused_k is not None:
+        _check_tensor("seqused_k", seqused_k, "an int32 tensor or None")
 
 
 # ---- metadata ---------------------------------------------------------------------------------------------------
@@ -328,15 +330,28 @@ def _check_window_softcap_sinks(q, window_left, window_right, softcap, sinks):
             _fail(ValueError, f"sinks must have shape (H,) = ({_n(q.shape[1])},), got shape {_shape(sinks)}")
 
 
+def _check_seqused_k(q, cu_seqlens_k, seqused_k):
+    """(B,) int32 on q's device, contiguous: how many keys of its cu_seqlens_k range each sequence uses."""
+    if seqused_k.dtype != torch.int32:
+        _fail(TypeError, f"seqused_k must be int32 (convert with .int()), got {seqused_k.dtype}")
+    if seqused_k.device != q.device:
+        _fail(ValueError, f"seqused_k must be on q's device {q.device}, got {seqused_k.device}")
+    batch = cu_seqlens_k.shape[0] - 1
+    if seqused_k.dim() != 1 or seqused_k.shape[0] != batch:
+        _fail(ValueError, f"seqused_k must have shape (B,) = ({_n(batch)},), got shape {_shape(seqused_k)}")
+    if seqused_k.shape[0] > 1 and seqused_k.stride(0) != 1:
+        _fail(ValueError, f"seqused_k must be contiguous, got stride {_n(seqused_k.stride(0))}")
+
+
 def check_varlen_fwd(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=None, bias=None, softmax_scale=None,
-    is_causal=False, window_left=-1, window_right=-1, softcap=None, sinks=None,
+    is_causal=False, window_left=-1, window_right=-1, softcap=None, sinks=None, seqused_k=None,
 ) -> VarlenLayout:
     """Validates the Python types and the metadata of one call; raises TypeError/ValueError naming the argument, what
     was expected and what was given. Returns what it found."""
     check_arg_types(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
-        window_left, window_right, softcap, sinks,
+        window_left, window_right, softcap, sinks, seqused_k,
     )
     _check_qkv(q, k, v)
     _check_backend(q)
@@ -355,6 +370,8 @@ def check_varlen_fwd(
         bias_layout = _check_operand("bias", bias, q, k, max_seqlen_k)
     _check_softmax_scale(softmax_scale)
     _check_window_softcap_sinks(q, window_left, window_right, softcap, sinks)
+    if seqused_k is not None:
+        _check_seqused_k(q, cu_seqlens_k, seqused_k)
     return VarlenLayout(
         total_q=q.shape[0],
         total_k=k.shape[0],

@@ -55,6 +55,7 @@ class Spec:
     softcap: Optional[float] = None
     sinks: Optional[str] = None  # None | "float32" | "q" (q's dtype): (H,) sink logits
     sinks_neg_inf: bool = False  # the first head's sink is -inf (no sink for that head)
+    seqused_k: Optional[Tuple[int, ...]] = None  # keys each sequence uses of its seqlens_k (a padded cache's fill)
     dtypes: Tuple[torch.dtype, ...] = ALL_DTYPES
 
     @property
@@ -133,6 +134,7 @@ def make_sample(spec: Spec, dtype: torch.dtype, device="cpu", seed: int = 0) -> 
         max_seqlen_q=max_q, max_seqlen_k=max_k, mask=mask, bias=bias,
         softmax_scale=spec.softmax_scale, is_causal=spec.is_causal, window_size=spec.window, softcap=spec.softcap,
         sinks=sinks,
+        seqused_k=None if spec.seqused_k is None else torch.tensor(spec.seqused_k, dtype=torch.int32, device=device),
     )
 
 
@@ -369,6 +371,14 @@ def _samples() -> Tuple[Spec, ...]:
              bias="key", bias_heads="H", **long),
         Spec("window_softcap_sinks_decode", window=(256, -1), is_causal=True, softcap=5.0, sinks="float32",
              mask="key", mask_heads="Hk", bias="key", **decode),
+        # A padded cache: every sequence owns max_len key rows and uses the first seqused_k of them (the rest hold
+        # whatever the cache holds), causal and windowed alignment to the used keys, mask and bias per cache slot.
+        Spec("seqused_k", seqlens_q=(3, 1, 5, 0), seqlens_k=(40, 40, 40, 40), seqused_k=(17, 40, 0, 9), mask="key",
+             bias="key", bias_heads="Hk"),
+        Spec("seqused_k_causal_decode", heads=8, heads_k=2, seqlens_q=(1, 4, 8), seqlens_k=(900, 900, 900),
+             seqused_k=(700, 9, 333), is_causal=True, mask="key", mask_heads="Hk", keep=0.5, bias="key"),
+        Spec("seqused_k_window_long", seqlens_q=(150, 37), seqlens_k=(300, 300), seqused_k=(200, 41),
+             window=(50, -1), is_causal=True, bias="query"),
     ]
     names = [s.name for s in specs]
     assert len(names) == len(set(names)), "sample names must be unique"

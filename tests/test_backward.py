@@ -61,7 +61,7 @@ def _reference(dtype):
         return reference_varlen_attention(
             s.q, s.k, s.v, s.cu_seqlens_q, s.cu_seqlens_k, s.max_seqlen_q, s.max_seqlen_k, mask=s.mask, bias=s.bias,
             softmax_scale=s.softmax_scale, is_causal=s.is_causal, window_size=s.window_size, softcap=s.softcap,
-            sinks=s.sinks, dtype=dtype,
+            sinks=s.sinks, seqused_k=s.seqused_k, dtype=dtype,
         )
 
     return compute

@@ -54,6 +54,7 @@ def valid_args():
         window_right=-1,
         softcap=None,
         sinks=None,  # (H,)
+        seqused_k=None,  # (B,)
     )
 
 
@@ -105,6 +106,9 @@ CASES = {
     "sinks_rank_2": dict(sinks=torch.zeros(H, 1)),
     "sinks_dtype": dict(sinks=torch.zeros(H, dtype=torch.float16)),
     "sinks_on_meta": dict(sinks=torch.zeros(H, device="meta")),
+    "seqused_k_int64": dict(seqused_k=torch.tensor([3, 4])),
+    "seqused_k_shape": dict(seqused_k=_cu(3, 4, 0)),
+    "seqused_k_strided": dict(seqused_k=_cu(3, 0, 4, 0)[::2]),
     # sizes the kernels keep in 32 bits (tensors of no element: no memory)
     "heads_past_int32": dict(q=torch.empty(0, 2**32, D), k=torch.empty(0, 2**32, D), v=torch.empty(0, 2**32, D)),
     "kv_heads_past_int32": dict(k=torch.empty(0, 2**32, D), v=torch.empty(0, 2**32, D)),
@@ -139,6 +143,8 @@ DATA_CASES = {
     "sequence_longer_than_max_seqlen": dict(cu_seqlens_k=_cu(0, 6, 9)),
     "cu_seqlens_not_starting_at_0": dict(cu_seqlens_q=_cu(1, 3, 5)),
     "later_sequence_longer_than_max_seqlen": dict(cu_seqlens_q=_cu(0, 1, 5)),
+    "seqused_k_past_the_sequence": dict(seqused_k=_cu(3, 5)),
+    "seqused_k_negative": dict(seqused_k=_cu(-1, 2)),
 }
 
 
@@ -162,12 +168,12 @@ def call_op(args):
 
 
 def api_function(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale,
-                 is_causal, window_left, window_right, softcap, sinks):
+                 is_causal, window_left, window_right, softcap, sinks, seqused_k):
     """What torch.compile traces: every tensor and size is an input, so dynamic=True makes the sizes symbolic."""
     return dmattn_ops.varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=mask, bias=bias,
         softmax_scale=softmax_scale, is_causal=is_causal, window_size=(window_left, window_right), softcap=softcap,
-        sinks=sinks,
+        sinks=sinks, seqused_k=seqused_k,
     )
 
 
@@ -340,6 +346,21 @@ class TestPublicApiErrors(ErrorTestCase):
     def test_sinks_on_another_device(self):
         self.assertRaisesInline(ValueError, call_api, "sinks_on_meta", """dmattn.varlen_fwd: sinks must be on q's device cpu, got meta""")
 
+    def test_seqused_k_int64(self):
+        self.assertRaisesInline(TypeError, call_api, "seqused_k_int64", """dmattn.varlen_fwd: seqused_k must be int32 (convert with .int()), got torch.int64""")
+
+    def test_seqused_k_shape(self):
+        self.assertRaisesInline(ValueError, call_api, "seqused_k_shape", """dmattn.varlen_fwd: seqused_k must have shape (B,) = (2,), got shape (3,)""")
+
+    def test_seqused_k_strided(self):
+        self.assertRaisesInline(ValueError, call_api, "seqused_k_strided", """dmattn.varlen_fwd: seqused_k must be contiguous, got stride 2""")
+
+    def test_seqused_k_past_the_sequence(self):
+        self.assertRaisesInline(ValueError, call_api, "seqused_k_past_the_sequence", """dmattn.varlen_fwd: seqused_k[1] must be in [0, 4] (the keys of sequence 1 in cu_seqlens_k), got 5""")
+
+    def test_seqused_k_negative(self):
+        self.assertRaisesInline(ValueError, call_api, "seqused_k_negative", """dmattn.varlen_fwd: seqused_k[0] must be in [0, 5] (the keys of sequence 0 in cu_seqlens_k), got -1""")
+
     def test_window_float(self):
         self.assertRaisesInline(TypeError, call_api, "window_float", """dmattn.varlen_fwd: window_left must be an int, got float""")
 
@@ -431,7 +452,7 @@ class TestCheckCuSeqlens(ErrorTestCase):
     def check(args):
         dmattn_ops.check_cu_seqlens(
             args["cu_seqlens_q"], args["cu_seqlens_k"], args["q"].shape[0], args["k"].shape[0], args["max_seqlen_q"],
-            args["max_seqlen_k"],
+            args["max_seqlen_k"], seqused_k=args["seqused_k"],
         )
 
     def test_valid_values_pass(self):
@@ -581,7 +602,8 @@ def test_compile_type_error_same_message(case, fullgraph):
 
 def test_compiled_graph_keeps_data_errors():
     """Data checks run in the CPU kernel, so a compiled graph raises them unchanged at run time. All DATA_CASES
-    share one set of shapes, so the one compiled graph serves every call."""
+    share one set of shapes, so one compiled graph serves every call with the same optional tensors given (those
+    with seqused_k have their own)."""
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(api_function, backend=counter, fullgraph=True, dynamic=True)
     compiled(**valid_args())
@@ -590,7 +612,8 @@ def test_compiled_graph_keeps_data_errors():
         with pytest.raises(ValueError) as info:
             compiled(**bad_args(case))
         assert str(info.value) == str(expected)
-    assert counter.frame_count == 1
+    given = {tuple(v is None for v in bad_args(case).values()) for case in DATA_CASES}
+    assert counter.frame_count == len(given | {tuple(v is None for v in valid_args().values())}) == 2
 
 
 class _BadMaskModule(torch.nn.Module):

@@ -110,9 +110,10 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_decode_step_reads_the_cache_in_place(cache, device, monkeypatch):
-    """A decode step of a batch hands the op the cache's own storage (no per-layer copy of K / V), and its logits
-    match sdpa's after the same prefill. On CUDA in float16 with head dim 64, a head dim the CUDA kernels compile."""
+def test_prefill_and_decode_read_the_cache_in_place(cache, device, monkeypatch):
+    """The prefill and a decode step of a batch each hand the op the cache's own storage (no per-layer copy of K / V:
+    a row view with seqused_k), and the decode step's logits match sdpa's after the same prefill. On CUDA in float16
+    with head dim 64, a head dim the CUDA kernels compile."""
     if device == "cuda":
         if 64 not in dmattn_transformers._CUDA_HEAD_DIMS:
             pytest.skip("this build has no CUDA kernel for head dim 64")
@@ -135,19 +136,25 @@ def test_decode_step_reads_the_cache_in_place(cache, device, monkeypatch):
         extra = {}
         if cache == "static":
             extra["past_key_values"] = transformers.StaticCache(config=model.config, max_cache_len=32)
+        if implementation == "dmattn":
+            monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", recording)
         with torch.no_grad():
             past = model(input_ids=ids, attention_mask=mask, use_cache=True, **extra).past_key_values
-            if implementation == "dmattn":
-                monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", recording)
+            after_prefill = cache_storages(past)
             logits = model(input_ids=ids[:, -1:], attention_mask=step_mask, past_key_values=past,
                            use_cache=True).logits
-            monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", original)
-        return logits, past
+        monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", original)
+        return logits, past, after_prefill
 
-    got, past = decode_step("dmattn")
-    layer0 = past.layers[0]
-    assert seen_storages[0] == (layer0.keys.untyped_storage().data_ptr(), layer0.values.untyped_storage().data_ptr())
-    want, _ = decode_step("sdpa")
+    def cache_storages(past):
+        layer0 = past.layers[0]
+        return layer0.keys.untyped_storage().data_ptr(), layer0.values.untyped_storage().data_ptr()
+
+    got, past, after_prefill = decode_step("dmattn")
+    layers = model.config.num_hidden_layers
+    assert seen_storages[0] == after_prefill  # layer 0 of the prefill
+    assert seen_storages[layers] == cache_storages(past)  # layer 0 of the decode step
+    want, _, _ = decode_step("sdpa")
     torch.testing.assert_close(got, want, **tolerance)
 
 

@@ -593,9 +593,11 @@ def test_reference_matches_sdpa(spec):
     scale = spec.softmax_scale if spec.softmax_scale is not None else 1 / math.sqrt(D)
     for b in range(len(cu_q) - 1):
         (q0, q1), (k0, k1) = cu_q[b : b + 2], cu_k[b : b + 2]
+        if spec.seqused_k is not None:
+            k1 = k0 + spec.seqused_k[b]
         if q1 == q0 or k1 == k0:
             continue
-        allowed = materialize_mask(sample.mask, sample.cu_seqlens_q, sample.cu_seqlens_k, b, H)
+        allowed = materialize_mask(sample.mask, sample.cu_seqlens_q, sample.cu_seqlens_k, b, H)[..., :k1 - k0]
         if spec.is_causal:
             allowed = allowed & causal_mask(q1 - q0, k1 - k0)
         if spec.window is not None:  # written here from the contract, apart from the reference's window_mask
@@ -603,7 +605,7 @@ def test_reference_matches_sdpa(spec):
             aligned = torch.arange(q1 - q0)[:, None] + (k1 - k0) - (q1 - q0)
             j = torch.arange(k1 - k0)[None, :]
             allowed = allowed & ((j >= aligned - left) | (left < 0)) & ((j <= aligned + right) | (right < 0))
-        add = materialize_bias(sample.bias, sample.cu_seqlens_q, sample.cu_seqlens_k, b, H).masked_fill(
+        add = materialize_bias(sample.bias, sample.cu_seqlens_q, sample.cu_seqlens_k, b, H)[..., :k1 - k0].masked_fill(
             ~allowed, -math.inf
         )
         q = sample.q[q0:q1].double().transpose(0, 1)  # (H, Lq, D)

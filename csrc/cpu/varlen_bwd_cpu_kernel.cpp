@@ -30,7 +30,7 @@ void varlen_bwd_sequence(const VarlenBwdParams& bp, int32_t b, double* dsinks) {
   const VarlenFwdParams& p = bp.fwd;
   if (dsinks) std::fill(dsinks, dsinks + p.num_heads, 0.0);
   const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
-  const SeqRange sk = clamp_seq(p.cu_seqlens_k, b, p.total_k, p.max_seqlen_k);
+  const SeqRange sk = key_seq(p, b);
   if (sq.len == 0) return;  // (a sequence with queries but no keys goes on: with a sink, its rows have an lse)
   const DenseKeyRows key_rows{sk.start};  // key j: packed row key_rows.row(j) of k, v and key-side operands
   const int64_t D = p.head_dim;

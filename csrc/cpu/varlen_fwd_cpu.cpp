@@ -36,6 +36,18 @@ void check_cu_seqlens_data(const char* name, const at::Tensor& cu, int64_t total
                     ", got ", c[n - 1]);
 }
 
+// seqused_k[b] counts keys of sequence b's cu_seqlens_k range: 0 .. its length. (CUDA clamps instead.)
+void check_seqused_data(const std::optional<at::Tensor>& seqused_k, const at::Tensor& cu_seqlens_k) {
+  if (!seqused_k) return;
+  const int32_t* used = seqused_k->data_ptr<int32_t>();
+  const int32_t* c = cu_seqlens_k.data_ptr<int32_t>();
+  for (int64_t b = 0; b < seqused_k->size(0); ++b) {
+    TORCH_CHECK_VALUE(used[b] >= 0 && used[b] <= c[b + 1] - c[b], "dmattn.varlen_fwd: seqused_k[", b,
+                      "] must be in [0, ", c[b + 1] - c[b], "] (the keys of sequence ", b, " in cu_seqlens_k), got ",
+                      used[b]);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                                   int64_t max_seqlen_q, int64_t max_seqlen_k,
@@ -44,13 +56,16 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
                                                   std::optional<double> softmax_scale, bool is_causal,
                                                   int64_t window_left, int64_t window_right,
                                                   std::optional<double> softcap,
-                                                  const std::optional<at::Tensor>& sinks) {
+                                                  const std::optional<at::Tensor>& sinks,
+                                                  const std::optional<at::Tensor>& seqused_k) {
   const VarlenFwdArgs given{q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias,
-                            softmax_scale, is_causal, window_left, window_right, softcap.value_or(0.0), sinks};
+                            softmax_scale, is_causal, window_left, window_right, softcap.value_or(0.0), sinks,
+                            seqused_k};
   check_args(given, c10::DeviceType::CPU);
   const VarlenFwdArgs args = sinks_as_float32(given);
   check_cu_seqlens_data("cu_seqlens_q", cu_seqlens_q, q.size(0), max_seqlen_q, "total_q", "max_seqlen_q");
   check_cu_seqlens_data("cu_seqlens_k", cu_seqlens_k, k.size(0), max_seqlen_k, "total_k", "max_seqlen_k");
+  check_seqused_data(seqused_k, cu_seqlens_k);
 
   auto [out, lse] = allocate_outputs(args);
   if (out.numel() == 0) return {out, lse};  // no query rows or no heads (H = 0): nothing to compute
@@ -86,14 +101,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
     int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& bias, std::optional<double> softmax_scale, bool is_causal, bool bias_grad,
     int64_t window_left, int64_t window_right, std::optional<double> softcap_arg,
-    const std::optional<at::Tensor>& sinks) {
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& seqused_k) {
   const double softcap = softcap_arg.value_or(0.0);
   const VarlenFwdArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           mask, bias, softmax_scale, is_causal, window_left, window_right, softcap, sinks};
+                           mask, bias, softmax_scale, is_causal, window_left, window_right, softcap, sinks, seqused_k};
   check_args(args, c10::DeviceType::CPU);
   check_bwd_args(args, dout, dlse, out, lse);
   check_cu_seqlens_data("cu_seqlens_q", cu_seqlens_q, q.size(0), max_seqlen_q, "total_q", "max_seqlen_q");
   check_cu_seqlens_data("cu_seqlens_k", cu_seqlens_k, k.size(0), max_seqlen_k, "total_k", "max_seqlen_k");
+  check_seqused_data(seqused_k, cu_seqlens_k);
 
   const auto f64 = q.options().dtype(at::kDouble);
   at::Tensor dq = at::zeros(q.sizes(), f64), dk = at::zeros(k.sizes(), f64), dv = at::zeros(v.sizes(), f64);
@@ -106,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
     const at::Tensor dlse32 = dlse.numel() > 0 ? dlse.contiguous() : dlse;
     const VarlenFwdArgs args32{q32, k32, v32, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                mask, bias32, softmax_scale, is_causal, window_left, window_right, softcap,
-                               sinks ? std::optional<at::Tensor>(as_float32(*sinks)) : std::nullopt};
+                               sinks ? std::optional<at::Tensor>(as_float32(*sinks)) : std::nullopt, seqused_k};
     VarlenBwdParams p;
     p.fwd = make_params(args32, out32, lse32);
     p.dout = dout32.data_ptr<float>();

@@ -358,7 +358,7 @@ WorkPlan plan_work(const VarlenFwdParams& p, int64_t num_threads) {
   for (int32_t b = 0; b < p.batch; ++b) {
     const int64_t lq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q).len;
     if (lq == 0) continue;
-    const int64_t lk = clamp_seq(p.cu_seqlens_k, b, p.total_k, p.max_seqlen_k).len;
+    const int64_t lk = key_seq(p, b).len;
     const int64_t q_block = std::min(kQueryBlock, lq);
     const int32_t head_block = static_cast<int32_t>(std::clamp<int64_t>(kMaxRows / q_block, 1, group));
     for (int32_t hk = 0; hk < p.num_heads_k; ++hk) {
@@ -423,7 +423,7 @@ __attribute__((target_clones("arch=x86-64-v3", "default")))
 void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float* partials) {
   const int64_t D = p.head_dim;
   const SeqRange sq = clamp_seq(p.cu_seqlens_q, item.batch, p.total_q, p.max_seqlen_q);
-  const SeqRange sk = clamp_seq(p.cu_seqlens_k, item.batch, p.total_k, p.max_seqlen_k);
+  const SeqRange sk = key_seq(p, item.batch);
   const DenseKeyRows key_rows{sk.start};  // key j: packed row key_rows.row(j) of k, v and key-side operands
   const int64_t nq = item.q_end - item.q_begin;
   const int64_t rows = nq * (item.head_end - item.head_begin);  // row r = (head item.head_begin + r / nq, query r % nq)

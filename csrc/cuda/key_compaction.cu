@@ -19,7 +19,7 @@ __global__ void __launch_bounds__(kCompactThreads)
 compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys) {
   __shared__ int warp_total[kCompactWarps];
   const int b = blockIdx.x, hm = blockIdx.y;
-  const SeqRange sk = clamp_seq(p.cu_seqlens_k, b, p.total_k, p.max_seqlen_k);
+  const SeqRange sk = key_seq(p, b);
   const DenseKeyRows rows{sk.start};
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   // Any query head of mask head hm reads the same column: h = hm * head_group.

@@ -113,10 +113,11 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
                                                    std::optional<double> softmax_scale, bool is_causal,
                                                    int64_t window_left, int64_t window_right,
                                                    std::optional<double> softcap_arg,
-                                                   const std::optional<at::Tensor>& sinks) {
+                                                   const std::optional<at::Tensor>& sinks,
+                                                   const std::optional<at::Tensor>& seqused_k) {
   const double softcap = softcap_arg.value_or(0.0);
   check_args({q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
-              window_left, window_right, softcap, sinks},
+              window_left, window_right, softcap, sinks, seqused_k},
              c10::DeviceType::CUDA);
   TORCH_CHECK_TYPE(q.scalar_type() != at::kFloat, kOp,
                    "float32 q, k, v are not supported on CUDA (the kernels run float16 / bfloat16 tensor cores), "
@@ -137,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
   const double scale = resolve_softmax_scale(softmax_scale, head_dim);  // of the real D, not the padded one
   const VarlenFwdArgs args = sinks_as_float32({qk, kk, vk, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                mask, bias, scale, is_causal, window_left, window_right, softcap,
-                                               sinks});
+                                               sinks, seqused_k});
   auto [out, lse] = allocate_outputs(args);
   const VarlenFwdParams p = make_params(args, out, lse);
 
@@ -160,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, std::optional<double>, bool, bool, int64_t, int64_t, std::optional<double>,
-    const std::optional<at::Tensor>&) {
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
   TORCH_CHECK_NOT_IMPLEMENTED(false, "dmattn.varlen_bwd: the backward has no CUDA kernel yet, only a CPU one; ",
                               "run the training step on CPU tensors, or the forward under torch.no_grad()");
 }

@@ -21,9 +21,10 @@ compiling). Otherwise no host sync: every length is a Python int of the tensors'
 What it refuses, with an error naming it: dropout while training, a value head dim that differs from the key's,
 non-causal (encoder) layers with padding, output_attentions.
 
-Its costs today: a decode step of a batch reads the cache in place (a strided row view, see ``_cache_as_rows``); a
-prefill of a batch of more than one sequence copies the cache's ``(batch, kv_heads, keys, head_dim)`` tensors into the
-op's packed ``(keys, kv_heads, head_dim)`` layout (the serving issue's padded-cache addressing mode removes it).
+The cache is read in place, prefill and decode alike: the ``(batch, kv_heads, keys, head_dim)`` tensors seen as packed
+``(rows, kv_heads, head_dim)`` rows (a strided view, ``_cache_as_rows``), sequence b at rows ``b R ..`` with the op's
+``seqused_k`` saying how many of them it uses, and a key-side mask only for padding. Compiled code (torch.compile)
+and head dims the CUDA build pads take a packed copy instead.
 """
 
 from __future__ import annotations
@@ -115,16 +116,12 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         raise NotImplementedError("dmattn_ops (attn_implementation='dmattn'): non-causal layers with a padding mask "
                                   "are not supported yet")
     real = attention_mask  # (B, Lk) bool or None: the keys sequence b has
-    if Lq == 1 and B > 1 and _no_padding_copy(query):
+    # In place through an as_strided row view, in eager mode: compiled code gets the packed copy below (under
+    # torch.compile an as_strided of the cache is taken against whatever layout inductor gives the cache).
+    if B > 1 and _no_padding_copy(query) and not torch.compiler.is_compiling():
         rows = _cache_as_rows(key, value)
         if rows is not None:
-            if sliding_window is not None and Lk > sliding_window:
-                # In the row view a sequence's last key is not its last row (the rows after it belong to other
-                # heads), so the window becomes part of the key-side mask: the last `sliding_window` keys.
-                recent = (torch.arange(Lk, device=query.device) >= Lk - sliding_window).view(1, Lk)
-                real = recent.expand(B, Lk) if real is None else real & recent
-            extra.update(window_size=None)
-            return _decode_in_place(q, rows, real, Lk, extra), None
+            return _attend_in_place(q, rows, real, Lk, extra), None
     k = key[:, :, :Lk].transpose(1, 2)  # (B, Lk, Hk, D): for B > 1 the reshape below copies
     v = value[:, :, :Lk].transpose(1, 2)
     mask = real.reshape(B * Lk, 1) if real is not None else None  # key-side, one head
@@ -181,19 +178,21 @@ def _cache_as_rows(key: torch.Tensor, value: torch.Tensor):
     return (k_rows, v_rows, r_k) if r_k == r_v else None
 
 
-def _decode_in_place(q: torch.Tensor, rows, real: Optional[torch.Tensor], Lk: int, extra: dict):
-    """One query per sequence against the cache in place (no copy of K or V): sequence b is rows
-    [b R, b R + R) of the row view (the last one shorter), and a key-side mask keeps exactly its first Lk positions
-    (and, with a padding mask, only the real ones)."""
+def _attend_in_place(q: torch.Tensor, rows, real: Optional[torch.Tensor], Lk: int, extra: dict):
+    """The batch's queries against the cache in place (no copy of K or V): sequence b is rows [b R, b R + R) of the
+    row view (the last one shorter), of which it uses the first Lk (seqused_k: the causal and window alignment count
+    those), and with a padding mask a key-side mask keeps only the real ones (the rest of its rows are never read)."""
     k_rows, v_rows, R = rows
-    B, _, H, D = q.shape
+    B, Lq, H, D = q.shape
     device = q.device
     n_rows = k_rows.shape[0]
-    seen = (torch.arange(R, device=device) < Lk).view(1, R).expand(B, R)
+    keep = None
     if real is not None:
-        seen = seen & torch.nn.functional.pad(real.to(torch.bool), (0, R - Lk))
-    keep = seen.reshape(B * R)[:n_rows].reshape(n_rows, 1)
-    cu_q = torch.arange(0, B + 1, dtype=torch.int32, device=device)
+        padded = torch.nn.functional.pad(real.to(torch.bool), (0, R - Lk))  # (B, R)
+        keep = padded.reshape(B * R)[:n_rows].reshape(n_rows, 1)
+    cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=device)
     cu_k = torch.clamp_max(torch.arange(0, (B + 1) * R, R, dtype=torch.int32, device=device), n_rows)
-    out = dmattn_ops.varlen_attention(q.reshape(B, H, D), k_rows, v_rows, cu_q, cu_k, 1, R, mask=keep, **extra)
-    return out.view(B, 1, H, D)
+    used = torch.full((B,), Lk, dtype=torch.int32, device=device)
+    out = dmattn_ops.varlen_attention(q.reshape(B * Lq, H, D), k_rows, v_rows, cu_q, cu_k, Lq, R, mask=keep,
+                                      seqused_k=used, **extra)
+    return out.view(B, Lq, H, D)

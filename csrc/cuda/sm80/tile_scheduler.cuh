@@ -81,7 +81,7 @@ __device__ __forceinline__ int slots_before(const TileContext& c, int limit, int
 // The sequence's rows in q and k, clamped (clamp_seq) as every kernel clamps them.
 __device__ __forceinline__ void load_sequence(const VarlenFwdParams& p, int b, TileContext& c) {
   const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
-  const SeqRange sk = clamp_seq(p.cu_seqlens_k, b, p.total_k, p.max_seqlen_k);
+  const SeqRange sk = key_seq(p, b);
   c.q_start = static_cast<int>(sq.start);
   c.q_len = static_cast<int>(sq.len);
   c.k_start = static_cast<int>(sk.start);
