@@ -7,6 +7,7 @@
   total_k): the graph holds torch.ops.dmattn.varlen_fwd; save / load round-trips and runs new shapes.
 - AOTInductor: aoti_compile_and_package / aoti_load_package run the exported program (the op is reached through
   the dispatcher: AOTI's proxy executor) and match eager. One AOTI compile per device (~20 s on 2 CPU cores).
+- The serving features (a causal window, softcap, sinks as a parameter, seqused_k) through export and AOTI.
 
 Every compiled or exported result is compared with the eager call, bit for bit on the CPU: all run the same kernel.
 Sizes 0 and 1 are avoided where they would be specialized (see BATCHES). `device` is conftest.py's fixture: "cpu",
@@ -306,3 +307,52 @@ def test_aoti_package_runs_and_matches_eager(device, tmp_path):
         """
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+
+
+# ---- the serving features: window, softcap, sinks, seqused_k --------------------------------------------------
+
+
+class ServingAttention(torch.nn.Module):
+    """A decoder layer's attention as a server exports it: a padded cache read in place (seqused_k), a causal
+    sliding window, attention softcapping and learned sinks (a parameter), with fixed max_seqlen caps."""
+
+    def __init__(self):
+        super().__init__()
+        self.sinks = torch.nn.Parameter(torch.randn(H, generator=torch.Generator().manual_seed(3)))
+
+    def forward(self, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k):
+        return dmattn_ops.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *CAPS, is_causal=True,
+                                           window_size=(3, -1), softcap=2.5, sinks=self.sinks, seqused_k=seqused_k)
+
+
+def _serving_inputs(seqlens_q, seqlens_k, device, seed):
+    batch = make_batch(seqlens_q, seqlens_k, device, seed=seed)
+    used = torch.tensor([max(1, n - 2) for n in seqlens_k], dtype=torch.int32, device=device)  # unused cache slots
+    return tuple(batch[n] for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k")) + (used,)
+
+
+def test_serving_features_export_and_aoti(device, tmp_path):
+    """window, softcap, sinks and seqused_k through torch.export (one op call, dynamic sizes) and an AOTInductor
+    package, which match eager on batches of other sizes; eager matches the float64 reference."""
+    model = ServingAttention().to(device)
+    total_q, total_k, batch = Dim("total_q"), Dim("total_k"), Dim("B")
+    shapes = (
+        {0: total_q}, {0: total_k}, {0: total_k}, {0: batch + 1}, {0: batch + 1}, {0: batch},
+    )
+    ep = torch.export.export(model, _serving_inputs(*BATCHES[1], device, 0), dynamic_shapes=shapes)
+    assert count_op_calls(ep.graph_module) == 1
+    runner = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "serving.pt2")))
+    with torch.no_grad():
+        for seed, (seqlens_q, seqlens_k) in enumerate(BATCHES):
+            inputs = _serving_inputs(seqlens_q, seqlens_k, device, seed)
+            want = model(*inputs)
+            assert_same(ep.module()(*inputs), want)
+            assert_same(runner(*inputs), want)
+    q, k, v, cu_q, cu_k, used = (t.cpu() for t in _serving_inputs(*BATCHES[2], device, 9))
+    ref, _ = dmattn_ops.reference.reference_varlen_attention(
+        q, k, v, cu_q, cu_k, *CAPS, is_causal=True, window_size=(3, -1), softcap=2.5, sinks=model.sinks.detach().cpu(),
+        seqused_k=used)
+    got = model(*_serving_inputs(*BATCHES[2], device, 9)).detach().cpu().double()
+    tolerance = 1e-2 if device == "cuda" else 1e-5  # bfloat16 on CUDA
+    torch.testing.assert_close(got, ref, rtol=tolerance, atol=tolerance)
