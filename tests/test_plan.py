@@ -23,23 +23,25 @@ _DRIVER = """
     #include "cuda/heuristics.h"
     using namespace dmattn;
     // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
-    // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes
+    //                 window_left window_right
+    // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes query_operands
     int main() {
-      long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles;
-      while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &B, &H, &Hk,
-                        &D, &tq, &tk, &mq, &mk, &mask, &hm, &bias, &hb, &sms, &force, &tiles) == 15) {
+      long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr;
+      while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &B,
+                        &H, &Hk, &D, &tq, &tk, &mq, &mk, &mask, &hm, &bias, &hb, &sms, &force, &tiles, &wl, &wr) == 17) {
         VarlenFwdParams p;
         p.batch = B; p.num_heads = H; p.num_heads_k = Hk; p.head_dim = D;
         p.total_q = tq; p.total_k = tk; p.max_seqlen_q = mq; p.max_seqlen_k = mk;
         p.mask.layout = static_cast<OperandLayout>(mask); p.mask.head_group = H / hm;
         p.bias.layout = static_cast<OperandLayout>(bias); p.bias.head_group = H / hb;
+        p.window_left = wl; p.window_right = wr;
         cuda::PlanOverrides o;
         o.kernel = static_cast<cuda::PlanOverrides::Kernel>(force);
         o.tiles_per_split = tiles;
         const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, cuda::DeviceInfo{90, static_cast<int>(sms)}, o);
-        std::printf("%s %d %d %d %d %zu\\n", plan.kernel == cuda::FwdKernel::kDecode ? "decode" : "prefill",
+        std::printf("%s %d %d %d %d %zu %d\\n", plan.kernel == cuda::FwdKernel::kDecode ? "decode" : "prefill",
                     plan.row_tiles, plan.num_splits, plan.tiles_per_split, plan.key_lists_heads,
-                    cuda::workspace_bytes(plan, p));
+                    cuda::workspace_bytes(plan, p), plan.query_operands ? 1 : 0);
       }
     }
     """
@@ -62,13 +64,13 @@ def planner(tmp_path_factory):
                     str(tmp / "main.cpp"), "-o", str(exe)], check=True)
 
     def plan(B, H, Hk, D, total_q, total_k, max_q, max_k, mask=ABSENT, Hm=1, bias=ABSENT, Hb=1, sms=132,
-             force=AUTO, tiles=0):
+             force=AUTO, tiles=0, window=(-1, -1)):
         line = " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
-                                         force, tiles))
+                                         force, tiles, *window))
         out = subprocess.run([str(exe)], input=line + "\n", capture_output=True, text=True, check=True).stdout
-        kernel, row_tiles, splits, per_split, lists, workspace = out.split()
+        kernel, row_tiles, splits, per_split, lists, workspace, query_operands = out.split()
         return dict(kernel=kernel, row_tiles=int(row_tiles), splits=int(splits), tiles_per_split=int(per_split),
-                    key_lists_heads=int(lists), workspace=int(workspace))
+                    key_lists_heads=int(lists), workspace=int(workspace), query_operands=bool(int(query_operands)))
 
     return plan
 
@@ -156,3 +158,26 @@ def test_zero_heads(planner):
 
 def test_d256_tiles_take_sixteen_rows(planner):
     assert planner(**{**WORKLOAD, "D": 256})["row_tiles"] == 2  # 32 packed rows, 16 per tile
+
+
+def test_windows_left_edge_takes_the_per_row_prefill_variant(planner):
+    """A window's left edge needs per-row lower key bounds: the prefill variant built with the per-element budget
+    (the one for query-side operands) runs it, so the other keeps the registers of a kernel without windows. A right
+    side alone (causal) stays in the plain variant."""
+    prefill = dict(B=8, H=32, Hk=8, D=128, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
+    assert not planner(**prefill)["query_operands"]
+    assert not planner(**prefill, window=(-1, 0))["query_operands"]
+    assert planner(**prefill, window=(255, 0))["query_operands"]
+    assert planner(**prefill, window=(255, -1))["query_operands"]
+
+
+def test_decode_splits_cover_only_the_windows_reach(planner):
+    """With a left window edge a row tile reaches at most window_left + max_seqlen_q (+ a tile) keys, so a long
+    sequence gets the splits of that reach, not of its whole length."""
+    long_decode = dict(B=4, H=32, Hk=8, D=128, total_q=32, total_k=500_000, max_q=8, max_k=126_000)
+    whole = planner(**long_decode)
+    windowed = planner(**long_decode, window=(4095, 0))
+    assert whole["kernel"] == windowed["kernel"] == "decode"
+    reach_tiles = -(-(4095 + 8) // 64) + 1  # the window's keys, plus a tile where they straddle a boundary
+    assert windowed["splits"] == -(-reach_tiles // windowed["tiles_per_split"])
+    assert windowed["splits"] < whole["splits"]

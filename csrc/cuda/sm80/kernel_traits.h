@@ -73,6 +73,9 @@ struct KernelTraits : SwizzledTiles<kHeadDim_> {
   using Mma = typename ElemTraits<Elem>::Mma;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kQueryOperands = kQueryOperands_;  // reads query-side masks / biases
+  // Handles a window's left edge (per-row lower key bounds): the variant with the per-element budget; the plan sends
+  // calls with a left edge there (heuristics.h), so the other keeps the registers of a kernel without windows.
+  static constexpr bool kWindowLeft = kQueryOperands_;
   static constexpr TileShape kTile = tile_shape_sm80(kHeadDim, kQueryOperands);
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;
@@ -109,6 +112,7 @@ struct DecodeKernelTraits : SwizzledTiles<kHeadDim_> {
   using Mma = typename ElemTraits<Elem>::Mma;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kQueryOperands = false;  // the plan sends query-side operands to the prefill kernel
+  static constexpr bool kWindowLeft = true;       // windows of every kind
   static constexpr DecodeShape kShape = decode_shape_sm80(kHeadDim);
   static constexpr int kBlockM = kShape.block_m;
   static constexpr int kBlockN = kShape.block_n;

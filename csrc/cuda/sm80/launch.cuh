@@ -44,8 +44,8 @@ cudaError_t launch_decode(const VarlenFwdParams& p, const Workspace& ws, cudaStr
 }
 
 // Three kernels per (Elem, kHeadDim): the decode kernel where the plan picked it; else the prefill kernel, in the
-// variant that reads query-side masks / biases (a smaller query tile, to keep its per-element path within the register
-// budget) for calls with one (plan.query_operands), the one that cannot for all others.
+// variant that reads query-side masks / biases and windows' left edges (a smaller query tile, to keep its per-element
+// path within the register budget) for calls with one (plan.query_operands), the one that cannot for all others.
 template <typename Elem, int kHeadDim>
 cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws,
                              cudaStream_t stream) {

@@ -68,7 +68,8 @@ struct ScoreOperands {
   // Whether some row of the tile starting at slot n0 cannot see some key of it (a window edge, the causal diagonal, a
   // query-side mask). Slots past the last one are zero-filled, so a tail tile alone does not count.
   __device__ __forceinline__ bool hides_keys(int n0) const {
-    return query_mask || (n0 + kBlockN > c.slots_full && c.slots_full < c.slots_end) || n0 < c.slots_low_full;
+    return query_mask || (n0 + kBlockN > c.slots_full && c.slots_full < c.slots_end) ||
+           (Traits::kWindowLeft && n0 < c.slots_low_full);
   }
 
   // s[mt][nt]: the m16n8 fragments of Q K^T for the tile starting at slot n0 (rows warp_row0 + 16 mt, slots 8 nt);
@@ -85,7 +86,7 @@ struct ScoreOperands {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int r = warp_row0 + mt * 16 + g + half * 8, i = c.m0 + r;
-          low[mt][half] = c.window_low(p, i);
+          low[mt][half] = Traits::kWindowLeft ? c.window_low(p, i) : 0;
           limit[mt][half] = r < c.rows ? c.window_limit(p, i) : 0;
         }
       per_element_any(s, key_pos, slot_bias, low, limit, t);
@@ -109,7 +110,8 @@ struct ScoreOperands {
   __device__ __forceinline__ float apply_tile(float (&s)[kMTiles][kNTiles][4], int n0, const float* slot_bias, int t,
                                               PerElement&& per_tile) const {
     // A softcap sends every tile down the per-element path (its one place that caps scores).
-    const bool whole_tile = n0 + kBlockN <= c.slots_full && n0 >= c.slots_low_full && !query_mask && !query_bias &&
+    const bool whole_tile = n0 + kBlockN <= c.slots_full && (!Traits::kWindowLeft || n0 >= c.slots_low_full) &&
+                            !query_mask && !query_bias &&
                             p.softcap == 0.f;
     const bool raw_scores = whole_tile && !key_bias && scale > 0.f;
     if (whole_tile && !raw_scores) {
