@@ -12,6 +12,7 @@
 //               query-side (total_q, Hm, max_seqlen_k) element [query, hm, j], j = key position in the sequence
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -100,6 +101,9 @@ struct VarlenFwdParams {
   // (B,) int32, or null: sequence b uses only the first seqused_k[b] keys of its cu_seqlens_k range (FlashAttention's
   // seqused_k), so a padded cache seen as packed rows (sequence b at rows b * S ..) needs no mask for its unused slots.
   const int32_t* seqused_k = nullptr;
+
+  // The sink logit of query head h; -inf (weight 0 in every row, the same as no sink) without sinks.
+  DMATTN_HOST_DEVICE float sink(int32_t h) const { return sinks != nullptr ? sinks[h] : -INFINITY; }
 
   ScoreOperand mask;
   ScoreOperand bias;

@@ -53,7 +53,7 @@ void varlen_bwd_sequence(const VarlenBwdParams& bp, int32_t b, double* dsinks) {
   std::vector<Visited> visited;
   for (int32_t h = 0; h < p.num_heads; ++h) {
     const int32_t hk = h / group;
-    const double sink = p.sinks ? p.sinks[h] : kNegInf;  // -inf: weight 0 in every row, the same as no sink
+    const double sink = p.sink(h);
     for (int64_t i = 0; i < sq.len; ++i) {
       const int64_t row = sq.start + i;
       const float lse_fwd = p.lse[h * p.total_q + row];

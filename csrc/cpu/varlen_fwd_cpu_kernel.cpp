@@ -324,9 +324,6 @@ __attribute__((always_inline)) inline void pv_chunk(const float* w, int64_t rows
   }
 }
 
-// The attention sink of query head h as a logit; -inf (weight 0 in every row, the same as no sink) without sinks.
-float sink_logit(const VarlenFwdParams& p, int32_t h) { return p.sinks ? p.sinks[h] : kNegInf; }
-
 // Normalizes one row's P . V by its softmax sum, with the sink logit joining the denominator, and stores out and
 // lse. The sink joins here and only here, once per row (never per key split). A row with no visible key (max =
 // -inf) gets out 0 and lse = sink (-inf without a sink), never NaN. A NaN max or sum (the row had a NaN or +inf
@@ -588,7 +585,7 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
       slot[1] = row_sum[r];
       std::copy(ar, ar + D, slot + 2);
     } else {
-      finish_row(p, head_of(r), query_row(r), row_max[r], row_sum[r], sink_logit(p, head_of(r)), ar);
+      finish_row(p, head_of(r), query_row(r), row_max[r], row_sum[r], p.sink(head_of(r)), ar);
     }
   }
 }
@@ -616,7 +613,7 @@ void combine_splits(const VarlenFwdParams& p, const SplitCombine& c, const float
       }
     }
     const int32_t h = static_cast<int32_t>(w.head_begin + r / nq);
-    finish_row(p, h, q_start + r % nq, m, l, sink_logit(p, h), acc.data());
+    finish_row(p, h, q_start + r % nq, m, l, p.sink(h), acc.data());
   }
 }
 

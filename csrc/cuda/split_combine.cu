@@ -75,7 +75,7 @@ combine_splits_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_co
     for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
     // The head's sink joins the denominator once, as a split of lse = sink and O = 0 (the decode kernel's splits
     // leave it out).
-    const float sink = p.sinks != nullptr ? p.sinks[h] : -INFINITY;
+    const float sink = p.sink(h);
     nan = __any_sync(0xffffffffu, nan) || sink != sink || sink == INFINITY;
     m = fmaxf(m, sink);
     float total = 0.f;

@@ -106,7 +106,7 @@ __device__ __forceinline__ void store_decode_tile(const VarlenFwdParams& p, cons
       poisoned |= smem.row_poisoned[w][r] != 0;
     }
     // A split leaves the sink to combine_splits (it joins once per row); an unsplit row takes it here.
-    const RowEnd end = finish_row(m, l, poisoned, split || r >= c.rows ? -INFINITY : sink_of(p.sinks, d.head(r)));
+    const RowEnd end = finish_row(m, l, poisoned, split || r >= c.rows ? -INFINITY : p.sink(d.head(r)));
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) smem.row_coef[w][r] = f[w] * end.inv;
     const float lse = end.lse;

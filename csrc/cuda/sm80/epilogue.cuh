@@ -34,7 +34,7 @@ __device__ __forceinline__ void store_tile(const VarlenFwdParams& p, const TileC
       const int r = warp_row0 + mt * 16 + g + half * 8;
       if (r >= c.rows) continue;
       const int64_t row = static_cast<int64_t>(c.q_start) + c.m0 + r;
-      const RowEnd end = finish_row(softmax.row_max[mt][half], l, poisoned, sink_of(p.sinks, c.h));
+      const RowEnd end = finish_row(softmax.row_max[mt][half], l, poisoned, p.sink(c.h));
       const float inv = end.inv;
       Elem* dst = out + row * p.out_row_stride + static_cast<int64_t>(c.h) * p.out_head_stride + 2 * t;
 #pragma unroll

@@ -132,7 +132,4 @@ __device__ __forceinline__ RowEnd finish_row(float m, float l, bool poisoned, fl
   return {poisoned ? nan : f / total, top + logf(total)};
 }
 
-// The sink logit of query head h, or -inf without sinks.
-__device__ __forceinline__ float sink_of(const float* sinks, int h) { return sinks != nullptr ? sinks[h] : -INFINITY; }
-
 }  // namespace dmattn::cuda::sm80

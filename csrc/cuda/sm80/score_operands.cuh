@@ -1,7 +1,8 @@
 // score_operands.cuh: turning the raw Q K^T tile into scores: the softmax scale, the softcap, the bias and the mask
 // (key-side, query-side or absent; ../../varlen_fwd_params.h holds the one addressing rule, ScoreOperand::offset)
-// and the window (the causal limit is its right side), plus the tile-level questions they answer: can any row see this KV tile at all (a query-side mask
-// may hide it whole: then it is skipped before K / V are loaded), and does it hide some key from some row.
+// and the window (the causal limit is its right side), plus the tile-level questions they answer: can any row see
+// this KV tile at all (a query-side mask may hide it whole: then it is skipped before K / V are loaded), and does it
+// hide some key from some row.
 //
 // Key-side operands arrive per slot through the tile metadata (kv_tiles.cuh): the mask as the kept-key list that
 // defines the slots, the bias in key_bias. Query-side ones are read here, per element, by the kernel variant built
@@ -73,9 +74,9 @@ struct ScoreOperands {
   }
 
   // s[mt][nt]: the m16n8 fragments of Q K^T for the tile starting at slot n0 (rows warp_row0 + 16 mt, slots 8 nt);
-  // key_pos / slot_bias: its metadata buffer. Makes s scale * q.k (capped) + bias, -inf where the row cannot see the key, and
-  // returns score_mul: a tile every row sees whole, with no bias and no softcap, keeps its raw scores (the scale is
-  // folded into the softmax FFMAs) and returns the scale; every other tile returns 1.
+  // key_pos / slot_bias: its metadata buffer. Makes s scale * q.k (capped) + bias, -inf where the row cannot see the
+  // key, and returns score_mul: a tile every row sees whole, with no bias and no softcap, keeps its raw scores (the
+  // scale is folded into the softmax FFMAs) and returns the scale; every other tile returns 1.
   __device__ __forceinline__ float apply(float (&s)[kMTiles][kNTiles][4], int n0, const int32_t* key_pos,
                                          const float* slot_bias, int warp_row0, int g, int t) const {
     return apply_tile(s, n0, slot_bias, t, [&] {
@@ -111,8 +112,7 @@ struct ScoreOperands {
                                               PerElement&& per_tile) const {
     // A softcap sends every tile down the per-element path (its one place that caps scores).
     const bool whole_tile = n0 + kBlockN <= c.slots_full && (!Traits::kWindowLeft || n0 >= c.slots_low_full) &&
-                            !query_mask && !query_bias &&
-                            p.softcap == 0.f;
+                            !query_mask && !query_bias && p.softcap == 0.f;
     const bool raw_scores = whole_tile && !key_bias && scale > 0.f;
     if (whole_tile && !raw_scores) {
 #pragma unroll

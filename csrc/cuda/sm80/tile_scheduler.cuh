@@ -100,7 +100,6 @@ __device__ __forceinline__ void find_slots(const VarlenFwdParams& p, const KeyLi
     c.key_index = keys.index + static_cast<int64_t>(hm) * p.total_k + c.k_start;
     c.n_keys = min(max(keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm], 0), c.k_len);
   }
-  // make_params turned limits no sequence reaches into -1, so the window sides fit in 32 bits.
   c.aligned_shift = c.k_len - c.q_len;
   const int i_last = i_first + n_queries - 1;
   if (p.window_right >= 0) {
