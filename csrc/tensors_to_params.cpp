@@ -66,8 +66,10 @@ OperandLayout check_operand(const char* name, const at::Tensor& t, const VarlenF
   const bool key_side = t.dim() == 2;
   const int64_t rows = key_side ? a.k.size(0) : a.q.size(0);
   TORCH_CHECK_VALUE(t.size(0) == rows, kOp, name,
-                    key_side ? " is key-side (rank 2), so it must have total_k = "
-                             : " is query-side (rank 3), so it must have total_q = ",
+                    !key_side    ? " is query-side (rank 3), so it must have total_q = "
+                    : a.kv_slots ? " is key-side (rank 2) with kv_slots, so it must have a row per slot of the pool, "
+                                   "k.shape[0] = "
+                                 : " is key-side (rank 2), so it must have total_k = ",
                     rows, " rows, got ", t.size(0));
   const int64_t hm = t.size(1);
   TORCH_CHECK_VALUE(hm == 1 || hm == Hk || hm == H, kOp, name, " head dim Hm must be 1, Hk = ", Hk, " or H = ", H,
@@ -185,6 +187,18 @@ void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type) {
     TORCH_CHECK_VALUE(t.size(0) <= 1 || t.stride(0) == 1, kOp, "seqused_k must be contiguous, got stride ",
                       t.stride(0));
   }
+  if (a.kv_slots) {
+    const at::Tensor& t = *a.kv_slots;
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, kOp, "kv_slots must be int32 (convert with .int()), got ",
+                     dtype_name(t.scalar_type()));
+    check_device("kv_slots", t, q);
+    TORCH_CHECK_VALUE(t.dim() == 1, kOp, "kv_slots must have shape (total_k,), got shape ", tuple_str(t.sizes()));
+    TORCH_CHECK_VALUE(t.size(0) <= 1 || t.stride(0) == 1, kOp, "kv_slots must be contiguous, got stride ",
+                      t.stride(0));
+    TORCH_CHECK_VALUE(a.k.size(0) > 0 || t.size(0) == 0, kOp,
+                      "kv_slots must be empty when the key pool is (k.shape[0] = 0), got shape ", tuple_str(t.sizes()));
+    check_int32(a.k.size(0), "the rows of the key pool (k.shape[0] with kv_slots)");
+  }
 }
 
 void check_bwd_args(const VarlenFwdArgs& a, const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& out,
@@ -244,7 +258,8 @@ VarlenFwdParams make_params(const VarlenFwdArgs& a, at::Tensor& out, at::Tensor&
   p.num_heads_k = static_cast<int32_t>(a.k.size(1));
   p.head_dim = static_cast<int32_t>(a.q.size(2));
   p.total_q = a.q.size(0);
-  p.total_k = a.k.size(0);
+  p.total_k = a.kv_slots ? a.kv_slots->size(0) : a.k.size(0);  // packed key rows, as cu_seqlens_k counts them
+  p.pool_rows = a.k.size(0);
   // No sequence is longer than its total, so this is exact, and it sizes the CUDA grid by the rows that exist
   // (max_seqlen_q = 2^62 would be an impossible launch).
   p.max_seqlen_q = std::min(a.max_seqlen_q, p.total_q);
@@ -262,6 +277,7 @@ VarlenFwdParams make_params(const VarlenFwdArgs& a, at::Tensor& out, at::Tensor&
     p.sinks = a.sinks->data_ptr<float>();
   }
   if (a.seqused_k) p.seqused_k = a.seqused_k->data_ptr<int32_t>();
+  if (a.kv_slots) p.kv_slots = a.kv_slots->data_ptr<int32_t>();
   if (a.mask) p.mask = make_operand(*a.mask, p.num_heads);
   if (a.bias) p.bias = make_operand(*a.bias, p.num_heads);
   return p;

@@ -28,6 +28,7 @@ struct VarlenFwdArgs {
   double softcap = 0.0;
   std::optional<at::Tensor> sinks = std::nullopt;
   std::optional<at::Tensor> seqused_k = std::nullopt;
+  std::optional<at::Tensor> kv_slots = std::nullopt;
 };
 
 // Checks every shape, dtype, stride and device invariant a kernel relies on for memory safety (sizes the kernels

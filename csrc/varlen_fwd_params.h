@@ -9,6 +9,8 @@
 //   k, v (total_k, Hk, D)
 //   cu_seqlens_q (B + 1) int32, cu_seqlens_k (B + 1) int32
 //   mask / bias, key-side   (total_k, Hm)              element [key, hm]
+//   With kv_slots (a KV-cache pool): k, v (pool_rows, Hk, D) and key-side mask / bias (pool_rows, Hm), one row per
+//   cache slot; kv_slots (total_k,) int32 maps packed key row r (as cu_seqlens_k counts them) to its slot.
 //               query-side (total_q, Hm, max_seqlen_k) element [query, hm, j], j = key position in the sequence
 #pragma once
 
@@ -101,6 +103,12 @@ struct VarlenFwdParams {
   // (B,) int32, or null: sequence b uses only the first seqused_k[b] keys of its cu_seqlens_k range (FlashAttention's
   // seqused_k), so a padded cache seen as packed rows (sequence b at rows b * S ..) needs no mask for its unused slots.
   const int32_t* seqused_k = nullptr;
+  // (total_k,) int32, or null: the keys live in a pool of pool_rows slots (k, v and key-side operands have a row per
+  // slot; a paged cache (num_pages, page_size, Hk, D) flattened, or a token pool) and packed key row r of
+  // cu_seqlens_k's ranges is slot kv_slots[r]. Kernels clamp slots into [0, pool_rows), so a lying entry reads some
+  // slot of the pool, never past it.
+  const int32_t* kv_slots = nullptr;
+  int64_t pool_rows = 0;  // rows of k / v (total_k without kv_slots)
 
   // The sink logit of query head h; -inf (weight 0 in every row, the same as no sink) without sinks.
   DMATTN_HOST_DEVICE float sink(int32_t h) const { return sinks != nullptr ? sinks[h] : -INFINITY; }
@@ -136,16 +144,26 @@ DMATTN_HOST_DEVICE SeqRange key_seq(const VarlenFwdParams& p, int32_t b) {
   return s;
 }
 
-// Where key j (position in its sequence) of a sequence lives: the packed row of k, v and key-side operands that holds
-// it. Every kernel finds key rows through this one accessor (the CPU kernel, the CUDA key compaction, the CUDA
-// K / V tile loads and key-side operand reads). Dense varlen K / V keep a sequence's keys in consecutive rows from
-// its clamped cu_seqlens_k start; a paged K / V source is another type with the same row() (a page-table lookup)
-// and kContiguous = false, which tells the tile loaders to gather rows one by one.
-struct DenseKeyRows {
-  static constexpr bool kContiguous = true;  // key j + 1 is the row after key j
-  int64_t first = 0;                         // packed row of key 0
-  DMATTN_HOST_DEVICE int64_t row(int64_t j) const { return first + j; }
+// Where key j (position in its sequence) of a sequence lives: the row of k, v and key-side operands that holds it.
+// Every kernel finds key rows through this one accessor (the CPU kernels, the CUDA key compaction, the CUDA K / V
+// tile loads and key-side operand reads). Packed K / V keep a sequence's keys in consecutive rows from its clamped
+// cu_seqlens_k start; with kv_slots, packed row first + j names a slot of the pool (clamped into it).
+struct KeyRows {
+  int64_t first = 0;                 // packed row of key 0
+  const int32_t* slots = nullptr;    // VarlenFwdParams::kv_slots
+  int64_t pool_rows = 0;             // slots are clamped into [0, pool_rows)
+  DMATTN_HOST_DEVICE bool contiguous() const { return slots == nullptr; }  // key j + 1 is the row after key j
+  DMATTN_HOST_DEVICE int64_t row(int64_t j) const {
+    if (slots == nullptr) return first + j;
+    const int64_t slot = slots[first + j];
+    return slot < 0 ? 0 : (slot >= pool_rows ? pool_rows - 1 : slot);
+  }
 };
+
+// The key rows of a sequence whose clamped key range is sk (key_seq).
+DMATTN_HOST_DEVICE KeyRows key_rows_of(const VarlenFwdParams& p, const SeqRange& sk) {
+  return KeyRows{sk.start, p.kv_slots, p.pool_rows};
+}
 
 // The key positions [begin, end) that query i of a sequence with lq queries and lk keys may see by the window
 // (VarlenFwdParams::window_left / window_right; bottom-right aligned like FlashAttention >= 2.1: the causal rule is

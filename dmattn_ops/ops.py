@@ -25,6 +25,7 @@ def varlen_attention(
     softcap: Optional[float] = None,
     sinks: Optional[torch.Tensor] = None,
     seqused_k: Optional[torch.Tensor] = None,
+    kv_slots: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     mask_mod: Optional[mods.MaskMod] = None,
     score_mod: Optional[mods.ScoreMod] = None,
@@ -56,6 +57,12 @@ def varlen_attention(
             length for the causal / window alignment too), FlashAttention's seqused_k. A padded cache (B, S, Hk, D)
             seen as packed rows, sequence b at rows b * S .. b * S + S (cu_seqlens_k = arange(B + 1) * S), is then
             read in place with no mask for its unused slots.
+        kv_slots: (total_k,) int32: the keys live in a pool (a KV cache) and packed key row r, as cu_seqlens_k counts
+            them, is row kv_slots[r] of k and v, which are then (pool_rows, Hk, D): a paged cache (num_pages,
+            page_size, Hk, D) flattened to (num_pages * page_size, Hk, D), or a token pool. A key-side mask or bias
+            then has a row per slot (pool_rows, Hm), addressed like k, so gating scores live beside the cache. The
+            CUDA decode kernel reads the pool in place; other calls gather the rows they use first.
+            ``paged_kv_slots`` builds kv_slots, cu_seqlens_k and max_seqlen_k from a block table.
         return_lse: also return softmax_lse (H, total_q) float32, natural log.
         mask_mod, score_mod: FlexAttention-style mods, built into mask / bias by dmattn_ops.create_mask /
             create_bias in the most compact layout (see docs/mods.md); each excludes the tensor it replaces. A
@@ -71,8 +78,11 @@ def varlen_attention(
     window_left, window_right = _window_sides(window_size)
     rules.check_arg_types(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
-        window_left, window_right, softcap, sinks, seqused_k,
+        window_left, window_right, softcap, sinks, seqused_k, kv_slots,
     )
+    if kv_slots is not None and (mask_mod is not None or score_mod is not None):
+        raise ValueError(f"{rules.OP}: mask_mod / score_mod build operands over packed keys, which a kv_slots call "
+                         "does not have; pass a key-side mask / bias with a row per pool slot instead")
     # (With seqused_k the op aligns windows to the used keys, the mask_mod to cu_seqlens_k: no native mapping then.)
     window = mods.native_window(mask_mod, cu_seqlens_q, cu_seqlens_k) if seqused_k is None else None
     if window is not None:  # a sliding_window mask_mod runs as the op's own window
@@ -90,9 +100,32 @@ def varlen_attention(
         rules.check_backend_built(q)
     out, lse = torch.ops.dmattn.varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
-        window_left, window_right, softcap, sinks, seqused_k,
+        window_left, window_right, softcap, sinks, seqused_k, kv_slots,
     )
     return (out, lse) if return_lse else out
+
+
+def paged_kv_slots(block_table: torch.Tensor, page_size: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """``(kv_slots, cu_seqlens_k, max_seqlen_k)`` for a paged KV cache, to pass with its flattened pool.
+
+    ``block_table`` (B, pages_per_seq) int32 names the pages of each sequence in order; the cache is
+    ``(num_pages, page_size, Hk, D)``, passed as ``k_cache.flatten(0, 1)`` (a view). Sequence b gets
+    ``pages_per_seq * page_size`` key rows (key j at slot ``block_table[b, j // page_size] * page_size +
+    j % page_size``); pass its real length as ``seqused_k[b]``, so slots past it (and unused pages) are never read.
+    Built on the block table's device with no host sync, so a decode step under CUDA graphs can rebuild it.
+    Page size 1 is a token pool: ``block_table`` rows are then the slots themselves.
+    """
+    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
+        raise ValueError(f"dmattn.paged_kv_slots: page_size must be an int >= 1, got {page_size!r}")
+    if block_table.dim() != 2 or block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError("dmattn.paged_kv_slots: block_table must be a (B, pages_per_seq) int32 or int64 tensor, "
+                         f"got shape {tuple(block_table.shape)} of {block_table.dtype}")
+    batch, pages = block_table.shape
+    offsets = torch.arange(page_size, device=block_table.device, dtype=block_table.dtype)
+    slots = (block_table.unsqueeze(-1) * page_size + offsets).reshape(-1).to(torch.int32)
+    capacity = pages * page_size
+    cu = torch.arange(batch + 1, device=block_table.device, dtype=torch.int32) * capacity
+    return slots, cu, capacity
 
 
 def _window_sides(window_size) -> Tuple[int, int]:

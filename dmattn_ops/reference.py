@@ -164,6 +164,7 @@ def reference_varlen_attention(
     softcap: Optional[float] = None,
     sinks: Optional[torch.Tensor] = None,
     seqused_k: Optional[torch.Tensor] = None,
+    kv_slots: Optional[torch.Tensor] = None,
     dtype: torch.dtype = torch.float64,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention by the contract of ``dmattn_ops.varlen_attention``, computed in ``dtype``.
@@ -176,6 +177,8 @@ def reference_varlen_attention(
     replaces each scaled score x by softcap * tanh(x / softcap) before the bias is added. A sink (one logit per query
     head) joins the softmax as a key with that score and V = 0. With ``seqused_k`` sequence b's keys are the first
     ``seqused_k[b]`` of its ``cu_seqlens_k`` range (the others are not there at all: not even for the alignment).
+    With ``kv_slots`` k, v and key-side operands are a pool, and packed key row r is their row ``kv_slots[r]``: the
+    call is the packed call on those rows.
 
     Returns:
         out (total_q, H, D) and lse (H, total_q), both in ``dtype`` (the op returns lse in float32). A query
@@ -184,6 +187,12 @@ def reference_varlen_attention(
     """
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"{_NAME}: q, k, v must have rank 3, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if kv_slots is not None:  # the packed keys are the pool rows kv_slots names
+        # (Slots a sequence does not use are never read: any value will do there, so they are clamped here.)
+        rows = kv_slots.to(device=k.device, dtype=torch.int64).clamp(0, max(k.shape[0] - 1, 0))
+        k, v = k[rows], v[rows]
+        mask = mask[rows] if mask is not None and mask.dim() == 2 else mask
+        bias = bias[rows] if bias is not None and bias.dim() == 2 else bias
     total_q, num_heads, head_dim = q.shape
     total_k, num_heads_k, _ = k.shape
     if num_heads % num_heads_k != 0:

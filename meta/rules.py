@@ -130,7 +130,7 @@ def _check_int(name, value):
 
 def check_arg_types(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=None, bias=None, softmax_scale=None,
-    is_causal=False, window_left=-1, window_right=-1, softcap=None, sinks=None, seqused_k=None,
+    is_causal=False, window_left=-1, window_right=-1, softcap=None, sinks=None, seqused_k=None, kv_slots=None,
 ):
     """Raises TypeError (ValueError for an int past int64) naming the first argument of the wrong Python type."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -155,6 +155,8 @@ def check_arg_types(
         _check_tensor("sinks", sinks, "a tensor or None")
     if seqused_k is not None:
         _check_tensor("seqused_k", seqused_k, "an int32 tensor or None")
+    if kv_slots is not None:
+        _check_tensor("kv_slots", kv_slots, "an int32 tensor or None")
 
 
 # ---- metadata ---------------------------------------------------------------------------------------------------
@@ -264,7 +266,7 @@ def _check_cu_seqlens(q, cu_seqlens_q, cu_seqlens_k):
         )
 
 
-def _check_operand(name, t, q, k, max_seqlen_k):
+def _check_operand(name, t, q, k, max_seqlen_k, pool=False):
     """Rank, rows, head count and (query-side) width of a mask or bias."""
     H, Hk = q.shape[1], k.shape[1]
     if t.device != q.device:
@@ -276,9 +278,11 @@ def _check_operand(name, t, q, k, max_seqlen_k):
             f"{name} must be key-side (total_k, Hm) or query-side (total_q, Hm, max_seqlen_k), got shape {_shape(t)}",
         )
     if layout is Layout.KEY_SIDE and t.shape[0] != k.shape[0]:
+        rows = "a row per slot of the pool, k.shape[0]" if pool else "total_k"
         _fail(
             ValueError,
-            f"{name} is key-side (rank 2), so it must have total_k = {_n(k.shape[0])} rows, got {_n(t.shape[0])}",
+            f"{name} is key-side (rank 2){' with kv_slots' if pool else ''}, so it must have {rows} = "
+            f"{_n(k.shape[0])} rows, got {_n(t.shape[0])}",
         )
     if layout is Layout.QUERY_SIDE and t.shape[0] != q.shape[0]:
         _fail(
@@ -343,15 +347,30 @@ def _check_seqused_k(q, cu_seqlens_k, seqused_k):
         _fail(ValueError, f"seqused_k must be contiguous, got stride {_n(seqused_k.stride(0))}")
 
 
+def _check_kv_slots(q, k, kv_slots):
+    """(total_k,) int32 on q's device, contiguous: the pool row (slot) of each packed key row."""
+    if kv_slots.dtype != torch.int32:
+        _fail(TypeError, f"kv_slots must be int32 (convert with .int()), got {kv_slots.dtype}")
+    if kv_slots.device != q.device:
+        _fail(ValueError, f"kv_slots must be on q's device {q.device}, got {kv_slots.device}")
+    if kv_slots.dim() != 1:
+        _fail(ValueError, f"kv_slots must have shape (total_k,), got shape {_shape(kv_slots)}")
+    if kv_slots.shape[0] > 1 and kv_slots.stride(0) != 1:
+        _fail(ValueError, f"kv_slots must be contiguous, got stride {_n(kv_slots.stride(0))}")
+    if k.shape[0] == 0 and kv_slots.shape[0] != 0:
+        _fail(ValueError, f"kv_slots must be empty when the key pool is (k.shape[0] = 0), got shape {_shape(kv_slots)}")
+    _check_int32("the rows of the key pool (k.shape[0] with kv_slots)", k.shape[0])
+
+
 def check_varlen_fwd(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=None, bias=None, softmax_scale=None,
-    is_causal=False, window_left=-1, window_right=-1, softcap=None, sinks=None, seqused_k=None,
+    is_causal=False, window_left=-1, window_right=-1, softcap=None, sinks=None, seqused_k=None, kv_slots=None,
 ) -> VarlenLayout:
     """Validates the Python types and the metadata of one call; raises TypeError/ValueError naming the argument, what
     was expected and what was given. Returns what it found."""
     check_arg_types(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
-        window_left, window_right, softcap, sinks, seqused_k,
+        window_left, window_right, softcap, sinks, seqused_k, kv_slots,
     )
     _check_qkv(q, k, v)
     _check_backend(q)
@@ -363,18 +382,20 @@ def check_varlen_fwd(
     if mask is not None:
         if mask.dtype != torch.bool:
             _fail(TypeError, f"mask must be bool (True = attend), got {mask.dtype}")
-        mask_layout = _check_operand("mask", mask, q, k, max_seqlen_k)
+        mask_layout = _check_operand("mask", mask, q, k, max_seqlen_k, kv_slots is not None)
     if bias is not None:
         if bias.dtype != torch.float32 and bias.dtype != q.dtype:
             _fail(TypeError, f"bias must be float32 or q's dtype {q.dtype}, got {bias.dtype}")
-        bias_layout = _check_operand("bias", bias, q, k, max_seqlen_k)
+        bias_layout = _check_operand("bias", bias, q, k, max_seqlen_k, kv_slots is not None)
     _check_softmax_scale(softmax_scale)
     _check_window_softcap_sinks(q, window_left, window_right, softcap, sinks)
     if seqused_k is not None:
         _check_seqused_k(q, cu_seqlens_k, seqused_k)
+    if kv_slots is not None:
+        _check_kv_slots(q, k, kv_slots)
     return VarlenLayout(
         total_q=q.shape[0],
-        total_k=k.shape[0],
+        total_k=k.shape[0] if kv_slots is None else kv_slots.shape[0],
         num_heads=q.shape[1],
         num_heads_k=k.shape[1],
         head_dim=q.shape[2],

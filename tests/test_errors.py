@@ -55,6 +55,7 @@ def valid_args():
         softcap=None,
         sinks=None,  # (H,)
         seqused_k=None,  # (B,)
+        kv_slots=None,  # (total_k,), rows of a pool k / v
     )
 
 
@@ -109,6 +110,13 @@ CASES = {
     "seqused_k_int64": dict(seqused_k=torch.tensor([3, 4])),
     "seqused_k_shape": dict(seqused_k=_cu(3, 4, 0)),
     "seqused_k_strided": dict(seqused_k=_cu(3, 0, 4, 0)[::2]),
+    "kv_slots_int64": dict(kv_slots=torch.arange(TOTAL_K)),
+    "kv_slots_rank_2": dict(kv_slots=_cu(*range(TOTAL_K)).reshape(TOTAL_K, 1)),
+    "kv_slots_strided": dict(kv_slots=_cu(*range(2 * TOTAL_K))[::2]),
+    "kv_slots_with_empty_pool": dict(k=torch.randn(0, HK, D), v=torch.randn(0, HK, D), kv_slots=_cu(*range(TOTAL_K))),
+    "key_side_mask_rows_with_kv_slots": dict(  # a pool of 12 slots, the mask with a row per packed key
+        k=torch.randn(12, HK, D), v=torch.randn(12, HK, D), kv_slots=_cu(*range(TOTAL_K)),
+        mask=torch.ones(TOTAL_K, 1, dtype=torch.bool)),
     # sizes the kernels keep in 32 bits (tensors of no element: no memory)
     "heads_past_int32": dict(q=torch.empty(0, 2**32, D), k=torch.empty(0, 2**32, D), v=torch.empty(0, 2**32, D)),
     "kv_heads_past_int32": dict(k=torch.empty(0, 2**32, D), v=torch.empty(0, 2**32, D)),
@@ -136,6 +144,7 @@ TYPE_CASES = {
     "window_float": dict(window_left=2.0),
     "softcap_str": dict(softcap="30"),
     "sinks_list": dict(sinks=[0.0] * H),
+    "kv_slots_list": dict(kv_slots=list(range(TOTAL_K))),
 }
 DATA_CASES = {
     "cu_seqlens_decreasing": dict(cu_seqlens_q=_cu(0, 3, 2), max_seqlen_q=TOTAL_Q),
@@ -146,11 +155,16 @@ DATA_CASES = {
     "seqused_k_past_the_sequence": dict(seqused_k=_cu(3, 5)),
     "seqused_k_negative": dict(seqused_k=_cu(-1, 2)),
 }
+# Values of kv_slots (the CPU kernel's check; CUDA clamps). Not DATA_CASES: check_cu_seqlens does not take kv_slots.
+SLOT_DATA_CASES = {
+    "kv_slots_past_the_pool": dict(kv_slots=_cu(*range(TOTAL_K - 1), TOTAL_K)),
+    "kv_slots_negative": dict(kv_slots=_cu(3, -1, *range(2, TOTAL_K))),
+}
 
 
 def bad_args(case):
     args = valid_args()
-    args.update({**CASES, **TYPE_CASES, **DATA_CASES}[case])
+    args.update({**CASES, **TYPE_CASES, **DATA_CASES, **SLOT_DATA_CASES}[case])
     return args
 
 
@@ -168,12 +182,12 @@ def call_op(args):
 
 
 def api_function(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale,
-                 is_causal, window_left, window_right, softcap, sinks, seqused_k):
+                 is_causal, window_left, window_right, softcap, sinks, seqused_k, kv_slots=None):
     """What torch.compile traces: every tensor and size is an input, so dynamic=True makes the sizes symbolic."""
     return dmattn_ops.varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=mask, bias=bias,
         softmax_scale=softmax_scale, is_causal=is_causal, window_size=(window_left, window_right), softcap=softcap,
-        sinks=sinks, seqused_k=seqused_k,
+        sinks=sinks, seqused_k=seqused_k, kv_slots=kv_slots,
     )
 
 
@@ -358,6 +372,38 @@ class TestPublicApiErrors(ErrorTestCase):
     def test_seqused_k_past_the_sequence(self):
         self.assertRaisesInline(ValueError, call_api, "seqused_k_past_the_sequence", """dmattn.varlen_fwd: seqused_k[1] must be in [0, 4] (the keys of sequence 1 in cu_seqlens_k), got 5""")
 
+    def test_kv_slots_int64(self):
+        self.assertRaisesInline(TypeError, call_api, "kv_slots_int64", """dmattn.varlen_fwd: kv_slots must be int32 (convert with .int()), got torch.int64""")
+
+    def test_kv_slots_rank_2(self):
+        self.assertRaisesInline(ValueError, call_api, "kv_slots_rank_2", """dmattn.varlen_fwd: kv_slots must have shape (total_k,), got shape (9, 1)""")
+
+    def test_kv_slots_strided(self):
+        self.assertRaisesInline(ValueError, call_api, "kv_slots_strided", """dmattn.varlen_fwd: kv_slots must be contiguous, got stride 2""")
+
+    def test_kv_slots_with_empty_pool(self):
+        self.assertRaisesInline(ValueError, call_api, "kv_slots_with_empty_pool", """dmattn.varlen_fwd: kv_slots must be empty when the key pool is (k.shape[0] = 0), got shape (9,)""")
+
+    def test_key_side_mask_rows_with_kv_slots(self):
+        self.assertRaisesInline(ValueError, call_api, "key_side_mask_rows_with_kv_slots", """dmattn.varlen_fwd: mask is key-side (rank 2) with kv_slots, so it must have a row per slot of the pool, k.shape[0] = 12 rows, got 9""")
+
+    def test_kv_slots_past_the_pool(self):
+        self.assertRaisesInline(ValueError, call_api, "kv_slots_past_the_pool", """dmattn.varlen_fwd: kv_slots[8] (key 3 of sequence 1) must be a row of the key pool, in [0, 9), got 9""")
+
+    def test_kv_slots_negative(self):
+        self.assertRaisesInline(ValueError, call_api, "kv_slots_negative", """dmattn.varlen_fwd: kv_slots[1] (key 1 of sequence 0) must be a row of the key pool, in [0, 9), got -1""")
+
+    def test_kv_slots_list(self):
+        self.assertRaisesInline(TypeError, call_api, "kv_slots_list", """dmattn.varlen_fwd: kv_slots must be an int32 tensor or None, got list""")
+
+    def test_mask_mod_with_kv_slots(self):
+        args = dict(valid_args(), kv_slots=_cu(*range(TOTAL_K)))
+        positional = (args[n] for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"))
+        with self.assertRaises(ValueError) as ctx:
+            dmattn_ops.varlen_attention(*positional, kv_slots=args["kv_slots"],
+                                        mask_mod=lambda b, h, q_idx, kv_idx: kv_idx <= q_idx)
+        self.assertExpectedInline(str(ctx.exception), """dmattn.varlen_fwd: mask_mod / score_mod build operands over packed keys, which a kv_slots call does not have; pass a key-side mask / bias with a row per pool slot instead""")
+
     def test_seqused_k_negative(self):
         self.assertRaisesInline(ValueError, call_api, "seqused_k_negative", """dmattn.varlen_fwd: seqused_k[0] must be in [0, 5] (the keys of sequence 0 in cu_seqlens_k), got -1""")
 
@@ -402,7 +448,7 @@ class TestPublicApiErrors(ErrorTestCase):
         self.assertRaisesInline(ValueError, call_api, "later_sequence_longer_than_max_seqlen", """dmattn.varlen_fwd: sequence 1 has 4 tokens in cu_seqlens_q, more than max_seqlen_q = 3""")
 
 
-@pytest.mark.parametrize("case", [*CASES, *DATA_CASES])
+@pytest.mark.parametrize("case", [*CASES, *DATA_CASES, *SLOT_DATA_CASES])
 def test_direct_op_raises_the_public_error(case):
     """torch.ops.dmattn.varlen_fwd with no Python checks in front: the C++ binding (csrc/tensors_to_params.cpp) holds
     the same rules as meta/rules.py with the same messages, in the same order, and an eager varlen_attention call
@@ -429,6 +475,7 @@ RAW_OP_TYPE_ERRORS = {
     "window_float": "window_left",
     "softcap_str": "softcap",
     "sinks_list": "sinks",
+    "kv_slots_list": "kv_slots",
 }
 
 

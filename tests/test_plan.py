@@ -24,7 +24,7 @@ _DRIVER = """
     using namespace dmattn;
     // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
     //                 window_left window_right
-    // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes query_operands
+    // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes prefill_variant
     int main() {
       long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr;
       while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &B,
@@ -41,13 +41,14 @@ _DRIVER = """
         const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, cuda::DeviceInfo{90, static_cast<int>(sms)}, o);
         std::printf("%s %d %d %d %d %zu %d\\n", plan.kernel == cuda::FwdKernel::kDecode ? "decode" : "prefill",
                     plan.row_tiles, plan.num_splits, plan.tiles_per_split, plan.key_lists_heads,
-                    cuda::workspace_bytes(plan, p), plan.query_operands ? 1 : 0);
+                    cuda::workspace_bytes(plan, p), static_cast<int>(plan.prefill));
       }
     }
     """
 
 ABSENT, KEY, QUERY = 0, 1, 2
 AUTO, FORCE_PREFILL, FORCE_DECODE = 0, 1, 2
+PREFILL_VARIANTS = ("plain", "window_left", "query_operands")  # cuda::PrefillVariant
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +69,9 @@ def planner(tmp_path_factory):
         line = " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
                                          force, tiles, *window))
         out = subprocess.run([str(exe)], input=line + "\n", capture_output=True, text=True, check=True).stdout
-        kernel, row_tiles, splits, per_split, lists, workspace, query_operands = out.split()
+        kernel, row_tiles, splits, per_split, lists, workspace, variant = out.split()
         return dict(kernel=kernel, row_tiles=int(row_tiles), splits=int(splits), tiles_per_split=int(per_split),
-                    key_lists_heads=int(lists), workspace=int(workspace), query_operands=bool(int(query_operands)))
+                    key_lists_heads=int(lists), workspace=int(workspace), prefill=PREFILL_VARIANTS[int(variant)])
 
     return plan
 
@@ -160,15 +161,18 @@ def test_d256_tiles_take_sixteen_rows(planner):
     assert planner(**{**WORKLOAD, "D": 256})["row_tiles"] == 2  # 32 packed rows, 16 per tile
 
 
-def test_windows_left_edge_takes_the_per_row_prefill_variant(planner):
-    """A window's left edge needs per-row lower key bounds: the prefill variant built with the per-element budget
-    (the one for query-side operands) runs it, so the other keeps the registers of a kernel without windows. A right
-    side alone (causal) stays in the plain variant."""
+def test_prefill_variant_choice(planner):
+    """A window's left edge needs per-row lower key bounds: its own prefill variant keeps them, so the plain one has
+    the registers of a kernel without windows; a right side alone (causal) stays plain. Query-side operands take
+    their variant, windowed or not."""
     prefill = dict(B=8, H=32, Hk=8, D=128, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
-    assert not planner(**prefill)["query_operands"]
-    assert not planner(**prefill, window=(-1, 0))["query_operands"]
-    assert planner(**prefill, window=(255, 0))["query_operands"]
-    assert planner(**prefill, window=(255, -1))["query_operands"]
+    assert planner(**prefill)["prefill"] == "plain"
+    assert planner(**prefill, window=(-1, 0))["prefill"] == "plain"
+    assert planner(**prefill, window=(255, 0))["prefill"] == "window_left"
+    assert planner(**prefill, window=(255, -1))["prefill"] == "window_left"
+    assert planner(**prefill, mask=KEY, Hm=8, window=(255, 0))["prefill"] == "window_left"
+    assert planner(**prefill, mask=QUERY)["prefill"] == "query_operands"
+    assert planner(**prefill, bias=QUERY, Hb=32, window=(255, 0))["prefill"] == "query_operands"
 
 
 def test_decode_splits_cover_only_the_windows_reach(planner):

@@ -25,6 +25,10 @@ Workloads (all packed varlen batches, H=32, Hk=8, D=128, bf16 on CUDA; ``--tiny`
            serving issue's target compares against. Then the decode batch, causal, with a window of 1024 keys, against
            the same call given only the keys the window can reach (each sequence's last 1024 + Lq - 1, copied out
            untimed): the window should cost no more than reading those keys.
+  paged    the decode batch (key-side mask 25% + bias, and no mask) with its keys in a KV-cache pool read in place
+           through kv_slots: a paged cache of 16-key pages in shuffled order (dmattn_ops.paged_kv_slots), and a token
+           pool (page size 1, every key in its own random slot), against the same call on packed keys. The key-side
+           mask and bias live in the pool too (a row per slot). The serving issue's target: within 1.1x of packed.
 
 What each number means (also written into every JSON under "definitions"):
   ms            median of per-call CUDA-event times after warm-up; the L2 cache is flushed before every repetition
@@ -496,7 +500,7 @@ def sizes(name: str, tiny: bool, gen: torch.Generator):
     if name in ("prefill", "window"):
         lens = rand(16, 64, 3) if tiny else rand(512, 4096, 8)
         return lens, lens, heads
-    if name == "decode":
+    if name in ("decode", "paged"):
         return (rand(1, 4, 4), rand(32, 128, 4), heads) if tiny else (rand(1, 8, 64), rand(1024, 8192, 64), heads)
     if name == "dense":
         lens = [64] * 2 if tiny else [4096] * 4
@@ -538,8 +542,51 @@ def decode_window_group(base: PackedBatch):
             [dmattn_peer(dec), dmattn_peer(shorter, "dmattn_ops, the window's keys as shorter sequences")])
 
 
+def in_pool(p: PackedBatch, page_size: int, seed: int = DEFAULT_SEED) -> PackedBatch:
+    """The same call with its keys (and key-side mask / bias) moved into a pool of page_size-key pages in random
+    order (plus a few unused pages), addressed through kv_slots, and each sequence's length as seqused_k."""
+    import dmattn_ops
+
+    g = torch.Generator().manual_seed(seed)
+    lens = p.seqlens_k
+    pages = [-(-n // page_size) for n in lens]
+    num_pages = sum(pages) + 4
+    order = torch.randperm(num_pages, generator=g)
+    table = torch.full((len(lens), max(pages)), -1, dtype=torch.int32)
+    first = 0
+    for b, n in enumerate(pages):
+        table[b, :n] = order[first:first + n].to(torch.int32)
+        first += n
+    table = table.to(p.device)
+    slots, cu_k, max_k = dmattn_ops.paged_kv_slots(table, page_size)
+    starts = torch.tensor([0] + lens[:-1]).cumsum(0).tolist()
+    # packed row s + j of sequence b is slot slots[b * cap + j]
+    rows = torch.cat([torch.arange(b * max_k, b * max_k + n) for b, n in enumerate(lens)]).to(p.device)
+    packed_rows = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)]).to(p.device)
+    where = slots[rows].long()
+
+    def pool(t):
+        out = t.new_zeros((num_pages * page_size, *t.shape[1:]))
+        out[where] = t[packed_rows]
+        return out
+
+    def key_side(t):  # query-side operands stay as they are
+        return pool(t) if t is not None and t.dim() == 2 else t
+
+    return p.replace(k=pool(p.k), v=pool(p.v), mask=key_side(p.mask), bias=key_side(p.bias), cu_seqlens_k=cu_k,
+                     max_seqlen_k=max_k, seqused_k=torch.tensor(lens, dtype=torch.int32, device=p.device),
+                     kv_slots=slots)
+
+
 def groups_of(name: str, base: PackedBatch):
     """(group name, problem, peers) for a workload; dmattn_ops first in each group, so it is the reference."""
+    if name == "paged":
+        out = []
+        for group, packed in (("key-side mask 25% + bias", base), ("no mask", base.replace(mask=None, bias=None))):
+            out.append((group, packed, [dmattn_peer(in_pool(packed, 16), "dmattn_ops, paged (16-key pages)"),
+                                        dmattn_peer(in_pool(packed, 1), "dmattn_ops, token slots"),
+                                        dmattn_peer(packed, "dmattn_ops, packed keys")]))
+        return out
     if name == "window":
         windowed = base.replace(mask=None, bias=None, window_size=(WINDOW - 1, -1))
         plain = base.replace(mask=None, bias=None)
@@ -590,7 +637,7 @@ def run_workload(name: str, args) -> Dict[str, object]:
     gen = torch.Generator().manual_seed(args.seed)
     lens_q, lens_k, hs = sizes(name, args.tiny, gen)
     mask_heads = {"1": 1, "hk": hs["heads_k"], "h": hs["heads"]}[args.mask_heads]
-    keep_frac = {"prefill": 0.5, "decode": 0.25, "dense": None, "window": None}[name]
+    keep_frac = {"prefill": 0.5, "decode": 0.25, "paged": 0.25, "dense": None, "window": None}[name]
     base = make_problem(lens_q, lens_k, hs["heads"], hs["heads_k"], hs["head_dim"], mask_heads, keep_frac,
                         causal=name in ("prefill", "window"), dtype=dtype, device=dev, seed=args.seed)
     print(f"\n== {name}: B={base.batch_size} total_q={base.total_q} total_k={base.total_k} "
@@ -633,6 +680,9 @@ TARGETS = [
     ("window", "causal, sliding window", "flex compiled", 2.0),
     # issue 13: the window at least as fast as the same keys passed as shorter sequences
     ("window", "decode, causal, sliding window", "dmattn_ops, the window's keys", 1.0),
+    # issue 13: decode on keys in a pool (paged, token slots) within 1.1x of the packed time: packed / pool >= 1 / 1.1
+    ("paged", "key-side mask", "dmattn_ops, packed keys", 1 / 1.1),
+    ("paged", "no mask", "dmattn_ops, packed keys", 1 / 1.1),
 ]
 
 
@@ -773,7 +823,7 @@ def write_outputs(payload, out_dir):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", choices=["prefill", "decode", "dense", "window", "all"], default="all")
+    ap.add_argument("--workload", choices=["prefill", "decode", "dense", "window", "paged", "all"], default="all")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (for a smoke test with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (float32 unless --dtype): a CPU smoke test")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")

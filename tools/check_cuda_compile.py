@@ -53,6 +53,8 @@ def main() -> int:
     ap.add_argument("--all", action="store_true", help="every instantiation, not one per arch path")
     ap.add_argument("--std", default="17", choices=["17", "20"],
                     help="C++ standard (default 17; torch >= 2.13 builds extensions as C++20)")
+    ap.add_argument("--registers", action="store_true",
+                    help="print ptxas' registers and spills of every kernel (ptxas -v), to compare two trees")
     ap.add_argument("--require-nvcc", action="store_true", help="fail (exit 2) instead of skipping without nvcc")
     args = ap.parse_args()
 
@@ -88,9 +90,11 @@ def main() -> int:
             jobs.append(("global", src, kernel_matrix.nvcc_flags(archs, args.std, includes)))
         failed = 0
         for label, src, flags in jobs:
-            cmd = [nvcc, *flags, "-Xptxas=-warn-spills", "-c", str(src), "-o", str(Path(tmp) / (Path(src).stem + ".o"))]
+            ptxas = "-Xptxas=-v" if args.registers else "-Xptxas=-warn-spills"
+            cmd = [nvcc, *flags, ptxas, "-c", str(src), "-o", str(Path(tmp) / (Path(src).stem + ".o"))]
             result = subprocess.run(cmd, capture_output=True, text=True)
-            spills = [line for line in result.stderr.splitlines() if "spill" in line.lower()]
+            spills = [line for line in result.stderr.splitlines()
+                      if "spill" in line.lower() and not line.rstrip().endswith("0 bytes spill loads")]
             status = "FAILED" if result.returncode != 0 else ("ok, but registers spill" if spills else "ok")
             print(f"check_cuda_compile: [{label}] {Path(src).name:40s} {status}")
             if result.returncode != 0:
@@ -98,7 +102,24 @@ def main() -> int:
                 print(result.stdout + result.stderr)
             for line in spills:
                 print(f"    {line}")
+            if args.registers:
+                report(result.stderr)
     return 1 if failed else 0
+
+
+def report(ptxas_log: str) -> None:
+    """One line per compiled kernel from ptxas -v: arch, registers, spill bytes, mangled name."""
+    kernel = arch = spill = None
+    for line in ptxas_log.splitlines():
+        if "Compiling entry function" in line:
+            parts = line.split("'")
+            kernel, arch, spill = parts[1], parts[3] if len(parts) > 3 else "?", ""
+        elif "spill stores" in line:
+            spill = ", ".join(x.strip() for x in line.split(",")[1:])
+        elif "Used" in line and "registers" in line and kernel:
+            regs = line.split("Used", 1)[1].split("registers")[0].strip()
+            print(f"    {arch:6s} {regs:>4s} regs  {spill:40s} {kernel}")
+            kernel = None
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ void varlen_bwd_sequence(const VarlenBwdParams& bp, int32_t b, double* dsinks) {
   const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
   const SeqRange sk = key_seq(p, b);
   if (sq.len == 0) return;  // (a sequence with queries but no keys goes on: with a sink, its rows have an lse)
-  const DenseKeyRows key_rows{sk.start};  // key j: packed row key_rows.row(j) of k, v and key-side operands
+  const KeyRows key_rows = key_rows_of(p, sk);  // key j: row key_rows.row(j) of k, v and key-side operands
   const int64_t D = p.head_dim;
   const int32_t group = p.num_heads / p.num_heads_k;
   const bool key_side_mask = p.mask.layout == OperandLayout::kKeySide;

@@ -36,6 +36,20 @@ void check_cu_seqlens_data(const char* name, const at::Tensor& cu, int64_t total
                     ", got ", c[n - 1]);
 }
 
+// kv_slots: every slot a sequence uses (its first key_seq(p, b).len entries) names a row of the pool.
+// (CUDA clamps instead.)
+void check_slots_data(const VarlenFwdParams& p) {
+  if (p.kv_slots == nullptr) return;
+  for (int32_t b = 0; b < p.batch; ++b) {
+    const SeqRange sk = key_seq(p, b);
+    for (int64_t r = sk.start; r < sk.start + sk.len; ++r) {
+      TORCH_CHECK_VALUE(p.kv_slots[r] >= 0 && p.kv_slots[r] < p.pool_rows, "dmattn.varlen_fwd: kv_slots[", r,
+                        "] (key ", r - sk.start, " of sequence ", b, ") must be a row of the key pool, in [0, ",
+                        p.pool_rows, "), got ", p.kv_slots[r]);
+    }
+  }
+}
+
 // seqused_k[b] counts keys of sequence b's cu_seqlens_k range: 0 .. its length. (CUDA clamps instead.)
 void check_seqused_data(const std::optional<at::Tensor>& seqused_k, const at::Tensor& cu_seqlens_k) {
   if (!seqused_k) return;
@@ -57,19 +71,22 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
                                                   int64_t window_left, int64_t window_right,
                                                   std::optional<double> softcap,
                                                   const std::optional<at::Tensor>& sinks,
-                                                  const std::optional<at::Tensor>& seqused_k) {
+                                                  const std::optional<at::Tensor>& seqused_k,
+                                                  const std::optional<at::Tensor>& kv_slots) {
   const VarlenFwdArgs given{q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias,
                             softmax_scale, is_causal, window_left, window_right, softcap.value_or(0.0), sinks,
-                            seqused_k};
+                            seqused_k, kv_slots};
   check_args(given, c10::DeviceType::CPU);
   const VarlenFwdArgs args = sinks_as_float32(given);
   check_cu_seqlens_data("cu_seqlens_q", cu_seqlens_q, q.size(0), max_seqlen_q, "total_q", "max_seqlen_q");
-  check_cu_seqlens_data("cu_seqlens_k", cu_seqlens_k, k.size(0), max_seqlen_k, "total_k", "max_seqlen_k");
+  const int64_t total_k = kv_slots ? kv_slots->size(0) : k.size(0);
+  check_cu_seqlens_data("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, "total_k", "max_seqlen_k");
   check_seqused_data(seqused_k, cu_seqlens_k);
 
   auto [out, lse] = allocate_outputs(args);
   if (out.numel() == 0) return {out, lse};  // no query rows or no heads (H = 0): nothing to compute
   const VarlenFwdParams p = make_params(args, out, lse);
+  check_slots_data(p);
 
   const int64_t threads = at::get_num_threads();
   const cpu::WorkPlan plan = cpu::plan_work(p, threads);

@@ -421,7 +421,7 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
   const int64_t D = p.head_dim;
   const SeqRange sq = clamp_seq(p.cu_seqlens_q, item.batch, p.total_q, p.max_seqlen_q);
   const SeqRange sk = key_seq(p, item.batch);
-  const DenseKeyRows key_rows{sk.start};  // key j: packed row key_rows.row(j) of k, v and key-side operands
+  const KeyRows key_rows = key_rows_of(p, sk);  // key j: row key_rows.row(j) of k, v and key-side operands
   const int64_t nq = item.q_end - item.q_begin;
   const int64_t rows = nq * (item.head_end - item.head_begin);  // row r = (head item.head_begin + r / nq, query r % nq)
   const int32_t hk = item.head_begin / (p.num_heads / p.num_heads_k);

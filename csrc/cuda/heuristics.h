@@ -34,8 +34,8 @@ struct TileShape {
 
 // The sm80 prefill tile policy. Accumulators per thread (fp32): O kMTiles * D / 2, scores kMTiles * block_n / 4.
 // query_operands: the kernel variant that reads a query-side mask or bias (a per-element path with 64-bit
-// addressing that needs registers the 32-rows-per-warp tile does not have); calls with a window's left edge run it
-// too (per-row lower bounds, and its 64-row query tile reaches fewer keys past a window than a 128-row one).
+// addressing that needs registers the 32-rows-per-warp tile does not have). Windowed calls keep the 128-row tile:
+// the 64-row one reaches fewer keys past a window, but ran a 256-key window 1.45x slower on the H200.
 constexpr TileShape tile_shape_sm80(int head_dim, bool query_operands) {
   // Measured on the H100 (benchmarks/results/NOTES.md): with 4 warps, 32 query rows per warp (two m16 fragments
   // sharing every K / V fragment) beat 16; D = 256 halves the KV tile to stay within 255 registers.
@@ -56,6 +56,11 @@ constexpr DecodeShape decode_shape_sm80(int head_dim) {
 
 enum class FwdKernel : int32_t { kPrefill = 0, kDecode = 1 };
 
+// The prefill kernel's variants (sm80/launch.cuh): kQueryOperands reads query-side masks / biases (and serves
+// windows too), kWindowLeft keeps per-row lower key bounds for a window's left edge, kPlain neither (the registers
+// of a kernel without windows).
+enum class PrefillVariant : int32_t { kPlain = 0, kWindowLeft = 1, kQueryOperands = 2 };
+
 // Debug overrides of the plan (the binding reads them from DMATTN_KERNEL and DMATTN_DECODE_TILES_PER_SPLIT; the
 // tests run every sample through each kernel with them).
 struct PlanOverrides {
@@ -66,7 +71,7 @@ struct PlanOverrides {
 // What one call runs. The launchers choose a kernel from this and the params alone.
 struct FwdPlan {
   FwdKernel kernel = FwdKernel::kPrefill;
-  bool query_operands = false;  // the prefill variant that reads query-side masks / biases and windows' left edges
+  PrefillVariant prefill = PrefillVariant::kPlain;  // the prefill kernel's variant
   int32_t key_lists_heads = 0;  // > 0: a key-side mask with that many heads is compacted into kept-key lists first
   // Decode kernel only (1 / 0 otherwise):
   int32_t row_tiles = 1;        // tiles of packed rows per (sequence, KV head): ceil(H / Hk * max_seqlen_q / block_m)
@@ -97,8 +102,11 @@ inline bool decode_supports(const VarlenFwdParams& p) {
 
 inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, const PlanOverrides& o = {}) {
   FwdPlan plan;
-  plan.query_operands = p.mask.layout == OperandLayout::kQuerySide || p.bias.layout == OperandLayout::kQuerySide ||
-                        p.window_left >= 0;
+  if (p.mask.layout == OperandLayout::kQuerySide || p.bias.layout == OperandLayout::kQuerySide) {
+    plan.prefill = PrefillVariant::kQueryOperands;
+  } else if (p.window_left >= 0) {
+    plan.prefill = PrefillVariant::kWindowLeft;
+  }
   if (p.mask.layout == OperandLayout::kKeySide && p.num_heads > 0) {
     plan.key_lists_heads = p.num_heads / p.mask.head_group;  // head_group = H / Hm
   }

@@ -20,7 +20,7 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
   __shared__ int warp_total[kCompactWarps];
   const int b = blockIdx.x, hm = blockIdx.y;
   const SeqRange sk = key_seq(p, b);
-  const DenseKeyRows rows{sk.start};
+  const KeyRows rows = key_rows_of(p, sk);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   // Any query head of mask head hm reads the same column: h = hm * head_group.
   const int h = hm * p.mask.head_group;

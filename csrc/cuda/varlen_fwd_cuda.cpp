@@ -85,8 +85,8 @@ void log_plan(const cuda::FwdPlan& plan, const VarlenFwdParams& p) {
                  plan.row_tiles, plan.num_splits, plan.tiles_per_split, p.batch, p.num_heads, p.num_heads_k,
                  p.head_dim, static_cast<long long>(p.max_seqlen_q), static_cast<long long>(p.max_seqlen_k));
   } else {
-    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=prefill query_operands=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
-                 plan.query_operands ? 1 : 0, p.batch, p.num_heads, p.num_heads_k, p.head_dim,
+    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=prefill variant=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
+                 static_cast<int>(plan.prefill), p.batch, p.num_heads, p.num_heads_k, p.head_dim,
                  static_cast<long long>(p.max_seqlen_q), static_cast<long long>(p.max_seqlen_k));
   }
 }
@@ -114,10 +114,11 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
                                                    int64_t window_left, int64_t window_right,
                                                    std::optional<double> softcap_arg,
                                                    const std::optional<at::Tensor>& sinks,
-                                                   const std::optional<at::Tensor>& seqused_k) {
+                                                   const std::optional<at::Tensor>& seqused_k,
+                                                   const std::optional<at::Tensor>& kv_slots) {
   const double softcap = softcap_arg.value_or(0.0);
   check_args({q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
-              window_left, window_right, softcap, sinks, seqused_k},
+              window_left, window_right, softcap, sinks, seqused_k, kv_slots},
              c10::DeviceType::CUDA);
   TORCH_CHECK_TYPE(q.scalar_type() != at::kFloat, kOp,
                    "float32 q, k, v are not supported on CUDA (the kernels run float16 / bfloat16 tensor cores), "
@@ -134,15 +135,37 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
       cuda::kernel_head_dim(cc, dtype, static_cast<int32_t>(std::min<int64_t>(head_dim, 1 << 20)));
   TORCH_CHECK_VALUE(kernel_dim > 0, kOp, "head_dim D must be at most ", cuda::max_kernel_head_dim(cc, dtype),
                     " on this GPU (sm_", cc, "; the largest head dim compiled for it), got ", head_dim);
-  const at::Tensor qk = for_kernel(q, kernel_dim), kk = for_kernel(k, kernel_dim), vk = for_kernel(v, kernel_dim);
   const double scale = resolve_softmax_scale(softmax_scale, head_dim);  // of the real D, not the padded one
+  const at::Tensor qk = for_kernel(q, kernel_dim), kk = for_kernel(k, kernel_dim), vk = for_kernel(v, kernel_dim);
   const VarlenFwdArgs args = sinks_as_float32({qk, kk, vk, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                mask, bias, scale, is_causal, window_left, window_right, softcap,
-                                               sinks, seqused_k});
+                                               sinks, seqused_k, kv_slots});
   auto [out, lse] = allocate_outputs(args);
-  const VarlenFwdParams p = make_params(args, out, lse);
+  VarlenFwdParams p = make_params(args, out, lse);
+  const cuda::PlanOverrides overrides = plan_overrides();
+  cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, device, overrides);
 
-  const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, device, plan_overrides());
+  // The decode kernel reads a kv_slots pool in place; the prefill kernel reads packed keys, so for it the rows the
+  // call names are gathered first (one copy of its keys and key-side operands; prefill is compute-bound).
+  at::Tensor k_rows, v_rows;
+  std::optional<at::Tensor> mask_rows, bias_rows;
+  if (kv_slots && plan.kernel != cuda::FwdKernel::kDecode) {
+    const at::Tensor slots = kv_slots->clamp(0, std::max<int64_t>(k.size(0) - 1, 0));  // lying slots, as the kernels
+    auto rows = [&](const at::Tensor& t) { return t.index_select(0, slots); };
+    auto key_side_rows = [&](const std::optional<at::Tensor>& op) -> std::optional<at::Tensor> {
+      if (op && op->dim() == 2) return rows(*op);
+      return op;
+    };
+    k_rows = rows(kk);
+    v_rows = rows(vk);
+    mask_rows = key_side_rows(mask);
+    bias_rows = key_side_rows(bias);
+    const VarlenFwdArgs packed = sinks_as_float32({qk, k_rows, v_rows, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                   max_seqlen_k, mask_rows, bias_rows, scale, is_causal, window_left,
+                                                   window_right, softcap, sinks, seqused_k});
+    p = make_params(packed, out, lse);
+    plan = cuda::plan_varlen_fwd(p, device, overrides);
+  }
   log_plan(plan, p);
   const size_t workspace_bytes = cuda::workspace_bytes(plan, p);
   at::Tensor workspace;  // torch's caching allocator: 512-byte aligned, as run_varlen_fwd needs (256)

@@ -67,15 +67,18 @@ struct SwizzledTiles {
   }
 };
 
-template <typename Elem_, int kHeadDim_, bool kQueryOperands_>
+template <typename Elem_, int kHeadDim_, bool kQueryOperands_, bool kWindowLeft_ = kQueryOperands_>
 struct KernelTraits : SwizzledTiles<kHeadDim_> {
   using Elem = Elem_;
   using Mma = typename ElemTraits<Elem>::Mma;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kQueryOperands = kQueryOperands_;  // reads query-side masks / biases
-  // Handles a window's left edge (per-row lower key bounds): the variant with the per-element budget; the plan sends
-  // calls with a left edge there (heuristics.h), so the other keeps the registers of a kernel without windows.
-  static constexpr bool kWindowLeft = kQueryOperands_;
+  // Handles a window's left edge (per-row lower key bounds, which cost the 128-row tile a 16-byte spill): the plan
+  // sends calls with a left edge to a variant that has them (heuristics.h), so calls without one keep the registers
+  // of a kernel without windows.
+  static constexpr bool kWindowLeft = kWindowLeft_;
+  static constexpr bool kPoolRows = false;  // packed keys only: the binding gathers a kv_slots pool for this kernel
+  static_assert(kWindowLeft || !kQueryOperands, "the query-side variant also serves windowed calls");
   static constexpr TileShape kTile = tile_shape_sm80(kHeadDim, kQueryOperands);
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;
@@ -113,6 +116,7 @@ struct DecodeKernelTraits : SwizzledTiles<kHeadDim_> {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kQueryOperands = false;  // the plan sends query-side operands to the prefill kernel
   static constexpr bool kWindowLeft = true;       // windows of every kind
+  static constexpr bool kPoolRows = true;         // reads a kv_slots pool in place (key_row below)
   static constexpr DecodeShape kShape = decode_shape_sm80(kHeadDim);
   static constexpr int kBlockM = kShape.block_m;
   static constexpr int kBlockN = kShape.block_n;
@@ -147,6 +151,7 @@ struct DecodeKernelTraits : SwizzledTiles<kHeadDim_> {
     };
     int32_t key_pos[kMetaSlots][kBlockN];  // per metadata slot: key position of each slot of a KV tile, -1 = none
     float key_bias[kMetaSlots][kBlockN];   // its key-side bias; 0 without one
+    int32_t key_row[kMetaSlots][kBlockN];  // with kv_slots: the pool row of each slot's key (key_pos resolved)
     float row_max[kWarps][kBlockM];        // cross-warp reduction: each warp's row max, row sum, poisoned flag
     float row_sum[kWarps][kBlockM];
     float row_coef[kWarps][kBlockM];       // each warp's factor in the CTA's normalized O

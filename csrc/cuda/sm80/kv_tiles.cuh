@@ -55,23 +55,21 @@ __device__ __forceinline__ void load_rows(typename Traits::Elem* smem, const typ
   }
 }
 
-// One KV head of K or V as the loaders see it: key position j of the sequence is at row(j). Dense K / V: the
-// sequence's keys are consecutive packed rows (DenseKeyRows), so one pointer to key 0 serves every key. A paged
-// source is another type with the same row(j) (and kContiguous = false).
+// One KV head of K or V as the loaders see it: row(j) is row first_row + j. Packed keys: first_row is the sequence's
+// key 0 (its keys are consecutive rows) and j a key position. A kv_slots pool (KeyRows): first_row is 0 and j a
+// pool row, resolved per slot in the tile metadata.
 template <typename Elem>
 struct KvSource {
-  static_assert(DenseKeyRows::kContiguous, "a dense source addresses keys from key 0");
-  static constexpr bool kContiguous = true;
-  const Elem* key0;    // column 0 of this head in the row of key 0
-  int64_t row_stride;  // elements per packed row
+  const Elem* key0;    // column 0 of this head in row first_row
+  int64_t row_stride;  // elements per row
 
-  __device__ __forceinline__ KvSource(const void* base, int64_t head_offset, int64_t row_stride_, DenseKeyRows rows)
-      : key0(static_cast<const Elem*>(base) + rows.row(0) * row_stride_ + head_offset), row_stride(row_stride_) {}
+  __device__ __forceinline__ KvSource(const void* base, int64_t head_offset, int64_t row_stride_, int64_t first_row)
+      : key0(static_cast<const Elem*>(base) + first_row * row_stride_ + head_offset), row_stride(row_stride_) {}
   __device__ __forceinline__ const Elem* row(int j) const { return key0 + j * row_stride; }
 };
 
-// Gathered rows: tile row r is key position pos[r] (a list in shared memory, clamped into [0, seq_len) here so a
-// lying list cannot leave the sequence).
+// Gathered rows: tile row r is row pos[r] of the source (key positions, or pool rows; a list in shared memory,
+// clamped into [0, seq_len) here so a lying list cannot leave the sequence or the pool).
 template <typename Traits, int kRows>
 __device__ __forceinline__ void gather_rows(typename Traits::Elem* smem, const KvSource<typename Traits::Elem>& src,
                                             const int32_t* pos, int valid_rows, int seq_len, const void* fallback) {
@@ -101,6 +99,7 @@ struct KvTiles {
   KvSource<Elem> k, v;
   bool key_bias;  // a key-side bias, read per slot into the metadata
   int meta_pos = -1;
+  int meta_row = 0;  // kv_slots pool only: the pool row of meta_pos
   float meta_bias = 0.f;
   int ahead_pos = -1;  // fetch_pipelined: the position of the tile after the one being fetched
 
@@ -109,8 +108,8 @@ struct KvTiles {
       : p(p_),
         c(c_),
         smem(smem_),
-        k(p_.k, static_cast<int64_t>(c_.hk) * p_.k_head_stride, p_.k_row_stride, c_.key_rows()),
-        v(p_.v, static_cast<int64_t>(c_.hk) * p_.v_head_stride, p_.v_row_stride, c_.key_rows()),
+        k(p_.k, static_cast<int64_t>(c_.hk) * p_.k_head_stride, p_.k_row_stride, pool(p_) ? 0 : c_.k_start),
+        v(p_.v, static_cast<int64_t>(c_.hk) * p_.v_head_stride, p_.v_row_stride, pool(p_) ? 0 : c_.k_start),
         key_bias(p_.bias.layout == OperandLayout::kKeySide) {}
 
   // The Q tile (kBlockM rows of this head from the tile's first query).
@@ -126,15 +125,16 @@ struct KvTiles {
   __device__ __forceinline__ void fetch_pos(int n) {
     if (threadIdx.x < kBlockN) meta_pos = position_of(n * kBlockN + threadIdx.x);
   }
-  // Step 2 (once the position has arrived): its key-side bias.
+  // Step 2 (once the position has arrived): its pool row and key-side bias.
   __device__ __forceinline__ void fetch_bias() {
-    if (threadIdx.x < kBlockN) meta_bias = bias_at(meta_pos);
+    if (threadIdx.x < kBlockN) meta_bias = resolve(meta_pos, meta_row);
   }
   // Step 3: into metadata buffer `buffer`, for the loads and score modification of that tile.
   __device__ __forceinline__ void store(int buffer) {
     if (threadIdx.x < kBlockN) {
       smem.key_pos[buffer][threadIdx.x] = meta_pos;
       smem.key_bias[buffer][threadIdx.x] = meta_bias;
+      if constexpr (Traits::kPoolRows) smem.key_row[buffer][threadIdx.x] = meta_row;
     }
   }
   // The decode ring's metadata, pipelined one iteration deeper than fetch_pos / fetch_bias: called once per iteration
@@ -144,7 +144,7 @@ struct KvTiles {
   __device__ __forceinline__ void fetch_pipelined(int n_store, int n_end) {
     if (threadIdx.x < kBlockN) {
       meta_pos = ahead_pos;
-      meta_bias = bias_at(meta_pos);
+      meta_bias = resolve(meta_pos, meta_row);
       ahead_pos = n_store + 1 < n_end ? position_of((n_store + 1) * kBlockN + threadIdx.x) : -1;
     }
   }
@@ -158,16 +158,17 @@ struct KvTiles {
   template <int kCount>
   __device__ __forceinline__ void fetch_store_first(int n0, int n_end) {
     if (threadIdx.x >= kBlockN) return;
-    int pos[kCount];
+    int pos[kCount], row[kCount];
     float bias[kCount];
 #pragma unroll
     for (int i = 0; i < kCount; ++i) pos[i] = n0 + i < n_end ? position_of((n0 + i) * kBlockN + threadIdx.x) : -1;
 #pragma unroll
-    for (int i = 0; i < kCount; ++i) bias[i] = bias_at(pos[i]);
+    for (int i = 0; i < kCount; ++i) bias[i] = resolve(pos[i], row[i]);
 #pragma unroll
     for (int i = 0; i < kCount; ++i) {
       smem.key_pos[i][threadIdx.x] = pos[i];
       smem.key_bias[i][threadIdx.x] = bias[i];
+      if constexpr (Traits::kPoolRows) smem.key_row[i][threadIdx.x] = row[i];
     }
   }
 
@@ -182,11 +183,20 @@ struct KvTiles {
   __device__ __forceinline__ int position_of(int slot) const {
     return slot < c.slots_end ? (c.key_index ? c.key_index[slot] : slot) : -1;
   }
-  // The key-side bias of key position pos, which is clamped to the sequence first (a negative position, from a
-  // corrupt list, stays "no key" and reads nothing).
-  __device__ __forceinline__ float bias_at(int& pos) const {
+  // Whether K / V are a kv_slots pool this kernel reads in place (the prefill kernel gets packed keys).
+  static __device__ __forceinline__ bool pool(const VarlenFwdParams& params) {
+    return Traits::kPoolRows && params.kv_slots != nullptr;
+  }
+  // Key position pos clamped to the sequence (a negative position, from a corrupt list, stays "no key" and reads
+  // nothing), its row of k, v and key-side operands (row; read by the loads in pool mode only) and its key-side bias.
+  __device__ __forceinline__ float resolve(int& pos, int& row) const {
     pos = min(pos, c.k_len - 1);
-    return key_bias && pos >= 0 ? bias_value(p.bias, p.bias.offset(c.key_rows().row(pos), c.h, 0)) : 0.f;
+    if (pos < 0) {
+      row = 0;
+      return 0.f;
+    }
+    row = pool(p) ? static_cast<int>(c.key_rows(p).row(pos)) : c.k_start + pos;
+    return key_bias ? bias_value(p.bias, p.bias.offset(row, c.h, 0)) : 0.f;
   }
 
   // The rows of the slots of tile n: contiguous key positions, or gathered at the positions of metadata buffer
@@ -194,7 +204,13 @@ struct KvTiles {
   __device__ __forceinline__ void load(Elem* dst, const KvSource<Elem>& src, const void* fallback, int n,
                                        int buffer) {
     const int valid = min(kBlockN, c.slots_end - n * kBlockN);
-    if (KvSource<Elem>::kContiguous && c.key_index == nullptr) {
+    if constexpr (Traits::kPoolRows) {
+      if (pool(p)) {
+        gather_rows<Traits, kBlockN>(dst, src, smem.key_row[buffer], valid, static_cast<int>(p.pool_rows), fallback);
+        return;
+      }
+    }
+    if (c.key_index == nullptr) {
       load_rows<Traits, kBlockN>(dst, src.row(n * kBlockN), src.row_stride, valid, fallback);
     } else {
       gather_rows<Traits, kBlockN>(dst, src, smem.key_pos[buffer], valid, c.k_len, fallback);

@@ -43,15 +43,23 @@ cudaError_t launch_decode(const VarlenFwdParams& p, const Workspace& ws, cudaStr
   return cudaSuccess;
 }
 
-// Three kernels per (Elem, kHeadDim): the decode kernel where the plan picked it; else the prefill kernel, in the
-// variant that reads query-side masks / biases and windows' left edges (a smaller query tile, to keep its per-element
-// path within the register budget) for calls with one (plan.query_operands), the one that cannot for all others.
+// Four kernels per (Elem, kHeadDim): the decode kernel where the plan picked it; else the prefill kernel in one of
+// three variants (plan.prefill): the one that reads query-side masks / biases (a smaller query tile, to keep its
+// per-element path within the register budget), the one that keeps per-row lower key bounds for a window's left
+// edge, and the plain one for all other calls.
 template <typename Elem, int kHeadDim>
 cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws,
                              cudaStream_t stream) {
   if (plan.kernel == FwdKernel::kDecode) return launch_decode<DecodeKernelTraits<Elem, kHeadDim>>(p, ws, stream);
-  return plan.query_operands ? launch_variant<KernelTraits<Elem, kHeadDim, true>>(p, ws.keys, stream)
-                             : launch_variant<KernelTraits<Elem, kHeadDim, false>>(p, ws.keys, stream);
+  switch (plan.prefill) {
+    case PrefillVariant::kQueryOperands:
+      return launch_variant<KernelTraits<Elem, kHeadDim, true>>(p, ws.keys, stream);
+    case PrefillVariant::kWindowLeft:
+      return launch_variant<KernelTraits<Elem, kHeadDim, false, true>>(p, ws.keys, stream);
+    case PrefillVariant::kPlain:
+      break;
+  }
+  return launch_variant<KernelTraits<Elem, kHeadDim, false>>(p, ws.keys, stream);
 }
 
 }  // namespace dmattn::cuda::sm80

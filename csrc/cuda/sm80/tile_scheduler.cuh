@@ -20,7 +20,7 @@ namespace dmattn::cuda::sm80 {
 // Everything one CTA knows about its tile, computed once at entry. Positions and lengths are int32: cu_seqlens are
 // int32, so every clamped sequence start and length fits; only element offsets (row * stride) need 64 bits.
 struct TileContext {
-  int q_start, q_len, k_start, k_len;  // the sequence's rows in q / k (clamped, see clamp_seq)
+  int q_start, q_len, k_start, k_len;  // the sequence's rows in q / packed keys (clamped, see clamp_seq)
   int m0;                    // first query position of the tile in its sequence
   int rows;                  // valid query rows in the tile (<= kBlockM)
   int h, hk;                 // query head, KV head
@@ -54,7 +54,9 @@ struct TileContext {
     return slots_begin < slots_end ? slots_begin / block_n : (slots_end + block_n - 1) / block_n;
   }
   // Where key position j lives in k, v and key-side operands (the accessor of ../../varlen_fwd_params.h).
-  __device__ __forceinline__ DenseKeyRows key_rows() const { return DenseKeyRows{k_start}; }
+  __device__ __forceinline__ KeyRows key_rows(const VarlenFwdParams& p) const {
+    return KeyRows{k_start, p.kv_slots, p.pool_rows};
+  }
 };
 
 // Number of slots whose key position is < limit (lower_bound on the sorted list), searched by one whole warp:
