@@ -76,9 +76,10 @@ def run(call, **kw):
 def reference(call, **kw):
     c = dict(call)
     args = [c.pop(n) for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")]
-    return reference_varlen_attention(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args],
-                                      **{n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in c.items()},
-                                      **kw)
+    def cpu(t):
+        return t.cpu() if isinstance(t, torch.Tensor) else t
+
+    return reference_varlen_attention(*map(cpu, args), **{n: cpu(t) for n, t in {**c, **kw}.items()})
 
 
 def assert_matches_reference(out, lse, call, **kw):

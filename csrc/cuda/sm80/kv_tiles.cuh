@@ -102,6 +102,7 @@ struct KvTiles {
   int meta_row = 0;  // kv_slots pool only: the pool row of meta_pos
   float meta_bias = 0.f;
   int ahead_pos = -1;  // fetch_pipelined: the position of the tile after the one being fetched
+  int ahead_row = 0;   // and, for a pool without a kept-key list (positions known without a load), its pool row
 
   __device__ __forceinline__ KvTiles(const VarlenFwdParams& p_, const TileContext& c_,
                                      typename Traits::SharedStorage& smem_)
@@ -144,13 +145,22 @@ struct KvTiles {
   __device__ __forceinline__ void fetch_pipelined(int n_store, int n_end) {
     if (threadIdx.x < kBlockN) {
       meta_pos = ahead_pos;
-      meta_bias = resolve(meta_pos, meta_row);
+      if (rows_ahead()) {  // the row arrived with the previous iteration: only the bias (if any) is loaded now
+        meta_row = ahead_row;
+        meta_bias = key_bias && meta_pos >= 0 ? bias_value(p.bias, p.bias.offset(meta_row, c.h, 0)) : 0.f;
+      } else {
+        meta_bias = resolve(meta_pos, meta_row);
+      }
       ahead_pos = n_store + 1 < n_end ? position_of((n_store + 1) * kBlockN + threadIdx.x) : -1;
+      if (rows_ahead()) ahead_row = pool_row(ahead_pos);
     }
   }
   // The position of tile n (past n_end: none) for the first fetch_pipelined.
   __device__ __forceinline__ void prime_ahead(int n, int n_end) {
-    if (threadIdx.x < kBlockN) ahead_pos = n < n_end ? position_of(n * kBlockN + threadIdx.x) : -1;
+    if (threadIdx.x < kBlockN) {
+      ahead_pos = n < n_end ? position_of(n * kBlockN + threadIdx.x) : -1;
+      if (rows_ahead()) ahead_row = pool_row(ahead_pos);
+    }
   }
 
   // Steps 1-3 for kCount tiles at once, n0 + i into buffer i (tiles at or past n_end: no keys), with the kCount
@@ -186,6 +196,12 @@ struct KvTiles {
   // Whether K / V are a kv_slots pool this kernel reads in place (the prefill kernel gets packed keys).
   static __device__ __forceinline__ bool pool(const VarlenFwdParams& params) {
     return Traits::kPoolRows && params.kv_slots != nullptr;
+  }
+  // A pool read without a kept-key list: slot positions are in [0, k_len) or -1 with no load, so fetch_pipelined
+  // looks their pool rows up one iteration early (the row load is not waited on inside the iteration it feeds).
+  __device__ __forceinline__ bool rows_ahead() const { return pool(p) && c.key_index == nullptr; }
+  __device__ __forceinline__ int pool_row(int pos) const {
+    return pos >= 0 ? static_cast<int>(c.key_rows(p).row(min(pos, c.k_len - 1))) : 0;
   }
   // Key position pos clamped to the sequence (a negative position, from a corrupt list, stays "no key" and reads
   // nothing), its row of k, v and key-side operands (row; read by the loads in pool mode only) and its key-side bias.
