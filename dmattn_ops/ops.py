@@ -105,15 +105,21 @@ def varlen_attention(
     return (out, lse) if return_lse else out
 
 
-def paged_kv_slots(block_table: torch.Tensor, page_size: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+def paged_kv_slots(
+    block_table: torch.Tensor, page_size: int, seq_lens: Optional[Sequence[int]] = None
+) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """``(kv_slots, cu_seqlens_k, max_seqlen_k)`` for a paged KV cache, to pass with its flattened pool.
 
     ``block_table`` (B, pages_per_seq) int32 names the pages of each sequence in order; the cache is
-    ``(num_pages, page_size, Hk, D)``, passed as ``k_cache.flatten(0, 1)`` (a view). Sequence b gets
-    ``pages_per_seq * page_size`` key rows (key j at slot ``block_table[b, j // page_size] * page_size +
-    j % page_size``); pass its real length as ``seqused_k[b]``, so slots past it (and unused pages) are never read.
-    Built on the block table's device with no host sync, so a decode step under CUDA graphs can rebuild it.
-    Page size 1 is a token pool: ``block_table`` rows are then the slots themselves.
+    ``(num_pages, page_size, Hk, D)``, passed as ``k_cache.flatten(0, 1)`` (a view); key j of sequence b is slot
+    ``block_table[b, j // page_size] * page_size + j % page_size``. Page size 1 is a token pool: ``block_table`` rows
+    are then the slots themselves.
+
+    Without ``seq_lens`` every sequence gets ``pages_per_seq * page_size`` rows: pass its real length as
+    ``seqused_k[b]`` (slots past it, and unused pages, are never read). Built on the device with no host sync, so a
+    CUDA graph can replay it; the CUDA decode kernel then plans its key splits for the padded length.
+    With ``seq_lens`` (host ints: a list, or a CPU tensor, e.g. vLLM's ``seq_lens_cpu``) the slots are packed, one row
+    per real key, and the splits fit the real lengths; no ``seqused_k`` is needed. Still no sync.
     """
     if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1:
         raise ValueError(f"dmattn.paged_kv_slots: page_size must be an int >= 1, got {page_size!r}")
@@ -121,11 +127,25 @@ def paged_kv_slots(block_table: torch.Tensor, page_size: int) -> Tuple[torch.Ten
         raise ValueError("dmattn.paged_kv_slots: block_table must be a (B, pages_per_seq) int32 or int64 tensor, "
                          f"got shape {tuple(block_table.shape)} of {block_table.dtype}")
     batch, pages = block_table.shape
-    offsets = torch.arange(page_size, device=block_table.device, dtype=block_table.dtype)
-    slots = (block_table.unsqueeze(-1) * page_size + offsets).reshape(-1).to(torch.int32)
+    dev = block_table.device
     capacity = pages * page_size
-    cu = torch.arange(batch + 1, device=block_table.device, dtype=torch.int32) * capacity
-    return slots, cu, capacity
+    if seq_lens is None:
+        offsets = torch.arange(page_size, device=dev, dtype=block_table.dtype)
+        slots = (block_table.unsqueeze(-1) * page_size + offsets).reshape(-1).to(torch.int32)
+        return slots, torch.arange(batch + 1, device=dev, dtype=torch.int32) * capacity, capacity
+    if isinstance(seq_lens, torch.Tensor) and seq_lens.device.type != "cpu":
+        raise ValueError("dmattn.paged_kv_slots: seq_lens must be host ints (a list or a CPU tensor: a device tensor "
+                         "would need a sync to size the slots); pass seqused_k to the op instead")
+    lens = [int(n) for n in seq_lens]
+    if len(lens) != batch or any(n < 0 or n > capacity for n in lens):
+        raise ValueError(f"dmattn.paged_kv_slots: seq_lens must hold B = {batch} lengths in [0, {capacity}] "
+                         f"(pages_per_seq x page_size), got {lens}")
+    total = sum(lens)
+    cu = torch.tensor([0, *lens], dtype=torch.int64).cumsum(0)
+    seq = torch.repeat_interleave(torch.arange(batch, device=dev), torch.tensor(lens, device=dev), output_size=total)
+    pos = torch.arange(total, device=dev) - cu[:-1].to(dev)[seq]
+    slots = (block_table.long()[seq, pos // page_size] * page_size + pos % page_size).to(torch.int32)
+    return slots, cu.to(device=dev, dtype=torch.int32), max(lens, default=0)
 
 
 def _window_sides(window_size) -> Tuple[int, int]:

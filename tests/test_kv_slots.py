@@ -208,3 +208,21 @@ def test_paged_kv_slots_layout():
         dmattn_ops.paged_kv_slots(table, 0)
     with pytest.raises(ValueError, match="block_table must be a"):
         dmattn_ops.paged_kv_slots(table.float(), 2)
+
+
+def test_paged_kv_slots_with_host_lengths_packs_the_slots():
+    """seq_lens (host ints) gives one slot per real key: the call needs no seqused_k, and its result is the padded
+    layout's."""
+    table = torch.tensor([[3, 0], [1, -1]], dtype=torch.int32)
+    slots, cu, max_k = dmattn_ops.paged_kv_slots(table, 2, seq_lens=[3, 1])
+    assert slots.tolist() == [6, 7, 0, 2] and cu.tolist() == [0, 3, 4] and max_k == 3
+    with pytest.raises(ValueError, match="seq_lens must hold B = 2 lengths in \\[0, 4\\]"):
+        dmattn_ops.paged_kv_slots(table, 2, seq_lens=[5, 1])
+
+    call = paged_cache([1, 3, 2], [45, 17, 33], page_size=16, mask_heads=1, bias_heads=2)
+    table = torch.stack([call["kv_slots"].reshape(3, -1)[b, ::16] // 16 for b in range(3)])
+    packed_slots, packed_cu, packed_max = dmattn_ops.paged_kv_slots(table, 16, seq_lens=torch.tensor([45, 17, 33]))
+    compact = dict(call, kv_slots=packed_slots, cu_seqlens_k=packed_cu, max_seqlen_k=packed_max, seqused_k=None)
+    out, lse = run(compact, is_causal=True)
+    want, want_lse = run(call, is_causal=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)

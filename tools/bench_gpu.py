@@ -27,7 +27,8 @@ Workloads (all packed varlen batches, H=32, Hk=8, D=128, bf16 on CUDA; ``--tiny`
            untimed): the window should cost no more than reading those keys.
   paged    the decode batch (key-side mask 25% + bias, and no mask) with its keys in a KV-cache pool read in place
            through kv_slots: a paged cache of 16-key pages in shuffled order (dmattn_ops.paged_kv_slots), and a token
-           pool (page size 1, every key in its own random slot), against the same call on packed keys. The key-side
+           pool (page size 1, every key in its own random slot), against the same call on packed keys; and the paged
+           cache with host-known lengths (paged_kv_slots(..., seq_lens=): one slot per real key, no padding). The key-side
            mask and bias live in the pool too (a row per slot). The serving issue's target: within 1.1x of packed.
 
 What each number means (also written into every JSON under "definitions"):
@@ -542,9 +543,10 @@ def decode_window_group(base: PackedBatch):
             [dmattn_peer(dec), dmattn_peer(shorter, "dmattn_ops, the window's keys as shorter sequences")])
 
 
-def in_pool(p: PackedBatch, page_size: int, seed: int = DEFAULT_SEED) -> PackedBatch:
+def in_pool(p: PackedBatch, page_size: int, host_lengths: bool = False, seed: int = DEFAULT_SEED) -> PackedBatch:
     """The same call with its keys (and key-side mask / bias) moved into a pool of page_size-key pages in random
-    order (plus a few unused pages), addressed through kv_slots, and each sequence's length as seqused_k."""
+    order (plus a few unused pages), addressed through kv_slots: padded per sequence with its length as seqused_k,
+    or (host_lengths) one slot per key from paged_kv_slots(..., seq_lens=)."""
     import dmattn_ops
 
     g = torch.Generator().manual_seed(seed)
@@ -573,9 +575,12 @@ def in_pool(p: PackedBatch, page_size: int, seed: int = DEFAULT_SEED) -> PackedB
     def key_side(t):  # query-side operands stay as they are
         return pool(t) if t is not None and t.dim() == 2 else t
 
-    return p.replace(k=pool(p.k), v=pool(p.v), mask=key_side(p.mask), bias=key_side(p.bias), cu_seqlens_k=cu_k,
-                     max_seqlen_k=max_k, seqused_k=torch.tensor(lens, dtype=torch.int32, device=p.device),
-                     kv_slots=slots)
+    moved = p.replace(k=pool(p.k), v=pool(p.v), mask=key_side(p.mask), bias=key_side(p.bias))
+    if host_lengths:
+        slots, cu_k, max_k = dmattn_ops.paged_kv_slots(table, page_size, seq_lens=lens)
+        return moved.replace(cu_seqlens_k=cu_k, max_seqlen_k=max_k, kv_slots=slots)
+    return moved.replace(cu_seqlens_k=cu_k, max_seqlen_k=max_k, kv_slots=slots,
+                         seqused_k=torch.tensor(lens, dtype=torch.int32, device=p.device))
 
 
 def groups_of(name: str, base: PackedBatch):
@@ -584,6 +589,8 @@ def groups_of(name: str, base: PackedBatch):
         out = []
         for group, packed in (("key-side mask 25% + bias", base), ("no mask", base.replace(mask=None, bias=None))):
             out.append((group, packed, [dmattn_peer(in_pool(packed, 16), "dmattn_ops, paged (16-key pages)"),
+                                        dmattn_peer(in_pool(packed, 16, host_lengths=True),
+                                                    "dmattn_ops, paged, host lengths (one slot per key)"),
                                         dmattn_peer(in_pool(packed, 1), "dmattn_ops, token slots"),
                                         dmattn_peer(packed, "dmattn_ops, packed keys")]))
         return out
