@@ -29,6 +29,7 @@ and head dims the CUDA build pads take a packed copy instead.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -190,9 +191,33 @@ def _attend_in_place(q: torch.Tensor, rows, real: Optional[torch.Tensor], Lk: in
     if real is not None:
         padded = torch.nn.functional.pad(real.to(torch.bool), (0, R - Lk))  # (B, R)
         keep = padded.reshape(B * R)[:n_rows].reshape(n_rows, 1)
-    cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=device)
-    cu_k = torch.clamp_max(torch.arange(0, (B + 1) * R, R, dtype=torch.int32, device=device), n_rows)
-    used = torch.full((B,), Lk, dtype=torch.int32, device=device)
+    cu_q, cu_k, used = _step_metadata(B, Lq, R, n_rows, Lk, device)
     out = dmattn_ops.varlen_attention(q.reshape(B * Lq, H, D), k_rows, v_rows, cu_q, cu_k, Lq, R, mask=keep,
                                       seqused_k=used, **extra)
     return out.view(B, Lq, H, D)
+
+
+_METADATA: "OrderedDict[tuple, tuple]" = OrderedDict()
+_METADATA_ENTRIES = 16
+
+
+def _step_metadata(B: int, Lq: int, R: int, n_rows: int, Lk: int, device: torch.device):
+    """cu_seqlens_q, cu_seqlens_k and seqused_k of the in-place row view: the same for every layer of a step, so
+    they are built once and reused (three small device tensors; a few kernel launches less per layer). Keyed by the
+    host ints that define them, at most _METADATA_ENTRIES kept. The op only reads them. Not while a CUDA graph is
+    being captured: a tensor made outside the graph is fine to read there, but one made inside it must not outlive
+    the capture's pool, so during capture they are built fresh."""
+    key = (B, Lq, R, n_rows, Lk, device)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    found = None if capturing else _METADATA.get(key)
+    if found is not None:
+        _METADATA.move_to_end(key)
+        return found
+    cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=device)
+    cu_k = torch.clamp_max(torch.arange(0, (B + 1) * R, R, dtype=torch.int32, device=device), n_rows)
+    used = torch.full((B,), Lk, dtype=torch.int32, device=device)
+    if not capturing:
+        _METADATA[key] = (cu_q, cu_k, used)
+        while len(_METADATA) > _METADATA_ENTRIES:
+            _METADATA.popitem(last=False)
+    return cu_q, cu_k, used
