@@ -226,3 +226,63 @@ def test_paged_kv_slots_with_host_lengths_packs_the_slots():
     out, lse = run(compact, is_causal=True)
     want, want_lse = run(call, is_causal=True)
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+@pytest.mark.parametrize("kernel", ["decode", "prefill"])
+def test_paged_decode_step_replays_in_a_cuda_graph(kernel, monkeypatch, cuda_device):
+    """A decode step on a paged cache captured once (paged_kv_slots and the op, gathered rows included for the prefill
+    kernel) and replayed while the cache, the block table and seqused_k change in place: every replay equals an
+    eager call on the same buffers (no host sync, no allocation outside the graph's pool)."""
+    monkeypatch.setenv("DMATTN_KERNEL", kernel)
+    page, pages_per_seq, H, Hk, D = 16, 4, 8, 2, 64
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 17, 40, 31]
+    B = len(lengths)
+    num_pages = B * pages_per_seq + 2
+    k_cache = torch.randn(num_pages, page, Hk, D, generator=g).to(cuda_device, torch.bfloat16)
+    v_cache = torch.randn(num_pages, page, Hk, D, generator=g).to(cuda_device, torch.bfloat16)
+    gate = torch.randn(num_pages, page, Hk, generator=g).to(cuda_device)
+    order = torch.randperm(num_pages, generator=g)[: B * pages_per_seq].reshape(B, pages_per_seq)
+    table = order.to(cuda_device, torch.int32)
+    used = torch.tensor(lengths, dtype=torch.int32, device=cuda_device)
+    q = torch.randn(B, H, D, generator=g).to(cuda_device, torch.bfloat16)
+    cu_q = dmattn_ops.cu_seqlens([1] * B, device=cuda_device)
+
+    def run():
+        slots, cu_k, max_k = dmattn_ops.paged_kv_slots(table, page)
+        return dmattn_ops.varlen_attention(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), cu_q, cu_k, 1, max_k,
+                                           mask=gate.flatten(0, 1) > 0, bias=gate.flatten(0, 1), seqused_k=used,
+                                           kv_slots=slots, return_lse=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = run()
+    for step in range(4):
+        for b in range(B):  # each sequence gains a key in its next slot; the block table's pages are reshuffled once
+            n = int(used[b])
+            slot = int(table[b, n // page]) * page + n % page
+            k_cache.view(-1, Hk, D)[slot] = torch.randn(Hk, D, generator=g).to(cuda_device, torch.bfloat16)
+            gate.view(-1, Hk)[slot] = torch.randn(Hk, generator=g).to(cuda_device)
+        used += 1
+        q.copy_(torch.randn(B, H, D, generator=g).to(cuda_device, torch.bfloat16))
+        if step == 2:
+            table.copy_(table.flip(1))
+        graph.replay()
+        want, want_lse = run()
+        torch.testing.assert_close(out, want, rtol=0, atol=0, msg=lambda m: f"step {step}, out: {m}")
+        torch.testing.assert_close(lse, want_lse, rtol=0, atol=0, msg=lambda m: f"step {step}, lse: {m}")
+        ref_out, _ = reference(dict(q=q, k=k_cache.flatten(0, 1), v=v_cache.flatten(0, 1), cu_seqlens_q=cu_q,
+                                    cu_seqlens_k=paged_cu(B, pages_per_seq * page), max_seqlen_q=1,
+                                    max_seqlen_k=pages_per_seq * page, mask=gate.flatten(0, 1) > 0,
+                                    bias=gate.flatten(0, 1), seqused_k=used,
+                                    kv_slots=dmattn_ops.paged_kv_slots(table, page)[0]))
+        torch.testing.assert_close(out.double().cpu(), ref_out, atol=2e-2, rtol=2e-2)
+
+
+def paged_cu(batch, capacity):
+    return torch.arange(batch + 1, dtype=torch.int32) * capacity
