@@ -62,7 +62,7 @@ def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, mask, bias, sinks, seqused_k, kv_slots = ctx.saved_tensors
     pool_k, pool_bias = k, bias
     if kv_slots is not None:
-        slots = kv_slots.long().clamp(0, max(k.shape[0] - 1, 0))  # as the kernels clamp (the CPU one rejects first)
+        slots = kv_slots.long().clamp(0, k.shape[0] - 1)  # as CUDA clamps (an empty pool has no slots: the rules)
         k, v = k.index_select(0, slots), v.index_select(0, slots)
         if mask is not None and mask.dim() == 2:
             mask = mask.index_select(0, slots)

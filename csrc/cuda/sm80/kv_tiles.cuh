@@ -211,7 +211,7 @@ struct KvTiles {
       row = 0;
       return 0.f;
     }
-    row = pool(p) ? static_cast<int>(c.key_rows(p).row(pos)) : c.k_start + pos;
+    row = pool(p) ? pool_row(pos) : c.k_start + pos;
     return key_bias ? bias_value(p.bias, p.bias.offset(row, c.h, 0)) : 0.f;
   }
 
