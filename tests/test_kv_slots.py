@@ -286,3 +286,34 @@ def test_paged_decode_step_replays_in_a_cuda_graph(kernel, monkeypatch, cuda_dev
 
 def paged_cu(batch, capacity):
     return torch.arange(batch + 1, dtype=torch.int32) * capacity
+
+
+class _PagedDecode(torch.nn.Module):
+    """A serving layer's attention over a paged cache: kv_slots rebuilt from the block table inside the graph."""
+
+    def forward(self, q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, gate):
+        slots, cu_k, max_k = dmattn_ops.paged_kv_slots(block_table, 16)
+        return dmattn_ops.varlen_attention(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), cu_seqlens_q, cu_k, 8,
+                                           max_k, mask=gate.flatten(0, 1) > 0, bias=gate.flatten(0, 1),
+                                           seqused_k=seqused_k, kv_slots=slots, is_causal=True)
+
+
+def test_export_paged_decode_with_dynamic_batch_and_pool():
+    """torch.export of the paged layer with the batch, the pool's pages, the pages per sequence and the query count
+    dynamic: the exported program equals eager on a batch of other sizes."""
+    from torch.export import Dim
+
+    def inputs(lens_q, lens_k, seed):
+        call = paged_cache(lens_q, lens_k, page_size=16, mask_heads=2, seed=seed)
+        pages = call["kv_slots"].shape[0] // 16 // len(lens_q)
+        table = call["kv_slots"].reshape(len(lens_q), pages, 16)[:, :, 0].div(16, rounding_mode="floor").int()
+        gate = torch.randn(call["k"].shape[0], 2, generator=torch.Generator().manual_seed(seed))
+        return (call["q"], call["k"].unflatten(0, (-1, 16)), call["v"].unflatten(0, (-1, 16)), table,
+                call["seqused_k"], call["cu_seqlens_q"], gate.unflatten(0, (-1, 16)))
+
+    batch, pages, per_seq, total_q = Dim("B"), Dim("pages"), Dim("pages_per_seq"), Dim("total_q")
+    shapes = ((total_q, None, None), (pages, None, None, None), (pages, None, None, None), (batch, per_seq),
+              (batch,), (batch + 1,), (pages, None, None))
+    ep = torch.export.export(_PagedDecode(), inputs([2, 1, 3], [40, 70, 20], 0), dynamic_shapes=shapes)
+    other = inputs([1, 4, 2, 1, 1], [90, 33, 17, 64, 2], 1)
+    torch.testing.assert_close(ep.module()(*other), _PagedDecode()(*other), atol=0, rtol=0)
