@@ -220,3 +220,45 @@ def test_registering_both_functions_keeps_padding():
 
     assert AttentionInterface._global_mapping["dmattn"] is dmattn_transformers.attention_forward
     assert AttentionMaskInterface._global_mapping["dmattn"] is dmattn_transformers.padding_mask
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3", "gemma2", "gpt_oss"])
+def test_continuous_batching_with_paged_dmattn(family, monkeypatch):
+    """generate_batch with attn_implementation="paged|dmattn": the same greedy tokens as "paged|sdpa" ("paged|eager"
+    for Gemma 2's softcap and gpt-oss's sinks), prompts of different lengths sharing the paged cache. Full-attention layers read the pool in
+    place through kv_slots (counted here); sliding-window layers take the cache's gathered keys. transformers sizes
+    the cache from the GPU's free memory, so on the CPU the test gives it 1 GiB."""
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching import cache as cb_cache
+
+    monkeypatch.setattr(cb_cache.PagedAttentionMemoryHandler, "get_available_memory", lambda self: 1 << 30)
+    in_place = []
+    op = dmattn_transformers.dmattn_ops.varlen_attention
+
+    def counting(*args, **kwargs):
+        in_place.append(kwargs.get("kv_slots") is not None)
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", counting)
+    model = _tiny(family)
+    prompts = [[1, 5, 9, 3], [7, 2], [4, 4, 4, 4, 4, 4, 8] * 5]
+    tokens = {}
+    for implementation in (f"paged|{REFERENCE[family]}", "paged|dmattn"):
+        model.set_attn_implementation(implementation)
+        out = model.generate_batch(
+            prompts, generation_config=transformers.GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=-1,
+                                                                     pad_token_id=0),
+            continuous_batching_config=ContinuousBatchingConfig(num_blocks=64, max_batch_tokens=64, block_size=16),
+            warmup=False)
+        tokens[implementation] = {name: o.generated_tokens for name, o in out.items()}
+    reference, ours = tokens.values()
+    assert ours == reference and all(len(t) == 10 for t in ours.values())
+    if family != "mistral":  # every Mistral layer has a window; the others have full-attention layers
+        assert any(in_place)
+
+
+def test_paged_dmattn_needs_the_paged_cache():
+    model = _tiny("llama")
+    model.set_attn_implementation("paged|dmattn")
+    with pytest.raises(ValueError, match="runs under transformers' continuous batching"):
+        model(torch.tensor([[1, 2, 3]]))

@@ -4,7 +4,9 @@
     dmattn_transformers.register()
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="dmattn")
 
-``register()`` installs two functions under one name, so padding can never be dropped silently: the attention
+``register()`` also installs ``"paged|dmattn"`` for continuous batching (``generate_batch``; see
+``paged_attention_forward``). For ``"dmattn"`` it installs two functions under one name, so padding can never be
+dropped silently: the attention
 function, and the mask function transformers calls to prepare that attention's mask (transformers passes
 ``attention_mask=None`` to an attention function registered alone). The mask is the 2-D padding mask itself,
 ``(batch, keys)``, which becomes the op's key-side mask: nothing ``(queries x keys)``-sized is built for causal
@@ -48,7 +50,48 @@ def register(name: str = NAME) -> str:
         raise ImportError("dmattn_ops.integrations.transformers needs the transformers package (>= 5.0)") from e
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, padding_mask)
+    AttentionInterface.register(f"paged|{name}", paged_attention_forward)
     return name
+
+
+def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                            scaling: Optional[float] = None, cache=None, cu_seq_lens_q=None, cu_seq_lens_k=None,
+                            max_seqlen_q=None, max_seqlen_k=None, block_table=None, **kwargs):
+    """``attn_implementation="paged|dmattn"``: transformers' continuous batching (``generate_batch``). Its cache is a
+    token pool per layer group, and ``read_index[group]`` names the slot of every key the batch reads, packed as
+    ``cu_seq_lens_k`` counts them: the op's ``kv_slots``. A full-attention layer writes this step's keys into the pool
+    and attends over it in place (no gather of the cache); a sliding-window layer reads before it writes (its pages
+    are a ring), so it takes the cache's gathered keys. query ``(1, H, total_q, D)``; returns ``(1, total_q, H, D)``."""
+    if cache is None:
+        raise ValueError("dmattn_ops: attn_implementation='paged|dmattn' runs under transformers' continuous batching, "
+                         "which passes its paged cache; use attn_implementation='dmattn' for a standard forward")
+    if block_table is not None:  # transformers offers its decode fast path to FlashAttention only
+        raise NotImplementedError("dmattn_ops (paged|dmattn): the block-table decode fast path is not supported; "
+                                  "set ContinuousBatchingConfig(max_blocks_per_request=0)")
+    _refuse(module, query, key, value, dropout, kwargs)
+    sliding = getattr(module, "sliding_window", None)
+    layer_type = "sliding_attention" if sliding else "full_attention"
+    if isinstance(cu_seq_lens_k, dict):
+        cu_seq_lens_k, max_seqlen_k = cu_seq_lens_k[layer_type], max_seqlen_k[layer_type]
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    extra = dict(softmax_scale=scaling, is_causal=True, window_size=(sliding - 1, -1) if sliding else None,
+                 softcap=kwargs.get("softcap") or None, sinks=sinks)
+    q = query[0].transpose(0, 1)  # (total_q, H, D)
+    cu_q, cu_k = cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32)
+    group, layer_in_group = cache.layer_index_to_group_indices[module.layer_idx]
+    read, write = kwargs["read_index"][group], kwargs["write_index"][group]
+    if read.numel() > 0 and cache.sliding_windows[module.layer_idx] == 1:  # full attention: the pool in place
+        k_pool, v_pool = cache.key_cache[layer_in_group], cache.value_cache[layer_in_group]
+        k_pool.index_copy_(0, write, key[0].transpose(0, 1))
+        v_pool.index_copy_(0, write, value[0].transpose(0, 1))
+        out = dmattn_ops.varlen_attention(q, k_pool, v_pool, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
+                                          kv_slots=read.to(torch.int32), **extra)
+    else:  # no cache read (a prefill-only batch: the new keys are all of them), or a sliding window's ring
+        k, v = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
+                            read_index=kwargs["read_index"], write_index=kwargs["write_index"])
+        out = dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, **extra)
+    return out.unsqueeze(0), None
 
 
 def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
