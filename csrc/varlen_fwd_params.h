@@ -9,9 +9,9 @@
 //   k, v (total_k, Hk, D)
 //   cu_seqlens_q (B + 1) int32, cu_seqlens_k (B + 1) int32
 //   mask / bias, key-side   (total_k, Hm)              element [key, hm]
+//               query-side (total_q, Hm, max_seqlen_k) element [query, hm, j], j = key position in the sequence
 //   With kv_slots (a KV-cache pool): k, v (pool_rows, Hk, D) and key-side mask / bias (pool_rows, Hm), one row per
 //   cache slot; kv_slots (total_k,) int32 maps packed key row r (as cu_seqlens_k counts them) to its slot.
-//               query-side (total_q, Hm, max_seqlen_k) element [query, hm, j], j = key position in the sequence
 #pragma once
 
 #include <cmath>
@@ -152,7 +152,6 @@ struct KeyRows {
   int64_t first = 0;                 // packed row of key 0
   const int32_t* slots = nullptr;    // VarlenFwdParams::kv_slots
   int64_t pool_rows = 0;             // slots are clamped into [0, pool_rows)
-  DMATTN_HOST_DEVICE bool contiguous() const { return slots == nullptr; }  // key j + 1 is the row after key j
   DMATTN_HOST_DEVICE int64_t row(int64_t j) const {
     if (slots == nullptr) return first + j;
     const int64_t slot = slots[first + j];

@@ -147,7 +147,7 @@ struct KvTiles {
       meta_pos = ahead_pos;
       if (rows_ahead()) {  // the row arrived with the previous iteration: only the bias (if any) is loaded now
         meta_row = ahead_row;
-        meta_bias = key_bias && meta_pos >= 0 ? bias_value(p.bias, p.bias.offset(meta_row, c.h, 0)) : 0.f;
+        meta_bias = meta_pos >= 0 ? bias_of_row(meta_row) : 0.f;
       } else {
         meta_bias = resolve(meta_pos, meta_row);
       }
@@ -212,6 +212,10 @@ struct KvTiles {
       return 0.f;
     }
     row = pool(p) ? pool_row(pos) : c.k_start + pos;
+    return bias_of_row(row);
+  }
+  // The key-side bias at a key's row (0 without one).
+  __device__ __forceinline__ float bias_of_row(int row) const {
     return key_bias ? bias_value(p.bias, p.bias.offset(row, c.h, 0)) : 0.f;
   }
 

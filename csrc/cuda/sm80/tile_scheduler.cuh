@@ -55,7 +55,7 @@ struct TileContext {
   }
   // Where key position j lives in k, v and key-side operands (the accessor of ../../varlen_fwd_params.h).
   __device__ __forceinline__ KeyRows key_rows(const VarlenFwdParams& p) const {
-    return KeyRows{k_start, p.kv_slots, p.pool_rows};
+    return key_rows_of(p, SeqRange{k_start, k_len});
   }
 };
 
