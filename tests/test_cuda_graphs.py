@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dmattn_ops
+from samples import capture_cuda_graph
 
 H, HK, D = 8, 2, 64
 CAPACITY = 160  # keys per sequence the buffers can hold: 3 KV tiles of 64
@@ -71,14 +72,7 @@ def test_decode_step_replays_with_new_contents(layout, kernel, monkeypatch, cuda
     if layout == "query":
         expand_gate(static)
     torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture (lazy initialisation, allocator pools)
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = run()
+    graph, (out, lse) = capture_cuda_graph(run)
 
     for step in range(4):
         for name, rows in cache.items():

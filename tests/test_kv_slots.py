@@ -11,6 +11,7 @@ import torch
 
 import dmattn_ops
 from dmattn_ops.reference import reference_varlen_attention
+from samples import capture_cuda_graph
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -254,14 +255,7 @@ def test_paged_decode_step_replays_in_a_cuda_graph(kernel, monkeypatch, cuda_dev
                                            mask=gate.flatten(0, 1) > 0, bias=gate.flatten(0, 1), seqused_k=used,
                                            kv_slots=slots, return_lse=True)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = run()
+    graph, (out, lse) = capture_cuda_graph(run)
     for step in range(4):
         for b in range(B):  # each sequence gains a key in its next slot; the block table's pages are reshuffled once
             n = int(used[b])
