@@ -583,6 +583,12 @@ def in_pool(p: PackedBatch, page_size: int, host_lengths: bool = False, seed: in
                          seqused_k=torch.tensor(lens, dtype=torch.int32, device=p.device))
 
 
+def identity_slots(p: PackedBatch) -> PackedBatch:
+    """The packed call read through kv_slots = arange(total_k): the pool's code path over the packed memory, so the
+    gap to the packed row is what the code path costs and the gap to the pool rows what their memory order does."""
+    return p.replace(kv_slots=torch.arange(p.total_k, dtype=torch.int32, device=p.device))
+
+
 def groups_of(name: str, base: PackedBatch):
     """(group name, problem, peers) for a workload; dmattn_ops first in each group, so it is the reference."""
     if name == "paged":
@@ -592,6 +598,8 @@ def groups_of(name: str, base: PackedBatch):
                                         dmattn_peer(in_pool(packed, 16, host_lengths=True),
                                                     "dmattn_ops, paged, host lengths (one slot per key)"),
                                         dmattn_peer(in_pool(packed, 1), "dmattn_ops, token slots"),
+                                        dmattn_peer(identity_slots(packed),
+                                                    "dmattn_ops, identity slots (packed memory, pool code)"),
                                         dmattn_peer(packed, "dmattn_ops, packed keys")]))
         return out
     if name == "window":

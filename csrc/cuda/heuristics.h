@@ -88,9 +88,11 @@ constexpr int64_t kDecodeMinTilesPerSplit = 4;
 constexpr int64_t kDecodeCtasPerSm = 2, kDecodeWaves = 6;
 
 // Whether the decode kernel can run p: one kept-key list and one key-side bias per packed tile, so key-side operands
-// broadcast over the query heads of a KV head (Hm in {1, Hk}); no query-side operands.
+// broadcast over the query heads of a KV head (Hm in {1, Hk}); no query-side operands; K / V rows whose byte strides
+// fit in 32 bits (its gathers address a row with one 32 x 32-bit multiply; the CUDA kernels take 2-byte types).
 inline bool decode_supports(const VarlenFwdParams& p) {
   if (p.num_heads <= 0 || p.num_heads_k <= 0 || p.num_heads % p.num_heads_k != 0) return false;
+  if (p.k_row_stride > INT32_MAX / 2 || p.v_row_stride > INT32_MAX / 2) return false;
   const int32_t group = p.num_heads / p.num_heads_k;
   auto packable = [&](const ScoreOperand& op) {
     if (op.layout == OperandLayout::kQuerySide) return false;

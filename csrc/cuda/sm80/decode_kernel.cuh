@@ -196,8 +196,7 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
     if (d.tile_begin + i < d.tile_end) {
-      kv.load_k_into(smem.tiles.k[i], d.tile_begin + i, i);
-      kv.load_v_into(smem.tiles.v[i], d.tile_begin + i, i);
+      kv.load_kv_into(smem.tiles.k[i], smem.tiles.v[i], d.tile_begin + i, i);
     }
     cute::cp_async_fence();  // one group per stage, empty or not, so the wait below counts stages
   }
@@ -230,8 +229,8 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
     {
       const int ahead = it + kStages - 1;
       if (n + kStages - 1 < d.tile_end) {
-        kv.load_k_into(smem.tiles.k[ahead % kStages], n + kStages - 1, ahead % kMetaSlots);
-        kv.load_v_into(smem.tiles.v[ahead % kStages], n + kStages - 1, ahead % kMetaSlots);
+        kv.load_kv_into(smem.tiles.k[ahead % kStages], smem.tiles.v[ahead % kStages], n + kStages - 1,
+                        ahead % kMetaSlots);
       }
       cute::cp_async_fence();
     }

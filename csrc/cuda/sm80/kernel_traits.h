@@ -51,6 +51,9 @@ template <int kHeadDim>
 struct SwizzledTiles {
   static constexpr int kGroup = kHeadDim % 64 == 0 ? 64 : 32;
   static constexpr int kGroupChunks = kGroup / 8;
+  // The swizzle's period in rows: smem_offset(row + kSwizzleRows * m, col) = smem_offset(row, col) + kSwizzleRows *
+  // m * kGroup.
+  static constexpr int kSwizzleRows = 8;
 
   // Element offset of (row, col) in a tile of kRows rows.
   template <int kRows>
@@ -77,7 +80,8 @@ struct KernelTraits : SwizzledTiles<kHeadDim_> {
   // sends calls with a left edge to a variant that has them (heuristics.h), so calls without one keep the registers
   // of a kernel without windows.
   static constexpr bool kWindowLeft = kWindowLeft_;
-  static constexpr bool kPoolRows = false;  // packed keys only: the binding gathers a kv_slots pool for this kernel
+  // Packed keys only (the binding gathers a kv_slots pool for this kernel); gathers at key positions (key_pos).
+  static constexpr bool kSlotRows = false;
   static_assert(kWindowLeft || !kQueryOperands, "the query-side variant also serves windowed calls");
   static constexpr TileShape kTile = tile_shape_sm80(kHeadDim, kQueryOperands);
   static constexpr int kBlockM = kTile.block_m;
@@ -116,7 +120,7 @@ struct DecodeKernelTraits : SwizzledTiles<kHeadDim_> {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kQueryOperands = false;  // the plan sends query-side operands to the prefill kernel
   static constexpr bool kWindowLeft = true;       // windows of every kind
-  static constexpr bool kPoolRows = true;         // reads a kv_slots pool in place (key_row below)
+  static constexpr bool kSlotRows = true;         // gathers K / V at each slot's row (key_row): a pool read in place
   static constexpr DecodeShape kShape = decode_shape_sm80(kHeadDim);
   static constexpr int kBlockM = kShape.block_m;
   static constexpr int kBlockN = kShape.block_n;
@@ -151,7 +155,7 @@ struct DecodeKernelTraits : SwizzledTiles<kHeadDim_> {
     };
     int32_t key_pos[kMetaSlots][kBlockN];  // per metadata slot: key position of each slot of a KV tile, -1 = none
     float key_bias[kMetaSlots][kBlockN];   // its key-side bias; 0 without one
-    int32_t key_row[kMetaSlots][kBlockN];  // with kv_slots: the pool row of each slot's key (key_pos resolved)
+    int32_t key_row[kMetaSlots][kBlockN];  // the row of k / v holding each slot's key (a pool row, or a packed row)
     float row_max[kWarps][kBlockM];        // cross-warp reduction: each warp's row max, row sum, poisoned flag
     float row_sum[kWarps][kBlockM];
     float row_coef[kWarps][kBlockM];       // each warp's factor in the CTA's normalized O

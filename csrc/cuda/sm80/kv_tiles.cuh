@@ -1,9 +1,9 @@
 // kv_tiles.cuh: moving K, V and key-side bias tiles from global to shared memory (cp.async, 16 bytes per thread per
-// row), densely or gathered at the slots' key positions (key-side mask), plus the Q tile.
+// row), densely or gathered at the slots' keys (key-side mask, kv_slots pool), plus the Q tile.
 //
 // Per KV tile the loader also keeps the tile's metadata, double-buffered in shared memory (kernel_traits.h,
-// SharedStorage::key_pos / key_bias): the key position of each slot (-1 past the last visible slot) and its
-// key-side bias. Thread tid < kBlockN fetches slot tid of the next tile into registers (position first, bias once
+// SharedStorage::key_pos / key_bias, and in the decode kernel key_row): the key position of each slot (-1 past the
+// last visible slot), its key-side bias and (decode) the row of k / v that holds it. Thread tid < kBlockN fetches slot tid of the next tile into registers (position first, bias once
 // the position has arrived) during the current tile's Q K^T and stores it before the barrier that precedes the next
 // K load, so neither the gather nor the score modification waits on a global load inside the loop.
 #pragma once
@@ -55,9 +55,10 @@ __device__ __forceinline__ void load_rows(typename Traits::Elem* smem, const typ
   }
 }
 
-// One KV head of K or V as the loaders see it: row(j) is row first_row + j. Packed keys: first_row is the sequence's
-// key 0 (its keys are consecutive rows) and j a key position. A kv_slots pool (KeyRows): first_row is 0 and j a
-// pool row, resolved per slot in the tile metadata.
+// One KV head of K or V as the loaders see it: row(j) is row first_row + j. The prefill kernel: first_row is the
+// sequence's key 0 (its keys are consecutive rows) and j a key position. The decode kernel (Traits::kSlotRows):
+// first_row is 0 and j a row of the tensor (a pool row, or the packed row of a key), resolved per slot in the tile
+// metadata.
 template <typename Elem>
 struct KvSource {
   const Elem* key0;    // column 0 of this head in row first_row
@@ -65,11 +66,11 @@ struct KvSource {
 
   __device__ __forceinline__ KvSource(const void* base, int64_t head_offset, int64_t row_stride_, int64_t first_row)
       : key0(static_cast<const Elem*>(base) + first_row * row_stride_ + head_offset), row_stride(row_stride_) {}
-  __device__ __forceinline__ const Elem* row(int j) const { return key0 + j * row_stride; }
+  __device__ __forceinline__ const Elem* row(int64_t j) const { return key0 + j * row_stride; }
 };
 
-// Gathered rows: tile row r is row pos[r] of the source (key positions, or pool rows; a list in shared memory,
-// clamped into [0, seq_len) here so a lying list cannot leave the sequence or the pool).
+// Gathered rows (the prefill kernel): tile row r is key position pos[r] of the source (a list in shared memory,
+// clamped into [0, seq_len) here so a lying list cannot leave the sequence).
 template <typename Traits, int kRows>
 __device__ __forceinline__ void gather_rows(typename Traits::Elem* smem, const KvSource<typename Traits::Elem>& src,
                                             const int32_t* pos, int valid_rows, int seq_len, const void* fallback) {
@@ -86,6 +87,35 @@ __device__ __forceinline__ void gather_rows(typename Traits::Elem* smem, const K
   }
 }
 
+// The K and V rows of one KV tile gathered at rows[r] (the decode kernel): tensor rows that the tile metadata already
+// resolved into the tensor (KvTiles::resolve clamps them), so a row costs a shared load, one 32 x 32 -> 64-bit
+// multiply-add per tensor and the two copies: no clamp, no branch. Rows at or past valid_rows read nothing and are
+// zero-filled (their entry is row 0). Byte strides fit in 32 bits (decode_supports).
+template <typename Traits>
+__device__ __forceinline__ void gather_kv_rows(typename Traits::Elem* k_smem, typename Traits::Elem* v_smem,
+                                               const typename Traits::Elem* k_row0, int32_t k_stride_bytes,
+                                               const typename Traits::Elem* v_row0, int32_t v_stride_bytes,
+                                               const int32_t* rows, int valid_rows) {
+  using L = RowLoader<Traits>;
+  constexpr int kRows = Traits::kBlockN;
+  const int r0 = threadIdx.x / L::kLoadCols, col = (threadIdx.x % L::kLoadCols) * 8;
+  if (col >= Traits::kHeadDim) return;
+  const char* k_col = reinterpret_cast<const char*>(k_row0 + col);
+  const char* v_col = reinterpret_cast<const char*>(v_row0 + col);
+  const int at0 = Traits::template smem_offset<kRows>(r0, col);
+#pragma unroll
+  for (int r = r0, i = 0; i < (kRows + L::kRowStep - 1) / L::kRowStep; ++i, r += L::kRowStep) {
+    if (kRows % L::kRowStep != 0 && r >= kRows) break;
+    const int row = rows[r];
+    const bool valid = r < valid_rows;
+    // The swizzle repeats every kSwizzleRows rows: a step of whole periods moves the offset by whole rows.
+    const int at = L::kRowStep % Traits::kSwizzleRows == 0 ? at0 + i * L::kRowStep * Traits::kGroup
+                                                           : Traits::template smem_offset<kRows>(r, col);
+    cp_async_16(k_smem + at, k_col + static_cast<int64_t>(row) * k_stride_bytes, valid);
+    cp_async_16(v_smem + at, v_col + static_cast<int64_t>(row) * v_stride_bytes, valid);
+  }
+}
+
 // The KV-tile side of one CTA: K / V tile loads and the per-tile slot metadata (see the top of this file). The decode
 // kernel uses it too, with its own ring of metadata slots (`buffer`) and K / V stages (load_k_into / load_v_into).
 template <typename Traits>
@@ -99,7 +129,7 @@ struct KvTiles {
   KvSource<Elem> k, v;
   bool key_bias;  // a key-side bias, read per slot into the metadata
   int meta_pos = -1;
-  int meta_row = 0;  // kv_slots pool only: the pool row of meta_pos
+  int meta_row = 0;  // the decode kernel: the row of k / v holding meta_pos
   float meta_bias = 0.f;
   int ahead_pos = -1;  // fetch_pipelined: the position of the tile after the one being fetched
   int ahead_row = 0;   // and, for a pool without a kept-key list (positions known without a load), its pool row
@@ -109,8 +139,8 @@ struct KvTiles {
       : p(p_),
         c(c_),
         smem(smem_),
-        k(p_.k, static_cast<int64_t>(c_.hk) * p_.k_head_stride, p_.k_row_stride, pool(p_) ? 0 : c_.k_start),
-        v(p_.v, static_cast<int64_t>(c_.hk) * p_.v_head_stride, p_.v_row_stride, pool(p_) ? 0 : c_.k_start),
+        k(p_.k, static_cast<int64_t>(c_.hk) * p_.k_head_stride, p_.k_row_stride, Traits::kSlotRows ? 0 : c_.k_start),
+        v(p_.v, static_cast<int64_t>(c_.hk) * p_.v_head_stride, p_.v_row_stride, Traits::kSlotRows ? 0 : c_.k_start),
         key_bias(p_.bias.layout == OperandLayout::kKeySide) {}
 
   // The Q tile (kBlockM rows of this head from the tile's first query).
@@ -135,7 +165,7 @@ struct KvTiles {
     if (threadIdx.x < kBlockN) {
       smem.key_pos[buffer][threadIdx.x] = meta_pos;
       smem.key_bias[buffer][threadIdx.x] = meta_bias;
-      if constexpr (Traits::kPoolRows) smem.key_row[buffer][threadIdx.x] = meta_row;
+      if constexpr (Traits::kSlotRows) smem.key_row[buffer][threadIdx.x] = meta_row;
     }
   }
   // The decode ring's metadata, pipelined one iteration deeper than fetch_pos / fetch_bias: called once per iteration
@@ -152,14 +182,14 @@ struct KvTiles {
         meta_bias = resolve(meta_pos, meta_row);
       }
       ahead_pos = n_store + 1 < n_end ? position_of((n_store + 1) * kBlockN + threadIdx.x) : -1;
-      if (rows_ahead()) ahead_row = pool_row(ahead_pos);
+      if (rows_ahead()) ahead_row = row_of(ahead_pos);
     }
   }
   // The position of tile n (past n_end: none) for the first fetch_pipelined.
   __device__ __forceinline__ void prime_ahead(int n, int n_end) {
     if (threadIdx.x < kBlockN) {
       ahead_pos = n < n_end ? position_of(n * kBlockN + threadIdx.x) : -1;
-      if (rows_ahead()) ahead_row = pool_row(ahead_pos);
+      if (rows_ahead()) ahead_row = row_of(ahead_pos);
     }
   }
 
@@ -178,15 +208,27 @@ struct KvTiles {
     for (int i = 0; i < kCount; ++i) {
       smem.key_pos[i][threadIdx.x] = pos[i];
       smem.key_bias[i][threadIdx.x] = bias[i];
-      if constexpr (Traits::kPoolRows) smem.key_row[i][threadIdx.x] = row[i];
+      if constexpr (Traits::kSlotRows) smem.key_row[i][threadIdx.x] = row[i];
     }
   }
 
-  __device__ __forceinline__ void load_k(int n, int buffer) { load_k_into(smem.k, n, buffer); }
-  __device__ __forceinline__ void load_v(int n, int buffer) { load_v_into(smem.v, n, buffer); }
-  // Into a given tile buffer (the decode kernel's ring of stages).
-  __device__ __forceinline__ void load_k_into(Elem* dst, int n, int buffer) { load(dst, k, p.k, n, buffer); }
-  __device__ __forceinline__ void load_v_into(Elem* dst, int n, int buffer) { load(dst, v, p.v, n, buffer); }
+  // The prefill kernel: K / V of tile n into its one tile buffer, with the metadata of buffer `buffer`.
+  __device__ __forceinline__ void load_k(int n, int buffer) { load(smem.k, k, p.k, n, buffer); }
+  __device__ __forceinline__ void load_v(int n, int buffer) { load(smem.v, v, p.v, n, buffer); }
+  // The decode kernel: K and V of tile n into a stage of its ring: consecutive rows, or gathered at the rows of
+  // metadata slot `buffer` (a key-side mask's kept keys, a kv_slots pool).
+  __device__ __forceinline__ void load_kv_into(Elem* k_dst, Elem* v_dst, int n, int buffer) {
+    static_assert(Traits::kSlotRows, "the decode kernel's metadata carries each slot's row");
+    const int valid = min(kBlockN, c.slots_end - n * kBlockN);
+    if (pool(p) || c.key_index != nullptr) {
+      gather_kv_rows<Traits>(k_dst, v_dst, k.key0, static_cast<int32_t>(k.row_stride * sizeof(Elem)), v.key0,
+                             static_cast<int32_t>(v.row_stride * sizeof(Elem)), smem.key_row[buffer], valid);
+    } else {
+      const int64_t first = static_cast<int64_t>(c.k_start) + n * kBlockN;
+      load_rows<Traits, kBlockN>(k_dst, k.row(first), k.row_stride, valid, p.k);
+      load_rows<Traits, kBlockN>(v_dst, v.row(first), v.row_stride, valid, p.v);
+    }
+  }
 
  private:
   // The key position of a slot (-1: past the last visible slot), as the list or the dense order says.
@@ -195,41 +237,35 @@ struct KvTiles {
   }
   // Whether K / V are a kv_slots pool this kernel reads in place (the prefill kernel gets packed keys).
   static __device__ __forceinline__ bool pool(const VarlenFwdParams& params) {
-    return Traits::kPoolRows && params.kv_slots != nullptr;
+    return Traits::kSlotRows && params.kv_slots != nullptr;
   }
   // A pool read without a kept-key list: slot positions are in [0, k_len) or -1 with no load, so fetch_pipelined
   // looks their pool rows up one iteration early (the row load is not waited on inside the iteration it feeds).
   __device__ __forceinline__ bool rows_ahead() const { return pool(p) && c.key_index == nullptr; }
-  __device__ __forceinline__ int pool_row(int pos) const {
-    return pos >= 0 ? static_cast<int>(c.key_rows(p).row(min(pos, c.k_len - 1))) : 0;
-  }
+  __device__ __forceinline__ int pool_row(int pos) const { return static_cast<int>(c.key_rows(p).row(pos)); }
   // Key position pos clamped to the sequence (a negative position, from a corrupt list, stays "no key" and reads
-  // nothing), its row of k, v and key-side operands (row; read by the loads in pool mode only) and its key-side bias.
-  __device__ __forceinline__ float resolve(int& pos, int& row) const {
+  // nothing) and its row of k, v and key-side operands: a pool row (clamped into the pool by KeyRows), the packed
+  // row of the key, or 0 for no key (a readable row that the loads zero-fill).
+  __device__ __forceinline__ int row_of(int& pos) const {
     pos = min(pos, c.k_len - 1);
-    if (pos < 0) {
-      row = 0;
-      return 0.f;
-    }
-    row = pool(p) ? pool_row(pos) : c.k_start + pos;
-    return bias_of_row(row);
+    return pos < 0 ? 0 : pool(p) ? pool_row(pos) : c.k_start + pos;
+  }
+  // The same plus the key-side bias at the row.
+  __device__ __forceinline__ float resolve(int& pos, int& row) const {
+    row = row_of(pos);
+    return pos < 0 ? 0.f : bias_of_row(row);
   }
   // The key-side bias at a key's row (0 without one).
   __device__ __forceinline__ float bias_of_row(int row) const {
     return key_bias ? bias_value(p.bias, p.bias.offset(row, c.h, 0)) : 0.f;
   }
 
-  // The rows of the slots of tile n: contiguous key positions, or gathered at the positions of metadata buffer
-  // `buffer` (key-side mask).
+  // The prefill kernel's rows of the slots of tile n: contiguous key positions, or gathered at the positions of
+  // metadata buffer `buffer` (key-side mask).
   __device__ __forceinline__ void load(Elem* dst, const KvSource<Elem>& src, const void* fallback, int n,
                                        int buffer) {
+    static_assert(!Traits::kSlotRows, "the decode kernel loads through load_kv_into");
     const int valid = min(kBlockN, c.slots_end - n * kBlockN);
-    if constexpr (Traits::kPoolRows) {
-      if (pool(p)) {
-        gather_rows<Traits, kBlockN>(dst, src, smem.key_row[buffer], valid, static_cast<int>(p.pool_rows), fallback);
-        return;
-      }
-    }
     if (c.key_index == nullptr) {
       load_rows<Traits, kBlockN>(dst, src.row(n * kBlockN), src.row_stride, valid, fallback);
     } else {
