@@ -152,9 +152,11 @@ struct KeyRows {
   int64_t first = 0;                 // packed row of key 0
   const int32_t* slots = nullptr;    // VarlenFwdParams::kv_slots
   int64_t pool_rows = 0;             // slots are clamped into [0, pool_rows)
-  DMATTN_HOST_DEVICE int64_t row(int64_t j) const {
-    if (slots == nullptr) return first + j;
-    const int64_t slot = slots[first + j];
+  DMATTN_HOST_DEVICE int64_t row(int64_t j) const { return clamp(unclamped(j)); }
+  // row(j) in two halves, for a kernel that issues the kv_slots load early and clamps where it uses the row.
+  DMATTN_HOST_DEVICE int64_t unclamped(int64_t j) const { return slots == nullptr ? first + j : slots[first + j]; }
+  DMATTN_HOST_DEVICE int64_t clamp(int64_t slot) const {
+    if (slots == nullptr) return slot;
     return slot < 0 ? 0 : (slot >= pool_rows ? pool_rows - 1 : slot);
   }
 };

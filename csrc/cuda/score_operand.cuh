@@ -9,20 +9,38 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdint>
+
 #include "../varlen_fwd_params.h"
 
 namespace dmattn::cuda {
 
-// A bias element as float32, whatever its stored dtype (float32, float16 or bfloat16).
-__device__ __forceinline__ float bias_value(const ScoreOperand& b, int64_t offset) {
+// A bias element in two halves, for a kernel that issues the load early and converts where it uses the value (a
+// conversion right after the load would wait for it there): its bits (a 16-bit element zero-extended), then their
+// float32 value. Zero bits are 0.f in every dtype.
+__device__ __forceinline__ uint32_t bias_bits(const ScoreOperand& b, int64_t offset) {
   switch (b.dtype) {
     case ScalarType::kFloat16:
-      return __half2float(static_cast<const __half*>(b.ptr)[offset]);
     case ScalarType::kBFloat16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(b.ptr)[offset]);
+      return static_cast<const uint16_t*>(b.ptr)[offset];
     default:
-      return static_cast<const float*>(b.ptr)[offset];
+      return static_cast<const uint32_t*>(b.ptr)[offset];
   }
+}
+__device__ __forceinline__ float bias_from_bits(ScalarType dtype, uint32_t bits) {
+  switch (dtype) {
+    case ScalarType::kFloat16:
+      return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+    case ScalarType::kBFloat16:
+      return __uint_as_float(bits << 16);
+    default:
+      return __uint_as_float(bits);
+  }
+}
+
+// A bias element as float32, whatever its stored dtype (float32, float16 or bfloat16).
+__device__ __forceinline__ float bias_value(const ScoreOperand& b, int64_t offset) {
+  return bias_from_bits(b.dtype, bias_bits(b, offset));
 }
 
 }  // namespace dmattn::cuda

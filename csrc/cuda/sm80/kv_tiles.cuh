@@ -130,9 +130,9 @@ struct KvTiles {
   bool key_bias;  // a key-side bias, read per slot into the metadata
   int meta_pos = -1;
   int meta_row = 0;  // the decode kernel: the row of k / v holding meta_pos
-  float meta_bias = 0.f;
-  int ahead_pos = -1;  // fetch_pipelined: the position of the tile after the one being fetched
-  int ahead_row = 0;   // and, for a pool without a kept-key list (positions known without a load), its pool row
+  uint32_t meta_bias = 0;  // its key-side bias's bits (bias_bits), converted by store(): the load is not waited on
+  // fetch_pipelined: the next tile's position (clamped) and row (not yet clamped), the position of the tile after.
+  int ahead_pos = -1, ahead_row = 0, ahead2_pos = -1;
 
   __device__ __forceinline__ KvTiles(const VarlenFwdParams& p_, const TileContext& c_,
                                      typename Traits::SharedStorage& smem_)
@@ -164,32 +164,32 @@ struct KvTiles {
   __device__ __forceinline__ void store(int buffer) {
     if (threadIdx.x < kBlockN) {
       smem.key_pos[buffer][threadIdx.x] = meta_pos;
-      smem.key_bias[buffer][threadIdx.x] = meta_bias;
+      smem.key_bias[buffer][threadIdx.x] = bias_from_bits(p.bias.dtype, meta_bias);
       if constexpr (Traits::kSlotRows) smem.key_row[buffer][threadIdx.x] = meta_row;
     }
   }
-  // The decode ring's metadata, pipelined one iteration deeper than fetch_pos / fetch_bias: called once per iteration
-  // (after the barrier) for the tile whose metadata is stored at the iteration's end, n_store, it issues the bias load
-  // of n_store (whose position arrived during the previous iteration) and the position load of n_store + 1, so neither
-  // load is waited on before the iteration's compute is done. ahead_pos starts as prime_ahead() leaves it.
+  // The decode ring's metadata, a pipeline three tiles deep with one load per tile and step: called once per
+  // iteration (after the barrier) for the tile whose metadata is stored at the iteration's end, n_store, it issues the
+  // bias load of n_store (its row loaded in the previous iteration), the kv_slots load of n_store + 1 (its position
+  // loaded then) and the kept-key list load of n_store + 2. What depends on a load (a clamp, a conversion) runs an
+  // iteration or a compute phase later, so no warp waits on a load in the iteration that issues it. The pipeline
+  // starts as prime_ahead() leaves it.
   __device__ __forceinline__ void fetch_pipelined(int n_store, int n_end) {
     if (threadIdx.x < kBlockN) {
       meta_pos = ahead_pos;
-      if (rows_ahead()) {  // the row arrived with the previous iteration: only the bias (if any) is loaded now
-        meta_row = ahead_row;
-        meta_bias = meta_pos >= 0 ? bias_of_row(meta_row) : 0.f;
-      } else {
-        meta_bias = resolve(meta_pos, meta_row);
-      }
-      ahead_pos = n_store + 1 < n_end ? position_of((n_store + 1) * kBlockN + threadIdx.x) : -1;
-      if (rows_ahead()) ahead_row = row_of(ahead_pos);
+      meta_row = clamp_row(ahead_row);
+      meta_bias = meta_pos >= 0 ? bias_bits_of_row(meta_row) : 0u;
+      ahead_pos = min(ahead2_pos, c.k_len - 1);
+      ahead_row = unclamped_row(ahead_pos);
+      ahead2_pos = n_store + 2 < n_end ? position_of((n_store + 2) * kBlockN + threadIdx.x) : -1;
     }
   }
-  // The position of tile n (past n_end: none) for the first fetch_pipelined.
+  // The first fetch_pipelined's state: the position and row of tile n, the position of n + 1 (past n_end: none).
   __device__ __forceinline__ void prime_ahead(int n, int n_end) {
     if (threadIdx.x < kBlockN) {
-      ahead_pos = n < n_end ? position_of(n * kBlockN + threadIdx.x) : -1;
-      if (rows_ahead()) ahead_row = row_of(ahead_pos);
+      ahead_pos = n < n_end ? min(position_of(n * kBlockN + threadIdx.x), c.k_len - 1) : -1;
+      ahead2_pos = n + 1 < n_end ? position_of((n + 1) * kBlockN + threadIdx.x) : -1;
+      ahead_row = unclamped_row(ahead_pos);
     }
   }
 
@@ -199,7 +199,7 @@ struct KvTiles {
   __device__ __forceinline__ void fetch_store_first(int n0, int n_end) {
     if (threadIdx.x >= kBlockN) return;
     int pos[kCount], row[kCount];
-    float bias[kCount];
+    uint32_t bias[kCount];
 #pragma unroll
     for (int i = 0; i < kCount; ++i) pos[i] = n0 + i < n_end ? position_of((n0 + i) * kBlockN + threadIdx.x) : -1;
 #pragma unroll
@@ -207,7 +207,7 @@ struct KvTiles {
 #pragma unroll
     for (int i = 0; i < kCount; ++i) {
       smem.key_pos[i][threadIdx.x] = pos[i];
-      smem.key_bias[i][threadIdx.x] = bias[i];
+      smem.key_bias[i][threadIdx.x] = bias_from_bits(p.bias.dtype, bias[i]);
       if constexpr (Traits::kSlotRows) smem.key_row[i][threadIdx.x] = row[i];
     }
   }
@@ -239,25 +239,28 @@ struct KvTiles {
   static __device__ __forceinline__ bool pool(const VarlenFwdParams& params) {
     return Traits::kSlotRows && params.kv_slots != nullptr;
   }
-  // A pool read without a kept-key list: slot positions are in [0, k_len) or -1 with no load, so fetch_pipelined
-  // looks their pool rows up one iteration early (the row load is not waited on inside the iteration it feeds).
-  __device__ __forceinline__ bool rows_ahead() const { return pool(p) && c.key_index == nullptr; }
-  __device__ __forceinline__ int pool_row(int pos) const { return static_cast<int>(c.key_rows(p).row(pos)); }
+  // The row of k, v and key-side operands holding key position pos >= 0 (-1: row 0, a readable row that the loads
+  // zero-fill), in two halves as KeyRows has them: a pool row is clamped into the pool where it is used.
+  __device__ __forceinline__ int unclamped_row(int pos) const {
+    return pos < 0 ? 0 : pool(p) ? static_cast<int>(c.key_rows(p).unclamped(pos)) : c.k_start + pos;
+  }
+  __device__ __forceinline__ int clamp_row(int row) const {
+    return pool(p) ? static_cast<int>(c.key_rows(p).clamp(row)) : row;
+  }
   // Key position pos clamped to the sequence (a negative position, from a corrupt list, stays "no key" and reads
-  // nothing) and its row of k, v and key-side operands: a pool row (clamped into the pool by KeyRows), the packed
-  // row of the key, or 0 for no key (a readable row that the loads zero-fill).
+  // nothing) and its row.
   __device__ __forceinline__ int row_of(int& pos) const {
     pos = min(pos, c.k_len - 1);
-    return pos < 0 ? 0 : pool(p) ? pool_row(pos) : c.k_start + pos;
+    return clamp_row(unclamped_row(pos));
   }
-  // The same plus the key-side bias at the row.
-  __device__ __forceinline__ float resolve(int& pos, int& row) const {
+  // The same plus the bits of the key-side bias at the row.
+  __device__ __forceinline__ uint32_t resolve(int& pos, int& row) const {
     row = row_of(pos);
-    return pos < 0 ? 0.f : bias_of_row(row);
+    return pos < 0 ? 0u : bias_bits_of_row(row);
   }
-  // The key-side bias at a key's row (0 without one).
-  __device__ __forceinline__ float bias_of_row(int row) const {
-    return key_bias ? bias_value(p.bias, p.bias.offset(row, c.h, 0)) : 0.f;
+  // The bits of the key-side bias at a key's row (0, which is 0.f, without one).
+  __device__ __forceinline__ uint32_t bias_bits_of_row(int row) const {
+    return key_bias ? bias_bits(p.bias, p.bias.offset(row, c.h, 0)) : 0u;
   }
 
   // The prefill kernel's rows of the slots of tile n: contiguous key positions, or gathered at the positions of
