@@ -18,7 +18,8 @@ TORCH_LIBRARY(dmattn, m) {
       "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "SymInt max_seqlen_q, SymInt max_seqlen_k, Tensor? mask=None, Tensor? bias=None, "
       "float? softmax_scale=None, bool is_causal=False, int window_left=-1, int window_right=-1, "
-      "float? softcap=None, Tensor? sinks=None, Tensor? seqused_k=None, Tensor? kv_slots=None) -> (Tensor out, Tensor softmax_lse)");
+      "float? softcap=None, Tensor? sinks=None, Tensor? seqused_k=None, Tensor? kv_slots=None, "
+      "Tensor? key_range=None) -> (Tensor out, Tensor softmax_lse)");
   // The gradients of varlen_fwd, given its inputs, its outputs and the gradients of its outputs (dsoftmax_lse may be
   // empty: no gradient through softmax_lse). dbias is empty unless bias_grad, dsinks (H,) float32 empty without sinks;
   // the mask has no gradient. It takes packed keys only: the autograd formula gathers a kv_slots call's pool rows
@@ -27,6 +28,7 @@ TORCH_LIBRARY(dmattn, m) {
       "varlen_bwd(Tensor dout, Tensor dsoftmax_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, Tensor? mask=None, "
       "Tensor? bias=None, float? softmax_scale=None, bool is_causal=False, bool bias_grad=False, "
-      "int window_left=-1, int window_right=-1, float? softcap=None, Tensor? sinks=None, Tensor? seqused_k=None) "
+      "int window_left=-1, int window_right=-1, float? softcap=None, Tensor? sinks=None, Tensor? seqused_k=None, "
+      "Tensor? key_range=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias, Tensor dsinks)");
 }

@@ -199,6 +199,16 @@ void check_args(const VarlenFwdArgs& a, c10::DeviceType device_type) {
                       "kv_slots must be empty when the key pool is (k.shape[0] = 0), got shape ", tuple_str(t.sizes()));
     check_int32(a.k.size(0), "the rows of the key pool (k.shape[0] with kv_slots)");
   }
+  if (a.key_range) {
+    const at::Tensor& t = *a.key_range;
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, kOp, "key_range must be int32 (convert with .int()), got ",
+                     dtype_name(t.scalar_type()));
+    check_device("key_range", t, q);
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == q.size(0) && t.size(1) == 2, kOp,
+                      "key_range must have shape (total_q, 2) = (", q.size(0), ", 2), got shape ",
+                      tuple_str(t.sizes()));
+    TORCH_CHECK_VALUE(t.is_contiguous(), kOp, "key_range must be contiguous, got strides ", tuple_str(t.strides()));
+  }
 }
 
 void check_bwd_args(const VarlenFwdArgs& a, const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& out,
@@ -278,6 +288,7 @@ VarlenFwdParams make_params(const VarlenFwdArgs& a, at::Tensor& out, at::Tensor&
   }
   if (a.seqused_k) p.seqused_k = a.seqused_k->data_ptr<int32_t>();
   if (a.kv_slots) p.kv_slots = a.kv_slots->data_ptr<int32_t>();
+  if (a.key_range) p.key_range = a.key_range->data_ptr<int32_t>();
   if (a.mask) p.mask = make_operand(*a.mask, p.num_heads);
   if (a.bias) p.bias = make_operand(*a.bias, p.num_heads);
   return p;

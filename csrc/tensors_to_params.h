@@ -29,6 +29,7 @@ struct VarlenFwdArgs {
   std::optional<at::Tensor> sinks = std::nullopt;
   std::optional<at::Tensor> seqused_k = std::nullopt;
   std::optional<at::Tensor> kv_slots = std::nullopt;
+  std::optional<at::Tensor> key_range = std::nullopt;
 };
 
 // Checks every shape, dtype, stride and device invariant a kernel relies on for memory safety (sizes the kernels

@@ -109,6 +109,10 @@ struct VarlenFwdParams {
   // slot of the pool, never past it.
   const int32_t* kv_slots = nullptr;
   int64_t pool_rows = 0;  // rows of k / v (total_k without kv_slots)
+  // (total_q, 2) int32, contiguous, or null: query row r sees only the key positions [key_range[r][0],
+  // key_range[r][1]) of its sequence, on top of the window (row_keys below): one interval per query, the compact form
+  // of a mask that depends on positions only (a sliding window, a prefix-LM, causal documents of a packed sequence).
+  const int32_t* key_range = nullptr;
 
   // The sink logit of query head h; -inf (weight 0 in every row, the same as no sink) without sinks.
   DMATTN_HOST_DEVICE float sink(int32_t h) const { return sinks != nullptr ? sinks[h] : -INFINITY; }
@@ -182,6 +186,18 @@ DMATTN_HOST_DEVICE KeyRange visible_keys(int64_t i, int64_t lq, int64_t lk, int6
   begin = begin < 0 ? 0 : begin;
   end = end > lk ? lk : end;
   return {begin, end};
+}
+
+// The key positions packed query row q_row (query i of a sequence with lq queries and lk keys) may see: its window,
+// narrowed to its key_range when the call has one. Clipped to [0, lk]; empty when end <= begin.
+DMATTN_HOST_DEVICE KeyRange row_keys(const VarlenFwdParams& p, int64_t q_row, int64_t i, int64_t lq, int64_t lk) {
+  KeyRange r = visible_keys(i, lq, lk, p.window_left, p.window_right);
+  if (p.key_range != nullptr) {
+    const int64_t begin = p.key_range[2 * q_row], end = p.key_range[2 * q_row + 1];
+    r.begin = begin > r.begin ? begin : r.begin;
+    r.end = end < r.end ? end : r.end;
+  }
+  return r;
 }
 
 }  // namespace dmattn

@@ -26,6 +26,7 @@ def varlen_attention(
     sinks: Optional[torch.Tensor] = None,
     seqused_k: Optional[torch.Tensor] = None,
     kv_slots: Optional[torch.Tensor] = None,
+    key_range: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     mask_mod: Optional[mods.MaskMod] = None,
     score_mod: Optional[mods.ScoreMod] = None,
@@ -63,6 +64,11 @@ def varlen_attention(
             then has a row per slot (pool_rows, Hm), addressed like k, so gating scores live beside the cache. The
             CUDA decode kernel reads the pool in place; other calls gather the rows they use first.
             ``paged_kv_slots`` builds kv_slots, cu_seqlens_k and max_seqlen_k from a block table.
+        key_range: (total_q, 2) int32: query row r sees only the key positions key_range[r, 0] <= j < key_range[r, 1]
+            of its sequence (positions 0 .. its key count; an empty or reversed range sees no key), on top of
+            is_causal, window_size, mask and bias. One interval per query: the compact form of a mask that depends on
+            positions only (a sliding window, a prefix-LM, the causal documents of a packed sequence), which the
+            kernels turn into skipped key tiles instead of reading a (total_q, Hm, max_seqlen_k) mask.
         return_lse: also return softmax_lse (H, total_q) float32, natural log.
         mask_mod, score_mod: FlexAttention-style mods, built into mask / bias by dmattn_ops.create_mask /
             create_bias in the most compact layout (see docs/mods.md); each excludes the tensor it replaces. A
@@ -78,7 +84,7 @@ def varlen_attention(
     window_left, window_right = _window_sides(window_size)
     rules.check_arg_types(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
-        window_left, window_right, softcap, sinks, seqused_k, kv_slots,
+        window_left, window_right, softcap, sinks, seqused_k, kv_slots, key_range,
     )
     if kv_slots is not None and (mask_mod is not None or score_mod is not None):
         raise ValueError(f"{rules.OP}: mask_mod / score_mod build operands over packed keys, which a kv_slots call "
@@ -100,7 +106,7 @@ def varlen_attention(
         rules.check_backend_built(q)
     out, lse = torch.ops.dmattn.varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
-        window_left, window_right, softcap, sinks, seqused_k, kv_slots,
+        window_left, window_right, softcap, sinks, seqused_k, kv_slots, key_range,
     )
     return (out, lse) if return_lse else out
 

@@ -165,6 +165,7 @@ def reference_varlen_attention(
     sinks: Optional[torch.Tensor] = None,
     seqused_k: Optional[torch.Tensor] = None,
     kv_slots: Optional[torch.Tensor] = None,
+    key_range: Optional[torch.Tensor] = None,
     dtype: torch.dtype = torch.float64,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention by the contract of ``dmattn_ops.varlen_attention``, computed in ``dtype``.
@@ -178,7 +179,8 @@ def reference_varlen_attention(
     head) joins the softmax as a key with that score and V = 0. With ``seqused_k`` sequence b's keys are the first
     ``seqused_k[b]`` of its ``cu_seqlens_k`` range (the others are not there at all: not even for the alignment).
     With ``kv_slots`` k, v and key-side operands are a pool, and packed key row r is their row ``kv_slots[r]``: the
-    call is the packed call on those rows.
+    call is the packed call on those rows. With ``key_range`` query row r sees only key positions
+    ``key_range[r, 0] <= j < key_range[r, 1]`` of its sequence, on top of everything else.
 
     Returns:
         out (total_q, H, D) and lse (H, total_q), both in ``dtype`` (the op returns lse in float32). A query
@@ -232,6 +234,10 @@ def reference_varlen_attention(
             allowed = allowed & causal_mask(lq, lk, device=q.device)
         if window_size is not None:
             allowed = allowed & window_mask(lq, lk, window_size, device=q.device)
+        if key_range is not None:  # query i sees key positions key_range[i, 0] <= j < key_range[i, 1]
+            rng = key_range[q0:q1].to(device=q.device, dtype=torch.int64)
+            j = torch.arange(lk, device=q.device)
+            allowed = allowed & ((j >= rng[:, :1]) & (j < rng[:, 1:]))
         add = materialize_bias(bias, cu_seqlens_q, cu_seqlens_k, b, num_heads, dtype)[..., :lk]  # (H, Lq, Lk)
         for h in range(num_heads):
             qh = q[q0:q1, h].to(dtype)  # (Lq, D)

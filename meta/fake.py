@@ -14,10 +14,11 @@ from . import rules
 def _varlen_fwd_fake(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=None, bias=None, softmax_scale=None,
     is_causal=False, window_left=-1, window_right=-1, softcap=None, sinks=None, seqused_k=None, kv_slots=None,
+    key_range=None,
 ):
     rules.check_varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
-        window_left, window_right, softcap, sinks, seqused_k, kv_slots,
+        window_left, window_right, softcap, sinks, seqused_k, kv_slots, key_range,
     )
     out_shape, lse_shape = rules.output_shapes(q)
     return q.new_empty(out_shape), q.new_empty(lse_shape, dtype=torch.float32)
@@ -27,11 +28,11 @@ def _varlen_fwd_fake(
 def _varlen_bwd_fake(
     dout, dsoftmax_lse, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=None,
     bias=None, softmax_scale=None, is_causal=False, bias_grad=False, window_left=-1, window_right=-1, softcap=None,
-    sinks=None, seqused_k=None,
+    sinks=None, seqused_k=None, key_range=None,
 ):
     rules.check_varlen_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
-        window_left, window_right, softcap, sinks, seqused_k,
+        window_left, window_right, softcap, sinks, seqused_k, None, key_range,
     )
     rules.check_varlen_bwd(q, dout, dsoftmax_lse, out, softmax_lse)
     dbias = bias.new_empty(bias.shape) if bias is not None and bias_grad else q.new_empty((0,), dtype=torch.float32)
@@ -49,17 +50,18 @@ _BIAS_INPUT, _SINKS_INPUT = 8, 14  # positions of bias and sinks among varlen_fw
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
-     window_left, window_right, softcap, sinks, seqused_k, kv_slots) = inputs
+     window_left, window_right, softcap, sinks, seqused_k, kv_slots, key_range) = inputs
     out, softmax_lse = output
     ctx.save_for_backward(q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, mask, bias, sinks, seqused_k,
-                          kv_slots)
+                          kv_slots, key_range)
     ctx.max_seqlen = (max_seqlen_q, max_seqlen_k)
     ctx.softmax_scale, ctx.is_causal = softmax_scale, is_causal
     ctx.window, ctx.softcap = (window_left, window_right), softcap
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, mask, bias, sinks, seqused_k, kv_slots = ctx.saved_tensors
+    (q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, mask, bias, sinks, seqused_k, kv_slots,
+     key_range) = ctx.saved_tensors
     pool_k, pool_bias = k, bias
     if kv_slots is not None:
         slots = kv_slots.long().clamp(0, k.shape[0] - 1)  # as CUDA clamps (an empty pool has no slots: the rules)
@@ -75,7 +77,7 @@ def _backward(ctx, grad_out, grad_lse):
     bias_grad = bias is not None and ctx.needs_input_grad[_BIAS_INPUT]
     dq, dk, dv, dbias, dsinks = torch.ops.dmattn.varlen_bwd(
         grad_out, grad_lse, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlen, mask, bias,
-        ctx.softmax_scale, ctx.is_causal, bias_grad, *ctx.window, ctx.softcap, sinks, seqused_k,
+        ctx.softmax_scale, ctx.is_causal, bias_grad, *ctx.window, ctx.softcap, sinks, seqused_k, key_range,
     )
     if kv_slots is not None:
         dk = pool_k.new_zeros(pool_k.shape).index_add_(0, slots, dk)
@@ -84,7 +86,7 @@ def _backward(ctx, grad_out, grad_lse):
             dbias = pool_bias.new_zeros(pool_bias.shape).index_add_(0, slots, dbias)
     sinks_grad = sinks is not None and ctx.needs_input_grad[_SINKS_INPUT]
     return (dq, dk, dv, None, None, None, None, None, dbias if bias_grad else None, None, None, None, None, None,
-            dsinks if sinks_grad else None, None, None)
+            dsinks if sinks_grad else None, None, None, None)
 
 
 torch.library.register_autograd("dmattn::varlen_fwd", _backward, setup_context=_setup_context)

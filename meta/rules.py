@@ -131,6 +131,7 @@ def _check_int(name, value):
 def check_arg_types(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=None, bias=None, softmax_scale=None,
     is_causal=False, window_left=-1, window_right=-1, softcap=None, sinks=None, seqused_k=None, kv_slots=None,
+    key_range=None,
 ):
     """Raises TypeError (ValueError for an int past int64) naming the first argument of the wrong Python type."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -157,6 +158,8 @@ def check_arg_types(
         _check_tensor("seqused_k", seqused_k, "an int32 tensor or None")
     if kv_slots is not None:
         _check_tensor("kv_slots", kv_slots, "an int32 tensor or None")
+    if key_range is not None:
+        _check_tensor("key_range", key_range, "an int32 tensor or None")
 
 
 # ---- metadata ---------------------------------------------------------------------------------------------------
@@ -362,15 +365,29 @@ def _check_kv_slots(q, k, kv_slots):
     _check_int32("the rows of the key pool (k.shape[0] with kv_slots)", k.shape[0])
 
 
+def _check_key_range(q, key_range):
+    """key_range: (total_q, 2) int32 on q's device, contiguous (each query's [begin, end) key positions)."""
+    if key_range.dtype != torch.int32:
+        _fail(TypeError, f"key_range must be int32 (convert with .int()), got {key_range.dtype}")
+    if key_range.device != q.device:
+        _fail(ValueError, f"key_range must be on q's device {q.device}, got {key_range.device}")
+    if key_range.dim() != 2 or key_range.shape[0] != q.shape[0] or key_range.shape[1] != 2:
+        _fail(ValueError, f"key_range must have shape (total_q, 2) = ({_n(q.shape[0])}, 2), got shape "
+                          f"{_shape(key_range)}")
+    if not key_range.is_contiguous():
+        _fail(ValueError, f"key_range must be contiguous, got strides {tuple(_n(s) for s in key_range.stride())}")
+
+
 def check_varlen_fwd(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=None, bias=None, softmax_scale=None,
     is_causal=False, window_left=-1, window_right=-1, softcap=None, sinks=None, seqused_k=None, kv_slots=None,
+    key_range=None,
 ) -> VarlenLayout:
     """Validates the Python types and the metadata of one call; raises TypeError/ValueError naming the argument, what
     was expected and what was given. Returns what it found."""
     check_arg_types(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
-        window_left, window_right, softcap, sinks, seqused_k, kv_slots,
+        window_left, window_right, softcap, sinks, seqused_k, kv_slots, key_range,
     )
     _check_qkv(q, k, v)
     _check_backend(q)
@@ -393,6 +410,8 @@ def check_varlen_fwd(
         _check_seqused_k(q, cu_seqlens_k, seqused_k)
     if kv_slots is not None:
         _check_kv_slots(q, k, kv_slots)
+    if key_range is not None:
+        _check_key_range(q, key_range)
     return VarlenLayout(
         total_q=q.shape[0],
         total_k=k.shape[0] if kv_slots is None else kv_slots.shape[0],

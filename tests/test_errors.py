@@ -56,6 +56,7 @@ def valid_args():
         sinks=None,  # (H,)
         seqused_k=None,  # (B,)
         kv_slots=None,  # (total_k,), rows of a pool k / v
+        key_range=None,  # (total_q, 2), each query's [begin, end) key positions
     )
 
 
@@ -114,6 +115,10 @@ CASES = {
     "kv_slots_rank_2": dict(kv_slots=_cu(*range(TOTAL_K)).reshape(TOTAL_K, 1)),
     "kv_slots_strided": dict(kv_slots=_cu(*range(2 * TOTAL_K))[::2]),
     "kv_slots_with_empty_pool": dict(k=torch.randn(0, HK, D), v=torch.randn(0, HK, D), kv_slots=_cu(*range(TOTAL_K))),
+    "key_range_int64": dict(key_range=torch.zeros(TOTAL_Q, 2, dtype=torch.int64)),
+    "key_range_on_meta": dict(key_range=torch.zeros(TOTAL_Q, 2, dtype=torch.int32, device="meta")),
+    "key_range_shape": dict(key_range=torch.zeros(TOTAL_Q, 3, dtype=torch.int32)),
+    "key_range_transposed": dict(key_range=torch.zeros(2, TOTAL_Q, dtype=torch.int32).t()),
     "key_side_mask_rows_with_kv_slots": dict(  # a pool of 12 slots, the mask with a row per packed key
         k=torch.randn(12, HK, D), v=torch.randn(12, HK, D), kv_slots=_cu(*range(TOTAL_K)),
         mask=torch.ones(TOTAL_K, 1, dtype=torch.bool)),
@@ -145,6 +150,7 @@ TYPE_CASES = {
     "softcap_str": dict(softcap="30"),
     "sinks_list": dict(sinks=[0.0] * H),
     "kv_slots_list": dict(kv_slots=list(range(TOTAL_K))),
+    "key_range_list": dict(key_range=[[0, 1]] * TOTAL_Q),
 }
 DATA_CASES = {
     "cu_seqlens_decreasing": dict(cu_seqlens_q=_cu(0, 3, 2), max_seqlen_q=TOTAL_Q),
@@ -182,12 +188,12 @@ def call_op(args):
 
 
 def api_function(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale,
-                 is_causal, window_left, window_right, softcap, sinks, seqused_k, kv_slots=None):
+                 is_causal, window_left, window_right, softcap, sinks, seqused_k, kv_slots=None, key_range=None):
     """What torch.compile traces: every tensor and size is an input, so dynamic=True makes the sizes symbolic."""
     return dmattn_ops.varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=mask, bias=bias,
         softmax_scale=softmax_scale, is_causal=is_causal, window_size=(window_left, window_right), softcap=softcap,
-        sinks=sinks, seqused_k=seqused_k, kv_slots=kv_slots,
+        sinks=sinks, seqused_k=seqused_k, kv_slots=kv_slots, key_range=key_range,
     )
 
 
@@ -384,6 +390,18 @@ class TestPublicApiErrors(ErrorTestCase):
     def test_kv_slots_with_empty_pool(self):
         self.assertRaisesInline(ValueError, call_api, "kv_slots_with_empty_pool", """dmattn.varlen_fwd: kv_slots must be empty when the key pool is (k.shape[0] = 0), got shape (9,)""")
 
+    def test_key_range_int64(self):
+        self.assertRaisesInline(TypeError, call_api, "key_range_int64", """dmattn.varlen_fwd: key_range must be int32 (convert with .int()), got torch.int64""")
+
+    def test_key_range_on_another_device(self):
+        self.assertRaisesInline(ValueError, call_api, "key_range_on_meta", """dmattn.varlen_fwd: key_range must be on q's device cpu, got meta""")
+
+    def test_key_range_shape(self):
+        self.assertRaisesInline(ValueError, call_api, "key_range_shape", """dmattn.varlen_fwd: key_range must have shape (total_q, 2) = (5, 2), got shape (5, 3)""")
+
+    def test_key_range_transposed(self):
+        self.assertRaisesInline(ValueError, call_api, "key_range_transposed", """dmattn.varlen_fwd: key_range must be contiguous, got strides (1, 5)""")
+
     def test_key_side_mask_rows_with_kv_slots(self):
         self.assertRaisesInline(ValueError, call_api, "key_side_mask_rows_with_kv_slots", """dmattn.varlen_fwd: mask is key-side (rank 2) with kv_slots, so it must have a row per slot of the pool, k.shape[0] = 12 rows, got 9""")
 
@@ -395,6 +413,9 @@ class TestPublicApiErrors(ErrorTestCase):
 
     def test_kv_slots_list(self):
         self.assertRaisesInline(TypeError, call_api, "kv_slots_list", """dmattn.varlen_fwd: kv_slots must be an int32 tensor or None, got list""")
+
+    def test_key_range_list(self):
+        self.assertRaisesInline(TypeError, call_api, "key_range_list", """dmattn.varlen_fwd: key_range must be an int32 tensor or None, got list""")
 
     def test_mask_mod_with_kv_slots(self):
         args = dict(valid_args(), kv_slots=_cu(*range(TOTAL_K)))
@@ -476,6 +497,7 @@ RAW_OP_TYPE_ERRORS = {
     "softcap_str": "softcap",
     "sinks_list": "sinks",
     "kv_slots_list": "kv_slots",
+    "key_range_list": "key_range",
 }
 
 

@@ -40,6 +40,7 @@ class PackedBatch:
     sinks: Optional[torch.Tensor] = None  # (H,) float32 or q's dtype
     seqused_k: Optional[torch.Tensor] = None  # (B,) int32: keys each sequence uses of its cu_seqlens_k range
     kv_slots: Optional[torch.Tensor] = None  # (total_k,) int32: k / v / key-side operands are a pool, row r at slot
+    key_range: Optional[torch.Tensor] = None  # (total_q, 2) int32: query row r sees key positions [begin, end)
 
     # Shape facts.
 
@@ -103,6 +104,8 @@ class PackedBatch:
         if not self._newer_options():
             return base
         left, right = self.window_size if self.window_size is not None else (-1, -1)
+        if self.key_range is not None:
+            return (*base, left, right, self.softcap, self.sinks, self.seqused_k, self.kv_slots, self.key_range)
         if self.kv_slots is not None:
             return (*base, left, right, self.softcap, self.sinks, self.seqused_k, self.kv_slots)
         return (*base, left, right, self.softcap, self.sinks, self.seqused_k)
@@ -110,7 +113,7 @@ class PackedBatch:
     def _newer_options(self) -> dict:
         """The keywords of varlen_attention that are set beyond mask, bias, scale and causal."""
         named = {"window_size": self.window_size, "softcap": self.softcap, "sinks": self.sinks,
-                 "seqused_k": self.seqused_k, "kv_slots": self.kv_slots}
+                 "seqused_k": self.seqused_k, "kv_slots": self.kv_slots, "key_range": self.key_range}
         return {name: value for name, value in named.items() if value is not None}
 
     def run(self, **options) -> Tuple[torch.Tensor, torch.Tensor]:

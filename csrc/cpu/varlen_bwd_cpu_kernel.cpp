@@ -61,7 +61,7 @@ void varlen_bwd_sequence(const VarlenBwdParams& bp, int32_t b, double* dsinks) {
       const float* q_i = q + row * p.q_row_stride + h * p.q_head_stride;
       const float* do_i = dout + row * bp.dout_row_stride + h * bp.dout_head_stride;
       double* dq_i = bp.dq + (row * p.num_heads + h) * D;
-      const KeyRange window = visible_keys(i, sq.len, sk.len, p.window_left, p.window_right);
+      const KeyRange window = row_keys(p, row, i, sq.len, sk.len);
       // Pass 1, in float64: every key the row can see with a score above -inf (the others weigh 0), its score and
       // dout_i . v_j; then the row's lse (the sink in its sum) and delta = sum_j p_j (dout_i . v_j) = dout_i .
       // out_i, recomputed rather than read from the forward's float32 lse and rounded out (whose rounding, in

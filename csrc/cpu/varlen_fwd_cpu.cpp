@@ -72,10 +72,11 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
                                                   std::optional<double> softcap,
                                                   const std::optional<at::Tensor>& sinks,
                                                   const std::optional<at::Tensor>& seqused_k,
-                                                  const std::optional<at::Tensor>& kv_slots) {
+                                                  const std::optional<at::Tensor>& kv_slots,
+                                                  const std::optional<at::Tensor>& key_range) {
   const VarlenFwdArgs given{q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias,
                             softmax_scale, is_causal, window_left, window_right, softcap.value_or(0.0), sinks,
-                            seqused_k, kv_slots};
+                            seqused_k, kv_slots, key_range};
   check_args(given, c10::DeviceType::CPU);
   const VarlenFwdArgs args = sinks_as_float32(given);
   check_cu_seqlens_data("cu_seqlens_q", cu_seqlens_q, q.size(0), max_seqlen_q, "total_q", "max_seqlen_q");
@@ -118,10 +119,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
     int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& bias, std::optional<double> softmax_scale, bool is_causal, bool bias_grad,
     int64_t window_left, int64_t window_right, std::optional<double> softcap_arg,
-    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& seqused_k) {
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& seqused_k,
+    const std::optional<at::Tensor>& key_range) {
   const double softcap = softcap_arg.value_or(0.0);
-  const VarlenFwdArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           mask, bias, softmax_scale, is_causal, window_left, window_right, softcap, sinks, seqused_k};
+  const VarlenFwdArgs args{q,    k,         v,           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           mask, bias,      softmax_scale, is_causal,  window_left,  window_right, softcap,
+                           sinks, seqused_k, std::nullopt, key_range};
   check_args(args, c10::DeviceType::CPU);
   check_bwd_args(args, dout, dlse, out, lse);
   check_cu_seqlens_data("cu_seqlens_q", cu_seqlens_q, q.size(0), max_seqlen_q, "total_q", "max_seqlen_q");
@@ -139,7 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
     const at::Tensor dlse32 = dlse.numel() > 0 ? dlse.contiguous() : dlse;
     const VarlenFwdArgs args32{q32, k32, v32, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                mask, bias32, softmax_scale, is_causal, window_left, window_right, softcap,
-                               sinks ? std::optional<at::Tensor>(as_float32(*sinks)) : std::nullopt, seqused_k};
+                               sinks ? std::optional<at::Tensor>(as_float32(*sinks)) : std::nullopt, seqused_k,
+                               std::nullopt, key_range};
     VarlenBwdParams p;
     p.fwd = make_params(args32, out32, lse32);
     p.dout = dout32.data_ptr<float>();

@@ -353,7 +353,8 @@ WorkPlan plan_work(const VarlenFwdParams& p, int64_t num_threads) {
   const int32_t group = p.num_heads / p.num_heads_k;
   WorkPlan plan;
   for (int32_t b = 0; b < p.batch; ++b) {
-    const int64_t lq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q).len;
+    const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
+    const int64_t lq = sq.len;
     if (lq == 0) continue;
     const int64_t lk = key_seq(p, b).len;
     const int64_t q_block = std::min(kQueryBlock, lq);
@@ -362,10 +363,16 @@ WorkPlan plan_work(const VarlenFwdParams& p, int64_t num_threads) {
       for (int32_t g = 0; g < group; g += head_block) {
         for (int64_t q0 = 0; q0 < lq; q0 += q_block) {
           const int64_t q1 = std::min(lq, q0 + q_block);
-          // The block's keys in reach: a window only moves right as the query does (both ends), so they run from
-          // its first query's window start to its last query's window end.
-          const int64_t first = visible_keys(q0, lq, lk, p.window_left, p.window_right).begin;
-          const int64_t last = std::max(first, visible_keys(q1 - 1, lq, lk, p.window_left, p.window_right).end);
+          // The block's keys in reach: the span of its queries' non-empty key ranges.
+          int64_t first = lk, last = 0;
+          for (int64_t i = q0; i < q1; ++i) {
+            const KeyRange r = row_keys(p, sq.start + i, i, lq, lk);
+            if (r.end > r.begin) {
+              first = std::min(first, r.begin);
+              last = std::max(last, r.end);
+            }
+          }
+          if (last <= first) first = last = 0;
           plan.items.push_back({b, hk * group + g, hk * group + std::min(group, g + head_block), q0, q1, first, last,
                                 -1});
         }
@@ -443,7 +450,7 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
   int64_t window_begin[kQueryBlock], window_end[kQueryBlock];
   int64_t reach_begin = sk.len, reach_end = 0;
   for (int64_t qi = 0; qi < nq; ++qi) {
-    const KeyRange window = visible_keys(item.q_begin + qi, sq.len, sk.len, p.window_left, p.window_right);
+    const KeyRange window = row_keys(p, sq.start + item.q_begin + qi, item.q_begin + qi, sq.len, sk.len);
     window_begin[qi] = window.begin;
     window_end[qi] = std::max(window.begin, window.end);
     if (window.end > window.begin) {

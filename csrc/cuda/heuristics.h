@@ -104,8 +104,9 @@ inline bool decode_supports(const VarlenFwdParams& p) {
 
 inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, const PlanOverrides& o = {}) {
   FwdPlan plan;
-  if (p.mask.layout == OperandLayout::kQuerySide || p.bias.layout == OperandLayout::kQuerySide) {
-    plan.prefill = PrefillVariant::kQueryOperands;
+  if (p.mask.layout == OperandLayout::kQuerySide || p.bias.layout == OperandLayout::kQuerySide ||
+      p.key_range != nullptr) {
+    plan.prefill = PrefillVariant::kQueryOperands;  // also the variant that reads per-query key ranges
   } else if (p.window_left >= 0) {
     plan.prefill = PrefillVariant::kWindowLeft;
   }

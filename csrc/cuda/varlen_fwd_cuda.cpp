@@ -115,10 +115,11 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
                                                    std::optional<double> softcap_arg,
                                                    const std::optional<at::Tensor>& sinks,
                                                    const std::optional<at::Tensor>& seqused_k,
-                                                   const std::optional<at::Tensor>& kv_slots) {
+                                                   const std::optional<at::Tensor>& kv_slots,
+                                                   const std::optional<at::Tensor>& key_range) {
   const double softcap = softcap_arg.value_or(0.0);
   check_args({q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
-              window_left, window_right, softcap, sinks, seqused_k, kv_slots},
+              window_left, window_right, softcap, sinks, seqused_k, kv_slots, key_range},
              c10::DeviceType::CUDA);
   TORCH_CHECK_TYPE(q.scalar_type() != at::kFloat, kOp,
                    "float32 q, k, v are not supported on CUDA (the kernels run float16 / bfloat16 tensor cores), "
@@ -139,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
   const at::Tensor qk = for_kernel(q, kernel_dim), kk = for_kernel(k, kernel_dim), vk = for_kernel(v, kernel_dim);
   const VarlenFwdArgs args = sinks_as_float32({qk, kk, vk, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                mask, bias, scale, is_causal, window_left, window_right, softcap,
-                                               sinks, seqused_k, kv_slots});
+                                               sinks, seqused_k, kv_slots, key_range});
   auto [out, lse] = allocate_outputs(args);
   VarlenFwdParams p = make_params(args, out, lse);
   const cuda::PlanOverrides overrides = plan_overrides();
@@ -162,7 +163,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
     bias_rows = key_side_rows(bias);
     const VarlenFwdArgs packed = sinks_as_float32({qk, k_rows, v_rows, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                    max_seqlen_k, mask_rows, bias_rows, scale, is_causal, window_left,
-                                                   window_right, softcap, sinks, seqused_k});
+                                                   window_right, softcap, sinks, seqused_k, std::nullopt,
+                                                   key_range});
     p = make_params(packed, out, lse);
     plan = cuda::plan_varlen_fwd(p, device, overrides);
   }
@@ -184,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, const std::optional<at::Tensor>&,
     const std::optional<at::Tensor>&, std::optional<double>, bool, bool, int64_t, int64_t, std::optional<double>,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
   TORCH_CHECK_NOT_IMPLEMENTED(false, "dmattn.varlen_bwd: the backward has no CUDA kernel yet, only a CPU one; ",
                               "run the training step on CPU tensors, or the forward under torch.no_grad()");
 }

@@ -82,6 +82,9 @@ struct KernelTraits : SwizzledTiles<kHeadDim_> {
   static constexpr bool kWindowLeft = kWindowLeft_;
   // Packed keys only (the binding gathers a kv_slots pool for this kernel); gathers at key positions (key_pos).
   static constexpr bool kSlotRows = false;
+  // Reads per-query key ranges (VarlenFwdParams::key_range): the query-side variant, whose 64-row tile has the
+  // registers for a per-row load in its per-element path; the 128-row variants spilled with it.
+  static constexpr bool kKeyRanges = kQueryOperands;
   static_assert(kWindowLeft || !kQueryOperands, "the query-side variant also serves windowed calls");
   static constexpr TileShape kTile = tile_shape_sm80(kHeadDim, kQueryOperands);
   static constexpr int kBlockM = kTile.block_m;
@@ -120,6 +123,7 @@ struct DecodeKernelTraits : SwizzledTiles<kHeadDim_> {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr bool kQueryOperands = false;  // the plan sends query-side operands to the prefill kernel
   static constexpr bool kWindowLeft = true;       // windows of every kind
+  static constexpr bool kKeyRanges = true;        // and per-query key ranges
   static constexpr bool kSlotRows = true;         // gathers K / V at each slot's row (key_row): a pool read in place
   static constexpr DecodeShape kShape = decode_shape_sm80(kHeadDim);
   static constexpr int kBlockM = kShape.block_m;

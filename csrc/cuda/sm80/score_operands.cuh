@@ -55,7 +55,10 @@ struct ScoreOperands {
       const int r = e / kBlockN, slot = n0 + e % kBlockN;
       if (slot >= c.slots_end) continue;
       const int pos = c.key_pos(slot), i = c.m0 + r;
-      if (pos < c.window_low(p, i) || pos >= c.window_limit(p, i)) continue;
+      if (pos < c.template window_low<Traits::kKeyRanges>(p, i) ||
+          pos >= c.template window_limit<Traits::kKeyRanges>(p, i)) {
+        continue;
+      }
       any = p.mask.mask_allows(p.mask.offset(static_cast<int64_t>(c.q_start) + i, c.h, pos));
     }
     return __syncthreads_or(any) != 0;
@@ -87,8 +90,8 @@ struct ScoreOperands {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int r = warp_row0 + mt * 16 + g + half * 8, i = c.m0 + r;
-          low[mt][half] = Traits::kWindowLeft ? c.window_low(p, i) : 0;
-          limit[mt][half] = r < c.rows ? c.window_limit(p, i) : 0;
+          low[mt][half] = Traits::kWindowLeft ? c.template window_low<Traits::kKeyRanges>(p, i) : 0;
+          limit[mt][half] = r < c.rows ? c.template window_limit<Traits::kKeyRanges>(p, i) : 0;
         }
       per_element_any(s, key_pos, slot_bias, low, limit, t);
       if constexpr (Traits::kQueryOperands) query_operands(s, key_pos, low, limit, warp_row0, g, t);

@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 
 #include "../../varlen_fwd_params.h"
@@ -40,14 +41,24 @@ struct TileContext {
     return pos < 0 ? 0 : (pos >= k_len ? k_len - 1 : pos);
   }
   // The key positions [low, limit) query i of the sequence sees by the window (VarlenFwdParams::window_left /
-  // window_right; is_causal is window_right = 0); masks come on top. The sides are read from the kernel parameters
-  // (constant memory): no register holds them through the key loop. make_params turned a side no sequence reaches
-  // into -1, so they fit in 32 bits.
+  // window_right; is_causal is window_right = 0) and its key_range (row_keys of ../../varlen_fwd_params.h); masks
+  // come on top. The sides are read from the kernel parameters (constant memory): no register holds them through the
+  // key loop. make_params turned a side no sequence reaches into -1, so they fit in 32 bits. kRanges: the caller is
+  // a kernel variant built for key ranges (Traits::kKeyRanges; the plan sends calls with them nowhere else), so the
+  // others keep their registers. A query past the sequence (a row past a short tile) reads no key_range row.
+  template <bool kRanges = true>
   __device__ __forceinline__ int window_low(const VarlenFwdParams& p, int i) const {
-    return p.window_left < 0 ? 0 : max(i + aligned_shift - static_cast<int>(p.window_left), 0);
+    const int low = p.window_left < 0 ? 0 : max(i + aligned_shift - static_cast<int>(p.window_left), 0);
+    return kRanges && p.key_range != nullptr && i < q_len
+               ? max(low, p.key_range[2 * (static_cast<int64_t>(q_start) + i)])
+               : low;
   }
+  template <bool kRanges = true>
   __device__ __forceinline__ int window_limit(const VarlenFwdParams& p, int i) const {
-    return p.window_right < 0 ? k_len : min(i + aligned_shift + 1 + static_cast<int>(p.window_right), k_len);
+    const int limit = p.window_right < 0 ? k_len : min(i + aligned_shift + 1 + static_cast<int>(p.window_right), k_len);
+    return kRanges && p.key_range != nullptr && i < q_len
+               ? min(limit, p.key_range[2 * (static_cast<int64_t>(q_start) + i) + 1])
+               : limit;
   }
   // The first KV tile any row can see (tiles before it are not loaded).
   __device__ __forceinline__ int first_tile(int block_n) const {
@@ -93,6 +104,7 @@ __device__ __forceinline__ void load_sequence(const VarlenFwdParams& p, int b, T
 // The key slots of query head c.h in sequence b (a key-side mask: its kept-key list), and of those, the ones some
 // query of [i_first, i_first + n_queries) can see ([slots_begin, slots_end)) and the ones all of them see
 // ([slots_low_full, slots_full)). Called by every thread: the slot search needs whole warps.
+template <bool kRanges>
 __device__ __forceinline__ void find_slots(const VarlenFwdParams& p, const KeyLists& keys, int b, int i_first,
                                            int n_queries, int lane, TileContext& c) {
   c.key_index = nullptr;
@@ -103,16 +115,36 @@ __device__ __forceinline__ void find_slots(const VarlenFwdParams& p, const KeyLi
     c.n_keys = min(max(keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm], 0), c.k_len);
   }
   c.aligned_shift = c.k_len - c.q_len;
+  // The rows' least and greatest key bounds: a window moves right with the query (both ends), so its first and last
+  // rows have them; per-query key ranges need not, so every row is read (a warp-wide min / max).
   const int i_last = i_first + n_queries - 1;
-  if (p.window_right >= 0) {
-    c.slots_end = slots_before(c, c.window_limit(p, i_last), lane);
-    c.slots_full = slots_before(c, c.window_limit(p, i_first), lane);
+  int low_least = c.window_low<false>(p, i_first), low_most = c.window_low<false>(p, i_last);
+  int limit_least = c.window_limit<false>(p, i_first), limit_most = c.window_limit<false>(p, i_last);
+  const bool ranges = kRanges && p.key_range != nullptr;
+  if (ranges) {
+    low_least = limit_least = INT_MAX;
+    low_most = limit_most = INT_MIN;
+    for (int i = i_first + lane; i <= i_last; i += 32) {
+      const int low = c.window_low(p, i), limit = c.window_limit(p, i);
+      low_least = min(low_least, low);
+      low_most = max(low_most, low);
+      limit_least = min(limit_least, limit);
+      limit_most = max(limit_most, limit);
+    }
+    low_least = __reduce_min_sync(0xffffffffu, low_least);
+    low_most = __reduce_max_sync(0xffffffffu, low_most);
+    limit_least = __reduce_min_sync(0xffffffffu, limit_least);
+    limit_most = __reduce_max_sync(0xffffffffu, limit_most);
+  }
+  if (p.window_right >= 0 || ranges) {
+    c.slots_end = slots_before(c, limit_most, lane);
+    c.slots_full = slots_before(c, limit_least, lane);
   } else {
     c.slots_end = c.slots_full = c.n_keys;
   }
-  if (p.window_left >= 0) {
-    c.slots_begin = slots_before(c, min(c.window_low(p, i_first), c.k_len), lane);
-    c.slots_low_full = slots_before(c, min(c.window_low(p, i_last), c.k_len), lane);
+  if (p.window_left >= 0 || ranges) {
+    c.slots_begin = slots_before(c, min(low_least, c.k_len), lane);
+    c.slots_low_full = slots_before(c, min(low_most, c.k_len), lane);
   } else {
     c.slots_begin = c.slots_low_full = 0;
   }
@@ -133,6 +165,7 @@ struct VarlenTileScheduler {
 
   // This CTA's tile, and the key slots its rows can see; false when it owns none (a query tile past the end of a
   // shorter sequence). Called by every thread; the slot search needs whole warps.
+  template <bool kRanges>
   static __device__ __forceinline__ bool tile(const VarlenFwdParams& p, const KeyLists& keys, int seq0, int lane,
                                               TileContext& c) {
     const int b = seq0 + blockIdx.z;
@@ -143,7 +176,7 @@ struct VarlenTileScheduler {
     if (m0 >= c.q_len) return false;
     c.m0 = static_cast<int>(m0);
     c.rows = min(kBlockM, c.q_len - c.m0);
-    find_slots(p, keys, b, c.m0, c.rows, lane, c);
+    find_slots<kRanges>(p, keys, b, c.m0, c.rows, lane, c);
     return true;
   }
 };
@@ -195,7 +228,7 @@ struct DecodeTileScheduler {
       // group's first head, names the one kept-key list of the group (plan: Hm in {1, Hk}).
       const int i0 = c.m0 % c.q_len;
       const bool wraps = i0 + c.rows > c.q_len;
-      find_slots(p, keys, b, wraps ? 0 : i0, wraps ? c.q_len : c.rows, lane, c);
+      find_slots<true>(p, keys, b, wraps ? 0 : i0, wraps ? c.q_len : c.rows, lane, c);
     }
     const int tiles = (c.slots_end + kBlockN - 1) / kBlockN;
     const int64_t begin = c.first_tile(kBlockN) + static_cast<int64_t>(d.split) * s.tiles_per_split;

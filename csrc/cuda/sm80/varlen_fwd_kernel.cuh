@@ -42,7 +42,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
   const int warp_row0 = warp * kMTiles * 16;  // this warp's first query row in the tile
 
   TileContext c;
-  if (!VarlenTileScheduler<kBlockM>::tile(p, keys, seq0, lane, c)) return;
+  if (!VarlenTileScheduler<kBlockM>::template tile<Traits::kKeyRanges>(p, keys, seq0, lane, c)) return;
   const int n_tiles = (c.slots_end + kBlockN - 1) / kBlockN;
   const ScoreOperands<Traits> ops(p, c);
   KvTiles<Traits> kv(p, c, smem);
