@@ -188,14 +188,19 @@ DMATTN_HOST_DEVICE KeyRange visible_keys(int64_t i, int64_t lq, int64_t lk, int6
   return {begin, end};
 }
 
+// Packed query row q_row's interval of VarlenFwdParams::key_range (which the call has), as given: not clipped.
+DMATTN_HOST_DEVICE KeyRange key_range_of(const VarlenFwdParams& p, int64_t q_row) {
+  return {p.key_range[2 * q_row], p.key_range[2 * q_row + 1]};
+}
+
 // The key positions packed query row q_row (query i of a sequence with lq queries and lk keys) may see: its window,
 // narrowed to its key_range when the call has one. Clipped to [0, lk]; empty when end <= begin.
 DMATTN_HOST_DEVICE KeyRange row_keys(const VarlenFwdParams& p, int64_t q_row, int64_t i, int64_t lq, int64_t lk) {
   KeyRange r = visible_keys(i, lq, lk, p.window_left, p.window_right);
   if (p.key_range != nullptr) {
-    const int64_t begin = p.key_range[2 * q_row], end = p.key_range[2 * q_row + 1];
-    r.begin = begin > r.begin ? begin : r.begin;
-    r.end = end < r.end ? end : r.end;
+    const KeyRange given = key_range_of(p, q_row);
+    r.begin = given.begin > r.begin ? given.begin : r.begin;
+    r.end = given.end < r.end ? given.end : r.end;
   }
   return r;
 }

@@ -122,9 +122,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
     const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& seqused_k,
     const std::optional<at::Tensor>& key_range) {
   const double softcap = softcap_arg.value_or(0.0);
-  const VarlenFwdArgs args{q,    k,         v,           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           mask, bias,      softmax_scale, is_causal,  window_left,  window_right, softcap,
-                           sinks, seqused_k, std::nullopt, key_range};
+  const VarlenFwdArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias,
+                           softmax_scale, is_causal, window_left, window_right, softcap, sinks, seqused_k,
+                           std::nullopt, key_range};
   check_args(args, c10::DeviceType::CPU);
   check_bwd_args(args, dout, dlse, out, lse);
   check_cu_seqlens_data("cu_seqlens_q", cu_seqlens_q, q.size(0), max_seqlen_q, "total_q", "max_seqlen_q");

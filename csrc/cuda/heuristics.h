@@ -56,9 +56,9 @@ constexpr DecodeShape decode_shape_sm80(int head_dim) {
 
 enum class FwdKernel : int32_t { kPrefill = 0, kDecode = 1 };
 
-// The prefill kernel's variants (sm80/launch.cuh): kQueryOperands reads query-side masks / biases (and serves
-// windows too), kWindowLeft keeps per-row lower key bounds for a window's left edge, kPlain neither (the registers
-// of a kernel without windows).
+// The prefill kernel's variants (sm80/launch.cuh): kQueryOperands reads query-side masks / biases and per-query key
+// ranges (and serves windows too), kWindowLeft keeps per-row lower key bounds for a window's left edge, kPlain
+// neither (the registers of a kernel without windows).
 enum class PrefillVariant : int32_t { kPlain = 0, kWindowLeft = 1, kQueryOperands = 2 };
 
 // Debug overrides of the plan (the binding reads them from DMATTN_KERNEL and DMATTN_DECODE_TILES_PER_SPLIT; the

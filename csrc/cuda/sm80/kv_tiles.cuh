@@ -3,9 +3,10 @@
 //
 // Per KV tile the loader also keeps the tile's metadata, double-buffered in shared memory (kernel_traits.h,
 // SharedStorage::key_pos / key_bias, and in the decode kernel key_row): the key position of each slot (-1 past the
-// last visible slot), its key-side bias and (decode) the row of k / v that holds it. Thread tid < kBlockN fetches slot tid of the next tile into registers (position first, bias once
-// the position has arrived) during the current tile's Q K^T and stores it before the barrier that precedes the next
-// K load, so neither the gather nor the score modification waits on a global load inside the loop.
+// last visible slot), its key-side bias and (decode) the row of k / v that holds it. Thread tid < kBlockN fetches
+// slot tid of the next tile into registers (position first, bias once the position has arrived) during the current
+// tile's Q K^T and stores it before the barrier that precedes the next K load, so neither the gather nor the score
+// modification waits on a global load inside the loop.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -117,7 +118,7 @@ __device__ __forceinline__ void gather_kv_rows(typename Traits::Elem* k_smem, ty
 }
 
 // The KV-tile side of one CTA: K / V tile loads and the per-tile slot metadata (see the top of this file). The decode
-// kernel uses it too, with its own ring of metadata slots (`buffer`) and K / V stages (load_k_into / load_v_into).
+// kernel uses it too, with its own ring of metadata slots (`buffer`) and K / V stages (load_kv_into).
 template <typename Traits>
 struct KvTiles {
   using Elem = typename Traits::Elem;

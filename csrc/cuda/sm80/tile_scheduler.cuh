@@ -50,14 +50,14 @@ struct TileContext {
   __device__ __forceinline__ int window_low(const VarlenFwdParams& p, int i) const {
     const int low = p.window_left < 0 ? 0 : max(i + aligned_shift - static_cast<int>(p.window_left), 0);
     return kRanges && p.key_range != nullptr && i < q_len
-               ? max(low, p.key_range[2 * (static_cast<int64_t>(q_start) + i)])
+               ? max(low, static_cast<int>(key_range_of(p, static_cast<int64_t>(q_start) + i).begin))
                : low;
   }
   template <bool kRanges = true>
   __device__ __forceinline__ int window_limit(const VarlenFwdParams& p, int i) const {
     const int limit = p.window_right < 0 ? k_len : min(i + aligned_shift + 1 + static_cast<int>(p.window_right), k_len);
     return kRanges && p.key_range != nullptr && i < q_len
-               ? min(limit, p.key_range[2 * (static_cast<int64_t>(q_start) + i) + 1])
+               ? min(limit, static_cast<int>(key_range_of(p, static_cast<int64_t>(q_start) + i).end))
                : limit;
   }
   // The first KV tile any row can see (tiles before it are not loaded).
