@@ -39,7 +39,10 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-__all__ = ["ModDependencies", "additive_part", "create_bias", "create_mask", "mod_dependencies", "sliding_window"]
+__all__ = [
+    "ModDependencies", "additive_part", "create_bias", "create_mask", "document_mask", "mod_dependencies", "prefix_lm",
+    "sliding_window",
+]
 
 # dtype of b, h, q_idx, kv_idx: int64, as FlexAttention's create_block_mask passes them (with int32, torch 2.11-2.13
 # fail to trace `h // group` under vmap once dynamic=True makes `group` a SymInt).
@@ -547,3 +550,149 @@ def native_window(mask_mod, cu_seqlens_q, cu_seqlens_k):
             and mask_mod.cu_seqlens_k is cu_seqlens_k:
         return mask_mod.window_size
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masks that are one interval of keys per query: the op's key_range, as mask_mods
+
+
+class _IntervalMaskMod:
+    """A mask_mod that shows each query one interval of key positions of its sequence, by construction (see
+    prefix_lm and document_mask). ``varlen_attention`` given the same cu_seqlens tensors runs it as ``key_range``
+    (``key_range(total_q)``, O(total_q) tensor ops, no host sync); everywhere else it is a plain mask_mod.
+
+    Subclasses give the mask through ``_keep`` (one (b, q_idx, kv_idx) entry, under vmap) and the same mask as
+    intervals through ``_interval`` (vectors over query rows); tests/test_interval_mods.py checks that they agree."""
+
+    def __init__(self, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
+        self.cu_seqlens_q, self.cu_seqlens_k = cu_seqlens_q, cu_seqlens_k
+        self._cu_k = cu_seqlens_k.to(INDEX_DTYPE)
+        self._lq = cu_seqlens_q.diff().to(INDEX_DTYPE)
+        self._lk = cu_seqlens_k.diff().to(INDEX_DTYPE)
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return self._keep(b, q_idx + self._lk[b] - self._lq[b], kv_idx)
+
+    def key_range(self, total_q: int) -> torch.Tensor:
+        """(total_q, 2) int32 [begin, end) per packed query row, clipped to its sequence's keys; rows outside every
+        sequence get an empty range."""
+        dev = self._cu_k.device
+        i = torch.arange(total_q, dtype=INDEX_DTYPE, device=dev)
+        if self._lq.shape[0] == 0:  # B = 0: no row belongs to a sequence
+            return torch.zeros((total_q, 2), dtype=torch.int32, device=dev)
+        cu_q = self.cu_seqlens_q.to(INDEX_DTYPE)
+        b = _sequence_of(cu_q, i)
+        len_k = torch.where(i < cu_q[-1], self._lk[b], 0)
+        begin, end = self._interval(b, i - cu_q[b] + len_k - self._lq[b], len_k)
+        begin = torch.minimum(begin.clamp(min=0), len_k)
+        end = torch.maximum(torch.minimum(end, len_k), begin)
+        return torch.stack([begin, end], dim=1).to(torch.int32)
+
+
+class _PrefixLM(_IntervalMaskMod):
+    def __init__(self, cu_seqlens_q, cu_seqlens_k, prefix):
+        super().__init__(cu_seqlens_q, cu_seqlens_k)
+        self._prefix = prefix  # an int or a (B,) INDEX_DTYPE tensor
+
+    def _prefix_of(self, b):
+        return self._prefix if isinstance(self._prefix, int) else self._prefix[b]
+
+    def _keep(self, b, aligned, kv_idx):
+        return (kv_idx <= aligned) | (kv_idx < self._prefix_of(b))
+
+    def _interval(self, b, aligned, len_k):
+        prefix = self._prefix_of(b)
+        end = (aligned + 1).clamp(min=prefix) if isinstance(prefix, int) else torch.maximum(aligned + 1, prefix)
+        return torch.zeros_like(aligned), end
+
+
+def prefix_lm(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, prefix_lengths) -> MaskMod:
+    """A prefix-LM mask_mod: query ``q_idx`` of sequence ``b`` sees every key of the sequence's first
+    ``prefix_lengths[b]`` (bidirectional) and, beyond them, the keys up to its own position (causal):
+    ``kv_idx < prefix[b] or kv_idx <= a``, with ``a = q_idx + Lk[b] - Lq[b]`` (bottom-right aligned, as is_causal).
+
+    Args:
+        cu_seqlens_q, cu_seqlens_k: the call's (B + 1,) tensors.
+        prefix_lengths: an int for every sequence, or a (B,) integer tensor on cu_seqlens_k's device.
+
+    ``varlen_attention(..., mask_mod=prefix_lm(cu_q, cu_k, n))`` with these same tensors and ``is_causal=False``
+    runs as ``key_range`` (each query's interval ``[0, max(a + 1, prefix[b]))``, built in O(total_q), no mask tensor;
+    the kernels skip the key tiles past it); elsewhere it is a plain mask_mod of the same values."""
+    if isinstance(prefix_lengths, torch.Tensor):
+        if prefix_lengths.dtype.is_floating_point or prefix_lengths.dtype == torch.bool or \
+                prefix_lengths.shape != (cu_seqlens_q.shape[0] - 1,):
+            raise ValueError(
+                f"dmattn.prefix_lm: prefix_lengths must be an int or a (B,) = ({cu_seqlens_q.shape[0] - 1},) integer "
+                f"tensor, got a {tuple(prefix_lengths.shape)} {prefix_lengths.dtype} tensor")
+        prefix = prefix_lengths.to(INDEX_DTYPE)
+    elif type(prefix_lengths) is int and prefix_lengths >= 0:
+        prefix = prefix_lengths
+    else:
+        raise ValueError(f"dmattn.prefix_lm: prefix_lengths must be an int >= 0 or a (B,) integer tensor, "
+                         f"got {prefix_lengths!r}")
+    return _PrefixLM(cu_seqlens_q, cu_seqlens_k, prefix)
+
+
+class _Documents(_IntervalMaskMod):
+    def __init__(self, cu_seqlens_q, cu_seqlens_k, document_ids):
+        super().__init__(cu_seqlens_q, cu_seqlens_k)
+        ids = document_ids.to(INDEX_DTYPE)
+        total_k, dev = ids.shape[0], ids.device
+        t = torch.arange(total_k, dtype=INDEX_DTYPE, device=dev)
+        cu = self._cu_k.clamp(0, total_k)
+        edges = torch.zeros(total_k + 1, dtype=torch.bool, device=dev).index_fill_(0, cu, True)  # sequence bounds
+        starts = edges[:-1] | (ids != ids.roll(1))  # a key that begins a run of equal ids inside its sequence
+        ends = edges[1:] | (ids != ids.roll(-1))  # a key that ends one
+        # Each key's run as packed rows [first, end), one extra entry (an empty run) so that indexing at row total_k,
+        # where an empty sequence at the end points, stays in bounds.
+        pad = torch.zeros(1, dtype=INDEX_DTYPE, device=dev)
+        first = torch.where(starts, t, 0).cummax(0).values
+        end = torch.where(ends, t + 1, total_k).flip(0).cummin(0).values.flip(0)
+        self._first, self._end = torch.cat([first, pad]), torch.cat([end, pad])
+
+    def _own_key(self, b, aligned, len_k):
+        """The packed row of the query's own key (it names the query's document), and whether it exists."""
+        inside = (aligned >= 0) & (aligned < len_k)
+        return self._cu_k[b] + torch.where(inside, aligned, 0), inside
+
+    def _keep(self, b, aligned, kv_idx):
+        row, inside = self._own_key(b, aligned, self._lk[b])
+        return inside & (self._first[row] == self._first[self._cu_k[b] + kv_idx])
+
+    def _interval(self, b, aligned, len_k):
+        row, inside = self._own_key(b, aligned, len_k)
+        start = self._cu_k[b]
+        return (torch.where(inside, self._first[row] - start, 0), torch.where(inside, self._end[row] - start, 0))
+
+
+def document_mask(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, document_ids: torch.Tensor) -> MaskMod:
+    """A document mask_mod for sequences that pack several documents: each query sees the keys of its own document.
+
+    Args:
+        cu_seqlens_q, cu_seqlens_k: the call's (B + 1,) tensors.
+        document_ids: (total_k,) integer tensor, one id per packed key, on cu_seqlens_k's device. A document is a run
+            of equal consecutive ids inside a sequence (the same id after another one starts a new document).
+
+    Query ``q_idx`` of sequence ``b`` is the token at key position ``a = q_idx + Lk[b] - Lq[b]`` (bottom-right
+    aligned, as is_causal) and sees the keys of the document holding that key; a query with no key at its position
+    sees none. Add ``is_causal=True`` for causal documents. ``varlen_attention(..., mask_mod=document_mask(cu_q, cu_k,
+    ids))`` with these same tensors runs as ``key_range`` (each query's document, built in O(total_q + total_k), no
+    mask tensor; the kernels skip the key tiles of other documents); elsewhere it is a plain mask_mod of the same
+    values."""
+    if not isinstance(document_ids, torch.Tensor) or document_ids.dim() != 1 or \
+            document_ids.dtype.is_floating_point or document_ids.dtype == torch.bool:
+        got = f"a {tuple(document_ids.shape)} {document_ids.dtype} tensor" if isinstance(
+            document_ids, torch.Tensor) else type(document_ids).__name__
+        raise ValueError(f"dmattn.document_mask: document_ids must be a (total_k,) integer tensor, got {got}")
+    return _Documents(cu_seqlens_q, cu_seqlens_k, document_ids)
+
+
+def native_key_range(mask_mod, cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int) -> Optional[torch.Tensor]:
+    """The key_range of a prefix_lm / document_mask mask_mod made for these very cu_seqlens tensors, else None."""
+    if not (isinstance(mask_mod, _IntervalMaskMod) and mask_mod.cu_seqlens_q is cu_seqlens_q
+            and mask_mod.cu_seqlens_k is cu_seqlens_k):
+        return None
+    if isinstance(mask_mod, _Documents) and mask_mod._first.shape[0] != total_k + 1:
+        raise ValueError(f"dmattn.document_mask: document_ids must have one id per packed key, (total_k,) = "
+                         f"({total_k},), got ({mask_mod._first.shape[0] - 1},)")
+    return mask_mod.key_range(total_q)

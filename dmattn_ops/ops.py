@@ -72,7 +72,8 @@ def varlen_attention(
         return_lse: also return softmax_lse (H, total_q) float32, natural log.
         mask_mod, score_mod: FlexAttention-style mods, built into mask / bias by dmattn_ops.create_mask /
             create_bias in the most compact layout (see docs/mods.md); each excludes the tensor it replaces. A
-            dmattn_ops.sliding_window mask_mod made for these cu_seqlens runs as window_size instead.
+            dmattn_ops.sliding_window mask_mod made for these cu_seqlens runs as window_size instead, and a
+            dmattn_ops.prefix_lm / document_mask one as key_range (a mask= tensor may then come with it).
 
     Returns:
         out (total_q, H, D) in q's dtype, or (out, softmax_lse). A query with no visible key gets a row of zeros
@@ -96,6 +97,14 @@ def varlen_attention(
             raise ValueError("dmattn.varlen_fwd: pass either window_size or a sliding_window mask_mod, not both")
         window_left, window_right = window
         mask_mod = None
+    # A prefix_lm / document_mask mask_mod runs as key_range (same proviso on seqused_k).
+    ranges = None if seqused_k is not None else mods.native_key_range(
+        mask_mod, cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+    if ranges is not None:
+        if key_range is not None:
+            raise ValueError("dmattn.varlen_fwd: pass either key_range or a prefix_lm / document_mask mask_mod, "
+                             "not both")
+        key_range, mask_mod = ranges, None
     if mask_mod is not None or score_mod is not None:
         mask, bias = mods.operands_from_mods(
             q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, mask_mod, score_mod

@@ -25,6 +25,12 @@ Workloads (all packed varlen batches, H=32, Hk=8, D=128, bf16 on CUDA; ``--tiny`
            serving issue's target compares against. Then the decode batch, causal, with a window of 1024 keys, against
            the same call given only the keys the window can reach (each sequence's last 1024 + Lq - 1, copied out
            untimed): the window should cost no more than reading those keys.
+  intervals  the prefill batch with masks that are one interval of keys per query, run as key_range: a prefix-LM
+           (the first 25% of each sequence bidirectional, then causal) and causal documents (4 per packed sequence,
+           random cuts). dmattn_ops given the mask_mod (dmattn_ops.prefix_lm / document_mask, built inside the timed
+           call), given the key_range tensor, and given the same mask query-side; FlexAttention compiled packed with
+           the mask in its mask_mod (+ BlockMask build); dmattn_ops plain causal as the reference. Issue 11's target:
+           the mask_mod call at least as fast as Flex's call plus its BlockMask build.
   paged    the decode batch (key-side mask 25% + bias, and no mask) with its keys in a KV-cache pool read in place
            through kv_slots: a paged cache of 16-key pages in shuffled order (dmattn_ops.paged_kv_slots), and a token
            pool (page size 1, every key in its own random slot), against the same call on packed keys; and the paged
@@ -145,6 +151,7 @@ class Work:
 def work_of(p: PackedBatch) -> Work:
     H, Hm = p.heads, p.mask_heads
     keep = p.mask.cpu() if p.mask is not None else None
+    key_range = p.key_range.long().cpu() if p.key_range is not None else None
     rows = torch.zeros(p.total_q, H, dtype=torch.bool)
     unmasked = dense = 0
     q0 = k0 = 0
@@ -156,6 +163,9 @@ def work_of(p: PackedBatch) -> Work:
             right = 0 if p.is_causal else right
             end = (aligned + right + 1 if right >= 0 else torch.full((lq,), lk)).clamp(0, lk)
             first = (aligned - left if left >= 0 else torch.zeros(lq, dtype=torch.int64)).clamp(0, lk)
+            if key_range is not None:  # and each query's own interval
+                first = torch.maximum(first, key_range[q0:q0 + lq, 0].clamp(0, lk))
+                end = torch.minimum(end, key_range[q0:q0 + lq, 1].clamp(0, lk))
             n_vis = (end - first).clamp(min=0)  # (lq,)
             dense += int(n_vis.sum()) * H
             if keep is None:
@@ -227,8 +237,24 @@ def dmattn_peer(p: PackedBatch, name="dmattn_ops"):
         reason = dmattn_unavailable(p.device)
         if reason:
             raise NotBuilt(reason)
-        return Prepared(lambda: p.run()[0], mask_bytes=bc.tensor_bytes(p.mask, p.bias),
+        return Prepared(lambda: p.run()[0], mask_bytes=bc.tensor_bytes(p.mask, p.bias, p.key_range),
                         extras={"layout": "packed, key-side mask/bias" if p.mask is not None else "packed"})
+    return Peer(name, prepare, "dmattn")
+
+
+def dmattn_mod_peer(p: PackedBatch, make_mod: Callable, name: str):
+    """dmattn_ops given ``mask_mod=make_mod(dmattn_ops, p)``, built inside the timed call: the mod's own tensors and
+    the operand varlen_attention makes of it are part of the time (a mask that changes every batch)."""
+    def prepare():
+        reason = dmattn_unavailable(p.device)
+        if reason:
+            raise NotBuilt(reason)
+        import dmattn_ops
+
+        mod = make_mod(dmattn_ops, p)
+        operand = mod.key_range(p.total_q) if hasattr(mod, "key_range") else None
+        return Prepared(lambda: p.run(mask_mod=make_mod(dmattn_ops, p))[0], mask_bytes=bc.tensor_bytes(operand),
+                        extras={"layout": "packed, mask_mod built in the timed call"})
     return Peer(name, prepare, "dmattn")
 
 
@@ -269,6 +295,11 @@ def flex_peer(p: PackedBatch):
             k_pos[k0:k0 + lk] = torch.arange(lk, dtype=torch.int32)
             q0, k0 = q0 + lq, k0 + lk
         q_doc, k_doc, q_last, k_pos = (t.to(dev) for t in (q_doc, k_doc, q_last, k_pos))
+        ranged = p.key_range is not None
+        q_begin = torch.zeros(qpad, dtype=torch.int32, device=dev)  # per-query [begin, end) key positions
+        q_end = torch.zeros(qpad, dtype=torch.int32, device=dev)  # (1-D lookups: vmap fails on a 2-D one)
+        if ranged:
+            q_begin[:total_q], q_end[:total_q] = p.key_range[:, 0], p.key_range[:, 1]
         keep = torch.zeros(kpad, Hm, dtype=torch.bool, device=dev)
         bias = torch.zeros(kpad, Hm, dtype=p.q.dtype, device=dev)
         if p.mask is not None:
@@ -284,6 +315,8 @@ def flex_peer(p: PackedBatch):
             same = (q_doc[q_idx] == k_doc[kv_idx]) & keep[kv_idx, h // head_div]
             if left >= 0:
                 same = same & (k_pos[kv_idx] >= q_last[q_idx] - left)
+            if ranged:
+                same = same & (k_pos[kv_idx] >= q_begin[q_idx]) & (k_pos[kv_idx] < q_end[q_idx])
             return same & (k_pos[kv_idx] <= q_last[q_idx]) if causal else same
 
         def score_mod(score, b, h, q_idx, kv_idx):
@@ -312,7 +345,9 @@ def flex_peer(p: PackedBatch):
 
         return Prepared(
             run, to_packed=lambda out: out[0].transpose(0, 1),  # (1, H, total_q, D) -> (total_q, H, D)
-            mask_bytes=bc.tensor_bytes(keep, bias, q_doc, k_doc, q_last, k_pos) + bm_bytes,
+            mask_bytes=bc.tensor_bytes(keep, bias, q_doc, k_doc, q_last, k_pos, q_begin if ranged else None,
+                                      q_end if ranged else None)
+            + bm_bytes,
             extras={"layout": "packed (B=1), contiguous (1, heads, tokens, D) copies",
                     "blockmask_build_ms": bm_timing.median_ms, "blockmask_compile_s": bm_compile_s,
                     "blockmask_peak_extra_bytes": bm_peak, "blockmask_bytes": bm_bytes,
@@ -498,7 +533,7 @@ def sizes(name: str, tiny: bool, gen: torch.Generator):
         return torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
 
     heads = dict(heads=4, heads_k=2, head_dim=16) if tiny else dict(heads=32, heads_k=8, head_dim=128)
-    if name in ("prefill", "window"):
+    if name in ("prefill", "window", "intervals"):
         lens = rand(16, 64, 3) if tiny else rand(512, 4096, 8)
         return lens, lens, heads
     if name in ("decode", "paged"):
@@ -541,6 +576,58 @@ def decode_window_group(base: PackedBatch):
                           max_seqlen_k=max(reach))
     return (f"decode, causal, sliding window {window}", dec,
             [dmattn_peer(dec), dmattn_peer(shorter, "dmattn_ops, the window's keys as shorter sequences")])
+
+
+PREFIX_FRACTION = 0.25  # the intervals workload's prefix-LM: this share of each sequence is bidirectional
+DOCUMENTS = 4  # and its documents per packed sequence
+
+
+def prefix_lengths(p: PackedBatch):
+    return [int(PREFIX_FRACTION * n) for n in p.seqlens_k]
+
+
+def document_starts(p: PackedBatch, seed: int = DEFAULT_SEED):
+    """Per sequence, the first key position of each of its DOCUMENTS documents (0 first; random cuts)."""
+    g = torch.Generator().manual_seed(seed)
+    return [[0] + sorted((torch.randperm(max(n - 1, 0), generator=g)[:DOCUMENTS - 1] + 1).tolist())
+            for n in p.seqlens_k]
+
+
+def interval_ranges(p: PackedBatch, kind: str) -> torch.Tensor:
+    """(total_q, 2) int32 key_range of the intervals workload, written here from the definitions (independently of
+    dmattn_ops' mods): "prefix" [0, max(a + 1, prefix)), "documents" the document of the query's own key a."""
+    rows = []
+    starts = document_starts(p)
+    for b, (lq, lk) in enumerate(zip(p.seqlens_q, p.seqlens_k)):
+        a = torch.arange(lq) + (lk - lq)
+        if kind == "prefix":
+            end = torch.maximum(a + 1, torch.tensor(prefix_lengths(p)[b])).clamp(max=lk)
+            rows.append(torch.stack([torch.zeros_like(a), end], 1))
+        else:
+            bounds = torch.tensor(starts[b] + [lk])
+            d = torch.searchsorted(bounds, a, right=True) - 1
+            rows.append(torch.stack([bounds[d], bounds[d + 1]], 1))
+    return torch.cat(rows).to(device=p.device, dtype=torch.int32)
+
+
+def interval_mod(kind: str, p: PackedBatch) -> Callable:
+    """make_mod(dmattn_ops, p) of dmattn_mod_peer: the prefix_lm / document_mask mask_mod of the workload, with
+    its per-sequence inputs (prefix lengths, per-key document ids) made untimed, as a caller holds them."""
+    if kind == "prefix":
+        prefix = torch.tensor(prefix_lengths(p), device=p.device)
+        return lambda dm, b: dm.prefix_lm(b.cu_seqlens_q, b.cu_seqlens_k, prefix)
+    ids = torch.cat([torch.searchsorted(torch.tensor(st), torch.arange(n), right=True) - 1
+                     for st, n in zip(document_starts(p), p.seqlens_k)]).to(p.device)
+    return lambda dm, b: dm.document_mask(b.cu_seqlens_q, b.cu_seqlens_k, ids)
+
+
+def ranges_as_query_mask(p: PackedBatch) -> PackedBatch:
+    """The same call with its key_range as a query-side (total_q, 1, max_seqlen_k) bool mask."""
+    lk = torch.tensor(p.seqlens_k).repeat_interleave(torch.tensor(p.seqlens_q)).to(p.device)[:, None]
+    j = torch.arange(p.max_seqlen_k, device=p.device)[None, :]
+    r = p.key_range.long()
+    mask = (j >= r[:, :1]) & (j < r[:, 1:]) & (j < lk)
+    return p.replace(mask=mask.unsqueeze(1), key_range=None)
 
 
 def in_pool(p: PackedBatch, page_size: int, host_lengths: bool = False, seed: int = DEFAULT_SEED) -> PackedBatch:
@@ -610,6 +697,20 @@ def groups_of(name: str, base: PackedBatch):
                   flex_peer(windowed)]),
                 ("causal, no window (plain causal reference)", plain, [dmattn_peer(plain)]),
                 decode_window_group(base)]
+    if name == "intervals":
+        out = []
+        for kind, group, plain in (
+                ("prefix", f"prefix-LM (first {PREFIX_FRACTION:.0%} bidirectional, then causal)", base),
+                ("documents", f"causal documents ({DOCUMENTS} per packed sequence)", base.replace(is_causal=True))):
+            ranged = plain.replace(key_range=interval_ranges(plain, kind))
+            out.append((group, ranged, [
+                dmattn_mod_peer(plain, interval_mod(kind, plain), "dmattn_ops, mask_mod (key_range built per call)"),
+                dmattn_peer(ranged, "dmattn_ops, key_range given"),
+                dmattn_peer(ranges_as_query_mask(ranged), "dmattn_ops, the same mask query-side"),
+                flex_peer(ranged)]))
+        causal = base.replace(is_causal=True)
+        out.append(("causal, no mask (plain causal reference)", causal, [dmattn_peer(causal)]))
+        return out
     if name == "prefill":
         masked, plain = base, base.replace(mask=None, bias=None)
         return [("causal, key-side mask 50% + bias", masked,
@@ -652,7 +753,7 @@ def run_workload(name: str, args) -> Dict[str, object]:
     gen = torch.Generator().manual_seed(args.seed)
     lens_q, lens_k, hs = sizes(name, args.tiny, gen)
     mask_heads = {"1": 1, "hk": hs["heads_k"], "h": hs["heads"]}[args.mask_heads]
-    keep_frac = {"prefill": 0.5, "decode": 0.25, "paged": 0.25, "dense": None, "window": None}[name]
+    keep_frac = {"prefill": 0.5, "decode": 0.25, "paged": 0.25, "dense": None, "window": None, "intervals": None}[name]
     base = make_problem(lens_q, lens_k, hs["heads"], hs["heads_k"], hs["head_dim"], mask_heads, keep_frac,
                         causal=name in ("prefill", "window"), dtype=dtype, device=dev, seed=args.seed)
     print(f"\n== {name}: B={base.batch_size} total_q={base.total_q} total_k={base.total_k} "
@@ -660,6 +761,8 @@ def run_workload(name: str, args) -> Dict[str, object]:
           f"{dtype} on {dev}", flush=True)
     results = []
     for group, prob, peers in groups_of(name, base):
+        if ARGS.groups and not any(s in group for s in ARGS.groups):
+            continue
         print(f" [{group}]", flush=True)
         work, ref = work_of(prob), {}
         for peer in peers:
@@ -717,6 +820,20 @@ def check_targets(name, results):
         else:
             verdict = f"{'met' if speedup >= least else 'MISSED'} ({speedup:.2f}x)"
         out.append({"target": what, "verdict": verdict})
+    if name == "intervals":  # issue 11: at least as fast as FlexAttention, its BlockMask build included
+        for r in results:
+            if r["family"] != "flex" or r["status"] != "ok":
+                continue
+            mine = next((m for m in results if m["group"] == r["group"] and m["status"] == "ok"
+                         and m["peer"].startswith("dmattn_ops, mask_mod")), None)
+            what = f"dmattn_ops mask_mod (build included) <= flex + BlockMask build [{r['group']}]"
+            if mine is None:
+                out.append({"target": what, "verdict": "not measured"})
+                continue
+            flex_total = r["ms_median"] + r["blockmask_build_ms"]
+            ratio = flex_total / mine["ms_median"]
+            out.append({"target": what, "verdict": f"{'met' if ratio >= 1 else 'MISSED'} ({ratio:.2f}x: "
+                        f"{mine['ms_median']:.3f} ms vs {r['ms_median']:.3f} + {r['blockmask_build_ms']:.3f} ms)"})
     if name == "window":
         ms = {r["group"].split(",")[1].strip(): r.get("ms_median") for r in results
               if r["family"] == "dmattn" and r["peer"] == "dmattn_ops" and r["status"] == "ok"}
@@ -838,7 +955,8 @@ def write_outputs(payload, out_dir):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", choices=["prefill", "decode", "dense", "window", "paged", "all"], default="all")
+    ap.add_argument("--workload", choices=["prefill", "decode", "dense", "window", "paged", "intervals", "all"],
+                    default="all")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (for a smoke test with --tiny)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (float32 unless --dtype): a CPU smoke test")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -850,6 +968,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--groups", default="", help="comma-separated substrings of group names to run (default: all)")
     ap.add_argument("--only", default="", help="comma-separated substrings of peer names to run (dmattn always)")
     ap.add_argument("--verbose", action="store_true", help="print the traceback of a failing peer")
     args = ap.parse_args(argv)
@@ -858,6 +977,7 @@ def parse_args(argv=None):
     args.reps = args.reps if args.reps is not None else (30 if slow else (3 if args.tiny else 10))
     args.reps_blockmask = max(3, args.reps // 3)
     args.only = [s for s in args.only.split(",") if s]
+    args.groups = [s for s in args.groups.split(",") if s]
     return args
 
 
