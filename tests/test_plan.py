@@ -23,18 +23,21 @@ _DRIVER = """
     #include "cuda/heuristics.h"
     using namespace dmattn;
     // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
-    //                 window_left window_right
+    //                 window_left window_right key_range(0 absent, 1 given)
     // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes prefill_variant
     int main() {
-      long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr;
-      while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld", &B,
-                        &H, &Hk, &D, &tq, &tk, &mq, &mk, &mask, &hm, &bias, &hb, &sms, &force, &tiles, &wl, &wr) == 17) {
+      long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr, kr;
+      static const int32_t some_range[2] = {0, 0};  // the plan reads only whether key_range is given
+      while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld",
+                        &B, &H, &Hk, &D, &tq, &tk, &mq, &mk, &mask, &hm, &bias, &hb, &sms, &force, &tiles, &wl, &wr,
+                        &kr) == 18) {
         VarlenFwdParams p;
         p.batch = B; p.num_heads = H; p.num_heads_k = Hk; p.head_dim = D;
         p.total_q = tq; p.total_k = tk; p.max_seqlen_q = mq; p.max_seqlen_k = mk;
         p.mask.layout = static_cast<OperandLayout>(mask); p.mask.head_group = H / hm;
         p.bias.layout = static_cast<OperandLayout>(bias); p.bias.head_group = H / hb;
         p.window_left = wl; p.window_right = wr;
+        p.key_range = kr ? some_range : nullptr;
         cuda::PlanOverrides o;
         o.kernel = static_cast<cuda::PlanOverrides::Kernel>(force);
         o.tiles_per_split = tiles;
@@ -65,9 +68,9 @@ def planner(tmp_path_factory):
                     str(tmp / "main.cpp"), "-o", str(exe)], check=True)
 
     def plan(B, H, Hk, D, total_q, total_k, max_q, max_k, mask=ABSENT, Hm=1, bias=ABSENT, Hb=1, sms=132,
-             force=AUTO, tiles=0, window=(-1, -1)):
+             force=AUTO, tiles=0, window=(-1, -1), key_range=False):
         line = " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
-                                         force, tiles, *window))
+                                         force, tiles, *window, int(key_range)))
         out = subprocess.run([str(exe)], input=line + "\n", capture_output=True, text=True, check=True).stdout
         kernel, row_tiles, splits, per_split, lists, workspace, variant = out.split()
         return dict(kernel=kernel, row_tiles=int(row_tiles), splits=int(splits), tiles_per_split=int(per_split),
@@ -163,8 +166,9 @@ def test_d256_tiles_take_sixteen_rows(planner):
 
 def test_prefill_variant_choice(planner):
     """A window's left edge needs per-row lower key bounds: its own prefill variant keeps them, so the plain one has
-    the registers of a kernel without windows; a right side alone (causal) stays plain. Query-side operands take
-    their variant, windowed or not."""
+    the registers of a kernel without windows; a right side alone (causal) stays plain. Per-query key ranges are
+    per-row bounds too: the windowed variant. Query-side operands take their variant, windowed or not, with key
+    ranges or not."""
     prefill = dict(B=8, H=32, Hk=8, D=128, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
     assert planner(**prefill)["prefill"] == "plain"
     assert planner(**prefill, window=(-1, 0))["prefill"] == "plain"
@@ -173,6 +177,9 @@ def test_prefill_variant_choice(planner):
     assert planner(**prefill, mask=KEY, Hm=8, window=(255, 0))["prefill"] == "window_left"
     assert planner(**prefill, mask=QUERY)["prefill"] == "query_operands"
     assert planner(**prefill, bias=QUERY, Hb=32, window=(255, 0))["prefill"] == "query_operands"
+    assert planner(**prefill, key_range=True)["prefill"] == "window_left"
+    assert planner(**prefill, mask=KEY, Hm=8, window=(-1, 0), key_range=True)["prefill"] == "window_left"
+    assert planner(**prefill, mask=QUERY, key_range=True)["prefill"] == "query_operands"
 
 
 def test_decode_splits_cover_only_the_windows_reach(planner):

@@ -322,7 +322,9 @@ def flex_peer(p: PackedBatch):
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bias[kv_idx, h // head_div].to(score.dtype)
 
-        build = torch.compile(create_block_mask)
+        # --flex-blockmask eager: torch.compile(create_block_mask) takes minutes to compile at some lengths
+        # (pytorch/pytorch#182060: over 250 s for each mask of the intervals workload on the H200)
+        build = torch.compile(create_block_mask) if ARGS.flex_blockmask == "compiled" else create_block_mask
         block_h = 1 if Hm == 1 else H
 
         def make_block_mask():
@@ -349,6 +351,7 @@ def flex_peer(p: PackedBatch):
                                       q_end if ranged else None)
             + bm_bytes,
             extras={"layout": "packed (B=1), contiguous (1, heads, tokens, D) copies",
+                    "blockmask_builder": f"create_block_mask, {ARGS.flex_blockmask}",
                     "blockmask_build_ms": bm_timing.median_ms, "blockmask_compile_s": bm_compile_s,
                     "blockmask_peak_extra_bytes": bm_peak, "blockmask_bytes": bm_bytes,
                     "blockmask_tiles_visited_pct": _tiles_visited_pct(block_mask, total_k)})
@@ -875,7 +878,8 @@ DEFINITIONS = {
     "mask_bytes": "bytes of the tensors the peer consumes to encode mask and bias (stride-0 broadcast counted once)",
     "max_abs_diff / rel_err": "output vs checked_against over rows with >= 1 visible key; rel = ||d||_F/||ref||_F",
     "dmattn_speedup": "peer ms / dmattn_ops ms in the same group (> 1: dmattn_ops faster)",
-    "blockmask_build_ms": "median time of torch.compile(create_block_mask) after its first (compiling) call",
+    "blockmask_build_ms": "median time of torch.compile(create_block_mask) after its first (compiling) call (eager "
+                          "create_block_mask with --flex-blockmask eager, see blockmask_builder)",
     "blockmask_tiles_visited_pct": "share of (head, 128-query tile, 128-key tile) triples Flex computes",
     "first_call_s": "wall time of the first call (includes torch.compile for compiled peers)",
     "check": "reference | ok | MISMATCH (rel_err above the dtype's tolerance, or NaN) | NON-FINITE (would-be "
@@ -968,6 +972,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--flex-blockmask", choices=["compiled", "eager"], default="compiled",
+                    help="FlexAttention's BlockMask builder: torch.compile(create_block_mask) (default) or eager")
     ap.add_argument("--groups", default="", help="comma-separated substrings of group names to run (default: all)")
     ap.add_argument("--only", default="", help="comma-separated substrings of peer names to run (dmattn always)")
     ap.add_argument("--verbose", action="store_true", help="print the traceback of a failing peer")

@@ -56,9 +56,9 @@ constexpr DecodeShape decode_shape_sm80(int head_dim) {
 
 enum class FwdKernel : int32_t { kPrefill = 0, kDecode = 1 };
 
-// The prefill kernel's variants (sm80/launch.cuh): kQueryOperands reads query-side masks / biases and per-query key
-// ranges (and serves windows too), kWindowLeft keeps per-row lower key bounds for a window's left edge, kPlain
-// neither (the registers of a kernel without windows).
+// The prefill kernel's variants (sm80/launch.cuh): kQueryOperands reads query-side masks / biases (and serves windows
+// and key ranges too), kWindowLeft keeps per-row lower key bounds for a window's left edge or per-query key ranges,
+// kPlain neither (the registers of a kernel without windows).
 enum class PrefillVariant : int32_t { kPlain = 0, kWindowLeft = 1, kQueryOperands = 2 };
 
 // Debug overrides of the plan (the binding reads them from DMATTN_KERNEL and DMATTN_DECODE_TILES_PER_SPLIT; the
@@ -104,11 +104,10 @@ inline bool decode_supports(const VarlenFwdParams& p) {
 
 inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, const PlanOverrides& o = {}) {
   FwdPlan plan;
-  if (p.mask.layout == OperandLayout::kQuerySide || p.bias.layout == OperandLayout::kQuerySide ||
-      p.key_range != nullptr) {
-    plan.prefill = PrefillVariant::kQueryOperands;  // also the variant that reads per-query key ranges
-  } else if (p.window_left >= 0) {
-    plan.prefill = PrefillVariant::kWindowLeft;
+  if (p.mask.layout == OperandLayout::kQuerySide || p.bias.layout == OperandLayout::kQuerySide) {
+    plan.prefill = PrefillVariant::kQueryOperands;
+  } else if (p.window_left >= 0 || p.key_range != nullptr) {
+    plan.prefill = PrefillVariant::kWindowLeft;  // per-row lower key bounds: a window's left edge, or key ranges
   }
   if (p.mask.layout == OperandLayout::kKeySide && p.num_heads > 0) {
     plan.key_lists_heads = p.num_heads / p.mask.head_group;  // head_group = H / Hm

@@ -82,9 +82,9 @@ struct KernelTraits : SwizzledTiles<kHeadDim_> {
   static constexpr bool kWindowLeft = kWindowLeft_;
   // Packed keys only (the binding gathers a kv_slots pool for this kernel); gathers at key positions (key_pos).
   static constexpr bool kSlotRows = false;
-  // Reads per-query key ranges (VarlenFwdParams::key_range): the query-side variant, whose 64-row tile has the
-  // registers for a per-row load in its per-element path; the 128-row variants spilled with it.
-  static constexpr bool kKeyRanges = kQueryOperands;
+  // Reads per-query key ranges (VarlenFwdParams::key_range) where it keeps per-row lower key bounds anyway: the
+  // windowed variants (a range is a per-row window read from memory); the plain 128-row variant spilled with it.
+  static constexpr bool kKeyRanges = kWindowLeft;
   static_assert(kWindowLeft || !kQueryOperands, "the query-side variant also serves windowed calls");
   static constexpr TileShape kTile = tile_shape_sm80(kHeadDim, kQueryOperands);
   static constexpr int kBlockM = kTile.block_m;
@@ -110,6 +110,9 @@ struct KernelTraits : SwizzledTiles<kHeadDim_> {
     int32_t key_pos[2][kBlockN];  // per metadata buffer: key position of each slot of a KV tile, -1 = no key
     float key_bias[2][kBlockN];   // per metadata buffer: key-side bias of each slot; 0 without one
     uint8_t v_bad[kBlockN];       // slots of the current V tile whose row held inf / NaN (rare path, see kernel)
+    // Each row's key_range [begin, end), read once per CTA (kKeyRanges variants; {0, 0} for rows past the tile):
+    // a shared-memory read in the per-element path costs no 64-bit address registers where a global one did.
+    int32_t row_range[kKeyRanges ? kBlockM : 1][2];
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
 };

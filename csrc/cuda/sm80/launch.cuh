@@ -46,7 +46,7 @@ cudaError_t launch_decode(const VarlenFwdParams& p, const Workspace& ws, cudaStr
 // Four kernels per (Elem, kHeadDim): the decode kernel where the plan picked it; else the prefill kernel in one of
 // three variants (plan.prefill): the one that reads query-side masks / biases (a smaller query tile, to keep its
 // per-element path within the register budget), the one that keeps per-row lower key bounds for a window's left
-// edge, and the plain one for all other calls.
+// edge or per-query key ranges, and the plain one for all other calls.
 template <typename Elem, int kHeadDim>
 cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws,
                              cudaStream_t stream) {

@@ -77,11 +77,13 @@ struct ScoreOperands {
   }
 
   // s[mt][nt]: the m16n8 fragments of Q K^T for the tile starting at slot n0 (rows warp_row0 + 16 mt, slots 8 nt);
-  // key_pos / slot_bias: its metadata buffer. Makes s scale * q.k (capped) + bias, -inf where the row cannot see the
+  // key_pos / slot_bias: its metadata buffer; row_range: the tile rows' key ranges in shared memory (kKeyRanges
+  // variants, when the call has them). Makes s scale * q.k (capped) + bias, -inf where the row cannot see the
   // key, and returns score_mul: a tile every row sees whole, with no bias and no softcap, keeps its raw scores (the
   // scale is folded into the softmax FFMAs) and returns the scale; every other tile returns 1.
   __device__ __forceinline__ float apply(float (&s)[kMTiles][kNTiles][4], int n0, const int32_t* key_pos,
-                                         const float* slot_bias, int warp_row0, int g, int t) const {
+                                         const float* slot_bias, const int32_t (*row_range)[2], int warp_row0, int g,
+                                         int t) const {
     return apply_tile(s, n0, slot_bias, t, [&] {
       // A window edge (the causal diagonal), the last (partial) tile, or query-side operands: per element.
       int low[kMTiles][2], limit[kMTiles][2];
@@ -90,8 +92,12 @@ struct ScoreOperands {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int r = warp_row0 + mt * 16 + g + half * 8, i = c.m0 + r;
-          low[mt][half] = Traits::kWindowLeft ? c.template window_low<Traits::kKeyRanges>(p, i) : 0;
-          limit[mt][half] = r < c.rows ? c.template window_limit<Traits::kKeyRanges>(p, i) : 0;
+          low[mt][half] = Traits::kWindowLeft ? c.template window_low<false>(p, i) : 0;
+          limit[mt][half] = r < c.rows ? c.template window_limit<false>(p, i) : 0;
+          if (Traits::kKeyRanges && p.key_range != nullptr) {
+            low[mt][half] = max(low[mt][half], row_range[r][0]);
+            limit[mt][half] = min(limit[mt][half], row_range[r][1]);
+          }
         }
       per_element_any(s, key_pos, slot_bias, low, limit, t);
       if constexpr (Traits::kQueryOperands) query_operands(s, key_pos, low, limit, warp_row0, g, t);

@@ -46,6 +46,15 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
   const int n_tiles = (c.slots_end + kBlockN - 1) / kBlockN;
   const ScoreOperands<Traits> ops(p, c);
   KvTiles<Traits> kv(p, c, smem);
+  if constexpr (Traits::kKeyRanges) {  // visible before its first use: the barriers ahead of every ops.apply
+    if (p.key_range != nullptr) {
+      for (int r = tid; r < kBlockM; r += Traits::kThreads) {
+        const KeyRange kr = r < c.rows ? key_range_of(p, static_cast<int64_t>(c.q_start) + c.m0 + r) : KeyRange{0, 0};
+        smem.row_range[r][0] = static_cast<int32_t>(kr.begin);
+        smem.row_range[r][1] = static_cast<int32_t>(kr.end);
+      }
+    }
+  }
 
   // ---- Prologue: Q tile, the metadata and K tile of the first live KV tile ----
   kv.load_q();
@@ -92,7 +101,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     score_tile<Traits>(s, q_lane, k_lane, 0);
 
     // ---- Scores: scale, bias, and -inf where a key is not visible ----
-    const float score_mul = ops.apply(s, n0, smem.key_pos[buf], smem.key_bias[buf], warp_row0, g, t);
+    const float score_mul = ops.apply(s, n0, smem.key_pos[buf], smem.key_bias[buf], smem.row_range, warp_row0, g, t);
 
     if (next < n_tiles) {
       kv.fetch_bias();
