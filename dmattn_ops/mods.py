@@ -569,13 +569,28 @@ class _IntervalMaskMod:
         self._cu_k = cu_seqlens_k.to(INDEX_DTYPE)
         self._lq = cu_seqlens_q.diff().to(INDEX_DTYPE)
         self._lk = cu_seqlens_k.diff().to(INDEX_DTYPE)
+        self._built = None  # (total_q, key_range) of the last eager build
 
     def __call__(self, b, h, q_idx, kv_idx):
         return self._keep(b, q_idx + self._lk[b] - self._lq[b], kv_idx)
 
     def key_range(self, total_q: int) -> torch.Tensor:
         """(total_q, 2) int32 [begin, end) per packed query row, clipped to its sequence's keys; rows outside every
-        sequence get an empty range."""
+        sequence get an empty range.
+
+        The mod reads its tensors when it is made (make it again when they change, e.g. per batch), so in eager mode
+        the tensor is built once per total_q and every later call (each layer of a model) reuses it. Compiled code
+        and CUDA-graph capture build it each time (their graphs hold the ops, not the values)."""
+        cache = not torch.compiler.is_compiling() and not (
+            self._cu_k.is_cuda and torch.cuda.is_current_stream_capturing())
+        if cache and self._built is not None and self._built[0] == total_q:
+            return self._built[1]
+        out = self._build(total_q)
+        if cache:
+            self._built = (total_q, out)
+        return out
+
+    def _build(self, total_q: int) -> torch.Tensor:
         dev = self._cu_k.device
         i = torch.arange(total_q, dtype=INDEX_DTYPE, device=dev)
         if self._lq.shape[0] == 0:  # B = 0: no row belongs to a sequence

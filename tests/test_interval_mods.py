@@ -168,6 +168,16 @@ def test_causal_documents_on_top_of_is_causal(device):
     torch.testing.assert_close(got.cpu().double(), want, **tol)
 
 
+def test_key_range_is_built_once_per_total_q_in_eager_mode():
+    """Every layer of a model calls the op with the same mod: the key_range is built on the first call only."""
+    lens_q, lens_k = LENS
+    q, k, v, cu_q, cu_k = batch(lens_q, lens_k)
+    mod = dmattn_ops.document_mask(cu_q, cu_k, document_ids(lens_k))
+    first = mod.key_range(q.shape[0])
+    assert mod.key_range(q.shape[0]) is first
+    assert mod.key_range(q.shape[0] + 3).shape == (q.shape[0] + 3, 2)  # another total_q: built again
+
+
 def test_gradients_through_the_native_path():
     lens_q, lens_k = LENS
     q, k, v, cu_q, cu_k = batch(lens_q, lens_k)
