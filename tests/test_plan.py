@@ -182,6 +182,18 @@ def test_prefill_variant_choice(planner):
     assert planner(**prefill, mask=QUERY, key_range=True)["prefill"] == "query_operands"
 
 
+def test_query_side_mask_gets_a_block_map(planner):
+    """A query-side mask is summarized first, one byte per (mask head, 64 packed query rows, 32 key positions) in
+    the workspace (1 / 2048 of the mask); a key-side one, a query-side bias alone, or no mask get none."""
+    prefill = dict(B=8, H=32, Hk=8, D=128, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
+    for Hm in (1, 8, 32):
+        want = Hm * -(-16_000 // 64) * -(-4096 // 32)
+        assert planner(**prefill, mask=QUERY, Hm=Hm)["workspace"] == -(-want // 256) * 256
+    assert planner(**prefill, mask=KEY, Hm=8)["workspace"] == 8 * 16_000 * 4 + 256  # the kept-key lists alone
+    assert planner(**prefill, bias=QUERY, Hb=32)["workspace"] == 0
+    assert planner(**prefill)["workspace"] == 0
+
+
 def test_decode_splits_cover_only_the_windows_reach(planner):
     """With a left window edge a row tile reaches at most window_left + max_seqlen_q (+ a tile) keys, so a long
     sequence gets the splits of that reach, not of its whole length."""

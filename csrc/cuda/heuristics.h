@@ -73,6 +73,7 @@ struct FwdPlan {
   FwdKernel kernel = FwdKernel::kPrefill;
   PrefillVariant prefill = PrefillVariant::kPlain;  // the prefill kernel's variant
   int32_t key_lists_heads = 0;  // > 0: a key-side mask with that many heads is compacted into kept-key lists first
+  int32_t block_map_heads = 0;  // > 0: a query-side mask with that many heads is summarized by blocks first
   // Decode kernel only (1 / 0 otherwise):
   int32_t row_tiles = 1;        // tiles of packed rows per (sequence, KV head): ceil(H / Hk * max_seqlen_q / block_m)
   int32_t num_splits = 1;       // key splits per (sequence, KV head, row tile); > 1: partials + combine_splits
@@ -111,6 +112,9 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
   }
   if (p.mask.layout == OperandLayout::kKeySide && p.num_heads > 0) {
     plan.key_lists_heads = p.num_heads / p.mask.head_group;  // head_group = H / Hm
+  }
+  if (p.mask.layout == OperandLayout::kQuerySide && p.num_heads > 0 && p.total_q > 0 && p.max_seqlen_k > 0) {
+    plan.block_map_heads = p.num_heads / p.mask.head_group;  // the decode kernel takes no query-side operand
   }
   if (o.kernel == PlanOverrides::Kernel::kPrefill || !decode_supports(p)) return plan;
   const int64_t group = p.num_heads / p.num_heads_k;
@@ -153,14 +157,15 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
 }
 
 // The workspace, in order: the kept-key index (Hm, total_k) and counts (B, Hm), int32 each (key-side mask); the
-// split partials (decode with num_splits > 1): lse (splits, H, total_q) and O (splits, H, total_q, D), float32 each.
+// split partials (decode with num_splits > 1): lse (splits, H, total_q) and O (splits, H, total_q, D), float32 each;
+// the block map (query-side mask): (Hm, ceil(total_q / 64), ceil(max_seqlen_k / 32)) bytes, 1 / 2048 of the mask.
 // 256-byte aligned pieces, so a new one can be appended without disturbing the alignment of the others.
 constexpr size_t kWorkspaceAlign = 256;
 
 inline size_t align_up(size_t bytes) { return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
 
 struct WorkspaceLayout {
-  size_t key_index = 0, key_count = 0, split_lse = 0, split_o = 0;  // byte offsets
+  size_t key_index = 0, key_count = 0, split_lse = 0, split_o = 0, block_map = 0;  // byte offsets
   size_t total = 0;                                                 // bytes
 };
 
@@ -179,6 +184,12 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
     w.total += align_up(sizeof(float) * rows);
     w.split_o = w.total;
     w.total += align_up(sizeof(float) * rows * static_cast<size_t>(p.head_dim));
+  }
+  if (plan.block_map_heads > 0) {
+    w.block_map = w.total;
+    w.total += align_up(static_cast<size_t>(plan.block_map_heads) *
+                        static_cast<size_t>(BlockMap::blocks(p.total_q, BlockMap::kRows)) *
+                        static_cast<size_t>(BlockMap::blocks(p.max_seqlen_k, BlockMap::kCols)));
   }
   return w;
 }
@@ -200,6 +211,11 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
   if (plan.kernel == FwdKernel::kDecode && plan.num_splits > 1) {
     ws.splits.lse = reinterpret_cast<float*>(bytes + w.split_lse);
     ws.splits.o = reinterpret_cast<float*>(bytes + w.split_o);
+  }
+  if (plan.block_map_heads > 0) {
+    ws.blocks = {reinterpret_cast<uint8_t*>(bytes + w.block_map),
+                 static_cast<int32_t>(BlockMap::blocks(p.total_q, BlockMap::kRows)),
+                 static_cast<int32_t>(BlockMap::blocks(p.max_seqlen_k, BlockMap::kCols)), plan.block_map_heads};
   }
   return ws;
 }

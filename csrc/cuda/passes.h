@@ -2,6 +2,9 @@
 //
 //   before: compact_keys     a key-side mask -> per (sequence, mask head) sorted lists of kept key positions, so the
 //                            attention kernel gathers only kept K / V rows (key_compaction.cu)
+//           build_block_map  a query-side mask -> per (mask head, block of query rows, block of key positions) a
+//                            summary (no key visible / every key visible / some), so the prefill kernel skips dead
+//                            tiles and runs whole-visible ones without reading the mask (block_map.cu)
 //   after:  combine_splits   the decode kernel's per-split partial results -> out and lse (split_combine.cu)
 //           finish_rows      the cu_seqlens contract check, and 0 / -inf for query rows no sequence owns; NaN in every
 //                            element of out and lse when the contract is broken (unowned_rows.cu)
@@ -40,13 +43,47 @@ struct SplitPartials {
   int32_t row_tiles = 1;  // packed-row tiles per (sequence, KV head)
 };
 
+// A query-side mask summarized by blocks of kRows packed query rows (rows r with r / kRows = rb, in packed q order,
+// so a block may hold rows of two sequences) and kCols key positions (j / kCols = cb, positions inside each row's own
+// sequence, as the mask's last dimension counts them): state[(hm * row_blocks + rb) * col_blocks + cb] has kSomeTrue
+// where some element of the block is True and kSomeFalse where some is False. A block holds every element of the
+// mask, padding past a sequence's keys and rows of a neighbouring sequence included, so a summary only ever
+// understates what is known: no kSomeTrue proves a tile dead, no kSomeFalse proves it whole-visible, and anything else
+// is read per element. Null state when the call has no query-side mask.
+struct BlockMap {
+  static constexpr int kRows = 64;  // the query-side prefill variant's query tile (tile_shape_sm80)
+  static constexpr int kCols = 32;  // divides its key tile (64, or 32 at D = 256)
+  static constexpr uint8_t kSomeTrue = 1, kSomeFalse = 2;
+  uint8_t* state = nullptr;
+  int32_t row_blocks = 0;  // ceil(total_q / kRows)
+  int32_t col_blocks = 0;  // ceil(max_seqlen_k / kCols)
+  int32_t mask_heads = 0;
+
+  static int64_t blocks(int64_t rows, int64_t per) { return (rows + per - 1) / per; }
+  // The union of the states of the blocks covering packed rows [row0, row0 + rows) and key positions [j0, j1)
+  // (rows >= 1, j0 < j1) of mask head hm. Every index stays inside the map for rows within total_q and positions
+  // within max_seqlen_k, which the kernels' clamped sequence ranges guarantee.
+  DMATTN_HOST_DEVICE uint8_t covering(int hm, int64_t row0, int rows, int j0, int j1) const {
+    uint8_t s = 0;
+    for (int64_t rb = row0 / kRows; rb <= (row0 + rows - 1) / kRows; ++rb) {
+      const uint8_t* line = state + (static_cast<int64_t>(hm) * row_blocks + rb) * col_blocks;
+      for (int cb = j0 / kCols; cb <= (j1 - 1) / kCols; ++cb) s |= line[cb];
+    }
+    return s;
+  }
+};
+
 // Everything a call's kernels find in its workspace (heuristics.h: workspace_layout, carve_workspace).
 struct Workspace {
   KeyLists keys;
   SplitPartials splits;
+  BlockMap blocks;
 };
 
 cudaError_t compact_keys(const VarlenFwdParams& p, const KeyLists& keys, cudaStream_t stream);
+
+// Fills map.state from the query-side mask (nothing when map.state is null).
+cudaError_t build_block_map(const VarlenFwdParams& p, const BlockMap& map, cudaStream_t stream);
 
 // out and lse of the query rows [0, cu_seqlens_q[B]) from the partials of splits.num_splits > 1 splits. Runs after
 // the decode kernel and before finish_rows.

@@ -173,7 +173,8 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
     }
     return;
   }
-  const ScoreOperands<Traits> ops(p, c);
+  const BlockMap no_block_map;  // query-side operands take the prefill kernel
+  const ScoreOperands<Traits> ops(p, c, no_block_map);
   KvTiles<Traits> kv(p, c, smem);
 
   // Each row sees the key positions [low, limit) (its window; 0 / 0 for rows past the tile).

@@ -15,14 +15,15 @@
 namespace dmattn::cuda::sm80 {
 
 template <typename Traits>
-cudaError_t launch_variant(const VarlenFwdParams& p, const KeyLists& keys, cudaStream_t stream) {
+cudaError_t launch_variant(const VarlenFwdParams& p, const Workspace& ws, cudaStream_t stream) {
   using Scheduler = VarlenTileScheduler<Traits::kBlockM>;
   if (Scheduler::query_tiles(p) == 0 || p.batch == 0 || p.num_heads == 0) return cudaSuccess;
   auto kernel = varlen_fwd_kernel<Traits>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
   for (int64_t seq0 = 0; seq0 < p.batch; seq0 += Scheduler::kMaxSeqsPerLaunch) {
-    kernel<<<Scheduler::grid(p, seq0), Traits::kThreads, Traits::kSmemBytes, stream>>>(p, keys, static_cast<int>(seq0));
+    kernel<<<Scheduler::grid(p, seq0), Traits::kThreads, Traits::kSmemBytes, stream>>>(p, ws.keys, ws.blocks,
+                                                                                       static_cast<int>(seq0));
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -53,13 +54,13 @@ cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, cons
   if (plan.kernel == FwdKernel::kDecode) return launch_decode<DecodeKernelTraits<Elem, kHeadDim>>(p, ws, stream);
   switch (plan.prefill) {
     case PrefillVariant::kQueryOperands:
-      return launch_variant<KernelTraits<Elem, kHeadDim, true>>(p, ws.keys, stream);
+      return launch_variant<KernelTraits<Elem, kHeadDim, true>>(p, ws, stream);
     case PrefillVariant::kWindowLeft:
-      return launch_variant<KernelTraits<Elem, kHeadDim, false, true>>(p, ws.keys, stream);
+      return launch_variant<KernelTraits<Elem, kHeadDim, false, true>>(p, ws, stream);
     case PrefillVariant::kPlain:
       break;
   }
-  return launch_variant<KernelTraits<Elem, kHeadDim, false>>(p, ws.keys, stream);
+  return launch_variant<KernelTraits<Elem, kHeadDim, false>>(p, ws, stream);
 }
 
 }  // namespace dmattn::cuda::sm80

@@ -6,7 +6,8 @@
 //
 // Key-side operands arrive per slot through the tile metadata (kv_tiles.cuh): the mask as the kept-key list that
 // defines the slots, the bias in key_bias. Query-side ones are read here, per element, by the kernel variant built
-// for them (Traits::kQueryOperands).
+// for them (Traits::kQueryOperands); a query-side mask only on the tiles its block map (../passes.h) cannot decide:
+// a tile whose blocks hold no True is skipped unread, one whose blocks hold no False is run as if unmasked.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,12 +27,14 @@ struct ScoreOperands {
 
   const VarlenFwdParams& p;
   const TileContext& c;
+  const BlockMap& blocks;  // of a query-side mask; state null without one (and in the decode kernel)
   bool query_mask, query_bias, key_bias;
   float scale;
 
-  __device__ __forceinline__ ScoreOperands(const VarlenFwdParams& p_, const TileContext& c_)
+  __device__ __forceinline__ ScoreOperands(const VarlenFwdParams& p_, const TileContext& c_, const BlockMap& blocks_)
       : p(p_),
         c(c_),
+        blocks(blocks_),
         query_mask(Traits::kQueryOperands && p_.mask.layout == OperandLayout::kQuerySide),
         query_bias(Traits::kQueryOperands && p_.bias.layout == OperandLayout::kQuerySide),
         key_bias(p_.bias.layout == OperandLayout::kKeySide),
@@ -46,9 +49,22 @@ struct ScoreOperands {
     return p.softcap - 2.f * p.softcap * __frcp_rn(e + 1.f);
   }
 
-  // A KV tile is live unless a query-side mask is False for every (row, key) of it the rows can see. CTA-wide.
+  // The block map's state (BlockMap::kSomeTrue / kSomeFalse) of the tile starting at slot n0, for the tile's rows and
+  // the slots it holds (slots are key positions under a query-side mask: it comes with no key-side one). kSomeTrue |
+  // kSomeFalse (decide per element) without a map or a query-side mask.
+  __device__ __forceinline__ uint8_t mask_state(int n0) const {
+    if (!Traits::kQueryOperands || !query_mask || blocks.state == nullptr || n0 >= c.slots_end) {
+      return BlockMap::kSomeTrue | BlockMap::kSomeFalse;
+    }
+    return blocks.covering(c.h / p.mask.head_group, static_cast<int64_t>(c.q_start) + c.m0, c.rows, n0,
+                           min(n0 + kBlockN, c.slots_end));
+  }
+
+  // A KV tile is live unless a query-side mask is False for every (row, key) of it the rows can see: its block map
+  // says so, or (without one) a scan of the tile does. CTA-wide.
   __device__ __forceinline__ bool tile_live(int n) const {
     if (!query_mask) return true;
+    if (blocks.state != nullptr) return (mask_state(n * kBlockN) & BlockMap::kSomeTrue) != 0;
     bool any = false;
     const int n0 = n * kBlockN;
     for (int e = threadIdx.x; e < c.rows * kBlockN && !any; e += Traits::kThreads) {
@@ -78,13 +94,14 @@ struct ScoreOperands {
 
   // s[mt][nt]: the m16n8 fragments of Q K^T for the tile starting at slot n0 (rows warp_row0 + 16 mt, slots 8 nt);
   // key_pos / slot_bias: its metadata buffer; row_range: the tile rows' key ranges in shared memory (kKeyRanges
-  // variants, when the call has them). Makes s scale * q.k (capped) + bias, -inf where the row cannot see the
-  // key, and returns score_mul: a tile every row sees whole, with no bias and no softcap, keeps its raw scores (the
-  // scale is folded into the softmax FFMAs) and returns the scale; every other tile returns 1.
+  // variants, when the call has them); state: mask_state(n0). Makes s scale * q.k (capped) + bias, -inf where the
+  // row cannot see the key, and returns score_mul: a tile every row sees whole, with no bias and no softcap, keeps
+  // its raw scores (the scale is folded into the softmax FFMAs) and returns the scale; every other tile returns 1.
   __device__ __forceinline__ float apply(float (&s)[kMTiles][kNTiles][4], int n0, const int32_t* key_pos,
-                                         const float* slot_bias, const int32_t (*row_range)[2], int warp_row0, int g,
-                                         int t) const {
-    return apply_tile(s, n0, slot_bias, t, [&] {
+                                         const float* slot_bias, const int32_t (*row_range)[2], uint8_t state,
+                                         int warp_row0, int g, int t) const {
+    const bool read_mask = query_mask && (state & BlockMap::kSomeFalse) != 0;  // else every element is True
+    return apply_tile(s, n0, slot_bias, t, read_mask, [&] {
       // A window edge (the causal diagonal), the last (partial) tile, or query-side operands: per element.
       int low[kMTiles][2], limit[kMTiles][2];
 #pragma unroll
@@ -100,7 +117,7 @@ struct ScoreOperands {
           }
         }
       per_element_any(s, key_pos, slot_bias, low, limit, t);
-      if constexpr (Traits::kQueryOperands) query_operands(s, key_pos, low, limit, warp_row0, g, t);
+      if constexpr (Traits::kQueryOperands) query_operands(s, key_pos, low, limit, read_mask, warp_row0, g, t);
     });
   }
 
@@ -111,17 +128,18 @@ struct ScoreOperands {
                                          const float* slot_bias, const int (&low)[kMTiles][2],
                                          const int (&limit)[kMTiles][2], int t) const {
     static_assert(!Traits::kQueryOperands, "query-side operands need the tile's query rows");
-    return apply_tile(s, n0, slot_bias, t, [&] { per_element_any(s, key_pos, slot_bias, low, limit, t); });
+    return apply_tile(s, n0, slot_bias, t, false, [&] { per_element_any(s, key_pos, slot_bias, low, limit, t); });
   }
 
  private:
   // Tiles every row sees whole take the scale and a key-side bias (or nothing: raw_scores); others per_tile().
+  // read_mask: the tile's query-side mask must be read (false where the block map shows it all True).
   template <typename PerElement>
   __device__ __forceinline__ float apply_tile(float (&s)[kMTiles][kNTiles][4], int n0, const float* slot_bias, int t,
-                                              PerElement&& per_tile) const {
+                                              bool read_mask, PerElement&& per_tile) const {
     // A softcap sends every tile down the per-element path (its one place that caps scores).
     const bool whole_tile = n0 + kBlockN <= c.slots_full && (!Traits::kWindowLeft || n0 >= c.slots_low_full) &&
-                            !query_mask && !query_bias && p.softcap == 0.f;
+                            !read_mask && !query_bias && p.softcap == 0.f;
     const bool raw_scores = whole_tile && !key_bias && scale > 0.f;
     if (whole_tile && !raw_scores) {
 #pragma unroll
@@ -182,13 +200,14 @@ struct ScoreOperands {
   // -inf by itself (an inf in k) still takes its bias: -inf + NaN or + inf is NaN, as the contract says.
   __device__ __forceinline__ void query_operands(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
                                                  const int (&low)[kMTiles][2], const int (&limit)[kMTiles][2],
-                                                 int warp_row0, int g, int t) const {
+                                                 bool read_mask, int warp_row0, int g, int t) const {
+    if (!read_mask && !query_bias) return;
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int64_t qrow = static_cast<int64_t>(c.q_start) + c.m0 + warp_row0 + mt * 16 + g + half * 8;
-        const int64_t mask_row = query_mask ? p.mask.row_start(qrow, c.h) : 0;
+        const int64_t mask_row = read_mask ? p.mask.row_start(qrow, c.h) : 0;
         const int64_t bias_row = query_bias ? p.bias.row_start(qrow, c.h) : 0;
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt)
@@ -197,7 +216,7 @@ struct ScoreOperands {
             float& x = s[mt][nt][2 * half + e2];
             const int pos = key_pos[nt * 8 + 2 * t + e2];
             if (pos < low[mt][half] || pos >= limit[mt][half]) continue;  // hidden: x is -inf already
-            if (query_mask && !p.mask.mask_allows(p.mask.column(mask_row, pos))) {
+            if (read_mask && !p.mask.mask_allows(p.mask.column(mask_row, pos))) {
               x = -INFINITY;  // hidden: its bias is not read (it may be NaN)
             } else if (query_bias) {
               x += bias_value(p.bias, p.bias.column(bias_row, pos));

@@ -31,7 +31,8 @@ namespace dmattn::cuda::sm80 {
 
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
-varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys, int seq0) {
+varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys,
+                  const __grid_constant__ BlockMap blocks, int seq0) {
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
   constexpr int kMTiles = Traits::kMTiles, kNTiles = Traits::kNTiles, kDTiles = Traits::kDTiles;
 
@@ -44,7 +45,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
   TileContext c;
   if (!VarlenTileScheduler<kBlockM>::template tile<Traits::kKeyRanges>(p, keys, seq0, lane, c)) return;
   const int n_tiles = (c.slots_end + kBlockN - 1) / kBlockN;
-  const ScoreOperands<Traits> ops(p, c);
+  const ScoreOperands<Traits> ops(p, c, blocks);
   KvTiles<Traits> kv(p, c, smem);
   if constexpr (Traits::kKeyRanges) {  // visible before its first use: the barriers ahead of every ops.apply
     if (p.key_range != nullptr) {
@@ -95,13 +96,15 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     cute::cp_async_fence();
     const int next = ops.next_live(n + 1, n_tiles);
     if (next < n_tiles) kv.fetch_pos(next);  // issued now, consumed after Q K^T
+    const uint8_t mask_state = ops.mask_state(n0);  // likewise
 
     // ---- S = Q K^T: s[mt][nt] is the m16n8 fragment (rows warp_row0 + 16 mt, slots 8 nt) ----
     float s[kMTiles][kNTiles][4];
     score_tile<Traits>(s, q_lane, k_lane, 0);
 
     // ---- Scores: scale, bias, and -inf where a key is not visible ----
-    const float score_mul = ops.apply(s, n0, smem.key_pos[buf], smem.key_bias[buf], smem.row_range, warp_row0, g, t);
+    const float score_mul =
+        ops.apply(s, n0, smem.key_pos[buf], smem.key_bias[buf], smem.row_range, mask_state, warp_row0, g, t);
 
     if (next < n_tiles) {
       kv.fetch_bias();
