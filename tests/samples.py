@@ -236,11 +236,16 @@ def _within_rule(name, got, want, base, dtype, base_dtype, where="") -> None:
 def assert_gradients_close(got, want, same_dtype, base_dtype) -> None:
     """Judges gradients {name: tensor} against those of the float64 reference (``want``) by the forward's rule, with
     ``same_dtype`` the reference's gradients in ``base_dtype``. On top of it: every gradient finite. Entries where the
-    reference's own autograd is not finite (NaN through rows whose scores are all -inf) are not compared."""
+    reference's own autograd is not finite (NaN through rows whose scores are all -inf) are not compared.
+
+    The rule's few ulps are those of the coarser of the gradient's dtype and the call's: a float32 bias's gradient
+    in a bfloat16 call comes from bfloat16 dO, O and V, so it cannot be closer than bfloat16 allows, however lucky
+    the bfloat16 PyTorch run happens to be on a tiny draw (a (3, 1, 6) bias: 6.3e-4 against 2 x 3e-4)."""
     for name, g in got.items():
         assert g.isfinite().all(), f"d{name} has inf / NaN"
         usable = want[name].isfinite()
-        _within_rule(f"d{name}", g.double()[usable], want[name][usable], same_dtype[name].double()[usable], g.dtype,
+        ulps = g.dtype if torch.finfo(g.dtype).eps >= torch.finfo(base_dtype).eps else base_dtype
+        _within_rule(f"d{name}", g.double()[usable], want[name][usable], same_dtype[name].double()[usable], ulps,
                      base_dtype)
 
 
