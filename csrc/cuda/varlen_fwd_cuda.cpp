@@ -85,9 +85,11 @@ void log_plan(const cuda::FwdPlan& plan, const VarlenFwdParams& p) {
                  plan.row_tiles, plan.num_splits, plan.tiles_per_split, p.batch, p.num_heads, p.num_heads_k,
                  p.head_dim, static_cast<long long>(p.max_seqlen_q), static_cast<long long>(p.max_seqlen_k));
   } else {
-    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=prefill variant=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
-                 static_cast<int>(plan.prefill), p.batch, p.num_heads, p.num_heads_k, p.head_dim,
-                 static_cast<long long>(p.max_seqlen_q), static_cast<long long>(p.max_seqlen_k));
+    static const char* const kVariants[] = {"plain", "windowed", "query_operands"};  // cuda::PrefillVariant
+    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=prefill variant=%s key_lists_heads=%d block_map_heads=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
+                 kVariants[static_cast<int>(plan.prefill)], plan.key_lists_heads, plan.block_map_heads, p.batch,
+                 p.num_heads, p.num_heads_k, p.head_dim, static_cast<long long>(p.max_seqlen_q),
+                 static_cast<long long>(p.max_seqlen_k));
   }
 }
 
