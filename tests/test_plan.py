@@ -192,6 +192,13 @@ def test_query_side_mask_gets_a_block_map(planner):
     assert planner(**prefill, mask=KEY, Hm=8)["workspace"] == 8 * 16_000 * 4 + 256  # the kept-key lists alone
     assert planner(**prefill, bias=QUERY, Hb=32)["workspace"] == 0
     assert planner(**prefill)["workspace"] == 0
+    # Columns only as far as a key position can reach (an expanded mask may be 2^40 wide): min(max_k, total_k).
+    huge = dict(prefill, max_k=2**40)
+    assert planner(**huge, mask=QUERY)["workspace"] == -(-(-(-16_000 // 64) * -(-16_000 // 32)) // 256) * 256
+    # Past 64 MB the map is left out (the kernel scans its tiles instead).
+    big = dict(prefill, total_q=200_000, total_k=200_000, max_q=200_000, max_k=200_000)
+    assert planner(**big, mask=QUERY, Hm=1)["workspace"] == -(-(3_125 * 6_250) // 256) * 256  # 19.5 MB
+    assert planner(**big, mask=QUERY, Hm=8)["workspace"] == 0  # 156 MB
 
 
 def test_decode_splits_cover_only_the_windows_reach(planner):

@@ -85,6 +85,7 @@ constexpr int64_t kDecodeMaxPackedRows = 64;  // auto-chosen while H / Hk * max_
 constexpr int64_t kDecodeForcedMaxPackedRows = int64_t{1} << 20;  // DMATTN_KERNEL=decode up to this
 constexpr int32_t kMaxDecodeSplits = 128;
 constexpr int64_t kMaxSplitPartialBytes = int64_t{64} << 20;  // the split partials' share of the workspace
+constexpr int64_t kMaxBlockMapBytes = int64_t{64} << 20;      // a query-side mask's block map, at most
 constexpr int64_t kDecodeMinTilesPerSplit = 4;
 constexpr int64_t kDecodeCtasPerSm = 2, kDecodeWaves = 6;
 
@@ -113,8 +114,11 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
   if (p.mask.layout == OperandLayout::kKeySide && p.num_heads > 0) {
     plan.key_lists_heads = p.num_heads / p.mask.head_group;  // head_group = H / Hm
   }
-  if (p.mask.layout == OperandLayout::kQuerySide && p.num_heads > 0 && p.total_q > 0 && p.max_seqlen_k > 0) {
-    plan.block_map_heads = p.num_heads / p.mask.head_group;  // the decode kernel takes no query-side operand
+  // The decode kernel takes no query-side operand; a map past its cap (a mask far larger than memory, made of
+  // expanded columns) is left out and the kernel scans its tiles instead.
+  if (p.mask.layout == OperandLayout::kQuerySide && p.num_heads > 0 && p.total_q > 0 &&
+      BlockMap::key_extent(p) > 0 && BlockMap::bytes(p, p.num_heads / p.mask.head_group) <= kMaxBlockMapBytes) {
+    plan.block_map_heads = p.num_heads / p.mask.head_group;
   }
   if (o.kernel == PlanOverrides::Kernel::kPrefill || !decode_supports(p)) return plan;
   const int64_t group = p.num_heads / p.num_heads_k;
@@ -158,7 +162,7 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
 
 // The workspace, in order: the kept-key index (Hm, total_k) and counts (B, Hm), int32 each (key-side mask); the
 // split partials (decode with num_splits > 1): lse (splits, H, total_q) and O (splits, H, total_q, D), float32 each;
-// the block map (query-side mask): (Hm, ceil(total_q / 64), ceil(max_seqlen_k / 32)) bytes, 1 / 2048 of the mask.
+// the block map (query-side mask): (Hm, ceil(total_q / 64), ceil(key extent / 32)) bytes, 1 / 2048 of the mask.
 // 256-byte aligned pieces, so a new one can be appended without disturbing the alignment of the others.
 constexpr size_t kWorkspaceAlign = 256;
 
@@ -187,9 +191,7 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
   }
   if (plan.block_map_heads > 0) {
     w.block_map = w.total;
-    w.total += align_up(static_cast<size_t>(plan.block_map_heads) *
-                        static_cast<size_t>(BlockMap::blocks(p.total_q, BlockMap::kRows)) *
-                        static_cast<size_t>(BlockMap::blocks(p.max_seqlen_k, BlockMap::kCols)));
+    w.total += align_up(static_cast<size_t>(BlockMap::bytes(p, plan.block_map_heads)));
   }
   return w;
 }
@@ -215,7 +217,8 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
   if (plan.block_map_heads > 0) {
     ws.blocks = {reinterpret_cast<uint8_t*>(bytes + w.block_map),
                  static_cast<int32_t>(BlockMap::blocks(p.total_q, BlockMap::kRows)),
-                 static_cast<int32_t>(BlockMap::blocks(p.max_seqlen_k, BlockMap::kCols)), plan.block_map_heads};
+                 static_cast<int32_t>(BlockMap::blocks(BlockMap::key_extent(p), BlockMap::kCols)),
+                 plan.block_map_heads};
   }
   return ws;
 }

@@ -56,10 +56,21 @@ struct BlockMap {
   static constexpr uint8_t kSomeTrue = 1, kSomeFalse = 2;
   uint8_t* state = nullptr;
   int32_t row_blocks = 0;  // ceil(total_q / kRows)
-  int32_t col_blocks = 0;  // ceil(max_seqlen_k / kCols)
+  int32_t col_blocks = 0;  // ceil(key_extent(p) / kCols)
   int32_t mask_heads = 0;
 
   static int64_t blocks(int64_t rows, int64_t per) { return (rows + per - 1) / per; }
+  // The key positions a kernel can reach: below every sequence's clamped key count, so below max_seqlen_k, total_k
+  // and 2^31 (cu_seqlens are int32). A max_seqlen_k of 2^40 over an expanded (stride-0) mask column costs the map
+  // nothing.
+  DMATTN_HOST_DEVICE static int64_t key_extent(const VarlenFwdParams& p) {
+    int64_t extent = p.max_seqlen_k < p.total_k ? p.max_seqlen_k : p.total_k;
+    return extent < INT32_MAX ? extent : INT32_MAX;
+  }
+  // Bytes of the map of a call with that many mask heads.
+  static int64_t bytes(const VarlenFwdParams& p, int64_t heads) {
+    return heads * blocks(p.total_q, kRows) * blocks(key_extent(p), kCols);
+  }
   // The union of the states of the blocks covering packed rows [row0, row0 + rows) and key positions [j0, j1)
   // (rows >= 1, j0 < j1) of mask head hm. Every index stays inside the map for rows within total_q and positions
   // within max_seqlen_k, which the kernels' clamped sequence ranges guarantee.
