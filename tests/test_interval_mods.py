@@ -168,6 +168,21 @@ def test_causal_documents_on_top_of_is_causal(device):
     torch.testing.assert_close(got.cpu().double(), want, **tol)
 
 
+def test_documents_with_a_native_window(device):
+    """Causal documents with a sliding window: document_mask beside is_causal and window_size, every limit native."""
+    lens = [64, 1, 33]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v, cu_q, cu_k = batch(lens, lens, device, dtype, seed=5)
+    ids = document_ids(lens, seed=9)
+    got = dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 64, 64, is_causal=True, window_size=(6, 0),
+                                      mask_mod=dmattn_ops.document_mask(cu_q, cu_k, ids.to(device)))
+    dense = expected_mask("documents", lens, lens, 64, ids)
+    want = reference_varlen_attention(*(t.cpu().double() for t in (q, k, v)), cu_q.cpu(), cu_k.cpu(), 64, 64,
+                                      mask=dense.unsqueeze(1), is_causal=True, window_size=(6, 0))[0]
+    tol = dict(rtol=1.6e-2, atol=1.6e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.cpu().double(), want, **tol)
+
+
 def test_key_range_is_built_once_per_total_q_in_eager_mode():
     """Every layer of a model calls the op with the same mod: the key_range is built on the first call only."""
     lens_q, lens_k = LENS
