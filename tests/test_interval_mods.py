@@ -9,6 +9,8 @@ output through the native path against the float64 reference given the dense mas
 import pytest
 import torch
 import torch._dynamo.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dmattn_ops
 from dmattn_ops.reference import reference_varlen_attention
@@ -250,3 +252,35 @@ def test_errors():
     with pytest.raises(ValueError, match="pass either key_range or a prefix_lm / document_mask mask_mod, not both"):
         dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 40, 40, key_range=key_range,
                                     mask_mod=dmattn_ops.prefix_lm(cu_q, cu_k, 3))
+
+
+@settings(max_examples=60)
+@given(data=st.data())
+def test_key_range_equals_the_mod_on_drawn_batches(data):
+    """On drawn batches (empty sequences, Lq > Lk and Lq < Lk, rows after the last sequence, one-key documents,
+    prefixes past the keys) each mod's key_range, as a mask, is exactly what create_mask evaluates; rows no sequence
+    owns get (0, 0)."""
+    batch_size = data.draw(st.integers(1, 5), label="B")
+    lens_q = data.draw(st.lists(st.integers(0, 9), min_size=batch_size, max_size=batch_size), label="lens_q")
+    lens_k = data.draw(st.lists(st.integers(0, 12), min_size=batch_size, max_size=batch_size), label="lens_k")
+    extra_rows = data.draw(st.integers(0, 3), label="rows after the last sequence")
+    total_q, total_k, max_k = sum(lens_q) + extra_rows, sum(lens_k), max(max(lens_k), 1)
+    cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
+    if data.draw(st.booleans(), label="prefix_lm"):
+        prefix = data.draw(st.one_of(st.integers(0, 14), st.lists(st.integers(0, 14), min_size=batch_size,
+                                                                  max_size=batch_size)), label="prefix")
+        mod = dmattn_ops.prefix_lm(cu_q, cu_k, prefix if isinstance(prefix, int) else torch.tensor(prefix))
+    else:
+        ids = torch.tensor(data.draw(st.lists(st.integers(0, 2), min_size=total_k, max_size=total_k), label="ids"),
+                           dtype=torch.int64)
+        mod = dmattn_ops.document_mask(cu_q, cu_k, ids)
+    key_range = mod.key_range(total_q)
+    built = dmattn_ops.create_mask(mod, cu_q, cu_k, max(lens_q), max_k, H, total_q=total_q, total_k=total_k)
+    lk = torch.tensor(lens_k).repeat_interleave(torch.tensor(lens_q))
+    lk = torch.cat([lk, torch.zeros(extra_rows, dtype=lk.dtype)])
+    j = torch.arange(max_k)
+    as_mask = (j >= key_range[:, :1].long()) & (j < key_range[:, 1:].long()) & (j < lk[:, None])
+    assert torch.equal(built[:, 0], as_mask)
+    assert bool((key_range[:, 0] <= key_range[:, 1]).all())
+    assert key_range[total_q - extra_rows:].eq(0).all()
+
