@@ -544,12 +544,15 @@ def sliding_window(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, left:
     return _WindowMaskMod(cu_seqlens_q, cu_seqlens_k, left, right)
 
 
+def _made_for(mask_mod, kind: type, cu_seqlens_q, cu_seqlens_k) -> bool:
+    """Whether mask_mod is a ``kind`` made for these very cu_seqlens tensors (the op's native form applies)."""
+    return (isinstance(mask_mod, kind) and mask_mod.cu_seqlens_q is cu_seqlens_q
+            and mask_mod.cu_seqlens_k is cu_seqlens_k)
+
+
 def native_window(mask_mod, cu_seqlens_q, cu_seqlens_k):
     """The window_size of a sliding_window mask_mod made for these very cu_seqlens tensors, else None."""
-    if isinstance(mask_mod, _WindowMaskMod) and mask_mod.cu_seqlens_q is cu_seqlens_q \
-            and mask_mod.cu_seqlens_k is cu_seqlens_k:
-        return mask_mod.window_size
-    return None
+    return mask_mod.window_size if _made_for(mask_mod, _WindowMaskMod, cu_seqlens_q, cu_seqlens_k) else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -704,8 +707,7 @@ def document_mask(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, docume
 
 def native_key_range(mask_mod, cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int) -> Optional[torch.Tensor]:
     """The key_range of a prefix_lm / document_mask mask_mod made for these very cu_seqlens tensors, else None."""
-    if not (isinstance(mask_mod, _IntervalMaskMod) and mask_mod.cu_seqlens_q is cu_seqlens_q
-            and mask_mod.cu_seqlens_k is cu_seqlens_k):
+    if not _made_for(mask_mod, _IntervalMaskMod, cu_seqlens_q, cu_seqlens_k):
         return None
     if isinstance(mask_mod, _Documents) and mask_mod._first.shape[0] != total_k + 1:
         raise ValueError(f"dmattn.document_mask: document_ids must have one id per packed key, (total_k,) = "

@@ -552,15 +552,13 @@ DECODE_WINDOW = 1024  # the window of its decode group
 
 
 def window_as_query_mask(p: PackedBatch) -> PackedBatch:
-    """The same call with its window as a query-side (total_q, 1, max_seqlen_k) mask instead of window_size."""
+    """The same call with its window as a query-side (total_q, 1, max_seqlen_k) mask instead of window_size: the
+    window's left edge as each query's interval [aligned - left, Lk) (its right side is the call's is_causal)."""
     left = p.window_size[0]
-    rows = []
-    for lq, lk in zip(p.seqlens_q, p.seqlens_k):
-        aligned = torch.arange(lq)[:, None] + (lk - lq)
-        j = torch.arange(p.max_seqlen_k)[None, :]
-        rows.append((j >= aligned - left) & (j < lk))
-    mask = torch.cat(rows).unsqueeze(1).to(p.device)
-    return p.replace(mask=mask, window_size=None)
+    begin = torch.cat([torch.arange(lq) + (lk - lq) - left for lq, lk in zip(p.seqlens_q, p.seqlens_k)])
+    end = torch.tensor(p.seqlens_k).repeat_interleave(torch.tensor(p.seqlens_q))
+    ranges = torch.stack([begin, end], 1).to(device=p.device, dtype=torch.int32)
+    return ranges_as_query_mask(p.replace(key_range=ranges, window_size=None))
 
 
 def decode_window_group(base: PackedBatch):
