@@ -1,8 +1,8 @@
 """The CUDA decode kernel (packed GQA, split-KV; csrc/cuda/sm80/decode_kernel.cuh) and its choice, beside the prefill
 kernel: both run every sample, forced through the documented debug variables (README, "Debug variables"):
 
-- DMATTN_KERNEL=prefill|decode forces a kernel (decode only where it can run: key-side operands shared by the query
-  heads of a KV head, no query-side operand; elsewhere the prefill kernel runs);
+- DMATTN_KERNEL=prefill|decode forces a kernel (decode only where it can run: mask and bias heads shared by the query
+  heads of a KV head, key-side or query-side; elsewhere the prefill kernel runs);
 - DMATTN_DECODE_TILES_PER_SPLIT=1 makes every 64-key tile its own split, so the split combine runs on every sample
   with more than 64 keys;
 - DMATTN_LOG_PLAN=1 prints each call's plan to stderr: the tests read which kernel the automatic choice took.
@@ -85,6 +85,16 @@ DECODE_SPECS = [
     # a long sequence beside a short one: many splits, and a compaction over many 2048-key chunks
     Spec("long_beside_short", heads=4, heads_k=2, seqlens_q=(2, 1), seqlens_k=(40000, 300), mask="key",
          mask_heads="Hk", keep=0.3, bias="key", bias_heads="Hk", dtypes=(torch.float16, torch.bfloat16)),
+    # Query-side operands (the decode kernel's own variant: the kept keys of a query-side mask are the OR of the
+    # sequence's query rows, then each row its own).
+    Spec("query_mask_hk_key_bias", heads=8, heads_k=2, seqlens_q=(1, 3, 8, 2), seqlens_k=(1500, 700, 2100, 90),
+         mask="query", mask_heads="Hk", keep=0.25, bias="key", bias_heads="Hk"),
+    Spec("query_mask_1_query_bias_1", heads=8, heads_k=2, seqlens_q=(4, 1), seqlens_k=(3000, 64), mask="query",
+         mask_heads="1", keep=0.5, bias="query", bias_heads="1"),
+    Spec("key_mask_query_bias_hk_causal", heads=8, heads_k=2, seqlens_q=(8, 3, 7), seqlens_k=(900, 3, 1300),
+         is_causal=True, mask="key", mask_heads="Hk", bias="query", bias_heads="Hk"),
+    Spec("query_mask_mqa_all_masked_rows", heads=8, heads_k=1, seqlens_q=(8, 5), seqlens_k=(1100, 600),
+         mask="query", mask_heads="1", keep=0.02),
 ]
 
 
@@ -117,7 +127,9 @@ def _plan_lines(capfd):
     "spec, expected",
     [
         (DECODE_SPECS[0], "decode"),  # 4 query heads per KV head x <= 8 queries: 32 packed rows
-        (next(s for s in SAMPLES if s.name == "long_sequences"), "prefill"),  # query-side mask
+        (next(s for s in SAMPLES if s.name == "long_sequences"), "prefill"),  # 150 queries: too many packed rows
+        (Spec("query_mask_decode", heads=8, heads_k=2, seqlens_q=(1, 2), seqlens_k=(500, 90), mask="query",
+              mask_heads="Hk"), "decode"),
         (Spec("prefill_len", heads=8, heads_k=2, seqlens_q=(300, 40), seqlens_k=(300, 40), is_causal=True),
          "prefill"),
         (Spec("mask_per_query_head", heads=8, heads_k=2, seqlens_q=(1, 2), seqlens_k=(500, 90), mask="key",

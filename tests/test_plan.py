@@ -130,8 +130,11 @@ def test_split_partials_are_bounded(planner):
         (dict(bias=KEY, Hb=32), "prefill"),
         (dict(bias=KEY, Hb=16), "prefill"),  # 2 query heads per bias head: a KV group (4 heads) spans two
         (dict(bias=KEY, Hb=4), "decode"),  # 8 query heads per bias head: two whole KV groups each
-        (dict(mask=QUERY, Hm=8), "prefill"),
-        (dict(bias=QUERY, Hb=1), "prefill"),
+        (dict(mask=QUERY, Hm=8), "decode"),  # its kept-key list: the keys some query of the sequence may see
+        (dict(mask=QUERY, Hm=1), "decode"),
+        (dict(mask=QUERY, Hm=32), "prefill"),  # Hm = H, as key-side
+        (dict(bias=QUERY, Hb=1), "decode"),
+        (dict(bias=QUERY, Hb=32), "prefill"),
         (dict(max_q=16), "decode"),  # 4 x 16 = 64 packed rows
         (dict(max_q=17), "prefill"),
         (dict(H=8, Hk=8, max_q=64), "decode"),  # MHA: 64 queries
@@ -148,7 +151,7 @@ def test_forcing(planner):
     forced = planner(**{**WORKLOAD, "max_q": 4000, "total_q": 8000}, force=FORCE_DECODE)
     assert forced["kernel"] == "decode" and forced["row_tiles"] == math.ceil(4 * 4000 / 32)
     # where it cannot run, forcing the decode kernel leaves the prefill kernel
-    assert planner(**WORKLOAD, mask=QUERY, Hm=1, force=FORCE_DECODE)["kernel"] == "prefill"
+    assert planner(**WORKLOAD, mask=QUERY, Hm=32, force=FORCE_DECODE)["kernel"] == "prefill"
     assert planner(**WORKLOAD, mask=KEY, Hm=32, force=FORCE_DECODE)["kernel"] == "prefill"
     small = {**WORKLOAD, "total_q": 64, "max_q": 1, "max_k": 2048}
     assert planner(**small, force=FORCE_DECODE, tiles=1)["tiles_per_split"] == 1
@@ -180,6 +183,18 @@ def test_prefill_variant_choice(planner):
     assert planner(**prefill, key_range=True)["prefill"] == "window_left"
     assert planner(**prefill, mask=KEY, Hm=8, window=(-1, 0), key_range=True)["prefill"] == "window_left"
     assert planner(**prefill, mask=QUERY, key_range=True)["prefill"] == "query_operands"
+
+
+def test_query_side_mask_in_the_decode_kernel_gets_kept_key_lists(planner):
+    """The decode kernel walks a query-side mask's kept keys (the OR of the sequence's query rows) as a key-side
+    mask's: the same lists, no block map; the prefill kernel gets the map instead."""
+    for Hm in (1, 8):
+        plan = planner(**WORKLOAD, mask=QUERY, Hm=Hm)
+        assert plan["kernel"] == "decode" and plan["key_lists_heads"] == Hm
+        assert plan["workspace"] == planner(**WORKLOAD, mask=KEY, Hm=Hm)["workspace"]
+    prefill = planner(**WORKLOAD, mask=QUERY, Hm=8, force=FORCE_PREFILL)
+    assert prefill["kernel"] == "prefill" and prefill["key_lists_heads"] == 0
+    assert prefill["workspace"] == -(-(8 * -(-288 // 64) * -(-8192 // 32)) // 256) * 256
 
 
 def test_query_side_mask_gets_a_block_map(planner):

@@ -89,15 +89,15 @@ constexpr int64_t kMaxBlockMapBytes = int64_t{64} << 20;      // a query-side ma
 constexpr int64_t kDecodeMinTilesPerSplit = 4;
 constexpr int64_t kDecodeCtasPerSm = 2, kDecodeWaves = 6;
 
-// Whether the decode kernel can run p: one kept-key list and one key-side bias per packed tile, so key-side operands
-// broadcast over the query heads of a KV head (Hm in {1, Hk}); no query-side operands; K / V rows whose byte strides
-// fit in 32 bits (its gathers address a row with one 32 x 32-bit multiply; the CUDA kernels take 2-byte types).
+// Whether the decode kernel can run p: one kept-key list and one key-side bias per packed tile, so mask and bias
+// heads broadcast over the query heads of a KV head (Hm in {1, Hk}), key-side or query-side (the list of a query-side
+// mask: the keys some query of the sequence may see); K / V rows whose byte strides fit in 32 bits (its gathers
+// address a row with one 32 x 32-bit multiply; the CUDA kernels take 2-byte types).
 inline bool decode_supports(const VarlenFwdParams& p) {
   if (p.num_heads <= 0 || p.num_heads_k <= 0 || p.num_heads % p.num_heads_k != 0) return false;
   if (p.k_row_stride > INT32_MAX / 2 || p.v_row_stride > INT32_MAX / 2) return false;
   const int32_t group = p.num_heads / p.num_heads_k;
   auto packable = [&](const ScoreOperand& op) {
-    if (op.layout == OperandLayout::kQuerySide) return false;
     // head_group = H / Hm: Hm = 1 gives H, Hm = Hk gives the group; both are multiples of the group.
     return op.layout == OperandLayout::kAbsent || op.head_group % group == 0;
   };
@@ -114,16 +114,21 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
   if (p.mask.layout == OperandLayout::kKeySide && p.num_heads > 0) {
     plan.key_lists_heads = p.num_heads / p.mask.head_group;  // head_group = H / Hm
   }
-  // The decode kernel takes no query-side operand; a map past its cap (a mask far larger than memory, made of
-  // expanded columns) is left out and the kernel scans its tiles instead.
-  if (p.mask.layout == OperandLayout::kQuerySide && p.num_heads > 0 && p.total_q > 0 &&
-      BlockMap::key_extent(p) > 0 && BlockMap::bytes(p, p.num_heads / p.mask.head_group) <= kMaxBlockMapBytes) {
-    plan.block_map_heads = p.num_heads / p.mask.head_group;
-  }
-  if (o.kernel == PlanOverrides::Kernel::kPrefill || !decode_supports(p)) return plan;
+  // The prefill kernel summarizes a query-side mask by blocks; a map past its cap (a mask far larger than memory,
+  // made of expanded columns) is left out and the kernel scans its tiles instead.
+  auto prefill = [&] {
+    if (p.mask.layout == OperandLayout::kQuerySide && p.num_heads > 0 && p.total_q > 0 &&
+        BlockMap::key_extent(p) > 0 && BlockMap::bytes(p, p.num_heads / p.mask.head_group) <= kMaxBlockMapBytes) {
+      plan.block_map_heads = p.num_heads / p.mask.head_group;
+    }
+    return plan;
+  };
+  if (o.kernel == PlanOverrides::Kernel::kPrefill || !decode_supports(p)) return prefill();
   const int64_t group = p.num_heads / p.num_heads_k;
-  if (group * p.max_seqlen_q > kDecodeForcedMaxPackedRows) return plan;  // even when forced: ints on the device
-  if (o.kernel == PlanOverrides::Kernel::kAuto && group * p.max_seqlen_q > kDecodeMaxPackedRows) return plan;
+  if (group * p.max_seqlen_q > kDecodeForcedMaxPackedRows) return prefill();  // even when forced: ints on the device
+  if (o.kernel == PlanOverrides::Kernel::kAuto && group * p.max_seqlen_q > kDecodeMaxPackedRows) return prefill();
+  // The decode kernel walks a query-side mask's kept keys as a key-side one's (compact_keys ORs the query rows).
+  if (p.mask.layout == OperandLayout::kQuerySide) plan.key_lists_heads = p.num_heads / p.mask.head_group;
 
   // Decode: grid (row tiles x splits, KV heads, sequences). Splits are whole KV tiles; every split of a sequence but
   // its last holds tiles_per_split of them, so the work of a CTA is bounded whatever the length spread. The host

@@ -1,5 +1,6 @@
 // key_compaction.cu: a key-side mask -> sorted lists of the key positions it keeps (passes.h, KeyLists), built on
-// the device before the attention kernel so that it gathers only kept K / V rows.
+// the device before the attention kernel so that it gathers only kept K / V rows. For the decode kernel a query-side
+// mask gets the same lists: the keys some query of the sequence may see (the OR of its few query rows).
 #include <cuda_runtime.h>
 
 #include "passes.h"
@@ -24,6 +25,8 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   // Any query head of mask head hm reads the same column: h = hm * head_group.
   const int h = hm * p.mask.head_group;
+  const bool query_side = p.mask.layout == OperandLayout::kQuerySide;
+  const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
   int32_t* index = keys.index + static_cast<int64_t>(hm) * p.total_k + sk.start;
   int kept = 0;  // a sequence has < 2^31 keys (cu_seqlens are int32)
   for (int64_t j0 = 0; j0 < sk.len; j0 += kChunk) {
@@ -32,7 +35,14 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
 #pragma unroll
     for (int i = 0; i < kKeysPerThread; ++i) {
       const int64_t j = first + i;
-      if (j < sk.len && p.mask.mask_allows(p.mask.offset(rows.row(j), h, 0))) bits |= 1u << i;
+      if (j >= sk.len) continue;
+      bool keep = false;
+      if (query_side) {  // column j of each query row (a position: no pool row)
+        for (int64_t q = 0; q < sq.len && !keep; ++q) keep = p.mask.mask_allows(p.mask.offset(sq.start + q, h, j));
+      } else {
+        keep = p.mask.mask_allows(p.mask.offset(rows.row(j), h, 0));
+      }
+      if (keep) bits |= 1u << i;
     }
     const int n = __popc(bits);
     int inclusive = n;  // kept keys of this lane and the lanes before it in the warp

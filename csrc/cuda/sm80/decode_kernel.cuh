@@ -2,8 +2,9 @@
 // sequence, many keys. Three things make it read K / V at bandwidth where the prefill kernel cannot:
 //   packed GQA   one CTA holds the G = H / Hk query heads of a KV head times the sequence's queries as its rows
 //                (DecodeTileScheduler, tile_scheduler.cuh), so each K / V row is read once per KV head, not per query
-//                head; the key-side mask and bias are then one per tile (the plan sends Hm = H and query-side
-//                operands to the prefill kernel, heuristics.h)
+//                head; the key-side mask and bias are then one per tile (the plan sends Hm = H to the prefill
+//                kernel, heuristics.h); query-side ones are read per element by their own variant
+//                (Traits::kQueryOperands), the keys no query of the sequence may see skipped as a key-side mask's
 //   split-KV     the key slots of a (sequence, KV head) are cut into splits of whole KV tiles, one CTA each, so a
 //                batch of a few long sequences still fills the GPU; splits write float32 partials that
 //                combine_splits (../split_combine.cu) merges through their lse
@@ -173,7 +174,7 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
     }
     return;
   }
-  const BlockMap no_block_map;  // query-side operands take the prefill kernel
+  const BlockMap no_block_map;  // a query-side mask's kept keys are its kept-key list here (compact_keys)
   const ScoreOperands<Traits> ops(p, c, no_block_map);
   KvTiles<Traits> kv(p, c, smem);
 
@@ -246,8 +247,12 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
     score_tile<Traits>(s, q_lane, k_lane + stage * kTileBytes, warp);
 
     // ---- Scores: scale, bias, and -inf where a key is not visible ----
-    const float score_mul = ops.apply(s, n * kBlockN, smem.key_pos[meta] + warp * kWarpKeys,
-                                      smem.key_bias[meta] + warp * kWarpKeys, low, limit, t);
+    const float score_mul = [&] {
+      const int32_t* key_pos = smem.key_pos[meta] + warp * kWarpKeys;
+      const float* key_bias = smem.key_bias[meta] + warp * kWarpKeys;
+      if constexpr (Traits::kQueryOperands) return ops.apply(s, n * kBlockN, key_pos, key_bias, low, limit, d, g, t);
+      else return ops.apply(s, n * kBlockN, key_pos, key_bias, low, limit, t);
+    }();
     const bool v_fix = ops.hides_keys(n * kBlockN) && tile_has_nonfinite<Traits>(smem.tiles.v[stage]);
     if (v_fix) {
       zero_nonfinite_rows<Traits>(smem.tiles.v[stage], smem.v_bad);

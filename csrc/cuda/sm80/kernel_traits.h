@@ -119,12 +119,14 @@ struct KernelTraits : SwizzledTiles<kHeadDim_> {
 
 // The decode kernel (decode_kernel.cuh): every warp holds all kBlockM packed rows (kMTiles m16 fragments) and its
 // own 16 keys of each KV tile (kNTiles = 2 n8 fragments); kStages KV tiles in flight.
-template <typename Elem_, int kHeadDim_>
+template <typename Elem_, int kHeadDim_, bool kQueryOperands_ = false>
 struct DecodeKernelTraits : SwizzledTiles<kHeadDim_> {
   using Elem = Elem_;
   using Mma = typename ElemTraits<Elem>::Mma;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr bool kQueryOperands = false;  // the plan sends query-side operands to the prefill kernel
+  // Reads query-side masks / biases per element of its packed rows (its own instantiation: the registers of the
+  // other stay as they were); the kept-key list it walks is then the union of the sequence's query rows.
+  static constexpr bool kQueryOperands = kQueryOperands_;
   static constexpr bool kWindowLeft = true;       // windows of every kind
   static constexpr bool kKeyRanges = true;        // and per-query key ranges
   static constexpr bool kSlotRows = true;         // gathers K / V at each slot's row (key_row): a pool read in place

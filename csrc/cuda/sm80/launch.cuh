@@ -44,14 +44,20 @@ cudaError_t launch_decode(const VarlenFwdParams& p, const Workspace& ws, cudaStr
   return cudaSuccess;
 }
 
-// Four kernels per (Elem, kHeadDim): the decode kernel where the plan picked it; else the prefill kernel in one of
+// Five kernels per (Elem, kHeadDim): the decode kernel where the plan picked it (with or without query-side
+// operands); else the prefill kernel in one of
 // three variants (plan.prefill): the one that reads query-side masks / biases (a smaller query tile, to keep its
 // per-element path within the register budget), the one that keeps per-row lower key bounds for a window's left
 // edge or per-query key ranges, and the plain one for all other calls.
 template <typename Elem, int kHeadDim>
 cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws,
                              cudaStream_t stream) {
-  if (plan.kernel == FwdKernel::kDecode) return launch_decode<DecodeKernelTraits<Elem, kHeadDim>>(p, ws, stream);
+  if (plan.kernel == FwdKernel::kDecode) {
+    if (p.mask.layout == OperandLayout::kQuerySide || p.bias.layout == OperandLayout::kQuerySide) {
+      return launch_decode<DecodeKernelTraits<Elem, kHeadDim, true>>(p, ws, stream);
+    }
+    return launch_decode<DecodeKernelTraits<Elem, kHeadDim>>(p, ws, stream);
+  }
   switch (plan.prefill) {
     case PrefillVariant::kQueryOperands:
       return launch_variant<KernelTraits<Elem, kHeadDim, true>>(p, ws, stream);

@@ -127,8 +127,19 @@ struct ScoreOperands {
   __device__ __forceinline__ float apply(float (&s)[kMTiles][kNTiles][4], int n0, const int32_t* key_pos,
                                          const float* slot_bias, const int (&low)[kMTiles][2],
                                          const int (&limit)[kMTiles][2], int t) const {
-    static_assert(!Traits::kQueryOperands, "query-side operands need the tile's query rows");
+    static_assert(!Traits::kQueryOperands, "query-side operands need each packed row's query and head");
     return apply_tile(s, n0, slot_bias, t, false, [&] { per_element_any(s, key_pos, slot_bias, low, limit, t); });
+  }
+  // And with query-side operands, read per element at each packed row's query d.query(r) and head d.head(r).
+  template <typename PackedRows>
+  __device__ __forceinline__ float apply(float (&s)[kMTiles][kNTiles][4], int n0, const int32_t* key_pos,
+                                         const float* slot_bias, const int (&low)[kMTiles][2],
+                                         const int (&limit)[kMTiles][2], const PackedRows& d, int g, int t) const {
+    static_assert(Traits::kQueryOperands, "the variant without query-side operands takes the overload above");
+    return apply_tile(s, n0, slot_bias, t, query_mask, [&] {
+      per_element_any(s, key_pos, slot_bias, low, limit, t);
+      packed_query_operands(s, key_pos, low, limit, d, g, t);
+    });
   }
 
  private:
@@ -192,6 +203,38 @@ struct ScoreOperands {
           for (int half = 0; half < 2; ++half) {
             float& x = s[mt][nt][2 * half + e2];
             x = pos < low[mt][half] || pos >= limit[mt][half] ? -INFINITY : x * mul + kb;
+          }
+      }
+  }
+
+  // Pass 2 for packed rows: query_operands below with each row's own query and head. Rows of one query share their
+  // mask row across the heads of an operand head, so those bytes come from L1.
+  template <typename PackedRows>
+  __device__ __forceinline__ void packed_query_operands(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
+                                                        const int (&low)[kMTiles][2], const int (&limit)[kMTiles][2],
+                                                        const PackedRows& d, int g, int t) const {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = mt * 16 + g + half * 8;
+        if (r >= c.rows) continue;  // limit 0: every key of it is hidden already
+        const int64_t qrow = static_cast<int64_t>(c.q_start) + d.query(r);
+        const int h = d.head(r);
+        const int64_t mask_row = query_mask ? p.mask.row_start(qrow, h) : 0;
+        const int64_t bias_row = query_bias ? p.bias.row_start(qrow, h) : 0;
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+          for (int e2 = 0; e2 < 2; ++e2) {
+            float& x = s[mt][nt][2 * half + e2];
+            const int pos = key_pos[nt * 8 + 2 * t + e2];
+            if (pos < low[mt][half] || pos >= limit[mt][half]) continue;
+            if (query_mask && !p.mask.mask_allows(p.mask.column(mask_row, pos))) {
+              x = -INFINITY;
+            } else if (query_bias) {
+              x += bias_value(p.bias, p.bias.column(bias_row, pos));
+            }
           }
       }
   }

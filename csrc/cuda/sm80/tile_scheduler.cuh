@@ -109,7 +109,9 @@ __device__ __forceinline__ void find_slots(const VarlenFwdParams& p, const KeyLi
                                            int n_queries, int lane, TileContext& c) {
   c.key_index = nullptr;
   c.n_keys = c.k_len;
-  if (p.mask.layout == OperandLayout::kKeySide) {
+  // The plan's kept-key lists: a key-side mask's, or a query-side mask's in the decode kernel (none in the prefill one).
+  if (p.mask.layout == OperandLayout::kKeySide ||
+      (p.mask.layout == OperandLayout::kQuerySide && keys.index != nullptr)) {
     const int hm = c.h / p.mask.head_group;
     c.key_index = keys.index + static_cast<int64_t>(hm) * p.total_k + c.k_start;
     c.n_keys = min(max(keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm], 0), c.k_len);
