@@ -95,6 +95,17 @@ DECODE_SPECS = [
          is_causal=True, mask="key", mask_heads="Hk", bias="query", bias_heads="Hk"),
     Spec("query_mask_mqa_all_masked_rows", heads=8, heads_k=1, seqlens_q=(8, 5), seqlens_k=(1100, 600),
          mask="query", mask_heads="1", keep=0.02),
+    # Lists for the terms of a query-side bias: alone (every key listed), beside a mask of fewer heads (lists per
+    # bias head), 16-bit terms with -inf entries, odd total_k / rows past the last sequence (unaligned segments).
+    Spec("query_bias_only_hk", heads=8, heads_k=2, seqlens_q=(3, 1, 6), seqlens_k=(777, 65, 1301),
+         bias="query", bias_heads="Hk"),
+    Spec("key_mask_1_query_bias_hk_q_dtype", heads=8, heads_k=2, seqlens_q=(2, 5), seqlens_k=(1201, 333),
+         mask="key", mask_heads="1", keep=0.4, bias="query", bias_heads="Hk", bias_dtype="q", bias_neg_inf=True),
+    Spec("query_mask_1_query_bias_hk_trailing", heads=12, heads_k=3, seqlens_q=(4, 2, 7), seqlens_k=(501, 2, 999),
+         mask="query", mask_heads="1", keep=0.3, masked_rows=True, bias="query", bias_heads="Hk", bias_dtype="q",
+         extra_rows_q=2, extra_rows_k=3, slack_q=1, slack_k=7),
+    Spec("query_mask_causal_window_mha", heads=4, heads_k=4, seqlens_q=(8, 1, 4), seqlens_k=(600, 90, 1000),
+         window=(300, 0), mask="query", mask_heads="Hk", keep=0.5, bias="key", bias_heads="1"),
 ]
 
 

@@ -185,16 +185,47 @@ def test_prefill_variant_choice(planner):
     assert planner(**prefill, mask=QUERY, key_range=True)["prefill"] == "query_operands"
 
 
-def test_query_side_mask_in_the_decode_kernel_gets_kept_key_lists(planner):
-    """The decode kernel walks a query-side mask's kept keys (the OR of the sequence's query rows) as a key-side
-    mask's: the same lists, no block map; the prefill kernel gets the map instead."""
+def _terms_bytes(B, total_k, max_q, heads, f32=False):
+    """The decode kernel's query-side terms (passes.h, QueryTerms): (list heads, max_q, extent) elements, extent the
+    least multiple of 64 >= total_k + 64 (B + 1); 16-bit, or float32 for a float32 query-side bias; 256-aligned."""
+    extent = -(-(total_k + 64 * (B + 1)) // 64) * 64
+    return -(-(heads * max_q * extent * (4 if f32 else 2)) // 256) * 256
+
+
+def test_query_side_operands_in_the_decode_kernel_get_lists_and_terms(planner):
+    """The decode kernel walks the keys some query of a sequence may see (a query-side mask's rows ORed; every key
+    without a mask) as a key-side mask's, and reads each query's operands gathered along those lists: list heads
+    are the finer of the mask's and the query-side bias's heads. No block map; the prefill kernel gets the map
+    instead."""
+    W = WORKLOAD
+    lists = lambda heads: heads * W["total_k"] * 4 + -(-(heads * W["B"] * 4) // 256) * 256  # noqa: E731
     for Hm in (1, 8):
-        plan = planner(**WORKLOAD, mask=QUERY, Hm=Hm)
+        plan = planner(**W, mask=QUERY, Hm=Hm)
         assert plan["kernel"] == "decode" and plan["key_lists_heads"] == Hm
-        assert plan["workspace"] == planner(**WORKLOAD, mask=KEY, Hm=Hm)["workspace"]
-    prefill = planner(**WORKLOAD, mask=QUERY, Hm=8, force=FORCE_PREFILL)
+        key_side = planner(**W, mask=KEY, Hm=Hm)["workspace"]
+        assert plan["workspace"] == key_side + _terms_bytes(W["B"], W["total_k"], W["max_q"], Hm)
+    # a query-side bias (float32 here: float32 terms) with a mask of fewer heads, key-side or query-side, or alone
+    for mask, Hm in ((KEY, 1), (QUERY, 1), (ABSENT, 1)):
+        plan = planner(**W, mask=mask, Hm=Hm, bias=QUERY, Hb=8)
+        assert plan["kernel"] == "decode" and plan["key_lists_heads"] == 8
+        partials = planner(**W)["workspace"]
+        assert plan["workspace"] == lists(8) + partials + _terms_bytes(W["B"], W["total_k"], W["max_q"], 8, f32=True)
+    # a key-side bias beside a query-side mask leaves the terms 16-bit
+    assert planner(**W, mask=QUERY, Hm=8, bias=KEY, Hb=1)["workspace"] == planner(**W, mask=QUERY, Hm=8)["workspace"]
+    prefill = planner(**W, mask=QUERY, Hm=8, force=FORCE_PREFILL)
     assert prefill["kernel"] == "prefill" and prefill["key_lists_heads"] == 0
     assert prefill["workspace"] == -(-(8 * -(-288 // 64) * -(-8192 // 32)) // 256) * 256
+
+
+def test_query_terms_past_their_cap_take_the_prefill_kernel(planner):
+    """Terms of more than 1 GB (a call forced onto the decode kernel with many queries per sequence) are not built:
+    the prefill kernel runs it, with its block map."""
+    big = dict(B=8, H=8, Hk=8, D=128, total_q=8 * 4096, total_k=8 * 4096, max_q=4096, max_k=4096)
+    assert 8 * 4096 * (8 * 4096 + 64 * 9) * 2 > 1 << 30
+    plan = planner(**big, mask=QUERY, Hm=8, force=FORCE_DECODE)
+    assert plan["kernel"] == "prefill" and plan["key_lists_heads"] == 0
+    small = planner(**dict(big, max_q=64, total_q=8 * 64), mask=QUERY, Hm=8, force=FORCE_DECODE)
+    assert small["kernel"] == "decode" and small["key_lists_heads"] == 8
 
 
 def test_query_side_mask_gets_a_block_map(planner):

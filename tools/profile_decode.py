@@ -10,6 +10,8 @@ random gating score + that score as key-side bias; keep 1.0: no mask, no bias):
   q1       the same batch with one query per sequence
   long     B = 4, 1-8 queries, 32k-128k keys per sequence (where split-KV decides), Hk = 8
   mqa      the decode batch with Hk = 1
+  qside    the decode batch with its mask and bias expanded to the query-side layout (total_q, Hk, max_seqlen_k),
+           the same values (bench_gpu.key_side_as_query_side); keep 1.0 has no operands, so it is skipped
 For each (workload, kept fraction) the rows are: the decode kernel at each DMATTN_DECODE_TILES_PER_SPLIT of --tiles
 ("auto": the plan's own choice), and the prefill kernel forced (DMATTN_KERNEL=prefill: what every call ran before the
 decode kernel). Each row has the median time of the whole call (CUDA events, L2 flushed before each call, as
@@ -55,7 +57,7 @@ def kernel_breakdown(fn, reps: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", nargs="+", default=["decode", "q1", "long", "mqa"],
-                    choices=["decode", "q1", "long", "mqa"])
+                    choices=["decode", "q1", "long", "mqa", "qside"])
     ap.add_argument("--tiles", nargs="+", default=["auto"])
     ap.add_argument("--keep", nargs="+", type=float, default=[0.25, 1.0])
     ap.add_argument("--reps", type=int, default=50)
@@ -80,9 +82,13 @@ def main(argv=None) -> int:
             hs = {**hs, "heads_k": 1}
         problems[workload] = {"lens_q": lens_q, "lens_k": lens_k, **hs}
         for keep in args.keep:
+            if workload == "qside" and keep >= 1:
+                continue
             prob = bench_gpu.make_problem(lens_q, lens_k, hs["heads"], hs["heads_k"], hs["head_dim"], hs["heads_k"],
                                           keep if keep < 1 else None, causal=False, dtype=torch.bfloat16,
                                           device=dev, seed=args.seed)
+            if workload == "qside":
+                prob = bench_gpu.key_side_as_query_side(prob)
             kv_bytes = 2 * prob.k.numel() * prob.k.element_size()
             for kernel, tiles in [("decode", t) for t in args.tiles] + [("prefill", "-")]:
                 os.environ["DMATTN_KERNEL"] = kernel

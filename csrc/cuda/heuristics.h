@@ -73,6 +73,8 @@ struct FwdPlan {
   FwdKernel kernel = FwdKernel::kPrefill;
   PrefillVariant prefill = PrefillVariant::kPlain;  // the prefill kernel's variant
   int32_t key_lists_heads = 0;  // > 0: a key-side mask with that many heads is compacted into kept-key lists first
+                                // (the decode kernel with query-side operands: the lists of passes.h, KeyLists)
+  bool query_terms = false;     // decode kernel: query-side operands gathered along the lists (QueryTerms)
   int32_t block_map_heads = 0;  // > 0: a query-side mask with that many heads is summarized by blocks first
   // Decode kernel only (1 / 0 otherwise):
   int32_t row_tiles = 1;        // tiles of packed rows per (sequence, KV head): ceil(H / Hk * max_seqlen_q / block_m)
@@ -86,6 +88,10 @@ constexpr int64_t kDecodeForcedMaxPackedRows = int64_t{1} << 20;  // DMATTN_KERN
 constexpr int32_t kMaxDecodeSplits = 128;
 constexpr int64_t kMaxSplitPartialBytes = int64_t{64} << 20;  // the split partials' share of the workspace
 constexpr int64_t kMaxBlockMapBytes = int64_t{64} << 20;      // a query-side mask's block map, at most
+// The query-side terms the decode kernel reads, at most; a call past it takes the prefill kernel. Within the auto
+// choice (H / Hk * max_seqlen_q <= 64) the terms are at most about 2/3 of the bytes of the query-side operands they
+// come from (twice a bool mask given alone), so this binds only calls forced onto the decode kernel.
+constexpr int64_t kMaxQueryTermBytes = int64_t{1} << 30;
 constexpr int64_t kDecodeMinTilesPerSplit = 4;
 constexpr int64_t kDecodeCtasPerSm = 2, kDecodeWaves = 6;
 
@@ -102,6 +108,11 @@ inline bool decode_supports(const VarlenFwdParams& p) {
     return op.layout == OperandLayout::kAbsent || op.head_group % group == 0;
   };
   return packable(p.mask) && packable(p.bias);
+}
+
+// The query-side terms are float32 for a float32 query-side bias, else 16-bit in q's dtype.
+inline bool query_terms_f32(const VarlenFwdParams& p) {
+  return p.bias.layout == OperandLayout::kQuerySide && p.bias.dtype == ScalarType::kFloat32;
 }
 
 inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, const PlanOverrides& o = {}) {
@@ -127,8 +138,18 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
   const int64_t group = p.num_heads / p.num_heads_k;
   if (group * p.max_seqlen_q > kDecodeForcedMaxPackedRows) return prefill();  // even when forced: ints on the device
   if (o.kernel == PlanOverrides::Kernel::kAuto && group * p.max_seqlen_q > kDecodeMaxPackedRows) return prefill();
-  // The decode kernel walks a query-side mask's kept keys as a key-side one's (compact_keys ORs the query rows).
-  if (p.mask.layout == OperandLayout::kQuerySide) plan.key_lists_heads = p.num_heads / p.mask.head_group;
+  // Query-side operands: compact_keys lists the keys some query of a sequence may see (the OR of a query-side mask's
+  // rows; every key without a mask) per list head, the finer of the mask's and the query-side bias's heads, and
+  // gathers each query's terms along the lists (QueryTerms), which the kernel reads one aligned run per query.
+  const bool query_mask = p.mask.layout == OperandLayout::kQuerySide;
+  const bool query_bias = p.bias.layout == OperandLayout::kQuerySide;
+  if (query_mask || query_bias) {
+    const int32_t mask_heads = p.mask.present() ? p.num_heads / p.mask.head_group : 1;
+    const int32_t heads = std::max(mask_heads, query_bias ? p.num_heads / p.bias.head_group : 1);
+    if (QueryTerms::bytes(p, heads, query_terms_f32(p)) > kMaxQueryTermBytes) return prefill();
+    plan.key_lists_heads = heads;
+    plan.query_terms = true;
+  }
 
   // Decode: grid (row tiles x splits, KV heads, sequences). Splits are whole KV tiles; every split of a sequence but
   // its last holds tiles_per_split of them, so the work of a CTA is bounded whatever the length spread. The host
@@ -167,14 +188,15 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
 
 // The workspace, in order: the kept-key index (Hm, total_k) and counts (B, Hm), int32 each (key-side mask); the
 // split partials (decode with num_splits > 1): lse (splits, H, total_q) and O (splits, H, total_q, D), float32 each;
-// the block map (query-side mask): (Hm, ceil(total_q / 64), ceil(key extent / 32)) bytes, 1 / 2048 of the mask.
+// the block map (query-side mask): (Hm, ceil(total_q / 64), ceil(key extent / 32)) bytes, 1 / 2048 of the mask; the
+// query-side terms (decode with query-side operands): (list heads, max_seqlen_q, total_k + 64 (B + 1)), 2 or 4 bytes.
 // 256-byte aligned pieces, so a new one can be appended without disturbing the alignment of the others.
 constexpr size_t kWorkspaceAlign = 256;
 
 inline size_t align_up(size_t bytes) { return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
 
 struct WorkspaceLayout {
-  size_t key_index = 0, key_count = 0, split_lse = 0, split_o = 0, block_map = 0;  // byte offsets
+  size_t key_index = 0, key_count = 0, split_lse = 0, split_o = 0, block_map = 0, query_terms = 0;  // byte offsets
   size_t total = 0;                                                 // bytes
 };
 
@@ -198,6 +220,10 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
     w.block_map = w.total;
     w.total += align_up(static_cast<size_t>(BlockMap::bytes(p, plan.block_map_heads)));
   }
+  if (plan.query_terms) {
+    w.query_terms = w.total;
+    w.total += align_up(static_cast<size_t>(QueryTerms::bytes(p, plan.key_lists_heads, query_terms_f32(p))));
+  }
   return w;
 }
 
@@ -209,8 +235,16 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
   char* bytes = static_cast<char*>(base);
   Workspace ws;
   if (plan.key_lists_heads > 0) {
-    ws.keys = {reinterpret_cast<int32_t*>(bytes + w.key_index), reinterpret_cast<int32_t*>(bytes + w.key_count),
-               plan.key_lists_heads};
+    ws.keys.index = reinterpret_cast<int32_t*>(bytes + w.key_index);
+    ws.keys.count = reinterpret_cast<int32_t*>(bytes + w.key_count);
+    ws.keys.mask_heads = plan.key_lists_heads;
+    ws.keys.heads_per_list = p.num_heads / plan.key_lists_heads;
+  }
+  if (plan.query_terms) {
+    ws.keys.terms.values = bytes + w.query_terms;
+    ws.keys.terms.extent = QueryTerms::extent_of(p);
+    ws.keys.terms.queries = static_cast<int32_t>(p.max_seqlen_q);
+    ws.keys.terms.f32 = query_terms_f32(p);
   }
   ws.splits.num_splits = plan.num_splits;
   ws.splits.tiles_per_split = plan.tiles_per_split;

@@ -1,9 +1,11 @@
 // key_compaction.cu: a key-side mask -> sorted lists of the key positions it keeps (passes.h, KeyLists), built on
-// the device before the attention kernel so that it gathers only kept K / V rows. For the decode kernel a query-side
-// mask gets the same lists: the keys some query of the sequence may see (the OR of its few query rows).
+// the device before the attention kernel so that it gathers only kept K / V rows. For the decode kernel with
+// query-side operands the lists hold the keys some query of the sequence may see (the OR of a query-side mask's few
+// rows; every key without a mask), and each query's operands are gathered along them (QueryTerms).
 #include <cuda_runtime.h>
 
 #include "passes.h"
+#include "score_operand.cuh"
 
 namespace dmattn::cuda {
 namespace {
@@ -13,9 +15,27 @@ constexpr int kCompactWarps = kCompactThreads / 32;
 constexpr int kKeysPerThread = 8;  // consecutive keys per thread and chunk: a decode sequence of 8k keys is 4 chunks
 constexpr int kChunk = kCompactThreads * kKeysPerThread;
 
-// Grid (batch, mask heads). Stream compaction of one sequence's key-side mask column, in chunks of kChunk keys:
+// The term of query row `row` (of head h) at key position j: its query-side bias where its query-side mask shows the
+// key (0 without a bias), the hidden pattern where it does not; a NaN bias as the canonical NaN, so that no bias value
+// reads as hidden.
+// Both loads are issued whatever the mask says (they are in bounds), so a thread's terms are independent loads.
+__device__ __forceinline__ uint32_t query_term(const VarlenFwdParams& p, const QueryTerms& terms, int64_t row, int h,
+                                               int64_t j) {
+  const bool shown = p.mask.layout != OperandLayout::kQuerySide || p.mask.mask_allows(p.mask.offset(row, h, j));
+  const bool biased = p.bias.layout == OperandLayout::kQuerySide;
+  const uint32_t bits = biased ? bias_bits(p.bias, p.bias.offset(row, h, j)) : 0;  // 0: +0 in every dtype
+  if (!shown) return terms.f32 ? QueryTerms::kHidden32 : QueryTerms::kHidden16;
+  if (!biased || !isnan(bias_from_bits(p.bias.dtype, bits))) return bits;
+  return terms.f32 ? QueryTerms::kNaN32
+                   : (p.bias.dtype == ScalarType::kBFloat16 ? QueryTerms::kNaN16Bf16 : QueryTerms::kNaN16F16);
+}
+
+// Grid (batch, list heads). Stream compaction of one sequence's key-side mask column, in chunks of kChunk keys:
 // each thread reads its kKeysPerThread mask bytes (independent loads in flight together), a warp scan of the kept
-// counts and the CTA's warp totals give each thread its first output slot; one barrier pair per chunk.
+// counts and the CTA's warp totals give each thread its first output slot; one barrier pair per chunk. With
+// query-side terms (kTerms: its own instantiation, so the key-side one keeps its registers and occupancy), each
+// listed key's terms follow it, one per query of the sequence.
+template <bool kTerms>
 __global__ void __launch_bounds__(kCompactThreads)
 compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys) {
   __shared__ int warp_total[kCompactWarps];
@@ -23,11 +43,14 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
   const SeqRange sk = key_seq(p, b);
   const KeyRows rows = key_rows_of(p, sk);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  // Any query head of mask head hm reads the same column: h = hm * head_group.
-  const int h = hm * p.mask.head_group;
-  const bool query_side = p.mask.layout == OperandLayout::kQuerySide;
+  // Every query head of list head hm reads the same mask and bias columns (list heads are at least as fine as both).
+  const int h = hm * keys.heads_per_list;
+  const bool query_side = kTerms && p.mask.layout == OperandLayout::kQuerySide;
+  const bool key_side = !kTerms || p.mask.layout == OperandLayout::kKeySide;
   const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
   int32_t* index = keys.index + static_cast<int64_t>(hm) * p.total_k + sk.start;
+  const QueryTerms& terms = keys.terms;
+  const int64_t term0 = terms.run(hm, 0, QueryTerms::segment(sk.start, b));
   int kept = 0;  // a sequence has < 2^31 keys (cu_seqlens are int32)
   for (int64_t j0 = 0; j0 < sk.len; j0 += kChunk) {
     const int64_t first = j0 + static_cast<int64_t>(threadIdx.x) * kKeysPerThread;
@@ -37,10 +60,10 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
       const int64_t j = first + i;
       if (j >= sk.len) continue;
       bool keep = false;
-      if (query_side) {  // column j of each query row (a position: no pool row)
-        for (int64_t q = 0; q < sq.len && !keep; ++q) keep = p.mask.mask_allows(p.mask.offset(sq.start + q, h, j));
+      if (query_side) {  // column j of each query row (a position: no pool row); independent loads, no early exit
+        for (int64_t q = 0; q < sq.len; ++q) keep |= p.mask.mask_allows(p.mask.offset(sq.start + q, h, j));
       } else {
-        keep = p.mask.mask_allows(p.mask.offset(rows.row(j), h, 0));
+        keep = !key_side || p.mask.mask_allows(p.mask.offset(rows.row(j), h, 0));  // no mask: every key
       }
       if (keep) bits |= 1u << i;
     }
@@ -60,9 +83,28 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
       slot += w < warp ? total : 0;
       chunk_kept += total;
     }
+    const int slot0 = slot;
 #pragma unroll
     for (int i = 0; i < kKeysPerThread; ++i) {
       if ((bits >> i) & 1u) index[slot++] = static_cast<int32_t>(first + i);
+    }
+    // The terms of this thread's listed keys, query by query: the kKeysPerThread loads of a query are in flight
+    // together, and a warp's writes to a query's run are nearly contiguous.
+    if constexpr (kTerms) {
+      for (int64_t q = 0; q < sq.len; ++q) {
+        const int64_t at = term0 + q * terms.extent;
+        int s = slot0;
+        for (int i = 0; i < kKeysPerThread; ++i) {
+          if (!((bits >> i) & 1u)) continue;
+          const uint32_t term = query_term(p, terms, sq.start + q, h, first + i);
+          if (terms.f32) {
+            static_cast<uint32_t*>(terms.values)[at + s] = term;
+          } else {
+            static_cast<uint16_t*>(terms.values)[at + s] = static_cast<uint16_t>(term);
+          }
+          ++s;
+        }
+      }
     }
     kept += chunk_kept;
     __syncthreads();  // warp_total is rewritten by the next chunk
@@ -74,7 +116,12 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
 
 cudaError_t compact_keys(const VarlenFwdParams& p, const KeyLists& keys, cudaStream_t stream) {
   if (p.batch == 0 || keys.mask_heads == 0) return cudaSuccess;
-  compact_keys_kernel<<<dim3(p.batch, keys.mask_heads), kCompactThreads, 0, stream>>>(p, keys);
+  const dim3 grid(p.batch, keys.mask_heads);
+  if (keys.terms.values != nullptr) {
+    compact_keys_kernel<true><<<grid, kCompactThreads, 0, stream>>>(p, keys);
+  } else {
+    compact_keys_kernel<false><<<grid, kCompactThreads, 0, stream>>>(p, keys);
+  }
   return cudaGetLastError();
 }
 

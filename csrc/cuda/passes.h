@@ -1,7 +1,8 @@
 // passes.h: the small kernels around the attention kernel, and the workspace pieces they share with it; torch-free.
 //
 //   before: compact_keys     a key-side mask -> per (sequence, mask head) sorted lists of kept key positions, so the
-//                            attention kernel gathers only kept K / V rows (key_compaction.cu)
+//                            attention kernel gathers only kept K / V rows; for the decode kernel with query-side
+//                            operands, also those operands gathered along the lists (QueryTerms; key_compaction.cu)
 //           build_block_map  a query-side mask -> per (mask head, block of query rows, block of key positions) a
 //                            summary (no key visible / every key visible / some), so the prefill kernel skips dead
 //                            tiles and runs whole-visible ones without reading the mask (block_map.cu)
@@ -19,14 +20,50 @@
 
 namespace dmattn::cuda {
 
-// Per (sequence, mask head) list of the key positions a key-side mask keeps, in ascending order.
-//   index (mask_heads, total_k) int32: index[hm, cu_k[b] + c] = position (in sequence b) of its c-th kept key
+// The decode kernel's query-side operands, gathered by compact_keys along the kept-key lists, so that the terms of
+// a KV tile are one contiguous, aligned run per query instead of scattered 1- and 2-byte reads per (row, key):
+//   term(l, i, c) = values[(l * queries + i) * extent + segment(b) + c]
+// for list head l, query i of sequence b and its c-th listed key: the query-side bias of (i, that key) (0 without a
+// query-side bias) where the query-side mask (if any) shows it, else the hidden pattern (a NaN no bias value carries:
+// compact_keys writes a NaN bias as the canonical NaN). 16-bit elements in q's dtype, or float32 for a float32
+// query-side bias. segment(b) = 64 * ceil(k_start / 64) + 64 * b: each sequence's runs start 128-byte aligned and
+// never overlap (segment(b + 1) - segment(b) >= len_b), and a tile's 64 terms past its last listed key stay inside
+// extent >= total_k + 64 * (B + 1), a multiple of 64. Null values when the call has none.
+struct QueryTerms {
+  static constexpr int kAlign = 64;  // terms: one KV tile of the decode kernel
+  static constexpr uint32_t kHidden16 = 0xffffu, kHidden32 = 0xffffffffu;  // negative NaNs, all payload bits set
+  static constexpr uint32_t kNaN16Bf16 = 0x7fc0u, kNaN16F16 = 0x7e00u, kNaN32 = 0x7fc00000u;  // canonical NaNs
+  void* values = nullptr;
+  int64_t extent = 0;   // terms per (list head, query) run
+  int32_t queries = 0;  // runs per list head: max_seqlen_q
+  bool f32 = false;     // float32 terms (else 16-bit, q's dtype)
+
+  static int64_t extent_of(const VarlenFwdParams& p) {  // a multiple of kAlign: every run starts aligned
+    return (p.total_k + int64_t{kAlign} * (p.batch + 2) - 1) / kAlign * kAlign;
+  }
+  static int64_t bytes(const VarlenFwdParams& p, int64_t heads, bool f32) {
+    return heads * p.max_seqlen_q * extent_of(p) * (f32 ? 4 : 2);
+  }
+  DMATTN_HOST_DEVICE static int64_t segment(int64_t k_start, int64_t b) {
+    return (k_start + kAlign - 1) / kAlign * kAlign + kAlign * b;
+  }
+  // Element index of the first term of list head l, query i, sequence b (segment(b) of its k_start).
+  DMATTN_HOST_DEVICE int64_t run(int64_t l, int64_t i, int64_t seg) const { return (l * queries + i) * extent + seg; }
+};
+
+// Per (sequence, list head) list of the key positions a key-side mask keeps, in ascending order.
+//   index (mask_heads, total_k) int32: index[l, cu_k[b] + c] = position (in sequence b) of its c-th kept key
 //   count (batch, mask_heads)   int32: number of kept keys
-// All null / 0 when the call has no key-side mask. Lives in the call's workspace (heuristics.h).
+// List head l serves query heads [l * H / mask_heads, (l + 1) * H / mask_heads): the mask's heads, or in the decode
+// kernel with query-side operands the finer of the mask's and the query-side bias's (a query-side mask lists the keys
+// some query of the sequence may see: the OR of its rows; without a mask every key is listed), with their terms.
+// All null / 0 when the plan has no lists (FwdPlan::key_lists_heads). Lives in the call's workspace (heuristics.h).
 struct KeyLists {
   int32_t* index = nullptr;
   int32_t* count = nullptr;
-  int32_t mask_heads = 0;
+  int32_t mask_heads = 0;      // list heads
+  int32_t heads_per_list = 1;  // H / mask_heads: query head h reads list h / heads_per_list
+  QueryTerms terms;  // the decode kernel's query-side operands along the lists (null values otherwise)
 };
 
 // The decode kernel's key splits (heuristics.h plans them): split s of a (sequence, KV head, row tile) covers KV

@@ -81,8 +81,9 @@ void log_plan(const cuda::FwdPlan& plan, const VarlenFwdParams& p) {
   const char* flag = std::getenv("DMATTN_LOG_PLAN");
   if (flag == nullptr || *flag == '\0' || std::string(flag) == "0") return;
   if (plan.kernel == cuda::FwdKernel::kDecode) {
-    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=decode row_tiles=%d splits=%d tiles_per_split=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
-                 plan.row_tiles, plan.num_splits, plan.tiles_per_split, p.batch, p.num_heads, p.num_heads_k,
+    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=decode row_tiles=%d splits=%d tiles_per_split=%d key_lists_heads=%d query_terms=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
+                 plan.row_tiles, plan.num_splits, plan.tiles_per_split, plan.key_lists_heads,
+                 static_cast<int>(plan.query_terms), p.batch, p.num_heads, p.num_heads_k,
                  p.head_dim, static_cast<long long>(p.max_seqlen_q), static_cast<long long>(p.max_seqlen_k));
   } else {
     static const char* const kVariants[] = {"plain", "windowed", "query_operands"};  // cuda::PrefillVariant

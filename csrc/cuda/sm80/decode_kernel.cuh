@@ -3,8 +3,10 @@
 //   packed GQA   one CTA holds the G = H / Hk query heads of a KV head times the sequence's queries as its rows
 //                (DecodeTileScheduler, tile_scheduler.cuh), so each K / V row is read once per KV head, not per query
 //                head; the key-side mask and bias are then one per tile (the plan sends Hm = H to the prefill
-//                kernel, heuristics.h); query-side ones are read per element by their own variant
-//                (Traits::kQueryOperands), the keys no query of the sequence may see skipped as a key-side mask's
+//                kernel, heuristics.h); query-side ones are read by their own variant (Traits::kQueryOperands) as
+//                terms gathered along the kept-key lists (QueryTerms, ../passes.h: one aligned run per query and
+//                tile, prefetched to L2 with the tile's metadata), the keys no query may see skipped as a key-side
+//                mask's
 //   split-KV     the key slots of a (sequence, KV head) are cut into splits of whole KV tiles, one CTA each, so a
 //                batch of a few long sequences still fills the GPU; splits write float32 partials that
 //                combine_splits (../split_combine.cu) merges through their lse
@@ -177,6 +179,23 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
   const BlockMap no_block_map;  // a query-side mask's kept keys are its kept-key list here (compact_keys)
   const ScoreOperands<Traits> ops(p, c, no_block_map);
   KvTiles<Traits> kv(p, c, smem);
+  // Query-side terms: the runs of this tile's list head from its sequence's segment on, for the row tile's queries
+  // (a run of rows within one head, or every query once the rows wrap to the next head).
+  TermRuns runs{};
+  if constexpr (Traits::kQueryOperands) {
+    const QueryTerms& terms = keys.terms;
+    const int64_t first = terms.run(list_head(keys, c.h), 0, QueryTerms::segment(c.k_start, seq0 + blockIdx.z));
+    runs.base = static_cast<const char*>(terms.values) + first * (terms.f32 ? 4 : 2);
+    runs.extent = terms.extent;
+    runs.f32 = terms.f32;
+    const int i0 = c.m0 % c.q_len;
+    const bool wraps = i0 + c.rows > c.q_len;
+    runs.first_query = wraps ? 0 : i0;
+    runs.n_queries = wraps ? c.q_len : c.rows;
+    for (int n = d.tile_begin; n < d.tile_end && n < d.tile_begin + kStages; ++n) {
+      runs.template prefetch<Traits::kThreads>(n * kBlockN);
+    }
+  }
 
   // Each row sees the key positions [low, limit) (its window; 0 / 0 for rows past the tile).
   int low[kMTiles][2], limit[kMTiles][2];
@@ -241,6 +260,9 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
     // loads never stall the compute (with a key-side mask and bias they cost a tile's time when they did).
     const bool fetch = n + kStages < d.tile_end;
     if (fetch) kv.fetch_pipelined(n + kStages, d.tile_end);
+    if constexpr (Traits::kQueryOperands) {
+      if (fetch) runs.template prefetch<Traits::kThreads>((n + kStages) * kBlockN);
+    }
 
     // ---- S = Q K^T over this warp's keys: s[mt][nt] is the m16n8 fragment (rows 16 mt, keys 16 warp + 8 nt) ----
     float s[kMTiles][kNTiles][4];
@@ -250,8 +272,11 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
     const float score_mul = [&] {
       const int32_t* key_pos = smem.key_pos[meta] + warp * kWarpKeys;
       const float* key_bias = smem.key_bias[meta] + warp * kWarpKeys;
-      if constexpr (Traits::kQueryOperands) return ops.apply(s, n * kBlockN, key_pos, key_bias, low, limit, d, g, t);
-      else return ops.apply(s, n * kBlockN, key_pos, key_bias, low, limit, t);
+      if constexpr (Traits::kQueryOperands) {
+        return ops.apply(s, n * kBlockN, key_pos, key_bias, low, limit, runs, n * kBlockN + warp * kWarpKeys, d, g, t);
+      } else {
+        return ops.apply(s, n * kBlockN, key_pos, key_bias, low, limit, t);
+      }
     }();
     const bool v_fix = ops.hides_keys(n * kBlockN) && tile_has_nonfinite<Traits>(smem.tiles.v[stage]);
     if (v_fix) {

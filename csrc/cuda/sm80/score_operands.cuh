@@ -5,21 +5,50 @@
 // hide some key from some row.
 //
 // Key-side operands arrive per slot through the tile metadata (kv_tiles.cuh): the mask as the kept-key list that
-// defines the slots, the bias in key_bias. Query-side ones are read here, per element, by the kernel variant built
-// for them (Traits::kQueryOperands); a query-side mask only on the tiles its block map (../passes.h) cannot decide:
-// a tile whose blocks hold no True is skipped unread, one whose blocks hold no False is run as if unmasked.
+// defines the slots, the bias in key_bias. Query-side ones are read here by the kernel variants built for them
+// (Traits::kQueryOperands): the prefill kernel reads them per element, a query-side mask only on the tiles its block
+// map (../passes.h) cannot decide (a tile whose blocks hold no True is skipped unread, one whose blocks hold no False
+// is run as if unmasked); the decode kernel reads them as terms gathered along its kept-key lists (QueryTerms), one
+// contiguous run per query and tile.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "../../varlen_fwd_params.h"
 #include "../score_operand.cuh"
 #include "tile_scheduler.cuh"
 
 namespace dmattn::cuda::sm80 {
+
+// A decode CTA's query-side terms (../passes.h, QueryTerms): the term of query i of the sequence at key slot c is
+// element i * extent + c from base (its list head's runs, from its sequence's segment on); the row tile's queries
+// are [first_query, first_query + n_queries).
+struct TermRuns {
+  const char* base;
+  int64_t extent;
+  bool f32;
+  int first_query, n_queries;
+
+  template <typename T>
+  __device__ __forceinline__ const T* at(int i, int slot) const {
+    return reinterpret_cast<const T*>(base) + static_cast<int64_t>(i) * extent + slot;
+  }
+  // Asks L2 for the terms of the row tile's queries at slots [slot0, slot0 + 64): one 128-byte line per query (two
+  // for float32 terms), issued tiles ahead of their use so that the score step reads them from L2. CTA-wide.
+  template <int kThreads>
+  __device__ __forceinline__ void prefetch(int slot0) const {
+    const int lines = f32 ? 2 : 1;
+    for (int e = threadIdx.x; e < n_queries * lines; e += kThreads) {
+      const char* line = f32 ? reinterpret_cast<const char*>(at<float>(first_query + e / lines, slot0) + (e % lines) * 32)
+                             : reinterpret_cast<const char*>(at<uint16_t>(first_query + e, slot0));
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+    }
+  }
+};
 
 template <typename Traits>
 struct ScoreOperands {
@@ -130,15 +159,21 @@ struct ScoreOperands {
     static_assert(!Traits::kQueryOperands, "query-side operands need each packed row's query and head");
     return apply_tile(s, n0, slot_bias, t, false, [&] { per_element_any(s, key_pos, slot_bias, low, limit, t); });
   }
-  // And with query-side operands, read per element at each packed row's query d.query(r) and head d.head(r).
+  // And with query-side operands: each packed row r (query d.query(r)) reads its terms at this warp's slots
+  // [warp_slot0, warp_slot0 + kNTiles * 8) from runs.
   template <typename PackedRows>
   __device__ __forceinline__ float apply(float (&s)[kMTiles][kNTiles][4], int n0, const int32_t* key_pos,
                                          const float* slot_bias, const int (&low)[kMTiles][2],
-                                         const int (&limit)[kMTiles][2], const PackedRows& d, int g, int t) const {
+                                         const int (&limit)[kMTiles][2], const TermRuns& runs, int warp_slot0,
+                                         const PackedRows& d, int g, int t) const {
     static_assert(Traits::kQueryOperands, "the variant without query-side operands takes the overload above");
     return apply_tile(s, n0, slot_bias, t, query_mask, [&] {
       per_element_any(s, key_pos, slot_bias, low, limit, t);
-      packed_query_operands(s, key_pos, low, limit, d, g, t);
+      if (runs.f32) {
+        packed_query_terms<true>(s, key_pos, low, limit, runs, warp_slot0, d, g, t);
+      } else {
+        packed_query_terms<false>(s, key_pos, low, limit, runs, warp_slot0, d, g, t);
+      }
     });
   }
 
@@ -207,36 +242,59 @@ struct ScoreOperands {
       }
   }
 
-  // Pass 2 for packed rows: query_operands below with each row's own query and head. Rows of one query share their
-  // mask row across the heads of an operand head, so those bytes come from L1.
-  template <typename PackedRows>
-  __device__ __forceinline__ void packed_query_operands(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
-                                                        const int (&low)[kMTiles][2], const int (&limit)[kMTiles][2],
-                                                        const PackedRows& d, int g, int t) const {
+  // Pass 2 for packed rows: each visible (row, slot) takes its query-side term, two adjacent slots per load: -inf
+  // where the term is the hidden pattern, else + the term (the query-side bias, or 0). A score that is -inf by itself
+  // (an inf in k) still takes its bias: -inf + NaN or + inf is NaN, as the contract says.
+  template <bool kF32, typename PackedRows>
+  __device__ __forceinline__ void packed_query_terms(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
+                                                     const int (&low)[kMTiles][2], const int (&limit)[kMTiles][2],
+                                                     const TermRuns& runs, int warp_slot0, const PackedRows& d, int g,
+                                                     int t) const {
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int r = mt * 16 + g + half * 8;
         if (r >= c.rows) continue;  // limit 0: every key of it is hidden already
-        const int64_t qrow = static_cast<int64_t>(c.q_start) + d.query(r);
-        const int h = d.head(r);
-        const int64_t mask_row = query_mask ? p.mask.row_start(qrow, h) : 0;
-        const int64_t bias_row = query_bias ? p.bias.row_start(qrow, h) : 0;
+        const int i = d.query(r);
+        uint32_t bits[kNTiles][2];
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+          const int slot = warp_slot0 + nt * 8 + 2 * t;  // even, and runs start 128-byte aligned: aligned loads
+          if constexpr (kF32) {
+            const uint2 w = __ldg(reinterpret_cast<const uint2*>(runs.at<uint32_t>(i, slot)));
+            bits[nt][0] = w.x;
+            bits[nt][1] = w.y;
+          } else {
+            const uint32_t w = __ldg(reinterpret_cast<const uint32_t*>(runs.at<uint16_t>(i, slot)));
+            bits[nt][0] = w & 0xffffu;
+            bits[nt][1] = w >> 16;
+          }
+        }
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
           for (int e2 = 0; e2 < 2; ++e2) {
             float& x = s[mt][nt][2 * half + e2];
             const int pos = key_pos[nt * 8 + 2 * t + e2];
-            if (pos < low[mt][half] || pos >= limit[mt][half]) continue;
-            if (query_mask && !p.mask.mask_allows(p.mask.column(mask_row, pos))) {
+            if (pos < low[mt][half] || pos >= limit[mt][half]) continue;  // hidden: x is -inf already
+            const uint32_t b = bits[nt][e2];
+            if (b == (kF32 ? QueryTerms::kHidden32 : QueryTerms::kHidden16)) {
               x = -INFINITY;
-            } else if (query_bias) {
-              x += bias_value(p.bias, p.bias.column(bias_row, pos));
+            } else {
+              x += kF32 ? __uint_as_float(b) : term16(b);
             }
           }
       }
+  }
+
+  // A 16-bit term (q's dtype) as float32.
+  static __device__ __forceinline__ float term16(uint32_t bits) {
+    if constexpr (std::is_same_v<typename Traits::Elem, __nv_bfloat16>) {
+      return __uint_as_float(bits << 16);
+    } else {
+      return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+    }
   }
 
   // Pass 2, query-side operands only, on the keys pass 1 left visible (in [low, limit): in bounds). A score that is

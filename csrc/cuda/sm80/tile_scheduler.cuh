@@ -91,6 +91,11 @@ __device__ __forceinline__ int slots_before(const TileContext& c, int limit, int
   return lo;
 }
 
+// The kept-key list of query head h (list heads split the query heads evenly, KeyLists in ../passes.h).
+__device__ __forceinline__ int list_head(const KeyLists& keys, int h) {
+  return h / keys.heads_per_list;
+}
+
 // The sequence's rows in q and k, clamped (clamp_seq) as every kernel clamps them.
 __device__ __forceinline__ void load_sequence(const VarlenFwdParams& p, int b, TileContext& c) {
   const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
@@ -109,10 +114,9 @@ __device__ __forceinline__ void find_slots(const VarlenFwdParams& p, const KeyLi
                                            int n_queries, int lane, TileContext& c) {
   c.key_index = nullptr;
   c.n_keys = c.k_len;
-  // The plan's kept-key lists: a key-side mask's, or a query-side mask's in the decode kernel (none in the prefill one).
-  if (p.mask.layout == OperandLayout::kKeySide ||
-      (p.mask.layout == OperandLayout::kQuerySide && keys.index != nullptr)) {
-    const int hm = c.h / p.mask.head_group;
+  // The plan's kept-key lists: a key-side mask's, or in the decode kernel those of its query-side operands (KeyLists).
+  if (keys.index != nullptr) {
+    const int hm = list_head(keys, c.h);
     c.key_index = keys.index + static_cast<int64_t>(hm) * p.total_k + c.k_start;
     c.n_keys = min(max(keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm], 0), c.k_len);
   }
