@@ -18,12 +18,14 @@ import kernel_matrix as km
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 DEFAULT_ARCHS = km.parse_archs(km.DEFAULT_CUDA_ARCHS)
-# The default list plus a stand-in Hopper entry, to exercise a non-empty sm90a path.
-WITH_SM90A = km.INSTANTIATIONS + [("sm90a", "bfloat16", 128), ("sm90a", "bfloat16", 192)]
+SM80_ONLY = [i for i in km.INSTANTIATIONS if i[0] == "sm80"]
+# The sm80 list plus stand-in Hopper entries (one head dim no real path has), to exercise the sm90a path's handling.
+WITH_SM90A = SM80_ONLY + [("sm90a", "bfloat16", 128), ("sm90a", "bfloat16", 192)]
 ELEM = {"float16": "__half", "bfloat16": "__nv_bfloat16"}
 
 
-@pytest.mark.parametrize("instantiations", [km.INSTANTIATIONS, WITH_SM90A], ids=["default", "with_sm90a"])
+@pytest.mark.parametrize("instantiations", [km.INSTANTIATIONS, SM80_ONLY, WITH_SM90A],
+                         ids=["default", "sm80_only", "with_sm90a"])
 def test_every_instantiation_has_its_file(tmp_path, instantiations):
     files, registry = km.render(tmp_path, instantiations)
     assert sorted(files) == sorted(instantiations)
@@ -47,12 +49,14 @@ def test_every_instantiation_has_its_file(tmp_path, instantiations):
 
 
 def test_default_list():
-    assert km.INSTANTIATIONS == [("sm80", t, d) for t in ["float16", "bfloat16"] for d in [32, 64, 96, 128, 256]]
+    assert km.INSTANTIATIONS == [("sm80", t, d) for t in ["float16", "bfloat16"] for d in [32, 64, 96, 128, 256]] + [
+        ("sm90a", t, d) for t in ["float16", "bfloat16"] for d in [64, 128]]
     assert [p.name for p in km.ARCH_PATHS] == ["sm90a", "sm80"]  # dispatch preference order
 
 
 def test_sm90a_is_built_only_with_90():
-    assert km.built(["80"], WITH_SM90A) == km.INSTANTIATIONS
+    assert km.built(["80"], WITH_SM90A) == SM80_ONLY
+    assert km.built(["80"]) == SM80_ONLY and km.built(["80", "90"]) == km.INSTANTIATIONS
     assert km.built(["80", "90"], WITH_SM90A) == WITH_SM90A
     assert km.built(["90"], WITH_SM90A) == WITH_SM90A
     assert km.PATHS["sm90a"].codes(["80"]) == [] and km.PATHS["sm90a"].codes(["80", "90"]) == ["90a"]
@@ -194,7 +198,8 @@ def expected(instantiations, cc, dtype, head_dim):
     return fit, max(dims, default=0), ran
 
 
-@pytest.mark.parametrize("instantiations", [km.INSTANTIATIONS, WITH_SM90A], ids=["default", "with_sm90a"])
+@pytest.mark.parametrize("instantiations", [km.INSTANTIATIONS, SM80_ONLY, WITH_SM90A],
+                         ids=["default", "sm80_only", "with_sm90a"])
 def test_registry_dispatch(tmp_path, instantiations):
     queries = [(cc, dtype, d) for cc in (75, 80, 86, 90, 100, 120) for dtype in ("float16", "bfloat16")
                for d in (1, 31, 32, 33, 64, 80, 96, 100, 128, 129, 150, 192, 200, 256, 257)]

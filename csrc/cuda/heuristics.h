@@ -43,6 +43,11 @@ constexpr TileShape tile_shape_sm80(int head_dim, bool query_operands) {
   return query_operands ? TileShape{64, 64, 4} : TileShape{128, 64, 4};
 }
 
+// The sm90a prefill tile policy (sm90a/kernel_traits.h): 128 query rows (two consumer warpgroups of 64) x 128-key
+// tiles, kSm90aStages K / V tiles in flight, plus a producer warpgroup: 12 warps.
+constexpr TileShape tile_shape_sm90a(int /*head_dim*/) { return TileShape{128, 128, 12}; }
+constexpr int kSm90aStages = 2;
+
 // The sm80 decode tile policy (sm80/decode_kernel.cuh). A tile is block_m packed rows (the query heads of one KV
 // head x the sequence's queries) that every warp holds whole; the warps split each KV tile of block_n keys (16 keys
 // each) and stages KV tiles are in flight. O per thread: block_m / 16 * D / 2 floats, so D = 256 takes 16 rows.
@@ -66,6 +71,7 @@ enum class PrefillVariant : int32_t { kPlain = 0, kWindowLeft = 1, kQueryOperand
 struct PlanOverrides {
   enum class Kernel : int32_t { kAuto = 0, kPrefill = 1, kDecode = 2 } kernel = Kernel::kAuto;
   int32_t tiles_per_split = 0;  // > 0: the decode kernel's KV tiles per split (the split caps still hold)
+  bool sm80_only = false;       // the sm80 kernels even where an sm90a one could run (DMATTN_ARCH=sm80)
 };
 
 // What one call runs. The launchers choose a kernel from this and the params alone.
@@ -75,6 +81,7 @@ struct FwdPlan {
   int32_t key_lists_heads = 0;  // > 0: a key-side mask with that many heads is compacted into kept-key lists first
                                 // (the decode kernel with query-side operands: the lists of passes.h, KeyLists)
   bool query_terms = false;     // decode kernel: query-side operands gathered along the lists (QueryTerms)
+  bool sm90a = false;           // prefill on the sm90a path (wgmma + TMA) where it is compiled; else the sm80 one
   int32_t block_map_heads = 0;  // > 0: a query-side mask with that many heads is summarized by blocks first
   // Decode kernel only (1 / 0 otherwise):
   int32_t row_tiles = 1;        // tiles of packed rows per (sequence, KV head): ceil(H / Hk * max_seqlen_q / block_m)
@@ -110,6 +117,23 @@ inline bool decode_supports(const VarlenFwdParams& p) {
   return packable(p.mask) && packable(p.bias);
 }
 
+// Whether the sm90a prefill kernel can run p on a cc 9.0 device: dense attention (no mask, bias, key range, left
+// window edge, softcap, sink, seqused_k or key pool; causal or not), 16-bit q / k / v whose base addresses and row /
+// head strides TMA can address (16-byte multiples), head dims 64 / 128, and tensors TMA coordinates reach (int32).
+inline bool sm90a_supports(const VarlenFwdParams& p) {
+  auto aligned = [](const void* ptr, int64_t row_stride, int64_t head_stride) {
+    return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && row_stride % 8 == 0 && head_stride % 8 == 0 &&
+           row_stride > 0;
+  };
+  return !p.mask.present() && !p.bias.present() && p.key_range == nullptr && p.window_left < 0 &&
+         p.window_right <= 0 && p.softcap == 0.f && p.sinks == nullptr && p.seqused_k == nullptr &&
+         p.kv_slots == nullptr && (p.dtype == ScalarType::kFloat16 || p.dtype == ScalarType::kBFloat16) &&
+         (p.head_dim == 64 || p.head_dim == 128) && p.total_q > 0 && p.total_k > 0 && p.total_q < INT32_MAX &&
+         p.total_k < INT32_MAX && p.num_heads > 0 && p.num_heads_k > 0 && p.num_heads % p.num_heads_k == 0 &&
+         aligned(p.q, p.q_row_stride, p.q_head_stride) && aligned(p.k, p.k_row_stride, p.k_head_stride) &&
+         aligned(p.v, p.v_row_stride, p.v_head_stride);
+}
+
 // The query-side terms are float32 for a float32 query-side bias, else 16-bit in q's dtype.
 inline bool query_terms_f32(const VarlenFwdParams& p) {
   return p.bias.layout == OperandLayout::kQuerySide && p.bias.dtype == ScalarType::kFloat32;
@@ -128,6 +152,7 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
   // The prefill kernel summarizes a query-side mask by blocks; a map past its cap (a mask far larger than memory,
   // made of expanded columns) is left out and the kernel scans its tiles instead.
   auto prefill = [&] {
+    plan.sm90a = dev.cc == 90 && !o.sm80_only && sm90a_supports(p);
     if (p.mask.layout == OperandLayout::kQuerySide && p.num_heads > 0 && p.total_q > 0 &&
         BlockMap::key_extent(p) > 0 && BlockMap::bytes(p, p.num_heads / p.mask.head_group) <= kMaxBlockMapBytes) {
       plan.block_map_heads = p.num_heads / p.mask.head_group;

@@ -55,6 +55,7 @@ cuda::DeviceInfo device_info(int device) {
 //   DMATTN_KERNEL=prefill|decode          force a kernel (decode only where it can run: Hm in {1, Hk}, no
 //                                         query-side operands; elsewhere the prefill kernel runs)
 //   DMATTN_DECODE_TILES_PER_SPLIT=N       the decode kernel's KV tiles (64 keys each) per split
+//   DMATTN_ARCH=sm80                      the sm80 kernels even where the sm90a one could run (auto: the plan's)
 //   DMATTN_LOG_PLAN=1                     print each call's plan to stderr
 cuda::PlanOverrides plan_overrides() {
   cuda::PlanOverrides o;
@@ -65,6 +66,12 @@ cuda::PlanOverrides plan_overrides() {
     o.kernel = name == "prefill"  ? cuda::PlanOverrides::Kernel::kPrefill
                : name == "decode" ? cuda::PlanOverrides::Kernel::kDecode
                                   : cuda::PlanOverrides::Kernel::kAuto;
+  }
+  if (const char* arch = std::getenv("DMATTN_ARCH"); arch != nullptr && *arch != '\0') {
+    const std::string name(arch);
+    TORCH_CHECK_VALUE(name == "auto" || name == "sm80", kOp,
+                      "the environment variable DMATTN_ARCH must be auto or sm80, got '", name, "'");
+    o.sm80_only = name == "sm80";
   }
   if (const char* tiles = std::getenv("DMATTN_DECODE_TILES_PER_SPLIT"); tiles != nullptr && *tiles != '\0') {
     char* end = nullptr;
@@ -87,8 +94,9 @@ void log_plan(const cuda::FwdPlan& plan, const VarlenFwdParams& p) {
                  p.head_dim, static_cast<long long>(p.max_seqlen_q), static_cast<long long>(p.max_seqlen_k));
   } else {
     static const char* const kVariants[] = {"plain", "windowed", "query_operands"};  // cuda::PrefillVariant
-    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=prefill variant=%s key_lists_heads=%d block_map_heads=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
-                 kVariants[static_cast<int>(plan.prefill)], plan.key_lists_heads, plan.block_map_heads, p.batch,
+    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=prefill variant=%s key_lists_heads=%d block_map_heads=%d sm90a=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
+                 kVariants[static_cast<int>(plan.prefill)], plan.key_lists_heads, plan.block_map_heads,
+                 static_cast<int>(plan.sm90a), p.batch,
                  p.num_heads, p.num_heads_k, p.head_dim, static_cast<long long>(p.max_seqlen_q),
                  static_cast<long long>(p.max_seqlen_k));
   }

@@ -1,0 +1,93 @@
+// kernel_traits.h: the compile-time shape of the sm90a prefill kernel (element type x head dim): its tile, its
+// warpgroup MMAs, its shared-memory layouts and its TMA copy types.
+//
+// A CTA is three warpgroups: warpgroup 0 loads (one elected thread issues the TMA copies of Q once and of K / V tile
+// by tile into a kStages-deep ring), warpgroups 1 and 2 compute, each owning 64 of the tile's kBlockM = 128 query
+// rows. S = Q K^T is a wgmma with both operands in shared memory; O += P V takes P from registers (the S accumulator,
+// rounded to Elem, is already laid out as a wgmma A operand) and V from shared memory, read transposed through
+// SmemLayoutVt (no copy). Every smem tile is in the 128-byte-swizzled K-major layout that both TMA and wgmma read.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+// cute/tensor.hpp first: the atom headers below build on it.
+#include <cute/tensor.hpp>
+#include <cute/atom/copy_atom.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cute/atom/mma_atom.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "../heuristics.h"
+
+namespace dmattn::cuda::sm90a {
+
+template <typename Elem_, int kHeadDim_>
+struct FwdTraits {
+  using Elem = Elem_;  // __half or __nv_bfloat16, as the sm80 path and the binding spell them
+  // The same type as CuTe's MMA and TMA atoms spell it.
+  using CuteElem = std::conditional_t<std::is_same_v<Elem, __nv_bfloat16>, cutlass::bfloat16_t, cutlass::half_t>;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr TileShape kTile = tile_shape_sm90a(kHeadDim);
+  static constexpr int kBlockM = kTile.block_m;  // query rows per CTA: 64 per consumer warpgroup
+  static constexpr int kBlockN = kTile.block_n;  // keys per KV tile
+  static constexpr int kStages = kSm90aStages;   // K / V tiles in flight
+  static constexpr int kConsumerWarpgroups = kBlockM / 64;
+  static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
+  static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
+  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 128, "a 128-byte swizzle atom row holds 64 elements");
+
+  // One consumer warpgroup's MMAs: S (64 x kBlockN) = Q (64 x D) K^T, and O (64 x D) += P (64 x kBlockN) V.
+  using MmaQK = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<CuteElem, CuteElem, float, cute::Shape<cute::_64, cute::Int<kBlockN>, cute::Int<kHeadDim>>>()));
+  using MmaPV = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<CuteElem, CuteElem, float, cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kBlockN>>,
+                                 cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
+
+  using SmemLayoutQ = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<CuteElem>{},
+                                                   cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}));
+  using SmemLayoutKV = decltype(cute::tile_to_shape(
+      cute::GMMA::Layout_K_SW128_Atom<CuteElem>{},
+      cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>, cute::Int<kStages>>{}));
+  // V^T (D x kBlockN x stages) over V's own bytes: P V reads it as an MN-major B operand.
+  using SmemLayoutVt = decltype(cute::composition(
+      SmemLayoutKV{}, cute::make_ordered_layout(cute::Shape<cute::Int<kHeadDim>, cute::Int<kBlockN>, cute::Int<kStages>>{},
+                                                cute::Step<cute::_2, cute::_1, cute::_3>{})));
+
+  // The global tensors TMA reads: (rows, D, heads) with the row and head strides of the call.
+  using GmemShape = cute::Shape<int32_t, int32_t, int32_t>;
+  using GmemStride = cute::Stride<int64_t, cute::_1, int64_t>;
+  using GmemLayout = cute::Layout<GmemShape, GmemStride>;
+  using TmaQ = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_LOAD{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<const CuteElem*>(nullptr)), GmemLayout{}),
+      SmemLayoutQ{}, cute::Shape<cute::Int<kBlockM>, cute::Int<kHeadDim>>{}, cute::_1{}));
+  using TmaKV = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_LOAD{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<const CuteElem*>(nullptr)), GmemLayout{}),
+      cute::take<0, 2>(SmemLayoutKV{}), cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}, cute::_1{}));
+
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Elem);
+  static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Elem);
+
+  struct SharedStorage {
+    cute::array_aligned<CuteElem, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<CuteElem, cute::cosize_v<SmemLayoutKV>, 1024> k;
+    cute::array_aligned<CuteElem, cute::cosize_v<SmemLayoutKV>, 1024> v;
+    typename Pipeline::SharedStorage pipe_k, pipe_v;
+    alignas(8) uint64_t q_full;  // Q landed (a transaction barrier)
+    uint8_t v_bad[kBlockN];      // slots of the current V tile whose row held inf / NaN (rare path)
+  };
+  static constexpr int kSmemBytes = sizeof(SharedStorage);
+};
+
+// The TMA copies of one call (built on the host: they hold the tensor maps), a __grid_constant__ kernel parameter.
+template <typename Traits>
+struct TmaParams {
+  typename Traits::TmaQ q;
+  typename Traits::TmaKV k, v;
+};
+
+}  // namespace dmattn::cuda::sm90a

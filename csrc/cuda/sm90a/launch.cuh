@@ -1,0 +1,67 @@
+// launch.cuh: the sm90a path's launcher. Calls the plan gives to this path (FwdPlan::sm90a: dense prefill,
+// heuristics.h sm90a_supports) run the wgmma / TMA kernel of fwd_kernel.cuh; every other call (masks, biases,
+// windows, key ranges, decode, key pools) runs the sm80 path's kernels, which run on every cc >= 8.0.
+// Included by the generated instantiation files (tools/kernel_matrix.py), compiled for sm_90a only.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "../dispatch.h"
+#include "../heuristics.h"
+#include "fwd_kernel.cuh"
+#include "kernel_traits.h"
+
+namespace dmattn::cuda::sm90a {
+
+// The TMA view of q, k or v: (rows, D, heads) with the call's strides (elements).
+template <typename Elem>
+auto gmem_rows(const void* ptr, int64_t rows, int32_t head_dim, int32_t heads, int64_t row_stride,
+               int64_t head_stride) {
+  using namespace cute;
+  return make_tensor(make_gmem_ptr(static_cast<const Elem*>(ptr)),
+                     make_layout(make_shape(static_cast<int32_t>(rows), head_dim, heads),
+                                 make_stride(row_stride, _1{}, head_stride)));
+}
+
+template <typename Traits>
+cudaError_t launch_fwd(const VarlenFwdParams& p, cudaStream_t stream) {
+  using namespace cute;
+  using Elem = typename Traits::Elem;
+  constexpr int D = Traits::kHeadDim;
+  const TmaParams<Traits> tma{
+      make_tma_copy(SM90_TMA_LOAD{},
+                    gmem_rows<typename Traits::CuteElem>(p.q, p.total_q, D, p.num_heads, p.q_row_stride, p.q_head_stride),
+                    typename Traits::SmemLayoutQ{}, Shape<Int<Traits::kBlockM>, Int<D>>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{},
+                    gmem_rows<typename Traits::CuteElem>(p.k, p.total_k, D, p.num_heads_k, p.k_row_stride, p.k_head_stride),
+                    take<0, 2>(typename Traits::SmemLayoutKV{}), Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{}),
+      make_tma_copy(SM90_TMA_LOAD{},
+                    gmem_rows<typename Traits::CuteElem>(p.v, p.total_k, D, p.num_heads_k, p.v_row_stride, p.v_head_stride),
+                    take<0, 2>(typename Traits::SmemLayoutKV{}), Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{})};
+  auto kernel = fwd_kernel<Traits>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  constexpr int64_t kMaxSeqsPerLaunch = 65535;
+  const unsigned query_tiles = static_cast<unsigned>((p.max_seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM);
+  for (int64_t seq0 = 0; seq0 < p.batch; seq0 += kMaxSeqsPerLaunch) {
+    const dim3 grid(query_tiles, static_cast<unsigned>(p.num_heads),
+                    static_cast<unsigned>(std::min<int64_t>(p.batch - seq0, kMaxSeqsPerLaunch)));
+    kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, tma, static_cast<int>(seq0));
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+template <typename Elem, int kHeadDim>
+cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws,
+                             cudaStream_t stream) {
+  if (!plan.sm90a || plan.kernel != FwdKernel::kPrefill || p.head_dim != kHeadDim) {
+    return sm80::launch_attention<Elem, kHeadDim>(p, plan, ws, stream);
+  }
+  if (p.batch == 0 || p.num_heads == 0 || p.max_seqlen_q == 0) return cudaSuccess;
+  return launch_fwd<FwdTraits<Elem, kHeadDim>>(p, stream);
+}
+
+}  // namespace dmattn::cuda::sm90a
