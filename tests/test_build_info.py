@@ -45,15 +45,16 @@ dmattn_ops build
   CPU dtypes           float32, float16, bfloat16; any head dim >= 1
   CUDA archs           sm_80, sm_90
   CUDA arch paths      in dispatch preference order (cc: compute capability, major * 10 + minor)
-    sm90a  runs where cc == 90, built for sm_90a: no kernels (an empty slot)
+    sm90a  runs where cc == 90, built for sm_90a: float16, bfloat16; head dims 64, 128
     sm80   runs where cc >= 80, built for sm_80, sm_90: float16, bfloat16; head dims 32, 64, 96, 128, 256
   CUDA dtypes          float16, bfloat16
   CUDA head dims       32, 64, 96, 128, 256 compiled; others up to 256 run padded
-  CUDA device here     GPU (sm_90): uses sm80
+  CUDA device here     GPU (sm_90): uses sm90a, then sm80
 """)
 
     def test_sm90a_kernels_are_preferred_on_hopper(self):
-        build = cuda_build(["80", "90"], km.INSTANTIATIONS + [("sm90a", "bfloat16", 128)])
+        sm80 = [i for i in km.INSTANTIATIONS if i[0] == "sm80"]
+        build = cuda_build(["80", "90"], sm80 + [("sm90a", "bfloat16", 128)])
         report = self.report(build, cc=90)
         self.assertIn("    sm90a  runs where cc == 90, built for sm_90a: bfloat16; head dims 128\n", report)
         self.assertIn("  CUDA device here     GPU (sm_90): uses sm90a, then sm80\n", report)
@@ -74,7 +75,7 @@ dmattn_ops build
 
     def test_gpu_no_arch_path_runs_on(self):
         report = self.report(cuda_build(["80", "90"]), cc=75)
-        self.assertIn("GPU (sm_75): no arch path of this build runs on it (they need cc >= 80)\n", report)
+        self.assertIn("GPU (sm_75): no arch path of this build runs on it (they need cc == 90 or cc >= 80)\n", report)
         self.assertNotIn("warning", report)
 
     def test_no_gpu(self):

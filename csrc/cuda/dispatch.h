@@ -5,7 +5,8 @@
 // architectures:
 //   sm80::launch_attention   mma.sync / ldmatrix / cp.async (csrc/cuda/sm80/): the prefill and decode kernels, any
 //                            device with cc >= 80
-//   sm90a::launch_attention  the Hopper wgmma / TMA slot (csrc/cuda/sm90a/), cc == 90 only; no kernel yet
+//   sm90a::launch_attention  wgmma / TMA (csrc/cuda/sm90a/), cc == 90 only: dense prefill, every other call handed to
+//                            sm80::launch_attention
 #pragma once
 
 #include <cuda_runtime_api.h>
