@@ -132,7 +132,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   const int first_hiding = limit_first / kBlockN;
 
   // ---- Barriers ----
-  const int warp = threadIdx.x / 32, warpgroup = threadIdx.x / 128;
+  const int warpgroup = threadIdx.x / 128;
   typename Pipeline::Params pipe_params;
   pipe_params.transaction_bytes = Traits::kKVBytes;
   pipe_params.role = warpgroup == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
@@ -153,7 +153,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   if (warpgroup == 0) {
     // ---- Producer ----
     cutlass::arch::warpgroup_reg_dealloc<24>();
-    if (warp == 0 && cute::elect_one_sync() && n_tiles > 0) {
+    if (threadIdx.x == 0 && n_tiles > 0) {  // the pipelines' leader: it arms each full barrier with the tile bytes
       Tensor mQ = tma.q.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_q), kHeadDim, p.num_heads));
       Tensor mK = tma.k.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_k), kHeadDim, p.num_heads_k));
       Tensor mV = tma.v.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_k), kHeadDim, p.num_heads_k));
@@ -217,7 +217,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
     // ---- Scores: raw (the scale folded into the softmax) where every row sees every key of the tile ----
     const bool hiding = n >= first_hiding;
     float score_mul = scale;
-    if (hiding) {
+    if (hiding || !(scale > 0.f)) {  // the softmax may fold only a positive scale
       score_mul = 1.f;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
