@@ -33,12 +33,14 @@ __device__ __forceinline__ uint32_t query_term(const VarlenFwdParams& p, const Q
 // Grid (batch, list heads). Stream compaction of one sequence's key-side mask column, in chunks of kChunk keys:
 // each thread reads its kKeysPerThread mask bytes (independent loads in flight together), a warp scan of the kept
 // counts and the CTA's warp totals give each thread its first output slot; one barrier pair per chunk. With
-// query-side terms (kTerms: its own instantiation, so the key-side one keeps its registers and occupancy), each
-// listed key's terms follow it, one per query of the sequence.
+// query-side terms (kTerms: its own instantiation, so the key-side one keeps its registers and occupancy), the
+// chunk's listed positions go to shared memory too, and the CTA then writes their terms, one (query, listed key) per
+// thread and step: consecutive threads, consecutive terms of a query's run.
 template <bool kTerms>
 __global__ void __launch_bounds__(kCompactThreads)
 compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys) {
   __shared__ int warp_total[kCompactWarps];
+  __shared__ int32_t chunk_pos[kTerms ? kChunk : 1];  // the chunk's listed key positions, in list order
   const int b = blockIdx.x, hm = blockIdx.y;
   const SeqRange sk = key_seq(p, b);
   const KeyRows rows = key_rows_of(p, sk);
@@ -55,17 +57,24 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
   for (int64_t j0 = 0; j0 < sk.len; j0 += kChunk) {
     const int64_t first = j0 + static_cast<int64_t>(threadIdx.x) * kKeysPerThread;
     unsigned bits = 0;
+    if (query_side) {
+      // Column j of each query row (a position: no pool row), query by query: the kKeysPerThread loads of a query
+      // are in flight together.
+      for (int64_t q = 0; q < sq.len; ++q) {
+        const int64_t row = p.mask.row_start(sq.start + q, h);
 #pragma unroll
-    for (int i = 0; i < kKeysPerThread; ++i) {
-      const int64_t j = first + i;
-      if (j >= sk.len) continue;
-      bool keep = false;
-      if (query_side) {  // column j of each query row (a position: no pool row); independent loads, no early exit
-        for (int64_t q = 0; q < sq.len; ++q) keep |= p.mask.mask_allows(p.mask.offset(sq.start + q, h, j));
-      } else {
-        keep = !key_side || p.mask.mask_allows(p.mask.offset(rows.row(j), h, 0));  // no mask: every key
+        for (int i = 0; i < kKeysPerThread; ++i) {
+          const int64_t j = first + i;
+          if (j < sk.len && p.mask.mask_allows(p.mask.column(row, j))) bits |= 1u << i;
+        }
       }
-      if (keep) bits |= 1u << i;
+    } else {
+#pragma unroll
+      for (int i = 0; i < kKeysPerThread; ++i) {
+        const int64_t j = first + i;
+        if (j >= sk.len) continue;
+        if (!key_side || p.mask.mask_allows(p.mask.offset(rows.row(j), h, 0))) bits |= 1u << i;  // no mask: all
+      }
     }
     const int n = __popc(bits);
     int inclusive = n;  // kept keys of this lane and the lanes before it in the warp
@@ -83,26 +92,26 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
       slot += w < warp ? total : 0;
       chunk_kept += total;
     }
-    const int slot0 = slot;
 #pragma unroll
     for (int i = 0; i < kKeysPerThread; ++i) {
-      if ((bits >> i) & 1u) index[slot++] = static_cast<int32_t>(first + i);
+      if (!((bits >> i) & 1u)) continue;
+      index[slot] = static_cast<int32_t>(first + i);
+      if constexpr (kTerms) chunk_pos[slot - kept] = static_cast<int32_t>(first + i);
+      ++slot;
     }
-    // The terms of this thread's listed keys, query by query: the kKeysPerThread loads of a query are in flight
-    // together, and a warp's writes to a query's run are nearly contiguous.
     if constexpr (kTerms) {
-      for (int64_t q = 0; q < sq.len; ++q) {
-        const int64_t at = term0 + q * terms.extent;
-        int s = slot0;
-        for (int i = 0; i < kKeysPerThread; ++i) {
-          if (!((bits >> i) & 1u)) continue;
-          const uint32_t term = query_term(p, terms, sq.start + q, h, first + i);
-          if (terms.f32) {
-            static_cast<uint32_t*>(terms.values)[at + s] = term;
-          } else {
-            static_cast<uint16_t*>(terms.values)[at + s] = static_cast<uint16_t>(term);
-          }
-          ++s;
+      __syncthreads();  // chunk_pos is complete
+      const int64_t n_terms = static_cast<int64_t>(chunk_kept) * sq.len;
+#pragma unroll 4
+      for (int64_t e = threadIdx.x; e < n_terms; e += kCompactThreads) {
+        const int64_t q = e / chunk_kept;
+        const int c = static_cast<int>(e - q * chunk_kept);
+        const uint32_t term = query_term(p, terms, sq.start + q, h, chunk_pos[c]);
+        const int64_t at = term0 + q * terms.extent + kept + c;
+        if (terms.f32) {
+          static_cast<uint32_t*>(terms.values)[at] = term;
+        } else {
+          static_cast<uint16_t*>(terms.values)[at] = static_cast<uint16_t>(term);
         }
       }
     }

@@ -5,8 +5,8 @@
 //                head; the key-side mask and bias are then one per tile (the plan sends Hm = H to the prefill
 //                kernel, heuristics.h); query-side ones are read by their own variant (Traits::kQueryOperands) as
 //                terms gathered along the kept-key lists (QueryTerms, ../passes.h: one aligned run per query and
-//                tile, prefetched to L2 with the tile's metadata), the keys no query may see skipped as a key-side
-//                mask's
+//                tile, copied into the tile's stage with its K / V), the keys no query may see skipped as a
+//                key-side mask's
 //   split-KV     the key slots of a (sequence, KV head) are cut into splits of whole KV tiles, one CTA each, so a
 //                batch of a few long sequences still fills the GPU; splits write float32 partials that
 //                combine_splits (../split_combine.cu) merges through their lse
@@ -187,14 +187,12 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
     const int64_t first = terms.run(list_head(keys, c.h), 0, QueryTerms::segment(c.k_start, seq0 + blockIdx.z));
     runs.base = static_cast<const char*>(terms.values) + first * (terms.f32 ? 4 : 2);
     runs.extent = terms.extent;
+    runs.smem = smem_raw + sizeof(typename Traits::SharedStorage);
     runs.f32 = terms.f32;
-    const int i0 = c.m0 % c.q_len;
-    const bool wraps = i0 + c.rows > c.q_len;
-    runs.first_query = wraps ? 0 : i0;
-    runs.n_queries = wraps ? c.q_len : c.rows;
-    for (int n = d.tile_begin; n < d.tile_end && n < d.tile_begin + kStages; ++n) {
-      runs.template prefetch<Traits::kThreads>(n * kBlockN);
-    }
+    runs.first_query = c.m0 % c.q_len;
+    runs.n_queries = min(c.rows, c.q_len);
+    runs.q_len = c.q_len;
+    runs.queries = Traits::term_queries(p);
   }
 
   // Each row sees the key positions [low, limit) (its window; 0 / 0 for rows past the tile).
@@ -218,6 +216,7 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
   for (int i = 0; i < kStages - 1; ++i) {
     if (d.tile_begin + i < d.tile_end) {
       kv.load_kv_into(smem.tiles.k[i], smem.tiles.v[i], d.tile_begin + i, i);
+      if constexpr (Traits::kQueryOperands) runs.template load<Traits::kThreads, kBlockN>(i, d.tile_begin + i);
     }
     cute::cp_async_fence();  // one group per stage, empty or not, so the wait below counts stages
   }
@@ -252,6 +251,9 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
       if (n + kStages - 1 < d.tile_end) {
         kv.load_kv_into(smem.tiles.k[ahead % kStages], smem.tiles.v[ahead % kStages], n + kStages - 1,
                         ahead % kMetaSlots);
+        if constexpr (Traits::kQueryOperands) {
+          runs.template load<Traits::kThreads, kBlockN>(ahead % kStages, n + kStages - 1);
+        }
       }
       cute::cp_async_fence();
     }
@@ -260,9 +262,6 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
     // loads never stall the compute (with a key-side mask and bias they cost a tile's time when they did).
     const bool fetch = n + kStages < d.tile_end;
     if (fetch) kv.fetch_pipelined(n + kStages, d.tile_end);
-    if constexpr (Traits::kQueryOperands) {
-      if (fetch) runs.template prefetch<Traits::kThreads>((n + kStages) * kBlockN);
-    }
 
     // ---- S = Q K^T over this warp's keys: s[mt][nt] is the m16n8 fragment (rows 16 mt, keys 16 warp + 8 nt) ----
     float s[kMTiles][kNTiles][4];
@@ -273,7 +272,7 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
       const int32_t* key_pos = smem.key_pos[meta] + warp * kWarpKeys;
       const float* key_bias = smem.key_bias[meta] + warp * kWarpKeys;
       if constexpr (Traits::kQueryOperands) {
-        return ops.apply(s, n * kBlockN, key_pos, key_bias, low, limit, runs, n * kBlockN + warp * kWarpKeys, d, g, t);
+        return ops.apply(s, n * kBlockN, key_pos, key_bias, low, limit, runs, stage, warp * kWarpKeys, d, g, t);
       } else {
         return ops.apply(s, n * kBlockN, key_pos, key_bias, low, limit, t);
       }

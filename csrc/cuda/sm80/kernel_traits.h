@@ -173,6 +173,17 @@ struct DecodeKernelTraits : SwizzledTiles<kHeadDim_> {
     uint8_t v_bad[kBlockN];
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
+
+  // The query-side variant's ring of terms (score_operands.cuh, TermRuns), after SharedStorage in dynamic shared
+  // memory: per stage, a row of kBlockN terms for each query a row tile can hold (its rows' distinct queries).
+  static __host__ __device__ int term_queries(const VarlenFwdParams& p) {
+    return static_cast<int>(p.max_seqlen_q < kBlockM ? p.max_seqlen_q : kBlockM);
+  }
+  static int smem_bytes(const VarlenFwdParams& p) {
+    if (!kQueryOperands) return kSmemBytes;
+    const int esize = p.bias.layout == OperandLayout::kQuerySide && p.bias.dtype == ScalarType::kFloat32 ? 4 : 2;
+    return kSmemBytes + kStages * term_queries(p) * kBlockN * esize;
+  }
 };
 
 }  // namespace dmattn::cuda::sm80

@@ -34,10 +34,11 @@ cudaError_t launch_decode(const VarlenFwdParams& p, const Workspace& ws, cudaStr
   using Scheduler = DecodeTileScheduler<Traits::kBlockM, Traits::kBlockN>;
   if (p.batch == 0 || p.num_heads == 0 || p.max_seqlen_q == 0) return cudaSuccess;
   auto kernel = decode_kernel<Traits>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+  const int smem = Traits::smem_bytes(p);  // the query-side variant's ring of terms on top
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   for (int64_t seq0 = 0; seq0 < p.batch; seq0 += Scheduler::kMaxSeqsPerLaunch) {
-    kernel<<<Scheduler::grid(p, ws.splits, seq0), Traits::kThreads, Traits::kSmemBytes, stream>>>(
+    kernel<<<Scheduler::grid(p, ws.splits, seq0), Traits::kThreads, smem, stream>>>(
         p, ws.keys, ws.splits, static_cast<int>(seq0));
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }

@@ -24,28 +24,42 @@
 
 namespace dmattn::cuda::sm80 {
 
-// A decode CTA's query-side terms (../passes.h, QueryTerms): the term of query i of the sequence at key slot c is
-// element i * extent + c from base (its list head's runs, from its sequence's segment on); the row tile's queries
-// are [first_query, first_query + n_queries).
+// A decode CTA's query-side terms (../passes.h, QueryTerms) and their ring in shared memory. In global memory the
+// term of query i of the sequence at key slot c is element i * extent + c from base (its list head's runs, from its
+// sequence's segment on). The row tile's queries are the n_queries queries (first_query + k) % q_len, k < n_queries
+// (a run of rows within one head, or past its end into the next head's first queries); each KV tile's terms for them
+// are copied with the tile's K / V (cp.async, the same commit group) into its stage: smem + ((stage * queries + k) *
+// kBlockN + slot in tile) elements, so the score step reads shared memory.
 struct TermRuns {
   const char* base;
   int64_t extent;
+  char* smem;
   bool f32;
-  int first_query, n_queries;
+  int first_query, n_queries, q_len, queries;  // queries: the ring's rows per stage
 
-  template <typename T>
-  __device__ __forceinline__ const T* at(int i, int slot) const {
-    return reinterpret_cast<const T*>(base) + static_cast<int64_t>(i) * extent + slot;
+  __device__ __forceinline__ int esize() const { return f32 ? 4 : 2; }
+  // The ring row of query i (one of the tile's queries).
+  __device__ __forceinline__ int ring_row(int i) const {
+    const int k = i - first_query;
+    return k < 0 ? k + q_len : k;
   }
-  // Asks L2 for the terms of the row tile's queries at slots [slot0, slot0 + 64): one 128-byte line per query (two
-  // for float32 terms), issued tiles ahead of their use so that the score step reads them from L2. CTA-wide.
-  template <int kThreads>
-  __device__ __forceinline__ void prefetch(int slot0) const {
-    const int lines = f32 ? 2 : 1;
-    for (int e = threadIdx.x; e < n_queries * lines; e += kThreads) {
-      const char* line = f32 ? reinterpret_cast<const char*>(at<float>(first_query + e / lines, slot0) + (e % lines) * 32)
-                             : reinterpret_cast<const char*>(at<uint16_t>(first_query + e, slot0));
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+  // This stage's terms of query i, from the tile's first slot.
+  __device__ __forceinline__ const char* staged(int stage, int i, int block_n) const {
+    return smem + (static_cast<int64_t>(stage * queries + ring_row(i)) * block_n) * esize();
+  }
+  // Issues the copies of KV tile n's terms into stage (16-byte chunks; runs are 128-byte aligned). CTA-wide.
+  template <int kThreads, int kBlockN>
+  __device__ __forceinline__ void load(int stage, int n) const {
+    const int chunks = kBlockN * esize() / 16;  // per query
+    for (int e = threadIdx.x; e < n_queries * chunks; e += kThreads) {
+      const int k = e / chunks, chunk = e % chunks;
+      int i = first_query + k;
+      i = i >= q_len ? i - q_len : i;
+      const char* src = base + (static_cast<int64_t>(i) * extent + static_cast<int64_t>(n) * kBlockN) * esize() +
+                        chunk * 16;
+      char* dst = smem + (static_cast<int64_t>(stage * queries + k) * kBlockN) * esize() + chunk * 16;
+      const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
     }
   }
 };
@@ -159,20 +173,20 @@ struct ScoreOperands {
     static_assert(!Traits::kQueryOperands, "query-side operands need each packed row's query and head");
     return apply_tile(s, n0, slot_bias, t, false, [&] { per_element_any(s, key_pos, slot_bias, low, limit, t); });
   }
-  // And with query-side operands: each packed row r (query d.query(r)) reads its terms at this warp's slots
-  // [warp_slot0, warp_slot0 + kNTiles * 8) from runs.
+  // And with query-side operands: each packed row r (query d.query(r)) reads its terms for this warp's slots
+  // (from warp_col, the warp's first slot within the tile) in the tile's stage of the runs' ring.
   template <typename PackedRows>
   __device__ __forceinline__ float apply(float (&s)[kMTiles][kNTiles][4], int n0, const int32_t* key_pos,
                                          const float* slot_bias, const int (&low)[kMTiles][2],
-                                         const int (&limit)[kMTiles][2], const TermRuns& runs, int warp_slot0,
-                                         const PackedRows& d, int g, int t) const {
+                                         const int (&limit)[kMTiles][2], const TermRuns& runs, int stage,
+                                         int warp_col, const PackedRows& d, int g, int t) const {
     static_assert(Traits::kQueryOperands, "the variant without query-side operands takes the overload above");
     return apply_tile(s, n0, slot_bias, t, query_mask, [&] {
       per_element_any(s, key_pos, slot_bias, low, limit, t);
       if (runs.f32) {
-        packed_query_terms<true>(s, key_pos, low, limit, runs, warp_slot0, d, g, t);
+        packed_query_terms<true>(s, key_pos, low, limit, runs, stage, warp_col, d, g, t);
       } else {
-        packed_query_terms<false>(s, key_pos, low, limit, runs, warp_slot0, d, g, t);
+        packed_query_terms<false>(s, key_pos, low, limit, runs, stage, warp_col, d, g, t);
       }
     });
   }
@@ -242,31 +256,31 @@ struct ScoreOperands {
       }
   }
 
-  // Pass 2 for packed rows: each visible (row, slot) takes its query-side term, two adjacent slots per load: -inf
+  // Pass 2 for packed rows: each visible (row, slot) takes its query-side term, two adjacent slots per read: -inf
   // where the term is the hidden pattern, else + the term (the query-side bias, or 0). A score that is -inf by itself
   // (an inf in k) still takes its bias: -inf + NaN or + inf is NaN, as the contract says.
   template <bool kF32, typename PackedRows>
   __device__ __forceinline__ void packed_query_terms(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
                                                      const int (&low)[kMTiles][2], const int (&limit)[kMTiles][2],
-                                                     const TermRuns& runs, int warp_slot0, const PackedRows& d, int g,
-                                                     int t) const {
+                                                     const TermRuns& runs, int stage, int warp_col,
+                                                     const PackedRows& d, int g, int t) const {
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int r = mt * 16 + g + half * 8;
         if (r >= c.rows) continue;  // limit 0: every key of it is hidden already
-        const int i = d.query(r);
+        const char* row = runs.staged(stage, d.query(r), kBlockN);
         uint32_t bits[kNTiles][2];
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
-          const int slot = warp_slot0 + nt * 8 + 2 * t;  // even, and runs start 128-byte aligned: aligned loads
+          const int col = warp_col + nt * 8 + 2 * t;  // even: aligned pairs
           if constexpr (kF32) {
-            const uint2 w = __ldg(reinterpret_cast<const uint2*>(runs.at<uint32_t>(i, slot)));
+            const uint2 w = *reinterpret_cast<const uint2*>(row + col * 4);
             bits[nt][0] = w.x;
             bits[nt][1] = w.y;
           } else {
-            const uint32_t w = __ldg(reinterpret_cast<const uint32_t*>(runs.at<uint16_t>(i, slot)));
+            const uint32_t w = *reinterpret_cast<const uint32_t*>(row + col * 2);
             bits[nt][0] = w & 0xffffu;
             bits[nt][1] = w >> 16;
           }
