@@ -201,3 +201,22 @@ def test_nonfinite_values_follow_the_contract(tiles, monkeypatch, cuda_device):
     for row, heads in ((0, [2, 3]), (1, [0, 1]), (2, [2, 3]), (3, [0, 1, 2, 3])):
         assert torch.equal(out[row, heads], ref_out[row, heads]), (row, heads)
         assert torch.equal(lse[heads, row], ref_lse[heads, row]), (row, heads)
+
+
+@pytest.mark.parametrize("kernel_name", ["decode", "prefill"])
+def test_query_side_mask_hides_a_key_whose_v_is_inf(kernel_name, monkeypatch, cuda_device):
+    """A key a query-side mask hides from one query of a tile but shows to the others: its inf V reaches only the rows
+    that see it (the decode kernel checks the V of a tile whose terms hid a key), bit for bit as if it were finite."""
+    monkeypatch.setenv("DMATTN_KERNEL", kernel_name)
+    spec = Spec("query_hidden_inf_v", heads=8, heads_k=2, seqlens_q=(4, 2), seqlens_k=(300, 200), mask="query",
+                mask_heads="Hk", keep=1.0)
+    sample = make_sample(spec, torch.float16, "cuda")
+    mask, v = sample.mask.clone(), sample.v.clone()
+    mask[0, :, 100] = False  # query 0 of sequence 0 cannot see its key 100; its queries 1-3 can
+    v[100, :, 7] = math.inf
+    out, lse = sample.replace(mask=mask, v=v).run()
+    clean, clean_lse = sample.replace(mask=mask).run()
+    assert torch.equal(lse, clean_lse)
+    assert torch.equal(out[0], clean[0])  # the hidden key's inf never reaches query 0
+    assert not out[1:4, :, 7].isfinite().any()  # it reaches every head of the queries that see it
+    assert torch.equal(out[4:], clean[4:])  # sequence 1 untouched

@@ -268,16 +268,23 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
     score_tile<Traits>(s, q_lane, k_lane + stage * kTileBytes, warp);
 
     // ---- Scores: scale, bias, and -inf where a key is not visible ----
+    bool saw_hidden = false;  // query-side terms: this thread's terms hid a key from a row that could see it
     const float score_mul = [&] {
       const int32_t* key_pos = smem.key_pos[meta] + warp * kWarpKeys;
       const float* key_bias = smem.key_bias[meta] + warp * kWarpKeys;
       if constexpr (Traits::kQueryOperands) {
-        return ops.apply(s, n * kBlockN, key_pos, key_bias, low, limit, runs, stage, warp * kWarpKeys, d, g, t);
+        return ops.apply(s, n * kBlockN, key_pos, key_bias, low, limit, runs, stage, warp * kWarpKeys, d, g, t,
+                         saw_hidden);
       } else {
         return ops.apply(s, n * kBlockN, key_pos, key_bias, low, limit, t);
       }
     }();
-    const bool v_fix = ops.hides_keys(n * kBlockN) && tile_has_nonfinite<Traits>(smem.tiles.v[stage]);
+    // A tile whose V must be checked: it hides a key from a row by position, or (query-side terms) by a term. The
+    // terms' vote replaces scanning every tile: a query-side mask that hides nothing in the tile costs no scan.
+    const bool v_check = Traits::kQueryOperands
+                             ? __syncthreads_or(saw_hidden) != 0 || ops.bounds_hide_keys(n * kBlockN)
+                             : ops.hides_keys(n * kBlockN);
+    const bool v_fix = v_check && tile_has_nonfinite<Traits>(smem.tiles.v[stage]);
     if (v_fix) {
       zero_nonfinite_rows<Traits>(smem.tiles.v[stage], smem.v_bad);
       __syncthreads();

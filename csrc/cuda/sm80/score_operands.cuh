@@ -130,8 +130,11 @@ struct ScoreOperands {
 
   // Whether some row of the tile starting at slot n0 cannot see some key of it (a window edge, the causal diagonal, a
   // query-side mask). Slots past the last one are zero-filled, so a tail tile alone does not count.
-  __device__ __forceinline__ bool hides_keys(int n0) const {
-    return query_mask || (n0 + kBlockN > c.slots_full && c.slots_full < c.slots_end) ||
+  __device__ __forceinline__ bool hides_keys(int n0) const { return query_mask || bounds_hide_keys(n0); }
+  // The same, leaving the query-side mask out: a window edge or the causal diagonal (the decode kernel's query-side
+  // variant asks its terms instead: apply's saw_hidden).
+  __device__ __forceinline__ bool bounds_hide_keys(int n0) const {
+    return (n0 + kBlockN > c.slots_full && c.slots_full < c.slots_end) ||
            (Traits::kWindowLeft && n0 < c.slots_low_full);
   }
 
@@ -174,19 +177,20 @@ struct ScoreOperands {
     return apply_tile(s, n0, slot_bias, t, false, [&] { per_element_any(s, key_pos, slot_bias, low, limit, t); });
   }
   // And with query-side operands: each packed row r (query d.query(r)) reads its terms for this warp's slots
-  // (from warp_col, the warp's first slot within the tile) in the tile's stage of the runs' ring.
+  // (from warp_col, the warp's first slot within the tile) in the tile's stage of the runs' ring. saw_hidden: some
+  // term of this thread hid a key its row could see by position (then the tile's V must be checked).
   template <typename PackedRows>
   __device__ __forceinline__ float apply(float (&s)[kMTiles][kNTiles][4], int n0, const int32_t* key_pos,
                                          const float* slot_bias, const int (&low)[kMTiles][2],
                                          const int (&limit)[kMTiles][2], const TermRuns& runs, int stage,
-                                         int warp_col, const PackedRows& d, int g, int t) const {
+                                         int warp_col, const PackedRows& d, int g, int t, bool& saw_hidden) const {
     static_assert(Traits::kQueryOperands, "the variant without query-side operands takes the overload above");
     return apply_tile(s, n0, slot_bias, t, query_mask, [&] {
       per_element_any(s, key_pos, slot_bias, low, limit, t);
       if (runs.f32) {
-        packed_query_terms<true>(s, key_pos, low, limit, runs, stage, warp_col, d, g, t);
+        packed_query_terms<true>(s, key_pos, low, limit, runs, stage, warp_col, d, g, t, saw_hidden);
       } else {
-        packed_query_terms<false>(s, key_pos, low, limit, runs, stage, warp_col, d, g, t);
+        packed_query_terms<false>(s, key_pos, low, limit, runs, stage, warp_col, d, g, t, saw_hidden);
       }
     });
   }
@@ -263,7 +267,7 @@ struct ScoreOperands {
   __device__ __forceinline__ void packed_query_terms(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
                                                      const int (&low)[kMTiles][2], const int (&limit)[kMTiles][2],
                                                      const TermRuns& runs, int stage, int warp_col,
-                                                     const PackedRows& d, int g, int t) const {
+                                                     const PackedRows& d, int g, int t, bool& saw_hidden) const {
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -295,6 +299,7 @@ struct ScoreOperands {
             const uint32_t b = bits[nt][e2];
             if (b == (kF32 ? QueryTerms::kHidden32 : QueryTerms::kHidden16)) {
               x = -INFINITY;
+              saw_hidden = true;
             } else {
               x += kF32 ? __uint_as_float(b) : term16(b);
             }
