@@ -3,7 +3,8 @@
 # extension in place, print the build, run the tests, compute-sanitizer over the CUDA edge-case tests, benchmark.
 #
 #   tools/run_gpu.sh [STAGE...]      stages: wheels build info test sanitize bench (default: all of them, in order),
-#                                    and prev / compare / host (below); any other STAGE is a Python script to run
+#                                    and prev / compare / host / summary (below); any other STAGE is a Python script
+#                                    to run
 #
 # Comparing against an earlier build (no workload more than 3% slower, say): carry the earlier commit's sources in
 # .prev/ (git-ignored; `rm -rf .prev && mkdir .prev && git archive COMMIT | tar -x -C .prev`), then
@@ -39,7 +40,9 @@
 #   DMATTN_KEEP_CC    set to keep the environment's CC / CXX (default: /usr/bin/gcc, g++ where present)
 #   DMATTN_PREBUILT   a folder holding _C*.so and _build_config.py of an earlier run (same image): used instead of
 #                     building, unless DMATTN_REBUILD=1
-# Each stage logs to $LOGDIR/<stage>.log.
+# Each stage logs to $LOGDIR/<stage>.log. The device tool returns at most 8 files of $OUT and the last 12,000
+# characters of output: with LOGDIR outside $OUT (say /tmp/l), end with the `summary` stage, which prints each stage's
+# exit line and pytest's / compute-sanitizer's verdicts and failures from every log, and the reply holds them all.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dmattn_gpu_out}
@@ -126,6 +129,15 @@ for s in $STAGES; do
       ;;
     info)
       stage info python3 -m dmattn_ops
+      ;;
+    summary)
+      # The verdicts of every stage so far (this call's logs), short enough for the device tool's reply.
+      for log in "$LOGDIR"/*.log; do
+        [ -f "$log" ] || continue
+        echo "--- $(basename "$log" .log)"
+        grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)|ERROR SUMMARY|^=== .*: exit|^target:|new / old|^[a-z]+ / " "$log" \
+          | tail -n 25
+      done
       ;;
     test)
       # bash -c: TESTS may quote a -k expression, e.g. TESTS='tests/ -k "cuda and not aoti"'
