@@ -3,8 +3,8 @@
 # extension in place, print the build, run the tests, compute-sanitizer over the CUDA edge-case tests, benchmark.
 #
 #   tools/run_gpu.sh [STAGE...]      stages: wheels build info test sanitize bench (default: all of them, in order),
-#                                    and prev / compare / host / summary (below); any other STAGE is a Python script
-#                                    to run
+#                                    and prev / compare / host / trees / summary (below); any other STAGE is a Python
+#                                    script to run
 #
 # Comparing against an earlier build (no workload more than 3% slower, say): carry the earlier commit's sources in
 # .prev/ (git-ignored; `rm -rf .prev && mkdir .prev && git archive COMMIT | tar -x -C .prev`), then
@@ -40,6 +40,12 @@
 #   DMATTN_KEEP_CC    set to keep the environment's CC / CXX (default: /usr/bin/gcc, g++ where present)
 #   DMATTN_PREBUILT   a folder holding _C*.so and _build_config.py of an earlier run (same image): used instead of
 #                     building, unless DMATTN_REBUILD=1
+# Several source trees in one call (branches not yet run on a GPU, each step of a stack): carry them in .trees/
+# (git-ignored; `for b in BRANCH...; do mkdir -p .trees/$b && git archive $b | tar -x -C .trees/$b; done`, about
+# 1-4 MB each), then
+#   tools/run_gpu.sh wheels trees summary
+# `trees` builds each .trees/<name> in place and runs TREE_TESTS there (default: tests/test_sm90a.py and the CUDA
+# decode-kernel tests), then TREE_BENCH (bench_gpu.py arguments, none by default) with its results in $OUT/<name>/.
 # Each stage logs to $LOGDIR/<stage>.log. The device tool returns at most 8 files of $OUT and the last 12,000
 # characters of output: with LOGDIR outside $OUT (say /tmp/l), end with the `summary` stage, which prints each stage's
 # exit line and pytest's / compute-sanitizer's verdicts and failures from every log, and the reply holds them all.
@@ -64,7 +70,7 @@ stage() {  # stage NAME COMMAND...: runs COMMAND, tees its output to $OUT/NAME.l
   local t0=$SECONDS
   "$@" 2>&1 | tee "$LOGDIR/$name.log"
   local rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOGDIR/$name.log"
   [ "$rc" -eq 0 ] || status=1
   return "$rc"
 }
@@ -129,6 +135,24 @@ for s in $STAGES; do
       ;;
     info)
       stage info python3 -m dmattn_ops
+      ;;
+    trees)
+      for dir in .trees/*/; do
+        [ -f "$dir/setup.py" ] || continue
+        name=$(basename "$dir")
+        abs=$(cd "$dir" && pwd)
+        [ -e "$dir/dmattn_ops/_meta" ] || ln -s ../meta "$dir/dmattn_ops/_meta"
+        (cd "$dir" && DMATTN_BACKENDS=cuda stage "build_$name" python3 setup.py build_ext --inplace) || { status=1; continue; }
+        # bash -c: TREE_TESTS may quote a -k expression
+        (cd "$dir" && PYTHONPATH=$abs:/tmp/site stage "test_$name" bash -c \
+          "python3 -m pytest -q --no-header -p no:cacheprovider -rs ${TREE_TESTS:-tests/test_sm90a.py tests/test_decode_kernel.py -k 'cuda or decode'}") \
+          || status=1
+        if [ -n "${TREE_BENCH:-}" ]; then
+          # shellcheck disable=SC2086
+          (cd "$dir" && PYTHONPATH=$abs:/tmp/site stage "bench_$name" python3 tools/bench_gpu.py $TREE_BENCH \
+            --out "$OUT/$name") || status=1
+        fi
+      done
       ;;
     summary)
       # The verdicts of every stage so far (this call's logs), short enough for the device tool's reply.
