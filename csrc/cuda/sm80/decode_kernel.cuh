@@ -185,10 +185,10 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
   if constexpr (Traits::kQueryOperands) {
     const QueryTerms& terms = keys.terms;
     const int64_t first = terms.run(list_head(keys, c.h), 0, QueryTerms::segment(c.k_start, seq0 + blockIdx.z));
-    runs.base = static_cast<const char*>(terms.values) + first * (terms.f32 ? 4 : 2);
+    runs.f32 = terms.f32;
+    runs.base = static_cast<const char*>(terms.values) + first * runs.esize();
     runs.extent = terms.extent;
     runs.smem = smem_raw + sizeof(typename Traits::SharedStorage);
-    runs.f32 = terms.f32;
     runs.first_query = c.m0 % c.q_len;
     runs.n_queries = min(c.rows, c.q_len);
     runs.q_len = c.q_len;

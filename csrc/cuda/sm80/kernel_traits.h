@@ -181,8 +181,7 @@ struct DecodeKernelTraits : SwizzledTiles<kHeadDim_> {
   }
   static int smem_bytes(const VarlenFwdParams& p) {
     if (!kQueryOperands) return kSmemBytes;
-    const int esize = p.bias.layout == OperandLayout::kQuerySide && p.bias.dtype == ScalarType::kFloat32 ? 4 : 2;
-    return kSmemBytes + kStages * term_queries(p) * kBlockN * esize;
+    return kSmemBytes + kStages * term_queries(p) * kBlockN * (query_terms_f32(p) ? 4 : 2);
   }
 };
 

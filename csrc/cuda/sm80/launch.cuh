@@ -54,9 +54,7 @@ template <typename Elem, int kHeadDim>
 cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws,
                              cudaStream_t stream) {
   if (plan.kernel == FwdKernel::kDecode) {
-    if (p.mask.layout == OperandLayout::kQuerySide || p.bias.layout == OperandLayout::kQuerySide) {
-      return launch_decode<DecodeKernelTraits<Elem, kHeadDim, true>>(p, ws, stream);
-    }
+    if (plan.query_terms) return launch_decode<DecodeKernelTraits<Elem, kHeadDim, true>>(p, ws, stream);
     return launch_decode<DecodeKernelTraits<Elem, kHeadDim>>(p, ws, stream);
   }
   switch (plan.prefill) {

@@ -14,21 +14,28 @@
 
 namespace dmattn::cuda::sm80 {
 
-// Whether the (kBlockN, D) V tile in shared memory holds an inf or NaN; every thread scans an equal share (16-byte
-// reads, conflict-free) and the answer is the CTA's vote. Two 16-bit elements per 32-bit word.
-template <typename Traits>
-__device__ __forceinline__ bool tile_has_nonfinite(const typename Traits::Elem* tile) {
-  constexpr uint32_t kLo = ElemTraits<typename Traits::Elem>::kExpBits, kHi = kLo << 16;
-  constexpr int kVecs = Traits::kBlockN * Traits::kHeadDim / 8;  // 16-byte vectors in the tile
-  static_assert(kVecs % Traits::kThreads == 0, "the scan splits evenly over the threads");
+// Whether thread `tid`'s share of a tile of kVecs 16-byte vectors of 16-bit Elem in shared memory (vectors tid,
+// tid + kThreads, ...: conflict-free) holds an inf or NaN. Two elements per 32-bit word.
+template <typename Elem, int kVecs, int kThreads>
+__device__ __forceinline__ bool share_has_nonfinite(const void* tile, int tid) {
+  constexpr uint32_t kLo = ElemTraits<Elem>::kExpBits, kHi = kLo << 16;
+  static_assert(kVecs % kThreads == 0, "the scan splits evenly over the threads");
   const uint4* vecs = reinterpret_cast<const uint4*>(tile);
   bool bad = false;
 #pragma unroll 1  // a few registers, not one 16-byte vector per iteration: this runs beside O and S
-  for (int i = 0; i < kVecs / Traits::kThreads; ++i) {
-    const uint4 w = vecs[i * Traits::kThreads + threadIdx.x];
+  for (int i = 0; i < kVecs / kThreads; ++i) {
+    const uint4 w = vecs[i * kThreads + tid];
     for (const uint32_t x : {w.x, w.y, w.z, w.w}) bad |= (x & kLo) == kLo || (x & kHi) == kHi;
   }
-  return __syncthreads_or(bad) != 0;
+  return bad;
+}
+
+// Whether the (kBlockN, D) V tile in shared memory holds an inf or NaN; every thread scans an equal share and the
+// answer is the CTA's vote.
+template <typename Traits>
+__device__ __forceinline__ bool tile_has_nonfinite(const typename Traits::Elem* tile) {
+  constexpr int kVecs = Traits::kBlockN * Traits::kHeadDim / 8;  // 16-byte vectors in the tile
+  return __syncthreads_or(share_has_nonfinite<typename Traits::Elem, kVecs, Traits::kThreads>(tile, threadIdx.x)) != 0;
 }
 
 // Rare path of tile_has_nonfinite: zeroes the inf / NaN elements of the V tile and flags their slots in v_bad.

@@ -20,6 +20,7 @@
 
 #include "../../varlen_fwd_params.h"
 #include "../score_operand.cuh"
+#include "kv_tiles.cuh"
 #include "tile_scheduler.cuh"
 
 namespace dmattn::cuda::sm80 {
@@ -57,9 +58,7 @@ struct TermRuns {
       i = i >= q_len ? i - q_len : i;
       const char* src = base + (static_cast<int64_t>(i) * extent + static_cast<int64_t>(n) * kBlockN) * esize() +
                         chunk * 16;
-      char* dst = smem + (static_cast<int64_t>(stage * queries + k) * kBlockN) * esize() + chunk * 16;
-      const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+      cp_async_16(smem + (static_cast<int64_t>(stage * queries + k) * kBlockN) * esize() + chunk * 16, src, true);
     }
   }
 };

@@ -234,19 +234,12 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       }
     }
     pipe_v.consumer_wait(state);
-    const bool v_fix = hiding && consumer_any([&] {
-      // This thread's share of the V tile: whether it holds an inf / NaN (16-byte reads).
-      constexpr uint32_t kLo = sm80::ElemTraits<Elem>::kExpBits, kHi = kLo << 16;
-      constexpr int kVecs = kBlockN * kHeadDim / 8;
-      const uint4* vecs = reinterpret_cast<const uint4*>(smem.v.data() + state.index() * kBlockN * kHeadDim);
-      bool bad = false;
-#pragma unroll 1
-      for (int k = ctid; k < kVecs; k += Traits::kConsumerThreads) {
-        const uint4 w = vecs[k];
-        for (const uint32_t x : {w.x, w.y, w.z, w.w}) bad |= (x & kLo) == kLo || (x & kHi) == kHi;
-      }
-      return bad;
-    }(), Traits::kConsumerThreads);
+    // This thread's share of the V tile: whether it holds an inf / NaN; the consumers' vote.
+    constexpr int kVecs = kBlockN * kHeadDim / 8;  // 16-byte vectors in a V tile
+    const bool v_fix =
+        hiding && consumer_any(sm80::share_has_nonfinite<Elem, kVecs, Traits::kConsumerThreads>(
+                                   smem.v.data() + state.index() * kBlockN * kHeadDim, ctid),
+                               Traits::kConsumerThreads);
     if (v_fix) {
       Tensor sVs = sV(_, _, state.index());
       zero_nonfinite_v<Traits>(sVs, smem.v_bad, ctid);
