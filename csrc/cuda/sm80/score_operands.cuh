@@ -82,14 +82,7 @@ struct ScoreOperands {
         key_bias(p_.bias.layout == OperandLayout::kKeySide),
         scale(p_.softmax_scale) {}
 
-  // softcap * tanh(x / softcap) for x = scale * q.k, with tanh(y) = 1 - 2 / (e^2y + 1) in five instructions (its
-  // absolute error, ~1e-7 times the softcap, is far below the 16-bit rounding of the scores; tanhf's inlined series
-  // would take registers the prefill loop does not have). The softcap is read from the kernel parameters (constant
-  // memory), not kept in a register.
-  __device__ __forceinline__ float capped(float x) const {
-    const float e = exp2f(x * p.softcap_log2e2);  // e^(2 x / softcap): inf for large x, 0 for very negative x
-    return p.softcap - 2.f * p.softcap * __frcp_rn(e + 1.f);
-  }
+  __device__ __forceinline__ float capped(float x) const { return capped_score(p, x); }
 
   // The block map's state (BlockMap::kSomeTrue / kSomeFalse) of the tile starting at slot n0, for the tile's rows and
   // the slots it holds (slots are key positions under a query-side mask: it comes with no key-side one). kSomeTrue |
