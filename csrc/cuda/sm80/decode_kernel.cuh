@@ -119,7 +119,9 @@ __device__ __forceinline__ void store_decode_tile(const VarlenFwdParams& p, cons
       const int h = d.head(r);
       if (split) {  // max and sum apart: combine_splits weighs the splits by their sums (passes.h)
         const int64_t at = (static_cast<int64_t>(d.split) * p.num_heads + h) * p.total_q + row;
-        splits.max[at] = lse == -INFINITY ? -INFINITY : m;
+        // -inf: saw nothing; NaN: a NaN score (m may still be -inf then: fmaxf drops NaN, so the max alone would
+        // read as a split that saw nothing).
+        splits.max[at] = lse == -INFINITY || lse != lse ? lse : m;
         splits.sum[at] = l;
       } else {
         p.lse[static_cast<int64_t>(h) * p.total_q + row] = lse;
