@@ -220,3 +220,44 @@ def test_query_side_mask_hides_a_key_whose_v_is_inf(kernel_name, monkeypatch, cu
     assert torch.equal(out[0], clean[0])  # the hidden key's inf never reaches query 0
     assert not out[1:4, :, 7].isfinite().any()  # it reaches every head of the queries that see it
     assert torch.equal(out[4:], clean[4:])  # sequence 1 untouched
+
+
+@pytest.mark.parametrize("tiles", ["1", "4", "auto"])
+def test_extreme_scores_split_by_their_sums(tiles, monkeypatch, cuda_device):
+    """Every score of a row near finfo.min (a float32 bias of -FLT_MAX on each key): all equal, so out is the mean of
+    V, however the keys are split. Splits merged through an lse m + log(l) would weigh alike (log l vanishes next to
+    |m|); the partials keep m and l apart (found by test_fuzz's extreme-values draw)."""
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    if tiles != "auto":
+        monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", tiles)
+    spec = Spec("extreme_bias", heads=2, heads_k=1, seqlens_q=(1, 2), seqlens_k=(1100, 300), bias="key",
+                bias_heads="1")
+    sample = make_sample(spec, torch.float16, "cuda")
+    q = torch.zeros_like(sample.q)  # every score is exactly the bias
+    bias = torch.full_like(sample.bias, torch.finfo(torch.float32).min)
+    out, lse = sample.replace(q=q, bias=bias).run()
+    starts = (0, 1100)
+    for row, seq in ((0, 0), (1, 1), (2, 1)):
+        k0, n = starts[seq], spec.seqlens_k[seq]
+        mean = sample.v[k0:k0 + n].double().mean(0)  # (Hk, D)
+        for h in range(2):
+            assert torch.allclose(out[row, h].double(), mean[0], atol=2e-3, rtol=0), (row, h)
+    assert (lse == torch.finfo(torch.float32).min).all()  # m + log(n) rounds back to m in float32
+
+
+@pytest.mark.parametrize("tiles", ["1", "auto"])
+def test_a_nan_query_makes_every_split_nan(tiles, monkeypatch, cuda_device):
+    """A NaN query makes every score of its row NaN, so each split's max stays -inf (fmaxf drops NaN) while its sum
+    is NaN: the row is still NaN in out and lse after the combine, not a row that saw nothing (test_fuzz's draw)."""
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    if tiles != "auto":
+        monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", tiles)
+    spec = Spec("nan_query", heads=2, heads_k=1, seqlens_q=(1, 1), seqlens_k=(1100, 300))
+    sample = make_sample(spec, torch.float16, "cuda")
+    q = sample.q.clone()
+    q[0, 0] = math.nan
+    out, lse = sample.replace(q=q).run()
+    ref_out, ref_lse = sample.run()
+    assert out[0, 0].isnan().all() and lse[0, 0].isnan()
+    assert torch.equal(out[0, 1], ref_out[0, 1]) and torch.equal(out[1], ref_out[1])
+    assert torch.equal(lse[1, 0], ref_lse[1, 0]) and torch.equal(lse[:, 1], ref_lse[:, 1])

@@ -85,7 +85,7 @@ WORKLOAD = dict(B=64, H=32, Hk=8, D=128, total_q=288, total_k=290_000, max_q=8, 
 
 def test_decode_workload_is_packed_and_split(planner):
     plan = planner(**WORKLOAD, mask=KEY, Hm=8, bias=KEY, Hb=8)
-    partials = 4 * plan["splits"] * 32 * 288 * (1 + 128)
+    partials = 4 * plan["splits"] * 32 * 288 * (2 + 128)  # max, sum and O
     assert plan["kernel"] == "decode"
     assert plan["row_tiles"] == 1  # 4 query heads x 8 queries = 32 packed rows, one tile
     # ~36.8k (sequence, KV head) KV tiles over 132 SMs x 2 CTAs x 6 waves: 24 tiles (1536 keys) per split
@@ -115,7 +115,7 @@ def test_split_partials_are_bounded(planner):
     """A million-key sequence beside 63 short ones: fewer, longer splits instead of gigabytes of partials."""
     plan = planner(**{**WORKLOAD, "total_k": 1_200_000, "max_k": 1_000_000})
     assert plan["kernel"] == "decode" and plan["splits"] > 1
-    assert plan["splits"] * 32 * 288 * 129 * 4 <= 64 << 20
+    assert plan["splits"] * 32 * 288 * 130 * 4 <= 64 << 20
     assert plan["workspace"] <= (64 << 20) + 4096
     assert plan["splits"] * plan["tiles_per_split"] * 64 >= 1_000_000
 

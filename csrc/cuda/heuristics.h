@@ -201,7 +201,7 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
                                          (sms * kDecodeCtasPerSm * kDecodeWaves));
   // At most kMaxDecodeSplits splits, and partials of at most kMaxSplitPartialBytes (a million-key sequence beside a
   // batch of short ones gets fewer, longer splits, not gigabytes of scratch).
-  const int64_t row_bytes = p.total_q * p.num_heads * (p.head_dim + 1) * static_cast<int64_t>(sizeof(float));
+  const int64_t row_bytes = p.total_q * p.num_heads * (p.head_dim + 2) * static_cast<int64_t>(sizeof(float));
   const int64_t max_splits =
       std::max<int64_t>(1, std::min<int64_t>(kMaxDecodeSplits, kMaxSplitPartialBytes / std::max<int64_t>(row_bytes, 1)));
   per_split = std::max<int64_t>(per_split, (max_tiles + max_splits - 1) / max_splits);
@@ -212,7 +212,7 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
 }
 
 // The workspace, in order: the kept-key index (Hm, total_k) and counts (B, Hm), int32 each (key-side mask); the
-// split partials (decode with num_splits > 1): lse (splits, H, total_q) and O (splits, H, total_q, D), float32 each;
+// split partials (decode with num_splits > 1): max and sum (splits, H, total_q) and O (splits, H, total_q, D), float32;
 // the block map (query-side mask): (Hm, ceil(total_q / 64), ceil(key extent / 32)) bytes, 1 / 2048 of the mask; the
 // query-side terms (decode with query-side operands): (list heads, max_seqlen_q, total_k + 64 (B + 1)), 2 or 4 bytes.
 // 256-byte aligned pieces, so a new one can be appended without disturbing the alignment of the others.
@@ -221,7 +221,7 @@ constexpr size_t kWorkspaceAlign = 256;
 inline size_t align_up(size_t bytes) { return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
 
 struct WorkspaceLayout {
-  size_t key_index = 0, key_count = 0, split_lse = 0, split_o = 0, block_map = 0, query_terms = 0;  // byte offsets
+  size_t key_index = 0, key_count = 0, split_max = 0, split_sum = 0, split_o = 0, block_map = 0, query_terms = 0;
   size_t total = 0;                                                 // bytes
 };
 
@@ -236,7 +236,9 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
   if (plan.kernel == FwdKernel::kDecode && plan.num_splits > 1) {
     const size_t rows = static_cast<size_t>(plan.num_splits) * static_cast<size_t>(p.num_heads) *
                         static_cast<size_t>(p.total_q);
-    w.split_lse = w.total;
+    w.split_max = w.total;
+    w.total += align_up(sizeof(float) * rows);
+    w.split_sum = w.total;
     w.total += align_up(sizeof(float) * rows);
     w.split_o = w.total;
     w.total += align_up(sizeof(float) * rows * static_cast<size_t>(p.head_dim));
@@ -275,7 +277,8 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
   ws.splits.tiles_per_split = plan.tiles_per_split;
   ws.splits.row_tiles = plan.row_tiles;
   if (plan.kernel == FwdKernel::kDecode && plan.num_splits > 1) {
-    ws.splits.lse = reinterpret_cast<float*>(bytes + w.split_lse);
+    ws.splits.max = reinterpret_cast<float*>(bytes + w.split_max);
+    ws.splits.sum = reinterpret_cast<float*>(bytes + w.split_sum);
     ws.splits.o = reinterpret_cast<float*>(bytes + w.split_o);
   }
   if (plan.block_map_heads > 0) {

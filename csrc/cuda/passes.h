@@ -68,12 +68,16 @@ struct KeyLists {
 
 // The decode kernel's key splits (heuristics.h plans them): split s of a (sequence, KV head, row tile) covers KV
 // tiles [s * tiles_per_split, (s + 1) * tiles_per_split) of its key slots. With num_splits > 1 each split writes,
-// per (query head h, query row i), its own lse and its O normalized by its own sum, float32:
-//   lse[(s * H + h) * total_q + i]            -inf: the split saw no key of the row (its O is then not written)
+// per (query head h, query row i), its score max m, its sum l of exp(score - m) and its O normalized by l, float32:
+//   max[(s * H + h) * total_q + i]            -inf: the split saw no key of the row (sum and O are then not written)
+//   sum[(s * H + h) * total_q + i]
 //   o[((s * H + h) * total_q + i) * D + d]
-// and combine_splits merges them. lse / o are null when num_splits == 1 (the kernel writes out and lse itself).
+// and combine_splits merges them. The max and the sum stay apart (not an lse m + log l) so that splits weigh by
+// their sums even where log l vanishes next to |m| (a bias near finfo.min). Null when num_splits == 1 (the kernel
+// writes out and lse itself).
 struct SplitPartials {
-  float* lse = nullptr;
+  float* max = nullptr;
+  float* sum = nullptr;
   float* o = nullptr;
   int32_t num_splits = 1;
   int32_t tiles_per_split = 0;

@@ -1,12 +1,14 @@
 // split_combine.cu: the decode kernel's key splits merged into out and lse (passes.h, SplitPartials).
 //
-// Split s of a row saw the keys of its KV tiles and left lse_s (-inf: it saw none) and O_s, normalized by its own
-// sum. The row's lse is m + log(sum_s exp(lse_s - m)) with m = max_s lse_s, and out = sum_s exp(lse_s - lse) O_s:
-// exact in exact arithmetic, float32 here. The contract's special rows come through as the unsplit kernel writes them:
-//   no split saw a key      out 0, lse -inf
-//   a split's lse is NaN    (a NaN or +inf score) out and lse NaN
-//   a split's O holds NaN   (a poisoned row, or NaN V times weight 0) out NaN, lse kept
-//   m = +inf                weight 1 for the splits at m (no inf - inf)
+// Split s of a row saw the keys of its KV tiles and left its score max m_s (-inf: it saw none), its sum l_s of
+// exp(score - m_s) and O_s, normalized by l_s. With M = max_s m_s, split s weighs w_s = exp(m_s - M) l_s; the row's
+// lse is M + log(sum_s w_s) and out = sum_s w_s O_s / sum_s w_s: exact in exact arithmetic, float32 here. Keeping m_s
+// and l_s apart (not lse_s = m_s + log l_s) keeps the weights exact where log l_s vanishes next to |m_s| (every score
+// near finfo.min: an lse weighs splits of 1024 and 76 keys alike). The contract's special rows come through as the
+// unsplit kernel writes them:
+//   no split saw a key            out 0, lse -inf
+//   a split's max or sum is NaN   (a NaN or +inf score) out and lse NaN
+//   a split's O holds NaN         (a poisoned row, or NaN V times weight 0) out NaN, lse kept
 // A head's sink logit (VarlenFwdParams::sinks) joins here, once per row, as one more split with O = 0: a row no split
 // saw gets out 0 and lse = sink; a NaN or +inf sink makes the row NaN, as in the unsplit kernels.
 #include <cuda_bf16.h>
@@ -26,8 +28,9 @@ constexpr int kCombineThreads = 256;
 constexpr int kRowsPerBlock = kCombineThreads / 32;  // one warp per (query row, head)
 constexpr float kLog2e = 1.4426950408889634f;
 
-__device__ __forceinline__ float split_weight(float lse_s, float m) {
-  return lse_s == -INFINITY ? 0.f : lse_s == m ? 1.f : exp2f((lse_s - m) * kLog2e);
+// exp(m_s - M) times the split's sum (1 for the sink), 0 for a split that saw nothing.
+__device__ __forceinline__ float split_weight(float m_s, float l_s, float m) {
+  return m_s == -INFINITY ? 0.f : (m_s == m ? 1.f : exp2f((m_s - m) * kLog2e)) * l_s;
 }
 
 template <typename Elem>
@@ -41,11 +44,12 @@ __device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* dst, fl
   *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(x0, x1);
 }
 
-// One warp per (query row, head), grid-stride. Lane i holds the lse of splits i, i + 32, ... (kMaxDecodeSplits =
-// 128: four registers); the O pass shuffles each split's lse to the whole warp and keeps four O loads in flight.
+// One warp per (query row, head), grid-stride. Lane i holds the max and sum of splits i, i + 32, ...
+// (kMaxDecodeSplits = 128: four registers each); the O pass shuffles each split's weight to the whole warp and keeps
+// four O loads in flight.
 // Rows past cu_seqlens_q[B] are finish_rows' (the decode kernel wrote no partials for them).
 constexpr int kLsePerLane = 4;
-static_assert(kLsePerLane * 32 >= kMaxDecodeSplits, "every split's lse has a lane");
+static_assert(kLsePerLane * 32 >= kMaxDecodeSplits, "every split has a lane");
 
 template <typename Elem>
 __global__ void __launch_bounds__(kCombineThreads)
@@ -58,17 +62,20 @@ combine_splits_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_co
        pair < owned * p.num_heads; pair += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
     const int64_t row = pair / p.num_heads;
     const int h = static_cast<int>(pair % p.num_heads);
-    const float* lse_s = sp.lse + static_cast<int64_t>(h) * p.total_q + row;
+    const float* max_s = sp.max + static_cast<int64_t>(h) * p.total_q + row;
+    const float* sum_s = sp.sum + static_cast<int64_t>(h) * p.total_q + row;
 
-    // The max over the splits, and whether any is NaN (fmaxf would drop it).
-    float mine[kLsePerLane];
+    // The max over the splits, and whether any max or sum is NaN (fmaxf would drop it). A split that saw nothing
+    // wrote no sum.
+    float mine[kLsePerLane], sums[kLsePerLane];
     float m = -INFINITY;
     bool nan = false;
 #pragma unroll
     for (int i = 0; i < kLsePerLane; ++i) {
       const int s = lane + 32 * i;
-      mine[i] = s < sp.num_splits ? lse_s[s * split_stride] : -INFINITY;
-      nan |= mine[i] != mine[i];
+      mine[i] = s < sp.num_splits ? max_s[s * split_stride] : -INFINITY;
+      sums[i] = mine[i] == -INFINITY ? 0.f : sum_s[s * split_stride];
+      nan |= mine[i] != mine[i] || sums[i] != sums[i];
       m = fmaxf(m, mine[i]);
     }
 #pragma unroll
@@ -80,10 +87,13 @@ combine_splits_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_co
     m = fmaxf(m, sink);
     float total = 0.f;
 #pragma unroll
-    for (int i = 0; i < kLsePerLane; ++i) total += split_weight(mine[i], m);
+    for (int i = 0; i < kLsePerLane; ++i) {
+      mine[i] = nan ? 0.f : split_weight(mine[i], sums[i], m);  // from here on: each split's weight
+      total += mine[i];
+    }
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) total += __shfl_xor_sync(0xffffffffu, total, off);
-    total += split_weight(sink, m);
+    total += split_weight(sink, 1.f, m);
     const float lse = nan ? nan_value : m == -INFINITY ? -INFINITY : m + logf(total);
     const float inv_total = m == -INFINITY ? 0.f : 1.f / total;
 
@@ -99,9 +109,10 @@ combine_splits_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_co
 #pragma unroll 4
           for (int src = 0; src < 32; ++src) {
             const int s = 32 * i + src;
-            const float l = __shfl_sync(0xffffffffu, mine[i], src);
-            if (s >= sp.num_splits || l == -INFINITY) continue;  // that split wrote no O
-            const float w = split_weight(l, m) * inv_total;
+            const float w = __shfl_sync(0xffffffffu, mine[i], src) * inv_total;
+            const float saw = __shfl_sync(0xffffffffu, sums[i], src);
+            // A split that saw nothing wrote no O; one that weighs 0 still brings a NaN O (a poisoned row) along.
+            if (s >= sp.num_splits || saw == 0.f) continue;
             const float2 v = *reinterpret_cast<const float2*>(o_s + s * split_stride * p.head_dim + col);
             x0 += w * v.x;
             x1 += w * v.y;

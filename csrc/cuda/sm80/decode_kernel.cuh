@@ -9,7 +9,7 @@
 //                key-side mask's
 //   split-KV     the key slots of a (sequence, KV head) are cut into splits of whole KV tiles, one CTA each, so a
 //                batch of a few long sequences still fills the GPU; splits write float32 partials that
-//                combine_splits (../split_combine.cu) merges through their lse
+//                combine_splits (../split_combine.cu) merges through their maxima and sums
 //   a deep ring  kStages K / V tiles in flight (cp.async), gathered at the kept keys of a key-side mask, so the time
 //                falls with the kept fraction
 // The warps split each KV tile (16 keys each, every warp holding all the tile's rows) and keep their own running
@@ -57,7 +57,7 @@ __device__ __forceinline__ void load_packed_q(const VarlenFwdParams& p, const De
 }
 
 // The end of a CTA: the warps' rows merged (max, sum, O rescaled to the CTA's max), then out and lse, or this split's
-// partial lse and O (normalized by the split's own sum). Every warp reaches it after the last barrier of the loop.
+// partial max, sum and O (normalized by the split's own sum). Every warp reaches it after the last barrier of the loop.
 template <typename Traits>
 __device__ __forceinline__ void store_decode_tile(const VarlenFwdParams& p, const DecodeTile& d,
                                                   const SplitPartials& splits,
@@ -117,8 +117,12 @@ __device__ __forceinline__ void store_decode_tile(const VarlenFwdParams& p, cons
     if (r < c.rows) {
       const int64_t row = static_cast<int64_t>(c.q_start) + d.query(r);
       const int h = d.head(r);
-      if (split) {
-        splits.lse[(static_cast<int64_t>(d.split) * p.num_heads + h) * p.total_q + row] = lse;
+      if (split) {  // max and sum apart: combine_splits weighs the splits by their sums (passes.h)
+        const int64_t at = (static_cast<int64_t>(d.split) * p.num_heads + h) * p.total_q + row;
+        // -inf: saw nothing; NaN: a NaN score (m may still be -inf then: fmaxf drops NaN, so the max alone would
+        // read as a split that saw nothing).
+        splits.max[at] = lse == -INFINITY || lse != lse ? lse : m;
+        splits.sum[at] = l;
       } else {
         p.lse[static_cast<int64_t>(h) * p.total_q + row] = lse;
       }
@@ -169,9 +173,9 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
   if (!DecodeTileScheduler<kBlockM, kBlockN>::tile(p, keys, splits, seq0, lane, d)) return;
   const TileContext& c = d.c;
   if (d.tile_begin >= d.tile_end && splits.num_splits > 1) {
-    // A split with no KV tile (past its sequence's kept keys): its rows' partial lse is -inf, its O unread.
+    // A split with no KV tile (past its sequence's kept keys): its rows' partial max is -inf, sum and O unread.
     for (int r = tid; r < c.rows; r += Traits::kThreads) {
-      splits.lse[(static_cast<int64_t>(d.split) * p.num_heads + d.head(r)) * p.total_q + c.q_start + d.query(r)] =
+      splits.max[(static_cast<int64_t>(d.split) * p.num_heads + d.head(r)) * p.total_q + c.q_start + d.query(r)] =
           -INFINITY;
     }
     return;
