@@ -32,8 +32,21 @@
 
 namespace dmattn::cuda::sm90a {
 
-// The consumer warpgroups' named barrier (0 is __syncthreads).
+// The consumer warpgroups' named barriers (0 is __syncthreads): 1 for both, 2 + w for consumer warpgroup w's turn to
+// issue its S GEMM (ping-pong).
 constexpr int kConsumerBarrier = 1;
+constexpr int kTurnBarrier = 2;
+
+// Ping-pong of the two consumer warpgroups: warpgroup w waits for its turn before it issues a tile's S = Q K^T and
+// hands the turn over once issued, so that one warpgroup's GEMMs run while the other's softmax does (the tensor
+// cores and the exp units each busy). Per tile the other warpgroup arrives once on w's barrier: warpgroup 1 opens
+// the first turn of warpgroup 0 and skips handing over after its last tile, so no arrival is left pending.
+__device__ __forceinline__ void wait_turn(int cw) {
+  asm volatile("bar.sync %0, %1;" ::"r"(kTurnBarrier + cw), "r"(256) : "memory");
+}
+__device__ __forceinline__ void hand_turn(int cw) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(kTurnBarrier + (1 - cw)), "r"(256) : "memory");
+}
 
 __device__ __forceinline__ void consumer_sync(int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(kConsumerBarrier), "r"(threads) : "memory");
@@ -50,9 +63,12 @@ __device__ __forceinline__ bool consumer_any(bool pred, int threads) {
 }
 
 // One warpgroup GEMM, C (+)= A B, waited for. kZero: C = A B; kRegA: A is a register fragment (else, like B, shared
-// memory descriptors).
-template <bool kZero, bool kRegA, typename Mma, typename TA, typename TB, typename TC>
-__device__ __forceinline__ void warpgroup_gemm(Mma& mma, const TA& a, const TB& b, TC& c) {
+// memory descriptors); issued() runs once the GEMM is issued, before the wait.
+struct NothingIssued {
+  __device__ void operator()() const {}
+};
+template <bool kZero, bool kRegA, typename Mma, typename TA, typename TB, typename TC, typename Issued = NothingIssued>
+__device__ __forceinline__ void warpgroup_gemm(Mma& mma, const TA& a, const TB& b, TC& c, Issued&& issued = {}) {
   using namespace cute;
   if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
   warpgroup_fence_operand(c);
@@ -64,6 +80,7 @@ __device__ __forceinline__ void warpgroup_gemm(Mma& mma, const TA& a, const TB& 
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
+  issued();
   warpgroup_wait<0>();
   warpgroup_fence_operand(c);
   if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
@@ -208,10 +225,16 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   const float scale = p.softmax_scale;
 
   PipelineState state;
-  if (n_tiles > 0) q_full.wait(0);
+  if (n_tiles > 0) {
+    q_full.wait(0);
+    if (cw == 1) hand_turn(cw);  // warpgroup 0 goes first
+  }
   for (int n = n_tiles - 1; n >= 0; --n) {
     pipe_k.consumer_wait(state);
-    warpgroup_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), tSrS);
+    wait_turn(cw);
+    warpgroup_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), tSrS, [&] {
+      if (cw == 0 || n > 0) hand_turn(cw);  // issued: the other warpgroup's turn (none after warpgroup 1's last)
+    });
     pipe_k.consumer_release(state);
 
     // ---- Scores: raw (the scale folded into the softmax) where every row sees every key of the tile ----
