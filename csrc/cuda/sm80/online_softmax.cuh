@@ -42,7 +42,16 @@ struct OnlineSoftmax {
   template <int kDTiles>
   __device__ __forceinline__ void update(float (&s)[kMTiles][kNTiles][4], float score_mul,
                                          float (&o)[kMTiles][kDTiles][4]) {
-    float alpha[kMTiles][2], base_log2[kMTiles][2];
+    float alpha[kMTiles][2];
+    if (update_scores(s, score_mul, alpha)) rescale(o, alpha);
+  }
+
+  // update() in two halves, for a kernel whose O is still being accumulated when the next tile's scores are ready
+  // (the sm90a kernel overlaps them): update_scores turns s into P and takes it into the row sums, leaving in alpha
+  // each row's factor exp(old max - new max) for O, and says whether some row of the warp needs it; rescale applies it.
+  __device__ __forceinline__ bool update_scores(float (&s)[kMTiles][kNTiles][4], float score_mul,
+                                                float (&alpha)[kMTiles][2]) {
+    float base_log2[kMTiles][2];
     bool max_moved = false, fused = true, row_fused[kMTiles][2];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
@@ -89,17 +98,20 @@ struct OnlineSoftmax {
       exponentiate(std::false_type{});
     }
     // Once the row maxima settle (most tiles after the first few), no row of the warp needs rescaling.
-    if (__any_sync(0xffffffffu, max_moved)) {
+    return __any_sync(0xffffffffu, max_moved);
+  }
+
+  template <int kDTiles>
+  __device__ __forceinline__ void rescale(float (&o)[kMTiles][kDTiles][4], const float (&alpha)[kMTiles][2]) const {
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt)
+    for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt) {
-          o[mt][dt][0] *= alpha[mt][0];
-          o[mt][dt][1] *= alpha[mt][0];
-          o[mt][dt][2] *= alpha[mt][1];
-          o[mt][dt][3] *= alpha[mt][1];
-        }
-    }
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        o[mt][dt][0] *= alpha[mt][0];
+        o[mt][dt][1] *= alpha[mt][0];
+        o[mt][dt][2] *= alpha[mt][1];
+        o[mt][dt][3] *= alpha[mt][1];
+      }
   }
 
   // The whole row's sum of exp(score - row_max), reduced over the quad (called by every lane).

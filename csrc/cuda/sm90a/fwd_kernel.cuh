@@ -32,8 +32,21 @@
 
 namespace dmattn::cuda::sm90a {
 
-// The consumer warpgroups' named barrier (0 is __syncthreads).
+// The consumer warpgroups' named barriers (0 is __syncthreads): 1 for both, 2 + w for consumer warpgroup w's turn to
+// issue its S GEMM (ping-pong).
 constexpr int kConsumerBarrier = 1;
+constexpr int kTurnBarrier = 2;
+
+// Ping-pong of the two consumer warpgroups: warpgroup w waits for its turn before it issues a tile's S = Q K^T and
+// hands the turn over once issued, so that one warpgroup's GEMMs run while the other's softmax does (the tensor
+// cores and the exp units each busy). Per tile the other warpgroup arrives once on w's barrier: warpgroup 1 opens
+// the first turn of warpgroup 0 and skips handing over after its last tile, so no arrival is left pending.
+__device__ __forceinline__ void wait_turn(int cw) {
+  asm volatile("bar.sync %0, %1;" ::"r"(kTurnBarrier + cw), "r"(256) : "memory");
+}
+__device__ __forceinline__ void hand_turn(int cw) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(kTurnBarrier + (1 - cw)), "r"(256) : "memory");
+}
 
 __device__ __forceinline__ void consumer_sync(int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(kConsumerBarrier), "r"(threads) : "memory");
@@ -50,9 +63,12 @@ __device__ __forceinline__ bool consumer_any(bool pred, int threads) {
 }
 
 // One warpgroup GEMM, C (+)= A B, waited for. kZero: C = A B; kRegA: A is a register fragment (else, like B, shared
-// memory descriptors).
-template <bool kZero, bool kRegA, typename Mma, typename TA, typename TB, typename TC>
-__device__ __forceinline__ void warpgroup_gemm(Mma& mma, const TA& a, const TB& b, TC& c) {
+// memory descriptors); issued() runs once the GEMM is issued, before the wait.
+struct NothingIssued {
+  __device__ void operator()() const {}
+};
+template <bool kZero, bool kRegA, typename Mma, typename TA, typename TB, typename TC, typename Issued = NothingIssued>
+__device__ __forceinline__ void warpgroup_gemm(Mma& mma, const TA& a, const TB& b, TC& c, Issued&& issued = {}) {
   using namespace cute;
   if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
   warpgroup_fence_operand(c);
@@ -64,9 +80,24 @@ __device__ __forceinline__ void warpgroup_gemm(Mma& mma, const TA& a, const TB& 
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
+  issued();
   warpgroup_wait<0>();
   warpgroup_fence_operand(c);
   if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
+}
+
+// Issues one warpgroup GEMM, C (+)= A B, without waiting (the caller fences the operands, calls warpgroup_arrive
+// before the first of a batch and warpgroup_wait after): one commit group per GEMM.
+template <bool kZero, typename Mma, typename TA, typename TB, typename TC>
+__device__ __forceinline__ void warpgroup_issue(Mma& mma, const TA& a, const TB& b, TC& c) {
+  using namespace cute;
+  mma.accumulate_ = kZero ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(a); ++kb) {
+    gemm(mma, a(_, _, kb), b(_, _, kb), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
 }
 
 // The wgmma accumulator of a 64-row warpgroup tile as the m16n8 fragments the sm80 helpers take: thread t holds
@@ -207,14 +238,11 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   unsigned poisoned_rows = 0;
   const float scale = p.softmax_scale;
 
-  PipelineState state;
-  if (n_tiles > 0) q_full.wait(0);
-  for (int n = n_tiles - 1; n >= 0; --n) {
-    pipe_k.consumer_wait(state);
-    warpgroup_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), tSrS);
-    pipe_k.consumer_release(state);
-
-    // ---- Scores: raw (the scale folded into the softmax) where every row sees every key of the tile ----
+  // Per KV tile n (last first): S_n = Q K_n^T, its limits, softmax (P_n and the rows' rescale factors), then
+  // O += P_n V_n. The GEMMs overlap the softmax: S_n is issued together with the previous tile's P V and waited for
+  // alone, so the exponentials of tile n run while the tensor cores finish P_{n+1} V_{n+1}; O is rescaled once that
+  // product has landed.
+  auto scores = [&](int n) {  // S_n -> scale and limits (raw scores where every row sees every key)
     const bool hiding = n >= first_hiding;
     float score_mul = scale;
     if (hiding || !(scale > 0.f)) {  // the softmax may fold only a positive scale
@@ -233,28 +261,81 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
           }
       }
     }
-    pipe_v.consumer_wait(state);
+    return score_mul;
+  };
+  // V_n landed; on a tile that hides keys, its inf / NaN elements zeroed and flagged (before any P V reads it).
+  auto check_v = [&](int n, int stage) {
+    const bool hiding = n >= first_hiding;
     // This thread's share of the V tile: whether it holds an inf / NaN; the consumers' vote.
     constexpr int kVecs = kBlockN * kHeadDim / 8;  // 16-byte vectors in a V tile
     const bool v_fix =
         hiding && consumer_any(sm80::share_has_nonfinite<Elem, kVecs, Traits::kConsumerThreads>(
-                                   smem.v.data() + state.index() * kBlockN * kHeadDim, ctid),
+                                   smem.v.data() + stage * kBlockN * kHeadDim, ctid),
                                Traits::kConsumerThreads);
     if (v_fix) {
-      Tensor sVs = sV(_, _, state.index());
+      Tensor sVs = sV(_, _, stage);
       zero_nonfinite_v<Traits>(sVs, smem.v_bad, ctid);
     }
-    softmax.update(s, score_mul, o);
-    if (v_fix) {
-      sm80::mark_poisoned_rows<1, kN8>(s, smem.v_bad, t, poisoned_rows);
-      consumer_sync(Traits::kConsumerThreads);  // v_bad is read before a later tile rewrites it
-    }
-    // P, rounded to Elem, in the A-operand layout of the P V wgmma (the same flat order as the accumulator).
+    return v_fix;
+  };
+  // P_n, rounded to Elem, in the A-operand layout of the P V wgmma (the same flat order as the accumulator).
+  auto convert_p = [&] {
 #pragma unroll
     for (int i = 0; i < size(tOrP); ++i) tOrP(i) = static_cast<typename Traits::CuteElem>(tSrS(i));
-    warpgroup_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, state.index()), tOrO);
-    pipe_v.consumer_release(state);
+  };
+
+  PipelineState state, v_state;  // v_state: the stage of the tile whose P V is pending
+  float alpha[1][2];
+  if (n_tiles > 0) {
+    q_full.wait(0);
+    if (cw == 1) hand_turn(cw);  // warpgroup 0 goes first
+    // The first tile: nothing to overlap with yet (O is zero: no rescale).
+    const int n = n_tiles - 1;
+    pipe_k.consumer_wait(state);
+    wait_turn(cw);
+    warpgroup_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), tSrS, [&] {
+      if (cw == 0 || n > 0) hand_turn(cw);  // issued: the other warpgroup's turn (none after warpgroup 1's last)
+    });
+    pipe_k.consumer_release(state);
+    const float score_mul = scores(n);
+    pipe_v.consumer_wait(state);
+    const bool v_fix = check_v(n, state.index());
+    softmax.update_scores(s, score_mul, alpha);
+    if (v_fix) sm80::mark_poisoned_rows<1, kN8>(s, smem.v_bad, t, poisoned_rows);
+    convert_p();
+    v_state = state;
     ++state;
+  }
+  for (int n = n_tiles - 2; n >= 0; --n) {
+    pipe_k.consumer_wait(state);
+    wait_turn(cw);
+    warpgroup_fence_operand(tSrS);
+    warpgroup_fence_operand(tOrO);
+    warpgroup_fence_operand(tOrP);
+    warpgroup_arrive();
+    warpgroup_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), tSrS);         // S_n
+    warpgroup_issue<false>(mma_pv, tOrP, tOrV(_, _, _, v_state.index()), tOrO);     // O += P_{n+1} V_{n+1}
+    if (cw == 0 || n > 0) hand_turn(cw);
+    warpgroup_wait<1>();  // S_n landed; the P V may still run
+    warpgroup_fence_operand(tSrS);
+    pipe_k.consumer_release(state);
+    const float score_mul = scores(n);
+    pipe_v.consumer_wait(state);
+    const bool v_fix = check_v(n, state.index());
+    const bool rescale = softmax.update_scores(s, score_mul, alpha);
+    warpgroup_wait<0>();  // the P V landed: O and P are ours again
+    warpgroup_fence_operand(tOrO);
+    warpgroup_fence_operand(tOrP);
+    pipe_v.consumer_release(v_state);
+    if (rescale) softmax.rescale(o, alpha);
+    if (v_fix) sm80::mark_poisoned_rows<1, kN8>(s, smem.v_bad, t, poisoned_rows);
+    convert_p();
+    v_state = state;
+    ++state;
+  }
+  if (n_tiles > 0) {  // the last tile's P V
+    warpgroup_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, v_state.index()), tOrO);
+    pipe_v.consumer_release(v_state);
   }
 
   // ---- Epilogue: out and lse of this thread's two rows ----
