@@ -3,7 +3,7 @@
 # extension in place, print the build, run the tests, compute-sanitizer over the CUDA edge-case tests, benchmark.
 #
 #   tools/run_gpu.sh [STAGE...]      stages: wheels build info test sanitize bench (default: all of them, in order),
-#                                    and prev / compare / host / trees / summary (below); any other STAGE is a Python
+#                                    and prev / compare / host / trees / tree_compare / summary (below); any other STAGE is a Python
 #                                    script to run
 #
 # Comparing against an earlier build (no workload more than 3% slower, say): carry the earlier commit's sources in
@@ -44,8 +44,14 @@
 # (git-ignored; `for b in BRANCH...; do mkdir -p .trees/$b && git archive $b | tar -x -C .trees/$b; done`, about
 # 1-4 MB each), then
 #   tools/run_gpu.sh wheels trees summary
-# `trees` builds each .trees/<name> in place and runs TREE_TESTS there (default: tests/test_sm90a.py and the CUDA
-# decode-kernel tests), then TREE_BENCH (bench_gpu.py arguments, none by default) with its results in $OUT/<name>/.
+# `trees` builds each .trees/<name> in place and runs its tests there under `timeout TREE_TIMEOUT` (default 300 s):
+# the pytest arguments in .trees/<name>.tests if that file exists, else TREE_TESTS (default: tests/test_sm90a.py and
+# the CUDA decode-kernel tests); then TREE_BENCH (bench_gpu.py arguments, none by default) with its results in
+# $OUT/<name>/. `tree_compare` then benchmarks the trees that passed in turn (TREE_ROUNDS rounds of TREE_WORKLOADS,
+# dmattn rows only; TREE_BENCH_ARGS adds bench_gpu.py arguments, e.g. `--device cpu --tiny` for a dry run) and
+# compares each with TREE_BASE (default: the first), $OUT/trees_<name>_vs_<base>.json / .png:
+#   echo "tests/test_sm90a.py tests/test_varlen_fwd.py -k cuda" > .trees/my-branch.tests
+#   TREE_BASE=main TREE_WORKLOADS="dense window" bash tools/run_gpu.sh wheels trees tree_compare summary
 # Each stage logs to $LOGDIR/<stage>.log. The device tool returns at most 8 files of $OUT and the last 12,000
 # characters of output: with LOGDIR outside $OUT (say /tmp/l), end with the `summary` stage, which prints each stage's
 # exit line and pytest's / compute-sanitizer's verdicts and failures from every log, and the reply holds them all.
@@ -137,21 +143,56 @@ for s in $STAGES; do
       stage info python3 -m dmattn_ops
       ;;
     trees)
+      # Each tree: build (a build that fails skips the tree), then its tests under `timeout TREE_TIMEOUT` (a hung
+      # kernel costs that much, not the call): .trees/<name>.tests holds that tree's pytest arguments, else
+      # TREE_TESTS; then TREE_BENCH once. Trees that built and passed are listed in $LOGDIR/trees_ok.
+      : > "$LOGDIR/trees_ok"
       for dir in .trees/*/; do
         [ -f "$dir/setup.py" ] || continue
         name=$(basename "$dir")
         abs=$(cd "$dir" && pwd)
         [ -e "$dir/dmattn_ops/_meta" ] || ln -s ../meta "$dir/dmattn_ops/_meta"
         (cd "$dir" && DMATTN_BACKENDS=cuda stage "build_$name" python3 setup.py build_ext --inplace) || { status=1; continue; }
-        # bash -c: TREE_TESTS may quote a -k expression
-        (cd "$dir" && PYTHONPATH=$abs:/tmp/site stage "test_$name" bash -c \
-          "python3 -m pytest -q --no-header -p no:cacheprovider -rs ${TREE_TESTS:-tests/test_sm90a.py tests/test_decode_kernel.py -k 'cuda or decode'}") \
-          || status=1
+        tests=${TREE_TESTS:-tests/test_sm90a.py tests/test_decode_kernel.py -k 'cuda or decode'}
+        [ -f ".trees/$name.tests" ] && tests=$(cat ".trees/$name.tests")
+        # bash -c: the arguments may quote a -k expression
+        if (cd "$dir" && PYTHONPATH=$abs:/tmp/site stage "test_$name" timeout "${TREE_TIMEOUT:-300}" bash -c \
+            "python3 -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=5 $tests"); then
+          echo "$name" >> "$LOGDIR/trees_ok"
+        else
+          status=1
+        fi
         if [ -n "${TREE_BENCH:-}" ]; then
           # shellcheck disable=SC2086
-          (cd "$dir" && PYTHONPATH=$abs:/tmp/site stage "bench_$name" python3 tools/bench_gpu.py $TREE_BENCH \
-            --out "$OUT/$name") || status=1
+          (cd "$dir" && PYTHONPATH=$abs:/tmp/site stage "bench_$name" timeout "${TREE_TIMEOUT:-300}" \
+            python3 tools/bench_gpu.py $TREE_BENCH --out "$OUT/$name") || status=1
         fi
+      done
+      ;;
+    tree_compare)
+      # The trees that passed (trees_ok) benchmarked in turn, TREE_ROUNDS times (default 2: drift hits each alike),
+      # `bench_gpu.py --only dmattn --quick` on each of TREE_WORKLOADS (default: dense), then each against TREE_BASE
+      # (default: the first tree that passed) with compare_builds.py: $OUT/trees_<name>_vs_<base>.json / .png.
+      mapfile -t ok < <(cat "$LOGDIR/trees_ok" 2>/dev/null)
+      [ "${#ok[@]}" -ge 1 ] || { echo "=== tree_compare: no tree passed (run the trees stage first)"; status=1; continue; }
+      base=${TREE_BASE:-${ok[0]}}
+      bench=/tmp/dmattn_tree_compare
+      rm -rf "$bench"
+      for round in $(seq "${TREE_ROUNDS:-2}"); do
+        for name in "${ok[@]}"; do
+          for w in ${TREE_WORKLOADS:-dense}; do
+            (cd ".trees/$name" && PYTHONPATH=$PWD:/tmp/site stage "tc_${name}_${round}_$w" timeout 300 \
+              python3 tools/bench_gpu.py --workload "$w" --only dmattn --quick ${TREE_BENCH_ARGS:-} --out "$bench/$name/$round") || true
+          done
+        done
+      done
+      for name in "${ok[@]}"; do
+        [ "$name" = "$base" ] && continue
+        olds=() news=()
+        for round in $(seq "${TREE_ROUNDS:-2}"); do olds+=("$bench/$base/$round"); news+=("$bench/$name/$round"); done
+        stage "tree_compare_$name" python3 tools/compare_builds.py --old "${olds[@]}" --new "${news[@]}" \
+          --old-label "$base" --new-label "$name" --json "$OUT/trees_${name}_vs_$base.json" \
+          --chart "$OUT/trees_${name}_vs_$base.png" || status=1
       done
       ;;
     summary)
