@@ -26,6 +26,8 @@
 #   SAVE_BUILD        1 (default): copy the built _C*.so and _build_config.py to $OUT, to carry into a later call
 #   COMPARE_WORKLOADS bench_gpu.py workloads of the compare stage (default: "prefill dense decode")
 #   COMPARE_ROUNDS    old / new alternations of the compare stage (default: 2)
+#   BENCH_EXTRA       more bench_gpu.py arguments for the compare / tree_compare runs (e.g. `--device cpu --tiny`
+#                     for a dry run on a machine without a GPU)
 #   PREV_DIRS         earlier source trees the prev stage builds and the host stage measures (default: .prev; the
 #                     compare stage always uses .prev)
 #   MAX_JOBS          parallel compile jobs (default 16)
@@ -48,7 +50,7 @@
 # the pytest arguments in .trees/<name>.tests if that file exists, else TREE_TESTS (default: tests/test_sm90a.py and
 # the CUDA decode-kernel tests); then TREE_BENCH (bench_gpu.py arguments, none by default) with its results in
 # $OUT/<name>/. `tree_compare` then benchmarks the trees that passed in turn (TREE_ROUNDS rounds of TREE_WORKLOADS,
-# dmattn rows only; TREE_BENCH_ARGS adds bench_gpu.py arguments, e.g. `--device cpu --tiny` for a dry run) and
+# dmattn rows only; BENCH_EXTRA adds bench_gpu.py arguments, e.g. `--device cpu --tiny` for a dry run) and
 # compares each with TREE_BASE (default: the first), $OUT/trees_<name>_vs_<base>.json / .png:
 #   echo "tests/test_sm90a.py tests/test_varlen_fwd.py -k cuda" > .trees/my-branch.tests
 #   TREE_BASE=main TREE_WORKLOADS="dense window" bash tools/run_gpu.sh wheels trees tree_compare summary
@@ -79,6 +81,25 @@ stage() {  # stage NAME COMMAND...: runs COMMAND, tees its output to $OUT/NAME.l
   echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOGDIR/$name.log"
   [ "$rc" -eq 0 ] || status=1
   return "$rc"
+}
+
+# bench_rounds DEST ROUNDS "WORKLOADS" TIMEOUT NAME=DIR...: each build in turn (DIR first on PYTHONPATH, this tree's
+# bench_gpu.py), ROUNDS times so that drift of the machine hits each alike, the dmattn rows of each workload
+# (--only dmattn --quick, plus BENCH_EXTRA), into DEST/NAME/ROUND; TIMEOUT seconds per run (0: none).
+bench_rounds() {
+  local dest=$1 rounds=$2 workloads=$3 limit=$4 round pair name w
+  shift 4
+  rm -rf "$dest"
+  for round in $(seq "$rounds"); do
+    for pair in "$@"; do
+      name=${pair%%=*}
+      for w in $workloads; do
+        # shellcheck disable=SC2086
+        PYTHONPATH=${pair#*=}:/tmp/site stage "bench_${name}_${round}_$w" timeout "$limit" python3 tools/bench_gpu.py \
+          --workload "$w" --only dmattn --quick ${BENCH_EXTRA:-} --out "$dest/$name/$round" || true
+      done
+    done
+  done
 }
 
 for s in $STAGES; do
@@ -123,19 +144,9 @@ for s in $STAGES; do
       ;;
     compare)
       bench=/tmp/dmattn_compare
-      rm -rf "$bench"
-      olds=() news=()
-      for round in $(seq "${COMPARE_ROUNDS:-2}"); do
-        for build in old new; do
-          for w in ${COMPARE_WORKLOADS:-prefill dense decode}; do
-            if [ $build = old ]; then pp=$PWD/.prev; else pp=$PWD; fi
-            PYTHONPATH=$pp:/tmp/site stage "compare_${build}${round}_$w" python3 tools/bench_gpu.py --workload "$w" \
-              --only dmattn --quick --out "$bench/$build$round" || true
-          done
-          if [ $build = old ]; then olds+=("$bench/old$round"); else news+=("$bench/new$round"); fi
-        done
-      done
-      stage compare python3 tools/compare_builds.py --old "${olds[@]}" --new "${news[@]}" \
+      bench_rounds "$bench" "${COMPARE_ROUNDS:-2}" "${COMPARE_WORKLOADS:-prefill dense decode}" 0 \
+        old="$PWD/.prev" new="$PWD"
+      stage compare python3 tools/compare_builds.py --old "$bench"/old/* --new "$bench"/new/* \
         --old-label "${COMPARE_OLD_LABEL:-.prev}" --new-label "${COMPARE_NEW_LABEL:-this tree}" \
         --json "$OUT/compare.json" --chart "$OUT/compare.png"
       ;;
@@ -170,27 +181,20 @@ for s in $STAGES; do
       done
       ;;
     tree_compare)
-      # The trees that passed (trees_ok) benchmarked in turn, TREE_ROUNDS times (default 2: drift hits each alike),
-      # `bench_gpu.py --only dmattn --quick` on each of TREE_WORKLOADS (default: dense), then each against TREE_BASE
-      # (default: the first tree that passed) with compare_builds.py: $OUT/trees_<name>_vs_<base>.json / .png.
+      # The trees that passed (trees_ok) benchmarked in turn by bench_rounds, TREE_ROUNDS times (default 2) on each of
+      # TREE_WORKLOADS (default: dense), then each against TREE_BASE (default: the first tree that passed) with
+      # compare_builds.py: $OUT/trees_<name>_vs_<base>.json / .png.
       mapfile -t ok < <(cat "$LOGDIR/trees_ok" 2>/dev/null)
       [ "${#ok[@]}" -ge 1 ] || { echo "=== tree_compare: no tree passed (run the trees stage first)"; status=1; continue; }
       base=${TREE_BASE:-${ok[0]}}
       bench=/tmp/dmattn_tree_compare
-      rm -rf "$bench"
-      for round in $(seq "${TREE_ROUNDS:-2}"); do
-        for name in "${ok[@]}"; do
-          for w in ${TREE_WORKLOADS:-dense}; do
-            (cd ".trees/$name" && PYTHONPATH=$PWD:/tmp/site stage "tc_${name}_${round}_$w" timeout 300 \
-              python3 tools/bench_gpu.py --workload "$w" --only dmattn --quick ${TREE_BENCH_ARGS:-} --out "$bench/$name/$round") || true
-          done
-        done
-      done
+      builds=()
+      for name in "${ok[@]}"; do builds+=("$name=$PWD/.trees/$name"); done
+      bench_rounds "$bench" "${TREE_ROUNDS:-2}" "${TREE_WORKLOADS:-dense}" 300 \
+        "${builds[@]}"
       for name in "${ok[@]}"; do
         [ "$name" = "$base" ] && continue
-        olds=() news=()
-        for round in $(seq "${TREE_ROUNDS:-2}"); do olds+=("$bench/$base/$round"); news+=("$bench/$name/$round"); done
-        stage "tree_compare_$name" python3 tools/compare_builds.py --old "${olds[@]}" --new "${news[@]}" \
+        stage "tree_compare_$name" python3 tools/compare_builds.py --old "$bench/$base"/* --new "$bench/$name"/* \
           --old-label "$base" --new-label "$name" --json "$OUT/trees_${name}_vs_$base.json" \
           --chart "$OUT/trees_${name}_vs_$base.png" || status=1
       done

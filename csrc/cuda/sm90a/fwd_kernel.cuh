@@ -62,30 +62,6 @@ __device__ __forceinline__ bool consumer_any(bool pred, int threads) {
   return any != 0;
 }
 
-// One warpgroup GEMM, C (+)= A B, waited for. kZero: C = A B; kRegA: A is a register fragment (else, like B, shared
-// memory descriptors); issued() runs once the GEMM is issued, before the wait.
-struct NothingIssued {
-  __device__ void operator()() const {}
-};
-template <bool kZero, bool kRegA, typename Mma, typename TA, typename TB, typename TC, typename Issued = NothingIssued>
-__device__ __forceinline__ void warpgroup_gemm(Mma& mma, const TA& a, const TB& b, TC& c, Issued&& issued = {}) {
-  using namespace cute;
-  if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
-  warpgroup_fence_operand(c);
-  warpgroup_arrive();
-  mma.accumulate_ = kZero ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
-  CUTE_UNROLL
-  for (int kb = 0; kb < size<2>(a); ++kb) {
-    gemm(mma, a(_, _, kb), b(_, _, kb), c);
-    mma.accumulate_ = GMMA::ScaleOut::One;
-  }
-  warpgroup_commit_batch();
-  issued();
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(c);
-  if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
-}
-
 // Issues one warpgroup GEMM, C (+)= A B, without waiting (the caller fences the operands, calls warpgroup_arrive
 // before the first of a batch and warpgroup_wait after): one commit group per GEMM.
 template <bool kZero, typename Mma, typename TA, typename TB, typename TC>
@@ -98,6 +74,24 @@ __device__ __forceinline__ void warpgroup_issue(Mma& mma, const TA& a, const TB&
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
+}
+
+// One warpgroup GEMM, C (+)= A B, issued (warpgroup_issue) and waited for. kZero: C = A B; kRegA: A is a register
+// fragment (else, like B, shared memory descriptors); issued() runs once the GEMM is issued, before the wait.
+struct NothingIssued {
+  __device__ void operator()() const {}
+};
+template <bool kZero, bool kRegA, typename Mma, typename TA, typename TB, typename TC, typename Issued = NothingIssued>
+__device__ __forceinline__ void warpgroup_gemm(Mma& mma, const TA& a, const TB& b, TC& c, Issued&& issued = {}) {
+  using namespace cute;
+  if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  warpgroup_issue<kZero>(mma, a, b, c);
+  issued();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(c);
+  if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
 }
 
 // The wgmma accumulator of a 64-row warpgroup tile as the m16n8 fragments the sm80 helpers take: thread t holds
