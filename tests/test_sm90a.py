@@ -1,5 +1,6 @@
-"""The sm90a prefill kernel (wgmma + TMA; csrc/cuda/sm90a/) beside the sm80 one: dense calls (no mask, bias, window
-edge, key range, softcap or sink; causal or not) run on it on a cc 9.0 device, every other call on the sm80 kernels.
+"""The sm90a prefill kernel (wgmma + TMA; csrc/cuda/sm90a/) beside the sm80 one: calls without mask, bias or key pool
+(causal or not, windows, key ranges, softcap, sinks, seqused_k) run on it on a cc 9.0 device, every other call on the
+sm80 kernels.
 Every shape runs both ways, the sm80 path forced through the documented debug variable DMATTN_ARCH=sm80, each judged
 by the float64 reference and the accuracy rule of tests/samples.py. GPU only; on devices other than cc 9.0 (or a
 build without the sm90a path) the automatic choice is the sm80 kernel, which test_choice checks."""
@@ -13,7 +14,12 @@ import torch
 import dmattn_ops
 from samples import Spec, assert_close_to_reference, make_sample, support_reason
 
-ARCHS = {"auto": {}, "sm80": {"DMATTN_ARCH": "sm80"}}
+# auto: the plan's choice; sm80: the sm80 kernels forced; persistent3: the sm90a kernel wherever it can run (narrow
+# windows too), on a persistent grid of 3 CTAs (DMATTN_SM90A_CTAS), so that each CTA walks many units in turn (empty
+# ones and ones past their sequence included).
+# per_unit: the sm90a kernel wherever it can run, a CTA per unit (DMATTN_SM90A_CTAS=0).
+ARCHS = {"auto": {}, "sm80": {"DMATTN_ARCH": "sm80"}, "persistent3": {"DMATTN_SM90A_CTAS": "3"},
+         "per_unit": {"DMATTN_SM90A_CTAS": "0"}}
 
 
 @pytest.fixture(params=list(ARCHS))
@@ -68,28 +74,86 @@ def test_dense_shapes_match_reference_on_each_path(spec, dtype, arch):
     _check(spec, dtype, label=arch)
 
 
+# The kernel's ranged variant (a key interval per row: windows, key ranges; the softcap) and what the plain one takes
+# on top of dense: sinks, seqused_k. Windows straddle the 128-key tiles on both sides, rows see nothing (windows past
+# the sequence, more queries than keys), tiles are seen whole between two edges.
+RANGED_SPECS = [
+    Spec("window_left_causal", heads=8, heads_k=2, seqlens_q=(700, 129, 1), seqlens_k=(700, 129, 1),
+         window=(255, 0), is_causal=True),
+    Spec("window_left_not_causal", heads=4, heads_k=2, seqlens_q=(400,), seqlens_k=(520,), window=(130, -1)),
+    Spec("window_right_only", heads=4, heads_k=1, seqlens_q=(300, 50), seqlens_k=(260, 400), window=(-1, 70)),
+    Spec("window_both_sides", heads=4, heads_k=4, seqlens_q=(333, 90), seqlens_k=(333, 200), window=(100, 40)),
+    Spec("window_zero", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(200,), window=(0, 0)),
+    Spec("window_more_queries", heads=4, heads_k=2, seqlens_q=(300, 40), seqlens_k=(150, 10), window=(20, 0),
+         is_causal=True),
+    Spec("window_empty_sequences", heads=4, heads_k=2, seqlens_q=(0, 140, 7, 0), seqlens_k=(30, 0, 300, 0),
+         window=(64, 0), is_causal=True, extra_rows_q=5, extra_rows_k=9),
+    Spec("window_d64", head_dim=64, heads=6, heads_k=3, seqlens_q=(500,), seqlens_k=(500,), window=(96, 0),
+         is_causal=True),
+    Spec("softcap", heads=4, heads_k=2, seqlens_q=(260, 31), seqlens_k=(300, 31), softcap=2.0),
+    Spec("softcap_causal_window", heads=4, heads_k=2, seqlens_q=(400,), seqlens_k=(400,), softcap=5.0,
+         window=(150, 0), is_causal=True),
+    Spec("sinks", heads=4, heads_k=2, seqlens_q=(200, 3), seqlens_k=(250, 0), sinks="float32", is_causal=True),
+    Spec("sinks_q_dtype", heads=4, heads_k=2, seqlens_q=(150,), seqlens_k=(150,), sinks="q", sinks_neg_inf=True),
+    Spec("window_softcap_sinks", heads=8, heads_k=2, seqlens_q=(600, 70), seqlens_k=(600, 90), window=(200, 0),
+         is_causal=True, softcap=4.0, sinks="float32"),
+    Spec("seqused_k", heads=4, heads_k=2, seqlens_q=(130, 1, 64, 0), seqlens_k=(400, 400, 400, 400),
+         seqused_k=(300, 400, 0, 9), is_causal=True),
+    Spec("seqused_k_window", heads=4, heads_k=2, seqlens_q=(200, 9), seqlens_k=(512, 512), seqused_k=(450, 33),
+         window=(128, 0), is_causal=True),
+]
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("spec", RANGED_SPECS, ids=lambda s: s.name)
+def test_windows_softcap_sinks_match_reference_on_each_path(spec, dtype, arch):
+    _check(spec, dtype, label=arch)
+
+
+@pytest.mark.parametrize("kind", ["window", "prefix", "documents", "random"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_key_ranges_match_reference_on_each_path(kind, causal, arch):
+    """Per-query key intervals (key_range) across query and key tiles, against the float64 reference and the same
+    intervals as a query-side mask (which always takes the sm80 kernels)."""
+    from test_key_range import as_query_mask, make_call, reference, run
+
+    lens = [300, 130, 0, 513, 5]
+    call = make_call(lens, [n + 7 if n else 0 for n in lens], kind, H=4, Hk=2, D=128, dtype=torch.bfloat16,
+                     device="cuda", seed=3)
+    out, lse = run(call, is_causal=causal)
+    ref_out, ref_lse = reference(call, is_causal=causal)
+    torch.testing.assert_close(out.cpu().double(), ref_out, atol=1.6e-2, rtol=1.6e-2)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1.6e-2, rtol=1.6e-2)
+    m_out, m_lse = run(as_query_mask(call), is_causal=causal)
+    torch.testing.assert_close(out, m_out, atol=1.6e-2, rtol=1.6e-2)
+    torch.testing.assert_close(lse, m_lse, atol=1.6e-2, rtol=1.6e-2)
+
+
 def _plan_sm90a(capfd):
     return [int(x) for x in re.findall(r"kernel=prefill .*sm90a=(\d)", capfd.readouterr().err)]
 
 
 @pytest.mark.parametrize(
-    "spec, dense",
+    "spec, sm90a",
     [
         (SPECS[2], True),
+        (Spec("window", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), window=(200, 0)), True),
+        (Spec("narrow_window", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), window=(100, 0)), False),
+        (Spec("softcap", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), softcap=30.0), True),
         (Spec("key_mask", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="key"), False),
-        (Spec("window", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), window=(64, 0)), False),
-        (Spec("softcap", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), softcap=30.0), False),
+        (Spec("key_bias", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), bias="key"), False),
     ],
     ids=lambda x: x.name if isinstance(x, Spec) else str(x),
 )
-def test_choice(spec, dense, monkeypatch, capfd, cuda_device):
-    """Dense prefill takes the sm90a kernel on a cc 9.0 device with the sm90a path built, and never elsewhere; calls
-    with any feature it lacks take the sm80 kernels; DMATTN_ARCH=sm80 forces them."""
+def test_choice(spec, sm90a, monkeypatch, capfd, cuda_device):
+    """Prefill without mask, bias or key pool takes the sm90a kernel on a cc 9.0 device with the sm90a path built, and
+    never elsewhere; calls with a mask or bias, and windows of at most 128 keys, take the sm80 kernels; DMATTN_ARCH=sm80
+    forces them."""
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
     capfd.readouterr()
     _check(spec, torch.bfloat16)
     torch.cuda.synchronize()
-    assert _plan_sm90a(capfd) == [int(dense and _sm90a_device())]
+    assert _plan_sm90a(capfd) == [int(sm90a and _sm90a_device())]
     monkeypatch.setenv("DMATTN_ARCH", "sm80")
     _check(spec, torch.bfloat16)
     torch.cuda.synchronize()
@@ -101,6 +165,34 @@ def test_bad_arch_variable_is_a_clear_error(monkeypatch, cuda_device):
     monkeypatch.setenv("DMATTN_ARCH", "sm100")
     with pytest.raises(ValueError, match="DMATTN_ARCH must be auto or sm80, got 'sm100'"):
         sample.run()
+
+
+@pytest.mark.parametrize("value", ["-2", "many", "70000"])
+def test_bad_ctas_variable_is_a_clear_error(value, monkeypatch, cuda_device):
+    sample = make_sample(SPECS[0], torch.float16, "cuda")
+    monkeypatch.setenv("DMATTN_SM90A_CTAS", value)
+    with pytest.raises(ValueError, match=f"DMATTN_SM90A_CTAS must be an integer in \\[0, 65535\\], got '{value}'"):
+        sample.run()
+
+
+def test_windowed_calls_run_persistent(monkeypatch, capfd, cuda_device):
+    """A windowed call (short, alike units) takes a persistent grid of one CTA per SM on the sm90a kernel; a plain
+    causal call and a call with key ranges a CTA per unit."""
+    if not _sm90a_device():
+        pytest.skip("the sm90a kernel runs on cc 9.0 devices with the sm90a path built")
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def ctas(spec):
+        capfd.readouterr()
+        _check(spec, torch.bfloat16)
+        torch.cuda.synchronize()
+        return [int(x) for x in re.findall(r"sm90a=1 sm90a_ctas=(\d+)", capfd.readouterr().err)]
+
+    assert ctas(RANGED_SPECS[0]) == [sms]
+    assert ctas(SPECS[2]) == [0]
+    monkeypatch.setenv("DMATTN_SM90A_CTAS", "0")
+    assert ctas(RANGED_SPECS[0]) == [0]
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -122,3 +214,21 @@ def test_nonfinite_v_of_hidden_keys(dtype, arch):
     assert torch.equal(out[120:199, 0:2], clean[120:199, 0:2])  # KV head 0's do not
     assert not out[199, 0:2].isfinite().all()  # the inf reaches the one row that sees it
     assert torch.equal(out[200:350], clean[200:350])  # sequence 1: untouched by the rows past it
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_nonfinite_v_outside_the_window(dtype, arch):
+    """A window's left edge hides keys inside the tiles a CTA reads: inf / NaN in their V never reach a row whose
+    window excludes them, and reach the rows that see them."""
+    spec = Spec("nonfinite_v_window", heads=4, heads_k=2, seqlens_q=(400,), seqlens_k=(400,), is_causal=True,
+                window=(100, 0))
+    sample = make_sample(spec, dtype, "cuda")
+    v = sample.v.clone()
+    v[150, 1, 5] = math.nan  # seen by queries 150..250 only
+    out, lse = sample.replace(v=v).run()
+    clean, clean_lse = sample.run()
+    assert torch.equal(lse, clean_lse)
+    assert torch.equal(out[:150], clean[:150])
+    assert torch.equal(out[251:], clean[251:])  # their windows start past key 150, in tiles that hold it
+    assert out[150:251, 2:4, 5].isnan().all()
+    assert torch.equal(out[150:251, 0:2], clean[150:251, 0:2])

@@ -47,6 +47,8 @@ constexpr TileShape tile_shape_sm80(int head_dim, bool query_operands) {
 // tiles, kSm90aStages K / V tiles in flight, plus a producer warpgroup: 12 warps.
 constexpr TileShape tile_shape_sm90a(int /*head_dim*/) { return TileShape{128, 128, 12}; }
 constexpr int kSm90aStages = 2;
+// Windows of at most this many keys (window_left + window_right + 1) take the sm80 kernel (plan_varlen_fwd).
+constexpr int64_t kSm90aMinWindow = 128;
 
 // The sm80 decode tile policy (sm80/decode_kernel.cuh). A tile is block_m packed rows (the query heads of one KV
 // head x the sequence's queries) that every warp holds whole; the warps split each KV tile of block_n keys (16 keys
@@ -72,6 +74,9 @@ struct PlanOverrides {
   enum class Kernel : int32_t { kAuto = 0, kPrefill = 1, kDecode = 2 } kernel = Kernel::kAuto;
   int32_t tiles_per_split = 0;  // > 0: the decode kernel's KV tiles per split (the split caps still hold)
   bool sm80_only = false;       // the sm80 kernels even where an sm90a one could run (DMATTN_ARCH=sm80)
+  int32_t sm90a_ctas = 0;       // set (DMATTN_SM90A_CTAS): the sm90a kernel wherever it can run, > 0 persistent on
+                                // this many CTAs (calls with key ranges excepted), < 0 a CTA per unit; 0: the
+                                // plan's choice
 };
 
 // What one call runs. The launchers choose a kernel from this and the params alone.
@@ -82,6 +87,8 @@ struct FwdPlan {
                                 // (the decode kernel with query-side operands: the lists of passes.h, KeyLists)
   bool query_terms = false;     // decode kernel: query-side operands gathered along the lists (QueryTerms)
   bool sm90a = false;           // prefill on the sm90a path (wgmma + TMA) where it is compiled; else the sm80 one
+  int32_t sm90a_ctas = 0;       // sm90a: > 0, a persistent grid of that many CTAs walks the work units (query tile,
+                                // head, sequence); 0, a CTA per unit
   int32_t block_map_heads = 0;  // > 0: a query-side mask with that many heads is summarized by blocks first
   // Decode kernel only (1 / 0 otherwise):
   int32_t row_tiles = 1;        // tiles of packed rows per (sequence, KV head): ceil(H / Hk * max_seqlen_q / block_m)
@@ -117,21 +124,27 @@ inline bool decode_supports(const VarlenFwdParams& p) {
   return packable(p.mask) && packable(p.bias);
 }
 
-// Whether the sm90a prefill kernel can run p on a cc 9.0 device: dense attention (no mask, bias, key range, left
-// window edge, softcap, sink, seqused_k or key pool; causal or not), 16-bit q / k / v whose base addresses and row /
-// head strides TMA can address (16-byte multiples), head dims 64 / 128, and tensors TMA coordinates reach (int32).
+// Whether the sm90a prefill kernel can run p on a cc 9.0 device: no mask, bias or key pool (windows, key ranges,
+// softcap, sinks and seqused_k are its own; causal or not), 16-bit q / k / v whose base addresses and row / head
+// strides TMA can address (16-byte multiples), head dims 64 / 128, and tensors TMA coordinates reach (int32).
 inline bool sm90a_supports(const VarlenFwdParams& p) {
   auto aligned = [](const void* ptr, int64_t row_stride, int64_t head_stride) {
     return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && row_stride % 8 == 0 && head_stride % 8 == 0 &&
            row_stride > 0;
   };
-  return !p.mask.present() && !p.bias.present() && p.key_range == nullptr && p.window_left < 0 &&
-         p.window_right <= 0 && p.softcap == 0.f && p.sinks == nullptr && p.seqused_k == nullptr &&
-         p.kv_slots == nullptr && (p.dtype == ScalarType::kFloat16 || p.dtype == ScalarType::kBFloat16) &&
+  return !p.mask.present() && !p.bias.present() && p.kv_slots == nullptr &&
+         (p.dtype == ScalarType::kFloat16 || p.dtype == ScalarType::kBFloat16) &&
          (p.head_dim == 64 || p.head_dim == 128) && p.total_q > 0 && p.total_k > 0 && p.total_q < INT32_MAX &&
          p.total_k < INT32_MAX && p.num_heads > 0 && p.num_heads_k > 0 && p.num_heads % p.num_heads_k == 0 &&
          aligned(p.q, p.q_row_stride, p.q_head_stride) && aligned(p.k, p.k_row_stride, p.k_head_stride) &&
          aligned(p.v, p.v_row_stride, p.v_head_stride);
+}
+
+// Whether an sm90a call takes the kernel's kRanged variant: some row has its own key interval (a window's left edge,
+// a right edge other than the causal one, key ranges) or the scores are capped. The plain variant knows only the
+// causal limit.
+inline bool sm90a_ranged(const VarlenFwdParams& p) {
+  return p.window_left >= 0 || p.window_right > 0 || p.key_range != nullptr || p.softcap > 0.f;
 }
 
 // The query-side terms are float32 for a float32 query-side bias, else 16-bit in q's dtype.
@@ -153,6 +166,22 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
   // made of expanded columns) is left out and the kernel scans its tiles instead.
   auto prefill = [&] {
     plan.sm90a = dev.cc == 90 && !o.sm80_only && sm90a_supports(p);
+    // A window of at most kSm90aMinWindow keys runs faster on the sm80 kernel (its units are a tile or two; measured
+    // on an H200, benchmarks/results/README.md), unless DMATTN_SM90A_CTAS asks for the sm90a kernel.
+    if (plan.sm90a && o.sm90a_ctas == 0 && p.window_left >= 0 && p.window_right >= 0 &&
+        p.window_left + p.window_right + 1 <= kSm90aMinWindow) {
+      plan.sm90a = false;
+    }
+    // A windowed call's units are short and alike: a persistent grid, one CTA per SM, loads a unit's first tiles
+    // (and its Q, double-buffered) while it finishes the one before. Key ranges take a CTA per unit (their tile
+    // bounds are reduced over the rows once per CTA).
+    if (plan.sm90a && p.key_range == nullptr) {
+      if (o.sm90a_ctas != 0) {
+        plan.sm90a_ctas = o.sm90a_ctas > 0 ? o.sm90a_ctas : 0;
+      } else if (p.window_left >= 0) {
+        plan.sm90a_ctas = dev.sm_count > 0 ? dev.sm_count : 132;
+      }
+    }
     if (p.mask.layout == OperandLayout::kQuerySide && p.num_heads > 0 && p.total_q > 0 &&
         BlockMap::key_extent(p) > 0 && BlockMap::bytes(p, p.num_heads / p.mask.head_group) <= kMaxBlockMapBytes) {
       plan.block_map_heads = p.num_heads / p.mask.head_group;

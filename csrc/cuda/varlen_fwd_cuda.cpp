@@ -56,6 +56,8 @@ cuda::DeviceInfo device_info(int device) {
 //                                         query-side operands; elsewhere the prefill kernel runs)
 //   DMATTN_DECODE_TILES_PER_SPLIT=N       the decode kernel's KV tiles (64 keys each) per split
 //   DMATTN_ARCH=sm80                      the sm80 kernels even where the sm90a one could run (auto: the plan's)
+//   DMATTN_SM90A_CTAS=N                   the sm90a kernel wherever it can run (narrow windows too), persistent on
+//                                         N CTAs (calls with key ranges excepted); 0: a CTA per work unit
 //   DMATTN_LOG_PLAN=1                     print each call's plan to stderr
 cuda::PlanOverrides plan_overrides() {
   cuda::PlanOverrides o;
@@ -81,6 +83,14 @@ cuda::PlanOverrides plan_overrides() {
                       tiles, "'");
     o.tiles_per_split = static_cast<int32_t>(n);
   }
+  if (const char* ctas = std::getenv("DMATTN_SM90A_CTAS"); ctas != nullptr && *ctas != '\0') {
+    char* end = nullptr;
+    const long n = std::strtol(ctas, &end, 10);
+    TORCH_CHECK_VALUE(*end == '\0' && n >= 0 && n <= 65535, kOp,
+                      "the environment variable DMATTN_SM90A_CTAS must be an integer in [0, 65535], got '", ctas,
+                      "'");
+    o.sm90a_ctas = n > 0 ? static_cast<int32_t>(n) : -1;
+  }
   return o;
 }
 
@@ -94,9 +104,9 @@ void log_plan(const cuda::FwdPlan& plan, const VarlenFwdParams& p) {
                  p.head_dim, static_cast<long long>(p.max_seqlen_q), static_cast<long long>(p.max_seqlen_k));
   } else {
     static const char* const kVariants[] = {"plain", "windowed", "query_operands"};  // cuda::PrefillVariant
-    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=prefill variant=%s key_lists_heads=%d block_map_heads=%d sm90a=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
+    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=prefill variant=%s key_lists_heads=%d block_map_heads=%d sm90a=%d sm90a_ctas=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
                  kVariants[static_cast<int>(plan.prefill)], plan.key_lists_heads, plan.block_map_heads,
-                 static_cast<int>(plan.sm90a), p.batch,
+                 static_cast<int>(plan.sm90a), plan.sm90a_ctas, p.batch,
                  p.num_heads, p.num_heads_k, p.head_dim, static_cast<long long>(p.max_seqlen_q),
                  static_cast<long long>(p.max_seqlen_k));
   }

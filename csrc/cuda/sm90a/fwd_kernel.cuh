@@ -1,15 +1,23 @@
-// fwd_kernel.cuh: the sm90a prefill kernel (wgmma + TMA, warp-specialized): dense attention over packed varlen
-// sequences, causal or not, any GQA ratio (the plan sends it no mask, bias, window edge, key range, softcap, sink or
-// key pool: heuristics.h, sm90a_supports; those take the sm80 kernels).
+// fwd_kernel.cuh: the sm90a prefill kernel (wgmma + TMA, warp-specialized): attention over packed varlen sequences
+// without mask or bias operands, causal or not, any GQA ratio, sinks and seqused_k; its kRanged variant adds what
+// gives each query row its own key interval (a sliding window, per-query key ranges) and the softcap. The plan sends
+// it no mask, bias or key pool (heuristics.h, sm90a_supports); those take the sm80 kernels.
 //
-// Grid (query tiles, query heads, sequences), longest query tiles first as in the sm80 prefill kernel. Per CTA:
-//   producer (warpgroup 0, one thread)   Q once, then K and V of each visible KV tile, last tile first, through two
+// Work units are (query tile, query head, sequence), a sequence's last query tiles first as in the sm80 prefill
+// kernel: a CTA per unit (grid (query tiles, heads, sequences)), or kPersistent, a CTA per SM walking every
+// gridDim.x-th unit (windowed calls: short, alike units). Per unit:
+//   producer (warpgroup 0, one thread)   Q (double-buffered when persistent: the next unit's loads during this one),
+//                                        then K and V of each KV tile some row sees, last first, through two
 //                                        PipelineTmaAsync rings (the copy engine signals the tile's full barrier,
 //                                        the consumers its empty one)
-//   consumers (warpgroups 1, 2)          per KV tile: S = Q K^T (wgmma), the causal / sequence-end limit on the tiles
-//                                        that need it, the online softmax (../sm80/online_softmax.cuh: the wgmma
-//                                        accumulator holds each row as four lanes of a quad, as mma.sync's does),
-//                                        O += P V (wgmma, P from registers); then out and lse of their 64 rows.
+//   consumers (warpgroups 1, 2)          per KV tile: S = Q K^T (wgmma), the limits on the tiles that need them, the
+//                                        online softmax (../sm80/online_softmax.cuh: the wgmma accumulator holds each
+//                                        row as four lanes of a quad, as mma.sync's does), O += P V (wgmma, P from
+//                                        registers); then out and lse of their 64 rows.
+// The tiles of a unit (unit_work): plain, from key 0 to the causal limit of its last row; kRanged, from the lowest
+// key any of its rows sees to the highest (the first and last rows' windows, or TileKeys: key ranges reduced over the
+// rows). Tiles that every row sees whole take raw scores; the others (the causal diagonal, a window's edges, the
+// sequence's end) are limited per element.
 // TMA reads whole tiles: a tile's rows past the sequence belong to the next sequence or to nothing (zero-filled past
 // the tensor). Their scores are hidden (-inf); their V rows, like any hidden key's, must not turn 0 * inf into NaN,
 // so the tiles that hide keys run the scan of ../sm80/nonfinite_v.cuh over V (zero the inf / NaN elements, poison a
@@ -18,6 +26,7 @@
 
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 
 #include <cute/arch/mma_sm90_desc.hpp>
@@ -26,6 +35,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "../../varlen_fwd_params.h"
+#include "../score_operand.cuh"
 #include "../sm80/nonfinite_v.cuh"
 #include "../sm80/online_softmax.cuh"
 #include "kernel_traits.h"
@@ -124,9 +134,130 @@ __device__ void zero_nonfinite_v(SmemV& sv, uint8_t* v_bad, int ctid) {
   consumer_sync(Traits::kConsumerThreads);
 }
 
-template <typename Traits>
+// The keys the rows of a kRanged CTA see, as tile bounds: every row's interval (row_keys: window and key_range) lies
+// in [lowest, highest); a tile inside [inner_begin, inner_end) is seen whole by every row (empty when some row's
+// interval is empty or the intervals do not overlap).
+struct TileKeys {
+  int lowest, highest, inner_begin, inner_end;
+};
+
+// TileKeys of the tile's query rows [m0, m0 + rows) of sequence (sq, k_len): the producer warpgroup's 128 threads
+// take a row each and reduce over their warp; each warp leaves its four bounds in part[warp] for the CTA to combine
+// after the next __syncthreads (combine_tile_keys). Rows past the tile take no part.
+__device__ __forceinline__ void reduce_tile_keys(const VarlenFwdParams& p, const SeqRange& sq, int k_len, int m0,
+                                                 int rows, int (*part)[4]) {
+  const int r = threadIdx.x;  // < 128
+  int lo = INT_MAX, hi = INT_MIN, in_lo = INT_MIN, in_hi = INT_MAX;
+  if (r < rows) {
+    const int i = m0 + r;
+    const KeyRange keys = row_keys(p, sq.start + i, i, sq.len, k_len);
+    if (keys.end > keys.begin) {
+      lo = static_cast<int>(keys.begin);
+      hi = static_cast<int>(keys.end);
+      in_lo = lo;
+      in_hi = hi;
+    } else {
+      in_lo = INT_MAX;  // a row that sees nothing: no tile is seen whole
+    }
+  }
+  lo = __reduce_min_sync(0xffffffffu, lo);
+  hi = __reduce_max_sync(0xffffffffu, hi);
+  in_lo = __reduce_max_sync(0xffffffffu, in_lo);
+  in_hi = __reduce_min_sync(0xffffffffu, in_hi);
+  if (r % 32 == 0) {
+    int* w = part[r / 32];
+    w[0] = lo;
+    w[1] = hi;
+    w[2] = in_lo;
+    w[3] = in_hi;
+  }
+}
+
+__device__ __forceinline__ TileKeys combine_tile_keys(const int (*part)[4]) {
+  TileKeys t{INT_MAX, INT_MIN, INT_MIN, INT_MAX};
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    t.lowest = min(t.lowest, part[w][0]);
+    t.highest = max(t.highest, part[w][1]);
+    t.inner_begin = max(t.inner_begin, part[w][2]);
+    t.inner_end = min(t.inner_end, part[w][3]);
+  }
+  return t;
+}
+
+// Which work units (query tile, query head, sequence) a launch covers: the sequences [seq0, seq0 + seqs), each cut
+// into query_tiles tiles of kBlockM rows, every head. A CTA per unit: grid (query_tiles, heads, seqs); persistent
+// (kPersistent): a grid of fewer CTAs, each walking units blockIdx.x, blockIdx.x + gridDim.x, ... in the order of
+// that grid (query tiles fastest).
+struct UnitGrid {
+  int32_t seq0, seqs, query_tiles;
+};
+
+// What both roles know of one unit: its sequence, head and rows, and its KV tiles: [n_begin, n_end) hold every key
+// some row sees, tiles in [whole_begin, whole_end) are seen whole by every row (the others are limited per element).
+struct UnitWork {
+  SeqRange sq;
+  int64_t k_start;
+  int q_len, k_len, h, hk, m_block, m0, rows;
+  int n_begin, n_end, whole_begin, whole_end;
+};
+
+// The work of the unit of grid coordinates (x, h, sequence seq0 + z). Plain: from key 0 to the causal limit of the last row, whole up to the first row's. kRanged: the
+// rows' intervals (row_keys) rise with the row, so the first and last rows bound them (visible_keys); with key_range
+// they are reduced over the rows (reduce_tile_keys, a CTA per unit) and read from tile_keys.
+template <int kBlockM, int kBlockN, bool kRanged>
+__device__ __forceinline__ UnitWork unit_work(const VarlenFwdParams& p, const UnitGrid& grid, int x, int h, int z,
+                                              const int (*tile_keys)[4]) {
+  UnitWork w;
+  const int b = grid.seq0 + z;
+  w.h = h;
+  w.hk = w.h / (p.num_heads / p.num_heads_k);
+  w.sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
+  const SeqRange sk = key_seq(p, b);
+  w.k_start = sk.start;
+  w.q_len = static_cast<int>(w.sq.len);
+  w.k_len = static_cast<int>(sk.len);
+  w.m_block = grid.query_tiles - 1 - x;  // the sequence's last query tiles (the most keys) first
+  w.m0 = w.m_block * kBlockM;
+  w.rows = min(kBlockM, w.q_len - w.m0);
+  const int shift = w.k_len - w.q_len;
+  if constexpr (!kRanged) {
+    // Causal is window_right = 0 here (the plain variant has no other window): query i sees keys j <= i + shift.
+    const bool causal = p.window_right >= 0;
+    const int limit_last = causal ? min(w.k_len, max(w.m0 + w.rows - 1 + shift + 1, 0)) : w.k_len;
+    const int limit_first = causal ? min(w.k_len, max(w.m0 + shift + 1, 0)) : w.k_len;
+    w.n_begin = 0;
+    w.n_end = (limit_last + kBlockN - 1) / kBlockN;
+    w.whole_begin = 0;
+    w.whole_end = limit_first / kBlockN;
+  } else {
+    TileKeys keys;
+    if (p.key_range != nullptr) {
+      keys = combine_tile_keys(tile_keys);
+    } else {
+      const KeyRange first = visible_keys(w.m0, w.q_len, w.k_len, p.window_left, p.window_right);
+      const KeyRange last = visible_keys(w.m0 + w.rows - 1, w.q_len, w.k_len, p.window_left, p.window_right);
+      keys = {static_cast<int>(first.begin), static_cast<int>(last.end), static_cast<int>(last.begin),
+              static_cast<int>(first.end)};
+    }
+    w.n_begin = w.n_end = w.whole_begin = w.whole_end = 0;
+    if (keys.highest > keys.lowest) {
+      w.n_begin = keys.lowest / kBlockN;
+      w.n_end = (keys.highest + kBlockN - 1) / kBlockN;
+    }
+    if (keys.inner_end > keys.inner_begin) {
+      w.whole_begin = (keys.inner_begin + kBlockN - 1) / kBlockN;
+      w.whole_end = keys.inner_end / kBlockN;
+    }
+  }
+  if (w.m0 >= w.q_len) w.n_end = w.n_begin;  // a tile past the sequence: nothing to do
+  return w;
+}
+
+template <typename Traits, bool kRanged, bool kPersistent>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
-fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ TmaParams<Traits> tma, int seq0) {
+fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ TmaParams<Traits> tma,
+           const UnitGrid grid) {
   using namespace cute;
   using Elem = typename Traits::Elem;
   using Pipeline = typename Traits::Pipeline;
@@ -134,27 +265,29 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   constexpr int kN8 = kBlockN / 8, kD8 = kHeadDim / 8;
 
+  constexpr int kQBuffers = kPersistent ? 2 : 1;
   extern __shared__ __align__(1024) char smem_raw[];
-  auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
+  auto& smem = *reinterpret_cast<typename Traits::template SharedStorage<kQBuffers>*>(smem_raw);
 
-  // ---- The tile: sequence b, query head h, query rows [m0, m0 + kBlockM) of the sequence ----
-  const int b = seq0 + blockIdx.z, h = blockIdx.y;
-  const int hk = h / (p.num_heads / p.num_heads_k);
-  const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
-  const SeqRange sk = key_seq(p, b);
-  const int q_len = static_cast<int>(sq.len), k_len = static_cast<int>(sk.len);
-  const int m_block = gridDim.x - 1 - blockIdx.x;
-  const int m0 = m_block * kBlockM;
-  if (m0 >= q_len) return;
-  const int rows = min(kBlockM, q_len - m0);
-  // Causal (window_right = 0; the plan sends no other window): query i sees keys j <= i + k_len - q_len.
-  const bool causal = p.window_right >= 0;
-  const int shift = k_len - q_len;
-  const int limit_last = causal ? min(k_len, max(m0 + rows - 1 + shift + 1, 0)) : k_len;  // the tile's last row
-  const int limit_first = causal ? min(k_len, max(m0 + shift + 1, 0)) : k_len;            // its first row
-  const int n_tiles = (limit_last + kBlockN - 1) / kBlockN;  // tiles some row sees
-  // Tiles from here on hide some key from some row (the causal diagonal, the sequence's end).
-  const int first_hiding = limit_first / kBlockN;
+  // ---- This CTA's units: its own (a CTA per unit), or every gridDim.x-th (persistent) ----
+  const int64_t units = kPersistent ? static_cast<int64_t>(grid.query_tiles) * p.num_heads * grid.seqs : 1;
+  const int64_t first_unit = kPersistent ? blockIdx.x : 0;
+  const int64_t unit_step = kPersistent ? gridDim.x : 1;
+  auto work = [&](int64_t u) {
+    if constexpr (kPersistent) {
+      const int64_t rest = u / grid.query_tiles;
+      return unit_work<kBlockM, kBlockN, kRanged>(p, grid, static_cast<int>(u % grid.query_tiles),
+                                                  static_cast<int>(rest % p.num_heads),
+                                                  static_cast<int>(rest / p.num_heads), smem.tile_keys);
+    } else {
+      return unit_work<kBlockM, kBlockN, kRanged>(p, grid, blockIdx.x, blockIdx.y, blockIdx.z, smem.tile_keys);
+    }
+  };
+
+  if constexpr (!kPersistent) {  // a tile past its sequence: nothing to do, not even the barriers
+    const SeqRange sq = clamp_seq(p.cu_seqlens_q, grid.seq0 + static_cast<int>(blockIdx.z), p.total_q, p.max_seqlen_q);
+    if (static_cast<int64_t>(grid.query_tiles - 1 - static_cast<int>(blockIdx.x)) * kBlockM >= sq.len) return;
+  }
 
   // ---- Barriers ----
   const int warpgroup = threadIdx.x / 128;
@@ -165,12 +298,33 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   pipe_params.num_consumers = Traits::kConsumerThreads;
   Pipeline pipe_k(smem.pipe_k, pipe_params, Shape<_1, _1, _1>{});
   Pipeline pipe_v(smem.pipe_v, pipe_params, Shape<_1, _1, _1>{});
-  auto& q_full = *reinterpret_cast<cutlass::arch::ClusterTransactionBarrier*>(&smem.q_full);
-  if (threadIdx.x == 0) q_full.init(1);
+  // The CTA's k-th Q load goes to buffer k % kQBuffers: its q_full barrier says it landed (a transaction barrier),
+  // its q_empty (persistent CTAs) that every consumer thread's last S GEMM of that unit is done with it. A buffer's
+  // i-th use has phase i % 2.
+  auto q_full = [&](int qb) -> auto& { return *reinterpret_cast<cutlass::arch::ClusterTransactionBarrier*>(&smem.q_full[qb]); };
+  auto q_empty = [&](int qb) -> auto& { return *reinterpret_cast<cutlass::arch::ClusterBarrier*>(&smem.q_empty[qb]); };
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int qb = 0; qb < kQBuffers; ++qb) {
+      q_full(qb).init(1);
+      q_empty(qb).init(Traits::kConsumerThreads);
+    }
+  }
+  if constexpr (kRanged && !kPersistent) {
+    // Key ranges: the CTA's unit's rows reduced to tile bounds (the plan never runs such calls persistent).
+    if (p.key_range != nullptr && warpgroup == 0) {
+      const UnitWork w = unit_work<kBlockM, kBlockN, false>(p, grid, blockIdx.x, blockIdx.y, blockIdx.z, nullptr);
+      reduce_tile_keys(p, w.sq, w.k_len, w.m0, w.rows, smem.tile_keys);
+    }
+  }
   cutlass::arch::fence_barrier_init();
   __syncthreads();
 
-  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
+  // Q buffer qb.
+  auto smem_q = [&](int qb) {
+    return make_tensor(make_smem_ptr(smem.q.data() + qb * cosize_v<typename Traits::SmemLayoutQ>),
+                       typename Traits::SmemLayoutQ{});
+  };
   Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKV{});
   Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutKV{});
   Tensor sVt = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutVt{});
@@ -178,28 +332,37 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   if (warpgroup == 0) {
     // ---- Producer ----
     cutlass::arch::warpgroup_reg_dealloc<24>();
-    if (threadIdx.x == 0 && n_tiles > 0) {  // the pipelines' leader: it arms each full barrier with the tile bytes
+    if (threadIdx.x == 0) {  // the pipelines' leader: it arms each full barrier with the tile bytes
       Tensor mQ = tma.q.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_q), kHeadDim, p.num_heads));
       Tensor mK = tma.k.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_k), kHeadDim, p.num_heads_k));
       Tensor mV = tma.v.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_k), kHeadDim, p.num_heads_k));
-      Tensor gQ = local_tile(domain_offset(make_coord(static_cast<int32_t>(sq.start), _0{}), mQ(_, _, h)),
-                             Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
-      Tensor gK = local_tile(domain_offset(make_coord(static_cast<int32_t>(sk.start), _0{}), mK(_, _, hk)),
-                             Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));  // (N, D, tiles)
-      Tensor gV = local_tile(domain_offset(make_coord(static_cast<int32_t>(sk.start), _0{}), mV(_, _, hk)),
-                             Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
-      auto [tQg, tQs] = tma_partition(tma.q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
-      auto [tKg, tKs] = tma_partition(tma.k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
-      auto [tVg, tVs] = tma_partition(tma.v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
-      q_full.arrive_and_expect_tx(Traits::kQBytes);
-      copy(tma.q.with(reinterpret_cast<uint64_t&>(q_full)), tQg, tQs);
       PipelineState state = cutlass::make_producer_start_state<Pipeline>();
-      for (int n = n_tiles - 1; n >= 0; --n) {
-        pipe_k.producer_acquire(state);
-        copy(tma.k.with(*pipe_k.producer_get_barrier(state)), tKg(_, n), tKs(_, state.index()));
-        pipe_v.producer_acquire(state);
-        copy(tma.v.with(*pipe_v.producer_get_barrier(state)), tVg(_, n), tVs(_, state.index()));
-        ++state;
+      int q_loads = 0;
+      for (int64_t u = first_unit; u < units; u += unit_step) {
+        const UnitWork w = work(u);
+        if (w.n_end <= w.n_begin) continue;
+        Tensor gQ = local_tile(domain_offset(make_coord(static_cast<int32_t>(w.sq.start), _0{}), mQ(_, _, w.h)),
+                               Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(w.m_block, _0{}));
+        Tensor gK = local_tile(domain_offset(make_coord(static_cast<int32_t>(w.k_start), _0{}), mK(_, _, w.hk)),
+                               Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));  // (N, D, tiles)
+        Tensor gV = local_tile(domain_offset(make_coord(static_cast<int32_t>(w.k_start), _0{}), mV(_, _, w.hk)),
+                               Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
+        const int qb = q_loads % kQBuffers;
+        auto [tQg, tQs] =
+            tma_partition(tma.q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(smem_q(qb)), group_modes<0, 2>(gQ));
+        auto [tKg, tKs] = tma_partition(tma.k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+        auto [tVg, tVs] = tma_partition(tma.v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+        if (kPersistent && q_loads >= kQBuffers) q_empty(qb).wait((q_loads / kQBuffers - 1) % 2);  // its last unit's
+        q_full(qb).arrive_and_expect_tx(Traits::kQBytes);
+        copy(tma.q.with(reinterpret_cast<uint64_t&>(q_full(qb))), tQg, tQs);
+        ++q_loads;
+        for (int n = w.n_end - 1; n >= w.n_begin; --n) {
+          pipe_k.producer_acquire(state);
+          copy(tma.k.with(*pipe_k.producer_get_barrier(state)), tKg(_, n), tKs(_, state.index()));
+          pipe_v.producer_acquire(state);
+          copy(tma.v.with(*pipe_v.producer_get_barrier(state)), tVg(_, n), tVs(_, state.index()));
+          ++state;
+        }
       }
     }
     return;
@@ -211,145 +374,187 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   const int ctid = threadIdx.x - 128;  // consumer thread index
   const int wtid = threadIdx.x % 128;  // thread in its warpgroup
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int row0 = m0 + 64 * cw + 16 * (wtid / 32) + g;  // this thread's rows: row0 and row0 + 8 (sequence positions)
 
   typename Traits::MmaQK mma_qk;
   typename Traits::MmaPV mma_pv;
   auto thr_qk = mma_qk.get_thread_slice(wtid);
   auto thr_pv = mma_pv.get_thread_slice(wtid);
-  Tensor sQw = local_tile(sQ, Shape<_64, Int<kHeadDim>>{}, make_coord(cw, _0{}));
-  Tensor tSrQ = thr_qk.partition_fragment_A(sQw);                 // (MMA, 1, D / 16)
   Tensor tSrK = thr_qk.partition_fragment_B(sK);                  // (MMA, 1, D / 16, stages)
   Tensor tOrV = thr_pv.partition_fragment_B(sVt);                 // (MMA, 1, N / 16, stages)
   Tensor tSrS = partition_fragment_C(mma_qk, Shape<_64, Int<kBlockN>>{});
   Tensor tOrO = partition_fragment_C(mma_pv, Shape<_64, Int<kHeadDim>>{});
   Tensor tOrP = make_tensor<typename Traits::CuteElem>(partition_shape_A(mma_pv, Shape<_64, Int<kBlockN>>{}));
-  clear(tOrO);
-
   float(&s)[1][kN8][4] = as_m16n8<kN8>(tSrS);
   float(&o)[1][kD8][4] = as_m16n8<kD8>(tOrO);
-  sm80::OnlineSoftmax<1, kN8> softmax;
-  unsigned poisoned_rows = 0;
   const float scale = p.softmax_scale;
 
-  // Per KV tile n (last first): S_n = Q K_n^T, its limits, softmax (P_n and the rows' rescale factors), then
-  // O += P_n V_n. The GEMMs overlap the softmax: S_n is issued together with the previous tile's P V and waited for
-  // alone, so the exponentials of tile n run while the tensor cores finish P_{n+1} V_{n+1}; O is rescaled once that
-  // product has landed.
-  auto scores = [&](int n) {  // S_n -> scale and limits (raw scores where every row sees every key)
-    const bool hiding = n >= first_hiding;
-    float score_mul = scale;
-    if (hiding || !(scale > 0.f)) {  // the softmax may fold only a positive scale
-      score_mul = 1.f;
+  // The ping-pong turns. A CTA per unit: warpgroup 1 opens warpgroup 0's first turn once Q landed, and skips handing
+  // over after its last tile. Persistent, the turns run across the CTA's units as one stream of tiles: warpgroup 1
+  // opens warpgroup 0's first turn here, both hand over after every S issue, and warpgroup 0 takes the last hand-over
+  // at the end. Either way no arrival is left pending.
+  if (kPersistent && cw == 1) hand_turn(cw);
+  PipelineState state, v_state;  // v_state: the stage of the tile whose P V is pending
+  int q_uses = 0;
+  for (int64_t u = first_unit; u < units; u += unit_step) {
+    const UnitWork w = work(u);
+    if (w.m0 >= w.q_len) continue;
+    const int row0 = w.m0 + 64 * cw + 16 * (wtid / 32) + g;  // this thread's rows: row0, row0 + 8 (in the sequence)
+    const int n_tiles = w.n_end - w.n_begin;
+    // Whether tile n hides some key from some row of the unit.
+    auto hides_keys = [&](int n) { return n < w.whole_begin || n >= w.whole_end; };
+    // kRanged: this thread's two rows' key intervals [low, limit) (empty for rows past the sequence).
+    int row_low[2] = {0, 0}, row_limit[2] = {0, 0};
+    if constexpr (kRanged) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int i = row0 + 8 * half;
-        const int limit = causal ? min(k_len, i + shift + 1) : k_len;
-#pragma unroll
-        for (int nt = 0; nt < kN8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float& x = s[0][nt][2 * half + e];
-            const int pos = n * kBlockN + nt * 8 + 2 * t + e;
-            x = pos < limit ? x * scale : -INFINITY;
-          }
+        if (i < w.q_len) {
+          const KeyRange keys = row_keys(p, w.sq.start + i, i, w.q_len, w.k_len);
+          row_low[half] = static_cast<int>(keys.begin);
+          row_limit[half] = static_cast<int>(keys.end);
+        }
       }
     }
-    return score_mul;
-  };
-  // V_n landed; on a tile that hides keys, its inf / NaN elements zeroed and flagged (before any P V reads it).
-  auto check_v = [&](int n, int stage) {
-    const bool hiding = n >= first_hiding;
-    // This thread's share of the V tile: whether it holds an inf / NaN; the consumers' vote.
-    constexpr int kVecs = kBlockN * kHeadDim / 8;  // 16-byte vectors in a V tile
-    const bool v_fix =
-        hiding && consumer_any(sm80::share_has_nonfinite<Elem, kVecs, Traits::kConsumerThreads>(
-                                   smem.v.data() + stage * kBlockN * kHeadDim, ctid),
-                               Traits::kConsumerThreads);
-    if (v_fix) {
-      Tensor sVs = sV(_, _, stage);
-      zero_nonfinite_v<Traits>(sVs, smem.v_bad, ctid);
-    }
-    return v_fix;
-  };
-  // P_n, rounded to Elem, in the A-operand layout of the P V wgmma (the same flat order as the accumulator).
-  auto convert_p = [&] {
-#pragma unroll
-    for (int i = 0; i < size(tOrP); ++i) tOrP(i) = static_cast<typename Traits::CuteElem>(tSrS(i));
-  };
+    const bool causal = p.window_right >= 0;
+    const int shift = w.k_len - w.q_len;
 
-  PipelineState state, v_state;  // v_state: the stage of the tile whose P V is pending
-  float alpha[1][2];
-  if (n_tiles > 0) {
-    q_full.wait(0);
-    if (cw == 1) hand_turn(cw);  // warpgroup 0 goes first
-    // The first tile: nothing to overlap with yet (O is zero: no rescale).
-    const int n = n_tiles - 1;
-    pipe_k.consumer_wait(state);
-    wait_turn(cw);
-    warpgroup_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), tSrS, [&] {
-      if (cw == 0 || n > 0) hand_turn(cw);  // issued: the other warpgroup's turn (none after warpgroup 1's last)
-    });
-    pipe_k.consumer_release(state);
-    const float score_mul = scores(n);
-    pipe_v.consumer_wait(state);
-    const bool v_fix = check_v(n, state.index());
-    softmax.update_scores(s, score_mul, alpha);
-    if (v_fix) sm80::mark_poisoned_rows<1, kN8>(s, smem.v_bad, t, poisoned_rows);
-    convert_p();
-    v_state = state;
-    ++state;
-  }
-  for (int n = n_tiles - 2; n >= 0; --n) {
-    pipe_k.consumer_wait(state);
-    wait_turn(cw);
-    warpgroup_fence_operand(tSrS);
-    warpgroup_fence_operand(tOrO);
-    warpgroup_fence_operand(tOrP);
-    warpgroup_arrive();
-    warpgroup_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), tSrS);         // S_n
-    warpgroup_issue<false>(mma_pv, tOrP, tOrV(_, _, _, v_state.index()), tOrO);     // O += P_{n+1} V_{n+1}
-    if (cw == 0 || n > 0) hand_turn(cw);
-    warpgroup_wait<1>();  // S_n landed; the P V may still run
-    warpgroup_fence_operand(tSrS);
-    pipe_k.consumer_release(state);
-    const float score_mul = scores(n);
-    pipe_v.consumer_wait(state);
-    const bool v_fix = check_v(n, state.index());
-    const bool rescale = softmax.update_scores(s, score_mul, alpha);
-    warpgroup_wait<0>();  // the P V landed: O and P are ours again
-    warpgroup_fence_operand(tOrO);
-    warpgroup_fence_operand(tOrP);
-    pipe_v.consumer_release(v_state);
-    if (rescale) softmax.rescale(o, alpha);
-    if (v_fix) sm80::mark_poisoned_rows<1, kN8>(s, smem.v_bad, t, poisoned_rows);
-    convert_p();
-    v_state = state;
-    ++state;
-  }
-  if (n_tiles > 0) {  // the last tile's P V
-    warpgroup_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, v_state.index()), tOrO);
-    pipe_v.consumer_release(v_state);
-  }
+    const int qb = q_uses % kQBuffers;
+    Tensor tSrQ = thr_qk.partition_fragment_A(local_tile(smem_q(qb), Shape<_64, Int<kHeadDim>>{}, make_coord(cw, _0{})));
+    clear(tOrO);
+    sm80::OnlineSoftmax<1, kN8> softmax;
+    unsigned poisoned_rows = 0;
 
-  // ---- Epilogue: out and lse of this thread's two rows ----
-  Elem* out = static_cast<Elem*>(p.out);
+    // Per KV tile n (last first): S_n = Q K_n^T, its limits, softmax (P_n and the rows' rescale factors), then
+    // O += P_n V_n. The GEMMs overlap the softmax: S_n is issued together with the previous tile's P V and waited
+    // for alone, so the exponentials of tile n run while the tensor cores finish P_{n+1} V_{n+1}; O is rescaled once
+    // that product has landed.
+    auto scores = [&](int n) {  // S_n -> scale, softcap and limits (raw scores where every row sees every key)
+      const bool capped = kRanged && p.softcap > 0.f;
+      float score_mul = scale;
+      if (hides_keys(n) || capped || !(scale > 0.f)) {  // the softmax may fold only a positive scale
+        score_mul = 1.f;
+        float mul = scale;
+        if (capped) {  // its own pass, so the limits below stay one select per element
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int i = row0 + 8 * half;
-    const float l = softmax.row_total(0, half);
-    const bool poisoned = sm80::quad_poisoned(poisoned_rows, half, lane);
-    const sm80::RowEnd end = sm80::finish_row(softmax.row_max[0][half], l, poisoned, -INFINITY);
-    if (i >= q_len) continue;
-    const int64_t row = sq.start + i;
-    if (t == 0) p.lse[static_cast<int64_t>(h) * p.total_q + row] = end.lse;
-    Elem* dst = out + row * p.out_row_stride + static_cast<int64_t>(h) * p.out_head_stride;
+          for (int i = 0; i < size(tSrS); ++i) tSrS(i) = capped_score(p, tSrS(i) * scale);
+          mul = 1.f;
+        }
 #pragma unroll
-    for (int dt = 0; dt < kD8; ++dt) {
-      const uint32_t pair = sm80::ElemTraits<Elem>::pack(o[0][dt][2 * half] * end.inv, o[0][dt][2 * half + 1] * end.inv);
-      *reinterpret_cast<uint32_t*>(dst + dt * 8 + 2 * t) = pair;
+        for (int half = 0; half < 2; ++half) {
+          const int i = row0 + 8 * half;
+          const int low = kRanged ? row_low[half] : 0;
+          const int limit = kRanged ? row_limit[half] : causal ? min(w.k_len, i + shift + 1) : w.k_len;
+#pragma unroll
+          for (int nt = 0; nt < kN8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float& x = s[0][nt][2 * half + e];
+              const int pos = n * kBlockN + nt * 8 + 2 * t + e;
+              x = pos >= low && pos < limit ? x * mul : -INFINITY;
+            }
+        }
+      }
+      return score_mul;
+    };
+    // V_n landed; on a tile that hides keys, its inf / NaN elements zeroed and flagged (before any P V reads it).
+    auto check_v = [&](int n, int stage) {
+      // This thread's share of the V tile: whether it holds an inf / NaN; the consumers' vote.
+      constexpr int kVecs = kBlockN * kHeadDim / 8;  // 16-byte vectors in a V tile
+      const bool v_fix =
+          hides_keys(n) && consumer_any(sm80::share_has_nonfinite<Elem, kVecs, Traits::kConsumerThreads>(
+                                            smem.v.data() + stage * kBlockN * kHeadDim, ctid),
+                                        Traits::kConsumerThreads);
+      if (v_fix) {
+        Tensor sVs = sV(_, _, stage);
+        zero_nonfinite_v<Traits>(sVs, smem.v_bad, ctid);
+      }
+      return v_fix;
+    };
+    // P_n, rounded to Elem, in the A-operand layout of the P V wgmma (the same flat order as the accumulator).
+    auto convert_p = [&] {
+#pragma unroll
+      for (int i = 0; i < size(tOrP); ++i) tOrP(i) = static_cast<typename Traits::CuteElem>(tSrS(i));
+    };
+
+    float alpha[1][2];
+    if (n_tiles > 0) {
+      q_full(qb).wait((q_uses / kQBuffers) % 2);
+      if (!kPersistent && cw == 1) hand_turn(cw);  // warpgroup 0 goes first
+      // The first tile: nothing to overlap with yet (O is zero: no rescale). j counts the tiles left after it.
+      const int j = n_tiles - 1, n = w.n_begin + j;
+      pipe_k.consumer_wait(state);
+      wait_turn(cw);
+      warpgroup_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), tSrS, [&] {
+        if (kPersistent || cw == 0 || j > 0) hand_turn(cw);  // issued: the other warpgroup's turn
+      });
+      if (kPersistent && j == 0) q_empty(qb).arrive();
+      pipe_k.consumer_release(state);
+      const float score_mul = scores(n);
+      pipe_v.consumer_wait(state);
+      const bool v_fix = check_v(n, state.index());
+      softmax.update_scores(s, score_mul, alpha);
+      if (v_fix) sm80::mark_poisoned_rows<1, kN8>(s, smem.v_bad, t, poisoned_rows);
+      convert_p();
+      v_state = state;
+      ++state;
+    }
+    for (int j = n_tiles - 2; j >= 0; --j) {
+      const int n = w.n_begin + j;
+      pipe_k.consumer_wait(state);
+      wait_turn(cw);
+      warpgroup_fence_operand(tSrS);
+      warpgroup_fence_operand(tOrO);
+      warpgroup_fence_operand(tOrP);
+      warpgroup_arrive();
+      warpgroup_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), tSrS);      // S_n
+      warpgroup_issue<false>(mma_pv, tOrP, tOrV(_, _, _, v_state.index()), tOrO);  // O += P_{n+1} V_{n+1}
+      if (kPersistent || cw == 0 || j > 0) hand_turn(cw);
+      warpgroup_wait<1>();  // S_n landed; the P V may still run
+      warpgroup_fence_operand(tSrS);
+      if (kPersistent && j == 0) q_empty(qb).arrive();
+      pipe_k.consumer_release(state);
+      const float score_mul = scores(n);
+      pipe_v.consumer_wait(state);
+      const bool v_fix = check_v(n, state.index());
+      const bool rescale = softmax.update_scores(s, score_mul, alpha);
+      warpgroup_wait<0>();  // the P V landed: O and P are ours again
+      warpgroup_fence_operand(tOrO);
+      warpgroup_fence_operand(tOrP);
+      pipe_v.consumer_release(v_state);
+      if (rescale) softmax.rescale(o, alpha);
+      if (v_fix) sm80::mark_poisoned_rows<1, kN8>(s, smem.v_bad, t, poisoned_rows);
+      convert_p();
+      v_state = state;
+      ++state;
+    }
+    if (n_tiles > 0) {  // the last tile's P V
+      warpgroup_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, v_state.index()), tOrO);
+      pipe_v.consumer_release(v_state);
+      ++q_uses;
+    }
+
+    // ---- Epilogue: out and lse of this thread's two rows ----
+    Elem* out = static_cast<Elem*>(p.out);
+    const float row_sink = p.sink(w.h);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = row0 + 8 * half;
+      const float l = softmax.row_total(0, half);
+      const bool poisoned = sm80::quad_poisoned(poisoned_rows, half, lane);
+      const sm80::RowEnd end = sm80::finish_row(softmax.row_max[0][half], l, poisoned, row_sink);
+      if (i >= w.q_len) continue;
+      const int64_t row = w.sq.start + i;
+      if (t == 0) p.lse[static_cast<int64_t>(w.h) * p.total_q + row] = end.lse;
+      Elem* dst = out + row * p.out_row_stride + static_cast<int64_t>(w.h) * p.out_head_stride;
+#pragma unroll
+      for (int dt = 0; dt < kD8; ++dt) {
+        const uint32_t pair =
+            sm80::ElemTraits<Elem>::pack(o[0][dt][2 * half] * end.inv, o[0][dt][2 * half + 1] * end.inv);
+        *reinterpret_cast<uint32_t*>(dst + dt * 8 + 2 * t) = pair;
+      }
     }
   }
+  if (kPersistent && cw == 0) wait_turn(cw);  // warpgroup 1's last hand-over
 }
 
 }  // namespace dmattn::cuda::sm90a

@@ -72,15 +72,20 @@ struct FwdTraits {
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Elem);
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Elem);
 
+  // kQBuffers Q tiles: 1 for a CTA per unit; 2 for a persistent CTA, which loads its next unit's Q during this one.
+  template <int kQBuffers>
   struct SharedStorage {
-    cute::array_aligned<CuteElem, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<CuteElem, kQBuffers * cute::cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<CuteElem, cute::cosize_v<SmemLayoutKV>, 1024> k;
     cute::array_aligned<CuteElem, cute::cosize_v<SmemLayoutKV>, 1024> v;
     typename Pipeline::SharedStorage pipe_k, pipe_v;
-    alignas(8) uint64_t q_full;  // Q landed (a transaction barrier)
+    alignas(8) uint64_t q_full[kQBuffers];   // Q landed (transaction barriers)
+    alignas(8) uint64_t q_empty[kQBuffers];  // the consumers are done with that Q buffer
     uint8_t v_bad[kBlockN];      // slots of the current V tile whose row held inf / NaN (rare path)
+    int tile_keys[4][4];         // kRanged with key ranges: the producer warps' parts of the unit's TileKeys
   };
-  static constexpr int kSmemBytes = sizeof(SharedStorage);
+  template <int kQBuffers>
+  static constexpr int kSmemBytes = sizeof(SharedStorage<kQBuffers>);
 };
 
 // The TMA copies of one call (built on the host: they hold the tensor maps), a __grid_constant__ kernel parameter.

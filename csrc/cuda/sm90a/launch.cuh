@@ -1,6 +1,7 @@
-// launch.cuh: the sm90a path's launcher. Calls the plan gives to this path (FwdPlan::sm90a: dense prefill,
-// heuristics.h sm90a_supports) run the wgmma / TMA kernel of fwd_kernel.cuh; every other call (masks, biases,
-// windows, key ranges, decode, key pools) runs the sm80 path's kernels, which run on every cc >= 8.0.
+// launch.cuh: the sm90a path's launcher. Calls the plan gives to this path (FwdPlan::sm90a: prefill without mask,
+// bias or key pool, heuristics.h sm90a_supports) run the wgmma / TMA kernel of fwd_kernel.cuh, in its kRanged
+// variant where a row has its own key interval (sm90a_ranged); every other call (masks, biases, decode, key pools)
+// runs the sm80 path's kernels, which run on every cc >= 8.0.
 // Included by the generated instantiation files (tools/kernel_matrix.py), compiled for sm_90a only.
 #pragma once
 
@@ -25,10 +26,21 @@ auto gmem_rows(const void* ptr, int64_t rows, int32_t head_dim, int32_t heads, i
                                  make_stride(row_stride, _1{}, head_stride)));
 }
 
-template <typename Traits>
-cudaError_t launch_fwd(const VarlenFwdParams& p, cudaStream_t stream) {
+// The kernel of kRanged / kPersistent for this call, with its shared memory allowed.
+template <typename Traits, bool kRanged, bool kPersistent>
+cudaError_t launch_kernel(const VarlenFwdParams& p, const TmaParams<Traits>& tma, dim3 grid, UnitGrid units,
+                          cudaStream_t stream) {
+  auto kernel = fwd_kernel<Traits, kRanged, kPersistent>;
+  constexpr int kSmem = Traits::template kSmemBytes<kPersistent ? 2 : 1>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p, tma, units);
+  return cudaGetLastError();
+}
+
+template <typename Traits, bool kRanged>
+cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, cudaStream_t stream) {
   using namespace cute;
-  using Elem = typename Traits::Elem;
   constexpr int D = Traits::kHeadDim;
   const TmaParams<Traits> tma{
       make_tma_copy(SM90_TMA_LOAD{},
@@ -40,16 +52,19 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, cudaStream_t stream) {
       make_tma_copy(SM90_TMA_LOAD{},
                     gmem_rows<typename Traits::CuteElem>(p.v, p.total_k, D, p.num_heads_k, p.v_row_stride, p.v_head_stride),
                     take<0, 2>(typename Traits::SmemLayoutKV{}), Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{})};
-  auto kernel = fwd_kernel<Traits>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
-  if (err != cudaSuccess) return err;
+  const int32_t query_tiles = static_cast<int32_t>((p.max_seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM);
+  if (plan.sm90a_ctas > 0) {  // persistent: one launch, every sequence
+    const int64_t units = static_cast<int64_t>(query_tiles) * p.num_heads * p.batch;
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(units, plan.sm90a_ctas)));
+    return launch_kernel<Traits, kRanged, true>(p, tma, grid, UnitGrid{0, p.batch, query_tiles}, stream);
+  }
   constexpr int64_t kMaxSeqsPerLaunch = 65535;
-  const unsigned query_tiles = static_cast<unsigned>((p.max_seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM);
   for (int64_t seq0 = 0; seq0 < p.batch; seq0 += kMaxSeqsPerLaunch) {
-    const dim3 grid(query_tiles, static_cast<unsigned>(p.num_heads),
-                    static_cast<unsigned>(std::min<int64_t>(p.batch - seq0, kMaxSeqsPerLaunch)));
-    kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, tma, static_cast<int>(seq0));
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    const int32_t seqs = static_cast<int32_t>(std::min<int64_t>(p.batch - seq0, kMaxSeqsPerLaunch));
+    const dim3 grid(static_cast<unsigned>(query_tiles), static_cast<unsigned>(p.num_heads), static_cast<unsigned>(seqs));
+    const cudaError_t err = launch_kernel<Traits, kRanged, false>(
+        p, tma, grid, UnitGrid{static_cast<int32_t>(seq0), seqs, query_tiles}, stream);
+    if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
 }
@@ -61,7 +76,8 @@ cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, cons
     return sm80::launch_attention<Elem, kHeadDim>(p, plan, ws, stream);
   }
   if (p.batch == 0 || p.num_heads == 0 || p.max_seqlen_q == 0) return cudaSuccess;
-  return launch_fwd<FwdTraits<Elem, kHeadDim>>(p, stream);
+  using Traits = FwdTraits<Elem, kHeadDim>;
+  return sm90a_ranged(p) ? launch_fwd<Traits, true>(p, plan, stream) : launch_fwd<Traits, false>(p, plan, stream);
 }
 
 }  // namespace dmattn::cuda::sm90a
