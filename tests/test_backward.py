@@ -1,4 +1,6 @@
-"""The backward of dmattn.varlen_fwd (issue 14; a CPU kernel so far, CUDA raises NotImplementedError).
+"""The backward of dmattn.varlen_fwd (issue 14): the float64 CPU kernel, and the blockwise backward (ATen operations a
+block of query rows at a time, float32; csrc/blockwise_bwd.cpp) that the CUDA backend runs and the CPU runs under
+DMATTN_BWD=blockwise, so that both are checked here on the CPU and the second on CUDA too.
 
 - Gradients of q, k, v and the bias for every sample of tests/samples.py (every layout and head broadcast of mask and
   bias, causal, GQA / MQA, empty sequences, fully masked rows, -inf biases, odd head dims), in every dtype, against
@@ -23,6 +25,15 @@ from samples import ALL_DTYPES, SAMPLES, Sample, assert_gradients_close, make_sa
 
 DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in ALL_DTYPES]
 SAMPLE_IDS = [s.name for s in SAMPLES]
+BACKWARDS = {"kernel": {}, "blockwise": {"DMATTN_BWD": "blockwise"}}
+
+
+@pytest.fixture(params=list(BACKWARDS))
+def backward_path(request, monkeypatch):
+    """The CPU backward to run: the float64 kernel, or the blockwise one (the CUDA backend's)."""
+    for name, value in BACKWARDS[request.param].items():
+        monkeypatch.setenv(name, value)
+    return request.param
 
 
 def _differentiable(sample: Sample):
@@ -67,19 +78,31 @@ def _reference(dtype):
     return compute
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("spec", SAMPLES, ids=SAMPLE_IDS)
-def test_gradients_match_reference(spec, dtype):
-    reason = support_reason(spec, dtype, "cpu")
+def _check_gradients(spec, dtype, device):
+    reason = support_reason(spec, dtype, device)
     if reason:
         pytest.skip(reason)
-    sample = make_sample(spec, dtype, "cpu")
-    got = _gradients(sample, _op)
-    want = _gradients(sample, _reference(torch.float64))
-    base = _gradients(sample, _reference(dtype))  # "a PyTorch implementation in the same dtype"
+    sample = make_sample(spec, dtype, device)
+    got = {name: g.cpu() for name, g in _gradients(sample, _op).items()}
+    cpu_sample = make_sample(spec, dtype, "cpu")  # the same numbers (make_sample draws them on the CPU)
+    want = _gradients(cpu_sample, _reference(torch.float64))
+    base = _gradients(cpu_sample, _reference(dtype))  # "a PyTorch implementation in the same dtype"
     for name, g in got.items():
         assert g is not None and g.dtype == getattr(sample, name).dtype, f"d{name}: missing or of the wrong dtype"
     assert_gradients_close(got, want, base, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spec", SAMPLES, ids=SAMPLE_IDS)
+def test_gradients_match_reference(spec, dtype, backward_path):
+    _check_gradients(spec, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("spec", SAMPLES, ids=SAMPLE_IDS)
+def test_cuda_gradients_match_reference(spec, dtype, cuda_device):
+    """The CUDA backward (blockwise) on every sample, judged on the CPU by the same rule."""
+    _check_gradients(spec, dtype, "cuda")
 
 
 def test_masked_keys_get_no_gradient():
@@ -134,10 +157,14 @@ def test_frozen_bias_is_not_differentiated(monkeypatch):
     assert calls == [False] and q.grad is not None
 
 
-def test_deterministic():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_deterministic(device, backward_path):
     """Every gradient element is summed by one work item in a fixed order, whatever the thread count: two runs give
-    the same bits, with torch.use_deterministic_algorithms(True) on (which the CPU backward accepts)."""
-    sample = make_sample(SAMPLES[SAMPLE_IDS.index("long_sequences")], torch.float32, "cpu")
+    the same bits, with torch.use_deterministic_algorithms(True) on (which both backwards accept)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA not available")
+    sample = make_sample(SAMPLES[SAMPLE_IDS.index("long_sequences")], torch.float32 if device == "cpu" else
+                         torch.bfloat16, device)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -187,10 +214,10 @@ def test_compiled_training_step_is_one_graph():
     assert counter.frame_count == 1
 
 
-def test_cuda_backward_raises_not_implemented(cuda_device):
-    q = torch.randn(3, 2, 64, device=cuda_device, dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(4, 2, 64, device=cuda_device, dtype=torch.bfloat16)
-    out = dmattn_ops.varlen_attention(q, k, k, dmattn_ops.cu_seqlens([3], device=cuda_device),
-                                      dmattn_ops.cu_seqlens([4], device=cuda_device), 3, 4)
-    with pytest.raises(NotImplementedError, match="no CUDA kernel yet"):
-        out.float().sum().backward()
+def test_bad_backward_variable_is_a_clear_error(monkeypatch):
+    sample = make_sample(SAMPLES[0], torch.float32, "cpu")
+    leaves, s = _differentiable(sample)
+    out, _ = s.run()
+    monkeypatch.setenv("DMATTN_BWD", "fast")
+    with pytest.raises(ValueError, match="DMATTN_BWD must be kernel or blockwise, got 'fast'"):
+        out.sum().backward()

@@ -10,8 +10,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
+#include "../blockwise_bwd.h"
 #include "../tensors_to_params.h"
 #include "varlen_bwd_cpu_kernel.h"
 #include "varlen_fwd_cpu_kernel.h"
@@ -113,6 +116,18 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
 // float32, contiguous: what the backward kernel reads.
 at::Tensor as_float32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
+// DMATTN_BWD=blockwise runs the CPU backward through blockwise_varlen_bwd (the CUDA backend's), so that the CPU
+// tests check it; kernel (default): the float64 CPU kernel.
+bool blockwise_backward_requested() {
+  const char* path = std::getenv("DMATTN_BWD");
+  if (path == nullptr || *path == '\0') return false;
+  const std::string name(path);
+  TORCH_CHECK_VALUE(name == "kernel" || name == "blockwise",
+                    "dmattn.varlen_bwd: the environment variable DMATTN_BWD must be kernel or blockwise, got '", name,
+                    "'");
+  return name == "blockwise";
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
@@ -130,6 +145,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
   check_cu_seqlens_data("cu_seqlens_q", cu_seqlens_q, q.size(0), max_seqlen_q, "total_q", "max_seqlen_q");
   check_cu_seqlens_data("cu_seqlens_k", cu_seqlens_k, k.size(0), max_seqlen_k, "total_k", "max_seqlen_k");
   check_seqused_data(seqused_k, cu_seqlens_k);
+  if (blockwise_backward_requested()) {
+    return blockwise_varlen_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                mask, bias, softmax_scale, is_causal, bias_grad, window_left, window_right,
+                                softcap_arg, sinks, seqused_k, key_range);
+  }
 
   const auto f64 = q.options().dtype(at::kDouble);
   at::Tensor dq = at::zeros(q.sizes(), f64), dk = at::zeros(k.sizes(), f64), dv = at::zeros(v.sizes(), f64);

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "../blockwise_bwd.h"
 #include "../tensors_to_params.h"
 #include "api.h"
 
@@ -202,14 +203,25 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
   return {out, lse};
 }
 
-// The backward has a CPU kernel only so far (issue 14): a clear error instead of the dispatcher's "could not run".
+// The backward: blockwise_varlen_bwd (ATen operations a block of query rows at a time, float32) until a fused kernel
+// replaces it (issue 14). It reads cu_seqlens on the host (one synchronisation) and clamps them as the forward does.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, const std::optional<at::Tensor>&,
-    const std::optional<at::Tensor>&, std::optional<double>, bool, bool, int64_t, int64_t, std::optional<double>,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "dmattn.varlen_bwd: the backward has no CUDA kernel yet, only a CPU one; ",
-                              "run the training step on CPU tensors, or the forward under torch.no_grad()");
+    const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& bias, std::optional<double> softmax_scale, bool is_causal, bool bias_grad,
+    int64_t window_left, int64_t window_right, std::optional<double> softcap,
+    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& seqused_k,
+    const std::optional<at::Tensor>& key_range) {
+  const VarlenFwdArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias,
+                           softmax_scale, is_causal, window_left, window_right, softcap.value_or(0.0), sinks,
+                           seqused_k, std::nullopt, key_range};
+  check_args(args, c10::DeviceType::CUDA);
+  check_bwd_args(args, dout, dlse, out, lse);
+  const c10::cuda::CUDAGuard guard(q.device());
+  return blockwise_varlen_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              mask, bias, softmax_scale, is_causal, bias_grad, window_left, window_right, softcap,
+                              sinks, seqused_k, key_range);
 }
 
 }  // namespace

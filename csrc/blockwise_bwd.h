@@ -1,0 +1,30 @@
+// blockwise_bwd.h: dmattn::varlen_bwd computed with ATen operations, a block of query rows at a time, on whatever
+// device the tensors are on. It is the CUDA backend's backward until a fused kernel replaces it (issue 14), and runs
+// on the CPU too under DMATTN_BWD=blockwise, so that every CPU test checks it against the float64 reference.
+//
+// Per sequence and block of query rows it recomputes the scores (H, rows, keys) in float32 from q and k, with the
+// softcap, bias, mask, window and key ranges of the call, their row's lse (and the sink), P, dP = dout V^T and
+// dS = P (dP - delta), then accumulates dq, dk, dv, the bias gradient in the bias's layout and the sinks' gradient,
+// all in float32. Scratch: a few (H, rows, keys) float32 tensors, rows chosen so one is at most kBlockBytes; never
+// (total_q, max_seqlen_k). It reads cu_seqlens (and seqused_k) on the host: on a CUDA device, one synchronisation per
+// call, so a backward cannot be captured in a CUDA graph. Deterministic (no atomics; every sum in a fixed order).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace dmattn {
+
+// The arguments and results of dmattn::varlen_bwd (schema.cpp), checked by the caller (check_args,
+// check_bwd_args). cu_seqlens are clamped as the CUDA forward clamps them (clamp_seq, key_seq).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blockwise_varlen_bwd(
+    const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& bias, std::optional<double> softmax_scale, bool is_causal, bool bias_grad,
+    int64_t window_left, int64_t window_right, std::optional<double> softcap, const std::optional<at::Tensor>& sinks,
+    const std::optional<at::Tensor>& seqused_k, const std::optional<at::Tensor>& key_range);
+
+}  // namespace dmattn
