@@ -74,18 +74,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blockwise
       if (used) sk.len = std::clamp<int64_t>(used->data_ptr<int32_t>()[b], 0, sk.len);
       const int64_t lq = sq.len, lk = sk.len;
       if (lq == 0 || (lk == 0 && !sinks)) continue;
-      // K and V of the sequence per query head (the KV head of h is h / group).
-      const at::Tensor kh = k32.narrow(0, sk.start, lk).repeat_interleave(group, 1);  // (lk, H, D)
-      const at::Tensor vh = v32.narrow(0, sk.start, lk).repeat_interleave(group, 1);
-      const at::Tensor kh_finite = finite_or_zero(kh);
-      at::Tensor dkh = at::zeros_like(kh), dvh = at::zeros_like(vh);
+      // K and V of the sequence, (lk, Hk, D). The query heads of KV head hk are hk * group .. + group: products run
+      // over q viewed (rows, Hk, group, D) and scores (Hk, group, rows, lk), so K and V are never expanded per head.
+      const at::Tensor ks = k32.narrow(0, sk.start, lk), vs = v32.narrow(0, sk.start, lk);
+      const at::Tensor ks_finite = finite_or_zero(ks);
+      at::Tensor dks = at::zeros_like(ks), dvs = at::zeros_like(vs);
+      // (H, a, b) <-> (Hk, group, a, b), and (rows, H, D) -> (rows, Hk, group, D).
+      auto grouped = [&](const at::Tensor& t) { return t.reshape({Hk, group, t.size(1), t.size(2)}); };
+      auto by_head = [&](const at::Tensor& t) { return t.reshape({H, t.size(2), t.size(3)}); };
+      auto rows_grouped = [&](const at::Tensor& t) { return t.reshape({t.size(0), Hk, group, t.size(2)}); };
       const at::Tensor j = at::arange(lk, cu_q.options().dtype(at::kLong).device(q.device()));
       const int64_t block = std::max<int64_t>(1, std::min<int64_t>(lq, kBlockBytes / (4 * H * std::max<int64_t>(lk, 1))));
       for (int64_t i0 = 0; i0 < lq; i0 += block) {
         const int64_t rows = std::min(block, lq - i0), q0 = sq.start + i0;
         const at::Tensor qb = q32.narrow(0, q0, rows), dob = do32.narrow(0, q0, rows);
         // Scores (H, rows, lk): scale * q.k, capped, + bias; -inf where the row cannot see the key.
-        at::Tensor s = at::einsum("qhd,khd->hqk", {qb, kh}) * p.softmax_scale;
+        at::Tensor s = by_head(at::einsum("qhgd,khd->hgqk", {rows_grouped(qb), ks})) * p.softmax_scale;
         at::Tensor cap_slope;
         if (softcap > 0.0) {
           const at::Tensor t = at::tanh(s / softcap);
@@ -120,21 +124,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blockwise
         const at::Tensor weighs = pr != 0;
         const at::Tensor zero = at::zeros({}, s.options());
         // dout . v per (row, key), over the keys that weigh something (a hidden key's inf / NaN v is not read).
-        const at::Tensor dp = at::where(weighs, at::einsum("qhd,khd->hqk", {dob_live, vh}), zero);
+        const at::Tensor dp =
+            at::where(weighs, by_head(at::einsum("qhgd,khd->hgqk", {rows_grouped(dob_live), vs})), zero);
         at::Tensor delta = (pr * dp).sum(2);
         if (dlse.numel() > 0) delta = delta - dlse.narrow(1, q0, rows).masked_fill(live.logical_not(), 0.f);
         // d loss / d score where the key weighs something (the bias's gradient); 0 elsewhere.
         const at::Tensor ds = at::where(weighs, pr * (dp - delta.unsqueeze(2)), zero);
         at::Tensor dqk = ds * p.softmax_scale;
         if (cap_slope.defined()) dqk = dqk * cap_slope;
-        dq.narrow(0, q0, rows) += at::einsum("hqk,khd->qhd", {dqk, kh_finite});
-        dkh += at::einsum("hqk,qhd->khd", {dqk, finite_or_zero(qb)});
+        dq.narrow(0, q0, rows) += at::einsum("hgqk,khd->qhgd", {grouped(dqk), ks_finite}).reshape({rows, H, -1});
+        dks += at::einsum("hgqk,qhgd->khd", {grouped(dqk), rows_grouped(finite_or_zero(qb))});
         // dv: P^T dout, with a row's inf / NaN dout reaching only the keys that row weighs.
-        dvh += at::einsum("hqk,qhd->khd", {pr, finite_or_zero(dob_live)});
+        dvs += at::einsum("hgqk,qhgd->khd", {grouped(pr), rows_grouped(finite_or_zero(dob_live))});
         if (dout_nonfinite) {
           const at::Tensor dob_bad = at::isfinite(dob_live).logical_not();
-          const at::Tensor reached = at::einsum("hqk,qhd->khd", {weighs.to(at::kFloat), dob_bad.to(at::kFloat)}) > 0;
-          dvh = at::where(reached, at::full({}, std::numeric_limits<float>::quiet_NaN(), s.options()), dvh);
+          const at::Tensor reached =
+              at::einsum("hgqk,qhgd->khd", {grouped(weighs.to(at::kFloat)), rows_grouped(dob_bad.to(at::kFloat))}) > 0;
+          dvs = at::where(reached, at::full({}, std::numeric_limits<float>::quiet_NaN(), s.options()), dvs);
         }
         if (dbias.numel() > 0) {
           const int64_t hm = bias->size(1);
@@ -151,8 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blockwise
         }
       }
       if (lk > 0) {  // (a sequence with no key still has rows: with sinks, their lse)
-        dk.narrow(0, sk.start, lk) += dkh.view({lk, Hk, group, -1}).sum(2);
-        dv.narrow(0, sk.start, lk) += dvh.view({lk, Hk, group, -1}).sum(2);
+        dk.narrow(0, sk.start, lk) += dks;
+        dv.narrow(0, sk.start, lk) += dvs;
       }
     }
   }

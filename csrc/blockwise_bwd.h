@@ -5,8 +5,9 @@
 // Per sequence and block of query rows it recomputes the scores (H, rows, keys) in float32 from q and k, with the
 // softcap, bias, mask, window and key ranges of the call, their row's lse (and the sink), P, dP = dout V^T and
 // dS = P (dP - delta), then accumulates dq, dk, dv, the bias gradient in the bias's layout and the sinks' gradient,
-// all in float32. Scratch: a few (H, rows, keys) float32 tensors, rows chosen so one is at most kBlockBytes; never
-// (total_q, max_seqlen_k). It reads cu_seqlens (and seqused_k) on the host: on a CUDA device, one synchronisation per
+// all in float32. Scratch: a few (H, rows, keys) float32 tensors, rows chosen so one is at most kBlockBytes, and the
+// sequence's dk, dv in float32; never (total_q, max_seqlen_k), and K / V are not expanded per query head (the
+// products group a KV head's query heads). It reads cu_seqlens (and seqused_k) on the host: on a CUDA device, one synchronisation per
 // call, so a backward cannot be captured in a CUDA graph. Deterministic (no atomics; every sum in a fixed order).
 #pragma once
 
