@@ -23,16 +23,20 @@ _DRIVER = """
     #include "cuda/heuristics.h"
     using namespace dmattn;
     // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
-    //                 window_left window_right key_range(0 absent, 1 given)
-    // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes prefill_variant
+    //                 window_left window_right key_range(0 absent, 1 given) sm90a_ctas(the override)
+    // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes prefill_variant sm90a sm90a_ctas
+    // (a cc 9.0 device; bf16 q / k / v packed (rows, heads, D) at null: aligned as TMA wants)
     int main() {
-      long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr, kr;
+      long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr, kr, ctas;
       static const int32_t some_range[2] = {0, 0};  // the plan reads only whether key_range is given
-      while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld",
-                        &B, &H, &Hk, &D, &tq, &tk, &mq, &mk, &mask, &hm, &bias, &hb, &sms, &force, &tiles, &wl, &wr,
-                        &kr) == 18) {
+      while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld "
+                        "%lld", &B, &H, &Hk, &D, &tq, &tk, &mq, &mk, &mask, &hm, &bias, &hb, &sms, &force, &tiles,
+                        &wl, &wr, &kr, &ctas) == 19) {
         VarlenFwdParams p;
         p.batch = B; p.num_heads = H; p.num_heads_k = Hk; p.head_dim = D;
+        p.dtype = ScalarType::kBFloat16;
+        p.q_row_stride = H * D; p.q_head_stride = D;
+        p.k_row_stride = p.v_row_stride = Hk * D; p.k_head_stride = p.v_head_stride = D;
         p.total_q = tq; p.total_k = tk; p.max_seqlen_q = mq; p.max_seqlen_k = mk;
         p.mask.layout = static_cast<OperandLayout>(mask); p.mask.head_group = H / hm;
         p.bias.layout = static_cast<OperandLayout>(bias); p.bias.head_group = H / hb;
@@ -41,10 +45,12 @@ _DRIVER = """
         cuda::PlanOverrides o;
         o.kernel = static_cast<cuda::PlanOverrides::Kernel>(force);
         o.tiles_per_split = tiles;
+        o.sm90a_ctas = static_cast<int32_t>(ctas);
         const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, cuda::DeviceInfo{90, static_cast<int>(sms)}, o);
-        std::printf("%s %d %d %d %d %zu %d\\n", plan.kernel == cuda::FwdKernel::kDecode ? "decode" : "prefill",
+        std::printf("%s %d %d %d %d %zu %d %d %d\\n", plan.kernel == cuda::FwdKernel::kDecode ? "decode" : "prefill",
                     plan.row_tiles, plan.num_splits, plan.tiles_per_split, plan.key_lists_heads,
-                    cuda::workspace_bytes(plan, p), static_cast<int>(plan.prefill));
+                    cuda::workspace_bytes(plan, p), static_cast<int>(plan.prefill), static_cast<int>(plan.sm90a),
+                    plan.sm90a_ctas);
       }
     }
     """
@@ -68,13 +74,14 @@ def planner(tmp_path_factory):
                     str(tmp / "main.cpp"), "-o", str(exe)], check=True)
 
     def plan(B, H, Hk, D, total_q, total_k, max_q, max_k, mask=ABSENT, Hm=1, bias=ABSENT, Hb=1, sms=132,
-             force=AUTO, tiles=0, window=(-1, -1), key_range=False):
+             force=AUTO, tiles=0, window=(-1, -1), key_range=False, sm90a_ctas=0):
         line = " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
-                                         force, tiles, *window, int(key_range)))
+                                         force, tiles, *window, int(key_range), sm90a_ctas))
         out = subprocess.run([str(exe)], input=line + "\n", capture_output=True, text=True, check=True).stdout
-        kernel, row_tiles, splits, per_split, lists, workspace, variant = out.split()
+        kernel, row_tiles, splits, per_split, lists, workspace, variant, sm90a, ctas = out.split()
         return dict(kernel=kernel, row_tiles=int(row_tiles), splits=int(splits), tiles_per_split=int(per_split),
-                    key_lists_heads=int(lists), workspace=int(workspace), prefill=PREFILL_VARIANTS[int(variant)])
+                    key_lists_heads=int(lists), workspace=int(workspace), prefill=PREFILL_VARIANTS[int(variant)],
+                    sm90a=bool(int(sm90a)), sm90a_ctas=int(ctas))
 
     return plan
 
@@ -257,3 +264,36 @@ def test_decode_splits_cover_only_the_windows_reach(planner):
     reach_tiles = -(-(4095 + 8) // 64) + 1  # the window's keys, plus a tile where they straddle a boundary
     assert windowed["splits"] == -(-reach_tiles // windowed["tiles_per_split"])
     assert windowed["splits"] < whole["splits"]
+
+
+# The prefill batch of the benchmarks: B = 8, up to 3865 tokens (16,056 in all), H = 32, Hk = 8, D = 128.
+PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=3865, max_k=3865)
+
+
+@pytest.mark.parametrize(
+    "change, sm90a, ctas",
+    [
+        (dict(window=(-1, 0)), True, 0),  # plain causal: a CTA per unit
+        (dict(), True, 0),
+        (dict(window=(255, 0)), True, 132),  # a 256-key window: persistent, a CTA per SM
+        (dict(window=(255, 0), sms=0), True, 132),  # SM count unknown: an H100's / H200's
+        (dict(window=(100, 40)), True, 132),  # 141 keys
+        (dict(window=(127, 0)), False, 0),  # 128 keys or fewer: the sm80 kernel (kSm90aMinWindow)
+        (dict(window=(0, 0)), False, 0),
+        (dict(window=(-1, 70)), True, 0),  # no left edge: every unit reaches key 0
+        (dict(key_range=True), True, 0),  # key ranges: a CTA per unit (their bounds reduced per CTA)
+        (dict(key_range=True, window=(255, 0)), True, 0),
+        (dict(window=(127, 0), sm90a_ctas=-1), True, 0),  # DMATTN_SM90A_CTAS=0: sm90a, a CTA per unit
+        (dict(window=(127, 0), sm90a_ctas=3), True, 3),
+        (dict(sm90a_ctas=5), True, 5),
+        (dict(key_range=True, sm90a_ctas=5), True, 0),
+        (dict(mask=KEY, Hm=8), False, 0),  # masks and biases: the sm80 kernels
+        (dict(bias=QUERY, Hb=1), False, 0),
+        (dict(D=256), False, 0),  # head dims 64 and 128 only
+    ],
+)
+def test_sm90a_choice(planner, change, sm90a, ctas):
+    """Which prefill calls the sm90a kernel takes on a cc 9.0 device, and which of them run on a persistent grid."""
+    plan = planner(**{**PREFILL, **change})
+    assert plan["kernel"] == "prefill"
+    assert (plan["sm90a"], plan["sm90a_ctas"]) == (sm90a, ctas)
