@@ -84,7 +84,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blockwise
       auto by_head = [&](const at::Tensor& t) { return t.reshape({H, t.size(2), t.size(3)}); };
       auto rows_grouped = [&](const at::Tensor& t) { return t.reshape({t.size(0), Hk, group, t.size(2)}); };
       const at::Tensor j = at::arange(lk, cu_q.options().dtype(at::kLong).device(q.device()));
-      const int64_t block = std::max<int64_t>(1, std::min<int64_t>(lq, kBlockBytes / (4 * H * std::max<int64_t>(lk, 1))));
+      const int64_t block =
+          std::max<int64_t>(1, std::min<int64_t>(lq, kBlockBytes / (4 * H * std::max<int64_t>(lk, 1))));
       for (int64_t i0 = 0; i0 < lq; i0 += block) {
         const int64_t rows = std::min(block, lq - i0), q0 = sq.start + i0;
         const at::Tensor qb = q32.narrow(0, q0, rows), dob = do32.narrow(0, q0, rows);
@@ -106,7 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blockwise
           begin = at::maximum(begin, given.select(1, 0));
           end = at::minimum(end, given.select(1, 1));
         }
-        at::Tensor visible = (j.unsqueeze(0) >= begin.unsqueeze(1)) & (j.unsqueeze(0) < end.unsqueeze(1));  // (rows, lk)
+        // (1, rows, lk): the key positions each row's window and key range keep, then the mask's.
+        at::Tensor visible = (j.unsqueeze(0) >= begin.unsqueeze(1)) & (j.unsqueeze(0) < end.unsqueeze(1));
         visible = visible.unsqueeze(0);
         if (mask) visible = visible & per_head(*mask, key_mask, sk.start, q0, rows, lk, H).to(at::kBool);
         s = s.masked_fill(visible.logical_not(), -inf);

@@ -1,14 +1,15 @@
 // blockwise_bwd.h: dmattn::varlen_bwd computed with ATen operations, a block of query rows at a time, on whatever
-// device the tensors are on. It is the CUDA backend's backward until a fused kernel replaces it (issue 14), and runs
-// on the CPU too under DMATTN_BWD=blockwise, so that every CPU test checks it against the float64 reference.
+// device the tensors are on. It is the CUDA backend's backward until a fused kernel replaces it (issue 14), and runs on
+// the CPU too under DMATTN_BWD=blockwise, so that every CPU test checks it against the float64 reference.
 //
 // Per sequence and block of query rows it recomputes the scores (H, rows, keys) in float32 from q and k, with the
-// softcap, bias, mask, window and key ranges of the call, their row's lse (and the sink), P, dP = dout V^T and
-// dS = P (dP - delta), then accumulates dq, dk, dv, the bias gradient in the bias's layout and the sinks' gradient,
-// all in float32. Scratch: a few (H, rows, keys) float32 tensors, rows chosen so one is at most kBlockBytes, and the
-// sequence's dk, dv in float32; never (total_q, max_seqlen_k), and K / V are not expanded per query head (the
-// products group a KV head's query heads). It reads cu_seqlens (and seqused_k) on the host: on a CUDA device, one synchronisation per
-// call, so a backward cannot be captured in a CUDA graph. Deterministic (no atomics; every sum in a fixed order).
+// softcap, bias, mask, window and key ranges of the call, their row's lse (and the sink), P, dP = dout V^T and dS = P
+// (dP - delta), then accumulates dq, dk, dv, the bias gradient in the bias's layout and the sinks' gradient, all in
+// float32. Scratch: a few (H, rows, keys) float32 tensors, rows chosen so one is at most kBlockBytes, and the
+// sequence's dk, dv in float32; never (total_q, max_seqlen_k), and K / V are not expanded per query head (the products
+// group a KV head's query heads). It reads cu_seqlens (and seqused_k) on the host, and asks once whether dout holds an
+// inf / NaN: on a CUDA device, two synchronisations per call, so a backward cannot be captured in a CUDA graph.
+// Deterministic (no atomics; every sum in a fixed order).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
 }
 
 // The backward: blockwise_varlen_bwd (ATen operations a block of query rows at a time, float32) until a fused kernel
-// replaces it (issue 14). It reads cu_seqlens on the host (one synchronisation) and clamps them as the forward does.
+// replaces it (issue 14). It reads cu_seqlens on the host (a synchronisation) and clamps them as the forward does.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,

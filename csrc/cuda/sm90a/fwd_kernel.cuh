@@ -202,9 +202,10 @@ struct UnitWork {
   int n_begin, n_end, whole_begin, whole_end;
 };
 
-// The work of the unit of grid coordinates (x, h, sequence seq0 + z). Plain: from key 0 to the causal limit of the last row, whole up to the first row's. kRanged: the
-// rows' intervals (row_keys) rise with the row, so the first and last rows bound them (visible_keys); with key_range
-// they are reduced over the rows (reduce_tile_keys, a CTA per unit) and read from tile_keys.
+// The work of the unit of grid coordinates (x, h, sequence seq0 + z). Plain: from key 0 to the causal limit of the last
+// row, whole up to the first row's. kRanged: the rows' intervals (row_keys) rise with the row, so the first and last
+// rows bound them (visible_keys); with key_range they are reduced over the rows (reduce_tile_keys, a CTA per unit) and
+// read from tile_keys.
 template <int kBlockM, int kBlockN, bool kRanged>
 __device__ __forceinline__ UnitWork unit_work(const VarlenFwdParams& p, const UnitGrid& grid, int x, int h, int z,
                                               const int (*tile_keys)[4]) {
@@ -301,7 +302,9 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   // The CTA's k-th Q load goes to buffer k % kQBuffers: its q_full barrier says it landed (a transaction barrier),
   // its q_empty (persistent CTAs) that every consumer thread's last S GEMM of that unit is done with it. A buffer's
   // i-th use has phase i % 2.
-  auto q_full = [&](int qb) -> auto& { return *reinterpret_cast<cutlass::arch::ClusterTransactionBarrier*>(&smem.q_full[qb]); };
+  auto q_full = [&](int qb) -> auto& {
+    return *reinterpret_cast<cutlass::arch::ClusterTransactionBarrier*>(&smem.q_full[qb]);
+  };
   auto q_empty = [&](int qb) -> auto& { return *reinterpret_cast<cutlass::arch::ClusterBarrier*>(&smem.q_empty[qb]); };
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -419,7 +422,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
     const int shift = w.k_len - w.q_len;
 
     const int qb = q_uses % kQBuffers;
-    Tensor tSrQ = thr_qk.partition_fragment_A(local_tile(smem_q(qb), Shape<_64, Int<kHeadDim>>{}, make_coord(cw, _0{})));
+    Tensor tSrQ =
+        thr_qk.partition_fragment_A(local_tile(smem_q(qb), Shape<_64, Int<kHeadDim>>{}, make_coord(cw, _0{})));
     clear(tOrO);
     sm80::OnlineSoftmax<1, kN8> softmax;
     unsigned poisoned_rows = 0;

@@ -53,7 +53,8 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, cudaStream
                     gmem_rows<typename Traits::CuteElem>(p.v, p.total_k, D, p.num_heads_k, p.v_row_stride, p.v_head_stride),
                     take<0, 2>(typename Traits::SmemLayoutKV{}), Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{})};
   const int32_t query_tiles = static_cast<int32_t>((p.max_seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM);
-  if (plan.sm90a_ctas > 0) {  // persistent: one launch, every sequence
+  if (plan.sm90a_ctas > 0 && p.key_range == nullptr) {  // persistent: one launch, every sequence (never with key
+                                                         // ranges: their bounds are reduced once per CTA)
     const int64_t units = static_cast<int64_t>(query_tiles) * p.num_heads * p.batch;
     const dim3 grid(static_cast<unsigned>(std::min<int64_t>(units, plan.sm90a_ctas)));
     return launch_kernel<Traits, kRanged, true>(p, tma, grid, UnitGrid{0, p.batch, query_tiles}, stream);
@@ -61,7 +62,8 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, cudaStream
   constexpr int64_t kMaxSeqsPerLaunch = 65535;
   for (int64_t seq0 = 0; seq0 < p.batch; seq0 += kMaxSeqsPerLaunch) {
     const int32_t seqs = static_cast<int32_t>(std::min<int64_t>(p.batch - seq0, kMaxSeqsPerLaunch));
-    const dim3 grid(static_cast<unsigned>(query_tiles), static_cast<unsigned>(p.num_heads), static_cast<unsigned>(seqs));
+    const dim3 grid(static_cast<unsigned>(query_tiles), static_cast<unsigned>(p.num_heads),
+                    static_cast<unsigned>(seqs));
     const cudaError_t err = launch_kernel<Traits, kRanged, false>(
         p, tma, grid, UnitGrid{static_cast<int32_t>(seq0), seqs, query_tiles}, stream);
     if (err != cudaSuccess) return err;
