@@ -8,8 +8,6 @@
 #include <limits>
 #include <vector>
 
-#include "tensors_to_params.h"
-
 namespace dmattn {
 namespace {
 
@@ -34,14 +32,15 @@ at::Tensor finite_or_zero(const at::Tensor& t) { return at::where(at::isfinite(t
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blockwise_varlen_bwd(
-    const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& bias, std::optional<double> softmax_scale, bool is_causal, bool bias_grad,
-    int64_t window_left, int64_t window_right, std::optional<double> softcap_arg,
-    const std::optional<at::Tensor>& sinks, const std::optional<at::Tensor>& seqused_k,
-    const std::optional<at::Tensor>& key_range) {
-  const double softcap = softcap_arg.value_or(0.0);
+    const VarlenFwdArgs& a, const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& out,
+    const at::Tensor& lse, bool bias_grad) {
+  const at::Tensor& q = a.q;
+  const at::Tensor& k = a.k;
+  const at::Tensor& v = a.v;
+  const std::optional<at::Tensor>& mask = a.mask;
+  const std::optional<at::Tensor>& bias = a.bias;
+  const std::optional<at::Tensor>& sinks = a.sinks;
+  const double softcap = a.softcap;
   const int64_t H = q.size(1), Hk = k.size(1), group = Hk > 0 ? H / Hk : 1;
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dq = at::zeros(q.sizes(), f32), dk = at::zeros(k.sizes(), f32), dv = at::zeros(v.sizes(), f32);
@@ -50,16 +49,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blockwise
 
   // The call's window (is_causal folded in), scale and max_seqlen as every kernel reads them.
   at::Tensor out_ref = out, lse_ref = lse;
-  const VarlenFwdArgs args{q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias,
-                           softmax_scale, is_causal, window_left, window_right, softcap,
-                           sinks ? std::optional<at::Tensor>(sinks->to(at::kFloat).contiguous()) : std::nullopt,
-                           seqused_k, std::nullopt, key_range};
-  const VarlenFwdParams p = make_params(args, out_ref, lse_ref);
+  const VarlenFwdParams p = make_params(sinks_as_float32(a), out_ref, lse_ref);
 
   if (p.batch > 0 && q.size(0) > 0 && H > 0) {
-    const at::Tensor cu_q = cu_seqlens_q.to(at::kCPU).contiguous(), cu_k = cu_seqlens_k.to(at::kCPU).contiguous();
+    const at::Tensor cu_q = a.cu_seqlens_q.to(at::kCPU).contiguous(), cu_k = a.cu_seqlens_k.to(at::kCPU).contiguous();
     const std::optional<at::Tensor> used =
-        seqused_k ? std::optional<at::Tensor>(seqused_k->to(at::kCPU).contiguous()) : std::nullopt;
+        a.seqused_k ? std::optional<at::Tensor>(a.seqused_k->to(at::kCPU).contiguous()) : std::nullopt;
     const at::Tensor q32 = q.to(at::kFloat), k32 = k.to(at::kFloat), v32 = v.to(at::kFloat);
     const at::Tensor do32 = dout.to(at::kFloat);
     const bool dout_nonfinite = do32.numel() > 0 && !at::isfinite(do32).all().item<bool>();
@@ -83,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blockwise
       auto grouped = [&](const at::Tensor& t) { return t.reshape({Hk, group, t.size(1), t.size(2)}); };
       auto by_head = [&](const at::Tensor& t) { return t.reshape({H, t.size(2), t.size(3)}); };
       auto rows_grouped = [&](const at::Tensor& t) { return t.reshape({t.size(0), Hk, group, t.size(2)}); };
-      const at::Tensor j = at::arange(lk, cu_q.options().dtype(at::kLong).device(q.device()));
+      const at::Tensor j = at::arange(lk, q.options().dtype(at::kLong));
       const int64_t block =
           std::max<int64_t>(1, std::min<int64_t>(lq, kBlockBytes / (4 * H * std::max<int64_t>(lk, 1))));
       for (int64_t i0 = 0; i0 < lq; i0 += block) {
@@ -102,8 +97,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blockwise
         const at::Tensor aligned = i + (lk - lq);
         at::Tensor begin = p.window_left < 0 ? at::zeros_like(i) : aligned - p.window_left;
         at::Tensor end = p.window_right < 0 ? at::full_like(i, lk) : aligned + p.window_right + 1;
-        if (key_range) {
-          const at::Tensor given = key_range->narrow(0, q0, rows).to(at::kLong);
+        if (a.key_range) {
+          const at::Tensor given = a.key_range->narrow(0, q0, rows).to(at::kLong);
           begin = at::maximum(begin, given.select(1, 0));
           end = at::minimum(end, given.select(1, 1));
         }

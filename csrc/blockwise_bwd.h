@@ -14,19 +14,17 @@
 
 #include <ATen/core/Tensor.h>
 
-#include <optional>
 #include <tuple>
+
+#include "tensors_to_params.h"
 
 namespace dmattn {
 
-// The arguments and results of dmattn::varlen_bwd (schema.cpp), checked by the caller (check_args,
-// check_bwd_args). cu_seqlens are clamped as the CUDA forward clamps them (clamp_seq, key_seq).
+// The results of dmattn::varlen_bwd (schema.cpp) for the forward call a (its key pool absent: the autograd formula
+// gathers it first) and the backward's own arguments, all checked by the caller (check_args, check_bwd_args).
+// cu_seqlens are clamped as the CUDA forward clamps them (clamp_seq, key_seq).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blockwise_varlen_bwd(
-    const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& bias, std::optional<double> softmax_scale, bool is_causal, bool bias_grad,
-    int64_t window_left, int64_t window_right, std::optional<double> softcap, const std::optional<at::Tensor>& sinks,
-    const std::optional<at::Tensor>& seqused_k, const std::optional<at::Tensor>& key_range);
+    const VarlenFwdArgs& a, const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& out,
+    const at::Tensor& lse, bool bias_grad);
 
 }  // namespace dmattn

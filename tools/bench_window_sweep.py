@@ -25,6 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dmattn_ops  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bc  # noqa: E402
+
 ENV_KEYS = ("DMATTN_SM90A_CTAS", "DMATTN_ARCH")
 
 
@@ -44,6 +47,7 @@ def main() -> None:
     k = torch.randn(total, Hk, D, generator=g).to("cuda", torch.bfloat16)
     v = torch.randn(total, Hk, D, generator=g).to("cuda", torch.bfloat16)
     cu = dmattn_ops.cu_seqlens(lens, device="cuda")
+    device = torch.device("cuda")
     longest = max(lens)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     paths = {"sm90a persistent": {"DMATTN_SM90A_CTAS": str(sms)}, "sm90a per unit": {"DMATTN_SM90A_CTAS": "0"},
@@ -51,19 +55,6 @@ def main() -> None:
 
     def run(window):
         return dmattn_ops.varlen_attention(q, k, v, cu, cu, longest, longest, is_causal=True, window_size=window)
-
-    def timed(window):
-        for _ in range(3):
-            run(window)
-        times = []
-        for _ in range(args.reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run(window)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
 
     saved = {key: os.environ.get(key) for key in ENV_KEYS}
     rows = []
@@ -75,7 +66,7 @@ def main() -> None:
                 for key in ENV_KEYS:
                     os.environ.pop(key, None)
                 os.environ.update(env)
-                ms = timed(window)
+                ms = bc.time_callable(lambda: run(window), device, warmup=3, reps=args.reps).median_ms
                 out = run(window)
                 first = out if first is None else first
                 row[name] = {"ms": ms, "max_diff_vs_first": (out.float() - first.float()).abs().max().item()}

@@ -146,9 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
   check_cu_seqlens_data("cu_seqlens_k", cu_seqlens_k, k.size(0), max_seqlen_k, "total_k", "max_seqlen_k");
   check_seqused_data(seqused_k, cu_seqlens_k);
   if (blockwise_backward_requested()) {
-    return blockwise_varlen_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                mask, bias, softmax_scale, is_causal, bias_grad, window_left, window_right,
-                                softcap_arg, sinks, seqused_k, key_range);
+    return blockwise_varlen_bwd(args, dout, dlse, out, lse, bias_grad);
   }
 
   const auto f64 = q.options().dtype(at::kDouble);

@@ -219,9 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
   check_args(args, c10::DeviceType::CUDA);
   check_bwd_args(args, dout, dlse, out, lse);
   const c10::cuda::CUDAGuard guard(q.device());
-  return blockwise_varlen_bwd(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                              mask, bias, softmax_scale, is_causal, bias_grad, window_left, window_right, softcap,
-                              sinks, seqused_k, key_range);
+  return blockwise_varlen_bwd(args, dout, dlse, out, lse, bias_grad);
 }
 
 }  // namespace
