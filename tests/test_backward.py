@@ -51,6 +51,7 @@ def _loss(out, lse, seed):
     w = torch.randn(out.shape, generator=g, dtype=torch.float64)
     u = torch.randn(lse.shape, generator=g, dtype=torch.float64)
     finite = lse.detach().isfinite()
+    w, u = w.to(out.device), u.to(lse.device)
     return (out.double() * w).sum() + (torch.where(finite, lse.double(), 0.0) * u).sum()
 
 
