@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace dmattn {
@@ -30,6 +32,16 @@ at::Tensor per_head(const at::Tensor& op, bool key_side, int64_t key_start, int6
 at::Tensor finite_or_zero(const at::Tensor& t) { return at::where(at::isfinite(t), t, at::zeros({}, t.options())); }
 
 }  // namespace
+
+bool blockwise_backward_requested() {
+  const char* path = std::getenv("DMATTN_BWD");
+  if (path == nullptr || *path == '\0') return false;
+  const std::string name(path);
+  TORCH_CHECK_VALUE(name == "kernel" || name == "blockwise",
+                    "dmattn.varlen_bwd: the environment variable DMATTN_BWD must be kernel or blockwise, got '", name,
+                    "'");
+  return name == "blockwise";
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blockwise_varlen_bwd(
     const VarlenFwdArgs& a, const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& out,

@@ -27,4 +27,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blockwise
     const VarlenFwdArgs& a, const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& out,
     const at::Tensor& lse, bool bias_grad);
 
+// DMATTN_BWD=blockwise: every backend runs its backward through blockwise_varlen_bwd (the CPU, so that its tests
+// check this path; CUDA, as the reference beside the fused kernels). kernel (the default): each backend's own kernel
+// (the float64 CPU kernel; on CUDA the fused kernels wherever they cover the call, this path elsewhere). Read per
+// call; anything else raises a ValueError.
+bool blockwise_backward_requested();
+
 }  // namespace dmattn

@@ -101,9 +101,57 @@ def test_gradients_match_reference(spec, dtype, backward_path):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("spec", SAMPLES, ids=SAMPLE_IDS)
-def test_cuda_gradients_match_reference(spec, dtype, cuda_device):
-    """The CUDA backward (blockwise) on every sample, judged on the CPU by the same rule."""
+def test_cuda_gradients_match_reference(spec, dtype, cuda_device, backward_path):
+    """The CUDA backward on every sample, judged on the CPU by the same rule: the fused kernels (where they cover the
+    call, else the blockwise path) and the blockwise path forced."""
     _check_gradients(spec, dtype, "cuda")
+
+
+def _logged_backward_path(sample, capfd, monkeypatch):
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    leaves, s = _differentiable(sample)
+    out, _ = s.run()
+    capfd.readouterr()
+    out.float().sum().backward()
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("dmattn.varlen_bwd plan:")]
+    assert len(lines) == 1, lines
+    return lines[0].split("path=")[1].split()[0]
+
+
+@pytest.mark.parametrize("name, path", [("key_mask_key_bias_mqa", "fused"), ("window_softcap_sinks", "fused"),
+                                        ("head_dim_128_causal", "fused"), ("query_mask_H", "blockwise"),
+                                        ("head_dim_256", "blockwise")])
+def test_cuda_backward_path_is_the_documented_one(name, path, cuda_device, capfd, monkeypatch):
+    """The fused kernels run every float16 / bfloat16 call with head dim <= 128 and no query-side operand; the
+    others take the blockwise path (DMATTN_LOG_PLAN names the path taken)."""
+    if name not in SAMPLE_IDS:
+        pytest.skip(f"no sample named {name}")
+    spec = SAMPLES[SAMPLE_IDS.index(name)]
+    reason = support_reason(spec, torch.bfloat16, "cuda")
+    if reason:
+        pytest.skip(reason)
+    assert _logged_backward_path(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch) == path
+    monkeypatch.setenv("DMATTN_BWD", "blockwise")
+    assert _logged_backward_path(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch) == "blockwise"
+
+
+@pytest.mark.parametrize("lie", ["past_the_end", "negative", "decreasing"])
+def test_cuda_backward_with_lying_cu_seqlens_stays_in_bounds(lie, cuda_device, backward_path):
+    """cu_seqlens that break the contract: the backward clamps them as the forward does, so it reads and writes only
+    inside the tensors (compute-sanitizer runs this on the GPU machine) and returns gradients of the inputs' shapes."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(70, 4, 64, generator=g).to(cuda_device, torch.bfloat16).requires_grad_()
+    k = torch.randn(90, 2, 64, generator=g).to(cuda_device, torch.bfloat16).requires_grad_()
+    v = torch.randn(90, 2, 64, generator=g).to(cuda_device, torch.bfloat16).requires_grad_()
+    bias = torch.randn(90, 2, generator=g).to(cuda_device).requires_grad_()
+    cu = {"past_the_end": [0, 40, 200], "negative": [-30, 20, 70], "decreasing": [0, 60, 10]}[lie]
+    cu_q = torch.tensor(cu, dtype=torch.int32, device=cuda_device)
+    cu_k = torch.tensor([0, 50, 90], dtype=torch.int32, device=cuda_device)
+    out = dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 100, 100, bias=bias, is_causal=True)
+    out.float().sum().backward()
+    torch.cuda.synchronize()
+    for t in (q, k, v, bias):
+        assert t.grad is not None and t.grad.shape == t.shape
 
 
 def test_masked_keys_get_no_gradient():

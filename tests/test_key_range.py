@@ -150,6 +150,34 @@ def test_gradients_match_reference():
         torch.testing.assert_close(leaves[n].grad.double(), ref_leaves[n].grad, atol=1e-4, rtol=1e-4, msg=n)
 
 
+@pytest.mark.parametrize("kind", ["window", "prefix", "documents", "random"])
+@pytest.mark.parametrize("backward", ["kernel", "blockwise"])
+def test_cuda_gradients_match_reference(kind, backward, cuda_device, monkeypatch):
+    """The CUDA backward reads the ranges too (the fused kernels per row, the blockwise path as a mask): gradients of
+    q, k, v and a key-side bias under causal + key ranges + a key-side mask, by the forward's accuracy rule against the
+    float64 reference (rows that see no key are not compared: the reference's own gradient is NaN there)."""
+    from samples import assert_gradients_close
+
+    monkeypatch.setenv("DMATTN_BWD", backward)
+    call = make_call([70, 9, 130], [90, 9, 130], kind, D=64, dtype=torch.bfloat16, key_mask=True, bias="key")
+    grad = torch.randn(sum([70, 9, 130]), 4, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def gradients(run_call, leaves):
+        out, _ = run_call(dict(call, **leaves))
+        (out.double().cpu() * grad).sum().backward()
+        return {n: t.grad.cpu() for n, t in leaves.items()}
+
+    names = ("q", "k", "v", "bias")
+    got = gradients(lambda c: run({n: t.to(cuda_device) if isinstance(t, torch.Tensor) else t
+                                   for n, t in c.items()}, is_causal=True),
+                    {n: call[n].to(cuda_device).requires_grad_() for n in names})
+    want = gradients(lambda c: reference(c, is_causal=True, dtype=torch.float64),
+                     {n: call[n].double().requires_grad_() for n in names})
+    base = gradients(lambda c: reference(c, is_causal=True, dtype=torch.bfloat16),
+                     {n: call[n].clone().requires_grad_() for n in names})
+    assert_gradients_close(got, want, base, torch.bfloat16)
+
+
 def test_compiled_with_key_range_one_graph():
     """torch.compile(fullgraph=True, dynamic=True): the same result as eager, one compile across batch shapes."""
     from torch._dynamo.testing import CompileCounterWithBackend

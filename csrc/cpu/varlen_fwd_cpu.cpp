@@ -116,18 +116,6 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
 // float32, contiguous: what the backward kernel reads.
 at::Tensor as_float32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
-// DMATTN_BWD=blockwise runs the CPU backward through blockwise_varlen_bwd (the CUDA backend's), so that the CPU
-// tests check it; kernel (default): the float64 CPU kernel.
-bool blockwise_backward_requested() {
-  const char* path = std::getenv("DMATTN_BWD");
-  if (path == nullptr || *path == '\0') return false;
-  const std::string name(path);
-  TORCH_CHECK_VALUE(name == "kernel" || name == "blockwise",
-                    "dmattn.varlen_bwd: the environment variable DMATTN_BWD must be kernel or blockwise, got '", name,
-                    "'");
-  return name == "blockwise";
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "../varlen_fwd_params.h"
+#include "bwd/bwd_params.h"
 #include "heuristics.h"
 
 namespace dmattn::cuda {
@@ -28,5 +29,10 @@ int32_t max_kernel_head_dim(ComputeCapability cc, ScalarType dtype);
 // workspace_bytes(plan, p) bytes, 256-byte aligned. Returns the first CUDA error.
 cudaError_t run_varlen_fwd(const VarlenFwdParams& p, const FwdPlan& plan, ComputeCapability cc, void* workspace,
                            cudaStream_t stream);
+
+// The fused backward (bwd/bwd_traits.h): dk, dv and the per-head key-side bias gradient, then dq, into the zeroed
+// buffers of p. p.f.head_dim must be bwd::bwd_head_dim of itself (64 or 128), p.f.dtype float16 or bfloat16, and the
+// call must have no query-side mask or bias and no kv_slots (the binding checks). Returns the first CUDA error.
+cudaError_t run_varlen_bwd(const bwd::BwdParams& p, cudaStream_t stream);
 
 }  // namespace dmattn::cuda

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <string>
 
 #include "../blockwise_bwd.h"
@@ -203,8 +204,64 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
   return {out, lse};
 }
 
-// The backward: blockwise_varlen_bwd (ATen operations a block of query rows at a time, float32) until a fused kernel
-// replaces it (issue 14). It reads cu_seqlens on the host (a synchronisation) and clamps them as the forward does.
+// The fused backward (bwd/bwd_traits.h) for a call it covers: dq, dk, dv (q's dtype) and, for a key-side bias that
+// requires grad, its gradient in the bias's layout, head broadcast and dtype; the sinks' gradient from the rows' lse
+// and delta. Nothing here synchronises the device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_varlen_bwd(
+    const VarlenFwdArgs& a, const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& out,
+    const at::Tensor& lse, bool bias_grad, int32_t kernel_dim) {
+  const int64_t head_dim = a.q.size(2), H = a.q.size(1);
+  const double scale = resolve_softmax_scale(a.softmax_scale, head_dim);  // of the real D, not the padded one
+  const at::Tensor qk = for_kernel(a.q, kernel_dim), kk = for_kernel(a.k, kernel_dim), vk = for_kernel(a.v, kernel_dim);
+  const at::Tensor dok = for_kernel(dout, kernel_dim);
+  const VarlenFwdArgs args = sinks_as_float32({qk, kk, vk, a.cu_seqlens_q, a.cu_seqlens_k, a.max_seqlen_q,
+                                               a.max_seqlen_k, a.mask, a.bias, scale, a.is_causal, a.window_left,
+                                               a.window_right, a.softcap, a.sinks, a.seqused_k, std::nullopt,
+                                               a.key_range});
+  // delta = rowsum(dout * out) - dlse, (H, total_q) float32: the softmax's backward term of every row.
+  at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).t();
+  if (dlse.numel() > 0) delta = delta - dlse;
+  delta = delta.contiguous();
+  at::Tensor lse_in = lse.contiguous(), out_k = for_kernel(out, kernel_dim);
+  at::Tensor dq = at::zeros_like(qk, at::MemoryFormat::Contiguous);
+  at::Tensor dk = at::zeros(kk.sizes(), qk.options()), dv = at::zeros(vk.sizes(), qk.options());
+  const bool want_dbias = a.bias && bias_grad;
+  at::Tensor dbias_heads = want_dbias ? at::zeros({kk.size(0), H}, qk.options().dtype(at::kFloat)) : at::Tensor();
+
+  cuda::bwd::BwdParams p;
+  p.f = make_params(args, out_k, lse_in);
+  p.dout = dok.data_ptr();
+  p.dout_row_stride = dok.stride(0);
+  p.dout_head_stride = dok.stride(1);
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dbias = want_dbias ? dbias_heads.data_ptr<float>() : nullptr;
+  C10_CUDA_CHECK(cuda::run_varlen_bwd(p, c10::cuda::getCurrentCUDAStream()));
+
+  // The bias's gradient: query head h reads bias head h / (H / Hm), so each bias head sums a run of query heads.
+  at::Tensor dbias = at::empty({0}, a.q.options().dtype(at::kFloat));
+  if (want_dbias) {
+    const int64_t hm = a.bias->size(1);
+    dbias = dbias_heads.view({kk.size(0), hm, H / hm}).sum(-1).to(a.bias->scalar_type());
+  }
+  // The sinks' gradient: the sink is one more score with dP = 0, so d sink_h = -sum_i P_sink(i) delta_i over the
+  // rows that saw something (lse finite), with P_sink = exp(sink_h - lse).
+  at::Tensor dsinks = at::empty({0}, a.q.options().dtype(at::kFloat));
+  if (a.sinks) {
+    const at::Tensor sink = a.sinks->to(at::kFloat).view({H, 1});
+    const at::Tensor live = lse_in != -std::numeric_limits<float>::infinity();
+    const at::Tensor p_sink = at::where(live, at::exp(sink - lse_in), at::zeros({}, lse_in.options()));
+    dsinks = (-(p_sink * delta).sum(1)).to(a.sinks->scalar_type());
+  }
+  auto real = [&](const at::Tensor& t) { return kernel_dim != head_dim ? t.narrow(2, 0, head_dim) : t; };
+  return {real(dq), real(dk), real(dv), dbias, dsinks};
+}
+
+// The backward: the fused kernels where they cover the call (float16 / bfloat16, head dims up to 128, no query-side
+// mask or bias, DMATTN_BWD not blockwise); elsewhere blockwise_varlen_bwd (ATen operations a block of query rows at a
+// time, float32), which reads cu_seqlens on the host (a synchronisation) and clamps them as the forward does.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
@@ -219,6 +276,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
   check_args(args, c10::DeviceType::CUDA);
   check_bwd_args(args, dout, dlse, out, lse);
   const c10::cuda::CUDAGuard guard(q.device());
+  const bool query_side = (mask && mask->dim() == 3) || (bias && bias->dim() == 3);
+  const int32_t kernel_dim = cuda::bwd::bwd_head_dim(static_cast<int32_t>(std::min<int64_t>(q.size(2), 1 << 20)));
+  const bool fused = q.scalar_type() != at::kFloat && !query_side && kernel_dim > 0 && q.size(1) <= kMaxGridDim &&
+                     !blockwise_backward_requested();
+  if (const char* flag = std::getenv("DMATTN_LOG_PLAN"); flag != nullptr && *flag != '\0' && std::string(flag) != "0") {
+    std::fprintf(stderr, "dmattn.varlen_bwd plan: path=%s (H=%lld Hk=%lld D=%lld query_side=%d)\n",
+                 fused ? "fused" : "blockwise", static_cast<long long>(q.size(1)), static_cast<long long>(k.size(1)),
+                 static_cast<long long>(q.size(2)), static_cast<int>(query_side));
+  }
+  if (fused) return fused_varlen_bwd(args, dout, dlse, out, lse, bias_grad, kernel_dim);
   return blockwise_varlen_bwd(args, dout, dlse, out, lse, bias_grad);
 }
 

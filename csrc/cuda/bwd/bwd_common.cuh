@@ -1,0 +1,144 @@
+// bwd_common.cuh: what both backward kernels share: the sequence's clamped rows, one query row's visible keys and
+// softmax statistics, one key's mask bit and bias, tile loads, and the per-element probability rule.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "../../varlen_fwd_params.h"
+#include "../score_operand.cuh"
+#include "../sm80/kv_tiles.cuh"
+#include "bwd_traits.h"
+
+namespace dmattn::cuda::bwd {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// A sequence's rows in q / k, clamped exactly as the forward clamps them (clamp_seq, key_seq), so lying cu_seqlens
+// cannot move a read or write out of the tensors. int32: cu_seqlens are int32.
+struct Seq {
+  int q_start, q_len, k_start, k_len;
+  __device__ __forceinline__ Seq(const VarlenFwdParams& p, int b) {
+    const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
+    const SeqRange sk = key_seq(p, b);
+    q_start = static_cast<int>(sq.start);
+    q_len = static_cast<int>(sq.len);
+    k_start = static_cast<int>(sk.start);
+    k_len = static_cast<int>(sk.len);
+  }
+};
+
+// What the probability of query row i (a position in the sequence) needs: the key positions [low, limit) it sees
+// (window and key_range, row_keys of varlen_fwd_params.h), its lse in base 2 and its delta. A row past the sequence,
+// or one the forward found no key for (lse -inf), sees nothing: low = INT_MAX, and lse2 = +inf so that exp2(x -
+// lse2) is 0 for every finite x.
+struct RowInfo {
+  int low, limit;
+  float lse2, delta;
+};
+
+__device__ __forceinline__ RowInfo row_info(const BwdParams& p, const Seq& s, int h, int i) {
+  RowInfo r{INT_MAX, 0, INFINITY, 0.f};
+  if (i >= s.q_len) return r;
+  const int64_t row = static_cast<int64_t>(s.q_start) + i;
+  const float lse = p.f.lse[static_cast<int64_t>(h) * p.f.total_q + row];
+  if (lse == -INFINITY) return r;
+  const KeyRange keys = row_keys(p.f, row, i, s.q_len, s.k_len);
+  r.low = static_cast<int>(keys.begin);
+  r.limit = static_cast<int>(keys.end);
+  r.lse2 = lse * kLog2e;
+  r.delta = p.delta[static_cast<int64_t>(h) * p.f.total_q + row];
+  return r;
+}
+
+// Key position j of the sequence for query head h: in the sequence and kept by a key-side mask (any nonzero byte),
+// and its key-side bias in base 2 (0 without one).
+struct KeyInfo {
+  bool visible;
+  float bias2;
+};
+
+__device__ __forceinline__ KeyInfo key_info(const BwdParams& p, const Seq& s, int h, int j) {
+  KeyInfo k{false, 0.f};
+  if (j >= s.k_len) return k;
+  const int64_t row = static_cast<int64_t>(s.k_start) + j;
+  k.visible = !p.f.mask.present() || p.f.mask.mask_allows(p.f.mask.offset(row, h, 0));
+  if (p.f.bias.present()) k.bias2 = bias_value(p.f.bias, p.f.bias.offset(row, h, 0)) * kLog2e;
+  return k;
+}
+
+// Rows [first, first + kBlockM) of head `head` of a (rows, heads, D) tensor into a swizzled shared tile; rows at or
+// past `valid` (relative to first) are zero-filled without a read.
+template <typename Traits>
+__device__ __forceinline__ void load_tile(typename Traits::Elem* smem, const void* base, int64_t row_stride,
+                                          int64_t head_stride, int64_t first, int head, int valid) {
+  using Elem = typename Traits::Elem;
+  const Elem* first_row = static_cast<const Elem*>(base) + first * row_stride + head * head_stride;
+  sm80::load_rows<Traits, Traits::kBlockM>(smem, first_row, row_stride, valid, base);
+}
+
+// The probability of one score (scale * q.k, before softcap and bias) of a visible (query, key) pair, and the
+// softcap's slope d capped / d x (1 without one). Hidden pairs are 0 by the caller's select.
+template <bool kSoftcap>
+__device__ __forceinline__ float probability(const VarlenFwdParams& p, float x, float bias2, float lse2,
+                                             float& slope) {
+  if constexpr (kSoftcap) {
+    const float capped = capped_score(p, x);
+    const float t = capped / p.softcap;
+    slope = 1.f - t * t;
+    x = capped;
+  }
+  return exp2f(fmaf(x, kLog2e, bias2) - lse2);
+}
+
+// Per-lane ldmatrix byte addresses of the first fragment of a 64-row tile, for each role a tile plays in
+// ../sm80/tile_mma.cuh: the A operand of score_tile (rows of the warp), the B operand of score_tile, and the B
+// operand of accumulate_pv (read transposed).
+template <typename Traits>
+struct LaneAddress {
+  static __device__ __forceinline__ uint32_t a(const void* tile, int warp_row0, int lane) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(tile)) +
+           2 * Traits::template smem_offset<Traits::kBlockM>(warp_row0 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                                             (lane >> 4) * 8);
+  }
+  static __device__ __forceinline__ uint32_t b(const void* tile, int lane) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(tile)) +
+           2 * Traits::template smem_offset<Traits::kBlockN>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
+  }
+  static __device__ __forceinline__ uint32_t b_trans(const void* tile, int lane) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(tile)) +
+           2 * Traits::template smem_offset<Traits::kBlockN>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
+  }
+};
+
+// Accumulator fragments (rows warp_row0 + g (+ 8), columns 8 dt + 2 t (+ 1)) times `scale`, as 16-bit pairs into
+// rows [0, valid) of head `head` of a contiguous (rows, heads, D) tensor from row `first`.
+template <typename Traits>
+__device__ __forceinline__ void store_rows(void* base, int64_t first, int heads, int head, int valid,
+                                           const float (&acc)[1][Traits::kDTiles][4], float scale, int warp_row0,
+                                           int lane) {
+  using Elem = typename Traits::Elem;
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = warp_row0 + g + 8 * half;
+    if (r >= valid) continue;
+    Elem* dst = static_cast<Elem*>(base) + ((first + r) * heads + head) * Traits::kHeadDim + 2 * t;
+#pragma unroll
+    for (int dt = 0; dt < Traits::kDTiles; ++dt) {
+      *reinterpret_cast<uint32_t*>(dst + dt * 8) =
+          sm80::ElemTraits<Elem>::pack(acc[0][dt][2 * half] * scale, acc[0][dt][2 * half + 1] * scale);
+    }
+  }
+}
+
+template <int kDTiles>
+__device__ __forceinline__ void zero(float (&acc)[1][kDTiles][4]) {
+#pragma unroll
+  for (int dt = 0; dt < kDTiles; ++dt) acc[0][dt][0] = acc[0][dt][1] = acc[0][dt][2] = acc[0][dt][3] = 0.f;
+}
+
+}  // namespace dmattn::cuda::bwd

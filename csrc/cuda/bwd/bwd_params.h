@@ -1,0 +1,33 @@
+// bwd_params.h: the fused CUDA backward's description of one call (torch-free and CuTe-free, so the binding includes
+// it); the kernels and their design are in bwd_traits.h.
+#pragma once
+
+#include <cstdint>
+
+#include "../../varlen_fwd_params.h"
+
+namespace dmattn::cuda::bwd {
+
+// One backward call as the kernels see it. The forward's description (q, k, v, lse, cu_seqlens, key-side mask /
+// bias, scale, window, softcap, seqused_k, key_range; no kv_slots: the autograd formula gathers a pool first, and no
+// query-side operand: the binding sends those calls to the blockwise backward).
+//   dout  (total_q, H, D)   delta (H, total_q) float32 contiguous: rowsum(dout * out) - dlse
+//   dq    (total_q, H, D)   dk, dv (total_k, Hk, D): contiguous, in q's dtype, zero-filled by the caller (rows no
+//                           sequence owns, and keys past seqused_k, stay 0)
+//   dbias (total_k, H) float32 contiguous, zero-filled, or null: d loss / d key-side bias per query head (the binding
+//                           sums the heads each bias head broadcasts to)
+struct BwdParams {
+  VarlenFwdParams f;
+  const void* dout = nullptr;
+  int64_t dout_row_stride = 0, dout_head_stride = 0;
+  const float* delta = nullptr;
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  float* dbias = nullptr;
+};
+
+// The head dims the fused backward is built for; the binding pads q, k, v, dout and out with zeros up to one.
+constexpr int32_t bwd_head_dim(int32_t head_dim) { return head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : -1; }
+
+}  // namespace dmattn::cuda::bwd

@@ -1,0 +1,128 @@
+// dq_kernel.cuh: dQ of one query tile (bwd_traits.h has the whole design).
+//
+// A CTA owns queries [m0, m0 + 64) of one query head of one sequence; warp w owns rows m0 + 16 w + [0, 16). With sQ,
+// sdO in shared memory for the whole CTA it walks the key tiles its rows can see (the smallest first visible key to
+// the largest limit over its rows; tiles whose keys the mask hides all are skipped after their loads), two tiles in
+// flight. Per key tile:
+//   S = Q K^T -> P (the rows' lse; hidden pairs 0) -> dP = dO V^T -> dS = P (dP - delta) -> dQ += dS K
+// and dQ, times the softmax scale, is written once (deterministic).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cute/arch/copy_sm80.hpp>
+
+#include "../sm80/tile_mma.cuh"
+#include "bwd_common.cuh"
+
+namespace dmattn::cuda::bwd {
+
+template <typename Traits, bool kSoftcap>
+__global__ void __launch_bounds__(Traits::kThreads, 2) dq_kernel(const __grid_constant__ BwdParams p, int seq0) {
+  constexpr int kBlock = Traits::kBlockM, kNTiles = Traits::kNTiles, kDTiles = Traits::kDTiles;
+  const int b = seq0 + static_cast<int>(blockIdx.z), h = blockIdx.y;
+  const Seq s(p.f, b);
+  const int m0 = static_cast<int>(blockIdx.x) * kBlock;
+  if (m0 >= s.q_len) return;
+
+  extern __shared__ __align__(128) char smem_raw[];
+  auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int warp_row0 = warp * 16;
+  const int hk = h / (p.f.num_heads / p.f.num_heads_k);
+  const int rows_here = min(kBlock, s.q_len - m0);
+
+  // ---- sQ, sdO: (64 queries, D) of this head; the two rows of this lane ----
+  load_tile<Traits>(smem.a0, p.f.q, p.f.q_row_stride, p.f.q_head_stride, s.q_start + m0, h, rows_here);
+  load_tile<Traits>(smem.a1, p.dout, p.dout_row_stride, p.dout_head_stride, s.q_start + m0, h, rows_here);
+  cute::cp_async_fence();
+  const RowInfo ra = row_info(p, s, h, m0 + warp_row0 + g), rb = row_info(p, s, h, m0 + warp_row0 + g + 8);
+
+  // The keys any row of the tile sees: [min low, max limit) over the rows.
+  if (tid == 0) {
+    smem.span[0] = INT_MAX;
+    smem.span[1] = 0;
+  }
+  __syncthreads();
+  if (t == 0 && ra.low < ra.limit) {
+    atomicMin(&smem.span[0], ra.low);
+    atomicMax(&smem.span[1], ra.limit);
+  }
+  if (t == 0 && rb.low < rb.limit) {
+    atomicMin(&smem.span[0], rb.low);
+    atomicMax(&smem.span[1], rb.limit);
+  }
+  __syncthreads();
+  const int first = smem.span[0], limit = smem.span[1];
+  const int n_begin = first < limit ? first / kBlock : 0;
+  const int n_end = first < limit ? (limit + kBlock - 1) / kBlock : 0;
+
+  using Lane = LaneAddress<Traits>;
+  const uint32_t q_lane = Lane::a(smem.a0, warp_row0, lane), do_lane = Lane::a(smem.a1, warp_row0, lane);
+  float dq[1][kDTiles][4];
+  zero(dq);
+
+  auto issue = [&](int n, int buf) {  // sK, sV and the keys' metadata of key tile n into buffer buf
+    const int n0 = n * kBlock;
+    const int keys = min(kBlock, s.k_len - n0);
+    load_tile<Traits>(smem.b0[buf], p.f.k, p.f.k_row_stride, p.f.k_head_stride, s.k_start + n0, hk, keys);
+    load_tile<Traits>(smem.b1[buf], p.f.v, p.f.v_row_stride, p.f.v_head_stride, s.k_start + n0, hk, keys);
+    cute::cp_async_fence();
+    if (tid < kBlock) {
+      const KeyInfo k = key_info(p, s, h, n0 + tid);
+      smem.low[buf][tid] = k.visible;
+      smem.lse2[buf][tid] = k.bias2;
+    }
+  };
+  if (n_begin < n_end) issue(n_begin, 0);
+  for (int n = n_begin; n < n_end; ++n) {
+    const int buf = (n - n_begin) % 2, n0 = n * kBlock;
+    if (n + 1 < n_end) {
+      issue(n + 1, buf ^ 1);  // its last readers finished before the barrier that ended tile n - 1
+      cute::cp_async_wait<1>();
+    } else {
+      cute::cp_async_wait<0>();
+    }
+    // sK / sV of tile n (and sQ, sdO) landed and its key metadata is visible; does the mask keep any of its keys?
+    if (__syncthreads_or(tid < kBlock && smem.low[buf][tid] != 0)) {
+      const uint32_t k_lane = Lane::b(smem.b0[buf], lane), v_lane = Lane::b(smem.b1[buf], lane);
+      // ---- S = Q K^T: rows = the warp's queries, columns = the tile's keys ----
+      float pr[1][kNTiles][4];
+      sm80::score_tile<Traits>(pr, q_lane, k_lane, 0);
+      float slope[1][kSoftcap ? kNTiles : 1][4];
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = nt * 8 + 2 * t + (e & 1), j = n0 + c;  // key of the tile, and its position
+          const RowInfo& r = e < 2 ? ra : rb;
+          const bool visible = smem.low[buf][c] != 0 && j >= r.low && j < r.limit;
+          float sl = 1.f;
+          const float prob = probability<kSoftcap>(p.f, pr[0][nt][e] * p.f.softmax_scale, smem.lse2[buf][c], r.lse2, sl);
+          pr[0][nt][e] = visible ? prob : 0.f;
+          if constexpr (kSoftcap) slope[0][nt][e] = sl;
+        }
+      }
+      // ---- dP = dO V^T, then dS = P (dP - delta) in place ----
+      float ds[1][kNTiles][4];
+      sm80::score_tile<Traits>(ds, do_lane, v_lane, 0);
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float prob = pr[0][nt][e];
+          const float d = prob != 0.f ? prob * (ds[0][nt][e] - (e < 2 ? ra.delta : rb.delta)) : 0.f;
+          if constexpr (kSoftcap) ds[0][nt][e] = d * slope[0][nt][e]; else ds[0][nt][e] = d;
+        }
+      }
+      // ---- dQ += dS K ----
+      sm80::accumulate_pv<Traits>(dq, ds, Lane::b_trans(smem.b0[buf], lane), 0);
+    }
+    __syncthreads();  // every warp is done with buffer buf before tile n + 2 loads into it
+  }
+  cute::cp_async_wait<0>();
+
+  store_rows<Traits>(p.dq, s.q_start + m0, p.f.num_heads, h, rows_here, dq, p.f.softmax_scale, warp_row0, lane);
+}
+
+}  // namespace dmattn::cuda::bwd

@@ -1,0 +1,74 @@
+// run_varlen_bwd.cu: the fused backward on one stream (api.h): dkdv_kernel, then dq_kernel (bwd/bwd_traits.h), for
+// float16 / bfloat16 at head dims 64 and 128, with and without a softcap. The kernels are the sm80 path's mma.sync
+// code, compiled for every architecture of the build.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "api.h"
+#include "bwd/dkdv_kernel.cuh"
+#include "bwd/dq_kernel.cuh"
+
+namespace dmattn::cuda {
+namespace {
+
+constexpr int64_t kMaxSeqsPerLaunch = 65535;  // sequences are grid.z
+
+template <typename Elem, int kHeadDim, bool kSoftcap>
+cudaError_t launch_bwd(const bwd::BwdParams& p, cudaStream_t stream) {
+  using Traits = bwd::BwdTraits<Elem, kHeadDim>;
+  constexpr int kBlock = Traits::kBlockM;
+  auto dkdv = bwd::dkdv_kernel<Traits, kSoftcap>;
+  auto dq = bwd::dq_kernel<Traits, kSoftcap>;
+  cudaError_t err;
+  for (auto kernel : {dkdv, dq}) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+    if (err != cudaSuccess) return err;
+  }
+  const auto key_tiles = static_cast<unsigned>((p.f.max_seqlen_k + kBlock - 1) / kBlock);
+  const auto query_tiles = static_cast<unsigned>((p.f.max_seqlen_q + kBlock - 1) / kBlock);
+  for (int64_t seq0 = 0; seq0 < p.f.batch; seq0 += kMaxSeqsPerLaunch) {
+    const auto seqs = static_cast<unsigned>(std::min<int64_t>(kMaxSeqsPerLaunch, p.f.batch - seq0));
+    if (key_tiles > 0) {
+      dkdv<<<dim3(key_tiles, p.f.num_heads_k, seqs), Traits::kThreads, Traits::kSmemBytes, stream>>>(
+          p, static_cast<int>(seq0));
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+    if (query_tiles > 0) {
+      dq<<<dim3(query_tiles, p.f.num_heads, seqs), Traits::kThreads, Traits::kSmemBytes, stream>>>(
+          p, static_cast<int>(seq0));
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+  }
+  return cudaSuccess;
+}
+
+template <typename Elem, int kHeadDim>
+cudaError_t launch_bwd(const bwd::BwdParams& p, cudaStream_t stream) {
+  return p.f.softcap > 0.f ? launch_bwd<Elem, kHeadDim, true>(p, stream) : launch_bwd<Elem, kHeadDim, false>(p, stream);
+}
+
+template <typename Elem>
+cudaError_t launch_bwd(const bwd::BwdParams& p, cudaStream_t stream) {
+  switch (p.f.head_dim) {
+    case 64:
+      return launch_bwd<Elem, 64>(p, stream);
+    case 128:
+      return launch_bwd<Elem, 128>(p, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t run_varlen_bwd(const bwd::BwdParams& p, cudaStream_t stream) {
+  if (p.f.batch == 0 || p.f.num_heads == 0 || p.f.total_q == 0) return cudaSuccess;
+  return p.f.dtype == ScalarType::kBFloat16 ? launch_bwd<__nv_bfloat16>(p, stream)
+         : p.f.dtype == ScalarType::kFloat16 ? launch_bwd<__half>(p, stream)
+                                             : cudaErrorInvalidValue;
+}
+
+}  // namespace dmattn::cuda
