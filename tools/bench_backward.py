@@ -86,6 +86,21 @@ def run(args) -> Dict[str, object]:
             return _backward(lambda: s.run()[0], inputs, args.seed)
 
         rows.append(measure("dmattn_ops backward", "dmattn", "backward", dmattn_bwd, dev, args))
+
+        def dmattn_bwd_deterministic():  # torch's deterministic mode: dQ by its own kernel, no atomics
+            run_bwd = dmattn_bwd()
+
+            def call():
+                previous = torch.are_deterministic_algorithms_enabled()
+                torch.use_deterministic_algorithms(True)
+                try:
+                    return run_bwd()
+                finally:
+                    torch.use_deterministic_algorithms(previous)
+            return call
+
+        rows.append(measure("dmattn_ops backward, deterministic", "dmattn", "backward", dmattn_bwd_deterministic,
+                            dev, args))
         if keep is not None:
             def flex_bwd():
                 if dev.type != "cuda":
@@ -142,6 +157,28 @@ def targets(groups) -> List[Dict[str, str]]:
     return out
 
 
+def profile(args) -> str:
+    """The kernels of one backward of the masked group and their device time (torch.profiler), for finding where
+    the time goes."""
+    dev = torch.device(args.device)
+    lens_q, lens_k, heads = bench_gpu.sizes("prefill", args.tiny, torch.Generator().manual_seed(args.seed))
+    p = bench_gpu.make_problem(lens_q, lens_k, heads["heads"], heads["heads_k"], heads["head_dim"], heads["heads_k"],
+                               0.5, True, getattr(torch, args.dtype), dev, args.seed)
+    s, inputs = _leaves(p, with_bias=True)
+    run_bwd = _backward(lambda: s.run()[0], inputs, args.seed)
+    run_bwd()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch.profiler.profile(activities=activities) as prof:
+        run_bwd()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=60)
+
+
 def table(payload) -> str:
     lines = []
     for group, rows in payload["groups"].items():
@@ -163,6 +200,8 @@ def main(argv=None):
     ap.add_argument("--flex-blockmask", choices=["compiled", "eager"], default="compiled")
     ap.add_argument("--out", default=None, help="directory for backward.json and backward.png")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the device time of each kernel of one masked backward (torch.profiler)")
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
     args.warmup, args.reps = (1, 3) if args.tiny else ((2, 10) if args.quick else (3, 20))
@@ -175,6 +214,8 @@ def main(argv=None):
     bench_gpu.FLUSH = bc.L2Flusher(dev)
     payload = run(args)
     print(table(payload))
+    if args.profile:
+        print(profile(args))
     for t in payload["targets"]:
         print(f"target: {t['target']}: {t['verdict']}"
               + ("  [tiny shapes: a smoke test, not a measurement]" if args.tiny else ""))

@@ -86,8 +86,11 @@ def main() -> int:
                 mine = [i for i in mine if i[1:] == ("bfloat16", 128)] or mine[:1]
             flags = kernel_matrix.nvcc_flags(archs, args.std, includes, path.name)
             jobs += [(path.name, files[i], flags) for i in mine]
+        # The hand-written files and the registry go through torch's CUDAExtension, which adds its own nvcc flags
+        # (no implicit half / bfloat16 conversions or operators): compile them with those too.
+        global_flags = kernel_matrix.nvcc_flags(archs, args.std, includes) + torch_nvcc_flags()
         for src in [registry, *sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]:
-            jobs.append(("global", src, kernel_matrix.nvcc_flags(archs, args.std, includes)))
+            jobs.append(("global", src, global_flags))
         failed = 0
         for label, src, flags in jobs:
             ptxas = "-Xptxas=-v" if args.registers else "-Xptxas=-warn-spills"
@@ -105,6 +108,16 @@ def main() -> int:
             if args.registers:
                 report(result.stderr)
     return 1 if failed else 0
+
+
+def torch_nvcc_flags() -> list:
+    """The flags torch's CUDAExtension gives every .cu source it builds (setup.py builds csrc/cuda/*.cu through it)."""
+    try:
+        from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+        return [f for f in COMMON_NVCC_FLAGS if f.startswith("-D")]
+    except ImportError:  # torch's list as of 2.11
+        return ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                "-D__CUDA_NO_HALF2_OPERATORS__"]
 
 
 def report(ptxas_log: str) -> None:
