@@ -99,15 +99,37 @@ def test_gradients_match_reference(spec, dtype, backward_path):
     _check_gradients(spec, dtype, "cpu")
 
 
+# The CUDA backwards: the fused kernels (dQ by its own kernel, in order: the default), the fused kernels with dQ summed
+# by atomics (DMATTN_BWD_DQ=atomic), the same under torch's deterministic mode (which keeps dQ in order), and the
+# blockwise path forced: {name: (environment, deterministic mode)}.
+CUDA_BACKWARDS = {"kernel": ({}, False), "kernel_atomic": ({"DMATTN_BWD_DQ": "atomic"}, False),
+                  "kernel_deterministic": ({"DMATTN_BWD_DQ": "atomic"}, True),
+                  "blockwise": ({"DMATTN_BWD": "blockwise"}, False)}
+
+
+@pytest.fixture
+def deterministic_mode():
+    """Sets torch's deterministic mode for one test and puts the previous one back."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    yield torch.use_deterministic_algorithms
+    torch.use_deterministic_algorithms(previous)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("spec", SAMPLES, ids=SAMPLE_IDS)
-def test_cuda_gradients_match_reference(spec, dtype, cuda_device, backward_path):
+@pytest.mark.parametrize("mode", list(CUDA_BACKWARDS))
+def test_cuda_gradients_match_reference(spec, dtype, mode, cuda_device, monkeypatch, deterministic_mode):
     """The CUDA backward on every sample, judged on the CPU by the same rule: the fused kernels (where they cover the
-    call, else the blockwise path) and the blockwise path forced."""
+    call, else the blockwise path) with and without torch's deterministic mode, and the blockwise path forced."""
+    env, deterministic = CUDA_BACKWARDS[mode]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    deterministic_mode(deterministic)
     _check_gradients(spec, dtype, "cuda")
 
 
-def _logged_backward_path(sample, capfd, monkeypatch):
+def _logged_backward_path(sample, capfd, monkeypatch, field="path"):
+    """Runs the sample's backward with DMATTN_LOG_PLAN=1 and returns `field` of the one plan line it logged."""
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
     leaves, s = _differentiable(sample)
     out, _ = s.run()
@@ -115,7 +137,33 @@ def _logged_backward_path(sample, capfd, monkeypatch):
     out.float().sum().backward()
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("dmattn.varlen_bwd plan:")]
     assert len(lines) == 1, lines
-    return lines[0].split("path=")[1].split()[0]
+    return lines[0].split(f"{field}=")[1].split()[0]
+
+
+def test_cuda_dq_summation_is_the_documented_one(cuda_device, capfd, monkeypatch, deterministic_mode):
+    """The fused backward sums dQ in order by default; DMATTN_BWD_DQ=atomic adds it with atomics, except in torch's
+    deterministic mode, which keeps it in order (DMATTN_LOG_PLAN says which; test_deterministic checks the bits)."""
+    spec = SAMPLES[SAMPLE_IDS.index("key_mask_key_bias_mqa")]
+
+    def dq_mode():
+        return _logged_backward_path(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch, "dq")
+
+    deterministic_mode(False)
+    assert dq_mode() == "ordered"
+    monkeypatch.setenv("DMATTN_BWD_DQ", "atomic")
+    assert dq_mode() == "atomic"
+    deterministic_mode(True)
+    assert dq_mode() == "ordered"
+
+
+def test_cuda_dq_summation_variable_is_checked(cuda_device, monkeypatch):
+    """A DMATTN_BWD_DQ value that names no summation is an error naming the variable, not a silent default."""
+    monkeypatch.setenv("DMATTN_BWD_DQ", "fast")
+    leaves, s = _differentiable(make_sample(SAMPLES[SAMPLE_IDS.index("key_mask_key_bias_mqa")], torch.bfloat16,
+                                            "cuda"))
+    out, _ = s.run()
+    with pytest.raises(ValueError, match="DMATTN_BWD_DQ must be ordered or atomic, got 'fast'"):
+        out.float().sum().backward()
 
 
 @pytest.mark.parametrize("name, path", [("key_mask_key_bias_mqa", "fused"), ("window_softcap_sinks", "fused"),

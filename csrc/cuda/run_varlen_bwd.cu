@@ -1,5 +1,6 @@
-// run_varlen_bwd.cu: the fused backward on one stream (api.h): dkdv_kernel, then dq_kernel (bwd/bwd_traits.h), for
-// float16 / bfloat16 at head dims 64 and 128, with and without a softcap. The kernels are the sm80 path's mma.sync
+// run_varlen_bwd.cu: the fused backward on one stream (api.h): delta_kernel, dkdv_kernel, then dq_kernel unless
+// dkdv_kernel adds dQ itself (bwd/bwd_traits.h), for float16 / bfloat16 at head dims 64 and 128, with and without a
+// softcap. The kernels are the sm80 path's mma.sync
 // code, compiled for every architecture of the build.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -8,13 +9,14 @@
 #include <cstdint>
 
 #include "api.h"
+#include "bwd/delta_kernel.cuh"
 #include "bwd/dkdv_kernel.cuh"
 #include "bwd/dq_kernel.cuh"
 
 namespace dmattn::cuda {
 namespace {
 
-constexpr int64_t kMaxSeqsPerLaunch = 65535;  // sequences are grid.z
+constexpr int64_t kMaxGridYZ = 65535;  // sequences are grid.y, tiles grid.z
 
 template <typename Elem, int kHeadDim, bool kSoftcap>
 cudaError_t launch_bwd(const bwd::BwdParams& p, cudaStream_t stream) {
@@ -27,18 +29,27 @@ cudaError_t launch_bwd(const bwd::BwdParams& p, cudaStream_t stream) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
     if (err != cudaSuccess) return err;
   }
-  const auto key_tiles = static_cast<unsigned>((p.f.max_seqlen_k + kBlock - 1) / kBlock);
-  const auto query_tiles = static_cast<unsigned>((p.f.max_seqlen_q + kBlock - 1) / kBlock);
-  for (int64_t seq0 = 0; seq0 < p.f.batch; seq0 += kMaxSeqsPerLaunch) {
-    const auto seqs = static_cast<unsigned>(std::min<int64_t>(kMaxSeqsPerLaunch, p.f.batch - seq0));
-    if (key_tiles > 0) {
-      dkdv<<<dim3(key_tiles, p.f.num_heads_k, seqs), Traits::kThreads, Traits::kSmemBytes, stream>>>(
-          p, static_cast<int>(seq0));
+  const int64_t items = p.f.total_q * p.f.num_heads;
+  if (items > 0) {
+    const auto blocks = static_cast<unsigned>((items + bwd::kDeltaWarps - 1) / bwd::kDeltaWarps);
+    bwd::delta_kernel<Traits><<<blocks, bwd::kDeltaWarps * 32, 0, stream>>>(p);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  const int64_t key_tiles = (p.f.max_seqlen_k + kBlock - 1) / kBlock;
+  const int64_t query_tiles = p.dq_accum == nullptr ? (p.f.max_seqlen_q + kBlock - 1) / kBlock : 0;
+  // Grids (heads, sequences, tiles): sequences and tiles in chunks of the grid's y / z limit.
+  for (int64_t seq0 = 0; seq0 < p.f.batch; seq0 += kMaxGridYZ) {
+    const auto seqs = static_cast<unsigned>(std::min<int64_t>(kMaxGridYZ, p.f.batch - seq0));
+    for (int64_t tile0 = 0; tile0 < key_tiles; tile0 += kMaxGridYZ) {
+      const auto tiles = static_cast<unsigned>(std::min<int64_t>(kMaxGridYZ, key_tiles - tile0));
+      dkdv<<<dim3(p.f.num_heads_k, seqs, tiles), Traits::kThreads, Traits::kSmemBytes, stream>>>(
+          p, static_cast<int>(seq0), static_cast<int>(tile0));
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
-    if (query_tiles > 0) {
-      dq<<<dim3(query_tiles, p.f.num_heads, seqs), Traits::kThreads, Traits::kSmemBytes, stream>>>(
-          p, static_cast<int>(seq0));
+    for (int64_t tile0 = 0; tile0 < query_tiles; tile0 += kMaxGridYZ) {
+      const auto tiles = static_cast<unsigned>(std::min<int64_t>(kMaxGridYZ, query_tiles - tile0));
+      dq<<<dim3(p.f.num_heads, seqs, tiles), Traits::kThreads, Traits::kSmemBytes, stream>>>(
+          p, static_cast<int>(seq0), static_cast<int>(tile0));
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
   }

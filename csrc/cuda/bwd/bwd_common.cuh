@@ -135,6 +135,18 @@ __device__ __forceinline__ void store_rows(void* base, int64_t first, int heads,
   }
 }
 
+// Element `high` (0 or 1) of a pair that ElemTraits<Elem>::pack made, as float32.
+template <typename Elem>
+__device__ __forceinline__ float unpack(uint32_t pair, int high);
+template <>
+__device__ __forceinline__ float unpack<__nv_bfloat16>(uint32_t pair, int high) {
+  return __uint_as_float(high ? pair & 0xffff0000u : pair << 16);
+}
+template <>
+__device__ __forceinline__ float unpack<__half>(uint32_t pair, int high) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(high ? pair >> 16 : pair & 0xffffu)));
+}
+
 template <int kDTiles>
 __device__ __forceinline__ void zero(float (&acc)[1][kDTiles][4]) {
 #pragma unroll

@@ -8,22 +8,29 @@
 
 namespace dmattn::cuda::bwd {
 
-// One backward call as the kernels see it. The forward's description (q, k, v, lse, cu_seqlens, key-side mask /
+// One backward call as the kernels see it. The forward's description (q, k, v, out, lse, cu_seqlens, key-side mask /
 // bias, scale, window, softcap, seqused_k, key_range; no kv_slots: the autograd formula gathers a pool first, and no
 // query-side operand: the binding sends those calls to the blockwise backward).
-//   dout  (total_q, H, D)   delta (H, total_q) float32 contiguous: rowsum(dout * out) - dlse
+//   dout  (total_q, H, D)   dlse (H, total_q) float32 contiguous, or null (no gradient through softmax_lse)
+//   delta (H, total_q) float32 contiguous scratch: delta_kernel writes rowsum(dout * out) - dlse there first
 //   dq    (total_q, H, D)   dk, dv (total_k, Hk, D): contiguous, in q's dtype, zero-filled by the caller (rows no
 //                           sequence owns, and keys past seqused_k, stay 0)
+//   dq_accum (total_q, H, D) float32 contiguous, zero-filled, or null. Set: dkdv_kernel also adds each key tile's dS K
+//                           into it with atomics (DMATTN_BWD_DQ=atomic; the order of the additions varies, so the bits of dq
+//                           may differ between runs) and the binding scales it into dq; dq_kernel does not run. Null:
+//                           dq_kernel computes dq on its own, every sum in a fixed order (deterministic).
 //   dbias (total_k, H) float32 contiguous, zero-filled, or null: d loss / d key-side bias per query head (the binding
 //                           sums the heads each bias head broadcasts to)
 struct BwdParams {
   VarlenFwdParams f;
   const void* dout = nullptr;
   int64_t dout_row_stride = 0, dout_head_stride = 0;
-  const float* delta = nullptr;
+  const float* dlse = nullptr;
+  float* delta = nullptr;
   void* dq = nullptr;
   void* dk = nullptr;
   void* dv = nullptr;
+  float* dq_accum = nullptr;
   float* dbias = nullptr;
 };
 

@@ -1,19 +1,23 @@
 // bwd_traits.h: the fused backward's parameters and the compile-time shape of its two kernels (bwd/README below).
 //
 // The fused backward is FlashAttention-2's recomputation split into two deterministic kernels that never hold a
-// (total_q x max_seqlen_k) intermediate and use no atomics:
+// (total_q x max_seqlen_k) intermediate and, by default, use no atomics:
 //   dkdv_kernel.cuh   a CTA per (key tile, KV head, sequence): walks the query heads of its KV group and their query
 //                     tiles, recomputes S^T = K Q^T and P^T from the forward's lse, dP^T = V dO^T, and accumulates
 //                     dV = P^T dO and dK = dS^T Q in registers; the key-side bias gradient (dS summed over the
 //                     queries) per key and query head
 //   dq_kernel.cuh     a CTA per (query tile, query head, sequence): walks the key tiles its rows can see and
 //                     accumulates dQ = dS K
-// with dS = P (dP - delta), delta = rowsum(dO * O) - dlse (computed by the binding, one float per row and head).
+// with dS = P (dP - delta), delta = rowsum(dO * O) - dlse (delta_kernel.cuh, one float per row and head). The fast
+// path (BwdParams::dq_accum set: DMATTN_BWD_DQ=atomic outside torch's deterministic mode) runs no dq_kernel:
+// dkdv_kernel also adds dS K of each (key tile, query tile) into a float32 dQ with atomics. It is not the default: on
+// the H200 it measured no faster (benchmarks/results/NOTES.md, run AK).
 // Both kernels are the sm80 path's mma.sync / ldmatrix / cp.async code (../sm80/tile_mma.cuh, kv_tiles.cuh): 64 x 64
 // tiles, 4 warps of 16 rows, so the forward's score_tile / accumulate_pv serve every product (the tile that is the
 // A operand is "the query tile" there, the B operand "the KV tile").
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "../sm80/kernel_traits.h"
@@ -48,6 +52,9 @@ struct BwdTraits : sm80::SwizzledTiles<kHeadDim_> {
     Elem a1[kTileElems];     // dkdv: sV;            dq: sdO
     Elem b0[2][kTileElems];  // dkdv: sQ per query tile;  dq: sK per key tile
     Elem b1[2][kTileElems];  // dkdv: sdO;                dq: sV
+    // dkdv with dq_accum: dS^T (keys, queries) of the current tile, for dQ += dS K. Kept among the tiles: ldmatrix
+    // reads it, so it must start 16-byte aligned, which an array after the metadata below would not.
+    Elem ds[kBlockM * kBlockN];
     // dkdv: per query row of a tile: its visible key positions [low, limit), lse * log2(e) (+inf for a row that saw
     // nothing, so its P is 0), delta. dq: per key of a tile: visible (in the sequence and kept by the mask) in low,
     // its key-side bias * log2(e) in lse2.
@@ -58,6 +65,7 @@ struct BwdTraits : sm80::SwizzledTiles<kHeadDim_> {
     int32_t span[2];  // dq: the smallest low and the largest limit of the tile's rows
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
+  static_assert(offsetof(SharedStorage, ds) % 16 == 0, "ldmatrix reads sdS by 16-byte rows");
 };
 
 }  // namespace dmattn::cuda::bwd

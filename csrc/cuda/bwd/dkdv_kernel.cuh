@@ -6,6 +6,7 @@
 // two tiles in flight (sQ / sdO of the next tile load while the current one computes). Per query tile:
 //   S^T = K Q^T -> P^T (each row's lse; hidden pairs 0) -> dV += P^T dO -> dP^T = V dO^T
 //   -> dS^T = P^T (dP^T - delta) -> dbias += sum over the queries of dS^T -> dK += dS^T Q (softcap: times its slope)
+//   [-> with BwdParams::dq_accum: dQ += dS K, added with atomics (add_dq)]
 // so dK, dV of a key are summed in one fixed order (deterministic) and written once, dK times the softmax scale.
 #pragma once
 
@@ -18,12 +19,72 @@
 
 namespace dmattn::cuda::bwd {
 
+// dQ += dS K for the query tile from m0 (BwdParams::dq_accum, DMATTN_BWD_DQ=atomic): dS^T goes through shared memory (sdS,
+// keys x queries), then warp w multiplies queries 16 w + [0, 16) of it (read transposed) by sK, 32 columns of D at a
+// time (16 accumulators, not 64: dK and dV hold the registers), and adds the result into dq_accum with atomics.
+template <typename Traits>
+__device__ __forceinline__ void add_dq(const BwdParams& p, const Seq& s, typename Traits::SharedStorage& smem,
+                                       const float (&ds)[1][Traits::kNTiles][4], int h, int m0, int warp_row0,
+                                       int lane) {
+  using Elem = typename Traits::Elem;
+  constexpr int kBlock = Traits::kBlockM, kChunk = 32;
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int nt = 0; nt < Traits::kNTiles; ++nt) {
+    *reinterpret_cast<uint32_t*>(smem.ds + Traits::template smem_offset<kBlock>(warp_row0 + g, nt * 8 + 2 * t)) =
+        sm80::ElemTraits<Elem>::pack(ds[0][nt][0], ds[0][nt][1]);
+    *reinterpret_cast<uint32_t*>(smem.ds + Traits::template smem_offset<kBlock>(warp_row0 + g + 8, nt * 8 + 2 * t)) =
+        sm80::ElemTraits<Elem>::pack(ds[0][nt][2], ds[0][nt][3]);
+  }
+  __syncthreads();  // every warp's keys of sdS are written
+  // A = dS (queries x keys): 8 x 8 blocks of sdS read transposed; B = sK (keys x D) read transposed, as V is in P V.
+  const uint32_t ds_lane = static_cast<uint32_t>(__cvta_generic_to_shared(smem.ds)) +
+                           2 * Traits::template smem_offset<kBlock>((lane & 7) + (lane >> 4) * 8,
+                                                                    warp_row0 + ((lane >> 3) & 1) * 8);
+  const uint32_t k_lane = LaneAddress<Traits>::b_trans(smem.a0, lane);
+  // This lane's two rows of dQ (queries m0 + warp_row0 + g, + 8), as element offsets into dq_accum; -1: past the
+  // sequence.
+  const int row_a = warp_row0 + g, rows_left = s.q_len - m0;
+  const int64_t at_a = ((static_cast<int64_t>(s.q_start) + m0 + row_a) * p.f.num_heads + h) * Traits::kHeadDim + 2 * t;
+  const int64_t row_step = static_cast<int64_t>(8) * p.f.num_heads * Traits::kHeadDim;
+#pragma unroll
+  for (int c0 = 0; c0 < Traits::kHeadDim; c0 += kChunk) {
+    float acc[1][kChunk / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kChunk / 8; ++nt) acc[0][nt][0] = acc[0][nt][1] = acc[0][nt][2] = acc[0][nt][3] = 0.f;
+    sm80::warp_mma<typename Traits::Mma, 1, kBlock / 16, kChunk / 16, Traits::kPrefetch, /*kAAhead=*/true>(
+        acc,
+        [&](int kk, uint32_t(&a)[1][4]) {
+          sm80::ldmatrix_x4_trans(Traits::template smem_step<kBlock>(ds_lane, kk, 0), a[0]);
+        },
+        [&](int kk, int j, uint32_t(&b)[4]) {
+          sm80::ldmatrix_x4_trans(Traits::template smem_step<kBlock>(k_lane, kk, c0 + j * 16), b);
+        });
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      if (row_a + 8 * half >= rows_left) continue;
+      float* row = p.dq_accum + at_a + half * row_step + c0;
+#pragma unroll
+      for (int nt = 0; nt < kChunk / 8; ++nt) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        atomicAdd(reinterpret_cast<float2*>(row + nt * 8), make_float2(acc[0][nt][2 * half], acc[0][nt][2 * half + 1]));
+#else
+        atomicAdd(row + nt * 8, acc[0][nt][2 * half]);
+        atomicAdd(row + nt * 8 + 1, acc[0][nt][2 * half + 1]);
+#endif
+      }
+    }
+  }
+}
+
 template <typename Traits, bool kSoftcap>
-__global__ void __launch_bounds__(Traits::kThreads, 2) dkdv_kernel(const __grid_constant__ BwdParams p, int seq0) {
+__global__ void __launch_bounds__(Traits::kThreads, 2) dkdv_kernel(const __grid_constant__ BwdParams p, int seq0, int tile0) {
   constexpr int kBlock = Traits::kBlockM, kNTiles = Traits::kNTiles, kDTiles = Traits::kDTiles;
-  const int b = seq0 + static_cast<int>(blockIdx.z), hk = blockIdx.y;
+  // Grid (KV heads, sequences, key tiles from tile0): the key tile is the slowest index, so under a causal mask the
+  // CTAs of every sequence's first key tiles, which every later query sees, start first.
+  const int hk = blockIdx.x, b = seq0 + static_cast<int>(blockIdx.y);
   const Seq s(p.f, b);
-  const int j0 = static_cast<int>(blockIdx.x) * kBlock;
+  const int j0 = (tile0 + static_cast<int>(blockIdx.z)) * kBlock;
   if (j0 >= s.k_len) return;
 
   extern __shared__ __align__(128) char smem_raw[];
@@ -96,36 +157,60 @@ __global__ void __launch_bounds__(Traits::kThreads, 2) dkdv_kernel(const __grid_
         float slope[1][kSoftcap ? kNTiles : 1][4];
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
+          const int i0 = nt * 8 + 2 * t;  // the lane's two query rows of the tile: i0, i0 + 1
+          const int2 low = *reinterpret_cast<const int2*>(&smem.low[buf][i0]);
+          const int2 limit = *reinterpret_cast<const int2*>(&smem.limit[buf][i0]);
+          const float2 lse2 = *reinterpret_cast<const float2*>(&smem.lse2[buf][i0]);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int i = nt * 8 + 2 * t + (e & 1);  // query row of the tile
             const int j = e < 2 ? key_a : key_b;
             const KeyInfo& key = e < 2 ? ka : kb;
-            const bool visible = key.visible && j >= smem.low[buf][i] && j < smem.limit[buf][i];
+            const bool visible = key.visible && j >= (e & 1 ? low.y : low.x) && j < (e & 1 ? limit.y : limit.x);
             float sl = 1.f;
-            const float prob =
-                probability<kSoftcap>(p.f, pt[0][nt][e] * p.f.softmax_scale, key.bias2, smem.lse2[buf][i], sl);
+            const float prob = probability<kSoftcap>(p.f, pt[0][nt][e] * p.f.softmax_scale, key.bias2,
+                                                     e & 1 ? lse2.y : lse2.x, sl);
             pt[0][nt][e] = visible ? prob : 0.f;
             if constexpr (kSoftcap) slope[0][nt][e] = sl;
           }
         }
+        // P^T from here on as 16-bit pairs (the A operand of dV as it is, and half the registers through dP^T; dS
+        // from the rounded P is within the accuracy rule, as the same-dtype reference rounds P too).
+        uint32_t pp[kNTiles][2];
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+          pp[nt][0] = sm80::ElemTraits<typename Traits::Elem>::pack(pt[0][nt][0], pt[0][nt][1]);
+          pp[nt][1] = sm80::ElemTraits<typename Traits::Elem>::pack(pt[0][nt][2], pt[0][nt][3]);
+        }
         // ---- dV += P^T dO ----
-        sm80::accumulate_pv<Traits>(dv, pt, Lane::b_trans(smem.b1[buf], lane), 0);
+        const uint32_t dot_lane = Lane::b_trans(smem.b1[buf], lane);
+        sm80::warp_mma<typename Traits::Mma, 1, kNTiles / 2, kDTiles / 2, Traits::kPrefetch, /*kAAhead=*/false>(
+            dv,
+            [&](int kk, uint32_t(&a)[1][4]) {
+              a[0][0] = pp[2 * kk][0];
+              a[0][1] = pp[2 * kk][1];
+              a[0][2] = pp[2 * kk + 1][0];
+              a[0][3] = pp[2 * kk + 1][1];
+            },
+            [&](int kk, int j, uint32_t(&bf)[4]) {
+              sm80::ldmatrix_x4_trans(Traits::template smem_step<kBlock>(dot_lane, kk, j * 16), bf);
+            });
         // ---- dP^T = V dO^T, then dS^T = P^T (dP^T - delta) in place ----
         float ds[1][kNTiles][4];
         sm80::score_tile<Traits>(ds, v_lane, do_lane, 0);
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
+          const float2 delta = *reinterpret_cast<const float2*>(&smem.delta[buf][nt * 8 + 2 * t]);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const float prob = pt[0][nt][e];
-            const float d = prob != 0.f ? prob * (ds[0][nt][e] - smem.delta[buf][nt * 8 + 2 * t + (e & 1)]) : 0.f;
+            const float prob = unpack<typename Traits::Elem>(pp[nt][e / 2], e & 1);
+            const float d = prob != 0.f ? prob * (ds[0][nt][e] - (e & 1 ? delta.y : delta.x)) : 0.f;
             if (e < 2) db_a += d; else db_b += d;
             if constexpr (kSoftcap) ds[0][nt][e] = d * slope[0][nt][e]; else ds[0][nt][e] = d;
           }
         }
         // ---- dK += dS^T Q ----
         sm80::accumulate_pv<Traits>(dk, ds, Lane::b_trans(smem.b0[buf], lane), 0);
+        if (p.dq_accum != nullptr) add_dq<Traits>(p, s, smem, ds, h, i_begin + n * kBlock, warp_row0, lane);
       }
       __syncthreads();  // every warp is done with buffer buf before tile n + 2 loads into it
     }

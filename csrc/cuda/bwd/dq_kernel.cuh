@@ -1,6 +1,6 @@
 // dq_kernel.cuh: dQ of one query tile (bwd_traits.h has the whole design).
 //
-// A CTA owns queries [m0, m0 + 64) of one query head of one sequence; warp w owns rows m0 + 16 w + [0, 16). With sQ,
+// A CTA owns queries [m0, m_end) (64, or fewer at a sequence's start) of one query head of one sequence; warp w owns rows m0 + 16 w + [0, 16). With sQ,
 // sdO in shared memory for the whole CTA it walks the key tiles its rows can see (the smallest first visible key to
 // the largest limit over its rows; tiles whose keys the mask hides all are skipped after their loads), two tiles in
 // flight. Per key tile:
@@ -18,25 +18,32 @@
 namespace dmattn::cuda::bwd {
 
 template <typename Traits, bool kSoftcap>
-__global__ void __launch_bounds__(Traits::kThreads, 2) dq_kernel(const __grid_constant__ BwdParams p, int seq0) {
+__global__ void __launch_bounds__(Traits::kThreads, 2) dq_kernel(const __grid_constant__ BwdParams p, int seq0, int tile0) {
   constexpr int kBlock = Traits::kBlockM, kNTiles = Traits::kNTiles, kDTiles = Traits::kDTiles;
-  const int b = seq0 + static_cast<int>(blockIdx.z), h = blockIdx.y;
+  // Grid (query heads, sequences, query tiles from tile0), tiles counted from the end of the sequence (the last one
+  // may be short): the tile is the slowest index, so under a causal mask the CTAs of the last queries, which see the
+  // most keys, start first.
+  const int h = blockIdx.x, b = seq0 + static_cast<int>(blockIdx.y);
   const Seq s(p.f, b);
-  const int m0 = static_cast<int>(blockIdx.x) * kBlock;
-  if (m0 >= s.q_len) return;
+  const int m_end = s.q_len - (tile0 + static_cast<int>(blockIdx.z)) * kBlock;
+  if (m_end <= 0) return;
+  const int m0 = max(0, m_end - kBlock);
 
   extern __shared__ __align__(128) char smem_raw[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int warp_row0 = warp * 16;
   const int hk = h / (p.f.num_heads / p.f.num_heads_k);
-  const int rows_here = min(kBlock, s.q_len - m0);
+  const int rows_here = m_end - m0;
 
   // ---- sQ, sdO: (64 queries, D) of this head; the two rows of this lane ----
   load_tile<Traits>(smem.a0, p.f.q, p.f.q_row_stride, p.f.q_head_stride, s.q_start + m0, h, rows_here);
   load_tile<Traits>(smem.a1, p.dout, p.dout_row_stride, p.dout_head_stride, s.q_start + m0, h, rows_here);
   cute::cp_async_fence();
-  const RowInfo ra = row_info(p, s, h, m0 + warp_row0 + g), rb = row_info(p, s, h, m0 + warp_row0 + g + 8);
+  // This lane's two rows (a short first tile's rows past rows_here belong to the next tile: they see nothing here).
+  const int row_a = warp_row0 + g, row_b = row_a + 8;
+  const RowInfo ra = row_info(p, s, h, row_a < rows_here ? m0 + row_a : INT_MAX);
+  const RowInfo rb = row_info(p, s, h, row_b < rows_here ? m0 + row_b : INT_MAX);
 
   // The keys any row of the tile sees: [min low, max limit) over the rows.
   if (tid == 0) {
