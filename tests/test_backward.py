@@ -13,6 +13,7 @@ DMATTN_BWD=blockwise, so that both are checked here on the CPU and the second on
 - Deterministic: two runs give the same bits (torch.use_deterministic_algorithms(True) is accepted).
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -128,6 +129,16 @@ def test_cuda_gradients_match_reference(spec, dtype, mode, cuda_device, monkeypa
     _check_gradients(spec, dtype, "cuda")
 
 
+@pytest.mark.parametrize("mask", [None, "key"], ids=["no_mask", "kept_key_lists"])
+def test_cuda_whole_visible_tiles_match_reference(mask, cuda_device):
+    """Long causal sequences at head dim 128: most (key tile, query tile) pairs are visible in every element, which
+    the fused kernels run without the per-element check; with a key-side mask, through its kept-key lists."""
+    base = SAMPLES[SAMPLE_IDS.index("block_sparse_key_mask")]
+    spec = dataclasses.replace(base, name=f"whole_tiles_{mask}", seqlens_q=(200, 333), seqlens_k=(200, 333),
+                               head_dim=128, is_causal=True, mask=mask)
+    _check_gradients(spec, torch.bfloat16, "cuda")
+
+
 def _logged_backward_path(sample, capfd, monkeypatch, field="path"):
     """Runs the sample's backward with DMATTN_LOG_PLAN=1 and returns `field` of the one plan line it logged."""
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
@@ -183,10 +194,23 @@ def test_cuda_backward_path_is_the_documented_one(name, path, cuda_device, capfd
     assert _logged_backward_path(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch) == "blockwise"
 
 
+@pytest.mark.parametrize("name, lists", [("key_mask_Hk", "1"), ("key_mask_1", "1"), ("block_sparse_key_mask", "1"),
+                                         ("key_mask_H", "0"), ("key_mask_key_bias_mqa", "0"), ("dense_gqa", "0")])
+def test_cuda_backward_walks_kept_key_lists(name, lists, cuda_device, capfd, monkeypatch):
+    """A key-side mask whose heads the query heads of each KV group share (Hm divides Hk) is compacted into kept-key
+    lists, so the fused kernels load and multiply only the keys it keeps; finer masks (and no mask) are read per key
+    (DMATTN_LOG_PLAN's key_lists; the gradients of both are checked by test_cuda_gradients_match_reference)."""
+    spec = SAMPLES[SAMPLE_IDS.index(name)]
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    assert _logged_backward_path(sample, capfd, monkeypatch, "key_lists") == lists
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "kept_key_lists"])
 @pytest.mark.parametrize("lie", ["past_the_end", "negative", "decreasing"])
-def test_cuda_backward_with_lying_cu_seqlens_stays_in_bounds(lie, cuda_device, backward_path):
+def test_cuda_backward_with_lying_cu_seqlens_stays_in_bounds(lie, masked, cuda_device, backward_path):
     """cu_seqlens that break the contract: the backward clamps them as the forward does, so it reads and writes only
-    inside the tensors (compute-sanitizer runs this on the GPU machine) and returns gradients of the inputs' shapes."""
+    inside the tensors (compute-sanitizer runs this on the GPU machine) and returns gradients of the inputs' shapes;
+    with a key-side mask, through the kept-key lists too."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(70, 4, 64, generator=g).to(cuda_device, torch.bfloat16).requires_grad_()
     k = torch.randn(90, 2, 64, generator=g).to(cuda_device, torch.bfloat16).requires_grad_()
@@ -195,7 +219,8 @@ def test_cuda_backward_with_lying_cu_seqlens_stays_in_bounds(lie, cuda_device, b
     cu = {"past_the_end": [0, 40, 200], "negative": [-30, 20, 70], "decreasing": [0, 60, 10]}[lie]
     cu_q = torch.tensor(cu, dtype=torch.int32, device=cuda_device)
     cu_k = torch.tensor([0, 50, 90], dtype=torch.int32, device=cuda_device)
-    out = dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 100, 100, bias=bias, is_causal=True)
+    mask = (torch.rand(90, 2, generator=g) > 0.3).to(cuda_device) if masked else None
+    out = dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 100, 100, mask=mask, bias=bias, is_causal=True)
     out.float().sum().backward()
     torch.cuda.synchronize()
     for t in (q, k, v, bias):

@@ -1,4 +1,5 @@
-// run_varlen_bwd.cu: the fused backward on one stream (api.h): delta_kernel, dkdv_kernel, then dq_kernel unless
+// run_varlen_bwd.cu: the fused backward on one stream (api.h): delta_kernel, compact_keys where the call has kept-key
+// lists (BwdParams::keys; the forward's pass, key_compaction.cu), dkdv_kernel, then dq_kernel unless
 // dkdv_kernel adds dQ itself (bwd/bwd_traits.h), for float16 / bfloat16 at head dims 64 and 128, with and without a
 // softcap. The kernels are the sm80 path's mma.sync
 // code, compiled for every architecture of the build.
@@ -35,6 +36,7 @@ cudaError_t launch_bwd(const bwd::BwdParams& p, cudaStream_t stream) {
     bwd::delta_kernel<Traits><<<blocks, bwd::kDeltaWarps * 32, 0, stream>>>(p);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
+  if ((err = compact_keys(p.f, p.keys, stream)) != cudaSuccess) return err;  // nothing without lists
   const int64_t key_tiles = (p.f.max_seqlen_k + kBlock - 1) / kBlock;
   const int64_t query_tiles = p.dq_accum == nullptr ? (p.f.max_seqlen_q + kBlock - 1) / kBlock : 0;
   // Grids (heads, sequences, tiles): sequences and tiles in chunks of the grid's y / z limit.

@@ -216,6 +216,12 @@ bool atomic_dq_requested() {
   return name == "atomic" && !at::globalContext().deterministicAlgorithms();
 }
 
+// Whether the fused backward walks kept-key lists (BwdParams::keys): a key-side mask whose heads the query heads of each
+// KV group share (Hm divides Hk), so that one list serves a dkdv_kernel CTA's whole group.
+bool bwd_key_lists(const VarlenFwdArgs& a) {
+  return a.mask && a.mask->dim() == 2 && a.mask->size(1) > 0 && a.k.size(1) % a.mask->size(1) == 0;
+}
+
 // The fused backward (bwd/bwd_traits.h) for a call it covers: dq, dk, dv (q's dtype) and, for a key-side bias that
 // requires grad, its gradient in the bias's layout, head broadcast and dtype; the sinks' gradient from the rows' lse
 // and delta. Nothing here synchronises the device.
@@ -253,6 +259,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_var
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.dbias = want_dbias ? dbias_heads.data_ptr<float>() : nullptr;
+  at::Tensor key_index, key_count;  // the kept-key lists, (Hm, total_k) and (B, Hm) int32, filled by compact_keys
+  if (bwd_key_lists(a)) {
+    const int64_t hm = a.mask->size(1);
+    const auto i32 = qk.options().dtype(at::kInt);
+    key_index = at::empty({hm, kk.size(0)}, i32);
+    key_count = at::empty({a.cu_seqlens_q.size(0) - 1, hm}, i32);
+    p.keys.index = key_index.data_ptr<int32_t>();
+    p.keys.count = key_count.data_ptr<int32_t>();
+    p.keys.mask_heads = static_cast<int32_t>(hm);
+    p.keys.heads_per_list = static_cast<int32_t>(H / hm);
+  }
   C10_CUDA_CHECK(cuda::run_varlen_bwd(p, c10::cuda::getCurrentCUDAStream()));
   if (atomic_dq) dq = dq_accum.mul_(scale).to(qk.scalar_type());
 
@@ -297,9 +314,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
   const bool fused = q.scalar_type() != at::kFloat && !query_side && kernel_dim > 0 && q.size(1) <= kMaxGridDim &&
                      !blockwise_backward_requested();
   if (const char* flag = std::getenv("DMATTN_LOG_PLAN"); flag != nullptr && *flag != '\0' && std::string(flag) != "0") {
-    std::fprintf(stderr, "dmattn.varlen_bwd plan: path=%s dq=%s (H=%lld Hk=%lld D=%lld query_side=%d)\n",
+    std::fprintf(stderr, "dmattn.varlen_bwd plan: path=%s dq=%s key_lists=%d (H=%lld Hk=%lld D=%lld query_side=%d)\n",
                  fused ? "fused" : "blockwise",
                  !fused ? "blockwise" : atomic_dq_requested() ? "atomic" : "ordered",
+                 static_cast<int>(fused && bwd_key_lists(args)),
                  static_cast<long long>(q.size(1)), static_cast<long long>(k.size(1)),
                  static_cast<long long>(q.size(2)), static_cast<int>(query_side));
   }

@@ -11,6 +11,7 @@
 #include "../../varlen_fwd_params.h"
 #include "../score_operand.cuh"
 #include "../sm80/kv_tiles.cuh"
+#include "../sm80/tile_scheduler.cuh"
 #include "bwd_traits.h"
 
 namespace dmattn::cuda::bwd {
@@ -54,20 +55,81 @@ __device__ __forceinline__ RowInfo row_info(const BwdParams& p, const Seq& s, in
   return r;
 }
 
-// Key position j of the sequence for query head h: in the sequence and kept by a key-side mask (any nonzero byte),
-// and its key-side bias in base 2 (0 without one).
+// Key position j of the sequence for query head h: in the sequence and kept by a key-side mask (any nonzero byte; a
+// `listed` key, read from the mask's kept-key list, is kept without reading the mask again), and its key-side bias in
+// base 2 (0 without one).
 struct KeyInfo {
   bool visible;
   float bias2;
 };
 
-__device__ __forceinline__ KeyInfo key_info(const BwdParams& p, const Seq& s, int h, int j) {
+__device__ __forceinline__ KeyInfo key_info(const BwdParams& p, const Seq& s, int h, int j, bool listed = false) {
   KeyInfo k{false, 0.f};
   if (j >= s.k_len) return k;
   const int64_t row = static_cast<int64_t>(s.k_start) + j;
-  k.visible = !p.f.mask.present() || p.f.mask.mask_allows(p.f.mask.offset(row, h, 0));
+  k.visible = listed || !p.f.mask.present() || p.f.mask.mask_allows(p.f.mask.offset(row, h, 0));
   if (p.f.bias.present()) k.bias2 = bias_value(p.f.bias, p.f.bias.offset(row, h, 0)) * kLog2e;
   return k;
+}
+
+// The key slots query head h walks in sequence b: with kept-key lists (BwdParams::keys) slot c is the c-th key the mask
+// keeps, else slot c is key position c.
+struct KeySlots {
+  const int32_t* list = nullptr;  // the sorted kept key positions of the sequence, or null
+  int n;                          // slots: kept keys, or k_len
+
+  __device__ __forceinline__ KeySlots(const BwdParams& p, const Seq& s, int b, int h) : n(s.k_len) {
+    if (p.keys.index == nullptr) return;
+    const int l = sm80::list_head(p.keys, h);
+    list = p.keys.index + static_cast<int64_t>(l) * p.f.total_k + s.k_start;
+    n = min(max(p.keys.count[static_cast<int64_t>(b) * p.keys.mask_heads + l], 0), s.k_len);
+  }
+  // Key position of slot c < n, clamped into the sequence, so a list cannot move a read out of it.
+  __device__ __forceinline__ int pos(int c, int k_len) const {
+    if (list == nullptr) return c;
+    return min(max(list[c], 0), k_len - 1);
+  }
+  // Slots whose key position is < limit (a whole warp calls it: sm80::slots_before).
+  __device__ __forceinline__ int before(int limit, int lane) const { return sm80::slots_before(list, n, limit, lane); }
+};
+
+// The key positions of the rows of a 64-slot tile that this thread copies (sm80::RowLoader's rows r0 + i * kStep),
+// fetched ahead of the copy so that the gather does not wait on the list; -1: past the tile's last slot (zero-filled).
+template <typename Traits>
+struct SlotRows {
+  using Loader = sm80::RowLoader<Traits>;
+  static constexpr int kStep = Loader::kRowStep, kCount = Traits::kBlockN / kStep;
+  static_assert(Traits::kBlockN % kStep == 0, "every thread copies the same number of rows");
+  int pos[kCount];
+
+  __device__ __forceinline__ void fetch(const KeySlots& ks, int slot0, int end, int k_len) {
+    const int r0 = static_cast<int>(threadIdx.x) / Loader::kLoadCols;
+#pragma unroll
+    for (int i = 0; i < kCount; ++i) {
+      const int slot = slot0 + r0 + i * kStep;
+      pos[i] = slot < end ? ks.pos(slot, k_len) : -1;
+    }
+  }
+};
+
+// Rows of head `head` of a (rows, heads, D) tensor gathered into a swizzled 64-row tile: tile row r0 + i * kStep is
+// row first + rows.pos[i] (zero-filled without a read where pos is -1).
+template <typename Traits>
+__device__ __forceinline__ void gather_tile(typename Traits::Elem* smem, const void* base, int64_t row_stride,
+                                            int64_t head_stride, int64_t first, int head,
+                                            const SlotRows<Traits>& rows) {
+  using Elem = typename Traits::Elem;
+  using Loader = sm80::RowLoader<Traits>;
+  const int r0 = static_cast<int>(threadIdx.x) / Loader::kLoadCols, col = (threadIdx.x % Loader::kLoadCols) * 8;
+  if (col >= Traits::kHeadDim) return;
+  const Elem* col0 = static_cast<const Elem*>(base) + first * row_stride + head * head_stride + col;
+#pragma unroll
+  for (int i = 0; i < SlotRows<Traits>::kCount; ++i) {
+    const int r = r0 + i * SlotRows<Traits>::kStep;
+    const bool valid = rows.pos[i] >= 0;
+    sm80::cp_async_16(smem + Traits::template smem_offset<Traits::kBlockN>(r, col),
+                      valid ? static_cast<const void*>(col0 + rows.pos[i] * row_stride) : base, valid);
+  }
 }
 
 // Rows [first, first + kBlockM) of head `head` of a (rows, heads, D) tensor into a swizzled shared tile; rows at or
@@ -115,18 +177,20 @@ struct LaneAddress {
 };
 
 // Accumulator fragments (rows warp_row0 + g (+ 8), columns 8 dt + 2 t (+ 1)) times `scale`, as 16-bit pairs into
-// rows [0, valid) of head `head` of a contiguous (rows, heads, D) tensor from row `first`.
+// tile rows [0, valid) of head `head` of a contiguous (rows, heads, D) tensor: tile row r is row first + r, or with
+// `pos` (a shared-memory list of the tile's key positions) row first + pos[r].
 template <typename Traits>
 __device__ __forceinline__ void store_rows(void* base, int64_t first, int heads, int head, int valid,
                                            const float (&acc)[1][Traits::kDTiles][4], float scale, int warp_row0,
-                                           int lane) {
+                                           int lane, const int32_t* pos = nullptr) {
   using Elem = typename Traits::Elem;
   const int g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int r = warp_row0 + g + 8 * half;
     if (r >= valid) continue;
-    Elem* dst = static_cast<Elem*>(base) + ((first + r) * heads + head) * Traits::kHeadDim + 2 * t;
+    const int64_t row = first + (pos != nullptr ? pos[r] : r);
+    Elem* dst = static_cast<Elem*>(base) + (row * heads + head) * Traits::kHeadDim + 2 * t;
 #pragma unroll
     for (int dt = 0; dt < Traits::kDTiles; ++dt) {
       *reinterpret_cast<uint32_t*>(dst + dt * 8) =

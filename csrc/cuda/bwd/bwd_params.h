@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "../../varlen_fwd_params.h"
+#include "../passes.h"
 
 namespace dmattn::cuda::bwd {
 
@@ -21,6 +22,11 @@ namespace dmattn::cuda::bwd {
 //                           dq_kernel computes dq on its own, every sum in a fixed order (deterministic).
 //   dbias (total_k, H) float32 contiguous, zero-filled, or null: d loss / d key-side bias per query head (the binding
 //                           sums the heads each bias head broadcasts to)
+//   keys  the kept-key lists of a key-side mask whose heads the query heads of a KV group share (Hk % Hm == 0), built
+//                           by compact_keys (../passes.h) before the kernels, or null: then both kernels walk key
+//                           positions and read the mask per key. With lists, dkdv_kernel's CTAs own 64 kept keys
+//                           (gathered) and dq_kernel walks kept keys only, so a mask keeping half the keys costs about
+//                           half; dk, dv and dbias rows of the keys it removes stay 0.
 struct BwdParams {
   VarlenFwdParams f;
   const void* dout = nullptr;
@@ -32,6 +38,7 @@ struct BwdParams {
   void* dv = nullptr;
   float* dq_accum = nullptr;
   float* dbias = nullptr;
+  KeyLists keys;
 };
 
 // The head dims the fused backward is built for; the binding pads q, k, v, dout and out with zeros up to one.

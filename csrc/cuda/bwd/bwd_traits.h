@@ -12,6 +12,9 @@
 // path (BwdParams::dq_accum set: DMATTN_BWD_DQ=atomic outside torch's deterministic mode) runs no dq_kernel:
 // dkdv_kernel also adds dS K of each (key tile, query tile) into a float32 dQ with atomics. It is not the default: on
 // the H200 it measured no faster (benchmarks/results/NOTES.md, run AK).
+// A key-side mask that every query head of a KV group reads the same way (Hm divides Hk) is first compacted into
+// kept-key lists (compact_keys, ../passes.h; BwdParams::keys): then a "key tile" is 64 consecutive slots of a list,
+// K / V rows gathered, so the keys the mask removes cost nothing (key slots, as in the forward's tile_scheduler.cuh).
 // Both kernels are the sm80 path's mma.sync / ldmatrix / cp.async code (../sm80/tile_mma.cuh, kv_tiles.cuh): 64 x 64
 // tiles, 4 warps of 16 rows, so the forward's score_tile / accumulate_pv serve every product (the tile that is the
 // A operand is "the query tile" there, the B operand "the KV tile").
@@ -62,6 +65,7 @@ struct BwdTraits : sm80::SwizzledTiles<kHeadDim_> {
     int32_t limit[2][kBlockN];
     float lse2[2][kBlockN];
     float delta[2][kBlockN];
+    int32_t pos[2][kBlockN];  // key positions of the tile's slots (INT_MAX past the last): dkdv pos[0], dq per buffer
     int32_t span[2];  // dq: the smallest low and the largest limit of the tile's rows
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);

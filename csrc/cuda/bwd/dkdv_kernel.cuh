@@ -1,6 +1,7 @@
 // dkdv_kernel.cuh: dK, dV and the key-side bias gradient of one key tile (bwd_traits.h has the whole design).
 //
-// A CTA owns keys [j0, j0 + 64) of one KV head of one sequence; warp w owns keys j0 + 16 w + [0, 16). With sK, sV in
+// A CTA owns key slots [c0, c0 + 64) of one KV head of one sequence (slot c: key position c, or with kept-key lists
+// the c-th key the mask keeps, its K / V rows gathered); warp w owns slots c0 + 16 w + [0, 16). With sK, sV in
 // shared memory for the whole CTA it walks the query heads of the KV group and, per head, the query tiles whose rows
 // can see one of its keys (the window bounds them; tiles no row of which sees a key are skipped after their loads),
 // two tiles in flight (sQ / sdO of the next tile load while the current one computes). Per query tile:
@@ -84,20 +85,32 @@ __global__ void __launch_bounds__(Traits::kThreads, 2) dkdv_kernel(const __grid_
   // CTAs of every sequence's first key tiles, which every later query sees, start first.
   const int hk = blockIdx.x, b = seq0 + static_cast<int>(blockIdx.y);
   const Seq s(p.f, b);
-  const int j0 = (tile0 + static_cast<int>(blockIdx.z)) * kBlock;
-  if (j0 >= s.k_len) return;
+  const int group = p.f.num_heads / p.f.num_heads_k;
+  const KeySlots ks(p, s, b, hk * group);  // lists serve whole KV groups (the binding builds them only then)
+  const int c0 = (tile0 + static_cast<int>(blockIdx.z)) * kBlock;
+  if (c0 >= ks.n) return;
 
   extern __shared__ __align__(128) char smem_raw[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int warp_row0 = warp * 16;
-  const int group = p.f.num_heads / p.f.num_heads_k;
-  const int keys_here = min(kBlock, s.k_len - j0);
+  const int keys_here = min(kBlock, ks.n - c0);
 
-  // ---- sK, sV: (64 keys, D) of this KV head ----
-  load_tile<Traits>(smem.a0, p.f.k, p.f.k_row_stride, p.f.k_head_stride, s.k_start + j0, hk, keys_here);
-  load_tile<Traits>(smem.a1, p.f.v, p.f.v_row_stride, p.f.v_head_stride, s.k_start + j0, hk, keys_here);
+  // ---- sK, sV: (64 keys, D) of this KV head, and the slots' key positions (INT_MAX past the last) ----
+  if (ks.list != nullptr) {
+    SlotRows<Traits> rows;
+    rows.fetch(ks, c0, c0 + keys_here, s.k_len);
+    gather_tile<Traits>(smem.a0, p.f.k, p.f.k_row_stride, p.f.k_head_stride, s.k_start, hk, rows);
+    gather_tile<Traits>(smem.a1, p.f.v, p.f.v_row_stride, p.f.v_head_stride, s.k_start, hk, rows);
+  } else {
+    load_tile<Traits>(smem.a0, p.f.k, p.f.k_row_stride, p.f.k_head_stride, s.k_start + c0, hk, keys_here);
+    load_tile<Traits>(smem.a1, p.f.v, p.f.v_row_stride, p.f.v_head_stride, s.k_start + c0, hk, keys_here);
+  }
   cute::cp_async_fence();
+  if (tid < kBlock) smem.pos[0][tid] = tid < keys_here ? ks.pos(c0 + tid, s.k_len) : INT_MAX;
+  __syncthreads();
+  const int32_t* key_pos = smem.pos[0];
+  const int pos_lo = key_pos[0], pos_hi = key_pos[keys_here - 1];  // ascending
 
   using Lane = LaneAddress<Traits>;
   const uint32_t k_lane = Lane::a(smem.a0, warp_row0, lane), v_lane = Lane::a(smem.a1, warp_row0, lane);
@@ -105,19 +118,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 2) dkdv_kernel(const __grid_
   float dk[1][kDTiles][4], dv[1][kDTiles][4];
   zero(dk);
   zero(dv);
-  // The window's bounds on the queries that can see a key of [j0, j0 + 64): query i sees key j only if
+  // The window's bounds on the queries that can see a key of [pos_lo, pos_hi]: query i sees key j only if
   // i + shift - window_left <= j and j <= i + shift + window_right (shift = k_len - q_len).
   const int shift = s.k_len - s.q_len;
-  const int i_begin = p.f.window_right < 0 ? 0 : max(0, j0 - shift - static_cast<int>(p.f.window_right));
-  const int i_end = p.f.window_left < 0
-                        ? s.q_len
-                        : min(s.q_len, j0 + kBlock - 1 - shift + static_cast<int>(p.f.window_left) + 1);
+  const int i_begin = p.f.window_right < 0 ? 0 : max(0, pos_lo - shift - static_cast<int>(p.f.window_right));
+  const int i_end = p.f.window_left < 0 ? s.q_len
+                                        : min(s.q_len, pos_hi - shift + static_cast<int>(p.f.window_left) + 1);
   const int n_tiles = i_end > i_begin ? (i_end - i_begin + kBlock - 1) / kBlock : 0;
-  const int key_a = j0 + warp_row0 + g, key_b = key_a + 8;  // the two keys (accumulator rows) of this lane
+  // The two keys (accumulator rows) of this lane, as positions (INT_MAX: no key).
+  const int key_a = key_pos[warp_row0 + g], key_b = key_pos[warp_row0 + g + 8];
+  const bool listed = ks.list != nullptr;
 
   for (int hh = 0; hh < group; ++hh) {
     const int h = hk * group + hh;
-    const KeyInfo ka = key_info(p, s, h, key_a), kb = key_info(p, s, h, key_b);
+    const KeyInfo ka = key_info(p, s, h, key_a, listed), kb = key_info(p, s, h, key_b, listed);
     // A head for which the mask keeps none of the tile's keys contributes nothing (dbias stays 0).
     if (!__syncthreads_or(ka.visible || kb.visible) || n_tiles == 0) continue;
 
@@ -147,7 +161,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2) dkdv_kernel(const __grid_
       }
       // sQ / sdO of tile n (and sK, sV) landed, its row metadata is visible; does any row see a key of the tile?
       bool sees = false;
-      if (tid < kBlock) sees = smem.low[buf][tid] < min(j0 + kBlock, s.k_len) && smem.limit[buf][tid] > j0 &&
+      if (tid < kBlock) sees = smem.low[buf][tid] <= pos_hi && smem.limit[buf][tid] > pos_lo &&
                                smem.low[buf][tid] < smem.limit[buf][tid];
       if (__syncthreads_or(sees)) {
         const uint32_t q_lane = Lane::b(smem.b0[buf], lane), do_lane = Lane::b(smem.b1[buf], lane);
@@ -226,8 +240,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 2) dkdv_kernel(const __grid_
   }
   cute::cp_async_wait<0>();  // a CTA whose heads all skipped still has sK / sV in flight
 
-  store_rows<Traits>(p.dk, s.k_start + j0, p.f.num_heads_k, hk, keys_here, dk, p.f.softmax_scale, warp_row0, lane);
-  store_rows<Traits>(p.dv, s.k_start + j0, p.f.num_heads_k, hk, keys_here, dv, 1.f, warp_row0, lane);
+  store_rows<Traits>(p.dk, s.k_start, p.f.num_heads_k, hk, keys_here, dk, p.f.softmax_scale, warp_row0, lane, key_pos);
+  store_rows<Traits>(p.dv, s.k_start, p.f.num_heads_k, hk, keys_here, dv, 1.f, warp_row0, lane, key_pos);
 }
 
 }  // namespace dmattn::cuda::bwd

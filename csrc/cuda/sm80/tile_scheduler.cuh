@@ -70,16 +70,17 @@ struct TileContext {
   }
 };
 
-// Number of slots whose key position is < limit (lower_bound on the sorted list), searched by one whole warp:
-// each round probes 32 evenly spaced slots and keeps the gap where the predicate flips.
-__device__ __forceinline__ int slots_before(const TileContext& c, int limit, int lane) {
+// Number of the n_keys slots whose key position is < limit (lower_bound on the sorted list key_index; null: slot c is
+// position c), searched by one whole warp: each round probes 32 evenly spaced slots and keeps the gap where the
+// predicate flips.
+__device__ __forceinline__ int slots_before(const int32_t* key_index, int n_keys, int limit, int lane) {
   if (limit <= 0) return 0;
-  if (c.key_index == nullptr) return limit < c.n_keys ? limit : c.n_keys;
-  int lo = 0, hi = c.n_keys;  // answer in [lo, hi]
+  if (key_index == nullptr) return limit < n_keys ? limit : n_keys;
+  int lo = 0, hi = n_keys;  // answer in [lo, hi]
   while (lo < hi) {
     const int step = (hi - lo + 31) / 32;
     const int probe = lo + lane * step;
-    const bool below = probe < hi && c.key_index[probe] < limit;
+    const bool below = probe < hi && key_index[probe] < limit;
     const int n_below = __popc(__ballot_sync(0xffffffffu, below));
     if (n_below == 0) return lo;
     const int last_below = lo + (n_below - 1) * step;
@@ -89,6 +90,9 @@ __device__ __forceinline__ int slots_before(const TileContext& c, int limit, int
     hi = first_not < hi ? first_not : hi;
   }
   return lo;
+}
+__device__ __forceinline__ int slots_before(const TileContext& c, int limit, int lane) {
+  return slots_before(c.key_index, c.n_keys, limit, lane);
 }
 
 // The kept-key list of query head h (list heads split the query heads evenly, KeyLists in ../passes.h).
