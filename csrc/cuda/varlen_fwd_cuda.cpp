@@ -216,8 +216,8 @@ bool atomic_dq_requested() {
   return name == "atomic" && !at::globalContext().deterministicAlgorithms();
 }
 
-// Whether the fused backward walks kept-key lists (BwdParams::keys): a key-side mask whose heads the query heads of each
-// KV group share (Hm divides Hk), so that one list serves a dkdv_kernel CTA's whole group.
+// Whether the fused backward walks kept-key lists (BwdParams::keys): a key-side mask whose heads the query heads of
+// each KV group share (Hm divides Hk), so that one list serves a dkdv_kernel CTA's whole group.
 bool bwd_key_lists(const VarlenFwdArgs& a) {
   return a.mask && a.mask->dim() == 2 && a.mask->size(1) > 0 && a.k.size(1) % a.mask->size(1) == 0;
 }

@@ -20,9 +20,10 @@
 
 namespace dmattn::cuda::bwd {
 
-// dQ += dS K for the query tile from m0 (BwdParams::dq_accum, DMATTN_BWD_DQ=atomic): dS^T goes through shared memory (sdS,
-// keys x queries), then warp w multiplies queries 16 w + [0, 16) of it (read transposed) by sK, 32 columns of D at a
-// time (16 accumulators, not 64: dK and dV hold the registers), and adds the result into dq_accum with atomics.
+// dQ += dS K for the query tile from m0 (BwdParams::dq_accum, DMATTN_BWD_DQ=atomic): dS^T goes through shared
+// memory (sdS, keys x queries), then warp w multiplies queries 16 w + [0, 16) of it (read transposed) by sK, 32
+// columns of D at a time (16 accumulators, not 64: dK and dV hold the registers), and adds the result into dq_accum
+// with atomics.
 template <typename Traits>
 __device__ __forceinline__ void add_dq(const BwdParams& p, const Seq& s, typename Traits::SharedStorage& smem,
                                        const float (&ds)[1][Traits::kNTiles][4], int h, int m0, int warp_row0,
@@ -79,7 +80,8 @@ __device__ __forceinline__ void add_dq(const BwdParams& p, const Seq& s, typenam
 }
 
 template <typename Traits, bool kSoftcap>
-__global__ void __launch_bounds__(Traits::kThreads, 2) dkdv_kernel(const __grid_constant__ BwdParams p, int seq0, int tile0) {
+__global__ void __launch_bounds__(Traits::kThreads, 2)
+    dkdv_kernel(const __grid_constant__ BwdParams p, int seq0, int tile0) {
   constexpr int kBlock = Traits::kBlockM, kNTiles = Traits::kNTiles, kDTiles = Traits::kDTiles;
   // Grid (KV heads, sequences, key tiles from tile0): the key tile is the slowest index, so under a causal mask the
   // CTAs of every sequence's first key tiles, which every later query sees, start first.

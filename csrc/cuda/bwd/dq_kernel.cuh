@@ -1,10 +1,11 @@
 // dq_kernel.cuh: dQ of one query tile (bwd_traits.h has the whole design).
 //
-// A CTA owns queries [m0, m_end) (64, or fewer at a sequence's start) of one query head of one sequence; warp w owns rows m0 + 16 w + [0, 16). With sQ,
-// sdO in shared memory for the whole CTA it walks the key tiles its rows can see (the smallest first visible key to
-// the largest limit over its rows; tiles whose keys the mask hides all are skipped after their loads), two tiles in
-// flight. With kept-key lists (BwdParams::keys) a tile is 64 consecutive slots of the list, its K / V rows gathered
-// (each thread's row positions fetched a tile ahead), so keys the mask removes are neither loaded nor multiplied.
+// A CTA owns queries [m0, m_end) (64, or fewer at a sequence's start) of one query head of one sequence; warp w owns
+// rows m0 + 16 w + [0, 16). With sQ, sdO in shared memory for the whole CTA it walks the key tiles its rows can see
+// (the smallest first visible key to the largest limit over its rows; tiles whose keys the mask hides all are skipped
+// after their loads), two tiles in flight. With kept-key lists (BwdParams::keys) a tile is 64 consecutive slots of
+// the list, its K / V rows gathered (each thread's row positions fetched a tile ahead), so keys the mask removes are
+// neither loaded nor multiplied.
 // Per key tile:
 //   S = Q K^T -> P (the rows' lse; hidden pairs 0) -> dP = dO V^T -> dS = P (dP - delta) -> dQ += dS K
 // and dQ, times the softmax scale, is written once (deterministic).
@@ -22,7 +23,8 @@
 namespace dmattn::cuda::bwd {
 
 template <typename Traits, bool kSoftcap>
-__global__ void __launch_bounds__(Traits::kThreads, 2) dq_kernel(const __grid_constant__ BwdParams p, int seq0, int tile0) {
+__global__ void __launch_bounds__(Traits::kThreads, 2)
+    dq_kernel(const __grid_constant__ BwdParams p, int seq0, int tile0) {
   constexpr int kBlock = Traits::kBlockM, kNTiles = Traits::kNTiles, kDTiles = Traits::kDTiles;
   // Grid (query heads, sequences, query tiles from tile0), tiles counted from the end of the sequence (the last one
   // may be short): the tile is the slowest index, so under a causal mask the CTAs of the last queries, which see the
