@@ -1,13 +1,13 @@
 // blockwise_bwd.cpp: see blockwise_bwd.h.
 #include "blockwise_bwd.h"
 
+#include "env_choice.h"
+
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
-#include <string>
 #include <vector>
 
 namespace dmattn {
@@ -34,13 +34,7 @@ at::Tensor finite_or_zero(const at::Tensor& t) { return at::where(at::isfinite(t
 }  // namespace
 
 bool blockwise_backward_requested() {
-  const char* path = std::getenv("DMATTN_BWD");
-  if (path == nullptr || *path == '\0') return false;
-  const std::string name(path);
-  TORCH_CHECK_VALUE(name == "kernel" || name == "blockwise",
-                    "dmattn.varlen_bwd: the environment variable DMATTN_BWD must be kernel or blockwise, got '", name,
-                    "'");
-  return name == "blockwise";
+  return env_choice("dmattn.varlen_bwd: ", "DMATTN_BWD", {"kernel", "blockwise"}) == "blockwise";
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blockwise_varlen_bwd(

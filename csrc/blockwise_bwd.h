@@ -1,6 +1,7 @@
 // blockwise_bwd.h: dmattn::varlen_bwd computed with ATen operations, a block of query rows at a time, on whatever
-// device the tensors are on. It is the CUDA backend's backward until a fused kernel replaces it (issue 14), and runs on
-// the CPU too under DMATTN_BWD=blockwise, so that every CPU test checks it against the float64 reference.
+// device the tensors are on. It is the CUDA backend's backward for the calls its fused kernels do not cover (query-side
+// operands, head dims above 128) and, under DMATTN_BWD=blockwise, for every call on either backend, so that the CPU
+// tests check it against the float64 reference and the CUDA ones beside the fused kernels.
 //
 // Per sequence and block of query rows it recomputes the scores (H, rows, keys) in float32 from q and k, with the
 // softcap, bias, mask, window and key ranges of the call, their row's lse (and the sink), P, dP = dout V^T and dS = P

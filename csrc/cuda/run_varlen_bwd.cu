@@ -1,8 +1,7 @@
 // run_varlen_bwd.cu: the fused backward on one stream (api.h): delta_kernel, compact_keys where the call has kept-key
-// lists (BwdParams::keys; the forward's pass, key_compaction.cu), dkdv_kernel, then dq_kernel unless
-// dkdv_kernel adds dQ itself (bwd/bwd_traits.h), for float16 / bfloat16 at head dims 64 and 128, with and without a
-// softcap. The kernels are the sm80 path's mma.sync
-// code, compiled for every architecture of the build.
+// lists (BwdParams::keys; the forward's pass, key_compaction.cu), dkdv_kernel, then dq_kernel unless dkdv_kernel adds
+// dQ itself (bwd/bwd_traits.h), for float16 / bfloat16 at head dims 64 and 128, with and without a softcap. The
+// kernels are the sm80 path's mma.sync code, compiled for every architecture of the build.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

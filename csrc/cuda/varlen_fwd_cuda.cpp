@@ -22,6 +22,7 @@
 #include <string>
 
 #include "../blockwise_bwd.h"
+#include "../env_choice.h"
 #include "../tensors_to_params.h"
 #include "api.h"
 
@@ -63,20 +64,11 @@ cuda::DeviceInfo device_info(int device) {
 //   DMATTN_LOG_PLAN=1                     print each call's plan to stderr
 cuda::PlanOverrides plan_overrides() {
   cuda::PlanOverrides o;
-  if (const char* kernel = std::getenv("DMATTN_KERNEL"); kernel != nullptr && *kernel != '\0') {
-    const std::string name(kernel);
-    TORCH_CHECK_VALUE(name == "auto" || name == "prefill" || name == "decode", kOp,
-                      "the environment variable DMATTN_KERNEL must be auto, prefill or decode, got '", name, "'");
-    o.kernel = name == "prefill"  ? cuda::PlanOverrides::Kernel::kPrefill
-               : name == "decode" ? cuda::PlanOverrides::Kernel::kDecode
+  const std::string kernel = env_choice(kOp, "DMATTN_KERNEL", {"auto", "prefill", "decode"});
+  o.kernel = kernel == "prefill"  ? cuda::PlanOverrides::Kernel::kPrefill
+             : kernel == "decode" ? cuda::PlanOverrides::Kernel::kDecode
                                   : cuda::PlanOverrides::Kernel::kAuto;
-  }
-  if (const char* arch = std::getenv("DMATTN_ARCH"); arch != nullptr && *arch != '\0') {
-    const std::string name(arch);
-    TORCH_CHECK_VALUE(name == "auto" || name == "sm80", kOp,
-                      "the environment variable DMATTN_ARCH must be auto or sm80, got '", name, "'");
-    o.sm80_only = name == "sm80";
-  }
+  o.sm80_only = env_choice(kOp, "DMATTN_ARCH", {"auto", "sm80"}) == "sm80";
   if (const char* tiles = std::getenv("DMATTN_DECODE_TILES_PER_SPLIT"); tiles != nullptr && *tiles != '\0') {
     char* end = nullptr;
     const long n = std::strtol(tiles, &end, 10);
@@ -96,9 +88,14 @@ cuda::PlanOverrides plan_overrides() {
   return o;
 }
 
-void log_plan(const cuda::FwdPlan& plan, const VarlenFwdParams& p) {
+// DMATTN_LOG_PLAN: set, not empty and not 0.
+bool log_plan_requested() {
   const char* flag = std::getenv("DMATTN_LOG_PLAN");
-  if (flag == nullptr || *flag == '\0' || std::string(flag) == "0") return;
+  return flag != nullptr && *flag != '\0' && std::string(flag) != "0";
+}
+
+void log_plan(const cuda::FwdPlan& plan, const VarlenFwdParams& p) {
+  if (!log_plan_requested()) return;
   if (plan.kernel == cuda::FwdKernel::kDecode) {
     std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=decode row_tiles=%d splits=%d tiles_per_split=%d key_lists_heads=%d query_terms=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
                  plan.row_tiles, plan.num_splits, plan.tiles_per_split, plan.key_lists_heads,
@@ -208,12 +205,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
 // fast or faster: run AK measured the atomic path 15% slower on the dense prefill batch, equal on the masked one), or,
 // with DMATTN_BWD_DQ=atomic and outside torch's deterministic mode, with float32 atomics inside the dK / dV kernel.
 bool atomic_dq_requested() {
-  const char* mode = std::getenv("DMATTN_BWD_DQ");
-  if (mode == nullptr || *mode == '\0') return false;
-  const std::string name(mode);
-  TORCH_CHECK_VALUE(name == "ordered" || name == "atomic", "dmattn.varlen_bwd: ",
-                    "the environment variable DMATTN_BWD_DQ must be ordered or atomic, got '", name, "'");
-  return name == "atomic" && !at::globalContext().deterministicAlgorithms();
+  return env_choice("dmattn.varlen_bwd: ", "DMATTN_BWD_DQ", {"ordered", "atomic"}) == "atomic" &&
+         !at::globalContext().deterministicAlgorithms();
 }
 
 // Whether the fused backward walks kept-key lists (BwdParams::keys): a key-side mask whose heads the query heads of
@@ -264,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_var
     const int64_t hm = a.mask->size(1);
     const auto i32 = qk.options().dtype(at::kInt);
     key_index = at::empty({hm, kk.size(0)}, i32);
-    key_count = at::empty({a.cu_seqlens_q.size(0) - 1, hm}, i32);
+    key_count = at::empty({p.f.batch, hm}, i32);
     p.keys.index = key_index.data_ptr<int32_t>();
     p.keys.count = key_count.data_ptr<int32_t>();
     p.keys.mask_heads = static_cast<int32_t>(hm);
@@ -313,7 +306,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
   const int32_t kernel_dim = cuda::bwd::bwd_head_dim(static_cast<int32_t>(std::min<int64_t>(q.size(2), 1 << 20)));
   const bool fused = q.scalar_type() != at::kFloat && !query_side && kernel_dim > 0 && q.size(1) <= kMaxGridDim &&
                      !blockwise_backward_requested();
-  if (const char* flag = std::getenv("DMATTN_LOG_PLAN"); flag != nullptr && *flag != '\0' && std::string(flag) != "0") {
+  if (log_plan_requested()) {
     std::fprintf(stderr, "dmattn.varlen_bwd plan: path=%s dq=%s key_lists=%d (H=%lld Hk=%lld D=%lld query_side=%d)\n",
                  fused ? "fused" : "blockwise",
                  !fused ? "blockwise" : atomic_dq_requested() ? "atomic" : "ordered",
