@@ -158,6 +158,36 @@ def test_automatic_choice(spec, expected, monkeypatch, capfd, cuda_device):
     assert _plan_lines(capfd) == [expected]
 
 
+@pytest.mark.parametrize("mask", [None, "key"], ids=["no_mask", "kept_key_lists"])
+def test_split_units_run_longest_first_with_a_mask(mask, monkeypatch, capfd, cuda_device):
+    """A split call with a key-side mask runs its (sequence, KV head) units longest first by kept keys
+    (order_decode_units), one without in batch order: the plan says which, and the result is the reference's. Lengths
+    rise and fall, so the order is no identity."""
+    spec = Spec("unequal_units", heads=8, heads_k=2, seqlens_q=(1, 3, 2, 1, 4, 2),
+                seqlens_k=(90, 1500, 400, 2600, 20, 900), mask=mask, mask_heads="Hk", keep=0.3,
+                bias="key" if mask else None, bias_heads="Hk")
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", "4")
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    capfd.readouterr()
+    _checked(sample)
+    torch.cuda.synchronize()
+    assert re.findall(r"kernel=decode .*unit_order=(\d)", capfd.readouterr().err) == ["1" if mask else "0"]
+
+
+@pytest.mark.parametrize("mask", [None, "key"], ids=["no_mask", "key_mask"])
+def test_split_combine_of_many_rows(mask, monkeypatch, cuda_device):
+    """combine_splits gives each (row, head) pair a warp while a call has at most 8192 pairs (at head dim >= 128) and
+    eight lanes past that: 40 sequences x 8 queries x 32 heads = 10240 pairs take the eight-lane path."""
+    lens_k = tuple(200 + 13 * i for i in range(40))
+    spec = Spec("many_rows_d128", head_dim=128, heads=32, heads_k=8, seqlens_q=(8,) * 40, seqlens_k=lens_k, mask=mask,
+                mask_heads="Hk", keep=0.5, bias="key" if mask else None, bias_heads="Hk")
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", "1")
+    _checked(make_sample(spec, torch.bfloat16, "cuda"))
+
+
 def test_forced_decode_falls_back_where_it_cannot_run(monkeypatch, capfd, cuda_device):
     spec = next(s for s in SAMPLES if s.name == "key_mask_query_bias")
     monkeypatch.setenv("DMATTN_KERNEL", "decode")

@@ -25,6 +25,7 @@ _DRIVER = """
     // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
     //                 window_left window_right key_range(0 absent, 1 given) sm90a_ctas(the override)
     // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes prefill_variant sm90a sm90a_ctas
+    //         unit_order
     // (a cc 9.0 device; bf16 q / k / v packed (rows, heads, D) at null: aligned as TMA wants)
     int main() {
       long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr, kr, ctas;
@@ -47,10 +48,10 @@ _DRIVER = """
         o.tiles_per_split = tiles;
         o.sm90a_ctas = static_cast<int32_t>(ctas);
         const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, cuda::DeviceInfo{90, static_cast<int>(sms)}, o);
-        std::printf("%s %d %d %d %d %zu %d %d %d\\n", plan.kernel == cuda::FwdKernel::kDecode ? "decode" : "prefill",
+        std::printf("%s %d %d %d %d %zu %d %d %d %d\\n", plan.kernel == cuda::FwdKernel::kDecode ? "decode" : "prefill",
                     plan.row_tiles, plan.num_splits, plan.tiles_per_split, plan.key_lists_heads,
                     cuda::workspace_bytes(plan, p), static_cast<int>(plan.prefill), static_cast<int>(plan.sm90a),
-                    plan.sm90a_ctas);
+                    plan.sm90a_ctas, static_cast<int>(plan.unit_order));
       }
     }
     """
@@ -78,10 +79,10 @@ def planner(tmp_path_factory):
         line = " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
                                          force, tiles, *window, int(key_range), sm90a_ctas))
         out = subprocess.run([str(exe)], input=line + "\n", capture_output=True, text=True, check=True).stdout
-        kernel, row_tiles, splits, per_split, lists, workspace, variant, sm90a, ctas = out.split()
+        kernel, row_tiles, splits, per_split, lists, workspace, variant, sm90a, ctas, order = out.split()
         return dict(kernel=kernel, row_tiles=int(row_tiles), splits=int(splits), tiles_per_split=int(per_split),
                     key_lists_heads=int(lists), workspace=int(workspace), prefill=PREFILL_VARIANTS[int(variant)],
-                    sm90a=bool(int(sm90a)), sm90a_ctas=int(ctas))
+                    sm90a=bool(int(sm90a)), sm90a_ctas=int(ctas), unit_order=bool(int(order)))
 
     return plan
 
@@ -99,7 +100,24 @@ def test_decode_workload_is_packed_and_split(planner):
     assert plan["tiles_per_split"] == 24
     assert plan["splits"] == math.ceil(128 / 24)
     lists = 4 * 8 * 290_000 + 4 * 8 * 64
-    assert abs(plan["workspace"] - lists - partials) < 4 * 256  # each piece 256-byte aligned
+    order = 4 * 64 * 8  # the (sequence, KV head) units, longest first
+    assert plan["unit_order"]
+    assert abs(plan["workspace"] - lists - partials - order) < 5 * 256  # each piece 256-byte aligned
+
+
+def test_units_are_ordered_only_when_split_and_few_enough(planner):
+    """order_decode_units orders every (sequence, KV head) unit in one CTA: only split calls with kept-key lists (a
+    key-side mask: work the host cannot see) and at most 4096 units."""
+    masked = dict(mask=KEY, Hm=8)
+    assert planner(**WORKLOAD, **masked)["unit_order"]
+    assert not planner(**WORKLOAD)["unit_order"]  # no mask: the splits bound the spread of the units' work
+    short = dict(B=64, H=32, Hk=8, D=128, total_q=64, total_k=64 * 200, max_q=1, max_k=200)
+    assert not planner(**short, **masked)["unit_order"]  # one split
+    # One long sequence beside many short ones: split, and 8192 / 4096 units.
+    many = planner(B=1024, H=32, Hk=8, D=128, total_q=1024, total_k=1 << 20, max_q=1, max_k=1 << 17, **masked)
+    assert many["kernel"] == "decode" and many["splits"] > 1 and not many["unit_order"]
+    fewer = planner(B=512, H=32, Hk=8, D=128, total_q=512, total_k=1 << 20, max_q=1, max_k=1 << 17, **masked)
+    assert fewer["splits"] > 1 and fewer["unit_order"]
 
 
 def test_long_context_gets_many_splits(planner):
@@ -216,7 +234,9 @@ def test_query_side_operands_in_the_decode_kernel_get_lists_and_terms(planner):
         plan = planner(**W, mask=mask, Hm=Hm, bias=QUERY, Hb=8)
         assert plan["kernel"] == "decode" and plan["key_lists_heads"] == 8
         partials = planner(**W)["workspace"]
-        assert plan["workspace"] == lists(8) + partials + _terms_bytes(W["B"], W["total_k"], W["max_q"], 8, f32=True)
+        order = 4 * W["B"] * W["Hk"]  # the units, longest first: the call has lists
+        assert plan["workspace"] == lists(8) + partials + order + _terms_bytes(W["B"], W["total_k"], W["max_q"], 8,
+                                                                               f32=True)
     # a key-side bias beside a query-side mask leaves the terms 16-bit
     assert planner(**W, mask=QUERY, Hm=8, bias=KEY, Hb=1)["workspace"] == planner(**W, mask=QUERY, Hm=8)["workspace"]
     prefill = planner(**W, mask=QUERY, Hm=8, force=FORCE_PREFILL)

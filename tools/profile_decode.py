@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", nargs="+", type=float, default=[0.25, 1.0])
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mask-heads", type=int, default=None,
+                    help="heads of the key-side mask and bias (default: Hk, one per KV head; 1: shared by every head)")
     ap.add_argument("--out", default=None, help="folder for decode_profile.json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -84,9 +86,9 @@ def main(argv=None) -> int:
         for keep in args.keep:
             if workload == "qside" and keep >= 1:
                 continue
-            prob = bench_gpu.make_problem(lens_q, lens_k, hs["heads"], hs["heads_k"], hs["head_dim"], hs["heads_k"],
-                                          keep if keep < 1 else None, causal=False, dtype=torch.bfloat16,
-                                          device=dev, seed=args.seed)
+            prob = bench_gpu.make_problem(lens_q, lens_k, hs["heads"], hs["heads_k"], hs["head_dim"],
+                                          args.mask_heads or hs["heads_k"], keep if keep < 1 else None,
+                                          causal=False, dtype=torch.bfloat16, device=dev, seed=args.seed)
             if workload == "qside":
                 prob = bench_gpu.key_side_as_query_side(prob)
             kv_bytes = 2 * prob.k.numel() * prob.k.element_size()

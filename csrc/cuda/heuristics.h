@@ -94,6 +94,7 @@ struct FwdPlan {
   int32_t row_tiles = 1;        // tiles of packed rows per (sequence, KV head): ceil(H / Hk * max_seqlen_q / block_m)
   int32_t num_splits = 1;       // key splits per (sequence, KV head, row tile); > 1: partials + combine_splits
   int32_t tiles_per_split = 0;  // KV tiles per split
+  bool unit_order = false;      // split, with lists: the units run longest first (order_decode_units, decode_order.cu)
 };
 
 // Decode kernel policy constants.
@@ -107,6 +108,9 @@ constexpr int64_t kMaxBlockMapBytes = int64_t{64} << 20;      // a query-side ma
 // come from (twice a bool mask given alone), so this binds only calls forced onto the decode kernel.
 constexpr int64_t kMaxQueryTermBytes = int64_t{1} << 30;
 constexpr int64_t kDecodeMinTilesPerSplit = 4;
+// A split decode call with kept-key lists and at most this many (sequence, KV head) units runs them longest first
+// (decode_order.cu: one CTA orders them in shared memory); past it, in batch order.
+constexpr int kMaxOrderedUnits = 4096;
 constexpr int64_t kDecodeCtasPerSm = 2, kDecodeWaves = 6;
 
 // Whether the decode kernel can run p: one kept-key list and one key-side bias per packed tile, so mask and bias
@@ -237,12 +241,16 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
   plan.tiles_per_split = static_cast<int32_t>(std::min<int64_t>(per_split, INT32_MAX));
 
   plan.num_splits = static_cast<int32_t>(std::max<int64_t>(1, (max_tiles + per_split - 1) / per_split));
+  // A key-side mask leaves units of unequal work that the host cannot see (the splits are sized by key positions,
+  // not kept keys): longest first, so that the kernel does not end on a long unit that started last.
+  plan.unit_order = plan.num_splits > 1 && plan.key_lists_heads > 0 &&
+                    static_cast<int64_t>(p.batch) * p.num_heads_k <= kMaxOrderedUnits;
   return plan;
 }
 
 // The workspace, in order: the kept-key index (Hm, total_k) and counts (B, Hm), int32 each (key-side mask); the
 // split partials (decode with num_splits > 1): max and sum (splits, H, total_q) and O (splits, H, total_q, D), float32;
-// the block map (query-side mask): (Hm, ceil(total_q / 64), ceil(key extent / 32)) bytes, 1 / 2048 of the mask; the
+// the decode units' order (decode with unit_order): (B, Hk) int32; the block map (query-side mask): (Hm, ceil(total_q / 64), ceil(key extent / 32)) bytes, 1 / 2048 of the mask; the
 // query-side terms (decode with query-side operands): (list heads, max_seqlen_q, total_k + 64 (B + 1)), 2 or 4 bytes.
 // 256-byte aligned pieces, so a new one can be appended without disturbing the alignment of the others.
 constexpr size_t kWorkspaceAlign = 256;
@@ -250,7 +258,8 @@ constexpr size_t kWorkspaceAlign = 256;
 inline size_t align_up(size_t bytes) { return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign; }
 
 struct WorkspaceLayout {
-  size_t key_index = 0, key_count = 0, split_max = 0, split_sum = 0, split_o = 0, block_map = 0, query_terms = 0;
+  size_t key_index = 0, key_count = 0, split_max = 0, split_sum = 0, split_o = 0, unit_order = 0, block_map = 0;
+  size_t query_terms = 0;
   size_t total = 0;                                                 // bytes
 };
 
@@ -271,6 +280,10 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
     w.total += align_up(sizeof(float) * rows);
     w.split_o = w.total;
     w.total += align_up(sizeof(float) * rows * static_cast<size_t>(p.head_dim));
+  }
+  if (plan.kernel == FwdKernel::kDecode && plan.unit_order) {
+    w.unit_order = w.total;
+    w.total += align_up(sizeof(int32_t) * static_cast<size_t>(p.batch) * static_cast<size_t>(p.num_heads_k));
   }
   if (plan.block_map_heads > 0) {
     w.block_map = w.total;
@@ -309,6 +322,9 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
     ws.splits.max = reinterpret_cast<float*>(bytes + w.split_max);
     ws.splits.sum = reinterpret_cast<float*>(bytes + w.split_sum);
     ws.splits.o = reinterpret_cast<float*>(bytes + w.split_o);
+  }
+  if (plan.kernel == FwdKernel::kDecode && plan.unit_order) {
+    ws.splits.unit_order = reinterpret_cast<int32_t*>(bytes + w.unit_order);
   }
   if (plan.block_map_heads > 0) {
     ws.blocks = {reinterpret_cast<uint8_t*>(bytes + w.block_map),

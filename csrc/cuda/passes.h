@@ -6,6 +6,7 @@
 //           build_block_map  a query-side mask -> per (mask head, block of query rows, block of key positions) a
 //                            summary (no key visible / every key visible / some), so the prefill kernel skips dead
 //                            tiles and runs whole-visible ones without reading the mask (block_map.cu)
+//           order_decode_units  the decode kernel's (sequence, KV head) units sorted longest first (decode_order.cu)
 //   after:  combine_splits   the decode kernel's per-split partial results -> out and lse (split_combine.cu)
 //           finish_rows      the cu_seqlens contract check, and 0 / -inf for query rows no sequence owns; NaN in every
 //                            element of out and lse when the contract is broken (unowned_rows.cu)
@@ -82,6 +83,9 @@ struct SplitPartials {
   int32_t num_splits = 1;
   int32_t tiles_per_split = 0;
   int32_t row_tiles = 1;  // packed-row tiles per (sequence, KV head)
+  // Null, or the (sequence, KV head) units in the order the kernel runs them (order_decode_units): the CTAs of grid
+  // position (y, z) take unit unit_order[z * Hk + y], which is b * Hk + hk.
+  int32_t* unit_order = nullptr;
 };
 
 // A query-side mask summarized by blocks of kRows packed query rows (rows r with r / kRows = rb, in packed q order,
@@ -133,6 +137,10 @@ struct Workspace {
 };
 
 cudaError_t compact_keys(const VarlenFwdParams& p, const KeyLists& keys, cudaStream_t stream);
+// Fills splits.unit_order, longest unit first, from the kept-key counts (after compact_keys) or the sequences' key
+// counts (nothing when it is null).
+cudaError_t order_decode_units(const VarlenFwdParams& p, const KeyLists& keys, const SplitPartials& splits,
+                               cudaStream_t stream);
 
 // Fills map.state from the query-side mask (nothing when map.state is null).
 cudaError_t build_block_map(const VarlenFwdParams& p, const BlockMap& map, cudaStream_t stream);

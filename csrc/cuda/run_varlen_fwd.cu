@@ -1,5 +1,6 @@
 // run_varlen_fwd.cu: one call, end to end, on one stream (api.h): carve the workspace, then
-//   compact_keys (key-side mask) / build_block_map (query-side mask) -> the attention kernel (dispatch.h)
+//   compact_keys (key-side mask) / build_block_map (query-side mask) -> order_decode_units (split decode)
+//   -> the attention kernel (dispatch.h)
 //   -> combine_splits (decode with splits)
 //   -> finish_rows
 // Every kernel clamps sequence ranges exactly as the others do (clamp_seq), so lying cu_seqlens can neither send a
@@ -17,6 +18,7 @@ cudaError_t run_varlen_fwd(const VarlenFwdParams& p, const FwdPlan& plan, Comput
   const Workspace ws = carve_workspace(workspace, plan, p);
   cudaError_t err;
   if ((err = compact_keys(p, ws.keys, stream)) != cudaSuccess) return err;
+  if ((err = order_decode_units(p, ws.keys, ws.splits, stream)) != cudaSuccess) return err;
   if ((err = build_block_map(p, ws.blocks, stream)) != cudaSuccess) return err;
   if ((err = dispatch_attention(cc, p, plan, ws, stream)) != cudaSuccess) return err;
   if (plan.kernel == FwdKernel::kDecode && (err = combine_splits(p, ws.splits, stream)) != cudaSuccess) return err;

@@ -24,8 +24,14 @@
 namespace dmattn::cuda {
 namespace {
 
+// Eight lanes per (query row, head) pair, four pairs per warp: a batch of decode rows is one wave of CTAs (where a
+// warp per pair needed two), and a pair's O loads of several splits are in flight at once (where each waited on
+// the last).
 constexpr int kCombineThreads = 256;
-constexpr int kRowsPerBlock = kCombineThreads / 32;  // one warp per (query row, head)
+// A call of few rows (a long context: 18 rows x 32 heads over 80 splits) takes a whole warp per pair instead, so
+// that its few pairs still spread over the GPU (kWideGroup: head dims of at least 128, one float4 per lane).
+constexpr int kWideGroup = 32;
+constexpr int64_t kMaxWidePairs = 8192;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // exp(m_s - M) times the split's sum (1 for the sink), 0 for a split that saw nothing.
@@ -44,100 +50,160 @@ __device__ __forceinline__ void store_pair<__nv_bfloat16>(__nv_bfloat16* dst, fl
   *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(x0, x1);
 }
 
-// One warp per (query row, head), grid-stride. Lane i holds the max and sum of splits i, i + 32, ...
-// (kMaxDecodeSplits = 128: four registers each); the O pass shuffles each split's weight to the whole warp and keeps
-// four O loads in flight.
-// Rows past cu_seqlens_q[B] are finish_rows' (the decode kernel wrote no partials for them).
-constexpr int kLsePerLane = 4;
-static_assert(kLsePerLane * 32 >= kMaxDecodeSplits, "every split has a lane");
+// *ptr where pred holds (an evict-first load: partials are read once), else zeros; a predicated load, not a branch,
+// so that a batch of them is in flight together.
+__device__ __forceinline__ float4 load_streaming_if(const float4* ptr, bool pred) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+  asm("{\n .reg .pred p;\n setp.ne.b32 p, %4, 0;\n @p ld.global.cs.v4.f32 {%0, %1, %2, %3}, [%5];\n}\n"
+      : "+f"(v.x), "+f"(v.y), "+f"(v.z), "+f"(v.w)
+      : "r"(static_cast<int>(pred)), "l"(ptr));
+  return v;
+}
 
-template <typename Elem>
-__global__ void __launch_bounds__(kCombineThreads)
+// The reduction of a value over the kGroup lanes of this lane's group.
+template <int kGroup, typename Op>
+__device__ __forceinline__ float group_reduce(float x, Op op) {
+#pragma unroll
+  for (int off = kGroup / 2; off > 0; off /= 2) x = op(x, __shfl_xor_sync(0xffffffffu, x, off, kGroup));
+  return x;
+}
+
+// Grid-stride over (query row, head) pairs, kGroup lanes each. kVecs float4 columns of O per lane (head dim
+// 4 kGroup kVecs). Rows past cu_seqlens_q[B] are finish_rows' (the decode kernel wrote no partials for them).
+template <typename Elem, int kGroup, int kVecs>
+__global__ void __launch_bounds__(kCombineThreads, 3)
 combine_splits_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ SplitPartials sp) {
-  const int lane = threadIdx.x % 32;
+  constexpr int kPairsPerBlock = kCombineThreads / kGroup;
+  const int gl = threadIdx.x % kGroup;
   const int64_t owned = std::min<int64_t>(std::max<int32_t>(p.cu_seqlens_q[p.batch], 0), p.total_q);
+  const int64_t pairs = owned * p.num_heads;
   const int64_t split_stride = static_cast<int64_t>(p.num_heads) * p.total_q;  // rows between splits
+  const int n = sp.num_splits;
   const float nan_value = __int_as_float(0x7fc00000);
-  for (int64_t pair = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-       pair < owned * p.num_heads; pair += static_cast<int64_t>(gridDim.x) * kRowsPerBlock) {
-    const int64_t row = pair / p.num_heads;
-    const int h = static_cast<int>(pair % p.num_heads);
-    const float* max_s = sp.max + static_cast<int64_t>(h) * p.total_q + row;
-    const float* sum_s = sp.sum + static_cast<int64_t>(h) * p.total_q + row;
+  // The loop runs warp by warp (the shuffles need every lane of the warp); a group past the last pair idles along.
+  for (int64_t warp_pair = static_cast<int64_t>(blockIdx.x) * kPairsPerBlock + threadIdx.x / 32 * (32 / kGroup);
+       warp_pair < pairs; warp_pair += static_cast<int64_t>(gridDim.x) * kPairsPerBlock) {
+    const int64_t pair = warp_pair + threadIdx.x % 32 / kGroup;
+    const bool mine = pair < pairs;
+    const int64_t row = mine ? pair / p.num_heads : 0;
+    const int h = mine ? static_cast<int>(pair % p.num_heads) : 0;
+    const int64_t at = static_cast<int64_t>(h) * p.total_q + row;  // split 0's index of the pair
 
-    // The max over the splits, and whether any max or sum is NaN (fmaxf would drop it). A split that saw nothing
-    // wrote no sum.
-    float mine[kLsePerLane], sums[kLsePerLane];
+    // Pass 1: the max over the splits, and whether any max or sum is NaN (fmaxf would drop it). A split that saw
+    // nothing wrote no sum. Passes 2 and 3 read the same few floats again, from L1.
+    const float* max_s = sp.max + at;
+    const float* sum_s = sp.sum + at;
     float m = -INFINITY;
     bool nan = false;
-#pragma unroll
-    for (int i = 0; i < kLsePerLane; ++i) {
-      const int s = lane + 32 * i;
-      mine[i] = s < sp.num_splits ? max_s[s * split_stride] : -INFINITY;
-      sums[i] = mine[i] == -INFINITY ? 0.f : sum_s[s * split_stride];
-      nan |= mine[i] != mine[i] || sums[i] != sums[i];
-      m = fmaxf(m, mine[i]);
+#pragma unroll 1
+    for (int s = gl; mine && s < n; s += kGroup) {
+      const float m_s = max_s[s * split_stride];
+      const float l_s = m_s == -INFINITY ? 0.f : sum_s[s * split_stride];
+      nan |= m_s != m_s || l_s != l_s;
+      m = fmaxf(m, m_s);
     }
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+    m = group_reduce<kGroup>(m, [](float a, float b) { return fmaxf(a, b); });
     // The head's sink joins the denominator once, as a split of lse = sink and O = 0 (the decode kernel's splits
     // leave it out).
     const float sink = p.sink(h);
-    nan = __any_sync(0xffffffffu, nan) || sink != sink || sink == INFINITY;
+    nan = group_reduce<kGroup>(nan ? 1.f : 0.f, [](float a, float b) { return fmaxf(a, b); }) != 0.f || sink != sink ||
+          sink == INFINITY;
     m = fmaxf(m, sink);
+    // Pass 2: the sum of the splits' weights.
     float total = 0.f;
-#pragma unroll
-    for (int i = 0; i < kLsePerLane; ++i) {
-      mine[i] = nan ? 0.f : split_weight(mine[i], sums[i], m);  // from here on: each split's weight
-      total += mine[i];
+#pragma unroll 1
+    for (int s = gl; mine && !nan && s < n; s += kGroup) {
+      const float m_s = max_s[s * split_stride];
+      total += split_weight(m_s, m_s == -INFINITY ? 0.f : sum_s[s * split_stride], m);
     }
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) total += __shfl_xor_sync(0xffffffffu, total, off);
-    total += split_weight(sink, 1.f, m);
+    total = group_reduce<kGroup>(total, [](float a, float b) { return a + b; }) + split_weight(sink, 1.f, m);
     const float lse = nan ? nan_value : m == -INFINITY ? -INFINITY : m + logf(total);
     const float inv_total = m == -INFINITY ? 0.f : 1.f / total;
 
-    Elem* out = static_cast<Elem*>(p.out) + row * p.out_row_stride + static_cast<int64_t>(h) * p.out_head_stride;
-    const float* o_s = sp.o + (static_cast<int64_t>(h) * p.total_q + row) * p.head_dim;
-    for (int col = 2 * lane; col < p.head_dim; col += 64) {
-      float x0 = nan_value, x1 = nan_value;
-      if (!nan) {
-        x0 = x1 = 0.f;
+    // Pass 3: out = sum over the splits that saw a key of weight x O, kGroup splits at a time, lane gl holding the
+    // weight of the chunk's split gl and owning O's float4 columns gl, gl + kGroup, ... The loads of kUnroll splits
+    // (8 float4 per lane at most, so that three CTAs fit an SM) are issued before any is used.
+    constexpr int kUnroll = kVecs <= 1 ? 8 : kVecs <= 2 ? 4 : kVecs <= 4 ? 2 : 1;
+    static_assert(kGroup % kUnroll == 0, "whole batches of splits per chunk");
+    float4 x[kVecs];
 #pragma unroll
-        for (int i = 0; i < kLsePerLane; ++i) {
-          if (32 * i >= sp.num_splits) break;
-#pragma unroll 4
-          for (int src = 0; src < 32; ++src) {
-            const int s = 32 * i + src;
-            const float w = __shfl_sync(0xffffffffu, mine[i], src) * inv_total;
-            const float saw = __shfl_sync(0xffffffffu, sums[i], src);
-            // A split that saw nothing wrote no O; one that weighs 0 still brings a NaN O (a poisoned row) along.
-            if (s >= sp.num_splits || saw == 0.f) continue;
-            const float2 v = *reinterpret_cast<const float2*>(o_s + s * split_stride * p.head_dim + col);
-            x0 += w * v.x;
-            x1 += w * v.y;
+    for (int v = 0; v < kVecs; ++v) x[v] = make_float4(0.f, 0.f, 0.f, 0.f);
+    const float4* o_s = reinterpret_cast<const float4*>(sp.o + at * p.head_dim) + gl;
+    const int64_t o_stride = split_stride * p.head_dim / 4;  // float4s between splits
+#pragma unroll 1
+    for (int s0 = 0; s0 < n; s0 += kGroup) {  // every group of the warp alike: the shuffles need all its lanes
+      const int own = s0 + gl;
+      const float m_own = mine && !nan && own < n ? max_s[own * split_stride] : -INFINITY;
+      const float l_own = m_own == -INFINITY ? 0.f : sum_s[own * split_stride];  // 0: no O (saw nothing, or past n)
+      const float w_own = split_weight(m_own, l_own, m) * inv_total;
+#pragma unroll 1
+      for (int src0 = 0; src0 < kGroup; src0 += kUnroll) {
+        float w[kUnroll];
+        float4 o[kUnroll][kVecs];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          w[u] = __shfl_sync(0xffffffffu, w_own, src0 + u, kGroup);
+          // A split that saw nothing wrote no O (zeros instead); one that weighs 0 still brings a NaN O (a poisoned
+          // row) along.
+          const bool saw = __shfl_sync(0xffffffffu, l_own, src0 + u, kGroup) != 0.f;
+#pragma unroll
+          for (int v = 0; v < kVecs; ++v) o[u][v] = load_streaming_if(o_s + (s0 + src0 + u) * o_stride + v * kGroup, saw);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+          for (int v = 0; v < kVecs; ++v) {
+            x[v].x += w[u] * o[u][v].x;
+            x[v].y += w[u] * o[u][v].y;
+            x[v].z += w[u] * o[u][v].z;
+            x[v].w += w[u] * o[u][v].w;
           }
         }
       }
-      store_pair<Elem>(out + col, x0, x1);
     }
-    if (lane == 0) p.lse[static_cast<int64_t>(h) * p.total_q + row] = lse;
+    if (!mine) continue;
+    Elem* out = static_cast<Elem*>(p.out) + row * p.out_row_stride + static_cast<int64_t>(h) * p.out_head_stride;
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) {
+      const int col = 4 * (gl + v * kGroup);
+      if (nan) x[v] = make_float4(nan_value, nan_value, nan_value, nan_value);
+      store_pair<Elem>(out + col, x[v].x, x[v].y);
+      store_pair<Elem>(out + col + 2, x[v].z, x[v].w);
+    }
+    if (gl == 0) p.lse[at] = lse;
   }
+}
+
+template <typename Elem, int kGroup>
+cudaError_t launch_combine(const VarlenFwdParams& p, const SplitPartials& splits, cudaStream_t stream) {
+  // One pass over the rows up to 64k CTAs; past that the groups stride (the kernel reads the row count on the device).
+  constexpr int kPairsPerBlock = kCombineThreads / kGroup;
+  const int64_t blocks = (p.total_q * p.num_heads + kPairsPerBlock - 1) / kPairsPerBlock;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(blocks, 65535)));
+  constexpr int kVecs = 128 / (4 * kGroup);  // at head dim 128
+  switch (p.head_dim) {  // the compiled head dims (tools/kernel_matrix.py)
+    case 32: combine_splits_kernel<Elem, 8, 1><<<grid, kCombineThreads, 0, stream>>>(p, splits); break;
+    case 64: combine_splits_kernel<Elem, 8, 2><<<grid, kCombineThreads, 0, stream>>>(p, splits); break;
+    case 96: combine_splits_kernel<Elem, 8, 3><<<grid, kCombineThreads, 0, stream>>>(p, splits); break;
+    case 128: combine_splits_kernel<Elem, kGroup, kVecs><<<grid, kCombineThreads, 0, stream>>>(p, splits); break;
+    case 256: combine_splits_kernel<Elem, kGroup, 2 * kVecs><<<grid, kCombineThreads, 0, stream>>>(p, splits); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+template <typename Elem>
+cudaError_t launch_combine(const VarlenFwdParams& p, const SplitPartials& splits, cudaStream_t stream) {
+  const bool wide = p.head_dim >= 128 && p.total_q * p.num_heads <= kMaxWidePairs;
+  return wide ? launch_combine<Elem, kWideGroup>(p, splits, stream) : launch_combine<Elem, 8>(p, splits, stream);
 }
 
 }  // namespace
 
 cudaError_t combine_splits(const VarlenFwdParams& p, const SplitPartials& splits, cudaStream_t stream) {
   if (splits.num_splits <= 1 || p.total_q == 0 || p.num_heads == 0 || p.batch == 0) return cudaSuccess;
-  // One pass over the rows up to 64k CTAs; past that the warps stride (the kernel reads the row count on the device).
-  const int64_t blocks = (p.total_q * p.num_heads + kRowsPerBlock - 1) / kRowsPerBlock;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(blocks, 65535)));
-  if (p.dtype == ScalarType::kFloat16) {
-    combine_splits_kernel<__half><<<grid, kCombineThreads, 0, stream>>>(p, splits);
-  } else {
-    combine_splits_kernel<__nv_bfloat16><<<grid, kCombineThreads, 0, stream>>>(p, splits);
-  }
-  return cudaGetLastError();
+  return p.dtype == ScalarType::kFloat16 ? launch_combine<__half>(p, splits, stream)
+                                         : launch_combine<__nv_bfloat16>(p, splits, stream);
 }
 
 }  // namespace dmattn::cuda

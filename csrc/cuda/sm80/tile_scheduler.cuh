@@ -199,6 +199,7 @@ struct VarlenTileScheduler {
 // (SplitPartials, ../passes.h), sized on the host, clipped to the slots on the device.
 struct DecodeTile {
   TileContext c;  // c.m0 / c.rows: packed rows; c.h: the KV group's first query head (operand heads are per group)
+  int b;          // the sequence (not blockIdx.z where the units run in SplitPartials::unit_order)
   int split;
   int tile_begin, tile_end;  // this split's KV tiles (an empty range still writes its rows' partial lse)
 
@@ -221,9 +222,16 @@ struct DecodeTileScheduler {
   static __device__ __forceinline__ bool tile(const VarlenFwdParams& p, const KeyLists& keys, const SplitPartials& s,
                                               int seq0, int lane, DecodeTile& d) {
     TileContext& c = d.c;
-    const int b = seq0 + blockIdx.z;
-    const int group = p.num_heads / p.num_heads_k;
+    int b = seq0 + blockIdx.z;
     c.hk = blockIdx.y;
+    if (s.unit_order != nullptr) {  // longest first (the plan orders only calls of one launch: seq0 = 0)
+      const int units = p.batch * p.num_heads_k;
+      const int u = min(max(s.unit_order[blockIdx.z * gridDim.y + blockIdx.y], 0), units - 1);
+      b = u / p.num_heads_k;
+      c.hk = u % p.num_heads_k;
+    }
+    d.b = b;
+    const int group = p.num_heads / p.num_heads_k;
     c.h = c.hk * group;
     load_sequence(p, b, c);
     const int row_tile = blockIdx.x % s.row_tiles;
