@@ -68,8 +68,8 @@ __device__ __forceinline__ float group_reduce(float x, Op op) {
   return x;
 }
 
-// Grid-stride over (query row, head) pairs, kGroup lanes each. kVecs float4 columns of O per lane (head dim
-// 4 kGroup kVecs). Rows past cu_seqlens_q[B] are finish_rows' (the decode kernel wrote no partials for them).
+// Grid-stride over (query row, head) pairs, kGroup lanes each, kVecs float4 columns of O per lane (the head dim is
+// 4 x kGroup x kVecs). Rows past cu_seqlens_q[B] are finish_rows' (the decode kernel wrote no partials for them).
 template <typename Elem, int kGroup, int kVecs>
 __global__ void __launch_bounds__(kCombineThreads, 3)
 combine_splits_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ SplitPartials sp) {
