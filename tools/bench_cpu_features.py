@@ -18,7 +18,9 @@ import time
 
 import torch
 
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dmattn_ops, built in place
+# dmattn_ops: a build named on PYTHONPATH first (tools/run_gpu.sh runs another tree's build with this tree's tools),
+# else this checkout's, built in place
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dmattn_ops  # noqa: E402
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# dmattn_ops: a build named on PYTHONPATH first, else this checkout's, built in place
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 import dmattn_ops  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

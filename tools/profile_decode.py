@@ -30,7 +30,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # dmattn_ops, built in place
+# dmattn_ops: a build named on PYTHONPATH first (tools/run_gpu.sh runs another tree's build with this tree's tools),
+# else this checkout's, built in place
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_common as bc  # noqa: E402
 import bench_gpu  # noqa: E402
 
