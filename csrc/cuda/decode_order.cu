@@ -42,13 +42,9 @@ order_decode_units_kernel(const __grid_constant__ VarlenFwdParams p, const __gri
     count[i] = 0;
     if (u < units) {
       const int b = u / hk_count, hk = u % hk_count;
-      int64_t n = key_seq(p, b).len;
-      if (keys.index != nullptr) {
-        const int hm = hk * group / keys.heads_per_list;  // the list of the KV group's query heads
-        const int64_t kept = keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm];
-        n = kept < 0 ? 0 : (kept < n ? kept : n);
-      }
-      count[i] = static_cast<int>(n);
+      const int k_len = static_cast<int>(key_seq(p, b).len);  // < 2^31: cu_seqlens are int32
+      // with lists, the kept keys of the KV group's list (its first query head's, as the decode kernel reads it)
+      count[i] = keys.index != nullptr ? keys.kept(b, keys.list(hk * group), k_len) : k_len;
     }
   }
   __syncthreads();  // the counters are zeroed

@@ -65,6 +65,15 @@ struct KeyLists {
   int32_t mask_heads = 0;      // list heads
   int32_t heads_per_list = 1;  // H / mask_heads: query head h reads list h / heads_per_list
   QueryTerms terms;  // the decode kernel's query-side operands along the lists (null values otherwise)
+
+  // The list query head h reads (list heads split the query heads evenly).
+  DMATTN_HOST_DEVICE int list(int h) const { return h / heads_per_list; }
+  // The kept keys of list l in sequence b, clamped to [0, k_len] as every reader takes them: a count can then never
+  // move a read past the sequence's keys.
+  DMATTN_HOST_DEVICE int kept(int b, int l, int k_len) const {
+    const int n = count[static_cast<int64_t>(b) * mask_heads + l];
+    return n < 0 ? 0 : (n < k_len ? n : k_len);
+  }
 };
 
 // The decode kernel's key splits (heuristics.h plans them): split s of a (sequence, KV head, row tile) covers KV

@@ -80,9 +80,9 @@ struct KeySlots {
 
   __device__ __forceinline__ KeySlots(const BwdParams& p, const Seq& s, int b, int h) : n(s.k_len) {
     if (p.keys.index == nullptr) return;
-    const int l = sm80::list_head(p.keys, h);
+    const int l = p.keys.list(h);
     list = p.keys.index + static_cast<int64_t>(l) * p.f.total_k + s.k_start;
-    n = min(max(p.keys.count[static_cast<int64_t>(b) * p.keys.mask_heads + l], 0), s.k_len);
+    n = p.keys.kept(b, l, s.k_len);
   }
   // Key position of slot c < n, clamped into the sequence, so a list cannot move a read out of it.
   __device__ __forceinline__ int pos(int c, int k_len) const {

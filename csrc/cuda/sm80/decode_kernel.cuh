@@ -188,7 +188,7 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
   TermRuns runs{};
   if constexpr (Traits::kQueryOperands) {
     const QueryTerms& terms = keys.terms;
-    const int64_t first = terms.run(list_head(keys, c.h), 0, QueryTerms::segment(c.k_start, d.b));
+    const int64_t first = terms.run(keys.list(c.h), 0, QueryTerms::segment(c.k_start, d.b));
     runs.f32 = terms.f32;
     runs.base = static_cast<const char*>(terms.values) + first * runs.esize();
     runs.extent = terms.extent;

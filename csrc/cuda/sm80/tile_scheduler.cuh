@@ -95,11 +95,6 @@ __device__ __forceinline__ int slots_before(const TileContext& c, int limit, int
   return slots_before(c.key_index, c.n_keys, limit, lane);
 }
 
-// The kept-key list of query head h (list heads split the query heads evenly, KeyLists in ../passes.h).
-__device__ __forceinline__ int list_head(const KeyLists& keys, int h) {
-  return h / keys.heads_per_list;
-}
-
 // The sequence's rows in q and k, clamped (clamp_seq) as every kernel clamps them.
 __device__ __forceinline__ void load_sequence(const VarlenFwdParams& p, int b, TileContext& c) {
   const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
@@ -120,9 +115,9 @@ __device__ __forceinline__ void find_slots(const VarlenFwdParams& p, const KeyLi
   c.n_keys = c.k_len;
   // The plan's kept-key lists: a key-side mask's, or in the decode kernel those of its query-side operands (KeyLists).
   if (keys.index != nullptr) {
-    const int hm = list_head(keys, c.h);
+    const int hm = keys.list(c.h);
     c.key_index = keys.index + static_cast<int64_t>(hm) * p.total_k + c.k_start;
-    c.n_keys = min(max(keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm], 0), c.k_len);
+    c.n_keys = keys.kept(b, hm, c.k_len);
   }
   c.aligned_shift = c.k_len - c.q_len;
   // The rows' least and greatest key bounds: a window moves right with the query (both ends), so its first and last
