@@ -70,17 +70,11 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     lens_q, lens_k, hs = bench_gpu.sizes("decode", False, gen)
     total_k, hk, d = sum(lens_k), hs["heads_k"], hs["head_dim"]
-    k = torch.randn(total_k, hk, d, generator=gen).to(device=dev, dtype=torch.bfloat16)
+    # K and the mask of the decode benchmark: per KV head, the top `keep` of each sequence's keys by a random score
+    prob = bench_gpu.make_problem(lens_q, lens_k, hs["heads"], hk, d, hk, args.keep, causal=False,
+                                  dtype=torch.bfloat16, device=dev, seed=args.seed)
+    k, keep = prob.k, prob.mask.cpu()
     flat = k.view(-1, d)  # row (key * Hk + head), 256 bytes each
-
-    # Kept keys per head: the top `keep` of each sequence's keys by a random score, as bench_gpu.make_problem draws.
-    score = torch.randn(total_k, hk, generator=gen)
-    keep = torch.zeros(total_k, hk, dtype=torch.bool)
-    start = 0
-    for lk in lens_k:
-        top = score[start:start + lk].topk(max(1, int(round(args.keep * lk))), dim=0).indices
-        keep[start:start + lk].scatter_(0, top, True)
-        start += lk
     keys = torch.arange(total_k)
     heads = torch.arange(hk)
     per_head = torch.cat([keys[keep[:, h]] * hk + h for h in range(hk)])  # head-major, positions ascending
