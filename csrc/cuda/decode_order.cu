@@ -5,10 +5,10 @@
 // batch, benchmarks/results/NOTES.md). Longest first, the last units to start are the shortest. Without a mask the
 // units are the sequences' lengths, whose spread the splits already bound (93% active): the plan leaves them be.
 //
-// One CTA orders every unit of the call by its key count (the unit's kept keys with a key-side mask, clamped as the
-// kernel clamps them) into kBuckets classes of equal width between 0 and the longest unit's count, longest class
-// first: a histogram, a scan and a scatter in shared memory, a few microseconds where a full sort of 512 units took
-// 13 (a bitonic sort, measured on the H200). Within a class the order is whatever the shared-memory atomics make it;
+// One CTA orders every unit of the call by its kept keys (KeyLists::kept, clamped as the kernel reads them) into
+// kBuckets classes of equal width between 0 and the longest unit's count, longest class first: a histogram, a scan
+// and a scatter in shared memory, a few microseconds where a full sort of 512 units took 13 (a bitonic sort, measured
+// on the H200). Within a class the order is whatever the shared-memory atomics make it;
 // no result depends on it, since each CTA computes its unit alone. The plan asks for it only while the units fit
 // (kMaxOrderedUnits).
 #include <cuda_runtime.h>
@@ -43,8 +43,8 @@ order_decode_units_kernel(const __grid_constant__ VarlenFwdParams p, const __gri
     if (u < units) {
       const int b = u / hk_count, hk = u % hk_count;
       const int k_len = static_cast<int>(key_seq(p, b).len);  // < 2^31: cu_seqlens are int32
-      // with lists, the kept keys of the KV group's list (its first query head's, as the decode kernel reads it)
-      count[i] = keys.index != nullptr ? keys.kept(b, keys.list(hk * group), k_len) : k_len;
+      // the kept keys of the KV group's list (its first query head's, as the decode kernel reads it)
+      count[i] = keys.kept(b, keys.list(hk * group), k_len);
     }
   }
   __syncthreads();  // the counters are zeroed
@@ -88,7 +88,8 @@ order_decode_units_kernel(const __grid_constant__ VarlenFwdParams p, const __gri
 
 cudaError_t order_decode_units(const VarlenFwdParams& p, const KeyLists& keys, const SplitPartials& splits,
                                cudaStream_t stream) {
-  if (splits.unit_order == nullptr || p.batch == 0 || p.num_heads_k == 0) return cudaSuccess;
+  // The plan orders only calls with kept-key lists (FwdPlan::unit_order).
+  if (splits.unit_order == nullptr || keys.index == nullptr || p.batch == 0 || p.num_heads_k == 0) return cudaSuccess;
   order_decode_units_kernel<<<1, kOrderThreads, 0, stream>>>(p, keys, splits.unit_order);
   return cudaGetLastError();
 }

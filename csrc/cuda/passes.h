@@ -146,8 +146,8 @@ struct Workspace {
 };
 
 cudaError_t compact_keys(const VarlenFwdParams& p, const KeyLists& keys, cudaStream_t stream);
-// Fills splits.unit_order, longest unit first, from the kept-key counts (after compact_keys) or the sequences' key
-// counts (nothing when it is null).
+// Fills splits.unit_order, longest unit first, from the kept-key counts of compact_keys (nothing when either is
+// null).
 cudaError_t order_decode_units(const VarlenFwdParams& p, const KeyLists& keys, const SplitPartials& splits,
                                cudaStream_t stream);
 
