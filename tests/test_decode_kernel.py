@@ -291,3 +291,17 @@ def test_a_nan_query_makes_every_split_nan(tiles, monkeypatch, cuda_device):
     assert out[0, 0].isnan().all() and lse[0, 0].isnan()
     assert torch.equal(out[0, 1], ref_out[0, 1]) and torch.equal(out[1], ref_out[1])
     assert torch.equal(lse[1, 0], ref_lse[1, 0]) and torch.equal(lse[:, 1], ref_lse[:, 1])
+
+
+@pytest.mark.parametrize("kernel_name", ["decode", "prefill"])
+def test_long_key_masks_are_compacted_in_parts(kernel_name, monkeypatch, cuda_device):
+    """compact_keys takes a key-side mask's lists in parts of 2048 keys that find the kept keys before them by a
+    look-back: a 40k-key sequence is 20 parts, beside sequences of one part and of none; the same result as the
+    reference through both kernels, and the same bits twice."""
+    spec = Spec("parts", heads=8, heads_k=2, seqlens_q=(2, 1, 3, 1), seqlens_k=(40_000, 100, 9_000, 0), mask="key",
+                mask_heads="Hk", keep=0.3, bias="key", bias_heads="Hk")
+    monkeypatch.setenv("DMATTN_KERNEL", kernel_name)
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    first = _checked(sample, label=kernel_name)
+    again = sample.run()
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])

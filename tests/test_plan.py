@@ -101,8 +101,9 @@ def test_decode_workload_is_packed_and_split(planner):
     assert plan["splits"] == math.ceil(128 / 24)
     lists = 4 * 8 * 290_000 + 4 * 8 * 64
     order = 4 * 64 * 8  # the (sequence, KV head) units, longest first
+    parts = 8 * 64 * 8 * 4 + 4  # compact_keys in parts: 8192 keys = 4 parts of 2048 per list, and the ticket
     assert plan["unit_order"]
-    assert abs(plan["workspace"] - lists - partials - order) < 5 * 256  # each piece 256-byte aligned
+    assert abs(plan["workspace"] - lists - partials - order - parts) < 6 * 256  # each piece 256-byte aligned
 
 
 def test_units_are_ordered_only_when_split_and_few_enough(planner):
@@ -228,7 +229,8 @@ def test_query_side_operands_in_the_decode_kernel_get_lists_and_terms(planner):
         plan = planner(**W, mask=QUERY, Hm=Hm)
         assert plan["kernel"] == "decode" and plan["key_lists_heads"] == Hm
         key_side = planner(**W, mask=KEY, Hm=Hm)["workspace"]
-        assert plan["workspace"] == key_side + _terms_bytes(W["B"], W["total_k"], W["max_q"], Hm)
+        parts = -(-(Hm * W["B"] * 4 * 8 + 4) // 256) * 256  # a key-side mask's lists are compacted in parts
+        assert plan["workspace"] == key_side - parts + _terms_bytes(W["B"], W["total_k"], W["max_q"], Hm)
     # a query-side bias (float32 here: float32 terms) with a mask of fewer heads, key-side or query-side, or alone
     for mask, Hm in ((KEY, 1), (QUERY, 1), (ABSENT, 1)):
         plan = planner(**W, mask=mask, Hm=Hm, bias=QUERY, Hb=8)
@@ -262,7 +264,8 @@ def test_query_side_mask_gets_a_block_map(planner):
     for Hm in (1, 8, 32):
         want = Hm * -(-16_000 // 64) * -(-4096 // 32)
         assert planner(**prefill, mask=QUERY, Hm=Hm)["workspace"] == -(-want // 256) * 256
-    assert planner(**prefill, mask=KEY, Hm=8)["workspace"] == 8 * 16_000 * 4 + 256  # the kept-key lists alone
+    parts = -(-(8 * 8 * 2 * 8 + 4) // 256) * 256  # compact_keys in parts: 4096 keys, 2 parts per list
+    assert planner(**prefill, mask=KEY, Hm=8)["workspace"] == 8 * 16_000 * 4 + 256 + parts  # the lists alone
     assert planner(**prefill, bias=QUERY, Hb=32)["workspace"] == 0
     assert planner(**prefill)["workspace"] == 0
     # Columns only as far as a key position can reach (an expanded mask may be 2^40 wide): min(max_k, total_k).

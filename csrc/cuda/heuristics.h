@@ -259,7 +259,7 @@ inline size_t align_up(size_t bytes) { return (bytes + kWorkspaceAlign - 1) / kW
 
 struct WorkspaceLayout {
   size_t key_index = 0, key_count = 0, split_max = 0, split_sum = 0, split_o = 0, unit_order = 0, block_map = 0;
-  size_t query_terms = 0;
+  size_t query_terms = 0, key_parts = 0;
   size_t total = 0;                                                 // bytes
 };
 
@@ -270,6 +270,10 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
     w.total += align_up(sizeof(int32_t) * static_cast<size_t>(plan.key_lists_heads) * static_cast<size_t>(p.total_k));
     w.key_count = w.total;
     w.total += align_up(sizeof(int32_t) * static_cast<size_t>(plan.key_lists_heads) * static_cast<size_t>(p.batch));
+    if (const int64_t parts = KeyParts::parts(p, plan.key_lists_heads); parts > 0 && !plan.query_terms) {
+      w.key_parts = w.total;
+      w.total += align_up(static_cast<size_t>(KeyParts::bytes(p, plan.key_lists_heads, parts)));
+    }
   }
   if (plan.kernel == FwdKernel::kDecode && plan.num_splits > 1) {
     const size_t rows = static_cast<size_t>(plan.num_splits) * static_cast<size_t>(p.num_heads) *
@@ -308,6 +312,12 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
     ws.keys.count = reinterpret_cast<int32_t*>(bytes + w.key_count);
     ws.keys.mask_heads = plan.key_lists_heads;
     ws.keys.heads_per_list = p.num_heads / plan.key_lists_heads;
+    if (const int64_t parts = KeyParts::parts(p, plan.key_lists_heads); parts > 0 && !plan.query_terms) {
+      ws.keys.parts.status = reinterpret_cast<unsigned long long*>(bytes + w.key_parts);
+      const int64_t statuses = static_cast<int64_t>(p.batch) * plan.key_lists_heads * parts;
+      ws.keys.parts.ticket = reinterpret_cast<unsigned int*>(ws.keys.parts.status + statuses);
+      ws.keys.parts.per_chain = static_cast<int32_t>(parts);
+    }
   }
   if (plan.query_terms) {
     ws.keys.terms.values = bytes + w.query_terms;

@@ -1,7 +1,8 @@
 // key_compaction.cu: a key-side mask -> sorted lists of the key positions it keeps (passes.h, KeyLists), built on
 // the device before the attention kernel so that it gathers only kept K / V rows. For the decode kernel with
 // query-side operands the lists hold the keys some query of the sequence may see (the OR of a query-side mask's few
-// rows; every key without a mask), and each query's operands are gathered along them (QueryTerms).
+// rows; every key without a mask), and each query's operands are gathered along them (QueryTerms). A key-side mask
+// of sequences longer than one chunk is compacted in parts (compact_key_parts_kernel), the rest a CTA per list.
 #include <cuda_runtime.h>
 
 #include "passes.h"
@@ -30,6 +31,43 @@ __device__ __forceinline__ uint32_t query_term(const VarlenFwdParams& p, const Q
                    : (p.bias.dtype == ScalarType::kBFloat16 ? QueryTerms::kNaN16Bf16 : QueryTerms::kNaN16F16);
 }
 
+// Bit i: whether key first + i (a position in the sequence) is kept by the key-side mask (every key without one).
+__device__ __forceinline__ unsigned key_side_bits(const VarlenFwdParams& p, const KeyRows& rows, int h, int64_t first,
+                                                  int64_t len, bool key_side) {
+  unsigned bits = 0;
+#pragma unroll
+  for (int i = 0; i < kKeysPerThread; ++i) {
+    const int64_t j = first + i;
+    if (j >= len) continue;
+    if (!key_side || p.mask.mask_allows(p.mask.offset(rows.row(j), h, 0))) bits |= 1u << i;  // no mask: all
+  }
+  return bits;
+}
+
+// A chunk's scan: each thread holds the bits of its kKeysPerThread consecutive keys; returns {the chunk's kept keys
+// before this thread's first, the chunk's kept keys}. A warp scan, then the warps' totals through shared memory (one
+// barrier; the caller's next chunk must pass another before it rewrites warp_total).
+__device__ __forceinline__ int2 scan_chunk(unsigned bits, int* warp_total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int n = __popc(bits);
+  int inclusive = n;  // kept keys of this lane and the lanes before it in the warp
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const int before = __shfl_up_sync(0xffffffffu, inclusive, off);
+    if (lane >= off) inclusive += before;
+  }
+  if (lane == 31) warp_total[warp] = inclusive;
+  __syncthreads();
+  int before = inclusive - n, total = 0;
+#pragma unroll
+  for (int w = 0; w < kCompactWarps; ++w) {
+    const int t = warp_total[w];
+    before += w < warp ? t : 0;
+    total += t;
+  }
+  return make_int2(before, total);
+}
+
 // Grid (batch, list heads). Stream compaction of one sequence's key-side mask column, in chunks of kChunk keys:
 // each thread reads its kKeysPerThread mask bytes (independent loads in flight together), a warp scan of the kept
 // counts and the CTA's warp totals give each thread its first output slot; one barrier pair per chunk. With
@@ -44,7 +82,6 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
   const int b = blockIdx.x, hm = blockIdx.y;
   const SeqRange sk = key_seq(p, b);
   const KeyRows rows = key_rows_of(p, sk);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   // Every query head of list head hm reads the same mask and bias columns (list heads are at least as fine as both).
   const int h = hm * keys.heads_per_list;
   const bool query_side = kTerms && p.mask.layout == OperandLayout::kQuerySide;
@@ -69,29 +106,11 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
         }
       }
     } else {
-#pragma unroll
-      for (int i = 0; i < kKeysPerThread; ++i) {
-        const int64_t j = first + i;
-        if (j >= sk.len) continue;
-        if (!key_side || p.mask.mask_allows(p.mask.offset(rows.row(j), h, 0))) bits |= 1u << i;  // no mask: all
-      }
+      bits = key_side_bits(p, rows, h, first, sk.len, key_side);
     }
-    const int n = __popc(bits);
-    int inclusive = n;  // kept keys of this lane and the lanes before it in the warp
-#pragma unroll
-    for (int off = 1; off < 32; off *= 2) {
-      const int before = __shfl_up_sync(0xffffffffu, inclusive, off);
-      if (lane >= off) inclusive += before;
-    }
-    if (lane == 31) warp_total[warp] = inclusive;
-    __syncthreads();
-    int slot = kept + inclusive - n, chunk_kept = 0;
-#pragma unroll
-    for (int w = 0; w < kCompactWarps; ++w) {
-      const int total = warp_total[w];
-      slot += w < warp ? total : 0;
-      chunk_kept += total;
-    }
+    const int2 scan = scan_chunk(bits, warp_total);
+    int slot = kept + scan.x;
+    const int chunk_kept = scan.y;
 #pragma unroll
     for (int i = 0; i < kKeysPerThread; ++i) {
       if (!((bits >> i) & 1u)) continue;
@@ -121,10 +140,70 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
   if (threadIdx.x == 0) keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm] = kept;
 }
 
+// A key-side mask's lists, one chunk (a part) per CTA: the parts of a (sequence, list head) chain are compacted side
+// by side and learn the kept keys before them by a decoupled look-back (each part publishes its own count, then the
+// count up to and including itself, in one 64-bit status word per part: kPartCount / kPartPrefix in the top bits).
+// A CTA takes its part by a ticket (KeyParts::ticket), part-major, so every part it looks back on took its ticket
+// earlier and is running or done: the wait always ends. The chain's last part writes the count. Where one CTA per
+// sequence walked a 126k-key sequence chunk by chunk (147 us on the H200), its 62 parts run at once.
+constexpr uint64_t kPartCount = uint64_t{1} << 32, kPartPrefix = uint64_t{2} << 32;
+static_assert(KeyParts::kPartKeys == kChunk, "a part is one chunk");
+
+__global__ void __launch_bounds__(kCompactThreads)
+compact_key_parts_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys) {
+  __shared__ int warp_total[kCompactWarps];
+  __shared__ uint32_t ticket;
+  __shared__ int before_part;
+  if (threadIdx.x == 0) ticket = atomicAdd(keys.parts.ticket, 1u);
+  __syncthreads();
+  const int64_t chains = static_cast<int64_t>(p.batch) * keys.mask_heads;
+  const int64_t chain = ticket % chains;
+  const int part = static_cast<int>(ticket / chains);
+  const int b = static_cast<int>(chain / keys.mask_heads), hm = static_cast<int>(chain % keys.mask_heads);
+  const SeqRange sk = key_seq(p, b);
+  const int64_t j0 = static_cast<int64_t>(part) * kChunk;
+  if (part > 0 && j0 >= sk.len) return;  // past the sequence: no part after it has keys either
+  const KeyRows rows = key_rows_of(p, sk);
+  const int h = hm * keys.heads_per_list;
+  const int64_t first = j0 + static_cast<int64_t>(threadIdx.x) * kKeysPerThread;
+  const unsigned bits = key_side_bits(p, rows, h, first, sk.len, true);
+  const int2 scan = scan_chunk(bits, warp_total);
+  if (threadIdx.x == 0) {
+    unsigned long long* status = keys.parts.status + chain * keys.parts.per_chain;
+    int before = 0;
+    if (part > 0) {
+      atomicExch(status + part, kPartCount | static_cast<uint32_t>(scan.y));
+      for (int q = part - 1;; --q) {
+        uint64_t s;
+        while (((s = *reinterpret_cast<volatile unsigned long long*>(status + q)) >> 32) == 0) __nanosleep(32);
+        before += static_cast<int>(s & 0xffffffffu);
+        if ((s & kPartPrefix) != 0) break;
+      }
+    }
+    atomicExch(status + part, kPartPrefix | static_cast<uint32_t>(before + scan.y));
+    before_part = before;
+    if (j0 + kChunk >= sk.len) keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm] = before + scan.y;
+  }
+  __syncthreads();
+  int32_t* index = keys.index + static_cast<int64_t>(hm) * p.total_k + sk.start;
+  int slot = before_part + scan.x;
+#pragma unroll
+  for (int i = 0; i < kKeysPerThread; ++i) {
+    if ((bits >> i) & 1u) index[slot++] = static_cast<int32_t>(first + i);
+  }
+}
+
 }  // namespace
 
 cudaError_t compact_keys(const VarlenFwdParams& p, const KeyLists& keys, cudaStream_t stream) {
   if (p.batch == 0 || keys.mask_heads == 0) return cudaSuccess;
+  if (keys.parts.status != nullptr) {  // key-side lists in parts (KeyParts); the ticket and statuses start at 0
+    const size_t bytes = KeyParts::bytes(p, keys.mask_heads, keys.parts.per_chain);
+    if (cudaError_t err = cudaMemsetAsync(keys.parts.status, 0, bytes, stream); err != cudaSuccess) return err;
+    const int64_t ctas = static_cast<int64_t>(p.batch) * keys.mask_heads * keys.parts.per_chain;
+    compact_key_parts_kernel<<<static_cast<unsigned>(ctas), kCompactThreads, 0, stream>>>(p, keys);
+    return cudaGetLastError();
+  }
   const dim3 grid(p.batch, keys.mask_heads);
   if (keys.terms.values != nullptr) {
     compact_keys_kernel<true><<<grid, kCompactThreads, 0, stream>>>(p, keys);

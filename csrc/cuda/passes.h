@@ -52,6 +52,27 @@ struct QueryTerms {
   DMATTN_HOST_DEVICE int64_t run(int64_t l, int64_t i, int64_t seg) const { return (l * queries + i) * extent + seg; }
 };
 
+// compact_keys in parts (key_compaction.cu): per (sequence, list head) chain, per_chain parts of one chunk (2048 keys)
+// each, every part a 64-bit look-back status; after them, the ticket counter. Zeroed by compact_keys before its
+// kernel. Null status: one CTA per chain (the lists with query-side terms, the backward's, and calls whose statuses
+// would pass kMaxStatuses).
+struct KeyParts {
+  static constexpr int64_t kPartKeys = 2048;
+  static constexpr int64_t kMaxStatuses = int64_t{1} << 22;  // 32 MB
+  unsigned long long* status = nullptr;
+  unsigned int* ticket = nullptr;
+  int32_t per_chain = 0;
+  // Parts per chain, or 0 where the call keeps one CTA per chain.
+  static int64_t parts(const VarlenFwdParams& p, int64_t mask_heads) {
+    const int64_t per_chain = (p.max_seqlen_k + kPartKeys - 1) / kPartKeys;
+    const int64_t statuses = static_cast<int64_t>(p.batch) * mask_heads * per_chain;
+    return per_chain > 1 && statuses <= kMaxStatuses ? per_chain : 0;
+  }
+  static int64_t bytes(const VarlenFwdParams& p, int64_t mask_heads, int64_t per_chain) {
+    return static_cast<int64_t>(p.batch) * mask_heads * per_chain * 8 + 4;  // statuses, then the ticket
+  }
+};
+
 // Per (sequence, list head) list of the key positions a key-side mask keeps, in ascending order.
 //   index (mask_heads, total_k) int32: index[l, cu_k[b] + c] = position (in sequence b) of its c-th kept key
 //   count (batch, mask_heads)   int32: number of kept keys
@@ -65,6 +86,7 @@ struct KeyLists {
   int32_t mask_heads = 0;      // list heads
   int32_t heads_per_list = 1;  // H / mask_heads: query head h reads list h / heads_per_list
   QueryTerms terms;  // the decode kernel's query-side operands along the lists (null values otherwise)
+  KeyParts parts;    // the lists' compaction in parts (null status: one CTA per list)
 
   // The list query head h reads (list heads split the query heads evenly).
   DMATTN_HOST_DEVICE int list(int h) const { return h / heads_per_list; }
