@@ -293,15 +293,35 @@ def test_a_nan_query_makes_every_split_nan(tiles, monkeypatch, cuda_device):
     assert torch.equal(lse[1, 0], ref_lse[1, 0]) and torch.equal(lse[:, 1], ref_lse[:, 1])
 
 
+def _strided_heads(mask):
+    """The same key-side mask with its heads 2 bytes apart (a column slice of a wider tensor)."""
+    wide = torch.zeros(mask.shape[0], 2 * mask.shape[1], dtype=torch.bool, device=mask.device)
+    wide[:, ::2] = mask
+    return wide[:, ::2]
+
+
+def _bytes_2_to_255(mask):
+    """The same mask with every True stored as a byte in 2..255, as a uint8 tensor viewed as bool."""
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randint(2, 256, mask.shape, generator=gen, dtype=torch.uint8)
+    noise.view(-1)[:4] = torch.tensor([2, 128, 254, 255], dtype=torch.uint8)
+    return (noise.to(mask.device) * mask.to(torch.uint8)).view(torch.bool)
+
+
+@pytest.mark.parametrize("mask_heads", ["1", "Hk", "H"])
 @pytest.mark.parametrize("kernel_name", ["decode", "prefill"])
-def test_long_key_masks_are_compacted_in_parts(kernel_name, monkeypatch, cuda_device):
+def test_long_key_masks_are_compacted_in_parts(mask_heads, kernel_name, monkeypatch, cuda_device):
     """compact_keys takes a key-side mask's lists in parts of 2048 keys that find the kept keys before them by a
-    look-back: a 40k-key sequence is 20 parts, beside sequences of one part and of none; the same result as the
-    reference through both kernels, and the same bits twice."""
-    spec = Spec("parts", heads=8, heads_k=2, seqlens_q=(2, 1, 3, 1), seqlens_k=(40_000, 100, 9_000, 0), mask="key",
-                mask_heads="Hk", keep=0.3, bias="key", bias_heads="Hk")
+    look-back: a 40k-key sequence is 20 parts, beside sequences of one part and of none. The reference's result
+    through both kernels for every mask head count (Hm = H runs the prefill kernel: the decode kernel cannot take
+    it), the same bits again, and the same bits from the same mask with its heads 2 bytes apart or its True bytes
+    stored as 2..255."""
+    spec = Spec("parts", heads=8, heads_k=4, seqlens_q=(2, 1, 3, 1), seqlens_k=(40_000, 100, 9_000, 0), mask="key",
+                mask_heads=mask_heads, keep=0.3, bias="key", bias_heads="Hk")
     monkeypatch.setenv("DMATTN_KERNEL", kernel_name)
     sample = make_sample(spec, torch.bfloat16, "cuda")
     first = _checked(sample, label=kernel_name)
-    again = sample.run()
-    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    for again in (sample, sample.replace(mask=_strided_heads(sample.mask)),
+                  sample.replace(mask=_bytes_2_to_255(sample.mask))):
+        out, lse = again.run()
+        assert torch.equal(first[0], out) and torch.equal(first[1], lse)

@@ -257,6 +257,18 @@ def test_query_terms_past_their_cap_take_the_prefill_kernel(planner):
     assert small["kernel"] == "decode" and small["key_lists_heads"] == 8
 
 
+def test_key_side_lists_look_back_only_across_parts(planner):
+    """A key-side mask's lists are compacted in parts of 2048 keys; only sequences of several parts need the
+    look-back's statuses (one uint64 per sequence, list head and part) and its ticket in the workspace."""
+    prefill = dict(B=8, H=64, Hk=8, D=128, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
+    lists = lambda Hm: Hm * 16_000 * 4 + -(-(Hm * 8 * 4) // 256) * 256  # noqa: E731  index + counts
+    look_back = lambda Hm, parts: -(-(Hm * 8 * parts * 8 + 4) // 256) * 256  # noqa: E731
+    for Hm in (1, 8, 64):
+        assert planner(**prefill, mask=KEY, Hm=Hm)["workspace"] == lists(Hm) + look_back(Hm, 2)
+        assert planner(**dict(prefill, max_k=10_000), mask=KEY, Hm=Hm)["workspace"] == lists(Hm) + look_back(Hm, 5)
+        assert planner(**dict(prefill, max_k=2048), mask=KEY, Hm=Hm)["workspace"] == lists(Hm)
+
+
 def test_query_side_mask_gets_a_block_map(planner):
     """A query-side mask is summarized first, one byte per (mask head, 64 packed query rows, 32 key positions) in
     the workspace (1 / 2048 of the mask); a key-side one, a query-side bias alone, or no mask get none."""

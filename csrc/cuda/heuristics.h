@@ -248,10 +248,12 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
   return plan;
 }
 
-// The workspace, in order: the kept-key index (Hm, total_k) and counts (B, Hm), int32 each (key-side mask); the
+// The workspace, in order: the kept-key index (Hm, total_k) and counts (B, Hm), int32 each (key-side mask), then the
+// compaction's look-back (KeyParts, passes.h: sequences longer than one part): (B, Hm, parts) uint64 and a ticket; the
 // split partials (decode with num_splits > 1): max and sum (splits, H, total_q) and O (splits, H, total_q, D), float32;
-// the decode units' order (decode with unit_order): (B, Hk) int32; the block map (query-side mask): (Hm, ceil(total_q / 64), ceil(key extent / 32)) bytes, 1 / 2048 of the mask; the
-// query-side terms (decode with query-side operands): (list heads, max_seqlen_q, total_k + 64 (B + 1)), 2 or 4 bytes.
+// the decode units' order (decode with unit_order): (B, Hk) int32; the block map (query-side mask):
+// (Hm, ceil(total_q / 64), ceil(key extent / 32)) bytes, 1 / 2048 of the mask; the query-side terms (decode with
+// query-side operands): (list heads, max_seqlen_q, total_k + 64 (B + 1)), 2 or 4 bytes.
 // 256-byte aligned pieces, so a new one can be appended without disturbing the alignment of the others.
 constexpr size_t kWorkspaceAlign = 256;
 

@@ -32,14 +32,17 @@ __device__ __forceinline__ uint32_t query_term(const VarlenFwdParams& p, const Q
 }
 
 // Bit i: whether key first + i (a position in the sequence) is kept by the key-side mask (every key without one).
+// Head h's column of the mask is taken once: row r's element is at column + r * row_stride (ScoreOperand::offset,
+// whose head term divides by head_group: a division per key cost this pass more than its loads).
 __device__ __forceinline__ unsigned key_side_bits(const VarlenFwdParams& p, const KeyRows& rows, int h, int64_t first,
                                                   int64_t len, bool key_side) {
+  const int64_t column = p.mask.row_start(0, h);
   unsigned bits = 0;
 #pragma unroll
   for (int i = 0; i < kKeysPerThread; ++i) {
     const int64_t j = first + i;
     if (j >= len) continue;
-    if (!key_side || p.mask.mask_allows(p.mask.offset(rows.row(j), h, 0))) bits |= 1u << i;  // no mask: all
+    if (!key_side || p.mask.mask_allows(column + rows.row(j) * p.mask.row_stride)) bits |= 1u << i;  // no mask: all
   }
   return bits;
 }
@@ -156,10 +159,12 @@ compact_key_parts_kernel(const __grid_constant__ VarlenFwdParams p, const __grid
   __shared__ int before_part;
   if (threadIdx.x == 0) ticket = atomicAdd(keys.parts.ticket, 1u);
   __syncthreads();
-  const int64_t chains = static_cast<int64_t>(p.batch) * keys.mask_heads;
-  const int64_t chain = ticket % chains;
+  // 32-bit arithmetic: the tickets number the statuses, at most KeyParts::kMaxStatuses.
+  const uint32_t chains = static_cast<uint32_t>(p.batch) * static_cast<uint32_t>(keys.mask_heads);
+  const uint32_t chain = ticket % chains;
   const int part = static_cast<int>(ticket / chains);
-  const int b = static_cast<int>(chain / keys.mask_heads), hm = static_cast<int>(chain % keys.mask_heads);
+  const int b = static_cast<int>(chain / static_cast<uint32_t>(keys.mask_heads));
+  const int hm = static_cast<int>(chain % static_cast<uint32_t>(keys.mask_heads));
   const SeqRange sk = key_seq(p, b);
   const int64_t j0 = static_cast<int64_t>(part) * kChunk;
   if (part > 0 && j0 >= sk.len) return;  // past the sequence: no part after it has keys either
@@ -169,7 +174,7 @@ compact_key_parts_kernel(const __grid_constant__ VarlenFwdParams p, const __grid
   const unsigned bits = key_side_bits(p, rows, h, first, sk.len, true);
   const int2 scan = scan_chunk(bits, warp_total);
   if (threadIdx.x == 0) {
-    unsigned long long* status = keys.parts.status + chain * keys.parts.per_chain;
+    unsigned long long* status = keys.parts.status + static_cast<int64_t>(chain) * keys.parts.per_chain;
     int before = 0;
     if (part > 0) {
       atomicExch(status + part, kPartCount | static_cast<uint32_t>(scan.y));
