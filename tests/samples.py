@@ -396,17 +396,3 @@ def _samples() -> Tuple[Spec, ...]:
 
 
 SAMPLES = _samples()
-
-
-def capture_cuda_graph(run):
-    """Runs ``run`` once on a side stream (lazy initialisation and allocator pools outside the capture), then captures
-    it in a CUDA graph; returns (graph, what the captured call returned, whose buffers every replay rewrites)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = run()
-    return graph, outputs

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dmattn_ops
-from samples import capture_cuda_graph
+from packed_batch import capture_cuda_graph
 
 H, HK, D = 8, 2, 64
 CAPACITY = 160  # keys per sequence the buffers can hold: 3 KV tiles of 64

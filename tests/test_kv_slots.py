@@ -11,7 +11,7 @@ import torch
 
 import dmattn_ops
 from dmattn_ops.reference import reference_varlen_attention
-from samples import capture_cuda_graph
+from packed_batch import capture_cuda_graph
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

@@ -17,7 +17,8 @@ Workloads (all packed varlen batches, H=32, Hk=8, D=128, bf16 on CUDA; ``--tiny`
   decode   B=64, 1-8 queries and 1024-8192 keys per sequence, key-side mask keeping the top 25% of keys + key-side
            bias, not causal. Peers: SDPA padded with the mask+bias materialized (B, H, Lq, Lk), SDPA padded with a
            (B, H, 1, Lk) bias expanded over queries (stride 0), FlexAttention compiled packed (+ BlockMask build),
-           dmattn_ops; plus the "no mask" group.
+           dmattn_ops; plus the "no mask" group. In both, dmattn_ops once more replayed from a CUDA graph (as a
+           serving engine runs its decode step: the same kernels without the per-call host work; no target reads it).
   window   the prefill batch, causal, no mask, a sliding window of 256 keys (each query sees itself and the 255 keys
            before it): dmattn_ops with its native window_size=(255, -1), dmattn_ops with the same window as a
            query-side mask (what a mask_mod gave before the native window), FlexAttention compiled packed with the
@@ -76,7 +77,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
-from packed_batch import PackedBatch  # noqa: E402
+from packed_batch import PackedBatch, capture_cuda_graph  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SEED = 186  # picked so the prefill batch totals ~16k tokens, the size PEERS.md measured
@@ -240,6 +241,23 @@ def dmattn_peer(p: PackedBatch, name="dmattn_ops"):
         return Prepared(lambda: p.run()[0], mask_bytes=bc.tensor_bytes(p.mask, p.bias, p.key_range),
                         extras={"layout": "packed, key-side mask/bias" if p.mask is not None else "packed"})
     return Peer(name, prepare, "dmattn")
+
+
+def dmattn_graph_peer(p: PackedBatch, name="dmattn_ops, replayed from a CUDA graph"):
+    """The same call captured once in a CUDA graph and replayed, as a serving engine runs its decode step: the same
+    kernels, without the host's per-call work and with less time between them. No target reads this row."""
+    def prepare():
+        reason = dmattn_unavailable(p.device)
+        if reason:
+            raise NotBuilt(reason)
+        graph, (out, _) = capture_cuda_graph(p.run)
+
+        def replay():
+            graph.replay()
+            return out
+        return Prepared(replay, mask_bytes=bc.tensor_bytes(p.mask, p.bias, p.key_range),
+                        extras={"layout": "packed, one CUDA graph replay per call"})
+    return Peer(name, prepare, "dmattn", cuda_only="CUDA graphs need a CUDA device")
 
 
 def dmattn_mod_peer(p: PackedBatch, make_mod: Callable, name: str):
@@ -740,9 +758,10 @@ def groups_of(name: str, base: PackedBatch):
     if name == "decode":
         masked, plain = base, base.replace(mask=None, bias=None)
         return [("key-side mask 25% + bias", masked,
-                 [dmattn_peer(masked), sdpa_peer(masked, "materialized"), sdpa_peer(masked, "expanded"),
-                  flex_peer(masked)]),
-                ("no mask (dense reference)", plain, [dmattn_peer(plain), varlen_peer(plain)]),
+                 [dmattn_peer(masked), dmattn_graph_peer(masked), sdpa_peer(masked, "materialized"),
+                  sdpa_peer(masked, "expanded"), flex_peer(masked)]),
+                ("no mask (dense reference)", plain,
+                 [dmattn_peer(plain), dmattn_graph_peer(plain), varlen_peer(plain)]),
                 ("the same mask + bias expanded query-side", masked,
                  [dmattn_peer(key_side_as_query_side(masked), "dmattn_ops, query-side mask + bias"),
                   dmattn_peer(masked, "dmattn_ops, key-side (the same values)")])]
