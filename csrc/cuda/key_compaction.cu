@@ -36,7 +36,7 @@ __device__ __forceinline__ uint32_t query_term(const VarlenFwdParams& p, const Q
 // whose head term divides by head_group: a division per key cost this pass more than its loads).
 __device__ __forceinline__ unsigned key_side_bits(const VarlenFwdParams& p, const KeyRows& rows, int h, int64_t first,
                                                   int64_t len, bool key_side) {
-  const int64_t column = p.mask.row_start(0, h);
+  const int64_t column = key_side ? p.mask.row_start(0, h) : 0;  // no key-side mask: unused
   unsigned bits = 0;
 #pragma unroll
   for (int i = 0; i < kKeysPerThread; ++i) {
