@@ -2,6 +2,7 @@
 
     python tools/check_cuda_compile.py                      # one instantiation per arch path + registry + run kernels
     python tools/check_cuda_compile.py --all --arch 80 90   # every instantiation of tools/kernel_matrix.py
+    python tools/check_cuda_compile.py --arch 90 --divisions  # also: integer divisions inside kernels' loops
 
 --arch plays DMATTN_CUDA_ARCHS: each file gets the flags the build gives it (kernel_matrix.nvcc_flags), so the sm80
 instantiations are compiled for every listed arch, the sm90a ones for sm_90a when 90 is listed, and the registry and
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +57,9 @@ def main() -> int:
                     help="C++ standard (default 17; torch >= 2.13 builds extensions as C++20)")
     ap.add_argument("--registers", action="store_true",
                     help="print ptxas' registers and spills of every kernel (ptxas -v), to compare two trees")
+    ap.add_argument("--divisions", action="store_true",
+                    help="also compile each file to PTX for the first --arch and list, per kernel, the source lines of "
+                         "the integer divisions and remainders inside its loops (a report: it fails nothing)")
     ap.add_argument("--require-nvcc", action="store_true", help="fail (exit 2) instead of skipping without nvcc")
     args = ap.parse_args()
 
@@ -107,7 +112,52 @@ def main() -> int:
                 print(f"    {line}")
             if args.registers:
                 report(result.stderr)
+            if args.divisions and result.returncode == 0:
+                ptx = Path(tmp) / (Path(src).stem + ".ptx")
+                ptx_cmd = [nvcc, *ptx_flags(flags), "-ptx", str(src), "-o", str(ptx)]
+                if subprocess.run(ptx_cmd, capture_output=True, text=True).returncode == 0:
+                    for kernel, lines in loop_divisions(ptx.read_text()).items():
+                        where = ", ".join(f"{at} x{n}" for at, n in sorted(lines.items()))
+                        print(f"    divisions in loops: {kernel[:100]}: {where}")
     return 1 if failed else 0
+
+
+def ptx_flags(flags: list) -> list:
+    """``flags`` for one PTX file: the first -gencode's virtual arch alone (nvcc -ptx takes one)."""
+    gencodes = [f for f in flags if f.startswith("-gencode=")]
+    rest = [f for f in flags if not f.startswith("-gencode=")]
+    arch = gencodes[0].split("arch=", 1)[1].split(",", 1)[0] if gencodes else "compute_80"
+    return [*rest, f"-arch={arch}"]
+
+
+def loop_divisions(ptx: str) -> dict:
+    """Per kernel of a PTX text: {"file:line": count} of its integer divisions and remainders (div / rem on s32, u32,
+    s64, u64; the source line from -lineinfo's .loc) that lie inside a loop, i.e. between a label and a later branch
+    back to it. An integer division is some twenty instructions (a 64-bit one a subroutine); in a per-element or
+    per-tile loop it can cost more than the loads it serves (benchmarks/results/NOTES.md: the kept-key compaction)."""
+    lines = ptx.splitlines()
+    files = {}
+    for line in lines:
+        m = re.match(r'\s*\.file\s+(\d+)\s+"([^"]+)"', line)
+        if m:
+            files[m.group(1)] = Path(m.group(2)).name
+    starts = [(i, m.group(1)) for i, line in enumerate(lines)
+              if (m := re.match(r"(?:\.visible |\.weak )?\.entry (\S+?)\(", line))]
+    out = {}
+    for (first, kernel), (end, _) in zip(starts, [*starts[1:], (len(lines), "")]):
+        body = lines[first:end]
+        labels = {m.group(1): i for i, line in enumerate(body) if (m := re.match(r"^(\$\S+):", line))}
+        loops = [(labels[m.group(1)], i) for i, line in enumerate(body)
+                 if (m := re.search(r"\bbra(?:\.uni)?\s+(\$\S+);", line)) and labels.get(m.group(1), i) < i]
+        at, found = "?", {}
+        for i, line in enumerate(body):
+            if m := re.match(r"\s*\.loc\s+(\d+)\s+(\d+)", line):
+                at = f"{files.get(m.group(1), m.group(1))}:{m.group(2)}"
+            elif re.match(r"\s*(?:div|rem)\.[su](?:32|64)\b", line) and any(a <= i <= b for a, b in loops):
+                found[at] = found.get(at, 0) + 1
+        if found:
+            out[kernel] = found
+    return out
 
 
 def torch_nvcc_flags() -> list:
