@@ -164,6 +164,16 @@ def _mask_some_rows(spec: Spec, mask: torch.Tensor) -> None:
         mask[::3] = False
 
 
+def noncanonical_mask(mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The same mask with every True stored as a byte in 2..255 (even ones included: a reader that tests bit 0 sees
+    False), as a uint8 tensor viewed as bool."""
+    gen = torch.Generator().manual_seed(seed)
+    cpu = mask.cpu()
+    noise = torch.randint(2, 256, cpu.shape, generator=gen, dtype=torch.uint8)
+    noise.view(-1)[:4] = torch.tensor([2, 128, 254, 255], dtype=torch.uint8)  # the worst bytes, always present
+    return (noise * cpu.to(torch.uint8)).view(torch.bool).to(mask.device)
+
+
 def support_reason(spec: Spec, dtype: torch.dtype, device: str) -> str:
     """Why this build cannot run ``spec`` in ``dtype`` on ``device``; "" when it can. The CPU runs everything; the
     CUDA kernels cover the dtypes in build_info() and every head dim up to the largest one built."""

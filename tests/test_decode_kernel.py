@@ -17,7 +17,7 @@ import re
 import pytest
 import torch
 
-from samples import SAMPLES, Spec, assert_close_to_reference, make_sample, support_reason
+from samples import SAMPLES, Spec, assert_close_to_reference, make_sample, noncanonical_mask, support_reason
 
 KERNELS = {
     "prefill": {"DMATTN_KERNEL": "prefill"},
@@ -300,14 +300,6 @@ def _strided_heads(mask):
     return wide[:, ::2]
 
 
-def _bytes_2_to_255(mask):
-    """The same mask with every True stored as a byte in 2..255, as a uint8 tensor viewed as bool."""
-    gen = torch.Generator().manual_seed(0)
-    noise = torch.randint(2, 256, mask.shape, generator=gen, dtype=torch.uint8)
-    noise.view(-1)[:4] = torch.tensor([2, 128, 254, 255], dtype=torch.uint8)
-    return (noise.to(mask.device) * mask.to(torch.uint8)).view(torch.bool)
-
-
 @pytest.mark.parametrize("mask_heads", ["1", "Hk", "H"])
 @pytest.mark.parametrize("kernel_name", ["decode", "prefill"])
 def test_long_key_masks_are_compacted_in_parts(mask_heads, kernel_name, monkeypatch, cuda_device):
@@ -322,6 +314,6 @@ def test_long_key_masks_are_compacted_in_parts(mask_heads, kernel_name, monkeypa
     sample = make_sample(spec, torch.bfloat16, "cuda")
     first = _checked(sample, label=kernel_name)
     for again in (sample, sample.replace(mask=_strided_heads(sample.mask)),
-                  sample.replace(mask=_bytes_2_to_255(sample.mask))):
+                  sample.replace(mask=noncanonical_mask(sample.mask))):
         out, lse = again.run()
         assert torch.equal(first[0], out) and torch.equal(first[1], lse)

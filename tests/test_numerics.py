@@ -18,7 +18,8 @@ import torch
 
 import dmattn_ops
 from dmattn_ops.reference import causal_mask, materialize_mask, reference_varlen_attention
-from samples import ALL_DTYPES, Sample, Spec, assert_close_to_reference, make_sample, support_reason
+from samples import (ALL_DTYPES, Sample, Spec, assert_close_to_reference, make_sample, noncanonical_mask,
+                     support_reason)
 
 DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in ALL_DTYPES]
 FLOAT32_MIN = torch.finfo(torch.float32).min
@@ -77,16 +78,6 @@ def _assert_matches_reference(result, sample: Sample, same_dtype=None) -> None:
 # 1. Mask bytes other than 0 and 1.
 
 
-def _noncanonical(mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """The same mask with every True stored as a byte in 2..255 (even ones included: a reader that tests bit 0 sees
-    False), as a uint8 tensor viewed as bool."""
-    gen = torch.Generator().manual_seed(seed)
-    cpu = mask.cpu()
-    noise = torch.randint(2, 256, cpu.shape, generator=gen, dtype=torch.uint8)
-    noise.view(-1)[:4] = torch.tensor([2, 128, 254, 255], dtype=torch.uint8)  # the worst bytes, always present
-    return (noise * cpu.to(torch.uint8)).view(torch.bool).to(mask.device)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("mask_heads", ["1", "Hk", "H"])
@@ -99,7 +90,7 @@ def test_noncanonical_mask_bytes(layout, mask_heads, is_causal, dtype, device):
                 mask_heads=mask_heads, keep=0.5, bias="key", is_causal=is_causal)
     _skip_unsupported(spec, dtype, device)
     sample = make_sample(spec, dtype, device)
-    odd = sample.replace(mask=_noncanonical(sample.mask))
+    odd = sample.replace(mask=noncanonical_mask(sample.mask))
     assert not torch.equal(odd.mask.view(torch.uint8), sample.mask.view(torch.uint8))
     result = odd.run()
     _assert_identical(sample.run(), result, "between a mask stored as 0 / 1 and the same mask stored as 0 / 2..255")
@@ -588,7 +579,7 @@ def test_reference_noncanonical_mask_bytes():
             spec = Spec(f"ref_bytes_{layout}_{heads}", seqlens_q=(3, 2), seqlens_k=(5, 4), mask=layout,
                         mask_heads=heads, keep=0.5)
             sample = make_sample(spec, torch.float32)
-            odd_mask = _noncanonical(sample.mask, seed=1)
+            odd_mask = noncanonical_mask(sample.mask, seed=1)
             for b in range(2):
                 dense = [materialize_mask(m, sample.cu_seqlens_q, sample.cu_seqlens_k, b, spec.heads)
                          for m in (sample.mask, odd_mask)]
