@@ -316,8 +316,8 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
     ws.keys.heads_per_list = p.num_heads / plan.key_lists_heads;
     if (const int64_t parts = KeyParts::parts(p, plan.key_lists_heads); parts > 0 && !plan.query_terms) {
       ws.keys.parts.status = reinterpret_cast<unsigned long long*>(bytes + w.key_parts);
-      const int64_t statuses = static_cast<int64_t>(p.batch) * plan.key_lists_heads * parts;
-      ws.keys.parts.ticket = reinterpret_cast<unsigned int*>(ws.keys.parts.status + statuses);
+      ws.keys.parts.ticket = reinterpret_cast<unsigned int*>(ws.keys.parts.status +
+                                                             KeyParts::statuses(p, plan.key_lists_heads, parts));
       ws.keys.parts.per_chain = static_cast<int32_t>(parts);
     }
   }

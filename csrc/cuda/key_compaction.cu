@@ -205,7 +205,7 @@ cudaError_t compact_keys(const VarlenFwdParams& p, const KeyLists& keys, cudaStr
   if (keys.parts.status != nullptr) {  // key-side lists in parts (KeyParts); the ticket and statuses start at 0
     const size_t bytes = KeyParts::bytes(p, keys.mask_heads, keys.parts.per_chain);
     if (cudaError_t err = cudaMemsetAsync(keys.parts.status, 0, bytes, stream); err != cudaSuccess) return err;
-    const int64_t ctas = static_cast<int64_t>(p.batch) * keys.mask_heads * keys.parts.per_chain;
+    const int64_t ctas = KeyParts::statuses(p, keys.mask_heads, keys.parts.per_chain);  // a CTA per part
     compact_key_parts_kernel<<<static_cast<unsigned>(ctas), kCompactThreads, 0, stream>>>(p, keys);
     return cudaGetLastError();
   }

@@ -65,11 +65,14 @@ struct KeyParts {
   // Parts per chain, or 0 where the call keeps one CTA per chain.
   static int64_t parts(const VarlenFwdParams& p, int64_t mask_heads) {
     const int64_t per_chain = (p.max_seqlen_k + kPartKeys - 1) / kPartKeys;
-    const int64_t statuses = static_cast<int64_t>(p.batch) * mask_heads * per_chain;
-    return per_chain > 1 && statuses <= kMaxStatuses ? per_chain : 0;
+    return per_chain > 1 && statuses(p, mask_heads, per_chain) <= kMaxStatuses ? per_chain : 0;
+  }
+  // One status, and one CTA of the compaction, per part of each (sequence, list head) chain.
+  static int64_t statuses(const VarlenFwdParams& p, int64_t mask_heads, int64_t per_chain) {
+    return static_cast<int64_t>(p.batch) * mask_heads * per_chain;
   }
   static int64_t bytes(const VarlenFwdParams& p, int64_t mask_heads, int64_t per_chain) {
-    return static_cast<int64_t>(p.batch) * mask_heads * per_chain * 8 + 4;  // statuses, then the ticket
+    return statuses(p, mask_heads, per_chain) * 8 + 4;  // statuses, then the ticket
   }
 };
 
