@@ -188,6 +188,64 @@ def test_split_combine_of_many_rows(mask, monkeypatch, cuda_device):
     _checked(make_sample(spec, torch.bfloat16, "cuda"))
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_split_combine_finishes_the_rows(head_dim, monkeypatch, capfd, cuda_device):
+    """A split call's combine does finish_rows' work too (the plan says so): rows no sequence owns get out 0 and
+    lse -inf, the rest the reference's, through the eight-lane (64) and the warp-per-pair (128) combines."""
+    spec = Spec("split_trailing", head_dim=head_dim, heads=8, heads_k=2, seqlens_q=(1, 4, 8),
+                seqlens_k=(700, 1000, 300), extra_rows_q=3, extra_rows_k=4, mask="key", mask_heads="Hk", keep=0.5,
+                bias="key", bias_heads="Hk")
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", "2")
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    capfd.readouterr()
+    out, lse = _checked(sample)
+    torch.cuda.synchronize()
+    assert re.findall(r"kernel=decode .*combine_finishes=(\d)", capfd.readouterr().err) == ["1"]
+    assert (out[13:] == 0).all() and (lse[:, 13:] == -math.inf).all()
+
+
+@pytest.mark.parametrize("mask", [None, "key"], ids=["no_mask", "key_mask"])
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_split_combine_of_few_rows_and_many_splits(head_dim, mask, monkeypatch, cuda_device):
+    """A call of few (row, head) pairs over many splits (a long context: here 48 pairs over up to 36 splits) combines
+    a pair per CTA, its warps sharing the splits: the reference's result with sinks, a sequence too short to split
+    and rows no sequence owns (0 / -inf)."""
+    spec = Spec("few_rows_many_splits", head_dim=head_dim, heads=8, heads_k=2, seqlens_q=(1, 3, 2),
+                seqlens_k=(5000, 9000, 100), extra_rows_q=2, mask=mask, mask_heads="Hk", keep=0.5,
+                bias="key" if mask else None, bias_heads="Hk", sinks="float32")
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", "4")
+    out, lse = _checked(make_sample(spec, torch.bfloat16, "cuda"))
+    assert (out[6:] == 0).all() and (lse[:, 6:] == -math.inf).all()
+
+
+@pytest.mark.parametrize("lie", ["decreasing", "last_past_total", "negative", "longer_than_max_seqlen"])
+def test_split_combine_makes_a_lie_visible(lie, monkeypatch, cuda_device):
+    """Lying cu_seqlens through a split call whose combine finishes the rows: every element of out and lse is NaN,
+    the rows the combine would have combined included (compute-sanitizer runs this test: nothing out of bounds)."""
+    spec = Spec("split_lies", heads=8, heads_k=2, seqlens_q=(1, 4, 8), seqlens_k=(700, 1000, 300), extra_rows_q=2,
+                mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="Hk")
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", "2")
+    sample = make_sample(spec, torch.float16, "cuda")
+    cu_q, cu_k = sample.cu_seqlens_q.tolist(), sample.cu_seqlens_k.tolist()
+    total_q, total_k = sample.q.shape[0], sample.k.shape[0]
+    lies = {
+        "decreasing": dict(cu_q=[0, cu_q[2], cu_q[1], cu_q[3]], cu_k=[0, cu_k[2], cu_k[1], cu_k[3]]),
+        "last_past_total": dict(cu_q=cu_q[:-1] + [total_q + 5], cu_k=cu_k[:-1] + [total_k + 1000]),
+        "negative": dict(cu_q=[-7] + cu_q[1:], cu_k=[0, -3] + cu_k[2:]),
+        "longer_than_max_seqlen": dict(max_k=400),
+    }[lie]
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int32, device="cuda")  # noqa: E731
+    lying = sample.replace(cu_seqlens_q=as_tensor(lies.get("cu_q", cu_q)),
+                           cu_seqlens_k=as_tensor(lies.get("cu_k", cu_k)),
+                           max_seqlen_k=lies.get("max_k", sample.max_seqlen_k))
+    out, lse = lying.run()
+    assert out.isnan().all() and lse.isnan().all()
+
+
 def test_forced_decode_falls_back_where_it_cannot_run(monkeypatch, capfd, cuda_device):
     spec = next(s for s in SAMPLES if s.name == "key_mask_query_bias")
     monkeypatch.setenv("DMATTN_KERNEL", "decode")
@@ -252,16 +310,18 @@ def test_query_side_mask_hides_a_key_whose_v_is_inf(kernel_name, monkeypatch, cu
     assert torch.equal(out[4:], clean[4:])  # sequence 1 untouched
 
 
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
 @pytest.mark.parametrize("tiles", ["1", "4", "auto"])
-def test_extreme_scores_split_by_their_sums(tiles, monkeypatch, cuda_device):
+def test_extreme_scores_split_by_their_sums(tiles, head_dim, monkeypatch, cuda_device):
     """Every score of a row near finfo.min (a float32 bias of -FLT_MAX on each key): all equal, so out is the mean of
     V, however the keys are split. Splits merged through an lse m + log(l) would weigh alike (log l vanishes next to
-    |m|); the partials keep m and l apart (found by test_fuzz's extreme-values draw)."""
+    |m|); the partials keep m and l apart (found by test_fuzz's extreme-values draw). At D = 128 with a split per tile
+    (18 splits, 6 pairs) the combine takes a CTA per pair."""
     monkeypatch.setenv("DMATTN_KERNEL", "decode")
     if tiles != "auto":
         monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", tiles)
-    spec = Spec("extreme_bias", heads=2, heads_k=1, seqlens_q=(1, 2), seqlens_k=(1100, 300), bias="key",
-                bias_heads="1")
+    spec = Spec("extreme_bias", head_dim=head_dim, heads=2, heads_k=1, seqlens_q=(1, 2), seqlens_k=(1100, 300),
+                bias="key", bias_heads="1")
     sample = make_sample(spec, torch.float16, "cuda")
     q = torch.zeros_like(sample.q)  # every score is exactly the bias
     bias = torch.full_like(sample.bias, torch.finfo(torch.float32).min)
@@ -275,14 +335,16 @@ def test_extreme_scores_split_by_their_sums(tiles, monkeypatch, cuda_device):
     assert (lse == torch.finfo(torch.float32).min).all()  # m + log(n) rounds back to m in float32
 
 
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["d64", "d128"])
 @pytest.mark.parametrize("tiles", ["1", "auto"])
-def test_a_nan_query_makes_every_split_nan(tiles, monkeypatch, cuda_device):
+def test_a_nan_query_makes_every_split_nan(tiles, head_dim, monkeypatch, cuda_device):
     """A NaN query makes every score of its row NaN, so each split's max stays -inf (fmaxf drops NaN) while its sum
-    is NaN: the row is still NaN in out and lse after the combine, not a row that saw nothing (test_fuzz's draw)."""
+    is NaN: the row is still NaN in out and lse after the combine, not a row that saw nothing (test_fuzz's draw).
+    At D = 128 with a split per tile the combine takes a CTA per pair."""
     monkeypatch.setenv("DMATTN_KERNEL", "decode")
     if tiles != "auto":
         monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", tiles)
-    spec = Spec("nan_query", heads=2, heads_k=1, seqlens_q=(1, 1), seqlens_k=(1100, 300))
+    spec = Spec("nan_query", head_dim=head_dim, heads=2, heads_k=1, seqlens_q=(1, 1), seqlens_k=(1100, 300))
     sample = make_sample(spec, torch.float16, "cuda")
     q = sample.q.clone()
     q[0, 0] = math.nan
@@ -317,3 +379,20 @@ def test_long_key_masks_are_compacted_in_parts(mask_heads, kernel_name, monkeypa
                   sample.replace(mask=noncanonical_mask(sample.mask))):
         out, lse = again.run()
         assert torch.equal(first[0], out) and torch.equal(first[1], lse)
+
+
+@pytest.mark.parametrize("kernel_name", ["decode", "prefill"])
+@pytest.mark.parametrize("head_dim", [64, 256])
+@pytest.mark.parametrize("bias_dtype", ["float32", "q"])
+@pytest.mark.parametrize("keep", [0.01, 0.3])
+def test_query_side_terms_of_every_chunk_size(keep, bias_dtype, head_dim, kernel_name, monkeypatch, cuda_device):
+    """Query-side operands over 1 to 8 queries per sequence (3: packed rows wrap past a head's queries) and a sequence
+    of three 2048-key chunks. The decode kernel: compact_keys gathers each query's mask and bias along the listed keys
+    of a chunk, term by term in query-major order, with chunks listing fewer keys than the pass has threads (keep
+    0.01: ~8% of the keys listed for 8 queries, a few for one) and more (keep 0.3); its score step finds each row's
+    terms by the row's place in the ring (found once per thread at D = 64, per tile at D = 256). The prefill kernel:
+    pass 2 reads each row's operands from its row start. The reference's result."""
+    spec = Spec("terms_chunks", head_dim=head_dim, heads=8, heads_k=2, seqlens_q=(8, 1, 3), seqlens_k=(5000, 2100, 300),
+                mask="query", mask_heads="Hk", keep=keep, bias="query", bias_heads="Hk", bias_dtype=bias_dtype)
+    monkeypatch.setenv("DMATTN_KERNEL", kernel_name)
+    _checked(make_sample(spec, torch.bfloat16, "cuda"), label=f"{kernel_name} keep {keep}")

@@ -25,7 +25,7 @@ _DRIVER = """
     // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
     //                 window_left window_right key_range(0 absent, 1 given) sm90a_ctas(the override)
     // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes prefill_variant sm90a sm90a_ctas
-    //         unit_order
+    //         unit_order combine_finishes
     // (a cc 9.0 device; bf16 q / k / v packed (rows, heads, D) at null: aligned as TMA wants)
     int main() {
       long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr, kr, ctas;
@@ -48,10 +48,11 @@ _DRIVER = """
         o.tiles_per_split = tiles;
         o.sm90a_ctas = static_cast<int32_t>(ctas);
         const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, cuda::DeviceInfo{90, static_cast<int>(sms)}, o);
-        std::printf("%s %d %d %d %d %zu %d %d %d %d\\n", plan.kernel == cuda::FwdKernel::kDecode ? "decode" : "prefill",
-                    plan.row_tiles, plan.num_splits, plan.tiles_per_split, plan.key_lists_heads,
-                    cuda::workspace_bytes(plan, p), static_cast<int>(plan.prefill), static_cast<int>(plan.sm90a),
-                    plan.sm90a_ctas, static_cast<int>(plan.unit_order));
+        std::printf("%s %d %d %d %d %zu %d %d %d %d %d\\n",
+                    plan.kernel == cuda::FwdKernel::kDecode ? "decode" : "prefill", plan.row_tiles, plan.num_splits,
+                    plan.tiles_per_split, plan.key_lists_heads, cuda::workspace_bytes(plan, p),
+                    static_cast<int>(plan.prefill), static_cast<int>(plan.sm90a), plan.sm90a_ctas,
+                    static_cast<int>(plan.unit_order), static_cast<int>(plan.combine_finishes));
       }
     }
     """
@@ -79,10 +80,11 @@ def planner(tmp_path_factory):
         line = " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
                                          force, tiles, *window, int(key_range), sm90a_ctas))
         out = subprocess.run([str(exe)], input=line + "\n", capture_output=True, text=True, check=True).stdout
-        kernel, row_tiles, splits, per_split, lists, workspace, variant, sm90a, ctas, order = out.split()
+        kernel, row_tiles, splits, per_split, lists, workspace, variant, sm90a, ctas, order, finishes = out.split()
         return dict(kernel=kernel, row_tiles=int(row_tiles), splits=int(splits), tiles_per_split=int(per_split),
                     key_lists_heads=int(lists), workspace=int(workspace), prefill=PREFILL_VARIANTS[int(variant)],
-                    sm90a=bool(int(sm90a)), sm90a_ctas=int(ctas), unit_order=bool(int(order)))
+                    sm90a=bool(int(sm90a)), sm90a_ctas=int(ctas), unit_order=bool(int(order)),
+                    combine_finishes=bool(int(finishes)))
 
     return plan
 
@@ -255,6 +257,23 @@ def test_query_terms_past_their_cap_take_the_prefill_kernel(planner):
     assert plan["kernel"] == "prefill" and plan["key_lists_heads"] == 0
     small = planner(**dict(big, max_q=64, total_q=8 * 64), mask=QUERY, Hm=8, force=FORCE_DECODE)
     assert small["kernel"] == "decode" and small["key_lists_heads"] == 8
+
+
+def test_split_combine_finishes_the_rows_where_its_check_is_cheap(planner):
+    """A split decode call's combine also does finish_rows' work (the contract check, the rows no sequence owns), one
+    launch fewer, as long as its combining CTAs' reads of cu_seqlens (B + 1 each, one CTA per (row, head) pair at
+    most) stay within 2M entries; an unsplit call, or a batch too large for that, keeps finish_rows."""
+    assert planner(**WORKLOAD)["combine_finishes"]  # 6 splits; at most 9216 combining CTAs x 65 entries
+    assert planner(**WORKLOAD, mask=KEY, Hm=8)["combine_finishes"]
+    unsplit = planner(**WORKLOAD, tiles=1000)
+    assert unsplit["splits"] == 1 and not unsplit["combine_finishes"]
+    assert not planner(**dict(WORKLOAD, max_q=200, total_q=12_800), force=FORCE_PREFILL)["combine_finishes"]
+    # 1024 one-query sequences beside a million-key one: 32768 combining CTAs x 1025 entries, 33M reads
+    many = dict(B=1024, H=32, Hk=8, D=128, total_q=1024, total_k=1023 * 64 + 2**20, max_q=1, max_k=2**20)
+    plan = planner(**many)
+    assert plan["splits"] > 1 and not plan["combine_finishes"]
+    few = dict(many, B=64, total_q=64, total_k=64 * 8192, max_k=8192)  # 2048 CTAs x 65 entries
+    assert planner(**few)["splits"] > 1 and planner(**few)["combine_finishes"]
 
 
 def test_key_side_lists_look_back_only_across_parts(planner):

@@ -95,6 +95,7 @@ struct FwdPlan {
   int32_t num_splits = 1;       // key splits per (sequence, KV head, row tile); > 1: partials + combine_splits
   int32_t tiles_per_split = 0;  // KV tiles per split
   bool unit_order = false;      // split, with lists: the units run longest first (order_decode_units, decode_order.cu)
+  bool combine_finishes = false;  // split: combine_splits also finishes the rows (row_contract.cuh): a launch fewer
 };
 
 // Decode kernel policy constants.
@@ -245,6 +246,12 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
   // not kept keys): longest first, so that the kernel does not end on a long unit that started last.
   plan.unit_order = plan.num_splits > 1 && plan.key_lists_heads > 0 &&
                     static_cast<int64_t>(p.batch) * p.num_heads_k <= kMaxOrderedUnits;
+  // The combine finishes the rows where each of its combining CTAs can afford the contract check too: their count (at
+  // most one per (row, head) pair) times the B + 1 entries each reads stays within half of kMaxContractReads (the
+  // finishing CTAs read the other half at most: row_contract.cuh).
+  const int64_t combining = std::min<int64_t>(p.total_q * p.num_heads, kMaxCombineBlocks);
+  plan.combine_finishes =
+      plan.num_splits > 1 && (static_cast<int64_t>(p.batch) + 1) * combining <= kMaxContractReads / 2;
   return plan;
 }
 

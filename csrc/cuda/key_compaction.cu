@@ -16,15 +16,16 @@ constexpr int kCompactWarps = kCompactThreads / 32;
 constexpr int kKeysPerThread = 8;  // consecutive keys per thread and chunk: a decode sequence of 8k keys is 4 chunks
 constexpr int kChunk = kCompactThreads * kKeysPerThread;
 
-// The term of query row `row` (of head h) at key position j: its query-side bias where its query-side mask shows the
-// key (0 without a bias), the hidden pattern where it does not; a NaN bias as the canonical NaN, so that no bias value
-// reads as hidden.
-// Both loads are issued whatever the mask says (they are in bounds), so a thread's terms are independent loads.
-__device__ __forceinline__ uint32_t query_term(const VarlenFwdParams& p, const QueryTerms& terms, int64_t row, int h,
-                                               int64_t j) {
-  const bool shown = p.mask.layout != OperandLayout::kQuerySide || p.mask.mask_allows(p.mask.offset(row, h, j));
+// The term of a query row at key position j: its query-side bias where its query-side mask shows the key (0 without a
+// bias), the hidden pattern where it does not; a NaN bias as the canonical NaN, so that no bias value reads as hidden.
+// mask_row / bias_row: the row's ScoreOperand::row_start in each (read only where the call has the operand
+// query-side). Both loads are issued whatever the mask says (they are in bounds), so a thread's terms are independent
+// loads.
+__device__ __forceinline__ uint32_t query_term(const VarlenFwdParams& p, const QueryTerms& terms, int64_t mask_row,
+                                               int64_t bias_row, int64_t j) {
+  const bool shown = p.mask.layout != OperandLayout::kQuerySide || p.mask.mask_allows(p.mask.column(mask_row, j));
   const bool biased = p.bias.layout == OperandLayout::kQuerySide;
-  const uint32_t bits = biased ? bias_bits(p.bias, p.bias.offset(row, h, j)) : 0;  // 0: +0 in every dtype
+  const uint32_t bits = biased ? bias_bits(p.bias, p.bias.column(bias_row, j)) : 0;  // 0: +0 in every dtype
   if (!shown) return terms.f32 ? QueryTerms::kHidden32 : QueryTerms::kHidden16;
   if (!biased || !isnan(bias_from_bits(p.bias.dtype, bits))) return bits;
   return terms.f32 ? QueryTerms::kNaN32
@@ -93,6 +94,9 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
   int32_t* index = keys.index + static_cast<int64_t>(hm) * p.total_k + sk.start;
   const QueryTerms& terms = keys.terms;
   const int64_t term0 = terms.run(hm, 0, QueryTerms::segment(sk.start, b));
+  // Head h's part of the query-side operands' row starts (row r's: this + r x row_stride), taken once.
+  const int64_t mask_head = query_side ? p.mask.row_start(0, h) : 0;
+  const int64_t bias_head = kTerms && p.bias.layout == OperandLayout::kQuerySide ? p.bias.row_start(0, h) : 0;
   int kept = 0;  // a sequence has < 2^31 keys (cu_seqlens are int32)
   for (int64_t j0 = 0; j0 < sk.len; j0 += kChunk) {
     const int64_t first = j0 + static_cast<int64_t>(threadIdx.x) * kKeysPerThread;
@@ -101,7 +105,7 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
       // Column j of each query row (a position: no pool row), query by query: the kKeysPerThread loads of a query
       // are in flight together.
       for (int64_t q = 0; q < sq.len; ++q) {
-        const int64_t row = p.mask.row_start(sq.start + q, h);
+        const int64_t row = mask_head + (sq.start + q) * p.mask.row_stride;  // row_start(sq.start + q, h)
 #pragma unroll
         for (int i = 0; i < kKeysPerThread; ++i) {
           const int64_t j = first + i;
@@ -123,17 +127,27 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
     }
     if constexpr (kTerms) {
       __syncthreads();  // chunk_pos is complete
-      const int64_t n_terms = static_cast<int64_t>(chunk_kept) * sq.len;
+      // Terms (query q, listed key c) in q-major order, kCompactThreads apart: each thread finds its first (q, c)
+      // with one division per chunk and steps on by (dq, dc) with a carry, where a division per term (and one per
+      // operand row's head) made this pass cost a third of the query-side decode call. A query's rows start at
+      // row_start(0, h) + row x row_stride in each operand (ScoreOperand::row_start).
+      if (chunk_kept > 0) {
+        const int dq = kCompactThreads / chunk_kept, dc = kCompactThreads - dq * chunk_kept;
+        int64_t q = threadIdx.x / chunk_kept;
+        int c = static_cast<int>(threadIdx.x - q * chunk_kept);
 #pragma unroll 4
-      for (int64_t e = threadIdx.x; e < n_terms; e += kCompactThreads) {
-        const int64_t q = e / chunk_kept;
-        const int c = static_cast<int>(e - q * chunk_kept);
-        const uint32_t term = query_term(p, terms, sq.start + q, h, chunk_pos[c]);
-        const int64_t at = term0 + q * terms.extent + kept + c;
-        if (terms.f32) {
-          static_cast<uint32_t*>(terms.values)[at] = term;
-        } else {
-          static_cast<uint16_t*>(terms.values)[at] = static_cast<uint16_t>(term);
+        for (; q < sq.len; q += dq, c += dc) {
+          if (c >= chunk_kept) c -= chunk_kept, ++q;  // the carry (dc < chunk_kept)
+          if (q >= sq.len) break;
+          const int64_t row = sq.start + q;
+          const uint32_t term = query_term(p, terms, mask_head + row * p.mask.row_stride,
+                                           bias_head + row * p.bias.row_stride, chunk_pos[c]);
+          const int64_t at = term0 + q * terms.extent + kept + c;
+          if (terms.f32) {
+            static_cast<uint32_t*>(terms.values)[at] = term;
+          } else {
+            static_cast<uint16_t*>(terms.values)[at] = static_cast<uint16_t>(term);
+          }
         }
       }
     }

@@ -7,9 +7,10 @@
 //                            summary (no key visible / every key visible / some), so the prefill kernel skips dead
 //                            tiles and runs whole-visible ones without reading the mask (block_map.cu)
 //           order_decode_units  the decode kernel's (sequence, KV head) units sorted longest first (decode_order.cu)
-//   after:  combine_splits   the decode kernel's per-split partial results -> out and lse (split_combine.cu)
+//   after:  combine_splits   the decode kernel's per-split partial results -> out and lse (split_combine.cu); where
+//                            the plan says so (FwdPlan::combine_finishes), finish_rows' work too, in its stead
 //           finish_rows      the cu_seqlens contract check, and 0 / -inf for query rows no sequence owns; NaN in every
-//                            element of out and lse when the contract is broken (unowned_rows.cu)
+//                            element of out and lse when the contract is broken (unowned_rows.cu, row_contract.cuh)
 // None synchronises the device, and all clamp sequence ranges exactly as the attention kernel does (clamp_seq).
 #pragma once
 
@@ -179,11 +180,19 @@ cudaError_t order_decode_units(const VarlenFwdParams& p, const KeyLists& keys, c
 // Fills map.state from the query-side mask (nothing when map.state is null).
 cudaError_t build_block_map(const VarlenFwdParams& p, const BlockMap& map, cudaStream_t stream);
 
-// out and lse of the query rows [0, cu_seqlens_q[B]) from the partials of splits.num_splits > 1 splits. Runs after
-// the decode kernel and before finish_rows.
-cudaError_t combine_splits(const VarlenFwdParams& p, const SplitPartials& splits, cudaStream_t stream);
+// The cu_seqlens entries that the CTAs of the pass finishing a call's rows read in all, at most (each reads B + 1 of
+// each array: row_contract.cuh); finish_rows bounds its grid by it, and a combine whose grid could pass it leaves the
+// rows to finish_rows.
+constexpr int64_t kMaxContractReads = int64_t{1} << 22;
+// combine_splits' CTAs that combine, at most (past that they stride over the rows).
+constexpr int64_t kMaxCombineBlocks = 65535;
 
-// Runs after the attention kernel (it may overwrite that kernel's rows with NaN).
+// out and lse of the query rows [0, cu_seqlens_q[B]) from the partials of splits.num_splits > 1 splits. Runs after
+// the decode kernel. With `finish` it also does finish_rows' work (every row of out and lse written: the contract
+// check, rows no sequence owns), and finish_rows is not run.
+cudaError_t combine_splits(const VarlenFwdParams& p, const SplitPartials& splits, cudaStream_t stream, bool finish);
+
+// Runs after the attention kernel and the split combine (it may overwrite their rows with NaN).
 cudaError_t finish_rows(const VarlenFwdParams& p, cudaStream_t stream);
 
 }  // namespace dmattn::cuda

@@ -2,7 +2,7 @@
 //   compact_keys (key-side mask) / build_block_map (query-side mask) -> order_decode_units (split decode)
 //   -> the attention kernel (dispatch.h)
 //   -> combine_splits (decode with splits)
-//   -> finish_rows
+//   -> finish_rows (unless the combine finished the rows: FwdPlan::combine_finishes)
 // Every kernel clamps sequence ranges exactly as the others do (clamp_seq), so lying cu_seqlens can neither send a
 // read or write out of bounds nor leave a row unwritten, and finish_rows makes the lie visible (NaN everywhere).
 #include "api.h"
@@ -21,8 +21,11 @@ cudaError_t run_varlen_fwd(const VarlenFwdParams& p, const FwdPlan& plan, Comput
   if ((err = order_decode_units(p, ws.keys, ws.splits, stream)) != cudaSuccess) return err;
   if ((err = build_block_map(p, ws.blocks, stream)) != cudaSuccess) return err;
   if ((err = dispatch_attention(cc, p, plan, ws, stream)) != cudaSuccess) return err;
-  if (plan.kernel == FwdKernel::kDecode && (err = combine_splits(p, ws.splits, stream)) != cudaSuccess) return err;
-  return finish_rows(p, stream);
+  if (plan.kernel == FwdKernel::kDecode &&
+      (err = combine_splits(p, ws.splits, stream, plan.combine_finishes)) != cudaSuccess) {
+    return err;
+  }
+  return plan.combine_finishes ? cudaSuccess : finish_rows(p, stream);
 }
 
 }  // namespace dmattn::cuda

@@ -20,6 +20,7 @@
 
 #include "heuristics.h"
 #include "passes.h"
+#include "row_contract.cuh"
 
 namespace dmattn::cuda {
 namespace {
@@ -32,6 +33,11 @@ constexpr int kCombineThreads = 256;
 // that its few pairs still spread over the GPU (kWideGroup: head dims of at least 128, one float4 per lane).
 constexpr int kWideGroup = 32;
 constexpr int64_t kMaxWidePairs = 8192;
+// A call of few pairs over many splits takes a CTA per pair (combine_deep_kernel): its eight warps share the splits,
+// where a warp per pair left the long-context batch (576 pairs over ~65 splits) four warps per SM.
+constexpr int kDeepWarps = kCombineThreads / 32;
+constexpr int64_t kMaxDeepPairs = 4096;
+constexpr int kMinDeepSplits = 16;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // exp(m_s - M) times the split's sum (1 for the sink), 0 for a split that saw nothing.
@@ -68,21 +74,36 @@ __device__ __forceinline__ float group_reduce(float x, Op op) {
   return x;
 }
 
+// finish_rows' work in a combine that finishes the rows. Not inlined: its code would cost the combine loop registers
+// (80 at three CTAs per SM), and spills, at some head dims.
+__device__ __noinline__ void finish_rows_apart(const VarlenFwdParams& p, int64_t block, int64_t blocks) {
+  finish_rows_block(p, block, blocks);
+}
+
 // Grid-stride over (query row, head) pairs, kGroup lanes each, kVecs float4 columns of O per lane (the head dim is
-// 4 x kGroup x kVecs). Rows past cu_seqlens_q[B] are finish_rows' (the decode kernel wrote no partials for them).
+// 4 x kGroup x kVecs), on the grid's first `combining` CTAs. Rows past cu_seqlens_q[B] (the decode kernel wrote no
+// partials for them) are finish_rows': its own launch, or (finishing, FwdPlan::combine_finishes) the CTAs after the
+// first `combining`, which do its work here (row_contract.cuh) while the combining CTAs check the contract too and
+// combine no row of a call that breaks it. A separate branch, so that the combine loop keeps its registers.
 template <typename Elem, int kGroup, int kVecs>
 __global__ void __launch_bounds__(kCombineThreads, 3)
-combine_splits_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ SplitPartials sp) {
+combine_splits_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ SplitPartials sp,
+                      int combining) {
+  static_assert(kCombineThreads == kFinishThreads, "the finishing CTAs are finish_rows' CTAs");
+  const bool finishing = gridDim.x > static_cast<unsigned>(combining);
+  if (blockIdx.x >= static_cast<unsigned>(combining)) {
+    finish_rows_apart(p, blockIdx.x - combining, gridDim.x - combining);
+    return;
+  }
   constexpr int kPairsPerBlock = kCombineThreads / kGroup;
   const int gl = threadIdx.x % kGroup;
-  const int64_t owned = std::min<int64_t>(std::max<int32_t>(p.cu_seqlens_q[p.batch], 0), p.total_q);
-  const int64_t pairs = owned * p.num_heads;
+  const int64_t pairs = owned_rows(p, finishing && contract_broken(p)) * p.num_heads;
   const int64_t split_stride = static_cast<int64_t>(p.num_heads) * p.total_q;  // rows between splits
   const int n = sp.num_splits;
   const float nan_value = __int_as_float(0x7fc00000);
   // The loop runs warp by warp (the shuffles need every lane of the warp); a group past the last pair idles along.
   for (int64_t warp_pair = static_cast<int64_t>(blockIdx.x) * kPairsPerBlock + threadIdx.x / 32 * (32 / kGroup);
-       warp_pair < pairs; warp_pair += static_cast<int64_t>(gridDim.x) * kPairsPerBlock) {
+       warp_pair < pairs; warp_pair += static_cast<int64_t>(combining) * kPairsPerBlock) {
     const int64_t pair = warp_pair + threadIdx.x % 32 / kGroup;
     const bool mine = pair < pairs;
     const int64_t row = mine ? pair / p.num_heads : 0;
@@ -174,36 +195,176 @@ combine_splits_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_co
   }
 }
 
+// The sum (or max) of x over the CTA, in every thread; `scratch` holds kDeepWarps floats and is free again on return.
+template <typename Op>
+__device__ __forceinline__ float cta_reduce(float x, Op op, float* scratch) {
+  x = group_reduce<32>(x, op);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
+  __syncthreads();
+  x = scratch[0];
+#pragma unroll
+  for (int w = 1; w < kDeepWarps; ++w) x = op(x, scratch[w]);
+  __syncthreads();  // scratch is rewritten by the next reduction
+  return x;
+}
+
+// A CTA per (query row, head) pair, for calls of few pairs over many splits; the same arithmetic as
+// combine_splits_kernel (passes 1 and 2 over the splits by thread, then reduced over the CTA). Pass 3: warp w takes
+// splits w, w + kDeepWarps, ..., four at a time with their loads in flight together, lane l owning O's float4 columns
+// l, l + 32, ... (kVecs of them: head dim 128 kVecs); the warps' sums meet in shared memory. The CTAs after the first
+// `combining` do finish_rows' work, as in combine_splits_kernel.
+template <typename Elem, int kVecs>
+__global__ void __launch_bounds__(kCombineThreads)
+combine_deep_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ SplitPartials sp,
+                    int combining) {
+  static_assert(kCombineThreads == kFinishThreads, "the finishing CTAs are finish_rows' CTAs");
+  constexpr int kUnroll = 4;
+  __shared__ float scratch[kDeepWarps];
+  __shared__ float4 warp_o[kDeepWarps][32 * kVecs];
+  const bool finishing = gridDim.x > static_cast<unsigned>(combining);
+  if (blockIdx.x >= static_cast<unsigned>(combining)) {
+    finish_rows_apart(p, blockIdx.x - combining, gridDim.x - combining);
+    return;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t pairs = owned_rows(p, finishing && contract_broken(p)) * p.num_heads;
+  const int64_t split_stride = static_cast<int64_t>(p.num_heads) * p.total_q;  // rows between splits
+  const int n = sp.num_splits;
+  const float nan_value = __int_as_float(0x7fc00000);
+  for (int64_t pair = blockIdx.x; pair < pairs; pair += combining) {  // CTA-uniform
+    const int64_t row = pair / p.num_heads;
+    const int h = static_cast<int>(pair % p.num_heads);
+    const int64_t at = static_cast<int64_t>(h) * p.total_q + row;  // split 0's index of the pair
+    const float* max_s = sp.max + at;
+    const float* sum_s = sp.sum + at;
+
+    // Pass 1: the max over the splits, and whether any max or sum is NaN.
+    float m = -INFINITY;
+    bool nan = false;
+    for (int s = threadIdx.x; s < n; s += kCombineThreads) {
+      const float m_s = max_s[s * split_stride];
+      const float l_s = m_s == -INFINITY ? 0.f : sum_s[s * split_stride];
+      nan |= m_s != m_s || l_s != l_s;
+      m = fmaxf(m, m_s);
+    }
+    m = cta_reduce(m, [](float a, float b) { return fmaxf(a, b); }, scratch);
+    const float sink = p.sink(h);
+    nan = cta_reduce(nan ? 1.f : 0.f, [](float a, float b) { return fmaxf(a, b); }, scratch) != 0.f ||
+          sink != sink || sink == INFINITY;
+    m = fmaxf(m, sink);
+    // Pass 2: the sum of the splits' weights.
+    float total = 0.f;
+    for (int s = threadIdx.x; !nan && s < n; s += kCombineThreads) {
+      const float m_s = max_s[s * split_stride];
+      total += split_weight(m_s, m_s == -INFINITY ? 0.f : sum_s[s * split_stride], m);
+    }
+    total = cta_reduce(total, [](float a, float b) { return a + b; }, scratch) + split_weight(sink, 1.f, m);
+    const float lse = nan ? nan_value : m == -INFINITY ? -INFINITY : m + logf(total);
+    const float inv_total = m == -INFINITY ? 0.f : 1.f / total;
+
+    // Pass 3: this warp's splits, kUnroll at a time: each split's weight (its max and sum read by every lane: one
+    // transaction) and its O columns, loaded only where the split saw a key.
+    float4 x[kVecs];
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) x[v] = make_float4(0.f, 0.f, 0.f, 0.f);
+    const float4* o_s = reinterpret_cast<const float4*>(sp.o + at * p.head_dim) + lane;
+    const int64_t o_stride = split_stride * p.head_dim / 4;  // float4s between splits
+    for (int s0 = warp; !nan && s0 < n; s0 += kUnroll * kDeepWarps) {
+      float w[kUnroll];
+      float4 o[kUnroll][kVecs];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int s = s0 + u * kDeepWarps;
+        const float m_s = s < n ? max_s[s * split_stride] : -INFINITY;
+        const float l_s = m_s == -INFINITY ? 0.f : sum_s[s * split_stride];  // 0: saw nothing, or past n
+        w[u] = split_weight(m_s, l_s, m) * inv_total;
+#pragma unroll
+        for (int v = 0; v < kVecs; ++v) o[u][v] = load_streaming_if(o_s + s * o_stride + v * 32, l_s != 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int v = 0; v < kVecs; ++v) {
+          x[v].x += w[u] * o[u][v].x;
+          x[v].y += w[u] * o[u][v].y;
+          x[v].z += w[u] * o[u][v].z;
+          x[v].w += w[u] * o[u][v].w;
+        }
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) warp_o[warp][lane + v * 32] = x[v];
+    __syncthreads();
+    if (threadIdx.x < 32 * kVecs) {  // one float4 column of out per thread: the warps' sums added
+      const int c = threadIdx.x;
+      float4 y = warp_o[0][c];
+#pragma unroll
+      for (int w = 1; w < kDeepWarps; ++w) {
+        const float4 z = warp_o[w][c];
+        y.x += z.x, y.y += z.y, y.z += z.z, y.w += z.w;
+      }
+      if (nan) y = make_float4(nan_value, nan_value, nan_value, nan_value);
+      Elem* out = static_cast<Elem*>(p.out) + row * p.out_row_stride + static_cast<int64_t>(h) * p.out_head_stride;
+      store_pair<Elem>(out + 4 * c, y.x, y.y);
+      store_pair<Elem>(out + 4 * c + 2, y.z, y.w);
+    }
+    if (threadIdx.x == 0) p.lse[at] = lse;
+    __syncthreads();  // warp_o is rewritten by the next pair
+  }
+}
+
 template <typename Elem, int kGroup>
-cudaError_t launch_combine(const VarlenFwdParams& p, const SplitPartials& splits, cudaStream_t stream) {
+cudaError_t launch_combine(const VarlenFwdParams& p, const SplitPartials& splits, cudaStream_t stream, bool finish) {
   // One pass over the rows up to 64k CTAs; past that the groups stride (the kernel reads the row count on the device).
+  // Finishing, finish_rows' CTAs after them.
   constexpr int kPairsPerBlock = kCombineThreads / kGroup;
   const int64_t blocks = (p.total_q * p.num_heads + kPairsPerBlock - 1) / kPairsPerBlock;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(blocks, 65535)));
+  const int combining = static_cast<int>(std::min<int64_t>(blocks, kMaxCombineBlocks));
+  const dim3 grid(static_cast<unsigned>(combining + (finish ? finish_blocks(p) : 0)));
   constexpr int kVecs = 128 / (4 * kGroup);  // at head dim 128
+  auto launch = [&](auto kernel) { kernel<<<grid, kCombineThreads, 0, stream>>>(p, splits, combining); };
   switch (p.head_dim) {  // the compiled head dims (tools/kernel_matrix.py)
-    case 32: combine_splits_kernel<Elem, 8, 1><<<grid, kCombineThreads, 0, stream>>>(p, splits); break;
-    case 64: combine_splits_kernel<Elem, 8, 2><<<grid, kCombineThreads, 0, stream>>>(p, splits); break;
-    case 96: combine_splits_kernel<Elem, 8, 3><<<grid, kCombineThreads, 0, stream>>>(p, splits); break;
-    case 128: combine_splits_kernel<Elem, kGroup, kVecs><<<grid, kCombineThreads, 0, stream>>>(p, splits); break;
-    case 256: combine_splits_kernel<Elem, kGroup, 2 * kVecs><<<grid, kCombineThreads, 0, stream>>>(p, splits); break;
+    case 32: launch(combine_splits_kernel<Elem, 8, 1>); break;
+    case 64: launch(combine_splits_kernel<Elem, 8, 2>); break;
+    case 96: launch(combine_splits_kernel<Elem, 8, 3>); break;
+    case 128: launch(combine_splits_kernel<Elem, kGroup, kVecs>); break;
+    case 256: launch(combine_splits_kernel<Elem, kGroup, 2 * kVecs>); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }
 
 template <typename Elem>
-cudaError_t launch_combine(const VarlenFwdParams& p, const SplitPartials& splits, cudaStream_t stream) {
-  const bool wide = p.head_dim >= 128 && p.total_q * p.num_heads <= kMaxWidePairs;
-  return wide ? launch_combine<Elem, kWideGroup>(p, splits, stream) : launch_combine<Elem, 8>(p, splits, stream);
+cudaError_t launch_deep(const VarlenFwdParams& p, const SplitPartials& splits, cudaStream_t stream, bool finish) {
+  const int combining = static_cast<int>(std::min<int64_t>(p.total_q * p.num_heads, kMaxDeepPairs));
+  const dim3 grid(static_cast<unsigned>(combining + (finish ? finish_blocks(p) : 0)));
+  if (p.head_dim == 128) {
+    combine_deep_kernel<Elem, 1><<<grid, kCombineThreads, 0, stream>>>(p, splits, combining);
+  } else {
+    combine_deep_kernel<Elem, 2><<<grid, kCombineThreads, 0, stream>>>(p, splits, combining);
+  }
+  return cudaGetLastError();
+}
+
+template <typename Elem>
+cudaError_t launch_combine(const VarlenFwdParams& p, const SplitPartials& splits, cudaStream_t stream, bool finish) {
+  const int64_t pairs = p.total_q * p.num_heads;
+  if ((p.head_dim == 128 || p.head_dim == 256) && pairs <= kMaxDeepPairs && splits.num_splits >= kMinDeepSplits) {
+    return launch_deep<Elem>(p, splits, stream, finish);
+  }
+  const bool wide = p.head_dim >= 128 && pairs <= kMaxWidePairs;
+  return wide ? launch_combine<Elem, kWideGroup>(p, splits, stream, finish)
+              : launch_combine<Elem, 8>(p, splits, stream, finish);
 }
 
 }  // namespace
 
-cudaError_t combine_splits(const VarlenFwdParams& p, const SplitPartials& splits, cudaStream_t stream) {
-  if (splits.num_splits <= 1 || p.total_q == 0 || p.num_heads == 0 || p.batch == 0) return cudaSuccess;
-  return p.dtype == ScalarType::kFloat16 ? launch_combine<__half>(p, splits, stream)
-                                         : launch_combine<__nv_bfloat16>(p, splits, stream);
+cudaError_t combine_splits(const VarlenFwdParams& p, const SplitPartials& splits, cudaStream_t stream, bool finish) {
+  if (p.total_q == 0 || p.num_heads == 0) return cudaSuccess;  // out and lse are empty
+  if (splits.num_splits <= 1) return finish ? finish_rows(p, stream) : cudaSuccess;  // nothing to combine
+  if (p.batch == 0 && !finish) return cudaSuccess;  // no row to combine; finish_rows writes them all
+  return p.dtype == ScalarType::kFloat16 ? launch_combine<__half>(p, splits, stream, finish)
+                                         : launch_combine<__nv_bfloat16>(p, splits, stream, finish);
 }
 
 }  // namespace dmattn::cuda

@@ -97,9 +97,10 @@ bool log_plan_requested() {
 void log_plan(const cuda::FwdPlan& plan, const VarlenFwdParams& p) {
   if (!log_plan_requested()) return;
   if (plan.kernel == cuda::FwdKernel::kDecode) {
-    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=decode row_tiles=%d splits=%d tiles_per_split=%d key_lists_heads=%d query_terms=%d unit_order=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
+    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=decode row_tiles=%d splits=%d tiles_per_split=%d key_lists_heads=%d query_terms=%d unit_order=%d combine_finishes=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
                  plan.row_tiles, plan.num_splits, plan.tiles_per_split, plan.key_lists_heads,
-                 static_cast<int>(plan.query_terms), static_cast<int>(plan.unit_order), p.batch, p.num_heads,
+                 static_cast<int>(plan.query_terms), static_cast<int>(plan.unit_order),
+                 static_cast<int>(plan.combine_finishes), p.batch, p.num_heads,
                  p.num_heads_k, p.head_dim, static_cast<long long>(p.max_seqlen_q),
                  static_cast<long long>(p.max_seqlen_k));
   } else {

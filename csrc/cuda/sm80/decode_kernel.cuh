@@ -197,6 +197,7 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
     runs.n_queries = min(c.rows, c.q_len);
     runs.q_len = c.q_len;
     runs.queries = Traits::term_queries(p);
+    runs.template set_ring_rows<kMTiles>(g);
   }
 
   // Each row sees the key positions [low, limit) (its window; 0 / 0 for rows past the tile).

@@ -31,34 +31,60 @@ namespace dmattn::cuda::sm80 {
 // (a run of rows within one head, or past its end into the next head's first queries); each KV tile's terms for them
 // are copied with the tile's K / V (cp.async, the same commit group) into its stage: smem + ((stage * queries + k) *
 // kBlockN + slot in tile) elements, so the score step reads shared memory.
+// Packed row r's query is first_query + r (mod q_len), so its ring row is r % q_len. With two row fragments per
+// thread (head dims up to 128) each thread's are found once (set_ring_rows), where a remainder per row and tile cost
+// the score step a division's worth of instructions each; at D = 256 (one fragment, 255 registers already) the word
+// would spill, so the remainder stays.
 struct TermRuns {
   const char* base;
   int64_t extent;
   char* smem;
   bool f32;
   int first_query, n_queries, q_len, queries;  // queries: the ring's rows per stage
+  uint32_t ring_rows;  // byte 2 mt + half: the ring row of this thread's packed row mt 16 + g + 8 half
 
   __device__ __forceinline__ int esize() const { return f32 ? 4 : 2; }
-  // The ring row of query i (one of the tile's queries).
-  __device__ __forceinline__ int ring_row(int i) const {
-    const int k = i - first_query;
-    return k < 0 ? k + q_len : k;
+  template <int kMTiles>
+  __device__ __forceinline__ void set_ring_rows(int g) {
+    static_assert(kMTiles <= 2, "a byte per row of the thread, in one word");
+    ring_rows = 0;
+    if constexpr (kMTiles == 2) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          ring_rows |= static_cast<uint32_t>((mt * 16 + g + half * 8) % q_len) << (8 * (2 * mt + half));
+        }
+    }
   }
-  // This stage's terms of query i, from the tile's first slot.
-  __device__ __forceinline__ const char* staged(int stage, int i, int block_n) const {
-    return smem + (static_cast<int64_t>(stage * queries + ring_row(i)) * block_n) * esize();
+  // This stage's terms of this thread's packed row mt 16 + g + 8 half, from the tile's first slot.
+  template <int kMTiles, int kBlockN>
+  __device__ __forceinline__ const char* staged(int stage, int mt, int half, int g) const {
+    const int ring = kMTiles == 2 ? (ring_rows >> (8 * (2 * mt + half))) & 0xff : (mt * 16 + g + half * 8) % q_len;
+    return smem + (static_cast<int64_t>(stage * queries + ring) * kBlockN) * esize();
   }
   // Issues the copies of KV tile n's terms into stage (16-byte chunks; runs are 128-byte aligned). CTA-wide.
   template <int kThreads, int kBlockN>
   __device__ __forceinline__ void load(int stage, int n) const {
-    const int chunks = kBlockN * esize() / 16;  // per query
-    for (int e = threadIdx.x; e < n_queries * chunks; e += kThreads) {
-      const int k = e / chunks, chunk = e % chunks;
+    if (f32) {
+      load_chunks<kThreads, kBlockN, 4>(stage, n);
+    } else {
+      load_chunks<kThreads, kBlockN, 2>(stage, n);
+    }
+  }
+  // load() for terms of kSize bytes: the chunks per query a constant, so that finding a thread's (query, chunk) is
+  // no division.
+  template <int kThreads, int kBlockN, int kSize>
+  __device__ __forceinline__ void load_chunks(int stage, int n) const {
+    constexpr int kChunks = kBlockN * kSize / 16;  // per query
+    static_assert(kChunks * 16 == kBlockN * kSize, "a tile's terms of a query: whole 16-byte chunks");
+    for (int e = threadIdx.x; e < n_queries * kChunks; e += kThreads) {
+      const int k = e / kChunks, chunk = e % kChunks;
       int i = first_query + k;
       i = i >= q_len ? i - q_len : i;
-      const char* src = base + (static_cast<int64_t>(i) * extent + static_cast<int64_t>(n) * kBlockN) * esize() +
+      const char* src = base + (static_cast<int64_t>(i) * extent + static_cast<int64_t>(n) * kBlockN) * kSize +
                         chunk * 16;
-      cp_async_16(smem + (static_cast<int64_t>(stage * queries + k) * kBlockN) * esize() + chunk * 16, src, true);
+      cp_async_16(smem + (static_cast<int64_t>(stage * queries + k) * kBlockN) * kSize + chunk * 16, src, true);
     }
   }
 };
@@ -72,6 +98,9 @@ struct ScoreOperands {
   const BlockMap& blocks;  // of a query-side mask; state null without one (and in the decode kernel)
   bool query_mask, query_bias, key_bias;
   float scale;
+  // The query-side operands' head terms, taken once (row r's elements start at head + r x row_stride in each:
+  // ScoreOperand::row_start), where a division per row and tile by head_group cost the prefill kernel's pass 2.
+  int64_t mask_head, bias_head;
 
   __device__ __forceinline__ ScoreOperands(const VarlenFwdParams& p_, const TileContext& c_, const BlockMap& blocks_)
       : p(p_),
@@ -80,7 +109,9 @@ struct ScoreOperands {
         query_mask(Traits::kQueryOperands && p_.mask.layout == OperandLayout::kQuerySide),
         query_bias(Traits::kQueryOperands && p_.bias.layout == OperandLayout::kQuerySide),
         key_bias(p_.bias.layout == OperandLayout::kKeySide),
-        scale(p_.softmax_scale) {}
+        scale(p_.softmax_scale),
+        mask_head(query_mask ? p_.mask.row_start(0, c_.h) : 0),
+        bias_head(query_bias ? p_.bias.row_start(0, c_.h) : 0) {}
 
   __device__ __forceinline__ float capped(float x) const { return capped_score(p, x); }
 
@@ -266,7 +297,7 @@ struct ScoreOperands {
       for (int half = 0; half < 2; ++half) {
         const int r = mt * 16 + g + half * 8;
         if (r >= c.rows) continue;  // limit 0: every key of it is hidden already
-        const char* row = runs.staged(stage, d.query(r), kBlockN);
+        const char* row = runs.template staged<kMTiles, kBlockN>(stage, mt, half, g);
         uint32_t bits[kNTiles][2];
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt) {
@@ -319,8 +350,8 @@ struct ScoreOperands {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int64_t qrow = static_cast<int64_t>(c.q_start) + c.m0 + warp_row0 + mt * 16 + g + half * 8;
-        const int64_t mask_row = read_mask ? p.mask.row_start(qrow, c.h) : 0;
-        const int64_t bias_row = query_bias ? p.bias.row_start(qrow, c.h) : 0;
+        const int64_t mask_row = read_mask ? mask_head + qrow * p.mask.row_stride : 0;  // row_start(qrow, c.h)
+        const int64_t bias_row = query_bias ? bias_head + qrow * p.bias.row_stride : 0;
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
