@@ -381,6 +381,25 @@ def test_long_key_masks_are_compacted_in_parts(mask_heads, kernel_name, monkeypa
         assert torch.equal(first[0], out) and torch.equal(first[1], lse)
 
 
+@pytest.mark.parametrize("operands", [("query", "query"), ("query", "key"), ("key", "query"), (None, "query")])
+def test_long_query_side_lists_are_compacted_in_parts(operands, monkeypatch, cuda_device):
+    """The decode kernel's lists with query-side terms are compacted in parts of 2048 keys too, each part writing its
+    own keys' terms once the look-back has placed them: a 40k-key sequence is 20 parts, beside sequences of one part,
+    of none and of no kept key (masked_rows), with every mix of a query-side and a key-side mask and bias, and masks
+    stored as 2..255. The reference's result, and the same bits again."""
+    mask, bias = operands
+    spec = Spec("query_parts", heads=8, heads_k=4, seqlens_q=(3, 1, 8, 2, 1), seqlens_k=(40_000, 100, 9_000, 0, 4100),
+                mask=mask, mask_heads="Hk", keep=0.2, masked_rows=mask is not None, bias=bias, bias_heads="Hk",
+                bias_dtype="q")
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    first = _checked(sample, label=f"mask {mask} bias {bias}")
+    again = [sample] if mask is None else [sample, sample.replace(mask=noncanonical_mask(sample.mask))]
+    for other in again:
+        out, lse = other.run()
+        assert torch.equal(first[0], out) and torch.equal(first[1], lse)
+
+
 @pytest.mark.parametrize("kernel_name", ["decode", "prefill"])
 @pytest.mark.parametrize("head_dim", [64, 256])
 @pytest.mark.parametrize("bias_dtype", ["float32", "q"])

@@ -230,16 +230,16 @@ def test_query_side_operands_in_the_decode_kernel_get_lists_and_terms(planner):
     for Hm in (1, 8):
         plan = planner(**W, mask=QUERY, Hm=Hm)
         assert plan["kernel"] == "decode" and plan["key_lists_heads"] == Hm
-        key_side = planner(**W, mask=KEY, Hm=Hm)["workspace"]
-        parts = -(-(Hm * W["B"] * 4 * 8 + 4) // 256) * 256  # a key-side mask's lists are compacted in parts
-        assert plan["workspace"] == key_side - parts + _terms_bytes(W["B"], W["total_k"], W["max_q"], Hm)
+        key_side = planner(**W, mask=KEY, Hm=Hm)["workspace"]  # lists compacted in parts, as these are
+        assert plan["workspace"] == key_side + _terms_bytes(W["B"], W["total_k"], W["max_q"], Hm)
     # a query-side bias (float32 here: float32 terms) with a mask of fewer heads, key-side or query-side, or alone
     for mask, Hm in ((KEY, 1), (QUERY, 1), (ABSENT, 1)):
         plan = planner(**W, mask=mask, Hm=Hm, bias=QUERY, Hb=8)
         assert plan["kernel"] == "decode" and plan["key_lists_heads"] == 8
         partials = planner(**W)["workspace"]
         order = 4 * W["B"] * W["Hk"]  # the units, longest first: the call has lists
-        assert plan["workspace"] == lists(8) + partials + order + _terms_bytes(W["B"], W["total_k"], W["max_q"], 8,
+        parts = -(-(8 * W["B"] * 4 * 8 + 4) // 256) * 256  # the lists' look-back: 8192 keys are 4 parts
+        assert plan["workspace"] == lists(8) + parts + partials + order + _terms_bytes(W["B"], W["total_k"], W["max_q"], 8,
                                                                                f32=True)
     # a key-side bias beside a query-side mask leaves the terms 16-bit
     assert planner(**W, mask=QUERY, Hm=8, bias=KEY, Hb=1)["workspace"] == planner(**W, mask=QUERY, Hm=8)["workspace"]
@@ -278,7 +278,8 @@ def test_split_combine_finishes_the_rows_where_its_check_is_cheap(planner):
 
 def test_key_side_lists_look_back_only_across_parts(planner):
     """A key-side mask's lists are compacted in parts of 2048 keys; only sequences of several parts need the
-    look-back's statuses (one uint64 per sequence, list head and part) and its ticket in the workspace."""
+    look-back's statuses (one uint64 per sequence, list head and part) and its ticket in the workspace (the decode
+    kernel's lists with query-side terms too: test_query_side_operands_in_the_decode_kernel_get_lists_and_terms)."""
     prefill = dict(B=8, H=64, Hk=8, D=128, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
     lists = lambda Hm: Hm * 16_000 * 4 + -(-(Hm * 8 * 4) // 256) * 256  # noqa: E731  index + counts
     look_back = lambda Hm, parts: -(-(Hm * 8 * parts * 8 + 4) // 256) * 256  # noqa: E731

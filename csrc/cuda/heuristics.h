@@ -279,7 +279,7 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
     w.total += align_up(sizeof(int32_t) * static_cast<size_t>(plan.key_lists_heads) * static_cast<size_t>(p.total_k));
     w.key_count = w.total;
     w.total += align_up(sizeof(int32_t) * static_cast<size_t>(plan.key_lists_heads) * static_cast<size_t>(p.batch));
-    if (const int64_t parts = KeyParts::parts(p, plan.key_lists_heads); parts > 0 && !plan.query_terms) {
+    if (const int64_t parts = KeyParts::parts(p, plan.key_lists_heads); parts > 0) {
       w.key_parts = w.total;
       w.total += align_up(static_cast<size_t>(KeyParts::bytes(p, plan.key_lists_heads, parts)));
     }
@@ -321,7 +321,7 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
     ws.keys.count = reinterpret_cast<int32_t*>(bytes + w.key_count);
     ws.keys.mask_heads = plan.key_lists_heads;
     ws.keys.heads_per_list = p.num_heads / plan.key_lists_heads;
-    if (const int64_t parts = KeyParts::parts(p, plan.key_lists_heads); parts > 0 && !plan.query_terms) {
+    if (const int64_t parts = KeyParts::parts(p, plan.key_lists_heads); parts > 0) {
       ws.keys.parts.status = reinterpret_cast<unsigned long long*>(bytes + w.key_parts);
       ws.keys.parts.ticket = reinterpret_cast<unsigned int*>(ws.keys.parts.status +
                                                              KeyParts::statuses(p, plan.key_lists_heads, parts));

@@ -1,8 +1,8 @@
 // key_compaction.cu: a key-side mask -> sorted lists of the key positions it keeps (passes.h, KeyLists), built on
 // the device before the attention kernel so that it gathers only kept K / V rows. For the decode kernel with
 // query-side operands the lists hold the keys some query of the sequence may see (the OR of a query-side mask's few
-// rows; every key without a mask), and each query's operands are gathered along them (QueryTerms). A key-side mask
-// of sequences longer than one chunk is compacted in parts (compact_key_parts_kernel), the rest a CTA per list.
+// rows; every key without a mask), and each query's operands are gathered along them (QueryTerms). Sequences longer
+// than one chunk are compacted in parts (compact_key_parts_kernel), the rest (and the backward's lists) a CTA per list.
 #include <cuda_runtime.h>
 
 #include "passes.h"
@@ -72,12 +72,90 @@ __device__ __forceinline__ int2 scan_chunk(unsigned bits, int* warp_total) {
   return make_int2(before, total);
 }
 
-// Grid (batch, list heads). Stream compaction of one sequence's key-side mask column, in chunks of kChunk keys:
-// each thread reads its kKeysPerThread mask bytes (independent loads in flight together), a warp scan of the kept
-// counts and the CTA's warp totals give each thread its first output slot; one barrier pair per chunk. With
-// query-side terms (kTerms: its own instantiation, so the key-side one keeps its registers and occupancy), the
-// chunk's listed positions go to shared memory too, and the CTA then writes their terms, one (query, listed key) per
-// thread and step: consecutive threads, consecutive terms of a query's run.
+// The kept bits of a thread's kKeysPerThread keys from first on (positions in the sequence): a query-side mask's OR
+// over the sequence's query rows sq (row r of mask head h at mask_head + r x row_stride), else key_side_bits.
+// Query by query, the kKeysPerThread loads of a query are in flight together.
+template <bool kTerms>
+__device__ __forceinline__ unsigned chunk_bits(const VarlenFwdParams& p, const KeyRows& rows, const SeqRange& sk,
+                                               const SeqRange& sq, int h, int64_t mask_head, int64_t first) {
+  const bool query_side = kTerms && p.mask.layout == OperandLayout::kQuerySide;
+  if (!query_side) return key_side_bits(p, rows, h, first, sk.len, !kTerms || p.mask.layout == OperandLayout::kKeySide);
+  unsigned bits = 0;
+  for (int64_t q = 0; q < sq.len; ++q) {
+    const int64_t row = mask_head + (sq.start + q) * p.mask.row_stride;  // row_start(sq.start + q, h)
+#pragma unroll
+    for (int i = 0; i < kKeysPerThread; ++i) {
+      const int64_t j = first + i;
+      if (j < sk.len && p.mask.mask_allows(p.mask.column(row, j))) bits |= 1u << i;  // a position: no pool row
+    }
+  }
+  return bits;
+}
+
+// Where the decode kernel reads the query-side terms of one (sequence, list head) list.
+struct TermsOfList {
+  int64_t term0;      // the run of the sequence's first query (QueryTerms::run)
+  int64_t mask_head;  // head h's part of the query-side operands' row starts (row r's: this + r x row_stride)
+  int64_t bias_head;
+};
+
+__device__ __forceinline__ TermsOfList terms_of_list(const VarlenFwdParams& p, const KeyLists& keys, const SeqRange& sk,
+                                                     int b, int hm) {
+  const int h = hm * keys.heads_per_list;  // every query head of list head hm reads the same operand columns
+  TermsOfList t;
+  t.term0 = keys.terms.run(hm, 0, QueryTerms::segment(sk.start, b));
+  t.mask_head = p.mask.layout == OperandLayout::kQuerySide ? p.mask.row_start(0, h) : 0;
+  t.bias_head = p.bias.layout == OperandLayout::kQuerySide ? p.bias.row_start(0, h) : 0;
+  return t;
+}
+
+// The terms of a chunk's chunk_kept listed keys (positions in chunk_pos, list slots kept + c), every query of sq:
+// (query q, listed key c) in q-major order, kCompactThreads apart, so consecutive threads write consecutive terms of a
+// query's run. Each thread finds its first (q, c) with one division per chunk and steps on by (dq, dc) with a carry,
+// where a division per term (and one per operand row's head) made this pass cost a third of the query-side decode
+// call.
+__device__ __forceinline__ void write_chunk_terms(const VarlenFwdParams& p, const QueryTerms& terms,
+                                                  const TermsOfList& list, const SeqRange& sq, int kept,
+                                                  int chunk_kept, const int32_t* chunk_pos) {
+  if (chunk_kept <= 0) return;
+  const int dq = kCompactThreads / chunk_kept, dc = kCompactThreads - dq * chunk_kept;
+  int64_t q = threadIdx.x / chunk_kept;
+  int c = static_cast<int>(threadIdx.x - q * chunk_kept);
+#pragma unroll 4
+  for (; q < sq.len; q += dq, c += dc) {
+    if (c >= chunk_kept) c -= chunk_kept, ++q;  // the carry (dc < chunk_kept)
+    if (q >= sq.len) break;
+    const int64_t row = sq.start + q;
+    const uint32_t term = query_term(p, terms, list.mask_head + row * p.mask.row_stride,
+                                     list.bias_head + row * p.bias.row_stride, chunk_pos[c]);
+    const int64_t at = list.term0 + q * terms.extent + kept + c;
+    if (terms.f32) {
+      static_cast<uint32_t*>(terms.values)[at] = term;
+    } else {
+      static_cast<uint16_t*>(terms.values)[at] = static_cast<uint16_t>(term);
+    }
+  }
+}
+
+// Writes a chunk's kept keys (bits, this thread's from first on) to the list at slot (the thread's first), and with
+// query-side terms their positions to chunk_pos at the slot less the chunk's first (chunk_slot).
+template <bool kTerms>
+__device__ __forceinline__ void write_chunk_index(int32_t* index, int32_t* chunk_pos, unsigned bits, int64_t first,
+                                                  int slot, int chunk_slot) {
+#pragma unroll
+  for (int i = 0; i < kKeysPerThread; ++i) {
+    if (!((bits >> i) & 1u)) continue;
+    index[slot++] = static_cast<int32_t>(first + i);
+    if constexpr (kTerms) chunk_pos[chunk_slot++] = static_cast<int32_t>(first + i);
+  }
+}
+
+// Grid (batch, list heads). Stream compaction of one sequence's mask column, in chunks of kChunk keys: each thread
+// reads its kKeysPerThread mask bytes (independent loads in flight together), a warp scan of the kept counts and the
+// CTA's warp totals give each thread its first output slot; one barrier pair per chunk. With query-side terms (kTerms:
+// its own instantiation, so the key-side one keeps its registers and occupancy) the chunk's listed positions go to
+// shared memory too, and the CTA then writes their terms (write_chunk_terms). Sequences of several chunks are
+// compacted in parts instead (compact_key_parts_kernel) unless the statuses would pass KeyParts::kMaxStatuses.
 template <bool kTerms>
 __global__ void __launch_bounds__(kCompactThreads)
 compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys) {
@@ -86,91 +164,44 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
   const int b = blockIdx.x, hm = blockIdx.y;
   const SeqRange sk = key_seq(p, b);
   const KeyRows rows = key_rows_of(p, sk);
-  // Every query head of list head hm reads the same mask and bias columns (list heads are at least as fine as both).
   const int h = hm * keys.heads_per_list;
-  const bool query_side = kTerms && p.mask.layout == OperandLayout::kQuerySide;
-  const bool key_side = !kTerms || p.mask.layout == OperandLayout::kKeySide;
   const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
+  const TermsOfList list = kTerms ? terms_of_list(p, keys, sk, b, hm) : TermsOfList{};
   int32_t* index = keys.index + static_cast<int64_t>(hm) * p.total_k + sk.start;
-  const QueryTerms& terms = keys.terms;
-  const int64_t term0 = terms.run(hm, 0, QueryTerms::segment(sk.start, b));
-  // Head h's part of the query-side operands' row starts (row r's: this + r x row_stride), taken once.
-  const int64_t mask_head = query_side ? p.mask.row_start(0, h) : 0;
-  const int64_t bias_head = kTerms && p.bias.layout == OperandLayout::kQuerySide ? p.bias.row_start(0, h) : 0;
   int kept = 0;  // a sequence has < 2^31 keys (cu_seqlens are int32)
   for (int64_t j0 = 0; j0 < sk.len; j0 += kChunk) {
     const int64_t first = j0 + static_cast<int64_t>(threadIdx.x) * kKeysPerThread;
-    unsigned bits = 0;
-    if (query_side) {
-      // Column j of each query row (a position: no pool row), query by query: the kKeysPerThread loads of a query
-      // are in flight together.
-      for (int64_t q = 0; q < sq.len; ++q) {
-        const int64_t row = mask_head + (sq.start + q) * p.mask.row_stride;  // row_start(sq.start + q, h)
-#pragma unroll
-        for (int i = 0; i < kKeysPerThread; ++i) {
-          const int64_t j = first + i;
-          if (j < sk.len && p.mask.mask_allows(p.mask.column(row, j))) bits |= 1u << i;
-        }
-      }
-    } else {
-      bits = key_side_bits(p, rows, h, first, sk.len, key_side);
-    }
+    const unsigned bits = chunk_bits<kTerms>(p, rows, sk, sq, h, list.mask_head, first);
     const int2 scan = scan_chunk(bits, warp_total);
-    int slot = kept + scan.x;
-    const int chunk_kept = scan.y;
-#pragma unroll
-    for (int i = 0; i < kKeysPerThread; ++i) {
-      if (!((bits >> i) & 1u)) continue;
-      index[slot] = static_cast<int32_t>(first + i);
-      if constexpr (kTerms) chunk_pos[slot - kept] = static_cast<int32_t>(first + i);
-      ++slot;
-    }
+    write_chunk_index<kTerms>(index, chunk_pos, bits, first, kept + scan.x, scan.x);
     if constexpr (kTerms) {
       __syncthreads();  // chunk_pos is complete
-      // Terms (query q, listed key c) in q-major order, kCompactThreads apart: each thread finds its first (q, c)
-      // with one division per chunk and steps on by (dq, dc) with a carry, where a division per term (and one per
-      // operand row's head) made this pass cost a third of the query-side decode call. A query's rows start at
-      // row_start(0, h) + row x row_stride in each operand (ScoreOperand::row_start).
-      if (chunk_kept > 0) {
-        const int dq = kCompactThreads / chunk_kept, dc = kCompactThreads - dq * chunk_kept;
-        int64_t q = threadIdx.x / chunk_kept;
-        int c = static_cast<int>(threadIdx.x - q * chunk_kept);
-#pragma unroll 4
-        for (; q < sq.len; q += dq, c += dc) {
-          if (c >= chunk_kept) c -= chunk_kept, ++q;  // the carry (dc < chunk_kept)
-          if (q >= sq.len) break;
-          const int64_t row = sq.start + q;
-          const uint32_t term = query_term(p, terms, mask_head + row * p.mask.row_stride,
-                                           bias_head + row * p.bias.row_stride, chunk_pos[c]);
-          const int64_t at = term0 + q * terms.extent + kept + c;
-          if (terms.f32) {
-            static_cast<uint32_t*>(terms.values)[at] = term;
-          } else {
-            static_cast<uint16_t*>(terms.values)[at] = static_cast<uint16_t>(term);
-          }
-        }
-      }
+      write_chunk_terms(p, keys.terms, list, sq, kept, scan.y, chunk_pos);
     }
-    kept += chunk_kept;
-    __syncthreads();  // warp_total is rewritten by the next chunk
+    kept += scan.y;
+    __syncthreads();  // warp_total (and chunk_pos) are rewritten by the next chunk
   }
   if (threadIdx.x == 0) keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm] = kept;
 }
 
-// A key-side mask's lists, one chunk (a part) per CTA: the parts of a (sequence, list head) chain are compacted side
-// by side and learn the kept keys before them by a decoupled look-back (each part publishes its own count, then the
-// count up to and including itself, in one 64-bit status word per part: kPartCount / kPartPrefix in the top bits).
-// A CTA takes its part by a ticket (KeyParts::ticket), part-major, so every part it looks back on took its ticket
-// earlier and is running or done: the wait always ends. The chain's last part writes the count. Where one CTA per
-// sequence walked a 126k-key sequence chunk by chunk (147 us on the H200), its 62 parts run at once.
+// A mask's lists, one chunk (a part) per CTA: the parts of a (sequence, list head) chain are compacted side by side and
+// learn the kept keys before them by a decoupled look-back (each part publishes its own count, then the count up to and
+// including itself, in one 64-bit status word per part: kPartCount / kPartPrefix in the top bits). A CTA takes its part
+// by a ticket (KeyParts::ticket), part-major, so every part it looks back on took its ticket earlier and is running or
+// done: the wait always ends. The chain's last part writes the count. Where one CTA per sequence walked a 126k-key
+// sequence chunk by chunk (147 us on the H200), its 62 parts run at once; with query-side terms (kTerms) each part
+// writes its own chunk's terms once the look-back has placed it, where a CTA per list walked the decode batch's
+// 8k-key lists in 71 us.
 constexpr uint64_t kPartCount = uint64_t{1} << 32, kPartPrefix = uint64_t{2} << 32;
 static_assert(KeyParts::kPartKeys == kChunk, "a part is one chunk");
 
+template <bool kTerms>
 __global__ void __launch_bounds__(kCompactThreads)
 compact_key_parts_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys) {
   __shared__ int warp_total[kCompactWarps];
   __shared__ uint32_t ticket;
   __shared__ int before_part;
+  __shared__ int32_t chunk_pos[kTerms ? kChunk : 1];  // the part's listed key positions, in list order
   if (threadIdx.x == 0) ticket = atomicAdd(keys.parts.ticket, 1u);
   __syncthreads();
   // 32-bit arithmetic: the tickets number the statuses, at most KeyParts::kMaxStatuses.
@@ -184,8 +215,10 @@ compact_key_parts_kernel(const __grid_constant__ VarlenFwdParams p, const __grid
   if (part > 0 && j0 >= sk.len) return;  // past the sequence: no part after it has keys either
   const KeyRows rows = key_rows_of(p, sk);
   const int h = hm * keys.heads_per_list;
+  const SeqRange sq = kTerms ? clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q) : SeqRange{};
   const int64_t first = j0 + static_cast<int64_t>(threadIdx.x) * kKeysPerThread;
-  const unsigned bits = key_side_bits(p, rows, h, first, sk.len, true);
+  const int64_t mask_head = kTerms && p.mask.layout == OperandLayout::kQuerySide ? p.mask.row_start(0, h) : 0;
+  const unsigned bits = chunk_bits<kTerms>(p, rows, sk, sq, h, mask_head, first);
   const int2 scan = scan_chunk(bits, warp_total);
   if (threadIdx.x == 0) {
     unsigned long long* status = keys.parts.status + static_cast<int64_t>(chain) * keys.parts.per_chain;
@@ -204,11 +237,12 @@ compact_key_parts_kernel(const __grid_constant__ VarlenFwdParams p, const __grid
     if (j0 + kChunk >= sk.len) keys.count[static_cast<int64_t>(b) * keys.mask_heads + hm] = before + scan.y;
   }
   __syncthreads();
+  const int before = before_part;
   int32_t* index = keys.index + static_cast<int64_t>(hm) * p.total_k + sk.start;
-  int slot = before_part + scan.x;
-#pragma unroll
-  for (int i = 0; i < kKeysPerThread; ++i) {
-    if ((bits >> i) & 1u) index[slot++] = static_cast<int32_t>(first + i);
+  write_chunk_index<kTerms>(index, chunk_pos, bits, first, before + scan.x, scan.x);
+  if constexpr (kTerms) {
+    __syncthreads();  // chunk_pos is complete
+    write_chunk_terms(p, keys.terms, terms_of_list(p, keys, sk, b, hm), sq, before, scan.y, chunk_pos);
   }
 }
 
@@ -219,8 +253,12 @@ cudaError_t compact_keys(const VarlenFwdParams& p, const KeyLists& keys, cudaStr
   if (keys.parts.status != nullptr) {  // key-side lists in parts (KeyParts); the ticket and statuses start at 0
     const size_t bytes = KeyParts::bytes(p, keys.mask_heads, keys.parts.per_chain);
     if (cudaError_t err = cudaMemsetAsync(keys.parts.status, 0, bytes, stream); err != cudaSuccess) return err;
-    const int64_t ctas = KeyParts::statuses(p, keys.mask_heads, keys.parts.per_chain);  // a CTA per part
-    compact_key_parts_kernel<<<static_cast<unsigned>(ctas), kCompactThreads, 0, stream>>>(p, keys);
+    const auto ctas = static_cast<unsigned>(KeyParts::statuses(p, keys.mask_heads, keys.parts.per_chain));
+    if (keys.terms.values != nullptr) {  // a CTA per part
+      compact_key_parts_kernel<true><<<ctas, kCompactThreads, 0, stream>>>(p, keys);
+    } else {
+      compact_key_parts_kernel<false><<<ctas, kCompactThreads, 0, stream>>>(p, keys);
+    }
     return cudaGetLastError();
   }
   const dim3 grid(p.batch, keys.mask_heads);

@@ -55,7 +55,7 @@ struct QueryTerms {
 
 // compact_keys in parts (key_compaction.cu): per (sequence, list head) chain, per_chain parts of one chunk (2048 keys)
 // each, every part a 64-bit look-back status; after them, the ticket counter. Zeroed by compact_keys before its
-// kernel. Null status: one CTA per chain (the lists with query-side terms, the backward's, and calls whose statuses
+// kernel. Null status: one CTA per chain (the backward's lists, sequences of one part, and calls whose statuses
 // would pass kMaxStatuses).
 struct KeyParts {
   static constexpr int64_t kPartKeys = 2048;
