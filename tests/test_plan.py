@@ -98,9 +98,9 @@ def test_decode_workload_is_packed_and_split(planner):
     partials = 4 * plan["splits"] * 32 * 288 * (2 + 128)  # max, sum and O
     assert plan["kernel"] == "decode"
     assert plan["row_tiles"] == 1  # 4 query heads x 8 queries = 32 packed rows, one tile
-    # ~36.8k (sequence, KV head) KV tiles over 132 SMs x 2 CTAs x 6 waves: 24 tiles (1536 keys) per split
-    assert plan["tiles_per_split"] == 24
-    assert plan["splits"] == math.ceil(128 / 24)
+    # ~36.8k (sequence, KV head) KV tiles over 132 SMs x 2 CTAs x 4 waves: 35 tiles (2240 keys) per split
+    assert plan["tiles_per_split"] == 35
+    assert plan["splits"] == math.ceil(128 / 35)
     lists = 4 * 8 * 290_000 + 4 * 8 * 64
     order = 4 * 64 * 8  # the (sequence, KV head) units, longest first
     parts = 8 * 64 * 8 * 4 + 4  # compact_keys in parts: 8192 keys = 4 parts of 2048 per list, and the ticket

@@ -112,7 +112,10 @@ constexpr int64_t kDecodeMinTilesPerSplit = 4;
 // A split decode call with kept-key lists and at most this many (sequence, KV head) units runs them longest first
 // (decode_order.cu: one CTA orders them in shared memory); past it, in batch order.
 constexpr int kMaxOrderedUnits = 4096;
-constexpr int64_t kDecodeCtasPerSm = 2, kDecodeWaves = 6;
+// Four waves: longer splits write fewer float32 partials (each split of a unit writes every packed row's O) and pay
+// fewer prologues; on the H200, 32-40 tiles per split beat 23 (six waves) in the decode kernel of every decode shape
+// but the long masked one (benchmarks/results/README.md, runs BB, BC).
+constexpr int64_t kDecodeCtasPerSm = 2, kDecodeWaves = 4;
 
 // Whether the decode kernel can run p: one kept-key list and one key-side bias per packed tile, so mask and bias
 // heads broadcast over the query heads of a KV head (Hm in {1, Hk}), key-side or query-side (the list of a query-side
