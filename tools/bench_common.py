@@ -93,6 +93,19 @@ def time_callable(fn: Callable[[], object], device: torch.device, warmup: int, r
     return Timing(samples)
 
 
+def copy_tbps(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """The device's copy bandwidth in TB/s: bytes read plus bytes written by ``dst.copy_(src)`` of ``nbytes`` (a
+    quarter of that on the CPU), the median of ``reps`` timed copies after a warm-up. The ceiling that issue 11's
+    "share of copy bandwidth" target divides by."""
+    if device.type != "cuda":
+        nbytes //= 4
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    ms = time_callable(lambda: dst.copy_(src), device, warmup=2, reps=reps).median_ms
+    del src, dst
+    return 2 * nbytes / ms / 1e9
+
+
 def time_once_s(fn: Callable[[], object], device: torch.device):
     """Wall time of one call, in seconds (e.g. a first call that compiles), and its result."""
     synchronize(device)
