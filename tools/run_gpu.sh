@@ -44,7 +44,7 @@
 #                     building, unless DMATTN_REBUILD=1
 # Several source trees in one call (branches not yet run on a GPU, each step of a stack): carry them in .trees/
 # (git-ignored; `for b in BRANCH...; do mkdir -p .trees/$b && git archive $b | tar -x -C .trees/$b; done`, about
-# 1-4 MB each), then
+# 1-4 MB each, or HEAD with docs/pending patches: tools/make_trees.sh), then
 #   tools/run_gpu.sh wheels trees summary
 # `trees` builds each .trees/<name> in place and runs its tests there under `timeout TREE_TIMEOUT` (default 300 s):
 # the pytest arguments in .trees/<name>.tests if that file exists, else TREE_TESTS (default: tests/test_sm90a.py and

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# make_trees.sh: source trees for tools/run_gpu.sh's `trees` stage, each this checkout's HEAD with pending patches
+# applied in order (docs/pending/*.patch, not yet run on a GPU), so one device call builds and measures them side by
+# side:
+#   tools/make_trees.sh main order=order_in_compaction both=order_in_compaction+compaction_loads_in_flight
+# makes .trees/main (HEAD alone), .trees/order and .trees/both. A NAME=PATCH[+PATCH...] argument names patches by their
+# file name in docs/pending/ (with or without .patch); a bare NAME is HEAD alone. .trees is emptied first; a patch
+# that does not apply stops the script. Write each tree's pytest arguments to .trees/NAME.tests (tools/run_gpu.sh).
+# Carry .trees only in the call that builds them: a later call that carries it again replaces the built trees there.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+[ $# -ge 1 ] || { sed -n '2,9p' "${BASH_SOURCE[0]}"; exit 2; }
+rm -rf .trees
+mkdir -p .trees
+for spec in "$@"; do
+  name=${spec%%=*}
+  dir=.trees/$name
+  mkdir -p "$dir"
+  git archive HEAD | tar -x -C "$dir"
+  if [[ $spec == *=* ]]; then
+    # git apply inside this checkout would skip every path outside the current folder: the tree gets a repository of
+    # its own while the patches go in (removed after)
+    git -C "$dir" init -q
+    IFS=+ read -r -a patches <<<"${spec#*=}"
+    for patch in "${patches[@]}"; do
+      file=docs/pending/${patch%.patch}.patch
+      [ -f "$file" ] || { echo "make_trees: no $file" >&2; exit 1; }
+      git -C "$dir" apply --whitespace=nowarn "$PWD/$file" || { echo "make_trees: $file does not apply" >&2; exit 1; }
+    done
+    rm -rf "$dir/.git"
+  fi
+  what=${spec#"$name"}
+  echo "make_trees: .trees/$name = HEAD${what:+ + ${what#=}}"
+done
+du -sh .trees | sed 's/^/make_trees: /'
