@@ -831,12 +831,8 @@ def run_workload(name: str, args) -> Dict[str, object]:
             results.append(res)
         del ref
     add_speedups(results)
-    copy = None
-    if any(r["peer"] == QUERY_SIDE_PEER and r["status"] == "ok" for r in results):
-        copy = bc.copy_tbps(dev)  # the ceiling of the query-side row's operand bandwidth, measured in this run
-        for r in results:
-            if r["peer"] == QUERY_SIDE_PEER and r["status"] == "ok":
-                r["operand_tbps"] = r["mask_bytes"] / r["ms_median"] / 1e9
+    # the ceiling of the query-side rows' operand bandwidth, measured in this run
+    copy = bc.copy_tbps(dev) if add_operand_bandwidth(results) else None
     return {"workload": name, "targets": check_targets(name, results, copy), "problem": describe(base),
             "copy_tbps": copy,
             "mask_heads": args.mask_heads, "keep_fraction": keep_frac, "seed": args.seed,
@@ -921,6 +917,14 @@ def check_targets(name, results, copy_tbps=None):
             windowed and plain) else "not measured"
         out.append({"target": what, "verdict": verdict})
     return out
+
+
+def add_operand_bandwidth(results) -> bool:
+    """operand_tbps (mask + bias bytes per second of the call) on each query-side row that ran; whether there was one."""
+    rows = [r for r in results if r["peer"] == QUERY_SIDE_PEER and r["status"] == "ok" and r.get("ms_median")]
+    for r in rows:
+        r["operand_tbps"] = r["mask_bytes"] / r["ms_median"] / 1e9
+    return bool(rows)
 
 
 def add_speedups(results):
