@@ -74,6 +74,67 @@ __device__ __forceinline__ float group_reduce(float x, Op op) {
   return x;
 }
 
+// What passes 1 and 2 leave of a (row, head) pair: the max m over its splits and its sink, whether the row is NaN, its
+// lse, and 1 / the sum of the weights (split s weighs split_weight(m_s, l_s, m)).
+struct PairTotals {
+  float m, lse, inv_total;
+  bool nan;
+};
+
+// Passes 1 and 2 of a pair over its splits first, first + step, ... below n (none where !active): each thread's share,
+// combined by reduce(x, op) over the threads that share the pair (a lane group, or the CTA), every one of them
+// calling it. Pass 1: the max, and whether any max or sum is NaN (fmaxf would drop it); a split that saw nothing wrote
+// no sum. The head's sink joins the denominator once, as a split of lse = sink and O = 0 (the decode kernel's splits
+// leave it out). Pass 2: the sum of the splits' weights, reading the same few floats again, from L1. kPassUnroll: the
+// loops' unroll (1 in the lane-group combine, at its 80 registers; 4 in the CTA-per-pair one, where 1 cost 8 bytes of
+// spill on sm_80).
+template <int kPassUnroll, typename Reduce>
+__device__ __forceinline__ PairTotals pair_totals(const float* max_s, const float* sum_s, int64_t split_stride, int n,
+                                                  int first, int step, bool active, float sink, Reduce reduce) {
+  const auto max_op = [](float a, float b) { return fmaxf(a, b); };
+  float m = -INFINITY;
+  bool nan = false;
+#pragma unroll kPassUnroll
+  for (int s = first; active && s < n; s += step) {
+    const float m_s = max_s[s * split_stride];
+    const float l_s = m_s == -INFINITY ? 0.f : sum_s[s * split_stride];
+    nan |= m_s != m_s || l_s != l_s;
+    m = fmaxf(m, m_s);
+  }
+  m = reduce(m, max_op);
+  nan = reduce(nan ? 1.f : 0.f, max_op) != 0.f || sink != sink || sink == INFINITY;
+  m = fmaxf(m, sink);
+  float total = 0.f;
+#pragma unroll kPassUnroll
+  for (int s = first; active && !nan && s < n; s += step) {
+    const float m_s = max_s[s * split_stride];
+    total += split_weight(m_s, m_s == -INFINITY ? 0.f : sum_s[s * split_stride], m);
+  }
+  total = reduce(total, [](float a, float b) { return a + b; }) + split_weight(sink, 1.f, m);
+  PairTotals t;
+  t.m = m;
+  t.nan = nan;
+  t.lse = nan ? __int_as_float(0x7fc00000) : m == -INFINITY ? -INFINITY : m + logf(total);
+  t.inv_total = m == -INFINITY ? 0.f : 1.f / total;
+  return t;
+}
+
+// x[v] += w[u] o[u][v] over a batch of kUnroll splits whose loads are in flight together.
+template <int kUnroll, int kVecs>
+__device__ __forceinline__ void add_weighted(float4 (&x)[kVecs], const float (&w)[kUnroll],
+                                             const float4 (&o)[kUnroll][kVecs]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+    for (int v = 0; v < kVecs; ++v) {
+      x[v].x += w[u] * o[u][v].x;
+      x[v].y += w[u] * o[u][v].y;
+      x[v].z += w[u] * o[u][v].z;
+      x[v].w += w[u] * o[u][v].w;
+    }
+  }
+}
+
 // finish_rows' work in a combine that finishes the rows. Not inlined: its code would cost the combine loop registers
 // (80 at three CTAs per SM), and spills, at some head dims.
 __device__ __noinline__ void finish_rows_apart(const VarlenFwdParams& p, int64_t block, int64_t blocks) {
@@ -110,36 +171,13 @@ combine_splits_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_co
     const int h = mine ? static_cast<int>(pair % p.num_heads) : 0;
     const int64_t at = static_cast<int64_t>(h) * p.total_q + row;  // split 0's index of the pair
 
-    // Pass 1: the max over the splits, and whether any max or sum is NaN (fmaxf would drop it). A split that saw
-    // nothing wrote no sum. Passes 2 and 3 read the same few floats again, from L1.
+    // Passes 1 and 2, lane gl taking splits gl, gl + kGroup, ... (pass 3 reads the same few floats again, from L1).
     const float* max_s = sp.max + at;
     const float* sum_s = sp.sum + at;
-    float m = -INFINITY;
-    bool nan = false;
-#pragma unroll 1
-    for (int s = gl; mine && s < n; s += kGroup) {
-      const float m_s = max_s[s * split_stride];
-      const float l_s = m_s == -INFINITY ? 0.f : sum_s[s * split_stride];
-      nan |= m_s != m_s || l_s != l_s;
-      m = fmaxf(m, m_s);
-    }
-    m = group_reduce<kGroup>(m, [](float a, float b) { return fmaxf(a, b); });
-    // The head's sink joins the denominator once, as a split of lse = sink and O = 0 (the decode kernel's splits
-    // leave it out).
-    const float sink = p.sink(h);
-    nan = group_reduce<kGroup>(nan ? 1.f : 0.f, [](float a, float b) { return fmaxf(a, b); }) != 0.f || sink != sink ||
-          sink == INFINITY;
-    m = fmaxf(m, sink);
-    // Pass 2: the sum of the splits' weights.
-    float total = 0.f;
-#pragma unroll 1
-    for (int s = gl; mine && !nan && s < n; s += kGroup) {
-      const float m_s = max_s[s * split_stride];
-      total += split_weight(m_s, m_s == -INFINITY ? 0.f : sum_s[s * split_stride], m);
-    }
-    total = group_reduce<kGroup>(total, [](float a, float b) { return a + b; }) + split_weight(sink, 1.f, m);
-    const float lse = nan ? nan_value : m == -INFINITY ? -INFINITY : m + logf(total);
-    const float inv_total = m == -INFINITY ? 0.f : 1.f / total;
+    const PairTotals t = pair_totals<1>(max_s, sum_s, split_stride, n, gl, kGroup, mine, p.sink(h),
+                                     [](float x, auto op) { return group_reduce<kGroup>(x, op); });
+    const float m = t.m, lse = t.lse, inv_total = t.inv_total;
+    const bool nan = t.nan;
 
     // Pass 3: out = sum over the splits that saw a key of weight x O, kGroup splits at a time, lane gl holding the
     // weight of the chunk's split gl and owning O's float4 columns gl, gl + kGroup, ... The loads of kUnroll splits
@@ -170,16 +208,7 @@ combine_splits_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_co
 #pragma unroll
           for (int v = 0; v < kVecs; ++v) o[u][v] = load_streaming_if(o_s + (s0 + src0 + u) * o_stride + v * kGroup, saw);
         }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-          for (int v = 0; v < kVecs; ++v) {
-            x[v].x += w[u] * o[u][v].x;
-            x[v].y += w[u] * o[u][v].y;
-            x[v].z += w[u] * o[u][v].z;
-            x[v].w += w[u] * o[u][v].w;
-          }
-        }
+        add_weighted(x, w, o);
       }
     }
     if (!mine) continue;
@@ -238,29 +267,11 @@ combine_deep_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
     const float* max_s = sp.max + at;
     const float* sum_s = sp.sum + at;
 
-    // Pass 1: the max over the splits, and whether any max or sum is NaN.
-    float m = -INFINITY;
-    bool nan = false;
-    for (int s = threadIdx.x; s < n; s += kCombineThreads) {
-      const float m_s = max_s[s * split_stride];
-      const float l_s = m_s == -INFINITY ? 0.f : sum_s[s * split_stride];
-      nan |= m_s != m_s || l_s != l_s;
-      m = fmaxf(m, m_s);
-    }
-    m = cta_reduce(m, [](float a, float b) { return fmaxf(a, b); }, scratch);
-    const float sink = p.sink(h);
-    nan = cta_reduce(nan ? 1.f : 0.f, [](float a, float b) { return fmaxf(a, b); }, scratch) != 0.f ||
-          sink != sink || sink == INFINITY;
-    m = fmaxf(m, sink);
-    // Pass 2: the sum of the splits' weights.
-    float total = 0.f;
-    for (int s = threadIdx.x; !nan && s < n; s += kCombineThreads) {
-      const float m_s = max_s[s * split_stride];
-      total += split_weight(m_s, m_s == -INFINITY ? 0.f : sum_s[s * split_stride], m);
-    }
-    total = cta_reduce(total, [](float a, float b) { return a + b; }, scratch) + split_weight(sink, 1.f, m);
-    const float lse = nan ? nan_value : m == -INFINITY ? -INFINITY : m + logf(total);
-    const float inv_total = m == -INFINITY ? 0.f : 1.f / total;
+    // Passes 1 and 2, thread i taking splits i, i + kCombineThreads, ...
+    const PairTotals t = pair_totals<4>(max_s, sum_s, split_stride, n, threadIdx.x, kCombineThreads, true, p.sink(h),
+                                     [&](float x, auto op) { return cta_reduce(x, op, scratch); });
+    const float m = t.m, lse = t.lse, inv_total = t.inv_total;
+    const bool nan = t.nan;
 
     // Pass 3: this warp's splits, kUnroll at a time: each split's weight (its max and sum read by every lane: one
     // transaction) and its O columns, loaded only where the split saw a key.
@@ -281,16 +292,7 @@ combine_deep_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
 #pragma unroll
         for (int v = 0; v < kVecs; ++v) o[u][v] = load_streaming_if(o_s + s * o_stride + v * 32, l_s != 0.f);
       }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-        for (int v = 0; v < kVecs; ++v) {
-          x[v].x += w[u] * o[u][v].x;
-          x[v].y += w[u] * o[u][v].y;
-          x[v].z += w[u] * o[u][v].z;
-          x[v].w += w[u] * o[u][v].w;
-        }
-      }
+      add_weighted(x, w, o);
     }
 #pragma unroll
     for (int v = 0; v < kVecs; ++v) warp_o[warp][lane + v * 32] = x[v];
