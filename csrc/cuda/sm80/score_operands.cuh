@@ -44,6 +44,8 @@ struct TermRuns {
   uint32_t ring_rows;  // byte 2 mt + half: the ring row of this thread's packed row mt 16 + g + 8 half
 
   __device__ __forceinline__ int esize() const { return f32 ? 4 : 2; }
+  // The ring row of this thread's packed row mt 16 + g + 8 half.
+  __device__ __forceinline__ int ring_row(int mt, int half, int g) const { return (mt * 16 + g + half * 8) % q_len; }
   template <int kMTiles>
   __device__ __forceinline__ void set_ring_rows(int g) {
     static_assert(kMTiles <= 2, "a byte per row of the thread, in one word");
@@ -53,14 +55,14 @@ struct TermRuns {
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          ring_rows |= static_cast<uint32_t>((mt * 16 + g + half * 8) % q_len) << (8 * (2 * mt + half));
+          ring_rows |= static_cast<uint32_t>(ring_row(mt, half, g)) << (8 * (2 * mt + half));
         }
     }
   }
   // This stage's terms of this thread's packed row mt 16 + g + 8 half, from the tile's first slot.
   template <int kMTiles, int kBlockN>
   __device__ __forceinline__ const char* staged(int stage, int mt, int half, int g) const {
-    const int ring = kMTiles == 2 ? (ring_rows >> (8 * (2 * mt + half))) & 0xff : (mt * 16 + g + half * 8) % q_len;
+    const int ring = kMTiles == 2 ? (ring_rows >> (8 * (2 * mt + half))) & 0xff : ring_row(mt, half, g);
     return smem + (static_cast<int64_t>(stage * queries + ring) * kBlockN) * esize();
   }
   // Issues the copies of KV tile n's terms into stage (16-byte chunks; runs are 128-byte aligned). CTA-wide.
