@@ -726,6 +726,13 @@ QUERY_SIDE_PEER = "dmattn_ops, query-side mask + bias"
 QUERY_SIDE_COPY_SHARE = 0.5
 
 
+def query_side_group(group: str, masked: PackedBatch):
+    """The call with its key-side mask + bias expanded to the query-side layout (the group's reference), beside the
+    key-side call on the same values."""
+    return (group, masked, [dmattn_peer(key_side_as_query_side(masked), QUERY_SIDE_PEER),
+                            dmattn_peer(masked, "dmattn_ops, key-side (the same values)")])
+
+
 def groups_of(name: str, base: PackedBatch):
     """(group name, problem, peers) for a workload; dmattn_ops first in each group, so it is the reference."""
     if name == "paged":
@@ -766,9 +773,7 @@ def groups_of(name: str, base: PackedBatch):
         return [("causal, key-side mask 50% + bias", masked,
                  [dmattn_peer(masked), flex_peer(masked), sdpa_peer(masked, "materialized")]),
                 ("causal, no mask (varlen dense reference)", plain, [dmattn_peer(plain), varlen_peer(plain)]),
-                ("causal, the same mask + bias expanded query-side", masked,
-                 [dmattn_peer(key_side_as_query_side(masked), QUERY_SIDE_PEER),
-                  dmattn_peer(masked, "dmattn_ops, key-side (the same values)")])]
+                query_side_group("causal, the same mask + bias expanded query-side", masked)]
     if name == "decode":
         masked, plain = base, base.replace(mask=None, bias=None)
         return [("key-side mask 25% + bias", masked,
@@ -776,9 +781,7 @@ def groups_of(name: str, base: PackedBatch):
                   sdpa_peer(masked, "expanded"), flex_peer(masked)]),
                 ("no mask (dense reference)", plain,
                  [dmattn_peer(plain), dmattn_graph_peer(plain), varlen_peer(plain)]),
-                ("the same mask + bias expanded query-side", masked,
-                 [dmattn_peer(key_side_as_query_side(masked), QUERY_SIDE_PEER),
-                  dmattn_peer(masked, "dmattn_ops, key-side (the same values)")])]
+                query_side_group("the same mask + bias expanded query-side", masked)]
     if name == "dense":
         out = []
         for causal in (True, False):
