@@ -347,6 +347,12 @@ struct ScoreOperands {
                                                  const int (&low)[kMTiles][2], const int (&limit)[kMTiles][2],
                                                  bool read_mask, int warp_row0, int g, int t) const {
     if (!read_mask && !query_bias) return;
+    const bool bias32 = query_bias && p.bias.dtype == ScalarType::kFloat32;
+    const uint8_t* mask = static_cast<const uint8_t*>(p.mask.ptr);
+    // Row by row (a thread's 2 kNTiles elements of it), a batch of elements at a time: every mask and bias load of the
+    // batch is issued before any is used, where a load, a test and a dependent load per element left a thread waiting
+    // on each in turn. A hidden element's bias is read too (it is in bounds: the element is inside its row's window)
+    // and not used (it may be NaN); elements outside the window are not read.
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
@@ -354,19 +360,46 @@ struct ScoreOperands {
         const int64_t qrow = static_cast<int64_t>(c.q_start) + c.m0 + warp_row0 + mt * 16 + g + half * 8;
         const int64_t mask_row = read_mask ? mask_head + qrow * p.mask.row_stride : 0;  // row_start(qrow, c.h)
         const int64_t bias_row = query_bias ? bias_head + qrow * p.bias.row_stride : 0;
+        // kLoadTiles n8 tiles (2 kLoadTiles elements, 4 kLoadTiles loads) at a time: all kNTiles at once held the
+        // query-side prefill variant past 255 registers at head dim 128 (spills), four do on sm_80 (16 bytes), and
+        // two at head dim 256 there (20 bytes more than one).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        constexpr int kWanted = 4;
+#else
+        constexpr int kWanted = Traits::kHeadDim >= 256 ? 1 : 2;
+#endif
+        constexpr int kLoadTiles = kNTiles >= kWanted ? kWanted : kNTiles;
+        static_assert(kNTiles % kLoadTiles == 0, "whole batches of n8 tiles");
 #pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt)
+        for (int nt0 = 0; nt0 < kNTiles; nt0 += kLoadTiles) {
+          uint8_t shown[kLoadTiles][2];
+          uint32_t bits[kLoadTiles][2];
 #pragma unroll
-          for (int e2 = 0; e2 < 2; ++e2) {
-            float& x = s[mt][nt][2 * half + e2];
-            const int pos = key_pos[nt * 8 + 2 * t + e2];
-            if (pos < low[mt][half] || pos >= limit[mt][half]) continue;  // hidden: x is -inf already
-            if (read_mask && !p.mask.mask_allows(p.mask.column(mask_row, pos))) {
-              x = -INFINITY;  // hidden: its bias is not read (it may be NaN)
-            } else if (query_bias) {
-              x += bias_value(p.bias, p.bias.column(bias_row, pos));
+          for (int i = 0; i < kLoadTiles; ++i)
+#pragma unroll
+            for (int e2 = 0; e2 < 2; ++e2) {
+              const int pos = key_pos[(nt0 + i) * 8 + 2 * t + e2];
+              const bool seen = pos >= low[mt][half] && pos < limit[mt][half];
+              shown[i][e2] = seen && read_mask ? mask[p.mask.column(mask_row, pos)] : 1;
+              const int64_t at = p.bias.column(bias_row, pos);
+              bits[i][e2] = !(seen && query_bias) ? 0u
+                            : bias32             ? static_cast<const uint32_t*>(p.bias.ptr)[at]
+                                                 : static_cast<const uint16_t*>(p.bias.ptr)[at];
             }
-          }
+#pragma unroll
+          for (int i = 0; i < kLoadTiles; ++i)
+#pragma unroll
+            for (int e2 = 0; e2 < 2; ++e2) {
+              float& x = s[mt][nt0 + i][2 * half + e2];
+              const int pos = key_pos[(nt0 + i) * 8 + 2 * t + e2];
+              if (pos < low[mt][half] || pos >= limit[mt][half]) continue;  // hidden: x is -inf already
+              if (shown[i][e2] == 0) {
+                x = -INFINITY;  // hidden by the mask: its bias is not used
+              } else if (query_bias) {
+                x += bias_from_bits(p.bias.dtype, bits[i][e2]);
+              }
+            }
+        }
       }
   }
 };
