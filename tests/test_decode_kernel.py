@@ -355,6 +355,13 @@ def test_a_nan_query_makes_every_split_nan(tiles, head_dim, monkeypatch, cuda_de
     assert torch.equal(lse[1, 0], ref_lse[1, 0]) and torch.equal(lse[:, 1], ref_lse[:, 1])
 
 
+def _strided_last_dim(mask):
+    """The same mask with its last dimension's elements 2 bytes apart (a slice of a wider tensor)."""
+    wide = torch.zeros(*mask.shape[:-1], 2 * mask.shape[-1], dtype=torch.bool, device=mask.device)
+    wide[..., ::2] = mask
+    return wide[..., ::2]
+
+
 def _strided_heads(mask):
     """The same key-side mask with its heads 2 bytes apart (a column slice of a wider tensor)."""
     wide = torch.zeros(mask.shape[0], 2 * mask.shape[1], dtype=torch.bool, device=mask.device)
@@ -395,6 +402,8 @@ def test_long_query_side_lists_are_compacted_in_parts(operands, monkeypatch, cud
     sample = make_sample(spec, torch.bfloat16, "cuda")
     first = _checked(sample, label=f"mask {mask} bias {bias}")
     again = [sample] if mask is None else [sample, sample.replace(mask=noncanonical_mask(sample.mask))]
+    if mask == "query":  # its key positions 2 bytes apart (the compaction steps a query row by its column stride)
+        again.append(sample.replace(mask=_strided_last_dim(sample.mask)))
     for other in again:
         out, lse = other.run()
         assert torch.equal(first[0], out) and torch.equal(first[1], lse)

@@ -16,36 +16,55 @@ constexpr int kCompactWarps = kCompactThreads / 32;
 constexpr int kKeysPerThread = 8;  // consecutive keys per thread and chunk: a decode sequence of 8k keys is 4 chunks
 constexpr int kChunk = kCompactThreads * kKeysPerThread;
 
-// The term of a query row at key position j: its query-side bias where its query-side mask shows the key (0 without a
-// bias), the hidden pattern where it does not; a NaN bias as the canonical NaN, so that no bias value reads as hidden.
-// mask_row / bias_row: the row's ScoreOperand::row_start in each (read only where the call has the operand
-// query-side). Both loads are issued whatever the mask says (they are in bounds), so a thread's terms are independent
-// loads.
-__device__ __forceinline__ uint32_t query_term(const VarlenFwdParams& p, const QueryTerms& terms, int64_t mask_row,
-                                               int64_t bias_row, int64_t j) {
-  const bool shown = p.mask.layout != OperandLayout::kQuerySide || p.mask.mask_allows(p.mask.column(mask_row, j));
-  const bool biased = p.bias.layout == OperandLayout::kQuerySide;
-  const uint32_t bits = biased ? bias_bits(p.bias, p.bias.column(bias_row, j)) : 0;  // 0: +0 in every dtype
+// The term of a query row at a key, from what its loads brought: `shown`, whether its query-side mask shows the key
+// (true without one), and `bits`, its query-side bias (0 without one): the bias where shown, the hidden pattern where
+// not; a NaN bias as the canonical NaN, so that no bias value reads as hidden.
+__device__ __forceinline__ uint32_t query_term(const VarlenFwdParams& p, const QueryTerms& terms, bool shown,
+                                               uint32_t bits) {
   if (!shown) return terms.f32 ? QueryTerms::kHidden32 : QueryTerms::kHidden16;
-  if (!biased || !isnan(bias_from_bits(p.bias.dtype, bits))) return bits;
+  if (p.bias.layout != OperandLayout::kQuerySide || !isnan(bias_from_bits(p.bias.dtype, bits))) return bits;
   return terms.f32 ? QueryTerms::kNaN32
                    : (p.bias.dtype == ScalarType::kBFloat16 ? QueryTerms::kNaN16Bf16 : QueryTerms::kNaN16F16);
 }
 
-// Bit i: whether key first + i (a position in the sequence) is kept by the key-side mask (every key without one).
-// Head h's column of the mask is taken once: row r's element is at column + r * row_stride (ScoreOperand::offset,
-// whose head term divides by head_group: a division per key cost this pass more than its loads).
-__device__ __forceinline__ unsigned key_side_bits(const VarlenFwdParams& p, const KeyRows& rows, int h, int64_t first,
-                                                  int64_t len, bool key_side) {
-  const int64_t column = key_side ? p.mask.row_start(0, h) : 0;  // no key-side mask: unused
+// The bits of a thread's kKeysPerThread mask bytes at base + e[i] x stride, for the keys i below `valid`: every load
+// issued before any is tested, so that a thread waits on its loads once, not once per key (with a branch per key ptxas
+// kept each load beside its test). `e` gives each key's element index (its row, or its position), read only below
+// `valid`.
+template <typename Element>
+__device__ __forceinline__ unsigned mask_bits(const uint8_t* base, int64_t stride, int valid, Element e) {
+  uint8_t byte[kKeysPerThread];
+#pragma unroll
+  for (int i = 0; i < kKeysPerThread; ++i) byte[i] = i < valid ? base[e(i) * stride] : 0;
   unsigned bits = 0;
 #pragma unroll
-  for (int i = 0; i < kKeysPerThread; ++i) {
-    const int64_t j = first + i;
-    if (j >= len) continue;
-    if (!key_side || p.mask.mask_allows(column + rows.row(j) * p.mask.row_stride)) bits |= 1u << i;  // no mask: all
-  }
+  for (int i = 0; i < kKeysPerThread; ++i) bits |= (byte[i] != 0 ? 1u : 0u) << i;
   return bits;
+}
+
+// The keys of [first, first + kKeysPerThread) below len, as a count (0 .. kKeysPerThread).
+__device__ __forceinline__ int keys_below(int64_t first, int64_t len) {
+  const int64_t n = len - first;
+  return n <= 0 ? 0 : (n >= kKeysPerThread ? kKeysPerThread : static_cast<int>(n));
+}
+
+// Bit i: whether key first + i (a position in the sequence) is kept by the key-side mask (every key without one).
+// Head h's column of the mask is taken once: row r's element is at column + r * row_stride (ScoreOperand::offset,
+// whose head term divides by head_group: a division per key cost this pass more than its loads). Packed keys are
+// consecutive rows; a key pool's rows are read first (all kKeysPerThread slot loads in flight), then clamped.
+__device__ __forceinline__ unsigned key_side_bits(const VarlenFwdParams& p, const KeyRows& rows, int h, int64_t first,
+                                                  int64_t len, bool key_side) {
+  const int valid = keys_below(first, len);
+  if (!key_side) return (1u << valid) - 1u;  // no mask: every key
+  const uint8_t* base = static_cast<const uint8_t*>(p.mask.ptr) + p.mask.row_start(0, h);
+  if (rows.slots == nullptr) {
+    const uint8_t* at = base + (rows.first + first) * p.mask.row_stride;
+    return mask_bits(at, p.mask.row_stride, valid, [](int i) { return static_cast<int64_t>(i); });
+  }
+  int64_t slot[kKeysPerThread];
+#pragma unroll
+  for (int i = 0; i < kKeysPerThread; ++i) slot[i] = i < valid ? rows.unclamped(first + i) : 0;
+  return mask_bits(base, p.mask.row_stride, valid, [&](int i) { return rows.clamp(slot[i]); });
 }
 
 // A chunk's scan: each thread holds the bits of its kKeysPerThread consecutive keys; returns {the chunk's kept keys
@@ -74,20 +93,18 @@ __device__ __forceinline__ int2 scan_chunk(unsigned bits, int* warp_total) {
 
 // The kept bits of a thread's kKeysPerThread keys from first on (positions in the sequence): a query-side mask's OR
 // over the sequence's query rows sq (row r of mask head h at mask_head + r x row_stride), else key_side_bits.
-// Query by query, the kKeysPerThread loads of a query are in flight together.
 template <bool kTerms>
 __device__ __forceinline__ unsigned chunk_bits(const VarlenFwdParams& p, const KeyRows& rows, const SeqRange& sk,
                                                const SeqRange& sq, int h, int64_t mask_head, int64_t first) {
   const bool query_side = kTerms && p.mask.layout == OperandLayout::kQuerySide;
   if (!query_side) return key_side_bits(p, rows, h, first, sk.len, !kTerms || p.mask.layout == OperandLayout::kKeySide);
+  // Column j of each query row (a position: no pool row), query by query.
+  const int valid = keys_below(first, sk.len);
+  const uint8_t* base = static_cast<const uint8_t*>(p.mask.ptr) + mask_head + sq.start * p.mask.row_stride;
   unsigned bits = 0;
-  for (int64_t q = 0; q < sq.len; ++q) {
-    const int64_t row = mask_head + (sq.start + q) * p.mask.row_stride;  // row_start(sq.start + q, h)
-#pragma unroll
-    for (int i = 0; i < kKeysPerThread; ++i) {
-      const int64_t j = first + i;
-      if (j < sk.len && p.mask.mask_allows(p.mask.column(row, j))) bits |= 1u << i;  // a position: no pool row
-    }
+  for (int64_t q = 0; q < sq.len; ++q, base += p.mask.row_stride) {  // row_start(sq.start + q, h)
+    bits |= mask_bits(base + first * p.mask.col_stride, p.mask.col_stride, valid,
+                      [](int i) { return static_cast<int64_t>(i); });
   }
   return bits;
 }
@@ -113,26 +130,49 @@ __device__ __forceinline__ TermsOfList terms_of_list(const VarlenFwdParams& p, c
 // (query q, listed key c) in q-major order, kCompactThreads apart, so consecutive threads write consecutive terms of a
 // query's run. Each thread finds its first (q, c) with one division per chunk and steps on by (dq, dc) with a carry,
 // where a division per term (and one per operand row's head) made this pass cost a third of the query-side decode
-// call.
+// call. kTermSteps steps at a time: their mask and bias loads are all issued before any term is formed (one at a time,
+// each step waited on its own loads).
+constexpr int kTermSteps = 4;
+
 __device__ __forceinline__ void write_chunk_terms(const VarlenFwdParams& p, const QueryTerms& terms,
                                                   const TermsOfList& list, const SeqRange& sq, int kept,
                                                   int chunk_kept, const int32_t* chunk_pos) {
   if (chunk_kept <= 0) return;
+  const bool query_mask = p.mask.layout == OperandLayout::kQuerySide;
+  const bool query_bias = p.bias.layout == OperandLayout::kQuerySide;
+  const int q_len = static_cast<int>(sq.len);  // <= max_seqlen_q, an int
   const int dq = kCompactThreads / chunk_kept, dc = kCompactThreads - dq * chunk_kept;
-  int64_t q = threadIdx.x / chunk_kept;
-  int c = static_cast<int>(threadIdx.x - q * chunk_kept);
-#pragma unroll 4
-  for (; q < sq.len; q += dq, c += dc) {
-    if (c >= chunk_kept) c -= chunk_kept, ++q;  // the carry (dc < chunk_kept)
-    if (q >= sq.len) break;
-    const int64_t row = sq.start + q;
-    const uint32_t term = query_term(p, terms, list.mask_head + row * p.mask.row_stride,
-                                     list.bias_head + row * p.bias.row_stride, chunk_pos[c]);
-    const int64_t at = list.term0 + q * terms.extent + kept + c;
-    if (terms.f32) {
-      static_cast<uint32_t*>(terms.values)[at] = term;
-    } else {
-      static_cast<uint16_t*>(terms.values)[at] = static_cast<uint16_t>(term);
+  int q = static_cast<int>(threadIdx.x) / chunk_kept;
+  int c = static_cast<int>(threadIdx.x) - q * chunk_kept;
+  while (q < q_len) {
+    int step_q[kTermSteps], step_c[kTermSteps];
+#pragma unroll
+    for (int u = 0; u < kTermSteps; ++u) {
+      step_q[u] = q, step_c[u] = c;
+      q += dq, c += dc;
+      if (c >= chunk_kept) c -= chunk_kept, ++q;  // the carry (dc < chunk_kept)
+    }
+    bool shown[kTermSteps];
+    uint32_t bits[kTermSteps];
+#pragma unroll
+    for (int u = 0; u < kTermSteps; ++u) {
+      const bool mine = step_q[u] < q_len;
+      const int64_t row = sq.start + step_q[u];
+      const int64_t j = mine ? chunk_pos[step_c[u]] : 0;
+      shown[u] = !(mine && query_mask) ||
+                 p.mask.mask_allows(p.mask.column(list.mask_head + row * p.mask.row_stride, j));
+      bits[u] = mine && query_bias ? bias_bits(p.bias, p.bias.column(list.bias_head + row * p.bias.row_stride, j)) : 0;
+    }
+#pragma unroll
+    for (int u = 0; u < kTermSteps; ++u) {
+      if (step_q[u] >= q_len) break;
+      const uint32_t term = query_term(p, terms, shown[u], bits[u]);
+      const int64_t at = list.term0 + static_cast<int64_t>(step_q[u]) * terms.extent + kept + step_c[u];
+      if (terms.f32) {
+        static_cast<uint32_t*>(terms.values)[at] = term;
+      } else {
+        static_cast<uint16_t*>(terms.values)[at] = static_cast<uint16_t>(term);
+      }
     }
   }
 }
