@@ -10,8 +10,10 @@ machine in one session, as ratios new / old, with every workload more than --tol
     python3 tools/compare_builds.py --old $OUT/old1 $OUT/old2 --new $OUT/new1 $OUT/new2 \
         --json benchmarks/results/x.json --chart benchmarks/results/x.png
 
-A row is one (workload, group) of bench_gpu.py (e.g. "decode / key-side mask 25% + bias"); its time per build is the
-median over that build's runs of the per-run medians.
+A row is one dmattn_ops peer of one (workload, group) of bench_gpu.py (e.g. "prefill / causal, the same mask + bias
+expanded query-side / dmattn_ops, query-side mask + bias"); its time per build is the median over that build's runs
+of the per-run medians. (Rows were once per group, pooling a group's dmattn_ops peers: a group of a 7.4 ms and a
+0.96 ms call read as 4.2 ms, and a change to one of them was diluted or hidden.)
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from typing import Dict, List, Tuple
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 
-Key = Tuple[str, str]  # (workload, group)
+Key = Tuple[str, str, str]  # (workload, group, peer)
 
 
 def dmattn_times(run_dirs: List[str]) -> Tuple[Dict[Key, List[float]], Dict[str, object]]:
-    """{(workload, group): [median ms of each run]} of the dmattn_ops rows, and the first run's metadata."""
+    """{(workload, group, peer): [median ms of each run]} of the dmattn_ops rows, and the first run's metadata."""
     times: Dict[Key, List[float]] = {}
     meta: Dict[str, object] = {}
     for run in run_dirs:
@@ -48,7 +50,7 @@ def dmattn_times(run_dirs: List[str]) -> Tuple[Dict[Key, List[float]], Dict[str,
             }
             for row in payload["results"]:
                 if row["family"] == "dmattn" and row["status"] == "ok" and row.get("ms_median"):
-                    times.setdefault((payload["workload"], row["group"]), []).append(row["ms_median"])
+                    times.setdefault((payload["workload"], row["group"], row["peer"]), []).append(row["ms_median"])
     return times, meta
 
 
@@ -60,16 +62,23 @@ def compare(old: Dict[Key, List[float]], new: Dict[Key, List[float]], tolerance:
         ratio = n / o if o and n else None
         verdict = "missing" if ratio is None else (f"SLOWER by {100 * (ratio - 1):.1f}%" if ratio > 1 + tolerance
                                                    else "ok")
-        rows.append(dict(workload=key[0], group=key[1], old_ms=o, new_ms=n, new_over_old=ratio, verdict=verdict,
+        rows.append(dict(workload=key[0], group=key[1], peer=key[2], old_ms=o, new_ms=n, new_over_old=ratio,
+                         verdict=verdict,
                          old_runs=old.get(key, []), new_runs=new.get(key, [])))
     return rows
+
+
+def label(r: Dict[str, object]) -> str:
+    """workload / group, and the peer where it is more than plain dmattn_ops."""
+    peer = "" if r["peer"] == "dmattn_ops" else f" / {str(r['peer']).removeprefix('dmattn_ops, ')}"
+    return f"{r['workload']} / {r['group']}{peer}"
 
 
 def chart(path: str, rows: List[Dict[str, object]], title: str) -> str | None:
     labels, values, colors, notes = [], [], [], []
     for r in rows:
         for build, color in (("old", "#999999"), ("new", "#1f77b4")):
-            labels.append(f"{r['workload']} / {r['group']} [{build}]")
+            labels.append(f"{label(r)} [{build}]")
             values.append(r[f"{build}_ms"])
             colors.append(color)
             notes.append(f"x{r['new_over_old']:.3f}" if build == "new" and r["new_over_old"] else "")
@@ -91,8 +100,8 @@ def main(argv=None) -> int:
     new, new_meta = dmattn_times(args.new)
     rows = compare(old, new, args.tolerance)
     table = bc.format_table(
-        ["workload / group", "old ms", "new ms", "new / old", "verdict"],
-        [[f"{r['workload']} / {r['group']}", bc.fmt(r["old_ms"], ".4f"), bc.fmt(r["new_ms"], ".4f"),
+        ["workload / group / peer", "old ms", "new ms", "new / old", "verdict"],
+        [[label(r), bc.fmt(r["old_ms"], ".4f"), bc.fmt(r["new_ms"], ".4f"),
           bc.fmt(r["new_over_old"], ".3f"), r["verdict"]] for r in rows],
     )
     print(f"old: {args.old_label}\nnew: {args.new_label}\n{table}")

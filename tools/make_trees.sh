@@ -2,8 +2,8 @@
 # make_trees.sh: source trees for tools/run_gpu.sh's `trees` stage, each this checkout's HEAD with pending patches
 # applied in order (docs/pending/*.patch, not yet run on a GPU), so one device call builds and measures them side by
 # side:
-#   tools/make_trees.sh main order=order_in_compaction both=order_in_compaction+compaction_loads_in_flight
-# makes .trees/main (HEAD alone), .trees/order and .trees/both. A NAME=PATCH[+PATCH...] argument names patches by their
+#   tools/make_trees.sh main staged=staged_query_operands both=staged_query_operands+another_patch
+# makes .trees/main (HEAD alone), .trees/staged and .trees/both. A NAME=PATCH[+PATCH...] argument names patches by their
 # file name in docs/pending/ (with or without .patch); a bare NAME is HEAD alone. .trees is emptied first; a patch
 # that does not apply stops the script. Write each tree's pytest arguments to .trees/NAME.tests (tools/run_gpu.sh).
 # Carry .trees only in the call that builds them: a later call that carries it again replaces the built trees there.
