@@ -16,7 +16,9 @@ for spec in "$@"; do
   name=${spec%%=*}
   dir=.trees/$name
   mkdir -p "$dir"
-  git archive HEAD | tar -x -C "$dir"
+  # The committed results (~5 MB of JSON and charts) stay out: the device tool carries 64 MiB in all per call, and a
+  # tree's tools write their results where --out says.
+  git archive HEAD | tar -x -C "$dir" --exclude=benchmarks/results
   if [[ $spec == *=* ]]; then
     # git apply inside this checkout would skip every path outside the current folder: the tree gets a repository of
     # its own while the patches go in (removed after)
