@@ -352,7 +352,10 @@ struct ScoreOperands {
     // Row by row (a thread's 2 kNTiles elements of it), a batch of elements at a time: every mask and bias load of the
     // batch is issued before any is used, where a load, a test and a dependent load per element left a thread waiting
     // on each in turn. A hidden element's bias is read too (it is in bounds: the element is inside its row's window)
-    // and not used (it may be NaN); elements outside the window are not read.
+    // and not used (it may be NaN); elements outside the window are not read. The loads are written out here rather
+    // than through bias_bits / mask_allows (score_operand.cuh), which read the same elements: with bias_bits' switch
+    // on the dtype sm_80 spilled 36 bytes at head dim 256 (8 as written), with mask_allows sm_90 took 247 / 255
+    // registers at head dims 128 / 256 (237 / 253 as written).
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
