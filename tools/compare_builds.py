@@ -63,8 +63,7 @@ def compare(old: Dict[Key, List[float]], new: Dict[Key, List[float]], tolerance:
         verdict = "missing" if ratio is None else (f"SLOWER by {100 * (ratio - 1):.1f}%" if ratio > 1 + tolerance
                                                    else "ok")
         rows.append(dict(workload=key[0], group=key[1], peer=key[2], old_ms=o, new_ms=n, new_over_old=ratio,
-                         verdict=verdict,
-                         old_runs=old.get(key, []), new_runs=new.get(key, [])))
+                         verdict=verdict, old_runs=old.get(key, []), new_runs=new.get(key, [])))
     return rows
 
 
