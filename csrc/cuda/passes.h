@@ -162,6 +162,29 @@ struct BlockMap {
     }
     return s;
   }
+  // covering() for one KV tile of a query tile: rows <= kRows (two row blocks at most) and j1 - j0 <= kMaxCols, so
+  // the blocks are at most 2 x (kMaxCols / kCols + 1), and every load is issued before any is used (the loops
+  // above wait on each in turn: a dependent L2 round trip per block on the kernel's path to its next tile).
+  template <int kMaxCols>
+  DMATTN_HOST_DEVICE uint8_t covering_tile(int hm, int64_t row0, int rows, int j0, int j1) const {
+    constexpr int kColBlocks = kMaxCols / kCols + 1;
+    const int64_t rb0 = row0 / kRows, rb1 = (row0 + rows - 1) / kRows;
+    const int cb0 = j0 / kCols, cb1 = (j1 - 1) / kCols;
+    const uint8_t* line = state + (static_cast<int64_t>(hm) * row_blocks + rb0) * col_blocks + cb0;
+    uint8_t v[2][kColBlocks];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < kColBlocks; ++j) {
+        v[i][j] = rb0 + i <= rb1 && cb0 + j <= cb1 ? line[i * col_blocks + j] : 0;
+      }
+    uint8_t s = 0;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < kColBlocks; ++j) s |= v[i][j];
+    return s;
+  }
 };
 
 // Everything a call's kernels find in its workspace (heuristics.h: workspace_layout, carve_workspace).

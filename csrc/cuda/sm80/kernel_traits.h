@@ -103,6 +103,17 @@ struct KernelTraits : SwizzledTiles<kHeadDim_> {
   static_assert((kBlockN * kChunksPerRow) % kThreads == 0 && (kBlockM * kChunksPerRow) % kThreads == 0,
                 "tile loads split evenly over the threads");
 
+  // The query-side variant's operand tiles (score_operands.cuh, ScoreOperands::stage): a KV tile's mask bytes and
+  // bias values of every row, copied with the tile's K as the 16-byte chunks that cover them (a row may start
+  // anywhere in its first chunk: its offset there is kept in op_mask_at / op_bias_at). A row of kBlockN elements
+  // spans one chunk more than it holds; the pitches leave that room and put the score step's reads (8 rows x 4
+  // lanes) in distinct banks: a 20-word step per row for masks and 16-bit biases, 72 words (8 mod 32) for fp32 ones.
+  // Up to head dim 128 (varlen_fwd_kernel.cuh says why).
+  static constexpr bool kStagedOperands = kQueryOperands && kHeadDim <= 128;
+  static constexpr int kMaskPitch = kBlockN + 16;
+  static constexpr int kBias16Pitch = 2 * kBlockN + 16;
+  static constexpr int kBias32Pitch = 4 * kBlockN + 32;
+
   struct alignas(128) SharedStorage {
     Elem q[kBlockM * kHeadDim];   // sQ (kBlockM, D), SmemLayoutQ
     Elem k[kBlockN * kHeadDim];   // sK (kBlockN, D), SmemLayoutKV
@@ -113,6 +124,10 @@ struct KernelTraits : SwizzledTiles<kHeadDim_> {
     // Each row's key_range [begin, end), read once per CTA (kKeyRanges variants; {0, 0} for rows past the tile):
     // a shared-memory read in the per-element path costs no 64-bit address registers where a global one did.
     int32_t row_range[kKeyRanges ? kBlockM : 1][2];
+    alignas(16) uint8_t op_mask[kStagedOperands ? kBlockM * kMaskPitch : 16];
+    alignas(16) char op_bias[kStagedOperands ? kBlockM * kBias32Pitch : 16];
+    uint8_t op_mask_at[kStagedOperands ? kBlockM : 1];  // byte offset of each row's first element in its row
+    uint8_t op_bias_at[kStagedOperands ? kBlockM : 1];
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
 };

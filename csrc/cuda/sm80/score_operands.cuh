@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -103,8 +104,14 @@ struct ScoreOperands {
   // The query-side operands' head terms, taken once (row r's elements start at head + r x row_stride in each:
   // ScoreOperand::row_start), where a division per row and tile by head_group cost the prefill kernel's pass 2.
   int64_t mask_head, bias_head;
+  // staged: this CTA copies each KV tile's query-side operand rows into shared memory (stage(): the prefill kernel's
+  // KernelTraits::SharedStorage::op_mask / op_bias) and pass 2 reads them there. The caller offers it (can_stage);
+  // it needs no key-side mask (slots are then key positions) and contiguous keys (a row's elements of a tile are one
+  // run).
+  bool staged;
 
-  __device__ __forceinline__ ScoreOperands(const VarlenFwdParams& p_, const TileContext& c_, const BlockMap& blocks_)
+  __device__ __forceinline__ ScoreOperands(const VarlenFwdParams& p_, const TileContext& c_, const BlockMap& blocks_,
+                                           bool can_stage = false)
       : p(p_),
         c(c_),
         blocks(blocks_),
@@ -113,19 +120,25 @@ struct ScoreOperands {
         key_bias(p_.bias.layout == OperandLayout::kKeySide),
         scale(p_.softmax_scale),
         mask_head(query_mask ? p_.mask.row_start(0, c_.h) : 0),
-        bias_head(query_bias ? p_.bias.row_start(0, c_.h) : 0) {}
+        bias_head(query_bias ? p_.bias.row_start(0, c_.h) : 0),
+        staged(can_stage && (query_mask || query_bias) && c_.key_index == nullptr &&
+               (!query_mask || p_.mask.col_stride == 1) && (!query_bias || p_.bias.col_stride == 1)) {}
 
   __device__ __forceinline__ float capped(float x) const { return capped_score(p, x); }
 
   // The block map's state (BlockMap::kSomeTrue / kSomeFalse) of the tile starting at slot n0, for the tile's rows and
   // the slots it holds (slots are key positions under a query-side mask: it comes with no key-side one). kSomeTrue |
   // kSomeFalse (decide per element) without a map or a query-side mask.
+  static constexpr uint8_t kUndecided = BlockMap::kSomeTrue | BlockMap::kSomeFalse;
   __device__ __forceinline__ uint8_t mask_state(int n0) const {
-    if (!Traits::kQueryOperands || !query_mask || blocks.state == nullptr || n0 >= c.slots_end) {
-      return BlockMap::kSomeTrue | BlockMap::kSomeFalse;
+    if constexpr (!Traits::kQueryOperands) {
+      return kUndecided;
+    } else {
+      if (!query_mask || blocks.state == nullptr || n0 >= c.slots_end) return kUndecided;
+      static_assert(Traits::kBlockM <= BlockMap::kRows, "a query tile spans two row blocks at most");
+      return blocks.covering_tile<kBlockN>(c.h / p.mask.head_group, static_cast<int64_t>(c.q_start) + c.m0, c.rows,
+                                           n0, min(n0 + kBlockN, c.slots_end));
     }
-    return blocks.covering(c.h / p.mask.head_group, static_cast<int64_t>(c.q_start) + c.m0, c.rows, n0,
-                           min(n0 + kBlockN, c.slots_end));
   }
 
   // A KV tile is live unless a query-side mask is False for every (row, key) of it the rows can see: its block map
@@ -151,6 +164,42 @@ struct ScoreOperands {
   __device__ __forceinline__ int next_live(int n, int n_tiles) const {
     while (n < n_tiles && !tile_live(n)) ++n;
     return n;
+  }
+  // The same, with the found tile's mask_state() (kUndecided at n_tiles), read once for both questions.
+  __device__ __forceinline__ int next_live(int n, int n_tiles, uint8_t& state) const {
+    state = kUndecided;
+    if (!query_mask) return n;
+    if (blocks.state == nullptr) return next_live(n, n_tiles);
+    for (; n < n_tiles; ++n) {
+      state = mask_state(n * kBlockN);
+      if ((state & BlockMap::kSomeTrue) != 0) return n;
+    }
+    state = kUndecided;
+    return n;
+  }
+
+  // Copies KV tile n's query-side operands into shared memory for pass 2 (staged calls; the mask only where state,
+  // the tile's mask_state(), says it holds a False: apply() takes the same), as cp.async copies of the 16-byte
+  // chunks that cover each row's run of elements (slots are key positions here: no key-side mask). A chunk
+  // reads no byte past the run (the rest of it is zero-filled), and the first may start up to 15 bytes before it
+  // (inside the allocation, which starts on a 16-byte boundary); pass 2 reads only the run. CTA-wide; the caller
+  // commits the copies with the tile's K and waits for them with it.
+  __device__ __forceinline__ void stage(int n, uint8_t state) const {
+    if (!staged) return;
+    const int n0 = n * kBlockN, keys = min(kBlockN, c.k_len - n0);
+    if (query_mask && (state & BlockMap::kSomeFalse) != 0) {
+      stage_rows<Traits::kMaskPitch, 1>(reinterpret_cast<char*>(staged_mask()), staged_mask_at(), p.mask.ptr,
+                                        mask_head, p.mask.row_stride, n0, keys);
+    }
+    if (query_bias) {
+      if (p.bias.dtype == ScalarType::kFloat32) {
+        stage_rows<Traits::kBias32Pitch, 4>(staged_bias(), staged_bias_at(), p.bias.ptr, bias_head,
+                                            p.bias.row_stride, n0, keys);
+      } else {
+        stage_rows<Traits::kBias16Pitch, 2>(staged_bias(), staged_bias_at(), p.bias.ptr, bias_head,
+                                            p.bias.row_stride, n0, keys);
+      }
+    }
   }
 
   // Whether some row of the tile starting at slot n0 cannot see some key of it (a window edge, the causal diagonal, a
@@ -221,6 +270,53 @@ struct ScoreOperands {
   }
 
  private:
+  // The staged tiles, at fixed offsets of the kernel's shared memory (no registers hold their addresses).
+  static __device__ __forceinline__ char* smem_base() {
+    extern __shared__ __align__(128) char smem_raw[];
+    return smem_raw;
+  }
+  static __device__ __forceinline__ uint8_t* staged_mask() {
+    return reinterpret_cast<uint8_t*>(smem_base() + offsetof(typename Traits::SharedStorage, op_mask));
+  }
+  static __device__ __forceinline__ char* staged_bias() {
+    return smem_base() + offsetof(typename Traits::SharedStorage, op_bias);
+  }
+  static __device__ __forceinline__ uint8_t* staged_mask_at() {
+    return reinterpret_cast<uint8_t*>(smem_base() + offsetof(typename Traits::SharedStorage, op_mask_at));
+  }
+  static __device__ __forceinline__ uint8_t* staged_bias_at() {
+    return reinterpret_cast<uint8_t*>(smem_base() + offsetof(typename Traits::SharedStorage, op_bias_at));
+  }
+  // stage() for one operand of kSize-byte elements: rows [0, c.rows) of the tile, keys [n0, n0 + keys), into rows of
+  // kPitch bytes at dst, each row's offset in its first chunk into at[row]. kLanes threads share a row (a power of
+  // two that covers its kBlockN kSize / 16 + 1 chunks); each copies its chunk of every kThreads / kLanes-th row.
+  template <int kPitch, int kSize>
+  __device__ __forceinline__ void stage_rows(char* dst, uint8_t* at, const void* src, int64_t head,
+                                             int64_t row_stride, int n0, int keys) const {
+    constexpr int kChunks = kBlockN * kSize / 16 + 1;
+    constexpr int kLanes = kChunks <= 2 ? 2 : kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;
+    constexpr int kRowStep = Traits::kThreads / kLanes;
+    static_assert(kChunks * 16 <= kPitch && Traits::kBlockM % kRowStep == 0, "a row's chunks fit its pitch");
+    const int chunk = threadIdx.x % kLanes, r0 = threadIdx.x / kLanes, run = keys * kSize;
+    uintptr_t from = reinterpret_cast<uintptr_t>(src) +
+                     (head + (static_cast<int64_t>(c.q_start) + c.m0 + r0) * row_stride + n0) * kSize;
+    const int64_t step = row_stride * kSize * kRowStep;
+#pragma unroll
+    for (int r = r0; r < Traits::kBlockM; r += kRowStep, from += step) {
+      if (r >= c.rows || chunk >= kChunks) continue;
+      const int offset = static_cast<int>(from & 15);
+      if (chunk == 0) at[r] = static_cast<uint8_t>(offset);
+      const int valid = min(max(offset + run - chunk * 16, 0), 16);
+      cp_async_chunk(dst + r * kPitch + chunk * 16,
+                     valid > 0 ? reinterpret_cast<const void*>((from & ~uintptr_t{15}) + chunk * 16) : src, valid);
+    }
+  }
+  // A 16-byte cp.async that reads src_bytes (0-16) of it and zero-fills the rest.
+  static __device__ __forceinline__ void cp_async_chunk(void* smem, const void* gmem, int src_bytes) {
+    const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to), "l"(gmem), "r"(src_bytes));
+  }
+
   // Tiles every row sees whole take the scale and a key-side bias (or nothing: raw_scores); others per_tile().
   // read_mask: the tile's query-side mask must be read (false where the block map shows it all True).
   template <typename PerElement>
@@ -341,6 +437,51 @@ struct ScoreOperands {
     }
   }
 
+  // Pass 2 from the staged tiles: shared-memory reads of each element this thread holds.
+  __device__ __forceinline__ void staged_operands(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
+                                                  const int (&low)[kMTiles][2], const int (&limit)[kMTiles][2],
+                                                  bool read_mask, bool bias32, int warp_row0, int g, int t) const {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = warp_row0 + mt * 16 + g + half * 8;
+        if (r >= c.rows) continue;  // limit 0: every key of it is hidden already (and the row was not staged)
+        // Each row's run starts at its offset in its first chunk (any byte for masks; 16-bit and fp32 biases are
+        // aligned to their size, so each element is one aligned read). Offsets are below 16: a row's reads stay
+        // within its pitch.
+        const uint8_t* mask_row =
+            staged_mask() + r * Traits::kMaskPitch + (read_mask ? staged_mask_at()[r] & 15 : 0);
+        const char* bias_row = staged_bias() + r * (bias32 ? Traits::kBias32Pitch : Traits::kBias16Pitch) +
+                               (query_bias ? staged_bias_at()[r] & 15 : 0);
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+          const int col = nt * 8 + 2 * t;
+          const uint8_t shown[2] = {read_mask ? mask_row[col] : uint8_t{1},
+                                    read_mask ? mask_row[col + 1] : uint8_t{1}};
+          uint32_t bits[2] = {0u, 0u};
+          if (query_bias) {
+#pragma unroll
+            for (int e2 = 0; e2 < 2; ++e2) {
+              bits[e2] = bias32 ? reinterpret_cast<const uint32_t*>(bias_row)[col + e2]
+                                : reinterpret_cast<const uint16_t*>(bias_row)[col + e2];
+            }
+          }
+#pragma unroll
+          for (int e2 = 0; e2 < 2; ++e2) {
+            float& x = s[mt][nt][2 * half + e2];
+            const int pos = key_pos[col + e2];
+            if (pos < low[mt][half] || pos >= limit[mt][half]) continue;  // hidden: x is -inf already
+            if (shown[e2] == 0) {
+              x = -INFINITY;  // hidden by the mask: its bias is not used (it may be NaN)
+            } else if (query_bias) {
+              x += bias_from_bits(p.bias.dtype, bits[e2]);
+            }
+          }
+        }
+      }
+  }
+
   // Pass 2, query-side operands only, on the keys pass 1 left visible (in [low, limit): in bounds). A score that is
   // -inf by itself (an inf in k) still takes its bias: -inf + NaN or + inf is NaN, as the contract says.
   __device__ __forceinline__ void query_operands(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
@@ -348,6 +489,10 @@ struct ScoreOperands {
                                                  bool read_mask, int warp_row0, int g, int t) const {
     if (!read_mask && !query_bias) return;
     const bool bias32 = query_bias && p.bias.dtype == ScalarType::kFloat32;
+    if (staged) {
+      staged_operands(s, key_pos, low, limit, read_mask, bias32, warp_row0, g, t);
+      return;
+    }
     const uint8_t* mask = static_cast<const uint8_t*>(p.mask.ptr);
     // Row by row (a thread's 2 kNTiles elements of it), a batch of elements at a time: every mask and bias load of the
     // batch is issued before any is used, where a load, a test and a dependent load per element left a thread waiting
@@ -364,12 +509,12 @@ struct ScoreOperands {
         const int64_t mask_row = read_mask ? mask_head + qrow * p.mask.row_stride : 0;  // row_start(qrow, c.h)
         const int64_t bias_row = query_bias ? bias_head + qrow * p.bias.row_stride : 0;
         // kLoadTiles n8 tiles (2 kLoadTiles elements, 4 kLoadTiles loads) at a time: all kNTiles at once held the
-        // query-side prefill variant past 255 registers at head dim 128 (spills), four do on sm_80 (16 bytes), and
-        // two at head dim 256 there (20 bytes more than one).
+        // query-side prefill variant past 255 registers at head dim 128 (spills); beside the staged path's copies,
+        // two spill on sm_80 at head dims 128 and 256 (20 bytes) and four on sm_90 at 256 (12 bytes).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        constexpr int kWanted = 4;
+        constexpr int kWanted = Traits::kHeadDim >= 256 ? 1 : 4;
 #else
-        constexpr int kWanted = Traits::kHeadDim >= 256 ? 1 : 2;
+        constexpr int kWanted = Traits::kHeadDim >= 128 ? 1 : 2;
 #endif
         constexpr int kLoadTiles = kNTiles >= kWanted ? kWanted : kNTiles;
         static_assert(kNTiles % kLoadTiles == 0, "whole batches of n8 tiles");

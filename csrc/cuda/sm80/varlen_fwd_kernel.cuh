@@ -10,6 +10,7 @@
 // One CTA computes one query tile (kBlockM rows) of one query head of one sequence, walking its key slots in tiles
 // of kBlockN. Per KV tile (the V load overlaps Q K^T, the next K load overlaps softmax + P V):
 //   wait K -> issue V load -> S = Q K^T -> score operands -> wait V, issue next K -> online softmax -> O += P V
+// (the query-side variant copies the next tile's operand rows with its K: ScoreOperands::stage)
 // Measured design notes (tile shapes tried, what did and did not pay): benchmarks/results/NOTES.md.
 #pragma once
 
@@ -45,7 +46,9 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
   TileContext c;
   if (!VarlenTileScheduler<kBlockM>::template tile<Traits::kKeyRanges>(p, keys, seq0, lane, c)) return;
   const int n_tiles = (c.slots_end + kBlockN - 1) / kBlockN;
-  const ScoreOperands<Traits> ops(p, c, blocks);
+  // Query-side operand tiles are staged in shared memory up to head dim 128 (Traits::kStagedOperands): at 256 (O
+  // alone 128 registers) the copies of the next tile beside the scores spilled.
+  const ScoreOperands<Traits> ops(p, c, blocks, Traits::kStagedOperands);
   KvTiles<Traits> kv(p, c, smem);
   if constexpr (Traits::kKeyRanges) {  // visible before its first use: the barriers ahead of every ops.apply
     if (p.key_range != nullptr) {
@@ -59,13 +62,20 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
 
   // ---- Prologue: Q tile, the metadata and K tile of the first live KV tile ----
   kv.load_q();
-  int n = ops.next_live(c.first_tile(kBlockN), n_tiles), buf = 0;
+  // The block map's state of tile n (ScoreOperands::mask_state): where operands are staged it comes with the tile
+  // from next_live, one tile ahead (stage() needs it), and is carried; elsewhere it is found in the tile's own
+  // iteration (a register less through softmax and P V).
+  uint8_t mask_state = ops.kUndecided;
+  int n = Traits::kStagedOperands ? ops.next_live(c.first_tile(kBlockN), n_tiles, mask_state)
+                                  : ops.next_live(c.first_tile(kBlockN), n_tiles);
+  int buf = 0;
   if (n < n_tiles) {
     kv.fetch_pos(n);
     kv.fetch_bias();
     kv.store(buf);
     __syncthreads();  // the gather reads the positions
     kv.load_k(n, buf);
+    ops.stage(n, mask_state);
   }
   cute::cp_async_fence();
 
@@ -94,9 +104,11 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     __syncthreads();  // K tile n (and Q) landed; every warp is done with V and the metadata of the previous tile
     kv.load_v(n, buf);
     cute::cp_async_fence();
-    const int next = ops.next_live(n + 1, n_tiles);
+    uint8_t next_state = ops.kUndecided;
+    const int next =
+        Traits::kStagedOperands ? ops.next_live(n + 1, n_tiles, next_state) : ops.next_live(n + 1, n_tiles);
     if (next < n_tiles) kv.fetch_pos(next);  // issued now, consumed after Q K^T
-    const uint8_t mask_state = ops.mask_state(n0);  // likewise
+    if constexpr (!Traits::kStagedOperands) mask_state = ops.mask_state(n0);  // likewise
 
     // ---- S = Q K^T: s[mt][nt] is the m16n8 fragment (rows warp_row0 + 16 mt, slots 8 nt) ----
     float s[kMTiles][kNTiles][4];
@@ -112,7 +124,10 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     }
     cute::cp_async_wait<0>();
     __syncthreads();  // V tile n landed; every warp is done with K tile n; the next tile's metadata is visible
-    if (next < n_tiles) kv.load_k(next, buf ^ 1);
+    if (next < n_tiles) {
+      kv.load_k(next, buf ^ 1);
+      ops.stage(next, next_state);  // free: every warp's pass 2 of this tile is done
+    }
     cute::cp_async_fence();
     const bool v_fix = ops.hides_keys(n0) && tile_has_nonfinite<Traits>(smem.v);
     if (v_fix) {
@@ -128,6 +143,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     accumulate_pv<Traits>(o, s, v_lane, 0);
     buf ^= 1;
     n = next;
+    mask_state = next_state;
   }
   cute::cp_async_wait<0>();
 
