@@ -7,6 +7,7 @@ Build knobs (all optional; see README "Build knobs"):
   DMATTN_CUTLASS_DIR  a CUTLASS include directory (holding cute/ and cutlass/); default: the nvidia-cutlass package
   MAX_JOBS            parallel compile jobs (ninja; the kernel files default to one per core)
   NVCC_THREADS        nvcc --threads, default 4
+  DMATTN_NVCC_FLAGS   more nvcc flags for every CUDA file, space-separated (e.g. -lineinfo for ncu's source view)
 
 A CUDA build compiles csrc/cuda's hand-written files and the generated registry through torch's CUDAExtension (one
 nvcc flag set for all, with the gencodes of DMATTN_CUDA_ARCHS) and the generated kernel files itself, each with its
@@ -113,15 +114,24 @@ class BuildExtensionWithKernels(BuildExtension):
         super().build_extension(ext)
 
 
-def kernel_objects(archs, std, include_dirs, threads):
+def user_nvcc_flags():
+    """DMATTN_NVCC_FLAGS, split on spaces: added to every nvcc command (the kernel files and the hand-written ones)."""
+    flags = os.environ.get("DMATTN_NVCC_FLAGS", "").split()
+    if flags:
+        log(f"extra nvcc flags from DMATTN_NVCC_FLAGS: {' '.join(flags)}")
+    return flags
+
+
+def kernel_objects(archs, std, include_dirs, common):
     """Renders the instantiation files and the registry, writes the ninja file that compiles each instantiation with
-    its arch path's flags, and returns (registry .cu, kernel .o list)."""
+    its arch path's flags and the common ones (nvcc --threads, DMATTN_NVCC_FLAGS), and returns (registry .cu, kernel
+    .o list)."""
     instantiations = kernel_matrix.built(archs)
     files, registry = kernel_matrix.render(GENERATED, instantiations)
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
     # Kernel files are torch-free, so no torch include dirs; -fPIC and the C++ ABI as torch compiles the rest, and
     # CC as nvcc's host compiler where it is set, as torch's own nvcc calls do.
-    extra = ["-Xcompiler", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", threads]
+    extra = ["-Xcompiler", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *common]
     if os.environ.get("CC"):
         extra += ["-ccbin", os.environ["CC"]]
     flags, sources = {}, {}
@@ -171,14 +181,14 @@ def extension():
     archs = kernel_matrix.parse_archs(os.environ.get("DMATTN_CUDA_ARCHS", kernel_matrix.DEFAULT_CUDA_ARCHS))
     std = torch_cxx_std()
     include_dirs = [cutlass_include(), str(ROOT / "csrc")]
-    threads = f"--threads={os.environ.get('NVCC_THREADS', '4')}"
+    common = [f"--threads={os.environ.get('NVCC_THREADS', '4')}", *user_nvcc_flags()]
     log(f"building CPU + CUDA backends: archs {archs}, C++{std}")
-    registry, objects = kernel_objects(archs, std, include_dirs, threads)
+    registry, objects = kernel_objects(archs, std, include_dirs, common)
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     sources.append(str(registry.relative_to(ROOT)))
     # The global flags of the hand-written CUDA files and the registry (torch adds the include dirs; its -std is std).
-    nvcc = kernel_matrix.nvcc_flags(archs, std, []) + [threads]
+    nvcc = kernel_matrix.nvcc_flags(archs, std, []) + common
     write_build_config(["cpu", "cuda"], archs)
     return CUDAExtension(
         "dmattn_ops._C",
