@@ -7,7 +7,7 @@ Build knobs (all optional; see README "Build knobs"):
   DMATTN_CUTLASS_DIR  a CUTLASS include directory (holding cute/ and cutlass/); default: the nvidia-cutlass package
   MAX_JOBS            parallel compile jobs (ninja; the kernel files default to one per core)
   NVCC_THREADS        nvcc --threads, default 4
-  DMATTN_NVCC_FLAGS   more nvcc flags for every CUDA file, space-separated (e.g. -lineinfo for ncu's source view)
+  DMATTN_NVCC_FLAGS   more nvcc flags for every CUDA file, space-separated (e.g. -Xptxas=-v, -G)
 
 A CUDA build compiles csrc/cuda's hand-written files and the generated registry through torch's CUDAExtension (one
 nvcc flag set for all, with the gencodes of DMATTN_CUDA_ARCHS) and the generated kernel files itself, each with its

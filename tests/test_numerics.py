@@ -406,6 +406,37 @@ def test_hidden_keys_never_influence_a_row(case, fill, dtype, device):
     assert torch.equal(want[1].cpu()[clean], got[1].cpu()[clean]), "lse of a row changed likewise"
 
 
+# 16-bit patterns of non-finite values: every sign, a quiet NaN, the NaN with the lowest payload (exponent all ones,
+# mantissa 1: the one a test of the exponent alone must still catch), and an all-ones NaN.
+_NONFINITE_BITS = {
+    torch.bfloat16: {"+inf": 0x7F80, "-inf": 0xFF80, "nan": 0x7FC0, "nan_payload_1": 0x7F81, "nan_all_ones": 0xFFFF},
+    torch.float16: {"+inf": 0x7C00, "-inf": 0xFC00, "nan": 0x7E00, "nan_payload_1": 0x7C01, "nan_all_ones": 0xFFFF},
+}
+
+
+@pytest.mark.parametrize("column", [0, 1, 62, 63])
+@pytest.mark.parametrize("value", ["+inf", "-inf", "nan", "nan_payload_1", "nan_all_ones"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_one_nonfinite_v_element_of_a_hidden_key(dtype, value, column, device):
+    """Causal, two queries and two keys: query 0 cannot see key 1, whose V holds one inf or NaN, in an even or an odd
+    column (the low or the high half of a 32-bit word: the CUDA kernels test two 16-bit elements at once when they
+    scan a tile's V). Query 0's row stays exactly key 0's V; query 1, which sees key 1, is not compared."""
+    spec = Spec("one_nonfinite_v", seqlens_q=(2,), seqlens_k=(2,), heads=1, heads_k=1, head_dim=64, is_causal=True)
+    _skip_unsupported(spec, dtype, device)
+    v = torch.tensor([[0.5] * 64, [2.0] * 64]).to(dtype)
+    v.view(torch.int16)[1, column] = torch.tensor(_NONFINITE_BITS[dtype][value], dtype=torch.int32).to(torch.int16)
+    assert not v[1, column].isfinite(), "test set-up: the element is not finite"
+    sample = Sample(
+        spec=spec, q=torch.zeros(2, 1, 64, dtype=dtype, device=device),
+        k=torch.zeros(2, 1, 64, dtype=dtype, device=device), v=v.view(2, 1, 64).to(device),
+        cu_seqlens_q=dmattn_ops.cu_seqlens([2], device=device), cu_seqlens_k=dmattn_ops.cu_seqlens([2], device=device),
+        max_seqlen_q=2, max_seqlen_k=2, is_causal=True,
+    )
+    out, lse = (t.cpu() for t in sample.run())
+    assert (out[0] == 0.5).all(), f"query 0 cannot see key 1: exactly key 0's V, got {out[0, 0, :4].tolist()}"
+    assert lse[0, 0].item() == 0.0, f"query 0 sees one key of score 0: lse 0, got {lse[0, 0].item()}"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_finite_v_of_a_key_weighing_almost_nothing(dtype, device):
     """Causal, two queries and two keys: query 1 sees key 1, whose score is 75 below key 0's (weight e^-75, about

@@ -236,6 +236,9 @@ struct ScoreOperands {
             limit[mt][half] = min(limit[mt][half], row_range[r][1]);
           }
         }
+      if constexpr (Traits::kQueryOperands) {
+        if (staged) return staged_scores(s, key_pos, slot_bias, low, limit, read_mask, warp_row0, g, t);
+      }
       per_element_any(s, key_pos, slot_bias, low, limit, t);
       if constexpr (Traits::kQueryOperands) query_operands(s, key_pos, low, limit, read_mask, warp_row0, g, t);
     });
@@ -348,7 +351,11 @@ struct ScoreOperands {
   __device__ __forceinline__ void per_element_any(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
                                                   const float* slot_bias, const int (&low)[kMTiles][2],
                                                   const int (&limit)[kMTiles][2], int t) const {
-    float mul = scale;
+    per_element(s, key_pos, slot_bias, low, limit, t, cap_first(s));
+  }
+  // The softcap's pass, where the call has one: caps scale * x in place and returns 1, the multiplier left for the
+  // scores; else returns the scale.
+  __device__ __forceinline__ float cap_first(float (&s)[kMTiles][kNTiles][4]) const {
     if (p.softcap > 0.f) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
@@ -356,9 +363,9 @@ struct ScoreOperands {
         for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[mt][nt][e] = capped(s[mt][nt][e] * scale);
-      mul = 1.f;
+      return 1.f;
     }
-    per_element(s, key_pos, slot_bias, low, limit, t, mul);
+    return scale;
   }
 
   __device__ __forceinline__ void per_element(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
@@ -437,48 +444,64 @@ struct ScoreOperands {
     }
   }
 
-  // Pass 2 from the staged tiles: shared-memory reads of each element this thread holds.
-  __device__ __forceinline__ void staged_operands(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
-                                                  const int (&low)[kMTiles][2], const int (&limit)[kMTiles][2],
-                                                  bool read_mask, bool bias32, int warp_row0, int g, int t) const {
+  // Passes 1 and 2 in one for a staged tile: x = mul x + the key-side bias + the query-side term where the row sees
+  // the key by position and the mask shows it, else -inf; the terms read from the staged tiles in shared memory. One
+  // copy of the loop per bias kind (none, q's dtype, fp32), no branch per element: run BK's source profile had a
+  // switch on the bias dtype and a branch around each hidden element's bias in every element's path (pass 2 was ~30%
+  // of the query-side tile's instructions) and the position test done twice, once per pass.
+  static constexpr int kNoBias = 0, kBias16 = 1, kBias32 = 2;
+  __device__ __forceinline__ void staged_scores(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
+                                                const float* slot_bias, const int (&low)[kMTiles][2],
+                                                const int (&limit)[kMTiles][2], bool read_mask, int warp_row0, int g,
+                                                int t) const {
+    const float mul = cap_first(s);
+    if (!query_bias) {
+      staged_pass<kNoBias>(s, key_pos, slot_bias, low, limit, read_mask, mul, warp_row0, g, t);
+    } else if (p.bias.dtype == ScalarType::kFloat32) {
+      staged_pass<kBias32>(s, key_pos, slot_bias, low, limit, read_mask, mul, warp_row0, g, t);
+    } else {
+      staged_pass<kBias16>(s, key_pos, slot_bias, low, limit, read_mask, mul, warp_row0, g, t);
+    }
+  }
+  template <int kBias>
+  __device__ __forceinline__ void staged_pass(float (&s)[kMTiles][kNTiles][4], const int32_t* key_pos,
+                                              const float* slot_bias, const int (&low)[kMTiles][2],
+                                              const int (&limit)[kMTiles][2], bool read_mask, float mul,
+                                              int warp_row0, int g, int t) const {
+    // Each row's run starts at its offset in its first chunk (any byte for masks; 16-bit and fp32 biases are aligned
+    // to their size, so each element is one aligned read). Offsets are below 16: a row's reads stay within its
+    // pitch. Rows past the tile's last (not staged) read stale bytes of their pitch and discard them (limit 0): their
+    // offsets are stale too, hence the bias offset's low bits cleared (an odd one misaligned the read).
+    const uint8_t* mask_row[kMTiles][2];
+    const char* bias_row[kMTiles][2];
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int r = warp_row0 + mt * 16 + g + half * 8;
-        if (r >= c.rows) continue;  // limit 0: every key of it is hidden already (and the row was not staged)
-        // Each row's run starts at its offset in its first chunk (any byte for masks; 16-bit and fp32 biases are
-        // aligned to their size, so each element is one aligned read). Offsets are below 16: a row's reads stay
-        // within its pitch.
-        const uint8_t* mask_row =
-            staged_mask() + r * Traits::kMaskPitch + (read_mask ? staged_mask_at()[r] & 15 : 0);
-        const char* bias_row = staged_bias() + r * (bias32 ? Traits::kBias32Pitch : Traits::kBias16Pitch) +
-                               (query_bias ? staged_bias_at()[r] & 15 : 0);
+        mask_row[mt][half] = staged_mask() + r * Traits::kMaskPitch + (read_mask ? staged_mask_at()[r] & 15 : 0);
+        bias_row[mt][half] = staged_bias() + r * (kBias == kBias32 ? Traits::kBias32Pitch : Traits::kBias16Pitch) +
+                             (kBias != kNoBias ? staged_bias_at()[r] & (kBias == kBias32 ? 12 : 14) : 0);
+      }
 #pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
-          const int col = nt * 8 + 2 * t;
-          const uint8_t shown[2] = {read_mask ? mask_row[col] : uint8_t{1},
-                                    read_mask ? mask_row[col + 1] : uint8_t{1}};
-          uint32_t bits[2] = {0u, 0u};
-          if (query_bias) {
+    for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
-            for (int e2 = 0; e2 < 2; ++e2) {
-              bits[e2] = bias32 ? reinterpret_cast<const uint32_t*>(bias_row)[col + e2]
-                                : reinterpret_cast<const uint16_t*>(bias_row)[col + e2];
-            }
-          }
+      for (int e2 = 0; e2 < 2; ++e2) {
+        const int col = nt * 8 + 2 * t + e2, pos = key_pos[col];
+        const float kb = slot_bias[col];
 #pragma unroll
-          for (int e2 = 0; e2 < 2; ++e2) {
+        for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            float term = 0.f;
+            if constexpr (kBias == kBias32) term = reinterpret_cast<const float*>(bias_row[mt][half])[col];
+            if constexpr (kBias == kBias16) term = term16(reinterpret_cast<const uint16_t*>(bias_row[mt][half])[col]);
+            const bool shown = pos >= low[mt][half] && pos < limit[mt][half] && (!read_mask || mask_row[mt][half][col]);
+            // A key the mask hides takes -inf whatever its bias (which may be NaN); a score that is -inf by itself
+            // (an inf in k) still takes its bias: -inf + NaN or + inf is NaN, as the contract says.
             float& x = s[mt][nt][2 * half + e2];
-            const int pos = key_pos[col + e2];
-            if (pos < low[mt][half] || pos >= limit[mt][half]) continue;  // hidden: x is -inf already
-            if (shown[e2] == 0) {
-              x = -INFINITY;  // hidden by the mask: its bias is not used (it may be NaN)
-            } else if (query_bias) {
-              x += bias_from_bits(p.bias.dtype, bits[e2]);
-            }
+            x = shown ? x * mul + kb + term : -INFINITY;
           }
-        }
       }
   }
 
@@ -489,10 +512,6 @@ struct ScoreOperands {
                                                  bool read_mask, int warp_row0, int g, int t) const {
     if (!read_mask && !query_bias) return;
     const bool bias32 = query_bias && p.bias.dtype == ScalarType::kFloat32;
-    if (staged) {
-      staged_operands(s, key_pos, low, limit, read_mask, bias32, warp_row0, g, t);
-      return;
-    }
     const uint8_t* mask = static_cast<const uint8_t*>(p.mask.ptr);
     // Row by row (a thread's 2 kNTiles elements of it), a batch of elements at a time: every mask and bias load of the
     // batch is issued before any is used, where a load, a test and a dependent load per element left a thread waiting
