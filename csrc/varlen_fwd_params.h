@@ -19,8 +19,10 @@
 
 #if defined(__CUDACC__)
 #define DMATTN_HOST_DEVICE __host__ __device__ __forceinline__
+#define DMATTN_UNROLL _Pragma("unroll")  // in DMATTN_HOST_DEVICE code, which host compilers also see (-Wunknown-pragmas)
 #else
 #define DMATTN_HOST_DEVICE inline
+#define DMATTN_UNROLL
 #endif
 
 namespace dmattn {

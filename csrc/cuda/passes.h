@@ -172,16 +172,16 @@ struct BlockMap {
     const int cb0 = j0 / kCols, cb1 = (j1 - 1) / kCols;
     const uint8_t* line = state + (static_cast<int64_t>(hm) * row_blocks + rb0) * col_blocks + cb0;
     uint8_t v[2][kColBlocks];
-#pragma unroll
+    DMATTN_UNROLL
     for (int i = 0; i < 2; ++i)
-#pragma unroll
+      DMATTN_UNROLL
       for (int j = 0; j < kColBlocks; ++j) {
         v[i][j] = rb0 + i <= rb1 && cb0 + j <= cb1 ? line[i * col_blocks + j] : 0;
       }
     uint8_t s = 0;
-#pragma unroll
+    DMATTN_UNROLL
     for (int i = 0; i < 2; ++i)
-#pragma unroll
+      DMATTN_UNROLL
       for (int j = 0; j < kColBlocks; ++j) s |= v[i][j];
     return s;
   }
