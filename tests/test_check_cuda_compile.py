@@ -48,3 +48,35 @@ def test_divisions_inside_loops_are_listed_by_source_line():
 def test_ptx_flags_keep_one_virtual_arch():
     flags = ["-O3", "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80", "-Icsrc"]
     assert ccc.ptx_flags(flags) == ["-O3", "-Icsrc", "-arch=compute_90a"]
+
+
+# A `cuobjdump -sass` text: two kernels for sm_90, one for sm_80, instruction lines with and without a predicate, and
+# the encoding lines between them (no opcode) that must not count.
+SASS = textwrap.dedent("""
+    Fatbin elf code:
+    ================
+    arch = sm_90
+    \tcode for sm_90
+    \t\tFunction : first
+    \t.headerflags\t@"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+            /*0000*/                   LDC R1, c[0x0][0x28] ;                 /* 0x00000a00ff017b82 */
+                                                                              /* 0x000ff00000000800 */
+            /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;  /* 0x000000000c04723c */
+            /*0020*/              @!P0 BRA 0x80 ;                             /* 0x0000000000008947 */
+            /*0030*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R6.64] ;
+            /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+            /*0050*/              @UP1 BRA 0x10 ;
+    \t\tFunction : second
+            /*0000*/                   EXIT ;
+    \tcode for sm_80
+    \t\tFunction : first
+            /*0000*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ ;
+            /*0010*/                   SYNCS.ARRIVE.TRANS64 RZ, [UR4] ;
+    """)
+
+
+def test_sass_counts_per_arch_and_kernel():
+    counts = ccc.sass_counts(SASS)
+    assert counts[("sm_90", "first")] == {"instructions": 6, "mma": 1, "cp.async": 1, "branch": 2, "barrier": 1}
+    assert counts[("sm_90", "second")] == {"instructions": 1, "mma": 0, "cp.async": 0, "branch": 0, "barrier": 0}
+    assert counts[("sm_80", "first")] == {"instructions": 2, "mma": 1, "cp.async": 0, "branch": 0, "barrier": 1}

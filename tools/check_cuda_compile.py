@@ -3,6 +3,7 @@
     python tools/check_cuda_compile.py                      # one instantiation per arch path + registry + run kernels
     python tools/check_cuda_compile.py --all --arch 80 90   # every instantiation of tools/kernel_matrix.py
     python tools/check_cuda_compile.py --arch 90 --divisions  # also: integer divisions inside kernels' loops
+    python tools/check_cuda_compile.py --arch 90 --sass --only sm80_bfloat16_hd128  # SASS instruction counts
 
 --arch plays DMATTN_CUDA_ARCHS: each file gets the flags the build gives it (kernel_matrix.nvcc_flags), so the sm80
 instantiations are compiled for every listed arch, the sm90a ones for sm_90a when 90 is listed, and the registry and
@@ -10,8 +11,10 @@ csrc/cuda/*.cu for every listed arch. One instantiation per arch path is bfloat1
 its first.
 
 CuTe / CUTLASS headers come from DMATTN_CUTLASS_DIR (an include directory holding cute/ and cutlass/) or from the
-nvidia-cutlass package (cutlass_library/source/include). Exit status: 0 compiled, 1 a compile error, 2 a missing tool
-or header (with what is needed), or 0 with a notice when nvcc is absent and --require-nvcc is not given.
+nvidia-cutlass package (cutlass_library/source/include). --sass reads the objects back with cuobjdump: CUDA_HOME's,
+PATH's, or the nvidia-cuda-cuobjdump package's (`pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`:
+development tools, no dependency of the library). Exit status: 0 compiled, 1 a compile error, 2 a missing tool or header (with what is
+needed), or 0 with a notice when nvcc is absent and --require-nvcc is not given.
 """
 
 from __future__ import annotations
@@ -60,6 +63,13 @@ def main() -> int:
     ap.add_argument("--divisions", action="store_true",
                     help="also compile each file to PTX for the first --arch and list, per kernel, the source lines of "
                          "the integer divisions and remainders inside its loops (a report: it fails nothing)")
+    ap.add_argument("--sass", action="store_true",
+                    help="print each kernel's SASS instruction count per sm arch (cuobjdump), with its MMAs, cp.async "
+                         "copies, branches and barriers: a compile-only patch's instruction budget, to compare two "
+                         "trees where a GPU profile is not at hand (counts are static: a loop body counts once)")
+    ap.add_argument("--only", metavar="TEXT",
+                    help="only the instantiation files whose name holds TEXT (e.g. sm80_bfloat16_hd128), and no "
+                         "hand-written file or registry")
     ap.add_argument("--require-nvcc", action="store_true", help="fail (exit 2) instead of skipping without nvcc")
     args = ap.parse_args()
 
@@ -75,6 +85,11 @@ def main() -> int:
         )
         return 2
 
+    cuobjdump = find_cuobjdump() if args.sass else None
+    if args.sass and cuobjdump is None:
+        print("check_cuda_compile: --sass needs cuobjdump and nvdisasm: set CUDA_HOME to a toolkit that has them, or "
+              "`pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`")
+        return 2
     archs = [a for text in args.arch for a in kernel_matrix.parse_archs(text)]  # "80 90" or "80;90"
     built = kernel_matrix.built(archs)
     includes = [include, ROOT / "csrc"]
@@ -87,6 +102,8 @@ def main() -> int:
                 built_with = f"--arch {path.built_with}"
                 why = "no instantiations (an empty slot)" if path.codes(archs) else f"not built without {built_with}"
                 print(f"check_cuda_compile: [{path.name}] {why}")
+            elif args.only:
+                mine = [i for i in mine if args.only in Path(files[i]).name]
             elif not args.all:
                 mine = [i for i in mine if i[1:] == ("bfloat16", 128)] or mine[:1]
             flags = kernel_matrix.nvcc_flags(archs, args.std, includes, path.name)
@@ -94,7 +111,7 @@ def main() -> int:
         # The hand-written files and the registry go through torch's CUDAExtension, which adds its own nvcc flags
         # (no implicit half / bfloat16 conversions or operators): compile them with those too.
         global_flags = kernel_matrix.nvcc_flags(archs, args.std, includes) + torch_nvcc_flags()
-        for src in [registry, *sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]:
+        for src in [] if args.only else [registry, *sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]:
             jobs.append(("global", src, global_flags))
         failed = 0
         for label, src, flags in jobs:
@@ -112,6 +129,15 @@ def main() -> int:
                 print(f"    {line}")
             if args.registers:
                 report(result.stderr)
+            if cuobjdump is not None and result.returncode == 0:
+                # cuobjdump runs nvdisasm, which the packages install beside it
+                env = {**os.environ, "PATH": f"{Path(cuobjdump).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+                dump = subprocess.run([cuobjdump, "-sass", cmd[-1]], capture_output=True, text=True, env=env)
+                if dump.returncode != 0:
+                    print(f"    cuobjdump failed: {dump.stderr.strip()}")
+                for (arch, kernel), counts in sass_counts(dump.stdout).items():
+                    classes = "  ".join(f"{name} {n}" for name, n in counts.items() if name != "instructions")
+                    print(f"    {arch:6s} {counts['instructions']:>6d} instructions  {classes}  {kernel}")
             if args.divisions and result.returncode == 0:
                 ptx = Path(tmp) / (Path(src).stem + ".ptx")
                 ptx_cmd = [nvcc, *ptx_flags(flags), "-ptx", str(src), "-o", str(ptx)]
@@ -120,6 +146,45 @@ def main() -> int:
                         where = ", ".join(f"{at} x{n}" for at, n in sorted(lines.items()))
                         print(f"    divisions in loops: {kernel[:100]}: {where}")
     return 1 if failed else 0
+
+
+def find_cuobjdump() -> str | None:
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and (Path(candidate) / "bin" / "cuobjdump").is_file():
+            return str(Path(candidate) / "bin" / "cuobjdump")
+    if found := shutil.which("cuobjdump"):
+        return found
+    try:  # the nvidia-cuda-cuobjdump wheel: site-packages/nvidia/cu<major>/bin/cuobjdump
+        import nvidia
+    except ImportError:
+        return None
+    for base in getattr(nvidia, "__path__", []):
+        for path in sorted(Path(base).glob("cu*/bin/cuobjdump"), reverse=True):
+            return str(path)
+    return None
+
+
+# Instruction classes --sass counts beside the total: (label, opcode prefixes).
+SASS_CLASSES = [("mma", ("HMMA", "HGMMA")), ("cp.async", ("LDGSTS", "UBLKCP", "UTMALDG")), ("branch", ("BRA",)),
+                ("barrier", ("BAR", "SYNCS"))]
+
+
+def sass_counts(dump: str) -> dict:
+    """{(sm arch, kernel): {"instructions": n, class: n, ...}} of a `cuobjdump -sass` text: its instruction lines
+    (`/*addr*/  [@pred] OPCODE ...`) under each `Function :` header, the arch from the `code for sm_XX` line above it."""
+    out, arch, key = {}, "?", None
+    for line in dump.splitlines():
+        if m := re.match(r"\s*code for (sm_\w+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function : (\S+)", line):
+            key = (arch, m.group(1))
+            out[key] = {"instructions": 0, **{name: 0 for name, _ in SASS_CLASSES}}
+        elif key and (m := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)):
+            counts = out[key]
+            counts["instructions"] += 1
+            for name, prefixes in SASS_CLASSES:
+                counts[name] += m.group(1).startswith(prefixes)
+    return out
 
 
 def ptx_flags(flags: list) -> list:
