@@ -13,8 +13,8 @@ its first.
 CuTe / CUTLASS headers come from DMATTN_CUTLASS_DIR (an include directory holding cute/ and cutlass/) or from the
 nvidia-cutlass package (cutlass_library/source/include). --sass reads the objects back with cuobjdump: CUDA_HOME's,
 PATH's, or the nvidia-cuda-cuobjdump package's (`pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`:
-development tools, no dependency of the library). Exit status: 0 compiled, 1 a compile error, 2 a missing tool or header (with what is
-needed), or 0 with a notice when nvcc is absent and --require-nvcc is not given.
+development tools, no dependency of the library). Exit status: 0 compiled, 1 a compile error, 2 a missing tool or
+header (with what is needed), or 0 with a notice when nvcc is absent and --require-nvcc is not given.
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ SASS_CLASSES = [("mma", ("HMMA", "HGMMA")), ("cp.async", ("LDGSTS", "UBLKCP", "U
 
 def sass_counts(dump: str) -> dict:
     """{(sm arch, kernel): {"instructions": n, class: n, ...}} of a `cuobjdump -sass` text: its instruction lines
-    (`/*addr*/  [@pred] OPCODE ...`) under each `Function :` header, the arch from the `code for sm_XX` line above it."""
+    (`/*addr*/  [@pred] OPCODE ...`) under each `Function :` header, the arch from the `code for sm_XX` line above
+    it."""
     out, arch, key = {}, "?", None
     for line in dump.splitlines():
         if m := re.match(r"\s*code for (sm_\w+)", line):

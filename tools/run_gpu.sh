@@ -213,7 +213,8 @@ for s in $STAGES; do
       for log in "$LOGDIR"/*.log; do
         [ -f "$log" ] || continue
         echo "--- $(basename "$log" .log)"
-        grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)|ERROR SUMMARY|^=== .*: exit|matched no test|^target:|new / old|^[a-z]+ / " "$log" \
+        grep -E -e "^(FAILED|ERROR) |[0-9]+ (passed|failed)|ERROR SUMMARY|^=== .*: exit|matched no test|^target:" \
+          -e "new / old|^[a-z]+ / " "$log" \
           | tail -n 25
       done
       ;;
