@@ -3,8 +3,8 @@
 # extension in place, print the build, run the tests, compute-sanitizer over the CUDA edge-case tests, benchmark.
 #
 #   tools/run_gpu.sh [STAGE...]      stages: wheels build info test sanitize bench (default: all of them, in order),
-#                                    and prev / compare / host / trees / tree_compare / summary (below); any other STAGE is a Python
-#                                    script to run
+#                                    and prev / compare / host / trees / tree_test / tree_sanitize / tree_compare /
+#                                    pack / summary (below); any other STAGE is a Python script to run
 #
 # Comparing against an earlier build (no workload more than 3% slower, say): carry the earlier commit's sources in
 # .prev/ (git-ignored; `rm -rf .prev && mkdir .prev && git archive COMMIT | tar -x -C .prev`), then
@@ -54,6 +54,14 @@
 # compares each with TREE_BASE (default: the first), $OUT/trees_<name>_vs_<base>.json / .png:
 #   echo "tests/test_sm90a.py tests/test_varlen_fwd.py -k cuda" > .trees/my-branch.tests
 #   TREE_BASE=main TREE_WORKLOADS="dense window" bash tools/run_gpu.sh wheels trees tree_compare summary
+# `tree_test` and `tree_sanitize` then run more pytest arguments (TREE_MORE_TESTS) or the sanitize stage
+# (SANITIZE_FILES / SANITIZE_TESTS) inside each tree that passed but TREE_BASE (or those of TREES_TO_CHECK); `pack`
+# tars $LOGDIR and the compares' per-round JSON into $OUT/logs.tgz and bench.tgz; DEADLINE (seconds) skips the
+# benchmarking stages that would start after it. One call for pending patches, say:
+#   tools/make_trees.sh main new=some_patch   # here, then carry .whl .trees
+#   LOGDIR=/tmp/l DMATTN_CUDA_ARCHS=90 TREE_BASE=main TREE_MORE_TESTS="tests/test_sm90a.py" \
+#     SANITIZE_FILES=tests/test_staged_operands.py SANITIZE_TESTS="cuda and lying" TREE_WORKLOADS="prefill window" \
+#     DEADLINE=420 bash tools/run_gpu.sh wheels trees tree_test tree_sanitize tree_compare pack summary
 # Each stage logs to $LOGDIR/<stage>.log. The device tool returns at most 8 files of $OUT and the last 12,000
 # characters of output: with LOGDIR outside $OUT (say /tmp/l), end with the `summary` stage, which prints each stage's
 # exit line and pytest's / compute-sanitizer's verdicts and failures from every log, and the reply holds them all.
@@ -103,6 +111,17 @@ bench_rounds() {
 }
 
 for s in $STAGES; do
+  # DEADLINE (seconds since this script started): the benchmarking stages that would start after it are skipped, so
+  # a call that ran long still reaches pack and summary inside the device tool's time limit.
+  if [ -n "${DEADLINE:-}" ] && [ "$SECONDS" -ge "$DEADLINE" ]; then
+    case $s in
+      bench | compare | tree_compare | host)
+        echo "=== $s: skipped, the DEADLINE of $DEADLINE s has passed (t = $SECONDS s)"
+        status=1
+        continue
+        ;;
+    esac
+  fi
   case $s in
     wheels)
       if ls "${WHEELS:-.whl}"/*.whl >/dev/null 2>&1; then
@@ -227,6 +246,36 @@ for s in $STAGES; do
       stage sanitize compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
         python3 -m pytest -q --no-header -p no:cacheprovider ${SANITIZE_FILES:-tests/test_varlen_fwd.py} \
         -k "${SANITIZE_TESTS:-cuda and (sample_matches or nan_padding or rows_after or lying)}"
+      ;;
+    tree_sanitize | tree_test)
+      # The sanitize stage (SANITIZE_FILES / SANITIZE_TESTS), or pytest of TREE_MORE_TESTS (shell-quoted pytest
+      # arguments: more tests than the trees stage ran), inside each tree of TREES_TO_CHECK (default: every tree
+      # that passed the trees stage but TREE_BASE), with that tree's build first on PYTHONPATH.
+      mapfile -t ok < <(cat "$LOGDIR/trees_ok" 2>/dev/null)
+      for name in ${TREES_TO_CHECK:-${ok[@]}}; do
+        [ -z "${TREES_TO_CHECK:-}" ] && [ "$name" = "${TREE_BASE:-}" ] && continue
+        abs=$(cd ".trees/$name" && pwd) || { status=1; continue; }
+        if [ "$s" = tree_sanitize ]; then
+          # shellcheck disable=SC2086
+          (cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "sanitize_$name" timeout "${TREE_TIMEOUT:-300}" \
+            compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+            python3 -m pytest -q --no-header -p no:cacheprovider ${SANITIZE_FILES:-tests/test_varlen_fwd.py} \
+            -k "${SANITIZE_TESTS:-cuda and (sample_matches or nan_padding or rows_after or lying)}") || status=1
+        else
+          (cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "more_tests_$name" timeout "${TREE_TIMEOUT:-300}" bash -c \
+            "python3 -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=5 ${TREE_MORE_TESTS:-tests/ -k cuda}") \
+            || status=1
+        fi
+      done
+      ;;
+    pack)
+      # Everything this call made, in two files of $OUT: the device tool returns a few files per call, and the
+      # machine may be gone before the next one. logs.tgz: $LOGDIR; bench.tgz: the compare stages' per-round JSON.
+      tar -czf "$OUT/logs.tgz" -C "$LOGDIR" . 2>/dev/null
+      benches=()
+      for d in dmattn_compare dmattn_tree_compare; do [ -d "/tmp/$d" ] && benches+=("$d"); done
+      [ "${#benches[@]}" -gt 0 ] && tar -czf "$OUT/bench.tgz" -C /tmp "${benches[@]}"
+      echo "=== pack: $(cd "$OUT" && ls)"
       ;;
     bench)
       # shellcheck disable=SC2086
