@@ -13,6 +13,7 @@ import torch
 
 import dmattn_ops
 from samples import Spec, assert_close_to_reference, make_sample, support_reason
+from test_varlen_fwd import LYING, _lying
 
 # auto: the plan's choice; sm80: the sm80 kernels forced; persistent3: the sm90a kernel wherever it can run (narrow
 # windows too), on a persistent grid of 3 CTAs (DMATTN_SM90A_CTAS), so that each CTA walks many units in turn (empty
@@ -232,3 +233,25 @@ def test_nonfinite_v_outside_the_window(dtype, arch):
     assert torch.equal(out[251:], clean[251:])  # their windows start past key 150, in tiles that hold it
     assert out[150:251, 2:4, 5].isnan().all()
     assert torch.equal(out[150:251, 0:2], clean[150:251, 0:2])
+
+
+# Three sequences each (the lies of test_varlen_fwd._lying rewrite three), no mask or bias: the sm90a kernel's calls.
+LYING_SPECS = [
+    Spec("lying_causal", heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(140, 7, 300), is_causal=True),
+    Spec("lying_window", heads=4, heads_k=2, seqlens_q=(300, 1, 200), seqlens_k=(300, 64, 260), window=(64, 0),
+         is_causal=True),
+]
+
+
+@pytest.mark.parametrize("case", LYING)
+@pytest.mark.parametrize("spec", LYING_SPECS, ids=lambda s: s.name)
+def test_cuda_lying_cu_seqlens_stay_in_bounds_on_each_path(spec, case, arch):
+    """cu_seqlens or max_seqlen that break the contract, on the sm90a kernel (a CTA per unit and persistent) and the
+    sm80 one: nothing is read or written out of bounds (compute-sanitizer runs this test: every sequence range is
+    clamped as the sm80 kernels clamp it), and the call's every out and lse element is NaN, the lie made visible."""
+    reason = support_reason(spec, torch.bfloat16, "cuda")
+    if reason:
+        pytest.skip(reason)
+    sample = _lying(make_sample(spec, torch.bfloat16, "cuda"), case)
+    out, lse = sample.run()
+    assert out.isnan().all() and lse.isnan().all(), f"{arch}: a broken contract must give NaN everywhere"
