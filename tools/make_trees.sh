@@ -5,7 +5,8 @@
 #   tools/make_trees.sh main staged=staged_query_operands both=staged_query_operands+another_patch
 # makes .trees/main (HEAD alone), .trees/staged and .trees/both. A NAME=PATCH[+PATCH...] argument names patches by their
 # file name in docs/pending/ (with or without .patch); a bare NAME is HEAD alone. .trees is emptied first; a patch
-# that does not apply stops the script. Write each tree's pytest arguments to .trees/NAME.tests (tools/run_gpu.sh).
+# that does not apply stops the script. Write each tree's pytest arguments to .trees/NAME.tests (tools/run_gpu.sh);
+# tools/check_trees.sh then runs the checks that need no GPU on each tree (compile, registers, host-compiled headers).
 # Carry .trees only in the call that builds them: a later call that carries it again replaces the built trees there.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
