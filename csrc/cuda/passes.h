@@ -151,20 +151,12 @@ struct BlockMap {
   static int64_t bytes(const VarlenFwdParams& p, int64_t heads) {
     return heads * blocks(p.total_q, kRows) * blocks(key_extent(p), kCols);
   }
-  // The union of the states of the blocks covering packed rows [row0, row0 + rows) and key positions [j0, j1)
-  // (rows >= 1, j0 < j1) of mask head hm. Every index stays inside the map for rows within total_q and positions
-  // within max_seqlen_k, which the kernels' clamped sequence ranges guarantee.
-  DMATTN_HOST_DEVICE uint8_t covering(int hm, int64_t row0, int rows, int j0, int j1) const {
-    uint8_t s = 0;
-    for (int64_t rb = row0 / kRows; rb <= (row0 + rows - 1) / kRows; ++rb) {
-      const uint8_t* line = state + (static_cast<int64_t>(hm) * row_blocks + rb) * col_blocks;
-      for (int cb = j0 / kCols; cb <= (j1 - 1) / kCols; ++cb) s |= line[cb];
-    }
-    return s;
-  }
-  // covering() for one KV tile of a query tile: rows <= kRows (two row blocks at most) and j1 - j0 <= kMaxCols, so
-  // the blocks are at most 2 x (kMaxCols / kCols + 1), and every load is issued before any is used (the loops
-  // above wait on each in turn: a dependent L2 round trip per block on the kernel's path to its next tile).
+  // The union of the states of the blocks covering packed rows [row0, row0 + rows) and key positions [j0, j1) of
+  // mask head hm, for one KV tile of a query tile: 1 <= rows <= kRows (two row blocks at most) and
+  // 0 < j1 - j0 <= kMaxCols, so the blocks are at most 2 x (kMaxCols / kCols + 1), their loads all issued before any
+  // is used (a loop over the blocks waited on each in turn: a dependent L2 round trip per block on the kernel's path
+  // to its next tile). Every index stays inside the map for rows within total_q and positions within max_seqlen_k,
+  // which the kernels' clamped sequence ranges guarantee.
   template <int kMaxCols>
   DMATTN_HOST_DEVICE uint8_t covering_tile(int hm, int64_t row0, int rows, int j0, int j1) const {
     constexpr int kColBlocks = kMaxCols / kCols + 1;
