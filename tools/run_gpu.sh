@@ -91,6 +91,13 @@ stage() {  # stage NAME COMMAND...: runs COMMAND, tees its output to $OUT/NAME.l
   return "$rc"
 }
 
+# The sanitize stages' command: compute-sanitizer memcheck over pytest of SANITIZE_FILES (word-split) -k
+# SANITIZE_TESTS, the same in this tree (sanitize) and in each of .trees (tree_sanitize).
+# shellcheck disable=SC2206
+SANITIZE_CMD=(compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20
+  python3 -m pytest -q --no-header -p no:cacheprovider ${SANITIZE_FILES:-tests/test_varlen_fwd.py}
+  -k "${SANITIZE_TESTS:-cuda and (sample_matches or nan_padding or rows_after or lying)}")
+
 # bench_rounds DEST ROUNDS "WORKLOADS" TIMEOUT NAME=DIR...: each build in turn (DIR first on PYTHONPATH, this tree's
 # bench_gpu.py), ROUNDS times so that drift of the machine hits each alike, the dmattn rows of each workload
 # (--only dmattn --quick, plus BENCH_EXTRA), into DEST/NAME/ROUND; TIMEOUT seconds per run (0: none).
@@ -242,10 +249,7 @@ for s in $STAGES; do
       stage test bash -c "python3 -m pytest -q --no-header -p no:cacheprovider -rs ${TESTS:-tests/ -k cuda}"
       ;;
     sanitize)
-      # shellcheck disable=SC2086
-      stage sanitize compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
-        python3 -m pytest -q --no-header -p no:cacheprovider ${SANITIZE_FILES:-tests/test_varlen_fwd.py} \
-        -k "${SANITIZE_TESTS:-cuda and (sample_matches or nan_padding or rows_after or lying)}"
+      stage sanitize "${SANITIZE_CMD[@]}"
       ;;
     tree_sanitize | tree_test)
       # The sanitize stage (SANITIZE_FILES / SANITIZE_TESTS), or pytest of TREE_MORE_TESTS (shell-quoted pytest
@@ -256,11 +260,8 @@ for s in $STAGES; do
         [ -z "${TREES_TO_CHECK:-}" ] && [ "$name" = "${TREE_BASE:-}" ] && continue
         abs=$(cd ".trees/$name" && pwd) || { status=1; continue; }
         if [ "$s" = tree_sanitize ]; then
-          # shellcheck disable=SC2086
           (cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "sanitize_$name" timeout "${TREE_TIMEOUT:-300}" \
-            compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
-            python3 -m pytest -q --no-header -p no:cacheprovider ${SANITIZE_FILES:-tests/test_varlen_fwd.py} \
-            -k "${SANITIZE_TESTS:-cuda and (sample_matches or nan_padding or rows_after or lying)}") || status=1
+            "${SANITIZE_CMD[@]}") || status=1
         else
           (cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "more_tests_$name" timeout "${TREE_TIMEOUT:-300}" bash -c \
             "python3 -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=5 ${TREE_MORE_TESTS:-tests/ -k cuda}") \
