@@ -1,8 +1,8 @@
 """Query-side masks and biases read from shared memory: the CUDA prefill kernel copies each KV tile's operand rows
-into shared memory with the tile's K (ScoreOperands::stage in csrc/cuda/sm80/score_operands.cuh) when every row
-starts a 16-byte chunk at every tile (keys contiguous, row and head strides and the pointer multiples of 16 bytes)
-and no key-side mask reorders the keys, up to head dim 128; other calls read them element by element. Both paths are
-run here on the same values: the aligned layout, a row stride one element wider than the row (sliced from a wider
+into shared memory with the tile's K (ScoreOperands::stage in csrc/cuda/sm80/score_operands.cuh) when its keys are
+contiguous (a row's run of a tile may start anywhere in its first 16-byte chunk) and no key-side mask reorders them,
+up to head dim 128; other calls (a key stride of 2, head dim 256) read them element by element. Both paths are run
+here on the same values: the aligned layout, a row stride one element wider than the row (sliced from a wider
 tensor) and a key stride of 2, with sequences whose keys end inside a 16-byte chunk, sequences with no query, fp32
 and 16-bit biases, every head broadcast, causal or not, and a window. Hidden elements hold a NaN bias and keys no
 query sees hold NaN in K / V, which must not reach the output. Checked against the float64 reference on every device
