@@ -65,6 +65,9 @@ SPECS = [
          extra_rows_k=13, slack_q=3, slack_k=5, is_causal=True),
     Spec("many_short", heads=4, heads_k=4, seqlens_q=tuple(range(1, 40)), seqlens_k=tuple(range(40, 1, -1))),
     Spec("scale", heads=4, heads_k=2, seqlens_q=(160,), seqlens_k=(160,), softmax_scale=0.5, is_causal=True),
+    # More sequences than a persistent launch's unit table holds (255): the launcher splits them over launches.
+    Spec("more_sequences_than_a_unit_table", heads=2, heads_k=1, seqlens_q=(300,) + tuple(i % 9 for i in range(299)),
+         seqlens_k=(300,) + tuple(i % 13 for i in range(299)), is_causal=True),
 ]
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 

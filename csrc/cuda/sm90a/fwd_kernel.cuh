@@ -186,11 +186,12 @@ __device__ __forceinline__ TileKeys combine_tile_keys(const int (*part)[4]) {
 }
 
 // Which work units (query tile, query head, sequence) a launch covers: the sequences [seq0, seq0 + seqs), each cut
-// into query_tiles tiles of kBlockM rows, every head. A CTA per unit: grid (query_tiles, heads, seqs); persistent
-// (kPersistent): a grid of fewer CTAs, each walking units blockIdx.x, blockIdx.x + gridDim.x, ... in the order of
-// that grid (query tiles fastest).
+// into tiles of kBlockM rows, every head. A CTA per unit: grid (query_tiles, heads, seqs), query_tiles the longest
+// sequence's; persistent (kPersistent, at most kUnitTableSeqs sequences): a grid of fewer CTAs, each walking units
+// blockIdx.x, blockIdx.x + gridDim.x, ... of the sequences' own tiles (fwd_kernel: the unit table).
 struct UnitGrid {
   int32_t seq0, seqs, query_tiles;
+  cutlass::FastDivmod heads;  // persistent: p.num_heads (a unit number's head and query tile without a division)
 };
 
 // What both roles know of one unit: its sequence, head and rows, and its KV tiles: [n_begin, n_end) hold every key
@@ -202,13 +203,13 @@ struct UnitWork {
   int n_begin, n_end, whole_begin, whole_end;
 };
 
-// The work of the unit of grid coordinates (x, h, sequence seq0 + z). Plain: from key 0 to the causal limit of the last
-// row, whole up to the first row's. kRanged: the rows' intervals (row_keys) rise with the row, so the first and last
-// rows bound them (visible_keys); with key_range they are reduced over the rows (reduce_tile_keys, a CTA per unit) and
-// read from tile_keys.
+// The work of the unit of query tile m_block, head h and sequence seq0 + z. Plain: from key 0 to the causal limit of
+// the last row, whole up to the first row's. kRanged: the rows' intervals (row_keys) rise with the row, so the first
+// and last rows bound them (visible_keys); with key_range they are reduced over the rows (reduce_tile_keys, a CTA per
+// unit) and read from tile_keys.
 template <int kBlockM, int kBlockN, bool kRanged>
-__device__ __forceinline__ UnitWork unit_work(const VarlenFwdParams& p, const UnitGrid& grid, int x, int h, int z,
-                                              const int (*tile_keys)[4]) {
+__device__ __forceinline__ UnitWork unit_work(const VarlenFwdParams& p, const UnitGrid& grid, int m_block, int h,
+                                              int z, const int (*tile_keys)[4]) {
   UnitWork w;
   const int b = grid.seq0 + z;
   w.h = h;
@@ -218,7 +219,7 @@ __device__ __forceinline__ UnitWork unit_work(const VarlenFwdParams& p, const Un
   w.k_start = sk.start;
   w.q_len = static_cast<int>(w.sq.len);
   w.k_len = static_cast<int>(sk.len);
-  w.m_block = grid.query_tiles - 1 - x;  // the sequence's last query tiles (the most keys) first
+  w.m_block = m_block;
   w.m0 = w.m_block * kBlockM;
   w.rows = min(kBlockM, w.q_len - w.m0);
   const int shift = w.k_len - w.q_len;
@@ -271,17 +272,28 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   auto& smem = *reinterpret_cast<typename Traits::template SharedStorage<kQBuffers>*>(smem_raw);
 
   // ---- This CTA's units: its own (a CTA per unit), or every gridDim.x-th (persistent) ----
-  const int64_t units = kPersistent ? static_cast<int64_t>(grid.query_tiles) * p.num_heads * grid.seqs : 1;
+  // Persistent units are numbered over the launch's sequences' own query tiles: u = j * H + h for the j-th of them
+  // (each sequence's from its last, the most keys, to its first) and head h, through a table of the sequences'
+  // cumulative tiles in shared memory (warp 0 builds it below), so no unit lies past its sequence. The grid's
+  // numbering (max_seqlen_q / kBlockM tiles of every sequence) left about half of a packed batch's units empty, each
+  // paid for with its sequence's loads and three 64-bit divisions. The launcher keeps a persistent launch to at most
+  // kUnitTableSeqs sequences and its units within an int.
   const int64_t first_unit = kPersistent ? blockIdx.x : 0;
   const int64_t unit_step = kPersistent ? gridDim.x : 1;
   auto work = [&](int64_t u) {
     if constexpr (kPersistent) {
-      const int64_t rest = u / grid.query_tiles;
-      return unit_work<kBlockM, kBlockN, kRanged>(p, grid, static_cast<int>(u % grid.query_tiles),
-                                                  static_cast<int>(rest % p.num_heads),
-                                                  static_cast<int>(rest / p.num_heads), smem.tile_keys);
+      int j, h;
+      grid.heads(j, h, static_cast<int>(u));
+      int lo = 0, hi = grid.seqs;  // the sequence z with unit_tiles[z] <= j < unit_tiles[z + 1]
+#pragma unroll 1
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (smem.unit_tiles[mid] <= j) lo = mid; else hi = mid;
+      }
+      return unit_work<kBlockM, kBlockN, kRanged>(p, grid, smem.unit_tiles[lo + 1] - 1 - j, h, lo, smem.tile_keys);
     } else {
-      return unit_work<kBlockM, kBlockN, kRanged>(p, grid, blockIdx.x, blockIdx.y, blockIdx.z, smem.tile_keys);
+      return unit_work<kBlockM, kBlockN, kRanged>(p, grid, grid.query_tiles - 1 - static_cast<int>(blockIdx.x),
+                                                  blockIdx.y, blockIdx.z, smem.tile_keys);
     }
   };
 
@@ -316,12 +328,34 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   if constexpr (kRanged && !kPersistent) {
     // Key ranges: the CTA's unit's rows reduced to tile bounds (the plan never runs such calls persistent).
     if (p.key_range != nullptr && warpgroup == 0) {
-      const UnitWork w = unit_work<kBlockM, kBlockN, false>(p, grid, blockIdx.x, blockIdx.y, blockIdx.z, nullptr);
+      const int m_block = grid.query_tiles - 1 - static_cast<int>(blockIdx.x);
+      const UnitWork w = unit_work<kBlockM, kBlockN, false>(p, grid, m_block, blockIdx.y, blockIdx.z, nullptr);
       reduce_tile_keys(p, w.sq, w.k_len, w.m0, w.rows, smem.tile_keys);
     }
   }
+  if (kPersistent && threadIdx.x < 32) {  // warp 0: the unit table, 32 sequences per step (a warp's inclusive scan)
+    const int lane = threadIdx.x;
+    int before = 0;
+    for (int z0 = 0; z0 < grid.seqs; z0 += 32) {
+      const int z = z0 + lane;
+      int tiles = 0;
+      if (z < grid.seqs) {
+        const SeqRange sq = clamp_seq(p.cu_seqlens_q, grid.seq0 + z, p.total_q, p.max_seqlen_q);
+        tiles = static_cast<int>((sq.len + kBlockM - 1) / kBlockM);
+      }
+#pragma unroll
+      for (int d = 1; d < 32; d *= 2) {
+        const int v = __shfl_up_sync(0xffffffffu, tiles, d);
+        if (lane >= d) tiles += v;
+      }
+      if (z < grid.seqs) smem.unit_tiles[z + 1] = before + tiles;
+      before += __shfl_sync(0xffffffffu, tiles, 31);
+    }
+    if (lane == 0) smem.unit_tiles[0] = 0;
+  }
   cutlass::arch::fence_barrier_init();
   __syncthreads();
+  const int64_t units = kPersistent ? static_cast<int64_t>(smem.unit_tiles[grid.seqs]) * p.num_heads : 1;
 
   // Q buffer qb.
   auto smem_q = [&](int qb) {

@@ -72,6 +72,8 @@ struct FwdTraits {
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Elem);
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Elem);
 
+  static constexpr int kUnitTableSeqs = 255;  // a persistent launch's sequences that its unit table holds, at most
+
   // kQBuffers Q tiles: 1 for a CTA per unit; 2 for a persistent CTA, which loads its next unit's Q during this one.
   template <int kQBuffers>
   struct SharedStorage {
@@ -83,6 +85,9 @@ struct FwdTraits {
     alignas(8) uint64_t q_empty[kQBuffers];  // the consumers are done with that Q buffer
     uint8_t v_bad[kBlockN];      // slots of the current V tile whose row held inf / NaN (rare path)
     int tile_keys[4][4];         // kRanged with key ranges: the producer warps' parts of the unit's TileKeys
+    // Persistent CTAs of a launch of at most kUnitTableSeqs sequences: query tiles of sequences [0, z) in entry z
+    // (z <= seqs), so units are numbered over the sequences' own tiles (fwd_kernel.cuh, unit_of).
+    int32_t unit_tiles[kUnitTableSeqs + 1];
   };
   template <int kQBuffers>
   static constexpr int kSmemBytes = sizeof(SharedStorage<kQBuffers>);

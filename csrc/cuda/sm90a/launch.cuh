@@ -53,11 +53,22 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, cudaStream
                     gmem_rows<typename Traits::CuteElem>(p.v, p.total_k, D, p.num_heads_k, p.v_row_stride, p.v_head_stride),
                     take<0, 2>(typename Traits::SmemLayoutKV{}), Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{})};
   const int32_t query_tiles = static_cast<int32_t>((p.max_seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM);
-  if (plan.sm90a_ctas > 0 && p.key_range == nullptr) {  // persistent: one launch, every sequence (never with key
-                                                         // ranges: their bounds are reduced once per CTA)
-    const int64_t units = static_cast<int64_t>(query_tiles) * p.num_heads * p.batch;
-    const dim3 grid(static_cast<unsigned>(std::min<int64_t>(units, plan.sm90a_ctas)));
-    return launch_kernel<Traits, kRanged, true>(p, tma, grid, UnitGrid{0, p.batch, query_tiles}, stream);
+  // Persistent (never with key ranges: their bounds are reduced once per CTA): a launch per kUnitTableSeqs
+  // sequences, whose units the kernel numbers in an int: at most query_tiles per sequence (clamp_seq: lying
+  // cu_seqlens included), times the sequences and heads; calls that could pass it take a CTA per unit.
+  constexpr int64_t kTableSeqs = Traits::kUnitTableSeqs;
+  const int64_t most_units = static_cast<int64_t>(query_tiles) * std::min<int64_t>(p.batch, kTableSeqs) * p.num_heads;
+  if (plan.sm90a_ctas > 0 && p.key_range == nullptr && most_units <= INT32_MAX) {
+    for (int64_t seq0 = 0; seq0 < p.batch; seq0 += kTableSeqs) {
+      const int32_t seqs = static_cast<int32_t>(std::min<int64_t>(p.batch - seq0, kTableSeqs));
+      const int64_t grid_units = static_cast<int64_t>(query_tiles) * p.num_heads * seqs;
+      const dim3 grid(static_cast<unsigned>(std::min<int64_t>(grid_units, plan.sm90a_ctas)));
+      const cudaError_t err = launch_kernel<Traits, kRanged, true>(
+          p, tma, grid, UnitGrid{static_cast<int32_t>(seq0), seqs, query_tiles, cutlass::FastDivmod(p.num_heads)},
+          stream);
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
   }
   constexpr int64_t kMaxSeqsPerLaunch = 65535;
   for (int64_t seq0 = 0; seq0 < p.batch; seq0 += kMaxSeqsPerLaunch) {
@@ -65,7 +76,7 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, cudaStream
     const dim3 grid(static_cast<unsigned>(query_tiles), static_cast<unsigned>(p.num_heads),
                     static_cast<unsigned>(seqs));
     const cudaError_t err = launch_kernel<Traits, kRanged, false>(
-        p, tma, grid, UnitGrid{static_cast<int32_t>(seq0), seqs, query_tiles}, stream);
+        p, tma, grid, UnitGrid{static_cast<int32_t>(seq0), seqs, query_tiles, cutlass::FastDivmod()}, stream);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
