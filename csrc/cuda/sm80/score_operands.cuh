@@ -203,8 +203,11 @@ struct ScoreOperands {
   }
 
   // Whether some row of the tile starting at slot n0 cannot see some key of it (a window edge, the causal diagonal, a
-  // query-side mask). Slots past the last one are zero-filled, so a tail tile alone does not count.
-  __device__ __forceinline__ bool hides_keys(int n0) const { return query_mask || bounds_hide_keys(n0); }
+  // query-side mask where state, the tile's mask_state(), allows a False: a tile the block map shows whole hides only
+  // what the bounds hide). Slots past the last one are zero-filled, so a tail tile alone does not count.
+  __device__ __forceinline__ bool hides_keys(int n0, uint8_t state = kUndecided) const {
+    return (query_mask && (state & BlockMap::kSomeFalse) != 0) || bounds_hide_keys(n0);
+  }
   // The same, leaving the query-side mask out: a window edge or the causal diagonal (the decode kernel's query-side
   // variant asks its terms instead: apply's saw_hidden).
   __device__ __forceinline__ bool bounds_hide_keys(int n0) const {

@@ -129,7 +129,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
       ops.stage(next, next_state);  // free: every warp's pass 2 of this tile is done
     }
     cute::cp_async_fence();
-    const bool v_fix = ops.hides_keys(n0) && tile_has_nonfinite<Traits>(smem.v);
+    const bool v_fix = ops.hides_keys(n0, mask_state) && tile_has_nonfinite<Traits>(smem.v);
     if (v_fix) {
       zero_nonfinite_rows<Traits>(smem.v, smem.v_bad);
       __syncthreads();
