@@ -213,6 +213,12 @@ def test_prefill_variant_choice(planner):
     assert planner(**prefill, mask=QUERY, key_range=True)["prefill"] == "query_operands"
 
 
+def _v_flags_bytes(Hk, total_k):
+    """Beside a block map, v's blocks with an inf or NaN flagged (passes.h, BlockMap::v_nonfinite): one byte per (KV
+    head, 64 rows of v); 256-aligned."""
+    return -(-(Hk * -(-total_k // 64)) // 256) * 256
+
+
 def _terms_bytes(B, total_k, max_q, heads, f32=False):
     """The decode kernel's query-side terms (passes.h, QueryTerms): (list heads, max_q, extent) elements, extent the
     least multiple of 64 >= total_k + 64 (B + 1); 16-bit, or float32 for a float32 query-side bias; 256-aligned."""
@@ -245,7 +251,8 @@ def test_query_side_operands_in_the_decode_kernel_get_lists_and_terms(planner):
     assert planner(**W, mask=QUERY, Hm=8, bias=KEY, Hb=1)["workspace"] == planner(**W, mask=QUERY, Hm=8)["workspace"]
     prefill = planner(**W, mask=QUERY, Hm=8, force=FORCE_PREFILL)
     assert prefill["kernel"] == "prefill" and prefill["key_lists_heads"] == 0
-    assert prefill["workspace"] == -(-(8 * -(-288 // 64) * -(-8192 // 32)) // 256) * 256
+    assert prefill["workspace"] == (-(-(8 * -(-288 // 64) * -(-8192 // 32)) // 256) * 256 +
+                                    _v_flags_bytes(W["Hk"], W["total_k"]))
 
 
 def test_query_terms_past_their_cap_take_the_prefill_kernel(planner):
@@ -291,21 +298,25 @@ def test_key_side_lists_look_back_only_across_parts(planner):
 
 def test_query_side_mask_gets_a_block_map(planner):
     """A query-side mask is summarized first, one byte per (mask head, 64 packed query rows, 32 key positions) in
-    the workspace (1 / 2048 of the mask); a key-side one, a query-side bias alone, or no mask get none."""
+    the workspace (1 / 2048 of the mask), and v's blocks of 64 rows with an inf or NaN flagged beside it (one byte
+    per KV head and block); a key-side one, a query-side bias alone, or no mask get neither."""
     prefill = dict(B=8, H=32, Hk=8, D=128, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
+    flags = _v_flags_bytes(8, 16_000)
+    assert flags == 2048
     for Hm in (1, 8, 32):
         want = Hm * -(-16_000 // 64) * -(-4096 // 32)
-        assert planner(**prefill, mask=QUERY, Hm=Hm)["workspace"] == -(-want // 256) * 256
+        assert planner(**prefill, mask=QUERY, Hm=Hm)["workspace"] == -(-want // 256) * 256 + flags
     parts = -(-(8 * 8 * 2 * 8 + 4) // 256) * 256  # compact_keys in parts: 4096 keys, 2 parts per list
     assert planner(**prefill, mask=KEY, Hm=8)["workspace"] == 8 * 16_000 * 4 + 256 + parts  # the lists alone
     assert planner(**prefill, bias=QUERY, Hb=32)["workspace"] == 0
     assert planner(**prefill)["workspace"] == 0
     # Columns only as far as a key position can reach (an expanded mask may be 2^40 wide): min(max_k, total_k).
     huge = dict(prefill, max_k=2**40)
-    assert planner(**huge, mask=QUERY)["workspace"] == -(-(-(-16_000 // 64) * -(-16_000 // 32)) // 256) * 256
+    assert planner(**huge, mask=QUERY)["workspace"] == -(-(-(-16_000 // 64) * -(-16_000 // 32)) // 256) * 256 + flags
     # Past 64 MB the map is left out (the kernel scans its tiles instead).
     big = dict(prefill, total_q=200_000, total_k=200_000, max_q=200_000, max_k=200_000)
-    assert planner(**big, mask=QUERY, Hm=1)["workspace"] == -(-(3_125 * 6_250) // 256) * 256  # 19.5 MB
+    assert planner(**big, mask=QUERY, Hm=1)["workspace"] == (-(-(3_125 * 6_250) // 256) * 256 +  # 19.5 MB
+                                                             _v_flags_bytes(8, 200_000))
     assert planner(**big, mask=QUERY, Hm=8)["workspace"] == 0  # 156 MB
 
 

@@ -1,7 +1,9 @@
 // block_map.cu: a query-side mask -> its block summary (passes.h, BlockMap), read once at the start of a call so the
-// prefill kernel skips the tiles it hides whole and runs the tiles it shows whole without reading it.
+// prefill kernel skips the tiles it hides whole and runs the tiles it shows whole without reading it; and v's blocks
+// that hold an inf or NaN, so its tiles that hide keys scan their V only there.
 #include <cuda_runtime.h>
 
+#include "nonfinite_bits.cuh"
 #include "passes.h"
 
 namespace dmattn::cuda {
@@ -40,9 +42,34 @@ block_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constan
   }
 }
 
+// Grid (v blocks, KV heads): a CTA ORs NonfiniteBits::tops over the 16-byte vectors of its kVRows rows of v (the
+// head's D elements each, 16-byte aligned rows as the attention kernels load them) and one thread writes the flag.
+constexpr int kVThreads = 128;
+__global__ void __launch_bounds__(kVThreads)
+v_flags_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ BlockMap map) {
+  const NonfiniteBits bits = NonfiniteBits::of(p.dtype);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BlockMap::kVRows;
+  const int64_t rows = min(static_cast<int64_t>(BlockMap::kVRows), p.total_k - row0);
+  const int hk = blockIdx.y;
+  const int vecs = p.head_dim / 8;  // 16-byte vectors per row (head dims are multiples of 8)
+  const char* v = static_cast<const char*>(p.v) + 2 * (row0 * p.v_row_stride + hk * p.v_head_stride);
+  uint32_t tops = 0;
+  for (int e = threadIdx.x; e < static_cast<int>(rows) * vecs; e += kVThreads) {  // at most 64 rows x 32 vectors
+    const int r = e / vecs;
+    const uint4 w = *reinterpret_cast<const uint4*>(v + 2 * (r * p.v_row_stride) + 16 * (e - r * vecs));
+    tops |= bits.tops(w.x) | bits.tops(w.y) | bits.tops(w.z) | bits.tops(w.w);
+  }
+  const bool bad = __syncthreads_or(NonfiniteBits::any(tops)) != 0;
+  if (threadIdx.x == 0) map.v_nonfinite[static_cast<int64_t>(hk) * map.v_blocks + blockIdx.x] = bad ? 1 : 0;
+}
+
 }  // namespace
 
 cudaError_t build_block_map(const VarlenFwdParams& p, const BlockMap& map, cudaStream_t stream) {
+  if (map.v_nonfinite != nullptr && map.v_blocks > 0 && p.num_heads_k > 0) {
+    v_flags_kernel<<<dim3(map.v_blocks, p.num_heads_k), kVThreads, 0, stream>>>(p, map);
+    if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  }
   if (map.state == nullptr || map.row_blocks == 0 || map.col_blocks == 0 || map.mask_heads == 0) return cudaSuccess;
   const int64_t chunks = (map.col_blocks + kMapWarps - 1) / kMapWarps;
   const dim3 grid(map.row_blocks, static_cast<unsigned>(chunks < 65535 ? chunks : 65535), map.mask_heads);

@@ -90,6 +90,7 @@ struct FwdPlan {
   int32_t sm90a_ctas = 0;       // sm90a: > 0, a persistent grid of that many CTAs walks the work units (query tile,
                                 // head, sequence); 0, a CTA per unit
   int32_t block_map_heads = 0;  // > 0: a query-side mask with that many heads is summarized by blocks first
+  bool v_flags = false;         // with the block map: v's blocks with an inf or NaN flagged too (BlockMap::v_nonfinite)
   // Decode kernel only (1 / 0 otherwise):
   int32_t row_tiles = 1;        // tiles of packed rows per (sequence, KV head): ceil(H / Hk * max_seqlen_q / block_m)
   int32_t num_splits = 1;       // key splits per (sequence, KV head, row tile); > 1: partials + combine_splits
@@ -193,6 +194,8 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
     if (p.mask.layout == OperandLayout::kQuerySide && p.num_heads > 0 && p.total_q > 0 &&
         BlockMap::key_extent(p) > 0 && BlockMap::bytes(p, p.num_heads / p.mask.head_group) <= kMaxBlockMapBytes) {
       plan.block_map_heads = p.num_heads / p.mask.head_group;
+      // Key slots are v's packed rows unless the keys live in a pool. 1 / 8 D bytes of v's size.
+      plan.v_flags = p.kv_slots == nullptr && p.total_k > 0 && p.num_heads_k > 0 && BlockMap::v_bytes(p) < INT32_MAX;
     }
     return plan;
   };
@@ -262,8 +265,9 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
 // compaction's look-back (KeyParts, passes.h: sequences longer than one part): (B, Hm, parts) uint64 and a ticket; the
 // split partials (decode with num_splits > 1): max and sum (splits, H, total_q) and O (splits, H, total_q, D), float32;
 // the decode units' order (decode with unit_order): (B, Hk) int32; the block map (query-side mask):
-// (Hm, ceil(total_q / 64), ceil(key extent / 32)) bytes, 1 / 2048 of the mask; the query-side terms (decode with
-// query-side operands): (list heads, max_seqlen_q, total_k + 64 (B + 1)), 2 or 4 bytes.
+// (Hm, ceil(total_q / 64), ceil(key extent / 32)) bytes, 1 / 2048 of the mask, and v's flags (Hk, ceil(total_k / 64))
+// bytes; the query-side terms (decode with query-side operands): (list heads, max_seqlen_q, total_k + 64 (B + 1)), 2
+// or 4 bytes.
 // 256-byte aligned pieces, so a new one can be appended without disturbing the alignment of the others.
 constexpr size_t kWorkspaceAlign = 256;
 
@@ -271,7 +275,7 @@ inline size_t align_up(size_t bytes) { return (bytes + kWorkspaceAlign - 1) / kW
 
 struct WorkspaceLayout {
   size_t key_index = 0, key_count = 0, split_max = 0, split_sum = 0, split_o = 0, unit_order = 0, block_map = 0;
-  size_t query_terms = 0, key_parts = 0;
+  size_t query_terms = 0, key_parts = 0, v_nonfinite = 0;
   size_t total = 0;                                                 // bytes
 };
 
@@ -304,6 +308,10 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
   if (plan.block_map_heads > 0) {
     w.block_map = w.total;
     w.total += align_up(static_cast<size_t>(BlockMap::bytes(p, plan.block_map_heads)));
+  }
+  if (plan.v_flags) {
+    w.v_nonfinite = w.total;
+    w.total += align_up(static_cast<size_t>(BlockMap::v_bytes(p)));
   }
   if (plan.query_terms) {
     w.query_terms = w.total;
@@ -353,6 +361,10 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
                  static_cast<int32_t>(BlockMap::blocks(p.total_q, BlockMap::kRows)),
                  static_cast<int32_t>(BlockMap::blocks(BlockMap::key_extent(p), BlockMap::kCols)),
                  plan.block_map_heads};
+  }
+  if (plan.v_flags) {
+    ws.blocks.v_nonfinite = reinterpret_cast<uint8_t*>(bytes + w.v_nonfinite);
+    ws.blocks.v_blocks = static_cast<int32_t>(BlockMap::blocks(p.total_k, BlockMap::kVRows));
   }
   return ws;
 }

@@ -138,6 +138,13 @@ struct BlockMap {
   int32_t row_blocks = 0;  // ceil(total_q / kRows)
   int32_t col_blocks = 0;  // ceil(key_extent(p) / kCols)
   int32_t mask_heads = 0;
+  // Beside the map, where the call's key slots are packed key rows (no kv_slots): per (KV head, block of kVRows rows
+  // of v), nonzero where some element of the block is inf or NaN. Every tile a query-side mask hides keys in scans its
+  // V (nonfinite_v.cuh), each (query tile, head) CTA again; a tile whose blocks hold only finite values skips it.
+  // Null: scan every such tile.
+  static constexpr int kVRows = 64;
+  uint8_t* v_nonfinite = nullptr;
+  int32_t v_blocks = 0;  // ceil(total_k / kVRows)
 
   static int64_t blocks(int64_t rows, int64_t per) { return (rows + per - 1) / per; }
   // The key positions a kernel can reach: below every sequence's clamped key count, so below max_seqlen_k, total_k
@@ -150,6 +157,16 @@ struct BlockMap {
   // Bytes of the map of a call with that many mask heads.
   static int64_t bytes(const VarlenFwdParams& p, int64_t heads) {
     return heads * blocks(p.total_q, kRows) * blocks(key_extent(p), kCols);
+  }
+  static int64_t v_bytes(const VarlenFwdParams& p) { return p.num_heads_k * blocks(p.total_k, kVRows); }
+  // The flags of the two blocks covering v rows [row0, row1) of KV head hk (0 <= row0 < row1 <= total_k, which
+  // clamped sequences guarantee; a KV tile's rows are at most kVRows, so two blocks cover them), loaded but not
+  // combined: a reader ORs them where it needs the answer, so their latency is not waited on where they are issued.
+  // int32 throughout: rows are below total_k < 2^31 (cu_seqlens are int32), and v_bytes(p) < 2^31 (the plan).
+  DMATTN_HOST_DEVICE void v_flags(int hk, int row0, int row1, uint8_t& first, uint8_t& last) const {
+    const uint8_t* line = v_nonfinite + hk * v_blocks;
+    first = line[row0 / kVRows];
+    last = line[(row1 - 1) / kVRows];
   }
   // The union of the states of the blocks covering packed rows [row0, row0 + rows) and key positions [j0, j1) of
   // mask head hm, for one KV tile of a query tile: 1 <= rows <= kRows (two row blocks at most) and
@@ -192,7 +209,7 @@ cudaError_t compact_keys(const VarlenFwdParams& p, const KeyLists& keys, cudaStr
 cudaError_t order_decode_units(const VarlenFwdParams& p, const KeyLists& keys, const SplitPartials& splits,
                                cudaStream_t stream);
 
-// Fills map.state from the query-side mask (nothing when map.state is null).
+// Fills map.state from the query-side mask and map.v_nonfinite from v (nothing for either that is null).
 cudaError_t build_block_map(const VarlenFwdParams& p, const BlockMap& map, cudaStream_t stream);
 
 // The cu_seqlens entries that the CTAs of the pass finishing a call's rows read in all, at most (each reads B + 1 of

@@ -10,28 +10,25 @@
 
 #include <cstdint>
 
+#include "../nonfinite_bits.cuh"
 #include "kernel_traits.h"
 
 namespace dmattn::cuda::sm80 {
 
 // Whether thread `tid`'s share of a tile of kVecs 16-byte vectors of 16-bit Elem in shared memory (vectors tid,
-// tid + kThreads, ...: conflict-free) holds an inf or NaN. Two elements per 32-bit word, both tested at once: a half's
-// exponent field plus its lowest bit reaches the half's top bit only when the field is all ones (inf, NaN), and
-// never carries into the other half, so three integer operations per word and one test at the end.
+// tid + kThreads, ...: conflict-free) holds an inf or NaN: two elements per word tested at once (NonfiniteBits).
 template <typename Elem, int kVecs, int kThreads>
 __device__ __forceinline__ bool share_has_nonfinite(const void* tile, int tid) {
-  constexpr uint32_t kExp = ElemTraits<Elem>::kExpBits * 0x10001u;           // both halves' exponent fields
-  constexpr uint32_t kCarry = (ElemTraits<Elem>::kExpBits & (0u - ElemTraits<Elem>::kExpBits)) * 0x10001u;
-  static_assert(ElemTraits<Elem>::kExpBits + (kCarry & 0xffffu) == 0x8000u, "the field ends below the sign bit");
+  constexpr NonfiniteBits kBits = NonfiniteBits::of(ElemTraits<Elem>::kExpBits);
   static_assert(kVecs % kThreads == 0, "the scan splits evenly over the threads");
   const uint4* vecs = reinterpret_cast<const uint4*>(tile);
   uint32_t tops = 0;
 #pragma unroll 2  // two 16-byte reads in flight, a few registers: this runs beside O and S
   for (int i = 0; i < kVecs / kThreads; ++i) {
     const uint4 w = vecs[i * kThreads + tid];
-    for (const uint32_t x : {w.x, w.y, w.z, w.w}) tops |= (x & kExp) + kCarry;
+    tops |= kBits.tops(w.x) | kBits.tops(w.y) | kBits.tops(w.z) | kBits.tops(w.w);
   }
-  return (tops & 0x80008000u) != 0;
+  return NonfiniteBits::any(tops);
 }
 
 // Whether the (kBlockN, D) V tile in shared memory holds an inf or NaN; every thread scans an equal share and the

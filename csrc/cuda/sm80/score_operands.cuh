@@ -208,6 +208,21 @@ struct ScoreOperands {
   __device__ __forceinline__ bool hides_keys(int n0, uint8_t state = kUndecided) const {
     return (query_mask && (state & BlockMap::kSomeFalse) != 0) || bounds_hide_keys(n0);
   }
+  // Whether v's rows under a KV tile may hold an inf or NaN, from the block map's v flags (slots are v's packed rows
+  // wherever the plan has them): loaded a tile ahead (v_flags()), asked at the tile's V scan (may_be_nonfinite()).
+  struct VFlags {
+    uint8_t first = 1, last = 1;  // without flags: may (scan)
+    __device__ __forceinline__ bool may_be_nonfinite() const { return (first | last) != 0; }
+  };
+  __device__ __forceinline__ VFlags v_flags(int n0) const {
+    VFlags f;
+    if constexpr (Traits::kQueryOperands) {
+      if (blocks.v_nonfinite != nullptr && c.key_index == nullptr && n0 < c.slots_end) {
+        blocks.v_flags(c.hk, c.k_start + n0, c.k_start + min(n0 + kBlockN, c.slots_end), f.first, f.last);
+      }
+    }
+    return f;
+  }
   // The same, leaving the query-side mask out: a window edge or the causal diagonal (the decode kernel's query-side
   // variant asks its terms instead: apply's saw_hidden).
   __device__ __forceinline__ bool bounds_hide_keys(int n0) const {

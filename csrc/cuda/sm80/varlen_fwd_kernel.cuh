@@ -68,6 +68,9 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
   uint8_t mask_state = ops.kUndecided;
   int n = Traits::kStagedOperands ? ops.next_live(c.first_tile(kBlockN), n_tiles, mask_state)
                                   : ops.next_live(c.first_tile(kBlockN), n_tiles);
+  // Query-side operands: the block map's v flags of tile n (whether its V scan can find an inf / NaN), loaded a tile
+  // ahead and carried like the mask state.
+  auto v_flags = ops.v_flags(n * kBlockN);
   int buf = 0;
   if (n < n_tiles) {
     kv.fetch_pos(n);
@@ -108,6 +111,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     const int next =
         Traits::kStagedOperands ? ops.next_live(n + 1, n_tiles, next_state) : ops.next_live(n + 1, n_tiles);
     if (next < n_tiles) kv.fetch_pos(next);  // issued now, consumed after Q K^T
+    const auto next_v_flags = ops.v_flags(next * kBlockN);  // issued now, asked at the next tile's V scan
     if constexpr (!Traits::kStagedOperands) mask_state = ops.mask_state(n0);  // likewise
 
     // ---- S = Q K^T: s[mt][nt] is the m16n8 fragment (rows warp_row0 + 16 mt, slots 8 nt) ----
@@ -129,7 +133,8 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
       ops.stage(next, next_state);  // free: every warp's pass 2 of this tile is done
     }
     cute::cp_async_fence();
-    const bool v_fix = ops.hides_keys(n0, mask_state) && tile_has_nonfinite<Traits>(smem.v);
+    const bool v_fix =
+        ops.hides_keys(n0, mask_state) && v_flags.may_be_nonfinite() && tile_has_nonfinite<Traits>(smem.v);
     if (v_fix) {
       zero_nonfinite_rows<Traits>(smem.v, smem.v_bad);
       __syncthreads();
@@ -144,6 +149,7 @@ varlen_fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_consta
     buf ^= 1;
     n = next;
     mask_state = next_state;
+    v_flags = next_v_flags;
   }
   cute::cp_async_wait<0>();
 
