@@ -309,22 +309,27 @@ struct ScoreOperands {
     return reinterpret_cast<uint8_t*>(smem_base() + offsetof(typename Traits::SharedStorage, op_bias_at));
   }
   // stage() for one operand of kSize-byte elements: rows [0, c.rows) of the tile, keys [n0, n0 + keys), into rows of
-  // kPitch bytes at dst, each row's offset in its first chunk into at[row]. kLanes threads share a row (a power of
-  // two that covers its kBlockN kSize / 16 + 1 chunks); each copies its chunk of every kThreads / kLanes-th row.
+  // kPitch bytes at dst, each row's offset in its first chunk into at[row]. A row's run spans kChunks 16-byte chunks
+  // (kBlockN kSize / 16 + 1: it may start anywhere in the first); the tile's (row, chunk) pairs are numbered densely,
+  // thread t taking pairs t, t + kThreads, ..., so no lane idles where a run's chunks are not a power of two (a lane
+  // group per row left 3 of 8 lanes idle for a 64-key mask run, 7 of 16 for a 16-bit bias run: 12 copy rounds per
+  // tile where 8 do).
   template <int kPitch, int kSize>
   __device__ __forceinline__ void stage_rows(char* dst, uint8_t* at, const void* src, int64_t head,
                                              int64_t row_stride, int n0, int keys) const {
     constexpr int kChunks = kBlockN * kSize / 16 + 1;
-    constexpr int kLanes = kChunks <= 2 ? 2 : kChunks <= 4 ? 4 : kChunks <= 8 ? 8 : kChunks <= 16 ? 16 : 32;
-    constexpr int kRowStep = Traits::kThreads / kLanes;
-    static_assert(kChunks * 16 <= kPitch && Traits::kBlockM % kRowStep == 0, "a row's chunks fit its pitch");
-    const int chunk = threadIdx.x % kLanes, r0 = threadIdx.x / kLanes, run = keys * kSize;
-    uintptr_t from = reinterpret_cast<uintptr_t>(src) +
-                     (head + (static_cast<int64_t>(c.q_start) + c.m0 + r0) * row_stride + n0) * kSize;
-    const int64_t step = row_stride * kSize * kRowStep;
+    constexpr int kPairs = Traits::kBlockM * kChunks;
+    static_assert(kChunks * 16 <= kPitch, "a row's chunks fit its pitch");
+    const int run = keys * kSize;
+    const uintptr_t row0 = reinterpret_cast<uintptr_t>(src) +
+                           (head + (static_cast<int64_t>(c.q_start) + c.m0) * row_stride + n0) * kSize;
+    const int64_t row_bytes = row_stride * kSize;
 #pragma unroll
-    for (int r = r0; r < Traits::kBlockM; r += kRowStep, from += step) {
-      if (r >= c.rows || chunk >= kChunks) continue;
+    for (int i = 0; i < (kPairs + Traits::kThreads - 1) / Traits::kThreads; ++i) {
+      const int pair = i * Traits::kThreads + static_cast<int>(threadIdx.x);
+      const int r = pair / kChunks, chunk = pair - r * kChunks;  // a constant divisor: a multiply and a shift
+      if (pair >= kPairs || r >= c.rows) continue;
+      const uintptr_t from = row0 + r * row_bytes;
       const int offset = static_cast<int>(from & 15);
       if (chunk == 0) at[r] = static_cast<uint8_t>(offset);
       const int valid = min(max(offset + run - chunk * 16, 0), 16);
