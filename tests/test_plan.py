@@ -25,7 +25,7 @@ _DRIVER = """
     // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
     //                 window_left window_right key_range(0 absent, 1 given) sm90a_ctas(the override)
     // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes prefill_variant sm90a sm90a_ctas
-    //         unit_order combine_finishes
+    //         unit_order combine_finishes sm90a_slots
     // (a cc 9.0 device; bf16 q / k / v packed (rows, heads, D) at null: aligned as TMA wants)
     int main() {
       long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr, kr, ctas;
@@ -48,11 +48,12 @@ _DRIVER = """
         o.tiles_per_split = tiles;
         o.sm90a_ctas = static_cast<int32_t>(ctas);
         const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, cuda::DeviceInfo{90, static_cast<int>(sms)}, o);
-        std::printf("%s %d %d %d %d %zu %d %d %d %d %d\\n",
+        std::printf("%s %d %d %d %d %zu %d %d %d %d %d %d\\n",
                     plan.kernel == cuda::FwdKernel::kDecode ? "decode" : "prefill", plan.row_tiles, plan.num_splits,
                     plan.tiles_per_split, plan.key_lists_heads, cuda::workspace_bytes(plan, p),
                     static_cast<int>(plan.prefill), static_cast<int>(plan.sm90a), plan.sm90a_ctas,
-                    static_cast<int>(plan.unit_order), static_cast<int>(plan.combine_finishes));
+                    static_cast<int>(plan.unit_order), static_cast<int>(plan.combine_finishes),
+                    static_cast<int>(plan.sm90a_slots));
       }
     }
     """
@@ -80,11 +81,12 @@ def planner(tmp_path_factory):
         line = " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
                                          force, tiles, *window, int(key_range), sm90a_ctas))
         out = subprocess.run([str(exe)], input=line + "\n", capture_output=True, text=True, check=True).stdout
-        kernel, row_tiles, splits, per_split, lists, workspace, variant, sm90a, ctas, order, finishes = out.split()
+        kernel, row_tiles, splits, per_split, lists, workspace, variant, sm90a, ctas, order, finishes, slots = (
+            out.split())
         return dict(kernel=kernel, row_tiles=int(row_tiles), splits=int(splits), tiles_per_split=int(per_split),
                     key_lists_heads=int(lists), workspace=int(workspace), prefill=PREFILL_VARIANTS[int(variant)],
                     sm90a=bool(int(sm90a)), sm90a_ctas=int(ctas), unit_order=bool(int(order)),
-                    combine_finishes=bool(int(finishes)))
+                    combine_finishes=bool(int(finishes)), sm90a_slots=bool(int(slots)))
 
     return plan
 
@@ -287,7 +289,9 @@ def test_key_side_lists_look_back_only_across_parts(planner):
     """A key-side mask's lists are compacted in parts of 2048 keys; only sequences of several parts need the
     look-back's statuses (one uint64 per sequence, list head and part) and its ticket in the workspace (the decode
     kernel's lists with query-side terms too: test_query_side_operands_in_the_decode_kernel_get_lists_and_terms)."""
-    prefill = dict(B=8, H=64, Hk=8, D=128, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
+    # D = 256: the sm80 kernels, so the lists are all the workspace (on the sm90a kernel the kept rows are gathered
+    # too: test_key_side_masks_gather_their_kept_rows_for_the_sm90a_kernel)
+    prefill = dict(B=8, H=64, Hk=8, D=256, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
     lists = lambda Hm: Hm * 16_000 * 4 + -(-(Hm * 8 * 4) // 256) * 256  # noqa: E731  index + counts
     look_back = lambda Hm, parts: -(-(Hm * 8 * parts * 8 + 4) // 256) * 256  # noqa: E731
     for Hm in (1, 8, 64):
@@ -307,7 +311,8 @@ def test_query_side_mask_gets_a_block_map(planner):
         want = Hm * -(-16_000 // 64) * -(-4096 // 32)
         assert planner(**prefill, mask=QUERY, Hm=Hm)["workspace"] == -(-want // 256) * 256 + flags
     parts = -(-(8 * 8 * 2 * 8 + 4) // 256) * 256  # compact_keys in parts: 4096 keys, 2 parts per list
-    assert planner(**prefill, mask=KEY, Hm=8)["workspace"] == 8 * 16_000 * 4 + 256 + parts  # the lists alone
+    # the lists alone (D = 256: the sm80 kernels; on the sm90a one the kept rows too)
+    assert planner(**dict(prefill, D=256), mask=KEY, Hm=8)["workspace"] == 8 * 16_000 * 4 + 256 + parts
     assert planner(**prefill, bias=QUERY, Hb=32)["workspace"] == 0
     assert planner(**prefill)["workspace"] == 0
     # Columns only as far as a key position can reach (an expanded mask may be 2^40 wide): min(max_k, total_k).
@@ -353,7 +358,15 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(window=(127, 0), sm90a_ctas=3), True, 3),
         (dict(sm90a_ctas=5), True, 5),
         (dict(key_range=True, sm90a_ctas=5), True, 0),
-        (dict(mask=KEY, Hm=8), False, 0),  # masks and biases: the sm80 kernels
+        (dict(mask=KEY, Hm=8), True, 0),  # a key-side mask: over its gathered kept rows, a CTA per unit
+        (dict(mask=KEY, Hm=1, bias=KEY, Hb=32), True, 0),
+        (dict(mask=KEY, Hm=8, sm90a_ctas=132), True, 132),  # DMATTN_SM90A_CTAS: persistent (run BQ: -8.6%)
+        (dict(mask=KEY, Hm=32), False, 0),  # a list per query head: the sm80 kernels
+        (dict(mask=KEY, Hm=8, window=(255, 0)), False, 0),  # masks with windows or key ranges: sm80
+        (dict(mask=KEY, Hm=8, key_range=True), False, 0),
+        (dict(mask=KEY, Hm=8, bias=QUERY, Hb=8), False, 0),  # mixed layouts and query-side operands: sm80
+        (dict(mask=QUERY, Hm=8), False, 0),
+        (dict(bias=KEY, Hb=8), False, 0),  # a bias alone: sm80
         (dict(bias=QUERY, Hb=1), False, 0),
         (dict(D=256), False, 0),  # head dims 64 and 128 only
     ],
@@ -363,3 +376,29 @@ def test_sm90a_choice(planner, change, sm90a, ctas):
     plan = planner(**{**PREFILL, **change})
     assert plan["kernel"] == "prefill"
     assert (plan["sm90a"], plan["sm90a_ctas"]) == (sm90a, ctas)
+
+
+@pytest.mark.parametrize("Hm, Hb, causal", [(8, 8, True), (1, 32, True), (8, 0, False), (1, 1, True)])
+def test_key_side_masks_gather_their_kept_rows_for_the_sm90a_kernel(planner, Hm, Hb, causal):
+    """A key-side mask on cc 9.0: compact_keys' lists, then its kept K / V rows gathered into dense slots that the
+    sm90a kernel reads with TMA (passes.h KeptRows). The workspace holds the lists, the K / V slots (k and v's packed
+    shape), the slots' positions per list head and biases per bias head (the finer of the bias's and the lists'),
+    each over total_k + 32 (B + 1) + 128 slots rounded up to 32, and for causal calls two slot limits per (list head,
+    sequence, 128-row query tile)."""
+    bias = dict(bias=KEY, Hb=Hb) if Hb else {}
+    plan = planner(**PREFILL, mask=KEY, Hm=Hm, window=(-1, 0) if causal else (-1, -1), **bias)
+    assert plan["sm90a"] and plan["sm90a_slots"] and plan["key_lists_heads"] == Hm
+    B, Hk, D, total_k = PREFILL["B"], PREFILL["Hk"], PREFILL["D"], PREFILL["total_k"]
+    extent = -(-(total_k + 32 * (B + 1) + 128) // 32) * 32
+    parts = 8 * B * Hm * 2 + 4  # 3865 keys: two compaction parts per list, and the ticket
+    expected = (4 * Hm * total_k + 4 * Hm * B + parts  # the lists
+                + 2 * total_k * Hk * D * 2  # K and V slots, bf16
+                + 4 * Hm * extent + (4 * max(Hb, Hm) * extent if Hb else 0)
+                + (8 * Hm * B * -(-3865 // 128) if causal else 0))
+    assert 0 <= plan["workspace"] - expected < 7 * 256  # each piece 256-byte aligned
+
+
+def test_key_side_masks_keep_the_sm80_kernels_for_decode(planner):
+    """The decode kernel keeps key-side masks (its own token-level gathers); the sm90a slots are prefill only."""
+    plan = planner(**WORKLOAD, mask=KEY, Hm=8, bias=KEY, Hb=8)
+    assert plan["kernel"] == "decode" and not plan["sm90a_slots"]

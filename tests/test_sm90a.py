@@ -1,6 +1,7 @@
 """The sm90a prefill kernel (wgmma + TMA; csrc/cuda/sm90a/) beside the sm80 one: calls without mask, bias or key pool
-(causal or not, windows, key ranges, softcap, sinks, seqused_k) run on it on a cc 9.0 device, every other call on the
-sm80 kernels.
+(causal or not, windows, key ranges, softcap, sinks, seqused_k) run on it on a cc 9.0 device, and so do key-side masks
+(with or without a key-side bias) whose heads each KV group shares, over their kept rows gathered into dense slots;
+every other call runs on the sm80 kernels.
 Every shape runs both ways, the sm80 path forced through the documented debug variable DMATTN_ARCH=sm80, each judged
 by the float64 reference and the accuracy rule of tests/samples.py. GPU only; on devices other than cc 9.0 (or a
 build without the sm90a path) the automatic choice is the sm80 kernel, which test_choice checks."""
@@ -144,15 +145,17 @@ def _plan_sm90a(capfd):
         (Spec("window", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), window=(200, 0)), True),
         (Spec("narrow_window", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), window=(100, 0)), False),
         (Spec("softcap", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), softcap=30.0), True),
-        (Spec("key_mask", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="key"), False),
+        (Spec("key_mask", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="key"), True),
+        (Spec("key_mask_per_head", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="key",
+              mask_heads="H"), False),
         (Spec("key_bias", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), bias="key"), False),
     ],
     ids=lambda x: x.name if isinstance(x, Spec) else str(x),
 )
 def test_choice(spec, sm90a, monkeypatch, capfd, cuda_device):
-    """Prefill without mask, bias or key pool takes the sm90a kernel on a cc 9.0 device with the sm90a path built, and
-    never elsewhere; calls with a mask or bias, and windows of at most 128 keys, take the sm80 kernels; DMATTN_ARCH=sm80
-    forces them."""
+    """Prefill without mask, bias or key pool, or with a key-side mask of 1 or Hk heads, takes the sm90a kernel on a cc
+    9.0 device with the sm90a path built, and never elsewhere; other masks, a bias alone, and windows of at most 128 keys
+    take the sm80 kernels; DMATTN_ARCH=sm80 forces them."""
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
     capfd.readouterr()
     _check(spec, torch.bfloat16)
@@ -191,7 +194,7 @@ def test_windowed_calls_run_persistent(monkeypatch, capfd, cuda_device):
         capfd.readouterr()
         _check(spec, torch.bfloat16)
         torch.cuda.synchronize()
-        return [int(x) for x in re.findall(r"sm90a=1 sm90a_ctas=(\d+)", capfd.readouterr().err)]
+        return [int(x) for x in re.findall(r"sm90a=1 sm90a_slots=\d sm90a_ctas=(\d+)", capfd.readouterr().err)]
 
     assert ctas(RANGED_SPECS[0]) == [sms]
     assert ctas(SPECS[2]) == [0]
@@ -238,11 +241,14 @@ def test_nonfinite_v_outside_the_window(dtype, arch):
     assert torch.equal(out[150:251, 0:2], clean[150:251, 0:2])
 
 
-# Three sequences each (the lies of test_varlen_fwd._lying rewrite three), no mask or bias: the sm90a kernel's calls.
+# Three sequences each (the lies of test_varlen_fwd._lying rewrite three): the sm90a kernel's calls, a key-side mask
+# (its kept rows gathered) among them.
 LYING_SPECS = [
     Spec("lying_causal", heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(140, 7, 300), is_causal=True),
     Spec("lying_window", heads=4, heads_k=2, seqlens_q=(300, 1, 200), seqlens_k=(300, 64, 260), window=(64, 0),
          is_causal=True),
+    Spec("lying_key_mask", heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 400), is_causal=True,
+         mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="H"),
 ]
 
 
@@ -258,3 +264,45 @@ def test_cuda_lying_cu_seqlens_stay_in_bounds_on_each_path(spec, case, arch):
     sample = _lying(make_sample(spec, torch.bfloat16, "cuda"), case)
     out, lse = sample.run()
     assert out.isnan().all() and lse.isnan().all(), f"{arch}: a broken contract must give NaN everywhere"
+
+
+# Key-side masks on the sm90a kernel (kept rows gathered into dense slots, passes.h KeptRows): list heads 1 / Hk, biases
+# of every head broadcast in float32 and q's dtype (-inf entries too), causal with more keys or more queries than the
+# other, tiles of kept slots cut everywhere, block-sparse runs, fully masked rows and sequences, empty sequences, rows
+# past the last sequence, seqused_k, sinks, D 64 / 128, MQA and MHA.
+SLOT_SPECS = [
+    Spec("slots_causal_hk", heads=8, heads_k=2, seqlens_q=(300, 129, 1), seqlens_k=(700, 128, 260), is_causal=True,
+         mask="key", mask_heads="Hk", keep=0.5),
+    Spec("slots_bias_h", heads=8, heads_k=2, seqlens_q=(200, 64), seqlens_k=(1000, 64), is_causal=True, mask="key",
+         keep=0.4, bias="key", bias_heads="H"),
+    Spec("slots_bias_hk_q_dtype", heads=4, heads_k=4, seqlens_q=(257, 90), seqlens_k=(513, 90), mask="key",
+         mask_heads="Hk", keep=0.7, bias="key", bias_heads="Hk", bias_dtype="q", bias_neg_inf=True),
+    Spec("slots_bias_1_more_queries", heads=4, heads_k=1, seqlens_q=(300, 17), seqlens_k=(130, 3), is_causal=True,
+         mask="key", keep=0.6, bias="key"),
+    Spec("slots_runs", heads=8, heads_k=2, seqlens_q=(1500, 513), seqlens_k=(1500, 513), is_causal=True, mask="key",
+         mask_heads="Hk", keep=0.3, mask_runs=64, bias="key", bias_heads="Hk"),
+    Spec("slots_masked_rows", heads=4, heads_k=2, seqlens_q=(130, 40, 70), seqlens_k=(300, 40, 90), is_causal=True,
+         mask="key", mask_heads="Hk", keep=0.5, masked_rows=True, bias="key", bias_heads="H"),
+    Spec("slots_empty_and_past_the_end", heads=4, heads_k=2, seqlens_q=(0, 130, 5, 0), seqlens_k=(20, 0, 140, 0),
+         mask="key", keep=0.5, bias="key", bias_heads="Hk", extra_rows_q=9),
+    Spec("slots_seqused_sinks_d64", head_dim=64, heads=6, heads_k=3, seqlens_q=(250, 90), seqlens_k=(400, 300),
+         seqused_k=(333, 120), is_causal=True, mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="H",
+         sinks="float32"),
+]
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("spec", SLOT_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("path", ["auto", "persistent3", "sm80"])
+def test_cuda_key_side_masks_over_kept_slots_match_reference(spec, dtype, path, monkeypatch, capfd, cuda_device):
+    """A key-side mask (with its bias) runs on the sm90a kernel over its kept rows gathered into dense slots (a CTA
+    per unit, or persistent on 3 CTAs through DMATTN_SM90A_CTAS), and on the sm80 kernels forced; each matches the
+    float64 reference, and the plan names the path it took."""
+    for name, value in ARCHS[path].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    capfd.readouterr()
+    _check(spec, dtype, label=path)
+    torch.cuda.synchronize()
+    slots = re.findall(r"kernel=prefill .*sm90a_slots=(\d)", capfd.readouterr().err)
+    assert slots == [str(int(path != "sm80" and _sm90a_device()))]

@@ -87,6 +87,8 @@ struct FwdPlan {
                                 // (the decode kernel with query-side operands: the lists of passes.h, KeyLists)
   bool query_terms = false;     // decode kernel: query-side operands gathered along the lists (QueryTerms)
   bool sm90a = false;           // prefill on the sm90a path (wgmma + TMA) where it is compiled; else the sm80 one
+  bool sm90a_slots = false;     // sm90a with a key-side mask: its kept K / V rows gathered into dense slots first
+                                // (gather_kept_rows, passes.h KeptRows), which the kernel reads as whole tiles
   int32_t sm90a_ctas = 0;       // sm90a: > 0, a persistent grid of that many CTAs walks the work units (query tile,
                                 // head, sequence); 0, a CTA per unit
   int32_t block_map_heads = 0;  // > 0: a query-side mask with that many heads is summarized by blocks first
@@ -133,20 +135,44 @@ inline bool decode_supports(const VarlenFwdParams& p) {
   return packable(p.mask) && packable(p.bias);
 }
 
-// Whether the sm90a prefill kernel can run p on a cc 9.0 device: no mask, bias or key pool (windows, key ranges,
-// softcap, sinks and seqused_k are its own; causal or not), 16-bit q / k / v whose base addresses and row / head
-// strides TMA can address (16-byte multiples), head dims 64 / 128, and tensors TMA coordinates reach (int32).
-inline bool sm90a_supports(const VarlenFwdParams& p) {
+// Whether the sm90a kernel's TMA can read p's tensors: 16-bit q / k / v whose base addresses and row / head strides
+// are 16-byte multiples, head dims 64 / 128, and row counts TMA coordinates reach (int32).
+inline bool sm90a_tensors_fit(const VarlenFwdParams& p) {
   auto aligned = [](const void* ptr, int64_t row_stride, int64_t head_stride) {
     return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && row_stride % 8 == 0 && head_stride % 8 == 0 &&
            row_stride > 0;
   };
-  return !p.mask.present() && !p.bias.present() && p.kv_slots == nullptr &&
-         (p.dtype == ScalarType::kFloat16 || p.dtype == ScalarType::kBFloat16) &&
+  return (p.dtype == ScalarType::kFloat16 || p.dtype == ScalarType::kBFloat16) &&
          (p.head_dim == 64 || p.head_dim == 128) && p.total_q > 0 && p.total_k > 0 && p.total_q < INT32_MAX &&
          p.total_k < INT32_MAX && p.num_heads > 0 && p.num_heads_k > 0 && p.num_heads % p.num_heads_k == 0 &&
          aligned(p.q, p.q_row_stride, p.q_head_stride) && aligned(p.k, p.k_row_stride, p.k_head_stride) &&
          aligned(p.v, p.v_row_stride, p.v_head_stride);
+}
+
+// Whether the sm90a prefill kernel can run p on a cc 9.0 device as it is: no mask, bias or key pool (windows, key
+// ranges, softcap, sinks and seqused_k are its own; causal or not).
+inline bool sm90a_supports(const VarlenFwdParams& p) {
+  return !p.mask.present() && !p.bias.present() && p.kv_slots == nullptr && sm90a_tensors_fit(p);
+}
+
+// The kept K / V rows a call may gather for the sm90a kernel, at most (KeptRows: a copy as large as k and v).
+constexpr int64_t kMaxKeptRowBytes = int64_t{4} << 30;
+
+// Bytes of the kept K / V rows (KeptRows::k and v together): k's and v's packed shape, dense.
+inline int64_t kept_row_bytes(const VarlenFwdParams& p) {
+  return 2 * p.total_k * p.num_heads_k * p.head_dim * 2;
+}
+
+// Whether the sm90a kernel can run p over gathered kept-key slots (FwdPlan::sm90a_slots, passes.h KeptRows): a
+// key-side mask whose heads every query head of a KV group shares (Hm in {1, Hk}: one list per KV head), no bias or a
+// key-side one (any heads), no key pool, nothing that takes the kRanged variant (windows, key ranges, softcap: the
+// plain variant's causal limit or none), and kept rows within kMaxKeptRowBytes.
+inline bool sm90a_slots_supports(const VarlenFwdParams& p) {
+  if (!sm90a_tensors_fit(p) || p.kv_slots != nullptr || p.mask.layout != OperandLayout::kKeySide) return false;
+  if (p.bias.present() && p.bias.layout != OperandLayout::kKeySide) return false;
+  const int32_t group = p.num_heads / p.num_heads_k;
+  return p.mask.head_group % group == 0 && p.window_left < 0 && p.window_right <= 0 && p.key_range == nullptr &&
+         !(p.softcap > 0.f) && kept_row_bytes(p) <= kMaxKeptRowBytes;
 }
 
 // Whether an sm90a call takes the kernel's kRanged variant: some row has its own key interval (a window's left edge,
@@ -175,6 +201,15 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
   // made of expanded columns) is left out and the kernel scans its tiles instead.
   auto prefill = [&] {
     plan.sm90a = dev.cc == 90 && !o.sm80_only && sm90a_supports(p);
+    // A key-side mask: the kept keys as dense slots, so that a mask keeping half the keys costs about half the work
+    // on the sm90a kernel (the compaction's lists, then gather_kept_rows). A CTA per unit unless DMATTN_SM90A_CTAS
+    // asks for a persistent grid (8.6% faster on the H200's masked prefill batch, run BQ, but not yet run under
+    // compute-sanitizer: benchmarks/results/NOTES.md).
+    if (dev.cc == 90 && !o.sm80_only && sm90a_slots_supports(p)) {
+      plan.sm90a = plan.sm90a_slots = true;
+      plan.sm90a_ctas = o.sm90a_ctas > 0 ? o.sm90a_ctas : 0;
+      return plan;
+    }
     // A window of at most kSm90aMinWindow keys runs faster on the sm80 kernel (its units are a tile or two; measured
     // on an H200, benchmarks/results/README.md), unless DMATTN_SM90A_CTAS asks for the sm90a kernel.
     if (plan.sm90a && o.sm90a_ctas == 0 && p.window_left >= 0 && p.window_right >= 0 &&
@@ -267,7 +302,9 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
 // the decode units' order (decode with unit_order): (B, Hk) int32; the block map (query-side mask):
 // (Hm, ceil(total_q / 64), ceil(key extent / 32)) bytes, 1 / 2048 of the mask, and v's flags (Hk, ceil(total_k / 64))
 // bytes; the query-side terms (decode with query-side operands): (list heads, max_seqlen_q, total_k + 64 (B + 1)), 2
-// or 4 bytes.
+// or 4 bytes; the kept K / V rows (sm90a with a key-side mask): k and v's packed shape each, their positions (Hm,
+// extent) int32 and bias (bias heads, extent) float32 (extent = total_k + 32 (B + 1) + 128, rounded up to 32), and for a
+// causal call the slot limits (Hm, B, ceil(max_seqlen_q / 128), 2) int32.
 // 256-byte aligned pieces, so a new one can be appended without disturbing the alignment of the others.
 constexpr size_t kWorkspaceAlign = 256;
 
@@ -275,7 +312,7 @@ inline size_t align_up(size_t bytes) { return (bytes + kWorkspaceAlign - 1) / kW
 
 struct WorkspaceLayout {
   size_t key_index = 0, key_count = 0, split_max = 0, split_sum = 0, split_o = 0, unit_order = 0, block_map = 0;
-  size_t query_terms = 0, key_parts = 0, v_nonfinite = 0;
+  size_t query_terms = 0, key_parts = 0, v_nonfinite = 0, kept_k = 0, kept_v = 0, kept_pos = 0, kept_bias = 0, kept_limits = 0;
   size_t total = 0;                                                 // bytes
 };
 
@@ -312,6 +349,23 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
   if (plan.v_flags) {
     w.v_nonfinite = w.total;
     w.total += align_up(static_cast<size_t>(BlockMap::v_bytes(p)));
+  }
+  if (plan.sm90a_slots) {
+    const size_t rows = static_cast<size_t>(kept_row_bytes(p) / 2);
+    w.kept_k = w.total;
+    w.total += align_up(rows);
+    w.kept_v = w.total;
+    w.total += align_up(rows);
+    const size_t extent = static_cast<size_t>(KeptRows::extent_of(p));
+    w.kept_pos = w.total;
+    w.total += align_up(sizeof(int32_t) * static_cast<size_t>(plan.key_lists_heads) * extent);
+    w.kept_bias = w.total;
+    w.total += align_up(sizeof(float) * static_cast<size_t>(KeptRows::bias_heads_of(p, plan.key_lists_heads)) * extent);
+    if (p.window_right == 0) {  // causal
+      w.kept_limits = w.total;
+      w.total += align_up(2 * sizeof(int32_t) * static_cast<size_t>(plan.key_lists_heads) *
+                          static_cast<size_t>(p.batch) * static_cast<size_t>(KeptRows::tiles_of(p)));
+    }
   }
   if (plan.query_terms) {
     w.query_terms = w.total;
@@ -361,6 +415,16 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
                  static_cast<int32_t>(BlockMap::blocks(p.total_q, BlockMap::kRows)),
                  static_cast<int32_t>(BlockMap::blocks(BlockMap::key_extent(p), BlockMap::kCols)),
                  plan.block_map_heads};
+  }
+  if (plan.sm90a_slots) {
+    ws.kept.k = bytes + w.kept_k;
+    ws.kept.v = bytes + w.kept_v;
+    ws.kept.pos = reinterpret_cast<int32_t*>(bytes + w.kept_pos);
+    ws.kept.extent = KeptRows::extent_of(p);
+    ws.kept.bias_heads = static_cast<int32_t>(KeptRows::bias_heads_of(p, plan.key_lists_heads));
+    if (ws.kept.bias_heads > 0) ws.kept.bias = reinterpret_cast<float*>(bytes + w.kept_bias);
+    if (p.window_right == 0) ws.kept.limits = reinterpret_cast<int32_t*>(bytes + w.kept_limits);
+    ws.kept.query_tiles = static_cast<int32_t>(KeptRows::tiles_of(p));
   }
   if (plan.v_flags) {
     ws.blocks.v_nonfinite = reinterpret_cast<uint8_t*>(bytes + w.v_nonfinite);

@@ -6,6 +6,8 @@
 //           build_block_map  a query-side mask -> per (mask head, block of query rows, block of key positions) a
 //                            summary (no key visible / every key visible / some), so the prefill kernel skips dead
 //                            tiles and runs whole-visible ones without reading the mask (block_map.cu)
+//           gather_kept_rows  after compact_keys, for the sm90a kernel: the kept keys' K / V rows (and key-side bias)
+//                            copied into dense slots, so TMA reads them as whole tiles (kept_rows.cu)
 //           order_decode_units  the decode kernel's (sequence, KV head) units sorted longest first (decode_order.cu)
 //   after:  combine_splits   the decode kernel's per-split partial results -> out and lse (split_combine.cu); where
 //                            the plan says so (FwdPlan::combine_finishes), finish_rows' work too, in its stead
@@ -196,14 +198,60 @@ struct BlockMap {
   }
 };
 
+// A key-side mask's kept keys as dense slots, for the sm90a kernel (TMA reads whole tiles of consecutive rows and
+// cannot gather): gather_kept_rows copies, for sequence b (keys from k_start), KV head hk and its list l (KeyLists:
+// the list of hk's query heads) and each c < keys.kept(b, l, k_len),
+//   k[((k_start + c) * Hk + hk) * D + d] = K[k_start + index[l, k_start + c], hk, d]       (v alike)
+//   pos[l * extent + segment(k_start, b) + c]  = index[l, k_start + c], the slot's key position
+//   bias[g * extent + segment(k_start, b) + c] = the key-side bias of that key for bias head g, float32
+// (bias heads: the finer of the bias's and the lists' heads; query head h reads g = h / (H / bias_heads)). Segments
+// start 128-byte aligned, so the kernel copies a KV tile's positions and biases with one bulk copy each, and a tile
+// read past a list's end stays inside extent. For a causal call, per (list, sequence, query tile m of kTileRows
+// rows), the slots whose positions lie below the causal limit of the tile's first row and of its last row:
+//   limits[((l * B + b) * query_tiles + m) * 2 + {0, 1}]
+// Slots past a list's count are not written: the kernel hides them, and scans their V rows as it scans any hidden
+// key's. Null k when the plan gathers nothing (FwdPlan::sm90a_slots).
+struct KeptRows {
+  static constexpr int kTileRows = 128;  // the sm90a kernel's query tile (tile_shape_sm90a)
+  static constexpr int kTileKeys = 128;  // and its KV tile
+  static constexpr int kAlign = 32;      // slots: a segment starts 128-byte aligned
+  void* k = nullptr;
+  void* v = nullptr;
+  int32_t* pos = nullptr;
+  float* bias = nullptr;      // null: no bias
+  int32_t bias_heads = 0;
+  int64_t extent = 0;         // slots per list head / bias head in pos and bias
+  int32_t* limits = nullptr;  // null: not causal
+  int32_t query_tiles = 0;    // ceil(max_seqlen_q / kTileRows)
+
+  static int64_t bias_heads_of(const VarlenFwdParams& p, int64_t list_heads) {
+    if (!p.bias.present()) return 0;
+    const int64_t bias_heads = p.num_heads / p.bias.head_group;
+    return bias_heads > list_heads ? bias_heads : list_heads;
+  }
+  static int64_t tiles_of(const VarlenFwdParams& p) { return (p.max_seqlen_q + kTileRows - 1) / kTileRows; }
+  // segment(k_start, b) + k_len <= total_k + kAlign (b + 1) for clamped sequences, and a tile reads at most
+  // kTileKeys - 1 slots past them.
+  static int64_t extent_of(const VarlenFwdParams& p) {
+    return (p.total_k + int64_t{kAlign} * (p.batch + 1) + kTileKeys + kAlign - 1) / kAlign * kAlign;
+  }
+  DMATTN_HOST_DEVICE static int64_t segment(int64_t k_start, int64_t b) {
+    return (k_start + kAlign - 1) / kAlign * kAlign + kAlign * b;
+  }
+};
+
 // Everything a call's kernels find in its workspace (heuristics.h: workspace_layout, carve_workspace).
 struct Workspace {
   KeyLists keys;
   SplitPartials splits;
   BlockMap blocks;
+  KeptRows kept;
 };
 
 cudaError_t compact_keys(const VarlenFwdParams& p, const KeyLists& keys, cudaStream_t stream);
+// Fills rows from the lists of compact_keys (nothing when rows.k is null).
+cudaError_t gather_kept_rows(const VarlenFwdParams& p, const KeyLists& keys, const KeptRows& rows,
+                             cudaStream_t stream);
 // Fills splits.unit_order, longest unit first, from the kept-key counts of compact_keys (nothing when either is
 // null).
 cudaError_t order_decode_units(const VarlenFwdParams& p, const KeyLists& keys, const SplitPartials& splits,

@@ -1,7 +1,10 @@
 // fwd_kernel.cuh: the sm90a prefill kernel (wgmma + TMA, warp-specialized): attention over packed varlen sequences
 // without mask or bias operands, causal or not, any GQA ratio, sinks and seqused_k; its kRanged variant adds what
-// gives each query row its own key interval (a sliding window, per-query key ranges) and the softcap. The plan sends
-// it no mask, bias or key pool (heuristics.h, sm90a_supports); those take the sm80 kernels.
+// gives each query row its own key interval (a sliding window, per-query key ranges) and the softcap; its kSlots
+// variant runs a key-side mask (and key-side bias) over the kept keys gathered into dense slots before it (passes.h
+// KeptRows: TMA reads whole tiles of consecutive rows), so a mask that keeps half the keys costs about half the
+// tiles. The plan sends it no other mask, bias or key pool (heuristics.h, sm90a_supports, sm90a_slots_supports);
+// those take the sm80 kernels.
 //
 // Work units are (query tile, query head, sequence), a sequence's last query tiles first as in the sm80 prefill
 // kernel: a CTA per unit (grid (query tiles, heads, sequences)), or kPersistent, a CTA per SM walking every
@@ -17,7 +20,10 @@
 // The tiles of a unit (unit_work): plain, from key 0 to the causal limit of its last row; kRanged, from the lowest
 // key any of its rows sees to the highest (the first and last rows' windows, or TileKeys: key ranges reduced over the
 // rows). Tiles that every row sees whole take raw scores; the others (the causal diagonal, a window's edges, the
-// sequence's end) are limited per element.
+// sequence's end) are limited per element. kSlots: tile n holds slots [n kBlockN, (n + 1) kBlockN) of the unit's
+// kept-key list; the causal limits of the unit's first and last rows, as slot counts, come from the gather
+// (KeptRows::limits); a tile that hides keys compares its slots' key positions (the list) with each row's limit, and
+// a key-side bias is added per slot on every tile.
 // TMA reads whole tiles: a tile's rows past the sequence belong to the next sequence or to nothing (zero-filled past
 // the tensor). Their scores are hidden (-inf); their V rows, like any hidden key's, must not turn 0 * inf into NaN,
 // so the tiles that hide keys run the scan of ../sm80/nonfinite_v.cuh over V (zero the inf / NaN elements, poison a
@@ -194,6 +200,18 @@ struct UnitGrid {
   cutlass::FastDivmod heads;  // persistent: p.num_heads (a unit number's head and query tile without a division)
 };
 
+// kSlots: where the kept keys' lists and gathered operands are (passes.h KeyLists, KeptRows; null otherwise). Query
+// head h reads list h / heads_per_list and bias head h / bias_group; a KV tile's positions and biases are copied into
+// shared memory with its K (one bulk copy each, on K's full barrier).
+struct SlotLists {
+  const int32_t* count = nullptr;   // (B, mask_heads): KeyLists::count
+  const int32_t* pos = nullptr;     // (mask_heads, extent): KeptRows::pos
+  const float* bias = nullptr;      // (H / bias_group, extent) float32 per slot, or null
+  const int32_t* limits = nullptr;  // causal: (mask_heads, B, query_tiles, 2) slot counts, or null
+  int64_t extent = 0;
+  int32_t mask_heads = 0, heads_per_list = 1, bias_group = 1, query_tiles = 0;
+};
+
 // What both roles know of one unit: its sequence, head and rows, and its KV tiles: [n_begin, n_end) hold every key
 // some row sees, tiles in [whole_begin, whole_end) are seen whole by every row (the others are limited per element).
 struct UnitWork {
@@ -201,15 +219,17 @@ struct UnitWork {
   int64_t k_start;
   int q_len, k_len, h, hk, m_block, m0, rows;
   int n_begin, n_end, whole_begin, whole_end;
+  int kept, list;  // kSlots: the unit's kept keys (slots) and its list head
+  int64_t seg;     // kSlots: its sequence's segment in the slot positions and biases (KeptRows::segment)
 };
 
 // The work of the unit of query tile m_block, head h and sequence seq0 + z. Plain: from key 0 to the causal limit of
 // the last row, whole up to the first row's. kRanged: the rows' intervals (row_keys) rise with the row, so the first
 // and last rows bound them (visible_keys); with key_range they are reduced over the rows (reduce_tile_keys, a CTA per
-// unit) and read from tile_keys.
-template <int kBlockM, int kBlockN, bool kRanged>
+// unit) and read from tile_keys. kSlots (plain only): in slots of the unit's list, from the gather's limits.
+template <int kBlockM, int kBlockN, bool kRanged, bool kSlots = false>
 __device__ __forceinline__ UnitWork unit_work(const VarlenFwdParams& p, const UnitGrid& grid, int m_block, int h,
-                                              int z, const int (*tile_keys)[4]) {
+                                              int z, const int (*tile_keys)[4], const SlotLists& slots = {}) {
   UnitWork w;
   const int b = grid.seq0 + z;
   w.h = h;
@@ -223,7 +243,27 @@ __device__ __forceinline__ UnitWork unit_work(const VarlenFwdParams& p, const Un
   w.m0 = w.m_block * kBlockM;
   w.rows = min(kBlockM, w.q_len - w.m0);
   const int shift = w.k_len - w.q_len;
-  if constexpr (!kRanged) {
+  w.kept = w.list = 0;
+  w.seg = 0;
+  if constexpr (kSlots) {
+    static_assert(!kRanged, "kept-key slots take the plain variant");
+    static_assert(kBlockM == KeptRows::kTileRows, "the gather's limits are per query tile of the kernel");
+    w.list = w.h / slots.heads_per_list;
+    const int n = slots.count[static_cast<int64_t>(b) * slots.mask_heads + w.list];
+    w.kept = n < 0 ? 0 : min(n, w.k_len);  // KeyLists::kept
+    w.seg = KeptRows::segment(w.k_start, b);
+    int first = w.kept, last = w.kept;     // slots below the first / last row's causal limit
+    if (slots.limits != nullptr && w.m0 < w.q_len) {
+      const int32_t* lim =
+          slots.limits + ((static_cast<int64_t>(w.list) * p.batch + b) * slots.query_tiles + m_block) * 2;
+      first = min(max(lim[0], 0), w.kept);
+      last = min(max(lim[1], 0), w.kept);
+    }
+    w.n_begin = 0;
+    w.n_end = (last + kBlockN - 1) / kBlockN;
+    w.whole_begin = 0;
+    w.whole_end = first / kBlockN;
+  } else if constexpr (!kRanged) {
     // Causal is window_right = 0 here (the plain variant has no other window): query i sees keys j <= i + shift.
     const bool causal = p.window_right >= 0;
     const int limit_last = causal ? min(w.k_len, max(w.m0 + w.rows - 1 + shift + 1, 0)) : w.k_len;
@@ -256,10 +296,10 @@ __device__ __forceinline__ UnitWork unit_work(const VarlenFwdParams& p, const Un
   return w;
 }
 
-template <typename Traits, bool kRanged, bool kPersistent>
+template <typename Traits, bool kRanged, bool kPersistent, bool kSlots>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
 fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ TmaParams<Traits> tma,
-           const UnitGrid grid) {
+           const UnitGrid grid, const __grid_constant__ SlotLists slots) {
   using namespace cute;
   using Elem = typename Traits::Elem;
   using Pipeline = typename Traits::Pipeline;
@@ -290,10 +330,11 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
         const int mid = (lo + hi) / 2;
         if (smem.unit_tiles[mid] <= j) lo = mid; else hi = mid;
       }
-      return unit_work<kBlockM, kBlockN, kRanged>(p, grid, smem.unit_tiles[lo + 1] - 1 - j, h, lo, smem.tile_keys);
+      return unit_work<kBlockM, kBlockN, kRanged, kSlots>(p, grid, smem.unit_tiles[lo + 1] - 1 - j, h, lo,
+                                                          smem.tile_keys, slots);
     } else {
-      return unit_work<kBlockM, kBlockN, kRanged>(p, grid, grid.query_tiles - 1 - static_cast<int>(blockIdx.x),
-                                                  blockIdx.y, blockIdx.z, smem.tile_keys);
+      return unit_work<kBlockM, kBlockN, kRanged, kSlots>(p, grid, grid.query_tiles - 1 - static_cast<int>(blockIdx.x),
+                                                          blockIdx.y, blockIdx.z, smem.tile_keys, slots);
     }
   };
 
@@ -309,8 +350,11 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   pipe_params.role = warpgroup == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pipe_params.is_leader = threadIdx.x == 0;
   pipe_params.num_consumers = Traits::kConsumerThreads;
-  Pipeline pipe_k(smem.pipe_k, pipe_params, Shape<_1, _1, _1>{});
   Pipeline pipe_v(smem.pipe_v, pipe_params, Shape<_1, _1, _1>{});
+  // kSlots: a K tile's full barrier also counts the bulk copies of its slots' positions and biases.
+  constexpr uint32_t kSlotBytes = kBlockN * 4;
+  if constexpr (kSlots) pipe_params.transaction_bytes += kSlotBytes * (slots.bias != nullptr ? 2 : 1);
+  Pipeline pipe_k(smem.pipe_k, pipe_params, Shape<_1, _1, _1>{});
   // The CTA's k-th Q load goes to buffer k % kQBuffers: its q_full barrier says it landed (a transaction barrier),
   // its q_empty (persistent CTAs) that every consumer thread's last S GEMM of that unit is done with it. A buffer's
   // i-th use has phase i % 2.
@@ -396,6 +440,15 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
         for (int n = w.n_end - 1; n >= w.n_begin; --n) {
           pipe_k.producer_acquire(state);
           copy(tma.k.with(*pipe_k.producer_get_barrier(state)), tKg(_, n), tKs(_, state.index()));
+          if constexpr (kSlots) {
+            const int64_t at = w.seg + static_cast<int64_t>(n) * kBlockN;
+            SM90_BULK_COPY_G2S::copy(slots.pos + w.list * slots.extent + at, pipe_k.producer_get_barrier(state),
+                                     smem.slot_pos[state.index()], kSlotBytes);
+            if (slots.bias != nullptr) {
+              SM90_BULK_COPY_G2S::copy(slots.bias + (w.h / slots.bias_group) * slots.extent + at,
+                                       pipe_k.producer_get_barrier(state), smem.slot_bias[state.index()], kSlotBytes);
+            }
+          }
           pipe_v.producer_acquire(state);
           copy(tma.v.with(*pipe_v.producer_get_barrier(state)), tVg(_, n), tVs(_, state.index()));
           ++state;
@@ -466,7 +519,42 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
     // O += P_n V_n. The GEMMs overlap the softmax: S_n is issued together with the previous tile's P V and waited
     // for alone, so the exponentials of tile n run while the tensor cores finish P_{n+1} V_{n+1}; O is rescaled once
     // that product has landed.
-    auto scores = [&](int n) {  // S_n -> scale, softcap and limits (raw scores where every row sees every key)
+    // S_n (in K stage `stage`) -> scale, softcap and limits (raw scores where every row sees every key).
+    auto scores = [&](int n, int stage) {
+      if constexpr (kSlots) {  // bias per slot; on a tile that hides keys, each slot's position against the rows' limits
+        const bool hides = hides_keys(n), biased = slots.bias != nullptr;
+        const int32_t* slot_pos = smem.slot_pos[stage];
+        const float* slot_bias = smem.slot_bias[stage];
+        if (!hides && !biased && scale > 0.f) return scale;
+        int limit[2];  // positions below it are the row's (every slot of a whole tile is)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int i = row0 + 8 * half;
+          limit[half] = !hides ? INT_MAX : causal ? min(w.k_len, i + shift + 1) : w.k_len;
+        }
+        const int slot0 = n * kBlockN;
+#pragma unroll
+        for (int nt = 0; nt < kN8; ++nt) {
+          // Four column pairs' reads at a time: ptxas hoisted every read of the loop otherwise, and 32 bias
+          // values live at once spilled.
+          if (nt % 4 == 0) asm volatile("" ::: "memory");
+          const int col = nt * 8 + 2 * t;
+          const float2 b2 = biased ? *reinterpret_cast<const float2*>(slot_bias + col) : make_float2(0.f, 0.f);
+          const int2 p2 = hides ? *reinterpret_cast<const int2*>(slot_pos + col) : make_int2(0, 0);
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            // Past the unit's slots the copy brought what lies there: a position no row sees.
+            const int pos = !hides ? 0 : slot0 + col + e < w.kept ? (e ? p2.y : p2.x) : INT_MAX;
+            const float b = e ? b2.y : b2.x;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              float& x = s[0][nt][2 * half + e];
+              x = pos < limit[half] ? x * scale + b : -INFINITY;
+            }
+          }
+        }
+        return 1.f;
+      }
       const bool capped = kRanged && p.softcap > 0.f;
       float score_mul = scale;
       if (hides_keys(n) || capped || !(scale > 0.f)) {  // the softmax may fold only a positive scale
@@ -526,8 +614,9 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
         if (kPersistent || cw == 0 || j > 0) hand_turn(cw);  // issued: the other warpgroup's turn
       });
       if (kPersistent && j == 0) q_empty(qb).arrive();
-      pipe_k.consumer_release(state);
-      const float score_mul = scores(n);
+      if constexpr (!kSlots) pipe_k.consumer_release(state);
+      const float score_mul = scores(n, state.index());
+      if constexpr (kSlots) pipe_k.consumer_release(state);  // the stage's positions and biases read
       pipe_v.consumer_wait(state);
       const bool v_fix = check_v(n, state.index());
       softmax.update_scores(s, score_mul, alpha);
@@ -550,8 +639,9 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       warpgroup_wait<1>();  // S_n landed; the P V may still run
       warpgroup_fence_operand(tSrS);
       if (kPersistent && j == 0) q_empty(qb).arrive();
-      pipe_k.consumer_release(state);
-      const float score_mul = scores(n);
+      if constexpr (!kSlots) pipe_k.consumer_release(state);
+      const float score_mul = scores(n, state.index());
+      if constexpr (kSlots) pipe_k.consumer_release(state);
       pipe_v.consumer_wait(state);
       const bool v_fix = check_v(n, state.index());
       const bool rescale = softmax.update_scores(s, score_mul, alpha);

@@ -83,6 +83,9 @@ struct FwdTraits {
     typename Pipeline::SharedStorage pipe_k, pipe_v;
     alignas(8) uint64_t q_full[kQBuffers];   // Q landed (transaction barriers)
     alignas(8) uint64_t q_empty[kQBuffers];  // the consumers are done with that Q buffer
+    // kSlots: each K stage's slot positions and biases (bulk copies on K's full barrier; fwd_kernel.cuh)
+    alignas(128) int32_t slot_pos[kStages][kBlockN];
+    alignas(128) float slot_bias[kStages][kBlockN];
     uint8_t v_bad[kBlockN];      // slots of the current V tile whose row held inf / NaN (rare path)
     int tile_keys[4][4];         // kRanged with key ranges: the producer warps' parts of the unit's TileKeys
     // Persistent CTAs of a launch of at most kUnitTableSeqs sequences: query tiles of sequences [0, z) in entry z

@@ -1,7 +1,8 @@
 // launch.cuh: the sm90a path's launcher. Calls the plan gives to this path (FwdPlan::sm90a: prefill without mask,
 // bias or key pool, heuristics.h sm90a_supports) run the wgmma / TMA kernel of fwd_kernel.cuh, in its kRanged
-// variant where a row has its own key interval (sm90a_ranged); every other call (masks, biases, decode, key pools)
-// runs the sm80 path's kernels, which run on every cc >= 8.0.
+// variant where a row has its own key interval (sm90a_ranged), in its kSlots variant over a key-side mask's kept keys
+// gathered into dense slots (FwdPlan::sm90a_slots: K / V's TMA views are over the gathered rows); every other call
+// (other masks and biases, decode, key pools) runs the sm80 path's kernels, which run on every cc >= 8.0.
 // Included by the generated instantiation files (tools/kernel_matrix.py), compiled for sm_90a only.
 #pragma once
 
@@ -26,36 +27,43 @@ auto gmem_rows(const void* ptr, int64_t rows, int32_t head_dim, int32_t heads, i
                                  make_stride(row_stride, _1{}, head_stride)));
 }
 
-// The kernel of kRanged / kPersistent for this call, with its shared memory allowed.
-template <typename Traits, bool kRanged, bool kPersistent>
+// The kernel of kRanged / kPersistent / kSlots for this call, with its shared memory allowed.
+template <typename Traits, bool kRanged, bool kPersistent, bool kSlots = false>
 cudaError_t launch_kernel(const VarlenFwdParams& p, const TmaParams<Traits>& tma, dim3 grid, UnitGrid units,
-                          cudaStream_t stream) {
-  auto kernel = fwd_kernel<Traits, kRanged, kPersistent>;
+                          cudaStream_t stream, const SlotLists& slots = {}) {
+  static_assert(!(kSlots && kRanged), "kept-key slots: the plain variant");
+  auto kernel = fwd_kernel<Traits, kRanged, kPersistent, kSlots>;
   constexpr int kSmem = Traits::template kSmemBytes<kPersistent ? 2 : 1>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p, tma, units);
+  kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p, tma, units, slots);
   return cudaGetLastError();
 }
 
-template <typename Traits, bool kRanged>
-cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, cudaStream_t stream) {
+// The TMA copies of a call: q, and K / V from k and v with those row and head strides (elements).
+template <typename Traits>
+TmaParams<Traits> make_tma(const VarlenFwdParams& p, const void* k, int64_t k_row, int64_t k_head, const void* v,
+                           int64_t v_row, int64_t v_head) {
   using namespace cute;
+  using CuteElem = typename Traits::CuteElem;
   constexpr int D = Traits::kHeadDim;
-  const TmaParams<Traits> tma{
-      make_tma_copy(SM90_TMA_LOAD{},
-                    gmem_rows<typename Traits::CuteElem>(p.q, p.total_q, D, p.num_heads, p.q_row_stride, p.q_head_stride),
+  return TmaParams<Traits>{
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_rows<CuteElem>(p.q, p.total_q, D, p.num_heads, p.q_row_stride, p.q_head_stride),
                     typename Traits::SmemLayoutQ{}, Shape<Int<Traits::kBlockM>, Int<D>>{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{},
-                    gmem_rows<typename Traits::CuteElem>(p.k, p.total_k, D, p.num_heads_k, p.k_row_stride, p.k_head_stride),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_rows<CuteElem>(k, p.total_k, D, p.num_heads_k, k_row, k_head),
                     take<0, 2>(typename Traits::SmemLayoutKV{}), Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{},
-                    gmem_rows<typename Traits::CuteElem>(p.v, p.total_k, D, p.num_heads_k, p.v_row_stride, p.v_head_stride),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_rows<CuteElem>(v, p.total_k, D, p.num_heads_k, v_row, v_head),
                     take<0, 2>(typename Traits::SmemLayoutKV{}), Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{})};
+}
+
+// Every unit of the call, in the launches of one variant: persistent where the plan says so (never with key ranges:
+// their bounds are reduced once per CTA), a launch per kUnitTableSeqs sequences, whose units the kernel numbers in an
+// int: at most query_tiles per sequence (clamp_seq: lying cu_seqlens included), times the sequences and heads; calls
+// that could pass it take a CTA per unit.
+template <typename Traits, bool kRanged, bool kSlots>
+cudaError_t launch_units(const VarlenFwdParams& p, const FwdPlan& plan, const TmaParams<Traits>& tma,
+                         const SlotLists& slots, cudaStream_t stream) {
   const int32_t query_tiles = static_cast<int32_t>((p.max_seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM);
-  // Persistent (never with key ranges: their bounds are reduced once per CTA): a launch per kUnitTableSeqs
-  // sequences, whose units the kernel numbers in an int: at most query_tiles per sequence (clamp_seq: lying
-  // cu_seqlens included), times the sequences and heads; calls that could pass it take a CTA per unit.
   constexpr int64_t kTableSeqs = Traits::kUnitTableSeqs;
   const int64_t most_units = static_cast<int64_t>(query_tiles) * std::min<int64_t>(p.batch, kTableSeqs) * p.num_heads;
   if (plan.sm90a_ctas > 0 && p.key_range == nullptr && most_units <= INT32_MAX) {
@@ -63,9 +71,9 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, cudaStream
       const int32_t seqs = static_cast<int32_t>(std::min<int64_t>(p.batch - seq0, kTableSeqs));
       const int64_t grid_units = static_cast<int64_t>(query_tiles) * p.num_heads * seqs;
       const dim3 grid(static_cast<unsigned>(std::min<int64_t>(grid_units, plan.sm90a_ctas)));
-      const cudaError_t err = launch_kernel<Traits, kRanged, true>(
+      const cudaError_t err = launch_kernel<Traits, kRanged, true, kSlots>(
           p, tma, grid, UnitGrid{static_cast<int32_t>(seq0), seqs, query_tiles, cutlass::FastDivmod(p.num_heads)},
-          stream);
+          stream, slots);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
@@ -75,11 +83,36 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, cudaStream
     const int32_t seqs = static_cast<int32_t>(std::min<int64_t>(p.batch - seq0, kMaxSeqsPerLaunch));
     const dim3 grid(static_cast<unsigned>(query_tiles), static_cast<unsigned>(p.num_heads),
                     static_cast<unsigned>(seqs));
-    const cudaError_t err = launch_kernel<Traits, kRanged, false>(
-        p, tma, grid, UnitGrid{static_cast<int32_t>(seq0), seqs, query_tiles, cutlass::FastDivmod()}, stream);
+    const cudaError_t err = launch_kernel<Traits, kRanged, false, kSlots>(
+        p, tma, grid, UnitGrid{static_cast<int32_t>(seq0), seqs, query_tiles, cutlass::FastDivmod()}, stream, slots);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+template <typename Traits, bool kRanged>
+cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws, cudaStream_t stream) {
+  if constexpr (!kRanged) {
+    if (plan.sm90a_slots) {  // K / V from the gathered slots: k and v's packed shape, dense
+      const int64_t row = static_cast<int64_t>(p.num_heads_k) * Traits::kHeadDim;
+      SlotLists slots;
+      slots.count = ws.keys.count;
+      slots.pos = ws.kept.pos;
+      slots.bias = ws.kept.bias;
+      slots.limits = ws.kept.limits;
+      slots.extent = ws.kept.extent;
+      slots.mask_heads = ws.keys.mask_heads;
+      slots.heads_per_list = ws.keys.heads_per_list;
+      slots.bias_group = ws.kept.bias_heads > 0 ? p.num_heads / ws.kept.bias_heads : 1;
+      slots.query_tiles = ws.kept.query_tiles;
+      return launch_units<Traits, false, true>(
+          p, plan, make_tma<Traits>(p, ws.kept.k, row, Traits::kHeadDim, ws.kept.v, row, Traits::kHeadDim), slots,
+          stream);
+    }
+  }
+  return launch_units<Traits, kRanged, false>(
+      p, plan, make_tma<Traits>(p, p.k, p.k_row_stride, p.k_head_stride, p.v, p.v_row_stride, p.v_head_stride), {},
+      stream);
 }
 
 template <typename Elem, int kHeadDim>
@@ -90,7 +123,7 @@ cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, cons
   }
   if (p.batch == 0 || p.num_heads == 0 || p.max_seqlen_q == 0) return cudaSuccess;
   using Traits = FwdTraits<Elem, kHeadDim>;
-  return sm90a_ranged(p) ? launch_fwd<Traits, true>(p, plan, stream) : launch_fwd<Traits, false>(p, plan, stream);
+  return sm90a_ranged(p) ? launch_fwd<Traits, true>(p, plan, ws, stream) : launch_fwd<Traits, false>(p, plan, ws, stream);
 }
 
 }  // namespace dmattn::cuda::sm90a

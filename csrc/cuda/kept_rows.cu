@@ -1,0 +1,123 @@
+// kept_rows.cu: a key-side mask's kept K / V rows gathered into dense slots (passes.h, KeptRows), after compact_keys
+// and before the sm90a kernel, whose TMA loads read whole tiles of consecutive rows and cannot gather. A mask that
+// keeps half the keys then costs the kernel about half its tiles; the copy reads and writes the kept rows once.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "passes.h"
+#include "score_operand.cuh"
+
+namespace dmattn::cuda {
+namespace {
+
+constexpr int kGatherThreads = 256;
+constexpr int kSlotsPerCta = 64;
+constexpr int kMaxGridZ = 65535;
+
+// The slots of list `list` below `limit` (key positions ascending: the count of positions < limit).
+__device__ __forceinline__ int slots_below(const int32_t* list, int count, int64_t limit) {
+  int lo = 0, hi = count;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (list[mid] < limit) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// Grid (slot chunks of kSlotsPerCta, KV heads, sequences): the CTA of chunk x, KV head hk and sequence b copies the
+// K and V rows of slots [64 x, 64 x + 64) of hk's list that lie below its count, their bias for the bias heads of
+// hk's query heads, and (the first chunk of the list's first KV head, causal calls) the list's slot limits per query
+// tile. Sequences past gridDim.z are taken in further rounds.
+__global__ void __launch_bounds__(kGatherThreads)
+gather_kept_rows_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys,
+                        const __grid_constant__ KeptRows rows) {
+  const int hk = blockIdx.y;
+  const int heads_per_list_k = p.num_heads_k / keys.mask_heads;  // KV heads per list (Hm in {1, Hk})
+  const int l = hk / heads_per_list_k;
+  const int vecs = p.head_dim / 8;  // 16-byte vectors per row
+  for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
+    const SeqRange sk = key_seq(p, b);
+    const int k_len = static_cast<int>(sk.len);
+    const int count = keys.kept(b, l, k_len);
+    const int32_t* list = keys.index + static_cast<int64_t>(l) * p.total_k + sk.start;
+    const int c0 = static_cast<int>(blockIdx.x) * kSlotsPerCta;
+
+    if (rows.limits != nullptr && blockIdx.x == 0 && hk % heads_per_list_k == 0) {
+      // Query tile m's first row i = 128 m sees positions below i + shift + 1, its last row below that + rows - 1.
+      const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
+      const int64_t shift = sk.len - sq.len;
+      const int tiles = static_cast<int>((sq.len + KeptRows::kTileRows - 1) / KeptRows::kTileRows);
+      int32_t* out = rows.limits + (static_cast<int64_t>(l) * p.batch + b) * rows.query_tiles * 2;
+      for (int m = threadIdx.x; m < tiles; m += kGatherThreads) {
+        const int64_t first = static_cast<int64_t>(m) * KeptRows::kTileRows;
+        const int64_t last = min(first + KeptRows::kTileRows, sq.len) - 1;
+        out[2 * m] = slots_below(list, count, first + shift + 1);
+        out[2 * m + 1] = slots_below(list, count, last + shift + 1);
+      }
+    }
+    if (c0 >= count) continue;
+    const int slots = min(kSlotsPerCta, count - c0);
+
+    // K and V: slot c's row is the packed key row sk.start + list[c]; every load issued before the stores.
+    constexpr int kMaxVecs = kSlotsPerCta * 16 / kGatherThreads;  // D <= 128: at most 16 vectors per row
+    uint4 kv[2][kMaxVecs];
+    int64_t dst[kMaxVecs];
+#pragma unroll
+    for (int i = 0; i < kMaxVecs; ++i) {
+      const int e = threadIdx.x + i * kGatherThreads;
+      const int r = e / vecs, c = e - r * vecs;
+      dst[i] = -1;
+      if (r < slots) {
+        const int64_t key = sk.start + list[c0 + r];
+        const char* k = static_cast<const char*>(p.k) + 2 * (key * p.k_row_stride + hk * p.k_head_stride) + 16 * c;
+        const char* v = static_cast<const char*>(p.v) + 2 * (key * p.v_row_stride + hk * p.v_head_stride) + 16 * c;
+        kv[0][i] = *reinterpret_cast<const uint4*>(k);
+        kv[1][i] = *reinterpret_cast<const uint4*>(v);
+        dst[i] = 2 * (((sk.start + c0 + r) * p.num_heads_k + hk) * p.head_dim) + 16 * c;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kMaxVecs; ++i) {
+      if (dst[i] < 0) continue;
+      *reinterpret_cast<uint4*>(static_cast<char*>(rows.k) + dst[i]) = kv[0][i];
+      *reinterpret_cast<uint4*>(static_cast<char*>(rows.v) + dst[i]) = kv[1][i];
+    }
+
+    const int64_t seg = KeptRows::segment(sk.start, b);
+    // The positions, once per list (its first KV head).
+    if (hk % heads_per_list_k == 0) {
+      for (int r = threadIdx.x; r < slots; r += kGatherThreads) rows.pos[l * rows.extent + seg + c0 + r] = list[c0 + r];
+    }
+    // The bias of the bias heads g whose query heads are hk's: [hk G / Hk, (hk + 1) G / Hk) where G >= Hk, else
+    // (G = 1) head 0 from KV head 0. Query head g (H / G) stands for g's heads in the operand's head rule.
+    if (rows.bias != nullptr) {
+      const int g_per_k = rows.bias_heads >= p.num_heads_k ? rows.bias_heads / p.num_heads_k : (hk == 0 ? 1 : 0);
+      const int g0 = rows.bias_heads >= p.num_heads_k ? hk * g_per_k : 0;
+      const int query_heads_per_g = p.num_heads / rows.bias_heads;
+      for (int e = threadIdx.x; e < slots * g_per_k; e += kGatherThreads) {
+        const int gi = e / slots, r = e - gi * slots;
+        const int g = g0 + gi;
+        const int64_t key = sk.start + list[c0 + r];
+        const float value = bias_value(p.bias, p.bias.offset(key, g * query_heads_per_g, 0));
+        rows.bias[g * rows.extent + seg + c0 + r] = value;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t gather_kept_rows(const VarlenFwdParams& p, const KeyLists& keys, const KeptRows& rows,
+                             cudaStream_t stream) {
+  if (rows.k == nullptr || keys.index == nullptr || p.batch == 0 || p.num_heads_k == 0) return cudaSuccess;
+  // A sequence's keys are at most min(max_seqlen_k, total_k) (clamp_seq), below 2^31.
+  const int64_t most_keys = std::max<int64_t>(std::min(p.max_seqlen_k, p.total_k), 1);
+  const int64_t chunks = (most_keys + kSlotsPerCta - 1) / kSlotsPerCta;
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(p.num_heads_k),
+                  static_cast<unsigned>(std::min<int32_t>(p.batch, kMaxGridZ)));
+  gather_kept_rows_kernel<<<grid, kGatherThreads, 0, stream>>>(p, keys, rows);
+  return cudaGetLastError();
+}
+
+}  // namespace dmattn::cuda
