@@ -306,3 +306,29 @@ def test_cuda_key_side_masks_over_kept_slots_match_reference(spec, dtype, path, 
     torch.cuda.synchronize()
     slots = re.findall(r"kernel=prefill .*sm90a_slots=(\d)", capfd.readouterr().err)
     assert slots == [str(int(path != "sm80" and _sm90a_device()))]
+
+
+def test_cuda_key_side_mask_without_room_for_kept_rows_takes_the_sm80_kernels(monkeypatch, capfd, cuda_device):
+    """Where the sm90a kernel's copy of the kept K / V rows (as large as k and v) does not fit in memory, the call takes
+    the sm80 kernels, which gather the kept rows where they are, instead of failing: the allocator is held here to
+    what the inputs, the outputs and the kept-key lists need (torch.cuda.set_per_process_memory_fraction)."""
+    if not _sm90a_device():
+        pytest.skip("the kept rows are copied for the sm90a kernel only (a cc 9.0 device with the sm90a path built)")
+    spec = Spec("slots_without_room", heads=8, heads_k=8, seqlens_q=(256,) * 4, seqlens_k=(16384,) * 4, mask="key",
+                mask_heads="Hk", keep=0.5, bias="key", bias_heads="Hk")
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    room = 64 << 20  # out, lse (2 MB) and the lists (2 MB) fit; the kept rows' copy (268 MB) does not
+    assert sample.k.numel() * sample.k.element_size() * 2 > 2 * room
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(sample.q.device).total_memory
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    capfd.readouterr()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + room) / total))
+    try:
+        out, lse = sample.run()
+        torch.cuda.synchronize()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert re.findall(r"kernel=prefill .*sm90a_slots=(\d)", capfd.readouterr().err) == ["0"]
+    assert_close_to_reference((out, lse), sample.reference(), sample.reference(sample.dtype))

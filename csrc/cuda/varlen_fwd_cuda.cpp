@@ -190,12 +190,25 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
     p = make_params(packed, out, lse);
     plan = cuda::plan_varlen_fwd(p, device, overrides);
   }
-  log_plan(plan, p);
-  const size_t workspace_bytes = cuda::workspace_bytes(plan, p);
+  size_t workspace_bytes = cuda::workspace_bytes(plan, p);
   at::Tensor workspace;  // torch's caching allocator: 512-byte aligned, as run_varlen_fwd needs (256)
   if (workspace_bytes > 0) {
-    workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, q.options().dtype(at::kByte));
+    try {
+      workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, q.options().dtype(at::kByte));
+    } catch (const c10::OutOfMemoryError&) {
+      if (!plan.sm90a_slots) throw;
+      // The sm90a kernel's copy of the kept K / V rows (as large as k and v) does not fit: the sm80 kernels gather
+      // the kept rows where they are, from a workspace of the lists alone.
+      cuda::PlanOverrides sm80 = overrides;
+      sm80.sm80_only = true;
+      plan = cuda::plan_varlen_fwd(p, device, sm80);
+      workspace_bytes = cuda::workspace_bytes(plan, p);
+      if (workspace_bytes > 0) {
+        workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, q.options().dtype(at::kByte));
+      }
+    }
   }
+  log_plan(plan, p);
   C10_CUDA_CHECK(cuda::run_varlen_fwd(p, plan, cc, workspace_bytes > 0 ? workspace.data_ptr() : nullptr,
                                       c10::cuda::getCurrentCUDAStream()));
 
