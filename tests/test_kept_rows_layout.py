@@ -10,16 +10,13 @@ CPU only, no nvcc: the header is compiled with the host compiler (with the stand
 that test_kernel_matrix.py uses) into a driver that prints each sequence's clamped range and segment.
 """
 
-import shutil
 import subprocess
-import textwrap
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from test_kernel_matrix import _CUDA_STUBS
-from test_plan import CSRC
+from test_kernel_matrix import build_host_driver
 
 _DRIVER = """
     #include <cstdio>
@@ -55,16 +52,7 @@ ALIGN = 32  # slots: 128 bytes of int32 / float32
 
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory):
-    compiler = shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        pytest.skip("no host C++ compiler to compile passes.h with")
-    tmp = tmp_path_factory.mktemp("kept_rows")
-    for name, text in _CUDA_STUBS.items():
-        (tmp / name).write_text(textwrap.dedent(text))
-    (tmp / "main.cpp").write_text(textwrap.dedent(_DRIVER))
-    exe = tmp / "layout"
-    subprocess.run([compiler, "-std=c++17", "-Wall", "-Werror", "-I", str(tmp), "-I", str(CSRC),
-                    str(tmp / "main.cpp"), "-o", str(exe)], check=True)
+    exe = build_host_driver(tmp_path_factory.mktemp("kept_rows"), _DRIVER, "layout", "passes.h")
 
     def run(cu, total_k, max_k):
         line = " ".join(str(x) for x in (len(cu) - 1, total_k, max_k, *cu))

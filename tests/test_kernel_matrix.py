@@ -163,20 +163,27 @@ _DRIVER = """
 _SCALAR_TYPE = {"float16": 1, "bfloat16": 2}  # csrc/varlen_fwd_params.h
 
 
+def build_host_driver(tmp: Path, source: str, name: str, what: str) -> Path:
+    """Compiles a driver's C++ source (dedented) against csrc/ and the CUDA stand-ins with the host compiler, in tmp,
+    into the executable tmp / name; skips the test where there is no host compiler (what: what it compiles)."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip(f"no host C++ compiler to compile {what} with")
+    for stub, text in _CUDA_STUBS.items():
+        (tmp / stub).write_text(textwrap.dedent(text))
+    (tmp / "main.cpp").write_text(textwrap.dedent(source))
+    exe = tmp / name
+    subprocess.run([compiler, "-std=c++17", "-Wall", "-Werror", "-I", str(tmp), "-I", str(CSRC),
+                    str(tmp / "main.cpp"), "-o", str(exe)], check=True)
+    return exe
+
+
 def run_registry(tmp_path, instantiations, queries):
     """Compiles the registry for instantiations with the host compiler and returns its answer to each
     (cc, dtype, head_dim): (kernel_head_dim, max_kernel_head_dim, "arch dtype head_dim" or "none")."""
-    compiler = shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        pytest.skip("no host C++ compiler to compile the registry with")
     km.render(tmp_path, instantiations)
-    for name, text in _CUDA_STUBS.items():
-        (tmp_path / name).write_text(textwrap.dedent(text))
     params = ", ".join(t for t, _ in km.LAUNCH_PARAMS)
-    (tmp_path / "main.cpp").write_text(textwrap.dedent(_DRIVER).replace("PARAMS", params))
-    exe = tmp_path / "registry"
-    subprocess.run([compiler, "-std=c++17", "-Wall", "-Werror", "-I", str(tmp_path), "-I", str(CSRC),
-                    str(tmp_path / "main.cpp"), "-o", str(exe)], check=True)
+    exe = build_host_driver(tmp_path, _DRIVER.replace("PARAMS", params), "registry", "the registry")
     stdin = "".join(f"{cc} {_SCALAR_TYPE[dtype]} {d}\n" for cc, dtype, d in queries)
     out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout
     answers = []

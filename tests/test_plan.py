@@ -6,16 +6,12 @@ test_kernel_matrix.py does) into a small driver that prints the plan of each cal
 """
 
 import math
-import shutil
 import subprocess
-import textwrap
-from pathlib import Path
 
 import pytest
 
-from test_kernel_matrix import _CUDA_STUBS
+from test_kernel_matrix import build_host_driver
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
 _DRIVER = """
     #include <cstdio>
@@ -65,16 +61,7 @@ PREFILL_VARIANTS = ("plain", "window_left", "query_operands")  # cuda::PrefillVa
 
 @pytest.fixture(scope="module")
 def planner(tmp_path_factory):
-    compiler = shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        pytest.skip("no host C++ compiler to compile heuristics.h with")
-    tmp = tmp_path_factory.mktemp("plan")
-    for name, text in _CUDA_STUBS.items():
-        (tmp / name).write_text(textwrap.dedent(text))
-    (tmp / "main.cpp").write_text(textwrap.dedent(_DRIVER))
-    exe = tmp / "plan"
-    subprocess.run([compiler, "-std=c++17", "-Wall", "-Werror", "-I", str(tmp), "-I", str(CSRC),
-                    str(tmp / "main.cpp"), "-o", str(exe)], check=True)
+    exe = build_host_driver(tmp_path_factory.mktemp("plan"), _DRIVER, "plan", "heuristics.h")
 
     def plan(B, H, Hk, D, total_q, total_k, max_q, max_k, mask=ABSENT, Hm=1, bias=ABSENT, Hb=1, sms=132,
              force=AUTO, tiles=0, window=(-1, -1), key_range=False, sm90a_ctas=0):
