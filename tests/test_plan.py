@@ -345,9 +345,10 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(window=(127, 0), sm90a_ctas=3), True, 3),
         (dict(sm90a_ctas=5), True, 5),
         (dict(key_range=True, sm90a_ctas=5), True, 0),
-        (dict(mask=KEY, Hm=8), True, 0),  # a key-side mask: over its gathered kept rows, a CTA per unit
-        (dict(mask=KEY, Hm=1, bias=KEY, Hb=32), True, 0),
-        (dict(mask=KEY, Hm=8, sm90a_ctas=132), True, 132),  # DMATTN_SM90A_CTAS: persistent (run BQ: -8.6%)
+        (dict(mask=KEY, Hm=8), True, 132),  # a key-side mask: over its gathered kept rows, persistent (run BQ)
+        (dict(mask=KEY, Hm=1, bias=KEY, Hb=32), True, 132),
+        (dict(mask=KEY, Hm=8, sm90a_ctas=-1), True, 0),  # DMATTN_SM90A_CTAS=0: a CTA per unit
+        (dict(mask=KEY, Hm=8, sm90a_ctas=7), True, 7),
         (dict(mask=KEY, Hm=32), False, 0),  # a list per query head: the sm80 kernels
         (dict(mask=KEY, Hm=8, window=(255, 0)), False, 0),  # masks with windows or key ranges: sm80
         (dict(mask=KEY, Hm=8, key_range=True), False, 0),

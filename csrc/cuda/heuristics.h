@@ -202,12 +202,12 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
   auto prefill = [&] {
     plan.sm90a = dev.cc == 90 && !o.sm80_only && sm90a_supports(p);
     // A key-side mask: the kept keys as dense slots, so that a mask keeping half the keys costs about half the work
-    // on the sm90a kernel (the compaction's lists, then gather_kept_rows). A CTA per unit unless DMATTN_SM90A_CTAS
-    // asks for a persistent grid (8.6% faster on the H200's masked prefill batch, run BQ, but not yet run under
-    // compute-sanitizer: benchmarks/results/NOTES.md).
+    // on the sm90a kernel (the compaction's lists, then gather_kept_rows), on a persistent grid of a CTA per SM: its
+    // units are half as long as a dense call's, and the persistent CTA overlaps a unit's start with the previous
+    // one's end (8.6% faster on the H200's masked prefill batch, run BQ). DMATTN_SM90A_CTAS=0: a CTA per unit.
     if (dev.cc == 90 && !o.sm80_only && sm90a_slots_supports(p)) {
       plan.sm90a = plan.sm90a_slots = true;
-      plan.sm90a_ctas = o.sm90a_ctas > 0 ? o.sm90a_ctas : 0;
+      plan.sm90a_ctas = o.sm90a_ctas != 0 ? std::max(o.sm90a_ctas, 0) : (dev.sm_count > 0 ? dev.sm_count : 132);
       return plan;
     }
     // A window of at most kSm90aMinWindow keys runs faster on the sm80 kernel (its units are a tile or two; measured
