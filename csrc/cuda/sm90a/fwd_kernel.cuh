@@ -525,12 +525,30 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
         const bool hides = hides_keys(n), biased = slots.bias != nullptr;
         const int32_t* slot_pos = smem.slot_pos[stage];
         const float* slot_bias = smem.slot_bias[stage];
-        if (!hides && !biased && scale > 0.f) return scale;
-        int limit[2];  // positions below it are the row's (every slot of a whole tile is)
+        if (!hides) {  // every slot seen by every row: the bias alone, one FMA per element
+          if (!biased) {
+            if (scale > 0.f) return scale;  // folded into the exponent
+#pragma unroll
+            for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= scale;
+            return 1.f;
+          }
+#pragma unroll
+          for (int nt = 0; nt < kN8; ++nt) {
+            if (nt % 4 == 0) asm volatile("" ::: "memory");  // four column pairs' reads at a time (registers)
+            const float2 b2 = *reinterpret_cast<const float2*>(slot_bias + nt * 8 + 2 * t);
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              s[0][nt][2 * half] = s[0][nt][2 * half] * scale + b2.x;
+              s[0][nt][2 * half + 1] = s[0][nt][2 * half + 1] * scale + b2.y;
+            }
+          }
+          return 1.f;
+        }
+        int limit[2];  // positions below it are the row's
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int i = row0 + 8 * half;
-          limit[half] = !hides ? INT_MAX : causal ? min(w.k_len, i + shift + 1) : w.k_len;
+          limit[half] = causal ? min(w.k_len, i + shift + 1) : w.k_len;
         }
         const int slot0 = n * kBlockN;
 #pragma unroll
@@ -540,11 +558,11 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
           if (nt % 4 == 0) asm volatile("" ::: "memory");
           const int col = nt * 8 + 2 * t;
           const float2 b2 = biased ? *reinterpret_cast<const float2*>(slot_bias + col) : make_float2(0.f, 0.f);
-          const int2 p2 = hides ? *reinterpret_cast<const int2*>(slot_pos + col) : make_int2(0, 0);
+          const int2 p2 = *reinterpret_cast<const int2*>(slot_pos + col);
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             // Past the unit's slots the copy brought what lies there: a position no row sees.
-            const int pos = !hides ? 0 : slot0 + col + e < w.kept ? (e ? p2.y : p2.x) : INT_MAX;
+            const int pos = slot0 + col + e < w.kept ? (e ? p2.y : p2.x) : INT_MAX;
             const float b = e ? b2.y : b2.x;
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
