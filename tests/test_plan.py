@@ -350,8 +350,9 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(mask=KEY, Hm=8, sm90a_ctas=-1), True, 0),  # DMATTN_SM90A_CTAS=0: a CTA per unit
         (dict(mask=KEY, Hm=8, sm90a_ctas=7), True, 7),
         (dict(mask=KEY, Hm=32), False, 0),  # a list per query head: the sm80 kernels
-        (dict(mask=KEY, Hm=8, window=(255, 0)), False, 0),  # masks with windows or key ranges: sm80
-        (dict(mask=KEY, Hm=8, key_range=True), False, 0),
+        (dict(mask=KEY, Hm=8, window=(255, 0)), True, 132),  # masks with windows: slots too
+        (dict(mask=KEY, Hm=8, window=(127, 0)), False, 0),  # not a window of 128 keys or fewer (kSm90aMinWindow)
+        (dict(mask=KEY, Hm=8, key_range=True), False, 0),  # masks with key ranges: sm80
         (dict(mask=KEY, Hm=8, bias=QUERY, Hb=8), False, 0),  # mixed layouts and query-side operands: sm80
         (dict(mask=QUERY, Hm=8), False, 0),
         (dict(bias=KEY, Hb=8), False, 0),  # a bias alone: sm80
@@ -371,7 +372,7 @@ def test_key_side_masks_gather_their_kept_rows_for_the_sm90a_kernel(planner, Hm,
     """A key-side mask on cc 9.0: compact_keys' lists, then its kept K / V rows gathered into dense slots that the
     sm90a kernel reads with TMA (passes.h KeptRows). The workspace holds the lists, the K / V slots (k and v's packed
     shape), the slots' positions per list head and biases per bias head (the finer of the bias's and the lists'),
-    each over total_k + 32 (B + 1) + 128 slots rounded up to 32, and for causal calls two slot limits per (list head,
+    each over total_k + 32 (B + 1) + 128 slots rounded up to 32, and for causal calls four slot limits per (list head,
     sequence, 128-row query tile)."""
     bias = dict(bias=KEY, Hb=Hb) if Hb else {}
     plan = planner(**PREFILL, mask=KEY, Hm=Hm, window=(-1, 0) if causal else (-1, -1), **bias)
@@ -382,7 +383,7 @@ def test_key_side_masks_gather_their_kept_rows_for_the_sm90a_kernel(planner, Hm,
     expected = (4 * Hm * total_k + 4 * Hm * B + parts  # the lists
                 + 2 * total_k * Hk * D * 2  # K and V slots, bf16
                 + 4 * Hm * extent + (4 * max(Hb, Hm) * extent if Hb else 0)
-                + (8 * Hm * B * -(-3865 // 128) if causal else 0))
+                + (16 * Hm * B * -(-3865 // 128) if causal else 0))
     assert 0 <= plan["workspace"] - expected < 7 * 256  # each piece 256-byte aligned
 
 

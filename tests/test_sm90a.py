@@ -269,7 +269,7 @@ def test_cuda_lying_cu_seqlens_stay_in_bounds_on_each_path(spec, case, arch):
 # Key-side masks on the sm90a kernel (kept rows gathered into dense slots, passes.h KeptRows): list heads 1 / Hk, biases
 # of every head broadcast in float32 and q's dtype (-inf entries too), causal with more keys or more queries than the
 # other, tiles of kept slots cut everywhere, block-sparse runs, fully masked rows and sequences, empty sequences, rows
-# past the last sequence, seqused_k, sinks, D 64 / 128, MQA and MHA.
+# past the last sequence, seqused_k, sinks, windows, softcap, D 64 / 128, MQA and MHA.
 SLOT_SPECS = [
     Spec("slots_causal_hk", heads=8, heads_k=2, seqlens_q=(300, 129, 1), seqlens_k=(700, 128, 260), is_causal=True,
          mask="key", mask_heads="Hk", keep=0.5),
@@ -288,6 +288,13 @@ SLOT_SPECS = [
     Spec("slots_seqused_sinks_d64", head_dim=64, heads=6, heads_k=3, seqlens_q=(250, 90), seqlens_k=(400, 300),
          seqused_k=(333, 120), is_causal=True, mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="H",
          sinks="float32"),
+    # Windows and softcap (the kRanged variant over slots): a window's edges cut slot tiles on both sides.
+    Spec("slots_window", heads=8, heads_k=2, seqlens_q=(700, 130, 1000), seqlens_k=(700, 300, 1000), window=(300, 0),
+         is_causal=True, mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="H"),
+    Spec("slots_window_both_softcap", heads=4, heads_k=2, seqlens_q=(500, 64), seqlens_k=(900, 64), window=(200, 50),
+         softcap=30.0, mask="key", keep=0.6, bias="key", bias_heads="Hk", bias_dtype="q"),
+    Spec("slots_window_sinks_d64", head_dim=64, heads=6, heads_k=3, seqlens_q=(260, 40), seqlens_k=(600, 300),
+         seqused_k=(555, 280), window=(150, -1), is_causal=True, sinks="q", mask="key", mask_heads="Hk", keep=0.4),
 ]
 
 

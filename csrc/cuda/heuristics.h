@@ -165,14 +165,13 @@ inline int64_t kept_row_bytes(const VarlenFwdParams& p) {
 
 // Whether the sm90a kernel can run p over gathered kept-key slots (FwdPlan::sm90a_slots, passes.h KeptRows): a
 // key-side mask whose heads every query head of a KV group shares (Hm in {1, Hk}: one list per KV head), no bias or a
-// key-side one (any heads), no key pool, nothing that takes the kRanged variant (windows, key ranges, softcap: the
-// plain variant's causal limit or none), and kept rows within kMaxKeptRowBytes.
+// key-side one (any heads), no key pool or key ranges (windows, causal and softcap are the kernel's), and kept rows
+// within kMaxKeptRowBytes.
 inline bool sm90a_slots_supports(const VarlenFwdParams& p) {
   if (!sm90a_tensors_fit(p) || p.kv_slots != nullptr || p.mask.layout != OperandLayout::kKeySide) return false;
   if (p.bias.present() && p.bias.layout != OperandLayout::kKeySide) return false;
   const int32_t group = p.num_heads / p.num_heads_k;
-  return p.mask.head_group % group == 0 && p.window_left < 0 && p.window_right <= 0 && p.key_range == nullptr &&
-         !(p.softcap > 0.f) && kept_row_bytes(p) <= kMaxKeptRowBytes;
+  return p.mask.head_group % group == 0 && p.key_range == nullptr && kept_row_bytes(p) <= kMaxKeptRowBytes;
 }
 
 // Whether an sm90a call takes the kernel's kRanged variant: some row has its own key interval (a window's left edge,
@@ -205,7 +204,10 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
     // on the sm90a kernel (the compaction's lists, then gather_kept_rows), on a persistent grid of a CTA per SM: its
     // units are half as long as a dense call's, and the persistent CTA overlaps a unit's start with the previous
     // one's end (8.6% faster on the H200's masked prefill batch, run BQ). DMATTN_SM90A_CTAS=0: a CTA per unit.
-    if (dev.cc == 90 && !o.sm80_only && sm90a_slots_supports(p)) {
+    // A window of at most kSm90aMinWindow keys stays on the sm80 kernels, as without a mask.
+    const bool narrow_window = p.window_left >= 0 && p.window_right >= 0 &&
+                               p.window_left + p.window_right + 1 <= kSm90aMinWindow && o.sm90a_ctas == 0;
+    if (dev.cc == 90 && !o.sm80_only && sm90a_slots_supports(p) && !narrow_window) {
       plan.sm90a = plan.sm90a_slots = true;
       plan.sm90a_ctas = o.sm90a_ctas != 0 ? std::max(o.sm90a_ctas, 0) : (dev.sm_count > 0 ? dev.sm_count : 132);
       return plan;
@@ -304,7 +306,7 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
 // bytes; the query-side terms (decode with query-side operands): (list heads, max_seqlen_q, total_k + 64 (B + 1)), 2
 // or 4 bytes; the kept K / V rows (sm90a with a key-side mask): k and v's packed shape each, their positions (Hm,
 // extent) int32 and bias (bias heads, extent) float32 (extent = total_k + 32 (B + 1) + 128, rounded up to 32), and for a
-// causal call the slot limits (Hm, B, ceil(max_seqlen_q / 128), 2) int32.
+// causal or windowed call the slot limits (Hm, B, ceil(max_seqlen_q / 128), 4) int32.
 // 256-byte aligned pieces, so a new one can be appended without disturbing the alignment of the others.
 constexpr size_t kWorkspaceAlign = 256;
 
@@ -361,9 +363,9 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
     w.total += align_up(sizeof(int32_t) * static_cast<size_t>(plan.key_lists_heads) * extent);
     w.kept_bias = w.total;
     w.total += align_up(sizeof(float) * static_cast<size_t>(KeptRows::bias_heads_of(p, plan.key_lists_heads)) * extent);
-    if (p.window_right == 0) {  // causal
+    if (KeptRows::has_limits(p)) {
       w.kept_limits = w.total;
-      w.total += align_up(2 * sizeof(int32_t) * static_cast<size_t>(plan.key_lists_heads) *
+      w.total += align_up(KeptRows::kLimits * sizeof(int32_t) * static_cast<size_t>(plan.key_lists_heads) *
                           static_cast<size_t>(p.batch) * static_cast<size_t>(KeptRows::tiles_of(p)));
     }
   }
@@ -423,7 +425,7 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
     ws.kept.extent = KeptRows::extent_of(p);
     ws.kept.bias_heads = static_cast<int32_t>(KeptRows::bias_heads_of(p, plan.key_lists_heads));
     if (ws.kept.bias_heads > 0) ws.kept.bias = reinterpret_cast<float*>(bytes + w.kept_bias);
-    if (p.window_right == 0) ws.kept.limits = reinterpret_cast<int32_t*>(bytes + w.kept_limits);
+    if (KeptRows::has_limits(p)) ws.kept.limits = reinterpret_cast<int32_t*>(bytes + w.kept_limits);
     ws.kept.query_tiles = static_cast<int32_t>(KeptRows::tiles_of(p));
   }
   if (plan.v_flags) {

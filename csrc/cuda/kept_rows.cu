@@ -44,16 +44,20 @@ gather_kept_rows_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_
     const int c0 = static_cast<int>(blockIdx.x) * kSlotsPerCta;
 
     if (rows.limits != nullptr && blockIdx.x == 0 && hk % heads_per_list_k == 0) {
-      // Query tile m's first row i = 128 m sees positions below i + shift + 1, its last row below that + rows - 1.
+      // Query tile m's first and last rows' windows (visible_keys: with window_right = 0 the causal limit), as slots.
       const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
-      const int64_t shift = sk.len - sq.len;
       const int tiles = static_cast<int>((sq.len + KeptRows::kTileRows - 1) / KeptRows::kTileRows);
-      int32_t* out = rows.limits + (static_cast<int64_t>(l) * p.batch + b) * rows.query_tiles * 2;
+      int32_t* out = rows.limits + (static_cast<int64_t>(l) * p.batch + b) * rows.query_tiles * KeptRows::kLimits;
       for (int m = threadIdx.x; m < tiles; m += kGatherThreads) {
         const int64_t first = static_cast<int64_t>(m) * KeptRows::kTileRows;
         const int64_t last = min(first + KeptRows::kTileRows, sq.len) - 1;
-        out[2 * m] = slots_below(list, count, first + shift + 1);
-        out[2 * m + 1] = slots_below(list, count, last + shift + 1);
+        const KeyRange a = visible_keys(first, sq.len, sk.len, p.window_left, p.window_right);
+        const KeyRange z = visible_keys(last, sq.len, sk.len, p.window_left, p.window_right);
+        int32_t* t = out + KeptRows::kLimits * m;
+        t[0] = slots_below(list, count, a.begin);
+        t[1] = slots_below(list, count, z.begin);
+        t[2] = slots_below(list, count, a.end);
+        t[3] = slots_below(list, count, z.end);
       }
     }
     if (c0 >= count) continue;

@@ -206,22 +206,25 @@ struct BlockMap {
 //   bias[g * extent + segment(k_start, b) + c] = the key-side bias of that key for bias head g, float32
 // (bias heads: the finer of the bias's and the lists' heads; query head h reads g = h / (H / bias_heads)). Segments
 // start 128-byte aligned, so the kernel copies a KV tile's positions and biases with one bulk copy each, and a tile
-// read past a list's end stays inside extent. For a causal call, per (list, sequence, query tile m of kTileRows
-// rows), the slots whose positions lie below the causal limit of the tile's first row and of its last row:
-//   limits[((l * B + b) * query_tiles + m) * 2 + {0, 1}]
+// read past a list's end stays inside extent. For a causal or windowed call, per (list, sequence, query tile m of
+// kTileRows rows), the slots whose positions lie below the window's lower edge and below its limit (visible_keys:
+// the causal limit with window_right = 0), of the tile's first row and of its last row:
+//   limits[((l * B + b) * query_tiles + m) * 4 + {0: first row's edge, 1: last row's edge, 2: first row's limit,
+//                                                 3: last row's limit}]
 // Slots past a list's count are not written: the kernel hides them, and scans their V rows as it scans any hidden
 // key's. Null k when the plan gathers nothing (FwdPlan::sm90a_slots).
 struct KeptRows {
   static constexpr int kTileRows = 128;  // the sm90a kernel's query tile (tile_shape_sm90a)
   static constexpr int kTileKeys = 128;  // and its KV tile
   static constexpr int kAlign = 32;      // slots: a segment starts 128-byte aligned
+  static constexpr int kLimits = 4;      // slot counts per query tile in limits
   void* k = nullptr;
   void* v = nullptr;
   int32_t* pos = nullptr;
   float* bias = nullptr;      // null: no bias
   int32_t bias_heads = 0;
   int64_t extent = 0;         // slots per list head / bias head in pos and bias
-  int32_t* limits = nullptr;  // null: not causal
+  int32_t* limits = nullptr;  // null: neither causal nor windowed
   int32_t query_tiles = 0;    // ceil(max_seqlen_q / kTileRows)
 
   static int64_t bias_heads_of(const VarlenFwdParams& p, int64_t list_heads) {
@@ -230,6 +233,8 @@ struct KeptRows {
     return bias_heads > list_heads ? bias_heads : list_heads;
   }
   static int64_t tiles_of(const VarlenFwdParams& p) { return (p.max_seqlen_q + kTileRows - 1) / kTileRows; }
+  // Whether some row's keys end before the sequence's or start after its first (the limits are needed).
+  static bool has_limits(const VarlenFwdParams& p) { return p.window_left >= 0 || p.window_right >= 0; }
   // segment(k_start, b) + k_len <= total_k + kAlign (b + 1) for clamped sequences, and a tile reads at most
   // kTileKeys - 1 slots past them.
   static int64_t extent_of(const VarlenFwdParams& p) {

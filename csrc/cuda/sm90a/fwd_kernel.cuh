@@ -226,7 +226,7 @@ struct UnitWork {
 // The work of the unit of query tile m_block, head h and sequence seq0 + z. Plain: from key 0 to the causal limit of
 // the last row, whole up to the first row's. kRanged: the rows' intervals (row_keys) rise with the row, so the first
 // and last rows bound them (visible_keys); with key_range they are reduced over the rows (reduce_tile_keys, a CTA per
-// unit) and read from tile_keys. kSlots (plain only): in slots of the unit's list, from the gather's limits.
+// unit) and read from tile_keys. kSlots (no key ranges): in slots of the unit's list, from the gather's limits.
 template <int kBlockM, int kBlockN, bool kRanged, bool kSlots = false>
 __device__ __forceinline__ UnitWork unit_work(const VarlenFwdParams& p, const UnitGrid& grid, int m_block, int h,
                                               int z, const int (*tile_keys)[4], const SlotLists& slots = {}) {
@@ -246,23 +246,31 @@ __device__ __forceinline__ UnitWork unit_work(const VarlenFwdParams& p, const Un
   w.kept = w.list = 0;
   w.seg = 0;
   if constexpr (kSlots) {
-    static_assert(!kRanged, "kept-key slots take the plain variant");
     static_assert(kBlockM == KeptRows::kTileRows, "the gather's limits are per query tile of the kernel");
     w.list = w.h / slots.heads_per_list;
     const int n = slots.count[static_cast<int64_t>(b) * slots.mask_heads + w.list];
     w.kept = n < 0 ? 0 : min(n, w.k_len);  // KeyLists::kept
     w.seg = KeptRows::segment(w.k_start, b);
-    int first = w.kept, last = w.kept;     // slots below the first / last row's causal limit
+    // Slots below the first / last row's window edge and below their limits (KeptRows::limits); without a window or
+    // causal limit every row sees every slot.
+    int edge_first = 0, edge_last = 0, limit_first = w.kept, limit_last = w.kept;
     if (slots.limits != nullptr && w.m0 < w.q_len) {
-      const int32_t* lim =
-          slots.limits + ((static_cast<int64_t>(w.list) * p.batch + b) * slots.query_tiles + m_block) * 2;
-      first = min(max(lim[0], 0), w.kept);
-      last = min(max(lim[1], 0), w.kept);
+      const int32_t* lim = slots.limits + ((static_cast<int64_t>(w.list) * p.batch + b) * slots.query_tiles + m_block) *
+                                              KeptRows::kLimits;
+      edge_first = min(max(lim[0], 0), w.kept);
+      edge_last = min(max(lim[1], 0), w.kept);
+      limit_first = min(max(lim[2], 0), w.kept);
+      limit_last = min(max(lim[3], 0), w.kept);
     }
-    w.n_begin = 0;
-    w.n_end = (last + kBlockN - 1) / kBlockN;
-    w.whole_begin = 0;
-    w.whole_end = first / kBlockN;
+    w.n_begin = w.n_end = w.whole_begin = w.whole_end = 0;
+    if (limit_last > edge_first) {
+      w.n_begin = edge_first / kBlockN;
+      w.n_end = (limit_last + kBlockN - 1) / kBlockN;
+    }
+    if (limit_first > edge_last) {
+      w.whole_begin = (edge_last + kBlockN - 1) / kBlockN;
+      w.whole_end = limit_first / kBlockN;
+    }
   } else if constexpr (!kRanged) {
     // Causal is window_right = 0 here (the plain variant has no other window): query i sees keys j <= i + shift.
     const bool causal = p.window_right >= 0;
@@ -525,11 +533,17 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
         const bool hides = hides_keys(n), biased = slots.bias != nullptr;
         const int32_t* slot_pos = smem.slot_pos[stage];
         const float* slot_bias = smem.slot_bias[stage];
+        const bool capped = kRanged && p.softcap > 0.f;
+        if (capped) {  // its own pass (cap(scale x), then the bias), as in the other variants
+#pragma unroll
+          for (int i = 0; i < size(tSrS); ++i) tSrS(i) = capped_score(p, tSrS(i) * scale);
+        }
+        const float mul = capped ? 1.f : scale;
         if (!hides) {  // every slot seen by every row: the bias alone, one FMA per element
           if (!biased) {
-            if (scale > 0.f) return scale;  // folded into the exponent
+            if (mul > 0.f) return mul;  // folded into the exponent
 #pragma unroll
-            for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= scale;
+            for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= mul;
             return 1.f;
           }
 #pragma unroll
@@ -538,17 +552,18 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
             const float2 b2 = *reinterpret_cast<const float2*>(slot_bias + nt * 8 + 2 * t);
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-              s[0][nt][2 * half] = s[0][nt][2 * half] * scale + b2.x;
-              s[0][nt][2 * half + 1] = s[0][nt][2 * half + 1] * scale + b2.y;
+              s[0][nt][2 * half] = s[0][nt][2 * half] * mul + b2.x;
+              s[0][nt][2 * half + 1] = s[0][nt][2 * half + 1] * mul + b2.y;
             }
           }
           return 1.f;
         }
-        int limit[2];  // positions below it are the row's
+        int low[2], limit[2];  // the row's key positions: [low, limit)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int i = row0 + 8 * half;
-          limit[half] = causal ? min(w.k_len, i + shift + 1) : w.k_len;
+          low[half] = kRanged ? row_low[half] : 0;
+          limit[half] = kRanged ? row_limit[half] : causal ? min(w.k_len, i + shift + 1) : w.k_len;
         }
         const int slot0 = n * kBlockN;
 #pragma unroll
@@ -567,7 +582,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
               float& x = s[0][nt][2 * half + e];
-              x = pos < limit[half] ? x * scale + b : -INFINITY;
+              x = pos >= low[half] && pos < limit[half] ? x * mul + b : -INFINITY;
             }
           }
         }

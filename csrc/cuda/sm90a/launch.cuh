@@ -31,7 +31,6 @@ auto gmem_rows(const void* ptr, int64_t rows, int32_t head_dim, int32_t heads, i
 template <typename Traits, bool kRanged, bool kPersistent, bool kSlots = false>
 cudaError_t launch_kernel(const VarlenFwdParams& p, const TmaParams<Traits>& tma, dim3 grid, UnitGrid units,
                           cudaStream_t stream, const SlotLists& slots = {}) {
-  static_assert(!(kSlots && kRanged), "kept-key slots: the plain variant");
   auto kernel = fwd_kernel<Traits, kRanged, kPersistent, kSlots>;
   constexpr int kSmem = Traits::template kSmemBytes<kPersistent ? 2 : 1>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
@@ -92,7 +91,7 @@ cudaError_t launch_units(const VarlenFwdParams& p, const FwdPlan& plan, const Tm
 
 template <typename Traits, bool kRanged>
 cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws, cudaStream_t stream) {
-  if constexpr (!kRanged) {
+  {
     if (plan.sm90a_slots) {  // K / V from the gathered slots: k and v's packed shape, dense
       const int64_t row = static_cast<int64_t>(p.num_heads_k) * Traits::kHeadDim;
       SlotLists slots;
@@ -105,7 +104,7 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Work
       slots.heads_per_list = ws.keys.heads_per_list;
       slots.bias_group = ws.kept.bias_heads > 0 ? p.num_heads / ws.kept.bias_heads : 1;
       slots.query_tiles = ws.kept.query_tiles;
-      return launch_units<Traits, false, true>(
+      return launch_units<Traits, kRanged, true>(
           p, plan, make_tma<Traits>(p, ws.kept.k, row, Traits::kHeadDim, ws.kept.v, row, Traits::kHeadDim), slots,
           stream);
     }
