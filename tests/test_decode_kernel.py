@@ -106,7 +106,18 @@ DECODE_SPECS = [
          extra_rows_q=2, extra_rows_k=3, slack_q=1, slack_k=7),
     Spec("query_mask_causal_window_mha", heads=4, heads_k=4, seqlens_q=(8, 1, 4), seqlens_k=(600, 90, 1000),
          window=(300, 0), mask="query", mask_heads="Hk", keep=0.5, bias="key", bias_heads="1"),
+] + [
+    # Windows whose first visible key falls inside a tile (the decode kernel's tiles then start at it: tile_scheduler's
+    # start_at_first_slot): no list (positions move with the slots), a key-side mask's list (the list starts later),
+    # a kv_slots-free seqused_k, and a window wider than some sequences.
+    Spec("window_unaligned_no_mask", heads=8, heads_k=2, seqlens_q=(1, 4, 8, 2), seqlens_k=(1500, 1037, 2100, 90),
+         window=(300, 0), bias="key", bias_heads="Hk"),
+    Spec("window_unaligned_key_mask", heads=8, heads_k=2, seqlens_q=(3, 8, 1), seqlens_k=(2000, 777, 4100),
+         window=(517, 0), mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="1"),
+    Spec("window_unaligned_seqused_sinks", heads=8, heads_k=2, seqlens_q=(2, 5), seqlens_k=(1800, 900),
+         seqused_k=(1333, 899), window=(129, 3), is_causal=False, sinks="float32", mask="key", keep=0.7),
 ]
+WINDOW_DECODE_SPECS = [s for s in DECODE_SPECS if s.name.startswith("window_unaligned")]
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -115,7 +126,7 @@ def test_decode_shapes_match_reference_on_each_kernel(spec, dtype, kernel):
     _check_on_cuda(spec, dtype, kernel)
 
 
-@pytest.mark.parametrize("spec", DECODE_SPECS[:4], ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", DECODE_SPECS[:4] + WINDOW_DECODE_SPECS, ids=lambda s: s.name)
 def test_split_counts_agree(spec, monkeypatch, cuda_device):
     """One split, a few and one per tile: the same result within the accuracy rule, and each deterministic."""
     sample = make_sample(spec, torch.bfloat16, "cuda")

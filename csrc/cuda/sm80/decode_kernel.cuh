@@ -170,7 +170,9 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
   const int g = lane / 4, t = lane % 4;
 
   DecodeTile d;
-  if (!DecodeTileScheduler<kBlockM, kBlockN>::tile(p, keys, splits, seq0, lane, d)) return;
+  if (!DecodeTileScheduler<kBlockM, kBlockN>::template tile<!Traits::kQueryOperands>(p, keys, splits, seq0, lane, d)) {
+    return;
+  }
   const TileContext& c = d.c;
   if (d.tile_begin >= d.tile_end && splits.num_splits > 1) {
     // A split with no KV tile (past its sequence's kept keys): its rows' partial max is -inf, sum and O unread.

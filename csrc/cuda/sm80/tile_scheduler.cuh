@@ -203,6 +203,29 @@ struct DecodeTile {
   __device__ __forceinline__ int head(int r) const { return c.h + (c.m0 + r) / c.q_len; }
 };
 
+// A window's slots renumbered from its first visible one (slots_begin becomes slot 0), so that the tiles start there:
+// tiles aligned to the sequence's slot 0 read one more tile than the same keys given as a shorter sequence wherever
+// the window's first key falls inside a tile (about half the sequences of a decode batch). Without a list the keys'
+// positions move with the slots (k_start, k_len and the aligned shift by the same amount: every row's window bounds,
+// key rows and operand rows stay where they were); with one, the list starts later and positions stay. Not for key
+// ranges (absolute bounds read per row) or query-side terms (runs aligned to the sequence's segment).
+__device__ __forceinline__ void start_at_first_slot(TileContext& c) {
+  const int o = c.slots_begin < c.slots_end ? c.slots_begin : 0;
+  if (o <= 0) return;
+  if (c.key_index != nullptr) {
+    c.key_index += o;
+  } else {
+    c.k_start += o;
+    c.k_len -= o;
+    c.aligned_shift -= o;
+  }
+  c.n_keys -= o;
+  c.slots_begin = 0;
+  c.slots_low_full -= o;
+  c.slots_end -= o;
+  c.slots_full -= o;
+}
+
 template <int kBlockM, int kBlockN>
 struct DecodeTileScheduler {
   static constexpr int32_t kMaxSeqsPerLaunch = 65535;
@@ -214,6 +237,9 @@ struct DecodeTileScheduler {
   }
 
   // This CTA's tile; false when it owns no rows (a row tile past a sequence's packed rows). Called by every thread.
+  // kWindowFromFirstSlot: a window's tiles start at its first visible slot (start_at_first_slot; the kernel variant
+  // without query-side terms).
+  template <bool kWindowFromFirstSlot>
   static __device__ __forceinline__ bool tile(const VarlenFwdParams& p, const KeyLists& keys, const SplitPartials& s,
                                               int seq0, int lane, DecodeTile& d) {
     TileContext& c = d.c;
@@ -243,6 +269,7 @@ struct DecodeTileScheduler {
       const bool wraps = i0 + c.rows > c.q_len;
       find_slots<true>(p, keys, b, wraps ? 0 : i0, wraps ? c.q_len : c.rows, lane, c);
     }
+    if (kWindowFromFirstSlot && p.window_left >= 0 && p.key_range == nullptr) start_at_first_slot(c);
     const int tiles = (c.slots_end + kBlockN - 1) / kBlockN;
     const int64_t begin = c.first_tile(kBlockN) + static_cast<int64_t>(d.split) * s.tiles_per_split;
     d.tile_begin = static_cast<int>(begin < tiles ? begin : tiles);
