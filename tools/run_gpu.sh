@@ -49,7 +49,8 @@
 # `trees` builds each .trees/<name> in place and runs its tests there under `timeout TREE_TIMEOUT` (default 300 s):
 # the pytest arguments in .trees/<name>.tests if that file exists, else TREE_TESTS (default: tests/test_sm90a.py and
 # the CUDA decode-kernel tests); then TREE_BENCH (bench_gpu.py arguments, none by default) with its results in
-# $OUT/<name>/. `tree_compare` then benchmarks the trees that passed in turn (TREE_ROUNDS rounds of TREE_WORKLOADS,
+# $OUT/<name>/. `tree_compare` then benchmarks the trees that passed (or those TREES_TO_COMPARE names, built ones whose
+# failure is known to be unrelated) in turn (TREE_ROUNDS rounds of TREE_WORKLOADS,
 # dmattn rows only; BENCH_EXTRA adds bench_gpu.py arguments, e.g. `--device cpu --tiny` for a dry run) and
 # compares each with TREE_BASE (default: the first), $OUT/trees_<name>_vs_<base>.json / .png:
 #   echo "tests/test_sm90a.py tests/test_varlen_fwd.py -k cuda" > .trees/my-branch.tests
@@ -220,6 +221,8 @@ for s in $STAGES; do
       # TREE_WORKLOADS (default: dense), then each against TREE_BASE (default: the first tree that passed) with
       # compare_builds.py: $OUT/trees_<name>_vs_<base>.json / .png.
       mapfile -t ok < <(cat "$LOGDIR/trees_ok" 2>/dev/null)
+      # TREES_TO_COMPARE names them instead (built trees whose failing test is known to be unrelated, say)
+      [ -n "${TREES_TO_COMPARE:-}" ] && read -r -a ok <<<"$TREES_TO_COMPARE"
       [ "${#ok[@]}" -ge 1 ] || { echo "=== tree_compare: no tree passed (run the trees stage first)"; status=1; continue; }
       base=${TREE_BASE:-${ok[0]}}
       bench=/tmp/dmattn_tree_compare
