@@ -589,10 +589,10 @@ def decode_window_group(base: PackedBatch):
     """The decode batch (base's dtype and device) with a causal window of DECODE_WINDOW keys, and the same call on
     only the keys its window reaches, as shorter sequences (the window kept: it then hides nothing more than the
     first few keys from the first queries, so both compute the same)."""
-    tiny = base.head_dim == 16
+    tiny = ARGS.tiny if ARGS is not None else base.head_dim == 16
     lens_q, lens_k, hs = sizes("decode", tiny, torch.Generator().manual_seed(DEFAULT_SEED))
     window = 8 if tiny else DECODE_WINDOW
-    dec = make_problem(lens_q, lens_k, hs["heads"], hs["heads_k"], hs["head_dim"], 1, None, causal=True,
+    dec = make_problem(lens_q, lens_k, hs["heads"], hs["heads_k"], base.head_dim, 1, None, causal=True,
                        dtype=base.dtype, device=base.device, seed=DEFAULT_SEED).replace(window_size=(window - 1, -1))
     reach = [min(lk, window + lq - 1) for lq, lk in zip(lens_q, lens_k)]
     starts = torch.tensor([0] + lens_k[:-1]).cumsum(0).tolist()
@@ -818,6 +818,8 @@ def run_workload(name: str, args) -> Dict[str, object]:
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.tiny else torch.bfloat16)
     gen = torch.Generator().manual_seed(args.seed)
     lens_q, lens_k, hs = sizes(name, args.tiny, gen)
+    if args.head_dim is not None:
+        hs = dict(hs, head_dim=args.head_dim)
     mask_heads = {"1": 1, "hk": hs["heads_k"], "h": hs["heads"]}[args.mask_heads]
     keep_frac = {"prefill": 0.5, "decode": 0.25, "paged": 0.25, "dense": None, "window": None, "intervals": None}[name]
     base = make_problem(lens_q, lens_k, hs["heads"], hs["heads_k"], hs["head_dim"], mask_heads, keep_frac,
@@ -1058,6 +1060,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="directory for <workload>.json and <workload>.png")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                     help="default: bfloat16 (float32 with --tiny)")
+    ap.add_argument("--head-dim", type=int, default=None,
+                    help="D of every workload (default: 128; 16 with --tiny), e.g. 64 or 256 for issue 12's report")
     ap.add_argument("--mask-heads", choices=["1", "hk", "h"], default="hk",
                     help="Hm of the key-side mask and bias: 1, Hk (default: per KV head) or H")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED)
