@@ -55,6 +55,8 @@
 # compares each with TREE_BASE (default: the first), $OUT/trees_<name>_vs_<base>.json / .png:
 #   echo "tests/test_sm90a.py tests/test_varlen_fwd.py -k cuda" > .trees/my-branch.tests
 #   TREE_BASE=main TREE_WORKLOADS="dense window" bash tools/run_gpu.sh wheels trees tree_compare summary
+# `tree_bench` runs bench_gpu.py with BENCH_ARGS (peers included) inside each tree of TREES_TO_CHECK, its build on
+# PYTHONPATH, results in $OUT/<name>/ (a later call on a warm machine: the peers of a landed tree, say).
 # `tree_test` and `tree_sanitize` then run more pytest arguments (TREE_MORE_TESTS) or the sanitize stage
 # (SANITIZE_FILES / SANITIZE_TESTS) inside each tree that passed but TREE_BASE (or those of TREES_TO_CHECK); `pack`
 # tars $LOGDIR and the compares' per-round JSON into $OUT/logs.tgz and bench.tgz; DEADLINE (seconds) skips the
@@ -284,6 +286,19 @@ for s in $STAGES; do
     bench)
       # shellcheck disable=SC2086
       stage bench python3 tools/bench_gpu.py ${BENCH_ARGS:---workload all} --out "$OUT"
+      ;;
+    tree_bench)
+      # bench_gpu.py with BENCH_ARGS (every peer unless --only says otherwise) inside each tree of TREES_TO_CHECK
+      # (default: every tree that passed), with that tree's build first on PYTHONPATH (a tree has no installed package:
+      # without it bench_gpu.py finds no dmattn_ops), under `timeout TREE_BENCH_TIMEOUT` (default 450 s: compiling
+      # FlexAttention for the prefill batch took ~310 s); results in $OUT/<name>/.
+      mapfile -t ok < <(cat "$LOGDIR/trees_ok" 2>/dev/null)
+      for name in ${TREES_TO_CHECK:-${ok[@]}}; do
+        abs=$(cd ".trees/$name" && pwd) || { status=1; continue; }
+        # shellcheck disable=SC2086
+        (cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "tree_bench_$name" timeout "${TREE_BENCH_TIMEOUT:-450}" \
+          python3 tools/bench_gpu.py ${BENCH_ARGS:---workload prefill} --out "$OUT/$name") || status=1
+      done
       ;;
     *)
       # Any other stage name is a script to run with python (e.g. a carried check script).
