@@ -295,9 +295,9 @@ for s in $STAGES; do
       mapfile -t ok < <(cat "$LOGDIR/trees_ok" 2>/dev/null)
       for name in ${TREES_TO_CHECK:-${ok[@]}}; do
         abs=$(cd ".trees/$name" && pwd) || { status=1; continue; }
-        # shellcheck disable=SC2086
-        (cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "tree_bench_$name" timeout "${TREE_BENCH_TIMEOUT:-450}" \
-          python3 tools/bench_gpu.py ${BENCH_ARGS:---workload prefill} --out "$OUT/$name") || status=1
+        # bash -c: BENCH_ARGS may quote a group name, e.g. --groups "key-side mask 50%"
+        (cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "tree_bench_$name" timeout "${TREE_BENCH_TIMEOUT:-450}" bash -c \
+          "python3 tools/bench_gpu.py ${BENCH_ARGS:---workload prefill} --out '$OUT/$name'") || status=1
       done
       ;;
     *)
