@@ -300,11 +300,11 @@ SLOT_SPECS = [
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("spec", SLOT_SPECS, ids=lambda s: s.name)
-@pytest.mark.parametrize("path", ["auto", "persistent3", "sm80"])
+@pytest.mark.parametrize("path", ["auto", "persistent3", "per_unit", "sm80"])
 def test_cuda_key_side_masks_over_kept_slots_match_reference(spec, dtype, path, monkeypatch, capfd, cuda_device):
-    """A key-side mask (with its bias) runs on the sm90a kernel over its kept rows gathered into dense slots (a CTA
-    per unit, or persistent on 3 CTAs through DMATTN_SM90A_CTAS), and on the sm80 kernels forced; each matches the
-    float64 reference, and the plan names the path it took."""
+    """A key-side mask (with its bias) runs on the sm90a kernel over its kept rows gathered into dense slots
+    (persistent on a CTA per SM, on 3 CTAs or a CTA per unit through DMATTN_SM90A_CTAS), and on the sm80 kernels
+    forced; each matches the float64 reference, and the plan names the path it took."""
     for name, value in ARCHS[path].items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
