@@ -285,6 +285,28 @@ def test_huge_bias_on_every_key(spec, fill, dtype, device):
     assert_close_to_reference((out, lse), (ref_out, ref_lse), sample.reference(torch.float32))
 
 
+def test_long_mean_at_head_dim_one_keeps_float32_accuracy(device):
+    """Every key the same (k of row stride 0), so every weight is 1 and out is the plain mean of 1100 values of v of
+    magnitude ~100 whose mean is ~-1.85, at head dim 1 in float32: within 2 float32 ulps of the float64 mean, and
+    within the accuracy rule. The CPU kernel's float32 running sum over each 128-key chunk was 6 ulps off here
+    (tests/test_fuzz.py found such a case, past the rule's 2x PyTorch's error, where PyTorch's float32 dot product
+    erred by under one ulp); its columns past the last 32 now sum each chunk in float64."""
+    spec = Spec("long_mean_d1", heads=2, heads_k=2, head_dim=1, seqlens_q=(4,), seqlens_k=(1100,))
+    _skip_unsupported(spec, torch.float32, device)
+    sample = make_sample(spec, torch.float32, device)
+    gen = torch.Generator().manual_seed(11)
+    v = (torch.randn(1100, 1, 1, generator=gen) * 100).expand(1100, 2, 1).to(device)  # heavy cancellation
+    sample = sample.replace(k=sample.k[:1].expand_as(sample.k), v=v)  # one key, 1100 times
+    out, lse = sample.run()
+    ref_out, ref_lse = sample.reference()
+    mean = v[:, 0, 0].double().mean().item()
+    assert torch.allclose(ref_out, torch.full_like(ref_out, mean)), "test set-up: the reference is the plain mean"
+    ulp = 2.0 ** (math.frexp(mean)[1] - 24)  # of a float32 near the mean
+    err = (out.double().cpu() - mean).abs().max().item()
+    assert err <= 2 * ulp, f"out is {err / ulp:.1f} float32 ulps from the float64 mean"
+    assert_close_to_reference((out, lse), (ref_out, ref_lse), sample.reference(torch.float32))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 5. Hidden keys never influence a row.
 
