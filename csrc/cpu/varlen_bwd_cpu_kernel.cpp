@@ -26,9 +26,11 @@ __attribute__((always_inline)) inline void axpy(double alpha, const float* x, do
 
 }  // namespace
 
-// An AVX2 / FMA clone beside the baseline (as the forward's run_block): the float64 products and sums of dot and axpy
-// take four lanes, where the baseline build's SSE2 takes two.
+// An AVX2 / FMA clone beside the baseline (as the forward's run_block; GCC on x86-64): the float64 products and sums
+// of dot and axpy take four lanes, where the baseline build's SSE2 takes two.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
 void varlen_bwd_sequence(const VarlenBwdParams& bp, int32_t b, double* dsinks) {
   const VarlenFwdParams& p = bp.fwd;
   if (dsinks) std::fill(dsinks, dsinks + p.num_heads, 0.0);
