@@ -155,6 +155,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def run_record(benchmark: str, script: str, argv) -> Dict[str, object]:
+    """The head of a CPU benchmark's JSON: what ran (the command line of tools/<script>), when, on which commit and
+    machine."""
+    return {
+        "benchmark": benchmark,
+        "command": " ".join(shlex.quote(a) for a in ["python", f"tools/{script}",
+                                                     *(sys.argv[1:] if argv is None else argv)]),
+        "git": bench_common.git_commit(str(ROOT)),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpu_model": cpu_model(), "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "dmattn_ops_build": dmattn_ops.build_info()},
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=50, help="timed rounds (default 50)")
@@ -204,15 +220,7 @@ def main(argv=None) -> int:
         print(f"OUTPUTS DISAGREE: {errors}", file=sys.stderr)
     if args.json:
         result = {
-            "benchmark": "cpu_decode",
-            "command": " ".join(shlex.quote(a) for a in ["python", "tools/bench_cpu.py",
-                                                         *(sys.argv[1:] if argv is None else argv)]),
-            "git": bench_common.git_commit(str(ROOT)),
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": {"cpu_model": cpu_model(), "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
-                        "python": platform.python_version(), "torch": torch.__version__,
-                        "dmattn_ops_build": dmattn_ops.build_info()},
+            **run_record("cpu_decode", "bench_cpu.py", argv),
             "workload": {**shape, "dtype": "float32", "keep": 0.5, "seed": args.seed},
             "runs": args.runs,
             "warmup": args.warmup,

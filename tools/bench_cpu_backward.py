@@ -14,12 +14,8 @@ checked against each other.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -29,9 +25,8 @@ import torch.nn.functional as F
 import dmattn_ops
 
 import bench_common  # tools/bench_common.py: git commit and JSON writing shared by the benchmark tools
-from bench_cpu import cpu_model, time_side_by_side
+from bench_cpu import cpu_model, run_record, time_side_by_side
 
-ROOT = Path(__file__).resolve().parent.parent
 B, L, H, HK, D = 2, 512, 8, 2, 64
 
 
@@ -121,15 +116,7 @@ def main(argv=None) -> int:
         print(f"GRADIENTS DISAGREE: {diffs}", file=sys.stderr)
     if args.json:
         result = {
-            "benchmark": "cpu_training_step",
-            "command": " ".join(shlex.quote(a) for a in ["python", "tools/bench_cpu_backward.py",
-                                                         *(sys.argv[1:] if argv is None else argv)]),
-            "git": bench_common.git_commit(str(ROOT)),
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": {"cpu_model": cpu_model(), "logical_cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                        "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()],
-                        "python": platform.python_version(), "torch": torch.__version__,
-                        "dmattn_ops_build": dmattn_ops.build_info()},
+            **run_record("cpu_training_step", "bench_cpu_backward.py", argv),
             "workload": {"B": B, "L": L, "H": H, "Hk": HK, "D": D, "dtype": "float32", "causal": True,
                          "bias": "key-side (total_k, Hk), requires grad", "seed": args.seed},
             "runs": args.runs,
