@@ -199,24 +199,21 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
   // The prefill kernel summarizes a query-side mask by blocks; a map past its cap (a mask far larger than memory,
   // made of expanded columns) is left out and the kernel scans its tiles instead.
   auto prefill = [&] {
-    plan.sm90a = dev.cc == 90 && !o.sm80_only && sm90a_supports(p);
+    // A window of at most kSm90aMinWindow keys runs faster on the sm80 kernel (its units are a tile or two; measured
+    // on an H200, benchmarks/results/README.md), with or without a mask, unless DMATTN_SM90A_CTAS asks for the sm90a
+    // kernel.
+    const bool narrow_window = p.window_left >= 0 && p.window_right >= 0 &&
+                               p.window_left + p.window_right + 1 <= kSm90aMinWindow && o.sm90a_ctas == 0;
+    const bool sm90a_device = dev.cc == 90 && !o.sm80_only && !narrow_window;
+    plan.sm90a = sm90a_device && sm90a_supports(p);
     // A key-side mask: the kept keys as dense slots, so that a mask keeping half the keys costs about half the work
     // on the sm90a kernel (the compaction's lists, then gather_kept_rows), on a persistent grid of a CTA per SM: its
     // units are half as long as a dense call's, and the persistent CTA overlaps a unit's start with the previous
     // one's end (8.6% faster on the H200's masked prefill batch, run BQ). DMATTN_SM90A_CTAS=0: a CTA per unit.
-    // A window of at most kSm90aMinWindow keys stays on the sm80 kernels, as without a mask.
-    const bool narrow_window = p.window_left >= 0 && p.window_right >= 0 &&
-                               p.window_left + p.window_right + 1 <= kSm90aMinWindow && o.sm90a_ctas == 0;
-    if (dev.cc == 90 && !o.sm80_only && sm90a_slots_supports(p) && !narrow_window) {
+    if (sm90a_device && sm90a_slots_supports(p)) {
       plan.sm90a = plan.sm90a_slots = true;
       plan.sm90a_ctas = o.sm90a_ctas != 0 ? std::max(o.sm90a_ctas, 0) : (dev.sm_count > 0 ? dev.sm_count : 132);
       return plan;
-    }
-    // A window of at most kSm90aMinWindow keys runs faster on the sm80 kernel (its units are a tile or two; measured
-    // on an H200, benchmarks/results/README.md), unless DMATTN_SM90A_CTAS asks for the sm90a kernel.
-    if (plan.sm90a && o.sm90a_ctas == 0 && p.window_left >= 0 && p.window_right >= 0 &&
-        p.window_left + p.window_right + 1 <= kSm90aMinWindow) {
-      plan.sm90a = false;
     }
     // A windowed call's units are short and alike: a persistent grid, one CTA per SM, loads a unit's first tiles
     // (and its Q, double-buffered) while it finishes the one before. Key ranges take a CTA per unit (their tile
