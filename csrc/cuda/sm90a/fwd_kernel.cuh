@@ -528,6 +528,11 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
     // for alone, so the exponentials of tile n run while the tensor cores finish P_{n+1} V_{n+1}; O is rescaled once
     // that product has landed.
     // S_n (in K stage `stage`) -> scale, softcap and limits (raw scores where every row sees every key).
+    // This thread's row (half 0: row0, 1: row0 + 8) sees key positions [low, limit).
+    auto row_bounds = [&](int half, int& low, int& limit) {
+      low = kRanged ? row_low[half] : 0;
+      limit = kRanged ? row_limit[half] : causal ? min(w.k_len, row0 + 8 * half + shift + 1) : w.k_len;
+    };
     auto scores = [&](int n, int stage) {
       if constexpr (kSlots) {  // bias per slot; on a tile that hides keys, each slot's position against the rows' limits
         const bool hides = hides_keys(n), biased = slots.bias != nullptr;
@@ -558,13 +563,9 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
           }
           return 1.f;
         }
-        int low[2], limit[2];  // the row's key positions: [low, limit)
+        int low[2], limit[2];
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int i = row0 + 8 * half;
-          low[half] = kRanged ? row_low[half] : 0;
-          limit[half] = kRanged ? row_limit[half] : causal ? min(w.k_len, i + shift + 1) : w.k_len;
-        }
+        for (int half = 0; half < 2; ++half) row_bounds(half, low[half], limit[half]);
         const int slot0 = n * kBlockN;
 #pragma unroll
         for (int nt = 0; nt < kN8; ++nt) {
@@ -600,9 +601,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
         }
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int i = row0 + 8 * half;
-          const int low = kRanged ? row_low[half] : 0;
-          const int limit = kRanged ? row_limit[half] : causal ? min(w.k_len, i + shift + 1) : w.k_len;
+          int low, limit;
+          row_bounds(half, low, limit);
 #pragma unroll
           for (int nt = 0; nt < kN8; ++nt)
 #pragma unroll
