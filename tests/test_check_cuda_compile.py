@@ -80,3 +80,19 @@ def test_sass_counts_per_arch_and_kernel():
     assert counts[("sm_90", "first")] == {"instructions": 6, "mma": 1, "cp.async": 1, "branch": 2, "barrier": 1}
     assert counts[("sm_90", "second")] == {"instructions": 1, "mma": 0, "cp.async": 0, "branch": 0, "barrier": 0}
     assert counts[("sm_80", "first")] == {"instructions": 2, "mma": 1, "cp.async": 0, "branch": 0, "barrier": 1}
+
+
+def test_serialized_wgmma_names_each_kernel_and_its_reason():
+    # ptxas' advisory as it printed it for a pending sm90a patch (kernel names shortened), between lines that are not
+    log = textwrap.dedent("""\
+        ptxas info    : 0 bytes gmem
+        ptxas info    : (C7518) Potential Performance Loss: wgmma.mma_async instructions are serialized due to program dependence on compiler-inserted WG.DP in divergent path in the function '_ZN6dmattn4cuda5sm90a10fwd_kernelILb1EEEv'
+        ptxas info    : Compiling entry function '_ZN6dmattn4cuda5sm90a10fwd_kernelILb0EEEv' for 'sm_90a'
+        ptxas info    : (C7518) Potential Performance Loss: wgmma.mma_async instructions are serialized due to the presence of Extern calls in the function '_Z5otherv'
+        """)
+    assert ccc.serialized_wgmma(log) == [
+        ("_ZN6dmattn4cuda5sm90a10fwd_kernelILb1EEEv",
+         "due to program dependence on compiler-inserted WG.DP in divergent path"),
+        ("_Z5otherv", "due to the presence of Extern calls"),
+    ]
+    assert ccc.serialized_wgmma("ptxas info    : Used 168 registers, 0 bytes spill stores, 0 bytes spill loads") == []
