@@ -102,14 +102,20 @@ SANITIZE_CMD=(compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit
   -k "${SANITIZE_TESTS:-cuda and (sample_matches or nan_padding or rows_after or lying)}")
 
 # bench_rounds DEST ROUNDS "WORKLOADS" TIMEOUT NAME=DIR...: each build in turn (DIR first on PYTHONPATH, this tree's
-# bench_gpu.py), ROUNDS times so that drift of the machine hits each alike, the dmattn rows of each workload
+# bench_gpu.py), ROUNDS times, every other round in reverse order, so that drift of the machine hits each alike, the dmattn rows of each workload
 # (--only dmattn --quick, plus BENCH_EXTRA), into DEST/NAME/ROUND; TIMEOUT seconds per run (0: none).
 bench_rounds() {
-  local dest=$1 rounds=$2 workloads=$3 limit=$4 round pair name w
+  local dest=$1 rounds=$2 workloads=$3 limit=$4 round pair name w i
   shift 4
   rm -rf "$dest"
+  local -a order=("$@") reversed=()
+  for ((i = $# - 1; i >= 0; i--)); do reversed+=("${order[i]}"); done
   for round in $(seq "$rounds"); do
-    for pair in "$@"; do
+    # Even rounds run the builds in reverse, so that every build's mean place in the order is the same: a drift over
+    # the call (run BV: every tree ~1.5% slower than main, which always ran first) then moves no ratio.
+    local -a this=("${order[@]}")
+    ((round % 2 == 0)) && this=("${reversed[@]}")
+    for pair in "${this[@]}"; do
       name=${pair%%=*}
       for w in $workloads; do
         # shellcheck disable=SC2086
