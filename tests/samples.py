@@ -201,7 +201,8 @@ def assert_close_to_reference(result, ref64, same_dtype, *, label: str = "") -> 
     """Judges a kernel's (out, lse) against the float64 reference ``ref64`` = (out, lse).
 
     ``same_dtype`` is the reference run in the inputs' dtype (``Sample.reference(sample.dtype)``): "a PyTorch
-    implementation in the same dtype". The rule, for out and for lse:
+    implementation in the same dtype" (in float32 the worse of two plain forms, PackedBatch.reference). The rule,
+    for out and for lse:
         max |kernel - ref64| <= 2 * max |same_dtype - ref64| + atol,
     with atol a few ulps of the output dtype (float32 for lse). On top of it, exactly: no NaN anywhere; where the
     reference sees no key (lse -inf) the kernel's row is 0 and its lse -inf; everywhere else its lse is finite.

@@ -637,3 +637,21 @@ def test_reference_noncanonical_mask_bytes():
                 dense = [materialize_mask(m, sample.cu_seqlens_q, sample.cu_seqlens_k, b, spec.heads)
                          for m in (sample.mask, odd_mask)]
                 assert torch.equal(dense[0], dense[1]), f"{layout} {heads}: bytes 2..255 must read as True"
+
+
+def test_float32_base_is_the_worse_of_two_plain_forms():
+    """The accuracy rule's float32 base (PackedBatch.reference(float32)) is, element by element, whichever of two
+    plain PyTorch forms lies farther from the float64 answer: the scale applied to q . k, or folded into q first. A
+    fuzz draw (scores near 15, softmax_scale -3.5) had the first form 5x luckier than the second, and the CPU kernel,
+    whose error was the second form's exactly, failed a rule set by the first."""
+    sample = make_sample(Spec("scaled", (5, 9), (7, 12), mask="key", bias="key", softmax_scale=-3.5), torch.float32)
+    exact = sample.reference()
+    base = sample.reference(torch.float32)
+    plain = sample._call(reference_varlen_attention, dtype=torch.float32)
+    folded = sample.replace(q=sample.q * -3.5, softmax_scale=1.0)._call(reference_varlen_attention,
+                                                                        dtype=torch.float32)
+    for got, a, b, want in zip(base, plain, folded, exact):
+        err = (got.double() - want).abs().nan_to_num(nan=0.0)
+        worse = torch.maximum((a.double() - want).abs(), (b.double() - want).abs()).nan_to_num(nan=0.0)
+        assert torch.equal(err, worse)
+    assert not torch.equal(plain[0], folded[0])  # the two forms round differently here: the check means something
