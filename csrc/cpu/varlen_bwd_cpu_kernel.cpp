@@ -3,31 +3,81 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 namespace dmattn::cpu {
 namespace {
 
-// Four independent sums, so the compiler can keep several lanes busy without reassociating one sum.
-__attribute__((always_inline)) inline double dot(const float* a, const float* b, int64_t n) {
-  double s[4] = {0.0, 0.0, 0.0, 0.0};
-  int64_t d = 0;
-  for (; d + 4 <= n; d += 4) {
-    for (int u = 0; u < 4; ++u) s[u] += static_cast<double>(a[d + u]) * b[d + u];
-  }
-  for (; d < n; ++d) s[0] += static_cast<double>(a[d]) * b[d];
-  return (s[0] + s[1]) + (s[2] + s[3]);
+template <typename T>
+__attribute__((always_inline)) inline void axpy(double alpha, const T* x, double* y, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
 }
 
-__attribute__((always_inline)) inline void axpy(double alpha, const float* x, double* y, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
+// Keys per block of pass 1: a row's q and dout are loaded once per kBlock keys.
+constexpr int kBlock = 4;
+
+// Four float64 lanes (GCC / Clang vector extensions: AVX registers in the AVX2 clone, SSE2 pairs in the baseline), so
+// that the loops below run along d. Written as plain loops, GCC vectorized them across a block's rows instead, one
+// scalar load per row and lane, and the block ran slower than one key at a time.
+typedef double v4d __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+__attribute__((always_inline)) inline v4d load4(const double* p) {
+  v4d x;
+  std::memcpy(&x, p, sizeof(x));
+  return x;
+}
+__attribute__((always_inline)) inline v4d load4(const float* p) {
+  v4f x;
+  std::memcpy(&x, p, sizeof(x));
+  return __builtin_convertvector(x, v4d);
+}
+
+// out[c] = a . b[c] for kBlock rows b[c] at once. Each sum keeps four partial sums (one per lane: element d goes to
+// lane d % 4), combined in a fixed order, so a key's product does not depend on its block.
+template <typename T>
+__attribute__((always_inline)) inline void dot_block(const double* a, const T* const* b, int64_t n,
+                                                     double* out) {
+  v4d s[kBlock] = {};
+  int64_t d = 0;
+  for (; d + 4 <= n; d += 4) {
+    const v4d x = load4(a + d);
+    for (int c = 0; c < kBlock; ++c) s[c] += x * load4(b[c] + d);
+  }
+  for (; d < n; ++d)
+    for (int c = 0; c < kBlock; ++c) s[c][0] += a[d] * b[c][d];
+  for (int c = 0; c < kBlock; ++c) out[c] = (s[c][0] + s[c][1]) + (s[c][2] + s[c][3]);
+}
+
+// Query rows per block of pass 2: the K / V rows a block's rows share are updated once per block, not once per row.
+constexpr int kRows = 4;
+
+// A sequence's float64 copy of one KV head's K and V, at most (per thread).
+constexpr int64_t kMaxConvertedBytes = int64_t{32} << 20;
+
+// y += alpha[0] x[0] + ... + alpha[count - 1] x[count - 1] (count <= kRows), added to each y[d] in that order (as
+// count axpy calls one after another would add them).
+__attribute__((always_inline)) inline void axpy_rows(const double* alpha, const double* const* x, int count,
+                                                     double* y, int64_t n) {
+  int64_t d = 0;
+  for (; d + 4 <= n; d += 4) {
+    v4d acc = load4(y + d);
+    for (int c = 0; c < count; ++c) acc += alpha[c] * load4(x[c] + d);
+    std::memcpy(y + d, &acc, sizeof(acc));
+  }
+  for (; d < n; ++d) {
+    double acc = y[d];
+    for (int c = 0; c < count; ++c) acc += alpha[c] * x[c][d];
+    y[d] = acc;
+  }
 }
 
 }  // namespace
 
 // An AVX2 / FMA clone beside the baseline (as the forward's run_block; GCC on x86-64): the float64 products and sums
-// of dot and axpy take four lanes, where the baseline build's SSE2 takes two.
+// of dot_block and the axpys take four lanes, where the baseline build's SSE2 takes two.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("arch=x86-64-v3", "default")))
 #endif
@@ -51,78 +101,167 @@ void varlen_bwd_sequence(const VarlenBwdParams& bp, int32_t b, double* dsinks) {
   const float* dout = static_cast<const float*>(bp.dout);
 
   struct Visited {
-    int64_t row, bias_element;
+    int64_t row, pos, bias_element;  // the key's row of k, v and key-side operands, its position j, its bias element
     double score, dp;  // cap(scale * q . k) + bias, and dout . v
     double cap_slope;  // d score / d (scale * q . k): 1 - tanh^2 with a softcap, else 1
     double weight;     // exp(score - the row's max score)
+    double p, ds;      // pass 2: the key's probability in the row and d loss / d score
   };
-  std::vector<Visited> visited;
+  struct Candidate {  // a key the row's window and mask show
+    int64_t row, pos, bias_element;
+  };
+  std::vector<Visited> visited[kRows];
+  std::vector<Candidate> candidates;
+  // The block's rows' q and dout in float64, and their dq as it is summed.
+  // K and V of the sequence's current KV head in float64, by key position, where they take at most
+  // kMaxConvertedBytes: the products and sums of both passes then read float64 rows, where each (row, key) pair
+  // converted its key's floats again (a quarter of the backward's time on the training step of
+  // tools/bench_cpu_backward.py). Longer sequences read the float32 rows.
+  const bool as_f64 = sk.len * D * 2 * static_cast<int64_t>(sizeof(double)) <= kMaxConvertedBytes;
+  std::vector<double> k64(as_f64 ? sk.len * D : 0), v64(as_f64 ? sk.len * D : 0);
+  std::vector<double> q_rows(kRows * D), do_rows(kRows * D), dq_rows(kRows * D);
   for (int32_t h = 0; h < p.num_heads; ++h) {
     const int32_t hk = h / group;
     const double sink = p.sink(h);
-    for (int64_t i = 0; i < sq.len; ++i) {
-      const int64_t row = sq.start + i;
-      const float lse_fwd = p.lse[h * p.total_q + row];
-      if (lse_fwd == kNegInf) continue;  // no visible key and no sink: nothing to differentiate
-      const float* q_i = q + row * p.q_row_stride + h * p.q_head_stride;
-      const float* do_i = dout + row * bp.dout_row_stride + h * bp.dout_head_stride;
-      double* dq_i = bp.dq + (row * p.num_heads + h) * D;
-      const KeyRange window = row_keys(p, row, i, sq.len, sk.len);
-      // Pass 1, in float64: every key the row can see with a score above -inf (the others weigh 0), its score and
-      // dout_i . v_j; then the row's lse (the sink in its sum) and delta = sum_j p_j (dout_i . v_j) = dout_i .
-      // out_i, recomputed rather than read from the forward's float32 lse and rounded out (whose rounding, in
-      // dp - delta, would dominate the error of every gradient).
-      visited.clear();
-      double max = sink;
-      for (int64_t j = window.begin; j < window.end; ++j) {
+    const float* k_head = k + hk * p.k_head_stride;
+    const float* v_head = v + hk * p.v_head_stride;
+    if (as_f64 && h % group == 0) {  // the KV head's rows by key position, once for its group of query heads
+      for (int64_t j = 0; j < sk.len; ++j) {
         const int64_t key = key_rows.row(j);
-        if (p.mask.present() &&
-            !p.mask.mask_allows(key_side_mask ? p.mask.offset(key, h, 0) : p.mask.offset(row, h, j))) {
-          continue;
+        for (int64_t d = 0; d < D; ++d) {
+          k64[j * D + d] = k_head[key * p.k_row_stride + d];
+          v64[j * D + d] = v_head[key * p.v_row_stride + d];
         }
-        int64_t bias_element = 0;
-        double s = scale * dot(q_i, k + key * p.k_row_stride + hk * p.k_head_stride, D);
-        double cap_slope = 1.0;
-        if (softcap > 0.0) {
-          const double t = std::tanh(s / softcap);
-          s = softcap * t;
-          cap_slope = 1.0 - t * t;
+      }
+    }
+    // Head h's rows, with k_of / v_of (key row, key position) -> that key's K / V row, float64 or float32.
+    auto run_head = [&](auto k_of, auto v_of) __attribute__((always_inline)) {
+      for (int64_t i0 = 0; i0 < sq.len; i0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, sq.len - i0));
+        for (int r = 0; r < rows; ++r) {
+          visited[r].clear();
+          const int64_t i = i0 + r, row = sq.start + i;
+          const float lse_fwd = p.lse[h * p.total_q + row];
+          if (lse_fwd == kNegInf) continue;  // no visible key and no sink: nothing to differentiate
+          double* q_row = q_rows.data() + r * D;
+          double* do_row = do_rows.data() + r * D;
+          const float* q_i = q + row * p.q_row_stride + h * p.q_head_stride;
+          const float* do_i = dout + row * bp.dout_row_stride + h * bp.dout_head_stride;
+          for (int64_t d = 0; d < D; ++d) {
+            q_row[d] = q_i[d];
+            do_row[d] = do_i[d];
+          }
+          const KeyRange window = row_keys(p, row, i, sq.len, sk.len);
+          // Pass 1, in float64: every key the row can see with a score above -inf (the others weigh 0), its score and
+          // dout_i . v_j; then the row's lse (the sink in its sum) and delta = sum_j p_j (dout_i . v_j) = dout_i .
+          // out_i, recomputed rather than read from the forward's float32 lse and rounded out (whose rounding, in
+          // dp - delta, would dominate the error of every gradient). The keys the window and mask show first, then
+          // their products kBlock keys at a time.
+          candidates.clear();
+          for (int64_t j = window.begin; j < window.end; ++j) {
+            const int64_t key = key_rows.row(j);
+            if (p.mask.present() &&
+                !p.mask.mask_allows(key_side_mask ? p.mask.offset(key, h, 0) : p.mask.offset(row, h, j))) {
+              continue;
+            }
+            int64_t bias_element = 0;
+            if (p.bias.present()) bias_element = key_side_bias ? p.bias.offset(key, h, 0) : p.bias.offset(row, h, j);
+            candidates.push_back({key, j, bias_element});
+          }
+          double max = sink;
+          const int64_t n = static_cast<int64_t>(candidates.size());
+          for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
+            decltype(k_of(0, 0)) k_block[kBlock];
+            decltype(v_of(0, 0)) v_block[kBlock];
+            for (int c = 0; c < kBlock; ++c) {  // a short last block repeats its last key (its products unused)
+              const Candidate& key = candidates[std::min(c0 + c, n - 1)];
+              k_block[c] = k_of(key.row, key.pos);
+              v_block[c] = v_of(key.row, key.pos);
+            }
+            double qk[kBlock], dp[kBlock];
+            dot_block(q_row, k_block, D, qk);
+            dot_block(do_row, v_block, D, dp);
+            for (int c = 0; c < kBlock && c0 + c < n; ++c) {
+              const Candidate& key = candidates[c0 + c];
+              double s = scale * qk[c];
+              double cap_slope = 1.0;
+              if (softcap > 0.0) {
+                const double t = std::tanh(s / softcap);
+                s = softcap * t;
+                cap_slope = 1.0 - t * t;
+              }
+              if (p.bias.present()) s += static_cast<const float*>(p.bias.ptr)[key.bias_element];
+              if (s == kNegInf) continue;
+              visited[r].push_back({key.row, key.pos, key.bias_element, s, dp[c], cap_slope, 0.0, 0.0, 0.0});
+              max = std::max(max, s);
+            }
+          }
+          double sum = std::exp(sink - max), weighted_dp = 0.0;  // exactly 0 without a sink
+          for (Visited& key : visited[r]) {
+            key.weight = std::exp(key.score - max);  // NaN for a NaN score: the sums, and so the row, turn NaN
+            sum += key.weight;
+            weighted_dp += key.weight * key.dp;
+          }
+          // A NaN row of the forward (a NaN or +inf score, a NaN or +inf sink) keeps NaN gradients.
+          const double lse = std::isnan(lse_fwd) ? lse_fwd : max + std::log(sum);
+          const double delta = weighted_dp / sum - (bp.dlse ? bp.dlse[h * p.total_q + row] : 0.f);
+          // Each key's probability exp(score - lse) as its pass-1 weight over the sum (one exponential per key, where a
+          // second one per key was a third of this function's time); NaN throughout for a NaN row. Pass 2 skips keys
+          // of probability exactly 0: nothing flows through them.
+          const double inv_sum = std::isnan(lse) ? lse : 1.0 / sum;
+          for (Visited& key : visited[r]) {
+            key.p = key.weight * inv_sum;
+            key.ds = key.p * (key.dp - delta);  // d loss / d score: the bias's gradient, as the bias follows the cap
+          }
+          // The sink is one more score of the row, with dp = 0 (it adds no value): ds = p_sink (0 - delta). A -inf
+          // sink weighs 0 in every row (skipped, so that a NaN row cannot make its gradient NaN).
+          if (dsinks && sink != kNegInf) dsinks[h] -= std::exp(sink - lse) * delta;
         }
-        if (p.bias.present()) {
-          bias_element = key_side_bias ? p.bias.offset(key, h, 0) : p.bias.offset(row, h, j);
-          s += static_cast<const float*>(p.bias.ptr)[bias_element];
+        // Pass 2, the block's rows together, key by key in position order (each row's list ascends): dv_j and dk_j take
+        // every row's share in one pass over their D values (in row order, as one row at a time would add them), dq_i
+        // each key's share in the row's own buffer, and the bias its ds.
+        std::fill(dq_rows.begin(), dq_rows.end(), 0.0);
+        size_t at[kRows] = {};
+        for (;;) {
+          int64_t pos = INT64_MAX;
+          for (int r = 0; r < rows; ++r) {
+            while (at[r] < visited[r].size() && visited[r][at[r]].p == 0.0) ++at[r];
+            if (at[r] < visited[r].size()) pos = std::min(pos, visited[r][at[r]].pos);
+          }
+          if (pos == INT64_MAX) break;
+          double dv_coef[kRows], dk_coef[kRows];
+          const double* do_of[kRows];
+          const double* q_of[kRows];
+          int sharing = 0;
+          int64_t key_row = 0;
+          for (int r = 0; r < rows; ++r) {
+            if (at[r] >= visited[r].size() || visited[r][at[r]].pos != pos) continue;
+            const Visited& key = visited[r][at[r]++];
+            const double dqk = scale * key.cap_slope * key.ds;
+            key_row = key.row;
+            dv_coef[sharing] = key.p;
+            do_of[sharing] = do_rows.data() + r * D;
+            dk_coef[sharing] = dqk;
+            q_of[sharing] = q_rows.data() + r * D;
+            ++sharing;
+            axpy(dqk, k_of(key.row, key.pos), dq_rows.data() + r * D, D);
+            if (bp.dbias) bp.dbias[key.bias_element] += key.ds;
+          }
+          axpy_rows(dv_coef, do_of, sharing, bp.dv + (key_row * p.num_heads_k + hk) * D, D);
+          axpy_rows(dk_coef, q_of, sharing, bp.dk + (key_row * p.num_heads_k + hk) * D, D);
         }
-        if (s == kNegInf) continue;
-        visited.push_back(
-            {key, bias_element, s, dot(do_i, v + key * p.v_row_stride + hk * p.v_head_stride, D), cap_slope, 0.0});
-        max = std::max(max, s);
+        for (int r = 0; r < rows; ++r) {
+          double* dq_i = bp.dq + ((sq.start + i0 + r) * p.num_heads + h) * D;
+          for (int64_t d = 0; d < D; ++d) dq_i[d] += dq_rows[r * D + d];
+        }
       }
-      double sum = std::exp(sink - max), weighted_dp = 0.0;  // exactly 0 without a sink
-      for (Visited& key : visited) {
-        key.weight = std::exp(key.score - max);  // NaN for a NaN score: the sums, and so the row, turn NaN
-        sum += key.weight;
-        weighted_dp += key.weight * key.dp;
-      }
-      // A NaN row of the forward (a NaN or +inf score, a NaN or +inf sink) keeps NaN gradients.
-      const double lse = std::isnan(lse_fwd) ? lse_fwd : max + std::log(sum);
-      const double delta = weighted_dp / sum - (bp.dlse ? bp.dlse[h * p.total_q + row] : 0.f);
-      // Each key's probability exp(score - lse) as its pass-1 weight over the sum (one exponential per key, where a
-      // second one per key was a third of this function's time); NaN throughout for a NaN row.
-      const double inv_sum = std::isnan(lse) ? lse : 1.0 / sum;
-      // Pass 2: the gradients, over the keys pass 1 kept, with their scores and dout . v.
-      for (const Visited& key : visited) {
-        const double w = key.weight * inv_sum;
-        if (w == 0.0) continue;  // weight 0: nothing flows through this key
-        const double ds = w * (key.dp - delta);  // d loss / d score: the bias's gradient, as the bias follows the cap
-        const double dqk = scale * key.cap_slope * ds;
-        axpy(w, do_i, bp.dv + (key.row * p.num_heads_k + hk) * D, D);
-        axpy(dqk, k + key.row * p.k_row_stride + hk * p.k_head_stride, dq_i, D);
-        axpy(dqk, q_i, bp.dk + (key.row * p.num_heads_k + hk) * D, D);
-        if (bp.dbias) bp.dbias[key.bias_element] += ds;
-      }
-      // The sink is one more score of the row, with dp = 0 (it adds no value): ds = p_sink (0 - delta). A -inf sink
-      // weighs 0 in every row (skipped, so that a NaN row cannot make its gradient NaN).
-      if (dsinks && sink != kNegInf) dsinks[h] -= std::exp(sink - lse) * delta;
+    };
+    if (as_f64) {
+      run_head([&](int64_t, int64_t pos) __attribute__((always_inline)) { return k64.data() + pos * D; },
+               [&](int64_t, int64_t pos) __attribute__((always_inline)) { return v64.data() + pos * D; });
+    } else {
+      run_head([&](int64_t row, int64_t) __attribute__((always_inline)) { return k_head + row * p.k_row_stride; },
+               [&](int64_t row, int64_t) __attribute__((always_inline)) { return v_head + row * p.v_row_stride; });
     }
   }
 }

@@ -17,6 +17,9 @@
 // Keys a row cannot see (window, mask) and keys of weight exactly 0 contribute nothing, whatever their K, V and bias
 // hold; a row with no visible key and no sink (lse = -inf) contributes nothing, one with no visible key but a finite
 // sink only its sink's share (dlse_i); a NaN row (lse NaN) gives NaN gradients.
+// The work is blocked: pass 1 forms four keys' products at a time, and pass 2 runs four query rows of a head together,
+// key by key, so that each dk_j and dv_j row takes the block's shares in one pass (added in row order, as one row at
+// a time would add them); K and V are read as float64 copies per KV head where those fit.
 #pragma once
 
 #include "../varlen_bwd_params.h"
