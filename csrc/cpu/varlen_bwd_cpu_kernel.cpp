@@ -5,16 +5,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
 namespace dmattn::cpu {
 namespace {
-
-template <typename T>
-__attribute__((always_inline)) inline void axpy(double alpha, const T* x, double* y, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
-}
 
 // Keys per block of pass 1: a row's q and dout are loaded once per kBlock keys.
 constexpr int kBlock = 4;
@@ -57,20 +53,51 @@ constexpr int kRows = 4;
 // A sequence's float64 copy of one KV head's K and V, at most (per thread).
 constexpr int64_t kMaxConvertedBytes = int64_t{32} << 20;
 
-// y += alpha[0] x[0] + ... + alpha[count - 1] x[count - 1] (count <= kRows), added to each y[d] in that order (as
-// count axpy calls one after another would add them).
-__attribute__((always_inline)) inline void axpy_rows(const double* alpha, const double* const* x, int count,
-                                                     double* y, int64_t n) {
+// y += alpha[0] x[0] + ... + alpha[kCount - 1] x[kCount - 1], added to each y[d] in that order (as kCount axpy calls
+// one after another would add them).
+template <int kCount>
+__attribute__((always_inline)) inline void axpy_rows(const double* alpha, const double* const* x, double* y,
+                                                     int64_t n) {
   int64_t d = 0;
   for (; d + 4 <= n; d += 4) {
     v4d acc = load4(y + d);
-    for (int c = 0; c < count; ++c) acc += alpha[c] * load4(x[c] + d);
+    for (int c = 0; c < kCount; ++c) acc += alpha[c] * load4(x[c] + d);
     std::memcpy(y + d, &acc, sizeof(acc));
   }
   for (; d < n; ++d) {
     double acc = y[d];
-    for (int c = 0; c < count; ++c) acc += alpha[c] * x[c][d];
+    for (int c = 0; c < kCount; ++c) acc += alpha[c] * x[c][d];
     y[d] = acc;
+  }
+}
+
+// y[c] += alpha[c] x for c < kCount: one x, several rows y (a key's K row into the dq of each block row that sees it).
+template <int kCount, typename T>
+__attribute__((always_inline)) inline void axpy_into_rows(const double* alpha, const T* x, double* const* y,
+                                                          int64_t n) {
+  int64_t d = 0;
+  for (; d + 4 <= n; d += 4) {
+    const v4d xd = load4(x + d);
+    for (int c = 0; c < kCount; ++c) {
+      v4d acc = load4(y[c] + d);
+      acc += alpha[c] * xd;
+      std::memcpy(y[c] + d, &acc, sizeof(acc));
+    }
+  }
+  for (; d < n; ++d)
+    for (int c = 0; c < kCount; ++c) y[c][d] += alpha[c] * x[d];
+}
+
+// f(std::integral_constant<int, count>) for count in [1, kRows]: a key's updates with the number of rows that share
+// it as a constant (their loops unrolled).
+template <typename F>
+__attribute__((always_inline)) inline void with_count(int count, F&& f) {
+  static_assert(kRows == 4, "one case per count");
+  switch (count) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
   }
 }
 
@@ -232,23 +259,30 @@ void varlen_bwd_sequence(const VarlenBwdParams& bp, int32_t b, double* dsinks) {
           double dv_coef[kRows], dk_coef[kRows];
           const double* do_of[kRows];
           const double* q_of[kRows];
+          double* dq_of[kRows];
           int sharing = 0;
-          int64_t key_row = 0;
+          int64_t key_row = 0, key_pos = 0;
           for (int r = 0; r < rows; ++r) {
             if (at[r] >= visited[r].size() || visited[r][at[r]].pos != pos) continue;
             const Visited& key = visited[r][at[r]++];
-            const double dqk = scale * key.cap_slope * key.ds;
             key_row = key.row;
+            key_pos = key.pos;
             dv_coef[sharing] = key.p;
             do_of[sharing] = do_rows.data() + r * D;
-            dk_coef[sharing] = dqk;
+            dk_coef[sharing] = scale * key.cap_slope * key.ds;
             q_of[sharing] = q_rows.data() + r * D;
+            dq_of[sharing] = dq_rows.data() + r * D;
             ++sharing;
-            axpy(dqk, k_of(key.row, key.pos), dq_rows.data() + r * D, D);
             if (bp.dbias) bp.dbias[key.bias_element] += key.ds;
           }
-          axpy_rows(dv_coef, do_of, sharing, bp.dv + (key_row * p.num_heads_k + hk) * D, D);
-          axpy_rows(dk_coef, q_of, sharing, bp.dk + (key_row * p.num_heads_k + hk) * D, D);
+          double* dv_j = bp.dv + (key_row * p.num_heads_k + hk) * D;
+          double* dk_j = bp.dk + (key_row * p.num_heads_k + hk) * D;
+          const auto k_j = k_of(key_row, key_pos);
+          with_count(sharing, [&](auto count) __attribute__((always_inline)) {
+            axpy_rows<count()>(dv_coef, do_of, dv_j, D);
+            axpy_rows<count()>(dk_coef, q_of, dk_j, D);
+            axpy_into_rows<count()>(dk_coef, k_j, dq_of, D);
+          });
         }
         for (int r = 0; r < rows; ++r) {
           double* dq_i = bp.dq + ((sq.start + i0 + r) * p.num_heads + h) * D;
