@@ -5,8 +5,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace dmattn::cpu {
@@ -127,25 +127,23 @@ void varlen_bwd_sequence(const VarlenBwdParams& bp, int32_t b, double* dsinks) {
   const float* v = static_cast<const float*>(p.v);
   const float* dout = static_cast<const float*>(bp.dout);
 
-  struct Visited {
-    int64_t row, pos, bias_element;  // the key's row of k, v and key-side operands, its position j, its bias element
+  struct Candidate {   // a key the row's window and mask show
+    int64_t row, pos, bias_element;  // its row of k, v and key-side operands, its position j, its bias element
+  };
+  struct Visited : Candidate {  // one with a score above -inf
     double score, dp;  // cap(scale * q . k) + bias, and dout . v
     double cap_slope;  // d score / d (scale * q . k): 1 - tanh^2 with a softcap, else 1
-    double weight;     // exp(score - the row's max score)
-    double p, ds;      // pass 2: the key's probability in the row and d loss / d score
-  };
-  struct Candidate {  // a key the row's window and mask show
-    int64_t row, pos, bias_element;
+    double p, ds;      // exp(score - the row's max), then the key's probability; d loss / d score
   };
   std::vector<Visited> visited[kRows];
   std::vector<Candidate> candidates;
-  // The block's rows' q and dout in float64, and their dq as it is summed.
   // K and V of the sequence's current KV head in float64, by key position, where they take at most
   // kMaxConvertedBytes: the products and sums of both passes then read float64 rows, where each (row, key) pair
   // converted its key's floats again (a quarter of the backward's time on the training step of
   // tools/bench_cpu_backward.py). Longer sequences read the float32 rows.
   const bool as_f64 = sk.len * D * 2 * static_cast<int64_t>(sizeof(double)) <= kMaxConvertedBytes;
   std::vector<double> k64(as_f64 ? sk.len * D : 0), v64(as_f64 ? sk.len * D : 0);
+  // The block's rows' q and dout in float64, and their dq as it is summed.
   std::vector<double> q_rows(kRows * D), do_rows(kRows * D), dq_rows(kRows * D);
   for (int32_t h = 0; h < p.num_heads; ++h) {
     const int32_t hk = h / group;
@@ -219,15 +217,15 @@ void varlen_bwd_sequence(const VarlenBwdParams& bp, int32_t b, double* dsinks) {
               }
               if (p.bias.present()) s += static_cast<const float*>(p.bias.ptr)[key.bias_element];
               if (s == kNegInf) continue;
-              visited[r].push_back({key.row, key.pos, key.bias_element, s, dp[c], cap_slope, 0.0, 0.0, 0.0});
+              visited[r].push_back({key, s, dp[c], cap_slope, 0.0, 0.0});
               max = std::max(max, s);
             }
           }
           double sum = std::exp(sink - max), weighted_dp = 0.0;  // exactly 0 without a sink
           for (Visited& key : visited[r]) {
-            key.weight = std::exp(key.score - max);  // NaN for a NaN score: the sums, and so the row, turn NaN
-            sum += key.weight;
-            weighted_dp += key.weight * key.dp;
+            key.p = std::exp(key.score - max);  // NaN for a NaN score: the sums, and so the row, turn NaN
+            sum += key.p;
+            weighted_dp += key.p * key.dp;
           }
           // A NaN row of the forward (a NaN or +inf score, a NaN or +inf sink) keeps NaN gradients.
           const double lse = std::isnan(lse_fwd) ? lse_fwd : max + std::log(sum);
@@ -237,7 +235,7 @@ void varlen_bwd_sequence(const VarlenBwdParams& bp, int32_t b, double* dsinks) {
           // of probability exactly 0: nothing flows through them.
           const double inv_sum = std::isnan(lse) ? lse : 1.0 / sum;
           for (Visited& key : visited[r]) {
-            key.p = key.weight * inv_sum;
+            key.p *= inv_sum;
             key.ds = key.p * (key.dp - delta);  // d loss / d score: the bias's gradient, as the bias follows the cap
           }
           // The sink is one more score of the row, with dp = 0 (it adds no value): ds = p_sink (0 - delta). A -inf
