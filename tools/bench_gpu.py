@@ -11,7 +11,8 @@ Workloads (all packed varlen batches, H=32, Hk=8, D=128, bf16 on CUDA; ``--tiny`
            random gating score + key-side bias (the gating score itself). Peers: FlexAttention compiled on the packed
            batch (document + causal mask_mod reading the keep tensor, score_mod adding the bias; BlockMask build time
            beside it), SDPA on padded tensors with causal+mask+bias materialized as a (B, H, Lmax, Lmax) float bias,
-           dmattn_ops with the key-side mask and bias. A "no mask" group: dmattn_ops vs torch varlen_attn. A
+           dmattn_ops with the key-side mask and bias. A "no mask" group: dmattn_ops vs torch varlen_attn; the
+           key-side bias alone (no mask), dmattn_ops only (beside the no-mask row: what a soft gate costs). A
            query-side group: the same mask + bias expanded to (total_q, Hm, max_seqlen_k) (a materialized dense
            query-side operand, ~1.8 GB), whose operand bytes per second issue 11 wants at >= 50% of the copy
            bandwidth measured in the same run (bench_common.copy_tbps), beside the key-side call on the same values.
@@ -779,6 +780,8 @@ def groups_of(name: str, base: PackedBatch):
         return [("causal, key-side mask 50% + bias", masked,
                  [dmattn_peer(masked), flex_peer(masked), sdpa_peer(masked, "materialized")]),
                 ("causal, no mask (varlen dense reference)", plain, [dmattn_peer(plain), varlen_peer(plain)]),
+                ("causal, the key-side bias alone (no mask)", masked.replace(mask=None),
+                 [dmattn_peer(masked.replace(mask=None))]),
                 query_side_group("causal, the same mask + bias expanded query-side", masked)]
     if name == "decode":
         masked, plain = base, base.replace(mask=None, bias=None)
