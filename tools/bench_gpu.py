@@ -776,12 +776,11 @@ def groups_of(name: str, base: PackedBatch):
         out.append(("causal, no mask (plain causal reference)", causal, [dmattn_peer(causal)]))
         return out
     if name == "prefill":
-        masked, plain = base, base.replace(mask=None, bias=None)
+        masked, plain, biased = base, base.replace(mask=None, bias=None), base.replace(mask=None)
         return [("causal, key-side mask 50% + bias", masked,
                  [dmattn_peer(masked), flex_peer(masked), sdpa_peer(masked, "materialized")]),
                 ("causal, no mask (varlen dense reference)", plain, [dmattn_peer(plain), varlen_peer(plain)]),
-                ("causal, the key-side bias alone (no mask)", masked.replace(mask=None),
-                 [dmattn_peer(masked.replace(mask=None))]),
+                ("causal, the key-side bias alone (no mask)", biased, [dmattn_peer(biased)]),
                 query_side_group("causal, the same mask + bias expanded query-side", masked)]
     if name == "decode":
         masked, plain = base, base.replace(mask=None, bias=None)

@@ -102,8 +102,9 @@ SANITIZE_CMD=(compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit
   -k "${SANITIZE_TESTS:-cuda and (sample_matches or nan_padding or rows_after or lying)}")
 
 # bench_rounds DEST ROUNDS "WORKLOADS" TIMEOUT NAME=DIR...: each build in turn (DIR first on PYTHONPATH, this tree's
-# bench_gpu.py), ROUNDS times, every other round in reverse order, so that drift of the machine hits each alike, the dmattn rows of each workload
-# (--only dmattn --quick, plus BENCH_EXTRA), into DEST/NAME/ROUND; TIMEOUT seconds per run (0: none).
+# bench_gpu.py), ROUNDS times, every other round in reverse order, so that drift of the machine hits each alike, the
+# dmattn rows of each workload (--only dmattn --quick, plus BENCH_EXTRA), into DEST/NAME/ROUND; TIMEOUT seconds per
+# run (0: none).
 bench_rounds() {
   local dest=$1 rounds=$2 workloads=$3 limit=$4 round pair name w i
   shift 4
