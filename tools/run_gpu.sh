@@ -298,13 +298,15 @@ for s in $STAGES; do
       # bench_gpu.py with BENCH_ARGS (every peer unless --only says otherwise) inside each tree of TREES_TO_CHECK
       # (default: every tree that passed), with that tree's build first on PYTHONPATH (a tree has no installed package:
       # without it bench_gpu.py finds no dmattn_ops), under `timeout TREE_BENCH_TIMEOUT` (default 450 s: compiling
-      # FlexAttention for the prefill batch took ~310 s); results in $OUT/<name>/.
+      # FlexAttention for the prefill batch took ~310 s); results in $OUT/<name>/. TREE_BENCH_TOOL runs another
+      # benchmark tool of the tree instead (e.g. tools/bench_backward.py; BENCH_ARGS are then its arguments).
       mapfile -t ok < <(cat "$LOGDIR/trees_ok" 2>/dev/null)
       for name in ${TREES_TO_CHECK:-${ok[@]}}; do
         abs=$(cd ".trees/$name" && pwd) || { status=1; continue; }
         # bash -c: BENCH_ARGS may quote a group name, e.g. --groups "key-side mask 50%"
+        args=${BENCH_ARGS---workload prefill}  # set but empty: no arguments (another tool's defaults)
         (cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "tree_bench_$name" timeout "${TREE_BENCH_TIMEOUT:-450}" bash -c \
-          "python3 tools/bench_gpu.py ${BENCH_ARGS:---workload prefill} --out '$OUT/$name'") || status=1
+          "python3 ${TREE_BENCH_TOOL:-tools/bench_gpu.py} $args --out '$OUT/$name'") || status=1
       done
       ;;
     *)
