@@ -227,6 +227,22 @@ def test_cuda_backward_with_lying_cu_seqlens_stays_in_bounds(lie, masked, cuda_d
         assert t.grad is not None and t.grad.shape == t.shape
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_cuda_backward_of_an_expanded_dout(head_dim, cuda_device):
+    """The loss out.sum() hands the backward an expanded dout (every stride 0, one element of storage): the fused
+    kernels read it as rows of D elements, so it is copied first; its gradients are those of a materialized dout."""
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(n, h, head_dim, generator=g).to(cuda_device, torch.bfloat16).requires_grad_()
+              for n, h in ((40, 4), (50, 2), (50, 2))]
+    cu_q, cu_k = (dmattn_ops.cu_seqlens(x).to(cuda_device) for x in ([15, 25], [20, 30]))
+    grads = []
+    for loss in (lambda out: out.sum(), lambda out: (out * torch.ones_like(out)).sum()):
+        out = dmattn_ops.varlen_attention(*leaves, cu_q, cu_k, 25, 30, is_causal=True)
+        grads.append(torch.autograd.grad(loss(out), leaves))
+    for name, a, b in zip("qkv", *grads):
+        torch.testing.assert_close(a, b, msg=lambda m: f"d{name}: {m}")
+
+
 def test_masked_keys_get_no_gradient():
     """A key-side mask that removes some keys for every head: those keys' dk, dv and bias gradient are exactly 0."""
     g = torch.Generator().manual_seed(0)

@@ -239,7 +239,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_var
   const int64_t head_dim = a.q.size(2), H = a.q.size(1);
   const double scale = resolve_softmax_scale(a.softmax_scale, head_dim);  // of the real D, not the padded one
   const at::Tensor qk = for_kernel(a.q, kernel_dim), kk = for_kernel(a.k, kernel_dim), vk = for_kernel(a.v, kernel_dim);
-  const at::Tensor dok = for_kernel(dout, kernel_dim);
+  // dout as the kernels read it, each row's D elements adjacent: autograd's gradient of a sum is an expanded view
+  // whose strides are all 0, and read as rows it would run past its one element.
+  const at::Tensor dok = for_kernel(dout.size(2) > 1 && dout.stride(2) != 1 ? dout.contiguous() : dout, kernel_dim);
   const VarlenFwdArgs args = sinks_as_float32({qk, kk, vk, a.cu_seqlens_q, a.cu_seqlens_k, a.max_seqlen_q,
                                                a.max_seqlen_k, a.mask, a.bias, scale, a.is_causal, a.window_left,
                                                a.window_right, a.softcap, a.sinks, a.seqused_k, std::nullopt,
