@@ -96,3 +96,15 @@ def test_serialized_wgmma_names_each_kernel_and_its_reason():
         ("_Z5otherv", "due to the presence of Extern calls"),
     ]
     assert ccc.serialized_wgmma("ptxas info    : Used 168 registers, 0 bytes spill stores, 0 bytes spill loads") == []
+
+
+def test_spill_lines_count_any_nonzero_spill():
+    """A spill count that merely ends in 0 ("40 bytes spill loads") is a spill; zero spills are not."""
+    stderr = textwrap.dedent("""
+        ptxas info    : Used 168 registers, 0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+        ptxas info    : Used 168 registers, 40 bytes stack frame, 36 bytes spill stores, 40 bytes spill loads
+        ptxas info    : Used 168 registers, 8 bytes stack frame, 8 bytes spill stores, 0 bytes spill loads
+        ptxas warning : Registers are spilled to local memory in function 'k', 20 bytes spill stores, 20 bytes spill loads
+        """)
+    assert [line.split(",")[-2].strip() for line in ccc.spill_lines(stderr)] == [
+        "36 bytes spill stores", "8 bytes spill stores", "20 bytes spill stores"]

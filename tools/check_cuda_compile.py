@@ -45,6 +45,11 @@ def cutlass_include() -> Path | None:
     return Path(cutlass_library.__file__).parent / "source" / "include"
 
 
+def spill_lines(stderr: str) -> list[str]:
+    """ptxas' lines (-v or -warn-spills) that report a nonzero spill store or load ("40 bytes spill loads" is one)."""
+    return [line for line in stderr.splitlines() if re.search(r"\b[1-9]\d* bytes spill (stores|loads)", line)]
+
+
 def find_nvcc() -> str | None:
     for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
         if candidate and (Path(candidate) / "bin" / "nvcc").is_file():
@@ -119,8 +124,7 @@ def main() -> int:
             ptxas = "-Xptxas=-v" if args.registers else "-Xptxas=-warn-spills"
             cmd = [nvcc, *flags, ptxas, "-c", str(src), "-o", str(Path(tmp) / (Path(src).stem + ".o"))]
             result = subprocess.run(cmd, capture_output=True, text=True)
-            spills = [line for line in result.stderr.splitlines()
-                      if "spill" in line.lower() and not line.rstrip().endswith("0 bytes spill loads")]
+            spills = spill_lines(result.stderr)
             serialized = serialized_wgmma(result.stderr)
             if result.returncode != 0:
                 status = "FAILED"
