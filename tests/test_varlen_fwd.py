@@ -420,6 +420,8 @@ def _lying(sample: Sample, case: str) -> Sample:
         "negative": dict(cu_q=[-7] + cu_q[1:], cu_k=[0, -3] + cu_k[2:]),
         "int32_min_inside": dict(cu_q=[0, cu_q[1], -(2**31), cu_q[3]]),
         "max_seqlen_k_zero": dict(max_k=0),
+        # The first sequence holds every key and the last starts inside it: their key-side lists overlap.
+        "overlapping": dict(cu_k=[0, total_k, int(0.3 * total_k), total_k], max_k=total_k),
     }[case]
     max_k = lies.get("max_k", sample.max_seqlen_k)
 
@@ -427,7 +429,11 @@ def _lying(sample: Sample, case: str) -> Sample:
         return torch.tensor(values, dtype=torch.int32).to(sample.device)
 
     def narrow(t):  # a query-side operand is (total_q, Hm, max_seqlen_k) wide, whatever the lengths say
-        return t[..., :max_k] if t is not None and t.dim() == 3 else t
+        if t is None or t.dim() != 3:
+            return t
+        if t.shape[-1] < max_k:  # a lie that raises max_seqlen_k: columns no key fills
+            t = torch.cat([t, t.new_zeros(*t.shape[:-1], max_k - t.shape[-1])], dim=-1)
+        return t[..., :max_k]
 
     return sample.replace(
         cu_seqlens_q=cu(lies.get("cu_q", cu_q)),
@@ -440,7 +446,7 @@ def _lying(sample: Sample, case: str) -> Sample:
 
 
 LYING = ["last_past_total", "decreasing", "longer_than_max_seqlen", "negative", "int32_min_inside",
-         "max_seqlen_k_zero"]
+         "max_seqlen_k_zero", "overlapping"]
 
 
 @pytest.mark.parametrize("case", LYING)

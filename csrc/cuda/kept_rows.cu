@@ -25,6 +25,12 @@ __device__ __forceinline__ int slots_below(const int32_t* list, int count, int64
   return lo;
 }
 
+// The key position of slot c of a sequence's list, clamped into the sequence: where lying cu_seqlens overlap two
+// sequences, their compactions write each other's list entries, and an unclamped position read past k and v.
+__device__ __forceinline__ int slot_key(const int32_t* list, int c, int k_len) {
+  return min(max(list[c], 0), k_len - 1);
+}
+
 // Grid (slot chunks of kSlotsPerCta, KV heads, sequences): the CTA of chunk x, KV head hk and sequence b copies the
 // K and V rows of slots [64 x, 64 x + 64) of hk's list that lie below its count, their bias for the bias heads of
 // hk's query heads, and (the first chunk of the list's first KV head, causal calls) the list's slot limits per query
@@ -73,7 +79,7 @@ gather_kept_rows_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_
       const int r = e / vecs, c = e - r * vecs;
       dst[i] = -1;
       if (r < slots) {
-        const int64_t key = sk.start + list[c0 + r];
+        const int64_t key = sk.start + slot_key(list, c0 + r, k_len);
         const char* k = static_cast<const char*>(p.k) + 2 * (key * p.k_row_stride + hk * p.k_head_stride) + 16 * c;
         const char* v = static_cast<const char*>(p.v) + 2 * (key * p.v_row_stride + hk * p.v_head_stride) + 16 * c;
         kv[0][i] = *reinterpret_cast<const uint4*>(k);
@@ -102,7 +108,7 @@ gather_kept_rows_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_
       for (int e = threadIdx.x; e < slots * g_per_k; e += kGatherThreads) {
         const int gi = e / slots, r = e - gi * slots;
         const int g = g0 + gi;
-        const int64_t key = sk.start + list[c0 + r];
+        const int64_t key = sk.start + slot_key(list, c0 + r, k_len);
         const float value = bias_value(p.bias, p.bias.offset(key, g * query_heads_per_g, 0));
         rows.bias[g * rows.extent + seg + c0 + r] = value;
       }
