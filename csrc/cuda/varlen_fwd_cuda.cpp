@@ -119,11 +119,15 @@ bool rows_aligned(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % vec == 0 && t.stride(1) % vec == 0;
 }
 
-// q / k / v as the kernels read them: the head dim zero-padded to a compiled one (zero columns add nothing to any
-// q . k, and the padded output columns are dropped), or an aligned copy of a view whose rows are not 16-byte aligned.
+// q / k / v (and the backward's out / dout) as the kernels read them: the head dim zero-padded to a compiled one
+// (zero columns add nothing to any q . k, and the padded output columns are dropped), or a contiguous copy of a view
+// whose rows are not 16-byte aligned or whose D elements are not adjacent (check_args requires that of q / k / v; a
+// dout need not have it: autograd's gradient of out.sum() is an expanded view, every stride 0, one element).
 at::Tensor for_kernel(const at::Tensor& t, int64_t head_dim) {
   if (t.size(2) != head_dim) return at::constant_pad_nd(t, {0, head_dim - t.size(2)}, 0);
-  if (t.numel() > 0 && !rows_aligned(t)) return at::empty_like(t, at::MemoryFormat::Contiguous).copy_(t);
+  if (t.numel() > 0 && (!rows_aligned(t) || (t.size(2) > 1 && t.stride(2) != 1))) {
+    return at::empty_like(t, at::MemoryFormat::Contiguous).copy_(t);
+  }
   return t;
 }
 
@@ -239,9 +243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_var
   const int64_t head_dim = a.q.size(2), H = a.q.size(1);
   const double scale = resolve_softmax_scale(a.softmax_scale, head_dim);  // of the real D, not the padded one
   const at::Tensor qk = for_kernel(a.q, kernel_dim), kk = for_kernel(a.k, kernel_dim), vk = for_kernel(a.v, kernel_dim);
-  // dout as the kernels read it, each row's D elements adjacent: autograd's gradient of a sum is an expanded view
-  // whose strides are all 0, and read as rows it would run past its one element.
-  const at::Tensor dok = for_kernel(dout.size(2) > 1 && dout.stride(2) != 1 ? dout.contiguous() : dout, kernel_dim);
+  const at::Tensor dok = for_kernel(dout, kernel_dim);
   const VarlenFwdArgs args = sinks_as_float32({qk, kk, vk, a.cu_seqlens_q, a.cu_seqlens_k, a.max_seqlen_q,
                                                a.max_seqlen_k, a.mask, a.bias, scale, a.is_causal, a.window_left,
                                                a.window_right, a.softcap, a.sinks, a.seqused_k, std::nullopt,
