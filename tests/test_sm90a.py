@@ -295,6 +295,12 @@ SLOT_SPECS = [
          softcap=30.0, mask="key", keep=0.6, bias="key", bias_heads="Hk", bias_dtype="q"),
     Spec("slots_window_sinks_d64", head_dim=64, heads=6, heads_k=3, seqlens_q=(260, 40), seqlens_k=(600, 300),
          seqused_k=(555, 280), window=(150, -1), is_causal=True, sinks="q", mask="key", mask_heads="Hk", keep=0.4),
+    # More query tiles (67) than one gather CTA finds limits for (64) while the keys give the pass a single CTA.
+    Spec("slots_query_tiles_past_a_gather_cta", heads=4, heads_k=2, seqlens_q=(8500, 40), seqlens_k=(100, 60),
+         is_causal=True, mask="key", mask_heads="Hk", keep=0.7, bias="key", bias_heads="Hk"),
+    # The same with keys for two gather CTAs: the second one writes the limits of query tiles 64-66.
+    Spec("slots_query_tiles_two_gather_ctas", heads=4, heads_k=2, seqlens_q=(8500, 40), seqlens_k=(300, 60),
+         is_causal=True, mask="key", mask_heads="Hk", keep=0.7, bias="key", bias_heads="Hk"),
 ]
 
 

@@ -13,7 +13,16 @@ namespace {
 
 constexpr int kGatherThreads = 256;
 constexpr int kSlotsPerCta = 64;
+constexpr int kChunksPerCta = 4;  // the most chunks of kSlotsPerCta slots a CTA copies (a list keeping every key)
 constexpr int kMaxGridZ = 65535;
+// Three CTAs per SM where the pass runs (cc 9.0, for the sm90a kernel: 80 registers, no spill); the sm_80 build, which
+// never runs it, asks for two (three would spill there).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kGatherCtasPerSm = 2;
+#else
+constexpr int kGatherCtasPerSm = 3;
+#endif
+constexpr int kLimitTiles = kGatherThreads / KeptRows::kLimits;  // query tiles whose limits a CTA computes
 
 // The slots of list `list` below `limit` (key positions ascending: the count of positions < limit).
 __device__ __forceinline__ int slots_below(const int32_t* list, int count, int64_t limit) {
@@ -31,86 +40,96 @@ __device__ __forceinline__ int slot_key(const int32_t* list, int c, int k_len) {
   return min(max(list[c], 0), k_len - 1);
 }
 
-// Grid (slot chunks of kSlotsPerCta, KV heads, sequences): the CTA of chunk x, KV head hk and sequence b copies the
-// K and V rows of slots [64 x, 64 x + 64) of hk's list that lie below its count, their bias for the bias heads of
-// hk's query heads, and (the first chunk of the list's first KV head, causal calls) the list's slot limits per query
-// tile. Sequences past gridDim.z are taken in further rounds.
-__global__ void __launch_bounds__(kGatherThreads)
+// The K / V rows, positions and biases of slots [c0, c0 + slots) of list l (sequence b, KV head hk; the sequence's
+// k_len keys start at k_start).
+__device__ __forceinline__ void copy_slots(const VarlenFwdParams& p, const KeptRows& rows, const int32_t* list,
+                                           int64_t k_start, int k_len, int b, int hk, int l, int heads_per_list_k,
+                                           int c0, int slots) {
+  const int vecs = p.head_dim / 8;  // 16-byte vectors per row
+  // K and V: slot c's row is the packed key row k_start + list[c]; every load issued before the stores.
+  constexpr int kMaxVecs = kSlotsPerCta * 16 / kGatherThreads;  // D <= 128: at most 16 vectors per row
+  uint4 kv[2][kMaxVecs];
+  int64_t dst[kMaxVecs];
+#pragma unroll
+  for (int i = 0; i < kMaxVecs; ++i) {
+    const int e = threadIdx.x + i * kGatherThreads;
+    const int r = e / vecs, c = e - r * vecs;
+    dst[i] = -1;
+    if (r < slots) {
+      const int64_t key = k_start + slot_key(list, c0 + r, k_len);
+      const char* k = static_cast<const char*>(p.k) + 2 * (key * p.k_row_stride + hk * p.k_head_stride) + 16 * c;
+      const char* v = static_cast<const char*>(p.v) + 2 * (key * p.v_row_stride + hk * p.v_head_stride) + 16 * c;
+      kv[0][i] = *reinterpret_cast<const uint4*>(k);
+      kv[1][i] = *reinterpret_cast<const uint4*>(v);
+      dst[i] = 2 * (((k_start + c0 + r) * p.num_heads_k + hk) * p.head_dim) + 16 * c;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kMaxVecs; ++i) {
+    if (dst[i] < 0) continue;
+    *reinterpret_cast<uint4*>(static_cast<char*>(rows.k) + dst[i]) = kv[0][i];
+    *reinterpret_cast<uint4*>(static_cast<char*>(rows.v) + dst[i]) = kv[1][i];
+  }
+
+  const int64_t seg = KeptRows::segment(k_start, b);
+  // The positions, once per list (its first KV head).
+  if (hk % heads_per_list_k == 0) {
+    for (int r = threadIdx.x; r < slots; r += kGatherThreads) rows.pos[l * rows.extent + seg + c0 + r] = list[c0 + r];
+  }
+  // The bias of the bias heads g whose query heads are hk's: [hk G / Hk, (hk + 1) G / Hk) where G >= Hk, else
+  // (G = 1) head 0 from KV head 0. Query head g (H / G) stands for g's heads in the operand's head rule.
+  if (rows.bias != nullptr) {
+    const int g_per_k = rows.bias_heads >= p.num_heads_k ? rows.bias_heads / p.num_heads_k : (hk == 0 ? 1 : 0);
+    const int g0 = rows.bias_heads >= p.num_heads_k ? hk * g_per_k : 0;
+    const int query_heads_per_g = p.num_heads / rows.bias_heads;
+    for (int e = threadIdx.x; e < slots * g_per_k; e += kGatherThreads) {
+      const int gi = e / slots, r = e - gi * slots;
+      const int g = g0 + gi;
+      const int64_t key = k_start + slot_key(list, c0 + r, k_len);
+      const float value = bias_value(p.bias, p.bias.offset(key, g * query_heads_per_g, 0));
+      rows.bias[g * rows.extent + seg + c0 + r] = value;
+    }
+  }
+}
+
+// Grid (a quarter of the longest list's chunks of kSlotsPerCta slots, KV heads, sequences): the CTA x of KV head hk
+// and sequence b copies the K and V rows of hk's list's chunks x, x + gridDim.x, ... (the slots below its count),
+// their bias for the bias heads of hk's query heads, and (the list's first KV head, causal or windowed calls) the
+// list's slot limits of query tiles [64 x, 64 x + 64), ... Sequences past gridDim.z are taken in further rounds.
+__global__ void __launch_bounds__(kGatherThreads, kGatherCtasPerSm)
 gather_kept_rows_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys,
                         const __grid_constant__ KeptRows rows) {
   const int hk = blockIdx.y;
   const int heads_per_list_k = p.num_heads_k / keys.mask_heads;  // KV heads per list (Hm in {1, Hk})
   const int l = hk / heads_per_list_k;
-  const int vecs = p.head_dim / 8;  // 16-byte vectors per row
   for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
     const SeqRange sk = key_seq(p, b);
     const int k_len = static_cast<int>(sk.len);
     const int count = keys.kept(b, l, k_len);
     const int32_t* list = keys.index + static_cast<int64_t>(l) * p.total_k + sk.start;
-    const int c0 = static_cast<int>(blockIdx.x) * kSlotsPerCta;
-
-    if (rows.limits != nullptr && blockIdx.x == 0 && hk % heads_per_list_k == 0) {
-      // Query tile m's first and last rows' windows (visible_keys: with window_right = 0 the causal limit), as slots.
+    // Chunks x, x + gridDim.x, ... of the list: the grid has a quarter of the longest list's chunks, so a list
+    // keeping a quarter of the keys or more leaves no CTA without a chunk (a CTA per chunk of max_seqlen_k left
+    // three of four CTAs of a half-kept batch with nothing to copy, each still loading cu_seqlens and the count).
+    const int x = static_cast<int>(blockIdx.x), ctas = static_cast<int>(gridDim.x);
+    for (int c0 = x * kSlotsPerCta; c0 < count; c0 += ctas * kSlotsPerCta) {
+      copy_slots(p, rows, list, sk.start, k_len, b, hk, l, heads_per_list_k, c0, min(kSlotsPerCta, count - c0));
+    }
+    if (rows.limits != nullptr && hk % heads_per_list_k == 0) {
+      // Query tile m's first and last rows' windows (visible_keys: with window_right = 0 the causal limit), as slots:
+      // a thread per (tile, limit), each a binary search over the list, the tiles spread over the list's chunk CTAs
+      // (kLimitTiles each). One thread doing a tile's four searches in turn made ~48 dependent loads in a row: about
+      // as long as the whole copy, on the pass's critical path.
       const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
       const int tiles = static_cast<int>((sq.len + KeptRows::kTileRows - 1) / KeptRows::kTileRows);
       int32_t* out = rows.limits + (static_cast<int64_t>(l) * p.batch + b) * rows.query_tiles * KeptRows::kLimits;
-      for (int m = threadIdx.x; m < tiles; m += kGatherThreads) {
-        const int64_t first = static_cast<int64_t>(m) * KeptRows::kTileRows;
-        const int64_t last = min(first + KeptRows::kTileRows, sq.len) - 1;
-        const KeyRange a = visible_keys(first, sq.len, sk.len, p.window_left, p.window_right);
-        const KeyRange z = visible_keys(last, sq.len, sk.len, p.window_left, p.window_right);
-        int32_t* t = out + KeptRows::kLimits * m;
-        t[0] = slots_below(list, count, a.begin);
-        t[1] = slots_below(list, count, z.begin);
-        t[2] = slots_below(list, count, a.end);
-        t[3] = slots_below(list, count, z.end);
-      }
-    }
-    if (c0 >= count) continue;
-    const int slots = min(kSlotsPerCta, count - c0);
-
-    // K and V: slot c's row is the packed key row sk.start + list[c]; every load issued before the stores.
-    constexpr int kMaxVecs = kSlotsPerCta * 16 / kGatherThreads;  // D <= 128: at most 16 vectors per row
-    uint4 kv[2][kMaxVecs];
-    int64_t dst[kMaxVecs];
-#pragma unroll
-    for (int i = 0; i < kMaxVecs; ++i) {
-      const int e = threadIdx.x + i * kGatherThreads;
-      const int r = e / vecs, c = e - r * vecs;
-      dst[i] = -1;
-      if (r < slots) {
-        const int64_t key = sk.start + slot_key(list, c0 + r, k_len);
-        const char* k = static_cast<const char*>(p.k) + 2 * (key * p.k_row_stride + hk * p.k_head_stride) + 16 * c;
-        const char* v = static_cast<const char*>(p.v) + 2 * (key * p.v_row_stride + hk * p.v_head_stride) + 16 * c;
-        kv[0][i] = *reinterpret_cast<const uint4*>(k);
-        kv[1][i] = *reinterpret_cast<const uint4*>(v);
-        dst[i] = 2 * (((sk.start + c0 + r) * p.num_heads_k + hk) * p.head_dim) + 16 * c;
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kMaxVecs; ++i) {
-      if (dst[i] < 0) continue;
-      *reinterpret_cast<uint4*>(static_cast<char*>(rows.k) + dst[i]) = kv[0][i];
-      *reinterpret_cast<uint4*>(static_cast<char*>(rows.v) + dst[i]) = kv[1][i];
-    }
-
-    const int64_t seg = KeptRows::segment(sk.start, b);
-    // The positions, once per list (its first KV head).
-    if (hk % heads_per_list_k == 0) {
-      for (int r = threadIdx.x; r < slots; r += kGatherThreads) rows.pos[l * rows.extent + seg + c0 + r] = list[c0 + r];
-    }
-    // The bias of the bias heads g whose query heads are hk's: [hk G / Hk, (hk + 1) G / Hk) where G >= Hk, else
-    // (G = 1) head 0 from KV head 0. Query head g (H / G) stands for g's heads in the operand's head rule.
-    if (rows.bias != nullptr) {
-      const int g_per_k = rows.bias_heads >= p.num_heads_k ? rows.bias_heads / p.num_heads_k : (hk == 0 ? 1 : 0);
-      const int g0 = rows.bias_heads >= p.num_heads_k ? hk * g_per_k : 0;
-      const int query_heads_per_g = p.num_heads / rows.bias_heads;
-      for (int e = threadIdx.x; e < slots * g_per_k; e += kGatherThreads) {
-        const int gi = e / slots, r = e - gi * slots;
-        const int g = g0 + gi;
-        const int64_t key = sk.start + slot_key(list, c0 + r, k_len);
-        const float value = bias_value(p.bias, p.bias.offset(key, g * query_heads_per_g, 0));
-        rows.bias[g * rows.extent + seg + c0 + r] = value;
+      const int j = threadIdx.x % KeptRows::kLimits;
+      for (int m = x * kLimitTiles + static_cast<int>(threadIdx.x) / KeptRows::kLimits; m < tiles;
+           m += ctas * kLimitTiles) {
+        const int64_t row = min(static_cast<int64_t>(m) * KeptRows::kTileRows + (j % 2) * (KeptRows::kTileRows - 1),
+                                sq.len - 1);  // j even: the tile's first row, odd: its last
+        const KeyRange range = visible_keys(row, sq.len, sk.len, p.window_left, p.window_right);
+        // out[4 m + j]: the slots below the first / last rows' window starts (j = 0, 1), then their ends (2, 3)
+        out[KeptRows::kLimits * m + j] = slots_below(list, count, j < 2 ? range.begin : range.end);
       }
     }
   }
@@ -124,7 +143,8 @@ cudaError_t gather_kept_rows(const VarlenFwdParams& p, const KeyLists& keys, con
   // A sequence's keys are at most min(max_seqlen_k, total_k) (clamp_seq), below 2^31.
   const int64_t most_keys = std::max<int64_t>(std::min(p.max_seqlen_k, p.total_k), 1);
   const int64_t chunks = (most_keys + kSlotsPerCta - 1) / kSlotsPerCta;
-  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(p.num_heads_k),
+  const int64_t ctas = (chunks + kChunksPerCta - 1) / kChunksPerCta;
+  const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(p.num_heads_k),
                   static_cast<unsigned>(std::min<int32_t>(p.batch, kMaxGridZ)));
   gather_kept_rows_kernel<<<grid, kGatherThreads, 0, stream>>>(p, keys, rows);
   return cudaGetLastError();
