@@ -227,15 +227,24 @@ struct UnitWork {
 // the last row, whole up to the first row's. kRanged: the rows' intervals (row_keys) rise with the row, so the first
 // and last rows bound them (visible_keys); with key_range they are reduced over the rows (reduce_tile_keys, a CTA per
 // unit) and read from tile_keys. kSlots (no key ranges): in slots of the unit's list, from the gather's limits.
+// seq_rows (persistent CTAs): each sequence's clamped query and key ranges, read once per CTA into shared memory
+// ({q start, q len, k start, k len}: the sm90a path's totals fit in int32), else read from cu_seqlens here.
 template <int kBlockM, int kBlockN, bool kRanged, bool kSlots = false>
 __device__ __forceinline__ UnitWork unit_work(const VarlenFwdParams& p, const UnitGrid& grid, int m_block, int h,
-                                              int z, const int (*tile_keys)[4], const SlotLists& slots = {}) {
+                                              int z, const int (*tile_keys)[4], const SlotLists& slots = {},
+                                              const int32_t (*seq_rows)[4] = nullptr) {
   UnitWork w;
   const int b = grid.seq0 + z;
   w.h = h;
   w.hk = w.h / (p.num_heads / p.num_heads_k);
-  w.sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
-  const SeqRange sk = key_seq(p, b);
+  SeqRange sk;
+  if (seq_rows != nullptr) {
+    w.sq = SeqRange{seq_rows[z][0], seq_rows[z][1]};
+    sk = SeqRange{seq_rows[z][2], seq_rows[z][3]};
+  } else {
+    w.sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
+    sk = key_seq(p, b);
+  }
   w.k_start = sk.start;
   w.q_len = static_cast<int>(w.sq.len);
   w.k_len = static_cast<int>(sk.len);
@@ -338,8 +347,10 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
         const int mid = (lo + hi) / 2;
         if (smem.unit_tiles[mid] <= j) lo = mid; else hi = mid;
       }
+      // kSlots: the unit's start reads its list's count and limits from global memory all the same, so its sequence
+      // ranges come from cu_seqlens too (with the unit overlap, the table's reads spilled that kernel's registers).
       return unit_work<kBlockM, kBlockN, kRanged, kSlots>(p, grid, smem.unit_tiles[lo + 1] - 1 - j, h, lo,
-                                                          smem.tile_keys, slots);
+                                                          smem.tile_keys, slots, kSlots ? nullptr : smem.seq_rows);
     } else {
       return unit_work<kBlockM, kBlockN, kRanged, kSlots>(p, grid, grid.query_tiles - 1 - static_cast<int>(blockIdx.x),
                                                           blockIdx.y, blockIdx.z, smem.tile_keys, slots);
@@ -385,7 +396,9 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       reduce_tile_keys(p, w.sq, w.k_len, w.m0, w.rows, smem.tile_keys);
     }
   }
-  if (kPersistent && threadIdx.x < 32) {  // warp 0: the unit table, 32 sequences per step (a warp's inclusive scan)
+  if (kPersistent && threadIdx.x < 32) {
+    // Warp 0: the unit table, 32 sequences per step (a warp's inclusive scan), and each sequence's query and key
+    // ranges (seq_rows; not kSlots, see work), so that a unit's start reads shared memory, not cu_seqlens.
     const int lane = threadIdx.x;
     int before = 0;
     for (int z0 = 0; z0 < grid.seqs; z0 += 32) {
@@ -394,6 +407,13 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       if (z < grid.seqs) {
         const SeqRange sq = clamp_seq(p.cu_seqlens_q, grid.seq0 + z, p.total_q, p.max_seqlen_q);
         tiles = static_cast<int>((sq.len + kBlockM - 1) / kBlockM);
+        if constexpr (!kSlots) {
+          const SeqRange sk = key_seq(p, grid.seq0 + z);
+          smem.seq_rows[z][0] = static_cast<int32_t>(sq.start);
+          smem.seq_rows[z][1] = static_cast<int32_t>(sq.len);
+          smem.seq_rows[z][2] = static_cast<int32_t>(sk.start);
+          smem.seq_rows[z][3] = static_cast<int32_t>(sk.len);
+        }
       }
 #pragma unroll
       for (int d = 1; d < 32; d *= 2) {

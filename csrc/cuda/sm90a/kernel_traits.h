@@ -91,6 +91,7 @@ struct FwdTraits {
     // Persistent CTAs of a launch of at most kUnitTableSeqs sequences: query tiles of sequences [0, z) in entry z
     // (z <= seqs), so units are numbered over the sequences' own tiles (fwd_kernel.cuh, unit_of).
     int32_t unit_tiles[kUnitTableSeqs + 1];
+    int32_t seq_rows[kUnitTableSeqs][4];  // and each one's {q start, q len, k start, k len}, clamped (unit_work)
   };
   template <int kQBuffers>
   static constexpr int kSmemBytes = sizeof(SharedStorage<kQBuffers>);
