@@ -50,7 +50,7 @@ def test_every_instantiation_has_its_file(tmp_path, instantiations):
 
 def test_default_list():
     assert km.INSTANTIATIONS == [("sm80", t, d) for t in ["float16", "bfloat16"] for d in [32, 64, 96, 128, 256]] + [
-        ("sm90a", t, d) for t in ["float16", "bfloat16"] for d in [64, 128]]
+        ("sm90a", t, d) for t in ["float16", "bfloat16"] for d in [64, 128, 256]]
     assert [p.name for p in km.ARCH_PATHS] == ["sm90a", "sm80"]  # dispatch preference order
 
 

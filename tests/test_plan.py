@@ -357,7 +357,10 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(mask=QUERY, Hm=8), False, 0),
         (dict(bias=KEY, Hb=8), False, 0),  # a bias alone: sm80
         (dict(bias=QUERY, Hb=1), False, 0),
-        (dict(D=256), False, 0),  # head dims 64 and 128 only
+        (dict(D=256), True, 0),  # head dims 64, 128 and 256 (64-key tiles)
+        (dict(D=256, window=(255, 0)), True, 132),
+        (dict(D=256, mask=KEY, Hm=8), False, 0),  # the kept rows' gather: D <= 128
+        (dict(D=96), False, 0),  # other head dims: the sm80 kernels
     ],
 )
 def test_sm90a_choice(planner, change, sm90a, ctas):

@@ -49,9 +49,9 @@ def _check(spec, dtype, label=""):
     return sample, (out, lse)
 
 
-# Dense shapes: query tiles of 128 rows and key tiles of 128 keys cut everywhere, GQA / MQA / MHA, D 64 / 128 (and
-# 96, padded to 128), causal with more keys than queries and more queries than keys, empty sequences, rows past the
-# last sequence, many short sequences.
+# Dense shapes: query tiles of 128 rows and key tiles of 128 keys (64 at D = 256) cut everywhere, GQA / MQA / MHA,
+# D 64 / 128 / 256 (and 96, padded to 128), causal with more keys than queries and more queries than keys, empty
+# sequences, rows past the last sequence, many short sequences.
 SPECS = [
     Spec("one_tile", heads=4, heads_k=2, seqlens_q=(37,), seqlens_k=(53,)),
     Spec("tiles_cut_everywhere", heads=8, heads_k=2, seqlens_q=(129, 300, 1), seqlens_k=(257, 128, 700)),
@@ -61,6 +61,9 @@ SPECS = [
          is_causal=True),
     Spec("d64", head_dim=64, heads=6, heads_k=3, seqlens_q=(250, 90), seqlens_k=(400, 90), is_causal=True),
     Spec("d96_padded", head_dim=96, heads=4, heads_k=2, seqlens_q=(140,), seqlens_k=(260,)),
+    Spec("d256_causal", head_dim=256, heads=4, heads_k=2, seqlens_q=(300, 65, 1), seqlens_k=(400, 65, 130),
+         is_causal=True),
+    Spec("d256_tiles_cut_everywhere", head_dim=256, heads=4, heads_k=1, seqlens_q=(129, 0, 64), seqlens_k=(193, 5, 63)),
     Spec("empty_sequences", heads=4, heads_k=2, seqlens_q=(0, 130, 5, 0), seqlens_k=(20, 0, 140, 0)),
     Spec("rows_past_the_end", heads=4, heads_k=2, seqlens_q=(100, 70), seqlens_k=(150, 90), extra_rows_q=9,
          extra_rows_k=13, slack_q=3, slack_k=5, is_causal=True),
@@ -95,6 +98,8 @@ RANGED_SPECS = [
          window=(64, 0), is_causal=True, extra_rows_q=5, extra_rows_k=9),
     Spec("window_d64", head_dim=64, heads=6, heads_k=3, seqlens_q=(500,), seqlens_k=(500,), window=(96, 0),
          is_causal=True),
+    Spec("window_softcap_sinks_d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(500, 70), seqlens_k=(520, 90),
+         window=(150, 0), is_causal=True, softcap=3.0, sinks="float32"),
     Spec("softcap", heads=4, heads_k=2, seqlens_q=(260, 31), seqlens_k=(300, 31), softcap=2.0),
     Spec("softcap_causal_window", heads=4, heads_k=2, seqlens_q=(400,), seqlens_k=(400,), softcap=5.0,
          window=(150, 0), is_causal=True),
@@ -149,13 +154,16 @@ def _plan_sm90a(capfd):
         (Spec("key_mask_per_head", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="key",
               mask_heads="H"), False),
         (Spec("key_bias", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), bias="key"), False),
+        (Spec("d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), is_causal=True), True),
+        (Spec("d256_key_mask", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="key"),
+         False),  # the kept rows' gather copies rows of D <= 128
     ],
     ids=lambda x: x.name if isinstance(x, Spec) else str(x),
 )
 def test_choice(spec, sm90a, monkeypatch, capfd, cuda_device):
-    """Prefill without mask, bias or key pool, or with a key-side mask of 1 or Hk heads, takes the sm90a kernel on a cc
-    9.0 device with the sm90a path built, and never elsewhere; other masks, a bias alone, and windows of at most 128 keys
-    take the sm80 kernels; DMATTN_ARCH=sm80 forces them."""
+    """Prefill without mask, bias or key pool (D 64 / 128 / 256), or with a key-side mask of 1 or Hk heads (D <= 128),
+    takes the sm90a kernel on a cc 9.0 device with the sm90a path built, and never elsewhere; other masks, a bias alone,
+    and windows of at most 128 keys take the sm80 kernels; DMATTN_ARCH=sm80 forces them."""
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
     capfd.readouterr()
     _check(spec, torch.bfloat16)

@@ -58,7 +58,7 @@ ARCH_PATHS = [
 PATHS = {path.name: path for path in ARCH_PATHS}
 
 # sm90a: the Hopper wgmma / TMA prefill kernel (dense calls; its launcher hands every other call to sm80's kernels).
-SM90A_HEAD_DIMS = [64, 128]
+SM90A_HEAD_DIMS = [64, 128, 256]
 INSTANTIATIONS = [("sm80", dtype, head_dim) for dtype in DTYPES for head_dim in HEAD_DIMS] + [
     ("sm90a", dtype, head_dim) for dtype in DTYPES for head_dim in SM90A_HEAD_DIMS
 ]

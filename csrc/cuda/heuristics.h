@@ -44,8 +44,11 @@ constexpr TileShape tile_shape_sm80(int head_dim, bool query_operands) {
 }
 
 // The sm90a prefill tile policy (sm90a/kernel_traits.h): 128 query rows (two consumer warpgroups of 64) x 128-key
-// tiles, kSm90aStages K / V tiles in flight, plus a producer warpgroup: 12 warps.
-constexpr TileShape tile_shape_sm90a(int /*head_dim*/) { return TileShape{128, 128, 12}; }
+// tiles, kSm90aStages K / V tiles in flight, plus a producer warpgroup: 12 warps. D = 256 takes 64-key tiles: its
+// Q tile (64 KB) and two stages of K and V (128 KB) fill the shared memory, and O is 128 floats per consumer thread.
+constexpr TileShape tile_shape_sm90a(int head_dim) {
+  return head_dim > 128 ? TileShape{128, 64, 12} : TileShape{128, 128, 12};
+}
 constexpr int kSm90aStages = 2;
 // Windows of at most this many keys (window_left + window_right + 1) take the sm80 kernel (plan_varlen_fwd).
 constexpr int64_t kSm90aMinWindow = 128;
@@ -143,7 +146,7 @@ inline bool sm90a_tensors_fit(const VarlenFwdParams& p) {
            row_stride > 0;
   };
   return (p.dtype == ScalarType::kFloat16 || p.dtype == ScalarType::kBFloat16) &&
-         (p.head_dim == 64 || p.head_dim == 128) && p.total_q > 0 && p.total_k > 0 && p.total_q < INT32_MAX &&
+         (p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256) && p.total_q > 0 && p.total_k > 0 && p.total_q < INT32_MAX &&
          p.total_k < INT32_MAX && p.num_heads > 0 && p.num_heads_k > 0 && p.num_heads % p.num_heads_k == 0 &&
          aligned(p.q, p.q_row_stride, p.q_head_stride) && aligned(p.k, p.k_row_stride, p.k_head_stride) &&
          aligned(p.v, p.v_row_stride, p.v_head_stride);
@@ -171,7 +174,9 @@ inline bool sm90a_slots_supports(const VarlenFwdParams& p) {
   if (!sm90a_tensors_fit(p) || p.kv_slots != nullptr || p.mask.layout != OperandLayout::kKeySide) return false;
   if (p.bias.present() && p.bias.layout != OperandLayout::kKeySide) return false;
   const int32_t group = p.num_heads / p.num_heads_k;
-  return p.mask.head_group % group == 0 && p.key_range == nullptr && kept_row_bytes(p) <= kMaxKeptRowBytes;
+  // D <= 128: the gather copies a row in at most 16 vectors, and the slots' segments assume 128-key tiles
+  return p.head_dim <= 128 && p.mask.head_group % group == 0 && p.key_range == nullptr &&
+         kept_row_bytes(p) <= kMaxKeptRowBytes;
 }
 
 // Whether an sm90a call takes the kernel's kRanged variant: some row has its own key interval (a window's left edge,

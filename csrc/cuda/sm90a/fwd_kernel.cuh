@@ -324,7 +324,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   constexpr int kN8 = kBlockN / 8, kD8 = kHeadDim / 8;
 
-  constexpr int kQBuffers = kPersistent ? 2 : 1;
+  constexpr int kQBuffers = kPersistent ? Traits::kPersistentQBuffers : 1;
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<typename Traits::template SharedStorage<kQBuffers>*>(smem_raw);
 

@@ -38,7 +38,10 @@ struct FwdTraits {
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
   static constexpr int kConsumerThreads = 128 * kConsumerWarpgroups;
-  static_assert(kHeadDim % 64 == 0 && kHeadDim <= 128, "a 128-byte swizzle atom row holds 64 elements");
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256, "whole 128-byte swizzle atoms (64 elements)");
+  // Q tiles of a persistent CTA: two where they fit (it loads its next unit's Q during this one); D = 256's one, so
+  // its next Q is loaded once this unit's last S has read the tile.
+  static constexpr int kPersistentQBuffers = kHeadDim <= 128 ? 2 : 1;
 
   // One consumer warpgroup's MMAs: S (64 x kBlockN) = Q (64 x D) K^T, and O (64 x D) += P (64 x kBlockN) V.
   using MmaQK = decltype(cute::make_tiled_mma(
@@ -74,7 +77,7 @@ struct FwdTraits {
 
   static constexpr int kUnitTableSeqs = 255;  // a persistent launch's sequences that its unit table holds, at most
 
-  // kQBuffers Q tiles: 1 for a CTA per unit; 2 for a persistent CTA, which loads its next unit's Q during this one.
+  // kQBuffers Q tiles: 1 for a CTA per unit, kPersistentQBuffers for a persistent CTA.
   template <int kQBuffers>
   struct SharedStorage {
     cute::array_aligned<CuteElem, kQBuffers * cute::cosize_v<SmemLayoutQ>, 1024> q;

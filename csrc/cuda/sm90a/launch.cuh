@@ -32,7 +32,8 @@ template <typename Traits, bool kRanged, bool kPersistent, bool kSlots = false>
 cudaError_t launch_kernel(const VarlenFwdParams& p, const TmaParams<Traits>& tma, dim3 grid, UnitGrid units,
                           cudaStream_t stream, const SlotLists& slots = {}) {
   auto kernel = fwd_kernel<Traits, kRanged, kPersistent, kSlots>;
-  constexpr int kSmem = Traits::template kSmemBytes<kPersistent ? 2 : 1>;
+  constexpr int kSmem = Traits::template kSmemBytes<kPersistent ? Traits::kPersistentQBuffers : 1>;
+  static_assert(kSmem <= 227 * 1024, "more shared memory than a cc 9.0 CTA may have");
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
   kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p, tma, units, slots);
@@ -91,7 +92,7 @@ cudaError_t launch_units(const VarlenFwdParams& p, const FwdPlan& plan, const Tm
 
 template <typename Traits, bool kRanged>
 cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws, cudaStream_t stream) {
-  {
+  if constexpr (Traits::kHeadDim <= 128) {  // sm90a_slots_supports: D <= 128
     if (plan.sm90a_slots) {  // K / V from the gathered slots: k and v's packed shape, dense
       const int64_t row = static_cast<int64_t>(p.num_heads_k) * Traits::kHeadDim;
       SlotLists slots;
@@ -117,7 +118,8 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Work
 template <typename Elem, int kHeadDim>
 cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws,
                              cudaStream_t stream) {
-  if (!plan.sm90a || plan.kernel != FwdKernel::kPrefill || p.head_dim != kHeadDim) {
+  if (!plan.sm90a || plan.kernel != FwdKernel::kPrefill || p.head_dim != kHeadDim ||
+      (plan.sm90a_slots && kHeadDim > 128)) {
     return sm80::launch_attention<Elem, kHeadDim>(p, plan, ws, stream);
   }
   if (p.batch == 0 || p.num_heads == 0 || p.max_seqlen_q == 0) return cudaSuccess;
