@@ -21,7 +21,7 @@ _DRIVER = """
     // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
     //                 window_left window_right key_range(0 absent, 1 given) sm90a_ctas(the override)
     // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes prefill_variant sm90a sm90a_ctas
-    //         unit_order combine_finishes sm90a_slots
+    //         unit_order combine_finishes sm90a_slots sm90a_query
     // (a cc 9.0 device; bf16 q / k / v packed (rows, heads, D) at null: aligned as TMA wants)
     int main() {
       long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr, kr, ctas;
@@ -44,12 +44,12 @@ _DRIVER = """
         o.tiles_per_split = tiles;
         o.sm90a_ctas = static_cast<int32_t>(ctas);
         const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, cuda::DeviceInfo{90, static_cast<int>(sms)}, o);
-        std::printf("%s %d %d %d %d %zu %d %d %d %d %d %d\\n",
+        std::printf("%s %d %d %d %d %zu %d %d %d %d %d %d %d\\n",
                     plan.kernel == cuda::FwdKernel::kDecode ? "decode" : "prefill", plan.row_tiles, plan.num_splits,
                     plan.tiles_per_split, plan.key_lists_heads, cuda::workspace_bytes(plan, p),
                     static_cast<int>(plan.prefill), static_cast<int>(plan.sm90a), plan.sm90a_ctas,
                     static_cast<int>(plan.unit_order), static_cast<int>(plan.combine_finishes),
-                    static_cast<int>(plan.sm90a_slots));
+                    static_cast<int>(plan.sm90a_slots), static_cast<int>(plan.sm90a_query));
       }
     }
     """
@@ -68,12 +68,13 @@ def planner(tmp_path_factory):
         line = " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
                                          force, tiles, *window, int(key_range), sm90a_ctas))
         out = subprocess.run([str(exe)], input=line + "\n", capture_output=True, text=True, check=True).stdout
-        kernel, row_tiles, splits, per_split, lists, workspace, variant, sm90a, ctas, order, finishes, slots = (
-            out.split())
+        (kernel, row_tiles, splits, per_split, lists, workspace, variant, sm90a, ctas, order, finishes, slots,
+         query) = out.split()
         return dict(kernel=kernel, row_tiles=int(row_tiles), splits=int(splits), tiles_per_split=int(per_split),
                     key_lists_heads=int(lists), workspace=int(workspace), prefill=PREFILL_VARIANTS[int(variant)],
                     sm90a=bool(int(sm90a)), sm90a_ctas=int(ctas), unit_order=bool(int(order)),
-                    combine_finishes=bool(int(finishes)), sm90a_slots=bool(int(slots)))
+                    combine_finishes=bool(int(finishes)), sm90a_slots=bool(int(slots)),
+                    sm90a_query=bool(int(query)))
 
     return plan
 
@@ -238,9 +239,10 @@ def test_query_side_operands_in_the_decode_kernel_get_lists_and_terms(planner):
                                                                                f32=True)
     # a key-side bias beside a query-side mask leaves the terms 16-bit
     assert planner(**W, mask=QUERY, Hm=8, bias=KEY, Hb=1)["workspace"] == planner(**W, mask=QUERY, Hm=8)["workspace"]
-    prefill = planner(**W, mask=QUERY, Hm=8, force=FORCE_PREFILL)
-    assert prefill["kernel"] == "prefill" and prefill["key_lists_heads"] == 0
+    prefill = planner(**W, mask=QUERY, Hm=8, force=FORCE_PREFILL)  # on sm90a: the map and the mask's bits
+    assert prefill["kernel"] == "prefill" and prefill["key_lists_heads"] == 0 and prefill["sm90a_query"]
     assert prefill["workspace"] == (-(-(8 * -(-288 // 64) * -(-8192 // 32)) // 256) * 256 +
+                                    -(-(8 * 288 * (8192 // 128) * 4 * 4) // 256) * 256 +
                                     _v_flags_bytes(W["Hk"], W["total_k"]))
 
 
@@ -290,8 +292,9 @@ def test_key_side_lists_look_back_only_across_parts(planner):
 def test_query_side_mask_gets_a_block_map(planner):
     """A query-side mask is summarized first, one byte per (mask head, 64 packed query rows, 32 key positions) in
     the workspace (1 / 2048 of the mask), and v's blocks of 64 rows with an inf or NaN flagged beside it (one byte
-    per KV head and block); a key-side one, a query-side bias alone, or no mask get neither."""
-    prefill = dict(B=8, H=32, Hk=8, D=128, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
+    per KV head and block); a key-side one, a query-side bias alone, or no mask get neither. D = 256: the sm80
+    kernels (the sm90a kernel's bits beside the map: the test below)."""
+    prefill = dict(B=8, H=32, Hk=8, D=256, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
     flags = _v_flags_bytes(8, 16_000)
     assert flags == 2048
     for Hm in (1, 8, 32):
@@ -299,7 +302,7 @@ def test_query_side_mask_gets_a_block_map(planner):
         assert planner(**prefill, mask=QUERY, Hm=Hm)["workspace"] == -(-want // 256) * 256 + flags
     parts = -(-(8 * 8 * 2 * 8 + 4) // 256) * 256  # compact_keys in parts: 4096 keys, 2 parts per list
     # the lists alone (D = 256: the sm80 kernels; on the sm90a one the kept rows too)
-    assert planner(**dict(prefill, D=256), mask=KEY, Hm=8)["workspace"] == 8 * 16_000 * 4 + 256 + parts
+    assert planner(**prefill, mask=KEY, Hm=8)["workspace"] == 8 * 16_000 * 4 + 256 + parts
     assert planner(**prefill, bias=QUERY, Hb=32)["workspace"] == 0
     assert planner(**prefill)["workspace"] == 0
     # Columns only as far as a key position can reach (an expanded mask may be 2^40 wide): min(max_k, total_k).
@@ -310,6 +313,27 @@ def test_query_side_mask_gets_a_block_map(planner):
     assert planner(**big, mask=QUERY, Hm=1)["workspace"] == (-(-(3_125 * 6_250) // 256) * 256 +  # 19.5 MB
                                                              _v_flags_bytes(8, 200_000))
     assert planner(**big, mask=QUERY, Hm=8)["workspace"] == 0  # 156 MB
+
+
+@pytest.mark.parametrize("Hm", [1, 8, 32])
+def test_query_side_masks_on_the_sm90a_kernel_get_their_bits(planner, Hm):
+    """On cc 9.0 (D <= 128, no bias) a query-side mask gets the block map, v's flags and the mask's bits (passes.h,
+    BlockMap::bits): a 32-bit word per (mask head, query row, 32 key positions), four per 128-key tile, an eighth
+    of the mask's bytes."""
+    prefill = dict(B=8, H=32, Hk=8, D=128, total_q=16_000, total_k=16_000, max_q=4096, max_k=4000)
+    plan = planner(**prefill, mask=QUERY, Hm=Hm)
+    assert plan["sm90a"] and plan["sm90a_query"] and not plan["sm90a_slots"]
+    aligned = lambda n: -(-n // 256) * 256
+    state = Hm * -(-16_000 // 64) * -(-4000 // 32)
+    bits = Hm * 16_000 * -(-4000 // 128) * 4 * 4
+    assert plan["workspace"] == aligned(state) + aligned(bits) + _v_flags_bytes(8, 16_000)
+    # A query-side bias beside it, or a sequence of more than 1024 KV tiles: the sm80 kernel, no bits.
+    assert not planner(**prefill, mask=QUERY, Hm=Hm, bias=QUERY, Hb=Hm)["sm90a_query"]
+    longer = dict(prefill, total_k=140_000, max_k=140_000)
+    assert not planner(**longer, mask=QUERY, Hm=Hm)["sm90a"]
+    assert planner(**dict(longer, max_k=131_072, total_q=1000, max_q=1000), mask=QUERY, Hm=Hm)["sm90a_query"]
+    # Bits past 1 GB: the sm80 kernel (it reads the mask itself).
+    assert not planner(**dict(longer, max_k=131_072, total_q=70_000, max_q=8000), mask=QUERY, Hm=Hm)["sm90a"]
 
 
 def test_decode_splits_cover_only_the_windows_reach(planner):
@@ -354,7 +378,14 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(mask=KEY, Hm=8, window=(127, 0)), False, 0),  # not a window of 128 keys or fewer (kSm90aMinWindow)
         (dict(mask=KEY, Hm=8, key_range=True), False, 0),  # masks with key ranges: sm80
         (dict(mask=KEY, Hm=8, bias=QUERY, Hb=8), False, 0),  # mixed layouts and query-side operands: sm80
-        (dict(mask=QUERY, Hm=8), False, 0),
+        (dict(mask=QUERY, Hm=8), True, 132),  # a query-side mask: its bits, persistent as key-side masks
+        (dict(mask=QUERY, Hm=1, window=(-1, 0)), True, 132),
+        (dict(mask=QUERY, Hm=32, window=(255, 0)), True, 132),
+        (dict(mask=QUERY, Hm=8, key_range=True), True, 0),  # key ranges: a CTA per unit
+        (dict(mask=QUERY, Hm=8, sm90a_ctas=5), True, 5),
+        (dict(mask=QUERY, Hm=8, sm90a_ctas=-1), True, 0),  # DMATTN_SM90A_CTAS=0: a CTA per unit
+        (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8), False, 0),  # with a bias: sm80
+        (dict(mask=QUERY, Hm=8, bias=KEY, Hb=8), False, 0),
         (dict(bias=KEY, Hb=8), False, 0),  # a bias alone: sm80
         (dict(bias=QUERY, Hb=1), False, 0),
         (dict(D=256), True, 0),  # head dims 64, 128 and 256 (64-key tiles)

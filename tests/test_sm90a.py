@@ -1,7 +1,7 @@
 """The sm90a prefill kernel (wgmma + TMA; csrc/cuda/sm90a/) beside the sm80 one: calls without mask, bias or key pool
 (causal or not, windows, key ranges, softcap, sinks, seqused_k) run on it on a cc 9.0 device, and so do key-side masks
-(with or without a key-side bias) whose heads each KV group shares, over their kept rows gathered into dense slots;
-every other call runs on the sm80 kernels.
+(with or without a key-side bias) whose heads each KV group shares, over their kept rows gathered into dense slots,
+and query-side masks without a bias (their block map and bits, D <= 128); every other call runs on the sm80 kernels.
 Every shape runs both ways, the sm80 path forced through the documented debug variable DMATTN_ARCH=sm80, each judged
 by the float64 reference and the accuracy rule of tests/samples.py. GPU only; on devices other than cc 9.0 (or a
 build without the sm90a path) the automatic choice is the sm80 kernel, which test_choice checks."""
@@ -157,13 +157,20 @@ def _plan_sm90a(capfd):
         (Spec("d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), is_causal=True), True),
         (Spec("d256_key_mask", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="key"),
          False),  # the kept rows' gather copies rows of D <= 128
+        (Spec("query_mask", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="query", mask_heads="H"),
+         True),
+        (Spec("query_mask_key_bias", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="query",
+              bias="key"), False),  # a bias beside a query-side mask: the sm80 kernels
+        (Spec("d256_query_mask", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,),
+              mask="query"), False),
     ],
     ids=lambda x: x.name if isinstance(x, Spec) else str(x),
 )
 def test_choice(spec, sm90a, monkeypatch, capfd, cuda_device):
-    """Prefill without mask, bias or key pool (D 64 / 128 / 256), or with a key-side mask of 1 or Hk heads (D <= 128),
-    takes the sm90a kernel on a cc 9.0 device with the sm90a path built, and never elsewhere; other masks, a bias alone,
-    and windows of at most 128 keys take the sm80 kernels; DMATTN_ARCH=sm80 forces them."""
+    """Prefill without mask, bias or key pool (D 64 / 128 / 256), or with a key-side mask of 1 or Hk heads or a
+    query-side mask without bias (D <= 128), takes the sm90a kernel on a cc 9.0 device with the sm90a path built, and
+    never elsewhere; other masks, a bias, and windows of at most 128 keys take the sm80 kernels; DMATTN_ARCH=sm80
+    forces them."""
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
     capfd.readouterr()
     _check(spec, torch.bfloat16)
@@ -202,7 +209,8 @@ def test_windowed_calls_run_persistent(monkeypatch, capfd, cuda_device):
         capfd.readouterr()
         _check(spec, torch.bfloat16)
         torch.cuda.synchronize()
-        return [int(x) for x in re.findall(r"sm90a=1 sm90a_slots=\d sm90a_ctas=(\d+)", capfd.readouterr().err)]
+        return [int(x) for x in re.findall(r"sm90a=1 sm90a_slots=\d sm90a_query=\d sm90a_ctas=(\d+)",
+                                           capfd.readouterr().err)]
 
     assert ctas(RANGED_SPECS[0]) == [sms]
     assert ctas(SPECS[2]) == [0]
@@ -257,6 +265,8 @@ LYING_SPECS = [
          is_causal=True),
     Spec("lying_key_mask", heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 400), is_causal=True,
          mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="H"),
+    Spec("lying_query_mask", heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 400), is_causal=True,
+         mask="query", mask_heads="Hk", keep=0.5),
 ]
 
 
@@ -353,3 +363,68 @@ def test_cuda_key_side_mask_without_room_for_kept_rows_takes_the_sm80_kernels(mo
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert re.findall(r"kernel=prefill .*sm90a_slots=(\d)", capfd.readouterr().err) == ["0"]
     assert_close_to_reference((out, lse), sample.reference(), sample.reference(sample.dtype))
+
+
+# Query-side masks on the sm90a kernel (its block map and bits, passes.h BlockMap::bits; the producer lists each unit's
+# live tiles): mask heads 1 / Hk / H, random and block-sparse masks (dead and whole tiles), causal with more keys or
+# more queries than the other, fully masked rows and sequences, empty sequences, rows past the last sequence, an odd
+# key extent (the bits' rows of any stride), a sequence of more KV tiles than the producer lists at once (128),
+# windows, softcap, sinks, seqused_k, D 64 / 128, MQA and MHA.
+QUERY_SPECS = [
+    Spec("query_causal_hk", heads=8, heads_k=2, seqlens_q=(300, 129, 1), seqlens_k=(700, 128, 260), is_causal=True,
+         mask="query", mask_heads="Hk", keep=0.5),
+    Spec("query_runs_h", heads=8, heads_k=2, seqlens_q=(1500, 513), seqlens_k=(1500, 513), is_causal=True,
+         mask="query", mask_heads="H", keep=0.3, mask_runs=128),
+    Spec("query_runs_1_odd_extent", heads=4, heads_k=4, seqlens_q=(257, 90), seqlens_k=(513, 90), mask="query",
+         keep=0.5, mask_runs=200, slack_k=3),
+    Spec("query_1_more_queries", heads=4, heads_k=1, seqlens_q=(300, 17), seqlens_k=(130, 3), is_causal=True,
+         mask="query", keep=0.6),
+    Spec("query_masked_rows", heads=4, heads_k=2, seqlens_q=(130, 40, 70), seqlens_k=(300, 40, 90), is_causal=True,
+         mask="query", mask_heads="Hk", keep=0.5, masked_rows=True),
+    Spec("query_empty_and_past_the_end", heads=4, heads_k=2, seqlens_q=(0, 130, 5, 0), seqlens_k=(20, 0, 140, 0),
+         mask="query", mask_heads="H", keep=0.5, extra_rows_q=9, extra_rows_k=5),
+    Spec("query_seqused_sinks_d64", head_dim=64, heads=6, heads_k=3, seqlens_q=(250, 90), seqlens_k=(400, 300),
+         seqused_k=(333, 120), is_causal=True, mask="query", mask_heads="Hk", keep=0.5, sinks="float32"),
+    Spec("query_many_tiles", heads=2, heads_k=1, seqlens_q=(130, 3), seqlens_k=(17000, 5), mask="query",
+         mask_heads="Hk", keep=0.4, mask_runs=300),
+    Spec("query_window", heads=8, heads_k=2, seqlens_q=(700, 130, 1000), seqlens_k=(700, 300, 1000),
+         window=(300, 0), is_causal=True, mask="query", mask_heads="Hk", keep=0.5),
+    Spec("query_window_both_softcap", heads=4, heads_k=2, seqlens_q=(500, 64), seqlens_k=(900, 64), window=(200, 50),
+         softcap=30.0, mask="query", mask_heads="H", keep=0.6, mask_runs=40),
+]
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("spec", QUERY_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("path", ["auto", "persistent3", "per_unit", "sm80"])
+def test_cuda_query_side_masks_match_reference(spec, dtype, path, monkeypatch, capfd, cuda_device):
+    """A query-side mask without bias runs on the sm90a kernel (a CTA per unit, or persistent where the plan or
+    DMATTN_SM90A_CTAS says so) over its block map and bits, and on the sm80 kernels forced; each matches the float64
+    reference, and the plan names the path it took."""
+    for name, value in ARCHS[path].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    capfd.readouterr()
+    _check(spec, dtype, label=path)
+    torch.cuda.synchronize()
+    query = re.findall(r"kernel=prefill .*sm90a_query=(\d)", capfd.readouterr().err)
+    assert query == [str(int(path != "sm80" and _sm90a_device()))]
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_nonfinite_v_of_query_masked_keys(dtype, arch):
+    """A key a query-side mask hides from some rows, with NaN in its V, never reaches those rows (its tile is masked:
+    the V scan zeroes it for them), and reaches the rows the mask shows it to."""
+    spec = Spec("nonfinite_v_query_mask", heads=4, heads_k=2, seqlens_q=(300,), seqlens_k=(300,), mask="query",
+                mask_heads="H", keep=1.0)
+    sample = make_sample(spec, dtype, "cuda")
+    mask = sample.mask.clone()
+    mask[:200, :, 150] = False  # key 150 hidden from queries 0..199 of every head
+    v = sample.v.clone()
+    v[150, 1, 7] = math.nan
+    clean, clean_lse = sample.replace(mask=mask).run()
+    out, lse = sample.replace(mask=mask, v=v).run()
+    assert torch.equal(lse, clean_lse)
+    assert torch.equal(out[:200], clean[:200])
+    assert out[200:, 2:4, 7].isnan().all()  # KV head 1's query heads, where the mask shows the key
+    assert torch.equal(out[200:, 0:2], clean[200:, 0:2])

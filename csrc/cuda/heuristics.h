@@ -92,6 +92,8 @@ struct FwdPlan {
   bool sm90a = false;           // prefill on the sm90a path (wgmma + TMA) where it is compiled; else the sm80 one
   bool sm90a_slots = false;     // sm90a with a key-side mask: its kept K / V rows gathered into dense slots first
                                 // (gather_kept_rows, passes.h KeptRows), which the kernel reads as whole tiles
+  bool sm90a_query = false;     // sm90a with a query-side mask: its block map and its bits (BlockMap::bits) first,
+                                // the kernel skipping dead tiles and reading the bits of the others
   int32_t sm90a_ctas = 0;       // sm90a: > 0, a persistent grid of that many CTAs walks the work units (query tile,
                                 // head, sequence); 0, a CTA per unit
   int32_t block_map_heads = 0;  // > 0: a query-side mask with that many heads is summarized by blocks first
@@ -110,6 +112,10 @@ constexpr int64_t kDecodeForcedMaxPackedRows = int64_t{1} << 20;  // DMATTN_KERN
 constexpr int32_t kMaxDecodeSplits = 128;
 constexpr int64_t kMaxSplitPartialBytes = int64_t{64} << 20;  // the split partials' share of the workspace
 constexpr int64_t kMaxBlockMapBytes = int64_t{64} << 20;      // a query-side mask's block map, at most
+constexpr int64_t kMaxMaskBitsBytes = int64_t{1} << 30;       // its bits for the sm90a kernel, at most
+// The sm90a kernel's query-side mask variant lists a unit's live KV tiles in shared memory (16 bits each): sequences
+// of at most this many 128-key tiles (131,072 keys); longer ones take the sm80 kernel.
+constexpr int64_t kSm90aQueryMaxTiles = 1024;
 // The query-side terms the decode kernel reads, at most; a call past it takes the prefill kernel. Within the auto
 // choice (H / Hk * max_seqlen_q <= 64) the terms are at most about 2/3 of the bytes of the query-side operands they
 // come from (twice a bool mask given alone), so this binds only calls forced onto the decode kernel.
@@ -179,6 +185,19 @@ inline bool sm90a_slots_supports(const VarlenFwdParams& p) {
          kept_row_bytes(p) <= kMaxKeptRowBytes;
 }
 
+// Whether the sm90a kernel can run p with a query-side mask (FwdPlan::sm90a_query): its block map and bits within
+// their caps, no bias (a query-side bias takes the sm80 kernel's staged operands), no key pool, head dims 64 / 128, and
+// sequences of at most kSm90aQueryMaxTiles KV tiles. Any mask heads (Hm in {1, Hk, H}); windows, key ranges, causal,
+// softcap, sinks.
+inline bool sm90a_query_supports(const VarlenFwdParams& p) {
+  if (!sm90a_tensors_fit(p) || p.head_dim > 128 || p.kv_slots != nullptr) return false;
+  if (p.mask.layout != OperandLayout::kQuerySide || p.bias.present() || p.mask.head_group <= 0 || p.num_heads % p.mask.head_group != 0) return false;
+  const int64_t heads = p.num_heads / p.mask.head_group;
+  const int64_t tiles = (BlockMap::key_extent(p) + BlockMap::kBitTileKeys - 1) / BlockMap::kBitTileKeys;
+  return tiles <= kSm90aQueryMaxTiles && BlockMap::key_extent(p) > 0 &&
+         BlockMap::bytes(p, heads) <= kMaxBlockMapBytes && BlockMap::bits_bytes(p, heads) <= kMaxMaskBitsBytes;
+}
+
 // Whether an sm90a call takes the kernel's kRanged variant: some row has its own key interval (a window's left edge,
 // a right edge other than the causal one, key ranges) or the scores are capped. The plain variant knows only the
 // causal limit.
@@ -211,24 +230,28 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
                                p.window_left + p.window_right + 1 <= kSm90aMinWindow && o.sm90a_ctas == 0;
     const bool sm90a_device = dev.cc == 90 && !o.sm80_only && !narrow_window;
     plan.sm90a = sm90a_device && sm90a_supports(p);
-    // A key-side mask: the kept keys as dense slots, so that a mask keeping half the keys costs about half the work
-    // on the sm90a kernel (the compaction's lists, then gather_kept_rows), on a persistent grid of a CTA per SM: its
-    // units are half as long as a dense call's, and the persistent CTA overlaps a unit's start with the previous
-    // one's end (8.6% faster on the H200's masked prefill batch, run BQ). DMATTN_SM90A_CTAS=0: a CTA per unit.
+    // The sm90a kernel's grid: persistent, one CTA per SM, where a CTA's next unit can start while it finishes the
+    // one before: calls with masks (units of uneven, shorter work) and windowed calls (short, alike units; it loads a
+    // unit's first tiles and its Q, double-buffered, meanwhile); else a CTA per unit. Key ranges always take a CTA per
+    // unit (their tile bounds are reduced over the rows once per CTA). DMATTN_SM90A_CTAS overrides: N > 0 persistent
+    // on N CTAs, 0 a CTA per unit.
+    bool persistent = p.window_left >= 0;
     if (sm90a_device && sm90a_slots_supports(p)) {
+      // A key-side mask: the kept keys as dense slots, so that a mask keeping half the keys costs about half the
+      // work on the sm90a kernel (the compaction's lists, then gather_kept_rows); persistent, the CTA overlapping a
+      // unit's start with the previous one's end (8.6% faster on the H200's masked prefill batch, run BQ).
       plan.sm90a = plan.sm90a_slots = true;
-      plan.sm90a_ctas = o.sm90a_ctas != 0 ? std::max(o.sm90a_ctas, 0) : (dev.sm_count > 0 ? dev.sm_count : 132);
-      return plan;
+      persistent = true;
+    } else if (sm90a_device && sm90a_query_supports(p)) {
+      // A query-side mask: its bits and block map first (build_block_map, below), then the kernel reads the bits of
+      // the tiles the map cannot decide and skips the dead ones; persistent, a unit's list of live tiles (read from
+      // the map before its first tile can load) built while the CTA finishes the unit before.
+      plan.sm90a = plan.sm90a_query = true;
+      persistent = true;
     }
-    // A windowed call's units are short and alike: a persistent grid, one CTA per SM, loads a unit's first tiles
-    // (and its Q, double-buffered) while it finishes the one before. Key ranges take a CTA per unit (their tile
-    // bounds are reduced over the rows once per CTA).
     if (plan.sm90a && p.key_range == nullptr) {
-      if (o.sm90a_ctas != 0) {
-        plan.sm90a_ctas = o.sm90a_ctas > 0 ? o.sm90a_ctas : 0;
-      } else if (p.window_left >= 0) {
-        plan.sm90a_ctas = dev.sm_count > 0 ? dev.sm_count : 132;
-      }
+      const int32_t sms = dev.sm_count > 0 ? dev.sm_count : 132;
+      plan.sm90a_ctas = o.sm90a_ctas != 0 ? std::max(o.sm90a_ctas, 0) : (persistent ? sms : 0);
     }
     if (p.mask.layout == OperandLayout::kQuerySide && p.num_heads > 0 && p.total_q > 0 &&
         BlockMap::key_extent(p) > 0 && BlockMap::bytes(p, p.num_heads / p.mask.head_group) <= kMaxBlockMapBytes) {
@@ -305,7 +328,7 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
 // split partials (decode with num_splits > 1): max and sum (splits, H, total_q) and O (splits, H, total_q, D), float32;
 // the decode units' order (decode with unit_order): (B, Hk) int32; the block map (query-side mask):
 // (Hm, ceil(total_q / 64), ceil(key extent / 32)) bytes, 1 / 2048 of the mask, and v's flags (Hk, ceil(total_k / 64))
-// bytes; the query-side terms (decode with query-side operands): (list heads, max_seqlen_q, total_k + 64 (B + 1)), 2
+// bytes, and for the sm90a kernel the mask's bits (Hm, total_q, 4 ceil(key extent / 128)) uint32; the query-side terms (decode with query-side operands): (list heads, max_seqlen_q, total_k + 64 (B + 1)), 2
 // or 4 bytes; the kept K / V rows (sm90a with a key-side mask): k and v's packed shape each, their positions (Hm,
 // extent) int32 and bias (bias heads, extent) float32 (extent = total_k + 32 (B + 1) + 128, rounded up to 32), and for a
 // causal or windowed call the slot limits (Hm, B, ceil(max_seqlen_q / 128), 4) int32.
@@ -317,6 +340,7 @@ inline size_t align_up(size_t bytes) { return (bytes + kWorkspaceAlign - 1) / kW
 struct WorkspaceLayout {
   size_t key_index = 0, key_count = 0, split_max = 0, split_sum = 0, split_o = 0, unit_order = 0, block_map = 0;
   size_t query_terms = 0, key_parts = 0, v_nonfinite = 0, kept_k = 0, kept_v = 0, kept_pos = 0, kept_bias = 0, kept_limits = 0;
+  size_t mask_bits = 0;
   size_t total = 0;                                                 // bytes
 };
 
@@ -349,6 +373,10 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
   if (plan.block_map_heads > 0) {
     w.block_map = w.total;
     w.total += align_up(static_cast<size_t>(BlockMap::bytes(p, plan.block_map_heads)));
+  }
+  if (plan.sm90a_query) {
+    w.mask_bits = w.total;
+    w.total += align_up(static_cast<size_t>(BlockMap::bits_bytes(p, plan.block_map_heads)));
   }
   if (plan.v_flags) {
     w.v_nonfinite = w.total;
@@ -429,6 +457,10 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
     if (ws.kept.bias_heads > 0) ws.kept.bias = reinterpret_cast<float*>(bytes + w.kept_bias);
     if (KeptRows::has_limits(p)) ws.kept.limits = reinterpret_cast<int32_t*>(bytes + w.kept_limits);
     ws.kept.query_tiles = static_cast<int32_t>(KeptRows::tiles_of(p));
+  }
+  if (plan.sm90a_query) {
+    ws.blocks.bits = reinterpret_cast<uint32_t*>(bytes + w.mask_bits);
+    ws.blocks.bit_words = static_cast<int32_t>(BlockMap::bit_words_of(p));
   }
   if (plan.v_flags) {
     ws.blocks.v_nonfinite = reinterpret_cast<uint8_t*>(bytes + w.v_nonfinite);

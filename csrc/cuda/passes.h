@@ -5,7 +5,8 @@
 //                            operands, also those operands gathered along the lists (QueryTerms; key_compaction.cu)
 //           build_block_map  a query-side mask -> per (mask head, block of query rows, block of key positions) a
 //                            summary (no key visible / every key visible / some), so the prefill kernel skips dead
-//                            tiles and runs whole-visible ones without reading the mask (block_map.cu)
+//                            tiles and runs whole-visible ones without reading the mask; for the sm90a kernel also
+//                            the mask as bits (block_map.cu)
 //           gather_kept_rows  after compact_keys, for the sm90a kernel: the kept keys' K / V rows (and key-side bias)
 //                            copied into dense slots, so TMA reads them as whole tiles (kept_rows.cu)
 //           order_decode_units  the decode kernel's (sequence, KV head) units sorted longest first (decode_order.cu)
@@ -147,6 +148,13 @@ struct BlockMap {
   static constexpr int kVRows = 64;
   uint8_t* v_nonfinite = nullptr;
   int32_t v_blocks = 0;  // ceil(total_k / kVRows)
+  // Beside the map, for the sm90a kernel (FwdPlan::sm90a_query): the mask itself as bits, one 32-bit word per (mask
+  // head, packed query row, block of kCols key positions): bit l of bits[(hm * total_q + row) * bit_words + cb] is
+  // element (row, hm, kCols cb + l), 0 past the key extent. bit_words = 4 ceil(key extent / 128): the words of a
+  // 128-key tile are one aligned 16-byte load whatever the mask's strides, an eighth of the mask's bytes. Null: none.
+  static constexpr int kBitTileKeys = 128;  // the sm90a kernel's KV tile (KeptRows::kTileKeys)
+  uint32_t* bits = nullptr;
+  int32_t bit_words = 0;
 
   static int64_t blocks(int64_t rows, int64_t per) { return (rows + per - 1) / per; }
   // The key positions a kernel can reach: below every sequence's clamped key count, so below max_seqlen_k, total_k
@@ -161,6 +169,11 @@ struct BlockMap {
     return heads * blocks(p.total_q, kRows) * blocks(key_extent(p), kCols);
   }
   static int64_t v_bytes(const VarlenFwdParams& p) { return p.num_heads_k * blocks(p.total_k, kVRows); }
+  static int64_t bit_words_of(const VarlenFwdParams& p) {
+    return blocks(key_extent(p), kBitTileKeys) * (kBitTileKeys / kCols);
+  }
+  // Bytes of the mask's bits with that many mask heads.
+  static int64_t bits_bytes(const VarlenFwdParams& p, int64_t heads) { return heads * p.total_q * bit_words_of(p) * 4; }
   // The flags of the two blocks covering v rows [row0, row1) of KV head hk (0 <= row0 < row1 <= total_k, which
   // clamped sequences guarantee; a KV tile's rows are at most kVRows, so two blocks cover them), loaded but not
   // combined: a reader ORs them where it needs the answer, so their latency is not waited on where they are issued.
@@ -262,7 +275,7 @@ cudaError_t gather_kept_rows(const VarlenFwdParams& p, const KeyLists& keys, con
 cudaError_t order_decode_units(const VarlenFwdParams& p, const KeyLists& keys, const SplitPartials& splits,
                                cudaStream_t stream);
 
-// Fills map.state from the query-side mask and map.v_nonfinite from v (nothing for either that is null).
+// Fills map.state and map.bits from the query-side mask and map.v_nonfinite from v (nothing for any that is null).
 cudaError_t build_block_map(const VarlenFwdParams& p, const BlockMap& map, cudaStream_t stream);
 
 // The cu_seqlens entries that the CTAs of the pass finishing a call's rows read in all, at most (each reads B + 1 of

@@ -3,8 +3,10 @@
 // gives each query row its own key interval (a sliding window, per-query key ranges) and the softcap; its kSlots
 // variant runs a key-side mask (and key-side bias) over the kept keys gathered into dense slots before it (passes.h
 // KeptRows: TMA reads whole tiles of consecutive rows), so a mask that keeps half the keys costs about half the
-// tiles. The plan sends it no other mask, bias or key pool (heuristics.h, sm90a_supports, sm90a_slots_supports);
-// those take the sm80 kernels.
+// tiles; its kQuery variant runs a query-side mask (no bias) over its block map and bits (passes.h BlockMap: a tile
+// the map shows dead is neither loaded nor computed, one it shows whole runs without the mask, the others read each
+// row's 128 bits of the tile in one 16-byte load). The plan sends it no other mask, bias or key pool (heuristics.h,
+// sm90a_supports, sm90a_slots_supports, sm90a_query_supports); those take the sm80 kernels.
 //
 // Work units are (query tile, query head, sequence), a sequence's last query tiles first as in the sm80 prefill
 // kernel: a CTA per unit (grid (query tiles, heads, sequences)), or kPersistent, a CTA per SM walking every
@@ -23,7 +25,9 @@
 // sequence's end) are limited per element. kSlots: tile n holds slots [n kBlockN, (n + 1) kBlockN) of the unit's
 // kept-key list; the causal limits of the unit's first and last rows, as slot counts, come from the gather
 // (KeptRows::limits); a tile that hides keys compares its slots' key positions (the list) with each row's limit, and
-// a key-side bias is added per slot on every tile.
+// a key-side bias is added per slot on every tile. kQuery: the producer warpgroup lists the unit's live tiles of
+// [n_begin, n_end) in shared memory (list_live_tiles: TileEntry, the tile and what it needs: position limits, the
+// mask's bits, a V scan), published by the unit's Q barrier; producer and consumers walk that list.
 // TMA reads whole tiles: a tile's rows past the sequence belong to the next sequence or to nothing (zero-filled past
 // the tensor). Their scores are hidden (-inf); their V rows, like any hidden key's, must not turn 0 * inf into NaN,
 // so the tiles that hide keys run the scan of ../sm80/nonfinite_v.cuh over V (zero the inf / NaN elements, poison a
@@ -52,6 +56,7 @@ namespace dmattn::cuda::sm90a {
 // issue its S GEMM (ping-pong).
 constexpr int kConsumerBarrier = 1;
 constexpr int kTurnBarrier = 2;
+constexpr int kProducerBarrier = 4;  // kQuery: the producer warpgroup's, while it lists a unit's tiles
 
 // Ping-pong of the two consumer warpgroups: warpgroup w waits for its turn before it issues a tile's S = Q K^T and
 // hands the turn over once issued, so that one warpgroup's GEMMs run while the other's softmax does (the tensor
@@ -313,10 +318,83 @@ __device__ __forceinline__ UnitWork unit_work(const VarlenFwdParams& p, const Un
   return w;
 }
 
-template <typename Traits, bool kRanged, bool kPersistent, bool kSlots>
+// kQuery: one live KV tile of a unit in its list (shared memory, built by the producer warpgroup from the block map
+// before the unit's Q is armed): the tile's number and what its consumers must do on it.
+struct TileEntry {
+  static constexpr uint16_t kTileBits = 0x0fff;  // the tile's number: below kSm90aQueryMaxTiles
+  static constexpr uint16_t kLimits = 1u << 12;  // some row's position limits hide keys of it (the causal diagonal,
+                                                 // a window's edges, the sequence's end)
+  static constexpr uint16_t kMasked = 1u << 13;  // the mask hides keys of it: read the rows' bits
+  static constexpr uint16_t kCheckV = 1u << 14;  // it hides keys and its V rows may hold an inf / NaN: scan them
+  static_assert(kSm90aQueryMaxTiles <= kTileBits + 1, "a tile's number fits its bits");
+};
+
+// kQuery: the unit's live tiles in [w.n_begin, w.n_end), ascending, into list, and their count into *len; the 128
+// threads of the producer warpgroup each take a tile per step. A tile is live where the block map sees some True in
+// it for the unit's rows; it is masked where the map sees some False; it needs its V scanned where it hides keys
+// unless v's flags show its rows finite. Ends with the warpgroup's barrier: the list is written.
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ void list_live_tiles(const VarlenFwdParams& p, const BlockMap& map, const UnitWork& w,
+                                                uint16_t* list, int32_t* len, int32_t* warp_counts) {
+  static_assert(kBlockM == 2 * BlockMap::kRows && kBlockN == 4 * BlockMap::kCols, "a unit's tile: 3 x 4 map blocks");
+  const int ptid = threadIdx.x, lane = ptid % 32, warp = ptid / 32;
+  // The map blocks of the unit's packed rows (at most three: 128 rows from any row) and mask head. Read here rather
+  // than by BlockMap::covering_tile (64 rows, any key span): two of those loaded 20 blocks per tile, where a tile of
+  // 128 keys from a multiple of 128 spans 4 block columns, and spilled the producer's registers.
+  const int64_t rb0 = (w.sq.start + w.m0) / BlockMap::kRows;
+  const int row_blocks = static_cast<int>((w.sq.start + w.m0 + w.rows - 1) / BlockMap::kRows - rb0) + 1;
+  const uint8_t* lines = map.state + (static_cast<int64_t>(w.h / p.mask.head_group) * map.row_blocks + rb0) *
+                                         map.col_blocks;
+  int total = 0;
+#pragma unroll 1
+  for (int n0 = w.n_begin; n0 < w.n_end; n0 += 128) {  // the same bound for every thread: the barriers below
+    const int n = n0 + ptid;
+    bool live = false;
+    uint16_t entry = 0;
+    if (n < w.n_end) {
+      const int j0 = n * kBlockN;  // n < n_end: j0 < k_len; the tile's blocks are [4 n, last]
+      const int last = (min(j0 + kBlockN, w.k_len) - 1) / BlockMap::kCols;
+      uint8_t state = 0;
+#pragma unroll
+      for (int r = 0; r < 3; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          if (r < row_blocks && 4 * n + c <= last) state |= lines[r * map.col_blocks + 4 * n + c];
+        }
+      live = (state & BlockMap::kSomeTrue) != 0;
+      const bool limits = n < w.whole_begin || n >= w.whole_end;
+      const bool masked = (state & BlockMap::kSomeFalse) != 0;
+      bool check_v = limits || masked;
+      if (check_v && map.v_nonfinite != nullptr) {  // the v blocks of the rows TMA reads (zero past total_k)
+        const int64_t first = w.k_start + j0, last = min(first + kBlockN, p.total_k) - 1;
+        const uint8_t* line = map.v_nonfinite + static_cast<int64_t>(w.hk) * map.v_blocks;
+        uint8_t bad = 0;
+        for (int64_t b = first / BlockMap::kVRows; b <= last / BlockMap::kVRows; ++b) bad |= line[b];
+        check_v = bad != 0;
+      }
+      entry = static_cast<uint16_t>(n) | (limits ? TileEntry::kLimits : 0) | (masked ? TileEntry::kMasked : 0) |
+              (check_v ? TileEntry::kCheckV : 0);
+    }
+    const unsigned votes = __ballot_sync(0xffffffffu, live);
+    if (lane == 0) warp_counts[warp] = __popc(votes);
+    asm volatile("bar.sync %0, %1;" ::"r"(kProducerBarrier), "r"(128) : "memory");
+    int at = total + __popc(votes & ((1u << lane) - 1));
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      if (v < warp) at += warp_counts[v];
+      total += warp_counts[v];
+    }
+    if (live) list[at] = entry;
+    asm volatile("bar.sync %0, %1;" ::"r"(kProducerBarrier), "r"(128) : "memory");  // counts read: the next step's
+  }
+  if (ptid == 0) *len = total;
+  asm volatile("bar.sync %0, %1;" ::"r"(kProducerBarrier), "r"(128) : "memory");  // the list and its length written
+}
+
+template <typename Traits, bool kRanged, bool kPersistent, bool kSlots, bool kQuery>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
 fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ TmaParams<Traits> tma,
-           const UnitGrid grid, const __grid_constant__ SlotLists slots) {
+           const UnitGrid grid, const __grid_constant__ SlotLists slots, const __grid_constant__ BlockMap map) {
   using namespace cute;
   using Elem = typename Traits::Elem;
   using Pipeline = typename Traits::Pipeline;
@@ -326,7 +404,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
 
   constexpr int kQBuffers = kPersistent ? Traits::kPersistentQBuffers : 1;
   extern __shared__ __align__(1024) char smem_raw[];
-  auto& smem = *reinterpret_cast<typename Traits::template SharedStorage<kQBuffers>*>(smem_raw);
+  auto& smem = *reinterpret_cast<typename Traits::template SharedStorage<kQBuffers, kQuery>*>(smem_raw);
 
   // ---- This CTA's units: its own (a CTA per unit), or every gridDim.x-th (persistent) ----
   // Persistent units are numbered over the launch's sequences' own query tiles: u = j * H + h for the j-th of them
@@ -335,7 +413,13 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   // numbering (max_seqlen_q / kBlockM tiles of every sequence) left about half of a packed batch's units empty, each
   // paid for with its sequence's loads and three 64-bit divisions. The launcher keeps a persistent launch to at most
   // kUnitTableSeqs sequences and its units within an int.
-  const int64_t first_unit = kPersistent ? blockIdx.x : 0;
+  // This CTA's first unit, read where each role's loop starts: a value kept from here across the roles' register
+  // reconfiguration was spilled (kQuery's persistent kernels).
+  auto first_unit = [] {
+    uint32_t cta = 0;
+    if constexpr (kPersistent) asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(cta));
+    return static_cast<int64_t>(cta);
+  };
   const int64_t unit_step = kPersistent ? gridDim.x : 1;
   auto work = [&](int64_t u) {
     if constexpr (kPersistent) {
@@ -384,7 +468,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int qb = 0; qb < kQBuffers; ++qb) {
-      q_full(qb).init(1);
+      q_full(qb).init(kQuery ? 2 : 1);  // kQuery: Q's bytes and the unit's tile list
       q_empty(qb).init(Traits::kConsumerThreads);
     }
   }
@@ -440,32 +524,45 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
 
   if (warpgroup == 0) {
     // ---- Producer ----
-    cutlass::arch::warpgroup_reg_dealloc<24>();
-    if (threadIdx.x == 0) {  // the pipelines' leader: it arms each full barrier with the tile bytes
-      Tensor mQ = tma.q.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_q), kHeadDim, p.num_heads));
-      Tensor mK = tma.k.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_k), kHeadDim, p.num_heads_k));
-      Tensor mV = tma.v.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_k), kHeadDim, p.num_heads_k));
+    // kQuery: the warpgroup lists tiles (list_live_tiles), with registers the consumers can spare.
+    cutlass::arch::warpgroup_reg_dealloc<kQuery ? 72 : 24>();
+    // Thread 0 is the pipelines' leader: it arms each full barrier with the tile bytes. kQuery: the warpgroup lists
+    // each unit's live tiles first (list_live_tiles), and the Q buffer's full barrier publishes the list.
+    if (kQuery || threadIdx.x == 0) {
       PipelineState state = cutlass::make_producer_start_state<Pipeline>();
       int q_loads = 0;
-      for (int64_t u = first_unit; u < units; u += unit_step) {
+      for (int64_t u = first_unit(); u < units; u += unit_step) {
         const UnitWork w = work(u);
         if (w.n_end <= w.n_begin) continue;
-        Tensor gQ = local_tile(domain_offset(make_coord(static_cast<int32_t>(w.sq.start), _0{}), mQ(_, _, w.h)),
-                               Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(w.m_block, _0{}));
+        const int qb = q_loads % kQBuffers;
+        if (kPersistent && q_loads >= kQBuffers) q_empty(qb).wait((q_loads / kQBuffers - 1) % 2);  // its last unit's
+        ++q_loads;
+        int tiles = w.n_end - w.n_begin;
+        if (threadIdx.x == 0) {  // Q first: kQuery's list below is built while it loads
+          Tensor mQ = tma.q.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_q), kHeadDim, p.num_heads));
+          Tensor gQ = local_tile(domain_offset(make_coord(static_cast<int32_t>(w.sq.start), _0{}), mQ(_, _, w.h)),
+                                 Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(w.m_block, _0{}));
+          auto [tQg, tQs] =
+              tma_partition(tma.q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(smem_q(qb)), group_modes<0, 2>(gQ));
+          q_full(qb).arrive_and_expect_tx(Traits::kQBytes);
+          copy(tma.q.with(reinterpret_cast<uint64_t&>(q_full(qb))), tQg, tQs);
+        }
+        if constexpr (kQuery) {  // the unit's live tiles, published by the Q barrier's second arrival
+          list_live_tiles<kBlockM, kBlockN>(p, map, w, smem.tile_list[qb], &smem.list_len[qb], smem.list_warps);
+          if (threadIdx.x != 0) continue;
+          tiles = smem.list_len[qb];
+          q_full(qb).arrive();
+        }
+        Tensor mK = tma.k.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_k), kHeadDim, p.num_heads_k));
+        Tensor mV = tma.v.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_k), kHeadDim, p.num_heads_k));
         Tensor gK = local_tile(domain_offset(make_coord(static_cast<int32_t>(w.k_start), _0{}), mK(_, _, w.hk)),
                                Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));  // (N, D, tiles)
         Tensor gV = local_tile(domain_offset(make_coord(static_cast<int32_t>(w.k_start), _0{}), mV(_, _, w.hk)),
                                Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
-        const int qb = q_loads % kQBuffers;
-        auto [tQg, tQs] =
-            tma_partition(tma.q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(smem_q(qb)), group_modes<0, 2>(gQ));
         auto [tKg, tKs] = tma_partition(tma.k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
         auto [tVg, tVs] = tma_partition(tma.v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
-        if (kPersistent && q_loads >= kQBuffers) q_empty(qb).wait((q_loads / kQBuffers - 1) % 2);  // its last unit's
-        q_full(qb).arrive_and_expect_tx(Traits::kQBytes);
-        copy(tma.q.with(reinterpret_cast<uint64_t&>(q_full(qb))), tQg, tQs);
-        ++q_loads;
-        for (int n = w.n_end - 1; n >= w.n_begin; --n) {
+        for (int i = tiles - 1; i >= 0; --i) {
+          const int n = kQuery ? smem.tile_list[qb][i] & TileEntry::kTileBits : w.n_begin + i;
           pipe_k.producer_acquire(state);
           copy(tma.k.with(*pipe_k.producer_get_barrier(state)), tKg(_, n), tKs(_, state.index()));
           if constexpr (kSlots) {
@@ -487,7 +584,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   }
 
   // ---- Consumers ----
-  cutlass::arch::warpgroup_reg_alloc<240>();
+  cutlass::arch::warpgroup_reg_alloc<kQuery ? 216 : 240>();  // 128 x 72 + 256 x 216 <= 384 x 168
   const int cw = warpgroup - 1;       // consumer warpgroup: rows [64 cw, 64 cw + 64) of the tile
   const int ctid = threadIdx.x - 128;  // consumer thread index
   const int wtid = threadIdx.x % 128;  // thread in its warpgroup
@@ -513,11 +610,11 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   if (kPersistent && cw == 1) hand_turn(cw);
   PipelineState state, v_state;  // v_state: the stage of the tile whose P V is pending
   int q_uses = 0;
-  for (int64_t u = first_unit; u < units; u += unit_step) {
+  for (int64_t u = first_unit(); u < units; u += unit_step) {
     const UnitWork w = work(u);
     if (w.m0 >= w.q_len) continue;
     const int row0 = w.m0 + 64 * cw + 16 * (wtid / 32) + g;  // this thread's rows: row0, row0 + 8 (in the sequence)
-    const int n_tiles = w.n_end - w.n_begin;
+    int n_tiles = w.n_end - w.n_begin;
     // Whether tile n hides some key from some row of the unit.
     auto hides_keys = [&](int n) { return n < w.whole_begin || n >= w.whole_end; };
     // kRanged: this thread's two rows' key intervals [low, limit) (empty for rows past the sequence).
@@ -537,6 +634,42 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
     const int shift = w.k_len - w.q_len;
 
     const int qb = q_uses % kQBuffers;
+    // kQuery: the unit's live tiles, listed by the producer warpgroup and published with its Q.
+    const uint16_t* tile_list = smem.tile_list[kQuery ? qb : 0];
+    if constexpr (kQuery) {
+      if (n_tiles > 0) {
+        q_full(qb).wait((q_uses / kQBuffers) % 2);
+        n_tiles = smem.list_len[qb];
+        if (n_tiles == 0) {  // every tile dead: the rows see nothing
+          if (kPersistent) q_empty(qb).arrive();
+          ++q_uses;
+        }
+      }
+    }
+    // Tile j of the unit (j = n_tiles - 1 first): its entry (kQuery) and its number.
+    auto entry_of = [&](int j) -> uint16_t {
+      if constexpr (kQuery) return tile_list[j];
+      return 0;
+    };
+    auto tile_of = [&](int j, uint16_t entry) -> int {
+      if constexpr (kQuery) return entry & TileEntry::kTileBits;
+      return w.n_begin + j;
+    };
+    // kQuery: the mask's bits of this thread's two rows over tile n, for a masked tile (none past the sequence's
+    // rows: they see nothing there), loaded before the tile's S is waited for.
+    const int hm = kQuery ? w.h / p.mask.head_group : 0;
+    auto load_bits = [&](uint16_t entry, int n, uint4 (&bits)[2]) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int i = row0 + 8 * half;
+        bits[half] = make_uint4(0u, 0u, 0u, 0u);
+        if (kQuery && (entry & TileEntry::kMasked) != 0 && i < w.q_len) {
+          const int64_t word = (static_cast<int64_t>(hm) * p.total_q + w.sq.start + i) * map.bit_words +
+                               static_cast<int64_t>(n) * (kBlockN / 32);
+          bits[half] = __ldg(reinterpret_cast<const uint4*>(map.bits + word));
+        }
+      }
+    };
     Tensor tSrQ =
         thr_qk.partition_fragment_A(local_tile(smem_q(qb), Shape<_64, Int<kHeadDim>>{}, make_coord(cw, _0{})));
     clear(tOrO);
@@ -553,7 +686,40 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       low = kRanged ? row_low[half] : 0;
       limit = kRanged ? row_limit[half] : causal ? min(w.k_len, row0 + 8 * half + shift + 1) : w.k_len;
     };
-    auto scores = [&](int n, int stage) {
+    auto scores = [&](int n, int stage, uint16_t entry, const uint4 (&bits)[2]) {
+      if constexpr (kQuery) {  // position limits and mask bits where the entry says so
+        const bool limits = (entry & TileEntry::kLimits) != 0, masked = (entry & TileEntry::kMasked) != 0;
+        const bool capped = kRanged && p.softcap > 0.f;
+        if (!limits && !masked && !capped && scale > 0.f) return scale;  // folded into the exponent
+        float mul = scale;
+        if (capped) {  // its own pass, so the limits below stay one select per element
+#pragma unroll
+          for (int i = 0; i < size(tSrS); ++i) tSrS(i) = capped_score(p, tSrS(i) * scale);
+          mul = 1.f;
+        }
+        if (!limits && !masked) {
+#pragma unroll
+          for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= mul;
+          return 1.f;
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          int low, limit;
+          row_bounds(half, low, limit);
+          const uint32_t words[4] = {bits[half].x, bits[half].y, bits[half].z, bits[half].w};
+#pragma unroll
+          for (int nt = 0; nt < kN8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float& x = s[0][nt][2 * half + e];
+              const int col = nt * 8 + 2 * t + e;  // the word of 32 keys holding it, and its bit
+              const int pos = n * kBlockN + col;
+              const bool shown = !masked || ((words[col / 32] >> (col % 32)) & 1u) != 0;
+              x = shown && pos >= low && pos < limit ? x * mul : -INFINITY;
+            }
+        }
+        return 1.f;
+      }
       if constexpr (kSlots) {  // bias per slot; on a tile that hides keys, each slot's position against the rows' limits
         const bool hides = hides_keys(n), biased = slots.bias != nullptr;
         const int32_t* slot_pos = smem.slot_pos[stage];
@@ -636,11 +802,13 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       return score_mul;
     };
     // V_n landed; on a tile that hides keys, its inf / NaN elements zeroed and flagged (before any P V reads it).
-    auto check_v = [&](int n, int stage) {
-      // This thread's share of the V tile: whether it holds an inf / NaN; the consumers' vote.
+    auto check_v = [&](int n, int stage, uint16_t entry) {
+      // This thread's share of the V tile: whether it holds an inf / NaN; the consumers' vote. kQuery: the entry
+      // says whether the tile hides keys and its V rows may hold one (v's flags).
       constexpr int kVecs = kBlockN * kHeadDim / 8;  // 16-byte vectors in a V tile
+      const bool scan = kQuery ? (entry & TileEntry::kCheckV) != 0 : hides_keys(n);
       const bool v_fix =
-          hides_keys(n) && consumer_any(sm80::share_has_nonfinite<Elem, kVecs, Traits::kConsumerThreads>(
+          scan && consumer_any(sm80::share_has_nonfinite<Elem, kVecs, Traits::kConsumerThreads>(
                                             smem.v.data() + stage * kBlockN * kHeadDim, ctid),
                                         Traits::kConsumerThreads);
       if (v_fix) {
@@ -660,7 +828,11 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       q_full(qb).wait((q_uses / kQBuffers) % 2);
       if (!kPersistent && cw == 1) hand_turn(cw);  // warpgroup 0 goes first
       // The first tile: nothing to overlap with yet (O is zero: no rescale). j counts the tiles left after it.
-      const int j = n_tiles - 1, n = w.n_begin + j;
+      const int j = n_tiles - 1;
+      const uint16_t entry = entry_of(j);
+      const int n = tile_of(j, entry);
+      uint4 bits[2];
+      load_bits(entry, n, bits);
       pipe_k.consumer_wait(state);
       wait_turn(cw);
       warpgroup_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), tSrS, [&] {
@@ -668,10 +840,10 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       });
       if (kPersistent && j == 0) q_empty(qb).arrive();
       if constexpr (!kSlots) pipe_k.consumer_release(state);
-      const float score_mul = scores(n, state.index());
+      const float score_mul = scores(n, state.index(), entry, bits);
       if constexpr (kSlots) pipe_k.consumer_release(state);  // the stage's positions and biases read
       pipe_v.consumer_wait(state);
-      const bool v_fix = check_v(n, state.index());
+      const bool v_fix = check_v(n, state.index(), entry);
       softmax.update_scores(s, score_mul, alpha);
       if (v_fix) sm80::mark_poisoned_rows<1, kN8>(s, smem.v_bad, t, poisoned_rows);
       convert_p();
@@ -679,7 +851,10 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       ++state;
     }
     for (int j = n_tiles - 2; j >= 0; --j) {
-      const int n = w.n_begin + j;
+      const uint16_t entry = entry_of(j);
+      const int n = tile_of(j, entry);
+      uint4 bits[2];
+      load_bits(entry, n, bits);
       pipe_k.consumer_wait(state);
       wait_turn(cw);
       warpgroup_fence_operand(tSrS);
@@ -693,10 +868,10 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       warpgroup_fence_operand(tSrS);
       if (kPersistent && j == 0) q_empty(qb).arrive();
       if constexpr (!kSlots) pipe_k.consumer_release(state);
-      const float score_mul = scores(n, state.index());
+      const float score_mul = scores(n, state.index(), entry, bits);
       if constexpr (kSlots) pipe_k.consumer_release(state);
       pipe_v.consumer_wait(state);
-      const bool v_fix = check_v(n, state.index());
+      const bool v_fix = check_v(n, state.index(), entry);
       const bool rescale = softmax.update_scores(s, score_mul, alpha);
       warpgroup_wait<0>();  // the P V landed: O and P are ours again
       warpgroup_fence_operand(tOrO);

@@ -77,8 +77,11 @@ struct FwdTraits {
 
   static constexpr int kUnitTableSeqs = 255;  // a persistent launch's sequences that its unit table holds, at most
 
-  // kQBuffers Q tiles: 1 for a CTA per unit, kPersistentQBuffers for a persistent CTA.
-  template <int kQBuffers>
+  // kQuery: a unit's live KV tiles, 16 bits each (fwd_kernel.cuh, TileEntry), one list per Q buffer.
+  static constexpr int kListTiles = static_cast<int>(kSm90aQueryMaxTiles);
+
+  // kQBuffers Q tiles: 1 for a CTA per unit, kPersistentQBuffers for a persistent CTA. kQuery: the tile lists.
+  template <int kQBuffers, bool kQuery = false>
   struct SharedStorage {
     cute::array_aligned<CuteElem, kQBuffers * cute::cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<CuteElem, cute::cosize_v<SmemLayoutKV>, 1024> k;
@@ -95,9 +98,14 @@ struct FwdTraits {
     // (z <= seqs), so units are numbered over the sequences' own tiles (fwd_kernel.cuh, unit_of).
     int32_t unit_tiles[kUnitTableSeqs + 1];
     int32_t seq_rows[kUnitTableSeqs][4];  // and each one's {q start, q len, k start, k len}, clamped (unit_work)
+    // kQuery: the live KV tiles of the unit of each Q buffer, their count, and the producer warps' counts while the
+    // list is built (one element elsewhere).
+    uint16_t tile_list[kQuery ? kQBuffers : 1][kQuery ? kListTiles : 1];
+    int32_t list_len[kQBuffers];
+    int32_t list_warps[4];
   };
-  template <int kQBuffers>
-  static constexpr int kSmemBytes = sizeof(SharedStorage<kQBuffers>);
+  template <int kQBuffers, bool kQuery = false>
+  static constexpr int kSmemBytes = sizeof(SharedStorage<kQBuffers, kQuery>);
 };
 
 // The TMA copies of one call (built on the host: they hold the tensor maps), a __grid_constant__ kernel parameter.

@@ -1,7 +1,8 @@
 // launch.cuh: the sm90a path's launcher. Calls the plan gives to this path (FwdPlan::sm90a: prefill without mask,
 // bias or key pool, heuristics.h sm90a_supports) run the wgmma / TMA kernel of fwd_kernel.cuh, in its kRanged
 // variant where a row has its own key interval (sm90a_ranged), in its kSlots variant over a key-side mask's kept keys
-// gathered into dense slots (FwdPlan::sm90a_slots: K / V's TMA views are over the gathered rows); every other call
+// gathered into dense slots (FwdPlan::sm90a_slots: K / V's TMA views are over the gathered rows), in its kQuery
+// variant with a query-side mask's block map and bits (FwdPlan::sm90a_query); every other call
 // (other masks and biases, decode, key pools) runs the sm80 path's kernels, which run on every cc >= 8.0.
 // Included by the generated instantiation files (tools/kernel_matrix.py), compiled for sm_90a only.
 #pragma once
@@ -27,16 +28,16 @@ auto gmem_rows(const void* ptr, int64_t rows, int32_t head_dim, int32_t heads, i
                                  make_stride(row_stride, _1{}, head_stride)));
 }
 
-// The kernel of kRanged / kPersistent / kSlots for this call, with its shared memory allowed.
-template <typename Traits, bool kRanged, bool kPersistent, bool kSlots = false>
+// The kernel of kRanged / kPersistent / kSlots / kQuery for this call, with its shared memory allowed.
+template <typename Traits, bool kRanged, bool kPersistent, bool kSlots, bool kQuery>
 cudaError_t launch_kernel(const VarlenFwdParams& p, const TmaParams<Traits>& tma, dim3 grid, UnitGrid units,
-                          cudaStream_t stream, const SlotLists& slots = {}) {
-  auto kernel = fwd_kernel<Traits, kRanged, kPersistent, kSlots>;
-  constexpr int kSmem = Traits::template kSmemBytes<kPersistent ? Traits::kPersistentQBuffers : 1>;
+                          cudaStream_t stream, const SlotLists& slots, const BlockMap& map) {
+  auto kernel = fwd_kernel<Traits, kRanged, kPersistent, kSlots, kQuery>;
+  constexpr int kSmem = Traits::template kSmemBytes<kPersistent ? Traits::kPersistentQBuffers : 1, kQuery>;
   static_assert(kSmem <= 227 * 1024, "more shared memory than a cc 9.0 CTA may have");
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p, tma, units, slots);
+  kernel<<<grid, Traits::kThreads, kSmem, stream>>>(p, tma, units, slots, map);
   return cudaGetLastError();
 }
 
@@ -56,13 +57,19 @@ TmaParams<Traits> make_tma(const VarlenFwdParams& p, const void* k, int64_t k_ro
                     take<0, 2>(typename Traits::SmemLayoutKV{}), Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{})};
 }
 
+// The TMA copies of a call that reads K / V where they are (k and v).
+template <typename Traits>
+TmaParams<Traits> make_tma(const VarlenFwdParams& p) {
+  return make_tma<Traits>(p, p.k, p.k_row_stride, p.k_head_stride, p.v, p.v_row_stride, p.v_head_stride);
+}
+
 // Every unit of the call, in the launches of one variant: persistent where the plan says so (never with key ranges:
 // their bounds are reduced once per CTA), a launch per kUnitTableSeqs sequences, whose units the kernel numbers in an
 // int: at most query_tiles per sequence (clamp_seq: lying cu_seqlens included), times the sequences and heads; calls
 // that could pass it take a CTA per unit.
-template <typename Traits, bool kRanged, bool kSlots>
+template <typename Traits, bool kRanged, bool kSlots, bool kQuery = false>
 cudaError_t launch_units(const VarlenFwdParams& p, const FwdPlan& plan, const TmaParams<Traits>& tma,
-                         const SlotLists& slots, cudaStream_t stream) {
+                         const SlotLists& slots, cudaStream_t stream, const BlockMap& map = {}) {
   const int32_t query_tiles = static_cast<int32_t>((p.max_seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM);
   constexpr int64_t kTableSeqs = Traits::kUnitTableSeqs;
   const int64_t most_units = static_cast<int64_t>(query_tiles) * std::min<int64_t>(p.batch, kTableSeqs) * p.num_heads;
@@ -71,9 +78,9 @@ cudaError_t launch_units(const VarlenFwdParams& p, const FwdPlan& plan, const Tm
       const int32_t seqs = static_cast<int32_t>(std::min<int64_t>(p.batch - seq0, kTableSeqs));
       const int64_t grid_units = static_cast<int64_t>(query_tiles) * p.num_heads * seqs;
       const dim3 grid(static_cast<unsigned>(std::min<int64_t>(grid_units, plan.sm90a_ctas)));
-      const cudaError_t err = launch_kernel<Traits, kRanged, true, kSlots>(
+      const cudaError_t err = launch_kernel<Traits, kRanged, true, kSlots, kQuery>(
           p, tma, grid, UnitGrid{static_cast<int32_t>(seq0), seqs, query_tiles, cutlass::FastDivmod(p.num_heads)},
-          stream, slots);
+          stream, slots, map);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
@@ -83,8 +90,9 @@ cudaError_t launch_units(const VarlenFwdParams& p, const FwdPlan& plan, const Tm
     const int32_t seqs = static_cast<int32_t>(std::min<int64_t>(p.batch - seq0, kMaxSeqsPerLaunch));
     const dim3 grid(static_cast<unsigned>(query_tiles), static_cast<unsigned>(p.num_heads),
                     static_cast<unsigned>(seqs));
-    const cudaError_t err = launch_kernel<Traits, kRanged, false, kSlots>(
-        p, tma, grid, UnitGrid{static_cast<int32_t>(seq0), seqs, query_tiles, cutlass::FastDivmod()}, stream, slots);
+    const cudaError_t err = launch_kernel<Traits, kRanged, false, kSlots, kQuery>(
+        p, tma, grid, UnitGrid{static_cast<int32_t>(seq0), seqs, query_tiles, cutlass::FastDivmod()}, stream, slots,
+        map);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -92,7 +100,7 @@ cudaError_t launch_units(const VarlenFwdParams& p, const FwdPlan& plan, const Tm
 
 template <typename Traits, bool kRanged>
 cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws, cudaStream_t stream) {
-  if constexpr (Traits::kHeadDim <= 128) {  // sm90a_slots_supports: D <= 128
+  if constexpr (Traits::kHeadDim <= 128) {  // sm90a_slots_supports and sm90a_query_supports: D <= 128
     if (plan.sm90a_slots) {  // K / V from the gathered slots: k and v's packed shape, dense
       const int64_t row = static_cast<int64_t>(p.num_heads_k) * Traits::kHeadDim;
       SlotLists slots;
@@ -109,17 +117,20 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Work
           p, plan, make_tma<Traits>(p, ws.kept.k, row, Traits::kHeadDim, ws.kept.v, row, Traits::kHeadDim), slots,
           stream);
     }
+    if (plan.sm90a_query) {  // the mask's bits and block map (build_block_map), K / V where they are
+      return launch_units<Traits, kRanged, false, true>(
+          p, plan, make_tma<Traits>(p), {}, stream, ws.blocks);
+    }
   }
   return launch_units<Traits, kRanged, false>(
-      p, plan, make_tma<Traits>(p, p.k, p.k_row_stride, p.k_head_stride, p.v, p.v_row_stride, p.v_head_stride), {},
-      stream);
+      p, plan, make_tma<Traits>(p), {}, stream);
 }
 
 template <typename Elem, int kHeadDim>
 cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws,
                              cudaStream_t stream) {
   if (!plan.sm90a || plan.kernel != FwdKernel::kPrefill || p.head_dim != kHeadDim ||
-      (plan.sm90a_slots && kHeadDim > 128)) {
+      ((plan.sm90a_slots || plan.sm90a_query) && kHeadDim > 128)) {
     return sm80::launch_attention<Elem, kHeadDim>(p, plan, ws, stream);
   }
   if (p.batch == 0 || p.num_heads == 0 || p.max_seqlen_q == 0) return cudaSuccess;
