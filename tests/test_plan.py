@@ -327,6 +327,13 @@ def test_query_side_masks_on_the_sm90a_kernel_get_their_bits(planner, Hm):
     state = Hm * -(-16_000 // 64) * -(-4000 // 32)
     bits = Hm * 16_000 * -(-4000 // 128) * 4 * 4
     assert plan["workspace"] == aligned(state) + aligned(bits) + _v_flags_bytes(8, 16_000)
+    # A key-side bias beside it: its values per key over slots in place (no K / V copy)
+    biased = planner(**prefill, mask=QUERY, Hm=Hm, bias=KEY, Hb=32)
+    assert biased["sm90a_query"] and biased["sm90a_slots"] and biased["key_lists_heads"] == 0
+    B, total_k = prefill["B"], prefill["total_k"]
+    extent = -(-(total_k + 32 * (B + 1) + 128) // 32) * 32
+    slots = aligned(4 * B) + aligned(4 * extent) + aligned(4 * 32 * extent)  # counts, positions, biases; no limits
+    assert biased["workspace"] == plan["workspace"] + slots
     # A query-side bias beside it, or a sequence of more than 1024 KV tiles: the sm80 kernel, no bits.
     assert not planner(**prefill, mask=QUERY, Hm=Hm, bias=QUERY, Hb=Hm)["sm90a_query"]
     longer = dict(prefill, total_k=140_000, max_k=140_000)
@@ -385,8 +392,11 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(mask=QUERY, Hm=8, sm90a_ctas=5), True, 5),
         (dict(mask=QUERY, Hm=8, sm90a_ctas=-1), True, 0),  # DMATTN_SM90A_CTAS=0: a CTA per unit
         (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8), False, 0),  # with a bias: sm80
-        (dict(mask=QUERY, Hm=8, bias=KEY, Hb=8), False, 0),
-        (dict(bias=KEY, Hb=8), False, 0),  # a bias alone: sm80
+        (dict(mask=QUERY, Hm=8, bias=KEY, Hb=8), True, 132),  # with a key-side bias: its values over slots in place
+        (dict(mask=QUERY, Hm=8, bias=KEY, Hb=8, key_range=True), False, 0),  # which know no key ranges
+        (dict(bias=KEY, Hb=8), True, 0),  # a key-side bias alone: slots in place, a CTA per unit as without it
+        (dict(bias=KEY, Hb=32, window=(255, 0)), True, 132),
+        (dict(bias=KEY, Hb=1, key_range=True), False, 0),  # with key ranges: sm80
         (dict(bias=QUERY, Hb=1), False, 0),
         (dict(D=256), True, 0),  # head dims 64, 128 and 256 (64-key tiles)
         (dict(D=256, window=(255, 0)), True, 132),
@@ -425,3 +435,22 @@ def test_key_side_masks_keep_the_sm80_kernels_for_decode(planner):
     """The decode kernel keeps key-side masks (its own token-level gathers); the sm90a slots are prefill only."""
     plan = planner(**WORKLOAD, mask=KEY, Hm=8, bias=KEY, Hb=8)
     assert plan["kernel"] == "decode" and not plan["sm90a_slots"]
+
+
+@pytest.mark.parametrize("Hb, causal", [(1, True), (8, False), (32, True)])
+def test_key_side_bias_alone_runs_over_slots_in_place(planner, Hb, causal):
+    """A key-side bias without a mask takes the sm90a kernel's slots variant over slots that are the keys themselves:
+    no kept-key lists, no K / V copy; the workspace holds each sequence's key count, one list of positions and the
+    float32 biases per bias head (each over total_k + 32 (B + 1) + 128 slots rounded up to 32), and for causal calls
+    four slot limits per (sequence, 128-row query tile)."""
+    plan = planner(**PREFILL, bias=KEY, Hb=Hb, window=(-1, 0) if causal else (-1, -1))
+    assert plan["sm90a"] and plan["sm90a_slots"] and plan["key_lists_heads"] == 0
+    B, total_k = PREFILL["B"], PREFILL["total_k"]
+    extent = -(-(total_k + 32 * (B + 1) + 128) // 32) * 32
+    aligned = lambda n: -(-n // 256) * 256  # noqa: E731
+    expected = (aligned(4 * B) + aligned(4 * extent) + aligned(4 * Hb * extent)
+                + (aligned(16 * B * -(-3865 // 128)) if causal else 0))
+    assert plan["workspace"] == expected
+    # D = 256 or a query-side bias: the sm80 kernels, no slots
+    assert not planner(**dict(PREFILL, D=256), bias=KEY, Hb=Hb)["sm90a_slots"]
+    assert not planner(**PREFILL, bias=QUERY, Hb=Hb)["sm90a"]

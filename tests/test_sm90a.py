@@ -1,7 +1,8 @@
 """The sm90a prefill kernel (wgmma + TMA; csrc/cuda/sm90a/) beside the sm80 one: calls without mask, bias or key pool
 (causal or not, windows, key ranges, softcap, sinks, seqused_k) run on it on a cc 9.0 device, and so do key-side masks
 (with or without a key-side bias) whose heads each KV group shares, over their kept rows gathered into dense slots,
-and query-side masks without a bias (their block map and bits, D <= 128); every other call runs on the sm80 kernels.
+query-side masks without a bias or with a key-side one (their block map and bits, D <= 128), and a key-side bias alone
+(over slots in place); every other call runs on the sm80 kernels.
 Every shape runs both ways, the sm80 path forced through the documented debug variable DMATTN_ARCH=sm80, each judged
 by the float64 reference and the accuracy rule of tests/samples.py. GPU only; on devices other than cc 9.0 (or a
 build without the sm90a path) the automatic choice is the sm80 kernel, which test_choice checks."""
@@ -153,14 +154,17 @@ def _plan_sm90a(capfd):
         (Spec("key_mask", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="key"), True),
         (Spec("key_mask_per_head", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="key",
               mask_heads="H"), False),
-        (Spec("key_bias", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), bias="key"), False),
+        (Spec("key_bias", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), bias="key"), True),
+        (Spec("query_bias", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), bias="query"), False),
         (Spec("d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), is_causal=True), True),
         (Spec("d256_key_mask", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="key"),
          False),  # the kept rows' gather copies rows of D <= 128
         (Spec("query_mask", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="query", mask_heads="H"),
          True),
         (Spec("query_mask_key_bias", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="query",
-              bias="key"), False),  # a bias beside a query-side mask: the sm80 kernels
+              bias="key"), True),
+        (Spec("query_mask_query_bias", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="query",
+              bias="query"), False),  # a query-side bias: the sm80 kernels
         (Spec("d256_query_mask", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,),
               mask="query"), False),
     ],
@@ -168,9 +172,9 @@ def _plan_sm90a(capfd):
 )
 def test_choice(spec, sm90a, monkeypatch, capfd, cuda_device):
     """Prefill without mask, bias or key pool (D 64 / 128 / 256), or with a key-side mask of 1 or Hk heads or a
-    query-side mask without bias (D <= 128), takes the sm90a kernel on a cc 9.0 device with the sm90a path built, and
-    never elsewhere; other masks, a bias, and windows of at most 128 keys take the sm80 kernels; DMATTN_ARCH=sm80
-    forces them."""
+    query-side mask without bias, or a key-side bias alone (D <= 128), takes the sm90a kernel on a cc 9.0 device with
+    the sm90a path built, and never elsewhere; other masks and biases, and windows of at most 128 keys take the sm80
+    kernels; DMATTN_ARCH=sm80 forces them."""
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
     capfd.readouterr()
     _check(spec, torch.bfloat16)
@@ -267,6 +271,8 @@ LYING_SPECS = [
          mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="H"),
     Spec("lying_query_mask", heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 400), is_causal=True,
          mask="query", mask_heads="Hk", keep=0.5),
+    Spec("lying_key_bias", heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 400), is_causal=True,
+         bias="key", bias_heads="H"),
 ]
 
 
@@ -369,7 +375,7 @@ def test_cuda_key_side_mask_without_room_for_kept_rows_takes_the_sm80_kernels(mo
 # live tiles): mask heads 1 / Hk / H, random and block-sparse masks (dead and whole tiles), causal with more keys or
 # more queries than the other, fully masked rows and sequences, empty sequences, rows past the last sequence, an odd
 # key extent (the bits' rows of any stride), a sequence of more KV tiles than the producer lists at once (128),
-# windows, softcap, sinks, seqused_k, D 64 / 128, MQA and MHA.
+# windows, softcap, sinks, seqused_k, D 64 / 128, MQA and MHA; and with a key-side bias beside the mask.
 QUERY_SPECS = [
     Spec("query_causal_hk", heads=8, heads_k=2, seqlens_q=(300, 129, 1), seqlens_k=(700, 128, 260), is_causal=True,
          mask="query", mask_heads="Hk", keep=0.5),
@@ -391,6 +397,14 @@ QUERY_SPECS = [
          window=(300, 0), is_causal=True, mask="query", mask_heads="Hk", keep=0.5),
     Spec("query_window_both_softcap", heads=4, heads_k=2, seqlens_q=(500, 64), seqlens_k=(900, 64), window=(200, 50),
          softcap=30.0, mask="query", mask_heads="H", keep=0.6, mask_runs=40),
+    # A key-side bias beside the query-side mask (its values per key over slots in place).
+    Spec("query_key_bias_causal", heads=8, heads_k=2, seqlens_q=(300, 129, 1), seqlens_k=(700, 128, 260),
+         is_causal=True, mask="query", mask_heads="Hk", keep=0.5, bias="key", bias_heads="H"),
+    Spec("query_runs_key_bias_q_dtype", heads=4, heads_k=4, seqlens_q=(257, 90), seqlens_k=(513, 90), mask="query",
+         mask_heads="H", keep=0.4, mask_runs=128, bias="key", bias_dtype="q", bias_neg_inf=True, slack_k=3),
+    Spec("query_key_bias_window_sinks_d64", head_dim=64, heads=6, heads_k=3, seqlens_q=(260, 40),
+         seqlens_k=(600, 300), seqused_k=(555, 280), window=(150, -1), is_causal=True, sinks="q", mask="query",
+         keep=0.6, bias="key", bias_heads="Hk"),
 ]
 
 
@@ -398,9 +412,9 @@ QUERY_SPECS = [
 @pytest.mark.parametrize("spec", QUERY_SPECS, ids=lambda s: s.name)
 @pytest.mark.parametrize("path", ["auto", "persistent3", "per_unit", "sm80"])
 def test_cuda_query_side_masks_match_reference(spec, dtype, path, monkeypatch, capfd, cuda_device):
-    """A query-side mask without bias runs on the sm90a kernel (a CTA per unit, or persistent where the plan or
-    DMATTN_SM90A_CTAS says so) over its block map and bits, and on the sm80 kernels forced; each matches the float64
-    reference, and the plan names the path it took."""
+    """A query-side mask, without bias or with a key-side one, runs on the sm90a kernel (a CTA per unit, or
+    persistent where the plan or DMATTN_SM90A_CTAS says so) over its block map and bits, and on the sm80 kernels
+    forced; each matches the float64 reference, and the plan names the path it took."""
     for name, value in ARCHS[path].items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
@@ -428,3 +442,40 @@ def test_nonfinite_v_of_query_masked_keys(dtype, arch):
     assert torch.equal(out[:200], clean[:200])
     assert out[200:, 2:4, 7].isnan().all()  # KV head 1's query heads, where the mask shows the key
     assert torch.equal(out[200:, 0:2], clean[200:, 0:2])
+
+
+# A key-side bias without a mask on the sm90a kernel: its slots variant over slots that are the keys themselves (one
+# list of every key, K / V read in place, the biases as float32 per slot): bias heads 1 / Hk / H in float32 and q's
+# dtype (-inf entries too), causal with more keys or more queries, empty sequences and rows past the end, seqused_k,
+# sinks, windows, softcap, D 64 / 128.
+BIAS_SPECS = [
+    Spec("bias_in_place_causal_h", heads=8, heads_k=2, seqlens_q=(300, 129, 1), seqlens_k=(700, 128, 260),
+         is_causal=True, bias="key", bias_heads="H"),
+    Spec("bias_in_place_1_q_dtype_neg_inf", heads=4, heads_k=4, seqlens_q=(257, 90), seqlens_k=(513, 90), bias="key",
+         bias_dtype="q", bias_neg_inf=True),
+    Spec("bias_in_place_hk_more_queries", heads=4, heads_k=1, seqlens_q=(300, 17), seqlens_k=(130, 3),
+         is_causal=True, bias="key", bias_heads="Hk"),
+    Spec("bias_in_place_empty_and_past_the_end", heads=4, heads_k=2, seqlens_q=(0, 130, 5, 0), seqlens_k=(20, 0, 140, 0),
+         bias="key", bias_heads="Hk", extra_rows_q=9, extra_rows_k=5),
+    Spec("bias_in_place_seqused_sinks_d64", head_dim=64, heads=6, heads_k=3, seqlens_q=(250, 90),
+         seqlens_k=(400, 300), seqused_k=(333, 120), is_causal=True, bias="key", bias_heads="H", sinks="float32"),
+    Spec("bias_in_place_window_softcap", heads=4, heads_k=2, seqlens_q=(500, 64), seqlens_k=(900, 64),
+         window=(200, 50), softcap=30.0, bias="key", bias_heads="Hk", bias_dtype="q"),
+]
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("spec", BIAS_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("path", ["auto", "persistent3", "per_unit", "sm80"])
+def test_cuda_key_side_bias_alone_matches_reference(spec, dtype, path, monkeypatch, capfd, cuda_device):
+    """A key-side bias without a mask runs on the sm90a kernel's slots variant in place (every key a slot, K / V
+    where they are), and on the sm80 kernels forced; each matches the float64 reference, and the plan names the path."""
+    for name, value in ARCHS[path].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    capfd.readouterr()
+    _check(spec, dtype, label=path)
+    torch.cuda.synchronize()
+    plan = re.findall(r"kernel=prefill .*sm90a_slots=(\d) .*slots_in_place=(\d)", capfd.readouterr().err)
+    on = str(int(path != "sm80" and _sm90a_device()))
+    assert plan == [(on, on)]

@@ -92,6 +92,9 @@ struct FwdPlan {
   bool sm90a = false;           // prefill on the sm90a path (wgmma + TMA) where it is compiled; else the sm80 one
   bool sm90a_slots = false;     // sm90a with a key-side mask: its kept K / V rows gathered into dense slots first
                                 // (gather_kept_rows, passes.h KeptRows), which the kernel reads as whole tiles
+  bool slots_in_place = false;  // sm90a_slots for a key-side bias without a mask or beside a query-side mask: every
+                                // key a slot, K / V read in place (fill_slots_in_place, passes.h KeptRows), no
+                                // compaction and no copy
   bool sm90a_query = false;     // sm90a with a query-side mask: its block map and its bits (BlockMap::bits) first,
                                 // the kernel skipping dead tiles and reading the bits of the others
   int32_t sm90a_ctas = 0;       // sm90a: > 0, a persistent grid of that many CTAs walks the work units (query tile,
@@ -185,13 +188,25 @@ inline bool sm90a_slots_supports(const VarlenFwdParams& p) {
          kept_row_bytes(p) <= kMaxKeptRowBytes;
 }
 
+// Whether the sm90a kernel can run p's key-side bias without a mask over slots that are its keys (FwdPlan::
+// slots_in_place): a key-side bias of any heads, no mask, key pool or key ranges, D <= 128 (the slots' segments
+// assume 128-key tiles).
+inline bool sm90a_bias_supports(const VarlenFwdParams& p) {
+  return sm90a_tensors_fit(p) && p.head_dim <= 128 && p.kv_slots == nullptr && !p.mask.present() &&
+         p.bias.layout == OperandLayout::kKeySide && p.key_range == nullptr;
+}
+
 // Whether the sm90a kernel can run p with a query-side mask (FwdPlan::sm90a_query): its block map and bits within
-// their caps, no bias (a query-side bias takes the sm80 kernel's staged operands), no key pool, head dims 64 / 128, and
-// sequences of at most kSm90aQueryMaxTiles KV tiles. Any mask heads (Hm in {1, Hk, H}); windows, key ranges, causal,
-// softcap, sinks.
+// their caps, no key pool, head dims 64 / 128, and sequences of at most kSm90aQueryMaxTiles KV tiles. Any mask heads
+// (Hm in {1, Hk, H}); windows, key ranges, causal, softcap, sinks. No bias, or a key-side one of any heads (then with
+// slots in place for its per-key values, which know no key ranges); a query-side bias takes the sm80 kernel's staged
+// operands.
 inline bool sm90a_query_supports(const VarlenFwdParams& p) {
   if (!sm90a_tensors_fit(p) || p.head_dim > 128 || p.kv_slots != nullptr) return false;
-  if (p.mask.layout != OperandLayout::kQuerySide || p.bias.present() || p.mask.head_group <= 0 || p.num_heads % p.mask.head_group != 0) return false;
+  if (p.mask.layout != OperandLayout::kQuerySide || p.mask.head_group <= 0 || p.num_heads % p.mask.head_group != 0) {
+    return false;
+  }
+  if (p.bias.present() && (p.bias.layout != OperandLayout::kKeySide || p.key_range != nullptr)) return false;
   const int64_t heads = p.num_heads / p.mask.head_group;
   const int64_t tiles = (BlockMap::key_extent(p) + BlockMap::kBitTileKeys - 1) / BlockMap::kBitTileKeys;
   return tiles <= kSm90aQueryMaxTiles && BlockMap::key_extent(p) > 0 &&
@@ -242,11 +257,16 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
       // unit's start with the previous one's end (8.6% faster on the H200's masked prefill batch, run BQ).
       plan.sm90a = plan.sm90a_slots = true;
       persistent = true;
+    } else if (sm90a_device && sm90a_bias_supports(p)) {
+      // A key-side bias without a mask: the kSlots kernel over slots that are the keys themselves (each tile's
+      // biases bulk-copied as a mask's kept keys' are), persistent or not as the same call without the bias.
+      plan.sm90a = plan.sm90a_slots = plan.slots_in_place = true;
     } else if (sm90a_device && sm90a_query_supports(p)) {
       // A query-side mask: its bits and block map first (build_block_map, below), then the kernel reads the bits of
       // the tiles the map cannot decide and skips the dead ones; persistent, a unit's list of live tiles (read from
       // the map before its first tile can load) built while the CTA finishes the unit before.
       plan.sm90a = plan.sm90a_query = true;
+      plan.sm90a_slots = plan.slots_in_place = p.bias.present();  // a key-side bias: its values per slot in place
       persistent = true;
     }
     if (plan.sm90a && p.key_range == nullptr) {
@@ -331,7 +351,8 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
 // bytes, and for the sm90a kernel the mask's bits (Hm, total_q, 4 ceil(key extent / 128)) uint32; the query-side terms (decode with query-side operands): (list heads, max_seqlen_q, total_k + 64 (B + 1)), 2
 // or 4 bytes; the kept K / V rows (sm90a with a key-side mask): k and v's packed shape each, their positions (Hm,
 // extent) int32 and bias (bias heads, extent) float32 (extent = total_k + 32 (B + 1) + 128, rounded up to 32), and for a
-// causal or windowed call the slot limits (Hm, B, ceil(max_seqlen_q / 128), 4) int32.
+// causal or windowed call the slot limits (Hm, B, ceil(max_seqlen_q / 128), 4) int32; in place (a key-side bias
+// alone), the same with Hm = 1, no K / V rows, and each sequence's key count (B) int32.
 // 256-byte aligned pieces, so a new one can be appended without disturbing the alignment of the others.
 constexpr size_t kWorkspaceAlign = 256;
 
@@ -340,7 +361,7 @@ inline size_t align_up(size_t bytes) { return (bytes + kWorkspaceAlign - 1) / kW
 struct WorkspaceLayout {
   size_t key_index = 0, key_count = 0, split_max = 0, split_sum = 0, split_o = 0, unit_order = 0, block_map = 0;
   size_t query_terms = 0, key_parts = 0, v_nonfinite = 0, kept_k = 0, kept_v = 0, kept_pos = 0, kept_bias = 0, kept_limits = 0;
-  size_t mask_bits = 0;
+  size_t mask_bits = 0, slot_count = 0;
   size_t total = 0;                                                 // bytes
 };
 
@@ -383,20 +404,27 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
     w.total += align_up(static_cast<size_t>(BlockMap::v_bytes(p)));
   }
   if (plan.sm90a_slots) {
-    const size_t rows = static_cast<size_t>(kept_row_bytes(p) / 2);
-    w.kept_k = w.total;
-    w.total += align_up(rows);
-    w.kept_v = w.total;
-    w.total += align_up(rows);
+    // In place: one list (every key), its counts, no K / V copy.
+    const size_t lists = plan.slots_in_place ? 1 : static_cast<size_t>(plan.key_lists_heads);
+    if (plan.slots_in_place) {
+      w.slot_count = w.total;
+      w.total += align_up(sizeof(int32_t) * static_cast<size_t>(p.batch));
+    } else {
+      const size_t rows = static_cast<size_t>(kept_row_bytes(p) / 2);
+      w.kept_k = w.total;
+      w.total += align_up(rows);
+      w.kept_v = w.total;
+      w.total += align_up(rows);
+    }
     const size_t extent = static_cast<size_t>(KeptRows::extent_of(p));
     w.kept_pos = w.total;
-    w.total += align_up(sizeof(int32_t) * static_cast<size_t>(plan.key_lists_heads) * extent);
+    w.total += align_up(sizeof(int32_t) * lists * extent);
     w.kept_bias = w.total;
-    w.total += align_up(sizeof(float) * static_cast<size_t>(KeptRows::bias_heads_of(p, plan.key_lists_heads)) * extent);
+    w.total += align_up(sizeof(float) * static_cast<size_t>(KeptRows::bias_heads_of(p, lists)) * extent);
     if (KeptRows::has_limits(p)) {
       w.kept_limits = w.total;
-      w.total += align_up(KeptRows::kLimits * sizeof(int32_t) * static_cast<size_t>(plan.key_lists_heads) *
-                          static_cast<size_t>(p.batch) * static_cast<size_t>(KeptRows::tiles_of(p)));
+      w.total += align_up(KeptRows::kLimits * sizeof(int32_t) * lists * static_cast<size_t>(p.batch) *
+                          static_cast<size_t>(KeptRows::tiles_of(p)));
     }
   }
   if (plan.query_terms) {
@@ -449,11 +477,16 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
                  plan.block_map_heads};
   }
   if (plan.sm90a_slots) {
-    ws.kept.k = bytes + w.kept_k;
-    ws.kept.v = bytes + w.kept_v;
+    if (plan.slots_in_place) {
+      ws.kept.count = reinterpret_cast<int32_t*>(bytes + w.slot_count);
+    } else {
+      ws.kept.k = bytes + w.kept_k;
+      ws.kept.v = bytes + w.kept_v;
+    }
     ws.kept.pos = reinterpret_cast<int32_t*>(bytes + w.kept_pos);
     ws.kept.extent = KeptRows::extent_of(p);
-    ws.kept.bias_heads = static_cast<int32_t>(KeptRows::bias_heads_of(p, plan.key_lists_heads));
+    ws.kept.bias_heads =
+        static_cast<int32_t>(KeptRows::bias_heads_of(p, plan.slots_in_place ? 1 : plan.key_lists_heads));
     if (ws.kept.bias_heads > 0) ws.kept.bias = reinterpret_cast<float*>(bytes + w.kept_bias);
     if (KeptRows::has_limits(p)) ws.kept.limits = reinterpret_cast<int32_t*>(bytes + w.kept_limits);
     ws.kept.query_tiles = static_cast<int32_t>(KeptRows::tiles_of(p));

@@ -1,6 +1,7 @@
 // kept_rows.cu: a key-side mask's kept K / V rows gathered into dense slots (passes.h, KeptRows), after compact_keys
 // and before the sm90a kernel, whose TMA loads read whole tiles of consecutive rows and cannot gather. A mask that
-// keeps half the keys then costs the kernel about half its tiles; the copy reads and writes the kept rows once.
+// keeps half the keys then costs the kernel about half its tiles; the copy reads and writes the kept rows once. And
+// for a key-side bias without a mask, slots that are the keys themselves (fill_slots_in_place: no copy of K / V).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -92,6 +93,28 @@ __device__ __forceinline__ void copy_slots(const VarlenFwdParams& p, const KeptR
   }
 }
 
+// The slot limits of list l in sequence b (KeptRows::limits): query tile m's first and last rows' windows
+// (visible_keys: with window_right = 0 the causal limit), each edge as slots_of(edge), the slots below that position.
+// A thread per (tile, limit), the tiles spread over the CTAs x of a grid of `ctas` (kLimitTiles each): one thread
+// doing a tile's four binary searches in turn made ~48 dependent loads in a row, about as long as the whole copy, on
+// the pass's critical path.
+template <typename SlotsOf>
+__device__ __forceinline__ void write_limits(const VarlenFwdParams& p, const KeptRows& rows, int b, int l,
+                                             const SeqRange& sk, int x, int ctas, SlotsOf slots_of) {
+  const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
+  const int tiles = static_cast<int>((sq.len + KeptRows::kTileRows - 1) / KeptRows::kTileRows);
+  int32_t* out = rows.limits + (static_cast<int64_t>(l) * p.batch + b) * rows.query_tiles * KeptRows::kLimits;
+  const int j = threadIdx.x % KeptRows::kLimits;
+  for (int m = x * kLimitTiles + static_cast<int>(threadIdx.x) / KeptRows::kLimits; m < tiles;
+       m += ctas * kLimitTiles) {
+    const int64_t row = min(static_cast<int64_t>(m) * KeptRows::kTileRows + (j % 2) * (KeptRows::kTileRows - 1),
+                            sq.len - 1);  // j even: the tile's first row, odd: its last
+    const KeyRange range = visible_keys(row, sq.len, sk.len, p.window_left, p.window_right);
+    // out[4 m + j]: the slots below the first / last rows' window starts (j = 0, 1), then their ends (2, 3)
+    out[KeptRows::kLimits * m + j] = slots_of(j < 2 ? range.begin : range.end);
+  }
+}
+
 // Grid (a quarter of the longest list's chunks of kSlotsPerCta slots, KV heads, sequences): the CTA x of KV head hk
 // and sequence b copies the K and V rows of hk's list's chunks x, x + gridDim.x, ... (the slots below its count),
 // their bias for the bias heads of hk's query heads, and (the list's first KV head, causal or windowed calls) the
@@ -115,27 +138,49 @@ gather_kept_rows_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_
       copy_slots(p, rows, list, sk.start, k_len, b, hk, l, heads_per_list_k, c0, min(kSlotsPerCta, count - c0));
     }
     if (rows.limits != nullptr && hk % heads_per_list_k == 0) {
-      // Query tile m's first and last rows' windows (visible_keys: with window_right = 0 the causal limit), as slots:
-      // a thread per (tile, limit), each a binary search over the list, the tiles spread over the list's chunk CTAs
-      // (kLimitTiles each). One thread doing a tile's four searches in turn made ~48 dependent loads in a row: about
-      // as long as the whole copy, on the pass's critical path.
-      const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
-      const int tiles = static_cast<int>((sq.len + KeptRows::kTileRows - 1) / KeptRows::kTileRows);
-      int32_t* out = rows.limits + (static_cast<int64_t>(l) * p.batch + b) * rows.query_tiles * KeptRows::kLimits;
-      const int j = threadIdx.x % KeptRows::kLimits;
-      for (int m = x * kLimitTiles + static_cast<int>(threadIdx.x) / KeptRows::kLimits; m < tiles;
-           m += ctas * kLimitTiles) {
-        const int64_t row = min(static_cast<int64_t>(m) * KeptRows::kTileRows + (j % 2) * (KeptRows::kTileRows - 1),
-                                sq.len - 1);  // j even: the tile's first row, odd: its last
-        const KeyRange range = visible_keys(row, sq.len, sk.len, p.window_left, p.window_right);
-        // out[4 m + j]: the slots below the first / last rows' window starts (j = 0, 1), then their ends (2, 3)
-        out[KeptRows::kLimits * m + j] = slots_below(list, count, j < 2 ? range.begin : range.end);
+      write_limits(p, rows, b, l, sk, x, ctas, [&](int64_t edge) { return slots_below(list, count, edge); });
+    }
+  }
+}
+
+// Slots in place (KeptRows::count set): grid (chunks of kGatherThreads keys, 1, sequences): sequence b's keys c of
+// chunks x, x + gridDim.x, ... get position c and, per bias head g, their float32 bias; the CTA x = 0 writes the
+// count; the limits of query tile m's first and last rows are their windows' edges clamped to the keys (the slots
+// below a position, in a list of every position). Sequences past gridDim.z are taken in further rounds.
+__global__ void __launch_bounds__(kGatherThreads)
+fill_slots_in_place_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeptRows rows) {
+  const int x = static_cast<int>(blockIdx.x), ctas = static_cast<int>(gridDim.x);
+  const int query_heads_per_g = rows.bias_heads > 0 ? p.num_heads / rows.bias_heads : 1;
+  for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
+    const SeqRange sk = key_seq(p, b);
+    const int k_len = static_cast<int>(sk.len);
+    const int64_t seg = KeptRows::segment(sk.start, b);
+    if (x == 0 && threadIdx.x == 0) rows.count[b] = k_len;
+    for (int c = x * kGatherThreads + static_cast<int>(threadIdx.x); c < k_len; c += ctas * kGatherThreads) {
+      rows.pos[seg + c] = c;
+      for (int g = 0; g < rows.bias_heads; ++g) {
+        rows.bias[g * rows.extent + seg + c] = bias_value(p.bias, p.bias.offset(sk.start + c, g * query_heads_per_g, 0));
       }
+    }
+    if (rows.limits != nullptr) {  // in a list of every position, the slots below a position are the position
+      write_limits(p, rows, b, 0, sk, x, ctas, [&](int64_t edge) {
+        return static_cast<int32_t>(edge < 0 ? 0 : edge < k_len ? edge : k_len);
+      });
     }
   }
 }
 
 }  // namespace
+
+cudaError_t fill_slots_in_place(const VarlenFwdParams& p, const KeptRows& rows, cudaStream_t stream) {
+  if (rows.count == nullptr || p.batch == 0) return cudaSuccess;
+  const int64_t most_keys = std::max<int64_t>(std::min(p.max_seqlen_k, p.total_k), 1);
+  const int64_t chunks = (most_keys + kGatherThreads - 1) / kGatherThreads;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(chunks, 65535)), 1u,
+                  static_cast<unsigned>(std::min<int32_t>(p.batch, kMaxGridZ)));
+  fill_slots_in_place_kernel<<<grid, kGatherThreads, 0, stream>>>(p, rows);
+  return cudaGetLastError();
+}
 
 cudaError_t gather_kept_rows(const VarlenFwdParams& p, const KeyLists& keys, const KeptRows& rows,
                              cudaStream_t stream) {

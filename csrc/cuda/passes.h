@@ -9,6 +9,8 @@
 //                            the mask as bits (block_map.cu)
 //           gather_kept_rows  after compact_keys, for the sm90a kernel: the kept keys' K / V rows (and key-side bias)
 //                            copied into dense slots, so TMA reads them as whole tiles (kept_rows.cu)
+//           fill_slots_in_place  a key-side bias without a mask, for the sm90a kernel: every key a slot, read in
+//                            place; the slots' positions, counts, limits and float32 biases (kept_rows.cu)
 //           order_decode_units  the decode kernel's (sequence, KV head) units sorted longest first (decode_order.cu)
 //   after:  combine_splits   the decode kernel's per-split partial results -> out and lse (split_combine.cu); where
 //                            the plan says so (FwdPlan::combine_finishes), finish_rows' work too, in its stead
@@ -226,6 +228,9 @@ struct BlockMap {
 //                                                 3: last row's limit}]
 // Slots past a list's count are not written: the kernel hides them, and scans their V rows as it scans any hidden
 // key's. Null k when the plan gathers nothing (FwdPlan::sm90a_slots).
+// In place (FwdPlan::slots_in_place: a key-side bias and no mask), every key is a slot and K / V are read where they
+// are: fill_slots_in_place writes one list (l = 0) of positions c -> c, its counts (count[b] = the sequence's keys),
+// its limits and the float32 biases, and k and v stay null.
 struct KeptRows {
   static constexpr int kTileRows = 128;  // the sm90a kernel's query tile (tile_shape_sm90a)
   static constexpr int kTileKeys = 128;  // and its KV tile
@@ -239,6 +244,7 @@ struct KeptRows {
   int64_t extent = 0;         // slots per list head / bias head in pos and bias
   int32_t* limits = nullptr;  // null: neither causal nor windowed
   int32_t query_tiles = 0;    // ceil(max_seqlen_q / kTileRows)
+  int32_t* count = nullptr;   // in place: (B) the keys of each sequence (the list's count); null otherwise
 
   static int64_t bias_heads_of(const VarlenFwdParams& p, int64_t list_heads) {
     if (!p.bias.present()) return 0;
@@ -270,6 +276,8 @@ cudaError_t compact_keys(const VarlenFwdParams& p, const KeyLists& keys, cudaStr
 // Fills rows from the lists of compact_keys (nothing when rows.k is null).
 cudaError_t gather_kept_rows(const VarlenFwdParams& p, const KeyLists& keys, const KeptRows& rows,
                              cudaStream_t stream);
+// Fills the slots of a call whose slots are its keys (rows.count set: KeptRows in place; nothing otherwise).
+cudaError_t fill_slots_in_place(const VarlenFwdParams& p, const KeptRows& rows, cudaStream_t stream);
 // Fills splits.unit_order, longest unit first, from the kept-key counts of compact_keys (nothing when either is
 // null).
 cudaError_t order_decode_units(const VarlenFwdParams& p, const KeyLists& keys, const SplitPartials& splits,

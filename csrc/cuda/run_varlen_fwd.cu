@@ -1,5 +1,6 @@
 // run_varlen_fwd.cu: one call, end to end, on one stream (api.h): carve the workspace, then
-//   compact_keys (key-side mask) -> gather_kept_rows (its kept rows, for the sm90a kernel)
+//   compact_keys (key-side mask) -> gather_kept_rows (its kept rows, for the sm90a kernel) / fill_slots_in_place (a
+//   key-side bias alone, for the sm90a kernel)
 //   / build_block_map (query-side mask) -> order_decode_units (split decode)
 //   -> the attention kernel (dispatch.h)
 //   -> combine_splits (decode with splits)
@@ -20,6 +21,7 @@ cudaError_t run_varlen_fwd(const VarlenFwdParams& p, const FwdPlan& plan, Comput
   cudaError_t err;
   if ((err = compact_keys(p, ws.keys, stream)) != cudaSuccess) return err;
   if ((err = gather_kept_rows(p, ws.keys, ws.kept, stream)) != cudaSuccess) return err;
+  if ((err = fill_slots_in_place(p, ws.kept, stream)) != cudaSuccess) return err;
   if ((err = order_decode_units(p, ws.keys, ws.splits, stream)) != cudaSuccess) return err;
   if ((err = build_block_map(p, ws.blocks, stream)) != cudaSuccess) return err;
   if ((err = dispatch_attention(cc, p, plan, ws, stream)) != cudaSuccess) return err;

@@ -105,10 +105,10 @@ void log_plan(const cuda::FwdPlan& plan, const VarlenFwdParams& p) {
                  static_cast<long long>(p.max_seqlen_k));
   } else {
     static const char* const kVariants[] = {"plain", "windowed", "query_operands"};  // cuda::PrefillVariant
-    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=prefill variant=%s key_lists_heads=%d block_map_heads=%d sm90a=%d sm90a_slots=%d sm90a_query=%d sm90a_ctas=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
+    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=prefill variant=%s key_lists_heads=%d block_map_heads=%d sm90a=%d sm90a_slots=%d sm90a_query=%d sm90a_ctas=%d slots_in_place=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
                  kVariants[static_cast<int>(plan.prefill)], plan.key_lists_heads, plan.block_map_heads,
                  static_cast<int>(plan.sm90a), static_cast<int>(plan.sm90a_slots),
-                 static_cast<int>(plan.sm90a_query), plan.sm90a_ctas, p.batch,
+                 static_cast<int>(plan.sm90a_query), plan.sm90a_ctas, static_cast<int>(plan.slots_in_place), p.batch,
                  p.num_heads, p.num_heads_k, p.head_dim, static_cast<long long>(p.max_seqlen_q),
                  static_cast<long long>(p.max_seqlen_k));
   }

@@ -687,17 +687,20 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       limit = kRanged ? row_limit[half] : causal ? min(w.k_len, row0 + 8 * half + shift + 1) : w.k_len;
     };
     auto scores = [&](int n, int stage, uint16_t entry, const uint4 (&bits)[2]) {
-      if constexpr (kQuery) {  // position limits and mask bits where the entry says so
+      if constexpr (kQuery) {  // position limits and mask bits where the entry says so; a key-side bias per key
         const bool limits = (entry & TileEntry::kLimits) != 0, masked = (entry & TileEntry::kMasked) != 0;
+        // kSlots beside kQuery: slots in place (slot c is key c), whose per-slot biases are the key-side bias's
+        const bool biased = kSlots && slots.bias != nullptr;
+        const float* slot_bias = smem.slot_bias[stage];
         const bool capped = kRanged && p.softcap > 0.f;
-        if (!limits && !masked && !capped && scale > 0.f) return scale;  // folded into the exponent
+        if (!limits && !masked && !biased && !capped && scale > 0.f) return scale;  // folded into the exponent
         float mul = scale;
         if (capped) {  // its own pass, so the limits below stay one select per element
 #pragma unroll
           for (int i = 0; i < size(tSrS); ++i) tSrS(i) = capped_score(p, tSrS(i) * scale);
           mul = 1.f;
         }
-        if (!limits && !masked) {
+        if (!limits && !masked && !biased) {
 #pragma unroll
           for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= mul;
           return 1.f;
@@ -708,15 +711,20 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
           row_bounds(half, low, limit);
           const uint32_t words[4] = {bits[half].x, bits[half].y, bits[half].z, bits[half].w};
 #pragma unroll
-          for (int nt = 0; nt < kN8; ++nt)
+          for (int nt = 0; nt < kN8; ++nt) {
+            if (biased && nt % 4 == 0) asm volatile("" ::: "memory");  // four column pairs' bias reads at a time
+            const float2 b2 =
+                biased ? *reinterpret_cast<const float2*>(slot_bias + nt * 8 + 2 * t) : make_float2(0.f, 0.f);
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               float& x = s[0][nt][2 * half + e];
               const int col = nt * 8 + 2 * t + e;  // the word of 32 keys holding it, and its bit
               const int pos = n * kBlockN + col;
               const bool shown = !masked || ((words[col / 32] >> (col % 32)) & 1u) != 0;
-              x = shown && pos >= low && pos < limit ? x * mul : -INFINITY;
+              const float scored = biased ? x * mul + (e ? b2.y : b2.x) : x * mul;
+              x = shown && pos >= low && pos < limit ? scored : -INFINITY;
             }
+          }
         }
         return 1.f;
       }

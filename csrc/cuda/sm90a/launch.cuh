@@ -101,29 +101,33 @@ cudaError_t launch_units(const VarlenFwdParams& p, const FwdPlan& plan, const Tm
 template <typename Traits, bool kRanged>
 cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws, cudaStream_t stream) {
   if constexpr (Traits::kHeadDim <= 128) {  // sm90a_slots_supports and sm90a_query_supports: D <= 128
-    if (plan.sm90a_slots) {  // K / V from the gathered slots: k and v's packed shape, dense
+    if (plan.sm90a_query && !plan.sm90a_slots) {  // the mask's bits and block map (build_block_map), K / V in place
+      return launch_units<Traits, kRanged, false, true>(
+          p, plan, make_tma<Traits>(p), {}, stream, ws.blocks);
+    }
+    if (plan.sm90a_slots) {
+      // K / V from the gathered slots (k and v's packed shape, dense), or in place: every key a slot of one list.
+      const bool in_place = plan.slots_in_place;
       const int64_t row = static_cast<int64_t>(p.num_heads_k) * Traits::kHeadDim;
       SlotLists slots;
-      slots.count = ws.keys.count;
+      slots.count = in_place ? ws.kept.count : ws.keys.count;
       slots.pos = ws.kept.pos;
       slots.bias = ws.kept.bias;
       slots.limits = ws.kept.limits;
       slots.extent = ws.kept.extent;
-      slots.mask_heads = ws.keys.mask_heads;
-      slots.heads_per_list = ws.keys.heads_per_list;
+      slots.mask_heads = in_place ? 1 : ws.keys.mask_heads;
+      slots.heads_per_list = in_place ? p.num_heads : ws.keys.heads_per_list;
       slots.bias_group = ws.kept.bias_heads > 0 ? p.num_heads / ws.kept.bias_heads : 1;
       slots.query_tiles = ws.kept.query_tiles;
-      return launch_units<Traits, kRanged, true>(
-          p, plan, make_tma<Traits>(p, ws.kept.k, row, Traits::kHeadDim, ws.kept.v, row, Traits::kHeadDim), slots,
-          stream);
-    }
-    if (plan.sm90a_query) {  // the mask's bits and block map (build_block_map), K / V where they are
-      return launch_units<Traits, kRanged, false, true>(
-          p, plan, make_tma<Traits>(p), {}, stream, ws.blocks);
+      const TmaParams<Traits> tma =
+          in_place ? make_tma<Traits>(p)
+                   : make_tma<Traits>(p, ws.kept.k, row, Traits::kHeadDim, ws.kept.v, row, Traits::kHeadDim);
+      // A query-side mask beside a key-side bias: both variants, the bias over slots in place.
+      if (plan.sm90a_query) return launch_units<Traits, kRanged, true, true>(p, plan, tma, slots, stream, ws.blocks);
+      return launch_units<Traits, kRanged, true>(p, plan, tma, slots, stream);
     }
   }
-  return launch_units<Traits, kRanged, false>(
-      p, plan, make_tma<Traits>(p), {}, stream);
+  return launch_units<Traits, kRanged, false>(p, plan, make_tma<Traits>(p), {}, stream);
 }
 
 template <typename Elem, int kHeadDim>
