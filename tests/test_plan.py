@@ -380,7 +380,7 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(mask=KEY, Hm=1, bias=KEY, Hb=32), True, 132),
         (dict(mask=KEY, Hm=8, sm90a_ctas=-1), True, 0),  # DMATTN_SM90A_CTAS=0: a CTA per unit
         (dict(mask=KEY, Hm=8, sm90a_ctas=7), True, 7),
-        (dict(mask=KEY, Hm=32), False, 0),  # a list per query head: the sm80 kernels
+        (dict(mask=KEY, Hm=32), True, 132),  # a list per query head: a kept copy per list
         (dict(mask=KEY, Hm=8, window=(255, 0)), True, 132),  # masks with windows: slots too
         (dict(mask=KEY, Hm=8, window=(127, 0)), False, 0),  # not a window of 128 keys or fewer (kSm90aMinWindow)
         (dict(mask=KEY, Hm=8, key_range=True), False, 0),  # masks with key ranges: sm80
@@ -411,13 +411,14 @@ def test_sm90a_choice(planner, change, sm90a, ctas):
     assert (plan["sm90a"], plan["sm90a_ctas"]) == (sm90a, ctas)
 
 
-@pytest.mark.parametrize("Hm, Hb, causal", [(8, 8, True), (1, 32, True), (8, 0, False), (1, 1, True)])
+@pytest.mark.parametrize("Hm, Hb, causal", [(8, 8, True), (1, 32, True), (8, 0, False), (1, 1, True), (32, 8, True),
+                                            (16, 0, False)])
 def test_key_side_masks_gather_their_kept_rows_for_the_sm90a_kernel(planner, Hm, Hb, causal):
     """A key-side mask on cc 9.0: compact_keys' lists, then its kept K / V rows gathered into dense slots that the
     sm90a kernel reads with TMA (passes.h KeptRows). The workspace holds the lists, the K / V slots (k and v's packed
-    shape), the slots' positions per list head and biases per bias head (the finer of the bias's and the lists'),
-    each over total_k + 32 (B + 1) + 128 slots rounded up to 32, and for causal calls four slot limits per (list head,
-    sequence, 128-row query tile)."""
+    shape with Hk heads, or a copy per list where lists are finer than KV heads: Hm > Hk), the slots' positions per
+    list head and biases per bias head (the finer of the bias's and the lists'), each over total_k + 32 (B + 1) + 128
+    slots rounded up to 32, and for causal calls four slot limits per (list head, sequence, 128-row query tile)."""
     bias = dict(bias=KEY, Hb=Hb) if Hb else {}
     plan = planner(**PREFILL, mask=KEY, Hm=Hm, window=(-1, 0) if causal else (-1, -1), **bias)
     assert plan["sm90a"] and plan["sm90a_slots"] and plan["key_lists_heads"] == Hm
@@ -425,7 +426,7 @@ def test_key_side_masks_gather_their_kept_rows_for_the_sm90a_kernel(planner, Hm,
     extent = -(-(total_k + 32 * (B + 1) + 128) // 32) * 32
     parts = 8 * B * Hm * 2 + 4  # 3865 keys: two compaction parts per list, and the ticket
     expected = (4 * Hm * total_k + 4 * Hm * B + parts  # the lists
-                + 2 * total_k * Hk * D * 2  # K and V slots, bf16
+                + 2 * total_k * max(Hk, Hm) * D * 2  # K and V slots, bf16
                 + 4 * Hm * extent + (4 * max(Hb, Hm) * extent if Hb else 0)
                 + (16 * Hm * B * -(-3865 // 128) if causal else 0))
     assert 0 <= plan["workspace"] - expected < 7 * 256  # each piece 256-byte aligned
@@ -454,3 +455,27 @@ def test_key_side_bias_alone_runs_over_slots_in_place(planner, Hb, causal):
     # D = 256 or a query-side bias: the sm80 kernels, no slots
     assert not planner(**dict(PREFILL, D=256), bias=KEY, Hb=Hb)["sm90a_slots"]
     assert not planner(**PREFILL, bias=QUERY, Hb=Hb)["sm90a"]
+
+
+def test_per_head_key_side_masks_keep_their_copies_within_the_cap(planner):
+    """Lists finer than KV heads (Hm = H) each get a kept copy of their rows: H / Hk times a shared list's bytes. Past
+    kMaxKeptRowBytes (4 GB) the call takes the sm80 kernels, which gather the kept rows where they are."""
+    fits = dict(B=8, H=32, Hk=8, D=128, total_q=16_000, total_k=100_000, max_q=4096, max_k=20_000)
+    assert 2 * 100_000 * 32 * 128 * 2 < 4 << 30
+    assert planner(**fits, mask=KEY, Hm=32)["sm90a_slots"]
+    big = dict(fits, total_k=300_000, max_k=60_000)
+    assert 2 * 300_000 * 32 * 128 * 2 > 4 << 30 > 2 * 300_000 * 8 * 128 * 2
+    assert not planner(**big, mask=KEY, Hm=32)["sm90a"]
+    assert planner(**big, mask=KEY, Hm=8)["sm90a_slots"]  # a shared list's copy still fits
+
+
+@pytest.mark.parametrize("max_q", [1, 8, 128, 129])
+def test_per_head_copies_only_for_sequences_of_several_query_tiles(planner, max_q):
+    """A list's copy is read by its one head's query tiles: with a single 128-row tile per sequence the copy costs
+    more than it saves (and would allocate O(total_k x Hm x D) for a decode-shaped batch), so such calls read the kept
+    rows in place on the sm80 kernels. Shared lists (Hm <= Hk) keep their one copy per KV head whatever the rows."""
+    shape = dict(B=1, H=8, Hk=2, D=64, total_q=max_q, total_k=50_000, max_q=max_q, max_k=50_000, force=FORCE_PREFILL)
+    per_head = planner(**shape, mask=KEY, Hm=8)
+    assert per_head["sm90a_slots"] == (max_q > 128)
+    assert per_head["sm90a"] == (max_q > 128)
+    assert planner(**shape, mask=KEY, Hm=2)["sm90a_slots"]

@@ -1,6 +1,7 @@
 """The sm90a prefill kernel (wgmma + TMA; csrc/cuda/sm90a/) beside the sm80 one: calls without mask, bias or key pool
 (causal or not, windows, key ranges, softcap, sinks, seqused_k) run on it on a cc 9.0 device, and so do key-side masks
-(with or without a key-side bias) whose heads each KV group shares, over their kept rows gathered into dense slots,
+of any heads (with or without a key-side bias), over their kept rows gathered into dense slots (a copy per list where
+lists are finer than KV heads),
 query-side masks without a bias or with a key-side one (their block map and bits, D <= 128), and a key-side bias alone
 (over slots in place); every other call runs on the sm80 kernels.
 Every shape runs both ways, the sm80 path forced through the documented debug variable DMATTN_ARCH=sm80, each judged
@@ -153,7 +154,7 @@ def _plan_sm90a(capfd):
         (Spec("softcap", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), softcap=30.0), True),
         (Spec("key_mask", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="key"), True),
         (Spec("key_mask_per_head", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="key",
-              mask_heads="H"), False),
+              mask_heads="H"), True),
         (Spec("key_bias", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), bias="key"), True),
         (Spec("query_bias", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), bias="query"), False),
         (Spec("d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), is_causal=True), True),
@@ -171,10 +172,10 @@ def _plan_sm90a(capfd):
     ids=lambda x: x.name if isinstance(x, Spec) else str(x),
 )
 def test_choice(spec, sm90a, monkeypatch, capfd, cuda_device):
-    """Prefill without mask, bias or key pool (D 64 / 128 / 256), or with a key-side mask of 1 or Hk heads or a
-    query-side mask without bias, or a key-side bias alone (D <= 128), takes the sm90a kernel on a cc 9.0 device with
-    the sm90a path built, and never elsewhere; other masks and biases, and windows of at most 128 keys take the sm80
-    kernels; DMATTN_ARCH=sm80 forces them."""
+    """Prefill without mask, bias or key pool (D 64 / 128 / 256), or with a key-side mask, a query-side mask
+    without bias or with a key-side one, or a key-side bias alone (D <= 128), takes the sm90a kernel on a cc 9.0
+    device with the sm90a path built, and never elsewhere; query-side biases, D = 256 with a mask or bias, and windows
+    of at most 128 keys take the sm80 kernels; DMATTN_ARCH=sm80 forces them."""
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
     capfd.readouterr()
     _check(spec, torch.bfloat16)
@@ -290,7 +291,7 @@ def test_cuda_lying_cu_seqlens_stay_in_bounds_on_each_path(spec, case, arch):
     assert out.isnan().all() and lse.isnan().all(), f"{arch}: a broken contract must give NaN everywhere"
 
 
-# Key-side masks on the sm90a kernel (kept rows gathered into dense slots, passes.h KeptRows): list heads 1 / Hk, biases
+# Key-side masks on the sm90a kernel (kept rows gathered into dense slots, passes.h KeptRows): list heads 1 / Hk / H, biases
 # of every head broadcast in float32 and q's dtype (-inf entries too), causal with more keys or more queries than the
 # other, tiles of kept slots cut everywhere, block-sparse runs, fully masked rows and sequences, empty sequences, rows
 # past the last sequence, seqused_k, sinks, windows, softcap, D 64 / 128, MQA and MHA.
@@ -319,6 +320,14 @@ SLOT_SPECS = [
          softcap=30.0, mask="key", keep=0.6, bias="key", bias_heads="Hk", bias_dtype="q"),
     Spec("slots_window_sinks_d64", head_dim=64, heads=6, heads_k=3, seqlens_q=(260, 40), seqlens_k=(600, 300),
          seqused_k=(555, 280), window=(150, -1), is_causal=True, sinks="q", mask="key", mask_heads="Hk", keep=0.4),
+    # Lists per query head (Hm = H > Hk): a kept copy of K / V per list.
+    Spec("slots_per_head_causal_bias_hk", heads=8, heads_k=2, seqlens_q=(300, 129, 1), seqlens_k=(700, 128, 260),
+         is_causal=True, mask="key", mask_heads="H", keep=0.5, bias="key", bias_heads="Hk"),
+    Spec("slots_per_head_window_bias_h_q_dtype", heads=4, heads_k=1, seqlens_q=(500, 64), seqlens_k=(900, 64),
+         window=(200, 50), mask="key", mask_heads="H", keep=0.4, mask_runs=64, bias="key", bias_heads="H",
+         bias_dtype="q"),
+    Spec("slots_per_head_masked_rows_d64", head_dim=64, heads=6, heads_k=3, seqlens_q=(130, 40, 70),
+         seqlens_k=(300, 40, 90), is_causal=True, mask="key", mask_heads="H", keep=0.5, masked_rows=True),
     # More query tiles (67) than one gather CTA finds limits for (64) while the keys give the pass a single CTA.
     Spec("slots_query_tiles_past_a_gather_cta", heads=4, heads_k=2, seqlens_q=(8500, 40), seqlens_k=(100, 60),
          is_causal=True, mask="key", mask_heads="Hk", keep=0.7, bias="key", bias_heads="Hk"),

@@ -170,22 +170,29 @@ inline bool sm90a_supports(const VarlenFwdParams& p) {
 // The kept K / V rows a call may gather for the sm90a kernel, at most (KeptRows: a copy as large as k and v).
 constexpr int64_t kMaxKeptRowBytes = int64_t{4} << 30;
 
-// Bytes of the kept K / V rows (KeptRows::k and v together): k's and v's packed shape, dense.
-inline int64_t kept_row_bytes(const VarlenFwdParams& p) {
-  return 2 * p.total_k * p.num_heads_k * p.head_dim * 2;
+// Bytes of the kept K / V rows (KeptRows::k and v together) of lists of that many heads: k's and v's packed shape,
+// dense, with KeptRows::heads_of heads.
+inline int64_t kept_row_bytes(const VarlenFwdParams& p, int64_t list_heads) {
+  return 2 * p.total_k * KeptRows::heads_of(p, list_heads) * p.head_dim * 2;
 }
 
 // Whether the sm90a kernel can run p over gathered kept-key slots (FwdPlan::sm90a_slots, passes.h KeptRows): a
-// key-side mask whose heads every query head of a KV group shares (Hm in {1, Hk}: one list per KV head), no bias or a
-// key-side one (any heads), no key pool or key ranges (windows, causal and softcap are the kernel's), and kept rows
-// within kMaxKeptRowBytes.
+// key-side mask of any heads (Hm in {1, Hk, H}: a list per mask head; where lists are finer than KV heads, each gets
+// its own copy of its kept rows), no bias or a key-side one (any heads), no key pool or key ranges (windows, causal and
+// softcap are the kernel's), and kept rows within kMaxKeptRowBytes. A copy per list (Hm > Hk) is made only for
+// sequences of more than one query tile: a list's copied row is read by its one head's query tiles, so with one tile
+// the copy would write and read each kept row to save one read; the sm80 kernels then read the rows where they are,
+// and the call allocates no O(total_k x Hm x D) copy for a decode-shaped batch.
 inline bool sm90a_slots_supports(const VarlenFwdParams& p) {
   if (!sm90a_tensors_fit(p) || p.kv_slots != nullptr || p.mask.layout != OperandLayout::kKeySide) return false;
   if (p.bias.present() && p.bias.layout != OperandLayout::kKeySide) return false;
   const int32_t group = p.num_heads / p.num_heads_k;
+  const int32_t hg = p.mask.head_group;  // H / Hm
+  // A list serves whole KV groups (hg a multiple of the group) or lies inside one (hg divides it).
+  if (hg <= 0 || p.num_heads % hg != 0 || (hg % group != 0 && group % hg != 0)) return false;
+  if (hg < group && p.max_seqlen_q <= KeptRows::kTileRows) return false;
   // D <= 128: the gather copies a row in at most 16 vectors, and the slots' segments assume 128-key tiles
-  return p.head_dim <= 128 && p.mask.head_group % group == 0 && p.key_range == nullptr &&
-         kept_row_bytes(p) <= kMaxKeptRowBytes;
+  return p.head_dim <= 128 && p.key_range == nullptr && kept_row_bytes(p, p.num_heads / hg) <= kMaxKeptRowBytes;
 }
 
 // Whether the sm90a kernel can run p's key-side bias without a mask over slots that are its keys (FwdPlan::
@@ -410,7 +417,7 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
       w.slot_count = w.total;
       w.total += align_up(sizeof(int32_t) * static_cast<size_t>(p.batch));
     } else {
-      const size_t rows = static_cast<size_t>(kept_row_bytes(p) / 2);
+      const size_t rows = static_cast<size_t>(kept_row_bytes(p, plan.key_lists_heads) / 2);
       w.kept_k = w.total;
       w.total += align_up(rows);
       w.kept_v = w.total;
@@ -487,6 +494,8 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
     ws.kept.extent = KeptRows::extent_of(p);
     ws.kept.bias_heads =
         static_cast<int32_t>(KeptRows::bias_heads_of(p, plan.slots_in_place ? 1 : plan.key_lists_heads));
+    ws.kept.heads =
+        static_cast<int32_t>(plan.slots_in_place ? p.num_heads_k : KeptRows::heads_of(p, plan.key_lists_heads));
     if (ws.kept.bias_heads > 0) ws.kept.bias = reinterpret_cast<float*>(bytes + w.kept_bias);
     if (KeptRows::has_limits(p)) ws.kept.limits = reinterpret_cast<int32_t*>(bytes + w.kept_limits);
     ws.kept.query_tiles = static_cast<int32_t>(KeptRows::tiles_of(p));

@@ -41,11 +41,12 @@ __device__ __forceinline__ int slot_key(const int32_t* list, int c, int k_len) {
   return min(max(list[c], 0), k_len - 1);
 }
 
-// The K / V rows, positions and biases of slots [c0, c0 + slots) of list l (sequence b, KV head hk; the sequence's
-// k_len keys start at k_start).
+// The K / V rows, positions and biases of slots [c0, c0 + slots) of list l into kept head kh (sequence b, its rows
+// from KV head hk; the sequence's k_len keys start at k_start); `first_of_list`: kh is the list's first kept head,
+// which writes its positions.
 __device__ __forceinline__ void copy_slots(const VarlenFwdParams& p, const KeptRows& rows, const int32_t* list,
-                                           int64_t k_start, int k_len, int b, int hk, int l, int heads_per_list_k,
-                                           int c0, int slots) {
+                                           int64_t k_start, int k_len, int b, int hk, int kh, int l,
+                                           bool first_of_list, int c0, int slots) {
   const int vecs = p.head_dim / 8;  // 16-byte vectors per row
   // K and V: slot c's row is the packed key row k_start + list[c]; every load issued before the stores.
   constexpr int kMaxVecs = kSlotsPerCta * 16 / kGatherThreads;  // D <= 128: at most 16 vectors per row
@@ -62,7 +63,7 @@ __device__ __forceinline__ void copy_slots(const VarlenFwdParams& p, const KeptR
       const char* v = static_cast<const char*>(p.v) + 2 * (key * p.v_row_stride + hk * p.v_head_stride) + 16 * c;
       kv[0][i] = *reinterpret_cast<const uint4*>(k);
       kv[1][i] = *reinterpret_cast<const uint4*>(v);
-      dst[i] = 2 * (((k_start + c0 + r) * p.num_heads_k + hk) * p.head_dim) + 16 * c;
+      dst[i] = 2 * (((k_start + c0 + r) * rows.heads + kh) * p.head_dim) + 16 * c;
     }
   }
 #pragma unroll
@@ -73,15 +74,16 @@ __device__ __forceinline__ void copy_slots(const VarlenFwdParams& p, const KeptR
   }
 
   const int64_t seg = KeptRows::segment(k_start, b);
-  // The positions, once per list (its first KV head).
-  if (hk % heads_per_list_k == 0) {
+  // The positions, once per list (its first kept head).
+  if (first_of_list) {
     for (int r = threadIdx.x; r < slots; r += kGatherThreads) rows.pos[l * rows.extent + seg + c0 + r] = list[c0 + r];
   }
-  // The bias of the bias heads g whose query heads are hk's: [hk G / Hk, (hk + 1) G / Hk) where G >= Hk, else
-  // (G = 1) head 0 from KV head 0. Query head g (H / G) stands for g's heads in the operand's head rule.
+  // The bias of the bias heads g whose query heads are kept head kh's: [kh G / KH, (kh + 1) G / KH) for KH =
+  // rows.heads kept heads where G >= KH, else (G = 1) head 0 from kept head 0. Query head g (H / G) stands for g's
+  // heads in the operand's head rule.
   if (rows.bias != nullptr) {
-    const int g_per_k = rows.bias_heads >= p.num_heads_k ? rows.bias_heads / p.num_heads_k : (hk == 0 ? 1 : 0);
-    const int g0 = rows.bias_heads >= p.num_heads_k ? hk * g_per_k : 0;
+    const int g_per_k = rows.bias_heads >= rows.heads ? rows.bias_heads / rows.heads : (kh == 0 ? 1 : 0);
+    const int g0 = rows.bias_heads >= rows.heads ? kh * g_per_k : 0;
     const int query_heads_per_g = p.num_heads / rows.bias_heads;
     for (int e = threadIdx.x; e < slots * g_per_k; e += kGatherThreads) {
       const int gi = e / slots, r = e - gi * slots;
@@ -115,16 +117,21 @@ __device__ __forceinline__ void write_limits(const VarlenFwdParams& p, const Kep
   }
 }
 
-// Grid (a quarter of the longest list's chunks of kSlotsPerCta slots, KV heads, sequences): the CTA x of KV head hk
-// and sequence b copies the K and V rows of hk's list's chunks x, x + gridDim.x, ... (the slots below its count),
-// their bias for the bias heads of hk's query heads, and (the list's first KV head, causal or windowed calls) the
+// Grid (a quarter of the longest list's chunks of kSlotsPerCta slots, kept heads, sequences): the CTA x of kept head
+// kh and sequence b copies the K and V rows of kh's list's chunks x, x + gridDim.x, ... (the slots below its count),
+// their bias for the bias heads of kh's query heads, and (the list's first kept head, causal or windowed calls) the
 // list's slot limits of query tiles [64 x, 64 x + 64), ... Sequences past gridDim.z are taken in further rounds.
+// Kept heads (KeptRows::heads_of): the KV heads, each list serving whole KV groups (Hm in {1, Hk}: kh = hk, its list
+// hk / (Hk / Hm)), or the lists themselves where finer (Hm > Hk: list l = kh, its rows from KV head kh Hk / Hm).
 __global__ void __launch_bounds__(kGatherThreads, kGatherCtasPerSm)
 gather_kept_rows_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys,
                         const __grid_constant__ KeptRows rows) {
-  const int hk = blockIdx.y;
-  const int heads_per_list_k = p.num_heads_k / keys.mask_heads;  // KV heads per list (Hm in {1, Hk})
-  const int l = hk / heads_per_list_k;
+  const int kh = blockIdx.y;
+  const bool per_list = keys.mask_heads > p.num_heads_k;
+  const int heads_per_list = per_list ? 1 : p.num_heads_k / keys.mask_heads;  // kept heads per list
+  const int l = kh / heads_per_list;
+  const int hk = per_list ? kh / (keys.mask_heads / p.num_heads_k) : kh;
+  const bool first_of_list = kh % heads_per_list == 0;
   for (int b = blockIdx.z; b < p.batch; b += gridDim.z) {
     const SeqRange sk = key_seq(p, b);
     const int k_len = static_cast<int>(sk.len);
@@ -135,9 +142,9 @@ gather_kept_rows_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_
     // three of four CTAs of a half-kept batch with nothing to copy, each still loading cu_seqlens and the count).
     const int x = static_cast<int>(blockIdx.x), ctas = static_cast<int>(gridDim.x);
     for (int c0 = x * kSlotsPerCta; c0 < count; c0 += ctas * kSlotsPerCta) {
-      copy_slots(p, rows, list, sk.start, k_len, b, hk, l, heads_per_list_k, c0, min(kSlotsPerCta, count - c0));
+      copy_slots(p, rows, list, sk.start, k_len, b, hk, kh, l, first_of_list, c0, min(kSlotsPerCta, count - c0));
     }
-    if (rows.limits != nullptr && hk % heads_per_list_k == 0) {
+    if (rows.limits != nullptr && first_of_list) {
       write_limits(p, rows, b, l, sk, x, ctas, [&](int64_t edge) { return slots_below(list, count, edge); });
     }
   }
@@ -159,7 +166,8 @@ fill_slots_in_place_kernel(const __grid_constant__ VarlenFwdParams p, const __gr
     for (int c = x * kGatherThreads + static_cast<int>(threadIdx.x); c < k_len; c += ctas * kGatherThreads) {
       rows.pos[seg + c] = c;
       for (int g = 0; g < rows.bias_heads; ++g) {
-        rows.bias[g * rows.extent + seg + c] = bias_value(p.bias, p.bias.offset(sk.start + c, g * query_heads_per_g, 0));
+        rows.bias[g * rows.extent + seg + c] =
+            bias_value(p.bias, p.bias.offset(sk.start + c, g * query_heads_per_g, 0));
       }
     }
     if (rows.limits != nullptr) {  // in a list of every position, the slots below a position are the position
@@ -184,12 +192,12 @@ cudaError_t fill_slots_in_place(const VarlenFwdParams& p, const KeptRows& rows, 
 
 cudaError_t gather_kept_rows(const VarlenFwdParams& p, const KeyLists& keys, const KeptRows& rows,
                              cudaStream_t stream) {
-  if (rows.k == nullptr || keys.index == nullptr || p.batch == 0 || p.num_heads_k == 0) return cudaSuccess;
+  if (rows.k == nullptr || keys.index == nullptr || p.batch == 0 || rows.heads <= 0) return cudaSuccess;
   // A sequence's keys are at most min(max_seqlen_k, total_k) (clamp_seq), below 2^31.
   const int64_t most_keys = std::max<int64_t>(std::min(p.max_seqlen_k, p.total_k), 1);
   const int64_t chunks = (most_keys + kSlotsPerCta - 1) / kSlotsPerCta;
   const int64_t ctas = (chunks + kChunksPerCta - 1) / kChunksPerCta;
-  const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(p.num_heads_k),
+  const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(rows.heads),
                   static_cast<unsigned>(std::min<int32_t>(p.batch, kMaxGridZ)));
   gather_kept_rows_kernel<<<grid, kGatherThreads, 0, stream>>>(p, keys, rows);
   return cudaGetLastError();

@@ -214,9 +214,10 @@ struct BlockMap {
 };
 
 // A key-side mask's kept keys as dense slots, for the sm90a kernel (TMA reads whole tiles of consecutive rows and
-// cannot gather): gather_kept_rows copies, for sequence b (keys from k_start), KV head hk and its list l (KeyLists:
-// the list of hk's query heads) and each c < keys.kept(b, l, k_len),
-//   k[((k_start + c) * Hk + hk) * D + d] = K[k_start + index[l, k_start + c], hk, d]       (v alike)
+// cannot gather): gather_kept_rows copies, for sequence b (keys from k_start), each kept head kh (heads_of: the KV
+// head hk = kh where lists serve whole KV groups, with list l = the list of hk's query heads; else the list l = kh,
+// of KV head hk = kh Hk / Hm) and each c < keys.kept(b, l, k_len),
+//   k[((k_start + c) * heads + kh) * D + d] = K[k_start + index[l, k_start + c], hk, d]       (v alike)
 //   pos[l * extent + segment(k_start, b) + c]  = index[l, k_start + c], the slot's key position
 //   bias[g * extent + segment(k_start, b) + c] = the key-side bias of that key for bias head g, float32
 // (bias heads: the finer of the bias's and the lists' heads; query head h reads g = h / (H / bias_heads)). Segments
@@ -245,6 +246,13 @@ struct KeptRows {
   int32_t* limits = nullptr;  // null: neither causal nor windowed
   int32_t query_tiles = 0;    // ceil(max_seqlen_q / kTileRows)
   int32_t* count = nullptr;   // in place: (B) the keys of each sequence (the list's count); null otherwise
+  int32_t heads = 0;          // k and v's heads: Hk, or the lists' heads where they are finer (heads_of)
+
+  // The kept K / V copies' heads: one per KV head where each list serves whole KV groups (Hm in {1, Hk}), else one
+  // per list (Hm > Hk: a list's kept rows differ from its KV group's other lists').
+  static int64_t heads_of(const VarlenFwdParams& p, int64_t list_heads) {
+    return list_heads > p.num_heads_k ? list_heads : p.num_heads_k;
+  }
 
   static int64_t bias_heads_of(const VarlenFwdParams& p, int64_t list_heads) {
     if (!p.bias.present()) return 0;

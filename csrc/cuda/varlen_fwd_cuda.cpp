@@ -201,9 +201,10 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
     try {
       workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, q.options().dtype(at::kByte));
     } catch (const c10::OutOfMemoryError&) {
-      if (!plan.sm90a_slots) throw;
-      // The sm90a kernel's copy of the kept K / V rows (as large as k and v) does not fit: the sm80 kernels gather
-      // the kept rows where they are, from a workspace of the lists alone.
+      if (!plan.sm90a_slots && !plan.sm90a_query) throw;
+      // The sm90a kernel's copy of the kept K / V rows (as large as k and v, or a copy per list) or a query-side
+      // mask's bits (up to 1 GB) do not fit: the sm80 kernels gather the kept rows where they are, from a workspace
+      // of the lists alone, and read the mask where it is beside its block map.
       cuda::PlanOverrides sm80 = overrides;
       sm80.sm80_only = true;
       plan = cuda::plan_varlen_fwd(p, device, sm80);

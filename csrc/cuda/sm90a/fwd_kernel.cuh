@@ -215,6 +215,10 @@ struct SlotLists {
   const int32_t* limits = nullptr;  // causal: (mask_heads, B, query_tiles, 2) slot counts, or null
   int64_t extent = 0;
   int32_t mask_heads = 0, heads_per_list = 1, bias_group = 1, query_tiles = 0;
+  // K / V's TMA views: heads, and whether a unit reads its list's head (a kept copy per list: lists finer than KV
+  // heads) rather than its KV head.
+  int32_t kv_heads = 0;
+  bool kv_per_list = false;
 };
 
 // What both roles know of one unit: its sequence, head and rows, and its KV tiles: [n_begin, n_end) hold every key
@@ -337,6 +341,7 @@ template <int kBlockM, int kBlockN>
 __device__ __forceinline__ void list_live_tiles(const VarlenFwdParams& p, const BlockMap& map, const UnitWork& w,
                                                 uint16_t* list, int32_t* len, int32_t* warp_counts) {
   static_assert(kBlockM == 2 * BlockMap::kRows && kBlockN == 4 * BlockMap::kCols, "a unit's tile: 3 x 4 map blocks");
+  __syncwarp();  // warp 0 may come from its own branch of the last unit (its leader issued the copies): whole again
   const int ptid = threadIdx.x, lane = ptid % 32, warp = ptid / 32;
   // The map blocks of the unit's packed rows (at most three: 128 rows from any row) and mask head. Read here rather
   // than by BlockMap::covering_tile (64 rows, any key span): two of those loaded 20 blocks per tile, where a tile of
@@ -456,7 +461,11 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   Pipeline pipe_v(smem.pipe_v, pipe_params, Shape<_1, _1, _1>{});
   // kSlots: a K tile's full barrier also counts the bulk copies of its slots' positions and biases.
   constexpr uint32_t kSlotBytes = kBlockN * 4;
-  if constexpr (kSlots) pipe_params.transaction_bytes += kSlotBytes * (slots.bias != nullptr ? 2 : 1);
+  // kQuery + kSlots runs only over slots in place (the plan: a key-side bias beside a query-side mask), whose
+  // positions are the tile's keys: their biases alone come.
+  if constexpr (kSlots) {
+    pipe_params.transaction_bytes += kSlotBytes * ((kQuery ? 0 : 1) + (slots.bias != nullptr ? 1 : 0));
+  }
   Pipeline pipe_k(smem.pipe_k, pipe_params, Shape<_1, _1, _1>{});
   // The CTA's k-th Q load goes to buffer k % kQBuffers: its q_full barrier says it landed (a transaction barrier),
   // its q_empty (persistent CTAs) that every consumer thread's last S GEMM of that unit is done with it. A buffer's
@@ -553,11 +562,14 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
           tiles = smem.list_len[qb];
           q_full(qb).arrive();
         }
-        Tensor mK = tma.k.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_k), kHeadDim, p.num_heads_k));
-        Tensor mV = tma.v.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_k), kHeadDim, p.num_heads_k));
-        Tensor gK = local_tile(domain_offset(make_coord(static_cast<int32_t>(w.k_start), _0{}), mK(_, _, w.hk)),
+        // kSlots with a kept copy per list: the unit's list head is its K / V head in the copies.
+        const int kv_heads = kSlots && slots.kv_heads > 0 ? slots.kv_heads : p.num_heads_k;
+        const int kv = kSlots && slots.kv_per_list ? w.list : w.hk;
+        Tensor mK = tma.k.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_k), kHeadDim, kv_heads));
+        Tensor mV = tma.v.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_k), kHeadDim, kv_heads));
+        Tensor gK = local_tile(domain_offset(make_coord(static_cast<int32_t>(w.k_start), _0{}), mK(_, _, kv)),
                                Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));  // (N, D, tiles)
-        Tensor gV = local_tile(domain_offset(make_coord(static_cast<int32_t>(w.k_start), _0{}), mV(_, _, w.hk)),
+        Tensor gV = local_tile(domain_offset(make_coord(static_cast<int32_t>(w.k_start), _0{}), mV(_, _, kv)),
                                Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
         auto [tKg, tKs] = tma_partition(tma.k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
         auto [tVg, tVs] = tma_partition(tma.v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
@@ -567,8 +579,10 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
           copy(tma.k.with(*pipe_k.producer_get_barrier(state)), tKg(_, n), tKs(_, state.index()));
           if constexpr (kSlots) {
             const int64_t at = w.seg + static_cast<int64_t>(n) * kBlockN;
-            SM90_BULK_COPY_G2S::copy(slots.pos + w.list * slots.extent + at, pipe_k.producer_get_barrier(state),
-                                     smem.slot_pos[state.index()], kSlotBytes);
+            if constexpr (!kQuery) {
+              SM90_BULK_COPY_G2S::copy(slots.pos + w.list * slots.extent + at, pipe_k.producer_get_barrier(state),
+                                       smem.slot_pos[state.index()], kSlotBytes);
+            }
             if (slots.bias != nullptr) {
               SM90_BULK_COPY_G2S::copy(slots.bias + (w.h / slots.bias_group) * slots.extent + at,
                                        pipe_k.producer_get_barrier(state), smem.slot_bias[state.index()], kSlotBytes);
@@ -639,6 +653,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
     if constexpr (kQuery) {
       if (n_tiles > 0) {
         q_full(qb).wait((q_uses / kQBuffers) % 2);
+        asm volatile("" ::: "memory");  // the list's reads after the wait (CUTLASS's wait has no memory clobber)
         n_tiles = smem.list_len[qb];
         if (n_tiles == 0) {  // every tile dead: the rows see nothing
           if (kPersistent) q_empty(qb).arrive();

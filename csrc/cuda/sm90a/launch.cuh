@@ -41,26 +41,27 @@ cudaError_t launch_kernel(const VarlenFwdParams& p, const TmaParams<Traits>& tma
   return cudaGetLastError();
 }
 
-// The TMA copies of a call: q, and K / V from k and v with those row and head strides (elements).
+// The TMA copies of a call: q, and K / V from k and v with those row and head strides (elements) and kv_heads heads
+// (k and v's own, or the kept copies').
 template <typename Traits>
 TmaParams<Traits> make_tma(const VarlenFwdParams& p, const void* k, int64_t k_row, int64_t k_head, const void* v,
-                           int64_t v_row, int64_t v_head) {
+                           int64_t v_row, int64_t v_head, int32_t kv_heads) {
   using namespace cute;
   using CuteElem = typename Traits::CuteElem;
   constexpr int D = Traits::kHeadDim;
   return TmaParams<Traits>{
       make_tma_copy(SM90_TMA_LOAD{}, gmem_rows<CuteElem>(p.q, p.total_q, D, p.num_heads, p.q_row_stride, p.q_head_stride),
                     typename Traits::SmemLayoutQ{}, Shape<Int<Traits::kBlockM>, Int<D>>{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, gmem_rows<CuteElem>(k, p.total_k, D, p.num_heads_k, k_row, k_head),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_rows<CuteElem>(k, p.total_k, D, kv_heads, k_row, k_head),
                     take<0, 2>(typename Traits::SmemLayoutKV{}), Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{}),
-      make_tma_copy(SM90_TMA_LOAD{}, gmem_rows<CuteElem>(v, p.total_k, D, p.num_heads_k, v_row, v_head),
+      make_tma_copy(SM90_TMA_LOAD{}, gmem_rows<CuteElem>(v, p.total_k, D, kv_heads, v_row, v_head),
                     take<0, 2>(typename Traits::SmemLayoutKV{}), Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{})};
 }
 
 // The TMA copies of a call that reads K / V where they are (k and v).
 template <typename Traits>
 TmaParams<Traits> make_tma(const VarlenFwdParams& p) {
-  return make_tma<Traits>(p, p.k, p.k_row_stride, p.k_head_stride, p.v, p.v_row_stride, p.v_head_stride);
+  return make_tma<Traits>(p, p.k, p.k_row_stride, p.k_head_stride, p.v, p.v_row_stride, p.v_head_stride, p.num_heads_k);
 }
 
 // Every unit of the call, in the launches of one variant: persistent where the plan says so (never with key ranges:
@@ -108,7 +109,8 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Work
     if (plan.sm90a_slots) {
       // K / V from the gathered slots (k and v's packed shape, dense), or in place: every key a slot of one list.
       const bool in_place = plan.slots_in_place;
-      const int64_t row = static_cast<int64_t>(p.num_heads_k) * Traits::kHeadDim;
+      const int32_t kept_heads = in_place ? p.num_heads_k : ws.kept.heads;  // KeptRows::heads_of
+      const int64_t row = static_cast<int64_t>(kept_heads) * Traits::kHeadDim;
       SlotLists slots;
       slots.count = in_place ? ws.kept.count : ws.keys.count;
       slots.pos = ws.kept.pos;
@@ -119,9 +121,12 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Work
       slots.heads_per_list = in_place ? p.num_heads : ws.keys.heads_per_list;
       slots.bias_group = ws.kept.bias_heads > 0 ? p.num_heads / ws.kept.bias_heads : 1;
       slots.query_tiles = ws.kept.query_tiles;
+      slots.kv_heads = kept_heads;
+      slots.kv_per_list = !in_place && ws.keys.mask_heads > p.num_heads_k;
       const TmaParams<Traits> tma =
           in_place ? make_tma<Traits>(p)
-                   : make_tma<Traits>(p, ws.kept.k, row, Traits::kHeadDim, ws.kept.v, row, Traits::kHeadDim);
+                   : make_tma<Traits>(p, ws.kept.k, row, Traits::kHeadDim, ws.kept.v, row, Traits::kHeadDim,
+                                      kept_heads);
       // A query-side mask beside a key-side bias: both variants, the bias over slots in place.
       if (plan.sm90a_query) return launch_units<Traits, kRanged, true, true>(p, plan, tma, slots, stream, ws.blocks);
       return launch_units<Traits, kRanged, true>(p, plan, tma, slots, stream);
