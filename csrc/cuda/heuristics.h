@@ -155,7 +155,8 @@ inline bool sm90a_tensors_fit(const VarlenFwdParams& p) {
            row_stride > 0;
   };
   return (p.dtype == ScalarType::kFloat16 || p.dtype == ScalarType::kBFloat16) &&
-         (p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256) && p.total_q > 0 && p.total_k > 0 && p.total_q < INT32_MAX &&
+         (p.head_dim == 64 || p.head_dim == 128 || p.head_dim == 256) && p.total_q > 0 && p.total_k > 0 &&
+         p.total_q < INT32_MAX &&
          p.total_k < INT32_MAX && p.num_heads > 0 && p.num_heads_k > 0 && p.num_heads % p.num_heads_k == 0 &&
          aligned(p.q, p.q_row_stride, p.q_head_stride) && aligned(p.k, p.k_row_stride, p.k_head_stride) &&
          aligned(p.v, p.v_row_stride, p.v_head_stride);
