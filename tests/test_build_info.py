@@ -45,7 +45,7 @@ dmattn_ops build
   CPU dtypes           float32, float16, bfloat16; any head dim >= 1
   CUDA archs           sm_80, sm_90
   CUDA arch paths      in dispatch preference order (cc: compute capability, major * 10 + minor)
-    sm90a  runs where cc == 90, built for sm_90a: float16, bfloat16; head dims 64, 128
+    sm90a  runs where cc == 90, built for sm_90a: float16, bfloat16; head dims 64, 128, 256
     sm80   runs where cc >= 80, built for sm_80, sm_90: float16, bfloat16; head dims 32, 64, 96, 128, 256
   CUDA dtypes          float16, bfloat16
   CUDA head dims       32, 64, 96, 128, 256 compiled; others up to 256 run padded
