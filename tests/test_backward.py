@@ -22,7 +22,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import dmattn_ops
 from dmattn_ops.reference import reference_varlen_attention
-from samples import ALL_DTYPES, SAMPLES, Sample, assert_gradients_close, make_sample, support_reason
+from samples import ALL_DTYPES, SAMPLES, Sample, Spec, assert_gradients_close, make_sample, support_reason
 
 DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in ALL_DTYPES]
 SAMPLE_IDS = [s.name for s in SAMPLES]
@@ -100,10 +100,12 @@ def test_gradients_match_reference(spec, dtype, backward_path):
     _check_gradients(spec, dtype, "cpu")
 
 
-# The CUDA backwards: the fused kernels (dQ by its own kernel, in order: the default), the fused kernels with dQ summed
-# by atomics (DMATTN_BWD_DQ=atomic), the same under torch's deterministic mode (which keeps dQ in order), and the
-# blockwise path forced: {name: (environment, deterministic mode)}.
-CUDA_BACKWARDS = {"kernel": ({}, False), "kernel_atomic": ({"DMATTN_BWD_DQ": "atomic"}, False),
+# The CUDA backwards: the fused kernels as planned (the default: the sm80 pair with dQ by its own kernel, in order),
+# the sm90a backward where it covers the call on a cc 9.0 device (DMATTN_BWD_DQ=auto, opt-in; the default elsewhere),
+# the sm80 pair with dQ summed by atomics (DMATTN_BWD_DQ=atomic), the same under torch's deterministic mode (which
+# keeps dQ in order), and the blockwise path forced: {name: (environment, deterministic mode)}.
+CUDA_BACKWARDS = {"kernel": ({}, False), "kernel_sm90a": ({"DMATTN_BWD_DQ": "auto"}, False),
+                  "kernel_atomic": ({"DMATTN_BWD_DQ": "atomic"}, False),
                   "kernel_deterministic": ({"DMATTN_BWD_DQ": "atomic"}, True),
                   "blockwise": ({"DMATTN_BWD": "blockwise"}, False)}
 
@@ -129,6 +131,87 @@ def test_cuda_gradients_match_reference(spec, dtype, mode, cuda_device, monkeypa
     _check_gradients(spec, dtype, "cuda")
 
 
+def _sm90a_backward_device() -> bool:
+    """A cc 9.0 device and a build with the sm90a kernels at head dim 128 (the sm90a backward's)."""
+    built = dmattn_ops.build_info().get("cuda_arch_paths", {}).get("sm90a", {}).get("head_dims", [])
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and 128 in built
+
+
+@pytest.fixture
+def sm90a_backward(cuda_device, monkeypatch):
+    """A cc 9.0 device with the sm90a backward asked for (DMATTN_BWD_DQ=auto: opt-in until it is measured)."""
+    if not _sm90a_backward_device():
+        pytest.skip("the sm90a backward runs on a cc 9.0 device with the sm90a kernels built (DMATTN_CUDA_ARCHS 90)")
+    monkeypatch.setenv("DMATTN_BWD_DQ", "auto")
+    return cuda_device
+
+
+def _at_head_dim_128(spec):
+    """The sample at head dim 128, the sm90a backward's."""
+    return dataclasses.replace(spec, name=f"{spec.name}_d128", head_dim=128)
+
+
+# Longer sequences for the sm90a backward's tiles (128 key slots per CTA, query tiles of 64 rows): tiles cut
+# everywhere, empty sequences, GQA / MQA, causal with more keys than queries and the reverse, a window, kept-key lists
+# (mask heads 1 and Hk) with a key-side bias whose gradient is taken, and a -inf bias.
+_long = dict(head_dim=128, heads=8, heads_k=2, seqlens_q=(129, 300, 1, 0, 64), seqlens_k=(257, 128, 700, 9, 0))
+SM90A_BACKWARD_SPECS = [
+    Spec("sm90a_dense", **_long),
+    Spec("sm90a_causal", is_causal=True, **_long),
+    Spec("sm90a_causal_more_queries", head_dim=128, heads=4, heads_k=1, seqlens_q=(300, 17), seqlens_k=(130, 3),
+         is_causal=True),
+    Spec("sm90a_window", window=(100, 20), **_long),
+    Spec("sm90a_lists_bias", mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="H", is_causal=True,
+         **_long),
+    Spec("sm90a_lists_1_block_sparse", mask="key", keep=0.4, mask_runs=64, bias="key", bias_neg_inf=True, **_long),
+    Spec("sm90a_bias_q_dtype", bias="key", bias_heads="Hk", bias_dtype="q", **_long),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("spec", SM90A_BACKWARD_SPECS, ids=[s.name for s in SM90A_BACKWARD_SPECS])
+def test_cuda_sm90a_backward_tiles_match_reference(spec, dtype, sm90a_backward):
+    """The sm90a backward over many tiles: every gradient against the float64 reference."""
+    _check_gradients(spec, dtype, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("spec", SAMPLES, ids=SAMPLE_IDS)
+def test_cuda_sm90a_backward_matches_reference(spec, dtype, sm90a_backward):
+    """Every sample at head dim 128 on a cc 9.0 device, as planned: the sm90a backward where it covers the call
+    (test_cuda_backward_arch_is_the_documented_one says which), judged by the same rule as every backward (at their
+    own head dims, mostly 64, test_cuda_gradients_match_reference runs them through it too)."""
+    if spec.head_dim > 128:
+        pytest.skip("the fused backward is built for head dims up to 128")
+    _check_gradients(_at_head_dim_128(spec), dtype, "cuda")
+
+
+@pytest.mark.parametrize("name, head_dim, env, deterministic, arch, dq", [
+    ("dense_gqa", 128, {}, False, "sm90a", "reduce_add"),
+    ("dense_gqa", 64, {}, False, "sm90a", "reduce_add"),
+    ("key_mask_Hk", 128, {}, False, "sm90a", "reduce_add"),       # kept-key lists
+    ("key_mask_H", 128, {}, False, "sm80", "ordered"),            # a mask finer than the KV heads: read per key
+    ("window_softcap_sinks", 128, {}, False, "sm80", "ordered"),  # the softcap
+    ("dense_gqa", 128, {"DMATTN_ARCH": "sm80"}, False, "sm80", "ordered"),
+    ("dense_gqa", 128, {"DMATTN_BWD_DQ": "ordered"}, False, "sm80", "ordered"),
+    ("dense_gqa", 128, {"DMATTN_BWD_DQ": "atomic"}, False, "sm80", "atomic"),
+    ("dense_gqa", 128, {}, True, "sm80", "ordered"),              # torch's deterministic mode
+])  # each with DMATTN_BWD_DQ=auto (the sm90a_backward fixture) unless env names another
+def test_cuda_backward_arch_is_the_documented_one(name, head_dim, env, deterministic, arch, dq, sm90a_backward, capfd,
+                                                  monkeypatch, deterministic_mode):
+    """On a cc 9.0 device with DMATTN_BWD_DQ=auto the fused backward is the sm90a one (dQ by reduce-adds, whose order
+    varies) unless the call has a softcap or a key-side mask finer than the KV heads, DMATTN_ARCH=sm80 or
+    DMATTN_BWD_DQ names the sm80 summation, or torch's deterministic mode is on (DMATTN_LOG_PLAN names the arch and
+    the summation); the default is the sm80 pair (test_cuda_dq_summation_is_the_documented_one)."""
+    spec = dataclasses.replace(SAMPLES[SAMPLE_IDS.index(name)], head_dim=head_dim)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    deterministic_mode(deterministic)
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    assert _logged_backward_path(sample, capfd, monkeypatch, "arch") == arch
+    assert _logged_backward_path(sample, capfd, monkeypatch, "dq") == dq
+
+
 @pytest.mark.parametrize("mask", [None, "key"], ids=["no_mask", "kept_key_lists"])
 def test_cuda_whole_visible_tiles_match_reference(mask, cuda_device):
     """Long causal sequences at head dim 128: most (key tile, query tile) pairs are visible in every element, which
@@ -152,8 +235,9 @@ def _logged_backward_path(sample, capfd, monkeypatch, field="path"):
 
 
 def test_cuda_dq_summation_is_the_documented_one(cuda_device, capfd, monkeypatch, deterministic_mode):
-    """The fused backward sums dQ in order by default; DMATTN_BWD_DQ=atomic adds it with atomics, except in torch's
-    deterministic mode, which keeps it in order (DMATTN_LOG_PLAN says which; test_deterministic checks the bits)."""
+    """The fused backward sums dQ in order by default (the sm80 pair, on a cc 9.0 device too); DMATTN_BWD_DQ=atomic
+    adds it with atomics, except in torch's deterministic mode, which keeps it in order (DMATTN_LOG_PLAN says which;
+    test_deterministic checks the bits)."""
     spec = SAMPLES[SAMPLE_IDS.index("key_mask_key_bias_mqa")]
 
     def dq_mode():
@@ -161,6 +245,7 @@ def test_cuda_dq_summation_is_the_documented_one(cuda_device, capfd, monkeypatch
 
     deterministic_mode(False)
     assert dq_mode() == "ordered"
+    assert _logged_backward_path(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch, "arch") == "sm80"
     monkeypatch.setenv("DMATTN_BWD_DQ", "atomic")
     assert dq_mode() == "atomic"
     deterministic_mode(True)
@@ -173,7 +258,7 @@ def test_cuda_dq_summation_variable_is_checked(cuda_device, monkeypatch):
     leaves, s = _differentiable(make_sample(SAMPLES[SAMPLE_IDS.index("key_mask_key_bias_mqa")], torch.bfloat16,
                                             "cuda"))
     out, _ = s.run()
-    with pytest.raises(ValueError, match="DMATTN_BWD_DQ must be ordered or atomic, got 'fast'"):
+    with pytest.raises(ValueError, match="DMATTN_BWD_DQ must be ordered, auto or atomic, got 'fast'"):
         out.float().sum().backward()
 
 
@@ -205,16 +290,21 @@ def test_cuda_backward_walks_kept_key_lists(name, lists, cuda_device, capfd, mon
     assert _logged_backward_path(sample, capfd, monkeypatch, "key_lists") == lists
 
 
+@pytest.mark.parametrize("dq", ["ordered", "auto"])
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "kept_key_lists"])
 @pytest.mark.parametrize("lie", ["past_the_end", "negative", "decreasing"])
-def test_cuda_backward_with_lying_cu_seqlens_stays_in_bounds(lie, masked, cuda_device, backward_path):
+def test_cuda_backward_with_lying_cu_seqlens_stays_in_bounds(lie, masked, head_dim, dq, cuda_device, backward_path,
+                                                            monkeypatch):
     """cu_seqlens that break the contract: the backward clamps them as the forward does, so it reads and writes only
     inside the tensors (compute-sanitizer runs this on the GPU machine) and returns gradients of the inputs' shapes;
-    with a key-side mask, through the kept-key lists too."""
+    with a key-side mask, through the kept-key lists too; with DMATTN_BWD_DQ=auto on a cc 9.0 device, the sm90a
+    backward."""
+    monkeypatch.setenv("DMATTN_BWD_DQ", dq)
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(70, 4, 64, generator=g).to(cuda_device, torch.bfloat16).requires_grad_()
-    k = torch.randn(90, 2, 64, generator=g).to(cuda_device, torch.bfloat16).requires_grad_()
-    v = torch.randn(90, 2, 64, generator=g).to(cuda_device, torch.bfloat16).requires_grad_()
+    q = torch.randn(70, 4, head_dim, generator=g).to(cuda_device, torch.bfloat16).requires_grad_()
+    k = torch.randn(90, 2, head_dim, generator=g).to(cuda_device, torch.bfloat16).requires_grad_()
+    v = torch.randn(90, 2, head_dim, generator=g).to(cuda_device, torch.bfloat16).requires_grad_()
     bias = torch.randn(90, 2, generator=g).to(cuda_device).requires_grad_()
     cu = {"past_the_end": [0, 40, 200], "negative": [-30, 20, 70], "decreasing": [0, 60, 10]}[lie]
     cu_q = torch.tensor(cu, dtype=torch.int32, device=cuda_device)
@@ -227,10 +317,13 @@ def test_cuda_backward_with_lying_cu_seqlens_stays_in_bounds(lie, masked, cuda_d
         assert t.grad is not None and t.grad.shape == t.shape
 
 
+@pytest.mark.parametrize("dq", ["ordered", "auto"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_cuda_backward_of_an_expanded_dout(head_dim, cuda_device):
+def test_cuda_backward_of_an_expanded_dout(head_dim, dq, cuda_device, monkeypatch):
     """The loss out.sum() hands the backward an expanded dout (every stride 0, one element of storage): the fused
-    kernels read it as rows of D elements, so it is copied first; its gradients are those of a materialized dout."""
+    kernels read it as rows of D elements, so it is copied first; its gradients are those of a materialized dout
+    (DMATTN_BWD_DQ=auto: through the sm90a backward on a cc 9.0 device)."""
+    monkeypatch.setenv("DMATTN_BWD_DQ", dq)
     g = torch.Generator().manual_seed(0)
     leaves = [torch.randn(n, h, head_dim, generator=g).to(cuda_device, torch.bfloat16).requires_grad_()
               for n, h in ((40, 4), (50, 2), (50, 2))]

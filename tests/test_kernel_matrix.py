@@ -34,11 +34,15 @@ def test_every_instantiation_has_its_file(tmp_path, instantiations):
         assert path.name == f"varlen_fwd_{arch}_{dtype}_hd{head_dim}.cu"
         text = path.read_text()
         assert f'#include "cuda/{arch}/launch.cuh"' in text
+        backward = (arch, dtype, head_dim) in km.BACKWARD  # its file instantiates the backward launcher too
+        assert (f'#include "cuda/{arch}/bwd_launch.cuh"' in text) == backward
         assert text.endswith(
             "namespace dmattn::cuda {\n"
             f"template cudaError_t {arch}::launch_attention<{ELEM[dtype]}, {head_dim}>(const VarlenFwdParams&, "
             "const FwdPlan&, const Workspace&, cudaStream_t);\n"
-            "}  // namespace dmattn::cuda\n"
+            + (f"template cudaError_t {arch}::launch_backward<{ELEM[dtype]}, {head_dim}>(const bwd::BwdParams&, "
+               "cudaStream_t);\n" if backward else "")
+            + "}  // namespace dmattn::cuda\n"
         ), text
     # The registry declares the launchers it calls and includes no kernel header.
     text = registry.read_text()
@@ -52,6 +56,14 @@ def test_default_list():
     assert km.INSTANTIATIONS == [("sm80", t, d) for t in ["float16", "bfloat16"] for d in [32, 64, 96, 128, 256]] + [
         ("sm90a", t, d) for t in ["float16", "bfloat16"] for d in [64, 128, 256]]
     assert [p.name for p in km.ARCH_PATHS] == ["sm90a", "sm80"]  # dispatch preference order
+
+
+def test_backward_list():
+    """The generated backward launchers: the sm90a backward at head dims 64 and 128 (the fused backward's), in files
+    the build compiles for sm_90a."""
+    assert km.BACKWARD == [("sm90a", t, d) for t in ["float16", "bfloat16"] for d in (64, 128)]
+    assert all(entry in km.INSTANTIATIONS for entry in km.BACKWARD)
+    assert km.PATHS["sm90a"].bwd_header == "cuda/sm90a/bwd_launch.cuh" and km.PATHS["sm80"].bwd_header is None
 
 
 def test_sm90a_is_built_only_with_90():
@@ -139,6 +151,11 @@ _DRIVER = """
         std::printf(#ARCH " %s %d\\n", name<Elem>(), kHeadDim);              \\
         return cudaSuccess;                                                    \\
       }                                                                        \\
+      template <typename Elem, int kHeadDim>                                   \\
+      cudaError_t launch_backward(const bwd::BwdParams&, cudaStream_t) {       \\
+        std::printf("backward " #ARCH " %s %d\\n", name<Elem>(), kHeadDim);  \\
+        return cudaSuccess;                                                    \\
+      }                                                                        \\
       }
     LAUNCHER(sm80)
     LAUNCHER(sm90a)
@@ -220,6 +237,38 @@ def test_registry_dispatch(tmp_path, instantiations):
         assert by_query[(90, "bfloat16", 150)] == (192, 256, "none")
         assert by_query[(90, "bfloat16", 192)] == (192, 256, "sm90a bfloat16 192")
         assert by_query[(100, "bfloat16", 150)] == (256, 256, "none")
+
+
+# The backward's dispatch: per query line "cc dtype head_dim", whether has_backward_kernel holds (0 / 1), then what
+# dispatch_backward ran ("none" when it returned cudaErrorInvalidValue).
+_BACKWARD_MAIN = """
+    int main() {
+      int cc, dtype, head_dim;
+      while (std::scanf("%d %d %d", &cc, &dtype, &head_dim) == 3) {
+        dmattn::cuda::bwd::BwdParams p;
+        p.f.dtype = static_cast<dmattn::ScalarType>(dtype);
+        p.f.head_dim = head_dim;
+        std::printf("%d ", static_cast<int>(dmattn::cuda::has_backward_kernel(cc, p.f.dtype, head_dim)));
+        if (dmattn::cuda::dispatch_backward(cc, p, nullptr) != cudaSuccess) std::printf("none\\n");
+      }
+    }
+    """
+
+
+@pytest.mark.parametrize("instantiations", [km.INSTANTIATIONS, SM80_ONLY], ids=["default", "sm80_only"])
+def test_backward_registry_dispatch(tmp_path, instantiations):
+    """has_backward_kernel and dispatch_backward agree with BACKWARD: the sm90a backward on cc 90 alone, at head dims
+    64 and 128 exactly (the binding pads to one), in both dtypes; nothing in a build without sm90a."""
+    km.render(tmp_path, instantiations)
+    params = ", ".join(t for t, _ in km.LAUNCH_PARAMS)
+    driver = _DRIVER.replace("PARAMS", params).split("// stdin:")[0] + textwrap.dedent(_BACKWARD_MAIN)
+    exe = build_host_driver(tmp_path, driver, "backward_registry", "the backward registry")
+    queries = [(cc, dtype, d) for cc in (80, 90, 100) for dtype in ("float16", "bfloat16") for d in (64, 100, 128, 256)]
+    stdin = "".join(f"{cc} {_SCALAR_TYPE[dtype]} {d}\n" for cc, dtype, d in queries)
+    out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.splitlines()
+    for (cc, dtype, d), line in zip(queries, out, strict=True):
+        built = ("sm90a", dtype, d) in instantiations and ("sm90a", dtype, d) in km.BACKWARD and cc == 90
+        assert line == (f"1 backward sm90a {dtype} {d}" if built else "0 none"), (cc, dtype, d)
 
 
 def test_kernel_head_dim_covers_every_head_dim(tmp_path):

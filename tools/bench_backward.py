@@ -12,6 +12,9 @@ bf16. Groups:
             compiled, packed (bench_gpu.py's peer: document + causal mask_mod reading the keep tensor, score_mod
             adding the bias, a captured buffer that requires grad; its BlockMask build beside it), backward.
   no mask   dmattn_ops forward and backward; torch varlen_attn backward.
+In both groups the dmattn_ops backward runs as planned (the sm80 pair, dQ in order), then with the sm90a backward
+asked for (DMATTN_BWD_DQ=auto, opt-in until this benchmark shows it faster; on a device other than cc 9.0 the same
+as planned) and with the sm80 kernels' atomic dQ (DMATTN_BWD_DQ=atomic).
 Each backward is timed as torch.autograd.grad of the peer's output for q, k, v (and the bias) with a fixed random
 output gradient, the forward run once before (untimed, its graph retained): median CUDA-event time, L2 flushed before
 each repetition. "extra MB" is the peak memory one backward allocates above what was allocated before it, its
@@ -47,6 +50,22 @@ def _backward(forward: Callable[[], torch.Tensor], inputs: List[torch.Tensor], s
     grad = torch.randn(out.shape, generator=torch.Generator(device=out.device).manual_seed(seed),
                        device=out.device, dtype=out.dtype)
     return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
+
+
+def _with_env(call: Callable[[], object], name: str, value: str) -> Callable[[], object]:
+    """call, run with the environment variable name set to value (and put back after)."""
+
+    def run():
+        previous = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return call()
+        finally:
+            if previous is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = previous
+    return run
 
 
 def measure(name: str, family: str, kind: str, make: Callable[[], Callable[[], object]], dev, args) -> Dict:
@@ -87,22 +106,13 @@ def run(args) -> Dict[str, object]:
 
         rows.append(measure("dmattn_ops backward", "dmattn", "backward", dmattn_bwd, dev, args))
 
-        def dmattn_bwd_atomic():  # DMATTN_BWD_DQ=atomic: dQ added with atomics inside the dK / dV kernel
-            run_bwd = dmattn_bwd()
-
-            def call():
-                previous = os.environ.get("DMATTN_BWD_DQ")
-                os.environ["DMATTN_BWD_DQ"] = "atomic"
-                try:
-                    return run_bwd()
-                finally:
-                    if previous is None:
-                        del os.environ["DMATTN_BWD_DQ"]
-                    else:
-                        os.environ["DMATTN_BWD_DQ"] = previous
-            return call
-
-        rows.append(measure("dmattn_ops backward, atomic dQ", "dmattn", "backward", dmattn_bwd_atomic, dev, args))
+        # The same backward under a debug variable, read per call: the sm90a backward where it covers the call
+        # (DMATTN_BWD_DQ=auto, side by side with the planned sm80 pair), and the sm80 dK / dV kernel adding dQ with
+        # atomics (DMATTN_BWD_DQ=atomic).
+        for label, name, value in (("sm90a backward", "DMATTN_BWD_DQ", "auto"),
+                                   ("atomic dQ", "DMATTN_BWD_DQ", "atomic")):
+            rows.append(measure(f"dmattn_ops backward, {label}", "dmattn", "backward",
+                                lambda name=name, value=value: _with_env(dmattn_bwd(), name, value), dev, args))
         if keep is not None:
             def flex_bwd():
                 if dev.type != "cuda":

@@ -38,6 +38,7 @@ class ArchPath:
     runs_on: tuple[str, int]  # (">=" or "==", cc): the devices its machine code runs on
     only_code: str | None = None  # compiled only for this code (sm_<only_code>)...
     built_with: str | None = None  # ...and only when this arch is in DMATTN_CUDA_ARCHS; None: every listed arch
+    bwd_header: str | None = None  # the header of its launch_backward (instantiated for BACKWARD entries)
 
     def codes(self, archs):
         """The sm_XX codes its files are compiled for under DMATTN_CUDA_ARCHS = archs ([]: not built)."""
@@ -52,7 +53,8 @@ class ArchPath:
 # In dispatch preference order: dispatch_attention calls the first path that runs on the device and has the
 # (dtype, head dim). sm90a code (wgmma, TMA) runs on cc 9.0 only; sm80 code (mma.sync) on every cc >= 8.0.
 ARCH_PATHS = [
-    ArchPath("sm90a", "cuda/sm90a/launch.cuh", ("==", 90), only_code="90a", built_with="90"),
+    ArchPath("sm90a", "cuda/sm90a/launch.cuh", ("==", 90), only_code="90a", built_with="90",
+             bwd_header="cuda/sm90a/bwd_launch.cuh"),
     ArchPath("sm80", "cuda/sm80/launch.cuh", (">=", 80)),
 ]
 PATHS = {path.name: path for path in ARCH_PATHS}
@@ -62,6 +64,12 @@ SM90A_HEAD_DIMS = [64, 128, 256]
 INSTANTIATIONS = [("sm80", dtype, head_dim) for dtype in DTYPES for head_dim in HEAD_DIMS] + [
     ("sm90a", dtype, head_dim) for dtype in DTYPES for head_dim in SM90A_HEAD_DIMS
 ]
+# Instantiations whose file also instantiates the arch path's backward launcher (<path>::launch_backward, declared in
+# its bwd_header), for the registry's dispatch_backward: the sm90a backward at the fused backward's head dims (64,
+# 128). The backward's sm80 kernels (csrc/cuda/run_varlen_bwd.cu) are hand-written and compiled for every arch; only
+# these are generated.
+BACKWARD = [("sm90a", dtype, head_dim) for dtype in DTYPES for head_dim in (64, 128)]
+BACKWARD_PARAMS = [("const bwd::BwdParams&", "p"), ("cudaStream_t", "stream")]
 
 # The generated code's one contract with csrc/cuda: the parameters of every arch path's launch_attention, which
 # dispatch_attention(cc, ...) takes and passes on, and the header declaring them (csrc/cuda/dispatch.h, which brings
@@ -135,13 +143,17 @@ def instantiation_name(arch, dtype, head_dim):
 
 def instantiation_source(arch, dtype, head_dim):
     elem = _ELEM[dtype][0]
+    backward = (arch, dtype, head_dim) in BACKWARD
     return (
         _HEADER
-        + f'#include "{PATHS[arch].header}"\n\n'
-        + "namespace dmattn::cuda {\n"
+        + f'#include "{PATHS[arch].header}"\n'
+        + (f'#include "{PATHS[arch].bwd_header}"\n' if backward else "")
+        + "\nnamespace dmattn::cuda {\n"
         + f"template cudaError_t {arch}::launch_attention<{elem}, {head_dim}>("
         + ", ".join(t for t, _ in LAUNCH_PARAMS)
         + ");\n"
+        + (f"template cudaError_t {arch}::launch_backward<{elem}, {head_dim}>("
+           + ", ".join(t for t, _ in BACKWARD_PARAMS) + ");\n" if backward else "")
         + "}  // namespace dmattn::cuda\n"
     )
 
@@ -168,12 +180,17 @@ def registry_source(instantiations=INSTANTIATIONS):
         + ", ".join(f"{p.name} ({_count(i[0] == p.name for i in instantiations)})" for p in ARCH_PATHS)
         + ".\n\n",
     ]
+    backward = [i for i in instantiations if i in BACKWARD]
+    bwd_params = ", ".join(f"{t} {n}" for t, n in BACKWARD_PARAMS)
+    bwd_args = ", ".join(n for _, n in BACKWARD_PARAMS)
     for path in paths:
         out.append(
             f"namespace {path.name} {{  // {path.header}, runs where {path.runs_on_text()}\n"
             "template <typename Elem, int kHeadDim>\n"
             f"cudaError_t launch_attention({params});\n"
-            f"}}  // namespace {path.name}\n\n"
+            + ("template <typename Elem, int kHeadDim>\n"
+               f"cudaError_t launch_backward({bwd_params});\n" if any(a == path.name for a, _, _ in backward) else "")
+            + f"}}  // namespace {path.name}\n\n"
         )
     out.append(
         "namespace {\n\n"
@@ -213,6 +230,17 @@ def registry_source(instantiations=INSTANTIATIONS):
                     out.append(f"      if (p.head_dim == {d}) return {launch};\n")
                 out.append("    }\n")
         out.append("  }\n")
+    out.append("  return cudaErrorInvalidValue;\n}\n\n")
+    # The generated backward launchers (BACKWARD): whether one runs on cc for (dtype, head_dim), and the dispatch.
+    out.append("bool has_backward_kernel(int32_t cc, ScalarType dtype, int32_t head_dim) {\n")
+    for arch, dtype, d in backward:
+        out.append(f"  if ({condition(PATHS[arch], dtype)} && head_dim == {d}) return true;  // {arch}\n")
+    out.append("  return false;\n}\n\n")
+    out.append(f"cudaError_t dispatch_backward(int32_t cc, {bwd_params}) {{\n")
+    for arch, dtype, d in backward:
+        elem, enum = _ELEM[dtype]
+        out.append(f"  if ({PATHS[arch].runs_on_text()} && p.f.dtype == ScalarType::{enum} && p.f.head_dim == {d}) "
+                   f"return {arch}::launch_backward<{elem}, {d}>({bwd_args});\n")
     out.append("  return cudaErrorInvalidValue;\n}\n\n}  // namespace dmattn::cuda\n")
     return "".join(out)
 

@@ -22,6 +22,9 @@ namespace dmattn::cuda {
 // up to it (exact: zero columns add nothing to q . k, and the padded output columns are dropped).
 int32_t kernel_head_dim(ComputeCapability cc, ScalarType dtype, int32_t head_dim);
 int32_t max_kernel_head_dim(ComputeCapability cc, ScalarType dtype);
+// Generated too: whether this build has a backward kernel of tools/kernel_matrix.py's BACKWARD list (the sm90a
+// backward) that runs on cc for dtype at exactly head_dim.
+bool has_backward_kernel(ComputeCapability cc, ScalarType dtype, int32_t head_dim);
 
 // The whole forward on stream: kept-key compaction (key-side mask), the attention kernel the plan names from the best
 // compiled architecture path for cc, the split combine (decode with splits), and the rows no sequence owns / the
@@ -33,6 +36,8 @@ cudaError_t run_varlen_fwd(const VarlenFwdParams& p, const FwdPlan& plan, Comput
 // The fused backward (bwd/bwd_traits.h): dk, dv and the per-head key-side bias gradient, then dq, into the zeroed
 // buffers of p. p.f.head_dim must be bwd::bwd_head_dim of itself (64 or 128), p.f.dtype float16 or bfloat16, and the
 // call must have no query-side mask or bias and no kv_slots (the binding checks). Returns the first CUDA error.
-cudaError_t run_varlen_bwd(const bwd::BwdParams& p, cudaStream_t stream);
+// sm90a: the sm90a backward (sm90a/bwd_kernel.cuh; dispatch.h, dispatch_backward) instead of the sm80 pair: where
+// has_backward_kernel(cc, ...) holds and the binding planned it; it sums dQ into p.dq_accum, which must be set.
+cudaError_t run_varlen_bwd(const bwd::BwdParams& p, ComputeCapability cc, bool sm90a, cudaStream_t stream);
 
 }  // namespace dmattn::cuda

@@ -1,7 +1,9 @@
 // run_varlen_bwd.cu: the fused backward on one stream (api.h): delta_kernel, compact_keys where the call has kept-key
 // lists (BwdParams::keys; the forward's pass, key_compaction.cu), dkdv_kernel, then dq_kernel unless dkdv_kernel adds
 // dQ itself (bwd/bwd_traits.h), for float16 / bfloat16 at head dims 64 and 128, with and without a softcap. The
-// kernels are the sm80 path's mma.sync code, compiled for every architecture of the build.
+// kernels are the sm80 path's mma.sync code, compiled for every architecture of the build. Calls the binding plans
+// for the sm90a backward go, after delta_kernel and compact_keys, to its generated dispatch (dispatch.h,
+// dispatch_backward) instead of the pair.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -9,6 +11,7 @@
 #include <cstdint>
 
 #include "api.h"
+#include "dispatch.h"
 #include "bwd/delta_kernel.cuh"
 #include "bwd/dkdv_kernel.cuh"
 #include "bwd/dq_kernel.cuh"
@@ -29,13 +32,6 @@ cudaError_t launch_bwd(const bwd::BwdParams& p, cudaStream_t stream) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
     if (err != cudaSuccess) return err;
   }
-  const int64_t items = p.f.total_q * p.f.num_heads;
-  if (items > 0) {
-    const auto blocks = static_cast<unsigned>((items + bwd::kDeltaWarps - 1) / bwd::kDeltaWarps);
-    bwd::delta_kernel<Traits><<<blocks, bwd::kDeltaWarps * 32, 0, stream>>>(p);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
-  if ((err = compact_keys(p.f, p.keys, stream)) != cudaSuccess) return err;  // nothing without lists
   const int64_t key_tiles = (p.f.max_seqlen_k + kBlock - 1) / kBlock;
   const int64_t query_tiles = p.dq_accum == nullptr ? (p.f.max_seqlen_q + kBlock - 1) / kBlock : 0;
   // Grids (heads, sequences, tiles): sequences and tiles in chunks of the grid's y / z limit.
@@ -57,18 +53,29 @@ cudaError_t launch_bwd(const bwd::BwdParams& p, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+// What both backwards run first: delta_kernel, then the kept-key lists where the call has them (compact_keys); then
+// the sm90a backward where the binding planned it (dispatch.h, dispatch_backward), else the sm80 pair.
 template <typename Elem, int kHeadDim>
-cudaError_t launch_bwd(const bwd::BwdParams& p, cudaStream_t stream) {
+cudaError_t launch_bwd(const bwd::BwdParams& p, ComputeCapability cc, bool sm90a, cudaStream_t stream) {
+  cudaError_t err;
+  const int64_t items = p.f.total_q * p.f.num_heads;
+  if (items > 0) {
+    const auto blocks = static_cast<unsigned>((items + bwd::kDeltaWarps - 1) / bwd::kDeltaWarps);
+    bwd::delta_kernel<bwd::BwdTraits<Elem, kHeadDim>><<<blocks, bwd::kDeltaWarps * 32, 0, stream>>>(p);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  if ((err = compact_keys(p.f, p.keys, stream)) != cudaSuccess) return err;  // nothing without lists
+  if (sm90a) return dispatch_backward(cc, p, stream);
   return p.f.softcap > 0.f ? launch_bwd<Elem, kHeadDim, true>(p, stream) : launch_bwd<Elem, kHeadDim, false>(p, stream);
 }
 
 template <typename Elem>
-cudaError_t launch_bwd(const bwd::BwdParams& p, cudaStream_t stream) {
+cudaError_t launch_bwd(const bwd::BwdParams& p, ComputeCapability cc, bool sm90a, cudaStream_t stream) {
   switch (p.f.head_dim) {
     case 64:
-      return launch_bwd<Elem, 64>(p, stream);
+      return launch_bwd<Elem, 64>(p, cc, sm90a, stream);
     case 128:
-      return launch_bwd<Elem, 128>(p, stream);
+      return launch_bwd<Elem, 128>(p, cc, sm90a, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -76,10 +83,10 @@ cudaError_t launch_bwd(const bwd::BwdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t run_varlen_bwd(const bwd::BwdParams& p, cudaStream_t stream) {
+cudaError_t run_varlen_bwd(const bwd::BwdParams& p, ComputeCapability cc, bool sm90a, cudaStream_t stream) {
   if (p.f.batch == 0 || p.f.num_heads == 0 || p.f.total_q == 0) return cudaSuccess;
-  return p.f.dtype == ScalarType::kBFloat16 ? launch_bwd<__nv_bfloat16>(p, stream)
-         : p.f.dtype == ScalarType::kFloat16 ? launch_bwd<__half>(p, stream)
+  return p.f.dtype == ScalarType::kBFloat16 ? launch_bwd<__nv_bfloat16>(p, cc, sm90a, stream)
+         : p.f.dtype == ScalarType::kFloat16 ? launch_bwd<__half>(p, cc, sm90a, stream)
                                              : cudaErrorInvalidValue;
 }
 

@@ -222,12 +222,26 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
   return {out, lse};
 }
 
-// How the fused backward sums dQ: by its own kernel in a fixed order (the default, deterministic, and on the H200 as
-// fast or faster: run AK measured the atomic path 15% slower on the dense prefill batch, equal on the masked one), or,
-// with DMATTN_BWD_DQ=atomic and outside torch's deterministic mode, with float32 atomics inside the dK / dV kernel.
-bool atomic_dq_requested() {
-  return env_choice("dmattn.varlen_bwd: ", "DMATTN_BWD_DQ", {"ordered", "atomic"}) == "atomic" &&
-         !at::globalContext().deterministicAlgorithms();
+// How the fused backward sums dQ (DMATTN_BWD_DQ): `ordered` (the default) by the sm80 path's own dQ kernel in a fixed
+// order (deterministic; on the H200 as fast or faster than its atomics: run AK measured them 15% slower on the dense
+// prefill batch, equal on the masked one); `auto` by the sm90a backward's reduce-adds where it runs the call
+// (sm90a_backward), else like `ordered` (opt-in: its tests and sanitizer pass on the H200, run BY, its speed is not yet
+// measured; the default becomes `auto` once it is measured faster); `atomic`: with float32 atomics inside the sm80
+// dK / dV kernel. Under torch's deterministic mode every call is summed in order (the variable is still checked).
+std::string dq_summation() {
+  const std::string chosen = env_choice("dmattn.varlen_bwd: ", "DMATTN_BWD_DQ", {"ordered", "auto", "atomic"});
+  return at::globalContext().deterministicAlgorithms() ? "ordered" : chosen;
+}
+
+// Whether the sm90a backward (sm90a/bwd_kernel.cuh) runs a call of the fused backward: a device of cc 9.0 for which
+// this build has it at the kernel's head dim (64 or 128: every head dim up to 128, padded), no softcap, a key-side
+// mask only through kept-key lists, dQ summed as `auto`, and DMATTN_ARCH not sm80.
+bool sm90a_backward(const VarlenFwdArgs& a, int32_t kernel_dim, cuda::ComputeCapability cc, bool key_lists,
+                    const std::string& dq) {
+  const bool sm80_only = env_choice("dmattn.varlen_bwd: ", "DMATTN_ARCH", {"auto", "sm80"}) == "sm80";
+  return !sm80_only && dq == "auto" && a.softcap <= 0.0 && (!a.mask || key_lists) && a.q.size(0) < INT32_MAX &&
+         cuda::has_backward_kernel(cc, a.q.scalar_type() == at::kHalf ? ScalarType::kFloat16 : ScalarType::kBFloat16,
+                                   kernel_dim);
 }
 
 // Whether the fused backward walks kept-key lists (BwdParams::keys): a key-side mask whose heads the query heads of
@@ -241,11 +255,16 @@ bool bwd_key_lists(const VarlenFwdArgs& a) {
 // and delta. Nothing here synchronises the device.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_varlen_bwd(
     const VarlenFwdArgs& a, const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& out,
-    const at::Tensor& lse, bool bias_grad, int32_t kernel_dim) {
+    const at::Tensor& lse, bool bias_grad, int32_t kernel_dim, bool sm90a, bool atomic_dq) {
   const int64_t head_dim = a.q.size(2), H = a.q.size(1);
   const double scale = resolve_softmax_scale(a.softmax_scale, head_dim);  // of the real D, not the padded one
-  const at::Tensor qk = for_kernel(a.q, kernel_dim), kk = for_kernel(a.k, kernel_dim), vk = for_kernel(a.v, kernel_dim);
-  const at::Tensor dok = for_kernel(dout, kernel_dim);
+  // The sm90a backward reads q and dout by TMA, which needs the row and head strides positive (a view expanded over
+  // rows or heads is copied).
+  auto for_tma = [&](const at::Tensor& t) {
+    return !sm90a || (t.stride(0) > 0 && t.stride(1) > 0) ? t : t.contiguous();
+  };
+  const at::Tensor qk = for_tma(for_kernel(a.q, kernel_dim)), kk = for_kernel(a.k, kernel_dim);
+  const at::Tensor vk = for_kernel(a.v, kernel_dim), dok = for_tma(for_kernel(dout, kernel_dim));
   const VarlenFwdArgs args = sinks_as_float32({qk, kk, vk, a.cu_seqlens_q, a.cu_seqlens_k, a.max_seqlen_q,
                                                a.max_seqlen_k, a.mask, a.bias, scale, a.is_causal, a.window_left,
                                                a.window_right, a.softcap, a.sinks, a.seqused_k, std::nullopt,
@@ -254,8 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_var
   const at::Tensor dlse_in = dlse.numel() > 0 ? dlse.contiguous() : dlse;
   const auto f32 = qk.options().dtype(at::kFloat);
   const at::Tensor delta = at::empty({qk.size(1), qk.size(0)}, f32);  // (H, total_q): delta_kernel writes it
-  const bool atomic_dq = atomic_dq_requested();
-  at::Tensor dq_accum = atomic_dq ? at::zeros(qk.sizes(), f32) : at::Tensor();
+  at::Tensor dq_accum = atomic_dq ? at::zeros(qk.sizes(), f32) : at::Tensor();  // (total_q, H, D)
   at::Tensor dq = atomic_dq ? at::Tensor() : at::zeros_like(qk, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::zeros(kk.sizes(), qk.options()), dv = at::zeros(vk.sizes(), qk.options());
   const bool want_dbias = a.bias && bias_grad;
@@ -284,7 +302,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_var
     p.keys.mask_heads = static_cast<int32_t>(hm);
     p.keys.heads_per_list = static_cast<int32_t>(H / hm);
   }
-  C10_CUDA_CHECK(cuda::run_varlen_bwd(p, c10::cuda::getCurrentCUDAStream()));
+  const cuda::ComputeCapability cc = device_info(qk.get_device()).cc;
+  C10_CUDA_CHECK(cuda::run_varlen_bwd(p, cc, sm90a, c10::cuda::getCurrentCUDAStream()));
   if (atomic_dq) dq = dq_accum.mul_(scale).to(qk.scalar_type());
 
   // The bias's gradient: query head h reads bias head h / (H / Hm), so each bias head sums a run of query heads.
@@ -327,15 +346,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
   const int32_t kernel_dim = cuda::bwd::bwd_head_dim(static_cast<int32_t>(std::min<int64_t>(q.size(2), 1 << 20)));
   const bool fused = q.scalar_type() != at::kFloat && !query_side && kernel_dim > 0 && q.size(1) <= kMaxGridDim &&
                      !blockwise_backward_requested();
+  const std::string dq = fused ? dq_summation() : "blockwise";
+  const bool key_lists = fused && bwd_key_lists(args);
+  const bool sm90a = fused && sm90a_backward(args, kernel_dim, device_info(q.get_device()).cc, key_lists, dq);
+  // dQ in float32 by reduce-adds (sm90a) or atomics (sm80, `atomic`); `auto` off sm90a is `ordered`.
+  const std::string dq_mode = sm90a ? "reduce_add" : dq == "auto" ? "ordered" : dq;
   if (log_plan_requested()) {
-    std::fprintf(stderr, "dmattn.varlen_bwd plan: path=%s dq=%s key_lists=%d (H=%lld Hk=%lld D=%lld query_side=%d)\n",
-                 fused ? "fused" : "blockwise",
-                 !fused ? "blockwise" : atomic_dq_requested() ? "atomic" : "ordered",
-                 static_cast<int>(fused && bwd_key_lists(args)),
-                 static_cast<long long>(q.size(1)), static_cast<long long>(k.size(1)),
+    std::fprintf(stderr,
+                 "dmattn.varlen_bwd plan: path=%s arch=%s dq=%s key_lists=%d (H=%lld Hk=%lld D=%lld query_side=%d)\n",
+                 fused ? "fused" : "blockwise", !fused ? "none" : sm90a ? "sm90a" : "sm80", dq_mode.c_str(),
+                 static_cast<int>(key_lists), static_cast<long long>(q.size(1)), static_cast<long long>(k.size(1)),
                  static_cast<long long>(q.size(2)), static_cast<int>(query_side));
   }
-  if (fused) return fused_varlen_bwd(args, dout, dlse, out, lse, bias_grad, kernel_dim);
+  if (fused) {
+    return fused_varlen_bwd(args, dout, dlse, out, lse, bias_grad, kernel_dim, sm90a,
+                            dq_mode == "reduce_add" || dq_mode == "atomic");
+  }
   return blockwise_varlen_bwd(args, dout, dlse, out, lse, bias_grad);
 }
 

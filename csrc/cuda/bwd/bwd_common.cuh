@@ -72,6 +72,20 @@ __device__ __forceinline__ KeyInfo key_info(const BwdParams& p, const Seq& s, in
   return k;
 }
 
+// The query rows [begin, end) of sequence s that a window lets see a key in positions [pos_lo, pos_hi]: query i sees
+// key j only if i + shift - window_left <= j and j <= i + shift + window_right (shift = k_len - q_len).
+struct QuerySpan {
+  int begin, end;
+};
+
+__device__ __forceinline__ QuerySpan query_span(const VarlenFwdParams& f, const Seq& s, int pos_lo, int pos_hi) {
+  const int shift = s.k_len - s.q_len;
+  QuerySpan q;
+  q.begin = f.window_right < 0 ? 0 : max(0, pos_lo - shift - static_cast<int>(f.window_right));
+  q.end = f.window_left < 0 ? s.q_len : min(s.q_len, pos_hi - shift + static_cast<int>(f.window_left) + 1);
+  return q;
+}
+
 // The key slots query head h walks in sequence b: with kept-key lists (BwdParams::keys) slot c is the c-th key the mask
 // keeps, else slot c is key position c.
 struct KeySlots {

@@ -120,12 +120,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
   float dk[1][kDTiles][4], dv[1][kDTiles][4];
   zero(dk);
   zero(dv);
-  // The window's bounds on the queries that can see a key of [pos_lo, pos_hi]: query i sees key j only if
-  // i + shift - window_left <= j and j <= i + shift + window_right (shift = k_len - q_len).
-  const int shift = s.k_len - s.q_len;
-  const int i_begin = p.f.window_right < 0 ? 0 : max(0, pos_lo - shift - static_cast<int>(p.f.window_right));
-  const int i_end = p.f.window_left < 0 ? s.q_len
-                                        : min(s.q_len, pos_hi - shift + static_cast<int>(p.f.window_left) + 1);
+  // The queries that can see a key of [pos_lo, pos_hi] (the window's bounds).
+  const QuerySpan span = query_span(p.f, s, pos_lo, pos_hi);
+  const int i_begin = span.begin, i_end = span.end;
   const int n_tiles = i_end > i_begin ? (i_end - i_begin + kBlock - 1) / kBlock : 0;
   // The two keys (accumulator rows) of this lane, as positions (INT_MAX: no key).
   const int key_a = key_pos[warp_row0 + g], key_b = key_pos[warp_row0 + g + 8];

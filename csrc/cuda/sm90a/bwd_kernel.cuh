@@ -1,0 +1,508 @@
+// bwd_kernel.cuh: the sm90a backward (wgmma + TMA, warp-specialized): dK, dV, the key-side bias gradient and dQ of
+// one key tile in one kernel, five products per (key tile, query tile) where the sm80 pair of kernels (../bwd/) needs
+// seven. What it runs is planned by the binding (varlen_fwd_cuda.cpp, sm90a_backward): float16 / bfloat16 at head
+// dims 64 and 128, no softcap, no query-side operand, a key-side mask only through kept-key lists (Hm divides Hk),
+// outside torch's deterministic mode (dQ is summed by reduce-adds whose order varies).
+//
+// A CTA owns kBlockN = 128 key slots of one KV head of one sequence (slot c: key position c, or with kept-key lists
+// the c-th key the mask keeps; ../bwd/bwd_common.cuh KeySlots), and walks the query heads of its KV group and, per
+// head, the query tiles of kBlockM = 64 rows whose rows a window lets see one of its keys (query_span):
+//   producer (warpgroup 0)    thread 0 issues the TMA copies of Q and dO of each query tile into a kStages ring
+//                             (PipelineTmaAsync) from the start; warps 1-3 gather the CTA's K and V rows once (cp.async
+//                             into the swizzled tiles, zero past the last slot), then warps 1-2 write each tile row's
+//                             visible keys, lse and delta beside its Q (RowStats, a PipelineAsync ring as deep)
+//   consumers (warpgroups 1-2) each owns 64 of the keys (the M rows of every product but dQ's) and, per query tile:
+//     S^T = K Q^T, dP^T = V dO^T              (both operands in shared memory)
+//     P^T = exp2(S^T scale log2(e) + bias - lse) on visible pairs, 0 elsewhere
+//     dV += P^T dO                              (P^T from registers, dO read transposed: no copy)
+//     dS^T = P^T (dP^T - delta), and the key-side bias gradient as each key row's sum of dS^T
+//     dK += dS^T Q                              (dS^T from registers)
+//     dQ[:, half w] = dS K[:, half w]           (dS^T through shared memory, read transposed; at D = 128 warpgroup w
+//                                                takes half of D over all 128 keys, so both must have written their
+//                                                dS^T; at D = 64, where half of D would be less than a swizzle atom,
+//                                                all of D over its own 64 keys)
+//   and adds its float32 dQ part into BwdParams::dq_accum with one bulk reduce-add per row (cp.reduce.async.bulk).
+// dK and dV stay in registers for the CTA's whole walk and are written once, so they need no atomics (GQA included).
+// Query rows past the sequence are zeroed in the tile before any product reads them (another sequence's rows could
+// hold inf, and 0 x inf is NaN), their P is 0 (RowStats: no visible key), and their dQ is not added.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "../bwd/bwd_common.cuh"
+#include "fwd_kernel.cuh"
+
+namespace dmattn::cuda::sm90a {
+
+template <typename Elem_, int kHeadDim_>
+struct BwdTraits {
+  using Elem = Elem_;
+  using CuteElem = std::conditional_t<std::is_same_v<Elem, __nv_bfloat16>, cutlass::bfloat16_t, cutlass::half_t>;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 64;   // query rows per tile
+  static constexpr int kBlockN = 128;  // key slots per CTA: 64 per consumer warpgroup
+  static constexpr int kStages = 2;    // query tiles in flight
+  static constexpr int kThreads = 384;
+  static constexpr int kConsumerThreads = 256;
+  static constexpr int kGatherThreads = 96;  // producer warps 1-3
+  // dQ = dS K per consumer warpgroup: at D = 128 half of D (one 128-byte swizzle atom of K^T) over all the CTA's keys;
+  // at D = 64 all of D over its own 64 keys (both warpgroups add into the same rows).
+  static constexpr bool kDqSplitsD = kHeadDim >= 128;
+  static constexpr int kDqCols = kDqSplitsD ? kHeadDim / 2 : kHeadDim;
+  static constexpr int kDqKeys = kDqSplitsD ? kBlockN : 64;
+  static constexpr int kDqStride = kDqCols + 8;  // floats per staged dQ row: 16-byte aligned, no bank conflict
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "the swizzle atom is 64 elements wide");
+
+  using Tile64 = cute::Int<64>;
+  using M = cute::Int<kBlockM>;
+  using N = cute::Int<kBlockN>;
+  using D = cute::Int<kHeadDim>;
+  using DqCols = cute::Int<kDqCols>;
+  using DqKeys = cute::Int<kDqKeys>;
+  using Stages = cute::Int<kStages>;
+
+  // One consumer warpgroup's products (M = its 64 keys, except dQ's M = the tile's queries).
+  using MmaSdP = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<CuteElem, CuteElem, float, cute::Shape<Tile64, M, D>>()));
+  using MmaDkv = decltype(cute::make_tiled_mma(
+      cute::GMMA::rs_op_selector<CuteElem, CuteElem, float, cute::Shape<Tile64, D, M>, cute::GMMA::Major::K,
+                                 cute::GMMA::Major::MN>()));
+  using MmaDq = decltype(cute::make_tiled_mma(
+      cute::GMMA::ss_op_selector<CuteElem, CuteElem, float, cute::Shape<M, DqCols, DqKeys>, cute::GMMA::Major::MN,
+                                 cute::GMMA::Major::MN>()));
+
+  // K, V: (keys, D); Q, dO: (queries, D, stage); dS^T: (keys, queries, buffer). Each in the 128-byte-swizzled K-major
+  // layout, and read transposed through a view of the same bytes: K^T (D, keys), Q^T / dO^T (D, queries, stage), dS
+  // (queries, keys, buffer).
+  using SmemLayoutKV = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<CuteElem>{}, cute::Shape<N, D>{}));
+  using SmemLayoutKt = decltype(cute::composition(
+      SmemLayoutKV{}, cute::make_ordered_layout(cute::Shape<D, N>{}, cute::Step<cute::_2, cute::_1>{})));
+  using SmemLayoutQ =
+      decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<CuteElem>{}, cute::Shape<M, D, Stages>{}));
+  using Transposed = cute::Step<cute::_2, cute::_1, cute::_3>;  // the first two modes swapped (the buffer mode last)
+  using SmemLayoutQt =
+      decltype(cute::composition(SmemLayoutQ{}, cute::make_ordered_layout(cute::Shape<D, M, Stages>{}, Transposed{})));
+  using SmemLayoutDst =
+      decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<CuteElem>{}, cute::Shape<N, M, cute::_2>{}));
+  using SmemLayoutDs = decltype(cute::composition(
+      SmemLayoutDst{}, cute::make_ordered_layout(cute::Shape<M, N, cute::_2>{}, Transposed{})));
+
+  // The TMA copies of Q and dO: (rows, D, heads) with the call's strides, a (kBlockM, D) box.
+  using GmemLayout = cute::Layout<cute::Shape<int32_t, int32_t, int32_t>, cute::Stride<int64_t, cute::_1, int64_t>>;
+  using TmaRows = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_LOAD{},
+      cute::make_tensor(cute::make_gmem_ptr(static_cast<const CuteElem*>(nullptr)), GmemLayout{}),
+      cute::take<0, 2>(SmemLayoutQ{}), cute::Shape<M, D>{}, cute::_1{}));
+
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
+  using RowPipeline = cutlass::PipelineAsync<kStages>;
+  static constexpr uint32_t kTileBytes = kBlockM * kHeadDim * sizeof(Elem);
+
+  // Per query tile row: the key positions [low, limit) it sees, its lse in base 2 (+inf: sees nothing) and delta.
+  struct RowStats {
+    int32_t low[kBlockM], limit[kBlockM];
+    float lse2[kBlockM], delta[kBlockM];
+  };
+
+  struct SharedStorage {
+    cute::array_aligned<CuteElem, cute::cosize_v<SmemLayoutKV>, 1024> k;
+    cute::array_aligned<CuteElem, cute::cosize_v<SmemLayoutKV>, 1024> v;
+    cute::array_aligned<CuteElem, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    cute::array_aligned<CuteElem, cute::cosize_v<SmemLayoutQ>, 1024> dout;
+    cute::array_aligned<CuteElem, cute::cosize_v<SmemLayoutDst>, 1024> ds;
+    alignas(128) float dq[2][kBlockM][kDqStride];  // each consumer warpgroup's dQ part of the tile, for the reduce-adds
+    RowStats rows[kStages];
+    int32_t key_pos[kBlockN];  // the slots' key positions (INT_MAX past the last)
+    typename Pipeline::SharedStorage pipe_q;
+    typename RowPipeline::SharedStorage pipe_rows;
+    alignas(8) uint64_t kv_full;  // K, V and the positions gathered (kGatherThreads arrivals)
+  };
+  static constexpr int kSmemBytes = sizeof(SharedStorage);
+};
+
+template <typename Traits>
+struct BwdTma {
+  typename Traits::TmaRows q, dout;
+};
+
+// The named barrier of consumer warpgroup cw alone (ids 0-3 are __syncthreads and the forward's: fwd_kernel.cuh).
+constexpr int kWarpgroupBarrier = 4;
+__device__ __forceinline__ void warpgroup_sync(int cw) {
+  asm volatile("bar.sync %0, 128;" ::"r"(kWarpgroupBarrier + cw) : "memory");
+}
+
+// The producer's gather warps (1-3) alone: their slot positions are written before any of them reads one.
+constexpr int kGatherBarrier = 6;
+
+// Stores to shared memory through a shared-window address (a generic pointer into a CuTe tile compiles to a generic
+// store, which the hardware must first resolve).
+__device__ __forceinline__ void st_shared(void* ptr, uint32_t v) {
+  asm volatile("st.shared.b32 [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(ptr))), "r"(v));
+}
+__device__ __forceinline__ void st_shared_zero16(void* ptr) {
+  asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(ptr))),
+               "r"(0));
+}
+
+// bytes (a multiple of 16) of float32 at src (shared memory) added into dst (global) element by element, as one bulk
+// operation of this thread's bulk group.
+__device__ __forceinline__ void bulk_reduce_add(float* dst, const float* src, uint32_t bytes) {
+  const uint32_t smem = static_cast<uint32_t>(__cvta_generic_to_shared(src));
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n\t"
+               "cp.async.bulk.commit_group;" ::"l"(dst),
+               "r"(smem), "r"(bytes)
+               : "memory");
+}
+// This thread's bulk operations have read their shared memory (it may be written again) / are complete.
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    bwd_kernel(const __grid_constant__ bwd::BwdParams p, const __grid_constant__ BwdTma<Traits> tma, int seq0,
+               int tile0) {
+  using namespace cute;
+  using Elem = typename Traits::Elem;
+  using CuteElem = typename Traits::CuteElem;
+  using Pipeline = typename Traits::Pipeline;
+  using RowPipeline = typename Traits::RowPipeline;
+  using PipelineState = cutlass::PipelineState<Traits::kStages>;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
+  constexpr int kM8 = kBlockM / 8, kD8 = kHeadDim / 8, kDq8 = Traits::kDqCols / 8;
+  using M = typename Traits::M;
+  using D = typename Traits::D;
+
+  // ---- The CTA's keys and the query tiles that can see them (every thread, before any barrier) ----
+  const int hk = blockIdx.x, b = seq0 + static_cast<int>(blockIdx.y);
+  const bwd::Seq s(p.f, b);
+  const int group = p.f.num_heads / p.f.num_heads_k;
+  const bwd::KeySlots ks(p, s, b, hk * group);  // lists serve whole KV groups (the binding plans only those)
+  const int c0 = (tile0 + static_cast<int>(blockIdx.z)) * kBlockN;
+  if (c0 >= ks.n) return;
+  const int keys_here = min(kBlockN, ks.n - c0);
+  const bwd::QuerySpan span = bwd::query_span(p.f, s, ks.pos(c0, s.k_len), ks.pos(c0 + keys_here - 1, s.k_len));
+  const int tiles_per_head = span.end > span.begin ? (span.end - span.begin + kBlockM - 1) / kBlockM : 0;
+  const int items = tiles_per_head * group;  // item j: query tile j % tiles_per_head of query head j / tiles_per_head
+  if (items == 0) return;                    // no query sees a key: dK, dV and dbias stay 0
+  auto item_tile = [&](int item, int& h, int& m0) {
+    const int hh = item / tiles_per_head;
+    h = hk * group + hh;
+    m0 = span.begin + (item - hh * tiles_per_head) * kBlockM;
+  };
+
+  extern __shared__ __align__(1024) char smem_raw[];
+  auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
+  const int warpgroup = threadIdx.x / 128;
+
+  typename Pipeline::Params pipe_params;
+  pipe_params.transaction_bytes = 2 * Traits::kTileBytes;  // Q and dO of a tile on one barrier
+  pipe_params.role = warpgroup == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pipe_params.is_leader = threadIdx.x == 0;
+  pipe_params.num_consumers = Traits::kConsumerThreads;
+  Pipeline pipe_q(smem.pipe_q, pipe_params, Shape<_1, _1, _1>{});
+  typename RowPipeline::Params row_params;
+  row_params.role = warpgroup == 0 ? RowPipeline::ThreadCategory::Producer : RowPipeline::ThreadCategory::Consumer;
+  row_params.producer_arv_count = kBlockM;  // warps 1-2: a row each
+  row_params.consumer_arv_count = Traits::kConsumerThreads;
+  RowPipeline pipe_rows(smem.pipe_rows, row_params);
+  auto& kv_full = *reinterpret_cast<cutlass::arch::ClusterBarrier*>(&smem.kv_full);
+  if (threadIdx.x == 0) kv_full.init(Traits::kGatherThreads);
+  cutlass::arch::fence_barrier_init();
+  __syncthreads();
+
+  Tensor sK = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKV{});
+  Tensor sV = make_tensor(make_smem_ptr(smem.v.data()), typename Traits::SmemLayoutKV{});
+  Tensor sKt = make_tensor(make_smem_ptr(smem.k.data()), typename Traits::SmemLayoutKt{});
+  Tensor sQ = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQ{});
+  Tensor sQt = make_tensor(make_smem_ptr(smem.q.data()), typename Traits::SmemLayoutQt{});
+  Tensor sdO = make_tensor(make_smem_ptr(smem.dout.data()), typename Traits::SmemLayoutQ{});
+  Tensor sdOt = make_tensor(make_smem_ptr(smem.dout.data()), typename Traits::SmemLayoutQt{});
+  Tensor sdSt = make_tensor(make_smem_ptr(smem.ds.data()), typename Traits::SmemLayoutDst{});
+  Tensor sdS = make_tensor(make_smem_ptr(smem.ds.data()), typename Traits::SmemLayoutDs{});
+
+  if (warpgroup == 0) {
+    // ---- Producer ----
+    cutlass::arch::warpgroup_reg_dealloc<24>();
+    const int ptid = threadIdx.x;
+    if (ptid == 0) {  // Q and dO of each query tile, by TMA
+      Tensor mQ = tma.q.get_tma_tensor(make_shape(static_cast<int32_t>(p.f.total_q), kHeadDim, p.f.num_heads));
+      Tensor mdO = tma.dout.get_tma_tensor(make_shape(static_cast<int32_t>(p.f.total_q), kHeadDim, p.f.num_heads));
+      PipelineState state = cutlass::make_producer_start_state<Pipeline>();
+      for (int item = 0; item < items; ++item) {
+        int h, m0;
+        item_tile(item, h, m0);
+        const auto at = make_coord(static_cast<int32_t>(s.q_start + m0), _0{});
+        Tensor gQ = local_tile(domain_offset(at, mQ(_, _, h)), Shape<M, D>{}, make_coord(_0{}, _0{}));
+        Tensor gdO = local_tile(domain_offset(at, mdO(_, _, h)), Shape<M, D>{}, make_coord(_0{}, _0{}));
+        auto [tQg, tQs] = tma_partition(tma.q, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sQ(_, _, state.index())),
+                                        group_modes<0, 2>(gQ));
+        auto [tdOg, tdOs] = tma_partition(tma.dout, Int<0>{}, Layout<_1>{},
+                                          group_modes<0, 2>(sdO(_, _, state.index())), group_modes<0, 2>(gdO));
+        pipe_q.producer_acquire(state);
+        copy(tma.q.with(*pipe_q.producer_get_barrier(state)), tQg, tQs);
+        copy(tma.dout.with(*pipe_q.producer_get_barrier(state)), tdOg, tdOs);
+        ++state;
+      }
+    } else if (ptid >= 32) {
+      // K and V of the CTA's slots, by warps 1-3: their positions first, then 16-byte chunks (the gather thread's i-th
+      // chunk is chunk gtid + i kGatherThreads of the tile, row-major).
+      const int gtid = ptid - 32;
+      for (int c = gtid; c < kBlockN; c += Traits::kGatherThreads) {
+        smem.key_pos[c] = c < keys_here ? ks.pos(c0 + c, s.k_len) : INT_MAX;
+      }
+      asm volatile("bar.sync %0, %1;" ::"r"(kGatherBarrier), "r"(Traits::kGatherThreads) : "memory");
+      constexpr int kChunks = kHeadDim / 8;
+      const Elem* k_head = static_cast<const Elem*>(p.f.k) + static_cast<int64_t>(hk) * p.f.k_head_stride;
+      const Elem* v_head = static_cast<const Elem*>(p.f.v) + static_cast<int64_t>(hk) * p.f.v_head_stride;
+#pragma unroll 4
+      for (int i = gtid; i < kBlockN * kChunks; i += Traits::kGatherThreads) {
+        const int r = i / kChunks, col = (i % kChunks) * 8;
+        const bool valid = r < keys_here;
+        const int64_t row = static_cast<int64_t>(s.k_start) + (valid ? smem.key_pos[r] : 0);
+        sm80::cp_async_16(&sK(r, col), valid ? k_head + row * p.f.k_row_stride + col : p.f.k, valid);
+        sm80::cp_async_16(&sV(r, col), valid ? v_head + row * p.f.v_row_stride + col : p.f.v, valid);
+      }
+      cute::cp_async_wait<0>();
+      cutlass::arch::fence_view_async_shared();  // the copies are read by wgmma (the async proxy)
+      kv_full.arrive();
+      if (ptid >= 32 + kBlockM) return;
+      // Warps 1-2: row r's statistics of each query tile.
+      const int r = ptid - 32;
+      PipelineState state = cutlass::make_producer_start_state<RowPipeline>();
+      for (int item = 0; item < items; ++item) {
+        int h, m0;
+        item_tile(item, h, m0);
+        const bwd::RowInfo info = bwd::row_info(p, s, h, m0 + r);
+        pipe_rows.producer_acquire(state);
+        typename Traits::RowStats& st = smem.rows[state.index()];
+        st.low[r] = info.low;
+        st.limit[r] = info.limit;
+        st.lse2[r] = info.lse2;
+        st.delta[r] = info.delta;
+        pipe_rows.producer_commit(state);
+        ++state;
+      }
+    }
+    return;
+  }
+
+  // ---- Consumers ----
+  cutlass::arch::warpgroup_reg_alloc<240>();
+  const int cw = warpgroup - 1;  // consumer warpgroup: key slots [64 cw, 64 cw + 64) of the CTA
+  const int ctid = threadIdx.x - 128, wtid = threadIdx.x % 128;
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+
+  typename Traits::MmaSdP mma_sdp;
+  typename Traits::MmaDkv mma_dkv;
+  typename Traits::MmaDq mma_dq;
+  auto thr_sdp = mma_sdp.get_thread_slice(wtid);
+  auto thr_dkv = mma_dkv.get_thread_slice(wtid);
+  auto thr_dq = mma_dq.get_thread_slice(wtid);
+  Tensor tSrK = thr_sdp.partition_fragment_A(local_tile(sK, Shape<_64, D>{}, make_coord(cw, _0{})));  // (MMA, 1, D/16)
+  Tensor tdPrV = thr_sdp.partition_fragment_A(local_tile(sV, Shape<_64, D>{}, make_coord(cw, _0{})));
+  Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);     // (MMA, 1, D / 16, stages)
+  Tensor tdPrdO = thr_sdp.partition_fragment_B(sdO);  // (MMA, 1, D / 16, stages)
+  Tensor tdVrdO = thr_dkv.partition_fragment_B(sdOt);  // (MMA, 1, kBlockM / 16, stages)
+  Tensor tdKrQ = thr_dkv.partition_fragment_B(sQt);    // (MMA, 1, kBlockM / 16, stages)
+  // dQ's operands: dS (queries, the warpgroup's dQ keys, buffer) and K^T (its dQ columns, those keys).
+  constexpr bool kDqSplitsD = Traits::kDqSplitsD;
+  using DqCols = typename Traits::DqCols;
+  using DqKeys = typename Traits::DqKeys;
+  Tensor tdQrdS = thr_dq.partition_fragment_A(
+      local_tile(sdS, Shape<M, DqKeys, _2>{}, make_coord(_0{}, kDqSplitsD ? 0 : cw, _0{})));  // (MMA, 1, K, buffers)
+  Tensor tdQrK = thr_dq.partition_fragment_B(
+      local_tile(sKt, Shape<DqCols, DqKeys>{}, make_coord(kDqSplitsD ? cw : 0, kDqSplitsD ? 0 : cw)));
+  Tensor tSrS = partition_fragment_C(mma_sdp, Shape<_64, M>{});
+  Tensor tdPrdP = partition_fragment_C(mma_sdp, Shape<_64, M>{});
+  Tensor tdVrdV = partition_fragment_C(mma_dkv, Shape<_64, D>{});
+  Tensor tdKrdK = partition_fragment_C(mma_dkv, Shape<_64, D>{});
+  Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<M, DqCols>{});
+  Tensor tOrP = make_tensor<CuteElem>(partition_shape_A(mma_dkv, Shape<_64, M>{}));
+  Tensor tOrdS = make_tensor<CuteElem>(partition_shape_A(mma_dkv, Shape<_64, M>{}));
+  // The accumulators as m16n8 fragments (fwd_kernel.cuh, as_m16n8): thread rows 16 (wtid / 32) + g (+ 8), columns
+  // 8 nt + 2 t (+ 1). Rows are keys in S^T, dP^T, dV and dK, queries in dQ.
+  float(&pt)[1][kM8][4] = as_m16n8<kM8>(tSrS);
+  float(&dpt)[1][kM8][4] = as_m16n8<kM8>(tdPrdP);
+  float(&dv)[1][kD8][4] = as_m16n8<kD8>(tdVrdV);
+  float(&dk)[1][kD8][4] = as_m16n8<kD8>(tdKrdK);
+  float(&dq)[1][kDq8][4] = as_m16n8<kDq8>(tdQrdQ);
+  clear(tdVrdV);
+  clear(tdKrdK);
+
+  const int slot_a = 64 * cw + 16 * (wtid / 32) + g;  // this thread's two key slots: slot_a, slot_a + 8
+  const bool listed = ks.list != nullptr;
+  const float scale2 = p.f.softmax_scale * bwd::kLog2e;
+  kv_full.wait(0);
+  const int key_a = smem.key_pos[slot_a], key_b = smem.key_pos[slot_a + 8];
+  bwd::KeyInfo ka{false, 0.f}, kb{false, 0.f};
+  float db_a = 0.f, db_b = 0.f;  // this thread's share of the two keys' bias gradient for the current head
+  PipelineState state;
+  for (int item = 0; item < items; ++item) {
+    int h, m0;
+    item_tile(item, h, m0);
+    const int stage = state.index(), buf = item % 2;
+    if (m0 == span.begin) {  // a new query head
+      ka = bwd::key_info(p, s, h, key_a, listed);
+      kb = bwd::key_info(p, s, h, key_b, listed);
+      db_a = db_b = 0.f;
+    }
+    const int rows = min(kBlockM, s.q_len - m0);
+    pipe_q.consumer_wait(state);
+    pipe_rows.consumer_wait(state);
+    if (rows < kBlockM) {  // rows past the sequence (another sequence's, or TMA's zeros) become zeros
+      constexpr int kChunks = kHeadDim / 8;
+      for (int i = ctid; i < (kBlockM - rows) * kChunks; i += Traits::kConsumerThreads) {
+        const int r = rows + i / kChunks, col = (i % kChunks) * 8;
+        st_shared_zero16(&sQ(r, col, stage));
+        st_shared_zero16(&sdO(r, col, stage));
+      }
+      cutlass::arch::fence_view_async_shared();
+      consumer_sync(Traits::kConsumerThreads);
+    }
+    const typename Traits::RowStats& st = smem.rows[stage];
+
+    // S^T = K Q^T and dP^T = V dO^T, issued together; S^T waited for alone.
+    warpgroup_fence_operand(tSrS);
+    warpgroup_fence_operand(tdPrdP);
+    warpgroup_arrive();
+    warpgroup_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
+    warpgroup_issue<true>(mma_sdp, tdPrV, tdPrdO(_, _, _, stage), tdPrdP);
+    warpgroup_wait<1>();
+    warpgroup_fence_operand(tSrS);
+    // P^T: a pair (key j, query i) is visible when the key is (kept, in the sequence) and within the row's interval.
+#pragma unroll
+    for (int nt = 0; nt < kM8; ++nt) {
+      const int i0 = nt * 8 + 2 * t;  // the thread's two query rows of the tile: i0, i0 + 1
+      const int2 low = *reinterpret_cast<const int2*>(&st.low[i0]);
+      const int2 limit = *reinterpret_cast<const int2*>(&st.limit[i0]);
+      const float2 lse2 = *reinterpret_cast<const float2*>(&st.lse2[i0]);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = e < 2 ? key_a : key_b;
+        const bwd::KeyInfo& key = e < 2 ? ka : kb;
+        const bool visible = key.visible && j >= (e & 1 ? low.y : low.x) && j < (e & 1 ? limit.y : limit.x);
+        const float x = exp2f(fmaf(pt[0][nt][e], scale2, key.bias2) - (e & 1 ? lse2.y : lse2.x));
+        pt[0][nt][e] = visible ? x : 0.f;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < size(tOrP); ++i) tOrP(i) = static_cast<CuteElem>(tSrS(i));
+    // dV += P^T dO, issued; dP^T waited for.
+    warpgroup_fence_operand(tOrP);
+    warpgroup_fence_operand(tdVrdV);
+    warpgroup_arrive();
+    warpgroup_issue<false>(mma_dkv, tOrP, tdVrdO(_, _, _, stage), tdVrdV);
+    warpgroup_wait<1>();
+    warpgroup_fence_operand(tdPrdP);
+    // dS^T = P^T (dP^T - delta) (a select where P is 0: dP^T may be inf there), and the bias gradient's row sums.
+    // P^T from its 16-bit copy (element e of n8 fragment nt is tOrP(4 nt + e)), as the sm80 kernels do: the float32
+    // one is dead once rounded, which keeps the accumulators of S^T, dP^T, dV and dK from being live together.
+#pragma unroll
+    for (int nt = 0; nt < kM8; ++nt) {
+      const float2 delta = *reinterpret_cast<const float2*>(&st.delta[nt * 8 + 2 * t]);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float prob = static_cast<float>(tOrP(4 * nt + e));
+        const float d = prob != 0.f ? prob * (dpt[0][nt][e] - (e & 1 ? delta.y : delta.x)) : 0.f;
+        if (e < 2) db_a += d; else db_b += d;
+        dpt[0][nt][e] = d;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < size(tOrdS); ++i) tOrdS(i) = static_cast<CuteElem>(tdPrdP(i));
+    // dS^T into shared memory for dQ: slot row, query column pairs. The buffer was last read by dQ products two tiles
+    // ago: this warpgroup's own landed before this tile, and at D = 128 the other warpgroup passed the last tile's
+    // barrier below only after its product of the tile before had landed.
+#pragma unroll
+    for (int nt = 0; nt < kM8; ++nt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int slot = slot_a + 8 * half, i0 = nt * 8 + 2 * t;
+        st_shared(&sdSt(slot, i0, buf), sm80::ElemTraits<Elem>::pack(dpt[0][nt][2 * half], dpt[0][nt][2 * half + 1]));
+      }
+    }
+    // dK += dS^T Q, issued.
+    warpgroup_fence_operand(tOrdS);
+    warpgroup_fence_operand(tdKrdK);
+    warpgroup_arrive();
+    warpgroup_issue<false>(mma_dkv, tOrdS, tdKrQ(_, _, _, stage), tdKrdK);
+    // dQ's part: the dS^T rows it reads written (by both warpgroups at D = 128, by this one at D = 64) and visible to
+    // wgmma.
+    cutlass::arch::fence_view_async_shared();
+    if constexpr (kDqSplitsD) {
+      consumer_sync(Traits::kConsumerThreads);
+    } else {
+      warpgroup_sync(cw);
+    }
+    warpgroup_fence_operand(tdQrdQ);
+    warpgroup_arrive();
+    warpgroup_issue<true>(mma_dq, tdQrdS(_, _, _, buf), tdQrK, tdQrdQ);
+    warpgroup_wait<1>();  // dV and dK landed: the tile's Q, dO and statistics are free
+    warpgroup_fence_operand(tdVrdV);
+    warpgroup_fence_operand(tdKrdK);
+    warpgroup_fence_operand(tOrP);
+    warpgroup_fence_operand(tOrdS);
+    pipe_q.consumer_release(state);
+    pipe_rows.consumer_release(state);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tdQrdQ);
+
+    // dQ's part into the warpgroup's staging rows (once the last tile's reduce-adds have read them), then a bulk
+    // reduce-add per row of the sequence (at D = 64 both warpgroups add into the whole row).
+    if (item > 0 && wtid < kBlockM) bulk_wait_read();
+    warpgroup_sync(cw);
+    float(*stage_dq)[Traits::kDqStride] = smem.dq[cw];
+#pragma unroll
+    for (int dt = 0; dt < kDq8; ++dt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = 16 * (wtid / 32) + g + 8 * half;
+        *reinterpret_cast<float2*>(&stage_dq[r][dt * 8 + 2 * t]) =
+            make_float2(dq[0][dt][2 * half], dq[0][dt][2 * half + 1]);
+      }
+    }
+    cutlass::arch::fence_view_async_shared();
+    warpgroup_sync(cw);
+    if (wtid < rows) {
+      const int64_t row = static_cast<int64_t>(s.q_start) + m0 + wtid;
+      float* dst = p.dq_accum + (row * p.f.num_heads + h) * kHeadDim + (kDqSplitsD ? cw * Traits::kDqCols : 0);
+      bulk_reduce_add(dst, stage_dq[wtid], Traits::kDqCols * sizeof(float));
+    }
+
+    const bool head_done = m0 + kBlockM >= span.begin + tiles_per_head * kBlockM;
+    if (head_done && p.dbias != nullptr) {  // the quad's four column shares of each key, then one lane writes
+      db_a += __shfl_xor_sync(0xffffffffu, db_a, 1);
+      db_a += __shfl_xor_sync(0xffffffffu, db_a, 2);
+      db_b += __shfl_xor_sync(0xffffffffu, db_b, 1);
+      db_b += __shfl_xor_sync(0xffffffffu, db_b, 2);
+      const int64_t heads = p.f.num_heads;
+      if (t == 0 && key_a < s.k_len) p.dbias[(static_cast<int64_t>(s.k_start) + key_a) * heads + h] = db_a;
+      if (t == 0 && key_b < s.k_len) p.dbias[(static_cast<int64_t>(s.k_start) + key_b) * heads + h] = db_b;
+    }
+    ++state;
+  }
+
+  // ---- dK (times the softmax scale) and dV of the warpgroup's 64 slots, at their keys' rows ----
+  const float scale = p.f.softmax_scale;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int j = half ? key_b : key_a;
+    if (j >= s.k_len) continue;  // past the last slot
+    const int64_t at = ((static_cast<int64_t>(s.k_start) + j) * p.f.num_heads_k + hk) * kHeadDim + 2 * t;
+    Elem* dk_row = static_cast<Elem*>(p.dk) + at;
+    Elem* dv_row = static_cast<Elem*>(p.dv) + at;
+#pragma unroll
+    for (int dt = 0; dt < kD8; ++dt) {
+      *reinterpret_cast<uint32_t*>(dk_row + dt * 8) =
+          sm80::ElemTraits<Elem>::pack(dk[0][dt][2 * half] * scale, dk[0][dt][2 * half + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dv_row + dt * 8) =
+          sm80::ElemTraits<Elem>::pack(dv[0][dt][2 * half], dv[0][dt][2 * half + 1]);
+    }
+  }
+  if (wtid < kBlockM) bulk_wait_all();  // the reduce-adds read shared memory until they complete
+}
+
+}  // namespace dmattn::cuda::sm90a

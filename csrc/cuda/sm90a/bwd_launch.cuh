@@ -1,0 +1,54 @@
+// bwd_launch.cuh: the sm90a backward's launcher (bwd_kernel.cuh), called by ../run_varlen_bwd.cu after the passes
+// both backwards share (delta_kernel, compact_keys): bwd_kernel over (KV heads, sequences, key tiles of 128 slots), the
+// key tile slowest so that under a causal mask the first key tiles, which every later query sees, start first. dQ
+// comes out in BwdParams::dq_accum (float32, zero-filled; the binding scales it into dq). Included by the generated
+// instantiation files (tools/kernel_matrix.py, BACKWARD), compiled for sm_90a only.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "bwd_kernel.cuh"
+
+namespace dmattn::cuda::sm90a {
+
+// The TMA view of q or dout: (rows, D, heads) with the call's strides (elements).
+template <typename Traits>
+typename Traits::TmaRows make_row_tma(const void* ptr, int64_t rows, int32_t heads, int64_t row_stride,
+                                      int64_t head_stride) {
+  using namespace cute;
+  constexpr int D = Traits::kHeadDim;
+  auto gmem = make_tensor(
+      make_gmem_ptr(static_cast<const typename Traits::CuteElem*>(ptr)),
+      make_layout(make_shape(static_cast<int32_t>(rows), D, heads), make_stride(row_stride, _1{}, head_stride)));
+  return make_tma_copy(SM90_TMA_LOAD{}, gmem, take<0, 2>(typename Traits::SmemLayoutQ{}),
+                       Shape<typename Traits::M, typename Traits::D>{}, _1{});
+}
+
+template <typename Elem, int kHeadDim>
+cudaError_t launch_backward(const bwd::BwdParams& p, cudaStream_t stream) {
+  using Traits = BwdTraits<Elem, kHeadDim>;
+  if (p.dq_accum == nullptr || p.f.head_dim != kHeadDim) return cudaErrorInvalidValue;
+  auto kernel = bwd_kernel<Traits>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const BwdTma<Traits> tma{
+      make_row_tma<Traits>(p.f.q, p.f.total_q, p.f.num_heads, p.f.q_row_stride, p.f.q_head_stride),
+      make_row_tma<Traits>(p.dout, p.f.total_q, p.f.num_heads, p.dout_row_stride, p.dout_head_stride)};
+  constexpr int64_t kMaxGridYZ = 65535;  // sequences are grid.y, key tiles grid.z
+  const int64_t key_tiles = (p.f.max_seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
+  for (int64_t seq0 = 0; seq0 < p.f.batch; seq0 += kMaxGridYZ) {
+    const auto seqs = static_cast<unsigned>(std::min<int64_t>(kMaxGridYZ, p.f.batch - seq0));
+    for (int64_t tile0 = 0; tile0 < key_tiles; tile0 += kMaxGridYZ) {
+      const auto tiles = static_cast<unsigned>(std::min<int64_t>(kMaxGridYZ, key_tiles - tile0));
+      kernel<<<dim3(p.f.num_heads_k, seqs, tiles), Traits::kThreads, Traits::kSmemBytes, stream>>>(
+          p, tma, static_cast<int>(seq0), static_cast<int>(tile0));
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+  }
+  return cudaSuccess;
+}
+
+}  // namespace dmattn::cuda::sm90a
