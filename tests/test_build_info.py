@@ -60,6 +60,13 @@ dmattn_ops build
         self.assertIn("  CUDA device here     GPU (sm_90): uses sm90a, then sm80\n", report)
         self.assertIn("  CUDA device here     GPU (sm_80): uses sm80\n", self.report(build, cc=80))
 
+    def test_build_of_fewer_head_dims(self):
+        """DMATTN_HEAD_DIMS=64;128: each arch path lists what it holds; the CUDA head dims line says the others pad."""
+        report = self.report(cuda_build(["80", "90"], km.with_head_dims([64, 128])), cc=90)
+        self.assertIn("    sm90a  runs where cc == 90, built for sm_90a: float16, bfloat16; head dims 64, 128\n", report)
+        self.assertIn("built for sm_80, sm_90: float16, bfloat16; head dims 64, 128\n", report)
+        self.assertIn("  CUDA head dims       64, 128 compiled; others up to 128 run padded\n", report)
+
     def test_sm90a_not_built_without_90(self):
         report = self.report(cuda_build(["80"]), cc=86)
         self.assertIn("    sm90a  runs where cc == 90; not built (DMATTN_CUDA_ARCHS lacks its arch)\n", report)

@@ -278,3 +278,32 @@ def test_kernel_head_dim_covers_every_head_dim(tmp_path):
     for (cc, dtype, d), (fit, largest, _) in zip(queries, answers):
         assert largest == max(km.HEAD_DIMS)
         assert fit == min((h for h in km.HEAD_DIMS if h >= d), default=-1), (cc, dtype, d)
+
+
+@pytest.mark.parametrize("text, dims", [("", km.HEAD_DIMS), ("128", [128]), ("128;64", [64, 128]),
+                                        (" 64 , 256,", [64, 256]), ("128;128", [128])])
+def test_head_dims_variable_parses(text, dims):
+    """DMATTN_HEAD_DIMS lists head dims as DMATTN_CUDA_ARCHS lists archs; unset or empty means every one."""
+    assert km.parse_head_dims(text) == dims
+
+
+@pytest.mark.parametrize("text", ["100", "sixty-four", "64;48", "-128"])
+def test_head_dims_variable_names_the_choices(text):
+    """A head dim with no kernel template is an error naming the variable, the choices and what was given."""
+    with pytest.raises(ValueError, match=r"DMATTN_HEAD_DIMS must list head dims among 32, 64, 96, 128, 256"):
+        km.parse_head_dims(text)
+
+
+def test_fewer_head_dims_run_padded_in_the_registry(tmp_path):
+    """A build of head dim 128 alone (DMATTN_HEAD_DIMS=128): every dtype and arch path at 128 (the sm90a backward at
+    128 too), smaller head dims padded to 128, larger ones have no kernel (the binding's error names the largest)."""
+    only = km.with_head_dims([128])
+    assert only == [i for i in km.INSTANTIATIONS if i[2] == 128] and {a for a, _, _ in only} == {"sm80", "sm90a"}
+    assert [i for i in km.BACKWARD if i in only] == [("sm90a", "float16", 128), ("sm90a", "bfloat16", 128)]
+    queries = [(cc, "bfloat16", d) for cc in (80, 90) for d in (32, 64, 128, 129, 256)]
+    answers = dict(zip(queries, run_registry(tmp_path, only, queries)))
+    assert answers[(90, "bfloat16", 64)] == (128, 128, "none")
+    assert answers[(90, "bfloat16", 128)] == (128, 128, "sm90a bfloat16 128")
+    assert answers[(80, "bfloat16", 32)] == (128, 128, "none")
+    assert answers[(80, "bfloat16", 129)] == (-1, 128, "none")
+    assert answers == {q: expected(only, *q) for q in queries}

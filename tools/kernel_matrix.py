@@ -89,6 +89,27 @@ def parse_archs(text):
     return [a.strip() for a in text.replace(",", ";").split(";") if a.strip()]
 
 
+def parse_head_dims(text):
+    """DMATTN_HEAD_DIMS ("128", "64;128", "64,128"; empty: every one of HEAD_DIMS) as a sorted list: the head dims a
+    build compiles kernels for. A call's head dim runs on the smallest compiled one that holds it (zero-padded), so
+    fewer dims build faster and smaller, and dims above the largest compiled one get a clear error at call time."""
+    dims = set()
+    for part in text.replace(",", ";").split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.isdigit() or int(part) not in HEAD_DIMS:
+            raise ValueError(f"DMATTN_HEAD_DIMS must list head dims among {', '.join(map(str, HEAD_DIMS))} "
+                             f"(';'- or ','-separated), got {part!r} in {text!r}")
+        dims.add(int(part))
+    return sorted(dims) if dims else list(HEAD_DIMS)
+
+
+def with_head_dims(head_dims, instantiations=INSTANTIATIONS):
+    """The instantiations at head dims in head_dims (DMATTN_HEAD_DIMS), every arch path and dtype."""
+    return [i for i in instantiations if i[2] in head_dims]
+
+
 def gencode(codes):
     return [f"-gencode=arch=compute_{c},code=sm_{c}" for c in codes]
 
