@@ -35,10 +35,9 @@ __device__ __forceinline__ int slots_below(const int32_t* list, int count, int64
   return lo;
 }
 
-// The key position of slot c of a sequence's list, clamped into the sequence: where lying cu_seqlens overlap two
-// sequences, their compactions write each other's list entries, and an unclamped position read past k and v.
+// The key position of slot c of a sequence's list, clamped into the sequence (KeyLists::clamp_pos).
 __device__ __forceinline__ int slot_key(const int32_t* list, int c, int k_len) {
-  return min(max(list[c], 0), k_len - 1);
+  return KeyLists::clamp_pos(list[c], k_len);
 }
 
 // The K / V rows, positions and biases of slots [c0, c0 + slots) of list l into kept head kh (sequence b, its rows
@@ -76,7 +75,9 @@ __device__ __forceinline__ void copy_slots(const VarlenFwdParams& p, const KeptR
   const int64_t seg = KeptRows::segment(k_start, b);
   // The positions, once per list (its first kept head).
   if (first_of_list) {
-    for (int r = threadIdx.x; r < slots; r += kGatherThreads) rows.pos[l * rows.extent + seg + c0 + r] = list[c0 + r];
+    for (int r = threadIdx.x; r < slots; r += kGatherThreads) {
+      rows.pos[l * rows.extent + seg + c0 + r] = slot_key(list, c0 + r, k_len);  // the position of the row copied
+    }
   }
   // The bias of the bias heads g whose query heads are kept head kh's: [kh G / KH, (kh + 1) G / KH) for KH =
   // rows.heads kept heads where G >= KH, else (G = 1) head 0 from kept head 0. Query head g (H / G) stands for g's

@@ -99,6 +99,13 @@ struct KeyLists {
 
   // The list query head h reads (list heads split the query heads evenly).
   DMATTN_HOST_DEVICE int list(int h) const { return h / heads_per_list; }
+  // A list entry (a key position) of a sequence of k_len >= 1 keys, clamped into the sequence: where lying cu_seqlens
+  // overlap two sequences, their compactions write each other's entries, and an unclamped entry would address rows
+  // past k and v. Every reader that turns an entry into a row goes through here.
+  DMATTN_HOST_DEVICE static int clamp_pos(int pos, int k_len) {
+    const int low = pos > 0 ? pos : 0;  // max(pos, 0), then min with k_len - 1: two integer min / max instructions
+    return low < k_len - 1 ? low : k_len - 1;
+  }
   // The kept keys of list l in sequence b, clamped to [0, k_len] as every reader takes them: a count can then never
   // move a read past the sequence's keys.
   DMATTN_HOST_DEVICE int kept(int b, int l, int k_len) const {

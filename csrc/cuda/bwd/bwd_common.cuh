@@ -98,10 +98,10 @@ struct KeySlots {
     list = p.keys.index + static_cast<int64_t>(l) * p.f.total_k + s.k_start;
     n = p.keys.kept(b, l, s.k_len);
   }
-  // Key position of slot c < n, clamped into the sequence, so a list cannot move a read out of it.
+  // Key position of slot c < n, clamped into the sequence (KeyLists::clamp_pos): no list moves a read out of it.
   __device__ __forceinline__ int pos(int c, int k_len) const {
     if (list == nullptr) return c;
-    return min(max(list[c], 0), k_len - 1);
+    return KeyLists::clamp_pos(list[c], k_len);
   }
   // Slots whose key position is < limit (a whole warp calls it: sm80::slots_before).
   __device__ __forceinline__ int before(int limit, int lane) const { return sm80::slots_before(list, n, limit, lane); }

@@ -82,7 +82,7 @@ __device__ __forceinline__ void gather_rows(typename Traits::Elem* smem, const K
   for (int r = r0, i = 0; i < (kRows + L::kRowStep - 1) / L::kRowStep; ++i, r += L::kRowStep) {
     if (kRows % L::kRowStep != 0 && r >= kRows) break;
     const bool valid = r < valid_rows;
-    const int j = valid ? min(max(pos[r], 0), seq_len - 1) : 0;
+    const int j = valid ? KeyLists::clamp_pos(pos[r], seq_len) : 0;
     cp_async_16(smem + Traits::template smem_offset<kRows>(r, col),
                 valid ? static_cast<const void*>(src.row(j) + col) : fallback, valid);
   }

@@ -34,7 +34,8 @@ struct TileContext {
   int slots_full;            // slots before this are within every row's right edge
   // Slots in [slots_low_full, slots_full) are seen by every row: tiles there need no per-element check.
 
-  // Key position of a slot: clamped, so lying cu_seqlens cannot move a read out of the sequence.
+  // Key position of a slot: clamped, so lying cu_seqlens cannot move a read out of the sequence. KeyLists::clamp_pos's
+  // rule as a compare chain: through the helper ptxas made the query-operand kernel ~200 instructions longer.
   __device__ __forceinline__ int key_pos(int slot) const {
     if (key_index == nullptr) return slot;
     const int pos = key_index[slot];
