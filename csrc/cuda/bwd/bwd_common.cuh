@@ -107,6 +107,20 @@ struct KeySlots {
   __device__ __forceinline__ int before(int limit, int lane) const { return sm80::slots_before(list, n, limit, lane); }
 };
 
+// Query head h's key-side bias gradient of a thread's two keys (its accumulator rows key_a and key_b, -1 or past
+// k_len: none), whose columns the four lanes t of a quad hold in shares: the shares are summed across the quad and lane
+// t == 0 writes dbias[(k_start + key) * H + h]. A whole warp calls it.
+__device__ __forceinline__ void store_dbias_pair(const BwdParams& p, const Seq& s, int h, int t, int key_a, int key_b,
+                                                 float db_a, float db_b) {
+  db_a += __shfl_xor_sync(0xffffffffu, db_a, 1);
+  db_a += __shfl_xor_sync(0xffffffffu, db_a, 2);
+  db_b += __shfl_xor_sync(0xffffffffu, db_b, 1);
+  db_b += __shfl_xor_sync(0xffffffffu, db_b, 2);
+  const int64_t heads = p.f.num_heads;
+  if (t == 0 && key_a < s.k_len) p.dbias[(static_cast<int64_t>(s.k_start) + key_a) * heads + h] = db_a;
+  if (t == 0 && key_b < s.k_len) p.dbias[(static_cast<int64_t>(s.k_start) + key_b) * heads + h] = db_b;
+}
+
 // The key positions of the rows of a 64-slot tile that this thread copies (sm80::RowLoader's rows r0 + i * kStep),
 // fetched ahead of the copy so that the gather does not wait on the list; -1: past the tile's last slot (zero-filled).
 template <typename Traits>

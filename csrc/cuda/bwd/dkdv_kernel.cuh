@@ -227,15 +227,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 2)
       }
       __syncthreads();  // every warp is done with buffer buf before tile n + 2 loads into it
     }
-    if (p.dbias != nullptr) {  // the quad's four column shares of each key, then one lane writes
-      db_a += __shfl_xor_sync(0xffffffffu, db_a, 1);
-      db_a += __shfl_xor_sync(0xffffffffu, db_a, 2);
-      db_b += __shfl_xor_sync(0xffffffffu, db_b, 1);
-      db_b += __shfl_xor_sync(0xffffffffu, db_b, 2);
-      const int64_t heads = p.f.num_heads;
-      if (t == 0 && key_a < s.k_len) p.dbias[(static_cast<int64_t>(s.k_start) + key_a) * heads + h] = db_a;
-      if (t == 0 && key_b < s.k_len) p.dbias[(static_cast<int64_t>(s.k_start) + key_b) * heads + h] = db_b;
-    }
+    if (p.dbias != nullptr) store_dbias_pair(p, s, h, t, key_a, key_b, db_a, db_b);
   }
   cute::cp_async_wait<0>();  // a CTA whose heads all skipped still has sK / sV in flight
 

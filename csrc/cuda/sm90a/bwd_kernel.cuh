@@ -473,15 +473,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
 
     const bool head_done = m0 + kBlockM >= span.begin + tiles_per_head * kBlockM;
-    if (head_done && p.dbias != nullptr) {  // the quad's four column shares of each key, then one lane writes
-      db_a += __shfl_xor_sync(0xffffffffu, db_a, 1);
-      db_a += __shfl_xor_sync(0xffffffffu, db_a, 2);
-      db_b += __shfl_xor_sync(0xffffffffu, db_b, 1);
-      db_b += __shfl_xor_sync(0xffffffffu, db_b, 2);
-      const int64_t heads = p.f.num_heads;
-      if (t == 0 && key_a < s.k_len) p.dbias[(static_cast<int64_t>(s.k_start) + key_a) * heads + h] = db_a;
-      if (t == 0 && key_b < s.k_len) p.dbias[(static_cast<int64_t>(s.k_start) + key_b) * heads + h] = db_b;
-    }
+    if (head_done && p.dbias != nullptr) bwd::store_dbias_pair(p, s, h, t, key_a, key_b, db_a, db_b);
     ++state;
   }
 
