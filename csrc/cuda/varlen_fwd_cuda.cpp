@@ -54,6 +54,10 @@ cuda::DeviceInfo device_info(int device) {
   return info;
 }
 
+// DMATTN_ARCH=sm80: the sm80 kernels even where the sm90a ones could run, forward and backward (auto: the plan's).
+// op names the caller in the error a bad value gets.
+bool sm80_forced(const char* op) { return env_choice(op, "DMATTN_ARCH", {"auto", "sm80"}) == "sm80"; }
+
 // The documented debug overrides of the plan (README, "Debug variables"), read per call so a test can switch them:
 //   DMATTN_KERNEL=prefill|decode          force a kernel (decode only where it can run: Hm in {1, Hk}, no
 //                                         query-side operands; elsewhere the prefill kernel runs)
@@ -68,7 +72,7 @@ cuda::PlanOverrides plan_overrides() {
   o.kernel = kernel == "prefill"  ? cuda::PlanOverrides::Kernel::kPrefill
              : kernel == "decode" ? cuda::PlanOverrides::Kernel::kDecode
                                   : cuda::PlanOverrides::Kernel::kAuto;
-  o.sm80_only = env_choice(kOp, "DMATTN_ARCH", {"auto", "sm80"}) == "sm80";
+  o.sm80_only = sm80_forced(kOp);
   if (const char* tiles = std::getenv("DMATTN_DECODE_TILES_PER_SPLIT"); tiles != nullptr && *tiles != '\0') {
     char* end = nullptr;
     const long n = std::strtol(tiles, &end, 10);
@@ -238,8 +242,8 @@ std::string dq_summation() {
 // mask only through kept-key lists, dQ summed as `auto`, and DMATTN_ARCH not sm80.
 bool sm90a_backward(const VarlenFwdArgs& a, int32_t kernel_dim, cuda::ComputeCapability cc, bool key_lists,
                     const std::string& dq) {
-  const bool sm80_only = env_choice("dmattn.varlen_bwd: ", "DMATTN_ARCH", {"auto", "sm80"}) == "sm80";
-  return !sm80_only && dq == "auto" && a.softcap <= 0.0 && (!a.mask || key_lists) && a.q.size(0) < INT32_MAX &&
+  return !sm80_forced("dmattn.varlen_bwd: ") && dq == "auto" && a.softcap <= 0.0 && (!a.mask || key_lists) &&
+         a.q.size(0) < INT32_MAX &&
          cuda::has_backward_kernel(cc, a.q.scalar_type() == at::kHalf ? ScalarType::kFloat16 : ScalarType::kBFloat16,
                                    kernel_dim);
 }
