@@ -51,6 +51,18 @@ def _check(spec, dtype, label=""):
     return sample, (out, lse)
 
 
+def _check_on_path(spec, dtype, path, monkeypatch, capfd, plan_field):
+    """_check with ARCHS[path] set and the plan logged: the values `plan_field` (a regex of the prefill plan line, e.g.
+    r"sm90a_query=(\d)") captured from the call's plan lines."""
+    for name, value in ARCHS[path].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    capfd.readouterr()
+    _check(spec, dtype, label=path)
+    torch.cuda.synchronize()
+    return re.findall(r"kernel=prefill .*" + plan_field, capfd.readouterr().err)
+
+
 # Dense shapes: query tiles of 128 rows and key tiles of 128 keys (64 at D = 256) cut everywhere, GQA / MQA / MHA,
 # D 64 / 128 / 256 (and 96, padded to 128), causal with more keys than queries and more queries than keys, empty
 # sequences, rows past the last sequence, many short sequences.
@@ -344,13 +356,7 @@ def test_cuda_key_side_masks_over_kept_slots_match_reference(spec, dtype, path, 
     """A key-side mask (with its bias) runs on the sm90a kernel over its kept rows gathered into dense slots
     (persistent on a CTA per SM, on 3 CTAs or a CTA per unit through DMATTN_SM90A_CTAS), and on the sm80 kernels
     forced; each matches the float64 reference, and the plan names the path it took."""
-    for name, value in ARCHS[path].items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
-    capfd.readouterr()
-    _check(spec, dtype, label=path)
-    torch.cuda.synchronize()
-    slots = re.findall(r"kernel=prefill .*sm90a_slots=(\d)", capfd.readouterr().err)
+    slots = _check_on_path(spec, dtype, path, monkeypatch, capfd, r"sm90a_slots=(\d)")
     assert slots == [str(int(path != "sm80" and _sm90a_device()))]
 
 
@@ -424,13 +430,7 @@ def test_cuda_query_side_masks_match_reference(spec, dtype, path, monkeypatch, c
     """A query-side mask, without bias or with a key-side one, runs on the sm90a kernel (a CTA per unit, or
     persistent where the plan or DMATTN_SM90A_CTAS says so) over its block map and bits, and on the sm80 kernels
     forced; each matches the float64 reference, and the plan names the path it took."""
-    for name, value in ARCHS[path].items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
-    capfd.readouterr()
-    _check(spec, dtype, label=path)
-    torch.cuda.synchronize()
-    query = re.findall(r"kernel=prefill .*sm90a_query=(\d)", capfd.readouterr().err)
+    query = _check_on_path(spec, dtype, path, monkeypatch, capfd, r"sm90a_query=(\d)")
     assert query == [str(int(path != "sm80" and _sm90a_device()))]
 
 
@@ -479,12 +479,6 @@ BIAS_SPECS = [
 def test_cuda_key_side_bias_alone_matches_reference(spec, dtype, path, monkeypatch, capfd, cuda_device):
     """A key-side bias without a mask runs on the sm90a kernel's slots variant in place (every key a slot, K / V
     where they are), and on the sm80 kernels forced; each matches the float64 reference, and the plan names the path."""
-    for name, value in ARCHS[path].items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
-    capfd.readouterr()
-    _check(spec, dtype, label=path)
-    torch.cuda.synchronize()
-    plan = re.findall(r"kernel=prefill .*sm90a_slots=(\d) .*slots_in_place=(\d)", capfd.readouterr().err)
+    plan = _check_on_path(spec, dtype, path, monkeypatch, capfd, r"sm90a_slots=(\d) .*slots_in_place=(\d)")
     on = str(int(path != "sm80" and _sm90a_device()))
     assert plan == [(on, on)]
