@@ -122,11 +122,11 @@ def user_nvcc_flags():
     return flags
 
 
-def kernel_objects(archs, std, include_dirs, common):
+def kernel_objects(archs, selected, std, include_dirs, common):
     """Renders the instantiation files and the registry, writes the ninja file that compiles each instantiation with
     its arch path's flags and the common ones (nvcc --threads, DMATTN_NVCC_FLAGS), and returns (registry .cu, kernel
-    .o list)."""
-    instantiations = kernel_matrix.built(archs, selected_instantiations())
+    .o list), for the instantiations of `selected` that archs build."""
+    instantiations = kernel_matrix.built(archs, selected)
     files, registry = kernel_matrix.render(GENERATED, instantiations)
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
     # Kernel files are torch-free, so no torch include dirs; -fPIC and the C++ ABI as torch compiles the rest, and
@@ -159,7 +159,7 @@ def selected_instantiations():
     return kernel_matrix.with_head_dims(head_dims)
 
 
-def write_build_config(backends, archs):
+def write_build_config(backends, archs, selected=()):
     no_cuda = {"cuda_archs": [], "cuda_arch_paths": {}, "cuda_dtypes": [], "cuda_head_dims": []}
     config = {
         "torch_version": torch.__version__,
@@ -167,7 +167,7 @@ def write_build_config(backends, archs):
         "backends": backends,
         "cpu_dtypes": ["float32", "float16", "bfloat16"],
         # cuda_arch_paths: per arch path, in dispatch preference order, its gencode, runs_on, dtypes and head_dims
-        **(kernel_matrix.build_info(archs, selected_instantiations()) if "cuda" in backends else no_cuda),
+        **(kernel_matrix.build_info(archs, selected) if "cuda" in backends else no_cuda),
     }
     text = '"""Written by setup.py at build time: what this build of dmattn_ops contains."""\n\nCONFIG = ' + repr(config) + "\n"
     (ROOT / "dmattn_ops" / "_build_config.py").write_text(text)
@@ -191,15 +191,15 @@ def extension():
     std = torch_cxx_std()
     include_dirs = [cutlass_include(), str(ROOT / "csrc")]
     common = [f"--threads={os.environ.get('NVCC_THREADS', '4')}", *user_nvcc_flags()]
-    head_dims = sorted({d for _, _, d in selected_instantiations()})
-    log(f"building CPU + CUDA backends: archs {archs}, head dims {head_dims}, C++{std}")
-    registry, objects = kernel_objects(archs, std, include_dirs, common)
+    selected = selected_instantiations()
+    log(f"building CPU + CUDA backends: archs {archs}, head dims {sorted({d for _, _, d in selected})}, C++{std}")
+    registry, objects = kernel_objects(archs, selected, std, include_dirs, common)
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     sources.append(str(registry.relative_to(ROOT)))
     # The global flags of the hand-written CUDA files and the registry (torch adds the include dirs; its -std is std).
     nvcc = kernel_matrix.nvcc_flags(archs, std, []) + common
-    write_build_config(["cpu", "cuda"], archs)
+    write_build_config(["cpu", "cuda"], archs, selected)
     return CUDAExtension(
         "dmattn_ops._C",
         sources,
