@@ -100,11 +100,12 @@ def test_gradients_match_reference(spec, dtype, backward_path):
     _check_gradients(spec, dtype, "cpu")
 
 
-# The CUDA backwards: the fused kernels as planned (the default: the sm80 pair with dQ by its own kernel, in order),
-# the sm90a backward where it covers the call on a cc 9.0 device (DMATTN_BWD_DQ=auto, opt-in; the default elsewhere),
-# the sm80 pair with dQ summed by atomics (DMATTN_BWD_DQ=atomic), the same under torch's deterministic mode (which
-# keeps dQ in order), and the blockwise path forced: {name: (environment, deterministic mode)}.
-CUDA_BACKWARDS = {"kernel": ({}, False), "kernel_sm90a": ({"DMATTN_BWD_DQ": "auto"}, False),
+# The CUDA backwards: the fused kernels as planned (the default, DMATTN_BWD_DQ=auto: the sm90a backward where it
+# covers the call on a cc 9.0 device, else the sm80 pair with dQ by its own kernel, in order), the sm80 pair asked for
+# (DMATTN_BWD_DQ=ordered, so that a cc 9.0 device tests it too), the sm80 pair with dQ summed by atomics
+# (DMATTN_BWD_DQ=atomic), the same under torch's deterministic mode (which keeps dQ in order), and the blockwise path
+# forced: {name: (environment, deterministic mode)}.
+CUDA_BACKWARDS = {"kernel": ({}, False), "kernel_ordered": ({"DMATTN_BWD_DQ": "ordered"}, False),
                   "kernel_atomic": ({"DMATTN_BWD_DQ": "atomic"}, False),
                   "kernel_deterministic": ({"DMATTN_BWD_DQ": "atomic"}, True),
                   "blockwise": ({"DMATTN_BWD": "blockwise"}, False)}
@@ -139,10 +140,11 @@ def _sm90a_backward_device() -> bool:
 
 @pytest.fixture
 def sm90a_backward(cuda_device, monkeypatch):
-    """A cc 9.0 device with the sm90a backward asked for (DMATTN_BWD_DQ=auto: opt-in until it is measured)."""
+    """A cc 9.0 device with the sm90a kernels built, and DMATTN_BWD_DQ unset: its default, `auto`, runs the sm90a
+    backward on every call it covers."""
     if not _sm90a_backward_device():
         pytest.skip("the sm90a backward runs on a cc 9.0 device with the sm90a kernels built (DMATTN_CUDA_ARCHS 90)")
-    monkeypatch.setenv("DMATTN_BWD_DQ", "auto")
+    monkeypatch.delenv("DMATTN_BWD_DQ", raising=False)
     return cuda_device
 
 
@@ -196,13 +198,12 @@ def test_cuda_sm90a_backward_matches_reference(spec, dtype, sm90a_backward):
     ("dense_gqa", 128, {"DMATTN_BWD_DQ": "ordered"}, False, "sm80", "ordered"),
     ("dense_gqa", 128, {"DMATTN_BWD_DQ": "atomic"}, False, "sm80", "atomic"),
     ("dense_gqa", 128, {}, True, "sm80", "ordered"),              # torch's deterministic mode
-])  # each with DMATTN_BWD_DQ=auto (the sm90a_backward fixture) unless env names another
+])  # each as planned (DMATTN_BWD_DQ unset: the sm90a_backward fixture) unless env names a summation
 def test_cuda_backward_arch_is_the_documented_one(name, head_dim, env, deterministic, arch, dq, sm90a_backward, capfd,
                                                   monkeypatch, deterministic_mode):
-    """On a cc 9.0 device with DMATTN_BWD_DQ=auto the fused backward is the sm90a one (dQ by reduce-adds, whose order
-    varies) unless the call has a softcap or a key-side mask finer than the KV heads, DMATTN_ARCH=sm80 or
-    DMATTN_BWD_DQ names the sm80 summation, or torch's deterministic mode is on (DMATTN_LOG_PLAN names the arch and
-    the summation); the default is the sm80 pair (test_cuda_dq_summation_is_the_documented_one)."""
+    """On a cc 9.0 device the fused backward is by default the sm90a one (dQ by reduce-adds, whose order varies)
+    unless the call has a softcap or a key-side mask finer than the KV heads, DMATTN_ARCH=sm80 or DMATTN_BWD_DQ names
+    an sm80 summation, or torch's deterministic mode is on (DMATTN_LOG_PLAN names the arch and the summation)."""
     spec = dataclasses.replace(SAMPLES[SAMPLE_IDS.index(name)], head_dim=head_dim)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -235,14 +236,15 @@ def _logged_backward_path(sample, capfd, monkeypatch, field="path"):
 
 
 def test_cuda_dq_summation_is_the_documented_one(cuda_device, capfd, monkeypatch, deterministic_mode):
-    """The fused backward sums dQ in order by default (the sm80 pair, on a cc 9.0 device too); DMATTN_BWD_DQ=atomic
-    adds it with atomics, except in torch's deterministic mode, which keeps it in order (DMATTN_LOG_PLAN says which;
-    test_deterministic checks the bits)."""
+    """A call the sm90a backward does not cover (a key-side mask finer than the KV heads) runs the sm80 pair, which
+    sums dQ in order by default (on any device); DMATTN_BWD_DQ=atomic adds it with atomics, except in torch's
+    deterministic mode, which keeps it in order (DMATTN_LOG_PLAN says which; test_deterministic checks the bits)."""
     spec = SAMPLES[SAMPLE_IDS.index("key_mask_key_bias_mqa")]
 
     def dq_mode():
         return _logged_backward_path(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch, "dq")
 
+    monkeypatch.delenv("DMATTN_BWD_DQ", raising=False)
     deterministic_mode(False)
     assert dq_mode() == "ordered"
     assert _logged_backward_path(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch, "arch") == "sm80"
@@ -258,7 +260,7 @@ def test_cuda_dq_summation_variable_is_checked(cuda_device, monkeypatch):
     leaves, s = _differentiable(make_sample(SAMPLES[SAMPLE_IDS.index("key_mask_key_bias_mqa")], torch.bfloat16,
                                             "cuda"))
     out, _ = s.run()
-    with pytest.raises(ValueError, match="DMATTN_BWD_DQ must be ordered, auto or atomic, got 'fast'"):
+    with pytest.raises(ValueError, match="DMATTN_BWD_DQ must be auto, ordered or atomic, got 'fast'"):
         out.float().sum().backward()
 
 

@@ -52,7 +52,7 @@ def _check(spec, dtype, label=""):
 
 
 def _check_on_path(spec, dtype, path, monkeypatch, capfd, plan_field):
-    """_check with ARCHS[path] set and the plan logged: the values `plan_field` (a regex of the prefill plan line, e.g.
+    r"""_check with ARCHS[path] set and the plan logged: the values `plan_field` (a regex of the prefill plan line, e.g.
     r"sm90a_query=(\d)") captured from the call's plan lines."""
     for name, value in ARCHS[path].items():
         monkeypatch.setenv(name, value)

@@ -12,9 +12,10 @@ bf16. Groups:
             compiled, packed (bench_gpu.py's peer: document + causal mask_mod reading the keep tensor, score_mod
             adding the bias, a captured buffer that requires grad; its BlockMask build beside it), backward.
   no mask   dmattn_ops forward and backward; torch varlen_attn backward.
-In both groups the dmattn_ops backward runs as planned (the sm80 pair, dQ in order), then with the sm90a backward
-asked for (DMATTN_BWD_DQ=auto, opt-in until this benchmark shows it faster; on a device other than cc 9.0 the same
-as planned) and with the sm80 kernels' atomic dQ (DMATTN_BWD_DQ=atomic).
+In both groups the dmattn_ops backward runs as planned (on a cc 9.0 device the sm90a backward, dQ by reduce-adds;
+elsewhere the sm80 pair), then as the sm80 pair with dQ in order (DMATTN_BWD_DQ=ordered, the default before run CA
+measured the sm90a one faster; also what torch's deterministic mode runs) and with the sm80 kernels' atomic dQ
+(DMATTN_BWD_DQ=atomic).
 Each backward is timed as torch.autograd.grad of the peer's output for q, k, v (and the bias) with a fixed random
 output gradient, the forward run once before (untimed, its graph retained): median CUDA-event time, L2 flushed before
 each repetition. "extra MB" is the peak memory one backward allocates above what was allocated before it, its
@@ -106,10 +107,10 @@ def run(args) -> Dict[str, object]:
 
         rows.append(measure("dmattn_ops backward", "dmattn", "backward", dmattn_bwd, dev, args))
 
-        # The same backward under a debug variable, read per call: the sm90a backward where it covers the call
-        # (DMATTN_BWD_DQ=auto, side by side with the planned sm80 pair), and the sm80 dK / dV kernel adding dQ with
-        # atomics (DMATTN_BWD_DQ=atomic).
-        for label, name, value in (("sm90a backward", "DMATTN_BWD_DQ", "auto"),
+        # The same backward under a debug variable, read per call: the sm80 pair with dQ in order
+        # (DMATTN_BWD_DQ=ordered, side by side with the planned sm90a backward), and the sm80 dK / dV kernel adding dQ
+        # with atomics (DMATTN_BWD_DQ=atomic).
+        for label, name, value in (("sm80 pair, ordered dQ", "DMATTN_BWD_DQ", "ordered"),
                                    ("atomic dQ", "DMATTN_BWD_DQ", "atomic")):
             rows.append(measure(f"dmattn_ops backward, {label}", "dmattn", "backward",
                                 lambda name=name, value=value: _with_env(dmattn_bwd(), name, value), dev, args))

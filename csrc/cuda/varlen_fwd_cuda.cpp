@@ -226,14 +226,14 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
   return {out, lse};
 }
 
-// How the fused backward sums dQ (DMATTN_BWD_DQ): `ordered` (the default) by the sm80 path's own dQ kernel in a fixed
-// order (deterministic; on the H200 as fast or faster than its atomics: run AK measured them 15% slower on the dense
-// prefill batch, equal on the masked one); `auto` by the sm90a backward's reduce-adds where it runs the call
-// (sm90a_backward), else like `ordered` (opt-in: its tests and sanitizer pass on the H200, run BY, its speed is not yet
-// measured; the default becomes `auto` once it is measured faster); `atomic`: with float32 atomics inside the sm80
-// dK / dV kernel. Under torch's deterministic mode every call is summed in order (the variable is still checked).
+// How the fused backward sums dQ (DMATTN_BWD_DQ): `auto` (the default) by the sm90a backward's reduce-adds where it
+// runs the call (sm90a_backward; run CA on the H200: 0.70x the sm80 pair's time on the masked prefill batch, 0.68x on
+// the dense one), else like `ordered`; `ordered` by the sm80 path's own dQ kernel in a fixed order (deterministic; on
+// the H200 as fast or faster than its atomics: run AK measured them 15% slower on the dense prefill batch, equal on
+// the masked one); `atomic`: with float32 atomics inside the sm80 dK / dV kernel. Under torch's deterministic mode
+// every call is summed in order (the variable is still checked).
 std::string dq_summation() {
-  const std::string chosen = env_choice("dmattn.varlen_bwd: ", "DMATTN_BWD_DQ", {"ordered", "auto", "atomic"});
+  const std::string chosen = env_choice("dmattn.varlen_bwd: ", "DMATTN_BWD_DQ", {"auto", "ordered", "atomic"});
   return at::globalContext().deterministicAlgorithms() ? "ordered" : chosen;
 }
 
