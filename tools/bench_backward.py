@@ -4,6 +4,7 @@ varlen_attn's, on the same inputs in one run.
     python tools/bench_backward.py --out benchmarks/results                 # on the H200
     python tools/bench_backward.py --flex-blockmask eager --quick           # a shorter run
     python tools/bench_backward.py --device cpu --tiny --out /tmp/bwd      # CPU smoke test, tiny shapes
+    python tools/bench_backward.py --only dmattn --out /tmp/bwd            # our rows alone (two builds compared)
 
 The batch is bench_gpu.py's prefill workload: B = 8, 512-4096 tokens (q = k), causal, H = 32, Hk = 8, D = 128,
 bf16. Groups:
@@ -114,7 +115,9 @@ def run(args) -> Dict[str, object]:
                                    ("atomic dQ", "DMATTN_BWD_DQ", "atomic")):
             rows.append(measure(f"dmattn_ops backward, {label}", "dmattn", "backward",
                                 lambda name=name, value=value: _with_env(dmattn_bwd(), name, value), dev, args))
-        if keep is not None:
+        if args.only == "dmattn":  # the peers left out (comparing two builds of dmattn_ops, say)
+            pass
+        elif keep is not None:
             def flex_bwd():
                 if dev.type != "cuda":
                     raise bench_gpu.Skip("FlexAttention is compiled for CUDA here")
@@ -170,14 +173,16 @@ def targets(groups) -> List[Dict[str, str]]:
     return out
 
 
-def profile(args) -> str:
-    """The kernels of one backward of the masked group and their device time (torch.profiler), for finding where
-    the time goes."""
+def profile(args, keep: Optional[float] = 0.5) -> str:
+    """The kernels of one backward of the masked group (keep = 0.5; None: the no-mask group, with no bias) and their
+    device time (torch.profiler), for finding where the time goes. Run under ncu it is also the call to profile: the
+    backward runs twice (the first a warm-up), so `ncu --kernel-name regex:bwd_kernel --launch-skip 1 --launch-count 1`
+    takes the second."""
     dev = torch.device(args.device)
     lens_q, lens_k, heads = bench_gpu.sizes("prefill", args.tiny, torch.Generator().manual_seed(args.seed))
     p = bench_gpu.make_problem(lens_q, lens_k, heads["heads"], heads["heads_k"], heads["head_dim"], heads["heads_k"],
-                               0.5, True, getattr(torch, args.dtype), dev, args.seed)
-    s, inputs = _leaves(p, with_bias=True)
+                               keep, True, getattr(torch, args.dtype), dev, args.seed)
+    s, inputs = _leaves(p, with_bias=keep is not None)
     run_bwd = _backward(lambda: s.run()[0], inputs, args.seed)
     run_bwd()
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -215,6 +220,11 @@ def main(argv=None):
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--profile", action="store_true",
                     help="also print the device time of each kernel of one masked backward (torch.profiler)")
+    ap.add_argument("--only", choices=["all", "dmattn"], default="all",
+                    help="dmattn: the dmattn_ops rows alone, no peer (no FlexAttention compile: two builds compared)")
+    ap.add_argument("--profile-only", choices=["masked", "dense"], default=None,
+                    help="only the kernel table of one backward of that group, no timing and no peer (the call to "
+                         "run under ncu)")
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
     args.warmup, args.reps = (1, 3) if args.tiny else ((2, 10) if args.quick else (3, 20))
@@ -225,6 +235,9 @@ def main(argv=None):
     bench_gpu.ARGS = bench_gpu.parse_args(["--device", args.device, "--flex-blockmask", args.flex_blockmask]
                                           + (["--tiny"] if args.tiny else []))
     bench_gpu.FLUSH = bc.L2Flusher(dev)
+    if args.profile_only:
+        print(profile(args, 0.5 if args.profile_only == "masked" else None))
+        return
     payload = run(args)
     print(table(payload))
     if args.profile:
