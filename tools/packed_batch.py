@@ -132,7 +132,7 @@ class PackedBatch:
         with scores near 15: 2.5e-7 against 1.4e-6, the latter the CPU kernel's exactly)."""
         from dmattn_ops.reference import reference_varlen_attention
 
-        with _one_thread():
+        with one_thread():
             cpu = self.to("cpu")
             plain = cpu._call(reference_varlen_attention, dtype=dtype)
             if dtype != torch.float32:
@@ -165,7 +165,7 @@ class PackedBatch:
 
 
 @contextlib.contextmanager
-def _one_thread():
+def one_thread():
     """The reference runs hundreds of tiny ops; on a busy 2-core machine each intra-op thread hand-off costs more
     than the op (20x slower in total), so it runs on one thread. The kernels under test keep every thread."""
     threads = torch.get_num_threads()
