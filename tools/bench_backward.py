@@ -115,9 +115,8 @@ def run(args) -> Dict[str, object]:
                                    ("atomic dQ", "DMATTN_BWD_DQ", "atomic")):
             rows.append(measure(f"dmattn_ops backward, {label}", "dmattn", "backward",
                                 lambda name=name, value=value: _with_env(dmattn_bwd(), name, value), dev, args))
-        if args.only == "dmattn":  # the peers left out (comparing two builds of dmattn_ops, say)
-            pass
-        elif keep is not None:
+        peers = args.only == "all"  # else the peers are left out (two builds of dmattn_ops compared, say)
+        if peers and keep is not None:
             def flex_bwd():
                 if dev.type != "cuda":
                     raise bench_gpu.Skip("FlexAttention is compiled for CUDA here")
@@ -129,7 +128,7 @@ def run(args) -> Dict[str, object]:
             row_extras: Dict[str, object] = {}
             rows.append(measure("flex compiled, packed, backward", "flex", "backward", flex_bwd, dev, args))
             rows[-1]["extras"] = {k: v for k, v in row_extras.items() if not callable(v)}
-        else:
+        elif peers:
             def varlen_bwd():
                 s, inputs = _leaves(p, with_bias=False)
                 return _backward(bench_gpu.varlen_peer(s).prepare().run, inputs, args.seed)
