@@ -39,3 +39,23 @@ def test_each_peer_is_a_row_and_a_slower_peer_is_flagged(tmp_path, capsys):
     assert rows["dmattn_ops, query-side mask"]["verdict"] == "ok"
     assert rows["dmattn_ops, key-side"]["verdict"] == "SLOWER by 6.2%"
     assert "prefill / causal, mask / key-side" in capsys.readouterr().out
+
+
+def test_backward_runs_are_compared_by_group(tmp_path):
+    """bench_backward.py's JSON (rows under their group, workload "backward") compares like bench_gpu.py's."""
+    for name, ms in (("old", 2.18), ("new", 2.02)):
+        folder = tmp_path / name
+        os.makedirs(folder)
+        groups = {"masked": [dict(family="dmattn", status="ok", ms_median=ms, peer="dmattn_ops backward"),
+                             dict(family="flex", status="ok", ms_median=23.7, peer="flex compiled, backward")],
+                  "no mask": [dict(family="dmattn", status="ok", ms_median=3.49, peer="dmattn_ops backward")]}
+        payload = dict(workload="backward", environment={"device": "cuda"}, dmattn_build={}, problem={"H": 32},
+                       groups=groups)
+        (folder / "backward.json").write_text(json.dumps(payload))
+    out = tmp_path / "cmp.json"
+    rc = compare_builds.main(["--old", str(tmp_path / "old"), "--new", str(tmp_path / "new"), "--json", str(out)])
+    assert rc == 0
+    rows = {(r["group"], r["peer"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("masked", "dmattn_ops backward"), ("no mask", "dmattn_ops backward")}
+    assert abs(rows["masked", "dmattn_ops backward"]["new_over_old"] - 2.02 / 2.18) < 1e-12
+    assert rows["no mask", "dmattn_ops backward"]["verdict"] == "ok"

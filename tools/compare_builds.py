@@ -1,5 +1,6 @@
-"""Two builds of dmattn_ops side by side: the dmattn_ops rows of tools/bench_gpu.py runs made with each build on one
-machine in one session, as ratios new / old, with every workload more than --tolerance slower flagged.
+"""Two builds of dmattn_ops side by side: the dmattn_ops rows of tools/bench_gpu.py runs (or of tools/bench_backward.py
+runs: workload "backward") made with each build on one machine in one session, as ratios new / old, with every
+workload more than --tolerance slower flagged.
 
     # on the GPU host, in one device call (tools/run_gpu.sh's `compare` stage does this): the previous build in
     # .prev/ (sources of the commit to compare against, built in place), the current build in place; runs alternate
@@ -33,13 +34,15 @@ Key = Tuple[str, str, str]  # (workload, group, peer)
 
 
 def dmattn_times(run_dirs: List[str]) -> Tuple[Dict[Key, List[float]], Dict[str, object]]:
-    """{(workload, group, peer): [median ms of each run]} of the dmattn_ops rows, and the first run's metadata."""
+    """{(workload, group, peer): [median ms of each run]} of the dmattn_ops rows, and the first run's metadata. A run
+    folder holds bench_gpu.py's JSON (rows in "results", each naming its group) or bench_backward.py's (rows under
+    their group in "groups")."""
     times: Dict[Key, List[float]] = {}
     meta: Dict[str, object] = {}
     for run in run_dirs:
         paths = sorted(glob.glob(os.path.join(run, "*.json")))
         if not paths:
-            sys.exit(f"compare_builds: no bench_gpu.py JSON in {run}")
+            sys.exit(f"compare_builds: no bench_gpu.py / bench_backward.py JSON in {run}")
         for path in paths:
             with open(path) as f:
                 payload = json.load(f)
@@ -48,7 +51,10 @@ def dmattn_times(run_dirs: List[str]) -> Tuple[Dict[Key, List[float]], Dict[str,
             meta.setdefault("problems", {})[payload["workload"]] = {
                 k: v for k, v in payload["problem"].items() if not isinstance(v, list)
             }
-            for row in payload["results"]:
+            rows = payload.get("results")
+            if rows is None:  # bench_backward.py
+                rows = [dict(row, group=group) for group, group_rows in payload["groups"].items() for row in group_rows]
+            for row in rows:
                 if row["family"] == "dmattn" and row["status"] == "ok" and row.get("ms_median"):
                     times.setdefault((payload["workload"], row["group"], row["peer"]), []).append(row["ms_median"])
     return times, meta
@@ -86,8 +92,9 @@ def chart(path: str, rows: List[Dict[str, object]], title: str) -> str | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--old", nargs="+", required=True, help="bench_gpu.py --out folders of the previous build")
-    ap.add_argument("--new", nargs="+", required=True, help="bench_gpu.py --out folders of the current build")
+    ap.add_argument("--old", nargs="+", required=True,
+                    help="bench_gpu.py (or bench_backward.py) --out folders of the previous build")
+    ap.add_argument("--new", nargs="+", required=True, help="the same of the current build")
     ap.add_argument("--old-label", default="previous build")
     ap.add_argument("--new-label", default="this build")
     ap.add_argument("--tolerance", type=float, default=0.03, help="slow-down flagged above this fraction (0.03)")
@@ -108,7 +115,7 @@ def main(argv=None) -> int:
         old=dict(label=args.old_label, runs=args.old, **old_meta),
         new=dict(label=args.new_label, runs=args.new, **new_meta),
         tolerance=args.tolerance,
-        definitions="ms: median over a build's runs of bench_gpu.py's per-run median (CUDA events, L2 flushed); "
+        definitions="ms: median over a build's runs of the benchmark's per-run median (CUDA events, L2 flushed); "
                     "new / old < 1 means the current build is faster",
         rows=rows,
         command=" ".join(sys.argv),

@@ -27,7 +27,8 @@
 #   COMPARE_WORKLOADS bench_gpu.py workloads of the compare stage (default: "prefill dense decode")
 #   COMPARE_ROUNDS    old / new alternations of the compare stage (default: 2)
 #   BENCH_EXTRA       more bench_gpu.py arguments for the compare / tree_compare runs (e.g. `--device cpu --tiny`
-#                     for a dry run on a machine without a GPU)
+#                     for a dry run on a machine without a GPU; the workload "backward" runs bench_backward.py, which
+#                     takes --device / --tiny too, but not bench_gpu.py's other arguments)
 #   PREV_DIRS         earlier source trees the prev stage builds and the host stage measures (default: .prev; the
 #                     compare stage always uses .prev)
 #   MAX_JOBS          parallel compile jobs (default 16)
@@ -46,13 +47,14 @@
 # (git-ignored; `for b in BRANCH...; do mkdir -p .trees/$b && git archive $b | tar -x -C .trees/$b; done`, about
 # 1-4 MB each, or HEAD with docs/pending patches: tools/make_trees.sh), then
 #   tools/run_gpu.sh wheels trees summary
-# `trees` builds each .trees/<name> in place and runs its tests there under `timeout TREE_TIMEOUT` (default 300 s):
-# the pytest arguments in .trees/<name>.tests if that file exists, else TREE_TESTS (default: tests/test_sm90a.py and
-# the CUDA decode-kernel tests); then TREE_BENCH (bench_gpu.py arguments, none by default) with its results in
-# $OUT/<name>/. `tree_compare` then benchmarks the trees that passed (or those TREES_TO_COMPARE names, built ones whose
-# failure is known to be unrelated) in turn (TREE_ROUNDS rounds of TREE_WORKLOADS,
-# dmattn rows only; BENCH_EXTRA adds bench_gpu.py arguments, e.g. `--device cpu --tiny` for a dry run) and
-# compares each with TREE_BASE (default: the first), $OUT/trees_<name>_vs_<base>.json / .png:
+# `trees` builds each .trees/<name> in place (all of them at once) and runs its tests there under `timeout
+# TREE_TIMEOUT` (default 300 s): the pytest arguments in .trees/<name>.tests if that file exists, else TREE_TESTS
+# (default: tests/test_sm90a.py and the CUDA decode-kernel tests); then TREE_BENCH (bench_gpu.py arguments, none by
+# default) with its results in $OUT/<name>/. `tree_compare` then benchmarks the trees that passed (or those
+# TREES_TO_COMPARE names, built ones whose failure is known to be unrelated) in turn (TREE_ROUNDS rounds of
+# TREE_WORKLOADS: bench_gpu.py workloads, or "backward" for tools/bench_backward.py; dmattn rows only; BENCH_EXTRA adds
+# arguments, e.g. `--device cpu --tiny` for a dry run) and compares each with TREE_BASE (default: the first),
+# $OUT/trees_<name>_vs_<base>.json / .png:
 #   echo "tests/test_sm90a.py tests/test_varlen_fwd.py -k cuda" > .trees/my-branch.tests
 #   TREE_BASE=main TREE_WORKLOADS="dense window" bash tools/run_gpu.sh wheels trees tree_compare summary
 # `tree_bench` runs bench_gpu.py with BENCH_ARGS (peers included) inside each tree of TREES_TO_CHECK, its build on
@@ -119,9 +121,12 @@ bench_rounds() {
     for pair in "${this[@]}"; do
       name=${pair%%=*}
       for w in $workloads; do
+        # The workload "backward" is tools/bench_backward.py (our rows alone), the others bench_gpu.py's.
+        local -a tool=(tools/bench_gpu.py --workload "$w")
+        [ "$w" = backward ] && tool=(tools/bench_backward.py)
         # shellcheck disable=SC2086
-        PYTHONPATH=${pair#*=}:/tmp/site stage "bench_${name}_${round}_$w" timeout "$limit" python3 tools/bench_gpu.py \
-          --workload "$w" --only dmattn --quick ${BENCH_EXTRA:-} --out "$dest/$name/$round" || true
+        PYTHONPATH=${pair#*=}:/tmp/site stage "bench_${name}_${round}_$w" timeout "$limit" python3 "${tool[@]}" \
+          --only dmattn --quick ${BENCH_EXTRA:-} --out "$dest/$name/$round" || true
       done
     done
   done
@@ -190,17 +195,40 @@ for s in $STAGES; do
       stage info python3 -m dmattn_ops
       ;;
     trees)
-      # Each tree: build (a build that fails skips the tree), then its tests under `timeout TREE_TIMEOUT` (a hung
-      # kernel costs that much, not the call): .trees/<name>.tests holds that tree's pytest arguments, else
-      # TREE_TESTS; then TREE_BENCH once. Trees that built and passed (or whose selection matched no test) are listed
-      # in $LOGDIR/trees_ok.
+      # Every tree's build, all at once (MAX_JOBS shared between them: four trees of one head dim build in ~2 minutes
+      # where one after another took ~6; TREE_PARALLEL_BUILDS=0 builds them in turn, with their output); then each
+      # tree that built: its tests under `timeout TREE_TIMEOUT` (a hung kernel costs that much, not the call):
+      # .trees/<name>.tests holds that tree's pytest arguments, else TREE_TESTS; then TREE_BENCH once. Trees that
+      # built and passed (or whose selection matched no test) are listed in $LOGDIR/trees_ok.
       : > "$LOGDIR/trees_ok"
-      for dir in .trees/*/; do
-        [ -f "$dir/setup.py" ] || continue
+      dirs=()
+      for dir in .trees/*/; do [ -f "$dir/setup.py" ] && dirs+=("$dir"); done
+      declare -A built=()
+      pids=()
+      jobs_each=$(( MAX_JOBS / (${#dirs[@]} > 0 ? ${#dirs[@]} : 1) ))
+      (( jobs_each < 2 )) && jobs_each=2
+      for dir in "${dirs[@]}"; do
+        name=$(basename "$dir")
+        [ -e "$dir/dmattn_ops/_meta" ] || ln -s ../meta "$dir/dmattn_ops/_meta"
+        if [ "${TREE_PARALLEL_BUILDS:-1}" = 1 ]; then
+          (cd "$dir" && MAX_JOBS=$jobs_each DMATTN_BACKENDS=cuda stage "build_$name" python3 setup.py build_ext \
+            --inplace > /dev/null) &
+          pids+=("$!")
+        else
+          (cd "$dir" && DMATTN_BACKENDS=cuda stage "build_$name" python3 setup.py build_ext --inplace)
+          built[$name]=$?
+        fi
+      done
+      for i in "${!pids[@]}"; do
+        name=$(basename "${dirs[i]}")
+        wait "${pids[i]}"
+        built[$name]=$?
+        tail -n 1 "$LOGDIR/build_$name.log"
+      done
+      for dir in "${dirs[@]}"; do
         name=$(basename "$dir")
         abs=$(cd "$dir" && pwd)
-        [ -e "$dir/dmattn_ops/_meta" ] || ln -s ../meta "$dir/dmattn_ops/_meta"
-        (cd "$dir" && DMATTN_BACKENDS=cuda stage "build_$name" python3 setup.py build_ext --inplace) || { status=1; continue; }
+        [ "${built[$name]}" = 0 ] || { status=1; continue; }
         tests=${TREE_TESTS:-tests/test_sm90a.py tests/test_decode_kernel.py -k 'cuda or decode'}
         [ -f ".trees/$name.tests" ] && tests=$(cat ".trees/$name.tests")
         # bash -c: the arguments may quote a -k expression
