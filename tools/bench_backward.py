@@ -5,6 +5,7 @@ varlen_attn's, on the same inputs in one run.
     python tools/bench_backward.py --flex-blockmask eager --quick           # a shorter run
     python tools/bench_backward.py --device cpu --tiny --out /tmp/bwd      # CPU smoke test, tiny shapes
     python tools/bench_backward.py --only dmattn --out /tmp/bwd            # our rows alone (two builds compared)
+    python tools/bench_backward.py --mask-heads h                          # a mask per query head (read per key)
 
 The batch is bench_gpu.py's prefill workload: B = 8, 512-4096 tokens (q = k), causal, H = 32, Hk = 8, D = 128,
 bf16. Groups:
@@ -97,7 +98,7 @@ def run(args) -> Dict[str, object]:
     groups = {}
     for group, keep in (("masked: key-side mask 50% + key-side bias (requires grad)", 0.5), ("no mask", None)):
         p = bench_gpu.make_problem(lens_q, lens_k, heads["heads"], heads["heads_k"], heads["head_dim"],
-                                   heads["heads_k"], keep, True, dtype, dev, args.seed)
+                                   mask_heads(args, heads), keep, True, dtype, dev, args.seed)
         rows = []
         rows.append(measure("dmattn_ops forward", "dmattn", "forward",
                             lambda: (lambda: p.run()[0]), dev, args))
@@ -139,7 +140,7 @@ def run(args) -> Dict[str, object]:
                          "status": "skipped", "note": "FlashAttention kernels are CUDA only"})
         groups[group] = rows
     return {"workload": "backward", "problem": {"lens_q": lens_q, "lens_k": lens_k, **heads, "dtype": args.dtype,
-                                                 "causal": True},
+                                                 "causal": True, "mask_heads": args.mask_heads},
             "environment": bc.environment(dev, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
             "dmattn_build": bench_gpu.dmattn_build(), "groups": groups, "targets": targets(groups),
             "tiny": args.tiny}
@@ -150,6 +151,12 @@ def _ms(rows, name) -> Optional[float]:
         if r["peer"] == name and r.get("status") == "ok":
             return r["ms_median"]
     return None
+
+
+def mask_heads(args, heads) -> int:
+    """Hm of the masked group's key-side mask and bias (--mask-heads): 1, Hk (the default) or H, which the KV groups
+    do not share (no kept-key lists: read per key)."""
+    return {"1": 1, "hk": heads["heads_k"], "h": heads["heads"]}[args.mask_heads]
 
 
 def targets(groups) -> List[Dict[str, str]]:
@@ -179,8 +186,8 @@ def profile(args, keep: Optional[float] = 0.5) -> str:
     takes the second."""
     dev = torch.device(args.device)
     lens_q, lens_k, heads = bench_gpu.sizes("prefill", args.tiny, torch.Generator().manual_seed(args.seed))
-    p = bench_gpu.make_problem(lens_q, lens_k, heads["heads"], heads["heads_k"], heads["head_dim"], heads["heads_k"],
-                               keep, True, getattr(torch, args.dtype), dev, args.seed)
+    p = bench_gpu.make_problem(lens_q, lens_k, heads["heads"], heads["heads_k"], heads["head_dim"],
+                               mask_heads(args, heads), keep, True, getattr(torch, args.dtype), dev, args.seed)
     s, inputs = _leaves(p, with_bias=keep is not None)
     run_bwd = _backward(lambda: s.run()[0], inputs, args.seed)
     run_bwd()
@@ -219,6 +226,8 @@ def main(argv=None):
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--profile", action="store_true",
                     help="also print the device time of each kernel of one masked backward (torch.profiler)")
+    ap.add_argument("--mask-heads", choices=["1", "hk", "h"], default="hk",
+                    help="Hm of the masked group's key-side mask and bias: 1, Hk (default) or H (read per key)")
     ap.add_argument("--only", choices=["all", "dmattn"], default="all",
                     help="dmattn: the dmattn_ops rows alone, no peer (no FlexAttention compile: two builds compared)")
     ap.add_argument("--profile-only", choices=["masked", "dense"], default=None,

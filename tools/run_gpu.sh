@@ -28,7 +28,7 @@
 #   COMPARE_ROUNDS    old / new alternations of the compare stage (default: 2)
 #   BENCH_EXTRA       more bench_gpu.py arguments for the compare / tree_compare runs (e.g. `--device cpu --tiny`
 #                     for a dry run on a machine without a GPU; the workload "backward" runs bench_backward.py, which
-#                     takes --device / --tiny too, but not bench_gpu.py's other arguments)
+#                     takes --device / --tiny / --mask-heads too, but not bench_gpu.py's other arguments)
 #   PREV_DIRS         earlier source trees the prev stage builds and the host stage measures (default: .prev; the
 #                     compare stage always uses .prev)
 #   MAX_JOBS          parallel compile jobs (default 16)
