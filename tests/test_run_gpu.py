@@ -1,0 +1,50 @@
+"""tools/run_gpu.sh's `trees` stage on stand-in trees (no GPU, no compiler): every tree builds at once with MAX_JOBS
+shared between them, a tree whose build fails is left out, and the trees that built and passed their tests are
+listed for tree_compare (trees_ok)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A stand-in setup.py: records the MAX_JOBS its build was given, then succeeds or fails as named.
+SETUP = """import os, sys
+with open("max_jobs.txt", "w") as f:
+    f.write(os.environ.get("MAX_JOBS", ""))
+sys.exit({rc})
+"""
+
+
+def _trees(tmp_path, builds):
+    """A checkout holding tools/run_gpu.sh and .trees/<name> for each (name, build exit status)."""
+    os.makedirs(tmp_path / "tools")
+    shutil.copy(os.path.join(ROOT, "tools", "run_gpu.sh"), tmp_path / "tools")
+    for name, rc in builds.items():
+        tree = tmp_path / ".trees" / name
+        for folder in ("dmattn_ops", "meta", "tests"):
+            os.makedirs(tree / folder)
+        (tree / "setup.py").write_text(SETUP.format(rc=rc))
+        (tree / "tests" / "test_smoke.py").write_text("def test_smoke():\n    assert True\n")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")
+@pytest.mark.parametrize("parallel", ["1", "0"], ids=["at_once", "in_turn"])
+def test_trees_stage_builds_every_tree_and_lists_those_that_passed(tmp_path, parallel):
+    builds = {"a": 0, "b": 1, "c": 0}
+    _trees(tmp_path, builds)
+    env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), MAX_JOBS="12",
+               TREE_TESTS="tests/test_smoke.py", TREE_PARALLEL_BUILDS=parallel, DMATTN_KEEP_CC="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    done = subprocess.run(["bash", "tools/run_gpu.sh", "trees"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr  # tree b's build failed
+    assert (tmp_path / "logs" / "trees_ok").read_text().split() == ["a", "c"]
+    # At once, the three builds share MAX_JOBS (12 / 3 each); in turn, each has all of it.
+    jobs = {name: (tmp_path / ".trees" / name / "max_jobs.txt").read_text() for name in builds}
+    assert jobs == {name: "4" if parallel == "1" else "12" for name in builds}
+    assert "=== build_b: exit 1" in (tmp_path / "logs" / "build_b.log").read_text()
+    assert not (tmp_path / "logs" / "test_b.log").exists()  # a tree that did not build is not tested
