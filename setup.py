@@ -160,7 +160,7 @@ def selected_instantiations():
 
 
 def write_build_config(backends, archs, selected=()):
-    no_cuda = {"cuda_archs": [], "cuda_arch_paths": {}, "cuda_dtypes": [], "cuda_head_dims": []}
+    no_cuda = {"cuda_archs": [], "cuda_arch_paths": {}, "cuda_dtypes": [], "cuda_head_dims": [], "cuda_backward": {}}
     config = {
         "torch_version": torch.__version__,
         "torch_cuda": torch.version.cuda,

@@ -34,6 +34,14 @@ def describe_path(name, path):
             f"head dims {dims}")
 
 
+def describe_backward(info):
+    """The fused backward's kernels: the sm80 pair in every CUDA build, and before it the generated ones of this build
+    (the sm90a backward), where they run (builds recorded before `cuda_backward` existed show the pair alone)."""
+    first = [f"{name} at D {', '.join(str(d) for d in dims)} where {info['cuda_arch_paths'][name]['runs_on']}"
+             for name, dims in info.get("cuda_backward", {}).items()]
+    return ", else ".join([*first, "sm80 pair (D 64, 128)"]) + "; blockwise: D > 128, query-side operands"
+
+
 def describe_device(info):
     """The device line (which arch paths this GPU would use) and a warning when the build has no code for it."""
     if not torch.cuda.is_available():
@@ -69,6 +77,7 @@ def main():
         print(f"  CUDA dtypes          {', '.join(info['cuda_dtypes'])}")
         dims = info["cuda_head_dims"]
         print(f"  CUDA head dims       {', '.join(str(d) for d in dims)} compiled; others up to {max(dims)} run padded")
+        print(f"  CUDA backward        {describe_backward(info)}")
         device, warning = describe_device(info)
         print(f"  CUDA device here     {device}")
         if warning:

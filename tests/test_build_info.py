@@ -49,8 +49,21 @@ dmattn_ops build
     sm80   runs where cc >= 80, built for sm_80, sm_90: float16, bfloat16; head dims 32, 64, 96, 128, 256
   CUDA dtypes          float16, bfloat16
   CUDA head dims       32, 64, 96, 128, 256 compiled; others up to 256 run padded
+  CUDA backward        sm90a at D 64, 128 where cc == 90, else sm80 pair (D 64, 128); blockwise: D > 128, query-side operands
   CUDA device here     GPU (sm_90): uses sm90a, then sm80
 """)
+
+    def test_backward_kernels(self):
+        """The backward line names the generated sm90a backward where the build has it (at its head dims), then the
+        sm80 pair every CUDA build has; a build recorded before the field existed shows the pair alone."""
+        line = "  CUDA backward        "
+        self.assertIn(line + "sm80 pair (D 64, 128); blockwise: D > 128, query-side operands\n",
+                      self.report(cuda_build(["80"]), cc=80))
+        build = cuda_build(["90"], km.with_head_dims([128]))
+        self.assertIn(line + "sm90a at D 128 where cc == 90, else sm80 pair (D 64, 128); blockwise: D > 128, "
+                      "query-side operands\n", self.report(build, cc=90))
+        del build["cuda_backward"]
+        self.assertIn(line + "sm80 pair (D 64, 128)", self.report(build, cc=90))
 
     def test_sm90a_kernels_are_preferred_on_hopper(self):
         sm80 = [i for i in km.INSTANTIATIONS if i[0] == "sm80"]

@@ -150,7 +150,19 @@ def build_info(archs, instantiations=INSTANTIATIONS):
         # over every arch path: what some device can run
         "cuda_dtypes": [t for t in _ELEM if any(t in p["dtypes"] for p in paths.values())],
         "cuda_head_dims": sorted({d for p in paths.values() for d in p["head_dims"]}),
+        # the arch paths with a generated backward (BACKWARD) in this build, and its head dims; the sm80 pair
+        # (csrc/cuda/run_varlen_bwd.cu, head dims 64 and 128) is in every CUDA build
+        "cuda_backward": backward_summary(archs, instantiations),
     }
+
+
+def backward_summary(archs, instantiations=INSTANTIATIONS):
+    """Per arch path whose generated backward (BACKWARD) a build for archs holds, the head dims it has it at."""
+    summary = {}
+    for inst in built(archs, instantiations):
+        if inst in BACKWARD:
+            summary.setdefault(inst[0], set()).add(inst[2])
+    return {arch: sorted(dims) for arch, dims in summary.items()}
 
 
 def _count(flags):
