@@ -40,6 +40,9 @@ import bench_common as bc  # noqa: E402
 import bench_gpu  # noqa: E402
 
 
+MASKED_KEEP = 0.5  # the masked group's kept fraction of each sequence's keys
+
+
 def _leaves(p, with_bias: bool):
     """p with q, k, v (and its bias) as fresh leaves that require grad, and those leaves."""
     names = ["q", "k", "v"] + (["bias"] if with_bias and p.bias is not None else [])
@@ -95,10 +98,11 @@ def run(args) -> Dict[str, object]:
     gen = torch.Generator().manual_seed(args.seed)
     lens_q, lens_k, heads = bench_gpu.sizes("prefill", args.tiny, gen)
     dtype = getattr(torch, args.dtype)
+    hm = bench_gpu.mask_head_count(args.mask_heads, heads)
     groups = {}
-    for group, keep in (("masked: key-side mask 50% + key-side bias (requires grad)", 0.5), ("no mask", None)):
-        p = bench_gpu.make_problem(lens_q, lens_k, heads["heads"], heads["heads_k"], heads["head_dim"],
-                                   mask_heads(args, heads), keep, True, dtype, dev, args.seed)
+    for group, keep in (("masked: key-side mask 50% + key-side bias (requires grad)", MASKED_KEEP), ("no mask", None)):
+        p = bench_gpu.make_problem(lens_q, lens_k, heads["heads"], heads["heads_k"], heads["head_dim"], hm, keep, True,
+                                   dtype, dev, args.seed)
         rows = []
         rows.append(measure("dmattn_ops forward", "dmattn", "forward",
                             lambda: (lambda: p.run()[0]), dev, args))
@@ -112,10 +116,9 @@ def run(args) -> Dict[str, object]:
         # The same backward under a debug variable, read per call: the sm80 pair with dQ in order
         # (DMATTN_BWD_DQ=ordered, side by side with the planned sm90a backward), and the sm80 dK / dV kernel adding dQ
         # with atomics (DMATTN_BWD_DQ=atomic).
-        for label, name, value in (("sm80 pair, ordered dQ", "DMATTN_BWD_DQ", "ordered"),
-                                   ("atomic dQ", "DMATTN_BWD_DQ", "atomic")):
+        for label, dq in (("sm80 pair, ordered dQ", "ordered"), ("atomic dQ", "atomic")):
             rows.append(measure(f"dmattn_ops backward, {label}", "dmattn", "backward",
-                                lambda name=name, value=value: _with_env(dmattn_bwd(), name, value), dev, args))
+                                lambda dq=dq: _with_env(dmattn_bwd(), "DMATTN_BWD_DQ", dq), dev, args))
         peers = args.only == "all"  # else the peers are left out (two builds of dmattn_ops compared, say)
         if peers and keep is not None:
             def flex_bwd():
@@ -153,12 +156,6 @@ def _ms(rows, name) -> Optional[float]:
     return None
 
 
-def mask_heads(args, heads) -> int:
-    """Hm of the masked group's key-side mask and bias (--mask-heads): 1, Hk (the default) or H, which the KV groups
-    do not share (no kept-key lists: read per key)."""
-    return {"1": 1, "hk": heads["heads_k"], "h": heads["heads"]}[args.mask_heads]
-
-
 def targets(groups) -> List[Dict[str, str]]:
     out = []
     for group, rows in groups.items():
@@ -179,15 +176,16 @@ def targets(groups) -> List[Dict[str, str]]:
     return out
 
 
-def profile(args, keep: Optional[float] = 0.5) -> str:
-    """The kernels of one backward of the masked group (keep = 0.5; None: the no-mask group, with no bias) and their
+def profile(args, keep: Optional[float] = MASKED_KEEP) -> str:
+    """The kernels of one backward of the masked group (keep = MASKED_KEEP; None: the no-mask group, no bias) and their
     device time (torch.profiler), for finding where the time goes. Run under ncu it is also the call to profile: the
     backward runs twice (the first a warm-up), so `ncu --kernel-name regex:bwd_kernel --launch-skip 1 --launch-count 1`
     takes the second."""
     dev = torch.device(args.device)
     lens_q, lens_k, heads = bench_gpu.sizes("prefill", args.tiny, torch.Generator().manual_seed(args.seed))
-    p = bench_gpu.make_problem(lens_q, lens_k, heads["heads"], heads["heads_k"], heads["head_dim"],
-                               mask_heads(args, heads), keep, True, getattr(torch, args.dtype), dev, args.seed)
+    hm = bench_gpu.mask_head_count(args.mask_heads, heads)
+    p = bench_gpu.make_problem(lens_q, lens_k, heads["heads"], heads["heads_k"], heads["head_dim"], hm, keep, True,
+                               getattr(torch, args.dtype), dev, args.seed)
     s, inputs = _leaves(p, with_bias=keep is not None)
     run_bwd = _backward(lambda: s.run()[0], inputs, args.seed)
     run_bwd()
@@ -244,7 +242,7 @@ def main(argv=None):
                                           + (["--tiny"] if args.tiny else []))
     bench_gpu.FLUSH = bc.L2Flusher(dev)
     if args.profile_only:
-        print(profile(args, 0.5 if args.profile_only == "masked" else None))
+        print(profile(args, MASKED_KEEP if args.profile_only == "masked" else None))
         return
     payload = run(args)
     print(table(payload))

@@ -815,6 +815,11 @@ def layout_memory(p: PackedBatch) -> Dict[str, int]:
     }
 
 
+def mask_head_count(choice: str, heads: Dict[str, int]) -> int:
+    """Hm of a key-side mask and bias for --mask-heads: "1", "hk" (one per KV head) or "h" (one per query head)."""
+    return {"1": 1, "hk": heads["heads_k"], "h": heads["heads"]}[choice]
+
+
 def run_workload(name: str, args) -> Dict[str, object]:
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if args.tiny else torch.bfloat16)
@@ -822,7 +827,7 @@ def run_workload(name: str, args) -> Dict[str, object]:
     lens_q, lens_k, hs = sizes(name, args.tiny, gen)
     if args.head_dim is not None:
         hs = dict(hs, head_dim=args.head_dim)
-    mask_heads = {"1": 1, "hk": hs["heads_k"], "h": hs["heads"]}[args.mask_heads]
+    mask_heads = mask_head_count(args.mask_heads, hs)
     keep_frac = {"prefill": 0.5, "decode": 0.25, "paged": 0.25, "dense": None, "window": None, "intervals": None}[name]
     base = make_problem(lens_q, lens_k, hs["heads"], hs["heads_k"], hs["head_dim"], mask_heads, keep_frac,
                         causal=name in ("prefill", "window"), dtype=dtype, device=dev, seed=args.seed)
