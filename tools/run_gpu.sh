@@ -195,8 +195,9 @@ for s in $STAGES; do
       stage info python3 -m dmattn_ops
       ;;
     trees)
-      # Every tree's build, all at once (MAX_JOBS shared between them: four trees of one head dim build in ~2 minutes
-      # where one after another took ~6; TREE_PARALLEL_BUILDS=0 builds them in turn, with their output); then each
+      # Every tree's build, all at once (MAX_JOBS shared between them: one tree of one head dim took ~95 s alone on
+      # the H200 host, mostly in a few nvcc jobs that leave cores idle; the time of four at once is not yet measured;
+      # TREE_PARALLEL_BUILDS=0 builds them in turn, with their output); then each
       # tree that built: its tests under `timeout TREE_TIMEOUT` (a hung kernel costs that much, not the call):
       # .trees/<name>.tests holds that tree's pytest arguments, else TREE_TESTS; then TREE_BENCH once. Trees that
       # built and passed (or whose selection matched no test) are listed in $LOGDIR/trees_ok.
