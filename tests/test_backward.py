@@ -208,9 +208,9 @@ def test_cuda_backward_arch_is_the_documented_one(name, head_dim, env, determini
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     deterministic_mode(deterministic)
-    sample = make_sample(spec, torch.bfloat16, "cuda")
-    assert _logged_backward_path(sample, capfd, monkeypatch, "arch") == arch
-    assert _logged_backward_path(sample, capfd, monkeypatch, "dq") == dq
+    plan = _logged_backward_plan(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch)
+    assert plan["arch"] == arch
+    assert plan["dq"] == dq
 
 
 @pytest.mark.parametrize("mask", [None, "key"], ids=["no_mask", "kept_key_lists"])
@@ -223,8 +223,9 @@ def test_cuda_whole_visible_tiles_match_reference(mask, cuda_device):
     _check_gradients(spec, torch.bfloat16, "cuda")
 
 
-def _logged_backward_path(sample, capfd, monkeypatch, field="path"):
-    """Runs the sample's backward with DMATTN_LOG_PLAN=1 and returns `field` of the one plan line it logged."""
+def _logged_backward_plan(sample, capfd, monkeypatch):
+    """Runs the sample's backward with DMATTN_LOG_PLAN=1 and returns the fields (name=value) of the one plan line it
+    logged."""
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
     leaves, s = _differentiable(sample)
     out, _ = s.run()
@@ -232,7 +233,12 @@ def _logged_backward_path(sample, capfd, monkeypatch, field="path"):
     out.float().sum().backward()
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("dmattn.varlen_bwd plan:")]
     assert len(lines) == 1, lines
-    return lines[0].split(f"{field}=")[1].split()[0]
+    return dict(word.split("=", 1) for word in lines[0].split() if "=" in word)
+
+
+def _logged_backward_path(sample, capfd, monkeypatch, field="path"):
+    """`field` of the plan line the sample's backward logs (_logged_backward_plan)."""
+    return _logged_backward_plan(sample, capfd, monkeypatch)[field]
 
 
 def test_cuda_dq_summation_is_the_documented_one(cuda_device, capfd, monkeypatch, deterministic_mode):
@@ -246,8 +252,9 @@ def test_cuda_dq_summation_is_the_documented_one(cuda_device, capfd, monkeypatch
 
     monkeypatch.delenv("DMATTN_BWD_DQ", raising=False)
     deterministic_mode(False)
-    assert dq_mode() == "ordered"
-    assert _logged_backward_path(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch, "arch") == "sm80"
+    plan = _logged_backward_plan(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch)
+    assert plan["dq"] == "ordered"
+    assert plan["arch"] == "sm80"
     monkeypatch.setenv("DMATTN_BWD_DQ", "atomic")
     assert dq_mode() == "atomic"
     deterministic_mode(True)
