@@ -60,7 +60,8 @@ cudaError_t launch_bwd(const bwd::BwdParams& p, ComputeCapability cc, bool sm90a
   cudaError_t err;
   const int64_t items = p.f.total_q * p.f.num_heads;
   if (items > 0) {
-    const auto blocks = static_cast<unsigned>((items + bwd::kDeltaWarps - 1) / bwd::kDeltaWarps);
+    constexpr int kPerBlock = bwd::kDeltaItemsPerBlock<kHeadDim>;
+    const auto blocks = static_cast<unsigned>((items + kPerBlock - 1) / kPerBlock);
     bwd::delta_kernel<bwd::BwdTraits<Elem, kHeadDim>><<<blocks, bwd::kDeltaWarps * 32, 0, stream>>>(p);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }

@@ -308,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_var
   }
   const cuda::ComputeCapability cc = device_info(qk.get_device()).cc;
   C10_CUDA_CHECK(cuda::run_varlen_bwd(p, cc, sm90a, c10::cuda::getCurrentCUDAStream()));
-  if (atomic_dq) dq = dq_accum.mul_(scale).to(qk.scalar_type());
+  if (atomic_dq) dq = dq_accum.to(qk.scalar_type());  // the kernels added dQ already scaled
 
   // The bias's gradient: query head h reads bias head h / (H / Hm), so each bias head sums a run of query heads.
   at::Tensor dbias = at::empty({0}, a.q.options().dtype(at::kFloat));

@@ -22,8 +22,8 @@ namespace dmattn::cuda::bwd {
 
 // dQ += dS K for the query tile from m0 (BwdParams::dq_accum, DMATTN_BWD_DQ=atomic): dS^T goes through shared
 // memory (sdS, keys x queries), then warp w multiplies queries 16 w + [0, 16) of it (read transposed) by sK, 32
-// columns of D at a time (16 accumulators, not 64: dK and dV hold the registers), and adds the result into dq_accum
-// with atomics.
+// columns of D at a time (16 accumulators, not 64: dK and dV hold the registers), and adds the result, times the
+// softmax scale, into dq_accum with atomics.
 template <typename Traits>
 __device__ __forceinline__ void add_dq(const BwdParams& p, const Seq& s, typename Traits::SharedStorage& smem,
                                        const float (&ds)[1][Traits::kNTiles][4], int h, int m0, int warp_row0,
@@ -69,10 +69,11 @@ __device__ __forceinline__ void add_dq(const BwdParams& p, const Seq& s, typenam
 #pragma unroll
       for (int nt = 0; nt < kChunk / 8; ++nt) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        atomicAdd(reinterpret_cast<float2*>(row + nt * 8), make_float2(acc[0][nt][2 * half], acc[0][nt][2 * half + 1]));
+        atomicAdd(reinterpret_cast<float2*>(row + nt * 8),
+                  make_float2(acc[0][nt][2 * half] * p.f.softmax_scale, acc[0][nt][2 * half + 1] * p.f.softmax_scale));
 #else
-        atomicAdd(row + nt * 8, acc[0][nt][2 * half]);
-        atomicAdd(row + nt * 8 + 1, acc[0][nt][2 * half + 1]);
+        atomicAdd(row + nt * 8, acc[0][nt][2 * half] * p.f.softmax_scale);
+        atomicAdd(row + nt * 8 + 1, acc[0][nt][2 * half + 1] * p.f.softmax_scale);
 #endif
       }
     }

@@ -21,7 +21,8 @@
 //                                                takes half of D over all 128 keys, so both must have written their
 //                                                dS^T; at D = 64, where half of D would be less than a swizzle atom,
 //                                                all of D over its own 64 keys)
-//   and adds its float32 dQ part into BwdParams::dq_accum with one bulk reduce-add per row (cp.reduce.async.bulk).
+//   and adds its float32 dQ part, times the softmax scale, into BwdParams::dq_accum with one bulk reduce-add per row
+//   (cp.reduce.async.bulk). dQ's product is issued before dK's, so that staging its part runs beside dK's.
 // dK and dV stay in registers for the CTA's whole walk and are written once, so they need no atomics (GQA included).
 // Query rows past the sequence are zeroed in the tile before any product reads them (another sequence's rows could
 // hold inf, and 0 x inf is NaN), their P is 0 (RowStats: no visible key), and their dQ is not added.
@@ -424,13 +425,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         st_shared(&sdSt(slot, i0, buf), sm80::ElemTraits<Elem>::pack(dpt[0][nt][2 * half], dpt[0][nt][2 * half + 1]));
       }
     }
-    // dK += dS^T Q, issued.
-    warpgroup_fence_operand(tOrdS);
-    warpgroup_fence_operand(tdKrdK);
-    warpgroup_arrive();
-    warpgroup_issue<false>(mma_dkv, tOrdS, tdKrQ(_, _, _, stage), tdKrdK);
-    // dQ's part: the dS^T rows it reads written (by both warpgroups at D = 128, by this one at D = 64) and visible to
-    // wgmma.
+    // dQ's part, once the dS^T rows it reads are written (by both warpgroups at D = 128, by this one at D = 64) and
+    // visible to wgmma; then dK += dS^T Q. dQ is issued first so that it lands first: its staging below runs while
+    // the tensor cores do dK.
     cutlass::arch::fence_view_async_shared();
     if constexpr (kDqSplitsD) {
       consumer_sync(Traits::kConsumerThreads);
@@ -438,20 +435,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       warpgroup_sync(cw);
     }
     warpgroup_fence_operand(tdQrdQ);
+    warpgroup_fence_operand(tOrdS);
+    warpgroup_fence_operand(tdKrdK);
     warpgroup_arrive();
     warpgroup_issue<true>(mma_dq, tdQrdS(_, _, _, buf), tdQrK, tdQrdQ);
-    warpgroup_wait<1>();  // dV and dK landed: the tile's Q, dO and statistics are free
-    warpgroup_fence_operand(tdVrdV);
-    warpgroup_fence_operand(tdKrdK);
-    warpgroup_fence_operand(tOrP);
-    warpgroup_fence_operand(tOrdS);
-    pipe_q.consumer_release(state);
-    pipe_rows.consumer_release(state);
-    warpgroup_wait<0>();
+    warpgroup_issue<false>(mma_dkv, tOrdS, tdKrQ(_, _, _, stage), tdKrdK);
+    warpgroup_wait<1>();  // dV and dQ landed; dK may still run
     warpgroup_fence_operand(tdQrdQ);
+    warpgroup_fence_operand(tdVrdV);
+    warpgroup_fence_operand(tOrP);
 
-    // dQ's part into the warpgroup's staging rows (once the last tile's reduce-adds have read them), then a bulk
-    // reduce-add per row of the sequence (at D = 64 both warpgroups add into the whole row).
+    // dQ's part, times the softmax scale, into the warpgroup's staging rows (once the last tile's reduce-adds have
+    // read them), then a bulk reduce-add per row of the sequence (at D = 64 both warpgroups add into the whole row).
     if (item > 0 && wtid < kBlockM) bulk_wait_read();
     warpgroup_sync(cw);
     float(*stage_dq)[Traits::kDqStride] = smem.dq[cw];
@@ -461,7 +456,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       for (int half = 0; half < 2; ++half) {
         const int r = 16 * (wtid / 32) + g + 8 * half;
         *reinterpret_cast<float2*>(&stage_dq[r][dt * 8 + 2 * t]) =
-            make_float2(dq[0][dt][2 * half], dq[0][dt][2 * half + 1]);
+            make_float2(dq[0][dt][2 * half] * p.f.softmax_scale, dq[0][dt][2 * half + 1] * p.f.softmax_scale);
       }
     }
     cutlass::arch::fence_view_async_shared();
@@ -471,6 +466,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       float* dst = p.dq_accum + (row * p.f.num_heads + h) * kHeadDim + (kDqSplitsD ? cw * Traits::kDqCols : 0);
       bulk_reduce_add(dst, stage_dq[wtid], Traits::kDqCols * sizeof(float));
     }
+    warpgroup_wait<0>();  // dK landed: the tile's Q, dO and statistics are free
+    warpgroup_fence_operand(tdKrdK);
+    warpgroup_fence_operand(tOrdS);
+    pipe_q.consumer_release(state);
+    pipe_rows.consumer_release(state);
 
     const bool head_done = m0 + kBlockM >= span.begin + tiles_per_head * kBlockM;
     if (head_done && p.dbias != nullptr) bwd::store_dbias_pair(p, s, h, t, key_a, key_b, db_a, db_b);
