@@ -1,11 +1,12 @@
 """tools/run_gpu.sh's `trees` stage on stand-in trees (no GPU, no compiler): every tree builds at once with MAX_JOBS
 shared between them, a tree whose build fails is left out, and the trees that built and passed their tests are
-listed for tree_compare (trees_ok)."""
+listed for tree_compare (trees_ok). Its `pack` stage: every comparison lands in bench.tgz too."""
 
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -48,3 +49,27 @@ def test_trees_stage_builds_every_tree_and_lists_those_that_passed(tmp_path, par
     assert jobs == {name: "4" if parallel == "1" else "12" for name in builds}
     assert "=== build_b: exit 1" in (tmp_path / "logs" / "build_b.log").read_text()
     assert not (tmp_path / "logs" / "test_b.log").exists()  # a tree that did not build is not tested
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")
+def test_pack_stage_keeps_every_comparison_in_one_file(tmp_path):
+    """The device tool returns at most 8 files of $OUT: with four trees compared, logs.tgz, bench.tgz and the eight
+    trees_* files are ten, so bench.tgz holds the comparisons as well."""
+    os.makedirs(tmp_path / "tools")
+    shutil.copy(os.path.join(ROOT, "tools", "run_gpu.sh"), tmp_path / "tools")
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    os.makedirs(out)
+    os.makedirs(logs)
+    (logs / "stage.log").write_text("=== stage: exit 0 after 1 s\n")
+    made = [f"trees_{name}_vs_main.{ext}" for name in ("a", "b", "c", "d") for ext in ("json", "png")]
+    for name in made:
+        (out / name).write_text(name)
+    env = dict(os.environ, LOGDIR=str(logs), OUT=str(out), DMATTN_KEEP_CC="1")
+    done = subprocess.run(["bash", "tools/run_gpu.sh", "pack"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with tarfile.open(out / "bench.tgz") as tar:
+        names = set(tar.getnames())
+    assert set(made) <= names, names
+    with tarfile.open(out / "logs.tgz") as tar:
+        assert "./stage.log" in tar.getnames()

@@ -196,7 +196,7 @@ for s in $STAGES; do
       ;;
     trees)
       # Every tree's build, all at once (MAX_JOBS shared between them: one tree of one head dim took ~95 s alone on
-      # the H200 host, mostly in a few nvcc jobs that leave cores idle; the time of four at once is not yet measured;
+      # the H200 host, mostly in a few nvcc jobs that leave cores idle; five at once took 72-73 s each, run CC;
       # TREE_PARALLEL_BUILDS=0 builds them in turn, with their output); then each
       # tree that built: its tests under `timeout TREE_TIMEOUT` (a hung kernel costs that much, not the call):
       # .trees/<name>.tests holds that tree's pytest arguments, else TREE_TESTS; then TREE_BENCH once. Trees that
@@ -311,12 +311,17 @@ for s in $STAGES; do
       done
       ;;
     pack)
-      # Everything this call made, in two files of $OUT: the device tool returns a few files per call, and the
-      # machine may be gone before the next one. logs.tgz: $LOGDIR; bench.tgz: the compare stages' per-round JSON.
+      # Everything this call made, in a few files of $OUT: the device tool returns at most 8 files per call, and the
+      # machine may be gone before the next one. logs.tgz: $LOGDIR; bench.tgz: the compare stages' per-round JSON and
+      # their comparisons ($OUT's compare*.json / trees_*.json and charts, which past three trees outnumber the 8
+      # files: run CD lost one).
       tar -czf "$OUT/logs.tgz" -C "$LOGDIR" . 2>/dev/null
-      benches=()
-      for d in dmattn_compare dmattn_tree_compare; do [ -d "/tmp/$d" ] && benches+=("$d"); done
-      [ "${#benches[@]}" -gt 0 ] && tar -czf "$OUT/bench.tgz" -C /tmp "${benches[@]}"
+      members=()
+      for d in dmattn_compare dmattn_tree_compare; do [ -d "/tmp/$d" ] && members+=(-C /tmp "$d"); done
+      for f in "$OUT"/compare*.json "$OUT"/compare*.png "$OUT"/trees_*.json "$OUT"/trees_*.png; do
+        [ -f "$f" ] && members+=(-C "$OUT" "$(basename "$f")")
+      done
+      [ "${#members[@]}" -gt 0 ] && tar -czf "$OUT/bench.tgz" "${members[@]}"
       echo "=== pack: $(cd "$OUT" && ls)"
       ;;
     bench)
