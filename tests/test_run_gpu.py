@@ -1,6 +1,6 @@
 """tools/run_gpu.sh's `trees` stage on stand-in trees (no GPU, no compiler): every tree builds at once with MAX_JOBS
-shared between them, a tree whose build fails is left out, and the trees that built and passed their tests are
-listed for tree_compare (trees_ok). Its `pack` stage: every comparison lands in bench.tgz too."""
+shared between them and its own .trees/<name>.env, a tree whose build fails is left out, and the trees that built
+and passed their tests are listed for tree_compare (trees_ok). Its `pack` stage: every comparison lands in bench.tgz too."""
 
 import os
 import shutil
@@ -12,10 +12,13 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A stand-in setup.py: records the MAX_JOBS its build was given, then succeeds or fails as named.
+# A stand-in setup.py: records the MAX_JOBS and DMATTN_HEAD_DIMS its build was given, then succeeds or fails as
+# named.
 SETUP = """import os, sys
 with open("max_jobs.txt", "w") as f:
     f.write(os.environ.get("MAX_JOBS", ""))
+with open("head_dims.txt", "w") as f:
+    f.write(os.environ.get("DMATTN_HEAD_DIMS", "unset"))
 sys.exit({rc})
 """
 
@@ -37,8 +40,12 @@ def _trees(tmp_path, builds):
 def test_trees_stage_builds_every_tree_and_lists_those_that_passed(tmp_path, parallel):
     builds = {"a": 0, "b": 1, "c": 0}
     _trees(tmp_path, builds)
+    # Tree a's own environment (.trees/a.env): its build sees DMATTN_HEAD_DIMS empty (every head dim) where the
+    # call's is 128; a line that is no NAME=VALUE is ignored.
+    (tmp_path / ".trees" / "a.env").write_text("# main at every head dim\nDMATTN_HEAD_DIMS=\n")
     env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), MAX_JOBS="12",
                TREE_TESTS="tests/test_smoke.py", TREE_PARALLEL_BUILDS=parallel, DMATTN_KEEP_CC="1",
+               DMATTN_HEAD_DIMS="128",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     done = subprocess.run(["bash", "tools/run_gpu.sh", "trees"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
@@ -47,6 +54,8 @@ def test_trees_stage_builds_every_tree_and_lists_those_that_passed(tmp_path, par
     # At once, the three builds share MAX_JOBS (12 / 3 each); in turn, each has all of it.
     jobs = {name: (tmp_path / ".trees" / name / "max_jobs.txt").read_text() for name in builds}
     assert jobs == {name: "4" if parallel == "1" else "12" for name in builds}
+    dims = {name: (tmp_path / ".trees" / name / "head_dims.txt").read_text() for name in builds}
+    assert dims == {"a": "", "b": "128", "c": "128"}
     assert "=== build_b: exit 1" in (tmp_path / "logs" / "build_b.log").read_text()
     assert not (tmp_path / "logs" / "test_b.log").exists()  # a tree that did not build is not tested
 

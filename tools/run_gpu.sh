@@ -49,8 +49,9 @@
 #   tools/run_gpu.sh wheels trees summary
 # `trees` builds each .trees/<name> in place (all of them at once) and runs its tests there under `timeout
 # TREE_TIMEOUT` (default 300 s): the pytest arguments in .trees/<name>.tests if that file exists, else TREE_TESTS
-# (default: tests/test_sm90a.py and the CUDA decode-kernel tests); then TREE_BENCH (bench_gpu.py arguments, none by
-# default) with its results in $OUT/<name>/. `tree_compare` then benchmarks the trees that passed (or those
+# (default: tests/test_sm90a.py and the CUDA decode-kernel tests), with the NAME=VALUE lines of .trees/<name>.env (if
+# any) set for that tree alone; then TREE_BENCH (bench_gpu.py arguments, none by default) with its results in
+# $OUT/<name>/. `tree_compare` then benchmarks the trees that passed (or those
 # TREES_TO_COMPARE names, built ones whose failure is known to be unrelated) in turn (TREE_ROUNDS rounds of
 # TREE_WORKLOADS: bench_gpu.py workloads, or "backward" for tools/bench_backward.py; dmattn rows only; BENCH_EXTRA adds
 # arguments, e.g. `--device cpu --tiny` for a dry run) and compares each with TREE_BASE (default: the first),
@@ -94,6 +95,15 @@ stage() {  # stage NAME COMMAND...: runs COMMAND, tees its output to $OUT/NAME.l
   echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOGDIR/$name.log"
   [ "$rc" -eq 0 ] || status=1
   return "$rc"
+}
+
+# tree_env NAME: exports the NAME=VALUE lines of .trees/NAME.env (if any) into the calling subshell.
+tree_env() {
+  local line
+  [ -f ".trees/$1.env" ] || return 0
+  while IFS= read -r line || [ -n "$line" ]; do
+    if [[ $line =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; then export "${line?}"; fi
+  done < ".trees/$1.env"
 }
 
 # The sanitize stages' command: compute-sanitizer memcheck over pytest of SANITIZE_FILES (word-split) -k
@@ -200,7 +210,9 @@ for s in $STAGES; do
       # TREE_PARALLEL_BUILDS=0 builds them in turn, with their output); then each
       # tree that built: its tests under `timeout TREE_TIMEOUT` (a hung kernel costs that much, not the call):
       # .trees/<name>.tests holds that tree's pytest arguments, else TREE_TESTS; then TREE_BENCH once. Trees that
-      # built and passed (or whose selection matched no test) are listed in $LOGDIR/trees_ok.
+      # built and passed (or whose selection matched no test) are listed in $LOGDIR/trees_ok. .trees/<name>.env:
+      # NAME=VALUE lines set for that tree's build and tests alone (DMATTN_HEAD_DIMS=, say: main at every head dim
+      # beside trees built at one, in the same call).
       : > "$LOGDIR/trees_ok"
       dirs=()
       for dir in .trees/*/; do [ -f "$dir/setup.py" ] && dirs+=("$dir"); done
@@ -212,11 +224,12 @@ for s in $STAGES; do
         name=$(basename "$dir")
         [ -e "$dir/dmattn_ops/_meta" ] || ln -s ../meta "$dir/dmattn_ops/_meta"
         if [ "${TREE_PARALLEL_BUILDS:-1}" = 1 ]; then
-          (cd "$dir" && MAX_JOBS=$jobs_each DMATTN_BACKENDS=cuda stage "build_$name" python3 setup.py build_ext \
-            --inplace > /dev/null) &
+          (tree_env "$name" && cd "$dir" && MAX_JOBS=$jobs_each DMATTN_BACKENDS=cuda stage "build_$name" \
+            python3 setup.py build_ext --inplace > /dev/null) &
           pids+=("$!")
         else
-          (cd "$dir" && DMATTN_BACKENDS=cuda stage "build_$name" python3 setup.py build_ext --inplace)
+          (tree_env "$name" && cd "$dir" && DMATTN_BACKENDS=cuda stage "build_$name" python3 setup.py build_ext \
+            --inplace)
           built[$name]=$?
         fi
       done
@@ -233,8 +246,9 @@ for s in $STAGES; do
         tests=${TREE_TESTS:-tests/test_sm90a.py tests/test_decode_kernel.py -k 'cuda or decode'}
         [ -f ".trees/$name.tests" ] && tests=$(cat ".trees/$name.tests")
         # bash -c: the arguments may quote a -k expression
-        (cd "$dir" && PYTHONPATH=$abs:/tmp/site stage "test_$name" timeout "${TREE_TIMEOUT:-300}" bash -c \
-            "python3 -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=5 $tests")
+        (tree_env "$name" && cd "$dir" && PYTHONPATH=$abs:/tmp/site stage "test_$name" \
+          timeout "${TREE_TIMEOUT:-300}" bash -c \
+          "python3 -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=5 $tests")
         rc=$?
         if [ "$rc" = 0 ]; then
           echo "$name" >> "$LOGDIR/trees_ok"
@@ -301,10 +315,11 @@ for s in $STAGES; do
         [ -z "${TREES_TO_CHECK:-}" ] && [ "$name" = "${TREE_BASE:-}" ] && continue
         abs=$(cd ".trees/$name" && pwd) || { status=1; continue; }
         if [ "$s" = tree_sanitize ]; then
-          (cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "sanitize_$name" timeout "${TREE_TIMEOUT:-300}" \
-            "${SANITIZE_CMD[@]}") || status=1
+          (tree_env "$name" && cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "sanitize_$name" \
+            timeout "${TREE_TIMEOUT:-300}" "${SANITIZE_CMD[@]}") || status=1
         else
-          (cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "more_tests_$name" timeout "${TREE_TIMEOUT:-300}" bash -c \
+          (tree_env "$name" && cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "more_tests_$name" \
+            timeout "${TREE_TIMEOUT:-300}" bash -c \
             "python3 -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=5 ${TREE_MORE_TESTS:-tests/ -k cuda}") \
             || status=1
         fi
