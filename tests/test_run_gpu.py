@@ -1,6 +1,7 @@
 """tools/run_gpu.sh's `trees` stage on stand-in trees (no GPU, no compiler): every tree builds at once with MAX_JOBS
 shared between them and its own .trees/<name>.env, a tree whose build fails is left out, and the trees that built
-and passed their tests are listed for tree_compare (trees_ok). Its `pack` stage: every comparison lands in bench.tgz too."""
+and passed their tests are listed for tree_compare (trees_ok). Its `pack` stage: every comparison lands in bench.tgz
+too."""
 
 import os
 import shutil

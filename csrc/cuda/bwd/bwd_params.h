@@ -19,7 +19,8 @@ namespace dmattn::cuda::bwd {
 //   dq_accum (total_q, H, D) float32 contiguous, zero-filled, or null. Set (DMATTN_BWD_DQ=atomic, or the sm90a
 //                           backward): dkdv_kernel also adds each key tile's dS K times the softmax scale into it with
 //                           atomics (the order of the additions varies, so the bits of dq may differ between runs) and
-//                           the binding converts it into dq; dq_kernel does not run. Null: dq_kernel computes dq on its own, every sum in a fixed order (deterministic).
+//                           the binding converts it into dq; dq_kernel does not run. Null: dq_kernel computes dq on
+//                           its own, every sum in a fixed order (deterministic).
 //   dbias (total_k, H) float32 contiguous, zero-filled, or null: d loss / d key-side bias per query head (the binding
 //                           sums the heads each bias head broadcasts to)
 //   keys  the kept-key lists of a key-side mask whose heads the query heads of a KV group share (Hk % Hm == 0), built

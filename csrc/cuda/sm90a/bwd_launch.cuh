@@ -1,8 +1,8 @@
 // bwd_launch.cuh: the sm90a backward's launcher (bwd_kernel.cuh), called by ../run_varlen_bwd.cu after the passes
 // both backwards share (delta_kernel, compact_keys): bwd_kernel over (KV heads, sequences, key tiles of 128 slots), the
 // key tile slowest so that under a causal mask the first key tiles, which every later query sees, start first. dQ
-// comes out in BwdParams::dq_accum (float32, zero-filled, scaled by the kernel; the binding converts it into dq). Included by the generated
-// instantiation files (tools/kernel_matrix.py, BACKWARD), compiled for sm_90a only.
+// comes out in BwdParams::dq_accum (float32, zero-filled, scaled by the kernel; the binding converts it into dq).
+// Included by the generated instantiation files (tools/kernel_matrix.py, BACKWARD), compiled for sm_90a only.
 #pragma once
 
 #include <cuda_runtime.h>
