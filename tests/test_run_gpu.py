@@ -24,16 +24,29 @@ sys.exit({rc})
 """
 
 
-def _trees(tmp_path, builds):
-    """A checkout holding tools/run_gpu.sh and .trees/<name> for each (name, build exit status)."""
+# A stand-in test: records the DMATTN_HEAD_DIMS it ran under.
+SMOKE = """import os
+def test_smoke():
+    with open("test_head_dims.txt", "w") as f:
+        f.write(os.environ.get("DMATTN_HEAD_DIMS", "unset"))
+"""
+
+
+def _checkout(tmp_path):
+    """A checkout holding tools/run_gpu.sh alone."""
     os.makedirs(tmp_path / "tools")
     shutil.copy(os.path.join(ROOT, "tools", "run_gpu.sh"), tmp_path / "tools")
+
+
+def _trees(tmp_path, builds):
+    """A checkout holding tools/run_gpu.sh and .trees/<name> for each (name, build exit status)."""
+    _checkout(tmp_path)
     for name, rc in builds.items():
         tree = tmp_path / ".trees" / name
         for folder in ("dmattn_ops", "meta", "tests"):
             os.makedirs(tree / folder)
         (tree / "setup.py").write_text(SETUP.format(rc=rc))
-        (tree / "tests" / "test_smoke.py").write_text("def test_smoke():\n    assert True\n")
+        (tree / "tests" / "test_smoke.py").write_text(SMOKE)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")
@@ -41,8 +54,8 @@ def _trees(tmp_path, builds):
 def test_trees_stage_builds_every_tree_and_lists_those_that_passed(tmp_path, parallel):
     builds = {"a": 0, "b": 1, "c": 0}
     _trees(tmp_path, builds)
-    # Tree a's own environment (.trees/a.env): its build sees DMATTN_HEAD_DIMS empty (every head dim) where the
-    # call's is 128; a line that is no NAME=VALUE is ignored.
+    # Tree a's own environment (.trees/a.env): its build and tests see DMATTN_HEAD_DIMS empty (every head dim) where
+    # the call's is 128; a line that is no NAME=VALUE is ignored.
     (tmp_path / ".trees" / "a.env").write_text("# main at every head dim\nDMATTN_HEAD_DIMS=\n")
     env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), MAX_JOBS="12",
                TREE_TESTS="tests/test_smoke.py", TREE_PARALLEL_BUILDS=parallel, DMATTN_KEEP_CC="1",
@@ -57,6 +70,8 @@ def test_trees_stage_builds_every_tree_and_lists_those_that_passed(tmp_path, par
     assert jobs == {name: "4" if parallel == "1" else "12" for name in builds}
     dims = {name: (tmp_path / ".trees" / name / "head_dims.txt").read_text() for name in builds}
     assert dims == {"a": "", "b": "128", "c": "128"}
+    tested = {name: (tmp_path / ".trees" / name / "test_head_dims.txt").read_text() for name in ("a", "c")}
+    assert tested == {"a": "", "c": "128"}
     assert "=== build_b: exit 1" in (tmp_path / "logs" / "build_b.log").read_text()
     assert not (tmp_path / "logs" / "test_b.log").exists()  # a tree that did not build is not tested
 
@@ -65,8 +80,7 @@ def test_trees_stage_builds_every_tree_and_lists_those_that_passed(tmp_path, par
 def test_pack_stage_keeps_every_comparison_in_one_file(tmp_path):
     """The device tool returns at most 8 files of $OUT: with four trees compared, logs.tgz, bench.tgz and the eight
     trees_* files are ten, so bench.tgz holds the comparisons as well."""
-    os.makedirs(tmp_path / "tools")
-    shutil.copy(os.path.join(ROOT, "tools", "run_gpu.sh"), tmp_path / "tools")
+    _checkout(tmp_path)
     out, logs = tmp_path / "out", tmp_path / "logs"
     os.makedirs(out)
     os.makedirs(logs)

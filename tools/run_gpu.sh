@@ -50,9 +50,9 @@
 # `trees` builds each .trees/<name> in place (all of them at once) and runs its tests there under `timeout
 # TREE_TIMEOUT` (default 300 s): the pytest arguments in .trees/<name>.tests if that file exists, else TREE_TESTS
 # (default: tests/test_sm90a.py and the CUDA decode-kernel tests), with the NAME=VALUE lines of .trees/<name>.env (if
-# any) set for that tree alone; then TREE_BENCH (bench_gpu.py arguments, none by default) with its results in
-# $OUT/<name>/. `tree_compare` then benchmarks the trees that passed (or those
-# TREES_TO_COMPARE names, built ones whose failure is known to be unrelated) in turn (TREE_ROUNDS rounds of
+# any) set for what runs inside that tree (its build, tests, sanitizer and benchmarks); then TREE_BENCH (bench_gpu.py
+# arguments, none by default) with its results in $OUT/<name>/. `tree_compare` then benchmarks the trees that passed
+# (or those TREES_TO_COMPARE names, built ones whose failure is known to be unrelated) in turn (TREE_ROUNDS rounds of
 # TREE_WORKLOADS: bench_gpu.py workloads, or "backward" for tools/bench_backward.py; dmattn rows only; BENCH_EXTRA adds
 # arguments, e.g. `--device cpu --tiny` for a dry run) and compares each with TREE_BASE (default: the first),
 # $OUT/trees_<name>_vs_<base>.json / .png:
@@ -104,6 +104,22 @@ tree_env() {
   while IFS= read -r line || [ -n "$line" ]; do
     if [[ $line =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; then export "${line?}"; fi
   done < ".trees/$1.env"
+}
+
+# build_tree NAME [JOBS]: .trees/NAME's in-place build (MAX_JOBS=JOBS, default MAX_JOBS) with its .env, as stage
+# build_NAME.
+build_tree() {
+  (tree_env "$1" && cd ".trees/$1" && MAX_JOBS=${2:-$MAX_JOBS} DMATTN_BACKENDS=cuda stage "build_$1" \
+    python3 setup.py build_ext --inplace)
+}
+
+# in_tree NAME STAGE LIMIT COMMAND...: COMMAND run inside .trees/NAME, with that tree's build first on PYTHONPATH (a
+# tree has no installed package) and its .env, as stage STAGE under `timeout LIMIT`; 1 if the tree is missing.
+in_tree() {
+  local name=$1 stage_name=$2 limit=$3 abs
+  shift 3
+  abs=$(cd ".trees/$name" && pwd) || return 1
+  (tree_env "$name" && cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "$stage_name" timeout "$limit" "$@")
 }
 
 # The sanitize stages' command: compute-sanitizer memcheck over pytest of SANITIZE_FILES (word-split) -k
@@ -211,8 +227,8 @@ for s in $STAGES; do
       # tree that built: its tests under `timeout TREE_TIMEOUT` (a hung kernel costs that much, not the call):
       # .trees/<name>.tests holds that tree's pytest arguments, else TREE_TESTS; then TREE_BENCH once. Trees that
       # built and passed (or whose selection matched no test) are listed in $LOGDIR/trees_ok. .trees/<name>.env:
-      # NAME=VALUE lines set for that tree's build and tests alone (DMATTN_HEAD_DIMS=, say: main at every head dim
-      # beside trees built at one, in the same call).
+      # NAME=VALUE lines set for what runs inside that tree alone (build_tree, in_tree: DMATTN_HEAD_DIMS=, say: main
+      # at every head dim beside trees built at one, in the same call).
       : > "$LOGDIR/trees_ok"
       dirs=()
       for dir in .trees/*/; do [ -f "$dir/setup.py" ] && dirs+=("$dir"); done
@@ -224,12 +240,10 @@ for s in $STAGES; do
         name=$(basename "$dir")
         [ -e "$dir/dmattn_ops/_meta" ] || ln -s ../meta "$dir/dmattn_ops/_meta"
         if [ "${TREE_PARALLEL_BUILDS:-1}" = 1 ]; then
-          (tree_env "$name" && cd "$dir" && MAX_JOBS=$jobs_each DMATTN_BACKENDS=cuda stage "build_$name" \
-            python3 setup.py build_ext --inplace > /dev/null) &
+          build_tree "$name" "$jobs_each" > /dev/null &
           pids+=("$!")
         else
-          (tree_env "$name" && cd "$dir" && DMATTN_BACKENDS=cuda stage "build_$name" python3 setup.py build_ext \
-            --inplace)
+          build_tree "$name"
           built[$name]=$?
         fi
       done
@@ -241,14 +255,12 @@ for s in $STAGES; do
       done
       for dir in "${dirs[@]}"; do
         name=$(basename "$dir")
-        abs=$(cd "$dir" && pwd)
         [ "${built[$name]}" = 0 ] || { status=1; continue; }
         tests=${TREE_TESTS:-tests/test_sm90a.py tests/test_decode_kernel.py -k 'cuda or decode'}
         [ -f ".trees/$name.tests" ] && tests=$(cat ".trees/$name.tests")
         # bash -c: the arguments may quote a -k expression
-        (tree_env "$name" && cd "$dir" && PYTHONPATH=$abs:/tmp/site stage "test_$name" \
-          timeout "${TREE_TIMEOUT:-300}" bash -c \
-          "python3 -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=5 $tests")
+        in_tree "$name" "test_$name" "${TREE_TIMEOUT:-300}" bash -c \
+          "python3 -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=5 $tests"
         rc=$?
         if [ "$rc" = 0 ]; then
           echo "$name" >> "$LOGDIR/trees_ok"
@@ -263,8 +275,8 @@ for s in $STAGES; do
         fi
         if [ -n "${TREE_BENCH:-}" ]; then
           # shellcheck disable=SC2086
-          (cd "$dir" && PYTHONPATH=$abs:/tmp/site stage "bench_$name" timeout "${TREE_TIMEOUT:-300}" \
-            python3 tools/bench_gpu.py $TREE_BENCH --out "$OUT/$name") || status=1
+          in_tree "$name" "bench_$name" "${TREE_TIMEOUT:-300}" python3 tools/bench_gpu.py $TREE_BENCH \
+            --out "$OUT/$name" || status=1
         fi
       done
       ;;
@@ -313,14 +325,11 @@ for s in $STAGES; do
       mapfile -t ok < <(cat "$LOGDIR/trees_ok" 2>/dev/null)
       for name in ${TREES_TO_CHECK:-${ok[@]}}; do
         [ -z "${TREES_TO_CHECK:-}" ] && [ "$name" = "${TREE_BASE:-}" ] && continue
-        abs=$(cd ".trees/$name" && pwd) || { status=1; continue; }
         if [ "$s" = tree_sanitize ]; then
-          (tree_env "$name" && cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "sanitize_$name" \
-            timeout "${TREE_TIMEOUT:-300}" "${SANITIZE_CMD[@]}") || status=1
+          in_tree "$name" "sanitize_$name" "${TREE_TIMEOUT:-300}" "${SANITIZE_CMD[@]}" || status=1
         else
-          (tree_env "$name" && cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "more_tests_$name" \
-            timeout "${TREE_TIMEOUT:-300}" bash -c \
-            "python3 -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=5 ${TREE_MORE_TESTS:-tests/ -k cuda}") \
+          in_tree "$name" "more_tests_$name" "${TREE_TIMEOUT:-300}" bash -c \
+            "python3 -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=5 ${TREE_MORE_TESTS:-tests/ -k cuda}" \
             || status=1
         fi
       done
@@ -351,11 +360,10 @@ for s in $STAGES; do
       # benchmark tool of the tree instead (e.g. tools/bench_backward.py; BENCH_ARGS are then its arguments).
       mapfile -t ok < <(cat "$LOGDIR/trees_ok" 2>/dev/null)
       for name in ${TREES_TO_CHECK:-${ok[@]}}; do
-        abs=$(cd ".trees/$name" && pwd) || { status=1; continue; }
         # bash -c: BENCH_ARGS may quote a group name, e.g. --groups "key-side mask 50%"
         args=${BENCH_ARGS---workload prefill}  # set but empty: no arguments (another tool's defaults)
-        (cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "tree_bench_$name" timeout "${TREE_BENCH_TIMEOUT:-450}" bash -c \
-          "python3 ${TREE_BENCH_TOOL:-tools/bench_gpu.py} $args --out '$OUT/$name'") || status=1
+        in_tree "$name" "tree_bench_$name" "${TREE_BENCH_TIMEOUT:-450}" bash -c \
+          "python3 ${TREE_BENCH_TOOL:-tools/bench_gpu.py} $args --out '$OUT/$name'" || status=1
       done
       ;;
     *)
