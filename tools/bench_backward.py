@@ -93,16 +93,26 @@ def measure(name: str, family: str, kind: str, make: Callable[[], Callable[[], o
     return row
 
 
+def _batch(args):
+    """The prefill batch's query and key lengths and head counts (bench_gpu.py's, drawn from --seed)."""
+    return bench_gpu.sizes("prefill", args.tiny, torch.Generator().manual_seed(args.seed))
+
+
+def _problem(args, dev, keep: Optional[float]):
+    """The batch, causal, with a key-side mask keeping `keep` of each sequence's keys and a key-side bias, both of
+    --mask-heads heads (keep None: neither)."""
+    lens_q, lens_k, heads = _batch(args)
+    hm = bench_gpu.mask_head_count(args.mask_heads, heads)
+    return bench_gpu.make_problem(lens_q, lens_k, heads["heads"], heads["heads_k"], heads["head_dim"], hm, keep, True,
+                                  getattr(torch, args.dtype), dev, args.seed)
+
+
 def run(args) -> Dict[str, object]:
     dev = torch.device(args.device)
-    gen = torch.Generator().manual_seed(args.seed)
-    lens_q, lens_k, heads = bench_gpu.sizes("prefill", args.tiny, gen)
-    dtype = getattr(torch, args.dtype)
-    hm = bench_gpu.mask_head_count(args.mask_heads, heads)
+    lens_q, lens_k, heads = _batch(args)
     groups = {}
     for group, keep in (("masked: key-side mask 50% + key-side bias (requires grad)", MASKED_KEEP), ("no mask", None)):
-        p = bench_gpu.make_problem(lens_q, lens_k, heads["heads"], heads["heads_k"], heads["head_dim"], hm, keep, True,
-                                   dtype, dev, args.seed)
+        p = _problem(args, dev, keep)
         rows = []
         rows.append(measure("dmattn_ops forward", "dmattn", "forward",
                             lambda: (lambda: p.run()[0]), dev, args))
@@ -182,10 +192,7 @@ def profile(args, keep: Optional[float] = MASKED_KEEP) -> str:
     backward runs twice (the first a warm-up), so `ncu --kernel-name regex:bwd_kernel --launch-skip 1 --launch-count 1`
     takes the second."""
     dev = torch.device(args.device)
-    lens_q, lens_k, heads = bench_gpu.sizes("prefill", args.tiny, torch.Generator().manual_seed(args.seed))
-    hm = bench_gpu.mask_head_count(args.mask_heads, heads)
-    p = bench_gpu.make_problem(lens_q, lens_k, heads["heads"], heads["heads_k"], heads["head_dim"], hm, keep, True,
-                               getattr(torch, args.dtype), dev, args.seed)
+    p = _problem(args, dev, keep)
     s, inputs = _leaves(p, with_bias=keep is not None)
     run_bwd = _backward(lambda: s.run()[0], inputs, args.seed)
     run_bwd()
