@@ -249,18 +249,18 @@ def test_cuda_dq_summation_is_the_documented_one(cuda_device, capfd, monkeypatch
     deterministic mode, which keeps it in order (DMATTN_LOG_PLAN says which; test_deterministic checks the bits)."""
     spec = SAMPLES[SAMPLE_IDS.index("key_mask_key_bias_mqa")]
 
-    def dq_mode():
-        return _logged_backward_path(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch, "dq")
+    def plan():
+        return _logged_backward_plan(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch)
 
     monkeypatch.delenv("DMATTN_BWD_DQ", raising=False)
     deterministic_mode(False)
-    plan = _logged_backward_plan(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch)
-    assert plan["dq"] == "ordered"
-    assert plan["arch"] == "sm80"
+    default = plan()
+    assert default["dq"] == "ordered"
+    assert default["arch"] == "sm80"
     monkeypatch.setenv("DMATTN_BWD_DQ", "atomic")
-    assert dq_mode() == "atomic"
+    assert plan()["dq"] == "atomic"
     deterministic_mode(True)
-    assert dq_mode() == "ordered"
+    assert plan()["dq"] == "ordered"
 
 
 def test_cuda_dq_summation_variable_is_checked(cuda_device, monkeypatch):
