@@ -159,7 +159,7 @@ def selected_instantiations():
     return kernel_matrix.with_head_dims(head_dims)
 
 
-def write_build_config(backends, archs, selected=()):
+def write_build_config(backends, archs, selected=kernel_matrix.INSTANTIATIONS):
     no_cuda = {"cuda_archs": [], "cuda_arch_paths": {}, "cuda_dtypes": [], "cuda_head_dims": [], "cuda_backward": {}}
     config = {
         "torch_version": torch.__version__,
