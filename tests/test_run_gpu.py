@@ -1,7 +1,7 @@
 """tools/run_gpu.sh's `trees` stage on stand-in trees (no GPU, no compiler): every tree builds at once with MAX_JOBS
 shared between them and its own .trees/<name>.env, a tree whose build fails is left out, and the trees that built
-and passed their tests are listed for tree_compare (trees_ok). Its `pack` stage: every comparison lands in bench.tgz
-too."""
+and passed their tests are listed for tree_compare (trees_ok). Its `tree_sanitize` stage: each tree's own selection.
+Its `pack` stage: every comparison lands in bench.tgz too."""
 
 import os
 import shutil
@@ -74,6 +74,40 @@ def test_trees_stage_builds_every_tree_and_lists_those_that_passed(tmp_path, par
     assert tested == {"a": "", "c": "128"}
     assert "=== build_b: exit 1" in (tmp_path / "logs" / "build_b.log").read_text()
     assert not (tmp_path / "logs" / "test_b.log").exists()  # a tree that did not build is not tested
+
+
+# A stand-in compute-sanitizer: records its arguments in the folder it runs in, then runs the command after its own
+# options (the python3 ... of the real one).
+SANITIZER = """#!/usr/bin/env bash
+printf '%s\\n' "$*" > sanitizer_args.txt
+shift 6
+exec "$@"
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")
+def test_tree_sanitize_stage_takes_each_trees_own_selection(tmp_path):
+    """tree_sanitize runs compute-sanitizer over pytest in each tree: with the pytest arguments of
+    .trees/<name>.sanitize where that file exists (a -k expression quoted as in .trees/<name>.tests), else
+    SANITIZE_FILES / SANITIZE_TESTS."""
+    _trees(tmp_path, {"a": 0, "c": 0})
+    bin_dir = tmp_path / "bin"
+    os.makedirs(bin_dir)
+    (bin_dir / "compute-sanitizer").write_text(SANITIZER)
+    os.chmod(bin_dir / "compute-sanitizer", 0o755)
+    (tmp_path / ".trees" / "a.sanitize").write_text("tests/test_smoke.py -k 'smoke and not nothing'\n")
+    env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), DMATTN_KEEP_CC="1",
+               TREES_TO_CHECK="a c", SANITIZE_FILES="tests/test_smoke.py", SANITIZE_TESTS="smoke",
+               PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    done = subprocess.run(["bash", "tools/run_gpu.sh", "tree_sanitize"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    args = {name: (tmp_path / ".trees" / name / "sanitizer_args.txt").read_text().strip() for name in ("a", "c")}
+    common = "--tool memcheck --error-exitcode 1 --print-limit 20 python3 -m pytest -q --no-header -p no:cacheprovider"
+    assert args == {"a": f"{common} tests/test_smoke.py -k smoke and not nothing",
+                    "c": f"{common} tests/test_smoke.py -k smoke"}
+    for name in ("a", "c"):
+        assert "1 passed" in (tmp_path / "logs" / f"sanitize_{name}.log").read_text()
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")

@@ -49,7 +49,8 @@
 #   tools/run_gpu.sh wheels trees summary
 # `trees` builds each .trees/<name> in place (all of them at once) and runs its tests there under `timeout
 # TREE_TIMEOUT` (default 300 s): the pytest arguments in .trees/<name>.tests if that file exists, else TREE_TESTS
-# (default: tests/test_sm90a.py and the CUDA decode-kernel tests), with the NAME=VALUE lines of .trees/<name>.env (if
+# (default: tests/test_sm90a.py and the CUDA decode-kernel tests; .trees/<name>.sanitize likewise holds the arguments
+# of that tree's tree_sanitize stage), with the NAME=VALUE lines of .trees/<name>.env (if
 # any) set for what runs inside that tree (its build, tests, sanitizer and benchmarks); then TREE_BENCH (bench_gpu.py
 # arguments, none by default) with its results in $OUT/<name>/. `tree_compare` then benchmarks the trees that passed
 # (or those TREES_TO_COMPARE names, built ones whose failure is known to be unrelated) in turn (TREE_ROUNDS rounds of
@@ -124,9 +125,11 @@ in_tree() {
 
 # The sanitize stages' command: compute-sanitizer memcheck over pytest of SANITIZE_FILES (word-split) -k
 # SANITIZE_TESTS, the same in this tree (sanitize) and in each of .trees (tree_sanitize).
+# SANITIZED_PYTEST: the same without the selection, for a tree's own (.trees/<name>.sanitize).
+SANITIZED_PYTEST="compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 python3 -m pytest -q \
+--no-header -p no:cacheprovider"
 # shellcheck disable=SC2206
-SANITIZE_CMD=(compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20
-  python3 -m pytest -q --no-header -p no:cacheprovider ${SANITIZE_FILES:-tests/test_varlen_fwd.py}
+SANITIZE_CMD=($SANITIZED_PYTEST ${SANITIZE_FILES:-tests/test_varlen_fwd.py}
   -k "${SANITIZE_TESTS:-cuda and (sample_matches or nan_padding or rows_after or lying)}")
 
 # bench_rounds DEST ROUNDS "WORKLOADS" TIMEOUT NAME=DIR...: each build in turn (DIR first on PYTHONPATH, this tree's
@@ -319,13 +322,18 @@ for s in $STAGES; do
       stage sanitize "${SANITIZE_CMD[@]}"
       ;;
     tree_sanitize | tree_test)
-      # The sanitize stage (SANITIZE_FILES / SANITIZE_TESTS), or pytest of TREE_MORE_TESTS (shell-quoted pytest
+      # The sanitize stage (SANITIZE_FILES / SANITIZE_TESTS, or the pytest arguments in .trees/<name>.sanitize where
+      # that file exists: each tree's own kernels' cases), or pytest of TREE_MORE_TESTS (shell-quoted pytest
       # arguments: more tests than the trees stage ran), inside each tree of TREES_TO_CHECK (default: every tree
       # that passed the trees stage but TREE_BASE), with that tree's build first on PYTHONPATH.
       mapfile -t ok < <(cat "$LOGDIR/trees_ok" 2>/dev/null)
       for name in ${TREES_TO_CHECK:-${ok[@]}}; do
         [ -z "${TREES_TO_CHECK:-}" ] && [ "$name" = "${TREE_BASE:-}" ] && continue
-        if [ "$s" = tree_sanitize ]; then
+        if [ "$s" = tree_sanitize ] && [ -f ".trees/$name.sanitize" ]; then
+          # that tree's own selection: pytest arguments, shell-quoted like .trees/<name>.tests
+          in_tree "$name" "sanitize_$name" "${TREE_TIMEOUT:-300}" bash -c \
+            "$SANITIZED_PYTEST $(tr '\n' ' ' < ".trees/$name.sanitize")" || status=1
+        elif [ "$s" = tree_sanitize ]; then
           in_tree "$name" "sanitize_$name" "${TREE_TIMEOUT:-300}" "${SANITIZE_CMD[@]}" || status=1
         else
           in_tree "$name" "more_tests_$name" "${TREE_TIMEOUT:-300}" bash -c \
