@@ -76,6 +76,31 @@ def test_trees_stage_builds_every_tree_and_lists_those_that_passed(tmp_path, par
     assert not (tmp_path / "logs" / "test_b.log").exists()  # a tree that did not build is not tested
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")
+def test_deferred_trees_are_built_now_and_tested_later(tmp_path):
+    """TREE_DEFER_TESTS: the trees stage builds tree c but leaves its tests (and trees_ok) for later; tree_test
+    without TREE_MORE_TESTS then runs c's own .trees/c.tests and, passing, lists c in trees_ok for tree_compare."""
+    _trees(tmp_path, {"a": 0, "c": 0})
+    (tmp_path / ".trees" / "c.tests").write_text("tests/test_smoke.py -k smoke\n")
+    env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), DMATTN_KEEP_CC="1",
+               TREE_TESTS="tests/test_smoke.py", TREE_DEFER_TESTS="c",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    done = subprocess.run(["bash", "tools/run_gpu.sh", "trees"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / ".trees" / "c" / "max_jobs.txt").exists()  # built
+    assert not (tmp_path / ".trees" / "c" / "test_head_dims.txt").exists()  # not tested
+    assert (tmp_path / "logs" / "trees_ok").read_text().split() == ["a"]
+    assert "deferred" in (tmp_path / "logs" / "test_c.log").read_text()
+    env.pop("TREE_DEFER_TESTS")
+    done = subprocess.run(["bash", "tools/run_gpu.sh", "tree_test"], cwd=tmp_path,
+                          env=dict(env, TREES_TO_CHECK="c"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / ".trees" / "c" / "test_head_dims.txt").exists()
+    assert "1 passed" in (tmp_path / "logs" / "more_tests_c.log").read_text()
+    assert (tmp_path / "logs" / "trees_ok").read_text().split() == ["a", "c"]
+
+
 # A stand-in compute-sanitizer: records its arguments in the folder it runs in, then runs the command after its own
 # options (the python3 ... of the real one).
 SANITIZER = """#!/usr/bin/env bash
