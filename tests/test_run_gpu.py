@@ -79,9 +79,11 @@ def test_trees_stage_builds_every_tree_and_lists_those_that_passed(tmp_path, par
 @pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")
 def test_deferred_trees_are_built_now_and_tested_later(tmp_path):
     """TREE_DEFER_TESTS: the trees stage builds tree c but leaves its tests (and trees_ok) for later; tree_test
-    without TREE_MORE_TESTS then runs c's own .trees/c.tests and, passing, lists c in trees_ok for tree_compare."""
+    without TREE_MORE_TESTS then runs c's own .trees/c.tests and, passing, lists c in trees_ok for tree_compare. A
+    .tests file may hold its arguments on several lines (a's, run by the trees stage; c's, by tree_test)."""
     _trees(tmp_path, {"a": 0, "c": 0})
-    (tmp_path / ".trees" / "c.tests").write_text("tests/test_smoke.py -k smoke\n")
+    (tmp_path / ".trees" / "a.tests").write_text("tests/test_smoke.py\n-k smoke\n")
+    (tmp_path / ".trees" / "c.tests").write_text("tests/test_smoke.py\n-k smoke\n")
     env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), DMATTN_KEEP_CC="1",
                TREE_TESTS="tests/test_smoke.py", TREE_DEFER_TESTS="c",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
@@ -91,6 +93,7 @@ def test_deferred_trees_are_built_now_and_tested_later(tmp_path):
     assert (tmp_path / ".trees" / "c" / "max_jobs.txt").exists()  # built
     assert not (tmp_path / ".trees" / "c" / "test_head_dims.txt").exists()  # not tested
     assert (tmp_path / "logs" / "trees_ok").read_text().split() == ["a"]
+    assert "1 passed" in (tmp_path / "logs" / "test_a.log").read_text()
     assert "deferred" in (tmp_path / "logs" / "test_c.log").read_text()
     env.pop("TREE_DEFER_TESTS")
     done = subprocess.run(["bash", "tools/run_gpu.sh", "tree_test"], cwd=tmp_path,

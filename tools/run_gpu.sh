@@ -125,6 +125,14 @@ in_tree() {
   (tree_env "$name" && cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "$stage_name" timeout "$limit" "$@")
 }
 
+# tree_args NAME EXT: the pytest arguments of .trees/NAME.EXT (tests, sanitize) on one line: they run through bash -c,
+# which would take a second line for a command of its own.
+tree_args() {
+  tr '\n' ' ' < ".trees/$1.$2"
+}
+# The trees' pytest command, before its arguments (the trees and tree_test stages).
+TREE_PYTEST="python3 -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=5"
+
 # The sanitize stages' command: compute-sanitizer memcheck over pytest of SANITIZE_FILES (word-split) -k
 # SANITIZE_TESTS, the same in this tree (sanitize) and in each of .trees (tree_sanitize).
 # SANITIZED_PYTEST: the same without the selection, for a tree's own (.trees/<name>.sanitize).
@@ -266,10 +274,9 @@ for s in $STAGES; do
           continue
         fi
         tests=${TREE_TESTS:-tests/test_sm90a.py tests/test_decode_kernel.py -k 'cuda or decode'}
-        [ -f ".trees/$name.tests" ] && tests=$(cat ".trees/$name.tests")
+        [ -f ".trees/$name.tests" ] && tests=$(tree_args "$name" tests)
         # bash -c: the arguments may quote a -k expression
-        in_tree "$name" "test_$name" "${TREE_TIMEOUT:-300}" bash -c \
-          "python3 -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=5 $tests"
+        in_tree "$name" "test_$name" "${TREE_TIMEOUT:-300}" bash -c "$TREE_PYTEST $tests"
         rc=$?
         if [ "$rc" = 0 ]; then
           echo "$name" >> "$LOGDIR/trees_ok"
@@ -338,16 +345,15 @@ for s in $STAGES; do
         if [ "$s" = tree_sanitize ] && [ -f ".trees/$name.sanitize" ]; then
           # that tree's own selection: pytest arguments, shell-quoted like .trees/<name>.tests
           in_tree "$name" "sanitize_$name" "${TREE_TIMEOUT:-300}" bash -c \
-            "$SANITIZED_PYTEST $(tr '\n' ' ' < ".trees/$name.sanitize")" || status=1
+            "$SANITIZED_PYTEST $(tree_args "$name" sanitize)" || status=1
         elif [ "$s" = tree_sanitize ]; then
           in_tree "$name" "sanitize_$name" "${TREE_TIMEOUT:-300}" "${SANITIZE_CMD[@]}" || status=1
         else
           # TREE_MORE_TESTS, else the tree's own .trees/<name>.tests (a tree whose tests the trees stage deferred:
           # passing them lists it in trees_ok, for tree_compare), else the CUDA tests
           more=${TREE_MORE_TESTS:-tests/ -k cuda}
-          [ -z "${TREE_MORE_TESTS:-}" ] && [ -f ".trees/$name.tests" ] && more=$(tr '\n' ' ' < ".trees/$name.tests")
-          if in_tree "$name" "more_tests_$name" "${TREE_TIMEOUT:-300}" bash -c \
-            "python3 -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=5 $more"; then
+          [ -z "${TREE_MORE_TESTS:-}" ] && [ -f ".trees/$name.tests" ] && more=$(tree_args "$name" tests)
+          if in_tree "$name" "more_tests_$name" "${TREE_TIMEOUT:-300}" bash -c "$TREE_PYTEST $more"; then
             if [ -z "${TREE_MORE_TESTS:-}" ] && ! grep -qx "$name" "$LOGDIR/trees_ok" 2>/dev/null; then
               echo "$name" >> "$LOGDIR/trees_ok"
             fi
