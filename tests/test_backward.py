@@ -155,7 +155,8 @@ def _at_head_dim_128(spec):
 
 # Longer sequences for the sm90a backward's tiles (128 key slots per CTA, query tiles of 64 rows): tiles cut
 # everywhere, empty sequences, GQA / MQA, causal with more keys than queries and the reverse, a window, kept-key lists
-# (mask heads 1 and Hk) with a key-side bias whose gradient is taken, and a -inf bias.
+# (mask heads 1 and Hk) with a key-side bias whose gradient is taken, a -inf bias, the softcap (kSoftcap), and masks
+# of H heads read per key (in runs of 128 keys, some query heads see none of a CTA's keys: their items are skipped).
 _long = dict(head_dim=128, heads=8, heads_k=2, seqlens_q=(129, 300, 1, 0, 64), seqlens_k=(257, 128, 700, 9, 0))
 SM90A_BACKWARD_SPECS = [
     Spec("sm90a_dense", **_long),
@@ -167,6 +168,20 @@ SM90A_BACKWARD_SPECS = [
          **_long),
     Spec("sm90a_lists_1_block_sparse", mask="key", keep=0.4, mask_runs=64, bias="key", bias_neg_inf=True, **_long),
     Spec("sm90a_bias_q_dtype", bias="key", bias_heads="Hk", bias_dtype="q", **_long),
+    Spec("sm90a_softcap", softcap=2.5, is_causal=True, bias="key", bias_heads="H", **_long),
+    Spec("sm90a_softcap_lists_window", softcap=4.0, window=(100, 20), mask="key", mask_heads="1", keep=0.5,
+         bias="key", **_long),
+    Spec("sm90a_key_mask_H", mask="key", mask_heads="H", keep=0.5, bias="key", bias_heads="Hk", is_causal=True,
+         **_long),
+    Spec("sm90a_key_mask_H_runs", mask="key", mask_heads="H", keep=0.3, mask_runs=128, bias="key", bias_heads="H",
+         **_long),
+    Spec("sm90a_softcap_key_mask_H_runs", softcap=3.0, mask="key", mask_heads="H", keep=0.3, mask_runs=128,
+         bias="key", bias_heads="H", **_long),
+    # 32 query heads per KV head (live_heads' last bit) and 40 (more than the word holds: every item computed)
+    Spec("sm90a_key_mask_H_runs_group_32", head_dim=64, heads=32, heads_k=1, seqlens_q=(130, 40),
+         seqlens_k=(300, 129), mask="key", mask_heads="H", keep=0.3, mask_runs=128, bias="key", bias_heads="H"),
+    Spec("sm90a_key_mask_H_runs_group_40", head_dim=64, heads=40, heads_k=1, seqlens_q=(130, 40),
+         seqlens_k=(300, 129), mask="key", mask_heads="H", keep=0.3, mask_runs=128, bias="key", bias_heads="H"),
 ]
 
 
@@ -192,8 +207,8 @@ def test_cuda_sm90a_backward_matches_reference(spec, dtype, sm90a_backward):
     ("dense_gqa", 128, {}, False, "sm90a", "reduce_add"),
     ("dense_gqa", 64, {}, False, "sm90a", "reduce_add"),
     ("key_mask_Hk", 128, {}, False, "sm90a", "reduce_add"),       # kept-key lists
-    ("key_mask_H", 128, {}, False, "sm80", "ordered"),            # a mask finer than the KV heads: read per key
-    ("window_softcap_sinks", 128, {}, False, "sm80", "ordered"),  # the softcap
+    ("key_mask_H", 128, {}, False, "sm90a", "reduce_add"),        # a mask finer than the KV heads: read per key
+    ("window_softcap_sinks", 128, {}, False, "sm90a", "reduce_add"),  # the softcap (kSoftcap)
     ("dense_gqa", 128, {"DMATTN_ARCH": "sm80"}, False, "sm80", "ordered"),
     ("dense_gqa", 128, {"DMATTN_BWD_DQ": "ordered"}, False, "sm80", "ordered"),
     ("dense_gqa", 128, {"DMATTN_BWD_DQ": "atomic"}, False, "sm80", "atomic"),
@@ -202,8 +217,8 @@ def test_cuda_sm90a_backward_matches_reference(spec, dtype, sm90a_backward):
 def test_cuda_backward_arch_is_the_documented_one(name, head_dim, env, deterministic, arch, dq, sm90a_backward, capfd,
                                                   monkeypatch, deterministic_mode):
     """On a cc 9.0 device the fused backward is by default the sm90a one (dQ by reduce-adds, whose order varies)
-    unless the call has a softcap or a key-side mask finer than the KV heads, DMATTN_ARCH=sm80 or DMATTN_BWD_DQ names
-    an sm80 summation, or torch's deterministic mode is on (DMATTN_LOG_PLAN names the arch and the summation)."""
+    unless DMATTN_ARCH=sm80 or DMATTN_BWD_DQ names an sm80 summation, or torch's deterministic mode is on
+    (DMATTN_LOG_PLAN names the arch and the summation)."""
     if arch == "sm90a" and head_dim not in dmattn_ops.build_info()["cuda_backward"].get("sm90a", []):
         pytest.skip(f"this build has no sm90a backward at head dim {head_dim} (DMATTN_HEAD_DIMS)")
     spec = dataclasses.replace(SAMPLES[SAMPLE_IDS.index(name)], head_dim=head_dim)
@@ -244,15 +259,16 @@ def _logged_backward_path(sample, capfd, monkeypatch, field="path"):
 
 
 def test_cuda_dq_summation_is_the_documented_one(cuda_device, capfd, monkeypatch, deterministic_mode):
-    """A call the sm90a backward does not cover (a key-side mask finer than the KV heads) runs the sm80 pair, which
-    sums dQ in order by default (on any device); DMATTN_BWD_DQ=atomic adds it with atomics, except in torch's
-    deterministic mode, which keeps it in order (DMATTN_LOG_PLAN says which; test_deterministic checks the bits)."""
+    """The sm80 pair (DMATTN_ARCH=sm80: the only backward on devices other than cc 9.0) sums dQ in order by default;
+    DMATTN_BWD_DQ=atomic adds it with atomics, except in torch's deterministic mode, which keeps it in order
+    (DMATTN_LOG_PLAN says which; test_deterministic checks the bits)."""
     spec = SAMPLES[SAMPLE_IDS.index("key_mask_key_bias_mqa")]
 
     def plan():
         return _logged_backward_plan(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch)
 
     monkeypatch.delenv("DMATTN_BWD_DQ", raising=False)
+    monkeypatch.setenv("DMATTN_ARCH", "sm80")
     deterministic_mode(False)
     default = plan()
     assert default["dq"] == "ordered"
@@ -303,13 +319,14 @@ def test_cuda_backward_walks_kept_key_lists(name, lists, cuda_device, capfd, mon
 
 @pytest.mark.parametrize("dq", ["ordered", "auto"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "kept_key_lists"])
+@pytest.mark.parametrize("mask_heads", [0, 2, 4], ids=["no_mask", "kept_key_lists", "per_head"])
 @pytest.mark.parametrize("lie", ["past_the_end", "negative", "decreasing"])
-def test_cuda_backward_with_lying_cu_seqlens_stays_in_bounds(lie, masked, head_dim, dq, cuda_device, backward_path,
-                                                            monkeypatch):
+def test_cuda_backward_with_lying_cu_seqlens_stays_in_bounds(lie, mask_heads, head_dim, dq, cuda_device,
+                                                            backward_path, monkeypatch):
     """cu_seqlens that break the contract: the backward clamps them as the forward does, so it reads and writes only
     inside the tensors (compute-sanitizer runs this on the GPU machine) and returns gradients of the inputs' shapes;
-    with a key-side mask, through the kept-key lists too; with DMATTN_BWD_DQ=auto on a cc 9.0 device, the sm90a
+    with a key-side mask, through the kept-key lists too (a head per KV head), or read per key (a head per query
+    head: on the sm90a backward, its dead-head scan); with DMATTN_BWD_DQ=auto on a cc 9.0 device, the sm90a
     backward."""
     monkeypatch.setenv("DMATTN_BWD_DQ", dq)
     g = torch.Generator().manual_seed(0)
@@ -320,7 +337,7 @@ def test_cuda_backward_with_lying_cu_seqlens_stays_in_bounds(lie, masked, head_d
     cu = {"past_the_end": [0, 40, 200], "negative": [-30, 20, 70], "decreasing": [0, 60, 10]}[lie]
     cu_q = torch.tensor(cu, dtype=torch.int32, device=cuda_device)
     cu_k = torch.tensor([0, 50, 90], dtype=torch.int32, device=cuda_device)
-    mask = (torch.rand(90, 2, generator=g) > 0.3).to(cuda_device) if masked else None
+    mask = (torch.rand(90, mask_heads, generator=g) > 0.3).to(cuda_device) if mask_heads else None
     out = dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 100, 100, mask=mask, bias=bias, is_causal=True)
     out.float().sum().backward()
     torch.cuda.synchronize()

@@ -238,12 +238,10 @@ std::string dq_summation() {
 }
 
 // Whether the sm90a backward (sm90a/bwd_kernel.cuh) runs a call of the fused backward: a device of cc 9.0 for which
-// this build has it at the kernel's head dim (64 or 128: every head dim up to 128, padded), no softcap, a key-side
-// mask only through kept-key lists, dQ summed as `auto`, and DMATTN_ARCH not sm80.
-bool sm90a_backward(const VarlenFwdArgs& a, int32_t kernel_dim, cuda::ComputeCapability cc, bool key_lists,
-                    const std::string& dq) {
-  return !sm80_forced("dmattn.varlen_bwd: ") && dq == "auto" && a.softcap <= 0.0 && (!a.mask || key_lists) &&
-         a.q.size(0) < INT32_MAX &&
+// this build has it at the kernel's head dim (64 or 128: every head dim up to 128, padded), dQ summed as `auto`, and
+// DMATTN_ARCH not sm80 (a key-side mask goes through kept-key lists where it has them, else it is read per key).
+bool sm90a_backward(const VarlenFwdArgs& a, int32_t kernel_dim, cuda::ComputeCapability cc, const std::string& dq) {
+  return !sm80_forced("dmattn.varlen_bwd: ") && dq == "auto" && a.q.size(0) < INT32_MAX &&
          cuda::has_backward_kernel(cc, a.q.scalar_type() == at::kHalf ? ScalarType::kFloat16 : ScalarType::kBFloat16,
                                    kernel_dim);
 }
@@ -352,7 +350,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
                      !blockwise_backward_requested();
   const std::string dq = fused ? dq_summation() : "blockwise";
   const bool key_lists = fused && bwd_key_lists(args);
-  const bool sm90a = fused && sm90a_backward(args, kernel_dim, device_info(q.get_device()).cc, key_lists, dq);
+  const bool sm90a = fused && sm90a_backward(args, kernel_dim, device_info(q.get_device()).cc, dq);
   // dQ in float32 by reduce-adds (sm90a) or atomics (sm80, `atomic`); `auto` off sm90a is `ordered`.
   const std::string dq_mode = sm90a ? "reduce_add" : dq == "auto" ? "ordered" : dq;
   if (log_plan_requested()) {

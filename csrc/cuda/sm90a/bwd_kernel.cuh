@@ -1,8 +1,9 @@
 // bwd_kernel.cuh: the sm90a backward (wgmma + TMA, warp-specialized): dK, dV, the key-side bias gradient and dQ of
 // one key tile in one kernel, five products per (key tile, query tile) where the sm80 pair of kernels (../bwd/) needs
 // seven. What it runs is planned by the binding (varlen_fwd_cuda.cpp, sm90a_backward): float16 / bfloat16 at head
-// dims 64 and 128, no softcap, no query-side operand, a key-side mask only through kept-key lists (Hm divides Hk),
-// outside torch's deterministic mode (dQ is summed by reduce-adds whose order varies).
+// dims 64 and 128, with a softcap or not (kSoftcap), no query-side operand, a key-side mask through kept-key lists
+// (Hm divides Hk) or read per key (a finer one: the query heads that see none of a CTA's keys are skipped), outside
+// torch's deterministic mode (dQ is summed by reduce-adds whose order varies).
 //
 // A CTA owns kBlockN = 128 key slots of one KV head of one sequence (slot c: key position c, or with kept-key lists
 // the c-th key the mask keeps; ../bwd/bwd_common.cuh KeySlots), and walks the query heads of its KV group and, per
@@ -22,7 +23,10 @@
 //                                                dS^T; at D = 64, where half of D would be less than a swizzle atom,
 //                                                all of D over its own 64 keys)
 //   and adds its float32 dQ part, times the softmax scale, into BwdParams::dq_accum with one bulk reduce-add per row
-//   (cp.reduce.async.bulk). dQ's product is issued before dK's, so that staging its part runs beside dK's.
+//   (cp.reduce.async.bulk). A tile's dQ product runs one computed tile late, issued just before the next tile's dK
+//   product (so that staging its part runs beside dK's): at D = 128 a warpgroup then waits for the other's dS^T of
+//   the tile before (ds_ready, one tile of slack) where a barrier of both warpgroups in every tile would hold them in
+//   lockstep, their exponentials and dS passes at the same time and the tensor cores idle through both (run CB).
 // dK and dV stay in registers for the CTA's whole walk and are written once, so they need no atomics (GQA included).
 // Query rows past the sequence are zeroed in the tile before any product reads them (another sequence's rows could
 // hold inf, and 0 x inf is NaN), their P is 0 (RowStats: no visible key), and their dQ is not added.
@@ -55,6 +59,9 @@ struct BwdTraits {
   static constexpr int kDqCols = kDqSplitsD ? kHeadDim / 2 : kHeadDim;
   static constexpr int kDqKeys = kDqSplitsD ? kBlockN : 64;
   static constexpr int kDqStride = kDqCols + 8;  // floats per staged dQ row: 16-byte aligned, no bank conflict
+  // dS^T buffers: a tile's dQ product runs one computed tile late (the kernel's comment), so three are in use at once:
+  // the tile being written, the one its dQ reads, and the one the other warpgroup's late dQ may still read.
+  static constexpr int kDsBuffers = 3;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the swizzle atom is 64 elements wide");
 
   using Tile64 = cute::Int<64>;
@@ -64,6 +71,7 @@ struct BwdTraits {
   using DqCols = cute::Int<kDqCols>;
   using DqKeys = cute::Int<kDqKeys>;
   using Stages = cute::Int<kStages>;
+  using DsBuffers = cute::Int<kDsBuffers>;
 
   // One consumer warpgroup's products (M = its 64 keys, except dQ's M = the tile's queries).
   using MmaSdP = decltype(cute::make_tiled_mma(
@@ -87,9 +95,9 @@ struct BwdTraits {
   using SmemLayoutQt =
       decltype(cute::composition(SmemLayoutQ{}, cute::make_ordered_layout(cute::Shape<D, M, Stages>{}, Transposed{})));
   using SmemLayoutDst =
-      decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<CuteElem>{}, cute::Shape<N, M, cute::_2>{}));
+      decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<CuteElem>{}, cute::Shape<N, M, DsBuffers>{}));
   using SmemLayoutDs = decltype(cute::composition(
-      SmemLayoutDst{}, cute::make_ordered_layout(cute::Shape<M, N, cute::_2>{}, Transposed{})));
+      SmemLayoutDst{}, cute::make_ordered_layout(cute::Shape<M, N, DsBuffers>{}, Transposed{})));
 
   // The TMA copies of Q and dO: (rows, D, heads) with the call's strides, a (kBlockM, D) box.
   using GmemLayout = cute::Layout<cute::Shape<int32_t, int32_t, int32_t>, cute::Stride<int64_t, cute::_1, int64_t>>;
@@ -117,6 +125,7 @@ struct BwdTraits {
     alignas(128) float dq[2][kBlockM][kDqStride];  // each consumer warpgroup's dQ part of the tile, for the reduce-adds
     RowStats rows[kStages];
     int32_t key_pos[kBlockN];  // the slots' key positions (INT_MAX past the last)
+    uint32_t live_heads;       // bit hh: query head hh of the KV group sees some key of the CTA (a mask read per key)
     typename Pipeline::SharedStorage pipe_q;
     typename RowPipeline::SharedStorage pipe_rows;
     alignas(8) uint64_t kv_full;  // K, V and the positions gathered (kGatherThreads arrivals)
@@ -137,6 +146,26 @@ __device__ __forceinline__ void warpgroup_sync(int cw) {
 
 // The producer's gather warps (1-3) alone: their slot positions are written before any of them reads one.
 constexpr int kGatherBarrier = 6;
+
+// At D = 128 a consumer warpgroup's dQ reads the other's dS^T: consumer warpgroup cw arrives on ds_ready(cw, n) once
+// it has written computed tile n's dS^T, and the other waits on it (bar.sync: all 256 threads, so it also orders the
+// waiting warpgroup's own writes) before it writes tile n + 1's and issues tile n's dQ. Two barriers per warpgroup,
+// by the tile's parity: a warpgroup can arrive for tile n + 2 only after waiting for the other's tile n + 1, which the
+// other arrived for after waiting on tile n's barrier, so a barrier's phases never mix two tiles.
+__device__ __forceinline__ int ds_ready(int cw, int n) { return 7 + 2 * cw + (n & 1); }
+__device__ __forceinline__ void ds_arrive(int cw, int n) {
+  asm volatile("bar.arrive %0, 256;" ::"r"(ds_ready(cw, n)) : "memory");
+}
+__device__ __forceinline__ void ds_wait(int cw, int n) {
+  asm volatile("bar.sync %0, 256;" ::"r"(ds_ready(cw, n)) : "memory");
+}
+// Consumer warpgroup 1 issues its first tile's S^T and dP^T once warpgroup 0's S^T has landed, so that one's
+// exponentials run beside the other's products from the start (the forward's ping-pong; ds_ready's slack keeps it),
+// and again after every partial tile, whose consumer_sync brings the two back into step (on the prefill batch, the
+// last tile of nearly every query head). rows is the same in both warpgroups, so the barrier stays paired, and its
+// phases cannot mix: warpgroup 0 reaches its next arrival only through the next partial tile's consumer_sync, which
+// warpgroup 1 reaches only after its wait on this one.
+constexpr int kStaggerBarrier = 11;
 
 // Stores to shared memory through a shared-window address (a generic pointer into a CuTe tile compiles to a generic
 // store, which the hardware must first resolve).
@@ -161,7 +190,11 @@ __device__ __forceinline__ void bulk_reduce_add(float* dst, const float* src, ui
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
 
-template <typename Traits>
+// kDeadHeads (the launcher sets it for a key-side mask read per key, finer than the KV heads, at most 32 query heads
+// per KV head): the gather warps find the query heads that see none of the CTA's keys, and the consumers skip their
+// items. A template parameter, so that every other call runs the loop without the test (2.3% of the dense call when
+// it was a runtime flag, run CD).
+template <typename Traits, bool kSoftcap, bool kDeadHeads>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     bwd_kernel(const __grid_constant__ bwd::BwdParams p, const __grid_constant__ BwdTma<Traits> tma, int seq0,
                int tile0) {
@@ -211,6 +244,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   RowPipeline pipe_rows(smem.pipe_rows, row_params);
   auto& kv_full = *reinterpret_cast<cutlass::arch::ClusterBarrier*>(&smem.kv_full);
   if (threadIdx.x == 0) kv_full.init(Traits::kGatherThreads);
+  // kDeadHeads: a key-side mask read per key can hide every key of the CTA from a query head; the gather warps find
+  // the heads that see one (live_heads, ORed from 0), and the consumers skip the others' items.
+  if (kDeadHeads && threadIdx.x == 0) smem.live_heads = 0u;
   cutlass::arch::fence_barrier_init();
   __syncthreads();
 
@@ -255,6 +291,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         smem.key_pos[c] = c < keys_here ? ks.pos(c0 + c, s.k_len) : INT_MAX;
       }
       asm volatile("bar.sync %0, %1;" ::"r"(kGatherBarrier), "r"(Traits::kGatherThreads) : "memory");
+      if constexpr (kDeadHeads) {  // the heads that see one of this thread's keys, ORed into live_heads
+        uint32_t live = 0;
+        for (int c = gtid; c < keys_here; c += Traits::kGatherThreads) {
+          const int64_t row = static_cast<int64_t>(s.k_start) + smem.key_pos[c];
+          for (int hh = 0; hh < group; ++hh) {
+            if (p.f.mask.mask_allows(p.f.mask.offset(row, hk * group + hh, 0))) live |= 1u << hh;
+          }
+        }
+        if (live != 0) atomicOr(&smem.live_heads, live);
+      }
       constexpr int kChunks = kHeadDim / 8;
       const Elem* k_head = static_cast<const Elem*>(p.f.k) + static_cast<int64_t>(hk) * p.f.k_head_stride;
       const Elem* v_head = static_cast<const Elem*>(p.f.v) + static_cast<int64_t>(hk) * p.f.v_head_stride;
@@ -313,7 +359,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   using DqCols = typename Traits::DqCols;
   using DqKeys = typename Traits::DqKeys;
   Tensor tdQrdS = thr_dq.partition_fragment_A(
-      local_tile(sdS, Shape<M, DqKeys, _2>{}, make_coord(_0{}, kDqSplitsD ? 0 : cw, _0{})));  // (MMA, 1, K, buffers)
+      local_tile(sdS, Shape<M, DqKeys, typename Traits::DsBuffers>{},
+                 make_coord(_0{}, kDqSplitsD ? 0 : cw, _0{})));  // (MMA, 1, K, buffers)
   Tensor tdQrK = thr_dq.partition_fragment_B(
       local_tile(sKt, Shape<DqCols, DqKeys>{}, make_coord(kDqSplitsD ? cw : 0, kDqSplitsD ? 0 : cw)));
   Tensor tSrS = partition_fragment_C(mma_sdp, Shape<_64, M>{});
@@ -337,14 +384,54 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const bool listed = ks.list != nullptr;
   const float scale2 = p.f.softmax_scale * bwd::kLog2e;
   kv_full.wait(0);
+  asm volatile("" ::: "memory");  // key_pos and live_heads read after the wait (CUTLASS's wait has no memory clobber)
   const int key_a = smem.key_pos[slot_a], key_b = smem.key_pos[slot_a + 8];
+  const uint32_t live_heads = kDeadHeads ? smem.live_heads : ~0u;
+  int computed = 0;  // the tiles computed so far (kDeadHeads: skipped items aside)
+  int late = -1;     // the item of the last computed tile, whose dQ product is still to issue (-1: none yet)
   bwd::KeyInfo ka{false, 0.f}, kb{false, 0.f};
   float db_a = 0.f, db_b = 0.f;  // this thread's share of the two keys' bias gradient for the current head
+  // Item it's dQ part (in tdQrdQ), times the softmax scale, into the warpgroup's staging rows (once the last
+  // reduce-adds have read them), then a bulk reduce-add per row of the sequence (at D = 64 both warpgroups add into
+  // the whole row).
+  auto add_dq = [&](int it) {
+    int h, m0;
+    item_tile(it, h, m0);
+    if (wtid < kBlockM) bulk_wait_read();  // returns at once where no reduce-add is pending
+    warpgroup_sync(cw);
+    float(*stage_dq)[Traits::kDqStride] = smem.dq[cw];
+#pragma unroll
+    for (int dt = 0; dt < kDq8; ++dt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = 16 * (wtid / 32) + g + 8 * half;
+        *reinterpret_cast<float2*>(&stage_dq[r][dt * 8 + 2 * t]) =
+            make_float2(dq[0][dt][2 * half] * p.f.softmax_scale, dq[0][dt][2 * half + 1] * p.f.softmax_scale);
+      }
+    }
+    cutlass::arch::fence_view_async_shared();
+    warpgroup_sync(cw);
+    if (wtid < min(kBlockM, s.q_len - m0)) {
+      const int64_t row = static_cast<int64_t>(s.q_start) + m0 + wtid;
+      float* dst = p.dq_accum + (row * p.f.num_heads + h) * kHeadDim + (kDqSplitsD ? cw * Traits::kDqCols : 0);
+      bulk_reduce_add(dst, stage_dq[wtid], Traits::kDqCols * sizeof(float));
+    }
+  };
   PipelineState state;
   for (int item = 0; item < items; ++item) {
     int h, m0;
     item_tile(item, h, m0);
-    const int stage = state.index(), buf = item % 2;
+    if constexpr (kDeadHeads) {
+      if (((live_heads >> (h - hk * group)) & 1u) == 0) {  // no key of the CTA visible to head h: nothing to add
+        pipe_q.consumer_wait(state);  // the stage's copies have landed before it is handed back
+        pipe_rows.consumer_wait(state);
+        pipe_q.consumer_release(state);
+        pipe_rows.consumer_release(state);
+        ++state;
+        continue;
+      }
+    }
+    const int stage = state.index(), n = computed++;
     if (m0 == span.begin) {  // a new query head
       ka = bwd::key_info(p, s, h, key_a, listed);
       kb = bwd::key_info(p, s, h, key_b, listed);
@@ -366,6 +453,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const typename Traits::RowStats& st = smem.rows[stage];
 
     // S^T = K Q^T and dP^T = V dO^T, issued together; S^T waited for alone.
+    const bool stagger = n == 0 || rows < kBlockM;  // the first tile, or one after a consumer_sync
+    if (stagger && cw == 1) asm volatile("bar.sync %0, 256;" ::"r"(kStaggerBarrier) : "memory");
     warpgroup_fence_operand(tSrS);
     warpgroup_fence_operand(tdPrdP);
     warpgroup_arrive();
@@ -373,20 +462,35 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     warpgroup_issue<true>(mma_sdp, tdPrV, tdPrdO(_, _, _, stage), tdPrdP);
     warpgroup_wait<1>();
     warpgroup_fence_operand(tSrS);
+    if (stagger && cw == 0) asm volatile("bar.arrive %0, 256;" ::"r"(kStaggerBarrier) : "memory");
     // P^T: a pair (key j, query i) is visible when the key is (kept, in the sequence) and within the row's interval.
+    // kSoftcap: the score is capped first (bwd::probability), and the cap's slope (in [0, 1]) kept for dS as float16
+    // pairs: float32 slopes spilled 350 bytes at D = 128; dS is rounded to 16 bits for its products anyway.
+    uint32_t slope[kSoftcap ? kM8 : 1][2];
 #pragma unroll
     for (int nt = 0; nt < kM8; ++nt) {
       const int i0 = nt * 8 + 2 * t;  // the thread's two query rows of the tile: i0, i0 + 1
       const int2 low = *reinterpret_cast<const int2*>(&st.low[i0]);
       const int2 limit = *reinterpret_cast<const int2*>(&st.limit[i0]);
       const float2 lse2 = *reinterpret_cast<const float2*>(&st.lse2[i0]);
+      float slopes[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int j = e < 2 ? key_a : key_b;
         const bwd::KeyInfo& key = e < 2 ? ka : kb;
         const bool visible = key.visible && j >= (e & 1 ? low.y : low.x) && j < (e & 1 ? limit.y : limit.x);
-        const float x = exp2f(fmaf(pt[0][nt][e], scale2, key.bias2) - (e & 1 ? lse2.y : lse2.x));
+        float x;
+        if constexpr (kSoftcap) {
+          x = bwd::probability<true>(p.f, pt[0][nt][e] * p.f.softmax_scale, key.bias2, e & 1 ? lse2.y : lse2.x,
+                                     slopes[e]);
+        } else {
+          x = exp2f(fmaf(pt[0][nt][e], scale2, key.bias2) - (e & 1 ? lse2.y : lse2.x));
+        }
         pt[0][nt][e] = visible ? x : 0.f;
+      }
+      if constexpr (kSoftcap) {
+        slope[nt][0] = sm80::ElemTraits<__half>::pack(slopes[0], slopes[1]);
+        slope[nt][1] = sm80::ElemTraits<__half>::pack(slopes[2], slopes[3]);
       }
     }
 #pragma unroll
@@ -398,7 +502,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     warpgroup_issue<false>(mma_dkv, tOrP, tdVrdO(_, _, _, stage), tdVrdV);
     warpgroup_wait<1>();
     warpgroup_fence_operand(tdPrdP);
-    // dS^T = P^T (dP^T - delta) (a select where P is 0: dP^T may be inf there), and the bias gradient's row sums.
+    // dS^T = P^T (dP^T - delta) (a select where P is 0: dP^T may be inf there), and the bias gradient's row sums
+    // (the bias is added after the cap); kSoftcap: dS^T times the cap's slope, the gradient of the raw score.
     // P^T from its 16-bit copy (element e of n8 fragment nt is tOrP(4 nt + e)), as the sm80 kernels do: the float32
     // one is dead once rounded, which keeps the accumulators of S^T, dP^T, dV and dK from being live together.
 #pragma unroll
@@ -409,72 +514,74 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         const float prob = static_cast<float>(tOrP(4 * nt + e));
         const float d = prob != 0.f ? prob * (dpt[0][nt][e] - (e & 1 ? delta.y : delta.x)) : 0.f;
         if (e < 2) db_a += d; else db_b += d;
-        dpt[0][nt][e] = d;
+        if constexpr (kSoftcap) {
+          dpt[0][nt][e] = d * bwd::unpack<__half>(slope[nt][e / 2], e & 1);
+        } else {
+          dpt[0][nt][e] = d;
+        }
       }
     }
 #pragma unroll
     for (int i = 0; i < size(tOrdS); ++i) tOrdS(i) = static_cast<CuteElem>(tdPrdP(i));
-    // dS^T into shared memory for dQ: slot row, query column pairs. The buffer was last read by dQ products two tiles
-    // ago: this warpgroup's own landed before this tile, and at D = 128 the other warpgroup passed the last tile's
-    // barrier below only after its product of the tile before had landed.
+    // dS^T into shared memory for dQ (buffer n % 3): slot row, query column pairs. The buffer's last reader was tile
+    // n - 3's dQ product: this warpgroup's landed in tile n - 2, and at D = 128 the other's too once it has written
+    // tile n - 1's dS^T (ds_wait, which also finds tile n - 1's dS^T of both warpgroups written for the late dQ below).
+    // At D = 64 a warpgroup's dQ reads only its own rows.
+    if (n > 0) {
+      if constexpr (kDqSplitsD) {
+        ds_wait(1 - cw, n - 1);
+      } else {
+        warpgroup_sync(cw);
+      }
+    }
 #pragma unroll
     for (int nt = 0; nt < kM8; ++nt) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int slot = slot_a + 8 * half, i0 = nt * 8 + 2 * t;
-        st_shared(&sdSt(slot, i0, buf), sm80::ElemTraits<Elem>::pack(dpt[0][nt][2 * half], dpt[0][nt][2 * half + 1]));
+        st_shared(&sdSt(slot, i0, n % Traits::kDsBuffers),
+                  sm80::ElemTraits<Elem>::pack(dpt[0][nt][2 * half], dpt[0][nt][2 * half + 1]));
       }
     }
-    // dQ's part, once the dS^T rows it reads are written (by both warpgroups at D = 128, by this one at D = 64) and
-    // visible to wgmma; then dK += dS^T Q. dQ is issued first so that it lands first: its staging below runs while
-    // the tensor cores do dK.
-    cutlass::arch::fence_view_async_shared();
-    if constexpr (kDqSplitsD) {
-      consumer_sync(Traits::kConsumerThreads);
-    } else {
-      warpgroup_sync(cw);
-    }
+    cutlass::arch::fence_view_async_shared();  // read by wgmma (the async proxy)
+    if constexpr (kDqSplitsD) ds_arrive(cw, n);
+    // dK += dS^T Q, and before it the last tile's dQ, so that it lands first and its staging runs while the tensor
+    // cores do dK. In the first tile there is no last tile: its dQ product reads a buffer no tile wrote yet, and
+    // its result is dropped (a branch around the product would make ptxas serialize every wgmma of the kernel).
     warpgroup_fence_operand(tdQrdQ);
     warpgroup_fence_operand(tOrdS);
     warpgroup_fence_operand(tdKrdK);
     warpgroup_arrive();
-    warpgroup_issue<true>(mma_dq, tdQrdS(_, _, _, buf), tdQrK, tdQrdQ);
+    warpgroup_issue<true>(mma_dq, tdQrdS(_, _, _, (n + Traits::kDsBuffers - 1) % Traits::kDsBuffers), tdQrK, tdQrdQ);
     warpgroup_issue<false>(mma_dkv, tOrdS, tdKrQ(_, _, _, stage), tdKrdK);
     warpgroup_wait<1>();  // dV and dQ landed; dK may still run
     warpgroup_fence_operand(tdQrdQ);
-    warpgroup_fence_operand(tdVrdV);
-    warpgroup_fence_operand(tOrP);
-
-    // dQ's part, times the softmax scale, into the warpgroup's staging rows (once the last tile's reduce-adds have
-    // read them), then a bulk reduce-add per row of the sequence (at D = 64 both warpgroups add into the whole row).
-    if (item > 0 && wtid < kBlockM) bulk_wait_read();
-    warpgroup_sync(cw);
-    float(*stage_dq)[Traits::kDqStride] = smem.dq[cw];
-#pragma unroll
-    for (int dt = 0; dt < kDq8; ++dt) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int r = 16 * (wtid / 32) + g + 8 * half;
-        *reinterpret_cast<float2*>(&stage_dq[r][dt * 8 + 2 * t]) =
-            make_float2(dq[0][dt][2 * half] * p.f.softmax_scale, dq[0][dt][2 * half + 1] * p.f.softmax_scale);
-      }
-    }
-    cutlass::arch::fence_view_async_shared();
-    warpgroup_sync(cw);
-    if (wtid < rows) {
-      const int64_t row = static_cast<int64_t>(s.q_start) + m0 + wtid;
-      float* dst = p.dq_accum + (row * p.f.num_heads + h) * kHeadDim + (kDqSplitsD ? cw * Traits::kDqCols : 0);
-      bulk_reduce_add(dst, stage_dq[wtid], Traits::kDqCols * sizeof(float));
-    }
+    if (late >= 0) add_dq(late);
     warpgroup_wait<0>();  // dK landed: the tile's Q, dO and statistics are free
     warpgroup_fence_operand(tdKrdK);
     warpgroup_fence_operand(tOrdS);
+    warpgroup_fence_operand(tdVrdV);
+    warpgroup_fence_operand(tOrP);
     pipe_q.consumer_release(state);
     pipe_rows.consumer_release(state);
+    late = item;
 
     const bool head_done = m0 + kBlockM >= span.begin + tiles_per_head * kBlockM;
     if (head_done && p.dbias != nullptr) bwd::store_dbias_pair(p, s, h, t, key_a, key_b, db_a, db_b);
     ++state;
+  }
+  if (late >= 0) {  // the last computed tile's dQ
+    if constexpr (kDqSplitsD) {
+      ds_wait(1 - cw, computed - 1);
+    } else {
+      warpgroup_sync(cw);
+    }
+    warpgroup_fence_operand(tdQrdQ);
+    warpgroup_arrive();
+    warpgroup_issue<true>(mma_dq, tdQrdS(_, _, _, (computed - 1) % Traits::kDsBuffers), tdQrK, tdQrdQ);
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(tdQrdQ);
+    add_dq(late);
   }
 
   // ---- dK (times the softmax scale) and dV of the warpgroup's 64 slots, at their keys' rows ----

@@ -31,7 +31,13 @@ template <typename Elem, int kHeadDim>
 cudaError_t launch_backward(const bwd::BwdParams& p, cudaStream_t stream) {
   using Traits = BwdTraits<Elem, kHeadDim>;
   if (p.dq_accum == nullptr || p.f.head_dim != kHeadDim) return cudaErrorInvalidValue;
-  auto kernel = bwd_kernel<Traits>;
+  // A key-side mask read per key (no kept-key lists), at most 32 query heads per KV head (live_heads is one word):
+  // the kernel that skips the query heads seeing none of a CTA's keys (bwd_kernel.cuh, kDeadHeads).
+  const bool dead_heads = p.f.mask.layout == OperandLayout::kKeySide && p.keys.index == nullptr &&
+                          p.f.num_heads / p.f.num_heads_k <= 32;
+  const bool softcap = p.f.softcap > 0.f;
+  auto kernel = softcap ? (dead_heads ? bwd_kernel<Traits, true, true> : bwd_kernel<Traits, true, false>)
+                        : (dead_heads ? bwd_kernel<Traits, false, true> : bwd_kernel<Traits, false, false>);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Traits::kSmemBytes);
   if (err != cudaSuccess) return err;
   const BwdTma<Traits> tma{
