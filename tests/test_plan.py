@@ -20,15 +20,17 @@ _DRIVER = """
     using namespace dmattn;
     // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
     //                 window_left window_right key_range(0 absent, 1 given) sm90a_ctas(the override)
+    //                 bias_dtype(0 float32, 2 bfloat16: q's)
     // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes prefill_variant sm90a sm90a_ctas
     //         unit_order combine_finishes sm90a_slots sm90a_query
-    // (a cc 9.0 device; bf16 q / k / v packed (rows, heads, D) at null: aligned as TMA wants)
+    // (a cc 9.0 device; bf16 q / k / v packed (rows, heads, D) at null: aligned as TMA wants; a query-side bias
+    // contiguous, (total_q, Hb, max_k))
     int main() {
-      long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr, kr, ctas;
+      long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr, kr, ctas, bdt;
       static const int32_t some_range[2] = {0, 0};  // the plan reads only whether key_range is given
       while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld "
-                        "%lld", &B, &H, &Hk, &D, &tq, &tk, &mq, &mk, &mask, &hm, &bias, &hb, &sms, &force, &tiles,
-                        &wl, &wr, &kr, &ctas) == 19) {
+                        "%lld %lld", &B, &H, &Hk, &D, &tq, &tk, &mq, &mk, &mask, &hm, &bias, &hb, &sms, &force,
+                        &tiles, &wl, &wr, &kr, &ctas, &bdt) == 20) {
         VarlenFwdParams p;
         p.batch = B; p.num_heads = H; p.num_heads_k = Hk; p.head_dim = D;
         p.dtype = ScalarType::kBFloat16;
@@ -37,6 +39,10 @@ _DRIVER = """
         p.total_q = tq; p.total_k = tk; p.max_seqlen_q = mq; p.max_seqlen_k = mk;
         p.mask.layout = static_cast<OperandLayout>(mask); p.mask.head_group = H / hm;
         p.bias.layout = static_cast<OperandLayout>(bias); p.bias.head_group = H / hb;
+        p.bias.dtype = static_cast<ScalarType>(bdt);
+        if (p.bias.layout == OperandLayout::kQuerySide) {
+          p.bias.row_stride = hb * mk; p.bias.head_stride = mk; p.bias.col_stride = 1;
+        }
         p.window_left = wl; p.window_right = wr;
         p.key_range = kr ? some_range : nullptr;
         cuda::PlanOverrides o;
@@ -55,6 +61,7 @@ _DRIVER = """
     """
 
 ABSENT, KEY, QUERY = 0, 1, 2
+F32, BF16 = 0, 2  # a bias's dtype (dmattn::ScalarType): float32, or q's (bfloat16 here)
 AUTO, FORCE_PREFILL, FORCE_DECODE = 0, 1, 2
 PREFILL_VARIANTS = ("plain", "window_left", "query_operands")  # cuda::PrefillVariant
 
@@ -64,9 +71,9 @@ def planner(tmp_path_factory):
     exe = build_host_driver(tmp_path_factory.mktemp("plan"), _DRIVER, "plan", "heuristics.h")
 
     def plan(B, H, Hk, D, total_q, total_k, max_q, max_k, mask=ABSENT, Hm=1, bias=ABSENT, Hb=1, sms=132,
-             force=AUTO, tiles=0, window=(-1, -1), key_range=False, sm90a_ctas=0):
+             force=AUTO, tiles=0, window=(-1, -1), key_range=False, sm90a_ctas=0, bias_dtype=F32):
         line = " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
-                                         force, tiles, *window, int(key_range), sm90a_ctas))
+                                         force, tiles, *window, int(key_range), sm90a_ctas, bias_dtype))
         out = subprocess.run([str(exe)], input=line + "\n", capture_output=True, text=True, check=True).stdout
         (kernel, row_tiles, splits, per_split, lists, workspace, variant, sm90a, ctas, order, finishes, slots,
          query) = out.split()
@@ -334,8 +341,14 @@ def test_query_side_masks_on_the_sm90a_kernel_get_their_bits(planner, Hm):
     extent = -(-(total_k + 32 * (B + 1) + 128) // 32) * 32
     slots = aligned(4 * B) + aligned(4 * extent) + aligned(4 * 32 * extent)  # counts, positions, biases; no limits
     assert biased["workspace"] == plan["workspace"] + slots
-    # A query-side bias beside it, or a sequence of more than 1024 KV tiles: the sm80 kernel, no bits.
-    assert not planner(**prefill, mask=QUERY, Hm=Hm, bias=QUERY, Hb=Hm)["sm90a_query"]
+    # A query-side bias beside it, in q's dtype or float32: read by the kernel's consumers, nothing more in the
+    # workspace (float32: a CTA per unit). A sequence of more than 1024 KV tiles: the sm80 kernel, no bits.
+    for Hb in (1, 8, 32):
+        for dtype in (BF16, F32):
+            with_bias = planner(**prefill, mask=QUERY, Hm=Hm, bias=QUERY, Hb=Hb, bias_dtype=dtype)
+            assert with_bias["sm90a_query"] and not with_bias["sm90a_slots"]
+            assert with_bias["workspace"] == plan["workspace"]
+            assert with_bias["sm90a_ctas"] == (132 if dtype == BF16 else 0)
     longer = dict(prefill, total_k=140_000, max_k=140_000)
     assert not planner(**longer, mask=QUERY, Hm=Hm)["sm90a"]
     assert planner(**dict(longer, max_k=131_072, total_q=1000, max_q=1000), mask=QUERY, Hm=Hm)["sm90a_query"]
@@ -384,20 +397,37 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(mask=KEY, Hm=8, window=(255, 0)), True, 132),  # masks with windows: slots too
         (dict(mask=KEY, Hm=8, window=(127, 0)), False, 0),  # not a window of 128 keys or fewer (kSm90aMinWindow)
         (dict(mask=KEY, Hm=8, key_range=True), False, 0),  # masks with key ranges: sm80
-        (dict(mask=KEY, Hm=8, bias=QUERY, Hb=8), False, 0),  # mixed layouts and query-side operands: sm80
+        # a key-side mask beside a query-side bias: its map and bits by sequence, a CTA per unit as the bias alone
+        (dict(mask=KEY, Hm=8, bias=QUERY, Hb=8), True, 0),  # float32
+        (dict(mask=KEY, Hm=8, bias=QUERY, Hb=8, window=(255, 0)), True, 0),  # float32 windowed: a CTA per unit too
         (dict(mask=QUERY, Hm=8), True, 132),  # a query-side mask: its bits, persistent as key-side masks
         (dict(mask=QUERY, Hm=1, window=(-1, 0)), True, 132),
         (dict(mask=QUERY, Hm=32, window=(255, 0)), True, 132),
         (dict(mask=QUERY, Hm=8, key_range=True), True, 0),  # key ranges: a CTA per unit
         (dict(mask=QUERY, Hm=8, sm90a_ctas=5), True, 5),
         (dict(mask=QUERY, Hm=8, sm90a_ctas=-1), True, 0),  # DMATTN_SM90A_CTAS=0: a CTA per unit
-        (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8), False, 0),  # with a bias: sm80
+        (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8), True, 0),  # with a float32 query-side bias: a CTA per unit
+        (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8, sm90a_ctas=5), True, 0),  # whatever DMATTN_SM90A_CTAS asks
+        # with a query-side bias in q's dtype: its elements read per live tile (rows of any stride: this batch's
+        # 3865 keys make odd row starts)
+        (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16), True, 132),
+        (dict(mask=QUERY, Hm=1, bias=QUERY, Hb=1, bias_dtype=BF16, key_range=True), True, 0),
+        (dict(bias=QUERY, Hb=32, bias_dtype=BF16), True, 0),  # a query-side bias alone: a CTA per unit, as without it
+        (dict(bias=QUERY, Hb=32, bias_dtype=BF16, window=(255, 0)), True, 132),
+        (dict(bias=QUERY, Hb=32, bias_dtype=BF16, window=(127, 0)), False, 0),
+        (dict(bias=QUERY, Hb=8, bias_dtype=BF16, D=256), False, 0),
+        (dict(mask=KEY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16), True, 0),
+        (dict(mask=KEY, Hm=32, bias=QUERY, Hb=1, bias_dtype=BF16, window=(255, 0)), True, 132),
+        (dict(mask=KEY, Hm=1, bias=QUERY, Hb=32, bias_dtype=BF16, key_range=True), True, 0),
+        (dict(mask=KEY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16, D=256), False, 0),  # D = 256: sm80
         (dict(mask=QUERY, Hm=8, bias=KEY, Hb=8), True, 132),  # with a key-side bias: its values over slots in place
         (dict(mask=QUERY, Hm=8, bias=KEY, Hb=8, key_range=True), False, 0),  # which know no key ranges
         (dict(bias=KEY, Hb=8), True, 0),  # a key-side bias alone: slots in place, a CTA per unit as without it
         (dict(bias=KEY, Hb=32, window=(255, 0)), True, 132),
         (dict(bias=KEY, Hb=1, key_range=True), False, 0),  # with key ranges: sm80
-        (dict(bias=QUERY, Hb=1), False, 0),
+        (dict(bias=QUERY, Hb=1), True, 0),  # float32, alone
+        (dict(bias=QUERY, Hb=1, window=(255, 0)), True, 0),  # windowed too: float32 takes a CTA per unit
+        (dict(bias=QUERY, Hb=1, key_range=True), True, 0),
         (dict(D=256), True, 0),  # head dims 64, 128 and 256 (64-key tiles)
         (dict(D=256, window=(255, 0)), True, 132),
         (dict(D=256, mask=KEY, Hm=8), False, 0),  # the kept rows' gather: D <= 128
@@ -452,9 +482,42 @@ def test_key_side_bias_alone_runs_over_slots_in_place(planner, Hb, causal):
     expected = (aligned(4 * B) + aligned(4 * extent) + aligned(4 * Hb * extent)
                 + (aligned(16 * B * -(-3865 // 128)) if causal else 0))
     assert plan["workspace"] == expected
-    # D = 256 or a query-side bias: the sm80 kernels, no slots
+    # D = 256: the sm80 kernels; a query-side bias: no slots (its own variant)
     assert not planner(**dict(PREFILL, D=256), bias=KEY, Hb=Hb)["sm90a_slots"]
-    assert not planner(**PREFILL, bias=QUERY, Hb=Hb)["sm90a"]
+    assert not planner(**PREFILL, bias=QUERY, Hb=Hb)["sm90a_slots"]
+
+
+@pytest.mark.parametrize("Hb", [1, 8, 32])
+def test_query_side_bias_alone_on_the_sm90a_kernel_gets_v_flags(planner, Hb):
+    """A query-side bias in q's dtype without a mask runs on the sm90a kernel (its consumers read the bias per live
+    tile; every tile live, no block map): the workspace holds v's flags alone, since a -inf bias hides its key and
+    a tile whose V rows are finite then skips its V scan."""
+    plan = planner(**PREFILL, bias=QUERY, Hb=Hb, bias_dtype=BF16)
+    assert plan["sm90a"] and plan["sm90a_query"] and not plan["sm90a_slots"] and plan["key_lists_heads"] == 0
+    assert plan["workspace"] == _v_flags_bytes(PREFILL["Hk"], PREFILL["total_k"])
+    # float32: the same, on a CTA per unit; D = 256: the sm80 kernels, no workspace
+    f32 = planner(**PREFILL, bias=QUERY, Hb=Hb)
+    assert f32["sm90a_query"] and f32["sm90a_ctas"] == 0 and f32["workspace"] == plan["workspace"]
+    sm80 = planner(**dict(PREFILL, D=256), bias=QUERY, Hb=Hb, bias_dtype=BF16)
+    assert not sm80["sm90a"] and sm80["workspace"] == 0
+
+
+@pytest.mark.parametrize("Hm", [1, 8, 32])
+def test_key_side_mask_beside_a_query_side_bias_is_mapped_by_sequence(planner, Hm):
+    """A key-side mask beside a query-side bias runs on the sm90a kernel's query-side variant: no kept-key lists
+    (every tile reads its bias anyway), but a block map and bits of the mask by sequence (BlockMap::by_sequence):
+    a byte per (mask head, sequence, 32 key positions) and a word per (mask head, sequence, 32 key positions, four
+    per 128-key tile), O(B), never O(total_q); and v's flags. D = 256: the sm80 kernels and their lists."""
+    B, total_k, max_k = PREFILL["B"], PREFILL["total_k"], PREFILL["max_k"]
+    aligned = lambda n: -(-n // 256) * 256
+    state = Hm * B * -(-max_k // 32)
+    bits = Hm * B * -(-max_k // 128) * 4 * 4
+    for dtype in (BF16, F32):
+        plan = planner(**PREFILL, mask=KEY, Hm=Hm, bias=QUERY, Hb=8, bias_dtype=dtype)
+        assert plan["sm90a"] and plan["sm90a_query"] and not plan["sm90a_slots"] and plan["key_lists_heads"] == 0
+        assert plan["workspace"] == aligned(state) + aligned(bits) + _v_flags_bytes(PREFILL["Hk"], total_k)
+    sm80 = planner(**dict(PREFILL, D=256), mask=KEY, Hm=Hm, bias=QUERY, Hb=8, bias_dtype=BF16)
+    assert not sm80["sm90a"] and sm80["key_lists_heads"] == Hm
 
 
 def test_per_head_key_side_masks_keep_their_copies_within_the_cap(planner):

@@ -1,7 +1,7 @@
 // block_map.cu: a query-side mask -> its block summary (passes.h, BlockMap), read once at the start of a call so the
 // prefill kernel skips the tiles it hides whole and runs the tiles it shows whole without reading it, and for the
-// sm90a kernel the mask as bits in the same read; and v's blocks that hold an inf or NaN, so its tiles that hide keys
-// scan their V only there.
+// sm90a kernel the mask as bits in the same read (and a key-side mask beside a query-side bias, by sequence); and v's
+// blocks that hold an inf or NaN, so its tiles that hide keys scan their V only there.
 #include <cuda_runtime.h>
 
 #include "nonfinite_bits.cuh"
@@ -62,6 +62,35 @@ block_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constan
   }
 }
 
+// A key-side mask by sequence (BlockMap::by_sequence, for the sm90a kernel beside a query-side bias). Grid (batch,
+// chunks of kMapWarps key blocks, mask heads), as block_map_kernel's with sequences for row blocks: lane l of warp w
+// reads the mask byte of key position (chunk * kMapWarps + w) * kCols + l of sequence b (its clamped keys, key_seq, as
+// the kernel reads them; nothing past them), and the warp's ballot is the sequence's bit word and its votes the
+// block's state. A warp's loads are 32 consecutive keys of one mask column.
+__global__ void __launch_bounds__(kMapThreads)
+key_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ BlockMap map) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int b = blockIdx.x, hm = blockIdx.z;
+  const SeqRange sk = key_seq(p, b);
+  const int h = hm * p.mask.head_group;  // any query head of mask head hm reads the same elements
+  const int64_t line = static_cast<int64_t>(hm) * p.batch + b;
+  for (int64_t cb = static_cast<int64_t>(blockIdx.y) * kMapWarps + warp; cb < map.bit_words;
+       cb += static_cast<int64_t>(gridDim.y) * kMapWarps) {  // a whole warp's condition: its votes stay converged
+    const int64_t j = cb * BlockMap::kCols + lane;
+    const bool in = j < sk.len;
+    const bool keep = in && p.mask.mask_allows(p.mask.offset(sk.start + j, h, 0));
+    const uint32_t word = __ballot_sync(0xffffffffu, keep);
+    const bool any_false = __any_sync(0xffffffffu, in && !keep);
+    if (lane == 0) {
+      map.bits[line * map.bit_words + cb] = word;
+      if (cb < map.col_blocks) {
+        map.state[line * map.col_blocks + cb] =
+            (word != 0 ? BlockMap::kSomeTrue : 0) | (any_false ? BlockMap::kSomeFalse : 0);
+      }
+    }
+  }
+}
+
 // Grid (v blocks, KV heads): a CTA ORs NonfiniteBits::tops over the 16-byte vectors of its kVRows rows of v (the
 // head's D elements each, 16-byte aligned rows as the attention kernels load them) and one thread writes the flag.
 constexpr int kVThreads = 128;
@@ -94,7 +123,10 @@ cudaError_t build_block_map(const VarlenFwdParams& p, const BlockMap& map, cudaS
   const int64_t blocks = map.bits != nullptr ? map.bit_words : map.col_blocks;
   const int64_t chunks = (blocks + kMapWarps - 1) / kMapWarps;
   const dim3 grid(map.row_blocks, static_cast<unsigned>(chunks < 65535 ? chunks : 65535), map.mask_heads);
-  if (map.bits != nullptr) {
+  if (map.by_sequence) {  // a key-side mask: the sm90a kernel's, always with bits (row_blocks: the batch)
+    if (map.bits == nullptr) return cudaErrorInvalidValue;
+    key_map_kernel<<<grid, kMapThreads, 0, stream>>>(p, map);
+  } else if (map.bits != nullptr) {
     block_map_kernel<true><<<grid, kMapThreads, 0, stream>>>(p, map);
   } else {
     block_map_kernel<false><<<grid, kMapThreads, 0, stream>>>(p, map);

@@ -96,11 +96,14 @@ struct FwdPlan {
                                 // key a slot, K / V read in place (fill_slots_in_place, passes.h KeptRows), no
                                 // compaction and no copy
   bool sm90a_query = false;     // sm90a with a query-side mask: its block map and its bits (BlockMap::bits) first,
-                                // the kernel skipping dead tiles and reading the bits of the others
+                                // the kernel skipping dead tiles and reading the bits of the others; and / or a
+                                // query-side bias (its elements read per live tile)
   int32_t sm90a_ctas = 0;       // sm90a: > 0, a persistent grid of that many CTAs walks the work units (query tile,
                                 // head, sequence); 0, a CTA per unit
-  int32_t block_map_heads = 0;  // > 0: a query-side mask with that many heads is summarized by blocks first
-  bool v_flags = false;         // with the block map: v's blocks with an inf or NaN flagged too (BlockMap::v_nonfinite)
+  int32_t block_map_heads = 0;  // > 0: a query-side mask with that many heads is summarized by blocks first (or a
+                                // key-side one beside a query-side bias on sm90a, by sequence: BlockMap)
+  bool v_flags = false;         // with the block map, or for a query-side bias alone on sm90a: v's blocks with an inf
+                                // or NaN flagged (BlockMap::v_nonfinite)
   // Decode kernel only (1 / 0 otherwise):
   int32_t row_tiles = 1;        // tiles of packed rows per (sequence, KV head): ceil(H / Hk * max_seqlen_q / block_m)
   int32_t num_splits = 1;       // key splits per (sequence, KV head, row tile); > 1: partials + combine_splits
@@ -204,21 +207,40 @@ inline bool sm90a_bias_supports(const VarlenFwdParams& p) {
          p.bias.layout == OperandLayout::kKeySide && p.key_range == nullptr;
 }
 
-// Whether the sm90a kernel can run p with a query-side mask (FwdPlan::sm90a_query): its block map and bits within
-// their caps, no key pool, head dims 64 / 128, and sequences of at most kSm90aQueryMaxTiles KV tiles. Any mask heads
-// (Hm in {1, Hk, H}); windows, key ranges, causal, softcap, sinks. No bias, or a key-side one of any heads (then with
-// slots in place for its per-key values, which know no key ranges); a query-side bias takes the sm80 kernel's staged
-// operands.
+// Whether the sm90a kernel's kQueryBias variants can read p's query-side bias: in q's dtype or float32 (kBias32: a CTA
+// per unit, its 64 KB tile of terms taking the persistent unit table's room), keys contiguous, any heads (Hb in {1,
+// Hk, H}), any row and head strides, and its first element 4-byte aligned: the kernel copies each row's elements as
+// the aligned 32-bit words holding them, and a 16-bit row that starts at a word's high half also reads the element
+// before it, which then lies in the tensor (the row's first element is not the tensor's).
+inline bool sm90a_query_bias_fits(const VarlenFwdParams& p) {
+  const ScoreOperand& b = p.bias;
+  return b.layout == OperandLayout::kQuerySide && (b.dtype == p.dtype || b.dtype == ScalarType::kFloat32) &&
+         b.col_stride == 1 && b.head_group > 0 && p.num_heads % b.head_group == 0 &&
+         reinterpret_cast<uintptr_t>(b.ptr) % 4 == 0;
+}
+
+// Whether the sm90a kernel can run p with query-side operands (FwdPlan::sm90a_query): no key pool, head dims 64 /
+// 128, and sequences of at most kSm90aQueryMaxTiles KV tiles. A query-side mask of any heads (Hm in {1, Hk, H}) with
+// its block map and bits within their caps, and with no bias, a key-side one of any heads (then with slots in place
+// for its per-key values, which know no key ranges) or a query-side one that sm90a_query_bias_fits; or such a
+// query-side bias alone (no block map: every tile is live), or beside a key-side mask of any heads (its map and bits
+// by sequence, BlockMap::by_sequence: the mask's keys are not compacted, since every tile reads its bias anyway).
+// Windows, key ranges, causal, softcap, sinks.
 inline bool sm90a_query_supports(const VarlenFwdParams& p) {
   if (!sm90a_tensors_fit(p) || p.head_dim > 128 || p.kv_slots != nullptr) return false;
-  if (p.mask.layout != OperandLayout::kQuerySide || p.mask.head_group <= 0 || p.num_heads % p.mask.head_group != 0) {
-    return false;
-  }
-  if (p.bias.present() && (p.bias.layout != OperandLayout::kKeySide || p.key_range != nullptr)) return false;
-  const int64_t heads = p.num_heads / p.mask.head_group;
+  const bool query_mask = p.mask.layout == OperandLayout::kQuerySide;
+  const bool query_bias = p.bias.layout == OperandLayout::kQuerySide;
+  // A key-side mask without a query-side bias: its kept slots (sm90a_slots_supports).
+  if (p.mask.present() && !query_mask && !query_bias) return false;
+  if (!query_mask && !query_bias) return false;
+  if (query_bias && !sm90a_query_bias_fits(p)) return false;
+  if (p.bias.layout == OperandLayout::kKeySide && p.key_range != nullptr) return false;
   const int64_t tiles = (BlockMap::key_extent(p) + BlockMap::kBitTileKeys - 1) / BlockMap::kBitTileKeys;
-  return tiles <= kSm90aQueryMaxTiles && BlockMap::key_extent(p) > 0 &&
-         BlockMap::bytes(p, heads) <= kMaxBlockMapBytes && BlockMap::bits_bytes(p, heads) <= kMaxMaskBitsBytes;
+  if (tiles > kSm90aQueryMaxTiles || BlockMap::key_extent(p) <= 0) return false;
+  if (!p.mask.present()) return true;
+  if (p.mask.head_group <= 0 || p.num_heads % p.mask.head_group != 0) return false;
+  const int64_t heads = p.num_heads / p.mask.head_group;
+  return BlockMap::bytes(p, heads) <= kMaxBlockMapBytes && BlockMap::bits_bytes(p, heads) <= kMaxMaskBitsBytes;
 }
 
 // Whether an sm90a call takes the kernel's kRanged variant: some row has its own key interval (a window's left edge,
@@ -272,20 +294,38 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
     } else if (sm90a_device && sm90a_query_supports(p)) {
       // A query-side mask: its bits and block map first (build_block_map, below), then the kernel reads the bits of
       // the tiles the map cannot decide and skips the dead ones; persistent, a unit's list of live tiles (read from
-      // the map before its first tile can load) built while the CTA finishes the unit before.
+      // the map before its first tile can load) built while the CTA finishes the unit before. A query-side bias, with
+      // such a mask or alone: each consumer thread copies its elements of every live tile.
       plan.sm90a = plan.sm90a_query = true;
-      plan.sm90a_slots = plan.slots_in_place = p.bias.present();  // a key-side bias: its values per slot in place
-      persistent = true;
+      // a key-side bias: its values per slot in place
+      plan.sm90a_slots = plan.slots_in_place = p.bias.layout == OperandLayout::kKeySide;
+      // A query-side bias alone leaves units as even as the same call without it: a CTA per unit unless windowed
+      // (at D = 128 a persistent CTA of this variant has one Q buffer, so no next-unit prefetch to win by).
+      persistent = persistent || p.mask.layout == OperandLayout::kQuerySide;
+      // A key-side mask beside the query-side bias: its map and bits by sequence (below), no kept-key lists.
+      if (p.mask.layout == OperandLayout::kKeySide) plan.key_lists_heads = 0;
     }
-    if (plan.sm90a && p.key_range == nullptr) {
+    // A float32 query-side bias on the sm90a kernel: a CTA per unit whatever was asked (sm90a_query_bias_fits).
+    const bool bias32 = plan.sm90a_query && p.bias.layout == OperandLayout::kQuerySide &&
+                        p.bias.dtype == ScalarType::kFloat32;
+    if (plan.sm90a && p.key_range == nullptr && !bias32) {
       const int32_t sms = dev.sm_count > 0 ? dev.sm_count : 132;
       plan.sm90a_ctas = o.sm90a_ctas != 0 ? std::max(o.sm90a_ctas, 0) : (persistent ? sms : 0);
     }
-    if (p.mask.layout == OperandLayout::kQuerySide && p.num_heads > 0 && p.total_q > 0 &&
-        BlockMap::key_extent(p) > 0 && BlockMap::bytes(p, p.num_heads / p.mask.head_group) <= kMaxBlockMapBytes) {
+    // Key slots are v's packed rows unless the keys live in a pool. 1 / 8 D bytes of v's size.
+    const bool v_flags =
+        p.kv_slots == nullptr && p.total_k > 0 && p.num_heads_k > 0 && BlockMap::v_bytes(p) < INT32_MAX;
+    // A key-side mask has a map only on the sm90a query-side variant (sm90a_query_supports checked its size).
+    const bool mapped_mask = p.mask.layout == OperandLayout::kQuerySide ||
+                             (plan.sm90a_query && p.mask.layout == OperandLayout::kKeySide);
+    if (mapped_mask && p.num_heads > 0 && p.total_q > 0 && BlockMap::key_extent(p) > 0 &&
+        BlockMap::bytes(p, p.num_heads / p.mask.head_group) <= kMaxBlockMapBytes) {
       plan.block_map_heads = p.num_heads / p.mask.head_group;
-      // Key slots are v's packed rows unless the keys live in a pool. 1 / 8 D bytes of v's size.
-      plan.v_flags = p.kv_slots == nullptr && p.total_k > 0 && p.num_heads_k > 0 && BlockMap::v_bytes(p) < INT32_MAX;
+      plan.v_flags = v_flags;
+    } else if (plan.sm90a_query) {
+      // A query-side bias alone on the sm90a kernel: no map, but v's flags (a -inf bias hides its key, so each tile
+      // would otherwise scan its V).
+      plan.v_flags = v_flags;
     }
     return plan;
   };
@@ -403,7 +443,7 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
     w.block_map = w.total;
     w.total += align_up(static_cast<size_t>(BlockMap::bytes(p, plan.block_map_heads)));
   }
-  if (plan.sm90a_query) {
+  if (plan.sm90a_query && plan.block_map_heads > 0) {
     w.mask_bits = w.total;
     w.total += align_up(static_cast<size_t>(BlockMap::bits_bytes(p, plan.block_map_heads)));
   }
@@ -480,9 +520,9 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
   }
   if (plan.block_map_heads > 0) {
     ws.blocks = {reinterpret_cast<uint8_t*>(bytes + w.block_map),
-                 static_cast<int32_t>(BlockMap::blocks(p.total_q, BlockMap::kRows)),
+                 static_cast<int32_t>(BlockMap::row_blocks_of(p)),
                  static_cast<int32_t>(BlockMap::blocks(BlockMap::key_extent(p), BlockMap::kCols)),
-                 plan.block_map_heads};
+                 plan.block_map_heads, p.mask.layout == OperandLayout::kKeySide};
   }
   if (plan.sm90a_slots) {
     if (plan.slots_in_place) {
@@ -501,7 +541,7 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
     if (KeptRows::has_limits(p)) ws.kept.limits = reinterpret_cast<int32_t*>(bytes + w.kept_limits);
     ws.kept.query_tiles = static_cast<int32_t>(KeptRows::tiles_of(p));
   }
-  if (plan.sm90a_query) {
+  if (plan.sm90a_query && plan.block_map_heads > 0) {
     ws.blocks.bits = reinterpret_cast<uint32_t*>(bytes + w.mask_bits);
     ws.blocks.bit_words = static_cast<int32_t>(BlockMap::bit_words_of(p));
   }

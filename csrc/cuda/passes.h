@@ -142,6 +142,10 @@ struct SplitPartials {
 // mask, padding past a sequence's keys and rows of a neighbouring sequence included, so a summary only ever
 // understates what is known: no kSomeTrue proves a tile dead, no kSomeFalse proves it whole-visible, and anything else
 // is read per element. Null state when the call has no query-side mask.
+// A key-side mask beside a query-side bias (the sm90a kernel's query-side variant, FwdPlan::sm90a_query) is summarized
+// the same way with sequences for rows (by_sequence): row block b is sequence b, whose every query reads the same
+// values, so state[(hm * batch + b) * col_blocks + cb] and bits[(hm * batch + b) * bit_words + cb] hold the mask's
+// column of that sequence's keys (nothing past them); O(batch), never O(total_q).
 struct BlockMap {
   static constexpr int kRows = 64;  // the query-side prefill variant's query tile (tile_shape_sm80)
   static constexpr int kCols = 32;  // divides its key tile (64, or 32 at D = 256)
@@ -150,6 +154,7 @@ struct BlockMap {
   int32_t row_blocks = 0;  // ceil(total_q / kRows)
   int32_t col_blocks = 0;  // ceil(key_extent(p) / kCols)
   int32_t mask_heads = 0;
+  bool by_sequence = false;  // a key-side mask: row block b is sequence b (above), for the state and the bits alike
   // Beside the map, where the call's key slots are packed key rows (no kv_slots): per (KV head, block of kVRows rows
   // of v), nonzero where some element of the block is inf or NaN. Every tile a query-side mask hides keys in scans its
   // V (nonfinite_v.cuh), each (query tile, head) CTA again; a tile whose blocks hold only finite values skips it.
@@ -173,16 +178,26 @@ struct BlockMap {
     int64_t extent = p.max_seqlen_k < p.total_k ? p.max_seqlen_k : p.total_k;
     return extent < INT32_MAX ? extent : INT32_MAX;
   }
+  // The map's row blocks and the bits' rows: blocks of packed query rows and the rows themselves for a query-side
+  // mask, the sequences for a key-side one (by_sequence).
+  static int64_t row_blocks_of(const VarlenFwdParams& p) {
+    return p.mask.layout == OperandLayout::kKeySide ? p.batch : blocks(p.total_q, kRows);
+  }
+  static int64_t bit_rows_of(const VarlenFwdParams& p) {
+    return p.mask.layout == OperandLayout::kKeySide ? p.batch : p.total_q;
+  }
   // Bytes of the map of a call with that many mask heads.
   static int64_t bytes(const VarlenFwdParams& p, int64_t heads) {
-    return heads * blocks(p.total_q, kRows) * blocks(key_extent(p), kCols);
+    return heads * row_blocks_of(p) * blocks(key_extent(p), kCols);
   }
   static int64_t v_bytes(const VarlenFwdParams& p) { return p.num_heads_k * blocks(p.total_k, kVRows); }
   static int64_t bit_words_of(const VarlenFwdParams& p) {
     return blocks(key_extent(p), kBitTileKeys) * (kBitTileKeys / kCols);
   }
   // Bytes of the mask's bits with that many mask heads.
-  static int64_t bits_bytes(const VarlenFwdParams& p, int64_t heads) { return heads * p.total_q * bit_words_of(p) * 4; }
+  static int64_t bits_bytes(const VarlenFwdParams& p, int64_t heads) {
+    return heads * bit_rows_of(p) * bit_words_of(p) * 4;
+  }
   // The flags of the two blocks covering v rows [row0, row1) of KV head hk (0 <= row0 < row1 <= total_k, which
   // clamped sequences guarantee; a KV tile's rows are at most kVRows, so two blocks cover them), loaded but not
   // combined: a reader ORs them where it needs the answer, so their latency is not waited on where they are issued.
@@ -298,7 +313,8 @@ cudaError_t fill_slots_in_place(const VarlenFwdParams& p, const KeptRows& rows, 
 cudaError_t order_decode_units(const VarlenFwdParams& p, const KeyLists& keys, const SplitPartials& splits,
                                cudaStream_t stream);
 
-// Fills map.state and map.bits from the query-side mask and map.v_nonfinite from v (nothing for any that is null).
+// Fills map.state and map.bits from the mask (query-side, or key-side by sequence: BlockMap::by_sequence) and
+// map.v_nonfinite from v (nothing for any that is null).
 cudaError_t build_block_map(const VarlenFwdParams& p, const BlockMap& map, cudaStream_t stream);
 
 // The cu_seqlens entries that the CTAs of the pass finishing a call's rows read in all, at most (each reads B + 1 of

@@ -3,10 +3,13 @@
 // gives each query row its own key interval (a sliding window, per-query key ranges) and the softcap; its kSlots
 // variant runs a key-side mask (and key-side bias) over the kept keys gathered into dense slots before it (passes.h
 // KeptRows: TMA reads whole tiles of consecutive rows), so a mask that keeps half the keys costs about half the
-// tiles; its kQuery variant runs a query-side mask (no bias) over its block map and bits (passes.h BlockMap: a tile
-// the map shows dead is neither loaded nor computed, one it shows whole runs without the mask, the others read each
-// row's 128 bits of the tile in one 16-byte load). The plan sends it no other mask, bias or key pool (heuristics.h,
-// sm90a_supports, sm90a_slots_supports, sm90a_query_supports); those take the sm80 kernels.
+// tiles; its kQuery variant runs a query-side mask over its block map and bits (passes.h BlockMap: a tile the map
+// shows dead is neither loaded nor computed, one it shows whole runs without the mask, the others read each row's 128
+// bits of the tile in one 16-byte load), and with kQueryBias a query-side bias in q's dtype (or float32: kBias32, a
+// CTA per unit) beside such a mask, beside a key-side mask (mapped by sequence: BlockMap::by_sequence) or alone
+// (every tile live), each row's elements of a tile staged in shared memory by its threads. The plan sends
+// it no other mask, bias or key pool (heuristics.h, sm90a_supports, sm90a_slots_supports, sm90a_bias_supports,
+// sm90a_query_supports); those take the sm80 kernels.
 //
 // Work units are (query tile, query head, sequence), a sequence's last query tiles first as in the sm80 prefill
 // kernel: a CTA per unit (grid (query tiles, heads, sequences)), or kPersistent, a CTA per SM walking every
@@ -38,6 +41,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #include <cute/arch/mma_sm90_desc.hpp>
 #include <cute/arch/mma_sm90_gmma.hpp>
@@ -121,6 +125,25 @@ template <int kN8, typename Fragment>
 __device__ __forceinline__ float (&as_m16n8(Fragment& f))[1][kN8][4] {
   static_assert(cute::size_v<typename Fragment::layout_type> == kN8 * 4, "a 64-row accumulator, 4 values per n8");
   return *reinterpret_cast<float(*)[1][kN8][4]>(f.data());
+}
+
+// kQueryBias: copies one aligned 32-bit word of a row of the query-side bias (a float32 element, or two of q's dtype)
+// into shared memory, bytes of it (4; 2 where the row's keys end inside it, the rest zero-filled; 0 for none: then
+// from is only a valid address, not read). Asynchronous (cp.async): a thread's copies of a tile are issued together
+// and waited for where the scores read them, so no register holds a term meanwhile.
+__device__ __forceinline__ void copy_term_word(uint32_t* word, const void* from, int bytes) {
+  const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(word));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(to), "l"(from), "r"(bytes) : "memory");
+}
+
+// Two elements of q's dtype in a 32-bit word (x: the low half) as float32 values.
+template <typename Elem>
+__device__ __forceinline__ float2 term_pair(uint32_t word) {
+  if constexpr (std::is_same_v<Elem, __nv_bfloat16>) {
+    return make_float2(__uint_as_float(word << 16), __uint_as_float(word & 0xffff0000u));
+  } else {
+    return __half22float2(*reinterpret_cast<const __half2*>(&word));
+  }
 }
 
 // Rare path of the V scan: the CTA's consumers found an inf / NaN in the V tile of a tile that hides keys. Flag the
@@ -226,7 +249,7 @@ struct SlotLists {
 struct UnitWork {
   SeqRange sq;
   int64_t k_start;
-  int q_len, k_len, h, hk, m_block, m0, rows;
+  int b, q_len, k_len, h, hk, m_block, m0, rows;
   int n_begin, n_end, whole_begin, whole_end;
   int kept, list;  // kSlots: the unit's kept keys (slots) and its list head
   int64_t seg;     // kSlots: its sequence's segment in the slot positions and biases (KeptRows::segment)
@@ -255,6 +278,7 @@ __device__ __forceinline__ UnitWork unit_work(const VarlenFwdParams& p, const Un
     sk = key_seq(p, b);
   }
   w.k_start = sk.start;
+  w.b = b;
   w.q_len = static_cast<int>(w.sq.len);
   w.k_len = static_cast<int>(sk.len);
   w.m_block = m_block;
@@ -336,8 +360,10 @@ struct TileEntry {
 // kQuery: the unit's live tiles in [w.n_begin, w.n_end), ascending, into list, and their count into *len; the 128
 // threads of the producer warpgroup each take a tile per step. A tile is live where the block map sees some True in
 // it for the unit's rows; it is masked where the map sees some False; it needs its V scanned where it hides keys
-// unless v's flags show its rows finite. Ends with the warpgroup's barrier: the list is written.
-template <int kBlockM, int kBlockN>
+// unless v's flags show its rows finite. Without a map (a query-side bias alone) every tile is live and none masked.
+// kQueryBias: a -inf bias element hides its key, so every tile may hide keys (the V scan, unless v's flags show its
+// rows finite). Ends with the warpgroup's barrier: the list is written.
+template <int kBlockM, int kBlockN, bool kQueryBias>
 __device__ __forceinline__ void list_live_tiles(const VarlenFwdParams& p, const BlockMap& map, const UnitWork& w,
                                                 uint16_t* list, int32_t* len, int32_t* warp_counts) {
   static_assert(kBlockM == 2 * BlockMap::kRows && kBlockN == 4 * BlockMap::kCols, "a unit's tile: 3 x 4 map blocks");
@@ -346,10 +372,16 @@ __device__ __forceinline__ void list_live_tiles(const VarlenFwdParams& p, const 
   // The map blocks of the unit's packed rows (at most three: 128 rows from any row) and mask head. Read here rather
   // than by BlockMap::covering_tile (64 rows, any key span): two of those loaded 20 blocks per tile, where a tile of
   // 128 keys from a multiple of 128 spans 4 block columns, and spilled the producer's registers.
-  const int64_t rb0 = (w.sq.start + w.m0) / BlockMap::kRows;
-  const int row_blocks = static_cast<int>((w.sq.start + w.m0 + w.rows - 1) / BlockMap::kRows - rb0) + 1;
-  const uint8_t* lines = map.state + (static_cast<int64_t>(w.h / p.mask.head_group) * map.row_blocks + rb0) *
-                                         map.col_blocks;
+  // A key-side mask (beside a query-side bias) is mapped by sequence: one row of blocks, the sequence's.
+  const bool by_sequence = kQueryBias && map.by_sequence;
+  const int64_t rb0 = by_sequence ? w.b : (w.sq.start + w.m0) / BlockMap::kRows;
+  const int row_blocks =
+      by_sequence ? 1 : static_cast<int>((w.sq.start + w.m0 + w.rows - 1) / BlockMap::kRows - rb0) + 1;
+  // A map comes with every mask (the plan's sm90a_query_supports); a query-side bias alone has none.
+  const bool mapped = !kQueryBias || p.mask.present();
+  const uint8_t* lines =
+      mapped ? map.state + (static_cast<int64_t>(w.h / p.mask.head_group) * map.row_blocks + rb0) * map.col_blocks
+             : nullptr;
   int total = 0;
 #pragma unroll 1
   for (int n0 = w.n_begin; n0 < w.n_end; n0 += 128) {  // the same bound for every thread: the barriers below
@@ -359,17 +391,20 @@ __device__ __forceinline__ void list_live_tiles(const VarlenFwdParams& p, const 
     if (n < w.n_end) {
       const int j0 = n * kBlockN;  // n < n_end: j0 < k_len; the tile's blocks are [4 n, last]
       const int last = (min(j0 + kBlockN, w.k_len) - 1) / BlockMap::kCols;
-      uint8_t state = 0;
+      uint8_t state = BlockMap::kSomeTrue;  // no mask: every key shown
+      if (mapped) {
+        state = 0;
 #pragma unroll
-      for (int r = 0; r < 3; ++r)
+        for (int r = 0; r < 3; ++r)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          if (r < row_blocks && 4 * n + c <= last) state |= lines[r * map.col_blocks + 4 * n + c];
-        }
+          for (int c = 0; c < 4; ++c) {
+            if (r < row_blocks && 4 * n + c <= last) state |= lines[r * map.col_blocks + 4 * n + c];
+          }
+      }
       live = (state & BlockMap::kSomeTrue) != 0;
       const bool limits = n < w.whole_begin || n >= w.whole_end;
       const bool masked = (state & BlockMap::kSomeFalse) != 0;
-      bool check_v = limits || masked;
+      bool check_v = limits || masked || kQueryBias;
       if (check_v && map.v_nonfinite != nullptr) {  // the v blocks of the rows TMA reads (zero past total_k)
         const int64_t first = w.k_start + j0, last = min(first + kBlockN, p.total_k) - 1;
         const uint8_t* line = map.v_nonfinite + static_cast<int64_t>(w.hk) * map.v_blocks;
@@ -396,20 +431,24 @@ __device__ __forceinline__ void list_live_tiles(const VarlenFwdParams& p, const 
   asm volatile("bar.sync %0, %1;" ::"r"(kProducerBarrier), "r"(128) : "memory");  // the list and its length written
 }
 
-template <typename Traits, bool kRanged, bool kPersistent, bool kSlots, bool kQuery>
+template <typename Traits, bool kRanged, bool kPersistent, bool kSlots, bool kQuery, bool kQueryBias = false,
+          bool kBias32 = false>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
 fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ TmaParams<Traits> tma,
            const UnitGrid grid, const __grid_constant__ SlotLists slots, const __grid_constant__ BlockMap map) {
   using namespace cute;
+  static_assert(!kQueryBias || (kQuery && !kSlots), "a query-side bias rides on the tile lists and is the only bias");
+  static_assert(!kBias32 || (kQueryBias && !kPersistent), "a float32 query-side bias: a CTA per unit (shared memory)");
   using Elem = typename Traits::Elem;
   using Pipeline = typename Traits::Pipeline;
   using PipelineState = typename cutlass::PipelineState<Traits::kStages>;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   constexpr int kN8 = kBlockN / 8, kD8 = kHeadDim / 8;
 
-  constexpr int kQBuffers = kPersistent ? Traits::kPersistentQBuffers : 1;
+  constexpr int kQBuffers = Traits::template kQBuffers<kPersistent, kQueryBias>;
   extern __shared__ __align__(1024) char smem_raw[];
-  auto& smem = *reinterpret_cast<typename Traits::template SharedStorage<kQBuffers, kQuery>*>(smem_raw);
+  auto& smem =
+      *reinterpret_cast<typename Traits::template SharedStorage<kQBuffers, kQuery, kQueryBias, kBias32>*>(smem_raw);
 
   // ---- This CTA's units: its own (a CTA per unit), or every gridDim.x-th (persistent) ----
   // Persistent units are numbered over the launch's sequences' own query tiles: u = j * H + h for the j-th of them
@@ -489,34 +528,36 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       reduce_tile_keys(p, w.sq, w.k_len, w.m0, w.rows, smem.tile_keys);
     }
   }
-  if (kPersistent && threadIdx.x < 32) {
-    // Warp 0: the unit table, 32 sequences per step (a warp's inclusive scan), and each sequence's query and key
-    // ranges (seq_rows; not kSlots, see work), so that a unit's start reads shared memory, not cu_seqlens.
-    const int lane = threadIdx.x;
-    int before = 0;
-    for (int z0 = 0; z0 < grid.seqs; z0 += 32) {
-      const int z = z0 + lane;
-      int tiles = 0;
-      if (z < grid.seqs) {
-        const SeqRange sq = clamp_seq(p.cu_seqlens_q, grid.seq0 + z, p.total_q, p.max_seqlen_q);
-        tiles = static_cast<int>((sq.len + kBlockM - 1) / kBlockM);
-        if constexpr (!kSlots) {
-          const SeqRange sk = key_seq(p, grid.seq0 + z);
-          smem.seq_rows[z][0] = static_cast<int32_t>(sq.start);
-          smem.seq_rows[z][1] = static_cast<int32_t>(sq.len);
-          smem.seq_rows[z][2] = static_cast<int32_t>(sk.start);
-          smem.seq_rows[z][3] = static_cast<int32_t>(sk.len);
+  if constexpr (kPersistent) {
+    if (threadIdx.x < 32) {
+      // Warp 0: the unit table, 32 sequences per step (a warp's inclusive scan), and each sequence's query and key
+      // ranges (seq_rows; not kSlots, see work), so that a unit's start reads shared memory, not cu_seqlens.
+      const int lane = threadIdx.x;
+      int before = 0;
+      for (int z0 = 0; z0 < grid.seqs; z0 += 32) {
+        const int z = z0 + lane;
+        int tiles = 0;
+        if (z < grid.seqs) {
+          const SeqRange sq = clamp_seq(p.cu_seqlens_q, grid.seq0 + z, p.total_q, p.max_seqlen_q);
+          tiles = static_cast<int>((sq.len + kBlockM - 1) / kBlockM);
+          if constexpr (!kSlots) {
+            const SeqRange sk = key_seq(p, grid.seq0 + z);
+            smem.seq_rows[z][0] = static_cast<int32_t>(sq.start);
+            smem.seq_rows[z][1] = static_cast<int32_t>(sq.len);
+            smem.seq_rows[z][2] = static_cast<int32_t>(sk.start);
+            smem.seq_rows[z][3] = static_cast<int32_t>(sk.len);
+          }
         }
-      }
 #pragma unroll
-      for (int d = 1; d < 32; d *= 2) {
-        const int v = __shfl_up_sync(0xffffffffu, tiles, d);
-        if (lane >= d) tiles += v;
+        for (int d = 1; d < 32; d *= 2) {
+          const int v = __shfl_up_sync(0xffffffffu, tiles, d);
+          if (lane >= d) tiles += v;
+        }
+        if (z < grid.seqs) smem.unit_tiles[z + 1] = before + tiles;
+        before += __shfl_sync(0xffffffffu, tiles, 31);
       }
-      if (z < grid.seqs) smem.unit_tiles[z + 1] = before + tiles;
-      before += __shfl_sync(0xffffffffu, tiles, 31);
+      if (lane == 0) smem.unit_tiles[0] = 0;
     }
-    if (lane == 0) smem.unit_tiles[0] = 0;
   }
   cutlass::arch::fence_barrier_init();
   __syncthreads();
@@ -557,7 +598,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
           copy(tma.q.with(reinterpret_cast<uint64_t&>(q_full(qb))), tQg, tQs);
         }
         if constexpr (kQuery) {  // the unit's live tiles, published by the Q barrier's second arrival
-          list_live_tiles<kBlockM, kBlockN>(p, map, w, smem.tile_list[qb], &smem.list_len[qb], smem.list_warps);
+          list_live_tiles<kBlockM, kBlockN, kQueryBias>(p, map, w, smem.tile_list[qb], &smem.list_len[qb],
+                                                        smem.list_warps);
           if (threadIdx.x != 0) continue;
           tiles = smem.list_len[qb];
           q_full(qb).arrive();
@@ -679,10 +721,83 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
         const int i = row0 + 8 * half;
         bits[half] = make_uint4(0u, 0u, 0u, 0u);
         if (kQuery && (entry & TileEntry::kMasked) != 0 && i < w.q_len) {
-          const int64_t word = (static_cast<int64_t>(hm) * p.total_q + w.sq.start + i) * map.bit_words +
-                               static_cast<int64_t>(n) * (kBlockN / 32);
+          // the row's bits, or its sequence's for a key-side mask (BlockMap::by_sequence: a query-side bias beside it)
+          const int64_t bit_row = kQueryBias && map.by_sequence ? static_cast<int64_t>(hm) * p.batch + w.b
+                                                                : static_cast<int64_t>(hm) * p.total_q + w.sq.start + i;
+          const int64_t word = bit_row * map.bit_words + static_cast<int64_t>(n) * (kBlockN / 32);
           bits[half] = __ldg(reinterpret_cast<const uint4*>(map.bits + word));
         }
+      }
+    };
+    // kQueryBias: this thread's two rows of the bias over tile n, staged in shared memory (Traits::kTermPitch words
+    // a row) as the aligned 32-bit words that hold its kBlockN elements: 2 kTermWords elements from the word holding
+    // element n kBlockN on (off: 1 where that element is the word's high half, a row starting at an odd element),
+    // so any row stride and head stride serve. The quad of a row's four threads copies its words together when the
+    // mask's bits are loaded (word w by thread w % 4), and each thread reads its column pairs (two words, shifted
+    // by off) where the scores need them, after the copies' wait and a warp barrier. Only elements of keys below
+    // the sequence's are read (past them the row ends or holds no key; the word before the first element, where
+    // off = 1, lies in the tensor: the row starts at an odd element); rows past the sequence read nothing.
+    // kBias32: a float32 bias, each element a word of its own (no off), column c at word c ^ 8 g of its row
+    // (Traits::kTermWords32), elements at or past the row's keys zero-filled.
+    const int hb = kQueryBias ? w.h / p.bias.head_group : 0;
+    auto term_row = [&](int half) {  // the row's words in shared memory
+      return smem.terms + (cw * 64 + 16 * (wtid / 32) + g + 8 * half) *
+                              (kBias32 ? Traits::kTermWords32 : Traits::kTermPitch);
+    };
+    auto term_elem = [&](int half) {  // the row's first element in the bias (key position 0)
+      return (w.sq.start + row0 + 8 * half) * p.bias.row_stride + static_cast<int64_t>(hb) * p.bias.head_stride;
+    };
+    auto term_off = [&](int half) {
+      return static_cast<int>((reinterpret_cast<uintptr_t>(p.bias.ptr) / 2 + term_elem(half)) & 1);
+    };
+    // Issued at the top of each tile, where S is dead (converted into P): issued earlier, right after the previous
+    // tile's scores (its words read), they would fly through that tile's softmax too, but S is live there, and ptxas
+    // spilled 100 bytes in the kernel that had none (D = 128, a CTA per unit).
+    auto copy_terms = [&](int n) {
+      if constexpr (kBias32) {
+        __syncwarp();  // the quad's reads of the last tile's words are done
+        const char* bias = static_cast<const char*>(p.bias.ptr);
+        const int j0 = n * kBlockN;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int i = row0 + 8 * half, left = i < w.q_len ? w.k_len - j0 : 0;  // elements of the tile in the row
+          const char* from = bias + 4 * (term_elem(half) + j0);
+          uint32_t* words = term_row(half);
+          if (left >= kBlockN) {  // every element of the tile in the row
+#pragma unroll
+            for (int k = t; k < kBlockN; k += 4) copy_term_word(words + (k ^ (8 * g)), from + 4 * k, 4);
+          } else {
+#pragma unroll 1
+            for (int k = t; k < kBlockN; k += 4) {
+              const bool in = k < left;
+              copy_term_word(words + (k ^ (8 * g)), in ? from + 4 * k : bias, in ? 4 : 0);
+            }
+          }
+        }
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+      } else if constexpr (kQueryBias) {
+        constexpr int kWords = Traits::kTermWords;
+        __syncwarp();  // the quad's reads of the last tile's words are done
+        const char* bias = static_cast<const char*>(p.bias.ptr);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int i = row0 + 8 * half, off = term_off(half), j0 = n * kBlockN;
+          // word k holds elements j0 - off + 2 k and the next: whole while both lie below the row's keys
+          const int left = i < w.q_len ? w.k_len - (j0 - off) : 0;
+          const char* from = bias + 2 * (term_elem(half) + j0 - off);
+          uint32_t* words = term_row(half);
+          if (left >= 2 * kWords) {  // the row holds every element the tile's words cover: fixed offsets
+#pragma unroll
+            for (int k = t; k < kWords; k += 4) copy_term_word(words + k, from + 4 * k, 4);
+          } else {  // the sequence's last tile, or a row past the sequence (few): per word, with few registers
+#pragma unroll 1
+            for (int k = t; k < kWords; k += 4) {
+              const int bytes = min(max(2 * (left - 2 * k), 0), 4);
+              copy_term_word(words + k, bytes > 0 ? from + 4 * k : bias, bytes);
+            }
+          }
+        }
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
       }
     };
     Tensor tSrQ =
@@ -702,11 +817,15 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       limit = kRanged ? row_limit[half] : causal ? min(w.k_len, row0 + 8 * half + shift + 1) : w.k_len;
     };
     auto scores = [&](int n, int stage, uint16_t entry, const uint4 (&bits)[2]) {
-      if constexpr (kQuery) {  // position limits and mask bits where the entry says so; a key-side bias per key
+      if constexpr (kQuery) {  // position limits and mask bits where the entry says so; a key-side or query-side bias
         const bool limits = (entry & TileEntry::kLimits) != 0, masked = (entry & TileEntry::kMasked) != 0;
+        if constexpr (kQueryBias) {  // first, so that no return below can leave the tile's copies outstanding
+          asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+          __syncwarp();  // the quad's copies of its rows' words landed
+        }
         // kSlots beside kQuery: slots in place (slot c is key c), whose per-slot biases are the key-side bias's
-        const bool biased = kSlots && slots.bias != nullptr;
-        const float* slot_bias = smem.slot_bias[stage];
+        const bool biased = (kSlots && slots.bias != nullptr) || kQueryBias;
+        const float* slot_bias = kSlots ? smem.slot_bias[stage] : nullptr;
         const bool capped = kRanged && p.softcap > 0.f;
         if (!limits && !masked && !biased && !capped && scale > 0.f) return scale;  // folded into the exponent
         float mul = scale;
@@ -720,6 +839,34 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
           for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= mul;
           return 1.f;
         }
+        // A bias's value per element: a pair of keys' per slot, or this thread's query-side terms (both in shared
+        // memory).
+        uint32_t term_shift[2] = {0u, 0u};  // kQueryBias: 16 where a row's elements start at a word's high half
+        if constexpr (kQueryBias && !kBias32) {
+          term_shift[0] = 16 * term_off(0);
+          term_shift[1] = 16 * term_off(1);
+        }
+        auto bias_pair = [&](int half, int nt) {
+          if constexpr (kBias32) {  // column 8 nt + 2 t and the next: one aligned pair of words, swizzled by row
+            return *reinterpret_cast<const float2*>(term_row(half) + ((8 * nt + 2 * t) ^ (8 * g)));
+          } else if constexpr (kQueryBias) {
+            const uint32_t* words = term_row(half) + 4 * nt + t;  // column 8 nt + 2 t: its element's word, and next
+            return term_pair<Elem>(__funnelshift_r(words[0], words[1], term_shift[half]));
+          }
+          return biased ? *reinterpret_cast<const float2*>(slot_bias + nt * 8 + 2 * t) : make_float2(0.f, 0.f);
+        };
+        if (kQueryBias && !limits && !masked) {  // every key of the tile shown to every row: the bias alone
+#pragma unroll
+          for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int nt = 0; nt < kN8; ++nt) {
+              if (nt % 4 == 0) asm volatile("" ::: "memory");  // four column pairs' reads at a time
+              const float2 b2 = bias_pair(half, nt);
+              s[0][nt][2 * half] = s[0][nt][2 * half] * mul + b2.x;
+              s[0][nt][2 * half + 1] = s[0][nt][2 * half + 1] * mul + b2.y;
+            }
+          return 1.f;
+        }
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           int low, limit;
@@ -728,8 +875,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
 #pragma unroll
           for (int nt = 0; nt < kN8; ++nt) {
             if (biased && nt % 4 == 0) asm volatile("" ::: "memory");  // four column pairs' bias reads at a time
-            const float2 b2 =
-                biased ? *reinterpret_cast<const float2*>(slot_bias + nt * 8 + 2 * t) : make_float2(0.f, 0.f);
+            const float2 b2 = bias_pair(half, nt);
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               float& x = s[0][nt][2 * half + e];
@@ -856,6 +1002,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       const int n = tile_of(j, entry);
       uint4 bits[2];
       load_bits(entry, n, bits);
+      copy_terms(n);
       pipe_k.consumer_wait(state);
       wait_turn(cw);
       warpgroup_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), tSrS, [&] {
@@ -878,6 +1025,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       const int n = tile_of(j, entry);
       uint4 bits[2];
       load_bits(entry, n, bits);
+      copy_terms(n);
       pipe_k.consumer_wait(state);
       wait_turn(cw);
       warpgroup_fence_operand(tSrS);

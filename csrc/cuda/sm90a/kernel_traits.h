@@ -42,6 +42,10 @@ struct FwdTraits {
   // Q tiles of a persistent CTA: two where they fit (it loads its next unit's Q during this one); D = 256's one, so
   // its next Q is loaded once this unit's last S has read the tile.
   static constexpr int kPersistentQBuffers = kHeadDim <= 128 ? 2 : 1;
+  // The Q tiles of a CTA: persistent, kPersistentQBuffers, but one at D = 128 beside a query-side bias, whose terms'
+  // 34 KB take the second's room (227 KB per CTA).
+  template <bool kPersistent, bool kQueryBias>
+  static constexpr int kQBuffers = !kPersistent ? 1 : kQueryBias && kHeadDim > 64 ? 1 : kPersistentQBuffers;
 
   // One consumer warpgroup's MMAs: S (64 x kBlockN) = Q (64 x D) K^T, and O (64 x D) += P (64 x kBlockN) V.
   using MmaQK = decltype(cute::make_tiled_mma(
@@ -80,8 +84,22 @@ struct FwdTraits {
   // kQuery: a unit's live KV tiles, 16 bits each (fwd_kernel.cuh, TileEntry), one list per Q buffer.
   static constexpr int kListTiles = static_cast<int>(kSm90aQueryMaxTiles);
 
-  // kQBuffers Q tiles: 1 for a CTA per unit, kPersistentQBuffers for a persistent CTA. kQuery: the tile lists.
-  template <int kQBuffers, bool kQuery = false>
+  // kQueryBias: the words of a row's kBlockN bias elements from any element on (one more than kBlockN / 2: a row may
+  // start at an odd element), and their pitch in shared memory: 4 mod 32, so that the eight rows of a warp's quads
+  // reading one column pair each (banks 4 row + t) are 32 different banks.
+  static constexpr int kTermWords = kBlockN / 2 + 1;
+  static constexpr int kTermPitch = kBlockN / 2 + 4;
+  static_assert(kTermPitch % 32 == 4 && kTermPitch >= kTermWords, "conflict-free reads of the staged terms");
+  // kBias32 (a float32 query-side bias): a row's kBlockN elements are its words, kBlockN apart, column c of row r at
+  // word c ^ 8 (r % 8) (a column pair stays one aligned 8-byte read; the eight rows of a warp's quads reading one pair
+  // each touch 32 different banks per half warp). 64 KB at kBlockN = 128: a CTA per unit (no persistent unit table,
+  // one Q buffer) and no slots, so that it fits beside Q, K and V: at D = 128 exactly the 227 KB a CTA may have, the
+  // last 512 bytes the struct's rounding to 1 KB. A field growing by more fails launch_kernel's static_assert.
+  static constexpr int kTermWords32 = kBlockN;
+
+  // kQBuffers Q tiles (kQBuffers above). kQuery: the tile lists; kQueryBias: the consumer threads' terms, as
+  // float32 words where kBias32.
+  template <int kQBuffers, bool kQuery = false, bool kQueryBias = false, bool kBias32 = false>
   struct SharedStorage {
     cute::array_aligned<CuteElem, kQBuffers * cute::cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<CuteElem, cute::cosize_v<SmemLayoutKV>, 1024> k;
@@ -89,23 +107,30 @@ struct FwdTraits {
     typename Pipeline::SharedStorage pipe_k, pipe_v;
     alignas(8) uint64_t q_full[kQBuffers];   // Q landed (transaction barriers)
     alignas(8) uint64_t q_empty[kQBuffers];  // the consumers are done with that Q buffer
-    // kSlots: each K stage's slot positions and biases (bulk copies on K's full barrier; fwd_kernel.cuh)
-    alignas(128) int32_t slot_pos[kStages][kBlockN];
-    alignas(128) float slot_bias[kStages][kBlockN];
+    // kSlots: each K stage's slot positions and biases (bulk copies on K's full barrier; fwd_kernel.cuh); kBias32
+    // has none (its terms take the room)
+    alignas(128) int32_t slot_pos[kBias32 ? 1 : kStages][kBias32 ? 1 : kBlockN];
+    alignas(128) float slot_bias[kBias32 ? 1 : kStages][kBias32 ? 1 : kBlockN];
     uint8_t v_bad[kBlockN];      // slots of the current V tile whose row held inf / NaN (rare path)
     int tile_keys[4][4];         // kRanged with key ranges: the producer warps' parts of the unit's TileKeys
     // Persistent CTAs of a launch of at most kUnitTableSeqs sequences: query tiles of sequences [0, z) in entry z
     // (z <= seqs), so units are numbered over the sequences' own tiles (fwd_kernel.cuh, unit_of).
-    int32_t unit_tiles[kUnitTableSeqs + 1];
-    int32_t seq_rows[kUnitTableSeqs][4];  // and each one's {q start, q len, k start, k len}, clamped (unit_work)
+    // (kBias32 runs a CTA per unit: none.)
+    int32_t unit_tiles[kBias32 ? 1 : kUnitTableSeqs + 1];
+    int32_t seq_rows[kBias32 ? 1 : kUnitTableSeqs][4];  // and each one's {q start, q len, k start, k len}, clamped
+                                                         // (unit_work)
     // kQuery: the live KV tiles of the unit of each Q buffer, their count, and the producer warps' counts while the
     // list is built (one element elsewhere).
     uint16_t tile_list[kQuery ? kQBuffers : 1][kQuery ? kListTiles : 1];
     int32_t list_len[kQBuffers];
     int32_t list_warps[4];
+    // kQueryBias: a KV tile's query-side bias, staged per query row as the kTermWords aligned words that hold its
+    // elements, kTermPitch words apart (fwd_kernel.cuh, copy_terms).
+    alignas(kQueryBias ? 128 : 4) uint32_t terms[!kQueryBias ? 1 : kBias32 ? kBlockM * kTermWords32
+                                                                           : kBlockM * kTermPitch];
   };
-  template <int kQBuffers, bool kQuery = false>
-  static constexpr int kSmemBytes = sizeof(SharedStorage<kQBuffers, kQuery>);
+  template <int kQBuffers, bool kQuery = false, bool kQueryBias = false, bool kBias32 = false>
+  static constexpr int kSmemBytes = sizeof(SharedStorage<kQBuffers, kQuery, kQueryBias, kBias32>);
 };
 
 // The TMA copies of one call (built on the host: they hold the tensor maps), a __grid_constant__ kernel parameter.

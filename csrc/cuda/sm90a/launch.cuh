@@ -2,7 +2,8 @@
 // bias or key pool, heuristics.h sm90a_supports) run the wgmma / TMA kernel of fwd_kernel.cuh, in its kRanged
 // variant where a row has its own key interval (sm90a_ranged), in its kSlots variant over a key-side mask's kept keys
 // gathered into dense slots (FwdPlan::sm90a_slots: K / V's TMA views are over the gathered rows), in its kQuery
-// variant with a query-side mask's block map and bits (FwdPlan::sm90a_query); every other call
+// variant with a query-side mask's block map and bits (FwdPlan::sm90a_query), with kQueryBias for a query-side bias
+// beside such a mask or alone; every other call
 // (other masks and biases, decode, key pools) runs the sm80 path's kernels, which run on every cc >= 8.0.
 // Included by the generated instantiation files (tools/kernel_matrix.py), compiled for sm_90a only.
 #pragma once
@@ -28,12 +29,13 @@ auto gmem_rows(const void* ptr, int64_t rows, int32_t head_dim, int32_t heads, i
                                  make_stride(row_stride, _1{}, head_stride)));
 }
 
-// The kernel of kRanged / kPersistent / kSlots / kQuery for this call, with its shared memory allowed.
-template <typename Traits, bool kRanged, bool kPersistent, bool kSlots, bool kQuery>
+// The kernel of kRanged / kPersistent / kSlots / kQuery / kQueryBias for this call, with its shared memory allowed.
+template <typename Traits, bool kRanged, bool kPersistent, bool kSlots, bool kQuery, bool kQueryBias, bool kBias32>
 cudaError_t launch_kernel(const VarlenFwdParams& p, const TmaParams<Traits>& tma, dim3 grid, UnitGrid units,
                           cudaStream_t stream, const SlotLists& slots, const BlockMap& map) {
-  auto kernel = fwd_kernel<Traits, kRanged, kPersistent, kSlots, kQuery>;
-  constexpr int kSmem = Traits::template kSmemBytes<kPersistent ? Traits::kPersistentQBuffers : 1, kQuery>;
+  auto kernel = fwd_kernel<Traits, kRanged, kPersistent, kSlots, kQuery, kQueryBias, kBias32>;
+  constexpr int kSmem =
+      Traits::template kSmemBytes<Traits::template kQBuffers<kPersistent, kQueryBias>, kQuery, kQueryBias, kBias32>;
   static_assert(kSmem <= 227 * 1024, "more shared memory than a cc 9.0 CTA may have");
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err != cudaSuccess) return err;
@@ -68,30 +70,35 @@ TmaParams<Traits> make_tma(const VarlenFwdParams& p) {
 // their bounds are reduced once per CTA), a launch per kUnitTableSeqs sequences, whose units the kernel numbers in an
 // int: at most query_tiles per sequence (clamp_seq: lying cu_seqlens included), times the sequences and heads; calls
 // that could pass it take a CTA per unit.
-template <typename Traits, bool kRanged, bool kSlots, bool kQuery = false>
+// kBias32 (a float32 query-side bias) always takes a CTA per unit: its staged terms leave no room for the persistent
+// unit table.
+template <typename Traits, bool kRanged, bool kSlots, bool kQuery = false, bool kQueryBias = false,
+          bool kBias32 = false>
 cudaError_t launch_units(const VarlenFwdParams& p, const FwdPlan& plan, const TmaParams<Traits>& tma,
                          const SlotLists& slots, cudaStream_t stream, const BlockMap& map = {}) {
   const int32_t query_tiles = static_cast<int32_t>((p.max_seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM);
   constexpr int64_t kTableSeqs = Traits::kUnitTableSeqs;
   const int64_t most_units = static_cast<int64_t>(query_tiles) * std::min<int64_t>(p.batch, kTableSeqs) * p.num_heads;
-  if (plan.sm90a_ctas > 0 && p.key_range == nullptr && most_units <= INT32_MAX) {
-    for (int64_t seq0 = 0; seq0 < p.batch; seq0 += kTableSeqs) {
-      const int32_t seqs = static_cast<int32_t>(std::min<int64_t>(p.batch - seq0, kTableSeqs));
-      const int64_t grid_units = static_cast<int64_t>(query_tiles) * p.num_heads * seqs;
-      const dim3 grid(static_cast<unsigned>(std::min<int64_t>(grid_units, plan.sm90a_ctas)));
-      const cudaError_t err = launch_kernel<Traits, kRanged, true, kSlots, kQuery>(
-          p, tma, grid, UnitGrid{static_cast<int32_t>(seq0), seqs, query_tiles, cutlass::FastDivmod(p.num_heads)},
-          stream, slots, map);
-      if (err != cudaSuccess) return err;
+  if constexpr (!kBias32) {
+    if (plan.sm90a_ctas > 0 && p.key_range == nullptr && most_units <= INT32_MAX) {
+      for (int64_t seq0 = 0; seq0 < p.batch; seq0 += kTableSeqs) {
+        const int32_t seqs = static_cast<int32_t>(std::min<int64_t>(p.batch - seq0, kTableSeqs));
+        const int64_t grid_units = static_cast<int64_t>(query_tiles) * p.num_heads * seqs;
+        const dim3 grid(static_cast<unsigned>(std::min<int64_t>(grid_units, plan.sm90a_ctas)));
+        const cudaError_t err = launch_kernel<Traits, kRanged, true, kSlots, kQuery, kQueryBias, kBias32>(
+            p, tma, grid, UnitGrid{static_cast<int32_t>(seq0), seqs, query_tiles, cutlass::FastDivmod(p.num_heads)},
+            stream, slots, map);
+        if (err != cudaSuccess) return err;
+      }
+      return cudaSuccess;
     }
-    return cudaSuccess;
   }
   constexpr int64_t kMaxSeqsPerLaunch = 65535;
   for (int64_t seq0 = 0; seq0 < p.batch; seq0 += kMaxSeqsPerLaunch) {
     const int32_t seqs = static_cast<int32_t>(std::min<int64_t>(p.batch - seq0, kMaxSeqsPerLaunch));
     const dim3 grid(static_cast<unsigned>(query_tiles), static_cast<unsigned>(p.num_heads),
                     static_cast<unsigned>(seqs));
-    const cudaError_t err = launch_kernel<Traits, kRanged, false, kSlots, kQuery>(
+    const cudaError_t err = launch_kernel<Traits, kRanged, false, kSlots, kQuery, kQueryBias, kBias32>(
         p, tma, grid, UnitGrid{static_cast<int32_t>(seq0), seqs, query_tiles, cutlass::FastDivmod()}, stream, slots,
         map);
     if (err != cudaSuccess) return err;
@@ -103,8 +110,14 @@ template <typename Traits, bool kRanged>
 cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws, cudaStream_t stream) {
   if constexpr (Traits::kHeadDim <= 128) {  // sm90a_slots_supports and sm90a_query_supports: D <= 128
     if (plan.sm90a_query && !plan.sm90a_slots) {  // the mask's bits and block map (build_block_map), K / V in place
-      return launch_units<Traits, kRanged, false, true>(
-          p, plan, make_tma<Traits>(p), {}, stream, ws.blocks);
+      if (p.bias.layout == OperandLayout::kQuerySide) {  // and a query-side bias (its elements read by the consumers)
+        if (p.bias.dtype == ScalarType::kFloat32) {
+          return launch_units<Traits, kRanged, false, true, true, true>(p, plan, make_tma<Traits>(p), {}, stream,
+                                                                        ws.blocks);
+        }
+        return launch_units<Traits, kRanged, false, true, true>(p, plan, make_tma<Traits>(p), {}, stream, ws.blocks);
+      }
+      return launch_units<Traits, kRanged, false, true>(p, plan, make_tma<Traits>(p), {}, stream, ws.blocks);
     }
     if (plan.sm90a_slots) {
       // K / V from the gathered slots (k and v's packed shape, dense), or in place: every key a slot of one list.
