@@ -1,10 +1,11 @@
-"""A model of the sm90a backward's consumer protocol with docs/pending/bwd_dq_late.patch (+ bwd_stagger.patch) at
-D = 128, run under random interleavings of its two consumer warpgroups. Checks: no deadlock; each late dQ product reads
+"""A model of the sm90a backward's consumer protocol (csrc/cuda/sm90a/bwd_kernel.cuh: each tile's dQ issued a tile
+late, the two consumer warpgroups staggered half a tile) at D = 128, run under random interleavings of its two consumer
+warpgroups (tests/test_protocol_models.py runs it in CI). Checks: no deadlock; each late dQ product reads
 its own tile's dS^T from both warpgroups; no dS^T buffer is written while a dQ product may still read it; no named
 barrier's phase mixes two tiles. Named barriers count threads as PTX does (bar.arrive / bar.sync, 128 per warpgroup,
 complete at 256); the Q / dO stage of item i is refilled once both warpgroups released item i - 2's.
 
-    python3 docs/pending/bwd_dq_late_protocol.py [TRIALS]   # exit status 1 on any violation
+    python3 tools/model_bwd_dq_late.py [TRIALS]   # exit status 1 on any violation
 
 Mutations it catches (tried): two dS^T buffers instead of three, one barrier id per warpgroup instead of two by
 parity, the wait for the other warpgroup's tile n - 1 moved after the write of tile n."""
