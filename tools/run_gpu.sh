@@ -48,7 +48,8 @@
 # 1-4 MB each, or HEAD with docs/pending patches: tools/make_trees.sh), then
 #   tools/run_gpu.sh wheels trees summary
 # `trees` builds each .trees/<name> in place (all of them at once) and runs its tests there under `timeout
-# TREE_TIMEOUT` (default 300 s): the pytest arguments in .trees/<name>.tests if that file exists, else TREE_TESTS
+# TREE_TIMEOUT` (default 300 s; pytest stops at TREE_MAXFAIL failures, default 25): the pytest arguments in
+# .trees/<name>.tests if that file exists, else TREE_TESTS
 # (default: tests/test_sm90a.py and the CUDA decode-kernel tests; .trees/<name>.sanitize likewise holds the arguments
 # of that tree's tree_sanitize stage), with the NAME=VALUE lines of .trees/<name>.env (if
 # any) set for what runs inside that tree (its build, tests, sanitizer and benchmarks); then TREE_BENCH (bench_gpu.py
@@ -130,8 +131,10 @@ in_tree() {
 tree_args() {
   tr '\n' ' ' < ".trees/$1.$2"
 }
-# The trees' pytest command, before its arguments (the trees and tree_test stages).
-TREE_PYTEST="python3 -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=5"
+# The trees' pytest command, before its arguments (the trees and tree_test stages). TREE_MAXFAIL failures stop a
+# tree's tests (default 25: run CF stopped a tree at 5, two known failures repeated over dtypes, before a whole file
+# had run; TREE_TIMEOUT bounds a broken tree's time anyway).
+TREE_PYTEST="python3 -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=${TREE_MAXFAIL:-25}"
 
 # The sanitize stages' command: compute-sanitizer memcheck over pytest of SANITIZE_FILES (word-split) -k
 # SANITIZE_TESTS, the same in this tree (sanitize) and in each of .trees (tree_sanitize).
