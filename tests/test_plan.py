@@ -518,6 +518,19 @@ def test_key_side_mask_beside_a_query_side_bias_is_mapped_by_sequence(planner, H
         assert plan["workspace"] == aligned(state) + aligned(bits) + _v_flags_bytes(PREFILL["Hk"], total_k)
     sm80 = planner(**dict(PREFILL, D=256), mask=KEY, Hm=Hm, bias=QUERY, Hb=8, bias_dtype=BF16)
     assert not sm80["sm90a"] and sm80["key_lists_heads"] == Hm
+    # Every call the sm80 kernels take keeps its lists (they apply a key-side mask only through them): sequences past
+    # the sm90a query-side variant's 1024 tiles, and windows of 128 keys or fewer...
+    longer = dict(PREFILL, total_k=140_000, max_k=140_000)
+    for fallback in (planner(**longer, mask=KEY, Hm=Hm, bias=QUERY, Hb=8, bias_dtype=BF16),
+                     planner(**PREFILL, mask=KEY, Hm=Hm, bias=QUERY, Hb=8, bias_dtype=BF16, window=(127, 0))):
+        assert not fallback["sm90a"] and fallback["key_lists_heads"] == Hm
+    # ...unless DMATTN_SM90A_CTAS sends the narrow window to the sm90a kernel: by sequence, no lists
+    forced = planner(**PREFILL, mask=KEY, Hm=Hm, bias=QUERY, Hb=8, bias_dtype=BF16, window=(127, 0), sm90a_ctas=-1)
+    assert forced["sm90a_query"] and forced["key_lists_heads"] == 0
+    # A decode-shaped call that the decode kernel does not take (H / Hk x 4 queries > 64 packed rows) takes it too.
+    dec = planner(B=16, H=32, Hk=8, D=128, total_q=64, total_k=20_000, max_q=20, max_k=3000, mask=KEY, Hm=Hm,
+                  bias=QUERY, Hb=8, bias_dtype=BF16)
+    assert dec["kernel"] == "prefill" and dec["sm90a_query"] and dec["key_lists_heads"] == 0
 
 
 def test_per_head_key_side_masks_keep_their_copies_within_the_cap(planner):

@@ -541,6 +541,24 @@ QUERY_BIAS_SPECS = [
           bias="query", bias_heads="Hk", bias_neg_inf=True), True),
     (Spec("qbias_float32_key_mask_1_all_masked", heads=4, heads_k=2, seqlens_q=(200, 70), seqlens_k=(300, 90),
           mask="key", keep=0.6, masked_rows=True, bias="query", bias_heads="H"), True),
+    # more sequences than a persistent launch's unit table (255): the map's sequence is the launch's seq0 + z
+    (Spec("qbias_key_mask_more_sequences_than_a_unit_table", heads=2, heads_k=1,
+          seqlens_q=(300,) + tuple(i % 9 for i in range(299)), seqlens_k=(300,) + tuple(i % 13 for i in range(299)),
+          is_causal=True, mask="key", mask_heads="H", keep=0.5, bias="query", bias_heads="H", bias_dtype="q"), True),
+    # every key kept: live tiles the map shows whole, the last ones cut by the sequence's end
+    (Spec("qbias_key_mask_all_kept_tails", heads=4, heads_k=2, seqlens_q=(130, 70, 1), seqlens_k=(161, 33, 300),
+          mask="key", mask_heads="Hk", keep=1.0, bias="query", bias_heads="H", bias_dtype="q", extra_rows_k=9), True),
+    # seqused_k above, at none of and below its range: the map reads key_seq's keys, not cu_seqlens_k's
+    (Spec("qbias_key_mask_seqused", heads=4, heads_k=2, seqlens_q=(200, 40, 130), seqlens_k=(300, 140, 90),
+          seqused_k=(400, 0, 57), mask="key", mask_heads="1", keep=0.5, mask_runs=32, bias="query", bias_heads="Hk",
+          bias_dtype="q"), True),
+    (Spec("qbias_key_mask_more_queries_negative_scale", heads=4, heads_k=1, seqlens_q=(300, 17), seqlens_k=(130, 3),
+          is_causal=True, softmax_scale=-0.4, mask="key", mask_heads="H", keep=0.5, bias="query", bias_dtype="q"),
+     True),
+    # windowed in q's dtype: the one mixed call the plan runs persistent
+    (Spec("qbias_key_mask_window_persistent", heads=8, heads_k=2, seqlens_q=(500, 64), seqlens_k=(900, 64),
+          window=(255, 0), is_causal=True, mask="key", mask_heads="H", keep=0.5, mask_runs=16, bias="query",
+          bias_heads="1", bias_dtype="q"), True),
 ]
 
 
@@ -664,6 +682,46 @@ def test_nonfinite_v_under_a_neg_inf_query_side_bias(dtype, bias_dtype, arch):
     assert torch.equal(out[:200], clean[:200])
     assert out[200:, 2:4, 7].isnan().all()  # KV head 1's query heads, whose bias for the key is finite
     assert torch.equal(out[200:, 0:2], clean[200:, 0:2])
+
+
+@pytest.mark.parametrize("mask_heads", ["1", "Hk", "H"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_key_side_masked_keys_beside_a_query_side_bias_never_reach_a_row(mask_heads, is_causal, monkeypatch, capfd,
+                                                                          cuda_device):
+    """A key-side mask beside a query-side bias runs on the sm90a kernel's query-side variant, which loads the keys of
+    every live tile, masked ones included (docs/contract.md): NaN in the K and V rows of the keys no query head of
+    their KV group attends, and in the bias entries of masked keys, must leave out and lse bit-identical."""
+    dtype = torch.bfloat16
+    spec = Spec("skip_masked_qbias", seqlens_q=(130, 1, 200, 0), seqlens_k=(300, 9, 330, 6), heads=4, heads_k=2,
+                mask="key", mask_heads=mask_heads, keep=0.4, bias="query", bias_heads="H", bias_dtype="q",
+                is_causal=is_causal)
+    reason = support_reason(spec, dtype, "cuda")
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    sample = make_sample(spec, dtype, "cuda", seed=7)
+    mask = sample.mask.cpu()  # (total_k, Hm)
+    H, Hk = spec.heads, spec.heads_k
+    heads_of_group = torch.arange(H).view(Hk, H // Hk)
+    unread = ~mask[:, torch.arange(H) // (H // mask.shape[1])][:, heads_of_group].any(dim=2)  # (total_k, Hk)
+    assert unread.any() and (~unread).any(), "the sample must have both read and unread keys"
+    k, v, bias = sample.k.clone(), sample.v.clone(), sample.bias.clone()
+    k[unread.to("cuda")] = float("nan")
+    v[unread.to("cuda")] = float("nan")
+    # bias[q, h, j] of a key j its head's mask hides: the key's position in its sequence
+    cu_q, cu_k = sample.cu_seqlens_q.tolist(), sample.cu_seqlens_k.tolist()
+    for b in range(len(cu_q) - 1):
+        for hb in range(H):
+            hidden = ~mask[cu_k[b]:cu_k[b + 1], hb // (H // mask.shape[1])]
+            bias[cu_q[b]:cu_q[b + 1], hb, :hidden.numel()][:, hidden.to("cuda")] = float("nan")
+    capfd.readouterr()
+    expected = sample.run()
+    poisoned = sample.replace(k=k, v=v, bias=bias).run()
+    torch.cuda.synchronize()
+    if _sm90a_device():
+        assert re.findall(r"kernel=prefill .*sm90a_query=(\d)", capfd.readouterr().err) == ["1", "1"]
+    for want, got in zip(expected, poisoned):
+        assert torch.equal(want, got), "a masked-out key's K, V or bias reached a row"
 
 
 # A key-side bias without a mask on the sm90a kernel: its slots variant over slots that are the keys themselves (one

@@ -730,12 +730,14 @@ QUERY_SIDE_COPY_SHARE = 0.5
 
 def query_side_group(group: str, masked: PackedBatch):
     """The call with its key-side mask + bias expanded to the query-side layout (the group's reference), beside the
-    same with the bias in float32 (what create_bias, the score_mod adapter, makes) and the key-side call on the same
-    values."""
+    same with the bias in float32 (what create_bias, the score_mod adapter, makes), the mixed call (the key-side mask
+    with the query-side bias) and the key-side call on the same values."""
     query_side = key_side_as_query_side(masked)
     return (group, masked, [dmattn_peer(query_side, QUERY_SIDE_PEER),
                             dmattn_peer(query_side.replace(bias=query_side.bias.float()),
                                         "dmattn_ops, query-side mask + float32 bias"),
+                            dmattn_peer(masked.replace(bias=query_side.bias),
+                                        "dmattn_ops, key-side mask + query-side bias"),
                             dmattn_peer(masked, "dmattn_ops, key-side (the same values)")])
 
 

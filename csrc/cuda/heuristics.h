@@ -396,7 +396,9 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
 // split partials (decode with num_splits > 1): max and sum (splits, H, total_q) and O (splits, H, total_q, D), float32;
 // the decode units' order (decode with unit_order): (B, Hk) int32; the block map (query-side mask):
 // (Hm, ceil(total_q / 64), ceil(key extent / 32)) bytes, 1 / 2048 of the mask, and v's flags (Hk, ceil(total_k / 64))
-// bytes, and for the sm90a kernel the mask's bits (Hm, total_q, 4 ceil(key extent / 128)) uint32; the query-side terms (decode with query-side operands): (list heads, max_seqlen_q, total_k + 64 (B + 1)), 2
+// bytes, and for the sm90a kernel the mask's bits (Hm, total_q, 4 ceil(key extent / 128)) uint32 (a key-side mask
+// beside a query-side bias: B for ceil(total_q / 64) and total_q, BlockMap::by_sequence); the query-side terms
+// (decode with query-side operands): (list heads, max_seqlen_q, total_k + 64 (B + 1)), 2
 // or 4 bytes; the kept K / V rows (sm90a with a key-side mask): k and v's packed shape each, their positions (Hm,
 // extent) int32 and bias (bias heads, extent) float32 (extent = total_k + 32 (B + 1) + 128, rounded up to 32), and for a
 // causal or windowed call the slot limits (Hm, B, ceil(max_seqlen_q / 128), 4) int32; in place (a key-side bias

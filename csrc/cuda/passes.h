@@ -151,7 +151,7 @@ struct BlockMap {
   static constexpr int kCols = 32;  // divides its key tile (64, or 32 at D = 256)
   static constexpr uint8_t kSomeTrue = 1, kSomeFalse = 2;
   uint8_t* state = nullptr;
-  int32_t row_blocks = 0;  // ceil(total_q / kRows)
+  int32_t row_blocks = 0;  // ceil(total_q / kRows); by_sequence: the batch (row_blocks_of)
   int32_t col_blocks = 0;  // ceil(key_extent(p) / kCols)
   int32_t mask_heads = 0;
   bool by_sequence = false;  // a key-side mask: row block b is sequence b (above), for the state and the bits alike
@@ -164,7 +164,7 @@ struct BlockMap {
   int32_t v_blocks = 0;  // ceil(total_k / kVRows)
   // Beside the map, for the sm90a kernel (FwdPlan::sm90a_query): the mask itself as bits, one 32-bit word per (mask
   // head, packed query row, block of kCols key positions): bit l of bits[(hm * total_q + row) * bit_words + cb] is
-  // element (row, hm, kCols cb + l), 0 past the key extent. bit_words = 4 ceil(key extent / 128): the words of a
+  // element (row, hm, kCols cb + l), 0 past the key extent (by_sequence: rows are sequences, bit_rows_of). bit_words = 4 ceil(key extent / 128): the words of a
   // 128-key tile are one aligned 16-byte load whatever the mask's strides, an eighth of the mask's bytes. Null: none.
   static constexpr int kBitTileKeys = 128;  // the sm90a kernel's KV tile (KeptRows::kTileKeys)
   uint32_t* bits = nullptr;

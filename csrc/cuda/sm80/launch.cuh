@@ -53,6 +53,10 @@ cudaError_t launch_decode(const VarlenFwdParams& p, const Workspace& ws, cudaStr
 template <typename Elem, int kHeadDim>
 cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws,
                              cudaStream_t stream) {
+  // These kernels apply a key-side mask only through its kept-key lists (compact_keys); a plan without them (the
+  // sm90a query-side variant's, which maps the mask per sequence instead) must never reach here, or the mask would be
+  // ignored.
+  if (p.mask.layout == OperandLayout::kKeySide && plan.key_lists_heads == 0) return cudaErrorInvalidValue;
   if (plan.kernel == FwdKernel::kDecode) {
     if (plan.query_terms) return launch_decode<DecodeKernelTraits<Elem, kHeadDim, true>>(p, ws, stream);
     return launch_decode<DecodeKernelTraits<Elem, kHeadDim>>(p, ws, stream);
