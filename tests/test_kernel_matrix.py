@@ -162,15 +162,17 @@ _DRIVER = """
     }  // namespace dmattn::cuda
     #include "kernel_registry.cu"
     // stdin: lines "cc dtype head_dim" (dtype: the ScalarType value); stdout per line: kernel_head_dim,
-    // max_kernel_head_dim, then what dispatch_attention ran ("none" when it returned cudaErrorInvalidValue).
+    // max_kernel_head_dim, attention_path ("-": null), then what dispatch_attention ran ("none" when it returned
+    // cudaErrorInvalidValue).
     int main() {
       int cc, dtype, head_dim;
       while (std::scanf("%d %d %d", &cc, &dtype, &head_dim) == 3) {
         dmattn::VarlenFwdParams p;
         p.dtype = static_cast<dmattn::ScalarType>(dtype);
         p.head_dim = head_dim;
-        std::printf("%d %d ", dmattn::cuda::kernel_head_dim(cc, p.dtype, head_dim),
-                    dmattn::cuda::max_kernel_head_dim(cc, p.dtype));
+        const char* path = dmattn::cuda::attention_path(cc, p.dtype, head_dim);
+        std::printf("%d %d %s ", dmattn::cuda::kernel_head_dim(cc, p.dtype, head_dim),
+                    dmattn::cuda::max_kernel_head_dim(cc, p.dtype), path != nullptr ? path : "-");
         const dmattn::cuda::FwdPlan plan;
         const dmattn::cuda::Workspace ws;
         if (dmattn::cuda::dispatch_attention(cc, p, plan, ws, nullptr) != cudaSuccess) std::printf("none\\n");
@@ -197,7 +199,8 @@ def build_host_driver(tmp: Path, source: str, name: str, what: str) -> Path:
 
 def run_registry(tmp_path, instantiations, queries):
     """Compiles the registry for instantiations with the host compiler and returns its answer to each
-    (cc, dtype, head_dim): (kernel_head_dim, max_kernel_head_dim, "arch dtype head_dim" or "none")."""
+    (cc, dtype, head_dim): (kernel_head_dim, max_kernel_head_dim, "arch dtype head_dim" or "none"), having checked
+    that attention_path names the arch that ran."""
     km.render(tmp_path, instantiations)
     params = ", ".join(t for t, _ in km.LAUNCH_PARAMS)
     exe = build_host_driver(tmp_path, _DRIVER.replace("PARAMS", params), "registry", "the registry")
@@ -205,7 +208,9 @@ def run_registry(tmp_path, instantiations, queries):
     out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout
     answers = []
     for line in out.splitlines():
-        fit, largest, ran = line.split(" ", 2)
+        fit, largest, path, ran = line.split(" ", 3)
+        # attention_path names the path dispatch_attention ran ("-": none)
+        assert path == (ran.split(" ")[0] if ran != "none" else "-"), line
         answers.append((int(fit), int(largest), ran))
     return answers
 

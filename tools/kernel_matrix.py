@@ -264,6 +264,15 @@ def registry_source(instantiations=INSTANTIATIONS):
                 out.append("    }\n")
         out.append("  }\n")
     out.append("  return cudaErrorInvalidValue;\n}\n\n")
+    # The path dispatch_attention takes for (cc, dtype, head_dim): the plan may choose a path's variants only where
+    # the build has them (the binding plans sm80 wherever sm90a is not it).
+    out.append("const char* attention_path(int32_t cc, ScalarType dtype, int32_t head_dim) {\n")
+    for path in paths:
+        for dtype, (elem, enum) in _ELEM.items():
+            if dims(path, dtype):
+                listed = " || ".join(f"head_dim == {d}" for d in dims(path, dtype))
+                out.append(f"  if ({condition(path, dtype)} && ({listed})) return \"{path.name}\";\n")
+    out.append("  return nullptr;\n}\n\n")
     # The generated backward launchers (BACKWARD): whether one runs on cc for (dtype, head_dim), and the dispatch.
     out.append("bool has_backward_kernel(int32_t cc, ScalarType dtype, int32_t head_dim) {\n")
     for arch, dtype, d in backward:

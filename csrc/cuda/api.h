@@ -22,6 +22,9 @@ namespace dmattn::cuda {
 // up to it (exact: zero columns add nothing to q . k, and the padded output columns are dropped).
 int32_t kernel_head_dim(ComputeCapability cc, ScalarType dtype, int32_t head_dim);
 int32_t max_kernel_head_dim(ComputeCapability cc, ScalarType dtype);
+// Generated too: the architecture path ("sm90a", "sm80": tools/kernel_matrix.py, ARCH_PATHS) whose launcher
+// dispatch_attention calls for dtype at exactly head_dim on cc, or null where none has it.
+const char* attention_path(ComputeCapability cc, ScalarType dtype, int32_t head_dim);
 // Generated too: whether this build has a backward kernel of tools/kernel_matrix.py's BACKWARD list (the sm90a
 // backward) that runs on cc for dtype at exactly head_dim.
 bool has_backward_kernel(ComputeCapability cc, ScalarType dtype, int32_t head_dim);

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <string_view>
 
 #include "../blockwise_bwd.h"
 #include "../env_choice.h"
@@ -174,7 +175,11 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
                                                sinks, seqused_k, kv_slots, key_range});
   auto [out, lse] = allocate_outputs(args);
   VarlenFwdParams p = make_params(args, out, lse);
-  const cuda::PlanOverrides overrides = plan_overrides();
+  cuda::PlanOverrides overrides = plan_overrides();
+  // The plan chooses the sm90a kernel's variants only where this build has them for (dtype, kernel_dim): a plan made
+  // for them can drop what the sm80 kernels need (a key-side mask's kept-key lists beside a query-side bias).
+  const char* path = cuda::attention_path(cc, dtype, kernel_dim);
+  if (path == nullptr || std::string_view(path) != "sm90a") overrides.sm80_only = true;
   cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, device, overrides);
 
   // The decode kernel reads a kv_slots pool in place; the prefill kernel reads packed keys, so for it the rows the
