@@ -230,8 +230,7 @@ inline bool sm90a_query_supports(const VarlenFwdParams& p) {
   if (!sm90a_tensors_fit(p) || p.head_dim > 128 || p.kv_slots != nullptr) return false;
   const bool query_mask = p.mask.layout == OperandLayout::kQuerySide;
   const bool query_bias = p.bias.layout == OperandLayout::kQuerySide;
-  // A key-side mask without a query-side bias: its kept slots (sm90a_slots_supports).
-  if (p.mask.present() && !query_mask && !query_bias) return false;
+  // No query-side operand: not this variant's (a key-side mask alone takes its kept slots, sm90a_slots_supports).
   if (!query_mask && !query_bias) return false;
   if (query_bias && !sm90a_query_bias_fits(p)) return false;
   if (p.bias.layout == OperandLayout::kKeySide && p.key_range != nullptr) return false;
