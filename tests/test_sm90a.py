@@ -17,7 +17,7 @@ import torch
 
 import dmattn_ops
 from samples import Spec, assert_close_to_reference, make_sample, support_reason
-from test_varlen_fwd import LYING, _lying
+from test_varlen_fwd import LYING, _lying, unread_keys
 
 # auto: the plan's choice; sm80: the sm80 kernels forced; persistent3: the sm90a kernel wherever it can run (narrow
 # windows too), on a persistent grid of 3 CTAs (DMATTN_SM90A_CTAS), so that each CTA walks many units in turn (empty
@@ -463,6 +463,20 @@ def test_cuda_query_side_masks_match_reference(spec, dtype, path, monkeypatch, c
     assert query == [str(int(path != "sm80" and _sm90a_device()))]
 
 
+def _assert_hidden_nan_v_stays_out(sample, **hiding):
+    """Key 150's V holds a NaN at KV head 1, column 7, and `hiding` (the sample's mask or bias, replaced) hides the key
+    from queries 0..199 of every head: those rows, and every lse, are bit-identical to the call with a finite V; the
+    rows it is shown to get the NaN in KV head 1's query heads (2, 3) and nothing in the others."""
+    v = sample.v.clone()
+    v[150, 1, 7] = math.nan
+    clean, clean_lse = sample.replace(**hiding).run()
+    out, lse = sample.replace(v=v, **hiding).run()
+    assert torch.equal(lse, clean_lse)
+    assert torch.equal(out[:200], clean[:200])
+    assert out[200:, 2:4, 7].isnan().all()
+    assert torch.equal(out[200:, 0:2], clean[200:, 0:2])
+
+
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_nonfinite_v_of_query_masked_keys(dtype, arch):
     """A key a query-side mask hides from some rows, with NaN in its V, never reaches those rows (its tile is masked:
@@ -472,14 +486,7 @@ def test_nonfinite_v_of_query_masked_keys(dtype, arch):
     sample = make_sample(spec, dtype, "cuda")
     mask = sample.mask.clone()
     mask[:200, :, 150] = False  # key 150 hidden from queries 0..199 of every head
-    v = sample.v.clone()
-    v[150, 1, 7] = math.nan
-    clean, clean_lse = sample.replace(mask=mask).run()
-    out, lse = sample.replace(mask=mask, v=v).run()
-    assert torch.equal(lse, clean_lse)
-    assert torch.equal(out[:200], clean[:200])
-    assert out[200:, 2:4, 7].isnan().all()  # KV head 1's query heads, where the mask shows the key
-    assert torch.equal(out[200:, 0:2], clean[200:, 0:2])
+    _assert_hidden_nan_v_stays_out(sample, mask=mask)
 
 
 # Query-side biases in q's dtype on the sm90a kernel (its consumers stage the words of each live tile's rows in
@@ -674,14 +681,7 @@ def test_nonfinite_v_under_a_neg_inf_query_side_bias(dtype, bias_dtype, arch):
     sample = make_sample(spec, dtype, "cuda")
     bias = sample.bias.clone()
     bias[:200, :, 150] = -math.inf  # key 150 weightless for queries 0..199 of every head
-    v = sample.v.clone()
-    v[150, 1, 7] = math.nan
-    clean, clean_lse = sample.replace(bias=bias).run()
-    out, lse = sample.replace(bias=bias, v=v).run()
-    assert torch.equal(lse, clean_lse)
-    assert torch.equal(out[:200], clean[:200])
-    assert out[200:, 2:4, 7].isnan().all()  # KV head 1's query heads, whose bias for the key is finite
-    assert torch.equal(out[200:, 0:2], clean[200:, 0:2])
+    _assert_hidden_nan_v_stays_out(sample, bias=bias)
 
 
 @pytest.mark.parametrize("mask_heads", ["1", "Hk", "H"])
@@ -701,10 +701,8 @@ def test_key_side_masked_keys_beside_a_query_side_bias_never_reach_a_row(mask_he
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
     sample = make_sample(spec, dtype, "cuda", seed=7)
     mask = sample.mask.cpu()  # (total_k, Hm)
-    H, Hk = spec.heads, spec.heads_k
-    heads_of_group = torch.arange(H).view(Hk, H // Hk)
-    unread = ~mask[:, torch.arange(H) // (H // mask.shape[1])][:, heads_of_group].any(dim=2)  # (total_k, Hk)
-    assert unread.any() and (~unread).any(), "the sample must have both read and unread keys"
+    H = spec.heads
+    unread = unread_keys(mask, H, spec.heads_k)
     k, v, bias = sample.k.clone(), sample.v.clone(), sample.bias.clone()
     k[unread.to("cuda")] = float("nan")
     v[unread.to("cuda")] = float("nan")

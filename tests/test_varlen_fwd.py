@@ -308,6 +308,16 @@ def test_key_side_operand_is_never_expanded(mask_heads, device):
     assert_close_to_reference(result, sample.reference(), sample.reference(dtype))
 
 
+def unread_keys(mask, heads, heads_k):
+    """(total_k, Hk) bool: the keys of a key-side mask (total_k, Hm) that no query head of KV head hk may attend,
+    checked to hold both read and unread keys."""
+    heads_of_group = torch.arange(heads).view(heads_k, heads // heads_k)
+    head_to_mask_head = torch.arange(heads) // (heads // mask.shape[1])
+    unread = ~mask[:, head_to_mask_head][:, heads_of_group].any(dim=2)
+    assert unread.any() and (~unread).any(), "the sample must have both read and unread keys"
+    return unread
+
+
 @pytest.mark.parametrize("mask_heads", ["1", "Hk", "H"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_key_side_masked_keys_are_never_read(mask_heads, is_causal, device):
@@ -321,12 +331,7 @@ def test_key_side_masked_keys_are_never_read(mask_heads, is_causal, device):
     _skip_unsupported(spec, dtype, device)
     sample = make_sample(spec, dtype, device, seed=7)
     mask = sample.mask.cpu()  # (total_k, Hm)
-    H, Hk = spec.heads, spec.heads_k
-    # unread[key, hk]: no query head of KV head hk may attend this key.
-    heads_of_group = torch.arange(H).view(Hk, H // Hk)
-    head_to_mask_head = torch.arange(H) // (H // mask.shape[1])
-    unread = ~mask[:, head_to_mask_head][:, heads_of_group].any(dim=2)  # (total_k, Hk)
-    assert unread.any() and (~unread).any(), "the sample must have both read and unread keys"
+    unread = unread_keys(mask, spec.heads, spec.heads_k)
 
     k, v, bias = sample.k.clone(), sample.v.clone(), sample.bias.clone()
     k[unread.to(device)] = float("nan")
