@@ -19,6 +19,9 @@ import torch
 
 from samples import SAMPLES, Spec, assert_close_to_reference, make_sample, noncanonical_mask, support_reason
 
+# Every test here needs a CUDA device: the `cuda` mark makes `-k cuda` select them all (none has "cuda" in its name).
+pytestmark = pytest.mark.cuda
+
 KERNELS = {
     "prefill": {"DMATTN_KERNEL": "prefill"},
     "decode": {"DMATTN_KERNEL": "decode"},

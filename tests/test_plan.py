@@ -285,10 +285,9 @@ def test_key_side_lists_look_back_only_across_parts(planner):
     """A key-side mask's lists are compacted in parts of 2048 keys; only sequences of several parts need the
     look-back's statuses (one uint64 per sequence, list head and part) and its ticket in the workspace (the decode
     kernel's lists with query-side terms too: test_query_side_operands_in_the_decode_kernel_get_lists_and_terms)."""
-    # D = 96 (no sm90a kernel): the sm80 kernels, so the lists are all the workspace (on the sm90a kernel the kept rows
-    # are gathered too, test_key_side_masks_gather_their_kept_rows_for_the_sm90a_kernel; at D = 256 the mask is
-    # mapped by sequence instead, test_d256_masks_on_the_sm90a_kernel_get_their_map_and_bits)
-    prefill = dict(B=8, H=64, Hk=8, D=96, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
+    # D = 256: the sm80 kernels, so the lists are all the workspace (on the sm90a kernel the kept rows are gathered
+    # too: test_key_side_masks_gather_their_kept_rows_for_the_sm90a_kernel)
+    prefill = dict(B=8, H=64, Hk=8, D=256, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
     lists = lambda Hm: Hm * 16_000 * 4 + -(-(Hm * 8 * 4) // 256) * 256  # noqa: E731  index + counts
     look_back = lambda Hm, parts: -(-(Hm * 8 * parts * 8 + 4) // 256) * 256  # noqa: E731
     for Hm in (1, 8, 64):
@@ -300,16 +299,16 @@ def test_key_side_lists_look_back_only_across_parts(planner):
 def test_query_side_mask_gets_a_block_map(planner):
     """A query-side mask is summarized first, one byte per (mask head, 64 packed query rows, 32 key positions) in
     the workspace (1 / 2048 of the mask), and v's blocks of 64 rows with an inf or NaN flagged beside it (one byte
-    per KV head and block); a key-side one, a query-side bias alone, or no mask get neither. D = 96 (no sm90a
-    kernel): the sm80 kernels (the sm90a kernel's bits beside the map: the tests below)."""
-    prefill = dict(B=8, H=32, Hk=8, D=96, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
+    per KV head and block); a key-side one, a query-side bias alone, or no mask get neither. D = 256: the sm80
+    kernels (the sm90a kernel's bits beside the map: the test below)."""
+    prefill = dict(B=8, H=32, Hk=8, D=256, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
     flags = _v_flags_bytes(8, 16_000)
     assert flags == 2048
     for Hm in (1, 8, 32):
         want = Hm * -(-16_000 // 64) * -(-4096 // 32)
         assert planner(**prefill, mask=QUERY, Hm=Hm)["workspace"] == -(-want // 256) * 256 + flags
     parts = -(-(8 * 8 * 2 * 8 + 4) // 256) * 256  # compact_keys in parts: 4096 keys, 2 parts per list
-    # the lists alone (D = 96: the sm80 kernels; on the sm90a one the kept rows too, or at D = 256 a map by sequence)
+    # the lists alone (D = 256: the sm80 kernels; on the sm90a one the kept rows too)
     assert planner(**prefill, mask=KEY, Hm=8)["workspace"] == 8 * 16_000 * 4 + 256 + parts
     assert planner(**prefill, bias=QUERY, Hb=32)["workspace"] == 0
     assert planner(**prefill)["workspace"] == 0
@@ -416,11 +415,11 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(bias=QUERY, Hb=32, bias_dtype=BF16), True, 0),  # a query-side bias alone: a CTA per unit, as without it
         (dict(bias=QUERY, Hb=32, bias_dtype=BF16, window=(255, 0)), True, 132),
         (dict(bias=QUERY, Hb=32, bias_dtype=BF16, window=(127, 0)), False, 0),
-        (dict(bias=QUERY, Hb=8, bias_dtype=BF16, D=256), True, 0),  # D = 256 too (64-key tiles: 18 KB of terms)
+        (dict(bias=QUERY, Hb=8, bias_dtype=BF16, D=256), False, 0),
         (dict(mask=KEY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16), True, 0),
         (dict(mask=KEY, Hm=32, bias=QUERY, Hb=1, bias_dtype=BF16, window=(255, 0)), True, 132),
         (dict(mask=KEY, Hm=1, bias=QUERY, Hb=32, bias_dtype=BF16, key_range=True), True, 0),
-        (dict(mask=KEY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16, D=256), True, 0),  # D = 256 too
+        (dict(mask=KEY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16, D=256), False, 0),  # D = 256: sm80
         (dict(mask=QUERY, Hm=8, bias=KEY, Hb=8), True, 132),  # with a key-side bias: its values over slots in place
         (dict(mask=QUERY, Hm=8, bias=KEY, Hb=8, key_range=True), False, 0),  # which know no key ranges
         (dict(bias=KEY, Hb=8), True, 0),  # a key-side bias alone: slots in place, a CTA per unit as without it
@@ -431,40 +430,7 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(bias=QUERY, Hb=1, key_range=True), True, 0),
         (dict(D=256), True, 0),  # head dims 64, 128 and 256 (64-key tiles)
         (dict(D=256, window=(255, 0)), True, 132),
-        # D = 256 masks without a bias: the query-side variant, persistent as masks are at D <= 128; a key-side mask
-        # mapped by sequence (the kept rows' gather copies rows of D <= 128)
-        (dict(D=256, mask=KEY, Hm=8), True, 132),
-        (dict(D=256, mask=KEY, Hm=1, window=(-1, 0)), True, 132),
-        (dict(D=256, mask=KEY, Hm=32, window=(255, 0)), True, 132),
-        (dict(D=256, mask=KEY, Hm=8, window=(127, 0)), False, 0),  # a window of 128 keys or fewer: sm80
-        (dict(D=256, mask=KEY, Hm=8, key_range=True), True, 0),  # key ranges: a CTA per unit
-        (dict(D=256, mask=KEY, Hm=8, sm90a_ctas=-1), True, 0),  # DMATTN_SM90A_CTAS=0: a CTA per unit
-        (dict(D=256, mask=QUERY, Hm=8), True, 132),
-        (dict(D=256, mask=QUERY, Hm=1, window=(-1, 0)), True, 132),
-        (dict(D=256, mask=QUERY, Hm=32, window=(255, 0)), True, 132),
-        (dict(D=256, mask=QUERY, Hm=8, key_range=True), True, 0),
-        (dict(D=256, mask=QUERY, Hm=8, sm90a_ctas=5), True, 5),
-        # D = 256 biases: a key-side one over slots in place, alone (persistent or not as without it) or beside a
-        # mask of either layout (the key-side one mapped by sequence; persistent as masks are); a query-side one in
-        # q's dtype as at D <= 128; float32 query-side biases, key ranges beside a key-side bias and windows of 128
-        # keys or fewer take the sm80 kernels
-        (dict(D=256, bias=KEY, Hb=8), True, 0),
-        (dict(D=256, bias=KEY, Hb=1, window=(255, 0)), True, 132),
-        (dict(D=256, bias=KEY, Hb=32, window=(-1, 0)), True, 0),
-        (dict(D=256, bias=KEY, Hb=8, key_range=True), False, 0),
-        (dict(D=256, bias=KEY, Hb=8, window=(127, 0)), False, 0),
-        (dict(D=256, mask=QUERY, Hm=8, bias=KEY, Hb=8), True, 132),
-        (dict(D=256, mask=QUERY, Hm=8, bias=KEY, Hb=8, key_range=True), False, 0),
-        (dict(D=256, mask=KEY, Hm=8, bias=KEY, Hb=8), True, 132),
-        (dict(D=256, mask=KEY, Hm=32, bias=KEY, Hb=1, window=(255, 0)), True, 132),
-        (dict(D=256, mask=KEY, Hm=1, bias=KEY, Hb=32, sm90a_ctas=-1), True, 0),
-        (dict(D=256, mask=KEY, Hm=8, bias=KEY, Hb=8, key_range=True), False, 0),
-        (dict(D=256, mask=QUERY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16), True, 132),
-        (dict(D=256, mask=KEY, Hm=32, bias=QUERY, Hb=1, bias_dtype=BF16, window=(255, 0)), True, 132),
-        (dict(D=256, bias=QUERY, Hb=1, bias_dtype=BF16, key_range=True), True, 0),
-        (dict(D=256, bias=QUERY, Hb=8), False, 0),  # float32: its terms do not fit beside D = 256's tiles
-        (dict(D=256, mask=QUERY, Hm=8, bias=QUERY, Hb=8), False, 0),
-        (dict(D=256, mask=KEY, Hm=8, bias=QUERY, Hb=8), False, 0),
+        (dict(D=256, mask=KEY, Hm=8), False, 0),  # the kept rows' gather: D <= 128
         (dict(D=96), False, 0),  # other head dims: the sm80 kernels
     ],
 )
@@ -516,10 +482,8 @@ def test_key_side_bias_alone_runs_over_slots_in_place(planner, Hb, causal):
     expected = (aligned(4 * B) + aligned(4 * extent) + aligned(4 * Hb * extent)
                 + (aligned(16 * B * -(-3865 // 128)) if causal else 0))
     assert plan["workspace"] == expected
-    # D = 256 (64-key tiles): the same slots and workspace (they hold no K / V, and the limits are per 128-row query
-    # tile at every head dim); a query-side bias: no slots (its own variant)
-    d256 = planner(**dict(PREFILL, D=256), bias=KEY, Hb=Hb, window=(-1, 0) if causal else (-1, -1))
-    assert d256["sm90a"] and d256["sm90a_slots"] and d256["key_lists_heads"] == 0 and d256["workspace"] == expected
+    # D = 256: the sm80 kernels; a query-side bias: no slots (its own variant)
+    assert not planner(**dict(PREFILL, D=256), bias=KEY, Hb=Hb)["sm90a_slots"]
     assert not planner(**PREFILL, bias=QUERY, Hb=Hb)["sm90a_slots"]
 
 
@@ -531,13 +495,10 @@ def test_query_side_bias_alone_on_the_sm90a_kernel_gets_v_flags(planner, Hb):
     plan = planner(**PREFILL, bias=QUERY, Hb=Hb, bias_dtype=BF16)
     assert plan["sm90a"] and plan["sm90a_query"] and not plan["sm90a_slots"] and plan["key_lists_heads"] == 0
     assert plan["workspace"] == _v_flags_bytes(PREFILL["Hk"], PREFILL["total_k"])
-    # float32: the same, on a CTA per unit; D = 256: the same in q's dtype, and float32 on the sm80 kernels (its
-    # 64-key tile of terms does not fit), no workspace
+    # float32: the same, on a CTA per unit; D = 256: the sm80 kernels, no workspace
     f32 = planner(**PREFILL, bias=QUERY, Hb=Hb)
     assert f32["sm90a_query"] and f32["sm90a_ctas"] == 0 and f32["workspace"] == plan["workspace"]
-    d256 = planner(**dict(PREFILL, D=256), bias=QUERY, Hb=Hb, bias_dtype=BF16)
-    assert d256["sm90a_query"] and d256["sm90a_ctas"] == 0 and d256["workspace"] == plan["workspace"]
-    sm80 = planner(**dict(PREFILL, D=256), bias=QUERY, Hb=Hb)
+    sm80 = planner(**dict(PREFILL, D=256), bias=QUERY, Hb=Hb, bias_dtype=BF16)
     assert not sm80["sm90a"] and sm80["workspace"] == 0
 
 
@@ -546,8 +507,7 @@ def test_key_side_mask_beside_a_query_side_bias_is_mapped_by_sequence(planner, H
     """A key-side mask beside a query-side bias runs on the sm90a kernel's query-side variant: no kept-key lists
     (every tile reads its bias anyway), but a block map and bits of the mask by sequence (BlockMap::by_sequence):
     a byte per (mask head, sequence, 32 key positions) and a word per (mask head, sequence, 32 key positions, four
-    per 128-key tile), O(B), never O(total_q); and v's flags. D = 256: the same in q's dtype; a float32 bias there
-    takes the sm80 kernels and their lists."""
+    per 128-key tile), O(B), never O(total_q); and v's flags. D = 256: the sm80 kernels and their lists."""
     B, total_k, max_k = PREFILL["B"], PREFILL["total_k"], PREFILL["max_k"]
     aligned = lambda n: -(-n // 256) * 256
     state = Hm * B * -(-max_k // 32)
@@ -556,10 +516,7 @@ def test_key_side_mask_beside_a_query_side_bias_is_mapped_by_sequence(planner, H
         plan = planner(**PREFILL, mask=KEY, Hm=Hm, bias=QUERY, Hb=8, bias_dtype=dtype)
         assert plan["sm90a"] and plan["sm90a_query"] and not plan["sm90a_slots"] and plan["key_lists_heads"] == 0
         assert plan["workspace"] == aligned(state) + aligned(bits) + _v_flags_bytes(PREFILL["Hk"], total_k)
-    d256 = planner(**dict(PREFILL, D=256), mask=KEY, Hm=Hm, bias=QUERY, Hb=8, bias_dtype=BF16)
-    assert d256["sm90a_query"] and not d256["sm90a_slots"] and d256["key_lists_heads"] == 0
-    assert d256["workspace"] == aligned(state) + aligned(bits) + _v_flags_bytes(PREFILL["Hk"], total_k)
-    sm80 = planner(**dict(PREFILL, D=256), mask=KEY, Hm=Hm, bias=QUERY, Hb=8)
+    sm80 = planner(**dict(PREFILL, D=256), mask=KEY, Hm=Hm, bias=QUERY, Hb=8, bias_dtype=BF16)
     assert not sm80["sm90a"] and sm80["key_lists_heads"] == Hm
     # Every call the sm80 kernels take keeps its lists (they apply a key-side mask only through them): sequences past
     # the sm90a query-side variant's 1024 tiles, and windows of 128 keys or fewer...
@@ -574,107 +531,6 @@ def test_key_side_mask_beside_a_query_side_bias_is_mapped_by_sequence(planner, H
     dec = planner(B=16, H=32, Hk=8, D=128, total_q=64, total_k=20_000, max_q=20, max_k=3000, mask=KEY, Hm=Hm,
                   bias=QUERY, Hb=8, bias_dtype=BF16)
     assert dec["kernel"] == "prefill" and dec["sm90a_query"] and dec["key_lists_heads"] == 0
-
-
-@pytest.mark.parametrize("Hm", [1, 8, 32])
-def test_d256_masks_on_the_sm90a_kernel_get_their_map_and_bits(planner, Hm):
-    """At D = 256 (64-key tiles) a mask without a bias runs on the sm90a kernel's query-side variant with the workspace
-    of D <= 128: a query-side mask's block map, bits (laid out per 128-key tile: a 64-key tile reads half of one) and
-    v's flags; a key-side one's map and bits by sequence (BlockMap::by_sequence) and v's flags, no kept-key lists and
-    no kept rows. Beside either mask a key-side bias or a query-side one in q's dtype keeps that variant (the tests
-    below), a float32 query-side bias takes the sm80 kernels; so do sequences of more than 131,072 keys (2048 64-key
-    tiles, the kernel's tile list) and bits past 1 GB."""
-    prefill = dict(B=8, H=32, Hk=8, D=256, total_q=16_000, total_k=16_000, max_q=4096, max_k=4000)
-    B, total_q, total_k, max_k = prefill["B"], prefill["total_q"], prefill["total_k"], prefill["max_k"]
-    aligned = lambda n: -(-n // 256) * 256  # noqa: E731
-    flags = _v_flags_bytes(prefill["Hk"], total_k)
-    query = planner(**prefill, mask=QUERY, Hm=Hm)
-    assert query["sm90a"] and query["sm90a_query"] and not query["sm90a_slots"] and query["key_lists_heads"] == 0
-    state = Hm * -(-total_q // 64) * -(-max_k // 32)
-    bits = Hm * total_q * -(-max_k // 128) * 4 * 4
-    assert query["workspace"] == aligned(state) + aligned(bits) + flags
-    assert query["workspace"] == planner(**dict(prefill, D=128), mask=QUERY, Hm=Hm)["workspace"]
-    key = planner(**prefill, mask=KEY, Hm=Hm)
-    assert key["sm90a"] and key["sm90a_query"] and not key["sm90a_slots"] and key["key_lists_heads"] == 0
-    state = Hm * B * -(-max_k // 32)
-    bits = Hm * B * -(-max_k // 128) * 4 * 4
-    assert key["workspace"] == aligned(state) + aligned(bits) + flags
-    # Biases: a key-side one or a query-side one in q's dtype on this variant; a float32 query-side one on the sm80
-    # kernels (a key-side mask's lists; a query-side mask's map without bits)
-    for mask in (KEY, QUERY):
-        for bias, dtype in ((KEY, F32), (QUERY, BF16)):
-            plan = planner(**prefill, mask=mask, Hm=Hm, bias=bias, Hb=8, bias_dtype=dtype)
-            assert plan["sm90a_query"] and plan["sm90a_slots"] == (bias == KEY) and plan["key_lists_heads"] == 0
-        plan = planner(**prefill, mask=mask, Hm=Hm, bias=QUERY, Hb=8, bias_dtype=F32)
-        assert not plan["sm90a"] and not plan["sm90a_query"]
-        assert plan["key_lists_heads"] == (Hm if mask == KEY else 0)
-    longest = dict(prefill, total_k=140_000, max_k=131_072, total_q=1000, max_q=1000)
-    for mask in (KEY, QUERY):
-        assert planner(**longest, mask=mask, Hm=Hm)["sm90a_query"]
-        assert not planner(**dict(longest, max_k=131_073), mask=mask, Hm=Hm)["sm90a"]
-    # Every call the sm80 kernels take keeps a key-side mask's lists (they apply it only through them): sequences past
-    # the tile list, windows of 128 keys or fewer; DMATTN_SM90A_CTAS sends the narrow window to the sm90a kernel
-    for fallback in (planner(**dict(longest, max_k=131_073), mask=KEY, Hm=Hm),
-                     planner(**prefill, mask=KEY, Hm=Hm, window=(127, 0))):
-        assert not fallback["sm90a"] and fallback["key_lists_heads"] == Hm
-    forced = planner(**prefill, mask=KEY, Hm=Hm, window=(127, 0), sm90a_ctas=-1)
-    assert forced["sm90a_query"] and forced["key_lists_heads"] == 0
-    # Bits past 1 GB: the sm80 kernel (it reads the mask itself).
-    assert not planner(**dict(longest, total_q=70_000, max_q=8000), mask=QUERY, Hm=Hm)["sm90a"]
-    # A key-side mask finer than the KV heads over sequences of one query tile (a decode-shaped call the decode kernel
-    # does not take): the sm80 kernels over its lists, as at D <= 128 (sm90a_slots_supports); coarser masks, or more
-    # queries, take the sm90a kernel.
-    few = dict(B=16, H=32, Hk=8, D=256, total_q=64, total_k=65_536, max_q=4, max_k=4096)
-    plan = planner(**few, mask=KEY, Hm=Hm)
-    if Hm == 32:  # finer than the KV heads: not the decode kernel's
-        assert plan["kernel"] == "prefill" and not plan["sm90a"] and plan["key_lists_heads"] == 32
-    else:  # 1 or Hk: the decode kernel's
-        assert plan["kernel"] == "decode"
-    assert planner(**dict(few, total_q=3000, max_q=200), mask=KEY, Hm=Hm)["sm90a_query"]
-
-
-@pytest.mark.parametrize("Hm, Hb, causal", [(1, 8, True), (8, 1, False), (32, 32, True), (8, 8, False)])
-def test_d256_key_side_bias_beside_a_mask_runs_over_slots_in_place(planner, Hm, Hb, causal):
-    """At D = 256 a key-side bias beside a mask runs on the sm90a kernel's query-side variant with slots in place for
-    the bias (kQuery + kSlots, as beside a query-side mask at D <= 128): the mask's map and bits (a key-side mask's by
-    sequence: no kept-key lists, no kept rows, whose gather copies rows of D <= 128) and v's flags, then the slots'
-    workspace of a key-side bias alone (each sequence's key count, one list of positions, the float32 biases per
-    bias head, and for causal calls the slot limits per 128-row query tile). Persistent, as a mask alone there."""
-    prefill = dict(B=8, H=32, Hk=8, D=256, total_q=16_000, total_k=16_000, max_q=4096, max_k=4000)
-    B, total_q, total_k, max_k = prefill["B"], prefill["total_q"], prefill["total_k"], prefill["max_k"]
-    aligned = lambda n: -(-n // 256) * 256  # noqa: E731
-    window = (-1, 0) if causal else (-1, -1)
-    extent = -(-(total_k + 32 * (B + 1) + 128) // 32) * 32
-    slots = (aligned(4 * B) + aligned(4 * extent) + aligned(4 * Hb * extent)
-             + (aligned(16 * B * -(-prefill["max_q"] // 128)) if causal else 0))
-    flags = _v_flags_bytes(prefill["Hk"], total_k)
-    key = planner(**prefill, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb, window=window)
-    assert key["sm90a"] and key["sm90a_query"] and key["sm90a_slots"] and key["key_lists_heads"] == 0
-    assert key["sm90a_ctas"] == 132
-    state, bits = Hm * B * -(-max_k // 32), Hm * B * -(-max_k // 128) * 4 * 4
-    assert key["workspace"] == aligned(state) + aligned(bits) + flags + slots
-    query = planner(**prefill, mask=QUERY, Hm=Hm, bias=KEY, Hb=Hb, window=window)
-    assert query["sm90a"] and query["sm90a_query"] and query["sm90a_slots"] and query["key_lists_heads"] == 0
-    state, bits = Hm * -(-total_q // 64) * -(-max_k // 32), Hm * total_q * -(-max_k // 128) * 4 * 4
-    assert query["workspace"] == aligned(state) + aligned(bits) + flags + slots
-    # the same workspace as D = 128's query-side mask beside a key-side bias (the slots know no head dim)
-    assert query["workspace"] == planner(**dict(prefill, D=128), mask=QUERY, Hm=Hm, bias=KEY, Hb=Hb,
-                                         window=window)["workspace"]
-    # Every call the sm80 kernels take keeps a key-side mask's lists: key ranges (the slots' limits know none),
-    # sequences past the tile list, windows of 128 keys or fewer, and a mask finer than the KV heads over sequences of
-    # one query tile (decode-shaped; the decode kernel takes Hm in {1, Hk} there).
-    longest = dict(prefill, total_k=140_000, max_k=131_073, total_q=1000, max_q=1000)
-    for fallback in (planner(**prefill, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb, key_range=True),
-                     planner(**longest, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb),
-                     planner(**prefill, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb, window=(127, 0))):
-        assert not fallback["sm90a"] and fallback["key_lists_heads"] == Hm
-    few = dict(B=16, H=32, Hk=8, D=256, total_q=64, total_k=65_536, max_q=4, max_k=4096)
-    plan = planner(**few, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb)
-    if Hm == 32:  # finer than the KV heads: not the decode kernel's, and not the sm90a kernel's either
-        assert plan["kernel"] == "prefill" and not plan["sm90a"] and plan["key_lists_heads"] == 32
-    elif Hb != 32:  # mask and bias heads group whole KV groups: the decode kernel's
-        assert plan["kernel"] == "decode"
-    assert planner(**dict(few, total_q=3000, max_q=200), mask=KEY, Hm=Hm, bias=KEY, Hb=Hb)["sm90a_slots"]
 
 
 def test_per_head_key_side_masks_keep_their_copies_within_the_cap(planner):

@@ -142,11 +142,10 @@ struct SplitPartials {
 // mask, padding past a sequence's keys and rows of a neighbouring sequence included, so a summary only ever
 // understates what is known: no kSomeTrue proves a tile dead, no kSomeFalse proves it whole-visible, and anything else
 // is read per element. Null state when the call has no query-side mask.
-// A key-side mask beside a query-side bias, or alone at D = 256 (the sm90a kernel's query-side variant,
-// FwdPlan::sm90a_query) is summarized the same way with sequences for rows (by_sequence): row block b is sequence b,
-// whose every query reads the same values, so state[(hm * batch + b) * col_blocks + cb] and
-// bits[(hm * batch + b) * bit_words + cb] hold the mask's column of that sequence's keys (nothing past them);
-// O(batch), never O(total_q).
+// A key-side mask beside a query-side bias (the sm90a kernel's query-side variant, FwdPlan::sm90a_query) is summarized
+// the same way with sequences for rows (by_sequence): row block b is sequence b, whose every query reads the same
+// values, so state[(hm * batch + b) * col_blocks + cb] and bits[(hm * batch + b) * bit_words + cb] hold the mask's
+// column of that sequence's keys (nothing past them); O(batch), never O(total_q).
 struct BlockMap {
   static constexpr int kRows = 64;  // the query-side prefill variant's query tile (tile_shape_sm80)
   static constexpr int kCols = 32;  // divides its key tile (64, or 32 at D = 256)
@@ -165,11 +164,9 @@ struct BlockMap {
   int32_t v_blocks = 0;  // ceil(total_k / kVRows)
   // Beside the map, for the sm90a kernel (FwdPlan::sm90a_query): the mask itself as bits, one 32-bit word per (mask
   // head, packed query row, block of kCols key positions): bit l of bits[(hm * total_q + row) * bit_words + cb] is
-  // element (row, hm, kCols cb + l), 0 past the key extent (by_sequence: rows are sequences, bit_rows_of).
-  // bit_words = 4 ceil(key extent / 128): the words of a 128-key tile are one aligned 16-byte load whatever the mask's
-  // strides, an eighth of the mask's bytes (a 64-key tile's, at D = 256, one aligned 8-byte load: half of one).
-  // Null: none.
-  static constexpr int kBitTileKeys = 128;  // the sm90a kernel's KV tile at D <= 128 (KeptRows::kTileKeys)
+  // element (row, hm, kCols cb + l), 0 past the key extent (by_sequence: rows are sequences, bit_rows_of). bit_words = 4 ceil(key extent / 128): the words of a
+  // 128-key tile are one aligned 16-byte load whatever the mask's strides, an eighth of the mask's bytes. Null: none.
+  static constexpr int kBitTileKeys = 128;  // the sm90a kernel's KV tile (KeptRows::kTileKeys)
   uint32_t* bits = nullptr;
   int32_t bit_words = 0;
 
@@ -254,14 +251,12 @@ struct BlockMap {
 //                                                 3: last row's limit}]
 // Slots past a list's count are not written: the kernel hides them, and scans their V rows as it scans any hidden
 // key's. Null k when the plan gathers nothing (FwdPlan::sm90a_slots).
-// In place (FwdPlan::slots_in_place: a key-side bias without a mask or beside a mask mapped by BlockMap, any head
-// dim), every key is a slot and K / V are read where they are: fill_slots_in_place writes one list (l = 0) of
-// positions c -> c, its counts (count[b] = the sequence's keys), its limits and the float32 biases, and k and v stay
-// null.
+// In place (FwdPlan::slots_in_place: a key-side bias and no mask), every key is a slot and K / V are read where they
+// are: fill_slots_in_place writes one list (l = 0) of positions c -> c, its counts (count[b] = the sequence's keys),
+// its limits and the float32 biases, and k and v stay null.
 struct KeptRows {
   static constexpr int kTileRows = 128;  // the sm90a kernel's query tile (tile_shape_sm90a)
-  static constexpr int kTileKeys = 128;  // and its KV tile at D <= 128 (at D = 256, 64 keys: in place only, a tile
-                                         // reading half as far past a list's end, 256-byte aligned in its segment)
+  static constexpr int kTileKeys = 128;  // and its KV tile
   static constexpr int kAlign = 32;      // slots: a segment starts 128-byte aligned
   static constexpr int kLimits = 4;      // slot counts per query tile in limits
   void* k = nullptr;
