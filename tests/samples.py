@@ -175,16 +175,21 @@ def noncanonical_mask(mask: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 def support_reason(spec: Spec, dtype: torch.dtype, device: str) -> str:
-    """Why this build cannot run ``spec`` in ``dtype`` on ``device``; "" when it can. The CPU runs everything; the
-    CUDA kernels cover the dtypes in build_info() and every head dim up to the largest one built."""
+    """Why this build cannot run ``spec`` in ``dtype`` on ``device``; "" when it can (build_reason)."""
+    return build_reason(spec.head_dim, dtype, device)
+
+
+def build_reason(head_dim: int, dtype: torch.dtype, device: str) -> str:
+    """Why this build cannot run head dim ``head_dim`` in ``dtype`` on ``device``; "" when it can. The CPU runs
+    everything; the CUDA kernels cover the dtypes in build_info() and every head dim up to the largest one built."""
     if device == "cpu":
         return ""
     info = dmattn_ops.build_info()
     dtype_name = str(dtype).replace("torch.", "")
     if dtype_name not in info["cuda_dtypes"]:
         return f"CUDA kernels are built for {info['cuda_dtypes']}, not {dtype_name}"
-    if spec.head_dim > max(info["cuda_head_dims"]):  # smaller head dims run zero-padded to the next built one
-        return f"CUDA kernels are built for head dims up to {max(info['cuda_head_dims'])}, not {spec.head_dim}"
+    if head_dim > max(info["cuda_head_dims"]):  # smaller head dims run zero-padded to the next built one
+        return f"CUDA kernels are built for head dims up to {max(info['cuda_head_dims'])}, not {head_dim}"
     return ""
 
 

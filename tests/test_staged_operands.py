@@ -14,6 +14,7 @@ import torch
 
 import dmattn_ops
 from dmattn_ops.reference import reference_varlen_attention
+from samples import build_reason
 
 H, HK = 4, 2
 LENS_Q = [70, 1, 130, 45, 200, 0]
@@ -76,10 +77,10 @@ OPERANDS = ["mask", "bias", "mask+bias", "mask+bias32"]
 def test_query_side_operands_in_every_layout(head_dim, causal, window, heads, operands, layout, device):
     if device == "cpu" and head_dim != 64:
         pytest.skip("the CPU kernel has one path for every head dim: 64 covers it")
-    built = dmattn_ops.build_info().get("cuda_head_dims") or [0]
-    if device == "cuda" and head_dim > max(built):
-        pytest.skip(f"CUDA kernels are built for head dims up to {max(built)}, not {head_dim}")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    reason = build_reason(head_dim, dtype, device)
+    if reason:
+        pytest.skip(reason)
     q, k, v, mask, bias = problem(operands, heads, causal, window, head_dim,
                                   seed=head_dim + 7 * heads + 3 * causal + len(operands))
     bias_dtype = torch.float32 if operands.endswith("32") or device == "cpu" else dtype
