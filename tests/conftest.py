@@ -53,3 +53,21 @@ settings.register_profile(
 # keep exploring new ones.
 settings.register_profile("dmattn-ci", parent=settings.get_profile("dmattn"), derandomize=True)
 settings.load_profile("dmattn-ci" if os.environ.get("CI") else "dmattn")
+
+
+def pytest_collection_modifyitems(config, items):
+    """DMATTN_TEST_SHARD=i/n keeps every n-th collected test from the i-th (tools/pytest_shards.sh runs n such pytest
+    processes at once on the GPU machine: the suite's float64 references keep one process on the CPU most of the time).
+    Every process collects the same tests in the same order, so the n shards split them with none left out."""
+    shard = os.environ.get("DMATTN_TEST_SHARD")
+    if not shard:
+        return
+    try:
+        index, count = (int(part) for part in shard.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"DMATTN_TEST_SHARD: expected i/n with 0 <= i < n, got {shard!r}") from None
+    kept = items[index::count]
+    config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % count != index])
+    items[:] = kept

@@ -159,3 +159,27 @@ def test_pack_stage_keeps_every_comparison_in_one_file(tmp_path):
     assert set(made) <= names, names
     with tarfile.open(out / "logs.tgz") as tar:
         assert "./stage.log" in tar.getnames()
+
+
+def _collected(output):
+    return sorted(line for line in output.splitlines() if "::" in line)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="pytest_shards.sh is a bash script")
+def test_pytest_shards_split_a_selection_with_none_left_out_or_twice():
+    args = ["--co", "-q", "-p", "no:cacheprovider", "tests/test_compare_builds.py", "tests/test_run_gpu.py"]
+    whole = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=ROOT, capture_output=True, text=True)
+    shards = subprocess.run(["bash", "tools/pytest_shards.sh", "3", *args], cwd=ROOT, capture_output=True, text=True)
+    assert whole.returncode == 0 and shards.returncode == 0, shards.stdout + shards.stderr
+    assert [f"--- shard {i}/3: exit" in shards.stdout for i in range(3)] == [True] * 3
+    ids = _collected(shards.stdout)
+    assert len(ids) == len(set(ids)), "a test ran in two shards"
+    assert ids == _collected(whole.stdout)
+
+
+def test_a_malformed_shard_is_a_usage_error_naming_the_variable():
+    env = dict(os.environ, DMATTN_TEST_SHARD="3/3")
+    done = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider",
+                           "tests/test_compare_builds.py"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage error
+    assert "DMATTN_TEST_SHARD: expected i/n with 0 <= i < n, got '3/3'" in done.stdout + done.stderr

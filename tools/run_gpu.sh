@@ -75,6 +75,7 @@
 # Each stage logs to $LOGDIR/<stage>.log. The device tool returns at most 8 files of $OUT and the last 12,000
 # characters of output: with LOGDIR outside $OUT (say /tmp/l), end with the `summary` stage, which prints each stage's
 # exit line and pytest's / compute-sanitizer's verdicts and failures from every log, and the reply holds them all.
+# TREE_SHARDS=4 runs the trees' and tree_test's pytest as four processes at once (tools/pytest_shards.sh).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dmattn_gpu_out}
@@ -134,7 +135,14 @@ tree_args() {
 # The trees' pytest command, before its arguments (the trees and tree_test stages). TREE_MAXFAIL failures stop a
 # tree's tests (default 25: run CF stopped a tree at 5, two known failures repeated over dtypes, before a whole file
 # had run; TREE_TIMEOUT bounds a broken tree's time anyway).
-TREE_PYTEST="python3 -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=${TREE_MAXFAIL:-25}"
+# TREE_SHARDS=N (default 1) splits each such pytest run over N processes at once (tools/pytest_shards.sh; the maxfail
+# then counts per process).
+TREE_PYTEST="-q --no-header -p no:cacheprovider -rs --maxfail=${TREE_MAXFAIL:-25}"
+if [ "${TREE_SHARDS:-1}" -gt 1 ]; then
+  TREE_PYTEST="bash $PWD/tools/pytest_shards.sh $TREE_SHARDS $TREE_PYTEST"
+else
+  TREE_PYTEST="python3 -m pytest $TREE_PYTEST"
+fi
 
 # The sanitize stages' command: compute-sanitizer memcheck over pytest of SANITIZE_FILES (word-split) -k
 # SANITIZE_TESTS, the same in this tree (sanitize) and in each of .trees (tree_sanitize).

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# pytest_shards.sh N PYTEST_ARGUMENT...: `python3 -m pytest PYTEST_ARGUMENT...` split over N processes run at once
+# (tests/conftest.py keeps every N-th collected test per process, DMATTN_TEST_SHARD=i/N), each with its share of the
+# cores for torch's threads. The GPU runs' test files spend most of their time in CPU float64 references, so four
+# processes finish about four times sooner on the 16-core GPU machine (tools/run_gpu.sh: TREE_SHARDS). Prints each
+# shard's output in turn; exits 0 if every shard passed, 5 if none collected a test, else the first failing status.
+set -u -o pipefail
+[ $# -ge 1 ] && [[ $1 =~ ^[1-9][0-9]*$ ]] || { sed -n '2,6p' "${BASH_SOURCE[0]}"; exit 2; }
+n=$1
+shift
+logs=$(mktemp -d)
+threads=$(( $(nproc) / n ))
+(( threads < 1 )) && threads=1
+pids=()
+for ((i = 0; i < n; i++)); do
+  DMATTN_TEST_SHARD=$i/$n OMP_NUM_THREADS=$threads python3 -m pytest "$@" > "$logs/$i.log" 2>&1 &
+  pids+=("$!")
+done
+verdict=5
+for ((i = 0; i < n; i++)); do
+  wait "${pids[i]}"
+  rc=$?
+  echo "--- shard $i/$n: exit $rc"
+  cat "$logs/$i.log"
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ]; then
+    [ "$verdict" -eq 0 ] || [ "$verdict" -eq 5 ] && verdict=$rc
+  elif [ "$rc" -eq 0 ] && [ "$verdict" -eq 5 ]; then
+    verdict=0
+  fi
+done
+rm -rf "$logs"
+exit "$verdict"
