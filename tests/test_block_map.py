@@ -1,10 +1,16 @@
-"""Query-side masks made of whole blocks: the CUDA prefill kernel summarizes such a mask by blocks of 64 packed query
-rows x 32 key positions (csrc/cuda/passes.h, BlockMap) and skips the tiles it hides whole, runs the ones it shows whole
-without reading it, and reads the rest per element. The masks here are random per block (all False, all True or
-random), with sequences that do not start on a block boundary, so all three kinds of tile and blocks shared by two
-sequences occur; the keys no query can see hold NaN, which must not reach the output. Checked against the float64
-reference on every device (the CPU kernel has no block map: the same contract, another path).
+"""Masks made of whole blocks. Query-side ones: the CUDA prefill kernel summarizes such a mask by blocks of 64 packed
+query rows x 32 key positions (csrc/cuda/passes.h, BlockMap) and skips the tiles it hides whole, runs the ones it
+shows whole without reading it, and reads the rest per element. The masks here are random per block (all False, all
+True or random), with sequences that do not start on a block boundary, so all three kinds of tile and blocks shared by
+two sequences occur. Key-side ones, which the sm90a kernel's query-side variant maps by sequence on a cc 9.0 device
+(BlockMap::by_sequence: a row of 32-key blocks per (mask head, sequence), in segments or at a stride, whichever is
+smaller): random per 32-key block of each sequence, over a skewed batch (segments) and a batch of like lengths (the
+stride), the sm90a path asserted from the logged plan there. The keys no query can see hold NaN, which must not reach
+the output. Checked against the float64 reference on every device (the CPU kernel has no block map: the same
+contract, another path).
 """
+
+import re
 
 import pytest
 import torch
@@ -64,6 +70,86 @@ def test_block_structured_query_mask(device, heads, causal):
         want, want_lse = reference_varlen_attention(
             *(t.to(dtype).double() for t in (q, k, v)), cu_q, cu_k, max(lens_q), max_k, mask=mask, bias=b,
             is_causal=causal)
+        assert not got.isnan().any() and not lse.isnan().any()
+        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.cpu().double(), want, **tol)
+        torch.testing.assert_close(lse.cpu().double(), want_lse, **tol)
+
+
+def block_key_mask(lens_k, heads, g, kinds=("dead", "whole", "random")):
+    """(total_k, heads) bool: per (32-position block of each sequence's keys, head) one of kinds."""
+    parts = []
+    for lk in lens_k:
+        blocks = -(-lk // 32)
+        choice = torch.randint(0, len(kinds), (blocks, heads), generator=g).repeat_interleave(32, 0)[:lk]
+        keep = torch.zeros(lk, heads, dtype=torch.bool)
+        for i, kind in enumerate(kinds):
+            if kind == "whole":
+                keep |= choice == i
+            elif kind == "random":
+                keep |= (choice == i) & (torch.rand(lk, heads, generator=g) < 0.5)
+        parts.append(keep)
+    return torch.cat(parts)
+
+
+def _sm90a_device(head_dim) -> bool:
+    """A cc 9.0 device and a build with the sm90a path at head_dim: where the plan must take it (tests/test_sm90a.py)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        return False
+    sm90a = dmattn_ops.build_info().get("cuda_arch_paths", {}).get("sm90a", {})
+    return head_dim in (sm90a.get("head_dims") or ())
+
+
+@pytest.mark.parametrize("batch", ["skewed", "like_lengths"])
+@pytest.mark.parametrize("head_dim", [64, 256])
+@pytest.mark.parametrize("heads", [1, HK, H], ids=["Hm=1", "Hm=Hk", "Hm=H"])
+def test_block_structured_key_mask_of_a_skewed_batch(device, heads, head_dim, batch, monkeypatch, capfd):
+    """A key-side mask made of whole 32-key blocks of each sequence over a skewed batch (one 3,000-key sequence amid
+    40 short ones of odd lengths), or 48 sequences of 1 to 128 keys, beside a query-side bias and, at D = 256, alone:
+    on Hopper the sm90a kernel maps such a mask per sequence (passes.h, BlockMap::sequence_row), the skewed batch's
+    map and bits in segments sized by each sequence's own keys (dead, whole and mixed tiles in segments that start
+    after key counts that are not multiples of 128), the like lengths' at a stride of 4 blocks a sequence (the smaller
+    layout there). On a cc 9.0 device with the sm90a path built, the logged plan (DMATTN_LOG_PLAN=1) must show that
+    path: sm90a_query=1 with a map of the mask's heads (but for a mask of H heads over the like lengths at D = 256:
+    sequences of one query tile, which keep the sm80 kernels there, and the plan must say so). Keys no head keeps hold
+    NaN, which must not reach the output."""
+    g = torch.Generator().manual_seed(heads * 3 + head_dim)
+    if batch == "skewed":
+        lens_q = [1 + (7 * i) % 9 for i in range(20)] + [200] + [(5 * i) % 6 for i in range(20)]
+        lens_k = [1 + (37 * i) % 190 for i in range(20)] + [3000] + [1 + (53 * i) % 250 for i in range(20)]
+    else:
+        lens_k = [128 - (29 * i) % 128 for i in range(48)]
+        lens_q = [1 + (11 * i) % k for i, k in enumerate(lens_k)]
+    on_sm90a = device == "cuda" and _sm90a_device(head_dim)
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    total_q, total_k, max_k = sum(lens_q), sum(lens_k), max(lens_k)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = torch.randn(total_q, H, head_dim, generator=g)
+    k, v = (torch.randn(total_k, HK, head_dim, generator=g) for _ in range(2))
+    mask = block_key_mask(lens_k, heads, g)
+    hidden = ~mask.any(1)
+    k[hidden], v[hidden] = float("nan"), float("nan")
+    cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
+    bias = torch.randn(total_q, 1, max_k, generator=g)  # query-side, in q's dtype on the device
+
+    for b in (None, bias) if head_dim == 256 else (bias,):
+        capfd.readouterr()
+        got, lse = dmattn_ops.varlen_attention(
+            *(t.to(device, dtype) for t in (q, k, v)), cu_q.to(device), cu_k.to(device), max(lens_q), max_k,
+            mask=mask.to(device), bias=None if b is None else b.to(device, dtype), is_causal=True, return_lse=True)
+        want, want_lse = reference_varlen_attention(
+            *(t.to(dtype).double() for t in (q, k, v)), cu_q, cu_k, max(lens_q), max_k, mask=mask,
+            bias=None if b is None else b.to(dtype).double(), is_causal=True)
+        if on_sm90a:  # the by-sequence map's path ran: the sm90a kernel's query-side variant over a map of Hm heads
+            torch.cuda.synchronize()
+            plans = re.findall(r"kernel=prefill .*block_map_heads=(\d+) sm90a=\d sm90a_slots=\d sm90a_query=(\d)",
+                               capfd.readouterr().err)
+            if head_dim > 128 and heads > HK and max(lens_q) <= 128:
+                # heuristics.h sm90a_query_supports: at D = 256 a mask finer than the KV heads over sequences of one
+                # query tile keeps the sm80 kernels, which read its kept rows alone (the like lengths, Hm = H)
+                assert [sm90a_query for _, sm90a_query in plans] == ["0"], plans
+            else:
+                assert plans == [(str(heads), "1")], plans
         assert not got.isnan().any() and not lse.isnan().any()
         tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got.cpu().double(), want, **tol)

@@ -22,7 +22,7 @@ _DRIVER = """
     //                 window_left window_right key_range(0 absent, 1 given) sm90a_ctas(the override)
     //                 bias_dtype(0 float32, 2 bfloat16: q's)
     // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes prefill_variant sm90a sm90a_ctas
-    //         unit_order combine_finishes sm90a_slots sm90a_query
+    //         unit_order combine_finishes sm90a_slots sm90a_query slots_in_place block_map_heads
     // (a cc 9.0 device; bf16 q / k / v packed (rows, heads, D) at null: aligned as TMA wants; a query-side bias
     // contiguous, (total_q, Hb, max_k))
     int main() {
@@ -50,12 +50,13 @@ _DRIVER = """
         o.tiles_per_split = tiles;
         o.sm90a_ctas = static_cast<int32_t>(ctas);
         const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, cuda::DeviceInfo{90, static_cast<int>(sms)}, o);
-        std::printf("%s %d %d %d %d %zu %d %d %d %d %d %d %d\\n",
+        std::printf("%s %d %d %d %d %zu %d %d %d %d %d %d %d %d %d\\n",
                     plan.kernel == cuda::FwdKernel::kDecode ? "decode" : "prefill", plan.row_tiles, plan.num_splits,
                     plan.tiles_per_split, plan.key_lists_heads, cuda::workspace_bytes(plan, p),
                     static_cast<int>(plan.prefill), static_cast<int>(plan.sm90a), plan.sm90a_ctas,
                     static_cast<int>(plan.unit_order), static_cast<int>(plan.combine_finishes),
-                    static_cast<int>(plan.sm90a_slots), static_cast<int>(plan.sm90a_query));
+                    static_cast<int>(plan.sm90a_slots), static_cast<int>(plan.sm90a_query),
+                    static_cast<int>(plan.slots_in_place), plan.block_map_heads);
       }
     }
     """
@@ -70,19 +71,33 @@ PREFILL_VARIANTS = ("plain", "window_left", "query_operands")  # cuda::PrefillVa
 def planner(tmp_path_factory):
     exe = build_host_driver(tmp_path_factory.mktemp("plan"), _DRIVER, "plan", "heuristics.h")
 
-    def plan(B, H, Hk, D, total_q, total_k, max_q, max_k, mask=ABSENT, Hm=1, bias=ABSENT, Hb=1, sms=132,
+    def line(B, H, Hk, D, total_q, total_k, max_q, max_k, mask=ABSENT, Hm=1, bias=ABSENT, Hb=1, sms=132,
              force=AUTO, tiles=0, window=(-1, -1), key_range=False, sm90a_ctas=0, bias_dtype=F32):
-        line = " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
+        return " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
                                          force, tiles, *window, int(key_range), sm90a_ctas, bias_dtype))
-        out = subprocess.run([str(exe)], input=line + "\n", capture_output=True, text=True, check=True).stdout
+
+    def parse(out):
         (kernel, row_tiles, splits, per_split, lists, workspace, variant, sm90a, ctas, order, finishes, slots,
-         query) = out.split()
+         query, in_place, map_heads) = out.split()
         return dict(kernel=kernel, row_tiles=int(row_tiles), splits=int(splits), tiles_per_split=int(per_split),
                     key_lists_heads=int(lists), workspace=int(workspace), prefill=PREFILL_VARIANTS[int(variant)],
                     sm90a=bool(int(sm90a)), sm90a_ctas=int(ctas), unit_order=bool(int(order)),
                     combine_finishes=bool(int(finishes)), sm90a_slots=bool(int(slots)),
-                    sm90a_query=bool(int(query)))
+                    sm90a_query=bool(int(query)), slots_in_place=bool(int(in_place)),
+                    block_map_heads=int(map_heads))
 
+    def plan(**call):
+        out = subprocess.run([str(exe)], input=line(**call) + "\n", capture_output=True, text=True,
+                             check=True).stdout
+        return parse(out)
+
+    def many(calls):  # one run of the driver for many calls
+        out = subprocess.run([str(exe)], input="".join(line(**c) + "\n" for c in calls), capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+        assert len(out) == len(calls)
+        return [parse(o) for o in out]
+
+    plan.many = many
     return plan
 
 
@@ -216,6 +231,18 @@ def _v_flags_bytes(Hk, total_k):
     return -(-(Hk * -(-total_k // 64)) // 256) * 256
 
 
+def _key_map_bytes(Hm, B, total_k, max_k):
+    """A key-side mask's block map and bits by sequence (passes.h, BlockMap::by_sequence, sequence_layout): per mask
+    head the smaller of two layouts, a segment of 4 ceil(k_len / 128) blocks per sequence from block
+    4 ceil(k_start / 128) + 4 b, so 4 (ceil(total_k / 128) + B) blocks, or a stride of 4 ceil(key extent / 128) blocks
+    per sequence (key extent = min(max_k, total_k)); a byte of state and a 32-bit word of bits per block, each
+    256-aligned. O(total_k + B), whatever max_seqlen_k."""
+    segments = 4 * (-(-total_k // 128) + B)
+    strided = B * 4 * -(-min(max_k, total_k, 2**31 - 1) // 128)
+    blocks = Hm * min(segments, strided)
+    return -(-blocks // 256) * 256 + -(-(4 * blocks) // 256) * 256
+
+
 def _terms_bytes(B, total_k, max_q, heads, f32=False):
     """The decode kernel's query-side terms (passes.h, QueryTerms): (list heads, max_q, extent) elements, extent the
     least multiple of 64 >= total_k + 64 (B + 1); 16-bit, or float32 for a float32 query-side bias; 256-aligned."""
@@ -285,9 +312,10 @@ def test_key_side_lists_look_back_only_across_parts(planner):
     """A key-side mask's lists are compacted in parts of 2048 keys; only sequences of several parts need the
     look-back's statuses (one uint64 per sequence, list head and part) and its ticket in the workspace (the decode
     kernel's lists with query-side terms too: test_query_side_operands_in_the_decode_kernel_get_lists_and_terms)."""
-    # D = 256: the sm80 kernels, so the lists are all the workspace (on the sm90a kernel the kept rows are gathered
-    # too: test_key_side_masks_gather_their_kept_rows_for_the_sm90a_kernel)
-    prefill = dict(B=8, H=64, Hk=8, D=256, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
+    # D = 96 (no sm90a kernel): the sm80 kernels, so the lists are all the workspace (on the sm90a kernel the kept rows
+    # are gathered too, test_key_side_masks_gather_their_kept_rows_for_the_sm90a_kernel; at D = 256 the mask is
+    # mapped by sequence instead, test_d256_masks_on_the_sm90a_kernel_get_their_map_and_bits)
+    prefill = dict(B=8, H=64, Hk=8, D=96, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
     lists = lambda Hm: Hm * 16_000 * 4 + -(-(Hm * 8 * 4) // 256) * 256  # noqa: E731  index + counts
     look_back = lambda Hm, parts: -(-(Hm * 8 * parts * 8 + 4) // 256) * 256  # noqa: E731
     for Hm in (1, 8, 64):
@@ -299,16 +327,16 @@ def test_key_side_lists_look_back_only_across_parts(planner):
 def test_query_side_mask_gets_a_block_map(planner):
     """A query-side mask is summarized first, one byte per (mask head, 64 packed query rows, 32 key positions) in
     the workspace (1 / 2048 of the mask), and v's blocks of 64 rows with an inf or NaN flagged beside it (one byte
-    per KV head and block); a key-side one, a query-side bias alone, or no mask get neither. D = 256: the sm80
-    kernels (the sm90a kernel's bits beside the map: the test below)."""
-    prefill = dict(B=8, H=32, Hk=8, D=256, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
+    per KV head and block); a key-side one, a query-side bias alone, or no mask get neither. D = 96 (no sm90a
+    kernel): the sm80 kernels (the sm90a kernel's bits beside the map: the tests below)."""
+    prefill = dict(B=8, H=32, Hk=8, D=96, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
     flags = _v_flags_bytes(8, 16_000)
     assert flags == 2048
     for Hm in (1, 8, 32):
         want = Hm * -(-16_000 // 64) * -(-4096 // 32)
         assert planner(**prefill, mask=QUERY, Hm=Hm)["workspace"] == -(-want // 256) * 256 + flags
     parts = -(-(8 * 8 * 2 * 8 + 4) // 256) * 256  # compact_keys in parts: 4096 keys, 2 parts per list
-    # the lists alone (D = 256: the sm80 kernels; on the sm90a one the kept rows too)
+    # the lists alone (D = 96: the sm80 kernels; on the sm90a one the kept rows too, or at D = 256 a map by sequence)
     assert planner(**prefill, mask=KEY, Hm=8)["workspace"] == 8 * 16_000 * 4 + 256 + parts
     assert planner(**prefill, bias=QUERY, Hb=32)["workspace"] == 0
     assert planner(**prefill)["workspace"] == 0
@@ -415,11 +443,11 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(bias=QUERY, Hb=32, bias_dtype=BF16), True, 0),  # a query-side bias alone: a CTA per unit, as without it
         (dict(bias=QUERY, Hb=32, bias_dtype=BF16, window=(255, 0)), True, 132),
         (dict(bias=QUERY, Hb=32, bias_dtype=BF16, window=(127, 0)), False, 0),
-        (dict(bias=QUERY, Hb=8, bias_dtype=BF16, D=256), False, 0),
+        (dict(bias=QUERY, Hb=8, bias_dtype=BF16, D=256), True, 0),  # D = 256 too (64-key tiles: 18 KB of terms)
         (dict(mask=KEY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16), True, 0),
         (dict(mask=KEY, Hm=32, bias=QUERY, Hb=1, bias_dtype=BF16, window=(255, 0)), True, 132),
         (dict(mask=KEY, Hm=1, bias=QUERY, Hb=32, bias_dtype=BF16, key_range=True), True, 0),
-        (dict(mask=KEY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16, D=256), False, 0),  # D = 256: sm80
+        (dict(mask=KEY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16, D=256), True, 0),  # D = 256 too
         (dict(mask=QUERY, Hm=8, bias=KEY, Hb=8), True, 132),  # with a key-side bias: its values over slots in place
         (dict(mask=QUERY, Hm=8, bias=KEY, Hb=8, key_range=True), False, 0),  # which know no key ranges
         (dict(bias=KEY, Hb=8), True, 0),  # a key-side bias alone: slots in place, a CTA per unit as without it
@@ -430,7 +458,40 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(bias=QUERY, Hb=1, key_range=True), True, 0),
         (dict(D=256), True, 0),  # head dims 64, 128 and 256 (64-key tiles)
         (dict(D=256, window=(255, 0)), True, 132),
-        (dict(D=256, mask=KEY, Hm=8), False, 0),  # the kept rows' gather: D <= 128
+        # D = 256 masks without a bias: the query-side variant, persistent as masks are at D <= 128; a key-side mask
+        # mapped by sequence (the kept rows' gather copies rows of D <= 128)
+        (dict(D=256, mask=KEY, Hm=8), True, 132),
+        (dict(D=256, mask=KEY, Hm=1, window=(-1, 0)), True, 132),
+        (dict(D=256, mask=KEY, Hm=32, window=(255, 0)), True, 132),
+        (dict(D=256, mask=KEY, Hm=8, window=(127, 0)), False, 0),  # a window of 128 keys or fewer: sm80
+        (dict(D=256, mask=KEY, Hm=8, key_range=True), True, 0),  # key ranges: a CTA per unit
+        (dict(D=256, mask=KEY, Hm=8, sm90a_ctas=-1), True, 0),  # DMATTN_SM90A_CTAS=0: a CTA per unit
+        (dict(D=256, mask=QUERY, Hm=8), True, 132),
+        (dict(D=256, mask=QUERY, Hm=1, window=(-1, 0)), True, 132),
+        (dict(D=256, mask=QUERY, Hm=32, window=(255, 0)), True, 132),
+        (dict(D=256, mask=QUERY, Hm=8, key_range=True), True, 0),
+        (dict(D=256, mask=QUERY, Hm=8, sm90a_ctas=5), True, 5),
+        # D = 256 biases: a key-side one over slots in place, alone (persistent or not as without it) or beside a
+        # mask of either layout (the key-side one mapped by sequence; persistent as masks are); a query-side one in
+        # q's dtype as at D <= 128; float32 query-side biases, key ranges beside a key-side bias and windows of 128
+        # keys or fewer take the sm80 kernels
+        (dict(D=256, bias=KEY, Hb=8), True, 0),
+        (dict(D=256, bias=KEY, Hb=1, window=(255, 0)), True, 132),
+        (dict(D=256, bias=KEY, Hb=32, window=(-1, 0)), True, 0),
+        (dict(D=256, bias=KEY, Hb=8, key_range=True), False, 0),
+        (dict(D=256, bias=KEY, Hb=8, window=(127, 0)), False, 0),
+        (dict(D=256, mask=QUERY, Hm=8, bias=KEY, Hb=8), True, 132),
+        (dict(D=256, mask=QUERY, Hm=8, bias=KEY, Hb=8, key_range=True), False, 0),
+        (dict(D=256, mask=KEY, Hm=8, bias=KEY, Hb=8), True, 132),
+        (dict(D=256, mask=KEY, Hm=32, bias=KEY, Hb=1, window=(255, 0)), True, 132),
+        (dict(D=256, mask=KEY, Hm=1, bias=KEY, Hb=32, sm90a_ctas=-1), True, 0),
+        (dict(D=256, mask=KEY, Hm=8, bias=KEY, Hb=8, key_range=True), False, 0),
+        (dict(D=256, mask=QUERY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16), True, 132),
+        (dict(D=256, mask=KEY, Hm=32, bias=QUERY, Hb=1, bias_dtype=BF16, window=(255, 0)), True, 132),
+        (dict(D=256, bias=QUERY, Hb=1, bias_dtype=BF16, key_range=True), True, 0),
+        (dict(D=256, bias=QUERY, Hb=8), False, 0),  # float32: its terms do not fit beside D = 256's tiles
+        (dict(D=256, mask=QUERY, Hm=8, bias=QUERY, Hb=8), False, 0),
+        (dict(D=256, mask=KEY, Hm=8, bias=QUERY, Hb=8), False, 0),
         (dict(D=96), False, 0),  # other head dims: the sm80 kernels
     ],
 )
@@ -482,8 +543,10 @@ def test_key_side_bias_alone_runs_over_slots_in_place(planner, Hb, causal):
     expected = (aligned(4 * B) + aligned(4 * extent) + aligned(4 * Hb * extent)
                 + (aligned(16 * B * -(-3865 // 128)) if causal else 0))
     assert plan["workspace"] == expected
-    # D = 256: the sm80 kernels; a query-side bias: no slots (its own variant)
-    assert not planner(**dict(PREFILL, D=256), bias=KEY, Hb=Hb)["sm90a_slots"]
+    # D = 256 (64-key tiles): the same slots and workspace (they hold no K / V, and the limits are per 128-row query
+    # tile at every head dim); a query-side bias: no slots (its own variant)
+    d256 = planner(**dict(PREFILL, D=256), bias=KEY, Hb=Hb, window=(-1, 0) if causal else (-1, -1))
+    assert d256["sm90a"] and d256["sm90a_slots"] and d256["key_lists_heads"] == 0 and d256["workspace"] == expected
     assert not planner(**PREFILL, bias=QUERY, Hb=Hb)["sm90a_slots"]
 
 
@@ -495,10 +558,13 @@ def test_query_side_bias_alone_on_the_sm90a_kernel_gets_v_flags(planner, Hb):
     plan = planner(**PREFILL, bias=QUERY, Hb=Hb, bias_dtype=BF16)
     assert plan["sm90a"] and plan["sm90a_query"] and not plan["sm90a_slots"] and plan["key_lists_heads"] == 0
     assert plan["workspace"] == _v_flags_bytes(PREFILL["Hk"], PREFILL["total_k"])
-    # float32: the same, on a CTA per unit; D = 256: the sm80 kernels, no workspace
+    # float32: the same, on a CTA per unit; D = 256: the same in q's dtype, and float32 on the sm80 kernels (its
+    # 64-key tile of terms does not fit), no workspace
     f32 = planner(**PREFILL, bias=QUERY, Hb=Hb)
     assert f32["sm90a_query"] and f32["sm90a_ctas"] == 0 and f32["workspace"] == plan["workspace"]
-    sm80 = planner(**dict(PREFILL, D=256), bias=QUERY, Hb=Hb, bias_dtype=BF16)
+    d256 = planner(**dict(PREFILL, D=256), bias=QUERY, Hb=Hb, bias_dtype=BF16)
+    assert d256["sm90a_query"] and d256["sm90a_ctas"] == 0 and d256["workspace"] == plan["workspace"]
+    sm80 = planner(**dict(PREFILL, D=256), bias=QUERY, Hb=Hb)
     assert not sm80["sm90a"] and sm80["workspace"] == 0
 
 
@@ -506,17 +572,19 @@ def test_query_side_bias_alone_on_the_sm90a_kernel_gets_v_flags(planner, Hb):
 def test_key_side_mask_beside_a_query_side_bias_is_mapped_by_sequence(planner, Hm):
     """A key-side mask beside a query-side bias runs on the sm90a kernel's query-side variant: no kept-key lists
     (every tile reads its bias anyway), but a block map and bits of the mask by sequence (BlockMap::by_sequence):
-    a byte per (mask head, sequence, 32 key positions) and a word per (mask head, sequence, 32 key positions, four
-    per 128-key tile), O(B), never O(total_q); and v's flags. D = 256: the sm80 kernels and their lists."""
-    B, total_k, max_k = PREFILL["B"], PREFILL["total_k"], PREFILL["max_k"]
-    aligned = lambda n: -(-n // 256) * 256
-    state = Hm * B * -(-max_k // 32)
-    bits = Hm * B * -(-max_k // 128) * 4 * 4
+    a byte and a word per (mask head, 32 key positions of a sequence's segment, four per 128-key tile), O(total_k +
+    B), never O(total_q) nor O(B x max_seqlen_k); and v's flags. D = 256: the same in q's dtype; a float32 bias there
+    takes the sm80 kernels and their lists."""
+    B, total_k = PREFILL["B"], PREFILL["total_k"]
+    mapped = _key_map_bytes(Hm, B, total_k, PREFILL["max_k"]) + _v_flags_bytes(PREFILL["Hk"], total_k)
     for dtype in (BF16, F32):
         plan = planner(**PREFILL, mask=KEY, Hm=Hm, bias=QUERY, Hb=8, bias_dtype=dtype)
         assert plan["sm90a"] and plan["sm90a_query"] and not plan["sm90a_slots"] and plan["key_lists_heads"] == 0
-        assert plan["workspace"] == aligned(state) + aligned(bits) + _v_flags_bytes(PREFILL["Hk"], total_k)
-    sm80 = planner(**dict(PREFILL, D=256), mask=KEY, Hm=Hm, bias=QUERY, Hb=8, bias_dtype=BF16)
+        assert plan["workspace"] == mapped
+    d256 = planner(**dict(PREFILL, D=256), mask=KEY, Hm=Hm, bias=QUERY, Hb=8, bias_dtype=BF16)
+    assert d256["sm90a_query"] and not d256["sm90a_slots"] and d256["key_lists_heads"] == 0
+    assert d256["workspace"] == mapped
+    sm80 = planner(**dict(PREFILL, D=256), mask=KEY, Hm=Hm, bias=QUERY, Hb=8)
     assert not sm80["sm90a"] and sm80["key_lists_heads"] == Hm
     # Every call the sm80 kernels take keeps its lists (they apply a key-side mask only through them): sequences past
     # the sm90a query-side variant's 1024 tiles, and windows of 128 keys or fewer...
@@ -531,6 +599,315 @@ def test_key_side_mask_beside_a_query_side_bias_is_mapped_by_sequence(planner, H
     dec = planner(B=16, H=32, Hk=8, D=128, total_q=64, total_k=20_000, max_q=20, max_k=3000, mask=KEY, Hm=Hm,
                   bias=QUERY, Hb=8, bias_dtype=BF16)
     assert dec["kernel"] == "prefill" and dec["sm90a_query"] and dec["key_lists_heads"] == 0
+    # At D = 256 a mask finer than the KV heads there takes the sm80 kernels and their lists instead
+    # (sm90a_query_supports: the decode-shaped rule, with or without a bias; unmeasured), coarser ones the sm90a kernel.
+    dec256 = planner(B=16, H=32, Hk=8, D=256, total_q=64, total_k=20_000, max_q=20, max_k=3000, mask=KEY, Hm=Hm,
+                     bias=QUERY, Hb=8, bias_dtype=BF16)
+    assert dec256["kernel"] == "prefill" and dec256["sm90a_query"] == (Hm != 32)
+    assert dec256["key_lists_heads"] == (Hm if Hm == 32 else 0)
+
+
+@pytest.mark.parametrize("D, bias", [(128, QUERY), (256, ABSENT), (256, QUERY)],
+                         ids=["query_bias", "d256_alone", "d256_query_bias"])
+def test_skewed_batch_key_map_is_sized_by_the_keys(planner, D, bias):
+    """A key-side mask mapped by sequence (beside a query-side bias; alone or beside one at D = 256) costs O(total_k +
+    B) per mask head, not O(B x max_seqlen_k): one 100,000-key sequence beside 511 of 200 keys with 8 mask heads (a
+    1.6 MB bool mask) gets a map and bits of 335 KB, where a row of max_seqlen_k per sequence took 64 MB; and the
+    workspace does not change with max_seqlen_k at a fixed total_k."""
+    B, Hm, total_k = 512, 8, 100_000 + 511 * 200
+    skewed = dict(B=B, H=32, Hk=8, D=D, total_q=total_k, total_k=total_k, max_q=100_000, max_k=100_000)
+    operands = dict(mask=KEY, Hm=Hm, bias=bias, Hb=8, bias_dtype=BF16)
+    plan = planner(**skewed, **operands)
+    assert plan["sm90a"] and plan["sm90a_query"] and plan["key_lists_heads"] == 0 and not plan["sm90a_slots"]
+    mapped = _key_map_bytes(Hm, B, total_k, 100_000)
+    assert mapped == 334_848  # segments: 4 (ceil(202,200 / 128) + 512) = 8,368 blocks a head, a stride 512 x 3,128
+    assert plan["workspace"] == mapped + _v_flags_bytes(skewed["Hk"], total_k)
+    mask_bytes = total_k * Hm
+    by_max_seqlen = Hm * B * -(-100_000 // 32) + Hm * B * -(-100_000 // 128) * 4 * 4  # the rows of max_seqlen_k
+    assert by_max_seqlen > 64_000_000 and mapped < mask_bytes / 4 and 190 * mapped < by_max_seqlen
+    for max_k in (4096, 131_072):  # the same keys, another max_seqlen_k: the same map
+        assert planner(**dict(skewed, max_k=max_k), **operands)["workspace"] == plan["workspace"]
+    # Linear in the keys: 128 more keys cost each mask head a 128-key tile's 4 state bytes and 4 words (and v's
+    # flags their share); a sequence more costs each mask head a tile's blocks too (its segment's alignment).
+    more_keys = dict(skewed, total_k=total_k + 128 * 1000, total_q=total_k + 128 * 1000)
+    assert (planner(**more_keys, **operands)["workspace"] - _v_flags_bytes(8, total_k + 128_000)
+            == _key_map_bytes(Hm, B, total_k + 128_000, 100_000))
+    # One sequence more (of 200 keys, and so 200 keys more) costs each mask head one tile more, for the sequence's
+    # slack, plus the tiles its keys add: 4 (ceil((total_k + 200) / 128) + B + 1) blocks a head, through the planner.
+    more_seqs = dict(skewed, B=B + 1, total_k=total_k + 200, total_q=total_k + 200)
+    blocks = Hm * 4 * (-(-(total_k + 200) // 128) + B + 1)
+    assert (planner(**more_seqs, **operands)["workspace"] - _v_flags_bytes(8, total_k + 200)
+            == -(-blocks // 256) * 256 + -(-(4 * blocks) // 256) * 256)
+
+
+@pytest.mark.parametrize("D, bias", [(128, QUERY), (256, ABSENT), (256, QUERY)],
+                         ids=["query_bias", "d256_alone", "d256_query_bias"])
+@pytest.mark.parametrize("B, k_len", [(16, 4096), (4096, 512), (4096, 128), (4096, 64)])
+def test_key_map_takes_the_smaller_layout(planner, D, bias, B, k_len):
+    """A batch of sequences of like length: the map by sequence takes a stride per sequence (4 ceil(max_seqlen_k /
+    128) blocks), where the segments' slack tile per sequence costs more: 4096 x 128 keys, 4 blocks a sequence
+    against 8; 4096 x 64 keys, 4 against 6; 4096 x 512, 16 against 20; 16 x 4096, 128 against 132. The skewed batch
+    above keeps segments (8,368 blocks a head against a stride's 512 x 3,128)."""
+    Hm, total_k = 8, B * k_len
+    plan = planner(B=B, H=32, Hk=8, D=D, total_q=total_k, total_k=total_k, max_q=k_len, max_k=k_len,
+                   mask=KEY, Hm=Hm, bias=bias, Hb=8, bias_dtype=BF16)
+    assert plan["sm90a"] and plan["sm90a_query"] and plan["key_lists_heads"] == 0 and not plan["sm90a_slots"]
+    segments = 4 * (-(-total_k // 128) + B)
+    strided = B * 4 * -(-k_len // 128)
+    blocks = Hm * min(segments, strided)
+    assert plan["workspace"] == -(-blocks // 256) * 256 + -(-(4 * blocks) // 256) * 256 + _v_flags_bytes(8, total_k)
+    assert plan["workspace"] == _key_map_bytes(Hm, B, total_k, k_len) + _v_flags_bytes(8, total_k)
+    if (B, k_len) == (4096, 128):  # the review's case: 655,360 bytes, where segments took 1,310,720
+        assert _key_map_bytes(Hm, B, total_k, k_len) == 655_360 and Hm * segments * 5 == 1_310_720
+    assert strided < segments  # like lengths: a stride has no slack tile (and 64 keys fill half a tile either way)
+
+
+_SEGMENT_DRIVER = """
+    #include <cstdio>
+    #include <vector>
+
+    #include "cuda/passes.h"
+    using namespace dmattn;
+    // stdin per call: B total_k max_k used, then cu_seqlens_k (B + 1 ints), then seqused_k (B ints) where used is 1
+    // stdout: seq_extent and seq_stride (sequence_layout), then per sequence: its clamped key start and length
+    //         (key_seq) and its row's first block in mask head 1 (sequence_row(1, b, start))
+    int main() {
+      long long B, tk, mk, used;
+      while (std::scanf("%lld %lld %lld %lld", &B, &tk, &mk, &used) == 4) {
+        std::vector<int32_t> cu(B + 1), seqused(B);
+        for (auto& c : cu) std::scanf("%d", &c);
+        if (used) for (auto& u : seqused) std::scanf("%d", &u);
+        VarlenFwdParams p;
+        p.batch = B; p.total_k = tk; p.max_seqlen_k = mk; p.cu_seqlens_k = cu.data();
+        p.seqused_k = used ? seqused.data() : nullptr;
+        p.mask.layout = OperandLayout::kKeySide;
+        cuda::BlockMap map;
+        map.by_sequence = true;
+        const cuda::BlockMap::SequenceLayout layout = cuda::BlockMap::sequence_layout(p);
+        map.seq_extent = layout.extent;
+        map.seq_stride = layout.stride;
+        std::printf("%lld %d", static_cast<long long>(map.seq_extent), map.seq_stride);
+        for (int32_t b = 0; b < B; ++b) {
+          const SeqRange sk = key_seq(p, b);
+          std::printf(" %lld %lld %lld", static_cast<long long>(sk.start), static_cast<long long>(sk.len),
+                      static_cast<long long>(map.sequence_row(1, b, sk.start)));
+        }
+        std::printf("\\n");
+      }
+    }
+    """
+
+
+def test_key_map_segments_stay_in_bounds_and_apart(tmp_path):
+    """BlockMap's by-sequence rows (passes.h), as the kernels compute them from the clamped key ranges (key_seq, with
+    seqused_k or not), in both layouts (sequence_layout: the smaller of segments and a stride per sequence): each row
+    starts on a 128-key tile's 4 blocks (aligned 16-byte loads of a tile's words), and the 4 ceil(k_len / 128) blocks
+    its tiles read lie inside its mask head's seq_extent for any cu_seqlens, lying ones included (the kernels clamp
+    ranges; two lying sequences may share segment blocks, never leave the map; strided rows never share); under the
+    contract (non-decreasing cu_seqlens) no two rows share a block. Random batches, skewed ones, batches of like
+    lengths (the stride) and the extremes of the bound."""
+    import random
+
+    exe = build_host_driver(tmp_path, _SEGMENT_DRIVER, "segments", "passes.h")
+    rng = random.Random(5)
+    calls = []  # (B, total_k, max_k, cu, used, honest)
+    for _ in range(300):
+        B = rng.choice([1, 2, 3, 7, 64, 300])
+        same = rng.random() < 0.25  # like lengths: the stride wins
+        one = rng.choice([1, 64, 128, 200])
+        lens = [one if same else rng.choice([0, 1, 31, 127, 128, 129, 255, 257, rng.randrange(1, 5000)])
+                for _ in range(B)]
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        total_k = cu[-1] + rng.choice([0, 0, 5, 127])
+        used = [rng.randrange(-50, 400) for _ in range(B)] if rng.random() < 0.3 else None
+        calls.append((B, total_k, max(lens + [1]), cu, used, True))
+        lie = list(cu)
+        for _ in range(rng.randrange(1, 4)):  # entries moved anywhere, past the ends and below 0 included
+            lie[rng.randrange(B + 1)] = rng.randrange(-300, total_k + 300)
+        calls.append((B, total_k, rng.choice([max(lens + [1]), total_k, 2**31 - 1]), lie, used, False))
+    # the bound's extremes: the last sequence from key 130 to the end (ceil(130 / 128) + ceil(578 / 128) =
+    # ceil(708 / 128) + 1), alone and overlapping an honest first sequence of every key
+    calls += [(3, 708, 578, [0, 100, 130, 708], None, True), (3, 708, 708, [0, 708, 130, 708], None, False),
+              (3, 708, 708, [0, 708, 212, 708], None, False), (3, 708, 708, [0, 708, 1, 708], None, False)]
+    stdin = "".join(f"{B} {tk} {mk} {int(used is not None)} {' '.join(map(str, cu))} "
+                    f"{' '.join(map(str, used or []))}\n" for B, tk, mk, cu, used, _ in calls)
+    out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == len(calls)
+    at_the_end = strided = 0
+    for (B, total_k, max_k, cu, used, honest), line in zip(calls, out):
+        values = [int(x) for x in line.split()]
+        extent, stride, seqs = values[0], values[1], [values[2 + 3 * b: 5 + 3 * b] for b in range(B)]
+        segments = 4 * (-(-total_k // 128) + B)
+        words = 4 * -(-min(max_k, total_k, 2**31 - 1) // 128)
+        assert extent == min(segments, B * words) and stride == (words if B * words < segments else 0)
+        strided += stride > 0
+        spans = []
+        for b, (start, length, row) in enumerate(seqs):
+            seg = row - extent  # mask head 1's row: head 0's
+            assert 0 <= start and start + length <= total_k and seg % 4 == 0 and seg >= 0
+            if used is not None:
+                assert length <= max(used[b], 0)
+            if stride:
+                assert seg == b * stride and 4 * -(-length // 128) <= stride
+            end = seg + 4 * -(-length // 128)
+            assert end <= extent, (cu, start, length, seg, extent)
+            at_the_end += end == extent
+            if length:
+                spans.append((seg, end))
+        if honest or stride:
+            spans.sort()
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), cu
+    assert at_the_end >= 2  # the bound is tight: rows end exactly at the extent
+    assert 50 < strided < len(calls) - 50  # both layouts
+
+
+@pytest.mark.parametrize("Hm", [1, 8, 32])
+def test_d256_masks_on_the_sm90a_kernel_get_their_map_and_bits(planner, Hm):
+    """At D = 256 (64-key tiles) a mask without a bias runs on the sm90a kernel's query-side variant with the workspace
+    of D <= 128: a query-side mask's block map, bits (laid out per 128-key tile: a 64-key tile reads half of one) and
+    v's flags; a key-side one's map and bits by sequence (BlockMap::by_sequence) and v's flags, no kept-key lists and
+    no kept rows. Beside either mask a key-side bias or a query-side one in q's dtype keeps that variant (the tests
+    below), a float32 query-side bias takes the sm80 kernels; so do sequences of more than 131,072 keys (2048 64-key
+    tiles, the kernel's tile list) and bits past 1 GB."""
+    prefill = dict(B=8, H=32, Hk=8, D=256, total_q=16_000, total_k=16_000, max_q=4096, max_k=4000)
+    B, total_q, total_k, max_k = prefill["B"], prefill["total_q"], prefill["total_k"], prefill["max_k"]
+    aligned = lambda n: -(-n // 256) * 256  # noqa: E731
+    flags = _v_flags_bytes(prefill["Hk"], total_k)
+    query = planner(**prefill, mask=QUERY, Hm=Hm)
+    assert query["sm90a"] and query["sm90a_query"] and not query["sm90a_slots"] and query["key_lists_heads"] == 0
+    state = Hm * -(-total_q // 64) * -(-max_k // 32)
+    bits = Hm * total_q * -(-max_k // 128) * 4 * 4
+    assert query["workspace"] == aligned(state) + aligned(bits) + flags
+    assert query["workspace"] == planner(**dict(prefill, D=128), mask=QUERY, Hm=Hm)["workspace"]
+    key = planner(**prefill, mask=KEY, Hm=Hm)
+    assert key["sm90a"] and key["sm90a_query"] and not key["sm90a_slots"] and key["key_lists_heads"] == 0
+    assert key["workspace"] == _key_map_bytes(Hm, B, total_k, max_k) + flags
+    # Biases: a key-side one or a query-side one in q's dtype on this variant; a float32 query-side one on the sm80
+    # kernels (a key-side mask's lists; a query-side mask's map without bits)
+    for mask in (KEY, QUERY):
+        for bias, dtype in ((KEY, F32), (QUERY, BF16)):
+            plan = planner(**prefill, mask=mask, Hm=Hm, bias=bias, Hb=8, bias_dtype=dtype)
+            assert plan["sm90a_query"] and plan["sm90a_slots"] == (bias == KEY) and plan["key_lists_heads"] == 0
+        plan = planner(**prefill, mask=mask, Hm=Hm, bias=QUERY, Hb=8, bias_dtype=F32)
+        assert not plan["sm90a"] and not plan["sm90a_query"]
+        assert plan["key_lists_heads"] == (Hm if mask == KEY else 0)
+    longest = dict(prefill, total_k=140_000, max_k=131_072, total_q=1000, max_q=1000)
+    for mask in (KEY, QUERY):
+        assert planner(**longest, mask=mask, Hm=Hm)["sm90a_query"]
+        assert not planner(**dict(longest, max_k=131_073), mask=mask, Hm=Hm)["sm90a"]
+    # Every call the sm80 kernels take keeps a key-side mask's lists (they apply it only through them): sequences past
+    # the tile list, windows of 128 keys or fewer; DMATTN_SM90A_CTAS sends the narrow window to the sm90a kernel
+    for fallback in (planner(**dict(longest, max_k=131_073), mask=KEY, Hm=Hm),
+                     planner(**prefill, mask=KEY, Hm=Hm, window=(127, 0))):
+        assert not fallback["sm90a"] and fallback["key_lists_heads"] == Hm
+    forced = planner(**prefill, mask=KEY, Hm=Hm, window=(127, 0), sm90a_ctas=-1)
+    assert forced["sm90a_query"] and forced["key_lists_heads"] == 0
+    # Bits past 1 GB: the sm80 kernel (it reads the mask itself).
+    assert not planner(**dict(longest, total_q=70_000, max_q=8000), mask=QUERY, Hm=Hm)["sm90a"]
+    # A key-side mask finer than the KV heads over sequences of one query tile (a decode-shaped call the decode kernel
+    # does not take): the sm80 kernels over its lists, as at D <= 128 (sm90a_slots_supports); coarser masks, or more
+    # queries, take the sm90a kernel.
+    few = dict(B=16, H=32, Hk=8, D=256, total_q=64, total_k=65_536, max_q=4, max_k=4096)
+    plan = planner(**few, mask=KEY, Hm=Hm)
+    if Hm == 32:  # finer than the KV heads: not the decode kernel's
+        assert plan["kernel"] == "prefill" and not plan["sm90a"] and plan["key_lists_heads"] == 32
+    else:  # 1 or Hk: the decode kernel's
+        assert plan["kernel"] == "decode"
+    assert planner(**dict(few, total_q=3000, max_q=200), mask=KEY, Hm=Hm)["sm90a_query"]
+
+
+@pytest.mark.parametrize("Hm, Hb, causal", [(1, 8, True), (8, 1, False), (32, 32, True), (8, 8, False)])
+def test_d256_key_side_bias_beside_a_mask_runs_over_slots_in_place(planner, Hm, Hb, causal):
+    """At D = 256 a key-side bias beside a mask runs on the sm90a kernel's query-side variant with slots in place for
+    the bias (kQuery + kSlots, as beside a query-side mask at D <= 128): the mask's map and bits (a key-side mask's by
+    sequence: no kept-key lists, no kept rows, whose gather copies rows of D <= 128) and v's flags, then the slots'
+    workspace of a key-side bias alone (each sequence's key count, one list of positions, the float32 biases per
+    bias head, and for causal calls the slot limits per 128-row query tile). Persistent, as a mask alone there."""
+    prefill = dict(B=8, H=32, Hk=8, D=256, total_q=16_000, total_k=16_000, max_q=4096, max_k=4000)
+    B, total_q, total_k, max_k = prefill["B"], prefill["total_q"], prefill["total_k"], prefill["max_k"]
+    aligned = lambda n: -(-n // 256) * 256  # noqa: E731
+    window = (-1, 0) if causal else (-1, -1)
+    extent = -(-(total_k + 32 * (B + 1) + 128) // 32) * 32
+    slots = (aligned(4 * B) + aligned(4 * extent) + aligned(4 * Hb * extent)
+             + (aligned(16 * B * -(-prefill["max_q"] // 128)) if causal else 0))
+    flags = _v_flags_bytes(prefill["Hk"], total_k)
+    key = planner(**prefill, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb, window=window)
+    assert key["sm90a"] and key["sm90a_query"] and key["sm90a_slots"] and key["key_lists_heads"] == 0
+    assert key["sm90a_ctas"] == 132
+    assert key["workspace"] == _key_map_bytes(Hm, B, total_k, max_k) + flags + slots
+    query = planner(**prefill, mask=QUERY, Hm=Hm, bias=KEY, Hb=Hb, window=window)
+    assert query["sm90a"] and query["sm90a_query"] and query["sm90a_slots"] and query["key_lists_heads"] == 0
+    state, bits = Hm * -(-total_q // 64) * -(-max_k // 32), Hm * total_q * -(-max_k // 128) * 4 * 4
+    assert query["workspace"] == aligned(state) + aligned(bits) + flags + slots
+    # the same workspace as D = 128's query-side mask beside a key-side bias (the slots know no head dim)
+    assert query["workspace"] == planner(**dict(prefill, D=128), mask=QUERY, Hm=Hm, bias=KEY, Hb=Hb,
+                                         window=window)["workspace"]
+    # Every call the sm80 kernels take keeps a key-side mask's lists: key ranges (the slots' limits know none),
+    # sequences past the tile list, windows of 128 keys or fewer, and a mask finer than the KV heads over sequences of
+    # one query tile (decode-shaped; the decode kernel takes Hm in {1, Hk} there).
+    longest = dict(prefill, total_k=140_000, max_k=131_073, total_q=1000, max_q=1000)
+    for fallback in (planner(**prefill, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb, key_range=True),
+                     planner(**longest, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb),
+                     planner(**prefill, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb, window=(127, 0))):
+        assert not fallback["sm90a"] and fallback["key_lists_heads"] == Hm
+    few = dict(B=16, H=32, Hk=8, D=256, total_q=64, total_k=65_536, max_q=4, max_k=4096)
+    plan = planner(**few, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb)
+    if Hm == 32:  # finer than the KV heads: not the decode kernel's, and not the sm90a kernel's either
+        assert plan["kernel"] == "prefill" and not plan["sm90a"] and plan["key_lists_heads"] == 32
+    elif Hb != 32:  # mask and bias heads group whole KV groups: the decode kernel's
+        assert plan["kernel"] == "decode"
+    assert planner(**dict(few, total_q=3000, max_q=200), mask=KEY, Hm=Hm, bias=KEY, Hb=Hb)["sm90a_slots"]
+
+
+def test_every_operand_reaches_a_kernel_that_reads_it(planner):
+    """Every mask and bias layout, head broadcast and bias dtype, beside key ranges, windows (narrow ones included),
+    the DMATTN_SM90A_CTAS and DMATTN_KERNEL overrides, at D 64 / 128 / 256 and in prefill, one-query-tile,
+    decode-shaped and long shapes: the plan reaches a kernel that reads each operand (sm90a/launch.cuh launch_fwd and
+    sm80/launch.cuh launch_attention, which answer cudaErrorInvalidValue to a plan outside these rules): a key-side
+    mask through kept-key lists (the sm80 kernels, or the sm90a kernel's gathered slots at D <= 128) or through its
+    map and bits by sequence (the sm90a kernel's query-side variant: beside a query-side bias, or at D = 256); a
+    key-side bias over slots (in place where no lists are gathered) and never with key ranges; a query-side bias on
+    the query-side variant, float32 only at D <= 128; a query-side mask's map and bits there; at D = 256 no gathered
+    slots (sm90a/launch.cuh launch_attention's guard never has to send an sm90a plan to the sm80 kernels)."""
+    H, Hk = 8, 2
+    shapes = [dict(B=4, total_q=4096, total_k=4096, max_q=1024, max_k=1024),
+              dict(B=16, total_q=1600, total_k=32_000, max_q=100, max_k=2000),  # one query tile, not decode's
+              dict(B=64, total_q=64, total_k=64 * 4096, max_q=1, max_k=4096),  # decode-shaped
+              dict(B=2, total_q=2048, total_k=600_000, max_q=1024, max_k=300_000)]  # past the tile list
+    calls = [dict(shape, H=H, Hk=Hk, D=D, mask=mask, Hm=Hm, bias=bias, Hb=Hb, bias_dtype=dtype, key_range=kr,
+                  window=window, sm90a_ctas=ctas, force=force)
+             for D in (64, 128, 256) for shape in shapes
+             for mask, Hm in ((ABSENT, 1), (KEY, 1), (KEY, Hk), (KEY, H), (QUERY, 1), (QUERY, Hk), (QUERY, H))
+             for bias, Hb, dtype in ((ABSENT, 1, F32),) + tuple((b, h, t) for b in (KEY, QUERY) for h in (1, Hk, H)
+                                                                for t in (F32, BF16))
+             for kr in (False, True) for window in ((-1, -1), (-1, 0), (255, 0), (64, 0), (-1, 300))
+             for ctas in (0, -1, 3) for force in (AUTO, FORCE_PREFILL)]
+    for call, plan in zip(calls, planner.many(calls)):
+        D, mask, bias = call["D"], call["mask"], call["bias"]
+        by_sequence = plan["sm90a_query"] and mask == KEY
+        if mask == KEY:  # lists, or the map and bits by sequence (no lists: the sm80 kernels would refuse the call)
+            assert (plan["key_lists_heads"] > 0) != by_sequence, (call, plan)
+            # the mask's heads (the decode kernel's lists: the finer of the mask's and a query-side bias's)
+            assert by_sequence or plan["key_lists_heads"] == call["Hm"] or plan["kernel"] == "decode", (call, plan)
+            assert not by_sequence or plan["block_map_heads"] == call["Hm"], (call, plan)
+            assert not by_sequence or D > 128 or bias == QUERY, (call, plan)  # the kernels that read by sequence
+        if plan["sm90a_query"] and mask == QUERY:
+            assert plan["block_map_heads"] == call["Hm"], (call, plan)
+        if not plan["sm90a"]:
+            continue
+        assert plan["kernel"] == "prefill", (call, plan)
+        if bias == KEY:
+            assert plan["sm90a_slots"] and not call["key_range"], (call, plan)
+            assert plan["slots_in_place"] == (plan["key_lists_heads"] == 0), (call, plan)
+        if bias == QUERY:
+            assert plan["sm90a_query"] and not plan["sm90a_slots"], (call, plan)
+            assert call["bias_dtype"] != F32 or D <= 128, (call, plan)
+        if mask == ABSENT and bias == ABSENT:
+            assert not plan["sm90a_slots"] and not plan["sm90a_query"], (call, plan)
+        if D > 128:
+            assert not plan["sm90a_slots"] or plan["slots_in_place"], (call, plan)
 
 
 def test_per_head_key_side_masks_keep_their_copies_within_the_cap(planner):

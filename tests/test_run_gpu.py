@@ -169,7 +169,8 @@ def _collected(output):
 def test_pytest_shards_split_a_selection_with_none_left_out_or_twice():
     args = ["--co", "-q", "-p", "no:cacheprovider", "tests/test_compare_builds.py", "tests/test_run_gpu.py"]
     whole = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=ROOT, capture_output=True, text=True)
-    shards = subprocess.run(["bash", "tools/pytest_shards.sh", "3", *args], cwd=ROOT, capture_output=True, text=True)
+    shards = subprocess.run(["bash", "tools/pytest_shards.sh", "3", *args], cwd=ROOT, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHON=sys.executable))
     assert whole.returncode == 0 and shards.returncode == 0, shards.stdout + shards.stderr
     assert [f"--- shard {i}/3: exit" in shards.stdout for i in range(3)] == [True] * 3
     ids = _collected(shards.stdout)

@@ -1,10 +1,11 @@
 """The sm90a prefill kernel (wgmma + TMA; csrc/cuda/sm90a/) beside the sm80 one: calls without mask, bias or key pool
 (causal or not, windows, key ranges, softcap, sinks, seqused_k) run on it on a cc 9.0 device, and so do key-side masks
 of any heads (with or without a key-side bias), over their kept rows gathered into dense slots (a copy per list where
-lists are finer than KV heads), query-side masks without a bias or with a key-side one (their block map and bits,
-D <= 128), a key-side bias alone (over slots in place), and query-side biases (q's dtype, or float32 on a CTA per unit)
-alone or beside a query-side mask (each row's elements of a live tile staged by its threads); every other call runs on
-the sm80 kernels.
+lists are finer than KV heads; D <= 128), query-side masks without a bias or with a key-side one (their block map and
+bits), key-side masks at D = 256 (their map and bits by sequence; alone, beside a key-side bias or a query-side one),
+a key-side bias alone (over slots in place; beside a mask too, in place), and query-side biases (q's dtype, or float32
+on a CTA per unit at D <= 128) alone or beside a query-side mask (each row's elements of a live tile staged by its
+threads); every other call (float32 query-side biases at D = 256 among them) runs on the sm80 kernels.
 Every shape runs both ways, the sm80 path forced through the documented debug variable DMATTN_ARCH=sm80, each judged
 by the float64 reference and the accuracy rule of tests/samples.py. GPU only; on devices other than cc 9.0 (or a
 build without the sm90a path) the automatic choice is the sm80 kernel, which test_choice checks."""
@@ -67,6 +68,16 @@ def _check_on_path(spec, dtype, path, monkeypatch, capfd, plan_field):
     _check(spec, dtype, label=path)
     torch.cuda.synchronize()
     return re.findall(r"kernel=prefill .*" + plan_field, capfd.readouterr().err)
+
+
+# A skewed batch: one 5000-key sequence amid 129 short ones of odd lengths, for key-side masks mapped by sequence
+# (passes.h BlockMap::sequence_row: each sequence's segment sized by its own keys, from after keys that are not
+# multiples of 128, not a row of max_seqlen_k per sequence).
+SKEWED_Q = tuple(i % 5 for i in range(60)) + (300,) + tuple(1 + i % 7 for i in range(69))
+SKEWED_K = tuple(1 + (37 * i) % 190 for i in range(60)) + (5000,) + tuple(1 + (53 * i) % 250 for i in range(69))
+# Like lengths: 40 sequences of 1 to 128 keys, where the map by sequence takes a stride per sequence (the smaller layout).
+LIKE_K = tuple(128 - (29 * i) % 128 for i in range(40))
+LIKE_Q = tuple(1 + (11 * i) % 70 for i in range(40))
 
 
 # Dense shapes: query tiles of 128 rows and key tiles of 128 keys (64 at D = 256) cut everywhere, GQA / MQA / MHA,
@@ -177,7 +188,15 @@ def _plan_sm90a(capfd):
         (Spec("query_bias", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), bias="query"), True),
         (Spec("d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), is_causal=True), True),
         (Spec("d256_key_mask", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="key"),
-         False),  # the kept rows' gather copies rows of D <= 128
+         True),  # mapped by sequence (the kept rows' gather copies rows of D <= 128)
+        (Spec("d256_key_mask_key_bias", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,),
+              mask="key", bias="key"), True),  # the mask mapped by sequence, the bias over slots in place
+        (Spec("d256_key_bias", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), bias="key"),
+         True),  # slots in place
+        (Spec("d256_query_bias_q_dtype", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,),
+              bias="query", bias_dtype="q"), True),
+        (Spec("d256_query_bias_float32", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,),
+              bias="query"), False),  # its terms do not fit beside D = 256's tiles
         (Spec("query_mask", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="query", mask_heads="H"),
          True),
         (Spec("query_mask_key_bias", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="query",
@@ -191,22 +210,26 @@ def _plan_sm90a(capfd):
         (Spec("query_bias_q_dtype_odd_extent", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(301,), bias="query",
               bias_heads="Hk", bias_dtype="q"), True),  # rows of odd length: rows starting at odd elements
         (Spec("d256_query_mask", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,),
-              mask="query"), False),
+              mask="query"), True),
+        (Spec("d256_query_mask_key_bias", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,),
+              mask="query", bias="key"), True),
         (Spec("key_mask_query_bias", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="key",
               bias="query"), True),  # the key-side mask mapped by sequence
         (Spec("key_mask_query_bias_q_dtype", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="key",
               mask_heads="H", bias="query", bias_dtype="q"), True),
         (Spec("d256_key_mask_query_bias", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,),
-              mask="key", bias="query", bias_dtype="q"), False),
+              mask="key", bias="query", bias_dtype="q"), True),
+        (Spec("d256_key_mask_query_bias_float32", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,),
+              seqlens_k=(300,), mask="key", bias="query"), False),
     ],
     ids=lambda x: x.name if isinstance(x, Spec) else str(x),
 )
 def test_choice(spec, sm90a, monkeypatch, capfd, cuda_device):
-    """Prefill without mask, bias or key pool (D 64 / 128 / 256), or with a key-side mask, a query-side mask
-    (without bias, with a key-side one or with a query-side one), a key-side bias alone or a query-side one (alone or
-    beside a key-side mask) (D <= 128), takes the sm90a kernel on a cc 9.0 device with the sm90a path built, and never
-    elsewhere; D = 256 with a mask or bias and windows of at most 128 keys take the sm80 kernels; DMATTN_ARCH=sm80
-    forces them."""
+    """Prefill without mask, bias or key pool, or with a key-side mask, a query-side mask (without bias, with a
+    key-side one or with a query-side one), a key-side bias alone or a query-side one (alone or beside a key-side
+    mask) (D 64 / 128 / 256), takes the sm90a kernel on a cc 9.0 device with the sm90a path built, and never
+    elsewhere; a float32 query-side bias at D = 256 and windows of at most 128 keys take the sm80 kernels;
+    DMATTN_ARCH=sm80 forces them."""
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
     capfd.readouterr()
     _check(spec, torch.bfloat16)
@@ -320,6 +343,34 @@ LYING_SPECS = [
          is_causal=True, mask="key", mask_heads="H", keep=0.5, bias="query", bias_heads="Hk", bias_dtype="q"),
     Spec("lying_key_mask_query_bias_float32", heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 400),
          mask="key", mask_heads="1", keep=0.5, bias="query", bias_heads="H"),
+    # D = 256 (64-key tiles): a query-side mask, and a key-side one mapped by sequence
+    Spec("lying_query_mask_d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 401),
+         is_causal=True, mask="query", mask_heads="H", keep=0.5),
+    Spec("lying_key_mask_d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 401),
+         is_causal=True, mask="key", mask_heads="Hk", keep=0.5),
+    # D = 256 biases: a key-side one over slots in place (alone, beside a key-side mask by sequence, beside a
+    # query-side mask), a query-side one in q's dtype (alone, odd extent; beside a key-side mask)
+    Spec("lying_key_bias_d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 401),
+         is_causal=True, bias="key", bias_heads="H"),
+    Spec("lying_key_mask_key_bias_d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 7, 260),
+         seqlens_k=(300, 7, 401), is_causal=True, mask="key", mask_heads="H", keep=0.5, bias="key", bias_heads="Hk"),
+    Spec("lying_query_mask_key_bias_d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 7, 260),
+         seqlens_k=(300, 7, 400), window=(200, 0), is_causal=True, mask="query", mask_heads="Hk", keep=0.5,
+         bias="key", bias_heads="1", bias_dtype="q"),
+    Spec("lying_query_bias_alone_d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 7, 260),
+         seqlens_k=(301, 7, 399), bias="query", bias_heads="Hk", bias_dtype="q"),
+    Spec("lying_key_mask_query_bias_d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 7, 260),
+         seqlens_k=(300, 7, 401), is_causal=True, mask="key", mask_heads="1", keep=0.5, bias="query", bias_heads="H",
+         bias_dtype="q"),
+    # A key-side mask's map by sequence sized by the keys (BlockMap::sequence_extent, 4 (ceil(708 / 128) + 3) = 36
+    # blocks a head): honest, the last sequence's segment (from key 130: block 4 ceil(130 / 128) + 8 = 16, 20 blocks)
+    # ends at the extent; the lies clamp ranges that start mid-tile and overlap ("overlapping": keys [0, 708) and
+    # [212, 708), "decreasing": [0, 708) and [1, 708)), each segment still inside the map.
+    Spec("lying_key_mask_query_bias_segment_at_the_extent", heads=4, heads_k=2, seqlens_q=(130, 7, 260),
+         seqlens_k=(100, 30, 578), is_causal=True, mask="key", mask_heads="Hk", keep=0.5, bias="query",
+         bias_heads="H", bias_dtype="q"),
+    Spec("lying_key_mask_d256_segment_at_the_extent", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 7, 260),
+         seqlens_k=(100, 30, 578), mask="key", mask_heads="H", keep=0.5, mask_runs=16),
 ]
 
 
@@ -394,6 +445,99 @@ def test_cuda_key_side_masks_over_kept_slots_match_reference(spec, dtype, path, 
     assert slots == [str(int(path != "sm80" and _sm90a_device()))]
 
 
+# Key-side masks at D = 256 on the sm90a kernel: its query-side variant over the mask's map and bits by sequence
+# (BlockMap::by_sequence; the kept rows' gather copies rows of D <= 128): mask heads 1 / Hk / H, random and
+# block-sparse masks (64-key tiles dead and whole), causal with more keys or more queries than the other, a sequence
+# whose keys are all masked, empty sequences, rows and keys past the end, odd key counts, windows, softcap, sinks,
+# seqused_k, a sequence of more KV tiles than the producer lists at once (128), MQA and MHA.
+KEY_MAP_SPECS = [
+    Spec("key_map_d256_causal_hk", head_dim=256, heads=8, heads_k=2, seqlens_q=(300, 129, 1),
+         seqlens_k=(700, 128, 260), is_causal=True, mask="key", mask_heads="Hk", keep=0.5),
+    Spec("key_map_d256_runs_h_odd_keys", head_dim=256, heads=4, heads_k=4, seqlens_q=(257, 90), seqlens_k=(513, 91),
+         mask="key", mask_heads="H", keep=0.4, mask_runs=64, slack_k=3),
+    Spec("key_map_d256_1_more_queries_all_masked", head_dim=256, heads=4, heads_k=1, seqlens_q=(300, 17, 70),
+         seqlens_k=(130, 3, 90), is_causal=True, mask="key", keep=0.6, masked_rows=True),
+    Spec("key_map_d256_empty_and_past_the_end", head_dim=256, heads=4, heads_k=2, seqlens_q=(0, 130, 5, 0),
+         seqlens_k=(20, 0, 141, 0), mask="key", mask_heads="H", keep=0.5, extra_rows_q=9, extra_rows_k=7),
+    Spec("key_map_d256_window_softcap_sinks_seqused", head_dim=256, heads=4, heads_k=2, seqlens_q=(500, 64),
+         seqlens_k=(900, 301), seqused_k=(870, 255), window=(200, 50), softcap=30.0, sinks="q", mask="key",
+         mask_heads="Hk", keep=0.6, mask_runs=16),
+    Spec("key_map_d256_window_causal_h", head_dim=256, heads=4, heads_k=1, seqlens_q=(700, 130), seqlens_k=(700, 300),
+         window=(300, 0), is_causal=True, mask="key", mask_heads="H", keep=0.5, mask_runs=32),
+    Spec("key_map_d256_many_tiles", head_dim=256, heads=2, heads_k=1, seqlens_q=(130, 3), seqlens_k=(9000, 5),
+         mask="key", mask_heads="1", keep=0.3, mask_runs=300),
+    # lists of more than 1024 64-key tiles (tile numbers past 1023), a last tile of odd length, and a window whose
+    # tiles are past 1000 (40 queries x 2 heads: more packed rows than the decode kernel takes)
+    Spec("key_map_d256_past_tile_1024", head_dim=256, heads=2, heads_k=1, seqlens_q=(40, 3), seqlens_k=(66_001, 5),
+         mask="key", mask_heads="1", keep=0.5, mask_runs=64),
+    Spec("key_map_d256_window_past_tile_1024", head_dim=256, heads=2, heads_k=1, seqlens_q=(65,),
+         seqlens_k=(66_000,), window=(6_000, 0), is_causal=True, mask="key", mask_heads="1", keep=0.5, mask_runs=16),
+    # more sequences than a persistent launch's unit table (255): the map's sequence is the launch's seq0 + z
+    Spec("key_map_d256_more_sequences_than_a_unit_table", head_dim=256, heads=2, heads_k=1,
+         seqlens_q=(300,) + tuple(i % 9 for i in range(299)), seqlens_k=(300,) + tuple(i % 13 for i in range(299)),
+         is_causal=True, mask="key", mask_heads="H", keep=0.5),
+    Spec("key_map_d256_all_kept_tails", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 70, 1),
+         seqlens_k=(161, 33, 300), mask="key", mask_heads="Hk", keep=1.0, extra_rows_k=9),
+    Spec("key_map_d256_seqused", head_dim=256, heads=4, heads_k=2, seqlens_q=(200, 40, 130),
+         seqlens_k=(300, 140, 90), seqused_k=(400, 0, 57), mask="key", mask_heads="1", keep=0.5, mask_runs=32),
+    Spec("key_map_d256_more_queries_negative_scale", head_dim=256, heads=4, heads_k=1, seqlens_q=(300, 17),
+         seqlens_k=(130, 3), is_causal=True, softmax_scale=-0.4, mask="key", mask_heads="H", keep=0.5),
+    # A skewed batch: one long sequence amid 129 short ones of odd lengths, so segments (BlockMap::sequence_row: each
+    # sequence's blocks from 4 ceil(k_start / 128) + 4 b, sized by its own keys) start after keys that are not
+    # multiples of 128; and a last segment that ends exactly at the map's extent (36 blocks for 708 keys, B = 3).
+    Spec("key_map_d256_skewed_batch", head_dim=256, heads=4, heads_k=2, seqlens_q=SKEWED_Q, seqlens_k=SKEWED_K,
+         is_causal=True, mask="key", mask_heads="Hk", keep=0.5, mask_runs=16, extra_rows_k=5),
+    Spec("key_map_d256_segment_at_the_extent", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 7, 260),
+         seqlens_k=(100, 30, 578), mask="key", mask_heads="H", keep=0.5, mask_runs=16),
+    # 40 sequences of 1 to 128 keys: the map at a stride of 4 blocks a sequence (BlockMap::sequence_layout: 160 blocks
+    # a head against the segments' 4 (ceil(total_k / 128) + 40)), seqused_k cutting some
+    Spec("key_map_d256_like_lengths_stride", head_dim=256, heads=4, heads_k=2, seqlens_q=LIKE_Q, seqlens_k=LIKE_K,
+         seqused_k=tuple(max(k - i % 3 * 20, 0) for i, k in enumerate(LIKE_K)), is_causal=True, mask="key", mask_heads="Hk",
+         keep=0.5, mask_runs=16),
+]
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("spec", KEY_MAP_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("path", ["auto", "persistent3", "per_unit", "sm80"])
+def test_cuda_d256_key_side_masks_mapped_by_sequence_match_reference(spec, dtype, path, monkeypatch, capfd,
+                                                                     cuda_device):
+    """A key-side mask at D = 256 runs on the sm90a kernel's query-side variant (no kept slots: its map and bits by
+    sequence; persistent on a CTA per SM, on 3 CTAs or a CTA per unit through DMATTN_SM90A_CTAS), and on the sm80
+    kernels forced (over its kept-key lists); each matches the float64 reference, and the plan names the path."""
+    plan = _check_on_path(spec, dtype, path, monkeypatch, capfd, r"sm90a_slots=(\d) sm90a_query=(\d)")
+    assert plan == [("0", str(int(path != "sm80" and _sm90a_device())))]
+
+
+@pytest.mark.parametrize("mask_heads", ["1", "Hk", "H"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_key_side_masked_keys_at_d256_never_reach_a_row(mask_heads, is_causal, arch, monkeypatch, capfd):
+    """At D = 256 the sm90a kernel maps a key-side mask per sequence and loads the keys of every live 64-key tile,
+    masked ones included (docs/contract.md): NaN in the K and V rows of the keys no query head of their KV group
+    attends must leave out and lse bit-identical, on the sm90a kernel (a CTA per unit and persistent) as on the sm80
+    one (which never reads them)."""
+    dtype = torch.bfloat16
+    spec = Spec("skip_masked_d256", head_dim=256, seqlens_q=(130, 1, 200, 0), seqlens_k=(300, 9, 331, 6), heads=4,
+                heads_k=2, mask="key", mask_heads=mask_heads, keep=0.4, is_causal=is_causal)
+    reason = support_reason(spec, dtype, "cuda")
+    if reason:
+        pytest.skip(reason)
+    sample = make_sample(spec, dtype, "cuda", seed=7)
+    unread = unread_keys(sample.mask.cpu(), spec.heads, spec.heads_k)  # (total_k, Hk)
+    k, v = sample.k.clone(), sample.v.clone()
+    k[unread.to("cuda")] = float("nan")
+    v[unread.to("cuda")] = float("nan")
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    capfd.readouterr()
+    expected = sample.run()
+    poisoned = sample.replace(k=k, v=v).run()
+    torch.cuda.synchronize()
+    on = str(int(arch != "sm80" and _sm90a_device()))
+    assert re.findall(r"kernel=prefill .*sm90a_query=(\d)", capfd.readouterr().err) == [on, on]
+    for want, got in zip(expected, poisoned):
+        assert torch.equal(want, got), f"{arch}: a masked-out key's K or V reached a row"
+
+
 def test_cuda_key_side_mask_without_room_for_kept_rows_takes_the_sm80_kernels(monkeypatch, capfd, cuda_device):
     """Where the sm90a kernel's copy of the kept K / V rows (as large as k and v) does not fit in memory, the call takes
     the sm80 kernels, which gather the kept rows where they are, instead of failing: the allocator is held here to
@@ -424,7 +568,8 @@ def test_cuda_key_side_mask_without_room_for_kept_rows_takes_the_sm80_kernels(mo
 # live tiles): mask heads 1 / Hk / H, random and block-sparse masks (dead and whole tiles), causal with more keys or
 # more queries than the other, fully masked rows and sequences, empty sequences, rows past the last sequence, an odd
 # key extent (the bits' rows of any stride), a sequence of more KV tiles than the producer lists at once (128),
-# windows, softcap, sinks, seqused_k, D 64 / 128, MQA and MHA; and with a key-side bias beside the mask.
+# windows, softcap, sinks, seqused_k, D 64 / 128 / 256 (64-key tiles: half of a 128-key tile's bits), MQA and MHA;
+# and with a key-side bias beside the mask (D <= 128).
 QUERY_SPECS = [
     Spec("query_causal_hk", heads=8, heads_k=2, seqlens_q=(300, 129, 1), seqlens_k=(700, 128, 260), is_causal=True,
          mask="query", mask_heads="Hk", keep=0.5),
@@ -454,6 +599,25 @@ QUERY_SPECS = [
     Spec("query_key_bias_window_sinks_d64", head_dim=64, heads=6, heads_k=3, seqlens_q=(260, 40),
          seqlens_k=(600, 300), seqused_k=(555, 280), window=(150, -1), is_causal=True, sinks="q", mask="query",
          keep=0.6, bias="key", bias_heads="Hk"),
+    # D = 256: 64-key tiles, each reading words [2 n, 2 n + 2) of the bits' 128-key layout.
+    Spec("query_d256_causal_hk", head_dim=256, heads=8, heads_k=2, seqlens_q=(300, 129, 1),
+         seqlens_k=(700, 128, 260), is_causal=True, mask="query", mask_heads="Hk", keep=0.5),
+    Spec("query_d256_runs_h_odd_keys", head_dim=256, heads=4, heads_k=4, seqlens_q=(257, 90), seqlens_k=(513, 91),
+         mask="query", mask_heads="H", keep=0.4, mask_runs=64, slack_k=3),
+    Spec("query_d256_1_more_queries_masked_rows", head_dim=256, heads=4, heads_k=1, seqlens_q=(300, 17, 70),
+         seqlens_k=(130, 3, 90), is_causal=True, mask="query", keep=0.6, masked_rows=True),
+    Spec("query_d256_empty_and_past_the_end", head_dim=256, heads=4, heads_k=2, seqlens_q=(0, 130, 5, 0),
+         seqlens_k=(20, 0, 140, 0), mask="query", mask_heads="H", keep=0.5, extra_rows_q=9, extra_rows_k=5),
+    Spec("query_d256_window_softcap_sinks_seqused", head_dim=256, heads=4, heads_k=2, seqlens_q=(500, 64),
+         seqlens_k=(900, 301), seqused_k=(870, 255), window=(200, 50), softcap=30.0, sinks="float32", mask="query",
+         mask_heads="Hk", keep=0.6, mask_runs=40),
+    Spec("query_d256_many_tiles", head_dim=256, heads=2, heads_k=1, seqlens_q=(130, 3), seqlens_k=(9000, 5),
+         mask="query", mask_heads="1", keep=0.4, mask_runs=300),
+    # more than 1024 64-key tiles (a mask per query head: not the decode kernel's); a negative scale
+    Spec("query_d256_past_tile_1024", head_dim=256, heads=2, heads_k=1, seqlens_q=(40, 3), seqlens_k=(66_001, 5),
+         is_causal=True, mask="query", mask_heads="H", keep=0.5, mask_runs=64),
+    Spec("query_d256_negative_scale", head_dim=256, heads=4, heads_k=1, seqlens_q=(300, 17), seqlens_k=(130, 3),
+         is_causal=True, softmax_scale=-0.4, mask="query", mask_heads="H", keep=0.5),
 ]
 
 
@@ -482,12 +646,13 @@ def _assert_hidden_nan_v_stays_out(sample, **hiding):
     assert torch.equal(out[200:, 0:2], clean[200:, 0:2])
 
 
+@pytest.mark.parametrize("head_dim", [64, 256])
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_nonfinite_v_of_query_masked_keys(dtype, arch):
+def test_nonfinite_v_of_query_masked_keys(dtype, head_dim, arch):
     """A key a query-side mask hides from some rows, with NaN in its V, never reaches those rows (its tile is masked:
-    the V scan zeroes it for them), and reaches the rows the mask shows it to."""
-    spec = Spec("nonfinite_v_query_mask", heads=4, heads_k=2, seqlens_q=(300,), seqlens_k=(300,), mask="query",
-                mask_heads="H", keep=1.0)
+    the V scan zeroes it for them), and reaches the rows the mask shows it to (128-key tiles, and D = 256's 64)."""
+    spec = Spec("nonfinite_v_query_mask", head_dim=head_dim, heads=4, heads_k=2, seqlens_q=(300,), seqlens_k=(300,),
+                mask="query", mask_heads="H", keep=1.0)
     sample = make_sample(spec, dtype, "cuda")
     mask = sample.mask.clone()
     mask[:200, :, 150] = False  # key 150 hidden from queries 0..199 of every head
@@ -498,8 +663,8 @@ def test_nonfinite_v_of_query_masked_keys(dtype, arch):
 # shared memory): alone (every tile live, no map) and beside a query-side mask, bias heads 1 / Hk / H, -inf entries,
 # rows starting at odd elements (an odd extent) and sequences of odd key counts (a row's last word half outside it: a
 # 2-byte copy), causal with more keys or more queries, empty sequences and rows past the end, windows, softcap,
-# sinks, seqused_k, a sequence of many KV tiles, D 64 / 128; float32 biases (their own variant, a CTA per unit:
-# alone and with a mask, -inf entries, windows, D 64 / 128).
+# sinks, seqused_k, a sequence of many KV tiles, D 64 / 128 / 256; float32 biases (their own variant, a CTA per unit:
+# alone and with a mask, -inf entries, windows, D 64 / 128; at D = 256 the sm80 kernels).
 QUERY_BIAS_SPECS = [
     (Spec("qbias_alone_causal_h", heads=8, heads_k=2, seqlens_q=(300, 129, 1), seqlens_k=(700, 128, 260),
           is_causal=True, bias="query", bias_heads="H", bias_dtype="q"), True),
@@ -567,10 +732,57 @@ QUERY_BIAS_SPECS = [
     (Spec("qbias_key_mask_more_queries_negative_scale", heads=4, heads_k=1, seqlens_q=(300, 17), seqlens_k=(130, 3),
           is_causal=True, softmax_scale=-0.4, mask="key", mask_heads="H", keep=0.5, bias="query", bias_dtype="q"),
      True),
+    # a skewed batch: one long sequence amid 129 short ones of odd lengths (each sequence's map segment sized by its
+    # own keys, BlockMap::sequence_row); and a last segment that ends exactly at the map's extent (708 keys, B = 3)
+    (Spec("qbias_key_mask_skewed_batch", heads=4, heads_k=2, seqlens_q=SKEWED_Q, seqlens_k=SKEWED_K, is_causal=True,
+          mask="key", mask_heads="H", keep=0.5, mask_runs=16, bias="query", bias_heads="Hk", bias_dtype="q",
+          extra_rows_k=5), True),
+    (Spec("qbias_key_mask_segment_at_the_extent", heads=4, heads_k=2, seqlens_q=(130, 7, 260),
+          seqlens_k=(100, 30, 578), mask="key", mask_heads="Hk", keep=0.5, bias="query", bias_heads="H",
+          bias_dtype="q"), True),
+    (Spec("qbias_d256_key_mask_skewed_batch", head_dim=256, heads=4, heads_k=2, seqlens_q=SKEWED_Q,
+          seqlens_k=SKEWED_K, mask="key", mask_heads="1", keep=0.5, mask_runs=16, bias="query", bias_heads="H",
+          bias_dtype="q"), True),
     # windowed in q's dtype: the one mixed call the plan runs persistent
     (Spec("qbias_key_mask_window_persistent", heads=8, heads_k=2, seqlens_q=(500, 64), seqlens_k=(900, 64),
           window=(255, 0), is_causal=True, mask="key", mask_heads="H", keep=0.5, mask_runs=16, bias="query",
           bias_heads="1", bias_dtype="q"), True),
+    # D = 256 (64-key tiles: a row's 33 words of a tile staged, 18 KB): q's dtype alone, beside a query-side mask and
+    # beside a key-side one (by sequence), the cases above at its tile size; float32 takes the sm80 kernels there
+    (Spec("qbias_d256_alone_causal_h", head_dim=256, heads=8, heads_k=2, seqlens_q=(300, 129, 1),
+          seqlens_k=(700, 128, 260), is_causal=True, bias="query", bias_heads="H", bias_dtype="q"), True),
+    (Spec("qbias_d256_mask_hk_neg_inf_odd_keys", head_dim=256, heads=4, heads_k=4, seqlens_q=(257, 90),
+          seqlens_k=(513, 91), slack_k=1, mask="query", mask_heads="Hk", keep=0.5, mask_runs=64, bias="query",
+          bias_heads="Hk", bias_dtype="q", bias_neg_inf=True), True),
+    (Spec("qbias_d256_1_more_queries_negative_scale", head_dim=256, heads=4, heads_k=1, seqlens_q=(300, 17),
+          seqlens_k=(130, 3), is_causal=True, softmax_scale=-0.4, bias="query", bias_dtype="q"), True),
+    (Spec("qbias_d256_mask_h_empty_and_past_the_end", head_dim=256, heads=4, heads_k=2, seqlens_q=(0, 130, 5, 0),
+          seqlens_k=(20, 0, 140, 0), mask="query", mask_heads="H", keep=0.5, bias="query", bias_heads="H",
+          bias_dtype="q", extra_rows_q=9, extra_rows_k=5), True),
+    (Spec("qbias_d256_window_softcap_sinks_seqused", head_dim=256, heads=6, heads_k=3, seqlens_q=(260, 40),
+          seqlens_k=(600, 300), seqused_k=(555, 281), window=(150, -1), is_causal=True, softcap=30.0,
+          sinks="float32", bias="query", bias_heads="Hk", bias_dtype="q", bias_neg_inf=True), True),
+    (Spec("qbias_d256_odd_extent_h_neg_inf", head_dim=256, heads=8, heads_k=2, seqlens_q=(129, 3, 300),
+          seqlens_k=(257, 1, 129), bias="query", bias_heads="H", bias_dtype="q", bias_neg_inf=True, extra_rows_q=3),
+     True),
+    (Spec("qbias_d256_many_tiles", head_dim=256, heads=2, heads_k=1, seqlens_q=(130, 3), seqlens_k=(17000, 5),
+          bias="query", bias_heads="H", bias_dtype="q"), True),
+    (Spec("qbias_d256_key_mask_hk_runs_all_masked", head_dim=256, heads=4, heads_k=2, seqlens_q=(257, 90, 40),
+          seqlens_k=(513, 91, 200), mask="key", mask_heads="Hk", keep=0.5, mask_runs=64, masked_rows=True,
+          bias="query", bias_heads="Hk", bias_dtype="q", bias_neg_inf=True, extra_rows_q=5, extra_rows_k=7), True),
+    (Spec("qbias_d256_key_mask_window_persistent", head_dim=256, heads=8, heads_k=2, seqlens_q=(500, 64),
+          seqlens_k=(900, 64), window=(255, 0), is_causal=True, mask="key", mask_heads="H", keep=0.5, mask_runs=16,
+          bias="query", bias_heads="1", bias_dtype="q"), True),
+    (Spec("qbias_d256_query_mask_causal_window_h", head_dim=256, heads=8, heads_k=2, seqlens_q=(500, 129, 1),
+          seqlens_k=(900, 128, 260), window=(300, 0), is_causal=True, mask="query", mask_heads="H", keep=0.5,
+          mask_runs=16, bias="query", bias_heads="Hk", bias_dtype="q", bias_neg_inf=True), True),
+    (Spec("qbias_d256_query_mask_causal_1", head_dim=256, heads=4, heads_k=1, seqlens_q=(300, 17),
+          seqlens_k=(400, 3), is_causal=True, mask="query", mask_heads="1", keep=0.6, bias="query",
+          bias_heads="H", bias_dtype="q"), True),
+    (Spec("qbias_d256_float32", head_dim=256, heads=4, heads_k=2, seqlens_q=(200, 70), seqlens_k=(300, 90),
+          is_causal=True, mask="query", bias="query", bias_heads="H"), False),
+    (Spec("qbias_d256_float32_key_mask", head_dim=256, heads=4, heads_k=2, seqlens_q=(200, 70), seqlens_k=(300, 90),
+          mask="key", keep=0.6, bias="query", bias_heads="Hk"), False),
 ]
 
 
@@ -603,13 +815,15 @@ def _hidden_positions(sample, window_left):
     return hidden
 
 
+@pytest.mark.parametrize("head_dim", [128, 256])
 @pytest.mark.parametrize("bias_dtype", ["q", "float32"])
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_cuda_query_side_bias_of_hidden_entries_is_never_read_into_a_row(dtype, bias_dtype, arch):
+def test_cuda_query_side_bias_of_hidden_entries_is_never_read_into_a_row(dtype, bias_dtype, head_dim, arch):
     """NaN in every query-side bias entry no row can see (past the causal limit, before a window's left edge, at or
-    past its sequence's keys, in rows no sequence owns), at the prefill scale of the sm90a kernel's tiles, with rows
-    starting at odd elements (an odd extent): out and lse bit-identical to the call with finite values there."""
-    spec = Spec("qbias_hidden_nan", head_dim=128, heads=4, heads_k=2, seqlens_q=(300, 129, 40),
+    past its sequence's keys, in rows no sequence owns), at the prefill scale of the sm90a kernel's tiles (128 keys,
+    D = 256's 64), with rows starting at odd elements (an odd extent): out and lse bit-identical to the call with
+    finite values there."""
+    spec = Spec("qbias_hidden_nan", head_dim=head_dim, heads=4, heads_k=2, seqlens_q=(300, 129, 40),
                 seqlens_k=(701, 129, 300), window=(200, 0), is_causal=True, bias="query", bias_heads="H",
                 bias_dtype=bias_dtype, extra_rows_q=5)
     sample = make_sample(spec, dtype, "cuda")
@@ -622,16 +836,19 @@ def test_cuda_query_side_bias_of_hidden_entries_is_never_read_into_a_row(dtype, 
     assert torch.equal(got[0], clean[0]) and torch.equal(got[1], clean[1])
 
 
-@pytest.mark.parametrize("bias_dtype", ["q", "float32"])
+@pytest.mark.parametrize("bias_dtype, head_dim", [("q", 128), ("float32", 128), ("q", 256)])
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("path", ["auto", "sm80"])
-def test_cuda_query_side_bias_with_key_ranges(dtype, bias_dtype, path, monkeypatch, capfd, cuda_device):
+def test_cuda_query_side_bias_with_key_ranges(dtype, bias_dtype, head_dim, path, monkeypatch, capfd, cuda_device):
     """Key ranges (one interval per query, the ranged variant with a CTA per unit) beside a query-side bias (q's
     dtype or float32) and a query-side mask: the sm90a kernel takes the call (the plan says so) and matches the
     reference, as the sm80 kernels do when forced."""
-    spec = Spec("qbias_key_ranges", head_dim=128, heads=8, heads_k=2, seqlens_q=(300, 129, 7),
+    spec = Spec("qbias_key_ranges", head_dim=head_dim, heads=8, heads_k=2, seqlens_q=(300, 129, 7),
                 seqlens_k=(520, 129, 300), is_causal=True, mask="query", mask_heads="Hk", keep=0.7,
                 bias="query", bias_heads="H", bias_dtype=bias_dtype, bias_neg_inf=True)
+    reason = support_reason(spec, dtype, "cuda")
+    if reason:
+        pytest.skip(reason)
     sample = make_sample(spec, dtype, "cuda")
     g = torch.Generator().manual_seed(11)
     starts = torch.randint(0, 400, (sample.q.shape[0],), generator=g)
@@ -645,6 +862,33 @@ def test_cuda_query_side_bias_with_key_ranges(dtype, bias_dtype, path, monkeypat
     torch.cuda.synchronize()
     query = re.findall(r"kernel=prefill .*sm90a_query=(\d)", capfd.readouterr().err)
     assert query == [str(int(path != "sm80" and _sm90a_device()))]
+    assert_close_to_reference((out, lse), ranged.reference(), ranged.reference(ranged.dtype), label=path)
+
+
+@pytest.mark.parametrize("mask", ["key", "query"])
+@pytest.mark.parametrize("path", ["auto", "sm80"])
+def test_cuda_d256_masks_with_key_ranges(mask, path, monkeypatch, capfd, cuda_device):
+    """Key ranges beside a mask at D = 256: the sm90a kernel's query-side variant (ranged, a CTA per unit; a key-side
+    mask mapped by sequence, which at D <= 128 takes the sm80 kernels with key ranges) takes the call and matches the
+    reference, as the sm80 kernels do when forced."""
+    spec = Spec("d256_mask_key_ranges", head_dim=256, heads=8, heads_k=2, seqlens_q=(300, 129, 7),
+                seqlens_k=(520, 129, 300), is_causal=True, mask=mask, mask_heads="Hk", keep=0.6, mask_runs=16)
+    reason = support_reason(spec, torch.bfloat16, "cuda")
+    if reason:
+        pytest.skip(reason)
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    g = torch.Generator().manual_seed(13)
+    starts = torch.randint(0, 400, (sample.q.shape[0],), generator=g)
+    lengths = torch.randint(0, 300, (sample.q.shape[0],), generator=g)
+    ranged = sample.replace(key_range=torch.stack([starts, starts + lengths], dim=1).to(torch.int32).to("cuda"))
+    for name, value in ARCHS[path].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    capfd.readouterr()
+    out, lse = ranged.run()
+    torch.cuda.synchronize()
+    query = re.findall(r"kernel=prefill .*sm90a_query=(\d) sm90a_ctas=(\d+)", capfd.readouterr().err)
+    assert query == [(str(int(path != "sm80" and _sm90a_device())), "0")]
     assert_close_to_reference((out, lse), ranged.reference(), ranged.reference(ranged.dtype), label=path)
 
 
@@ -670,9 +914,9 @@ def test_cuda_query_side_bias_off_a_word_boundary_takes_the_sm80_kernels(monkeyp
         assert_close_to_reference(result, sample.reference(), sample.reference(sample.dtype))
 
 
-@pytest.mark.parametrize("bias_dtype", ["q", "float32"])
+@pytest.mark.parametrize("bias_dtype, head_dim", [("q", 128), ("float32", 128), ("q", 256)])
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_nonfinite_v_under_a_neg_inf_query_side_bias(dtype, bias_dtype, arch):
+def test_nonfinite_v_under_a_neg_inf_query_side_bias(dtype, bias_dtype, head_dim, arch):
     """On the sm90a kernel, a key that a -inf query-side bias element gives weight 0 in some rows, with NaN in its V,
     leaves those rows as they are with a finite V there (the V scan runs on every tile of a query-side bias, v's
     flags aside), and reaches the rows whose bias for it is finite."""
@@ -681,8 +925,8 @@ def test_nonfinite_v_under_a_neg_inf_query_side_bias(dtype, bias_dtype, arch):
         # sm80 kernels scan V only on tiles where a mask or the bounds hide keys, so there such rows become NaN (run
         # CH); the sm90a kernel promises more.
         pytest.skip("the sm80 kernels leave a weight-0 key's non-finite V unspecified (docs/contract.md)")
-    spec = Spec("nonfinite_v_query_bias", heads=4, heads_k=2, seqlens_q=(300,), seqlens_k=(300,), bias="query",
-                bias_heads="H", bias_dtype=bias_dtype)
+    spec = Spec("nonfinite_v_query_bias", head_dim=head_dim, heads=4, heads_k=2, seqlens_q=(300,), seqlens_k=(300,),
+                bias="query", bias_heads="H", bias_dtype=bias_dtype)
     sample = make_sample(spec, dtype, "cuda")
     bias = sample.bias.clone()
     bias[:200, :, 150] = -math.inf  # key 150 weightless for queries 0..199 of every head
@@ -730,7 +974,7 @@ def test_key_side_masked_keys_beside_a_query_side_bias_never_reach_a_row(mask_he
 # A key-side bias without a mask on the sm90a kernel: its slots variant over slots that are the keys themselves (one
 # list of every key, K / V read in place, the biases as float32 per slot): bias heads 1 / Hk / H in float32 and q's
 # dtype (-inf entries too), causal with more keys or more queries, empty sequences and rows past the end, seqused_k,
-# sinks, windows, softcap, D 64 / 128.
+# sinks, windows, softcap, D 64 / 128 / 256 (64-key tiles: half a tile's slots per bulk copy).
 BIAS_SPECS = [
     Spec("bias_in_place_causal_h", heads=8, heads_k=2, seqlens_q=(300, 129, 1), seqlens_k=(700, 128, 260),
          is_causal=True, bias="key", bias_heads="H"),
@@ -744,6 +988,24 @@ BIAS_SPECS = [
          seqlens_k=(400, 300), seqused_k=(333, 120), is_causal=True, bias="key", bias_heads="H", sinks="float32"),
     Spec("bias_in_place_window_softcap", heads=4, heads_k=2, seqlens_q=(500, 64), seqlens_k=(900, 64),
          window=(200, 50), softcap=30.0, bias="key", bias_heads="Hk", bias_dtype="q"),
+    Spec("bias_in_place_d256_causal_h", head_dim=256, heads=8, heads_k=2, seqlens_q=(300, 129, 1),
+         seqlens_k=(700, 128, 260), is_causal=True, bias="key", bias_heads="H"),
+    Spec("bias_in_place_d256_1_q_dtype_neg_inf_odd_keys", head_dim=256, heads=4, heads_k=4, seqlens_q=(257, 90),
+         seqlens_k=(513, 91), bias="key", bias_dtype="q", bias_neg_inf=True),
+    Spec("bias_in_place_d256_hk_more_queries_negative_scale", head_dim=256, heads=4, heads_k=1, seqlens_q=(300, 17),
+         seqlens_k=(130, 3), is_causal=True, softmax_scale=-0.4, bias="key", bias_heads="Hk"),
+    Spec("bias_in_place_d256_empty_and_past_the_end", head_dim=256, heads=4, heads_k=2, seqlens_q=(0, 130, 5, 0),
+         seqlens_k=(20, 0, 141, 0), bias="key", bias_heads="Hk", extra_rows_q=9, extra_rows_k=7),
+    Spec("bias_in_place_d256_seqused_sinks", head_dim=256, heads=6, heads_k=3, seqlens_q=(250, 90),
+         seqlens_k=(400, 300), seqused_k=(333, 120), is_causal=True, bias="key", bias_heads="H", sinks="float32"),
+    Spec("bias_in_place_d256_window_softcap", head_dim=256, heads=4, heads_k=2, seqlens_q=(500, 64),
+         seqlens_k=(900, 64), window=(200, 50), softcap=30.0, bias="key", bias_heads="Hk", bias_dtype="q"),
+    # more than 1024 64-key tiles in one sequence, and more sequences than a persistent launch's unit table
+    Spec("bias_in_place_d256_many_tiles", head_dim=256, heads=2, heads_k=1, seqlens_q=(130, 3), seqlens_k=(66_001, 5),
+         is_causal=True, bias="key", bias_heads="H"),
+    Spec("bias_in_place_d256_more_sequences_than_a_unit_table", head_dim=256, heads=2, heads_k=1,
+         seqlens_q=(300,) + tuple(i % 9 for i in range(299)), seqlens_k=(300,) + tuple(i % 13 for i in range(299)),
+         window=(255, 0), is_causal=True, bias="key", bias_heads="1"),
 ]
 
 
@@ -756,3 +1018,97 @@ def test_cuda_key_side_bias_alone_matches_reference(spec, dtype, path, monkeypat
     plan = _check_on_path(spec, dtype, path, monkeypatch, capfd, r"sm90a_slots=(\d) .*slots_in_place=(\d)")
     on = str(int(path != "sm80" and _sm90a_device()))
     assert plan == [(on, on)]
+
+
+# A key-side bias beside a mask at D = 256: the sm90a kernel's query-side variant over the mask's map and bits (a
+# key-side mask's by sequence, no kept slots: their gather copies rows of D <= 128) with the bias over slots in place
+# (kQuery + kSlots): key-side masks of heads 1 / Hk / H and query-side ones, bias heads 1 / Hk / H in float32 and q's
+# dtype (-inf entries too), random and block-sparse masks (64-key tiles dead and whole), causal with more keys or more
+# queries, a sequence whose keys are all masked, empty sequences, rows and keys past the end, odd key counts, windows,
+# softcap, sinks, seqused_k, more than 1024 64-key tiles, more sequences than a unit table, MQA and MHA.
+MASKED_BIAS_D256_SPECS = [
+    Spec("key_map_bias_d256_causal_hk", head_dim=256, heads=8, heads_k=2, seqlens_q=(300, 129, 1),
+         seqlens_k=(700, 128, 260), is_causal=True, mask="key", mask_heads="Hk", keep=0.5, bias="key",
+         bias_heads="H"),
+    Spec("key_map_bias_d256_runs_h_odd_keys_neg_inf", head_dim=256, heads=4, heads_k=4, seqlens_q=(257, 90),
+         seqlens_k=(513, 91), mask="key", mask_heads="H", keep=0.4, mask_runs=64, slack_k=3, bias="key",
+         bias_heads="1", bias_dtype="q", bias_neg_inf=True),
+    Spec("key_map_bias_d256_1_more_queries_all_masked", head_dim=256, heads=4, heads_k=1, seqlens_q=(300, 17, 70),
+         seqlens_k=(130, 3, 90), is_causal=True, mask="key", keep=0.6, masked_rows=True, bias="key",
+         bias_heads="Hk"),
+    Spec("key_map_bias_d256_empty_and_past_the_end", head_dim=256, heads=4, heads_k=2, seqlens_q=(0, 130, 5, 0),
+         seqlens_k=(20, 0, 141, 0), mask="key", mask_heads="H", keep=0.5, bias="key", bias_heads="H",
+         extra_rows_q=9, extra_rows_k=7),
+    Spec("key_map_bias_d256_window_softcap_sinks_seqused", head_dim=256, heads=4, heads_k=2, seqlens_q=(500, 64),
+         seqlens_k=(900, 301), seqused_k=(870, 255), window=(200, 50), softcap=30.0, sinks="q", mask="key",
+         mask_heads="Hk", keep=0.6, mask_runs=16, bias="key", bias_heads="Hk", bias_dtype="q"),
+    Spec("key_map_bias_d256_past_tile_1024", head_dim=256, heads=2, heads_k=1, seqlens_q=(40, 3),
+         seqlens_k=(66_001, 5), mask="key", mask_heads="1", keep=0.5, mask_runs=64, bias="key", bias_heads="H"),
+    Spec("key_map_bias_d256_more_sequences_than_a_unit_table", head_dim=256, heads=2, heads_k=1,
+         seqlens_q=(300,) + tuple(i % 9 for i in range(299)), seqlens_k=(300,) + tuple(i % 13 for i in range(299)),
+         is_causal=True, mask="key", mask_heads="H", keep=0.5, bias="key", bias_heads="1"),
+    Spec("key_map_bias_d256_all_kept_tails_negative_scale", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 70, 1),
+         seqlens_k=(161, 33, 300), softmax_scale=-0.4, mask="key", mask_heads="Hk", keep=1.0, extra_rows_k=9,
+         bias="key", bias_heads="Hk"),
+    Spec("query_mask_key_bias_d256_causal_h", head_dim=256, heads=8, heads_k=2, seqlens_q=(300, 129, 1),
+         seqlens_k=(700, 128, 260), is_causal=True, mask="query", mask_heads="H", keep=0.5, bias="key",
+         bias_heads="Hk"),
+    Spec("query_mask_key_bias_d256_runs_1_neg_inf", head_dim=256, heads=4, heads_k=1, seqlens_q=(257, 90),
+         seqlens_k=(513, 91), mask="query", mask_heads="1", keep=0.4, mask_runs=64, masked_rows=True, bias="key",
+         bias_heads="H", bias_dtype="q", bias_neg_inf=True),
+    Spec("query_mask_key_bias_d256_window_sinks_seqused", head_dim=256, heads=6, heads_k=3, seqlens_q=(260, 40),
+         seqlens_k=(600, 300), seqused_k=(555, 280), window=(150, -1), is_causal=True, sinks="q", mask="query",
+         mask_heads="Hk", keep=0.6, bias="key", bias_heads="1"),
+]
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("spec", MASKED_BIAS_D256_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("path", ["auto", "persistent3", "per_unit", "sm80"])
+def test_cuda_d256_key_side_bias_beside_a_mask_matches_reference(spec, dtype, path, monkeypatch, capfd,
+                                                                 cuda_device):
+    """At D = 256 a key-side bias beside a mask of either layout runs on the sm90a kernel's query-side variant with
+    the bias over slots in place (persistent on a CTA per SM, on 3 CTAs or a CTA per unit through
+    DMATTN_SM90A_CTAS), and on the sm80 kernels forced; each matches the float64 reference, and the plan names the
+    path."""
+    plan = _check_on_path(spec, dtype, path, monkeypatch, capfd,
+                          r"sm90a_slots=(\d) sm90a_query=(\d) .*slots_in_place=(\d)")
+    on = str(int(path != "sm80" and _sm90a_device()))
+    assert plan == [(on, on, on)]
+
+
+@pytest.mark.parametrize("bias_heads", ["1", "Hk", "H"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_key_side_masked_keys_and_their_key_side_bias_at_d256_never_reach_a_row(bias_heads, is_causal, arch, monkeypatch, capfd):
+    """At D = 256 a key-side mask beside a key-side bias maps the mask per sequence and reads the keys and biases of
+    every live 64-key tile, masked ones included (docs/contract.md): NaN in the K and V rows of the keys no query head
+    of their KV group attends, and in the bias entries that no query head reading them attends, must leave out and lse
+    bit-identical, on the sm90a kernel (a CTA per unit and persistent) as on the sm80 one (which never reads them)."""
+    dtype = torch.bfloat16
+    spec = Spec("skip_masked_key_bias_d256", head_dim=256, seqlens_q=(130, 1, 200, 0), seqlens_k=(300, 9, 331, 6),
+                heads=4, heads_k=2, mask="key", mask_heads="H", keep=0.4, bias="key", bias_heads=bias_heads,
+                is_causal=is_causal)
+    reason = support_reason(spec, dtype, "cuda")
+    if reason:
+        pytest.skip(reason)
+    sample = make_sample(spec, dtype, "cuda", seed=7)
+    mask = sample.mask.cpu()  # (total_k, H)
+    unread = unread_keys(mask, spec.heads, spec.heads_k)  # (total_k, Hk)
+    k, v, bias = sample.k.clone(), sample.v.clone(), sample.bias.clone()
+    k[unread.to("cuda")] = float("nan")
+    v[unread.to("cuda")] = float("nan")
+    # bias head g serves query heads [g H / Hb, (g + 1) H / Hb): its entry of a key no one of them attends is unread
+    Hb = bias.shape[1]
+    per = spec.heads // Hb
+    unread_bias = ~mask.view(mask.shape[0], Hb, per).any(dim=2)  # (total_k, Hb)
+    bias[unread_bias.to("cuda")] = float("nan")
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    capfd.readouterr()
+    expected = sample.run()
+    poisoned = sample.replace(k=k, v=v, bias=bias).run()
+    torch.cuda.synchronize()
+    on = str(int(arch != "sm80" and _sm90a_device()))
+    plans = re.findall(r"kernel=prefill .*sm90a_query=(\d) .*slots_in_place=(\d)", capfd.readouterr().err)
+    assert plans == [(on, on), (on, on)]
+    for want, got in zip(expected, poisoned):
+        assert torch.equal(want, got), f"{arch}: a masked-out key's K, V or bias reached a row"

@@ -1,7 +1,7 @@
 // block_map.cu: a query-side mask -> its block summary (passes.h, BlockMap), read once at the start of a call so the
 // prefill kernel skips the tiles it hides whole and runs the tiles it shows whole without reading it, and for the
-// sm90a kernel the mask as bits in the same read (and a key-side mask beside a query-side bias, by sequence); and v's
-// blocks that hold an inf or NaN, so its tiles that hide keys scan their V only there.
+// sm90a kernel the mask as bits in the same read (and a key-side mask beside a query-side bias or alone at D = 256,
+// by sequence); and v's blocks that hold an inf or NaN, so its tiles that hide keys scan their V only there.
 #include <cuda_runtime.h>
 
 #include "nonfinite_bits.cuh"
@@ -12,6 +12,16 @@ namespace {
 
 constexpr int kMapWarps = 8;
 constexpr int kMapThreads = kMapWarps * 32;
+// key_map_kernel's CTAs, at most, where the batch is large (build_block_map): 2^16 CTAs of 8 warps, about 62 waves
+// of a 132-SM GPU at 8 CTAs an SM (65,536 / (132 x 8)), each walking its sequence's chunks; past that the batch x mask
+// heads get kMinKeyMapChunks CTAs each (fewer where the longest sequence has fewer chunks).
+constexpr int64_t kMaxKeyMapCtas = int64_t{1} << 16;
+// key_map_kernel's CTAs per (sequence, mask head), at least (the longest sequence's chunks permitting): with
+// B x Hm >= 2^16, one CTA a row would walk a long sequence's chunks alone (a sequence of 2^20 keys beside 2^16 short
+// ones: 4,096 chunks one after another, the whole launch waiting on that CTA). 8 bounds the grid by 8 B x Hm CTAs; it
+// costs up to 7 B x Hm CTAs that find no chunk of their short sequence and exit at once (about 2^19 of them at
+// B x Hm = 2^16: tens of microseconds of launch slots), against a map of 4 B x Hm bytes or more.
+constexpr int64_t kMinKeyMapChunks = 8;
 static_assert(BlockMap::kCols == 32, "a warp's lanes are the key positions of one block");
 
 // Grid (row blocks, chunks of kMapWarps key blocks, mask heads); a CTA takes every gridDim.y-th chunk. Lane l of
@@ -62,19 +72,25 @@ block_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constan
   }
 }
 
-// A key-side mask by sequence (BlockMap::by_sequence, for the sm90a kernel beside a query-side bias). Grid (batch,
-// chunks of kMapWarps key blocks, mask heads), as block_map_kernel's with sequences for row blocks: lane l of warp w
-// reads the mask byte of key position (chunk * kMapWarps + w) * kCols + l of sequence b (its clamped keys, key_seq, as
-// the kernel reads them; nothing past them), and the warp's ballot is the sequence's bit word and its votes the
-// block's state. A warp's loads are 32 consecutive keys of one mask column.
+// A key-side mask by sequence (BlockMap::by_sequence, for the sm90a kernel beside a query-side bias, or alone at
+// D = 256). Grid (batch, chunks of kMapWarps key blocks, mask heads), as block_map_kernel's with sequences for row
+// blocks: lane l of warp w reads the mask byte of key position (chunk * kMapWarps + w) * kCols + l of sequence b (its
+// clamped keys, key_seq, as the kernel reads them; nothing past them), and the warp's ballot is the sequence's bit
+// word and its votes the block's state. A warp's loads are 32 consecutive keys of one mask column. Each sequence
+// writes its own segment's blocks (BlockMap::sequence_row), the 4 ceil(k_len / 128) that its tiles can read (a
+// 128-key tile n reads blocks [4 n, 4 n + 4), a 64-key one [2 n, 2 n + 2), n below its sequence's tiles), the blocks
+// past its keys as 0: every word and state byte a kernel reads is written, and nothing outside the segment (passes.h
+// BlockMap: in bounds and disjoint for any cu_seqlens the contract allows, in bounds for any others). A CTA takes
+// every gridDim.y-th chunk: the grid's chunks cover the longest sequence, or fewer (build_block_map).
 __global__ void __launch_bounds__(kMapThreads)
 key_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ BlockMap map) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int b = blockIdx.x, hm = blockIdx.z;
   const SeqRange sk = key_seq(p, b);
   const int h = hm * p.mask.head_group;  // any query head of mask head hm reads the same elements
-  const int64_t line = static_cast<int64_t>(hm) * p.batch + b;
-  for (int64_t cb = static_cast<int64_t>(blockIdx.y) * kMapWarps + warp; cb < map.bit_words;
+  const int64_t row = map.sequence_row(hm, b, sk.start);
+  const int64_t blocks = BlockMap::blocks(sk.len, BlockMap::kBitTileKeys) * BlockMap::kTileBlocks;
+  for (int64_t cb = static_cast<int64_t>(blockIdx.y) * kMapWarps + warp; cb < blocks;
        cb += static_cast<int64_t>(gridDim.y) * kMapWarps) {  // a whole warp's condition: its votes stay converged
     const int64_t j = cb * BlockMap::kCols + lane;
     const bool in = j < sk.len;
@@ -82,11 +98,8 @@ key_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant_
     const uint32_t word = __ballot_sync(0xffffffffu, keep);
     const bool any_false = __any_sync(0xffffffffu, in && !keep);
     if (lane == 0) {
-      map.bits[line * map.bit_words + cb] = word;
-      if (cb < map.col_blocks) {
-        map.state[line * map.col_blocks + cb] =
-            (word != 0 ? BlockMap::kSomeTrue : 0) | (any_false ? BlockMap::kSomeFalse : 0);
-      }
+      map.bits[row + cb] = word;
+      map.state[row + cb] = (word != 0 ? BlockMap::kSomeTrue : 0) | (any_false ? BlockMap::kSomeFalse : 0);
     }
   }
 }
@@ -122,9 +135,18 @@ cudaError_t build_block_map(const VarlenFwdParams& p, const BlockMap& map, cudaS
   if (map.state == nullptr || map.row_blocks == 0 || map.col_blocks == 0 || map.mask_heads == 0) return cudaSuccess;
   const int64_t blocks = map.bits != nullptr ? map.bit_words : map.col_blocks;
   const int64_t chunks = (blocks + kMapWarps - 1) / kMapWarps;
-  const dim3 grid(map.row_blocks, static_cast<unsigned>(chunks < 65535 ? chunks : 65535), map.mask_heads);
+  dim3 grid(map.row_blocks, static_cast<unsigned>(chunks < 65535 ? chunks : 65535), map.mask_heads);
   if (map.by_sequence) {  // a key-side mask: the sm90a kernel's, always with bits (row_blocks: the batch)
-    if (map.bits == nullptr) return cudaErrorInvalidValue;
+    if (map.bits == nullptr || map.seq_extent <= 0) return cudaErrorInvalidValue;
+    // The chunks cover the longest sequence (bit_words); with many sequences, at most max(kMaxKeyMapCtas,
+    // kMinKeyMapChunks x rows) CTAs in all, each striding over its sequence's chunks: a skewed batch (one long
+    // sequence beside many short ones) would otherwise launch B x Hm x (the long one's chunks) CTAs, nearly all with
+    // no block of their short sequence.
+    // At least min(chunks, kMinKeyMapChunks) a row however large the batch (above).
+    const int64_t rows = static_cast<int64_t>(map.row_blocks) * map.mask_heads;
+    const int64_t least = chunks < kMinKeyMapChunks ? chunks : kMinKeyMapChunks;
+    const int64_t most = kMaxKeyMapCtas / rows > least ? kMaxKeyMapCtas / rows : least;
+    grid.y = static_cast<unsigned>(grid.y < most ? grid.y : most);
     key_map_kernel<<<grid, kMapThreads, 0, stream>>>(p, map);
   } else if (map.bits != nullptr) {
     block_map_kernel<true><<<grid, kMapThreads, 0, stream>>>(p, map);

@@ -92,16 +92,19 @@ struct FwdPlan {
   bool sm90a = false;           // prefill on the sm90a path (wgmma + TMA) where it is compiled; else the sm80 one
   bool sm90a_slots = false;     // sm90a with a key-side mask: its kept K / V rows gathered into dense slots first
                                 // (gather_kept_rows, passes.h KeptRows), which the kernel reads as whole tiles
-  bool slots_in_place = false;  // sm90a_slots for a key-side bias without a mask or beside a query-side mask: every
+  bool slots_in_place = false;  // sm90a_slots for a key-side bias without a mask or beside a mask the sm90a_query
+                                // variant maps (query-side; at D = 256 key-side too, by sequence): every
                                 // key a slot, K / V read in place (fill_slots_in_place, passes.h KeptRows), no
                                 // compaction and no copy
   bool sm90a_query = false;     // sm90a with a query-side mask: its block map and its bits (BlockMap::bits) first,
                                 // the kernel skipping dead tiles and reading the bits of the others; and / or a
-                                // query-side bias (its elements read per live tile)
+                                // query-side bias (its elements read per live tile); at D = 256 also a key-side
+                                // mask alone, mapped by sequence (sm90a_query_supports)
   int32_t sm90a_ctas = 0;       // sm90a: > 0, a persistent grid of that many CTAs walks the work units (query tile,
                                 // head, sequence); 0, a CTA per unit
   int32_t block_map_heads = 0;  // > 0: a query-side mask with that many heads is summarized by blocks first (or a
-                                // key-side one beside a query-side bias on sm90a, by sequence: BlockMap)
+                                // key-side one on sm90a's query-side variant, by sequence: BlockMap; beside a
+                                // query-side bias, or alone at D = 256)
   bool v_flags = false;         // with the block map, or for a query-side bias alone on sm90a: v's blocks with an inf
                                 // or NaN flagged (BlockMap::v_nonfinite)
   // Decode kernel only (1 / 0 otherwise):
@@ -117,11 +120,18 @@ constexpr int64_t kDecodeMaxPackedRows = 64;  // auto-chosen while H / Hk * max_
 constexpr int64_t kDecodeForcedMaxPackedRows = int64_t{1} << 20;  // DMATTN_KERNEL=decode up to this
 constexpr int32_t kMaxDecodeSplits = 128;
 constexpr int64_t kMaxSplitPartialBytes = int64_t{64} << 20;  // the split partials' share of the workspace
-constexpr int64_t kMaxBlockMapBytes = int64_t{64} << 20;      // a query-side mask's block map, at most
+constexpr int64_t kMaxBlockMapBytes = int64_t{64} << 20;      // a block map (query-side, or by sequence), at most
 constexpr int64_t kMaxMaskBitsBytes = int64_t{1} << 30;       // its bits for the sm90a kernel, at most
 // The sm90a kernel's query-side mask variant lists a unit's live KV tiles in shared memory (16 bits each): sequences
-// of at most this many 128-key tiles (131,072 keys); longer ones take the sm80 kernel.
+// of at most this many 128-key tiles (131,072 keys; at D = 256 twice as many 64-key tiles); longer ones take the sm80
+// kernel.
 constexpr int64_t kSm90aQueryMaxTiles = 1024;
+// Whether the sm90a kernel's kQuery variant may meet a key-side mask, mapped by sequence (BlockMap::by_sequence):
+// beside a query-side bias (kQueryBias, D <= 128), or alone at D = 256, where the kept slots' gather
+// (sm90a_slots_supports, D <= 128) does not run. At D <= 128 a key-side mask without a query-side bias keeps its kept
+// slots (fewer tiles), so the kernels without a query-side bias there compile the by-sequence reads out
+// (fwd_kernel.cuh).
+constexpr bool sm90a_query_key_mask(int head_dim, bool query_bias) { return query_bias || head_dim > 128; }
 // The query-side terms the decode kernel reads, at most; a call past it takes the prefill kernel. Within the auto
 // choice (H / Hk * max_seqlen_q <= 64) the terms are at most about 2/3 of the bytes of the query-side operands they
 // come from (twice a bool mask given alone), so this binds only calls forced onto the decode kernel.
@@ -200,38 +210,53 @@ inline bool sm90a_slots_supports(const VarlenFwdParams& p) {
 }
 
 // Whether the sm90a kernel can run p's key-side bias without a mask over slots that are its keys (FwdPlan::
-// slots_in_place): a key-side bias of any heads, no mask, key pool or key ranges, D <= 128 (the slots' segments
-// assume 128-key tiles).
+// slots_in_place): a key-side bias of any heads, no mask, key pool or key ranges; head dims 64 / 128 / 256 (no K / V
+// copy, so D = 256 too: its 64-key tiles read half as many of a segment's slots, 256-byte aligned within it, and the
+// slot limits are per 128-row query tile at every head dim).
 inline bool sm90a_bias_supports(const VarlenFwdParams& p) {
-  return sm90a_tensors_fit(p) && p.head_dim <= 128 && p.kv_slots == nullptr && !p.mask.present() &&
+  return sm90a_tensors_fit(p) && p.kv_slots == nullptr && !p.mask.present() &&
          p.bias.layout == OperandLayout::kKeySide && p.key_range == nullptr;
 }
 
 // Whether the sm90a kernel's kQueryBias variants can read p's query-side bias: in q's dtype or float32 (kBias32: a CTA
-// per unit, its 64 KB tile of terms taking the persistent unit table's room), keys contiguous, any heads (Hb in {1,
-// Hk, H}), any row and head strides, and its first element 4-byte aligned: the kernel copies each row's elements as
-// the aligned 32-bit words holding them, and a 16-bit row that starts at a word's high half also reads the element
-// before it, which then lies in the tensor (the row's first element is not the tensor's).
+// per unit, its 64 KB tile of terms taking the persistent unit table's room; D <= 128), keys contiguous, any heads
+// (Hb in {1, Hk, H}), any row and head strides, and its first element 4-byte aligned: the kernel copies each row's
+// elements as the aligned 32-bit words holding them, and a 16-bit row that starts at a word's high half also reads
+// the element before it, which then lies in the tensor (the row's first element is not the tensor's). At D = 256 a
+// float32 bias takes the sm80 kernels: its 64-key tile of terms (32 KB) beside Q (64 KB), two stages of K / V
+// (128 KB) and the 2,048-entry tile list (4 KB) passes the 227 KB a CTA may have (kernel_traits.h, kSmemBytes); the
+// 16-bit one's 18 KB fits.
 inline bool sm90a_query_bias_fits(const VarlenFwdParams& p) {
   const ScoreOperand& b = p.bias;
-  return b.layout == OperandLayout::kQuerySide && (b.dtype == p.dtype || b.dtype == ScalarType::kFloat32) &&
-         b.col_stride == 1 && b.head_group > 0 && p.num_heads % b.head_group == 0 &&
-         reinterpret_cast<uintptr_t>(b.ptr) % 4 == 0;
+  const bool bias32 = b.dtype == ScalarType::kFloat32 && p.head_dim <= 128;
+  return b.layout == OperandLayout::kQuerySide && (b.dtype == p.dtype || bias32) && b.col_stride == 1 &&
+         b.head_group > 0 && p.num_heads % b.head_group == 0 && reinterpret_cast<uintptr_t>(b.ptr) % 4 == 0;
 }
 
 // Whether the sm90a kernel can run p with query-side operands (FwdPlan::sm90a_query): no key pool, head dims 64 /
-// 128, and sequences of at most kSm90aQueryMaxTiles KV tiles. A query-side mask of any heads (Hm in {1, Hk, H}) with
-// its block map and bits within their caps, and with no bias, a key-side one of any heads (then with slots in place
-// for its per-key values, which know no key ranges) or a query-side one that sm90a_query_bias_fits; or such a
-// query-side bias alone (no block map: every tile is live), or beside a key-side mask of any heads (its map and bits
-// by sequence, BlockMap::by_sequence: the mask's keys are not compacted, since every tile reads its bias anyway).
-// Windows, key ranges, causal, softcap, sinks.
+// 128 / 256, and sequences of at most kSm90aQueryMaxTiles 128-key tiles. A query-side mask of any heads (Hm in {1,
+// Hk, H}) with its block map and bits within their caps, and with no bias, a key-side one of any heads (then with
+// slots in place for its per-key values, which know no key ranges) or a query-side one that sm90a_query_bias_fits;
+// or such a query-side bias alone (no block map: every tile is live), or beside a key-side mask of any heads (its map
+// and bits by sequence, BlockMap::by_sequence: the mask's keys are not compacted, since every tile reads its bias
+// anyway). At D = 256 a key-side mask of any heads is mapped by sequence with or without a bias (sm90a_query_key_mask:
+// its kept slots' gather copies rows of D <= 128), beside a key-side bias too (over slots in place, as beside a
+// query-side mask); a float32 query-side bias there takes the sm80 kernels (sm90a_query_bias_fits). Windows, key
+// ranges, causal, softcap, sinks.
 inline bool sm90a_query_supports(const VarlenFwdParams& p) {
-  if (!sm90a_tensors_fit(p) || p.head_dim > 128 || p.kv_slots != nullptr) return false;
-  const bool query_mask = p.mask.layout == OperandLayout::kQuerySide;
+  if (!sm90a_tensors_fit(p) || p.kv_slots != nullptr) return false;
   const bool query_bias = p.bias.layout == OperandLayout::kQuerySide;
-  // No query-side operand: not this variant's (a key-side mask alone takes its kept slots, sm90a_slots_supports).
-  if (!query_mask && !query_bias) return false;
+  // A key-side mask: mapped by sequence where the kernel may meet one, else over its kept slots (sm90a_slots_supports).
+  if (p.mask.layout == OperandLayout::kKeySide && !sm90a_query_key_mask(p.head_dim, query_bias)) return false;
+  // D = 256, a key-side mask finer than the KV heads over sequences of one query tile (decode-shaped calls the decode
+  // kernel does not take), with or without a bias: the sm80 kernels, as sm90a_slots_supports keeps them at D <= 128.
+  // The sm90a kernel would run a 128-row tile of a few rows over every 64-key tile holding a kept key, where the sm80
+  // kernels read the kept rows alone (unmeasured at D = 256: measure before moving it).
+  if (p.head_dim > 128 && p.mask.layout == OperandLayout::kKeySide && p.mask.head_group > 0 &&
+      p.mask.head_group < p.num_heads / p.num_heads_k && p.max_seqlen_q <= KeptRows::kTileRows) {
+    return false;
+  }
+  if (!p.mask.present() && !query_bias) return false;
   if (query_bias && !sm90a_query_bias_fits(p)) return false;
   if (p.bias.layout == OperandLayout::kKeySide && p.key_range != nullptr) return false;
   const int64_t tiles = (BlockMap::key_extent(p) + BlockMap::kBitTileKeys - 1) / BlockMap::kBitTileKeys;
@@ -299,9 +324,14 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
       // a key-side bias: its values per slot in place
       plan.sm90a_slots = plan.slots_in_place = p.bias.layout == OperandLayout::kKeySide;
       // A query-side bias alone leaves units as even as the same call without it: a CTA per unit unless windowed
-      // (at D = 128 a persistent CTA of this variant has one Q buffer, so no next-unit prefetch to win by).
-      persistent = persistent || p.mask.layout == OperandLayout::kQuerySide;
-      // A key-side mask beside the query-side bias: its map and bits by sequence (below), no kept-key lists.
+      // (at D = 128 a persistent CTA of this variant has one Q buffer, so no next-unit prefetch to win by). A mask
+      // without a query-side bias (query-side; at D = 256 key-side too, with or without a key-side bias) leaves them
+      // uneven: persistent, as key-side masks are over their slots (at D = 256 with one Q buffer, as the dense kernel
+      // there).
+      persistent = persistent || p.mask.layout == OperandLayout::kQuerySide ||
+                   (p.mask.present() && p.bias.layout != OperandLayout::kQuerySide);
+      // A key-side mask beside the query-side bias, or at D = 256 (alone or beside a key-side bias): its map and bits
+      // by sequence (below), no kept-key lists.
       if (p.mask.layout == OperandLayout::kKeySide) plan.key_lists_heads = 0;
     }
     // A float32 query-side bias on the sm90a kernel: a CTA per unit whatever was asked (sm90a_query_bias_fits).
@@ -396,12 +426,15 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
 // the decode units' order (decode with unit_order): (B, Hk) int32; the block map (query-side mask):
 // (Hm, ceil(total_q / 64), ceil(key extent / 32)) bytes, 1 / 2048 of the mask, and v's flags (Hk, ceil(total_k / 64))
 // bytes, and for the sm90a kernel the mask's bits (Hm, total_q, 4 ceil(key extent / 128)) uint32 (a key-side mask
-// beside a query-side bias: B for ceil(total_q / 64) and total_q, BlockMap::by_sequence); the query-side terms
+// beside a query-side bias, or alone at D = 256, BlockMap::by_sequence: (Hm, min(4 (ceil(total_k / 128) + B),
+// B x 4 ceil(key extent / 128))) bytes and as many uint32, a segment per sequence or a stride, whichever is smaller:
+// O(total_k + B) whatever max_seqlen_k); the query-side terms
 // (decode with query-side operands): (list heads, max_seqlen_q, total_k + 64 (B + 1)), 2
 // or 4 bytes; the kept K / V rows (sm90a with a key-side mask): k and v's packed shape each, their positions (Hm,
 // extent) int32 and bias (bias heads, extent) float32 (extent = total_k + 32 (B + 1) + 128, rounded up to 32), and for a
 // causal or windowed call the slot limits (Hm, B, ceil(max_seqlen_q / 128), 4) int32; in place (a key-side bias
-// alone), the same with Hm = 1, no K / V rows, and each sequence's key count (B) int32.
+// alone or beside a mapped mask: FwdPlan::slots_in_place), the same with Hm = 1, no K / V rows, and each sequence's
+// key count (B) int32.
 // 256-byte aligned pieces, so a new one can be appended without disturbing the alignment of the others.
 constexpr size_t kWorkspaceAlign = 256;
 
@@ -524,6 +557,11 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
                  static_cast<int32_t>(BlockMap::row_blocks_of(p)),
                  static_cast<int32_t>(BlockMap::blocks(BlockMap::key_extent(p), BlockMap::kCols)),
                  plan.block_map_heads, p.mask.layout == OperandLayout::kKeySide};
+    if (ws.blocks.by_sequence) {
+      const BlockMap::SequenceLayout layout = BlockMap::sequence_layout(p);
+      ws.blocks.seq_extent = layout.extent;
+      ws.blocks.seq_stride = layout.stride;
+    }
   }
   if (plan.sm90a_slots) {
     if (plan.slots_in_place) {

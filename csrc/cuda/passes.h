@@ -142,19 +142,44 @@ struct SplitPartials {
 // mask, padding past a sequence's keys and rows of a neighbouring sequence included, so a summary only ever
 // understates what is known: no kSomeTrue proves a tile dead, no kSomeFalse proves it whole-visible, and anything else
 // is read per element. Null state when the call has no query-side mask.
-// A key-side mask beside a query-side bias (the sm90a kernel's query-side variant, FwdPlan::sm90a_query) is summarized
-// the same way with sequences for rows (by_sequence): row block b is sequence b, whose every query reads the same
-// values, so state[(hm * batch + b) * col_blocks + cb] and bits[(hm * batch + b) * bit_words + cb] hold the mask's
-// column of that sequence's keys (nothing past them); O(batch), never O(total_q).
+// A key-side mask beside a query-side bias, or alone at D = 256 (the sm90a kernel's query-side variant,
+// FwdPlan::sm90a_query) is summarized the same way with sequences for rows (by_sequence): every query of sequence b
+// reads the same values, the mask's column of the sequence's keys (key_seq, clamped: nothing past them), so the state
+// and the bits hold one row per (mask head, sequence), never O(total_q). Both are indexed by 32-key blocks from the
+// row's first block, sequence_row(hm, b, k_start) (every reader goes through it):
+//   state[sequence_row(hm, b, k_start) + cb], bits[sequence_row(hm, b, k_start) + cb]     cb < 4 ceil(k_len / 128)
+//   sequence_row = hm * seq_extent + (seq_stride > 0 ? b * seq_stride : segment(k_start, b))
+// a multiple of 4 blocks either way, so a 128-key tile's 4 words are one aligned 16-byte load (a 64-key tile's 2
+// words, at D = 256, one aligned 8-byte load). The host picks the smaller of two layouts per call (sequence_layout):
+// - segments (seq_stride 0): segment(k_start, b) = 4 ceil(k_start / 128) + 4 b, seq_extent = 4 (ceil(total_k / 128)
+//   + B), O(total_k + B) whatever max_seqlen_k: a skewed batch (one long sequence beside many short ones);
+// - a stride per sequence (seq_stride = bit_words = 4 ceil(key_extent / 128)), seq_extent = B x bit_words: a batch of
+//   many short sequences of like length, where the segments' slack tile per sequence would cost up to twice as much
+//   (4096 sequences of 128 keys: 8 blocks a sequence against 4).
+// Segments are in bounds for any cu_seqlens: a clamped sequence has 0 <= k_start, k_start + k_len <= total_k
+// (clamp_seq), so its last block is below 4 (ceil(k_start / 128) + ceil(k_len / 128) + b) <= 4 (ceil(total_k / 128) +
+// 1 + b) <= seq_extent for b < B (ceil(x) + ceil(y) <= ceil(x + y) + 1). Disjoint for sequences the contract allows
+// (row_contract.cuh: cu_seqlens_k non-decreasing in [0, total_k], so clamping changes no start and sequence b + 1
+// starts at or after b's end): segment(b + 1) >= 4 ceil((k_start + k_len) / 128) + 4 b + 4 >= segment(b) +
+// 4 ceil(k_len / 128). The stride is in bounds and disjoint for any cu_seqlens: a clamped k_len is at most
+// max_seqlen_k, total_k and 2^31 - 1 (clamp_seq; cu_seqlens are int32), so at most key_extent, and a sequence's
+// 4 ceil(k_len / 128) blocks fit in its own bit_words = 4 ceil(key_extent / 128); b * bit_words + bit_words <=
+// seq_extent for b < B. Only cu_seqlens that break the contract (not non-decreasing), in the segment layout, can make
+// two segments overlap; key_map_kernel then writes the shared words from two CTAs, each an aligned 32-bit word or a
+// byte written whole, so every word holds one of the values written, inside the map, though a shared block's state
+// byte and its bit word may come from different sequences (harmless: the kernels read in-bounds garbage for those
+// rows, and finish_rows writes NaN over every element of out and lse of such a call).
 struct BlockMap {
   static constexpr int kRows = 64;  // the query-side prefill variant's query tile (tile_shape_sm80)
   static constexpr int kCols = 32;  // divides its key tile (64, or 32 at D = 256)
   static constexpr uint8_t kSomeTrue = 1, kSomeFalse = 2;
   uint8_t* state = nullptr;
   int32_t row_blocks = 0;  // ceil(total_q / kRows); by_sequence: the batch (row_blocks_of)
-  int32_t col_blocks = 0;  // ceil(key_extent(p) / kCols)
+  int32_t col_blocks = 0;  // ceil(key_extent(p) / kCols) (by_sequence: the longest row's, not a stride)
   int32_t mask_heads = 0;
-  bool by_sequence = false;  // a key-side mask: row block b is sequence b (above), for the state and the bits alike
+  bool by_sequence = false;  // a key-side mask: row b is sequence b's segment (above), for the state and the bits alike
+  int64_t seq_extent = 0;    // by_sequence: 32-key blocks per mask head in state and bits (sequence_layout)
+  int32_t seq_stride = 0;    // by_sequence: blocks per sequence (bit_words), or 0 for segments (sequence_layout)
   // Beside the map, where the call's key slots are packed key rows (no kv_slots): per (KV head, block of kVRows rows
   // of v), nonzero where some element of the block is inf or NaN. Every tile a query-side mask hides keys in scans its
   // V (nonfinite_v.cuh), each (query tile, head) CTA again; a tile whose blocks hold only finite values skips it.
@@ -164,13 +189,17 @@ struct BlockMap {
   int32_t v_blocks = 0;  // ceil(total_k / kVRows)
   // Beside the map, for the sm90a kernel (FwdPlan::sm90a_query): the mask itself as bits, one 32-bit word per (mask
   // head, packed query row, block of kCols key positions): bit l of bits[(hm * total_q + row) * bit_words + cb] is
-  // element (row, hm, kCols cb + l), 0 past the key extent (by_sequence: rows are sequences, bit_rows_of). bit_words = 4 ceil(key extent / 128): the words of a
-  // 128-key tile are one aligned 16-byte load whatever the mask's strides, an eighth of the mask's bytes. Null: none.
-  static constexpr int kBitTileKeys = 128;  // the sm90a kernel's KV tile (KeptRows::kTileKeys)
+  // element (row, hm, kCols cb + l), 0 past the key extent (by_sequence: a row per sequence, at sequence_row).
+  // bit_words = 4 ceil(key extent / 128): the words of a 128-key tile are one aligned 16-byte load whatever the mask's
+  // strides, an eighth of the mask's bytes (a 64-key tile's, at D = 256, one aligned 8-byte load: half of one).
+  // by_sequence: bit_words is the longest sequence's words (key_map_kernel's grid), and the stride only where
+  // seq_stride says so. Null: none.
+  static constexpr int kBitTileKeys = 128;  // the sm90a kernel's KV tile at D <= 128 (KeptRows::kTileKeys)
+  static constexpr int kTileBlocks = kBitTileKeys / kCols;  // a 128-key tile's blocks: 4 words, 16 bytes
   uint32_t* bits = nullptr;
   int32_t bit_words = 0;
 
-  static int64_t blocks(int64_t rows, int64_t per) { return (rows + per - 1) / per; }
+  DMATTN_HOST_DEVICE static int64_t blocks(int64_t rows, int64_t per) { return (rows + per - 1) / per; }
   // The key positions a kernel can reach: below every sequence's clamped key count, so below max_seqlen_k, total_k
   // and 2^31 (cu_seqlens are int32). A max_seqlen_k of 2^40 over an expanded (stride-0) mask column costs the map
   // nothing.
@@ -178,25 +207,51 @@ struct BlockMap {
     int64_t extent = p.max_seqlen_k < p.total_k ? p.max_seqlen_k : p.total_k;
     return extent < INT32_MAX ? extent : INT32_MAX;
   }
-  // The map's row blocks and the bits' rows: blocks of packed query rows and the rows themselves for a query-side
-  // mask, the sequences for a key-side one (by_sequence).
+  // The map's row blocks: blocks of packed query rows for a query-side mask, the sequences for a key-side one
+  // (by_sequence).
   static int64_t row_blocks_of(const VarlenFwdParams& p) {
     return p.mask.layout == OperandLayout::kKeySide ? p.batch : blocks(p.total_q, kRows);
   }
-  static int64_t bit_rows_of(const VarlenFwdParams& p) {
-    return p.mask.layout == OperandLayout::kKeySide ? p.batch : p.total_q;
+  // by_sequence: the first block of sequence b's segment (a multiple of kTileBlocks), from its clamped key start.
+  DMATTN_HOST_DEVICE static int64_t segment(int64_t k_start, int64_t b) {
+    return (k_start + kBitTileKeys - 1) / kBitTileKeys * kTileBlocks + kTileBlocks * b;
   }
-  // Bytes of the map of a call with that many mask heads.
+  // by_sequence: the layout of a call (the comment above the struct): blocks per mask head (a multiple of
+  // kTileBlocks; every clamped sequence's tile blocks lie below it) and blocks per sequence, 0 for segments. The
+  // smaller of the two layouts; segments where they tie.
+  struct SequenceLayout {
+    int64_t extent;
+    int32_t stride;
+  };
+  static SequenceLayout sequence_layout(const VarlenFwdParams& p) {
+    const int64_t segments = (blocks(p.total_k, kBitTileKeys) + p.batch) * kTileBlocks;
+    const int64_t words = bit_words_of(p);  // <= 4 ceil((2^31 - 1) / 128) = 2^26: an int32
+    const int64_t strided = p.batch * words;
+    if (strided < segments) return {strided, static_cast<int32_t>(words)};
+    return {segments, 0};
+  }
+  static int64_t sequence_extent(const VarlenFwdParams& p) { return sequence_layout(p).extent; }
+  // by_sequence: the first block of mask head hm's row of sequence b (its clamped keys from k_start, key_seq), in
+  // state and bits alike: the one place a by-sequence row's base is computed. Once per unit (or per sequence in
+  // key_map_kernel), never per tile: the layout's branch stays out of the tile loops.
+  DMATTN_HOST_DEVICE int64_t sequence_row(int hm, int b, int64_t k_start) const {
+    return static_cast<int64_t>(hm) * seq_extent +
+           (seq_stride > 0 ? static_cast<int64_t>(b) * seq_stride : segment(k_start, b));
+  }
+  // Bytes of the map of a call with that many mask heads: a byte per block (by sequence, per mask head
+  // sequence_extent of them).
   static int64_t bytes(const VarlenFwdParams& p, int64_t heads) {
-    return heads * row_blocks_of(p) * blocks(key_extent(p), kCols);
+    if (p.mask.layout == OperandLayout::kKeySide) return heads * sequence_extent(p);
+    return heads * blocks(p.total_q, kRows) * blocks(key_extent(p), kCols);
   }
   static int64_t v_bytes(const VarlenFwdParams& p) { return p.num_heads_k * blocks(p.total_k, kVRows); }
   static int64_t bit_words_of(const VarlenFwdParams& p) {
-    return blocks(key_extent(p), kBitTileKeys) * (kBitTileKeys / kCols);
+    return blocks(key_extent(p), kBitTileKeys) * kTileBlocks;
   }
-  // Bytes of the mask's bits with that many mask heads.
+  // Bytes of the mask's bits with that many mask heads: a word per block of the map.
   static int64_t bits_bytes(const VarlenFwdParams& p, int64_t heads) {
-    return heads * bit_rows_of(p) * bit_words_of(p) * 4;
+    if (p.mask.layout == OperandLayout::kKeySide) return heads * sequence_extent(p) * 4;
+    return heads * p.total_q * bit_words_of(p) * 4;
   }
   // The flags of the two blocks covering v rows [row0, row1) of KV head hk (0 <= row0 < row1 <= total_k, which
   // clamped sequences guarantee; a KV tile's rows are at most kVRows, so two blocks cover them), loaded but not
@@ -251,12 +306,14 @@ struct BlockMap {
 //                                                 3: last row's limit}]
 // Slots past a list's count are not written: the kernel hides them, and scans their V rows as it scans any hidden
 // key's. Null k when the plan gathers nothing (FwdPlan::sm90a_slots).
-// In place (FwdPlan::slots_in_place: a key-side bias and no mask), every key is a slot and K / V are read where they
-// are: fill_slots_in_place writes one list (l = 0) of positions c -> c, its counts (count[b] = the sequence's keys),
-// its limits and the float32 biases, and k and v stay null.
+// In place (FwdPlan::slots_in_place: a key-side bias without a mask or beside a mask mapped by BlockMap, any head
+// dim), every key is a slot and K / V are read where they are: fill_slots_in_place writes one list (l = 0) of
+// positions c -> c, its counts (count[b] = the sequence's keys), its limits and the float32 biases, and k and v stay
+// null.
 struct KeptRows {
   static constexpr int kTileRows = 128;  // the sm90a kernel's query tile (tile_shape_sm90a)
-  static constexpr int kTileKeys = 128;  // and its KV tile
+  static constexpr int kTileKeys = 128;  // and its KV tile at D <= 128 (at D = 256, 64 keys: in place only, a tile
+                                         // reading half as far past a list's end, 256-byte aligned in its segment)
   static constexpr int kAlign = 32;      // slots: a segment starts 128-byte aligned
   static constexpr int kLimits = 4;      // slot counts per query tile in limits
   void* k = nullptr;

@@ -2,13 +2,15 @@
 // without mask or bias operands, causal or not, any GQA ratio, sinks and seqused_k; its kRanged variant adds what
 // gives each query row its own key interval (a sliding window, per-query key ranges) and the softcap; its kSlots
 // variant runs a key-side mask (and key-side bias) over the kept keys gathered into dense slots before it (passes.h
-// KeptRows: TMA reads whole tiles of consecutive rows), so a mask that keeps half the keys costs about half the
-// tiles; its kQuery variant runs a query-side mask over its block map and bits (passes.h BlockMap: a tile the map
-// shows dead is neither loaded nor computed, one it shows whole runs without the mask, the others read each row's 128
-// bits of the tile in one 16-byte load), and with kQueryBias a query-side bias in q's dtype (or float32: kBias32, a
-// CTA per unit) beside such a mask, beside a key-side mask (mapped by sequence: BlockMap::by_sequence) or alone
-// (every tile live), each row's elements of a tile staged in shared memory by its threads. The plan sends
-// it no other mask, bias or key pool (heuristics.h, sm90a_supports, sm90a_slots_supports, sm90a_bias_supports,
+// KeptRows: TMA reads whole tiles of consecutive rows; D <= 128), so a mask that keeps half the keys costs about half
+// the tiles, and a key-side bias over slots that are its keys (in place, every head dim); its kQuery variant runs a
+// query-side mask over its block map and bits (passes.h BlockMap: a tile the map shows dead is neither loaded nor
+// computed, one it shows whole runs without the mask, the others read each row's kBlockN bits of the tile in one
+// load, 16 bytes, 8 at D = 256), at D = 256 also a key-side mask (mapped by sequence: BlockMap::by_sequence), with
+// kSlots in place for a key-side bias beside either mask, and with kQueryBias a query-side bias in q's dtype (or
+// float32: kBias32, a CTA per unit, D <= 128) beside such a mask, beside a key-side mask (mapped by sequence) or alone
+// (every tile live), each row's elements of a tile staged in shared memory by its threads. The plan sends it no other
+// mask, bias or key pool (heuristics.h, sm90a_supports, sm90a_slots_supports, sm90a_bias_supports,
 // sm90a_query_supports); those take the sm80 kernels.
 //
 // Work units are (query tile, query head, sequence), a sequence's last query tiles first as in the sm80 prefill
@@ -49,6 +51,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "../../varlen_fwd_params.h"
+#include "../heuristics.h"
 #include "../score_operand.cuh"
 #include "../sm80/nonfinite_v.cuh"
 #include "../sm80/online_softmax.cuh"
@@ -146,6 +149,19 @@ __device__ __forceinline__ float2 term_pair(uint32_t word) {
   }
 }
 
+// kQuery: a row's bits of a masked tile (FwdTraits::RowBits, as loaded) as its words: bit c % 32 of word c / 32 is
+// column c's.
+__device__ __forceinline__ void bit_words(const uint4& bits, uint32_t (&words)[4]) {
+  words[0] = bits.x;
+  words[1] = bits.y;
+  words[2] = bits.z;
+  words[3] = bits.w;
+}
+__device__ __forceinline__ void bit_words(const uint2& bits, uint32_t (&words)[2]) {
+  words[0] = bits.x;
+  words[1] = bits.y;
+}
+
 // Rare path of the V scan: the CTA's consumers found an inf / NaN in the V tile of a tile that hides keys. Flag the
 // slots holding one and zero those elements (read by wgmma next: a proxy fence), consumers only.
 template <typename Traits, typename SmemV>
@@ -235,7 +251,7 @@ struct SlotLists {
   const int32_t* count = nullptr;   // (B, mask_heads): KeyLists::count
   const int32_t* pos = nullptr;     // (mask_heads, extent): KeptRows::pos
   const float* bias = nullptr;      // (H / bias_group, extent) float32 per slot, or null
-  const int32_t* limits = nullptr;  // causal: (mask_heads, B, query_tiles, 2) slot counts, or null
+  const int32_t* limits = nullptr;  // causal / windowed: (mask_heads, B, query_tiles, 4) slot counts, or null
   int64_t extent = 0;
   int32_t mask_heads = 0, heads_per_list = 1, bias_group = 1, query_tiles = 0;
   // K / V's TMA views: heads, and whether a unit reads its list's head (a kept copy per list: lists finer than KV
@@ -349,12 +365,12 @@ __device__ __forceinline__ UnitWork unit_work(const VarlenFwdParams& p, const Un
 // kQuery: one live KV tile of a unit in its list (shared memory, built by the producer warpgroup from the block map
 // before the unit's Q is armed): the tile's number and what its consumers must do on it.
 struct TileEntry {
-  static constexpr uint16_t kTileBits = 0x0fff;  // the tile's number: below kSm90aQueryMaxTiles
+  static constexpr uint16_t kTileBits = 0x0fff;  // the tile's number: below FwdTraits::kListTiles
   static constexpr uint16_t kLimits = 1u << 12;  // some row's position limits hide keys of it (the causal diagonal,
                                                  // a window's edges, the sequence's end)
   static constexpr uint16_t kMasked = 1u << 13;  // the mask hides keys of it: read the rows' bits
   static constexpr uint16_t kCheckV = 1u << 14;  // it hides keys and its V rows may hold an inf / NaN: scan them
-  static_assert(kSm90aQueryMaxTiles <= kTileBits + 1, "a tile's number fits its bits");
+  static_assert(2 * kSm90aQueryMaxTiles <= kTileBits + 1, "a tile's number fits its bits (64-key tiles: twice)");
 };
 
 // kQuery: the unit's live tiles in [w.n_begin, w.n_end), ascending, into list, and their count into *len; the 128
@@ -362,26 +378,35 @@ struct TileEntry {
 // it for the unit's rows; it is masked where the map sees some False; it needs its V scanned where it hides keys
 // unless v's flags show its rows finite. Without a map (a query-side bias alone) every tile is live and none masked.
 // kQueryBias: a -inf bias element hides its key, so every tile may hide keys (the V scan, unless v's flags show its
-// rows finite). Ends with the warpgroup's barrier: the list is written.
-template <int kBlockM, int kBlockN, bool kQueryBias>
+// rows finite). kKeyMask: the map may be a key-side mask's, by sequence (heuristics.h sm90a_query_key_mask); the
+// other kernels never read map.by_sequence. Ends with the warpgroup's barrier: the list is written.
+template <int kBlockM, int kBlockN, bool kQueryBias, bool kKeyMask>
 __device__ __forceinline__ void list_live_tiles(const VarlenFwdParams& p, const BlockMap& map, const UnitWork& w,
                                                 uint16_t* list, int32_t* len, int32_t* warp_counts) {
-  static_assert(kBlockM == 2 * BlockMap::kRows && kBlockN == 4 * BlockMap::kCols, "a unit's tile: 3 x 4 map blocks");
+  // A tile's map block columns: 4 (128 keys), or 2 at D = 256 (64 keys), from a multiple of them.
+  constexpr int kTileCols = kBlockN / BlockMap::kCols;
+  static_assert(kBlockM == 2 * BlockMap::kRows && kBlockN % BlockMap::kCols == 0 && kTileCols <= 4,
+                "a unit's tile: at most 3 x 4 map blocks");
   __syncwarp();  // warp 0 may come from its own branch of the last unit (its leader issued the copies): whole again
   const int ptid = threadIdx.x, lane = ptid % 32, warp = ptid / 32;
   // The map blocks of the unit's packed rows (at most three: 128 rows from any row) and mask head. Read here rather
   // than by BlockMap::covering_tile (64 rows, any key span): two of those loaded 20 blocks per tile, where a tile of
   // 128 keys from a multiple of 128 spans 4 block columns, and spilled the producer's registers.
-  // A key-side mask (beside a query-side bias) is mapped by sequence: one row of blocks, the sequence's.
-  const bool by_sequence = kQueryBias && map.by_sequence;
-  const int64_t rb0 = by_sequence ? w.b : (w.sq.start + w.m0) / BlockMap::kRows;
+  // A key-side mask (beside a query-side bias, or alone at D = 256) is mapped by sequence: one row of blocks, the
+  // sequence's segment or stride (BlockMap::sequence_row, once per unit; the blocks of tile n, below the sequence's
+  // tiles, lie in it).
+  const bool by_sequence = kKeyMask && map.by_sequence;
+  const int64_t rb0 = (w.sq.start + w.m0) / BlockMap::kRows;
   const int row_blocks =
       by_sequence ? 1 : static_cast<int>((w.sq.start + w.m0 + w.rows - 1) / BlockMap::kRows - rb0) + 1;
   // A map comes with every mask (the plan's sm90a_query_supports); a query-side bias alone has none.
   const bool mapped = !kQueryBias || p.mask.present();
-  const uint8_t* lines =
-      mapped ? map.state + (static_cast<int64_t>(w.h / p.mask.head_group) * map.row_blocks + rb0) * map.col_blocks
-             : nullptr;
+  const uint8_t* lines = nullptr;
+  if (mapped) {
+    const int hm = w.h / p.mask.head_group;
+    lines = map.state + (by_sequence ? map.sequence_row(hm, w.b, w.k_start)
+                                     : (static_cast<int64_t>(hm) * map.row_blocks + rb0) * map.col_blocks);
+  }
   int total = 0;
 #pragma unroll 1
   for (int n0 = w.n_begin; n0 < w.n_end; n0 += 128) {  // the same bound for every thread: the barriers below
@@ -389,7 +414,7 @@ __device__ __forceinline__ void list_live_tiles(const VarlenFwdParams& p, const 
     bool live = false;
     uint16_t entry = 0;
     if (n < w.n_end) {
-      const int j0 = n * kBlockN;  // n < n_end: j0 < k_len; the tile's blocks are [4 n, last]
+      const int j0 = n * kBlockN;  // n < n_end: j0 < k_len; the tile's blocks are [kTileCols n, last]
       const int last = (min(j0 + kBlockN, w.k_len) - 1) / BlockMap::kCols;
       uint8_t state = BlockMap::kSomeTrue;  // no mask: every key shown
       if (mapped) {
@@ -397,8 +422,8 @@ __device__ __forceinline__ void list_live_tiles(const VarlenFwdParams& p, const 
 #pragma unroll
         for (int r = 0; r < 3; ++r)
 #pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            if (r < row_blocks && 4 * n + c <= last) state |= lines[r * map.col_blocks + 4 * n + c];
+          for (int c = 0; c < kTileCols; ++c) {
+            if (r < row_blocks && kTileCols * n + c <= last) state |= lines[r * map.col_blocks + kTileCols * n + c];
           }
       }
       live = (state & BlockMap::kSomeTrue) != 0;
@@ -444,6 +469,18 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   using PipelineState = typename cutlass::PipelineState<Traits::kStages>;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   constexpr int kN8 = kBlockN / 8, kD8 = kHeadDim / 8;
+  // kQuery: whether the block map may be a key-side mask's, by sequence (beside a query-side bias, or alone at
+  // D = 256); elsewhere map.by_sequence is never read.
+  constexpr bool kKeyMask = kQuery && sm90a_query_key_mask(kHeadDim, kQueryBias);
+  static_assert(!kQuery || Traits::kListTiles <= TileEntry::kTileBits + 1, "a listed tile's number fits its bits");
+  using RowBits = typename Traits::RowBits;  // kQuery: a masked tile's bits of one row
+  // Registers per thread of the producer and consumer warpgroups (setmaxnreg): the producer needs few, but kQuery's
+  // lists tiles (list_live_tiles). At D = 256 the consumers' O takes 128 of theirs: with kQuery's 216 of D <= 128
+  // ptxas spilled 64-96 bytes in the consumers (persistent kernels), with 232 nothing there (its producer, at 40,
+  // spills 20-44 bytes instead; none a CTA per unit).
+  constexpr int kProducerRegs = !kQuery ? 24 : kHeadDim > 128 ? 40 : 72;
+  constexpr int kConsumerRegs = !kQuery ? 240 : kHeadDim > 128 ? 232 : 216;
+  static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 384 * 168, "the registers of a CTA of 384 threads");
 
   constexpr int kQBuffers = Traits::template kQBuffers<kPersistent, kQueryBias>;
   extern __shared__ __align__(1024) char smem_raw[];
@@ -500,8 +537,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   Pipeline pipe_v(smem.pipe_v, pipe_params, Shape<_1, _1, _1>{});
   // kSlots: a K tile's full barrier also counts the bulk copies of its slots' positions and biases.
   constexpr uint32_t kSlotBytes = kBlockN * 4;
-  // kQuery + kSlots runs only over slots in place (the plan: a key-side bias beside a query-side mask), whose
-  // positions are the tile's keys: their biases alone come.
+  // kQuery + kSlots runs only over slots in place (the plan: a key-side bias beside a query-side mask, or at D = 256
+  // beside a key-side one mapped by sequence), whose positions are the tile's keys: their biases alone come.
   if constexpr (kSlots) {
     pipe_params.transaction_bytes += kSlotBytes * ((kQuery ? 0 : 1) + (slots.bias != nullptr ? 1 : 0));
   }
@@ -575,7 +612,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   if (warpgroup == 0) {
     // ---- Producer ----
     // kQuery: the warpgroup lists tiles (list_live_tiles), with registers the consumers can spare.
-    cutlass::arch::warpgroup_reg_dealloc<kQuery ? 72 : 24>();
+    cutlass::arch::warpgroup_reg_dealloc<kProducerRegs>();
     // Thread 0 is the pipelines' leader: it arms each full barrier with the tile bytes. kQuery: the warpgroup lists
     // each unit's live tiles first (list_live_tiles), and the Q buffer's full barrier publishes the list.
     if (kQuery || threadIdx.x == 0) {
@@ -598,8 +635,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
           copy(tma.q.with(reinterpret_cast<uint64_t&>(q_full(qb))), tQg, tQs);
         }
         if constexpr (kQuery) {  // the unit's live tiles, published by the Q barrier's second arrival
-          list_live_tiles<kBlockM, kBlockN, kQueryBias>(p, map, w, smem.tile_list[qb], &smem.list_len[qb],
-                                                        smem.list_warps);
+          list_live_tiles<kBlockM, kBlockN, kQueryBias, kKeyMask>(p, map, w, smem.tile_list[qb],
+                                                                  &smem.list_len[qb], smem.list_warps);
           if (threadIdx.x != 0) continue;
           tiles = smem.list_len[qb];
           q_full(qb).arrive();
@@ -640,7 +677,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   }
 
   // ---- Consumers ----
-  cutlass::arch::warpgroup_reg_alloc<kQuery ? 216 : 240>();  // 128 x 72 + 256 x 216 <= 384 x 168
+  cutlass::arch::warpgroup_reg_alloc<kConsumerRegs>();
   const int cw = warpgroup - 1;       // consumer warpgroup: rows [64 cw, 64 cw + 64) of the tile
   const int ctid = threadIdx.x - 128;  // consumer thread index
   const int wtid = threadIdx.x % 128;  // thread in its warpgroup
@@ -713,19 +750,39 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       return w.n_begin + j;
     };
     // kQuery: the mask's bits of this thread's two rows over tile n, for a masked tile (none past the sequence's
-    // rows: they see nothing there), loaded before the tile's S is waited for.
+    // rows: they see nothing there), loaded before the tile's S is waited for: Traits::kBitWords words from word
+    // n kBitWords of the row (BlockMap::bits, laid out per 128-key tile: a 64-key tile is half of one). A key-side
+    // mask's row is its sequence's segment or stride (BlockMap::sequence_row, chosen per call and computed here once
+    // per unit; tile n is below the sequence's tiles, so its words lie in the sequence's row, which starts 16-byte
+    // aligned). kKeyMask (the kernels that may read a map by sequence): the thread's first row's word once per unit,
+    // in int32 (every word read lies below bits_bytes / 4 <= 2^28: the plan's kMaxMaskBitsBytes, asserted below; rows
+    // past the sequence read nothing), one register in the tile loop where int64 or per-tile row math spilled more
+    // there (ptxas); the other kernels keep the per-row int64 form.
+    static_assert(kMaxMaskBitsBytes / 4 <= INT32_MAX && kMaxBlockMapBytes <= INT32_MAX,
+                  "load_bits' int32 word indices (and list_live_tiles' block offsets) need the plan's caps below 2^31");
     const int hm = kQuery ? w.h / p.mask.head_group : 0;
-    auto load_bits = [&](uint16_t entry, int n, uint4 (&bits)[2]) {
+    const bool by_sequence = kKeyMask && map.by_sequence;
+    const int bit_row =
+        !kKeyMask ? 0
+                  : static_cast<int>(by_sequence ? map.sequence_row(hm, w.b, w.k_start)
+                                                 : (static_cast<int64_t>(hm) * p.total_q + w.sq.start + row0) *
+                                                       map.bit_words);
+    // to the thread's second word: 8 rows on for a query-side mask; 0 by sequence: both rows read the sequence's words
+    const int bit_step = kKeyMask && !by_sequence ? 8 * map.bit_words : 0;
+    auto load_bits = [&](uint16_t entry, int n, RowBits (&bits)[2]) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int i = row0 + 8 * half;
-        bits[half] = make_uint4(0u, 0u, 0u, 0u);
+        bits[half] = RowBits{};
         if (kQuery && (entry & TileEntry::kMasked) != 0 && i < w.q_len) {
-          // the row's bits, or its sequence's for a key-side mask (BlockMap::by_sequence: a query-side bias beside it)
-          const int64_t bit_row = kQueryBias && map.by_sequence ? static_cast<int64_t>(hm) * p.batch + w.b
-                                                                : static_cast<int64_t>(hm) * p.total_q + w.sq.start + i;
-          const int64_t word = bit_row * map.bit_words + static_cast<int64_t>(n) * (kBlockN / 32);
-          bits[half] = __ldg(reinterpret_cast<const uint4*>(map.bits + word));
+          int64_t word;
+          if constexpr (kKeyMask) {
+            word = bit_row + half * bit_step + n * Traits::kBitWords;
+          } else {
+            word = (static_cast<int64_t>(hm) * p.total_q + w.sq.start + i) * map.bit_words +
+                   static_cast<int64_t>(n) * Traits::kBitWords;
+          }
+          bits[half] = __ldg(reinterpret_cast<const RowBits*>(map.bits + word));
         }
       }
     };
@@ -816,7 +873,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       low = kRanged ? row_low[half] : 0;
       limit = kRanged ? row_limit[half] : causal ? min(w.k_len, row0 + 8 * half + shift + 1) : w.k_len;
     };
-    auto scores = [&](int n, int stage, uint16_t entry, const uint4 (&bits)[2]) {
+    auto scores = [&](int n, int stage, uint16_t entry, const RowBits (&bits)[2]) {
       if constexpr (kQuery) {  // position limits and mask bits where the entry says so; a key-side or query-side bias
         const bool limits = (entry & TileEntry::kLimits) != 0, masked = (entry & TileEntry::kMasked) != 0;
         if constexpr (kQueryBias) {  // first, so that no return below can leave the tile's copies outstanding
@@ -871,7 +928,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
         for (int half = 0; half < 2; ++half) {
           int low, limit;
           row_bounds(half, low, limit);
-          const uint32_t words[4] = {bits[half].x, bits[half].y, bits[half].z, bits[half].w};
+          uint32_t words[Traits::kBitWords];
+          bit_words(bits[half], words);
 #pragma unroll
           for (int nt = 0; nt < kN8; ++nt) {
             if (biased && nt % 4 == 0) asm volatile("" ::: "memory");  // four column pairs' bias reads at a time
@@ -1000,7 +1058,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       const int j = n_tiles - 1;
       const uint16_t entry = entry_of(j);
       const int n = tile_of(j, entry);
-      uint4 bits[2];
+      RowBits bits[2];
       load_bits(entry, n, bits);
       copy_terms(n);
       pipe_k.consumer_wait(state);
@@ -1023,7 +1081,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
     for (int j = n_tiles - 2; j >= 0; --j) {
       const uint16_t entry = entry_of(j);
       const int n = tile_of(j, entry);
-      uint4 bits[2];
+      RowBits bits[2];
       load_bits(entry, n, bits);
       copy_terms(n);
       pipe_k.consumer_wait(state);

@@ -81,12 +81,19 @@ struct FwdTraits {
 
   static constexpr int kUnitTableSeqs = 255;  // a persistent launch's sequences that its unit table holds, at most
 
-  // kQuery: a unit's live KV tiles, 16 bits each (fwd_kernel.cuh, TileEntry), one list per Q buffer.
-  static constexpr int kListTiles = static_cast<int>(kSm90aQueryMaxTiles);
+  // kQuery: a unit's live KV tiles, 16 bits each (fwd_kernel.cuh, TileEntry), one list per Q buffer: the
+  // kSm90aQueryMaxTiles 128-key tiles of the longest sequence the plan sends, as kBlockN-key tiles (2048 at D = 256).
+  static constexpr int kListTiles = static_cast<int>(kSm90aQueryMaxTiles) * (BlockMap::kBitTileKeys / kBlockN);
+  // kQuery: a masked tile's bits of one query row (BlockMap::bits: 32 keys a word, laid out per 128-key tile), one
+  // aligned load: a 128-key tile's four words (16 bytes), or a 64-key tile n's two, words [2 n, 2 n + 2) (8 bytes).
+  static constexpr int kBitWords = kBlockN / BlockMap::kCols;
+  static_assert(BlockMap::kBitTileKeys % kBlockN == 0 && (kBitWords == 4 || kBitWords == 2), "one aligned load");
+  using RowBits = std::conditional_t<kBitWords == 4, uint4, uint2>;
 
   // kQueryBias: the words of a row's kBlockN bias elements from any element on (one more than kBlockN / 2: a row may
   // start at an odd element), and their pitch in shared memory: 4 mod 32, so that the eight rows of a warp's quads
-  // reading one column pair each (banks 4 row + t) are 32 different banks.
+  // reading one column pair each (banks 4 row + t) are 32 different banks. 34 KB for a tile of 128 rows x 128 keys;
+  // 18 KB at D = 256 (64-key tiles), whose kernel then holds 221 KB of the 227 a CTA may have.
   static constexpr int kTermWords = kBlockN / 2 + 1;
   static constexpr int kTermPitch = kBlockN / 2 + 4;
   static_assert(kTermPitch % 32 == 4 && kTermPitch >= kTermWords, "conflict-free reads of the staged terms");
@@ -94,7 +101,9 @@ struct FwdTraits {
   // word c ^ 8 (r % 8) (a column pair stays one aligned 8-byte read; the eight rows of a warp's quads reading one pair
   // each touch 32 different banks per half warp). 64 KB at kBlockN = 128: a CTA per unit (no persistent unit table,
   // one Q buffer) and no slots, so that it fits beside Q, K and V: at D = 128 exactly the 227 KB a CTA may have, the
-  // last 512 bytes the struct's rounding to 1 KB. A field growing by more fails launch_kernel's static_assert.
+  // last 512 bytes the struct's rounding to 1 KB. A field growing by more fails launch_kernel's static_assert. At
+  // D = 256 a 64-key tile's 32 KB beside Q (64 KB), K / V (128 KB) and the 2,048-entry tile list take 229 KB: no
+  // kBias32 there (heuristics.h, sm90a_query_bias_fits).
   static constexpr int kTermWords32 = kBlockN;
 
   // kQBuffers Q tiles (kQBuffers above). kQuery: the tile lists; kQueryBias: the consumer threads' terms, as

@@ -2,9 +2,10 @@
 // bias or key pool, heuristics.h sm90a_supports) run the wgmma / TMA kernel of fwd_kernel.cuh, in its kRanged
 // variant where a row has its own key interval (sm90a_ranged), in its kSlots variant over a key-side mask's kept keys
 // gathered into dense slots (FwdPlan::sm90a_slots: K / V's TMA views are over the gathered rows), in its kQuery
-// variant with a query-side mask's block map and bits (FwdPlan::sm90a_query), with kQueryBias for a query-side bias
-// beside such a mask or alone; every other call
-// (other masks and biases, decode, key pools) runs the sm80 path's kernels, which run on every cc >= 8.0.
+// variant with a query-side mask's block map and bits (FwdPlan::sm90a_query; at D = 256 also a key-side mask's, by
+// sequence), with kQueryBias for a query-side bias beside such a mask or alone (float32's kBias32: D <= 128), and over
+// slots in place for a key-side bias (FwdPlan::slots_in_place, every head dim; the gathered slots: D <= 128); every
+// other call (other masks and biases, decode, key pools) runs the sm80 path's kernels, which run on every cc >= 8.0.
 // Included by the generated instantiation files (tools/kernel_matrix.py), compiled for sm_90a only.
 #pragma once
 
@@ -108,42 +109,48 @@ cudaError_t launch_units(const VarlenFwdParams& p, const FwdPlan& plan, const Tm
 
 template <typename Traits, bool kRanged>
 cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws, cudaStream_t stream) {
-  if constexpr (Traits::kHeadDim <= 128) {  // sm90a_slots_supports and sm90a_query_supports: D <= 128
-    if (plan.sm90a_query && !plan.sm90a_slots) {  // the mask's bits and block map (build_block_map), K / V in place
-      if (p.bias.layout == OperandLayout::kQuerySide) {  // and a query-side bias (its elements read by the consumers)
-        if (p.bias.dtype == ScalarType::kFloat32) {
-          return launch_units<Traits, kRanged, false, true, true, true>(p, plan, make_tma<Traits>(p), {}, stream,
-                                                                        ws.blocks);
-        }
-        return launch_units<Traits, kRanged, false, true, true>(p, plan, make_tma<Traits>(p), {}, stream, ws.blocks);
+  if (plan.sm90a_query && !plan.sm90a_slots) {  // the mask's bits and block map (build_block_map), K / V in place
+    if (p.bias.layout == OperandLayout::kQuerySide) {  // and a query-side bias (its elements read by the consumers)
+      if (p.bias.dtype == ScalarType::kFloat32) {
+        // kBias32's 32 KB of terms at D = 256 do not fit beside its Q, K / V and tile list (sm90a_query_bias_fits)
+        if constexpr (Traits::kHeadDim > 128) return cudaErrorInvalidValue;
+        else return launch_units<Traits, kRanged, false, true, true, true>(p, plan, make_tma<Traits>(p), {}, stream,
+                                                                           ws.blocks);
       }
-      return launch_units<Traits, kRanged, false, true>(p, plan, make_tma<Traits>(p), {}, stream, ws.blocks);
+      return launch_units<Traits, kRanged, false, true, true>(p, plan, make_tma<Traits>(p), {}, stream, ws.blocks);
     }
-    if (plan.sm90a_slots) {
-      // K / V from the gathered slots (k and v's packed shape, dense), or in place: every key a slot of one list.
-      const bool in_place = plan.slots_in_place;
-      const int32_t kept_heads = in_place ? p.num_heads_k : ws.kept.heads;  // KeptRows::heads_of
-      const int64_t row = static_cast<int64_t>(kept_heads) * Traits::kHeadDim;
-      SlotLists slots;
-      slots.count = in_place ? ws.kept.count : ws.keys.count;
-      slots.pos = ws.kept.pos;
-      slots.bias = ws.kept.bias;
-      slots.limits = ws.kept.limits;
-      slots.extent = ws.kept.extent;
-      slots.mask_heads = in_place ? 1 : ws.keys.mask_heads;
-      slots.heads_per_list = in_place ? p.num_heads : ws.keys.heads_per_list;
-      slots.bias_group = ws.kept.bias_heads > 0 ? p.num_heads / ws.kept.bias_heads : 1;
-      slots.query_tiles = ws.kept.query_tiles;
-      slots.kv_heads = kept_heads;
-      slots.kv_per_list = !in_place && ws.keys.mask_heads > p.num_heads_k;
-      const TmaParams<Traits> tma =
-          in_place ? make_tma<Traits>(p)
-                   : make_tma<Traits>(p, ws.kept.k, row, Traits::kHeadDim, ws.kept.v, row, Traits::kHeadDim,
-                                      kept_heads);
-      // A query-side mask beside a key-side bias: both variants, the bias over slots in place.
-      if (plan.sm90a_query) return launch_units<Traits, kRanged, true, true>(p, plan, tma, slots, stream, ws.blocks);
-      return launch_units<Traits, kRanged, true>(p, plan, tma, slots, stream);
-    }
+    // a mask alone: query-side, or key-side by sequence at D = 256 (BlockMap::by_sequence); never a key-side bias
+    // here, which this variant reads only over slots in place (below)
+    if (p.bias.present()) return cudaErrorInvalidValue;
+    return launch_units<Traits, kRanged, false, true>(p, plan, make_tma<Traits>(p), {}, stream, ws.blocks);
+  }
+  if (plan.sm90a_slots) {
+    // K / V from the gathered slots (k and v's packed shape, dense), or in place: every key a slot of one list.
+    const bool in_place = plan.slots_in_place;
+    // D = 256: slots in place only (the gather copies rows of at most 128 elements: sm90a_slots_supports)
+    if (Traits::kHeadDim > 128 && !in_place) return cudaErrorInvalidValue;
+    const int32_t kept_heads = in_place ? p.num_heads_k : ws.kept.heads;  // KeptRows::heads_of
+    const int64_t row = static_cast<int64_t>(kept_heads) * Traits::kHeadDim;
+    SlotLists slots;
+    slots.count = in_place ? ws.kept.count : ws.keys.count;
+    slots.pos = ws.kept.pos;
+    slots.bias = ws.kept.bias;
+    slots.limits = ws.kept.limits;
+    slots.extent = ws.kept.extent;
+    slots.mask_heads = in_place ? 1 : ws.keys.mask_heads;
+    slots.heads_per_list = in_place ? p.num_heads : ws.keys.heads_per_list;
+    slots.bias_group = ws.kept.bias_heads > 0 ? p.num_heads / ws.kept.bias_heads : 1;
+    slots.query_tiles = ws.kept.query_tiles;
+    slots.kv_heads = kept_heads;
+    slots.kv_per_list = !in_place && ws.keys.mask_heads > p.num_heads_k;
+    const TmaParams<Traits> tma =
+        in_place ? make_tma<Traits>(p)
+                 : make_tma<Traits>(p, ws.kept.k, row, Traits::kHeadDim, ws.kept.v, row, Traits::kHeadDim,
+                                    kept_heads);
+    // A mask beside a key-side bias (query-side; at D = 256 key-side too, by sequence): both variants, the bias over
+    // slots in place.
+    if (plan.sm90a_query) return launch_units<Traits, kRanged, true, true>(p, plan, tma, slots, stream, ws.blocks);
+    return launch_units<Traits, kRanged, true>(p, plan, tma, slots, stream);
   }
   return launch_units<Traits, kRanged, false>(p, plan, make_tma<Traits>(p), {}, stream);
 }
@@ -151,8 +158,9 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Work
 template <typename Elem, int kHeadDim>
 cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws,
                              cudaStream_t stream) {
+  // D = 256: no gathered slots and no float32 query-side bias (sm90a_slots_supports, sm90a_query_bias_fits)
   if (!plan.sm90a || plan.kernel != FwdKernel::kPrefill || p.head_dim != kHeadDim ||
-      ((plan.sm90a_slots || plan.sm90a_query) && kHeadDim > 128)) {
+      (kHeadDim > 128 && ((plan.sm90a_slots && !plan.slots_in_place) || query_terms_f32(p)))) {
     return sm80::launch_attention<Elem, kHeadDim>(p, plan, ws, stream);
   }
   if (p.batch == 0 || p.num_heads == 0 || p.max_seqlen_q == 0) return cudaSuccess;
