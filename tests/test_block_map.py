@@ -106,13 +106,14 @@ def _sm90a_device(head_dim) -> bool:
 def test_block_structured_key_mask_of_a_skewed_batch(device, heads, head_dim, batch, monkeypatch, capfd):
     """A key-side mask made of whole 32-key blocks of each sequence over a skewed batch (one 3,000-key sequence amid
     40 short ones of odd lengths), or 48 sequences of 1 to 128 keys, beside a query-side bias and, at D = 256, alone:
-    on Hopper the sm90a kernel maps such a mask per sequence (passes.h, BlockMap::sequence_row), the skewed batch's
-    map and bits in segments sized by each sequence's own keys (dead, whole and mixed tiles in segments that start
-    after key counts that are not multiples of 128), the like lengths' at a stride of 4 blocks a sequence (the smaller
-    layout there). On a cc 9.0 device with the sm90a path built, the logged plan (DMATTN_LOG_PLAN=1) must show that
-    path: sm90a_query=1 with a map of the mask's heads (but for a mask of H heads over the like lengths at D = 256:
-    sequences of one query tile, which keep the sm80 kernels there, and the plan must say so). Keys no head keeps hold
-    NaN, which must not reach the output."""
+    on Hopper the sm90a kernel maps such a mask beside the bias per sequence (passes.h, BlockMap::sequence_row), the
+    skewed batch's map and bits in segments sized by each sequence's own keys (dead, whole and mixed tiles in segments
+    that start after key counts that are not multiples of 128), the like lengths' at a stride of 4 blocks a sequence
+    (the smaller layout there); alone (D = 256) it gathers the mask's kept rows into slots instead. On a cc 9.0
+    device with the sm90a path built, the logged plan (DMATTN_LOG_PLAN=1) must show that path: sm90a_query=1 with a
+    map of the mask's heads beside the bias, sm90a_slots=1 and no map alone (but for a mask of H heads over the like
+    lengths at D = 256: sequences of one query tile, which keep the sm80 kernels there, and the plan must say so).
+    Keys no head keeps hold NaN, which must not reach the output."""
     g = torch.Generator().manual_seed(heads * 3 + head_dim)
     if batch == "skewed":
         lens_q = [1 + (7 * i) % 9 for i in range(20)] + [200] + [(5 * i) % 6 for i in range(20)]
@@ -140,16 +141,19 @@ def test_block_structured_key_mask_of_a_skewed_batch(device, heads, head_dim, ba
         want, want_lse = reference_varlen_attention(
             *(t.to(dtype).double() for t in (q, k, v)), cu_q, cu_k, max(lens_q), max_k, mask=mask,
             bias=None if b is None else b.to(dtype).double(), is_causal=True)
-        if on_sm90a:  # the by-sequence map's path ran: the sm90a kernel's query-side variant over a map of Hm heads
+        if on_sm90a:  # beside the bias, the by-sequence map's path ran: the query-side variant over a map of Hm heads
             torch.cuda.synchronize()
-            plans = re.findall(r"kernel=prefill .*block_map_heads=(\d+) sm90a=\d sm90a_slots=\d sm90a_query=(\d)",
+            plans = re.findall(r"kernel=prefill .*block_map_heads=(\d+) sm90a=(\d) sm90a_slots=(\d) sm90a_query=(\d)",
                                capfd.readouterr().err)
             if head_dim > 128 and heads > HK and max(lens_q) <= 128:
-                # heuristics.h sm90a_query_supports: at D = 256 a mask finer than the KV heads over sequences of one
-                # query tile keeps the sm80 kernels, which read its kept rows alone (the like lengths, Hm = H)
-                assert [sm90a_query for _, sm90a_query in plans] == ["0"], plans
+                # heuristics.h sm90a_slots_supports / sm90a_query_supports: at D = 256 a mask finer than the KV heads
+                # over sequences of one query tile keeps the sm80 kernels, which read its kept rows alone (the like
+                # lengths, Hm = H)
+                assert [sm90a for _, sm90a, _, _ in plans] == ["0"], plans
+            elif b is None:  # alone: its kept rows gathered into slots (heuristics.h sm90a_slots_supports), no map
+                assert plans == [("0", "1", "1", "0")], plans
             else:
-                assert plans == [(str(heads), "1")], plans
+                assert plans == [(str(heads), "1", "0", "1")], plans
         assert not got.isnan().any() and not lse.isnan().any()
         tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got.cpu().double(), want, **tol)

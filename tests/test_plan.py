@@ -313,8 +313,7 @@ def test_key_side_lists_look_back_only_across_parts(planner):
     look-back's statuses (one uint64 per sequence, list head and part) and its ticket in the workspace (the decode
     kernel's lists with query-side terms too: test_query_side_operands_in_the_decode_kernel_get_lists_and_terms)."""
     # D = 96 (no sm90a kernel): the sm80 kernels, so the lists are all the workspace (on the sm90a kernel the kept rows
-    # are gathered too, test_key_side_masks_gather_their_kept_rows_for_the_sm90a_kernel; at D = 256 the mask is
-    # mapped by sequence instead, test_d256_masks_on_the_sm90a_kernel_get_their_map_and_bits)
+    # are gathered too, at every head dim: test_key_side_masks_gather_their_kept_rows_for_the_sm90a_kernel)
     prefill = dict(B=8, H=64, Hk=8, D=96, total_q=16_000, total_k=16_000, max_q=4096, max_k=4096)
     lists = lambda Hm: Hm * 16_000 * 4 + -(-(Hm * 8 * 4) // 256) * 256  # noqa: E731  index + counts
     look_back = lambda Hm, parts: -(-(Hm * 8 * parts * 8 + 4) // 256) * 256  # noqa: E731
@@ -336,7 +335,7 @@ def test_query_side_mask_gets_a_block_map(planner):
         want = Hm * -(-16_000 // 64) * -(-4096 // 32)
         assert planner(**prefill, mask=QUERY, Hm=Hm)["workspace"] == -(-want // 256) * 256 + flags
     parts = -(-(8 * 8 * 2 * 8 + 4) // 256) * 256  # compact_keys in parts: 4096 keys, 2 parts per list
-    # the lists alone (D = 96: the sm80 kernels; on the sm90a one the kept rows too, or at D = 256 a map by sequence)
+    # the lists alone (D = 96: the sm80 kernels; on the sm90a one the kept rows too)
     assert planner(**prefill, mask=KEY, Hm=8)["workspace"] == 8 * 16_000 * 4 + 256 + parts
     assert planner(**prefill, bias=QUERY, Hb=32)["workspace"] == 0
     assert planner(**prefill)["workspace"] == 0
@@ -458,13 +457,14 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(bias=QUERY, Hb=1, key_range=True), True, 0),
         (dict(D=256), True, 0),  # head dims 64, 128 and 256 (64-key tiles)
         (dict(D=256, window=(255, 0)), True, 132),
-        # D = 256 masks without a bias: the query-side variant, persistent as masks are at D <= 128; a key-side mask
-        # mapped by sequence (the kept rows' gather copies rows of D <= 128)
+        # D = 256 masks without a bias, persistent as masks are at D <= 128: a key-side one over its gathered kept
+        # rows, with key ranges (which the slots' limits do not know) mapped by sequence on the query-side variant, a
+        # CTA per unit; a query-side one on the query-side variant
         (dict(D=256, mask=KEY, Hm=8), True, 132),
         (dict(D=256, mask=KEY, Hm=1, window=(-1, 0)), True, 132),
         (dict(D=256, mask=KEY, Hm=32, window=(255, 0)), True, 132),
         (dict(D=256, mask=KEY, Hm=8, window=(127, 0)), False, 0),  # a window of 128 keys or fewer: sm80
-        (dict(D=256, mask=KEY, Hm=8, key_range=True), True, 0),  # key ranges: a CTA per unit
+        (dict(D=256, mask=KEY, Hm=8, key_range=True), True, 0),  # key ranges: by sequence, a CTA per unit
         (dict(D=256, mask=KEY, Hm=8, sm90a_ctas=-1), True, 0),  # DMATTN_SM90A_CTAS=0: a CTA per unit
         (dict(D=256, mask=QUERY, Hm=8), True, 132),
         (dict(D=256, mask=QUERY, Hm=1, window=(-1, 0)), True, 132),
@@ -472,9 +472,9 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(D=256, mask=QUERY, Hm=8, key_range=True), True, 0),
         (dict(D=256, mask=QUERY, Hm=8, sm90a_ctas=5), True, 5),
         # D = 256 biases: a key-side one over slots in place, alone (persistent or not as without it) or beside a
-        # mask of either layout (the key-side one mapped by sequence; persistent as masks are); a query-side one in
-        # q's dtype as at D <= 128; float32 query-side biases, key ranges beside a key-side bias and windows of 128
-        # keys or fewer take the sm80 kernels
+        # query-side mask (persistent as masks are), over the gathered slots beside a key-side mask; a query-side one
+        # in q's dtype as at D <= 128; float32 query-side biases, key ranges beside a key-side bias and windows of
+        # 128 keys or fewer take the sm80 kernels
         (dict(D=256, bias=KEY, Hb=8), True, 0),
         (dict(D=256, bias=KEY, Hb=1, window=(255, 0)), True, 132),
         (dict(D=256, bias=KEY, Hb=32, window=(-1, 0)), True, 0),
@@ -502,18 +502,23 @@ def test_sm90a_choice(planner, change, sm90a, ctas):
     assert (plan["sm90a"], plan["sm90a_ctas"]) == (sm90a, ctas)
 
 
+@pytest.mark.parametrize("D", [128, 256])
 @pytest.mark.parametrize("Hm, Hb, causal", [(8, 8, True), (1, 32, True), (8, 0, False), (1, 1, True), (32, 8, True),
                                             (16, 0, False)])
-def test_key_side_masks_gather_their_kept_rows_for_the_sm90a_kernel(planner, Hm, Hb, causal):
+def test_key_side_masks_gather_their_kept_rows_for_the_sm90a_kernel(planner, Hm, Hb, causal, D):
     """A key-side mask on cc 9.0: compact_keys' lists, then its kept K / V rows gathered into dense slots that the
     sm90a kernel reads with TMA (passes.h KeptRows). The workspace holds the lists, the K / V slots (k and v's packed
     shape with Hk heads, or a copy per list where lists are finer than KV heads: Hm > Hk), the slots' positions per
     list head and biases per bias head (the finer of the bias's and the lists'), each over total_k + 32 (B + 1) + 128
-    slots rounded up to 32, and for causal calls four slot limits per (list head, sequence, 128-row query tile)."""
+    slots rounded up to 32, and for causal calls four slot limits per (list head, sequence, 128-row query tile).
+    D = 256 the same (64-key tiles of the same slots: only the K / V copy, D elements a row, doubles), persistent,
+    with no map, no bits and no flags."""
     bias = dict(bias=KEY, Hb=Hb) if Hb else {}
-    plan = planner(**PREFILL, mask=KEY, Hm=Hm, window=(-1, 0) if causal else (-1, -1), **bias)
+    plan = planner(**dict(PREFILL, D=D), mask=KEY, Hm=Hm, window=(-1, 0) if causal else (-1, -1), **bias)
     assert plan["sm90a"] and plan["sm90a_slots"] and plan["key_lists_heads"] == Hm
-    B, Hk, D, total_k = PREFILL["B"], PREFILL["Hk"], PREFILL["D"], PREFILL["total_k"]
+    assert not plan["sm90a_query"] and not plan["slots_in_place"] and plan["block_map_heads"] == 0
+    assert plan["sm90a_ctas"] == 132
+    B, Hk, total_k = PREFILL["B"], PREFILL["Hk"], PREFILL["total_k"]
     extent = -(-(total_k + 32 * (B + 1) + 128) // 32) * 32
     parts = 8 * B * Hm * 2 + 4  # 3865 keys: two compaction parts per list, and the ticket
     expected = (4 * Hm * total_k + 4 * Hm * B + parts  # the lists
@@ -607,16 +612,16 @@ def test_key_side_mask_beside_a_query_side_bias_is_mapped_by_sequence(planner, H
     assert dec256["key_lists_heads"] == (Hm if Hm == 32 else 0)
 
 
-@pytest.mark.parametrize("D, bias", [(128, QUERY), (256, ABSENT), (256, QUERY)],
-                         ids=["query_bias", "d256_alone", "d256_query_bias"])
-def test_skewed_batch_key_map_is_sized_by_the_keys(planner, D, bias):
-    """A key-side mask mapped by sequence (beside a query-side bias; alone or beside one at D = 256) costs O(total_k +
-    B) per mask head, not O(B x max_seqlen_k): one 100,000-key sequence beside 511 of 200 keys with 8 mask heads (a
-    1.6 MB bool mask) gets a map and bits of 335 KB, where a row of max_seqlen_k per sequence took 64 MB; and the
-    workspace does not change with max_seqlen_k at a fixed total_k."""
+@pytest.mark.parametrize("D, bias, key_range", [(128, QUERY, False), (256, ABSENT, True), (256, QUERY, False)],
+                         ids=["query_bias", "d256_key_ranges", "d256_query_bias"])
+def test_skewed_batch_key_map_is_sized_by_the_keys(planner, D, bias, key_range):
+    """A key-side mask mapped by sequence (beside a query-side bias; at D = 256 beside one or without one, ungathered:
+    here beside key ranges) costs O(total_k + B) per mask head, not O(B x max_seqlen_k): one 100,000-key sequence
+    beside 511 of 200 keys with 8 mask heads (a 1.6 MB bool mask) gets a map and bits of 335 KB, where a row of
+    max_seqlen_k per sequence took 64 MB; and the workspace does not change with max_seqlen_k at a fixed total_k."""
     B, Hm, total_k = 512, 8, 100_000 + 511 * 200
     skewed = dict(B=B, H=32, Hk=8, D=D, total_q=total_k, total_k=total_k, max_q=100_000, max_k=100_000)
-    operands = dict(mask=KEY, Hm=Hm, bias=bias, Hb=8, bias_dtype=BF16)
+    operands = dict(mask=KEY, Hm=Hm, bias=bias, Hb=8, bias_dtype=BF16, key_range=key_range)
     plan = planner(**skewed, **operands)
     assert plan["sm90a"] and plan["sm90a_query"] and plan["key_lists_heads"] == 0 and not plan["sm90a_slots"]
     mapped = _key_map_bytes(Hm, B, total_k, 100_000)
@@ -640,17 +645,17 @@ def test_skewed_batch_key_map_is_sized_by_the_keys(planner, D, bias):
             == -(-blocks // 256) * 256 + -(-(4 * blocks) // 256) * 256)
 
 
-@pytest.mark.parametrize("D, bias", [(128, QUERY), (256, ABSENT), (256, QUERY)],
-                         ids=["query_bias", "d256_alone", "d256_query_bias"])
+@pytest.mark.parametrize("D, bias, key_range", [(128, QUERY, False), (256, ABSENT, True), (256, QUERY, False)],
+                         ids=["query_bias", "d256_key_ranges", "d256_query_bias"])
 @pytest.mark.parametrize("B, k_len", [(16, 4096), (4096, 512), (4096, 128), (4096, 64)])
-def test_key_map_takes_the_smaller_layout(planner, D, bias, B, k_len):
+def test_key_map_takes_the_smaller_layout(planner, D, bias, key_range, B, k_len):
     """A batch of sequences of like length: the map by sequence takes a stride per sequence (4 ceil(max_seqlen_k /
     128) blocks), where the segments' slack tile per sequence costs more: 4096 x 128 keys, 4 blocks a sequence
     against 8; 4096 x 64 keys, 4 against 6; 4096 x 512, 16 against 20; 16 x 4096, 128 against 132. The skewed batch
     above keeps segments (8,368 blocks a head against a stride's 512 x 3,128)."""
     Hm, total_k = 8, B * k_len
     plan = planner(B=B, H=32, Hk=8, D=D, total_q=total_k, total_k=total_k, max_q=k_len, max_k=k_len,
-                   mask=KEY, Hm=Hm, bias=bias, Hb=8, bias_dtype=BF16)
+                   mask=KEY, Hm=Hm, bias=bias, Hb=8, bias_dtype=BF16, key_range=key_range)
     assert plan["sm90a"] and plan["sm90a_query"] and plan["key_lists_heads"] == 0 and not plan["sm90a_slots"]
     segments = 4 * (-(-total_k // 128) + B)
     strided = B * 4 * -(-k_len // 128)
@@ -763,14 +768,23 @@ def test_key_map_segments_stay_in_bounds_and_apart(tmp_path):
     assert 50 < strided < len(calls) - 50  # both layouts
 
 
+# A call of D = 256 whose kept K / V rows pass kMaxKeptRowBytes (4 GiB) for every mask head count: 600,000 keys of 8
+# KV heads, 2 x 600,000 x 8 x 256 x 2 bytes (4.9 GB; with Hm = H, four times that; at D = 128 half, which fits but
+# for Hm = H). Sequences of at most 100,000 keys, within the query-side variant's tile list.
+PAST_THE_CAP_D256 = dict(B=8, H=32, Hk=8, D=256, total_q=16_000, total_k=600_000, max_q=4096, max_k=100_000)
+
+
 @pytest.mark.parametrize("Hm", [1, 8, 32])
-def test_d256_masks_on_the_sm90a_kernel_get_their_map_and_bits(planner, Hm):
-    """At D = 256 (64-key tiles) a mask without a bias runs on the sm90a kernel's query-side variant with the workspace
-    of D <= 128: a query-side mask's block map, bits (laid out per 128-key tile: a 64-key tile reads half of one) and
-    v's flags; a key-side one's map and bits by sequence (BlockMap::by_sequence) and v's flags, no kept-key lists and
-    no kept rows. Beside either mask a key-side bias or a query-side one in q's dtype keeps that variant (the tests
-    below), a float32 query-side bias takes the sm80 kernels; so do sequences of more than 131,072 keys (2048 64-key
-    tiles, the kernel's tile list) and bits past 1 GB."""
+def test_d256_masks_on_the_sm90a_kernel_get_kept_rows_or_a_map(planner, Hm):
+    """At D = 256 (64-key tiles) a key-side mask without a bias runs on the sm90a kernel over its kept rows gathered
+    into dense slots (as at D <= 128: the lists, the K / V copy of D = 256 rows, no map, bits or flags), and a
+    query-side one on its query-side variant with the workspace of D <= 128 (the block map, bits laid out per 128-key
+    tile, a 64-key tile reading half of one, and v's flags). A key-side mask whose rows the slots cannot take is mapped
+    by sequence on the query-side variant instead (BlockMap::by_sequence: its map, bits and v's flags, no lists):
+    beside key ranges, or with kept rows past kMaxKeptRowBytes, where D <= 128 takes the sm80 kernels. Beside either
+    mask a key-side bias or a query-side one in q's dtype keeps the sm90a kernel (the tests below), a float32
+    query-side bias takes the sm80 kernels; so do query-side masks over sequences of more than 131,072 keys (2048
+    64-key tiles, the kernel's tile list) and bits past 1 GB."""
     prefill = dict(B=8, H=32, Hk=8, D=256, total_q=16_000, total_k=16_000, max_q=4096, max_k=4000)
     B, total_q, total_k, max_k = prefill["B"], prefill["total_q"], prefill["total_k"], prefill["max_k"]
     aligned = lambda n: -(-n // 256) * 256  # noqa: E731
@@ -781,50 +795,82 @@ def test_d256_masks_on_the_sm90a_kernel_get_their_map_and_bits(planner, Hm):
     bits = Hm * total_q * -(-max_k // 128) * 4 * 4
     assert query["workspace"] == aligned(state) + aligned(bits) + flags
     assert query["workspace"] == planner(**dict(prefill, D=128), mask=QUERY, Hm=Hm)["workspace"]
+    # A key-side mask: its kept rows, persistent; D = 128's workspace but for the K / V copy's rows of 256 elements
     key = planner(**prefill, mask=KEY, Hm=Hm)
-    assert key["sm90a"] and key["sm90a_query"] and not key["sm90a_slots"] and key["key_lists_heads"] == 0
-    assert key["workspace"] == _key_map_bytes(Hm, B, total_k, max_k) + flags
-    # Biases: a key-side one or a query-side one in q's dtype on this variant; a float32 query-side one on the sm80
-    # kernels (a key-side mask's lists; a query-side mask's map without bits)
+    assert key["sm90a"] and key["sm90a_slots"] and not key["sm90a_query"] and not key["slots_in_place"]
+    assert key["key_lists_heads"] == Hm and key["block_map_heads"] == 0 and key["sm90a_ctas"] == 132
+    d128 = planner(**dict(prefill, D=128), mask=KEY, Hm=Hm)
+    assert d128["sm90a_slots"] and key["workspace"] - d128["workspace"] == 2 * total_k * max(8, Hm) * 128 * 2
+    # ...with key ranges (the slots' limits know none): mapped by sequence, a CTA per unit
+    ranged = planner(**prefill, mask=KEY, Hm=Hm, key_range=True)
+    assert ranged["sm90a_query"] and not ranged["sm90a_slots"] and ranged["key_lists_heads"] == 0
+    assert ranged["block_map_heads"] == Hm and ranged["sm90a_ctas"] == 0
+    assert ranged["workspace"] == _key_map_bytes(Hm, B, total_k, max_k) + flags
+    # ...with kept rows past the cap: mapped by sequence (D = 128 copies half as much: slots where that fits, else sm80)
+    big = PAST_THE_CAP_D256
+    past = planner(**big, mask=KEY, Hm=Hm)
+    assert past["sm90a_query"] and not past["sm90a_slots"] and past["key_lists_heads"] == 0
+    assert past["workspace"] == (_key_map_bytes(Hm, big["B"], big["total_k"], big["max_k"])
+                                 + _v_flags_bytes(big["Hk"], big["total_k"]))
+    big128 = planner(**dict(big, D=128), mask=KEY, Hm=Hm)
+    assert big128["sm90a_slots"] == (Hm <= 8) and big128["sm90a"] == (Hm <= 8) and big128["key_lists_heads"] == Hm
+    # Biases: a key-side one, beside a key-side mask over its gathered slots, beside a query-side one over slots in
+    # place; a query-side one in q's dtype on the query-side variant (a key-side mask by sequence); a float32
+    # query-side one on the sm80 kernels (a key-side mask's lists; a query-side mask's map without bits)
     for mask in (KEY, QUERY):
         for bias, dtype in ((KEY, F32), (QUERY, BF16)):
             plan = planner(**prefill, mask=mask, Hm=Hm, bias=bias, Hb=8, bias_dtype=dtype)
-            assert plan["sm90a_query"] and plan["sm90a_slots"] == (bias == KEY) and plan["key_lists_heads"] == 0
+            gathered = mask == KEY and bias == KEY
+            assert plan["sm90a"] and plan["sm90a_query"] != gathered and plan["sm90a_slots"] == (bias == KEY)
+            assert plan["key_lists_heads"] == (Hm if gathered else 0) and plan["slots_in_place"] == (
+                bias == KEY and not gathered)
         plan = planner(**prefill, mask=mask, Hm=Hm, bias=QUERY, Hb=8, bias_dtype=F32)
         assert not plan["sm90a"] and not plan["sm90a_query"]
         assert plan["key_lists_heads"] == (Hm if mask == KEY else 0)
     longest = dict(prefill, total_k=140_000, max_k=131_072, total_q=1000, max_q=1000)
-    for mask in (KEY, QUERY):
-        assert planner(**longest, mask=mask, Hm=Hm)["sm90a_query"]
-        assert not planner(**dict(longest, max_k=131_073), mask=mask, Hm=Hm)["sm90a"]
-    # Every call the sm80 kernels take keeps a key-side mask's lists (they apply it only through them): sequences past
-    # the tile list, windows of 128 keys or fewer; DMATTN_SM90A_CTAS sends the narrow window to the sm90a kernel
-    for fallback in (planner(**dict(longest, max_k=131_073), mask=KEY, Hm=Hm),
-                     planner(**prefill, mask=KEY, Hm=Hm, window=(127, 0))):
-        assert not fallback["sm90a"] and fallback["key_lists_heads"] == Hm
+    assert planner(**longest, mask=QUERY, Hm=Hm)["sm90a_query"]
+    assert not planner(**dict(longest, max_k=131_073), mask=QUERY, Hm=Hm)["sm90a"]
+    # A key-side mask's slots have no tile list: sequences of any length, where the copy fits (Hm = H past the cap
+    # here: mapped by sequence up to the tile list's 131,072 keys, then the sm80 kernels over its lists)
+    fits = 2 * 140_000 * max(8, Hm) * 256 * 2 <= 4 << 30
+    for most in (131_072, 131_073):
+        plan = planner(**dict(longest, max_k=most), mask=KEY, Hm=Hm)
+        if fits:
+            assert plan["sm90a_slots"] and plan["key_lists_heads"] == Hm
+        elif most == 131_072:
+            assert plan["sm90a_query"] and plan["key_lists_heads"] == 0
+        else:
+            assert not plan["sm90a"] and plan["key_lists_heads"] == Hm
+    # Every call the sm80 kernels take keeps a key-side mask's lists (they apply it only through them): windows of 128
+    # keys or fewer; DMATTN_SM90A_CTAS sends the narrow window to the sm90a kernel, over the gathered slots
+    narrow = planner(**prefill, mask=KEY, Hm=Hm, window=(127, 0))
+    assert not narrow["sm90a"] and narrow["key_lists_heads"] == Hm
     forced = planner(**prefill, mask=KEY, Hm=Hm, window=(127, 0), sm90a_ctas=-1)
-    assert forced["sm90a_query"] and forced["key_lists_heads"] == 0
+    assert forced["sm90a_slots"] and forced["key_lists_heads"] == Hm and forced["sm90a_ctas"] == 0
     # Bits past 1 GB: the sm80 kernel (it reads the mask itself).
     assert not planner(**dict(longest, total_q=70_000, max_q=8000), mask=QUERY, Hm=Hm)["sm90a"]
     # A key-side mask finer than the KV heads over sequences of one query tile (a decode-shaped call the decode kernel
-    # does not take): the sm80 kernels over its lists, as at D <= 128 (sm90a_slots_supports); coarser masks, or more
-    # queries, take the sm90a kernel.
+    # does not take): the sm80 kernels over its lists, as at D <= 128 (sm90a_slots_supports, and
+    # sm90a_query_supports for the map by sequence); coarser masks, or more queries, take the sm90a kernel's slots.
     few = dict(B=16, H=32, Hk=8, D=256, total_q=64, total_k=65_536, max_q=4, max_k=4096)
     plan = planner(**few, mask=KEY, Hm=Hm)
     if Hm == 32:  # finer than the KV heads: not the decode kernel's
         assert plan["kernel"] == "prefill" and not plan["sm90a"] and plan["key_lists_heads"] == 32
     else:  # 1 or Hk: the decode kernel's
         assert plan["kernel"] == "decode"
-    assert planner(**dict(few, total_q=3000, max_q=200), mask=KEY, Hm=Hm)["sm90a_query"]
+    more = planner(**dict(few, total_q=3000, max_q=200), mask=KEY, Hm=Hm)
+    assert more["sm90a_slots"] and more["key_lists_heads"] == Hm
+    assert planner(**dict(few, total_q=3000, max_q=200), mask=KEY, Hm=Hm, key_range=True)["sm90a_query"]
 
 
 @pytest.mark.parametrize("Hm, Hb, causal", [(1, 8, True), (8, 1, False), (32, 32, True), (8, 8, False)])
-def test_d256_key_side_bias_beside_a_mask_runs_over_slots_in_place(planner, Hm, Hb, causal):
-    """At D = 256 a key-side bias beside a mask runs on the sm90a kernel's query-side variant with slots in place for
-    the bias (kQuery + kSlots, as beside a query-side mask at D <= 128): the mask's map and bits (a key-side mask's by
-    sequence: no kept-key lists, no kept rows, whose gather copies rows of D <= 128) and v's flags, then the slots'
-    workspace of a key-side bias alone (each sequence's key count, one list of positions, the float32 biases per
-    bias head, and for causal calls the slot limits per 128-row query tile). Persistent, as a mask alone there."""
+def test_d256_key_side_bias_beside_a_mask(planner, Hm, Hb, causal):
+    """At D = 256 a key-side bias beside a key-side mask runs over the mask's gathered kept rows, as at D <= 128 (the
+    lists, the K / V copy, positions, biases per bias head, slot limits), persistent; beside a query-side mask, on the
+    sm90a kernel's query-side variant with slots in place for the bias (kQuery + kSlots, as at D <= 128): the mask's
+    map and bits and v's flags, then the slots' workspace of a key-side bias alone (each sequence's key count, one
+    list of positions, the float32 biases per bias head, and for causal calls the slot limits per 128-row query
+    tile). A key-side mask whose kept rows pass the cap is mapped by sequence there too, the bias in place."""
     prefill = dict(B=8, H=32, Hk=8, D=256, total_q=16_000, total_k=16_000, max_q=4096, max_k=4000)
     B, total_q, total_k, max_k = prefill["B"], prefill["total_q"], prefill["total_k"], prefill["max_k"]
     aligned = lambda n: -(-n // 256) * 256  # noqa: E731
@@ -834,31 +880,39 @@ def test_d256_key_side_bias_beside_a_mask_runs_over_slots_in_place(planner, Hm, 
              + (aligned(16 * B * -(-prefill["max_q"] // 128)) if causal else 0))
     flags = _v_flags_bytes(prefill["Hk"], total_k)
     key = planner(**prefill, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb, window=window)
-    assert key["sm90a"] and key["sm90a_query"] and key["sm90a_slots"] and key["key_lists_heads"] == 0
-    assert key["sm90a_ctas"] == 132
-    assert key["workspace"] == _key_map_bytes(Hm, B, total_k, max_k) + flags + slots
+    assert key["sm90a"] and key["sm90a_slots"] and not key["sm90a_query"] and not key["slots_in_place"]
+    assert key["key_lists_heads"] == Hm and key["sm90a_ctas"] == 132
+    d128 = planner(**dict(prefill, D=128), mask=KEY, Hm=Hm, bias=KEY, Hb=Hb, window=window)
+    assert d128["sm90a_slots"] and key["workspace"] - d128["workspace"] == 2 * total_k * max(8, Hm) * 128 * 2
     query = planner(**prefill, mask=QUERY, Hm=Hm, bias=KEY, Hb=Hb, window=window)
     assert query["sm90a"] and query["sm90a_query"] and query["sm90a_slots"] and query["key_lists_heads"] == 0
+    assert query["slots_in_place"] and query["sm90a_ctas"] == 132
     state, bits = Hm * -(-total_q // 64) * -(-max_k // 32), Hm * total_q * -(-max_k // 128) * 4 * 4
     assert query["workspace"] == aligned(state) + aligned(bits) + flags + slots
     # the same workspace as D = 128's query-side mask beside a key-side bias (the slots know no head dim)
     assert query["workspace"] == planner(**dict(prefill, D=128), mask=QUERY, Hm=Hm, bias=KEY, Hb=Hb,
                                          window=window)["workspace"]
+    # Past the cap: the key-side mask by sequence, the bias over slots in place
+    big = PAST_THE_CAP_D256
+    past = planner(**big, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb, window=window)
+    assert past["sm90a_query"] and past["sm90a_slots"] and past["slots_in_place"] and past["key_lists_heads"] == 0
     # Every call the sm80 kernels take keeps a key-side mask's lists: key ranges (the slots' limits know none),
-    # sequences past the tile list, windows of 128 keys or fewer, and a mask finer than the KV heads over sequences of
-    # one query tile (decode-shaped; the decode kernel takes Hm in {1, Hk} there).
+    # windows of 128 keys or fewer, a mask finer than the KV heads over sequences of one query tile (decode-shaped;
+    # the decode kernel takes Hm in {1, Hk} there), and past the cap a sequence past the tile list.
     longest = dict(prefill, total_k=140_000, max_k=131_073, total_q=1000, max_q=1000)
     for fallback in (planner(**prefill, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb, key_range=True),
-                     planner(**longest, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb),
                      planner(**prefill, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb, window=(127, 0))):
         assert not fallback["sm90a"] and fallback["key_lists_heads"] == Hm
+    long_plan = planner(**longest, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb)  # slots know no tile list; Hm = H is past the cap
+    assert long_plan["sm90a_slots"] == (Hm != 32) and long_plan["key_lists_heads"] == Hm
     few = dict(B=16, H=32, Hk=8, D=256, total_q=64, total_k=65_536, max_q=4, max_k=4096)
     plan = planner(**few, mask=KEY, Hm=Hm, bias=KEY, Hb=Hb)
     if Hm == 32:  # finer than the KV heads: not the decode kernel's, and not the sm90a kernel's either
         assert plan["kernel"] == "prefill" and not plan["sm90a"] and plan["key_lists_heads"] == 32
     elif Hb != 32:  # mask and bias heads group whole KV groups: the decode kernel's
         assert plan["kernel"] == "decode"
-    assert planner(**dict(few, total_q=3000, max_q=200), mask=KEY, Hm=Hm, bias=KEY, Hb=Hb)["sm90a_slots"]
+    more = planner(**dict(few, total_q=3000, max_q=200), mask=KEY, Hm=Hm, bias=KEY, Hb=Hb)
+    assert more["sm90a_slots"] and more["key_lists_heads"] == Hm and not more["slots_in_place"]
 
 
 def test_every_operand_reaches_a_kernel_that_reads_it(planner):
@@ -866,16 +920,20 @@ def test_every_operand_reaches_a_kernel_that_reads_it(planner):
     the DMATTN_SM90A_CTAS and DMATTN_KERNEL overrides, at D 64 / 128 / 256 and in prefill, one-query-tile,
     decode-shaped and long shapes: the plan reaches a kernel that reads each operand (sm90a/launch.cuh launch_fwd and
     sm80/launch.cuh launch_attention, which answer cudaErrorInvalidValue to a plan outside these rules): a key-side
-    mask through kept-key lists (the sm80 kernels, or the sm90a kernel's gathered slots at D <= 128) or through its
-    map and bits by sequence (the sm90a kernel's query-side variant: beside a query-side bias, or at D = 256); a
-    key-side bias over slots (in place where no lists are gathered) and never with key ranges; a query-side bias on
-    the query-side variant, float32 only at D <= 128; a query-side mask's map and bits there; at D = 256 no gathered
-    slots (sm90a/launch.cuh launch_attention's guard never has to send an sm90a plan to the sm80 kernels)."""
+    mask through kept-key lists (the sm80 kernels, or the sm90a kernel's gathered slots, at every head dim) or through
+    its map and bits by sequence (the sm90a kernel's query-side variant: beside a query-side bias, or at D = 256
+    where its kept rows are not gathered: key ranges, a copy past kMaxKeptRowBytes); on the sm90a kernel without a
+    query-side bias, gathered wherever the slots take it; a key-side bias over slots (in place where no lists are
+    gathered) and never with key ranges; a query-side bias on the query-side variant, float32 only at D <= 128 (the
+    one call sm90a/launch.cuh launch_attention's guard would send to the sm80 kernels); a query-side mask's map and
+    bits there."""
     H, Hk = 8, 2
     shapes = [dict(B=4, total_q=4096, total_k=4096, max_q=1024, max_k=1024),
               dict(B=16, total_q=1600, total_k=32_000, max_q=100, max_k=2000),  # one query tile, not decode's
               dict(B=64, total_q=64, total_k=64 * 4096, max_q=1, max_k=4096),  # decode-shaped
-              dict(B=2, total_q=2048, total_k=600_000, max_q=1024, max_k=300_000)]  # past the tile list
+              dict(B=2, total_q=2048, total_k=600_000, max_q=1024, max_k=300_000),  # past the tile list
+              # within the tile list, kept rows past the cap at D = 256 for Hm = H (2 x 600,000 x 8 x 256 x 2 bytes)
+              dict(B=8, total_q=4096, total_k=600_000, max_q=512, max_k=100_000)]
     calls = [dict(shape, H=H, Hk=Hk, D=D, mask=mask, Hm=Hm, bias=bias, Hb=Hb, bias_dtype=dtype, key_range=kr,
                   window=window, sm90a_ctas=ctas, force=force)
              for D in (64, 128, 256) for shape in shapes
@@ -893,6 +951,11 @@ def test_every_operand_reaches_a_kernel_that_reads_it(planner):
             assert by_sequence or plan["key_lists_heads"] == call["Hm"] or plan["kernel"] == "decode", (call, plan)
             assert not by_sequence or plan["block_map_heads"] == call["Hm"], (call, plan)
             assert not by_sequence or D > 128 or bias == QUERY, (call, plan)  # the kernels that read by sequence
+            # on the sm90a kernel without a query-side bias: its kept rows gathered wherever the slots take them
+            if plan["sm90a"] and bias != QUERY:
+                gathers = not call["key_range"] and 2 * call["total_k"] * max(Hk, call["Hm"]) * D * 2 <= 4 << 30
+                assert by_sequence != gathers, (call, plan)
+                assert not gathers or (plan["sm90a_slots"] and not plan["slots_in_place"]), (call, plan)
         if plan["sm90a_query"] and mask == QUERY:
             assert plan["block_map_heads"] == call["Hm"], (call, plan)
         if not plan["sm90a"]:
@@ -906,13 +969,12 @@ def test_every_operand_reaches_a_kernel_that_reads_it(planner):
             assert call["bias_dtype"] != F32 or D <= 128, (call, plan)
         if mask == ABSENT and bias == ABSENT:
             assert not plan["sm90a_slots"] and not plan["sm90a_query"], (call, plan)
-        if D > 128:
-            assert not plan["sm90a_slots"] or plan["slots_in_place"], (call, plan)
 
 
 def test_per_head_key_side_masks_keep_their_copies_within_the_cap(planner):
     """Lists finer than KV heads (Hm = H) each get a kept copy of their rows: H / Hk times a shared list's bytes. Past
-    kMaxKeptRowBytes (4 GB) the call takes the sm80 kernels, which gather the kept rows where they are."""
+    kMaxKeptRowBytes (4 GB) the call takes the sm80 kernels, which gather the kept rows where they are; at D = 256
+    (rows twice as long, so half the keys fit) the sm90a kernel's map by sequence, within its tile list."""
     fits = dict(B=8, H=32, Hk=8, D=128, total_q=16_000, total_k=100_000, max_q=4096, max_k=20_000)
     assert 2 * 100_000 * 32 * 128 * 2 < 4 << 30
     assert planner(**fits, mask=KEY, Hm=32)["sm90a_slots"]
@@ -920,14 +982,22 @@ def test_per_head_key_side_masks_keep_their_copies_within_the_cap(planner):
     assert 2 * 300_000 * 32 * 128 * 2 > 4 << 30 > 2 * 300_000 * 8 * 128 * 2
     assert not planner(**big, mask=KEY, Hm=32)["sm90a"]
     assert planner(**big, mask=KEY, Hm=8)["sm90a_slots"]  # a shared list's copy still fits
+    # D = 256: 140,000 keys' per-head copies (4.6 GB) pass the cap, 120,000 keys' (3.9 GB) fit
+    assert 2 * 140_000 * 32 * 256 * 2 > 4 << 30 > 2 * 120_000 * 32 * 256 * 2
+    mapped = planner(**dict(fits, D=256, total_k=140_000), mask=KEY, Hm=32)
+    assert mapped["sm90a_query"] and not mapped["sm90a_slots"] and mapped["key_lists_heads"] == 0
+    assert planner(**dict(fits, D=256, total_k=140_000), mask=KEY, Hm=8)["sm90a_slots"]
+    assert planner(**dict(fits, D=256, total_k=120_000), mask=KEY, Hm=32)["sm90a_slots"]
 
 
+@pytest.mark.parametrize("D", [64, 256])
 @pytest.mark.parametrize("max_q", [1, 8, 128, 129])
-def test_per_head_copies_only_for_sequences_of_several_query_tiles(planner, max_q):
+def test_per_head_copies_only_for_sequences_of_several_query_tiles(planner, max_q, D):
     """A list's copy is read by its one head's query tiles: with a single 128-row tile per sequence the copy costs
     more than it saves (and would allocate O(total_k x Hm x D) for a decode-shaped batch), so such calls read the kept
-    rows in place on the sm80 kernels. Shared lists (Hm <= Hk) keep their one copy per KV head whatever the rows."""
-    shape = dict(B=1, H=8, Hk=2, D=64, total_q=max_q, total_k=50_000, max_q=max_q, max_k=50_000, force=FORCE_PREFILL)
+    rows in place on the sm80 kernels, at every head dim (D = 256 maps no such mask by sequence either). Shared lists
+    (Hm <= Hk) keep their one copy per KV head whatever the rows."""
+    shape = dict(B=1, H=8, Hk=2, D=D, total_q=max_q, total_k=50_000, max_q=max_q, max_k=50_000, force=FORCE_PREFILL)
     per_head = planner(**shape, mask=KEY, Hm=8)
     assert per_head["sm90a_slots"] == (max_q > 128)
     assert per_head["sm90a"] == (max_q > 128)

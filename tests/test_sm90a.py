@@ -1,9 +1,10 @@
 """The sm90a prefill kernel (wgmma + TMA; csrc/cuda/sm90a/) beside the sm80 one: calls without mask, bias or key pool
 (causal or not, windows, key ranges, softcap, sinks, seqused_k) run on it on a cc 9.0 device, and so do key-side masks
 of any heads (with or without a key-side bias), over their kept rows gathered into dense slots (a copy per list where
-lists are finer than KV heads; D <= 128), query-side masks without a bias or with a key-side one (their block map and
-bits), key-side masks at D = 256 (their map and bits by sequence; alone, beside a key-side bias or a query-side one),
-a key-side bias alone (over slots in place; beside a mask too, in place), and query-side biases (q's dtype, or float32
+lists are finer than KV heads; D 64 / 128 / 256), query-side masks without a bias or with a key-side one (their block
+map and bits), key-side masks beside a query-side bias, or at D = 256 where their kept rows are not gathered (beside
+key ranges, or a copy past 4 GiB: their map and bits by sequence, beside a key-side bias too), a key-side bias alone
+(over slots in place; beside a mask that is mapped too, in place), and query-side biases (q's dtype, or float32
 on a CTA per unit at D <= 128) alone or beside a query-side mask (each row's elements of a live tile staged by its
 threads); every other call (float32 query-side biases at D = 256 among them) runs on the sm80 kernels.
 Every shape runs both ways, the sm80 path forced through the documented debug variable DMATTN_ARCH=sm80, each judged
@@ -72,7 +73,7 @@ def _check_on_path(spec, dtype, path, monkeypatch, capfd, plan_field):
 
 # A skewed batch: one 5000-key sequence amid 129 short ones of odd lengths, for key-side masks mapped by sequence
 # (passes.h BlockMap::sequence_row: each sequence's segment sized by its own keys, from after keys that are not
-# multiples of 128, not a row of max_seqlen_k per sequence).
+# multiples of 128, not a row of max_seqlen_k per sequence) or gathered (KeptRows::segment, after such keys too).
 SKEWED_Q = tuple(i % 5 for i in range(60)) + (300,) + tuple(1 + i % 7 for i in range(69))
 SKEWED_K = tuple(1 + (37 * i) % 190 for i in range(60)) + (5000,) + tuple(1 + (53 * i) % 250 for i in range(69))
 # Like lengths: 40 sequences of 1 to 128 keys, where the map by sequence takes a stride per sequence (the smaller layout).
@@ -188,9 +189,11 @@ def _plan_sm90a(capfd):
         (Spec("query_bias", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), bias="query"), True),
         (Spec("d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), is_causal=True), True),
         (Spec("d256_key_mask", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), mask="key"),
-         True),  # mapped by sequence (the kept rows' gather copies rows of D <= 128)
+         True),  # its kept rows gathered into slots (64-key tiles)
+        (Spec("d256_key_mask_per_head", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,),
+              mask="key", mask_heads="H"), True),  # a kept copy per list
         (Spec("d256_key_mask_key_bias", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,),
-              mask="key", bias="key"), True),  # the mask mapped by sequence, the bias over slots in place
+              mask="key", bias="key"), True),  # the mask's kept rows and the bias gathered into slots
         (Spec("d256_key_bias", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,), bias="key"),
          True),  # slots in place
         (Spec("d256_query_bias_q_dtype", head_dim=256, heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,),
@@ -343,13 +346,20 @@ LYING_SPECS = [
          is_causal=True, mask="key", mask_heads="H", keep=0.5, bias="query", bias_heads="Hk", bias_dtype="q"),
     Spec("lying_key_mask_query_bias_float32", heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 400),
          mask="key", mask_heads="1", keep=0.5, bias="query", bias_heads="H"),
-    # D = 256 (64-key tiles): a query-side mask, and a key-side one mapped by sequence
+    # D = 256 (64-key tiles): a query-side mask, and a key-side one over its gathered kept rows (mask heads 1 / Hk /
+    # H, with a key-side bias or without, causal or windowed or neither: the gather's copies, positions, biases and
+    # slot limits of clamped sequences)
     Spec("lying_query_mask_d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 401),
          is_causal=True, mask="query", mask_heads="H", keep=0.5),
     Spec("lying_key_mask_d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 401),
          is_causal=True, mask="key", mask_heads="Hk", keep=0.5),
-    # D = 256 biases: a key-side one over slots in place (alone, beside a key-side mask by sequence, beside a
-    # query-side mask), a query-side one in q's dtype (alone, odd extent; beside a key-side mask)
+    Spec("lying_key_mask_1_key_bias_d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 7, 260),
+         seqlens_k=(300, 7, 401), window=(200, 0), is_causal=True, mask="key", mask_heads="1", keep=0.5, bias="key",
+         bias_heads="H", bias_dtype="q"),
+    Spec("lying_key_mask_h_d256", head_dim=256, heads=4, heads_k=1, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 399),
+         mask="key", mask_heads="H", keep=0.5, mask_runs=8),
+    # D = 256 biases: a key-side one over slots in place (alone, beside a query-side mask) or over a key-side mask's
+    # gathered slots, a query-side one in q's dtype (alone, odd extent; beside a key-side mask, by sequence)
     Spec("lying_key_bias_d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 401),
          is_causal=True, bias="key", bias_heads="H"),
     Spec("lying_key_mask_key_bias_d256", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 7, 260),
@@ -365,7 +375,8 @@ LYING_SPECS = [
     # A key-side mask's map by sequence sized by the keys (BlockMap::sequence_extent, 4 (ceil(708 / 128) + 3) = 36
     # blocks a head): honest, the last sequence's segment (from key 130: block 4 ceil(130 / 128) + 8 = 16, 20 blocks)
     # ends at the extent; the lies clamp ranges that start mid-tile and overlap ("overlapping": keys [0, 708) and
-    # [212, 708), "decreasing": [0, 708) and [1, 708)), each segment still inside the map.
+    # [212, 708), "decreasing": [0, 708) and [1, 708)), each segment still inside the map. (At D = 256 without a
+    # query-side bias the mask's kept rows are gathered instead: the same clamped ranges over KeptRows' segments.)
     Spec("lying_key_mask_query_bias_segment_at_the_extent", heads=4, heads_k=2, seqlens_q=(130, 7, 260),
          seqlens_k=(100, 30, 578), is_causal=True, mask="key", mask_heads="Hk", keep=0.5, bias="query",
          bias_heads="H", bias_dtype="q"),
@@ -445,77 +456,115 @@ def test_cuda_key_side_masks_over_kept_slots_match_reference(spec, dtype, path, 
     assert slots == [str(int(path != "sm80" and _sm90a_device()))]
 
 
-# Key-side masks at D = 256 on the sm90a kernel: its query-side variant over the mask's map and bits by sequence
-# (BlockMap::by_sequence; the kept rows' gather copies rows of D <= 128): mask heads 1 / Hk / H, random and
-# block-sparse masks (64-key tiles dead and whole), causal with more keys or more queries than the other, a sequence
-# whose keys are all masked, empty sequences, rows and keys past the end, odd key counts, windows, softcap, sinks,
-# seqused_k, a sequence of more KV tiles than the producer lists at once (128), MQA and MHA.
-KEY_MAP_SPECS = [
-    Spec("key_map_d256_causal_hk", head_dim=256, heads=8, heads_k=2, seqlens_q=(300, 129, 1),
+# Key-side masks at D = 256 on the sm90a kernel over their kept rows gathered into dense slots (as at D <= 128, in
+# 64-key tiles of slots; gather_kept_rows copies rows of 32 vectors in two passes): mask heads 1 / Hk / H (a kept copy
+# per list), random and block-sparse masks, causal with more keys or more queries than the other, a sequence whose
+# keys are all masked, empty sequences, rows and keys past the end, odd key counts, windows, softcap, sinks,
+# seqused_k, lists of more than 1024 64-key tiles, more sequences than a persistent launch's unit table (255), a skewed
+# batch (KeptRows segments after key counts that are not multiples of 32), sequences of like lengths, MQA and MHA;
+# and beside a key-side bias (heads 1 / Hk / H, float32 and q's dtype, -inf entries too), gathered with the slots.
+SLOT_D256_SPECS = [
+    Spec("slots_d256_causal_hk", head_dim=256, heads=8, heads_k=2, seqlens_q=(300, 129, 1),
          seqlens_k=(700, 128, 260), is_causal=True, mask="key", mask_heads="Hk", keep=0.5),
-    Spec("key_map_d256_runs_h_odd_keys", head_dim=256, heads=4, heads_k=4, seqlens_q=(257, 90), seqlens_k=(513, 91),
+    Spec("slots_d256_runs_h_odd_keys", head_dim=256, heads=4, heads_k=4, seqlens_q=(257, 90), seqlens_k=(513, 91),
          mask="key", mask_heads="H", keep=0.4, mask_runs=64, slack_k=3),
-    Spec("key_map_d256_1_more_queries_all_masked", head_dim=256, heads=4, heads_k=1, seqlens_q=(300, 17, 70),
+    Spec("slots_d256_1_more_queries_all_masked", head_dim=256, heads=4, heads_k=1, seqlens_q=(300, 17, 70),
          seqlens_k=(130, 3, 90), is_causal=True, mask="key", keep=0.6, masked_rows=True),
-    Spec("key_map_d256_empty_and_past_the_end", head_dim=256, heads=4, heads_k=2, seqlens_q=(0, 130, 5, 0),
+    Spec("slots_d256_empty_and_past_the_end", head_dim=256, heads=4, heads_k=2, seqlens_q=(0, 130, 5, 0),
          seqlens_k=(20, 0, 141, 0), mask="key", mask_heads="H", keep=0.5, extra_rows_q=9, extra_rows_k=7),
-    Spec("key_map_d256_window_softcap_sinks_seqused", head_dim=256, heads=4, heads_k=2, seqlens_q=(500, 64),
+    Spec("slots_d256_window_softcap_sinks_seqused", head_dim=256, heads=4, heads_k=2, seqlens_q=(500, 64),
          seqlens_k=(900, 301), seqused_k=(870, 255), window=(200, 50), softcap=30.0, sinks="q", mask="key",
          mask_heads="Hk", keep=0.6, mask_runs=16),
-    Spec("key_map_d256_window_causal_h", head_dim=256, heads=4, heads_k=1, seqlens_q=(700, 130), seqlens_k=(700, 300),
+    Spec("slots_d256_window_causal_h", head_dim=256, heads=4, heads_k=1, seqlens_q=(700, 130), seqlens_k=(700, 300),
          window=(300, 0), is_causal=True, mask="key", mask_heads="H", keep=0.5, mask_runs=32),
-    Spec("key_map_d256_many_tiles", head_dim=256, heads=2, heads_k=1, seqlens_q=(130, 3), seqlens_k=(9000, 5),
+    Spec("slots_d256_many_tiles", head_dim=256, heads=2, heads_k=1, seqlens_q=(130, 3), seqlens_k=(9000, 5),
          mask="key", mask_heads="1", keep=0.3, mask_runs=300),
-    # lists of more than 1024 64-key tiles (tile numbers past 1023), a last tile of odd length, and a window whose
-    # tiles are past 1000 (40 queries x 2 heads: more packed rows than the decode kernel takes)
-    Spec("key_map_d256_past_tile_1024", head_dim=256, heads=2, heads_k=1, seqlens_q=(40, 3), seqlens_k=(66_001, 5),
-         mask="key", mask_heads="1", keep=0.5, mask_runs=64),
-    Spec("key_map_d256_window_past_tile_1024", head_dim=256, heads=2, heads_k=1, seqlens_q=(65,),
+    # a list of more than 2048 64-key tiles of slots (140,001 keys, 97% kept: past the 131,072 keys of the query-side
+    # variant's tile list, which the slots do not have), a last tile of odd length, and a window whose tiles are past
+    # 1000 (40 queries x 2 heads: more packed rows than the decode kernel takes)
+    Spec("slots_d256_past_tile_1024", head_dim=256, heads=2, heads_k=1, seqlens_q=(40, 3), seqlens_k=(140_001, 5),
+         mask="key", mask_heads="1", keep=0.97, mask_runs=64),
+    Spec("slots_d256_window_past_tile_1024", head_dim=256, heads=2, heads_k=1, seqlens_q=(65,),
          seqlens_k=(66_000,), window=(6_000, 0), is_causal=True, mask="key", mask_heads="1", keep=0.5, mask_runs=16),
-    # more sequences than a persistent launch's unit table (255): the map's sequence is the launch's seq0 + z
-    Spec("key_map_d256_more_sequences_than_a_unit_table", head_dim=256, heads=2, heads_k=1,
+    Spec("slots_d256_more_sequences_than_a_unit_table", head_dim=256, heads=2, heads_k=1,
          seqlens_q=(300,) + tuple(i % 9 for i in range(299)), seqlens_k=(300,) + tuple(i % 13 for i in range(299)),
          is_causal=True, mask="key", mask_heads="H", keep=0.5),
-    Spec("key_map_d256_all_kept_tails", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 70, 1),
+    Spec("slots_d256_all_kept_tails", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 70, 1),
          seqlens_k=(161, 33, 300), mask="key", mask_heads="Hk", keep=1.0, extra_rows_k=9),
-    Spec("key_map_d256_seqused", head_dim=256, heads=4, heads_k=2, seqlens_q=(200, 40, 130),
+    Spec("slots_d256_seqused", head_dim=256, heads=4, heads_k=2, seqlens_q=(200, 40, 130),
          seqlens_k=(300, 140, 90), seqused_k=(400, 0, 57), mask="key", mask_heads="1", keep=0.5, mask_runs=32),
-    Spec("key_map_d256_more_queries_negative_scale", head_dim=256, heads=4, heads_k=1, seqlens_q=(300, 17),
+    Spec("slots_d256_more_queries_negative_scale", head_dim=256, heads=4, heads_k=1, seqlens_q=(300, 17),
          seqlens_k=(130, 3), is_causal=True, softmax_scale=-0.4, mask="key", mask_heads="H", keep=0.5),
-    # A skewed batch: one long sequence amid 129 short ones of odd lengths, so segments (BlockMap::sequence_row: each
-    # sequence's blocks from 4 ceil(k_start / 128) + 4 b, sized by its own keys) start after keys that are not
-    # multiples of 128; and a last segment that ends exactly at the map's extent (36 blocks for 708 keys, B = 3).
-    Spec("key_map_d256_skewed_batch", head_dim=256, heads=4, heads_k=2, seqlens_q=SKEWED_Q, seqlens_k=SKEWED_K,
+    Spec("slots_d256_skewed_batch", head_dim=256, heads=4, heads_k=2, seqlens_q=SKEWED_Q, seqlens_k=SKEWED_K,
          is_causal=True, mask="key", mask_heads="Hk", keep=0.5, mask_runs=16, extra_rows_k=5),
-    Spec("key_map_d256_segment_at_the_extent", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 7, 260),
-         seqlens_k=(100, 30, 578), mask="key", mask_heads="H", keep=0.5, mask_runs=16),
-    # 40 sequences of 1 to 128 keys: the map at a stride of 4 blocks a sequence (BlockMap::sequence_layout: 160 blocks
-    # a head against the segments' 4 (ceil(total_k / 128) + 40)), seqused_k cutting some
-    Spec("key_map_d256_like_lengths_stride", head_dim=256, heads=4, heads_k=2, seqlens_q=LIKE_Q, seqlens_k=LIKE_K,
-         seqused_k=tuple(max(k - i % 3 * 20, 0) for i, k in enumerate(LIKE_K)), is_causal=True, mask="key", mask_heads="Hk",
-         keep=0.5, mask_runs=16),
+    Spec("slots_d256_like_lengths", head_dim=256, heads=4, heads_k=2, seqlens_q=LIKE_Q, seqlens_k=LIKE_K,
+         seqused_k=tuple(max(k - i % 3 * 20, 0) for i, k in enumerate(LIKE_K)), is_causal=True, mask="key",
+         mask_heads="Hk", keep=0.5, mask_runs=16),
+    # More query tiles (67) than one gather CTA finds limits for (64) while the keys give the pass a single CTA.
+    Spec("slots_d256_query_tiles_past_a_gather_cta", head_dim=256, heads=4, heads_k=2, seqlens_q=(8500, 40),
+         seqlens_k=(100, 60), is_causal=True, mask="key", mask_heads="Hk", keep=0.7),
+    # With a key-side bias: its values gathered beside the kept rows (bias heads 1 / Hk / H, float32 and q's dtype)
+    Spec("slots_bias_d256_causal_hk_h", head_dim=256, heads=8, heads_k=2, seqlens_q=(300, 129, 1),
+         seqlens_k=(700, 128, 260), is_causal=True, mask="key", mask_heads="Hk", keep=0.5, bias="key",
+         bias_heads="H"),
+    Spec("slots_bias_d256_runs_h_odd_keys_neg_inf", head_dim=256, heads=4, heads_k=4, seqlens_q=(257, 90),
+         seqlens_k=(513, 91), mask="key", mask_heads="H", keep=0.4, mask_runs=64, slack_k=3, bias="key",
+         bias_heads="1", bias_dtype="q", bias_neg_inf=True),
+    Spec("slots_bias_d256_1_more_queries_all_masked", head_dim=256, heads=4, heads_k=1, seqlens_q=(300, 17, 70),
+         seqlens_k=(130, 3, 90), is_causal=True, mask="key", keep=0.6, masked_rows=True, bias="key",
+         bias_heads="Hk"),
+    Spec("slots_bias_d256_empty_and_past_the_end", head_dim=256, heads=4, heads_k=2, seqlens_q=(0, 130, 5, 0),
+         seqlens_k=(20, 0, 141, 0), mask="key", mask_heads="H", keep=0.5, bias="key", bias_heads="H",
+         extra_rows_q=9, extra_rows_k=7),
+    Spec("slots_bias_d256_window_softcap_sinks_seqused", head_dim=256, heads=4, heads_k=2, seqlens_q=(500, 64),
+         seqlens_k=(900, 301), seqused_k=(870, 255), window=(200, 50), softcap=30.0, sinks="q", mask="key",
+         mask_heads="Hk", keep=0.6, mask_runs=16, bias="key", bias_heads="Hk", bias_dtype="q"),
+    Spec("slots_bias_d256_past_tile_1024", head_dim=256, heads=2, heads_k=1, seqlens_q=(40, 3),
+         seqlens_k=(66_001, 5), mask="key", mask_heads="1", keep=0.5, mask_runs=64, bias="key", bias_heads="H"),
+    Spec("slots_bias_d256_more_sequences_than_a_unit_table", head_dim=256, heads=2, heads_k=1,
+         seqlens_q=(300,) + tuple(i % 9 for i in range(299)), seqlens_k=(300,) + tuple(i % 13 for i in range(299)),
+         is_causal=True, mask="key", mask_heads="H", keep=0.5, bias="key", bias_heads="1"),
+    Spec("slots_bias_d256_all_kept_tails_negative_scale", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 70, 1),
+         seqlens_k=(161, 33, 300), softmax_scale=-0.4, mask="key", mask_heads="Hk", keep=1.0, extra_rows_k=9,
+         bias="key", bias_heads="Hk"),
 ]
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("spec", KEY_MAP_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", SLOT_D256_SPECS, ids=lambda s: s.name)
 @pytest.mark.parametrize("path", ["auto", "persistent3", "per_unit", "sm80"])
-def test_cuda_d256_key_side_masks_mapped_by_sequence_match_reference(spec, dtype, path, monkeypatch, capfd,
-                                                                     cuda_device):
-    """A key-side mask at D = 256 runs on the sm90a kernel's query-side variant (no kept slots: its map and bits by
-    sequence; persistent on a CTA per SM, on 3 CTAs or a CTA per unit through DMATTN_SM90A_CTAS), and on the sm80
-    kernels forced (over its kept-key lists); each matches the float64 reference, and the plan names the path."""
-    plan = _check_on_path(spec, dtype, path, monkeypatch, capfd, r"sm90a_slots=(\d) sm90a_query=(\d)")
+def test_cuda_d256_key_side_masks_over_kept_slots_match_reference(spec, dtype, path, monkeypatch, capfd,
+                                                                  cuda_device):
+    """A key-side mask at D = 256 (with its key-side bias or without) runs on the sm90a kernel over its kept rows
+    gathered into dense slots, not on its query-side variant (persistent on a CTA per SM, on 3 CTAs or a CTA per unit
+    through DMATTN_SM90A_CTAS), and on the sm80 kernels forced (over its kept-key lists); each matches the float64
+    reference, and the plan names the path."""
+    plan = _check_on_path(spec, dtype, path, monkeypatch, capfd,
+                          r"sm90a_slots=(\d) sm90a_query=(\d) .*slots_in_place=(\d)")
+    assert plan == [(str(int(path != "sm80" and _sm90a_device())), "0", "0")]
+
+
+@pytest.mark.parametrize("path", ["auto", "persistent3", "per_unit", "sm80"])
+def test_cuda_d256_key_side_mask_past_the_kept_row_cap_is_mapped_by_sequence(path, monkeypatch, capfd, cuda_device):
+    """At D = 256 a key-side mask whose kept rows' copy would pass kMaxKeptRowBytes (4 GiB: a copy per list of H = 64
+    mask heads over 67,500 keys, 4.4 GB, of k and v of 35 MB each) is not gathered: the sm90a kernel's query-side
+    variant maps it by sequence (its map and bits; persistent, or as DMATTN_SM90A_CTAS asks), the one way left to that
+    variant at D = 256 without key ranges or a query-side bias; it matches the float64 reference, as the sm80 kernels
+    do when forced."""
+    spec = Spec("key_map_d256_past_the_kept_row_cap", head_dim=256, heads=64, heads_k=1, seqlens_q=(129, 40),
+                seqlens_k=(67_000, 500), is_causal=True, mask="key", mask_heads="H", keep=0.5, mask_runs=16)
+    assert 2 * sum(spec.seqlens_k) * 64 * 256 * 2 > 4 << 30  # heuristics.h kept_row_bytes > kMaxKeptRowBytes
+    plan = _check_on_path(spec, torch.bfloat16, path, monkeypatch, capfd, r"sm90a_slots=(\d) sm90a_query=(\d)")
     assert plan == [("0", str(int(path != "sm80" and _sm90a_device())))]
 
 
 @pytest.mark.parametrize("mask_heads", ["1", "Hk", "H"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_key_side_masked_keys_at_d256_never_reach_a_row(mask_heads, is_causal, arch, monkeypatch, capfd):
-    """At D = 256 the sm90a kernel maps a key-side mask per sequence and loads the keys of every live 64-key tile,
-    masked ones included (docs/contract.md): NaN in the K and V rows of the keys no query head of their KV group
-    attends must leave out and lse bit-identical, on the sm90a kernel (a CTA per unit and persistent) as on the sm80
-    one (which never reads them)."""
+    """At D = 256 the sm90a kernel gathers a key-side mask's kept rows into dense slots, as at D <= 128, so a masked
+    key is neither loaded nor multiplied (docs/contract.md): NaN in the K and V rows of the keys no query head of their
+    KV group attends must leave out and lse bit-identical, on the sm90a kernel (a CTA per unit and persistent; the plan
+    must show its gathered slots) as on the sm80 one (which never reads them)."""
     dtype = torch.bfloat16
     spec = Spec("skip_masked_d256", head_dim=256, seqlens_q=(130, 1, 200, 0), seqlens_k=(300, 9, 331, 6), heads=4,
                 heads_k=2, mask="key", mask_heads=mask_heads, keep=0.4, is_causal=is_causal)
@@ -533,21 +582,30 @@ def test_key_side_masked_keys_at_d256_never_reach_a_row(mask_heads, is_causal, a
     poisoned = sample.replace(k=k, v=v).run()
     torch.cuda.synchronize()
     on = str(int(arch != "sm80" and _sm90a_device()))
-    assert re.findall(r"kernel=prefill .*sm90a_query=(\d)", capfd.readouterr().err) == [on, on]
+    plans = re.findall(r"kernel=prefill .*sm90a_slots=(\d) sm90a_query=(\d)", capfd.readouterr().err)
+    assert plans == [(on, "0"), (on, "0")]
     for want, got in zip(expected, poisoned):
         assert torch.equal(want, got), f"{arch}: a masked-out key's K or V reached a row"
 
 
-def test_cuda_key_side_mask_without_room_for_kept_rows_takes_the_sm80_kernels(monkeypatch, capfd, cuda_device):
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_cuda_key_side_mask_without_room_for_kept_rows_takes_the_sm80_kernels(head_dim, monkeypatch, capfd,
+                                                                              cuda_device):
     """Where the sm90a kernel's copy of the kept K / V rows (as large as k and v) does not fit in memory, the call takes
     the sm80 kernels, which gather the kept rows where they are, instead of failing: the allocator is held here to
-    what the inputs, the outputs and the kept-key lists need (torch.cuda.set_per_process_memory_fraction)."""
+    what the inputs, the outputs and the kept-key lists need (torch.cuda.set_per_process_memory_fraction). D = 256
+    (rows of 32 vectors) the same."""
     if not _sm90a_device():
         pytest.skip("the kept rows are copied for the sm90a kernel only (a cc 9.0 device with the sm90a path built)")
-    spec = Spec("slots_without_room", heads=8, heads_k=8, seqlens_q=(256,) * 4, seqlens_k=(16384,) * 4, mask="key",
-                mask_heads="Hk", keep=0.5, bias="key", bias_heads="Hk")
+    spec = Spec("slots_without_room", head_dim=head_dim, heads=8, heads_k=8, seqlens_q=(256,) * 4,
+                seqlens_k=(16384,) * 4, mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="Hk")
+    reason = support_reason(spec, torch.bfloat16, "cuda")
+    if reason:
+        pytest.skip(reason)
     sample = make_sample(spec, torch.bfloat16, "cuda")
-    room = 48 << 20  # out, lse (2 MB) and the lists (2 MB) fit; the kept rows' copy (128 MiB, as k and v) does not
+    # out, lse (2 MB; 5 MB at D = 256) and the lists (2 MB) fit; the kept rows' copy (as large as k and v: 128 MiB,
+    # 512 MiB at D = 256) does not
+    room = 48 << 20
     assert sample.k.numel() * sample.k.element_size() * 2 > 2 * room
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -869,8 +927,8 @@ def test_cuda_query_side_bias_with_key_ranges(dtype, bias_dtype, head_dim, path,
 @pytest.mark.parametrize("path", ["auto", "sm80"])
 def test_cuda_d256_masks_with_key_ranges(mask, path, monkeypatch, capfd, cuda_device):
     """Key ranges beside a mask at D = 256: the sm90a kernel's query-side variant (ranged, a CTA per unit; a key-side
-    mask mapped by sequence, which at D <= 128 takes the sm80 kernels with key ranges) takes the call and matches the
-    reference, as the sm80 kernels do when forced."""
+    mask mapped by sequence, since its gathered slots know no key ranges, and at D <= 128 takes the sm80 kernels with
+    them) takes the call and matches the reference, as the sm80 kernels do when forced."""
     spec = Spec("d256_mask_key_ranges", head_dim=256, heads=8, heads_k=2, seqlens_q=(300, 129, 7),
                 seqlens_k=(520, 129, 300), is_causal=True, mask=mask, mask_heads="Hk", keep=0.6, mask_runs=16)
     reason = support_reason(spec, torch.bfloat16, "cuda")
@@ -1020,36 +1078,11 @@ def test_cuda_key_side_bias_alone_matches_reference(spec, dtype, path, monkeypat
     assert plan == [(on, on)]
 
 
-# A key-side bias beside a mask at D = 256: the sm90a kernel's query-side variant over the mask's map and bits (a
-# key-side mask's by sequence, no kept slots: their gather copies rows of D <= 128) with the bias over slots in place
-# (kQuery + kSlots): key-side masks of heads 1 / Hk / H and query-side ones, bias heads 1 / Hk / H in float32 and q's
-# dtype (-inf entries too), random and block-sparse masks (64-key tiles dead and whole), causal with more keys or more
-# queries, a sequence whose keys are all masked, empty sequences, rows and keys past the end, odd key counts, windows,
-# softcap, sinks, seqused_k, more than 1024 64-key tiles, more sequences than a unit table, MQA and MHA.
+# A key-side bias beside a query-side mask at D = 256: the sm90a kernel's query-side variant over the mask's map and
+# bits with the bias over slots in place (kQuery + kSlots): mask heads 1 / Hk / H, bias heads 1 / Hk / H in float32
+# and q's dtype (-inf entries too), random and block-sparse masks, causal, fully masked rows, windows, sinks,
+# seqused_k. (Beside a key-side mask the bias is gathered with the mask's kept rows: SLOT_D256_SPECS.)
 MASKED_BIAS_D256_SPECS = [
-    Spec("key_map_bias_d256_causal_hk", head_dim=256, heads=8, heads_k=2, seqlens_q=(300, 129, 1),
-         seqlens_k=(700, 128, 260), is_causal=True, mask="key", mask_heads="Hk", keep=0.5, bias="key",
-         bias_heads="H"),
-    Spec("key_map_bias_d256_runs_h_odd_keys_neg_inf", head_dim=256, heads=4, heads_k=4, seqlens_q=(257, 90),
-         seqlens_k=(513, 91), mask="key", mask_heads="H", keep=0.4, mask_runs=64, slack_k=3, bias="key",
-         bias_heads="1", bias_dtype="q", bias_neg_inf=True),
-    Spec("key_map_bias_d256_1_more_queries_all_masked", head_dim=256, heads=4, heads_k=1, seqlens_q=(300, 17, 70),
-         seqlens_k=(130, 3, 90), is_causal=True, mask="key", keep=0.6, masked_rows=True, bias="key",
-         bias_heads="Hk"),
-    Spec("key_map_bias_d256_empty_and_past_the_end", head_dim=256, heads=4, heads_k=2, seqlens_q=(0, 130, 5, 0),
-         seqlens_k=(20, 0, 141, 0), mask="key", mask_heads="H", keep=0.5, bias="key", bias_heads="H",
-         extra_rows_q=9, extra_rows_k=7),
-    Spec("key_map_bias_d256_window_softcap_sinks_seqused", head_dim=256, heads=4, heads_k=2, seqlens_q=(500, 64),
-         seqlens_k=(900, 301), seqused_k=(870, 255), window=(200, 50), softcap=30.0, sinks="q", mask="key",
-         mask_heads="Hk", keep=0.6, mask_runs=16, bias="key", bias_heads="Hk", bias_dtype="q"),
-    Spec("key_map_bias_d256_past_tile_1024", head_dim=256, heads=2, heads_k=1, seqlens_q=(40, 3),
-         seqlens_k=(66_001, 5), mask="key", mask_heads="1", keep=0.5, mask_runs=64, bias="key", bias_heads="H"),
-    Spec("key_map_bias_d256_more_sequences_than_a_unit_table", head_dim=256, heads=2, heads_k=1,
-         seqlens_q=(300,) + tuple(i % 9 for i in range(299)), seqlens_k=(300,) + tuple(i % 13 for i in range(299)),
-         is_causal=True, mask="key", mask_heads="H", keep=0.5, bias="key", bias_heads="1"),
-    Spec("key_map_bias_d256_all_kept_tails_negative_scale", head_dim=256, heads=4, heads_k=2, seqlens_q=(130, 70, 1),
-         seqlens_k=(161, 33, 300), softmax_scale=-0.4, mask="key", mask_heads="Hk", keep=1.0, extra_rows_k=9,
-         bias="key", bias_heads="Hk"),
     Spec("query_mask_key_bias_d256_causal_h", head_dim=256, heads=8, heads_k=2, seqlens_q=(300, 129, 1),
          seqlens_k=(700, 128, 260), is_causal=True, mask="query", mask_heads="H", keep=0.5, bias="key",
          bias_heads="Hk"),
@@ -1065,12 +1098,11 @@ MASKED_BIAS_D256_SPECS = [
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("spec", MASKED_BIAS_D256_SPECS, ids=lambda s: s.name)
 @pytest.mark.parametrize("path", ["auto", "persistent3", "per_unit", "sm80"])
-def test_cuda_d256_key_side_bias_beside_a_mask_matches_reference(spec, dtype, path, monkeypatch, capfd,
-                                                                 cuda_device):
-    """At D = 256 a key-side bias beside a mask of either layout runs on the sm90a kernel's query-side variant with
-    the bias over slots in place (persistent on a CTA per SM, on 3 CTAs or a CTA per unit through
-    DMATTN_SM90A_CTAS), and on the sm80 kernels forced; each matches the float64 reference, and the plan names the
-    path."""
+def test_cuda_d256_key_side_bias_beside_a_query_side_mask_matches_reference(spec, dtype, path, monkeypatch, capfd,
+                                                                            cuda_device):
+    """At D = 256 a key-side bias beside a query-side mask runs on the sm90a kernel's query-side variant with the
+    bias over slots in place (persistent on a CTA per SM, on 3 CTAs or a CTA per unit through DMATTN_SM90A_CTAS), and
+    on the sm80 kernels forced; each matches the float64 reference, and the plan names the path."""
     plan = _check_on_path(spec, dtype, path, monkeypatch, capfd,
                           r"sm90a_slots=(\d) sm90a_query=(\d) .*slots_in_place=(\d)")
     on = str(int(path != "sm80" and _sm90a_device()))
@@ -1080,10 +1112,11 @@ def test_cuda_d256_key_side_bias_beside_a_mask_matches_reference(spec, dtype, pa
 @pytest.mark.parametrize("bias_heads", ["1", "Hk", "H"])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_key_side_masked_keys_and_their_key_side_bias_at_d256_never_reach_a_row(bias_heads, is_causal, arch, monkeypatch, capfd):
-    """At D = 256 a key-side mask beside a key-side bias maps the mask per sequence and reads the keys and biases of
-    every live 64-key tile, masked ones included (docs/contract.md): NaN in the K and V rows of the keys no query head
-    of their KV group attends, and in the bias entries that no query head reading them attends, must leave out and lse
-    bit-identical, on the sm90a kernel (a CTA per unit and persistent) as on the sm80 one (which never reads them)."""
+    """At D = 256 a key-side mask beside a key-side bias is gathered with it into dense slots, as at D <= 128, so a
+    masked key's K, V and bias are never read (docs/contract.md): NaN in the K and V rows of the keys no query head of
+    their KV group attends, and in the bias entries that no query head reading them attends, must leave out and lse
+    bit-identical, on the sm90a kernel (a CTA per unit and persistent; the plan must show its gathered slots) as on
+    the sm80 one (which never reads them)."""
     dtype = torch.bfloat16
     spec = Spec("skip_masked_key_bias_d256", head_dim=256, seqlens_q=(130, 1, 200, 0), seqlens_k=(300, 9, 331, 6),
                 heads=4, heads_k=2, mask="key", mask_heads="H", keep=0.4, bias="key", bias_heads=bias_heads,
@@ -1108,7 +1141,8 @@ def test_key_side_masked_keys_and_their_key_side_bias_at_d256_never_reach_a_row(
     poisoned = sample.replace(k=k, v=v, bias=bias).run()
     torch.cuda.synchronize()
     on = str(int(arch != "sm80" and _sm90a_device()))
-    plans = re.findall(r"kernel=prefill .*sm90a_query=(\d) .*slots_in_place=(\d)", capfd.readouterr().err)
-    assert plans == [(on, on), (on, on)]
+    plans = re.findall(r"kernel=prefill .*sm90a_slots=(\d) sm90a_query=(\d) .*slots_in_place=(\d)",
+                       capfd.readouterr().err)
+    assert plans == [(on, "0", "0"), (on, "0", "0")]
     for want, got in zip(expected, poisoned):
         assert torch.equal(want, got), f"{arch}: a masked-out key's K, V or bias reached a row"

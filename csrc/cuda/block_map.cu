@@ -1,7 +1,8 @@
 // block_map.cu: a query-side mask -> its block summary (passes.h, BlockMap), read once at the start of a call so the
 // prefill kernel skips the tiles it hides whole and runs the tiles it shows whole without reading it, and for the
-// sm90a kernel the mask as bits in the same read (and a key-side mask beside a query-side bias or alone at D = 256,
-// by sequence); and v's blocks that hold an inf or NaN, so its tiles that hide keys scan their V only there.
+// sm90a kernel the mask as bits in the same read (and a key-side mask beside a query-side bias, or at D = 256 where
+// its kept rows are not gathered, by sequence); and v's blocks that hold an inf or NaN, so its tiles that hide keys
+// scan their V only there.
 #include <cuda_runtime.h>
 
 #include "nonfinite_bits.cuh"
@@ -72,7 +73,7 @@ block_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constan
   }
 }
 
-// A key-side mask by sequence (BlockMap::by_sequence, for the sm90a kernel beside a query-side bias, or alone at
+// A key-side mask by sequence (BlockMap::by_sequence, for the sm90a kernel beside a query-side bias, or ungathered at
 // D = 256). Grid (batch, chunks of kMapWarps key blocks, mask heads), as block_map_kernel's with sequences for row
 // blocks: lane l of warp w reads the mask byte of key position (chunk * kMapWarps + w) * kCols + l of sequence b (its
 // clamped keys, key_seq, as the kernel reads them; nothing past them), and the warp's ballot is the sequence's bit

@@ -93,18 +93,19 @@ struct FwdPlan {
   bool sm90a_slots = false;     // sm90a with a key-side mask: its kept K / V rows gathered into dense slots first
                                 // (gather_kept_rows, passes.h KeptRows), which the kernel reads as whole tiles
   bool slots_in_place = false;  // sm90a_slots for a key-side bias without a mask or beside a mask the sm90a_query
-                                // variant maps (query-side; at D = 256 key-side too, by sequence): every
-                                // key a slot, K / V read in place (fill_slots_in_place, passes.h KeptRows), no
-                                // compaction and no copy
+                                // variant maps (query-side; at D = 256 key-side too, by sequence, where its kept
+                                // rows are not gathered): every key a slot, K / V read in place
+                                // (fill_slots_in_place, passes.h KeptRows), no compaction and no copy
   bool sm90a_query = false;     // sm90a with a query-side mask: its block map and its bits (BlockMap::bits) first,
                                 // the kernel skipping dead tiles and reading the bits of the others; and / or a
                                 // query-side bias (its elements read per live tile); at D = 256 also a key-side
-                                // mask alone, mapped by sequence (sm90a_query_supports)
+                                // mask whose kept rows are not gathered (key ranges, past kMaxKeptRowBytes), mapped
+                                // by sequence (sm90a_query_supports)
   int32_t sm90a_ctas = 0;       // sm90a: > 0, a persistent grid of that many CTAs walks the work units (query tile,
                                 // head, sequence); 0, a CTA per unit
   int32_t block_map_heads = 0;  // > 0: a query-side mask with that many heads is summarized by blocks first (or a
                                 // key-side one on sm90a's query-side variant, by sequence: BlockMap; beside a
-                                // query-side bias, or alone at D = 256)
+                                // query-side bias, or at D = 256 where its kept rows are not gathered)
   bool v_flags = false;         // with the block map, or for a query-side bias alone on sm90a: v's blocks with an inf
                                 // or NaN flagged (BlockMap::v_nonfinite)
   // Decode kernel only (1 / 0 otherwise):
@@ -127,10 +128,10 @@ constexpr int64_t kMaxMaskBitsBytes = int64_t{1} << 30;       // its bits for th
 // kernel.
 constexpr int64_t kSm90aQueryMaxTiles = 1024;
 // Whether the sm90a kernel's kQuery variant may meet a key-side mask, mapped by sequence (BlockMap::by_sequence):
-// beside a query-side bias (kQueryBias, D <= 128), or alone at D = 256, where the kept slots' gather
-// (sm90a_slots_supports, D <= 128) does not run. At D <= 128 a key-side mask without a query-side bias keeps its kept
-// slots (fewer tiles), so the kernels without a query-side bias there compile the by-sequence reads out
-// (fwd_kernel.cuh).
+// beside a query-side bias (kQueryBias), or at D = 256 without one where its kept slots are not gathered
+// (sm90a_slots_supports refuses key ranges and kept rows past kMaxKeptRowBytes; the map needs neither). At D <= 128
+// such a mask without a query-side bias takes the sm80 kernels instead, so the kernels without a query-side bias
+// there compile the by-sequence reads out (fwd_kernel.cuh).
 constexpr bool sm90a_query_key_mask(int head_dim, bool query_bias) { return query_bias || head_dim > 128; }
 // The query-side terms the decode kernel reads, at most; a call past it takes the prefill kernel. Within the auto
 // choice (H / Hk * max_seqlen_q <= 64) the terms are at most about 2/3 of the bytes of the query-side operands they
@@ -193,10 +194,17 @@ inline int64_t kept_row_bytes(const VarlenFwdParams& p, int64_t list_heads) {
 // Whether the sm90a kernel can run p over gathered kept-key slots (FwdPlan::sm90a_slots, passes.h KeptRows): a
 // key-side mask of any heads (Hm in {1, Hk, H}: a list per mask head; where lists are finer than KV heads, each gets
 // its own copy of its kept rows), no bias or a key-side one (any heads), no key pool or key ranges (windows, causal and
-// softcap are the kernel's), and kept rows within kMaxKeptRowBytes. A copy per list (Hm > Hk) is made only for
-// sequences of more than one query tile: a list's copied row is read by its one head's query tiles, so with one tile
-// the copy would write and read each kept row to save one read; the sm80 kernels then read the rows where they are,
-// and the call allocates no O(total_k x Hm x D) copy for a decode-shaped batch.
+// softcap are the kernel's), head dims 64 / 128 / 256, and kept rows within kMaxKeptRowBytes. A copy per list
+// (Hm > Hk) is made only for sequences of more than one query tile: a list's copied row is read by its one head's
+// query tiles, so with one tile the copy would write and read each kept row to save one read; the sm80 kernels then
+// read the rows where they are, and the call allocates no O(total_k x Hm x D) copy for a decode-shaped batch.
+// D = 256 gathers as D <= 128 does (64-key tiles of slots; the gather copies a row's 32 vectors in two passes,
+// kept_rows.cu): the kernel then computes only tiles of kept keys, so a mask keeping half the keys costs about half
+// the dense work, where its map by sequence (sm90a_query_supports, the fallback for what this refuses: key ranges,
+// kept rows past the cap) computes every 64-key tile holding a kept key, all of them for a token-granular mask. The
+// copy reads and writes the kept rows once (estimated, not measured: on the prefill batch at D = 256 with half the
+// keys kept, 130 MB moved, some 35 us of the H200's bandwidth against its 1.40 ms dense call).
+// Beside a query-side bias the map by sequence stays, at every head dim: every tile reads the bias anyway.
 inline bool sm90a_slots_supports(const VarlenFwdParams& p) {
   if (!sm90a_tensors_fit(p) || p.kv_slots != nullptr || p.mask.layout != OperandLayout::kKeySide) return false;
   if (p.bias.present() && p.bias.layout != OperandLayout::kKeySide) return false;
@@ -205,8 +213,9 @@ inline bool sm90a_slots_supports(const VarlenFwdParams& p) {
   // A list serves whole KV groups (hg a multiple of the group) or lies inside one (hg divides it).
   if (hg <= 0 || p.num_heads % hg != 0 || (hg % group != 0 && group % hg != 0)) return false;
   if (hg < group && p.max_seqlen_q <= KeptRows::kTileRows) return false;
-  // D <= 128: the gather copies a row in at most 16 vectors, and the slots' segments assume 128-key tiles
-  return p.head_dim <= 128 && p.key_range == nullptr && kept_row_bytes(p, p.num_heads / hg) <= kMaxKeptRowBytes;
+  // Any head dim sm90a_tensors_fit takes: the slots' segments and extent allow a 128-key tile past a list's end, so
+  // D = 256's 64-key tiles fit them too, and the limits are per 128-row query tile at every head dim.
+  return p.key_range == nullptr && kept_row_bytes(p, p.num_heads / hg) <= kMaxKeptRowBytes;
 }
 
 // Whether the sm90a kernel can run p's key-side bias without a mask over slots that are its keys (FwdPlan::
@@ -239,19 +248,20 @@ inline bool sm90a_query_bias_fits(const VarlenFwdParams& p) {
 // slots in place for its per-key values, which know no key ranges) or a query-side one that sm90a_query_bias_fits;
 // or such a query-side bias alone (no block map: every tile is live), or beside a key-side mask of any heads (its map
 // and bits by sequence, BlockMap::by_sequence: the mask's keys are not compacted, since every tile reads its bias
-// anyway). At D = 256 a key-side mask of any heads is mapped by sequence with or without a bias (sm90a_query_key_mask:
-// its kept slots' gather copies rows of D <= 128), beside a key-side bias too (over slots in place, as beside a
-// query-side mask); a float32 query-side bias there takes the sm80 kernels (sm90a_query_bias_fits). Windows, key
-// ranges, causal, softcap, sinks.
+// anyway). At D = 256 a key-side mask of any heads without a query-side bias is mapped by sequence where its kept
+// rows are not gathered (plan_varlen_fwd asks sm90a_slots_supports first: so with key ranges, or kept rows past
+// kMaxKeptRowBytes; sm90a_query_key_mask), beside a key-side bias too (over slots in place, as beside a query-side
+// mask; not with key ranges); a float32 query-side bias there takes the sm80 kernels (sm90a_query_bias_fits).
+// Windows, key ranges, causal, softcap, sinks.
 inline bool sm90a_query_supports(const VarlenFwdParams& p) {
   if (!sm90a_tensors_fit(p) || p.kv_slots != nullptr) return false;
   const bool query_bias = p.bias.layout == OperandLayout::kQuerySide;
   // A key-side mask: mapped by sequence where the kernel may meet one, else over its kept slots (sm90a_slots_supports).
   if (p.mask.layout == OperandLayout::kKeySide && !sm90a_query_key_mask(p.head_dim, query_bias)) return false;
   // D = 256, a key-side mask finer than the KV heads over sequences of one query tile (decode-shaped calls the decode
-  // kernel does not take), with or without a bias: the sm80 kernels, as sm90a_slots_supports keeps them at D <= 128.
-  // The sm90a kernel would run a 128-row tile of a few rows over every 64-key tile holding a kept key, where the sm80
-  // kernels read the kept rows alone (unmeasured at D = 256: measure before moving it).
+  // kernel does not take), with or without a bias: the sm80 kernels, as sm90a_slots_supports keeps them at every head
+  // dim. The sm90a kernel would run a 128-row tile of a few rows over every 64-key tile holding a kept key, where the
+  // sm80 kernels read the kept rows alone (unmeasured at D = 256: measure before moving it).
   if (p.head_dim > 128 && p.mask.layout == OperandLayout::kKeySide && p.mask.head_group > 0 &&
       p.mask.head_group < p.num_heads / p.num_heads_k && p.max_seqlen_q <= KeptRows::kTileRows) {
     return false;
@@ -307,8 +317,9 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
     bool persistent = p.window_left >= 0;
     if (sm90a_device && sm90a_slots_supports(p)) {
       // A key-side mask: the kept keys as dense slots, so that a mask keeping half the keys costs about half the
-      // work on the sm90a kernel (the compaction's lists, then gather_kept_rows); persistent, the CTA overlapping a
-      // unit's start with the previous one's end (8.6% faster on the H200's masked prefill batch, run BQ).
+      // work on the sm90a kernel (the compaction's lists, then gather_kept_rows; D 64 / 128 / 256); persistent, the
+      // CTA overlapping a unit's start with the previous one's end (8.6% faster on the H200's masked prefill batch,
+      // run BQ; D = 256 persistent as its map by sequence was).
       plan.sm90a = plan.sm90a_slots = true;
       persistent = true;
     } else if (sm90a_device && sm90a_bias_supports(p)) {
@@ -325,13 +336,13 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
       plan.sm90a_slots = plan.slots_in_place = p.bias.layout == OperandLayout::kKeySide;
       // A query-side bias alone leaves units as even as the same call without it: a CTA per unit unless windowed
       // (at D = 128 a persistent CTA of this variant has one Q buffer, so no next-unit prefetch to win by). A mask
-      // without a query-side bias (query-side; at D = 256 key-side too, with or without a key-side bias) leaves them
-      // uneven: persistent, as key-side masks are over their slots (at D = 256 with one Q buffer, as the dense kernel
-      // there).
+      // without a query-side bias (query-side; at D = 256 key-side too, where its kept rows are not gathered, with or
+      // without a key-side bias) leaves them uneven: persistent, as key-side masks are over their slots (at D = 256
+      // with one Q buffer, as the dense kernel there).
       persistent = persistent || p.mask.layout == OperandLayout::kQuerySide ||
                    (p.mask.present() && p.bias.layout != OperandLayout::kQuerySide);
-      // A key-side mask beside the query-side bias, or at D = 256 (alone or beside a key-side bias): its map and bits
-      // by sequence (below), no kept-key lists.
+      // A key-side mask beside the query-side bias, or at D = 256 where its kept rows are not gathered (alone or
+      // beside a key-side bias): its map and bits by sequence (below), no kept-key lists.
       if (p.mask.layout == OperandLayout::kKeySide) plan.key_lists_heads = 0;
     }
     // A float32 query-side bias on the sm90a kernel: a CTA per unit whatever was asked (sm90a_query_bias_fits).
@@ -426,9 +437,9 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
 // the decode units' order (decode with unit_order): (B, Hk) int32; the block map (query-side mask):
 // (Hm, ceil(total_q / 64), ceil(key extent / 32)) bytes, 1 / 2048 of the mask, and v's flags (Hk, ceil(total_k / 64))
 // bytes, and for the sm90a kernel the mask's bits (Hm, total_q, 4 ceil(key extent / 128)) uint32 (a key-side mask
-// beside a query-side bias, or alone at D = 256, BlockMap::by_sequence: (Hm, min(4 (ceil(total_k / 128) + B),
-// B x 4 ceil(key extent / 128))) bytes and as many uint32, a segment per sequence or a stride, whichever is smaller:
-// O(total_k + B) whatever max_seqlen_k); the query-side terms
+// beside a query-side bias, or at D = 256 where its kept rows are not gathered, BlockMap::by_sequence:
+// (Hm, min(4 (ceil(total_k / 128) + B), B x 4 ceil(key extent / 128))) bytes and as many uint32, a segment per
+// sequence or a stride, whichever is smaller: O(total_k + B) whatever max_seqlen_k); the query-side terms
 // (decode with query-side operands): (list heads, max_seqlen_q, total_k + 64 (B + 1)), 2
 // or 4 bytes; the kept K / V rows (sm90a with a key-side mask): k and v's packed shape each, their positions (Hm,
 // extent) int32 and bias (bias heads, extent) float32 (extent = total_k + 32 (B + 1) + 128, rounded up to 32), and for a

@@ -42,34 +42,44 @@ __device__ __forceinline__ int slot_key(const int32_t* list, int c, int k_len) {
 
 // The K / V rows, positions and biases of slots [c0, c0 + slots) of list l into kept head kh (sequence b, its rows
 // from KV head hk; the sequence's k_len keys start at k_start); `first_of_list`: kh is the list's first kept head,
-// which writes its positions.
+// which writes its positions. kRowVecs: the 16-byte vectors of a row, at most (16: D <= 128; 32: D = 256).
+template <int kRowVecs>
 __device__ __forceinline__ void copy_slots(const VarlenFwdParams& p, const KeptRows& rows, const int32_t* list,
                                            int64_t k_start, int k_len, int b, int hk, int kh, int l,
                                            bool first_of_list, int c0, int slots) {
   const int vecs = p.head_dim / 8;  // 16-byte vectors per row
-  // K and V: slot c's row is the packed key row k_start + list[c]; every load issued before the stores.
-  constexpr int kMaxVecs = kSlotsPerCta * 16 / kGatherThreads;  // D <= 128: at most 16 vectors per row
-  uint4 kv[2][kMaxVecs];
-  int64_t dst[kMaxVecs];
+  // K and V: slot c's row is the packed key row k_start + list[c]; every load of a pass issued before its stores.
+  // A pass is kMaxVecs vectors of K and of V per thread, the chunk's rows of D <= 128 in one, D = 256's in two (rows
+  // [0, 32) then [32, 64)): D = 256 keeps D <= 128's 80 registers (sm_90, three CTAs per SM) and makes two of its
+  // round trips per chunk, each moving as many bytes; D <= 128's instantiation is the code of one pass as before (the
+  // same PTX). One pass of eight vectors of each spilled 108 bytes there (ptxas, sm_90).
+  constexpr int kMaxVecs = kSlotsPerCta * 16 / kGatherThreads;  // 4: a pass covers kSlotsPerCta rows of 16 vectors
+  static_assert(kRowVecs == 16 || kRowVecs == 32, "rows of D <= 128 or D = 256");
+  constexpr int kPasses = kRowVecs / 16;
 #pragma unroll
-  for (int i = 0; i < kMaxVecs; ++i) {
-    const int e = threadIdx.x + i * kGatherThreads;
-    const int r = e / vecs, c = e - r * vecs;
-    dst[i] = -1;
-    if (r < slots) {
-      const int64_t key = k_start + slot_key(list, c0 + r, k_len);
-      const char* k = static_cast<const char*>(p.k) + 2 * (key * p.k_row_stride + hk * p.k_head_stride) + 16 * c;
-      const char* v = static_cast<const char*>(p.v) + 2 * (key * p.v_row_stride + hk * p.v_head_stride) + 16 * c;
-      kv[0][i] = *reinterpret_cast<const uint4*>(k);
-      kv[1][i] = *reinterpret_cast<const uint4*>(v);
-      dst[i] = 2 * (((k_start + c0 + r) * rows.heads + kh) * p.head_dim) + 16 * c;
+  for (int pass = 0; pass < kPasses; ++pass) {
+    uint4 kv[2][kMaxVecs];
+    int64_t dst[kMaxVecs];
+#pragma unroll
+    for (int i = 0; i < kMaxVecs; ++i) {
+      const int e = threadIdx.x + (pass * kMaxVecs + i) * kGatherThreads;
+      const int r = e / vecs, c = e - r * vecs;
+      dst[i] = -1;
+      if (r < slots) {
+        const int64_t key = k_start + slot_key(list, c0 + r, k_len);
+        const char* k = static_cast<const char*>(p.k) + 2 * (key * p.k_row_stride + hk * p.k_head_stride) + 16 * c;
+        const char* v = static_cast<const char*>(p.v) + 2 * (key * p.v_row_stride + hk * p.v_head_stride) + 16 * c;
+        kv[0][i] = *reinterpret_cast<const uint4*>(k);
+        kv[1][i] = *reinterpret_cast<const uint4*>(v);
+        dst[i] = 2 * (((k_start + c0 + r) * rows.heads + kh) * p.head_dim) + 16 * c;
+      }
     }
-  }
 #pragma unroll
-  for (int i = 0; i < kMaxVecs; ++i) {
-    if (dst[i] < 0) continue;
-    *reinterpret_cast<uint4*>(static_cast<char*>(rows.k) + dst[i]) = kv[0][i];
-    *reinterpret_cast<uint4*>(static_cast<char*>(rows.v) + dst[i]) = kv[1][i];
+    for (int i = 0; i < kMaxVecs; ++i) {
+      if (dst[i] < 0) continue;
+      *reinterpret_cast<uint4*>(static_cast<char*>(rows.k) + dst[i]) = kv[0][i];
+      *reinterpret_cast<uint4*>(static_cast<char*>(rows.v) + dst[i]) = kv[1][i];
+    }
   }
 
   const int64_t seg = KeptRows::segment(k_start, b);
@@ -124,6 +134,8 @@ __device__ __forceinline__ void write_limits(const VarlenFwdParams& p, const Kep
 // list's slot limits of query tiles [64 x, 64 x + 64), ... Sequences past gridDim.z are taken in further rounds.
 // Kept heads (KeptRows::heads_of): the KV heads, each list serving whole KV groups (Hm in {1, Hk}: kh = hk, its list
 // hk / (Hk / Hm)), or the lists themselves where finer (Hm > Hk: list l = kh, its rows from KV head kh Hk / Hm).
+// kRowVecs: 16 for D <= 128, 32 for D = 256 (copy_slots; gather_kept_rows picks one by the call's head dim).
+template <int kRowVecs>
 __global__ void __launch_bounds__(kGatherThreads, kGatherCtasPerSm)
 gather_kept_rows_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys,
                         const __grid_constant__ KeptRows rows) {
@@ -143,7 +155,8 @@ gather_kept_rows_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_
     // three of four CTAs of a half-kept batch with nothing to copy, each still loading cu_seqlens and the count).
     const int x = static_cast<int>(blockIdx.x), ctas = static_cast<int>(gridDim.x);
     for (int c0 = x * kSlotsPerCta; c0 < count; c0 += ctas * kSlotsPerCta) {
-      copy_slots(p, rows, list, sk.start, k_len, b, hk, kh, l, first_of_list, c0, min(kSlotsPerCta, count - c0));
+      copy_slots<kRowVecs>(p, rows, list, sk.start, k_len, b, hk, kh, l, first_of_list, c0,
+                           min(kSlotsPerCta, count - c0));
     }
     if (rows.limits != nullptr && first_of_list) {
       write_limits(p, rows, b, l, sk, x, ctas, [&](int64_t edge) { return slots_below(list, count, edge); });
@@ -200,7 +213,11 @@ cudaError_t gather_kept_rows(const VarlenFwdParams& p, const KeyLists& keys, con
   const int64_t ctas = (chunks + kChunksPerCta - 1) / kChunksPerCta;
   const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(rows.heads),
                   static_cast<unsigned>(std::min<int32_t>(p.batch, kMaxGridZ)));
-  gather_kept_rows_kernel<<<grid, kGatherThreads, 0, stream>>>(p, keys, rows);
+  if (p.head_dim > 128) {  // D = 256 (sm90a_slots_supports: head dims 64 / 128 / 256)
+    gather_kept_rows_kernel<32><<<grid, kGatherThreads, 0, stream>>>(p, keys, rows);
+  } else {
+    gather_kept_rows_kernel<16><<<grid, kGatherThreads, 0, stream>>>(p, keys, rows);
+  }
   return cudaGetLastError();
 }
 

@@ -142,11 +142,11 @@ struct SplitPartials {
 // mask, padding past a sequence's keys and rows of a neighbouring sequence included, so a summary only ever
 // understates what is known: no kSomeTrue proves a tile dead, no kSomeFalse proves it whole-visible, and anything else
 // is read per element. Null state when the call has no query-side mask.
-// A key-side mask beside a query-side bias, or alone at D = 256 (the sm90a kernel's query-side variant,
-// FwdPlan::sm90a_query) is summarized the same way with sequences for rows (by_sequence): every query of sequence b
-// reads the same values, the mask's column of the sequence's keys (key_seq, clamped: nothing past them), so the state
-// and the bits hold one row per (mask head, sequence), never O(total_q). Both are indexed by 32-key blocks from the
-// row's first block, sequence_row(hm, b, k_start) (every reader goes through it):
+// A key-side mask beside a query-side bias, or at D = 256 where its kept rows are not gathered (the sm90a kernel's
+// query-side variant, FwdPlan::sm90a_query) is summarized the same way with sequences for rows (by_sequence): every
+// query of sequence b reads the same values, the mask's column of the sequence's keys (key_seq, clamped: nothing past
+// them), so the state and the bits hold one row per (mask head, sequence), never O(total_q). Both are indexed by
+// 32-key blocks from the row's first block, sequence_row(hm, b, k_start) (every reader goes through it):
 //   state[sequence_row(hm, b, k_start) + cb], bits[sequence_row(hm, b, k_start) + cb]     cb < 4 ceil(k_len / 128)
 //   sequence_row = hm * seq_extent + (seq_stride > 0 ? b * seq_stride : segment(k_start, b))
 // a multiple of 4 blocks either way, so a 128-key tile's 4 words are one aligned 16-byte load (a 64-key tile's 2
@@ -312,8 +312,8 @@ struct BlockMap {
 // null.
 struct KeptRows {
   static constexpr int kTileRows = 128;  // the sm90a kernel's query tile (tile_shape_sm90a)
-  static constexpr int kTileKeys = 128;  // and its KV tile at D <= 128 (at D = 256, 64 keys: in place only, a tile
-                                         // reading half as far past a list's end, 256-byte aligned in its segment)
+  static constexpr int kTileKeys = 128;  // and its KV tile at D <= 128 (at D = 256, 64 keys: a tile reading half
+                                         // as far past a list's end, 256-byte aligned in its segment)
   static constexpr int kAlign = 32;      // slots: a segment starts 128-byte aligned
   static constexpr int kLimits = 4;      // slot counts per query tile in limits
   void* k = nullptr;

@@ -2,11 +2,12 @@
 // without mask or bias operands, causal or not, any GQA ratio, sinks and seqused_k; its kRanged variant adds what
 // gives each query row its own key interval (a sliding window, per-query key ranges) and the softcap; its kSlots
 // variant runs a key-side mask (and key-side bias) over the kept keys gathered into dense slots before it (passes.h
-// KeptRows: TMA reads whole tiles of consecutive rows; D <= 128), so a mask that keeps half the keys costs about half
-// the tiles, and a key-side bias over slots that are its keys (in place, every head dim); its kQuery variant runs a
-// query-side mask over its block map and bits (passes.h BlockMap: a tile the map shows dead is neither loaded nor
+// KeptRows: TMA reads whole tiles of consecutive rows; every head dim), so a mask that keeps half the keys costs about
+// half the tiles, and a key-side bias over slots that are its keys (in place, every head dim); its kQuery variant runs
+// a query-side mask over its block map and bits (passes.h BlockMap: a tile the map shows dead is neither loaded nor
 // computed, one it shows whole runs without the mask, the others read each row's kBlockN bits of the tile in one
-// load, 16 bytes, 8 at D = 256), at D = 256 also a key-side mask (mapped by sequence: BlockMap::by_sequence), with
+// load, 16 bytes, 8 at D = 256), at D = 256 also a key-side mask whose kept rows are not gathered (key ranges, kept
+// rows past the cap: mapped by sequence, BlockMap::by_sequence), with
 // kSlots in place for a key-side bias beside either mask, and with kQueryBias a query-side bias in q's dtype (or
 // float32: kBias32, a CTA per unit, D <= 128) beside such a mask, beside a key-side mask (mapped by sequence) or alone
 // (every tile live), each row's elements of a tile staged in shared memory by its threads. The plan sends it no other
@@ -392,7 +393,7 @@ __device__ __forceinline__ void list_live_tiles(const VarlenFwdParams& p, const 
   // The map blocks of the unit's packed rows (at most three: 128 rows from any row) and mask head. Read here rather
   // than by BlockMap::covering_tile (64 rows, any key span): two of those loaded 20 blocks per tile, where a tile of
   // 128 keys from a multiple of 128 spans 4 block columns, and spilled the producer's registers.
-  // A key-side mask (beside a query-side bias, or alone at D = 256) is mapped by sequence: one row of blocks, the
+  // A key-side mask (beside a query-side bias, or at D = 256 ungathered) is mapped by sequence: one row of blocks, the
   // sequence's segment or stride (BlockMap::sequence_row, once per unit; the blocks of tile n, below the sequence's
   // tiles, lie in it).
   const bool by_sequence = kKeyMask && map.by_sequence;
@@ -469,8 +470,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   using PipelineState = typename cutlass::PipelineState<Traits::kStages>;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   constexpr int kN8 = kBlockN / 8, kD8 = kHeadDim / 8;
-  // kQuery: whether the block map may be a key-side mask's, by sequence (beside a query-side bias, or alone at
-  // D = 256); elsewhere map.by_sequence is never read.
+  // kQuery: whether the block map may be a key-side mask's, by sequence (beside a query-side bias, or at D = 256
+  // where its kept rows are not gathered); elsewhere map.by_sequence is never read.
   constexpr bool kKeyMask = kQuery && sm90a_query_key_mask(kHeadDim, kQueryBias);
   static_assert(!kQuery || Traits::kListTiles <= TileEntry::kTileBits + 1, "a listed tile's number fits its bits");
   using RowBits = typename Traits::RowBits;  // kQuery: a masked tile's bits of one row
@@ -538,7 +539,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   // kSlots: a K tile's full barrier also counts the bulk copies of its slots' positions and biases.
   constexpr uint32_t kSlotBytes = kBlockN * 4;
   // kQuery + kSlots runs only over slots in place (the plan: a key-side bias beside a query-side mask, or at D = 256
-  // beside a key-side one mapped by sequence), whose positions are the tile's keys: their biases alone come.
+  // beside a key-side one mapped by sequence, ungathered), whose positions are the tile's keys: their biases alone
+  // come.
   if constexpr (kSlots) {
     pipe_params.transaction_bytes += kSlotBytes * ((kQuery ? 0 : 1) + (slots.bias != nullptr ? 1 : 0));
   }

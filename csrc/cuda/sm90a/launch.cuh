@@ -3,9 +3,10 @@
 // variant where a row has its own key interval (sm90a_ranged), in its kSlots variant over a key-side mask's kept keys
 // gathered into dense slots (FwdPlan::sm90a_slots: K / V's TMA views are over the gathered rows), in its kQuery
 // variant with a query-side mask's block map and bits (FwdPlan::sm90a_query; at D = 256 also a key-side mask's, by
-// sequence), with kQueryBias for a query-side bias beside such a mask or alone (float32's kBias32: D <= 128), and over
-// slots in place for a key-side bias (FwdPlan::slots_in_place, every head dim; the gathered slots: D <= 128); every
-// other call (other masks and biases, decode, key pools) runs the sm80 path's kernels, which run on every cc >= 8.0.
+// sequence, where its kept rows are not gathered), with kQueryBias for a query-side bias beside such a mask or alone
+// (float32's kBias32: D <= 128), and over slots in place for a key-side bias (FwdPlan::slots_in_place); gathered and
+// in-place slots at every head dim; every other call (other masks and biases, decode, key pools) runs the sm80 path's
+// kernels, which run on every cc >= 8.0.
 // Included by the generated instantiation files (tools/kernel_matrix.py), compiled for sm_90a only.
 #pragma once
 
@@ -119,16 +120,15 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Work
       }
       return launch_units<Traits, kRanged, false, true, true>(p, plan, make_tma<Traits>(p), {}, stream, ws.blocks);
     }
-    // a mask alone: query-side, or key-side by sequence at D = 256 (BlockMap::by_sequence); never a key-side bias
-    // here, which this variant reads only over slots in place (below)
+    // a mask alone: query-side, or key-side by sequence at D = 256 where its kept rows are not gathered
+    // (BlockMap::by_sequence); never a key-side bias here, which this variant reads only over slots in place (below)
     if (p.bias.present()) return cudaErrorInvalidValue;
     return launch_units<Traits, kRanged, false, true>(p, plan, make_tma<Traits>(p), {}, stream, ws.blocks);
   }
   if (plan.sm90a_slots) {
-    // K / V from the gathered slots (k and v's packed shape, dense), or in place: every key a slot of one list.
+    // K / V from the gathered slots (k and v's packed shape, dense), or in place: every key a slot of one list. At
+    // D = 256 the same kernels read 64-slot tiles (gather_kept_rows copies rows of 32 vectors there).
     const bool in_place = plan.slots_in_place;
-    // D = 256: slots in place only (the gather copies rows of at most 128 elements: sm90a_slots_supports)
-    if (Traits::kHeadDim > 128 && !in_place) return cudaErrorInvalidValue;
     const int32_t kept_heads = in_place ? p.num_heads_k : ws.kept.heads;  // KeptRows::heads_of
     const int64_t row = static_cast<int64_t>(kept_heads) * Traits::kHeadDim;
     SlotLists slots;
@@ -147,8 +147,8 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Work
         in_place ? make_tma<Traits>(p)
                  : make_tma<Traits>(p, ws.kept.k, row, Traits::kHeadDim, ws.kept.v, row, Traits::kHeadDim,
                                     kept_heads);
-    // A mask beside a key-side bias (query-side; at D = 256 key-side too, by sequence): both variants, the bias over
-    // slots in place.
+    // A mask beside a key-side bias (query-side; at D = 256 key-side too, by sequence, where its kept rows are not
+    // gathered): both variants, the bias over slots in place.
     if (plan.sm90a_query) return launch_units<Traits, kRanged, true, true>(p, plan, tma, slots, stream, ws.blocks);
     return launch_units<Traits, kRanged, true>(p, plan, tma, slots, stream);
   }
@@ -158,9 +158,9 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Work
 template <typename Elem, int kHeadDim>
 cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws,
                              cudaStream_t stream) {
-  // D = 256: no gathered slots and no float32 query-side bias (sm90a_slots_supports, sm90a_query_bias_fits)
+  // D = 256: no float32 query-side bias (sm90a_query_bias_fits: its tile of terms does not fit)
   if (!plan.sm90a || plan.kernel != FwdKernel::kPrefill || p.head_dim != kHeadDim ||
-      (kHeadDim > 128 && ((plan.sm90a_slots && !plan.slots_in_place) || query_terms_f32(p)))) {
+      (kHeadDim > 128 && query_terms_f32(p))) {
     return sm80::launch_attention<Elem, kHeadDim>(p, plan, ws, stream);
   }
   if (p.batch == 0 || p.num_heads == 0 || p.max_seqlen_q == 0) return cudaSuccess;
