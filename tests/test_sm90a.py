@@ -544,18 +544,33 @@ def test_cuda_d256_key_side_masks_over_kept_slots_match_reference(spec, dtype, p
     assert plan == [(str(int(path != "sm80" and _sm90a_device())), "0", "0")]
 
 
+# Beside the mask past the cap: nothing, or a key-side bias (q's dtype, -inf entries, a bias head per query head)
+# with a window, which takes the query-side variant with the bias over slots in place (kQuery + kSlots beside a map by
+# sequence; kRanged): at D = 256 that kernel runs only past the cap now, where SLOT_D256_SPECS gather the mask.
+PAST_THE_CAP_OPERANDS = {
+    "alone": {},
+    "key_bias_window": dict(bias="key", bias_heads="H", bias_dtype="q", bias_neg_inf=True, window=(20_000, 0)),
+}
+
+
+@pytest.mark.parametrize("operands", list(PAST_THE_CAP_OPERANDS))
 @pytest.mark.parametrize("path", ["auto", "persistent3", "per_unit", "sm80"])
-def test_cuda_d256_key_side_mask_past_the_kept_row_cap_is_mapped_by_sequence(path, monkeypatch, capfd, cuda_device):
+def test_cuda_d256_key_side_mask_past_the_kept_row_cap_is_mapped_by_sequence(path, operands, monkeypatch, capfd,
+                                                                             cuda_device):
     """At D = 256 a key-side mask whose kept rows' copy would pass kMaxKeptRowBytes (4 GiB: a copy per list of H = 64
     mask heads over 67,500 keys, 4.4 GB, of k and v of 35 MB each) is not gathered: the sm90a kernel's query-side
     variant maps it by sequence (its map and bits; persistent, or as DMATTN_SM90A_CTAS asks), the one way left to that
-    variant at D = 256 without key ranges or a query-side bias; it matches the float64 reference, as the sm80 kernels
-    do when forced."""
+    variant at D = 256 without key ranges or a query-side bias, and beside a key-side bias (windowed here) the bias
+    over slots in place; it matches the float64 reference, as the sm80 kernels do when forced."""
     spec = Spec("key_map_d256_past_the_kept_row_cap", head_dim=256, heads=64, heads_k=1, seqlens_q=(129, 40),
-                seqlens_k=(67_000, 500), is_causal=True, mask="key", mask_heads="H", keep=0.5, mask_runs=16)
+                seqlens_k=(67_000, 500), is_causal=True, mask="key", mask_heads="H", keep=0.5, mask_runs=16,
+                **PAST_THE_CAP_OPERANDS[operands])
     assert 2 * sum(spec.seqlens_k) * 64 * 256 * 2 > 4 << 30  # heuristics.h kept_row_bytes > kMaxKeptRowBytes
-    plan = _check_on_path(spec, torch.bfloat16, path, monkeypatch, capfd, r"sm90a_slots=(\d) sm90a_query=(\d)")
-    assert plan == [("0", str(int(path != "sm80" and _sm90a_device())))]
+    plan = _check_on_path(spec, torch.bfloat16, path, monkeypatch, capfd,
+                          r"sm90a_slots=(\d) sm90a_query=(\d) .*slots_in_place=(\d)")
+    on = str(int(path != "sm80" and _sm90a_device()))
+    in_place = on if spec.bias == "key" else "0"  # the bias over slots in place; no kept rows gathered either way
+    assert plan == [(in_place, on, in_place)]
 
 
 @pytest.mark.parametrize("mask_heads", ["1", "Hk", "H"])
@@ -618,7 +633,9 @@ def test_cuda_key_side_mask_without_room_for_kept_rows_takes_the_sm80_kernels(he
         torch.cuda.synchronize()
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
-    assert re.findall(r"kernel=prefill .*sm90a_slots=(\d)", capfd.readouterr().err) == ["0"]
+    # the sm80 kernels (sm90a=0), not only no gathered slots: at D = 256 the sm90a kernel's map by sequence would
+    # also run the call without the copy
+    assert re.findall(r"kernel=prefill .*sm90a=(\d) sm90a_slots=(\d)", capfd.readouterr().err) == [("0", "0")]
     assert_close_to_reference((out, lse), sample.reference(), sample.reference(sample.dtype))
 
 

@@ -198,12 +198,13 @@ inline int64_t kept_row_bytes(const VarlenFwdParams& p, int64_t list_heads) {
 // (Hm > Hk) is made only for sequences of more than one query tile: a list's copied row is read by its one head's
 // query tiles, so with one tile the copy would write and read each kept row to save one read; the sm80 kernels then
 // read the rows where they are, and the call allocates no O(total_k x Hm x D) copy for a decode-shaped batch.
-// D = 256 gathers as D <= 128 does (64-key tiles of slots; the gather copies a row's 32 vectors in two passes,
-// kept_rows.cu): the kernel then computes only tiles of kept keys, so a mask keeping half the keys costs about half
-// the dense work, where its map by sequence (sm90a_query_supports, the fallback for what this refuses: key ranges,
-// kept rows past the cap) computes every 64-key tile holding a kept key, all of them for a token-granular mask. The
-// copy reads and writes the kept rows once (estimated, not measured: on the prefill batch at D = 256 with half the
-// keys kept, 130 MB moved, some 35 us of the H200's bandwidth against its 1.40 ms dense call).
+// D = 256 gathers as D <= 128 does (64-key tiles of slots; the gather copies a chunk's 64 rows of 32 vectors in two
+// passes of 32 rows, kept_rows.cu): the kernel then computes only tiles of kept keys, so a mask keeping half the
+// keys costs about half the dense work, where its map by sequence (sm90a_query_supports, the fallback for what this
+// refuses: key ranges, kept rows past the cap) computes every 64-key tile holding a kept key, all of them for a
+// token-granular mask. The copy reads and writes the kept rows once (estimated, not measured: on the prefill batch
+// at D = 256 with half the keys kept, 130 MB moved, some 35 us of the H200's bandwidth against its 1.40 ms dense
+// call).
 // Beside a query-side bias the map by sequence stays, at every head dim: every tile reads the bias anyway.
 inline bool sm90a_slots_supports(const VarlenFwdParams& p) {
   if (!sm90a_tensors_fit(p) || p.kv_slots != nullptr || p.mask.layout != OperandLayout::kKeySide) return false;
