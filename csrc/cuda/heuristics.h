@@ -191,6 +191,14 @@ inline int64_t kept_row_bytes(const VarlenFwdParams& p, int64_t list_heads) {
   return 2 * p.total_k * KeptRows::heads_of(p, list_heads) * p.head_dim * 2;
 }
 
+// A key-side mask finer than the KV heads (Hm > Hk: a list per mask head) over sequences of at most one 128-row query
+// tile: a decode-shaped call that the decode kernel does not take. The sm80 kernels run it over the kept rows where
+// they are (sm90a_slots_supports makes no per-list copy for it, and sm90a_query_supports at D = 256 no map).
+inline bool finer_key_mask_over_one_query_tile(const VarlenFwdParams& p) {
+  return p.mask.layout == OperandLayout::kKeySide && p.mask.head_group > 0 &&
+         p.mask.head_group < p.num_heads / p.num_heads_k && p.max_seqlen_q <= KeptRows::kTileRows;
+}
+
 // Whether the sm90a kernel can run p over gathered kept-key slots (FwdPlan::sm90a_slots, passes.h KeptRows): a
 // key-side mask of any heads (Hm in {1, Hk, H}: a list per mask head; where lists are finer than KV heads, each gets
 // its own copy of its kept rows), no bias or a key-side one (any heads), no key pool or key ranges (windows, causal and
@@ -213,7 +221,7 @@ inline bool sm90a_slots_supports(const VarlenFwdParams& p) {
   const int32_t hg = p.mask.head_group;  // H / Hm
   // A list serves whole KV groups (hg a multiple of the group) or lies inside one (hg divides it).
   if (hg <= 0 || p.num_heads % hg != 0 || (hg % group != 0 && group % hg != 0)) return false;
-  if (hg < group && p.max_seqlen_q <= KeptRows::kTileRows) return false;
+  if (finer_key_mask_over_one_query_tile(p)) return false;
   // Any head dim sm90a_tensors_fit takes: the slots' segments and extent allow a 128-key tile past a list's end, so
   // D = 256's 64-key tiles fit them too, and the limits are per 128-row query tile at every head dim.
   return p.key_range == nullptr && kept_row_bytes(p, p.num_heads / hg) <= kMaxKeptRowBytes;
@@ -263,10 +271,7 @@ inline bool sm90a_query_supports(const VarlenFwdParams& p) {
   // kernel does not take), with or without a bias: the sm80 kernels, as sm90a_slots_supports keeps them at every head
   // dim. The sm90a kernel would run a 128-row tile of a few rows over every 64-key tile holding a kept key, where the
   // sm80 kernels read the kept rows alone (unmeasured at D = 256: measure before moving it).
-  if (p.head_dim > 128 && p.mask.layout == OperandLayout::kKeySide && p.mask.head_group > 0 &&
-      p.mask.head_group < p.num_heads / p.num_heads_k && p.max_seqlen_q <= KeptRows::kTileRows) {
-    return false;
-  }
+  if (p.head_dim > 128 && finer_key_mask_over_one_query_tile(p)) return false;
   if (!p.mask.present() && !query_bias) return false;
   if (query_bias && !sm90a_query_bias_fits(p)) return false;
   if (p.bias.layout == OperandLayout::kKeySide && p.key_range != nullptr) return false;
