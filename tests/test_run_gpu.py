@@ -178,6 +178,28 @@ def test_pytest_shards_split_a_selection_with_none_left_out_or_twice():
     assert ids == _collected(whole.stdout)
 
 
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="pytest_shards.sh is a bash script; SHARD_TIMEOUT uses coreutils' timeout")
+def test_shard_timeout_stops_each_shard_and_still_prints_every_log(tmp_path):
+    slow = tmp_path / "test_slow.py"
+    slow.write_text("import time\n\ndef test_sleeps():\n    print('started', flush=True)\n    time.sleep(60)\n")
+    env = dict(os.environ, PYTHON=sys.executable, SHARD_TIMEOUT="3")
+    done = subprocess.run(["bash", "tools/pytest_shards.sh", "2", "-q", "-s", "-p", "no:cacheprovider", str(slow)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=50)
+    assert done.returncode == 124, done.stdout + done.stderr
+    for i in range(2):
+        assert f"--- shard {i}/2: exit 124" in done.stdout
+    assert done.stdout.count("started") == 2  # each stopped shard's own log is printed
+
+
+def test_a_malformed_shard_timeout_is_a_usage_error():
+    env = dict(os.environ, SHARD_TIMEOUT="soon")
+    done = subprocess.run(["bash", "tools/pytest_shards.sh", "2", "--co"], cwd=ROOT, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 2
+    assert "SHARD_TIMEOUT must be a whole number of seconds, got 'soon'" in done.stderr
+
+
 def test_a_malformed_shard_is_a_usage_error_naming_the_variable():
     env = dict(os.environ, DMATTN_TEST_SHARD="3/3")
     done = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider",

@@ -156,15 +156,40 @@ def _reversed_strides(t: torch.Tensor) -> torch.Tensor:
 STRIDED_SPECS = [s for s in SAMPLES if s.name in ("key_mask_query_bias", "query_mask_key_bias", "trailing_rows")]
 
 
+def _run_with_plan(sample: Sample, arch: str, monkeypatch, capfd):
+    """The sample's (out, lse) with DMATTN_ARCH=arch, and the plan line the CUDA op logged for it (None on the CPU)."""
+    monkeypatch.setenv("DMATTN_ARCH", arch)
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    capfd.readouterr()
+    result = sample.run()
+    plans = re.findall(r"dmattn\.varlen_fwd plan: .*", capfd.readouterr().err)
+    return result, (plans[-1] if plans else None)
+
+
 @pytest.mark.parametrize("spec", STRIDED_SPECS, ids=lambda s: s.name)
 @pytest.mark.parametrize("restride", [_every_other, _reversed_strides], ids=["every_other", "reversed"])
-def test_operand_strides_give_identical_result(spec, restride, device):
+def test_operand_strides_give_identical_result(spec, restride, device, monkeypatch, capfd):
+    """The same mask / bias values through other strides give the same bits on the same kernel. On CUDA a stride can
+    change the kernel: the sm90a kernel reads a query-side bias only with adjacent keys (col_stride 1), so a strided
+    one takes the sm80 kernels, which read any stride. Then the strided call's plan is the one DMATTN_ARCH=sm80 gives
+    the contiguous call, and its bits are that call's."""
     dtype = torch.float16 if device == "cuda" else torch.float32
     _skip_unsupported(spec, dtype, device)
     sample = make_sample(spec, dtype, device)
     strided = sample.replace(mask=restride(sample.mask), bias=restride(sample.bias))
     assert strided.mask.stride() != sample.mask.stride() and strided.bias.stride() != sample.bias.stride()
-    _assert_identical(sample.run(), strided.run(), f"with {restride.__name__} mask/bias strides")
+    what = f"with {restride.__name__} mask/bias strides"
+    if device != "cuda":
+        _assert_identical(sample.run(), strided.run(), what)
+        return
+    for arch in ("auto", "sm80"):
+        want, plan = _run_with_plan(sample, arch, monkeypatch, capfd)
+        got, strided_plan = _run_with_plan(strided, arch, monkeypatch, capfd)
+        if strided_plan != plan:
+            assert arch == "auto" and " sm90a=1 " in plan and " sm90a=0 " in strided_plan, (plan, strided_plan)
+            want, plan = _run_with_plan(sample, "sm80", monkeypatch, capfd)
+            assert strided_plan == plan, f"a strided operand took a plan no arch gives the contiguous call: {strided_plan}"
+        _assert_identical(want, got, f"{what} (DMATTN_ARCH={arch}: {plan})")
 
 
 @pytest.mark.parametrize("layout", ["key", "query"])

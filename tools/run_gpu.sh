@@ -136,10 +136,14 @@ tree_args() {
 # tree's tests (default 25: run CF stopped a tree at 5, two known failures repeated over dtypes, before a whole file
 # had run; TREE_TIMEOUT bounds a broken tree's time anyway).
 # TREE_SHARDS=N (default 1) splits each such pytest run over N processes at once (tools/pytest_shards.sh; the maxfail
-# then counts per process).
+# then counts per process). Each shard stops 15 s before TREE_TIMEOUT (SHARD_TIMEOUT), so that the logs of shards
+# that have not finished still come back (run CO lost four), with the stack of a test running past
+# TREE_SLOW_TEST seconds (default 120: pytest's faulthandler_timeout) in its log.
 TREE_PYTEST="-q --no-header -p no:cacheprovider -rs --maxfail=${TREE_MAXFAIL:-25}"
 if [ "${TREE_SHARDS:-1}" -gt 1 ]; then
-  TREE_PYTEST="bash $PWD/tools/pytest_shards.sh $TREE_SHARDS $TREE_PYTEST"
+  shard_limit=$(( ${TREE_TIMEOUT:-300} > 30 ? ${TREE_TIMEOUT:-300} - 15 : ${TREE_TIMEOUT:-300} ))
+  TREE_PYTEST="env SHARD_TIMEOUT=$shard_limit bash $PWD/tools/pytest_shards.sh $TREE_SHARDS $TREE_PYTEST \
+-o faulthandler_timeout=${TREE_SLOW_TEST:-120}"
 else
   TREE_PYTEST="python3 -m pytest $TREE_PYTEST"
 fi

@@ -1,0 +1,95 @@
+"""Where a CUDA prefill call's time goes, kernel by kernel: bench_gpu.py's prefill batch (and its dense 4 x 4096
+workload) with each operand set-up the benchmark times, on the plan's own kernel and on the forced sm80 one.
+
+    python tools/profile_prefill.py --out benchmarks/results          # on the GPU machine
+    python tools/profile_prefill.py --calls masked --arch auto --ncu  # one call, repeated: for ncu
+
+Calls (bf16, H = 32, Hk = 8, D = 128 unless --head-dim; the prefill batch is B = 8, 512-4096 tokens, causal):
+  masked       the prefill batch with a key-side mask keeping 50% of each sequence's keys per KV head (top of a
+               random gating score) and that score as key-side bias: issue 12's masked target
+  bias         the same batch, the key-side bias alone
+  causal       the same batch, no mask or bias
+  dense        4 x 4096, causal, no mask or bias (the dense workload)
+  dense_nc     4 x 4096, non-causal
+Each row: the median time of the whole call (CUDA events, L2 flushed before each call, as bench_gpu.py times it) and
+the device time of each kernel the call launches (torch.profiler: the compaction and gather passes before the
+attention kernel, the attention kernel itself). --ncu runs each call --ncu-reps times after a warm-up and nothing
+else, so that `ncu --kernel-name regex:fwd_kernel --launch-skip N --launch-count 1` profiles one attention kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# dmattn_ops: a build named on PYTHONPATH first (tools/run_gpu.sh runs another tree's build with this tree's tools),
+# else this checkout's, built in place
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench_common as bc  # noqa: E402
+import bench_gpu  # noqa: E402
+from profile_decode import kernel_breakdown  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CALLS = ["masked", "bias", "causal", "dense", "dense_nc"]
+
+
+def problem(call: str, head_dim: int, seed: int, device):
+    """The PackedBatch of one call, built as bench_gpu.py builds its workloads (same seed, same inputs)."""
+    workload = "dense" if call.startswith("dense") else "prefill"
+    gen = torch.Generator().manual_seed(seed)
+    lens_q, lens_k, hs = bench_gpu.sizes(workload, False, gen)
+    hs = dict(hs, head_dim=head_dim)
+    keep = 0.5 if call in ("masked", "bias") else None
+    prob = bench_gpu.make_problem(lens_q, lens_k, hs["heads"], hs["heads_k"], hs["head_dim"], hs["heads_k"], keep,
+                                  causal=call != "dense_nc", dtype=torch.bfloat16, device=device, seed=seed)
+    return prob.replace(mask=None) if call == "bias" else prob
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", nargs="+", default=CALLS, choices=CALLS)
+    ap.add_argument("--arch", nargs="+", default=["auto", "sm80"], choices=["auto", "sm80"],
+                    help="DMATTN_ARCH of each row (default: the plan's kernel, then the sm80 one forced)")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=bench_gpu.DEFAULT_SEED)
+    ap.add_argument("--ncu", action="store_true", help="only run each call (warm-up 3, then --ncu-reps), for ncu")
+    ap.add_argument("--ncu-reps", type=int, default=2)
+    ap.add_argument("--out", default=None, help="folder for prefill_profile.json")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_prefill: needs a CUDA device", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    flush = bc.L2Flusher(dev)
+    rows = []
+    for call in args.calls:
+        prob = problem(call, args.head_dim, args.seed, dev)
+        for arch in args.arch:
+            os.environ["DMATTN_ARCH"] = arch
+            run = lambda: prob.run()  # noqa: E731
+            if args.ncu:
+                for _ in range(3 + args.ncu_reps):
+                    run()
+                torch.cuda.synchronize()
+                print(f"{call} arch {arch}: ran 3 + {args.ncu_reps} calls", flush=True)
+                continue
+            ms = bc.time_callable(run, dev, warmup=5, reps=args.reps, flush=flush).median_ms
+            kernels = kernel_breakdown(run, reps=10)
+            rows.append({"call": call, "arch": arch, "head_dim": args.head_dim, "ms": ms, "kernels_us": kernels})
+            parts = "  ".join(f"{k} {v:.1f}" for k, v in kernels.items())
+            print(f"{call:8} {arch:4}  {ms * 1e3:8.1f} us  [{parts}]", flush=True)
+    os.environ.pop("DMATTN_ARCH", None)
+    if args.out and rows:
+        payload = {"environment": bc.environment(dev, REPO), "reps": args.reps, "results": rows,
+                   "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv or sys.argv[1:]))}
+        bc.write_json(os.path.join(args.out, "prefill_profile.json"), payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
