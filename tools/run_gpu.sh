@@ -333,13 +333,15 @@ for s in $STAGES; do
       done
       ;;
     summary)
-      # The verdicts of every stage so far (this call's logs), short enough for the device tool's reply.
+      # The verdicts of every stage so far (this call's logs), short enough for the device tool's reply: with each
+      # shard's exit (pytest_shards.sh) and, for a test that ran past pytest's faulthandler_timeout, the dump's
+      # "Timeout" line and its frames in the test files (which test, and where it waited).
       for log in "$LOGDIR"/*.log; do
         [ -f "$log" ] || continue
         echo "--- $(basename "$log" .log)"
         grep -E -e "^(FAILED|ERROR) |[0-9]+ (passed|failed)|ERROR SUMMARY|^=== .*: exit|matched no test|^target:" \
-          -e "new / old|^[a-z]+ / " "$log" \
-          | tail -n 25
+          -e "new / old|^[a-z]+ / |^--- shard [0-9]+/[0-9]+: exit|^Timeout \\(|File \".*/tests/test_[a-z0-9_]+\\.py\", line" \
+          "$log" | tail -n 25
       done
       ;;
     test)
