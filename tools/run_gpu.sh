@@ -75,7 +75,9 @@
 # Each stage logs to $LOGDIR/<stage>.log. The device tool returns at most 8 files of $OUT and the last 12,000
 # characters of output: with LOGDIR outside $OUT (say /tmp/l), end with the `summary` stage, which prints each stage's
 # exit line and pytest's / compute-sanitizer's verdicts and failures from every log, and the reply holds them all.
-# TREE_SHARDS=4 runs the trees' and tree_test's pytest as four processes at once (tools/pytest_shards.sh).
+# TREE_SHARDS=4 runs the trees' and tree_test's pytest as four processes at once (tools/pytest_shards.sh), each stopped
+# 15 s before TREE_TIMEOUT so its log comes back; a test running past TREE_SLOW_TEST seconds (default 120) prints its
+# stack there, and the summary stage shows it.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dmattn_gpu_out}
