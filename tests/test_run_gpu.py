@@ -206,3 +206,16 @@ def test_a_malformed_shard_is_a_usage_error_naming_the_variable():
                            "tests/test_compare_builds.py"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage error
     assert "DMATTN_TEST_SHARD: expected i/n with 0 <= i < n, got '3/3'" in done.stdout + done.stderr
+
+
+def test_trace_backward_case_runs_a_sample_stage_by_stage_on_the_cpu():
+    """tools/trace_backward_case.py (the GPU machine's stage-by-stage check of one backward sample) as a CPU dry run:
+    every stage reports, deterministic mode with the fill off included, and the gradients pass the tests' rule."""
+    done = subprocess.run([sys.executable, "tools/trace_backward_case.py", "window_decode", "--device", "cpu",
+                           "--dtype", "float32", "--deterministic", "--no-fill", "--env", "DMATTN_BWD_DQ=atomic"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "deterministic=True, fill=False" in done.stdout
+    for stage in ("forward", "backward", "float64 reference", "same-dtype reference"):
+        assert f"{stage}: done in" in done.stdout, stage
+    assert "gradients match the reference" in done.stdout
