@@ -19,10 +19,10 @@ shift
 logs=$(mktemp -d)
 threads=$(( $(nproc) / n ))
 (( threads < 1 )) && threads=1
+limit=()
+[ -n "${SHARD_TIMEOUT:-}" ] && limit=(timeout "$SHARD_TIMEOUT")
 pids=()
 for ((i = 0; i < n; i++)); do
-  limit=()
-  [ -n "${SHARD_TIMEOUT:-}" ] && limit=(timeout "$SHARD_TIMEOUT")
   DMATTN_TEST_SHARD=$i/$n OMP_NUM_THREADS=$threads ${limit[@]+"${limit[@]}"} "${PYTHON:-python3}" -m pytest "$@" > "$logs/$i.log" 2>&1 &
   pids+=("$!")
 done
