@@ -57,8 +57,9 @@ settings.load_profile("dmattn-ci" if os.environ.get("CI") else "dmattn")
 
 def pytest_collection_modifyitems(config, items):
     """DMATTN_TEST_SHARD=i/n keeps every n-th collected test from the i-th (tools/pytest_shards.sh runs n such pytest
-    processes at once on the GPU machine: the suite's float64 references keep one process on the CPU most of the time).
-    Every process collects the same tests in the same order, so the n shards split them with none left out."""
+    processes at once on the GPU machine: the suite's float64 references keep one process on the CPU most of the time),
+    counting a test's variants over SAME_SAMPLE_PARAMS as one. Every process collects the same tests in the same
+    order, so the n shards split them with none left out."""
     shard = os.environ.get("DMATTN_TEST_SHARD")
     if not shard:
         return
@@ -68,6 +69,19 @@ def pytest_collection_modifyitems(config, items):
             raise ValueError
     except ValueError:
         raise pytest.UsageError(f"DMATTN_TEST_SHARD: expected i/n with 0 <= i < n, got {shard!r}") from None
-    kept = items[index::count]
-    config.hook.pytest_deselected(items=[item for i, item in enumerate(items) if i % count != index])
-    items[:] = kept
+    groups = {}  # a test's variants that differ only in SAME_SAMPLE_PARAMS -> one index, in collection order
+    mine = [groups.setdefault(_shard_group(item), len(groups)) % count == index for item in items]
+    config.hook.pytest_deselected(items=[item for item, keep in zip(items, mine) if not keep])
+    items[:] = [item for item, keep in zip(items, mine) if keep]
+
+
+# Parameters that pick a kernel path for one and the same sample (tests/test_sm90a.py's `arch` fixture and `path`
+# parameter, test_backward.py's CUDA `mode`): a shard keeps a test's variants over them together, so one process
+# computes their shared references once (test_sm90a.py's _References, test_backward.py's _CUDA_REFERENCES).
+SAME_SAMPLE_PARAMS = frozenset({"arch", "path", "mode"})
+
+
+def _shard_group(item):
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return (item.nodeid.split("[")[0],) + tuple(
+        sorted((name, repr(value)) for name, value in params.items() if name not in SAME_SAMPLE_PARAMS))

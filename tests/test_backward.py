@@ -84,15 +84,22 @@ def _reference(dtype):
     return compute
 
 
-def _check_gradients(spec, dtype, device):
+def _check_gradients(spec, dtype, device, references=None):
+    """The op's gradients on ``device`` against the float64 reference's, by the accuracy rule; ``references``: a dict
+    that memoizes the two reference gradients by (spec, dtype), for tests that check one sample many ways."""
     reason = support_reason(spec, dtype, device)
     if reason:
         pytest.skip(reason)
     sample = make_sample(spec, dtype, device)
     got = {name: g.cpu() for name, g in _gradients(sample, _op).items()}
-    cpu_sample = make_sample(spec, dtype, "cpu")  # the same numbers (make_sample draws them on the CPU)
-    want = _gradients(cpu_sample, _reference(torch.float64))
-    base = _gradients(cpu_sample, _reference(dtype))  # "a PyTorch implementation in the same dtype"
+    if references is not None and (spec, dtype) in references:
+        want, base = references[spec, dtype]
+    else:
+        cpu_sample = make_sample(spec, dtype, "cpu")  # the same numbers (make_sample draws them on the CPU)
+        want = _gradients(cpu_sample, _reference(torch.float64))
+        base = _gradients(cpu_sample, _reference(dtype))  # "a PyTorch implementation in the same dtype"
+        if references is not None:
+            references[spec, dtype] = want, base
     for name, g in got.items():
         assert g is not None and g.dtype == getattr(sample, name).dtype, f"d{name}: missing or of the wrong dtype"
     assert_gradients_close(got, want, base, dtype)
@@ -133,7 +140,13 @@ def test_cuda_gradients_match_reference(spec, dtype, mode, cuda_device, monkeypa
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     deterministic_mode(deterministic)
-    _check_gradients(spec, dtype, "cuda")
+    _check_gradients(spec, dtype, "cuda", _CUDA_REFERENCES)
+
+
+# The reference gradients of test_cuda_gradients_match_reference's samples, computed once for the five modes, not once
+# per mode (on the GPU machine the CPU references are most of this test's time); tests/conftest.py keeps a sample's
+# modes in one shard (SAME_SAMPLE_PARAMS). At most len(SAMPLES) x 2 small entries.
+_CUDA_REFERENCES = {}
 
 
 def _sm90a_backward_device() -> bool:

@@ -640,6 +640,31 @@ def test_reference_noncanonical_mask_bytes():
                 assert torch.equal(dense[0], dense[1]), f"{layout} {heads}: bytes 2..255 must read as True"
 
 
+def test_only_a_large_float64_reference_keeps_torchs_threads(monkeypatch):
+    """PackedBatch.reference runs on one thread (its many tiny ops), but a float64 reference of more than
+    MANY_PRODUCTS q . k products keeps torch's threads; a lower-precision one never does (its rounding would follow
+    the split)."""
+    import packed_batch
+
+    sample = make_sample(Spec("threads", (5, 9), (7, 12), heads=4, heads_k=2, head_dim=16), torch.float16)
+    assert sample.score_products() == (5 * 7 + 9 * 12) * 4 * 16
+    entered = []
+
+    @contextlib.contextmanager
+    def recorded():
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(packed_batch, "one_thread", recorded)
+    sample.reference(), sample.reference(torch.float16)
+    assert len(entered) == 2
+    monkeypatch.setattr(packed_batch, "MANY_PRODUCTS", sample.score_products() - 1)
+    sample.reference()
+    assert len(entered) == 2  # float64 past the bound: torch's threads
+    sample.reference(torch.float16)
+    assert len(entered) == 3
+
+
 def test_float32_base_is_the_worse_of_two_plain_forms():
     """The accuracy rule's float32 base (PackedBatch.reference(float32)) is, element by element, whichever of two
     plain PyTorch forms lies farther from the float64 answer: the scale applied to q . k, or folded into q first. A

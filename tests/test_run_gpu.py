@@ -33,9 +33,10 @@ def test_smoke():
 
 
 def _checkout(tmp_path):
-    """A checkout holding tools/run_gpu.sh alone."""
+    """A checkout holding tools/run_gpu.sh and the environment it sources, alone."""
     os.makedirs(tmp_path / "tools")
-    shutil.copy(os.path.join(ROOT, "tools", "run_gpu.sh"), tmp_path / "tools")
+    for script in ("run_gpu.sh", "gpu_env.sh"):
+        shutil.copy(os.path.join(ROOT, "tools", script), tmp_path / "tools")
 
 
 def _trees(tmp_path, builds):
@@ -178,6 +179,33 @@ def test_pytest_shards_split_a_selection_with_none_left_out_or_twice():
     assert ids == _collected(whole.stdout)
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="pytest_shards.sh is a bash script")
+def test_pytest_shards_keep_a_tests_kernel_paths_in_one_shard():
+    """test_sm90a.py's variants of a test over its kernel paths (the `arch` fixture, the `path` parameter) and
+    test_backward.py's CUDA modes each check one sample against one memoized reference: the shards keep them together
+    (conftest.SAME_SAMPLE_PARAMS), and split the files with none left out or twice."""
+    paths = {"auto", "sm80", "persistent3", "per_unit",  # test_sm90a.ARCHS
+             "kernel", "kernel_ordered", "kernel_atomic", "kernel_deterministic", "blockwise"}  # CUDA_BACKWARDS
+    args = ["--co", "-q", "-p", "no:cacheprovider", "tests/test_sm90a.py", "tests/test_backward.py", "-k",
+            "key_side or d256 or test_cuda_gradients_match_reference"]
+    whole = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=ROOT, capture_output=True, text=True)
+    shards = subprocess.run(["bash", "tools/pytest_shards.sh", "3", *args], cwd=ROOT, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHON=sys.executable))
+    assert whole.returncode == 0 and shards.returncode == 0, shards.stdout + shards.stderr
+    assert _collected(shards.stdout) == _collected(whole.stdout)
+    shard_of, variants = {}, {}
+    for i, log in enumerate(shards.stdout.split("--- shard ")[1:]):
+        for test in _collected(log):
+            name, _, ids = test.partition("[")
+            group = (name, tuple(part for part in ids.rstrip("]").split("-") if part not in paths))
+            shard_of.setdefault(group, set()).add(i)
+            variants[group] = variants.get(group, 0) + 1
+    assert all(len(shards_) == 1 for shards_ in shard_of.values())
+    assert sum(n == 4 for n in variants.values()) >= 20  # the four paths of many tests
+    assert sum(n == 5 for n in variants.values()) >= 20  # the five backward modes of many samples
+    assert len({i for shards_ in shard_of.values() for i in shards_}) == 3
+
+
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                     reason="pytest_shards.sh is a bash script; SHARD_TIMEOUT uses coreutils' timeout")
 def test_shard_timeout_stops_each_shard_and_still_prints_every_log(tmp_path):
@@ -219,3 +247,25 @@ def test_trace_backward_case_runs_a_sample_stage_by_stage_on_the_cpu():
     for stage in ("forward", "backward", "float64 reference", "same-dtype reference"):
         assert f"{stage}: done in" in done.stdout, stage
     assert "gradients match the reference" in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="gpu_env.sh is a bash script")
+def test_gpu_env_sets_the_system_compiler_and_this_checkout_once(tmp_path):
+    """tools/gpu_env.sh, which a device call's own commands source (an AOTI test run outside run_gpu.sh's stages with
+    the image's compiler segfaulted): the system compiler unless DMATTN_KEEP_CC, this checkout and /tmp/site on
+    PYTHONPATH once however often it is sourced, and dmattn_ops/_meta linked to meta/."""
+    _checkout(tmp_path)
+    os.makedirs(tmp_path / "dmattn_ops")
+    os.makedirs(tmp_path / "meta")
+    show = 'source tools/gpu_env.sh; source tools/gpu_env.sh; echo "CXX=${CXX:-}"; echo "PYTHONPATH=$PYTHONPATH"'
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "DMATTN_KEEP_CC")}
+    env["PYTHONPATH"] = "/elsewhere"
+    done = subprocess.run(["bash", "-c", show], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split("=", 1) for line in done.stdout.splitlines())
+    assert lines["PYTHONPATH"] == f"{tmp_path}:/tmp/site:/elsewhere"
+    assert lines["CXX"] == ("/usr/bin/g++" if os.access("/usr/bin/g++", os.X_OK) else "")
+    assert os.readlink(tmp_path / "dmattn_ops" / "_meta") == "../meta"
+    kept = subprocess.run(["bash", "-c", show], cwd=tmp_path, env=dict(env, DMATTN_KEEP_CC="1", CXX="/opt/cxx"),
+                          capture_output=True, text=True)
+    assert "CXX=/opt/cxx" in kept.stdout

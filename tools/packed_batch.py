@@ -123,7 +123,8 @@ class PackedBatch:
         return self._call(dmattn_ops.varlen_attention, return_lse=True, **options)
 
     def reference(self, dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(out, lse) of dmattn_ops.reference, computed in ``dtype`` on CPU copies, on one thread.
+        """(out, lse) of dmattn_ops.reference, computed in ``dtype`` on CPU copies, on one thread (a float64 reference
+        of more than 2^36 score-dimension products keeps torch's threads: MANY_PRODUCTS).
 
         In float32 (the tests' "PyTorch implementation in the same dtype") the reference is run in two plain forms:
         the scale applied to q . k, as the reference writes it, and folded into q first, as kernels do. Element by
@@ -132,7 +133,8 @@ class PackedBatch:
         with scores near 15: 2.5e-7 against 1.4e-6, the latter the CPU kernel's exactly)."""
         from dmattn_ops.reference import reference_varlen_attention
 
-        with one_thread():
+        many = dtype == torch.float64 and self.score_products() > MANY_PRODUCTS
+        with contextlib.nullcontext() if many else one_thread():
             cpu = self.to("cpu")
             plain = cpu._call(reference_varlen_attention, dtype=dtype)
             if dtype != torch.float32:
@@ -142,6 +144,11 @@ class PackedBatch:
                 reference_varlen_attention, dtype=dtype)
             exact = cpu._call(reference_varlen_attention, dtype=torch.float64)
             return tuple(_farther(a, b, want) for a, b, want in zip(plain, folded, exact))
+
+    def score_products(self) -> int:
+        """q . k products the reference computes: sum over sequences of Lq x Lk, times heads and head dim."""
+        pairs = sum(lq * lk for lq, lk in zip(self.seqlens_q, self.seqlens_k))
+        return pairs * self.q.shape[1] * self.q.shape[2]
 
     def _call(self, fn: Callable, **extra):
         """``fn`` in the signature varlen_attention and the reference share: the sequence arguments by position,
@@ -162,6 +169,12 @@ class PackedBatch:
         """A copy with every tensor field on ``device`` (values and dtypes unchanged)."""
         fields = ((f.name, getattr(self, f.name)) for f in dataclasses.fields(self))
         return self.replace(**{name: t.to(device) for name, t in fields if isinstance(t, torch.Tensor)})
+
+
+# Above this many products a float64 reference keeps torch's threads: its few large operations split well, and the
+# split moves only its last bits, far below any tolerance (test_sm90a's D = 256 sample past the kept-row cap, 1.4e11
+# products: 84 s on one thread, 47 s on two).
+MANY_PRODUCTS = 2**36
 
 
 @contextlib.contextmanager

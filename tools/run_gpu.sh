@@ -85,11 +85,9 @@ LOGDIR=${LOGDIR:-$OUT}
 mkdir -p "$OUT" "$LOGDIR"
 export MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
 STAGES=${*:-wheels build info test sanitize bench}
-# The GPU image's default compiler (CC / CXX = /opt/gcc/...) puts libstdc++ code into the extension
-# (std::ostream::_M_insert<long> ran from _C.abi3.so in a cuda-gdb backtrace); mixed with the process's own libstdc++
-# that segfaulted every error message formatting an integer. AOTInductor packages, which the test stage compiles
-# with CC / CXX, segfaulted at load the same way until the compiler changed. Every stage uses the system compiler.
-if [ -x /usr/bin/g++ ] && [ -z "${DMATTN_KEEP_CC:-}" ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+# Every stage uses the system compiler (the GPU image's default one made the extension and AOTInductor packages
+# segfault) and finds this checkout's in-place build: tools/gpu_env.sh, which a device call's own commands source too.
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 status=0
 
 stage() {  # stage NAME COMMAND...: runs COMMAND, tees its output to $OUT/NAME.log, records failure
@@ -206,9 +204,6 @@ for s in $STAGES; do
         stage wheels python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
           --target /tmp/site "${WHEELS:-.whl}"/*.whl
       fi
-      export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-      # An in-place build has no installed dmattn_ops._meta (setup.py maps meta/ there): link it for imports.
-      [ -e dmattn_ops/_meta ] || ln -s ../meta dmattn_ops/_meta
       ;;
     build)
       if [ -n "${DMATTN_PREBUILT:-}" ] && [ -z "$(ls dmattn_ops/_C*.so 2>/dev/null)" ]; then

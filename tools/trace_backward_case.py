@@ -22,6 +22,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "tools")]
+# dmattn_ops: an installed one or a build named on PYTHONPATH first, else this checkout's, built in place (the GPU
+# machine's tools/run_gpu.sh builds in place and installs nothing: session 10's first call found no module)
+sys.path.append(ROOT)
 
 
 def main(argv=None) -> int:
