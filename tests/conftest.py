@@ -12,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 import dmattn_ops
+import samples
 
 
 def cuda_skip_reason() -> Optional[str]:
@@ -77,8 +78,17 @@ def pytest_collection_modifyitems(config, items):
 
 # Parameters that pick a kernel path for one and the same sample (tests/test_sm90a.py's `arch` fixture and `path`
 # parameter, test_backward.py's CUDA `mode`): a shard keeps a test's variants over them together, so one process
-# computes their shared references once (test_sm90a.py's _References, test_backward.py's _CUDA_REFERENCES).
+# computes their shared references once (samples.shared_reference).
 SAME_SAMPLE_PARAMS = frozenset({"arch", "path", "mode"})
+_function_of_shared_references = [None]
+
+
+@pytest.fixture(autouse=True)
+def _shared_references_of_one_test_function(request):
+    """samples.shared_reference's memo holds the current test function's samples only."""
+    if request.node.originalname != _function_of_shared_references[0]:
+        _function_of_shared_references[0] = request.node.originalname
+        samples.forget_shared_references()
 
 
 def _shard_group(item):

@@ -202,6 +202,24 @@ def _atol(dtype: torch.dtype, magnitude: float) -> float:
     return 4 * torch.finfo(dtype).eps * max(1.0, magnitude)
 
 
+# Reference results computed once for all of a sample's kernel paths (test_sm90a's ARCHS, test_backward's CUDA
+# modes) rather than once per path: on the GPU machine the CPU references are most of those tests' time (a D = 256
+# sample past the kept-row cap: over 45 s each). tests/conftest.py keeps a test's path variants in one shard and
+# empties the memo when the next test function starts, so it holds one function's samples.
+_SHARED_REFERENCES: dict = {}
+
+
+def shared_reference(key, compute):
+    """``compute()``, or what it returned for ``key`` earlier in this test function (see _SHARED_REFERENCES)."""
+    if key not in _SHARED_REFERENCES:
+        _SHARED_REFERENCES[key] = compute()
+    return _SHARED_REFERENCES[key]
+
+
+def forget_shared_references():
+    _SHARED_REFERENCES.clear()
+
+
 def assert_close_to_reference(result, ref64, same_dtype, *, label: str = "") -> None:
     """Judges a kernel's (out, lse) against the float64 reference ``ref64`` = (out, lse).
 

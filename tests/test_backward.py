@@ -22,7 +22,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import dmattn_ops
 from dmattn_ops.reference import reference_varlen_attention
-from samples import ALL_DTYPES, SAMPLES, Sample, Spec, assert_gradients_close, make_sample, support_reason
+from samples import (ALL_DTYPES, SAMPLES, Sample, Spec, assert_gradients_close, make_sample, shared_reference,
+                     support_reason)
 
 DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in ALL_DTYPES]
 SAMPLE_IDS = [s.name for s in SAMPLES]
@@ -84,22 +85,22 @@ def _reference(dtype):
     return compute
 
 
-def _check_gradients(spec, dtype, device, references=None):
-    """The op's gradients on ``device`` against the float64 reference's, by the accuracy rule; ``references``: a dict
-    that memoizes the two reference gradients by (spec, dtype), for tests that check one sample many ways."""
+def _check_gradients(spec, dtype, device):
+    """The op's gradients on ``device`` against the float64 reference's, by the accuracy rule; the two reference
+    gradients are computed once per sample in a test function (samples.shared_reference), for tests that check one
+    sample many ways."""
     reason = support_reason(spec, dtype, device)
     if reason:
         pytest.skip(reason)
     sample = make_sample(spec, dtype, device)
     got = {name: g.cpu() for name, g in _gradients(sample, _op).items()}
-    if references is not None and (spec, dtype) in references:
-        want, base = references[spec, dtype]
-    else:
+
+    def references():
         cpu_sample = make_sample(spec, dtype, "cpu")  # the same numbers (make_sample draws them on the CPU)
         want = _gradients(cpu_sample, _reference(torch.float64))
-        base = _gradients(cpu_sample, _reference(dtype))  # "a PyTorch implementation in the same dtype"
-        if references is not None:
-            references[spec, dtype] = want, base
+        return want, _gradients(cpu_sample, _reference(dtype))  # and "a PyTorch implementation in the same dtype"
+
+    want, base = shared_reference((spec, dtype), references)
     for name, g in got.items():
         assert g is not None and g.dtype == getattr(sample, name).dtype, f"d{name}: missing or of the wrong dtype"
     assert_gradients_close(got, want, base, dtype)
@@ -140,13 +141,7 @@ def test_cuda_gradients_match_reference(spec, dtype, mode, cuda_device, monkeypa
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     deterministic_mode(deterministic)
-    _check_gradients(spec, dtype, "cuda", _CUDA_REFERENCES)
-
-
-# The reference gradients of test_cuda_gradients_match_reference's samples, computed once for the five modes, not once
-# per mode (on the GPU machine the CPU references are most of this test's time); tests/conftest.py keeps a sample's
-# modes in one shard (SAME_SAMPLE_PARAMS). At most len(SAMPLES) x 2 small entries.
-_CUDA_REFERENCES = {}
+    _check_gradients(spec, dtype, "cuda")
 
 
 def _sm90a_backward_device() -> bool:

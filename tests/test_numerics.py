@@ -656,7 +656,8 @@ def test_only_a_large_float64_reference_keeps_torchs_threads(monkeypatch):
         yield
 
     monkeypatch.setattr(packed_batch, "one_thread", recorded)
-    sample.reference(), sample.reference(torch.float16)
+    sample.reference()
+    sample.reference(torch.float16)
     assert len(entered) == 2
     monkeypatch.setattr(packed_batch, "MANY_PRODUCTS", sample.score_products() - 1)
     sample.reference()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import dmattn_ops
-from samples import Spec, assert_close_to_reference, make_sample, support_reason
+from samples import Spec, assert_close_to_reference, make_sample, shared_reference, support_reason
 from test_varlen_fwd import LYING, _lying, unread_keys
 
 # Every test here is a CUDA test: the `cuda` mark makes `-k cuda` (tools/run_gpu.sh's default selection) select them
@@ -49,32 +49,13 @@ def _sm90a_device() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and _sm90a_built()
 
 
-class _References:
-    """The two references (float64, same dtype) of each sample a test function checks through _check, computed once
-    for all of its kernel paths (ARCHS) rather than once per path: on the GPU machine the CPU references are most of
-    this file's time (a D = 256 sample past the kept-row cap: over 45 s each). tests/conftest.py keeps a test's path
-    variants in one shard; the memo is emptied when the next test function starts, so it holds one function's samples."""
-
-    function = None
-    of_sample = {}  # (spec, dtype) -> (float64 reference, same-dtype reference)
-
-
-@pytest.fixture(autouse=True)
-def _references_of_this_test_function(request):
-    if request.node.originalname != _References.function:
-        _References.function = request.node.originalname
-        _References.of_sample.clear()
-
-
 def _check(spec, dtype, label=""):
     reason = support_reason(spec, dtype, "cuda")
     if reason:
         pytest.skip(reason)
     sample = make_sample(spec, dtype, "cuda")  # the same inputs for every path: make_sample's seed is fixed
     out, lse = sample.run()
-    references = _References.of_sample.get((spec, dtype))
-    if references is None:
-        references = _References.of_sample[spec, dtype] = (sample.reference(), sample.reference(sample.dtype))
+    references = shared_reference((spec, dtype), lambda: (sample.reference(), sample.reference(sample.dtype)))
     assert_close_to_reference((out, lse), *references, label=label)
     return sample, (out, lse)
 
