@@ -1,6 +1,11 @@
 """tools/bench_gpu.py's target verdicts on made-up result rows (no device, no timing): issue 11's operand-bandwidth
 target reads a query-side row's mask + bias bytes per second of its call against the copy bandwidth measured in the
-same run, and judges the prefill workload's row only (a decode call reads its K / V too)."""
+same run, and judges the prefill workload's row only (a decode call reads its K / V too); issue 10's 10x FlexAttention
+target reads Flex's best set-up (padded, one mask for all heads, its decoding kernel) against dmattn_ops on that same
+mask, in that row's own group, and how the padded Flex rows learn which kernel Flex chose."""
+
+import pytest
+import torch
 
 import bench_gpu
 
@@ -34,3 +39,57 @@ def test_operand_bandwidth_target_is_half_the_copy_bandwidth_on_prefill():
     assert _operand_verdicts("prefill", rows, 4.2)[0].startswith("MISSED (0.48x")
     assert _operand_verdicts("prefill", rows, None) == ["not measured"]
     assert _operand_verdicts("decode", rows, 4.0) == []  # reported on decode rows, judged on prefill only
+
+
+def _decode_rows():
+    """The decode workload's Flex rows as bench_gpu.py groups them: the packed and per-KV-head rows beside dmattn_ops
+    on the per-KV-head mask, the head-shared row beside dmattn_ops on the one mask for all heads."""
+    main, shared = "key-side mask 25% + bias", bench_gpu.SHARED_DECODE_GROUP
+    rows = [(main, "dmattn_ops", "dmattn", 0.1), (main, "flex compiled, packed", "flex", 7.0),
+            (main, "flex compiled, padded, per-KV-head mask", "flex", 4.2),
+            (shared, "dmattn_ops", "dmattn", 0.2),
+            (shared, "flex compiled, padded, head-shared mask (its best set-up)", "flex", 1.25)]
+    rows = [{"group": g, "peer": p, "family": f, "status": "ok", "ms_median": ms, "check": "ok"}
+            for g, p, f, ms in rows]
+    bench_gpu.add_speedups(rows)
+    return rows
+
+
+def test_flex_best_set_up_is_judged_against_dmattn_on_the_same_head_shared_mask():
+    verdicts = {t["target"]: t["verdict"] for t in bench_gpu.check_targets("decode", _decode_rows())}
+    flex = {k: v for k, v in verdicts.items() if "flex" in k}
+    assert flex == {  # each row against the group's own dmattn_ops row: 1.25 / 0.2, 4.2 / 0.1, 7.0 / 0.1
+        "dmattn_ops >= 10x flex compiled, padded, head-shared [key-side mask]": "MISSED (6.25x)",
+        "dmattn_ops >= 10x flex compiled, padded, per-KV-head [key-side mask]": "met (42.00x)",
+        "dmattn_ops >= 10x flex compiled, packed [key-side mask]": "met (70.00x)"}
+    assert bench_gpu.SHARED_DECODE_GROUP.startswith("key-side mask")  # the targets' group prefix finds it
+
+
+def test_flex_targets_not_measured_without_their_rows():
+    rows = [r for r in _decode_rows() if "padded" not in r["peer"]]
+    verdicts = {t["target"]: t["verdict"] for t in bench_gpu.check_targets("decode", rows)}
+    assert verdicts["dmattn_ops >= 10x flex compiled, padded, head-shared [key-side mask]"] == "not measured"
+    assert verdicts["dmattn_ops >= 10x flex compiled, packed [key-side mask]"] == "met (70.00x)"
+
+
+def test_flex_decoding_rule_needs_one_blockmask_head_with_gqa():
+    assert bench_gpu._flex_kernel_rule(8, 32, 8, 1).startswith("decoding")  # the best set-up
+    assert bench_gpu._flex_kernel_rule(8, 32, 8, 32).startswith("main")  # per-KV-head mask: a BlockMask of H heads
+    assert bench_gpu._flex_kernel_rule(128, 32, 8, 1).startswith("main")  # not a short query
+    assert bench_gpu._flex_kernel_rule(8, 24, 8, 1).startswith("main")  # H / Hk = 3
+    assert bench_gpu._flex_kernel_rule(8, 32, 32, 32).startswith("decoding")  # MHA: 1 or H heads
+
+
+@pytest.mark.parametrize("decided, kernel", [(True, "decoding"), (False, "main"), (None, "not observed")])
+def test_flex_kernel_choice_reads_the_lowering_log(decided, kernel):
+    flex_decoding = pytest.importorskip("torch._inductor.kernel.flex.flex_decoding")
+    log = flex_decoding.log
+    level = log.level
+    with bench_gpu._FlexKernelChoice(torch.device("cuda")) as choice:  # a device object: no CUDA needed
+        if decided is not None:  # the line _use_flex_decoding logs while the CUDA lowering compiles
+            log.debug("Use flex decoding %s, force_flex_attention=%s", decided, False)
+    assert choice.kernel == kernel
+    assert log.level == level and choice.handler not in log.handlers  # the logger is left as it was
+    with bench_gpu._FlexKernelChoice(torch.device("cpu")) as choice:
+        log.debug("Use flex decoding %s", True)
+    assert choice.kernel == "cpu lowering"

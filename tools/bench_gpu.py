@@ -20,9 +20,13 @@ Workloads (all packed varlen batches, H=32, Hk=8, D=128, bf16 on CUDA; ``--tiny`
            varlen_attn (where this torch has it) and dmattn_ops.
   decode   B=64, 1-8 queries and 1024-8192 keys per sequence, key-side mask keeping the top 25% of keys + key-side
            bias, not causal. Peers: SDPA padded with the mask+bias materialized (B, H, Lq, Lk), SDPA padded with a
-           (B, H, 1, Lk) bias expanded over queries (stride 0), FlexAttention compiled packed (+ BlockMask build),
-           dmattn_ops; plus the "no mask" group. In both, dmattn_ops once more replayed from a CUDA graph (as a
-           serving engine runs its decode step: the same kernels without the per-call host work; no target reads it).
+           (B, H, 1, Lk) bias expanded over queries (stride 0), FlexAttention compiled packed, and padded (B, heads,
+           L, D) with K/V not expanded (enable_gqa) and a BlockMask of all H heads reading the per-KV-head mask
+           (each + BlockMask build), dmattn_ops. A group with one mask + bias for all heads (Hm = 1, a weaker mask):
+           dmattn_ops beside Flex padded with a BlockMask of one head, the set-up in which Flex runs its decoding
+           kernel (its best, issue 10's 10x target). Plus the "no mask" group. In these, dmattn_ops once more
+           replayed from a CUDA graph (as a serving engine runs its decode step: the same kernels without the
+           per-call host work; no target reads it).
   window   the prefill batch, causal, no mask, a sliding window of 256 keys (each query sees itself and the 255 keys
            before it): dmattn_ops with its native window_size=(255, -1), dmattn_ops with the same window as a
            query-side mask (what a mask_mod gave before the native window), FlexAttention compiled packed with the
@@ -71,11 +75,14 @@ checked against each other.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import logging
 import math
 import os
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -123,7 +130,6 @@ def make_problem(lens_q, lens_k, heads, heads_k, head_dim, mask_heads, keep_frac
     """One packed batch, the inputs every peer of a group shares: random q/k/v and, where keep_frac is given, a
     key-side mask (total_k, Hm) keeping the top ``keep_frac`` of each sequence's keys (per mask head) by a random
     gating score, with that score as the key-side bias (total_k, Hm) in q's dtype."""
-    gen = torch.Generator().manual_seed(seed + 1)
     total_q, total_k = sum(lens_q), sum(lens_k)
     dev_gen = torch.Generator(device=device).manual_seed(seed + 2)
     q = torch.randn(total_q, heads, head_dim, generator=dev_gen, device=device, dtype=dtype)
@@ -131,18 +137,26 @@ def make_problem(lens_q, lens_k, heads, heads_k, head_dim, mask_heads, keep_frac
     v = torch.randn(total_k, heads_k, head_dim, generator=dev_gen, device=device, dtype=dtype)
     keep = bias = None
     if keep_frac is not None:
-        score = torch.randn(total_k, mask_heads, generator=gen)  # (total_k, Hm) gating score
-        keep = torch.zeros(total_k, mask_heads, dtype=torch.bool)
-        start = 0
-        for lk in lens_k:
-            if lk:
-                top = score[start:start + lk].topk(max(1, math.ceil(keep_frac * lk)), dim=0).indices  # (n, Hm)
-                keep[start:start + lk].scatter_(0, top, True)
-            start += lk
-        keep, bias = keep.to(device), score.to(device=device, dtype=dtype)
+        keep, bias = gated_keys(lens_k, mask_heads, keep_frac, dtype, device, seed)
     return PackedBatch(q=q, k=k, v=v, cu_seqlens_q=_cu(lens_q, device), cu_seqlens_k=_cu(lens_k, device),
                        max_seqlen_q=max(lens_q, default=0), max_seqlen_k=max(lens_k, default=0), mask=keep, bias=bias,
                        is_causal=causal)
+
+
+def gated_keys(lens_k, mask_heads, keep_frac, dtype, device, seed):
+    """A key-side mask (total_k, Hm) keeping the top ``keep_frac`` of each sequence's keys (per mask head) by a
+    random gating score, and that score as the key-side bias (total_k, Hm) in ``dtype``."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    total_k = sum(lens_k)
+    score = torch.randn(total_k, mask_heads, generator=gen)  # (total_k, Hm) gating score
+    keep = torch.zeros(total_k, mask_heads, dtype=torch.bool)
+    start = 0
+    for lk in lens_k:
+        if lk:
+            top = score[start:start + lk].topk(max(1, math.ceil(keep_frac * lk)), dim=0).indices  # (n, Hm)
+            keep[start:start + lk].scatter_(0, top, True)
+        start += lk
+    return keep.to(device), score.to(device=device, dtype=dtype)
 
 
 @dataclass
@@ -300,7 +314,7 @@ def flex_peer(p: PackedBatch):
     keep tensor and a score_mod that adds the key-side bias."""
 
     def prepare():
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import flex_attention
 
         H, Hm, dev = p.heads, p.mask_heads, p.device
         head_div = H // Hm  # query head h reads mask/bias column h // head_div
@@ -347,18 +361,8 @@ def flex_peer(p: PackedBatch):
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + bias[kv_idx, h // head_div].to(score.dtype)
 
-        # --flex-blockmask eager: torch.compile(create_block_mask) takes minutes to compile at some lengths
-        # (pytorch/pytorch#182060: over 250 s for each mask of the intervals workload on the H200)
-        build = torch.compile(create_block_mask) if ARGS.flex_blockmask == "compiled" else create_block_mask
         block_h = 1 if Hm == 1 else H
-
-        def make_block_mask():
-            return build(mask_mod, 1, block_h, total_q, total_k, device=dev)
-
-        bm_compile_s, block_mask = bc.time_once_s(make_block_mask, dev)
-        bm_timing = bc.time_callable(make_block_mask, dev, warmup=1, reps=ARGS.reps_blockmask)
-        bm_peak = bc.peak_extra_bytes(make_block_mask, dev)
-        bm_bytes = bc.tensor_bytes(*(getattr(block_mask, a, None) for a in type(block_mask)._TENSOR_ATTRS))
+        block_mask, bm_extras = _timed_block_mask(mask_mod, 1, block_h, total_q, total_k, dev)
         # flex wants (B, heads, tokens, D); contiguous copies, so no layout copy lands inside the timed call
         qf = p.q.transpose(0, 1).unsqueeze(0).contiguous()  # (1, H, total_q, D)
         kf = p.k.transpose(0, 1).unsqueeze(0).contiguous()  # (1, Hk, total_k, D)
@@ -374,13 +378,157 @@ def flex_peer(p: PackedBatch):
             run, to_packed=lambda out: out[0].transpose(0, 1),  # (1, H, total_q, D) -> (total_q, H, D)
             mask_bytes=bc.tensor_bytes(keep, bias, q_doc, k_doc, q_last, k_pos, q_begin if ranged else None,
                                       q_end if ranged else None)
-            + bm_bytes,
-            extras={"layout": "packed (B=1), contiguous (1, heads, tokens, D) copies",
-                    "blockmask_builder": f"create_block_mask, {ARGS.flex_blockmask}",
-                    "blockmask_build_ms": bm_timing.median_ms, "blockmask_compile_s": bm_compile_s,
-                    "blockmask_peak_extra_bytes": bm_peak, "blockmask_bytes": bm_bytes,
-                    "blockmask_tiles_visited_pct": _tiles_visited_pct(block_mask, total_k)})
+            + bm_extras["blockmask_bytes"],
+            extras={"layout": "packed (B=1), contiguous (1, heads, tokens, D) copies", **bm_extras})
     return Peer("flex compiled, packed", prepare, "flex")
+
+
+def flex_padded_peer(p: PackedBatch):
+    """FlexAttention, compiled, on zero-padded (B, H, Lq, D) queries and (B, Hk, Lk, D) keys / values (GQA through
+    enable_gqa: K / V are not expanded): a mask_mod that reads the padded key-side mask (B, Hm, Lk) (False past each
+    sequence's keys, so padding is masked and whole padding tiles skipped) and a score_mod that adds the padded
+    key-side bias. A mask shared by all heads (Hm = 1) makes a BlockMask of one head (H=None), the set-up in which
+    Flex runs its decoding kernel on few queries with GQA (see _flex_kernel_rule); a mask per KV head needs one of
+    all H query heads (each reads column h // (H / Hm)), which with GQA takes Flex's main kernel."""
+    H, Hk, Hm = p.heads, p.heads_k, p.mask_heads
+    shared = Hm == 1
+    name = ("flex compiled, padded, head-shared mask (its best set-up)" if shared else
+            f"flex compiled, padded, per-{'KV-' if Hm == Hk else ''}head mask")
+
+    def prepare():
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if p.is_causal or p.window_size is not None or p.key_range is not None or p.kv_slots is not None:
+            raise Skip("the padded Flex peer writes a key-side mask alone (no causality, window, ranges or slots)")
+        if p.mask is not None and p.mask.dim() != 2:
+            raise Skip("the padded Flex peer reads a key-side mask (total_k, Hm), not a query-side one")
+        dev = p.device
+        head_div = H // Hm  # query head h reads mask / bias row h // head_div (0 for all heads when shared)
+        B, lq_pad = p.batch_size, p.max_seqlen_q
+        lk_pad = _round_up(p.max_seqlen_k, 128)  # whole BlockMask tiles: mask_mod never reads past the tensors
+        pq, pk = Padding(p.seqlens_q, lq_pad, dev), Padding(p.seqlens_k, lk_pad, dev)
+        # contiguous (B, heads, L, D) copies, so no layout copy lands inside the timed call
+        qp = pq.pad(p.q).transpose(1, 2).contiguous()  # (B, H, Lq, D)
+        kp = pk.pad(p.k).transpose(1, 2).contiguous()  # (B, Hk, Lk, D)
+        vp = pk.pad(p.v).transpose(1, 2).contiguous()
+        keep = pk.pad(p.mask if p.mask is not None else torch.ones(p.total_k, Hm, dtype=torch.bool, device=dev))
+        keep = keep.permute(0, 2, 1).contiguous()  # (B, Hm, Lk): padding False, i.e. keys past a sequence's end
+        bias = pk.pad(p.bias).permute(0, 2, 1).contiguous() if p.bias is not None else None  # (B, Hm, Lk)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return keep[b, h // head_div, kv_idx]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[b, h // head_div, kv_idx].to(score.dtype)
+
+        block_mask, bm_extras = _timed_block_mask(mask_mod, B, None if shared else H, lq_pad, lk_pad, dev)
+        flex = torch.compile(flex_attention, dynamic=False)
+        gqa = H != Hk
+
+        def run():
+            return flex(qp, kp, vp, score_mod=score_mod if bias is not None else None, block_mask=block_mask,
+                        enable_gqa=gqa)
+
+        extras = {"layout": f"padded (B, H, {lq_pad}, D) / (B, Hk, {lk_pad}, D), K/V not expanded (enable_gqa)",
+                  "mask": (f"one (B, 1, {lk_pad}) mask + bias shared by all {H} heads: a weaker mask than one per "
+                           "KV head (dmattn_ops runs the same Hm = 1 mask in this group)" if shared else
+                           f"(B, {Hm}, {lk_pad}) mask + bias, query head h reads row h // {head_div}; BlockMask "
+                           f"of {H} heads"),
+                  "flex_decoding_rule": _flex_kernel_rule(lq_pad, H, Hk, 1 if shared else H),
+                  "padded_input_bytes": bc.tensor_bytes(qp, kp, vp), **bm_extras}
+
+        def first_run():  # measure's first call compiles: its lowering says which kernel Flex chose
+            with _FlexKernelChoice(dev) as choice:
+                out = run()
+            extras["flex_kernel"] = choice.kernel
+            prepared.run = run
+            return out
+
+        prepared = Prepared(first_run, to_packed=lambda out: pq.unpad(out.transpose(1, 2)),  # -> (total_q, H, D)
+                            mask_bytes=bc.tensor_bytes(keep, bias) + bm_extras["blockmask_bytes"], extras=extras)
+        return prepared
+    return Peer(name, prepare, "flex")
+
+
+def _flex_kernel_rule(q_len, H, Hk, block_heads) -> str:
+    """Whether this torch's Flex lowering would pick its decoding kernel for the call, by the rule of
+    torch/_inductor/kernel/flex/flex_decoding.py (_use_flex_decoding, torch 2.13): on CUDA, with the query length
+    < 128 and > 0, static batch and head counts (torch.compile(dynamic=False)), H / Hk a power of two, and a
+    BlockMask of 1 head with GQA (1 or H heads without GQA); the kernel option BACKEND or FORCE_USE_FLEX_ATTENTION
+    overrides it. The CPU lowering has a single C++ template."""
+    ratio = H // Hk
+    ok = 0 < q_len < 128 and ratio > 0 and ratio & (ratio - 1) == 0 and (
+        block_heads == 1 if H != Hk else block_heads in (1, H))
+    return (f"{'decoding' if ok else 'main'} kernel by the rule (CUDA): query length {q_len} (needs 1-127), H/Hk = "
+            f"{ratio} (needs a power of two), BlockMask heads {block_heads} (needs "
+            f"{'1 with GQA' if H != Hk else '1 or H'})")
+
+
+class _FlexKernelChoice:
+    """Captures the debug line "Use flex decoding True|False" that the CUDA lowering of flex_attention logs while it
+    compiles, with the compile caches off for that call (a cached graph skips lowering); ``kernel`` then says which
+    kernel Flex chose: "decoding", "main", "<device> lowering" off CUDA, or "not observed"."""
+
+    def __init__(self, dev):
+        self.dev, self.lines = dev, []
+        self.kernel = "not observed"
+        try:
+            from torch._inductor.kernel.flex import flex_decoding
+
+            self.log = flex_decoding.log
+        except ImportError:  # another layout of torch's inductor: the kernel stays "not observed"
+            self.log = logging.getLogger("dmattn.bench.unused")
+        self.handler = logging.Handler(logging.DEBUG)
+        self.handler.emit = lambda record: self.lines.append(record.getMessage())
+        import torch._inductor.config as inductor_config
+
+        self.no_cache = (inductor_config.patch(force_disable_caches=True)
+                         if hasattr(inductor_config, "force_disable_caches") else contextlib.nullcontext())
+
+    def __enter__(self):
+        self.level = self.log.level
+        self.log.setLevel(logging.DEBUG)
+        self.log.addHandler(self.handler)
+        self.quiet = warnings.catch_warnings()
+        self.quiet.__enter__()
+        warnings.filterwarnings("ignore", message=".*force_disable_caches")  # dynamo's note that PGO is off too
+        self.no_cache.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.no_cache.__exit__(*exc)
+        self.quiet.__exit__(*exc)
+        self.log.removeHandler(self.handler)
+        self.log.setLevel(self.level)
+        seen = [ln for ln in self.lines if ln.startswith("Use flex decoding ")]
+        if self.dev.type != "cuda":  # the CPU (C++) and MPS lowerings have one kernel for all query lengths
+            self.kernel = f"{self.dev.type} lowering"
+        elif seen:
+            self.kernel = "decoding" if seen[-1].startswith("Use flex decoding True") else "main"
+        return False
+
+
+def _timed_block_mask(mask_mod, B, H, q_len, kv_len, dev):
+    """A BlockMask of ``mask_mod`` and the extras every Flex row reports about it: the builder, its median time per
+    build (what a mask that changes every step costs on top of the call), the first (compiling) build, peak extra
+    memory, bytes and the share of tiles Flex computes."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    # --flex-blockmask eager: torch.compile(create_block_mask) takes minutes to compile at some lengths
+    # (pytorch/pytorch#182060: over 250 s for each mask of the intervals workload on the H200)
+    build = torch.compile(create_block_mask) if ARGS.flex_blockmask == "compiled" else create_block_mask
+
+    def make_block_mask():
+        return build(mask_mod, B, H, q_len, kv_len, device=dev)
+
+    compile_s, block_mask = bc.time_once_s(make_block_mask, dev)
+    timing = bc.time_callable(make_block_mask, dev, warmup=1, reps=ARGS.reps_blockmask)
+    peak = bc.peak_extra_bytes(make_block_mask, dev)
+    nbytes = bc.tensor_bytes(*(getattr(block_mask, a, None) for a in type(block_mask)._TENSOR_ATTRS))
+    return block_mask, {"blockmask_builder": f"create_block_mask, {ARGS.flex_blockmask}",
+                        "blockmask_build_ms": timing.median_ms, "blockmask_compile_s": compile_s,
+                        "blockmask_peak_extra_bytes": peak, "blockmask_bytes": nbytes,
+                        "blockmask_tiles_visited_pct": _tiles_visited_pct(block_mask, kv_len)}
 
 
 def _tiles_visited_pct(block_mask, total_k) -> float:
@@ -722,6 +870,21 @@ def identity_slots(p: PackedBatch) -> PackedBatch:
     return p.replace(kv_slots=torch.arange(p.total_k, dtype=torch.int32, device=p.device))
 
 
+DECODE_KEEP = 0.25  # the decode (and paged) workload's kept share of keys
+
+# The decode group whose key-side mask and bias are one for all heads: where Flex runs its decoding kernel (its best
+# set-up, a weaker mask than the main group's one per KV head), so dmattn_ops runs that same mask there
+SHARED_DECODE_GROUP = "key-side mask 25% + bias, one for all heads (Hm = 1, a weaker mask)"
+
+
+def head_shared(p: PackedBatch, keep_frac: float) -> PackedBatch:
+    """The same call with a key-side mask and bias of one head (Hm = 1): the top ``keep_frac`` of each sequence's
+    keys by one gating score, the score as the bias (make_problem's rule, a score of its own)."""
+    keep, bias = gated_keys(p.seqlens_k, 1, keep_frac, p.dtype, p.device,
+                            ARGS.seed if ARGS is not None else DEFAULT_SEED)
+    return p.replace(mask=keep, bias=bias)
+
+
 QUERY_SIDE_PEER = "dmattn_ops, query-side mask + bias"
 # issue 11: a materialized dense query-side mask + bias read at >= this share of the device's copy bandwidth (its
 # operand bytes, mask + bias, per second of the call)
@@ -790,12 +953,17 @@ def groups_of(name: str, base: PackedBatch):
                 query_side_group("causal, the same mask + bias expanded query-side", masked)]
     if name == "decode":
         masked, plain = base, base.replace(mask=None, bias=None)
-        return [("key-side mask 25% + bias", masked,
-                 [dmattn_peer(masked), dmattn_graph_peer(masked), sdpa_peer(masked, "materialized"),
-                  sdpa_peer(masked, "expanded"), flex_peer(masked)]),
-                ("no mask (dense reference)", plain,
-                 [dmattn_peer(plain), dmattn_graph_peer(plain), varlen_peer(plain)]),
-                query_side_group("the same mask + bias expanded query-side", masked)]
+        groups = [("key-side mask 25% + bias", masked,
+                   [dmattn_peer(masked), dmattn_graph_peer(masked), sdpa_peer(masked, "materialized"),
+                    sdpa_peer(masked, "expanded"), flex_peer(masked), flex_padded_peer(masked)]),
+                  ("no mask (dense reference)", plain,
+                   [dmattn_peer(plain), dmattn_graph_peer(plain), varlen_peer(plain)]),
+                  query_side_group("the same mask + bias expanded query-side", masked)]
+        if masked.mask_heads != 1:  # Flex's best set-up runs one mask for all heads: ours beside it on that mask
+            shared = head_shared(masked, DECODE_KEEP)
+            groups.insert(1, (SHARED_DECODE_GROUP, shared,
+                              [dmattn_peer(shared), dmattn_graph_peer(shared), flex_padded_peer(shared)]))
+        return groups
     if name == "dense":
         out = []
         for causal in (True, False):
@@ -834,7 +1002,8 @@ def run_workload(name: str, args) -> Dict[str, object]:
     if args.head_dim is not None:
         hs = dict(hs, head_dim=args.head_dim)
     mask_heads = mask_head_count(args.mask_heads, hs)
-    keep_frac = {"prefill": 0.5, "decode": 0.25, "paged": 0.25, "dense": None, "window": None, "intervals": None}[name]
+    keep_frac = {"prefill": 0.5, "decode": DECODE_KEEP, "paged": DECODE_KEEP, "dense": None, "window": None,
+                 "intervals": None}[name]
     base = make_problem(lens_q, lens_k, hs["heads"], hs["heads_k"], hs["head_dim"], mask_heads, keep_frac,
                         causal=name in ("prefill", "window"), dtype=dtype, device=dev, seed=args.seed)
     print(f"\n== {name}: B={base.batch_size} total_q={base.total_q} total_k={base.total_k} "
@@ -875,7 +1044,11 @@ TARGETS = [
     # issue 10 (decode); its absolute targets (>= 3.6 TB/s with every key, <= 0.12 ms with 25% kept) are read
     # from the ms and TB/s columns
     ("decode", "key-side mask", "SDPA padded, materialized", 30.0),
-    ("decode", "key-side mask", "flex compiled", 10.0),
+    # >= 10x FlexAttention in its best set-up: padded, one mask for all heads, its decoding kernel (its own group,
+    # beside dmattn_ops on that same mask); the same ratio reported against its set-ups on our per-KV-head mask
+    ("decode", "key-side mask", "flex compiled, padded, head-shared", 10.0),
+    ("decode", "key-side mask", "flex compiled, padded, per-KV-head", 10.0),
+    ("decode", "key-side mask", "flex compiled, packed", 10.0),
     ("decode", "no mask", "torch varlen_attn", 5.0),
     # issue 11: the query-side expansion within 1.5x of the key-side time: key-side / query-side >= 1 / 1.5
     ("decode", "the same mask + bias expanded", "dmattn_ops, key-side", 1 / 1.5),
@@ -987,6 +1160,10 @@ DEFINITIONS = {
     "blockmask_build_ms": "median time of torch.compile(create_block_mask) after its first (compiling) call (eager "
                           "create_block_mask with --flex-blockmask eager, see blockmask_builder)",
     "blockmask_tiles_visited_pct": "share of (head, 128-query tile, 128-key tile) triples Flex computes",
+    "flex_kernel": "(padded Flex rows) the kernel Flex's CUDA lowering chose when it compiled the call: decoding | "
+                   "main (its debug log in torch/_inductor/kernel/flex/flex_decoding.py) | not observed; off CUDA "
+                   "'<device> lowering' (one kernel for all query lengths)",
+    "flex_decoding_rule": "(padded Flex rows) what torch 2.13's _use_flex_decoding rule picks for the call's shapes",
     "first_call_s": "wall time of the first call (includes torch.compile for compiled peers)",
     "check": "reference | ok | MISMATCH (rel_err above the dtype's tolerance, or NaN) | NON-FINITE (would-be "
              "reference with NaN/inf on visible rows)",
@@ -1011,15 +1188,16 @@ def table(payload) -> str:
             rows.append([f"[{group}]"] + [""] * (len(headers) - 1))
         note = r["reason"]
         if "blockmask_build_ms" in r:
-            note = (f"+ BlockMask {r['blockmask_build_ms']:.3g} ms/build; compile {r['blockmask_compile_s']:.1f} s "
-                    f"+ {r['first_call_s']:.1f} s")
+            kernel = f"kernel: {r['flex_kernel']}; " if "flex_kernel" in r else ""
+            note = (f"+ BlockMask {r['blockmask_build_ms']:.3g} ms/build; {kernel}compile "
+                    f"{r['blockmask_compile_s']:.1f} s + {r['first_call_s']:.1f} s")
         speedup = r.get("dmattn_speedup")
         rows.append([f"  {r['peer']}", r["status"], bc.fmt(r.get("ms_median"), ".4g"),
                      bc.fmt(r.get("tflops_unmasked"), ".3g"), bc.fmt(r.get("tflops_dense"), ".3g")]
                     + ([bc.fmt(r.get("kv_tbps_all"), ".3g")] if decode else [])
                     + [_mib(r.get("peak_extra_bytes")), _mib(r.get("mask_bytes")),
                        bc.fmt(r.get("max_abs_diff"), ".2e"), bc.fmt(r.get("rel_err"), ".2e"), r.get("check", "-"),
-                       "-" if speedup is None else f"{speedup:.2f}x", note[:70]])
+                       "-" if speedup is None else f"{speedup:.2f}x", note[:80]])
     return bc.format_table(headers, rows)
 
 
