@@ -3,6 +3,7 @@ shared between them and its own .trees/<name>.env, a tree whose build fails is l
 and passed their tests are listed for tree_compare (trees_ok). Its `tree_sanitize` stage: each tree's own selection.
 Its `pack` stage: every comparison lands in bench.tgz too."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -269,3 +270,55 @@ def test_gpu_env_sets_the_system_compiler_and_this_checkout_once(tmp_path):
     kept = subprocess.run(["bash", "-c", show], cwd=tmp_path, env=dict(env, DMATTN_KEEP_CC="1", CXX="/opt/cxx"),
                           capture_output=True, text=True)
     assert "CXX=/opt/cxx" in kept.stdout
+
+
+# A stand-in benchmark tool (tools/bench_gpu.py / bench_backward.py): records in its --out folder which build it ran
+# (the first PYTHONPATH entry), its workload and the switch it ran under.
+BENCH = """import argparse, json, os, sys, time
+time.sleep(float(os.environ.get("BENCH_SLEEP", "0")))
+ap = argparse.ArgumentParser()
+ap.add_argument("--workload", default="backward")
+ap.add_argument("--out")
+args, _ = ap.parse_known_args()
+os.makedirs(args.out, exist_ok=True)
+with open(os.path.join(args.out, args.workload + ".ran"), "w") as f:
+    json.dump(dict(build=os.environ["PYTHONPATH"].split(os.pathsep)[0],
+                   switch=os.environ.get("DMATTN_SWITCH", "unset")), f)
+"""
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")
+def test_a_switch_tree_runs_another_trees_build_under_its_own_env_and_workloads(tmp_path):
+    """tree_compare of a switch tree (.trees/sw.of naming the built tree `all`): sw's benchmarks run all's build, with
+    sw's .env set (the switch) and on sw's own workloads (.trees/sw.workloads); `all` itself runs TREE_WORKLOADS with
+    the switch unset."""
+    _checkout(tmp_path)
+    for tool in ("bench_gpu.py", "bench_backward.py"):
+        (tmp_path / "tools" / tool).write_text(BENCH)
+    (tmp_path / "tools" / "compare_builds.py").write_text("")
+    os.makedirs(tmp_path / ".trees" / "all")
+    (tmp_path / ".trees" / "sw.of").write_text("all\n")
+    (tmp_path / ".trees" / "sw.env").write_text("DMATTN_SWITCH=on\n")
+    (tmp_path / ".trees" / "sw.workloads").write_text("decode backward\n")
+    env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), DMATTN_KEEP_CC="1",
+               TREES_TO_COMPARE="all sw", TREE_BASE="all", TREE_WORKLOADS="dense decode", TREE_ROUNDS="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env.pop("DMATTN_SWITCH", None)
+    done = subprocess.run(["bash", "tools/run_gpu.sh", "tree_compare"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    bench = "/tmp/dmattn_tree_compare"
+    ran = {(name, w): json.load(open(os.path.join(bench, name, "1", f"{w}.ran")))
+           for name in ("all", "sw") for w in os.listdir(os.path.join(bench, name, "1"))
+           for w in [w.removesuffix(".ran")]}
+    build = str(tmp_path / ".trees" / "all")
+    assert ran == {("all", "dense"): dict(build=build, switch="unset"),
+                   ("all", "decode"): dict(build=build, switch="unset"),
+                   ("sw", "decode"): dict(build=build, switch="on"),
+                   ("sw", "backward"): dict(build=build, switch="on")}
+    # A DEADLINE passed during the first run: the rounds stop before the second, and the stage still ends in order.
+    done = subprocess.run(["bash", "tools/run_gpu.sh", "tree_compare"], cwd=tmp_path,
+                          env=dict(env, DEADLINE="1", BENCH_SLEEP="2"), capture_output=True, text=True, timeout=120)
+    assert "bench_all_1_decode: skipped, the DEADLINE of 1 s has passed" in done.stdout, done.stdout + done.stderr
+    assert os.listdir(os.path.join(bench, "all", "1")) == ["dense.ran"]
+    assert not os.path.exists(os.path.join(bench, "sw"))

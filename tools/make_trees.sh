@@ -7,13 +7,20 @@
 # file name in docs/pending/ (with or without .patch); a bare NAME is HEAD alone. .trees is emptied first; a patch
 # that does not apply stops the script. Write each tree's pytest arguments to .trees/NAME.tests (tools/run_gpu.sh);
 # tools/check_trees.sh then runs the checks that need no GPU on each tree (compile, registers, host-compiled headers).
+# NAME@TREE makes a switch tree (tools/run_gpu.sh): TREE's build benchmarked under .trees/NAME.env (a run-time switch)
+# on .trees/NAME.workloads, both written after this script; nothing is built for it.
 # Carry .trees only in the call that builds them: a later call that carries it again replaces the built trees there.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-[ $# -ge 1 ] || { sed -n '2,9p' "${BASH_SOURCE[0]}"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,11p' "${BASH_SOURCE[0]}"; exit 2; }
 rm -rf .trees
 mkdir -p .trees
 for spec in "$@"; do
+  if [[ $spec == *@* && $spec != *=* ]]; then
+    echo "${spec#*@}" > ".trees/${spec%@*}.of"
+    echo "make_trees: .trees/${spec%@*} = the build of .trees/${spec#*@} (a switch tree)"
+    continue
+  fi
   name=${spec%%=*}
   dir=.trees/$name
   mkdir -p "$dir"

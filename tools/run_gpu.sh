@@ -60,6 +60,8 @@
 # $OUT/trees_<name>_vs_<base>.json / .png:
 #   echo "tests/test_sm90a.py tests/test_varlen_fwd.py -k cuda" > .trees/my-branch.tests
 #   TREE_BASE=main TREE_WORKLOADS="dense window" bash tools/run_gpu.sh wheels trees tree_compare summary
+# A switch tree measures a built tree's run-time switches side by side (tree_dir below): .trees/NAME.of names the
+# built tree, .trees/NAME.env the switch, .trees/NAME.workloads where it acts (tools/make_trees.sh NAME@TREE).
 # `tree_bench` runs bench_gpu.py with BENCH_ARGS (peers included) inside each tree of TREES_TO_CHECK, its build on
 # PYTHONPATH, results in $OUT/<name>/ (a later call on a warm machine: the peers of a landed tree, say).
 # TREE_DEFER_TESTS names trees the trees stage builds but does not test (a call too short for every tree's tests:
@@ -67,7 +69,7 @@
 # `tree_test` and `tree_sanitize` then run more pytest arguments (TREE_MORE_TESTS) or the sanitize stage
 # (SANITIZE_FILES / SANITIZE_TESTS) inside each tree that passed but TREE_BASE (or those of TREES_TO_CHECK); `pack`
 # tars $LOGDIR and the compares' per-round JSON into $OUT/logs.tgz and bench.tgz; DEADLINE (seconds) skips the
-# benchmarking stages that would start after it. One call for pending patches, say:
+# benchmarking stages (and the compare rounds' runs) that would start after it. One call for pending patches, say:
 #   tools/make_trees.sh main new=some_patch   # here, then carry .whl .trees
 #   LOGDIR=/tmp/l DMATTN_CUDA_ARCHS=90 TREE_BASE=main TREE_MORE_TESTS="tests/test_sm90a.py" \
 #     SANITIZE_FILES=tests/test_staged_operands.py SANITIZE_TESTS="cuda and lying" TREE_WORKLOADS="prefill window" \
@@ -120,10 +122,25 @@ build_tree() {
 
 # in_tree NAME STAGE LIMIT COMMAND...: COMMAND run inside .trees/NAME, with that tree's build first on PYTHONPATH (a
 # tree has no installed package) and its .env, as stage STAGE under `timeout LIMIT`; 1 if the tree is missing.
+# tree_dir NAME: the folder of tree NAME: .trees/NAME, or for a switch tree (a file .trees/NAME.of holding the name
+# of a built tree) that tree's folder. A switch tree is another build's kernels run under NAME's own .env (a
+# DMATTN_* variable that picks a path at run time, say), so one build measures its switches side by side in
+# tree_compare, each on its own workloads (.trees/NAME.workloads, else TREE_WORKLOADS); the trees stage builds
+# nothing for it.
+tree_dir() {
+  local of
+  if [ -f ".trees/$1.of" ]; then
+    read -r of < ".trees/$1.of"
+    echo "$PWD/.trees/$of"
+  else
+    echo "$PWD/.trees/$1"
+  fi
+}
+
 in_tree() {
   local name=$1 stage_name=$2 limit=$3 abs
   shift 3
-  abs=$(cd ".trees/$name" && pwd) || return 1
+  abs=$(cd "$(tree_dir "$name")" && pwd) || return 1
   (tree_env "$name" && cd "$abs" && PYTHONPATH=$abs:/tmp/site stage "$stage_name" timeout "$limit" "$@")
 }
 
@@ -174,13 +191,21 @@ bench_rounds() {
     ((round % 2 == 0)) && this=("${reversed[@]}")
     for pair in "${this[@]}"; do
       name=${pair%%=*}
-      for w in $workloads; do
+      local ws=$workloads
+      # a tree's own workloads (.trees/NAME.workloads: a switch tree measured where its switch acts)
+      [ -f ".trees/$name.workloads" ] && ws=$(tree_args "$name" workloads)
+      for w in $ws; do
+        # DEADLINE stops the rounds between two runs too (a round cut short still leaves the runs before it)
+        if [ -n "${DEADLINE:-}" ] && [ "$SECONDS" -ge "$DEADLINE" ]; then
+          echo "=== bench_${name}_${round}_$w: skipped, the DEADLINE of $DEADLINE s has passed (t = $SECONDS s)"
+          return 0
+        fi
         # The workload "backward" is tools/bench_backward.py (our rows alone), the others bench_gpu.py's.
         local -a tool=(tools/bench_gpu.py --workload "$w")
         [ "$w" = backward ] && tool=(tools/bench_backward.py)
         # shellcheck disable=SC2086
-        PYTHONPATH=${pair#*=}:/tmp/site stage "bench_${name}_${round}_$w" timeout "$limit" python3 "${tool[@]}" \
-          --only dmattn --quick ${BENCH_EXTRA:-} --out "$dest/$name/$round" || true
+        (tree_env "$name" && PYTHONPATH=${pair#*=}:/tmp/site stage "bench_${name}_${round}_$w" timeout "$limit" \
+          python3 "${tool[@]}" --only dmattn --quick ${BENCH_EXTRA:-} --out "$dest/$name/$round") || true
       done
     done
   done
@@ -319,7 +344,7 @@ for s in $STAGES; do
       base=${TREE_BASE:-${ok[0]}}
       bench=/tmp/dmattn_tree_compare
       builds=()
-      for name in "${ok[@]}"; do builds+=("$name=$PWD/.trees/$name"); done
+      for name in "${ok[@]}"; do builds+=("$name=$(tree_dir "$name")"); done
       bench_rounds "$bench" "${TREE_ROUNDS:-2}" "${TREE_WORKLOADS:-dense}" 300 \
         "${builds[@]}"
       for name in "${ok[@]}"; do
