@@ -1,8 +1,9 @@
 """tools/bench_gpu.py's target verdicts on made-up result rows (no device, no timing): issue 11's operand-bandwidth
 target reads a query-side row's mask + bias bytes per second of its call against the copy bandwidth measured in the
 same run, and judges the prefill workload's row only (a decode call reads its K / V too); issue 10's 10x FlexAttention
-target reads Flex's best set-up (padded, one mask for all heads, its decoding kernel) against dmattn_ops on that same
-mask, in that row's own group, and how the padded Flex rows learn which kernel Flex chose."""
+target reads Flex's best set-up (padded, one mask for all heads, its decoding kernel; or a KV head's query heads
+folded into the query length, with either mask) against dmattn_ops on that same mask, in that row's own group, and
+how the padded Flex rows learn which kernel Flex chose."""
 
 import pytest
 import torch
@@ -47,8 +48,10 @@ def _decode_rows():
     main, shared = "key-side mask 25% + bias", bench_gpu.SHARED_DECODE_GROUP
     rows = [(main, "dmattn_ops", "dmattn", 0.1), (main, "flex compiled, packed", "flex", 7.0),
             (main, "flex compiled, padded, per-KV-head mask", "flex", 4.2),
+            (main, "flex compiled, padded, folded query heads, per-KV-head mask", "flex", 0.9),
             (shared, "dmattn_ops", "dmattn", 0.2),
-            (shared, "flex compiled, padded, head-shared mask (its best set-up)", "flex", 1.25)]
+            (shared, "flex compiled, padded, head-shared mask (its best set-up)", "flex", 1.25),
+            (shared, "flex compiled, padded, folded query heads, head-shared mask", "flex", 3.0)]
     rows = [{"group": g, "peer": p, "family": f, "status": "ok", "ms_median": ms, "check": "ok"}
             for g, p, f, ms in rows]
     bench_gpu.add_speedups(rows)
@@ -58,9 +61,11 @@ def _decode_rows():
 def test_flex_best_set_up_is_judged_against_dmattn_on_the_same_head_shared_mask():
     verdicts = {t["target"]: t["verdict"] for t in bench_gpu.check_targets("decode", _decode_rows())}
     flex = {k: v for k, v in verdicts.items() if "flex" in k}
-    assert flex == {  # each row against the group's own dmattn_ops row: 1.25 / 0.2, 4.2 / 0.1, 7.0 / 0.1
+    assert flex == {  # each row against the group's own dmattn_ops row: 1.25 / 0.2, 4.2 / 0.1, 0.9 / 0.1, ...
         "dmattn_ops >= 10x flex compiled, padded, head-shared [key-side mask]": "MISSED (6.25x)",
         "dmattn_ops >= 10x flex compiled, padded, per-KV-head [key-side mask]": "met (42.00x)",
+        "dmattn_ops >= 10x flex compiled, padded, folded query heads, per-KV-head [key-side mask]": "MISSED (9.00x)",
+        "dmattn_ops >= 10x flex compiled, padded, folded query heads, head-shared [key-side mask]": "met (15.00x)",
         "dmattn_ops >= 10x flex compiled, packed [key-side mask]": "met (70.00x)"}
     assert bench_gpu.SHARED_DECODE_GROUP.startswith("key-side mask")  # the targets' group prefix finds it
 
@@ -78,6 +83,9 @@ def test_flex_decoding_rule_needs_one_blockmask_head_with_gqa():
     assert bench_gpu._flex_kernel_rule(128, 32, 8, 1).startswith("main")  # not a short query
     assert bench_gpu._flex_kernel_rule(8, 24, 8, 1).startswith("main")  # H / Hk = 3
     assert bench_gpu._flex_kernel_rule(8, 32, 32, 32).startswith("decoding")  # MHA: 1 or H heads
+    # a KV head's 4 query heads folded into the rows: 8 heads of 4 x 8 = 32 rows, no GQA, a BlockMask of Hk heads
+    assert bench_gpu._flex_kernel_rule(4 * 8, 8, 8, 8).startswith("decoding")
+    assert bench_gpu._flex_kernel_rule(4 * 32, 8, 8, 8).startswith("main")  # 128 folded rows
 
 
 @pytest.mark.parametrize("decided, kernel", [(True, "decoding"), (False, "main"), (None, "not observed")])

@@ -383,17 +383,25 @@ def flex_peer(p: PackedBatch):
     return Peer("flex compiled, packed", prepare, "flex")
 
 
-def flex_padded_peer(p: PackedBatch):
+def flex_padded_peer(p: PackedBatch, fold_heads: bool = False):
     """FlexAttention, compiled, on zero-padded (B, H, Lq, D) queries and (B, Hk, Lk, D) keys / values (GQA through
     enable_gqa: K / V are not expanded): a mask_mod that reads the padded key-side mask (B, Hm, Lk) (False past each
     sequence's keys, so padding is masked and whole padding tiles skipped) and a score_mod that adds the padded
     key-side bias. A mask shared by all heads (Hm = 1) makes a BlockMask of one head (H=None), the set-up in which
     Flex runs its decoding kernel on few queries with GQA (see _flex_kernel_rule); a mask per KV head needs one of
-    all H query heads (each reads column h // (H / Hm)), which with GQA takes Flex's main kernel."""
+    all H query heads (each reads column h // (H / Hm)), which with GQA takes Flex's main kernel.
+
+    fold_heads: the G = H / Hk query heads of a KV head become G x Lq rows of one head, (B, Hk, G Lq, D), as our
+    decode kernel packs them: no GQA left, so a mask per KV head is a BlockMask of Hk heads and a query length
+    G Lq < 128 still takes the decoding kernel (query head h = h_k G + g reads row g Lq + i of head h_k)."""
     H, Hk, Hm = p.heads, p.heads_k, p.mask_heads
     shared = Hm == 1
-    name = ("flex compiled, padded, head-shared mask (its best set-up)" if shared else
-            f"flex compiled, padded, per-{'KV-' if Hm == Hk else ''}head mask")
+    if fold_heads:
+        name = (f"flex compiled, padded, folded query heads, "
+                f"{'head-shared' if shared else 'per-KV-head' if Hm == Hk else 'per-head'} mask")
+    else:
+        name = ("flex compiled, padded, head-shared mask (its best set-up)" if shared else
+                f"flex compiled, padded, per-{'KV-' if Hm == Hk else ''}head mask")
 
     def prepare():
         from torch.nn.attention.flex_attention import flex_attention
@@ -415,26 +423,45 @@ def flex_padded_peer(p: PackedBatch):
         keep = keep.permute(0, 2, 1).contiguous()  # (B, Hm, Lk): padding False, i.e. keys past a sequence's end
         bias = pk.pad(p.bias).permute(0, 2, 1).contiguous() if p.bias is not None else None  # (B, Hm, Lk)
 
+        group = H // Hk
+        if fold_heads:
+            # (B, H, Lq, D) -> (B, Hk, G Lq, D): a KV head's G query heads one after another along the rows
+            qp = qp.view(B, Hk, group * lq_pad, -1)
+            q_rows, heads, block_heads = group * lq_pad, Hk, 1 if shared else Hk
+
+            def row_of(h, q_idx):  # the mask / bias row of folded head h (a KV head), query row q_idx
+                return (h * group + q_idx // lq_pad) // head_div
+        else:
+            q_rows, heads, block_heads = lq_pad, H, 1 if shared else H
+
+            def row_of(h, q_idx):
+                return h // head_div
+
         def mask_mod(b, h, q_idx, kv_idx):
-            return keep[b, h // head_div, kv_idx]
+            return keep[b, row_of(h, q_idx), kv_idx]
 
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score + bias[b, h // head_div, kv_idx].to(score.dtype)
+            return score + bias[b, row_of(h, q_idx), kv_idx].to(score.dtype)
 
-        block_mask, bm_extras = _timed_block_mask(mask_mod, B, None if shared else H, lq_pad, lk_pad, dev)
+        block_mask, bm_extras = _timed_block_mask(mask_mod, B, None if shared else heads, q_rows, lk_pad, dev)
         flex = torch.compile(flex_attention, dynamic=False)
-        gqa = H != Hk
+        gqa = heads != Hk
 
         def run():
             return flex(qp, kp, vp, score_mod=score_mod if bias is not None else None, block_mask=block_mask,
                         enable_gqa=gqa)
 
-        extras = {"layout": f"padded (B, H, {lq_pad}, D) / (B, Hk, {lk_pad}, D), K/V not expanded (enable_gqa)",
+        if fold_heads:
+            layout = (f"padded, the {group} query heads of a KV head folded into the rows: (B, Hk, {q_rows}, D) / "
+                      f"(B, Hk, {lk_pad}, D), no GQA left")
+        else:
+            layout = f"padded (B, H, {lq_pad}, D) / (B, Hk, {lk_pad}, D), K/V not expanded (enable_gqa)"
+        extras = {"layout": layout,
                   "mask": (f"one (B, 1, {lk_pad}) mask + bias shared by all {H} heads: a weaker mask than one per "
                            "KV head (dmattn_ops runs the same Hm = 1 mask in this group)" if shared else
                            f"(B, {Hm}, {lk_pad}) mask + bias, query head h reads row h // {head_div}; BlockMask "
-                           f"of {H} heads"),
-                  "flex_decoding_rule": _flex_kernel_rule(lq_pad, H, Hk, 1 if shared else H),
+                           f"of {block_heads} heads"),
+                  "flex_decoding_rule": _flex_kernel_rule(q_rows, heads, Hk, block_heads),
                   "padded_input_bytes": bc.tensor_bytes(qp, kp, vp), **bm_extras}
 
         def first_run():  # measure's first call compiles: its lowering says which kernel Flex chose
@@ -444,7 +471,10 @@ def flex_padded_peer(p: PackedBatch):
             prepared.run = run
             return out
 
-        prepared = Prepared(first_run, to_packed=lambda out: pq.unpad(out.transpose(1, 2)),  # -> (total_q, H, D)
+        def to_packed(out):  # -> (total_q, H, D)
+            return pq.unpad(out.reshape(B, H, lq_pad, -1).transpose(1, 2))
+
+        prepared = Prepared(first_run, to_packed=to_packed,
                             mask_bytes=bc.tensor_bytes(keep, bias) + bm_extras["blockmask_bytes"], extras=extras)
         return prepared
     return Peer(name, prepare, "flex")
@@ -955,14 +985,16 @@ def groups_of(name: str, base: PackedBatch):
         masked, plain = base, base.replace(mask=None, bias=None)
         groups = [("key-side mask 25% + bias", masked,
                    [dmattn_peer(masked), dmattn_graph_peer(masked), sdpa_peer(masked, "materialized"),
-                    sdpa_peer(masked, "expanded"), flex_peer(masked), flex_padded_peer(masked)]),
+                    sdpa_peer(masked, "expanded"), flex_peer(masked), flex_padded_peer(masked),
+                    flex_padded_peer(masked, fold_heads=True)]),
                   ("no mask (dense reference)", plain,
                    [dmattn_peer(plain), dmattn_graph_peer(plain), varlen_peer(plain)]),
                   query_side_group("the same mask + bias expanded query-side", masked)]
         if masked.mask_heads != 1:  # Flex's best set-up runs one mask for all heads: ours beside it on that mask
             shared = head_shared(masked, DECODE_KEEP)
             groups.insert(1, (SHARED_DECODE_GROUP, shared,
-                              [dmattn_peer(shared), dmattn_graph_peer(shared), flex_padded_peer(shared)]))
+                              [dmattn_peer(shared), dmattn_graph_peer(shared), flex_padded_peer(shared),
+                               flex_padded_peer(shared, fold_heads=True)]))
         return groups
     if name == "dense":
         out = []
@@ -1048,6 +1080,10 @@ TARGETS = [
     # beside dmattn_ops on that same mask); the same ratio reported against its set-ups on our per-KV-head mask
     ("decode", "key-side mask", "flex compiled, padded, head-shared", 10.0),
     ("decode", "key-side mask", "flex compiled, padded, per-KV-head", 10.0),
+    # the same with a KV head's query heads folded into the query length (no GQA, a BlockMask of Hk heads; the
+    # decoding kernel while G x Lq < 128): Flex's strongest set-up on our per-KV-head mask
+    ("decode", "key-side mask", "flex compiled, padded, folded query heads, per-KV-head", 10.0),
+    ("decode", "key-side mask", "flex compiled, padded, folded query heads, head-shared", 10.0),
     ("decode", "key-side mask", "flex compiled, packed", 10.0),
     ("decode", "no mask", "torch varlen_attn", 5.0),
     # issue 11: the query-side expansion within 1.5x of the key-side time: key-side / query-side >= 1 / 1.5
