@@ -312,6 +312,10 @@ def test_a_switch_tree_runs_another_trees_build_under_its_own_env_and_workloads(
            for name in ("all", "sw") for w in os.listdir(os.path.join(bench, name, "1"))
            for w in [w.removesuffix(".ran")]}
     build = str(tmp_path / ".trees" / "all")
+    # workload by workload: dense (all), then decode (all, sw), then backward (sw alone)
+    runs = [line.split()[1].rstrip(":") for line in done.stdout.splitlines() if line.startswith("=== bench_")
+            and ": exit" not in line]
+    assert runs == ["bench_all_1_dense", "bench_all_1_decode", "bench_sw_1_decode", "bench_sw_1_backward"]
     assert ran == {("all", "dense"): dict(build=build, switch="unset"),
                    ("all", "decode"): dict(build=build, switch="unset"),
                    ("sw", "decode"): dict(build=build, switch="on"),

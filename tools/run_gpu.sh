@@ -184,17 +184,27 @@ bench_rounds() {
   rm -rf "$dest"
   local -a order=("$@") reversed=()
   for ((i = $# - 1; i >= 0; i--)); do reversed+=("${order[i]}"); done
+  # Each build's workloads: a tree's own (.trees/NAME.workloads: a switch tree measured where its switch acts), else
+  # the given ones; all of them in the given order, then those only a tree names.
+  local -A ws_of=()
+  local all_ws=" $workloads "
+  for pair in "${order[@]}"; do
+    name=${pair%%=*}
+    ws_of[$name]=" $workloads "
+    [ -f ".trees/$name.workloads" ] && ws_of[$name]=" $(tree_args "$name" workloads) "
+    for w in ${ws_of[$name]}; do [[ $all_ws == *" $w "* ]] || all_ws+="$w "; done
+  done
   for round in $(seq "$rounds"); do
     # Even rounds run the builds in reverse, so that every build's mean place in the order is the same: a drift over
     # the call (run BV: every tree ~1.5% slower than main, which always ran first) then moves no ratio.
     local -a this=("${order[@]}")
     ((round % 2 == 0)) && this=("${reversed[@]}")
-    for pair in "${this[@]}"; do
-      name=${pair%%=*}
-      local ws=$workloads
-      # a tree's own workloads (.trees/NAME.workloads: a switch tree measured where its switch acts)
-      [ -f ".trees/$name.workloads" ] && ws=$(tree_args "$name" workloads)
-      for w in $ws; do
+    # Workload by workload, every build in turn: a workload's builds run minutes apart at most, and a DEADLINE that
+    # cuts a round leaves whole workloads measured on every build.
+    for w in $all_ws; do
+      for pair in "${this[@]}"; do
+        name=${pair%%=*}
+        [[ ${ws_of[$name]} == *" $w "* ]] || continue
         # DEADLINE stops the rounds between two runs too (a round cut short still leaves the runs before it)
         if [ -n "${DEADLINE:-}" ] && [ "$SECONDS" -ge "$DEADLINE" ]; then
           echo "=== bench_${name}_${round}_$w: skipped, the DEADLINE of $DEADLINE s has passed (t = $SECONDS s)"
