@@ -126,8 +126,12 @@ def test_tree_sanitize_stage_takes_each_trees_own_selection(tmp_path):
     (bin_dir / "compute-sanitizer").write_text(SANITIZER)
     os.chmod(bin_dir / "compute-sanitizer", 0o755)
     (tmp_path / ".trees" / "a.sanitize").write_text("tests/test_smoke.py -k 'smoke and not nothing'\n")
+    # tree d: two selections, each a run of its own (a comment and a blank line skipped)
+    shutil.copytree(tmp_path / ".trees" / "c", tmp_path / ".trees" / "d")
+    (tmp_path / ".trees" / "d.sanitize_each").write_text(
+        "# two picks\ntests/test_smoke.py -k 'smoke'\n\ntests/test_smoke.py -k 'smoke or nothing'\n")
     env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), DMATTN_KEEP_CC="1",
-               TREES_TO_CHECK="a c", SANITIZE_FILES="tests/test_smoke.py", SANITIZE_TESTS="smoke",
+               TREES_TO_CHECK="a c d", SANITIZE_FILES="tests/test_smoke.py", SANITIZE_TESTS="smoke",
                PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     done = subprocess.run(["bash", "tools/run_gpu.sh", "tree_sanitize"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
@@ -138,6 +142,11 @@ def test_tree_sanitize_stage_takes_each_trees_own_selection(tmp_path):
                     "c": f"{common} tests/test_smoke.py -k smoke"}
     for name in ("a", "c"):
         assert "1 passed" in (tmp_path / "logs" / f"sanitize_{name}.log").read_text()
+    for i, pick in ((1, "smoke"), (2, "smoke or nothing")):
+        started = next(line for line in done.stdout.splitlines() if line.startswith(f"=== sanitize_d_{i}: "))
+        assert started.endswith(f"{common} tests/test_smoke.py -k '{pick}'"), started
+        assert "1 passed" in (tmp_path / "logs" / f"sanitize_d_{i}.log").read_text()
+    assert not (tmp_path / "logs" / "sanitize_d_3.log").exists()
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")

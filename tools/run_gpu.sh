@@ -60,6 +60,9 @@
 # $OUT/trees_<name>_vs_<base>.json / .png:
 #   echo "tests/test_sm90a.py tests/test_varlen_fwd.py -k cuda" > .trees/my-branch.tests
 #   TREE_BASE=main TREE_WORKLOADS="dense window" bash tools/run_gpu.sh wheels trees tree_compare summary
+# .trees/NAME.sanitize_each: tree_sanitize runs each line (pytest arguments) as a run of its own. tree_sanitize
+# may run beside tree_test (`tools/run_gpu.sh tree_sanitize & tools/run_gpu.sh tree_test; wait`): memcheck's
+# runs are slow and mostly on the host, the tests' shards mostly on the GPU.
 # A switch tree measures a built tree's run-time switches side by side (tree_dir below): .trees/NAME.of names the
 # built tree, .trees/NAME.env the switch, .trees/NAME.workloads where it acts (tools/make_trees.sh NAME@TREE).
 # `tree_bench` runs bench_gpu.py with BENCH_ARGS (peers included) inside each tree of TREES_TO_CHECK, its build on
@@ -391,7 +394,17 @@ for s in $STAGES; do
       mapfile -t ok < <(cat "$LOGDIR/trees_ok" 2>/dev/null)
       for name in ${TREES_TO_CHECK:-${ok[@]}}; do
         [ -z "${TREES_TO_CHECK:-}" ] && [ "$name" = "${TREE_BASE:-}" ] && continue
-        if [ "$s" = tree_sanitize ] && [ -f ".trees/$name.sanitize" ]; then
+        if [ "$s" = tree_sanitize ] && [ -f ".trees/$name.sanitize_each" ]; then
+          # one selection per line (pytest arguments, shell-quoted), each its own run under SANITIZE_EACH_LIMIT
+          # (default 120 s): several patches' picks from several test files, none of which starves the others
+          i=0
+          while IFS= read -r line || [ -n "$line" ]; do
+            [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
+            i=$((i + 1))
+            in_tree "$name" "sanitize_${name}_$i" "${SANITIZE_EACH_LIMIT:-120}" bash -c "$SANITIZED_PYTEST $line" \
+              || status=1
+          done < ".trees/$name.sanitize_each"
+        elif [ "$s" = tree_sanitize ] && [ -f ".trees/$name.sanitize" ]; then
           # that tree's own selection: pytest arguments, shell-quoted like .trees/<name>.tests
           in_tree "$name" "sanitize_$name" "${TREE_TIMEOUT:-300}" bash -c \
             "$SANITIZED_PYTEST $(tree_args "$name" sanitize)" || status=1
