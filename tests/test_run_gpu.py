@@ -3,6 +3,7 @@ shared between them and its own .trees/<name>.env, a tree whose build fails is l
 and passed their tests are listed for tree_compare (trees_ok). Its `tree_sanitize` stage: each tree's own selection.
 Its `pack` stage: every comparison lands in bench.tgz too."""
 
+import glob
 import json
 import os
 import shutil
@@ -317,9 +318,11 @@ def test_a_switch_tree_runs_another_trees_build_under_its_own_env_and_workloads(
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     bench = "/tmp/dmattn_tree_compare"
-    ran = {(name, w): json.load(open(os.path.join(bench, name, "1", f"{w}.ran")))
-           for name in ("all", "sw") for w in os.listdir(os.path.join(bench, name, "1"))
-           for w in [w.removesuffix(".ran")]}
+    ran = {}
+    for name in ("all", "sw"):
+        for path in glob.glob(os.path.join(bench, name, "1", "*.ran")):
+            with open(path) as f:
+                ran[name, os.path.basename(path).removesuffix(".ran")] = json.load(f)
     build = str(tmp_path / ".trees" / "all")
     # workload by workload: dense (all), then decode (all, sw), then backward (sw alone)
     runs = [line.split()[1].rstrip(":") for line in done.stdout.splitlines() if line.startswith("=== bench_")

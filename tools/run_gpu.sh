@@ -63,8 +63,9 @@
 # .trees/NAME.sanitize_each: tree_sanitize runs each line (pytest arguments) as a run of its own. tree_sanitize
 # may run beside tree_test (`tools/run_gpu.sh tree_sanitize & tools/run_gpu.sh tree_test; wait`): memcheck's
 # runs are slow and mostly on the host, the tests' shards mostly on the GPU.
-# A switch tree measures a built tree's run-time switches side by side (tree_dir below): .trees/NAME.of names the
-# built tree, .trees/NAME.env the switch, .trees/NAME.workloads where it acts (tools/make_trees.sh NAME@TREE).
+# A switch tree measures a built tree's run-time switches side by side: .trees/NAME.of names the built tree,
+# .trees/NAME.env the switch (a DMATTN_* variable that picks a path at run time), .trees/NAME.workloads where it acts
+# (else TREE_WORKLOADS); the trees stage builds nothing for it (tools/make_trees.sh NAME@TREE).
 # `tree_bench` runs bench_gpu.py with BENCH_ARGS (peers included) inside each tree of TREES_TO_CHECK, its build on
 # PYTHONPATH, results in $OUT/<name>/ (a later call on a warm machine: the peers of a landed tree, say).
 # TREE_DEFER_TESTS names trees the trees stage builds but does not test (a call too short for every tree's tests:
@@ -123,13 +124,8 @@ build_tree() {
     python3 setup.py build_ext --inplace)
 }
 
-# in_tree NAME STAGE LIMIT COMMAND...: COMMAND run inside .trees/NAME, with that tree's build first on PYTHONPATH (a
-# tree has no installed package) and its .env, as stage STAGE under `timeout LIMIT`; 1 if the tree is missing.
-# tree_dir NAME: the folder of tree NAME: .trees/NAME, or for a switch tree (a file .trees/NAME.of holding the name
-# of a built tree) that tree's folder. A switch tree is another build's kernels run under NAME's own .env (a
-# DMATTN_* variable that picks a path at run time, say), so one build measures its switches side by side in
-# tree_compare, each on its own workloads (.trees/NAME.workloads, else TREE_WORKLOADS); the trees stage builds
-# nothing for it.
+# tree_dir NAME: the folder of tree NAME: .trees/NAME, or for a switch tree (.trees/NAME.of, see the header) the
+# folder of the built tree it names.
 tree_dir() {
   local of
   if [ -f ".trees/$1.of" ]; then
@@ -140,6 +136,9 @@ tree_dir() {
   fi
 }
 
+# in_tree NAME STAGE LIMIT COMMAND...: COMMAND run inside tree NAME's folder (tree_dir), with that folder's build
+# first on PYTHONPATH (a tree has no installed package) and NAME's .env, as stage STAGE under `timeout LIMIT`; 1 if
+# the tree is missing.
 in_tree() {
   local name=$1 stage_name=$2 limit=$3 abs
   shift 3
