@@ -31,15 +31,35 @@ constexpr int kElements = 1000;
 // The createpolicy encoding of evict-last that CUTLASS names TMA::CacheHintSm90::EVICT_LAST.
 constexpr uint64_t kEvictLast = 0x14F0000000000000ull;
 
-__global__ void copy_box(const __grid_constant__ CUtensorMap map, int start, bool hint, float* out) {
+// One box of kBox floats into shared memory by issue(rows, &full) (thread 0: a TMA on the barrier `full`, which
+// expects the box's bytes), then written to out.
+template <typename Issue>
+__device__ void load_box(Issue issue, float* out) {
   __shared__ alignas(128) float rows[kBox];
   __shared__ alignas(8) uint64_t full;
   const uint32_t bar = static_cast<uint32_t>(__cvta_generic_to_shared(&full));
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(rows));
   if (threadIdx.x == 0) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar));
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(kBox * 4) : "memory");
+    issue(rows, &full);
+    uint32_t done = 0;
+    while (!done) {
+      asm volatile(
+          "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+          : "=r"(done)
+          : "r"(bar)
+          : "memory");
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < kBox) out[threadIdx.x] = rows[threadIdx.x];
+}
+
+__global__ void copy_box(const __grid_constant__ CUtensorMap map, int start, bool hint, float* out) {
+  load_box([&](float* rows, uint64_t* full) {
+    const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(rows));
+    const uint32_t bar = static_cast<uint32_t>(__cvta_generic_to_shared(full));
     if (hint) {
       asm volatile(
           "cp.async.bulk.tensor.1d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
@@ -53,17 +73,7 @@ __global__ void copy_box(const __grid_constant__ CUtensorMap map, int start, boo
           "l"(&map), "r"(start), "r"(bar)
           : "memory");
     }
-    uint32_t done = 0;
-    while (!done) {
-      asm volatile(
-          "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-          : "=r"(done)
-          : "r"(bar)
-          : "memory");
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x < kBox) out[threadIdx.x] = rows[threadIdx.x];
+  }, out);
 }
 
 #if PROBE_WITH_CUTE
@@ -76,25 +86,9 @@ auto make_cute_map(const float* src, int elements) {
 using CuteMap = decltype(make_cute_map(nullptr, 0));
 
 __global__ void copy_box_cute(const __grid_constant__ CuteMap map, int start, float* out) {
-  __shared__ alignas(128) float rows[kBox];
-  __shared__ alignas(8) uint64_t full;
-  const uint32_t bar = static_cast<uint32_t>(__cvta_generic_to_shared(&full));
-  if (threadIdx.x == 0) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(kBox * 4) : "memory");
-    cute::SM90_TMA_LOAD_1D::copy(map.get_tma_descriptor(), &full, kEvictLast, rows, start);
-    uint32_t done = 0;
-    while (!done) {
-      asm volatile(
-          "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-          : "=r"(done)
-          : "r"(bar)
-          : "memory");
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x < kBox) out[threadIdx.x] = rows[threadIdx.x];
+  load_box([&](float* rows, uint64_t* full) {
+    cute::SM90_TMA_LOAD_1D::copy(map.get_tma_descriptor(), full, kEvictLast, rows, start);
+  }, out);
 }
 #endif
 
