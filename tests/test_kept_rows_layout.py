@@ -95,3 +95,31 @@ def test_lying_cu_seqlens_keep_every_tile_read_inside_the_buffer(layout, cu, tot
     output is NaN then, but nothing is read or written out of bounds)."""
     extent, seqs = layout(cu, total_k, max_k)
     _check_in_bounds(extent, seqs, total_k)
+
+
+_BIAS_SLOT_DRIVER = """
+    #include <cstdio>
+
+    #include "cuda/passes.h"
+    // stdout: KeptRows::bias_slot(c) for c in [0, 256)
+    int main() {
+      for (long long c = 0; c < 256; ++c) {
+        std::printf("%lld\\n", static_cast<long long>(dmattn::cuda::KeptRows::bias_slot(c)));
+      }
+    }
+    """
+
+
+def test_bias_slots_are_the_order_the_sm90a_kernel_reads(tmp_path):
+    """KeptRows::bias_slot permutes each 16 slots (segments start on multiples of 32, tiles on multiples of 64), and
+    puts the column pair a consumer thread t reads for fragment nt (columns 8 nt + 2 t and the next) where
+    sm90a/fwd_kernel.cuh's slot_bias_pair reads it: 16 (nt / 2) + 4 t + 2 (nt % 2), so that slot_bias_pairs reads
+    fragments 2 k and 2 k + 1 as the 16 bytes at 16 k + 4 t."""
+    exe = build_host_driver(tmp_path, _BIAS_SLOT_DRIVER, "bias_slot", "passes.h")
+    perm = [int(x) for x in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()]
+    for group in range(0, 256, 16):
+        assert sorted(perm[group:group + 16]) == list(range(group, group + 16)), group
+    for nt in range(16):  # a 128-slot tile's fragments (D <= 128; D = 256's 64-slot tile: the first 8)
+        for t in range(4):
+            for e in range(2):
+                assert perm[8 * nt + 2 * t + e] == 16 * (nt // 2) + 4 * t + 2 * (nt % 2) + e, (nt, t, e)

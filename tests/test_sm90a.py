@@ -302,6 +302,31 @@ def test_nonfinite_v_of_hidden_keys(dtype, arch):
     assert torch.equal(out[200:350], clean[200:350])  # sequence 1: untouched by the rows past it
 
 
+# Ragged sequence ends beside sequences whose rows see no key: 100 rows (one full 64-row half of a query tile, one
+# partial), 37 (a partial first half), 64 (one full half, the second past the end) and 200, each followed by a
+# sequence without keys.
+RAGGED_ENDS_Q = (100, 150, 37, 150, 64, 150, 200, 70)
+RAGGED_ENDS_K = (300, 0, 90, 0, 64, 0, 260, 0)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_ragged_ends_leave_the_next_sequence_alone(dtype, head_dim, arch):
+    """The sm90a kernel stores a consumer warpgroup's 64 rows by TMA (a whole box) only where all of them lie in the
+    sequence; a ragged end's rows go from registers. Each sequence here is followed by one without keys, whose rows
+    are exactly 0 (lse -inf) and whose units load nothing, so they finish first: a box stored past a ragged end would
+    overwrite them afterwards."""
+    spec = Spec("ragged_ends", head_dim=head_dim, heads=4, heads_k=2, seqlens_q=RAGGED_ENDS_Q,
+                seqlens_k=RAGGED_ENDS_K)
+    _, (out, lse) = _check(spec, dtype, label=arch)
+    start = 0
+    for q_len, k_len in zip(RAGGED_ENDS_Q, RAGGED_ENDS_K):
+        if k_len == 0:
+            assert torch.equal(out[start:start + q_len], torch.zeros_like(out[start:start + q_len]))
+            assert torch.isneginf(lse[:, start:start + q_len]).all()
+        start += q_len
+
+
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_nonfinite_v_outside_the_window(dtype, arch):
     """A window's left edge hides keys inside the tiles a CTA reads: inf / NaN in their V never reach a row whose

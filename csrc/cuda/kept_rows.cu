@@ -101,7 +101,7 @@ __device__ __forceinline__ void copy_slots(const VarlenFwdParams& p, const KeptR
       const int g = g0 + gi;
       const int64_t key = k_start + slot_key(list, c0 + r, k_len);
       const float value = bias_value(p.bias, p.bias.offset(key, g * query_heads_per_g, 0));
-      rows.bias[g * rows.extent + seg + c0 + r] = value;
+      rows.bias[g * rows.extent + KeptRows::bias_slot(seg + c0 + r)] = value;  // (the kernel's read order)
     }
   }
 }
@@ -180,7 +180,7 @@ fill_slots_in_place_kernel(const __grid_constant__ VarlenFwdParams p, const __gr
     for (int c = x * kGatherThreads + static_cast<int>(threadIdx.x); c < k_len; c += ctas * kGatherThreads) {
       rows.pos[seg + c] = c;
       for (int g = 0; g < rows.bias_heads; ++g) {
-        rows.bias[g * rows.extent + seg + c] =
+        rows.bias[g * rows.extent + KeptRows::bias_slot(seg + c)] =
             bias_value(p.bias, p.bias.offset(sk.start + c, g * query_heads_per_g, 0));
       }
     }

@@ -296,7 +296,8 @@ struct BlockMap {
 // of KV head hk = kh Hk / Hm) and each c < keys.kept(b, l, k_len),
 //   k[((k_start + c) * heads + kh) * D + d] = K[k_start + index[l, k_start + c], hk, d]       (v alike)
 //   pos[l * extent + segment(k_start, b) + c]  = index[l, k_start + c], the slot's key position
-//   bias[g * extent + segment(k_start, b) + c] = the key-side bias of that key for bias head g, float32
+//   bias[g * extent + bias_slot(segment(k_start, b) + c)] = the key-side bias of that key for bias head g, float32
+//                                                (bias_slot: slot order within each 16 slots, permuted for the kernel)
 // (bias heads: the finer of the bias's and the lists' heads; query head h reads g = h / (H / bias_heads)). Segments
 // start 128-byte aligned, so the kernel copies a KV tile's positions and biases with one bulk copy each, and a tile
 // read past a list's end stays inside extent. For a causal or windowed call, per (list, sequence, query tile m of
@@ -349,7 +350,17 @@ struct KeptRows {
   DMATTN_HOST_DEVICE static int64_t segment(int64_t k_start, int64_t b) {
     return (k_start + kAlign - 1) / kAlign * kAlign + kAlign * b;
   }
+  // Where slot c's bias lies in its head's run of bias (segments and the kernel's tiles start at multiples of 16
+  // slots): in each 16 slots, slot 8 a + 2 t + e (a, e in {0, 1}, t < 4) at 4 t + 2 a + e, so that the sm90a kernel's
+  // thread t of a quad, whose columns are 8 nt + 2 t and the next, reads those of fragments nt = 2 k and 2 k + 1 with
+  // one 16-byte load (sm90a/fwd_kernel.cuh: slot_bias_pairs).
+  DMATTN_HOST_DEVICE static constexpr int64_t bias_slot(int64_t c) {
+    return (c & ~int64_t{15}) | ((c & 6) << 1) | ((c & 8) >> 2) | (c & 1);
+  }
 };
+static_assert(KeptRows::kAlign % 16 == 0 && KeptRows::bias_slot(16 + 8 + 2 * 3 + 1) == 16 + 4 * 3 + 2 + 1 &&
+                  KeptRows::bias_slot(2) == 4,
+              "bias_slot permutes within 16-slot groups, and segments start on one");
 
 // Everything a call's kernels find in its workspace (heuristics.h: workspace_layout, carve_workspace).
 struct Workspace {

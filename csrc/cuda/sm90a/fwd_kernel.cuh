@@ -24,7 +24,8 @@
 //   consumers (warpgroups 1, 2)          per KV tile: S = Q K^T (wgmma), the limits on the tiles that need them, the
 //                                        online softmax (../sm80/online_softmax.cuh: the wgmma accumulator holds each
 //                                        row as four lanes of a quad, as mma.sync's does), O += P V (wgmma, P from
-//                                        registers); then out and lse of their 64 rows.
+//                                        registers); then out and lse of their 64 rows (out through the warpgroup's
+//                                        dead half of the Q buffer and a TMA store where all 64 lie in the sequence).
 // The tiles of a unit (unit_work): plain, from key 0 to the causal limit of its last row; kRanged, from the lowest
 // key any of its rows sees to the highest (the first and last rows' windows, or TileKeys: key ranges reduced over the
 // rows). Tiles that every row sees whole take raw scores; the others (the causal diagonal, a window's edges, the
@@ -65,6 +66,7 @@ namespace dmattn::cuda::sm90a {
 constexpr int kConsumerBarrier = 1;
 constexpr int kTurnBarrier = 2;
 constexpr int kProducerBarrier = 4;  // kQuery: the producer warpgroup's, while it lists a unit's tiles
+constexpr int kStoreBarrier = 5;     // 5 + w: consumer warpgroup w's own, its out tile staged for the TMA store
 
 // Ping-pong of the two consumer warpgroups: warpgroup w waits for its turn before it issues a tile's S = Q K^T and
 // hands the turn over once issued, so that one warpgroup's GEMMs run while the other's softmax does (the tensor
@@ -130,6 +132,31 @@ __device__ __forceinline__ float (&as_m16n8(Fragment& f))[1][kN8][4] {
   static_assert(cute::size_v<typename Fragment::layout_type> == kN8 * 4, "a 64-row accumulator, 4 values per n8");
   return *reinterpret_cast<float(*)[1][kN8][4]>(f.data());
 }
+
+// A slot tile's key-side bias in shared memory, as KeptRows::bias_slot orders it: the pairs of columns 8 nt + 2 t
+// (and the next) of fragments nt = 2 k and 2 k + 1 lie side by side, so that thread t of a quad reads both with one
+// 16-byte load (slot_bias_pairs), where two 8-byte loads read them in slot order; one pair alone: slot_bias_pair.
+__device__ __forceinline__ float4 slot_bias_pairs(const float* slot_bias, int k, int t) {
+  return *reinterpret_cast<const float4*>(slot_bias + 16 * k + 4 * t);
+}
+__device__ __forceinline__ float2 slot_bias_pair(const float* slot_bias, int nt, int t) {
+  return *reinterpret_cast<const float2*>(slot_bias + 16 * (nt / 2) + 4 * t + 2 * (nt % 2));
+}
+
+// kSlots without kQuery: the first kAhead fragment pairs' bias of a tile that every row sees whole, read ahead of
+// its scores (prefetch_bias); an empty struct for the other variants.
+template <int kN8, bool kHeld>
+struct SlotBiasAhead {
+  // Two 16-byte loads (four fragments) while S is computed: ptxas spilled 8-164 bytes in the persistent slot kernels
+  // when more were held across the S GEMM's wait (D = 128, sm_90a); at D = 256 (64-key tiles, kN8 = 8: O takes 128
+  // registers) one, where two spilled 4 bytes in the windowed kernel.
+  static constexpr int kAhead = kN8 >= 16 ? 2 : 1;
+  float4 pairs[kAhead];
+};
+template <int kN8>
+struct SlotBiasAhead<kN8, false> {
+  static constexpr int kAhead = 0;
+};
 
 // kQueryBias: copies one aligned 32-bit word of a row of the query-side bias (a float32 element, or two of q's dtype)
 // into shared memory, bytes of it (4; 2 where the row's keys end inside it, the rest zero-filled; 0 for none: then
@@ -475,6 +502,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   constexpr bool kKeyMask = kQuery && sm90a_query_key_mask(kHeadDim, kQueryBias);
   static_assert(!kQuery || Traits::kListTiles <= TileEntry::kTileBits + 1, "a listed tile's number fits its bits");
   using RowBits = typename Traits::RowBits;  // kQuery: a masked tile's bits of one row
+  using SlotBias = SlotBiasAhead<kN8, kSlots && !kQuery>;
   // Registers per thread of the producer and consumer warpgroups (setmaxnreg): the producer needs few, but kQuery's
   // lists tiles (list_live_tiles). At D = 256 the consumers' O takes 128 of theirs: with kQuery's 216 of D <= 128
   // ptxas spilled 64-96 bytes in the consumers (persistent kernels), with 232 nothing there (its producer, at 40,
@@ -484,6 +512,15 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 384 * 168, "the registers of a CTA of 384 threads");
 
   constexpr int kQBuffers = Traits::template kQBuffers<kPersistent, kQueryBias>;
+  // Out through shared memory (the consumers' epilogue): a consumer warpgroup whose 64 rows all lie in the sequence
+  // writes its output tile into its own half of the unit's Q buffer, which nothing reads once its last S has landed,
+  // and one of its threads stores the tile by TMA (a box of 64 rows: a partial one would write the next sequence's
+  // rows, so those warpgroups, units without a Q load, and out strides a tensor map cannot take store from
+  // registers). Persistent, only with two Q buffers: the buffer's release (q_empty) then waits for the store to have
+  // read it, which the next unit's start does while the producer loads the other buffer; with one buffer the next
+  // unit's Q load would wait for this unit's epilogue. Not in the persistent kQuery + kSlots kernels either: their
+  // consumers (216 registers) spill already, and 12-24 bytes more with it (ptxas, D = 128).
+  constexpr bool kStagedOut = !kPersistent || (kQBuffers == 2 && !(kQuery && kSlots));
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem =
       *reinterpret_cast<typename Traits::template SharedStorage<kQBuffers, kQuery, kQueryBias, kBias32>*>(smem_raw);
@@ -556,7 +593,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
 #pragma unroll
     for (int qb = 0; qb < kQBuffers; ++qb) {
       q_full(qb).init(kQuery ? 2 : 1);  // kQuery: Q's bytes and the unit's tile list
-      q_empty(qb).init(Traits::kConsumerThreads);
+      // kStagedOut, persistent: each consumer warpgroup's store thread arrives once more, late (release_last_q)
+      q_empty(qb).init(Traits::kConsumerThreads + (kPersistent && kStagedOut ? Traits::kConsumerWarpgroups : 0));
     }
   }
   if constexpr (kRanged && !kPersistent) {
@@ -654,6 +692,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
                                Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, _0{}));
         auto [tKg, tKs] = tma_partition(tma.k, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
         auto [tVg, tVs] = tma_partition(tma.v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+        int v_n = 0;                    // the tile whose V is issued next,
+        PipelineState v_state = state;  // and its stage: K's of that tile (V one tile behind K within the unit)
         for (int i = tiles - 1; i >= 0; --i) {
           const int n = kQuery ? smem.tile_list[qb][i] & TileEntry::kTileBits : w.n_begin + i;
           pipe_k.producer_acquire(state);
@@ -669,9 +709,19 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
                                        pipe_k.producer_get_barrier(state), smem.slot_bias[state.index()], kSlotBytes);
             }
           }
-          pipe_v.producer_acquire(state);
-          copy(tma.v.with(*pipe_v.producer_get_barrier(state)), tVg(_, n), tVs(_, state.index()));
+          // V one tile behind K: V_n's stage frees only once P V_{n-2} has run, and K_{n+1} (for S_{n+1}, wanted
+          // first) no longer waits behind that acquire. The unit's last V follows its loop.
+          if (i < tiles - 1) {
+            pipe_v.producer_acquire(v_state);
+            copy(tma.v.with(*pipe_v.producer_get_barrier(v_state)), tVg(_, v_n), tVs(_, v_state.index()));
+          }
+          v_n = n;
+          v_state = state;
           ++state;
+        }
+        if (tiles > 0) {
+          pipe_v.producer_acquire(v_state);
+          copy(tma.v.with(*pipe_v.producer_get_barrier(v_state)), tVg(_, v_n), tVs(_, v_state.index()));
         }
       }
     }
@@ -705,6 +755,18 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   if (kPersistent && cw == 1) hand_turn(cw);
   PipelineState state, v_state;  // v_state: the stage of the tile whose P V is pending
   int q_uses = 0;
+  // The epilogue's TMA stores (kStagedOut, above) are issued by each consumer warpgroup's first thread. Persistent,
+  // it arrives once more on a unit's q_empty when the store has read the buffer (whether its warpgroup stored through
+  // it or not: no register says which units did), at the start of its next unit with a Q load.
+  const bool store_thread = wtid == 0;
+  auto release_last_q = [&] {  // q_uses: this unit's Q load not counted yet
+    if constexpr (kPersistent && kStagedOut) {
+      if (store_thread && q_uses > 0) {
+        tma_store_wait<0>();  // the last store (if any) has read its tile: that buffer may be reloaded
+        q_empty((q_uses + kQBuffers - 1) % kQBuffers).arrive();
+      }
+    }
+  };
   for (int64_t u = first_unit(); u < units; u += unit_step) {
     const UnitWork w = work(u);
     if (w.m0 >= w.q_len) continue;
@@ -737,6 +799,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
         asm volatile("" ::: "memory");  // the list's reads after the wait (CUTLASS's wait has no memory clobber)
         n_tiles = smem.list_len[qb];
         if (n_tiles == 0) {  // every tile dead: the rows see nothing
+          release_last_q();
           if (kPersistent) q_empty(qb).arrive();
           ++q_uses;
         }
@@ -865,6 +928,18 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
     sm80::OnlineSoftmax<1, kN8> softmax;
     unsigned poisoned_rows = 0;
 
+    // kSlots: a tile that every row sees whole adds each column's bias (one FMA per element). Its first loads are
+    // issued while S_n is computed (between the GEMM's issue and its wait), so that the scores' FMAs do not start by
+    // waiting on them (run CQ: the bias reads' latency was ~7% of the masked call's stall samples, with the loads
+    // four 8-byte pairs at a time and each batch waited for).
+    auto prefetch_bias = [&](int n, int stage, SlotBias& pre) {
+      if constexpr (SlotBias::kAhead > 0) {
+        if (slots.bias == nullptr || hides_keys(n)) return;
+#pragma unroll
+        for (int k = 0; k < SlotBias::kAhead; ++k) pre.pairs[k] = slot_bias_pairs(smem.slot_bias[stage], k, t);
+      }
+    };
+
     // Per KV tile n (last first): S_n = Q K_n^T, its limits, softmax (P_n and the rows' rescale factors), then
     // O += P_n V_n. The GEMMs overlap the softmax: S_n is issued together with the previous tile's P V and waited
     // for alone, so the exponentials of tile n run while the tensor cores finish P_{n+1} V_{n+1}; O is rescaled once
@@ -875,7 +950,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       low = kRanged ? row_low[half] : 0;
       limit = kRanged ? row_limit[half] : causal ? min(w.k_len, row0 + 8 * half + shift + 1) : w.k_len;
     };
-    auto scores = [&](int n, int stage, uint16_t entry, const RowBits (&bits)[2]) {
+    auto scores = [&](int n, int stage, uint16_t entry, const RowBits (&bits)[2], const SlotBias& pre) {
       if constexpr (kQuery) {  // position limits and mask bits where the entry says so; a key-side or query-side bias
         const bool limits = (entry & TileEntry::kLimits) != 0, masked = (entry & TileEntry::kMasked) != 0;
         if constexpr (kQueryBias) {  // first, so that no return below can leave the tile's copies outstanding
@@ -912,7 +987,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
             const uint32_t* words = term_row(half) + 4 * nt + t;  // column 8 nt + 2 t: its element's word, and next
             return term_pair<Elem>(__funnelshift_r(words[0], words[1], term_shift[half]));
           }
-          return biased ? *reinterpret_cast<const float2*>(slot_bias + nt * 8 + 2 * t) : make_float2(0.f, 0.f);
+          return biased ? slot_bias_pair(slot_bias, nt, t) : make_float2(0.f, 0.f);
         };
         if (kQueryBias && !limits && !masked) {  // every key of the tile shown to every row: the bias alone
 #pragma unroll
@@ -949,7 +1024,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
         }
         return 1.f;
       }
-      if constexpr (kSlots) {  // bias per slot; on a tile that hides keys, each slot's position against the rows' limits
+      if constexpr (kSlots && !kQuery) {  // bias per slot; on a tile that hides keys, each slot's position against the
+                                          // rows' limits (beside kQuery, whose branch above returns, slots are in place)
         const bool hides = hides_keys(n), biased = slots.bias != nullptr;
         const int32_t* slot_pos = smem.slot_pos[stage];
         const float* slot_bias = smem.slot_bias[stage];
@@ -967,13 +1043,20 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
             return 1.f;
           }
 #pragma unroll
-          for (int nt = 0; nt < kN8; ++nt) {
-            if (nt % 4 == 0) asm volatile("" ::: "memory");  // four column pairs' reads at a time (registers)
-            const float2 b2 = *reinterpret_cast<const float2*>(slot_bias + nt * 8 + 2 * t);
+          for (int k = 0; k < kN8 / 2; ++k) {  // fragments 2 k and 2 k + 1
+            if (k >= SlotBias::kAhead && (k - SlotBias::kAhead) % 2 == 0) asm volatile("" ::: "memory");  // 2 loads
+            float4 b4;
+            if constexpr (SlotBias::kAhead > 0) {
+              b4 = k < SlotBias::kAhead ? pre.pairs[k < SlotBias::kAhead ? k : 0] : slot_bias_pairs(slot_bias, k, t);
+            } else {
+              b4 = slot_bias_pairs(slot_bias, k, t);
+            }
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-              s[0][nt][2 * half] = s[0][nt][2 * half] * mul + b2.x;
-              s[0][nt][2 * half + 1] = s[0][nt][2 * half + 1] * mul + b2.y;
+              s[0][2 * k][2 * half] = s[0][2 * k][2 * half] * mul + b4.x;
+              s[0][2 * k][2 * half + 1] = s[0][2 * k][2 * half + 1] * mul + b4.y;
+              s[0][2 * k + 1][2 * half] = s[0][2 * k + 1][2 * half] * mul + b4.z;
+              s[0][2 * k + 1][2 * half + 1] = s[0][2 * k + 1][2 * half + 1] * mul + b4.w;
             }
           }
           return 1.f;
@@ -988,7 +1071,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
           // values live at once spilled.
           if (nt % 4 == 0) asm volatile("" ::: "memory");
           const int col = nt * 8 + 2 * t;
-          const float2 b2 = biased ? *reinterpret_cast<const float2*>(slot_bias + col) : make_float2(0.f, 0.f);
+          const float2 b2 = biased ? slot_bias_pair(slot_bias, nt, t) : make_float2(0.f, 0.f);
           const int2 p2 = *reinterpret_cast<const int2*>(slot_pos + col);
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
@@ -1031,11 +1114,20 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       return score_mul;
     };
     // V_n landed; on a tile that hides keys, its inf / NaN elements zeroed and flagged (before any P V reads it).
-    auto check_v = [&](int n, int stage, uint16_t entry) {
+    // V_n is read by its P V, issued with the next tile's S (or alone after the last tile), so a tile waits for it
+    // there (wait_v); only a tile whose V is scanned waits here, before its softmax. Waiting for every V_n before
+    // softmax_n held a warpgroup whenever V_n landed after S_n: the producer issues V_n only once P V_{n-2} has
+    // released its stage (run CQ's profile: ~9% of the dense call's stall samples in the consumers' barrier waits).
+    // A stage's phase cannot move between the two waits (the P V's release comes after both), so waiting twice is
+    // harmless.
+    auto wait_v = [&](const PipelineState& v) { pipe_v.consumer_wait(v); };
+    auto check_v = [&](int n, const PipelineState& v, uint16_t entry) {
       // This thread's share of the V tile: whether it holds an inf / NaN; the consumers' vote. kQuery: the entry
       // says whether the tile hides keys and its V rows may hold one (v's flags).
       constexpr int kVecs = kBlockN * kHeadDim / 8;  // 16-byte vectors in a V tile
+      const int stage = v.index();
       const bool scan = kQuery ? (entry & TileEntry::kCheckV) != 0 : hides_keys(n);
+      if (scan) wait_v(v);
       const bool v_fix =
           scan && consumer_any(sm80::share_has_nonfinite<Elem, kVecs, Traits::kConsumerThreads>(
                                             smem.v.data() + stage * kBlockN * kHeadDim, ctid),
@@ -1065,15 +1157,17 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       copy_terms(n);
       pipe_k.consumer_wait(state);
       wait_turn(cw);
+      SlotBias pre;
       warpgroup_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), tSrS, [&] {
         if (kPersistent || cw == 0 || j > 0) hand_turn(cw);  // issued: the other warpgroup's turn
+        prefetch_bias(n, state.index(), pre);
       });
+      release_last_q();  // its store long since issued
       if (kPersistent && j == 0) q_empty(qb).arrive();
       if constexpr (!kSlots) pipe_k.consumer_release(state);
-      const float score_mul = scores(n, state.index(), entry, bits);
+      const float score_mul = scores(n, state.index(), entry, bits, pre);
       if constexpr (kSlots) pipe_k.consumer_release(state);  // the stage's positions and biases read
-      pipe_v.consumer_wait(state);
-      const bool v_fix = check_v(n, state.index(), entry);
+      const bool v_fix = check_v(n, state, entry);
       softmax.update_scores(s, score_mul, alpha);
       if (v_fix) sm80::mark_poisoned_rows<1, kN8>(s, smem.v_bad, t, poisoned_rows);
       convert_p();
@@ -1087,6 +1181,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       load_bits(entry, n, bits);
       copy_terms(n);
       pipe_k.consumer_wait(state);
+      wait_v(v_state);  // V_{n+1}, for the P V issued below
       wait_turn(cw);
       warpgroup_fence_operand(tSrS);
       warpgroup_fence_operand(tOrO);
@@ -1095,14 +1190,15 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       warpgroup_issue<true>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), tSrS);      // S_n
       warpgroup_issue<false>(mma_pv, tOrP, tOrV(_, _, _, v_state.index()), tOrO);  // O += P_{n+1} V_{n+1}
       if (kPersistent || cw == 0 || j > 0) hand_turn(cw);
+      SlotBias pre;
+      prefetch_bias(n, state.index(), pre);
       warpgroup_wait<1>();  // S_n landed; the P V may still run
       warpgroup_fence_operand(tSrS);
       if (kPersistent && j == 0) q_empty(qb).arrive();
       if constexpr (!kSlots) pipe_k.consumer_release(state);
-      const float score_mul = scores(n, state.index(), entry, bits);
+      const float score_mul = scores(n, state.index(), entry, bits, pre);
       if constexpr (kSlots) pipe_k.consumer_release(state);
-      pipe_v.consumer_wait(state);
-      const bool v_fix = check_v(n, state.index(), entry);
+      const bool v_fix = check_v(n, state, entry);
       const bool rescale = softmax.update_scores(s, score_mul, alpha);
       warpgroup_wait<0>();  // the P V landed: O and P are ours again
       warpgroup_fence_operand(tOrO);
@@ -1115,12 +1211,21 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       ++state;
     }
     if (n_tiles > 0) {  // the last tile's P V
+      wait_v(v_state);
       warpgroup_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, v_state.index()), tOrO);
       pipe_v.consumer_release(v_state);
       ++q_uses;
     }
 
     // ---- Epilogue: out and lse of this thread's two rows ----
+    // This warpgroup's out tile through its Q half (above), warp-uniform. Its first row in the sequence, m0 + 64 cw,
+    // from row0 (live here, where m0 would be one more register across the tile loop).
+    const int wg_row0 = row0 - 16 * (wtid / 32) - g;
+    const bool staged = kStagedOut && tma.store_out && n_tiles > 0 && wg_row0 + 64 <= w.q_len;
+    // staged: the rows' pairs, the same values, into an Elem copy of the accumulator (its flat order: pair
+    // dt 2 + half), written into the warpgroup's Q half and stored from there by TMA below.
+    Tensor tOrOut = make_tensor<typename Traits::CuteElem>(tOrO.layout());
+    uint32_t* out_pairs = reinterpret_cast<uint32_t*>(tOrOut.data());
     Elem* out = static_cast<Elem*>(p.out);
     const float row_sink = p.sink(w.h);
 #pragma unroll
@@ -1137,11 +1242,34 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       for (int dt = 0; dt < kD8; ++dt) {
         const uint32_t pair =
             sm80::ElemTraits<Elem>::pack(o[0][dt][2 * half] * end.inv, o[0][dt][2 * half + 1] * end.inv);
-        *reinterpret_cast<uint32_t*>(dst + dt * 8 + 2 * t) = pair;
+        if (kStagedOut && staged) {
+          out_pairs[2 * dt + half] = pair;
+        } else {
+          *reinterpret_cast<uint32_t*>(dst + dt * 8 + 2 * t) = pair;
+        }
+      }
+    }
+    if (kStagedOut && staged) {
+      Tensor sOut = local_tile(smem_q(qb), Shape<_64, Int<kHeadDim>>{}, make_coord(cw, _0{}));  // (64, D) swizzled
+      auto copy_out = make_tiled_copy_C(typename Traits::SmemCopyOut{}, mma_pv);
+      auto thr_copy_out = copy_out.get_thread_slice(wtid);
+      copy(copy_out, thr_copy_out.retile_S(tOrOut), thr_copy_out.partition_D(sOut));
+      cutlass::arch::fence_view_async_shared();  // the tile's writes, seen by the TMA store (the async proxy)
+      asm volatile("bar.sync %0, %1;" ::"r"(kStoreBarrier + cw), "r"(128) : "memory");  // the warpgroup's, written
+      if (store_thread) {
+        Tensor mOut = tma.out.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_q), kHeadDim, p.num_heads));
+        Tensor gOut = local_tile(domain_offset(make_coord(static_cast<int32_t>(w.sq.start), _0{}), mOut(_, _, w.h)),
+                                 Shape<_64, Int<kHeadDim>>{}, make_coord(wg_row0 / 64, _0{}));
+        auto [tOg, tOs] =
+            tma_partition(tma.out, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sOut), group_modes<0, 2>(gOut));
+        copy(tma.out, tOs, tOg);
+        tma_store_arrive();
       }
     }
   }
   if (kPersistent && cw == 0) wait_turn(cw);  // warpgroup 1's last hand-over
+  // The CTA's shared memory stays until the stores have read it (a CTA per unit: its one store; persistent: its last).
+  if (kStagedOut && store_thread) tma_store_wait<0>();
 }
 
 }  // namespace dmattn::cuda::sm90a

@@ -75,6 +75,17 @@ struct FwdTraits {
       cute::SM90_TMA_LOAD{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<const CuteElem*>(nullptr)), GmemLayout{}),
       cute::take<0, 2>(SmemLayoutKV{}), cute::Shape<cute::Int<kBlockN>, cute::Int<kHeadDim>>{}, cute::_1{}));
 
+  // The output tile of one consumer warpgroup, its 64 rows x D, staged in that warpgroup's half of its Q buffer (Q's
+  // swizzled layout) and stored by TMA (fwd_kernel.cuh, the epilogue): out's (rows, D, heads) view with the call's
+  // strides; the box is the half's 64 rows x 64 columns (one 128-byte swizzle span), stored D / 64 times.
+  using SmemLayoutOutHalf = decltype(cute::tile_to_shape(cute::GMMA::Layout_K_SW128_Atom<CuteElem>{},
+                                                         cute::Shape<cute::_64, cute::Int<kHeadDim>>{}));
+  using TmaOut = decltype(cute::make_tma_copy(
+      cute::SM90_TMA_STORE{}, cute::make_tensor(cute::make_gmem_ptr(static_cast<CuteElem*>(nullptr)), GmemLayout{}),
+      SmemLayoutOutHalf{}, cute::Shape<cute::_64, cute::Int<kHeadDim>>{}, cute::_1{}));
+  // The warpgroup's O (the P V accumulator, rounded to Elem) into that half: stmatrix, four 8 x 8 tiles at a time.
+  using SmemCopyOut = cute::Copy_Atom<cute::SM90_U32x4_STSM_N, CuteElem>;
+
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Elem);
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Elem);
@@ -147,6 +158,9 @@ template <typename Traits>
 struct TmaParams {
   typename Traits::TmaQ q;
   typename Traits::TmaKV k, v;
+  typename Traits::TmaOut out;  // built where store_out holds
+  // Whether out takes TMA stores (launch.cuh, out_takes_tma): else every row is stored from registers.
+  bool store_out = false;
 };
 
 }  // namespace dmattn::cuda::sm90a

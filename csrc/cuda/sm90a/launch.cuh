@@ -13,6 +13,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
+#include <cstdint>
 
 #include "../dispatch.h"
 #include "../heuristics.h"
@@ -45,21 +47,42 @@ cudaError_t launch_kernel(const VarlenFwdParams& p, const TmaParams<Traits>& tma
   return cudaGetLastError();
 }
 
+// Whether out can take the epilogue's TMA stores: a tensor map needs its start and strides in multiples of 16 bytes
+// (the binding allocates out contiguous, so this holds there; a caller with other strides gets register stores) and
+// its row count positive and within int32 (the kernel's row coordinates).
+inline bool out_takes_tma(const VarlenFwdParams& p) {
+  constexpr int64_t kElems16 = 8;            // 16 bytes of a 16-bit element type
+  constexpr int64_t kMaxStride = 1ll << 36;  // elements: the tensor map's 2^40-byte stride limit, with room
+  auto stride_ok = [&](int64_t s) { return s > 0 && s % kElems16 == 0 && s < kMaxStride; };
+  return reinterpret_cast<uintptr_t>(p.out) % 16 == 0 && stride_ok(p.out_row_stride) &&
+         stride_ok(p.out_head_stride) && p.total_q > 0 && p.total_q <= INT32_MAX;
+}
+
 // The TMA copies of a call: q, and K / V from k and v with those row and head strides (elements) and kv_heads heads
-// (k and v's own, or the kept copies').
+// (k and v's own, or the kept copies'); out's stores where out_takes_tma.
 template <typename Traits>
 TmaParams<Traits> make_tma(const VarlenFwdParams& p, const void* k, int64_t k_row, int64_t k_head, const void* v,
                            int64_t v_row, int64_t v_head, int32_t kv_heads) {
   using namespace cute;
   using CuteElem = typename Traits::CuteElem;
   constexpr int D = Traits::kHeadDim;
-  return TmaParams<Traits>{
+  TmaParams<Traits> tma{
       make_tma_copy(SM90_TMA_LOAD{}, gmem_rows<CuteElem>(p.q, p.total_q, D, p.num_heads, p.q_row_stride, p.q_head_stride),
                     typename Traits::SmemLayoutQ{}, Shape<Int<Traits::kBlockM>, Int<D>>{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, gmem_rows<CuteElem>(k, p.total_k, D, kv_heads, k_row, k_head),
                     take<0, 2>(typename Traits::SmemLayoutKV{}), Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{}),
       make_tma_copy(SM90_TMA_LOAD{}, gmem_rows<CuteElem>(v, p.total_k, D, kv_heads, v_row, v_head),
-                    take<0, 2>(typename Traits::SmemLayoutKV{}), Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{})};
+                    take<0, 2>(typename Traits::SmemLayoutKV{}), Shape<Int<Traits::kBlockN>, Int<D>>{}, _1{}),
+      {},
+      false};
+  if (out_takes_tma(p)) {
+    Tensor out = make_tensor(make_gmem_ptr(static_cast<CuteElem*>(p.out)),
+                             make_layout(make_shape(static_cast<int32_t>(p.total_q), int32_t{D}, p.num_heads),
+                                         make_stride(p.out_row_stride, _1{}, p.out_head_stride)));
+    tma.out = make_tma_copy(SM90_TMA_STORE{}, out, typename Traits::SmemLayoutOutHalf{}, Shape<_64, Int<D>>{}, _1{});
+    tma.store_out = true;
+  }
+  return tma;
 }
 
 // The TMA copies of a call that reads K / V where they are (k and v).
