@@ -17,6 +17,7 @@ import torch
 
 import dmattn_ops
 from dmattn_ops.reference import reference_varlen_attention
+from samples import build_reason
 
 H, HK, D = 4, 2, 64
 
@@ -114,6 +115,9 @@ def test_block_structured_key_mask_of_a_skewed_batch(device, heads, head_dim, ba
     map of the mask's heads beside the bias, sm90a_slots=1 and no map alone (but for a mask of H heads over the like
     lengths at D = 256: sequences of one query tile, which keep the sm80 kernels there, and the plan must say so).
     Keys no head keeps hold NaN, which must not reach the output."""
+    reason = build_reason(head_dim, torch.bfloat16 if device == "cuda" else torch.float32, device)
+    if reason:  # D = 256 where the build has it
+        pytest.skip(reason)
     g = torch.Generator().manual_seed(heads * 3 + head_dim)
     if batch == "skewed":
         lens_q = [1 + (7 * i) % 9 for i in range(20)] + [200] + [(5 * i) % 6 for i in range(20)]

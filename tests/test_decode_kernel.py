@@ -439,5 +439,8 @@ def test_query_side_terms_of_every_chunk_size(keep, bias_dtype, head_dim, kernel
     pass 2 reads each row's operands from its row start. The reference's result."""
     spec = Spec("terms_chunks", head_dim=head_dim, heads=8, heads_k=2, seqlens_q=(8, 1, 3), seqlens_k=(5000, 2100, 300),
                 mask="query", mask_heads="Hk", keep=keep, bias="query", bias_heads="Hk", bias_dtype=bias_dtype)
+    reason = support_reason(spec, torch.bfloat16, "cuda")  # D = 256 where the build has it
+    if reason:
+        pytest.skip(reason)
     monkeypatch.setenv("DMATTN_KERNEL", kernel_name)
     _checked(make_sample(spec, torch.bfloat16, "cuda"), label=f"{kernel_name} keep {keep}")
