@@ -49,11 +49,17 @@ def _sm90a_device() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and _sm90a_built()
 
 
-def _check(spec, dtype, label=""):
+def _cuda_sample(spec, dtype, seed: int = 0):
+    """spec's sample on the GPU, or a skip where this build cannot run it (support_reason: a head dim or dtype it was
+    not built for)."""
     reason = support_reason(spec, dtype, "cuda")
     if reason:
         pytest.skip(reason)
-    sample = make_sample(spec, dtype, "cuda")  # the same inputs for every path: make_sample's seed is fixed
+    return make_sample(spec, dtype, "cuda", seed=seed)
+
+
+def _check(spec, dtype, label=""):
+    sample = _cuda_sample(spec, dtype)  # the same inputs for every path: make_sample's seed is fixed
     out, lse = sample.run()
     references = shared_reference((spec, dtype), lambda: (sample.reference(), sample.reference(sample.dtype)))
     assert_close_to_reference((out, lse), *references, label=label)
@@ -417,10 +423,7 @@ def test_cuda_lying_cu_seqlens_stay_in_bounds_on_each_path(spec, case, arch):
     """cu_seqlens or max_seqlen that break the contract, on the sm90a kernel (a CTA per unit and persistent) and the
     sm80 one: nothing is read or written out of bounds (compute-sanitizer runs this test: every sequence range is
     clamped as the sm80 kernels clamp it), and the call's every out and lse element is NaN, the lie made visible."""
-    reason = support_reason(spec, torch.bfloat16, "cuda")
-    if reason:
-        pytest.skip(reason)
-    sample = _lying(make_sample(spec, torch.bfloat16, "cuda"), case)
+    sample = _lying(_cuda_sample(spec, torch.bfloat16), case)
     out, lse = sample.run()
     assert out.isnan().all() and lse.isnan().all(), f"{arch}: a broken contract must give NaN everywhere"
 
@@ -609,10 +612,7 @@ def test_key_side_masked_keys_at_d256_never_reach_a_row(mask_heads, is_causal, a
     dtype = torch.bfloat16
     spec = Spec("skip_masked_d256", head_dim=256, seqlens_q=(130, 1, 200, 0), seqlens_k=(300, 9, 331, 6), heads=4,
                 heads_k=2, mask="key", mask_heads=mask_heads, keep=0.4, is_causal=is_causal)
-    reason = support_reason(spec, dtype, "cuda")
-    if reason:
-        pytest.skip(reason)
-    sample = make_sample(spec, dtype, "cuda", seed=7)
+    sample = _cuda_sample(spec, dtype, seed=7)
     unread = unread_keys(sample.mask.cpu(), spec.heads, spec.heads_k)  # (total_k, Hk)
     k, v = sample.k.clone(), sample.v.clone()
     k[unread.to("cuda")] = float("nan")
@@ -640,10 +640,7 @@ def test_cuda_key_side_mask_without_room_for_kept_rows_takes_the_sm80_kernels(he
         pytest.skip("the kept rows are copied for the sm90a kernel only (a cc 9.0 device with the sm90a path built)")
     spec = Spec("slots_without_room", head_dim=head_dim, heads=8, heads_k=8, seqlens_q=(256,) * 4,
                 seqlens_k=(16384,) * 4, mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="Hk")
-    reason = support_reason(spec, torch.bfloat16, "cuda")
-    if reason:
-        pytest.skip(reason)
-    sample = make_sample(spec, torch.bfloat16, "cuda")
+    sample = _cuda_sample(spec, torch.bfloat16)
     # out, lse (2 MB; 5 MB at D = 256) and the lists (2 MB) fit; the kept rows' copy (as large as k and v: 128 MiB,
     # 512 MiB at D = 256) does not
     room = 48 << 20
@@ -754,10 +751,7 @@ def test_nonfinite_v_of_query_masked_keys(dtype, head_dim, arch):
     the V scan zeroes it for them), and reaches the rows the mask shows it to (128-key tiles, and D = 256's 64)."""
     spec = Spec("nonfinite_v_query_mask", head_dim=head_dim, heads=4, heads_k=2, seqlens_q=(300,), seqlens_k=(300,),
                 mask="query", mask_heads="H", keep=1.0)
-    reason = support_reason(spec, dtype, "cuda")  # D = 256 where the build has it
-    if reason:
-        pytest.skip(reason)
-    sample = make_sample(spec, dtype, "cuda")
+    sample = _cuda_sample(spec, dtype)
     mask = sample.mask.clone()
     mask[:200, :, 150] = False  # key 150 hidden from queries 0..199 of every head
     _assert_hidden_nan_v_stays_out(sample, mask=mask)
@@ -930,10 +924,7 @@ def test_cuda_query_side_bias_of_hidden_entries_is_never_read_into_a_row(dtype, 
     spec = Spec("qbias_hidden_nan", head_dim=head_dim, heads=4, heads_k=2, seqlens_q=(300, 129, 40),
                 seqlens_k=(701, 129, 300), window=(200, 0), is_causal=True, bias="query", bias_heads="H",
                 bias_dtype=bias_dtype, extra_rows_q=5)
-    reason = support_reason(spec, dtype, "cuda")  # D = 256 where the build has it
-    if reason:
-        pytest.skip(reason)
-    sample = make_sample(spec, dtype, "cuda")
+    sample = _cuda_sample(spec, dtype)
     hidden = _hidden_positions(sample, 200).to("cuda")
     assert hidden.any() and (~hidden).any()
     poisoned = sample.bias.clone()
@@ -953,10 +944,7 @@ def test_cuda_query_side_bias_with_key_ranges(dtype, bias_dtype, head_dim, path,
     spec = Spec("qbias_key_ranges", head_dim=head_dim, heads=8, heads_k=2, seqlens_q=(300, 129, 7),
                 seqlens_k=(520, 129, 300), is_causal=True, mask="query", mask_heads="Hk", keep=0.7,
                 bias="query", bias_heads="H", bias_dtype=bias_dtype, bias_neg_inf=True)
-    reason = support_reason(spec, dtype, "cuda")
-    if reason:
-        pytest.skip(reason)
-    sample = make_sample(spec, dtype, "cuda")
+    sample = _cuda_sample(spec, dtype)
     g = torch.Generator().manual_seed(11)
     starts = torch.randint(0, 400, (sample.q.shape[0],), generator=g)
     lengths = torch.randint(0, 300, (sample.q.shape[0],), generator=g)
@@ -980,10 +968,7 @@ def test_cuda_d256_masks_with_key_ranges(mask, path, monkeypatch, capfd, cuda_de
     them) takes the call and matches the reference, as the sm80 kernels do when forced."""
     spec = Spec("d256_mask_key_ranges", head_dim=256, heads=8, heads_k=2, seqlens_q=(300, 129, 7),
                 seqlens_k=(520, 129, 300), is_causal=True, mask=mask, mask_heads="Hk", keep=0.6, mask_runs=16)
-    reason = support_reason(spec, torch.bfloat16, "cuda")
-    if reason:
-        pytest.skip(reason)
-    sample = make_sample(spec, torch.bfloat16, "cuda")
+    sample = _cuda_sample(spec, torch.bfloat16)
     g = torch.Generator().manual_seed(13)
     starts = torch.randint(0, 400, (sample.q.shape[0],), generator=g)
     lengths = torch.randint(0, 300, (sample.q.shape[0],), generator=g)
@@ -1034,10 +1019,7 @@ def test_nonfinite_v_under_a_neg_inf_query_side_bias(dtype, bias_dtype, head_dim
         pytest.skip("the sm80 kernels leave a weight-0 key's non-finite V unspecified (docs/contract.md)")
     spec = Spec("nonfinite_v_query_bias", head_dim=head_dim, heads=4, heads_k=2, seqlens_q=(300,), seqlens_k=(300,),
                 bias="query", bias_heads="H", bias_dtype=bias_dtype)
-    reason = support_reason(spec, dtype, "cuda")  # D = 256 where the build has it
-    if reason:
-        pytest.skip(reason)
-    sample = make_sample(spec, dtype, "cuda")
+    sample = _cuda_sample(spec, dtype)
     bias = sample.bias.clone()
     bias[:200, :, 150] = -math.inf  # key 150 weightless for queries 0..199 of every head
     _assert_hidden_nan_v_stays_out(sample, bias=bias)
@@ -1173,10 +1155,7 @@ def test_key_side_masked_keys_and_their_key_side_bias_at_d256_never_reach_a_row(
     spec = Spec("skip_masked_key_bias_d256", head_dim=256, seqlens_q=(130, 1, 200, 0), seqlens_k=(300, 9, 331, 6),
                 heads=4, heads_k=2, mask="key", mask_heads="H", keep=0.4, bias="key", bias_heads=bias_heads,
                 is_causal=is_causal)
-    reason = support_reason(spec, dtype, "cuda")
-    if reason:
-        pytest.skip(reason)
-    sample = make_sample(spec, dtype, "cuda", seed=7)
+    sample = _cuda_sample(spec, dtype, seed=7)
     mask = sample.mask.cpu()  # (total_k, H)
     unread = unread_keys(mask, spec.heads, spec.heads_k)  # (total_k, Hk)
     k, v, bias = sample.k.clone(), sample.v.clone(), sample.bias.clone()
