@@ -215,6 +215,311 @@ def test_cuda_sm90a_backward_matches_reference(spec, dtype, sm90a_backward):
     _check_gradients(_at_head_dim_128(spec), dtype, "cuda")
 
 
+# The sm90a backward's launch orders (DMATTN_BWD_ORDER): causal key tiles of unequal work, kept-key lists, a window
+# with the softcap, and masks of H heads read per key (the dead-heads variant), each over empty sequences, on a batch
+# of 12 sequences of up to 1,500 keys: 12 x 2 KV heads x 12 key tiles = 288 CTAs, more than one wave of an H100 /
+# H200 (132 SMs), since the binding orders only calls of more CTAs than SMs (one wave starts every CTA at once).
+_order_batch = dict(seqlens_q=(1500, 40, 900, 0, 1, 700, 1300, 64, 257, 1100, 3, 600),
+                    seqlens_k=(1400, 129, 900, 9, 0, 700, 1500, 64, 300, 1000, 3, 650))
+SM90A_ORDER_SPECS = [dataclasses.replace(s, name=f"{s.name}_waves", **_order_batch) for s in SM90A_BACKWARD_SPECS
+                     if s.name in ("sm90a_causal", "sm90a_lists_bias", "sm90a_softcap_lists_window",
+                                   "sm90a_key_mask_H_runs")]
+
+
+def _order_units(spec):
+    """bwd::CtaOrder::units of a spec: (sequences, KV heads, key tiles of 128 over min(max_seqlen_k, total_k))."""
+    keys = min(max(spec.seqlens_k) + spec.slack_k, spec.total_k)
+    return len(spec.seqlens_k) * spec.heads_k * -(-keys // 128)
+
+
+# (DMATTN_BWD_ORDER, DMATTN_BWD_BAND) and the plan's order and band: the grid's order, each CTA longest first, and
+# bands of a (sequence, KV head)'s key tiles longest first (the default width 8, a width that leaves a short last band
+# of each pair's 12 tiles, and one wider than half of them).
+_ORDERS = [("grid", None, "grid", 0), ("longest", None, "longest", 1), ("banded", None, "banded", 8),
+           ("banded", "2", "banded", 2), ("banded", "16", "banded", 16), ("banded", "6", "banded", 6)]
+
+
+@pytest.mark.parametrize("walk", ["tile_major", "head_major"])
+@pytest.mark.parametrize("spec", SM90A_ORDER_SPECS, ids=[s.name for s in SM90A_ORDER_SPECS])
+def test_cuda_sm90a_backward_order_keeps_every_cta_s_work(spec, walk, sm90a_backward, capfd, monkeypatch):
+    """DMATTN_BWD_ORDER: the sm90a backward's CTAs in bands of a pair's key tiles (the default), each longest first,
+    or in the grid's order run the same work each, so under either walk dk, dv and the bias gradient keep their bits
+    (a band's run that the order pass lost or doubled would leave a key tile's gradients zero or written twice); dq,
+    summed by reduce-adds whose order varies either way, agrees to a rounding of its float32 sum. The batch is more
+    than one wave, so that the order pass runs and its order differs from the grid's."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    units = _order_units(spec)
+    if units <= sms:
+        pytest.skip(f"{units} CTAs are one wave on this device's {sms} SMs: the binding does not order them")
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    monkeypatch.setenv("DMATTN_BWD_WALK", walk)
+    grads = {}
+    for order, band, logged, width in _ORDERS:
+        monkeypatch.setenv("DMATTN_BWD_ORDER", order)
+        if band is None:
+            monkeypatch.delenv("DMATTN_BWD_BAND", raising=False)
+        else:
+            monkeypatch.setenv("DMATTN_BWD_BAND", band)
+        plan = _logged_backward_plan(sample, capfd, monkeypatch)
+        assert (plan["order"], int(plan["band"]), int(plan["order_units"]), int(plan["sms"]), plan["walk"]) == (
+            logged, width, units, sms, walk)
+        grads[(order, band)] = _gradients(sample, _op)
+    for key, got in grads.items():
+        _assert_same_work(got, grads[("grid", None)])
+
+
+# The sm90a backward's walks (DMATTN_BWD_WALK): each CTA's query tiles head by head, or from the last tile down with the
+# group's heads inside each tile (the default for groups of at most 8 query heads, bwd::TileMajorWalk; the two specs of
+# 32 and 40 query heads per KV head walk head by head under either setting). The walk orders the sums of dk, dv and
+# the bias gradient over a CTA's items (and the tile-major walk adds the bias gradient per tile, through shared memory),
+# so the two agree to a rounding, and each against the float64 reference.
+# TileMajorWalk's edge: 8 query heads per KV head (key_heads' bit 7, the tables' last row) on the dead-heads kernel and
+# on kept-key lists, and 9, one past it, which walks head by head under either setting.
+SM90A_WALK_EDGE_SPECS = [
+    Spec("sm90a_walk_group_8_key_mask_H_runs", head_dim=128, heads=16, heads_k=2, seqlens_q=(129, 300, 1, 0, 64),
+         seqlens_k=(257, 128, 700, 9, 0), mask="key", mask_heads="H", keep=0.3, mask_runs=128, bias="key",
+         bias_heads="H", is_causal=True),
+    Spec("sm90a_walk_group_8_lists_bias", head_dim=128, heads=8, heads_k=1, seqlens_q=(129, 300, 1, 0, 64),
+         seqlens_k=(257, 128, 700, 9, 0), mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="H",
+         is_causal=True),
+    Spec("sm90a_walk_group_9_key_mask_H_runs", head_dim=128, heads=18, heads_k=2, seqlens_q=(129, 300, 1, 0, 64),
+         seqlens_k=(257, 128, 700, 9, 0), mask="key", mask_heads="H", keep=0.3, mask_runs=128, bias="key",
+         bias_heads="H"),
+]
+SM90A_WALK_SPECS = SM90A_BACKWARD_SPECS + SM90A_ORDER_SPECS + SM90A_WALK_EDGE_SPECS
+
+
+def _expected_walk(spec, walk):
+    return walk if spec.heads // spec.heads_k <= 8 else "head_major"
+
+
+@pytest.mark.parametrize("walk", ["tile_major", "head_major"])
+@pytest.mark.parametrize("spec", SM90A_WALK_SPECS, ids=[s.name for s in SM90A_WALK_SPECS])
+def test_cuda_sm90a_backward_walk_matches_reference(spec, walk, sm90a_backward, capfd, monkeypatch):
+    """Either walk, on lists, masks read per key (dead heads), the softcap, windows, causal, empty sequences and a
+    batch of more than one wave (the _waves specs, in bands), against the float64 reference; the plan says which
+    walk ran."""
+    monkeypatch.setenv("DMATTN_BWD_WALK", walk)
+    plan = _logged_backward_plan(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch)
+    assert plan["walk"] == _expected_walk(spec, walk)
+    _check_gradients(spec, torch.bfloat16, "cuda")
+
+
+@pytest.mark.parametrize("spec", SM90A_WALK_SPECS, ids=[s.name for s in SM90A_WALK_SPECS])
+def test_cuda_sm90a_backward_walks_agree(spec, sm90a_backward, monkeypatch):
+    """The two walks sum the same terms: every gradient agrees to a rounding (bf16 outputs: a unit in the last place;
+    the bias gradient's float32 sums in another order); and each walk gives the same bits twice (its order of the sums
+    is fixed; dq aside, whose reduce-adds run in a varying order)."""
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    grads = {}
+    for walk in ("tile_major", "head_major"):
+        monkeypatch.setenv("DMATTN_BWD_WALK", walk)
+        grads[walk] = _gradients(sample, _op)
+        _assert_same_work(_gradients(sample, _op), grads[walk])
+    assert grads["tile_major"].keys() == grads["head_major"].keys()
+    for name, head in grads["head_major"].items():
+        scale = head.abs().max().item()
+        torch.testing.assert_close(grads["tile_major"][name], head, rtol=2**-7, atol=1e-3 * scale, msg=name)
+
+
+def test_cuda_sm90a_backward_order_and_walk_variables_are_checked(sm90a_backward, monkeypatch):
+    """A misspelt DMATTN_BWD_ORDER, DMATTN_BWD_BAND or DMATTN_BWD_WALK is an error naming the choices."""
+    spec = SM90A_ORDER_SPECS[0]
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    for name, value, choices in (("DMATTN_BWD_ORDER", "fast", "banded, longest or grid"),
+                                 ("DMATTN_BWD_BAND", "3", "8, 2, 4, 6, 12 or 16"),
+                                 ("DMATTN_BWD_WALK", "rows", "tile_major or head_major")):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            if name == "DMATTN_BWD_BAND":
+                m.setenv("DMATTN_BWD_ORDER", "banded")
+            with pytest.raises(ValueError, match=f"{name} must be {choices}, got '{value}'"):
+                _gradients(sample, _op)
+
+
+def test_cuda_sm90a_backward_one_wave_keeps_the_grid_order(sm90a_backward, capfd, monkeypatch):
+    """A call of no more CTAs than the device has SMs runs them all at once, so the binding skips the order pass
+    (its launch would buy nothing) even under DMATTN_BWD_ORDER=longest, and says so on the plan line."""
+    spec = SM90A_BACKWARD_SPECS[[s.name for s in SM90A_BACKWARD_SPECS].index("sm90a_causal")]
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    units = _order_units(spec)  # 5 x 2 x 6 = 60
+    if units > sms:
+        pytest.skip(f"{units} CTAs are more than one wave on this device's {sms} SMs")
+    monkeypatch.setenv("DMATTN_BWD_ORDER", "longest")
+    plan = _logged_backward_plan(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch)
+    assert (plan["order"], int(plan["order_units"]), int(plan["sms"])) == ("grid", units, sms)
+
+
+# The sm90a backward's row statistics (DMATTN_BWD_ROW_STATS): by TMA on the Q / dO barrier, the consumers finding each
+# row's keys from its index, or by the producer threads (RowStats). Rows the forward found no key for (causal with
+# more queries than keys; a key-side mask hiding a whole sequence), windows with the softcap and kept-key lists, and
+# masks of H heads read per key (dead heads).
+SM90A_ROW_STATS_SPECS = [s for s in SM90A_BACKWARD_SPECS if s.name in (
+    "sm90a_causal_more_queries", "sm90a_window", "sm90a_softcap_lists_window", "sm90a_key_mask_H_runs")] + [
+    dataclasses.replace(SM90A_BACKWARD_SPECS[[s.name for s in SM90A_BACKWARD_SPECS].index("sm90a_lists_bias")],
+                        name="sm90a_lists_bias_masked_rows", masked_rows=True)]
+
+
+def _spy_backward(monkeypatch, change):
+    """Replaces torch.ops.dmattn.varlen_bwd by one that calls it with change(args), a list of the 22 positional
+    arguments the autograd formula passes (meta/fake.py: lse is args[6], key_range args[21])."""
+    real = torch.ops.dmattn.varlen_bwd
+
+    class Spy:
+        def __call__(self, *args):
+            assert len(args) == 22
+            return real(*change(list(args)))
+
+    monkeypatch.setattr(torch.ops.dmattn, "varlen_bwd", Spy())
+
+
+def _assert_same_work(got, want):
+    """dk, dv and the bias gradient bit for bit; dq, summed by reduce-adds in a varying order, to a float32 rounding."""
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        if name == "q":
+            torch.testing.assert_close(got[name], w, rtol=2**-7, atol=1e-3 * w.abs().max().item())
+        else:
+            assert torch.equal(got[name], w), name
+
+
+@pytest.mark.parametrize("spec", SM90A_ROW_STATS_SPECS, ids=[s.name for s in SM90A_ROW_STATS_SPECS])
+def test_cuda_sm90a_backward_row_stats_by_tma_or_threads(spec, sm90a_backward, capfd, monkeypatch):
+    """lse and delta by TMA (the default where they fit) and by the producer threads (DMATTN_BWD_ROW_STATS=threads)
+    give every visible pair the same probability and dS bits: dk, dv and the bias gradient are equal."""
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    grads = {}
+    for mode, want in (("threads", "threads"), ("auto", "tma")):
+        monkeypatch.setenv("DMATTN_BWD_ROW_STATS", mode)
+        assert _logged_backward_plan(sample, capfd, monkeypatch)["row_stats"] == want
+        grads[want] = _gradients(sample, _op)
+    _assert_same_work(grads["tma"], grads["threads"])
+
+
+@pytest.mark.parametrize("change", ["full_key_range", "unaligned_lse"])
+def test_cuda_sm90a_backward_row_stats_key_ranges_or_unaligned_lse(change, sm90a_backward, capfd, monkeypatch):
+    """Where the bulk copies cannot bring the statistics the threads do, with the same result: a call with per-row key
+    ranges (here [0, 2^31 - 1) for every row, which hides nothing: the same pairs as without). An lse whose address is
+    not 16-byte aligned (a contiguous view 4 bytes into its storage) keeps the bulk copies, which read delta_kernel's
+    aligned copy of it, with the same result."""
+    spec = SM90A_BACKWARD_SPECS[[s.name for s in SM90A_BACKWARD_SPECS].index("sm90a_lists_bias")]
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    monkeypatch.setenv("DMATTN_BWD_ROW_STATS", "auto")
+    assert _logged_backward_plan(sample, capfd, monkeypatch)["row_stats"] == "tma"
+    by_tma = _gradients(sample, _op)
+
+    def alter(args):
+        if change == "full_key_range":
+            args[21] = torch.tensor([[0, 2**31 - 1]], dtype=torch.int32, device="cuda").expand(
+                args[2].shape[0], 2).contiguous()
+        else:
+            lse = args[6].contiguous()
+            storage = torch.empty(lse.numel() + 1, dtype=lse.dtype, device=lse.device)
+            args[6] = storage[1:].view(lse.shape).copy_(lse)
+            assert args[6].data_ptr() % 16 != 0
+        return args
+
+    _spy_backward(monkeypatch, alter)
+    want = "threads" if change == "full_key_range" else "tma"
+    assert _logged_backward_plan(sample, capfd, monkeypatch)["row_stats"] == want
+    _assert_same_work(_gradients(sample, _op), by_tma)
+
+
+# Rows the forward gave no weight although the window and the mask let them see keys: every such key's bias is -inf
+# (bias head `head` over the first sequence's keys), so their lse is -inf. On the TMA path rows_seeing knows no lse
+# and marks those pairs visible; only lse2 = +inf makes their probability exp2(-inf) = 0. The threads' path hides
+# them by the row's empty interval. No spec of SM90A_ROW_STATS_SPECS has such rows (masked_rows hides keys, not rows).
+@pytest.mark.parametrize("name, head", [("sm90a_lists_bias", 1), ("sm90a_softcap_lists_window", 0)])
+def test_cuda_sm90a_backward_row_stats_rows_of_no_weight(name, head, sm90a_backward, capfd, monkeypatch):
+    """Rows of lse -inf whose window holds kept keys (all of bias -inf): the same bits by TMA and by the threads,
+    every gradient finite and within the float64 reference's rule."""
+    spec = SM90A_BACKWARD_SPECS[[s.name for s in SM90A_BACKWARD_SPECS].index(name)]
+
+    def rows_of_no_weight(sample):
+        bias = sample.bias.clone()
+        bias[: spec.seqlens_k[0], head] = -math.inf
+        return sample.replace(bias=bias)
+
+    sample = rows_of_no_weight(make_sample(spec, torch.bfloat16, "cuda"))
+    assert torch.isneginf(sample.run()[1]).any()
+    grads = {}
+    for mode, want in (("threads", "threads"), ("auto", "tma")):
+        monkeypatch.setenv("DMATTN_BWD_ROW_STATS", mode)
+        assert _logged_backward_plan(sample, capfd, monkeypatch)["row_stats"] == want
+        grads[want] = _gradients(sample, _op)
+    _assert_same_work(grads["tma"], grads["threads"])
+    cpu = rows_of_no_weight(make_sample(spec, torch.bfloat16, "cpu"))
+    want = _gradients(cpu, lambda s: s.reference(torch.float64))
+    base = _gradients(cpu, lambda s: s.reference(torch.bfloat16))
+    assert_gradients_close({n: t.cpu() for n, t in grads["tma"].items()}, want, base, torch.bfloat16)
+
+
+def test_cuda_sm90a_backward_l2_policy_changes_no_bits(sm90a_backward, capfd, monkeypatch):
+    """DMATTN_BWD_L2: evict-last hints (the default) on the query tiles' loads and dQ's reduce-adds, or L2's default
+    policy; a hint moves no data, so dk, dv and the bias gradient keep their bits."""
+    spec = SM90A_BACKWARD_SPECS[[s.name for s in SM90A_BACKWARD_SPECS].index("sm90a_key_mask_H_runs")]
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    grads = {}
+    for policy in ("normal", "evict_last"):
+        monkeypatch.setenv("DMATTN_BWD_L2", policy)
+        assert _logged_backward_plan(sample, capfd, monkeypatch)["l2"] == policy
+        grads[policy] = _gradients(sample, _op)
+    _assert_same_work(grads["evict_last"], grads["normal"])
+
+
+# The sm90a backward's dQ stores (DMATTN_BWD_DQ_STORE): `tile` (the default, which every sm90a test above runs against
+# the float64 reference) has a producer warp add each warpgroup's staged part of a query tile with one bulk reduce-add
+# into dq_accum in tiles (bwd::DqTiles: rows permuted by their parity, converted and scaled by dq_convert); `rows` has
+# the consumer threads add it row by row into (total_q, H, D). Tiles starting at rows of both parities (odd sequence
+# starts, causal and windowed spans), partial tiles, dead heads (skipped items the writer must skip too), kept-key
+# lists, the softcap, D = 64 (both warpgroups add into the same column block), and a batch of more CTAs than SMs.
+SM90A_DQ_STORE_SPECS = [s for s in SM90A_BACKWARD_SPECS if s.name in (
+    "sm90a_causal", "sm90a_causal_more_queries", "sm90a_window", "sm90a_lists_bias", "sm90a_softcap_lists_window",
+    "sm90a_key_mask_H_runs", "sm90a_key_mask_H_runs_group_32")] + [
+    s for s in SM90A_ORDER_SPECS if s.name == "sm90a_lists_bias_waves"]
+
+
+@pytest.mark.parametrize("spec", SM90A_DQ_STORE_SPECS, ids=[s.name for s in SM90A_DQ_STORE_SPECS])
+def test_cuda_sm90a_backward_dq_tiles_match_rows(spec, sm90a_backward, capfd, monkeypatch):
+    """dQ added in tiles and in rows: dk, dv and the bias gradient bit for bit (nothing else changes), dq to a float32
+    rounding of each other (the reduce-adds' order varies, and the tiles scale the sum where the rows scale each
+    addend), and both against the float64 reference."""
+    if spec.head_dim not in dmattn_ops.build_info()["cuda_backward"].get("sm90a", []):
+        pytest.skip(f"this build has no sm90a backward at head dim {spec.head_dim} (DMATTN_HEAD_DIMS)")
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    grads = {}
+    for store in ("rows", "tile"):
+        monkeypatch.setenv("DMATTN_BWD_DQ_STORE", store)
+        assert _logged_backward_plan(sample, capfd, monkeypatch)["dq_store"] == store
+        grads[store] = _gradients(sample, _op)
+    _assert_same_work(grads["tile"], grads["rows"])
+    cpu = make_sample(spec, torch.bfloat16, "cpu")
+    want = _gradients(cpu, _reference(torch.float64))
+    base = _gradients(cpu, _reference(torch.bfloat16))
+    for store, got in grads.items():
+        assert_gradients_close({name: g.cpu() for name, g in got.items()}, want, base, torch.bfloat16)
+
+
+def test_cuda_sm90a_backward_key_ranges_match_reference(sm90a_backward, capfd, monkeypatch):
+    """Per-row key ranges that narrow the causal window (and some empty) on the sm90a backward, which reads them on
+    its threads' path: every gradient against the float64 reference given the same ranges."""
+    spec = SM90A_BACKWARD_SPECS[[s.name for s in SM90A_BACKWARD_SPECS].index("sm90a_lists_bias")]
+    g = torch.Generator().manual_seed(14)
+    ranges = []
+    for lq, lk in zip(spec.seqlens_q, spec.seqlens_k):
+        for _ in range(lq):
+            a, b = sorted(torch.randint(-3, lk + 4, (2,), generator=g).tolist())
+            ranges.append((a, b) if torch.rand(1, generator=g).item() > 0.1 else (b, a))  # a tenth empty
+    key_range = torch.tensor(ranges, dtype=torch.int32).view(-1, 2)
+    sample = make_sample(spec, torch.bfloat16, "cuda").replace(key_range=key_range.cuda())
+    assert _logged_backward_plan(sample, capfd, monkeypatch)["row_stats"] == "threads"
+    got = {name: t.cpu() for name, t in _gradients(sample, _op).items()}
+    cpu = make_sample(spec, torch.bfloat16, "cpu").replace(key_range=key_range)
+    want = _gradients(cpu, lambda s: s.reference(torch.float64))
+    base = _gradients(cpu, lambda s: s.reference(torch.bfloat16))
+    assert_gradients_close(got, want, base, torch.bfloat16)
+
+
 @pytest.mark.parametrize("name, head_dim, env, deterministic, arch, dq", [
     ("dense_gqa", 128, {}, False, "sm90a", "reduce_add"),
     ("dense_gqa", 64, {}, False, "sm90a", "reduce_add"),
@@ -225,6 +530,8 @@ def test_cuda_sm90a_backward_matches_reference(spec, dtype, sm90a_backward):
     ("dense_gqa", 128, {"DMATTN_BWD_DQ": "ordered"}, False, "sm80", "ordered"),
     ("dense_gqa", 128, {"DMATTN_BWD_DQ": "atomic"}, False, "sm80", "atomic"),
     ("dense_gqa", 128, {}, True, "sm80", "ordered"),              # torch's deterministic mode
+    ("dense_gqa", 128, {"DMATTN_BWD_DQ_STORE": "rows"}, False, "sm90a", "reduce_add"),  # dQ by rows
+    ("dense_gqa", 128, {"DMATTN_BWD_DQ_STORE": "tile"}, True, "sm80", "ordered"),  # deterministic: the pair still
 ])  # each as planned (DMATTN_BWD_DQ unset: the sm90a_backward fixture) unless env names a summation
 def test_cuda_backward_arch_is_the_documented_one(name, head_dim, env, deterministic, arch, dq, sm90a_backward, capfd,
                                                   monkeypatch, deterministic_mode):
@@ -240,6 +547,8 @@ def test_cuda_backward_arch_is_the_documented_one(name, head_dim, env, determini
     plan = _logged_backward_plan(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch)
     assert plan["arch"] == arch
     assert plan["dq"] == dq
+    # the sm90a backward's dQ in tiles unless DMATTN_BWD_DQ_STORE=rows; the sm80 pair has neither
+    assert plan["dq_store"] == (env.get("DMATTN_BWD_DQ_STORE", "tile") if arch == "sm90a" else "none")
 
 
 @pytest.mark.parametrize("mask", [None, "key"], ids=["no_mask", "kept_key_lists"])
@@ -316,6 +625,27 @@ def test_cuda_backward_path_is_the_documented_one(name, path, cuda_device, capfd
     assert _logged_backward_path(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch) == path
     monkeypatch.setenv("DMATTN_BWD", "blockwise")
     assert _logged_backward_path(make_sample(spec, torch.bfloat16, "cuda"), capfd, monkeypatch) == "blockwise"
+
+
+@pytest.mark.parametrize("path", ["blockwise", "sm80"])
+def test_cuda_backward_sm90a_variables_are_checked_on_every_path(path, cuda_device, monkeypatch):
+    """The sm90a backward's debug variables are read on every backward call, so a misspelt one is an error naming the
+    choices on the blockwise and sm80 paths too, not only where the sm90a kernel runs."""
+    spec = SAMPLES[SAMPLE_IDS.index("key_mask_Hk")]
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    if path == "blockwise":
+        monkeypatch.setenv("DMATTN_BWD", "blockwise")
+    else:
+        monkeypatch.setenv("DMATTN_ARCH", "sm80")
+    for name, value, choices in (("DMATTN_BWD_ORDER", "fast", "banded, longest or grid"),
+                                 ("DMATTN_BWD_WALK", "rows", "tile_major or head_major"),
+                                 ("DMATTN_BWD_ROW_STATS", "tma", "auto or threads"),
+                                 ("DMATTN_BWD_L2", "evict_first", "evict_last or normal"),
+                                 ("DMATTN_BWD_DQ_STORE", "atomic", "tile or rows")):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            with pytest.raises(ValueError, match=f"{name} must be {choices}, got '{value}'"):
+                _gradients(sample, _op)
 
 
 @pytest.mark.parametrize("name, lists", [("key_mask_Hk", "1"), ("key_mask_1", "1"), ("block_sparse_key_mask", "1"),

@@ -1002,3 +1002,224 @@ def test_per_head_copies_only_for_sequences_of_several_query_tiles(planner, max_
     assert per_head["sm90a_slots"] == (max_q > 128)
     assert per_head["sm90a"] == (max_q > 128)
     assert planner(**shape, mask=KEY, Hm=2)["sm90a_slots"]
+
+
+_CTA_ORDER_DRIVER = """
+    #include <cstdio>
+
+    #include "cuda/bwd/bwd_params.h"
+    using namespace dmattn;
+    // stdin per call: B Hk total_k max_k sms
+    // stdout: units(...), bytes and pays(units, sms), then where units > 0 each unit's coordinates (coords: hk b tile)
+    int main() {
+      long long B, Hk, tk, mk, sms;
+      while (std::scanf("%lld %lld %lld %lld %lld", &B, &Hk, &tk, &mk, &sms) == 5) {
+        VarlenFwdParams p;
+        p.batch = static_cast<int32_t>(B); p.num_heads_k = static_cast<int32_t>(Hk);
+        p.total_k = tk; p.max_seqlen_k = mk;
+        const int64_t units = cuda::bwd::CtaOrder::units(p);
+        std::printf("%lld %lld %d", static_cast<long long>(units), static_cast<long long>(cuda::bwd::CtaOrder::bytes(p)),
+                    static_cast<int>(cuda::bwd::CtaOrder::pays(units, sms)));
+        for (int u = 0; u < units; ++u) {
+          int hk, b, tile;
+          cuda::bwd::CtaOrder::coords(p, u, hk, b, tile);
+          std::printf(" %d %d %d", hk, b, tile);
+        }
+        std::printf("\\n");
+      }
+    }
+    """
+
+
+def test_sm90a_backward_cta_order_is_sized_from_host_ints(tmp_path):
+    """bwd::CtaOrder (csrc/cuda/bwd/bwd_params.h): the sm90a backward's ordered units, one per (sequence, KV head, key
+    tile of 128 slots) over the longest key range a clamped sequence can have (min(max_seqlen_k, total_k)), an int32
+    each in the backward's order array; 0 (the grid's order) past 16,384 units or with nothing to run. coords is the
+    inverse of u = (tile B + b) Hk + hk: every unit once, inside the grid the kernel would otherwise launch. The
+    binding orders only calls of more units than the device's SMs (pays: one CTA per SM, so one wave starts them all
+    at once and the order pass would be a launch for nothing)."""
+    exe = build_host_driver(tmp_path, _CTA_ORDER_DRIVER, "cta_order", "bwd_params.h")
+    calls = [  # (B, Hk, total_k, max_k, SMs, expected units, ordered)
+        (8, 8, 16_056, 3865, 132, 8 * 8 * 31, True),  # the prefill bench batch: 1,984 CTAs
+        (3, 2, 500, 10**12, 132, 3 * 2 * 4, False),  # max_seqlen_k past total_k: total_k's tiles; one wave
+        (5, 1, 129, 128, 4, 5, True),
+        (5, 1, 129, 129, 10, 10, False),  # exactly one wave
+        (11, 1, 129, 129, 10, 22, True),
+        (12, 2, 8_000, 1500, 132, 12 * 2 * 12, True),  # tests/test_backward.py's order batch
+        (5, 2, 1_100, 700, 132, 5 * 2 * 6, False),  # and its one-wave batch
+        (1, 8, 2048 * 128, 2048 * 128, 132, 16_384, True),  # exactly the cap
+        (1, 8, 2048 * 128 + 1, 2048 * 128 + 1, 132, 0, False),  # one tile past it
+        (16_385, 1, 16_385, 1, 132, 0, False),  # more (sequence, KV head) pairs than the cap
+        (70_000, 4, 10**6, 2**31 - 1, 132, 0, False),  # past the grid's y limit: the grid order's chunks
+        (0, 8, 100, 100, 0, 0, False), (4, 8, 0, 100, 0, 0, False), (4, 8, 100, 0, 0, 0, False),
+    ]
+    stdin = "".join(f"{B} {Hk} {tk} {mk} {sms}\n" for B, Hk, tk, mk, sms, _, _ in calls)
+    out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == len(calls)
+    for (B, Hk, tk, mk, sms, expected, ordered), line in zip(calls, out):
+        values = [int(x) for x in line.split()]
+        units, nbytes, pays, coords = values[0], values[1], values[2], values[3:]
+        assert (units, nbytes, pays) == (expected, 4 * expected, int(ordered)), (B, Hk, tk, mk, sms)
+        tiles = -(-min(tk, mk) // 128)
+        seen = set()
+        for u in range(units):
+            hk, b, tile = coords[3 * u: 3 * u + 3]
+            assert 0 <= hk < Hk and 0 <= b < B and 0 <= tile < tiles
+            assert (tile * B + b) * Hk + hk == u
+            seen.add((hk, b, tile))
+        assert len(seen) == units
+
+
+_CTA_RUNS_DRIVER = """
+    #include <cstdio>
+
+    #include "cuda/bwd/bwd_params.h"
+    using namespace dmattn;
+    // stdin per call: units pairs band; stdout: runs, then per run its width and units
+    int main() {
+      int units, pairs, band;
+      while (std::scanf("%d %d %d", &units, &pairs, &band) == 3) {
+        const int runs = cuda::bwd::CtaOrder::runs(units, pairs, band);
+        std::printf("%d", runs);
+        for (int r = 0; r < runs; ++r) {
+          const int width = cuda::bwd::CtaOrder::run_width(r, units, pairs, band);
+          std::printf(" %d", width);
+          for (int k = 0; k < width; ++k) std::printf(" %d", cuda::bwd::CtaOrder::run_unit(r, k, pairs, band));
+        }
+        std::printf("\\n");
+      }
+    }
+    """
+
+
+def test_sm90a_backward_cta_bands_cover_every_unit_once(tmp_path):
+    """bwd::CtaOrder's runs (DMATTN_BWD_ORDER=banded, run_varlen_bwd.cu's order pass): each run holds 1 to `band`
+    consecutive key tiles of one (sequence, KV head) pair in tile order, and the runs together hold every unit
+    u = tile pairs + pair exactly once; band 1 is one run per unit (the longest-first order)."""
+    exe = build_host_driver(tmp_path, _CTA_RUNS_DRIVER, "cta_runs", "bwd_params.h")
+    calls = [(8 * 8 * 31, 64, 8), (8 * 8 * 31, 64, 1), (12 * 2 * 12, 24, 8), (12 * 2 * 12, 24, 16),
+             (12 * 2 * 12, 24, 5), (5, 5, 4), (16_384, 8, 64), (16_384, 16_384, 2)]
+    stdin = "".join(f"{u} {p} {b}\n" for u, p, b in calls)
+    out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(out) == len(calls)
+    for (units, pairs, band), line in zip(calls, out):
+        values = [int(x) for x in line.split()]
+        runs, at, seen = values[0], 1, []
+        tiles = units // pairs
+        assert runs == -(-tiles // band) * pairs
+        for r in range(runs):
+            width = values[at]
+            members = values[at + 1: at + 1 + width]
+            at += 1 + width
+            assert 1 <= width <= band
+            first = r // pairs * band
+            assert members == [(first + k) * pairs + r % pairs for k in range(width)]
+            seen += members
+        assert at == len(values)
+        assert sorted(seen) == list(range(units)), (units, pairs, band)
+
+
+_ROW_STATS_DRIVER = """
+    #include <cstdio>
+
+    #include "cuda/bwd/bwd_params.h"
+    using dmattn::cuda::bwd::RowStatsTma;
+    // stdin per call: key_range H total_q; stdout: RowStatsTma::fits, stride(total_q)
+    // then per line of "row": window_start(row) window_offset(row)
+    int main() {
+      long long kr, h, tq;
+      while (std::scanf("%lld %lld %lld", &kr, &h, &tq) == 3 && kr >= 0) {
+        std::printf("%d %lld\\n", static_cast<int>(RowStatsTma::fits(kr != 0, h, tq)),
+                    static_cast<long long>(RowStatsTma::stride(tq)));
+      }
+      long long row;
+      while (std::scanf("%lld", &row) == 1) {
+        std::printf("%lld %d\\n", static_cast<long long>(RowStatsTma::window_start(row)),
+                    RowStatsTma::window_offset(row));
+      }
+    }
+    """
+
+
+def test_sm90a_backward_row_stats_windows(tmp_path):
+    """bwd::RowStatsTma (csrc/cuda/bwd/bwd_params.h): the sm90a backward bulk-copies lse2 and delta (delta_kernel's
+    padded copy, a row of stride(total_q) floats per head) wherever the call has no per-row key ranges. A copy is
+    kWindow = 68 floats (272 bytes, a multiple of 16) from the 16-byte boundary at or below the tile's first row: for
+    every first row < total_q the window starts 16-byte aligned and ends inside its head's row, and holds the tile's 64
+    rows from its offset on."""
+    exe = build_host_driver(tmp_path, _ROW_STATS_DRIVER, "row_stats", "bwd_params.h")
+    calls = [(0, 32, 16_056, True), (1, 32, 16_056, False), (0, 1, 1, True), (0, 0, 100, False), (0, 4, 0, False),
+             (0, 65_535, 2**31 - 2, True)]  # int64 offsets: the bound on total_q is the binding's (int32 rows)
+    total_qs = [1, 2, 3, 4, 5, 63, 64, 65, 494, 999, 16_056]
+    lines = [f"{kr} {h} {tq}" for kr, h, tq, _ in calls] + [f"0 1 {tq}" for tq in total_qs] + ["-1 0 0"]
+    rows = sorted(set(range(1100)) | {tq - 1 for tq in total_qs})
+    stdin = "\n".join(lines + [str(r) for r in rows]) + "\n"
+    out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.splitlines()
+    head = [line.split() for line in out[: len(calls) + len(total_qs)]]
+    assert [bool(int(f)) for f, _ in head[: len(calls)]] == [c[-1] for c in calls]
+    stride = {tq: int(x) for tq, (_, x) in zip(total_qs, head[len(calls):])}
+    window = dict(zip(rows, (tuple(int(v) for v in line.split()) for line in out[len(calls) + len(total_qs):])))
+    assert len(window) == len(rows)
+    for tq, st in stride.items():
+        assert st % 4 == 0  # each head's row starts 16-byte aligned
+        for row in (r for r in rows if r < tq):
+            start, offset = window[row]
+            assert start % 4 == 0 and start + offset == row and offset < 4
+            assert start + 68 <= st  # the 68-float window (the tile's 64 rows from its offset) inside the head's row
+
+
+_DQ_TILES_DRIVER = """
+    #include <cstdio>
+
+    #include "cuda/bwd/bwd_params.h"
+    using dmattn::cuda::bwd::DqTiles;
+    // stdout: for rows 0..3, the position of each column and the column at each position; then offset() of a few rows
+    int main() {
+      for (int row = 0; row < 4; ++row) {
+        for (int c = 0; c < DqTiles::kCols; ++c) std::printf("%d ", DqTiles::position(c, row));
+        for (int i = 0; i < DqTiles::kCols; ++i) std::printf("%d ", DqTiles::column(i, row));
+        std::printf("\\n");
+      }
+      std::printf("%lld %lld %lld\\n", static_cast<long long>(DqTiles::offset(0, 0, 1, 2, 100)),
+                  static_cast<long long>(DqTiles::offset(3, 1, 7, 2, 100)),
+                  static_cast<long long>(DqTiles::offset(31, 1, (1ll << 31) - 2, 2, (1ll << 31) - 1)));
+    }
+    """
+
+
+def test_sm90a_backward_dq_tiles_layout(tmp_path):
+    """bwd::DqTiles (csrc/cuda/bwd/bwd_params.h): the sm90a backward's dq_accum rows in tiles. Inside a row, position
+    and column are inverse permutations of its 64 floats (dq_convert undoes what the consumers store); a consumer
+    thread's chunk j (quad lane t: columns 16 j + 2 t, + 1, 16 j + 8 + 2 t, + 1) is 4 consecutive floats from a 16-byte
+    boundary (one st.shared.v4); the 8 lanes of each quarter-warp (rows g = 2 k, 2 k + 1, t < 4) of each such store hit
+    8 different 16-byte bank groups whatever the tile's first row (no bank conflict, no padding); rows of a (head,
+    column block) are contiguous, past int32 offsets too."""
+    exe = build_host_driver(tmp_path, _DQ_TILES_DRIVER, "dq_tiles", "bwd_params.h")
+    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(lines) == 5
+    position, column = {}, {}
+    for row, line in enumerate(lines[:4]):
+        values = [int(x) for x in line.split()]
+        position[row], column[row] = values[:64], values[64:]
+        assert sorted(position[row]) == list(range(64))
+        assert all(column[row][position[row][c]] == c for c in range(64))
+    assert position[0] == position[2] and position[1] == position[3]  # the row's parity only
+    for row in range(4):
+        for t in range(4):
+            for j in range(4):
+                first = position[row][16 * j + 2 * t]
+                cols = (16 * j + 2 * t, 16 * j + 2 * t + 1, 16 * j + 8 + 2 * t, 16 * j + 8 + 2 * t + 1)
+                assert first % 4 == 0 and [position[row][c] for c in cols] == [first + i for i in range(4)]
+    for m0 in range(2):  # the tile's first row's parity
+        for j in range(4):
+            for half in range(2):
+                for k in range(4):  # quarter-warp k: lanes 8 k .. 8 k + 7
+                    groups = set()
+                    for lane in range(8 * k, 8 * k + 8):
+                        g, t = lane // 4, lane % 4
+                        r = g + 8 * half  # warp 0's rows; other warps add 16 rows (4 KiB: the same banks)
+                        byte = r * 256 + 4 * position[(m0 + r) % 2][16 * j + 2 * t]
+                        groups.add(byte % 128 // 16)
+                    assert len(groups) == 8, (m0, j, half, k)
+    assert [int(x) for x in lines[4].split()] == [64, ((3 * 2 + 1) * 100 + 7) * 64,
+                                                   ((31 * 2 + 1) * (2**31 - 1) + 2**31 - 2) * 64]

@@ -40,7 +40,8 @@ cudaError_t run_varlen_fwd(const VarlenFwdParams& p, const FwdPlan& plan, Comput
 // buffers of p. p.f.head_dim must be bwd::bwd_head_dim of itself (64 or 128), p.f.dtype float16 or bfloat16, and the
 // call must have no query-side mask or bias and no kv_slots (the binding checks). Returns the first CUDA error.
 // sm90a: the sm90a backward (sm90a/bwd_kernel.cuh; dispatch.h, dispatch_backward) instead of the sm80 pair: where
-// has_backward_kernel(cc, ...) holds and the binding planned it; it sums dQ into p.dq_accum, which must be set.
+// has_backward_kernel(cc, ...) holds and the binding planned it; it sums dQ into p.dq_accum, which must be set (and
+// zeroed), and on the tile path (p.dq_tiles) converts it into dq itself.
 cudaError_t run_varlen_bwd(const bwd::BwdParams& p, ComputeCapability cc, bool sm90a, cudaStream_t stream);
 
 }  // namespace dmattn::cuda

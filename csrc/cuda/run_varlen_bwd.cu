@@ -2,8 +2,9 @@
 // lists (BwdParams::keys; the forward's pass, key_compaction.cu), dkdv_kernel, then dq_kernel unless dkdv_kernel adds
 // dQ itself (bwd/bwd_traits.h), for float16 / bfloat16 at head dims 64 and 128, with and without a softcap. The
 // kernels are the sm80 path's mma.sync code, compiled for every architecture of the build. Calls the binding plans
-// for the sm90a backward go, after delta_kernel and compact_keys, to its generated dispatch (dispatch.h,
-// dispatch_backward) instead of the pair.
+// for the sm90a backward go, after delta_kernel, compact_keys and the order of its CTAs (order_ctas_kernel), to its
+// generated dispatch (dispatch.h, dispatch_backward) instead of the pair, then, where its dQ is in tiles
+// (BwdParams::dq_tiles), to dq_convert_kernel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -12,7 +13,9 @@
 
 #include "api.h"
 #include "dispatch.h"
+#include "longest_first.cuh"
 #include "bwd/delta_kernel.cuh"
+#include "bwd/dq_convert.cuh"
 #include "bwd/dkdv_kernel.cuh"
 #include "bwd/dq_kernel.cuh"
 
@@ -20,6 +23,40 @@ namespace dmattn::cuda {
 namespace {
 
 constexpr int64_t kMaxGridYZ = 65535;  // sequences are grid.y, tiles grid.z
+
+// The sm90a backward's units (bwd::CtaOrder), longest first, into p.cta_order: a unit's work is its query tiles per
+// head (bwd::key_tile, as the kernel computes them; times the group's query heads, the same for every unit, so left
+// out), from the kept-key lists where the call has them (hence after compact_keys). With p.order_band > 1 in runs of
+// that many key tiles of one (sequence, KV head), each ranked by its longest tile and launched in tile order (a band:
+// CtaOrder). One CTA, a few microseconds.
+constexpr int kOrderThreads = 1024;
+constexpr int kOrderPerThread = static_cast<int>(bwd::CtaOrder::kMaxUnits / kOrderThreads);
+static_assert(kOrderPerThread * kOrderThreads == bwd::CtaOrder::kMaxUnits, "every unit has a thread");
+
+__global__ void __launch_bounds__(kOrderThreads)
+order_ctas_kernel(const __grid_constant__ bwd::BwdParams p, int units) {
+  const int group = p.f.num_heads / p.f.num_heads_k;
+  const int pairs = p.f.batch * p.f.num_heads_k;  // <= units <= kMaxUnits
+  const int band = min(max(p.order_band, 1), bwd::CtaOrder::kMaxBand);
+  auto tiles = [&](int u) {
+    int hk, b, tile;
+    bwd::CtaOrder::coords(p.f, u, hk, b, tile);
+    const bwd::Seq s(p.f, b);
+    const bwd::KeySlots ks(p, s, b, hk * group);
+    return bwd::key_tile<bwd::CtaOrder::kTileRows, bwd::CtaOrder::kTileKeys>(p.f, s, ks, tile).tiles_per_head;
+  };
+  auto width = [&](int r) { return bwd::CtaOrder::run_width(r, units, pairs, band); };
+  auto longest = [&](int r) {  // the run's longest tile (under causality its first)
+    int most = 0;
+    for (int k = 0; k < width(r); ++k) most = max(most, tiles(bwd::CtaOrder::run_unit(r, k, pairs, band)));
+    return most;
+  };
+  auto emit = [&](int r, int at) {
+    for (int k = 0; k < width(r); ++k) p.cta_order[at + k] = bwd::CtaOrder::run_unit(r, k, pairs, band);
+  };
+  order_runs_longest_first<kOrderThreads, kOrderPerThread>(bwd::CtaOrder::runs(units, pairs, band), longest, width,
+                                                           emit);
+}
 
 template <typename Elem, int kHeadDim, bool kSoftcap>
 cudaError_t launch_bwd(const bwd::BwdParams& p, cudaStream_t stream) {
@@ -54,7 +91,8 @@ cudaError_t launch_bwd(const bwd::BwdParams& p, cudaStream_t stream) {
 }
 
 // What both backwards run first: delta_kernel, then the kept-key lists where the call has them (compact_keys); then
-// the sm90a backward where the binding planned it (dispatch.h, dispatch_backward), else the sm80 pair.
+// the sm90a backward where the binding planned it (its CTA order where the binding asked for one, then dispatch.h,
+// dispatch_backward, then dq from its float32 tiles where BwdParams::dq_tiles), else the sm80 pair.
 template <typename Elem, int kHeadDim>
 cudaError_t launch_bwd(const bwd::BwdParams& p, ComputeCapability cc, bool sm90a, cudaStream_t stream) {
   cudaError_t err;
@@ -66,7 +104,15 @@ cudaError_t launch_bwd(const bwd::BwdParams& p, ComputeCapability cc, bool sm90a
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if ((err = compact_keys(p.f, p.keys, stream)) != cudaSuccess) return err;  // nothing without lists
-  if (sm90a) return dispatch_backward(cc, p, stream);
+  if (sm90a) {
+    if (p.cta_order != nullptr) {  // the binding sets it where units(...) > 0
+      order_ctas_kernel<<<1, kOrderThreads, 0, stream>>>(p, static_cast<int>(bwd::CtaOrder::units(p.f)));
+      if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    }
+    if ((err = dispatch_backward(cc, p, stream)) != cudaSuccess) return err;
+    return p.dq_tiles ? bwd::launch_dq_convert<Elem, kHeadDim>(p, stream) : cudaSuccess;
+  }
+  if (p.dq_tiles) return cudaErrorInvalidValue;  // the pair adds dQ in rows only
   return p.f.softcap > 0.f ? launch_bwd<Elem, kHeadDim, true>(p, stream) : launch_bwd<Elem, kHeadDim, false>(p, stream);
 }
 

@@ -251,6 +251,54 @@ bool sm90a_backward(const VarlenFwdArgs& a, int32_t kernel_dim, cuda::ComputeCap
                                    kernel_dim);
 }
 
+// The order of the sm90a backward's CTAs (DMATTN_BWD_ORDER), by an order pass over the call's (sequence, KV head, key
+// tile) units (bwd::CtaOrder; calls of more units than it sorts, or of no more than the device's SMs, one wave that
+// the order cannot change, keep the grid order): `banded` (the default) in bands of DMATTN_BWD_BAND key tiles of one
+// (sequence, KV head), which read the same query rows, the bands longest first; `longest` each CTA longest first;
+// `grid` the grid's own order (key tile slowest), for A/B timing. The gradients' bits are the same in all three but
+// dQ's, whose reduce-adds run in an order that varies anyway. Returns the band: 0 grid, 1 longest.
+int bwd_order_band() {
+  const std::string order = env_choice("dmattn.varlen_bwd: ", "DMATTN_BWD_ORDER", {"banded", "longest", "grid"});
+  if (order != "banded") return order == "longest" ? 1 : 0;
+  // DMATTN_BWD_BAND: the band's key tiles (8, tools/model_bwd_l2_order.py's choice for the prefill batch), for A/B
+  const std::string band = env_choice("dmattn.varlen_bwd: ", "DMATTN_BWD_BAND", {"8", "2", "4", "6", "12", "16"});
+  return std::stoi(band);
+}
+
+// How the sm90a backward's CTAs walk their query tiles (DMATTN_BWD_WALK): `tile_major` (the default where the KV group
+// has at most bwd::TileMajorWalk::kMaxGroup query heads) from the last tile down with the group's heads inside each
+// tile, so that a band's CTAs read the same rows together; `head_major` head by head, for A/B timing (and the walk of
+// bigger groups). dk, dv and the bias gradient are summed over the items in walk order, so their last bits differ
+// between the two (each walk is deterministic).
+bool bwd_walk_tile_major(int64_t heads, int64_t heads_k) {
+  const bool tile = env_choice("dmattn.varlen_bwd: ", "DMATTN_BWD_WALK", {"tile_major", "head_major"}) == "tile_major";
+  return tile && cuda::bwd::TileMajorWalk::fits(heads, heads_k);
+}
+
+// How the sm90a backward brings each query tile's lse and delta (DMATTN_BWD_ROW_STATS): `auto` (the default) by bulk
+// copies on the Q / dO barrier where bwd::RowStatsTma fits the call (no per-row key ranges), from a padded copy that
+// delta_kernel writes, else by its producer threads; `threads` by the threads always, for A/B timing. The
+// gradients' bits are the same either way but dQ's (reduce-adds in a varying order).
+bool bwd_row_stats_by_threads() {
+  return env_choice("dmattn.varlen_bwd: ", "DMATTN_BWD_ROW_STATS", {"auto", "threads"}) == "threads";
+}
+
+// The L2 policy of the sm90a backward's query-tile traffic (DMATTN_BWD_L2): `evict_last` (the default) on its Q, dO,
+// lse and delta loads and dq_accum's reduce-adds, which a KV head's key tiles read in turn; `normal` the default
+// policy, for A/B timing. No gradient changes with it but dQ's last bits (reduce-adds in a varying order).
+bool bwd_l2_evict_normal() {
+  return env_choice("dmattn.varlen_bwd: ", "DMATTN_BWD_L2", {"evict_last", "normal"}) == "normal";
+}
+
+// How the sm90a backward adds its dQ (DMATTN_BWD_DQ_STORE): `tile` (the default) each consumer warpgroup's part of a
+// query tile with one bulk reduce-add from a producer warp, into a float32 buffer in tiles (bwd::DqTiles, the same
+// size as the rows' one), which a conversion pass scales into dq; `rows` one bulk reduce-add per row from the consumer
+// threads into (total_q, H, D), converted by ATen, for A/B runs. dQ's bits may differ between the two and between
+// runs of either (reduce-adds in a varying order; the scale applied before or after the sum).
+bool bwd_dq_tiles() {
+  return env_choice("dmattn.varlen_bwd: ", "DMATTN_BWD_DQ_STORE", {"tile", "rows"}) == "tile";
+}
+
 // Whether the fused backward walks kept-key lists (BwdParams::keys): a key-side mask whose heads the query heads of
 // each KV group share (Hm divides Hk), so that one list serves a dkdv_kernel CTA's whole group.
 bool bwd_key_lists(const VarlenFwdArgs& a) {
@@ -262,7 +310,8 @@ bool bwd_key_lists(const VarlenFwdArgs& a) {
 // and delta. Nothing here synchronises the device.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_varlen_bwd(
     const VarlenFwdArgs& a, const at::Tensor& dout, const at::Tensor& dlse, const at::Tensor& out,
-    const at::Tensor& lse, bool bias_grad, int32_t kernel_dim, bool sm90a, bool atomic_dq) {
+    const at::Tensor& lse, bool bias_grad, int32_t kernel_dim, bool sm90a, bool atomic_dq, int order_band,
+    bool walk_tile_major, bool row_stats_threads, bool l2_evict_normal, bool dq_tiles) {
   const int64_t head_dim = a.q.size(2), H = a.q.size(1);
   const double scale = resolve_softmax_scale(a.softmax_scale, head_dim);  // of the real D, not the padded one
   // The sm90a backward reads q and dout by TMA, which needs the row and head strides positive (a view expanded over
@@ -280,8 +329,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_var
   const at::Tensor dlse_in = dlse.numel() > 0 ? dlse.contiguous() : dlse;
   const auto f32 = qk.options().dtype(at::kFloat);
   const at::Tensor delta = at::empty({qk.size(1), qk.size(0)}, f32);  // (H, total_q): delta_kernel writes it
-  at::Tensor dq_accum = atomic_dq ? at::zeros(qk.sizes(), f32) : at::Tensor();  // (total_q, H, D)
-  at::Tensor dq = atomic_dq ? at::Tensor() : at::zeros_like(qk, at::MemoryFormat::Contiguous);
+  // The sm90a backward's bulk-copied statistics (bwd::RowStatsTma): (2, H, stride) float32, lse2 and delta, written by
+  // delta_kernel too; the padding past each head's last row is never written (its rows see nothing).
+  const int64_t stats_stride = cuda::bwd::RowStatsTma::stride(qk.size(0));
+  const at::Tensor row_stats = !row_stats_threads ? at::empty({2, qk.size(1), stats_stride}, f32) : at::Tensor();
+  // dQ's float32 buffer where dQ is added (atomic_dq): (total_q, H, D), zero-filled, converted into dq below; or with
+  // dq_tiles (sm90a only) (H, D / 64, total_q, 64) in bwd::DqTiles' order, as many floats, from which run_varlen_bwd's
+  // conversion pass writes every element of dq. Else dq itself, zero-filled (the sm80 pair's dq_kernel).
+  at::Tensor dq_accum, dq;
+  if (dq_tiles) {
+    constexpr int64_t kCols = cuda::bwd::DqTiles::kCols;
+    dq_accum = at::zeros({qk.size(1), kernel_dim / kCols, qk.size(0), kCols}, f32);
+    // run_varlen_bwd runs nothing for a call of no sequence (cu_seqlens of one entry), the conversion pass included:
+    // dq is then the zeros it would have written
+    dq = a.cu_seqlens_q.size(0) > 1 ? at::empty(qk.sizes(), qk.options()) : at::zeros(qk.sizes(), qk.options());
+  } else if (atomic_dq) {
+    dq_accum = at::zeros(qk.sizes(), f32);
+  } else {
+    dq = at::zeros_like(qk, at::MemoryFormat::Contiguous);
+  }
   at::Tensor dk = at::zeros(kk.sizes(), qk.options()), dv = at::zeros(vk.sizes(), qk.options());
   const bool want_dbias = a.bias && bias_grad;
   at::Tensor dbias_heads = want_dbias ? at::zeros({kk.size(0), H}, f32) : at::Tensor();
@@ -293,11 +359,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_var
   p.dout_head_stride = dok.stride(1);
   p.dlse = dlse_in.numel() > 0 ? dlse_in.data_ptr<float>() : nullptr;
   p.delta = delta.data_ptr<float>();
-  p.dq = atomic_dq ? nullptr : dq.data_ptr();
+  if (row_stats.defined()) {
+    p.row_stats = row_stats.data_ptr<float>();
+    p.row_stats_stride = stats_stride;
+  }
+  p.dq = atomic_dq && !dq_tiles ? nullptr : dq.data_ptr();
   p.dq_accum = atomic_dq ? dq_accum.data_ptr<float>() : nullptr;
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.dbias = want_dbias ? dbias_heads.data_ptr<float>() : nullptr;
+  p.walk_tile_major = walk_tile_major;
+  p.row_stats_threads = row_stats_threads;
+  p.l2_evict_normal = l2_evict_normal;
+  p.dq_tiles = dq_tiles;
   at::Tensor key_index, key_count;  // the kept-key lists, (Hm, total_k) and (B, Hm) int32, filled by compact_keys
   if (bwd_key_lists(a)) {
     const int64_t hm = a.mask->size(1);
@@ -309,9 +383,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_var
     p.keys.mask_heads = static_cast<int32_t>(hm);
     p.keys.heads_per_list = static_cast<int32_t>(H / hm);
   }
+  at::Tensor cta_order;  // (units) int32: the sm90a backward's CTAs in launch order, written by its order pass
+  if (const int64_t units = order_band > 0 ? cuda::bwd::CtaOrder::units(p.f) : 0; units > 0) {
+    cta_order = at::empty({units}, qk.options().dtype(at::kInt));
+    p.cta_order = cta_order.data_ptr<int32_t>();
+    p.order_band = order_band;
+  }
   const cuda::ComputeCapability cc = device_info(qk.get_device()).cc;
   C10_CUDA_CHECK(cuda::run_varlen_bwd(p, cc, sm90a, c10::cuda::getCurrentCUDAStream()));
-  if (atomic_dq) dq = dq_accum.to(qk.scalar_type());  // the kernels added dQ already scaled
+  if (atomic_dq && !dq_tiles) dq = dq_accum.to(qk.scalar_type());  // the kernels added dQ already scaled
+  // (dq_tiles: run_varlen_bwd's conversion pass wrote dq)
 
   // The bias's gradient: query head h reads bias head h / (H / Hm), so each bias head sums a run of query heads.
   at::Tensor dbias = at::empty({0}, a.q.options().dtype(at::kFloat));
@@ -358,16 +439,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
   const bool sm90a = fused && sm90a_backward(args, kernel_dim, device_info(q.get_device()).cc, dq);
   // dQ in float32 by reduce-adds (sm90a) or atomics (sm80, `atomic`); `auto` off sm90a is `ordered`.
   const std::string dq_mode = sm90a ? "reduce_add" : dq == "auto" ? "ordered" : dq;
+  // The sm90a backward's CTAs longest first where it runs, the units fit the order pass (max_seqlen_k as the params
+  // clamp it: to total_k) and they are more than one wave on this device (CtaOrder::pays: host ints, no sync).
+  const int64_t order_units =
+      sm90a ? cuda::bwd::CtaOrder::units(cu_seqlens_q.size(0) - 1, k.size(1), k.size(0), max_seqlen_k) : 0;
+  const int32_t sms = sm90a ? device_info(q.get_device()).sm_count : 0;
+  // The debug variables are read (and a bad value refused) on every call, whichever path it takes.
+  const int chosen_band = bwd_order_band();
+  const int order_band = sm90a && cuda::bwd::CtaOrder::pays(order_units, sms) ? chosen_band : 0;
+  const bool walk_tile_major = bwd_walk_tile_major(q.size(1), k.size(1)) && sm90a;
+  // The sm90a backward's row statistics by bulk copies or by its threads (bwd::RowStatsTma). This decision is the one
+  // the kernel takes (passed down as !row_stats_tma: fused_varlen_bwd allocates row_stats only then, and the
+  // launcher's own RowStatsTma::fits is a safety net), so the plan line cannot say tma where the kernel ran the
+  // threads' ring.
+  const bool row_stats_threads = bwd_row_stats_by_threads() && sm90a;
+  const bool l2_evict_normal = bwd_l2_evict_normal() && sm90a;
+  const bool dq_tiles = bwd_dq_tiles() && sm90a;
+  const bool row_stats_tma =
+      sm90a && !row_stats_threads &&
+      cuda::bwd::RowStatsTma::fits(key_range.has_value(), q.size(1), q.size(0));
   if (log_plan_requested()) {
     std::fprintf(stderr,
-                 "dmattn.varlen_bwd plan: path=%s arch=%s dq=%s key_lists=%d (H=%lld Hk=%lld D=%lld query_side=%d)\n",
+                 "dmattn.varlen_bwd plan: path=%s arch=%s dq=%s key_lists=%d order=%s band=%d order_units=%lld sms=%d "
+                 "walk=%s row_stats=%s l2=%s dq_store=%s (H=%lld Hk=%lld D=%lld query_side=%d)\n",
                  fused ? "fused" : "blockwise", !fused ? "none" : sm90a ? "sm90a" : "sm80", dq_mode.c_str(),
-                 static_cast<int>(key_lists), static_cast<long long>(q.size(1)), static_cast<long long>(k.size(1)),
-                 static_cast<long long>(q.size(2)), static_cast<int>(query_side));
+                 static_cast<int>(key_lists), order_band > 1 ? "banded" : order_band == 1 ? "longest" : "grid",
+                 order_band, static_cast<long long>(order_units), static_cast<int>(sms),
+                 !sm90a ? "none" : walk_tile_major ? "tile_major" : "head_major",
+                 !sm90a ? "none" : row_stats_tma ? "tma" : "threads",
+                 !sm90a ? "none" : l2_evict_normal ? "normal" : "evict_last",
+                 !sm90a ? "none" : dq_tiles ? "tile" : "rows",
+                 static_cast<long long>(q.size(1)), static_cast<long long>(k.size(1)), static_cast<long long>(q.size(2)),
+                 static_cast<int>(query_side));
   }
   if (fused) {
     return fused_varlen_bwd(args, dout, dlse, out, lse, bias_grad, kernel_dim, sm90a,
-                            dq_mode == "reduce_add" || dq_mode == "atomic");
+                            dq_mode == "reduce_add" || dq_mode == "atomic", order_band, walk_tile_major,
+                            !row_stats_tma, l2_evict_normal, dq_tiles);
   }
   return blockwise_varlen_bwd(args, dout, dlse, out, lse, bias_grad);
 }

@@ -41,18 +41,39 @@ struct RowInfo {
   float lse2, delta;
 };
 
+// Every load of a row (lse, delta, its key range) is issued before any is used: the rule for a row the forward found
+// no key for is applied by selects, since a load behind a branch on lse would wait for lse first (the sm90a backward's
+// row producers, run CR).
 __device__ __forceinline__ RowInfo row_info(const BwdParams& p, const Seq& s, int h, int i) {
-  RowInfo r{INT_MAX, 0, INFINITY, 0.f};
-  if (i >= s.q_len) return r;
-  const int64_t row = static_cast<int64_t>(s.q_start) + i;
-  const float lse = p.f.lse[static_cast<int64_t>(h) * p.f.total_q + row];
-  if (lse == -INFINITY) return r;
+  if (i >= s.q_len) return RowInfo{INT_MAX, 0, INFINITY, 0.f};
+  const int64_t row = static_cast<int64_t>(s.q_start) + i, at = static_cast<int64_t>(h) * p.f.total_q + row;
+  const float lse = p.f.lse[at];
+  const float delta = p.delta[at];  // delta_kernel writes every row
   const KeyRange keys = row_keys(p.f, row, i, s.q_len, s.k_len);
-  r.low = static_cast<int>(keys.begin);
-  r.limit = static_cast<int>(keys.end);
-  r.lse2 = lse * kLog2e;
-  r.delta = p.delta[static_cast<int64_t>(h) * p.f.total_q + row];
-  return r;
+  const bool seen = lse != -INFINITY;
+  return RowInfo{seen ? static_cast<int>(keys.begin) : INT_MAX, seen ? static_cast<int>(keys.end) : 0,
+                 seen ? lse * kLog2e : INFINITY, seen ? delta : 0.f};
+}
+
+// The rows [lo, hi] of a query tile (first row m0, its `rows` rows in the sequence, 1 <= rows <= 64) that a window lets
+// see key position j (0 <= j < k_len where `kept`; empty, lo > hi, where not): row_keys without key ranges, turned
+// around for one key.
+// Query i sees j when i + shift - window_left <= j <= i + shift + window_right (visible_keys; shift = k_len - q_len),
+// so tile row r = i - m0 sees it when d - window_right <= r <= d + window_left, d = j - shift - m0. The sm90a
+// backward's consumers use it where the row statistics come by TMA and no thread computes each row's interval.
+struct RowSpan {
+  int lo, hi;
+};
+
+__device__ __forceinline__ RowSpan rows_seeing(const VarlenFwdParams& f, const Seq& s, int m0, int rows, int j,
+                                               bool kept) {
+  const int64_t d = static_cast<int64_t>(j) - (s.k_len - s.q_len) - m0;  // int64: windows are int64
+  int64_t lo = f.window_right < 0 ? 0 : d - f.window_right;
+  int64_t hi = f.window_left < 0 ? rows - 1 : d + f.window_left;
+  lo = lo < 0 ? 0 : lo;
+  hi = hi > rows - 1 ? rows - 1 : hi;
+  if (!kept || lo > hi) return RowSpan{1, 0};
+  return RowSpan{static_cast<int>(lo), static_cast<int>(hi)};
 }
 
 // Key position j of the sequence for query head h: in the sequence and kept by a key-side mask (any nonzero byte; a
@@ -107,15 +128,47 @@ struct KeySlots {
   __device__ __forceinline__ int before(int limit, int lane) const { return sm80::slots_before(list, n, limit, lane); }
 };
 
+// Key tile `tile` (slots [tile kBlockN, + kBlockN)) of a KV head in sequence s, ks that head's slots: its first slot
+// c0, its slots `keys` (<= 0: past the last slot), and the query rows [span.begin, span.end) a window lets see one of
+// them (query_span of its first and last slots' positions), walked as tiles_per_head query tiles of kBlockM rows from
+// span.begin per query head (0: the tile sees no query, or has no slot). The sm90a backward's CTA runs it, and its
+// launch order (bwd::CtaOrder, run_varlen_bwd.cu) ranks the CTAs by it: one source for both.
+struct KeyTile {
+  int c0, keys;
+  QuerySpan span;
+  int tiles_per_head;
+};
+
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ KeyTile key_tile(const VarlenFwdParams& f, const Seq& s, const KeySlots& ks, int tile) {
+  KeyTile kt;
+  kt.c0 = tile * kBlockN;
+  kt.keys = min(kBlockN, ks.n - kt.c0);
+  if (kt.keys <= 0) {  // no slot: no list entry read
+    kt.span = QuerySpan{0, 0};
+    kt.tiles_per_head = 0;
+    return kt;
+  }
+  kt.span = query_span(f, s, ks.pos(kt.c0, s.k_len), ks.pos(kt.c0 + kt.keys - 1, s.k_len));
+  kt.tiles_per_head = kt.span.end > kt.span.begin ? (kt.span.end - kt.span.begin + kBlockM - 1) / kBlockM : 0;
+  return kt;
+}
+
+// A thread's shares of two keys' bias gradient summed across its quad (the four lanes t holding the keys' columns);
+// every lane gets the sums. A whole warp calls it.
+__device__ __forceinline__ void quad_sum(float& db_a, float& db_b) {
+  db_a += __shfl_xor_sync(0xffffffffu, db_a, 1);
+  db_a += __shfl_xor_sync(0xffffffffu, db_a, 2);
+  db_b += __shfl_xor_sync(0xffffffffu, db_b, 1);
+  db_b += __shfl_xor_sync(0xffffffffu, db_b, 2);
+}
+
 // Query head h's key-side bias gradient of a thread's two keys (its accumulator rows key_a and key_b, -1 or past
 // k_len: none), whose columns the four lanes t of a quad hold in shares: the shares are summed across the quad and lane
 // t == 0 writes dbias[(k_start + key) * H + h]. A whole warp calls it.
 __device__ __forceinline__ void store_dbias_pair(const BwdParams& p, const Seq& s, int h, int t, int key_a, int key_b,
                                                  float db_a, float db_b) {
-  db_a += __shfl_xor_sync(0xffffffffu, db_a, 1);
-  db_a += __shfl_xor_sync(0xffffffffu, db_a, 2);
-  db_b += __shfl_xor_sync(0xffffffffu, db_b, 1);
-  db_b += __shfl_xor_sync(0xffffffffu, db_b, 2);
+  quad_sum(db_a, db_b);
   const int64_t heads = p.f.num_heads;
   if (t == 0 && key_a < s.k_len) p.dbias[(static_cast<int64_t>(s.k_start) + key_a) * heads + h] = db_a;
   if (t == 0 && key_b < s.k_len) p.dbias[(static_cast<int64_t>(s.k_start) + key_b) * heads + h] = db_b;

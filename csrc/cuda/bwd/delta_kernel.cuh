@@ -5,7 +5,8 @@
 // bytes of out and of dout (a warp covers two rows of heads at D = 128, four at D = 64: one 2-byte load per lane and
 // element ran at ~60% of the copy bandwidth), every row of q (rows no sequence owns included: their P is 0 wherever
 // they are read), so the pass needs no sequence bounds. A row whose out or dout is not 16-byte aligned (a view of odd
-// strides) reads element by element.
+// strides) reads element by element. Where BwdParams::row_stats is set (the sm90a backward's bulk copies, RowStatsTma)
+// it also writes the row's lse in base 2 and its delta there.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -14,6 +15,7 @@
 
 #include <cstdint>
 
+#include "bwd_common.cuh"
 #include "bwd_traits.h"
 
 namespace dmattn::cuda::bwd {
@@ -63,7 +65,14 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const __grid_co
   if (live && lane % kLanes == 0) {
     const int64_t row = item / p.f.num_heads, h = item % p.f.num_heads;
     const int64_t at = h * p.f.total_q + row;
-    p.delta[at] = p.dlse != nullptr ? acc - p.dlse[at] : acc;
+    const float delta = p.dlse != nullptr ? acc - p.dlse[at] : acc;
+    p.delta[at] = delta;
+    if (p.row_stats != nullptr) {  // row_info's rule: lse -inf (the row saw no key) becomes lse2 = +inf
+      const float lse = p.f.lse[at];
+      float* stats = p.row_stats + h * p.row_stats_stride + row;
+      stats[0] = lse != -INFINITY ? lse * kLog2e : INFINITY;
+      stats[p.f.num_heads * p.row_stats_stride] = delta;
+    }
   }
 }
 

@@ -7,11 +7,15 @@
 //
 // A CTA owns kBlockN = 128 key slots of one KV head of one sequence (slot c: key position c, or with kept-key lists
 // the c-th key the mask keeps; ../bwd/bwd_common.cuh KeySlots), and walks the query heads of its KV group and, per
-// head, the query tiles of kBlockM = 64 rows whose rows a window lets see one of its keys (query_span):
+// head, the query tiles of kBlockM = 64 rows whose rows a window lets see one of its keys (query_span, bwd::key_tile;
+// the launcher runs the CTAs with the most tiles first, bwd::CtaOrder, where the binding ordered them):
 //   producer (warpgroup 0)    thread 0 issues the TMA copies of Q and dO of each query tile into a kStages ring
-//                             (PipelineTmaAsync) from the start; warps 1-3 gather the CTA's K and V rows once (cp.async
-//                             into the swizzled tiles, zero past the last slot), then warps 1-2 write each tile row's
-//                             visible keys, lse and delta beside its Q (RowStats, a PipelineAsync ring as deep)
+//                             (PipelineTmaAsync) from the start, and on the same barriers bulk copies of its rows'
+//                             lse and delta (kRowTma, where bwd::RowStatsTma fits the call); warps 1-3 gather the
+//                             CTA's K and V rows once (cp.async into the swizzled tiles, zero past the last slot), then
+//                             without kRowTma warps 1-2 write each tile row's visible keys, lse and delta beside its Q
+//                             (RowStats, a PipelineAsync ring as deep); with BwdParams::dq_tiles warp 3 then writes dQ
+//                             (below)
 //   consumers (warpgroups 1-2) each owns 64 of the keys (the M rows of every product but dQ's) and, per query tile:
 //     S^T = K Q^T, dP^T = V dO^T              (both operands in shared memory)
 //     P^T = exp2(S^T scale log2(e) + bias - lse) on visible pairs, 0 elsewhere
@@ -22,11 +26,18 @@
 //                                                takes half of D over all 128 keys, so both must have written their
 //                                                dS^T; at D = 64, where half of D would be less than a swizzle atom,
 //                                                all of D over its own 64 keys)
-//   and adds its float32 dQ part, times the softmax scale, into BwdParams::dq_accum with one bulk reduce-add per row
-//   (cp.reduce.async.bulk). A tile's dQ product runs one computed tile late, issued just before the next tile's dK
-//   product (so that staging its part runs beside dK's): at D = 128 a warpgroup then waits for the other's dS^T of
-//   the tile before (ds_ready, one tile of slack) where a barrier of both warpgroups in every tile would hold them in
-//   lockstep, their exponentials and dS passes at the same time and the tensor cores idle through both (run CB).
+//   and stages its float32 dQ part in shared memory, which BwdParams::dq_tiles (the default) has producer warp 3 add
+//   into dq_accum with one bulk reduce-add (cp.reduce.async.bulk) per warpgroup and tile, in bwd::DqTiles' layout
+//   (run_varlen_bwd's dq_convert then scales and converts it), and otherwise (DMATTN_BWD_DQ_STORE=rows) the
+//   warpgroup itself, times the softmax scale, with one per row. A tile's dQ product runs one computed tile late,
+//   issued just before the next tile's dK product (so that staging its part runs beside dK's): at D = 128 a warpgroup
+//   then waits for the other's dS^T of the tile before (ds_ready, one tile of slack) where a barrier of both
+//   warpgroups in every tile would hold them in lockstep, their exponentials and dS passes at the same time and the
+//   tensor cores idle through both (run CB).
+// The walk: head by head (item j = query tile j % tiles_per_head of head j / tiles_per_head), or with
+// BwdParams::walk_tile_major (bwd::TileMajorWalk) from the last query tile down with the group's heads inside each
+// tile, so that the CTAs of a band of key tiles (bwd::CtaOrder), launched together, read the same rows of Q, dO and
+// dq_accum at about the same time (L2 hits); its per-head key state comes from shared tables.
 // dK and dV stay in registers for the CTA's whole walk and are written once, so they need no atomics (GQA included).
 // Query rows past the sequence are zeroed in the tile before any product reads them (another sequence's rows could
 // hold inf, and 0 x inf is NaN), their P is 0 (RowStats: no visible key), and their dQ is not added.
@@ -47,8 +58,8 @@ struct BwdTraits {
   using Elem = Elem_;
   using CuteElem = std::conditional_t<std::is_same_v<Elem, __nv_bfloat16>, cutlass::bfloat16_t, cutlass::half_t>;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = 64;   // query rows per tile
-  static constexpr int kBlockN = 128;  // key slots per CTA: 64 per consumer warpgroup
+  static constexpr int kBlockM = bwd::CtaOrder::kTileRows;  // query rows per tile: 64
+  static constexpr int kBlockN = bwd::CtaOrder::kTileKeys;  // key slots per CTA: 128, 64 per consumer warpgroup
   static constexpr int kStages = 2;    // query tiles in flight
   static constexpr int kThreads = 384;
   static constexpr int kConsumerThreads = 256;
@@ -59,6 +70,7 @@ struct BwdTraits {
   static constexpr int kDqCols = kDqSplitsD ? kHeadDim / 2 : kHeadDim;
   static constexpr int kDqKeys = kDqSplitsD ? kBlockN : 64;
   static constexpr int kDqStride = kDqCols + 8;  // floats per staged dQ row: 16-byte aligned, no bank conflict
+  static_assert(kDqCols == bwd::DqTiles::kCols, "a warpgroup's dQ part is one column block of dq_accum's tiles");
   // dS^T buffers: a tile's dQ product runs one computed tile late (the kernel's comment), so three are in use at once:
   // the tile being written, the one its dQ reads, and the one the other warpgroup's late dQ may still read.
   static constexpr int kDsBuffers = 3;
@@ -109,11 +121,25 @@ struct BwdTraits {
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
   using RowPipeline = cutlass::PipelineAsync<kStages>;
   static constexpr uint32_t kTileBytes = kBlockM * kHeadDim * sizeof(Elem);
+  static_assert(bwd::CtaOrder::kTileRows == kBlockM, "bwd::RowStatsTma's windows are of kBlockM rows");
+  static constexpr uint32_t kStatsBytes = bwd::RowStatsTma::kWindowBytes;  // one of lse, delta of a tile (kRowTma)
 
-  // Per query tile row: the key positions [low, limit) it sees, its lse in base 2 (+inf: sees nothing) and delta.
+  // Per query tile row, written by the producer's threads: the key positions [low, limit) it sees, its lse in base 2
+  // (+inf: sees nothing) and delta.
   struct RowStats {
     int32_t low[kBlockM], limit[kBlockM];
     float lse2[kBlockM], delta[kBlockM];
+  };
+  // kRowTma: the window of the same rows' lse in base 2 and delta (bwd::RowStatsTma: tile row i at window_offset +
+  // i), as the bulk copies brought them from BwdParams::row_stats; the consumers find each row's keys from its index.
+  struct TmaRowStats {
+    alignas(128) float lse2[bwd::RowStatsTma::kWindow];
+    alignas(128) float delta[bwd::RowStatsTma::kWindow];
+  };
+  static_assert(sizeof(TmaRowStats) <= sizeof(RowStats), "the bulk copies' windows take no more shared memory");
+  union StageStats {
+    RowStats rows;
+    TmaRowStats tma;
   };
 
   struct SharedStorage {
@@ -122,17 +148,29 @@ struct BwdTraits {
     cute::array_aligned<CuteElem, cute::cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<CuteElem, cute::cosize_v<SmemLayoutQ>, 1024> dout;
     cute::array_aligned<CuteElem, cute::cosize_v<SmemLayoutDst>, 1024> ds;
-    alignas(128) float dq[2][kBlockM][kDqStride];  // each consumer warpgroup's dQ part of the tile, for the reduce-adds
-    RowStats rows[kStages];
+    // Each consumer warpgroup's dQ part of the tile, for the reduce-adds: rows of kDqStride floats (BwdParams::dq_tiles
+    // false), or the first kBlockM x kDqCols floats as rows in bwd::DqTiles' order (true; 2 x 4 KiB of padding unused
+    // while both paths share the kernel).
+    alignas(128) float dq[2][kBlockM][kDqStride];
+    alignas(128) StageStats stats[kStages];         // the row statistics of the tile in each stage (kRowTma: bulk copies)
     int32_t key_pos[kBlockN];  // the slots' key positions (INT_MAX past the last)
+    // BwdParams::walk_tile_major (bwd::TileMajorWalk): per query head hh of the group and slot, the key's bias in base
+    // 2 and whether head hh sees it (bit hh of key_heads), written by the gather warps; and its bias gradient so far,
+    // summed over the quad by the slot's thread of lane t == 0 (the only one to touch it) and stored at the CTA's end.
+    float key_bias2[bwd::TileMajorWalk::kMaxGroup][kBlockN];
+    float key_dbias[bwd::TileMajorWalk::kMaxGroup][kBlockN];
+    uint8_t key_heads[kBlockN];
+    static_assert(bwd::TileMajorWalk::kMaxGroup <= 8, "key_heads holds a bit per head");
     uint32_t live_heads;       // bit hh: query head hh of the KV group sees some key of the CTA (a mask read per key)
-    typename Pipeline::SharedStorage pipe_q;
+    typename Pipeline::SharedStorage pipe_q, pipe_do;  // Q (+ lse) and dO (+ delta): two rings, stage n % 2 each
     typename RowPipeline::SharedStorage pipe_rows;
     alignas(8) uint64_t kv_full;  // K, V and the positions gathered (kGatherThreads arrivals)
   };
   static constexpr int kSmemBytes = sizeof(SharedStorage);
+  static_assert(kSmemBytes <= 227 * 1024, "one CTA per SM: the opt-in limit of shared memory per block on sm_90");
 };
 
+// The kernel's TMA descriptors: Q and dO.
 template <typename Traits>
 struct BwdTma {
   typename Traits::TmaRows q, dout;
@@ -167,34 +205,96 @@ __device__ __forceinline__ void ds_wait(int cw, int n) {
 // warpgroup 1 reaches only after its wait on this one.
 constexpr int kStaggerBarrier = 11;
 
+// BwdParams::dq_tiles: producer warp 3 (the dQ writer, free after the K / V gather) adds each consumer warpgroup's
+// staged dQ part with one bulk reduce-add. dq_empty(cw): the writer has seen that bulk operation read the staging
+// (bar.arrive), and warpgroup cw may write it again (bar.sync); dq_full(cw): warpgroup cw has written and fenced it
+// (bar.arrive) and the writer may issue the reduce-add (bar.sync). 128 consumer threads and the writer's whole warp.
+constexpr int kDqEmptyBarrier = 12;  // + cw
+constexpr int kDqFullBarrier = 14;   // + cw
+constexpr int kDqBarrierThreads = 128 + 32;
+__device__ __forceinline__ void dq_barrier_sync(int id) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(kDqBarrierThreads) : "memory");
+}
+__device__ __forceinline__ void dq_barrier_arrive(int id) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(kDqBarrierThreads) : "memory");
+}
+
 // Stores to shared memory through a shared-window address (a generic pointer into a CuTe tile compiles to a generic
 // store, which the hardware must first resolve).
 __device__ __forceinline__ void st_shared(void* ptr, uint32_t v) {
   asm volatile("st.shared.b32 [%0], %1;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(ptr))), "r"(v));
+}
+__device__ __forceinline__ void st_shared_v4(void* ptr, float a, float b, float c, float d) {
+  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(ptr))),
+               "f"(a), "f"(b), "f"(c), "f"(d));
 }
 __device__ __forceinline__ void st_shared_zero16(void* ptr) {
   asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(ptr))),
                "r"(0));
 }
 
+// The L2 policy of the query tiles' traffic (the 64-bit operand of .L2::cache_hint, as CUTLASS encodes it): Q, dO,
+// lse and delta are read, and dq_accum's rows added to, by every CTA of a KV head's key tiles in turn, a few tiles
+// apart when their CTAs run together; evict-last keeps those lines in L2 ahead of the K / V gathers and the dK / dV
+// stores, which each CTA touches once (FlashAttention-3 marks the same three streams). BwdParams::l2_evict_normal
+// (DMATTN_BWD_L2=normal, for A/B runs): the default policy instead.
+constexpr uint64_t kEvictLast = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_LAST);
+constexpr uint64_t kEvictNormal = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+__device__ __forceinline__ uint64_t query_l2_policy(const bwd::BwdParams& p) {
+  return p.l2_evict_normal ? kEvictNormal : kEvictLast;
+}
+
 // bytes (a multiple of 16) of float32 at src (shared memory) added into dst (global) element by element, as one bulk
-// operation of this thread's bulk group.
-__device__ __forceinline__ void bulk_reduce_add(float* dst, const float* src, uint32_t bytes) {
+// operation of this thread's bulk group, its L2 lines under `policy`.
+__device__ __forceinline__ void bulk_reduce_add(float* dst, const float* src, uint32_t bytes, uint64_t policy) {
   const uint32_t smem = static_cast<uint32_t>(__cvta_generic_to_shared(src));
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n\t"
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.L2::cache_hint.add.f32 [%0], [%1], %2, %3;\n\t"
                "cp.async.bulk.commit_group;" ::"l"(dst),
-               "r"(smem), "r"(bytes)
+               "r"(smem), "r"(bytes), "l"(policy)
                : "memory");
 }
 // This thread's bulk operations have read their shared memory (it may be written again) / are complete.
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+// All but this thread's most recent bulk group have read their shared memory.
+__device__ __forceinline__ void bulk_wait_read_but_last() {
+  asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+}
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
+// bytes (a multiple of 16) of global memory at src (16-byte aligned) copied into shared memory at dst (16-byte
+// aligned) by the TMA unit, completing that many transaction bytes on the mbarrier at `full`, its L2 lines under
+// `policy`.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* full,
+                                          uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::
+          "r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+      "l"(src), "r"(bytes), "r"(static_cast<uint32_t>(__cvta_generic_to_shared(full))), "l"(policy)
+      : "memory");
+}
+
+// The rows of a tile span (bwd::rows_seeing) among a consumer thread's 16 accumulator rows as bits: bit 2 nt + b for
+// tile row 8 nt + 2 t + b (as_m16n8's columns of S^T, nt < 8, b < 2). The span as a 64-bit mask, shifted by 2 t, then
+// bits 0-1 of each byte packed together.
+__device__ __forceinline__ uint32_t fragment_rows(bwd::RowSpan span, int t) {
+  if (span.lo > span.hi) return 0u;
+  const uint64_t tile = (~0ull << span.lo) & (~0ull >> (63 - span.hi));  // 0 <= lo <= hi < 64
+  uint64_t x = (tile >> (2 * t)) & 0x0303030303030303ull;
+  x = (x | x >> 6) & 0x000f000f000f000full;
+  x = (x | x >> 12) & 0x000000ff000000ffull;
+  return static_cast<uint32_t>((x | x >> 24) & 0xffffull);
+}
 
 // kDeadHeads (the launcher sets it for a key-side mask read per key, finer than the KV heads, at most 32 query heads
 // per KV head): the gather warps find the query heads that see none of the CTA's keys, and the consumers skip their
 // items. A template parameter, so that every other call runs the loop without the test (2.3% of the dense call when
 // it was a runtime flag, run CD).
-template <typename Traits, bool kSoftcap, bool kDeadHeads>
+// kRowTma (the launcher sets it where bwd::RowStatsTma::fits: no per-row key ranges, delta_kernel filled row_stats):
+// thread 0 bulk-copies each tile's lse and delta onto the Q / dO barrier, and the consumers find the rows that see
+// each of their keys from the tile's first row (bwd::rows_seeing); without it producer warps 1-2 write every row's
+// keys and statistics (bwd::row_info) into a ring of their own (RowStats, pipe_rows), which the consumers wait on
+// too, about a tenth of their stall samples on the masked prefill batch (run CR).
+template <typename Traits, bool kSoftcap, bool kDeadHeads, bool kRowTma>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     bwd_kernel(const __grid_constant__ bwd::BwdParams p, const __grid_constant__ BwdTma<Traits> tma, int seq0,
                int tile0) {
@@ -210,33 +310,54 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   using D = typename Traits::D;
 
   // ---- The CTA's keys and the query tiles that can see them (every thread, before any barrier) ----
-  const int hk = blockIdx.x, b = seq0 + static_cast<int>(blockIdx.y);
+  int hk, b, tile;
+  if (p.cta_order != nullptr) {  // a 1-D grid, longest CTA first (bwd::CtaOrder; the order pass wrote a permutation)
+    bwd::CtaOrder::coords(p.f, p.cta_order[blockIdx.x], hk, b, tile);
+  } else {  // the grid (KV heads, sequences, key tiles)
+    hk = blockIdx.x;
+    b = seq0 + static_cast<int>(blockIdx.y);
+    tile = tile0 + static_cast<int>(blockIdx.z);
+  }
   const bwd::Seq s(p.f, b);
   const int group = p.f.num_heads / p.f.num_heads_k;
   const bwd::KeySlots ks(p, s, b, hk * group);  // lists serve whole KV groups (the binding plans only those)
-  const int c0 = (tile0 + static_cast<int>(blockIdx.z)) * kBlockN;
-  if (c0 >= ks.n) return;
-  const int keys_here = min(kBlockN, ks.n - c0);
-  const bwd::QuerySpan span = bwd::query_span(p.f, s, ks.pos(c0, s.k_len), ks.pos(c0 + keys_here - 1, s.k_len));
-  const int tiles_per_head = span.end > span.begin ? (span.end - span.begin + kBlockM - 1) / kBlockM : 0;
-  const int items = tiles_per_head * group;  // item j: query tile j % tiles_per_head of query head j / tiles_per_head
-  if (items == 0) return;                    // no query sees a key: dK, dV and dbias stay 0
+  const bwd::KeyTile kt = bwd::key_tile<kBlockM, kBlockN>(p.f, s, ks, tile);
+  const int c0 = kt.c0, keys_here = kt.keys, tiles_per_head = kt.tiles_per_head;
+  const bwd::QuerySpan span = kt.span;
+  const int items = tiles_per_head * group;
+  if (items == 0) return;  // past the last slot, or no query sees a key: dK, dV and dbias stay 0 (zero-filled)
+  // The walk (every role walks the same items): head by head, item j = query tile j % tiles_per_head of query head
+  // j / tiles_per_head from span.begin; tile_major (bwd::TileMajorWalk, group <= kMaxGroup: the launcher checks),
+  // item j = tile tiles_per_head - 1 - j / group of head j % group, from the last tile down.
+  const bool tile_major = p.walk_tile_major;
   auto item_tile = [&](int item, int& h, int& m0) {
-    const int hh = item / tiles_per_head;
+    int hh, ti;
+    if (tile_major) {
+      const int back = item / group;
+      hh = item - back * group;
+      ti = tiles_per_head - 1 - back;
+    } else {
+      hh = item / tiles_per_head;
+      ti = item - hh * tiles_per_head;
+    }
     h = hk * group + hh;
-    m0 = span.begin + (item - hh * tiles_per_head) * kBlockM;
+    m0 = span.begin + ti * kBlockM;
   };
 
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem = *reinterpret_cast<typename Traits::SharedStorage*>(smem_raw);
   const int warpgroup = threadIdx.x / 128;
 
+  // Q and dO of a tile on two rings (pipe_q, pipe_do), so that S^T starts once Q has landed and dO's stage is handed
+  // back once dV has (its last reader), a dK product and the dQ staging before Q's; with kRowTma lse rides on Q's
+  // barrier and delta on dO's (whole windows, bwd::RowStatsTma).
   typename Pipeline::Params pipe_params;
-  pipe_params.transaction_bytes = 2 * Traits::kTileBytes;  // Q and dO of a tile on one barrier
+  pipe_params.transaction_bytes = Traits::kTileBytes + (kRowTma ? Traits::kStatsBytes : 0);
   pipe_params.role = warpgroup == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pipe_params.is_leader = threadIdx.x == 0;
   pipe_params.num_consumers = Traits::kConsumerThreads;
   Pipeline pipe_q(smem.pipe_q, pipe_params, Shape<_1, _1, _1>{});
+  Pipeline pipe_do(smem.pipe_do, pipe_params, Shape<_1, _1, _1>{});
   typename RowPipeline::Params row_params;
   row_params.role = warpgroup == 0 ? RowPipeline::ThreadCategory::Producer : RowPipeline::ThreadCategory::Consumer;
   row_params.producer_arv_count = kBlockM;  // warps 1-2: a row each
@@ -264,7 +385,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // ---- Producer ----
     cutlass::arch::warpgroup_reg_dealloc<24>();
     const int ptid = threadIdx.x;
-    if (ptid == 0) {  // Q and dO of each query tile, by TMA
+    if (ptid == 0) {  // Q and dO of each query tile, by TMA: dO first, so that it is not held behind Q's stage
+      // (handed back after dK, where dO's is after dV); the first kStages tiles, whose stages are free, Q first.
       Tensor mQ = tma.q.get_tma_tensor(make_shape(static_cast<int32_t>(p.f.total_q), kHeadDim, p.f.num_heads));
       Tensor mdO = tma.dout.get_tma_tensor(make_shape(static_cast<int32_t>(p.f.total_q), kHeadDim, p.f.num_heads));
       PipelineState state = cutlass::make_producer_start_state<Pipeline>();
@@ -278,9 +400,30 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
                                         group_modes<0, 2>(gQ));
         auto [tdOg, tdOs] = tma_partition(tma.dout, Int<0>{}, Layout<_1>{},
                                           group_modes<0, 2>(sdO(_, _, state.index())), group_modes<0, 2>(gdO));
-        pipe_q.producer_acquire(state);
-        copy(tma.q.with(*pipe_q.producer_get_barrier(state)), tQg, tQs);
-        copy(tma.dout.with(*pipe_q.producer_get_barrier(state)), tdOg, tdOs);
+        // (kRowTma) the window of the tile's rows in head h's row of lse2 (plane 0 of row_stats) and of delta
+        const float* stats = kRowTma ? p.row_stats + static_cast<int64_t>(h) * p.row_stats_stride +
+                                           bwd::RowStatsTma::window_start(static_cast<int64_t>(s.q_start) + m0)
+                                     : nullptr;
+        const int64_t plane = static_cast<int64_t>(p.f.num_heads) * p.row_stats_stride;
+        const auto hint = static_cast<TMA::CacheHintSm90>(query_l2_policy(p));
+        for (int k = 0; k < 2; ++k) {
+          if ((k == 0) == (item < Traits::kStages)) {  // Q (and lse)
+            pipe_q.producer_acquire(state);
+            uint64_t* full = pipe_q.producer_get_barrier(state);
+            copy(tma.q.with(*full, 0, hint), tQg, tQs);
+            if constexpr (kRowTma) {
+              bulk_load(smem.stats[state.index()].tma.lse2, stats, Traits::kStatsBytes, full, query_l2_policy(p));
+            }
+          } else {  // dO (and delta)
+            pipe_do.producer_acquire(state);
+            uint64_t* full = pipe_do.producer_get_barrier(state);
+            copy(tma.dout.with(*full, 0, hint), tdOg, tdOs);
+            if constexpr (kRowTma) {
+              bulk_load(smem.stats[state.index()].tma.delta, stats + plane, Traits::kStatsBytes, full,
+                        query_l2_policy(p));
+            }
+          }
+        }
         ++state;
       }
     } else if (ptid >= 32) {
@@ -291,7 +434,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         smem.key_pos[c] = c < keys_here ? ks.pos(c0 + c, s.k_len) : INT_MAX;
       }
       asm volatile("bar.sync %0, %1;" ::"r"(kGatherBarrier), "r"(Traits::kGatherThreads) : "memory");
-      if constexpr (kDeadHeads) {  // the heads that see one of this thread's keys, ORed into live_heads
+      if (tile_major) {  // each slot's visibility and bias per query head (key_info: what the head walk reads per head)
+        uint32_t live = 0;
+        for (int c = gtid; c < kBlockN; c += Traits::kGatherThreads) {
+          uint32_t heads = 0;
+          for (int hh = 0; hh < group; ++hh) {
+            const bwd::KeyInfo key = bwd::key_info(p, s, hk * group + hh, smem.key_pos[c], ks.list != nullptr);
+            heads |= static_cast<uint32_t>(key.visible) << hh;
+            smem.key_bias2[hh][c] = key.bias2;
+            smem.key_dbias[hh][c] = 0.f;
+          }
+          smem.key_heads[c] = static_cast<uint8_t>(heads);
+          live |= heads;
+        }
+        // kDeadHeads (no lists, the mask read per key): a head that sees one of the keys is live, as below
+        if (kDeadHeads && live != 0) atomicOr(&smem.live_heads, live);
+      } else if constexpr (kDeadHeads) {  // the heads that see one of this thread's keys, ORed into live_heads
         uint32_t live = 0;
         for (int c = gtid; c < keys_here; c += Traits::kGatherThreads) {
           const int64_t row = static_cast<int64_t>(s.k_start) + smem.key_pos[c];
@@ -315,7 +473,46 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cute::cp_async_wait<0>();
       cutlass::arch::fence_view_async_shared();  // the copies are read by wgmma (the async proxy)
       kv_full.arrive();
-      if (ptid >= 32 + kBlockM) return;
+      if (ptid >= 96) {  // warp 3: the dQ writer where dq_accum is in tiles (bwd::DqTiles), else done
+        if (!p.dq_tiles) return;
+        // The computed tiles, in the consumers' order: their items less, with kDeadHeads, those of heads that see none
+        // of the CTA's keys (live_heads complete once every gather thread has arrived on kv_full).
+        uint32_t live = ~0u;
+        if constexpr (kDeadHeads) {
+          kv_full.wait(0);
+          asm volatile("" ::: "memory");
+          live = smem.live_heads;
+        }
+        const bool leader = ptid == 96;  // issues and waits for the bulk operations (a thread's bulk groups)
+        bool first = true;
+        for (int item = 0; item < items; ++item) {
+          int h, m0;
+          item_tile(item, h, m0);
+          if (kDeadHeads && ((live >> (h - hk * group)) & 1u) == 0) continue;
+          // Each warpgroup's staging is free: at the first tile from the start, later once the last tile's reduce-add
+          // from it has read it (warpgroup 0's was issued first: its read is waited for, and handed back, first).
+          if (!first && leader) bulk_wait_read_but_last();
+          __syncwarp();
+          dq_barrier_arrive(kDqEmptyBarrier + 0);
+          if (!first && leader) bulk_wait_read();
+          __syncwarp();
+          dq_barrier_arrive(kDqEmptyBarrier + 1);
+          first = false;
+          const int rows = min(kBlockM, s.q_len - m0);  // >= 1: m0 < span.end <= q_len
+          for (int w = 0; w < 2; ++w) {  // at D = 64 both add into the same column block
+            dq_barrier_sync(kDqFullBarrier + w);
+            if (leader) {
+              float* dst = p.dq_accum + bwd::DqTiles::offset(h, Traits::kDqSplitsD ? w : 0, s.q_start + m0,
+                                                             kHeadDim / bwd::DqTiles::kCols, p.f.total_q);
+              bulk_reduce_add(dst, &smem.dq[w][0][0], rows * bwd::DqTiles::kCols * sizeof(float), query_l2_policy(p));
+            }
+            __syncwarp();
+          }
+        }
+        if (leader) bulk_wait_all();  // the reduce-adds read shared memory until they complete
+        return;
+      }
+      if (kRowTma) return;
       // Warps 1-2: row r's statistics of each query tile.
       const int r = ptid - 32;
       PipelineState state = cutlass::make_producer_start_state<RowPipeline>();
@@ -324,7 +521,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         item_tile(item, h, m0);
         const bwd::RowInfo info = bwd::row_info(p, s, h, m0 + r);
         pipe_rows.producer_acquire(state);
-        typename Traits::RowStats& st = smem.rows[state.index()];
+        typename Traits::RowStats& st = smem.stats[state.index()].rows;
         st.low[r] = info.low;
         st.limit[r] = info.limit;
         st.lse2[r] = info.lse2;
@@ -391,12 +588,30 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   int late = -1;     // the item of the last computed tile, whose dQ product is still to issue (-1: none yet)
   bwd::KeyInfo ka{false, 0.f}, kb{false, 0.f};
   float db_a = 0.f, db_b = 0.f;  // this thread's share of the two keys' bias gradient for the current head
-  // Item it's dQ part (in tdQrdQ), times the softmax scale, into the warpgroup's staging rows (once the last
-  // reduce-adds have read them), then a bulk reduce-add per row of the sequence (at D = 64 both warpgroups add into
-  // the whole row).
+  // Item it's dQ part (in tdQrdQ) into the warpgroup's staging (once the last reduce-add from it has read it).
+  // BwdParams::dq_tiles: unscaled, as 16-byte chunks in bwd::DqTiles' order (no padding, no bank conflict), for the
+  // dQ writer's one bulk reduce-add (the conversion scales). Else times the softmax scale into padded rows, then a bulk
+  // reduce-add per row of the sequence from 64 of the threads. At D = 64 both warpgroups add into the whole row.
   auto add_dq = [&](int it) {
     int h, m0;
     item_tile(it, h, m0);
+    if (p.dq_tiles) {
+      const int64_t row0 = static_cast<int64_t>(s.q_start) + m0 + g;  // the thread's rows: + 16 (wtid / 32) (+ 8)
+      float* stage_dq = &smem.dq[cw][0][0];
+      dq_barrier_sync(kDqEmptyBarrier + cw);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float* row = stage_dq + (16 * (wtid / 32) + g + 8 * half) * bwd::DqTiles::kCols;
+#pragma unroll
+        for (int j = 0; j < kDq8 / 2; ++j) {  // chunk j: fragments 2 j and 2 j + 1
+          st_shared_v4(row + bwd::DqTiles::position(16 * j + 2 * t, row0), dq[0][2 * j][2 * half],
+                       dq[0][2 * j][2 * half + 1], dq[0][2 * j + 1][2 * half], dq[0][2 * j + 1][2 * half + 1]);
+        }
+      }
+      cutlass::arch::fence_view_async_shared();  // read by the bulk operation (the async proxy)
+      dq_barrier_arrive(kDqFullBarrier + cw);
+      return;
+    }
     if (wtid < kBlockM) bulk_wait_read();  // returns at once where no reduce-add is pending
     warpgroup_sync(cw);
     float(*stage_dq)[Traits::kDqStride] = smem.dq[cw];
@@ -414,7 +629,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if (wtid < min(kBlockM, s.q_len - m0)) {
       const int64_t row = static_cast<int64_t>(s.q_start) + m0 + wtid;
       float* dst = p.dq_accum + (row * p.f.num_heads + h) * kHeadDim + (kDqSplitsD ? cw * Traits::kDqCols : 0);
-      bulk_reduce_add(dst, stage_dq[wtid], Traits::kDqCols * sizeof(float));
+      bulk_reduce_add(dst, stage_dq[wtid], Traits::kDqCols * sizeof(float), query_l2_policy(p));
     }
   };
   PipelineState state;
@@ -424,23 +639,30 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if constexpr (kDeadHeads) {
       if (((live_heads >> (h - hk * group)) & 1u) == 0) {  // no key of the CTA visible to head h: nothing to add
         pipe_q.consumer_wait(state);  // the stage's copies have landed before it is handed back
-        pipe_rows.consumer_wait(state);
+        pipe_do.consumer_wait(state);
+        if constexpr (!kRowTma) pipe_rows.consumer_wait(state);
         pipe_q.consumer_release(state);
-        pipe_rows.consumer_release(state);
+        pipe_do.consumer_release(state);
+        if constexpr (!kRowTma) pipe_rows.consumer_release(state);
         ++state;
         continue;
       }
     }
     const int stage = state.index(), n = computed++;
-    if (m0 == span.begin) {  // a new query head
+    if (tile_major) {  // the item's head, from the gather warps' table
+      const int hh = h - hk * group;
+      ka = bwd::KeyInfo{((smem.key_heads[slot_a] >> hh) & 1u) != 0, smem.key_bias2[hh][slot_a]};
+      kb = bwd::KeyInfo{((smem.key_heads[slot_a + 8] >> hh) & 1u) != 0, smem.key_bias2[hh][slot_a + 8]};
+    } else if (m0 == span.begin) {  // a new query head
       ka = bwd::key_info(p, s, h, key_a, listed);
       kb = bwd::key_info(p, s, h, key_b, listed);
       db_a = db_b = 0.f;
     }
     const int rows = min(kBlockM, s.q_len - m0);
     pipe_q.consumer_wait(state);
-    pipe_rows.consumer_wait(state);
+    if constexpr (!kRowTma) pipe_rows.consumer_wait(state);
     if (rows < kBlockM) {  // rows past the sequence (another sequence's, or TMA's zeros) become zeros
+      pipe_do.consumer_wait(state);  // here for both (waited again below, at once)
       constexpr int kChunks = kHeadDim / 8;
       for (int i = ctid; i < (kBlockM - rows) * kChunks; i += Traits::kConsumerThreads) {
         const int r = rows + i / kChunks, col = (i % kChunks) * 8;
@@ -450,15 +672,28 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       cutlass::arch::fence_view_async_shared();
       consumer_sync(Traits::kConsumerThreads);
     }
-    const typename Traits::RowStats& st = smem.rows[stage];
+    const typename Traits::StageStats& st = smem.stats[stage];
+    // kRowTma: which of the thread's 16 tile rows a window lets see each of its two keys (none for a key not kept,
+    // nor for rows past the sequence), one bit each (fragment_rows), where the threads' path reads each row's [low,
+    // limit) from RowStats: a register for both keys instead of four at the kernel's peak (the accumulators of S^T,
+    // dP^T, dV, dK and the late dQ), where every register more spills.
+    uint32_t sees = 0;
+    int window = 0;  // kRowTma: tile row i's statistics at window + i (bwd::RowStatsTma)
+    if constexpr (kRowTma) {
+      window = bwd::RowStatsTma::window_offset(static_cast<int64_t>(s.q_start) + m0);
+      sees = fragment_rows(bwd::rows_seeing(p.f, s, m0, rows, key_a, ka.visible), t) |
+             fragment_rows(bwd::rows_seeing(p.f, s, m0, rows, key_b, kb.visible), t) << 16;
+    }
 
-    // S^T = K Q^T and dP^T = V dO^T, issued together; S^T waited for alone.
+    // S^T = K Q^T once Q has landed and dP^T = V dO^T once dO has, issued back to back; S^T waited for alone.
     const bool stagger = n == 0 || rows < kBlockM;  // the first tile, or one after a consumer_sync
     if (stagger && cw == 1) asm volatile("bar.sync %0, 256;" ::"r"(kStaggerBarrier) : "memory");
     warpgroup_fence_operand(tSrS);
     warpgroup_fence_operand(tdPrdP);
     warpgroup_arrive();
     warpgroup_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), tSrS);
+    pipe_do.consumer_wait(state);
+    warpgroup_arrive();
     warpgroup_issue<true>(mma_sdp, tdPrV, tdPrdO(_, _, _, stage), tdPrdP);
     warpgroup_wait<1>();
     warpgroup_fence_operand(tSrS);
@@ -470,15 +705,31 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #pragma unroll
     for (int nt = 0; nt < kM8; ++nt) {
       const int i0 = nt * 8 + 2 * t;  // the thread's two query rows of the tile: i0, i0 + 1
-      const int2 low = *reinterpret_cast<const int2*>(&st.low[i0]);
-      const int2 limit = *reinterpret_cast<const int2*>(&st.limit[i0]);
-      const float2 lse2 = *reinterpret_cast<const float2*>(&st.lse2[i0]);
+      bool row_visible[4];
+      float2 lse2;
+      if constexpr (kRowTma) {
+        // as delta_kernel wrote it by row_info's rule (the same bits): a row the forward found no key for (lse -inf)
+        // has lse2 = +inf, so that even a visible pair whose score is -inf (a -inf bias) has probability 0, as there
+        // (two loads: the window may put the pair at an odd float)
+        lse2 = make_float2(st.tma.lse2[window + i0], st.tma.lse2[window + i0 + 1]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) row_visible[e] = (sees >> ((e < 2 ? 0 : 16) + 2 * nt + (e & 1))) & 1u;
+      } else {
+        const int2 low = *reinterpret_cast<const int2*>(&st.rows.low[i0]);
+        const int2 limit = *reinterpret_cast<const int2*>(&st.rows.limit[i0]);
+        lse2 = *reinterpret_cast<const float2*>(&st.rows.lse2[i0]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = e < 2 ? key_a : key_b;
+          const bwd::KeyInfo& key = e < 2 ? ka : kb;
+          row_visible[e] = key.visible && j >= (e & 1 ? low.y : low.x) && j < (e & 1 ? limit.y : limit.x);
+        }
+      }
       float slopes[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int j = e < 2 ? key_a : key_b;
         const bwd::KeyInfo& key = e < 2 ? ka : kb;
-        const bool visible = key.visible && j >= (e & 1 ? low.y : low.x) && j < (e & 1 ? limit.y : limit.x);
+        const bool visible = row_visible[e];
         float x;
         if constexpr (kSoftcap) {
           x = bwd::probability<true>(p.f, pt[0][nt][e] * p.f.softmax_scale, key.bias2, e & 1 ? lse2.y : lse2.x,
@@ -508,7 +759,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // one is dead once rounded, which keeps the accumulators of S^T, dP^T, dV and dK from being live together.
 #pragma unroll
     for (int nt = 0; nt < kM8; ++nt) {
-      const float2 delta = *reinterpret_cast<const float2*>(&st.delta[nt * 8 + 2 * t]);
+      // (kRowTma: a row that sees nothing may hold any delta, even the padding past a head's last row, never written;
+      // its P is 0, and the select below drops it)
+      const int i0 = nt * 8 + 2 * t;
+      const float2 delta = kRowTma ? make_float2(st.tma.delta[window + i0], st.tma.delta[window + i0 + 1])
+                                   : *reinterpret_cast<const float2*>(&st.rows.delta[i0]);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float prob = static_cast<float>(tOrP(4 * nt + e));
@@ -556,18 +811,30 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     warpgroup_issue<false>(mma_dkv, tOrdS, tdKrQ(_, _, _, stage), tdKrdK);
     warpgroup_wait<1>();  // dV and dQ landed; dK may still run
     warpgroup_fence_operand(tdQrdQ);
+    pipe_do.consumer_release(state);  // dV was dO's last reader (and delta was read before dS^T)
     if (late >= 0) add_dq(late);
-    warpgroup_wait<0>();  // dK landed: the tile's Q, dO and statistics are free
+    warpgroup_wait<0>();  // dK landed: the tile's Q and statistics are free
     warpgroup_fence_operand(tdKrdK);
     warpgroup_fence_operand(tOrdS);
     warpgroup_fence_operand(tdVrdV);
     warpgroup_fence_operand(tOrP);
     pipe_q.consumer_release(state);
-    pipe_rows.consumer_release(state);
+    if constexpr (!kRowTma) pipe_rows.consumer_release(state);
     late = item;
 
-    const bool head_done = m0 + kBlockM >= span.begin + tiles_per_head * kBlockM;
-    if (head_done && p.dbias != nullptr) bwd::store_dbias_pair(p, s, h, t, key_a, key_b, db_a, db_b);
+    if (p.dbias != nullptr) {
+      if (tile_major) {  // the tile's shares summed over the quad, added to the head's sums in the table
+        bwd::quad_sum(db_a, db_b);
+        if (t == 0) {
+          const int hh = h - hk * group;
+          smem.key_dbias[hh][slot_a] += db_a;
+          smem.key_dbias[hh][slot_a + 8] += db_b;
+        }
+        db_a = db_b = 0.f;
+      } else if (m0 + kBlockM >= span.begin + tiles_per_head * kBlockM) {  // the head's last tile
+        bwd::store_dbias_pair(p, s, h, t, key_a, key_b, db_a, db_b);
+      }
+    }
     ++state;
   }
   if (late >= 0) {  // the last computed tile's dQ
@@ -582,6 +849,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     warpgroup_wait<0>();
     warpgroup_fence_operand(tdQrdQ);
     add_dq(late);
+  }
+
+  // tile_major: the bias gradient of the thread's keys for every head of the group (its own table entries: no barrier;
+  // 0 for a head whose items kDeadHeads skipped, as the zero-filled dbias holds)
+  if (tile_major && p.dbias != nullptr && t == 0) {
+    for (int hh = 0; hh < group; ++hh) {
+      const int h = hk * group + hh;
+      if (key_a < s.k_len) {
+        p.dbias[(static_cast<int64_t>(s.k_start) + key_a) * p.f.num_heads + h] = smem.key_dbias[hh][slot_a];
+      }
+      if (key_b < s.k_len) {
+        p.dbias[(static_cast<int64_t>(s.k_start) + key_b) * p.f.num_heads + h] = smem.key_dbias[hh][slot_a + 8];
+      }
+    }
   }
 
   // ---- dK (times the softmax scale) and dV of the warpgroup's 64 slots, at their keys' rows ----
@@ -601,7 +882,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           sm80::ElemTraits<Elem>::pack(dv[0][dt][2 * half], dv[0][dt][2 * half + 1]);
     }
   }
-  if (wtid < kBlockM) bulk_wait_all();  // the reduce-adds read shared memory until they complete
+  if (wtid < kBlockM) bulk_wait_all();  // the rows' reduce-adds read shared memory until they complete (none: dq_tiles)
 }
 
 }  // namespace dmattn::cuda::sm90a
