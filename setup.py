@@ -8,6 +8,8 @@ Build knobs (all optional; see README "Build knobs"):
   MAX_JOBS            parallel compile jobs (ninja; the kernel files default to one per core)
   NVCC_THREADS        nvcc --threads, default 4
   DMATTN_NVCC_FLAGS   more nvcc flags for every CUDA file, space-separated (e.g. -Xptxas=-v, -G)
+  DMATTN_UNIT_STAMPS  1: the measuring build, whose sm90a forward kernel records each work unit's boundary times
+                      (torch.ops.dmattn.unit_stamps(), tools/unit_stamps.py); off by default, and then compiled out
 
 A CUDA build compiles csrc/cuda's hand-written files and the generated registry through torch's CUDAExtension (one
 nvcc flag set for all, with the gencodes of DMATTN_CUDA_ARCHS) and the generated kernel files itself, each with its
@@ -200,12 +202,16 @@ def extension():
     # The global flags of the hand-written CUDA files and the registry (torch adds the include dirs; its -std is std).
     nvcc = kernel_matrix.nvcc_flags(archs, std, []) + common
     write_build_config(["cpu", "cuda"], archs, selected)
+    # The measuring build's defines (kernel_matrix.measuring_defines) reach nvcc through nvcc_flags; the C++ files
+    # (the binding) get them here, so that both sides agree on the Workspace they share.
+    if kernel_matrix.unit_stamps_requested():
+        log("the measuring build: DMATTN_UNIT_STAMPS=1 (the sm90a forward records its units' boundary times)")
     return CUDAExtension(
         "dmattn_ops._C",
         sources,
         include_dirs=include_dirs,
         define_macros=[("DMATTN_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx + ["-DDMATTN_WITH_CUDA"], "nvcc": nvcc},
+        extra_compile_args={"cxx": cxx + ["-DDMATTN_WITH_CUDA", *kernel_matrix.measuring_defines()], "nvcc": nvcc},
         extra_objects=[str(o) for o in objects],
         extra_link_args=link,
         py_limited_api=True,

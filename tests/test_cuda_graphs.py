@@ -8,6 +8,8 @@ the bias all change in place, while every shape and max_seqlen_k (the capacity) 
 eager call on the same buffers.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -26,13 +28,18 @@ def _pack(rows_per_seq, capacity_rows):
     return buffer, dmattn_ops.cu_seqlens([t.shape[0] for t in rows_per_seq], device=packed.device)
 
 
-@pytest.mark.parametrize("kernel", ["auto", "decode_split_every_tile"])
+@pytest.mark.parametrize("kernel", ["auto", "decode_split_every_tile", "decode_split_every_tile_combine_launch"])
 @pytest.mark.parametrize("layout", ["key", "query"])
-def test_decode_step_replays_with_new_contents(layout, kernel, monkeypatch, cuda_device):
-    """Also through the decode kernel with a split per 64-key tile (its partials and combine pass in the graph)."""
+def test_decode_step_replays_with_new_contents(layout, kernel, monkeypatch, capfd, cuda_device):
+    """Also through the decode kernel with a split per 64-key tile (its partials and combine pass in the graph). With
+    the key-side gate the kernel merges its own splits (the last split CTA of each unit, by tickets that the order
+    pass zeroes in every replay), or with DMATTN_DECODE_COMBINE=launch the combine pass merges them."""
     if kernel != "auto":
         monkeypatch.setenv("DMATTN_KERNEL", "decode")
         monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", "1")
+    if kernel.endswith("combine_launch"):
+        monkeypatch.setenv("DMATTN_DECODE_COMBINE", "launch")
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
     g = torch.Generator().manual_seed(0)
     lengths = [5, 70, 9, 130]
     B = len(lengths)
@@ -72,7 +79,11 @@ def test_decode_step_replays_with_new_contents(layout, kernel, monkeypatch, cuda
     if layout == "query":
         expand_gate(static)
     torch.cuda.synchronize()
+    capfd.readouterr()
     graph, (out, lse) = capture_cuda_graph(run)
+    in_kernel = set(re.findall(r"combine_in_kernel=(\d)", capfd.readouterr().err))
+    if kernel != "auto":  # which path the captured call took (query-side terms: the combine launch)
+        assert in_kernel == {"1" if kernel == "decode_split_every_tile" and layout == "key" else "0"}, in_kernel
 
     for step in range(4):
         for name, rows in cache.items():

@@ -5,6 +5,8 @@ kernel: both run every sample, forced through the documented debug variables (RE
   heads of a KV head, key-side or query-side; elsewhere the prefill kernel runs);
 - DMATTN_DECODE_TILES_PER_SPLIT=1 makes every 64-key tile its own split, so the split combine runs on every sample
   with more than 64 keys;
+- DMATTN_DECODE_COMBINE=launch merges a split call's partials by combine_splits' own launch where the kernel would
+  merge them itself (the last split CTA of each unit): the tests compare the two paths bit for bit;
 - DMATTN_LOG_PLAN=1 prints each call's plan to stderr: the tests read which kernel the automatic choice took.
 
 Every case is judged by the same float64 reference and accuracy rule as every kernel (tests/samples.py). The plan
@@ -202,22 +204,201 @@ def test_split_combine_of_many_rows(mask, monkeypatch, cuda_device):
     _checked(make_sample(spec, torch.bfloat16, "cuda"))
 
 
+# Where the split partials of a decode call are merged: by combine_splits' own launch (DMATTN_DECODE_COMBINE=launch),
+# or where the plan can (a split call with a key-side mask's lists), by the kernel's last split CTA of each unit.
+COMBINES = {"launch": "launch", "kernel": "auto"}
+
+
+def _combine_flags(capfd):
+    """(combine_finishes, combine_in_kernel) of each decode plan line printed since the last read."""
+    return re.findall(r"kernel=decode .*combine_finishes=(\d) combine_in_kernel=(\d)", capfd.readouterr().err)
+
+
+@pytest.mark.parametrize("combine", list(COMBINES))
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_split_combine_finishes_the_rows(head_dim, monkeypatch, capfd, cuda_device):
+def test_split_combine_finishes_the_rows(head_dim, combine, monkeypatch, capfd, cuda_device):
     """A split call's combine does finish_rows' work too (the plan says so): rows no sequence owns get out 0 and
-    lse -inf, the rest the reference's, through the eight-lane (64) and the warp-per-pair (128) combines."""
+    lse -inf, the rest the reference's, through the eight-lane (64) and the warp-per-pair (128) combines. Where the
+    kernel merges its own splits, the order pass before it does that work: the same rows."""
     spec = Spec("split_trailing", head_dim=head_dim, heads=8, heads_k=2, seqlens_q=(1, 4, 8),
                 seqlens_k=(700, 1000, 300), extra_rows_q=3, extra_rows_k=4, mask="key", mask_heads="Hk", keep=0.5,
                 bias="key", bias_heads="Hk")
     monkeypatch.setenv("DMATTN_KERNEL", "decode")
     monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", "2")
+    monkeypatch.setenv("DMATTN_DECODE_COMBINE", COMBINES[combine])
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
     sample = make_sample(spec, torch.bfloat16, "cuda")
     capfd.readouterr()
     out, lse = _checked(sample)
     torch.cuda.synchronize()
-    assert re.findall(r"kernel=decode .*combine_finishes=(\d)", capfd.readouterr().err) == ["1"]
+    assert _combine_flags(capfd) == [("1", "0") if combine == "launch" else ("0", "1")]
     assert (out[13:] == 0).all() and (lse[:, 13:] == -math.inf).all()
+
+
+def _bits(t):
+    """A tensor's bits (NaNs compare equal where their bits do)."""
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _poisoned_run(sample, fill=math.nan):
+    """sample.run() right after blocks of out's and lse's sizes, filled with `fill`, were freed: the caching allocator
+    hands them back to the call's own out and lse, so a row the call fails to write reads `fill` (NaN, or for a call
+    whose every element must be NaN a number), not a correct result an earlier call left in a reused block (a unit
+    that never merged would otherwise pass a bitwise comparison)."""
+    total_q, heads, head_dim = sample.q.shape
+    decoys = [torch.full((total_q, heads, head_dim), fill, dtype=sample.q.dtype, device=sample.q.device),
+              torch.full((heads, total_q), fill, dtype=torch.float32, device=sample.q.device)]
+    del decoys
+    return sample.run()
+
+
+def _merged_both_ways(sample, monkeypatch, capfd, label="", repeats=1, launch_finishes="1"):
+    """(out, lse) of a split decode call whose kernel merges its own splits, checked to be the bits of the same call
+    through combine_splits' launch (DMATTN_DECODE_COMBINE=launch) and the same bits again, `repeats` more times (the
+    tickets are zeroed for every call); each call's out and lse start as NaN-filled reused blocks (_poisoned_run),
+    and the plan lines say which path each call took (`launch_finishes`: whether the launch's combine finishes the
+    rows too, "0" where its contract reads would pass kMaxContractReads / 2 and a finish launch does it)."""
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    results = {}
+    for combine in ("launch",) + ("kernel",) * (1 + repeats):
+        monkeypatch.setenv("DMATTN_DECODE_COMBINE", COMBINES[combine])
+        capfd.readouterr()
+        out, lse = _poisoned_run(sample)
+        torch.cuda.synchronize()
+        assert _combine_flags(capfd) == [(launch_finishes if combine == "launch" else "0",
+                                          "0" if combine == "launch" else "1")], \
+            f"{label}: the plan did not take the {combine} path"
+        if combine in results:
+            assert torch.equal(_bits(out), _bits(results[combine][0])), f"{label}: out differs from call to call"
+            assert torch.equal(_bits(lse), _bits(results[combine][1])), f"{label}: lse differs from call to call"
+        results[combine] = (out, lse)
+    (out, lse), (want_out, want_lse) = results["kernel"], results["launch"]
+    assert torch.equal(_bits(out), _bits(want_out)), f"{label}: out is not the combine launch's bits"
+    assert torch.equal(_bits(lse), _bits(want_lse)), f"{label}: lse is not the combine launch's bits"
+    return out, lse
+
+
+# Split calls whose kernel merges its own splits, with the KV tiles per split that make each what it tests.
+MERGE_CASES = [
+    # units of one busy split (8 tiles per split at 25% kept: the later splits find no tile) and of several (1)
+    (Spec("merge_gqa_sinks", heads=8, heads_k=2, seqlens_q=(1, 3, 8, 2), seqlens_k=(1500, 700, 2100, 90),
+          mask="key", mask_heads="Hk", keep=0.25, bias="key", bias_heads="Hk", sinks="float32"), ("8", "1")),
+    # empty sequences (no query, no key), fully masked queries, rows no sequence owns
+    (Spec("merge_empty_and_masked", heads=8, heads_k=2, seqlens_q=(2, 0, 3, 1), seqlens_k=(500, 300, 0, 800),
+          mask="key", mask_heads="Hk", keep=0.4, masked_rows=True, bias="key", extra_rows_q=3), ("2", "1")),
+    # no kept key anywhere: each unit's split 0 merges alone (out 0, lse the sink or -inf)
+    (Spec("merge_all_keys_masked", heads=8, heads_k=2, seqlens_q=(2, 3), seqlens_k=(700, 1200), mask="key", keep=0.0,
+          sinks="float32", sinks_neg_inf=True), ("1",)),
+    # D = 128 with few pairs: a warp per pair (and under 16 splits: no CTA per pair, which the kernel leaves to the
+    # combine launch)
+    (Spec("merge_d128_wide", head_dim=128, heads=16, heads_k=4, seqlens_q=(3, 1), seqlens_k=(2500, 400), mask="key",
+          mask_heads="Hk", keep=0.25, bias="key", bias_heads="Hk", bias_dtype="q"), ("3", "12")),
+    # D = 128 with 40 x 8 x 32 = 10240 pairs: eight lanes per pair
+    (Spec("merge_d128_eight_lanes", head_dim=128, heads=32, heads_k=8, seqlens_q=(8,) * 40,
+          seqlens_k=tuple(200 + 13 * i for i in range(40)), mask="key", mask_heads="Hk", keep=0.5, bias="key",
+          bias_heads="Hk"), ("1",)),
+    # D = 256 (16 packed rows per tile), causal
+    (Spec("merge_d256", head_dim=256, heads=8, heads_k=2, seqlens_q=(2, 8), seqlens_k=(1000, 1500), is_causal=True,
+          mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="1"), ("4",)),
+    # a window whose first key falls inside a tile, seqused_k, a mask of one head
+    (Spec("merge_window_seqused", heads=8, heads_k=2, seqlens_q=(2, 5), seqlens_k=(1800, 900), seqused_k=(1333, 899),
+          window=(129, 3), sinks="float32", mask="key", keep=0.7), ("1", "2")),
+    # two row tiles per unit (4 query heads x 12 queries = 48 packed rows), a long sequence of many parts
+    (Spec("merge_two_row_tiles", heads=8, heads_k=2, seqlens_q=(12, 5, 9), seqlens_k=(9000, 300, 2500), mask="key",
+          mask_heads="1", keep=0.3, bias="key", bias_heads="Hk"), ("3",)),
+]
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("spec, tiles", MERGE_CASES, ids=lambda x: x.name if isinstance(x, Spec) else "-".join(x))
+def test_kernel_merge_is_the_combine_launch_bitwise(spec, tiles, dtype, monkeypatch, capfd, cuda_device):
+    """The decode kernel's last split CTA of each unit merges the unit (FwdPlan::combine_in_kernel) with the combine's
+    arithmetic and lanes (split_merge.cuh): the reference's result, and bit for bit the result of the combine launch
+    (DMATTN_DECODE_COMBINE=launch), for units of one participating split and of several, of none (split 0 alone),
+    sinks, empty sequences and rows no sequence owns, 8 and 32 lanes per pair, D 64 / 128 / 256, two row tiles."""
+    reason = support_reason(spec, dtype, "cuda")
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    sample = make_sample(spec, dtype, "cuda")
+    for n in tiles:
+        monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", n)
+        out, lse = _merged_both_ways(sample, monkeypatch, capfd, label=f"{n} tiles per split")
+        assert_close_to_reference((out, lse), sample.reference(), sample.reference(sample.dtype),
+                                  label=f"{n} tiles per split")
+        if spec.extra_rows_q:
+            assert (out[-spec.extra_rows_q:] == 0).all() and (lse[:, -spec.extra_rows_q:] == -math.inf).all()
+
+
+@pytest.mark.parametrize("tiles", ["1", "auto"])
+def test_kernel_merge_keeps_nonfinite_rows_bitwise(tiles, monkeypatch, capfd, cuda_device):
+    """test_nonfinite_values_follow_the_contract's NaN score, NaN V under a visible key and row with nothing visible,
+    plus an extreme bias (every score near finfo.min): the kernel's merge gives the combine launch's bits."""
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    if tiles != "auto":
+        monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", tiles)
+    spec = Spec("merge_nonfinite", heads=4, heads_k=2, seqlens_q=(1, 1, 1, 1), seqlens_k=(300, 300, 1300, 300),
+                mask="key", mask_heads="Hk", keep=1.0, bias="key", bias_heads="1")
+    sample = make_sample(spec, torch.float16, "cuda")
+    k, v, mask, bias = sample.k.clone(), sample.v.clone(), sample.mask.clone(), sample.bias.clone()
+    k[0 + 200, 0, 3] = math.nan  # sequence 0, KV head 0: a NaN score for query heads 0 and 1
+    v[300 + 250, 1, 5] = math.nan  # sequence 1, KV head 1: a visible key whose V holds a NaN
+    mask[600:1900, 0] = False  # sequence 2, KV head 0: nothing visible
+    bias[1900:2200] = torch.finfo(torch.float32).min  # sequence 3: every score near finfo.min
+    out, lse = _merged_both_ways(sample.replace(k=k, v=v, mask=mask, bias=bias), monkeypatch, capfd)
+    assert out[0, 0:2].isnan().all() and lse[0:2, 0].isnan().all()
+    assert out[1, 2:4].isnan().any() and lse[2:4, 1].isfinite().all()
+    assert (out[2, 0:2] == 0).all() and (lse[0:2, 2] == -math.inf).all()
+
+
+def test_kernel_merge_on_two_streams_at_once(monkeypatch, capfd, cuda_device):
+    """Two calls whose kernels merge their own splits, in flight at once on two streams: each call's tickets live in
+    its own workspace (zeroed by its own order pass), so neither sees the other's; both give the bits of the same
+    calls through the combine launch, run one after the other."""
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", "1")
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    specs = [Spec(f"merge_stream_{i}", heads=8, heads_k=2, seqlens_q=(1, 3, 8, 2), seqlens_k=(1500, 700, 2100, 90),
+                  mask="key", mask_heads="Hk", keep=0.25 + 0.25 * i, bias="key", bias_heads="Hk") for i in range(2)]
+    samples = [make_sample(s, torch.bfloat16, "cuda") for s in specs]
+    monkeypatch.setenv("DMATTN_DECODE_COMBINE", "launch")
+    want = [s.run() for s in samples]
+    monkeypatch.setenv("DMATTN_DECODE_COMBINE", "auto")
+    streams = [torch.cuda.Stream() for _ in samples]
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+    capfd.readouterr()
+    got = [None, None]
+    for _ in range(3):
+        for i, (sample, stream) in enumerate(zip(samples, streams)):
+            with torch.cuda.stream(stream):
+                got[i] = _poisoned_run(sample)
+        torch.cuda.synchronize()
+        for (out, lse), (want_out, want_lse) in zip(got, want):
+            assert torch.equal(_bits(out), _bits(want_out)) and torch.equal(_bits(lse), _bits(want_lse))
+    assert _combine_flags(capfd) == [("0", "1")] * 6, "the calls did not take the kernel's merge"
+
+
+# The multi-participant tickets under contention (review_decode_last_split_combine.md, T2): 2,048 units (256
+# sequences x 8 KV heads) of 8-14 busy splits each (a 64-key tile per split asked; the partials' cap raises it where
+# it must), more tickets than the order pass's 1,024 threads (its zeroing loop strides), several finishing CTAs for
+# 40 rows no sequence owns; with them the eight-lane merge (over 8,192 pairs), without them the warp per pair.
+@pytest.mark.parametrize("extra_rows", [40, 0], ids=["eight_lanes", "warp_per_pair"])
+def test_kernel_merge_stress_many_participants(extra_rows, monkeypatch, capfd, cuda_device):
+    """Each of 2,048 units merged exactly once, by its last participating split, bit for bit the combine launch's
+    result, in ten calls in a row (compute-sanitizer runs this test too)."""
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", "1")
+    lengths = torch.randint(500, 901, (256,), generator=torch.Generator().manual_seed(7)).tolist()
+    spec = Spec("merge_stress", head_dim=128, heads=32, heads_k=8, seqlens_q=(1,) * 256, seqlens_k=tuple(lengths),
+                mask="key", mask_heads="Hk", keep=1.0, extra_rows_q=extra_rows)
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    # (B + 1) x the (row, head) pairs (257 x 8,192 or more) is past kMaxContractReads / 2 (passes.h): the launch's
+    # combine leaves the rows to a finish launch (run CY, an H100, showed it: combine_finishes=0)
+    out, lse = _merged_both_ways(sample, monkeypatch, capfd, label="stress", repeats=9, launch_finishes="0")
+    assert not out[:256].isnan().any() and not lse[:, :256].isnan().any()
+    if extra_rows:
+        assert (out[256:] == 0).all() and (lse[:, 256:] == -math.inf).all()
 
 
 @pytest.mark.parametrize("mask", [None, "key"], ids=["no_mask", "key_mask"])
@@ -238,14 +419,18 @@ def test_split_combine_of_few_rows_and_many_splits(head_dim, mask, monkeypatch, 
     assert (out[6:] == 0).all() and (lse[:, 6:] == -math.inf).all()
 
 
+@pytest.mark.parametrize("combine", list(COMBINES))
 @pytest.mark.parametrize("lie", ["decreasing", "last_past_total", "negative", "longer_than_max_seqlen"])
-def test_split_combine_makes_a_lie_visible(lie, monkeypatch, cuda_device):
-    """Lying cu_seqlens through a split call whose combine finishes the rows: every element of out and lse is NaN,
-    the rows the combine would have combined included (compute-sanitizer runs this test: nothing out of bounds)."""
+def test_split_combine_makes_a_lie_visible(lie, combine, monkeypatch, capfd, cuda_device):
+    """Lying cu_seqlens through a split call whose combine finishes the rows, or whose kernel merges its own splits
+    (the order pass then finishes the rows, and the merges write nothing): every element of out and lse is NaN, the
+    rows the combine would have combined included (compute-sanitizer runs this test: nothing out of bounds)."""
     spec = Spec("split_lies", heads=8, heads_k=2, seqlens_q=(1, 4, 8), seqlens_k=(700, 1000, 300), extra_rows_q=2,
                 mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="Hk")
     monkeypatch.setenv("DMATTN_KERNEL", "decode")
     monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", "2")
+    monkeypatch.setenv("DMATTN_DECODE_COMBINE", COMBINES[combine])
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
     sample = make_sample(spec, torch.float16, "cuda")
     cu_q, cu_k = sample.cu_seqlens_q.tolist(), sample.cu_seqlens_k.tolist()
     total_q, total_k = sample.q.shape[0], sample.k.shape[0]
@@ -259,7 +444,10 @@ def test_split_combine_makes_a_lie_visible(lie, monkeypatch, cuda_device):
     lying = sample.replace(cu_seqlens_q=as_tensor(lies.get("cu_q", cu_q)),
                            cu_seqlens_k=as_tensor(lies.get("cu_k", cu_k)),
                            max_seqlen_k=lies.get("max_k", sample.max_seqlen_k))
-    out, lse = lying.run()
+    capfd.readouterr()
+    out, lse = _poisoned_run(lying, fill=0.0)
+    torch.cuda.synchronize()
+    assert _combine_flags(capfd) == [("1", "0") if combine == "launch" else ("0", "1")]
     assert out.isnan().all() and lse.isnan().all()
 
 
@@ -281,6 +469,10 @@ def test_bad_debug_variables_are_clear_errors(monkeypatch, cuda_device):
     monkeypatch.setenv("DMATTN_KERNEL", "decode")
     monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", "0")
     with pytest.raises(ValueError, match="DMATTN_DECODE_TILES_PER_SPLIT must be a positive integer, got '0'"):
+        sample.run()
+    monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", "1")
+    monkeypatch.setenv("DMATTN_DECODE_COMBINE", "kernel")
+    with pytest.raises(ValueError, match="DMATTN_DECODE_COMBINE must be auto or launch, got 'kernel'"):
         sample.run()
 
 

@@ -20,17 +20,19 @@ _DRIVER = """
     using namespace dmattn;
     // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
     //                 window_left window_right key_range(0 absent, 1 given) sm90a_ctas(the override)
-    //                 bias_dtype(0 float32, 2 bfloat16: q's)
+    //                 bias_dtype(0 float32, 2 bfloat16: q's) sched(0 static, 1 dynamic: DMATTN_SM90A_SCHED)
+    //                 combine_launch(the override)
     // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes prefill_variant sm90a sm90a_ctas
-    //         unit_order combine_finishes sm90a_slots sm90a_query slots_in_place block_map_heads
+    //         unit_order combine_finishes sm90a_slots sm90a_query slots_in_place block_map_heads sm90a_dynamic
+    //         combine_in_kernel
     // (a cc 9.0 device; bf16 q / k / v packed (rows, heads, D) at null: aligned as TMA wants; a query-side bias
     // contiguous, (total_q, Hb, max_k))
     int main() {
-      long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr, kr, ctas, bdt;
+      long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr, kr, ctas, bdt, sched, launch;
       static const int32_t some_range[2] = {0, 0};  // the plan reads only whether key_range is given
       while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld "
-                        "%lld %lld", &B, &H, &Hk, &D, &tq, &tk, &mq, &mk, &mask, &hm, &bias, &hb, &sms, &force,
-                        &tiles, &wl, &wr, &kr, &ctas, &bdt) == 20) {
+                        "%lld %lld %lld %lld", &B, &H, &Hk, &D, &tq, &tk, &mq, &mk, &mask, &hm, &bias, &hb, &sms, &force,
+                        &tiles, &wl, &wr, &kr, &ctas, &bdt, &sched, &launch) == 22) {
         VarlenFwdParams p;
         p.batch = B; p.num_heads = H; p.num_heads_k = Hk; p.head_dim = D;
         p.dtype = ScalarType::kBFloat16;
@@ -49,14 +51,17 @@ _DRIVER = """
         o.kernel = static_cast<cuda::PlanOverrides::Kernel>(force);
         o.tiles_per_split = tiles;
         o.sm90a_ctas = static_cast<int32_t>(ctas);
+        o.sm90a_dynamic = sched != 0;
+        o.combine_launch = launch != 0;
         const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, cuda::DeviceInfo{90, static_cast<int>(sms)}, o);
-        std::printf("%s %d %d %d %d %zu %d %d %d %d %d %d %d %d %d\\n",
+        std::printf("%s %d %d %d %d %zu %d %d %d %d %d %d %d %d %d %d %d\\n",
                     plan.kernel == cuda::FwdKernel::kDecode ? "decode" : "prefill", plan.row_tiles, plan.num_splits,
                     plan.tiles_per_split, plan.key_lists_heads, cuda::workspace_bytes(plan, p),
                     static_cast<int>(plan.prefill), static_cast<int>(plan.sm90a), plan.sm90a_ctas,
                     static_cast<int>(plan.unit_order), static_cast<int>(plan.combine_finishes),
                     static_cast<int>(plan.sm90a_slots), static_cast<int>(plan.sm90a_query),
-                    static_cast<int>(plan.slots_in_place), plan.block_map_heads);
+                    static_cast<int>(plan.slots_in_place), plan.block_map_heads, static_cast<int>(plan.sm90a_dynamic),
+                    static_cast<int>(plan.combine_in_kernel));
       }
     }
     """
@@ -72,19 +77,22 @@ def planner(tmp_path_factory):
     exe = build_host_driver(tmp_path_factory.mktemp("plan"), _DRIVER, "plan", "heuristics.h")
 
     def line(B, H, Hk, D, total_q, total_k, max_q, max_k, mask=ABSENT, Hm=1, bias=ABSENT, Hb=1, sms=132,
-             force=AUTO, tiles=0, window=(-1, -1), key_range=False, sm90a_ctas=0, bias_dtype=F32):
+             force=AUTO, tiles=0, window=(-1, -1), key_range=False, sm90a_ctas=0, bias_dtype=F32, dynamic=False,
+             combine_launch=False):
         return " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
-                                         force, tiles, *window, int(key_range), sm90a_ctas, bias_dtype))
+                                         force, tiles, *window, int(key_range), sm90a_ctas, bias_dtype, int(dynamic),
+                                         int(combine_launch)))
 
     def parse(out):
         (kernel, row_tiles, splits, per_split, lists, workspace, variant, sm90a, ctas, order, finishes, slots,
-         query, in_place, map_heads) = out.split()
+         query, in_place, map_heads, dynamic, in_kernel) = out.split()
         return dict(kernel=kernel, row_tiles=int(row_tiles), splits=int(splits), tiles_per_split=int(per_split),
                     key_lists_heads=int(lists), workspace=int(workspace), prefill=PREFILL_VARIANTS[int(variant)],
                     sm90a=bool(int(sm90a)), sm90a_ctas=int(ctas), unit_order=bool(int(order)),
                     combine_finishes=bool(int(finishes)), sm90a_slots=bool(int(slots)),
                     sm90a_query=bool(int(query)), slots_in_place=bool(int(in_place)),
-                    block_map_heads=int(map_heads))
+                    block_map_heads=int(map_heads), sm90a_dynamic=bool(int(dynamic)),
+                    combine_in_kernel=bool(int(in_kernel)))
 
     def plan(**call):
         out = subprocess.run([str(exe)], input=line(**call) + "\n", capture_output=True, text=True,
@@ -116,8 +124,9 @@ def test_decode_workload_is_packed_and_split(planner):
     lists = 4 * 8 * 290_000 + 4 * 8 * 64
     order = 4 * 64 * 8  # the (sequence, KV head) units, longest first
     parts = 8 * 64 * 8 * 4 + 4  # compact_keys in parts: 8192 keys = 4 parts of 2048 per list, and the ticket
-    assert plan["unit_order"]
-    assert abs(plan["workspace"] - lists - partials - order - parts) < 6 * 256  # each piece 256-byte aligned
+    tickets = 4 * 64 * 8 + 4  # the kernel merges its own splits: a ticket per unit, and the contract's verdict
+    assert plan["unit_order"] and plan["combine_in_kernel"]
+    assert abs(plan["workspace"] - lists - partials - order - parts - tickets) < 7 * 256  # each piece 256-aligned
 
 
 def test_units_are_ordered_only_when_split_and_few_enough(planner):
@@ -260,7 +269,8 @@ def test_query_side_operands_in_the_decode_kernel_get_lists_and_terms(planner):
     for Hm in (1, 8):
         plan = planner(**W, mask=QUERY, Hm=Hm)
         assert plan["kernel"] == "decode" and plan["key_lists_heads"] == Hm
-        key_side = planner(**W, mask=KEY, Hm=Hm)["workspace"]  # lists compacted in parts, as these are
+        # lists compacted in parts, as these are (and split partials merged by a launch, as these are: no tickets)
+        key_side = planner(**W, mask=KEY, Hm=Hm, combine_launch=True)["workspace"]
         assert plan["workspace"] == key_side + _terms_bytes(W["B"], W["total_k"], W["max_q"], Hm)
     # a query-side bias (float32 here: float32 terms) with a mask of fewer heads, key-side or query-side, or alone
     for mask, Hm in ((KEY, 1), (QUERY, 1), (ABSENT, 1)):
@@ -296,7 +306,9 @@ def test_split_combine_finishes_the_rows_where_its_check_is_cheap(planner):
     launch fewer, as long as its combining CTAs' reads of cu_seqlens (B + 1 each, one CTA per (row, head) pair at
     most) stay within 2M entries; an unsplit call, or a batch too large for that, keeps finish_rows."""
     assert planner(**WORKLOAD)["combine_finishes"]  # 6 splits; at most 9216 combining CTAs x 65 entries
-    assert planner(**WORKLOAD, mask=KEY, Hm=8)["combine_finishes"]
+    # with a mask the kernel merges its own splits, unless the combine is forced to be a launch
+    assert not planner(**WORKLOAD, mask=KEY, Hm=8)["combine_finishes"]
+    assert planner(**WORKLOAD, mask=KEY, Hm=8, combine_launch=True)["combine_finishes"]
     unsplit = planner(**WORKLOAD, tiles=1000)
     assert unsplit["splits"] == 1 and not unsplit["combine_finishes"]
     assert not planner(**dict(WORKLOAD, max_q=200, total_q=12_800), force=FORCE_PREFILL)["combine_finishes"]
@@ -306,6 +318,41 @@ def test_split_combine_finishes_the_rows_where_its_check_is_cheap(planner):
     assert plan["splits"] > 1 and not plan["combine_finishes"]
     few = dict(many, B=64, total_q=64, total_k=64 * 8192, max_k=8192)  # 2048 CTAs x 65 entries
     assert planner(**few)["splits"] > 1 and planner(**few)["combine_finishes"]
+
+
+def test_ordered_split_calls_merge_their_splits_in_the_kernel(planner):
+    """A split decode call whose units are ordered (a key-side mask's lists) merges its splits in the kernel's last
+    split CTA of each unit: its order pass zeroes the tickets and finishes the rows, so neither the combine nor
+    finish_rows runs. The other split calls (no order pass before the kernel), the kernel with query-side terms, calls
+    whose combine would take a CTA per pair, and DMATTN_DECODE_COMBINE=launch keep the combine launch."""
+    masked = dict(mask=KEY, Hm=8, bias=KEY, Hb=8)
+    plan = planner(**WORKLOAD, **masked)
+    assert plan["splits"] > 1 and plan["unit_order"] and plan["combine_in_kernel"] and not plan["combine_finishes"]
+    launch = planner(**WORKLOAD, **masked, combine_launch=True)
+    assert not launch["combine_in_kernel"] and launch["combine_finishes"]
+    assert launch["workspace"] < plan["workspace"]  # no tickets
+    assert not planner(**WORKLOAD)["combine_in_kernel"]  # no mask: no order pass
+    assert not planner(**WORKLOAD, **masked, tiles=1000)["combine_in_kernel"]  # one split: nothing to merge
+    # query-side operands: the decode kernel's variant with terms keeps the combine
+    query = planner(**WORKLOAD, mask=QUERY, Hm=8)
+    assert query["kernel"] == "decode" and query["unit_order"] and not query["combine_in_kernel"]
+    # a long context: 4 x 32 pairs over >= 16 splits take the combine's CTA per pair at D = 128
+    long = dict(B=4, H=32, Hk=8, D=128, total_q=4, total_k=320_000, max_q=1, max_k=131_072)
+    deep = planner(**long, mask=KEY, Hm=8)
+    assert deep["splits"] >= 16 and deep["unit_order"] and not deep["combine_in_kernel"]
+    # ... but at D = 64 the combine takes eight lanes per pair, which the kernel's merge takes too
+    assert planner(**dict(long, D=64), mask=KEY, Hm=8)["combine_in_kernel"]
+    # more units than one CTA orders: batch order, no order pass, so the combine launch
+    many = planner(B=1024, H=32, Hk=8, D=128, total_q=1024, total_k=1 << 20, max_q=1, max_k=1 << 17, mask=KEY, Hm=8)
+    assert many["splits"] > 1 and not many["unit_order"] and not many["combine_in_kernel"]
+    # forced onto the decode kernel with many row tiles (512 one-query sequences and a max_seqlen_q to spare): past
+    # 16,384 tickets the combine launch
+    rows = dict(B=512, H=32, Hk=8, D=128, total_q=512, total_k=511 * 64 + 2**17, max_k=2**17, mask=KEY, Hm=8,
+                force=FORCE_DECODE)
+    fits = planner(**rows, max_q=16)  # 512 x 8 units x 2 row tiles
+    assert fits["row_tiles"] == 2 and fits["splits"] > 1 and fits["combine_in_kernel"]
+    over = planner(**rows, max_q=64)  # 512 x 8 x 8 = 32,768 tickets
+    assert over["row_tiles"] == 8 and over["splits"] > 1 and over["unit_order"] and not over["combine_in_kernel"]
 
 
 def test_key_side_lists_look_back_only_across_parts(planner):
@@ -500,6 +547,40 @@ def test_sm90a_choice(planner, change, sm90a, ctas):
     plan = planner(**{**PREFILL, **change})
     assert plan["kernel"] == "prefill"
     assert (plan["sm90a"], plan["sm90a_ctas"]) == (sm90a, ctas)
+
+
+def test_dynamic_scheduler_plan(planner):
+    """DMATTN_SM90A_SCHED=dynamic: the sm90a kernel's plain (dense, causal or not), windowed and kSlots (a key-side
+    mask's gathered kept rows; a key-side bias alone, over slots in place) variants on a persistent grid of one CTA per
+    SM (or DMATTN_SM90A_CTAS's count; its 0 keeps a CTA per unit) whose CTAs take units from a counter, a 4-byte counter
+    per launch of 255 sequences in the workspace (one 256-byte aligned piece); the query-side variant (query-side masks
+    and biases, a key-side bias beside a query-side mask) and key ranges keep their grids, and without the variable
+    nothing changes."""
+    for causal in (True, False):
+        call = dict(PREFILL, window=(-1, 0) if causal else (-1, -1))
+        base, dyn = planner(**call), planner(**call, dynamic=True)
+        assert (base["sm90a"], base["sm90a_ctas"], base["sm90a_dynamic"]) == (True, 0, False)
+        assert (dyn["sm90a"], dyn["sm90a_ctas"], dyn["sm90a_dynamic"]) == (True, 132, True)
+        assert dyn["workspace"] == base["workspace"] + 256
+        assert planner(**call, dynamic=True, sm90a_ctas=3)["sm90a_ctas"] == 3
+        per_unit = planner(**call, dynamic=True, sm90a_ctas=-1)
+        assert (per_unit["sm90a_ctas"], per_unit["sm90a_dynamic"], per_unit["workspace"]) == (0, False,
+                                                                                             base["workspace"])
+    many = dict(PREFILL, B=600)  # three launches of at most 255 sequences: three counters, one aligned piece
+    assert planner(**many, dynamic=True)["workspace"] == planner(**many)["workspace"] + 256
+    # the windowed and kSlots variants: the same plan but for the grid and the counters (persistent already, or a CTA
+    # per unit made persistent, as the plain kernel's)
+    for other in (dict(window=(255, 0)), dict(window=(255, 0), mask=KEY, Hm=8, bias=KEY, Hb=32), dict(mask=KEY, Hm=8),
+                  dict(mask=KEY, Hm=32, bias=KEY, Hb=8, bias_dtype=BF16), dict(bias=KEY, Hb=8, bias_dtype=BF16)):
+        plain, dyn = planner(**PREFILL, **other), planner(**PREFILL, **other, dynamic=True)
+        assert dyn == {**plain, "sm90a_ctas": 132, "sm90a_dynamic": True, "workspace": plain["workspace"] + 256}, other
+        assert planner(**PREFILL, **other, dynamic=True, sm90a_ctas=3)["sm90a_ctas"] == 3
+        per_unit = planner(**PREFILL, **other, dynamic=True, sm90a_ctas=-1)
+        assert (per_unit["sm90a_ctas"], per_unit["sm90a_dynamic"]) == (0, False), other
+    for other in (dict(key_range=True), dict(mask=QUERY, Hm=8), dict(mask=QUERY, Hm=8, bias=KEY, Hb=8),
+                  dict(bias=QUERY, Hb=8, bias_dtype=BF16)):
+        plain, dyn = planner(**PREFILL, **other), planner(**PREFILL, **other, dynamic=True)
+        assert not dyn["sm90a_dynamic"] and dyn == {**plain, "sm90a_dynamic": False}, other
 
 
 @pytest.mark.parametrize("D", [128, 256])

@@ -333,6 +333,146 @@ def test_ragged_ends_leave_the_next_sequence_alone(dtype, head_dim, arch):
         start += q_len
 
 
+# The dynamic scheduler (DMATTN_SM90A_SCHED=dynamic; fwd_kernel.cuh, kDynamic): the plain kernel on a persistent grid
+# whose CTAs take their next unit from a counter, longest first within L2 sections. A unit runs the same KV tiles in
+# the same order wherever it runs, so its outputs are bitwise those of a CTA per unit (DMATTN_SM90A_CTAS=0). Grids: one
+# CTA per SM; 3 CTAs, each taking many units in turn; sections of 1 MB (a KV head or a few per section, so that a
+# sequence's units are numbered over several sections). Specs: causal and not, GQA, ragged varlen ends, sequences
+# without keys or queries, causal units whose rows see nothing (no Q load, published alone), D 64 / 128 / 256, and
+# more sequences than a launch's unit table (several launches, a counter each).
+DYNAMIC_GRIDS = {"dynamic": {"DMATTN_SM90A_SCHED": "dynamic"},
+                 "dynamic3": {"DMATTN_SM90A_SCHED": "dynamic", "DMATTN_SM90A_CTAS": "3"},
+                 "dynamic_1mb": {"DMATTN_SM90A_SCHED": "dynamic", "DMATTN_SM90A_SECTION_MB": "1"}}
+DYNAMIC_SPECS = [
+    Spec("dense_causal", heads=8, heads_k=2, seqlens_q=(1024, 1024), seqlens_k=(1024, 1024), is_causal=True),
+    Spec("dense", heads=8, heads_k=2, seqlens_q=(700, 1024), seqlens_k=(700, 1024)),
+    Spec("long_keys", heads=16, heads_k=2, seqlens_q=(300,), seqlens_k=(9000,), is_causal=True),
+    Spec("ragged_ends", heads=4, heads_k=2, seqlens_q=RAGGED_ENDS_Q, seqlens_k=RAGGED_ENDS_K, is_causal=True),
+    # 1 MB sections of ~1000 keys hold 2 of its 3 KV heads: sections of 4 query heads, then a narrower one of 2
+    Spec("uneven_sections", heads=6, heads_k=3, seqlens_q=(1000, 900), seqlens_k=(1000, 900), is_causal=True),
+] + [s for s in SPECS if s.name in ("tiles_cut_everywhere", "causal_more_queries", "d64", "d256_causal",
+                                     "empty_sequences", "many_short", "more_sequences_than_a_unit_table")]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t's bit patterns (NaNs and signed zeros compared exactly)."""
+    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _run_logged(sample, monkeypatch, capfd, env):
+    """sample.run() with env set (and every sm90a grid variable not in it unset), on the prefill kernel (a batch of
+    short queries, many_short, would take the decode kernel and log no sm90a grid: run CY), and the grids of its plan
+    lines [(sm90a_ctas, sm90a_sched)]."""
+    for name in ("DMATTN_SM90A_CTAS", "DMATTN_SM90A_SCHED", "DMATTN_SM90A_SECTION_MB"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DMATTN_KERNEL", "prefill")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    capfd.readouterr()
+    out = sample.run()
+    torch.cuda.synchronize()
+    plans = re.findall(r"kernel=prefill .*sm90a=1 .*sm90a_ctas=(\d+) sm90a_sched=(\w+)", capfd.readouterr().err)
+    return out, [(int(c), s) for c, s in plans]
+
+
+@pytest.mark.parametrize("grid", list(DYNAMIC_GRIDS))
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("spec", DYNAMIC_SPECS, ids=lambda s: s.name)
+def test_dynamic_scheduler_is_bitwise_the_cta_per_unit_grid(spec, dtype, grid, monkeypatch, capfd, cuda_device):
+    if not _sm90a_device():
+        pytest.skip("the sm90a kernel runs on cc 9.0 devices with the sm90a path built")
+    reason = support_reason(spec, dtype, "cuda")
+    if reason:
+        pytest.skip(reason)
+    sample = make_sample(spec, dtype, "cuda")
+    (ref_out, ref_lse), plans = _run_logged(sample, monkeypatch, capfd, {"DMATTN_SM90A_CTAS": "0"})
+    assert plans and all(p == (0, "static") for p in plans)
+    references = shared_reference((spec, dtype), lambda: (sample.reference(), sample.reference(sample.dtype)))
+    assert_close_to_reference((ref_out, ref_lse), *references, label="per_unit")
+    # twice: the second call's counters start from zero too (each call's workspace, zeroed before its launches)
+    for _ in range(2):
+        (out, lse), plans = _run_logged(sample, monkeypatch, capfd, DYNAMIC_GRIDS[grid])
+        assert plans and all(c > 0 and s == "dynamic" for c, s in plans), plans
+        assert torch.equal(_bits(out), _bits(ref_out)), f"{grid}: out differs from a CTA per unit's"
+        assert torch.equal(_bits(lse), _bits(ref_lse)), f"{grid}: lse differs from a CTA per unit's"
+
+
+@pytest.mark.parametrize("kernels", ["plain", "masked_windowed"])
+def test_dynamic_scheduler_in_cuda_graphs_and_on_two_streams(kernels, monkeypatch, capfd, cuda_device):
+    """The counter is zeroed in every replay of a captured call (a memset node before the kernel), and two calls on
+    two streams at once take units from counters of their own (each call's workspace). masked_windowed: a key-side
+    mask's call (the gather, then the kSlots kernel) and a windowed one."""
+    if not _sm90a_device():
+        pytest.skip("the sm90a kernel runs on cc 9.0 devices with the sm90a path built")
+    from packed_batch import capture_cuda_graph
+
+    specs = (DYNAMIC_SPECS[0], DYNAMIC_SPECS[1]) if kernels == "plain" else (SLOT_SPECS[4], RANGED_SPECS[0])
+    a = make_sample(specs[0], torch.bfloat16, "cuda")
+    b = make_sample(specs[1], torch.bfloat16, "cuda")
+    (ref_a, ref_a_lse), _ = _run_logged(a, monkeypatch, capfd, {"DMATTN_SM90A_CTAS": "0"})
+    (ref_b, ref_b_lse), _ = _run_logged(b, monkeypatch, capfd, {"DMATTN_SM90A_CTAS": "0"})
+    monkeypatch.delenv("DMATTN_SM90A_CTAS")  # (set by the reference runs)
+    for name, value in {**DYNAMIC_GRIDS["dynamic"], "DMATTN_LOG_PLAN": "1"}.items():
+        monkeypatch.setenv(name, value)
+    capfd.readouterr()
+    graph, (out, lse) = capture_cuda_graph(a.run)
+    torch.cuda.synchronize()
+    assert "sm90a_sched=dynamic" in capfd.readouterr().err
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(_bits(out), _bits(ref_a)) and torch.equal(_bits(lse), _bits(ref_a_lse))
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    s1.wait_stream(torch.cuda.current_stream())
+    s2.wait_stream(torch.cuda.current_stream())
+    results = []
+    for _ in range(3):
+        with torch.cuda.stream(s1):
+            ra = a.run()
+        with torch.cuda.stream(s2):
+            rb = b.run()
+        results.append((ra, rb))
+    torch.cuda.synchronize()
+    for (oa, la), (ob, lb) in results:
+        assert torch.equal(_bits(oa), _bits(ref_a)) and torch.equal(_bits(la), _bits(ref_a_lse))
+        assert torch.equal(_bits(ob), _bits(ref_b)) and torch.equal(_bits(lb), _bits(ref_b_lse))
+
+
+def test_dynamic_scheduler_grids(monkeypatch, capfd, cuda_device):
+    """DMATTN_SM90A_SCHED=dynamic changes the grids of the plain, windowed and kSlots kernels (one CTA per SM;
+    DMATTN_SM90A_CTAS=0 keeps a CTA per unit): a key-side mask's gathered slots and a windowed call take their units
+    from the counter too; a query-side mask keeps its static persistent grid."""
+    if not _sm90a_device():
+        pytest.skip("the sm90a kernel runs on cc 9.0 devices with the sm90a path built")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    plain = make_sample(DYNAMIC_SPECS[0], torch.bfloat16, "cuda")
+    windowed = make_sample(RANGED_SPECS[0], torch.bfloat16, "cuda")
+    masked = make_sample(SLOT_SPECS[0], torch.bfloat16, "cuda")
+    query_masked = make_sample(Spec("query_mask", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,),
+                                    mask="query", mask_heads="H"), torch.bfloat16, "cuda")
+    assert _run_logged(plain, monkeypatch, capfd, DYNAMIC_GRIDS["dynamic"])[1] == [(sms, "dynamic")]
+    assert _run_logged(plain, monkeypatch, capfd, {})[1] == [(0, "static")]
+    assert _run_logged(plain, monkeypatch, capfd, {**DYNAMIC_GRIDS["dynamic"], "DMATTN_SM90A_CTAS": "0"})[1] == \
+        [(0, "static")]
+    for sample in (windowed, masked):
+        assert _run_logged(sample, monkeypatch, capfd, {})[1] == [(sms, "static")]
+        assert _run_logged(sample, monkeypatch, capfd, DYNAMIC_GRIDS["dynamic"])[1] == [(sms, "dynamic")]
+        assert _run_logged(sample, monkeypatch, capfd, {**DYNAMIC_GRIDS["dynamic"], "DMATTN_SM90A_CTAS": "0"})[1] == \
+            [(0, "static")]
+    assert _run_logged(query_masked, monkeypatch, capfd, DYNAMIC_GRIDS["dynamic"])[1] == [(sms, "static")]
+
+
+@pytest.mark.parametrize("name, value", [("DMATTN_SM90A_SCHED", "lpt"), ("DMATTN_SM90A_SECTION_MB", "0"),
+                                         ("DMATTN_SM90A_SECTION_MB", "8MB")])
+def test_bad_sched_variables_are_clear_errors(name, value, monkeypatch, cuda_device):
+    sample = make_sample(SPECS[0], torch.float16, "cuda")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name} must be .*got '{value}'"):
+        sample.run()
+
+
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_nonfinite_v_outside_the_window(dtype, arch):
     """A window's left edge hides keys inside the tiles a CTA reads: inf / NaN in their V never reach a row whose
@@ -1177,3 +1317,75 @@ def test_key_side_masked_keys_and_their_key_side_bias_at_d256_never_reach_a_row(
     assert plans == [(on, "0", "0"), (on, "0", "0")]
     for want, got in zip(expected, poisoned):
         assert torch.equal(want, got), f"{arch}: a masked-out key's K, V or bias reached a row"
+
+
+# The dynamic scheduler on the windowed and kSlots kernels (DMATTN_SM90A_SCHED=dynamic; fwd_kernel.cuh, kDynamic): a
+# key-side mask's gathered kept rows (a unit's tile bounds published by the producer with its Q), a key-side bias alone
+# (slots in place, a CTA per unit by default), windows and softcap (a section a sequence). A unit runs the same tiles
+# in the same order wherever it runs, so its outputs are bitwise those of the static grids: the plan's own (persistent
+# for masks and windows, a CTA per unit for the bias alone and the softcap) and a CTA per unit. Specs: causal and not,
+# mask heads 1 / Hk / H (a kept copy per list: sections of lists), biases of each head count, fully masked rows and
+# sequences, empty sequences, rows past the end, ragged varlen ends beside sequences without keys, seqused_k, sinks,
+# windows of more than 128 keys on one or both sides, softcap, more sequences than a launch's unit table (two launches,
+# two counters), D 64 / 128 / 256. Windows of at most 128 keys run on the sm80 kernel unless DMATTN_SM90A_CTAS is set,
+# so none is here.
+_DYNAMIC_SLOTS = ("slots_causal_hk", "slots_bias_h", "slots_bias_hk_q_dtype", "slots_runs", "slots_masked_rows",
+                  "slots_empty_and_past_the_end", "slots_seqused_sinks_d64", "slots_window", "slots_window_both_softcap",
+                  "slots_window_sinks_d64", "slots_per_head_causal_bias_hk", "slots_per_head_window_bias_h_q_dtype",
+                  "slots_query_tiles_two_gather_ctas")
+_DYNAMIC_SLOTS_D256 = ("slots_d256_causal_hk", "slots_d256_empty_and_past_the_end", "slots_d256_window_causal_h",
+                       "slots_d256_window_softcap_sinks_seqused")
+_DYNAMIC_RANGED = ("window_left_causal", "window_left_not_causal", "window_right_only", "window_both_sides",
+                   "window_softcap_sinks_d256", "softcap", "softcap_causal_window", "window_softcap_sinks",
+                   "seqused_k_window")
+DYNAMIC_MASKED_SPECS = [s for s in SLOT_SPECS if s.name in _DYNAMIC_SLOTS] + \
+    [s for s in SLOT_D256_SPECS if s.name in _DYNAMIC_SLOTS_D256] + \
+    [s for s in RANGED_SPECS if s.name in _DYNAMIC_RANGED] + [
+    Spec("slots_ragged_ends", heads=4, heads_k=2, seqlens_q=RAGGED_ENDS_Q, seqlens_k=RAGGED_ENDS_K, is_causal=True,
+         mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="H"),
+    Spec("slots_ragged_ends_d64", head_dim=64, heads=6, heads_k=3, seqlens_q=RAGGED_ENDS_Q, seqlens_k=RAGGED_ENDS_K,
+         mask="key", mask_heads="H", keep=0.4, mask_runs=16),
+    Spec("slots_ragged_ends_d256", head_dim=256, heads=4, heads_k=2, seqlens_q=RAGGED_ENDS_Q, seqlens_k=RAGGED_ENDS_K,
+         is_causal=True, mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="Hk"),
+    Spec("window_ragged_ends", heads=4, heads_k=2, seqlens_q=RAGGED_ENDS_Q, seqlens_k=RAGGED_ENDS_K, window=(200, 0),
+         is_causal=True),
+    # units of many lengths over sections of a few lists (1 MB): two sequences of ~16 query tiles, 8 heads
+    Spec("slots_long_causal", head_dim=128, heads=8, heads_k=2, seqlens_q=(2000, 1500), seqlens_k=(2000, 1500),
+         is_causal=True, mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="Hk"),
+    Spec("window_long", head_dim=128, heads=8, heads_k=2, seqlens_q=(2000, 1500), seqlens_k=(2000, 1500),
+         window=(255, 0), is_causal=True),
+    Spec("key_bias_alone", heads=8, heads_k=2, seqlens_q=(700, 300), seqlens_k=(700, 500), is_causal=True, bias="key",
+         bias_heads="H"),
+    Spec("slots_more_sequences_than_a_unit_table", heads=2, heads_k=1, seqlens_q=(300,) + tuple(i % 9 for i in range(299)),
+         seqlens_k=(300,) + tuple(i % 13 for i in range(299)), is_causal=True, mask="key", keep=0.5, bias="key"),
+    Spec("window_more_sequences_than_a_unit_table", heads=2, heads_k=1,
+         seqlens_q=(300,) + tuple(i % 9 for i in range(299)), seqlens_k=(300,) + tuple(i % 13 for i in range(299)),
+         window=(150, 0), is_causal=True),
+]
+
+
+@pytest.mark.parametrize("grid", list(DYNAMIC_GRIDS))
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("spec", DYNAMIC_MASKED_SPECS, ids=lambda s: s.name)
+def test_dynamic_scheduler_on_masks_and_windows_is_bitwise_the_static_grids(spec, dtype, grid, monkeypatch, capfd,
+                                                                            cuda_device):
+    if not _sm90a_device():
+        pytest.skip("the sm90a kernel runs on cc 9.0 devices with the sm90a path built")
+    reason = support_reason(spec, dtype, "cuda")
+    if reason:
+        pytest.skip(reason)
+    sample = make_sample(spec, dtype, "cuda")
+    (ref_out, ref_lse), plans = _run_logged(sample, monkeypatch, capfd, {})  # the plan's own grid
+    assert plans and all(s == "static" for _, s in plans), plans
+    references = shared_reference((spec, dtype), lambda: (sample.reference(), sample.reference(sample.dtype)))
+    assert_close_to_reference((ref_out, ref_lse), *references, label="static")
+    (unit_out, unit_lse), plans = _run_logged(sample, monkeypatch, capfd, {"DMATTN_SM90A_CTAS": "0"})
+    assert plans and all(p == (0, "static") for p in plans), plans
+    assert torch.equal(_bits(unit_out), _bits(ref_out)) and torch.equal(_bits(unit_lse), _bits(ref_lse)), \
+        "a CTA per unit differs from the plan's static grid"
+    # twice: the second call's counters start from zero too (each call's workspace, zeroed before its launches)
+    for _ in range(2):
+        (out, lse), plans = _run_logged(sample, monkeypatch, capfd, DYNAMIC_GRIDS[grid])
+        assert plans and all(c > 0 and s == "dynamic" for c, s in plans), plans
+        assert torch.equal(_bits(out), _bits(ref_out)), f"{grid}: out differs from the static grid's"
+        assert torch.equal(_bits(lse), _bits(ref_lse)), f"{grid}: lse differs from the static grid's"

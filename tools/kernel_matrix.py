@@ -19,6 +19,7 @@ and the registry with the global flags; tools/check_cuda_compile.py compiles wit
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,19 @@ def nvcc_flags(archs, std, include_dirs, path=None):
     which the registry and the hand-written csrc/cuda/*.cu get. setup.py and tools/check_cuda_compile.py both
     compile with these, so the compile check compiles what the build compiles."""
     codes = list(archs) if path is None else PATHS[path].codes(archs)
-    return [f"-std=c++{std}", *COMMON_NVCC_FLAGS, *gencode(codes), *(f"-I{d}" for d in include_dirs)]
+    return [f"-std=c++{std}", *COMMON_NVCC_FLAGS, *measuring_defines(), *gencode(codes),
+            *(f"-I{d}" for d in include_dirs)]
+
+
+def unit_stamps_requested() -> bool:
+    """DMATTN_UNIT_STAMPS set, not empty and not 0: the measuring build, whose sm90a forward kernel records each work
+    unit's boundary times (csrc/cuda/sm90a/unit_stamps.cuh; tools/unit_stamps.py reads them). Off by default."""
+    return os.environ.get("DMATTN_UNIT_STAMPS", "").strip() not in ("", "0")
+
+
+def measuring_defines() -> list:
+    """The -D flags of a measuring build (every C++ and CUDA file gets them: setup.py), or none."""
+    return ["-DDMATTN_UNIT_STAMPS=1"] if unit_stamps_requested() else []
 
 
 def built(archs, instantiations=INSTANTIATIONS):
@@ -153,6 +166,8 @@ def build_info(archs, instantiations=INSTANTIATIONS):
         # the arch paths with a generated backward (BACKWARD) in this build, and its head dims; the sm80 pair
         # (csrc/cuda/run_varlen_bwd.cu, head dims 64 and 128) is in every CUDA build
         "cuda_backward": backward_summary(archs, instantiations),
+        # the measuring build (DMATTN_UNIT_STAMPS=1): torch.ops.dmattn.unit_stamps() holds the last sm90a call's records
+        "unit_stamps": unit_stamps_requested(),
     }
 
 

@@ -50,6 +50,14 @@ constexpr TileShape tile_shape_sm90a(int head_dim) {
   return head_dim > 128 ? TileShape{128, 64, 12} : TileShape{128, 128, 12};
 }
 constexpr int kSm90aStages = 2;
+// A persistent sm90a launch's sequences, at most (its unit table in shared memory: sm90a/kernel_traits.h); the
+// launcher splits a call into launches of at most this many.
+constexpr int64_t kSm90aUnitTableSeqs = 255;
+// The dynamic scheduler (FwdPlan::sm90a_dynamic) numbers a sequence's units in sections of heads whose K / V take at
+// most this many bytes (at least one KV head a section), so that the units in flight share what L2 holds:
+// FlashAttention-3 sizes its varlen sections from 8 MB ("an underestimate works better"). DMATTN_SM90A_SECTION_MB
+// overrides it.
+constexpr int64_t kSm90aSectionBytes = int64_t{8} << 20;
 // Windows of at most this many keys (window_left + window_right + 1) take the sm80 kernel (plan_varlen_fwd).
 constexpr int64_t kSm90aMinWindow = 128;
 
@@ -80,6 +88,14 @@ struct PlanOverrides {
   int32_t sm90a_ctas = 0;       // set (DMATTN_SM90A_CTAS): the sm90a kernel wherever it can run, > 0 persistent on
                                 // this many CTAs (calls with key ranges excepted), < 0 a CTA per unit; 0: the
                                 // plan's choice
+  bool sm90a_dynamic = false;   // DMATTN_SM90A_SCHED=dynamic: the sm90a kernel's plain, windowed and key-side
+                                // (kSlots) variants persistent, their units taken from a counter
+                                // (FwdPlan::sm90a_dynamic); not the query-side variant (sm90a_query)
+  int64_t sm90a_section_bytes = 0;  // > 0 (DMATTN_SM90A_SECTION_MB): the dynamic scheduler's L2 sections' K / V
+  bool combine_launch = false;  // the split combine as its own launch even where the decode kernel could merge its
+                                // own splits (DMATTN_DECODE_COMBINE=launch: the same bits, the path before it)
+  bool compaction_chunks = false;  // key-side lists in parts by the chunk kernel, a thread's consecutive keys
+                                   // (DMATTN_KEY_COMPACTION=chunks: the same lists, the pass before the warps')
 };
 
 // What one call runs. The launchers choose a kernel from this and the params alone.
@@ -88,6 +104,8 @@ struct FwdPlan {
   PrefillVariant prefill = PrefillVariant::kPlain;  // the prefill kernel's variant
   int32_t key_lists_heads = 0;  // > 0: a key-side mask with that many heads is compacted into kept-key lists first
                                 // (the decode kernel with query-side operands: the lists of passes.h, KeyLists)
+  bool compact_by_warps = true;  // lists compacted in parts (KeyParts) without query-side terms: by the warp-ballot
+                                 // kernel, parts of KeyParts::kWarpPartKeys (KeyParts::by_warps)
   bool query_terms = false;     // decode kernel: query-side operands gathered along the lists (QueryTerms)
   bool sm90a = false;           // prefill on the sm90a path (wgmma + TMA) where it is compiled; else the sm80 one
   bool sm90a_slots = false;     // sm90a with a key-side mask: its kept K / V rows gathered into dense slots first
@@ -103,6 +121,12 @@ struct FwdPlan {
                                 // by sequence (sm90a_query_supports)
   int32_t sm90a_ctas = 0;       // sm90a: > 0, a persistent grid of that many CTAs walks the work units (query tile,
                                 // head, sequence); 0, a CTA per unit
+  bool sm90a_dynamic = false;   // sm90a_ctas > 0, not sm90a_query: each CTA takes its next unit from a counter in
+                                // the workspace (zeroed before the launch) when it has issued its unit's last K, the
+                                // units numbered longest first within sections of a sequence's heads whose K / V fit
+                                // sm90a_section_bytes (windowed calls: a section a sequence; fwd_kernel.cuh,
+                                // kDynamic); else every sm90a_ctas-th unit
+  int64_t sm90a_section_bytes = kSm90aSectionBytes;
   int32_t block_map_heads = 0;  // > 0: a query-side mask with that many heads is summarized by blocks first (or a
                                 // key-side one on sm90a's query-side variant, by sequence: BlockMap; beside a
                                 // query-side bias, or at D = 256 where its kept rows are not gathered)
@@ -114,6 +138,9 @@ struct FwdPlan {
   int32_t tiles_per_split = 0;  // KV tiles per split
   bool unit_order = false;      // split, with lists: the units run longest first (order_decode_units, decode_order.cu)
   bool combine_finishes = false;  // split: combine_splits also finishes the rows (row_contract.cuh): a launch fewer
+  bool combine_in_kernel = false;  // split, ordered: the last split CTA of each unit merges the unit's splits, and
+                                   // order_decode_units zeroes their tickets and finishes the rows: neither
+                                   // combine_splits nor finish_rows runs (passes.h, SplitPartials::tickets)
 };
 
 // Decode kernel policy constants.
@@ -141,6 +168,9 @@ constexpr int64_t kDecodeMinTilesPerSplit = 4;
 // A split decode call with kept-key lists and at most this many (sequence, KV head) units runs them longest first
 // (decode_order.cu: one CTA orders them in shared memory); past it, in batch order.
 constexpr int kMaxOrderedUnits = 4096;
+// The tickets of a decode call that merges its own splits (one per (sequence, KV head, row tile) unit), at most: the
+// ordering CTA zeroes them, 16 stores per thread at most (8,192 tickets where the plan chooses the decode kernel).
+constexpr int64_t kMaxMergeTickets = 4 * int64_t{kMaxOrderedUnits};
 // Four waves: longer splits write fewer float32 partials (each split of a unit writes every packed row's O) and pay
 // fewer prologues; on the H200, 32-40 tiles per split beat 23 (six waves) in the decode kernel of every decode shape
 // but the long masked one (benchmarks/results/README.md, runs BB, BC).
@@ -295,8 +325,14 @@ inline bool query_terms_f32(const VarlenFwdParams& p) {
   return p.bias.layout == OperandLayout::kQuerySide && p.bias.dtype == ScalarType::kFloat32;
 }
 
+// The launches of a persistent sm90a call: one per kSm90aUnitTableSeqs sequences (sm90a/launch.cuh, launch_units).
+inline int64_t sm90a_launches(const VarlenFwdParams& p) {
+  return (static_cast<int64_t>(p.batch) + kSm90aUnitTableSeqs - 1) / kSm90aUnitTableSeqs;
+}
+
 inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, const PlanOverrides& o = {}) {
   FwdPlan plan;
+  plan.compact_by_warps = !o.compaction_chunks;
   if (p.mask.layout == OperandLayout::kQuerySide || p.bias.layout == OperandLayout::kQuerySide) {
     plan.prefill = PrefillVariant::kQueryOperands;
   } else if (p.window_left >= 0 || p.key_range != nullptr) {
@@ -357,6 +393,16 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
     if (plan.sm90a && p.key_range == nullptr && !bias32) {
       const int32_t sms = dev.sm_count > 0 ? dev.sm_count : 132;
       plan.sm90a_ctas = o.sm90a_ctas != 0 ? std::max(o.sm90a_ctas, 0) : (persistent ? sms : 0);
+      // DMATTN_SM90A_SCHED=dynamic (not measured yet, so not the default): the plain kernel (dense, causal or not;
+      // sinks and seqused_k), the windowed one (windows, softcap) and the kSlots one (a key-side mask's gathered
+      // kept rows, a key-side bias over slots in place) persistent with the dynamic scheduler, on one CTA per SM
+      // unless DMATTN_SM90A_CTAS names a count (0 keeps a CTA per unit). The query-side variant (sm90a_query: its
+      // Q barrier publishes a tile list) and key ranges (a CTA per unit, above) keep their grids.
+      if (o.sm90a_dynamic && !plan.sm90a_query) {
+        if (o.sm90a_ctas == 0) plan.sm90a_ctas = sms;
+        plan.sm90a_dynamic = plan.sm90a_ctas > 0;
+        if (o.sm90a_section_bytes > 0) plan.sm90a_section_bytes = o.sm90a_section_bytes;
+      }
     }
     // Key slots are v's packed rows unless the keys live in a pool. 1 / 8 D bytes of v's size.
     const bool v_flags =
@@ -431,16 +477,25 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
   // The combine finishes the rows where each of its combining CTAs can afford the contract check too: their count (at
   // most one per (row, head) pair) times the B + 1 entries each reads stays within half of kMaxContractReads (the
   // finishing CTAs read the other half at most: row_contract.cuh).
+  // The last split CTA of each unit merges the unit (no combine launch, and its partials read while they are in L2)
+  // where a pass before the kernel can zero the units' tickets and finish the rows: the ordered calls, whose order
+  // pass takes both jobs (the other split calls have no pass before the kernel). Not the kernel with query-side
+  // terms (its registers are at their limit: it keeps the combine), nor calls whose combine would take a CTA per
+  // pair (the kernel's 128 threads cannot merge with the same bits).
+  plan.combine_in_kernel = !o.combine_launch && plan.unit_order && !plan.query_terms && p.batch > 0 &&
+                           SplitPartials::ticket_count(p, plan.row_tiles) <= kMaxMergeTickets &&
+                           combine_lanes(p, plan.num_splits) != 0;
   const int64_t combining = std::min<int64_t>(p.total_q * p.num_heads, kMaxCombineBlocks);
-  plan.combine_finishes =
-      plan.num_splits > 1 && (static_cast<int64_t>(p.batch) + 1) * combining <= kMaxContractReads / 2;
+  plan.combine_finishes = !plan.combine_in_kernel && plan.num_splits > 1 &&
+                          (static_cast<int64_t>(p.batch) + 1) * combining <= kMaxContractReads / 2;
   return plan;
 }
 
 // The workspace, in order: the kept-key index (Hm, total_k) and counts (B, Hm), int32 each (key-side mask), then the
 // compaction's look-back (KeyParts, passes.h: sequences longer than one part): (B, Hm, parts) uint64 and a ticket; the
 // split partials (decode with num_splits > 1): max and sum (splits, H, total_q) and O (splits, H, total_q, D), float32;
-// the decode units' order (decode with unit_order): (B, Hk) int32; the block map (query-side mask):
+// the decode units' order (decode with unit_order): (B, Hk) int32; the merge tickets (decode with
+// combine_in_kernel): (B, Hk, row tiles) uint32 and the contract's verdict, int32; the block map (query-side mask):
 // (Hm, ceil(total_q / 64), ceil(key extent / 32)) bytes, 1 / 2048 of the mask, and v's flags (Hk, ceil(total_k / 64))
 // bytes, and for the sm90a kernel the mask's bits (Hm, total_q, 4 ceil(key extent / 128)) uint32 (a key-side mask
 // beside a query-side bias, or at D = 256 where its kept rows are not gathered, BlockMap::by_sequence:
@@ -460,7 +515,7 @@ inline size_t align_up(size_t bytes) { return (bytes + kWorkspaceAlign - 1) / kW
 struct WorkspaceLayout {
   size_t key_index = 0, key_count = 0, split_max = 0, split_sum = 0, split_o = 0, unit_order = 0, block_map = 0;
   size_t query_terms = 0, key_parts = 0, v_nonfinite = 0, kept_k = 0, kept_v = 0, kept_pos = 0, kept_bias = 0, kept_limits = 0;
-  size_t mask_bits = 0, slot_count = 0;
+  size_t mask_bits = 0, slot_count = 0, unit_counters = 0, merge_tickets = 0;
   size_t total = 0;                                                 // bytes
 };
 
@@ -489,6 +544,10 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
   if (plan.kernel == FwdKernel::kDecode && plan.unit_order) {
     w.unit_order = w.total;
     w.total += align_up(sizeof(int32_t) * static_cast<size_t>(p.batch) * static_cast<size_t>(p.num_heads_k));
+  }
+  if (plan.kernel == FwdKernel::kDecode && plan.combine_in_kernel) {
+    w.merge_tickets = w.total;
+    w.total += align_up(sizeof(uint32_t) * static_cast<size_t>(SplitPartials::ticket_count(p, plan.row_tiles) + 1));
   }
   if (plan.block_map_heads > 0) {
     w.block_map = w.total;
@@ -526,6 +585,10 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
                           static_cast<size_t>(KeptRows::tiles_of(p)));
     }
   }
+  if (plan.sm90a_dynamic) {  // a unit counter per launch of at most kSm90aUnitTableSeqs sequences
+    w.unit_counters = w.total;
+    w.total += align_up(sizeof(uint32_t) * static_cast<size_t>(sm90a_launches(p)));
+  }
   if (plan.query_terms) {
     w.query_terms = w.total;
     w.total += align_up(static_cast<size_t>(QueryTerms::bytes(p, plan.key_lists_heads, query_terms_f32(p))));
@@ -550,6 +613,7 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
       ws.keys.parts.ticket = reinterpret_cast<unsigned int*>(ws.keys.parts.status +
                                                              KeyParts::statuses(p, plan.key_lists_heads, parts));
       ws.keys.parts.per_chain = static_cast<int32_t>(parts);
+      ws.keys.parts.by_warps = plan.compact_by_warps && !plan.query_terms;
     }
   }
   if (plan.query_terms) {
@@ -568,6 +632,12 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
   }
   if (plan.kernel == FwdKernel::kDecode && plan.unit_order) {
     ws.splits.unit_order = reinterpret_cast<int32_t*>(bytes + w.unit_order);
+  }
+  if (plan.kernel == FwdKernel::kDecode && plan.combine_in_kernel) {
+    ws.splits.tickets = reinterpret_cast<uint32_t*>(bytes + w.merge_tickets);
+    ws.splits.contract_broken =
+        reinterpret_cast<int32_t*>(ws.splits.tickets + SplitPartials::ticket_count(p, plan.row_tiles));
+    ws.splits.merge_lanes = combine_lanes(p, plan.num_splits);
   }
   if (plan.block_map_heads > 0) {
     ws.blocks = {reinterpret_cast<uint8_t*>(bytes + w.block_map),
@@ -601,6 +671,7 @@ inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFw
     ws.blocks.bits = reinterpret_cast<uint32_t*>(bytes + w.mask_bits);
     ws.blocks.bit_words = static_cast<int32_t>(BlockMap::bit_words_of(p));
   }
+  if (plan.sm90a_dynamic) ws.unit_counters = reinterpret_cast<uint32_t*>(bytes + w.unit_counters);
   if (plan.v_flags) {
     ws.blocks.v_nonfinite = reinterpret_cast<uint8_t*>(bytes + w.v_nonfinite);
     ws.blocks.v_blocks = static_cast<int32_t>(BlockMap::blocks(p.total_k, BlockMap::kVRows));

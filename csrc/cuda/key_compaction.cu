@@ -2,7 +2,8 @@
 // the device before the attention kernel so that it gathers only kept K / V rows. For the decode kernel with
 // query-side operands the lists hold the keys some query of the sequence may see (the OR of a query-side mask's few
 // rows; every key without a mask), and each query's operands are gathered along them (QueryTerms). Sequences longer
-// than one chunk are compacted in parts (compact_key_parts_kernel), the rest (and the backward's lists) a CTA per list.
+// than one chunk are compacted in parts (key-side lists: compact_key_parts_by_warps_kernel, or compact_key_parts_kernel
+// under DMATTN_KEY_COMPACTION=chunks and with query-side terms), the rest (and the backward's lists) a CTA per list.
 #include <cuda_runtime.h>
 
 #include "passes.h"
@@ -286,6 +287,135 @@ compact_key_parts_kernel(const __grid_constant__ VarlenFwdParams p, const __grid
   }
 }
 
+// The key-side lists in parts again, read across the lanes of a warp (KeyParts::by_warps; the kernel above is
+// DMATTN_KEY_COMPACTION=chunks): a part is kWarpPartKeys keys, warp w of its CTA takes kWarpKeys of them in
+// kWarpSteps steps of 32, lane l key 32 s + l of step s. Where a thread read 8 consecutive keys (a load 64 bytes
+// from its neighbour's at Hm = 8: 16 cache lines per warp load, each load's 64-bit address rebuilt per key) and
+// scanned them with a shuffle chain, a warp load covers 32 consecutive keys (32 x row_stride bytes: one or two
+// lines for Hm <= 8), a ballot gives the warp the step's kept keys and each lane its place among them (popc), and
+// the stores of a step are consecutive slots. One thread takes the ticket, the sequence and the mask column for the
+// CTA (the other warps wait on the barrier they passed anyway): the part's fixed work once, not per warp. The same
+// statuses, look-back and ticket order as the kernel above (KeyParts: the statuses of per_chain parts of 2048 keys
+// per chain hold the fewer parts of 4096), the same lists: keys in ascending order, bit for bit.
+constexpr int kWarpSteps = 16;                               // a lane's mask loads in flight together
+constexpr int kWarpKeys = 32 * kWarpSteps;                   // keys per warp and part
+constexpr int64_t kWarpPartKeys = kCompactWarps * kWarpKeys;  // keys per part (one CTA)
+static_assert(KeyParts::kWarpPartKeys == kWarpPartKeys && kWarpPartKeys % KeyParts::kPartKeys == 0,
+              "the statuses of 2048-key parts hold the parts of 4096");
+
+// What thread 0 learns for its CTA: the part its ticket names and where its keys, mask column and list slots are.
+// The other threads read it where they use it (after a barrier), so it does not stay in their registers across the
+// mask loads: 32 registers hold a lane's kWarpSteps loads in flight without a spill.
+struct WarpPart {
+  int64_t k_len;    // the sequence's clamped keys (key_seq)
+  int64_t row;      // packed row of the part's first key: k_start + j0 (a key pool's slots are indexed by it)
+  int64_t column;   // byte offset of the mask column of the list's head (row_start(0, h))
+  int64_t index;    // the list's first slot in keys.index: hm total_k + k_start
+  int64_t count;    // the list's count in keys.count: b Hm + hm
+  int chain, part;  // chain b Hm + hm
+  int before;       // kept keys of the chain's parts before this one (the look-back)
+};
+
+__global__ void __launch_bounds__(kCompactThreads, 2048 / kCompactThreads)
+compact_key_parts_by_warps_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys) {
+  __shared__ int warp_total[kCompactWarps];
+  __shared__ WarpPart at;
+  if (threadIdx.x == 0) {
+    const uint32_t ticket = atomicAdd(keys.parts.ticket, 1u);
+    // 32-bit arithmetic: the tickets number the parts, at most KeyParts::kMaxStatuses.
+    const uint32_t chains = static_cast<uint32_t>(p.batch) * static_cast<uint32_t>(keys.mask_heads);
+    const uint32_t chain = ticket % chains;
+    const int part = static_cast<int>(ticket / chains);
+    const int b = static_cast<int>(chain / static_cast<uint32_t>(keys.mask_heads));
+    const int hm = static_cast<int>(chain % static_cast<uint32_t>(keys.mask_heads));
+    const SeqRange sk = key_seq(p, b);
+    at.k_len = sk.len;
+    at.row = sk.start + static_cast<int64_t>(part) * kWarpPartKeys;
+    at.column = p.mask.row_start(0, hm * keys.heads_per_list);
+    at.index = static_cast<int64_t>(hm) * p.total_k + sk.start;
+    at.count = static_cast<int64_t>(b) * keys.mask_heads + hm;
+    at.chain = static_cast<int>(chain), at.part = part;
+  }
+  __syncthreads();
+  const int64_t j0 = static_cast<int64_t>(at.part) * kWarpPartKeys;
+  if (at.part > 0 && j0 >= at.k_len) return;  // past the sequence: no part after it has keys either
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  // The warp's keys below the sequence's end, less the lane: key 32 s + lane of step s is in it iff 32 s < valid.
+  const int64_t left = at.k_len - j0 - static_cast<int64_t>(warp) * kWarpKeys;
+  const int valid = (left <= 0 ? 0 : (left >= kWarpKeys ? kWarpKeys : static_cast<int>(left))) - lane;
+  const int64_t row = at.row + warp * kWarpKeys + lane;  // packed row of the lane's key of step 0
+  const uint8_t* column = static_cast<const uint8_t*>(p.mask.ptr) + at.column;
+  const int64_t stride = p.mask.row_stride;
+  uint8_t byte[kWarpSteps];
+  if (p.kv_slots == nullptr) {  // packed keys: consecutive rows, a warp load covers 32 of them
+    const uint8_t* key = column + row * stride;
+    const int64_t step = 32 * stride;
+#pragma unroll
+    for (int s = 0; s < kWarpSteps; ++s, key += step) byte[s] = 32 * s < valid ? *key : 0;  // stepped, not s x step
+  } else {  // a key pool: the slots first (consecutive, a warp load each), all in flight, then the mask bytes
+    const KeyRows rows{0, p.kv_slots, p.pool_rows};  // row(r) of packed row r (key_rows_of's, from row 0)
+    int32_t slot[kWarpSteps];
+#pragma unroll
+    for (int s = 0; s < kWarpSteps; ++s) slot[s] = 32 * s < valid ? rows.slots[row + 32 * s] : 0;
+#pragma unroll
+    for (int s = 0; s < kWarpSteps; ++s) byte[s] = 32 * s < valid ? column[rows.clamp(slot[s]) * stride] : 0;
+  }
+  // Step s's kept keys as one ballot, which lane s keeps for the writes (one register, not kWarpSteps).
+  unsigned held = 0;
+  int total = 0;
+#pragma unroll
+  for (int s = 0; s < kWarpSteps; ++s) {
+    const unsigned kept = __ballot_sync(0xffffffffu, byte[s] != 0);
+    total += __popc(kept);
+    if (lane == s) held = kept;
+  }
+  if (lane == 0) warp_total[warp] = total;
+  __syncthreads();
+  int before_warp = 0, part_total = 0;
+#pragma unroll
+  for (int w = 0; w < kCompactWarps; ++w) {
+    const int t = warp_total[w];
+    before_warp += w < warp ? t : 0;
+    part_total += t;
+  }
+  if (threadIdx.x == 0) {  // the look-back of compact_key_parts_kernel
+    const int part = at.part;
+    unsigned long long* status = keys.parts.status + static_cast<int64_t>(at.chain) * keys.parts.per_chain;
+    int before = 0;
+    if (part > 0) {
+      atomicExch(status + part, kPartCount | static_cast<uint32_t>(part_total));
+      for (int q = part - 1;; --q) {
+        uint64_t s;
+        while (((s = *reinterpret_cast<volatile unsigned long long*>(status + q)) >> 32) == 0) __nanosleep(32);
+        before += static_cast<int>(s & 0xffffffffu);
+        if ((s & kPartPrefix) != 0) break;
+      }
+    }
+    atomicExch(status + part, kPartPrefix | static_cast<uint32_t>(before + part_total));
+    at.before = before;
+    if (static_cast<int64_t>(part) * kWarpPartKeys + kWarpPartKeys >= at.k_len) keys.count[at.count] = before + part_total;
+  }
+  __syncthreads();
+  // Lane l writes key 32 s + l of step s, if kept, at the step's first slot plus the kept keys of the lanes below it:
+  // from the warp's first slot of the list (a sequence has < 2^31 keys: cu_seqlens are int32), stepped by each
+  // step's count.
+  // The warp's first slot, opaque to the compiler (it otherwise folds the list's 64-bit offset into every store's
+  // address: four instructions a store, where a 32-bit slot from a pointer is one wide multiply-add).
+  int32_t* first = keys.index + (at.index + (at.before + before_warp));
+  asm("" : "+l"(first));
+  __builtin_assume(__isGlobal(first));
+  unsigned slot = 0;
+  const unsigned below = (1u << lane) - 1u;
+  // Kept keys' positions are below the sequence's length (< 2^31); unsigned, so a warp past it wraps harmlessly.
+  const unsigned key0 = static_cast<unsigned>(at.part) * kWarpPartKeys + warp * kWarpKeys + lane;
+#pragma unroll
+  for (int s = 0; s < kWarpSteps; ++s) {
+    const unsigned kept = __shfl_sync(0xffffffffu, held, s);
+    if ((kept >> lane) & 1u) first[slot + __popc(kept & below)] = static_cast<int32_t>(key0 + 32u * s);
+    slot += __popc(kept);
+  }
+}
+
 }  // namespace
 
 cudaError_t compact_keys(const VarlenFwdParams& p, const KeyLists& keys, cudaStream_t stream) {
@@ -293,10 +423,15 @@ cudaError_t compact_keys(const VarlenFwdParams& p, const KeyLists& keys, cudaStr
   if (keys.parts.status != nullptr) {  // key-side lists in parts (KeyParts); the ticket and statuses start at 0
     const size_t bytes = KeyParts::bytes(p, keys.mask_heads, keys.parts.per_chain);
     if (cudaError_t err = cudaMemsetAsync(keys.parts.status, 0, bytes, stream); err != cudaSuccess) return err;
-    const auto ctas = static_cast<unsigned>(KeyParts::statuses(p, keys.mask_heads, keys.parts.per_chain));
     if (keys.terms.values != nullptr) {  // a CTA per part
+      const auto ctas = static_cast<unsigned>(KeyParts::statuses(p, keys.mask_heads, keys.parts.per_chain));
       compact_key_parts_kernel<true><<<ctas, kCompactThreads, 0, stream>>>(p, keys);
+    } else if (keys.parts.by_warps) {  // a CTA per part of kWarpPartKeys: at most per_chain of them per chain
+      const int64_t parts = (p.max_seqlen_k + kWarpPartKeys - 1) / kWarpPartKeys;
+      const auto ctas = static_cast<unsigned>(KeyParts::statuses(p, keys.mask_heads, parts));
+      compact_key_parts_by_warps_kernel<<<ctas, kCompactThreads, 0, stream>>>(p, keys);
     } else {
+      const auto ctas = static_cast<unsigned>(KeyParts::statuses(p, keys.mask_heads, keys.parts.per_chain));
       compact_key_parts_kernel<false><<<ctas, kCompactThreads, 0, stream>>>(p, keys);
     }
     return cudaGetLastError();

@@ -11,7 +11,9 @@
 //                            copied into dense slots, so TMA reads them as whole tiles (kept_rows.cu)
 //           fill_slots_in_place  a key-side bias without a mask, for the sm90a kernel: every key a slot, read in
 //                            place; the slots' positions, counts, limits and float32 biases (kept_rows.cu)
-//           order_decode_units  the decode kernel's (sequence, KV head) units sorted longest first (decode_order.cu)
+//           order_decode_units  the decode kernel's (sequence, KV head) units sorted longest first (decode_order.cu);
+//                            where the kernel merges its own splits (FwdPlan::combine_in_kernel), also its tickets
+//                            zeroed and finish_rows' work, in its stead
 //   after:  combine_splits   the decode kernel's per-split partial results -> out and lse (split_combine.cu); where
 //                            the plan says so (FwdPlan::combine_finishes), finish_rows' work too, in its stead
 //           finish_rows      the cu_seqlens contract check, and 0 / -inf for query rows no sequence owns; NaN in every
@@ -64,10 +66,15 @@ struct QueryTerms {
 // would pass kMaxStatuses).
 struct KeyParts {
   static constexpr int64_t kPartKeys = 2048;
+  static constexpr int64_t kWarpPartKeys = 4096;  // by_warps: parts of this many keys (status stride still per_chain)
   static constexpr int64_t kMaxStatuses = int64_t{1} << 22;  // 32 MB
   unsigned long long* status = nullptr;
   unsigned int* ticket = nullptr;
   int32_t per_chain = 0;
+  // Key-side lists (no query-side terms) by the warp-ballot kernel in parts of kWarpPartKeys, ceil(max_seqlen_k /
+  // kWarpPartKeys) <= per_chain per chain (FwdPlan::compact_by_warps; the same lists bit for bit); else parts of
+  // kPartKeys, a thread's consecutive keys scanned by shuffles (DMATTN_KEY_COMPACTION=chunks).
+  bool by_warps = false;
   // Parts per chain, or 0 where the call keeps one CTA per chain.
   static int64_t parts(const VarlenFwdParams& p, int64_t mask_heads) {
     const int64_t per_chain = (p.max_seqlen_k + kPartKeys - 1) / kPartKeys;
@@ -133,6 +140,22 @@ struct SplitPartials {
   // Null, or the (sequence, KV head) units in the order the kernel runs them (order_decode_units): the CTAs of grid
   // position (y, z) take unit unit_order[z * Hk + y], which is b * Hk + hk.
   int32_t* unit_order = nullptr;
+  // Where the decode kernel merges its own splits (FwdPlan::combine_in_kernel; null tickets: combine_splits does):
+  //   tickets[(b * Hk + hk) * row_tiles + row_tile]   per (sequence, KV head, row tile) unit, its splits that have
+  //                                                   arrived; zero before the kernel (order_decode_units zeroes
+  //                                                   them), counted up by the unit's splits
+  //   contract_broken                                 nonzero: the call breaks the cu_seqlens contract (written by
+  //                                                   order_decode_units' finishing CTAs; the merges write nothing)
+  // A unit's splits that have KV tiles (split 0 where none has) each write their partials, fence them and take a
+  // ticket; the one that takes the last merges the unit's rows with merge_lanes lanes per (row, head) pair
+  // (combine_lanes: the lanes combine_splits would take, so the bits are the same).
+  uint32_t* tickets = nullptr;
+  int32_t* contract_broken = nullptr;
+  int32_t merge_lanes = 0;
+
+  DMATTN_HOST_DEVICE static int64_t ticket_count(const VarlenFwdParams& p, int64_t row_tiles) {
+    return static_cast<int64_t>(p.batch) * p.num_heads_k * row_tiles;
+  }
 };
 
 // A query-side mask summarized by blocks of kRows packed query rows (rows r with r / kRows = rb, in packed q order,
@@ -368,6 +391,14 @@ struct Workspace {
   SplitPartials splits;
   BlockMap blocks;
   KeptRows kept;
+  // FwdPlan::sm90a_dynamic: the persistent sm90a kernel's unit counters, one per launch (sm90a_launches), zeroed by
+  // the launcher before its first launch (sm90a/launch.cuh).
+  uint32_t* unit_counters = nullptr;
+#if DMATTN_UNIT_STAMPS
+  // The measuring build's records of the sm90a forward's units (sm90a/unit_stamps.cuh; api.h, set_unit_stamps): not
+  // in the workspace, the binding's own buffer; null: none.
+  unsigned long long* unit_stamps = nullptr;
+#endif
 };
 
 cudaError_t compact_keys(const VarlenFwdParams& p, const KeyLists& keys, cudaStream_t stream);
@@ -377,7 +408,9 @@ cudaError_t gather_kept_rows(const VarlenFwdParams& p, const KeyLists& keys, con
 // Fills the slots of a call whose slots are its keys (rows.count set: KeptRows in place; nothing otherwise).
 cudaError_t fill_slots_in_place(const VarlenFwdParams& p, const KeptRows& rows, cudaStream_t stream);
 // Fills splits.unit_order, longest unit first, from the kept-key counts of compact_keys (nothing when either is
-// null).
+// null). Where the decode kernel merges its own splits (splits.tickets), also zeroes the tickets and does finish_rows'
+// work (row_contract.cuh) in CTAs beside the ordering one, writing splits.contract_broken: the call then needs neither
+// combine_splits nor finish_rows after the kernel.
 cudaError_t order_decode_units(const VarlenFwdParams& p, const KeyLists& keys, const SplitPartials& splits,
                                cudaStream_t stream);
 
@@ -391,6 +424,20 @@ cudaError_t build_block_map(const VarlenFwdParams& p, const BlockMap& map, cudaS
 constexpr int64_t kMaxContractReads = int64_t{1} << 22;
 // combine_splits' CTAs that combine, at most (past that they stride over the rows).
 constexpr int64_t kMaxCombineBlocks = 65535;
+// The lanes that merge one (query row, head) pair's splits (split_merge.cuh), from host-known ints alone: eight, or a
+// warp where a call has few pairs (at head dims of at least 128: one float4 of O per lane), or 0: a CTA per pair,
+// for few pairs over many splits (combine_splits' deep kernel). combine_splits launches by it, and the decode kernel
+// that merges its own splits (FwdPlan::combine_in_kernel) merges with the same lanes, so both give the same bits.
+constexpr int kCombineLanes = 8, kCombineWideLanes = 32;
+constexpr int64_t kMaxWideCombinePairs = 8192;
+constexpr int64_t kMaxDeepCombinePairs = 4096;
+constexpr int kMinDeepCombineSplits = 16;
+inline int combine_lanes(const VarlenFwdParams& p, int num_splits) {
+  const int64_t pairs = p.total_q * p.num_heads;
+  const bool deep_dim = p.head_dim == 128 || p.head_dim == 256;
+  if (deep_dim && pairs <= kMaxDeepCombinePairs && num_splits >= kMinDeepCombineSplits) return 0;
+  return p.head_dim >= 128 && pairs <= kMaxWideCombinePairs ? kCombineWideLanes : kCombineLanes;
+}
 
 // out and lse of the query rows [0, cu_seqlens_q[B]) from the partials of splits.num_splits > 1 splits. Runs after
 // the decode kernel. With `finish` it also does finish_rows' work (every row of out and lse written: the contract

@@ -1,6 +1,7 @@
 // row_contract.cuh: the cu_seqlens contract as the pass that finishes a call's rows checks it on the device:
 // finish_rows (unowned_rows.cu), or combine_splits where it finishes the rows itself (split_combine.cu,
-// FwdPlan::combine_finishes). When the contract holds, the rows no sequence owns, [cu_seqlens_q[B], total_q), get
+// FwdPlan::combine_finishes), or order_decode_units where the decode kernel merges its own splits (decode_order.cu,
+// FwdPlan::combine_in_kernel). When the contract holds, the rows no sequence owns, [cu_seqlens_q[B], total_q), get
 // out = 0 and lse = -inf; when it is broken every element of out and lse is NaN, so the lie shows instead of a
 // silently wrong result (the CPU raises instead; dmattn_ops.check_cu_seqlens is the synchronous check).
 #pragma once
@@ -52,31 +53,38 @@ __device__ __forceinline__ float unowned_lse(bool broken) { return broken ? __in
 
 constexpr int kFinishThreads = 256;
 
-// The CTAs of finish_rows' work: a warp per query row up to 1024 CTAs, and at most kMaxContractReads / 2 redundant
-// cu_seqlens reads over all of them (a decode batch of 64 sequences: 39 CTAs reading 65 entries each).
-inline int64_t finish_blocks(const VarlenFwdParams& p) {
-  const int64_t blocks = (p.total_q * 32 + kFinishThreads - 1) / kFinishThreads;
+// The CTAs of finish_rows' work, `threads` each: a warp per query row up to 256K threads, and at most
+// kMaxContractReads / 2 redundant cu_seqlens reads over all of them (a decode batch of 64 sequences: 39 CTAs of 256
+// threads reading 65 entries each).
+inline int64_t finish_blocks(const VarlenFwdParams& p, int threads = kFinishThreads) {
+  const int64_t blocks = (p.total_q * 32 + threads - 1) / threads;
   const int64_t by_reads = kMaxContractReads / 2 / (static_cast<int64_t>(p.batch) + 1);
-  return std::min<int64_t>(std::min<int64_t>(blocks, 1024), std::max<int64_t>(1, by_reads));
+  return std::min<int64_t>(std::min<int64_t>(blocks, 1024 * kFinishThreads / threads),
+                           std::max<int64_t>(1, by_reads));
 }
 
-// finish_rows' work as CTA `block` of `blocks` (kFinishThreads threads each) does it: the contract checked, then a
-// warp per query row past the owned ones (every row when the contract is broken), grid-stride.
-__device__ __forceinline__ void finish_rows_block(const VarlenFwdParams& p, int64_t block, int64_t blocks) {
-  const bool broken = contract_broken(p);
+// finish_rows' work as CTA `block` of `blocks` does it, the contract's verdict given (contract_broken): a warp per
+// query row past the owned ones (every row when the contract is broken), grid-stride.
+__device__ __forceinline__ void finish_rows_given(const VarlenFwdParams& p, bool broken, int64_t block,
+                                                  int64_t blocks) {
   const int64_t owned_end = owned_rows(p, broken);
   const uint16_t out_value = unowned_out_bits(p, broken);
   const float lse_value = unowned_lse(broken);
   const int lane = threadIdx.x % 32;
-  const int64_t warps = blocks * kFinishThreads / 32;
+  const int64_t warps = blocks * blockDim.x / 32;
   uint16_t* out = static_cast<uint16_t*>(p.out);
-  for (int64_t row = owned_end + (block * kFinishThreads + threadIdx.x) / 32; row < p.total_q; row += warps) {
+  for (int64_t row = owned_end + (block * blockDim.x + threadIdx.x) / 32; row < p.total_q; row += warps) {
     for (int h = 0; h < p.num_heads; ++h) {
       uint16_t* dst = out + row * p.out_row_stride + static_cast<int64_t>(h) * p.out_head_stride;
       for (int d = lane; d < p.head_dim; d += 32) dst[d] = out_value;
       if (lane == 0) p.lse[static_cast<int64_t>(h) * p.total_q + row] = lse_value;
     }
   }
+}
+
+// finish_rows' work as CTA `block` of `blocks` does it: the contract checked, then finish_rows_given.
+__device__ __forceinline__ void finish_rows_block(const VarlenFwdParams& p, int64_t block, int64_t blocks) {
+  finish_rows_given(p, contract_broken(p), block, blocks);
 }
 
 }  // namespace dmattn::cuda

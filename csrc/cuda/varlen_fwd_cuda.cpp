@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <string_view>
 
@@ -66,6 +67,18 @@ bool sm80_forced(const char* op) { return env_choice(op, "DMATTN_ARCH", {"auto",
 //   DMATTN_ARCH=sm80                      the sm80 kernels even where the sm90a one could run (auto: the plan's)
 //   DMATTN_SM90A_CTAS=N                   the sm90a kernel wherever it can run (narrow windows too), persistent on
 //                                         N CTAs (calls with key ranges excepted); 0: a CTA per work unit
+//   DMATTN_SM90A_SCHED=static|dynamic     dynamic: the sm90a kernel's plain, windowed and key-side (kSlots)
+//                                         variants (not the query-side one, nor key ranges) persistent, one CTA per
+//                                         SM (or DMATTN_SM90A_CTAS), each taking its next unit from a counter,
+//                                         longest first within L2 sections (windows: a section a sequence); static,
+//                                         the default: the plan's grid
+//   DMATTN_SM90A_SECTION_MB=N             the dynamic scheduler's sections: a sequence's heads whose K / V take at
+//                                         most N MB (default 8; at least one KV head)
+//   DMATTN_DECODE_COMBINE=launch          the decode kernel's split combine as a launch of its own even where the
+//                                         kernel could merge its own splits (the same bits; auto: the plan's)
+//   DMATTN_KEY_COMPACTION=chunks          key-side lists longer than one part compacted by the chunk kernel (a
+//                                         thread's 8 consecutive keys, parts of 2048) instead of the warps' (the same
+//                                         lists; auto: the warps')
 //   DMATTN_LOG_PLAN=1                     print each call's plan to stderr
 cuda::PlanOverrides plan_overrides() {
   cuda::PlanOverrides o;
@@ -74,6 +87,8 @@ cuda::PlanOverrides plan_overrides() {
              : kernel == "decode" ? cuda::PlanOverrides::Kernel::kDecode
                                   : cuda::PlanOverrides::Kernel::kAuto;
   o.sm80_only = sm80_forced(kOp);
+  o.combine_launch = env_choice(kOp, "DMATTN_DECODE_COMBINE", {"auto", "launch"}) == "launch";
+  o.compaction_chunks = env_choice(kOp, "DMATTN_KEY_COMPACTION", {"auto", "chunks"}) == "chunks";
   if (const char* tiles = std::getenv("DMATTN_DECODE_TILES_PER_SPLIT"); tiles != nullptr && *tiles != '\0') {
     char* end = nullptr;
     const long n = std::strtol(tiles, &end, 10);
@@ -90,6 +105,15 @@ cuda::PlanOverrides plan_overrides() {
                       "'");
     o.sm90a_ctas = n > 0 ? static_cast<int32_t>(n) : -1;
   }
+  o.sm90a_dynamic = env_choice(kOp, "DMATTN_SM90A_SCHED", {"static", "dynamic"}) == "dynamic";
+  if (const char* mb = std::getenv("DMATTN_SM90A_SECTION_MB"); mb != nullptr && *mb != '\0') {
+    char* end = nullptr;
+    const long n = std::strtol(mb, &end, 10);
+    TORCH_CHECK_VALUE(*end == '\0' && n > 0 && n <= 1024, kOp,
+                      "the environment variable DMATTN_SM90A_SECTION_MB must be an integer in [1, 1024], got '", mb,
+                      "'");
+    o.sm90a_section_bytes = static_cast<int64_t>(n) << 20;
+  }
   return o;
 }
 
@@ -102,22 +126,52 @@ bool log_plan_requested() {
 void log_plan(const cuda::FwdPlan& plan, const VarlenFwdParams& p) {
   if (!log_plan_requested()) return;
   if (plan.kernel == cuda::FwdKernel::kDecode) {
-    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=decode row_tiles=%d splits=%d tiles_per_split=%d key_lists_heads=%d query_terms=%d unit_order=%d combine_finishes=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
+    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=decode row_tiles=%d splits=%d tiles_per_split=%d key_lists_heads=%d compact_by_warps=%d query_terms=%d unit_order=%d combine_finishes=%d combine_in_kernel=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
                  plan.row_tiles, plan.num_splits, plan.tiles_per_split, plan.key_lists_heads,
+                 static_cast<int>(plan.compact_by_warps),
                  static_cast<int>(plan.query_terms), static_cast<int>(plan.unit_order),
-                 static_cast<int>(plan.combine_finishes), p.batch, p.num_heads,
-                 p.num_heads_k, p.head_dim, static_cast<long long>(p.max_seqlen_q),
+                 static_cast<int>(plan.combine_finishes), static_cast<int>(plan.combine_in_kernel), p.batch,
+                 p.num_heads, p.num_heads_k, p.head_dim, static_cast<long long>(p.max_seqlen_q),
                  static_cast<long long>(p.max_seqlen_k));
   } else {
     static const char* const kVariants[] = {"plain", "windowed", "query_operands"};  // cuda::PrefillVariant
-    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=prefill variant=%s key_lists_heads=%d block_map_heads=%d sm90a=%d sm90a_slots=%d sm90a_query=%d sm90a_ctas=%d slots_in_place=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
-                 kVariants[static_cast<int>(plan.prefill)], plan.key_lists_heads, plan.block_map_heads,
+    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=prefill variant=%s key_lists_heads=%d compact_by_warps=%d block_map_heads=%d sm90a=%d sm90a_slots=%d sm90a_query=%d sm90a_ctas=%d sm90a_sched=%s slots_in_place=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
+                 kVariants[static_cast<int>(plan.prefill)], plan.key_lists_heads,
+                 static_cast<int>(plan.compact_by_warps), plan.block_map_heads,
                  static_cast<int>(plan.sm90a), static_cast<int>(plan.sm90a_slots),
-                 static_cast<int>(plan.sm90a_query), plan.sm90a_ctas, static_cast<int>(plan.slots_in_place), p.batch,
+                 static_cast<int>(plan.sm90a_query), plan.sm90a_ctas, plan.sm90a_dynamic ? "dynamic" : "static",
+                 static_cast<int>(plan.slots_in_place), p.batch,
                  p.num_heads, p.num_heads_k, p.head_dim, static_cast<long long>(p.max_seqlen_q),
                  static_cast<long long>(p.max_seqlen_k));
   }
 }
+
+#if DMATTN_UNIT_STAMPS
+// The measuring build (DMATTN_UNIT_STAMPS=1 at build time; sm90a/unit_stamps.cuh): every call the sm90a forward kernel
+// runs writes its units' records into a zeroed buffer of its own, kept as the last call's (per process) for
+// torch.ops.dmattn.unit_stamps() to return (tools/unit_stamps.py). Calls whose records would pass 256 MB write none.
+std::mutex unit_stamps_mutex;
+at::Tensor* last_unit_stamps = new at::Tensor();  // never freed: no CUDA free at process exit
+
+void record_unit_stamps(const cuda::FwdPlan& plan, const VarlenFwdParams& p, const at::Tensor& q) {
+  constexpr int64_t kMaxWords = int64_t{1} << 25;
+  const int64_t words = cuda::unit_stamp_words(p);
+  at::Tensor records;
+  if (plan.sm90a && plan.kernel == cuda::FwdKernel::kPrefill && words > 0 && words <= kMaxWords) {
+    records = at::zeros({words / 16, 16}, q.options().dtype(at::kLong));
+    cuda::set_unit_stamps(reinterpret_cast<unsigned long long*>(records.data_ptr<int64_t>()));
+  }
+  const std::lock_guard<std::mutex> lock(unit_stamps_mutex);
+  *last_unit_stamps = records;
+}
+
+// The last sm90a forward call's records, (sequences * H * query tiles * 2, 16) int64 (unit_stamps.cuh), or an empty
+// tensor.
+at::Tensor unit_stamps() {
+  const std::lock_guard<std::mutex> lock(unit_stamps_mutex);
+  return last_unit_stamps->defined() ? *last_unit_stamps : at::empty({0, 16}, at::kLong);
+}
+#endif
 
 // cp.async moves 16-byte chunks: the base and the token / head strides must keep every row 16-byte aligned.
 bool rows_aligned(const at::Tensor& t) {
@@ -224,6 +278,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
     }
   }
   log_plan(plan, p);
+#if DMATTN_UNIT_STAMPS
+  record_unit_stamps(plan, p, q);
+#endif
   C10_CUDA_CHECK(cuda::run_varlen_fwd(p, plan, cc, workspace_bytes > 0 ? workspace.data_ptr() : nullptr,
                                       c10::cuda::getCurrentCUDAStream()));
 
@@ -482,6 +539,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bw
 
 }  // namespace
 }  // namespace dmattn
+
+#if DMATTN_UNIT_STAMPS
+// The measuring build's op (no tensor argument: a catch-all kernel).
+TORCH_LIBRARY_FRAGMENT(dmattn, m) { m.def("unit_stamps() -> Tensor", &dmattn::unit_stamps); }
+#endif
 
 TORCH_LIBRARY_IMPL(dmattn, CUDA, m) {
   m.impl("varlen_fwd", &dmattn::varlen_fwd_cuda);

@@ -9,7 +9,9 @@
 //                key-side mask's
 //   split-KV     the key slots of a (sequence, KV head) are cut into splits of whole KV tiles, one CTA each, so a
 //                batch of a few long sequences still fills the GPU; splits write float32 partials that
-//                combine_splits (../split_combine.cu) merges through their maxima and sums
+//                combine_splits (../split_combine.cu) merges through their maxima and sums, or (where the plan
+//                says so: FwdPlan::combine_in_kernel) the unit's last split CTA merges itself, with the same
+//                arithmetic (../split_merge.cuh), while the partials are in L2
 //   a deep ring  kStages K / V tiles in flight (cp.async), gathered at the kept keys of a key-side mask, so the time
 //                falls with the kept fraction
 // The warps split each KV tile (16 keys each, every warp holding all the tile's rows) and keep their own running
@@ -26,7 +28,9 @@
 
 #include <cute/arch/copy_sm80.hpp>
 
+#include "../heuristics.h"
 #include "../passes.h"
+#include "../split_merge.cuh"
 #include "kernel_traits.h"
 #include "kv_tiles.cuh"
 #include "nonfinite_v.cuh"
@@ -156,6 +160,106 @@ __device__ __forceinline__ void store_decode_tile(const VarlenFwdParams& p, cons
   }
 }
 
+// The (row, head) pairs of a unit merged kLanes lanes each (split_merge.cuh, as combine_splits merges them with the
+// same lanes), kThreads / kLanes pairs per pass: the maxima and sums from the unit's copy in shared memory (split s,
+// row r at s * kBlockM + r), O from global memory past L1.
+template <typename Traits, int kLanes>
+__device__ __forceinline__ void merge_unit_rows(const VarlenFwdParams& p, const DecodeTile& d,
+                                                const SplitPartials& splits, const float* unit_max,
+                                                const float* unit_sum) {
+  constexpr int kBlockM = Traits::kBlockM, kHeadDim = Traits::kHeadDim;
+  constexpr int kPairsPerPass = Traits::kThreads / kLanes, kVecs = kHeadDim / (4 * kLanes);
+  static_assert(kBlockM % kPairsPerPass == 0 && kVecs * 4 * kLanes == kHeadDim, "whole passes, whole columns");
+  const TileContext& c = d.c;
+  const int gl = threadIdx.x % kLanes;
+  const int64_t split_stride = static_cast<int64_t>(p.num_heads) * p.total_q;  // rows between splits
+#pragma unroll 1
+  for (int r0 = 0; r0 < c.rows; r0 += kPairsPerPass) {  // CTA-uniform: every lane of a warp calls merge_pair
+    const int r = r0 + static_cast<int>(threadIdx.x) / kLanes;  // < kBlockM: passes divide the tile
+    const bool mine = r < c.rows;
+    const int64_t row = mine ? static_cast<int64_t>(c.q_start) + d.query(r) : 0;
+    const int h = mine ? d.head(r) : 0;
+    const int64_t at = static_cast<int64_t>(h) * p.total_q + row;  // split 0's index of the pair
+    const split_merge::PairPartials pp{unit_max + r, unit_sum + r, kBlockM,
+                                       reinterpret_cast<const float4*>(splits.o + at * kHeadDim),
+                                       split_stride * kHeadDim / 4, row, h};
+    split_merge::merge_pair<typename Traits::Elem, kLanes, kVecs, true>(p, pp, splits.num_splits, mine, gl);
+  }
+}
+
+// The end of a split CTA where the kernel merges its own splits (SplitPartials::tickets): the unit's participants are
+// its splits with KV tiles (split 0 alone where none has; it then wrote nothing). Where there are several, each
+// fences its partials and takes a ticket, and the one that takes the last merges; a lone participant merges at once.
+// The merge copies the unit's maxima and sums into shared memory (the tiles' memory: the loop is over), read past L1
+// (another CTA of this SM may have brought a line of them into L1 before its writer wrote it: a neighbouring unit's
+// rows share lines), then merges each (row, head) pair. The splits after the participants wrote nothing and read as
+// splits that saw nothing (max -inf), as their -inf partials read in combine_splits: the same bits. Nothing is
+// written where order_decode_units found the cu_seqlens contract broken (it wrote NaN over every row instead).
+// Every thread of the CTA calls it, after its last write of partials.
+template <typename Traits>
+__device__ __forceinline__ void merge_unit_if_last(const VarlenFwdParams& p, const DecodeTile& d,
+                                                   const SplitPartials& splits,
+                                                   typename Traits::SharedStorage& smem) {
+  constexpr int kBlockM = Traits::kBlockM;
+  const TileContext& c = d.c;
+  const int participants = d.busy_splits > 1 ? d.busy_splits : 1;
+  if (participants > 1) {
+    __threadfence();  // this thread's partials, device-wide, before the CTA's ticket
+    __syncthreads();
+    bool last = false;
+    if (threadIdx.x == 0) {
+      const int64_t unit = (static_cast<int64_t>(d.b) * p.num_heads_k + c.hk) * splits.row_tiles + c.m0 / kBlockM;
+      last = atomicAdd(splits.tickets + unit, 1u) == static_cast<unsigned>(participants - 1);
+      __threadfence();  // the other participants' partials are read after their tickets
+    }
+    if (__syncthreads_or(last) == 0) return;
+  } else {
+    __syncthreads();  // the CTA's own partials, written by all its threads, are read by others below
+  }
+
+  // The unit's maxima and sums, (split, row): thread t takes row t % kBlockM of splits t / kBlockM + k x kSplitStep,
+  // kBatch of them with their loads in flight together. A sum is read beside its max, used only where the max is not
+  // -inf (a split that saw nothing wrote no sum).
+  static_assert(2 * kMaxDecodeSplits * kBlockM * sizeof(float) <= sizeof(typename Traits::Tiles),
+                "the unit's maxima and sums fit the tiles' memory");
+  float* unit_max = reinterpret_cast<float*>(&smem.tiles);
+  float* unit_sum = unit_max + kMaxDecodeSplits * kBlockM;
+  constexpr int kSplitStep = Traits::kThreads / kBlockM, kBatch = 4;
+  const int n = splits.num_splits, r = static_cast<int>(threadIdx.x) % kBlockM;
+  const bool row = r < c.rows;
+  const int64_t split_stride = static_cast<int64_t>(p.num_heads) * p.total_q;  // rows between splits
+  const int64_t at0 = row ? static_cast<int64_t>(d.head(r)) * p.total_q + c.q_start + d.query(r) : 0;
+  const int broken = __ldcg(splits.contract_broken);
+#pragma unroll 1
+  for (int s0 = static_cast<int>(threadIdx.x) / kBlockM; s0 < n; s0 += kBatch * kSplitStep) {
+    float m[kBatch], l[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int s = s0 + u * kSplitStep;
+      const bool read = row && s < d.busy_splits;
+      m[u] = read ? __ldcg(splits.max + at0 + s * split_stride) : -INFINITY;
+      l[u] = read ? __ldcg(splits.sum + at0 + s * split_stride) : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int s = s0 + u * kSplitStep;
+      if (s < n) {
+        unit_max[s * kBlockM + r] = m[u];
+        unit_sum[s * kBlockM + r] = l[u];
+      }
+    }
+  }
+  __syncthreads();
+  if (broken != 0) return;
+  if constexpr (Traits::kHeadDim >= 128) {
+    if (splits.merge_lanes == kCombineWideLanes) {
+      merge_unit_rows<Traits, kCombineWideLanes>(p, d, splits, unit_max, unit_sum);
+      return;
+    }
+  }
+  merge_unit_rows<Traits, kCombineLanes>(p, d, splits, unit_max, unit_sum);
+}
+
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads)
 decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys,
@@ -174,7 +278,15 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
     return;
   }
   const TileContext& c = d.c;
+  // The kernel merges its own splits (SplitPartials::tickets): only in the variant without query-side terms.
+  constexpr bool kMayMerge = !Traits::kQueryOperands;
   if (d.tile_begin >= d.tile_end && splits.num_splits > 1) {
+    if constexpr (kMayMerge) {
+      if (splits.tickets != nullptr) {  // nothing to write: the merge reads the splits past the busy ones as empty
+        if (d.split == 0 && d.busy_splits == 0) merge_unit_if_last<Traits>(p, d, splits, smem);
+        return;
+      }
+    }
     // A split with no KV tile (past its sequence's kept keys): its rows' partial max is -inf, sum and O unread.
     for (int r = tid; r < c.rows; r += Traits::kThreads) {
       splits.max[(static_cast<int64_t>(d.split) * p.num_heads + d.head(r)) * p.total_q + c.q_start + d.query(r)] =
@@ -309,6 +421,9 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
   __syncthreads();  // every warp is done with the tiles: the merge reuses their shared memory
 
   store_decode_tile<Traits>(p, d, splits, o, softmax, poisoned_rows, smem);
+  if constexpr (kMayMerge) {
+    if (splits.tickets != nullptr) merge_unit_if_last<Traits>(p, d, splits, smem);
+  }
 }
 
 }  // namespace dmattn::cuda::sm80

@@ -198,6 +198,8 @@ struct DecodeTile {
   int b;          // the sequence (not blockIdx.z where the units run in SplitPartials::unit_order)
   int split;
   int tile_begin, tile_end;  // this split's KV tiles (an empty range still writes its rows' partial lse)
+  int busy_splits;           // where the kernel merges its own splits (SplitPartials::tickets): the unit's splits
+                             // with KV tiles, 0 .. num_splits (they are splits 0 .. busy_splits - 1); else 0
 
   // Query position in its sequence and query head of packed row m0 + r.
   __device__ __forceinline__ int query(int r) const { return (c.m0 + r) % c.q_len; }
@@ -275,6 +277,11 @@ struct DecodeTileScheduler {
     const int64_t begin = c.first_tile(kBlockN) + static_cast<int64_t>(d.split) * s.tiles_per_split;
     d.tile_begin = static_cast<int>(begin < tiles ? begin : tiles);
     d.tile_end = static_cast<int>(begin + s.tiles_per_split < tiles ? begin + s.tiles_per_split : tiles);
+    d.busy_splits = 0;
+    if (s.tickets != nullptr) {  // split k has tiles iff first + k x tiles_per_split < tiles: the first ceil(rest / per)
+      const int rest = tiles - c.first_tile(kBlockN);
+      d.busy_splits = rest <= 0 ? 0 : min(1 + (rest - 1) / s.tiles_per_split, s.num_splits);
+    }
     return true;
   }
 };

@@ -16,7 +16,9 @@
 //
 // Work units are (query tile, query head, sequence), a sequence's last query tiles first as in the sm80 prefill
 // kernel: a CTA per unit (grid (query tiles, heads, sequences)), or kPersistent, a CTA per SM walking every
-// gridDim.x-th unit (windowed calls: short, alike units). Per unit:
+// gridDim.x-th unit (windowed calls: short, alike units), or with kDynamic (DMATTN_SM90A_SCHED: the plain, windowed
+// and kSlots variants, not kQuery) taking its next unit from a counter, longest first within L2 sections
+// (dynamic_unit), the producer publishing each unit's bounds to the consumers with its Q buffer. Per unit:
 //   producer (warpgroup 0, one thread)   Q (double-buffered when persistent: the next unit's loads during this one),
 //                                        then K and V of each KV tile some row sees, last first, through two
 //                                        PipelineTmaAsync rings (the copy engine signals the tile's full barrier,
@@ -58,6 +60,7 @@
 #include "../sm80/nonfinite_v.cuh"
 #include "../sm80/online_softmax.cuh"
 #include "kernel_traits.h"
+#include "unit_stamps.cuh"
 
 namespace dmattn::cuda::sm90a {
 
@@ -144,17 +147,17 @@ __device__ __forceinline__ float2 slot_bias_pair(const float* slot_bias, int nt,
 }
 
 // kSlots without kQuery: the first kAhead fragment pairs' bias of a tile that every row sees whole, read ahead of
-// its scores (prefetch_bias); an empty struct for the other variants.
-template <int kN8, bool kHeld>
+// its scores (prefetch_bias); an empty struct for the other variants. kMost: at most that many.
+template <int kN8, bool kHeld, int kMost = 2>
 struct SlotBiasAhead {
   // Two 16-byte loads (four fragments) while S is computed: ptxas spilled 8-164 bytes in the persistent slot kernels
   // when more were held across the S GEMM's wait (D = 128, sm_90a); at D = 256 (64-key tiles, kN8 = 8: O takes 128
   // registers) one, where two spilled 4 bytes in the windowed kernel.
-  static constexpr int kAhead = kN8 >= 16 ? 2 : 1;
+  static constexpr int kAhead = kN8 >= 16 && kMost >= 2 ? 2 : 1;
   float4 pairs[kAhead];
 };
-template <int kN8>
-struct SlotBiasAhead<kN8, false> {
+template <int kN8, int kMost>
+struct SlotBiasAhead<kN8, false, kMost> {
   static constexpr int kAhead = 0;
 };
 
@@ -270,6 +273,14 @@ __device__ __forceinline__ TileKeys combine_tile_keys(const int (*part)[4]) {
 struct UnitGrid {
   int32_t seq0, seqs, query_tiles;
   cutlass::FastDivmod heads;  // persistent: p.num_heads (a unit number's head and query tile without a division)
+  // kDynamic: the launch's unit counter (zero at the launch; each CTA's first unit is its blockIdx.x, its next ones
+  // gridDim.x + the counter's old value), and the sections' size in key rows x KV heads (launch.cuh, section_keys;
+  // INT32_MAX for windows: a section is a whole sequence's heads)
+  uint32_t* next_unit = nullptr;
+  int32_t section_keys = 0;
+#if DMATTN_UNIT_STAMPS
+  unsigned long long* stamps = nullptr;  // the measuring build's records (unit_stamps.cuh), or null
+#endif
 };
 
 // kSlots: where the kept keys' lists and gathered operands are (passes.h KeyLists, KeptRows; null otherwise). Query
@@ -485,13 +496,16 @@ __device__ __forceinline__ void list_live_tiles(const VarlenFwdParams& p, const 
 }
 
 template <typename Traits, bool kRanged, bool kPersistent, bool kSlots, bool kQuery, bool kQueryBias = false,
-          bool kBias32 = false>
+          bool kBias32 = false, bool kDynamic = false>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
 fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ TmaParams<Traits> tma,
            const UnitGrid grid, const __grid_constant__ SlotLists slots, const __grid_constant__ BlockMap map) {
   using namespace cute;
   static_assert(!kQueryBias || (kQuery && !kSlots), "a query-side bias rides on the tile lists and is the only bias");
   static_assert(!kBias32 || (kQueryBias && !kPersistent), "a float32 query-side bias: a CTA per unit (shared memory)");
+  // kDynamic: persistent (never with key ranges, whose tile_keys share unit_of_q's words), and not kQuery, whose Q
+  // barrier publishes a tile list built by the whole producer warpgroup
+  static_assert(!kDynamic || (kPersistent && !kQuery), "the dynamic scheduler: persistent plain, kRanged, kSlots");
   using Elem = typename Traits::Elem;
   using Pipeline = typename Traits::Pipeline;
   using PipelineState = typename cutlass::PipelineState<Traits::kStages>;
@@ -502,13 +516,28 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   constexpr bool kKeyMask = kQuery && sm90a_query_key_mask(kHeadDim, kQueryBias);
   static_assert(!kQuery || Traits::kListTiles <= TileEntry::kTileBits + 1, "a listed tile's number fits its bits");
   using RowBits = typename Traits::RowBits;  // kQuery: a masked tile's bits of one row
-  using SlotBias = SlotBiasAhead<kN8, kSlots && !kQuery>;
+  // (kDynamic windowed slots: one, where two spilled 24 bytes in its consumers at 232 registers, below)
+  using SlotBias = SlotBiasAhead<kN8, kSlots && !kQuery, kDynamic && kRanged ? 1 : 2>;
   // Registers per thread of the producer and consumer warpgroups (setmaxnreg): the producer needs few, but kQuery's
   // lists tiles (list_live_tiles). At D = 256 the consumers' O takes 128 of theirs: with kQuery's 216 of D <= 128
   // ptxas spilled 64-96 bytes in the consumers (persistent kernels), with 232 nothing there (its producer, at 40,
   // spills 20-44 bytes instead; none a CTA per unit).
-  constexpr int kProducerRegs = !kQuery ? 24 : kHeadDim > 128 ? 40 : 72;
-  constexpr int kConsumerRegs = !kQuery ? 240 : kHeadDim > 128 ? 232 : 216;
+  // kDynamic: its producer (a unit's publication and the next unit's decode beside the K / V loop) spilled in that
+  // loop at 24 registers, 116 / 172 bytes at D = 64 and 8 / 8 at D = 256 (none at D = 128; ptxas): 40 at D = 64 (its
+  // consumers' O is 32 registers: 224 for them), 32 at D = 256 (consumers 232, as kQuery's there). Its windowed and
+  // kSlots kernels (bf16, D = 128; the K / V loop not unrolled) spilled 136-256 bytes in the producer at 24
+  // registers, kSlots' 32 / 40 at 32: 40 for their producers, their consumers 224 (windowed: no spill) or 232 (kSlots:
+  // at 224 they spilled 12 bytes; and D = 256).
+  constexpr int kProducerRegs = kDynamic && (kRanged || kSlots || kHeadDim == 64) ? 40
+                                : kDynamic && kHeadDim == 256                     ? 32
+                                : !kQuery                                         ? 24
+                                : kHeadDim > 128                                  ? 40
+                                                                                  : 72;
+  constexpr int kConsumerRegs = kDynamic && (kSlots || kHeadDim == 256)           ? 232
+                                : kDynamic && (kRanged || kHeadDim == 64)         ? 224
+                                : !kQuery                                         ? 240
+                                : kHeadDim > 128                                  ? 232
+                                                                                  : 216;
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= 384 * 168, "the registers of a CTA of 384 threads");
 
   constexpr int kQBuffers = Traits::template kQBuffers<kPersistent, kQueryBias>;
@@ -521,6 +550,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   // unit's Q load would wait for this unit's epilogue. Not in the persistent kQuery + kSlots kernels either: their
   // consumers (216 registers) spill already, and 12-24 bytes more with it (ptxas, D = 128).
   constexpr bool kStagedOut = !kPersistent || (kQBuffers == 2 && !(kQuery && kSlots));
+  // The measuring build (unit_stamps.cuh): the CTA's entry is its first unit's start.
+  DMATTN_UNIT_STAMP(uint64_t stamp_time = stamp_globaltimer(), stamp_clk = stamp_clock(); int stamp_order = 0;)
   extern __shared__ __align__(1024) char smem_raw[];
   auto& smem =
       *reinterpret_cast<typename Traits::template SharedStorage<kQBuffers, kQuery, kQueryBias, kBias32>*>(smem_raw);
@@ -558,6 +589,73 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       return unit_work<kBlockM, kBlockN, kRanged, kSlots>(p, grid, grid.query_tiles - 1 - static_cast<int>(blockIdx.x),
                                                           blockIdx.y, blockIdx.z, smem.tile_keys, slots);
     }
+  };
+
+  // kDynamic: units are numbered longest first within sections: a sequence's heads are cut into sections of
+  // section_keys / k_len KV heads (at least one; their query heads) whose K / V the units in flight share in L2, and
+  // within a section the query tile runs from the sequence's last (the most keys under a causal mask) to its first,
+  // heads fastest. Unit u of sequence z (units [unit_tiles[z] H, unit_tiles[z + 1] H)): its place l in the
+  // sequence, section c = l / (tiles S) of S query heads (the last one narrower where S does not divide H), then the
+  // query tile and the head within the section. Bounds: l < tiles H <= units (an int, launch_units).
+  // kSlots: a unit's work is its kept slots under its rows' limits, which only the gather knows (KeptRows::limits, in
+  // global memory); within a sequence and list they grow with the query tile, so its last tile first is longest first
+  // there too, and a section's K / V are its lists' kept rows, at most k_len each (the sections err small). K / V
+  // copies per list (lists finer than KV heads): a list's query heads share one. Windows (kRanged): section_keys is
+  // INT32_MAX, so a section is the sequence's every head (the static grid's order): units of about equal tiles, whose
+  // K / V reach is a few tiles, so the order only keeps a query tile's heads together.
+  auto dynamic_unit = [&](int64_t u, int& z, int& m_block, int& h) {
+    int j, r;
+    grid.heads(j, r, static_cast<int>(u));
+    int lo = 0, hi = grid.seqs;  // the sequence z with unit_tiles[z] <= j < unit_tiles[z + 1]
+#pragma unroll 1
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (smem.unit_tiles[mid] <= j) lo = mid; else hi = mid;
+    }
+    z = lo;
+    const int tiles = smem.unit_tiles[lo + 1] - smem.unit_tiles[lo];
+    const int l = static_cast<int>(u) - smem.unit_tiles[lo] * p.num_heads;
+    const int kv_heads = min(max(grid.section_keys / max(smem.seq_rows[lo][3], 1), 1), p.num_heads_k);
+    const int group = kSlots && slots.kv_per_list ? slots.heads_per_list : p.num_heads / p.num_heads_k;
+    const int width = kv_heads * group;  // query heads of a full section
+    const int c = l / (tiles * width);
+    const int rest = l - c * tiles * width;
+    const int here = min(width, p.num_heads - c * width);  // this section's
+    const int i = rest / here;
+    m_block = tiles - 1 - i;
+    h = c * width + (rest - i * here);
+  };
+  // kDynamic: the next unit, taken once the producer has issued its current unit's last K (or at once where the unit
+  // has no KV tile), so that CTAs free soonest take the longest units left.
+  // 32 bits: units <= INT32_MAX (launch_units) and the counter passes them by at most gridDim.x.
+  auto take_unit = [&] { return gridDim.x + atomicAdd(grid.next_unit, 1u); };
+  // kDynamic: a published unit's words (SharedStorage::unit_of_q[qb]): its sequence z and query tile as
+  // z | m_block << 8 (z < kUnitTableSeqs <= 255; m_block < 2^24, a sequence's rows being fewer than 2^31 and
+  // kBlockM >= 128), all ones for the end (z = 255 is no sequence); its head; its number (the measuring build's
+  // records); and, kSlots only, unit_work's kept slots and tile bounds n_begin, n_end, whole_begin, whole_end.
+  constexpr int kUnitAt = 0, kHeadAt = 1, kNumberAt = 2, kKeptAt = 3, kTilesAt = 4, kUnitWords = 8;
+  constexpr int32_t kNoUnit = -1;
+  static_assert(!kDynamic || (Traits::kUnitTableSeqs <= 255 && kBlockM >= 128 && kQBuffers <= 2 &&
+                              sizeof(smem.unit_of_q[0]) == kUnitWords * sizeof(int32_t)),
+                "a published unit: z and m_block in one word, a word set per Q buffer");
+  // kDynamic, consumers: the published unit (its words read into registers), as unit_work gives it, the sequence's
+  // ranges from the table in shared memory: the plain and windowed kernels work its bounds out there (arithmetic);
+  // kSlots takes the producer's, so that the gather's count and limits (global memory) are read once per unit, by the
+  // producer, and no consumer waits on them at its unit's start.
+  auto published_work = [&](const int32_t (&words)[kUnitWords]) {
+    const uint32_t zm = static_cast<uint32_t>(words[kUnitAt]);
+    UnitWork w = unit_work<kBlockM, kBlockN, kRanged>(p, grid, static_cast<int>(zm >> 8), words[kHeadAt],
+                                                      static_cast<int>(zm & 0xffu), smem.tile_keys, {}, smem.seq_rows);
+    if constexpr (kSlots) {
+      w.kept = words[kKeptAt];
+      w.n_begin = words[kTilesAt];
+      w.n_end = words[kTilesAt + 1];
+      w.whole_begin = words[kTilesAt + 2];
+      w.whole_end = words[kTilesAt + 3];
+      w.list = w.h / slots.heads_per_list;
+      w.seg = KeptRows::segment(w.k_start, w.b);
+    }
+    return w;
   };
 
   if constexpr (!kPersistent) {  // a tile past its sequence: nothing to do, not even the barriers
@@ -608,7 +706,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   if constexpr (kPersistent) {
     if (threadIdx.x < 32) {
       // Warp 0: the unit table, 32 sequences per step (a warp's inclusive scan), and each sequence's query and key
-      // ranges (seq_rows; not kSlots, see work), so that a unit's start reads shared memory, not cu_seqlens.
+      // ranges (seq_rows; not kSlots' static grid, see work), so that a unit's start reads shared memory, not
+      // cu_seqlens.
       const int lane = threadIdx.x;
       int before = 0;
       for (int z0 = 0; z0 < grid.seqs; z0 += 32) {
@@ -617,7 +716,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
         if (z < grid.seqs) {
           const SeqRange sq = clamp_seq(p.cu_seqlens_q, grid.seq0 + z, p.total_q, p.max_seqlen_q);
           tiles = static_cast<int>((sq.len + kBlockM - 1) / kBlockM);
-          if constexpr (!kSlots) {
+          if constexpr (!kSlots || kDynamic) {
             const SeqRange sk = key_seq(p, grid.seq0 + z);
             smem.seq_rows[z][0] = static_cast<int32_t>(sq.start);
             smem.seq_rows[z][1] = static_cast<int32_t>(sq.len);
@@ -658,12 +757,56 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
     if (kQuery || threadIdx.x == 0) {
       PipelineState state = cutlass::make_producer_start_state<Pipeline>();
       int q_loads = 0;
-      for (int64_t u = first_unit(); u < units; u += unit_step) {
-        const UnitWork w = work(u);
-        if (w.n_end <= w.n_begin) continue;
-        const int qb = q_loads % kQBuffers;
-        if (kPersistent && q_loads >= kQBuffers) q_empty(qb).wait((q_loads / kQBuffers - 1) % 2);  // its last unit's
-        ++q_loads;
+      for (int64_t u = first_unit();;) {
+        UnitWork w;
+        int qb;
+        if constexpr (kDynamic) {
+          // Every unit takes the next Q buffer, with a Q load or (no KV tile) without, and so does the end: the unit
+          // and its bounds are published in the buffer's unit_of_q words (kUnitWords), written before its q_full
+          // arrival (release; the consumers read them after their wait: acquire), once q_empty says the buffer's
+          // last unit is done. The unit is worked out after that wait (before it, the plain dynamic kernel's producer
+          // spilled 168 / 208 bytes).
+          qb = q_loads % kQBuffers;
+          if (q_loads >= kQBuffers) q_empty(qb).wait((q_loads / kQBuffers - 1) % 2);
+          ++q_loads;
+          int32_t* const published = smem.unit_of_q[qb];
+          if (u >= units) {  // the end: the consumers stop here
+            published[kUnitAt] = kNoUnit;
+            asm volatile("" ::: "memory");  // the word's store before the arrival (CUTLASS's arrive has no clobber)
+            q_full(qb).arrive();
+            break;
+          }
+          int z, m_block, h;
+          dynamic_unit(u, z, m_block, h);
+          w = unit_work<kBlockM, kBlockN, kRanged, kSlots>(p, grid, m_block, h, z, smem.tile_keys, slots,
+                                                           smem.seq_rows);
+          published[kUnitAt] = static_cast<int32_t>(static_cast<uint32_t>(z) | static_cast<uint32_t>(m_block) << 8);
+          published[kHeadAt] = h;
+          published[kNumberAt] = static_cast<int32_t>(u);
+          if constexpr (kSlots) {  // the others' consumers work their bounds out from the table (published_work)
+            published[kKeptAt] = w.kept;
+            published[kTilesAt] = w.n_begin;
+            published[kTilesAt + 1] = w.n_end;
+            published[kTilesAt + 2] = w.whole_begin;
+            published[kTilesAt + 3] = w.whole_end;
+          }
+          // the words' stores before either q_full arrival below (CUTLASS's arrives have no memory clobber: without
+          // this the compiler may sink them past the release; ptxas keeps the order it is given)
+          asm volatile("" ::: "memory");
+          if (w.n_end <= w.n_begin) {  // no KV tile: the rows see nothing, no Q to load
+            q_full(qb).arrive();
+            u = take_unit();
+            continue;
+          }
+        } else {
+          if (u >= units) break;
+          w = work(u);
+          u += unit_step;
+          if (w.n_end <= w.n_begin) continue;
+          qb = q_loads % kQBuffers;
+          if (kPersistent && q_loads >= kQBuffers) q_empty(qb).wait((q_loads / kQBuffers - 1) % 2);  // its last unit's
+          ++q_loads;
+        }
         int tiles = w.n_end - w.n_begin;
         if (threadIdx.x == 0) {  // Q first: kQuery's list below is built while it loads
           Tensor mQ = tma.q.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_q), kHeadDim, p.num_heads));
@@ -694,7 +837,9 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
         auto [tVg, tVs] = tma_partition(tma.v, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
         int v_n = 0;                    // the tile whose V is issued next,
         PipelineState v_state = state;  // and its stage: K's of that tile (V one tile behind K within the unit)
-        for (int i = tiles - 1; i >= 0; --i) {
+        // KV tile i of the unit's tiles (from the last); the copies' views as arguments (C++17 lambdas capture no
+        // structured bindings).
+        auto issue_tile = [&](int i, const auto& tKg, const auto& tKs, const auto& tVg, const auto& tVs) {
           const int n = kQuery ? smem.tile_list[qb][i] & TileEntry::kTileBits : w.n_begin + i;
           pipe_k.producer_acquire(state);
           copy(tma.k.with(*pipe_k.producer_get_barrier(state)), tKg(_, n), tKs(_, state.index()));
@@ -718,11 +863,25 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
           v_n = n;
           v_state = state;
           ++state;
+        };
+        if constexpr (kDynamic && (kRanged || kSlots)) {
+          // not unrolled: ptxas unrolled it by two, and these kernels' producers spilled 120-230 bytes more at 40
+          // registers (the plain dynamic kernel spills 8 bytes at 24 when it is not unrolled: left to ptxas)
+#pragma unroll 1
+          for (int i = tiles - 1; i >= 0; --i) issue_tile(i, tKg, tKs, tVg, tVs);
+        } else {
+          for (int i = tiles - 1; i >= 0; --i) issue_tile(i, tKg, tKs, tVg, tVs);
         }
+        // kDynamic: the unit after this one, taken once its last K is issued (the loop's last copy but the V behind
+        // it); its value is waited for only after the last V's copy (with a K inside the loop, the producer's 24
+        // registers spilled).
+        uint32_t next = 0;
+        if constexpr (kDynamic) next = take_unit();
         if (tiles > 0) {
           pipe_v.producer_acquire(v_state);
           copy(tma.v.with(*pipe_v.producer_get_barrier(v_state)), tVg(_, v_n), tVs(_, v_state.index()));
         }
+        if constexpr (kDynamic) u = next;
       }
     }
     return;
@@ -767,9 +926,34 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       }
     }
   };
-  for (int64_t u = first_unit(); u < units; u += unit_step) {
-    const UnitWork w = work(u);
-    if (w.m0 >= w.q_len) continue;
+  for (int64_t u = first_unit();; u += unit_step) {
+    UnitWork w;
+    if constexpr (kDynamic) {
+      // The unit published with the next Q buffer (its Q landed, or it has none), or the end.
+      const int qb = q_uses % kQBuffers;
+      q_full(qb).wait((q_uses / kQBuffers) % 2);
+      asm volatile("" ::: "memory");  // the words' reads after the wait (CUTLASS's wait has no memory clobber)
+      int32_t words[kUnitWords];
+#pragma unroll
+      for (int k = 0; k < kUnitWords; ++k) words[k] = smem.unit_of_q[qb][k];
+      DMATTN_UNIT_STAMP(u = words[kNumberAt];)
+      // read here, before this unit's q_empty arrival (after which the producer rewrites them for a later unit)
+      asm volatile("" ::: "memory");
+      if (words[kUnitAt] == kNoUnit) break;
+      w = published_work(words);
+    } else {
+      if (u >= units) break;
+      w = work(u);
+      if (w.m0 >= w.q_len) continue;
+    }
+    DMATTN_UNIT_STAMP(
+        UnitStampRecord stamp;
+        if (store_thread && grid.stamps != nullptr) {
+          stamp.rec = grid.stamps +
+                      (((static_cast<int64_t>(w.b) * p.num_heads + w.h) * grid.query_tiles + w.m_block) * 2 + cw) *
+                          UnitStamps::kWords;
+        }
+        stamp.point_at(UnitStamps::kStart, stamp_time, stamp_clk);)
     const int row0 = w.m0 + 64 * cw + 16 * (wtid / 32) + g;  // this thread's rows: row0, row0 + 8 (in the sequence)
     int n_tiles = w.n_end - w.n_begin;
     // Whether tile n hides some key from some row of the unit.
@@ -803,6 +987,13 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
           if (kPersistent) q_empty(qb).arrive();
           ++q_uses;
         }
+      }
+    }
+    if constexpr (kDynamic) {
+      if (n_tiles == 0) {  // published without a Q load (the rows see nothing): its buffer is free at once
+        release_last_q();
+        q_empty(qb).arrive();
+        ++q_uses;
       }
     }
     // Tile j of the unit (j = n_tiles - 1 first): its entry (kQuery) and its number.
@@ -1146,7 +1337,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
 
     float alpha[1][2];
     if (n_tiles > 0) {
-      q_full(qb).wait((q_uses / kQBuffers) % 2);
+      if constexpr (!kDynamic) q_full(qb).wait((q_uses / kQBuffers) % 2);  // (kDynamic: waited for above)
+      DMATTN_UNIT_STAMP(stamp.point(UnitStamps::kQLanded);)
       if (!kPersistent && cw == 1) hand_turn(cw);  // warpgroup 0 goes first
       // The first tile: nothing to overlap with yet (O is zero: no rescale). j counts the tiles left after it.
       const int j = n_tiles - 1;
@@ -1160,6 +1352,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       SlotBias pre;
       warpgroup_gemm<true, false>(mma_qk, tSrQ, tSrK(_, _, _, state.index()), tSrS, [&] {
         if (kPersistent || cw == 0 || j > 0) hand_turn(cw);  // issued: the other warpgroup's turn
+        DMATTN_UNIT_STAMP(stamp.point(UnitStamps::kFirstS);)
         prefetch_bias(n, state.index(), pre);
       });
       release_last_q();  // its store long since issued
@@ -1213,6 +1406,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
     if (n_tiles > 0) {  // the last tile's P V
       wait_v(v_state);
       warpgroup_gemm<false, true>(mma_pv, tOrP, tOrV(_, _, _, v_state.index()), tOrO);
+      DMATTN_UNIT_STAMP(stamp.point(UnitStamps::kLastPV);)
       pipe_v.consumer_release(v_state);
       ++q_uses;
     }
@@ -1266,6 +1460,17 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
         tma_store_arrive();
       }
     }
+    DMATTN_UNIT_STAMP(
+        stamp_time = stamp_globaltimer();
+        stamp_clk = stamp_clock();
+        stamp.point_at(UnitStamps::kDone, stamp_time, stamp_clk);
+        stamp.word(10, stamp_smid());
+        stamp.word(11, blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + static_cast<int64_t>(gridDim.y) *
+                                                                                         blockIdx.z));
+        stamp.word(12, n_tiles);
+        stamp.word(13, stamp_order++);
+        stamp.word(14, kPersistent ? u : -1);
+        stamp.word(15, 1);)
   }
   if (kPersistent && cw == 0) wait_turn(cw);  // warpgroup 1's last hand-over
   // The CTA's shared memory stays until the stores have read it (a CTA per unit: its one store; persistent: its last).

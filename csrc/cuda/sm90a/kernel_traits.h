@@ -90,7 +90,8 @@ struct FwdTraits {
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim * sizeof(Elem);
   static constexpr uint32_t kKVBytes = kBlockN * kHeadDim * sizeof(Elem);
 
-  static constexpr int kUnitTableSeqs = 255;  // a persistent launch's sequences that its unit table holds, at most
+  // a persistent launch's sequences that its unit table holds, at most
+  static constexpr int kUnitTableSeqs = static_cast<int>(kSm90aUnitTableSeqs);
 
   // kQuery: a unit's live KV tiles, 16 bits each (fwd_kernel.cuh, TileEntry), one list per Q buffer: the
   // kSm90aQueryMaxTiles 128-key tiles of the longest sequence the plan sends, as kBlockN-key tiles (2048 at D = 256).
@@ -132,7 +133,13 @@ struct FwdTraits {
     alignas(128) int32_t slot_pos[kBias32 ? 1 : kStages][kBias32 ? 1 : kBlockN];
     alignas(128) float slot_bias[kBias32 ? 1 : kStages][kBias32 ? 1 : kBlockN];
     uint8_t v_bad[kBlockN];      // slots of the current V tile whose row held inf / NaN (rare path)
-    int tile_keys[4][4];         // kRanged with key ranges: the producer warps' parts of the unit's TileKeys
+    union {
+      int tile_keys[4][4];  // kRanged with key ranges: the producer warps' parts of the unit's TileKeys
+      // The dynamic scheduler's kernels (kDynamic: persistent, never with key ranges, so tile_keys is never read
+      // there): the unit of Q buffer qb (at most two), published by the producer with that buffer's q_full arrival
+      // (fwd_kernel.cuh, kUnitWords): its sequence and query tile, head, number, kept slots and KV tile bounds.
+      int32_t unit_of_q[2][8];
+    };
     // Persistent CTAs of a launch of at most kUnitTableSeqs sequences: query tiles of sequences [0, z) in entry z
     // (z <= seqs), so units are numbered over the sequences' own tiles (fwd_kernel.cuh, unit_of).
     // (kBias32 runs a CTA per unit: none.)

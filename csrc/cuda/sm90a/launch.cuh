@@ -33,11 +33,13 @@ auto gmem_rows(const void* ptr, int64_t rows, int32_t head_dim, int32_t heads, i
                                  make_stride(row_stride, _1{}, head_stride)));
 }
 
-// The kernel of kRanged / kPersistent / kSlots / kQuery / kQueryBias for this call, with its shared memory allowed.
-template <typename Traits, bool kRanged, bool kPersistent, bool kSlots, bool kQuery, bool kQueryBias, bool kBias32>
+// The kernel of kRanged / kPersistent / kSlots / kQuery / kQueryBias / kDynamic for this call, with its shared memory
+// allowed.
+template <typename Traits, bool kRanged, bool kPersistent, bool kSlots, bool kQuery, bool kQueryBias, bool kBias32,
+          bool kDynamic = false>
 cudaError_t launch_kernel(const VarlenFwdParams& p, const TmaParams<Traits>& tma, dim3 grid, UnitGrid units,
                           cudaStream_t stream, const SlotLists& slots, const BlockMap& map) {
-  auto kernel = fwd_kernel<Traits, kRanged, kPersistent, kSlots, kQuery, kQueryBias, kBias32>;
+  auto kernel = fwd_kernel<Traits, kRanged, kPersistent, kSlots, kQuery, kQueryBias, kBias32, kDynamic>;
   constexpr int kSmem =
       Traits::template kSmemBytes<Traits::template kQBuffers<kPersistent, kQueryBias>, kQuery, kQueryBias, kBias32>;
   static_assert(kSmem <= 227 * 1024, "more shared memory than a cc 9.0 CTA may have");
@@ -91,28 +93,59 @@ TmaParams<Traits> make_tma(const VarlenFwdParams& p) {
   return make_tma<Traits>(p, p.k, p.k_row_stride, p.k_head_stride, p.v, p.v_row_stride, p.v_head_stride, p.num_heads_k);
 }
 
+// The dynamic scheduler's section size (FwdPlan::sm90a_section_bytes) in key rows x KV heads of K and V: a sequence
+// of k_len keys gets max(1, section_keys / k_len) KV heads a section.
+template <typename Traits>
+int32_t section_keys(const FwdPlan& plan) {
+  const int64_t per_key = 2 * Traits::kHeadDim * static_cast<int64_t>(sizeof(typename Traits::Elem));  // K and V
+  return static_cast<int32_t>(std::clamp<int64_t>(plan.sm90a_section_bytes / per_key, 1, INT32_MAX));
+}
+
 // Every unit of the call, in the launches of one variant: persistent where the plan says so (never with key ranges:
 // their bounds are reduced once per CTA), a launch per kUnitTableSeqs sequences, whose units the kernel numbers in an
 // int: at most query_tiles per sequence (clamp_seq: lying cu_seqlens included), times the sequences and heads; calls
 // that could pass it take a CTA per unit.
 // kBias32 (a float32 query-side bias) always takes a CTA per unit: its staged terms leave no room for the persistent
-// unit table.
+// unit table. plan.sm90a_dynamic (the plain, windowed and kSlots variants; not kQuery: plan_varlen_fwd): the
+// persistent launches take their units from ws.unit_counters, one per launch, zeroed here first (one memset node
+// before the first launch: stream-ordered like the call's other work, so CUDA graph replays and calls on other
+// streams each zero their own workspace's).
 template <typename Traits, bool kRanged, bool kSlots, bool kQuery = false, bool kQueryBias = false,
           bool kBias32 = false>
-cudaError_t launch_units(const VarlenFwdParams& p, const FwdPlan& plan, const TmaParams<Traits>& tma,
-                         const SlotLists& slots, cudaStream_t stream, const BlockMap& map = {}) {
+cudaError_t launch_units(const VarlenFwdParams& p, const FwdPlan& plan, const Workspace& ws,
+                         const TmaParams<Traits>& tma, const SlotLists& slots, cudaStream_t stream,
+                         const BlockMap& map = {}) {
   const int32_t query_tiles = static_cast<int32_t>((p.max_seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM);
   constexpr int64_t kTableSeqs = Traits::kUnitTableSeqs;
   const int64_t most_units = static_cast<int64_t>(query_tiles) * std::min<int64_t>(p.batch, kTableSeqs) * p.num_heads;
   if constexpr (!kBias32) {
     if (plan.sm90a_ctas > 0 && p.key_range == nullptr && most_units <= INT32_MAX) {
+      constexpr bool kDynamicVariant = !kQuery && !kQueryBias;  // the dynamic scheduler's variants (fwd_kernel.cuh)
+      const bool dynamic = kDynamicVariant && plan.sm90a_dynamic && ws.unit_counters != nullptr;
+      if (dynamic) {
+        const cudaError_t err =
+            cudaMemsetAsync(ws.unit_counters, 0, sizeof(uint32_t) * static_cast<size_t>(sm90a_launches(p)), stream);
+        if (err != cudaSuccess) return err;
+      }
       for (int64_t seq0 = 0; seq0 < p.batch; seq0 += kTableSeqs) {
         const int32_t seqs = static_cast<int32_t>(std::min<int64_t>(p.batch - seq0, kTableSeqs));
         const int64_t grid_units = static_cast<int64_t>(query_tiles) * p.num_heads * seqs;
         const dim3 grid(static_cast<unsigned>(std::min<int64_t>(grid_units, plan.sm90a_ctas)));
+        UnitGrid units{static_cast<int32_t>(seq0), seqs, query_tiles, cutlass::FastDivmod(p.num_heads)};
+        DMATTN_UNIT_STAMP(units.stamps = ws.unit_stamps;)
+        if constexpr (kDynamicVariant) {
+          if (dynamic) {
+            units.next_unit = ws.unit_counters + seq0 / kTableSeqs;
+            // windows: a section is a sequence's every head (dynamic_unit)
+            units.section_keys = kRanged ? INT32_MAX : section_keys<Traits>(plan);
+            const cudaError_t err = launch_kernel<Traits, kRanged, true, kSlots, kQuery, kQueryBias, kBias32, true>(
+                p, tma, grid, units, stream, slots, map);
+            if (err != cudaSuccess) return err;
+            continue;
+          }
+        }
         const cudaError_t err = launch_kernel<Traits, kRanged, true, kSlots, kQuery, kQueryBias, kBias32>(
-            p, tma, grid, UnitGrid{static_cast<int32_t>(seq0), seqs, query_tiles, cutlass::FastDivmod(p.num_heads)},
-            stream, slots, map);
+            p, tma, grid, units, stream, slots, map);
         if (err != cudaSuccess) return err;
       }
       return cudaSuccess;
@@ -123,9 +156,10 @@ cudaError_t launch_units(const VarlenFwdParams& p, const FwdPlan& plan, const Tm
     const int32_t seqs = static_cast<int32_t>(std::min<int64_t>(p.batch - seq0, kMaxSeqsPerLaunch));
     const dim3 grid(static_cast<unsigned>(query_tiles), static_cast<unsigned>(p.num_heads),
                     static_cast<unsigned>(seqs));
+    UnitGrid units{static_cast<int32_t>(seq0), seqs, query_tiles, cutlass::FastDivmod()};
+    DMATTN_UNIT_STAMP(units.stamps = ws.unit_stamps;)
     const cudaError_t err = launch_kernel<Traits, kRanged, false, kSlots, kQuery, kQueryBias, kBias32>(
-        p, tma, grid, UnitGrid{static_cast<int32_t>(seq0), seqs, query_tiles, cutlass::FastDivmod()}, stream, slots,
-        map);
+        p, tma, grid, units, stream, slots, map);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
@@ -138,15 +172,15 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Work
       if (p.bias.dtype == ScalarType::kFloat32) {
         // kBias32's 32 KB of terms at D = 256 do not fit beside its Q, K / V and tile list (sm90a_query_bias_fits)
         if constexpr (Traits::kHeadDim > 128) return cudaErrorInvalidValue;
-        else return launch_units<Traits, kRanged, false, true, true, true>(p, plan, make_tma<Traits>(p), {}, stream,
-                                                                           ws.blocks);
+        else return launch_units<Traits, kRanged, false, true, true, true>(p, plan, ws, make_tma<Traits>(p), {},
+                                                                           stream, ws.blocks);
       }
-      return launch_units<Traits, kRanged, false, true, true>(p, plan, make_tma<Traits>(p), {}, stream, ws.blocks);
+      return launch_units<Traits, kRanged, false, true, true>(p, plan, ws, make_tma<Traits>(p), {}, stream, ws.blocks);
     }
     // a mask alone: query-side, or key-side by sequence at D = 256 where its kept rows are not gathered
     // (BlockMap::by_sequence); never a key-side bias here, which this variant reads only over slots in place (below)
     if (p.bias.present()) return cudaErrorInvalidValue;
-    return launch_units<Traits, kRanged, false, true>(p, plan, make_tma<Traits>(p), {}, stream, ws.blocks);
+    return launch_units<Traits, kRanged, false, true>(p, plan, ws, make_tma<Traits>(p), {}, stream, ws.blocks);
   }
   if (plan.sm90a_slots) {
     // K / V from the gathered slots (k and v's packed shape, dense), or in place: every key a slot of one list. At
@@ -172,10 +206,10 @@ cudaError_t launch_fwd(const VarlenFwdParams& p, const FwdPlan& plan, const Work
                                     kept_heads);
     // A mask beside a key-side bias (query-side; at D = 256 key-side too, by sequence, where its kept rows are not
     // gathered): both variants, the bias over slots in place.
-    if (plan.sm90a_query) return launch_units<Traits, kRanged, true, true>(p, plan, tma, slots, stream, ws.blocks);
-    return launch_units<Traits, kRanged, true>(p, plan, tma, slots, stream);
+    if (plan.sm90a_query) return launch_units<Traits, kRanged, true, true>(p, plan, ws, tma, slots, stream, ws.blocks);
+    return launch_units<Traits, kRanged, true>(p, plan, ws, tma, slots, stream);
   }
-  return launch_units<Traits, kRanged, false>(p, plan, make_tma<Traits>(p), {}, stream);
+  return launch_units<Traits, kRanged, false>(p, plan, ws, make_tma<Traits>(p), {}, stream);
 }
 
 template <typename Elem, int kHeadDim>
