@@ -20,7 +20,7 @@ _DRIVER = """
     using namespace dmattn;
     // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
     //                 window_left window_right key_range(0 absent, 1 given) sm90a_ctas(the override)
-    //                 bias_dtype(0 float32, 2 bfloat16: q's) sched(0 static, 1 dynamic: DMATTN_SM90A_SCHED)
+    //                 bias_dtype(0 float32, 2 bfloat16: q's) sched(1 dynamic: the default, 0 DMATTN_SM90A_SCHED=static)
     //                 combine_launch(the override)
     // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes prefill_variant sm90a sm90a_ctas
     //         unit_order combine_finishes sm90a_slots sm90a_query slots_in_place block_map_heads sm90a_dynamic
@@ -51,7 +51,7 @@ _DRIVER = """
         o.kernel = static_cast<cuda::PlanOverrides::Kernel>(force);
         o.tiles_per_split = tiles;
         o.sm90a_ctas = static_cast<int32_t>(ctas);
-        o.sm90a_dynamic = sched != 0;
+        o.sm90a_static = sched == 0;
         o.combine_launch = launch != 0;
         const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, cuda::DeviceInfo{90, static_cast<int>(sms)}, o);
         std::printf("%s %d %d %d %d %zu %d %d %d %d %d %d %d %d %d %d %d\\n",
@@ -77,7 +77,7 @@ def planner(tmp_path_factory):
     exe = build_host_driver(tmp_path_factory.mktemp("plan"), _DRIVER, "plan", "heuristics.h")
 
     def line(B, H, Hk, D, total_q, total_k, max_q, max_k, mask=ABSENT, Hm=1, bias=ABSENT, Hb=1, sms=132,
-             force=AUTO, tiles=0, window=(-1, -1), key_range=False, sm90a_ctas=0, bias_dtype=F32, dynamic=False,
+             force=AUTO, tiles=0, window=(-1, -1), key_range=False, sm90a_ctas=0, bias_dtype=F32, dynamic=True,
              combine_launch=False):
         return " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
                                          force, tiles, *window, int(key_range), sm90a_ctas, bias_dtype, int(dynamic),
@@ -543,43 +543,44 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
     ],
 )
 def test_sm90a_choice(planner, change, sm90a, ctas):
-    """Which prefill calls the sm90a kernel takes on a cc 9.0 device, and which of them run on a persistent grid."""
-    plan = planner(**{**PREFILL, **change})
+    """Which prefill calls the sm90a kernel takes on a cc 9.0 device, and which of them run on a persistent grid
+    under the static grids (DMATTN_SM90A_SCHED=static; test_dynamic_scheduler_plan has the default's grids)."""
+    plan = planner(**{**PREFILL, **change}, dynamic=False)
     assert plan["kernel"] == "prefill"
     assert (plan["sm90a"], plan["sm90a_ctas"]) == (sm90a, ctas)
 
 
 def test_dynamic_scheduler_plan(planner):
-    """DMATTN_SM90A_SCHED=dynamic: the sm90a kernel's plain (dense, causal or not), windowed and kSlots (a key-side
-    mask's gathered kept rows; a key-side bias alone, over slots in place) variants on a persistent grid of one CTA per
-    SM (or DMATTN_SM90A_CTAS's count; its 0 keeps a CTA per unit) whose CTAs take units from a counter, a 4-byte counter
-    per launch of 255 sequences in the workspace (one 256-byte aligned piece); the query-side variant (query-side masks
-    and biases, a key-side bias beside a query-side mask) and key ranges keep their grids, and without the variable
-    nothing changes."""
+    """The dynamic scheduler, the default: the sm90a kernel's plain (dense, causal or not), windowed and kSlots (a
+    key-side mask's gathered kept rows; a key-side bias alone, over slots in place) variants on a persistent grid of one
+    CTA per SM (or DMATTN_SM90A_CTAS's count; its 0 keeps a CTA per unit) whose CTAs take units from a counter, a 4-byte
+    counter per launch of 255 sequences in the workspace (one 256-byte aligned piece); the query-side variant
+    (query-side masks and biases, a key-side bias beside a query-side mask) and key ranges keep their grids.
+    DMATTN_SM90A_SCHED=static (dynamic=False here) gives the static grids and nothing else changes."""
     for causal in (True, False):
         call = dict(PREFILL, window=(-1, 0) if causal else (-1, -1))
-        base, dyn = planner(**call), planner(**call, dynamic=True)
+        base, dyn = planner(**call, dynamic=False), planner(**call)
         assert (base["sm90a"], base["sm90a_ctas"], base["sm90a_dynamic"]) == (True, 0, False)
         assert (dyn["sm90a"], dyn["sm90a_ctas"], dyn["sm90a_dynamic"]) == (True, 132, True)
         assert dyn["workspace"] == base["workspace"] + 256
-        assert planner(**call, dynamic=True, sm90a_ctas=3)["sm90a_ctas"] == 3
-        per_unit = planner(**call, dynamic=True, sm90a_ctas=-1)
+        assert planner(**call, sm90a_ctas=3)["sm90a_ctas"] == 3
+        per_unit = planner(**call, sm90a_ctas=-1)
         assert (per_unit["sm90a_ctas"], per_unit["sm90a_dynamic"], per_unit["workspace"]) == (0, False,
                                                                                              base["workspace"])
     many = dict(PREFILL, B=600)  # three launches of at most 255 sequences: three counters, one aligned piece
-    assert planner(**many, dynamic=True)["workspace"] == planner(**many)["workspace"] + 256
+    assert planner(**many)["workspace"] == planner(**many, dynamic=False)["workspace"] + 256
     # the windowed and kSlots variants: the same plan but for the grid and the counters (persistent already, or a CTA
     # per unit made persistent, as the plain kernel's)
     for other in (dict(window=(255, 0)), dict(window=(255, 0), mask=KEY, Hm=8, bias=KEY, Hb=32), dict(mask=KEY, Hm=8),
                   dict(mask=KEY, Hm=32, bias=KEY, Hb=8, bias_dtype=BF16), dict(bias=KEY, Hb=8, bias_dtype=BF16)):
-        plain, dyn = planner(**PREFILL, **other), planner(**PREFILL, **other, dynamic=True)
+        plain, dyn = planner(**PREFILL, **other, dynamic=False), planner(**PREFILL, **other)
         assert dyn == {**plain, "sm90a_ctas": 132, "sm90a_dynamic": True, "workspace": plain["workspace"] + 256}, other
-        assert planner(**PREFILL, **other, dynamic=True, sm90a_ctas=3)["sm90a_ctas"] == 3
-        per_unit = planner(**PREFILL, **other, dynamic=True, sm90a_ctas=-1)
+        assert planner(**PREFILL, **other, sm90a_ctas=3)["sm90a_ctas"] == 3
+        per_unit = planner(**PREFILL, **other, sm90a_ctas=-1)
         assert (per_unit["sm90a_ctas"], per_unit["sm90a_dynamic"]) == (0, False), other
     for other in (dict(key_range=True), dict(mask=QUERY, Hm=8), dict(mask=QUERY, Hm=8, bias=KEY, Hb=8),
                   dict(bias=QUERY, Hb=8, bias_dtype=BF16)):
-        plain, dyn = planner(**PREFILL, **other), planner(**PREFILL, **other, dynamic=True)
+        plain, dyn = planner(**PREFILL, **other, dynamic=False), planner(**PREFILL, **other)
         assert not dyn["sm90a_dynamic"] and dyn == {**plain, "sm90a_dynamic": False}, other
 
 
@@ -620,14 +621,15 @@ def test_key_side_bias_alone_runs_over_slots_in_place(planner, Hb, causal):
     """A key-side bias without a mask takes the sm90a kernel's slots variant over slots that are the keys themselves:
     no kept-key lists, no K / V copy; the workspace holds each sequence's key count, one list of positions and the
     float32 biases per bias head (each over total_k + 32 (B + 1) + 128 slots rounded up to 32), and for causal calls
-    four slot limits per (sequence, 128-row query tile)."""
+    four slot limits per (sequence, 128-row query tile), and the dynamic scheduler's counter."""
     plan = planner(**PREFILL, bias=KEY, Hb=Hb, window=(-1, 0) if causal else (-1, -1))
     assert plan["sm90a"] and plan["sm90a_slots"] and plan["key_lists_heads"] == 0
     B, total_k = PREFILL["B"], PREFILL["total_k"]
     extent = -(-(total_k + 32 * (B + 1) + 128) // 32) * 32
     aligned = lambda n: -(-n // 256) * 256  # noqa: E731
     expected = (aligned(4 * B) + aligned(4 * extent) + aligned(4 * Hb * extent)
-                + (aligned(16 * B * -(-3865 // 128)) if causal else 0))
+                + (aligned(16 * B * -(-3865 // 128)) if causal else 0)
+                + 256)  # the dynamic scheduler's unit counter (one launch)
     assert plan["workspace"] == expected
     # D = 256 (64-key tiles): the same slots and workspace (they hold no K / V, and the limits are per 128-row query
     # tile at every head dim); a query-side bias: no slots (its own variant)

@@ -26,11 +26,13 @@ from test_varlen_fwd import LYING, _lying, unread_keys
 # CI's `-k cuda` left 413 of them out).
 pytestmark = pytest.mark.cuda
 
-# auto: the plan's choice; sm80: the sm80 kernels forced; persistent3: the sm90a kernel wherever it can run (narrow
-# windows too), on a persistent grid of 3 CTAs (DMATTN_SM90A_CTAS), so that each CTA walks many units in turn (empty
-# ones and ones past their sequence included).
+# auto: the plan's choice (the dynamic scheduler where it applies); sm80: the sm80 kernels forced; persistent3: the
+# sm90a kernel wherever it can run (narrow windows too), on a static persistent grid of 3 CTAs (DMATTN_SM90A_CTAS,
+# DMATTN_SM90A_SCHED=static), so that each CTA walks many units in turn (empty ones and ones past their sequence
+# included); the dynamic scheduler on 3 CTAs is DYNAMIC_GRIDS' dynamic3.
 # per_unit: the sm90a kernel wherever it can run, a CTA per unit (DMATTN_SM90A_CTAS=0).
-ARCHS = {"auto": {}, "sm80": {"DMATTN_ARCH": "sm80"}, "persistent3": {"DMATTN_SM90A_CTAS": "3"},
+ARCHS = {"auto": {}, "sm80": {"DMATTN_ARCH": "sm80"},
+         "persistent3": {"DMATTN_SM90A_CTAS": "3", "DMATTN_SM90A_SCHED": "static"},
          "per_unit": {"DMATTN_SM90A_CTAS": "0"}}
 
 
@@ -267,11 +269,13 @@ def test_bad_ctas_variable_is_a_clear_error(value, monkeypatch, cuda_device):
 
 
 def test_windowed_calls_run_persistent(monkeypatch, capfd, cuda_device):
-    """A windowed call (short, alike units) takes a persistent grid of one CTA per SM on the sm90a kernel; a plain
-    causal call and a call with key ranges a CTA per unit."""
+    """The static grids (DMATTN_SM90A_SCHED=static; test_dynamic_scheduler_grids has the default's): a windowed call
+    (short, alike units) takes a persistent grid of one CTA per SM on the sm90a kernel; a plain causal call and a call
+    with key ranges a CTA per unit."""
     if not _sm90a_device():
         pytest.skip("the sm90a kernel runs on cc 9.0 devices with the sm90a path built")
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    monkeypatch.setenv("DMATTN_SM90A_SCHED", "static")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
 
     def ctas(spec):
@@ -333,7 +337,8 @@ def test_ragged_ends_leave_the_next_sequence_alone(dtype, head_dim, arch):
         start += q_len
 
 
-# The dynamic scheduler (DMATTN_SM90A_SCHED=dynamic; fwd_kernel.cuh, kDynamic): the plain kernel on a persistent grid
+# The dynamic scheduler (the default; DMATTN_SM90A_SCHED=dynamic names it; fwd_kernel.cuh, kDynamic): the plain kernel
+# on a persistent grid
 # whose CTAs take their next unit from a counter, longest first within L2 sections. A unit runs the same KV tiles in
 # the same order wherever it runs, so its outputs are bitwise those of a CTA per unit (DMATTN_SM90A_CTAS=0). Grids: one
 # CTA per SM; 3 CTAs, each taking many units in turn; sections of 1 MB (a KV head or a few per section, so that a
@@ -441,9 +446,10 @@ def test_dynamic_scheduler_in_cuda_graphs_and_on_two_streams(kernels, monkeypatc
 
 
 def test_dynamic_scheduler_grids(monkeypatch, capfd, cuda_device):
-    """DMATTN_SM90A_SCHED=dynamic changes the grids of the plain, windowed and kSlots kernels (one CTA per SM;
-    DMATTN_SM90A_CTAS=0 keeps a CTA per unit): a key-side mask's gathered slots and a windowed call take their units
-    from the counter too; a query-side mask keeps its static persistent grid."""
+    """The dynamic scheduler (the default, and DMATTN_SM90A_SCHED=dynamic) gives the plain, windowed and kSlots
+    kernels its grid (one CTA per SM; DMATTN_SM90A_CTAS=0 keeps a CTA per unit): a key-side mask's gathered slots and
+    a windowed call take their units from the counter too; a query-side mask keeps its static persistent grid.
+    DMATTN_SM90A_SCHED=static: the static grids."""
     if not _sm90a_device():
         pytest.skip("the sm90a kernel runs on cc 9.0 devices with the sm90a path built")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -452,15 +458,19 @@ def test_dynamic_scheduler_grids(monkeypatch, capfd, cuda_device):
     masked = make_sample(SLOT_SPECS[0], torch.bfloat16, "cuda")
     query_masked = make_sample(Spec("query_mask", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,),
                                     mask="query", mask_heads="H"), torch.bfloat16, "cuda")
+    static = {"DMATTN_SM90A_SCHED": "static"}
     assert _run_logged(plain, monkeypatch, capfd, DYNAMIC_GRIDS["dynamic"])[1] == [(sms, "dynamic")]
-    assert _run_logged(plain, monkeypatch, capfd, {})[1] == [(0, "static")]
+    assert _run_logged(plain, monkeypatch, capfd, {})[1] == [(sms, "dynamic")]
+    assert _run_logged(plain, monkeypatch, capfd, static)[1] == [(0, "static")]
     assert _run_logged(plain, monkeypatch, capfd, {**DYNAMIC_GRIDS["dynamic"], "DMATTN_SM90A_CTAS": "0"})[1] == \
         [(0, "static")]
     for sample in (windowed, masked):
-        assert _run_logged(sample, monkeypatch, capfd, {})[1] == [(sms, "static")]
+        assert _run_logged(sample, monkeypatch, capfd, static)[1] == [(sms, "static")]
+        assert _run_logged(sample, monkeypatch, capfd, {})[1] == [(sms, "dynamic")]
         assert _run_logged(sample, monkeypatch, capfd, DYNAMIC_GRIDS["dynamic"])[1] == [(sms, "dynamic")]
         assert _run_logged(sample, monkeypatch, capfd, {**DYNAMIC_GRIDS["dynamic"], "DMATTN_SM90A_CTAS": "0"})[1] == \
             [(0, "static")]
+    assert _run_logged(query_masked, monkeypatch, capfd, {})[1] == [(sms, "static")]
     assert _run_logged(query_masked, monkeypatch, capfd, DYNAMIC_GRIDS["dynamic"])[1] == [(sms, "static")]
 
 
@@ -1319,11 +1329,11 @@ def test_key_side_masked_keys_and_their_key_side_bias_at_d256_never_reach_a_row(
         assert torch.equal(want, got), f"{arch}: a masked-out key's K, V or bias reached a row"
 
 
-# The dynamic scheduler on the windowed and kSlots kernels (DMATTN_SM90A_SCHED=dynamic; fwd_kernel.cuh, kDynamic): a
-# key-side mask's gathered kept rows (a unit's tile bounds published by the producer with its Q), a key-side bias alone
-# (slots in place, a CTA per unit by default), windows and softcap (a section a sequence). A unit runs the same tiles
-# in the same order wherever it runs, so its outputs are bitwise those of the static grids: the plan's own (persistent
-# for masks and windows, a CTA per unit for the bias alone and the softcap) and a CTA per unit. Specs: causal and not,
+# The dynamic scheduler on the windowed and kSlots kernels (the default; fwd_kernel.cuh, kDynamic): a key-side mask's
+# gathered kept rows (a unit's tile bounds published by the producer with its Q), a key-side bias alone (slots in
+# place), windows and softcap (a section a sequence). A unit runs the same tiles in the same order wherever it runs,
+# so its outputs are bitwise those of the static grids (DMATTN_SM90A_SCHED=static): the plan's own (persistent for
+# masks and windows, a CTA per unit for the bias alone and the softcap) and a CTA per unit. Specs: causal and not,
 # mask heads 1 / Hk / H (a kept copy per list: sections of lists), biases of each head count, fully masked rows and
 # sequences, empty sequences, rows past the end, ragged varlen ends beside sequences without keys, seqused_k, sinks,
 # windows of more than 128 keys on one or both sides, softcap, more sequences than a launch's unit table (two launches,
@@ -1375,7 +1385,8 @@ def test_dynamic_scheduler_on_masks_and_windows_is_bitwise_the_static_grids(spec
     if reason:
         pytest.skip(reason)
     sample = make_sample(spec, dtype, "cuda")
-    (ref_out, ref_lse), plans = _run_logged(sample, monkeypatch, capfd, {})  # the plan's own grid
+    # the plan's own static grid
+    (ref_out, ref_lse), plans = _run_logged(sample, monkeypatch, capfd, {"DMATTN_SM90A_SCHED": "static"})
     assert plans and all(s == "static" for _, s in plans), plans
     references = shared_reference((spec, dtype), lambda: (sample.reference(), sample.reference(sample.dtype)))
     assert_close_to_reference((ref_out, ref_lse), *references, label="static")

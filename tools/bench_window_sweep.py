@@ -2,7 +2,7 @@
 
     python tools/bench_window_sweep.py [--out DIR] [--widths 64 128 256 ...] [--reps N]
 
-  sm90a persistent   the sm90a kernel on a persistent grid (DMATTN_SM90A_CTAS = the SM count)
+  sm90a persistent   the sm90a kernel on a persistent grid (DMATTN_SM90A_CTAS = the SM count; dynamic by default)
   sm90a per unit     the sm90a kernel, a CTA per work unit (DMATTN_SM90A_CTAS=0)
   sm80               the sm80 kernels (DMATTN_ARCH=sm80)
 

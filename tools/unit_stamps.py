@@ -14,9 +14,9 @@ window of 256 keys (the windowed kernel, about three tiles a unit), and both (`-
 window` of bench_gpu.py).
 
 Grids (the debug variables the binding reads per call): per_unit, a CTA per unit (DMATTN_SM90A_CTAS=0, dense's
-default); persistent, one CTA per SM walking every SM-th unit (DMATTN_SM90A_CTAS=<SMs>; the masked and windowed calls'
-default); dynamic, one CTA per SM taking units longest first from a counter (DMATTN_SM90A_SCHED=dynamic, where the
-build has it: the plain, windowed and kSlots kernels).
+static grid); persistent, one CTA per SM walking every SM-th unit (DMATTN_SM90A_CTAS=<SMs> DMATTN_SM90A_SCHED=static;
+the masked and windowed calls' static grid); dynamic, one CTA per SM taking units longest first from a counter (the
+default of the plain, windowed and kSlots kernels; DMATTN_SM90A_SCHED=dynamic).
 
 Per call and grid it prints (microseconds; a unit = 128 query rows x one head; both consumer warpgroups' records
 merged: its start the earlier, its end the later):
@@ -51,7 +51,7 @@ START, Q_LANDED, FIRST_S, LAST_PV, DONE = range(5)
 CLOCK = 5  # the clock64 words follow the five %globaltimer ones
 SM, CTA, TILES, ORDER, UNIT, WRITTEN = 10, 11, 12, 13, 14, 15
 GRID_ENV = {"per_unit": lambda sms: {"DMATTN_SM90A_CTAS": "0"},
-            "persistent": lambda sms: {"DMATTN_SM90A_CTAS": str(sms)},
+            "persistent": lambda sms: {"DMATTN_SM90A_CTAS": str(sms), "DMATTN_SM90A_SCHED": "static"},
             "dynamic": lambda sms: {"DMATTN_SM90A_SCHED": "dynamic"}}
 ENV_KEYS = ("DMATTN_SM90A_CTAS", "DMATTN_SM90A_SCHED", "DMATTN_ARCH")
 
