@@ -20,7 +20,7 @@ _DRIVER = """
     using namespace dmattn;
     // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
     //                 window_left window_right key_range(0 absent, 1 given) sm90a_ctas(the override)
-    //                 bias_dtype(0 float32, 2 bfloat16: q's) sched(1 dynamic: the default, 0 DMATTN_SM90A_SCHED=static)
+    //                 bias_dtype(0 float32, 2 bfloat16: q's) sched(DMATTN_SM90A_SCHED: 0 auto, 1 dynamic, 2 static)
     //                 combine_launch(the override)
     // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes prefill_variant sm90a sm90a_ctas
     //         unit_order combine_finishes sm90a_slots sm90a_query slots_in_place block_map_heads sm90a_dynamic
@@ -51,7 +51,7 @@ _DRIVER = """
         o.kernel = static_cast<cuda::PlanOverrides::Kernel>(force);
         o.tiles_per_split = tiles;
         o.sm90a_ctas = static_cast<int32_t>(ctas);
-        o.sm90a_static = sched == 0;
+        o.sm90a_sched = static_cast<cuda::PlanOverrides::Sched>(sched);
         o.combine_launch = launch != 0;
         const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, cuda::DeviceInfo{90, static_cast<int>(sms)}, o);
         std::printf("%s %d %d %d %d %zu %d %d %d %d %d %d %d %d %d %d %d\\n",
@@ -69,6 +69,7 @@ _DRIVER = """
 ABSENT, KEY, QUERY = 0, 1, 2
 F32, BF16 = 0, 2  # a bias's dtype (dmattn::ScalarType): float32, or q's (bfloat16 here)
 AUTO, FORCE_PREFILL, FORCE_DECODE = 0, 1, 2
+SCHEDS = ("auto", "dynamic", "static")  # DMATTN_SM90A_SCHED (cuda::PlanOverrides::Sched)
 PREFILL_VARIANTS = ("plain", "window_left", "query_operands")  # cuda::PrefillVariant
 
 
@@ -77,11 +78,11 @@ def planner(tmp_path_factory):
     exe = build_host_driver(tmp_path_factory.mktemp("plan"), _DRIVER, "plan", "heuristics.h")
 
     def line(B, H, Hk, D, total_q, total_k, max_q, max_k, mask=ABSENT, Hm=1, bias=ABSENT, Hb=1, sms=132,
-             force=AUTO, tiles=0, window=(-1, -1), key_range=False, sm90a_ctas=0, bias_dtype=F32, dynamic=True,
+             force=AUTO, tiles=0, window=(-1, -1), key_range=False, sm90a_ctas=0, bias_dtype=F32, sched="auto",
              combine_launch=False):
         return " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
-                                         force, tiles, *window, int(key_range), sm90a_ctas, bias_dtype, int(dynamic),
-                                         int(combine_launch)))
+                                         force, tiles, *window, int(key_range), sm90a_ctas, bias_dtype,
+                                         SCHEDS.index(sched), int(combine_launch)))
 
     def parse(out):
         (kernel, row_tiles, splits, per_split, lists, workspace, variant, sm90a, ctas, order, finishes, slots,
@@ -545,7 +546,7 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
 def test_sm90a_choice(planner, change, sm90a, ctas):
     """Which prefill calls the sm90a kernel takes on a cc 9.0 device, and which of them run on a persistent grid
     under the static grids (DMATTN_SM90A_SCHED=static; test_dynamic_scheduler_plan has the default's grids)."""
-    plan = planner(**{**PREFILL, **change}, dynamic=False)
+    plan = planner(**{**PREFILL, **change}, sched="static")
     assert plan["kernel"] == "prefill"
     assert (plan["sm90a"], plan["sm90a_ctas"]) == (sm90a, ctas)
 
@@ -556,10 +557,10 @@ def test_dynamic_scheduler_plan(planner):
     CTA per SM (or DMATTN_SM90A_CTAS's count; its 0 keeps a CTA per unit) whose CTAs take units from a counter, a 4-byte
     counter per launch of 255 sequences in the workspace (one 256-byte aligned piece); the query-side variant
     (query-side masks and biases, a key-side bias beside a query-side mask) and key ranges keep their grids.
-    DMATTN_SM90A_SCHED=static (dynamic=False here) gives the static grids and nothing else changes."""
+    DMATTN_SM90A_SCHED=static (sched="static" here) gives the static grids and nothing else changes."""
     for causal in (True, False):
         call = dict(PREFILL, window=(-1, 0) if causal else (-1, -1))
-        base, dyn = planner(**call, dynamic=False), planner(**call)
+        base, dyn = planner(**call, sched="static"), planner(**call)
         assert (base["sm90a"], base["sm90a_ctas"], base["sm90a_dynamic"]) == (True, 0, False)
         assert (dyn["sm90a"], dyn["sm90a_ctas"], dyn["sm90a_dynamic"]) == (True, 132, True)
         assert dyn["workspace"] == base["workspace"] + 256
@@ -568,20 +569,34 @@ def test_dynamic_scheduler_plan(planner):
         assert (per_unit["sm90a_ctas"], per_unit["sm90a_dynamic"], per_unit["workspace"]) == (0, False,
                                                                                              base["workspace"])
     many = dict(PREFILL, B=600)  # three launches of at most 255 sequences: three counters, one aligned piece
-    assert planner(**many)["workspace"] == planner(**many, dynamic=False)["workspace"] + 256
+    assert planner(**many)["workspace"] == planner(**many, sched="static")["workspace"] + 256
     # the windowed and kSlots variants: the same plan but for the grid and the counters (persistent already, or a CTA
     # per unit made persistent, as the plain kernel's)
     for other in (dict(window=(255, 0)), dict(window=(255, 0), mask=KEY, Hm=8, bias=KEY, Hb=32), dict(mask=KEY, Hm=8),
                   dict(mask=KEY, Hm=32, bias=KEY, Hb=8, bias_dtype=BF16), dict(bias=KEY, Hb=8, bias_dtype=BF16)):
-        plain, dyn = planner(**PREFILL, **other, dynamic=False), planner(**PREFILL, **other)
+        plain, dyn = planner(**PREFILL, **other, sched="static"), planner(**PREFILL, **other)
         assert dyn == {**plain, "sm90a_ctas": 132, "sm90a_dynamic": True, "workspace": plain["workspace"] + 256}, other
         assert planner(**PREFILL, **other, sm90a_ctas=3)["sm90a_ctas"] == 3
         per_unit = planner(**PREFILL, **other, sm90a_ctas=-1)
         assert (per_unit["sm90a_ctas"], per_unit["sm90a_dynamic"]) == (0, False), other
     for other in (dict(key_range=True), dict(mask=QUERY, Hm=8), dict(mask=QUERY, Hm=8, bias=KEY, Hb=8),
                   dict(bias=QUERY, Hb=8, bias_dtype=BF16)):
-        plain, dyn = planner(**PREFILL, **other, dynamic=False), planner(**PREFILL, **other)
+        plain, dyn = planner(**PREFILL, **other, sched="static"), planner(**PREFILL, **other)
         assert not dyn["sm90a_dynamic"] and dyn == {**plain, "sm90a_dynamic": False}, other
+    # D = 256: by default a call whose static grid is a CTA per unit keeps it (a persistent CTA has one Q buffer there,
+    # so no next unit's Q loads meanwhile: the dynamic grid measured slower, runs DE and DG); DMATTN_SM90A_SCHED=dynamic
+    # or a CTA count still takes the counter, and the persistent kSlots and windowed kernels take it by default
+    for other in (dict(window=(-1, 0)), dict(), dict(bias=KEY, Hb=8, bias_dtype=BF16)):
+        call = dict(PREFILL, D=256, **other)
+        auto = planner(**call)
+        assert (auto["sm90a"], auto["sm90a_ctas"], auto["sm90a_dynamic"]) == (True, 0, False), other
+        assert auto == planner(**call, sched="static"), other
+        forced = planner(**call, sched="dynamic")
+        assert (forced["sm90a_ctas"], forced["sm90a_dynamic"]) == (132, True), other
+        assert planner(**call, sm90a_ctas=3)["sm90a_dynamic"], other
+    for other in (dict(mask=KEY, Hm=8), dict(window=(255, 0))):
+        auto = planner(**dict(PREFILL, D=256), **other)
+        assert (auto["sm90a"], auto["sm90a_ctas"], auto["sm90a_dynamic"]) == (True, 132, True), other
 
 
 @pytest.mark.parametrize("D", [128, 256])
@@ -631,10 +646,11 @@ def test_key_side_bias_alone_runs_over_slots_in_place(planner, Hb, causal):
                 + (aligned(16 * B * -(-3865 // 128)) if causal else 0)
                 + 256)  # the dynamic scheduler's unit counter (one launch)
     assert plan["workspace"] == expected
-    # D = 256 (64-key tiles): the same slots and workspace (they hold no K / V, and the limits are per 128-row query
-    # tile at every head dim); a query-side bias: no slots (its own variant)
+    # D = 256 (64-key tiles): the same slots and workspace but the counter (they hold no K / V, and the limits are per
+    # 128-row query tile at every head dim); a query-side bias: no slots (its own variant)
     d256 = planner(**dict(PREFILL, D=256), bias=KEY, Hb=Hb, window=(-1, 0) if causal else (-1, -1))
-    assert d256["sm90a"] and d256["sm90a_slots"] and d256["key_lists_heads"] == 0 and d256["workspace"] == expected
+    assert d256["sm90a"] and d256["sm90a_slots"] and d256["key_lists_heads"] == 0
+    assert d256["workspace"] == expected - 256  # a CTA per unit there: no counter (test_dynamic_scheduler_plan)
     assert not planner(**PREFILL, bias=QUERY, Hb=Hb)["sm90a_slots"]
 
 

@@ -337,14 +337,14 @@ def test_ragged_ends_leave_the_next_sequence_alone(dtype, head_dim, arch):
         start += q_len
 
 
-# The dynamic scheduler (the default; DMATTN_SM90A_SCHED=dynamic names it; fwd_kernel.cuh, kDynamic): the plain kernel
-# on a persistent grid
-# whose CTAs take their next unit from a counter, longest first within L2 sections. A unit runs the same KV tiles in
-# the same order wherever it runs, so its outputs are bitwise those of a CTA per unit (DMATTN_SM90A_CTAS=0). Grids: one
-# CTA per SM; 3 CTAs, each taking many units in turn; sections of 1 MB (a KV head or a few per section, so that a
-# sequence's units are numbered over several sections). Specs: causal and not, GQA, ragged varlen ends, sequences
-# without keys or queries, causal units whose rows see nothing (no Q load, published alone), D 64 / 128 / 256, and
-# more sequences than a launch's unit table (several launches, a counter each).
+# The dynamic scheduler (DMATTN_SM90A_SCHED=dynamic, here at every head dim; the default but at D = 256, test_plan;
+# fwd_kernel.cuh, kDynamic): the plain kernel on a persistent grid whose CTAs take their next unit from a counter,
+# longest first within L2 sections. A unit runs the same KV tiles in the same order wherever it runs, so its outputs are
+# bitwise those of a CTA per unit (DMATTN_SM90A_CTAS=0). Grids: one CTA per SM; 3 CTAs, each taking many units in turn;
+# sections of 1 MB (a KV head or a few per section, so that a sequence's units are numbered over several sections).
+# Specs: causal and not, GQA, ragged varlen ends, sequences without keys or queries, causal units whose rows see nothing
+# (no Q load, published alone), D 64 / 128 / 256, and more sequences than a launch's unit table (several launches, a
+# counter each).
 DYNAMIC_GRIDS = {"dynamic": {"DMATTN_SM90A_SCHED": "dynamic"},
                  "dynamic3": {"DMATTN_SM90A_SCHED": "dynamic", "DMATTN_SM90A_CTAS": "3"},
                  "dynamic_1mb": {"DMATTN_SM90A_SCHED": "dynamic", "DMATTN_SM90A_SECTION_MB": "1"}}
@@ -446,10 +446,10 @@ def test_dynamic_scheduler_in_cuda_graphs_and_on_two_streams(kernels, monkeypatc
 
 
 def test_dynamic_scheduler_grids(monkeypatch, capfd, cuda_device):
-    """The dynamic scheduler (the default, and DMATTN_SM90A_SCHED=dynamic) gives the plain, windowed and kSlots
-    kernels its grid (one CTA per SM; DMATTN_SM90A_CTAS=0 keeps a CTA per unit): a key-side mask's gathered slots and
-    a windowed call take their units from the counter too; a query-side mask keeps its static persistent grid.
-    DMATTN_SM90A_SCHED=static: the static grids."""
+    """The dynamic scheduler (the default at D = 128, and DMATTN_SM90A_SCHED=dynamic) gives the plain, windowed and
+    kSlots kernels its grid (one CTA per SM; DMATTN_SM90A_CTAS=0 keeps a CTA per unit): a key-side mask's gathered
+    slots and a windowed call take their units from the counter too; a query-side mask keeps its static persistent
+    grid. DMATTN_SM90A_SCHED=static: the static grids."""
     if not _sm90a_device():
         pytest.skip("the sm90a kernel runs on cc 9.0 devices with the sm90a path built")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -1329,12 +1329,12 @@ def test_key_side_masked_keys_and_their_key_side_bias_at_d256_never_reach_a_row(
         assert torch.equal(want, got), f"{arch}: a masked-out key's K, V or bias reached a row"
 
 
-# The dynamic scheduler on the windowed and kSlots kernels (the default; fwd_kernel.cuh, kDynamic): a key-side mask's
-# gathered kept rows (a unit's tile bounds published by the producer with its Q), a key-side bias alone (slots in
-# place), windows and softcap (a section a sequence). A unit runs the same tiles in the same order wherever it runs,
-# so its outputs are bitwise those of the static grids (DMATTN_SM90A_SCHED=static): the plan's own (persistent for
-# masks and windows, a CTA per unit for the bias alone and the softcap) and a CTA per unit. Specs: causal and not,
-# mask heads 1 / Hk / H (a kept copy per list: sections of lists), biases of each head count, fully masked rows and
+# The dynamic scheduler on the windowed and kSlots kernels (DMATTN_SM90A_SCHED=dynamic; fwd_kernel.cuh, kDynamic): a
+# key-side mask's gathered kept rows (a unit's tile bounds published by the producer with its Q), a key-side bias alone
+# (slots in place), windows and softcap (a section a sequence). A unit runs the same tiles in the same order wherever it
+# runs, so its outputs are bitwise those of the static grids (DMATTN_SM90A_SCHED=static): the plan's own (persistent for
+# masks and windows, a CTA per unit for the bias alone and the softcap) and a CTA per unit. Specs: causal and not, mask
+# heads 1 / Hk / H (a kept copy per list: sections of lists), biases of each head count, fully masked rows and
 # sequences, empty sequences, rows past the end, ragged varlen ends beside sequences without keys, seqused_k, sinks,
 # windows of more than 128 keys on one or both sides, softcap, more sequences than a launch's unit table (two launches,
 # two counters), D 64 / 128 / 256. Windows of at most 128 keys run on the sm80 kernel unless DMATTN_SM90A_CTAS is set,

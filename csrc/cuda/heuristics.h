@@ -88,10 +88,10 @@ struct PlanOverrides {
   int32_t sm90a_ctas = 0;       // set (DMATTN_SM90A_CTAS): the sm90a kernel wherever it can run, > 0 persistent on
                                 // this many CTAs (calls with key ranges excepted), < 0 a CTA per unit; 0: the
                                 // plan's choice
-  bool sm90a_static = false;    // DMATTN_SM90A_SCHED=static: the plan's static grids (a CTA per unit for the plain
-                                // kernel) instead of the dynamic scheduler (the default: the sm90a kernel's plain,
-                                // windowed and key-side (kSlots) variants persistent, their units taken from a
-                                // counter, FwdPlan::sm90a_dynamic; never the query-side variant, sm90a_query)
+  // DMATTN_SM90A_SCHED: the sm90a kernel's plain, windowed and key-side (kSlots) variants persistent with their units
+  // taken from a counter (FwdPlan::sm90a_dynamic; never the query-side variant, sm90a_query): kAuto (the default)
+  // wherever it measured faster, kDynamic wherever it can run, kStatic nowhere (the static grids)
+  enum class Sched : int32_t { kAuto = 0, kDynamic = 1, kStatic = 2 } sm90a_sched = Sched::kAuto;
   int64_t sm90a_section_bytes = 0;  // > 0 (DMATTN_SM90A_SECTION_MB): the dynamic scheduler's L2 sections' K / V
   bool combine_launch = false;  // the split combine as its own launch even where the decode kernel could merge its
                                 // own splits (DMATTN_DECODE_COMBINE=launch: the same bits, the path before it)
@@ -394,13 +394,18 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
     if (plan.sm90a && p.key_range == nullptr && !bias32) {
       const int32_t sms = dev.sm_count > 0 ? dev.sm_count : 132;
       plan.sm90a_ctas = o.sm90a_ctas != 0 ? std::max(o.sm90a_ctas, 0) : (persistent ? sms : 0);
-      // The dynamic scheduler (the default; DMATTN_SM90A_SCHED=static keeps the grids above): the plain kernel
-      // (dense, causal or not; sinks and seqused_k), the windowed one (windows, softcap) and the kSlots one (a
-      // key-side mask's gathered kept rows, a key-side bias over slots in place) persistent, on one CTA per SM
-      // unless DMATTN_SM90A_CTAS names a count (0 keeps a CTA per unit). 0.90-0.98x the static grids' time on every
-      // dense, prefill and window row of the benchmark (H100, run DC). The query-side variant (sm90a_query: its Q
-      // barrier publishes a tile list) and key ranges (a CTA per unit, above) keep their grids.
-      if (!o.sm90a_static && !plan.sm90a_query) {
+      // The dynamic scheduler: the plain kernel (dense, causal or not; sinks and seqused_k), the windowed one
+      // (windows, softcap) and the kSlots one (a key-side mask's gathered kept rows, a key-side bias over slots in
+      // place) persistent, on one CTA per SM unless DMATTN_SM90A_CTAS names a count (0 keeps a CTA per unit): 0.90-0.98x
+      // the static grids' time on every dense, prefill and window row of the benchmark (H100, run DC). By default
+      // (kAuto) not at D = 256 where the static grid is a CTA per unit: a persistent CTA there has one Q buffer, so no
+      // next unit's Q loads during this one, and the dense calls ran 1.1-1.2% slower causal, up to 7% non-causal (H100,
+      // runs DE, DG). The query-side variant (sm90a_query: its Q barrier publishes a tile list) and key ranges (a CTA
+      // per unit, above) keep their grids.
+      const bool one_q_buffer_per_unit = p.head_dim > 128 && !persistent && o.sm90a_ctas == 0;
+      const bool dynamic = o.sm90a_sched == PlanOverrides::Sched::kDynamic ||
+                           (o.sm90a_sched == PlanOverrides::Sched::kAuto && !one_q_buffer_per_unit);
+      if (dynamic && !plan.sm90a_query) {
         if (o.sm90a_ctas == 0) plan.sm90a_ctas = sms;
         plan.sm90a_dynamic = plan.sm90a_ctas > 0;
         if (o.sm90a_section_bytes > 0) plan.sm90a_section_bytes = o.sm90a_section_bytes;

@@ -67,11 +67,12 @@ bool sm80_forced(const char* op) { return env_choice(op, "DMATTN_ARCH", {"auto",
 //   DMATTN_ARCH=sm80                      the sm80 kernels even where the sm90a one could run (auto: the plan's)
 //   DMATTN_SM90A_CTAS=N                   the sm90a kernel wherever it can run (narrow windows too), persistent on
 //                                         N CTAs (calls with key ranges excepted); 0: a CTA per work unit
-//   DMATTN_SM90A_SCHED=dynamic|static     dynamic, the default: the sm90a kernel's plain, windowed and key-side
-//                                         (kSlots) variants (not the query-side one, nor key ranges) persistent, one
-//                                         CTA per SM (or DMATTN_SM90A_CTAS), each taking its next unit from a
-//                                         counter, longest first within L2 sections (windows: a section a sequence);
-//                                         static: the plan's grids (a CTA per unit for the plain kernel)
+//   DMATTN_SM90A_SCHED=auto|dynamic|static  dynamic: the sm90a kernel's plain, windowed and key-side (kSlots)
+//                                         variants (not the query-side one, nor key ranges) persistent, one CTA per
+//                                         SM (or DMATTN_SM90A_CTAS), each taking its next unit from a counter,
+//                                         longest first within L2 sections (windows: a section a sequence); static:
+//                                         the plan's grids (a CTA per unit for the plain kernel); auto, the default:
+//                                         dynamic but where D = 256 would otherwise take a CTA per unit
 //   DMATTN_SM90A_SECTION_MB=N             the dynamic scheduler's sections: a sequence's heads whose K / V take at
 //                                         most N MB (default 8; at least one KV head)
 //   DMATTN_DECODE_COMBINE=launch          the decode kernel's split combine as a launch of its own even where the
@@ -105,7 +106,10 @@ cuda::PlanOverrides plan_overrides() {
                       "'");
     o.sm90a_ctas = n > 0 ? static_cast<int32_t>(n) : -1;
   }
-  o.sm90a_static = env_choice(kOp, "DMATTN_SM90A_SCHED", {"dynamic", "static"}) == "static";
+  const std::string sched = env_choice(kOp, "DMATTN_SM90A_SCHED", {"auto", "dynamic", "static"});
+  o.sm90a_sched = sched == "dynamic"  ? cuda::PlanOverrides::Sched::kDynamic
+                  : sched == "static" ? cuda::PlanOverrides::Sched::kStatic
+                                      : cuda::PlanOverrides::Sched::kAuto;
   if (const char* mb = std::getenv("DMATTN_SM90A_SECTION_MB"); mb != nullptr && *mb != '\0') {
     char* end = nullptr;
     const long n = std::strtol(mb, &end, 10);
