@@ -16,9 +16,10 @@
 //
 // Work units are (query tile, query head, sequence), a sequence's last query tiles first as in the sm80 prefill
 // kernel: a CTA per unit (grid (query tiles, heads, sequences)), or kPersistent, a CTA per SM walking every
-// gridDim.x-th unit (windowed calls: short, alike units), or with kDynamic (the default: the plain, windowed
-// and kSlots variants, not kQuery) taking its next unit from a counter, longest first within L2 sections
-// (dynamic_unit), the producer publishing each unit's bounds to the consumers with its Q buffer. Per unit:
+// gridDim.x-th unit (windowed calls: short, alike units), or with kDynamic (the plain, windowed and kSlots variants,
+// not kQuery; the default but for D = 256 calls of a CTA per unit) taking its next unit from a counter, longest first
+// within L2 sections (dynamic_unit), the producer publishing each unit's bounds to the consumers with its Q buffer.
+// Per unit:
 //   producer (warpgroup 0, one thread)   Q (double-buffered when persistent: the next unit's loads during this one),
 //                                        then K and V of each KV tile some row sees, last first, through two
 //                                        PipelineTmaAsync rings (the copy engine signals the tile's full barrier,
