@@ -173,6 +173,38 @@ def test_pack_stage_keeps_every_comparison_in_one_file(tmp_path):
         assert "./stage.log" in tar.getnames()
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")
+@pytest.mark.parametrize("logs_inside", [True, False])
+def test_pack_stage_leaves_at_most_eight_files_with_everything_in_them(tmp_path, logs_inside):
+    """Past 8 files in $OUT (a LOGDIR inside it, a tree_bench folder per tree: run DB-DC lost the switch trees'
+    comparisons and logs that way), pack removes what its archives hold, so the two archives come back; a tree_bench
+    folder's results are in bench.tgz. With few files, the originals stay beside the archives."""
+    _checkout(tmp_path)
+    out = tmp_path / "out"
+    logs = out / "l" if logs_inside else tmp_path / "logs"
+    os.makedirs(logs)
+    for i in range(10):
+        (logs / f"stage_{i}.log").write_text(f"=== stage_{i}: exit 0 after 1 s\n")
+    (logs / "trees_ok").write_text("main\n")
+    os.makedirs(out / "main")
+    made = ["trees_a_vs_main.json", "trees_a_vs_main.png", "main/dense.json", "main/dense.png"]
+    for name in made:
+        (out / name).write_text(name)
+    env = dict(os.environ, LOGDIR=str(logs), OUT=str(out), DMATTN_KEEP_CC="1")
+    done = subprocess.run(["bash", "tools/run_gpu.sh", "pack"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with tarfile.open(out / "bench.tgz") as tar:
+        assert set(made) <= set(tar.getnames()), tar.getnames()
+    with tarfile.open(out / "logs.tgz") as tar:
+        assert {"./stage_0.log", "./stage_9.log", "./trees_ok"} <= set(tar.getnames())
+    left = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
+    if logs_inside:
+        assert left == ["bench.tgz", "logs.tgz"], left
+    else:
+        assert left == sorted(["bench.tgz", "logs.tgz", *made]), left
+
+
 def _collected(output):
     return sorted(line for line in output.splitlines() if "::" in line)
 

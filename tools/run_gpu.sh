@@ -72,7 +72,8 @@
 # `tree_test` without TREE_MORE_TESTS runs their .tests in a later call, and lists those that pass in trees_ok).
 # `tree_test` and `tree_sanitize` then run more pytest arguments (TREE_MORE_TESTS) or the sanitize stage
 # (SANITIZE_FILES / SANITIZE_TESTS) inside each tree that passed but TREE_BASE (or those of TREES_TO_CHECK); `pack`
-# tars $LOGDIR and the compares' per-round JSON into $OUT/logs.tgz and bench.tgz; DEADLINE (seconds) skips the
+# tars $LOGDIR and the compares' per-round JSON and results (tree_bench's too) into $OUT/logs.tgz and bench.tgz, and
+# past the 8 files the device tool returns removes the originals they hold; DEADLINE (seconds) skips the
 # benchmarking stages (and the compare rounds' runs) that would start after it. One call for pending patches, say:
 #   tools/make_trees.sh main new=some_patch   # here, then carry .whl .trees
 #   LOGDIR=/tmp/l DMATTN_CUDA_ARCHS=90 TREE_BASE=main TREE_MORE_TESTS="tests/test_sm90a.py" \
@@ -429,13 +430,34 @@ for s in $STAGES; do
       # machine may be gone before the next one. logs.tgz: $LOGDIR; bench.tgz: the compare stages' per-round JSON and
       # their comparisons ($OUT's compare*.json / trees_*.json and charts, which past three trees outnumber the 8
       # files: run CD lost one).
+      # Also in bench.tgz: the results of bench / tree_bench runs one folder down ($OUT/<tree>/<workload>.json).
+      # Past 8 files in $OUT (a LOGDIR inside it, say), the packed originals are removed: what comes back is then the
+      # two archives and whatever neither holds (a saved build).
       tar -czf "$OUT/logs.tgz" -C "$LOGDIR" . 2>/dev/null
+      out_dir=$(cd "$OUT" && pwd -P)
+      log_dir=$(cd "$LOGDIR" && pwd -P)
       members=()
+      packed=()
       for d in dmattn_compare dmattn_tree_compare; do [ -d "/tmp/$d" ] && members+=(-C /tmp "$d"); done
-      for f in "$OUT"/compare*.json "$OUT"/compare*.png "$OUT"/trees_*.json "$OUT"/trees_*.png; do
-        [ -f "$f" ] && members+=(-C "$OUT" "$(basename "$f")")
+      for f in "$OUT"/compare*.json "$OUT"/compare*.png "$OUT"/trees_*.json "$OUT"/trees_*.png \
+               "$OUT"/*/*.json "$OUT"/*/*.png "$OUT"/*/*.txt; do
+        [ -f "$f" ] || continue
+        case "$f" in "$OUT"/*/*) [ "$(cd "$(dirname "$f")" && pwd -P)" = "$log_dir" ] && continue ;; esac  # a log
+        members+=(-C "$OUT" "${f#"$OUT"/}")
+        packed+=("$f")
       done
       [ "${#members[@]}" -gt 0 ] && tar -czf "$OUT/bench.tgz" "${members[@]}"
+      if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+        [ "${#packed[@]}" -gt 0 ] && rm -f "${packed[@]}"
+        # logs.tgz holds the logs: a LOGDIR inside $OUT is emptied, and with LOGDIR = $OUT its *.log files go
+        if [ "$log_dir" = "$out_dir" ]; then
+          rm -f "$OUT"/*.log
+        else
+          case "$log_dir/" in "$out_dir"/*) find "$log_dir" -type f -delete ;; esac
+        fi
+        find "$OUT" -mindepth 1 -type d -empty -delete
+        echo "=== pack: more than 8 files in \$OUT: the packed ones removed (bench.tgz and logs.tgz hold them)"
+      fi
       echo "=== pack: $(cd "$OUT" && ls)"
       ;;
     bench)
