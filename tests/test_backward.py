@@ -388,11 +388,8 @@ def test_cuda_sm90a_backward_row_stats_by_tma_or_threads(spec, sm90a_backward, c
     """lse and delta by TMA (the default where they fit) and by the producer threads (DMATTN_BWD_ROW_STATS=threads)
     give every visible pair the same probability and dS bits: dk, dv and the bias gradient are equal."""
     sample = make_sample(spec, torch.bfloat16, "cuda")
-    grads = {}
-    for mode, want in (("threads", "threads"), ("auto", "tma")):
-        monkeypatch.setenv("DMATTN_BWD_ROW_STATS", mode)
-        assert _logged_backward_plan(sample, capfd, monkeypatch)["row_stats"] == want
-        grads[want] = _gradients(sample, _op)
+    grads = _gradients_under(sample, "DMATTN_BWD_ROW_STATS", "row_stats", {"threads": "threads", "auto": "tma"},
+                             capfd, monkeypatch)
     _assert_same_work(grads["tma"], grads["threads"])
 
 
@@ -442,11 +439,8 @@ def test_cuda_sm90a_backward_row_stats_rows_of_no_weight(name, head, sm90a_backw
 
     sample = rows_of_no_weight(make_sample(spec, torch.bfloat16, "cuda"))
     assert torch.isneginf(sample.run()[1]).any()
-    grads = {}
-    for mode, want in (("threads", "threads"), ("auto", "tma")):
-        monkeypatch.setenv("DMATTN_BWD_ROW_STATS", mode)
-        assert _logged_backward_plan(sample, capfd, monkeypatch)["row_stats"] == want
-        grads[want] = _gradients(sample, _op)
+    grads = _gradients_under(sample, "DMATTN_BWD_ROW_STATS", "row_stats", {"threads": "threads", "auto": "tma"},
+                             capfd, monkeypatch)
     _assert_same_work(grads["tma"], grads["threads"])
     cpu = rows_of_no_weight(make_sample(spec, torch.bfloat16, "cpu"))
     want = _gradients(cpu, lambda s: s.reference(torch.float64))
@@ -459,11 +453,8 @@ def test_cuda_sm90a_backward_l2_policy_changes_no_bits(sm90a_backward, capfd, mo
     policy; a hint moves no data, so dk, dv and the bias gradient keep their bits."""
     spec = SM90A_BACKWARD_SPECS[[s.name for s in SM90A_BACKWARD_SPECS].index("sm90a_key_mask_H_runs")]
     sample = make_sample(spec, torch.bfloat16, "cuda")
-    grads = {}
-    for policy in ("normal", "evict_last"):
-        monkeypatch.setenv("DMATTN_BWD_L2", policy)
-        assert _logged_backward_plan(sample, capfd, monkeypatch)["l2"] == policy
-        grads[policy] = _gradients(sample, _op)
+    grads = _gradients_under(sample, "DMATTN_BWD_L2", "l2", {"normal": "normal", "evict_last": "evict_last"}, capfd,
+                             monkeypatch)
     _assert_same_work(grads["evict_last"], grads["normal"])
 
 
@@ -487,11 +478,8 @@ def test_cuda_sm90a_backward_dq_tiles_match_rows(spec, sm90a_backward, capfd, mo
     if spec.head_dim not in dmattn_ops.build_info()["cuda_backward"].get("sm90a", []):
         pytest.skip(f"this build has no sm90a backward at head dim {spec.head_dim} (DMATTN_HEAD_DIMS)")
     sample = make_sample(spec, torch.bfloat16, "cuda")
-    grads = {}
-    for store in ("rows", "tile"):
-        monkeypatch.setenv("DMATTN_BWD_DQ_STORE", store)
-        assert _logged_backward_plan(sample, capfd, monkeypatch)["dq_store"] == store
-        grads[store] = _gradients(sample, _op)
+    grads = _gradients_under(sample, "DMATTN_BWD_DQ_STORE", "dq_store", {"rows": "rows", "tile": "tile"}, capfd,
+                             monkeypatch)
     _assert_same_work(grads["tile"], grads["rows"])
     cpu = make_sample(spec, torch.bfloat16, "cpu")
     want = _gradients(cpu, _reference(torch.float64))
@@ -572,6 +560,17 @@ def _logged_backward_plan(sample, capfd, monkeypatch):
     lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("dmattn.varlen_bwd plan:")]
     assert len(lines) == 1, lines
     return dict(word.split("=", 1) for word in lines[0].split() if "=" in word)
+
+
+def _gradients_under(sample, variable, field, values, capfd, monkeypatch):
+    """The sample's gradients with the environment variable set to each key of `values` in turn, keyed by the value
+    its plan line's `field` must log (values[key])."""
+    grads = {}
+    for value, logged in values.items():
+        monkeypatch.setenv(variable, value)
+        assert _logged_backward_plan(sample, capfd, monkeypatch)[field] == logged
+        grads[logged] = _gradients(sample, _op)
+    return grads
 
 
 def _logged_backward_path(sample, capfd, monkeypatch, field="path"):

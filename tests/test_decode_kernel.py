@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from samples import SAMPLES, Spec, assert_close_to_reference, make_sample, noncanonical_mask, support_reason
+from test_varlen_fwd import with_lies
 
 # Every test here needs a CUDA device: the `cuda` mark makes `-k cuda` select them all (none has "cuda" in its name).
 pytestmark = pytest.mark.cuda
@@ -440,10 +441,7 @@ def test_split_combine_makes_a_lie_visible(lie, combine, monkeypatch, capfd, cud
         "negative": dict(cu_q=[-7] + cu_q[1:], cu_k=[0, -3] + cu_k[2:]),
         "longer_than_max_seqlen": dict(max_k=400),
     }[lie]
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.int32, device="cuda")  # noqa: E731
-    lying = sample.replace(cu_seqlens_q=as_tensor(lies.get("cu_q", cu_q)),
-                           cu_seqlens_k=as_tensor(lies.get("cu_k", cu_k)),
-                           max_seqlen_k=lies.get("max_k", sample.max_seqlen_k))
+    lying = with_lies(sample, lies)
     capfd.readouterr()
     out, lse = _poisoned_run(lying, fill=0.0)
     torch.cuda.synchronize()

@@ -16,6 +16,7 @@ import torch
 
 from samples import Spec, assert_close_to_reference, make_sample, noncanonical_mask, support_reason
 from test_kv_slots import assert_matches_reference, paged_cache, run as pool_run
+from test_varlen_fwd import with_lies
 
 EDGES = (40_000, 2047, 0, 2048, 1, 2049, 4095, 4096, 4097, 8192, 100)
 
@@ -143,10 +144,7 @@ def test_lying_cu_seqlens(lie, monkeypatch, cuda_device):
         "negative": dict(cu_k=[0, -3] + cu_k[2:]),
         "longer_than_max_seqlen": dict(max_k=4100),
     }[lie]
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.int32, device="cuda")  # noqa: E731
-    lying = sample.replace(cu_seqlens_q=as_tensor(lies.get("cu_q", cu_q)),
-                           cu_seqlens_k=as_tensor(lies.get("cu_k", cu_k)),
-                           max_seqlen_k=lies.get("max_k", sample.max_seqlen_k))
+    lying = with_lies(sample, lies)
     warps, chunks = _both(lying.run, monkeypatch)
     for out, lse in (warps, chunks):
         assert out.isnan().all() and lse.isnan().all()

@@ -150,6 +150,14 @@ def test_tree_sanitize_stage_takes_each_trees_own_selection(tmp_path):
     assert not (tmp_path / "logs" / "sanitize_d_3.log").exists()
 
 
+def _pack(tmp_path, out, logs):
+    """run_gpu.sh's pack stage in the checkout at tmp_path, with OUT and LOGDIR set; it must succeed."""
+    env = dict(os.environ, LOGDIR=str(logs), OUT=str(out), DMATTN_KEEP_CC="1")
+    done = subprocess.run(["bash", "tools/run_gpu.sh", "pack"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")
 def test_pack_stage_keeps_every_comparison_in_one_file(tmp_path):
     """The device tool returns at most 8 files of $OUT: with four trees compared, logs.tgz, bench.tgz and the eight
@@ -162,10 +170,7 @@ def test_pack_stage_keeps_every_comparison_in_one_file(tmp_path):
     made = [f"trees_{name}_vs_main.{ext}" for name in ("a", "b", "c", "d") for ext in ("json", "png")]
     for name in made:
         (out / name).write_text(name)
-    env = dict(os.environ, LOGDIR=str(logs), OUT=str(out), DMATTN_KEEP_CC="1")
-    done = subprocess.run(["bash", "tools/run_gpu.sh", "pack"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
+    _pack(tmp_path, out, logs)
     with tarfile.open(out / "bench.tgz") as tar:
         names = set(tar.getnames())
     assert set(made) <= names, names
@@ -190,10 +195,7 @@ def test_pack_stage_leaves_at_most_eight_files_with_everything_in_them(tmp_path,
     made = ["trees_a_vs_main.json", "trees_a_vs_main.png", "main/dense.json", "main/dense.png"]
     for name in made:
         (out / name).write_text(name)
-    env = dict(os.environ, LOGDIR=str(logs), OUT=str(out), DMATTN_KEEP_CC="1")
-    done = subprocess.run(["bash", "tools/run_gpu.sh", "pack"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
+    _pack(tmp_path, out, logs)
     with tarfile.open(out / "bench.tgz") as tar:
         assert set(made) <= set(tar.getnames()), tar.getnames()
     with tarfile.open(out / "logs.tgz") as tar:

@@ -381,26 +381,29 @@ def _run_logged(sample, monkeypatch, capfd, env):
     return out, [(int(c), s) for c, s in plans]
 
 
+def _assert_dynamic_grid_gives(sample, grid, ref_out, ref_lse, reference, monkeypatch, capfd):
+    """sample under DYNAMIC_GRIDS[grid], twice (the second call's counters start from zero too: each call's
+    workspace, zeroed before its launches): every plan line on the dynamic scheduler, out and lse bitwise ref_out and
+    ref_lse (`reference` names them in the message)."""
+    for _ in range(2):
+        (out, lse), plans = _run_logged(sample, monkeypatch, capfd, DYNAMIC_GRIDS[grid])
+        assert plans and all(c > 0 and s == "dynamic" for c, s in plans), plans
+        assert torch.equal(_bits(out), _bits(ref_out)), f"{grid}: out differs from {reference}"
+        assert torch.equal(_bits(lse), _bits(ref_lse)), f"{grid}: lse differs from {reference}"
+
+
 @pytest.mark.parametrize("grid", list(DYNAMIC_GRIDS))
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("spec", DYNAMIC_SPECS, ids=lambda s: s.name)
 def test_dynamic_scheduler_is_bitwise_the_cta_per_unit_grid(spec, dtype, grid, monkeypatch, capfd, cuda_device):
     if not _sm90a_device():
         pytest.skip("the sm90a kernel runs on cc 9.0 devices with the sm90a path built")
-    reason = support_reason(spec, dtype, "cuda")
-    if reason:
-        pytest.skip(reason)
-    sample = make_sample(spec, dtype, "cuda")
+    sample = _cuda_sample(spec, dtype)
     (ref_out, ref_lse), plans = _run_logged(sample, monkeypatch, capfd, {"DMATTN_SM90A_CTAS": "0"})
     assert plans and all(p == (0, "static") for p in plans)
     references = shared_reference((spec, dtype), lambda: (sample.reference(), sample.reference(sample.dtype)))
     assert_close_to_reference((ref_out, ref_lse), *references, label="per_unit")
-    # twice: the second call's counters start from zero too (each call's workspace, zeroed before its launches)
-    for _ in range(2):
-        (out, lse), plans = _run_logged(sample, monkeypatch, capfd, DYNAMIC_GRIDS[grid])
-        assert plans and all(c > 0 and s == "dynamic" for c, s in plans), plans
-        assert torch.equal(_bits(out), _bits(ref_out)), f"{grid}: out differs from a CTA per unit's"
-        assert torch.equal(_bits(lse), _bits(ref_lse)), f"{grid}: lse differs from a CTA per unit's"
+    _assert_dynamic_grid_gives(sample, grid, ref_out, ref_lse, "a CTA per unit's", monkeypatch, capfd)
 
 
 @pytest.mark.parametrize("kernels", ["plain", "masked_windowed"])
@@ -1186,11 +1189,8 @@ def test_key_side_masked_keys_beside_a_query_side_bias_never_reach_a_row(mask_he
     spec = Spec("skip_masked_qbias", seqlens_q=(130, 1, 200, 0), seqlens_k=(300, 9, 330, 6), heads=4, heads_k=2,
                 mask="key", mask_heads=mask_heads, keep=0.4, bias="query", bias_heads="H", bias_dtype="q",
                 is_causal=is_causal)
-    reason = support_reason(spec, dtype, "cuda")
-    if reason:
-        pytest.skip(reason)
+    sample = _cuda_sample(spec, dtype, seed=7)
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
-    sample = make_sample(spec, dtype, "cuda", seed=7)
     mask = sample.mask.cpu()  # (total_k, Hm)
     H = spec.heads
     unread = unread_keys(mask, H, spec.heads_k)
@@ -1381,10 +1381,7 @@ def test_dynamic_scheduler_on_masks_and_windows_is_bitwise_the_static_grids(spec
                                                                             cuda_device):
     if not _sm90a_device():
         pytest.skip("the sm90a kernel runs on cc 9.0 devices with the sm90a path built")
-    reason = support_reason(spec, dtype, "cuda")
-    if reason:
-        pytest.skip(reason)
-    sample = make_sample(spec, dtype, "cuda")
+    sample = _cuda_sample(spec, dtype)
     # the plan's own static grid
     (ref_out, ref_lse), plans = _run_logged(sample, monkeypatch, capfd, {"DMATTN_SM90A_SCHED": "static"})
     assert plans and all(s == "static" for _, s in plans), plans
@@ -1394,9 +1391,4 @@ def test_dynamic_scheduler_on_masks_and_windows_is_bitwise_the_static_grids(spec
     assert plans and all(p == (0, "static") for p in plans), plans
     assert torch.equal(_bits(unit_out), _bits(ref_out)) and torch.equal(_bits(unit_lse), _bits(ref_lse)), \
         "a CTA per unit differs from the plan's static grid"
-    # twice: the second call's counters start from zero too (each call's workspace, zeroed before its launches)
-    for _ in range(2):
-        (out, lse), plans = _run_logged(sample, monkeypatch, capfd, DYNAMIC_GRIDS[grid])
-        assert plans and all(c > 0 and s == "dynamic" for c, s in plans), plans
-        assert torch.equal(_bits(out), _bits(ref_out)), f"{grid}: out differs from the static grid's"
-        assert torch.equal(_bits(lse), _bits(ref_lse)), f"{grid}: lse differs from the static grid's"
+    _assert_dynamic_grid_gives(sample, grid, ref_out, ref_lse, "the static grid's", monkeypatch, capfd)

@@ -443,7 +443,7 @@ def _lying(sample: Sample, case: str) -> Sample:
     """``sample`` (3 sequences) with cu_seqlens or max_seqlen that break the contract."""
     total_q, total_k = sample.q.shape[0], sample.k.shape[0]
     cu_q, cu_k = sample.cu_seqlens_q.tolist(), sample.cu_seqlens_k.tolist()
-    lies = {
+    return with_lies(sample, {
         "last_past_total": dict(cu_q=cu_q[:-1] + [total_q + 5], cu_k=cu_k[:-1] + [total_k + 1000]),
         "decreasing": dict(cu_q=[0, cu_q[2], cu_q[1], cu_q[3]], cu_k=[0, cu_k[3], 1, cu_k[3]]),
         "longer_than_max_seqlen": dict(max_q=1, max_k=2),
@@ -452,7 +452,12 @@ def _lying(sample: Sample, case: str) -> Sample:
         "max_seqlen_k_zero": dict(max_k=0),
         # The first sequence holds every key and the last starts inside it: their key-side lists overlap.
         "overlapping": dict(cu_k=[0, total_k, int(0.3 * total_k), total_k], max_k=total_k),
-    }[case]
+    }[case])
+
+
+def with_lies(sample: Sample, lies: dict) -> Sample:
+    """``sample`` with the lies given: cu_q / cu_k (lists for cu_seqlens_q / _k), max_q / max_k (max_seqlen_q / _k);
+    a query-side operand is cut or zero-padded to the new max_seqlen_k."""
     max_k = lies.get("max_k", sample.max_seqlen_k)
 
     def cu(values):
@@ -466,8 +471,8 @@ def _lying(sample: Sample, case: str) -> Sample:
         return t[..., :max_k]
 
     return sample.replace(
-        cu_seqlens_q=cu(lies.get("cu_q", cu_q)),
-        cu_seqlens_k=cu(lies.get("cu_k", cu_k)),
+        cu_seqlens_q=cu(lies.get("cu_q", sample.cu_seqlens_q.tolist())),
+        cu_seqlens_k=cu(lies.get("cu_k", sample.cu_seqlens_k.tolist())),
         max_seqlen_q=lies.get("max_q", sample.max_seqlen_q),
         max_seqlen_k=max_k,
         mask=narrow(sample.mask),
