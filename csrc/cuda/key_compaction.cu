@@ -236,6 +236,20 @@ compact_keys_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_cons
 constexpr uint64_t kPartCount = uint64_t{1} << 32, kPartPrefix = uint64_t{2} << 32;
 static_assert(KeyParts::kPartKeys == kChunk, "a part is one chunk");
 
+// The part a compaction ticket stands for, in both part kernels: ticket t is part t / chains of chain t % chains
+// (chain b Hm + hm: sequence b, list head hm), so the first tickets start every chain's first part. 32-bit
+// arithmetic: the tickets number the statuses, at most KeyParts::kMaxStatuses.
+struct TicketPart {
+  uint32_t chain;
+  int part, b, hm;
+};
+__device__ __forceinline__ TicketPart ticket_part(uint32_t ticket, const VarlenFwdParams& p, const KeyLists& keys) {
+  const uint32_t chains = static_cast<uint32_t>(p.batch) * static_cast<uint32_t>(keys.mask_heads);
+  const uint32_t heads = static_cast<uint32_t>(keys.mask_heads);
+  const uint32_t chain = ticket % chains;
+  return {chain, static_cast<int>(ticket / chains), static_cast<int>(chain / heads), static_cast<int>(chain % heads)};
+}
+
 template <bool kTerms>
 __global__ void __launch_bounds__(kCompactThreads)
 compact_key_parts_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys) {
@@ -245,12 +259,7 @@ compact_key_parts_kernel(const __grid_constant__ VarlenFwdParams p, const __grid
   __shared__ int32_t chunk_pos[kTerms ? kChunk : 1];  // the part's listed key positions, in list order
   if (threadIdx.x == 0) ticket = atomicAdd(keys.parts.ticket, 1u);
   __syncthreads();
-  // 32-bit arithmetic: the tickets number the statuses, at most KeyParts::kMaxStatuses.
-  const uint32_t chains = static_cast<uint32_t>(p.batch) * static_cast<uint32_t>(keys.mask_heads);
-  const uint32_t chain = ticket % chains;
-  const int part = static_cast<int>(ticket / chains);
-  const int b = static_cast<int>(chain / static_cast<uint32_t>(keys.mask_heads));
-  const int hm = static_cast<int>(chain % static_cast<uint32_t>(keys.mask_heads));
+  const auto [chain, part, b, hm] = ticket_part(ticket, p, keys);
   const SeqRange sk = key_seq(p, b);
   const int64_t j0 = static_cast<int64_t>(part) * kChunk;
   if (part > 0 && j0 >= sk.len) return;  // past the sequence: no part after it has keys either
@@ -321,13 +330,7 @@ compact_key_parts_by_warps_kernel(const __grid_constant__ VarlenFwdParams p, con
   __shared__ int warp_total[kCompactWarps];
   __shared__ WarpPart at;
   if (threadIdx.x == 0) {
-    const uint32_t ticket = atomicAdd(keys.parts.ticket, 1u);
-    // 32-bit arithmetic: the tickets number the parts, at most KeyParts::kMaxStatuses.
-    const uint32_t chains = static_cast<uint32_t>(p.batch) * static_cast<uint32_t>(keys.mask_heads);
-    const uint32_t chain = ticket % chains;
-    const int part = static_cast<int>(ticket / chains);
-    const int b = static_cast<int>(chain / static_cast<uint32_t>(keys.mask_heads));
-    const int hm = static_cast<int>(chain % static_cast<uint32_t>(keys.mask_heads));
+    const auto [chain, part, b, hm] = ticket_part(atomicAdd(keys.parts.ticket, 1u), p, keys);
     const SeqRange sk = key_seq(p, b);
     at.k_len = sk.len;
     at.row = sk.start + static_cast<int64_t>(part) * kWarpPartKeys;

@@ -572,16 +572,21 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
     return static_cast<int64_t>(cta);
   };
   const int64_t unit_step = kPersistent ? gridDim.x : 1;
+  // The sequence z of the unit table's query tile j: unit_tiles[z] <= j < unit_tiles[z + 1], by bisection.
+  auto sequence_of = [&](int j) {
+    int lo = 0, hi = grid.seqs;
+#pragma unroll 1
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (smem.unit_tiles[mid] <= j) lo = mid; else hi = mid;
+    }
+    return lo;
+  };
   auto work = [&](int64_t u) {
     if constexpr (kPersistent) {
       int j, h;
       grid.heads(j, h, static_cast<int>(u));
-      int lo = 0, hi = grid.seqs;  // the sequence z with unit_tiles[z] <= j < unit_tiles[z + 1]
-#pragma unroll 1
-      while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (smem.unit_tiles[mid] <= j) lo = mid; else hi = mid;
-      }
+      const int lo = sequence_of(j);
       // kSlots: the unit's start reads its list's count and limits from global memory all the same, so its sequence
       // ranges come from cu_seqlens too (with the unit overlap, the table's reads spilled that kernel's registers).
       return unit_work<kBlockM, kBlockN, kRanged, kSlots>(p, grid, smem.unit_tiles[lo + 1] - 1 - j, h, lo,
@@ -607,12 +612,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   auto dynamic_unit = [&](int64_t u, int& z, int& m_block, int& h) {
     int j, r;
     grid.heads(j, r, static_cast<int>(u));
-    int lo = 0, hi = grid.seqs;  // the sequence z with unit_tiles[z] <= j < unit_tiles[z + 1]
-#pragma unroll 1
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (smem.unit_tiles[mid] <= j) lo = mid; else hi = mid;
-    }
+    const int lo = sequence_of(j);
     z = lo;
     const int tiles = smem.unit_tiles[lo + 1] - smem.unit_tiles[lo];
     const int l = static_cast<int>(u) - smem.unit_tiles[lo] * p.num_heads;
