@@ -10,6 +10,8 @@
 #include <limits>
 #include <string>
 
+#include "env_choice.h"
+
 namespace dmattn {
 namespace {
 
@@ -239,9 +241,21 @@ double resolve_softmax_scale(std::optional<double> softmax_scale, int64_t head_d
   return softmax_scale ? *softmax_scale : 1.0 / std::sqrt(static_cast<double>(std::max<int64_t>(head_dim, 1)));
 }
 
+at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+  if (env_choice("dmattn: ", "DMATTN_FILL_UNINITIALIZED", {"off", "nan"}) == "nan" && t.numel() > 0) {
+    if (at::isFloatingType(t.scalar_type())) {
+      t.fill_(std::numeric_limits<double>::quiet_NaN());
+    } else {
+      t.fill_(t.scalar_type() == at::kByte ? 0xFF : -1);
+    }
+  }
+  return t;
+}
+
 std::tuple<at::Tensor, at::Tensor> allocate_outputs(const VarlenFwdArgs& a) {
-  at::Tensor out = at::empty({a.q.size(0), a.q.size(1), a.q.size(2)}, a.q.options());
-  at::Tensor lse = at::empty({a.q.size(1), a.q.size(0)}, a.q.options().dtype(at::kFloat));
+  at::Tensor out = uninitialized({a.q.size(0), a.q.size(1), a.q.size(2)}, a.q.options());
+  at::Tensor lse = uninitialized({a.q.size(1), a.q.size(0)}, a.q.options().dtype(at::kFloat));
   return {out, lse};
 }
 

@@ -47,7 +47,14 @@ void check_bwd_args(const VarlenFwdArgs& a, const at::Tensor& dout, const at::Te
 // softmax_scale, or its default 1 / sqrt(D) for the caller's head dim D (before any padding a backend applies).
 double resolve_softmax_scale(std::optional<double> softmax_scale, int64_t head_dim);
 
-// Allocates out (total_q, H, D) and softmax_lse (H, total_q) and fills the params struct.
+// at::empty(sizes, options), which the caller's kernels must write wholly before they read it. Under
+// DMATTN_FILL_UNINITIALIZED=nan (a debug variable, README "Runtime debug variables") it comes filled: floating-point
+// elements with NaN, integers and bytes with every bit set (-1; 0xFF per byte, NaN as float32), so a test can prove
+// that no element a kernel reads before writing leaks into a result (tests/test_uninitialized.py). Every buffer the
+// backends allocate uninitialized (out, lse, workspaces, the backward's scratch) comes from here.
+at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Allocates out (total_q, H, D) and softmax_lse (H, total_q) (uninitialized) and fills the params struct.
 // Query rows no sequence owns are left for the kernel to write (0 and -inf). The params hold max_seqlen capped at
 // the totals, the window with is_causal folded in (window_right 0) and limits no sequence reaches as -1, and a batch
 // of 0 when H = 0 (nothing to compute). Sinks must be float32 and contiguous here (sinks_as_float32).

@@ -266,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
   at::Tensor workspace;  // torch's caching allocator: 512-byte aligned, as run_varlen_fwd needs (256)
   if (workspace_bytes > 0) {
     try {
-      workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, q.options().dtype(at::kByte));
+      workspace = uninitialized({static_cast<int64_t>(workspace_bytes)}, q.options().dtype(at::kByte));
     } catch (const c10::OutOfMemoryError&) {
       if (!plan.sm90a_slots && !plan.sm90a_query) throw;
       // The sm90a kernel's copy of the kept K / V rows (as large as k and v, or a copy per list) or a query-side
@@ -277,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
       plan = cuda::plan_varlen_fwd(p, device, sm80);
       workspace_bytes = cuda::workspace_bytes(plan, p);
       if (workspace_bytes > 0) {
-        workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, q.options().dtype(at::kByte));
+        workspace = uninitialized({static_cast<int64_t>(workspace_bytes)}, q.options().dtype(at::kByte));
       }
     }
   }
@@ -389,11 +389,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_var
   at::Tensor lse_in = lse.contiguous(), out_k = for_kernel(out, kernel_dim);
   const at::Tensor dlse_in = dlse.numel() > 0 ? dlse.contiguous() : dlse;
   const auto f32 = qk.options().dtype(at::kFloat);
-  const at::Tensor delta = at::empty({qk.size(1), qk.size(0)}, f32);  // (H, total_q): delta_kernel writes it
+  const at::Tensor delta = uninitialized({qk.size(1), qk.size(0)}, f32);  // (H, total_q): delta_kernel writes it
   // The sm90a backward's bulk-copied statistics (bwd::RowStatsTma): (2, H, stride) float32, lse2 and delta, written by
   // delta_kernel too; the padding past each head's last row is never written (its rows see nothing).
   const int64_t stats_stride = cuda::bwd::RowStatsTma::stride(qk.size(0));
-  const at::Tensor row_stats = !row_stats_threads ? at::empty({2, qk.size(1), stats_stride}, f32) : at::Tensor();
+  const at::Tensor row_stats = !row_stats_threads ? uninitialized({2, qk.size(1), stats_stride}, f32) : at::Tensor();
   // dQ's float32 buffer where dQ is added (atomic_dq): (total_q, H, D), zero-filled, converted into dq below; or with
   // dq_tiles (sm90a only) (H, D / 64, total_q, 64) in bwd::DqTiles' order, as many floats, from which run_varlen_bwd's
   // conversion pass writes every element of dq. Else dq itself, zero-filled (the sm80 pair's dq_kernel).
@@ -403,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_var
     dq_accum = at::zeros({qk.size(1), kernel_dim / kCols, qk.size(0), kCols}, f32);
     // run_varlen_bwd runs nothing for a call of no sequence (cu_seqlens of one entry), the conversion pass included:
     // dq is then the zeros it would have written
-    dq = a.cu_seqlens_q.size(0) > 1 ? at::empty(qk.sizes(), qk.options()) : at::zeros(qk.sizes(), qk.options());
+    dq = a.cu_seqlens_q.size(0) > 1 ? uninitialized(qk.sizes(), qk.options()) : at::zeros(qk.sizes(), qk.options());
   } else if (atomic_dq) {
     dq_accum = at::zeros(qk.sizes(), f32);
   } else {
@@ -437,8 +437,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_var
   if (bwd_key_lists(a)) {
     const int64_t hm = a.mask->size(1);
     const auto i32 = qk.options().dtype(at::kInt);
-    key_index = at::empty({hm, kk.size(0)}, i32);
-    key_count = at::empty({p.f.batch, hm}, i32);
+    key_index = uninitialized({hm, kk.size(0)}, i32);
+    key_count = uninitialized({p.f.batch, hm}, i32);
     p.keys.index = key_index.data_ptr<int32_t>();
     p.keys.count = key_count.data_ptr<int32_t>();
     p.keys.mask_heads = static_cast<int32_t>(hm);
@@ -446,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_var
   }
   at::Tensor cta_order;  // (units) int32: the sm90a backward's CTAs in launch order, written by its order pass
   if (const int64_t units = order_band > 0 ? cuda::bwd::CtaOrder::units(p.f) : 0; units > 0) {
-    cta_order = at::empty({units}, qk.options().dtype(at::kInt));
+    cta_order = uninitialized({units}, qk.options().dtype(at::kInt));
     p.cta_order = cta_order.data_ptr<int32_t>();
     p.order_band = order_band;
   }

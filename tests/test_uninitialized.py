@@ -1,0 +1,132 @@
+"""Memory a call allocates but does not initialize never reaches its results.
+
+The backends allocate out, lse, the forward's workspace (kept-key lists, gathered rows, block maps, split partials,
+tickets, unit counters) and the backward's scratch (delta, the row statistics' padded copy, dq where a conversion pass
+writes it, the kept-key lists, the CTA order) with at::empty: the kernels must write every element they read. The
+debug variable DMATTN_FILL_UNINITIALIZED=nan fills each such buffer first (floating point with NaN, bytes and integers
+with every bit set: -1, and NaN where the bytes are read as float32). Each call here runs both ways and must give the
+same bits (dq, summed by reduce-adds in a varying order on the sm90a backward, to a float32 rounding). A kernel that
+reads an element it did not write (the padding past a head's last row in the row statistics, a split that never
+merged, a list entry past its count) turns the filled run's result into NaN or other bits. (Checked by a mutation:
+with the CPU kernel's write of the rows no sequence owns taken out, three of the CPU forward tests fail.)
+
+The CPU half runs in CI; the CUDA half on a GPU (tools/run_gpu.sh), over every forward path the plan has (the decode
+kernel with a split per tile, the sm80 prefill kernels, the sm90a grids) and both fused backwards.
+"""
+
+import pytest
+import torch
+
+from samples import SAMPLES, make_sample, support_reason
+from test_backward import SM90A_BACKWARD_SPECS, SM90A_ROW_STATS_SPECS, _assert_same_work, _gradients, _op
+from test_sm90a import DYNAMIC_MASKED_SPECS, QUERY_BIAS_SPECS, QUERY_SPECS, SLOT_D256_SPECS, SLOT_SPECS, _bits
+
+FILL = "DMATTN_FILL_UNINITIALIZED"
+
+
+def _both_ways(monkeypatch, run):
+    """run() without the fill, then with it: (plain, filled)."""
+    monkeypatch.setenv(FILL, "off")
+    plain = run()
+    monkeypatch.setenv(FILL, "nan")
+    filled = run()
+    monkeypatch.delenv(FILL)
+    return plain, filled
+
+
+def _assert_same_bits(filled, plain, what):
+    differ = _bits(filled) != _bits(plain)
+    assert not differ.any(), (f"{what} differs when uninitialized memory is NaN: {int(differ.sum())} of "
+                              f"{differ.numel()} elements, {int(torch.isnan(filled).sum())} of them NaN")
+
+
+def _assert_same_forward(sample, monkeypatch, label=""):
+    (out, lse), (out_f, lse_f) = _both_ways(monkeypatch, sample.run)
+    _assert_same_bits(out_f, out, f"{label}: out")
+    _assert_same_bits(lse_f, lse, f"{label}: lse")
+
+
+def test_fill_variable_is_checked(monkeypatch):
+    """A misspelt value is a ValueError naming the variable and its choices, raised by the call that reads it."""
+    sample = make_sample(SAMPLES[0], torch.float32, "cpu")
+    monkeypatch.setenv(FILL, "yes")
+    with pytest.raises(ValueError, match=f"{FILL} must be off or nan, got 'yes'"):
+        sample.run()
+
+
+@pytest.mark.parametrize("spec", SAMPLES, ids=lambda s: s.name)
+def test_cpu_forward_ignores_uninitialized_memory(spec, monkeypatch):
+    _assert_same_forward(make_sample(spec, torch.float32, "cpu"), monkeypatch, spec.name)
+
+
+CPU_BACKWARD_SPECS = [s for s in SAMPLES if s.name in (
+    "empty_sequences", "no_sequences", "trailing_rows", "masked_rows_key_side", "sinks_empty_sequences",
+    "decode_key_side", "window_long_causal")]
+
+
+@pytest.mark.parametrize("spec", CPU_BACKWARD_SPECS, ids=lambda s: s.name)
+def test_cpu_backward_ignores_uninitialized_memory(spec, monkeypatch):
+    sample = make_sample(spec, torch.float32, "cpu")
+    plain, filled = _both_ways(monkeypatch, lambda: _gradients(sample, _op))
+    assert plain.keys() == filled.keys()
+    for name, want in plain.items():
+        _assert_same_bits(filled[name], want, f"d{name}")
+
+
+# The CUDA forward paths (README, "Runtime debug variables"): the plan's choice; the decode kernel wherever it can run
+# with a split per 64-key tile (so the split merge runs on every sample of more than 64 keys); the sm80 kernels; the
+# sm90a kernel on static grids of 3 CTAs (each walks many units, empty ones included).
+PATHS = {"auto": {}, "decode_split_every_tile": {"DMATTN_KERNEL": "decode", "DMATTN_DECODE_TILES_PER_SPLIT": "1"},
+         "sm80": {"DMATTN_ARCH": "sm80"}, "persistent3": {"DMATTN_SM90A_CTAS": "3", "DMATTN_SM90A_SCHED": "static"}}
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request, monkeypatch, cuda_device):
+    for name, value in PATHS[request.param].items():
+        monkeypatch.setenv(name, value)
+    return request.param
+
+
+def _cuda_sample(spec, dtype=torch.bfloat16):
+    reason = support_reason(spec, dtype, "cuda")
+    if reason:
+        pytest.skip(reason)
+    return make_sample(spec, dtype, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec", SAMPLES, ids=lambda s: s.name)
+def test_cuda_forward_ignores_uninitialized_memory(spec, path, monkeypatch):
+    _assert_same_forward(_cuda_sample(spec), monkeypatch, f"{spec.name} ({path})")
+
+
+# The sm90a kernel's own operand layouts: kept rows gathered into slots (D 64 / 128 / 256), query-side masks over their
+# block map, query-side biases staged per tile, and the dynamic scheduler over masks and windows (its unit counters
+# live in the workspace).
+def _by_name(*specs):
+    """The specs, each name once (the lists share some)."""
+    return list({s.name: s for s in specs}.values())
+
+
+SM90A_SPECS = _by_name(*SLOT_SPECS, *SLOT_D256_SPECS, *QUERY_SPECS, *(s for s, _ in QUERY_BIAS_SPECS),
+                       *DYNAMIC_MASKED_SPECS)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec", SM90A_SPECS, ids=lambda s: s.name)
+def test_cuda_sm90a_layouts_ignore_uninitialized_memory(spec, monkeypatch, cuda_device):
+    _assert_same_forward(_cuda_sample(spec), monkeypatch, spec.name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dq", ["auto", "ordered"])
+@pytest.mark.parametrize("spec", _by_name(*SM90A_BACKWARD_SPECS, *SM90A_ROW_STATS_SPECS), ids=lambda s: s.name)
+def test_cuda_backward_ignores_uninitialized_memory(spec, dq, monkeypatch, cuda_device):
+    """Both fused backwards (`auto`: the sm90a one on a cc 9.0 device, with its bulk-copied row statistics, whose
+    padding no row may read; `ordered`: the sm80 pair): dk, dv and the bias gradient bit for bit, dq to a rounding."""
+    monkeypatch.setenv("DMATTN_BWD_DQ", dq)
+    sample = _cuda_sample(spec)
+    plain, filled = _both_ways(monkeypatch, lambda: _gradients(sample, _op))
+    for name, grad in filled.items():
+        assert not torch.isnan(grad).any(), f"d{name}: NaN when uninitialized memory is NaN"
+    _assert_same_work(filled, plain)
