@@ -21,18 +21,21 @@ _DRIVER = """
     // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
     //                 window_left window_right key_range(0 absent, 1 given) sm90a_ctas(the override)
     //                 bias_dtype(0 float32, 2 bfloat16: q's) sched(DMATTN_SM90A_SCHED: 0 auto, 1 dynamic, 2 static)
-    //                 combine_launch(the override)
+    //                 combine_launch(the override) key_mask_map(the override)
     // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes prefill_variant sm90a sm90a_ctas
     //         unit_order combine_finishes sm90a_slots sm90a_query slots_in_place block_map_heads sm90a_dynamic
-    //         combine_in_kernel
+    //         combine_in_kernel oom_map(the binding's fallback where this plan's workspace cannot be allocated: 1 the
+    //         plan of key_mask_map_fallback, 0 none: the sm80 kernels) oom_bytes(its workspace) oom_query(its
+    //         sm90a_query)
     // (a cc 9.0 device; bf16 q / k / v packed (rows, heads, D) at null: aligned as TMA wants; a query-side bias
     // contiguous, (total_q, Hb, max_k))
     int main() {
-      long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr, kr, ctas, bdt, sched, launch;
+      long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr, kr, ctas, bdt, sched, launch,
+          kmm;
       static const int32_t some_range[2] = {0, 0};  // the plan reads only whether key_range is given
       while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld "
-                        "%lld %lld %lld %lld", &B, &H, &Hk, &D, &tq, &tk, &mq, &mk, &mask, &hm, &bias, &hb, &sms, &force,
-                        &tiles, &wl, &wr, &kr, &ctas, &bdt, &sched, &launch) == 22) {
+                        "%lld %lld %lld %lld %lld", &B, &H, &Hk, &D, &tq, &tk, &mq, &mk, &mask, &hm, &bias, &hb, &sms,
+                        &force, &tiles, &wl, &wr, &kr, &ctas, &bdt, &sched, &launch, &kmm) == 23) {
         VarlenFwdParams p;
         p.batch = B; p.num_heads = H; p.num_heads_k = Hk; p.head_dim = D;
         p.dtype = ScalarType::kBFloat16;
@@ -53,15 +56,21 @@ _DRIVER = """
         o.sm90a_ctas = static_cast<int32_t>(ctas);
         o.sm90a_sched = static_cast<cuda::PlanOverrides::Sched>(sched);
         o.combine_launch = launch != 0;
-        const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, cuda::DeviceInfo{90, static_cast<int>(sms)}, o);
-        std::printf("%s %d %d %d %d %zu %d %d %d %d %d %d %d %d %d %d %d\\n",
+        o.key_mask_map = kmm != 0;
+        const cuda::DeviceInfo dev{90, static_cast<int>(sms)};
+        const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, dev, o);
+        cuda::FwdPlan fallback;
+        const bool oom_map = cuda::key_mask_map_fallback(p, dev, o, plan, &fallback);
+        std::printf("%s %d %d %d %d %zu %d %d %d %d %d %d %d %d %d %d %d %d %zu %d\\n",
                     plan.kernel == cuda::FwdKernel::kDecode ? "decode" : "prefill", plan.row_tiles, plan.num_splits,
                     plan.tiles_per_split, plan.key_lists_heads, cuda::workspace_bytes(plan, p),
                     static_cast<int>(plan.prefill), static_cast<int>(plan.sm90a), plan.sm90a_ctas,
                     static_cast<int>(plan.unit_order), static_cast<int>(plan.combine_finishes),
                     static_cast<int>(plan.sm90a_slots), static_cast<int>(plan.sm90a_query),
                     static_cast<int>(plan.slots_in_place), plan.block_map_heads, static_cast<int>(plan.sm90a_dynamic),
-                    static_cast<int>(plan.combine_in_kernel));
+                    static_cast<int>(plan.combine_in_kernel), static_cast<int>(oom_map),
+                    oom_map ? cuda::workspace_bytes(fallback, p) : size_t{0},
+                    static_cast<int>(oom_map && fallback.sm90a_query));
       }
     }
     """
@@ -79,21 +88,22 @@ def planner(tmp_path_factory):
 
     def line(B, H, Hk, D, total_q, total_k, max_q, max_k, mask=ABSENT, Hm=1, bias=ABSENT, Hb=1, sms=132,
              force=AUTO, tiles=0, window=(-1, -1), key_range=False, sm90a_ctas=0, bias_dtype=F32, sched="auto",
-             combine_launch=False):
+             combine_launch=False, key_mask_map=False):
         return " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
                                          force, tiles, *window, int(key_range), sm90a_ctas, bias_dtype,
-                                         SCHEDS.index(sched), int(combine_launch)))
+                                         SCHEDS.index(sched), int(combine_launch), int(key_mask_map)))
 
     def parse(out):
         (kernel, row_tiles, splits, per_split, lists, workspace, variant, sm90a, ctas, order, finishes, slots,
-         query, in_place, map_heads, dynamic, in_kernel) = out.split()
+         query, in_place, map_heads, dynamic, in_kernel, oom_map, oom_bytes, oom_query) = out.split()
         return dict(kernel=kernel, row_tiles=int(row_tiles), splits=int(splits), tiles_per_split=int(per_split),
                     key_lists_heads=int(lists), workspace=int(workspace), prefill=PREFILL_VARIANTS[int(variant)],
                     sm90a=bool(int(sm90a)), sm90a_ctas=int(ctas), unit_order=bool(int(order)),
                     combine_finishes=bool(int(finishes)), sm90a_slots=bool(int(slots)),
                     sm90a_query=bool(int(query)), slots_in_place=bool(int(in_place)),
                     block_map_heads=int(map_heads), sm90a_dynamic=bool(int(dynamic)),
-                    combine_in_kernel=bool(int(in_kernel)))
+                    combine_in_kernel=bool(int(in_kernel)), oom_map=bool(int(oom_map)), oom_workspace=int(oom_bytes),
+                    oom_query=bool(int(oom_query)))
 
     def plan(**call):
         out = subprocess.run([str(exe)], input=line(**call) + "\n", capture_output=True, text=True,
@@ -1021,11 +1031,12 @@ def test_every_operand_reaches_a_kernel_that_reads_it(planner):
     sm80/launch.cuh launch_attention, which answer cudaErrorInvalidValue to a plan outside these rules): a key-side
     mask through kept-key lists (the sm80 kernels, or the sm90a kernel's gathered slots, at every head dim) or through
     its map and bits by sequence (the sm90a kernel's query-side variant: beside a query-side bias, or at D = 256
-    where its kept rows are not gathered: key ranges, a copy past kMaxKeptRowBytes); on the sm90a kernel without a
-    query-side bias, gathered wherever the slots take it; a key-side bias over slots (in place where no lists are
-    gathered) and never with key ranges; a query-side bias on the query-side variant, float32 only at D <= 128 (the
-    one call sm90a/launch.cuh launch_attention's guard would send to the sm80 kernels); a query-side mask's map and
-    bits there."""
+    where its kept rows are not gathered: key ranges, a copy past kMaxKeptRowBytes, DMATTN_KEY_MASK=map); on the sm90a
+    kernel without a query-side bias, gathered wherever the slots take it unless DMATTN_KEY_MASK=map (then never); the
+    plan the binding falls back to where a gathered copy cannot be allocated (key_mask_map_fallback) as well; a
+    key-side bias over slots (in place where no lists are gathered) and never with key ranges; a query-side bias on
+    the query-side variant, float32 only at D <= 128 (the one call sm90a/launch.cuh launch_attention's guard would
+    send to the sm80 kernels); a query-side mask's map and bits there."""
     H, Hk = 8, 2
     shapes = [dict(B=4, total_q=4096, total_k=4096, max_q=1024, max_k=1024),
               dict(B=16, total_q=1600, total_k=32_000, max_q=100, max_k=2000),  # one query tile, not decode's
@@ -1034,14 +1045,15 @@ def test_every_operand_reaches_a_kernel_that_reads_it(planner):
               # within the tile list, kept rows past the cap at D = 256 for Hm = H (2 x 600,000 x 8 x 256 x 2 bytes)
               dict(B=8, total_q=4096, total_k=600_000, max_q=512, max_k=100_000)]
     calls = [dict(shape, H=H, Hk=Hk, D=D, mask=mask, Hm=Hm, bias=bias, Hb=Hb, bias_dtype=dtype, key_range=kr,
-                  window=window, sm90a_ctas=ctas, force=force)
+                  window=window, sm90a_ctas=ctas, force=force, key_mask_map=kmm)
              for D in (64, 128, 256) for shape in shapes
              for mask, Hm in ((ABSENT, 1), (KEY, 1), (KEY, Hk), (KEY, H), (QUERY, 1), (QUERY, Hk), (QUERY, H))
              for bias, Hb, dtype in ((ABSENT, 1, F32),) + tuple((b, h, t) for b in (KEY, QUERY) for h in (1, Hk, H)
                                                                 for t in (F32, BF16))
              for kr in (False, True) for window in ((-1, -1), (-1, 0), (255, 0), (64, 0), (-1, 300))
-             for ctas in (0, -1, 3) for force in (AUTO, FORCE_PREFILL)]
-    for call, plan in zip(calls, planner.many(calls)):
+             for ctas in (0, -1, 3) for force in (AUTO, FORCE_PREFILL) for kmm in (False, True)]
+    plans = planner.many(calls)
+    for call, plan in zip(calls, plans):
         D, mask, bias = call["D"], call["mask"], call["bias"]
         by_sequence = plan["sm90a_query"] and mask == KEY
         if mask == KEY:  # lists, or the map and bits by sequence (no lists: the sm80 kernels would refuse the call)
@@ -1052,7 +1064,8 @@ def test_every_operand_reaches_a_kernel_that_reads_it(planner):
             assert not by_sequence or D > 128 or bias == QUERY, (call, plan)  # the kernels that read by sequence
             # on the sm90a kernel without a query-side bias: its kept rows gathered wherever the slots take them
             if plan["sm90a"] and bias != QUERY:
-                gathers = not call["key_range"] and 2 * call["total_k"] * max(Hk, call["Hm"]) * D * 2 <= 4 << 30
+                gathers = (not call["key_range"] and not call["key_mask_map"]
+                           and 2 * call["total_k"] * max(Hk, call["Hm"]) * D * 2 <= 4 << 30)
                 assert by_sequence != gathers, (call, plan)
                 assert not gathers or (plan["sm90a_slots"] and not plan["slots_in_place"]), (call, plan)
         if plan["sm90a_query"] and mask == QUERY:
@@ -1068,6 +1081,22 @@ def test_every_operand_reaches_a_kernel_that_reads_it(planner):
             assert call["bias_dtype"] != F32 or D <= 128, (call, plan)
         if mask == ABSENT and bias == ABSENT:
             assert not plan["sm90a_slots"] and not plan["sm90a_query"], (call, plan)
+    # The binding's fallback where a gathered copy cannot be allocated is the same call under DMATTN_KEY_MASK=map
+    # (checked above with every operand): offered only for a plan that gathered a key-side mask's kept rows, and only
+    # where the map runs on the sm90a kernel (so D = 256) in less workspace.
+    by_call = {tuple(sorted((k, v) for k, v in c.items() if k != "key_mask_map")): p
+               for c, p in zip(calls, plans) if c["key_mask_map"]}
+    for call, plan in zip(calls, plans):
+        if call["key_mask_map"]:
+            assert not plan["oom_map"], (call, plan)
+            continue
+        gathered = call["mask"] == KEY and plan["sm90a_slots"] and not plan["slots_in_place"]
+        assert not plan["oom_map"] or (gathered and call["D"] == 256), (call, plan)
+        if gathered:
+            flagged = by_call[tuple(sorted((k, v) for k, v in call.items() if k != "key_mask_map"))]
+            assert plan["oom_map"] == (flagged["sm90a"] and flagged["workspace"] < plan["workspace"]), (call, plan)
+            assert not plan["oom_map"] or (plan["oom_workspace"] == flagged["workspace"] and plan["oom_query"])
+    assert any(plan["oom_map"] for plan in plans)  # the fallback is offered somewhere (D = 256)
 
 
 def test_per_head_key_side_masks_keep_their_copies_within_the_cap(planner):
@@ -1101,6 +1130,96 @@ def test_per_head_copies_only_for_sequences_of_several_query_tiles(planner, max_
     assert per_head["sm90a_slots"] == (max_q > 128)
     assert per_head["sm90a"] == (max_q > 128)
     assert planner(**shape, mask=KEY, Hm=2)["sm90a_slots"]
+
+
+def _without_fallback(plan):
+    return {k: v for k, v in plan.items() if not k.startswith("oom_")}
+
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("Hm", [1, 8, 32])
+@pytest.mark.parametrize("Hb", [0, 1, 8, 32])
+@pytest.mark.parametrize("key_range", [False, True])
+def test_key_mask_map_flag_never_gathers_a_key_side_mask(planner, D, Hm, Hb, key_range):
+    """PlanOverrides::key_mask_map (DMATTN_KEY_MASK=map; the binding's first fallback where the kept rows' copy cannot
+    be allocated): a key-side mask's kept rows are never gathered into slots. At D = 256 the sm90a kernel maps the mask
+    by sequence instead (its map, bits and v's flags, no lists; a key-side bias beside it over slots in place,
+    persistent unless key ranges ask a CTA per unit), as it does past kMaxKeptRowBytes; beside key ranges and a
+    key-side bias (which slots in place do not take) and at D <= 128 (whose kernels read a map by sequence only beside
+    a query-side bias) the sm80 kernels over the mask's lists, as DMATTN_ARCH=sm80 gives."""
+    bias = dict(bias=KEY, Hb=Hb) if Hb else {}
+    call = dict(PREFILL, D=D, mask=KEY, Hm=Hm, key_range=key_range, **bias)
+    flagged = planner(**call, key_mask_map=True)
+    auto = planner(**call)
+    B, Hk, total_k, max_k = PREFILL["B"], PREFILL["Hk"], PREFILL["total_k"], PREFILL["max_k"]
+    assert flagged["kernel"] == "prefill" and not flagged["oom_map"]
+    assert not (flagged["sm90a_slots"] and not flagged["slots_in_place"])  # nothing gathered
+    if D == 256 and not (key_range and Hb):
+        assert flagged["sm90a"] and flagged["sm90a_query"] and flagged["key_lists_heads"] == 0
+        assert flagged["block_map_heads"] == Hm and flagged["sm90a_slots"] == flagged["slots_in_place"] == bool(Hb)
+        assert flagged["sm90a_ctas"] == (0 if key_range else 132)
+        if not Hb:
+            assert flagged["workspace"] == _key_map_bytes(Hm, B, total_k, max_k) + _v_flags_bytes(Hk, total_k)
+        # the same plan as where the copy is refused anyway: key ranges (DMATTN_KEY_MASK changes nothing there)
+        if key_range:
+            assert _without_fallback(flagged) == _without_fallback(auto)
+        else:  # the auto plan gathers; where its copy cannot be allocated the binding takes the flagged plan first
+            assert auto["sm90a_slots"] and not auto["sm90a_query"] and auto["key_lists_heads"] == Hm
+            assert auto["oom_map"] and auto["oom_query"] and auto["oom_workspace"] == flagged["workspace"]
+            assert flagged["workspace"] < auto["workspace"]
+        # The query-side variant keeps its grid whatever DMATTN_SM90A_SCHED says; the gathered plan it replaces may be
+        # on the dynamic scheduler (its unit counters in the workspace) or not, and falls back to it either way.
+        assert not flagged["sm90a_dynamic"]
+        for sched in ("dynamic", "static"):
+            assert planner(**call, key_mask_map=True, sched=sched) == flagged
+            assert key_range or planner(**call, sched=sched)["oom_workspace"] == flagged["workspace"]
+    else:
+        assert not flagged["sm90a"] and flagged["key_lists_heads"] == Hm
+        assert not flagged["sm90a_query"] and flagged["block_map_heads"] == 0
+        assert not auto["oom_map"]  # the binding's fallback stays the sm80 kernels
+        if key_range:  # refused by the slots anyway: the flag changes nothing
+            assert _without_fallback(flagged) == _without_fallback(auto)
+
+
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_key_mask_map_flag_leaves_other_calls_alone(planner, D):
+    """The flag concerns a key-side mask alone: no mask, a query-side mask (beside any bias), a key-side bias alone, a
+    key-side mask beside a query-side bias (mapped by sequence already), decode-shaped calls (the decode kernel's own
+    gathers) and calls forced off the sm90a kernel plan as without it; no such plan gathers a copy, so the binding's
+    fallback is the sm80 kernels (or none)."""
+    bf16 = dict(bias_dtype=BF16)
+    changes = [dict(), dict(window=(255, 0)), dict(bias=KEY, Hb=8), dict(bias=QUERY, Hb=8, **bf16),
+               dict(mask=QUERY, Hm=8), dict(mask=QUERY, Hm=1, bias=KEY, Hb=32),
+               dict(mask=QUERY, Hm=32, bias=QUERY, Hb=8, **bf16), dict(mask=KEY, Hm=8, bias=QUERY, Hb=8, **bf16),
+               dict(mask=KEY, Hm=1, bias=QUERY, Hb=32, **bf16, key_range=True),
+               dict(mask=KEY, Hm=8, window=(127, 0))]  # a narrow window: the sm80 kernels either way
+    for change in changes:
+        call = {**PREFILL, "D": D, **change}
+        auto, flagged = planner(**call), planner(**call, key_mask_map=True)
+        assert _without_fallback(auto) == _without_fallback(flagged), change
+        assert not auto["oom_map"] and not flagged["oom_map"], change
+    for Hm in (1, 8):  # decode-shaped: the decode kernel either way
+        auto = planner(**dict(WORKLOAD, D=D), mask=KEY, Hm=Hm, bias=KEY, Hb=8)
+        flagged = planner(**dict(WORKLOAD, D=D), mask=KEY, Hm=Hm, bias=KEY, Hb=8, key_mask_map=True)
+        assert auto["kernel"] == "decode" and _without_fallback(auto) == _without_fallback(flagged)
+
+
+def test_key_mask_map_fallback_needs_a_map_the_kernel_takes(planner):
+    """The binding's fallback maps a D = 256 key-side mask only where sm90a_query_supports takes the map: over sequences
+    of at most 131,072 keys (the kernel's tile list), not a mask finer than the KV heads over sequences of one query
+    tile (the slots refuse that too); past the list the flag leaves the sm80 kernels and the fallback is theirs, as
+    before."""
+    longest = dict(B=8, H=32, Hk=8, D=256, total_q=1000, total_k=140_000, max_q=1000)
+    for Hm in (1, 8):
+        within = planner(**longest, max_k=131_072, mask=KEY, Hm=Hm)
+        assert within["sm90a_slots"] and within["oom_map"] and within["oom_query"]
+        past = planner(**longest, max_k=131_073, mask=KEY, Hm=Hm)
+        assert past["sm90a_slots"] and not past["oom_map"]  # the slots have no tile list; the map does
+        assert not planner(**longest, max_k=131_073, mask=KEY, Hm=Hm, key_mask_map=True)["sm90a"]
+    few = dict(B=16, H=32, Hk=8, D=256, total_q=64, total_k=65_536, max_q=4, max_k=4096)
+    for key_mask_map in (False, True):
+        plan = planner(**few, mask=KEY, Hm=32, key_mask_map=key_mask_map)
+        assert not plan["sm90a"] and plan["key_lists_heads"] == 32 and not plan["oom_map"]
 
 
 _CTA_ORDER_DRIVER = """

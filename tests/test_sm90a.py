@@ -260,6 +260,14 @@ def test_bad_arch_variable_is_a_clear_error(monkeypatch, cuda_device):
         sample.run()
 
 
+@pytest.mark.parametrize("value", ["gather", "MAP", "1"])
+def test_bad_key_mask_variable_is_a_clear_error(value, monkeypatch, cuda_device):
+    sample = make_sample(SPECS[0], torch.float16, "cuda")
+    monkeypatch.setenv("DMATTN_KEY_MASK", value)
+    with pytest.raises(ValueError, match=f"DMATTN_KEY_MASK must be auto or map, got '{value}'"):
+        sample.run()
+
+
 @pytest.mark.parametrize("value", ["-2", "many", "70000"])
 def test_bad_ctas_variable_is_a_clear_error(value, monkeypatch, cuda_device):
     sample = make_sample(SPECS[0], torch.float16, "cuda")
@@ -726,6 +734,36 @@ def test_cuda_d256_key_side_masks_over_kept_slots_match_reference(spec, dtype, p
     assert plan == [(str(int(path != "sm80" and _sm90a_device())), "0", "0")]
 
 
+# A few of SLOT_D256_SPECS with DMATTN_KEY_MASK=map: the mask mapped by sequence on the sm90a kernel's query-side
+# variant instead of gathered (the plan the binding falls back to where the kept rows' copy cannot be allocated):
+# heads 1 / Hk / H, causal, empty sequences and rows past the end, a window with softcap, sinks and seqused_k, a
+# skewed batch, more sequences than a unit table, and beside a key-side bias (heads Hk / H / 1, -inf entries, q's
+# dtype and float32) over slots in place. All within the map's tile list (131,072 keys).
+MAP_D256_SPECS = [spec for spec in SLOT_D256_SPECS if spec.name in (
+    "slots_d256_causal_hk", "slots_d256_runs_h_odd_keys", "slots_d256_1_more_queries_all_masked",
+    "slots_d256_empty_and_past_the_end", "slots_d256_window_softcap_sinks_seqused", "slots_d256_skewed_batch",
+    "slots_d256_more_sequences_than_a_unit_table", "slots_bias_d256_causal_hk_h",
+    "slots_bias_d256_runs_h_odd_keys_neg_inf", "slots_bias_d256_window_softcap_sinks_seqused")]
+assert len(MAP_D256_SPECS) == 10
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("spec", MAP_D256_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("path", ["auto", "persistent3", "per_unit", "sm80"])
+def test_cuda_d256_key_side_masks_mapped_by_sequence_when_forced(spec, dtype, path, monkeypatch, capfd,
+                                                                 cuda_device):
+    """DMATTN_KEY_MASK=map: a key-side mask at D = 256 that the plan would gather runs mapped by sequence on the sm90a
+    kernel's query-side variant (its map and bits, no kept rows; a key-side bias beside it over slots in place;
+    persistent on a CTA per SM, on 3 CTAs or a CTA per unit through DMATTN_SM90A_CTAS), and on the sm80 kernels where
+    DMATTN_ARCH=sm80 forces them; each matches the float64 reference, and the plan names the path."""
+    monkeypatch.setenv("DMATTN_KEY_MASK", "map")
+    plan = _check_on_path(spec, dtype, path, monkeypatch, capfd,
+                          r"sm90a=(\d) sm90a_slots=(\d) sm90a_query=(\d) .*slots_in_place=(\d)")
+    on = str(int(path != "sm80" and _sm90a_device()))
+    in_place = on if spec.bias == "key" else "0"  # a key-side bias over slots in place; no kept rows gathered
+    assert plan == [(on, in_place, on, in_place)]
+
+
 # Beside the mask past the cap: nothing, or a key-side bias (q's dtype, -inf entries, a bias head per query head)
 # with a window, which takes the query-side variant with the bias over slots in place (kQuery + kSlots beside a map by
 # sequence; kRanged): at D = 256 that kernel runs only past the cap now, where SLOT_D256_SPECS gather the mask.
@@ -782,20 +820,24 @@ def test_key_side_masked_keys_at_d256_never_reach_a_row(mask_heads, is_causal, a
         assert torch.equal(want, got), f"{arch}: a masked-out key's K or V reached a row"
 
 
+@pytest.mark.parametrize("key_bias", [False, True], ids=["alone", "key_bias"])
 @pytest.mark.parametrize("head_dim", [64, 256])
-def test_cuda_key_side_mask_without_room_for_kept_rows_takes_the_sm80_kernels(head_dim, monkeypatch, capfd,
-                                                                              cuda_device):
-    """Where the sm90a kernel's copy of the kept K / V rows (as large as k and v) does not fit in memory, the call takes
-    the sm80 kernels, which gather the kept rows where they are, instead of failing: the allocator is held here to
-    what the inputs, the outputs and the kept-key lists need (torch.cuda.set_per_process_memory_fraction). D = 256
-    (rows of 32 vectors) the same."""
+def test_cuda_key_side_mask_without_room_for_kept_rows_is_mapped_at_d256_else_takes_the_sm80_kernels(
+        head_dim, key_bias, monkeypatch, capfd, cuda_device):
+    """Where the sm90a kernel's copy of the kept K / V rows (as large as k and v) does not fit in memory, the call runs
+    without it instead of failing: at D = 256 on the sm90a kernel's query-side variant, the mask mapped by sequence
+    (its map and bits, 90 KB here; a key-side bias over slots in place, 2.4 MB), as DMATTN_KEY_MASK=map would plan
+    it; at D = 64 on the sm80 kernels, which gather the kept rows where they are (the kernels there read a map by
+    sequence only beside a query-side bias). The allocator is held here to what the inputs, the outputs and the
+    kept-key lists or the map need (torch.cuda.set_per_process_memory_fraction)."""
     if not _sm90a_device():
         pytest.skip("the kept rows are copied for the sm90a kernel only (a cc 9.0 device with the sm90a path built)")
     spec = Spec("slots_without_room", head_dim=head_dim, heads=8, heads_k=8, seqlens_q=(256,) * 4,
-                seqlens_k=(16384,) * 4, mask="key", mask_heads="Hk", keep=0.5, bias="key", bias_heads="Hk")
+                seqlens_k=(16384,) * 4, mask="key", mask_heads="Hk", keep=0.5,
+                **(dict(bias="key", bias_heads="Hk") if key_bias else {}))
     sample = _cuda_sample(spec, torch.bfloat16)
-    # out, lse (2 MB; 5 MB at D = 256) and the lists (2 MB) fit; the kept rows' copy (as large as k and v: 128 MiB,
-    # 512 MiB at D = 256) does not
+    # out, lse (2 MB; 5 MB at D = 256) and the lists (2 MB) or the map's workspace (0.1 MB; 2.4 MB with the bias's
+    # slots in place) fit; the kept rows' copy (as large as k and v: 128 MiB, 512 MiB at D = 256) does not
     room = 48 << 20
     assert sample.k.numel() * sample.k.element_size() * 2 > 2 * room
     torch.cuda.synchronize()
@@ -809,9 +851,14 @@ def test_cuda_key_side_mask_without_room_for_kept_rows_takes_the_sm80_kernels(he
         torch.cuda.synchronize()
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
-    # the sm80 kernels (sm90a=0), not only no gathered slots: at D = 256 the sm90a kernel's map by sequence would
-    # also run the call without the copy
-    assert re.findall(r"kernel=prefill .*sm90a=(\d) sm90a_slots=(\d)", capfd.readouterr().err) == [("0", "0")]
+    # D = 256: the map by sequence (sm90a=1 sm90a_query=1; no kept rows: sm90a_slots=0, or with the key-side bias
+    # sm90a_slots=1 slots_in_place=1, its values over slots in place); D = 64: the sm80 kernels (sm90a=0), not only
+    # no gathered slots
+    mapped = "1" if head_dim == 256 else "0"
+    in_place = mapped if key_bias else "0"
+    plan = re.findall(r"kernel=prefill .*sm90a=(\d) sm90a_slots=(\d) sm90a_query=(\d) .*slots_in_place=(\d)",
+                      capfd.readouterr().err)
+    assert plan == [(mapped, in_place, mapped, in_place)]
     assert_close_to_reference((out, lse), sample.reference(), sample.reference(sample.dtype))
 
 

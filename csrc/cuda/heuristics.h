@@ -79,8 +79,9 @@ enum class FwdKernel : int32_t { kPrefill = 0, kDecode = 1 };
 // kPlain neither (the registers of a kernel without windows).
 enum class PrefillVariant : int32_t { kPlain = 0, kWindowLeft = 1, kQueryOperands = 2 };
 
-// Debug overrides of the plan (the binding reads them from DMATTN_KERNEL and DMATTN_DECODE_TILES_PER_SPLIT; the
-// tests run every sample through each kernel with them).
+// Debug overrides of the plan (the binding reads them from the DMATTN_* variables, varlen_fwd_cuda.cpp plan_overrides;
+// the tests run every sample through each kernel with them). key_mask_map is also the binding's first fallback where
+// the allocator cannot give the kept rows' copy (key_mask_map_fallback).
 struct PlanOverrides {
   enum class Kernel : int32_t { kAuto = 0, kPrefill = 1, kDecode = 2 } kernel = Kernel::kAuto;
   int32_t tiles_per_split = 0;  // > 0: the decode kernel's KV tiles per split (the split caps still hold)
@@ -97,6 +98,9 @@ struct PlanOverrides {
                                 // own splits (DMATTN_DECODE_COMBINE=launch: the same bits, the path before it)
   bool compaction_chunks = false;  // key-side lists in parts by the chunk kernel, a thread's consecutive keys
                                    // (DMATTN_KEY_COMPACTION=chunks: the same lists, the pass before the warps')
+  bool key_mask_map = false;    // a key-side mask's kept rows never gathered into slots (DMATTN_KEY_MASK=map): the
+                                // sm90a kernel maps it by sequence where sm90a_query_supports takes it (D = 256, or
+                                // beside a query-side bias as always), else the sm80 kernels over its lists
 };
 
 // What one call runs. The launchers choose a kernel from this and the params alone.
@@ -118,8 +122,8 @@ struct FwdPlan {
   bool sm90a_query = false;     // sm90a with a query-side mask: its block map and its bits (BlockMap::bits) first,
                                 // the kernel skipping dead tiles and reading the bits of the others; and / or a
                                 // query-side bias (its elements read per live tile); at D = 256 also a key-side
-                                // mask whose kept rows are not gathered (key ranges, past kMaxKeptRowBytes), mapped
-                                // by sequence (sm90a_query_supports)
+                                // mask whose kept rows are not gathered (key ranges, past kMaxKeptRowBytes,
+                                // PlanOverrides::key_mask_map), mapped by sequence (sm90a_query_supports)
   int32_t sm90a_ctas = 0;       // sm90a: > 0, a persistent grid of that many CTAs walks the work units (query tile,
                                 // head, sequence); 0, a CTA per unit
   bool sm90a_dynamic = false;   // sm90a_ctas > 0, not sm90a_query: each CTA takes its next unit from a counter in
@@ -157,9 +161,9 @@ constexpr int64_t kMaxMaskBitsBytes = int64_t{1} << 30;       // its bits for th
 constexpr int64_t kSm90aQueryMaxTiles = 1024;
 // Whether the sm90a kernel's kQuery variant may meet a key-side mask, mapped by sequence (BlockMap::by_sequence):
 // beside a query-side bias (kQueryBias), or at D = 256 without one where its kept slots are not gathered
-// (sm90a_slots_supports refuses key ranges and kept rows past kMaxKeptRowBytes; the map needs neither). At D <= 128
-// such a mask without a query-side bias takes the sm80 kernels instead, so the kernels without a query-side bias
-// there compile the by-sequence reads out (fwd_kernel.cuh).
+// (sm90a_slots_supports refuses key ranges and kept rows past kMaxKeptRowBytes, PlanOverrides::key_mask_map skips the
+// slots; the map needs neither). At D <= 128 such a mask without a query-side bias takes the sm80 kernels instead, so
+// the kernels without a query-side bias there compile the by-sequence reads out (fwd_kernel.cuh).
 constexpr bool sm90a_query_key_mask(int head_dim, bool query_bias) { return query_bias || head_dim > 128; }
 // The query-side terms the decode kernel reads, at most; a call past it takes the prefill kernel. Within the auto
 // choice (H / Hk * max_seqlen_q <= 64) the terms are at most about 2/3 of the bytes of the query-side operands they
@@ -289,10 +293,10 @@ inline bool sm90a_query_bias_fits(const VarlenFwdParams& p) {
 // or such a query-side bias alone (no block map: every tile is live), or beside a key-side mask of any heads (its map
 // and bits by sequence, BlockMap::by_sequence: the mask's keys are not compacted, since every tile reads its bias
 // anyway). At D = 256 a key-side mask of any heads without a query-side bias is mapped by sequence where its kept
-// rows are not gathered (plan_varlen_fwd asks sm90a_slots_supports first: so with key ranges, or kept rows past
-// kMaxKeptRowBytes; sm90a_query_key_mask), beside a key-side bias too (over slots in place, as beside a query-side
-// mask; not with key ranges); a float32 query-side bias there takes the sm80 kernels (sm90a_query_bias_fits).
-// Windows, key ranges, causal, softcap, sinks.
+// rows are not gathered (plan_varlen_fwd asks sm90a_slots_supports first: so with key ranges, kept rows past
+// kMaxKeptRowBytes, or PlanOverrides::key_mask_map; sm90a_query_key_mask), beside a key-side bias too (over slots in
+// place, as beside a query-side mask; not with key ranges); a float32 query-side bias there takes the sm80 kernels
+// (sm90a_query_bias_fits). Windows, key ranges, causal, softcap, sinks.
 inline bool sm90a_query_supports(const VarlenFwdParams& p) {
   if (!sm90a_tensors_fit(p) || p.kv_slots != nullptr) return false;
   const bool query_bias = p.bias.layout == OperandLayout::kQuerySide;
@@ -358,7 +362,11 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
     // unit (their tile bounds are reduced over the rows once per CTA). DMATTN_SM90A_CTAS overrides: N > 0 persistent
     // on N CTAs, 0 a CTA per unit.
     bool persistent = p.window_left >= 0;
-    if (sm90a_device && sm90a_slots_supports(p)) {
+    // DMATTN_KEY_MASK=map (or the binding's fallback when the kept rows' copy cannot be allocated): no gathered
+    // slots for a key-side mask; the branches below then map it by sequence where they can (sm90a_query_key_mask:
+    // at D = 256, the only head dim whose kernels read such a map without a query-side bias), else the sm80 kernels.
+    const bool gather_key_mask = !(o.key_mask_map && p.mask.layout == OperandLayout::kKeySide);
+    if (sm90a_device && gather_key_mask && sm90a_slots_supports(p)) {
       // A key-side mask: the kept keys as dense slots, so that a mask keeping half the keys costs about half the
       // work on the sm90a kernel (the compaction's lists, then gather_kept_rows; D 64 / 128 / 256); persistent, the
       // CTA overlapping a unit's start with the previous one's end (8.6% faster on the H200's masked prefill batch,
@@ -604,6 +612,25 @@ inline WorkspaceLayout workspace_layout(const FwdPlan& plan, const VarlenFwdPara
 }
 
 inline size_t workspace_bytes(const FwdPlan& plan, const VarlenFwdParams& p) { return workspace_layout(plan, p).total; }
+
+// The binding's first fallback where the allocator cannot give a plan's workspace (varlen_fwd_cuda.cpp): the plan
+// made with PlanOverrides::key_mask_map, into *mapped, where that is still an sm90a plan, differs from the failed one
+// and needs less workspace: a key-side mask whose kept rows' copy does not fit, mapped by sequence instead (D = 256:
+// the map and bits, no copy; with a key-side bias 0.87x the sm80 kernels' time on the H200's prefill batch, run CK).
+// False where there is no such plan (D <= 128 without a query-side bias, where the flag leaves the sm80 kernels; a
+// failed plan that gathered nothing; a map past its caps): the binding then takes the sm80 kernels as before. Host
+// arithmetic only, run only after a failed allocation.
+inline bool key_mask_map_fallback(const VarlenFwdParams& p, const DeviceInfo& dev, const PlanOverrides& o,
+                                  const FwdPlan& failed, FwdPlan* mapped) {
+  if (o.key_mask_map || !failed.sm90a_slots || failed.slots_in_place) return false;  // no kept rows were gathered
+  PlanOverrides map = o;
+  map.key_mask_map = true;
+  const FwdPlan plan = plan_varlen_fwd(p, dev, map);
+  if (!plan.sm90a || plan.sm90a_query == failed.sm90a_query) return false;
+  if (workspace_bytes(plan, p) >= workspace_bytes(failed, p)) return false;
+  *mapped = plan;
+  return true;
+}
 
 // The pieces of a workspace of workspace_bytes(plan, p) bytes at base (any 256-byte aligned device pointer).
 inline Workspace carve_workspace(void* base, const FwdPlan& plan, const VarlenFwdParams& p) {

@@ -80,6 +80,9 @@ bool sm80_forced(const char* op) { return env_choice(op, "DMATTN_ARCH", {"auto",
 //   DMATTN_KEY_COMPACTION=chunks          key-side lists longer than one part compacted by the chunk kernel (a
 //                                         thread's 8 consecutive keys, parts of 2048) instead of the warps' (the same
 //                                         lists; auto: the warps')
+//   DMATTN_KEY_MASK=map                   a key-side mask's kept rows never gathered into slots: mapped by
+//                                         sequence on the sm90a kernel where it can (D = 256, or beside a
+//                                         query-side bias), else the sm80 kernels (auto: the plan's)
 //   DMATTN_LOG_PLAN=1                     print each call's plan to stderr
 cuda::PlanOverrides plan_overrides() {
   cuda::PlanOverrides o;
@@ -90,6 +93,7 @@ cuda::PlanOverrides plan_overrides() {
   o.sm80_only = sm80_forced(kOp);
   o.combine_launch = env_choice(kOp, "DMATTN_DECODE_COMBINE", {"auto", "launch"}) == "launch";
   o.compaction_chunks = env_choice(kOp, "DMATTN_KEY_COMPACTION", {"auto", "chunks"}) == "chunks";
+  o.key_mask_map = env_choice(kOp, "DMATTN_KEY_MASK", {"auto", "map"}) == "map";
   if (const char* tiles = std::getenv("DMATTN_DECODE_TILES_PER_SPLIT"); tiles != nullptr && *tiles != '\0') {
     char* end = nullptr;
     const long n = std::strtol(tiles, &end, 10);
@@ -270,14 +274,34 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
     } catch (const c10::OutOfMemoryError&) {
       if (!plan.sm90a_slots && !plan.sm90a_query) throw;
       // The sm90a kernel's copy of the kept K / V rows (as large as k and v, or a copy per list) or a query-side
-      // mask's bits (up to 1 GB) do not fit: the sm80 kernels gather the kept rows where they are, from a workspace
-      // of the lists alone, and read the mask where it is beside its block map.
-      cuda::PlanOverrides sm80 = overrides;
-      sm80.sm80_only = true;
-      plan = cuda::plan_varlen_fwd(p, device, sm80);
-      workspace_bytes = cuda::workspace_bytes(plan, p);
-      if (workspace_bytes > 0) {
-        workspace = uninitialized({static_cast<int64_t>(workspace_bytes)}, q.options().dtype(at::kByte));
+      // mask's bits (up to 1 GB) do not fit. First, where it exists, the plan that maps a key-side mask by sequence
+      // instead of gathering its kept rows (D = 256: its map and bits, no copy; key_mask_map_fallback); if that
+      // workspace does not fit either, the sm80 kernels, which gather the kept rows where they are, from a workspace
+      // of the lists alone, and read a query-side mask where it is beside its block map. Nothing here runs unless
+      // the first allocation failed, and nothing reads the device.
+      bool placed = false;
+      cuda::FwdPlan mapped;
+      if (cuda::key_mask_map_fallback(p, device, overrides, plan, &mapped)) {
+        const size_t mapped_bytes = cuda::workspace_bytes(mapped, p);
+        try {
+          if (mapped_bytes > 0) {
+            workspace = uninitialized({static_cast<int64_t>(mapped_bytes)}, q.options().dtype(at::kByte));
+          }
+          plan = mapped;
+          workspace_bytes = mapped_bytes;
+          placed = true;
+        } catch (const c10::OutOfMemoryError&) {
+          // the map's workspace does not fit either: the sm80 kernels' below
+        }
+      }
+      if (!placed) {
+        cuda::PlanOverrides sm80 = overrides;
+        sm80.sm80_only = true;
+        plan = cuda::plan_varlen_fwd(p, device, sm80);
+        workspace_bytes = cuda::workspace_bytes(plan, p);
+        if (workspace_bytes > 0) {
+          workspace = uninitialized({static_cast<int64_t>(workspace_bytes)}, q.options().dtype(at::kByte));
+        }
       }
     }
   }
