@@ -372,3 +372,71 @@ def test_a_switch_tree_runs_another_trees_build_under_its_own_env_and_workloads(
     assert "bench_all_1_decode: skipped, the DEADLINE of 1 s has passed" in done.stdout, done.stdout + done.stderr
     assert os.listdir(os.path.join(bench, "all", "1")) == ["dense.ran"]
     assert not os.path.exists(os.path.join(bench, "sw"))
+
+
+# A stand-in for both bench tools in the peers stage: records its tool, its arguments and the build it found.
+PEER_BENCH = """import json, os, sys
+out = sys.argv[sys.argv.index("--out") + 1]
+os.makedirs(out, exist_ok=True)
+with open(os.path.join(out, "ran.json"), "w") as f:
+    json.dump(dict(tool=os.path.basename(sys.argv[0]), args=sys.argv[1:sys.argv.index("--out")],
+                   build=os.environ["PYTHONPATH"].split(os.pathsep)[0]), f)
+"""
+
+
+def _peers(tmp_path, **env):
+    """run_gpu.sh's peers stage in a checkout with stand-in bench tools (and a tree `main` holding them too)."""
+    _checkout(tmp_path)
+    tree = tmp_path / ".trees" / "main"
+    for root in (tmp_path, tree):
+        os.makedirs(root / "tools", exist_ok=True)
+        for tool in ("bench_gpu.py", "bench_backward.py"):
+            (root / "tools" / tool).write_text(PEER_BENCH)
+    out = tmp_path / "out"
+    env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(out), DMATTN_KEEP_CC="1", CUDA_VISIBLE_DEVICES="",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **env)
+    done = subprocess.run(["bash", "tools/run_gpu.sh", "peers"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    ran = {}
+    for path in glob.glob(str(out / "peers_*" / "ran.json")):
+        with open(path) as f:
+            ran[os.path.basename(os.path.dirname(path)).removeprefix("peers_")] = json.load(f)
+    return done, ran
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")
+def test_peers_stage_runs_each_entry_with_its_tool_and_the_blockmask_builder(tmp_path):
+    """PEER_RUNS' entries each run once with their own arguments, `backward` by bench_backward.py, every one with the
+    BlockMask builder (compiled where no device of >= 120 GB is seen, PEER_BLOCKMASK else), results in
+    $OUT/peers_<name>; PEERS_TREE runs them in that tree's build."""
+    runs = "dense=--workload dense; d64=--workload dense --head-dim 64 ;backward=backward"
+    done, ran = _peers(tmp_path, PEER_RUNS=runs)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "BlockMask compiled" in done.stdout
+    assert ran == {
+        "dense": dict(tool="bench_gpu.py", args=["--workload", "dense", "--flex-blockmask", "compiled"],
+                      build=str(tmp_path)),
+        "d64": dict(tool="bench_gpu.py", args=["--workload", "dense", "--head-dim", "64", "--flex-blockmask",
+                                               "compiled"], build=str(tmp_path)),
+        "backward": dict(tool="bench_backward.py", args=["--flex-blockmask", "compiled"], build=str(tmp_path))}
+    done, ran = _peers(tmp_path / "tree", PEER_RUNS="window=--workload window", PEERS_TREE="main",
+                       PEER_BLOCKMASK="eager")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ran == {"window": dict(tool="bench_gpu.py", args=["--workload", "window", "--flex-blockmask", "eager"],
+                                  build=str(tmp_path / "tree" / ".trees" / "main"))}
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")
+def test_peers_stage_default_runs_every_workload_and_deadline_skips_them(tmp_path):
+    """Unset, PEER_RUNS covers every workload of the issues' tables (dense at three head dims, decode, window,
+    prefill, then backward, which reuses prefill's compiled BlockMask); a passed DEADLINE skips every run and fails."""
+    done, ran = _peers(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    order = [line.split()[1].rstrip(":") for line in done.stdout.splitlines()
+             if line.startswith("=== peers_") and ": exit" not in line]
+    assert order == ["peers_dense", "peers_dense_d64", "peers_dense_d256", "peers_decode", "peers_window",
+                     "peers_prefill", "peers_backward"]
+    assert ran["dense_d256"]["args"][:4] == ["--workload", "dense", "--head-dim", "256"]
+    done, ran = _peers(tmp_path / "late", DEADLINE="0")
+    assert done.returncode == 1 and ran == {}
+    assert "peers_dense: skipped, the DEADLINE of 0 s has passed" in done.stdout

@@ -4,7 +4,7 @@
 #
 #   tools/run_gpu.sh [STAGE...]      stages: wheels build info test sanitize bench (default: all of them, in order),
 #                                    and prev / compare / host / trees / tree_test / tree_sanitize / tree_compare /
-#                                    pack / summary (below); any other STAGE is a Python script to run
+#                                    peers / pack / summary (below); any other STAGE is a Python script to run
 #
 # Comparing against an earlier build (no workload more than 3% slower, say): carry the earlier commit's sources in
 # .prev/ (git-ignored; `rm -rf .prev && mkdir .prev && git archive COMMIT | tar -x -C .prev`), then
@@ -68,6 +68,16 @@
 # (else TREE_WORKLOADS); the trees stage builds nothing for it (tools/make_trees.sh NAME@TREE).
 # `tree_bench` runs bench_gpu.py with BENCH_ARGS (peers included) inside each tree of TREES_TO_CHECK, its build on
 # PYTHONPATH, results in $OUT/<name>/ (a later call on a warm machine: the peers of a landed tree, say).
+# `peers` runs every workload beside every peer, one bench run each (PEER_RUNS; the README's issue figures), in this
+# checkout or in PEERS_TREE's build, FlexAttention's BlockMask builder chosen by the device's memory. E.g. main built
+# at D = 64, 128, 256 (~200 s) and every peer but the two that compile Flex's BlockMask on an H100, then those two on
+# the warm machine (~330 s: the compile is ~300 s of it; with the eager builder of an H200 all runs take ~3 minutes):
+#   tools/make_trees.sh main   # .trees/main.env: DMATTN_HEAD_DIMS=64,128,256
+#   LOGDIR=/tmp/l DMATTN_CUDA_ARCHS=90 TREE_DEFER_TESTS=main PEERS_TREE=main PEER_RUNS="dense=--workload dense; \
+#     dense_d64=--workload dense --head-dim 64; dense_d256=--workload dense --head-dim 256; decode=--workload decode; \
+#     window=--workload window" bash tools/run_gpu.sh wheels trees peers pack summary
+#   LOGDIR=/tmp/l PEERS_TREE=main PEER_RUNS="prefill=--workload prefill; backward=backward" \
+#     bash tools/run_gpu.sh peers pack summary
 # TREE_DEFER_TESTS names trees the trees stage builds but does not test (a call too short for every tree's tests:
 # `tree_test` without TREE_MORE_TESTS runs their .tests in a later call, and lists those that pass in trees_ok).
 # `tree_test` and `tree_sanitize` then run more pytest arguments (TREE_MORE_TESTS) or the sanitize stage
@@ -463,6 +473,46 @@ for s in $STAGES; do
     bench)
       # shellcheck disable=SC2086
       stage bench python3 tools/bench_gpu.py ${BENCH_ARGS:---workload all} --out "$OUT"
+      ;;
+    peers)
+      # Every workload beside every peer, one bench run each (the issues' tables): PEER_RUNS, NAME=ARGS entries
+      # separated by `;` (ARGS: bench_gpu.py's, or `backward ...` for bench_backward.py's), results in
+      # $OUT/peers_<NAME>/, a log per run. In this checkout's build, or in PEERS_TREE's (a built tree: the
+      # landed main's figures from the call that built it). FlexAttention's BlockMask builder: PEER_BLOCKMASK, else
+      # eager on a device of at least 120 GB (the H200) and compiled below it: on an H100 the eager builder asks
+      # for 62 GB on the prefill batch (run DJ), and the compiled one takes ~300 s to compile for it once (inductor's
+      # cache serves the backward run after it: prefill before backward). DEADLINE skips the runs that would start
+      # after it; PEER_TIMEOUT (default 420 s) bounds each run.
+      runs=${PEER_RUNS:-"dense=--workload dense; dense_d64=--workload dense --head-dim 64;\
+ dense_d256=--workload dense --head-dim 256; decode=--workload decode; window=--workload window;\
+ prefill=--workload prefill; backward=backward"}
+      blockmask=${PEER_BLOCKMASK:-}
+      if [ -z "$blockmask" ]; then
+        blockmask=$(python3 -c "import torch; p = torch.cuda.get_device_properties(0); \
+print('eager' if p.total_memory >= 120 * 2**30 else 'compiled')" 2>/dev/null) || blockmask=compiled
+      fi
+      echo "=== peers: FlexAttention's BlockMask ${blockmask}"
+      IFS=';' read -r -a entries <<<"$runs"
+      for entry in "${entries[@]}"; do
+        entry=${entry#"${entry%%[![:space:]]*}"}  # the spaces around an entry
+        entry=${entry%"${entry##*[![:space:]]}"}
+        [ -n "$entry" ] || continue
+        name=${entry%%=*}
+        args=${entry#*=}
+        if [ -n "${DEADLINE:-}" ] && [ "$SECONDS" -ge "$DEADLINE" ]; then
+          echo "=== peers_$name: skipped, the DEADLINE of $DEADLINE s has passed (t = $SECONDS s)"
+          status=1
+          continue
+        fi
+        tool=tools/bench_gpu.py
+        if [[ $args == backward* ]]; then tool=tools/bench_backward.py args=${args#backward}; fi
+        command="python3 $tool $args --flex-blockmask $blockmask --out '$OUT/peers_$name'"
+        if [ -n "${PEERS_TREE:-}" ]; then
+          in_tree "$PEERS_TREE" "peers_$name" "${PEER_TIMEOUT:-420}" bash -c "$command" || status=1
+        else
+          stage "peers_$name" timeout "${PEER_TIMEOUT:-420}" bash -c "$command" || status=1
+        fi
+      done
       ;;
     tree_bench)
       # bench_gpu.py with BENCH_ARGS (every peer unless --only says otherwise) inside each tree of TREES_TO_CHECK
