@@ -37,7 +37,7 @@ def _both_ways(monkeypatch, run):
 def _assert_same_bits(filled, plain, what):
     differ = _bits(filled) != _bits(plain)
     assert not differ.any(), (f"{what} differs when uninitialized memory is NaN: {int(differ.sum())} of "
-                              f"{differ.numel()} elements, {int(torch.isnan(filled).sum())} of them NaN")
+                              f"{differ.numel()} elements, {int((differ & torch.isnan(filled)).sum())} of them NaN")
 
 
 def _assert_same_forward(sample, monkeypatch, label=""):
