@@ -243,12 +243,11 @@ double resolve_softmax_scale(std::optional<double> softmax_scale, int64_t head_d
 
 at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
-  if (env_choice("dmattn: ", "DMATTN_FILL_UNINITIALIZED", {"off", "nan"}) == "nan" && t.numel() > 0) {
-    if (at::isFloatingType(t.scalar_type())) {
-      t.fill_(std::numeric_limits<double>::quiet_NaN());
-    } else {
-      t.fill_(t.scalar_type() == at::kByte ? 0xFF : -1);
-    }
+  const std::string fill = env_choice("dmattn: ", "DMATTN_FILL_UNINITIALIZED", {"off", "nan", "large"});
+  if (fill != "off" && t.numel() > 0) {
+    // every byte the same, whatever the dtype (at::empty is contiguous): 0xFF reads as NaN in every float format and
+    // -1 in every integer; 0x7F as 3.4e38 in float32 and bfloat16 (NaN in float16) and 2.1e9 in int32
+    t.view({-1}).view(at::kByte).fill_(fill == "nan" ? 0xFF : 0x7F);
   }
   return t;
 }

@@ -47,11 +47,12 @@ void check_bwd_args(const VarlenFwdArgs& a, const at::Tensor& dout, const at::Te
 // softmax_scale, or its default 1 / sqrt(D) for the caller's head dim D (before any padding a backend applies).
 double resolve_softmax_scale(std::optional<double> softmax_scale, int64_t head_dim);
 
-// at::empty(sizes, options), which the caller's kernels must write wholly before they read it. Under
-// DMATTN_FILL_UNINITIALIZED=nan (a debug variable, README "Runtime debug variables") it comes filled: floating-point
-// elements with NaN, integers and bytes with every bit set (-1; 0xFF per byte, NaN as float32), so a test can prove
-// that no element a kernel reads before writing leaks into a result (tests/test_uninitialized.py). Every buffer the
-// backends allocate uninitialized (out, lse, workspaces, the backward's scratch) comes from here.
+// at::empty(sizes, options), which the caller's kernels must write wholly before they read it. Under the debug
+// variable DMATTN_FILL_UNINITIALIZED (README "Runtime debug variables") it comes filled, every byte alike: `nan` 0xFF
+// (NaN in every float format, -1 in every integer), `large` 0x7F (3.4e38 in float32 and bfloat16, which a max or a
+// comparison does not hide as it hides a NaN; 2.1e9 in int32), so that a test can check that no result depends on
+// an element no kernel wrote (tests/test_uninitialized.py). Every buffer the backends allocate uninitialized (out,
+// lse, workspaces, the backward's scratch) comes from here.
 at::Tensor uninitialized(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Allocates out (total_q, H, D) and softmax_lse (H, total_q) (uninitialized) and fills the params struct.

@@ -367,9 +367,10 @@ def test_a_switch_tree_runs_another_trees_build_under_its_own_env_and_workloads(
                    ("sw", "decode"): dict(build=build, switch="on"),
                    ("sw", "backward"): dict(build=build, switch="on")}
     # A DEADLINE passed during the first run: the rounds stop before the second, and the stage still ends in order.
+    # (a DEADLINE of 4 s: the script's own start took over a second on a busy two-core machine)
     done = subprocess.run(["bash", "tools/run_gpu.sh", "tree_compare"], cwd=tmp_path,
-                          env=dict(env, DEADLINE="1", BENCH_SLEEP="2"), capture_output=True, text=True, timeout=120)
-    assert "bench_all_1_decode: skipped, the DEADLINE of 1 s has passed" in done.stdout, done.stdout + done.stderr
+                          env=dict(env, DEADLINE="4", BENCH_SLEEP="5"), capture_output=True, text=True, timeout=120)
+    assert "bench_all_1_decode: skipped, the DEADLINE of 4 s has passed" in done.stdout, done.stdout + done.stderr
     assert os.listdir(os.path.join(bench, "all", "1")) == ["dense.ran"]
     assert not os.path.exists(os.path.join(bench, "sw"))
 
@@ -379,8 +380,8 @@ PEER_BENCH = """import json, os, sys
 out = sys.argv[sys.argv.index("--out") + 1]
 os.makedirs(out, exist_ok=True)
 with open(os.path.join(out, "ran.json"), "w") as f:
-    json.dump(dict(tool=os.path.basename(sys.argv[0]), args=sys.argv[1:sys.argv.index("--out")],
-                   build=os.environ["PYTHONPATH"].split(os.pathsep)[0]), f)
+    json.dump(dict(tool=os.path.relpath(os.path.abspath(sys.argv[0]), os.environ["CHECKOUT"]),
+                   args=sys.argv[1:sys.argv.index("--out")], build=os.environ["PYTHONPATH"].split(os.pathsep)[0]), f)
 """
 
 
@@ -394,7 +395,8 @@ def _peers(tmp_path, **env):
             (root / "tools" / tool).write_text(PEER_BENCH)
     out = tmp_path / "out"
     env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(out), DMATTN_KEEP_CC="1", CUDA_VISIBLE_DEVICES="",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), **env)
+               CHECKOUT=str(tmp_path), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+               **env)
     done = subprocess.run(["bash", "tools/run_gpu.sh", "peers"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     ran = {}
@@ -407,23 +409,39 @@ def _peers(tmp_path, **env):
 @pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")
 def test_peers_stage_runs_each_entry_with_its_tool_and_the_blockmask_builder(tmp_path):
     """PEER_RUNS' entries each run once with their own arguments, `backward` by bench_backward.py, every one with the
-    BlockMask builder (compiled where no device of >= 120 GB is seen, PEER_BLOCKMASK else), results in
-    $OUT/peers_<name>; PEERS_TREE runs them in that tree's build."""
-    runs = "dense=--workload dense; d64=--workload dense --head-dim 64 ;backward=backward"
+    BlockMask builder (compiled where no device of >= 120 GiB is seen, PEER_BLOCKMASK else, an entry's own
+    --flex-blockmask first), results in $OUT/peers_<name>; PEERS_TREE runs them with that tree's tools and build."""
+    runs = ("dense=--workload dense; d64=--workload dense --head-dim 64 ;backward=backward; "
+            "win=--workload window --flex-blockmask eager")
     done, ran = _peers(tmp_path, PEER_RUNS=runs)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "BlockMask compiled" in done.stdout
+    here = str(tmp_path)
     assert ran == {
-        "dense": dict(tool="bench_gpu.py", args=["--workload", "dense", "--flex-blockmask", "compiled"],
-                      build=str(tmp_path)),
-        "d64": dict(tool="bench_gpu.py", args=["--workload", "dense", "--head-dim", "64", "--flex-blockmask",
-                                               "compiled"], build=str(tmp_path)),
-        "backward": dict(tool="bench_backward.py", args=["--flex-blockmask", "compiled"], build=str(tmp_path))}
+        "dense": dict(tool="tools/bench_gpu.py", args=["--workload", "dense", "--flex-blockmask", "compiled"],
+                      build=here),
+        "d64": dict(tool="tools/bench_gpu.py", args=["--workload", "dense", "--head-dim", "64", "--flex-blockmask",
+                                                     "compiled"], build=here),
+        "backward": dict(tool="tools/bench_backward.py", args=["--flex-blockmask", "compiled"], build=here),
+        "win": dict(tool="tools/bench_gpu.py", args=["--workload", "window", "--flex-blockmask", "eager"],
+                    build=here)}
     done, ran = _peers(tmp_path / "tree", PEER_RUNS="window=--workload window", PEERS_TREE="main",
                        PEER_BLOCKMASK="eager")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert ran == {"window": dict(tool="bench_gpu.py", args=["--workload", "window", "--flex-blockmask", "eager"],
+    assert ran == {"window": dict(tool=".trees/main/tools/bench_gpu.py",
+                                  args=["--workload", "window", "--flex-blockmask", "eager"],
                                   build=str(tmp_path / "tree" / ".trees" / "main"))}
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")
+def test_peers_stage_refuses_an_entry_without_a_name(tmp_path):
+    """An entry without NAME= is reported and fails the stage; the others still run (`backward_x` is a name, not the
+    backward tool)."""
+    done, ran = _peers(tmp_path, PEER_RUNS="--workload dense; backward_x=--workload decode")
+    assert done.returncode == 1
+    assert "an entry of PEER_RUNS is NAME=ARGS, got '--workload dense'" in done.stdout
+    assert ran == {"backward_x": dict(tool="tools/bench_gpu.py", args=["--workload", "decode", "--flex-blockmask",
+                                                                      "compiled"], build=str(tmp_path))}
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")

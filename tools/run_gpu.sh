@@ -69,15 +69,15 @@
 # `tree_bench` runs bench_gpu.py with BENCH_ARGS (peers included) inside each tree of TREES_TO_CHECK, its build on
 # PYTHONPATH, results in $OUT/<name>/ (a later call on a warm machine: the peers of a landed tree, say).
 # `peers` runs every workload beside every peer, one bench run each (PEER_RUNS; the README's issue figures), in this
-# checkout or in PEERS_TREE's build, FlexAttention's BlockMask builder chosen by the device's memory. E.g. main built
-# at D = 64, 128, 256 (~200 s) and every peer but the two that compile Flex's BlockMask on an H100, then those two on
-# the warm machine (~330 s: the compile is ~300 s of it; with the eager builder of an H200 all runs take ~3 minutes):
+# checkout or in PEERS_TREE's build, FlexAttention's BlockMask builder chosen by the device's memory. On an H200 (the
+# eager builder) main built at D = 64, 128, 256 (~200 s) and every run (~3 minutes) fit one call:
 #   tools/make_trees.sh main   # .trees/main.env: DMATTN_HEAD_DIMS=64,128,256
-#   LOGDIR=/tmp/l DMATTN_CUDA_ARCHS=90 TREE_DEFER_TESTS=main PEERS_TREE=main PEER_RUNS="dense=--workload dense; \
-#     dense_d64=--workload dense --head-dim 64; dense_d256=--workload dense --head-dim 256; decode=--workload decode; \
-#     window=--workload window" bash tools/run_gpu.sh wheels trees peers pack summary
-#   LOGDIR=/tmp/l PEERS_TREE=main PEER_RUNS="prefill=--workload prefill; backward=backward" \
-#     bash tools/run_gpu.sh peers pack summary
+#   LOGDIR=/tmp/l DMATTN_CUDA_ARCHS=90 TREE_DEFER_TESTS=main PEERS_TREE=main DEADLINE=540 \
+#     bash tools/run_gpu.sh wheels trees peers pack summary
+# On an H100, as runs DH-DL did: the same call with PEER_BLOCKMASK=eager and PEER_RUNS the dense, decode and window
+# entries (the window's masked Flex row then fails out of memory), then on the warm machine the compiled builder
+# (~330 s, ~300 of them its compile): PEERS_TREE=main PEER_RUNS="prefill=--workload prefill; backward=backward"
+# bash tools/run_gpu.sh peers pack summary.
 # TREE_DEFER_TESTS names trees the trees stage builds but does not test (a call too short for every tree's tests:
 # `tree_test` without TREE_MORE_TESTS runs their .tests in a later call, and lists those that pass in trees_ok).
 # `tree_test` and `tree_sanitize` then run more pytest arguments (TREE_MORE_TESTS) or the sanitize stage
@@ -478,11 +478,12 @@ for s in $STAGES; do
       # Every workload beside every peer, one bench run each (the issues' tables): PEER_RUNS, NAME=ARGS entries
       # separated by `;` (ARGS: bench_gpu.py's, or `backward ...` for bench_backward.py's), results in
       # $OUT/peers_<NAME>/, a log per run. In this checkout's build, or in PEERS_TREE's (a built tree: the
-      # landed main's figures from the call that built it). FlexAttention's BlockMask builder: PEER_BLOCKMASK, else
-      # eager on a device of at least 120 GB (the H200) and compiled below it: on an H100 the eager builder asks
-      # for 62 GB on the prefill batch (run DJ), and the compiled one takes ~300 s to compile for it once (inductor's
-      # cache serves the backward run after it: prefill before backward). DEADLINE skips the runs that would start
-      # after it; PEER_TIMEOUT (default 420 s) bounds each run.
+      # landed main's figures from the call that built it). FlexAttention's BlockMask builder: an entry's own
+      # --flex-blockmask, else PEER_BLOCKMASK, else eager on a device of at least 120 GiB (the H200) and compiled
+      # below it: on an H100 the eager builder asks for 62 GB on the prefill batch's masks (the prefill, window and
+      # backward workloads' masked Flex rows, runs DJ-DL), and the compiled one takes ~300 s to compile for the
+      # prefill batch once (inductor's cache serves the backward run after it: prefill before backward). DEADLINE
+      # skips the runs that would start after it; PEER_TIMEOUT (default 420 s) bounds each run.
       runs=${PEER_RUNS:-"dense=--workload dense; dense_d64=--workload dense --head-dim 64;\
  dense_d256=--workload dense --head-dim 256; decode=--workload decode; window=--workload window;\
  prefill=--workload prefill; backward=backward"}
@@ -497,6 +498,11 @@ print('eager' if p.total_memory >= 120 * 2**30 else 'compiled')" 2>/dev/null) ||
         entry=${entry#"${entry%%[![:space:]]*}"}  # the spaces around an entry
         entry=${entry%"${entry##*[![:space:]]}"}
         [ -n "$entry" ] || continue
+        if [[ $entry != *=* ]]; then
+          echo "=== peers: an entry of PEER_RUNS is NAME=ARGS, got '$entry'"
+          status=1
+          continue
+        fi
         name=${entry%%=*}
         args=${entry#*=}
         if [ -n "${DEADLINE:-}" ] && [ "$SECONDS" -ge "$DEADLINE" ]; then
@@ -505,8 +511,10 @@ print('eager' if p.total_memory >= 120 * 2**30 else 'compiled')" 2>/dev/null) ||
           continue
         fi
         tool=tools/bench_gpu.py
-        if [[ $args == backward* ]]; then tool=tools/bench_backward.py args=${args#backward}; fi
-        command="python3 $tool $args --flex-blockmask $blockmask --out '$OUT/peers_$name'"
+        if [[ $args == backward || $args == "backward "* ]]; then tool=tools/bench_backward.py args=${args#backward}; fi
+        # an entry's own --flex-blockmask wins (bench_gpu.py would take the last one given)
+        [[ $args == *--flex-blockmask* ]] || args="$args --flex-blockmask $blockmask"
+        command="python3 $tool $args --out $(printf %q "$(cd "$OUT" && pwd)/peers_$name")"
         if [ -n "${PEERS_TREE:-}" ]; then
           in_tree "$PEERS_TREE" "peers_$name" "${PEER_TIMEOUT:-420}" bash -c "$command" || status=1
         else
