@@ -5,6 +5,11 @@ boundaries, written by the measuring build (DMATTN_UNIT_STAMPS=1 at build time; 
     DMATTN_UNIT_STAMPS=1 DMATTN_CUDA_ARCHS=90 python setup.py build_ext --inplace    # the measuring build
     python tools/unit_stamps.py                          # every call below, every grid
     python tools/unit_stamps.py --calls causal masked --grids persistent dynamic --json /tmp/stamps.json
+    # in one device call, the measuring build as a tree of its own (tools/run_gpu.sh), then this tool in it:
+    tools/make_trees.sh stamps && printf 'DMATTN_UNIT_STAMPS=1\nDMATTN_HEAD_DIMS=128\n' > .trees/stamps.env
+    LOGDIR=/tmp/l DMATTN_CUDA_ARCHS=90 TREE_DEFER_TESTS=stamps TREES_TO_CHECK=stamps \
+      TREE_BENCH_TOOL=tools/unit_stamps.py BENCH_ARGS="--calls window causal" \
+      bash tools/run_gpu.sh wheels trees tree_bench pack summary
 
 Calls: causal and non-causal, the dense batch (B = --batch x --seqlen, H 32 / Hk 8, D 128, bf16 by default); masked,
 window and masked_window, bench_gpu.py's prefill batch (its lengths from --seed, bench_gpu's default: 8 sequences,
@@ -196,6 +201,8 @@ def main() -> int:
     ap.add_argument("--prefill-seed", type=int, default=None,
                     help="the prefill batch's seed (masked / window calls; default: bench_gpu.py's)")
     ap.add_argument("--json", help="also write every row here")
+    ap.add_argument("--out", help="a folder to write every row into, as unit_stamps.json (what tools/run_gpu.sh's "
+                                  "tree_bench stage passes)")
     args = ap.parse_args()
     if args.prefill_seed is None:
         from bench_gpu import DEFAULT_SEED
@@ -250,8 +257,9 @@ def main() -> int:
     if rows:
         print(f"(clock: {rows[0]['ns_per_clock']:.4g} ns per cycle; %globaltimer step seen: "
               f"{rows[0]['globaltimer_step_ns']:.4g} ns)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "sms": sms, "rows": rows}, indent=1))
+    for path in filter(None, (args.json, args.out and Path(args.out) / "unit_stamps.json")):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"args": vars(args), "sms": sms, "rows": rows}, indent=1))
     return 0
 
 
