@@ -253,27 +253,28 @@ def test_choice(spec, sm90a, monkeypatch, capfd, cuda_device):
     assert _plan_sm90a(capfd) == [0]
 
 
-def test_bad_arch_variable_is_a_clear_error(monkeypatch, cuda_device):
+def _assert_variable_refused(monkeypatch, name, value, message):
+    """A call under the debug variable `name` set to a bad `value` is a ValueError matching `message`."""
     sample = make_sample(SPECS[0], torch.float16, "cuda")
-    monkeypatch.setenv("DMATTN_ARCH", "sm100")
-    with pytest.raises(ValueError, match="DMATTN_ARCH must be auto or sm80, got 'sm100'"):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
         sample.run()
+
+
+def test_bad_arch_variable_is_a_clear_error(monkeypatch, cuda_device):
+    _assert_variable_refused(monkeypatch, "DMATTN_ARCH", "sm100", "DMATTN_ARCH must be auto or sm80, got 'sm100'")
 
 
 @pytest.mark.parametrize("value", ["gather", "MAP", "1"])
 def test_bad_key_mask_variable_is_a_clear_error(value, monkeypatch, cuda_device):
-    sample = make_sample(SPECS[0], torch.float16, "cuda")
-    monkeypatch.setenv("DMATTN_KEY_MASK", value)
-    with pytest.raises(ValueError, match=f"DMATTN_KEY_MASK must be auto or map, got '{value}'"):
-        sample.run()
+    _assert_variable_refused(monkeypatch, "DMATTN_KEY_MASK", value,
+                             f"DMATTN_KEY_MASK must be auto or map, got '{value}'")
 
 
 @pytest.mark.parametrize("value", ["-2", "many", "70000"])
 def test_bad_ctas_variable_is_a_clear_error(value, monkeypatch, cuda_device):
-    sample = make_sample(SPECS[0], torch.float16, "cuda")
-    monkeypatch.setenv("DMATTN_SM90A_CTAS", value)
-    with pytest.raises(ValueError, match=f"DMATTN_SM90A_CTAS must be an integer in \\[0, 65535\\], got '{value}'"):
-        sample.run()
+    _assert_variable_refused(monkeypatch, "DMATTN_SM90A_CTAS", value,
+                             f"DMATTN_SM90A_CTAS must be an integer in \\[0, 65535\\], got '{value}'")
 
 
 def test_windowed_calls_run_persistent(monkeypatch, capfd, cuda_device):
@@ -488,10 +489,7 @@ def test_dynamic_scheduler_grids(monkeypatch, capfd, cuda_device):
 @pytest.mark.parametrize("name, value", [("DMATTN_SM90A_SCHED", "lpt"), ("DMATTN_SM90A_SECTION_MB", "0"),
                                          ("DMATTN_SM90A_SECTION_MB", "8MB")])
 def test_bad_sched_variables_are_clear_errors(name, value, monkeypatch, cuda_device):
-    sample = make_sample(SPECS[0], torch.float16, "cuda")
-    monkeypatch.setenv(name, value)
-    with pytest.raises(ValueError, match=f"{name} must be .*got '{value}'"):
-        sample.run()
+    _assert_variable_refused(monkeypatch, name, value, f"{name} must be .*got '{value}'")
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))

@@ -19,9 +19,11 @@ kernel with a split per tile, the sm80 prefill kernels, the sm90a grids) and bot
 import pytest
 import torch
 
-from samples import SAMPLES, make_sample, support_reason
+from samples import SAMPLES, make_sample
 from test_backward import SM90A_BACKWARD_SPECS, SM90A_ROW_STATS_SPECS, _assert_same_work, _gradients, _op
-from test_sm90a import DYNAMIC_MASKED_SPECS, QUERY_BIAS_SPECS, QUERY_SPECS, SLOT_D256_SPECS, SLOT_SPECS, _bits
+from test_decode_kernel import KERNELS
+from test_sm90a import (ARCHS, DYNAMIC_MASKED_SPECS, QUERY_BIAS_SPECS, QUERY_SPECS, SLOT_D256_SPECS, SLOT_SPECS,
+                        _bits, _cuda_sample)
 
 FILL = "DMATTN_FILL_UNINITIALIZED"
 
@@ -80,11 +82,11 @@ def test_cpu_backward_ignores_uninitialized_memory(spec, fill, monkeypatch):
         _assert_same_bits(filled[name], want, f"d{name}")
 
 
-# The CUDA forward paths (README, "Runtime debug variables"): the plan's choice; the decode kernel wherever it can run
-# with a split per 64-key tile (so the split merge runs on every sample of more than 64 keys); the sm80 kernels; the
-# sm90a kernel on static grids of 3 CTAs (each walks many units, empty ones included).
-PATHS = {"auto": {}, "decode_split_every_tile": {"DMATTN_KERNEL": "decode", "DMATTN_DECODE_TILES_PER_SPLIT": "1"},
-         "sm80": {"DMATTN_ARCH": "sm80"}, "persistent3": {"DMATTN_SM90A_CTAS": "3", "DMATTN_SM90A_SCHED": "static"}}
+# The CUDA forward paths, as test_sm90a and test_decode_kernel force them: the plan's choice; the decode kernel
+# wherever it can run with a split per 64-key tile (so the split merge runs on every sample of more than 64 keys); the
+# sm80 kernels; the sm90a kernel on static grids of 3 CTAs (each walks many units, empty ones included).
+PATHS = {"auto": ARCHS["auto"], "decode_split_every_tile": KERNELS["decode_split_every_tile"], "sm80": ARCHS["sm80"],
+         "persistent3": ARCHS["persistent3"]}
 
 
 @pytest.fixture(params=list(PATHS))
@@ -94,18 +96,11 @@ def path(request, monkeypatch, cuda_device):
     return request.param
 
 
-def _cuda_sample(spec, dtype=torch.bfloat16):
-    reason = support_reason(spec, dtype, "cuda")
-    if reason:
-        pytest.skip(reason)
-    return make_sample(spec, dtype, "cuda")
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("fill", FILLS)
 @pytest.mark.parametrize("spec", SAMPLES, ids=lambda s: s.name)
 def test_cuda_forward_ignores_uninitialized_memory(spec, fill, path, monkeypatch):
-    _assert_same_forward(_cuda_sample(spec), monkeypatch, fill, f"{spec.name} ({path})")
+    _assert_same_forward(_cuda_sample(spec, torch.bfloat16), monkeypatch, fill, f"{spec.name} ({path})")
 
 
 # The sm90a kernel's own operand layouts: kept rows gathered into slots (D 64 / 128 / 256), query-side masks over their
@@ -124,7 +119,7 @@ SM90A_SPECS = _by_name(*SLOT_SPECS, *SLOT_D256_SPECS, *QUERY_SPECS, *(s for s, _
 @pytest.mark.parametrize("fill", FILLS)
 @pytest.mark.parametrize("spec", SM90A_SPECS, ids=lambda s: s.name)
 def test_cuda_sm90a_layouts_ignore_uninitialized_memory(spec, fill, monkeypatch, cuda_device):
-    _assert_same_forward(_cuda_sample(spec), monkeypatch, fill, spec.name)
+    _assert_same_forward(_cuda_sample(spec, torch.bfloat16), monkeypatch, fill, spec.name)
 
 
 @pytest.mark.cuda
@@ -135,7 +130,7 @@ def test_cuda_backward_ignores_uninitialized_memory(spec, dq, fill, monkeypatch,
     """Both fused backwards (`auto`: the sm90a one on a cc 9.0 device, with its bulk-copied row statistics, whose
     padding no row may read; `ordered`: the sm80 pair): dk, dv and the bias gradient bit for bit, dq to a rounding."""
     monkeypatch.setenv("DMATTN_BWD_DQ", dq)
-    sample = _cuda_sample(spec)
+    sample = _cuda_sample(spec, torch.bfloat16)
     plain, filled = _both_ways(monkeypatch, lambda: _gradients(sample, _op), fill)
     for name, grad in filled.items():
         assert not torch.isnan(grad).any(), f"d{name}: NaN under the {fill} fill"
