@@ -29,13 +29,22 @@ merged: its start the earlier, its end the later):
                   tiles: time = X + T * tiles. X is the per-unit boundary cost not overlapped with tiles
   gap             from the previous unit's end on the same SM to this unit's start (a CTA per unit: the CTA's exit
                   drain, the next one's launch and its barrier set-up; persistent: 0 by construction)
-  Q wait          start -> the unit's Q landed (its q_full wait returned)
+  Q wait          start -> the unit's Q landed and its set-up done (the two parts below)
+    known           start -> the unit known: the dynamic scheduler's q_full wait (its words and Q); else ~0
+    set-up          known -> Q landed: the consumers' unit set-up (its bounds, the rows' key ranges; with the
+                    static grids also their q_full wait)
   first S         Q landed -> the first S GEMM issued (K's first tile, the ping-pong turn)
-  epilogue        the last P V landed -> out stored (or its TMA store issued)
+  epilogue        the last P V landed -> out stored (or its TMA store issued), in two parts:
+    staged          -> the rows' values written (into shared memory past the warpgroup's barrier, or from registers)
+    store           -> the TMA store issued
   share           units x X / (SMs x the stamps' makespan): the part of the call a perfect overlap would save
   tail            the mean time the SMs sit idle at the end (the makespan's end minus each SM's last unit end)
 Durations within an SM use clock64 (finer than %globaltimer, whose step is printed), converted to time with the
 ratio of the two over the call's long units.
+
+First run: run DO on an H100 (benchmarks/results/unit_stamps_run_DO_h100.json; docs/pending/unit_boundaries.md reads
+it). The records perturb the calls unevenly: the window's makespan matched the plain build's time, the causal call's
+was ~1.36x it, so compare shares (X's share, the components against each other) rather than absolute times.
 """
 
 from __future__ import annotations
@@ -51,10 +60,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from packed_batch import PackedBatch  # noqa: E402
 
-WORDS = 16  # per record: unit_stamps.cuh
-START, Q_LANDED, FIRST_S, LAST_PV, DONE = range(5)
-CLOCK = 5  # the clock64 words follow the five %globaltimer ones
-SM, CTA, TILES, ORDER, UNIT, WRITTEN = 10, 11, 12, 13, 14, 15
+WORDS = 20  # per record: unit_stamps.cuh (UnitStamps::kWords, heuristics.h kUnitStampWords)
+START, KNOWN, Q_LANDED, FIRST_S, LAST_PV, STAGED, DONE = range(7)
+CLOCK = 7  # the clock64 words follow the seven %globaltimer ones
+SM, CTA, TILES, ORDER, UNIT, WRITTEN = range(2 * CLOCK, 2 * CLOCK + 6)
 GRID_ENV = {"per_unit": lambda sms: {"DMATTN_SM90A_CTAS": "0"},
             "persistent": lambda sms: {"DMATTN_SM90A_CTAS": str(sms), "DMATTN_SM90A_SCHED": "static"},
             "dynamic": lambda sms: {"DMATTN_SM90A_SCHED": "dynamic"}}
@@ -114,8 +123,9 @@ def units_of(records: torch.Tensor):
     written = (rec[:, 0, WRITTEN] == 1) & (rec[:, 1, WRITTEN] == 1)
     rec = rec[written]
     out = {}
-    for name, k, pick in (("start", START, "min"), ("q", Q_LANDED, "min"), ("s", FIRST_S, "min"),
-                          ("pv", LAST_PV, "max"), ("done", DONE, "max")):
+    for name, k, pick in (("start", START, "min"), ("known", KNOWN, "min"), ("q", Q_LANDED, "min"),
+                          ("s", FIRST_S, "min"), ("pv", LAST_PV, "max"), ("staged", STAGED, "max"),
+                          ("done", DONE, "max")):
         for base, suffix in ((0, "_ns"), (CLOCK, "_clk")):
             both = rec[:, :, base + k]
             out[name + suffix] = both.min(1).values if pick == "min" else both.max(1).values
@@ -178,9 +188,13 @@ def analyse(u: dict, call_ms: float, sms: int) -> dict:
         "x_fit_us": x_fit, "t_fit_us": t_fit,
         "gap_us": mean(gap[fit]) if bool(fit.any()) else float("nan"),
         "q_wait_us": mean(us(u["q_clk"] - u["start_clk"])[has_q]),
+        "known_us": mean(us(u["known_clk"] - u["start_clk"])[has_q]),
+        "setup_us": mean(us(u["q_clk"] - u["known_clk"])[has_q]),
         "first_s_us": mean(us(u["s_clk"] - u["q_clk"])[has_q]),
         "loop_us_per_tile": mean((us(u["pv_clk"] - u["s_clk"]) / tiles.clamp(min=1))[has_q]),
         "epilogue_us": mean(us(u["done_clk"] - u["pv_clk"])[has_q]),
+        "staged_us": mean(us(u["staged_clk"] - u["pv_clk"])[has_q]),
+        "store_us": mean(us(u["done_clk"] - u["staged_clk"])[has_q]),
         "share": n * x_fit / (max(len(sm_last_end), 1) * makespan_us) if makespan_us > 0 else float("nan"),
         "tail_us": tail_us,
     }
@@ -219,8 +233,8 @@ def main() -> int:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     saved = {k: os.environ.get(k) for k in ENV_KEYS}
     rows = []
-    cols = ["units", "call_ms", "x_fit_us", "t_fit_us", "gap_us", "q_wait_us", "first_s_us", "loop_us_per_tile",
-            "epilogue_us", "share", "tail_us"]
+    cols = ["units", "call_ms", "x_fit_us", "t_fit_us", "gap_us", "q_wait_us", "known_us", "setup_us", "first_s_us",
+            "loop_us_per_tile", "epilogue_us", "staged_us", "store_us", "share", "tail_us"]
     print(f"unit_stamps: {torch.cuda.get_device_name(0)}, {sms} SMs; dense: B = {args.batch} x {args.seqlen}, "
           f"H {args.heads} / Hk {args.heads_k}, D {args.head_dim}, {args.dtype}")
     print(f"{'call':13s} {'grid':11s} " + " ".join(f"{c:>16s}" for c in cols))

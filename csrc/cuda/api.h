@@ -40,10 +40,12 @@ cudaError_t run_varlen_fwd(const VarlenFwdParams& p, const FwdPlan& plan, Comput
 // The measuring build (DMATTN_UNIT_STAMPS=1 at build time; sm90a/unit_stamps.cuh): the records, zeroed, that this host
 // thread's next run_varlen_fwd has the sm90a forward kernel write (null: none), unit_stamp_words(p) 64-bit words.
 void set_unit_stamps(unsigned long long* records);
-// Words of a call's records: 16 per (sequence, head, query tile of kBlockM = 128 rows, consumer warpgroup).
+// Words of a call's records: kUnitStampWords per (sequence, head, query tile of kBlockM = 128 rows, consumer
+// warpgroup).
 inline int64_t unit_stamp_words(const VarlenFwdParams& p) {
   const int64_t block_m = tile_shape_sm90a(p.head_dim).block_m;
-  return static_cast<int64_t>(p.batch) * p.num_heads * ((p.max_seqlen_q + block_m - 1) / block_m) * 2 * 16;
+  return static_cast<int64_t>(p.batch) * p.num_heads * ((p.max_seqlen_q + block_m - 1) / block_m) * 2 *
+         kUnitStampWords;
 }
 #endif
 

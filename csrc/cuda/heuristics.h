@@ -153,6 +153,9 @@ constexpr int64_t kDecodeMaxPackedRows = 64;  // auto-chosen while H / Hk * max_
 constexpr int64_t kDecodeForcedMaxPackedRows = int64_t{1} << 20;  // DMATTN_KERNEL=decode up to this
 constexpr int32_t kMaxDecodeSplits = 128;
 constexpr int64_t kMaxSplitPartialBytes = int64_t{64} << 20;  // the split partials' share of the workspace
+// The measuring build (DMATTN_UNIT_STAMPS=1; sm90a/unit_stamps.cuh): 64-bit words per unit record, the binding's
+// allocation (api.h unit_stamp_words) and the kernel's layout (UnitStamps::kWords) alike.
+constexpr int kUnitStampWords = 20;
 constexpr int64_t kMaxBlockMapBytes = int64_t{64} << 20;      // a block map (query-side, or by sequence), at most
 constexpr int64_t kMaxMaskBitsBytes = int64_t{1} << 30;       // its bits for the sm90a kernel, at most
 // The sm90a kernel's query-side mask variant lists a unit's live KV tiles in shared memory (16 bits each): sequences

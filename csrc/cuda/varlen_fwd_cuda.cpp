@@ -166,18 +166,18 @@ void record_unit_stamps(const cuda::FwdPlan& plan, const VarlenFwdParams& p, con
   const int64_t words = cuda::unit_stamp_words(p);
   at::Tensor records;
   if (plan.sm90a && plan.kernel == cuda::FwdKernel::kPrefill && words > 0 && words <= kMaxWords) {
-    records = at::zeros({words / 16, 16}, q.options().dtype(at::kLong));
+    records = at::zeros({words / cuda::kUnitStampWords, cuda::kUnitStampWords}, q.options().dtype(at::kLong));
     cuda::set_unit_stamps(reinterpret_cast<unsigned long long*>(records.data_ptr<int64_t>()));
   }
   const std::lock_guard<std::mutex> lock(unit_stamps_mutex);
   *last_unit_stamps = records;
 }
 
-// The last sm90a forward call's records, (sequences * H * query tiles * 2, 16) int64 (unit_stamps.cuh), or an empty
-// tensor.
+// The last sm90a forward call's records, (sequences * H * query tiles * 2, kUnitStampWords) int64 (unit_stamps.cuh),
+// or an empty tensor.
 at::Tensor unit_stamps() {
   const std::lock_guard<std::mutex> lock(unit_stamps_mutex);
-  return last_unit_stamps->defined() ? *last_unit_stamps : at::empty({0, 16}, at::kLong);
+  return last_unit_stamps->defined() ? *last_unit_stamps : at::empty({0, cuda::kUnitStampWords}, at::kLong);
 }
 #endif
 

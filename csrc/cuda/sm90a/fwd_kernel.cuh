@@ -929,10 +929,13 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   };
   for (int64_t u = first_unit();; u += unit_step) {
     UnitWork w;
+    // The measuring build: when the unit became known (kDynamic: its words and Q landed; else: the loop's turn).
+    DMATTN_UNIT_STAMP(uint64_t known_time = stamp_globaltimer(), known_clk = stamp_clock();)
     if constexpr (kDynamic) {
       // The unit published with the next Q buffer (its Q landed, or it has none), or the end.
       const int qb = q_uses % kQBuffers;
       q_full(qb).wait((q_uses / kQBuffers) % 2);
+      DMATTN_UNIT_STAMP(known_time = stamp_globaltimer(); known_clk = stamp_clock();)
       asm volatile("" ::: "memory");  // the words' reads after the wait (CUTLASS's wait has no memory clobber)
       int32_t words[kUnitWords];
 #pragma unroll
@@ -954,7 +957,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
                       (((static_cast<int64_t>(w.b) * p.num_heads + w.h) * grid.query_tiles + w.m_block) * 2 + cw) *
                           UnitStamps::kWords;
         }
-        stamp.point_at(UnitStamps::kStart, stamp_time, stamp_clk);)
+        stamp.point_at(UnitStamps::kStart, stamp_time, stamp_clk);
+        stamp.point_at(UnitStamps::kKnown, known_time, known_clk);)
     const int row0 = w.m0 + 64 * cw + 16 * (wtid / 32) + g;  // this thread's rows: row0, row0 + 8 (in the sequence)
     int n_tiles = w.n_end - w.n_begin;
     // Whether tile n hides some key from some row of the unit.
@@ -1451,6 +1455,7 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       copy(copy_out, thr_copy_out.retile_S(tOrOut), thr_copy_out.partition_D(sOut));
       cutlass::arch::fence_view_async_shared();  // the tile's writes, seen by the TMA store (the async proxy)
       asm volatile("bar.sync %0, %1;" ::"r"(kStoreBarrier + cw), "r"(128) : "memory");  // the warpgroup's, written
+      DMATTN_UNIT_STAMP(stamp.point(UnitStamps::kStaged);)
       if (store_thread) {
         Tensor mOut = tma.out.get_tma_tensor(make_shape(static_cast<int32_t>(p.total_q), kHeadDim, p.num_heads));
         Tensor gOut = local_tile(domain_offset(make_coord(static_cast<int32_t>(w.sq.start), _0{}), mOut(_, _, w.h)),
@@ -1462,16 +1467,17 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       }
     }
     DMATTN_UNIT_STAMP(
+        if (!(kStagedOut && staged)) stamp.point(UnitStamps::kStaged);  // (register stores: staged is done)
         stamp_time = stamp_globaltimer();
         stamp_clk = stamp_clock();
         stamp.point_at(UnitStamps::kDone, stamp_time, stamp_clk);
-        stamp.word(10, stamp_smid());
-        stamp.word(11, blockIdx.x + static_cast<int64_t>(gridDim.x) * (blockIdx.y + static_cast<int64_t>(gridDim.y) *
-                                                                                         blockIdx.z));
-        stamp.word(12, n_tiles);
-        stamp.word(13, stamp_order++);
-        stamp.word(14, kPersistent ? u : -1);
-        stamp.word(15, 1);)
+        stamp.word(UnitStamps::kSm, stamp_smid());
+        stamp.word(UnitStamps::kCta, blockIdx.x + static_cast<int64_t>(gridDim.x) *
+                                                      (blockIdx.y + static_cast<int64_t>(gridDim.y) * blockIdx.z));
+        stamp.word(UnitStamps::kTiles, n_tiles);
+        stamp.word(UnitStamps::kOrder, stamp_order++);
+        stamp.word(UnitStamps::kUnit, kPersistent ? u : -1);
+        stamp.word(UnitStamps::kWritten, 1);)
   }
   if (kPersistent && cw == 0) wait_turn(cw);  // warpgroup 1's last hand-over
   // The CTA's shared memory stays until the stores have read it (a CTA per unit: its one store; persistent: its last).

@@ -8,26 +8,31 @@
 //   ((sequence * H + head) * query_tiles + m_block) * 2 + warpgroup
 // (the same slot whichever grid ran the unit, so two runs of one call compare unit by unit; query_tiles is the
 // launch's, from max_seqlen_q). Words:
-//   0..4   %globaltimer (ns, one clock for the device) at: unit start (the CTA's entry for its first unit, else the
-//          end of its previous unit), Q landed (its q_full wait returned), first S issued, last P V landed (its wait
-//          returned), epilogue done (out stored or its TMA store issued)
-//   5..9   clock64 (the SM's cycle counter, finer; comparable within one SM only) at the same five points
-//   10     the SM (%smid)      11  the CTA (linear block index)   12  the unit's KV tiles
-//   13     the unit's place in its CTA's walk (0: its first)      14  the scheduler's unit number (persistent; else -1)
-//   15     1: written
+//   0..6   %globaltimer (ns, one clock for the device) at the seven points of UnitStamps::Point: unit start (the
+//          CTA's entry for its first unit, else the end of its previous unit), unit known (the dynamic scheduler's
+//          words read after their q_full wait; else its work worked out), Q landed (its q_full wait returned, after
+//          the unit's set-up), first S issued, last P V landed (its wait returned), out staged (the rows' values
+//          written: into shared memory past the warpgroup's barrier, or stored from registers), epilogue done (its
+//          TMA store issued)
+//   7..13  clock64 (the SM's cycle counter, finer; comparable within one SM only) at the same seven points
+//   14..19 UnitStamps::Word: the SM (%smid), the CTA (linear block index), the unit's KV tiles, its place in its
+//          CTA's walk (0: its first), the scheduler's unit number (persistent; else -1), 1: written
 // Points a unit does not reach (no KV tile: no Q, no S) stay 0. The binding allocates the records zeroed per call and
 // keeps the last call's (torch.ops.dmattn.unit_stamps(), varlen_fwd_cuda.cpp).
 #pragma once
 
 #include <cstdint>
 
+#include "../heuristics.h"
+
 namespace dmattn::cuda::sm90a {
 
 struct UnitStamps {
-  static constexpr int kWords = 16;
-  static constexpr int kPoints = 5;  // start, Q landed, first S issued, last P V landed, epilogue done
-  enum Point : int { kStart = 0, kQLanded = 1, kFirstS = 2, kLastPV = 3, kDone = 4 };
+  static constexpr int kPoints = 7;
+  enum Point : int { kStart = 0, kKnown = 1, kQLanded = 2, kFirstS = 3, kLastPV = 4, kStaged = 5, kDone = 6 };
+  enum Word : int { kSm = 2 * kPoints, kCta, kTiles, kOrder, kUnit, kWritten, kWords };
 };
+static_assert(UnitStamps::kWords == kUnitStampWords, "the record size the binding allocates (api.h)");
 
 #if DMATTN_UNIT_STAMPS
 
