@@ -9,6 +9,7 @@ Calls (bf16, H = 32, Hk = 8, D = 128 unless --head-dim; the prefill batch is B =
                random gating score) and that score as key-side bias: issue 12's masked target
   bias         the same batch, the key-side bias alone
   causal       the same batch, no mask or bias
+  window       the same batch, no mask or bias, under the window workload's sliding window (bench_gpu.WINDOW keys)
   dense        4 x 4096, causal, no mask or bias (the dense workload)
   dense_nc     4 x 4096, non-causal
 Each row: the median time of the whole call (CUDA events, L2 flushed before each call, as bench_gpu.py times it) and
@@ -34,7 +35,7 @@ import bench_gpu  # noqa: E402
 from profile_decode import kernel_breakdown  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CALLS = ["masked", "bias", "causal", "dense", "dense_nc"]
+CALLS = ["masked", "bias", "causal", "window", "dense", "dense_nc"]
 
 
 def problem(call: str, head_dim: int, seed: int, device):
@@ -46,6 +47,8 @@ def problem(call: str, head_dim: int, seed: int, device):
     keep = 0.5 if call in ("masked", "bias") else None
     prob = bench_gpu.make_problem(lens_q, lens_k, hs["heads"], hs["heads_k"], hs["head_dim"], hs["heads_k"], keep,
                                   causal=call != "dense_nc", dtype=torch.bfloat16, device=device, seed=seed)
+    if call == "window":
+        return prob.replace(window_size=(bench_gpu.WINDOW - 1, -1))
     return prob.replace(mask=None) if call == "bias" else prob
 
 
