@@ -43,8 +43,8 @@ Durations within an SM use clock64 (finer than %globaltimer, whose step is print
 ratio of the two over the call's long units.
 
 First run: run DO on an H100 (benchmarks/results/unit_stamps_run_DO_h100.json; docs/pending/unit_boundaries.md reads
-it). The records perturb the calls unevenly: the window's makespan matched the plain build's time, the causal call's
-was ~1.36x it, so compare shares (X's share, the components against each other) rather than absolute times.
+it). The records cost little there: each call's makespan matched the plain build's time (the window 302 us against
+0.296-0.299 ms, dense causal 929 us against 0.918-0.935 ms).
 """
 
 from __future__ import annotations

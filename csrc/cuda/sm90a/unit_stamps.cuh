@@ -10,10 +10,10 @@
 // launch's, from max_seqlen_q). Words:
 //   0..6   %globaltimer (ns, one clock for the device) at the seven points of UnitStamps::Point: unit start (the
 //          CTA's entry for its first unit, else the end of its previous unit), unit known (the dynamic scheduler's
-//          words read after their q_full wait; else its work worked out), Q landed (its q_full wait returned, after
-//          the unit's set-up), first S issued, last P V landed (its wait returned), out staged (the rows' values
-//          written: into shared memory past the warpgroup's barrier, or stored from registers), epilogue done (its
-//          TMA store issued)
+//          q_full wait returned: its words and its Q; else the CTA's loop turned to it, before its work is worked
+//          out), Q landed (the unit's set-up done and, the static grids, its q_full wait returned), first S issued,
+//          last P V landed (its wait returned), out staged (the rows' values written: into shared memory past the
+//          warpgroup's barrier, or stored from registers), epilogue done (its TMA store issued)
 //   7..13  clock64 (the SM's cycle counter, finer; comparable within one SM only) at the same seven points
 //   14..19 UnitStamps::Word: the SM (%smid), the CTA (linear block index), the unit's KV tiles, its place in its
 //          CTA's walk (0: its first), the scheduler's unit number (persistent; else -1), 1: written
