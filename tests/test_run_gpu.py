@@ -107,6 +107,22 @@ def test_deferred_trees_are_built_now_and_tested_later(tmp_path):
     assert (tmp_path / "logs" / "trees_ok").read_text().split() == ["a", "c"]
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run_gpu.sh is a bash script")
+def test_tree_compare_names_the_trees_whose_tests_were_deferred(tmp_path):
+    """Trees built with their tests deferred are not in trees_ok: tree_compare then compares nothing, and says which
+    trees those are and how to compare them (run DP's call spent a build on that message's older form)."""
+    _trees(tmp_path, {"main": 0, "new": 0})
+    env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), DMATTN_KEEP_CC="1",
+               TREE_TESTS="tests/test_smoke.py", TREE_DEFER_TESTS="main new",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    done = subprocess.run(["bash", "tools/run_gpu.sh", "trees", "tree_compare"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert (tmp_path / "logs" / "trees_deferred").read_text().split() == ["main", "new"]
+    assert "built with their tests deferred (TREE_DEFER_TESTS): main new." in done.stdout
+    assert "TREES_TO_COMPARE" in done.stdout
+
+
 # A stand-in compute-sanitizer: records its arguments in the folder it runs in, then runs the command after its own
 # options (the python3 ... of the real one).
 SANITIZER = """#!/usr/bin/env bash

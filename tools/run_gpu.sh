@@ -299,10 +299,12 @@ for s in $STAGES; do
       # TREE_PARALLEL_BUILDS=0 builds them in turn, with their output); then each
       # tree that built: its tests under `timeout TREE_TIMEOUT` (a hung kernel costs that much, not the call):
       # .trees/<name>.tests holds that tree's pytest arguments, else TREE_TESTS; then TREE_BENCH once. Trees that
-      # built and passed (or whose selection matched no test) are listed in $LOGDIR/trees_ok. .trees/<name>.env:
-      # NAME=VALUE lines set for what runs inside that tree alone (build_tree, in_tree: DMATTN_HEAD_DIMS=, say: main
-      # at every head dim beside trees built at one, in the same call).
+      # built and passed (or whose selection matched no test) are listed in $LOGDIR/trees_ok, those built with their
+      # tests deferred (TREE_DEFER_TESTS) in $LOGDIR/trees_deferred. .trees/<name>.env: NAME=VALUE lines set for what
+      # runs inside that tree alone (build_tree, in_tree: DMATTN_HEAD_DIMS=, say: main at every head dim beside trees
+      # built at one, in the same call).
       : > "$LOGDIR/trees_ok"
+      : > "$LOGDIR/trees_deferred"
       dirs=()
       for dir in .trees/*/; do [ -f "$dir/setup.py" ] && dirs+=("$dir"); done
       declare -A built=()
@@ -331,6 +333,7 @@ for s in $STAGES; do
         [ "${built[$name]}" = 0 ] || { status=1; continue; }
         if [[ " ${TREE_DEFER_TESTS:-} " == *" $name "* ]]; then
           echo "=== test_$name: deferred (TREE_DEFER_TESTS): tree_test runs its .tests later" | tee "$LOGDIR/test_$name.log"
+          echo "$name" >> "$LOGDIR/trees_deferred"
           continue
         fi
         tests=${TREE_TESTS:-tests/test_sm90a.py tests/test_decode_kernel.py -k 'cuda or decode'}
@@ -363,7 +366,19 @@ for s in $STAGES; do
       mapfile -t ok < <(cat "$LOGDIR/trees_ok" 2>/dev/null)
       # TREES_TO_COMPARE names them instead (built trees whose failing test is known to be unrelated, say)
       [ -n "${TREES_TO_COMPARE:-}" ] && read -r -a ok <<<"$TREES_TO_COMPARE"
-      [ "${#ok[@]}" -ge 1 ] || { echo "=== tree_compare: no tree passed (run the trees stage first)"; status=1; continue; }
+      if [ "${#ok[@]}" -lt 1 ]; then
+        # trees built with their tests deferred are not in trees_ok until tree_test passes them (run DP lost a
+        # compare to this): say so, and how to compare them anyway
+        deferred=$(paste -sd ' ' "$LOGDIR/trees_deferred" 2>/dev/null)
+        if [ -n "$deferred" ]; then
+          echo "=== tree_compare: no tree passed its tests; built with their tests deferred" \
+            "(TREE_DEFER_TESTS): $deferred. Run tree_test first, or name the trees to compare in TREES_TO_COMPARE"
+        else
+          echo "=== tree_compare: no tree passed (run the trees stage first)"
+        fi
+        status=1
+        continue
+      fi
       base=${TREE_BASE:-${ok[0]}}
       bench=/tmp/dmattn_tree_compare
       builds=()
