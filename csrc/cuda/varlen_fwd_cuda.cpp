@@ -266,50 +266,46 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
     p = make_params(packed, out, lse);
     plan = cuda::plan_varlen_fwd(p, device, overrides);
   }
-  size_t workspace_bytes = cuda::workspace_bytes(plan, p);
-  at::Tensor workspace;  // torch's caching allocator: 512-byte aligned, as run_varlen_fwd needs (256)
-  if (workspace_bytes > 0) {
-    try {
-      workspace = uninitialized({static_cast<int64_t>(workspace_bytes)}, q.options().dtype(at::kByte));
-    } catch (const c10::OutOfMemoryError&) {
-      if (!plan.sm90a_slots && !plan.sm90a_query) throw;
-      // The sm90a kernel's copy of the kept K / V rows (as large as k and v, or a copy per list) or a query-side
-      // mask's bits (up to 1 GB) do not fit. First, where it exists, the plan that maps a key-side mask by sequence
-      // instead of gathering its kept rows (D = 256: its map and bits, no copy; key_mask_map_fallback); if that
-      // workspace does not fit either, the sm80 kernels, which gather the kept rows where they are, from a workspace
-      // of the lists alone, and read a query-side mask where it is beside its block map. Nothing here runs unless
-      // the first allocation failed, and nothing reads the device.
-      bool placed = false;
-      cuda::FwdPlan mapped;
-      if (cuda::key_mask_map_fallback(p, device, overrides, plan, &mapped)) {
-        const size_t mapped_bytes = cuda::workspace_bytes(mapped, p);
-        try {
-          if (mapped_bytes > 0) {
-            workspace = uninitialized({static_cast<int64_t>(mapped_bytes)}, q.options().dtype(at::kByte));
-          }
-          plan = mapped;
-          workspace_bytes = mapped_bytes;
-          placed = true;
-        } catch (const c10::OutOfMemoryError&) {
-          // the map's workspace does not fit either: the sm80 kernels' below
-        }
+  // A plan's workspace (undefined where it needs none): torch's caching allocator, 512-byte aligned, as
+  // run_varlen_fwd needs (256).
+  auto workspace_for = [&](const cuda::FwdPlan& of) {
+    const size_t bytes = cuda::workspace_bytes(of, p);
+    return bytes > 0 ? uninitialized({static_cast<int64_t>(bytes)}, q.options().dtype(at::kByte)) : at::Tensor();
+  };
+  at::Tensor workspace;
+  try {
+    workspace = workspace_for(plan);
+  } catch (const c10::OutOfMemoryError&) {
+    if (!plan.sm90a_slots && !plan.sm90a_query) throw;
+    // The sm90a kernel's copy of the kept K / V rows (as large as k and v, or a copy per list) or a query-side
+    // mask's bits (up to 1 GB) do not fit. First, where it exists, the plan that maps a key-side mask by sequence
+    // instead of gathering its kept rows (D = 256: its map and bits, no copy; key_mask_map_fallback); if that
+    // workspace does not fit either, the sm80 kernels, which gather the kept rows where they are, from a workspace
+    // of the lists alone, and read a query-side mask where it is beside its block map. Nothing here runs unless
+    // the first allocation failed, and nothing reads the device.
+    bool placed = false;
+    cuda::FwdPlan mapped;
+    if (cuda::key_mask_map_fallback(p, device, overrides, plan, &mapped)) {
+      try {
+        workspace = workspace_for(mapped);
+        plan = mapped;
+        placed = true;
+      } catch (const c10::OutOfMemoryError&) {
+        // the map's workspace does not fit either: the sm80 kernels' below
       }
-      if (!placed) {
-        cuda::PlanOverrides sm80 = overrides;
-        sm80.sm80_only = true;
-        plan = cuda::plan_varlen_fwd(p, device, sm80);
-        workspace_bytes = cuda::workspace_bytes(plan, p);
-        if (workspace_bytes > 0) {
-          workspace = uninitialized({static_cast<int64_t>(workspace_bytes)}, q.options().dtype(at::kByte));
-        }
-      }
+    }
+    if (!placed) {
+      cuda::PlanOverrides sm80 = overrides;
+      sm80.sm80_only = true;
+      plan = cuda::plan_varlen_fwd(p, device, sm80);
+      workspace = workspace_for(plan);
     }
   }
   log_plan(plan, p);
 #if DMATTN_UNIT_STAMPS
   record_unit_stamps(plan, p, q);
 #endif
-  C10_CUDA_CHECK(cuda::run_varlen_fwd(p, plan, cc, workspace_bytes > 0 ? workspace.data_ptr() : nullptr,
+  C10_CUDA_CHECK(cuda::run_varlen_fwd(p, plan, cc, workspace.defined() ? workspace.data_ptr() : nullptr,
                                       c10::cuda::getCurrentCUDAStream()));
 
   if (kernel_dim != head_dim) out = out.narrow(2, 0, head_dim).contiguous();
