@@ -41,6 +41,14 @@ def _checkout(tmp_path):
         shutil.copy(os.path.join(ROOT, "tools", script), tmp_path / "tools")
 
 
+def _stage_env(tmp_path, first_on_path=(), **extra):
+    """The environment run_gpu.sh's stages run under here: logs in tmp_path/logs, results in tmp_path/out, the
+    environment's compiler kept (DMATTN_KEEP_CC), this interpreter's folder on PATH after first_on_path's; and extra."""
+    path = os.pathsep.join([*map(str, first_on_path), os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    return dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), DMATTN_KEEP_CC="1", PATH=path,
+                **extra)
+
+
 def _trees(tmp_path, builds):
     """A checkout holding tools/run_gpu.sh and .trees/<name> for each (name, build exit status)."""
     _checkout(tmp_path)
@@ -60,10 +68,8 @@ def test_trees_stage_builds_every_tree_and_lists_those_that_passed(tmp_path, par
     # Tree a's own environment (.trees/a.env): its build and tests see DMATTN_HEAD_DIMS empty (every head dim) where
     # the call's is 128; a line that is no NAME=VALUE is ignored.
     (tmp_path / ".trees" / "a.env").write_text("# main at every head dim\nDMATTN_HEAD_DIMS=\n")
-    env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), MAX_JOBS="12",
-               TREE_TESTS="tests/test_smoke.py", TREE_PARALLEL_BUILDS=parallel, DMATTN_KEEP_CC="1",
-               DMATTN_HEAD_DIMS="128",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env = _stage_env(tmp_path, MAX_JOBS="12", TREE_TESTS="tests/test_smoke.py", TREE_PARALLEL_BUILDS=parallel,
+                     DMATTN_HEAD_DIMS="128")
     done = subprocess.run(["bash", "tools/run_gpu.sh", "trees"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr  # tree b's build failed
@@ -87,9 +93,7 @@ def test_deferred_trees_are_built_now_and_tested_later(tmp_path):
     _trees(tmp_path, {"a": 0, "c": 0})
     (tmp_path / ".trees" / "a.tests").write_text("tests/test_smoke.py\n-k smoke\n")
     (tmp_path / ".trees" / "c.tests").write_text("tests/test_smoke.py\n-k smoke\n")
-    env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), DMATTN_KEEP_CC="1",
-               TREE_TESTS="tests/test_smoke.py", TREE_DEFER_TESTS="c",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env = _stage_env(tmp_path, TREE_TESTS="tests/test_smoke.py", TREE_DEFER_TESTS="c")
     done = subprocess.run(["bash", "tools/run_gpu.sh", "trees"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -112,9 +116,7 @@ def test_tree_compare_names_the_trees_whose_tests_were_deferred(tmp_path):
     """Trees built with their tests deferred are not in trees_ok: tree_compare then compares nothing, and says which
     trees those are and how to compare them (run DP's call spent a build on that message's older form)."""
     _trees(tmp_path, {"main": 0, "new": 0})
-    env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), DMATTN_KEEP_CC="1",
-               TREE_TESTS="tests/test_smoke.py", TREE_DEFER_TESTS="main new",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env = _stage_env(tmp_path, TREE_TESTS="tests/test_smoke.py", TREE_DEFER_TESTS="main new")
     done = subprocess.run(["bash", "tools/run_gpu.sh", "trees", "tree_compare"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
@@ -147,9 +149,8 @@ def test_tree_sanitize_stage_takes_each_trees_own_selection(tmp_path):
     shutil.copytree(tmp_path / ".trees" / "c", tmp_path / ".trees" / "d")
     (tmp_path / ".trees" / "d.sanitize_each").write_text(
         "# two picks\ntests/test_smoke.py -k 'smoke'\n\ntests/test_smoke.py -k 'smoke or nothing'\n")
-    env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), DMATTN_KEEP_CC="1",
-               TREES_TO_CHECK="a c d", SANITIZE_FILES="tests/test_smoke.py", SANITIZE_TESTS="smoke",
-               PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    env = _stage_env(tmp_path, first_on_path=[bin_dir], TREES_TO_CHECK="a c d", SANITIZE_FILES="tests/test_smoke.py",
+                     SANITIZE_TESTS="smoke")
     done = subprocess.run(["bash", "tools/run_gpu.sh", "tree_sanitize"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -360,9 +361,8 @@ def test_a_switch_tree_runs_another_trees_build_under_its_own_env_and_workloads(
     (tmp_path / ".trees" / "sw.of").write_text("all\n")
     (tmp_path / ".trees" / "sw.env").write_text("DMATTN_SWITCH=on\n")
     (tmp_path / ".trees" / "sw.workloads").write_text("decode backward\n")
-    env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(tmp_path / "out"), DMATTN_KEEP_CC="1",
-               TREES_TO_COMPARE="all sw", TREE_BASE="all", TREE_WORKLOADS="dense decode", TREE_ROUNDS="1",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env = _stage_env(tmp_path, TREES_TO_COMPARE="all sw", TREE_BASE="all", TREE_WORKLOADS="dense decode",
+                     TREE_ROUNDS="1")
     env.pop("DMATTN_SWITCH", None)
     done = subprocess.run(["bash", "tools/run_gpu.sh", "tree_compare"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
@@ -410,9 +410,7 @@ def _peers(tmp_path, **env):
         for tool in ("bench_gpu.py", "bench_backward.py"):
             (root / "tools" / tool).write_text(PEER_BENCH)
     out = tmp_path / "out"
-    env = dict(os.environ, LOGDIR=str(tmp_path / "logs"), OUT=str(out), DMATTN_KEEP_CC="1", CUDA_VISIBLE_DEVICES="",
-               CHECKOUT=str(tmp_path), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-               **env)
+    env = _stage_env(tmp_path, CUDA_VISIBLE_DEVICES="", CHECKOUT=str(tmp_path), **env)
     done = subprocess.run(["bash", "tools/run_gpu.sh", "peers"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     ran = {}
