@@ -39,6 +39,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from . import _broadcast
+
 __all__ = [
     "ModDependencies", "additive_part", "create_bias", "create_mask", "document_mask", "mod_dependencies", "prefix_lm",
     "sliding_window",
@@ -242,86 +244,121 @@ class _Packing(NamedTuple):
     cu_q: torch.Tensor  # (B + 1,) INDEX_DTYPE
     cu_k: torch.Tensor  # (B + 1,) INDEX_DTYPE
     len_k: torch.Tensor  # (B,) INDEX_DTYPE
-    anchor: torch.Tensor  # () INDEX_DTYPE: the first sequence with both queries and keys (0 if there is none)
+    anchor: torch.Tensor  # () INDEX_DTYPE: a sequence with both queries and keys, if there is one
 
 
 def _packing(cu_seqlens_q, cu_seqlens_k, device) -> _Packing:
     """B >= 1. The anchor is where the dependency trace runs and where don't-care entries are evaluated."""
     cu_q = cu_seqlens_q.to(device=device, dtype=INDEX_DTYPE)
     cu_k = cu_seqlens_k.to(device=device, dtype=INDEX_DTYPE)
-    len_q = cu_q[1:] - cu_q[:-1]
-    len_k = cu_k[1:] - cu_k[:-1]
-    anchor = torch.argmax(((len_q > 0) & (len_k > 0)).to(INDEX_DTYPE), dim=0, keepdim=True).to(INDEX_DTYPE)
-    return _Packing(cu_q, cu_k, len_k, anchor.squeeze(0))
+    len_k = cu_k.diff()
+    anchor = torch.minimum(cu_q.diff(), len_k).argmax()  # the most queries and keys: some of both, if any has both
+    return _Packing(cu_q, cu_k, len_k, anchor)
 
 
 def _sequence_of(cu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """(rows,) packed positions -> (rows,) index of the sequence owning each, clamped to [0, B - 1]."""
-    b = torch.searchsorted(cu, rows, right=True) - 1
-    return b.clamp(0, cu.shape[0] - 2)
+    return torch.searchsorted(cu[1:], rows, right=True).clamp(max=cu.shape[0] - 2)
 
 
-def _key_side(mod: MaskMod, deps: ModDependencies, p: _Packing, num_heads: int, total_k: int, fill) -> torch.Tensor:
-    """(total_k, Hm): row t = packed key t evaluated at (its sequence b, every head, its position kv_idx)."""
-    dev = p.cu_k.device
-    t = torch.arange(total_k, dtype=INDEX_DTYPE, device=dev)  # (total_k,)
+def _heads(deps: ModDependencies, num_heads: int, zero: torch.Tensor) -> torch.Tensor:
+    """The head indices a mod is evaluated at: (H,) when h reaches its output, else zero (a 0-d 0)."""
+    return torch.arange(num_heads, dtype=INDEX_DTYPE, device=zero.device) if deps.head else zero
+
+
+def _on_grid(mod, grids, shape) -> Optional[torch.Tensor]:
+    """mod evaluated on broadcast grids (_broadcast.evaluate), viewed with len(shape) dimensions, or None when it is
+    not elementwise there or its result is not a broadcast of shape (the caller then evaluates under vmap)."""
+    out, _ = _broadcast.evaluate(mod, *grids)
+    if out is None or out.dim() > len(shape):
+        return None
+    sizes = (1,) * (len(shape) - out.dim()) + tuple(out.shape)
+    return out.view(sizes) if all(s in (1, n) for s, n in zip(sizes, shape)) else None
+
+
+def _key_side(mod, checked, deps, p: _Packing, num_heads: int, total_k: int, fill, zero, probed) -> torch.Tensor:
+    """(total_k, Hm): row t = packed key t evaluated at (its sequence b, every head, its position kv_idx).
+
+    probed: the mod's _broadcast.Probe (eager mode, an elementwise mod), else None: evaluated under vmap (checked).
+    Rows after cu_seqlens_k[-1] are evaluated at the anchor sequence's first key where the mod may read memory at a
+    position (under vmap, or where the probe saw it read)."""
+    t = torch.arange(total_k, dtype=INDEX_DTYPE, device=zero.device)  # (total_k,)
     inside = t < p.cu_k[-1]  # rows after cu_seqlens_k[-1] belong to no sequence: don't-care
-    b = torch.where(inside, _sequence_of(p.cu_k, t), p.anchor)
-    kv_idx = torch.where(inside, t - p.cu_k[b], 0)
-    q_idx = torch.zeros((), dtype=INDEX_DTYPE, device=dev)  # unused: q_idx does not reach the output
-    fn = mod
-    if deps.head:
-        fn = torch.vmap(fn, in_dims=(None, 0, None, None))  # -> (H,)
-        h = torch.arange(num_heads, dtype=INDEX_DTYPE, device=dev)
-    else:
-        h = torch.zeros((), dtype=INDEX_DTYPE, device=dev)
-    out = torch.vmap(fn, in_dims=(0, None, None, 0))(b, h, q_idx, kv_idx)  # (total_k,) or (total_k, H)
-    if not deps.head:
-        out = out.unsqueeze(1)
-    return torch.where(inside.unsqueeze(1), out, fill).contiguous()
+    b = _sequence_of(p.cu_k, t)
+    kv_idx = t - p.cu_k[b]
+    if probed is None or probed.reads_rows or probed.reads_keys:
+        b = torch.where(inside, b, p.anchor)
+        kv_idx = torch.where(inside, kv_idx, 0)
+    h = _heads(deps, num_heads, zero)  # q_idx = zero: it does not reach the output
+    out = None
+    if probed is not None:
+        hm = num_heads if deps.head else 1
+        out = _on_grid(mod, (b.unsqueeze(1), h.view(1, -1) if deps.head else h, zero, kv_idx.unsqueeze(1)),
+                       (total_k, hm))
+    if out is None:
+        fn = checked
+        if deps.head:
+            fn = torch.vmap(fn, in_dims=(None, 0, None, None))  # -> (H,)
+        out = torch.vmap(fn, in_dims=(0, None, None, 0))(b, h, zero, kv_idx)  # (total_k,) or (total_k, H)
+        if not deps.head:
+            out = out.unsqueeze(1)
+    return torch.where(inside.unsqueeze(1), out, fill).expand(total_k, -1).contiguous()
 
 
 def _query_side(
-    mod: MaskMod, deps: ModDependencies, p: _Packing, num_heads: int, total_q: int, max_seqlen_k, fill
+    mod, checked, deps: ModDependencies, p: _Packing, num_heads: int, total_q: int, max_seqlen_k, fill, zero, probed
 ) -> torch.Tensor:
     """(total_q, Hm, max_seqlen_k): [i, h, j] = query i with the j-th key of its own sequence.
 
-    Entries with j >= that sequence's key length are don't-care (``fill``); the mod is still evaluated there, at
-    kv_idx clamped into the sequence, so a closure never indexes out of bounds."""
-    dev = p.cu_q.device
-    i = torch.arange(total_q, dtype=INDEX_DTYPE, device=dev)  # (total_q,)
+    Entries with j >= that sequence's key length are don't-care (``fill``). Evaluated on broadcast grids when probed
+    (a _broadcast.Probe) says the mod is elementwise, else under vmap (checked). Where the mod may read memory at a
+    position (under vmap, or where the probe saw it read), every entry it reads at is a valid one: rows that see no
+    key are evaluated at the anchor sequence's first query, and where kv_idx reaches a read (not a window's, not a
+    prefix's), kv_idx is clamped into the row's sequence, so a closure never indexes out of bounds."""
+    i = torch.arange(total_q, dtype=INDEX_DTYPE, device=zero.device)  # (total_q,)
     b = _sequence_of(p.cu_q, i)
     len_k = torch.where(i < p.cu_q[-1], p.len_k[b], 0)  # (total_q,) 0 on rows after cu_seqlens_q[-1]
-    usable = len_k > 0  # rows that see any key; the others are evaluated at the anchor sequence
-    b = torch.where(usable, b, p.anchor)
-    q_idx = torch.where(usable, i - p.cu_q[b], 0)
-    eval_len = torch.where(usable, len_k, p.len_k.index_select(0, p.anchor.unsqueeze(0)))
-    last_k = torch.clamp(eval_len - 1, min=0)  # (total_q,) the last key position a row is evaluated at
-    j = torch.arange(max_seqlen_k, dtype=INDEX_DTYPE, device=dev)  # (max_seqlen_k,)
+    q_idx = i - p.cu_q[b]
+    j = torch.arange(max_seqlen_k, dtype=INDEX_DTYPE, device=zero.device)  # (max_seqlen_k,)
+    hm = num_heads if deps.head else 1
+    h = _heads(deps, num_heads, zero)
 
     # When every row sees max_seqlen_k keys, no position needs clamping and no entry is don't-care, which saves two
     # of the few passes over the (total_q, max_seqlen_k) grid. Checked on CPU tensors only, in eager mode: there the
     # check is free, while on a GPU it would cost a host sync and the two passes cost less.
     full_width = (
-        dev.type == "cpu" and not torch.compiler.is_compiling() and bool((len_k >= max_seqlen_k).all())
+        zero.device.type == "cpu" and not torch.compiler.is_compiling() and bool((len_k >= max_seqlen_k).all())
     )
+    reads_keys = not full_width and (probed is None or probed.reads_keys)
+    last_k = None  # (total_q,) the last key position a row is evaluated at, where kv_idx is clamped
+    if not full_width and (probed is None or probed.reads_rows or reads_keys):
+        usable = len_k > 0  # rows that see any key; the others are evaluated at the anchor sequence
+        b = torch.where(usable, b, p.anchor)
+        q_idx = torch.where(usable, q_idx, 0)
+        if reads_keys:
+            last_k = (torch.where(usable, len_k, p.len_k.index_select(0, p.anchor.view(1))) - 1).clamp(min=0)
+    out = None
+    if probed is not None:
+        kv = j.view(1, 1, -1) if last_k is None else torch.minimum(j.view(1, 1, -1), last_k.view(-1, 1, 1))
+        out = _on_grid(mod, (b.view(-1, 1, 1), h.view(1, -1, 1) if deps.head else h, q_idx.view(-1, 1, 1), kv),
+                       (total_q, hm, max_seqlen_k))
+    if out is None:
+        if probed is not None and not full_width:  # the probe said elementwise, yet the grid's result was not
+            return _query_side(mod, checked, deps, p, num_heads, total_q, max_seqlen_k, fill, zero, None)
 
-    def entry(b, q_idx, last_k, h, j):
-        return mod(b, h, q_idx, j if full_width else torch.minimum(j, last_k))  # the clamp is per row
+        def entry(b, q_idx, last_k, h, j):
+            return checked(b, h, q_idx, j if last_k is None else torch.minimum(j, last_k))  # the clamp is per row
 
-    fn = torch.vmap(entry, in_dims=(None, None, None, None, 0))  # -> (max_seqlen_k,)
-    if deps.head:
-        fn = torch.vmap(fn, in_dims=(None, None, None, 0, None))  # -> (H, max_seqlen_k)
-        h = torch.arange(num_heads, dtype=INDEX_DTYPE, device=dev)
-    else:
-        h = torch.zeros((), dtype=INDEX_DTYPE, device=dev)
-    out = torch.vmap(fn, in_dims=(0, 0, 0, None, None))(b, q_idx, last_k, h, j)
-    if not deps.head:
-        out = out.unsqueeze(1)  # (total_q, 1, max_seqlen_k)
-    if full_width:
-        return out.contiguous()
-    inside = (j.unsqueeze(0) < len_k.unsqueeze(1)).unsqueeze(1)  # (total_q, 1, max_seqlen_k)
-    return torch.where(inside, out, fill).contiguous()
+        fn = torch.vmap(entry, in_dims=(None, None, None, None, 0))  # -> (max_seqlen_k,)
+        if deps.head:
+            fn = torch.vmap(fn, in_dims=(None, None, None, 0, None))  # -> (H, max_seqlen_k)
+        out = torch.vmap(fn, in_dims=(0, 0, None if last_k is None else 0, None, None))(b, q_idx, last_k, h, j)
+        if not deps.head:
+            out = out.unsqueeze(1)  # (total_q, 1, max_seqlen_k)
+    if not full_width:
+        inside = (j.unsqueeze(0) < len_k.unsqueeze(1)).unsqueeze(1)  # (total_q, 1, max_seqlen_k)
+        out = torch.where(inside, out, fill)
+    return out.expand(total_q, hm, max_seqlen_k).contiguous()
 
 
 # A sequence's own (len_q, len_k) block is evaluated by itself when the batch's grid has at least this many entries
@@ -331,11 +368,13 @@ PER_SEQUENCE_MIN_ENTRIES = 1 << 16
 
 
 def _query_side_per_sequence(
-    mod: MaskMod, deps: ModDependencies, p: _Packing, num_heads: int, total_q: int, max_seqlen_k: int, fill, dtype
+    mod, checked, deps: ModDependencies, p: _Packing, num_heads: int, total_q: int, max_seqlen_k: int, fill, dtype,
+    probed,
 ) -> Optional[torch.Tensor]:
     """_query_side's result built block by block, or None where that does not pay or does not apply: CPU tensors in
     eager mode only (it reads cu_seqlens on the host, free there), non-decreasing cu_seqlens, and a grid with at least
-    PER_SEQUENCE_MIN_ENTRIES entries per sequence."""
+    PER_SEQUENCE_MIN_ENTRIES entries per sequence. A block is evaluated on broadcast grids when probed says the mod
+    is elementwise, else under vmap (checked)."""
     if p.cu_q.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     cu_q, cu_k = p.cu_q.tolist(), p.cu_k.tolist()
@@ -344,21 +383,28 @@ def _query_side_per_sequence(
         return None
     if any(a > b for a, b in zip(cu_q, cu_q[1:])) or any(a > b for a, b in zip(cu_k, cu_k[1:])):
         return None  # rows would not belong to one sequence each; the grid's searchsorted decides those
-    out = torch.full((total_q, num_heads if deps.head else 1, max_seqlen_k), fill, dtype=dtype)
-    fn = torch.vmap(mod, in_dims=(None, None, None, 0))  # over kv_idx
-    h = torch.zeros((), dtype=INDEX_DTYPE)
+    hm = num_heads if deps.head else 1
+    out = torch.full((total_q, hm, max_seqlen_k), fill, dtype=dtype)
+    h = _heads(deps, num_heads, torch.zeros((), dtype=INDEX_DTYPE))
+    fn = torch.vmap(checked, in_dims=(None, None, None, 0))  # over kv_idx
     if deps.head:
         fn = torch.vmap(fn, in_dims=(None, 0, None, None))  # over h
-        h = torch.arange(num_heads, dtype=INDEX_DTYPE)
     fn = torch.vmap(fn, in_dims=(None, None, 0, None))  # over q_idx
     for b in range(batch):
         q0, q1 = min(cu_q[b], total_q), min(cu_q[b + 1], total_q)
         len_k = min(cu_k[b + 1] - cu_k[b], max_seqlen_k)
         if q1 <= q0 or len_k <= 0:
             continue  # no query row, or no key: every entry stays fill
-        block = fn(torch.tensor(b, dtype=INDEX_DTYPE), h, torch.arange(q1 - q0, dtype=INDEX_DTYPE),
-                   torch.arange(len_k, dtype=INDEX_DTYPE))  # (rows, [H,] len_k)
-        out[q0:q1, :, :len_k] = block if deps.head else block.unsqueeze(1)
+        seq, rows, keys = (torch.tensor(b, dtype=INDEX_DTYPE), torch.arange(q1 - q0, dtype=INDEX_DTYPE),
+                           torch.arange(len_k, dtype=INDEX_DTYPE))
+        block = None
+        if probed is not None:
+            block = _on_grid(mod, (seq, h.view(1, -1, 1) if deps.head else h, rows.view(-1, 1, 1),
+                                   keys.view(1, 1, -1)), (q1 - q0, hm, len_k))
+        if block is None:
+            block = fn(seq, h, rows, keys)  # (rows, [H,] len_k)
+            block = block if deps.head else block.unsqueeze(1)
+        out[q0:q1, :, :len_k] = block
     return out
 
 
@@ -406,20 +452,27 @@ def _build(
         return torch.full((total_k, 1), fill, dtype=dtype, device=device)
     p = _packing(cu_seqlens_q, cu_seqlens_k, device)
     zero = torch.zeros((), dtype=INDEX_DTYPE, device=device)
-    deps, out_dtype = _trace(mod, p.anchor, zero, zero)
+    checked = _checked(mod, f"dmattn.{where}: {'mask_mod' if where == 'create_mask' else 'score_mod'}")
+    # Eager mode evaluates an elementwise mod on broadcast grids (dmattn_ops/_broadcast.py); compiled code, and any
+    # mod the probe cannot vouch for, under vmap.
+    probed = None if torch.compiler.is_compiling() else _broadcast.probe(mod, p.anchor, zero, zero)
+    if probed is not None:
+        deps, out_dtype = ModDependencies(*probed.dims), probed.dtype
+    else:
+        deps, out_dtype = _trace(checked, p.anchor, zero, zero)
     if out_dtype != dtype:  # an additive part is always float32
         raise TypeError(f"dmattn.create_mask: mask_mod must return bool (True = attend), got {out_dtype}")
     if deps.query:
         shape = (total_q, num_heads if deps.head else 1, max_seqlen_k)
         if total_q == 0 or max_seqlen_k == 0:  # nothing to evaluate (vmap needs a non-empty batch)
             return torch.full(shape, fill, dtype=dtype, device=device)
-        blocks = _query_side_per_sequence(mod, deps, p, num_heads, total_q, max_seqlen_k, fill, dtype)
-        return blocks if blocks is not None else _query_side(mod, deps, p, num_heads, total_q, max_seqlen_k, fill)
+        args = (mod, checked, deps, p, num_heads, total_q, max_seqlen_k, fill)
+        blocks = _query_side_per_sequence(*args, dtype, probed)
+        return blocks if blocks is not None else _query_side(*args, zero, probed)
     shape = (total_k, num_heads if deps.head else 1)
     if total_k == 0:
         return torch.full(shape, fill, dtype=dtype, device=device)
-    return _key_side(mod, deps, p, num_heads, total_k, fill)
-
+    return _key_side(mod, checked, deps, p, num_heads, total_k, fill, zero, probed)
 
 def create_mask(
     mask_mod: MaskMod,
@@ -453,9 +506,8 @@ def create_mask(
         ``(total_q, Hm, max_seqlen_k)``; Hm = 1 when h does not reach it, else H. Rows outside every sequence and
         query-side entries past a sequence's key length are False.
     """
-    mod = _checked(mask_mod, "dmattn.create_mask: mask_mod")
     return _build(
-        "create_mask", mod, False, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, num_heads, num_heads_k, device,
+        "create_mask", mask_mod, False, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, num_heads, num_heads_k, device,
         total_q, total_k,
     )
 
@@ -478,9 +530,8 @@ def create_bias(
     entries are 0).
 
     Raises ValueError, saying which use of score broke it, when score_mod is not additive (a softcap, a scale)."""
-    mod = _checked(additive_part(score_mod), "dmattn.create_bias: score_mod")
     return _build(
-        "create_bias", mod, 0.0, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, num_heads, num_heads_k, device,
+        "create_bias", additive_part(score_mod), 0.0, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, num_heads, num_heads_k, device,
         total_q, total_k,
     )
 

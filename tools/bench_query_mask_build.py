@@ -12,7 +12,9 @@ Three query-dependent masks, each on two batches:
 
 The hand-written tensor builds the same (total_q, 1, max_seqlen_k) bool tensor from per-row facts (the row's
 position, its sequence's length, prefix and document ids), False past each sequence's keys; both are checked equal.
-Times are medians of --reps calls after a warm-up (compiled: after compiling, torch.compile(dynamic=True)).
+Times are medians of --reps calls after a warm-up (compiled: after compiling, torch.compile(dynamic=True)). Each eager
+row also counts the aten ops that run (views excluded): on a GPU, where every op is a kernel launch of a few
+microseconds, that count sets a small build's time.
 
     python tools/bench_query_mask_build.py [--device cpu] [--json PATH]
 """
@@ -87,6 +89,25 @@ def hand_written(name, pos, length, prefix, doc, doc_of_key, width, uniform):
     return m if uniform else m & (j < n)  # False past each sequence's keys, where a sequence is shorter
 
 
+VIEWS = frozenset("view expand slice select unsqueeze squeeze alias t transpose _unsafe_view".split())
+
+
+def count_ops(fn) -> int:
+    """The aten ops one call of fn runs, views excluded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func.overloadpacket.__name__ not in VIEWS
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
 def median_ms(fn, reps):
     fn()
     times = []
@@ -134,9 +155,14 @@ def main(argv=None) -> int:
                 h_ms = median_ms(lambda: (h_fn(*hand_args), sync()), args.reps)
                 row = dict(batch=batch_name, lengths=lengths, mask=name, mode=mode, adapter_ms=a_ms,
                            hand_written_ms=h_ms, ratio=a_ms / h_ms, entries=f.total * f.width)
+                ops = ""
+                if mode == "eager":
+                    row.update(adapter_ops=count_ops(lambda: a_fn(*adapter_args)),
+                               hand_written_ops=count_ops(lambda: h_fn(*hand_args)))
+                    ops = f"   ops {row['adapter_ops']:3d} / {row['hand_written_ops']:3d}"
                 rows.append(row)
-                print(f"{batch_name:8s} {name:9s} {mode:9s} create_mask {a_ms:8.1f} ms   hand-written {h_ms:8.1f} ms"
-                      f"   ratio {a_ms / h_ms:5.2f}")
+                print(f"{batch_name:8s} {name:9s} {mode:9s} create_mask {a_ms:8.3f} ms   hand-written {h_ms:8.3f} ms"
+                      f"   ratio {a_ms / h_ms:5.2f}{ops}")
     worst = max(r["ratio"] for r in rows)
     print(f"worst ratio {worst:.2f} (issue 11: <= 2)")
     if args.json:

@@ -1,0 +1,192 @@
+"""Evaluating a mask_mod (or a score_mod's additive part) on broadcast index grids, in eager mode.
+
+``dmattn_ops.mods`` evaluates a mod under nested ``torch.vmap``: exact for every mod FlexAttention accepts, and traced
+away by ``torch.compile``, but in eager mode each op of the mod runs through the batching rules of every vmap level,
+and the grid around it costs dozens of small ops. On a GPU that made ``create_mask`` 3-17x slower than the same mask
+written as a tensor expression (run DO). Called on broadcast grids instead (``b``, ``q_idx`` of shape (rows, 1, 1),
+``h`` (1, H, 1), ``kv_idx`` (1, 1, W)), the mod *is* that tensor expression.
+
+The two evaluations agree exactly when the mod is elementwise in its index arguments. ``_Elementwise``, a
+TorchFunctionMode, watches every op that touches a tensor computed from the grids ("derived") and allows only:
+
+- elementwise ops whose other tensor operands are 0-d, so that every derived tensor is a broadcast of the grids;
+- reading a tensor the mod closes over at derived indices (``t[i]``, ``t[i, j]``; the result's extra dimensions, if
+  ``t`` has more than it is indexed by, fail the caller's shape check);
+- new tensors shaped like a derived one or given a size (``zeros_like``, ``new_ones``), and dtype / device reads.
+
+Anything else that touches a derived tensor (a reduction, a shape read, slicing, indexing a derived tensor as in
+``t[i][j]``, an in-place op, bool-mask indexing) raises ``NotElementwise`` before it runs, and the caller evaluates
+under vmap instead: an unusual mod costs the slower path, never a wrong value. Ops on tensors the grids do not reach
+run freely (what they compute is the same under vmap).
+
+The mode also records which indices reach an op that reads memory or can fail at a value (indexing, integer division
+and remainder, powers). Only where kv_idx does must key positions past a sequence's end be clamped into it before
+the mod sees them, a pass over the whole grid: a sliding window reads nothing at a position, and a prefix-LM reads
+its per-sequence prefix at b alone, so neither grid needs the clamp.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+class NotElementwise(Exception):
+    """An op the broadcast evaluation cannot vouch for; the caller falls back to vmap."""
+
+
+# Elementwise ops defined for every value: their result at an entry depends on that entry's operands only.
+_TOTAL = frozenset("""
+    add __add__ __radd__ sub __sub__ __rsub__ rsub subtract mul __mul__ __rmul__ multiply neg __neg__ negative
+    abs __abs__ absolute sign sgn square
+    eq ne lt le gt ge __eq__ __ne__ __lt__ __le__ __gt__ __ge__ greater less greater_equal less_equal not_equal
+    bitwise_and bitwise_or bitwise_xor bitwise_not __and__ __or__ __xor__ __rand__ __ror__ __rxor__ __invert__
+    logical_and logical_or logical_xor logical_not __lshift__ __rshift__ bitwise_left_shift bitwise_right_shift
+    where minimum maximum fmin fmax clamp clamp_min clamp_max clip masked_fill
+    to type type_as long int short bool float double half bfloat16 as_tensor contiguous clone detach
+    zeros_like ones_like full_like
+    true_divide __truediv__ __rtruediv__ exp exp2 expm1 log log2 log10 log1p sqrt rsqrt reciprocal sigmoid tanh
+    sin cos floor ceil round trunc
+""".split())
+# Elementwise ops that read memory at a value or can fail at some values (an int divided by zero): positions past a
+# sequence's keys must be clamped into it first.
+_PARTIAL = frozenset("""
+    floor_divide __floordiv__ __rfloordiv__ remainder __mod__ __rmod__ fmod pow __pow__ __rpow__ float_power take
+""".split())
+# Creation from a tensor's dtype and device, at a size given explicitly: the result is not derived.
+_CREATE = frozenset("new_ones new_zeros new_full new_tensor new_empty".split())
+# Attributes that do not describe a derived tensor's shape.
+_ATTRIBUTES = frozenset("dtype device is_cuda layout requires_grad".split())
+
+
+def _leaves(x, out: list) -> list:
+    """The non-container values of x (nested tuples, lists and dicts), appended to out. torch's pytree would do,
+    at ten times the cost per op (measured: the guard's overhead is most of a small build's)."""
+    if isinstance(x, (tuple, list)):
+        for y in x:
+            _leaves(y, out)
+    elif isinstance(x, dict):
+        for y in x.values():
+            _leaves(y, out)
+    else:
+        out.append(x)
+    return out
+
+
+def _name(func) -> str:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property read: Tensor.dtype.__get__ and the like
+        return "." + getattr(getattr(func, "__self__", None), "__name__", "?")
+    return name
+
+
+class _Elementwise(TorchFunctionMode):
+    """The guard described in the module docstring, for grids given as (b, h, q_idx, kv_idx). It tracks, per derived
+    tensor, which grids reach it (bits 1, 2, 4, 8). ``reads``: the union of those bits over the operands of every op
+    of _PARTIAL and every index read that ran."""
+
+    def __init__(self, grids):
+        super().__init__()
+        self._kept = list(grids)  # derived tensors stay alive, so that their ids stay theirs
+        self._sources = {}
+        for bit, t in enumerate(grids):
+            self._sources[id(t)] = self._sources.get(id(t), 0) | (1 << bit)
+        self.reads = 0
+
+    def sources(self, x) -> int:
+        """The grids reaching x, as bits (0: x is not derived)."""
+        return self._sources.get(id(x), 0) if isinstance(x, torch.Tensor) else 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = _leaves(kwargs, _leaves(args, []))
+        sources = 0
+        for x in leaves:
+            sources |= self.sources(x)
+        if not sources:
+            return func(*args, **kwargs)
+        name = _name(func)
+        if name.startswith("."):
+            if name[1:] not in _ATTRIBUTES:
+                raise NotElementwise(f"reads {name} of an index tensor")
+            return func(*args, **kwargs)
+        if name == "__getitem__":
+            self._check_index(args)
+            self.reads |= sources
+        elif name in _CREATE:
+            return func(*args, **kwargs)
+        elif name in _TOTAL or name in _PARTIAL or name in ("div", "divide"):
+            if any(isinstance(x, torch.Tensor) and not self.sources(x) and x.dim() != 0 for x in leaves):
+                raise NotElementwise(f"{name} combines an index tensor with a tensor of more than one element")
+            if name in _PARTIAL or kwargs.get("rounding_mode") is not None:
+                self.reads |= sources
+        else:
+            raise NotElementwise(f"{name} on an index tensor is not elementwise")
+        out = func(*args, **kwargs)
+        for x in _leaves(out, []):
+            if isinstance(x, torch.Tensor):
+                self._kept.append(x)
+                self._sources[id(x)] = self._sources.get(id(x), 0) | sources
+        return out
+
+    def _check_index(self, args):
+        """t[i] / t[i, j, ...]: t not derived, every index a non-bool tensor or an int, one of them derived."""
+        if len(args) != 2 or self.sources(args[0]) or not isinstance(args[0], torch.Tensor):
+            raise NotElementwise("indexes an index tensor")
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        for i in index:
+            if isinstance(i, torch.Tensor):
+                if i.dtype == torch.bool or i.dtype == torch.uint8:
+                    raise NotElementwise("indexes with a boolean mask")
+                if not self.sources(i) and i.dim() != 0:
+                    raise NotElementwise("indexes with a tensor of more than one element")
+            elif type(i) is not int:
+                raise NotElementwise(f"indexes with {type(i).__name__}")
+
+
+class Probe(NamedTuple):
+    """What one broadcast evaluation on a small grid tells about a mod."""
+
+    dims: tuple  # (batch, head, query, key): whether each index reaches the output
+    dtype: torch.dtype  # the output's
+    reads_rows: bool  # an op reads memory at (or may fail for) a value reached by b or q_idx: rows need valid ones
+    reads_keys: bool  # the same for kv_idx: key positions past a sequence's end must be clamped into it
+
+
+# Distinct sizes for the probe's four grid dimensions: a reachable index shows as its size in the output.
+_PROBE_SIZES = (2, 3, 5, 7)
+_ROWS, _KEYS = 0b0101, 0b1000  # the bits of b and q_idx, of kv_idx (h is always a valid head)
+
+
+def probe(mod, b: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> Optional[Probe]:
+    """mod evaluated on copies of one valid position (0-d int64 b, q_idx, kv_idx; head 0), each index along a
+    dimension of its own; None when mod is not elementwise (or fails, or returns something other than a tensor).
+    The copies are stride-0 views: only the result's shape is read, so they cost no copy."""
+    grids = []
+    for d, (x, n) in enumerate(zip((b, q_idx, q_idx, kv_idx), _PROBE_SIZES)):  # head 0: a view of q_idx's 0
+        shape = [1, 1, 1, 1]
+        shape[d] = n
+        grids.append(x.view(1, 1, 1, 1).expand(shape))
+    out, reads = evaluate(mod, *grids)
+    if out is None or out.dim() > 4:  # more dimensions: an indexed tensor's own (t[i] of a 2-d t)
+        return None
+    sizes = (1,) * (4 - out.dim()) + tuple(out.shape)
+    if any(s not in (1, n) for s, n in zip(sizes, _PROBE_SIZES)):
+        return None
+    return Probe(tuple(s != 1 for s in sizes), out.dtype, bool(reads & _ROWS), bool(reads & _KEYS))
+
+
+def evaluate(mod, b, h, q_idx, kv_idx):
+    """(mod(b, h, q_idx, kv_idx) on broadcast grids, the grids whose values some op read memory at, as bits), or
+    (None, 0) when the mod is not elementwise, raises, or returns something other than one value per index tuple."""
+    guard = _Elementwise((b, h, q_idx, kv_idx))
+    try:
+        with guard:
+            out = mod(b, h, q_idx, kv_idx)
+    except Exception:  # noqa: BLE001 - any failure: vmap evaluates it and raises what it raises there
+        return None, 0
+    if not isinstance(out, torch.Tensor) or (out.dim() != 0 and not guard.sources(out)):
+        return None, 0  # not a tensor, or a tensor of several values the grids do not reach (a closure's own)
+    return out, guard.reads

@@ -1,0 +1,160 @@
+"""The adapter's eager evaluation on broadcast grids (dmattn_ops/_broadcast.py): which mods take it, that it gives
+the vmap evaluation's tensor bit for bit, that every other mod falls back to vmap, and that positions are clamped
+exactly where a mod reads memory at a key position.
+
+The reference for mods outside the registry is a plain loop calling the mod on 0-d tensors, one index tuple at a
+time: it shares no code with either evaluation.
+"""
+
+import pytest
+import torch
+
+import dmattn_ops
+from dmattn_ops import _broadcast
+from dmattn_ops.mods import additive_part, create_bias, create_mask
+
+try:  # tests/ as a package or as a plain folder on sys.path
+    from . import mod_registry as reg
+except ImportError:
+    import mod_registry as reg
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ACCEPTED = [case.name for case in reg.CASES if case.rejected is None]
+
+
+def _builds(batch, name):
+    """(build function, the mod it evaluates as a mask_mod) for each operand of registry case name."""
+    mask_mod, score_mod = reg.CASES_BY_NAME[name].mods(batch)
+    shape = dict(num_heads=reg.HEADS, num_heads_k=reg.HEADS_K, total_q=batch.q.shape[0], total_k=batch.k.shape[0])
+    bounds = (batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q, batch.max_seqlen_k)
+    out = []
+    if mask_mod is not None:
+        out.append((lambda: create_mask(mask_mod, *bounds, **shape), mask_mod))
+    if score_mod is not None:
+        out.append((lambda: create_bias(score_mod, *bounds, **shape), additive_part(score_mod)))
+    return out
+
+
+class _GridSpy:
+    """Wraps dmattn_ops.mods._on_grid: counts the grid evaluations and those that fell back to vmap."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self.fell_back = 0, 0
+        real = dmattn_ops.mods._on_grid
+
+        def spy(*args):
+            out = real(*args)
+            self.calls += 1
+            self.fell_back += out is None
+            return out
+
+        monkeypatch.setattr(dmattn_ops.mods, "_on_grid", spy)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_registry_mods_take_the_grid_and_match_vmap(name, device, monkeypatch):
+    """Every registry mod is elementwise: it is evaluated on broadcast grids (no fallback), and the tensor equals the
+    vmap evaluation's bit for bit, don't-care entries included. Both the grid and the sequence-by-sequence block path
+    (CPU) are covered."""
+    batch = reg.make_batch().to(device)
+    for build, mod in _builds(batch, name):
+        vmapped = []
+        with monkeypatch.context() as m:
+            m.setattr(_broadcast, "probe", lambda *args: None)  # the probe vouches for nothing: vmap everywhere
+            for entries in (0, 1 << 62):  # block by block (CPU), then the grid
+                m.setattr(dmattn_ops.mods, "PER_SEQUENCE_MIN_ENTRIES", entries)
+                vmapped.append(build())
+        for entries, expected in zip((0, 1 << 62), vmapped):
+            with monkeypatch.context() as m:
+                m.setattr(dmattn_ops.mods, "PER_SEQUENCE_MIN_ENTRIES", entries)
+                spy = _GridSpy(m)
+                got = build()
+            assert spy.calls > 0 and spy.fell_back == 0, name
+            assert got.dtype == expected.dtype and got.shape == expected.shape and torch.equal(got, expected), name
+
+
+_TABLE = torch.arange(10)
+_TABLE_2D = torch.arange(40).view(4, 10)
+
+
+def _reads(mod):
+    found = _broadcast.probe(mod, *(torch.zeros((), dtype=torch.int64) for _ in range(3)))
+    return None if found is None else (found.reads_rows, found.reads_keys)
+
+
+@pytest.mark.parametrize("mod, reads", [
+    (lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (q_idx - kv_idx < 4), (False, False)),  # a window
+    (lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) | (kv_idx < _TABLE[b]), (True, False)),  # a prefix per sequence
+    (lambda b, h, q_idx, kv_idx: _TABLE[b + kv_idx] > 3, (True, True)),  # a per-key gate
+    (lambda b, h, q_idx, kv_idx: _TABLE[h // 2] > kv_idx, (False, False)),  # a head's table: h is always valid
+    (lambda b, h, q_idx, kv_idx: q_idx % (kv_idx + 1) == 0, (True, True)),  # integer remainder: may divide by 0
+    (lambda b, h, q_idx, kv_idx: (q_idx / (kv_idx + 1)) > 0.5, (False, False)),  # true division is total
+])
+def test_reads_decide_what_is_clamped(mod, reads):
+    assert _reads(mod) == reads
+
+
+NOT_ELEMENTWISE = {  # valid mods under vmap that the grids cannot evaluate as written
+    "reduction": lambda b, h, q_idx, kv_idx: torch.stack([q_idx, kv_idx]).sum() > 3,
+    "expand_reduce": lambda b, h, q_idx, kv_idx: (q_idx.unsqueeze(0).expand(3) > kv_idx).all(),
+    "chained_index": lambda b, h, q_idx, kv_idx: _TABLE_2D[b][kv_idx] > q_idx + 12,
+    "shape_read": lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (q_idx.dim() == 0),
+    "in_place": lambda b, h, q_idx, kv_idx: q_idx.clone().add_(1) > kv_idx,
+    "several_values": lambda b, h, q_idx, kv_idx: (kv_idx + torch.tensor([0, 1])).max() > q_idx,
+}
+
+
+def _loop_reference(mod, cu_q, cu_k, total_q, width):
+    """(total_q, 1, width) bool: mod at every (query, key) of a sequence, one 0-d call each; False elsewhere."""
+    out = torch.zeros(total_q, 1, width, dtype=torch.bool)
+    for b in range(len(cu_q) - 1):
+        for i in range(cu_q[b + 1] - cu_q[b]):
+            for j in range(cu_k[b + 1] - cu_k[b]):
+                idx = [torch.tensor(x) for x in (b, 0, i, j)]
+                out[cu_q[b] + i, 0, j] = bool(mod(*idx))
+    return out
+
+
+@pytest.mark.parametrize("name", list(NOT_ELEMENTWISE))
+def test_other_mods_fall_back_to_vmap(name):
+    """The guard refuses them before they run on the grids, and the vmap evaluation builds the right tensor."""
+    mod = NOT_ELEMENTWISE[name]
+    assert _reads(mod) is None
+    cu_q, cu_k = [0, 3, 4], [0, 4, 10]
+    mask = create_mask(mod, torch.tensor(cu_q), torch.tensor(cu_k), 3, 6, 2, total_q=4, total_k=10)
+    assert torch.equal(mask, _loop_reference(mod, cu_q, cu_k, 4, 6))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_key_reads_are_clamped_into_the_sequence(device, monkeypatch):
+    """A mod that reads a per-key tensor exactly total_k long, where the last sequence is shorter than
+    max_seqlen_k: its grid positions past that sequence's keys would read past the tensor's end. They are clamped,
+    so the grid evaluation runs (no fallback, no out-of-bounds read on the GPU) and matches the reference."""
+    cu_q, cu_k = [0, 2, 5], [0, 6, 9]  # the second sequence: 3 keys of max_seqlen_k = 6
+    keys = torch.tensor([1, 0, 1, 1, 0, 1, 0, 1, 1], dtype=torch.bool)
+    cu_k_t = torch.tensor(cu_k, device=device)
+    keys_dev = keys.to(device)
+
+    def gate_and_causal(b, h, q_idx, kv_idx):
+        return keys_dev[cu_k_t[b] + kv_idx] & (kv_idx <= q_idx + 4)
+
+    spy = _GridSpy(monkeypatch)
+    mask = create_mask(gate_and_causal, torch.tensor(cu_q, device=device), cu_k_t, 3, 6, 2, total_q=5, total_k=9)
+    assert spy.calls == 1 and spy.fell_back == 0
+
+    def on_cpu(b, h, q_idx, kv_idx):
+        return keys[torch.tensor(cu_k)[b] + kv_idx] & (kv_idx <= q_idx + 4)
+
+    assert torch.equal(mask.cpu(), _loop_reference(on_cpu, cu_q, cu_k, 5, 6))
+
+
+def test_values_that_are_not_one_per_index_tuple_raise_as_before():
+    """A mod returning a tensor the grids do not reach (several values) or a non-tensor fails with the vmap path's
+    error, not a silent broadcast."""
+    cu = torch.tensor([0, 3])
+    several = torch.ones(7, dtype=torch.bool)  # 7: the probe's key-grid size, so a shape could pass for one
+    with pytest.raises(ValueError, match="must return one value per"):
+        create_mask(lambda b, h, q_idx, kv_idx: several, cu, cu, 3, 3, 2, total_q=3, total_k=3)
+    with pytest.raises(TypeError, match="must return a tensor"):
+        create_mask(lambda b, h, q_idx, kv_idx: True, cu, cu, 3, 3, 2, total_q=3, total_k=3)
