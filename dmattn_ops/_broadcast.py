@@ -101,10 +101,18 @@ class _Elementwise(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        leaves = _leaves(kwargs, _leaves(args, []))
-        sources = 0
+        # The operands' grids, and whether a tensor the grids do not reach, of more than one value, is among them.
+        # (Every op of the mod passes here, and of a small build's time this loop was the largest part: it is kept
+        # to plain dict and isinstance work.)
+        leaves = args if not kwargs else args + tuple(kwargs.values())
+        if any(isinstance(x, (tuple, list, dict)) for x in leaves):
+            leaves = _leaves(leaves, [])
+        sources, wide = 0, False
         for x in leaves:
-            sources |= self.sources(x)
+            if isinstance(x, torch.Tensor):
+                bits = self._sources.get(id(x), 0)
+                sources |= bits
+                wide = wide or (not bits and x.dim() != 0)
         if not sources:
             return func(*args, **kwargs)
         name = _name(func)
@@ -118,14 +126,14 @@ class _Elementwise(TorchFunctionMode):
         elif name in _CREATE:
             return func(*args, **kwargs)
         elif name in _TOTAL or name in _PARTIAL or name in ("div", "divide"):
-            if any(isinstance(x, torch.Tensor) and not self.sources(x) and x.dim() != 0 for x in leaves):
+            if wide:
                 raise NotElementwise(f"{name} combines an index tensor with a tensor of more than one element")
             if name in _PARTIAL or kwargs.get("rounding_mode") is not None:
                 self.reads |= sources
         else:
             raise NotElementwise(f"{name} on an index tensor is not elementwise")
         out = func(*args, **kwargs)
-        for x in _leaves(out, []):
+        for x in (out,) if isinstance(out, torch.Tensor) else _leaves(out, []):
             if isinstance(x, torch.Tensor):
                 self._kept.append(x)
                 self._sources[id(x)] = self._sources.get(id(x), 0) | sources

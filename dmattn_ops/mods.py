@@ -251,14 +251,15 @@ def _packing(cu_seqlens_q, cu_seqlens_k, device) -> _Packing:
     """B >= 1. The anchor is where the dependency trace runs and where don't-care entries are evaluated."""
     cu_q = cu_seqlens_q.to(device=device, dtype=INDEX_DTYPE)
     cu_k = cu_seqlens_k.to(device=device, dtype=INDEX_DTYPE)
-    len_k = cu_k.diff()
-    anchor = torch.minimum(cu_q.diff(), len_k).argmax()  # the most queries and keys: some of both, if any has both
+    len_k = cu_k[1:] - cu_k[:-1]
+    anchor = torch.minimum(cu_q[1:] - cu_q[:-1], len_k).argmax()  # the most queries and keys: some of both, if any
     return _Packing(cu_q, cu_k, len_k, anchor)
 
 
 def _sequence_of(cu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """(rows,) packed positions -> (rows,) index of the sequence owning each, clamped to [0, B - 1]."""
-    return torch.searchsorted(cu[1:], rows, right=True).clamp(max=cu.shape[0] - 2)
+    """(rows,) packed positions -> (rows,) index of the sequence owning each, clamped to [0, B - 1]. (Searching cu[1:]
+    would save the subtraction, but inductor's CUDA lowering of searchsorted takes no sliced boundaries.)"""
+    return (torch.searchsorted(cu, rows, right=True) - 1).clamp(0, cu.shape[0] - 2)
 
 
 def _heads(deps: ModDependencies, num_heads: int, zero: torch.Tensor) -> torch.Tensor:
@@ -276,6 +277,12 @@ def _on_grid(mod, grids, shape) -> Optional[torch.Tensor]:
     return out.view(sizes) if all(s in (1, n) for s, n in zip(sizes, shape)) else None
 
 
+def _dont_care(out: torch.Tensor, inside: torch.Tensor, fill) -> torch.Tensor:
+    """out where inside, else fill. For a mask, one `&` (a Python scalar in torch.where becomes a tensor filled on
+    the device first: one launch more, on a GPU a small build's cost is its launches)."""
+    return out & inside if fill is False else torch.where(inside, out, fill)
+
+
 def _key_side(mod, checked, deps, p: _Packing, num_heads: int, total_k: int, fill, zero, probed) -> torch.Tensor:
     """(total_k, Hm): row t = packed key t evaluated at (its sequence b, every head, its position kv_idx).
 
@@ -288,7 +295,7 @@ def _key_side(mod, checked, deps, p: _Packing, num_heads: int, total_k: int, fil
     kv_idx = t - p.cu_k[b]
     if probed is None or probed.reads_rows or probed.reads_keys:
         b = torch.where(inside, b, p.anchor)
-        kv_idx = torch.where(inside, kv_idx, 0)
+        kv_idx = torch.where(inside, kv_idx, zero)
     h = _heads(deps, num_heads, zero)  # q_idx = zero: it does not reach the output
     out = None
     if probed is not None:
@@ -302,7 +309,7 @@ def _key_side(mod, checked, deps, p: _Packing, num_heads: int, total_k: int, fil
         out = torch.vmap(fn, in_dims=(0, None, None, 0))(b, h, zero, kv_idx)  # (total_k,) or (total_k, H)
         if not deps.head:
             out = out.unsqueeze(1)
-    return torch.where(inside.unsqueeze(1), out, fill).expand(total_k, -1).contiguous()
+    return _dont_care(out, inside.unsqueeze(1), fill).expand(total_k, -1).contiguous()
 
 
 def _query_side(
@@ -317,7 +324,7 @@ def _query_side(
     prefix's), kv_idx is clamped into the row's sequence, so a closure never indexes out of bounds."""
     i = torch.arange(total_q, dtype=INDEX_DTYPE, device=zero.device)  # (total_q,)
     b = _sequence_of(p.cu_q, i)
-    len_k = torch.where(i < p.cu_q[-1], p.len_k[b], 0)  # (total_q,) 0 on rows after cu_seqlens_q[-1]
+    len_k = torch.where(i < p.cu_q[-1], p.len_k[b], zero)  # (total_q,) 0 on rows after cu_seqlens_q[-1]
     q_idx = i - p.cu_q[b]
     j = torch.arange(max_seqlen_k, dtype=INDEX_DTYPE, device=zero.device)  # (max_seqlen_k,)
     hm = num_heads if deps.head else 1
@@ -334,7 +341,7 @@ def _query_side(
     if not full_width and (probed is None or probed.reads_rows or reads_keys):
         usable = len_k > 0  # rows that see any key; the others are evaluated at the anchor sequence
         b = torch.where(usable, b, p.anchor)
-        q_idx = torch.where(usable, q_idx, 0)
+        q_idx = torch.where(usable, q_idx, zero)
         if reads_keys:
             last_k = (torch.where(usable, len_k, p.len_k.index_select(0, p.anchor.view(1))) - 1).clamp(min=0)
     out = None
@@ -357,7 +364,7 @@ def _query_side(
             out = out.unsqueeze(1)  # (total_q, 1, max_seqlen_k)
     if not full_width:
         inside = (j.unsqueeze(0) < len_k.unsqueeze(1)).unsqueeze(1)  # (total_q, 1, max_seqlen_k)
-        out = torch.where(inside, out, fill)
+        out = _dont_care(out, inside, fill)
     return out.expand(total_q, hm, max_seqlen_k).contiguous()
 
 

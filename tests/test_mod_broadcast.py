@@ -158,3 +158,15 @@ def test_values_that_are_not_one_per_index_tuple_raise_as_before():
         create_mask(lambda b, h, q_idx, kv_idx: several, cu, cu, 3, 3, 2, total_q=3, total_k=3)
     with pytest.raises(TypeError, match="must return a tensor"):
         create_mask(lambda b, h, q_idx, kv_idx: True, cu, cu, 3, 3, 2, total_q=3, total_k=3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["sliding_window", "document_causal", "per_head_gating", "alibi"])
+def test_compiled_build_equals_the_eager_grid(name, device):
+    """Compiled code evaluates under vmap (the guard is not traced): torch.compile(fullgraph=True, dynamic=True) of
+    the build gives the eager grid's tensor, query-side and key-side. On CUDA this also runs inductor's GPU lowering
+    of the build (its searchsorted once refused a sliced boundaries tensor there, and only there)."""
+    batch = reg.make_batch().to(device)
+    for build, _ in _builds(batch, name):
+        compiled = torch.compile(build, fullgraph=True, dynamic=True)
+        assert torch.equal(compiled(), build()), name
