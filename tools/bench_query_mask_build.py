@@ -17,6 +17,7 @@ row also counts the aten ops that run (views excluded): on a GPU, where every op
 microseconds, that count sets a small build's time.
 
     python tools/bench_query_mask_build.py [--device cpu] [--json PATH]
+    python tools/bench_query_mask_build.py --from RESULT.json [--prev EARLIER.json] --chart PATH   # a chart only
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -118,13 +120,49 @@ def median_ms(fn, reps):
     return statistics.median(times)
 
 
+def chart(path: str, result: dict, prev: Optional[dict]) -> Optional[str]:
+    """Bars per row of result: the adapter's time, an earlier build's (prev, same rows) and the hand-written one's."""
+    earlier = {(r["batch"], r["mask"], r["mode"]): r for r in prev["rows"]} if prev else {}
+    labels, values, colors, notes = [], [], [], []
+    for r in result["rows"]:
+        key = (r["batch"], r["mask"], r["mode"])
+        bars = [("create_mask", r["adapter_ms"], "tab:blue", f"{r['ratio']:.2f}x hand-written")]
+        if key in earlier:
+            e = earlier[key]
+            bars.append(("create_mask, earlier build", e["adapter_ms"], "tab:gray", f"{e['ratio']:.2f}x"))
+        bars.append(("hand-written", r["hand_written_ms"], "tab:green", ""))
+        for what, ms, color, note in bars:
+            labels.append(f"{' '.join(key)}: {what}")
+            values.append(ms)
+            colors.append(color)
+            notes.append(note)
+    device = result.get("environment", {}).get("device_name", "")
+    return bc.bar_chart(path, f"Building a query-side mask (issue 11: create_mask <= 2x hand-written), {device}",
+                        labels, values, colors, notes)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true", help="eager only")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--chart", default=None, help="a chart of the result (needs matplotlib)")
+    ap.add_argument("--from", dest="source", default=None, help="chart this result JSON instead of measuring")
+    ap.add_argument("--prev", default=None, help="an earlier build's result JSON, charted beside")
     args = ap.parse_args(argv)
+    if args.source:
+        import json
+
+        with open(args.source) as fh:
+            result = json.load(fh)
+        prev = None
+        if args.prev:
+            with open(args.prev) as fh:
+                prev = json.load(fh)
+        why = chart(args.chart, result, prev) if args.chart else "no --chart given"
+        print(why or f"wrote {args.chart}")
+        return 0 if why is None else 1
 
     import dmattn_ops
 
@@ -165,11 +203,13 @@ def main(argv=None) -> int:
                       f"   ratio {a_ms / h_ms:5.2f}{ops}")
     worst = max(r["ratio"] for r in rows)
     print(f"worst ratio {worst:.2f} (issue 11: <= 2)")
+    result = dict(rows=rows, worst_ratio=worst, target="create_mask <= 2x the hand-written tensor expression (issue 11)",
+                  environment=bc.environment(device, os.path.join(os.path.dirname(__file__), "..")),
+                  dmattn_build=dmattn_ops.build_info(), command=" ".join(sys.argv))
     if args.json:
-        bc.write_json(args.json, dict(
-            rows=rows, worst_ratio=worst, target="create_mask <= 2x the hand-written tensor expression (issue 11)",
-            environment=bc.environment(device, os.path.join(os.path.dirname(__file__), "..")),
-            dmattn_build=dmattn_ops.build_info(), command=" ".join(sys.argv)))
+        bc.write_json(args.json, result)
+    if args.chart:
+        print(chart(args.chart, result, None) or f"wrote {args.chart}")
     return 0
 
 
