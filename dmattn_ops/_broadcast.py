@@ -38,7 +38,7 @@ class NotElementwise(Exception):
 
 
 # Elementwise ops defined for every value: their result at an entry depends on that entry's operands only.
-_TOTAL = frozenset("""
+_TOTAL_NAMES = """
     add __add__ __radd__ sub __sub__ __rsub__ rsub subtract mul __mul__ __rmul__ multiply neg __neg__ negative
     abs __abs__ absolute sign sgn square
     eq ne lt le gt ge __eq__ __ne__ __lt__ __le__ __gt__ __ge__ greater less greater_equal less_equal not_equal
@@ -49,16 +49,38 @@ _TOTAL = frozenset("""
     zeros_like ones_like full_like
     true_divide __truediv__ __rtruediv__ exp exp2 expm1 log log2 log10 log1p sqrt rsqrt reciprocal sigmoid tanh
     sin cos floor ceil round trunc
-""".split())
+"""
 # Elementwise ops that read memory at a value or can fail at some values (an int divided by zero): positions past a
-# sequence's keys must be clamped into it first.
-_PARTIAL = frozenset("""
+# sequence's keys must be clamped into it first. (div and divide: either, by their rounding_mode.)
+_PARTIAL_NAMES = """
     floor_divide __floordiv__ __rfloordiv__ remainder __mod__ __rmod__ fmod pow __pow__ __rpow__ float_power take
-""".split())
+"""
 # Creation from a tensor's dtype and device, at a size given explicitly: the result is not derived.
-_CREATE = frozenset("new_ones new_zeros new_full new_tensor new_empty".split())
-# Attributes that do not describe a derived tensor's shape.
-_ATTRIBUTES = frozenset("dtype device is_cuda layout requires_grad".split())
+_CREATE_NAMES = "new_ones new_zeros new_full new_tensor new_empty"
+# Properties that do not describe a derived tensor's shape.
+_ATTRIBUTE_NAMES = "dtype device is_cuda layout requires_grad"
+
+_TOTAL, _PARTIAL, _DIV, _CREATE, _INDEX, _ATTRIBUTE = range(6)
+
+
+def _kinds() -> dict:
+    """The functions __torch_function__ receives for those names (Tensor methods and torch functions), each mapped to
+    its kind: one dict lookup per op, where reading each function's name took string work."""
+    kinds = {}
+    for kind, names in ((_TOTAL, _TOTAL_NAMES), (_PARTIAL, _PARTIAL_NAMES), (_CREATE, _CREATE_NAMES),
+                        (_DIV, "div divide")):
+        for name in names.split():
+            for owner in (torch.Tensor, torch):
+                func = getattr(owner, name, None)
+                if callable(func):
+                    kinds[func] = kind
+    kinds[torch.Tensor.__getitem__] = _INDEX
+    for name in _ATTRIBUTE_NAMES.split():
+        kinds[getattr(torch.Tensor, name).__get__] = _ATTRIBUTE
+    return kinds
+
+
+_KIND = _kinds()
 
 
 def _leaves(x, out: list) -> list:
@@ -73,13 +95,6 @@ def _leaves(x, out: list) -> list:
     else:
         out.append(x)
     return out
-
-
-def _name(func) -> str:
-    name = getattr(func, "__name__", "")
-    if name == "__get__":  # a property read: Tensor.dtype.__get__ and the like
-        return "." + getattr(getattr(func, "__self__", None), "__name__", "?")
-    return name
 
 
 class _Elementwise(TorchFunctionMode):
@@ -115,23 +130,19 @@ class _Elementwise(TorchFunctionMode):
                 wide = wide or (not bits and x.dim() != 0)
         if not sources:
             return func(*args, **kwargs)
-        name = _name(func)
-        if name.startswith("."):
-            if name[1:] not in _ATTRIBUTES:
-                raise NotElementwise(f"reads {name} of an index tensor")
+        kind = _KIND.get(func)
+        if kind == _ATTRIBUTE or kind == _CREATE:
             return func(*args, **kwargs)
-        if name == "__getitem__":
+        if kind == _INDEX:
             self._check_index(args)
             self.reads |= sources
-        elif name in _CREATE:
-            return func(*args, **kwargs)
-        elif name in _TOTAL or name in _PARTIAL or name in ("div", "divide"):
+        elif kind == _TOTAL or kind == _PARTIAL or kind == _DIV:
             if wide:
-                raise NotElementwise(f"{name} combines an index tensor with a tensor of more than one element")
-            if name in _PARTIAL or kwargs.get("rounding_mode") is not None:
+                raise NotElementwise("an elementwise op combines an index tensor with a tensor of several values")
+            if kind == _PARTIAL or (kind == _DIV and kwargs.get("rounding_mode") is not None):
                 self.reads |= sources
         else:
-            raise NotElementwise(f"{name} on an index tensor is not elementwise")
+            raise NotElementwise(func)  # not elementwise, or not known to be
         out = func(*args, **kwargs)
         for x in (out,) if isinstance(out, torch.Tensor) else _leaves(out, []):
             if isinstance(x, torch.Tensor):
@@ -151,7 +162,7 @@ class _Elementwise(TorchFunctionMode):
                 if not self.sources(i) and i.dim() != 0:
                     raise NotElementwise("indexes with a tensor of more than one element")
             elif type(i) is not int:
-                raise NotElementwise(f"indexes with {type(i).__name__}")
+                raise NotElementwise("indexes with something other than a tensor or an int")
 
 
 class Probe(NamedTuple):

@@ -461,7 +461,8 @@ def _build(
     zero = torch.zeros((), dtype=INDEX_DTYPE, device=device)
     checked = _checked(mod, f"dmattn.{where}: {'mask_mod' if where == 'create_mask' else 'score_mod'}")
     # Eager mode evaluates an elementwise mod on broadcast grids (dmattn_ops/_broadcast.py); compiled code, and any
-    # mod the probe cannot vouch for, under vmap.
+    # mod the probe cannot vouch for, under vmap. (Dynamo traces the guard, but torch 2.13 fails its own guard on the
+    # lookup of a Python-defined Tensor method such as __floordiv__: "Guard failed on the same frame it was created".)
     probed = None if torch.compiler.is_compiling() else _broadcast.probe(mod, p.anchor, zero, zero)
     if probed is not None:
         deps, out_dtype = ModDependencies(*probed.dims), probed.dtype
