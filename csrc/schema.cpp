@@ -1,6 +1,7 @@
-// schema.cpp: the op schemas (the forward and its backward), defined once. Backends register their kernels in their own files
-// (csrc/cpu/varlen_fwd_cpu.cpp, csrc/cuda/varlen_fwd_cuda.cpp); the fake (meta) implementation and the layout
-// rules live in meta/ (installed as dmattn_ops._meta).
+// schema.cpp: the op schemas (the forward, its backward, and the adapter's packed_rows), defined once. Backends
+// register their kernels in their own files (csrc/cpu/varlen_fwd_cpu.cpp, csrc/cuda/varlen_fwd_cuda.cpp,
+// csrc/packed_rows.cpp, csrc/cuda/packed_rows_cuda.cpp); the fake (meta) implementations and the layout rules live
+// in meta/ (installed as dmattn_ops._meta).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -31,4 +32,8 @@ TORCH_LIBRARY(dmattn, m) {
       "int window_left=-1, int window_right=-1, float? softcap=None, Tensor? sinks=None, Tensor? seqused_k=None, "
       "Tensor? key_range=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias, Tensor dsinks)");
+  // The mask_mod adapter's per-row facts of a packed batch, in one pass (csrc/packed_rows.h): rows (3, total) int64,
+  // for each packed row of cu_seqlens' side its sequence, its position there and the other side's count of that
+  // sequence (0 past cu_seqlens[-1]); anchor, the sequence with the most rows on both sides. No host sync.
+  m.def("packed_rows(Tensor cu_seqlens, Tensor cu_seqlens_other, SymInt total) -> (Tensor rows, Tensor anchor)");
 }

@@ -238,22 +238,61 @@ def additive_part(score_mod: ScoreMod) -> MaskMod:
 # Packed index grids and evaluation
 
 
-class _Packing(NamedTuple):
-    """The per-sequence facts every evaluation needs, as device tensors (no host sync)."""
+class _Rows(NamedTuple):
+    """Each packed row's facts on one side (queries or keys), (total,) INDEX_DTYPE each."""
 
-    cu_q: torch.Tensor  # (B + 1,) INDEX_DTYPE
-    cu_k: torch.Tensor  # (B + 1,) INDEX_DTYPE
-    len_k: torch.Tensor  # (B,) INDEX_DTYPE
-    anchor: torch.Tensor  # () INDEX_DTYPE: a sequence with both queries and keys, if there is one
+    seq: torch.Tensor  # the sequence owning the row, clamped to [0, B - 1]
+    pos: torch.Tensor  # its position in that sequence
+    count: torch.Tensor  # the other side's count of that sequence (the keys of a query's); 0 past cu_seqlens[-1]
 
 
-def _packing(cu_seqlens_q, cu_seqlens_k, device) -> _Packing:
-    """B >= 1. The anchor is where the dependency trace runs and where don't-care entries are evaluated."""
-    cu_q = cu_seqlens_q.to(device=device, dtype=INDEX_DTYPE)
-    cu_k = cu_seqlens_k.to(device=device, dtype=INDEX_DTYPE)
-    len_k = cu_k[1:] - cu_k[:-1]
-    anchor = torch.minimum(cu_q[1:] - cu_q[:-1], len_k).argmax()  # the most queries and keys: some of both, if any
-    return _Packing(cu_q, cu_k, len_k, anchor)
+def _has_packed_rows(device: torch.device) -> bool:
+    """Whether this build has a dmattn::packed_rows kernel for device's type (the CPU's always; CUDA's in a CUDA
+    build)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("dmattn::packed_rows", key)
+
+
+class _Packing:
+    """The packed batch's facts an evaluation needs, as device tensors (no host sync). In eager mode, where this
+    build has a kernel for the device, through dmattn::packed_rows: one launch for a side's rows and the anchor
+    (csrc/packed_rows.h). Otherwise (compiled code: inductor fuses them into the grid's kernel) by tensor ops.
+
+    B >= 1. anchor: () INDEX_DTYPE, the sequence with the most of min(queries, keys): one with both, if any has both.
+    It is where the probe runs and where don't-care entries are evaluated."""
+
+    def __init__(self, cu_seqlens_q, cu_seqlens_k, total_q: int, zero: torch.Tensor):
+        device = zero.device
+        self.native = not torch.compiler.is_compiling() and _has_packed_rows(device)
+        self.zero = zero
+        if self.native:
+            self.cu_q, self.cu_k = (t.to(device).contiguous() for t in (cu_seqlens_q, cu_seqlens_k))
+            rows, self.anchor = torch.ops.dmattn.packed_rows(self.cu_q, self.cu_k, total_q)
+            self._query_rows = _Rows(*rows.unbind(0))
+        else:
+            self.cu_q = cu_seqlens_q.to(device=device, dtype=INDEX_DTYPE)
+            self.cu_k = cu_seqlens_k.to(device=device, dtype=INDEX_DTYPE)
+            self.len_k = self.cu_k[1:] - self.cu_k[:-1]
+            self.anchor = torch.minimum(self.cu_q[1:] - self.cu_q[:-1], self.len_k).argmax()
+            self._query_rows = None
+        self.total_q = total_q
+
+    def query_rows(self) -> _Rows:
+        """Each query row's sequence, position and key count (0 past cu_seqlens_q[-1])."""
+        if self._query_rows is None:
+            i = torch.arange(self.total_q, dtype=INDEX_DTYPE, device=self.zero.device)
+            b = _sequence_of(self.cu_q, i)
+            self._query_rows = _Rows(b, i - self.cu_q[b], torch.where(i < self.cu_q[-1], self.len_k[b], self.zero))
+        return self._query_rows
+
+    def key_rows(self, total_k: int):
+        """(each key row's sequence, its position, whether it is inside cu_seqlens_k[-1])."""
+        if self.native:
+            rows, _ = torch.ops.dmattn.packed_rows(self.cu_k, self.cu_k, total_k)
+            return rows[0], rows[1], rows[2] > 0  # a sequence's own count: 0 exactly past cu_seqlens_k[-1]
+        t = torch.arange(total_k, dtype=INDEX_DTYPE, device=self.zero.device)
+        b = _sequence_of(self.cu_k, t)
+        return b, t - self.cu_k[b], t < self.cu_k[-1]
 
 
 def _sequence_of(cu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -289,10 +328,7 @@ def _key_side(mod, checked, deps, p: _Packing, num_heads: int, total_k: int, fil
     probed: the mod's _broadcast.Probe (eager mode, an elementwise mod), else None: evaluated under vmap (checked).
     Rows after cu_seqlens_k[-1] are evaluated at the anchor sequence's first key where the mod may read memory at a
     position (under vmap, or where the probe saw it read)."""
-    t = torch.arange(total_k, dtype=INDEX_DTYPE, device=zero.device)  # (total_k,)
-    inside = t < p.cu_k[-1]  # rows after cu_seqlens_k[-1] belong to no sequence: don't-care
-    b = _sequence_of(p.cu_k, t)
-    kv_idx = t - p.cu_k[b]
+    b, kv_idx, inside = p.key_rows(total_k)  # rows after cu_seqlens_k[-1] belong to no sequence: don't-care
     if probed is None or probed.reads_rows or probed.reads_keys:
         b = torch.where(inside, b, p.anchor)
         kv_idx = torch.where(inside, kv_idx, zero)
@@ -322,10 +358,7 @@ def _query_side(
     position (under vmap, or where the probe saw it read), every entry it reads at is a valid one: rows that see no
     key are evaluated at the anchor sequence's first query, and where kv_idx reaches a read (not a window's, not a
     prefix's), kv_idx is clamped into the row's sequence, so a closure never indexes out of bounds."""
-    i = torch.arange(total_q, dtype=INDEX_DTYPE, device=zero.device)  # (total_q,)
-    b = _sequence_of(p.cu_q, i)
-    len_k = torch.where(i < p.cu_q[-1], p.len_k[b], zero)  # (total_q,) 0 on rows after cu_seqlens_q[-1]
-    q_idx = i - p.cu_q[b]
+    b, q_idx, len_k = p.query_rows()  # (total_q,) each; len_k 0 on rows after cu_seqlens_q[-1]
     j = torch.arange(max_seqlen_k, dtype=INDEX_DTYPE, device=zero.device)  # (max_seqlen_k,)
     hm = num_heads if deps.head else 1
     h = _heads(deps, num_heads, zero)
@@ -342,8 +375,8 @@ def _query_side(
         usable = len_k > 0  # rows that see any key; the others are evaluated at the anchor sequence
         b = torch.where(usable, b, p.anchor)
         q_idx = torch.where(usable, q_idx, zero)
-        if reads_keys:
-            last_k = (torch.where(usable, len_k, p.len_k.index_select(0, p.anchor.view(1))) - 1).clamp(min=0)
+        if reads_keys:  # (a row without keys reads at the anchor's first key)
+            last_k = (len_k - 1).clamp(min=0)
     out = None
     if probed is not None:
         kv = j.view(1, 1, -1) if last_k is None else torch.minimum(j.view(1, 1, -1), last_k.view(-1, 1, 1))
@@ -457,8 +490,8 @@ def _build(
     dtype = torch.bool if where == "create_mask" else torch.float32
     if cu_seqlens_q.shape[0] == 1:  # B = 0: every entry is don't-care and there is no position to trace at
         return torch.full((total_k, 1), fill, dtype=dtype, device=device)
-    p = _packing(cu_seqlens_q, cu_seqlens_k, device)
     zero = torch.zeros((), dtype=INDEX_DTYPE, device=device)
+    p = _Packing(cu_seqlens_q, cu_seqlens_k, total_q, zero)
     checked = _checked(mod, f"dmattn.{where}: {'mask_mod' if where == 'create_mask' else 'score_mod'}")
     # Eager mode evaluates an elementwise mod on broadcast grids (dmattn_ops/_broadcast.py); compiled code, and any
     # mod the probe cannot vouch for, under vmap. (Dynamo traces the guard, but torch 2.13 fails its own guard on the

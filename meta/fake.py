@@ -90,3 +90,9 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("dmattn::varlen_fwd", _backward, setup_context=_setup_context)
+
+
+@torch.library.register_fake("dmattn::packed_rows")
+def _packed_rows_fake(cu_seqlens, cu_seqlens_other, total):
+    """(3, total) int64 rows and a 0-d int64 anchor (csrc/packed_rows.h; the kernels check the arguments)."""
+    return cu_seqlens.new_empty((3, total), dtype=torch.int64), cu_seqlens.new_empty((), dtype=torch.int64)

@@ -170,3 +170,19 @@ def test_compiled_build_equals_the_eager_grid(name, device):
     for build, _ in _builds(batch, name):
         compiled = torch.compile(build, fullgraph=True, dynamic=True)
         assert torch.equal(compiled(), build()), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_rows_by_packed_rows_equal_rows_by_tensor_ops(name, device, monkeypatch):
+    """Eager builds take each packed row's facts from dmattn::packed_rows (one launch); compiled code computes them by
+    tensor ops. Both give the same operands, grid and vmap paths alike."""
+    batch = reg.make_batch().to(device)
+    for build, _ in _builds(batch, name):
+        for probe in (_broadcast.probe, lambda *args: None):
+            with monkeypatch.context() as m:
+                m.setattr(_broadcast, "probe", probe)
+                native = build()
+                m.setattr(dmattn_ops.mods, "_has_packed_rows", lambda device: False)
+                by_ops = build()
+            assert torch.equal(native, by_ops), name

@@ -1,0 +1,64 @@
+// packed_rows.cpp: dmattn::packed_rows's checks (both backends) and its CPU kernel (csrc/packed_rows.h); the CUDA one
+// is csrc/cuda/packed_rows_cuda.cpp.
+#include "packed_rows_op.h"
+
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "packed_rows.h"
+
+namespace dmattn {
+
+void check_packed_rows_args(const at::Tensor& cu, const at::Tensor& other, int64_t total) {
+  constexpr const char* kOp = "dmattn.packed_rows: ";
+  const auto check = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) >= 2, kOp, name, " must be a (B + 1,) tensor with B >= 1, got shape ",
+                t.sizes());
+    TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, kOp, name,
+                " must be int32 or int64, got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), kOp, name, " must be contiguous");
+  };
+  check("cu_seqlens", cu);
+  check("cu_seqlens_other", other);
+  TORCH_CHECK(cu.size(0) == other.size(0), kOp, "cu_seqlens and cu_seqlens_other must have the same length B + 1, got ",
+              cu.size(0), " and ", other.size(0));
+  TORCH_CHECK(cu.device() == other.device(), kOp, "cu_seqlens and cu_seqlens_other must be on one device, got ",
+              cu.device(), " and ", other.device());
+  TORCH_CHECK(total >= 0, kOp, "total must be >= 0, got ", total);
+}
+
+namespace {
+
+template <typename Index, typename Other>
+void compute(const Index* cu, const Other* other, int64_t batch, int64_t total, int64_t* rows, int64_t* anchor) {
+  for (int64_t i = 0; i < total; ++i) packed_row(cu, other, batch, total, i, rows);
+  int64_t best = 0;
+  for (int64_t b = 1; b < batch; ++b) {
+    if (anchor_score(cu, other, b) > anchor_score(cu, other, best)) best = b;
+  }
+  *anchor = best;
+}
+
+std::tuple<at::Tensor, at::Tensor> packed_rows_cpu(const at::Tensor& cu, const at::Tensor& other, int64_t total) {
+  check_packed_rows_args(cu, other, total);
+  auto rows = at::empty({3, total}, cu.options().dtype(at::kLong));
+  auto anchor = at::empty({}, cu.options().dtype(at::kLong));
+  const int64_t batch = cu.size(0) - 1;
+  int64_t* r = rows.data_ptr<int64_t>();
+  int64_t* a = anchor.data_ptr<int64_t>();
+  const bool cu64 = cu.scalar_type() == at::kLong, other64 = other.scalar_type() == at::kLong;
+  if (cu64 && other64) compute(cu.data_ptr<int64_t>(), other.data_ptr<int64_t>(), batch, total, r, a);
+  if (cu64 && !other64) compute(cu.data_ptr<int64_t>(), other.data_ptr<int32_t>(), batch, total, r, a);
+  if (!cu64 && other64) compute(cu.data_ptr<int32_t>(), other.data_ptr<int64_t>(), batch, total, r, a);
+  if (!cu64 && !other64) compute(cu.data_ptr<int32_t>(), other.data_ptr<int32_t>(), batch, total, r, a);
+  return {rows, anchor};
+}
+
+}  // namespace
+}  // namespace dmattn
+
+TORCH_LIBRARY_IMPL(dmattn, CPU, m) {
+  m.impl("packed_rows", &dmattn::packed_rows_cpu);
+}
