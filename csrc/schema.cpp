@@ -1,6 +1,6 @@
 // schema.cpp: the op schemas (the forward, its backward, and the adapter's packed_rows), defined once. Backends
 // register their kernels in their own files (csrc/cpu/varlen_fwd_cpu.cpp, csrc/cuda/varlen_fwd_cuda.cpp,
-// csrc/packed_rows.cpp, csrc/cuda/packed_rows_cuda.cpp); the fake (meta) implementations and the layout rules live
+// csrc/packed_rows.cpp); the fake (meta) implementations and the layout rules live
 // in meta/ (installed as dmattn_ops._meta).
 #include <Python.h>
 #include <torch/library.h>

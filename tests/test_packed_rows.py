@@ -1,6 +1,7 @@
 """dmattn::packed_rows, the mask_mod adapter's per-row facts in one pass (csrc/packed_rows.h): its values against a
 reference written with torch ops from the contract (csrc/schema.cpp), lying cu_seqlens included, its errors, and
-torch.library.opcheck, on every device this build runs.
+torch.library.opcheck, on every device this build has a kernel for (the CUDA one is pending:
+docs/pending/packed_rows_cuda.patch, compile-checked, not yet run on a GPU; these tests are its tests).
 """
 
 import re
@@ -9,6 +10,15 @@ import pytest
 import torch
 
 import dmattn_ops  # noqa: F401 - loads the op library
+
+
+def _kernel_for(device):
+    """Skips, with the reason, where this build has no packed_rows kernel for device."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}[torch.device(device).type]
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("dmattn::packed_rows", key):
+        pytest.skip(f"dmattn::packed_rows has no {key} kernel in this build (the CUDA one: "
+                    "docs/pending/packed_rows_cuda.patch, compile-checked, not yet run on a GPU)")
+    return device
 
 
 def _reference(cu, other, total):
@@ -43,6 +53,7 @@ CASES = {
                                     (torch.int32, torch.int64), (torch.int64, torch.int32)])
 @pytest.mark.parametrize("case", list(CASES))
 def test_values_match_the_contract(case, dtypes, device):
+    _kernel_for(device)
     cu_list, other_list, total = CASES[case]
     cu = torch.tensor(cu_list, dtype=dtypes[0], device=device)
     other = torch.tensor(other_list, dtype=dtypes[1], device=device)
@@ -56,6 +67,7 @@ def test_values_match_the_contract(case, dtypes, device):
 
 def test_many_sequences_and_rows(device):
     """More rows than one block's threads and more sequences than block 0's (its argmax reduces across threads)."""
+    _kernel_for(device)
     g = torch.Generator().manual_seed(0)
     lens_q = torch.randint(0, 9, (1000,), generator=g)
     lens_k = torch.randint(0, 9, (1000,), generator=g)
@@ -86,6 +98,7 @@ def test_errors_name_the_argument(args, message):
 
 
 def test_devices_must_agree(cuda_device):
+    _kernel_for(cuda_device)
     with pytest.raises(RuntimeError, match="must be on one device"):
         torch.ops.dmattn.packed_rows(torch.zeros(3, dtype=torch.int32, device=cuda_device),
                                      torch.zeros(3, dtype=torch.int32), 2)
@@ -94,6 +107,7 @@ def test_devices_must_agree(cuda_device):
 @pytest.mark.parametrize("case", ["plain", "padding_rows", "no_rows"])
 def test_opcheck(case, device):
     """Schema, fake implementation (shapes and dtypes agree with the kernel), AOT dispatch with dynamic shapes."""
+    _kernel_for(device)
     cu_list, other_list, total = CASES[case]
     cu = torch.tensor(cu_list, dtype=torch.int32, device=device)
     other = torch.tensor(other_list, dtype=torch.int32, device=device)
