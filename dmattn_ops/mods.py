@@ -24,13 +24,17 @@ inputs to its output, and ``vmap`` returns an output that is not batched at a le
 Unlike a make_fx graph walk (the test suite uses one as an independent cross-check), this runs unchanged inside
 ``torch.compile(fullgraph=True, dynamic=True)``, including for mods that close over tensors created inside the
 compiled region. The strides are static at trace time, so choosing the layout installs no guard and no graph break.
+In eager mode an elementwise mod is traced more cheaply first, by one call on broadcast copies of that position, each
+index along a dimension of its own (``dmattn_ops/_broadcast.py``): which dimensions the output has says the same.
 
 Additivity of a score_mod is proven the same way, structurally: the score_mod runs once with a stand-in for ``score``
 that records what is added to it and refuses every other use (multiplying it, passing it to ``tanh`` or
 ``torch.where``, reading it), naming the offending use in a ValueError.
 
-Every evaluation is vectorized (nested ``vmap`` over packed rows, heads and key positions, like FlexAttention's
-``create_block_mask``); no Python loop runs over tokens or sequences, and nothing synchronizes with the device.
+Every evaluation is vectorized over packed rows, heads and key positions: in eager mode, for an elementwise mod, as
+one call on broadcast index grids (the tensor expression one would write by hand, under a guard that sends every
+other mod to vmap; ``dmattn_ops/_broadcast.py``), else by nested ``vmap`` like FlexAttention's ``create_block_mask``.
+No Python loop runs over tokens or sequences, and nothing synchronizes with the device.
 """
 
 from __future__ import annotations

@@ -1,0 +1,37 @@
+"""tools/bench_query_mask_build.py on the CPU, eager, one repetition: every row measured and checked equal to the
+hand-written tensor (the tool asserts it), its ops counted, and a chart drawn from the JSON beside an earlier one
+(where matplotlib is installed)."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
+
+
+def _tool():
+    sys.path.insert(0, TOOLS)
+    spec = importlib.util.spec_from_file_location("bench_query_mask_build", os.path.join(TOOLS,
+                                                                                       "bench_query_mask_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eager_rows_and_chart(tmp_path):
+    tool = _tool()
+    out = tmp_path / "build.json"
+    assert tool.main(["--no-compile", "--reps", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {(r["batch"], r["mask"]) for r in result["rows"]} == {
+        (b, m) for b in ("one", "prefill") for m in ("window", "prefix", "document")}
+    for r in result["rows"]:
+        assert r["mode"] == "eager" and r["adapter_ms"] > 0 and r["hand_written_ms"] > 0
+        assert r["adapter_ops"] > 0 and r["hand_written_ops"] > 0
+    pytest.importorskip("matplotlib", reason="the chart needs matplotlib (the bench extra)")
+    chart = tmp_path / "build.png"
+    assert tool.main(["--from", str(out), "--prev", str(out), "--chart", str(chart)]) == 0
+    assert chart.stat().st_size > 0
