@@ -499,7 +499,8 @@ def _build(
     checked = _checked(mod, f"dmattn.{where}: {'mask_mod' if where == 'create_mask' else 'score_mod'}")
     # Eager mode evaluates an elementwise mod on broadcast grids (dmattn_ops/_broadcast.py); compiled code, and any
     # mod the probe cannot vouch for, under vmap. (Dynamo traces the guard, but torch 2.13 fails its own guard on the
-    # lookup of a Python-defined Tensor method such as __floordiv__: "Guard failed on the same frame it was created".)
+    # lookup of a Python-defined Tensor method such as __floordiv__, and the guard's id() bookkeeping makes dynamo
+    # guard on the identity of tensors derived from the inputs: a recompile per batch. NOTES, eighteenth session.)
     probed = None if torch.compiler.is_compiling() else _broadcast.probe(mod, p.anchor, zero, zero)
     if probed is not None:
         deps, out_dtype = ModDependencies(*probed.dims), probed.dtype
