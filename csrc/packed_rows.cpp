@@ -40,9 +40,10 @@ void compute(const Index* cu, const Other* other, int64_t batch, int64_t total, 
   at::parallel_for(0, total, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) packed_row(cu, other, batch, total, i, rows);
   });
-  int64_t best = 0;
+  int64_t best = 0, best_score = anchor_score(cu, other, 0);
   for (int64_t b = 1; b < batch; ++b) {
-    if (anchor_score(cu, other, b) > anchor_score(cu, other, best)) best = b;
+    const int64_t score = anchor_score(cu, other, b);
+    if (score > best_score) best = b, best_score = score;  // the first of equal maxima stays
   }
   *anchor = best;
 }

@@ -189,12 +189,19 @@ def probe(mod, b: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> Op
         shape[d] = n
         grids.append(x.view(1, 1, 1, 1).expand(shape))
     out, reads = evaluate(mod, *grids)
-    if out is None or out.dim() > 4:  # more dimensions: an indexed tensor's own (t[i] of a 2-d t)
+    out = None if out is None else broadcast_of(out, _PROBE_SIZES)
+    if out is None:
         return None
-    sizes = (1,) * (4 - out.dim()) + tuple(out.shape)
-    if any(s not in (1, n) for s, n in zip(sizes, _PROBE_SIZES)):
+    return Probe(tuple(s != 1 for s in out.shape), out.dtype, bool(reads & _ROWS), bool(reads & _KEYS))
+
+
+def broadcast_of(out: torch.Tensor, shape) -> Optional[torch.Tensor]:
+    """out viewed with len(shape) dimensions, where its shape broadcasts to shape with each size 1 or shape's own;
+    else None. (More dimensions than shape: an indexed tensor's own, t[i] of a 2-d t.)"""
+    if out.dim() > len(shape):
         return None
-    return Probe(tuple(s != 1 for s in sizes), out.dtype, bool(reads & _ROWS), bool(reads & _KEYS))
+    sizes = (1,) * (len(shape) - out.dim()) + tuple(out.shape)
+    return out.view(sizes) if all(s in (1, n) for s, n in zip(sizes, shape)) else None
 
 
 def evaluate(mod, b, h, q_idx, kv_idx):

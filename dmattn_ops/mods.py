@@ -314,10 +314,7 @@ def _on_grid(mod, grids, shape) -> Optional[torch.Tensor]:
     """mod evaluated on broadcast grids (_broadcast.evaluate), viewed with len(shape) dimensions, or None when it is
     not elementwise there or its result is not a broadcast of shape (the caller then evaluates under vmap)."""
     out, _ = _broadcast.evaluate(mod, *grids)
-    if out is None or out.dim() > len(shape):
-        return None
-    sizes = (1,) * (len(shape) - out.dim()) + tuple(out.shape)
-    return out.view(sizes) if all(s in (1, n) for s, n in zip(sizes, shape)) else None
+    return None if out is None else _broadcast.broadcast_of(out, shape)
 
 
 def _dont_care(out: torch.Tensor, inside: torch.Tensor, fill) -> torch.Tensor:
