@@ -11,7 +11,9 @@ Three query-dependent masks, each on two batches:
 - prefill:  issue 11's prefill shape, B = 8 sequences of 512-4096 tokens (seeded), queries = keys
 
 The hand-written tensor builds the same (total_q, 1, max_seqlen_k) bool tensor from per-row facts (the row's
-position, its sequence's length, prefix and document ids), False past each sequence's keys; both are checked equal.
+position, its sequence's length, prefix and first packed token, and the per-token document ids), False past each
+sequence's keys; both are checked equal. The document mask's key documents are gathered from the per-token ids, as
+the mask_mod does (results before 2026-12-06's run DV handed the expression that (total_q, max_seqlen_k) grid ready-made).
 Times are medians of --reps calls after a warm-up (compiled: after compiling, torch.compile(dynamic=True)). Each eager
 row also counts the aten ops that run (views excluded): on a GPU, where every op is a kernel launch of a few
 microseconds, that count sets a small build's time.
@@ -58,11 +60,9 @@ class Facts:
         self.prefix = torch.cat([torch.full((n,), n // 4) for n in lengths]).to(device)  # (T,)
         # document id of each packed token: DOCUMENTS equal parts of its sequence
         self.doc = torch.cat([torch.arange(n) * DOCUMENTS // n for n in lengths]).to(device)  # (T,)
-        doc_padded = torch.full((len(lengths), self.width), -1, device=device)
-        for b, n in enumerate(lengths):
-            doc_padded[b, :n] = torch.arange(n, device=device) * DOCUMENTS // n
-        seq = torch.cat([torch.full((n,), b) for b, n in enumerate(lengths)]).to(device)
-        self.doc_of_key = doc_padded[seq]  # (T, width): document of key j of each row's sequence
+        starts = [0] + torch.tensor(lengths).cumsum(0).tolist()[:-1]
+        # (T,) the packed index of each row's sequence's first token
+        self.start = torch.cat([torch.full((n,), s) for s, n in zip(starts, lengths)]).to(device)
 
 
 def mask_mods(f: Facts):
@@ -78,7 +78,7 @@ def mask_mods(f: Facts):
     return {"window": window, "prefix": prefix, "document": document}
 
 
-def hand_written(name, pos, length, prefix, doc, doc_of_key, width, uniform):
+def hand_written(name, pos, length, prefix, doc, start, width, uniform):
     """The same tensor from per-row facts: (T, 1, width) bool; uniform: every sequence has width keys."""
     i, n = pos.view(-1, 1, 1), length.view(-1, 1, 1)
     j = torch.arange(width, device=pos.device).view(1, 1, width)
@@ -86,8 +86,9 @@ def hand_written(name, pos, length, prefix, doc, doc_of_key, width, uniform):
         m = (j <= i) & (i - j < WINDOW)
     elif name == "prefix":
         m = (j <= i) | (j < prefix.view(-1, 1, 1))
-    else:
-        m = (j <= i) & (doc_of_key.unsqueeze(1) == doc.view(-1, 1, 1))
+    else:  # key j's document: packed token start + j, j kept inside the row's sequence where sequences differ
+        key = start.view(-1, 1, 1) + (j if uniform else torch.minimum(j, n - 1))
+        m = (j <= i) & (doc[key] == doc.view(-1, 1, 1))
     return m if uniform else m & (j < n)  # False past each sequence's keys, where a sequence is shorter
 
 
@@ -176,10 +177,10 @@ def main(argv=None) -> int:
             def adapter(cu, total, width, mod=mod):
                 return dmattn_ops.create_mask(mod, cu, cu, width, width, 8, total_q=total, total_k=total)
 
-            def hand(pos, length, prefix, doc, doc_of_key, width, name=name, uniform=len(set(lengths)) == 1):
-                return hand_written(name, pos, length, prefix, doc, doc_of_key, width, uniform)
+            def hand(pos, length, prefix, doc, start, width, name=name, uniform=len(set(lengths)) == 1):
+                return hand_written(name, pos, length, prefix, doc, start, width, uniform)
 
-            hand_args = (f.pos, f.len, f.prefix, f.doc, f.doc_of_key, f.width)
+            hand_args = (f.pos, f.len, f.prefix, f.doc, f.start, f.width)
             adapter_args = (f.cu, f.total, f.width)
             built = adapter(*adapter_args)
             assert built.shape == (f.total, 1, f.width), built.shape
