@@ -64,9 +64,9 @@ inline
 }
 
 namespace cuda {
-// The CUDA pass (csrc/cuda/packed_rows.cu, with its binding: docs/pending/packed_rows_cuda.patch, compile-checked,
-// not yet run on a GPU): one launch on stream; index_64 / other_64: whether cu / cu_other are int64 (else
-// int32). rows: (3, total) int64, anchor: one int64. batch >= 1.
+// The CUDA pass (csrc/cuda/packed_rows.cu; its binding csrc/cuda/packed_rows_cuda.cpp): one launch on stream;
+// index_64 / other_64: whether cu / cu_other are int64 (else int32). rows: (3, total) int64, anchor: one int64.
+// batch >= 1. Returns the launch's cudaError_t.
 int packed_rows(const void* cu, bool index_64, const void* cu_other, bool other_64, int64_t batch, int64_t total,
                 int64_t* rows, int64_t* anchor, void* stream);
 }  // namespace cuda

@@ -1,7 +1,6 @@
 """dmattn::packed_rows, the mask_mod adapter's per-row facts in one pass (csrc/packed_rows.h): its values against a
 reference written with torch ops from the contract (csrc/schema.cpp), lying cu_seqlens included, its errors, and
-torch.library.opcheck, on every device this build has a kernel for (the CUDA one is pending:
-docs/pending/packed_rows_cuda.patch, compile-checked, not yet run on a GPU; these tests are its tests).
+torch.library.opcheck, on every device this build has a kernel for (CUDA: a build with the CUDA backend).
 """
 
 import re
@@ -16,8 +15,7 @@ def _kernel_for(device):
     """Skips, with the reason, where this build has no packed_rows kernel for device."""
     key = {"cpu": "CPU", "cuda": "CUDA"}[torch.device(device).type]
     if not torch._C._dispatch_has_kernel_for_dispatch_key("dmattn::packed_rows", key):
-        pytest.skip(f"dmattn::packed_rows has no {key} kernel in this build (the CUDA one: "
-                    "docs/pending/packed_rows_cuda.patch, compile-checked, not yet run on a GPU)")
+        pytest.skip(f"dmattn::packed_rows has no {key} kernel in this build (a CPU-only build: DMATTN_BACKENDS)")
     return device
 
 
