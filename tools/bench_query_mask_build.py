@@ -13,7 +13,8 @@ Three query-dependent masks, each on two batches:
 The hand-written tensor builds the same (total_q, 1, max_seqlen_k) bool tensor from per-row facts (the row's
 position, its sequence's length, prefix and first packed token, and the per-token document ids), False past each
 sequence's keys; both are checked equal. The document mask's key documents are gathered from the per-token ids, as
-the mask_mod does (results before 2026-12-06's run DV handed the expression that (total_q, max_seqlen_k) grid ready-made).
+the mask_mod does (results before 2026-12-06's run DV handed the expression that (total_q, max_seqlen_k) grid
+ready-made).
 Times are medians of --reps calls after a warm-up (compiled: after compiling, torch.compile(dynamic=True)). Each eager
 row also counts the aten ops that run (views excluded): on a GPU, where every op is a kernel launch of a few
 microseconds, that count sets a small build's time.
