@@ -17,7 +17,8 @@ the mask_mod does (results before 2026-12-06's run DV handed the expression that
 ready-made).
 Times are medians of --reps calls after a warm-up (compiled: after compiling, torch.compile(dynamic=True)). Each eager
 row also counts the aten ops that run (views excluded): on a GPU, where every op is a kernel launch of a few
-microseconds, that count sets a small build's time.
+microseconds, that count sets a small build's time. On a GPU each eager row also splits a call's time into the host's
+issue (from the call to its return, the GPU idle before) and the GPU's time in kernels and copies (torch.profiler).
 
     python tools/bench_query_mask_build.py [--device cpu] [--json PATH]
     python tools/bench_query_mask_build.py --from RESULT.json [--prev EARLIER.json] --chart PATH   # a chart only
@@ -122,6 +123,24 @@ def median_ms(fn, reps):
     return statistics.median(times)
 
 
+def issue_and_device_ms(fn, reps) -> tuple:
+    """A CUDA call's two halves: the host's time to return from it with the GPU's queue empty before (its launches'
+    issue), and the GPU's time in its kernels and copies (torch.profiler), medians / means over reps calls."""
+    issue = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        issue.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    device_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return statistics.median(issue), device_us / reps / 1e3
+
+
 def chart(path: str, result: dict, prev: Optional[dict]) -> Optional[str]:
     """Bars per row of result: the adapter's time, an earlier build's (prev, same rows) and the hand-written one's."""
     earlier = {(r["batch"], r["mask"], r["mode"]): r for r in prev["rows"]} if prev else {}
@@ -200,6 +219,12 @@ def main(argv=None) -> int:
                     row.update(adapter_ops=count_ops(lambda: a_fn(*adapter_args)),
                                hand_written_ops=count_ops(lambda: h_fn(*hand_args)))
                     ops = f"   ops {row['adapter_ops']:3d} / {row['hand_written_ops']:3d}"
+                    if device.type == "cuda":  # where a call's time goes: the host's issue, the GPU's kernels
+                        for who, fn, fn_args in (("adapter", a_fn, adapter_args), ("hand_written", h_fn, hand_args)):
+                            row[f"{who}_issue_ms"], row[f"{who}_device_ms"] = issue_and_device_ms(
+                                lambda fn=fn, fn_args=fn_args: fn(*fn_args), args.reps)
+                        ops += (f"   issue {row['adapter_issue_ms']:.3f} / {row['hand_written_issue_ms']:.3f} ms"
+                                f"   GPU {row['adapter_device_ms']:.3f} / {row['hand_written_device_ms']:.3f} ms")
                 rows.append(row)
                 print(f"{batch_name:8s} {name:9s} {mode:9s} create_mask {a_ms:8.3f} ms   hand-written {h_ms:8.3f} ms"
                       f"   ratio {a_ms / h_ms:5.2f}{ops}")
