@@ -14,15 +14,13 @@
 
 #include <cstdint>
 
+#include "varlen_fwd_params.h"  // DMATTN_HOST_DEVICE
+
 namespace dmattn {
 
 // The upper bound of value in cu[0, n), as torch's searchsorted finds it (also on an unsorted cu).
 template <typename Index>
-inline
-#ifdef __CUDACC__
-    __host__ __device__
-#endif
-    int64_t upper_bound_of(const Index* cu, int64_t n, int64_t value) {
+DMATTN_HOST_DEVICE int64_t upper_bound_of(const Index* cu, int64_t n, int64_t value) {
   int64_t start = 0, end = n;
   while (start < end) {
     const int64_t mid = start + ((end - start) >> 1);
@@ -37,11 +35,8 @@ inline
 
 // Row i's three facts (above), written to rows[i], rows[total + i], rows[2 * total + i].
 template <typename Index, typename Other>
-inline
-#ifdef __CUDACC__
-    __host__ __device__
-#endif
-    void packed_row(const Index* cu, const Other* cu_other, int64_t batch, int64_t total, int64_t i, int64_t* rows) {
+DMATTN_HOST_DEVICE void packed_row(const Index* cu, const Other* cu_other, int64_t batch, int64_t total, int64_t i,
+                                   int64_t* rows) {
   int64_t b = upper_bound_of(cu, batch + 1, i) - 1;
   b = b < 0 ? 0 : (b > batch - 1 ? batch - 1 : b);
   rows[i] = b;
@@ -53,11 +48,7 @@ inline
 
 // min(count, other count) of sequence b: what the anchor maximizes.
 template <typename Index, typename Other>
-inline
-#ifdef __CUDACC__
-    __host__ __device__
-#endif
-    int64_t anchor_score(const Index* cu, const Other* cu_other, int64_t b) {
+DMATTN_HOST_DEVICE int64_t anchor_score(const Index* cu, const Other* cu_other, int64_t b) {
   const int64_t n = static_cast<int64_t>(cu[b + 1]) - static_cast<int64_t>(cu[b]);
   const int64_t m = static_cast<int64_t>(cu_other[b + 1]) - static_cast<int64_t>(cu_other[b]);
   return n < m ? n : m;

@@ -520,6 +520,7 @@ def _build(
         return torch.full(shape, fill, dtype=dtype, device=device)
     return _key_side(mod, checked, deps, p, num_heads, total_k, fill, zero, probed)
 
+
 def create_mask(
     mask_mod: MaskMod,
     cu_seqlens_q: torch.Tensor,
@@ -577,8 +578,8 @@ def create_bias(
 
     Raises ValueError, saying which use of score broke it, when score_mod is not additive (a softcap, a scale)."""
     return _build(
-        "create_bias", additive_part(score_mod), 0.0, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, num_heads, num_heads_k, device,
-        total_q, total_k,
+        "create_bias", additive_part(score_mod), 0.0, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, num_heads, num_heads_k,
+        device, total_q, total_k,
     )
 
 
