@@ -12,6 +12,10 @@ Calls (bf16, H = 32, Hk = 8, D = 128 unless --head-dim; the prefill batch is B =
   window       the same batch, no mask or bias, under the window workload's sliding window (bench_gpu.WINDOW keys)
   dense        4 x 4096, causal, no mask or bias (the dense workload)
   dense_nc     4 x 4096, non-causal
+  query        masked's mask + bias expanded to the query-side layout (total_q, Hm, max_seqlen_k): bench_gpu's
+               "causal, the same mask + bias expanded query-side" row (issue 11's operand bandwidth)
+  query_mask   that query-side mask alone
+  query_bias   that query-side bias alone
 Each row: the median time of the whole call (CUDA events, L2 flushed before each call, as bench_gpu.py times it) and
 the device time of each kernel the call launches (torch.profiler: the compaction and gather passes before the
 attention kernel, the attention kernel itself). --ncu runs each call --ncu-reps times after a warm-up and nothing
@@ -35,7 +39,7 @@ import bench_gpu  # noqa: E402
 from profile_decode import kernel_breakdown  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CALLS = ["masked", "bias", "causal", "window", "dense", "dense_nc"]
+CALLS = ["masked", "bias", "causal", "window", "dense", "dense_nc", "query", "query_mask", "query_bias"]
 
 
 def problem(call: str, head_dim: int, seed: int, device):
@@ -44,11 +48,15 @@ def problem(call: str, head_dim: int, seed: int, device):
     gen = torch.Generator().manual_seed(seed)
     lens_q, lens_k, hs = bench_gpu.sizes(workload, False, gen)
     hs = dict(hs, head_dim=head_dim)
-    keep = 0.5 if call in ("masked", "bias") else None
+    keep = 0.5 if call in ("masked", "bias") or call.startswith("query") else None
     prob = bench_gpu.make_problem(lens_q, lens_k, hs["heads"], hs["heads_k"], hs["head_dim"], hs["heads_k"], keep,
                                   causal=call != "dense_nc", dtype=torch.bfloat16, device=device, seed=seed)
     if call == "window":
         return prob.replace(window_size=(bench_gpu.WINDOW - 1, -1))
+    if call.startswith("query"):
+        query_side = bench_gpu.key_side_as_query_side(prob)
+        return {"query": query_side, "query_mask": query_side.replace(bias=None),
+                "query_bias": query_side.replace(mask=None)}[call]
     return prob.replace(mask=None) if call == "bias" else prob
 
 
