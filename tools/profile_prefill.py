@@ -18,7 +18,12 @@ Calls (bf16, H = 32, Hk = 8, D = 128 unless --head-dim; the prefill batch is B =
   query_bias   that query-side bias alone
 Each row: the median time of the whole call (CUDA events, L2 flushed before each call, as bench_gpu.py times it) and
 the device time of each kernel the call launches (torch.profiler: the compaction and gather passes before the
-attention kernel, the attention kernel itself). --ncu runs each call --ncu-reps times after a warm-up and nothing
+attention kernel, the attention kernel itself).
+
+    python tools/profile_prefill.py --chart cmp.png --builds main=a/prefill_profile.json new=b/prefill_profile.json
+
+draws the rows of earlier runs side by side (anywhere, no GPU): per call and build, the attention kernel's time and
+the passes before it. --ncu runs each call --ncu-reps times after a warm-up and nothing
 else, so that `ncu --kernel-name regex:fwd_kernel --launch-skip N --launch-count 1` profiles one attention kernel.
 """
 
@@ -71,7 +76,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ncu", action="store_true", help="only run each call (warm-up 3, then --ncu-reps), for ncu")
     ap.add_argument("--ncu-reps", type=int, default=2)
     ap.add_argument("--out", default=None, help="folder for prefill_profile.json")
+    ap.add_argument("--chart", default=None, help="with --builds: draw their rows into this PNG and exit")
+    ap.add_argument("--builds", nargs="+", default=[], metavar="LABEL=JSON", help="earlier runs' prefill_profile.json")
     args = ap.parse_args(argv)
+    if args.chart:
+        return chart(args.chart, args.builds)
     if not torch.cuda.is_available():
         print("profile_prefill: needs a CUDA device", file=sys.stderr)
         return 2
@@ -99,6 +108,45 @@ def main(argv=None) -> int:
         payload = {"environment": bc.environment(dev, REPO), "reps": args.reps, "results": rows,
                    "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv or sys.argv[1:]))}
         bc.write_json(os.path.join(args.out, "prefill_profile.json"), payload)
+    return 0
+
+
+def is_attention(kernel: str) -> bool:
+    """Whether a kernel of a row's breakdown is the attention kernel (the others are the passes before it)."""
+    return "fwd_kernel" in kernel
+
+
+def chart(path: str, builds) -> int:
+    """Each (call, arch) row of the given runs, build beside build: the attention kernel's device time, the passes'
+    hatched after it, the call's median in the note."""
+    import json
+
+    runs = []
+    for spec in builds:
+        label, _, file = spec.partition("=")
+        if not file:
+            print(f"profile_prefill: --builds takes LABEL=JSON, got {spec!r}", file=sys.stderr)
+            return 2
+        with open(file) as f:
+            runs.append((label, json.load(f)["results"]))
+    labels, kernel_ms, pass_ms, notes = [], [], [], []
+    keys = [(r["call"], r["arch"]) for r in runs[0][1]]
+    for call, arch in keys:
+        for label, rows in runs:
+            row = next((r for r in rows if (r["call"], r["arch"]) == (call, arch)), None)
+            if row is None:
+                continue
+            kernels = row["kernels_us"]
+            labels.append(f"{call} ({arch}), {label}")
+            kernel_ms.append(sum(v for k, v in kernels.items() if is_attention(k)) / 1e3)
+            pass_ms.append(sum(v for k, v in kernels.items() if not is_attention(k)) / 1e3)
+            notes.append(f"call {row['ms']:.3f} ms")
+    colors = ["C%d" % (i % len(runs)) for i in range(len(labels))]
+    why = bc.bar_chart(path, "prefill calls: attention kernel (solid) and the passes before it (hatched)", labels,
+                       kernel_ms, colors, notes, pass_ms, "passes before the attention kernel")
+    if why:
+        print(f"profile_prefill: {why}", file=sys.stderr)
+        return 1
     return 0
 
 
