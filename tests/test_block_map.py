@@ -77,6 +77,42 @@ def test_block_structured_query_mask(device, heads, causal):
         torch.testing.assert_close(lse.cpu().double(), want_lse, **tol)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided_keys", "heads_last"])
+def test_block_structured_query_mask_of_long_rows(device, layout):
+    """Rows of more than one 512-key chunk of the map's pass (csrc/cuda/block_map.cu: whole chunks of contiguous keys
+    at fixed offsets, the row's last chunk and other strides position by position), in three memory layouts of the
+    same mask: contiguous, every other key of a wider tensor (key stride 2), and heads innermost (key stride = heads).
+    The last row block is short (446 packed rows)."""
+    g = torch.Generator().manual_seed(7)
+    lens_q, lens_k = [70, 1, 130, 45, 200], [90, 33, 1100, 300, 1300]
+    total_q, total_k, max_k = sum(lens_q), sum(lens_k), max(lens_k)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = torch.randn(total_q, H, D, generator=g)
+    k, v = (torch.randn(total_k, HK, D, generator=g) for _ in range(2))
+    mask = block_mask(lens_q, lens_k, HK, g)
+    hidden = ~visible_keys(mask, lens_q, lens_k, False)
+    k[hidden], v[hidden] = float("nan"), float("nan")
+    cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
+    given = mask.to(device)
+    if layout == "strided_keys":
+        wide = torch.zeros(total_q, HK, 2 * max_k, dtype=torch.bool, device=device)
+        wide[:, :, ::2] = given
+        given = wide[:, :, ::2]
+    elif layout == "heads_last":
+        given = given.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(given.cpu(), mask)
+
+    got, lse = dmattn_ops.varlen_attention(
+        *(t.to(device, dtype) for t in (q, k, v)), cu_q.to(device), cu_k.to(device), max(lens_q), max_k, mask=given,
+        return_lse=True)
+    want, want_lse = reference_varlen_attention(
+        *(t.to(dtype).double() for t in (q, k, v)), cu_q, cu_k, max(lens_q), max_k, mask=mask)
+    assert not got.isnan().any() and not lse.isnan().any()
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.cpu().double(), want, **tol)
+    torch.testing.assert_close(lse.cpu().double(), want_lse, **tol)
+
+
 def block_key_mask(lens_k, heads, g, kinds=("dead", "whole", "random")):
     """(total_k, heads) bool: per (32-position block of each sequence's keys, head) one of kinds."""
     parts = []

@@ -427,13 +427,13 @@ def test_query_side_masks_on_the_sm90a_kernel_get_their_bits(planner, Hm):
     slots = aligned(4 * B) + aligned(4 * extent) + aligned(4 * 32 * extent)  # counts, positions, biases; no limits
     assert biased["workspace"] == plan["workspace"] + slots
     # A query-side bias beside it, in q's dtype or float32: read by the kernel's consumers, nothing more in the
-    # workspace (float32: a CTA per unit). A sequence of more than 1024 KV tiles: the sm80 kernel, no bits.
+    # workspace (a CTA per unit at D = 128: run DZ). A sequence of more than 1024 KV tiles: the sm80 kernel, no bits.
     for Hb in (1, 8, 32):
         for dtype in (BF16, F32):
             with_bias = planner(**prefill, mask=QUERY, Hm=Hm, bias=QUERY, Hb=Hb, bias_dtype=dtype)
             assert with_bias["sm90a_query"] and not with_bias["sm90a_slots"]
             assert with_bias["workspace"] == plan["workspace"]
-            assert with_bias["sm90a_ctas"] == (132 if dtype == BF16 else 0)
+            assert with_bias["sm90a_ctas"] == 0
     longer = dict(prefill, total_k=140_000, max_k=140_000)
     assert not planner(**longer, mask=QUERY, Hm=Hm)["sm90a"]
     assert planner(**dict(longer, max_k=131_072, total_q=1000, max_q=1000), mask=QUERY, Hm=Hm)["sm90a_query"]
@@ -494,8 +494,12 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8), True, 0),  # with a float32 query-side bias: a CTA per unit
         (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8, sm90a_ctas=5), True, 0),  # whatever DMATTN_SM90A_CTAS asks
         # with a query-side bias in q's dtype: its elements read per live tile (rows of any stride: this batch's
-        # 3865 keys make odd row starts)
-        (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16), True, 132),
+        # 3865 keys make odd row starts); a CTA per unit at D = 128 (run DZ: 1.35x faster than persistent), windows
+        # persistent as without the bias, D = 64 and 256 persistent as the mask alone
+        (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16), True, 0),
+        (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16, window=(255, 0)), True, 132),
+        (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16, D=64), True, 132),
+        (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16, D=256), True, 132),
         (dict(mask=QUERY, Hm=1, bias=QUERY, Hb=1, bias_dtype=BF16, key_range=True), True, 0),
         (dict(bias=QUERY, Hb=32, bias_dtype=BF16), True, 0),  # a query-side bias alone: a CTA per unit, as without it
         (dict(bias=QUERY, Hb=32, bias_dtype=BF16, window=(255, 0)), True, 132),

@@ -392,8 +392,12 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
       // (at D = 128 a persistent CTA of this variant has one Q buffer, so no next-unit prefetch to win by). A mask
       // without a query-side bias (query-side; at D = 256 key-side too, where its kept rows are not gathered, with or
       // without a key-side bias) leaves them uneven: persistent, as key-side masks are over their slots (at D = 256
-      // with one Q buffer, as the dense kernel there).
-      persistent = persistent || p.mask.layout == OperandLayout::kQuerySide ||
+      // with one Q buffer, as the dense kernel there). A query-side mask beside a query-side bias at D = 128: a CTA per
+      // unit too, where the persistent kernel (one Q buffer, its consumers spilling) took 1.35x the time on the
+      // prefill batch (H100, runs DZ, EA: the kernel 2.11 against 1.56 ms; D = 64 and 256 not measured, so left as
+      // they were).
+      const bool query_bias_128 = p.bias.layout == OperandLayout::kQuerySide && p.head_dim == 128;
+      persistent = persistent || (p.mask.layout == OperandLayout::kQuerySide && !query_bias_128) ||
                    (p.mask.present() && p.bias.layout != OperandLayout::kQuerySide);
       // A key-side mask beside the query-side bias, or at D = 256 where its kept rows are not gathered (alone or
       // beside a key-side bias): its map and bits by sequence (below), no kept-key lists.
