@@ -45,3 +45,5 @@ def test_chart_of_two_builds(tmp_path):
 def test_builds_without_a_label_are_refused(tmp_path, capsys):
     assert _tool().main(["--chart", str(tmp_path / "x.png"), "--builds", str(_run(tmp_path, "old", 1.0))]) == 2
     assert "LABEL=JSON" in capsys.readouterr().err
+    assert _tool().main(["--chart", str(tmp_path / "x.png")]) == 2
+    assert "needs --builds" in capsys.readouterr().err

@@ -18,13 +18,13 @@ Calls (bf16, H = 32, Hk = 8, D = 128 unless --head-dim; the prefill batch is B =
   query_bias   that query-side bias alone
 Each row: the median time of the whole call (CUDA events, L2 flushed before each call, as bench_gpu.py times it) and
 the device time of each kernel the call launches (torch.profiler: the compaction and gather passes before the
-attention kernel, the attention kernel itself).
+attention kernel, the attention kernel itself). --ncu runs each call --ncu-reps times after a warm-up and nothing
+else, so that `ncu --kernel-name regex:fwd_kernel --launch-skip N --launch-count 1` profiles one attention kernel.
 
     python tools/profile_prefill.py --chart cmp.png --builds main=a/prefill_profile.json new=b/prefill_profile.json
 
 draws the rows of earlier runs side by side (anywhere, no GPU): per call and build, the attention kernel's time and
-the passes before it. --ncu runs each call --ncu-reps times after a warm-up and nothing
-else, so that `ncu --kernel-name regex:fwd_kernel --launch-skip N --launch-count 1` profiles one attention kernel.
+the passes before it.
 """
 
 from __future__ import annotations
@@ -121,6 +121,9 @@ def chart(path: str, builds) -> int:
     hatched after it, the call's median in the note."""
     import json
 
+    if not builds:
+        print("profile_prefill: --chart needs --builds LABEL=JSON ...", file=sys.stderr)
+        return 2
     runs = []
     for spec in builds:
         label, _, file = spec.partition("=")
