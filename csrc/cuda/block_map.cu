@@ -41,7 +41,8 @@ static_assert(kChunkBlocks <= 32, "a lane per block of the chunk: its word and i
 // which lane i stores (with map.bits: the chunk's words of a row, one store of consecutive words) and whose votes it
 // ORs into the block's state over the warp's rows; the warps' states meet in shared memory. kBits: map.bits is set.
 // The sm80 kernels' map has no bits, and its loop is compiled on its own: with a runtime branch between the two
-// loops the map alone ran 0.29 ms slower on the H200's query-side prefill call (run BX).
+// loops the map alone ran 0.29 ms slower on the H200's query-side prefill call (run BX). Four CTAs an SM: 64
+// registers hold a row's sixteen loads in flight (at eight CTAs, 32 registers, ptxas spilled).
 template <bool kBits>
 __global__ void __launch_bounds__(kMapThreads, 4)
 block_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ BlockMap map) {
