@@ -49,19 +49,34 @@ def visible_keys(mask, lens_q, lens_k, causal):
     return torch.cat(seen)
 
 
-@pytest.mark.parametrize("heads", [1, HK, H], ids=["Hm=1", "Hm=Hk", "Hm=H"])
-@pytest.mark.parametrize("causal", [False, True], ids=["", "causal"])
-def test_block_structured_query_mask(device, heads, causal):
-    g = torch.Generator().manual_seed(heads * 2 + causal)
-    lens_q, lens_k = [70, 1, 130, 45, 200], [90, 33, 130, 300, 200]
-    total_q, total_k, max_k = sum(lens_q), sum(lens_k), max(lens_k)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+def query_mask_problem(lens_q, lens_k, heads, causal, g):
+    """q, k, v, a block-structured query-side mask (block_mask) of `heads` heads and cu_seqlens over the sequences; the
+    keys no query sees (under the mask, and the causal limit where asked) hold NaN."""
+    total_q, total_k = sum(lens_q), sum(lens_k)
     q = torch.randn(total_q, H, D, generator=g)
     k, v = (torch.randn(total_k, HK, D, generator=g) for _ in range(2))
     mask = block_mask(lens_q, lens_k, heads, g)
     hidden = ~visible_keys(mask, lens_q, lens_k, causal)
     k[hidden], v[hidden] = float("nan"), float("nan")
-    cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
+    return q, k, v, mask, dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
+
+
+def assert_close_to_reference(got, lse, want, want_lse, dtype):
+    """No NaN in out or lse, both within the dtype's tolerance of the float64 reference."""
+    assert not got.isnan().any() and not lse.isnan().any()
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.cpu().double(), want, **tol)
+    torch.testing.assert_close(lse.cpu().double(), want_lse, **tol)
+
+
+@pytest.mark.parametrize("heads", [1, HK, H], ids=["Hm=1", "Hm=Hk", "Hm=H"])
+@pytest.mark.parametrize("causal", [False, True], ids=["", "causal"])
+def test_block_structured_query_mask(device, heads, causal):
+    g = torch.Generator().manual_seed(heads * 2 + causal)
+    lens_q, lens_k = [70, 1, 130, 45, 200], [90, 33, 130, 300, 200]
+    total_q, max_k = sum(lens_q), max(lens_k)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v, mask, cu_q, cu_k = query_mask_problem(lens_q, lens_k, heads, causal, g)
     bias = torch.randn(total_q, 1, max_k, generator=g)  # a query-side bias too: read on every tile the mask allows
 
     for b in (None, bias):
@@ -71,10 +86,7 @@ def test_block_structured_query_mask(device, heads, causal):
         want, want_lse = reference_varlen_attention(
             *(t.to(dtype).double() for t in (q, k, v)), cu_q, cu_k, max(lens_q), max_k, mask=mask, bias=b,
             is_causal=causal)
-        assert not got.isnan().any() and not lse.isnan().any()
-        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got.cpu().double(), want, **tol)
-        torch.testing.assert_close(lse.cpu().double(), want_lse, **tol)
+        assert_close_to_reference(got, lse, want, want_lse, dtype)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "strided_keys", "heads_last"])
@@ -85,14 +97,9 @@ def test_block_structured_query_mask_of_long_rows(device, layout):
     The last row block is short (446 packed rows)."""
     g = torch.Generator().manual_seed(7)
     lens_q, lens_k = [70, 1, 130, 45, 200], [90, 33, 1100, 300, 1300]
-    total_q, total_k, max_k = sum(lens_q), sum(lens_k), max(lens_k)
+    total_q, max_k = sum(lens_q), max(lens_k)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    q = torch.randn(total_q, H, D, generator=g)
-    k, v = (torch.randn(total_k, HK, D, generator=g) for _ in range(2))
-    mask = block_mask(lens_q, lens_k, HK, g)
-    hidden = ~visible_keys(mask, lens_q, lens_k, False)
-    k[hidden], v[hidden] = float("nan"), float("nan")
-    cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
+    q, k, v, mask, cu_q, cu_k = query_mask_problem(lens_q, lens_k, HK, False, g)
     given = mask.to(device)
     if layout == "strided_keys":
         wide = torch.zeros(total_q, HK, 2 * max_k, dtype=torch.bool, device=device)
@@ -107,10 +114,7 @@ def test_block_structured_query_mask_of_long_rows(device, layout):
         return_lse=True)
     want, want_lse = reference_varlen_attention(
         *(t.to(dtype).double() for t in (q, k, v)), cu_q, cu_k, max(lens_q), max_k, mask=mask)
-    assert not got.isnan().any() and not lse.isnan().any()
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.cpu().double(), want, **tol)
-    torch.testing.assert_close(lse.cpu().double(), want_lse, **tol)
+    assert_close_to_reference(got, lse, want, want_lse, dtype)
 
 
 def block_key_mask(lens_k, heads, g, kinds=("dead", "whole", "random")):
@@ -194,7 +198,4 @@ def test_block_structured_key_mask_of_a_skewed_batch(device, heads, head_dim, ba
                 assert plans == [("0", "1", "1", "0")], plans
             else:
                 assert plans == [(str(heads), "1", "0", "1")], plans
-        assert not got.isnan().any() and not lse.isnan().any()
-        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got.cpu().double(), want, **tol)
-        torch.testing.assert_close(lse.cpu().double(), want_lse, **tol)
+        assert_close_to_reference(got, lse, want, want_lse, dtype)
