@@ -70,9 +70,9 @@ block_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constan
       if (contiguous && (cb0 + kChunkBlocks) * BlockMap::kCols <= extent) {
         // The common case, keys contiguous and the chunk inside the extent: the loads at fixed offsets of one
         // address, so that all of them are in flight within few registers.
-        const uint8_t* from = static_cast<const uint8_t*>(p.mask.ptr) + start + cb0 * BlockMap::kCols + lane;
+        const int64_t first = p.mask.column(start, cb0 * BlockMap::kCols + lane);  // key stride 1
 #pragma unroll
-        for (int i = 0; i < kChunkBlocks; ++i) keep[i] = from[i * BlockMap::kCols] != 0;  // mask_allows
+        for (int i = 0; i < kChunkBlocks; ++i) keep[i] = p.mask.mask_allows(first + i * BlockMap::kCols);
       } else {
 #pragma unroll
         for (int i = 0; i < kChunkBlocks; ++i) {
