@@ -204,9 +204,21 @@ def broadcast_of(out: torch.Tensor, shape) -> Optional[torch.Tensor]:
     return out.view(sizes) if all(s in (1, n) for s, n in zip(sizes, shape)) else None
 
 
-def evaluate(mod, b, h, q_idx, kv_idx):
+def evaluate(mod, b, h, q_idx, kv_idx, *, guarded: bool = True):
     """(mod(b, h, q_idx, kv_idx) on broadcast grids, the grids whose values some op read memory at, as bits), or
-    (None, 0) when the mod is not elementwise, raises, or returns something other than one value per index tuple."""
+    (None, 0) when the mod is not elementwise, raises, or returns something other than one value per index tuple.
+
+    guarded=False runs the mod with no guard (reads then 0): for a mod the probe has vouched for, on the grids of the
+    build itself. The guard decides at the mod's ops, and those are the ones it watched on the probe's grids: the
+    guard refuses every op that could take another path on a grid of another shape or value (a shape read, bool() or
+    item() of a derived tensor, a reduction), so the same code runs. Unguarded, the grid's ops cost no Python of
+    ours: on a GPU a small build is the host's time to issue its ops (run DY)."""
+    if not guarded:
+        try:
+            out = mod(b, h, q_idx, kv_idx)
+        except Exception:  # noqa: BLE001 - as below
+            return None, 0
+        return (out, 0) if isinstance(out, torch.Tensor) else (None, 0)
     guard = _Elementwise((b, h, q_idx, kv_idx))
     try:
         with guard:

@@ -314,9 +314,10 @@ def _heads(deps: ModDependencies, num_heads: int, zero: torch.Tensor) -> torch.T
 
 
 def _on_grid(mod, grids, shape) -> Optional[torch.Tensor]:
-    """mod evaluated on broadcast grids (_broadcast.evaluate), viewed with len(shape) dimensions, or None when it is
-    not elementwise there or its result is not a broadcast of shape (the caller then evaluates under vmap)."""
-    out, _ = _broadcast.evaluate(mod, *grids)
+    """mod, which the probe found elementwise, evaluated on broadcast grids (_broadcast.evaluate, unguarded), viewed
+    with len(shape) dimensions, or None when it fails there or its result is not a broadcast of shape (the caller
+    then evaluates under vmap)."""
+    out, _ = _broadcast.evaluate(mod, *grids, guarded=False)
     return None if out is None else _broadcast.broadcast_of(out, shape)
 
 

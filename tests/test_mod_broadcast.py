@@ -149,6 +149,32 @@ def test_key_reads_are_clamped_into_the_sequence(device, monkeypatch):
     assert torch.equal(mask.cpu(), _loop_reference(on_cpu, cu_q, cu_k, 5, 6))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("query_side", [True, False])
+def test_only_the_probe_runs_under_the_guard(query_side, device, monkeypatch):
+    """The guard watches the mod on the probe's small grids; the build's own grid, the same code on larger tensors,
+    runs with no torch-function mode of ours (its ops then cost no Python of the guard's), and gives the reference's
+    tensor."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    guarded = []
+
+    def mod(b, h, q_idx, kv_idx):
+        guarded.append(any(isinstance(m, _broadcast._Elementwise) for m in _get_current_function_mode_stack()))
+        return (kv_idx > q_idx - 3) & (kv_idx <= q_idx + 1) if query_side else kv_idx % 2 == 0
+
+    cu_q, cu_k = [0, 3, 7], [0, 4, 9]
+    spy = _GridSpy(monkeypatch)
+    mask = create_mask(mod, torch.tensor(cu_q, device=device), torch.tensor(cu_k, device=device), 4, 5, 2,
+                       total_q=7, total_k=9)
+    assert spy.calls == 1 and spy.fell_back == 0
+    assert guarded == [True, False]  # the probe, then the build's grid
+    if query_side:
+        assert torch.equal(mask.cpu(), _loop_reference(mod, cu_q, cu_k, 7, 5))
+    else:  # key positions 0-3 and 0-4: the even ones
+        assert torch.equal(mask.cpu(), torch.tensor([[p % 2 == 0] for p in (0, 1, 2, 3, 0, 1, 2, 3, 4)]))
+
+
 def test_values_that_are_not_one_per_index_tuple_raise_as_before():
     """A mod returning a tensor the grids do not reach (several values) or a non-tensor fails with the vmap path's
     error, not a silent broadcast."""
