@@ -89,14 +89,15 @@ def test_block_structured_query_mask(device, heads, causal):
         assert_close_to_reference(got, lse, want, want_lse, dtype)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "strided_keys", "heads_last"])
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned", "strided_keys", "heads_last"])
 def test_block_structured_query_mask_of_long_rows(device, layout):
     """Rows of more than one 512-key chunk of the map's pass (csrc/cuda/block_map.cu: whole chunks of contiguous keys
-    at fixed offsets, the row's last chunk and other strides position by position), in three memory layouts of the
-    same mask: contiguous, every other key of a wider tensor (key stride 2), and heads innermost (key stride = heads).
-    The last row block is short (446 packed rows)."""
+    from a 16-byte aligned pointer as 16-byte loads, rows starting at every offset within 16 bytes (1301 keys a row);
+    the rows' last chunks, an unaligned pointer and other strides byte by byte), in four memory layouts of the same
+    mask: contiguous, one byte into a larger tensor, every other key of a wider tensor (key stride 2), and heads
+    innermost (key stride = heads). The last row block is short (446 packed rows)."""
     g = torch.Generator().manual_seed(7)
-    lens_q, lens_k = [70, 1, 130, 45, 200], [90, 33, 1100, 300, 1300]
+    lens_q, lens_k = [70, 1, 130, 45, 200], [90, 33, 1100, 300, 1301]
     total_q, max_k = sum(lens_q), max(lens_k)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q, k, v, mask, cu_q, cu_k = query_mask_problem(lens_q, lens_k, HK, False, g)
@@ -105,6 +106,10 @@ def test_block_structured_query_mask_of_long_rows(device, layout):
         wide = torch.zeros(total_q, HK, 2 * max_k, dtype=torch.bool, device=device)
         wide[:, :, ::2] = given
         given = wide[:, :, ::2]
+    elif layout == "unaligned":
+        storage = torch.zeros(given.numel() + 1, dtype=torch.bool, device=device)
+        storage[1:] = given.flatten()
+        given = storage[1:].view(given.shape)
     elif layout == "heads_last":
         given = given.transpose(1, 2).contiguous().transpose(1, 2)
     assert torch.equal(given.cpu(), mask)

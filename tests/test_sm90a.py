@@ -1187,24 +1187,29 @@ def test_cuda_d256_masks_with_key_ranges(mask, path, monkeypatch, capfd, cuda_de
     assert_close_to_reference((out, lse), ranged.reference(), ranged.reference(ranged.dtype), label=path)
 
 
-def test_cuda_query_side_bias_off_a_word_boundary_takes_the_sm80_kernels(monkeypatch, capfd, cuda_device):
-    """A query-side bias whose first element is not 4-byte aligned (a view one element into its storage) would make
-    the sm90a kernel read the 2 bytes before it for its first row: such a call takes the sm80 kernels; both calls
-    match the reference."""
+@pytest.mark.parametrize("shift, bias_dtype, on_sm90a", [(1, "q", False), (2, "q", False), (8, "q", True),
+                                                        (1, "float32", True)],
+                         ids=["2_bytes", "4_bytes", "16_bytes", "float32_4_bytes"])
+def test_cuda_query_side_bias_off_a_chunk_boundary_takes_the_sm80_kernels(shift, bias_dtype, on_sm90a, monkeypatch,
+                                                                          capfd, cuda_device):
+    """A 16-bit query-side bias whose first element is not 16-byte aligned (a view one or two elements into its
+    storage) would make the sm90a kernel read the bytes before it in their 16-byte chunk for its first row: such a
+    call takes the sm80 kernels; eight elements in (16 bytes) it runs on the sm90a kernel, as a float32 bias one
+    element (4 bytes) in does (its words copied one by one). Every call matches the reference."""
     spec = Spec("qbias_unaligned", heads=4, heads_k=2, seqlens_q=(200, 70), seqlens_k=(300, 91), is_causal=True,
-                bias="query", bias_heads="Hk", bias_dtype="q")
+                bias="query", bias_heads="Hk", bias_dtype=bias_dtype)
     sample = make_sample(spec, torch.bfloat16, "cuda")
-    storage = torch.empty(sample.bias.numel() + 1, dtype=sample.bias.dtype, device="cuda")
-    shifted = storage[1:].view(sample.bias.shape)
+    storage = torch.empty(sample.bias.numel() + shift, dtype=sample.bias.dtype, device="cuda")
+    shifted = storage[shift:].view(sample.bias.shape)
     shifted.copy_(sample.bias)
-    assert shifted.data_ptr() % 4 == 2
+    assert shifted.data_ptr() % 16 == shift * sample.bias.element_size() % 16
     monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
     capfd.readouterr()
     want = sample.run()
     got = sample.replace(bias=shifted).run()
     torch.cuda.synchronize()
     plans = re.findall(r"kernel=prefill .*sm90a_query=(\d)", capfd.readouterr().err)
-    assert plans == [str(int(_sm90a_device())), "0"]
+    assert plans == [str(int(_sm90a_device())), str(int(_sm90a_device() and on_sm90a))]
     for result in (want, got):
         assert_close_to_reference(result, sample.reference(), sample.reference(sample.dtype))
 

@@ -35,6 +35,37 @@ static_assert(BlockMap::kCols == 32, "a warp's lanes are the key positions of on
 constexpr int kChunkBlocks = 16;
 static_assert(kChunkBlocks <= 32, "a lane per block of the chunk: its word and its state");
 
+// The vector path of block_map_kernel (a mask whose keys are contiguous from a 16-byte aligned pointer): a row's
+// chunk of 512 keys as 16-byte loads, a lane each, the bytes' nonzero tests packed with integer arithmetic, where the
+// byte path takes a load and a vote per 32 bytes (issue-bound: run EA). kVecRows rows of a warp are loaded at once.
+constexpr int kVecRows = 4;
+static_assert(BlockMap::kRows % (kMapWarps * kVecRows) == 0, "a warp's rows of a row block in whole batches");
+
+// Bit i: whether byte i of v is nonzero (any nonzero byte is True: ScoreOperand::mask_allows). A byte's top bit after
+// adding 0x7f to its low seven bits is set where those are nonzero; OR its own top bit. The multiply gathers the four
+// top bits (moved to bits 0, 8, 16, 24) into bits 24-27 in byte order.
+__device__ __forceinline__ uint32_t nonzero_bytes(uint32_t v) {
+  const uint32_t tops = (((v & 0x7f7f7f7fu) + 0x7f7f7f7fu) | v) & 0x80808080u;
+  return ((tops >> 7) * 0x01020408u) >> 24;
+}
+__device__ __forceinline__ uint32_t nonzero_bytes(const uint4& v) {
+  return nonzero_bytes(v.x) | nonzero_bytes(v.y) << 4 | nonzero_bytes(v.z) << 8 | nonzero_bytes(v.w) << 12;
+}
+
+// The mask word of block `lane` (< kChunkBlocks) of a row's 512-key chunk, whose first key lies `off` bytes into the
+// 16-byte chunk that lane 0 loaded: lane l loaded 16-byte chunk l (body), lane 0 also chunk 32 (tail). Block w's 32
+// keys are bytes [off + 32 w, off + 32 w + 32) of chunks 2 w, 2 w + 1 and 2 w + 2. Every lane takes part in the
+// shuffles; lanes past kChunkBlocks get a word nobody stores.
+__device__ __forceinline__ uint32_t block_word(const uint4& body, const uint4& tail, int off, int lane) {
+  const uint32_t bits = nonzero_bytes(body), tail_bits = nonzero_bytes(tail);
+  const uint32_t lo = __shfl_sync(0xffffffffu, bits, (2 * lane) % 32);
+  const uint32_t mid = __shfl_sync(0xffffffffu, bits, (2 * lane + 1) % 32);
+  const uint32_t next = __shfl_sync(0xffffffffu, bits, (2 * lane + 2) % 32);
+  const uint32_t last = __shfl_sync(0xffffffffu, tail_bits, 0);
+  const uint64_t keys = lo | mid << 16 | static_cast<uint64_t>(lane == kChunkBlocks - 1 ? last : next) << 32;
+  return static_cast<uint32_t>(keys >> off);
+}
+
 // Grid (row blocks, chunks, mask heads); a CTA takes every gridDim.y-th chunk. Warp w takes rows w, w + kMapWarps, ...
 // of its row block; lane l loads the chunk's key position 32 i + l of the row for every block i (one row's 512
 // consecutive bytes a warp where the mask's keys are contiguous). Per block i the warp's ballot is the row's word,
@@ -59,42 +90,78 @@ block_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constan
   const int64_t blocks = kBits ? map.bit_words : map.col_blocks;
   const int64_t chunks = BlockMap::blocks(blocks, kChunkBlocks);
   const bool contiguous = p.mask.col_stride == 1;
+  const bool vectors = contiguous && reinterpret_cast<uintptr_t>(p.mask.ptr) % 16 == 0;
   for (int64_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {  // the same bound for every thread
     const int64_t cb0 = chunk * kChunkBlocks;
     if (threadIdx.x < kChunkBlocks) chunk_state[threadIdx.x] = 0;
     __syncthreads();
     uint32_t state = 0;  // lane i < kChunkBlocks: block cb0 + i's votes over this warp's rows
-    for (int r = warp; r < rows; r += kMapWarps) {  // a whole warp's condition: its votes stay converged
-      const int64_t start = p.mask.row_start(row0 + r, h);
-      bool keep[kChunkBlocks];
-      if (contiguous && (cb0 + kChunkBlocks) * BlockMap::kCols <= extent) {
-        // The common case, keys contiguous and the chunk inside the extent: the loads at fixed offsets of one
-        // address, so that all of them are in flight within few registers.
-        const int64_t first = p.mask.column(start, cb0 * BlockMap::kCols + lane);  // key stride 1
-#pragma unroll
-        for (int i = 0; i < kChunkBlocks; ++i) keep[i] = p.mask.mask_allows(first + i * BlockMap::kCols);
-      } else {
-#pragma unroll
-        for (int i = 0; i < kChunkBlocks; ++i) {
-          // A position past the extent reads the row's first element (the extent is at least 1) and keeps nothing:
-          // a load under a branch (`j < extent && ...`) is waited for before the branch joins, one load in flight.
-          const int64_t j = (cb0 + i) * BlockMap::kCols + lane;
-          const bool in = j < extent;
-          keep[i] = p.mask.mask_allows(p.mask.column(start, in ? j : 0)) & in;
-        }
-      }
-      uint32_t word = 0;
-#pragma unroll
-      for (int i = 0; i < kChunkBlocks; ++i) {
-        const bool in = (cb0 + i) * BlockMap::kCols + lane < extent;
-        const uint32_t shown = __ballot_sync(0xffffffffu, keep[i]), hidden = __ballot_sync(0xffffffffu, in && !keep[i]);
-        if (lane == i) {
-          word = shown;
-          state |= (shown != 0 ? BlockMap::kSomeTrue : 0) | (hidden != 0 ? BlockMap::kSomeFalse : 0);
-        }
-      }
+    auto store_word = [&](int r, uint32_t word) {
       if (kBits && lane < kChunkBlocks && cb0 + lane < blocks) {
         map.bits[(static_cast<int64_t>(hm) * p.total_q + row0 + r) * map.bit_words + cb0 + lane] = word;
+      }
+    };
+    // The vector path: 16 bytes past the chunk still in the row (the tail chunk's reads stay among the row's keys).
+    const bool vector_chunk = vectors && (cb0 + kChunkBlocks) * BlockMap::kCols + 16 <= extent;
+    if (vector_chunk) {
+      const uint8_t* mask = static_cast<const uint8_t*>(p.mask.ptr);
+      for (int r0 = warp; r0 < rows; r0 += kMapWarps * kVecRows) {  // rows r0 + kMapWarps u
+        uint4 body[kVecRows], tail[kVecRows];
+        int off[kVecRows];
+#pragma unroll
+        for (int u = 0; u < kVecRows; ++u) {
+          // Every load unconditional (a row past the block's reads row r0 again, its word unused), lane 0's tail
+          // beside the others' second read of their own chunk: no load waits under a branch.
+          const int r = r0 + kMapWarps * u < rows ? r0 + kMapWarps * u : r0;
+          const uint8_t* at = mask + p.mask.row_start(row0 + r, h) + cb0 * BlockMap::kCols;
+          off[u] = static_cast<int>(reinterpret_cast<uintptr_t>(at) % 16);
+          const uint4* chunks16 = reinterpret_cast<const uint4*>(at - off[u]);
+          body[u] = chunks16[lane];
+          tail[u] = chunks16[lane == 0 ? 32 : lane];
+        }
+#pragma unroll
+        for (int u = 0; u < kVecRows; ++u) {
+          const int r = r0 + kMapWarps * u;
+          if (r >= rows) break;  // the warp's own condition
+          const uint32_t word = block_word(body[u], tail[u], off[u], lane);
+          if (lane < kChunkBlocks) {  // every key of the chunk lies below the extent
+            state |= (word != 0 ? BlockMap::kSomeTrue : 0) | (word != 0xffffffffu ? BlockMap::kSomeFalse : 0);
+          }
+          store_word(r, word);
+        }
+      }
+    } else {  // the byte path: a load of 32 consecutive bytes (or positions) and a vote per block
+      for (int r = warp; r < rows; r += kMapWarps) {  // a whole warp's condition: its votes stay converged
+        const int64_t start = p.mask.row_start(row0 + r, h);
+        bool keep[kChunkBlocks];
+        if (contiguous && (cb0 + kChunkBlocks) * BlockMap::kCols <= extent) {
+          // The common case, keys contiguous and the chunk inside the extent: the loads at fixed offsets of one
+          // address, so that all of them are in flight within few registers.
+          const int64_t first = p.mask.column(start, cb0 * BlockMap::kCols + lane);  // key stride 1
+#pragma unroll
+          for (int i = 0; i < kChunkBlocks; ++i) keep[i] = p.mask.mask_allows(first + i * BlockMap::kCols);
+        } else {
+#pragma unroll
+          for (int i = 0; i < kChunkBlocks; ++i) {
+            // A position past the extent reads the row's first element (the extent is at least 1) and keeps nothing:
+            // a load under a branch (`j < extent && ...`) is waited for before the branch joins, one load in flight.
+            const int64_t j = (cb0 + i) * BlockMap::kCols + lane;
+            const bool in = j < extent;
+            keep[i] = p.mask.mask_allows(p.mask.column(start, in ? j : 0)) & in;
+          }
+        }
+        uint32_t word = 0;
+#pragma unroll
+        for (int i = 0; i < kChunkBlocks; ++i) {
+          const bool in = (cb0 + i) * BlockMap::kCols + lane < extent;
+          const uint32_t shown = __ballot_sync(0xffffffffu, keep[i]);
+          const uint32_t hidden = __ballot_sync(0xffffffffu, in && !keep[i]);
+          if (lane == i) {
+            word = shown;
+            state |= (shown != 0 ? BlockMap::kSomeTrue : 0) | (hidden != 0 ? BlockMap::kSomeFalse : 0);
+          }
+        }
+        store_word(r, word);
       }
     }
     if (lane < kChunkBlocks && state != 0) atomicOr(&chunk_state[lane], state);

@@ -276,9 +276,10 @@ inline bool sm90a_bias_supports(const VarlenFwdParams& p) {
 
 // Whether the sm90a kernel's kQueryBias variants can read p's query-side bias: in q's dtype or float32 (kBias32: a CTA
 // per unit, its 64 KB tile of terms taking the persistent unit table's room; D <= 128), keys contiguous, any heads
-// (Hb in {1, Hk, H}), any row and head strides, and its first element 4-byte aligned: the kernel copies each row's
-// elements as the aligned 32-bit words holding them, and a 16-bit row that starts at a word's high half also reads
-// the element before it, which then lies in the tensor (the row's first element is not the tensor's). At D = 256 a
+// (Hb in {1, Hk, H}), any row and head strides, and its first element 16-byte aligned (float32: 4-byte): the kernel
+// copies each row's 16-bit elements as the aligned 16-byte chunks holding them (float32 ones word by word), so a row
+// that starts inside a chunk also reads the elements before it in that chunk, which then lie in the tensor (the
+// row's first element is not the tensor's). At D = 256 a
 // float32 bias takes the sm80 kernels: its 64-key tile of terms (32 KB) beside Q (64 KB), two stages of K / V
 // (128 KB) and the 2,048-entry tile list (4 KB) passes the 227 KB a CTA may have (kernel_traits.h, kSmemBytes); the
 // 16-bit one's 18 KB fits.
@@ -286,7 +287,8 @@ inline bool sm90a_query_bias_fits(const VarlenFwdParams& p) {
   const ScoreOperand& b = p.bias;
   const bool bias32 = b.dtype == ScalarType::kFloat32 && p.head_dim <= 128;
   return b.layout == OperandLayout::kQuerySide && (b.dtype == p.dtype || bias32) && b.col_stride == 1 &&
-         b.head_group > 0 && p.num_heads % b.head_group == 0 && reinterpret_cast<uintptr_t>(b.ptr) % 4 == 0;
+         b.head_group > 0 && p.num_heads % b.head_group == 0 &&
+         reinterpret_cast<uintptr_t>(b.ptr) % (b.dtype == ScalarType::kFloat32 ? 4 : 16) == 0;
 }
 
 // Whether the sm90a kernel can run p with query-side operands (FwdPlan::sm90a_query): no key pool, head dims 64 /

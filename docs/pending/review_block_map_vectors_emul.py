@@ -1,7 +1,8 @@
-"""An emulation of block_map_vectors.patch's bit arithmetic (csrc/cuda/block_map.cu: nonzero_bytes, block_word) in
-Python integers, against the mask bytes themselves: for random rows of bytes (0, 1 and other nonzero values, as a uint8
-tensor viewed as bool may hold) starting at every offset within a 16-byte chunk, each of the 16 block words the warp
-assembles equals the bits of its 32 keys. Run: python3 docs/pending/review_block_map_vectors_emul.py"""
+"""An emulation of block_map_vectors' bit arithmetic (csrc/cuda/block_map.cu: nonzero_bytes, block_word; landed
+after run EB) in Python integers, against the mask bytes themselves: for random rows of bytes (0, 1 and other nonzero
+values, as a uint8 tensor viewed as bool may hold) starting at every offset within a 16-byte chunk, each of the 16
+block words the warp assembles equals the bits of its 32 keys.
+Run: python3 docs/pending/review_block_map_vectors_emul.py"""
 
 import random
 
@@ -9,13 +10,13 @@ MASK32 = 0xFFFFFFFF
 
 
 def nonzero_bytes(v: int) -> int:
-    """Bit i: byte i of the 32-bit v is nonzero (the patch's word form)."""
+    """Bit i: byte i of the 32-bit v is nonzero (block_map.cu's word form)."""
     tops = (((v & 0x7F7F7F7F) + 0x7F7F7F7F) | v) & 0x80808080
     return (((tops >> 7) * 0x01020408) & MASK32) >> 24
 
 
 def chunk_bits(data, c: int) -> int:
-    """The 16-bit nonzero mask of 16-byte chunk c (the patch's uint4 form)."""
+    """The 16-bit nonzero mask of 16-byte chunk c (block_map.cu's uint4 form)."""
     b = data[16 * c:16 * c + 16]
     words = [b[4 * i] | b[4 * i + 1] << 8 | b[4 * i + 2] << 16 | b[4 * i + 3] << 24 for i in range(4)]
     return sum(nonzero_bytes(w) << (4 * i) for i, w in enumerate(words))

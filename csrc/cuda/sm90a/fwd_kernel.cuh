@@ -162,13 +162,19 @@ struct SlotBiasAhead<kN8, false, kMost> {
   static constexpr int kAhead = 0;
 };
 
-// kQueryBias: copies one aligned 32-bit word of a row of the query-side bias (a float32 element, or two of q's dtype)
-// into shared memory, bytes of it (4; 2 where the row's keys end inside it, the rest zero-filled; 0 for none: then
-// from is only a valid address, not read). Asynchronous (cp.async): a thread's copies of a tile are issued together
-// and waited for where the scores read them, so no register holds a term meanwhile.
+// kQueryBias: copies one aligned 32-bit word of a row of a float32 query-side bias (kBias32) into shared memory, bytes
+// of it (4, or 0 for none: then from is only a valid address, not read, and the word is zero-filled). Asynchronous
+// (cp.async): a thread's copies of a tile are issued together and waited for where the scores read them, so no
+// register holds a term meanwhile.
 __device__ __forceinline__ void copy_term_word(uint32_t* word, const void* from, int bytes) {
   const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(word));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(to), "l"(from), "r"(bytes) : "memory");
+}
+// The same for one aligned 16-byte chunk of a row of a 16-bit query-side bias (eight elements): bytes of it (16; fewer
+// where the row's keys end inside it, the rest zero-filled; 0 for none).
+__device__ __forceinline__ void copy_term_chunk(uint32_t* chunk, const void* from, int bytes) {
+  const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(chunk));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to), "l"(from), "r"(bytes) : "memory");
 }
 
 // Two elements of q's dtype in a 32-bit word (x: the low half) as float32 values.
@@ -1048,13 +1054,14 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
       }
     };
     // kQueryBias: this thread's two rows of the bias over tile n, staged in shared memory (Traits::kTermPitch words
-    // a row) as the aligned 32-bit words that hold its kBlockN elements: 2 kTermWords elements from the word holding
-    // element n kBlockN on (off: 1 where that element is the word's high half, a row starting at an odd element),
-    // so any row stride and head stride serve. The quad of a row's four threads copies its words together when the
-    // mask's bits are loaded (word w by thread w % 4), and each thread reads its column pairs (two words, shifted
-    // by off) where the scores need them, after the copies' wait and a warp barrier. Only elements of keys below
-    // the sequence's are read (past them the row ends or holds no key; the word before the first element, where
-    // off = 1, lies in the tensor: the row starts at an odd element); rows past the sequence read nothing.
+    // a row) as the aligned 16-byte chunks that hold its kBlockN elements: 8 kTermChunks elements from the chunk
+    // holding element n kBlockN on (off: that element's place in its chunk, 0-7), so any row stride and head stride
+    // serve. The quad of a row's four threads copies its chunks together when the mask's bits are loaded (chunk c by
+    // thread c % 4), and each thread reads its column pairs (two words from word off / 2 on, shifted by 16 (off % 2))
+    // where the scores need them, after the copies' wait and a warp barrier. Only elements of keys below the
+    // sequence's are read (past them the row ends or holds no key; the elements before the first one, where off > 0,
+    // lie in the tensor: its first element is 16-byte aligned, heuristics.h sm90a_query_bias_fits); rows past the
+    // sequence read nothing.
     // kBias32: a float32 bias, each element a word of its own (no off), column c at word c ^ 8 g of its row
     // (Traits::kTermWords32), elements at or past the row's keys zero-filled.
     const int hb = kQueryBias ? w.h / p.bias.head_group : 0;
@@ -1065,8 +1072,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
     auto term_elem = [&](int half) {  // the row's first element in the bias (key position 0)
       return (w.sq.start + row0 + 8 * half) * p.bias.row_stride + static_cast<int64_t>(hb) * p.bias.head_stride;
     };
-    auto term_off = [&](int half) {
-      return static_cast<int>((reinterpret_cast<uintptr_t>(p.bias.ptr) / 2 + term_elem(half)) & 1);
+    auto term_off = [&](int half) {  // 16-bit elements: the row's first one's place in its 16-byte chunk
+      return static_cast<int>((reinterpret_cast<uintptr_t>(p.bias.ptr) / 2 + term_elem(half)) & 7);
     };
     // Issued at the top of each tile, where S is dead (converted into P): issued earlier, right after the previous
     // tile's scores (its words read), they would fly through that tile's softmax too, but S is live there, and ptxas
@@ -1094,24 +1101,24 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
         }
         asm volatile("cp.async.commit_group;\n" ::: "memory");
       } else if constexpr (kQueryBias) {
-        constexpr int kWords = Traits::kTermWords;
+        constexpr int kChunks = Traits::kTermChunks;
         __syncwarp();  // the quad's reads of the last tile's words are done
         const char* bias = static_cast<const char*>(p.bias.ptr);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int i = row0 + 8 * half, off = term_off(half), j0 = n * kBlockN;
-          // word k holds elements j0 - off + 2 k and the next: whole while both lie below the row's keys
+          // chunk c holds elements j0 - off + 8 c to + 8: whole while they lie below the row's keys
           const int left = i < w.q_len ? w.k_len - (j0 - off) : 0;
           const char* from = bias + 2 * (term_elem(half) + j0 - off);
           uint32_t* words = term_row(half);
-          if (left >= 2 * kWords) {  // the row holds every element the tile's words cover: fixed offsets
+          if (left >= 8 * kChunks) {  // the row holds every element the tile's chunks cover: fixed offsets
 #pragma unroll
-            for (int k = t; k < kWords; k += 4) copy_term_word(words + k, from + 4 * k, 4);
-          } else {  // the sequence's last tile, or a row past the sequence (few): per word, with few registers
+            for (int c = t; c < kChunks; c += 4) copy_term_chunk(words + 4 * c, from + 16 * c, 16);
+          } else {  // the sequence's last tile, or a row past the sequence (few): per chunk, with few registers
 #pragma unroll 1
-            for (int k = t; k < kWords; k += 4) {
-              const int bytes = min(max(2 * (left - 2 * k), 0), 4);
-              copy_term_word(words + k, bytes > 0 ? from + 4 * k : bias, bytes);
+            for (int c = t; c < kChunks; c += 4) {
+              const int bytes = min(max(2 * (left - 8 * c), 0), 16);
+              copy_term_chunk(words + 4 * c, bytes > 0 ? from + 16 * c : bias, bytes);
             }
           }
         }
@@ -1171,16 +1178,23 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
         }
         // A bias's value per element: a pair of keys' per slot, or this thread's query-side terms (both in shared
         // memory).
-        uint32_t term_shift[2] = {0u, 0u};  // kQueryBias: 16 where a row's elements start at a word's high half
+        // kQueryBias: a row's first element's word in its staged chunks, and 16 where it is that word's high half
+        uint32_t term_shift[2] = {0u, 0u};
+        int term_word[2] = {0, 0};
         if constexpr (kQueryBias && !kBias32) {
-          term_shift[0] = 16 * term_off(0);
-          term_shift[1] = 16 * term_off(1);
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int off = term_off(half);
+            term_word[half] = off / 2;
+            term_shift[half] = 16 * (off % 2);
+          }
         }
         auto bias_pair = [&](int half, int nt) {
           if constexpr (kBias32) {  // column 8 nt + 2 t and the next: one aligned pair of words, swizzled by row
             return *reinterpret_cast<const float2*>(term_row(half) + ((8 * nt + 2 * t) ^ (8 * g)));
           } else if constexpr (kQueryBias) {
-            const uint32_t* words = term_row(half) + 4 * nt + t;  // column 8 nt + 2 t: its element's word, and next
+            // column 8 nt + 2 t: its element's word, and the next
+            const uint32_t* words = term_row(half) + term_word[half] + 4 * nt + t;
             return term_pair<Elem>(__funnelshift_r(words[0], words[1], term_shift[half]));
           }
           return biased ? slot_bias_pair(slot_bias, nt, t) : make_float2(0.f, 0.f);

@@ -102,13 +102,15 @@ struct FwdTraits {
   static_assert(BlockMap::kBitTileKeys % kBlockN == 0 && (kBitWords == 4 || kBitWords == 2), "one aligned load");
   using RowBits = std::conditional_t<kBitWords == 4, uint4, uint2>;
 
-  // kQueryBias: the words of a row's kBlockN bias elements from any element on (one more than kBlockN / 2: a row may
-  // start at an odd element), and their pitch in shared memory: 4 mod 32, so that the eight rows of a warp's quads
-  // reading one column pair each (banks 4 row + t) are 32 different banks. 34 KB for a tile of 128 rows x 128 keys;
-  // 18 KB at D = 256 (64-key tiles), whose kernel then holds 221 KB of the 227 a CTA may have.
-  static constexpr int kTermWords = kBlockN / 2 + 1;
+  // kQueryBias: the aligned 16-byte chunks (eight elements) of a row's kBlockN 16-bit bias elements from any element
+  // on (one more than kBlockN / 8: a row may start anywhere in a chunk), and the row's pitch in shared memory, in
+  // words: the chunks' words, 4 mod 32, so that the eight rows of a warp's quads reading one column pair each (banks
+  // 4 row + t, where the rows start alike in their chunks) are 32 different banks, and a multiple of four (16-byte
+  // copies). 34 KB for a tile of 128 rows x 128 keys; 18 KB at D = 256 (64-key tiles), whose kernel then holds
+  // 221 KB of the 227 a CTA may have.
+  static constexpr int kTermChunks = kBlockN / 8 + 1;
   static constexpr int kTermPitch = kBlockN / 2 + 4;
-  static_assert(kTermPitch % 32 == 4 && kTermPitch >= kTermWords, "conflict-free reads of the staged terms");
+  static_assert(kTermPitch % 32 == 4 && kTermPitch == 4 * kTermChunks, "conflict-free reads of the staged terms");
   // kBias32 (a float32 query-side bias): a row's kBlockN elements are its words, kBlockN apart, column c of row r at
   // word c ^ 8 (r % 8) (a column pair stays one aligned 8-byte read; the eight rows of a warp's quads reading one pair
   // each touch 32 different banks per half warp). 64 KB at kBlockN = 128: a CTA per unit (no persistent unit table,
@@ -151,8 +153,8 @@ struct FwdTraits {
     uint16_t tile_list[kQuery ? kQBuffers : 1][kQuery ? kListTiles : 1];
     int32_t list_len[kQBuffers];
     int32_t list_warps[4];
-    // kQueryBias: a KV tile's query-side bias, staged per query row as the kTermWords aligned words that hold its
-    // elements, kTermPitch words apart (fwd_kernel.cuh, copy_terms).
+    // kQueryBias: a KV tile's query-side bias, staged per query row as the kTermChunks aligned 16-byte chunks that
+    // hold its elements, kTermPitch words apart (fwd_kernel.cuh, copy_terms); 16-byte aligned rows.
     alignas(kQueryBias ? 128 : 4) uint32_t terms[!kQueryBias ? 1 : kBias32 ? kBlockM * kTermWords32
                                                                            : kBlockM * kTermPitch];
   };
