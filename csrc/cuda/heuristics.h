@@ -279,10 +279,9 @@ inline bool sm90a_bias_supports(const VarlenFwdParams& p) {
 // (Hb in {1, Hk, H}), any row and head strides, and its first element 16-byte aligned (float32: 4-byte): the kernel
 // copies each row's 16-bit elements as the aligned 16-byte chunks holding them (float32 ones word by word), so a row
 // that starts inside a chunk also reads the elements before it in that chunk, which then lie in the tensor (the
-// row's first element is not the tensor's). At D = 256 a
-// float32 bias takes the sm80 kernels: its 64-key tile of terms (32 KB) beside Q (64 KB), two stages of K / V
-// (128 KB) and the 2,048-entry tile list (4 KB) passes the 227 KB a CTA may have (kernel_traits.h, kSmemBytes); the
-// 16-bit one's 18 KB fits.
+// row's first element is not the tensor's). At D = 256 a float32 bias takes the sm80 kernels: its 64-key tile of
+// terms (32 KB) beside Q (64 KB), two stages of K / V (128 KB) and the 2,048-entry tile list (4 KB) passes the 227 KB
+// a CTA may have (kernel_traits.h, kSmemBytes); the 16-bit one's 18 KB fits.
 inline bool sm90a_query_bias_fits(const VarlenFwdParams& p) {
   const ScoreOperand& b = p.bias;
   const bool bias32 = b.dtype == ScalarType::kFloat32 && p.head_dim <= 128;
