@@ -40,6 +40,16 @@ def main(trials: int = 3000) -> None:
             want = sum(1 << i for i in range(32) if data[off + 32 * lane + i] != 0)
             assert block_word(bits, tail, off, lane) == want, (off, lane)
     print(f"block_word: {trials} rows x 16 words, every offset: equal to the bytes' bits")
+    # Aligned rows (block_map_aligned_rows.patch): off = 0, and lane 0's tail a chunk of the row instead of chunk 32
+    # (which may lie past the row's extent): any tail gives the same words.
+    for _ in range(trials):
+        data = [rng.choice([0, 0, 1, 1, 2, 7, 128, 255]) for _ in range(16 * 32)]
+        bits = [chunk_bits(data, c) for c in range(32)]
+        tail = rng.randrange(1 << 16)
+        for lane in range(16):
+            want = sum(1 << i for i in range(32) if data[32 * lane + i] != 0)
+            assert block_word(bits, tail, 0, lane) == want, lane
+    print(f"block_word: {trials} aligned rows x 16 words, any tail: equal to the bytes' bits")
 
 
 if __name__ == "__main__":
