@@ -209,10 +209,10 @@ def evaluate(mod, b, h, q_idx, kv_idx, *, guarded: bool = True):
     (None, 0) when the mod is not elementwise, raises, or returns something other than one value per index tuple.
 
     guarded=False runs the mod with no guard (reads then 0): for a mod the probe has vouched for, on the grids of the
-    build itself. The guard decides at the mod's ops, and those are the ones it watched on the probe's grids: the
-    guard refuses every op that could take another path on a grid of another shape or value (a shape read, bool() or
-    item() of a derived tensor, a reduction), so the same code runs. Unguarded, the grid's ops cost no Python of
-    ours: on a GPU a small build is the host's time to issue its ops (run DY)."""
+    build itself. The probe ran the same mod under the guard, which refuses every op whose path could differ on grids
+    of another shape or value (a shape read, bool() or item() of a derived tensor, a reduction), so the build's grid
+    runs the ops the guard saw. Unguarded, those ops cost no Python of ours: on a GPU a small build is the host's time
+    to issue its ops (run DY; run EB: 8-12% less of it)."""
     if not guarded:
         try:
             out = mod(b, h, q_idx, kv_idx)
