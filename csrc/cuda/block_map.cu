@@ -174,7 +174,7 @@ block_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constan
 }
 
 // A key-side mask by sequence (BlockMap::by_sequence, for the sm90a kernel beside a query-side bias, or ungathered at
-// D = 256). Grid (batch, chunks of kMapWarps key blocks, mask heads), as block_map_kernel's with sequences for row
+// D = 256). Grid (batch, chunks of kMapWarps key blocks, mask heads), sequences in place of block_map_kernel's row
 // blocks: lane l of warp w reads the mask byte of key position (chunk * kMapWarps + w) * kCols + l of sequence b (its
 // clamped keys, key_seq, as the kernel reads them; nothing past them), and the warp's ballot is the sequence's bit
 // word and its votes the block's state. A warp's loads are 32 consecutive keys of one mask column. Each sequence
@@ -236,7 +236,7 @@ cudaError_t build_block_map(const VarlenFwdParams& p, const BlockMap& map, cudaS
   if (map.state == nullptr || map.row_blocks == 0 || map.col_blocks == 0 || map.mask_heads == 0) return cudaSuccess;
   const int64_t blocks = map.bits != nullptr ? map.bit_words : map.col_blocks;
   if (map.by_sequence) {  // a key-side mask: the sm90a kernel's, always with bits (row_blocks: the batch)
-    const int64_t chunks = (blocks + kMapWarps - 1) / kMapWarps;
+    const int64_t chunks = BlockMap::blocks(blocks, kMapWarps);
     dim3 grid(map.row_blocks, static_cast<unsigned>(chunks < 65535 ? chunks : 65535), map.mask_heads);
     if (map.bits == nullptr || map.seq_extent <= 0) return cudaErrorInvalidValue;
     // The chunks cover the longest sequence (bit_words); with many sequences, at most max(kMaxKeyMapCtas,
@@ -250,7 +250,7 @@ cudaError_t build_block_map(const VarlenFwdParams& p, const BlockMap& map, cudaS
     grid.y = static_cast<unsigned>(grid.y < most ? grid.y : most);
     key_map_kernel<<<grid, kMapThreads, 0, stream>>>(p, map);
   } else {
-    const int64_t chunks = (blocks + kChunkBlocks - 1) / kChunkBlocks;
+    const int64_t chunks = BlockMap::blocks(blocks, kChunkBlocks);  // as block_map_kernel counts them
     const dim3 grid(map.row_blocks, static_cast<unsigned>(chunks < 65535 ? chunks : 65535), map.mask_heads);
     if (map.bits != nullptr) {
       block_map_kernel<true><<<grid, kMapThreads, 0, stream>>>(p, map);
