@@ -2,29 +2,17 @@
 hand-written tensor (the tool asserts it), its ops counted, and a chart drawn from the JSON beside an earlier one
 (where matplotlib is installed)."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 
-TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
-
-
-def _tool():
-    sys.path.insert(0, TOOLS)
-    spec = importlib.util.spec_from_file_location("bench_query_mask_build", os.path.join(TOOLS,
-                                                                                       "bench_query_mask_build.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import bench_query_mask_build as tool  # tools/ is on pytest's pythonpath (pytest.ini)
 
 
 @pytest.fixture(scope="module")
 def result_file(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "build.json"
-    assert _tool().main(["--no-compile", "--reps", "1", "--json", str(out)]) == 0
+    assert tool.main(["--no-compile", "--reps", "1", "--json", str(out)]) == 0
     return out
 
 
@@ -40,5 +28,5 @@ def test_eager_rows(result_file):
 def test_chart_from_json(result_file, tmp_path):
     pytest.importorskip("matplotlib", reason="the chart needs matplotlib (the bench extra)")
     chart = tmp_path / "build.png"
-    assert _tool().main(["--from", str(result_file), "--prev", str(result_file), "--chart", str(chart)]) == 0
+    assert tool.main(["--from", str(result_file), "--prev", str(result_file), "--chart", str(chart)]) == 0
     assert chart.stat().st_size > 0

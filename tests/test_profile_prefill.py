@@ -1,22 +1,11 @@
 """tools/profile_prefill.py's chart of earlier runs (no GPU: the rows come from JSON files): every (call, arch) row of
 each build drawn, the passes before the attention kernel told apart from it; a malformed --builds is refused."""
 
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 
-TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
-
-
-def _tool():
-    sys.path.insert(0, TOOLS)
-    spec = importlib.util.spec_from_file_location("profile_prefill", os.path.join(TOOLS, "profile_prefill.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import profile_prefill as tool  # tools/ is on pytest's pythonpath (pytest.ini)
 
 
 def _run(tmp_path, name, map_us):
@@ -29,7 +18,6 @@ def _run(tmp_path, name, map_us):
 
 
 def test_attention_kernel_and_passes_are_told_apart():
-    tool = _tool()
     assert tool.is_attention("void dmattn::cuda::sm90a::fwd_kernel<FwdTraits<bf16, 128>>(...)")
     assert not tool.is_attention("block_map_kernel") and not tool.is_attention("v_flags_kernel")
 
@@ -38,12 +26,12 @@ def test_chart_of_two_builds(tmp_path):
     pytest.importorskip("matplotlib", reason="charts need matplotlib (the optional extra)")
     old, new = _run(tmp_path, "old", 1031.6), _run(tmp_path, "new", 180.0)
     out = tmp_path / "cmp.png"
-    assert _tool().main(["--chart", str(out), "--builds", f"main={old}", f"new={new}"]) == 0
+    assert tool.main(["--chart", str(out), "--builds", f"main={old}", f"new={new}"]) == 0
     assert out.stat().st_size > 0
 
 
 def test_builds_without_a_label_are_refused(tmp_path, capsys):
-    assert _tool().main(["--chart", str(tmp_path / "x.png"), "--builds", str(_run(tmp_path, "old", 1.0))]) == 2
+    assert tool.main(["--chart", str(tmp_path / "x.png"), "--builds", str(_run(tmp_path, "old", 1.0))]) == 2
     assert "LABEL=JSON" in capsys.readouterr().err
-    assert _tool().main(["--chart", str(tmp_path / "x.png")]) == 2
+    assert tool.main(["--chart", str(tmp_path / "x.png")]) == 2
     assert "needs --builds" in capsys.readouterr().err
