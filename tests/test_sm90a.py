@@ -890,6 +890,9 @@ QUERY_SPECS = [
          mask_heads="Hk", keep=0.4, mask_runs=300),
     Spec("query_window", heads=8, heads_k=2, seqlens_q=(700, 130, 1000), seqlens_k=(700, 300, 1000),
          window=(300, 0), is_causal=True, mask="query", mask_heads="Hk", keep=0.5),
+    # a negative scale (its own pass over the scores: it cannot fold into the exponent over -inf), limits and mask
+    Spec("query_window_negative_scale", heads=4, heads_k=2, seqlens_q=(300, 17), seqlens_k=(400, 3), window=(200, 50),
+         softmax_scale=-0.4, mask="query", mask_heads="Hk", keep=0.5),
     Spec("query_window_both_softcap", heads=4, heads_k=2, seqlens_q=(500, 64), seqlens_k=(900, 64), window=(200, 50),
          softcap=30.0, mask="query", mask_heads="H", keep=0.6, mask_runs=40),
     # A key-side bias beside the query-side mask (its values per key over slots in place).

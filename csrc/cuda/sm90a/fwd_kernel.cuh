@@ -200,6 +200,15 @@ __device__ __forceinline__ void bit_words(const uint2& bits, uint32_t (&words)[2
   words[1] = bits.y;
 }
 
+// kQuery: the bits [lo, hi) of a 32-bit word, each bound clamped to [0, 32] (none where hi <= lo): a row's positions
+// [low, limit) over the word of keys [base, base + 32), given low - base and limit - base.
+__device__ __forceinline__ uint32_t shown_span(int lo, int hi) {
+  // __funnelshift_lc(~0, 0, s): the high word of (0 : ~0) << min(s, 32), the s low bits set
+  const uint32_t below_hi = __funnelshift_lc(~0u, 0u, static_cast<uint32_t>(max(hi, 0)));
+  const uint32_t below_lo = __funnelshift_lc(~0u, 0u, static_cast<uint32_t>(max(lo, 0)));
+  return below_hi & ~below_lo;
+}
+
 // Rare path of the V scan: the CTA's consumers found an inf / NaN in the V tile of a tile that hides keys. Flag the
 // slots holding one and zero those elements (read by wgmma next: a proxy fence), consumers only.
 template <typename Traits, typename SmemV>
@@ -1211,12 +1220,37 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
             }
           return 1.f;
         }
+        // Without a bias the scale folds into the exponent (raw scores; a hidden key's -inf stays -inf), unless it is
+        // not positive: then its own pass, as a cap's.
+        if (!biased && !(mul > 0.f)) {
+#pragma unroll
+          for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= mul;
+          mul = 1.f;
+        }
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          int low, limit;
-          row_bounds(half, low, limit);
+          // The keys this row sees in the tile as bit words: the mask's bits where it is masked, ANDed with its
+          // positions [low, limit) where limits hide keys (shown_span, a few operations a word where a compare a key
+          // cost two). Each word is then shifted right by 2 t, so that the thread's column 8 nt + 2 t + e is bit
+          // 8 (nt % 4) + e of word nt / 4, a constant: one test and one select an element.
           uint32_t words[Traits::kBitWords];
-          bit_words(bits[half], words);
+          if (masked) {
+            bit_words(bits[half], words);
+          } else {
+#pragma unroll
+            for (int k = 0; k < Traits::kBitWords; ++k) words[k] = ~0u;
+          }
+          if (limits) {
+            int low, limit;
+            row_bounds(half, low, limit);
+#pragma unroll
+            for (int k = 0; k < Traits::kBitWords; ++k) {
+              const int base = n * kBlockN + 32 * k;  // the word's first key
+              words[k] &= shown_span(low - base, limit - base);
+            }
+          }
+#pragma unroll
+          for (int k = 0; k < Traits::kBitWords; ++k) words[k] >>= 2 * t;
 #pragma unroll
           for (int nt = 0; nt < kN8; ++nt) {
             if (biased && nt % 4 == 0) asm volatile("" ::: "memory");  // four column pairs' bias reads at a time
@@ -1224,15 +1258,13 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
               float& x = s[0][nt][2 * half + e];
-              const int col = nt * 8 + 2 * t + e;  // the word of 32 keys holding it, and its bit
-              const int pos = n * kBlockN + col;
-              const bool shown = !masked || ((words[col / 32] >> (col % 32)) & 1u) != 0;
-              const float scored = biased ? x * mul + (e ? b2.y : b2.x) : x * mul;
-              x = shown && pos >= low && pos < limit ? scored : -INFINITY;
+              const bool shown = (words[nt / 4] & (1u << (8 * (nt % 4) + e))) != 0;
+              const float scored = biased ? x * mul + (e ? b2.y : b2.x) : x;
+              x = shown ? scored : -INFINITY;
             }
           }
         }
-        return 1.f;
+        return biased ? 1.f : mul;
       }
       if constexpr (kSlots && !kQuery) {  // bias per slot; on a tile that hides keys, each slot's position against the
                                           // rows' limits (beside kQuery, whose branch above returns, slots are in place)
