@@ -494,12 +494,16 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8), True, 0),  # with a float32 query-side bias: a CTA per unit
         (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8, sm90a_ctas=5), True, 0),  # whatever DMATTN_SM90A_CTAS asks
         # with a query-side bias in q's dtype: its elements read per live tile (rows of any stride: this batch's
-        # 3865 keys make odd row starts); a CTA per unit at D = 128 (run DZ: 1.35x faster than persistent), windows
-        # persistent as without the bias, D = 64 and 256 persistent as the mask alone
+        # 3865 keys make odd row starts); a CTA per unit (run DZ: 1.35x faster than persistent at D = 128; run EF:
+        # as fast at D = 64, 1.06x faster at D = 256), windows persistent as without the bias
         (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16), True, 0),
         (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16, window=(255, 0)), True, 132),
-        (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16, D=64), True, 132),
-        (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16, D=256), True, 132),
+        (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16, D=64), True, 0),
+        (dict(mask=QUERY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16, D=256), True, 0),
+        # a query-side mask alone at D = 64: a CTA per unit (run EF: 1.02x faster than persistent), windows persistent
+        (dict(mask=QUERY, Hm=8, D=64), True, 0),
+        (dict(mask=QUERY, Hm=8, D=64, window=(255, 0)), True, 132),
+        (dict(mask=QUERY, Hm=8, D=64, bias=KEY, Hb=8), True, 132),  # beside a key-side bias: persistent (not measured)
         (dict(mask=QUERY, Hm=1, bias=QUERY, Hb=1, bias_dtype=BF16, key_range=True), True, 0),
         (dict(bias=QUERY, Hb=32, bias_dtype=BF16), True, 0),  # a query-side bias alone: a CTA per unit, as without it
         (dict(bias=QUERY, Hb=32, bias_dtype=BF16, window=(255, 0)), True, 132),
@@ -519,17 +523,17 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(bias=QUERY, Hb=1, key_range=True), True, 0),
         (dict(D=256), True, 0),  # head dims 64, 128 and 256 (64-key tiles)
         (dict(D=256, window=(255, 0)), True, 132),
-        # D = 256 masks without a bias, persistent as masks are at D <= 128: a key-side one over its gathered kept
-        # rows, with key ranges (which the slots' limits do not know) mapped by sequence on the query-side variant, a
-        # CTA per unit; a query-side one on the query-side variant
+        # D = 256 masks without a bias: a key-side one over its gathered kept rows, persistent as at D <= 128, with key
+        # ranges (which the slots' limits do not know) mapped by sequence on the query-side variant, a CTA per unit; a
+        # query-side one on the query-side variant, a CTA per unit (run EF: 1.08x faster than persistent) unless windowed
         (dict(D=256, mask=KEY, Hm=8), True, 132),
         (dict(D=256, mask=KEY, Hm=1, window=(-1, 0)), True, 132),
         (dict(D=256, mask=KEY, Hm=32, window=(255, 0)), True, 132),
         (dict(D=256, mask=KEY, Hm=8, window=(127, 0)), False, 0),  # a window of 128 keys or fewer: sm80
         (dict(D=256, mask=KEY, Hm=8, key_range=True), True, 0),  # key ranges: by sequence, a CTA per unit
         (dict(D=256, mask=KEY, Hm=8, sm90a_ctas=-1), True, 0),  # DMATTN_SM90A_CTAS=0: a CTA per unit
-        (dict(D=256, mask=QUERY, Hm=8), True, 132),
-        (dict(D=256, mask=QUERY, Hm=1, window=(-1, 0)), True, 132),
+        (dict(D=256, mask=QUERY, Hm=8), True, 0),
+        (dict(D=256, mask=QUERY, Hm=1, window=(-1, 0)), True, 0),
         (dict(D=256, mask=QUERY, Hm=32, window=(255, 0)), True, 132),
         (dict(D=256, mask=QUERY, Hm=8, key_range=True), True, 0),
         (dict(D=256, mask=QUERY, Hm=8, sm90a_ctas=5), True, 5),
@@ -548,7 +552,7 @@ PREFILL = dict(B=8, H=32, Hk=8, D=128, total_q=16_056, total_k=16_056, max_q=386
         (dict(D=256, mask=KEY, Hm=32, bias=KEY, Hb=1, window=(255, 0)), True, 132),
         (dict(D=256, mask=KEY, Hm=1, bias=KEY, Hb=32, sm90a_ctas=-1), True, 0),
         (dict(D=256, mask=KEY, Hm=8, bias=KEY, Hb=8, key_range=True), False, 0),
-        (dict(D=256, mask=QUERY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16), True, 132),
+        (dict(D=256, mask=QUERY, Hm=8, bias=QUERY, Hb=8, bias_dtype=BF16), True, 0),
         (dict(D=256, mask=KEY, Hm=32, bias=QUERY, Hb=1, bias_dtype=BF16, window=(255, 0)), True, 132),
         (dict(D=256, bias=QUERY, Hb=1, bias_dtype=BF16, key_range=True), True, 0),
         (dict(D=256, bias=QUERY, Hb=8), False, 0),  # float32: its terms do not fit beside D = 256's tiles

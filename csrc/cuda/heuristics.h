@@ -390,16 +390,20 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
       // a key-side bias: its values per slot in place
       plan.sm90a_slots = plan.slots_in_place = p.bias.layout == OperandLayout::kKeySide;
       // A query-side bias alone leaves units as even as the same call without it: a CTA per unit unless windowed
-      // (at D = 128 a persistent CTA of this variant has one Q buffer, so no next-unit prefetch to win by). A mask
-      // without a query-side bias (query-side; at D = 256 key-side too, where its kept rows are not gathered, with or
-      // without a key-side bias) leaves them uneven: persistent, as key-side masks are over their slots (at D = 256
-      // with one Q buffer, as the dense kernel there). A query-side mask beside a query-side bias at D = 128: a CTA per
-      // unit too, where the persistent kernel (one Q buffer, its consumers spilling) took 1.35x the time on the
-      // prefill batch (H100, runs DZ, EA: the kernel 2.11 against 1.56 ms; D = 64 and 256 not measured, so left as
-      // they were).
-      const bool query_bias_128 = p.bias.layout == OperandLayout::kQuerySide && p.head_dim == 128;
-      persistent = persistent || (p.mask.layout == OperandLayout::kQuerySide && !query_bias_128) ||
-                   (p.mask.present() && p.bias.layout != OperandLayout::kQuerySide);
+      // (at D = 128 a persistent CTA of this variant has one Q buffer, so no next-unit prefetch to win by). A key-side
+      // mask here (beside a query-side bias, or at D = 256 where its kept rows are not gathered, with or without a
+      // key-side bias) leaves units uneven: persistent, as key-side masks are over their slots, but beside the
+      // query-side bias. A query-side mask, on the prefill batch (H100): persistent at D = 128 alone (its kernel
+      // 0.85 ms against 0.89 a CTA per unit, run EE) and beside a key-side bias (not measured), a CTA per unit
+      // beside a query-side bias (the persistent kernel, one Q buffer, took 1.35x the time, runs DZ, EA); at D = 64
+      // and 256 a CTA per unit alone and beside a query-side bias (the mask alone 0.79 against 0.81 ms persistent at
+      // D = 64, 1.41 against 1.53 at D = 256; with the bias 1.20 against 1.20 and 1.93 against 2.04; run EF), and
+      // persistent beside a key-side bias (not measured, as before).
+      const bool query_bias = p.bias.layout == OperandLayout::kQuerySide;
+      const bool query_mask_persistent =
+          p.mask.layout == OperandLayout::kQuerySide &&
+          (p.head_dim == 128 ? !query_bias : p.bias.layout == OperandLayout::kKeySide);
+      persistent = persistent || query_mask_persistent || (p.mask.layout == OperandLayout::kKeySide && !query_bias);
       // A key-side mask beside the query-side bias, or at D = 256 where its kept rows are not gathered (alone or
       // beside a key-side bias): its map and bits by sequence (below), no kept-key lists.
       if (p.mask.layout == OperandLayout::kKeySide) plan.key_lists_heads = 0;
