@@ -1,9 +1,11 @@
 """tools/profile_prefill.py's chart of earlier runs (no GPU: the rows come from JSON files): every (call, arch) row of
-each build drawn, the passes before the attention kernel told apart from it; a malformed --builds is refused."""
+each build drawn, the passes before the attention kernel told apart from it; a malformed --builds is refused. Its
+padded rows keep an operand's values with rows starting at the multiple asked for."""
 
 import json
 
 import pytest
+import torch
 
 import profile_prefill as tool  # tools/ is on pytest's pythonpath (pytest.ini)
 
@@ -35,3 +37,13 @@ def test_builds_without_a_label_are_refused(tmp_path, capsys):
     assert "LABEL=JSON" in capsys.readouterr().err
     assert tool.main(["--chart", str(tmp_path / "x.png")]) == 2
     assert "needs --builds" in capsys.readouterr().err
+
+
+def test_padded_rows_keep_the_values_and_start_rows_at_the_multiple():
+    t = torch.randn(5, 3, 3865).to(torch.bfloat16)
+    padded = tool.padded_rows(t, 8)
+    assert padded.shape == t.shape and torch.equal(padded, t)
+    assert padded.stride() == (3 * 3872, 3872, 1)
+    assert all(s % 8 == 0 for s in padded.stride()[:2])
+    mask = torch.rand(2, 1, 17) > 0.5
+    assert torch.equal(tool.padded_rows(mask, 8), mask) and tool.padded_rows(mask, 8).stride(0) == 24

@@ -16,6 +16,9 @@ Calls (bf16, H = 32, Hk = 8, D = 128 unless --head-dim; the prefill batch is B =
                "causal, the same mask + bias expanded query-side" row (issue 11's operand bandwidth)
   query_mask   that query-side mask alone
   query_bias   that query-side bias alone
+--row-multiple N stores the query calls' mask and bias in rows of a multiple of N keys (a view of the first
+max_seqlen_k of each), so that every row starts at a multiple of N elements: with N = 8 a 16-bit bias's rows start at
+16-byte chunks, where the batch's own 3,865-key rows start anywhere in one.
 Each row: the median time of the whole call (CUDA events, L2 flushed before each call, as bench_gpu.py times it) and
 the device time of each kernel the call launches (torch.profiler: the compaction and gather passes before the
 attention kernel, the attention kernel itself). --ncu runs each call --ncu-reps times after a warm-up and nothing
@@ -47,8 +50,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALLS = ["masked", "bias", "causal", "window", "dense", "dense_nc", "query", "query_mask", "query_bias"]
 
 
-def problem(call: str, head_dim: int, seed: int, device):
-    """The PackedBatch of one call, built as bench_gpu.py builds its workloads (same seed, same inputs)."""
+def padded_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
+    """t's values as a view of the first t.shape[-1] columns of a buffer whose rows are a multiple of `multiple`
+    columns long (zero past them): the same operand, its rows (and heads) starting at multiples of `multiple`."""
+    keys = t.shape[-1]
+    buf = torch.zeros(*t.shape[:-1], -(-keys // multiple) * multiple, dtype=t.dtype, device=t.device)
+    buf[..., :keys] = t
+    return buf[..., :keys]
+
+
+def problem(call: str, head_dim: int, seed: int, device, row_multiple: int = 1):
+    """The PackedBatch of one call, built as bench_gpu.py builds its workloads (same seed, same inputs); the query
+    calls' operands in rows of a multiple of row_multiple keys (padded_rows)."""
     workload = "dense" if call.startswith("dense") else "prefill"
     gen = torch.Generator().manual_seed(seed)
     lens_q, lens_k, hs = bench_gpu.sizes(workload, False, gen)
@@ -60,6 +73,9 @@ def problem(call: str, head_dim: int, seed: int, device):
         return prob.replace(window_size=(bench_gpu.WINDOW - 1, -1))
     if call.startswith("query"):
         query_side = bench_gpu.key_side_as_query_side(prob)
+        if row_multiple > 1:
+            query_side = query_side.replace(mask=padded_rows(query_side.mask, row_multiple),
+                                            bias=padded_rows(query_side.bias, row_multiple))
         return {"query": query_side, "query_mask": query_side.replace(bias=None),
                 "query_bias": query_side.replace(mask=None)}[call]
     return prob.replace(mask=None) if call == "bias" else prob
@@ -71,6 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", nargs="+", default=["auto", "sm80"], choices=["auto", "sm80"],
                     help="DMATTN_ARCH of each row (default: the plan's kernel, then the sm80 one forced)")
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--row-multiple", type=int, default=1,
+                    help="the query calls' operands in rows of a multiple of this many keys (see above)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--seed", type=int, default=bench_gpu.DEFAULT_SEED)
     ap.add_argument("--ncu", action="store_true", help="only run each call (warm-up 3, then --ncu-reps), for ncu")
@@ -88,7 +106,7 @@ def main(argv=None) -> int:
     flush = bc.L2Flusher(dev)
     rows = []
     for call in args.calls:
-        prob = problem(call, args.head_dim, args.seed, dev)
+        prob = problem(call, args.head_dim, args.seed, dev, args.row_multiple)
         for arch in args.arch:
             os.environ["DMATTN_ARCH"] = arch
             run = lambda: prob.run()  # noqa: E731
@@ -100,7 +118,8 @@ def main(argv=None) -> int:
                 continue
             ms = bc.time_callable(run, dev, warmup=5, reps=args.reps, flush=flush).median_ms
             kernels = kernel_breakdown(run, reps=10)
-            rows.append({"call": call, "arch": arch, "head_dim": args.head_dim, "ms": ms, "kernels_us": kernels})
+            rows.append({"call": call, "arch": arch, "head_dim": args.head_dim, "row_multiple": args.row_multiple,
+                         "ms": ms, "kernels_us": kernels})
             parts = "  ".join(f"{k} {v:.1f}" for k, v in kernels.items())
             print(f"{call:8} {arch:4}  {ms * 1e3:8.1f} us  [{parts}]", flush=True)
     os.environ.pop("DMATTN_ARCH", None)
