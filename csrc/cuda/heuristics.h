@@ -389,14 +389,14 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
       plan.sm90a = plan.sm90a_query = true;
       // a key-side bias: its values per slot in place
       plan.sm90a_slots = plan.slots_in_place = p.bias.layout == OperandLayout::kKeySide;
-      // A query-side bias alone leaves units as even as the same call without it: a CTA per unit unless windowed
-      // (at D = 128 a persistent CTA of this variant has one Q buffer, so no next-unit prefetch to win by). A key-side
-      // mask here (beside a query-side bias, or at D = 256 where its kept rows are not gathered, with or without a
-      // key-side bias) leaves units uneven: persistent, as key-side masks are over their slots, but beside the
-      // query-side bias. A query-side mask, on the prefill batch (H100): persistent at D = 128 alone (its kernel
-      // 0.85 ms against 0.89 a CTA per unit, run EE) and beside a key-side bias (not measured), a CTA per unit
-      // beside a query-side bias (the persistent kernel, one Q buffer, took 1.35x the time, runs DZ, EA); at D = 64
-      // and 256 a CTA per unit alone and beside a query-side bias (the mask alone 0.79 against 0.81 ms persistent at
+      // A query-side bias alone leaves units as even as the same call without it: a CTA per unit unless windowed (at
+      // D = 128 a persistent CTA of this variant has one Q buffer, so no next-unit prefetch to win by). A key-side mask
+      // here (beside a query-side bias, or at D = 256 where its kept rows are not gathered, with or without a key-side
+      // bias) leaves units uneven: persistent, as key-side masks are over their slots (beside the query-side bias a CTA
+      // per unit, as the bias alone). A query-side mask, on the prefill batch (H100): persistent at D = 128 alone (its
+      // kernel 0.85 ms against 0.89 a CTA per unit, run EE) and beside a key-side bias (not measured), a CTA per unit
+      // beside a query-side bias (the persistent kernel, one Q buffer, took 1.35x the time, runs DZ, EA); at D = 64 and
+      // 256 a CTA per unit alone and beside a query-side bias (the mask alone 0.79 against 0.81 ms persistent at
       // D = 64, 1.41 against 1.53 at D = 256; with the bias 1.20 against 1.20 and 1.93 against 2.04; run EF), and
       // persistent beside a key-side bias (not measured, as before).
       const bool query_bias = p.bias.layout == OperandLayout::kQuerySide;

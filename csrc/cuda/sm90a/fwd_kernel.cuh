@@ -1230,9 +1230,10 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           // The keys this row sees in the tile as bit words: the mask's bits where it is masked, ANDed with its
-          // positions [low, limit) where limits hide keys (shown_span, a few operations a word where a compare a key
-          // cost two). Each word is then shifted right by 2 t, so that the thread's column 8 nt + 2 t + e is bit
-          // 8 (nt % 4) + e of word nt / 4, a constant: one test and one select an element.
+          // positions [low, limit) where limits hide keys (shown_span: a few operations per 32-key word, where
+          // comparing each key's position cost two per key). Each word is then shifted right by 2 t, so that the
+          // thread's column 8 nt + 2 t + e is bit 8 (nt % 4) + e of word nt / 4, a constant: one test and one select
+          // an element.
           uint32_t words[Traits::kBitWords];
           if (masked) {
             bit_words(bits[half], words);
