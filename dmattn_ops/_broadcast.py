@@ -27,6 +27,7 @@ its per-sequence prefix at b alone, so neither grid needs the clamp.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -213,18 +214,16 @@ def evaluate(mod, b, h, q_idx, kv_idx, *, guarded: bool = True):
     of another shape or value (a shape read, bool() or item() of a derived tensor, a reduction), so the build's grid
     runs the ops the guard saw. Unguarded, those ops cost no Python of ours: on a GPU a small build is the host's time
     to issue its ops (run DY; run EB: 8-12% less of it)."""
-    if not guarded:
-        try:
-            out = mod(b, h, q_idx, kv_idx)
-        except Exception:  # noqa: BLE001 - as below
-            return None, 0
-        return (out, 0) if isinstance(out, torch.Tensor) else (None, 0)
-    guard = _Elementwise((b, h, q_idx, kv_idx))
+    guard = _Elementwise((b, h, q_idx, kv_idx)) if guarded else None
     try:
-        with guard:
+        with guard if guard is not None else contextlib.nullcontext():
             out = mod(b, h, q_idx, kv_idx)
     except Exception:  # noqa: BLE001 - any failure: vmap evaluates it and raises what it raises there
         return None, 0
-    if not isinstance(out, torch.Tensor) or (out.dim() != 0 and not guard.sources(out)):
-        return None, 0  # not a tensor, or a tensor of several values the grids do not reach (a closure's own)
+    if not isinstance(out, torch.Tensor):
+        return None, 0
+    if guard is None:
+        return out, 0
+    if out.dim() != 0 and not guard.sources(out):
+        return None, 0  # a tensor of several values the grids do not reach (a closure's own)
     return out, guard.reads
