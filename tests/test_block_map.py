@@ -122,6 +122,77 @@ def test_block_structured_query_mask_of_long_rows(device, layout):
     assert_close_to_reference(got, lse, want, want_lse, dtype)
 
 
+def seen_by_rows(lens_q, lens_k, max_k, is_causal=False, window_size=None, key_range=None, seqused_k=None):
+    """(total_q, max_k) bool: the keys each row may see by the contract before the mask (docs/contract.md: its
+    sequence's keys, cut by seqused_k; the window, is_causal as a right edge of 0, bottom-right aligned; its
+    key_range), written here from the contract, not from the kernels."""
+    seen = torch.zeros(sum(lens_q), max_k, dtype=torch.bool)
+    left, right = window_size if window_size is not None else (-1, -1)
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    q0 = 0
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        lk = min(lk, int(seqused_k[b])) if seqused_k is not None else lk
+        for i in range(lq):
+            a = i + lk - lq
+            lo = 0 if left < 0 else max(a - left, 0)
+            hi = lk if right < 0 else min(a + right + 1, lk)
+            if key_range is not None:
+                lo, hi = max(lo, int(key_range[q0 + i, 0])), min(hi, int(key_range[q0 + i, 1]))
+            if lo < hi:
+                seen[q0 + i, lo:hi] = True
+        q0 += lq
+    return seen
+
+
+@pytest.mark.parametrize("case", ["keys", "causal", "causal_lq_lt_lk", "window", "key_range", "seqused_k"])
+def test_unseen_mask_entries_change_nothing(device, case):
+    """A query-side mask's entries that no row can see (past its sequence's keys, above the causal diagonal, outside
+    a window or a key_range) are never read: the CUDA map's pass (csrc/cuda/block_map.cu) skips the 512-key chunks
+    no row of a block sees and votes only with the keys each row sees, so whether those entries are True or False
+    must change nothing, bit for bit, where a summary of every entry would send tiles down other paths (whole-visible
+    tiles fold the scale into the exponent, partial ones do not). Rows of several chunks, row blocks across sequence
+    boundaries, Hm = Hk; against the float64 reference too."""
+    g = torch.Generator().manual_seed(11)
+    lens_q, lens_k = [70, 1, 650, 45, 700, 30], [90, 33, 1100, 300, 700, 1300]
+    if case == "causal":
+        lens_k = lens_q
+    total_q, max_k = sum(lens_q), max(lens_k)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v, mask, cu_q, cu_k = query_mask_problem(lens_q, lens_k, HK, False, g)
+    k, v = (torch.randn(t.shape, generator=g) for t in (k, v))  # finite: every key may be seen by some layout here
+    kwargs, key_range, seqused_k = {}, None, None
+    if case.startswith("causal"):
+        kwargs["is_causal"] = True
+    elif case == "window":
+        kwargs["window_size"] = (200, 40)
+    elif case == "key_range":
+        lo = torch.randint(0, max_k, (total_q,), generator=g)
+        key_range = torch.stack([lo, lo + torch.randint(0, 600, (total_q,), generator=g)], 1).int()
+    elif case == "seqused_k":
+        seqused_k = torch.tensor([min(lk, u) for lk, u in zip(lens_k, [50, 40, 700, 300, 200, 900])], dtype=torch.int32)
+    seen = seen_by_rows(lens_q, lens_k, max_k, key_range=key_range, seqused_k=seqused_k, **kwargs)[:, None, :]
+    assert (~seen).sum() > seen.sum() // 4, "the case leaves entries no row sees"
+    extra = dict(kwargs, key_range=key_range, seqused_k=seqused_k)
+
+    def run(m):
+        on = {n: t.to(device) if torch.is_tensor(t) else t for n, t in extra.items()}
+        return dmattn_ops.varlen_attention(
+            *(t.to(device, dtype) for t in (q, k, v)), cu_q.to(device), cu_k.to(device), max(lens_q), max_k,
+            mask=m.to(device), return_lse=True, **on)
+
+    out_false, lse_false = run(mask & seen)
+    out_true, lse_true = run(mask | ~seen)
+    assert torch.equal(out_false, out_true) and torch.equal(lse_false, lse_true)
+    want, want_lse = reference_varlen_attention(
+        *(t.to(dtype).double() for t in (q, k, v)), cu_q, cu_k, max(lens_q), max_k, mask=mask, **extra)
+    rows = want_lse.isfinite()  # rows that see no key: lse -inf in both
+    assert torch.equal(lse_true.cpu().isfinite(), rows)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_true.cpu().double(), want, **tol)
+    torch.testing.assert_close(lse_true.cpu().double()[rows], want_lse[rows], **tol)
+
+
 def block_key_mask(lens_k, heads, g, kinds=("dead", "whole", "random")):
     """(total_k, heads) bool: per (32-position block of each sequence's keys, head) one of kinds."""
     parts = []

@@ -1,10 +1,14 @@
-// block_map.cu: a query-side mask -> its block summary (passes.h, BlockMap), read once at the start of a call so the
-// prefill kernel skips the tiles it hides whole and runs the tiles it shows whole without reading it, and for the
-// sm90a kernel the mask as bits in the same read (and a key-side mask beside a query-side bias, or at D = 256 where
-// its kept rows are not gathered, by sequence); and v's blocks that hold an inf or NaN, so its tiles that hide keys
-// scan their V only there.
+// block_map.cu: a query-side mask -> its block summary (passes.h, BlockMap), its elements that some row can see read
+// once at the start of a call (a causal call's triangle, a window's band, not the whole rectangle) so the prefill
+// kernel skips the tiles it hides whole and runs the tiles it shows whole without reading it, and for the sm90a kernel
+// the mask as bits in the same read (and a key-side mask beside a query-side bias, or at D = 256 where its kept rows
+// are not gathered, by sequence); and v's blocks that hold an inf or NaN, so its tiles that hide keys scan their V only
+// there.
 #include <cuda_runtime.h>
 
+#include <climits>
+
+#include "bit_span.cuh"
 #include "nonfinite_bits.cuh"
 #include "passes.h"
 
@@ -34,6 +38,10 @@ static_assert(BlockMap::kCols == 32, "a warp's lanes are the key positions of on
 // byte a lane per load, two votes per 32 bytes.
 constexpr int kChunkBlocks = 16;
 static_assert(kChunkBlocks <= 32, "a lane per block of the chunk: its word and its state");
+// block_map_kernel's CTAs, at least where the chunks allow: about eight waves of a 132-SM GPU at four CTAs an SM, so
+// that no CTA walks many chunks at the launch's tail. The prefill batch's map (251 row blocks x 8 mask heads) gets 3
+// CTAs a row block, each walking at most 3 of its 8 chunks and finding its rows' visible keys once.
+constexpr int64_t kBlockMapCtas = 4096;
 
 // The vector path of block_map_kernel (a mask whose keys are contiguous from a 16-byte aligned pointer): a row's
 // chunk of 512 keys as 16-byte loads, a lane each, the bytes' nonzero tests packed with integer arithmetic, where the
@@ -66,18 +74,45 @@ __device__ __forceinline__ uint32_t block_word(const uint4& body, const uint4& t
   return static_cast<uint32_t>(keys >> off);
 }
 
-// Grid (row blocks, chunks, mask heads); a CTA takes every gridDim.y-th chunk. Warp w takes rows w, w + kMapWarps, ...
-// of its row block; lane l loads the chunk's key position 32 i + l of the row for every block i (one row's 512
-// consecutive bytes a warp where the mask's keys are contiguous). Per block i the warp's ballot is the row's word,
-// which lane i stores (with map.bits: the chunk's words of a row, one store of consecutive words) and whose votes it
-// ORs into the block's state over the warp's rows; the warps' states meet in shared memory. kBits: map.bits is set.
-// The sm80 kernels' map has no bits, and its loop is compiled on its own: with a runtime branch between the two
-// loops the map alone ran 0.29 ms slower on the H200's query-side prefill call (run BX). Four CTAs an SM: 64
-// registers hold a row's sixteen loads in flight (at eight CTAs, 32 registers, ptxas spilled).
+// The key positions [begin, end) packed query row `row` can see, as the attention kernels bound it (row_keys: its
+// window, the causal limit, its key_range, within its sequence's clamped keys; empty for a row no sequence owns):
+// the last sequence b whose cu_seqlens_q[b] <= row, by bisection, which stays in bounds and ends for any cu_seqlens.
+// Where the contract holds that sequence is the row's only one; where it is broken finish_rows makes every output
+// NaN, so a row that two clamped sequences share may be summarized for either.
+__device__ KeyRange row_reach(const VarlenFwdParams& p, int64_t row) {
+  if (p.batch <= 0) return {0, 0};
+  int lo = 0, hi = p.batch;  // the sequence in [lo, hi)
+  while (hi - lo > 1) {
+    const int mid = lo + (hi - lo) / 2;
+    if (p.cu_seqlens_q[mid] <= row) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  const SeqRange sq = clamp_seq(p.cu_seqlens_q, lo, p.total_q, p.max_seqlen_q);
+  if (row < sq.start || row >= sq.start + sq.len) return {0, 0};
+  const KeyRange r = row_keys(p, row, row - sq.start, sq.len, key_seq(p, lo).len);
+  return r.begin < r.end ? r : KeyRange{0, 0};
+}
+
+// Grid (row blocks, chunk CTAs, mask heads); a CTA takes every gridDim.y-th chunk of its row block. First its rows'
+// visible keys (row_reach, into shared memory), and their union: a chunk no row can see is not read, its words
+// written 0 and its blocks' states 0, so a causal call reads about half of its rows' bytes and a window a band, not
+// the (total_q, max_seqlen_k) rectangle. Warp w takes rows w, w + kMapWarps, ... of its row block; lane l loads the
+// chunk's key position 32 i + l of the row for every block i (one row's 512 consecutive bytes a warp where the mask's
+// keys are contiguous). Per block i the warp's ballot, cut to the row's visible keys, is the row's word, which lane i
+// stores (with map.bits: the chunk's words of a row, one store of consecutive words) and whose votes (a shown key,
+// a hidden visible key) it ORs into the block's state over the warp's rows; the warps' states meet in shared memory.
+// kBits: map.bits is set. The sm80 kernels' map has no bits, and its loop is compiled on its own: with a runtime
+// branch between the two loops the map alone ran 0.29 ms slower on the H200's query-side prefill call (run BX). Four
+// CTAs an SM: 64 registers hold a row's sixteen loads in flight (at eight CTAs, 32 registers, ptxas spilled).
 template <bool kBits>
 __global__ void __launch_bounds__(kMapThreads, 4)
 block_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ BlockMap map) {
   __shared__ uint32_t chunk_state[kChunkBlocks];  // the chunk's block states, ORed over the CTA's warps
+  __shared__ int2 reach[BlockMap::kRows];         // each row's visible keys [x, y) (row_reach; empty: 0, 0)
+  __shared__ int reach_lo, reach_hi;              // their union's bounds (empty: reach_lo >= reach_hi)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t rb = blockIdx.x;
   const int hm = blockIdx.z;
@@ -91,15 +126,47 @@ block_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constan
   const int64_t chunks = BlockMap::blocks(blocks, kChunkBlocks);
   const bool contiguous = p.mask.col_stride == 1;
   const bool vectors = contiguous && reinterpret_cast<uintptr_t>(p.mask.ptr) % 16 == 0;
+  if (threadIdx.x == 0) {
+    reach_lo = INT_MAX;
+    reach_hi = 0;
+  }
+  __syncthreads();
+  if (threadIdx.x < BlockMap::kRows) {
+    // Positions are below 2^31 (row_keys clips them to the clamped key count).
+    const KeyRange r = threadIdx.x < rows ? row_reach(p, row0 + threadIdx.x) : KeyRange{0, 0};
+    reach[threadIdx.x] = make_int2(static_cast<int>(r.begin), static_cast<int>(r.end));
+    if (r.begin < r.end) {
+      atomicMin(&reach_lo, static_cast<int>(r.begin));
+      atomicMax(&reach_hi, static_cast<int>(r.end));
+    }
+  }
+  __syncthreads();
+  auto store_word = [&](int64_t cb0, int r, uint32_t word) {
+    if (kBits && lane < kChunkBlocks && cb0 + lane < blocks) {
+      map.bits[(static_cast<int64_t>(hm) * p.total_q + row0 + r) * map.bit_words + cb0 + lane] = word;
+    }
+  };
   for (int64_t chunk = blockIdx.y; chunk < chunks; chunk += gridDim.y) {  // the same bound for every thread
     const int64_t cb0 = chunk * kChunkBlocks;
+    const int64_t key0 = cb0 * BlockMap::kCols, key_end = key0 + kChunkBlocks * BlockMap::kCols;
+    if (key0 >= reach_hi || key_end <= reach_lo) {  // no row sees a key of the chunk: nothing read (CTA-wide)
+      for (int r = warp; r < rows; r += kMapWarps) store_word(cb0, r, 0u);
+      if (threadIdx.x < kChunkBlocks && cb0 + threadIdx.x < map.col_blocks) line[cb0 + threadIdx.x] = 0;
+      continue;
+    }
     if (threadIdx.x < kChunkBlocks) chunk_state[threadIdx.x] = 0;
     __syncthreads();
     uint32_t state = 0;  // lane i < kChunkBlocks: block cb0 + i's votes over this warp's rows
-    auto store_word = [&](int r, uint32_t word) {
-      if (kBits && lane < kChunkBlocks && cb0 + lane < blocks) {
-        map.bits[(static_cast<int64_t>(hm) * p.total_q + row0 + r) * map.bit_words + cb0 + lane] = word;
-      }
+    // Whether row r sees a key of the chunk.
+    auto meets = [&](int r) { return reach[r].x < key_end && reach[r].y > key0 && reach[r].x < reach[r].y; };
+    // Row r's visible keys among the 32 of block cb0 + lane as the bits of its word. Some row sees a key of the
+    // chunk, so key0 < 2^31 and a position minus key0 fits 32 bits; cut to the chunk's span, it stays there after
+    // the block's offset.
+    auto span = [&](int r) {
+      const int2 v = reach[r];
+      const int k0 = static_cast<int>(key0), end = kChunkBlocks * BlockMap::kCols;
+      auto from_block = [&](int x) { return min(max(x - k0, -1), end + 1) - lane * BlockMap::kCols; };
+      return shown_span(from_block(v.x), from_block(v.y));
     };
     // The vector path: 16 bytes past the chunk still in the row (the tail chunk's reads stay among the row's keys).
     const bool vector_chunk = vectors && (cb0 + kChunkBlocks) * BlockMap::kCols + 16 <= extent;
@@ -110,10 +177,12 @@ block_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constan
         int off[kVecRows];
 #pragma unroll
         for (int u = 0; u < kVecRows; ++u) {
-          // Every load unconditional (a row past the block's reads row r0 again, its word unused), lane 0's tail
-          // beside the others' second read of their own chunk: no load waits under a branch.
-          const int r = r0 + kMapWarps * u < rows ? r0 + kMapWarps * u : r0;
-          const uint8_t* at = mask + p.mask.row_start(row0 + r, h) + cb0 * BlockMap::kCols;
+          // Every load unconditional (a row past the block's, or one that sees no key of the chunk, reads row r0
+          // again, its word unused), lane 0's tail beside the others' second read of their own chunk: no load waits
+          // under a branch.
+          const int ru = r0 + kMapWarps * u;
+          const int r = ru < rows && meets(ru) ? ru : r0;
+          const uint8_t* at = mask + p.mask.row_start(row0 + r, h) + key0;
           off[u] = static_cast<int>(reinterpret_cast<uintptr_t>(at) % 16);
           const uint4* chunks16 = reinterpret_cast<const uint4*>(at - off[u]);
           body[u] = chunks16[lane];
@@ -123,21 +192,28 @@ block_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constan
         for (int u = 0; u < kVecRows; ++u) {
           const int r = r0 + kMapWarps * u;
           if (r >= rows) break;  // the warp's own condition
-          const uint32_t word = block_word(body[u], tail[u], off[u], lane);
-          if (lane < kChunkBlocks) {  // every key of the chunk lies below the extent
-            state |= (word != 0 ? BlockMap::kSomeTrue : 0) | (word != 0xffffffffu ? BlockMap::kSomeFalse : 0);
+          // A row that sees no key of the chunk loaded row r0's bytes: its span is empty, so its word is 0.
+          const uint32_t seen = span(r);  // (lanes past kChunkBlocks: unused)
+          const uint32_t word = block_word(body[u], tail[u], off[u], lane) & seen;
+          if (lane < kChunkBlocks) {
+            state |= (word != 0 ? BlockMap::kSomeTrue : 0) | (word != seen ? BlockMap::kSomeFalse : 0);
           }
-          store_word(r, word);
+          store_word(cb0, r, word);
         }
       }
     } else {  // the byte path: a load of 32 consecutive bytes (or positions) and a vote per block
       for (int r = warp; r < rows; r += kMapWarps) {  // a whole warp's condition: its votes stay converged
+        if (!meets(r)) {
+          store_word(cb0, r, 0u);
+          continue;
+        }
         const int64_t start = p.mask.row_start(row0 + r, h);
+        const int2 v = reach[r];
         bool keep[kChunkBlocks];
         if (contiguous && (cb0 + kChunkBlocks) * BlockMap::kCols <= extent) {
           // The common case, keys contiguous and the chunk inside the extent: the loads at fixed offsets of one
           // address, so that all of them are in flight within few registers.
-          const int64_t first = p.mask.column(start, cb0 * BlockMap::kCols + lane);  // key stride 1
+          const int64_t first = p.mask.column(start, key0 + lane);  // key stride 1
 #pragma unroll
           for (int i = 0; i < kChunkBlocks; ++i) keep[i] = p.mask.mask_allows(first + i * BlockMap::kCols);
         } else {
@@ -145,7 +221,7 @@ block_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constan
           for (int i = 0; i < kChunkBlocks; ++i) {
             // A position past the extent reads the row's first element (the extent is at least 1) and keeps nothing:
             // a load under a branch (`j < extent && ...`) is waited for before the branch joins, one load in flight.
-            const int64_t j = (cb0 + i) * BlockMap::kCols + lane;
+            const int64_t j = key0 + i * BlockMap::kCols + lane;
             const bool in = j < extent;
             keep[i] = p.mask.mask_allows(p.mask.column(start, in ? j : 0)) & in;
           }
@@ -153,15 +229,16 @@ block_map_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constan
         uint32_t word = 0;
 #pragma unroll
         for (int i = 0; i < kChunkBlocks; ++i) {
-          const bool in = (cb0 + i) * BlockMap::kCols + lane < extent;
-          const uint32_t shown = __ballot_sync(0xffffffffu, keep[i]);
+          const int64_t j = key0 + i * BlockMap::kCols + lane;
+          const bool in = j >= v.x && j < v.y;  // a key the row sees (below the extent: row_reach)
+          const uint32_t shown = __ballot_sync(0xffffffffu, keep[i] && in);
           const uint32_t hidden = __ballot_sync(0xffffffffu, in && !keep[i]);
           if (lane == i) {
             word = shown;
             state |= (shown != 0 ? BlockMap::kSomeTrue : 0) | (hidden != 0 ? BlockMap::kSomeFalse : 0);
           }
         }
-        store_word(r, word);
+        store_word(cb0, r, word);
       }
     }
     if (lane < kChunkBlocks && state != 0) atomicOr(&chunk_state[lane], state);
@@ -251,7 +328,12 @@ cudaError_t build_block_map(const VarlenFwdParams& p, const BlockMap& map, cudaS
     key_map_kernel<<<grid, kMapThreads, 0, stream>>>(p, map);
   } else {
     const int64_t chunks = BlockMap::blocks(blocks, kChunkBlocks);  // as block_map_kernel counts them
-    const dim3 grid(map.row_blocks, static_cast<unsigned>(chunks < 65535 ? chunks : 65535), map.mask_heads);
+    // kBlockMapCtas CTAs or more, each (row block, mask head) taking an equal share, at most one CTA per chunk: a CTA
+    // walks its share of the row block's chunks, its rows' visible keys found once.
+    const int64_t lines = static_cast<int64_t>(map.row_blocks) * map.mask_heads;
+    int64_t per_line = (kBlockMapCtas + lines - 1) / lines;
+    per_line = per_line < chunks ? per_line : chunks;
+    const dim3 grid(map.row_blocks, static_cast<unsigned>(per_line < 65535 ? per_line : 65535), map.mask_heads);
     if (map.bits != nullptr) {
       block_map_kernel<true><<<grid, kMapThreads, 0, stream>>>(p, map);
     } else {

@@ -161,10 +161,14 @@ struct SplitPartials {
 // A query-side mask summarized by blocks of kRows packed query rows (rows r with r / kRows = rb, in packed q order,
 // so a block may hold rows of two sequences) and kCols key positions (j / kCols = cb, positions inside each row's own
 // sequence, as the mask's last dimension counts them): state[(hm * row_blocks + rb) * col_blocks + cb] has kSomeTrue
-// where some element of the block is True and kSomeFalse where some is False. A block holds every element of the
-// mask, padding past a sequence's keys and rows of a neighbouring sequence included, so a summary only ever
-// understates what is known: no kSomeTrue proves a tile dead, no kSomeFalse proves it whole-visible, and anything else
-// is read per element. Null state when the call has no query-side mask.
+// where some element of the block that its row can see is True and kSomeFalse where some such element is False.
+// "Can see" is the kernels' own bound on a row's keys (row_keys: the window, the causal limit, its key_range, its
+// sequence's keys), which the kernels apply by position on every tile that bound cuts; the elements outside it are
+// never read by the pass (a causal call's upper triangle, a window's outside, the padding past a short sequence's
+// keys) and vote for nothing, so a block no row can see has state 0. A block holds rows of a neighbouring sequence
+// too, so a summary only ever understates what is known: no kSomeTrue proves a tile dead, no kSomeFalse proves every
+// key its rows can see visible, and anything else is read per element. Null state when the call has no query-side
+// mask.
 // A key-side mask beside a query-side bias, or at D = 256 where its kept rows are not gathered (the sm90a kernel's
 // query-side variant, FwdPlan::sm90a_query) is summarized the same way with sequences for rows (by_sequence): every
 // query of sequence b reads the same values, the mask's column of the sequence's keys (key_seq, clamped: nothing past
@@ -212,7 +216,8 @@ struct BlockMap {
   int32_t v_blocks = 0;  // ceil(total_k / kVRows)
   // Beside the map, for the sm90a kernel (FwdPlan::sm90a_query): the mask itself as bits, one 32-bit word per (mask
   // head, packed query row, block of kCols key positions): bit l of bits[(hm * total_q + row) * bit_words + cb] is
-  // element (row, hm, kCols cb + l), 0 past the key extent (by_sequence: a row per sequence, at sequence_row).
+  // element (row, hm, kCols cb + l) where the row can see that key (row_keys, above), else 0 (by_sequence: a row per
+  // sequence, at sequence_row, 0 past its keys).
   // bit_words = 4 ceil(key extent / 128): the words of a 128-key tile are one aligned 16-byte load whatever the mask's
   // strides, an eighth of the mask's bytes (a 64-key tile's, at D = 256, one aligned 8-byte load: half of one).
   // by_sequence: bit_words is the longest sequence's words (key_map_kernel's grid), and the stride only where

@@ -56,6 +56,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 
 #include "../../varlen_fwd_params.h"
+#include "../bit_span.cuh"
 #include "../heuristics.h"
 #include "../score_operand.cuh"
 #include "../sm80/nonfinite_v.cuh"
@@ -198,15 +199,6 @@ __device__ __forceinline__ void bit_words(const uint4& bits, uint32_t (&words)[4
 __device__ __forceinline__ void bit_words(const uint2& bits, uint32_t (&words)[2]) {
   words[0] = bits.x;
   words[1] = bits.y;
-}
-
-// kQuery: the bits [lo, hi) of a 32-bit word, each bound clamped to [0, 32] (none where hi <= lo): a row's positions
-// [low, limit) over the word of keys [base, base + 32), given low - base and limit - base.
-__device__ __forceinline__ uint32_t shown_span(int lo, int hi) {
-  // __funnelshift_lc(~0, 0, s): the high word of (0 : ~0) << min(s, 32), the s low bits set
-  const uint32_t below_hi = __funnelshift_lc(~0u, 0u, static_cast<uint32_t>(max(hi, 0)));
-  const uint32_t below_lo = __funnelshift_lc(~0u, 0u, static_cast<uint32_t>(max(lo, 0)));
-  return below_hi & ~below_lo;
 }
 
 // Rare path of the V scan: the CTA's consumers found an inf / NaN in the V tile of a tile that hides keys. Flag the
