@@ -148,10 +148,10 @@ def seen_by_rows(lens_q, lens_k, max_k, is_causal=False, window_size=None, key_r
 @pytest.mark.parametrize("case", ["keys", "causal", "causal_lq_lt_lk", "window", "key_range", "seqused_k"])
 def test_unseen_mask_entries_change_nothing(device, case):
     """A query-side mask's entries that no row can see (past its sequence's keys, above the causal diagonal, outside
-    a window or a key_range) are never read: the CUDA map's pass (csrc/cuda/block_map.cu) skips the 512-key chunks
-    no row of a block sees and votes only with the keys each row sees, so whether those entries are True or False
-    must change nothing, bit for bit, where a summary of every entry would send tiles down other paths (whole-visible
-    tiles fold the scale into the exponent, partial ones do not). Rows of several chunks, row blocks across sequence
+    a window or a key_range) change nothing, bit for bit, whether True or False: the CUDA map's pass
+    (csrc/cuda/block_map.cu) reads only the keys each row sees (skipping the 512-key chunks no row of a block sees)
+    and votes only with them, where a summary of every entry would send tiles down other paths (whole-visible tiles
+    fold the scale into the exponent, partial ones do not). Rows of several chunks, row blocks across sequence
     boundaries, Hm = Hk; against the float64 reference too."""
     g = torch.Generator().manual_seed(11)
     lens_q, lens_k = [70, 1, 650, 45, 700, 30], [90, 33, 1100, 300, 700, 1300]
@@ -160,7 +160,8 @@ def test_unseen_mask_entries_change_nothing(device, case):
     total_q, max_k = sum(lens_q), max(lens_k)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q, k, v, mask, cu_q, cu_k = query_mask_problem(lens_q, lens_k, HK, False, g)
-    k, v = (torch.randn(t.shape, generator=g) for t in (k, v))  # finite: every key may be seen by some layout here
+    # finite K / V (query_mask_problem's NaN keys are another test's subject): only the mask's unseen entries vary
+    k, v = (torch.randn(t.shape, generator=g) for t in (k, v))
     kwargs, key_range, seqused_k = {}, None, None
     if case.startswith("causal"):
         kwargs["is_causal"] = True
