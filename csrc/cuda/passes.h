@@ -158,17 +158,17 @@ struct SplitPartials {
   }
 };
 
-// A query-side mask summarized by blocks of kRows packed query rows (rows r with r / kRows = rb, in packed q order,
-// so a block may hold rows of two sequences) and kCols key positions (j / kCols = cb, positions inside each row's own
+// A query-side mask summarized by blocks of kRows packed query rows (rows r with r / kRows = rb, in packed q order, so
+// a block may hold rows of two sequences) and kCols key positions (j / kCols = cb, positions inside each row's own
 // sequence, as the mask's last dimension counts them): state[(hm * row_blocks + rb) * col_blocks + cb] has kSomeTrue
-// where some element of the block that its row can see is True and kSomeFalse where some such element is False.
-// "Can see" is the kernels' own bound on a row's keys (row_keys: the window, the causal limit, its key_range, its
-// sequence's keys), which the kernels apply by position on every tile that bound cuts; the elements outside it are
-// never read by the pass (a causal call's upper triangle, a window's outside, the padding past a short sequence's
-// keys) and vote for nothing, so a block no row can see has state 0. A block holds rows of a neighbouring sequence
-// too, so a summary only ever understates what is known: no kSomeTrue proves a tile dead, no kSomeFalse proves every
-// key its rows can see visible, and anything else is read per element. Null state when the call has no query-side
-// mask.
+// where some element of the block that its row can see is True and kSomeFalse where some such element is False. "Can
+// see" is the kernels' own bound on a row's keys (row_keys: the window, the causal limit, its key_range, its sequence's
+// keys), which the kernels apply by position on every tile that bound cuts; the elements outside it vote for nothing (a
+// causal call's upper triangle, a window's outside, the padding past a short sequence's keys), the pass reads none of a
+// 512-key chunk that no row of the block sees, and a block no row can see has state 0. A block holds rows of a
+// neighbouring sequence too, so a summary only ever understates what is known: no kSomeTrue proves a tile dead, no
+// kSomeFalse proves every key its rows can see visible, and anything else is read per element. Null state when the call
+// has no query-side mask.
 // A key-side mask beside a query-side bias, or at D = 256 where its kept rows are not gathered (the sm90a kernel's
 // query-side variant, FwdPlan::sm90a_query) is summarized the same way with sequences for rows (by_sequence): every
 // query of sequence b reads the same values, the mask's column of the sequence's keys (key_seq, clamped: nothing past
