@@ -149,9 +149,9 @@ def seen_by_rows(lens_q, lens_k, max_k, is_causal=False, window_size=None, key_r
 def test_unseen_mask_entries_change_nothing(device, case):
     """A query-side mask's entries that no row can see (past its sequence's keys, above the causal diagonal, outside
     a window or a key_range) change nothing, bit for bit, whether True or False: the CUDA map's pass
-    (csrc/cuda/block_map.cu) reads only the keys each row sees (skipping the 512-key chunks no row of a block sees)
-    and votes only with them, where a summary of every entry would send tiles down other paths (whole-visible tiles
-    fold the scale into the exponent, partial ones do not). Rows of several chunks, row blocks across sequence
+    (csrc/cuda/block_map.cu) votes only with the keys each row sees (and skips the 512-key chunks no row of a block
+    sees), where a summary of every entry would send tiles down other paths (whole-visible tiles fold the scale into
+    the exponent, partial ones do not). Rows of several chunks, row blocks across sequence
     boundaries, Hm = Hk; against the float64 reference too."""
     g = torch.Generator().manual_seed(11)
     lens_q, lens_k = [70, 1, 650, 45, 700, 30], [90, 33, 1100, 300, 700, 1300]
