@@ -1,5 +1,5 @@
-// block_map.cu: a query-side mask -> its block summary (passes.h, BlockMap), its elements that some row can see read
-// once at the start of a call (a causal call's triangle, a window's band, not the whole rectangle) so the prefill
+// block_map.cu: a query-side mask -> its block summary (passes.h, BlockMap), read once at the start of a call in the
+// 512-key chunks some row can see (a causal call's triangle, a window's band, not the whole rectangle) so the prefill
 // kernel skips the tiles it hides whole and runs the tiles it shows whole without reading it, and for the sm90a kernel
 // the mask as bits in the same read (and a key-side mask beside a query-side bias, or at D = 256 where its kept rows
 // are not gathered, by sequence); and v's blocks that hold an inf or NaN, so its tiles that hide keys scan their V only
