@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dmattn_ops
-from dmattn_ops.reference import reference_varlen_attention
+from dmattn_ops.reference import reference_varlen_attention, window_mask
 from samples import build_reason
 
 H, HK, D = 4, 2, 64
@@ -123,25 +123,20 @@ def test_block_structured_query_mask_of_long_rows(device, layout):
 
 
 def seen_by_rows(lens_q, lens_k, max_k, is_causal=False, window_size=None, key_range=None, seqused_k=None):
-    """(total_q, max_k) bool: the keys each row may see by the contract before the mask (docs/contract.md: its
-    sequence's keys, cut by seqused_k; the window, is_causal as a right edge of 0, bottom-right aligned; its
-    key_range), written here from the contract, not from the kernels."""
-    seen = torch.zeros(sum(lens_q), max_k, dtype=torch.bool)
+    """(total_q, max_k) bool: the keys each row may see by the contract before the mask: its sequence's keys (cut by
+    seqused_k) under the window (the reference's window_mask, is_causal a right side of 0), and its key_range."""
     left, right = window_size if window_size is not None else (-1, -1)
     if is_causal:
         right = 0 if right < 0 else min(right, 0)
+    seen = torch.zeros(sum(lens_q), max_k, dtype=torch.bool)
     q0 = 0
     for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
         lk = min(lk, int(seqused_k[b])) if seqused_k is not None else lk
-        for i in range(lq):
-            a = i + lk - lq
-            lo = 0 if left < 0 else max(a - left, 0)
-            hi = lk if right < 0 else min(a + right + 1, lk)
-            if key_range is not None:
-                lo, hi = max(lo, int(key_range[q0 + i, 0])), min(hi, int(key_range[q0 + i, 1]))
-            if lo < hi:
-                seen[q0 + i, lo:hi] = True
+        seen[q0:q0 + lq, :lk] = window_mask(lq, lk, (left, right))
         q0 += lq
+    if key_range is not None:
+        j = torch.arange(max_k)
+        seen &= (j >= key_range[:, :1]) & (j < key_range[:, 1:])
     return seen
 
 
