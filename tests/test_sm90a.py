@@ -491,16 +491,14 @@ def test_dynamic_scheduler_in_cuda_graphs_and_on_two_streams(kernels, monkeypatc
 def test_dynamic_scheduler_grids(monkeypatch, capfd, cuda_device):
     """The dynamic scheduler (the default at D = 128, and DMATTN_SM90A_SCHED=dynamic) gives the plain, windowed and
     kSlots kernels its grid (one CTA per SM; DMATTN_SM90A_CTAS=0 keeps a CTA per unit): a key-side mask's gathered
-    slots and a windowed call take their units from the counter too; a query-side mask keeps its static persistent
-    grid. DMATTN_SM90A_SCHED=static: the static grids."""
+    slots and a windowed call take their units from the counter too; a query-side mask keeps its static grid
+    (persistent at D = 128, a CTA per unit at D = 64). DMATTN_SM90A_SCHED=static: the static grids."""
     if not _sm90a_device():
         pytest.skip("the sm90a kernel runs on cc 9.0 devices with the sm90a path built")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     plain = make_sample(DYNAMIC_SPECS[0], torch.bfloat16, "cuda")
     windowed = make_sample(RANGED_SPECS[0], torch.bfloat16, "cuda")
     masked = make_sample(SLOT_SPECS[0], torch.bfloat16, "cuda")
-    query_masked = make_sample(Spec("query_mask", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,),
-                                    mask="query", mask_heads="H"), torch.bfloat16, "cuda")
     static = {"DMATTN_SM90A_SCHED": "static"}
     assert _run_logged(plain, monkeypatch, capfd, DYNAMIC_GRIDS["dynamic"])[1] == [(sms, "dynamic")]
     assert _run_logged(plain, monkeypatch, capfd, {})[1] == [(sms, "dynamic")]
@@ -513,8 +511,15 @@ def test_dynamic_scheduler_grids(monkeypatch, capfd, cuda_device):
         assert _run_logged(sample, monkeypatch, capfd, DYNAMIC_GRIDS["dynamic"])[1] == [(sms, "dynamic")]
         assert _run_logged(sample, monkeypatch, capfd, {**DYNAMIC_GRIDS["dynamic"], "DMATTN_SM90A_CTAS": "0"})[1] == \
             [(0, "static")]
-    assert _run_logged(query_masked, monkeypatch, capfd, {})[1] == [(sms, "static")]
-    assert _run_logged(query_masked, monkeypatch, capfd, DYNAMIC_GRIDS["dynamic"])[1] == [(sms, "static")]
+    # heuristics.h: a query-side mask alone persistent at D = 128, a CTA per unit at D = 64 (run EF)
+    for head_dim, ctas in ((128, sms), (64, 0)):
+        if _padded_plan_reason(head_dim):
+            continue
+        query_masked = make_sample(Spec("query_mask", heads=4, heads_k=2, seqlens_q=(200,), seqlens_k=(300,),
+                                        head_dim=head_dim, mask="query", mask_heads="H"), torch.bfloat16, "cuda")
+        assert _run_logged(query_masked, monkeypatch, capfd, {})[1] == [(ctas, "static")], head_dim
+        assert _run_logged(query_masked, monkeypatch, capfd, DYNAMIC_GRIDS["dynamic"])[1] == [(ctas, "static")], \
+            head_dim
 
 
 @pytest.mark.parametrize("name, value", [("DMATTN_SM90A_SCHED", "lpt"), ("DMATTN_SM90A_SECTION_MB", "0"),
