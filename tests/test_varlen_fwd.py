@@ -67,14 +67,22 @@ def test_sample_matches_reference(spec, dtype, device):
 # NaN padding: the same values at other addresses, surrounded by NaN, with every unused entry poisoned.
 
 
-def _embed(t: torch.Tensor, fill, *, before: int = 2, after: int = 3, extra: int = 8) -> torch.Tensor:
+def _embed(t: torch.Tensor, fill, *, before: int = 2, after: int = 3, extra: int = 8, align: int = 0) -> torch.Tensor:
     """A view holding t's values inside a larger buffer filled with ``fill``: ``before``/``after`` extra rows, and
     ``extra`` extra entries on each side of every other dim (heads, columns). The last dim keeps stride 1.
 
     extra = 8 keeps every q/k/v row 16-byte aligned when D % 8 == 0, as slices of a packed qkv projection are;
-    misaligned views are a different question from out-of-bounds reads."""
+    misaligned views are a different question from out-of-bounds reads. ``align`` > 0: the view's first element sits
+    at a multiple of ``align`` bytes, as a fresh tensor's does (where it is not, a 16-bit query-side bias takes the sm80
+    kernels, docs/contract.md, whose bits are not the sm90a kernel's)."""
     pads = [(before, after)] + [(extra, extra)] * (t.dim() - 1)
-    buf = torch.full([n + a + b for n, (a, b) in zip(t.shape, pads)], fill, dtype=t.dtype, device=t.device)
+    shape = [n + a + b for n, (a, b) in zip(t.shape, pads)]
+    numel = math.prod(shape)
+    first = sum(a * math.prod(shape[d + 1 :]) for d, (a, _) in enumerate(pads))  # the view's first element
+    slack = max(align // t.element_size(), 1)
+    flat = torch.full([numel + slack], fill, dtype=t.dtype, device=t.device)
+    shift = (-(flat.data_ptr() // t.element_size() + first)) % slack if align else 0
+    buf = flat[shift : shift + numel].view(shape)
     view = buf[tuple(slice(a, a + n) for n, (a, _) in zip(t.shape, pads))]
     view.copy_(t)
     return view
@@ -97,8 +105,8 @@ def _padded(sample: Sample) -> Sample:
     owned_k = int(sample.cu_seqlens_k[-1])
     cu_q, cu_k = sample.cu_seqlens_q.tolist(), sample.cu_seqlens_k.tolist()
 
-    def pad(t, owned_rows):
-        view = _embed(t, _poison(t))
+    def pad(t, owned_rows, align=0):
+        view = _embed(t, _poison(t), align=align)
         view[owned_rows:] = _poison(t)
         return view
 
@@ -107,7 +115,8 @@ def _padded(sample: Sample) -> Sample:
             return None
         if t.dim() == 2:  # key-side (total_k, Hm)
             return pad(t, owned_k)
-        view = pad(t, owned_q)  # query-side (total_q, Hm, max_seqlen_k)
+        # query-side (total_q, Hm, max_seqlen_k); a bias's first element aligned, so that it keeps its kernel (_embed)
+        view = pad(t, owned_q, align=16 if t.is_floating_point() else 0)
         for b in range(len(cu_q) - 1):
             view[cu_q[b] : cu_q[b + 1], :, cu_k[b + 1] - cu_k[b] :] = _poison(t)
         return view
