@@ -143,6 +143,30 @@ def test_nan_padding_gives_identical_result(spec, dtype, device):
     _assert_identical(sample.run(), padded.run(), "when the inputs sit in NaN-filled buffers")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_nan_padding_keeps_a_query_side_bias_on_its_kernel(dtype, device, monkeypatch, capfd):
+    """Run EL's hypothesis draw: 7 keys, a key-side mask of every head and a 16-bit query-side bias of one. Padded by
+    the old rule, the bias's first element sat 12 bytes past a 16-byte boundary, which sends such a bias to the sm80
+    kernels (docs/contract.md), and the comparison compared two kernels. The padded call now runs the same plan
+    (DMATTN_LOG_PLAN: no plan lines on the CPU) and gives the same bits."""
+    spec = Spec("padded_qbias", seqlens_q=(0, 0, 7), seqlens_k=(0, 0, 7), heads=2, heads_k=1, mask="key",
+                mask_heads="H", keep=0.2, bias="query", bias_dtype="q", extra_rows_q=1, extra_rows_k=1, packed_qkv=True)
+    _skip_unsupported(spec, dtype, device)
+    sample = make_sample(spec, dtype, device)
+    padded = _padded(sample)
+    assert padded.bias.data_ptr() % 16 == 0 and padded.bias.stride() != sample.bias.stride()
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    runs = []
+    for s in (sample, padded):
+        capfd.readouterr()
+        out = s.run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        runs.append((out, re.findall(r"kernel=\S+.*", capfd.readouterr().err)))
+    assert runs[0][1] == runs[1][1], "the padded call took another plan"
+    _assert_identical(runs[0][0], runs[1][0], "when the inputs sit in NaN-filled buffers")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Operand strides: the same mask/bias values through other strides.
 
