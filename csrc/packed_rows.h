@@ -33,12 +33,19 @@ DMATTN_HOST_DEVICE int64_t upper_bound_of(const Index* cu, int64_t n, int64_t va
   return start;
 }
 
+// rows[0][i] (above): the sequence owning packed row i, the upper bound of i in cu minus 1, clamped to [0, batch - 1]
+// (batch >= 1). Also how the block map's pass finds a query row's sequence (csrc/cuda/block_map.cu, row_reach).
+template <typename Index>
+DMATTN_HOST_DEVICE int64_t owning_sequence(const Index* cu, int64_t batch, int64_t i) {
+  const int64_t b = upper_bound_of(cu, batch + 1, i) - 1;
+  return b < 0 ? 0 : (b > batch - 1 ? batch - 1 : b);
+}
+
 // Row i's three facts (above), written to rows[i], rows[total + i], rows[2 * total + i].
 template <typename Index, typename Other>
 DMATTN_HOST_DEVICE void packed_row(const Index* cu, const Other* cu_other, int64_t batch, int64_t total, int64_t i,
                                    int64_t* rows) {
-  int64_t b = upper_bound_of(cu, batch + 1, i) - 1;
-  b = b < 0 ? 0 : (b > batch - 1 ? batch - 1 : b);
+  const int64_t b = owning_sequence(cu, batch, i);
   rows[i] = b;
   rows[total + i] = i - static_cast<int64_t>(cu[b]);
   rows[2 * total + i] = i < static_cast<int64_t>(cu[batch])

@@ -77,13 +77,12 @@ __device__ __forceinline__ uint32_t block_word(const uint4& body, const uint4& t
 
 // The key positions [begin, end) packed query row `row` can see, as the attention kernels bound it (row_keys: its
 // window, the causal limit, its key_range, within its sequence's clamped keys; empty for a row no sequence owns):
-// its sequence found as dmattn::packed_rows finds it (upper_bound_of, in bounds and ending for any cu_seqlens). Where
-// the contract holds that sequence is the row's only one; where it is broken finish_rows makes every output NaN, so
-// a row that two clamped sequences share may be summarized for either.
+// its sequence found as dmattn::packed_rows finds it (owning_sequence, in bounds and ending for any cu_seqlens).
+// Where the contract holds that sequence is the row's only one; where it is broken finish_rows makes every output
+// NaN, so a row that two clamped sequences share may be summarized for either.
 __device__ KeyRange row_reach(const VarlenFwdParams& p, int64_t row) {
   if (p.batch <= 0) return {0, 0};
-  const int64_t last = upper_bound_of(p.cu_seqlens_q, static_cast<int64_t>(p.batch) + 1, row) - 1;
-  const int32_t b = static_cast<int32_t>(last < 0 ? 0 : (last >= p.batch ? p.batch - 1 : last));
+  const int32_t b = static_cast<int32_t>(owning_sequence(p.cu_seqlens_q, p.batch, row));
   const SeqRange sq = clamp_seq(p.cu_seqlens_q, b, p.total_q, p.max_seqlen_q);
   if (row < sq.start || row >= sq.start + sq.len) return {0, 0};
   const KeyRange r = row_keys(p, row, row - sq.start, sq.len, key_seq(p, b).len);
