@@ -1,4 +1,4 @@
-// schema.cpp: the op schemas (the forward, its backward, and the adapter's packed_rows), defined once. Backends
+// schema.cpp: the op schemas (the forward, its backward, and the adapter's two passes), defined once. Backends
 // register their kernels in their own files (csrc/cpu/varlen_fwd_cpu.cpp, csrc/cuda/varlen_fwd_cuda.cpp,
 // csrc/packed_rows.cpp); the fake (meta) implementations and the layout rules live
 // in meta/ (installed as dmattn_ops._meta).
@@ -32,8 +32,11 @@ TORCH_LIBRARY(dmattn, m) {
       "int window_left=-1, int window_right=-1, float? softcap=None, Tensor? sinks=None, Tensor? seqused_k=None, "
       "Tensor? key_range=None) "
       "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias, Tensor dsinks)");
-  // The mask_mod adapter's per-row facts of a packed batch, in one pass (csrc/packed_rows.h): rows (3, total) int64,
-  // for each packed row of cu_seqlens' side its sequence, its position there and the other side's count of that
-  // sequence (0 past cu_seqlens[-1]); anchor, the sequence with the most rows on both sides. No host sync.
+  // The mask_mod adapter's two passes (csrc/packed_rows.h), one launch each, no host sync. packed_rows: rows
+  // (4, total) int64, for each packed row of cu_seqlens' side its sequence, its position there, the other side's
+  // count of that sequence (0 past cu_seqlens[-1]) and that count's last position; a row with no count is given the
+  // anchor's first position. anchor (2,) int64: the sequence with the most rows on both sides, and 0.
   m.def("packed_rows(Tensor cu_seqlens, Tensor cu_seqlens_other, SymInt total) -> (Tensor rows, Tensor anchor)");
+  // zero_unseen_: grid (R, M, W), counts (R,) int64: grid[r, :, j] = 0 for every j >= counts[r], in place.
+  m.def("zero_unseen_(Tensor(a!) grid, Tensor counts) -> ()");
 }

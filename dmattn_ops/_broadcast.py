@@ -188,7 +188,7 @@ def probe(mod, b: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> Op
     for d, (x, n) in enumerate(zip((b, q_idx, q_idx, kv_idx), _PROBE_SIZES)):  # head 0: a view of q_idx's 0
         shape = [1, 1, 1, 1]
         shape[d] = n
-        grids.append(x.view(1, 1, 1, 1).expand(shape))
+        grids.append(x.expand(shape))  # 0-d: expand adds the leading dimensions
     out, reads = evaluate(mod, *grids)
     out = None if out is None else broadcast_of(out, _PROBE_SIZES)
     if out is None:
@@ -202,7 +202,9 @@ def broadcast_of(out: torch.Tensor, shape) -> Optional[torch.Tensor]:
     if out.dim() > len(shape):
         return None
     sizes = (1,) * (len(shape) - out.dim()) + tuple(out.shape)
-    return out.view(sizes) if all(s in (1, n) for s, n in zip(sizes, shape)) else None
+    if not all(s in (1, n) for s, n in zip(sizes, shape)):
+        return None
+    return out if out.dim() == len(shape) else out.view(sizes)
 
 
 def evaluate(mod, b, h, q_idx, kv_idx, *, guarded: bool = True):

@@ -39,6 +39,7 @@ No Python loop runs over tokens or sequences, and nothing synchronizes with the 
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -243,63 +244,79 @@ def additive_part(score_mod: ScoreMod) -> MaskMod:
 
 
 class _Rows(NamedTuple):
-    """Each packed row's facts on one side (queries or keys), (total,) INDEX_DTYPE each."""
+    """Each packed row's facts on one side (queries or keys), (total,) INDEX_DTYPE each. A row with no count (past
+    cu_seqlens[-1], or of a sequence with nothing on the other side) has only don't-care entries: it is given the
+    anchor's first position, where a mod may read memory in bounds."""
 
-    seq: torch.Tensor  # the sequence owning the row, clamped to [0, B - 1]
-    pos: torch.Tensor  # its position in that sequence
+    seq: torch.Tensor  # the sequence owning the row, clamped to [0, B - 1]; the anchor where count <= 0
+    pos: torch.Tensor  # its position in that sequence; 0 where count <= 0
     count: torch.Tensor  # the other side's count of that sequence (the keys of a query's); 0 past cu_seqlens[-1]
+    last: torch.Tensor  # count - 1, the last position of the other side the row is evaluated at; 0 where count <= 0
 
 
 @torch.compiler.assume_constant_result  # dynamo reads the kernel table once, at trace time: no graph break
 def _has_packed_rows(device_type: str) -> bool:
-    """Whether this build has a dmattn::packed_rows kernel for a device type (the CPU's always; CUDA's in a CUDA
-    build)."""
+    """Whether this build has the kernels of dmattn::packed_rows and dmattn::zero_unseen_ for a device type (the CPU's
+    always; CUDA's in a CUDA build; both are registered in one file per backend)."""
+    return _kernel_table_has_packed_rows(device_type)
+
+
+@functools.lru_cache(maxsize=None)  # the library registers its kernels once, at import: a lookup per build is enough
+def _kernel_table_has_packed_rows(device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("dmattn::packed_rows", key)
 
 
 class _Packing:
     """The packed batch's facts an evaluation needs, as device tensors (no host sync). Where this build has a kernel
-    for the device, through dmattn::packed_rows (csrc/packed_rows.h): one launch for a side's rows and the anchor, in
-    eager mode and in compiled code alike. (Compiled, the tensor ops instead fuse into the grid's kernel, which on a
-    GPU then works out each entry's row facts again: 2.1x the time of the grid kernel fed by packed_rows on an H100,
-    run DV.) Otherwise by tensor ops.
+    for the device, through dmattn::packed_rows (csrc/packed_rows.h): one launch for a side's rows, the anchor and a
+    0-d zero, in eager mode and in compiled code alike. (Compiled, the tensor ops instead fuse into the grid's kernel,
+    which on a GPU then works out each entry's row facts again: 2.1x the time of the grid kernel fed by packed_rows on
+    an H100, run DV.) Otherwise by tensor ops.
 
     B >= 1. anchor: () INDEX_DTYPE, the sequence with the most of min(queries, keys): one with both, if any has both.
-    It is where the probe runs and where don't-care entries are evaluated."""
+    It is where the probe runs and where don't-care entries are evaluated. zero: () INDEX_DTYPE 0 on the device."""
 
-    def __init__(self, cu_seqlens_q, cu_seqlens_k, total_q: int, zero: torch.Tensor):
-        device = zero.device
+    def __init__(self, cu_seqlens_q, cu_seqlens_k, total_q: int, device: torch.device):
         self.native = _has_packed_rows(device.type)
-        self.zero = zero
+        self.total_q = total_q
         if self.native:
             self.cu_q, self.cu_k = (t.to(device).contiguous() for t in (cu_seqlens_q, cu_seqlens_k))
-            rows, self.anchor = torch.ops.dmattn.packed_rows(self.cu_q, self.cu_k, total_q)
+            rows, anchor = torch.ops.dmattn.packed_rows(self.cu_q, self.cu_k, total_q)
+            self.anchor, self.zero = anchor.unbind(0)  # views: no launch for the zero
             self._query_rows = _Rows(*rows.unbind(0))
         else:
+            self.zero = torch.zeros((), dtype=INDEX_DTYPE, device=device)
             self.cu_q = cu_seqlens_q.to(device=device, dtype=INDEX_DTYPE)
             self.cu_k = cu_seqlens_k.to(device=device, dtype=INDEX_DTYPE)
             self.len_k = self.cu_k[1:] - self.cu_k[:-1]
             self.anchor = torch.minimum(self.cu_q[1:] - self.cu_q[:-1], self.len_k).argmax()
             self._query_rows = None
-        self.total_q = total_q
 
     def query_rows(self) -> _Rows:
-        """Each query row's sequence, position and key count (0 past cu_seqlens_q[-1])."""
+        """Each query row's facts (_Rows): its key count is 0 past cu_seqlens_q[-1]."""
         if self._query_rows is None:
             i = torch.arange(self.total_q, dtype=INDEX_DTYPE, device=self.zero.device)
             b = _sequence_of(self.cu_q, i)
-            self._query_rows = _Rows(b, i - self.cu_q[b], torch.where(i < self.cu_q[-1], self.len_k[b], self.zero))
+            count = torch.where(i < self.cu_q[-1], self.len_k[b], self.zero)
+            self._query_rows = self._anchored(b, i - self.cu_q[b], count)
         return self._query_rows
 
-    def key_rows(self, total_k: int):
-        """(each key row's sequence, its position, whether it is inside cu_seqlens_k[-1])."""
+    def key_rows(self, total_k: int) -> _Rows:
+        """Each key row's facts (_Rows), its count its own sequence's: > 0 exactly inside cu_seqlens_k[-1]."""
         if self.native:
             rows, _ = torch.ops.dmattn.packed_rows(self.cu_k, self.cu_k, total_k)
-            return rows[0], rows[1], rows[2] > 0  # a sequence's own count: 0 exactly past cu_seqlens_k[-1]
+            return _Rows(*rows.unbind(0))
         t = torch.arange(total_k, dtype=INDEX_DTYPE, device=self.zero.device)
         b = _sequence_of(self.cu_k, t)
-        return b, t - self.cu_k[b], t < self.cu_k[-1]
+        return self._anchored(b, t - self.cu_k[b], torch.where(t < self.cu_k[-1], self.len_k[b], self.zero))
+
+    def _anchored(self, b, pos, count) -> _Rows:
+        """The rows' facts by tensor ops, as packed_rows gives them (a row without count at the anchor's first
+        position)."""
+        seen = count > 0
+        return _Rows(torch.where(seen, b, self.anchor), torch.where(seen, pos, self.zero), count,
+                     torch.where(seen, count - 1, self.zero))
 
 
 def _sequence_of(cu: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -321,28 +338,42 @@ def _on_grid(mod, grids, shape) -> Optional[torch.Tensor]:
     return None if out is None else _broadcast.broadcast_of(out, shape)
 
 
-def _dont_care(out: torch.Tensor, inside: torch.Tensor, fill) -> torch.Tensor:
-    """out where inside, else fill. For a mask, one `&` (a Python scalar in torch.where becomes a tensor filled on
-    the device first: one launch more, on a GPU a small build's cost is its launches)."""
-    return out & inside if fill is False else torch.where(inside, out, fill)
+def _dont_care(out: torch.Tensor, count: torch.Tensor, shape, fill, in_place: bool, j=None) -> torch.Tensor:
+    """out (broadcast to shape = (rows, M, W)) with every entry [r, :, j >= count[r]] set to fill (False / 0.0, zero
+    bytes), as a (rows, M, W) tensor. in_place: out is the grid evaluation's own result, in eager mode, where this
+    build has dmattn::zero_unseen_ for the device; where out then is a contiguous (rows, M, W) tensor of more than
+    one entry, the kernel writes those entries in place, one launch (none written where every row sees W keys),
+    where the tensor expression takes two launches and two passes over the grid. (Every result of a probed grid is
+    a new tensor but a 0-d one the mod closes over, which the probe admits: one entry, never written here.) A result
+    that requires grad (a score_mod reading a learnable table) takes the expression, which autograd differentiates.
+    j: the (W,) column positions, where the caller has them."""
+    if (in_place and tuple(out.shape) == tuple(shape) and out.numel() > 1 and out.is_contiguous()
+            and not out.requires_grad and fill in (False, 0.0)):
+        torch.ops.dmattn.zero_unseen_(out, count)
+        return out
+    if j is None:
+        j = torch.arange(shape[2], dtype=INDEX_DTYPE, device=out.device)
+    inside = (j.unsqueeze(0) < count.unsqueeze(1)).unsqueeze(1)  # (rows, 1, W)
+    # for a mask one `&` (a Python scalar in torch.where becomes a tensor filled on the device first: one launch more,
+    # on a GPU a small build's cost is its launches)
+    out = out & inside if fill is False else torch.where(inside, out, fill)
+    return out.expand(shape).contiguous()
 
 
-def _key_side(mod, checked, deps, p: _Packing, num_heads: int, total_k: int, fill, zero, probed) -> torch.Tensor:
+def _key_side(mod, checked, deps, p: _Packing, num_heads: int, total_k: int, fill, probed) -> torch.Tensor:
     """(total_k, Hm): row t = packed key t evaluated at (its sequence b, every head, its position kv_idx).
 
     probed: the mod's _broadcast.Probe (eager mode, an elementwise mod), else None: evaluated under vmap (checked).
-    Rows after cu_seqlens_k[-1] are evaluated at the anchor sequence's first key where the mod may read memory at a
-    position (under vmap, or where the probe saw it read)."""
-    b, kv_idx, inside = p.key_rows(total_k)  # rows after cu_seqlens_k[-1] belong to no sequence: don't-care
-    if probed is None or probed.reads_rows or probed.reads_keys:
-        b = torch.where(inside, b, p.anchor)
-        kv_idx = torch.where(inside, kv_idx, zero)
+    Rows after cu_seqlens_k[-1] are don't-care, evaluated at the anchor's first key (_Rows)."""
+    b, kv_idx, count, _ = p.key_rows(total_k)
+    zero = p.zero
     h = _heads(deps, num_heads, zero)  # q_idx = zero: it does not reach the output
+    hm = num_heads if deps.head else 1
     out = None
     if probed is not None:
-        hm = num_heads if deps.head else 1
         out = _on_grid(mod, (b.unsqueeze(1), h.view(1, -1) if deps.head else h, zero, kv_idx.unsqueeze(1)),
                        (total_k, hm))
+    in_place = out is not None and p.native  # (probed: eager mode)
     if out is None:
         fn = checked
         if deps.head:
@@ -350,46 +381,43 @@ def _key_side(mod, checked, deps, p: _Packing, num_heads: int, total_k: int, fil
         out = torch.vmap(fn, in_dims=(0, None, None, 0))(b, h, zero, kv_idx)  # (total_k,) or (total_k, H)
         if not deps.head:
             out = out.unsqueeze(1)
-    return _dont_care(out, inside.unsqueeze(1), fill).expand(total_k, -1).contiguous()
+    # a key row's own count is > 0 exactly where it is inside cu_seqlens_k[-1]: width 1, column 0 kept there
+    return _dont_care(out.unsqueeze(2), count, (total_k, hm, 1), fill, in_place).squeeze(2)
 
 
 def _query_side(
-    mod, checked, deps: ModDependencies, p: _Packing, num_heads: int, total_q: int, max_seqlen_k, fill, zero, probed
+    mod, checked, deps: ModDependencies, p: _Packing, num_heads: int, total_q: int, max_seqlen_k, fill, probed
 ) -> torch.Tensor:
     """(total_q, Hm, max_seqlen_k): [i, h, j] = query i with the j-th key of its own sequence.
 
     Entries with j >= that sequence's key length are don't-care (``fill``). Evaluated on broadcast grids when probed
     (a _broadcast.Probe) says the mod is elementwise, else under vmap (checked). Where the mod may read memory at a
     position (under vmap, or where the probe saw it read), every entry it reads at is a valid one: rows that see no
-    key are evaluated at the anchor sequence's first query, and where kv_idx reaches a read (not a window's, not a
-    prefix's), kv_idx is clamped into the row's sequence, so a closure never indexes out of bounds."""
-    b, q_idx, len_k = p.query_rows()  # (total_q,) each; len_k 0 on rows after cu_seqlens_q[-1]
+    key are evaluated at the anchor sequence's first query (_Rows), and where kv_idx reaches a read (not a window's,
+    not a prefix's), kv_idx is clamped into the row's sequence, so a closure never indexes out of bounds."""
+    b, q_idx, len_k, last = p.query_rows()  # (total_q,) each; len_k 0 on rows after cu_seqlens_q[-1]
+    zero = p.zero
     j = torch.arange(max_seqlen_k, dtype=INDEX_DTYPE, device=zero.device)  # (max_seqlen_k,)
     hm = num_heads if deps.head else 1
     h = _heads(deps, num_heads, zero)
+    shape = (total_q, hm, max_seqlen_k)
 
-    # When every row sees max_seqlen_k keys, no position needs clamping and no entry is don't-care, which saves two
-    # of the few passes over the (total_q, max_seqlen_k) grid. Checked on CPU tensors only, in eager mode: there the
-    # check is free, while on a GPU it would cost a host sync and the two passes cost less.
+    # When every row sees max_seqlen_k keys, no position needs clamping and no entry is don't-care, which saves a
+    # pass over the (total_q, max_seqlen_k) grid and the don't-care fill. Checked on CPU tensors only, in eager mode:
+    # there the check is free, while on a GPU it would cost a host sync.
     full_width = (
         zero.device.type == "cpu" and not torch.compiler.is_compiling() and bool((len_k >= max_seqlen_k).all())
     )
-    reads_keys = not full_width and (probed is None or probed.reads_keys)
-    last_k = None  # (total_q,) the last key position a row is evaluated at, where kv_idx is clamped
-    if not full_width and (probed is None or probed.reads_rows or reads_keys):
-        usable = len_k > 0  # rows that see any key; the others are evaluated at the anchor sequence
-        b = torch.where(usable, b, p.anchor)
-        q_idx = torch.where(usable, q_idx, zero)
-        if reads_keys:  # (a row without keys reads at the anchor's first key)
-            last_k = (len_k - 1).clamp(min=0)
+    last_k = None if full_width or (probed is not None and not probed.reads_keys) else last
     out = None
     if probed is not None:
         kv = j.view(1, 1, -1) if last_k is None else torch.minimum(j.view(1, 1, -1), last_k.view(-1, 1, 1))
         out = _on_grid(mod, (b.view(-1, 1, 1), h.view(1, -1, 1) if deps.head else h, q_idx.view(-1, 1, 1), kv),
-                       (total_q, hm, max_seqlen_k))
+                       shape)
+    in_place = out is not None and p.native  # (probed: eager mode)
     if out is None:
         if probed is not None and not full_width:  # the probe said elementwise, yet the grid's result was not
-            return _query_side(mod, checked, deps, p, num_heads, total_q, max_seqlen_k, fill, zero, None)
+            return _query_side(mod, checked, deps, p, num_heads, total_q, max_seqlen_k, fill, None)
 
         def entry(b, q_idx, last_k, h, j):
             return checked(b, h, q_idx, j if last_k is None else torch.minimum(j, last_k))  # the clamp is per row
@@ -400,10 +428,9 @@ def _query_side(
         out = torch.vmap(fn, in_dims=(0, 0, None if last_k is None else 0, None, None))(b, q_idx, last_k, h, j)
         if not deps.head:
             out = out.unsqueeze(1)  # (total_q, 1, max_seqlen_k)
-    if not full_width:
-        inside = (j.unsqueeze(0) < len_k.unsqueeze(1)).unsqueeze(1)  # (total_q, 1, max_seqlen_k)
-        out = _dont_care(out, inside, fill)
-    return out.expand(total_q, hm, max_seqlen_k).contiguous()
+    if full_width:
+        return out.expand(shape).contiguous()
+    return _dont_care(out, len_k, shape, fill, in_place, j)
 
 
 # A sequence's own (len_q, len_k) block is evaluated by itself when the batch's grid has at least this many entries
@@ -495,8 +522,8 @@ def _build(
     dtype = torch.bool if where == "create_mask" else torch.float32
     if cu_seqlens_q.shape[0] == 1:  # B = 0: every entry is don't-care and there is no position to trace at
         return torch.full((total_k, 1), fill, dtype=dtype, device=device)
-    zero = torch.zeros((), dtype=INDEX_DTYPE, device=device)
-    p = _Packing(cu_seqlens_q, cu_seqlens_k, total_q, zero)
+    p = _Packing(cu_seqlens_q, cu_seqlens_k, total_q, device)
+    zero = p.zero
     checked = _checked(mod, f"dmattn.{where}: {'mask_mod' if where == 'create_mask' else 'score_mod'}")
     # Eager mode evaluates an elementwise mod on broadcast grids (dmattn_ops/_broadcast.py); compiled code, and any
     # mod the probe cannot vouch for, under vmap. (Dynamo traces the guard, but torch 2.13 fails its own guard on the
@@ -515,11 +542,11 @@ def _build(
             return torch.full(shape, fill, dtype=dtype, device=device)
         args = (mod, checked, deps, p, num_heads, total_q, max_seqlen_k, fill)
         blocks = _query_side_per_sequence(*args, dtype, probed)
-        return blocks if blocks is not None else _query_side(*args, zero, probed)
+        return blocks if blocks is not None else _query_side(*args, probed)
     shape = (total_k, num_heads if deps.head else 1)
     if total_k == 0:
         return torch.full(shape, fill, dtype=dtype, device=device)
-    return _key_side(mod, checked, deps, p, num_heads, total_k, fill, zero, probed)
+    return _key_side(mod, checked, deps, p, num_heads, total_k, fill, probed)
 
 
 def create_mask(

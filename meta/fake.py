@@ -94,5 +94,11 @@ torch.library.register_autograd("dmattn::varlen_fwd", _backward, setup_context=_
 
 @torch.library.register_fake("dmattn::packed_rows")
 def _packed_rows_fake(cu_seqlens, cu_seqlens_other, total):
-    """(3, total) int64 rows and a 0-d int64 anchor (csrc/packed_rows.h; the kernels check the arguments)."""
-    return cu_seqlens.new_empty((3, total), dtype=torch.int64), cu_seqlens.new_empty((), dtype=torch.int64)
+    """(4, total) int64 rows and a (2,) int64 anchor (csrc/packed_rows.h; the kernels check the arguments)."""
+    return cu_seqlens.new_empty((4, total), dtype=torch.int64), cu_seqlens.new_empty((2,), dtype=torch.int64)
+
+
+@torch.library.register_fake("dmattn::zero_unseen_")
+def _zero_unseen_fake(grid, counts):
+    """In place: no output (csrc/packed_rows.h; the kernels check the arguments)."""
+    return None

@@ -237,3 +237,62 @@ def test_rows_by_packed_rows_equal_rows_by_tensor_ops(name, device, monkeypatch)
                 m.setattr(dmattn_ops.mods, "_has_packed_rows", lambda device_type: False)
                 by_ops = build()
             assert torch.equal(native, by_ops), name
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the ops a build runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["sliding_window", "document_causal", "per_head_gating"])
+def test_dont_care_entries_are_zeroed_in_place(name, device, monkeypatch):
+    """An eager build's grid gets its don't-care entries (past each row's key count, key rows past cu_seqlens_k[-1])
+    from dmattn::zero_unseen_, one op in place, where the build has its kernel; the operand equals the tensor
+    expression's (a build without the kernels). Query-side and key-side registry mods."""
+    batch = reg.make_batch().to(device)
+    for build, _ in _builds(batch, name):
+        with _OpLog() as log:
+            native = build()
+        assert "zero_unseen_" in log.names and "bitwise_and" not in log.names[log.names.index("zero_unseen_"):], \
+            (name, log.names)
+        monkeypatch.setattr(dmattn_ops.mods, "_has_packed_rows", lambda device_type: False)
+        assert torch.equal(native, build()), name
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("query_side", [False, True])
+def test_a_learnable_bias_keeps_its_gradient(query_side, device):
+    """A score_mod reading a table that requires grad gives a bias that requires grad, and its gradient is the one
+    the contract gives: the table's entry at each seen (query, key) entry, don't-care entries 0. (The in-place
+    don't-care op has no derivative: such a bias takes the tensor expression.)"""
+    cu = torch.tensor([0, 3, 3, 7], device=device)  # sequence 1 has no query; 7 key rows, 9 packed (2 past the end)
+    cu_k = torch.tensor([0, 2, 4, 7], device=device)
+    total_q, total_k, width = 8, 9, 3
+    table = torch.linspace(-1.0, 1.0, total_k, device=device, requires_grad=True)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        extra = (q_idx * 0.25) if query_side else 0.0
+        return score + table[cu_k[b] + kv_idx] + extra
+
+    bias = create_bias(score_mod, cu, cu_k, 4, width, 2, total_q=total_q, total_k=total_k)
+    assert bias.requires_grad and bias.shape == ((total_q, 1, width) if query_side else (total_k, 1))
+    weights = torch.arange(1.0, bias.numel() + 1, device=device).view(bias.shape)
+    (bias * weights).sum().backward()
+    expected = torch.zeros(total_k, dtype=torch.float64)
+    cu_l, cu_k_l, w = cu.tolist(), cu_k.tolist(), weights.double().cpu()
+    for b in range(3):
+        for t in range(cu_k_l[b], cu_k_l[b + 1]):
+            if query_side:  # key t is seen by every query of its sequence, at column t - cu_k[b]
+                expected[t] += sum(w[i, 0, t - cu_k_l[b]] for i in range(cu_l[b], cu_l[b + 1]))
+            else:
+                expected[t] += w[t, 0]
+    torch.testing.assert_close(table.grad.double().cpu(), expected)
