@@ -150,6 +150,33 @@ def test_key_reads_are_clamped_into_the_sequence(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("keys, rows", [(5, 4), (5, 7), (1, 3), (0, 3)])
+def test_one_sequence_clamps_key_reads_by_one_bound(keys, rows, device, monkeypatch):
+    """B = 1: every row is evaluated in the one sequence, so the key positions are clamped by one bound (the largest
+    row's last key) and stay a broadcast. A mod reading a tensor exactly total_k long, max_seqlen_k past the
+    sequence's keys, padding rows past cu_seqlens_q[-1], a sequence of one key and of none: the grid evaluation runs
+    (no fallback: no read out of bounds) and matches the reference."""
+    queries = 3
+    cu_q, cu_k = [0, queries], [0, keys]
+    gate = torch.arange(max(keys, 1)) % 2 == 0
+    gate_dev, cu_k_t = gate[:max(keys, 1)].to(device), torch.tensor(cu_k, device=device)
+
+    def gate_and_causal(b, h, q_idx, kv_idx):
+        return gate_dev[cu_k_t[b] + kv_idx] & (kv_idx <= q_idx + 1)
+
+    spy = _GridSpy(monkeypatch)
+    width = keys + 3
+    mask = create_mask(gate_and_causal, torch.tensor(cu_q, device=device), cu_k_t, queries, width, 2,
+                       total_q=rows, total_k=max(keys, 1))
+    assert mask.shape == (rows, 1, width) and spy.calls == 1 and spy.fell_back == 0
+
+    def on_cpu(b, h, q_idx, kv_idx):
+        return gate[torch.tensor(cu_k)[b] + kv_idx] & (kv_idx <= q_idx + 1)
+
+    assert torch.equal(mask.cpu(), _loop_reference(on_cpu, cu_q, cu_k, rows, width))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("query_side", [True, False])
 def test_only_the_probe_runs_under_the_guard(query_side, device, monkeypatch):
     """The guard watches the mod on the probe's small grids; the build's own grid, the same code on larger tensors,
