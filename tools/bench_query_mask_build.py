@@ -16,9 +16,10 @@ sequence's keys; both are checked equal. The document mask's key documents are g
 the mask_mod does (results before 2026-12-06's run DV handed the expression that (total_q, max_seqlen_k) grid
 ready-made).
 Times are medians of --reps calls after a warm-up (compiled: after compiling, torch.compile(dynamic=True)). Each eager
-row also counts the aten ops that run (views excluded): on a GPU, where every op is a kernel launch of a few
-microseconds, that count sets a small build's time. On a GPU each eager row also splits a call's time into the host's
-issue (from the call to its return, the GPU idle before) and the GPU's time in kernels and copies (torch.profiler).
+row also counts the aten ops that run (views excluded, and unbind since 2026-12-07: it launches nothing): on a GPU,
+where every op is a kernel launch of a few microseconds, that count sets a small build's time. On a GPU each eager
+row also splits a call's time into the host's issue (from the call to its return, the GPU idle before) and the
+GPU's time in kernels and copies (torch.profiler).
 
     python tools/bench_query_mask_build.py [--device cpu] [--json PATH]
     python tools/bench_query_mask_build.py --from RESULT.json [--prev EARLIER.json] --chart PATH   # a chart only
@@ -94,7 +95,7 @@ def hand_written(name, pos, length, prefix, doc, start, width, uniform):
     return m if uniform else m & (j < n)  # False past each sequence's keys, where a sequence is shorter
 
 
-VIEWS = frozenset("view expand slice select unsqueeze squeeze alias t transpose _unsafe_view".split())
+VIEWS = frozenset("view expand slice select unsqueeze squeeze alias t transpose _unsafe_view unbind".split())
 
 
 def count_ops(fn) -> int:
