@@ -200,7 +200,17 @@ def environment(device: torch.device, repo_dir: str) -> Dict[str, object]:
         env["compute_capability"] = f"{props.major}.{props.minor}"
         env["cudnn"] = torch.backends.cudnn.version()
         env["driver"] = _nvidia_smi_driver()
+        env["gpu_state"] = _nvidia_smi_state()
     return env
+
+
+# What can make one GPU model time differently on two hosts: its clock and power caps, and its state when the results
+# are written (right after the timed calls): the SM clock, the power draw, the temperature and the active clock event
+# (throttle) reasons, a bit mask (0x1 idle, 0x4 software power cap, 0x20 software thermal slowdown, ...). Main's dense
+# non-causal kernel ran 642 TFLOP/s on an H100 host (run DH) and 613 on an H200 one (run EM), where cuDNN went from
+# ~636 to 676: the same GH100 silicon.
+_GPU_STATE_FIELDS = ("clocks.sm", "clocks.max.sm", "clocks.mem", "power.draw", "power.limit", "temperature.gpu",
+                     "clocks_event_reasons.active")
 
 
 def _cpu_model() -> str:
@@ -212,6 +222,22 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _nvidia_smi_state() -> Optional[Dict[str, str]]:
+    """_GPU_STATE_FIELDS of device 0 as nvidia-smi reports them (units included), each asked for alone (a field this
+    driver does not know drops that field only), or None where none answers (no nvidia-smi)."""
+    state = {}
+    for field in _GPU_STATE_FIELDS:
+        try:
+            r = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        lines = r.stdout.strip().splitlines()
+        if r.returncode == 0 and lines:
+            state[field] = lines[0].strip()
+    return state or None
 
 
 def _nvidia_smi_driver() -> Optional[str]:
