@@ -227,26 +227,23 @@ def _cpu_model() -> str:
 def _nvidia_smi_state() -> Optional[Dict[str, str]]:
     """_GPU_STATE_FIELDS of device 0 as nvidia-smi reports them (units included), each asked for alone (a field this
     driver does not know drops that field only), or None where none answers (no nvidia-smi)."""
-    state = {}
-    for field in _GPU_STATE_FIELDS:
-        try:
-            r = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        lines = r.stdout.strip().splitlines()
-        if r.returncode == 0 and lines:
-            state[field] = lines[0].strip()
-    return state or None
+    state = {field: _nvidia_smi_field(field) for field in _GPU_STATE_FIELDS}
+    return {field: value for field, value in state.items() if value is not None} or None
 
 
 def _nvidia_smi_driver() -> Optional[str]:
+    return _nvidia_smi_field("driver_version")
+
+
+def _nvidia_smi_field(field: str) -> Optional[str]:
+    """nvidia-smi's value of one --query-gpu field for device 0, or None (no nvidia-smi, or it refused the field)."""
     try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+        r = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader"],
                            capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
+    lines = r.stdout.strip().splitlines()
+    return lines[0].strip() if r.returncode == 0 and lines else None
 
 
 # --------------------------------------------------------------------------------------------------- reporting
