@@ -14,9 +14,10 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1024;
 
-int64_t blocks_for(int64_t items) {
-  const int64_t blocks = (items + kThreads - 1) / kThreads;
-  return blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks);
+// Blocks for `items` work items, `per_block` a block: at least 1, at most `cap` (a grid-stride loop does the rest).
+int64_t blocks_for(int64_t items, int64_t per_block, int64_t cap) {
+  const int64_t blocks = (items + per_block - 1) / per_block;
+  return blocks < 1 ? 1 : (blocks > cap ? cap : blocks);
 }
 
 // The anchor (packed_rows.h): an argmax over the sequences, the first of equal maxima, reduced by the whole block.
@@ -80,7 +81,8 @@ template <typename Index, typename Other>
 cudaError_t launch_rows(const void* cu, const void* cu_other, int64_t batch, int64_t total, int64_t* rows,
                         int64_t* anchor, cudaStream_t stream) {
   // at least block 0, for the anchor
-  packed_rows_kernel<Index, Other><<<static_cast<unsigned>(blocks_for(total)), kThreads, 0, stream>>>(
+  packed_rows_kernel<Index, Other><<<static_cast<unsigned>(blocks_for(total, kThreads, kMaxBlocks)), kThreads, 0,
+                                     stream>>>(
       static_cast<const Index*>(cu), static_cast<const Other*>(cu_other), batch, total, rows, anchor);
   return cudaGetLastError();
 }
@@ -129,9 +131,7 @@ int packed_rows(const void* cu, bool index_64, const void* cu_other, bool other_
 int zero_unseen(void* grid, int64_t element_size, const int64_t* counts, int64_t rows, int64_t heads, int64_t width,
                 void* stream) {
   if (rows == 0 || heads == 0 || width == 0) return cudaSuccess;
-  constexpr int64_t kWarps = kThreads / 32;
-  int64_t blocks = (rows * heads + kWarps - 1) / kWarps;
-  blocks = blocks > 4 * kMaxBlocks ? 4 * kMaxBlocks : blocks;
+  const int64_t blocks = blocks_for(rows * heads, kThreads / 32, 4 * kMaxBlocks);  // a warp a (row, head) line
   zero_unseen_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       static_cast<unsigned char*>(grid), element_size, counts, rows, heads, width);
   return cudaGetLastError();
