@@ -297,10 +297,7 @@ class _Packing:
     def query_rows(self) -> _Rows:
         """Each query row's facts (_Rows): its key count is 0 past cu_seqlens_q[-1]."""
         if self._query_rows is None:
-            i = torch.arange(self.total_q, dtype=INDEX_DTYPE, device=self.zero.device)
-            b = _sequence_of(self.cu_q, i)
-            count = torch.where(i < self.cu_q[-1], self.len_k[b], self.zero)
-            self._query_rows = self._anchored(b, i - self.cu_q[b], count)
+            self._query_rows = self._rows_by_ops(self.cu_q, self.total_q)
         return self._query_rows
 
     def key_rows(self, total_k: int) -> _Rows:
@@ -308,15 +305,17 @@ class _Packing:
         if self.native:
             rows, _ = torch.ops.dmattn.packed_rows(self.cu_k, self.cu_k, total_k)
             return _Rows(*rows.unbind(0))
-        t = torch.arange(total_k, dtype=INDEX_DTYPE, device=self.zero.device)
-        b = _sequence_of(self.cu_k, t)
-        return self._anchored(b, t - self.cu_k[b], torch.where(t < self.cu_k[-1], self.len_k[b], self.zero))
+        return self._rows_by_ops(self.cu_k, total_k)
 
-    def _anchored(self, b, pos, count) -> _Rows:
-        """The rows' facts by tensor ops, as packed_rows gives them (a row without count at the anchor's first
-        position)."""
+    def _rows_by_ops(self, cu: torch.Tensor, total: int) -> _Rows:
+        """The facts of rows 0 .. total-1 of cu's side by tensor ops, as packed_rows gives them: the count is the keys
+        of the row's sequence on either side (0 past cu[-1]), and a row without count is at the anchor's first
+        position."""
+        i = torch.arange(total, dtype=INDEX_DTYPE, device=self.zero.device)
+        b = _sequence_of(cu, i)
+        count = torch.where(i < cu[-1], self.len_k[b], self.zero)
         seen = count > 0
-        return _Rows(torch.where(seen, b, self.anchor), torch.where(seen, pos, self.zero), count,
+        return _Rows(torch.where(seen, b, self.anchor), torch.where(seen, i - cu[b], self.zero), count,
                      torch.where(seen, count - 1, self.zero))
 
 
