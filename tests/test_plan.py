@@ -21,21 +21,22 @@ _DRIVER = """
     // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
     //                 window_left window_right key_range(0 absent, 1 given) sm90a_ctas(the override)
     //                 bias_dtype(0 float32, 2 bfloat16: q's) sched(DMATTN_SM90A_SCHED: 0 auto, 1 dynamic, 2 static)
-    //                 combine_launch(the override) key_mask_map(the override)
+    //                 combine_launch(the override) key_mask_map(the override) wide(DMATTN_SM90A_WIDE: 0 auto, 1 on,
+    //                 2 off)
     // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes prefill_variant sm90a sm90a_ctas
     //         unit_order combine_finishes sm90a_slots sm90a_query slots_in_place block_map_heads sm90a_dynamic
     //         combine_in_kernel oom_map(the binding's fallback where this plan's workspace cannot be allocated: 1 the
     //         plan of key_mask_map_fallback, 0 none: the sm80 kernels) oom_bytes(its workspace) oom_query(its
-    //         sm90a_query)
+    //         sm90a_query) sm90a_wide
     // (a cc 9.0 device; bf16 q / k / v packed (rows, heads, D) at null: aligned as TMA wants; a query-side bias
     // contiguous, (total_q, Hb, max_k))
     int main() {
       long long B, H, Hk, D, tq, tk, mq, mk, mask, hm, bias, hb, sms, force, tiles, wl, wr, kr, ctas, bdt, sched, launch,
-          kmm;
+          kmm, wide;
       static const int32_t some_range[2] = {0, 0};  // the plan reads only whether key_range is given
       while (std::scanf("%lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld "
-                        "%lld %lld %lld %lld %lld", &B, &H, &Hk, &D, &tq, &tk, &mq, &mk, &mask, &hm, &bias, &hb, &sms,
-                        &force, &tiles, &wl, &wr, &kr, &ctas, &bdt, &sched, &launch, &kmm) == 23) {
+                        "%lld %lld %lld %lld %lld %lld", &B, &H, &Hk, &D, &tq, &tk, &mq, &mk, &mask, &hm, &bias, &hb,
+                        &sms, &force, &tiles, &wl, &wr, &kr, &ctas, &bdt, &sched, &launch, &kmm, &wide) == 24) {
         VarlenFwdParams p;
         p.batch = B; p.num_heads = H; p.num_heads_k = Hk; p.head_dim = D;
         p.dtype = ScalarType::kBFloat16;
@@ -57,11 +58,12 @@ _DRIVER = """
         o.sm90a_sched = static_cast<cuda::PlanOverrides::Sched>(sched);
         o.combine_launch = launch != 0;
         o.key_mask_map = kmm != 0;
+        o.sm90a_wide = static_cast<cuda::PlanOverrides::Wide>(wide);
         const cuda::DeviceInfo dev{90, static_cast<int>(sms)};
         const cuda::FwdPlan plan = cuda::plan_varlen_fwd(p, dev, o);
         cuda::FwdPlan fallback;
         const bool oom_map = cuda::key_mask_map_fallback(p, dev, o, plan, &fallback);
-        std::printf("%s %d %d %d %d %zu %d %d %d %d %d %d %d %d %d %d %d %d %zu %d\\n",
+        std::printf("%s %d %d %d %d %zu %d %d %d %d %d %d %d %d %d %d %d %d %zu %d %d\\n",
                     plan.kernel == cuda::FwdKernel::kDecode ? "decode" : "prefill", plan.row_tiles, plan.num_splits,
                     plan.tiles_per_split, plan.key_lists_heads, cuda::workspace_bytes(plan, p),
                     static_cast<int>(plan.prefill), static_cast<int>(plan.sm90a), plan.sm90a_ctas,
@@ -70,7 +72,7 @@ _DRIVER = """
                     static_cast<int>(plan.slots_in_place), plan.block_map_heads, static_cast<int>(plan.sm90a_dynamic),
                     static_cast<int>(plan.combine_in_kernel), static_cast<int>(oom_map),
                     oom_map ? cuda::workspace_bytes(fallback, p) : size_t{0},
-                    static_cast<int>(oom_map && fallback.sm90a_query));
+                    static_cast<int>(oom_map && fallback.sm90a_query), static_cast<int>(plan.sm90a_wide));
       }
     }
     """
@@ -79,6 +81,7 @@ ABSENT, KEY, QUERY = 0, 1, 2
 F32, BF16 = 0, 2  # a bias's dtype (dmattn::ScalarType): float32, or q's (bfloat16 here)
 AUTO, FORCE_PREFILL, FORCE_DECODE = 0, 1, 2
 SCHEDS = ("auto", "dynamic", "static")  # DMATTN_SM90A_SCHED (cuda::PlanOverrides::Sched)
+WIDES = ("auto", "on", "off")  # DMATTN_SM90A_WIDE (cuda::PlanOverrides::Wide)
 PREFILL_VARIANTS = ("plain", "window_left", "query_operands")  # cuda::PrefillVariant
 
 
@@ -88,14 +91,15 @@ def planner(tmp_path_factory):
 
     def line(B, H, Hk, D, total_q, total_k, max_q, max_k, mask=ABSENT, Hm=1, bias=ABSENT, Hb=1, sms=132,
              force=AUTO, tiles=0, window=(-1, -1), key_range=False, sm90a_ctas=0, bias_dtype=F32, sched="auto",
-             combine_launch=False, key_mask_map=False):
+             combine_launch=False, key_mask_map=False, wide="auto"):
         return " ".join(str(x) for x in (B, H, Hk, D, total_q, total_k, max_q, max_k, mask, Hm, bias, Hb, sms,
                                          force, tiles, *window, int(key_range), sm90a_ctas, bias_dtype,
-                                         SCHEDS.index(sched), int(combine_launch), int(key_mask_map)))
+                                         SCHEDS.index(sched), int(combine_launch), int(key_mask_map),
+                                         WIDES.index(wide)))
 
     def parse(out):
         (kernel, row_tiles, splits, per_split, lists, workspace, variant, sm90a, ctas, order, finishes, slots,
-         query, in_place, map_heads, dynamic, in_kernel, oom_map, oom_bytes, oom_query) = out.split()
+         query, in_place, map_heads, dynamic, in_kernel, oom_map, oom_bytes, oom_query, wide) = out.split()
         return dict(kernel=kernel, row_tiles=int(row_tiles), splits=int(splits), tiles_per_split=int(per_split),
                     key_lists_heads=int(lists), workspace=int(workspace), prefill=PREFILL_VARIANTS[int(variant)],
                     sm90a=bool(int(sm90a)), sm90a_ctas=int(ctas), unit_order=bool(int(order)),
@@ -103,7 +107,7 @@ def planner(tmp_path_factory):
                     sm90a_query=bool(int(query)), slots_in_place=bool(int(in_place)),
                     block_map_heads=int(map_heads), sm90a_dynamic=bool(int(dynamic)),
                     combine_in_kernel=bool(int(in_kernel)), oom_map=bool(int(oom_map)), oom_workspace=int(oom_bytes),
-                    oom_query=bool(int(oom_query)))
+                    oom_query=bool(int(oom_query)), sm90a_wide=bool(int(wide)))
 
     def plan(**call):
         out = subprocess.run([str(exe)], input=line(**call) + "\n", capture_output=True, text=True,
@@ -615,6 +619,28 @@ def test_dynamic_scheduler_plan(planner):
     for other in (dict(mask=KEY, Hm=8), dict(window=(255, 0))):
         auto = planner(**dict(PREFILL, D=256), **other)
         assert (auto["sm90a"], auto["sm90a_ctas"], auto["sm90a_dynamic"]) == (True, 132, True), other
+
+
+def test_wide_tiles_plan(planner):
+    """The plain sm90a kernel's wide KV tiles (FwdPlan::sm90a_wide, 192 keys at D = 64): by default every non-causal
+    call at D = 64 without a mask, a bias, a window, a key range or a softcap; DMATTN_SM90A_WIDE=on causal calls too,
+    off none. Every grid takes them (the one the narrow tiles would run, workspace and all); other head dims never."""
+    d64, d64_causal = dict(PREFILL, D=64, window=(-1, -1)), dict(PREFILL, D=64, window=(-1, 0))
+    assert planner(**d64)["sm90a_wide"] and not planner(**d64_causal)["sm90a_wide"]
+    assert not planner(**d64, wide="off")["sm90a_wide"]
+    for call in (d64, dict(d64_causal, wide="on")):
+        for grid in (dict(), dict(sched="static"), dict(sched="dynamic"), dict(sm90a_ctas=3), dict(sm90a_ctas=-1)):
+            plan = planner(**call, **grid)
+            assert plan == {**planner(**{**call, "wide": "off"}, **grid), "sm90a_wide": True}, (call, grid)
+    # other head dims (D = 128's 176-key tiles measured slower: heuristics.h), and every other variant of the kernel,
+    # even when asked for
+    for other in (dict(D=128), dict(D=256), dict(D=96), dict(window=(255, 0)), dict(window=(255, 255)),
+                  dict(key_range=True), dict(mask=KEY, Hm=8), dict(bias=KEY, Hb=8, bias_dtype=BF16),
+                  dict(mask=QUERY, Hm=8), dict(bias=QUERY, Hb=8, bias_dtype=BF16)):
+        for on in ("auto", "on"):
+            plan = planner(**{**d64, **other}, wide=on)
+            assert not plan["sm90a_wide"], (other, on)
+            assert plan == planner(**{**d64, **other}, wide="off"), (other, on)
 
 
 @pytest.mark.parametrize("D", [128, 256])

@@ -11,6 +11,7 @@ Every shape runs both ways, the sm80 path forced through the documented debug va
 by the float64 reference and the accuracy rule of tests/samples.py. GPU only; on devices other than cc 9.0 (or a
 build without the sm90a path) the automatic choice is the sm80 kernel, which test_choice checks."""
 
+import dataclasses
 import math
 import re
 
@@ -31,10 +32,11 @@ pytestmark = pytest.mark.cuda
 # sm90a kernel wherever it can run (narrow windows too), on a static persistent grid of 3 CTAs (DMATTN_SM90A_CTAS,
 # DMATTN_SM90A_SCHED=static), so that each CTA walks many units in turn (empty ones and ones past their sequence
 # included); the dynamic scheduler on 3 CTAs is DYNAMIC_GRIDS' dynamic3.
-# per_unit: the sm90a kernel wherever it can run, a CTA per unit (DMATTN_SM90A_CTAS=0).
+# per_unit: the sm90a kernel wherever it can run, a CTA per unit (DMATTN_SM90A_CTAS=0). wide: the plain kernel's wide
+# tiles for causal calls too (DMATTN_SM90A_WIDE=on; auto gives them to non-causal ones at D = 64).
 ARCHS = {"auto": {}, "sm80": {"DMATTN_ARCH": "sm80"},
          "persistent3": {"DMATTN_SM90A_CTAS": "3", "DMATTN_SM90A_SCHED": "static"},
-         "per_unit": {"DMATTN_SM90A_CTAS": "0"}}
+         "per_unit": {"DMATTN_SM90A_CTAS": "0"}, "wide": {"DMATTN_SM90A_WIDE": "on"}}
 
 
 @pytest.fixture(params=list(ARCHS))
@@ -150,6 +152,55 @@ CUDA_DTYPES = (torch.float16, torch.bfloat16)
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 def test_dense_shapes_match_reference_on_each_path(spec, dtype, arch):
     _check(spec, dtype, label=arch)
+
+
+# The plain kernel's wide tiles (FwdPlan::sm90a_wide: 192 keys at D = 64; non-causal by default, causal too under
+# DMATTN_SM90A_WIDE=on): sequences of fewer keys than a tile, of exactly one and two tiles and one key past them, causal
+# with more keys or more queries, empty sequences, rows past the last sequence, GQA / MQA / MHA, sinks and seqused_k
+# (the plain kernel's extras), more sequences than a persistent launch's unit table, on the prefill kernel (many_short
+# would take the decode kernel), each on every grid.
+WIDE_SPECS = [
+    Spec("one_short_tile", head_dim=64, heads=4, heads_k=2, seqlens_q=(37,), seqlens_k=(53,)),
+    Spec("tile_edges", head_dim=64, heads=8, heads_k=2, seqlens_q=(129, 300, 1, 192), seqlens_k=(192, 193, 384, 700)),
+    Spec("causal_more_keys", head_dim=64, heads=8, heads_k=8, seqlens_q=(200, 64), seqlens_k=(1000, 64),
+         is_causal=True),
+    Spec("causal_more_queries", head_dim=64, heads=4, heads_k=1, seqlens_q=(300, 17), seqlens_k=(130, 3),
+         is_causal=True),
+    Spec("causal_long", head_dim=64, heads=8, heads_k=2, seqlens_q=(1500, 513), seqlens_k=(1500, 513),
+         is_causal=True),
+    Spec("empty_sequences", head_dim=64, heads=4, heads_k=2, seqlens_q=(0, 130, 5, 0), seqlens_k=(20, 0, 140, 0)),
+    Spec("rows_past_the_end", head_dim=64, heads=4, heads_k=2, seqlens_q=(100, 70), seqlens_k=(150, 90),
+         extra_rows_q=9, extra_rows_k=13, slack_q=3, slack_k=5),
+    Spec("many_short", head_dim=64, heads=4, heads_k=4, seqlens_q=tuple(range(1, 40)),
+         seqlens_k=tuple(range(40, 1, -1))),
+    Spec("mqa_long_keys", head_dim=64, heads=8, heads_k=1, seqlens_q=(300,), seqlens_k=(4000,)),
+    Spec("sinks", head_dim=64, heads=4, heads_k=2, seqlens_q=(200, 3), seqlens_k=(250, 0), sinks="float32"),
+    Spec("seqused_k", head_dim=64, heads=4, heads_k=2, seqlens_q=(130, 1, 64, 0), seqlens_k=(400, 400, 400, 400),
+         seqused_k=(300, 400, 0, 9), is_causal=True),
+    Spec("more_sequences_than_a_unit_table", head_dim=64, heads=2, heads_k=1,
+         seqlens_q=(300,) + tuple(i % 9 for i in range(299)), seqlens_k=(300,) + tuple(i % 13 for i in range(299))),
+]
+WIDE_GRIDS = {"auto": {}, "per_unit": {"DMATTN_SM90A_CTAS": "0"}, "dynamic3": {"DMATTN_SM90A_CTAS": "3"},
+              "static3": {"DMATTN_SM90A_CTAS": "3", "DMATTN_SM90A_SCHED": "static"}}
+
+
+@pytest.mark.parametrize("grid", list(WIDE_GRIDS))
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("spec", WIDE_SPECS, ids=lambda s: s.name)
+def test_wide_tiles_match_reference(spec, dtype, grid, monkeypatch, capfd, cuda_device):
+    """Each spec on wide tiles against the reference, on every grid: the plan's, a CTA per unit, the dynamic and
+    static persistent grids of 3 CTAs."""
+    if not _sm90a_device():
+        pytest.skip("the sm90a kernel runs on cc 9.0 devices with the sm90a path built")
+    if reason := _padded_plan_reason(spec.head_dim):
+        pytest.skip(reason)
+    env = {"DMATTN_SM90A_WIDE": "on", "DMATTN_KERNEL": "prefill", "DMATTN_LOG_PLAN": "1", **WIDE_GRIDS[grid]}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    capfd.readouterr()
+    _check(spec, dtype, label="wide")
+    torch.cuda.synchronize()
+    assert re.findall(r"kernel=prefill .*sm90a_wide=(\d)", capfd.readouterr().err) == ["1"]
 
 
 # The kernel's ranged variant (a key interval per row: windows, key ranges; the softcap) and what the plain one takes
@@ -407,9 +458,11 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def _run_logged(sample, monkeypatch, capfd, env):
     """sample.run() with env set (and every sm90a grid variable not in it unset), on the prefill kernel (a batch of
     short queries, many_short, would take the decode kernel and log no sm90a grid: run CY), and the grids of its plan
-    lines [(sm90a_ctas, sm90a_sched)]."""
+    lines [(sm90a_ctas, sm90a_sched)]. The narrow tiles unless env asks for wide ones: the grids compared bitwise here
+    must run the same tiles, and a CTA per unit would take wide ones for a non-causal call."""
     for name in ("DMATTN_SM90A_CTAS", "DMATTN_SM90A_SCHED", "DMATTN_SM90A_SECTION_MB"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DMATTN_SM90A_WIDE", "off")
     monkeypatch.setenv("DMATTN_KERNEL", "prefill")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -522,6 +575,38 @@ def test_dynamic_scheduler_grids(monkeypatch, capfd, cuda_device):
             head_dim
 
 
+def test_wide_tiles_choice(monkeypatch, capfd, cuda_device):
+    """The plain kernel's wide tiles (heuristics.h, FwdPlan::sm90a_wide; test_plan has the whole rule): a non-causal
+    dense call at D = 64 takes them by default, on the dynamic scheduler's grid; a causal one with DMATTN_SM90A_WIDE=on;
+    off: never; D = 128 never. Each result is checked against the reference."""
+    if not _sm90a_device():
+        pytest.skip("the sm90a kernel runs on cc 9.0 devices with the sm90a path built")
+    if reason := _padded_plan_reason(64):
+        pytest.skip(reason)
+    dense = Spec("dense", head_dim=64, heads=8, heads_k=2, seqlens_q=(700, 1024), seqlens_k=(700, 1300))
+    causal = dataclasses.replace(dense, is_causal=True)
+    sms = str(torch.cuda.get_device_properties(0).multi_processor_count)
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+
+    def plan(spec, wide):
+        monkeypatch.setenv("DMATTN_SM90A_WIDE", wide)
+        capfd.readouterr()
+        _check(spec, torch.bfloat16, label=f"wide={wide}")
+        torch.cuda.synchronize()
+        return re.findall(r"kernel=prefill .*sm90a=1 .*sm90a_ctas=(\d+) .*sm90a_wide=(\d)", capfd.readouterr().err)
+
+    assert plan(dense, "auto") == [(sms, "1")]
+    assert plan(dense, "off") == [(sms, "0")]
+    assert plan(causal, "auto") == [(sms, "0")]
+    assert plan(causal, "on") == [(sms, "1")]
+    if not _padded_plan_reason(128):
+        assert all(w == "0" for _, w in plan(dataclasses.replace(dense, head_dim=128), "on"))
+
+
+def test_bad_wide_variable_is_a_clear_error(monkeypatch, cuda_device):
+    _assert_variable_refused(monkeypatch, "DMATTN_SM90A_WIDE", "192", "DMATTN_SM90A_WIDE must be .*got '192'")
+
+
 @pytest.mark.parametrize("name, value", [("DMATTN_SM90A_SCHED", "lpt"), ("DMATTN_SM90A_SECTION_MB", "0"),
                                          ("DMATTN_SM90A_SECTION_MB", "8MB")])
 def test_bad_sched_variables_are_clear_errors(name, value, monkeypatch, cuda_device):
@@ -550,6 +635,8 @@ def test_nonfinite_v_outside_the_window(dtype, arch):
 # (its kept rows gathered) among them.
 LYING_SPECS = [
     Spec("lying_causal", heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(140, 7, 300), is_causal=True),
+    # non-causal at D = 64: the plain kernel's 192-key tiles (FwdPlan::sm90a_wide)
+    Spec("lying_wide", head_dim=64, heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 401)),
     Spec("lying_window", heads=4, heads_k=2, seqlens_q=(300, 1, 200), seqlens_k=(300, 64, 260), window=(64, 0),
          is_causal=True),
     Spec("lying_key_mask", heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 400), is_causal=True,

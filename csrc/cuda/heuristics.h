@@ -50,6 +50,14 @@ constexpr TileShape tile_shape_sm90a(int head_dim) {
   return head_dim > 128 ? TileShape{128, 64, 12} : TileShape{128, 128, 12};
 }
 constexpr int kSm90aStages = 2;
+// The plain sm90a kernel's wide KV tiles (FwdPlan::sm90a_wide): the keys of such a tile at head dim D, 0 where none
+// is built. A tile's fixed work (the O rescale, the row max and sum exchanges, the ping-pong turns and the barrier
+// waits) spreads over more keys: 192 at D = 64 (1.5x; its MMAs per tile are half of D = 128's, so that work weighs
+// more there), on every grid (two Q buffers and two stages of K and V take 128 KB). None at D = 128: FlashAttention-3's
+// 176-key tiles, there a CTA per unit (no room for a persistent CTA's second Q buffer; its persistent consumers
+// spilled), ran 1.06x slower than the 128-key tiles on the dynamic grid (H100, benchmarks/results/README.md, run EP).
+// At D = 256 the 64-key tiles already fill the shared memory.
+constexpr int sm90a_wide_keys(int head_dim) { return head_dim == 64 ? 192 : 0; }
 // A persistent sm90a launch's sequences, at most (its unit table in shared memory: sm90a/kernel_traits.h); the
 // launcher splits a call into launches of at most this many.
 constexpr int64_t kSm90aUnitTableSeqs = 255;
@@ -94,6 +102,9 @@ struct PlanOverrides {
   // wherever it measured faster, kDynamic wherever it can run, kStatic nowhere (the static grids)
   enum class Sched : int32_t { kAuto = 0, kDynamic = 1, kStatic = 2 } sm90a_sched = Sched::kAuto;
   int64_t sm90a_section_bytes = 0;  // > 0 (DMATTN_SM90A_SECTION_MB): the dynamic scheduler's L2 sections' K / V
+  // DMATTN_SM90A_WIDE: the plain kernel's wide tiles (FwdPlan::sm90a_wide): kAuto (the default) for non-causal calls
+  // at D = 64, kOn for causal ones too (the tests run every plain sample through them), kOff nowhere
+  enum class Wide : int32_t { kAuto = 0, kOn = 1, kOff = 2 } sm90a_wide = Wide::kAuto;
   bool combine_launch = false;  // the split combine as its own launch even where the decode kernel could merge its
                                 // own splits (DMATTN_DECODE_COMBINE=launch: the same bits, the path before it)
   bool compaction_chunks = false;  // key-side lists in parts by the chunk kernel, a thread's consecutive keys
@@ -132,6 +143,9 @@ struct FwdPlan {
                                 // sm90a_section_bytes (windowed calls: a section a sequence; fwd_kernel.cuh,
                                 // kDynamic); else every sm90a_ctas-th unit
   int64_t sm90a_section_bytes = kSm90aSectionBytes;
+  bool sm90a_wide = false;      // the plain variant (no mask, no bias, no window, key range or softcap) on
+                                // sm90a_wide_keys(D)-key tiles (D = 64): non-causal calls, or any with
+                                // DMATTN_SM90A_WIDE=on, on whatever grid the plan gives the call
   int32_t block_map_heads = 0;  // > 0: a query-side mask with that many heads is summarized by blocks first (or a
                                 // key-side one on sm90a's query-side variant, by sequence: BlockMap; beside a
                                 // query-side bias, or at D = 256 where its kept rows are not gathered)
@@ -430,6 +444,12 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
         plan.sm90a_dynamic = plan.sm90a_ctas > 0;
         if (o.sm90a_section_bytes > 0) plan.sm90a_section_bytes = o.sm90a_section_bytes;
       }
+      // The plain kernel's wide tiles (sm90a_wide_keys), on the grid chosen above: non-causal calls by default, where
+      // a unit walks every key of its sequence (causal units start on the diagonal: unmeasured on wide tiles).
+      const bool plain = !plan.sm90a_slots && !plan.sm90a_query && !sm90a_ranged(p);
+      const bool asked = o.sm90a_wide == PlanOverrides::Wide::kOn ||
+                         (o.sm90a_wide == PlanOverrides::Wide::kAuto && p.window_right < 0);
+      plan.sm90a_wide = plain && asked && sm90a_wide_keys(p.head_dim) > 0;
     }
     // Key slots are v's packed rows unless the keys live in a pool. 1 / 8 D bytes of v's size.
     const bool v_flags =

@@ -114,6 +114,10 @@ cuda::PlanOverrides plan_overrides() {
   o.sm90a_sched = sched == "dynamic"  ? cuda::PlanOverrides::Sched::kDynamic
                   : sched == "static" ? cuda::PlanOverrides::Sched::kStatic
                                       : cuda::PlanOverrides::Sched::kAuto;
+  const std::string wide = env_choice(kOp, "DMATTN_SM90A_WIDE", {"auto", "on", "off"});
+  o.sm90a_wide = wide == "on"    ? cuda::PlanOverrides::Wide::kOn
+                 : wide == "off" ? cuda::PlanOverrides::Wide::kOff
+                                 : cuda::PlanOverrides::Wide::kAuto;
   if (const char* mb = std::getenv("DMATTN_SM90A_SECTION_MB"); mb != nullptr && *mb != '\0') {
     char* end = nullptr;
     const long n = std::strtol(mb, &end, 10);
@@ -143,12 +147,12 @@ void log_plan(const cuda::FwdPlan& plan, const VarlenFwdParams& p) {
                  static_cast<long long>(p.max_seqlen_k));
   } else {
     static const char* const kVariants[] = {"plain", "windowed", "query_operands"};  // cuda::PrefillVariant
-    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=prefill variant=%s key_lists_heads=%d compact_by_warps=%d block_map_heads=%d sm90a=%d sm90a_slots=%d sm90a_query=%d sm90a_ctas=%d sm90a_sched=%s slots_in_place=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
+    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=prefill variant=%s key_lists_heads=%d compact_by_warps=%d block_map_heads=%d sm90a=%d sm90a_slots=%d sm90a_query=%d sm90a_ctas=%d sm90a_sched=%s slots_in_place=%d sm90a_wide=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
                  kVariants[static_cast<int>(plan.prefill)], plan.key_lists_heads,
                  static_cast<int>(plan.compact_by_warps), plan.block_map_heads,
                  static_cast<int>(plan.sm90a), static_cast<int>(plan.sm90a_slots),
                  static_cast<int>(plan.sm90a_query), plan.sm90a_ctas, plan.sm90a_dynamic ? "dynamic" : "static",
-                 static_cast<int>(plan.slots_in_place), p.batch,
+                 static_cast<int>(plan.slots_in_place), static_cast<int>(plan.sm90a_wide), p.batch,
                  p.num_heads, p.num_heads_k, p.head_dim, static_cast<long long>(p.max_seqlen_q),
                  static_cast<long long>(p.max_seqlen_k));
   }

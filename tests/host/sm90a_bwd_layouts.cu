@@ -6,29 +6,9 @@
 #include <cstdio>
 
 #include "cuda/sm90a/bwd_kernel.cuh"
+#include "layout_check.h"
 
 using namespace cute;
-
-int failures = 0;
-#define EXPECT(cond, ...)                          \
-  do {                                             \
-    if (!(cond)) {                                 \
-      if (failures++ < 10) std::printf(__VA_ARGS__); \
-    }                                              \
-  } while (0)
-
-// The m16n8 mapping fwd_kernel.cuh's as_m16n8 assumes for a 64-row wgmma accumulator (or register A operand): thread t
-// holds rows 16 (t / 32) + (t % 32) / 4 + 8 half, columns 8 nt + 2 (t % 4) + e, at flat index e + 2 half + 4 nt.
-template <class Fragment>
-void check_m16n8(const Fragment& f, int t, const char* what) {
-  for (int i = 0; i < size(f); ++i) {
-    const int e = i % 2, half = (i / 2) % 2, nt = i / 4;
-    const int row = 16 * (t / 32) + (t % 32) / 4 + 8 * half, col = 8 * nt + 2 * (t % 4) + e;
-    const auto c = f(i);
-    EXPECT(get<0>(c) == row && get<1>(c) == col, "%s: thread %d element %d is (%d, %d), expected (%d, %d)\n", what, t,
-           i, int(get<0>(c)), int(get<1>(c)), row, col);
-  }
-}
 
 template <class Elem, int kHeadDim>
 void check() {
@@ -55,12 +35,15 @@ void check() {
   typename Tr::MmaDkv dkv;
   typename Tr::MmaDq dq;
   for (int t = 0; t < 128; ++t) {
-    check_m16n8(sdp.get_thread_slice(t).partition_C(make_identity_tensor(Shape<_64, Int<M>>{})), t, "S^T accumulator");
-    check_m16n8(dkv.get_thread_slice(t).partition_C(make_identity_tensor(Shape<_64, Int<D>>{})), t, "dV accumulator");
+    check_m16n8(sdp.get_thread_slice(t).partition_C(make_identity_tensor(Shape<_64, Int<M>>{})), t, M,
+                "S^T accumulator");
+    check_m16n8(dkv.get_thread_slice(t).partition_C(make_identity_tensor(Shape<_64, Int<D>>{})), t, D,
+                "dV accumulator");
     check_m16n8(dq.get_thread_slice(t).partition_C(make_identity_tensor(Shape<Int<M>, Int<Tr::kDqCols>>{})), t,
-                "dQ accumulator");
+                Tr::kDqCols, "dQ accumulator");
     // The register A operand of dV / dK (64 keys x M queries) holds P^T / dS^T in the accumulator's own order.
-    check_m16n8(dkv.get_thread_slice(t).partition_A(make_identity_tensor(Shape<_64, Int<M>>{})), t, "P^T operand");
+    check_m16n8(dkv.get_thread_slice(t).partition_A(make_identity_tensor(Shape<_64, Int<M>>{})), t, M,
+                "P^T operand");
   }
   // Addresses through tensors over 1024-byte-aligned buffers, as in the kernel (the swizzle acts on the address, not
   // on the layout's value).

@@ -522,7 +522,8 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   // kQuery: whether the block map may be a key-side mask's, by sequence (beside a query-side bias, or at D = 256
   // where its kept rows are not gathered); elsewhere map.by_sequence is never read.
   constexpr bool kKeyMask = kQuery && sm90a_query_key_mask(kHeadDim, kQueryBias);
-  static_assert(!kQuery || Traits::kListTiles <= TileEntry::kTileBits + 1, "a listed tile's number fits its bits");
+  static_assert(!kQuery || (Traits::kListable && Traits::kListTiles <= TileEntry::kTileBits + 1),
+                "tiles of the map's 128-key tiles, whose listed numbers fit their bits");
   using RowBits = typename Traits::RowBits;  // kQuery: a masked tile's bits of one row
   // (kDynamic windowed slots: one, where two spilled 24 bytes in its consumers at 232 registers, below)
   using SlotBias = SlotBiasAhead<kN8, kSlots && !kQuery, kDynamic && kRanged ? 1 : 2>;
@@ -535,13 +536,14 @@ fwd_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ Tm
   // consumers' O is 32 registers: 224 for them), 32 at D = 256 (consumers 232, as kQuery's there). Its windowed and
   // kSlots kernels (bf16, D = 128; the K / V loop not unrolled) spilled 136-256 bytes in the producer at 24
   // registers, kSlots' 32 / 40 at 32: 40 for their producers, their consumers 224 (windowed: no spill) or 232 (kSlots:
-  // at 224 they spilled 12 bytes; and D = 256).
+  // at 224 they spilled 12 bytes; and D = 256). D = 64's wide tiles (192 keys: 96 score registers a thread) spilled
+  // 20 / 44 bytes in their dynamic kernel's consumers at 224, none at 232.
   constexpr int kProducerRegs = kDynamic && (kRanged || kSlots || kHeadDim == 64) ? 40
                                 : kDynamic && kHeadDim == 256                     ? 32
                                 : !kQuery                                         ? 24
                                 : kHeadDim > 128                                  ? 40
                                                                                   : 72;
-  constexpr int kConsumerRegs = kDynamic && (kSlots || kHeadDim == 256)           ? 232
+  constexpr int kConsumerRegs = kDynamic && (kSlots || kHeadDim == 256 || kBlockN > 128) ? 232
                                 : kDynamic && (kRanged || kHeadDim == 64)         ? 224
                                 : !kQuery                                         ? 240
                                 : kHeadDim > 128                                  ? 232

@@ -25,7 +25,9 @@
 
 namespace dmattn::cuda::sm90a {
 
-template <typename Elem_, int kHeadDim_>
+// kBlockN_: keys per KV tile, the head dim's tile_shape_sm90a unless a kernel asks for another (launch.cuh: the plain
+// kernel's wide tiles, FwdPlan::sm90a_wide).
+template <typename Elem_, int kHeadDim_, int kBlockN_ = tile_shape_sm90a(kHeadDim_).block_n>
 struct FwdTraits {
   using Elem = Elem_;  // __half or __nv_bfloat16, as the sm80 path and the binding spell them
   // The same type as CuTe's MMA and TMA atoms spell it.
@@ -33,7 +35,7 @@ struct FwdTraits {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr TileShape kTile = tile_shape_sm90a(kHeadDim);
   static constexpr int kBlockM = kTile.block_m;  // query rows per CTA: 64 per consumer warpgroup
-  static constexpr int kBlockN = kTile.block_n;  // keys per KV tile
+  static constexpr int kBlockN = kBlockN_;  // keys per KV tile
   static constexpr int kStages = kSm90aStages;   // K / V tiles in flight
   static constexpr int kConsumerWarpgroups = kBlockM / 64;
   static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
@@ -47,9 +49,12 @@ struct FwdTraits {
   template <bool kPersistent, bool kQueryBias>
   static constexpr int kQBuffers = !kPersistent ? 1 : kQueryBias && kHeadDim > 64 ? 1 : kPersistentQBuffers;
 
-  // One consumer warpgroup's MMAs: S (64 x kBlockN) = Q (64 x D) K^T, and O (64 x D) += P (64 x kBlockN) V.
+  // One consumer warpgroup's MMAs: S (64 x kBlockN) = Q (64 x D) K^T, and O (64 x D) += P (64 x kBlockN) V. S is one
+  // wgmma of N = kBlockN per 16 of D: CuTe's selector takes a tile width it has an instruction for (not 176, say,
+  // which it covers with eleven 16-wide ones unless CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED: eleven times the A reads).
   using MmaQK = decltype(cute::make_tiled_mma(
       cute::GMMA::ss_op_selector<CuteElem, CuteElem, float, cute::Shape<cute::_64, cute::Int<kBlockN>, cute::Int<kHeadDim>>>()));
+  static_assert(cute::size<1>(typename MmaQK::AtomShape_MNK{}) == kBlockN, "S: one wgmma across the tile's keys");
   using MmaPV = decltype(cute::make_tiled_mma(
       cute::GMMA::rs_op_selector<CuteElem, CuteElem, float, cute::Shape<cute::_64, cute::Int<kHeadDim>, cute::Int<kBlockN>>,
                                  cute::GMMA::Major::K, cute::GMMA::Major::MN>()));
@@ -95,11 +100,14 @@ struct FwdTraits {
 
   // kQuery: a unit's live KV tiles, 16 bits each (fwd_kernel.cuh, TileEntry), one list per Q buffer: the
   // kSm90aQueryMaxTiles 128-key tiles of the longest sequence the plan sends, as kBlockN-key tiles (2048 at D = 256).
-  static constexpr int kListTiles = static_cast<int>(kSm90aQueryMaxTiles) * (BlockMap::kBitTileKeys / kBlockN);
+  // Only tiles that divide the map's 128-key tiles can be listed (the kQuery variants; wide tiles are never listed).
+  static constexpr bool kListable = BlockMap::kBitTileKeys % kBlockN == 0;
+  static constexpr int kListTiles =
+      kListable ? static_cast<int>(kSm90aQueryMaxTiles) * (BlockMap::kBitTileKeys / kBlockN) : 1;
   // kQuery: a masked tile's bits of one query row (BlockMap::bits: 32 keys a word, laid out per 128-key tile), one
   // aligned load: a 128-key tile's four words (16 bytes), or a 64-key tile n's two, words [2 n, 2 n + 2) (8 bytes).
   static constexpr int kBitWords = kBlockN / BlockMap::kCols;
-  static_assert(BlockMap::kBitTileKeys % kBlockN == 0 && (kBitWords == 4 || kBitWords == 2), "one aligned load");
+  static_assert(!kListable || kBitWords == 4 || kBitWords == 2, "one aligned load");
   using RowBits = std::conditional_t<kBitWords == 4, uint4, uint2>;
 
   // kQueryBias: the aligned 16-byte chunks (eight elements) of a row's kBlockN 16-bit bias elements from any element
@@ -110,7 +118,8 @@ struct FwdTraits {
   // 221 KB of the 227 a CTA may have.
   static constexpr int kTermChunks = kBlockN / 8 + 1;
   static constexpr int kTermPitch = kBlockN / 2 + 4;
-  static_assert(kTermPitch % 32 == 4 && kTermPitch == 4 * kTermChunks, "conflict-free reads of the staged terms");
+  static_assert(!kListable || (kTermPitch % 32 == 4 && kTermPitch == 4 * kTermChunks),
+                "conflict-free reads of the staged terms");
   // kBias32 (a float32 query-side bias): a row's kBlockN elements are its words, kBlockN apart, column c of row r at
   // word c ^ 8 (r % 8) (a column pair stays one aligned 8-byte read; the eight rows of a warp's quads reading one pair
   // each touch 32 different banks per half warp). 64 KB at kBlockN = 128: a CTA per unit (no persistent unit table,

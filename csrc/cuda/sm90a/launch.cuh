@@ -5,7 +5,8 @@
 // variant with a query-side mask's block map and bits (FwdPlan::sm90a_query; at D = 256 also a key-side mask's, by
 // sequence, where its kept rows are not gathered), with kQueryBias for a query-side bias beside such a mask or alone
 // (float32's kBias32: D <= 128), and over slots in place for a key-side bias (FwdPlan::slots_in_place); gathered and
-// in-place slots at every head dim; every other call (other masks and biases, decode, key pools) runs the sm80 path's
+// in-place slots at every head dim; the plain variant on wide KV tiles at D = 64 where the plan says so
+// (FwdPlan::sm90a_wide); every other call (other masks and biases, decode, key pools) runs the sm80 path's
 // kernels, which run on every cc >= 8.0.
 // Included by the generated instantiation files (tools/kernel_matrix.py), compiled for sm_90a only.
 #pragma once
@@ -222,6 +223,15 @@ cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, cons
   }
   if (p.batch == 0 || p.num_heads == 0 || p.max_seqlen_q == 0) return cudaSuccess;
   using Traits = FwdTraits<Elem, kHeadDim>;
+  if constexpr (sm90a_wide_keys(kHeadDim) > 0) {
+    // The plain variant on wide KV tiles, on the plan's grid (FwdPlan::sm90a_wide: never masks, biases or key
+    // intervals)
+    if (plan.sm90a_wide) {
+      using Wide = FwdTraits<Elem, kHeadDim, sm90a_wide_keys(kHeadDim)>;
+      if (sm90a_ranged(p) || plan.sm90a_slots || plan.sm90a_query) return cudaErrorInvalidValue;
+      return launch_units<Wide, false, false>(p, plan, ws, make_tma<Wide>(p), {}, stream);
+    }
+  }
   return sm90a_ranged(p) ? launch_fwd<Traits, true>(p, plan, ws, stream) : launch_fwd<Traits, false>(p, plan, ws, stream);
 }
 
