@@ -21,8 +21,7 @@ _DRIVER = """
     // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
     //                 window_left window_right key_range(0 absent, 1 given) sm90a_ctas(the override)
     //                 bias_dtype(0 float32, 2 bfloat16: q's) sched(DMATTN_SM90A_SCHED: 0 auto, 1 dynamic, 2 static)
-    //                 combine_launch(the override) key_mask_map(the override) wide(DMATTN_SM90A_WIDE: 0 auto, 1 on,
-    //                 2 off)
+    //                 combine_launch(the override) key_mask_map(the override) wide(DMATTN_SM90A_WIDE: 0 auto, 1 off)
     // stdout: kernel row_tiles splits tiles_per_split key_lists_heads workspace_bytes prefill_variant sm90a sm90a_ctas
     //         unit_order combine_finishes sm90a_slots sm90a_query slots_in_place block_map_heads sm90a_dynamic
     //         combine_in_kernel oom_map(the binding's fallback where this plan's workspace cannot be allocated: 1 the
@@ -81,7 +80,7 @@ ABSENT, KEY, QUERY = 0, 1, 2
 F32, BF16 = 0, 2  # a bias's dtype (dmattn::ScalarType): float32, or q's (bfloat16 here)
 AUTO, FORCE_PREFILL, FORCE_DECODE = 0, 1, 2
 SCHEDS = ("auto", "dynamic", "static")  # DMATTN_SM90A_SCHED (cuda::PlanOverrides::Sched)
-WIDES = ("auto", "on", "off")  # DMATTN_SM90A_WIDE (cuda::PlanOverrides::Wide)
+WIDES = ("auto", "off")  # DMATTN_SM90A_WIDE (cuda::PlanOverrides::Wide)
 PREFILL_VARIANTS = ("plain", "window_left", "query_operands")  # cuda::PrefillVariant
 
 
@@ -622,13 +621,13 @@ def test_dynamic_scheduler_plan(planner):
 
 
 def test_wide_tiles_plan(planner):
-    """The plain sm90a kernel's wide KV tiles (FwdPlan::sm90a_wide, 192 keys at D = 64): by default every non-causal
-    call at D = 64 without a mask, a bias, a window, a key range or a softcap; DMATTN_SM90A_WIDE=on causal calls too,
-    off none. Every grid takes them (the one the narrow tiles would run, workspace and all); other head dims never."""
+    """The plain sm90a kernel's wide KV tiles (FwdPlan::sm90a_wide, 192 keys at D = 64): by default every call at
+    D = 64, causal or not, without a mask, a bias, a window, a key range or a softcap; DMATTN_SM90A_WIDE=off none.
+    Every grid takes them (the one the narrow tiles would run, workspace and all); other head dims never."""
     d64, d64_causal = dict(PREFILL, D=64, window=(-1, -1)), dict(PREFILL, D=64, window=(-1, 0))
-    assert planner(**d64)["sm90a_wide"] and not planner(**d64_causal)["sm90a_wide"]
-    assert not planner(**d64, wide="off")["sm90a_wide"]
-    for call in (d64, dict(d64_causal, wide="on")):
+    assert planner(**d64)["sm90a_wide"] and planner(**d64_causal)["sm90a_wide"]
+    assert not planner(**d64, wide="off")["sm90a_wide"] and not planner(**d64_causal, wide="off")["sm90a_wide"]
+    for call in (d64, d64_causal):
         for grid in (dict(), dict(sched="static"), dict(sched="dynamic"), dict(sm90a_ctas=3), dict(sm90a_ctas=-1)):
             plan = planner(**call, **grid)
             assert plan == {**planner(**{**call, "wide": "off"}, **grid), "sm90a_wide": True}, (call, grid)
@@ -637,10 +636,9 @@ def test_wide_tiles_plan(planner):
     for other in (dict(D=128), dict(D=256), dict(D=96), dict(window=(255, 0)), dict(window=(255, 255)),
                   dict(key_range=True), dict(mask=KEY, Hm=8), dict(bias=KEY, Hb=8, bias_dtype=BF16),
                   dict(mask=QUERY, Hm=8), dict(bias=QUERY, Hb=8, bias_dtype=BF16)):
-        for on in ("auto", "on"):
-            plan = planner(**{**d64, **other}, wide=on)
-            assert not plan["sm90a_wide"], (other, on)
-            assert plan == planner(**{**d64, **other}, wide="off"), (other, on)
+        plan = planner(**{**d64, **other})
+        assert not plan["sm90a_wide"], other
+        assert plan == planner(**{**d64, **other}, wide="off"), other
 
 
 @pytest.mark.parametrize("D", [128, 256])

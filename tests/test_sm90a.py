@@ -32,11 +32,11 @@ pytestmark = pytest.mark.cuda
 # sm90a kernel wherever it can run (narrow windows too), on a static persistent grid of 3 CTAs (DMATTN_SM90A_CTAS,
 # DMATTN_SM90A_SCHED=static), so that each CTA walks many units in turn (empty ones and ones past their sequence
 # included); the dynamic scheduler on 3 CTAs is DYNAMIC_GRIDS' dynamic3.
-# per_unit: the sm90a kernel wherever it can run, a CTA per unit (DMATTN_SM90A_CTAS=0). wide: the plain kernel's wide
-# tiles for causal calls too (DMATTN_SM90A_WIDE=on; auto gives them to non-causal ones at D = 64).
+# per_unit: the sm90a kernel wherever it can run, a CTA per unit (DMATTN_SM90A_CTAS=0). narrow: the plain kernel on
+# its 128-key tiles at D = 64 too (DMATTN_SM90A_WIDE=off; auto gives it 192-key ones there).
 ARCHS = {"auto": {}, "sm80": {"DMATTN_ARCH": "sm80"},
          "persistent3": {"DMATTN_SM90A_CTAS": "3", "DMATTN_SM90A_SCHED": "static"},
-         "per_unit": {"DMATTN_SM90A_CTAS": "0"}, "wide": {"DMATTN_SM90A_WIDE": "on"}}
+         "per_unit": {"DMATTN_SM90A_CTAS": "0"}, "narrow": {"DMATTN_SM90A_WIDE": "off"}}
 
 
 @pytest.fixture(params=list(ARCHS))
@@ -154,8 +154,8 @@ def test_dense_shapes_match_reference_on_each_path(spec, dtype, arch):
     _check(spec, dtype, label=arch)
 
 
-# The plain kernel's wide tiles (FwdPlan::sm90a_wide: 192 keys at D = 64; non-causal by default, causal too under
-# DMATTN_SM90A_WIDE=on): sequences of fewer keys than a tile, of exactly one and two tiles and one key past them, causal
+# The plain kernel's wide tiles (FwdPlan::sm90a_wide: 192 keys at D = 64, causal or not, unless
+# DMATTN_SM90A_WIDE=off): sequences of fewer keys than a tile, of exactly one and two tiles and one key past them, causal
 # with more keys or more queries, empty sequences, rows past the last sequence, GQA / MQA / MHA, sinks and seqused_k
 # (the plain kernel's extras), more sequences than a persistent launch's unit table, on the prefill kernel (many_short
 # would take the decode kernel), each on every grid.
@@ -194,7 +194,7 @@ def test_wide_tiles_match_reference(spec, dtype, grid, monkeypatch, capfd, cuda_
         pytest.skip("the sm90a kernel runs on cc 9.0 devices with the sm90a path built")
     if reason := _padded_plan_reason(spec.head_dim):
         pytest.skip(reason)
-    env = {"DMATTN_SM90A_WIDE": "on", "DMATTN_KERNEL": "prefill", "DMATTN_LOG_PLAN": "1", **WIDE_GRIDS[grid]}
+    env = {"DMATTN_SM90A_WIDE": "auto", "DMATTN_KERNEL": "prefill", "DMATTN_LOG_PLAN": "1", **WIDE_GRIDS[grid]}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     capfd.readouterr()
@@ -458,8 +458,8 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def _run_logged(sample, monkeypatch, capfd, env):
     """sample.run() with env set (and every sm90a grid variable not in it unset), on the prefill kernel (a batch of
     short queries, many_short, would take the decode kernel and log no sm90a grid: run CY), and the grids of its plan
-    lines [(sm90a_ctas, sm90a_sched)]. The narrow tiles unless env asks for wide ones: the grids compared bitwise here
-    must run the same tiles, and a CTA per unit would take wide ones for a non-causal call."""
+    lines [(sm90a_ctas, sm90a_sched)]. The 128-key tiles unless env asks for wide ones: the grids compared bitwise
+    here must run the same tiles."""
     for name in ("DMATTN_SM90A_CTAS", "DMATTN_SM90A_SCHED", "DMATTN_SM90A_SECTION_MB"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DMATTN_SM90A_WIDE", "off")
@@ -576,9 +576,9 @@ def test_dynamic_scheduler_grids(monkeypatch, capfd, cuda_device):
 
 
 def test_wide_tiles_choice(monkeypatch, capfd, cuda_device):
-    """The plain kernel's wide tiles (heuristics.h, FwdPlan::sm90a_wide; test_plan has the whole rule): a non-causal
-    dense call at D = 64 takes them by default, on the dynamic scheduler's grid; a causal one with DMATTN_SM90A_WIDE=on;
-    off: never; D = 128 never. Each result is checked against the reference."""
+    """The plain kernel's wide tiles (heuristics.h, FwdPlan::sm90a_wide; test_plan has the whole rule): a dense call at
+    D = 64, causal or not, takes them by default, on the dynamic scheduler's grid; with DMATTN_SM90A_WIDE=off never;
+    D = 128 never. Each result is checked against the reference."""
     if not _sm90a_device():
         pytest.skip("the sm90a kernel runs on cc 9.0 devices with the sm90a path built")
     if reason := _padded_plan_reason(64):
@@ -597,10 +597,10 @@ def test_wide_tiles_choice(monkeypatch, capfd, cuda_device):
 
     assert plan(dense, "auto") == [(sms, "1")]
     assert plan(dense, "off") == [(sms, "0")]
-    assert plan(causal, "auto") == [(sms, "0")]
-    assert plan(causal, "on") == [(sms, "1")]
+    assert plan(causal, "auto") == [(sms, "1")]
+    assert plan(causal, "off") == [(sms, "0")]
     if not _padded_plan_reason(128):
-        assert all(w == "0" for _, w in plan(dataclasses.replace(dense, head_dim=128), "on"))
+        assert all(w == "0" for _, w in plan(dataclasses.replace(dense, head_dim=128), "auto"))
 
 
 def test_bad_wide_variable_is_a_clear_error(monkeypatch, cuda_device):
@@ -635,7 +635,7 @@ def test_nonfinite_v_outside_the_window(dtype, arch):
 # (its kept rows gathered) among them.
 LYING_SPECS = [
     Spec("lying_causal", heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(140, 7, 300), is_causal=True),
-    # non-causal at D = 64: the plain kernel's 192-key tiles (FwdPlan::sm90a_wide)
+    # D = 64: the plain kernel's 192-key tiles (FwdPlan::sm90a_wide)
     Spec("lying_wide", head_dim=64, heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 401)),
     Spec("lying_window", heads=4, heads_k=2, seqlens_q=(300, 1, 200), seqlens_k=(300, 64, 260), window=(64, 0),
          is_causal=True),

@@ -102,9 +102,9 @@ struct PlanOverrides {
   // wherever it measured faster, kDynamic wherever it can run, kStatic nowhere (the static grids)
   enum class Sched : int32_t { kAuto = 0, kDynamic = 1, kStatic = 2 } sm90a_sched = Sched::kAuto;
   int64_t sm90a_section_bytes = 0;  // > 0 (DMATTN_SM90A_SECTION_MB): the dynamic scheduler's L2 sections' K / V
-  // DMATTN_SM90A_WIDE: the plain kernel's wide tiles (FwdPlan::sm90a_wide): kAuto (the default) for non-causal calls
-  // at D = 64, kOn for causal ones too (the tests run every plain sample through them), kOff nowhere
-  enum class Wide : int32_t { kAuto = 0, kOn = 1, kOff = 2 } sm90a_wide = Wide::kAuto;
+  // DMATTN_SM90A_WIDE: the plain kernel's wide tiles (FwdPlan::sm90a_wide): kAuto (the default) wherever they are
+  // built (D = 64), kOff nowhere (the tests run every plain sample on the 128-key tiles too)
+  enum class Wide : int32_t { kAuto = 0, kOff = 1 } sm90a_wide = Wide::kAuto;
   bool combine_launch = false;  // the split combine as its own launch even where the decode kernel could merge its
                                 // own splits (DMATTN_DECODE_COMBINE=launch: the same bits, the path before it)
   bool compaction_chunks = false;  // key-side lists in parts by the chunk kernel, a thread's consecutive keys
@@ -144,8 +144,8 @@ struct FwdPlan {
                                 // kDynamic); else every sm90a_ctas-th unit
   int64_t sm90a_section_bytes = kSm90aSectionBytes;
   bool sm90a_wide = false;      // the plain variant (no mask, no bias, no window, key range or softcap) on
-                                // sm90a_wide_keys(D)-key tiles (D = 64): non-causal calls, or any with
-                                // DMATTN_SM90A_WIDE=on, on whatever grid the plan gives the call
+                                // sm90a_wide_keys(D)-key tiles (D = 64), causal or not, on whatever grid the plan
+                                // gives the call; never with DMATTN_SM90A_WIDE=off
   int32_t block_map_heads = 0;  // > 0: a query-side mask with that many heads is summarized by blocks first (or a
                                 // key-side one on sm90a's query-side variant, by sequence: BlockMap; beside a
                                 // query-side bias, or at D = 256 where its kept rows are not gathered)
@@ -444,12 +444,11 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
         plan.sm90a_dynamic = plan.sm90a_ctas > 0;
         if (o.sm90a_section_bytes > 0) plan.sm90a_section_bytes = o.sm90a_section_bytes;
       }
-      // The plain kernel's wide tiles (sm90a_wide_keys), on the grid chosen above: non-causal calls by default, where
-      // a unit walks every key of its sequence (causal units start on the diagonal: unmeasured on wide tiles).
+      // The plain kernel's wide tiles (sm90a_wide_keys), on the grid chosen above, causal or not: at D = 64 on an
+      // H100 the dense 4 x 4096 call took 0.92x the 128-key tiles' time non-causal, 0.94x causal, and the causal
+      // prefill batch 0.97x (benchmarks/results/README.md, runs EQ, EU).
       const bool plain = !plan.sm90a_slots && !plan.sm90a_query && !sm90a_ranged(p);
-      const bool asked = o.sm90a_wide == PlanOverrides::Wide::kOn ||
-                         (o.sm90a_wide == PlanOverrides::Wide::kAuto && p.window_right < 0);
-      plan.sm90a_wide = plain && asked && sm90a_wide_keys(p.head_dim) > 0;
+      plan.sm90a_wide = plain && o.sm90a_wide == PlanOverrides::Wide::kAuto && sm90a_wide_keys(p.head_dim) > 0;
     }
     // Key slots are v's packed rows unless the keys live in a pool. 1 / 8 D bytes of v's size.
     const bool v_flags =

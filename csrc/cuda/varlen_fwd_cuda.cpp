@@ -114,10 +114,8 @@ cuda::PlanOverrides plan_overrides() {
   o.sm90a_sched = sched == "dynamic"  ? cuda::PlanOverrides::Sched::kDynamic
                   : sched == "static" ? cuda::PlanOverrides::Sched::kStatic
                                       : cuda::PlanOverrides::Sched::kAuto;
-  const std::string wide = env_choice(kOp, "DMATTN_SM90A_WIDE", {"auto", "on", "off"});
-  o.sm90a_wide = wide == "on"    ? cuda::PlanOverrides::Wide::kOn
-                 : wide == "off" ? cuda::PlanOverrides::Wide::kOff
-                                 : cuda::PlanOverrides::Wide::kAuto;
+  o.sm90a_wide = env_choice(kOp, "DMATTN_SM90A_WIDE", {"auto", "off"}) == "off" ? cuda::PlanOverrides::Wide::kOff
+                                                                                : cuda::PlanOverrides::Wide::kAuto;
   if (const char* mb = std::getenv("DMATTN_SM90A_SECTION_MB"); mb != nullptr && *mb != '\0') {
     char* end = nullptr;
     const long n = std::strtol(mb, &end, 10);
