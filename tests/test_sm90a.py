@@ -637,6 +637,8 @@ LYING_SPECS = [
     Spec("lying_causal", heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(140, 7, 300), is_causal=True),
     # D = 64: the plain kernel's 192-key tiles (FwdPlan::sm90a_wide)
     Spec("lying_wide", head_dim=64, heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 401)),
+    Spec("lying_wide_causal", head_dim=64, heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 401),
+         is_causal=True),
     Spec("lying_window", heads=4, heads_k=2, seqlens_q=(300, 1, 200), seqlens_k=(300, 64, 260), window=(64, 0),
          is_causal=True),
     Spec("lying_key_mask", heads=4, heads_k=2, seqlens_q=(130, 7, 260), seqlens_k=(300, 7, 400), is_causal=True,
