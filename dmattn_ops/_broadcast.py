@@ -28,6 +28,7 @@ its per-sequence prefix at b alone, so neither grid needs the clamp.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -105,15 +106,20 @@ class _Elementwise(TorchFunctionMode):
 
     def __init__(self, grids):
         super().__init__()
-        self._kept = list(grids)  # derived tensors stay alive, so that their ids stay theirs
+        # id -> (a weak reference, bits): a derived tensor is freed as soon as the mod drops it (on a build's own
+        # grids, intermediates of the grid's size), and an id a new tensor reuses after it is not taken for its
         self._sources = {}
         for bit, t in enumerate(grids):
-            self._sources[id(t)] = self._sources.get(id(t), 0) | (1 << bit)
+            self._mark(t, self.sources(t) | (1 << bit))
         self.reads = 0
+
+    def _mark(self, x: torch.Tensor, bits: int):
+        self._sources[id(x)] = (weakref.ref(x), bits)
 
     def sources(self, x) -> int:
         """The grids reaching x, as bits (0: x is not derived)."""
-        return self._sources.get(id(x), 0) if isinstance(x, torch.Tensor) else 0
+        entry = self._sources.get(id(x)) if isinstance(x, torch.Tensor) else None
+        return entry[1] if entry is not None and entry[0]() is x else 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -126,7 +132,8 @@ class _Elementwise(TorchFunctionMode):
         sources, wide = 0, False
         for x in leaves:
             if isinstance(x, torch.Tensor):
-                bits = self._sources.get(id(x), 0)
+                entry = self._sources.get(id(x))
+                bits = entry[1] if entry is not None and entry[0]() is x else 0
                 sources |= bits
                 wide = wide or (not bits and x.dim() != 0)
         if not sources:
@@ -147,8 +154,7 @@ class _Elementwise(TorchFunctionMode):
         out = func(*args, **kwargs)
         for x in (out,) if isinstance(out, torch.Tensor) else _leaves(out, []):
             if isinstance(x, torch.Tensor):
-                self._kept.append(x)
-                self._sources[id(x)] = self._sources.get(id(x), 0) | sources
+                self._mark(x, self.sources(x) | sources)
         return out
 
     def _check_index(self, args):
@@ -175,7 +181,8 @@ class Probe(NamedTuple):
     reads_keys: bool  # the same for kv_idx: key positions past a sequence's end must be clamped into it
 
 
-# Distinct sizes for the probe's four grid dimensions: a reachable index shows as its size in the output.
+# Distinct sizes for the probe's four grid dimensions: a result of another shape (an indexed tensor's own dimensions)
+# shows as one that does not broadcast to them.
 _PROBE_SIZES = (2, 3, 5, 7)
 _ROWS, _KEYS = 0b0101, 0b1000  # the bits of b and q_idx, of kv_idx (h is always a valid head)
 
@@ -183,17 +190,13 @@ _ROWS, _KEYS = 0b0101, 0b1000  # the bits of b and q_idx, of kv_idx (h is always
 def probe(mod, b: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> Optional[Probe]:
     """mod evaluated on copies of one valid position (0-d int64 b, q_idx, kv_idx; head 0), each index along a
     dimension of its own; None when mod is not elementwise (or fails, or returns something other than a tensor).
-    The copies are stride-0 views: only the result's shape is read, so they cost no copy."""
+    The copies are stride-0 views: they cost no copy."""
     grids = []
     for d, (x, n) in enumerate(zip((b, q_idx, q_idx, kv_idx), _PROBE_SIZES)):  # head 0: a view of q_idx's 0
         shape = [1, 1, 1, 1]
         shape[d] = n
         grids.append(x.expand(shape))  # 0-d: expand adds the leading dimensions
-    out, reads = evaluate(mod, *grids)
-    out = None if out is None else broadcast_of(out, _PROBE_SIZES)
-    if out is None:
-        return None
-    return Probe(tuple(s != 1 for s in out.shape), out.dtype, bool(reads & _ROWS), bool(reads & _KEYS))
+    return probe_while_building(mod, *grids, _PROBE_SIZES)[0]
 
 
 def broadcast_of(out: torch.Tensor, shape) -> Optional[torch.Tensor]:
@@ -207,6 +210,36 @@ def broadcast_of(out: torch.Tensor, shape) -> Optional[torch.Tensor]:
     return out if out.dim() == len(shape) else out.view(sizes)
 
 
+def probe_while_building(mod, b, h, q_idx, kv_idx, shape) -> tuple:
+    """(Probe, mod's result viewed with len(shape) dimensions) from one guarded evaluation on the build's own grids,
+    or (None, None) where the guard cannot vouch for the mod (or its result is not a broadcast of shape). The probe's
+    record comes from the guard, not from sizes: an index reaches the output where the guard saw it flow there (the
+    same indices as the probe's sizes show, since every op it admits broadcasts its operands), so the grids may share
+    sizes. They must be distinct tensor objects (views will do): the guard tells them apart by
+    identity."""
+    guard = _Elementwise((b, h, q_idx, kv_idx))
+    out = _run(mod, (b, h, q_idx, kv_idx), guard)
+    out = None if out is None else broadcast_of(out, shape)
+    if out is None:
+        return None, None
+    reach = guard.sources(out)
+    return Probe(tuple(bool(reach & (1 << d)) for d in range(4)), out.dtype, bool(guard.reads & _ROWS),
+                 bool(guard.reads & _KEYS)), out
+
+
+def _run(mod, grids, guard: Optional[_Elementwise]) -> Optional[torch.Tensor]:
+    """mod(*grids) under guard (if any); None where the guard refused an op, the mod raised, or its result is not a
+    tensor, or, guarded, a tensor of several values the grids do not reach (a closure's own)."""
+    try:
+        with guard if guard is not None else contextlib.nullcontext():
+            out = mod(*grids)
+    except Exception:  # noqa: BLE001 - any failure: vmap evaluates it and raises what it raises there
+        return None
+    if not isinstance(out, torch.Tensor) or (guard is not None and out.dim() != 0 and not guard.sources(out)):
+        return None
+    return out
+
+
 def evaluate(mod, b, h, q_idx, kv_idx, *, guarded: bool = True):
     """(mod(b, h, q_idx, kv_idx) on broadcast grids, the grids whose values some op read memory at, as bits), or
     (None, 0) when the mod is not elementwise, raises, or returns something other than one value per index tuple.
@@ -217,15 +250,5 @@ def evaluate(mod, b, h, q_idx, kv_idx, *, guarded: bool = True):
     runs the ops the guard saw. Unguarded, those ops cost no Python of ours: on a GPU a small build is the host's time
     to issue its ops (run DY; run EB: 8-12% less of it)."""
     guard = _Elementwise((b, h, q_idx, kv_idx)) if guarded else None
-    try:
-        with guard if guard is not None else contextlib.nullcontext():
-            out = mod(b, h, q_idx, kv_idx)
-    except Exception:  # noqa: BLE001 - any failure: vmap evaluates it and raises what it raises there
-        return None, 0
-    if not isinstance(out, torch.Tensor):
-        return None, 0
-    if guard is None:
-        return out, 0
-    if out.dim() != 0 and not guard.sources(out):
-        return None, 0  # a tensor of several values the grids do not reach (a closure's own)
-    return out, guard.reads
+    out = _run(mod, (b, h, q_idx, kv_idx), guard)
+    return (None, 0) if out is None else (out, guard.reads if guard is not None else 0)

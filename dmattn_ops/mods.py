@@ -442,6 +442,33 @@ def _query_side(
     return _dont_care(out, len_k, shape, fill, in_place, j)
 
 
+def _one_sequence(mod, p: _Packing, total_q: int, max_seqlen_k: int, fill, dtype) -> tuple:
+    """One sequence (B = 1) in eager mode: (the mod's Probe, its query-side operand), from one evaluation under the
+    guard on the operand's own grids, where a batch of several sequences probes the mod on small grids first and
+    then evaluates it (on a GPU a one-sequence build is the host's time to issue its ops: the probe's were a third of
+    a 4096 x 4096 document mask's). Every row is evaluated in the one sequence (a row without keys at its first
+    position), so b is one entry, and the key positions are clamped into the sequence by one bound, the largest
+    row's last key, whether or not the mod reads memory at them (positions past it are don't-care either way).
+
+    (probe, None) where the operand is not that (1-head query-side) grid: a key-side mod, whose (1, 1, W) evaluation
+    was all this cost, a head-dependent one, or a result of another dtype; the caller builds those from the probe.
+    (None, None) where the guard cannot vouch for the mod: vmap evaluates it."""
+    _, q_idx, len_k, last = p.query_rows()
+    j = torch.arange(max_seqlen_k, dtype=INDEX_DTYPE, device=p.zero.device)
+    kv = torch.minimum(j, last.amax()).view(1, 1, -1)
+    shape = (total_q, 1, max_seqlen_k)
+    # b and h: (1, 1, 1) views of the zero, distinct objects for the guard to tell apart (h is redone where it
+    # reaches). Not 0-d: a closure indexed by a 0-d tensor reads it on the host (item(), a sync on a GPU).
+    probed, out = _broadcast.probe_while_building(mod, p.zero.view(1, 1, 1), p.zero.view(1, 1, 1),
+                                                 q_idx.view(-1, 1, 1), kv, shape)
+    if probed is None or not probed.dims[2] or probed.dims[1] or probed.dtype != dtype:
+        return probed, None
+    # on CPU tensors, where the check is free: every row sees max_seqlen_k keys, so no entry is don't-care
+    if p.zero.device.type == "cpu" and bool((len_k >= max_seqlen_k).all()):
+        return probed, out.expand(shape).contiguous()
+    return probed, _dont_care(out, len_k, shape, fill, p.native, j)
+
+
 # A sequence's own (len_q, len_k) block is evaluated by itself when the batch's grid has at least this many entries
 # per sequence: a block costs one vmap call (~0.1 ms) and then only its valid entries, where the grid evaluates every
 # (query, max_seqlen_k) entry and clamps positions past each sequence's end.
@@ -538,7 +565,14 @@ def _build(
     # mod the probe cannot vouch for, under vmap. (Dynamo traces the guard, but torch 2.13 fails its own guard on the
     # lookup of a Python-defined Tensor method such as __floordiv__, and the guard's id() bookkeeping makes dynamo
     # guard on the identity of tensors derived from the inputs: a recompile per batch. NOTES, eighteenth session.)
-    probed = None if torch.compiler.is_compiling() else _broadcast.probe(mod, p.anchor, zero, zero)
+    probed = None
+    if not torch.compiler.is_compiling():
+        if p.batch == 1 and total_q > 0 and max_seqlen_k > 0:
+            probed, built = _one_sequence(mod, p, total_q, max_seqlen_k, fill, dtype)
+            if built is not None:
+                return built
+        else:
+            probed = _broadcast.probe(mod, p.anchor, zero, zero)
     if probed is not None:
         deps, out_dtype = ModDependencies(*probed.dims), probed.dtype
     else:

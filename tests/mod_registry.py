@@ -22,6 +22,9 @@ from packed_batch import PackedBatch
 # and the last packed rows of q and k belong to no sequence (total > cu_seqlens[-1]).
 LENS_Q = (3, 1, 0, 5, 2, 4)
 LENS_K = (7, 4, 6, 9, 0, 11)
+# One sequence (the adapter evaluates it in one pass: dmattn_ops/mods.py, _one_sequence), with padding rows too.
+ONE_Q, ONE_K = (6,), (10,)
+PREFIXES = (2, 1, 3, 4, 0, 5)  # prefix_lm's bidirectional keys, per sequence (cycled past six)
 PAD_Q, PAD_K = 2, 3
 HEADS, HEADS_K, HEAD_DIM = 4, 2, 16
 
@@ -89,28 +92,28 @@ class Batch(PackedBatch):
         return packed
 
 
-def make_batch(seed: int = 0, dtype=torch.float32) -> Batch:
+def make_batch(seed: int = 0, dtype=torch.float32, lens_q=LENS_Q, lens_k=LENS_K) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    cu_q, cu_k = dmattn_ops.cu_seqlens(LENS_Q), dmattn_ops.cu_seqlens(LENS_K)
+    cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
     total_q, total_k = int(cu_q[-1]) + PAD_Q, int(cu_k[-1]) + PAD_K
     q = torch.randn(total_q, HEADS, HEAD_DIM, generator=g, dtype=dtype)
     k = torch.randn(total_k, HEADS_K, HEAD_DIM, generator=g, dtype=dtype)
     v = torch.randn(total_k, HEADS_K, HEAD_DIM, generator=g, dtype=dtype)
-    batch = Batch(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(LENS_Q),
-                  max_seqlen_k=max(LENS_K))
+    batch = Batch(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q),
+                  max_seqlen_k=max(lens_k))
 
     # Key gating, top-k at token granularity: keep the top half of each sequence's keys by a gating score.
     gate = torch.rand(total_k, generator=g)
     keep = torch.zeros(total_k, dtype=torch.bool)
-    for b in range(len(LENS_K)):  # test set-up only; the adapter itself never loops over sequences
-        lo, n = int(cu_k[b]), LENS_K[b]
+    for b in range(len(lens_k)):  # test set-up only; the adapter itself never loops over sequences
+        lo, n = int(cu_k[b]), lens_k[b]
         if n:
             keep[lo + gate[lo : lo + n].topk((n + 1) // 2).indices] = True
     # Sub-documents inside each sequence (ids per packed key), queries aligned bottom-right with their keys.
     doc_k = (torch.rand(total_k, generator=g) < 0.3).cumsum(0).int()
     doc_q = torch.zeros(total_q, dtype=torch.int32)
-    for b in range(len(LENS_Q)):
-        lq, lk = LENS_Q[b], LENS_K[b]
+    for b in range(len(lens_q)):
+        lq, lk = lens_q[b], lens_k[b]
         for i in range(lq if lk else 0):
             doc_q[int(cu_q[b]) + i] = doc_k[int(cu_k[b]) + i + lk - lq]
     batch.extras = dict(
@@ -119,7 +122,7 @@ def make_batch(seed: int = 0, dtype=torch.float32) -> Batch:
         keep_hk=torch.rand(total_k, HEADS_K, generator=g) < 0.6,
         doc_q=doc_q,
         doc_k=doc_k,
-        prefix=torch.tensor([2, 1, 3, 4, 0, 5], dtype=torch.int32),
+        prefix=torch.tensor([PREFIXES[b % len(PREFIXES)] for b in range(len(lens_q))], dtype=torch.int32),
         slopes=torch.tensor([2.0 ** -(i + 1) for i in range(HEADS)]),
         key_bias=torch.randn(total_k, generator=g),
         key_bias_h=torch.randn(total_k, HEADS, generator=g),

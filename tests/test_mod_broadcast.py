@@ -36,32 +36,48 @@ def _builds(batch, name):
 
 
 class _GridSpy:
-    """Wraps dmattn_ops.mods._on_grid: counts the grid evaluations and those that fell back to vmap."""
+    """Wraps dmattn_ops.mods._on_grid and _one_sequence (a one-sequence build's guarded pass): counts the grid
+    evaluations and those that fell back to vmap. (A one-sequence pass that leaves the operand to another build, a
+    key-side or head-dependent mod's, counts as neither: that build's grid evaluation follows.)"""
 
     def __init__(self, monkeypatch):
         self.calls, self.fell_back = 0, 0
-        real = dmattn_ops.mods._on_grid
+        on_grid, one_sequence = dmattn_ops.mods._on_grid, dmattn_ops.mods._one_sequence
 
-        def spy(*args):
-            out = real(*args)
+        def spy_on_grid(*args):
+            out = on_grid(*args)
             self.calls += 1
             self.fell_back += out is None
             return out
 
-        monkeypatch.setattr(dmattn_ops.mods, "_on_grid", spy)
+        def spy_one_sequence(*args):
+            probed, out = one_sequence(*args)
+            self.calls += out is not None or probed is None
+            self.fell_back += probed is None
+            return probed, out
+
+        monkeypatch.setattr(dmattn_ops.mods, "_on_grid", spy_on_grid)
+        monkeypatch.setattr(dmattn_ops.mods, "_one_sequence", spy_one_sequence)
+
+
+def _vmap_everywhere(monkeypatch):
+    """No probe vouches for any mod: every build evaluates under vmap."""
+    monkeypatch.setattr(_broadcast, "probe", lambda *args: None)
+    monkeypatch.setattr(dmattn_ops.mods, "_one_sequence", lambda *args: (None, None))
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lens", ["packed", "one_sequence"])
 @pytest.mark.parametrize("name", ACCEPTED)
-def test_registry_mods_take_the_grid_and_match_vmap(name, device, monkeypatch):
+def test_registry_mods_take_the_grid_and_match_vmap(name, lens, device, monkeypatch):
     """Every registry mod is elementwise: it is evaluated on broadcast grids (no fallback), and the tensor equals the
     vmap evaluation's bit for bit, don't-care entries included. Both the grid and the sequence-by-sequence block path
-    (CPU) are covered."""
-    batch = reg.make_batch().to(device)
+    (CPU) are covered, and a batch of one sequence, built in one guarded pass."""
+    batch = (reg.make_batch() if lens == "packed" else reg.make_batch(lens_q=reg.ONE_Q, lens_k=reg.ONE_K)).to(device)
     for build, mod in _builds(batch, name):
         vmapped = []
         with monkeypatch.context() as m:
-            m.setattr(_broadcast, "probe", lambda *args: None)  # the probe vouches for nothing: vmap everywhere
+            _vmap_everywhere(m)
             for entries in (0, 1 << 62):  # block by block (CPU), then the grid
                 m.setattr(dmattn_ops.mods, "PER_SEQUENCE_MIN_ENTRIES", entries)
                 vmapped.append(build())
@@ -202,6 +218,41 @@ def test_only_the_probe_runs_under_the_guard(query_side, device, monkeypatch):
         assert torch.equal(mask.cpu(), torch.tensor([[p % 2 == 0] for p in (0, 1, 2, 3, 0, 1, 2, 3, 4)]))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("side", ["query", "key", "head"])
+def test_one_sequence_is_built_in_one_guarded_pass(side, device, monkeypatch):
+    """B = 1: the mod runs once, under the guard, on the operand's own grids, and that pass is the operand (the probe
+    on small grids never runs). A key-side mod's pass leaves the key-side grid to run after it, unguarded; so does a
+    head-dependent one's (its pass had one head). Each operand equals the reference."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    guarded, rows = [], []
+
+    def mod(b, h, q_idx, kv_idx):
+        guarded.append(any(isinstance(m, _broadcast._Elementwise) for m in _get_current_function_mode_stack()))
+        rows.append(q_idx)  # its shape read here would be refused by the guard
+        if side == "key":
+            return kv_idx % 2 == 0
+        return (kv_idx <= q_idx + 1) & ((h <= 1) if side == "head" else True)
+
+    monkeypatch.setattr(_broadcast, "probe", None)  # not called: calling it would fail
+    cu_q, cu_k = torch.tensor([0, 5], device=device), torch.tensor([0, 4], device=device)
+    spy = _GridSpy(monkeypatch)
+    mask = create_mask(mod, cu_q, cu_k, 5, 6, 4, total_q=7, total_k=6)
+    assert spy.fell_back == 0
+    if side == "query":  # 7 rows (2 past the sequence), 6 columns (2 past its keys)
+        assert guarded == [True] and rows[0].shape == (7, 1, 1) and mask.shape == (7, 1, 6)
+        assert torch.equal(mask.cpu(), _loop_reference(mod, [0, 5], [0, 4], 7, 6))
+    elif side == "key":  # key rows 0-3, then 2 rows past cu_seqlens_k[-1]
+        assert guarded == [True, False] and mask.shape == (6, 1)
+        assert torch.equal(mask.cpu()[:, 0], torch.tensor([True, False, True, False, False, False]))
+    else:
+        assert guarded == [True, False] and mask.shape == (7, 4, 6)
+        for h in range(4):
+            expected = _loop_reference(lambda b, h_, q, kv: mod(b, torch.tensor(h), q, kv), [0, 5], [0, 4], 7, 6)
+            assert torch.equal(mask.cpu()[:, h:h + 1], expected), h
+
+
 def test_values_that_are_not_one_per_index_tuple_raise_as_before():
     """A mod returning a tensor the grids do not reach (several values) or a non-tensor fails with the vmap path's
     error, not a silent broadcast."""
@@ -262,7 +313,8 @@ def test_rows_by_packed_rows_equal_rows_by_tensor_ops(name, device, monkeypatch)
     for build, _ in _builds(batch, name):
         for probe in (_broadcast.probe, lambda *args: None):
             with monkeypatch.context() as m:
-                m.setattr(_broadcast, "probe", probe)
+                if probe is not _broadcast.probe:
+                    _vmap_everywhere(m)
                 native = build()
                 m.setattr(dmattn_ops.mods, "_has_packed_rows", lambda device_type: False)
                 by_ops = build()

@@ -33,6 +33,12 @@ def batch():
     return reg.make_batch()
 
 
+@pytest.fixture(scope="module")
+def one_sequence():
+    """A batch of one sequence, with padding rows: the adapter builds it in one pass (mods.py, _one_sequence)."""
+    return reg.make_batch(lens_q=reg.ONE_Q, lens_k=reg.ONE_K)
+
+
 def _bounds(batch):
     """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k): the arguments the adapter's functions take."""
     return batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q, batch.max_seqlen_k
@@ -115,6 +121,21 @@ scaled_score           rejected: multiplies score (score * x)
 where_masked_score     rejected: passes score to where""",
         )
 
+    def test_one_sequence_takes_the_same_layouts(self):
+        """The one-sequence build (one pass, its probe taken from the guard on the operand's own grids) chooses each
+        registry mod's layout and head count as the probe on small grids does for a batch of several."""
+        packed, one = reg.make_batch(), reg.make_batch(lens_q=reg.ONE_Q, lens_k=reg.ONE_K)
+        for case in reg.CASES:
+            if case.rejected is not None:
+                continue
+            got = []
+            for batch in (packed, one):
+                operands = dmattn_ops.mods.operands_from_mods(
+                    batch.q, batch.k, *_bounds(batch), None, None, *case.mods(batch)
+                )
+                got.append([None if t is None else (layout_of(t), t.shape[1], t.dtype) for t in operands])
+            self.assertEqual(got[0], got[1], case.name)
+
     def test_rejection_message(self):
         batch = reg.make_batch()
         with self.assertRaises(ValueError) as ctx:
@@ -127,8 +148,10 @@ independent of score, i.e. score may only appear as `score + x` or `score - x`. 
 a conditional bias as score + torch.where(cond, x, 0.0).""")
 
 
+@pytest.mark.parametrize("which", ["batch", "one_sequence"])
 @pytest.mark.parametrize("name", ACCEPTED)
-def test_matches_flex_attention(batch, name):
+def test_matches_flex_attention(which, name, request):
+    batch = request.getfixturevalue(which)
     mask_mod, score_mod = reg.CASES_BY_NAME[name].mods(batch)
     out, lse = batch.run(mask_mod=mask_mod, score_mod=score_mod)
     ref_out, ref_lse = _flex_reference(batch, mask_mod, score_mod)
