@@ -8,6 +8,8 @@ time: it shares no code with either evaluation.
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dmattn_ops
 from dmattn_ops import _broadcast
@@ -251,6 +253,33 @@ def test_one_sequence_is_built_in_one_guarded_pass(side, device, monkeypatch):
         for h in range(4):
             expected = _loop_reference(lambda b, h_, q, kv: mod(b, torch.tensor(h), q, kv), [0, 5], [0, 4], 7, 6)
             assert torch.equal(mask.cpu()[:, h:h + 1], expected), h
+
+
+@settings(max_examples=60, deadline=None)
+@given(queries=st.integers(0, 9), keys=st.integers(0, 9), pad_q=st.integers(0, 3), pad_k=st.integers(0, 3),
+       wider=st.integers(0, 4), offset=st.integers(-3, 3), reads=st.sampled_from(["keys", "rows", "none"]))
+def test_one_sequence_pass_matches_the_loop(queries, keys, pad_q, pad_k, wider, offset, reads):
+    """The one-sequence pass over random shapes: queries and keys each 0-9 (none at all included), padding rows on
+    both sides, max_seqlen_k up to 4 past the keys (max_seqlen_k >= 1), a mod reading a per-key tensor exactly
+    total_k long, a per-query one, or nothing. Every entry equals the loop reference, and the pass never falls back
+    (no read out of bounds: the CPU would raise)."""
+    total_q, total_k, width = queries + pad_q, max(keys + pad_k, 1), max(keys + wider, 1)
+    gate, rank = torch.arange(total_k) % 3 != 1, torch.arange(total_q + 1) % 4
+    cu_q, cu_k = torch.tensor([0, queries]), torch.tensor([0, keys])
+
+    def mod(b, h, q_idx, kv_idx):
+        causal = kv_idx <= q_idx + offset
+        if reads == "keys":
+            return causal & gate[cu_k[b] + kv_idx]
+        return causal | (rank[cu_q[b] + q_idx] == 0) if reads == "rows" else causal
+
+    with pytest.MonkeyPatch.context() as m:
+        spy = _GridSpy(m)
+        mask = create_mask(mod, cu_q, cu_k, queries, width, 2, total_q=total_q, total_k=total_k)
+    assert mask.shape == (total_q, 1, width)
+    if total_q:
+        assert spy.calls == 1 and spy.fell_back == 0
+    assert torch.equal(mask, _loop_reference(mod, [0, queries], [0, keys], total_q, width))
 
 
 def test_values_that_are_not_one_per_index_tuple_raise_as_before():
