@@ -215,14 +215,13 @@ def probe_while_building(mod, b, h, q_idx, kv_idx, shape) -> tuple:
     or (None, None) where the guard cannot vouch for the mod (or its result is not a broadcast of shape). The probe's
     record comes from the guard, not from sizes: an index reaches the output where the guard saw it flow there (the
     same indices as the probe's sizes show, since every op it admits broadcasts its operands), so the grids may share
-    sizes. They must be distinct tensor objects (views will do): the guard tells them apart by
-    identity."""
+    sizes. They must be distinct tensor objects (views will do): the guard tells them apart by identity."""
     guard = _Elementwise((b, h, q_idx, kv_idx))
     out = _run(mod, (b, h, q_idx, kv_idx), guard)
+    reach = guard.sources(out)  # of the result itself: broadcast_of may return a view, a tensor the guard never saw
     out = None if out is None else broadcast_of(out, shape)
     if out is None:
         return None, None
-    reach = guard.sources(out)
     return Probe(tuple(bool(reach & (1 << d)) for d in range(4)), out.dtype, bool(guard.reads & _ROWS),
                  bool(guard.reads & _KEYS)), out
 
