@@ -107,7 +107,7 @@ class _Elementwise(TorchFunctionMode):
     def __init__(self, grids):
         super().__init__()
         # id -> (a weak reference, bits): a derived tensor is freed as soon as the mod drops it (on a build's own
-        # grids, intermediates of the grid's size), and an id a new tensor reuses after it is not taken for its
+        # grids, intermediates of the grid's size), and a new tensor that reuses a freed one's id is not taken for it
         self._sources = {}
         for bit, t in enumerate(grids):
             self._mark(t, self.sources(t) | (1 << bit))
@@ -239,15 +239,11 @@ def _run(mod, grids, guard: Optional[_Elementwise]) -> Optional[torch.Tensor]:
     return out
 
 
-def evaluate(mod, b, h, q_idx, kv_idx, *, guarded: bool = True):
-    """(mod(b, h, q_idx, kv_idx) on broadcast grids, the grids whose values some op read memory at, as bits), or
-    (None, 0) when the mod is not elementwise, raises, or returns something other than one value per index tuple.
-
-    guarded=False runs the mod with no guard (reads then 0): for a mod the probe has vouched for, on the grids of the
-    build itself. The probe ran the same mod under the guard, which refuses every op whose path could differ on grids
-    of another shape or value (a shape read, bool() or item() of a derived tensor, a reduction), so the build's grid
-    runs the ops the guard saw. Unguarded, those ops cost no Python of ours: on a GPU a small build is the host's time
-    to issue its ops (run DY; run EB: 8-12% less of it)."""
-    guard = _Elementwise((b, h, q_idx, kv_idx)) if guarded else None
-    out = _run(mod, (b, h, q_idx, kv_idx), guard)
-    return (None, 0) if out is None else (out, guard.reads if guard is not None else 0)
+def evaluate(mod, b, h, q_idx, kv_idx) -> Optional[torch.Tensor]:
+    """mod(b, h, q_idx, kv_idx) on broadcast grids with no guard, or None when it raises or returns something other
+    than a tensor: for a mod the probe has vouched for, on the grids of the build itself. The probe ran the same mod
+    under the guard, which refuses every op whose path could differ on grids of another shape or value (a shape read,
+    bool() or item() of a derived tensor, a reduction), so the build's grid runs the ops the guard saw. Unguarded,
+    those ops cost no Python of ours: on a GPU a small build is the host's time to issue its ops (run DY; run EB:
+    8-12% less of it)."""
+    return _run(mod, (b, h, q_idx, kv_idx), None)

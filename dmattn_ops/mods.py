@@ -334,7 +334,7 @@ def _on_grid(mod, grids, shape) -> Optional[torch.Tensor]:
     """mod, which the probe found elementwise, evaluated on broadcast grids (_broadcast.evaluate, unguarded), viewed
     with len(shape) dimensions, or None when it fails there or its result is not a broadcast of shape (the caller
     then evaluates under vmap)."""
-    out, _ = _broadcast.evaluate(mod, *grids, guarded=False)
+    out = _broadcast.evaluate(mod, *grids)
     return None if out is None else _broadcast.broadcast_of(out, shape)
 
 
