@@ -22,6 +22,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+# A tool run from a checkout that is built in place but not installed (a source tree on the GPU machine, say) imports
+# that checkout's dmattn_ops: the checkout goes last on the path, so an installed dmattn_ops still wins.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _CHECKOUT not in sys.path:
+    sys.path.append(_CHECKOUT)
+
 # -------------------------------------------------------------------------------------------------------- timing
 
 
