@@ -380,6 +380,33 @@ def test_dont_care_entries_are_zeroed_in_place(name, device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_one_sequence_learnable_bias_keeps_its_gradient(device):
+    """The one-sequence pass with a score_mod reading a table that requires grad: the bias requires grad (its
+    don't-care entries by the tensor expression, never in place) and the table's gradient is the weights of the
+    entries that read each key."""
+    cu, cu_k = torch.tensor([0, 3], device=device), torch.tensor([0, 4], device=device)
+    table = torch.linspace(-1.0, 1.0, 5, device=device, requires_grad=True)  # 4 keys and a row past cu_seqlens_k
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + table[cu_k[b] + kv_idx] + q_idx * 0.25
+
+    bias = create_bias(score_mod, cu, cu_k, 3, 6, 2, total_q=4, total_k=5)  # width 6: 2 columns past the keys
+    assert bias.requires_grad and bias.shape == (4, 1, 6)
+    values = torch.zeros(4, 1, 6)
+    for i in range(3):
+        for t in range(4):
+            values[i, 0, t] = table[t].item() + i * 0.25
+    torch.testing.assert_close(bias.detach().cpu(), values)
+    weights = torch.arange(1.0, bias.numel() + 1, device=device).view(bias.shape)
+    (bias * weights).sum().backward()
+    expected = torch.zeros(5, dtype=torch.float64)
+    w = weights.double().cpu()
+    for t in range(4):  # key t at column t of the sequence's 3 query rows; rows 3 and columns 4-5 are don't-care
+        expected[t] = sum(w[i, 0, t] for i in range(3))
+    torch.testing.assert_close(table.grad.double().cpu(), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("query_side", [False, True])
 def test_a_learnable_bias_keeps_its_gradient(query_side, device):
     """A score_mod reading a table that requires grad gives a bias that requires grad, and its gradient is the one
