@@ -385,6 +385,12 @@ def _key_side(mod, checked, deps, p: _Packing, num_heads: int, total_k: int, fil
     return _dont_care(out.unsqueeze(2), count, (total_k, hm, 1), fill, in_place).squeeze(2)
 
 
+def _known_full_width(len_k: torch.Tensor, max_seqlen_k: int) -> bool:
+    """Whether every row is known to see max_seqlen_k keys (len_k: each row's count). Checked on CPU tensors only, in
+    eager mode: there the check is free, while on a GPU it would cost a host sync (False: not known)."""
+    return len_k.device.type == "cpu" and not torch.compiler.is_compiling() and bool((len_k >= max_seqlen_k).all())
+
+
 def _query_side(
     mod, checked, deps: ModDependencies, p: _Packing, num_heads: int, total_q: int, max_seqlen_k, fill, probed
 ) -> torch.Tensor:
@@ -403,11 +409,8 @@ def _query_side(
     shape = (total_q, hm, max_seqlen_k)
 
     # When every row sees max_seqlen_k keys, no position needs clamping and no entry is don't-care, which saves a
-    # pass over the (total_q, max_seqlen_k) grid and the don't-care fill. Checked on CPU tensors only, in eager mode:
-    # there the check is free, while on a GPU it would cost a host sync.
-    full_width = (
-        zero.device.type == "cpu" and not torch.compiler.is_compiling() and bool((len_k >= max_seqlen_k).all())
-    )
+    # pass over the (total_q, max_seqlen_k) grid and the don't-care fill.
+    full_width = _known_full_width(len_k, max_seqlen_k)
     last_k = None if full_width or (probed is not None and not probed.reads_keys) else last
     out = None
     if probed is not None:
@@ -463,8 +466,7 @@ def _one_sequence(mod, p: _Packing, total_q: int, max_seqlen_k: int, fill, dtype
                                                  q_idx.view(-1, 1, 1), kv, shape)
     if probed is None or not probed.dims[2] or probed.dims[1] or probed.dtype != dtype:
         return probed, None
-    # on CPU tensors, where the check is free: every row sees max_seqlen_k keys, so no entry is don't-care
-    if p.zero.device.type == "cpu" and bool((len_k >= max_seqlen_k).all()):
+    if _known_full_width(len_k, max_seqlen_k):  # no entry is don't-care
         return probed, out.expand(shape).contiguous()
     return probed, _dont_care(out, len_k, shape, fill, p.native, j)
 

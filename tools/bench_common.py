@@ -22,8 +22,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-# A tool run from a checkout that is built in place but not installed (a source tree on the GPU machine, say) imports
-# that checkout's dmattn_ops: the checkout goes last on the path, so an installed dmattn_ops still wins.
+# dmattn_ops for every tool that imports this module: a build named on PYTHONPATH (tools/run_gpu.sh runs another
+# tree's build with this tree's tools) or an installed one first, else this checkout's, built in place (a source tree
+# on the GPU machine, say): the checkout goes last on the path.
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _CHECKOUT not in sys.path:
     sys.path.append(_CHECKOUT)

@@ -21,10 +21,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# dmattn_ops: a build named on PYTHONPATH first (tools/run_gpu.sh runs another tree's build with this tree's tools),
-# else this checkout's, built in place
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench_common as bc  # noqa: E402
+import bench_common as bc  # noqa: E402  (it puts this checkout's dmattn_ops on the path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -22,12 +22,9 @@ from pathlib import Path
 
 import torch
 
-# dmattn_ops: a build named on PYTHONPATH first, else this checkout's, built in place
-sys.path.append(str(Path(__file__).resolve().parent.parent))
-import dmattn_ops  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_common as bc  # noqa: E402
+import bench_common as bc  # noqa: E402  (it puts this checkout's dmattn_ops on the path)
+import dmattn_ops  # noqa: E402
 
 ENV_KEYS = ("DMATTN_SM90A_CTAS", "DMATTN_ARCH")
 

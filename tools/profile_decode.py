@@ -30,10 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# dmattn_ops: a build named on PYTHONPATH first (tools/run_gpu.sh runs another tree's build with this tree's tools),
-# else this checkout's, built in place
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import bench_common as bc  # noqa: E402
+import bench_common as bc  # noqa: E402  (it puts this checkout's dmattn_ops on the path)
 import bench_gpu  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

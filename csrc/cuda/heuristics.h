@@ -343,6 +343,11 @@ inline bool sm90a_ranged(const VarlenFwdParams& p) {
   return p.window_left >= 0 || p.window_right > 0 || p.key_range != nullptr || p.softcap > 0.f;
 }
 
+// Whether a plan's sm90a call runs the plain variant: no key-side slots, no query-side map, no key interval.
+inline bool sm90a_plain(const FwdPlan& plan, const VarlenFwdParams& p) {
+  return !plan.sm90a_slots && !plan.sm90a_query && !sm90a_ranged(p);
+}
+
 // The query-side terms are float32 for a float32 query-side bias, else 16-bit in q's dtype.
 inline bool query_terms_f32(const VarlenFwdParams& p) {
   return p.bias.layout == OperandLayout::kQuerySide && p.bias.dtype == ScalarType::kFloat32;
@@ -447,8 +452,8 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
       // The plain kernel's wide tiles (sm90a_wide_keys), on the grid chosen above, causal or not: at D = 64 on an
       // H100 the dense 4 x 4096 call took 0.92x the 128-key tiles' time non-causal, 0.94x causal, and the causal
       // prefill batch 0.97x (benchmarks/results/README.md, runs EQ, EU).
-      const bool plain = !plan.sm90a_slots && !plan.sm90a_query && !sm90a_ranged(p);
-      plan.sm90a_wide = plain && o.sm90a_wide == PlanOverrides::Wide::kAuto && sm90a_wide_keys(p.head_dim) > 0;
+      plan.sm90a_wide =
+          sm90a_plain(plan, p) && o.sm90a_wide == PlanOverrides::Wide::kAuto && sm90a_wide_keys(p.head_dim) > 0;
     }
     // Key slots are v's packed rows unless the keys live in a pool. 1 / 8 D bytes of v's size.
     const bool v_flags =

@@ -228,7 +228,7 @@ cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, cons
     // intervals)
     if (plan.sm90a_wide) {
       using Wide = FwdTraits<Elem, kHeadDim, sm90a_wide_keys(kHeadDim)>;
-      if (sm90a_ranged(p) || plan.sm90a_slots || plan.sm90a_query) return cudaErrorInvalidValue;
+      if (!sm90a_plain(plan, p)) return cudaErrorInvalidValue;
       return launch_units<Wide, false, false>(p, plan, ws, make_tma<Wide>(p), {}, stream);
     }
   }
