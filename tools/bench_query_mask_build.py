@@ -15,7 +15,9 @@ position, its sequence's length, prefix and first packed token, and the per-toke
 sequence's keys; both are checked equal. The document mask's key documents are gathered from the per-token ids, as
 the mask_mod does (results before 2026-12-06's run DV handed the expression that (total_q, max_seqlen_k) grid
 ready-made).
-Times are medians of --reps calls after a warm-up (compiled: after compiling, torch.compile(dynamic=True)). Each eager
+Times are medians of --reps calls of each build, the two builds' calls interleaved, after three warm-up calls of each
+(compiled: after compiling, torch.compile(dynamic=True); before 2026-12-07's run FB each side ran its reps in a block
+after a single warm-up call, so a fresh process's first row could read high). Each eager
 row also counts the aten ops that run (views excluded, and unbind since 2026-12-07: it launches nothing): on a GPU,
 where every op is a kernel launch of a few microseconds, that count sets a small build's time. On a GPU each eager
 row also splits a call's time into the host's issue (from the call to its return, the GPU idle before) and the
@@ -114,14 +116,20 @@ def count_ops(fn) -> int:
     return Count.n
 
 
-def median_ms(fn, reps):
-    fn()
-    times = []
+def paired_median_ms(fns, reps, warmup=3):
+    """Each of fns timed reps times, the calls interleaved (fns[0], fns[1], fns[0], ...) after warmup calls of each,
+    so that a drift of the host's speed during the row (another process, a clock change) reaches both sides alike.
+    Medians, in fns' order."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def issue_and_device_ms(fn, reps) -> tuple:
@@ -211,8 +219,8 @@ def main(argv=None) -> int:
                 torch._dynamo.reset()
                 modes.append(("compiled", torch.compile(adapter, dynamic=True), torch.compile(hand, dynamic=True)))
             for mode, a_fn, h_fn in modes:
-                a_ms = median_ms(lambda: (a_fn(*adapter_args), sync()), args.reps)
-                h_ms = median_ms(lambda: (h_fn(*hand_args), sync()), args.reps)
+                a_ms, h_ms = paired_median_ms([lambda: (a_fn(*adapter_args), sync()),
+                                               lambda: (h_fn(*hand_args), sync())], args.reps)
                 row = dict(batch=batch_name, lengths=lengths, mask=name, mode=mode, adapter_ms=a_ms,
                            hand_written_ms=h_ms, ratio=a_ms / h_ms, entries=f.total * f.width)
                 ops = ""
