@@ -20,9 +20,10 @@ under vmap instead: an unusual mod costs the slower path, never a wrong value. O
 run freely (what they compute is the same under vmap).
 
 The mode also records which indices reach an op that reads memory or can fail at a value (indexing, integer division
-and remainder, powers). Only where kv_idx does must key positions past a sequence's end be clamped into it before
-the mod sees them, a pass over the whole grid: a sliding window reads nothing at a position, and a prefix-LM reads
-its per-sequence prefix at b alone, so neither grid needs the clamp.
+and remainder, powers; not a division by a nonzero Python number, nor a power to a float or non-negative int one).
+Only where kv_idx does must key positions past a sequence's end be clamped into it before the mod sees them, a pass
+over the whole grid: a sliding window reads nothing at a position, a prefix-LM reads its per-sequence prefix at b
+alone, and a block mask's `kv_idx // 128` cannot fail, so none of their grids needs the clamp.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ _ATTRIBUTE_NAMES = "dtype device is_cuda layout requires_grad"
 
 _TOTAL, _PARTIAL, _DIV, _CREATE, _INDEX, _ATTRIBUTE = range(6)
 
+# Of those, the ones whose first operand is the dividend (or the base): by a Python number that cannot make them fail
+# (a nonzero divisor; a float or non-negative int exponent) they are total, as `kv_idx // 128` in a block mask is.
+_DIVIDEND_FIRST_NAMES = "floor_divide __floordiv__ remainder __mod__ fmod div divide"
+_BASE_FIRST_NAMES = "pow __pow__ float_power"
+
 
 def _kinds() -> dict:
     """The functions __torch_function__ receives for those names (Tensor methods and torch functions), each mapped to
@@ -85,6 +91,25 @@ def _kinds() -> dict:
 _KIND = _kinds()
 
 
+def _functions(names: str) -> frozenset:
+    return frozenset(f for name in names.split() for owner in (torch.Tensor, torch)
+                     if callable(f := getattr(owner, name, None)))
+
+
+_DIVIDEND_FIRST, _BASE_FIRST = _functions(_DIVIDEND_FIRST_NAMES), _functions(_BASE_FIRST_NAMES)
+
+
+def _by_safe_number(func, args, kwargs) -> bool:
+    """func(x, c), c a Python number with which it cannot fail: an integer division or remainder by a nonzero c, a
+    power to a float or a non-negative int c. (x is then the one derived operand.)"""
+    c = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("exponent"))
+    if type(c) is not int and type(c) is not float:  # bool and tensors excluded
+        return False
+    if func in _DIVIDEND_FIRST:
+        return c != 0
+    return func in _BASE_FIRST and (type(c) is float or c >= 0)
+
+
 def _leaves(x, out: list) -> list:
     """The non-container values of x (nested tuples, lists and dicts), appended to out. torch's pytree would do,
     at ten times the cost per op (measured: the guard's overhead is most of a small build's)."""
@@ -104,8 +129,10 @@ class _Elementwise(TorchFunctionMode):
     tensor, which grids reach it (bits 1, 2, 4, 8). ``reads``: the union of those bits over the operands of every op
     of _PARTIAL and every index read that ran."""
 
-    def __init__(self, grids):
+    def __init__(self, grids, clamped_keys=None):
         super().__init__()
+        # None, or a callable giving the key positions clamped into the sequence (probe_while_building)
+        self._clamped_keys, self._clamped = clamped_keys, None
         # id -> (a weak reference, bits): a derived tensor is freed as soon as the mod drops it (on a build's own
         # grids, intermediates of the grid's size), and a new tensor that reuses a freed one's id is not taken for it
         self._sources = {}
@@ -144,17 +171,42 @@ class _Elementwise(TorchFunctionMode):
         if kind == _INDEX:
             self._check_index(args)
             self.reads |= sources
+            if sources & _KEYS and self._clamped_keys is not None:
+                args = (args[0], self._at_clamped_keys(args[1]))
         elif kind == _TOTAL or kind == _PARTIAL or kind == _DIV:
             if wide:
                 raise NotElementwise("an elementwise op combines an index tensor with a tensor of several values")
-            if kind == _PARTIAL or (kind == _DIV and kwargs.get("rounding_mode") is not None):
+            if (kind == _PARTIAL or (kind == _DIV and kwargs.get("rounding_mode") is not None)) and \
+                    not _by_safe_number(func, args, kwargs):
                 self.reads |= sources
+                if sources & _KEYS and self._clamped_keys is not None:
+                    args = self._at_clamped_keys(args)
+                    kwargs = {k: self._at_clamped_keys(v) for k, v in kwargs.items()}
         else:
             raise NotElementwise(func)  # not elementwise, or not known to be
         out = func(*args, **kwargs)
         for x in (out,) if isinstance(out, torch.Tensor) else _leaves(out, []):
             if isinstance(x, torch.Tensor):
                 self._mark(x, self.sources(x) | sources)
+        return out
+
+    def _at_clamped_keys(self, x):
+        """x (a tensor, or a tuple of an index's parts) with each operand kv_idx reaches taken at the clamped key
+        positions: gathered along the key dimension (2) at them. The ops the guard admits are elementwise, so such
+        an operand's entry at key position j depends on kv_idx[j] alone, and the gathered entry at j is the one the
+        mod would have computed from the clamped position: the same at every position inside the sequence, and an
+        in-bounds read past it (a don't-care entry)."""
+        if isinstance(x, tuple):
+            return tuple(self._at_clamped_keys(y) for y in x)
+        bits = self.sources(x)
+        if not bits & _KEYS:
+            return x
+        if self._clamped is None:
+            self._clamped = self._clamped_keys()
+        if x.dim() < 3 or x.shape[2] != self._clamped.shape[0]:
+            raise NotElementwise("a key-dependent operand without the key dimension")
+        out = x.index_select(2, self._clamped)
+        self._mark(out, bits)
         return out
 
     def _check_index(self, args):
@@ -210,13 +262,19 @@ def broadcast_of(out: torch.Tensor, shape) -> Optional[torch.Tensor]:
     return out if out.dim() == len(shape) else out.view(sizes)
 
 
-def probe_while_building(mod, b, h, q_idx, kv_idx, shape) -> tuple:
+def probe_while_building(mod, b, h, q_idx, kv_idx, shape, clamped_keys=None) -> tuple:
     """(Probe, mod's result viewed with len(shape) dimensions) from one guarded evaluation on the build's own grids,
     or (None, None) where the guard cannot vouch for the mod (or its result is not a broadcast of shape). The probe's
     record comes from the guard, not from sizes: an index reaches the output where the guard saw it flow there (the
     same indices as the probe's sizes show, since every op it admits broadcasts its operands), so the grids may share
-    sizes. They must be distinct tensor objects (views will do): the guard tells them apart by identity."""
-    guard = _Elementwise((b, h, q_idx, kv_idx))
+    sizes. They must be distinct tensor objects (views will do): the guard tells them apart by identity.
+
+    clamped_keys: kv_idx is (1, 1, W) and holds positions past a sequence's keys (their entries don't-care);
+    clamped_keys() gives the W positions clamped into the sequence. It is called at the first op that would read
+    memory, or could fail, at a value kv_idx reaches, and that op's key-dependent operands are taken at those
+    positions (_Elementwise._at_clamped_keys). A mod that reads nothing at its key positions (a window, a prefix-LM)
+    is then built without the clamp's ops, and one that does pays them once, with a gather of a (1, 1, W) index."""
+    guard = _Elementwise((b, h, q_idx, kv_idx), clamped_keys)
     out = _run(mod, (b, h, q_idx, kv_idx), guard)
     reach = guard.sources(out)  # of the result itself: broadcast_of may return a view, a tensor the guard never saw
     out = None if out is None else broadcast_of(out, shape)

@@ -47,8 +47,8 @@ import torch
 from . import _broadcast
 
 __all__ = [
-    "ModDependencies", "additive_part", "create_bias", "create_mask", "document_mask", "mod_dependencies", "prefix_lm",
-    "sliding_window",
+    "ModDependencies", "additive_part", "chunked_causal", "create_bias", "create_mask", "document_mask",
+    "mod_dependencies", "prefix_lm", "sliding_window",
 ]
 
 # dtype of b, h, q_idx, kv_idx: int64, as FlexAttention's create_block_mask passes them (with int32, torch 2.11-2.13
@@ -450,20 +450,23 @@ def _one_sequence(mod, p: _Packing, total_q: int, max_seqlen_k: int, fill, dtype
     guard on the operand's own grids, where a batch of several sequences probes the mod on small grids first and
     then evaluates it (on a GPU a one-sequence build is the host's time to issue its ops: the probe's were a third of
     a 4096 x 4096 document mask's). Every row is evaluated in the one sequence (a row without keys at its first
-    position), so b is one entry, and the key positions are clamped into the sequence by one bound, the largest
-    row's last key, whether or not the mod reads memory at them (positions past it are don't-care either way).
+    position), so b is one entry. The key positions are given as they are (those past the sequence's keys are
+    don't-care); at the mod's first op that reads memory or may fail at them, the guard clamps them into the sequence
+    by one bound, the largest row's last key, and that op's key-dependent operands are taken at the clamped positions
+    (_broadcast._Elementwise._at_clamped_keys). So a window or a prefix-LM skips the clamp's two ops (on a GPU,
+    launches), and a mod reading a per-key tensor pays them and a gather of its (1, 1, W) index.
 
     (probe, None) where the operand is not that (1-head query-side) grid: a key-side mod, whose (1, 1, W) evaluation
     was all this cost, a head-dependent one, or a result of another dtype; the caller builds those from the probe.
     (None, None) where the guard cannot vouch for the mod: vmap evaluates it."""
     _, q_idx, len_k, last = p.query_rows()
     j = torch.arange(max_seqlen_k, dtype=INDEX_DTYPE, device=p.zero.device)
-    kv = torch.minimum(j, last.amax()).view(1, 1, -1)
     shape = (total_q, 1, max_seqlen_k)
     # b and h: (1, 1, 1) views of the zero, distinct objects for the guard to tell apart (h is redone where it
     # reaches). Not 0-d: a closure indexed by a 0-d tensor reads it on the host (item(), a sync on a GPU).
-    probed, out = _broadcast.probe_while_building(mod, p.zero.view(1, 1, 1), p.zero.view(1, 1, 1),
-                                                 q_idx.view(-1, 1, 1), kv, shape)
+    rows = (p.zero.view(1, 1, 1), p.zero.view(1, 1, 1), q_idx.view(-1, 1, 1))
+    probed, out = _broadcast.probe_while_building(mod, *rows, j.view(1, 1, -1), shape,
+                                                 clamped_keys=lambda: torch.minimum(j, last.amax()))
     if probed is None or not probed.dims[2] or probed.dims[1] or probed.dtype != dtype:
         return probed, None
     if _known_full_width(len_k, max_seqlen_k):  # no entry is don't-care
@@ -732,8 +735,9 @@ def native_window(mask_mod, cu_seqlens_q, cu_seqlens_k):
 
 class _IntervalMaskMod:
     """A mask_mod that shows each query one interval of key positions of its sequence, by construction (see
-    prefix_lm and document_mask). ``varlen_attention`` given the same cu_seqlens tensors runs it as ``key_range``
-    (``key_range(total_q)``, O(total_q) tensor ops, no host sync); everywhere else it is a plain mask_mod.
+    prefix_lm, document_mask and chunked_causal). ``varlen_attention`` given the same cu_seqlens tensors runs it as
+    ``key_range`` (``key_range(total_q)``, O(total_q) tensor ops, no host sync); everywhere else it is a plain
+    mask_mod.
 
     Subclasses give the mask through ``_keep`` (one (b, q_idx, kv_idx) entry, under vmap) and the same mask as
     intervals through ``_interval`` (vectors over query rows); tests/test_interval_mods.py checks that they agree."""
@@ -876,8 +880,35 @@ def document_mask(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, docume
     return _Documents(cu_seqlens_q, cu_seqlens_k, document_ids)
 
 
+class _Chunks(_IntervalMaskMod):
+    def __init__(self, cu_seqlens_q, cu_seqlens_k, chunk_size: int):
+        super().__init__(cu_seqlens_q, cu_seqlens_k)
+        self._chunk = chunk_size
+
+    def _keep(self, b, aligned, kv_idx):
+        return (kv_idx <= aligned) & (kv_idx // self._chunk == aligned // self._chunk)
+
+    def _interval(self, b, aligned, len_k):
+        return aligned - aligned % self._chunk, aligned + 1  # % and // round toward -inf: no key for aligned < 0
+
+
+def chunked_causal(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, chunk_size: int) -> MaskMod:
+    """Chunked causal attention (the local layers of Llama 4, transformers' ``attention_chunk_size``): each
+    sequence's keys are cut into chunks of ``chunk_size`` positions from its first key, and a query sees the keys of
+    its own chunk up to itself: ``kv_idx <= a and kv_idx // chunk_size == a // chunk_size``, with ``a = q_idx + Lk[b]
+    - Lq[b]`` (bottom-right aligned, as is_causal). A query with no key at its position (``a < 0``) sees none.
+
+    ``varlen_attention(..., mask_mod=chunked_causal(cu_q, cu_k, n))`` with these same tensors and ``is_causal=False``
+    runs as ``key_range`` (each query's interval ``[a - a % n, a + 1)``, built in O(total_q), no mask tensor; the
+    kernels skip the key tiles of other chunks); elsewhere it is a plain mask_mod of the same values."""
+    if type(chunk_size) is not int or chunk_size < 1:
+        raise ValueError(f"dmattn.chunked_causal: chunk_size must be an int >= 1, got {chunk_size!r}")
+    return _Chunks(cu_seqlens_q, cu_seqlens_k, chunk_size)
+
+
 def native_key_range(mask_mod, cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int) -> Optional[torch.Tensor]:
-    """The key_range of a prefix_lm / document_mask mask_mod made for these very cu_seqlens tensors, else None."""
+    """The key_range of a prefix_lm / document_mask / chunked_causal mask_mod made for these very cu_seqlens tensors,
+    else None."""
     if not _made_for(mask_mod, _IntervalMaskMod, cu_seqlens_q, cu_seqlens_k):
         return None
     if isinstance(mask_mod, _Documents) and mask_mod._first.shape[0] != total_k + 1:

@@ -168,6 +168,19 @@ def _sliding_window(batch, window=3):
     return sliding_window
 
 
+def _chunked_causal(batch, chunk=3):
+    """Causal inside chunks of `chunk` key positions (chunked local attention, as Llama 4's local layers): a query
+    sees the keys of its own chunk up to its bottom-right aligned position. Its `// chunk` divides by a nonzero
+    number, which cannot fail, so the grids need no clamp of key positions."""
+    len_q, len_k = batch.len_q, batch.len_k
+
+    def chunked_causal(b, h, q_idx, kv_idx):
+        pos = q_idx + len_k[b] - len_q[b]
+        return (kv_idx <= pos) & (pos // chunk == kv_idx // chunk)
+
+    return chunked_causal
+
+
 def _prefix_lm(batch):
     prefix, causal = batch.extras["prefix"], _causal(batch)
 
@@ -258,6 +271,7 @@ CASES = [
     Case("kv_head_gating", lambda B: (_kv_head_gate(B), None)),
     Case("sliding_window", lambda B: (_sliding_window(B), None)),
     Case("prefix_lm", lambda B: (_prefix_lm(B), None)),
+    Case("chunked_causal", lambda B: (_chunked_causal(B), None)),
     Case("document_causal", lambda B: (and_masks(_document(B), _causal(B)), None)),
     Case("gating_and_causal", lambda B: (and_masks(_gate(B), _causal(B)), None)),
     Case("gating_or_even_heads", lambda B: (or_masks(_gate(B), _even_heads), None)),

@@ -108,6 +108,14 @@ def _reads(mod):
     (lambda b, h, q_idx, kv_idx: _TABLE[h // 2] > kv_idx, (False, False)),  # a head's table: h is always valid
     (lambda b, h, q_idx, kv_idx: q_idx % (kv_idx + 1) == 0, (True, True)),  # integer remainder: may divide by 0
     (lambda b, h, q_idx, kv_idx: (q_idx / (kv_idx + 1)) > 0.5, (False, False)),  # true division is total
+    (lambda b, h, q_idx, kv_idx: q_idx // 4 >= kv_idx // 4, (False, False)),  # a block mask: by a nonzero number
+    (lambda b, h, q_idx, kv_idx: torch.div(kv_idx, 3, rounding_mode="floor") < q_idx % 5, (False, False)),
+    (lambda b, h, q_idx, kv_idx: (kv_idx ** 2 < q_idx ** 2.0) & (kv_idx.pow(0) == 1), (False, False)),
+    (lambda b, h, q_idx, kv_idx: kv_idx.float() // 0 > q_idx, (False, True)),  # by zero (it would fail on ints)
+    (lambda b, h, q_idx, kv_idx: 8 // (kv_idx + 1) == q_idx, (False, True)),  # the index is the divisor
+    (lambda b, h, q_idx, kv_idx: kv_idx.float() ** -1 > q_idx, (False, True)),  # a negative int power (as above)
+    (lambda b, h, q_idx, kv_idx: 2 ** kv_idx > q_idx, (False, True)),  # the index is the exponent
+    (lambda b, h, q_idx, kv_idx: kv_idx % torch.tensor(3) == q_idx, (False, True)),  # a tensor divisor: its value
 ])
 def test_reads_decide_what_is_clamped(mod, reads):
     assert _reads(mod) == reads
@@ -253,6 +261,42 @@ def test_one_sequence_is_built_in_one_guarded_pass(side, device, monkeypatch):
         for h in range(4):
             expected = _loop_reference(lambda b, h_, q, kv: mod(b, torch.tensor(h), q, kv), [0, 5], [0, 4], 7, 6)
             assert torch.equal(mask.cpu()[:, h:h + 1], expected), h
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mod_kind", ["window", "gate", "rows_and_keys", "two_reads", "divides"])
+def test_one_sequence_clamps_key_positions_only_at_a_read(mod_kind, device, monkeypatch):
+    """B = 1: the one pass gives the mod its key positions unclamped (0 .. max_seqlen_k - 1, past the sequence's 4
+    keys), once. A mod that reads nothing at them (a window) gets no clamp at all. Where an op reads memory, or may
+    fail, at a key-dependent value, its key-dependent operands are taken at positions clamped into the sequence: a
+    per-key gate exactly total_k long, a table read at q_idx + kv_idx (its last valid index the last row's last key),
+    two reads, a remainder whose divisor is 0 one key past the sequence (an integer division by zero fails on the
+    CPU). Without the clamp each would read out of bounds (on the CPU an IndexError, on a GPU an illegal address) and
+    fall back to vmap. Each operand equals the loop reference."""
+    seen = []
+    gate = (torch.arange(4) % 2 == 0).to(device)
+    table = (torch.arange(7) % 3 != 1).to(device)
+
+    def mod(b, h, q_idx, kv_idx):
+        seen.append(kv_idx)  # no op on it: the guard would refuse a shape change
+        window = (kv_idx <= q_idx + 1) & (q_idx - kv_idx < 2)
+        if mod_kind == "gate":
+            return window & gate[kv_idx]
+        if mod_kind == "rows_and_keys":
+            return window | table[q_idx + kv_idx]
+        if mod_kind == "two_reads":
+            return window & gate[kv_idx] | gate[kv_idx * 0 + 3 - kv_idx]
+        if mod_kind == "divides":
+            return window | ((q_idx + 7) % (4 - kv_idx) == 0)
+        return window
+
+    cu_q, cu_k = torch.tensor([0, 4], device=device), torch.tensor([0, 4], device=device)
+    spy = _GridSpy(monkeypatch)
+    mask = create_mask(mod, cu_q, cu_k, 4, 7, 2, total_q=4, total_k=4)
+    assert spy.calls == 1 and spy.fell_back == 0 and mask.shape == (4, 1, 7)
+    assert [kv.cpu().flatten().tolist() for kv in seen] == [list(range(7))]
+    gate, table = gate.cpu(), table.cpu()
+    assert torch.equal(mask.cpu(), _loop_reference(mod, [0, 4], [0, 4], 4, 7))
 
 
 @settings(max_examples=60, deadline=None)

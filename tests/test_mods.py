@@ -107,6 +107,7 @@ per_head_gating        mask key-side (40, 4) bool             | bias -
 kv_head_gating         mask key-side (40, 4) bool             | bias -
 sliding_window         mask query-side (17, 1, 11) bool       | bias -
 prefix_lm              mask query-side (17, 1, 11) bool       | bias -
+chunked_causal         mask query-side (17, 1, 11) bool       | bias -
 document_causal        mask query-side (17, 1, 11) bool       | bias -
 gating_and_causal      mask query-side (17, 1, 11) bool       | bias -
 gating_or_even_heads   mask key-side (40, 4) bool             | bias -
