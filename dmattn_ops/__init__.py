@@ -13,12 +13,12 @@ from . import _C  # noqa: F401  (loads the op library: schema + CPU/CUDA kernels
 from . import _meta  # noqa: F401  (fake impl + autograd guard)
 from ._meta.rules import Layout
 from . import reference  # noqa: F401  (float64 reference of the contract, for checking results)
-from .mods import create_bias, create_mask, document_mask, prefix_lm, sliding_window
+from .mods import chunked_causal, create_bias, create_mask, document_mask, prefix_lm, sliding_window
 from .ops import check_cu_seqlens, cu_seqlens, paged_kv_slots, varlen_attention
 
 __all__ = [
     "Layout", "varlen_attention", "cu_seqlens", "paged_kv_slots", "check_cu_seqlens", "create_mask", "create_bias",
-    "sliding_window", "prefix_lm", "document_mask", "build_info",
+    "sliding_window", "prefix_lm", "document_mask", "chunked_causal", "build_info",
 ]
 
 

@@ -73,7 +73,8 @@ def varlen_attention(
         mask_mod, score_mod: FlexAttention-style mods, built into mask / bias by dmattn_ops.create_mask /
             create_bias in the most compact layout (see docs/mods.md); each excludes the tensor it replaces. A
             dmattn_ops.sliding_window mask_mod made for these cu_seqlens runs as window_size instead, and a
-            dmattn_ops.prefix_lm / document_mask one as key_range (a mask= tensor may then come with it).
+            dmattn_ops.prefix_lm / document_mask / chunked_causal one as key_range (a mask= tensor may then come
+            with it).
 
     Returns:
         out (total_q, H, D) in q's dtype, or (out, softmax_lse). A query with no visible key gets a row of zeros
@@ -97,13 +98,13 @@ def varlen_attention(
             raise ValueError("dmattn.varlen_fwd: pass either window_size or a sliding_window mask_mod, not both")
         window_left, window_right = window
         mask_mod = None
-    # A prefix_lm / document_mask mask_mod runs as key_range (same proviso on seqused_k).
+    # A prefix_lm / document_mask / chunked_causal mask_mod runs as key_range (same proviso on seqused_k).
     ranges = None if seqused_k is not None else mods.native_key_range(
         mask_mod, cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
     if ranges is not None:
         if key_range is not None:
-            raise ValueError("dmattn.varlen_fwd: pass either key_range or a prefix_lm / document_mask mask_mod, "
-                             "not both")
+            raise ValueError("dmattn.varlen_fwd: pass either key_range or a prefix_lm / document_mask / "
+                             "chunked_causal mask_mod, not both")
         key_range, mask_mod = ranges, None
     if mask_mod is not None or score_mod is not None:
         mask, bias = mods.operands_from_mods(

@@ -1,5 +1,5 @@
-"""prefix_lm and document_mask: mask_mods that are one interval of keys per query by construction, which
-varlen_attention runs as the op's key_range (no mask tensor built).
+"""prefix_lm, document_mask and chunked_causal: mask_mods that are one interval of keys per query by construction,
+which varlen_attention runs as the op's key_range (no mask tensor built).
 
 Each mod is checked three ways: its values (what create_mask evaluates, the mask FlexAttention would see) against the
 mask written here from its docstring; its key_range (the intervals the op gets) against those values; and the op's
@@ -52,6 +52,9 @@ def expected_mask(kind, lens_q, lens_k, max_k, arg):
             if kind == "prefix":
                 prefix = arg if isinstance(arg, int) else int(arg[b])
                 row = (j <= a) | (j < prefix)
+            elif kind == "chunks":  # keys of the query's chunk [n * floor(a / n), n * floor(a / n) + n), up to a
+                first = (a // arg) * arg
+                row = (j <= a) & (j >= first)
             else:
                 ids = arg[k0:k0 + lk]
                 row = torch.zeros(max_k, dtype=torch.bool)
@@ -77,10 +80,13 @@ def mods_of(cu_q, cu_k, lens_q, lens_k, device="cpu"):
         ("prefix 0", dmattn_ops.prefix_lm(cu_q, cu_k, 0), "prefix", 0),
         ("prefix per sequence", dmattn_ops.prefix_lm(cu_q, cu_k, per_seq.to(device)), "prefix", per_seq),
         ("documents", dmattn_ops.document_mask(cu_q, cu_k, ids.to(device)), "documents", ids),
+        ("chunks 4", dmattn_ops.chunked_causal(cu_q, cu_k, 4), "chunks", 4),
+        ("chunks 1", dmattn_ops.chunked_causal(cu_q, cu_k, 1), "chunks", 1),  # each query sees its own key alone
+        ("chunks 64", dmattn_ops.chunked_causal(cu_q, cu_k, 64), "chunks", 64),  # past every sequence: causal
     ]
 
 
-MOD_NAMES = ["prefix 6", "prefix 0", "prefix per sequence", "documents"]
+MOD_NAMES = ["prefix 6", "prefix 0", "prefix per sequence", "documents", "chunks 4", "chunks 1", "chunks 64"]
 
 
 def the_mod(name, cu_q, cu_k, lens_q, lens_k, device="cpu"):
@@ -211,14 +217,15 @@ def test_gradients_through_the_native_path():
 
 
 def test_compiles_in_one_graph_across_batches():
-    """Built inside the compiled function, both mods trace with fullgraph=True, dynamic=True and the second batch
-    (other B, total_q, total_k) reuses the graph."""
+    """Built inside the compiled function, the three mods trace with fullgraph=True, dynamic=True and the second
+    batch (other B, total_q, total_k) reuses the graph."""
 
     def attend(q, k, v, cu_q, cu_k, ids, prefix):
         a = dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 40, 40, mask_mod=dmattn_ops.prefix_lm(cu_q, cu_k, prefix))
         d = dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 40, 40, is_causal=True,
                                         mask_mod=dmattn_ops.document_mask(cu_q, cu_k, ids))
-        return a, d
+        c = dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 40, 40, mask_mod=dmattn_ops.chunked_causal(cu_q, cu_k, 8))
+        return a, d, c
 
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
@@ -249,7 +256,11 @@ def test_errors():
         dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 40, 40,
                                     mask_mod=dmattn_ops.document_mask(cu_q, cu_k, torch.zeros(80, dtype=torch.int64)))
     key_range = torch.zeros(q.shape[0], 2, dtype=torch.int32)
-    with pytest.raises(ValueError, match="pass either key_range or a prefix_lm / document_mask mask_mod, not both"):
+    for bad in (0, -3, 2.0, True, torch.tensor(4)):
+        with pytest.raises(ValueError, match=r"dmattn.chunked_causal: chunk_size must be an int >= 1, got "):
+            dmattn_ops.chunked_causal(cu_q, cu_k, bad)
+    with pytest.raises(ValueError, match="pass either key_range or a prefix_lm / document_mask / chunked_causal "
+                                         "mask_mod, not both"):
         dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 40, 40, key_range=key_range,
                                     mask_mod=dmattn_ops.prefix_lm(cu_q, cu_k, 3))
 
@@ -258,7 +269,7 @@ def test_errors():
 @given(data=st.data())
 def test_key_range_equals_the_mod_on_drawn_batches(data):
     """On drawn batches (empty sequences, Lq > Lk and Lq < Lk, rows after the last sequence, one-key documents,
-    prefixes past the keys) each mod's key_range, as a mask, is exactly what create_mask evaluates; rows no sequence
+    prefixes past the keys, chunks of one key and chunks past the keys) each mod's key_range, as a mask, is exactly what create_mask evaluates; rows no sequence
     owns get (0, 0)."""
     batch_size = data.draw(st.integers(1, 5), label="B")
     lens_q = data.draw(st.lists(st.integers(0, 9), min_size=batch_size, max_size=batch_size), label="lens_q")
@@ -266,7 +277,10 @@ def test_key_range_equals_the_mod_on_drawn_batches(data):
     extra_rows = data.draw(st.integers(0, 3), label="rows after the last sequence")
     total_q, total_k, max_k = sum(lens_q) + extra_rows, sum(lens_k), max(max(lens_k), 1)
     cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
-    if data.draw(st.booleans(), label="prefix_lm"):
+    kind = data.draw(st.sampled_from(["prefix_lm", "document_mask", "chunked_causal"]), label="mod")
+    if kind == "chunked_causal":
+        mod = dmattn_ops.chunked_causal(cu_q, cu_k, data.draw(st.integers(1, 14), label="chunk_size"))
+    elif kind == "prefix_lm":
         prefix = data.draw(st.one_of(st.integers(0, 14), st.lists(st.integers(0, 14), min_size=batch_size,
                                                                   max_size=batch_size)), label="prefix")
         mod = dmattn_ops.prefix_lm(cu_q, cu_k, prefix if isinstance(prefix, int) else torch.tensor(prefix))
