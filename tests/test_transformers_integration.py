@@ -1,6 +1,6 @@
 """dmattn_ops.integrations.transformers: attn_implementation="dmattn" inside Hugging Face transformers.
 
-Tiny random-weight models (no download) of seven families, on the CPU: logits against "sdpa" ("eager" for Gemma 2's
+Tiny random-weight models (no download) of eight families, on the CPU: logits against "sdpa" ("eager" for Gemma 2's
 softcap and gpt-oss's sinks, which transformers' sdpa path drops) on unpadded, left- and right-padded batches (every
 real token's logits), greedy generation token for token with dynamic and static caches, packed rows through
 cu_seq_lens_* or restarting position_ids, torch.compile(fullgraph=True), the in-place decode step (on CUDA too), and
@@ -43,6 +43,11 @@ def _tiny(family: str, **extra):
         cfg = transformers.GptOssConfig(**common, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                                         sliding_window=5, layer_types=["sliding_attention", "full_attention"], **extra)
         cls = transformers.GptOssForCausalLM
+    elif family == "llama4":  # a chunked-attention layer (chunks of 5 keys, shorter than the prompts) and a full one
+        cfg = transformers.Llama4TextConfig(**common, head_dim=16, intermediate_size_mlp=128, attention_chunk_size=5,
+                                            num_local_experts=2, num_experts_per_tok=1, no_rope_layers=[1, 0],
+                                            **extra)
+        cls = transformers.Llama4ForCausalLM
     else:
         raise ValueError(family)
     torch.manual_seed(0)
@@ -57,7 +62,7 @@ def _tiny(family: str, **extra):
 # Each family and the implementation its logits are judged against: sdpa, or eager where transformers' sdpa path
 # drops what the family uses (Gemma 2's softcap, gpt-oss's sinks).
 REFERENCE = {"llama": "sdpa", "qwen2": "sdpa", "qwen3": "sdpa", "mistral": "sdpa", "gemma3": "sdpa",
-             "gemma2": "eager", "gpt_oss": "eager"}
+             "gemma2": "eager", "gpt_oss": "eager", "llama4": "sdpa"}
 FAMILIES = list(REFERENCE)
 
 
@@ -94,6 +99,9 @@ def test_logits_match_reference(family, padding):
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_reference(family, cache):
+    if family == "llama4" and cache == "static":
+        pytest.skip("transformers 5.17's static cache fails for Llama 4 under every attention implementation "
+                    "(create_chunked_causal_mask() got an unexpected keyword argument 'block_sequence_ids')")
     model = _tiny(family)
     ids, mask = _batch("left")
     extra = {"cache_implementation": "static"} if cache == "static" else {}
@@ -158,11 +166,13 @@ def test_prefill_and_decode_read_the_cache_in_place(cache, device, monkeypatch):
     torch.testing.assert_close(got, want, **tolerance)
 
 
+@pytest.mark.parametrize("family", ["llama", "llama4"])
 @pytest.mark.parametrize("max_length", ["int", "tensor"])
-def test_packed_rows_through_cu_seq_lens(max_length):
+def test_packed_rows_through_cu_seq_lens(max_length, family):
     """Three sequences packed in one row (what DataCollatorWithFlattening feeds): each one's logits as if alone. Max
-    lengths given as 0-d tensors are not read (no sync): the row's length bounds the sequences instead."""
-    model = _tiny("llama")
+    lengths given as 0-d tensors are not read (no sync): the row's length bounds the sequences instead. Llama 4's
+    chunks count from each sequence's first token (the third sequence starts at row 14, inside a chunk of the row)."""
+    model = _tiny(family)
     lengths = [5, 9, 3]
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(0, VOCAB, (1, n), generator=g) for n in lengths]
@@ -178,7 +188,8 @@ def test_packed_rows_through_cu_seq_lens(max_length):
 
 def test_packed_rows_through_restarting_position_ids():
     """The same packed row with only position_ids restarting at each sequence (no cu_seq_lens_*): each sequence's
-    logits as if alone."""
+    logits as if alone. (Llama 4 does not pass position_ids to its attention function, so there only cu_seq_lens_*
+    tell packed rows: the module docstring.)"""
     model = _tiny("llama")
     lengths = [5, 9, 3]
     g = torch.Generator().manual_seed(2)
@@ -192,8 +203,9 @@ def test_packed_rows_through_restarting_position_ids():
         start += seq.shape[1]
 
 
-def test_compiles_in_one_graph():
-    model = _tiny("llama")
+@pytest.mark.parametrize("family", ["llama", "llama4"])
+def test_compiles_in_one_graph(family):
+    model = _tiny(family)
     ids, mask = _batch("left")
     model.set_attn_implementation("dmattn")
     torch._dynamo.reset()

@@ -14,11 +14,13 @@ layers.
 
 What it handles: padded batches (left or right), GQA / MQA, the model's ``scaling``, causal decoder layers with a
 dynamic or static cache (keys past the tokens seen so far are never visible), sliding-window layers (the op's native
-window: key tiles outside it are skipped, no mask is built), attention logit softcapping (Gemma 2) and learned
+window: key tiles outside it are skipped, no mask is built), chunked-attention layers (Llama 4's: each query's chunk
+as the op's key_range, counted from the row's first real token as transformers counts it), attention logit softcapping (Gemma 2) and learned
 attention sinks (gpt-oss's ``s_aux``) natively, packed rows given as ``cu_seq_lens_q`` / ``cu_seq_lens_k`` /
 ``max_length_q`` / ``max_length_k`` keyword arguments (what ``DataCollatorWithFlattening`` produces) or told by
 ``position_ids`` restarting in a batch of one row (that reads the positions on the host: a sync per layer, and not while
-compiling). Otherwise no host sync: every length is a Python int of the tensors' shapes.
+compiling; only where the model passes ``position_ids`` on to its attention function, which Llama 4's does not: give
+it the ``cu_seq_lens_*`` arguments). Otherwise no host sync: every length is a Python int of the tensors' shapes.
 
 What it refuses, with an error naming it: dropout while training, a value head dim that differs from the key's,
 non-causal (encoder) layers with padding, output_attentions.
@@ -70,6 +72,9 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         raise NotImplementedError("dmattn_ops (paged|dmattn): the block-table decode fast path is not supported; "
                                   "set ContinuousBatchingConfig(max_blocks_per_request=0)")
     _refuse(module, query, key, value, dropout, kwargs)
+    if _layer_chunk(module) is not None:
+        raise NotImplementedError("dmattn_ops (paged|dmattn): chunked-attention layers are not supported yet; use "
+                                  "attn_implementation='dmattn'")
     sliding = getattr(module, "sliding_window", None)
     layer_type = "sliding_attention" if sliding else "full_attention"
     if isinstance(cu_seq_lens_k, dict):
@@ -95,12 +100,80 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
 
 
 def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
-                 attention_mask: Optional[torch.Tensor] = None, **kwargs) -> Optional[torch.Tensor]:
+                 attention_mask: Optional[torch.Tensor] = None, local_size: Optional[int] = None, config=None,
+                 device=None, **kwargs) -> Optional[torch.Tensor]:
     """The mask function: the 2-D padding mask of the keys the layer sees, ``(batch, n)`` bool with n <= kv_length
-    (a static cache holds kv_length slots but n tokens so far), or None when the caller has no padding mask."""
+    (a static cache holds kv_length slots but n tokens so far), or None when the caller has no padding mask.
+
+    For a chunked-attention layer (transformers' ``create_chunked_causal_mask``, Llama 4) the chunks count from each
+    row's first real token and the layer's cache may hold only its last keys (kv_offset), which the attention
+    function cannot see: there the mask is ``(batch, n)`` int32, each key's position among its row's real tokens
+    (-1 for padding), always given, from which ``attention_forward`` builds every query's chunk as a key_range."""
+    if _mask_chunk(local_size, config) is not None:
+        return _key_positions(batch_size, kv_length, kv_offset, attention_mask, device)
     if attention_mask is None:
         return None
     return attention_mask[:, -kv_length:].to(torch.bool)
+
+
+def _mask_chunk(local_size: Optional[int], config) -> Optional[int]:
+    """The chunk size when transformers builds a chunked-attention layer's mask (it passes ``local_size``, the chunk,
+    as it passes a sliding window's size for a sliding layer), else None."""
+    if local_size is None or config is None:
+        return None
+    types = getattr(config, "layer_types", None) or ()
+    chunk = getattr(config, "attention_chunk_size", None)
+    if "chunked_attention" not in types or local_size != chunk:
+        return None
+    if "sliding_attention" in types and getattr(config, "sliding_window", None) == local_size:
+        raise NotImplementedError(f"dmattn_ops (attn_implementation='dmattn'): a model whose sliding window and "
+                                  f"attention chunk are both {local_size} keys (their masks cannot be told apart)")
+    return chunk
+
+
+def _key_positions(batch_size: int, kv_length: int, kv_offset: int, attention_mask: Optional[torch.Tensor],
+                   device) -> torch.Tensor:
+    """(batch, n) int32: the position of each key the layer sees (columns kv_offset .. of the tokens so far) among
+    its row's real tokens, -1 for a padding token. transformers' chunks count from the row's left padding; the real
+    tokens' positions are that count whether the padding is on the left or the right."""
+    if attention_mask is None:
+        pos = torch.arange(kv_offset, kv_offset + kv_length, dtype=torch.int32, device=device)
+        return pos.expand(batch_size, kv_length)
+    real = attention_mask.to(torch.bool)
+    pos = torch.where(real, real.cumsum(-1) - 1, -1).to(torch.int32)
+    return pos[:, kv_offset:kv_offset + kv_length]
+
+
+def _layer_chunk(module: torch.nn.Module) -> Optional[int]:
+    """The attention chunk of a chunked-attention layer (config.layer_types, as Llama 4's), else None."""
+    config = getattr(module, "config", None)
+    types = getattr(config, "layer_types", None)
+    layer = getattr(module, "layer_idx", None)
+    if not types or layer is None or layer >= len(types) or types[layer] != "chunked_attention":
+        return None
+    return config.attention_chunk_size
+
+
+def _chunk_ranges(positions: torch.Tensor, Lq: int, Lk: int, chunk: int) -> torch.Tensor:
+    """(B * Lq, 2) int32 key_range of a chunked layer's queries: query i of row b is the key at column Lk - Lq + i
+    of the Lk it sees (bottom-right aligned), at position p among its row's real tokens (positions: (B, >= Lk), as
+    _key_positions gives them), and sees the keys of its chunk up to itself, the p % chunk real tokens before it: the
+    columns [Lk - Lq + i - p % chunk, Lk - Lq + i]. A padding query (p = -1) sees none."""
+    B = positions.shape[0]
+    own = positions[:, Lk - Lq:Lk]
+    end = torch.arange(Lk - Lq + 1, Lk + 1, dtype=torch.int32, device=positions.device).expand(B, Lq)
+    begin = torch.where(own >= 0, end - 1 - own % chunk, end)
+    return torch.stack([begin, end], dim=-1).reshape(B * Lq, 2).to(torch.int32)
+
+
+def _packed_chunk_ranges(cu: torch.Tensor, total: int, chunk: int) -> torch.Tensor:
+    """(total, 2) int32 key_range of a chunked layer's packed rows (one batch row of packed self-attention
+    sequences, cu their bounds): each sequence's chunks count from its own first token, as if it were alone (what
+    packing promises; transformers' sdpa and eager paths count them along the row instead), so the row at position j
+    of its sequence sees the positions [j - j % chunk, j]."""
+    r = torch.arange(total, dtype=torch.int32, device=cu.device)
+    j = r - cu[torch.searchsorted(cu[1:].contiguous(), r, right=True)]
+    return torch.stack([j - j % chunk, j + 1], dim=-1).to(torch.int32)
 
 
 def _refuse(module, query, key, value, dropout, kwargs) -> None:
@@ -125,6 +198,13 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     B, H, Lq, D = query.shape
     Hk = key.shape[1]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    chunk, positions = _layer_chunk(module), None
+    if chunk is not None:  # padding_mask gave the keys' positions among their rows' real tokens
+        if attention_mask is None or attention_mask.dtype != torch.int32 or attention_mask.dim() != 2:
+            raise ValueError("dmattn_ops: a chunked-attention layer needs the key positions dmattn_ops' mask function "
+                             "gives (register both with dmattn_ops.integrations.transformers.register())")
+        positions = attention_mask
+        attention_mask = positions >= 0
     q = query.transpose(1, 2)  # (B, Lq, H, D)
     # transformers' sliding window W: a query sees itself and the W - 1 keys before it.
     window = (sliding_window - 1, -1) if sliding_window is not None else None
@@ -144,8 +224,14 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                              f"got a batch of {B}")
         # A max length given as a tensor is not read (that would sync): the row's length bounds every sequence.
         max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+        if chunk is not None:
+            if Lq != key.shape[2] or (cu_q is not cu_k and not torch.equal(cu_q, cu_k)):
+                raise NotImplementedError("dmattn_ops (attn_implementation='dmattn'): a chunked-attention layer over "
+                                          "packed rows with a cache (its packed queries and keys differ)")
+            extra["key_range"] = _packed_chunk_ranges(cu_q, Lq, chunk)
         out = dmattn_ops.varlen_attention(
-            q[0], key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q.to(torch.int32), cu_k.to(torch.int32),
+            q[0], key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
             max_q if isinstance(max_q, int) else Lq, max_k if isinstance(max_k, int) else key.shape[2], **extra)
         return out.unsqueeze(0), None
 
@@ -160,6 +246,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         raise NotImplementedError("dmattn_ops (attn_implementation='dmattn'): non-causal layers with a padding mask "
                                   "are not supported yet")
     real = attention_mask  # (B, Lk) bool or None: the keys sequence b has
+    if chunk is not None:  # each query's chunk, up to itself, as a key_range (causal and left padding included)
+        extra["key_range"] = _chunk_ranges(positions, Lq, Lk, chunk)
     # In place through an as_strided row view, in eager mode: compiled code gets the packed copy below (under
     # torch.compile an as_strided of the cache is taken against whatever layout inductor gives the cache).
     if B > 1 and _no_padding_copy(query) and not torch.compiler.is_compiling():
