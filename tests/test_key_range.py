@@ -18,7 +18,8 @@ SEQ_ARGS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_
 
 def ranges_of(kind, lens_q, lens_k, g):
     """key_range rows for each sequence: a 'window' of 5 keys, a 'prefix' LM (the first third bidirectional, then
-    causal), causal 'documents' (3 per sequence), or 'random' intervals (empty, reversed and out of range included)."""
+    causal), causal 'documents' (3 per sequence), causal 'chunks' of 8 keys (Llama 4's chunked attention), or
+    'random' intervals (empty, reversed and out of range included). lens_k: the keys each sequence uses."""
     rows = []
     for lq, lk in zip(lens_q, lens_k):
         shift = lk - lq  # query i's own key is i + shift (bottom-right aligned, as is_causal)
@@ -32,13 +33,17 @@ def ranges_of(kind, lens_q, lens_k, g):
             elif kind == "documents":
                 start = max([0] + [d for d in docs if d <= me])
                 rows.append((start, me + 1))
+            elif kind == "chunks":
+                rows.append((me - me % 8, me + 1))
             else:
                 rows.append(tuple(torch.randint(-3, lk + 4, (2,), generator=g).tolist()))
     return torch.tensor(rows, dtype=torch.int32).reshape(-1, 2)
 
 
 def make_call(lens_q, lens_k, kind, *, H=4, Hk=2, D=32, dtype=torch.float32, device="cpu", key_mask=False,
-              bias=None, seed=0):
+              bias=None, used=None, seed=0):
+    """used: seqused_k, the keys each sequence uses of its lens_k rows (the rest are slack, as in a padded cache
+    read in place); the ranges count positions among them."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -48,7 +53,9 @@ def make_call(lens_q, lens_k, kind, *, H=4, Hk=2, D=32, dtype=torch.float32, dev
     call = dict(q=rand(total_q, H, D), k=rand(total_k, Hk, D), v=rand(total_k, Hk, D),
                 cu_seqlens_q=dmattn_ops.cu_seqlens(lens_q), cu_seqlens_k=dmattn_ops.cu_seqlens(lens_k),
                 max_seqlen_q=max(lens_q, default=0), max_seqlen_k=max(lens_k, default=0),
-                key_range=ranges_of(kind, lens_q, lens_k, g))
+                key_range=ranges_of(kind, lens_q, lens_k if used is None else used, g))
+    if used is not None:
+        call["seqused_k"] = torch.tensor(used, dtype=torch.int32)
     if key_mask:
         call["mask"] = torch.rand(total_k, 1, generator=g) < 0.7
     if bias == "key":
@@ -100,6 +107,10 @@ CASES = {
     "decode_documents": ([1, 3, 2, 4], [120, 77, 1, 200], "documents", dict(key_mask=True, bias="key"), dict()),
     "decode_random_mqa": ([2, 1, 4], [65, 130, 9], "random", dict(H=8, Hk=1), dict()),
     "decode_window_and_op_window": ([3, 2], [100, 64], "prefix", dict(), dict(is_causal=True, window_size=(20, 0))),
+    # the transformers backend's chunked layers in place: rows of a padded cache, seqused_k, a padding mask
+    "decode_chunks_seqused": ([1, 2, 3], [40, 40, 40], "chunks", dict(used=[17, 40, 9], key_mask=True),
+                              dict(is_causal=True)),
+    "prefill_chunks_seqused": ([30, 12], [64, 64], "chunks", dict(used=[30, 50]), dict(is_causal=True)),
 }
 
 
