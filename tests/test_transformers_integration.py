@@ -44,9 +44,9 @@ def _tiny(family: str, **extra):
                                         sliding_window=5, layer_types=["sliding_attention", "full_attention"], **extra)
         cls = transformers.GptOssForCausalLM
     elif family == "llama4":  # a chunked-attention layer (chunks of 5 keys, shorter than the prompts) and a full one
-        cfg = transformers.Llama4TextConfig(**common, head_dim=16, intermediate_size_mlp=128, attention_chunk_size=5,
-                                            num_local_experts=2, num_experts_per_tok=1, no_rope_layers=[1, 0],
-                                            **extra)
+        cfg = transformers.Llama4TextConfig(**common, **{"head_dim": 16, **extra}, intermediate_size_mlp=128,
+                                            attention_chunk_size=5, num_local_experts=2, num_experts_per_tok=1,
+                                            no_rope_layers=[1, 0])
         cls = transformers.Llama4ForCausalLM
     else:
         raise ValueError(family)
@@ -164,6 +164,34 @@ def test_prefill_and_decode_read_the_cache_in_place(cache, device, monkeypatch):
     assert seen_storages[layers] == cache_storages(past)  # layer 0 of the decode step
     want, _, _ = decode_step("sdpa")
     torch.testing.assert_close(got, want, **tolerance)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_chunked_layers_prefill_and_decode_step(device):
+    """Llama 4's chunked layers: a left-padded batch's prefill and then a decode step, whose chunk cache holds only
+    the layer's last keys (transformers' kv_offset), against sdpa. On CUDA in float16 with head dim 64 (the in-place
+    row view with seqused_k and the chunks as key_range on the CUDA kernels)."""
+    if device == "cuda":
+        if 64 not in dmattn_transformers._CUDA_HEAD_DIMS:
+            pytest.skip("this build has no CUDA kernel for head dim 64")
+        model = _tiny("llama4", head_dim=64).to(device="cuda", dtype=torch.float16)
+        tolerance = dict(rtol=2e-2, atol=2e-2)
+    else:
+        model = _tiny("llama4")
+        tolerance = dict(rtol=1e-4, atol=1e-5)
+    ids, mask = (t.to(device) for t in _batch("left"))
+    step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    runs = {}
+    for implementation in ("sdpa", "dmattn"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            prefill = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            step = model(input_ids=ids[:, -1:], attention_mask=step_mask, past_key_values=prefill.past_key_values,
+                         use_cache=True)
+        runs[implementation] = prefill.logits, step.logits
+    real = mask.bool()
+    torch.testing.assert_close(runs["dmattn"][0][real], runs["sdpa"][0][real], **tolerance)
+    torch.testing.assert_close(runs["dmattn"][1], runs["sdpa"][1], **tolerance)
 
 
 @pytest.mark.parametrize("family", ["llama", "llama4"])
