@@ -262,6 +262,20 @@ def test_registering_both_functions_keeps_padding():
     assert AttentionMaskInterface._global_mapping["dmattn"] is dmattn_transformers.padding_mask
 
 
+def test_chunked_layer_without_its_mask_function_is_refused():
+    """The attention function registered alone gets no key positions for a chunked layer: a clear error, not plain
+    causal attention."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("dmattn_alone", dmattn_transformers.attention_forward)
+    model = _tiny("llama4")
+    ids, mask = _batch("left")
+    model.set_attn_implementation("dmattn_alone")
+    with pytest.raises(ValueError, match="a chunked-attention layer needs the key positions dmattn_ops' mask function"):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma3", "gemma2", "gpt_oss"])
 def test_continuous_batching_with_paged_dmattn(family, monkeypatch):
     """generate_batch with attn_implementation="paged|dmattn": the same greedy tokens as "paged|sdpa" ("paged|eager"

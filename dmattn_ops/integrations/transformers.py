@@ -198,9 +198,12 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     B, H, Lq, D = query.shape
     Hk = key.shape[1]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise NotImplementedError(f"dmattn_ops (attn_implementation='dmattn'): a prepared {attention_mask.dim()}-D "
+                                  "attention mask is not supported; pass the 2-D padding mask")
     chunk, positions = _layer_chunk(module), None
     if chunk is not None:  # padding_mask gave the keys' positions among their rows' real tokens
-        if attention_mask is None or attention_mask.dtype != torch.int32 or attention_mask.dim() != 2:
+        if attention_mask is None or attention_mask.dtype != torch.int32:
             raise ValueError("dmattn_ops: a chunked-attention layer needs the key positions dmattn_ops' mask function "
                              "gives (register both with dmattn_ops.integrations.transformers.register())")
         positions = attention_mask
@@ -235,9 +238,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             max_q if isinstance(max_q, int) else Lq, max_k if isinstance(max_k, int) else key.shape[2], **extra)
         return out.unsqueeze(0), None
 
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise NotImplementedError(f"dmattn_ops (attn_implementation='dmattn'): a prepared {attention_mask.dim()}-D "
-                                  "attention mask is not supported; pass the 2-D padding mask")
     # Keys the layer has seen: a padding mask is as long as the tokens so far, a static cache may hold more slots.
     Lk = key.shape[2] if attention_mask is None else attention_mask.shape[-1]
     if Lk > key.shape[2]:
