@@ -116,22 +116,28 @@ def test_greedy_generation_matches_reference(family, cache):
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def _prefill_and_step_inputs(family: str, device: str):
+    """(model, tolerance, ids, mask, the decode step's mask) of a left-padded batch: on CUDA the model in float16
+    with head dim 64, a head dim the CUDA kernels compile (skipped where this build has none)."""
+    if device == "cuda":
+        if 64 not in dmattn_transformers._CUDA_HEAD_DIMS:
+            pytest.skip("this build has no CUDA kernel for head dim 64")
+        model = _tiny(family, head_dim=64).to(device="cuda", dtype=torch.float16)
+        tolerance = dict(rtol=2e-2, atol=2e-2)
+    else:
+        model = _tiny(family)
+        tolerance = dict(rtol=1e-4, atol=1e-5)
+    ids, mask = (t.to(device) for t in _batch("left"))
+    return model, tolerance, ids, mask, torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_prefill_and_decode_read_the_cache_in_place(cache, device, monkeypatch):
     """The prefill and a decode step of a batch each hand the op the cache's own storage (no per-layer copy of K / V:
     a row view with seqused_k), and the decode step's logits match sdpa's after the same prefill. On CUDA in float16
     with head dim 64, a head dim the CUDA kernels compile."""
-    if device == "cuda":
-        if 64 not in dmattn_transformers._CUDA_HEAD_DIMS:
-            pytest.skip("this build has no CUDA kernel for head dim 64")
-        model = _tiny("llama", head_dim=64).to(device="cuda", dtype=torch.float16)
-        tolerance = dict(rtol=2e-2, atol=2e-2)
-    else:
-        model = _tiny("llama")
-        tolerance = dict(rtol=1e-4, atol=1e-5)
-    ids, mask = (t.to(device) for t in _batch("left"))
-    step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    model, tolerance, ids, mask, step_mask = _prefill_and_step_inputs("llama", device)
     original = dmattn_transformers.dmattn_ops.varlen_attention
     seen_storages = []
 
@@ -171,16 +177,7 @@ def test_chunked_layers_prefill_and_decode_step(device):
     """Llama 4's chunked layers: a left-padded batch's prefill and then a decode step, whose chunk cache holds only
     the layer's last keys (transformers' kv_offset), against sdpa. On CUDA in float16 with head dim 64 (the in-place
     row view with seqused_k and the chunks as key_range on the CUDA kernels)."""
-    if device == "cuda":
-        if 64 not in dmattn_transformers._CUDA_HEAD_DIMS:
-            pytest.skip("this build has no CUDA kernel for head dim 64")
-        model = _tiny("llama4", head_dim=64).to(device="cuda", dtype=torch.float16)
-        tolerance = dict(rtol=2e-2, atol=2e-2)
-    else:
-        model = _tiny("llama4")
-        tolerance = dict(rtol=1e-4, atol=1e-5)
-    ids, mask = (t.to(device) for t in _batch("left"))
-    step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    model, tolerance, ids, mask, step_mask = _prefill_and_step_inputs("llama4", device)
     runs = {}
     for implementation in ("sdpa", "dmattn"):
         model.set_attn_implementation(implementation)
