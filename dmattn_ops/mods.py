@@ -44,7 +44,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import _broadcast
+from . import _broadcast, _intervals
 
 __all__ = [
     "ModDependencies", "additive_part", "chunked_causal", "create_bias", "create_mask", "document_mask",
@@ -904,6 +904,20 @@ def chunked_causal(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, chunk
     if type(chunk_size) is not int or chunk_size < 1:
         raise ValueError(f"dmattn.chunked_causal: chunk_size must be an int >= 1, got {chunk_size!r}")
     return _Chunks(cu_seqlens_q, cu_seqlens_k, chunk_size)
+
+
+def proven_key_range(mask_mod, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int) -> \
+        Optional[torch.Tensor]:
+    """(total_q, 2) int32 key_range of a mask_mod proven one interval of keys per query by its expression (a sliding
+    window or a causal band written as a mask_mod: dmattn_ops/_intervals.py), in eager mode; else None. Rows outside
+    every sequence get an empty range. O(total_q) tensor ops, no host sync."""
+    if cu_seqlens_q.shape[0] < 2:
+        return None
+    interval = _intervals.prove(mask_mod)
+    if interval is None:
+        return None
+    rows = _Packing(cu_seqlens_q, cu_seqlens_k, total_q, cu_seqlens_q.device).query_rows()
+    return interval.key_range(rows.pos, rows.count.clamp(min=0))
 
 
 def native_key_range(mask_mod, cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int) -> Optional[torch.Tensor]:

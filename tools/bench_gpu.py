@@ -29,7 +29,9 @@ Workloads (all packed varlen batches, H=32, Hk=8, D=128, bf16 on CUDA; ``--tiny`
            per-call host work; no target reads it).
   window   the prefill batch, causal, no mask, a sliding window of 256 keys (each query sees itself and the 255 keys
            before it): dmattn_ops with its native window_size=(255, -1), dmattn_ops with the same window as a
-           query-side mask (what a mask_mod gave before the native window), FlexAttention compiled packed with the
+           query-side mask (what create_mask gives a window mask_mod), dmattn_ops given the window as a plain
+           mask_mod (proven one interval per query in eager mode: key_range, built in the timed call), FlexAttention
+           compiled packed with the
            window in its mask_mod (+ BlockMask build); the same window over a key-side mask keeping 50% + key-side
            bias (a padded or gated batch with a windowed layer); and dmattn_ops plain causal (no window) as the
            reference the serving issue's target compares against. Then the decode batch, causal, with a window of 1024 keys, against
@@ -764,6 +766,16 @@ def window_as_query_mask(p: PackedBatch) -> PackedBatch:
     return ranges_as_query_mask(p.replace(key_range=ranges, window_size=None))
 
 
+def window_mod(dmattn_ops, p: PackedBatch):
+    """The window workload's window as a FlexAttention-style mask_mod of positions (its sequences have as many
+    queries as keys, so top-left positions are the window's own): varlen_attention proves it one interval of keys per
+    query and runs it as key_range (docs/mods.md, "Sliding windows")."""
+    def window(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < WINDOW)
+
+    return window
+
+
 def decode_window_group(base: PackedBatch):
     """The decode batch (base's dtype and device) with a causal window of DECODE_WINDOW keys, and the same call on
     only the keys its window reaches, as shorter sequences (the window kept: it then hides nothing more than the
@@ -955,6 +967,7 @@ def groups_of(name: str, base: PackedBatch):
         gated = gated.replace(q=base.q, k=base.k, v=base.v, window_size=(WINDOW - 1, -1))
         return [(f"causal, sliding window {WINDOW}", windowed,
                  [dmattn_peer(windowed), dmattn_peer(window_as_query_mask(windowed), "dmattn_ops, query-side mask"),
+                  dmattn_mod_peer(plain, window_mod, "dmattn_ops, the window as a plain mask_mod (proven: key_range)"),
                   flex_peer(windowed)]),
                 (f"causal, sliding window {WINDOW}, key-side mask 50% + bias", gated,
                  [dmattn_peer(gated), flex_peer(gated)]),

@@ -1,0 +1,163 @@
+"""dmattn_ops/_intervals.py: mask_mods proven one interval of keys per query by their expression, which
+varlen_attention runs as the op's key_range in eager mode.
+
+What is proven and what is not (a table of mods); on drawn conjunctions of conditions over drawn batches, the
+key_range as a mask equals what create_mask evaluates (the same mod, evaluated on tensors); and varlen_attention hands
+the op the key_range and no mask, with the output of the mask path and of the float64 reference.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dmattn_ops
+from dmattn_ops import _intervals
+from dmattn_ops.reference import reference_varlen_attention
+
+TABLE = torch.arange(10)
+
+PROVEN = {
+    "window": lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (q_idx - kv_idx < 256),
+    "window_reflected": lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (256 > q_idx - kv_idx),
+    "causal_offset": lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + 3,
+    "band": lambda b, h, q_idx, kv_idx: (kv_idx >= q_idx - 2) & (kv_idx <= q_idx + 2),
+    "negated": lambda b, h, q_idx, kv_idx: ~(kv_idx > q_idx),
+    "diagonal_after_row_2": lambda b, h, q_idx, kv_idx: (q_idx >= 2) & (kv_idx == q_idx),
+    "scaled_query": lambda b, h, q_idx, kv_idx: (kv_idx < 2 * q_idx + 1) & True,
+}
+
+NOT_PROVEN = {
+    "or": lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) | (kv_idx < 4),  # two intervals may not touch
+    "not_equal": lambda b, h, q_idx, kv_idx: kv_idx != q_idx,  # a hole
+    "reads_a_tensor": lambda b, h, q_idx, kv_idx: TABLE[kv_idx] > 3,
+    "per_sequence": lambda b, h, q_idx, kv_idx: kv_idx < TABLE[b],
+    "torch_function": lambda b, h, q_idx, kv_idx: torch.abs(q_idx - kv_idx) < 3,
+    "python_and": lambda b, h, q_idx, kv_idx: kv_idx <= q_idx and kv_idx >= 0,
+    "tensor_constant": lambda b, h, q_idx, kv_idx: q_idx - kv_idx < torch.tensor(3),
+    "key_coefficient_2": lambda b, h, q_idx, kv_idx: 2 * kv_idx <= q_idx,
+    "negated_conjunction": lambda b, h, q_idx, kv_idx: ~((kv_idx <= q_idx) & (kv_idx >= 1)),
+    "division": lambda b, h, q_idx, kv_idx: kv_idx // 4 == q_idx // 4,
+    "head": lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (h >= 0),
+}
+
+
+def _as_mask(key_range, cu_q, cu_k, total_q, width):
+    lens_k = cu_k.diff()
+    count = torch.zeros(total_q, dtype=torch.long)
+    for b in range(len(cu_q) - 1):
+        count[cu_q[b]:cu_q[b + 1]] = lens_k[b]
+    j = torch.arange(width)
+    r = key_range.long().cpu()
+    return (j >= r[:, :1]) & (j < r[:, 1:]) & (j < count[:, None])
+
+
+@pytest.mark.parametrize("name", list(PROVEN))
+def test_proven_mods_give_the_mask_create_mask_builds(name):
+    mod = PROVEN[name]
+    assert _intervals.prove(mod) is not None
+    cu_q, cu_k = dmattn_ops.cu_seqlens([5, 0, 9, 3]), dmattn_ops.cu_seqlens([7, 4, 9, 1])
+    key_range = dmattn_ops.mods.proven_key_range(mod, cu_q, cu_k, 19)  # 2 rows past the last sequence
+    assert key_range.dtype == torch.int32 and key_range.shape == (19, 2)
+    assert bool((key_range[:, 0] <= key_range[:, 1]).all()) and key_range[17:].eq(key_range[17:, :1]).all()
+    built = dmattn_ops.create_mask(mod, cu_q, cu_k, 9, 9, 2, total_q=19, total_k=21)
+    assert torch.equal(_as_mask(key_range, cu_q, cu_k, 19, 9), built[:, 0])
+
+
+@pytest.mark.parametrize("name", list(NOT_PROVEN))
+def test_other_mods_are_not_proven(name):
+    assert _intervals.prove(NOT_PROVEN[name]) is None
+
+
+ATOM = st.tuples(st.sampled_from(["<=", "<", ">=", ">", "=="]), st.integers(-2, 2), st.sampled_from([-1, 0, 1]),
+                 st.integers(-6, 6))
+
+
+def _mod_of(atoms):
+    """a * q_idx + k * kv_idx OP c, conjoined."""
+
+    def mod(b, h, q_idx, kv_idx):
+        out = True
+        for op, a, k, c in atoms:
+            lhs = a * q_idx + k * kv_idx
+            cond = {"<=": lambda x: x <= c, "<": lambda x: x < c, ">=": lambda x: x >= c, ">": lambda x: x > c,
+                    "==": lambda x: x == c}[op](lhs)
+            out = cond & out
+        return out
+
+    return mod
+
+
+@settings(max_examples=80, deadline=None)
+@given(atoms=st.lists(ATOM, min_size=1, max_size=4),
+       lens=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 8)), min_size=1, max_size=4),
+       extra_rows=st.integers(0, 2))
+def test_drawn_conjunctions_match_create_mask(atoms, lens, extra_rows):
+    """Every conjunction of affine conditions with kv_idx's coefficient in {-1, 0, 1} is proven (conditions of q_idx
+    alone, `a q_idx OP c`, and constant ones included), and its key_range, as a mask, is what create_mask
+    evaluates."""
+    mod = _mod_of(atoms)
+    lens_q, lens_k = [q for q, _ in lens], [k for _, k in lens]
+    cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
+    total_q, width = sum(lens_q) + extra_rows, max(max(lens_k), 1)
+    key_range = dmattn_ops.mods.proven_key_range(mod, cu_q, cu_k, total_q)
+    assert key_range is not None
+    built = dmattn_ops.create_mask(mod, cu_q, cu_k, max(max(lens_q), 1), width, 2, total_q=total_q,
+                                   total_k=sum(lens_k))
+    assert torch.equal(_as_mask(key_range, cu_q, cu_k, total_q, width), built[:, 0])
+
+
+def test_varlen_attention_runs_a_proven_mod_as_key_range(device, monkeypatch):
+    """The op gets the key_range and no mask; the output equals the mask path's (the same mod with other cu_seqlens
+    tensors cannot change that: compiled code and create_mask take the mask path) and the reference's."""
+    lens_q, lens_k = [6, 1, 9], [10, 4, 9]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(16, 4, 32, generator=g).to(device, dtype)
+    k, v = (torch.randn(23, 2, 32, generator=g).to(device, dtype) for _ in range(2))
+    cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q).to(device), dmattn_ops.cu_seqlens(lens_k).to(device)
+    mod = PROVEN["band"]
+    real, calls = torch.ops.dmattn.varlen_fwd, []
+
+    def spy(*args):
+        calls.append({"mask": args[7], "key_range": args[17]})
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.dmattn, "varlen_fwd", spy)
+    got = dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 9, 10, mask_mod=mod, is_causal=True)
+    assert calls[0]["mask"] is None and calls[0]["key_range"] is not None
+    mask = dmattn_ops.create_mask(mod, cu_q, cu_k, 9, 10, 4)
+    masked = dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 9, 10, mask=mask, is_causal=True)
+    tol = dict(rtol=1.6e-2, atol=1.6e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, masked, **tol)
+    want = reference_varlen_attention(*(t.cpu().double() for t in (q, k, v)), cu_q.cpu(), cu_k.cpu(), 9, 10,
+                                      mask=mask.cpu(), is_causal=True)[0]
+    torch.testing.assert_close(got.cpu().double(), want, **tol)
+
+
+def test_compiled_code_takes_the_mask_path():
+    """Under torch.compile nothing is proven (the symbolic call is not traced): the mod is evaluated into a mask,
+    one graph, the same output."""
+    import torch._dynamo.testing
+
+    lens = [5, 8]
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(13, 2, 16, generator=g) for _ in range(3))
+    cu = dmattn_ops.cu_seqlens(lens)
+
+    def attend(q, k, v, cu):
+        return dmattn_ops.varlen_attention(q, k, v, cu, cu, 8, 8, mask_mod=PROVEN["window"])
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    got = torch.compile(attend, backend=counter, fullgraph=True, dynamic=True)(q, k, v, cu)
+    torch.testing.assert_close(got, attend(q, k, v, cu), rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
+
+
+def test_a_proven_mod_beside_a_mask_is_still_an_error():
+    cu = dmattn_ops.cu_seqlens([3])
+    q = torch.randn(3, 2, 16)
+    with pytest.raises(ValueError, match="mask"):
+        dmattn_ops.varlen_attention(q, q, q, cu, cu, 3, 3, mask=torch.ones(3, 1, dtype=torch.bool),
+                                    mask_mod=PROVEN["window"])
