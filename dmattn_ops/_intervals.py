@@ -2,14 +2,16 @@
 it as the op's ``key_range`` (8 bytes a query, key tiles outside the interval skipped) instead of building a
 ``(total_q, 1, max_seqlen_k)`` mask.
 
-The mod is called once on symbolic indices: ``q_idx`` and ``kv_idx`` become affine forms ``a q + k kv + c`` over the
-integers, ``b`` and ``h`` values whose every use fails. Adding, subtracting and multiplying by integers keeps a form
-affine; comparing two forms gives a condition ``form <= 0``, ``form < 0`` or ``form == 0``; ``&`` conjoins
-conditions and ``~`` negates a single one. Anything else fails: a read of a tensor (a gate, a per-sequence prefix), a
-torch function, ``|``, ``!=``, a float, Python control flow on a condition (``if``, ``and``, ``or``). Then the mod
-is not proven and takes the mask path, as before. A sliding window ``(kv_idx <= q_idx) & (q_idx - kv_idx < W)``, a
-causal mask with an offset or a band is proven; a prefix-LM, which reads its prefix at ``b``, is not (its
-constructor, ``dmattn_ops.prefix_lm``, is an interval by construction).
+The mod is called once on symbolic indices: ``q_idx`` and ``kv_idx`` become affine forms ``a q + k kv + c + sum of
+t[b]`` over the integers, where each ``t[b]`` is a 1-D integer tensor the mod reads at its sequence (a per-sequence
+offset or length: ``b`` is symbolic too, and indexing a tensor with it is the one use it allows); ``h`` fails on any
+use. Adding, subtracting and multiplying by integers keeps a form affine; comparing two forms gives a condition
+``form <= 0``, ``form < 0`` or ``form == 0``; ``&`` conjoins conditions and ``~`` negates a single one. Anything else
+fails: a read of a tensor at a position (a gate), a torch function, ``|``, ``!=``, a float, Python control flow on a
+condition (``if``, ``and``, ``or``). Then the mod is not proven and takes the mask path, as before. A sliding window
+``(kv_idx <= q_idx) & (q_idx - kv_idx < W)``, a causal mask with an offset or a band is proven, bottom-right aligned
+ones too (``kv_idx <= q_idx + len_k[b] - len_q[b]``); a prefix-LM, an OR, is not (its constructor,
+``dmattn_ops.prefix_lm``, is an interval by construction).
 
 A conjunction of conditions in which ``kv_idx`` has coefficient 1, -1 or 0 shows each query one interval of keys:
 each condition bounds ``kv_idx`` above or below by an affine function of ``q_idx`` (or holds for the whole row), so
@@ -33,7 +35,7 @@ def _fail(*args, **kwargs):
 
 
 class _Opaque:
-    """b and h: any use fails (a mod depending on them is not proven)."""
+    """h (and b outside a tensor read): any use fails (a mod depending on it is not proven)."""
 
     __slots__ = ()
     __getattr__ = __getitem__ = __index__ = __int__ = __bool__ = __call__ = _fail
@@ -42,12 +44,36 @@ class _Opaque:
     __hash__ = None
 
 
+class _Sequence(_Opaque):
+    """b: a 1-D integer tensor read at it, ``t[b]``, is a per-sequence term of a form (torch hands the read to this
+    class's __torch_function__); any other use fails."""
+
+    __slots__ = ()
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is not torch.Tensor.__getitem__ or len(args) != 2 or not isinstance(args[1], _Sequence):
+            raise _Unproven
+        t = args[0]
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype.is_floating_point or t.dtype.is_complex or \
+                t.dtype == torch.bool:
+            raise _Unproven
+        return _Form(_Affine(0, 0, 0, ((t, 1),)))
+
+
 class _Affine(NamedTuple):
-    """a q_idx + k kv_idx + c."""
+    """a q_idx + k kv_idx + c + the sum of coefficient x t[b] over terms ((t, coefficient), ...)."""
 
     a: int
     k: int
     c: int
+    terms: tuple = ()
+
+    def times(self, n: int) -> "_Affine":
+        return _Affine(self.a * n, self.k * n, self.c * n, tuple((t, m * n) for t, m in self.terms))
+
+    def plus(self, o: "_Affine") -> "_Affine":
+        return _Affine(self.a + o.a, self.k + o.k, self.c + o.c, self.terms + o.terms)
 
 
 def _affine(x) -> _Affine:
@@ -67,13 +93,12 @@ class _Form:
         self.f = f
 
     def __add__(self, other):
-        o = _affine(other)
-        return _Form(_Affine(self.f.a + o.a, self.f.k + o.k, self.f.c + o.c))
+        return _Form(self.f.plus(_affine(other)))
 
     __radd__ = __add__
 
     def __neg__(self):
-        return _Form(_Affine(-self.f.a, -self.f.k, -self.f.c))
+        return _Form(self.f.times(-1))
 
     def __sub__(self, other):
         return self + (-_Form(_affine(other)))
@@ -84,7 +109,7 @@ class _Form:
     def __mul__(self, other):
         if type(other) is not int:
             raise _Unproven
-        return _Form(_Affine(self.f.a * other, self.f.k * other, self.f.c * other))
+        return _Form(self.f.times(other))
 
     __rmul__ = __mul__
 
@@ -128,9 +153,8 @@ class _Conditions:
     def __invert__(self):
         if len(self.atoms) != 1 or self.atoms[0][0] == "eq":
             raise _Unproven  # a disjunction, or a hole
-        kind, f = self.atoms[0]
-        negated = _Affine(-f.a, -f.k, -f.c)  # not (f <= 0) is -f < 0; not (f < 0) is -f <= 0
-        return _Conditions((("lt" if kind == "le" else "le", negated),))
+        kind, f = self.atoms[0]  # not (f <= 0) is -f < 0; not (f < 0) is -f <= 0
+        return _Conditions((("lt" if kind == "le" else "le", f.times(-1)),))
 
     __or__ = __ror__ = __bool__ = __getattr__ = __eq__ = __ne__ = _fail
     __hash__ = None
@@ -141,13 +165,20 @@ class Interval(NamedTuple):
 
     atoms: tuple
 
-    def key_range(self, q: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """(rows, 2) int32 [begin, end) for rows at positions q (INDEX_DTYPE) of sequences with count keys."""
+    def terms_fit(self, batch: int, device: torch.device) -> bool:
+        """Whether every tensor read at b has an entry for each of the batch's sequences, on the call's device."""
+        return all(t.shape[0] >= batch and t.device == device for _, f in self.atoms for t, _ in f.terms)
+
+    def key_range(self, q: torch.Tensor, count: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        """(rows, 2) int32 [begin, end) for rows at positions q (INDEX_DTYPE) of sequences seq with count keys (seq
+        valid for every row: terms_fit first)."""
         lo = torch.zeros_like(q)
         hi = count.clone()  # exclusive
         holds = torch.ones_like(q, dtype=torch.bool)
         for kind, f in self.atoms:
             rest = f.a * q + f.c  # the condition is f.k kv + rest OP 0
+            for t, m in f.terms:
+                rest = rest + m * t[seq].to(q.dtype)
             if f.k == 0:
                 holds &= (rest <= 0) if kind == "le" else (rest < 0) if kind == "lt" else (rest == 0)
                 continue
@@ -171,7 +202,7 @@ def prove(mask_mod) -> Optional[Interval]:
     if torch.compiler.is_compiling():
         return None
     try:
-        out = mask_mod(_Opaque(), _Opaque(), _Form(_Affine(1, 0, 0)), _Form(_Affine(0, 1, 0)))
+        out = mask_mod(_Sequence(), _Opaque(), _Form(_Affine(1, 0, 0)), _Form(_Affine(0, 1, 0)))
     except Exception:  # noqa: BLE001 - _Unproven, or whatever the mod raises on values it does not expect
         return None
     if not isinstance(out, _Conditions) or any(f.k not in (-1, 0, 1) for _, f in out.atoms):

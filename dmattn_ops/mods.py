@@ -914,10 +914,10 @@ def proven_key_range(mask_mod, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.T
     if cu_seqlens_q.shape[0] < 2:
         return None
     interval = _intervals.prove(mask_mod)
-    if interval is None:
+    if interval is None or not interval.terms_fit(cu_seqlens_q.shape[0] - 1, cu_seqlens_q.device):
         return None
     rows = _Packing(cu_seqlens_q, cu_seqlens_k, total_q, cu_seqlens_q.device).query_rows()
-    return interval.key_range(rows.pos, rows.count.clamp(min=0))
+    return interval.key_range(rows.pos, rows.count.clamp(min=0), rows.seq)
 
 
 def native_key_range(mask_mod, cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int) -> Optional[torch.Tensor]:

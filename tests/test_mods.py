@@ -367,23 +367,24 @@ class _OpSpy:
         self.real, self.calls = torch.ops.dmattn.varlen_fwd, []
 
     def __call__(self, *args):
-        self.calls.append({"mask": args[7], "window": (args[11], args[12])})
+        self.calls.append({"mask": args[7], "window": (args[11], args[12]), "key_range": args[17]})
         return self.real(*args)
 
 
 @pytest.mark.parametrize("window", [(7, 0), (3, 2), (-1, 1), (0, -1)])
 def test_sliding_window_mask_mod_runs_as_the_native_window(window, monkeypatch):
     """With the call's own cu_seqlens tensors, a sliding_window mask_mod becomes the op's window_size (no mask
-    tensor); built with create_mask, or given other cu_seqlens tensors, it is a plain mask_mod of the same values. All
-    three agree with the reference's window."""
+    tensor); given other cu_seqlens tensors it is a plain mask_mod of the same values, which its expression proves
+    one interval per query (its lengths read at b): a key_range, no mask. Both agree with the reference's window."""
     q, k, v, cu_q, cu_k = _window_batch()
     mod = dmattn_ops.sliding_window(cu_q, cu_k, *window)
     spy = _OpSpy()
     monkeypatch.setattr(torch.ops.dmattn, "varlen_fwd", spy)
     native = dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 40, 40, mask_mod=mod)
     as_mask = dmattn_ops.varlen_attention(q, k, v, cu_q.clone(), cu_k.clone(), 40, 40, mask_mod=mod)
-    assert spy.calls[0] == {"mask": None, "window": window}
-    assert spy.calls[1]["mask"] is not None and spy.calls[1]["window"] == (-1, -1)
+    assert spy.calls[0] == {"mask": None, "window": window, "key_range": None}
+    assert spy.calls[1]["mask"] is None and spy.calls[1]["window"] == (-1, -1)
+    assert spy.calls[1]["key_range"] is not None
     want = dmattn_ops.reference.reference_varlen_attention(q, k, v, cu_q, cu_k, 40, 40, window_size=window)[0]
     for got in (native, as_mask):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)

@@ -16,6 +16,8 @@ from dmattn_ops import _intervals
 from dmattn_ops.reference import reference_varlen_attention
 
 TABLE = torch.arange(10)
+# The lengths of the batch the table test uses, for bottom-right aligned mods
+LQ, LK = torch.tensor([5, 0, 9, 3]), torch.tensor([7, 4, 9, 1])
 
 PROVEN = {
     "window": lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (q_idx - kv_idx < 256),
@@ -25,13 +27,21 @@ PROVEN = {
     "negated": lambda b, h, q_idx, kv_idx: ~(kv_idx > q_idx),
     "diagonal_after_row_2": lambda b, h, q_idx, kv_idx: (q_idx >= 2) & (kv_idx == q_idx),
     "scaled_query": lambda b, h, q_idx, kv_idx: (kv_idx < 2 * q_idx + 1) & True,
+    "per_sequence": lambda b, h, q_idx, kv_idx: kv_idx < TABLE[b],
+    "bottom_right_causal": lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + LK[b] - LQ[b],
+    "bottom_right_window": lambda b, h, q_idx, kv_idx: (q_idx + LK[b] - LQ[b] - kv_idx >= 0)
+    & (q_idx + LK[b] - LQ[b] - kv_idx < 3),
+    "row_condition_per_sequence": lambda b, h, q_idx, kv_idx: (q_idx < LQ[b] - 1) & (kv_idx >= q_idx),
 }
 
 NOT_PROVEN = {
     "or": lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) | (kv_idx < 4),  # two intervals may not touch
     "not_equal": lambda b, h, q_idx, kv_idx: kv_idx != q_idx,  # a hole
     "reads_a_tensor": lambda b, h, q_idx, kv_idx: TABLE[kv_idx] > 3,
-    "per_sequence": lambda b, h, q_idx, kv_idx: kv_idx < TABLE[b],
+    "table_of_two_dims": lambda b, h, q_idx, kv_idx: kv_idx < TABLE.view(2, 5)[b],
+    "float_table": lambda b, h, q_idx, kv_idx: kv_idx < TABLE.float()[b],
+    "sequence_arithmetic": lambda b, h, q_idx, kv_idx: kv_idx < b + 1,
+    "per_key_table": lambda b, h, q_idx, kv_idx: kv_idx < TABLE[b] + TABLE[kv_idx],
     "torch_function": lambda b, h, q_idx, kv_idx: torch.abs(q_idx - kv_idx) < 3,
     "python_and": lambda b, h, q_idx, kv_idx: kv_idx <= q_idx and kv_idx >= 0,
     "tensor_constant": lambda b, h, q_idx, kv_idx: q_idx - kv_idx < torch.tensor(3),
@@ -40,6 +50,17 @@ NOT_PROVEN = {
     "division": lambda b, h, q_idx, kv_idx: kv_idx // 4 == q_idx // 4,
     "head": lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (h >= 0),
 }
+
+
+def _query_side(built, cu_q, cu_k, total_q, width):
+    """create_mask's tensor as (total_q, width) bool: a key-side one (total_k, 1) spread over each sequence's rows."""
+    if built.dim() == 3:
+        return built[:, 0]
+    out = torch.zeros(total_q, width, dtype=torch.bool)
+    for b in range(len(cu_q) - 1):
+        lk = int(cu_k[b + 1] - cu_k[b])
+        out[cu_q[b]:cu_q[b + 1], :lk] = built[cu_k[b]:cu_k[b + 1], 0]
+    return out
 
 
 def _as_mask(key_range, cu_q, cu_k, total_q, width):
@@ -61,7 +82,7 @@ def test_proven_mods_give_the_mask_create_mask_builds(name):
     assert key_range.dtype == torch.int32 and key_range.shape == (19, 2)
     assert bool((key_range[:, 0] <= key_range[:, 1]).all()) and key_range[17:].eq(key_range[17:, :1]).all()
     built = dmattn_ops.create_mask(mod, cu_q, cu_k, 9, 9, 2, total_q=19, total_k=21)
-    assert torch.equal(_as_mask(key_range, cu_q, cu_k, 19, 9), built[:, 0])
+    assert torch.equal(_as_mask(key_range, cu_q, cu_k, 19, 9), _query_side(built, cu_q, cu_k, 19, 9))
 
 
 @pytest.mark.parametrize("name", list(NOT_PROVEN))
@@ -70,16 +91,18 @@ def test_other_mods_are_not_proven(name):
 
 
 ATOM = st.tuples(st.sampled_from(["<=", "<", ">=", ">", "=="]), st.integers(-2, 2), st.sampled_from([-1, 0, 1]),
-                 st.integers(-6, 6))
+                 st.integers(-6, 6), st.sampled_from([-1, 0, 1]))
 
 
-def _mod_of(atoms):
-    """a * q_idx + k * kv_idx OP c, conjoined."""
+def _mod_of(atoms, offsets):
+    """a * q_idx + k * kv_idx + m * offsets[b] OP c, conjoined (offsets: a per-sequence tensor)."""
 
     def mod(b, h, q_idx, kv_idx):
         out = True
-        for op, a, k, c in atoms:
+        for op, a, k, c, m in atoms:
             lhs = a * q_idx + k * kv_idx
+            if m:
+                lhs = lhs + m * offsets[b]
             cond = {"<=": lambda x: x <= c, "<": lambda x: x < c, ">=": lambda x: x >= c, ">": lambda x: x > c,
                     "==": lambda x: x == c}[op](lhs)
             out = cond & out
@@ -90,33 +113,41 @@ def _mod_of(atoms):
 
 @settings(max_examples=80, deadline=None)
 @given(atoms=st.lists(ATOM, min_size=1, max_size=4),
-       lens=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 8)), min_size=1, max_size=4),
+       lens=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 8), st.integers(-4, 4)), min_size=1, max_size=4),
        extra_rows=st.integers(0, 2))
 def test_drawn_conjunctions_match_create_mask(atoms, lens, extra_rows):
-    """Every conjunction of affine conditions with kv_idx's coefficient in {-1, 0, 1} is proven (conditions of q_idx
-    alone, `a q_idx OP c`, and constant ones included), and its key_range, as a mask, is what create_mask
-    evaluates."""
-    mod = _mod_of(atoms)
-    lens_q, lens_k = [q for q, _ in lens], [k for _, k in lens]
+    """Every conjunction of affine conditions with kv_idx's coefficient in {-1, 0, 1} and a per-sequence offset read at
+    b is proven (conditions of q_idx alone, `a q_idx OP c`, and constant ones included), and its key_range, as a
+    mask, is what create_mask evaluates."""
+    mod = _mod_of(atoms, torch.tensor([o for _, _, o in lens]))
+    lens_q, lens_k = [q for q, _, _ in lens], [k for _, k, _ in lens]
     cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
     total_q, width = sum(lens_q) + extra_rows, max(max(lens_k), 1)
     key_range = dmattn_ops.mods.proven_key_range(mod, cu_q, cu_k, total_q)
     assert key_range is not None
     built = dmattn_ops.create_mask(mod, cu_q, cu_k, max(max(lens_q), 1), width, 2, total_q=total_q,
                                    total_k=sum(lens_k))
-    assert torch.equal(_as_mask(key_range, cu_q, cu_k, total_q, width), built[:, 0])
+    assert torch.equal(_as_mask(key_range, cu_q, cu_k, total_q, width), _query_side(built, cu_q, cu_k, total_q, width))
 
 
-def test_varlen_attention_runs_a_proven_mod_as_key_range(device, monkeypatch):
-    """The op gets the key_range and no mask; the output equals the mask path's (the same mod with other cu_seqlens
-    tensors cannot change that: compiled code and create_mask take the mask path) and the reference's."""
+@pytest.mark.parametrize("which", ["band", "bottom_right_window"])
+def test_varlen_attention_runs_a_proven_mod_as_key_range(which, device, monkeypatch):
+    """The op gets the key_range and no mask; the output equals the mask path's (the same mod evaluated by
+    create_mask) and the reference's. A band of top-left positions, and a window aligned bottom-right through
+    per-sequence lengths read at b (on the decode-like sequences Lq < Lk)."""
     lens_q, lens_k = [6, 1, 9], [10, 4, 9]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
     q = torch.randn(16, 4, 32, generator=g).to(device, dtype)
     k, v = (torch.randn(23, 2, 32, generator=g).to(device, dtype) for _ in range(2))
     cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q).to(device), dmattn_ops.cu_seqlens(lens_k).to(device)
-    mod = PROVEN["band"]
+    len_q, len_k = torch.tensor(lens_q, device=device), torch.tensor(lens_k, device=device)
+
+    def bottom_right_window(b, h, q_idx, kv_idx):
+        back = q_idx + len_k[b] - len_q[b] - kv_idx
+        return (back >= 0) & (back < 4)
+
+    mod = PROVEN["band"] if which == "band" else bottom_right_window
     real, calls = torch.ops.dmattn.varlen_fwd, []
 
     def spy(*args):
