@@ -207,4 +207,8 @@ def prove(mask_mod) -> Optional[Interval]:
         return None
     if not isinstance(out, _Conditions) or any(f.k not in (-1, 0, 1) for _, f in out.atoms):
         return None
+    # Integers past 2^31 would overflow the int64 arithmetic of the bounds (a q_idx + ...): not proven (the mask
+    # path evaluates the mod as written)
+    if any(abs(n) >= 1 << 31 for _, f in out.atoms for n in (f.a, f.c, *(m for _, m in f.terms))):
+        return None
     return Interval(out.atoms)

@@ -49,6 +49,7 @@ NOT_PROVEN = {
     "negated_conjunction": lambda b, h, q_idx, kv_idx: ~((kv_idx <= q_idx) & (kv_idx >= 1)),
     "division": lambda b, h, q_idx, kv_idx: kv_idx // 4 == q_idx // 4,
     "head": lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (h >= 0),
+    "huge_constant": lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + 10**12,  # past int32: the mask path's arithmetic
 }
 
 
