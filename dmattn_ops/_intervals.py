@@ -6,17 +6,21 @@ The mod is called once on symbolic indices: ``q_idx`` and ``kv_idx`` become affi
 t[b]`` over the integers, where each ``t[b]`` is a 1-D integer tensor the mod reads at its sequence (a per-sequence
 offset or length: ``b`` is symbolic too, and indexing a tensor with it is the one use it allows); ``h`` fails on any
 use. Adding, subtracting and multiplying by integers keeps a form affine; comparing two forms gives a condition
-``form <= 0``, ``form < 0`` or ``form == 0``; ``&`` conjoins conditions and ``~`` negates a single one. Anything else
-fails: a read of a tensor at a position (a gate), a torch function, ``|``, ``!=``, a float, Python control flow on a
-condition (``if``, ``and``, ``or``). Then the mod is not proven and takes the mask path, as before. A sliding window
-``(kv_idx <= q_idx) & (q_idx - kv_idx < W)``, a causal mask with an offset or a band is proven, bottom-right aligned
-ones too (``kv_idx <= q_idx + len_k[b] - len_q[b]``); a prefix-LM, an OR, is not (its constructor,
-``dmattn_ops.prefix_lm``, is an interval by construction).
+``form <= 0``, ``form < 0`` or ``form == 0``; ``&`` and ``|`` combine conditions (kept as a disjunction of
+conjunctions) and ``~`` negates a single one. Anything else fails: a read of a tensor at a position (a gate), a torch
+function, ``!=``, a float, Python control flow on a condition (``if``, ``and``, ``or``). Then the mod is not proven and
+takes the mask path, as before.
 
 A conjunction of conditions in which ``kv_idx`` has coefficient 1, -1 or 0 shows each query one interval of keys:
 each condition bounds ``kv_idx`` above or below by an affine function of ``q_idx`` (or holds for the whole row), so
-the interval is ``[max of the lower bounds, min of the upper bounds]``, clipped to the row's sequence. Other
-coefficients are not proven (an interval still, but rounding a bound is not worth its tests).
+the interval is ``[max of the lower bounds, min of the upper bounds]``, clipped to the row's sequence. A disjunction
+of such conjunctions is one interval for every row when they all have the same lower bounds (the union of [L, U_i) is
+[L, max U_i)) or the same upper ones; other unions may leave a gap and are not proven. So a sliding window
+``(kv_idx <= q_idx) & (q_idx - kv_idx < W)``, a causal mask with an offset, a band, their bottom-right aligned forms
+(``kv_idx <= q_idx + len_k[b] - len_q[b]``) and a prefix-LM ``(kv_idx < prefix[b]) | (kv_idx <= q_idx)`` are proven;
+a document mask (it reads the keys' documents) is not (its constructor, ``dmattn_ops.document_mask``, is an interval
+by construction). Coefficients of kv_idx other than 0 and +-1 are not proven (intervals still, but rounding a bound
+is not worth its tests).
 """
 
 from __future__ import annotations
@@ -115,88 +119,161 @@ class _Form:
 
     # self OP other, as (self - other) OP 0, or (other - self) for > and >=
     def __le__(self, other):
-        return _Conditions((("le", (self - other).f),))
+        return _Conditions.atom("le", (self - other).f)
 
     def __lt__(self, other):
-        return _Conditions((("lt", (self - other).f),))
+        return _Conditions.atom("lt", (self - other).f)
 
     def __ge__(self, other):
-        return _Conditions((("le", (_Form(_affine(other)) - self).f),))
+        return _Conditions.atom("le", (_Form(_affine(other)) - self).f)
 
     def __gt__(self, other):
-        return _Conditions((("lt", (_Form(_affine(other)) - self).f),))
+        return _Conditions.atom("lt", (_Form(_affine(other)) - self).f)
 
     def __eq__(self, other):
-        return _Conditions((("eq", (self - other).f),))
+        return _Conditions.atom("eq", (self - other).f)
 
     __ne__ = __bool__ = __index__ = __int__ = __getattr__ = __truediv__ = __floordiv__ = __mod__ = _fail
     __hash__ = None
 
 
 class _Conditions:
-    """A conjunction of conditions (kind, form): form <= 0 ("le"), < 0 ("lt") or == 0 ("eq")."""
+    """A disjunction of conjunctions: alternatives, each a tuple of conditions (kind, form) meaning form <= 0 ("le"),
+    form < 0 ("lt") or form == 0 ("eq")."""
 
-    __slots__ = ("atoms",)
+    __slots__ = ("alternatives",)
 
-    def __init__(self, atoms: tuple):
-        self.atoms = atoms
+    def __init__(self, alternatives: tuple):
+        self.alternatives = alternatives
+
+    @classmethod
+    def atom(cls, kind: str, f: _Affine) -> "_Conditions":
+        return cls((((kind, f),),))
 
     def __and__(self, other):
-        if isinstance(other, _Conditions):
-            return _Conditions(self.atoms + other.atoms)
-        if other is True:
-            return self
-        raise _Unproven
+        if other is True or other is False:  # a Python bool (the start of a loop of `&`, say)
+            return self if other else _Conditions(())
+        if not isinstance(other, _Conditions):
+            raise _Unproven
+        return _Conditions(tuple(x + y for x in self.alternatives for y in other.alternatives))
 
-    __rand__ = __and__
+    def __or__(self, other):
+        if other is True or other is False:
+            return _Conditions(((),)) if other else self  # (): an alternative without conditions, every key
+        if not isinstance(other, _Conditions):
+            raise _Unproven
+        return _Conditions(self.alternatives + other.alternatives)
+
+    __rand__, __ror__ = __and__, __or__
 
     def __invert__(self):
-        if len(self.atoms) != 1 or self.atoms[0][0] == "eq":
-            raise _Unproven  # a disjunction, or a hole
-        kind, f = self.atoms[0]  # not (f <= 0) is -f < 0; not (f < 0) is -f <= 0
-        return _Conditions((("lt" if kind == "le" else "le", f.times(-1)),))
+        if len(self.alternatives) != 1 or len(self.alternatives[0]) != 1 or self.alternatives[0][0][0] == "eq":
+            raise _Unproven  # not (a and b) is a disjunction of negations; not (x == c) is a hole
+        kind, f = self.alternatives[0][0]  # not (f <= 0) is -f < 0; not (f < 0) is -f <= 0
+        return _Conditions.atom("lt" if kind == "le" else "le", f.times(-1))
 
-    __or__ = __ror__ = __bool__ = __getattr__ = __eq__ = __ne__ = _fail
+    __bool__ = __getattr__ = __eq__ = __ne__ = _fail
     __hash__ = None
 
 
-class Interval(NamedTuple):
-    """A proven mask_mod: its conditions, each kv_idx's coefficient -1, 0 or 1."""
+class _Bounds(NamedTuple):
+    """One alternative as bounds of kv_idx, each an affine form of q_idx (and per-sequence terms; its kv coefficient
+    0): the row holds every condition of `rows`, and lower <= kv_idx < upper for each lower and upper bound."""
 
-    atoms: tuple
+    lower: tuple  # inclusive
+    upper: tuple  # exclusive
+    rows: tuple  # (kind, form) without kv_idx
+
+
+def _bounds(alternative: tuple) -> _Bounds:
+    lower, upper, rows = [], [], []
+    for kind, f in alternative:
+        if f.k == 0:
+            rows.append((kind, f))
+            continue
+        # k = 1: kv + rest OP 0, kv OP -rest (an upper bound); k = -1: kv OP' rest (a lower bound)
+        bound = f.times(-1) if f.k == 1 else f
+        bound = _Affine(bound.a, 0, bound.c, bound.terms)
+        plus_one = _Affine(bound.a, 0, bound.c + 1, bound.terms)
+        if kind == "eq":
+            lower.append(bound)
+            upper.append(plus_one)
+        elif f.k == 1:
+            upper.append(plus_one if kind == "le" else bound)
+        else:
+            lower.append(bound if kind == "le" else plus_one)
+    return _Bounds(tuple(lower), tuple(upper), tuple(rows))
+
+
+def _same(forms_a: tuple, forms_b: tuple) -> bool:
+    """Whether two sets of bounds are the same forms (per-sequence tensors compared by identity)."""
+    def key(f):
+        terms = {}
+        for t, m in f.terms:
+            terms[id(t)] = terms.get(id(t), 0) + m
+        return f.a, f.c, frozenset((i, m) for i, m in terms.items() if m)
+
+    return {key(f) for f in forms_a} == {key(f) for f in forms_b}
+
+
+class Interval(NamedTuple):
+    """A proven mask_mod: its alternatives as _Bounds, which all share their lower bounds (`shared` "lower": the union
+    of [L, upper_i) is [L, max upper_i)) or their upper ones ("upper"), or a single alternative."""
+
+    alternatives: tuple
+    shared: str
+
+    def forms(self):
+        for alt in self.alternatives:
+            yield from alt.lower
+            yield from alt.upper
+            yield from (f for _, f in alt.rows)
 
     def terms_fit(self, batch: int, device: torch.device) -> bool:
         """Whether every tensor read at b has an entry for each of the batch's sequences, on the call's device."""
-        return all(t.shape[0] >= batch and t.device == device for _, f in self.atoms for t, _ in f.terms)
+        return all(t.shape[0] >= batch and t.device == device for f in self.forms() for t, _ in f.terms)
 
     def key_range(self, q: torch.Tensor, count: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         """(rows, 2) int32 [begin, end) for rows at positions q (INDEX_DTYPE) of sequences seq with count keys (seq
         valid for every row: terms_fit first)."""
-        lo = torch.zeros_like(q)
-        hi = count.clone()  # exclusive
-        holds = torch.ones_like(q, dtype=torch.bool)
-        for kind, f in self.atoms:
-            rest = f.a * q + f.c  # the condition is f.k kv + rest OP 0
+        def value(f):
+            out = f.a * q + f.c
             for t, m in f.terms:
-                rest = rest + m * t[seq].to(q.dtype)
-            if f.k == 0:
-                holds &= (rest <= 0) if kind == "le" else (rest < 0) if kind == "lt" else (rest == 0)
-                continue
-            # k = 1: kv OP -rest, an upper bound (or both, for ==); k = -1: kv OP' rest, a lower bound
-            bound = -rest if f.k == 1 else rest
-            if kind == "eq":
-                lo, hi = torch.maximum(lo, bound), torch.minimum(hi, bound + 1)
-            elif f.k == 1:
-                hi = torch.minimum(hi, bound + 1 if kind == "le" else bound)
-            else:
-                lo = torch.maximum(lo, bound if kind == "le" else bound + 1)
+                out = out + m * t[seq].to(q.dtype)
+            return out
+
+        spans = []  # (lo, hi, holds) of each alternative
+        for alt in self.alternatives:
+            lo, hi = torch.zeros_like(q), count.clone()
+            for f in alt.lower:
+                lo = torch.maximum(lo, value(f))
+            for f in alt.upper:
+                hi = torch.minimum(hi, value(f))
+            holds = None
+            for kind, f in alt.rows:
+                v = value(f)
+                cond = (v <= 0) if kind == "le" else (v < 0) if kind == "lt" else (v == 0)
+                holds = cond if holds is None else holds & cond
+            spans.append((lo, hi, holds))
+        if self.shared == "lower":  # [L, the largest upper bound of an alternative that holds)
+            lo = spans[0][0]
+            hi = None
+            for _, h, holds in spans:
+                h = h if holds is None else torch.where(holds, h, lo)
+                hi = h if hi is None else torch.maximum(hi, h)
+        else:  # (the smallest lower bound of an alternative that holds, U]
+            hi = spans[0][1]
+            lo = None
+            for low, _, holds in spans:
+                low = low if holds is None else torch.where(holds, low, hi)
+                lo = low if lo is None else torch.minimum(lo, low)
         begin = torch.minimum(lo.clamp(min=0), count)
-        end = torch.where(holds, torch.maximum(torch.minimum(hi, count), begin), begin)
+        end = torch.maximum(torch.minimum(hi, count), begin)
         return torch.stack([begin, end], dim=1).to(torch.int32)
 
 
 def prove(mask_mod) -> Optional[Interval]:
-    """The mod's conditions where it is proven one interval of keys per query (module docstring), else None. The mod
+    """The mod's bounds where it is proven one interval of keys per query (module docstring), else None. The mod
     runs once on symbolic values (no tensor op): cheap, in eager mode only (compiled code evaluates the mod as it
     did before)."""
     if torch.compiler.is_compiling():
@@ -205,10 +282,19 @@ def prove(mask_mod) -> Optional[Interval]:
         out = mask_mod(_Sequence(), _Opaque(), _Form(_Affine(1, 0, 0)), _Form(_Affine(0, 1, 0)))
     except Exception:  # noqa: BLE001 - _Unproven, or whatever the mod raises on values it does not expect
         return None
-    if not isinstance(out, _Conditions) or any(f.k not in (-1, 0, 1) for _, f in out.atoms):
+    if not isinstance(out, _Conditions) or not out.alternatives:
+        return None
+    atoms = [f for alt in out.alternatives for _, f in alt]
+    if any(f.k not in (-1, 0, 1) for f in atoms):
         return None
     # Integers past 2^31 would overflow the int64 arithmetic of the bounds (a q_idx + ...): not proven (the mask
     # path evaluates the mod as written)
-    if any(abs(n) >= 1 << 31 for _, f in out.atoms for n in (f.a, f.c, *(m for _, m in f.terms))):
+    if any(abs(n) >= 1 << 31 for f in atoms for n in (f.a, f.c, *(m for _, m in f.terms))):
         return None
-    return Interval(out.atoms)
+    alternatives = tuple(_bounds(alt) for alt in out.alternatives)
+    first = alternatives[0]
+    if all(_same(alt.lower, first.lower) for alt in alternatives):
+        return Interval(alternatives, "lower")
+    if all(_same(alt.upper, first.upper) for alt in alternatives):
+        return Interval(alternatives, "upper")
+    return None  # alternatives with other bounds on both sides may leave a gap between them

@@ -8,7 +8,7 @@ the op the key_range and no mask, with the output of the mask path and of the fl
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import dmattn_ops
@@ -32,10 +32,16 @@ PROVEN = {
     "bottom_right_window": lambda b, h, q_idx, kv_idx: (q_idx + LK[b] - LQ[b] - kv_idx >= 0)
     & (q_idx + LK[b] - LQ[b] - kv_idx < 3),
     "row_condition_per_sequence": lambda b, h, q_idx, kv_idx: (q_idx < LQ[b] - 1) & (kv_idx >= q_idx),
+    # unions of intervals that share their lower (or upper) bounds: an interval for every row
+    "prefix_lm": lambda b, h, q_idx, kv_idx: (kv_idx < TABLE[b]) | (kv_idx <= q_idx + LK[b] - LQ[b]),
+    "or": lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) | (kv_idx < 4),
+    "or_shared_upper": lambda b, h, q_idx, kv_idx: (kv_idx >= q_idx - 2) | (kv_idx >= 5),
+    "or_with_row_conditions": lambda b, h, q_idx, kv_idx: ((q_idx >= 3) & (kv_idx <= q_idx)) | (kv_idx < 2)
+    | ((q_idx == 7) & (kv_idx <= 8)),
 }
 
 NOT_PROVEN = {
-    "or": lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) | (kv_idx < 4),  # two intervals may not touch
+    "or_with_a_gap": lambda b, h, q_idx, kv_idx: (kv_idx <= 1) | (kv_idx >= q_idx),  # bounds on both sides differ
     "not_equal": lambda b, h, q_idx, kv_idx: kv_idx != q_idx,  # a hole
     "reads_a_tensor": lambda b, h, q_idx, kv_idx: TABLE[kv_idx] > 3,
     "table_of_two_dims": lambda b, h, q_idx, kv_idx: kv_idx < TABLE.view(2, 5)[b],
@@ -131,11 +137,51 @@ def test_drawn_conjunctions_match_create_mask(atoms, lens, extra_rows):
     assert torch.equal(_as_mask(key_range, cu_q, cu_k, total_q, width), _query_side(built, cu_q, cu_k, total_q, width))
 
 
-@pytest.mark.parametrize("which", ["band", "bottom_right_window"])
+@settings(max_examples=60, deadline=None)
+@given(shared=st.lists(ATOM, min_size=0, max_size=2), sides=st.lists(st.lists(ATOM, min_size=1, max_size=3),
+                                                                    min_size=2, max_size=3),
+       which=st.sampled_from(["lower", "upper"]),
+       lens=st.lists(st.tuples(st.integers(0, 8), st.integers(0, 8), st.integers(-4, 4)), min_size=1, max_size=3))
+def test_drawn_unions_sharing_a_bound_match_create_mask(shared, sides, which, lens):
+    """(S & A1) | (S & A2) | ...: S bounds kv_idx on one side only (each condition's kv coefficient signed so that it
+    is a lower bound for `which` = lower, an upper one else), each Ai on the other side or not at all, so every row's
+    union is one interval: proven, and equal to create_mask's tensor."""
+
+    def upper(op):  # the kv coefficient that makes `k kv + ... OP c` an upper bound of kv
+        return 1 if op in ("<=", "<") else -1
+
+    def signed(op, k, want_upper):
+        return 0 if k == 0 else upper(op) if want_upper else -upper(op)
+
+    shared = [(op, a, signed(op, 1, which == "upper"), c, m) for op, a, _, c, m in shared if op != "=="]
+    sides = [[(op, a, signed(op, k, which == "lower"), c, m) for op, a, k, c, m in alt if op != "==" or not k]
+             for alt in sides]
+    assume(shared or any(sides))  # else the mod is a Python bool, not a condition
+    offsets = torch.tensor([o for _, _, o in lens])
+    mod_shared = _mod_of(shared, offsets)
+    alternatives = [_mod_of(alt, offsets) for alt in sides]
+
+    def mod(b, h, q_idx, kv_idx):
+        out = False
+        for alt in alternatives:
+            out = out | (mod_shared(b, h, q_idx, kv_idx) & alt(b, h, q_idx, kv_idx))
+        return out
+
+    lens_q, lens_k = [q for q, _, _ in lens], [k for _, k, _ in lens]
+    cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
+    total_q, width = sum(lens_q), max(max(lens_k), 1)
+    key_range = dmattn_ops.mods.proven_key_range(mod, cu_q, cu_k, total_q)
+    assert key_range is not None
+    built = dmattn_ops.create_mask(mod, cu_q, cu_k, max(max(lens_q), 1), width, 2, total_q=total_q,
+                                   total_k=sum(lens_k))
+    assert torch.equal(_as_mask(key_range, cu_q, cu_k, total_q, width), _query_side(built, cu_q, cu_k, total_q, width))
+
+
+@pytest.mark.parametrize("which", ["band", "bottom_right_window", "prefix_lm"])
 def test_varlen_attention_runs_a_proven_mod_as_key_range(which, device, monkeypatch):
     """The op gets the key_range and no mask; the output equals the mask path's (the same mod evaluated by
-    create_mask) and the reference's. A band of top-left positions, and a window aligned bottom-right through
-    per-sequence lengths read at b (on the decode-like sequences Lq < Lk)."""
+    create_mask) and the reference's. A band of top-left positions, a window aligned bottom-right through
+    per-sequence lengths read at b (on the decode-like sequences Lq < Lk), and a prefix-LM (a union)."""
     lens_q, lens_k = [6, 1, 9], [10, 4, 9]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
@@ -148,7 +194,12 @@ def test_varlen_attention_runs_a_proven_mod_as_key_range(which, device, monkeypa
         back = q_idx + len_k[b] - len_q[b] - kv_idx
         return (back >= 0) & (back < 4)
 
-    mod = PROVEN["band"] if which == "band" else bottom_right_window
+    prefix = torch.tensor([3, 0, 20], device=device)
+
+    def prefix_lm(b, h, q_idx, kv_idx):
+        return (kv_idx < prefix[b]) | (kv_idx <= q_idx + len_k[b] - len_q[b])
+
+    mod = {"band": PROVEN["band"], "bottom_right_window": bottom_right_window, "prefix_lm": prefix_lm}[which]
     real, calls = torch.ops.dmattn.varlen_fwd, []
 
     def spy(*args):
