@@ -5,11 +5,13 @@ it as the op's ``key_range`` (8 bytes a query, key tiles outside the interval sk
 The mod is called once on symbolic indices: ``q_idx`` and ``kv_idx`` become affine forms ``a q + k kv + c + sum of
 t[b]`` over the integers, where each ``t[b]`` is a 1-D integer tensor the mod reads at its sequence (a per-sequence
 offset or length: ``b`` is symbolic too, and indexing a tensor with it is the one use it allows); ``h`` fails on any
-use. Adding, subtracting and multiplying by integers keeps a form affine; comparing two forms gives a condition
-``form <= 0``, ``form < 0`` or ``form == 0``; ``&`` and ``|`` combine conditions (kept as a disjunction of
-conjunctions) and ``~`` negates a single one. Anything else fails: a read of a tensor at a position (a gate), a torch
-function, ``!=``, a float, Python control flow on a condition (``if``, ``and``, ``or``). Then the mod is not proven and
-takes the mask path, as before.
+use. Adding, subtracting and multiplying by integers keeps a form affine; a form without kv_idx floored by a positive
+integer (``q_idx // 64``) is a term of a form too, and ``(kv_idx + c) // n`` a key block, which compared with a form
+without kv_idx bounds kv_idx to whole blocks (``(kv + c) // n == r`` is ``n r - c <= kv < n r - c + n``). Comparing
+two forms gives a condition ``form <= 0``, ``form < 0`` or ``form == 0``; ``&`` and ``|`` combine conditions (kept as
+a disjunction of conjunctions) and ``~`` negates a single one. Anything else fails: a read of a tensor at a position
+(a gate), a torch function, ``!=``, a float, Python control flow on a condition (``if``, ``and``, ``or``). Then the
+mod is not proven and takes the mask path, as before.
 
 A conjunction of conditions in which ``kv_idx`` has coefficient 1, -1 or 0 shows each query one interval of keys:
 each condition bounds ``kv_idx`` above or below by an affine function of ``q_idx`` (or holds for the whole row), so
@@ -17,7 +19,8 @@ the interval is ``[max of the lower bounds, min of the upper bounds]``, clipped 
 of such conjunctions is one interval for every row when they all have the same lower bounds (the union of [L, U_i) is
 [L, max U_i)) or the same upper ones; other unions may leave a gap and are not proven. So a sliding window
 ``(kv_idx <= q_idx) & (q_idx - kv_idx < W)``, a causal mask with an offset, a band, their bottom-right aligned forms
-(``kv_idx <= q_idx + len_k[b] - len_q[b]``) and a prefix-LM ``(kv_idx < prefix[b]) | (kv_idx <= q_idx)`` are proven;
+(``kv_idx <= q_idx + len_k[b] - len_q[b]``), a prefix-LM ``(kv_idx < prefix[b]) | (kv_idx <= q_idx)``, chunked
+causal attention ``(kv_idx <= q_idx) & (kv_idx // 64 == q_idx // 64)`` and block-causal masks are proven;
 a document mask (it reads the keys' documents) is not (its constructor, ``dmattn_ops.document_mask``, is an interval
 by construction). Coefficients of kv_idx other than 0 and +-1 are not proven (intervals still, but rounding a bound
 is not worth its tests).
@@ -65,8 +68,16 @@ class _Sequence(_Opaque):
         return _Form(_Affine(0, 0, 0, ((t, 1),)))
 
 
+class _Floor(NamedTuple):
+    """floor(inner / n): inner an _Affine without kv_idx, n >= 1."""
+
+    inner: "_Affine"
+    n: int
+
+
 class _Affine(NamedTuple):
-    """a q_idx + k kv_idx + c + the sum of coefficient x t[b] over terms ((t, coefficient), ...)."""
+    """a q_idx + k kv_idx + c + the sum of coefficient x term over terms ((term, coefficient), ...), a term a 1-D
+    tensor t read at b (t[b]) or a _Floor of q_idx."""
 
     a: int
     k: int
@@ -117,24 +128,89 @@ class _Form:
 
     __rmul__ = __mul__
 
-    # self OP other, as (self - other) OP 0, or (other - self) for > and >=
+    def __floordiv__(self, n):
+        """A form without kv_idx floored by a positive int is a term; kv_idx + c floored by one is a _KeyBlock."""
+        if type(n) is not int or n < 1:
+            raise _Unproven
+        f = self.f
+        if f.k == 0:
+            return _Form(_Affine(0, 0, 0, ((_Floor(f, n), 1),)))
+        if f.k == 1 and f.a == 0 and not f.terms:
+            return _KeyBlock(f.c, n)
+        raise _Unproven
+
+    # self OP other, as (self - other) OP 0, or (other - self) for > and >=; a _KeyBlock on the right answers for
+    # itself (Python then calls its reflected method)
     def __le__(self, other):
+        if isinstance(other, _KeyBlock):
+            return NotImplemented
         return _Conditions.atom("le", (self - other).f)
 
     def __lt__(self, other):
+        if isinstance(other, _KeyBlock):
+            return NotImplemented
         return _Conditions.atom("lt", (self - other).f)
 
     def __ge__(self, other):
+        if isinstance(other, _KeyBlock):
+            return NotImplemented
         return _Conditions.atom("le", (_Form(_affine(other)) - self).f)
 
     def __gt__(self, other):
+        if isinstance(other, _KeyBlock):
+            return NotImplemented
         return _Conditions.atom("lt", (_Form(_affine(other)) - self).f)
 
     def __eq__(self, other):
+        if isinstance(other, _KeyBlock):
+            return NotImplemented
         return _Conditions.atom("eq", (self - other).f)
 
-    __ne__ = __bool__ = __index__ = __int__ = __getattr__ = __truediv__ = __floordiv__ = __mod__ = _fail
+    __ne__ = __bool__ = __index__ = __int__ = __getattr__ = __truediv__ = __mod__ = _fail
     __hash__ = None
+
+
+class _KeyBlock:
+    """(kv_idx + c) // n, n >= 1: compared with a form R without kv_idx it bounds kv_idx, since (kv + c) // n == R
+    holds exactly for n R - c <= kv < n R - c + n (a chunk, a block of a block mask)."""
+
+    __slots__ = ("c", "n")
+
+    def __init__(self, c: int, n: int):
+        self.c, self.n = c, n
+
+    def _row(self, other) -> _Form:
+        r = _Form(_affine(other))
+        if r.f.k != 0:
+            raise _Unproven
+        return r
+
+    def _first(self, r: _Form) -> _Form:  # the first kv of block r: n r - c
+        return r * self.n - self.c
+
+    def __eq__(self, other):
+        first = self._first(self._row(other))
+        return (_kv() >= first) & (_kv() < first + self.n)
+
+    def __le__(self, other):  # kv + c < n (r + 1)
+        return _kv() < self._first(self._row(other)) + self.n
+
+    def __lt__(self, other):
+        return _kv() < self._first(self._row(other))
+
+    def __ge__(self, other):
+        return _kv() >= self._first(self._row(other))
+
+    def __gt__(self, other):
+        return _kv() >= self._first(self._row(other)) + self.n
+
+    __ne__ = __bool__ = __index__ = __int__ = __getattr__ = __add__ = __radd__ = __sub__ = __rsub__ = _fail
+    __mul__ = __rmul__ = __floordiv__ = __mod__ = _fail
+    __hash__ = None
+
+
+def _kv() -> _Form:
+    return _Form(_Affine(0, 1, 0))
 
 
 class _Conditions:
@@ -210,7 +286,8 @@ def _same(forms_a: tuple, forms_b: tuple) -> bool:
     def key(f):
         terms = {}
         for t, m in f.terms:
-            terms[id(t)] = terms.get(id(t), 0) + m
+            name = ("floor", key(t.inner), t.n) if isinstance(t, _Floor) else id(t)
+            terms[name] = terms.get(name, 0) + m
         return f.a, f.c, frozenset((i, m) for i, m in terms.items() if m)
 
     return {key(f) for f in forms_a} == {key(f) for f in forms_b}
@@ -231,7 +308,11 @@ class Interval(NamedTuple):
 
     def terms_fit(self, batch: int, device: torch.device) -> bool:
         """Whether every tensor read at b has an entry for each of the batch's sequences, on the call's device."""
-        return all(t.shape[0] >= batch and t.device == device for f in self.forms() for t, _ in f.terms)
+        def tensors(f):
+            for t, _ in f.terms:
+                yield from tensors(t.inner) if isinstance(t, _Floor) else (t,)
+
+        return all(t.shape[0] >= batch and t.device == device for f in self.forms() for t in tensors(f))
 
     def key_range(self, q: torch.Tensor, count: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
         """(rows, 2) int32 [begin, end) for rows at positions q (INDEX_DTYPE) of sequences seq with count keys (seq
@@ -239,7 +320,10 @@ class Interval(NamedTuple):
         def value(f):
             out = f.a * q + f.c
             for t, m in f.terms:
-                out = out + m * t[seq].to(q.dtype)
+                if isinstance(t, _Floor):
+                    out = out + m * torch.div(value(t.inner), t.n, rounding_mode="floor")
+                else:
+                    out = out + m * t[seq].to(q.dtype)
             return out
 
         spans = []  # (lo, hi, holds) of each alternative
@@ -289,7 +373,15 @@ def prove(mask_mod) -> Optional[Interval]:
         return None
     # Integers past 2^31 would overflow the int64 arithmetic of the bounds (a q_idx + ...): not proven (the mask
     # path evaluates the mod as written)
-    if any(abs(n) >= 1 << 31 for f in atoms for n in (f.a, f.c, *(m for _, m in f.terms))):
+    def numbers(f):
+        yield from (f.a, f.c)
+        for t, m in f.terms:
+            yield m
+            if isinstance(t, _Floor):
+                yield t.n
+                yield from numbers(t.inner)
+
+    if any(abs(n) >= 1 << 31 for f in atoms for n in numbers(f)):
         return None
     alternatives = tuple(_bounds(alt) for alt in out.alternatives)
     first = alternatives[0]

@@ -155,9 +155,10 @@ def test_runs_as_key_range_and_matches_reference(device, name, key_mask, monkeyp
     tol = dict(rtol=1.6e-2, atol=1.6e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(native.cpu().double(), want, **tol)
     if not key_mask:  # other cu_seqlens tensors: a plain mask_mod, which its expression proves an interval
-        # (the prefix-LM's: dmattn_ops/_intervals.py) or create_mask evaluates into a query-side mask (the others')
+        # (the prefix-LM's and the chunks': dmattn_ops/_intervals.py) or create_mask evaluates into a query-side mask
+        # (the documents')
         as_mask = dmattn_ops.varlen_attention(q, k, v, cu_q.clone(), cu_k.clone(), 40, 40, mask_mod=mod)
-        if kind == "prefix":
+        if kind in ("prefix", "chunks"):
             assert spy.calls[1]["key_range"] is not None and spy.calls[1]["mask"] is None
         else:
             assert spy.calls[1]["key_range"] is None and spy.calls[1]["mask"].dim() == 3

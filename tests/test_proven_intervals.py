@@ -35,6 +35,12 @@ PROVEN = {
     # unions of intervals that share their lower (or upper) bounds: an interval for every row
     "prefix_lm": lambda b, h, q_idx, kv_idx: (kv_idx < TABLE[b]) | (kv_idx <= q_idx + LK[b] - LQ[b]),
     "or": lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) | (kv_idx < 4),
+    # blocks: `(kv_idx + c) // n` against a form of q_idx bounds kv_idx to whole blocks
+    "same_block": lambda b, h, q_idx, kv_idx: kv_idx // 4 == q_idx // 4,
+    "chunked_causal": lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (kv_idx // 3 == q_idx // 3),
+    "block_causal": lambda b, h, q_idx, kv_idx: q_idx // 2 >= kv_idx // 2,
+    "shifted_blocks": lambda b, h, q_idx, kv_idx: ((kv_idx + 1) // 3 < (q_idx + LK[b] - LQ[b]) // 3 + 1)
+    & ((kv_idx - 2) // 5 > q_idx // 5 - 2),
     "or_shared_upper": lambda b, h, q_idx, kv_idx: (kv_idx >= q_idx - 2) | (kv_idx >= 5),
     "or_with_row_conditions": lambda b, h, q_idx, kv_idx: ((q_idx >= 3) & (kv_idx <= q_idx)) | (kv_idx < 2)
     | ((q_idx == 7) & (kv_idx <= 8)),
@@ -53,7 +59,8 @@ NOT_PROVEN = {
     "tensor_constant": lambda b, h, q_idx, kv_idx: q_idx - kv_idx < torch.tensor(3),
     "key_coefficient_2": lambda b, h, q_idx, kv_idx: 2 * kv_idx <= q_idx,
     "negated_conjunction": lambda b, h, q_idx, kv_idx: ~((kv_idx <= q_idx) & (kv_idx >= 1)),
-    "division": lambda b, h, q_idx, kv_idx: kv_idx // 4 == q_idx // 4,
+    "key_block_times_a_number": lambda b, h, q_idx, kv_idx: (kv_idx // 4) * 4 <= q_idx,
+    "block_of_a_difference": lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) // 4 == 0,
     "head": lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (h >= 0),
     "huge_constant": lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + 10**12,  # past int32: the mask path's arithmetic
 }
@@ -177,11 +184,47 @@ def test_drawn_unions_sharing_a_bound_match_create_mask(shared, sides, which, le
     assert torch.equal(_as_mask(key_range, cu_q, cu_k, total_q, width), _query_side(built, cu_q, cu_k, total_q, width))
 
 
-@pytest.mark.parametrize("which", ["band", "bottom_right_window", "prefix_lm"])
+BLOCK_ATOM = st.tuples(st.sampled_from(["<=", "<", ">=", ">", "=="]), st.integers(-3, 3), st.integers(1, 5),
+                       st.integers(-2, 2), st.integers(-3, 3), st.integers(1, 4), st.sampled_from([-1, 0, 1]),
+                       st.booleans())
+
+
+@settings(max_examples=60, deadline=None)
+@given(atoms=st.lists(BLOCK_ATOM, min_size=1, max_size=3),
+       lens=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9), st.integers(-4, 4)), min_size=1, max_size=3))
+def test_drawn_block_conditions_match_create_mask(atoms, lens):
+    """Conjunctions of `(kv_idx + c) // n OP (a q_idx + d + m offsets[b]) // n2` (either side first): proven, and the
+    key_range as a mask equals create_mask's tensor."""
+    offsets = torch.tensor([o for _, _, o in lens])
+
+    def mod(b, h, q_idx, kv_idx):
+        out = True
+        for op, c, n, a, d, n2, m, key_first in atoms:
+            row = a * q_idx + d
+            if m:
+                row = row + m * offsets[b]
+            key, row = (kv_idx + c) // n, row // n2
+            x, y = (key, row) if key_first else (row, key)
+            cond = {"<=": x <= y, "<": x < y, ">=": x >= y, ">": x > y, "==": x == y}[op]
+            out = cond & out
+        return out
+
+    lens_q, lens_k = [q for q, _, _ in lens], [k for _, k, _ in lens]
+    cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
+    total_q, width = sum(lens_q), max(max(lens_k), 1)
+    key_range = dmattn_ops.mods.proven_key_range(mod, cu_q, cu_k, total_q)
+    assert key_range is not None
+    built = dmattn_ops.create_mask(mod, cu_q, cu_k, max(max(lens_q), 1), width, 2, total_q=total_q,
+                                   total_k=sum(lens_k))
+    assert torch.equal(_as_mask(key_range, cu_q, cu_k, total_q, width), _query_side(built, cu_q, cu_k, total_q, width))
+
+
+@pytest.mark.parametrize("which", ["band", "bottom_right_window", "prefix_lm", "chunked"])
 def test_varlen_attention_runs_a_proven_mod_as_key_range(which, device, monkeypatch):
     """The op gets the key_range and no mask; the output equals the mask path's (the same mod evaluated by
     create_mask) and the reference's. A band of top-left positions, a window aligned bottom-right through
-    per-sequence lengths read at b (on the decode-like sequences Lq < Lk), and a prefix-LM (a union)."""
+    per-sequence lengths read at b (on the decode-like sequences Lq < Lk), a prefix-LM (a union) and chunked causal
+    attention (key blocks)."""
     lens_q, lens_k = [6, 1, 9], [10, 4, 9]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     g = torch.Generator().manual_seed(0)
@@ -199,7 +242,8 @@ def test_varlen_attention_runs_a_proven_mod_as_key_range(which, device, monkeypa
     def prefix_lm(b, h, q_idx, kv_idx):
         return (kv_idx < prefix[b]) | (kv_idx <= q_idx + len_k[b] - len_q[b])
 
-    mod = {"band": PROVEN["band"], "bottom_right_window": bottom_right_window, "prefix_lm": prefix_lm}[which]
+    mod = {"band": PROVEN["band"], "bottom_right_window": bottom_right_window, "prefix_lm": prefix_lm,
+           "chunked": PROVEN["chunked_causal"]}[which]
     real, calls = torch.ops.dmattn.varlen_fwd, []
 
     def spy(*args):
