@@ -104,6 +104,19 @@ def test_other_mods_are_not_proven(name):
     assert _intervals.prove(NOT_PROVEN[name]) is None
 
 
+def _proven_as_create_mask_builds(mod, lens, extra_rows=0):
+    """mod is proven on the batch of lens ((queries, keys, offset) per sequence; extra_rows past the last one), and
+    its key_range, as a mask, is create_mask's tensor."""
+    lens_q, lens_k = [q for q, _, _ in lens], [k for _, k, _ in lens]
+    cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
+    total_q, width = sum(lens_q) + extra_rows, max(max(lens_k), 1)
+    key_range = dmattn_ops.mods.proven_key_range(mod, cu_q, cu_k, total_q)
+    assert key_range is not None
+    built = dmattn_ops.create_mask(mod, cu_q, cu_k, max(max(lens_q), 1), width, 2, total_q=total_q,
+                                   total_k=sum(lens_k))
+    assert torch.equal(_as_mask(key_range, cu_q, cu_k, total_q, width), _query_side(built, cu_q, cu_k, total_q, width))
+
+
 ATOM = st.tuples(st.sampled_from(["<=", "<", ">=", ">", "=="]), st.integers(-2, 2), st.sampled_from([-1, 0, 1]),
                  st.integers(-6, 6), st.sampled_from([-1, 0, 1]))
 
@@ -133,15 +146,7 @@ def test_drawn_conjunctions_match_create_mask(atoms, lens, extra_rows):
     """Every conjunction of affine conditions with kv_idx's coefficient in {-1, 0, 1} and a per-sequence offset read at
     b is proven (conditions of q_idx alone, `a q_idx OP c`, and constant ones included), and its key_range, as a
     mask, is what create_mask evaluates."""
-    mod = _mod_of(atoms, torch.tensor([o for _, _, o in lens]))
-    lens_q, lens_k = [q for q, _, _ in lens], [k for _, k, _ in lens]
-    cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
-    total_q, width = sum(lens_q) + extra_rows, max(max(lens_k), 1)
-    key_range = dmattn_ops.mods.proven_key_range(mod, cu_q, cu_k, total_q)
-    assert key_range is not None
-    built = dmattn_ops.create_mask(mod, cu_q, cu_k, max(max(lens_q), 1), width, 2, total_q=total_q,
-                                   total_k=sum(lens_k))
-    assert torch.equal(_as_mask(key_range, cu_q, cu_k, total_q, width), _query_side(built, cu_q, cu_k, total_q, width))
+    _proven_as_create_mask_builds(_mod_of(atoms, torch.tensor([o for _, _, o in lens])), lens, extra_rows)
 
 
 @settings(max_examples=60, deadline=None)
@@ -174,14 +179,7 @@ def test_drawn_unions_sharing_a_bound_match_create_mask(shared, sides, which, le
             out = out | (mod_shared(b, h, q_idx, kv_idx) & alt(b, h, q_idx, kv_idx))
         return out
 
-    lens_q, lens_k = [q for q, _, _ in lens], [k for _, k, _ in lens]
-    cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
-    total_q, width = sum(lens_q), max(max(lens_k), 1)
-    key_range = dmattn_ops.mods.proven_key_range(mod, cu_q, cu_k, total_q)
-    assert key_range is not None
-    built = dmattn_ops.create_mask(mod, cu_q, cu_k, max(max(lens_q), 1), width, 2, total_q=total_q,
-                                   total_k=sum(lens_k))
-    assert torch.equal(_as_mask(key_range, cu_q, cu_k, total_q, width), _query_side(built, cu_q, cu_k, total_q, width))
+    _proven_as_create_mask_builds(mod, lens)
 
 
 BLOCK_ATOM = st.tuples(st.sampled_from(["<=", "<", ">=", ">", "=="]), st.integers(-3, 3), st.integers(1, 5),
@@ -209,14 +207,7 @@ def test_drawn_block_conditions_match_create_mask(atoms, lens):
             out = cond & out
         return out
 
-    lens_q, lens_k = [q for q, _, _ in lens], [k for _, k, _ in lens]
-    cu_q, cu_k = dmattn_ops.cu_seqlens(lens_q), dmattn_ops.cu_seqlens(lens_k)
-    total_q, width = sum(lens_q), max(max(lens_k), 1)
-    key_range = dmattn_ops.mods.proven_key_range(mod, cu_q, cu_k, total_q)
-    assert key_range is not None
-    built = dmattn_ops.create_mask(mod, cu_q, cu_k, max(max(lens_q), 1), width, 2, total_q=total_q,
-                                   total_k=sum(lens_k))
-    assert torch.equal(_as_mask(key_range, cu_q, cu_k, total_q, width), _query_side(built, cu_q, cu_k, total_q, width))
+    _proven_as_create_mask_builds(mod, lens)
 
 
 @pytest.mark.parametrize("which", ["band", "bottom_right_window", "prefix_lm", "chunked"])
