@@ -908,9 +908,9 @@ def chunked_causal(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, chunk
 
 def proven_key_range(mask_mod, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int) -> \
         Optional[torch.Tensor]:
-    """(total_q, 2) int32 key_range of a mask_mod proven one interval of keys per query by its expression (a sliding
-    window or a causal band written as a mask_mod: dmattn_ops/_intervals.py), in eager mode; else None. Rows outside
-    every sequence get an empty range. O(total_q) tensor ops, no host sync."""
+    """(total_q, 2) int32 key_range of a mask_mod proven one interval of keys per query by its expression (a window,
+    a band, a prefix-LM or chunks written as a mask_mod: dmattn_ops/_intervals.py), in eager mode; else None. Rows
+    outside every sequence get an empty range. O(total_q) tensor ops, no host sync."""
     if cu_seqlens_q.shape[0] < 2:
         return None
     interval = _intervals.prove(mask_mod)

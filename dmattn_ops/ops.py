@@ -75,7 +75,7 @@ def varlen_attention(
             dmattn_ops.sliding_window mask_mod made for these cu_seqlens runs as window_size instead, and a
             dmattn_ops.prefix_lm / document_mask / chunked_causal one as key_range (a mask= tensor may then come
             with it); so does, in eager mode, a mask_mod whose expression proves it one interval of keys per query
-            (a window or a band of q_idx and kv_idx: docs/mods.md).
+            (a window, a band, a prefix-LM, chunks of q_idx and kv_idx: docs/mods.md, "Sliding windows").
 
     Returns:
         out (total_q, H, D) in q's dtype, or (out, softmax_lse). A query with no visible key gets a row of zeros
@@ -108,9 +108,9 @@ def varlen_attention(
                              "chunked_causal mask_mod, not both")
         key_range, mask_mod = ranges, None
     elif mask_mod is not None and mask is None and key_range is None and seqused_k is None:
-        # A mask_mod proven one interval of keys per query by its expression (a window or a band written as a
-        # mod; eager mode): key_range too, and no mask built (dmattn_ops/_intervals.py). Not beside mask=: that pair
-        # is an error either way, as in compiled code, where nothing is proven.
+        # A mask_mod proven one interval of keys per query by its expression (a window, a band, a prefix-LM written
+        # as a mod; eager mode): key_range too, and no mask built (dmattn_ops/_intervals.py). Not beside mask=: that
+        # pair is an error either way, as in compiled code, where nothing is proven.
         ranges = mods.proven_key_range(mask_mod, cu_seqlens_q, cu_seqlens_k, q.shape[0])
         if ranges is not None:
             key_range, mask_mod = ranges, None
