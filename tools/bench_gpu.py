@@ -40,9 +40,10 @@ Workloads (all packed varlen batches, H=32, Hk=8, D=128, bf16 on CUDA; ``--tiny`
   intervals  the prefill batch with masks that are one interval of keys per query, run as key_range: a prefix-LM
            (the first 25% of each sequence bidirectional, then causal) and causal documents (4 per packed sequence,
            random cuts). dmattn_ops given the mask_mod (dmattn_ops.prefix_lm / document_mask, built inside the timed
-           call), given the key_range tensor, and given the same mask query-side; FlexAttention compiled packed with
-           the mask in its mask_mod (+ BlockMask build); dmattn_ops plain causal as the reference. Issue 11's target:
-           the mask_mod call at least as fast as Flex's call plus its BlockMask build.
+           call), the prefix-LM also as a plain mask_mod (proven one interval per query in eager mode: key_range),
+           given the key_range tensor, and given the same mask query-side; FlexAttention compiled packed with the mask
+           in its mask_mod (+ BlockMask build); dmattn_ops plain causal as the reference. Issue 11's target: the
+           mask_mod call at least as fast as Flex's call plus its BlockMask build.
   paged    the decode batch (key-side mask 25% + bias, and no mask) with its keys in a KV-cache pool read in place
            through kv_slots: a paged cache of 16-key pages in shuffled order (dmattn_ops.paged_kv_slots), and a token
            pool (page size 1, every key in its own random slot), against the same call on packed keys; and the paged
@@ -837,6 +838,19 @@ def interval_mod(kind: str, p: PackedBatch) -> Callable:
     return lambda dm, b: dm.document_mask(b.cu_seqlens_q, b.cu_seqlens_k, ids)
 
 
+def plain_prefix_mod(p: PackedBatch) -> Callable:
+    """make_mod(dmattn_ops, p) of dmattn_mod_peer: the intervals workload's prefix-LM as a FlexAttention-style
+    mask_mod (bottom-right aligned through per-sequence lengths), which varlen_attention proves one interval per
+    query in eager mode and runs as key_range (docs/mods.md, "Sliding windows"); its tensors made untimed."""
+    prefix = torch.tensor(prefix_lengths(p), device=p.device)
+    shift = torch.tensor([lk - lq for lq, lk in zip(p.seqlens_q, p.seqlens_k)], device=p.device)
+
+    def prefix_lm(b, h, q_idx, kv_idx):
+        return (kv_idx < prefix[b]) | (kv_idx <= q_idx + shift[b])
+
+    return lambda dm, b: prefix_lm
+
+
 def ranges_as_query_mask(p: PackedBatch) -> PackedBatch:
     """The same call with its key_range as a query-side (total_q, 1, max_seqlen_k) bool mask."""
     lk = torch.tensor(p.seqlens_k).repeat_interleave(torch.tensor(p.seqlens_q)).to(p.device)[:, None]
@@ -979,8 +993,13 @@ def groups_of(name: str, base: PackedBatch):
                 ("prefix", f"prefix-LM (first {PREFIX_FRACTION:.0%} bidirectional, then causal)", base),
                 ("documents", f"causal documents ({DOCUMENTS} per packed sequence)", base.replace(is_causal=True))):
             ranged = plain.replace(key_range=interval_ranges(plain, kind))
+            mod_peers = [dmattn_mod_peer(plain, interval_mod(kind, plain),
+                                         "dmattn_ops, mask_mod (key_range built per call)")]
+            if kind == "prefix":
+                mod_peers.append(dmattn_mod_peer(plain, plain_prefix_mod(plain),
+                                                 "dmattn_ops, a plain prefix-LM mask_mod (proven: key_range)"))
             out.append((group, ranged, [
-                dmattn_mod_peer(plain, interval_mod(kind, plain), "dmattn_ops, mask_mod (key_range built per call)"),
+                *mod_peers,
                 dmattn_peer(ranged, "dmattn_ops, key_range given"),
                 dmattn_peer(ranges_as_query_mask(ranged), "dmattn_ops, the same mask query-side"),
                 flex_peer(ranged)]))
