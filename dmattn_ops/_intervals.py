@@ -351,9 +351,15 @@ class Interval(NamedTuple):
             for low, _, holds in spans:
                 low = low if holds is None else torch.where(holds, low, hi)
                 lo = low if lo is None else torch.minimum(lo, low)
-        begin = torch.minimum(lo.clamp(min=0), count)
-        end = torch.maximum(torch.minimum(hi, count), begin)
-        return torch.stack([begin, end], dim=1).to(torch.int32)
+        return clipped_key_range(lo, hi, count)
+
+
+def clipped_key_range(begin: torch.Tensor, end: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(rows, 2) int32 key_range of rows' intervals [begin, end) clipped to their sequences' count keys, never
+    reversed (an empty interval begins where it ends)."""
+    begin = torch.minimum(begin.clamp(min=0), count)
+    end = torch.maximum(torch.minimum(end, count), begin)
+    return torch.stack([begin, end], dim=1).to(torch.int32)
 
 
 def prove(mask_mod) -> Optional[Interval]:

@@ -776,10 +776,7 @@ class _IntervalMaskMod:
         cu_q = self.cu_seqlens_q.to(INDEX_DTYPE)
         b = _sequence_of(cu_q, i)
         len_k = torch.where(i < cu_q[-1], self._lk[b], 0)
-        begin, end = self._interval(b, i - cu_q[b] + len_k - self._lq[b], len_k)
-        begin = torch.minimum(begin.clamp(min=0), len_k)
-        end = torch.maximum(torch.minimum(end, len_k), begin)
-        return torch.stack([begin, end], dim=1).to(torch.int32)
+        return _intervals.clipped_key_range(*self._interval(b, i - cu_q[b] + len_k - self._lq[b], len_k), len_k)
 
 
 class _PrefixLM(_IntervalMaskMod):

@@ -166,16 +166,6 @@ def _chunk_ranges(positions: torch.Tensor, Lq: int, Lk: int, chunk: int) -> torc
     return torch.stack([begin, end], dim=-1).reshape(B * Lq, 2).to(torch.int32)
 
 
-def _packed_chunk_ranges(cu: torch.Tensor, total: int, chunk: int) -> torch.Tensor:
-    """(total, 2) int32 key_range of a chunked layer's packed rows (one batch row of packed self-attention
-    sequences, cu their bounds): each sequence's chunks count from its own first token, as if it were alone (what
-    packing promises; transformers' sdpa and eager paths count them along the row instead), so the row at position j
-    of its sequence sees the positions [j - j % chunk, j]."""
-    r = torch.arange(total, dtype=torch.int32, device=cu.device)
-    j = r - cu[torch.searchsorted(cu[1:].contiguous(), r, right=True)]
-    return torch.stack([j - j % chunk, j + 1], dim=-1).to(torch.int32)
-
-
 def _refuse(module, query, key, value, dropout, kwargs) -> None:
     def fail(what: str) -> None:
         raise NotImplementedError(f"dmattn_ops (attn_implementation='dmattn'): {what} is not supported yet; use "
@@ -227,12 +217,15 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                              f"got a batch of {B}")
         # A max length given as a tensor is not read (that would sync): the row's length bounds every sequence.
         max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        same = cu_q is cu_k  # (before the conversion, which makes two tensors of one int64 tensor)
         cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
         if chunk is not None:
-            if Lq != key.shape[2] or (cu_q is not cu_k and not torch.equal(cu_q, cu_k)):
+            if Lq != key.shape[2] or (not same and not torch.equal(cu_q, cu_k)):
                 raise NotImplementedError("dmattn_ops (attn_implementation='dmattn'): a chunked-attention layer over "
                                           "packed rows with a cache (its packed queries and keys differ)")
-            extra["key_range"] = _packed_chunk_ranges(cu_q, Lq, chunk)
+            # each sequence's chunks from its own first token, as if it were alone (what packing promises;
+            # transformers' sdpa and eager paths count them along the row instead)
+            extra["key_range"] = dmattn_ops.chunked_causal(cu_q, cu_k, chunk).key_range(Lq)
         out = dmattn_ops.varlen_attention(
             q[0], key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
             max_q if isinstance(max_q, int) else Lq, max_k if isinstance(max_k, int) else key.shape[2], **extra)
