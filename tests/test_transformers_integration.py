@@ -3,8 +3,8 @@
 Tiny random-weight models (no download) of eight families, on the CPU: logits against "sdpa" ("eager" for Gemma 2's
 softcap and gpt-oss's sinks, which transformers' sdpa path drops) on unpadded, left- and right-padded batches (every
 real token's logits), greedy generation token for token with dynamic and static caches, packed rows through
-cu_seq_lens_* or restarting position_ids, torch.compile(fullgraph=True), the in-place decode step (on CUDA too), and
-the clear refusals.
+cu_seq_lens_* or restarting position_ids, mask overlays transformers composes (its full mask), torch.compile(fullgraph=True),
+the in-place decode step (on CUDA too), and the clear refusals.
 transformers is a test-only dependency, pinned in tools/bootstrap.py.
 """
 
@@ -211,21 +211,168 @@ def test_packed_rows_through_cu_seq_lens(max_length, family):
         torch.testing.assert_close(got[:, cu[b]:cu[b + 1]], want, rtol=1e-4, atol=1e-5)
 
 
-def test_packed_rows_through_restarting_position_ids():
-    """The same packed row with only position_ids restarting at each sequence (no cu_seq_lens_*): each sequence's
-    logits as if alone. (Llama 4 does not pass position_ids to its attention function, so there only cu_seq_lens_*
-    tell packed rows: the module docstring.)"""
-    model = _tiny("llama")
-    lengths = [5, 9, 3]
+def _packed_batch(rows: int):
+    """rows rows of 12 tokens, each packing sequences told only by position_ids restarting (no cu_seq_lens_*), and
+    the sequences of row 0 alone."""
     g = torch.Generator().manual_seed(2)
-    seqs = [torch.randint(0, VOCAB, (1, n), generator=g) for n in lengths]
-    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
-    got = _logits(model, "dmattn", input_ids=torch.cat(seqs, dim=1), position_ids=positions)
+    ids = torch.randint(0, VOCAB, (rows, 12), generator=g)
+    lengths = [[5, 4, 3], [3, 9], [12]][:rows]
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    starts = torch.tensor([0, 5, 9, 12])
+    return ids, positions, [ids[:1, starts[i]:starts[i + 1]] for i in range(3)]
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_rows_through_restarting_position_ids(family, rows):
+    """A training batch (no cache, no padding mask) whose rows pack sequences told only by position_ids restarting:
+    transformers composes a packed-sequence mask into the mask function, which reaches the attention function as each
+    token's sequence (key_range, no full mask). Logits as the reference implementation's, every row, and row 0's
+    sequences as if alone. Before, rows of a batch of two ran as one sequence each (0.36 off), and Llama 4, which
+    passes no position_ids to its attention, too."""
+    model = _tiny(family)
+    ids, positions, alone = _packed_batch(rows)
+    calls = []
+    original = dmattn_transformers.dmattn_ops.varlen_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", spy)
+        got = _logits(model, "dmattn", input_ids=ids, position_ids=positions, use_cache=False)
+    want = _logits(model, REFERENCE[family], input_ids=ids, position_ids=positions, use_cache=False)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     start = 0
-    for seq in seqs:
-        want = _logits(model, "sdpa", input_ids=seq)
-        torch.testing.assert_close(got[:, start:start + seq.shape[1]], want, rtol=1e-4, atol=1e-5)
+    # (transformers' gpt-oss model infers no packing itself; Llama 4's reference counts chunks along the row)
+    for seq in alone if family not in ("gpt_oss", "llama4") else ():
+        torch.testing.assert_close(got[:1, start:start + seq.shape[1]],
+                                   _logits(model, REFERENCE[family], input_ids=seq), rtol=1e-4, atol=1e-5)
         start += seq.shape[1]
+    if family == "llama4":  # packing beside a chunk: transformers' full mask on the chunked layer
+        assert any(c.get("mask") is not None and c["mask"].dim() == 3 for c in calls)
+        assert any("mask_mod" in c for c in calls)  # and the sequences as key_range on the full layer
+    elif family != "gpt_oss":
+        assert calls and all("mask_mod" in c and c.get("mask") is None for c in calls)
+
+
+def test_packed_rows_with_a_cache_run_as_transformers_runs_them():
+    """With a cache transformers does not infer packing from position_ids (the positions only rotate the keys), and
+    neither does the backend now (it used to read them on the host, a sync per layer): the same logits as sdpa."""
+    model = _tiny("llama")
+    ids, positions, _ = _packed_batch(1)
+    got = _logits(model, "dmattn", input_ids=ids, position_ids=positions)
+    torch.testing.assert_close(got, _logits(model, "sdpa", input_ids=ids, position_ids=positions), rtol=1e-4,
+                               atol=1e-5)
+
+
+def _attention_inputs(B=2, Lq=7, Lk=7, H=4, Hk=2, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, Lq, D, generator=g), torch.randn(B, Hk, Lk, D, generator=g),
+            torch.randn(B, Hk, Lk, D, generator=g))
+
+
+def _sdpa_attention(q, k, v, mask):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    module.num_key_value_groups = q.shape[1] // k.shape[1]
+    module.training = False
+    return sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0]
+
+
+def _dmattn_attention(q, k, v, mask):
+    module = torch.nn.Module()
+    module.is_causal = True
+    return dmattn_transformers.attention_forward(module, q, k, v, mask, scaling=0.25)[0]
+
+
+def _masks(overlay=None, padding=None, position_ids=None, B=2, L=7):
+    """The mask create_causal_mask makes for "dmattn" and for "sdpa" (an or_mask_function overlay, padding, packing)."""
+    from transformers.masking_utils import create_causal_mask
+
+    config = transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, hidden_size=64)
+    embeds = torch.zeros(B, L, 64)
+    out = {}
+    for name in ("dmattn", "sdpa"):
+        config._attn_implementation = name
+        out[name] = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=padding,
+                                       past_key_values=None, position_ids=position_ids, or_mask_function=overlay)
+    return out
+
+
+def _bidirectional_block(b, h, q_idx, kv_idx):
+    """Gemma 3's kind of overlay: tokens 2-4 of each row (an image, say) see each other both ways."""
+    inside = lambda i: (i >= 2) & (i <= 4)  # noqa: E731
+    return inside(q_idx) & inside(kv_idx)
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_an_overlay_the_backend_does_not_express_takes_transformers_full_mask(padding):
+    """An or_mask_function overlay used to be dropped silently (the mask function returned the padding alone): now
+    the mask function hands the attention function transformers' full mask, a query-side mask for the op. Real
+    queries' outputs as sdpa's on its own mask."""
+    pad = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]]) if padding else None
+    masks = _masks(overlay=_bidirectional_block, padding=pad)
+    assert masks["dmattn"].shape == (2, 1, 7, 7) and masks["dmattn"].dtype == torch.bool
+    q, k, v = _attention_inputs()
+    got, want = _dmattn_attention(q, k, v, masks["dmattn"]), _sdpa_attention(q, k, v, masks["sdpa"])
+    real = pad.bool() if padding else torch.ones(2, 7, dtype=torch.bool)
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+    # the overlay matters: query 2 sees key 4 (causal alone would not let it)
+    assert bool(masks["dmattn"][1, 0, 2, 4])
+
+
+def test_a_full_mask_of_one_query_runs_as_a_key_side_mask(monkeypatch):
+    """A decode step under a full mask: its row of the mask is per key (a key-side mask, the decode kernel's)."""
+    q, k, v = _attention_inputs(Lq=1, Lk=9)
+    full = torch.rand(2, 1, 1, 9, generator=torch.Generator().manual_seed(4)) < 0.6
+    full[:, :, :, 0] = True
+    seen = []
+    original = dmattn_transformers.dmattn_ops.varlen_attention
+    monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention",
+                        lambda *a, **kw: seen.append(kw["mask"].shape) or original(*a, **kw))
+    got = _dmattn_attention(q, k, v, full)
+    assert seen == [(2 * 9, 1)]
+    torch.testing.assert_close(got, _sdpa_attention(q, k, v, full), rtol=1e-4, atol=1e-5)
+
+
+def test_mask_structure_reads_the_parts_transformers_composed():
+    """Plain parts (causal, bidirectional, window, chunk) leave the padding mask; packing alone gives the sequence
+    ids; any other part (an overlay, block ids, a function transformers did not make) the full mask."""
+    from transformers import masking_utils as mu
+
+    ids = torch.tensor([[0, 0, 1, 1]])
+    structure = dmattn_transformers._mask_structure
+    assert structure(mu.causal_mask_function, 4, {}) == "plain"
+    assert structure(mu.sliding_window_causal_mask_function(3), 4, {}) == "plain"
+    assert structure(mu.chunked_causal_mask_function(2, torch.zeros(1, dtype=torch.long)), 4, {}) == "plain"
+    assert structure(mu.bidirectional_mask_function, 4, {}) == "plain"
+    packed = mu.and_masks(mu.causal_mask_function, mu.packed_sequence_mask_function(ids))
+    assert structure(packed, 4, {}) is ids
+    for other in (mu.or_masks(mu.causal_mask_function, _bidirectional_block),
+                  mu.and_masks(packed, _bidirectional_block),
+                  mu.and_masks(packed, mu.packed_sequence_mask_function(ids)),
+                  mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(ids)),
+                  lambda b, h, q_idx, kv_idx: kv_idx <= q_idx):
+        assert structure(other, 4, {}) == "full"
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_packed_rows_compile_in_one_graph(family):
+    """Compiled code cannot read the mask function's parts: transformers' flag (allow_is_causal_skip=False) makes
+    it take the full mask, and the packed rows are right there too."""
+    model = _tiny(family)
+    ids, positions, _ = _packed_batch(2)
+    model.set_attn_implementation("dmattn")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        got = compiled(input_ids=ids, position_ids=positions, use_cache=False).logits
+    want = _logits(model, "sdpa", input_ids=ids, position_ids=positions, use_cache=False)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "llama4"])

@@ -17,10 +17,12 @@ dynamic or static cache (keys past the tokens seen so far are never visible), sl
 window: key tiles outside it are skipped, no mask is built), chunked-attention layers (Llama 4's: each query's chunk
 as the op's key_range, counted from the row's first real token as transformers counts it), attention logit softcapping (Gemma 2) and learned
 attention sinks (gpt-oss's ``s_aux``) natively, packed rows given as ``cu_seq_lens_q`` / ``cu_seq_lens_k`` /
-``max_length_q`` / ``max_length_k`` keyword arguments (what ``DataCollatorWithFlattening`` produces) or told by
-``position_ids`` restarting in a batch of one row (that reads the positions on the host: a sync per layer, and not while
-compiling; only where the model passes ``position_ids`` on to its attention function, which Llama 4's does not: give
-it the ``cu_seq_lens_*`` arguments). Otherwise no host sync: every length is a Python int of the tensors' shapes.
+``max_length_q`` / ``max_length_k`` keyword arguments (what ``DataCollatorWithFlattening`` produces), packed
+batches transformers infers from restarting ``position_ids`` (each query's own sequence as the op's key_range, rows of
+any batch size), and whatever else a model composes into its mask function (``or_mask_function`` overlays, block ids:
+transformers' own full mask, run as a query-side mask; see ``padding_mask``). No host sync: every length is a Python
+int of the tensors' shapes. Compiled code cannot read a mask function's parts, so there packed batches without
+``cu_seq_lens_*`` take the full mask too.
 
 What it refuses, with an error naming it: dropout while training, a value head dim that differs from the key's,
 non-causal (encoder) layers with padding, output_attentions.
@@ -108,12 +110,91 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     For a chunked-attention layer (transformers' ``create_chunked_causal_mask``, Llama 4) the chunks count from each
     row's first real token and the layer's cache may hold only its last keys (kv_offset), which the attention
     function cannot see: there the mask is ``(batch, n)`` int32, each key's position among its row's real tokens
-    (-1 for padding), always given, from which ``attention_forward`` builds every query's chunk as a key_range."""
-    if _mask_chunk(local_size, config) is not None:
+    (-1 for padding), always given, from which ``attention_forward`` builds every query's chunk as a key_range.
+
+    transformers may compose more into ``mask_function`` than causal, window and chunk: the packed-sequence mask it
+    infers from restarting ``position_ids`` (no padding mask, no cache: a training batch), a model's ``or_mask_function``
+    / ``and_mask_function`` overlays (Gemma 3's bidirectional image tokens, say) or ``block_sequence_ids``. Packing
+    alone comes as ``(batch, n)`` int64, each token's sequence in its row (the attention function runs it as
+    ``key_range``, no ``(queries x keys)`` mask); anything else the attention function cannot express comes as
+    transformers' own full ``(batch, 1, q_length, kv_length)`` bool mask, a query-side mask for the op (correct, and
+    as large as sdpa's). See ``_mask_structure`` for how the two are told apart."""
+    structure = _mask_structure(mask_function, q_length, kwargs)
+    chunk = _mask_chunk(local_size, config)
+    packed = isinstance(structure, torch.Tensor)
+    if packed and (chunk is not None or attention_mask is not None or kv_offset != 0 or q_length != kv_length or
+                   structure.shape != (batch_size, kv_length)):
+        structure = "full"  # packing beside a chunk, padding or a cache: not one the attention function expresses
+    if structure == "full":
+        from transformers.masking_utils import sdpa_mask
+
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                         local_size=local_size, allow_is_causal_skip=False,
+                         use_vmap=kwargs.get("use_vmap", False), device=device)
+    if packed:
+        return structure.to(torch.int64)
+    if chunk is not None:
         return _key_positions(batch_size, kv_length, kv_offset, attention_mask, device)
     if attention_mask is None:
         return None
     return attention_mask[:, -kv_length:].to(torch.bool)
+
+
+# transformers.masking_utils' mask functions the attention function implements itself (causal, bidirectional, the
+# sliding window and the chunk overlays; the window and chunk sizes reach it as the layer's own), and the combinators
+# whose parts are read from their closures. Named by qualified name: the overlays are closures made per call.
+_PLAIN_MASKS = frozenset({"causal_mask_function", "bidirectional_mask_function",
+                          "sliding_window_overlay.<locals>.inner_mask", "chunked_overlay.<locals>.inner_mask"})
+_PACKED_MASK = "packed_sequence_mask_function.<locals>.inner_mask"
+_AND_MASKS = "and_masks.<locals>.and_mask"
+
+
+def _mask_structure(mask_function, q_length: int, kwargs: dict):
+    """What transformers composed into mask_function: "plain" (causal, window or chunk: the layer's own), the
+    ``(batch, n)`` sequence ids of a packed batch when packing is all that was added, or "full" (anything else).
+
+    In eager mode the function's parts are read (an ``and_masks`` closure's functions, recursively); a part that is
+    not one of transformers' plain masks or its packed-sequence mask makes it "full", so a mask function this module
+    does not know is never dropped. Dynamo cannot read a closure, so compiled code goes by the flag transformers
+    clears whenever it adds a part (``allow_is_causal_skip=False``): "full" then, packing included, but for a decode
+    step of one query (transformers clears the flag for a compiled static-cache decode step too; no part applies to
+    a decode step's row: packing never comes with a cache)."""
+    if torch.compiler.is_compiling():
+        return "full" if kwargs.get("allow_is_causal_skip", True) is False and q_length > 1 else "plain"
+    packed = []
+    if not _known_parts(mask_function, packed):
+        return "full"
+    if not packed:
+        return "plain"
+    return packed[0] if len(packed) == 1 and isinstance(packed[0], torch.Tensor) and packed[0].dim() == 2 else "full"
+
+
+def _known_parts(fn, packed: list) -> bool:
+    """Whether fn is made of plain masks and packed-sequence masks only (whose id tensors go to packed)."""
+    if fn is None:
+        return True
+    if getattr(fn, "__module__", None) != "transformers.masking_utils":
+        return False
+    name = getattr(fn, "__qualname__", None)
+    if name in _PLAIN_MASKS:
+        return True
+    if name == _PACKED_MASK:
+        ids = _closure_value(fn, "packed_sequence_mask")
+        packed.append(ids)
+        return ids is not None
+    if name == _AND_MASKS:
+        parts = _closure_value(fn, "mask_functions")
+        return isinstance(parts, tuple) and all(_known_parts(f, packed) for f in parts)
+    return False
+
+
+def _closure_value(fn, name: str):
+    """The value of the free variable `name` of closure fn, or None."""
+    try:
+        return fn.__closure__[fn.__code__.co_freevars.index(name)].cell_contents
+    except (AttributeError, ValueError, IndexError, TypeError):
+        return None
 
 
 def _mask_chunk(local_size: Optional[int], config) -> Optional[int]:
@@ -188,9 +269,19 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     B, H, Lq, D = query.shape
     Hk = key.shape[1]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q = query.transpose(1, 2)  # (B, Lq, H, D)
+    softcap = kwargs.get("softcap")
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))  # gpt-oss passes its (H,) sink logits as s_aux
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+        # transformers' full mask (padding_mask: parts this module does not express), or a prepared boolean one
+        return _attend_full_mask(q, key, value, attention_mask, scaling, softcap, sinks), None
     if attention_mask is not None and attention_mask.dim() != 2:
         raise NotImplementedError(f"dmattn_ops (attn_implementation='dmattn'): a prepared {attention_mask.dim()}-D "
-                                  "attention mask is not supported; pass the 2-D padding mask")
+                                  f"{attention_mask.dtype} attention mask is not supported; pass the 2-D padding mask "
+                                  "(or a boolean 4-D one, True where a query sees a key)")
+    sequence_ids = None
+    if attention_mask is not None and attention_mask.dtype == torch.int64:  # a packed batch (padding_mask)
+        sequence_ids, attention_mask = attention_mask, None
     chunk, positions = _layer_chunk(module), None
     if chunk is not None:  # padding_mask gave the keys' positions among their rows' real tokens
         if attention_mask is None or attention_mask.dtype != torch.int32:
@@ -198,19 +289,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                              "gives (register both with dmattn_ops.integrations.transformers.register())")
         positions = attention_mask
         attention_mask = positions >= 0
-    q = query.transpose(1, 2)  # (B, Lq, H, D)
     # transformers' sliding window W: a query sees itself and the W - 1 keys before it.
     window = (sliding_window - 1, -1) if sliding_window is not None else None
-    softcap = kwargs.get("softcap")
-    sinks = kwargs.get("s_aux", kwargs.get("sinks"))  # gpt-oss passes its (H,) sink logits as s_aux
     extra = dict(softmax_scale=scaling, is_causal=causal, window_size=window, softcap=softcap or None, sinks=sinks)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is None and cu_k is None and B == 1 and Lq == key.shape[2] and attention_mask is None:
-        packed = _packed_by_position_ids(kwargs.get("position_ids"))
-        if packed is not None:
-            cu_q = cu_k = packed[0]
-            kwargs["max_length_q"] = kwargs["max_length_k"] = packed[1]
     if cu_q is not None and cu_k is not None:  # packed rows in one batch row: already the op's layout
         if B != 1:
             raise ValueError(f"dmattn_ops: cu_seq_lens_q / cu_seq_lens_k describe packed rows of a batch of 1, "
@@ -243,7 +326,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         extra["key_range"] = _chunk_ranges(positions, Lq, Lk, chunk)
     # In place through an as_strided row view, in eager mode: compiled code gets the packed copy below (under
     # torch.compile an as_strided of the cache is taken against whatever layout inductor gives the cache).
-    if B > 1 and _no_padding_copy(query) and not torch.compiler.is_compiling():
+    if B > 1 and sequence_ids is None and _no_padding_copy(query) and not torch.compiler.is_compiling():
         rows = _cache_as_rows(key, value)
         if rows is not None:
             return _attend_in_place(q, rows, real, Lk, extra), None
@@ -252,27 +335,36 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     mask = real.reshape(B * Lk, 1) if real is not None else None  # key-side, one head
     cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=query.device)
     cu_k = torch.arange(0, (B + 1) * Lk, Lk, dtype=torch.int32, device=query.device)
+    if sequence_ids is not None:  # each row's packed sequences as documents: each query's own, as key_range
+        extra["mask_mod"] = dmattn_ops.document_mask(cu_q, cu_k, sequence_ids.reshape(B * Lk))
     out = dmattn_ops.varlen_attention(
         q.reshape(B * Lq, H, D), k.reshape(B * Lk, Hk, D), v.reshape(B * Lk, Hk, D), cu_q, cu_k, Lq, Lk,
         mask=mask, **extra)
     return out.view(B, Lq, H, D), None
 
 
-def _packed_by_position_ids(position_ids: Optional[torch.Tensor]):
-    """(cu_seqlens, max length) of the sequences packed into a row of one batch, told by its position_ids restarting
-    (a position that is not the previous one plus 1 starts a sequence), or None when the row holds one sequence. It
-    reads the positions on the host: one device sync per layer (pass the ``cu_seq_lens_*`` keyword arguments to avoid
-    it), and it is skipped while torch.compile traces (a sync would break the graph)."""
-    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1 or position_ids.shape[1] < 2:
-        return None
-    if torch.compiler.is_compiling():
-        return None
-    pos = position_ids[0]
-    starts = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
-    if starts.numel() == 0:
-        return None
-    bounds = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), pos.shape[0])])
-    return bounds.to(torch.int32), int(bounds.diff().max())
+def _attend_full_mask(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, full: torch.Tensor, scaling,
+                      softcap, sinks) -> torch.Tensor:
+    """The batch under a full boolean mask ``(B, 1 or H, Lq, Lk)`` (True: the query sees the key; Lk <= the cache's
+    slots): the mask says everything (causality, window, padding), so the op runs it alone. One query per sequence
+    makes it a key-side mask; more make it the op's query-side mask ``(B Lq, Hm, Lk)``. K and V are copied packed."""
+    B, Lq, H, D = q.shape
+    Hk = key.shape[1]
+    if full.shape[0] != B or full.shape[1] not in (1, H) or full.shape[2] != Lq or full.shape[3] > key.shape[2]:
+        raise ValueError(f"dmattn_ops: a 4-D attention mask must be (batch, 1 or heads, queries, keys <= "
+                         f"{key.shape[2]}) = ({B}, 1 or {H}, {Lq}, <= {key.shape[2]}), got {tuple(full.shape)}")
+    Hm, Lk = full.shape[1], full.shape[3]
+    k = key[:, :, :Lk].transpose(1, 2).reshape(B * Lk, Hk, D)
+    v = value[:, :, :Lk].transpose(1, 2).reshape(B * Lk, Hk, D)
+    if Lq == 1:  # the sequence's one query: its row of the mask is per key
+        mask = full[:, :, 0, :].transpose(1, 2).reshape(B * Lk, Hm)
+    else:
+        mask = full.transpose(1, 2).reshape(B * Lq, Hm, Lk)
+    cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=q.device)
+    cu_k = torch.arange(0, (B + 1) * Lk, Lk, dtype=torch.int32, device=q.device)
+    out = dmattn_ops.varlen_attention(q.reshape(B * Lq, H, D), k, v, cu_q, cu_k, Lq, Lk, mask=mask.contiguous(),
+                                      softmax_scale=scaling, softcap=softcap or None, sinks=sinks)
+    return out.view(B, Lq, H, D)
 
 
 def _no_padding_copy(query: torch.Tensor) -> bool:
