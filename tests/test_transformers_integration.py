@@ -3,7 +3,8 @@
 Tiny random-weight models (no download) of eight families, on the CPU: logits against "sdpa" ("eager" for Gemma 2's
 softcap and gpt-oss's sinks, which transformers' sdpa path drops) on unpadded, left- and right-padded batches (every
 real token's logits), greedy generation token for token with dynamic and static caches, packed rows through
-cu_seq_lens_* or restarting position_ids, mask overlays transformers composes (its full mask), torch.compile(fullgraph=True),
+cu_seq_lens_* or restarting position_ids, mask overlays transformers composes (its full mask), encoders (BERT, RoBERTa,
+ModernBERT) with padding, torch.compile(fullgraph=True),
 the in-place decode step (on CUDA too), and the clear refusals.
 transformers is a test-only dependency, pinned in tools/bootstrap.py.
 """
@@ -279,6 +280,36 @@ def test_packed_rows_through_restarting_position_ids_on_cuda(family):
     got = _logits(model, "dmattn", input_ids=ids, position_ids=positions, use_cache=False)
     want = _logits(model, "sdpa", input_ids=ids, position_ids=positions, use_cache=False)
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def _tiny_encoder(name: str):
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    if name == "modernbert":  # a local (bidirectional window of 2 keys each side) and a global layer
+        cfg = transformers.ModernBertConfig(**common, global_attn_every_n_layers=2, local_attention=4, pad_token_id=0,
+                                            bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+        cls = transformers.ModernBertModel
+    else:
+        cfg, cls = {"bert": (transformers.BertConfig(**common), transformers.BertModel),
+                    "roberta": (transformers.RobertaConfig(**common), transformers.RobertaModel)}[name]
+    torch.manual_seed(0)
+    return cls(cfg).eval()
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+@pytest.mark.parametrize("name", ["bert", "roberta", "modernbert"])
+def test_encoders_match_sdpa(name, padding):
+    """Non-causal layers with padding (refused before): the padding mask is a key-side mask with is_causal=False;
+    ModernBERT's local layers, whose bidirectional window transformers composes into the mask function, take its
+    full mask. Every real token's hidden state as sdpa's."""
+    model = _tiny_encoder(name)
+    ids, mask = _batch(padding)
+    out = {}
+    for implementation in ("sdpa", "dmattn"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            out[implementation] = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(out["dmattn"][real], out["sdpa"][real], rtol=1e-4, atol=1e-5)
 
 
 def _attention_inputs(B=2, Lq=7, Lk=7, H=4, Hk=2, D=16, seed=0, device="cpu"):

@@ -24,8 +24,11 @@ transformers' own full mask, run as a query-side mask; see ``padding_mask``). No
 int of the tensors' shapes. Compiled code cannot read a mask function's parts, so there packed batches without
 ``cu_seq_lens_*`` take the full mask too.
 
+Encoder (non-causal) layers take the padding mask as a key-side mask too (BERT, RoBERTa; ModernBERT's local layers,
+whose bidirectional window transformers composes into the mask function, take its full mask).
+
 What it refuses, with an error naming it: dropout while training, a value head dim that differs from the key's,
-non-causal (encoder) layers with padding, output_attentions.
+output_attentions.
 
 The cache is read in place, prefill and decode alike: the ``(batch, kv_heads, keys, head_dim)`` tensors seen as packed
 ``(rows, kv_heads, head_dim)`` rows (a strided view, ``_cache_as_rows``), sequence b at rows ``b R ..`` with the op's
@@ -291,6 +294,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         attention_mask = positions >= 0
     # transformers' sliding window W: a query sees itself and the W - 1 keys before it.
     window = (sliding_window - 1, -1) if sliding_window is not None else None
+    if window is not None and not causal:  # a bidirectional window comes in the full mask (padding_mask)
+        raise NotImplementedError("dmattn_ops (attn_implementation='dmattn'): a non-causal sliding-window layer "
+                                  "without its full mask (register the mask function with register())")
     extra = dict(softmax_scale=scaling, is_causal=causal, window_size=window, softcap=softcap or None, sinks=sinks)
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -318,9 +324,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     Lk = key.shape[2] if attention_mask is None else attention_mask.shape[-1]
     if Lk > key.shape[2]:
         raise ValueError(f"dmattn_ops: the padding mask covers {Lk} keys but the cache holds {key.shape[2]}")
-    if not causal and attention_mask is not None:
-        raise NotImplementedError("dmattn_ops (attn_implementation='dmattn'): non-causal layers with a padding mask "
-                                  "are not supported yet")
     real = attention_mask  # (B, Lk) bool or None: the keys sequence b has
     if chunk is not None:  # each query's chunk, up to itself, as a key_range (causal and left padding included)
         extra["key_range"] = _chunk_ranges(positions, Lq, Lk, chunk)
