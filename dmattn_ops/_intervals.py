@@ -306,6 +306,29 @@ class Interval(NamedTuple):
             yield from alt.upper
             yield from (f for _, f in alt.rows)
 
+    def signature(self):
+        """(key, tensors): a hashable key of the bounds, each tensor read at b standing as its identity and version
+        counter (an in-place change makes another key), and those tensors (whoever keeps the key keeps them, so that
+        no other tensor takes their identity). None where a tensor tracks no version (an inference tensor)."""
+        held = []
+
+        def form(f):
+            terms = []
+            for t, m in f.terms:
+                if isinstance(t, _Floor):
+                    terms.append(("floor", form(t.inner), t.n, m))
+                else:
+                    held.append(t)
+                    terms.append((id(t), t._version, m))
+            return f.a, f.k, f.c, tuple(terms)
+
+        try:
+            key = (self.shared, tuple((tuple(map(form, alt.lower)), tuple(map(form, alt.upper)),
+                                       tuple((kind, form(f)) for kind, f in alt.rows)) for alt in self.alternatives))
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            return None
+        return key, held
+
     def terms_fit(self, batch: int, device: torch.device) -> bool:
         """Whether every tensor read at b has an entry for each of the batch's sequences, on the call's device."""
         def tensors(f):

@@ -40,6 +40,7 @@ No Python loop runs over tokens or sequences, and nothing synchronizes with the 
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -913,8 +914,39 @@ def proven_key_range(mask_mod, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.T
     interval = _intervals.prove(mask_mod)
     if interval is None or not interval.terms_fit(cu_seqlens_q.shape[0] - 1, cu_seqlens_q.device):
         return None
+    key = _proven_range_key(interval, cu_seqlens_q, cu_seqlens_k, total_q)
+    found = _PROVEN_RANGES.get(key[0]) if key is not None else None
+    if found is not None:
+        _PROVEN_RANGES.move_to_end(key[0])
+        return found[0]
     rows = _Packing(cu_seqlens_q, cu_seqlens_k, total_q, cu_seqlens_q.device).query_rows()
-    return interval.key_range(rows.pos, rows.count.clamp(min=0), rows.seq)
+    out = interval.key_range(rows.pos, rows.count.clamp(min=0), rows.seq)
+    if key is not None:
+        _PROVEN_RANGES[key[0]] = (out, key[1])
+        while len(_PROVEN_RANGES) > _PROVEN_RANGES_KEPT:
+            _PROVEN_RANGES.popitem(last=False)
+    return out
+
+
+# The key_ranges of proven mods built last (each layer of a model calls the op with the same mod and batch: the first
+# builds, the others reuse), keyed by the proof's bounds and the batch's tensors by identity and version counter.
+_PROVEN_RANGES: "OrderedDict[tuple, tuple]" = OrderedDict()
+_PROVEN_RANGES_KEPT = 8
+
+
+def _proven_range_key(interval, cu_seqlens_q, cu_seqlens_k, total_q: int):
+    """(key, tensors the entry must keep alive) of a proven key_range, or None where it is not cached: under CUDA-graph
+    capture (a tensor made there must not outlive the capture's pool), or for tensors without a version counter."""
+    if cu_seqlens_q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    signature = interval.signature()
+    if signature is None:
+        return None
+    try:
+        batch = tuple((id(t), t._version, t.device) for t in (cu_seqlens_q, cu_seqlens_k))
+    except RuntimeError:  # inference tensors
+        return None
+    return (signature[0], batch, total_q), (*signature[1], cu_seqlens_q, cu_seqlens_k)
 
 
 def native_key_range(mask_mod, cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int) -> Optional[torch.Tensor]:

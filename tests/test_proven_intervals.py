@@ -334,3 +334,47 @@ def test_a_proven_mod_beside_a_mask_is_still_an_error():
     with pytest.raises(ValueError, match="mask"):
         dmattn_ops.varlen_attention(q, q, q, cu, cu, 3, 3, mask=torch.ones(3, 1, dtype=torch.bool),
                                     mask_mod=PROVEN["window"])
+
+
+def test_a_proven_key_range_is_built_once_per_batch_and_rebuilt_when_its_inputs_change():
+    """Each layer of a model calls the op with the same mod and batch: the first call builds the key_range, the
+    others reuse it (an eager GPU call's ~15 small launches, ~0.3 ms of host time on an H100 against a 0.08 ms
+    kernel). What the proof reads keys the reuse: a number the mod closes over, a per-sequence tensor changed in
+    place, cu_seqlens changed in place, another batch; inference tensors (no version counter) are rebuilt each time."""
+    from dmattn_ops import mods
+
+    cu_q, cu_k = dmattn_ops.cu_seqlens([5, 9]), dmattn_ops.cu_seqlens([7, 9])
+    prefix = torch.tensor([2, 4])
+    width = 3
+
+    def mod(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx < width) & ((kv_idx <= q_idx) | (kv_idx < prefix[b]))  # a windowed prefix-LM
+
+    def expected():
+        built = dmattn_ops.create_mask(mod, cu_q, cu_k, 9, 9, 2, total_q=14, total_k=16)
+        return _query_side(built, cu_q, cu_k, 14, 9)
+
+    first = mods.proven_key_range(mod, cu_q, cu_k, 14)
+    assert mods.proven_key_range(mod, cu_q, cu_k, 14) is first  # reused
+    assert torch.equal(_as_mask(first, cu_q, cu_k, 14, 9), expected())
+
+    def change_width():
+        nonlocal width
+        width = 5
+
+    for change in (change_width, lambda: prefix.add_(1), lambda: cu_k.copy_(dmattn_ops.cu_seqlens([8, 8]))):
+        change()
+        got = mods.proven_key_range(mod, cu_q, cu_k, 14)
+        assert got is not first
+        assert torch.equal(_as_mask(got, cu_q, cu_k, 14, 9), expected())
+        first = got
+    assert mods.proven_key_range(mod, cu_q, cu_k, 15) is not first  # another total_q
+    with torch.inference_mode():
+        cu_inf, prefix_inf = dmattn_ops.cu_seqlens([5, 9]), torch.tensor([2, 4])
+
+        def mod_inf(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) | (kv_idx < prefix_inf[b])
+
+        a = mods.proven_key_range(mod_inf, cu_inf, cu_inf, 14)
+        b = mods.proven_key_range(mod_inf, cu_inf, cu_inf, 14)
+    assert a is not b and torch.equal(a, b)
