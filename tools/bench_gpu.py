@@ -286,7 +286,9 @@ def dmattn_graph_peer(p: PackedBatch, name="dmattn_ops, replayed from a CUDA gra
 
 def dmattn_mod_peer(p: PackedBatch, make_mod: Callable, name: str):
     """dmattn_ops given ``mask_mod=make_mod(dmattn_ops, p)``, built inside the timed call: the mod's own tensors and
-    the operand varlen_attention makes of it are part of the time (a mask that changes every batch)."""
+    the operand varlen_attention makes of it are part of the time (a mask that changes every batch: a model's first
+    layer; varlen_attention keeps a proven plain mod's key_range for the later layers of a batch, which each call here
+    empties first)."""
     def prepare():
         reason = dmattn_unavailable(p.device)
         if reason:
@@ -295,7 +297,12 @@ def dmattn_mod_peer(p: PackedBatch, make_mod: Callable, name: str):
 
         mod = make_mod(dmattn_ops, p)
         operand = mod.key_range(p.total_q) if hasattr(mod, "key_range") else None
-        return Prepared(lambda: p.run(mask_mod=make_mod(dmattn_ops, p))[0], mask_bytes=bc.tensor_bytes(operand),
+
+        def run():
+            dmattn_ops.mods._PROVEN_RANGES.clear()
+            return p.run(mask_mod=make_mod(dmattn_ops, p))[0]
+
+        return Prepared(run, mask_bytes=bc.tensor_bytes(operand),
                         extras={"layout": "packed, mask_mod built in the timed call"})
     return Peer(name, prepare, "dmattn")
 
