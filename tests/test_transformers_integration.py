@@ -282,6 +282,31 @@ def test_packed_rows_through_restarting_position_ids_on_cuda(family):
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_gemma3_image_tokens_see_each_other_both_ways():
+    """Gemma 3 with images: transformers composes an or_mask_function overlay (an image's tokens attend to each other
+    bidirectionally) into the text layers' masks, which the backend dropped before (logits 0.19 off sdpa's on this
+    tiny model); it now runs transformers' full mask. The SigLIP vision tower (non-causal, unpadded) runs on
+    dmattn too. Every real token's logits as sdpa's, with a left-padded row."""
+    text = transformers.Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5,
+                                         layer_types=["sliding_attention", "full_attention"],
+                                         max_position_embeddings=256)
+    vision = transformers.SiglipVisionConfig(hidden_size=32, image_size=28, patch_size=14, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    ids = torch.randint(0, 290, (2, 14), generator=torch.Generator().manual_seed(5))
+    ids[:, 3], ids[:, 4:8], ids[:, 8] = 297, 299, 298  # <boi>, the image's 4 tokens, <eoi>
+    mask = torch.ones(2, 14, dtype=torch.long)
+    mask[1, :2] = 0
+    inputs = dict(input_ids=ids, pixel_values=torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(6)),
+                  token_type_ids=(ids == 299).long(), attention_mask=mask)
+    got, want = _logits(model, "dmattn", **inputs), _logits(model, "sdpa", **inputs)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
+
+
 def _tiny_encoder(name: str):
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
     if name == "modernbert":  # a local (bidirectional window of 2 keys each side) and a global layer
