@@ -305,6 +305,11 @@ def test_gemma3_image_tokens_see_each_other_both_ways():
                   token_type_ids=(ids == 299).long(), attention_mask=mask)
     got, want = _logits(model, "dmattn", **inputs), _logits(model, "sdpa", **inputs)
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
+    tokens = {}
+    for implementation in ("sdpa", "dmattn"):  # and greedy generation after that prefill, token for token
+        model.set_attn_implementation(implementation)
+        tokens[implementation] = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(tokens["dmattn"], tokens["sdpa"])
 
 
 def _tiny_encoder(name: str):
