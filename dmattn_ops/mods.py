@@ -771,13 +771,14 @@ class _IntervalMaskMod:
 
     def _build(self, total_q: int) -> torch.Tensor:
         dev = self._cu_k.device
-        i = torch.arange(total_q, dtype=INDEX_DTYPE, device=dev)
         if self._lq.shape[0] == 0:  # B = 0: no row belongs to a sequence
             return torch.zeros((total_q, 2), dtype=torch.int32, device=dev)
-        cu_q = self.cu_seqlens_q.to(INDEX_DTYPE)
-        b = _sequence_of(cu_q, i)
-        len_k = torch.where(i < cu_q[-1], self._lk[b], 0)
-        return _intervals.clipped_key_range(*self._interval(b, i - cu_q[b] + len_k - self._lq[b], len_k), len_k)
+        # The query rows' facts as the mask path has them (one dmattn::packed_rows launch where built): a row without
+        # keys (past cu_seqlens_q[-1], or of a sequence with none) has count 0, so its interval clips to empty.
+        rows = _Packing(self.cu_seqlens_q, self.cu_seqlens_k, total_q, dev).query_rows()
+        len_k = rows.count.clamp(min=0)
+        aligned = rows.pos + len_k - self._lq[rows.seq]
+        return _intervals.clipped_key_range(*self._interval(rows.seq, aligned, len_k), len_k)
 
 
 class _PrefixLM(_IntervalMaskMod):
