@@ -276,8 +276,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     softcap = kwargs.get("softcap")
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))  # gpt-oss passes its (H,) sink logits as s_aux
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
-        # transformers' full mask (padding_mask: parts this module does not express), or a prepared boolean one
-        return _attend_full_mask(q, key, value, attention_mask, scaling, softcap, sinks), None
+        # transformers' full mask (padding_mask: parts this module does not express), or a prepared boolean one; with
+        # cu_seq_lens_* (packed rows of one batch row) each query also keeps to its own sequence
+        full = _within_sequences(attention_mask, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"))
+        return _attend_full_mask(q, key, value, full, scaling, softcap, sinks), None
     if attention_mask is not None and attention_mask.dim() != 2:
         raise NotImplementedError(f"dmattn_ops (attn_implementation='dmattn'): a prepared {attention_mask.dim()}-D "
                                   f"{attention_mask.dtype} attention mask is not supported; pass the 2-D padding mask "
@@ -344,6 +346,18 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         q.reshape(B * Lq, H, D), k.reshape(B * Lk, Hk, D), v.reshape(B * Lk, Hk, D), cu_q, cu_k, Lq, Lk,
         mask=mask, **extra)
     return out.view(B, Lq, H, D), None
+
+
+def _within_sequences(full: torch.Tensor, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor]) -> torch.Tensor:
+    """A full mask of one batch row of packed sequences (cu_seq_lens_q / _k), restricted to each query's sequence
+    (the mask transformers makes knows the packing only when it inferred it from position_ids)."""
+    if cu_q is None or cu_k is None or full.shape[0] != 1:
+        return full
+    Lq, Lk = full.shape[-2:]
+    cu_q, cu_k = cu_q.to(device=full.device, dtype=torch.int64), cu_k.to(device=full.device, dtype=torch.int64)
+    seq_q = torch.searchsorted(cu_q, torch.arange(Lq, device=full.device), right=True)
+    seq_k = torch.searchsorted(cu_k, torch.arange(Lk, device=full.device), right=True)
+    return full & (seq_q[:, None] == seq_k[None, :])
 
 
 def _attend_full_mask(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, full: torch.Tensor, scaling,
