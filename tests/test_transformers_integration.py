@@ -342,6 +342,22 @@ def test_encoders_match_sdpa(name, padding):
     torch.testing.assert_close(out["dmattn"][real], out["sdpa"][real], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["bert", "modernbert"])
+def test_encoders_compile_in_one_graph(name):
+    """Compiled, where the mask function goes by transformers' flags (for a bidirectional mask transformers always
+    clears allow_is_causal_skip, so compiled encoders take the full mask): hidden states as sdpa's."""
+    model = _tiny_encoder(name)
+    ids, mask = _batch("left")
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    model.set_attn_implementation("dmattn")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, fullgraph=True)(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
+
+
 def _attention_inputs(B=2, Lq=7, Lk=7, H=4, Hk=2, D=16, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     dtype = torch.float16 if device == "cuda" else torch.float32
