@@ -4,8 +4,9 @@ it as the op's ``key_range`` (8 bytes a query, key tiles outside the interval sk
 
 The mod is called once on symbolic indices: ``q_idx`` and ``kv_idx`` become affine forms ``a q + k kv + c + sum of
 t[b]`` over the integers, where each ``t[b]`` is a 1-D integer tensor the mod reads at its sequence (a per-sequence
-offset or length: ``b`` is symbolic too, and indexing a tensor with it is the one use it allows); ``h`` fails on any
-use. Adding, subtracting and multiplying by integers keeps a form affine; a form without kv_idx floored by a positive
+offset or length: ``b`` is symbolic too, and indexing a tensor with it is the one use it allows, besides the
+``b.new_ones((), dtype=torch.bool)`` / ``new_zeros`` that FlexAttention's ``and_masks`` / ``or_masks`` start from);
+``h`` fails on any use. Adding, subtracting and multiplying by integers keeps a form affine; a form without kv_idx floored by a positive
 integer (``q_idx // 64``) is a term of a form too, and ``(kv_idx + c) // n`` a key block, which compared with a form
 without kv_idx bounds kv_idx to whole blocks (``(kv + c) // n == r`` is ``n r - c <= kv < n r - c + n``). Comparing
 two forms gives a condition ``form <= 0``, ``form < 0`` or ``form == 0``; ``&`` and ``|`` combine conditions (kept as
@@ -66,6 +67,20 @@ class _Sequence(_Opaque):
                 t.dtype == torch.bool:
             raise _Unproven
         return _Form(_Affine(0, 0, 0, ((t, 1),)))
+
+    # FlexAttention's and_masks / or_masks start from b.new_ones((), dtype=torch.bool) / b.new_zeros(...): a Python
+    # bool then, which the conditions combine with
+    def new_ones(self, size, dtype=None, **kwargs):
+        return _scalar_bool(True, size, dtype)
+
+    def new_zeros(self, size, dtype=None, **kwargs):
+        return _scalar_bool(False, size, dtype)
+
+
+def _scalar_bool(value: bool, size, dtype) -> bool:
+    if tuple(size) != () or dtype is not torch.bool:
+        raise _Unproven
+    return value
 
 
 class _Floor(NamedTuple):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from torch.nn.attention.flex_attention import and_masks, or_masks
 
 import dmattn_ops
 from dmattn_ops import _intervals
@@ -42,6 +43,11 @@ PROVEN = {
     "shifted_blocks": lambda b, h, q_idx, kv_idx: ((kv_idx + 1) // 3 < (q_idx + LK[b] - LQ[b]) // 3 + 1)
     & ((kv_idx - 2) // 5 > q_idx // 5 - 2),
     "or_shared_upper": lambda b, h, q_idx, kv_idx: (kv_idx >= q_idx - 2) | (kv_idx >= 5),
+    # FlexAttention's combinators (they start from b.new_ones / b.new_zeros)
+    "flex_and_masks": and_masks(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx,
+                                lambda b, h, q_idx, kv_idx: q_idx - kv_idx < 3),
+    "flex_or_masks": or_masks(lambda b, h, q_idx, kv_idx: kv_idx < TABLE[b],
+                              lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + LK[b] - LQ[b]),
     "or_with_row_conditions": lambda b, h, q_idx, kv_idx: ((q_idx >= 3) & (kv_idx <= q_idx)) | (kv_idx < 2)
     | ((q_idx == 7) & (kv_idx <= 8)),
 }
@@ -62,6 +68,8 @@ NOT_PROVEN = {
     "key_block_times_a_number": lambda b, h, q_idx, kv_idx: (kv_idx // 4) * 4 <= q_idx,
     "block_of_a_difference": lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) // 4 == 0,
     "head": lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (h >= 0),
+    "new_ones_of_a_shape": lambda b, h, q_idx, kv_idx: b.new_ones((1,), dtype=torch.bool) & (kv_idx <= q_idx),
+    "new_ones_of_ints": lambda b, h, q_idx, kv_idx: b.new_ones((), dtype=torch.int32) & (kv_idx <= q_idx),
     "huge_constant": lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + 10**12,  # past int32: the mask path's arithmetic
 }
 
