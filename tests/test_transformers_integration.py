@@ -258,6 +258,26 @@ def test_packed_rows_through_restarting_position_ids(family, rows):
         assert calls and all("mask_mod" in c and c.get("mask") is None for c in calls)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "llama4"])
+def test_a_packed_training_step_matches_sdpa(family):
+    """A training step on a packed batch of two rows (what padding-free SFT feeds): the loss and every parameter's
+    gradient as sdpa's, through the op's backward over the document key_range (and transformers' full mask on Llama
+    4's chunked layers)."""
+    ids, positions, _ = _packed_batch(2)
+    grads = {}
+    for implementation in ("sdpa", "dmattn"):
+        model = _tiny(family).train()
+        model.set_attn_implementation(implementation)
+        out = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False)
+        out.loss.backward()
+        grads[implementation] = out.loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]
+    (want_loss, want), (got_loss, got) = grads["sdpa"], grads["dmattn"]
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
 def test_packed_rows_with_a_cache_run_as_transformers_runs_them():
     """With a cache transformers does not infer packing from position_ids (the positions only rotate the keys), and
     neither does the backend now (it used to read them on the host, a sync per layer): the same logits as sdpa."""
