@@ -494,6 +494,27 @@ def test_mask_structure_reads_the_parts_transformers_composed():
         assert structure(other, 4, {}) == "full"
 
 
+def test_a_transformers_mask_function_of_another_version_takes_the_full_mask_with_a_warning(monkeypatch):
+    """A function of transformers.masking_utils this backend does not know (a transformers version it was not written
+    against) is not guessed at: the full mask, and a warning once (it may make every layer's mask full)."""
+    from transformers import masking_utils as mu
+
+    def inner_mask(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    inner_mask.__module__, inner_mask.__qualname__ = "transformers.masking_utils", "renamed_causal.<locals>.inner_mask"
+    monkeypatch.setattr(dmattn_transformers, "_WARNED", set())
+    with pytest.warns(UserWarning, match="renamed_causal.<locals>.inner_mask is not one this backend reads"):
+        assert dmattn_transformers._mask_structure(mu.and_masks(inner_mask), 4, {}) == "full"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        assert dmattn_transformers._mask_structure(inner_mask, 4, {}) == "full"
+        # the overlays known to need the full mask take it without a warning
+        assert dmattn_transformers._mask_structure(mu.or_masks(mu.causal_mask_function), 4, {}) == "full"
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_packed_rows_compile_in_one_graph(family):
     """Compiled code cannot read the mask function's parts: transformers' flag (allow_is_causal_skip=False) makes

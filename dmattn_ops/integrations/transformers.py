@@ -38,6 +38,7 @@ and head dims the CUDA build pads take a packed copy instead.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import Optional
 
@@ -151,6 +152,12 @@ _PLAIN_MASKS = frozenset({"causal_mask_function", "bidirectional_mask_function",
                           "sliding_window_overlay.<locals>.inner_mask", "chunked_overlay.<locals>.inner_mask"})
 _PACKED_MASK = "packed_sequence_mask_function.<locals>.inner_mask"
 _AND_MASKS = "and_masks.<locals>.and_mask"
+# transformers.masking_utils' parts known to need the full mask; any other function of that module (a transformers
+# version this module was not written against) takes it too, with a warning once: it may make every layer's mask full.
+_FULL_MASKS = frozenset({"or_masks.<locals>.or_mask", "blockwise_overlay.<locals>.inner_mask",
+                         "sliding_window_bidirectional_overlay.<locals>.inner_mask",
+                         "padding_mask_function.<locals>.inner_mask"})
+_WARNED: set = set()
 
 
 def _mask_structure(mask_function, q_length: int, kwargs: dict):
@@ -188,7 +195,15 @@ def _known_parts(fn, packed: list) -> bool:
         return ids is not None
     if name == _AND_MASKS:
         parts = _closure_value(fn, "mask_functions")
-        return isinstance(parts, tuple) and all(_known_parts(f, packed) for f in parts)
+        if isinstance(parts, tuple):
+            return all(_known_parts(f, packed) for f in parts)
+    elif name in _FULL_MASKS:
+        return False
+    if name not in _WARNED:
+        _WARNED.add(name)
+        warnings.warn(f"dmattn_ops (attn_implementation='dmattn'): transformers' mask function {name} is not one this "
+                      "backend reads (another transformers version?); it takes transformers' full mask, which is "
+                      "correct but as large as sdpa's", stacklevel=2)
     return False
 
 
