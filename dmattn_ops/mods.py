@@ -918,14 +918,20 @@ def proven_key_range(mask_mod, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.T
     key = _proven_range_key(interval, cu_seqlens_q, cu_seqlens_k, total_q)
     found = _PROVEN_RANGES.get(key[0]) if key is not None else None
     if found is not None:
-        _PROVEN_RANGES.move_to_end(key[0])
+        try:
+            _PROVEN_RANGES.move_to_end(key[0])
+        except KeyError:  # another thread evicted it meanwhile: the entry found is still right
+            pass
         return found[0]
     rows = _Packing(cu_seqlens_q, cu_seqlens_k, total_q, cu_seqlens_q.device).query_rows()
     out = interval.key_range(rows.pos, rows.count.clamp(min=0), rows.seq)
     if key is not None:
         _PROVEN_RANGES[key[0]] = (out, key[1])
         while len(_PROVEN_RANGES) > _PROVEN_RANGES_KEPT:
-            _PROVEN_RANGES.popitem(last=False)
+            try:
+                _PROVEN_RANGES.popitem(last=False)
+            except KeyError:  # emptied by another thread
+                break
     return out
 
 
