@@ -5,12 +5,12 @@
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="dmattn")
 
 ``register()`` also installs ``"paged|dmattn"`` for continuous batching (``generate_batch``; see
-``paged_attention_forward``). For ``"dmattn"`` it installs two functions under one name, so padding can never be
-dropped silently: the attention
-function, and the mask function transformers calls to prepare that attention's mask (transformers passes
-``attention_mask=None`` to an attention function registered alone). The mask is the 2-D padding mask itself,
-``(batch, keys)``, which becomes the op's key-side mask: nothing ``(queries x keys)``-sized is built for causal
-layers.
+``paged_attention_forward``). For ``"dmattn"`` it installs two functions under one name, so padding (or anything
+else transformers puts in a mask) can never be dropped silently: the attention function, and the mask function
+transformers calls to prepare that attention's mask (transformers passes ``attention_mask=None`` to an attention
+function registered alone). The mask is mostly the 2-D padding mask itself, ``(batch, keys)``, which becomes the op's
+key-side mask: nothing ``(queries x keys)``-sized is built for causal layers (``padding_mask`` says what else it can
+be: key positions for a chunked layer, sequence ids for a packed batch, transformers' full mask for an overlay).
 
 What it handles: padded batches (left or right), GQA / MQA, the model's ``scaling``, causal decoder layers with a
 dynamic or static cache (keys past the tokens seen so far are never visible), sliding-window layers (the op's native
