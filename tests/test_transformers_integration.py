@@ -452,8 +452,18 @@ def test_a_full_mask_beside_cu_seq_lens_keeps_each_query_to_its_sequence():
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
     module = torch.nn.Module()
     module.is_causal = True
-    got = dmattn_transformers.attention_forward(module, q, k, v, masks["dmattn"], scaling=0.25, cu_seq_lens_q=cu,
-                                                cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)[0]
+    seen = []
+    original = dmattn_transformers.dmattn_ops.varlen_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["mask"].shape)
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", spy)
+        got = dmattn_transformers.attention_forward(module, q, k, v, masks["dmattn"], scaling=0.25, cu_seq_lens_q=cu,
+                                                    cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)[0]
+    assert seen == [(9, 1, 5)]  # each query's own sequence's keys (max_length_k), not the row's 9
     seq = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1])
     want = _sdpa_attention(q, k, v, masks["sdpa"] & (seq[:, None] == seq[None, :]))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -513,6 +523,25 @@ def test_a_transformers_mask_function_of_another_version_takes_the_full_mask_wit
         assert dmattn_transformers._mask_structure(inner_mask, 4, {}) == "full"
         # the overlays known to need the full mask take it without a warning
         assert dmattn_transformers._mask_structure(mu.or_masks(mu.causal_mask_function), 4, {}) == "full"
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "llama4"])
+def test_packed_rows_with_cu_seq_lens_compile_in_one_graph(family):
+    """What DataCollatorWithFlattening feeds, compiled: cu_seq_lens_* beside restarting position_ids. Compiled code
+    cannot tell transformers' packing from an overlay, so the full mask comes, and each query gets its own sequence's
+    entries of it (a (total, 1, max_length) query-side mask on the packed call): logits as sdpa's."""
+    model = _tiny(family)
+    lengths = [5, 9, 3]
+    ids = torch.randint(0, VOCAB, (1, 17), generator=torch.Generator().manual_seed(7))
+    cu = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    inputs = dict(input_ids=ids, position_ids=positions, use_cache=False)
+    model.set_attn_implementation("dmattn")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, fullgraph=True)(**inputs, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9,
+                                                   max_length_k=9).logits
+    torch.testing.assert_close(got, _logits(model, "sdpa", **inputs), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])

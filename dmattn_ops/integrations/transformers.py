@@ -291,10 +291,12 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     softcap = kwargs.get("softcap")
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))  # gpt-oss passes its (H,) sink logits as s_aux
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
-        # transformers' full mask (padding_mask: parts this module does not express), or a prepared boolean one; with
-        # cu_seq_lens_* (packed rows of one batch row) each query also keeps to its own sequence
-        full = _within_sequences(attention_mask, kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k"))
-        return _attend_full_mask(q, key, value, full, scaling, softcap, sinks), None
+        # transformers' full mask (padding_mask: parts this module does not express), or a prepared boolean one
+        cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+        if cu_q is not None and cu_k is not None and B == 1:  # packed rows: each query keeps to its own sequence
+            return _attend_full_mask_packed(q, key, value, attention_mask, cu_q, cu_k, kwargs.get("max_length_q"),
+                                            kwargs.get("max_length_k"), scaling, softcap, sinks), None
+        return _attend_full_mask(q, key, value, attention_mask, scaling, softcap, sinks), None
     if attention_mask is not None and attention_mask.dim() != 2:
         raise NotImplementedError(f"dmattn_ops (attn_implementation='dmattn'): a prepared {attention_mask.dim()}-D "
                                   f"{attention_mask.dtype} attention mask is not supported; pass the 2-D padding mask "
@@ -363,16 +365,34 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out.view(B, Lq, H, D), None
 
 
-def _within_sequences(full: torch.Tensor, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor]) -> torch.Tensor:
-    """A full mask of one batch row of packed sequences (cu_seq_lens_q / _k), restricted to each query's sequence
-    (the mask transformers makes knows the packing only when it inferred it from position_ids)."""
-    if cu_q is None or cu_k is None or full.shape[0] != 1:
-        return full
-    Lq, Lk = full.shape[-2:]
-    cu_q, cu_k = cu_q.to(device=full.device, dtype=torch.int64), cu_k.to(device=full.device, dtype=torch.int64)
-    seq_q = torch.searchsorted(cu_q, torch.arange(Lq, device=full.device), right=True)
-    seq_k = torch.searchsorted(cu_k, torch.arange(Lk, device=full.device), right=True)
-    return full & (seq_q[:, None] == seq_k[None, :])
+def _attend_full_mask_packed(q, key, value, full, cu_q, cu_k, max_q, max_k, scaling, softcap, sinks):
+    """Packed rows of one batch row (cu_seq_lens_*) under a full mask ``(1, 1 or H, L, Lk)``: the op's packed call
+    with the mask's entries of each query's own sequence as a query-side mask ``(L, Hm, max_k)`` (query i, key j of
+    its sequence: the mask's column cu_k[s] + j), not the row's ``L x Lk``. The mask transformers makes knows the
+    packing only when it inferred it from restarting position_ids; keys of other sequences are never seen here."""
+    _, Lq, H, D = q.shape
+    Lk, Hm = full.shape[3], full.shape[1]
+    if full.shape[0] != 1 or Hm not in (1, H) or full.shape[2] != Lq or Lk > key.shape[2]:
+        raise ValueError(f"dmattn_ops: a 4-D attention mask beside cu_seq_lens_* must be (1, 1 or heads, queries, "
+                         f"keys <= {key.shape[2]}) = (1, 1 or {H}, {Lq}, <= {key.shape[2]}), got {tuple(full.shape)}")
+    # A max length given as a tensor is not read (that would sync): the row's length bounds every sequence.
+    max_q = max_q if isinstance(max_q, int) else Lq
+    max_k = max_k if isinstance(max_k, int) else Lk
+    cu_q, cu_k = cu_q.to(device=q.device, dtype=torch.int32), cu_k.to(device=q.device, dtype=torch.int32)
+    rows = torch.arange(Lq, device=q.device)
+    seq = (torch.searchsorted(cu_q, rows.to(torch.int32), right=True) - 1).clamp(0, cu_q.shape[0] - 2)
+    start, end = cu_k[seq].long(), cu_k[seq + 1].long()  # each query's sequence's keys: columns [start, end)
+    cols = start[:, None] + torch.arange(max_k, device=q.device)  # (L, max_k)
+    inside = (cols < end[:, None]) & (cols < Lk)
+    if Lk == 0:  # no key at all
+        picked = torch.zeros((Hm, Lq, max_k), dtype=torch.bool, device=q.device)
+    else:
+        picked = full[0].gather(2, cols.clamp(max=Lk - 1)[None].expand(Hm, -1, -1))  # (Hm, L, max_k)
+    mask = (picked & inside[None]).permute(1, 0, 2).contiguous()  # (L, Hm, max_k)
+    out = dmattn_ops.varlen_attention(q[0], key[0, :, :Lk].transpose(0, 1), value[0, :, :Lk].transpose(0, 1), cu_q,
+                                      cu_k, max_q, max_k, mask=mask, softmax_scale=scaling, softcap=softcap or None,
+                                      sinks=sinks)
+    return out.unsqueeze(0)
 
 
 def _attend_full_mask(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, full: torch.Tensor, scaling,
