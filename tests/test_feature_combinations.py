@@ -10,7 +10,8 @@ the kernel (DMATTN_KERNEL=decode / prefill / the plan's) and the arch (DMATTN_AR
 the float64 reference of the contract and samples.assert_close_to_reference (at most 2x a PyTorch implementation's
 error in the same dtype; a query that sees no key gives 0 and lse -inf; NaN never).
 
-While writing it, 2,500 seeded calls of every feature on the CPU found no disagreement with the reference.
+While writing it, 2,500 seeded calls of every feature but kv_slots on the CPU found no disagreement with the
+reference (a script outside the suite), and the drawn test then ran ~1,500 draws with kv_slots too.
 """
 
 from __future__ import annotations
