@@ -5,10 +5,10 @@ values, the named samples); a kernel path that mishandles a pair nobody wrote do
 draws one call of many sequences' lengths (empty ones, and now and then sequences past one CUDA tile), GQA / MQA /
 MHA, causal, a sliding window (either side open), a softcap, learned sinks, seqused_k, key_range, keys in a pool
 (kv_slots, with NaN in the slots no call may read), a mask and a bias in either layout with any head broadcast and
-either bias dtype, -inf biases and fully masked rows; on CUDA it also draws
-the kernel (DMATTN_KERNEL=decode / prefill / the plan's) and the arch (DMATTN_ARCH=sm80 / the plan's). The oracle is
-the float64 reference of the contract and samples.assert_close_to_reference (at most 2x a PyTorch implementation's
-error in the same dtype; a query that sees no key gives 0 and lse -inf; NaN never).
+either bias dtype, -inf biases and fully masked rows; on CUDA it also draws the kernel (DMATTN_KERNEL=decode /
+prefill / the plan's) and the arch (DMATTN_ARCH=sm80 / the plan's). The oracle is the float64 reference of the
+contract and samples.assert_close_to_reference (at most 2x a PyTorch implementation's error in the same dtype; a
+query that sees no key gives 0 and lse -inf; NaN never).
 
 While writing it, 2,500 seeded calls of every feature but kv_slots on the CPU found no disagreement with the
 reference (a script outside the suite), and the drawn test then ran ~1,500 draws with kv_slots too.
