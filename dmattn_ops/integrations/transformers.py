@@ -21,8 +21,8 @@ attention sinks (gpt-oss's ``s_aux``) natively, packed rows given as ``cu_seq_le
 batches transformers infers from restarting ``position_ids`` (each query's own sequence as the op's key_range, rows of
 any batch size), and whatever else a model composes into its mask function (``or_mask_function`` overlays, block ids:
 transformers' own full mask, run as a query-side mask; see ``padding_mask``). No host sync: every length is a Python
-int of the tensors' shapes. Compiled code cannot read a mask function's parts, so there packed batches without
-``cu_seq_lens_*`` take the full mask too.
+int of the tensors' shapes. Compiled code cannot read a mask function's parts, so there packed batches take the full
+mask too (kept to each sequence where ``cu_seq_lens_*`` come).
 
 Encoder (non-causal) layers take the padding mask as a key-side mask too (BERT, RoBERTa; ModernBERT's local layers,
 whose bidirectional window transformers composes into the mask function, take its full mask).
@@ -284,8 +284,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """The attention function: query ``(B, H, Lq, D)``, key / value ``(B, Hk, Lk, D)`` (the cache), attention_mask as
     padding_mask returns it. Returns ``(B, Lq, H, D)`` and no attention weights."""
     _refuse(module, query, key, value, dropout, kwargs)
-    B, H, Lq, D = query.shape
-    Hk = key.shape[1]
+    B, _, Lq, _ = query.shape
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q = query.transpose(1, 2)  # (B, Lq, H, D)
     softcap = kwargs.get("softcap")
@@ -352,17 +351,32 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         rows = _cache_as_rows(key, value)
         if rows is not None:
             return _attend_in_place(q, rows, real, Lk, extra), None
-    k = key[:, :, :Lk].transpose(1, 2)  # (B, Lk, Hk, D): for B > 1 the reshape below copies
-    v = value[:, :, :Lk].transpose(1, 2)
     mask = real.reshape(B * Lk, 1) if real is not None else None  # key-side, one head
-    cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=query.device)
-    cu_k = torch.arange(0, (B + 1) * Lk, Lk, dtype=torch.int32, device=query.device)
-    if sequence_ids is not None:  # each row's packed sequences as documents: each query's own, as key_range
+    return _attend_copied(q, key, value, Lk, mask, sequence_ids, **extra), None
+
+
+def _attend_copied(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, Lk: int, mask: Optional[torch.Tensor],
+                   sequence_ids: Optional[torch.Tensor] = None, **extra) -> torch.Tensor:
+    """The batch as B packed sequences, each of its Lq queries and the cache's first Lk keys (K and V copied packed:
+    for B > 1 the reshape copies), under ``mask`` in the op's layout; ``sequence_ids`` (B, Lk): each row's packed
+    sequences as documents, each query seeing its own (document_mask's key_range). Returns (B, Lq, H, D)."""
+    B, Lq, H, D = q.shape
+    Hk = key.shape[1]
+    k = key[:, :, :Lk].transpose(1, 2).reshape(B * Lk, Hk, D)
+    v = value[:, :, :Lk].transpose(1, 2).reshape(B * Lk, Hk, D)
+    cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=q.device)
+    cu_k = torch.arange(0, (B + 1) * Lk, Lk, dtype=torch.int32, device=q.device)
+    if sequence_ids is not None:
         extra["mask_mod"] = dmattn_ops.document_mask(cu_q, cu_k, sequence_ids.reshape(B * Lk))
-    out = dmattn_ops.varlen_attention(
-        q.reshape(B * Lq, H, D), k.reshape(B * Lk, Hk, D), v.reshape(B * Lk, Hk, D), cu_q, cu_k, Lq, Lk,
-        mask=mask, **extra)
-    return out.view(B, Lq, H, D), None
+    out = dmattn_ops.varlen_attention(q.reshape(B * Lq, H, D), k, v, cu_q, cu_k, Lq, Lk, mask=mask, **extra)
+    return out.view(B, Lq, H, D)
+
+
+def _check_full_mask(full: torch.Tensor, batch: int, heads: int, queries: int, slots: int) -> None:
+    """A 4-D boolean mask must be (batch, 1 or heads, queries, keys <= the cache's slots)."""
+    if full.shape[0] != batch or full.shape[1] not in (1, heads) or full.shape[2] != queries or full.shape[3] > slots:
+        raise ValueError(f"dmattn_ops: a 4-D attention mask must be (batch, 1 or heads, queries, keys <= {slots}) = "
+                         f"({batch}, 1 or {heads}, {queries}, <= {slots}), got {tuple(full.shape)}")
 
 
 def _attend_full_mask_packed(q, key, value, full, cu_q, cu_k, max_q, max_k, scaling, softcap, sinks):
@@ -371,10 +385,8 @@ def _attend_full_mask_packed(q, key, value, full, cu_q, cu_k, max_q, max_k, scal
     its sequence: the mask's column cu_k[s] + j), not the row's ``L x Lk``. The mask transformers makes knows the
     packing only when it inferred it from restarting position_ids; keys of other sequences are never seen here."""
     _, Lq, H, D = q.shape
+    _check_full_mask(full, 1, H, Lq, key.shape[2])
     Lk, Hm = full.shape[3], full.shape[1]
-    if full.shape[0] != 1 or Hm not in (1, H) or full.shape[2] != Lq or Lk > key.shape[2]:
-        raise ValueError(f"dmattn_ops: a 4-D attention mask beside cu_seq_lens_* must be (1, 1 or heads, queries, "
-                         f"keys <= {key.shape[2]}) = (1, 1 or {H}, {Lq}, <= {key.shape[2]}), got {tuple(full.shape)}")
     # A max length given as a tensor is not read (that would sync): the row's length bounds every sequence.
     max_q = max_q if isinstance(max_q, int) else Lq
     max_k = max_k if isinstance(max_k, int) else Lk
@@ -400,23 +412,15 @@ def _attend_full_mask(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, f
     """The batch under a full boolean mask ``(B, 1 or H, Lq, Lk)`` (True: the query sees the key; Lk <= the cache's
     slots): the mask says everything (causality, window, padding), so the op runs it alone. One query per sequence
     makes it a key-side mask; more make it the op's query-side mask ``(B Lq, Hm, Lk)``. K and V are copied packed."""
-    B, Lq, H, D = q.shape
-    Hk = key.shape[1]
-    if full.shape[0] != B or full.shape[1] not in (1, H) or full.shape[2] != Lq or full.shape[3] > key.shape[2]:
-        raise ValueError(f"dmattn_ops: a 4-D attention mask must be (batch, 1 or heads, queries, keys <= "
-                         f"{key.shape[2]}) = ({B}, 1 or {H}, {Lq}, <= {key.shape[2]}), got {tuple(full.shape)}")
+    B, Lq, H, _ = q.shape
+    _check_full_mask(full, B, H, Lq, key.shape[2])
     Hm, Lk = full.shape[1], full.shape[3]
-    k = key[:, :, :Lk].transpose(1, 2).reshape(B * Lk, Hk, D)
-    v = value[:, :, :Lk].transpose(1, 2).reshape(B * Lk, Hk, D)
     if Lq == 1:  # the sequence's one query: its row of the mask is per key
         mask = full[:, :, 0, :].transpose(1, 2).reshape(B * Lk, Hm)
     else:
         mask = full.transpose(1, 2).reshape(B * Lq, Hm, Lk)
-    cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=q.device)
-    cu_k = torch.arange(0, (B + 1) * Lk, Lk, dtype=torch.int32, device=q.device)
-    out = dmattn_ops.varlen_attention(q.reshape(B * Lq, H, D), k, v, cu_q, cu_k, Lq, Lk, mask=mask.contiguous(),
-                                      softmax_scale=scaling, softcap=softcap or None, sinks=sinks)
-    return out.view(B, Lq, H, D)
+    return _attend_copied(q, key, value, Lk, mask.contiguous(), softmax_scale=scaling, softcap=softcap or None,
+                          sinks=sinks)
 
 
 def _no_padding_copy(query: torch.Tensor) -> bool:
