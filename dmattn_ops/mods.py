@@ -760,8 +760,7 @@ class _IntervalMaskMod:
         The mod reads its tensors when it is made (make it again when they change, e.g. per batch), so in eager mode
         the tensor is built once per total_q and every later call (each layer of a model) reuses it. Compiled code
         and CUDA-graph capture build it each time (their graphs hold the ops, not the values)."""
-        cache = not torch.compiler.is_compiling() and not (
-            self._cu_k.is_cuda and torch.cuda.is_current_stream_capturing())
+        cache = _may_keep(self._cu_k)
         if cache and self._built is not None and self._built[0] == total_q:
             return self._built[1]
         out = self._build(total_q)
@@ -935,6 +934,12 @@ def proven_key_range(mask_mod, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.T
     return out
 
 
+def _may_keep(t: torch.Tensor) -> bool:
+    """Whether a tensor built on t's device may be kept for later calls: not in compiled code (its graph holds the
+    ops, not the values), nor under CUDA-graph capture (a tensor made there must not outlive the capture's pool)."""
+    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 # The key_ranges of proven mods built last (each layer of a model calls the op with the same mod and batch: the first
 # builds, the others reuse), keyed by the proof's bounds and the batch's tensors by identity and version counter.
 _PROVEN_RANGES: "OrderedDict[tuple, tuple]" = OrderedDict()
@@ -944,7 +949,7 @@ _PROVEN_RANGES_KEPT = 8
 def _proven_range_key(interval, cu_seqlens_q, cu_seqlens_k, total_q: int):
     """(key, tensors the entry must keep alive) of a proven key_range, or None where it is not cached: under CUDA-graph
     capture (a tensor made there must not outlive the capture's pool), or for tensors without a version counter."""
-    if cu_seqlens_q.is_cuda and torch.cuda.is_current_stream_capturing():
+    if not _may_keep(cu_seqlens_q):
         return None
     signature = interval.signature()
     if signature is None:
