@@ -97,14 +97,17 @@ def test_logits_match_reference(family, padding):
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding", ["left", "none"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generation_matches_reference(family, cache):
+def test_greedy_generation_matches_reference(family, cache, padding):
+    """Unpadded, the mask function drops generate's all-ones mask: with a static cache the keys' count then still
+    comes from the mask (the cache's slots past the tokens hold zeros, which would change the tokens if seen)."""
     if family == "llama4" and cache == "static":
         pytest.skip("transformers 5.17's static cache fails for Llama 4 under every attention implementation "
                     "(create_chunked_causal_mask() got an unexpected keyword argument 'block_sequence_ids')")
     model = _tiny(family)
-    ids, mask = _batch("left")
+    ids, mask = _batch(padding)
     extra = {"cache_implementation": "static"} if cache == "static" else {}
     runs = {}
     for implementation in (REFERENCE[family], "dmattn"):
@@ -171,6 +174,70 @@ def test_prefill_and_decode_read_the_cache_in_place(cache, device, monkeypatch):
     assert seen_storages[layers] == cache_storages(past)  # layer 0 of the decode step
     want, _, _ = decode_step("sdpa")
     torch.testing.assert_close(got, want, **tolerance)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("padding", ["none", "left"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_an_unpadded_batch_reaches_the_op_with_no_mask(cache, padding, device, monkeypatch):
+    """An all-ones padding mask (a tokenizer's unpadded batch) reaches the op as no mask at all, in the prefill and
+    the decode step (on CUDA a key-side mask costs every layer its passes), with the keys' count still read off the
+    mask (a static cache's slots past the tokens never visible): logits as sdpa's. A batch with padding still
+    hands the op its key-side mask, and compiled code keeps the mask as it is (no host sync)."""
+    model, tolerance, _, _, _ = _prefill_and_step_inputs("llama", device)
+    ids, mask = (t.to(device) for t in _batch(padding))
+    step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    original = dmattn_transformers.dmattn_ops.varlen_attention
+    masks = []
+
+    def recording(*args, **kwargs):
+        masks.append(kwargs.get("mask"))
+        return original(*args, **kwargs)
+
+    def run(implementation):
+        model.set_attn_implementation(implementation)
+        extra = {}
+        if cache == "static":
+            extra["past_key_values"] = transformers.StaticCache(config=model.config, max_cache_len=32)
+        with torch.no_grad():
+            prefill = model(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
+            step = model(input_ids=ids[:, -1:], attention_mask=step_mask, past_key_values=prefill.past_key_values,
+                         use_cache=True)
+        return prefill.logits, step.logits
+
+    monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", recording)
+    got = run("dmattn")
+    monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", original)
+    want = run("sdpa")
+    real = mask.bool()
+    torch.testing.assert_close(got[0][real], want[0][real], **tolerance)
+    torch.testing.assert_close(got[1], want[1], **tolerance)
+    assert len(masks) == 2 * model.config.num_hidden_layers
+    if padding == "none":
+        assert all(m is None for m in masks)
+    else:
+        assert all(m is not None and m.dtype == torch.bool and m.shape[1] == 1 for m in masks)
+
+
+def test_the_unpadded_check_stays_out_of_compiled_code():
+    """Under torch.compile the mask function does not ask whether any key is padding (that would be a host sync
+    and a graph break): an all-ones mask stays a mask, and the model still compiles in one graph."""
+    ones = torch.ones(2, 5, dtype=torch.long)
+    assert dmattn_transformers._is_unpadded(dmattn_transformers._unless_unpadded(ones.bool()))
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def masked(m):
+        return dmattn_transformers._unless_unpadded(m.bool()) & True
+
+    torch._dynamo.reset()
+    assert masked(ones).tolist() == ones.bool().tolist()
+    model = _tiny("llama")
+    ids, mask = _batch("none")
+    model.set_attn_implementation("dmattn")
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        got = compiled(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, _logits(model, "sdpa", input_ids=ids, attention_mask=mask), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])

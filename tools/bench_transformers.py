@@ -3,13 +3,17 @@ transformers has ("sdpa", "eager", "flash_attention_2" where installed), on the 
 
     python tools/bench_transformers.py --device cuda --out benchmarks/results     # the serving issue's shape
     python tools/bench_transformers.py --device cpu --tiny                        # a smoke run
+    python tools/bench_transformers.py --device cuda --unpadded --batch 1         # no padding: the mask dropped
 
 Model: a Llama of 8 layers (hidden 2048, 32 query heads, 8 KV heads, head dim 64, bf16 on CUDA / float32 on the CPU),
 random weights, no download. Workload: B = 16 left-padded prompts of 1024-2048 tokens (seed 0), prefilled once per
 implementation into a dynamic cache; then each implementation's decode step (one new token per sequence: the model
 forward with that cache) is timed: median of --reps steps after warm-up, CUDA events, the cache trimmed back after
 every step so each one sees the same lengths. The logits of every implementation's step are checked against sdpa's.
---tiny: 2 layers, hidden 256, B = 4, prompts of 48-96 tokens.
+--tiny: 2 layers, hidden 256, B = 4, prompts of 48-96 tokens. --batch: another B. --unpadded: every prompt of the
+longest length, an all-ones attention mask (a tokenizer's unpadded batch, generate's single prompt), and a row
+"dmattn_kept_mask" beside "dmattn": the same backend with that all-True mask handed to every layer as a key-side
+mask, as it was before the mask function dropped it (what the drop saves: on CUDA the mask's passes in every layer).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import bench_common as bc  # noqa: E402  (it puts this checkout's dmattn_ops on 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def build(tiny: bool, device: torch.device, dtype: torch.dtype):
+def build(tiny: bool, device: torch.device, dtype: torch.dtype, batch_size=None, unpadded=False):
     import transformers
 
     if tiny:
@@ -38,10 +42,11 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype):
                                        num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=8,
                                        max_position_embeddings=8192)
         batch, lo, hi = 16, 1024, 2048
+    batch = batch_size or batch
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
     gen = torch.Generator().manual_seed(0)
-    lengths = torch.randint(lo, hi + 1, (batch,), generator=gen).tolist()
+    lengths = [hi] * batch if unpadded else torch.randint(lo, hi + 1, (batch,), generator=gen).tolist()
     width = max(lengths)
     ids = torch.randint(0, cfg.vocab_size, (batch, width), generator=gen)
     mask = torch.zeros(batch, width, dtype=torch.long)
@@ -61,24 +66,52 @@ def implementations():
     return out
 
 
+KEPT_MASK = "dmattn_kept_mask"
+
+
+def register_kept_mask() -> None:
+    """KEPT_MASK: dmattn's attention function with a mask function that hands on an all-True padding mask as a
+    real (batch, keys) tensor, which the attention function runs as a key-side mask (the backend before it dropped
+    such masks)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from dmattn_ops.integrations import transformers as dmattn_transformers
+
+    def kept(*args, **kwargs):
+        mask = dmattn_transformers.padding_mask(*args, **kwargs)
+        if dmattn_transformers._is_unpadded(mask):
+            mask = torch.ones(mask.shape, dtype=torch.bool, device=mask.device)
+        return mask
+
+    AttentionInterface.register(KEPT_MASK, dmattn_transformers.attention_forward)
+    AttentionMaskInterface.register(KEPT_MASK, kept)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--out", default=None, help="folder for transformers_decode_step.json")
+    ap.add_argument("--batch", type=int, default=None, help="sequences (default: 16, --tiny 4)")
+    ap.add_argument("--unpadded", action="store_true", help="prompts of one length, no padding (see above)")
+    ap.add_argument("--out", default=None, help="folder for transformers_decode_step[_unpadded][_bB].json")
     args = ap.parse_args(argv)
 
     from dmattn_ops.integrations import transformers as dmattn_transformers
 
     dmattn_transformers.register()
+    names = implementations()
+    if args.unpadded:
+        register_kept_mask()
+        names.insert(1, KEPT_MASK)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, ids, mask, lengths = build(args.tiny, device, dtype)
+    model, ids, mask, lengths = build(args.tiny, device, dtype, args.batch, args.unpadded)
     step_ids = ids[:, -1:]
     step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     rows = []
-    for name in implementations():
+    for name in names:
         model.set_attn_implementation(name)
         with torch.no_grad():
             prefill = model(input_ids=ids, attention_mask=mask, use_cache=True)
@@ -109,10 +142,13 @@ def main(argv=None) -> int:
               f"  max |logit - sdpa| {r['max_abs_logit_diff_vs_sdpa'] or 0:.2e}")
     if args.out:
         payload = {"workload": "transformers decode step", "tiny": args.tiny, "batch": len(lengths),
+                   "unpadded": args.unpadded,
                    "prompt_lengths": lengths, "config": model.config.to_dict(), "dtype": str(dtype),
                    "environment": bc.environment(device, REPO), "results": rows,
                    "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv or sys.argv[1:]))}
-        bc.write_json(os.path.join(args.out, "transformers_decode_step.json"), payload)
+        name = "transformers_decode_step" + ("_unpadded" if args.unpadded else "") + \
+            (f"_b{args.batch}" if args.batch else "")
+        bc.write_json(os.path.join(args.out, name + ".json"), payload)
     return 0
 
 

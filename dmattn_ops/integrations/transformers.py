@@ -20,8 +20,10 @@ attention sinks (gpt-oss's ``s_aux``) natively, packed rows given as ``cu_seq_le
 ``max_length_q`` / ``max_length_k`` keyword arguments (what ``DataCollatorWithFlattening`` produces), packed
 batches transformers infers from restarting ``position_ids`` (each query's own sequence as the op's key_range, rows of
 any batch size), and whatever else a model composes into its mask function (``or_mask_function`` overlays, block ids:
-transformers' own full mask, run as a query-side mask; see ``padding_mask``). No host sync: every length is a Python
-int of the tensors' shapes. Compiled code cannot read a mask function's parts, so there packed batches take the full
+transformers' own full mask, run as a query-side mask; see ``padding_mask``). Every length is a Python int of the
+tensors' shapes; the one host sync is the mask function's check, in eager mode, whether any key is padding at all
+(once per forward and mask kind, as transformers' sdpa and flash-attention paths check): an unpadded batch's layers
+then run with no mask. Compiled code cannot read a mask function's parts, so there packed batches take the full
 mask too (kept to each sequence where ``cu_seq_lens_*`` come).
 
 Encoder (non-causal) layers take the padding mask as a key-side mask too (BERT, RoBERTa; ModernBERT's local layers,
@@ -142,7 +144,33 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
         return _key_positions(batch_size, kv_length, kv_offset, attention_mask, device)
     if attention_mask is None:
         return None
-    return attention_mask[:, -kv_length:].to(torch.bool)
+    return _unless_unpadded(attention_mask[:, -kv_length:].to(torch.bool))
+
+
+# The all-True padding mask's stand-in (_unless_unpadded), per device: a 0-d True whose expanded views mean "no key is
+# padding", which attention_forward tells from a user's mask by identity (no read of its values).
+_ALL_REAL: "dict[torch.device, torch.Tensor]" = {}
+
+
+def _unless_unpadded(mask: torch.Tensor) -> torch.Tensor:
+    """The padding mask, or where no key is padding (a tokenizer's mask of an unpadded batch, generate's for one
+    sequence) a stride-0 view of one True of the same shape, so that attention_forward runs the layer without a mask
+    (on CUDA a key-side mask costs every layer its compaction passes) while still reading the keys' count off its
+    width (a static cache holds more slots than tokens). Finding out takes one host sync per forward and mask kind,
+    which transformers' own sdpa and flash-attention mask functions pay too; none where a sync is not allowed (compiled
+    or traced code, CUDA graph capture, fake tensors): there the mask stays as it is."""
+    if (type(mask) is not torch.Tensor or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or (mask.is_cuda and torch.cuda.is_current_stream_capturing()) or not bool(mask.all())):
+        return mask
+    true = _ALL_REAL.get(mask.device)
+    if true is None:
+        true = _ALL_REAL[mask.device] = torch.ones((), dtype=torch.bool, device=mask.device)
+    return true.expand(mask.shape)
+
+
+def _is_unpadded(mask: Optional[torch.Tensor]) -> bool:
+    """Whether mask is _unless_unpadded's stand-in (or a view of it)."""
+    return mask is not None and mask._base is not None and mask._base is _ALL_REAL.get(mask.device)
 
 
 # transformers.masking_utils' mask functions the attention function implements itself (causal, bidirectional, the
@@ -342,7 +370,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     Lk = key.shape[2] if attention_mask is None else attention_mask.shape[-1]
     if Lk > key.shape[2]:
         raise ValueError(f"dmattn_ops: the padding mask covers {Lk} keys but the cache holds {key.shape[2]}")
-    real = attention_mask  # (B, Lk) bool or None: the keys sequence b has
+    real = None if _is_unpadded(attention_mask) else attention_mask  # (B, Lk) bool or None: the keys b has
     if chunk is not None:  # each query's chunk, up to itself, as a key_range (causal and left padding included)
         extra["key_range"] = _chunk_ranges(positions, Lq, Lk, chunk)
     # In place through an as_strided row view, in eager mode: compiled code gets the packed copy below (under
