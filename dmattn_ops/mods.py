@@ -748,7 +748,7 @@ class _IntervalMaskMod:
         self._cu_k = cu_seqlens_k.to(INDEX_DTYPE)
         self._lq = cu_seqlens_q.diff().to(INDEX_DTYPE)
         self._lk = cu_seqlens_k.diff().to(INDEX_DTYPE)
-        self._built = None  # (total_q, key_range) of the last eager build
+        self._built = None  # ((total_q, inference mode), key_range) of the last eager build
 
     def __call__(self, b, h, q_idx, kv_idx):
         return self._keep(b, q_idx + self._lk[b] - self._lq[b], kv_idx)
@@ -760,13 +760,12 @@ class _IntervalMaskMod:
         The mod reads its tensors when it is made (make it again when they change, e.g. per batch), so in eager mode
         the tensor is built once per total_q and every later call (each layer of a model) reuses it. Compiled code
         and CUDA-graph capture build it each time (their graphs hold the ops, not the values)."""
-        cache = _may_keep(self._cu_k)
-        if cache and self._built is not None and self._built[0] == total_q:
-            return self._built[1]
-        out = self._build(total_q)
-        if cache:
-            self._built = (total_q, out)
-        return out
+        if not _may_keep(self._cu_k):
+            return self._build(total_q)
+        built_for = (total_q, torch.is_inference_mode_enabled())
+        if self._built is None or self._built[0] != built_for:
+            self._built = (built_for, self._build(total_q))
+        return self._built[1]
 
     def _build(self, total_q: int) -> torch.Tensor:
         dev = self._cu_k.device
@@ -936,7 +935,9 @@ def proven_key_range(mask_mod, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.T
 
 def _may_keep(t: torch.Tensor) -> bool:
     """Whether a tensor built on t's device may be kept for later calls: not in compiled code (its graph holds the
-    ops, not the values), nor under CUDA-graph capture (a tensor made there must not outlive the capture's pool)."""
+    ops, not the values), nor under CUDA-graph capture (a tensor made there must not outlive the capture's pool).
+    A kept tensor is keyed by torch.is_inference_mode_enabled() too: one made under inference_mode cannot be saved for
+    a backward later (the op's autograd saves its key_range)."""
     return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
@@ -958,7 +959,8 @@ def _proven_range_key(interval, cu_seqlens_q, cu_seqlens_k, total_q: int):
         batch = tuple((id(t), t._version, t.device) for t in (cu_seqlens_q, cu_seqlens_k))
     except RuntimeError:  # inference tensors
         return None
-    return (signature[0], batch, total_q), (*signature[1], cu_seqlens_q, cu_seqlens_k)
+    key = (signature[0], batch, total_q, torch.is_inference_mode_enabled())
+    return key, (*signature[1], cu_seqlens_q, cu_seqlens_k)
 
 
 def native_key_range(mask_mod, cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int) -> Optional[torch.Tensor]:

@@ -206,6 +206,21 @@ def test_key_range_is_built_once_per_total_q_in_eager_mode():
     assert mod.key_range(q.shape[0] + 3).shape == (q.shape[0] + 3, 2)  # another total_q: built again
 
 
+def test_a_key_range_built_under_inference_mode_is_not_saved_for_a_backward():
+    """A mod first called under torch.inference_mode (a generation), then in a training step: the key_range kept from
+    the first call is an inference tensor, which the op's autograd could not save; the training call builds its own."""
+    lens_q, lens_k = LENS
+    q, k, v, cu_q, cu_k = batch(lens_q, lens_k)
+    mod = dmattn_ops.document_mask(cu_q, cu_k, document_ids(lens_k))
+    with torch.inference_mode():
+        under = mod.key_range(q.shape[0])
+        dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, 40, 40, mask_mod=mod)
+    qq = q.clone().requires_grad_()
+    dmattn_ops.varlen_attention(qq, k, v, cu_q, cu_k, 40, 40, mask_mod=mod).sum().backward()
+    assert qq.grad is not None and torch.isfinite(qq.grad).all()
+    assert torch.equal(mod.key_range(q.shape[0]), under) and not mod.key_range(q.shape[0]).is_inference()
+
+
 def test_gradients_through_the_native_path():
     lens_q, lens_k = LENS
     q, k, v, cu_q, cu_k = batch(lens_q, lens_k)

@@ -344,6 +344,26 @@ def test_a_proven_mod_beside_a_mask_is_still_an_error():
                                     mask_mod=PROVEN["window"])
 
 
+def test_a_proven_key_range_kept_under_inference_mode_is_not_saved_for_a_backward():
+    """A proven mod called under torch.inference_mode (a generation), then in a training step with the same batch:
+    the key_range kept from the first call is an inference tensor, which the op's autograd could not save."""
+    from dmattn_ops import mods
+
+    cu = dmattn_ops.cu_seqlens([6, 9])
+    q, k, v = (torch.randn(15, h, 8) for h in (4, 2, 2))
+
+    def window(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < 3)
+
+    with torch.inference_mode():
+        dmattn_ops.varlen_attention(q, k, v, cu, cu, 9, 9, mask_mod=window)
+        assert mods.proven_key_range(window, cu, cu, 15).is_inference()
+    qq = q.clone().requires_grad_()
+    dmattn_ops.varlen_attention(qq, k, v, cu, cu, 9, 9, mask_mod=window).sum().backward()
+    assert qq.grad is not None and torch.isfinite(qq.grad).all()
+    assert not mods.proven_key_range(window, cu, cu, 15).is_inference()
+
+
 def test_a_proven_key_range_is_built_once_per_batch_and_rebuilt_when_its_inputs_change():
     """Each layer of a model calls the op with the same mod and batch: the first call builds the key_range, the
     others reuse it (an eager GPU call's ~15 small launches, ~0.3 ms of host time on an H100 against a 0.08 ms

@@ -219,6 +219,43 @@ def test_an_unpadded_batch_reaches_the_op_with_no_mask(cache, padding, device, m
         assert all(m is not None and m.dtype == torch.bool and m.shape[1] == 1 for m in masks)
 
 
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_a_training_step_after_generating_under_inference_mode(padding):
+    """The per-step tensors the backend keeps for a model's later layers (cu_seqlens, the unpadded stand-in) made
+    under torch.inference_mode are not the ones a training step's autograd saves: a step with the same shapes right
+    after an inference_mode forward trains (loss as sdpa's), in place (a padded batch) and packed (unpadded)."""
+    model = _tiny("llama")
+    ids, mask = _batch(padding)
+    model.set_attn_implementation("dmattn")
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask, use_cache=True)
+    model.train()
+    losses = {}
+    for implementation in ("dmattn", "sdpa"):
+        model.set_attn_implementation(implementation)
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=True)
+        out.loss.backward()
+        losses[implementation] = out.loss.detach()
+    torch.testing.assert_close(losses["dmattn"], losses["sdpa"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_unpadded_stand_in_is_told_apart_in_and_out_of_inference_mode():
+    """The stand-in for an all-ones mask is recognized by its storage: made under torch.inference_mode and used
+    outside it (where a view of an inference tensor has no _base) too; another stride-0 True is a mask like any."""
+    dmattn_transformers._ALL_REAL.clear()
+    ones = torch.ones(2, 5, dtype=torch.bool)
+    with torch.inference_mode():
+        assert dmattn_transformers._is_unpadded(dmattn_transformers._unless_unpadded(ones))
+    assert dmattn_transformers._is_unpadded(dmattn_transformers._unless_unpadded(ones))
+    assert dmattn_transformers._is_unpadded(dmattn_transformers._unless_unpadded(ones)[:, 1:])
+    assert not dmattn_transformers._is_unpadded(ones)
+    assert not dmattn_transformers._is_unpadded(torch.ones((), dtype=torch.bool).expand(2, 5))
+    padded = ones.clone()
+    padded[0, 0] = False
+    assert dmattn_transformers._unless_unpadded(padded) is padded
+
+
 def test_the_unpadded_check_stays_out_of_compiled_code():
     """Under torch.compile the mask function does not ask whether any key is padding (that would be a host sync
     and a graph break): an all-ones mask stays a mask, and the model still compiles in one graph."""

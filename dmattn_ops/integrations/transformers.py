@@ -148,7 +148,8 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
 
 
 # The all-True padding mask's stand-in (_unless_unpadded), per device: a 0-d True whose expanded views mean "no key is
-# padding", which attention_forward tells from a user's mask by identity (no read of its values).
+# padding", which attention_forward tells from a user's mask by its storage (no read of its values; the dict keeps
+# the tensor alive, so no other tensor can have that address).
 _ALL_REAL: "dict[torch.device, torch.Tensor]" = {}
 
 
@@ -169,8 +170,12 @@ def _unless_unpadded(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _is_unpadded(mask: Optional[torch.Tensor]) -> bool:
-    """Whether mask is _unless_unpadded's stand-in (or a view of it)."""
-    return mask is not None and mask._base is not None and mask._base is _ALL_REAL.get(mask.device)
+    """Whether mask is _unless_unpadded's stand-in (or a view of it). By storage, not by ``_base``: a view of a tensor
+    made under torch.inference_mode, taken outside it, has no ``_base``."""
+    if mask is None or torch.compiler.is_compiling() or type(mask) is not torch.Tensor:
+        return False
+    true = _ALL_REAL.get(mask.device)
+    return true is not None and mask.data_ptr() == true.data_ptr() and not any(mask.stride())
 
 
 # transformers.masking_utils' mask functions the attention function implements itself (causal, bidirectional, the
@@ -392,8 +397,9 @@ def _attend_copied(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, Lk: 
     Hk = key.shape[1]
     k = key[:, :, :Lk].transpose(1, 2).reshape(B * Lk, Hk, D)
     v = value[:, :, :Lk].transpose(1, 2).reshape(B * Lk, Hk, D)
-    cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=q.device)
-    cu_k = torch.arange(0, (B + 1) * Lk, Lk, dtype=torch.int32, device=q.device)
+    cu_q, cu_k = _kept(("packed", B, Lq, Lk), q.device, lambda: (
+        torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=q.device),
+        torch.arange(0, (B + 1) * Lk, Lk, dtype=torch.int32, device=q.device)))
     if sequence_ids is not None:
         extra["mask_mod"] = dmattn_ops.document_mask(cu_q, cu_k, sequence_ids.reshape(B * Lk))
     out = dmattn_ops.varlen_attention(q.reshape(B * Lq, H, D), k, v, cu_q, cu_k, Lq, Lk, mask=mask, **extra)
@@ -501,23 +507,30 @@ _METADATA: "OrderedDict[tuple, tuple]" = OrderedDict()
 _METADATA_ENTRIES = 16
 
 
-def _step_metadata(B: int, Lq: int, R: int, n_rows: int, Lk: int, device: torch.device):
-    """cu_seqlens_q, cu_seqlens_k and seqused_k of the in-place row view: the same for every layer of a step, so
-    they are built once and reused (three small device tensors; a few kernel launches less per layer). Keyed by the
-    host ints that define them, at most _METADATA_ENTRIES kept. The op only reads them. Not while a CUDA graph is
-    being captured: a tensor made outside the graph is fine to read there, but one made inside it must not outlive
-    the capture's pool, so during capture they are built fresh."""
-    key = (B, Lq, R, n_rows, Lk, device)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    found = None if capturing else _METADATA.get(key)
+def _kept(key: tuple, device: torch.device, build) -> tuple:
+    """build()'s small device tensors (a call's cu_seqlens, say: the same for every layer of a step), built once and
+    kept for the next layers: keyed by the host ints that define them, at most _METADATA_ENTRIES kept. The op only
+    reads them. Built fresh in compiled code (its graph holds the ops, not the values) and during CUDA graph capture (a
+    tensor made there must not outlive the capture's pool); kept apart by torch.inference_mode, since a tensor made
+    there cannot be saved for a backward later (the op's autograd saves its cu_seqlens)."""
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return build()
+    key = (*key, device, torch.is_inference_mode_enabled())
+    found = _METADATA.get(key)
     if found is not None:
         _METADATA.move_to_end(key)
         return found
-    cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=device)
-    cu_k = torch.clamp_max(torch.arange(0, (B + 1) * R, R, dtype=torch.int32, device=device), n_rows)
-    used = torch.full((B,), Lk, dtype=torch.int32, device=device)
-    if not capturing:
-        _METADATA[key] = (cu_q, cu_k, used)
-        while len(_METADATA) > _METADATA_ENTRIES:
-            _METADATA.popitem(last=False)
-    return cu_q, cu_k, used
+    found = _METADATA[key] = build()
+    while len(_METADATA) > _METADATA_ENTRIES:
+        _METADATA.popitem(last=False)
+    return found
+
+
+def _step_metadata(B: int, Lq: int, R: int, n_rows: int, Lk: int, device: torch.device):
+    """cu_seqlens_q, cu_seqlens_k and seqused_k of the in-place row view (kept per step: _kept)."""
+    def build():
+        cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=device)
+        cu_k = torch.clamp_max(torch.arange(0, (B + 1) * R, R, dtype=torch.int32, device=device), n_rows)
+        return cu_q, cu_k, torch.full((B,), Lk, dtype=torch.int32, device=device)
+
+    return _kept(("rows", B, Lq, R, n_rows, Lk), device, build)
