@@ -10,10 +10,11 @@ random weights, no download. Workload: B = 16 left-padded prompts of 1024-2048 t
 implementation into a dynamic cache; then each implementation's decode step (one new token per sequence: the model
 forward with that cache) is timed: median of --reps steps after warm-up, CUDA events, the cache trimmed back after
 every step so each one sees the same lengths. The logits of every implementation's step are checked against sdpa's.
---tiny: 2 layers, hidden 256, B = 4, prompts of 48-96 tokens. --batch: another B. --unpadded: every prompt of the
-longest length, an all-ones attention mask (a tokenizer's unpadded batch, generate's single prompt), and a row
-"dmattn_kept_mask" beside "dmattn": the same backend with that all-True mask handed to every layer as a key-side
-mask, as it was before the mask function dropped it (what the drop saves: on CUDA the mask's passes in every layer).
+--tiny: 2 layers, hidden 256, B = 4, prompts of 48-96 tokens. --batch: another B. --profile N: N more steps of
+each implementation under torch.profiler, their host time per op. --unpadded: every prompt of the longest length,
+an all-ones attention mask (a tokenizer's unpadded batch, generate's single prompt), and a row "dmattn_kept_mask"
+beside "dmattn": the same backend with that all-True mask handed to every layer as a key-side mask, as it was before
+the mask function dropped it (what the drop saves: on CUDA the mask's passes in every layer).
 """
 
 from __future__ import annotations
@@ -66,6 +67,23 @@ def implementations():
     return out
 
 
+def profile_steps(step, device: torch.device, steps: int) -> dict:
+    """Host time of `steps` decode steps under torch.profiler (CPU activity only): self CPU time per step in all and
+    per op (the 40 largest), with calls per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return {"steps": steps,
+            "self_cpu_ms_per_step": sum(e.self_cpu_time_total for e in events) / steps / 1e3,
+            "ops": [{"name": e.key, "self_cpu_us_per_step": e.self_cpu_time_total / steps,
+                     "calls_per_step": e.count / steps} for e in events[:40]]}
+
+
 KEPT_MASK = "dmattn_kept_mask"
 
 
@@ -95,6 +113,12 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=None, help="sequences (default: 16, --tiny 4)")
     ap.add_argument("--unpadded", action="store_true", help="prompts of one length, no padding (see above)")
+    ap.add_argument("--implementations", nargs="+", default=None, metavar="NAME",
+                    help="which implementations run, in this order (default: dmattn [dmattn_kept_mask] sdpa eager "
+                         "[flash_attention_2])")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also run STEPS more steps of each implementation under torch.profiler (host activity) and "
+                         "report each one's self CPU time per step and its ops (where a host-bound step's time goes)")
     ap.add_argument("--out", default=None, help="folder for transformers_decode_step[_unpadded][_bB].json")
     args = ap.parse_args(argv)
 
@@ -105,6 +129,7 @@ def main(argv=None) -> int:
     if args.unpadded:
         register_kept_mask()
         names.insert(1, KEPT_MASK)
+    names = args.implementations or names
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, ids, mask, lengths = build(args.tiny, device, dtype, args.batch, args.unpadded)
@@ -125,12 +150,19 @@ def main(argv=None) -> int:
             try:
                 logits = step()
                 timing = bc.time_callable(step, device, warmup=3, reps=args.reps)
+                host = profile_steps(step, device, args.profile) if args.profile else None
             except Exception as e:  # noqa: BLE001 - one implementation failing is reported, not fatal
                 rows.append({"implementation": name, "status": f"failed: {type(e).__name__}: {e}"})
                 print(f"{name:20} failed: {e}", flush=True)
                 continue
-        rows.append({"implementation": name, "status": "ok", "logits": logits.float().cpu(), **timing.as_dict()})
+        rows.append({"implementation": name, "status": "ok", "logits": logits.float().cpu(), **timing.as_dict(),
+                     **({"host_profile": host} if host else {})})
         print(f"{name:20} {timing.median_ms:9.3f} ms per decode step", flush=True)
+        if host:
+            print(f"{'':20} host: {host['self_cpu_ms_per_step']:.3f} ms of self CPU time a step; the most:", flush=True)
+            for op in host["ops"][:12]:
+                print(f"{'':22} {op['name'][:40]:40} {op['self_cpu_us_per_step']:9.1f} us"
+                      f"  {op['calls_per_step']:6.1f} calls")
     ok = {r["implementation"]: r for r in rows if r["status"] == "ok"}
     for r in ok.values():
         r["max_abs_logit_diff_vs_sdpa"] = (r["logits"] - ok["sdpa"]["logits"]).abs().max().item() if "sdpa" in ok \
