@@ -40,12 +40,11 @@ No Python loop runs over tokens or sequences, and nothing synchronizes with the 
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import _broadcast, _intervals
+from . import _broadcast, _intervals, _kept
 
 __all__ = [
     "ModDependencies", "additive_part", "chunked_causal", "create_bias", "create_mask", "document_mask",
@@ -916,35 +915,23 @@ def proven_key_range(mask_mod, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.T
     key = _proven_range_key(interval, cu_seqlens_q, cu_seqlens_k, total_q)
     found = _PROVEN_RANGES.get(key[0]) if key is not None else None
     if found is not None:
-        try:
-            _PROVEN_RANGES.move_to_end(key[0])
-        except KeyError:  # another thread evicted it meanwhile: the entry found is still right
-            pass
         return found[0]
     rows = _Packing(cu_seqlens_q, cu_seqlens_k, total_q, cu_seqlens_q.device).query_rows()
     out = interval.key_range(rows.pos, rows.count.clamp(min=0), rows.seq)
     if key is not None:
-        _PROVEN_RANGES[key[0]] = (out, key[1])
-        while len(_PROVEN_RANGES) > _PROVEN_RANGES_KEPT:
-            try:
-                _PROVEN_RANGES.popitem(last=False)
-            except KeyError:  # emptied by another thread
-                break
+        _PROVEN_RANGES.put(key[0], (out, key[1]))
     return out
 
 
 def _may_keep(t: torch.Tensor) -> bool:
-    """Whether a tensor built on t's device may be kept for later calls: not in compiled code (its graph holds the
-    ops, not the values), nor under CUDA-graph capture (a tensor made there must not outlive the capture's pool).
-    A kept tensor is keyed by torch.is_inference_mode_enabled() too: one made under inference_mode cannot be saved for
-    a backward later (the op's autograd saves its key_range)."""
-    return not torch.compiler.is_compiling() and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    """Whether a tensor built on t's device may be kept for later calls (dmattn_ops/_kept.py); what is kept is keyed
+    by torch.is_inference_mode_enabled() too (the op's autograd saves its key_range)."""
+    return _kept.may_keep(t.device)
 
 
 # The key_ranges of proven mods built last (each layer of a model calls the op with the same mod and batch: the first
 # builds, the others reuse), keyed by the proof's bounds and the batch's tensors by identity and version counter.
-_PROVEN_RANGES: "OrderedDict[tuple, tuple]" = OrderedDict()
-_PROVEN_RANGES_KEPT = 8
+_PROVEN_RANGES = _kept.KeptTensors(8)
 
 
 def _proven_range_key(interval, cu_seqlens_q, cu_seqlens_k, total_q: int):

@@ -41,12 +41,12 @@ and head dims the CUDA build pads take a packed copy instead.
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
 from typing import Optional
 
 import torch
 
 import dmattn_ops
+from dmattn_ops import _kept
 
 NAME = "dmattn"
 
@@ -397,7 +397,7 @@ def _attend_copied(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, Lk: 
     Hk = key.shape[1]
     k = key[:, :, :Lk].transpose(1, 2).reshape(B * Lk, Hk, D)
     v = value[:, :, :Lk].transpose(1, 2).reshape(B * Lk, Hk, D)
-    cu_q, cu_k = _kept(("packed", B, Lq, Lk), q.device, lambda: (
+    cu_q, cu_k = _kept_tensors(("packed", B, Lq, Lk), q.device, lambda: (
         torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=q.device),
         torch.arange(0, (B + 1) * Lk, Lk, dtype=torch.int32, device=q.device)))
     if sequence_ids is not None:
@@ -503,34 +503,25 @@ def _attend_in_place(q: torch.Tensor, rows, real: Optional[torch.Tensor], Lk: in
     return out.view(B, Lq, H, D)
 
 
-_METADATA: "OrderedDict[tuple, tuple]" = OrderedDict()
-_METADATA_ENTRIES = 16
+_METADATA = _kept.KeptTensors(16)
 
 
-def _kept(key: tuple, device: torch.device, build) -> tuple:
+def _kept_tensors(key: tuple, device: torch.device, build) -> tuple:
     """build()'s small device tensors (a call's cu_seqlens, say: the same for every layer of a step), built once and
-    kept for the next layers: keyed by the host ints that define them, at most _METADATA_ENTRIES kept. The op only
-    reads them. Built fresh in compiled code (its graph holds the ops, not the values) and during CUDA graph capture (a
-    tensor made there must not outlive the capture's pool); kept apart by torch.inference_mode, since a tensor made
-    there cannot be saved for a backward later (the op's autograd saves its cu_seqlens)."""
-    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    kept for the next layers, keyed by the host ints that define them (dmattn_ops/_kept.py: not in compiled code or
+    CUDA graph capture, and apart under torch.inference_mode). The op only reads them."""
+    if not _kept.may_keep(device):
         return build()
     key = (*key, device, torch.is_inference_mode_enabled())
     found = _METADATA.get(key)
-    if found is not None:
-        _METADATA.move_to_end(key)
-        return found
-    found = _METADATA[key] = build()
-    while len(_METADATA) > _METADATA_ENTRIES:
-        _METADATA.popitem(last=False)
-    return found
+    return found if found is not None else _METADATA.put(key, build())
 
 
 def _step_metadata(B: int, Lq: int, R: int, n_rows: int, Lk: int, device: torch.device):
-    """cu_seqlens_q, cu_seqlens_k and seqused_k of the in-place row view (kept per step: _kept)."""
+    """cu_seqlens_q, cu_seqlens_k and seqused_k of the in-place row view (kept per step: _kept_tensors)."""
     def build():
         cu_q = torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=device)
         cu_k = torch.clamp_max(torch.arange(0, (B + 1) * R, R, dtype=torch.int32, device=device), n_rows)
         return cu_q, cu_k, torch.full((B,), Lk, dtype=torch.int32, device=device)
 
-    return _kept(("rows", B, Lq, R, n_rows, Lk), device, build)
+    return _kept_tensors(("rows", B, Lq, R, n_rows, Lk), device, build)
