@@ -759,7 +759,7 @@ class _IntervalMaskMod:
         The mod reads its tensors when it is made (make it again when they change, e.g. per batch), so in eager mode
         the tensor is built once per total_q and every later call (each layer of a model) reuses it. Compiled code
         and CUDA-graph capture build it each time (their graphs hold the ops, not the values)."""
-        if not _may_keep(self._cu_k):
+        if not _kept.may_keep(self._cu_k.device):  # dmattn_ops/_kept.py; kept apart by inference mode
             return self._build(total_q)
         built_for = (total_q, torch.is_inference_mode_enabled())
         if self._built is None or self._built[0] != built_for:
@@ -923,12 +923,6 @@ def proven_key_range(mask_mod, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.T
     return out
 
 
-def _may_keep(t: torch.Tensor) -> bool:
-    """Whether a tensor built on t's device may be kept for later calls (dmattn_ops/_kept.py); what is kept is keyed
-    by torch.is_inference_mode_enabled() too (the op's autograd saves its key_range)."""
-    return _kept.may_keep(t.device)
-
-
 # The key_ranges of proven mods built last (each layer of a model calls the op with the same mod and batch: the first
 # builds, the others reuse), keyed by the proof's bounds and the batch's tensors by identity and version counter.
 _PROVEN_RANGES = _kept.KeptTensors(8)
@@ -937,7 +931,7 @@ _PROVEN_RANGES = _kept.KeptTensors(8)
 def _proven_range_key(interval, cu_seqlens_q, cu_seqlens_k, total_q: int):
     """(key, tensors the entry must keep alive) of a proven key_range, or None where it is not cached: under CUDA-graph
     capture (a tensor made there must not outlive the capture's pool), or for tensors without a version counter."""
-    if not _may_keep(cu_seqlens_q):
+    if not _kept.may_keep(cu_seqlens_q.device):
         return None
     signature = interval.signature()
     if signature is None:
