@@ -680,6 +680,46 @@ def test_compiles_in_one_graph(family):
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
 
 
+class _Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, mask):
+        return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+def test_a_padded_model_exports_and_aot_compiles_across_batch_shapes(tmp_path):
+    """torch.export of a model with attn_implementation="dmattn", batch and length dynamic, strict and not; the
+    exported program and its AOTInductor package run batches of other shapes (contiguous inputs, as AOTInductor
+    expects), every real token's logits as sdpa's in eager mode."""
+    model = _tiny("llama")
+    ids, mask = _batch("left")
+    model.set_attn_implementation("dmattn")
+    batch, length = torch.export.Dim("B", min=1, max=16), torch.export.Dim("L", min=2, max=128)
+    dims = {"ids": {0: batch, 1: length}, "mask": {0: batch, 1: length}}
+    g = torch.Generator().manual_seed(2)
+    others = []
+    for b, n in ((2, 9), (4, 20)):
+        other_mask = torch.ones(b, n, dtype=torch.long)
+        other_mask[0, :3] = 0  # left padding in the first row
+        others.append((torch.randint(0, VOCAB, (b, n), generator=g), other_mask))
+
+    def want(i, m):
+        return _logits(model, "sdpa", input_ids=i, attention_mask=m)[m.bool()]
+
+    with torch.no_grad():
+        for strict in (False, True):
+            model.set_attn_implementation("dmattn")
+            program = torch.export.export(_Logits(model), (ids, mask), dynamic_shapes=dims, strict=strict)
+            for i, m in [(ids, mask), *others]:
+                torch.testing.assert_close(program.module()(i, m)[m.bool()], want(i, m), rtol=1e-4, atol=1e-5)
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "llama.pt2"))
+        runner = torch._inductor.aoti_load_package(package)
+        for i, m in others:
+            torch.testing.assert_close(runner(i, m)[m.bool()], want(i, m), rtol=1e-4, atol=1e-5)
+
+
 def test_dropout_while_training_is_refused_clearly():
     model = _tiny("llama", attention_dropout=0.1).train()
     ids, mask = _batch("none")
