@@ -277,6 +277,80 @@ def test_the_unpadded_check_stays_out_of_compiled_code():
     torch.testing.assert_close(got, _logits(model, "sdpa", input_ids=ids, attention_mask=mask), rtol=1e-4, atol=1e-5)
 
 
+def _static_cache_run(model, implementation, ids, steps):
+    """A prefill chunk of ids (B, n) into a static cache, then `steps` greedy decode steps, all with cache_position
+    and no attention_mask (how an exported decoder, ExecuTorch's say, calls a model): every step's logits."""
+    model.set_attn_implementation(implementation)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+    out, n = [], ids.shape[1]
+    with torch.no_grad():
+        logits = model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(n, device=ids.device),
+                       use_cache=True).logits
+        out.append(logits)
+        for t in range(n, n + steps):
+            step = logits[:, -1:].argmax(-1)
+            logits = model(input_ids=step, past_key_values=cache, cache_position=torch.tensor([t], device=ids.device),
+                           use_cache=True).logits
+            out.append(logits)
+    return out
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama4"])
+def test_a_static_cache_without_an_attention_mask(family, batch):
+    """Called with cache_position and no attention_mask, a static cache's slots past the tokens so far hold zeros:
+    the backend reads the tokens' count off the mask function's q_offset (a device tensor: no sync) and passes it as
+    seqused_k, for a prefill chunk (bottom-right alignment to the tokens, not the slots) and the decode steps after
+    it, sliding-window layers past their window included; every step's logits as the reference's. (Llama 4 apart:
+    transformers 5.17's static cache fails for it under every implementation.)"""
+    model = _tiny(family)
+    ids = torch.randint(0, VOCAB, (batch, 5), generator=torch.Generator().manual_seed(3))
+    got = _static_cache_run(model, "dmattn", ids, steps=6)
+    want = _static_cache_run(model, REFERENCE[family], ids, steps=6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@CUDA
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3"])
+def test_a_static_cache_without_an_attention_mask_on_cuda(family, batch):
+    """As above on CUDA, in float16 at head dim 64 (the in-place row view for two rows, the packed call for one)."""
+    if 64 not in dmattn_transformers._CUDA_HEAD_DIMS:
+        pytest.skip("this build has no CUDA kernel for head dim 64")
+    model = _tiny(family, head_dim=64).to(device="cuda", dtype=torch.float16)
+    ids = torch.randint(0, VOCAB, (batch, 5), generator=torch.Generator().manual_seed(3)).cuda()
+    got = _static_cache_run(model, "dmattn", ids, steps=6)
+    want = _static_cache_run(model, "sdpa", ids, steps=6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+
+
+def test_an_exported_decoder_with_a_static_cache_generates_as_sdpa():
+    """transformers' exportable decoder (TorchExportableModuleForDecoderOnlyLM: a static cache, one token a call,
+    cache_position and no attention_mask) exported with torch.export: the same greedy tokens as sdpa's export."""
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    tokens = {}
+    for implementation in ("sdpa", "dmattn"):
+        model = _tiny("llama")
+        model.generation_config = transformers.GenerationConfig(
+            use_cache=True, cache_implementation="static", max_length=32,
+            cache_config={"batch_size": 1, "max_cache_len": 32, "device": "cpu"})
+        model.set_attn_implementation(implementation)
+        exportable = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=32)
+        program = exportable.export(input_ids=torch.tensor([[5]]), cache_position=torch.tensor([0]), strict=False)
+        step = program.module()
+        prompt, out = [3, 17, 42, 9], []
+        with torch.no_grad():
+            for t in range(12):
+                token = prompt[t] if t < len(prompt) else out[-1]
+                logits = step(input_ids=torch.tensor([[token]]), cache_position=torch.tensor([t]))
+                out.append(int(logits[0, -1].argmax()))
+        tokens[implementation] = out
+    assert tokens["dmattn"] == tokens["sdpa"]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 def test_chunked_layers_prefill_and_decode_step(device):
     """Llama 4's chunked layers: a left-padded batch's prefill and then a decode step, whose chunk cache holds only

@@ -111,7 +111,9 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
                  attention_mask: Optional[torch.Tensor] = None, local_size: Optional[int] = None, config=None,
                  device=None, **kwargs) -> Optional[torch.Tensor]:
     """The mask function: the 2-D padding mask of the keys the layer sees, ``(batch, n)`` bool with n <= kv_length
-    (a static cache holds kv_length slots but n tokens so far), or None when the caller has no padding mask.
+    (a static cache holds kv_length slots but n tokens so far), or None when the caller has no padding mask. A static
+    cache called without one (cache_position alone, as an exported decoder calls it) gives ``(batch,)`` int32 instead:
+    the tokens so far, from q_offset (``_keys_seen``).
 
     For a chunked-attention layer (transformers' ``create_chunked_causal_mask``, Llama 4) the chunks count from each
     row's first real token and the layer's cache may hold only its last keys (kv_offset), which the attention
@@ -140,11 +142,29 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
                          use_vmap=kwargs.get("use_vmap", False), device=device)
     if packed:
         return structure.to(torch.int64)
+    seen = _keys_seen(batch_size, q_length, kv_length, q_offset, device) if attention_mask is None else None
     if chunk is not None:
+        if seen is not None:
+            raise NotImplementedError("dmattn_ops (attn_implementation='dmattn'): a chunked-attention layer over a "
+                                      "static cache without an attention_mask; pass the attention_mask")
         return _key_positions(batch_size, kv_length, kv_offset, attention_mask, device)
     if attention_mask is None:
-        return None
+        return seen
     return _unless_unpadded(attention_mask[:, -kv_length:].to(torch.bool))
+
+
+def _keys_seen(batch_size: int, q_length: int, kv_length: int, q_offset, device) -> Optional[torch.Tensor]:
+    """Without a padding mask: how many of the kv_length keys the layer gets hold tokens. All of them for a dynamic
+    cache (None). A static cache's kv_length is its slots, the tokens so far only the first q_offset + q_length of
+    them (transformers gives q_offset, the tokens before this step, as a device tensor there: read without a sync):
+    (batch,) int32, which attention_forward passes as the op's seqused_k (the causal and window alignment count them;
+    the slots past them are never read)."""
+    if isinstance(q_offset, torch.Tensor):
+        seen = q_offset.reshape(-1)[0].to(device=device, dtype=torch.int32) + q_length
+        return seen.clamp(max=kv_length).reshape(1).repeat(batch_size)  # the op wants it contiguous
+    if q_offset + q_length >= kv_length:
+        return None
+    return torch.full((batch_size,), q_offset + q_length, dtype=torch.int32, device=device)
 
 
 # The all-True padding mask's stand-in (_unless_unpadded), per device: a 0-d True whose expanded views mean "no key is
@@ -329,6 +349,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             return _attend_full_mask_packed(q, key, value, attention_mask, cu_q, cu_k, kwargs.get("max_length_q"),
                                             kwargs.get("max_length_k"), scaling, softcap, sinks), None
         return _attend_full_mask(q, key, value, attention_mask, scaling, softcap, sinks), None
+    seen = None
+    if attention_mask is not None and attention_mask.dim() == 1 and attention_mask.dtype == torch.int32:
+        seen, attention_mask = attention_mask, None  # padding_mask: the tokens a static cache holds (_keys_seen)
     if attention_mask is not None and attention_mask.dim() != 2:
         raise NotImplementedError(f"dmattn_ops (attn_implementation='dmattn'): a prepared {attention_mask.dim()}-D "
                                   f"{attention_mask.dtype} attention mask is not supported; pass the 2-D padding mask "
@@ -383,8 +406,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if B > 1 and sequence_ids is None and _no_padding_copy(query) and not torch.compiler.is_compiling():
         rows = _cache_as_rows(key, value)
         if rows is not None:
-            return _attend_in_place(q, rows, real, Lk, extra), None
+            return _attend_in_place(q, rows, real, Lk, extra, seen), None
     mask = real.reshape(B * Lk, 1) if real is not None else None  # key-side, one head
+    if seen is not None:
+        extra["seqused_k"] = seen
     return _attend_copied(q, key, value, Lk, mask, sequence_ids, **extra), None
 
 
@@ -485,10 +510,12 @@ def _cache_as_rows(key: torch.Tensor, value: torch.Tensor):
     return (k_rows, v_rows, r_k) if r_k == r_v else None
 
 
-def _attend_in_place(q: torch.Tensor, rows, real: Optional[torch.Tensor], Lk: int, extra: dict):
+def _attend_in_place(q: torch.Tensor, rows, real: Optional[torch.Tensor], Lk: int, extra: dict,
+                     seen: Optional[torch.Tensor] = None):
     """The batch's queries against the cache in place (no copy of K or V): sequence b is rows [b R, b R + R) of the
     row view (the last one shorter), of which it uses the first Lk (seqused_k: the causal and window alignment count
-    those), and with a padding mask a key-side mask keeps only the real ones (the rest of its rows are never read)."""
+    those; seen[b] instead where given, a static cache's tokens so far), and with a padding mask a key-side mask keeps
+    only the real ones (the rest of its rows are never read)."""
     k_rows, v_rows, R = rows
     B, Lq, H, D = q.shape
     device = q.device
@@ -499,7 +526,7 @@ def _attend_in_place(q: torch.Tensor, rows, real: Optional[torch.Tensor], Lk: in
         keep = padded.reshape(B * R)[:n_rows].reshape(n_rows, 1)
     cu_q, cu_k, used = _step_metadata(B, Lq, R, n_rows, Lk, device)
     out = dmattn_ops.varlen_attention(q.reshape(B * Lq, H, D), k_rows, v_rows, cu_q, cu_k, Lq, R, mask=keep,
-                                      seqused_k=used, **extra)
+                                      seqused_k=used if seen is None else seen, **extra)
     return out.view(B, Lq, H, D)
 
 
