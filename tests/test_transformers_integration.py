@@ -117,6 +117,31 @@ def test_greedy_generation_matches_reference(family, cache, padding):
     assert torch.equal(runs["dmattn"], runs[REFERENCE[family]])
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3", "gpt_oss"])
+def test_speculative_decoding_matches_reference(family, monkeypatch):
+    """Prompt-lookup decoding (transformers' assisted generation without a draft model): each step verifies several
+    candidate tokens at once (a few queries against the cache, bottom-right aligned) and crops the rejected ones from
+    the cache; the same tokens as the reference's, with calls of 2-4 queries among the op's."""
+    model = _tiny(family)
+    ids = torch.tensor([[3, 17, 42, 9, 3, 17, 42, 9, 3, 17]])
+    original = dmattn_transformers.dmattn_ops.varlen_attention
+    queries = set()
+
+    def recording(q, k, v, cu_q, cu_k, max_q, *args, **kwargs):
+        queries.add(max_q)
+        return original(q, k, v, cu_q, cu_k, max_q, *args, **kwargs)
+
+    runs = {}
+    for implementation in (REFERENCE[family], "dmattn"):
+        model.set_attn_implementation(implementation)
+        if implementation == "dmattn":
+            monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", recording)
+        runs[implementation] = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                                              do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(runs["dmattn"], runs[REFERENCE[family]])
+    assert queries & {2, 3, 4}, queries
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
