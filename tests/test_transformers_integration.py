@@ -351,14 +351,16 @@ def test_a_static_cache_without_an_attention_mask_on_cuda(family, batch):
         torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
 
 
-def test_an_exported_decoder_with_a_static_cache_generates_as_sdpa():
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3"])
+def test_an_exported_decoder_with_a_static_cache_generates_as_sdpa(family):
     """transformers' exportable decoder (TorchExportableModuleForDecoderOnlyLM: a static cache, one token a call,
-    cache_position and no attention_mask) exported with torch.export: the same greedy tokens as sdpa's export."""
+    cache_position and no attention_mask) exported with torch.export: the same greedy tokens as sdpa's export, sliding
+    windows crossed."""
     from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
 
     tokens = {}
     for implementation in ("sdpa", "dmattn"):
-        model = _tiny("llama")
+        model = _tiny(family)
         model.generation_config = transformers.GenerationConfig(
             use_cache=True, cache_implementation="static", max_length=32,
             cache_config={"batch_size": 1, "max_cache_len": 32, "device": "cpu"})
@@ -368,7 +370,7 @@ def test_an_exported_decoder_with_a_static_cache_generates_as_sdpa():
         step = program.module()
         prompt, out = [3, 17, 42, 9], []
         with torch.no_grad():
-            for t in range(12):
+            for t in range(14):
                 token = prompt[t] if t < len(prompt) else out[-1]
                 logits = step(input_ids=torch.tensor([[token]]), cache_position=torch.tensor([t]))
                 out.append(int(logits[0, -1].argmax()))
@@ -533,6 +535,29 @@ def test_gemma3_image_tokens_see_each_other_both_ways():
         model.set_attn_implementation(implementation)
         tokens[implementation] = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert torch.equal(tokens["dmattn"], tokens["sdpa"])
+
+
+def test_an_encoder_decoder_matches_sdpa():
+    """BART: the decoder's cross-attention has fewer queries than keys and, without an attention_mask, every encoder
+    key is real (no cache of slots): logits with and without a padding mask, and greedy generation, as sdpa's."""
+    cfg = transformers.BartConfig(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                  decoder_ffn_dim=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(4)
+    ids, decoder_ids = torch.randint(3, VOCAB, (2, 12), generator=g), torch.randint(3, VOCAB, (2, 5), generator=g)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, 8:] = 0
+    for inputs in (dict(input_ids=ids, attention_mask=mask), dict(input_ids=ids)):
+        want = _logits(model, "sdpa", decoder_input_ids=decoder_ids, **inputs)
+        got = _logits(model, "dmattn", decoder_input_ids=decoder_ids, **inputs)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    runs = {}
+    for implementation in ("sdpa", "dmattn"):
+        model.set_attn_implementation(implementation)
+        runs[implementation] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(runs["dmattn"], runs["sdpa"])
 
 
 def _tiny_encoder(name: str):

@@ -142,7 +142,8 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
                          use_vmap=kwargs.get("use_vmap", False), device=device)
     if packed:
         return structure.to(torch.int64)
-    seen = _keys_seen(batch_size, q_length, kv_length, q_offset, device) if attention_mask is None else None
+    seen = None if attention_mask is not None else _keys_seen(batch_size, q_length, kv_length, q_offset, mask_function,
+                                                              device)
     if chunk is not None:
         if seen is not None:
             raise NotImplementedError("dmattn_ops (attn_implementation='dmattn'): a chunked-attention layer over a "
@@ -153,18 +154,37 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     return _unless_unpadded(attention_mask[:, -kv_length:].to(torch.bool))
 
 
-def _keys_seen(batch_size: int, q_length: int, kv_length: int, q_offset, device) -> Optional[torch.Tensor]:
-    """Without a padding mask: how many of the kv_length keys the layer gets hold tokens. All of them for a dynamic
-    cache (None). A static cache's kv_length is its slots, the tokens so far only the first q_offset + q_length of
-    them (transformers gives q_offset, the tokens before this step, as a device tensor there: read without a sync):
-    (batch,) int32, which attention_forward passes as the op's seqused_k (the causal and window alignment count them;
-    the slots past them are never read)."""
+def _keys_seen(batch_size: int, q_length: int, kv_length: int, q_offset, mask_function,
+               device) -> Optional[torch.Tensor]:
+    """Without a padding mask: how many of the kv_length keys the layer gets hold tokens, (batch,) int32, which
+    attention_forward passes as the op's seqused_k (the causal and window alignment count them; the keys past them
+    are never read); None where all of them do.
+
+    A static cache's kv_length is its slots, the tokens so far only the first q_offset + q_length of them:
+    transformers gives q_offset (the tokens before this step) as a device tensor there, read without a sync, but as
+    the int 0 on the cache's first call (the prefill). A cross-attention layer's kv_length is its encoder's, all of
+    them real, with q_offset 0 and fewer queries than keys too: an int q_offset short of kv_length counts only for a
+    causal mask, whose keys past the last query are never visible anyway. A dynamic cache's kv_length is its
+    tokens."""
     if isinstance(q_offset, torch.Tensor):
         seen = q_offset.reshape(-1)[0].to(device=device, dtype=torch.int32) + q_length
         return seen.clamp(max=kv_length).reshape(1).repeat(batch_size)  # the op wants it contiguous
-    if q_offset + q_length >= kv_length:
+    if q_offset + q_length >= kv_length or not _has_causal_part(mask_function):
         return None
     return torch.full((batch_size,), q_offset + q_length, dtype=torch.int32, device=device)
+
+
+def _has_causal_part(fn) -> bool:
+    """Whether transformers' mask function is, or (in eager mode, an and_masks closure's parts) includes, its causal
+    mask function. Compiled code cannot read a closure: there only the causal function itself counts."""
+    from transformers.masking_utils import causal_mask_function
+
+    if fn is causal_mask_function:
+        return True
+    if torch.compiler.is_compiling() or getattr(fn, "__qualname__", None) != _AND_MASKS:
+        return False
+    parts = _closure_value(fn, "mask_functions")
+    return isinstance(parts, tuple) and any(_has_causal_part(f) for f in parts)
 
 
 # The all-True padding mask's stand-in (_unless_unpadded), per device: a 0-d True whose expanded views mean "no key is
