@@ -830,8 +830,9 @@ def test_packed_rows_compile_in_one_graph(family):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "llama4"])
+@pytest.mark.parametrize("family", ["llama", "llama4", "gemma2", "gpt_oss"])
 def test_compiles_in_one_graph(family):
+    """fullgraph=True with padding: causal and chunked layers, softcap (Gemma 2), sinks and windows (gpt-oss)."""
     model = _tiny(family)
     ids, mask = _batch("left")
     model.set_attn_implementation("dmattn")
@@ -839,7 +840,7 @@ def test_compiles_in_one_graph(family):
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         got = compiled(input_ids=ids, attention_mask=mask).logits
-    want = _logits(model, "sdpa", input_ids=ids, attention_mask=mask)
+    want = _logits(model, REFERENCE[family], input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
 
 
