@@ -67,6 +67,21 @@ REFERENCE = {"llama": "sdpa", "qwen2": "sdpa", "qwen3": "sdpa", "mistral": "sdpa
 FAMILIES = list(REFERENCE)
 
 
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Every dmattn_ops.varlen_attention call the backend makes during the test, as (args, kwargs) (the reference
+    implementations never call it)."""
+    calls = []
+    original = dmattn_transformers.dmattn_ops.varlen_attention
+
+    def recording(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", recording)
+    return calls
+
+
 def _batch(padding: str):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (3, 12), generator=g)
@@ -118,27 +133,19 @@ def test_greedy_generation_matches_reference(family, cache, padding):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma3", "gpt_oss"])
-def test_speculative_decoding_matches_reference(family, monkeypatch):
+def test_speculative_decoding_matches_reference(family, op_calls):
     """Prompt-lookup decoding (transformers' assisted generation without a draft model): each step verifies several
     candidate tokens at once (a few queries against the cache, bottom-right aligned) and crops the rejected ones from
     the cache; the same tokens as the reference's, with calls of 2-4 queries among the op's."""
     model = _tiny(family)
     ids = torch.tensor([[3, 17, 42, 9, 3, 17, 42, 9, 3, 17]])
-    original = dmattn_transformers.dmattn_ops.varlen_attention
-    queries = set()
-
-    def recording(q, k, v, cu_q, cu_k, max_q, *args, **kwargs):
-        queries.add(max_q)
-        return original(q, k, v, cu_q, cu_k, max_q, *args, **kwargs)
-
     runs = {}
     for implementation in (REFERENCE[family], "dmattn"):
         model.set_attn_implementation(implementation)
-        if implementation == "dmattn":
-            monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", recording)
         runs[implementation] = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
                                               do_sample=False, prompt_lookup_num_tokens=3)
     assert torch.equal(runs["dmattn"], runs[REFERENCE[family]])
+    queries = {args[5] for args, _ in op_calls}  # max_seqlen_q
     assert queries & {2, 3, 4}, queries
 
 
@@ -162,31 +169,22 @@ def _prefill_and_step_inputs(family: str, device: str):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_prefill_and_decode_read_the_cache_in_place(cache, device, monkeypatch):
+def test_prefill_and_decode_read_the_cache_in_place(cache, device, op_calls):
     """The prefill and a decode step of a batch each hand the op the cache's own storage (no per-layer copy of K / V:
     a row view with seqused_k), and the decode step's logits match sdpa's after the same prefill. On CUDA in float16
     with head dim 64, a head dim the CUDA kernels compile."""
     model, tolerance, ids, mask, step_mask = _prefill_and_step_inputs("llama", device)
-    original = dmattn_transformers.dmattn_ops.varlen_attention
-    seen_storages = []
-
-    def recording(q, k, v, *args, **kwargs):
-        seen_storages.append((k.untyped_storage().data_ptr(), v.untyped_storage().data_ptr()))
-        return original(q, k, v, *args, **kwargs)
 
     def decode_step(implementation):
         model.set_attn_implementation(implementation)
         extra = {}
         if cache == "static":
             extra["past_key_values"] = transformers.StaticCache(config=model.config, max_cache_len=32)
-        if implementation == "dmattn":
-            monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", recording)
         with torch.no_grad():
             past = model(input_ids=ids, attention_mask=mask, use_cache=True, **extra).past_key_values
             after_prefill = cache_storages(past)
             logits = model(input_ids=ids[:, -1:], attention_mask=step_mask, past_key_values=past,
                            use_cache=True).logits
-        monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", original)
         return logits, past, after_prefill
 
     def cache_storages(past):
@@ -194,6 +192,8 @@ def test_prefill_and_decode_read_the_cache_in_place(cache, device, monkeypatch):
         return layer0.keys.untyped_storage().data_ptr(), layer0.values.untyped_storage().data_ptr()
 
     got, past, after_prefill = decode_step("dmattn")
+    seen_storages = [(args[1].untyped_storage().data_ptr(), args[2].untyped_storage().data_ptr())
+                     for args, _ in op_calls]
     layers = model.config.num_hidden_layers
     assert seen_storages[0] == after_prefill  # layer 0 of the prefill
     assert seen_storages[layers] == cache_storages(past)  # layer 0 of the decode step
@@ -204,7 +204,7 @@ def test_prefill_and_decode_read_the_cache_in_place(cache, device, monkeypatch):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("padding", ["none", "left"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_an_unpadded_batch_reaches_the_op_with_no_mask(cache, padding, device, monkeypatch):
+def test_an_unpadded_batch_reaches_the_op_with_no_mask(cache, padding, device, op_calls):
     """An all-ones padding mask (a tokenizer's unpadded batch) reaches the op as no mask at all, in the prefill and
     the decode step (on CUDA a key-side mask costs every layer its passes), with the keys' count still read off the
     mask (a static cache's slots past the tokens never visible): logits as sdpa's. A batch with padding still
@@ -212,12 +212,6 @@ def test_an_unpadded_batch_reaches_the_op_with_no_mask(cache, padding, device, m
     model, tolerance, _, _, _ = _prefill_and_step_inputs("llama", device)
     ids, mask = (t.to(device) for t in _batch(padding))
     step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    original = dmattn_transformers.dmattn_ops.varlen_attention
-    masks = []
-
-    def recording(*args, **kwargs):
-        masks.append(kwargs.get("mask"))
-        return original(*args, **kwargs)
 
     def run(implementation):
         model.set_attn_implementation(implementation)
@@ -230,9 +224,8 @@ def test_an_unpadded_batch_reaches_the_op_with_no_mask(cache, padding, device, m
                          use_cache=True)
         return prefill.logits, step.logits
 
-    monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", recording)
     got = run("dmattn")
-    monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", original)
+    masks = [kwargs.get("mask") for _, kwargs in op_calls]
     want = run("sdpa")
     real = mask.bool()
     torch.testing.assert_close(got[0][real], want[0][real], **tolerance)
@@ -469,7 +462,7 @@ def _packed_batch(rows: int):
 
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_rows_through_restarting_position_ids(family, rows):
+def test_packed_rows_through_restarting_position_ids(family, rows, op_calls):
     """A training batch (no cache, no padding mask) whose rows pack sequences told only by position_ids restarting:
     transformers composes a packed-sequence mask into the mask function, which reaches the attention function as each
     token's sequence (key_range, no full mask). Logits as the reference implementation's, every row, and row 0's
@@ -477,16 +470,8 @@ def test_packed_rows_through_restarting_position_ids(family, rows):
     passes no position_ids to its attention, too."""
     model = _tiny(family)
     ids, positions, alone = _packed_batch(rows)
-    calls = []
-    original = dmattn_transformers.dmattn_ops.varlen_attention
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return original(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", spy)
-        got = _logits(model, "dmattn", input_ids=ids, position_ids=positions, use_cache=False)
+    got = _logits(model, "dmattn", input_ids=ids, position_ids=positions, use_cache=False)
+    calls = [kwargs for _, kwargs in op_calls]
     want = _logits(model, REFERENCE[family], input_ids=ids, position_ids=positions, use_cache=False)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     start = 0
@@ -711,7 +696,7 @@ def test_an_overlay_the_backend_does_not_express_takes_transformers_full_mask(pa
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
-def test_a_full_mask_beside_cu_seq_lens_keeps_each_query_to_its_sequence(device):
+def test_a_full_mask_beside_cu_seq_lens_keeps_each_query_to_its_sequence(device, op_calls):
     """A full mask (an overlay's) in a packed row given by cu_seq_lens_* alone (position_ids not restarting, so
     transformers' mask does not know the packing): each query still sees only its own sequence, as the packed path
     without a full mask does (on CUDA in float16 at head dim 64)."""
@@ -722,35 +707,22 @@ def test_a_full_mask_beside_cu_seq_lens_keeps_each_query_to_its_sequence(device)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=device)
     module = torch.nn.Module()
     module.is_causal = True
-    seen = []
-    original = dmattn_transformers.dmattn_ops.varlen_attention
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs["mask"].shape)
-        return original(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", spy)
-        got = dmattn_transformers.attention_forward(module, q, k, v, masks["dmattn"], scaling=0.25, cu_seq_lens_q=cu,
-                                                    cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)[0]
-    assert seen == [(9, 1, 5)]  # each query's own sequence's keys (max_length_k), not the row's 9
+    got = dmattn_transformers.attention_forward(module, q, k, v, masks["dmattn"], scaling=0.25, cu_seq_lens_q=cu,
+                                                cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)[0]
+    assert [kwargs["mask"].shape for _, kwargs in op_calls] == [(9, 1, 5)]  # each query's own sequence's keys (max_length_k), not the row's 9
     seq = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1], device=device)
     want = _sdpa_attention(q, k, v, masks["sdpa"] & (seq[:, None] == seq[None, :]))
     tolerance = dict(rtol=2e-2, atol=2e-2) if device == "cuda" else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got.float(), want.float(), **tolerance)
 
 
-def test_a_full_mask_of_one_query_runs_as_a_key_side_mask(monkeypatch):
+def test_a_full_mask_of_one_query_runs_as_a_key_side_mask(op_calls):
     """A decode step under a full mask: its row of the mask is per key (a key-side mask, the decode kernel's)."""
     q, k, v = _attention_inputs(Lq=1, Lk=9)
     full = torch.rand(2, 1, 1, 9, generator=torch.Generator().manual_seed(4)) < 0.6
     full[:, :, :, 0] = True
-    seen = []
-    original = dmattn_transformers.dmattn_ops.varlen_attention
-    monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention",
-                        lambda *a, **kw: seen.append(kw["mask"].shape) or original(*a, **kw))
     got = _dmattn_attention(q, k, v, full)
-    assert seen == [(2 * 9, 1)]
+    assert [kwargs["mask"].shape for _, kwargs in op_calls] == [(2 * 9, 1)]
     torch.testing.assert_close(got, _sdpa_attention(q, k, v, full), rtol=1e-4, atol=1e-5)
 
 
@@ -917,7 +889,7 @@ def test_chunked_layer_without_its_mask_function_is_refused():
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma3", "gemma2", "gpt_oss"])
-def test_continuous_batching_with_paged_dmattn(family, monkeypatch):
+def test_continuous_batching_with_paged_dmattn(family, monkeypatch, op_calls):
     """generate_batch with attn_implementation="paged|dmattn": the same greedy tokens as "paged|sdpa" ("paged|eager"
     for Gemma 2's softcap and gpt-oss's sinks), prompts of different lengths sharing the paged cache. Full-attention layers read the pool in
     place through kv_slots (counted here); sliding-window layers take the cache's gathered keys. transformers sizes
@@ -926,14 +898,6 @@ def test_continuous_batching_with_paged_dmattn(family, monkeypatch):
     from transformers.generation.continuous_batching import cache as cb_cache
 
     monkeypatch.setattr(cb_cache.PagedAttentionMemoryHandler, "get_available_memory", lambda self: 1 << 30)
-    in_place = []
-    op = dmattn_transformers.dmattn_ops.varlen_attention
-
-    def counting(*args, **kwargs):
-        in_place.append(kwargs.get("kv_slots") is not None)
-        return op(*args, **kwargs)
-
-    monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", counting)
     model = _tiny(family)
     prompts = [[1, 5, 9, 3], [7, 2], [4, 4, 4, 4, 4, 4, 8] * 5]
     tokens = {}
@@ -948,7 +912,7 @@ def test_continuous_batching_with_paged_dmattn(family, monkeypatch):
     reference, ours = tokens.values()
     assert ours == reference and all(len(t) == 10 for t in ours.values())
     if family != "mistral":  # every Mistral layer has a window; the others have full-attention layers
-        assert any(in_place)
+        assert any(kwargs.get("kv_slots") is not None for _, kwargs in op_calls)
 
 
 def test_paged_dmattn_needs_the_paged_cache():
