@@ -167,6 +167,27 @@ def _prefill_and_step_inputs(family: str, device: str):
     return model, tolerance, ids, mask, torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
 
 
+def _cache_storages(past):
+    """Where layer 0's K and V of a transformers cache live."""
+    layer0 = past.layers[0]
+    return layer0.keys.untyped_storage().data_ptr(), layer0.values.untyped_storage().data_ptr()
+
+
+def _prefill_and_step(model, implementation, ids, mask, step_mask, cache):
+    """A prefill of ids under mask into a new `cache` ("dynamic" or "static"), then one decode step of each row's last
+    token: (prefill logits, step logits, the cache, layer 0's storages right after the prefill)."""
+    model.set_attn_implementation(implementation)
+    extra = {}
+    if cache == "static":
+        extra["past_key_values"] = transformers.StaticCache(config=model.config, max_cache_len=32)
+    with torch.no_grad():
+        prefill = model(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
+        after_prefill = _cache_storages(prefill.past_key_values)
+        step = model(input_ids=ids[:, -1:], attention_mask=step_mask, past_key_values=prefill.past_key_values,
+                     use_cache=True)
+    return prefill.logits, step.logits, prefill.past_key_values, after_prefill
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_prefill_and_decode_read_the_cache_in_place(cache, device, op_calls):
@@ -174,30 +195,13 @@ def test_prefill_and_decode_read_the_cache_in_place(cache, device, op_calls):
     a row view with seqused_k), and the decode step's logits match sdpa's after the same prefill. On CUDA in float16
     with head dim 64, a head dim the CUDA kernels compile."""
     model, tolerance, ids, mask, step_mask = _prefill_and_step_inputs("llama", device)
-
-    def decode_step(implementation):
-        model.set_attn_implementation(implementation)
-        extra = {}
-        if cache == "static":
-            extra["past_key_values"] = transformers.StaticCache(config=model.config, max_cache_len=32)
-        with torch.no_grad():
-            past = model(input_ids=ids, attention_mask=mask, use_cache=True, **extra).past_key_values
-            after_prefill = cache_storages(past)
-            logits = model(input_ids=ids[:, -1:], attention_mask=step_mask, past_key_values=past,
-                           use_cache=True).logits
-        return logits, past, after_prefill
-
-    def cache_storages(past):
-        layer0 = past.layers[0]
-        return layer0.keys.untyped_storage().data_ptr(), layer0.values.untyped_storage().data_ptr()
-
-    got, past, after_prefill = decode_step("dmattn")
+    _, got, past, after_prefill = _prefill_and_step(model, "dmattn", ids, mask, step_mask, cache)
     seen_storages = [(args[1].untyped_storage().data_ptr(), args[2].untyped_storage().data_ptr())
                      for args, _ in op_calls]
     layers = model.config.num_hidden_layers
     assert seen_storages[0] == after_prefill  # layer 0 of the prefill
-    assert seen_storages[layers] == cache_storages(past)  # layer 0 of the decode step
-    want, _, _ = decode_step("sdpa")
+    assert seen_storages[layers] == _cache_storages(past)  # layer 0 of the decode step
+    _, want, _, _ = _prefill_and_step(model, "sdpa", ids, mask, step_mask, cache)
     torch.testing.assert_close(got, want, **tolerance)
 
 
@@ -208,25 +212,13 @@ def test_an_unpadded_batch_reaches_the_op_with_no_mask(cache, padding, device, o
     """An all-ones padding mask (a tokenizer's unpadded batch) reaches the op as no mask at all, in the prefill and
     the decode step (on CUDA a key-side mask costs every layer its passes), with the keys' count still read off the
     mask (a static cache's slots past the tokens never visible): logits as sdpa's. A batch with padding still
-    hands the op its key-side mask, and compiled code keeps the mask as it is (no host sync)."""
+    hands the op its key-side mask."""
     model, tolerance, _, _, _ = _prefill_and_step_inputs("llama", device)
     ids, mask = (t.to(device) for t in _batch(padding))
     step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-
-    def run(implementation):
-        model.set_attn_implementation(implementation)
-        extra = {}
-        if cache == "static":
-            extra["past_key_values"] = transformers.StaticCache(config=model.config, max_cache_len=32)
-        with torch.no_grad():
-            prefill = model(input_ids=ids, attention_mask=mask, use_cache=True, **extra)
-            step = model(input_ids=ids[:, -1:], attention_mask=step_mask, past_key_values=prefill.past_key_values,
-                         use_cache=True)
-        return prefill.logits, step.logits
-
-    got = run("dmattn")
+    got = _prefill_and_step(model, "dmattn", ids, mask, step_mask, cache)
     masks = [kwargs.get("mask") for _, kwargs in op_calls]
-    want = run("sdpa")
+    want = _prefill_and_step(model, "sdpa", ids, mask, step_mask, cache)
     real = mask.bool()
     torch.testing.assert_close(got[0][real], want[0][real], **tolerance)
     torch.testing.assert_close(got[1], want[1], **tolerance)
