@@ -286,12 +286,41 @@ def test_huge_bias_on_every_key(spec, fill, dtype, device):
     assert_close_to_reference((out, lse), (ref_out, ref_lse), sample.reference(torch.float32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_every_16_bit_value_of_k_and_v_is_read_exactly(dtype, device):
+    """Every 16-bit pattern of the dtype, read as K and as V, in sequences of one key each (8,192 of them, D = 8), with
+    8 query heads sharing one KV head and query head h the unit vector along column h, softmax_scale 1:
+    - V: each head's one key weighs 1, so out is V itself: bit for bit where finite, NaN where NaN, the same inf;
+    - K: a single key's score is the lse, here q_h . k = k[h] exactly (the other products are exact zeros), so lse is
+      K itself, bit for bit (the patterns that are not finite are replaced by 0 in K: NaN or inf there makes 0 * k
+      NaN, a case of contract point 3 tested elsewhere).
+    This pins the kernels' 16-bit to float32 conversions against torch's own (the CPU kernel converts eight elements
+    at a time by bit arithmetic: subnormals, infinities and NaN are cases of their own there)."""
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    D = 8
+    n = patterns.numel() // D
+    rows = patterns.reshape(n, 1, D)
+    finite = torch.isfinite(rows)
+    q = torch.eye(D, dtype=dtype).expand(n, D, D).contiguous()  # (n, 8 heads, D): head h is e_h
+    k = torch.where(finite, rows, torch.zeros((), dtype=dtype))
+    cu = torch.arange(n + 1, dtype=torch.int32, device=device)
+    out, lse = dmattn_ops.varlen_attention(q.to(device), k.to(device), rows.to(device), cu, cu, 1, 1,
+                                           softmax_scale=1.0, return_lse=True)
+    out, lse = out.cpu(), lse.cpu()
+    expected = rows.expand(n, D, D)  # every head's out is its key's V row
+    assert torch.equal(out[expected.isfinite()], expected[expected.isfinite()])
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out == float("inf"), expected == float("inf"))
+    assert torch.equal(out == float("-inf"), expected == float("-inf"))
+    assert torch.equal(lse, k.reshape(n, D).t().float())  # lse (heads, total_q): head h's score is k[h]
+
+
 def test_long_mean_at_head_dim_one_keeps_float32_accuracy(device):
     """Every key the same (k of row stride 0), so every weight is 1 and out is the plain mean of 1100 values of v of
     magnitude ~100 whose mean is ~-1.85, at head dim 1 in float32: within 2 float32 ulps of the float64 mean, and
     within the accuracy rule. The CPU kernel's float32 running sum over each 128-key chunk was 6 ulps off here
     (tests/test_fuzz.py found such a case, past the rule's 2x PyTorch's error, where PyTorch's float32 dot product
-    erred by under one ulp); its columns past the last 32 now sum each chunk in float64."""
+    erred by under one ulp); its columns past the last multiple of eight now sum each key chunk in float64."""
     spec = Spec("long_mean_d1", heads=2, heads_k=2, head_dim=1, seqlens_q=(4,), seqlens_k=(1100,))
     _skip_unsupported(spec, torch.float32, device)
     sample = make_sample(spec, torch.float32, device)

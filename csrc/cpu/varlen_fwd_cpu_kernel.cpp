@@ -91,13 +91,6 @@ inline float load_scalar(const void* base, int64_t i, ScalarType dtype) {
   }
 }
 
-// A row of n elements as float32: float32 rows are used in place, others are converted into buf.
-inline const float* row_as_float(const void* base, int64_t offset, int64_t n, ScalarType dtype, float* buf) {
-  if (dtype == ScalarType::kFloat32) return static_cast<const float*>(base) + offset;
-  for (int64_t i = 0; i < n; ++i) buf[i] = load_scalar(base, offset + i, dtype);
-  return buf;
-}
-
 void store_row(const float* src, int64_t n, ScalarType dtype, void* base, int64_t offset) {
   switch (dtype) {
     case ScalarType::kFloat32:
@@ -122,13 +115,12 @@ float bias_at(const ScoreOperand& b, int64_t row, int32_t h, int64_t j) {
   return load_scalar(b.ptr, b.offset(row, h, j), b.dtype);
 }
 
-constexpr int64_t kPrefetchDistance = 8;  // gathered K/V rows requested this many keys ahead
-
-// Asks for the cache lines of one K or V row.
+// Asks for the cache lines of one K or V row, into L2 (the next chunk's rows: an L1 of 32-48 KB would lose them to
+// the current chunk's work).
 __attribute__((always_inline)) inline void prefetch_row(const void* base, int64_t offset, int64_t n, ScalarType dtype) {
   const int64_t bytes = dtype == ScalarType::kFloat32 ? 4 : 2;
   const char* row = static_cast<const char*>(base) + offset * bytes;
-  for (int64_t b = 0; b < n * bytes; b += 64) __builtin_prefetch(row + b);
+  for (int64_t b = 0; b < n * bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
 }
 
 // Eight floats, as GCC/Clang vector extensions: AVX in the x86-64-v3 clone of run_block, two SSE halves in the
@@ -158,6 +150,7 @@ __attribute__((always_inline)) inline v8f splat8(float x) { return v8f{} + x; }
 
 using v8i = int32_t __attribute__((vector_size(32)));
 using v8u = uint32_t __attribute__((vector_size(32)));
+using v8h = uint16_t __attribute__((vector_size(16)));
 
 // 2^n for integer n in [-126, 127] (a normal float32), built from its exponent bits.
 __attribute__((always_inline)) inline v8f pow2(v8i n) { return (v8f)(((v8u)n + 127u) << 23); }
@@ -251,80 +244,177 @@ __attribute__((always_inline)) inline void softmax_chunk(float* sr, int64_t cn, 
   for (int i = 0; i < 8; ++i) row_sum += sum[i];
 }
 
-// raw[r * kKeyChunk + c] = q_r . k_c for rows [0, rows) and chunk keys [0, cn_pad), cn_pad % 16 == 0.
-// kt: the chunk's keys transposed, kt[d * kKeyChunk + c]. Two rows x 16 keys per step keep four accumulators in
-// registers, and each K element loaded serves both rows. (Odd row counts compute the last row twice.)
-__attribute__((always_inline)) inline void qk_chunk(const float* q, int64_t rows, int64_t D, const float* kt,
-                                                    int64_t cn_pad, float* raw) {
-  for (int64_t r = 0; r < rows; r += 2) {
-    const int64_t r1 = std::min(r + 1, rows - 1);
-    const float* q0 = q + r * D;
-    const float* q1 = q + r1 * D;
-    for (int64_t c = 0; c < cn_pad; c += 16) {
-      v8f a0 = {}, a1 = {}, b0 = {}, b1 = {};
-      for (int64_t d = 0; d < D; ++d) {
-        const v8f k0 = load8(kt + d * kKeyChunk + c), k1 = load8(kt + d * kKeyChunk + c + 8);
-        const float x = q0[d], y = q1[d];
-        a0 += x * k0;
-        a1 += x * k1;
-        b0 += y * k0;
-        b1 += y * k1;
+// raw[r * kKeyChunk + c] = q_r . k_c for R rows from q (raw's rows likewise) and chunk keys [0, cn_pad), cn_pad % 16
+// == 0. kt: the chunk's keys transposed, kt[d * kKeyChunk + c]. R rows x 16 keys a step: each K element loaded
+// serves every row, and four rows keep eight independent accumulators, enough to cover the FMA latency.
+template <int R>
+__attribute__((always_inline)) inline void qk_rows(const float* q, int64_t D, const float* kt, int64_t cn_pad,
+                                                   float* raw) {
+  for (int64_t c = 0; c < cn_pad; c += 16) {
+    v8f a[R][2] = {};
+    for (int64_t d = 0; d < D; ++d) {
+      const v8f k0 = load8(kt + d * kKeyChunk + c), k1 = load8(kt + d * kKeyChunk + c + 8);
+      for (int r = 0; r < R; ++r) {
+        const float x = q[r * D + d];
+        a[r][0] += x * k0;
+        a[r][1] += x * k1;
       }
-      std::memcpy(raw + r * kKeyChunk + c, &a0, sizeof(a0));
-      std::memcpy(raw + r * kKeyChunk + c + 8, &a1, sizeof(a1));
-      std::memcpy(raw + r1 * kKeyChunk + c, &b0, sizeof(b0));
-      std::memcpy(raw + r1 * kKeyChunk + c + 8, &b1, sizeof(b1));
+    }
+    for (int r = 0; r < R; ++r) {
+      store8(raw + r * kKeyChunk + c, a[r][0]);
+      store8(raw + r * kKeyChunk + c + 8, a[r][1]);
     }
   }
 }
 
-// acc[r * D + d] += sum_c w[r * kKeyChunk + c] * vrow[c][d] over one chunk of cn keys. Two rows x 32 columns per
-// step keep eight accumulators in registers; each V element loaded serves both rows. The chunk's sum is formed
-// apart and then added to acc, which bounds float32 rounding growth over long sequences. A weight of exactly 0 (a
-// key the row may not attend, or one whose weight underflows) adds nothing, not 0 * V: a NaN or inf in the V row of
-// a key hidden from this row but visible to another row of the item never reaches it.
-__attribute__((always_inline)) inline void pv_chunk(const float* w, int64_t rows, int64_t D,
-                                                    const float* const* vrow, int64_t cn, float* acc) {
-  for (int64_t r = 0; r < rows; r += 2) {
-    const bool pair = r + 1 < rows;
-    const float* w0 = w + r * kKeyChunk;
-    const float* w1 = w + (pair ? r + 1 : r) * kKeyChunk;
-    int64_t d = 0;
-    for (; d + 32 <= D; d += 32) {
-      v8f a[4] = {}, b[4] = {};
-      for (int64_t c = 0; c < cn; ++c) {
-        const float x = w0[c], y = w1[c];
-        const float* v = vrow[c] + d;
-        if (x != 0.f && y != 0.f) {
-          for (int i = 0; i < 4; ++i) {
-            const v8f vv = load8(v + 8 * i);
-            a[i] += x * vv;
-            b[i] += y * vv;
-          }
-        } else if (x != 0.f) {
-          for (int i = 0; i < 4; ++i) a[i] += x * load8(v + 8 * i);
-        } else if (y != 0.f) {
-          for (int i = 0; i < 4; ++i) b[i] += y * load8(v + 8 * i);
-        }
+// qk_rows over all rows: four at a time, then a pair, then one.
+__attribute__((always_inline)) inline void qk_chunk(const float* q, int64_t rows, int64_t D, const float* kt,
+                                                    int64_t cn_pad, float* raw) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) qk_rows<4>(q + r * D, D, kt, cn_pad, raw + r * kKeyChunk);
+  if (r + 2 <= rows) {
+    qk_rows<2>(q + r * D, D, kt, cn_pad, raw + r * kKeyChunk);
+    r += 2;
+  }
+  if (r < rows) qk_rows<1>(q + r * D, D, kt, cn_pad, raw + r * kKeyChunk);
+}
+
+#if defined(__clang__)
+#define DMATTN_SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define DMATTN_SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, v8i{__VA_ARGS__})
+#endif
+
+// Eight float16 values as float32, exactly, by bit arithmetic (GCC 12 converts a _Float16 vector one element at a
+// time, with F16C or without): a normal half moves its exponent and mantissa into place and rebiases the exponent by
+// 127 - 15 = 112; a subnormal one (or zero) is its mantissa times 2^-24, converted as an integer; inf and NaN keep an
+// all-ones exponent and their mantissa. The sign goes back last.
+__attribute__((always_inline)) inline v8f half8_to_float(v8h h) {
+  const v8u x = __builtin_convertvector(h, v8u);
+  const v8u magnitude = x & 0x7fffu;
+  const v8u normal = (magnitude << 13) + (112u << 23);
+  const v8u subnormal = (v8u)(__builtin_convertvector((v8i)magnitude, v8f) * 0x1p-24f);
+  const v8u special = (magnitude << 13) | 0x7f800000u;
+  const v8u bits = magnitude < 0x400u ? subnormal : magnitude >= 0x7c00u ? special : normal;
+  return (v8f)(bits | ((x & 0x8000u) << 16));
+}
+
+// Eight consecutive elements from element i of a q/k/v buffer, as float32: bfloat16's bits shifted into a float's
+// upper half, float16 by half8_to_float. (Element by element, through load_scalar, the conversion cost a 16-bit
+// decode call three times SDPA's time.)
+__attribute__((always_inline)) inline v8f load8_as_float(const void* base, int64_t i, ScalarType dtype) {
+  if (dtype == ScalarType::kFloat32) return load8(static_cast<const float*>(base) + i);
+  v8h h;
+  std::memcpy(&h, static_cast<const uint16_t*>(base) + i, sizeof(h));
+  if (dtype == ScalarType::kBFloat16) return (v8f)(__builtin_convertvector(h, v8u) << 16);
+  return half8_to_float(h);
+}
+
+// kt[d * kKeyChunk + c] = K[row[c] + d] as float32, for every d < D and keys c < cn_pad (0 for the padding keys from
+// cn on): the chunk's K rows, read where they lie (row: each key's first element) and transposed. Eight keys by eight
+// columns a step through an in-register transpose (interleave pairs of rows, then pairs of pairs, then swap 128-bit
+// halves: AVX's unpack / shuffle / lane-permute ladder), so a key's columns go out as whole vectors, not one
+// scattered float each, and a 16-bit K is converted on the way (no float32 copy of its rows); the leftover keys and
+// columns element by element.
+template <ScalarType kDtype>
+__attribute__((always_inline)) inline void transpose_keys(const void* k, const int64_t* row, int64_t cn,
+                                                          int64_t cn_pad, int64_t D, float* kt) {
+  const int64_t D8 = D / 8 * 8;
+  int64_t c = 0;
+  for (; c + 8 <= cn; c += 8) {
+    for (int64_t d = 0; d < D8; d += 8) {
+      v8f t[8], u[8];
+      for (int i = 0; i < 8; i += 2) {  // t[i]: rows i, i + 1 interleaved, columns 0 1 | 4 5; t[i + 1]: 2 3 | 6 7
+        const v8f a = load8_as_float(k, row[c + i] + d, kDtype), b = load8_as_float(k, row[c + i + 1] + d, kDtype);
+        t[i] = DMATTN_SHUFFLE8(a, b, 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = DMATTN_SHUFFLE8(a, b, 2, 10, 3, 11, 6, 14, 7, 15);
       }
-      for (int i = 0; i < 4; ++i) {
-        add_store8(acc + r * D + d + 8 * i, a[i]);
-        if (pair) add_store8(acc + (r + 1) * D + d + 8 * i, b[i]);
+      for (int half = 0; half < 8; half += 4) {  // u[half + j]: column j | j + 4 of rows half .. half + 3
+        u[half + 0] = DMATTN_SHUFFLE8(t[half], t[half + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[half + 1] = DMATTN_SHUFFLE8(t[half], t[half + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        u[half + 2] = DMATTN_SHUFFLE8(t[half + 1], t[half + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[half + 3] = DMATTN_SHUFFLE8(t[half + 1], t[half + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+      }
+      for (int j = 0; j < 4; ++j) {
+        store8(kt + (d + j) * kKeyChunk + c, DMATTN_SHUFFLE8(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+        store8(kt + (d + j + 4) * kKeyChunk + c, DMATTN_SHUFFLE8(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15));
       }
     }
-    // The columns past the last 32: one scalar sum per row and column over the chunk's keys, in float64 (a D = 1 call
-    // is all tail: a float32 sum of 128 products in a row lost ~8 ulps of a 1100-key mean where PyTorch's
-    // vectorized dot product lost under one, tests/test_fuzz.py), rounded once into acc.
-    for (; d < D; ++d) {
-      double x = 0.0, y = 0.0;
-      for (int64_t c = 0; c < cn; ++c) {
-        if (w0[c] != 0.f) x += static_cast<double>(w0[c]) * vrow[c][d];
-        if (w1[c] != 0.f) y += static_cast<double>(w1[c]) * vrow[c][d];
-      }
-      acc[r * D + d] = static_cast<float>(acc[r * D + d] + x);
-      if (pair) acc[(r + 1) * D + d] = static_cast<float>(acc[(r + 1) * D + d] + y);
+    for (int64_t d = D8; d < D; ++d) {
+      for (int64_t i = 0; i < 8; ++i) kt[d * kKeyChunk + c + i] = load_scalar(k, row[c + i] + d, kDtype);
     }
   }
+  for (; c < cn_pad; ++c) {
+    for (int64_t d = 0; d < D; ++d) kt[d * kKeyChunk + c] = c < cn ? load_scalar(k, row[c] + d, kDtype) : 0.f;
+  }
+}
+#undef DMATTN_SHUFFLE8
+
+// acc[r * D + d] += sum_c w[r * kKeyChunk + c] * V[row[c] + d] for R rows (w's and acc's rows from the pointers
+// given) and columns [d0, d0 + C) over one chunk of cn keys, V read where it lies and converted to float32 on the way.
+// R x C / 8 accumulators stay in registers (eight for four rows x 16 columns, two rows x 32), and each V element
+// loaded serves all R rows. The chunk's sum is formed apart and then added to acc, which bounds float32 rounding
+// growth over long sequences. A weight of exactly 0 (a key the row may not attend, or one whose weight underflows)
+// adds nothing, not 0 * V: a NaN or inf in the V row of a key hidden from this row but visible to another row of the
+// item never reaches it.
+template <ScalarType kDtype, int R, int C>
+__attribute__((always_inline)) inline void pv_columns(const float* w, const void* v, const int64_t* row, int64_t cn,
+                                                      int64_t D, int64_t d0, float* acc) {
+  v8f a[R][C / 8] = {};
+  for (int64_t c = 0; c < cn; ++c) {
+    float x[R];
+    bool all = true, any = false;
+    for (int r = 0; r < R; ++r) {
+      x[r] = w[r * kKeyChunk + c];
+      all = all && x[r] != 0.f;
+      any = any || x[r] != 0.f;
+    }
+    if (!any) continue;
+    v8f vv[C / 8];
+    for (int i = 0; i < C / 8; ++i) vv[i] = load8_as_float(v, row[c] + d0 + 8 * i, kDtype);
+    for (int r = 0; r < R; ++r) {
+      if (!all && x[r] == 0.f) continue;
+      for (int i = 0; i < C / 8; ++i) a[r][i] += x[r] * vv[i];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int i = 0; i < C / 8; ++i) add_store8(acc + r * D + d0 + 8 * i, a[r][i]);
+  }
+}
+
+// pv_columns over R rows and every column: C at a time, then eight, then the columns past the last eight one scalar
+// sum per row and column over the chunk's keys, in float64 (a D = 1 call is all tail: a float32 sum of 128 products in
+// a row lost ~8 ulps of a 1100-key mean where PyTorch's vectorized dot product lost under one, tests/test_fuzz.py),
+// rounded once into acc.
+template <ScalarType kDtype, int R, int C>
+__attribute__((always_inline)) inline void pv_rows(const float* w, const void* v, const int64_t* row, int64_t cn,
+                                                   int64_t D, float* acc) {
+  int64_t d = 0;
+  for (; d + C <= D; d += C) pv_columns<kDtype, R, C>(w, v, row, cn, D, d, acc);
+  for (; d + 8 <= D; d += 8) pv_columns<kDtype, R, 8>(w, v, row, cn, D, d, acc);
+  for (; d < D; ++d) {
+    for (int r = 0; r < R; ++r) {
+      double sum = 0.0;
+      for (int64_t c = 0; c < cn; ++c) {
+        const float x = w[r * kKeyChunk + c];
+        if (x != 0.f) sum += static_cast<double>(x) * load_scalar(v, row[c] + d, kDtype);
+      }
+      acc[r * D + d] = static_cast<float>(acc[r * D + d] + sum);
+    }
+  }
+}
+
+// The chunk's P . V for every row of the item: four rows at a time, then a pair, then one.
+template <ScalarType kDtype>
+__attribute__((always_inline)) inline void pv_chunk(const float* w, int64_t rows, int64_t D, const void* v,
+                                                    const int64_t* row, int64_t cn, float* acc) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) pv_rows<kDtype, 4, 16>(w + r * kKeyChunk, v, row, cn, D, acc + r * D);
+  if (r + 2 <= rows) {
+    pv_rows<kDtype, 2, 32>(w + r * kKeyChunk, v, row, cn, D, acc + r * D);
+    r += 2;
+  }
+  if (r < rows) pv_rows<kDtype, 1, 32>(w + r * kKeyChunk, v, row, cn, D, acc + r * D);
 }
 
 // Normalizes one row's P . V by its softmax sum, with the sink logit joining the denominator, and stores out and
@@ -505,9 +595,8 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
   const int64_t n = static_cast<int64_t>(s.keys.size());
 
   s.q.resize(rows * D);
-  s.row.resize(D);
   s.kt.resize(D * kKeyChunk);
-  s.vbuf.resize(kKeyChunk * D);
+  s.krow.resize(kKeyChunk);
   s.vrow.resize(kKeyChunk);
   s.key_bias.resize(kKeyChunk);
   s.scores.resize(rows * kKeyChunk);
@@ -525,21 +614,29 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
   for (int64_t c0 = 0; c0 < n; c0 += kKeyChunk) {
     const int64_t cn = std::min(kKeyChunk, n - c0);
     const int64_t cn_pad = (cn + 15) / 16 * 16;
-    for (int64_t c = 0; c < cn_pad; ++c) {
-      if (c >= cn) {
-        for (int64_t d = 0; d < D; ++d) s.kt[d * kKeyChunk + c] = 0.f;
-        continue;
-      }
+    for (int64_t c = 0; c < cn; ++c) {
       const int64_t key_row = key_rows.row(s.keys[c0 + c]);
-      if (c + kPrefetchDistance < cn) {  // gathered rows defeat the hardware prefetcher: ask ahead
-        const int64_t ahead = key_rows.row(s.keys[c0 + c + kPrefetchDistance]);
+      // The next chunk's K and V rows asked for while this one computes: its reads are then L2 hits, gathered rows
+      // or not (the hardware prefetcher follows neither a head's rows in the packed layout, a head's width apart,
+      // nor the kept keys of a mask).
+      if (c0 + kKeyChunk + c < n) {
+        const int64_t ahead = key_rows.row(s.keys[c0 + kKeyChunk + c]);
         prefetch_row(p.k, ahead * p.k_row_stride + hk * p.k_head_stride, D, p.dtype);
         prefetch_row(p.v, ahead * p.v_row_stride + hk * p.v_head_stride, D, p.dtype);
       }
-      const float* key = row_as_float(p.k, key_row * p.k_row_stride + hk * p.k_head_stride, D, p.dtype, s.row.data());
-      for (int64_t d = 0; d < D; ++d) s.kt[d * kKeyChunk + c] = key[d];
-      s.vrow[c] = row_as_float(p.v, key_row * p.v_row_stride + hk * p.v_head_stride, D, p.dtype,
-                               s.vbuf.data() + c * D);
+      s.krow[c] = key_row * p.k_row_stride + hk * p.k_head_stride;
+      s.vrow[c] = key_row * p.v_row_stride + hk * p.v_head_stride;
+    }
+    switch (p.dtype) {
+      case ScalarType::kFloat32:
+        transpose_keys<ScalarType::kFloat32>(p.k, s.krow.data(), cn, cn_pad, D, s.kt.data());
+        break;
+      case ScalarType::kFloat16:
+        transpose_keys<ScalarType::kFloat16>(p.k, s.krow.data(), cn, cn_pad, D, s.kt.data());
+        break;
+      case ScalarType::kBFloat16:
+        transpose_keys<ScalarType::kBFloat16>(p.k, s.krow.data(), cn, cn_pad, D, s.kt.data());
+        break;
     }
     qk_chunk(s.q.data(), rows, D, s.kt.data(), cn_pad, s.scores.data());
     if (shared_key_bias) {
@@ -582,7 +679,17 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
     for (int64_t r = 0; r < rows; ++r) {
       softmax_chunk(s.scores.data() + r * kKeyChunk, cn, D, row_max[r], row_sum[r], s.acc.data() + r * D);
     }
-    pv_chunk(s.scores.data(), rows, D, s.vrow.data(), cn, s.acc.data());
+    switch (p.dtype) {
+      case ScalarType::kFloat32:
+        pv_chunk<ScalarType::kFloat32>(s.scores.data(), rows, D, p.v, s.vrow.data(), cn, s.acc.data());
+        break;
+      case ScalarType::kFloat16:
+        pv_chunk<ScalarType::kFloat16>(s.scores.data(), rows, D, p.v, s.vrow.data(), cn, s.acc.data());
+        break;
+      case ScalarType::kBFloat16:
+        pv_chunk<ScalarType::kBFloat16>(s.scores.data(), rows, D, p.v, s.vrow.data(), cn, s.acc.data());
+        break;
+    }
   }
 
   // 3. Normalize (the sink joins here) and store, or hand the unnormalized result of a key split, without the
