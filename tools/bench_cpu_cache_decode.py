@@ -31,6 +31,15 @@ CASES = [(dtype, batch, length) for dtype in ("float32", "bfloat16", "float16") 
 H, HK, D = 32, 8, 64
 
 
+def build_label(folder: str) -> str:
+    """A build's name in the table, chart and JSON: its git commit where the folder is a checkout (with "+changes"
+    where its tracked files differ from it), else the folder's name."""
+    git = bc.git_commit(os.path.abspath(folder))
+    if git["commit"] and os.path.isdir(os.path.join(folder, ".git")):
+        return git["commit"][:7] + ("+changes" if git["dirty"] else "")
+    return os.path.basename(os.path.abspath(folder))
+
+
 def measure(threads: int, rounds: int) -> list:
     """Times every case with the dmattn_ops first on sys.path; returns one dict per case."""
     import torch
@@ -98,16 +107,17 @@ def main(argv=None) -> int:
         if args.child:
             print(json.dumps(results))
             return 0
-        runs = {"this checkout": [results]}
+        runs = {build_label(bc._CHECKOUT): [results]}
     else:
-        runs = {b: [] for b in args.builds}
+        labels = {build: build_label(build) for build in args.builds}
+        runs = {label: [] for label in labels.values()}
         for _ in range(args.repeats):
             for build in args.builds:
                 env = dict(os.environ, PYTHONPATH=os.path.abspath(build))
                 out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--threads",
                                       str(args.threads), "--rounds", str(args.rounds)],
                                      env=env, check=True, capture_output=True, text=True).stdout
-                runs[build].append(json.loads(out.strip().splitlines()[-1]))
+                runs[labels[build]].append(json.loads(out.strip().splitlines()[-1]))
 
     print(f"{'dtype':9} {'B':>2} {'keys':>5}  " + "  ".join(f"{b[-24:]:>24}" for b in runs))
     for i, (dtype, B, L) in enumerate(CASES):
