@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace dmattn::cpu {
 namespace {
@@ -417,6 +418,17 @@ __attribute__((always_inline)) inline void pv_chunk(const float* w, int64_t rows
   if (r < rows) pv_rows<kDtype, 1, 32>(w + r * kKeyChunk, v, row, cn, D, acc + r * D);
 }
 
+// f(std::integral_constant<ScalarType, dtype>{}): the K / V reading loops compiled once per storage type, so that the
+// type is not asked again for every eight elements.
+template <typename F>
+__attribute__((always_inline)) inline void with_dtype(ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case ScalarType::kFloat32: f(std::integral_constant<ScalarType, ScalarType::kFloat32>{}); break;
+    case ScalarType::kFloat16: f(std::integral_constant<ScalarType, ScalarType::kFloat16>{}); break;
+    case ScalarType::kBFloat16: f(std::integral_constant<ScalarType, ScalarType::kBFloat16>{}); break;
+  }
+}
+
 // Normalizes one row's P . V by its softmax sum, with the sink logit joining the denominator, and stores out and
 // lse. The sink joins here and only here, once per row (never per key split). A row with no visible key (max =
 // -inf) gets out 0 and lse = sink (-inf without a sink), never NaN. A NaN max or sum (the row had a NaN or +inf
@@ -627,17 +639,9 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
       s.krow[c] = key_row * p.k_row_stride + hk * p.k_head_stride;
       s.vrow[c] = key_row * p.v_row_stride + hk * p.v_head_stride;
     }
-    switch (p.dtype) {
-      case ScalarType::kFloat32:
-        transpose_keys<ScalarType::kFloat32>(p.k, s.krow.data(), cn, cn_pad, D, s.kt.data());
-        break;
-      case ScalarType::kFloat16:
-        transpose_keys<ScalarType::kFloat16>(p.k, s.krow.data(), cn, cn_pad, D, s.kt.data());
-        break;
-      case ScalarType::kBFloat16:
-        transpose_keys<ScalarType::kBFloat16>(p.k, s.krow.data(), cn, cn_pad, D, s.kt.data());
-        break;
-    }
+    with_dtype(p.dtype, [&](auto dtype) __attribute__((always_inline)) {
+      transpose_keys<decltype(dtype)::value>(p.k, s.krow.data(), cn, cn_pad, D, s.kt.data());
+    });
     qk_chunk(s.q.data(), rows, D, s.kt.data(), cn_pad, s.scores.data());
     if (shared_key_bias) {
       for (int64_t c = 0; c < cn; ++c) {
@@ -679,17 +683,9 @@ void run_block(const VarlenFwdParams& p, const WorkItem& item, Scratch& s, float
     for (int64_t r = 0; r < rows; ++r) {
       softmax_chunk(s.scores.data() + r * kKeyChunk, cn, D, row_max[r], row_sum[r], s.acc.data() + r * D);
     }
-    switch (p.dtype) {
-      case ScalarType::kFloat32:
-        pv_chunk<ScalarType::kFloat32>(s.scores.data(), rows, D, p.v, s.vrow.data(), cn, s.acc.data());
-        break;
-      case ScalarType::kFloat16:
-        pv_chunk<ScalarType::kFloat16>(s.scores.data(), rows, D, p.v, s.vrow.data(), cn, s.acc.data());
-        break;
-      case ScalarType::kBFloat16:
-        pv_chunk<ScalarType::kBFloat16>(s.scores.data(), rows, D, p.v, s.vrow.data(), cn, s.acc.data());
-        break;
-    }
+    with_dtype(p.dtype, [&](auto dtype) __attribute__((always_inline)) {
+      pv_chunk<decltype(dtype)::value>(s.scores.data(), rows, D, p.v, s.vrow.data(), cn, s.acc.data());
+    });
   }
 
   // 3. Normalize (the sink joins here) and store, or hand the unnormalized result of a key split, without the
