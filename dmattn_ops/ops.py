@@ -118,15 +118,25 @@ def varlen_attention(
         mask, bias = mods.operands_from_mods(
             q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, mask_mod, score_mod
         )
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
+            window_left, window_right, softcap, sinks, seqused_k, kv_slots, key_range)
     if not torch.compiler.is_compiling():
         # The metadata rules run once: in the op's binding for an eager call (same messages as meta/rules.py), in the
         # fake implementation while tracing. Only a device this build has no kernels for is caught here.
         rules.check_backend_built(q)
-    out, lse = torch.ops.dmattn.varlen_fwd(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
-        window_left, window_right, softcap, sinks, seqused_k, kv_slots, key_range,
-    )
+        if not _is_exporting() and not (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+            # No gradient to record: what the op's autograd registration would do for this call (torch.library's
+            # forward_no_grad: the kernels below the autograd keys), without its Python hop, ~8.5 us a call
+            # (a decode step pays it in every layer; benchmarks/results/NOTES.md, "Thirty-first session").
+            with torch._C._AutoDispatchBelowAutograd():
+                out, lse = torch.ops.dmattn.varlen_fwd(*args)
+            return (out, lse) if return_lse else out
+    out, lse = torch.ops.dmattn.varlen_fwd(*args)
     return (out, lse) if return_lse else out
+
+
+# torch.export's tracing (strict or not) sees the op as the user called it, through its autograd registration.
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def paged_kv_slots(

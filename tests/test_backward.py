@@ -739,6 +739,39 @@ def test_rows_with_no_visible_key_give_no_nan():
     assert (q.grad[:3] == 0).all()
 
 
+def test_the_api_records_a_gradient_exactly_when_autograd_would():
+    """varlen_attention calls the op below the autograd keys when nothing is to be differentiated (eager mode: grad
+    disabled, or no input requiring grad), skipping the autograd registration's Python hop. Whatever the route, the
+    outputs are the same bits, and a graph is recorded in exactly the cases where autograd would record one: an input
+    requiring grad with grad enabled; not under no_grad or inference_mode, nor for inputs that need no gradient."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, 4, 16, generator=g) for n in (5, 9, 9))
+    k, v = k[:, :2], v[:, :2]
+    bias = torch.randn(9, 2, generator=g)
+    cu_q, cu_k = dmattn_ops.cu_seqlens([2, 3]), dmattn_ops.cu_seqlens([4, 5])
+
+    def call(**changes):
+        args = {**dict(q=q, k=k, v=v, bias=bias), **changes}
+        return dmattn_ops.varlen_attention(args["q"], args["k"], args["v"], cu_q, cu_k, 3, 5, bias=args["bias"],
+                                           is_causal=True, return_lse=True)
+
+    plain_out, plain_lse = call()
+    assert plain_out.grad_fn is None and not plain_out.requires_grad
+    for name in ("q", "k", "v", "bias"):
+        leaf = dict(q=q, k=k, v=v, bias=bias)[name].clone().requires_grad_()
+        out, lse = call(**{name: leaf})
+        assert out.requires_grad and out.grad_fn is not None, name
+        assert torch.equal(out.detach(), plain_out) and torch.equal(lse.detach(), plain_lse), name
+        (grad,) = torch.autograd.grad(out.sum(), leaf)
+        assert torch.isfinite(grad).all(), name
+        with torch.no_grad():
+            out, _ = call(**{name: leaf})
+        assert out.grad_fn is None and torch.equal(out, plain_out), name
+        with torch.inference_mode():
+            out, _ = call(**{name: leaf})
+        assert out.grad_fn is None and torch.equal(out, plain_out), name
+
+
 def test_frozen_bias_is_not_differentiated(monkeypatch):
     """A bias that does not require grad: varlen_bwd is called with bias_grad=False and returns no bias gradient."""
     calls = []
