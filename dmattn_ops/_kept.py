@@ -3,9 +3,10 @@ from the batch (cu_seqlens, a key_range) is built by the first layer and reused 
 
 ``may_keep`` says whether anything may be kept at all, ``KeptTensors`` is where it is kept: a least-recently-used
 map that threads may share (a lookup that loses a race with an eviction returns what it found; CPython's GIL makes
-that race rare, a free-threaded build need not). Whoever keeps a tensor keys it by
-``torch.is_inference_mode_enabled()`` too: a tensor made under ``torch.inference_mode`` (a generation) cannot be
-saved for a backward (the op's autograd saves its inputs), so a training step must not be handed one.
+that race rare, a free-threaded build need not). Its entries are kept apart by ``torch.is_inference_mode_enabled()``
+at the time of the call: a tensor made under ``torch.inference_mode`` (a generation) cannot be saved for a backward
+(the op's autograd saves its inputs), so a training step must not be handed one. (Whoever keeps a tensor elsewhere
+keys it the same way.)
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ def may_keep(device: torch.device) -> bool:
 
 
 class KeptTensors:
-    """At most ``entries`` values, the least recently used dropped first."""
+    """At most ``entries`` values, the least recently used dropped first; a key put under torch.inference_mode is
+    found only under it, and one put outside only outside."""
 
     def __init__(self, entries: int):
         self._entries = entries
         self._map: "OrderedDict[Hashable, Any]" = OrderedDict()
 
     def get(self, key: Hashable) -> Optional[Any]:
+        key = (key, torch.is_inference_mode_enabled())
         found = self._map.get(key)
         if found is not None:
             try:
@@ -41,7 +44,7 @@ class KeptTensors:
         return found
 
     def put(self, key: Hashable, value: Any) -> Any:
-        self._map[key] = value
+        self._map[(key, torch.is_inference_mode_enabled())] = value
         while len(self._map) > self._entries:
             try:
                 self._map.popitem(last=False)

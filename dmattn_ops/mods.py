@@ -940,8 +940,7 @@ def _proven_range_key(interval, cu_seqlens_q, cu_seqlens_k, total_q: int):
         batch = tuple((id(t), t._version, t.device) for t in (cu_seqlens_q, cu_seqlens_k))
     except RuntimeError:  # inference tensors
         return None
-    key = (signature[0], batch, total_q, torch.is_inference_mode_enabled())
-    return key, (*signature[1], cu_seqlens_q, cu_seqlens_k)
+    return (signature[0], batch, total_q), (*signature[1], cu_seqlens_q, cu_seqlens_k)
 
 
 def native_key_range(mask_mod, cu_seqlens_q, cu_seqlens_k, total_q: int, total_k: int) -> Optional[torch.Tensor]:

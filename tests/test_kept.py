@@ -17,6 +17,20 @@ def test_the_least_recently_used_entry_goes_first():
     assert len(kept) == 0 and kept.get("a") is None
 
 
+def test_entries_are_kept_apart_by_inference_mode():
+    """What was built under torch.inference_mode (an inference tensor, which autograd cannot save) is not handed to a
+    call outside it, nor the reverse."""
+    kept = _kept.KeptTensors(4)
+    with torch.inference_mode():
+        kept.put("a", "inference")
+        assert kept.get("a") == "inference"
+    assert kept.get("a") is None
+    kept.put("a", "normal")
+    assert kept.get("a") == "normal"
+    with torch.inference_mode():
+        assert kept.get("a") == "inference"
+
+
 def test_nothing_is_kept_in_compiled_code():
     @torch.compile(fullgraph=True, backend="eager")
     def inside(x):

@@ -559,7 +559,7 @@ def _kept_tensors(key: tuple, device: torch.device, build) -> tuple:
     CUDA graph capture, and apart under torch.inference_mode). The op only reads them."""
     if not _kept.may_keep(device):
         return build()
-    key = (*key, device, torch.is_inference_mode_enabled())
+    key = (*key, device)
     found = _METADATA.get(key)
     return found if found is not None else _METADATA.put(key, build())
 
