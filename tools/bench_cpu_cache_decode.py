@@ -119,12 +119,12 @@ def main(argv=None) -> int:
                                      env=env, check=True, capture_output=True, text=True).stdout
                 runs[labels[build]].append(json.loads(out.strip().splitlines()[-1]))
 
+    # Each build's pass with the lowest ratio, case by case (what the table and the chart show).
+    best = {label: [min((p[i] for p in passes), key=lambda r: r["ratio"]) for i in range(len(CASES))]
+            for label, passes in runs.items()}
     print(f"{'dtype':9} {'B':>2} {'keys':>5}  " + "  ".join(f"{b[-24:]:>24}" for b in runs))
     for i, (dtype, B, L) in enumerate(CASES):
-        cells = []
-        for passes in runs.values():
-            best = min(passes, key=lambda p: p[i]["ratio"])[i]
-            cells.append(f"{best['ours_ms']:7.3f} ms {best['ratio']:5.2f}x sdpa")
+        cells = [f"{rows[i]['ours_ms']:7.3f} ms {rows[i]['ratio']:5.2f}x sdpa" for rows in best.values()]
         print(f"{dtype:9} {B:2d} {L:5d}  " + "  ".join(f"{c:>24}" for c in cells))
     if args.json:
         import torch
@@ -133,17 +133,16 @@ def main(argv=None) -> int:
                    kv_heads=HK, head_dim=D,
                    note="ratio: dmattn_ops' time over SDPA's in the same process (lower is better); the table "
                         "shows each build's pass with the lowest ratio",
-                   builds={b: passes for b, passes in runs.items()})
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+                   builds=runs)
+        bc.write_json(args.json, doc)
     if args.chart:
-        print(ratio_chart(args.chart, runs, args.threads) or f"chart: {args.chart}")
+        print(ratio_chart(args.chart, best, args.threads) or f"chart: {args.chart}")
     return 0
 
 
-def ratio_chart(path: str, runs: dict, threads: int):
-    """Grouped horizontal bars: per case, each build's best ratio to SDPA (1.0: as fast as SDPA). Returns None, or
-    why no chart was written."""
+def ratio_chart(path: str, best: dict, threads: int):
+    """Grouped horizontal bars: per case, each build's best ratio to SDPA (1.0: as fast as SDPA; best: per build, its
+    best row of each case). Returns None, or why no chart was written."""
     try:
         import matplotlib
 
@@ -151,11 +150,11 @@ def ratio_chart(path: str, runs: dict, threads: int):
         import matplotlib.pyplot as plt
     except ImportError as e:
         return f"matplotlib not importable ({e}); chart skipped"
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(CASES) * len(runs) + 1.5))
-    height = 0.8 / len(runs)
-    for k, (build, passes) in enumerate(runs.items()):
-        ratios = [min(p[i]["ratio"] for p in passes) for i in range(len(CASES))]
-        ys = [len(CASES) - 1 - i + (len(runs) - 1 - k) * height - 0.4 + height / 2 for i in range(len(CASES))]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(CASES) * len(best) + 1.5))
+    height = 0.8 / len(best)
+    for k, (build, rows) in enumerate(best.items()):
+        ratios = [row["ratio"] for row in rows]
+        ys = [len(CASES) - 1 - i + (len(best) - 1 - k) * height - 0.4 + height / 2 for i in range(len(CASES))]
         ax.barh(ys, ratios, height=height, label=build)
         for y, r in zip(ys, ratios):
             ax.text(r + 0.02, y, f"{r:.2f}", va="center", fontsize=7)
