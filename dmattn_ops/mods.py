@@ -747,7 +747,7 @@ class _IntervalMaskMod:
         self._cu_k = cu_seqlens_k.to(INDEX_DTYPE)
         self._lq = cu_seqlens_q.diff().to(INDEX_DTYPE)
         self._lk = cu_seqlens_k.diff().to(INDEX_DTYPE)
-        self._built = None  # ((total_q, inference mode), key_range) of the last eager build
+        self._built = _kept.KeptTensors(1)  # the key_range of the last eager build, by total_q
 
     def __call__(self, b, h, q_idx, kv_idx):
         return self._keep(b, q_idx + self._lk[b] - self._lq[b], kv_idx)
@@ -759,12 +759,10 @@ class _IntervalMaskMod:
         The mod reads its tensors when it is made (make it again when they change, e.g. per batch), so in eager mode
         the tensor is built once per total_q and every later call (each layer of a model) reuses it. Compiled code
         and CUDA-graph capture build it each time (their graphs hold the ops, not the values)."""
-        if not _kept.may_keep(self._cu_k.device):  # dmattn_ops/_kept.py; kept apart by inference mode
+        if not _kept.may_keep(self._cu_k.device):  # dmattn_ops/_kept.py (which keeps inference tensors apart)
             return self._build(total_q)
-        built_for = (total_q, torch.is_inference_mode_enabled())
-        if self._built is None or self._built[0] != built_for:
-            self._built = (built_for, self._build(total_q))
-        return self._built[1]
+        found = self._built.get(total_q)
+        return found if found is not None else self._built.put(total_q, self._build(total_q))
 
     def _build(self, total_q: int) -> torch.Tensor:
         dev = self._cu_k.device
