@@ -4,6 +4,7 @@
     python tools/check_cuda_compile.py --all --arch 80 90   # every instantiation of tools/kernel_matrix.py
     python tools/check_cuda_compile.py --arch 90 --divisions  # also: integer divisions inside kernels' loops
     python tools/check_cuda_compile.py --arch 90 --sass --only sm80_bfloat16_hd128  # SASS instruction counts
+    python tools/check_cuda_compile.py --arch 90 --all --sass-dir /tmp/after  # each object's SASS, to diff two trees
 
 --arch plays DMATTN_CUDA_ARCHS: each file gets the flags the build gives it (kernel_matrix.nvcc_flags), so the sm80
 instantiations are compiled for every listed arch, the sm90a ones for sm_90a when 90 is listed, and the registry and
@@ -73,6 +74,10 @@ def main() -> int:
                     help="print each kernel's SASS instruction count per sm arch (cuobjdump), with its MMAs, cp.async "
                          "copies, branches and barriers: a compile-only patch's instruction budget, to compare two "
                          "trees where a GPU profile is not at hand (counts are static: a loop body counts once)")
+    ap.add_argument("--sass-dir", metavar="DIR", type=Path,
+                    help="write each compiled file's whole SASS (cuobjdump -sass) to DIR/<file>.sass, so that a "
+                         "change meant to leave the machine code alone (moving code between headers, renaming) can "
+                         "be checked by diffing two trees' dumps (`diff -r`); implies the cuobjdump --sass needs")
     ap.add_argument("--only", metavar="TEXT",
                     help="only the instantiation files whose name holds TEXT (e.g. sm80_bfloat16_hd128), and no "
                          "hand-written file or registry")
@@ -91,8 +96,9 @@ def main() -> int:
         )
         return 2
 
-    cuobjdump = find_cuobjdump() if args.sass else None
-    if args.sass and cuobjdump is None:
+    wants_sass = args.sass or args.sass_dir is not None
+    cuobjdump = find_cuobjdump() if wants_sass else None
+    if wants_sass and cuobjdump is None:
         print("check_cuda_compile: --sass needs cuobjdump and nvdisasm: set CUDA_HOME to a toolkit that has them, or "
               "`pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`")
         return 2
@@ -150,7 +156,13 @@ def main() -> int:
                 dump = subprocess.run([cuobjdump, "-sass", cmd[-1]], capture_output=True, text=True, env=env)
                 if dump.returncode != 0:
                     print(f"    cuobjdump failed: {dump.stderr.strip()}")
-                for (arch, kernel), counts in sass_counts(dump.stdout).items():
+                    failed += 1
+                if args.sass_dir is not None:
+                    args.sass_dir.mkdir(parents=True, exist_ok=True)
+                    # the temporary folder of the source and object, named in the dump's headers: left out of a diff
+                    text = dump.stdout.replace(tmp, "<tmp>")
+                    (args.sass_dir / (Path(src).stem + ".sass")).write_text(text)
+                for (arch, kernel), counts in sass_counts(dump.stdout).items() if args.sass else ():
                     classes = "  ".join(f"{name} {n}" for name, n in counts.items() if name != "instructions")
                     print(f"    {arch:6s} {counts['instructions']:>6d} instructions  {classes}  {kernel}")
             if args.divisions and result.returncode == 0:
