@@ -1,5 +1,5 @@
 """The sm90a kernels' layouts, checked on the CPU: tests/host/sm90a_{fwd,bwd}_layouts.cu include the kernels' traits
-(csrc/cuda/sm90a/kernel_traits.h, bwd_kernel.cuh), are compiled with nvcc as host code and run, so a transposed view
+(csrc/cuda/sm90a/kernel_traits.h, bwd_traits.h), are compiled with nvcc as host code and run, so a transposed view
 that is not the bytes it views, or a fragment a kernel indexes in another order than CuTe lays it out, fails here
 rather than as wrong outputs or gradients on the GPU (the kernels themselves run only on a cc 9.0 device:
 test_sm90a.py, test_backward.py). The forward's check covers every tile it is built with, the wide ones included."""

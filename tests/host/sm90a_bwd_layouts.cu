@@ -5,7 +5,7 @@
 // size. Prints "ok", or the first mismatches and "FAILED: <count>" (exit status 1).
 #include <cstdio>
 
-#include "cuda/sm90a/bwd_kernel.cuh"
+#include "cuda/sm90a/bwd_traits.h"
 #include "layout_check.h"
 
 using namespace cute;
