@@ -2,6 +2,7 @@
 build config made from tools/kernel_matrix.py and a stand-in GPU (so it runs on any machine)."""
 
 import contextlib
+import os
 import io
 from unittest import mock
 
@@ -106,3 +107,20 @@ dmattn_ops build
         self.assertFalse(cli.machine_code_runs("86", 80) or cli.machine_code_runs("90", 100))
         self.assertTrue(cli.machine_code_runs("90a", 90))
         self.assertFalse(cli.machine_code_runs("90a", 100))
+
+
+def test_bootstrap_rebuilds_for_sources_not_for_docs(tmp_path, monkeypatch):
+    """tools/bootstrap.py's staleness check: the newest build input is a source file under csrc/ (or setup.py, the
+    kernel matrix), so editing csrc/cuda/README.md does not cost a 1-3 minute rebuild."""
+    import bootstrap  # tools/ is on pytest's path
+
+    for name, mtime in [("csrc/cuda/kernel.cuh", 100), ("csrc/cpu/kernel.cpp", 200), ("csrc/cuda/README.md", 900),
+                        ("setup.py", 50), ("tools/kernel_matrix.py", 60)]:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+        os.utime(path, (mtime, mtime))
+    monkeypatch.setattr(bootstrap, "ROOT", tmp_path)
+    assert bootstrap.newest_input() == (200, tmp_path / "csrc/cpu/kernel.cpp")
+    os.utime(tmp_path / "setup.py", (300, 300))
+    assert bootstrap.newest_input() == (300, tmp_path / "setup.py")

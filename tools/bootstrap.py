@@ -44,8 +44,10 @@ TOOLS = {"pip": "24.0", "setuptools": "70.1", "wheel": None, "ninja": None, "num
 # Test-only dependencies pinned to one version (tests/test_transformers_integration.py runs tiny models of it).
 PINNED = {"transformers": "5.17.0"}
 
-# What the build depends on: a change to any of these makes the built library stale.
+# What the build depends on: a change to any of these makes the built library stale (under a folder, its source files:
+# csrc/cuda/README.md edited is no reason to rebuild).
 BUILD_INPUTS = ["csrc", "setup.py", "tools/kernel_matrix.py"]
+SOURCE_SUFFIXES = {".cpp", ".h", ".cu", ".cuh"}
 
 # Run inside the venv, from / so that the current directory hides nothing: versions, what is missing, and where
 # `import dmattn_ops` leads, without importing torch.
@@ -178,7 +180,10 @@ def newest_input():
     newest = (0.0, None)
     for name in BUILD_INPUTS:
         path = ROOT / name
-        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+        if path.is_dir():
+            files = [p for p in path.rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES]
+        else:
+            files = [path]
         for f in files:
             newest = max(newest, (f.stat().st_mtime, f), key=lambda item: item[0])
     return newest
