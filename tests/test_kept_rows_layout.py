@@ -113,7 +113,7 @@ _BIAS_SLOT_DRIVER = """
 def test_bias_slots_are_the_order_the_sm90a_kernel_reads(tmp_path):
     """KeptRows::bias_slot permutes each 16 slots (segments start on multiples of 32, tiles on multiples of 64), and
     puts the column pair a consumer thread t reads for fragment nt (columns 8 nt + 2 t and the next) where
-    sm90a/fwd_kernel.cuh's slot_bias_pair reads it: 16 (nt / 2) + 4 t + 2 (nt % 2), so that slot_bias_pairs reads
+    sm90a/tile_operands.cuh's slot_bias_pair reads it: 16 (nt / 2) + 4 t + 2 (nt % 2), so that slot_bias_pairs reads
     fragments 2 k and 2 k + 1 as the 16 bytes at 16 k + 4 t."""
     exe = build_host_driver(tmp_path, _BIAS_SLOT_DRIVER, "bias_slot", "passes.h")
     perm = [int(x) for x in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()]

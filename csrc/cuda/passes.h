@@ -381,7 +381,7 @@ struct KeptRows {
   // Where slot c's bias lies in its head's run of bias (segments and the kernel's tiles start at multiples of 16
   // slots): in each 16 slots, slot 8 a + 2 t + e (a, e in {0, 1}, t < 4) at 4 t + 2 a + e, so that the sm90a kernel's
   // thread t of a quad, whose columns are 8 nt + 2 t and the next, reads those of fragments nt = 2 k and 2 k + 1 with
-  // one 16-byte load (sm90a/fwd_kernel.cuh: slot_bias_pairs).
+  // one 16-byte load (sm90a/tile_operands.cuh: slot_bias_pairs).
   DMATTN_HOST_DEVICE static constexpr int64_t bias_slot(int64_t c) {
     return (c & ~int64_t{15}) | ((c & 6) << 1) | ((c & 8) >> 2) | (c & 1);
   }

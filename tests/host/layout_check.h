@@ -15,7 +15,7 @@ inline int failures = 0;
   } while (0)
 
 // The m16n8 mapping the sm90a kernels assume for a 64-row wgmma accumulator (or register A operand) of `cols` columns
-// (fwd_kernel.cuh, as_m16n8): thread t holds rows 16 (t / 32) + (t % 32) / 4 + 8 half, columns 8 nt + 2 (t % 4) + e, at
+// (warpgroups.cuh, as_m16n8): thread t holds rows 16 (t / 32) + (t % 32) / 4 + 8 half, columns 8 nt + 2 (t % 4) + e, at
 // flat index e + 2 half + 4 nt.
 template <class Fragment>
 void check_m16n8(const Fragment& f, int t, int cols, const char* what) {

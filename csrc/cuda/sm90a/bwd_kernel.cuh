@@ -452,7 +452,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<M, DqCols>{});
   Tensor tOrP = make_tensor<CuteElem>(partition_shape_A(mma_dkv, Shape<_64, M>{}));
   Tensor tOrdS = make_tensor<CuteElem>(partition_shape_A(mma_dkv, Shape<_64, M>{}));
-  // The accumulators as m16n8 fragments (fwd_kernel.cuh, as_m16n8): thread rows 16 (wtid / 32) + g (+ 8), columns
+  // The accumulators as m16n8 fragments (warpgroups.cuh, as_m16n8): thread rows 16 (wtid / 32) + g (+ 8), columns
   // 8 nt + 2 t (+ 1). Rows are keys in S^T, dP^T, dV and dK, queries in dQ.
   float(&pt)[1][kM8][4] = as_m16n8<kM8>(tSrS);
   float(&dpt)[1][kM8][4] = as_m16n8<kM8>(tdPrdP);

@@ -14,6 +14,9 @@
 // mask, bias or key pool (heuristics.h, sm90a_supports, sm90a_slots_supports, sm90a_bias_supports,
 // sm90a_query_supports); those take the sm80 kernels.
 //
+// Its helpers, by concern: warpgroups.cuh (named barriers, ping-pong turns, warpgroup GEMMs), unit_work.cuh (the
+// units and their KV tiles), tile_list.cuh (kQuery's live tiles), tile_operands.cuh (what a tile reads beside S).
+//
 // Work units are (query tile, query head, sequence), a sequence's last query tiles first as in the sm80 prefill
 // kernel: a CTA per unit (grid (query tiles, heads, sequences)), or kPersistent, a CTA per SM walking every
 // gridDim.x-th unit (windowed calls: short, alike units), or with kDynamic (the plain, windowed and kSlots variants,

@@ -98,7 +98,7 @@ struct FwdTraits {
   // a persistent launch's sequences that its unit table holds, at most
   static constexpr int kUnitTableSeqs = static_cast<int>(kSm90aUnitTableSeqs);
 
-  // kQuery: a unit's live KV tiles, 16 bits each (fwd_kernel.cuh, TileEntry), one list per Q buffer: the
+  // kQuery: a unit's live KV tiles, 16 bits each (tile_list.cuh, TileEntry), one list per Q buffer: the
   // kSm90aQueryMaxTiles 128-key tiles of the longest sequence the plan sends, as kBlockN-key tiles (2048 at D = 256).
   // Only tiles that divide the map's 128-key tiles can be listed (the kQuery variants; wide tiles are never listed).
   static constexpr bool kListable = BlockMap::kBitTileKeys % kBlockN == 0;
@@ -152,7 +152,7 @@ struct FwdTraits {
       int32_t unit_of_q[2][8];
     };
     // Persistent CTAs of a launch of at most kUnitTableSeqs sequences: query tiles of sequences [0, z) in entry z
-    // (z <= seqs), so units are numbered over the sequences' own tiles (fwd_kernel.cuh, unit_of).
+    // (z <= seqs), so units are numbered over the sequences' own tiles (fwd_kernel.cuh, sequence_of).
     // (kBias32 runs a CTA per unit: none.)
     int32_t unit_tiles[kBias32 ? 1 : kUnitTableSeqs + 1];
     int32_t seq_rows[kBias32 ? 1 : kUnitTableSeqs][4];  // and each one's {q start, q len, k start, k len}, clamped

@@ -13,8 +13,9 @@
 
 namespace dmattn::cuda::sm90a {
 
-// The consumer warpgroups' named barriers (0 is __syncthreads): 1 for both, 2 + w for consumer warpgroup w's turn to
-// issue its S GEMM (ping-pong).
+// The forward's named barriers (0 is __syncthreads): 1 for both consumer warpgroups (consumer_sync, which the backward
+// uses too), 2 + w for consumer warpgroup w's turn to issue its S GEMM (ping-pong), then the producer's and the
+// stores'. The backward numbers its own from 4 (bwd_kernel.cuh).
 constexpr int kConsumerBarrier = 1;
 constexpr int kTurnBarrier = 2;
 constexpr int kProducerBarrier = 4;  // kQuery: the producer warpgroup's, while it lists a unit's tiles
