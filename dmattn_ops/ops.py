@@ -84,40 +84,43 @@ def varlen_attention(
     """
     # The Python types first, in compiled code too: isinstance checks install no guard, and the op's schema would
     # coerce (True as 1) or reject such values with torch's own message.
-    window_left, window_right = _window_sides(window_size)
+    window_left, window_right = (-1, -1) if window_size is None else _window_sides(window_size)
     rules.check_arg_types(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
         window_left, window_right, softcap, sinks, seqused_k, kv_slots, key_range,
     )
-    if kv_slots is not None and (mask_mod is not None or score_mod is not None):
-        raise ValueError(f"{rules.OP}: mask_mod / score_mod build operands over packed keys, which a kv_slots call "
-                         "does not have; pass a key-side mask / bias with a row per pool slot instead")
-    # (With seqused_k the op aligns windows to the used keys, the mask_mod to cu_seqlens_k: no native mapping then.)
-    window = mods.native_window(mask_mod, cu_seqlens_q, cu_seqlens_k) if seqused_k is None else None
-    if window is not None:  # a sliding_window mask_mod runs as the op's own window
-        if window_size is not None:
-            raise ValueError("dmattn.varlen_fwd: pass either window_size or a sliding_window mask_mod, not both")
-        window_left, window_right = window
-        mask_mod = None
-    # A prefix_lm / document_mask / chunked_causal mask_mod runs as key_range (same proviso on seqused_k).
-    ranges = None if seqused_k is not None else mods.native_key_range(
-        mask_mod, cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
-    if ranges is not None:
-        if key_range is not None:
-            raise ValueError("dmattn.varlen_fwd: pass either key_range or a prefix_lm / document_mask / "
-                             "chunked_causal mask_mod, not both")
-        key_range, mask_mod = ranges, None
-    elif mask_mod is not None and mask is None and key_range is None and seqused_k is None:
-        # A mask_mod proven one interval of keys per query by its expression (a window, a band, a prefix-LM written
-        # as a mod; eager mode): key_range too, and no mask built (dmattn_ops/_intervals.py). Not beside mask=: that
-        # pair is an error either way, as in compiled code, where nothing is proven.
-        ranges = mods.proven_key_range(mask_mod, cu_seqlens_q, cu_seqlens_k, q.shape[0])
-        if ranges is not None:
-            key_range, mask_mod = ranges, None
     if mask_mod is not None or score_mod is not None:
-        mask, bias = mods.operands_from_mods(
-            q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, mask_mod, score_mod
-        )
+        # (a call without mods, as a decode step's in every layer, passes this block at one comparison)
+        if kv_slots is not None:
+            raise ValueError(f"{rules.OP}: mask_mod / score_mod build operands over packed keys, which a kv_slots "
+                             "call does not have; pass a key-side mask / bias with a row per pool slot instead")
+        # (With seqused_k the op aligns windows to the used keys, the mask_mod to cu_seqlens_k: no native mapping
+        # then.)
+        window = mods.native_window(mask_mod, cu_seqlens_q, cu_seqlens_k) if seqused_k is None else None
+        if window is not None:  # a sliding_window mask_mod runs as the op's own window
+            if window_size is not None:
+                raise ValueError("dmattn.varlen_fwd: pass either window_size or a sliding_window mask_mod, not both")
+            window_left, window_right = window
+            mask_mod = None
+        # A prefix_lm / document_mask / chunked_causal mask_mod runs as key_range (same proviso on seqused_k).
+        ranges = None if seqused_k is not None else mods.native_key_range(
+            mask_mod, cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+        if ranges is not None:
+            if key_range is not None:
+                raise ValueError("dmattn.varlen_fwd: pass either key_range or a prefix_lm / document_mask / "
+                                 "chunked_causal mask_mod, not both")
+            key_range, mask_mod = ranges, None
+        elif mask_mod is not None and mask is None and key_range is None and seqused_k is None:
+            # A mask_mod proven one interval of keys per query by its expression (a window, a band, a prefix-LM
+            # written as a mod; eager mode): key_range too, and no mask built (dmattn_ops/_intervals.py). Not beside
+            # mask=: that pair is an error either way, as in compiled code, where nothing is proven.
+            ranges = mods.proven_key_range(mask_mod, cu_seqlens_q, cu_seqlens_k, q.shape[0])
+            if ranges is not None:
+                key_range, mask_mod = ranges, None
+        if mask_mod is not None or score_mod is not None:
+            mask, bias = mods.operands_from_mods(
+                q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, mask_mod, score_mod
+            )
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
             window_left, window_right, softcap, sinks, seqused_k, kv_slots, key_range)
     if not torch.compiler.is_compiling():

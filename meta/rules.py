@@ -133,13 +133,22 @@ def check_arg_types(
     is_causal=False, window_left=-1, window_right=-1, softcap=None, sinks=None, seqused_k=None, kv_slots=None,
     key_range=None,
 ):
-    """Raises TypeError (ValueError for an int past int64) naming the first argument of the wrong Python type."""
+    """Raises TypeError (ValueError for an int past int64) naming the first argument of the wrong Python type.
+
+    Every call runs this (a decode step: every layer), so each argument is first tested inline, and only one that
+    fails the plain test (a dense tensor; an int in int64, not compared while compiling) goes to the check that names
+    it: the same verdicts, without a function call per argument."""
+    compiling = torch.compiler.is_compiling()
+    tensor, strided = torch.Tensor, torch.strided
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, "a tensor")
+        if not (isinstance(t, tensor) and not t.is_nested and t.layout == strided):
+            _check_tensor(name, t, "a tensor")
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        _check_tensor(name, t, "an int32 tensor")
-    _check_int("max_seqlen_q", max_seqlen_q)
-    _check_int("max_seqlen_k", max_seqlen_k)
+        if not (isinstance(t, tensor) and not t.is_nested and t.layout == strided):
+            _check_tensor(name, t, "an int32 tensor")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if type(value) is not int or not (compiling or INT64_MIN <= value <= INT64_MAX):
+            _check_int(name, value)
     if mask is not None:
         _check_tensor("mask", mask, "a bool tensor or None")
     if bias is not None:
@@ -148,8 +157,9 @@ def check_arg_types(
         _fail(TypeError, f"softmax_scale must be a float or None, got {_scalar_type_name(softmax_scale, 'float')}")
     if type(is_causal) is not bool:
         _fail(TypeError, f"is_causal must be a bool, got {_scalar_type_name(is_causal, 'bool')}")
-    _check_int("window_left", window_left)
-    _check_int("window_right", window_right)
+    for name, value in (("window_left", window_left), ("window_right", window_right)):
+        if type(value) is not int or not (compiling or INT64_MIN <= value <= INT64_MAX):
+            _check_int(name, value)
     if softcap is not None and type(softcap) not in (float, int, torch.SymFloat):
         _fail(TypeError, f"softcap must be a float or None, got {_scalar_type_name(softcap, 'float')}")
     if sinks is not None:

@@ -84,6 +84,37 @@ def profile_steps(step, device: torch.device, steps: int) -> dict:
                      "calls_per_step": e.count / steps} for e in events[:40]]}
 
 
+def attention_function_time(name: str, step, device: torch.device, steps: int) -> dict:
+    """Wall time per call of implementation `name`'s attention function (transformers' AttentionInterface entry), over
+    `steps` more decode steps, inside the model's step (caches and the CPU as the model leaves them, which a loop of
+    calls alone would not): its median and mean in us, and calls per step. On the CPU that is the kernel and all the
+    Python around it; on CUDA the host's share (the kernel runs asynchronously)."""
+    import time
+
+    from transformers import AttentionInterface
+
+    original = AttentionInterface._global_mapping[name]
+    times = []
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter_ns()
+        out = original(*args, **kwargs)
+        times.append(time.perf_counter_ns() - start)
+        return out
+
+    AttentionInterface._global_mapping[name] = timed
+    try:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    finally:
+        AttentionInterface._global_mapping[name] = original
+    times.sort()
+    return {"steps": steps, "calls_per_step": len(times) / steps, "median_us": times[len(times) // 2] / 1e3,
+            "mean_us": sum(times) / len(times) / 1e3}
+
+
 KEPT_MASK = "dmattn_kept_mask"
 
 
@@ -119,6 +150,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also run STEPS more steps of each implementation under torch.profiler (host activity) and "
                          "report each one's self CPU time per step and its ops (where a host-bound step's time goes)")
+    ap.add_argument("--function-time", type=int, default=0, metavar="STEPS",
+                    help="also run STEPS more steps of each implementation timing its attention function per call "
+                         "inside the step (on the CPU the kernel and the Python around it; on CUDA the host's share)")
     ap.add_argument("--out", default=None, help="folder for transformers_decode_step[_unpadded][_bB].json")
     args = ap.parse_args(argv)
 
@@ -151,13 +185,19 @@ def main(argv=None) -> int:
                 logits = step()
                 timing = bc.time_callable(step, device, warmup=3, reps=args.reps)
                 host = profile_steps(step, device, args.profile) if args.profile else None
+                fn_time = (attention_function_time(name, step, device, args.function_time)
+                           if args.function_time else None)
             except Exception as e:  # noqa: BLE001 - one implementation failing is reported, not fatal
                 rows.append({"implementation": name, "status": f"failed: {type(e).__name__}: {e}"})
                 print(f"{name:20} failed: {e}", flush=True)
                 continue
         rows.append({"implementation": name, "status": "ok", "logits": logits.float().cpu(), **timing.as_dict(),
-                     **({"host_profile": host} if host else {})})
+                     **({"host_profile": host} if host else {}),
+                     **({"attention_function": fn_time} if fn_time else {})})
         print(f"{name:20} {timing.median_ms:9.3f} ms per decode step", flush=True)
+        if fn_time:
+            print(f"{'':20} attention function: {fn_time['median_us']:.1f} us a call (median; mean "
+                  f"{fn_time['mean_us']:.1f}), {fn_time['calls_per_step']:.0f} calls a step", flush=True)
         if host:
             print(f"{'':20} host: {host['self_cpu_ms_per_step']:.3f} ms of self CPU time a step; the most:", flush=True)
             for op in host["ops"][:12]:

@@ -41,6 +41,7 @@ and head dims the CUDA build pads take a packed copy instead.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -317,13 +318,24 @@ def _key_positions(batch_size: int, kv_length: int, kv_offset: int, attention_ma
 
 
 def _layer_chunk(module: torch.nn.Module) -> Optional[int]:
-    """The attention chunk of a chunked-attention layer (config.layer_types, as Llama 4's), else None."""
+    """The attention chunk of a chunked-attention layer (config.layer_types, as Llama 4's), else None. Read once per
+    module and config object: a config's attributes go through transformers' own __getattribute__, a few us a layer
+    of every step otherwise."""
     config = getattr(module, "config", None)
+    kept = _LAYER_CHUNKS.get(module) if config is not None else None
+    if kept is not None and kept[0] is config:
+        return kept[1]
     types = getattr(config, "layer_types", None)
     layer = getattr(module, "layer_idx", None)
-    if not types or layer is None or layer >= len(types) or types[layer] != "chunked_attention":
-        return None
-    return config.attention_chunk_size
+    chunk = None
+    if types and layer is not None and layer < len(types) and types[layer] == "chunked_attention":
+        chunk = config.attention_chunk_size
+    if config is not None:
+        _LAYER_CHUNKS[module] = (config, chunk)
+    return chunk
+
+
+_LAYER_CHUNKS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _chunk_ranges(positions: torch.Tensor, Lq: int, Lk: int, chunk: int) -> torch.Tensor:
@@ -440,8 +452,10 @@ def _attend_copied(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, Lk: 
     sequences as documents, each query seeing its own (document_mask's key_range). Returns (B, Lq, H, D)."""
     B, Lq, H, D = q.shape
     Hk = key.shape[1]
-    k = key[:, :, :Lk].transpose(1, 2).reshape(B * Lk, Hk, D)
-    v = value[:, :, :Lk].transpose(1, 2).reshape(B * Lk, Hk, D)
+    if Lk != key.shape[2]:  # (a dynamic cache holds exactly the keys seen: no slice, one view less a layer)
+        key, value = key[:, :, :Lk], value[:, :, :Lk]
+    k = key.transpose(1, 2).reshape(B * Lk, Hk, D)
+    v = value.transpose(1, 2).reshape(B * Lk, Hk, D)
     cu_q, cu_k = _kept_tensors(("packed", B, Lq, Lk), q.device, lambda: (
         torch.arange(0, (B + 1) * Lq, Lq, dtype=torch.int32, device=q.device),
         torch.arange(0, (B + 1) * Lk, Lk, dtype=torch.int32, device=q.device)))
