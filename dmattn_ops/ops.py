@@ -84,7 +84,7 @@ def varlen_attention(
     """
     # The Python types first, in compiled code too: isinstance checks install no guard, and the op's schema would
     # coerce (True as 1) or reject such values with torch's own message.
-    window_left, window_right = (-1, -1) if window_size is None else _window_sides(window_size)
+    window_left, window_right = _window_sides(window_size)
     rules.check_arg_types(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
         window_left, window_right, softcap, sinks, seqused_k, kv_slots, key_range,

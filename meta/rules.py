@@ -140,12 +140,11 @@ def check_arg_types(
     it: the same verdicts, without a function call per argument."""
     compiling = torch.compiler.is_compiling()
     tensor, strided = torch.Tensor, torch.strided
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t, expected in (("q", q, "a tensor"), ("k", k, "a tensor"), ("v", v, "a tensor"),
+                              ("cu_seqlens_q", cu_seqlens_q, "an int32 tensor"),
+                              ("cu_seqlens_k", cu_seqlens_k, "an int32 tensor")):
         if not (isinstance(t, tensor) and not t.is_nested and t.layout == strided):
-            _check_tensor(name, t, "a tensor")
-    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if not (isinstance(t, tensor) and not t.is_nested and t.layout == strided):
-            _check_tensor(name, t, "an int32 tensor")
+            _check_tensor(name, t, expected)
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if type(value) is not int or not (compiling or INT64_MIN <= value <= INT64_MAX):
             _check_int(name, value)

@@ -93,7 +93,7 @@ def attention_function_time(name: str, step, device: torch.device, steps: int) -
 
     from transformers import AttentionInterface
 
-    original = AttentionInterface._global_mapping[name]
+    original = AttentionInterface()[name]
     times = []
 
     def timed(*args, **kwargs):
@@ -102,14 +102,14 @@ def attention_function_time(name: str, step, device: torch.device, steps: int) -
         times.append(time.perf_counter_ns() - start)
         return out
 
-    AttentionInterface._global_mapping[name] = timed
+    AttentionInterface.register(name, timed)
     try:
         for _ in range(steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
     finally:
-        AttentionInterface._global_mapping[name] = original
+        AttentionInterface.register(name, original)
     times.sort()
     return {"steps": steps, "calls_per_step": len(times) / steps, "median_us": times[len(times) // 2] / 1e3,
             "mean_us": sum(times) / len(times) / 1e3}
