@@ -131,8 +131,7 @@ def varlen_attention(
             # No gradient to record: what the op's autograd registration would do for this call (torch.library's
             # forward_no_grad: the kernels below the autograd keys), without its Python hop, ~8.5 us a call
             # (a decode step pays it in every layer; benchmarks/results/NOTES.md, "Thirty-first session").
-            with torch._C._AutoDispatchBelowAutograd():
-                out, lse = torch.ops.dmattn.varlen_fwd(*args)
+            out, lse = forward_below_autograd(args)
             return (out, lse) if return_lse else out
     out, lse = torch.ops.dmattn.varlen_fwd(*args)
     return (out, lse) if return_lse else out
@@ -140,6 +139,18 @@ def varlen_attention(
 
 # torch.export's tracing (strict or not) sees the op as the user called it, through its autograd registration.
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def forward_below_autograd(args: tuple) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of ``torch.ops.dmattn.varlen_fwd(*args)`` (its 18 schema arguments, in order) run below the
+    autograd keys, in eager mode, for a call with nothing to differentiate: the no-grad call ``varlen_attention``
+    makes, and the one the transformers backend makes straight from its decode step (which builds every argument
+    itself, so it skips ``varlen_attention``'s Python type checks). The metadata rules still run in the op's binding."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return _VARLEN_FWD(*args)
+
+
+_VARLEN_FWD = torch.ops.dmattn.varlen_fwd.default  # (the overload itself: no overload resolution per call)
 
 
 def paged_kv_slots(

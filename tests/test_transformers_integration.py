@@ -69,16 +69,16 @@ FAMILIES = list(REFERENCE)
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """Every dmattn_ops.varlen_attention call the backend makes during the test, as (args, kwargs) (the reference
-    implementations never call it)."""
+    """Every op call the backend makes during the test (its ``_varlen``, which takes varlen_attention's arguments), as
+    (args, kwargs) (the reference implementations never call it)."""
     calls = []
-    original = dmattn_transformers.dmattn_ops.varlen_attention
+    original = dmattn_transformers._varlen
 
     def recording(*args, **kwargs):
         calls.append((args, kwargs))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", recording)
+    monkeypatch.setattr(dmattn_transformers, "_varlen", recording)
     return calls
 
 
@@ -248,6 +248,31 @@ def test_a_training_step_after_generating_under_inference_mode(padding):
         out.loss.backward()
         losses[implementation] = out.loss.detach()
     torch.testing.assert_close(losses["dmattn"], losses["sdpa"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding", ["none", "left"])
+def test_a_no_grad_forward_calls_the_op_straight_and_a_grad_forward_through_varlen_attention(padding, monkeypatch):
+    """Without gradients (generate) every layer's call goes to the op straight, skipping varlen_attention's Python
+    checks (the backend built each argument); with gradients it goes through varlen_attention and the op's autograd.
+    Both give the same logits, bit for bit (one kernel)."""
+    model = _tiny("llama")
+    ids, mask = _batch(padding)
+    model.set_attn_implementation("dmattn")
+    through_api = []
+    original = dmattn_transformers.dmattn_ops.varlen_attention
+
+    def recording(*args, **kwargs):
+        through_api.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dmattn_transformers.dmattn_ops, "varlen_attention", recording)
+    with torch.no_grad():
+        straight = model(input_ids=ids, attention_mask=mask).logits
+    assert through_api == []
+    with torch.enable_grad():
+        with_grad = model(input_ids=ids, attention_mask=mask).logits
+    assert len(through_api) == model.config.num_hidden_layers and with_grad.requires_grad
+    assert torch.equal(straight, with_grad.detach())
 
 
 def test_the_unpadded_stand_in_is_told_apart_in_and_out_of_inference_mode():

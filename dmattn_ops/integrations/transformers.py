@@ -99,12 +99,12 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         k_pool, v_pool = cache.key_cache[layer_in_group], cache.value_cache[layer_in_group]
         k_pool.index_copy_(0, write, key[0].transpose(0, 1))
         v_pool.index_copy_(0, write, value[0].transpose(0, 1))
-        out = dmattn_ops.varlen_attention(q, k_pool, v_pool, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
-                                          kv_slots=read.to(torch.int32), **extra)
+        out = _varlen(q, k_pool, v_pool, cu_q, cu_k, max_seqlen_q, max_seqlen_k, kv_slots=read.to(torch.int32),
+                      **extra)
     else:  # no cache read (a prefill-only batch: the new keys are all of them), or a sliding window's ring
         k, v = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx,
                             read_index=kwargs["read_index"], write_index=kwargs["write_index"])
-        out = dmattn_ops.varlen_attention(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, **extra)
+        out = _varlen(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, **extra)
     return out.unsqueeze(0), None
 
 
@@ -421,7 +421,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             # each sequence's chunks from its own first token, as if it were alone (what packing promises;
             # transformers' sdpa and eager paths count them along the row instead)
             extra["key_range"] = dmattn_ops.chunked_causal(cu_q, cu_k, chunk).key_range(Lq)
-        out = dmattn_ops.varlen_attention(
+        out = _varlen(
             q[0], key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
             max_q if isinstance(max_q, int) else Lq, max_k if isinstance(max_k, int) else key.shape[2], **extra)
         return out.unsqueeze(0), None
@@ -461,7 +461,7 @@ def _attend_copied(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, Lk: 
         torch.arange(0, (B + 1) * Lk, Lk, dtype=torch.int32, device=q.device)))
     if sequence_ids is not None:
         extra["mask_mod"] = dmattn_ops.document_mask(cu_q, cu_k, sequence_ids.reshape(B * Lk))
-    out = dmattn_ops.varlen_attention(q.reshape(B * Lq, H, D), k, v, cu_q, cu_k, Lq, Lk, mask=mask, **extra)
+    out = _varlen(q.reshape(B * Lq, H, D), k, v, cu_q, cu_k, Lq, Lk, mask=mask, **extra)
     return out.view(B, Lq, H, D)
 
 
@@ -494,9 +494,8 @@ def _attend_full_mask_packed(q, key, value, full, cu_q, cu_k, max_q, max_k, scal
     else:
         picked = full[0].gather(2, cols.clamp(max=Lk - 1)[None].expand(Hm, -1, -1))  # (Hm, L, max_k)
     mask = (picked & inside[None]).permute(1, 0, 2).contiguous()  # (L, Hm, max_k)
-    out = dmattn_ops.varlen_attention(q[0], key[0, :, :Lk].transpose(0, 1), value[0, :, :Lk].transpose(0, 1), cu_q,
-                                      cu_k, max_q, max_k, mask=mask, softmax_scale=scaling, softcap=softcap or None,
-                                      sinks=sinks)
+    out = _varlen(q[0], key[0, :, :Lk].transpose(0, 1), value[0, :, :Lk].transpose(0, 1), cu_q, cu_k, max_q, max_k,
+                  mask=mask, softmax_scale=scaling, softcap=softcap or None, sinks=sinks)
     return out.unsqueeze(0)
 
 
@@ -559,11 +558,32 @@ def _attend_in_place(q: torch.Tensor, rows, real: Optional[torch.Tensor], Lk: in
         padded = torch.nn.functional.pad(real.to(torch.bool), (0, R - Lk))  # (B, R)
         keep = padded.reshape(B * R)[:n_rows].reshape(n_rows, 1)
     cu_q, cu_k, used = _step_metadata(B, Lq, R, n_rows, Lk, device)
-    out = dmattn_ops.varlen_attention(q.reshape(B * Lq, H, D), k_rows, v_rows, cu_q, cu_k, Lq, R, mask=keep,
-                                      seqused_k=used if seen is None else seen, **extra)
+    out = _varlen(q.reshape(B * Lq, H, D), k_rows, v_rows, cu_q, cu_k, Lq, R, mask=keep,
+                  seqused_k=used if seen is None else seen, **extra)
     return out.view(B, Lq, H, D)
 
 
+def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, mask=None, softmax_scale=None,
+            is_causal=False, window_size=None, softcap=None, sinks=None, seqused_k=None, kv_slots=None, key_range=None,
+            mask_mod=None) -> torch.Tensor:
+    """Every call of the op this backend makes (``dmattn_ops.varlen_attention``'s arguments). A generate step in eager
+    mode (no gradient, no mask_mod) goes to the op straight, one call a layer: the backend builds each argument itself
+    (lengths from shapes, int32 metadata, a bool mask), so ``varlen_attention``'s Python type checks and keyword
+    binding would only repeat what is known. Anything else (compiled, exported, training, a mask_mod, a CUDA tensor
+    in a build without the CUDA backend, for its error) takes ``varlen_attention``."""
+    if (mask_mod is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not dmattn_ops.ops._is_exporting() and (_HAS_CUDA or not q.is_cuda)):
+        left, right = (-1, -1) if window_size is None else window_size
+        return dmattn_ops.ops.forward_below_autograd((
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, None, softmax_scale, is_causal,
+            left, right, softcap, sinks, seqused_k, kv_slots, key_range))[0]
+    return dmattn_ops.varlen_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=mask, softmax_scale=softmax_scale,
+        is_causal=is_causal, window_size=window_size, softcap=softcap, sinks=sinks, seqused_k=seqused_k,
+        kv_slots=kv_slots, key_range=key_range, mask_mod=mask_mod)
+
+
+_HAS_CUDA = "cuda" in dmattn_ops.build_info()["backends"]
 _METADATA = _kept.KeptTensors(16)
 
 
