@@ -14,7 +14,8 @@ every step so each one sees the same lengths. The logits of every implementation
 each implementation under torch.profiler, their host time per op. --unpadded: every prompt of the longest length,
 an all-ones attention mask (a tokenizer's unpadded batch, generate's single prompt), and a row "dmattn_kept_mask"
 beside "dmattn": the same backend with that all-True mask handed to every layer as a key-side mask, as it was before
-the mask function dropped it (what the drop saves: on CUDA the mask's passes in every layer).
+the mask function dropped it (what the drop saves: on CUDA the mask's passes in every layer). "dmattn_via_api",
+where --implementations names it: the backend with each op call made through varlen_attention (register_via_api).
 """
 
 from __future__ import annotations
@@ -137,6 +138,34 @@ def register_kept_mask() -> None:
     AttentionMaskInterface.register(KEPT_MASK, kept)
 
 
+VIA_API = "dmattn_via_api"
+
+
+def register_via_api() -> None:
+    """VIA_API (run only where --implementations names it): dmattn's attention function with every op call routed
+    through ``dmattn_ops.varlen_attention`` (its type checks, keyword binding and mods test), as the backend called
+    the op before its no-grad calls went to the op straight. What the straight call saves, side by side in one
+    process; the routing adds one attribute swap a call to this row."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    import dmattn_ops
+    from dmattn_ops.integrations import transformers as dmattn_transformers
+
+    def through_api(*args, **kwargs):
+        return dmattn_ops.varlen_attention(*args, **kwargs)
+
+    def via_api(*args, **kwargs):
+        straight, dmattn_transformers._varlen = dmattn_transformers._varlen, through_api
+        try:
+            return dmattn_transformers.attention_forward(*args, **kwargs)
+        finally:
+            dmattn_transformers._varlen = straight
+
+    AttentionInterface.register(VIA_API, via_api)
+    AttentionMaskInterface.register(VIA_API, dmattn_transformers.padding_mask)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -146,7 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--unpadded", action="store_true", help="prompts of one length, no padding (see above)")
     ap.add_argument("--implementations", nargs="+", default=None, metavar="NAME",
                     help="which implementations run, in this order (default: dmattn [dmattn_kept_mask] sdpa eager "
-                         "[flash_attention_2])")
+                         f"[flash_attention_2]; {VIA_API} only where named)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="also run STEPS more steps of each implementation under torch.profiler (host activity) and "
                          "report each one's self CPU time per step and its ops (where a host-bound step's time goes)")
@@ -159,6 +188,7 @@ def main(argv=None) -> int:
     from dmattn_ops.integrations import transformers as dmattn_transformers
 
     dmattn_transformers.register()
+    register_via_api()
     names = implementations()
     if args.unpadded:
         register_kept_mask()
