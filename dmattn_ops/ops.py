@@ -147,10 +147,8 @@ def forward_below_autograd(args: tuple) -> Tuple[torch.Tensor, torch.Tensor]:
     makes, and the one the transformers backend makes straight from its decode step (which builds every argument
     itself, so it skips ``varlen_attention``'s Python type checks). The metadata rules still run in the op's binding."""
     with torch._C._AutoDispatchBelowAutograd():
-        return _VARLEN_FWD(*args)
-
-
-_VARLEN_FWD = torch.ops.dmattn.varlen_fwd.default  # (the overload itself: no overload resolution per call)
+        # (looked up per call, not kept: tests and tools that wrap torch.ops.dmattn.varlen_fwd see every call)
+        return torch.ops.dmattn.varlen_fwd(*args)
 
 
 def paged_kv_slots(
