@@ -16,7 +16,7 @@ from test_kernel_matrix import build_host_driver
 _DRIVER = """
     #include <cstdio>
 
-    #include "cuda/heuristics.h"
+    #include "cuda/workspace.h"
     using namespace dmattn;
     // stdin per call: B H Hk D total_q total_k max_q max_k mask(0 absent, 1 key, 2 query) Hm bias Hb sms force tiles
     //                 window_left window_right key_range(0 absent, 1 given) sm90a_ctas(the override)

@@ -22,6 +22,7 @@ VOCAB = 128
 
 
 def _tiny(family: str, **extra):
+    """A 2-layer random-weight model of the family; ``extra`` overrides its config (head_dim included)."""
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256)
     if family == "llama":
@@ -29,20 +30,21 @@ def _tiny(family: str, **extra):
     elif family == "qwen2":
         cfg, cls = transformers.Qwen2Config(**common, **extra), transformers.Qwen2ForCausalLM
     elif family == "qwen3":
-        cfg, cls = transformers.Qwen3Config(**common, head_dim=16, **extra), transformers.Qwen3ForCausalLM
+        cfg, cls = transformers.Qwen3Config(**common, **{"head_dim": 16, **extra}), transformers.Qwen3ForCausalLM
     elif family == "mistral":  # a sliding window shorter than the prompts
         cfg, cls = transformers.MistralConfig(**common, sliding_window=6, **extra), transformers.MistralForCausalLM
     elif family == "gemma3":  # alternating sliding-window and global layers, its own query scaling
-        cfg = transformers.Gemma3TextConfig(**common, head_dim=16, sliding_window=5,
-                                            layer_types=["sliding_attention", "full_attention"], **extra)
+        cfg = transformers.Gemma3TextConfig(**common, **{"head_dim": 16, **extra}, sliding_window=5,
+                                            layer_types=["sliding_attention", "full_attention"])
         cls = transformers.Gemma3ForCausalLM
     elif family == "gemma2":  # attention logit softcapping (a small cap, so that it changes the logits), windows
-        cfg = transformers.Gemma2Config(**common, head_dim=16, attn_logit_softcapping=1.5, sliding_window=5,
-                                        layer_types=["sliding_attention", "full_attention"], **extra)
+        cfg = transformers.Gemma2Config(**common, **{"head_dim": 16, **extra}, attn_logit_softcapping=1.5,
+                                        sliding_window=5, layer_types=["sliding_attention", "full_attention"])
         cls = transformers.Gemma2ForCausalLM
     elif family == "gpt_oss":  # learned attention sinks, sliding and full layers, mixture of experts
-        cfg = transformers.GptOssConfig(**common, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-                                        sliding_window=5, layer_types=["sliding_attention", "full_attention"], **extra)
+        cfg = transformers.GptOssConfig(**common, **{"head_dim": 16, **extra}, num_local_experts=4,
+                                        num_experts_per_tok=2, sliding_window=5,
+                                        layer_types=["sliding_attention", "full_attention"])
         cls = transformers.GptOssForCausalLM
     elif family == "llama4":  # a chunked-attention layer (chunks of 5 keys, shorter than the prompts) and a full one
         cfg = transformers.Llama4TextConfig(**common, **{"head_dim": 16, **extra}, intermediate_size_mlp=128,

@@ -13,7 +13,7 @@
 
 #include "../varlen_fwd_params.h"
 #include "bwd/bwd_params.h"
-#include "heuristics.h"
+#include "workspace.h"
 
 namespace dmattn::cuda {
 

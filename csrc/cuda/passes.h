@@ -390,7 +390,7 @@ static_assert(KeptRows::kAlign % 16 == 0 && KeptRows::bias_slot(16 + 8 + 2 * 3 +
                   KeptRows::bias_slot(2) == 4,
               "bias_slot permutes within 16-slot groups, and segments start on one");
 
-// Everything a call's kernels find in its workspace (heuristics.h: workspace_layout, carve_workspace).
+// Everything a call's kernels find in its workspace (workspace.h: workspace_layout, carve_workspace).
 struct Workspace {
   KeyLists keys;
   SplitPartials splits;

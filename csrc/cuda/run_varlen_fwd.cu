@@ -11,7 +11,7 @@
 // read or write out of bounds nor leave a row unwritten, and finish_rows makes the lie visible (NaN everywhere).
 #include "api.h"
 #include "dispatch.h"
-#include "heuristics.h"
+#include "workspace.h"
 #include "passes.h"
 
 namespace dmattn::cuda {
