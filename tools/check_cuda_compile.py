@@ -159,8 +159,11 @@ def main() -> int:
                     failed += 1
                 if args.sass_dir is not None:
                     args.sass_dir.mkdir(parents=True, exist_ok=True)
-                    # the temporary folder of the source and object, named in the dump's headers: left out of a diff
-                    text = dump.stdout.replace(tmp, "<tmp>")
+                    # What names where the tree lies, left out of a diff of two trees: the temporary folder and the
+                    # checkout's path in the dump's headers, and the hash of the source's path nvcc puts in the name
+                    # of an anonymous namespace (_GLOBAL__N__<8 hex digits>_<file>_...).
+                    text = dump.stdout.replace(tmp, "<tmp>").replace(str(ROOT), "<root>")
+                    text = re.sub(r"_GLOBAL__N__[0-9a-f]{8}_", "_GLOBAL__N__<path>_", text)
                     (args.sass_dir / (Path(src).stem + ".sass")).write_text(text)
                 for (arch, kernel), counts in sass_counts(dump.stdout).items() if args.sass else ():
                     classes = "  ".join(f"{name} {n}" for name, n in counts.items() if name != "instructions")
