@@ -1,0 +1,28 @@
+"""tools/bench_transformers.py on the CPU, tiny: the decode step of each implementation asked for runs and is reported
+beside sdpa's logits, the via-API row (the backend with each op call made through varlen_attention) included."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import dmattn_ops  # noqa: E402
+import bench_transformers as tool  # noqa: E402  (tools/ is on pytest's pythonpath, pytest.ini)
+
+
+@pytest.mark.parametrize("implementations", [["dmattn", "sdpa"], [tool.VIA_API, "sdpa"]])
+def test_the_straight_and_the_via_api_rows_run_and_agree(implementations, tmp_path, monkeypatch):
+    """Each row's step matches sdpa's logits; only the via-API row calls varlen_attention (the bench's steps run
+    without gradients, where the backend calls the op straight)."""
+    through_api = []
+    original = dmattn_ops.varlen_attention
+    monkeypatch.setattr(dmattn_ops, "varlen_attention", lambda *a, **k: through_api.append(1) or original(*a, **k))
+    assert tool.main(["--device", "cpu", "--tiny", "--batch", "1", "--unpadded", "--reps", "2", "--function-time", "2",
+                      "--implementations", *implementations, "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "transformers_decode_step_unpadded_b1.json").read_text())["results"]
+    assert [r["implementation"] for r in rows] == implementations
+    ours = rows[0]
+    assert ours["status"] == "ok" and ours["max_abs_logit_diff_vs_sdpa"] < 1e-4
+    assert ours["attention_function"]["calls_per_step"] == 2  # the tiny Llama's two layers
+    assert (len(through_api) > 0) == (implementations[0] == tool.VIA_API)
