@@ -216,7 +216,7 @@ def _check_qkv(q, k, v):
 def check_backend_built(q):
     """q's device has kernels in this build (``dmattn_ops.build_info()``). The one metadata rule the op's binding
     cannot raise (without a CUDA backend no binding sees a CUDA call), so the eager API runs it before the op."""
-    if q.device.type != "cuda":
+    if not q.is_cuda:  # (a property: no device object made, as q.device would, in every eager call)
         return
     from .._build_config import CONFIG  # written by setup.py
 

@@ -193,6 +193,14 @@ def build_reason(head_dim: int, dtype: torch.dtype, device: str) -> str:
     return ""
 
 
+def padded_reason(head_dim: int) -> str:
+    """Why a CUDA test of how this build plans head dim ``head_dim`` does not apply here; "" where it does. A head dim
+    with no kernel of its own runs zero-padded to a larger built one (build_reason), and is planned as that one."""
+    built = dmattn_ops.build_info().get("cuda_head_dims", ())
+    return "" if head_dim in built else (f"CUDA kernels are not built for head dim {head_dim}: it runs zero-padded to "
+                                         "a larger built one, and is planned as that one")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The accuracy rule.
 

@@ -19,9 +19,8 @@ import re
 import pytest
 import torch
 
-import dmattn_ops
-
-from samples import SAMPLES, Spec, assert_close_to_reference, make_sample, noncanonical_mask, support_reason
+from samples import (SAMPLES, Spec, assert_close_to_reference, make_sample, noncanonical_mask, padded_reason,
+                     support_reason)
 from test_varlen_fwd import with_lies
 
 # Every test here needs a CUDA device: the `cuda` mark makes `-k cuda` select them all (none has "cuda" in its name).
@@ -256,12 +255,12 @@ def _poisoned_run(sample, fill=math.nan):
 
 
 def _skip_unless_compiled(head_dim):
-    """Skips where this build has no CUDA kernel of head_dim: the call then runs zero-padded to a larger compiled head
-    dim, and the plan's merge choice (passes.h combine_lanes) follows that one (run FF: D = 64 samples in a D = 128
-    build keep the combine launch), so a test of which path runs would not test it."""
-    if head_dim not in dmattn_ops.build_info().get("cuda_head_dims", ()):
-        pytest.skip(f"CUDA kernels are not built for head dim {head_dim} (it runs padded to a larger one, which plans "
-                    "its own merge)")
+    """Skips where this build has no CUDA kernel of head_dim: the plan's merge choice (passes.h combine_lanes) follows
+    the padded head dim (run FF: D = 64 samples in a D = 128 build keep the combine launch), so a test of which path
+    runs would not test it."""
+    reason = padded_reason(head_dim)
+    if reason:
+        pytest.skip(f"{reason} (its own merge choice)")
 
 
 def _merged_both_ways(sample, monkeypatch, capfd, label="", repeats=1, launch_finishes="1"):

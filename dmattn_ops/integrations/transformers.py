@@ -48,6 +48,7 @@ import torch
 
 import dmattn_ops
 from dmattn_ops import _kept
+from dmattn_ops._meta import rules
 
 NAME = "dmattn"
 
@@ -569,10 +570,11 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, 
     """Every call of the op this backend makes (``dmattn_ops.varlen_attention``'s arguments). A generate step in eager
     mode (no gradient, no mask_mod) goes to the op straight, one call a layer: the backend builds each argument itself
     (lengths from shapes, int32 metadata, a bool mask), so ``varlen_attention``'s Python type checks and keyword
-    binding would only repeat what is known. Anything else (compiled, exported, training, a mask_mod, a CUDA tensor
-    in a build without the CUDA backend, for its error) takes ``varlen_attention``."""
+    binding would only repeat what is known; a device this build has no kernels for still gets the API's error.
+    Anything else (compiled, exported, training, a mask_mod) takes ``varlen_attention``."""
     if (mask_mod is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not dmattn_ops.ops._is_exporting() and (_HAS_CUDA or not q.is_cuda)):
+            and not dmattn_ops.ops._is_exporting()):
+        rules.check_backend_built(q)
         left, right = (-1, -1) if window_size is None else window_size
         return dmattn_ops.ops.forward_below_autograd((
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, None, softmax_scale, is_causal,
@@ -583,7 +585,6 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, 
         kv_slots=kv_slots, key_range=key_range, mask_mod=mask_mod)
 
 
-_HAS_CUDA = "cuda" in dmattn_ops.build_info()["backends"]
 _METADATA = _kept.KeptTensors(16)
 
 
