@@ -237,6 +237,31 @@ def test_split_combine_finishes_the_rows(head_dim, combine, monkeypatch, capfd, 
     assert (out[13:] == 0).all() and (lse[:, 13:] == -math.inf).all()
 
 
+@pytest.mark.parametrize("mask", [None, "key"])
+def test_dependent_launches_change_no_bit(mask, monkeypatch, capfd, cuda_device):
+    """On cc >= 9.0 the order pass and the decode kernel are launched as programmatic dependents of the launch before
+    each (each waits for it before its first read): the bits of a split call with and without
+    (DMATTN_DEPENDENT_LAUNCH=off), its out and lse NaN-filled reused blocks each time, and the plan says which ran."""
+    spec = Spec("split_dependent", head_dim=128, heads=8, heads_k=2, seqlens_q=(1, 4, 8), seqlens_k=(700, 1000, 300),
+                mask=mask, mask_heads="Hk", keep=0.5, bias="key" if mask else None, bias_heads="Hk")
+    monkeypatch.setenv("DMATTN_KERNEL", "decode")
+    monkeypatch.setenv("DMATTN_DECODE_TILES_PER_SPLIT", "2")
+    monkeypatch.setenv("DMATTN_LOG_PLAN", "1")
+    sample = make_sample(spec, torch.bfloat16, "cuda")
+    runs, flags = {}, {}
+    for switch in ("auto", "off"):
+        monkeypatch.setenv("DMATTN_DEPENDENT_LAUNCH", switch)
+        capfd.readouterr()
+        runs[switch] = _poisoned_run(sample)
+        torch.cuda.synchronize()
+        flags[switch] = re.findall(r"kernel=decode .* dependent_launch=(\d)", capfd.readouterr().err)
+    assert flags["off"] == ["0"]
+    assert flags["auto"] == ["1" if torch.cuda.get_device_capability(cuda_device) >= (9, 0) else "0"]
+    for a, b in zip(runs["auto"], runs["off"]):
+        assert torch.equal(_bits(a), _bits(b))
+    _checked(sample)
+
+
 def _bits(t):
     """A tensor's bits (NaNs compare equal where their bits do)."""
     return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])

@@ -19,6 +19,7 @@
 
 #include <cstdint>
 
+#include "dependent_launch.cuh"
 #include "heuristics.h"
 #include "longest_first.cuh"
 #include "passes.h"
@@ -36,6 +37,7 @@ static_assert(kUnitsPerThread * kOrderThreads == kMaxOrderedUnits, "every unit h
 __global__ void __launch_bounds__(kOrderThreads)
 order_decode_units_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__ KeyLists keys,
                           const __grid_constant__ SplitPartials splits) {
+  wait_for_prior_grid();  // the lists come from the compaction just before (dependent_launch.cuh)
   if (blockIdx.x > 0) {
     const bool broken = contract_broken(p);
     if (blockIdx.x == 1 && threadIdx.x == 0) *splits.contract_broken = broken ? 1 : 0;
@@ -59,13 +61,13 @@ order_decode_units_kernel(const __grid_constant__ VarlenFwdParams p, const __gri
 }  // namespace
 
 cudaError_t order_decode_units(const VarlenFwdParams& p, const KeyLists& keys, const SplitPartials& splits,
-                               cudaStream_t stream) {
+                               bool dependent, cudaStream_t stream) {
   // The plan orders only calls with kept-key lists (FwdPlan::unit_order), and merges in the kernel only calls it
   // orders, of at least one sequence (FwdPlan::combine_in_kernel): the finishing CTAs run wherever tickets do.
   if (splits.unit_order == nullptr || keys.index == nullptr || p.batch == 0 || p.num_heads_k == 0) return cudaSuccess;
   const int64_t finishing = splits.tickets != nullptr ? finish_blocks(p, kOrderThreads) : 0;
-  order_decode_units_kernel<<<static_cast<unsigned>(1 + finishing), kOrderThreads, 0, stream>>>(p, keys, splits);
-  return cudaGetLastError();
+  return launch_kernel(order_decode_units_kernel, dim3(static_cast<unsigned>(1 + finishing)), dim3(kOrderThreads), 0,
+                       stream, dependent, p, keys, splits);
 }
 
 }  // namespace dmattn::cuda

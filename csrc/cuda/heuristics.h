@@ -107,6 +107,7 @@ struct PlanOverrides {
                                 // own splits (DMATTN_DECODE_COMBINE=launch: the same bits, the path before it)
   bool compaction_chunks = false;  // key-side lists in parts by the chunk kernel, a thread's consecutive keys
                                    // (DMATTN_KEY_COMPACTION=chunks: the same lists, the pass before the warps')
+  bool no_dependent_launch = false;  // DMATTN_DEPENDENT_LAUNCH=off: FwdPlan::dependent_launch never
   bool key_mask_map = false;    // a key-side mask's kept rows never gathered into slots (DMATTN_KEY_MASK=map): the
                                 // sm90a kernel maps it by sequence where sm90a_query_supports takes it (D = 256, or
                                 // beside a query-side bias as always), else the sm80 kernels over its lists
@@ -154,6 +155,9 @@ struct FwdPlan {
   int32_t num_splits = 1;       // key splits per (sequence, KV head, row tile); > 1: partials + combine_splits
   int32_t tiles_per_split = 0;  // KV tiles per split
   bool unit_order = false;      // split, with lists: the units run longest first (order_decode_units, decode_order.cu)
+  bool dependent_launch = false;  // decode on cc >= 9.0: the order pass and the decode kernel launched as programmatic
+                                  // dependents of the launch before each (dependent_launch.cuh), each waiting for it
+                                  // before its first read, so their launches overlap their predecessors' drain
   bool combine_finishes = false;  // split: combine_splits also finishes the rows (row_contract.cuh): a launch fewer
   bool combine_in_kernel = false;  // split, ordered: the last split CTA of each unit merges the unit's splits, and
                                    // order_decode_units zeroes their tickets and finishes the rows: neither
@@ -531,6 +535,7 @@ inline FwdPlan plan_varlen_fwd(const VarlenFwdParams& p, const DeviceInfo& dev, 
   // pass takes both jobs (the other split calls have no pass before the kernel). Not the kernel with query-side
   // terms (its registers are at their limit: it keeps the combine), nor calls whose combine would take a CTA per
   // pair (the kernel's 128 threads cannot merge with the same bits).
+  plan.dependent_launch = dev.cc >= 90 && !o.no_dependent_launch;
   plan.combine_in_kernel = !o.combine_launch && plan.unit_order && !plan.query_terms && p.batch > 0 &&
                            SplitPartials::ticket_count(p, plan.row_tiles) <= kMaxMergeTickets &&
                            combine_lanes(p, plan.num_splits) != 0;

@@ -417,7 +417,7 @@ cudaError_t fill_slots_in_place(const VarlenFwdParams& p, const KeptRows& rows, 
 // work (row_contract.cuh) in CTAs beside the ordering one, writing splits.contract_broken: the call then needs neither
 // combine_splits nor finish_rows after the kernel.
 cudaError_t order_decode_units(const VarlenFwdParams& p, const KeyLists& keys, const SplitPartials& splits,
-                               cudaStream_t stream);
+                               bool dependent, cudaStream_t stream);
 
 // Fills map.state and map.bits from the mask (query-side, or key-side by sequence: BlockMap::by_sequence) and
 // map.v_nonfinite from v (nothing for any that is null).

@@ -41,7 +41,7 @@ cudaError_t run_varlen_fwd(const VarlenFwdParams& p, const FwdPlan& plan, Comput
   if ((err = compact_keys(p, ws.keys, stream)) != cudaSuccess) return err;
   if ((err = gather_kept_rows(p, ws.keys, ws.kept, stream)) != cudaSuccess) return err;
   if ((err = fill_slots_in_place(p, ws.kept, stream)) != cudaSuccess) return err;
-  if ((err = order_decode_units(p, ws.keys, ws.splits, stream)) != cudaSuccess) return err;
+  if ((err = order_decode_units(p, ws.keys, ws.splits, plan.dependent_launch, stream)) != cudaSuccess) return err;
   if ((err = build_block_map(p, ws.blocks, stream)) != cudaSuccess) return err;
   if ((err = dispatch_attention(cc, p, plan, ws, stream)) != cudaSuccess) return err;
   if (plan.kernel == FwdKernel::kDecode && !plan.combine_in_kernel &&

@@ -83,6 +83,8 @@ bool sm80_forced(const char* op) { return env_choice(op, "DMATTN_ARCH", {"auto",
 //   DMATTN_KEY_MASK=map                   a key-side mask's kept rows never gathered into slots: mapped by
 //                                         sequence on the sm90a kernel where it can (D = 256, or beside a
 //                                         query-side bias), else the sm80 kernels (auto: the plan's)
+//   DMATTN_DEPENDENT_LAUNCH=off           the decode call's order pass and kernel launched as ordinary launches, not
+//                                         as programmatic dependents of the launch before each (auto: on cc >= 9.0)
 //   DMATTN_LOG_PLAN=1                     print each call's plan to stderr
 cuda::PlanOverrides plan_overrides() {
   cuda::PlanOverrides o;
@@ -94,6 +96,7 @@ cuda::PlanOverrides plan_overrides() {
   o.combine_launch = env_choice(kOp, "DMATTN_DECODE_COMBINE", {"auto", "launch"}) == "launch";
   o.compaction_chunks = env_choice(kOp, "DMATTN_KEY_COMPACTION", {"auto", "chunks"}) == "chunks";
   o.key_mask_map = env_choice(kOp, "DMATTN_KEY_MASK", {"auto", "map"}) == "map";
+  o.no_dependent_launch = env_choice(kOp, "DMATTN_DEPENDENT_LAUNCH", {"auto", "off"}) == "off";
   if (const char* tiles = std::getenv("DMATTN_DECODE_TILES_PER_SPLIT"); tiles != nullptr && *tiles != '\0') {
     char* end = nullptr;
     const long n = std::strtol(tiles, &end, 10);
@@ -136,11 +139,12 @@ bool log_plan_requested() {
 void log_plan(const cuda::FwdPlan& plan, const VarlenFwdParams& p) {
   if (!log_plan_requested()) return;
   if (plan.kernel == cuda::FwdKernel::kDecode) {
-    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=decode row_tiles=%d splits=%d tiles_per_split=%d key_lists_heads=%d compact_by_warps=%d query_terms=%d unit_order=%d combine_finishes=%d combine_in_kernel=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
+    std::fprintf(stderr, "dmattn.varlen_fwd plan: kernel=decode row_tiles=%d splits=%d tiles_per_split=%d key_lists_heads=%d compact_by_warps=%d query_terms=%d unit_order=%d combine_finishes=%d combine_in_kernel=%d dependent_launch=%d (B=%d H=%d Hk=%d D=%d max_seqlen_q=%lld max_seqlen_k=%lld)\n",
                  plan.row_tiles, plan.num_splits, plan.tiles_per_split, plan.key_lists_heads,
                  static_cast<int>(plan.compact_by_warps),
                  static_cast<int>(plan.query_terms), static_cast<int>(plan.unit_order),
-                 static_cast<int>(plan.combine_finishes), static_cast<int>(plan.combine_in_kernel), p.batch,
+                 static_cast<int>(plan.combine_finishes), static_cast<int>(plan.combine_in_kernel),
+                 static_cast<int>(plan.dependent_launch), p.batch,
                  p.num_heads, p.num_heads_k, p.head_dim, static_cast<long long>(p.max_seqlen_q),
                  static_cast<long long>(p.max_seqlen_k));
   } else {

@@ -28,6 +28,7 @@
 
 #include <cute/arch/copy_sm80.hpp>
 
+#include "../dependent_launch.cuh"
 #include "../heuristics.h"
 #include "../passes.h"
 #include "../split_merge.cuh"
@@ -273,6 +274,7 @@ decode_kernel(const __grid_constant__ VarlenFwdParams p, const __grid_constant__
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
 
+  wait_for_prior_grid();  // the lists and the unit order come from the passes just before (dependent_launch.cuh)
   DecodeTile d;
   if (!DecodeTileScheduler<kBlockM, kBlockN>::template tile<!Traits::kQueryOperands>(p, keys, splits, seq0, lane, d)) {
     return;

@@ -30,7 +30,7 @@ cudaError_t launch_variant(const VarlenFwdParams& p, const Workspace& ws, cudaSt
 }
 
 template <typename Traits>
-cudaError_t launch_decode(const VarlenFwdParams& p, const Workspace& ws, cudaStream_t stream) {
+cudaError_t launch_decode(const VarlenFwdParams& p, const Workspace& ws, bool dependent, cudaStream_t stream) {
   using Scheduler = DecodeTileScheduler<Traits::kBlockM, Traits::kBlockN>;
   if (p.batch == 0 || p.num_heads == 0 || p.max_seqlen_q == 0) return cudaSuccess;
   auto kernel = decode_kernel<Traits>;
@@ -38,9 +38,9 @@ cudaError_t launch_decode(const VarlenFwdParams& p, const Workspace& ws, cudaStr
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   for (int64_t seq0 = 0; seq0 < p.batch; seq0 += Scheduler::kMaxSeqsPerLaunch) {
-    kernel<<<Scheduler::grid(p, ws.splits, seq0), Traits::kThreads, smem, stream>>>(
-        p, ws.keys, ws.splits, static_cast<int>(seq0));
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+    err = launch_kernel(kernel, Scheduler::grid(p, ws.splits, seq0), dim3(Traits::kThreads), smem, stream, dependent, p,
+                        ws.keys, ws.splits, static_cast<int>(seq0));
+    if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
 }
@@ -58,8 +58,10 @@ cudaError_t launch_attention(const VarlenFwdParams& p, const FwdPlan& plan, cons
   // ignored.
   if (p.mask.layout == OperandLayout::kKeySide && plan.key_lists_heads == 0) return cudaErrorInvalidValue;
   if (plan.kernel == FwdKernel::kDecode) {
-    if (plan.query_terms) return launch_decode<DecodeKernelTraits<Elem, kHeadDim, true>>(p, ws, stream);
-    return launch_decode<DecodeKernelTraits<Elem, kHeadDim>>(p, ws, stream);
+    if (plan.query_terms) {
+      return launch_decode<DecodeKernelTraits<Elem, kHeadDim, true>>(p, ws, plan.dependent_launch, stream);
+    }
+    return launch_decode<DecodeKernelTraits<Elem, kHeadDim>>(p, ws, plan.dependent_launch, stream);
   }
   switch (plan.prefill) {
     case PrefillVariant::kQueryOperands:
