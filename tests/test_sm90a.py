@@ -955,10 +955,11 @@ def test_cuda_key_side_mask_without_room_for_kept_rows_is_mapped_at_d256_else_ta
     kept-key lists or the map need (torch.cuda.set_per_process_memory_fraction)."""
     if not _sm90a_device():
         pytest.skip("the kept rows are copied for the sm90a kernel only (a cc 9.0 device with the sm90a path built)")
-    if padded_reason(head_dim):
+    padded = padded_reason(head_dim)
+    if padded:
         # (run EB: a build of D = 128 alone ran D = 64 zero-padded, whose padded copies of k and v are themselves
         # more than the room below, and planned it as D = 128)
-        pytest.skip(f"{padded_reason(head_dim)}: the room and plans here are those of kernels built at this head dim")
+        pytest.skip(f"{padded}: the room and plans here are those of kernels built at this head dim")
     spec = Spec("slots_without_room", head_dim=head_dim, heads=8, heads_k=8, seqlens_q=(256,) * 4,
                 seqlens_k=(16384,) * 4, mask="key", mask_heads="Hk", keep=0.5,
                 **(dict(bias="key", bias_heads="Hk") if key_bias else {}))
