@@ -26,3 +26,15 @@ def test_the_straight_and_the_via_api_rows_run_and_agree(implementations, tmp_pa
     assert ours["status"] == "ok" and ours["max_abs_logit_diff_vs_sdpa"] < 1e-4
     assert ours["attention_function"]["calls_per_step"] == 2  # the tiny Llama's two layers
     assert (len(through_api) > 0) == (implementations[0] == tool.VIA_API)
+
+
+def test_the_sparse_attention_model_steps_each_implementation(tmp_path):
+    """--model deepseek_v32 (tiny): one prefill shared by the rows, each row's step matches sdpa's logits, and eager's
+    attention function is timed too (the model calls it outside transformers' interface)."""
+    assert tool.main(["--model", "deepseek_v32", "--device", "cpu", "--tiny", "--reps", "2", "--function-time", "2",
+                      "--implementations", "dmattn", "sdpa", "eager", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "transformers_decode_step_deepseek_v32.json").read_text())
+    assert payload["model"] == "deepseek_v32" and payload["config"]["index_topk"] == 64
+    rows = payload["results"]
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert all(r["max_abs_logit_diff_vs_sdpa"] < 1e-4 and r["attention_function"]["calls_per_step"] == 2 for r in rows)

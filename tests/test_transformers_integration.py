@@ -4,7 +4,8 @@ Tiny random-weight models (no download) of eight families, on the CPU: logits ag
 softcap and gpt-oss's sinks, which transformers' sdpa path drops) on unpadded, left- and right-padded batches (every
 real token's logits), greedy generation token for token with dynamic and static caches, packed rows through
 cu_seq_lens_* or restarting position_ids, mask overlays transformers composes (its full mask), encoders (BERT, RoBERTa,
-ModernBERT) with padding, torch.compile(fullgraph=True),
+ModernBERT) with padding, multi-head latent attention and DeepSeek Sparse Attention (DeepSeek-V3, V3.2, GLM-5,
+against eager), torch.compile(fullgraph=True),
 the in-place decode step (on CUDA too), and the clear refusals.
 transformers is a test-only dependency, pinned in tools/bootstrap.py.
 """
@@ -821,17 +822,18 @@ def test_packed_rows_compile_in_one_graph(family):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "llama4", "gemma2", "gpt_oss"])
+@pytest.mark.parametrize("family", ["llama", "llama4", "gemma2", "gpt_oss", "deepseek_v32"])
 def test_compiles_in_one_graph(family):
-    """fullgraph=True with padding: causal and chunked layers, softcap (Gemma 2), sinks and windows (gpt-oss)."""
-    model = _tiny(family)
+    """fullgraph=True with padding: causal and chunked layers, softcap (Gemma 2), sinks and windows (gpt-oss), latent
+    and sparse attention (DeepSeek-V3.2, below)."""
+    model = _tiny_latent(family) if family in LATENT_FAMILIES else _tiny(family)
     ids, mask = _batch("left")
     model.set_attn_implementation("dmattn")
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         got = compiled(input_ids=ids, attention_mask=mask).logits
-    want = _logits(model, REFERENCE[family], input_ids=ids, attention_mask=mask)
+    want = _logits(model, REFERENCE.get(family, "eager"), input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-5)
 
 
@@ -905,6 +907,129 @@ def test_chunked_layer_without_its_mask_function_is_refused():
     with pytest.raises(ValueError, match="a chunked-attention layer needs the key positions dmattn_ops' mask function"):
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
+
+
+# Multi-head latent attention (a value head dim below the key's) and DeepSeek Sparse Attention (an indexer's top-k keys
+# per query): DeepSeek-V3's MLA alone; DeepSeek-V3.2 and GLM-5 (glm_moe_dsa) with the indexer, judged against eager
+# (the implementation their indexer's mask is written for). Each keeps 5 keys per query under 12-token prompts.
+LATENT_FAMILIES = ["deepseek_v3", "deepseek_v32", "glm_moe_dsa"]
+
+
+def _tiny_latent(family: str, index_topk: int = 5):
+    """A 2-layer random-weight MLA model (query / key head dim 24, value head dim 16) of the family."""
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
+                  qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                  n_group=1, topk_group=1, max_position_embeddings=256)
+    indexer = dict(index_topk=index_topk, index_head_dim=16, index_n_heads=2)
+    if family == "deepseek_v3":
+        cfg, cls = transformers.DeepseekV3Config(**common, first_k_dense_replace=1), transformers.DeepseekV3ForCausalLM
+    elif family == "deepseek_v32":
+        cfg = transformers.DeepseekV32Config(**common, **indexer, first_k_dense_replace=1)
+        cls = transformers.DeepseekV32ForCausalLM
+    elif family == "glm_moe_dsa":
+        cfg, cls = transformers.GlmMoeDsaConfig(**common, **indexer), transformers.GlmMoeDsaForCausalLM
+    else:
+        raise ValueError(family)
+    torch.manual_seed(0)
+    return cls(cfg).eval()
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("family", LATENT_FAMILIES)
+def test_latent_and_sparse_attention_logits_match_eager(family, padding):
+    model = _tiny_latent(family)
+    ids, mask = _batch(padding)
+    want = _logits(model, "eager", input_ids=ids, attention_mask=mask)
+    got = _logits(model, "dmattn", input_ids=ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["left", "none"])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("family", LATENT_FAMILIES)
+def test_latent_and_sparse_attention_generate_as_eager(family, cache, padding):
+    model = _tiny_latent(family)
+    ids, mask = _batch(padding)
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    runs = {}
+    for implementation in ("eager", "dmattn"):
+        model.set_attn_implementation(implementation)
+        runs[implementation] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                              **extra)
+    assert torch.equal(runs["dmattn"], runs["eager"])
+
+
+def test_sparse_attention_keeps_each_querys_top_k_keys(op_calls):
+    """The indexer's selection reaches the op: the logits move when it keeps more keys (so the tests above judge it),
+    the prefill runs it as a query-side mask, and every decode step reads each sequence's 5 selected keys alone,
+    whatever the cache's length (each of the three left-padded prompts has at least 5 real tokens, so all are
+    visible)."""
+    ids, mask = _batch("left")
+    sparse = _logits(_tiny_latent("deepseek_v32"), "dmattn", input_ids=ids, attention_mask=mask)
+    dense = _logits(_tiny_latent("deepseek_v32", index_topk=64), "dmattn", input_ids=ids, attention_mask=mask)
+    assert (sparse - dense)[mask.bool()].abs().max() > 1e-2
+    model = _tiny_latent("deepseek_v32")
+    model.set_attn_implementation("dmattn")
+    op_calls.clear()
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    layers = model.config.num_hidden_layers
+    assert len(op_calls) == 3 * layers
+    for step, (args, kwargs) in enumerate(op_calls):
+        kept = kwargs["mask"]
+        if step < layers:  # the prefill: (B Lq, 1, Lk)
+            assert kept.shape == (3 * 12, 1, 12)
+        else:
+            assert args[1].shape[0] == 3 * 5 and kept.shape == (3 * 5, 1) and bool(kept.all())
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_sparse_attention_hides_selected_keys_a_query_does_not_see(cache, op_calls):
+    """Keeping 9 keys where a left-padded prompt has 5 real tokens, the indexer selects padding (and, in a static
+    cache, empty slots): the decode steps' masks hide them, and the tokens are eager's."""
+    model = _tiny_latent("deepseek_v32", index_topk=9)
+    ids, mask = _batch("left")
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    runs = {}
+    for implementation in ("eager", "dmattn"):
+        model.set_attn_implementation(implementation)
+        op_calls.clear()
+        runs[implementation] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                              **extra)
+    assert torch.equal(runs["dmattn"], runs["eager"])
+    decode = [kwargs["mask"] for _, kwargs in op_calls if kwargs["mask"].dim() == 2]
+    assert decode and not bool(decode[0].all())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_selected_rows_gathers_each_sequences_picked_keys(batch):
+    """_selected_rows' row view and its fallback (strides no row view allows: the head dim not contiguous) give
+    t[b, :, picked[b, j]], j fastest, for a contiguous cache, a narrower view of a wider one, and the fallback."""
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(batch, 2, 7, 12, generator=g)
+    picked = torch.randint(0, 7, (batch, 4), generator=g)
+    for t in (wide, wide[..., :5], wide.transpose(2, 3)):
+        want = torch.stack([t[b, :, picked[b]].transpose(0, 1) for b in range(batch)]).reshape(batch * 4, 2, -1)
+        assert torch.equal(dmattn_transformers._selected_rows(t, picked), want)
+
+
+def test_latent_and_sparse_attention_refusals():
+    """What the backend does not run says so: a value head dim wider than the key's, top-k indices over packed rows
+    (cu_seq_lens_*), and either under paged|dmattn; and a top-k call without the 4-D mask the mask function gives."""
+    module = torch.nn.Module()
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    with pytest.raises(NotImplementedError, match=r"a value head dim \(16\) wider than the key's \(8\)"):
+        dmattn_transformers.attention_forward(module, q, k, torch.randn(1, 2, 3, 16), None)
+    top = torch.zeros(1, 3, 2, dtype=torch.int32)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="top-k indices over packed rows"):
+        dmattn_transformers.attention_forward(module, q, k, k, None, indices=top, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    with pytest.raises(ValueError, match="needs transformers' 4-D boolean mask"):
+        dmattn_transformers.attention_forward(module, q, k, k, torch.ones(1, 3, dtype=torch.bool), indices=top)
+    for v, extra in ((torch.randn(1, 2, 3, 4), {}), (k, {"indices": top})):
+        with pytest.raises(NotImplementedError, match=r"paged\|dmattn\): multi-head latent attention"):
+            dmattn_transformers.paged_attention_forward(module, q, k, v, None, cache=object(), **extra)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma3", "gemma2", "gpt_oss"])

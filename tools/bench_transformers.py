@@ -4,13 +4,20 @@ transformers has ("sdpa", "eager", "flash_attention_2" where installed), on the 
     python tools/bench_transformers.py --device cuda --out benchmarks/results     # the serving issue's shape
     python tools/bench_transformers.py --device cpu --tiny                        # a smoke run
     python tools/bench_transformers.py --device cuda --unpadded --batch 1         # no padding: the mask dropped
+    python tools/bench_transformers.py --model deepseek_v32 --device cpu          # sparse attention's top-k keys
 
 Model: a Llama of 8 layers (hidden 2048, 32 query heads, 8 KV heads, head dim 64, bf16 on CUDA / float32 on the CPU),
 random weights, no download. Workload: B = 16 left-padded prompts of 1024-2048 tokens (seed 0), prefilled once per
 implementation into a dynamic cache; then each implementation's decode step (one new token per sequence: the model
 forward with that cache) is timed: median of --reps steps after warm-up, CUDA events, the cache trimmed back after
 every step so each one sees the same lengths. The logits of every implementation's step are checked against sdpa's.
---tiny: 2 layers, hidden 256, B = 4, prompts of 48-96 tokens. --batch: another B. --profile N: N more steps of
+--tiny: 2 layers, hidden 256, B = 4, prompts of 48-96 tokens. --model deepseek_v32: DeepSeek-V3.2's attention
+shape scaled down (2 layers, hidden 1024, 16 heads, multi-head latent attention with query / key head dim 192 and
+value head dim 128, an indexer of 8 heads keeping each query's --topk keys, default 512), B = 2 left-padded prompts
+of 2048-4096 tokens (--tiny: hidden 256, prompts of 256-512, top 64), prefilled once by dmattn and the cache copied
+for each implementation (eager's prefill would hold every head's (S x S) weights): the decode step reads each
+sequence's top-k keys in dmattn, every key under sdpa and eager (their mask hides the rest). --batch: another B.
+--profile N: N more steps of
 each implementation under torch.profiler, their host time per op. --unpadded: every prompt of the longest length,
 an all-ones attention mask (a tokenizer's unpadded batch, generate's single prompt), and a row "dmattn_kept_mask"
 beside "dmattn": the same backend with that all-True mask handed to every layer as a key-side mask, as it was before
@@ -21,6 +28,7 @@ where --implementations names it: the backend with each op call made through var
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 
@@ -32,10 +40,22 @@ import bench_common as bc  # noqa: E402  (it puts this checkout's dmattn_ops on 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def build(tiny: bool, device: torch.device, dtype: torch.dtype, batch_size=None, unpadded=False):
+def build(tiny: bool, device: torch.device, dtype: torch.dtype, batch_size=None, unpadded=False, model_name="llama",
+          topk=None):
     import transformers
 
-    if tiny:
+    if model_name == "deepseek_v32":
+        size = dict(hidden_size=256, q_lora_rank=96, kv_lora_rank=128, num_attention_heads=4) if tiny else \
+            dict(hidden_size=1024, q_lora_rank=384, kv_lora_rank=512, num_attention_heads=16)
+        cfg = transformers.DeepseekV32Config(
+            vocab_size=1024, intermediate_size=2 * size["hidden_size"], moe_intermediate_size=256,
+            num_hidden_layers=2, first_k_dense_replace=1, num_key_value_heads=size["num_attention_heads"],
+            qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=8, num_experts_per_tok=2,
+            n_group=1, topk_group=1, index_topk=topk or (64 if tiny else 512), index_head_dim=128, index_n_heads=8,
+            max_position_embeddings=8192, **size)
+        batch, lo, hi = (2, 256, 512) if tiny else (2, 2048, 4096)
+        model_cls = transformers.DeepseekV32ForCausalLM
+    elif tiny:
         cfg = transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
         batch, lo, hi = 4, 48, 96
@@ -44,9 +64,11 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype, batch_size=None,
                                        num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=8,
                                        max_position_embeddings=8192)
         batch, lo, hi = 16, 1024, 2048
+    if model_name != "deepseek_v32":
+        model_cls = transformers.LlamaForCausalLM
     batch = batch_size or batch
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    model = model_cls(cfg).to(device=device, dtype=dtype).eval()
     gen = torch.Generator().manual_seed(0)
     lengths = [hi] * batch if unpadded else torch.randint(lo, hi + 1, (batch,), generator=gen).tolist()
     width = max(lengths)
@@ -85,16 +107,27 @@ def profile_steps(step, device: torch.device, steps: int) -> dict:
                      "calls_per_step": e.count / steps} for e in events[:40]]}
 
 
-def attention_function_time(name: str, step, device: torch.device, steps: int) -> dict:
-    """Wall time per call of implementation `name`'s attention function (transformers' AttentionInterface entry), over
-    `steps` more decode steps, inside the model's step (caches and the CPU as the model leaves them, which a loop of
-    calls alone would not): its median and mean in us, and calls per step. On the CPU that is the kernel and all the
-    Python around it; on CUDA the host's share (the kernel runs asynchronously)."""
+def attention_function_time(name: str, step, device: torch.device, steps: int, model) -> dict:
+    """Wall time per call of implementation `name`'s attention function (transformers' AttentionInterface entry;
+    "eager": the model's module's eager_attention_forward, which it calls without the interface), over `steps` more
+    decode steps, inside the model's step (caches and the CPU as the model leaves them, which a loop of calls alone
+    would not): its median and mean in us, and calls per step. On the CPU that is the kernel and all the Python around
+    it; on CUDA the host's share (the kernel runs asynchronously)."""
     import time
 
     from transformers import AttentionInterface
 
-    original = AttentionInterface()[name]
+    if name == "eager":
+        owner = sys.modules[type(model).__module__]
+        original = owner.eager_attention_forward
+
+        def install(fn):
+            owner.eager_attention_forward = fn
+    else:
+        original = AttentionInterface()[name]
+
+        def install(fn):
+            AttentionInterface.register(name, fn)
     times = []
 
     def timed(*args, **kwargs):
@@ -103,14 +136,14 @@ def attention_function_time(name: str, step, device: torch.device, steps: int) -
         times.append(time.perf_counter_ns() - start)
         return out
 
-    AttentionInterface.register(name, timed)
+    install(timed)
     try:
         for _ in range(steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
     finally:
-        AttentionInterface.register(name, original)
+        install(original)
     times.sort()
     return {"steps": steps, "calls_per_step": len(times) / steps, "median_us": times[len(times) // 2] / 1e3,
             "mean_us": sum(times) / len(times) / 1e3}
@@ -170,6 +203,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--model", choices=["llama", "deepseek_v32"], default="llama", help="the model (see above)")
+    ap.add_argument("--topk", type=int, default=None, help="deepseek_v32: keys its indexer keeps per query")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=None, help="sequences (default: 16, --tiny 4)")
     ap.add_argument("--unpadded", action="store_true", help="prompts of one length, no padding (see above)")
@@ -196,15 +231,22 @@ def main(argv=None) -> int:
     names = args.implementations or names
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, ids, mask, lengths = build(args.tiny, device, dtype, args.batch, args.unpadded)
+    model, ids, mask, lengths = build(args.tiny, device, dtype, args.batch, args.unpadded, args.model, args.topk)
     step_ids = ids[:, -1:]
     step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    shared = None
+    if args.model == "deepseek_v32":  # one prefill (see above), its cache copied for each implementation
+        model.set_attn_implementation("dmattn")
+        with torch.no_grad():
+            shared = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
     rows = []
     for name in names:
         model.set_attn_implementation(name)
         with torch.no_grad():
-            prefill = model(input_ids=ids, attention_mask=mask, use_cache=True)
-            cache = prefill.past_key_values
+            if shared is not None:
+                cache = copy.deepcopy(shared)
+            else:
+                cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
 
             def step():
                 out = model(input_ids=step_ids, attention_mask=step_mask, past_key_values=cache, use_cache=True)
@@ -215,7 +257,7 @@ def main(argv=None) -> int:
                 logits = step()
                 timing = bc.time_callable(step, device, warmup=3, reps=args.reps)
                 host = profile_steps(step, device, args.profile) if args.profile else None
-                fn_time = (attention_function_time(name, step, device, args.function_time)
+                fn_time = (attention_function_time(name, step, device, args.function_time, model)
                            if args.function_time else None)
             except Exception as e:  # noqa: BLE001 - one implementation failing is reported, not fatal
                 rows.append({"implementation": name, "status": f"failed: {type(e).__name__}: {e}"})
@@ -243,13 +285,13 @@ def main(argv=None) -> int:
         print(f"  {r['implementation']:20} {r['ms_median']:9.3f} ms  dmattn speed-up {r['dmattn_speedup'] or 0:.2f}x"
               f"  max |logit - sdpa| {r['max_abs_logit_diff_vs_sdpa'] or 0:.2e}")
     if args.out:
-        payload = {"workload": "transformers decode step", "tiny": args.tiny, "batch": len(lengths),
+        payload = {"workload": "transformers decode step", "model": args.model, "tiny": args.tiny, "batch": len(lengths),
                    "unpadded": args.unpadded,
                    "prompt_lengths": lengths, "config": model.config.to_dict(), "dtype": str(dtype),
                    "environment": bc.environment(device, REPO), "results": rows,
                    "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv or sys.argv[1:]))}
-        name = "transformers_decode_step" + ("_unpadded" if args.unpadded else "") + \
-            (f"_b{args.batch}" if args.batch else "")
+        name = "transformers_decode_step" + ("" if args.model == "llama" else f"_{args.model}") + \
+            ("_unpadded" if args.unpadded else "") + (f"_b{args.batch}" if args.batch else "")
         bc.write_json(os.path.join(args.out, name + ".json"), payload)
     return 0
 

@@ -29,8 +29,14 @@ mask too (kept to each sequence where ``cu_seq_lens_*`` come).
 Encoder (non-causal) layers take the padding mask as a key-side mask too (BERT, RoBERTa; ModernBERT's local layers,
 whose bidirectional window transformers composes into the mask function, take its full mask).
 
-What it refuses, with an error naming it: dropout while training, a value head dim that differs from the key's,
-output_attentions.
+Multi-head latent attention (DeepSeek-V3 and its kin: a value head dim below the key's) runs with the values
+zero-padded to the key's head dim and the output cut back. DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5: an indexer
+picks each query's top-k keys and transformers passes them as ``indices``) runs each query over its selected keys: a
+decode step gathers those keys' rows and reads nothing else of the cache (``_attend_selected``); such a model's mask
+function gives transformers' full mask, which its indexer reads too.
+
+What it refuses, with an error naming it: dropout while training, a value head dim wider than the key's,
+output_attentions, top-k indices over packed rows.
 
 The cache is read in place, prefill and decode alike: the ``(batch, kv_heads, keys, head_dim)`` tensors seen as packed
 ``(rows, kv_heads, head_dim)`` rows (a strided view, ``_cache_as_rows``), sequence b at rows ``b R ..`` with the op's
@@ -85,6 +91,10 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if _layer_chunk(module) is not None:
         raise NotImplementedError("dmattn_ops (paged|dmattn): chunked-attention layers are not supported yet; use "
                                   "attn_implementation='dmattn'")
+    if value.shape[-1] != key.shape[-1] or kwargs.get("indices") is not None:
+        raise NotImplementedError("dmattn_ops (paged|dmattn): multi-head latent attention (a value head dim unlike the "
+                                  "key's) and sparse attention's top-k indices are not supported yet; use "
+                                  "attn_implementation='dmattn'")
     sliding = getattr(module, "sliding_window", None)
     layer_type = "sliding_attention" if sliding else "full_attention"
     if isinstance(cu_seq_lens_k, dict):
@@ -135,6 +145,8 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     if packed and (chunk is not None or attention_mask is not None or kv_offset != 0 or q_length != kv_length or
                    structure.shape != (batch_size, kv_length)):
         structure = "full"  # packing beside a chunk, padding or a cache: not one the attention function expresses
+    if getattr(config, "index_topk", None) is not None:
+        structure = "full"  # a sparse-attention model (DeepSeek-V3.2, GLM-5): its indexer reads the 4-D mask too
     if structure == "full":
         from transformers.masking_utils import sdpa_mask
 
@@ -358,8 +370,8 @@ def _refuse(module, query, key, value, dropout, kwargs) -> None:
 
     if dropout:
         fail(f"attention dropout while training (dropout={dropout})")
-    if value.shape[-1] != key.shape[-1]:
-        fail(f"a value head dim ({value.shape[-1]}) that differs from the key's ({key.shape[-1]})")
+    if value.shape[-1] > key.shape[-1]:
+        fail(f"a value head dim ({value.shape[-1]}) wider than the key's ({key.shape[-1]})")
     if kwargs.get("output_attentions"):
         fail("output_attentions=True (the op never forms the attention weights)")
 
@@ -368,20 +380,44 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                       sliding_window: Optional[int] = None, is_causal: Optional[bool] = None, **kwargs):
     """The attention function: query ``(B, H, Lq, D)``, key / value ``(B, Hk, Lk, D)`` (the cache), attention_mask as
-    padding_mask returns it. Returns ``(B, Lq, H, D)`` and no attention weights."""
+    padding_mask returns it. Returns ``(B, Lq, H, Dv)`` and no attention weights.
+
+    Multi-head latent attention (DeepSeek-V3's and its kin's value head dim Dv below the key's D): the values are
+    zero-padded to D and the output cut back to Dv, as transformers' FlashAttention path does (the op runs one head
+    dim): the whole cache's values (a copy), but for a sparse-attention decode step, which gathers the selected keys'
+    rows alone (``_attend_selected``)."""
     _refuse(module, query, key, value, dropout, kwargs)
+    value_dim = value.shape[-1]
+    out = _attention(module, query, key, value, attention_mask, scaling, sliding_window, is_causal, kwargs)
+    return (out if value_dim == key.shape[-1] else out[..., :value_dim]), None
+
+
+def _as_key_wide(value: torch.Tensor, width: int) -> torch.Tensor:
+    """value zero-padded along its head dim to width (multi-head latent attention), or value itself."""
+    return value if value.shape[-1] == width else torch.nn.functional.pad(value, (0, width - value.shape[-1]))
+
+
+def _attention(module, query, key, value, attention_mask, scaling, sliding_window, is_causal,
+               kwargs) -> torch.Tensor:
+    """attention_forward's output ``(B, Lq, H, D)``: value's head dim may be below the key's D."""
     B, _, Lq, _ = query.shape
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q = query.transpose(1, 2)  # (B, Lq, H, D)
     softcap = kwargs.get("softcap")
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))  # gpt-oss passes its (H,) sink logits as s_aux
+    if kwargs.get("indices") is not None:  # sparse attention: each query's top-k keys (DeepSeek-V3.2, GLM-5)
+        if kwargs.get("cu_seq_lens_q") is not None:
+            raise NotImplementedError("dmattn_ops (attn_implementation='dmattn'): sparse attention's top-k indices "
+                                      "over packed rows (cu_seq_lens_q) are not supported yet")
+        return _attend_selected(q, key, value, attention_mask, kwargs["indices"], scaling, softcap, sinks)
+    value = _as_key_wide(value, key.shape[-1])
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
         # transformers' full mask (padding_mask: parts this module does not express), or a prepared boolean one
         cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
         if cu_q is not None and cu_k is not None and B == 1:  # packed rows: each query keeps to its own sequence
             return _attend_full_mask_packed(q, key, value, attention_mask, cu_q, cu_k, kwargs.get("max_length_q"),
-                                            kwargs.get("max_length_k"), scaling, softcap, sinks), None
-        return _attend_full_mask(q, key, value, attention_mask, scaling, softcap, sinks), None
+                                            kwargs.get("max_length_k"), scaling, softcap, sinks)
+        return _attend_full_mask(q, key, value, attention_mask, scaling, softcap, sinks)
     seen = None
     if attention_mask is not None and attention_mask.dim() == 1 and attention_mask.dtype == torch.int32:
         seen, attention_mask = attention_mask, None  # padding_mask: the tokens a static cache holds (_keys_seen)
@@ -425,7 +461,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out = _varlen(
             q[0], key[0].transpose(0, 1), value[0].transpose(0, 1), cu_q, cu_k,
             max_q if isinstance(max_q, int) else Lq, max_k if isinstance(max_k, int) else key.shape[2], **extra)
-        return out.unsqueeze(0), None
+        return out.unsqueeze(0)
 
     # Keys the layer has seen: a padding mask is as long as the tokens so far, a static cache may hold more slots.
     Lk = key.shape[2] if attention_mask is None else attention_mask.shape[-1]
@@ -439,11 +475,11 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if B > 1 and sequence_ids is None and _no_padding_copy(query) and not torch.compiler.is_compiling():
         rows = _cache_as_rows(key, value)
         if rows is not None:
-            return _attend_in_place(q, rows, real, Lk, extra, seen), None
+            return _attend_in_place(q, rows, real, Lk, extra, seen)
     mask = real.reshape(B * Lk, 1) if real is not None else None  # key-side, one head
     if seen is not None:
         extra["seqused_k"] = seen
-    return _attend_copied(q, key, value, Lk, mask, sequence_ids, **extra), None
+    return _attend_copied(q, key, value, Lk, mask, sequence_ids, **extra)
 
 
 def _attend_copied(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, Lk: int, mask: Optional[torch.Tensor],
@@ -516,6 +552,45 @@ def _attend_full_mask(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, f
                           sinks=sinks)
 
 
+def _attend_selected(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, full: Optional[torch.Tensor],
+                     indices: torch.Tensor, scaling, softcap, sinks) -> torch.Tensor:
+    """DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): the model's indexer names each query's top-k keys,
+    ``indices (B, Lq, k)`` int32 (columns of the keys, distinct, as topk gives them; -1, or a column past the keys,
+    names none), and the query sees those of them that transformers' full mask ``(B, 1, Lq, Lk)`` shows it (causality,
+    padding; padding_mask gives such a model that mask, which its indexer reads too). value may be narrower than key
+    (multi-head latent attention, as these models have).
+
+    A decode step (one query per sequence) gathers its selected keys' K and V rows, B k of them whatever the cache's
+    length (the values padded there alone), and runs them as B packed sequences of k keys under a key-side mask of
+    the visible ones: the step costs the selection, not the cache. More queries take the selection as a query-side
+    mask ``(B Lq, 1, Lk)``, the size of sdpa's mask, over the whole cache."""
+    if full is None or full.dim() != 4 or full.dtype != torch.bool:
+        raise ValueError("dmattn_ops (attn_implementation='dmattn'): a sparse-attention layer (top-k indices) needs "
+                         "transformers' 4-D boolean mask, which dmattn_ops' mask function gives such a model (register "
+                         "both with dmattn_ops.integrations.transformers.register())")
+    B, Lq, H, D = q.shape
+    _check_full_mask(full, B, H, Lq, key.shape[2])
+    Lk = full.shape[-1]
+    columns = indices.to(torch.int64)
+    named = (columns >= 0) & (columns < Lk)  # (B, Lq, k): the index names a key
+    if Lq == 1 and full.shape[1] == 1 and Lk > 0:
+        picked = torch.where(named[:, 0], columns[:, 0], 0)  # (B, k); a column of no key reads key 0, hidden below
+        seen = full[:, 0, 0].gather(1, picked) & named[:, 0]
+        k = picked.shape[1]
+        k_rows, v_rows = _selected_rows(key, picked), _as_key_wide(_selected_rows(value, picked), D)
+        cu_q, cu_k = _kept_tensors(("packed", B, 1, k), q.device, lambda: (
+            torch.arange(0, B + 1, dtype=torch.int32, device=q.device),
+            torch.arange(0, (B + 1) * k, k, dtype=torch.int32, device=q.device)))
+        out = _varlen(q.reshape(B, H, D), k_rows, v_rows, cu_q, cu_k, 1, k, mask=seen.reshape(B * k, 1),
+                      softmax_scale=scaling, softcap=softcap or None, sinks=sinks)
+        return out.view(B, 1, H, D)
+    # Each query's selection as a row of Lk + 1 columns, the last one a sink for the indices that name no key
+    # (scatter_ needs every index in range).
+    picked = torch.zeros((B, Lq, Lk + 1), dtype=torch.bool, device=q.device)
+    picked.scatter_(-1, torch.where(named, columns, Lk), True)
+    return _attend_full_mask(q, key, _as_key_wide(value, D), full & picked[:, None, :, :Lk], scaling, softcap, sinks)
+
+
 def _no_padding_copy(query: torch.Tensor) -> bool:
     """Whether the op runs this head dim as is. On CUDA a head dim without a compiled kernel is zero-padded, which
     would copy the whole row view (Hk times the cache): the decode step then takes the copying path instead."""
@@ -530,18 +605,38 @@ def _cache_as_rows(key: torch.Tensor, value: torch.Tensor):
     ``b * R + s`` is position s of sequence b, R = the batch stride over the position stride (Hk x S for a contiguous
     cache; the rows between sequences hold the other heads and are never visible). None when the strides do not allow
     it. Returns (k_rows, v_rows, R)."""
-    views = []
-    for t in (key, value):
-        sb, sh, ss, sd = t.stride()
-        if sd != 1 or ss <= 0 or sb % ss != 0 or t.shape[0] < 2:
-            return None
-        rows_per_seq = sb // ss
-        B, Hk, S, D = t.shape
-        # The last sequence's rows stop at its S positions, so the view ends where the tensor ends.
-        n_rows = (B - 1) * rows_per_seq + S
-        views.append((t.as_strided((n_rows, Hk, D), (ss, sh, 1)), rows_per_seq))
+    if key.shape[0] < 2:
+        return None
+    views = [_as_rows(t) for t in (key, value)]
+    if views[0] is None or views[1] is None:
+        return None
     (k_rows, r_k), (v_rows, r_v) = views
     return (k_rows, v_rows, r_k) if r_k == r_v else None
+
+
+def _as_rows(t: torch.Tensor):
+    """One ``(B, Hk, S, d)`` cache tensor as _cache_as_rows sees it: ``(rows (rows, Hk, d), R)``, or None."""
+    sb, sh, ss, sd = t.stride()
+    if sd != 1 or ss <= 0 or sb % ss != 0:
+        return None
+    rows_per_seq = sb // ss
+    B, Hk, S, d = t.shape
+    # The last sequence's rows stop at its S positions, so the view ends where the tensor ends.
+    n_rows = (B - 1) * rows_per_seq + S
+    return t.as_strided((n_rows, Hk, d), (ss, sh, 1)), rows_per_seq
+
+
+def _selected_rows(t: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """The rows ``t[b, :, picked[b, j]]`` of a ``(B, Hk, S, d)`` cache tensor as ``(B k, Hk, d)``, j fastest: one
+    index_select over its row view (on the CPU ~5x faster than advanced indexing of the 4-D tensor, which it falls
+    back to where the strides allow no row view)."""
+    B, k = picked.shape
+    rows = _as_rows(t) if B > 1 else (t[0].transpose(0, 1), 0)
+    if rows is None or torch.compiler.is_compiling():
+        batch = torch.arange(B, device=t.device)[:, None]
+        return t[batch, :, picked].reshape(B * k, t.shape[1], t.shape[3])  # (B, k, Hk, d): advanced indices first
+    view, R = rows
+    return view.index_select(0, (torch.arange(B, device=t.device)[:, None] * R + picked).reshape(B * k))
 
 
 def _attend_in_place(q: torch.Tensor, rows, real: Optional[torch.Tensor], Lk: int, extra: dict,
