@@ -604,6 +604,39 @@ def test_an_encoder_decoder_matches_sdpa():
     assert torch.equal(runs["dmattn"], runs["sdpa"])
 
 
+def _tiny_t5(implementation: str):
+    """A 2-layer random-weight T5 (relative position buckets, larger initial weights so that greedy tokens vary), built
+    with its implementation in the config: transformers 5.17's set_attn_implementation does not reach T5's stacks."""
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                decoder_start_token_id=0, relative_attention_num_buckets=8, initializer_factor=8.0,
+                                attn_implementation=implementation)
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(cfg).eval()
+
+
+def test_t5s_relative_position_bias_reaches_the_op(op_calls):
+    """T5 passes its relative position bias as position_bias, which eager adds to the scores (an attention function
+    that ignored it ran, and gave other logits): the op's query-side bias. Logits with and without padding, and greedy
+    generation with a dynamic and a static cache, as eager's."""
+    g = torch.Generator().manual_seed(4)
+    ids, decoder_ids = torch.randint(3, VOCAB, (2, 12), generator=g), torch.randint(3, VOCAB, (2, 5), generator=g)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, 8:] = 0
+    runs = {}
+    for implementation in ("eager", "dmattn"):
+        model = _tiny_t5(implementation)
+        with torch.no_grad():
+            runs[implementation] = [model(input_ids=ids, decoder_input_ids=decoder_ids, **inputs).logits
+                                    for inputs in (dict(attention_mask=mask), {})]
+            for extra in ({}, {"cache_implementation": "static"}):
+                runs[implementation].append(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                                                            do_sample=False, **extra))
+    for got, want in zip(runs["dmattn"][:2], runs["eager"][:2]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(got, want) for got, want in zip(runs["dmattn"][2:], runs["eager"][2:]))
+    assert any(kwargs.get("bias") is not None for _, kwargs in op_calls)
+
+
 def _tiny_encoder(name: str):
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
     if name == "modernbert":  # a local (bidirectional window of 2 keys each side) and a global layer
@@ -1015,8 +1048,9 @@ def test_selected_rows_gathers_each_sequences_picked_keys(batch):
 
 
 def test_latent_and_sparse_attention_refusals():
-    """What the backend does not run says so: a value head dim wider than the key's, top-k indices over packed rows
-    (cu_seq_lens_*), and either under paged|dmattn; and a top-k call without the 4-D mask the mask function gives."""
+    """What the backend does not run says so: a value head dim wider than the key's, top-k indices or a position bias
+    over packed rows (cu_seq_lens_*), MiniMax M3's block indices, latent and sparse attention under paged|dmattn; and
+    a top-k call without the 4-D mask the mask function gives, a position bias of another shape."""
     module = torch.nn.Module()
     q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
     with pytest.raises(NotImplementedError, match=r"a value head dim \(16\) wider than the key's \(8\)"):
@@ -1025,9 +1059,17 @@ def test_latent_and_sparse_attention_refusals():
     cu = torch.tensor([0, 3], dtype=torch.int32)
     with pytest.raises(NotImplementedError, match="top-k indices over packed rows"):
         dmattn_transformers.attention_forward(module, q, k, k, None, indices=top, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    with pytest.raises(NotImplementedError, match="a position_bias over packed rows"):
+        dmattn_transformers.attention_forward(module, q, k, k, None, position_bias=torch.zeros(1, 2, 3, 3),
+                                              cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    with pytest.raises(NotImplementedError, match=r"block-sparse attention's block_indices \(MiniMax M3\)"):
+        dmattn_transformers.attention_forward(module, q, k, k, None, block_indices=top[:, None])
+    with pytest.raises(ValueError, match=r"a position_bias must be \(1 or batch, 1 / Hk / H heads, queries, >= keys\)"):
+        dmattn_transformers.attention_forward(module, q, k, k, None, position_bias=torch.zeros(1, 2, 3, 2))
     with pytest.raises(ValueError, match="needs transformers' 4-D boolean mask"):
         dmattn_transformers.attention_forward(module, q, k, k, torch.ones(1, 3, dtype=torch.bool), indices=top)
-    for v, extra in ((torch.randn(1, 2, 3, 4), {}), (k, {"indices": top})):
+    bias = torch.zeros(1, 2, 3, 3)
+    for v, extra in ((torch.randn(1, 2, 3, 4), {}), (k, {"indices": top}), (k, {"position_bias": bias})):
         with pytest.raises(NotImplementedError, match=r"paged\|dmattn\): multi-head latent attention"):
             dmattn_transformers.paged_attention_forward(module, q, k, v, None, cache=object(), **extra)
 

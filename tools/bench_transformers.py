@@ -285,8 +285,8 @@ def main(argv=None) -> int:
         print(f"  {r['implementation']:20} {r['ms_median']:9.3f} ms  dmattn speed-up {r['dmattn_speedup'] or 0:.2f}x"
               f"  max |logit - sdpa| {r['max_abs_logit_diff_vs_sdpa'] or 0:.2e}")
     if args.out:
-        payload = {"workload": "transformers decode step", "model": args.model, "tiny": args.tiny, "batch": len(lengths),
-                   "unpadded": args.unpadded,
+        payload = {"workload": "transformers decode step", "model": args.model, "tiny": args.tiny,
+                   "batch": len(lengths), "unpadded": args.unpadded,
                    "prompt_lengths": lengths, "config": model.config.to_dict(), "dtype": str(dtype),
                    "environment": bc.environment(device, REPO), "results": rows,
                    "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + (argv or sys.argv[1:]))}

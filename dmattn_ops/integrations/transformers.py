@@ -35,8 +35,12 @@ picks each query's top-k keys and transformers passes them as ``indices``) runs 
 decode step gathers those keys' rows and reads nothing else of the cache (``_attend_selected``); such a model's mask
 function gives transformers' full mask, which its indexer reads too.
 
+A model's additive score bias passed as ``position_bias`` (T5's relative position bias, which eager adds to the
+scores) becomes the op's query-side bias ``(B Lq, Hb, Lk)`` (_bias_rows); those calls take the packed copy of K and V.
+
 What it refuses, with an error naming it: dropout while training, a value head dim wider than the key's,
-output_attentions, top-k indices over packed rows.
+output_attentions, top-k indices or a position bias over packed rows, MiniMax M3's block indices (a keyword a model
+needs applied is never dropped: ignoring T5's position_bias gave other logits before it was run).
 
 The cache is read in place, prefill and decode alike: the ``(batch, kv_heads, keys, head_dim)`` tensors seen as packed
 ``(rows, kv_heads, head_dim)`` rows (a strided view, ``_cache_as_rows``), sequence b at rows ``b R ..`` with the op's
@@ -72,6 +76,10 @@ def register(name: str = NAME) -> str:
     return name
 
 
+# What paged_attention_forward refuses beside a value head dim unlike the key's.
+_NOT_PAGED = ("indices", "block_indices", "position_bias")
+
+
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                             scaling: Optional[float] = None, cache=None, cu_seq_lens_q=None, cu_seq_lens_k=None,
@@ -91,9 +99,9 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if _layer_chunk(module) is not None:
         raise NotImplementedError("dmattn_ops (paged|dmattn): chunked-attention layers are not supported yet; use "
                                   "attn_implementation='dmattn'")
-    if value.shape[-1] != key.shape[-1] or kwargs.get("indices") is not None:
+    if value.shape[-1] != key.shape[-1] or any(kwargs.get(k) is not None for k in _NOT_PAGED):
         raise NotImplementedError("dmattn_ops (paged|dmattn): multi-head latent attention (a value head dim unlike the "
-                                  "key's) and sparse attention's top-k indices are not supported yet; use "
+                                  "key's), sparse attention's indices and a position_bias are not supported yet; use "
                                   "attn_implementation='dmattn'")
     sliding = getattr(module, "sliding_window", None)
     layer_type = "sliding_attention" if sliding else "full_attention"
@@ -405,10 +413,10 @@ def _attention(module, query, key, value, attention_mask, scaling, sliding_windo
     q = query.transpose(1, 2)  # (B, Lq, H, D)
     softcap = kwargs.get("softcap")
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))  # gpt-oss passes its (H,) sink logits as s_aux
+    # T5's relative position bias (and its kin's): the op's query-side bias
+    position_bias = kwargs.get("position_bias")
+    _refuse_together(kwargs)
     if kwargs.get("indices") is not None:  # sparse attention: each query's top-k keys (DeepSeek-V3.2, GLM-5)
-        if kwargs.get("cu_seq_lens_q") is not None:
-            raise NotImplementedError("dmattn_ops (attn_implementation='dmattn'): sparse attention's top-k indices "
-                                      "over packed rows (cu_seq_lens_q) are not supported yet")
         return _attend_selected(q, key, value, attention_mask, kwargs["indices"], scaling, softcap, sinks)
     value = _as_key_wide(value, key.shape[-1])
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
@@ -417,7 +425,7 @@ def _attention(module, query, key, value, attention_mask, scaling, sliding_windo
         if cu_q is not None and cu_k is not None and B == 1:  # packed rows: each query keeps to its own sequence
             return _attend_full_mask_packed(q, key, value, attention_mask, cu_q, cu_k, kwargs.get("max_length_q"),
                                             kwargs.get("max_length_k"), scaling, softcap, sinks)
-        return _attend_full_mask(q, key, value, attention_mask, scaling, softcap, sinks)
+        return _attend_full_mask(q, key, value, attention_mask, scaling, softcap, sinks, position_bias)
     seen = None
     if attention_mask is not None and attention_mask.dim() == 1 and attention_mask.dtype == torch.int32:
         seen, attention_mask = attention_mask, None  # padding_mask: the tokens a static cache holds (_keys_seen)
@@ -472,22 +480,59 @@ def _attention(module, query, key, value, attention_mask, scaling, sliding_windo
         extra["key_range"] = _chunk_ranges(positions, Lq, Lk, chunk)
     # In place through an as_strided row view, in eager mode: compiled code gets the packed copy below (under
     # torch.compile an as_strided of the cache is taken against whatever layout inductor gives the cache).
-    if B > 1 and sequence_ids is None and _no_padding_copy(query) and not torch.compiler.is_compiling():
+    if (B > 1 and sequence_ids is None and position_bias is None and _no_padding_copy(query)
+            and not torch.compiler.is_compiling()):
         rows = _cache_as_rows(key, value)
         if rows is not None:
             return _attend_in_place(q, rows, real, Lk, extra, seen)
     mask = real.reshape(B * Lk, 1) if real is not None else None  # key-side, one head
     if seen is not None:
         extra["seqused_k"] = seen
-    return _attend_copied(q, key, value, Lk, mask, sequence_ids, **extra)
+    return _attend_copied(q, key, value, Lk, mask, sequence_ids, position_bias, **extra)
+
+
+def _refuse_together(kwargs: dict) -> None:
+    """What transformers may pass that this backend does not run in a combination (each alone it runs), and what it
+    does not run at all (a keyword a model needs applied, which ignoring would silently change its output)."""
+    def fail(what: str) -> None:
+        raise NotImplementedError(f"dmattn_ops (attn_implementation='dmattn'): {what} is not supported yet; use "
+                                  "attn_implementation='sdpa' or 'eager' for this model")
+
+    if kwargs.get("block_indices") is not None:
+        fail("block-sparse attention's block_indices (MiniMax M3)")
+    packed = kwargs.get("cu_seq_lens_q") is not None
+    if kwargs.get("indices") is not None and (packed or kwargs.get("position_bias") is not None):
+        fail("sparse attention's top-k indices over packed rows (cu_seq_lens_q) or beside a position_bias")
+    if kwargs.get("position_bias") is not None and packed:
+        fail("a position_bias over packed rows (cu_seq_lens_q)")
+
+
+def _bias_rows(position_bias: torch.Tensor, B: int, Lq: int, H: int, Hk: int, Lk: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """A model's additive score bias ``(1 or B, Hb, Lq, >= Lk)`` (T5's relative position bias: Hb = H, batch 1),
+    added to the scaled scores, as the op's query-side bias ``(B Lq, Hb, Lk)`` in q's dtype or float32 (a copy, the
+    size of the bias sdpa's path adds)."""
+    shape = tuple(position_bias.shape)
+    if (position_bias.dim() != 4 or shape[0] not in (1, B) or shape[1] not in (1, Hk, H) or shape[2] != Lq
+            or shape[3] < Lk):
+        raise ValueError(f"dmattn_ops: a position_bias must be (1 or batch, 1 / Hk / H heads, queries, >= keys) = "
+                         f"(1 or {B}, 1 / {Hk} / {H}, {Lq}, >= {Lk}), got {shape}")
+    if position_bias.dtype not in (dtype, torch.float32):
+        position_bias = position_bias.float()
+    rows = position_bias[..., :Lk].expand(B, -1, -1, -1).transpose(1, 2)  # (B, Lq, Hb, Lk)
+    return rows.reshape(B * Lq, shape[1], Lk)
 
 
 def _attend_copied(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, Lk: int, mask: Optional[torch.Tensor],
-                   sequence_ids: Optional[torch.Tensor] = None, **extra) -> torch.Tensor:
+                   sequence_ids: Optional[torch.Tensor] = None, position_bias: Optional[torch.Tensor] = None,
+                   **extra) -> torch.Tensor:
     """The batch as B packed sequences, each of its Lq queries and the cache's first Lk keys (K and V copied packed:
     for B > 1 the reshape copies), under ``mask`` in the op's layout; ``sequence_ids`` (B, Lk): each row's packed
-    sequences as documents, each query seeing its own (document_mask's key_range). Returns (B, Lq, H, D)."""
+    sequences as documents, each query seeing its own (document_mask's key_range); ``position_bias``: a model's
+    additive score bias (_bias_rows). Returns (B, Lq, H, D)."""
     B, Lq, H, D = q.shape
+    if position_bias is not None:
+        extra["bias"] = _bias_rows(position_bias, B, Lq, H, key.shape[1], Lk, q.dtype)
     Hk = key.shape[1]
     if Lk != key.shape[2]:  # (a dynamic cache holds exactly the keys seen: no slice, one view less a layer)
         key, value = key[:, :, :Lk], value[:, :, :Lk]
@@ -537,7 +582,7 @@ def _attend_full_mask_packed(q, key, value, full, cu_q, cu_k, max_q, max_k, scal
 
 
 def _attend_full_mask(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, full: torch.Tensor, scaling,
-                      softcap, sinks) -> torch.Tensor:
+                      softcap, sinks, position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The batch under a full boolean mask ``(B, 1 or H, Lq, Lk)`` (True: the query sees the key; Lk <= the cache's
     slots): the mask says everything (causality, window, padding), so the op runs it alone. One query per sequence
     makes it a key-side mask; more make it the op's query-side mask ``(B Lq, Hm, Lk)``. K and V are copied packed."""
@@ -549,7 +594,7 @@ def _attend_full_mask(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, f
     else:
         mask = full.transpose(1, 2).reshape(B * Lq, Hm, Lk)
     return _attend_copied(q, key, value, Lk, mask.contiguous(), softmax_scale=scaling, softcap=softcap or None,
-                          sinks=sinks)
+                          sinks=sinks, position_bias=position_bias)
 
 
 def _attend_selected(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, full: Optional[torch.Tensor],
@@ -659,9 +704,9 @@ def _attend_in_place(q: torch.Tensor, rows, real: Optional[torch.Tensor], Lk: in
     return out.view(B, Lq, H, D)
 
 
-def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, mask=None, softmax_scale=None,
-            is_causal=False, window_size=None, softcap=None, sinks=None, seqused_k=None, kv_slots=None, key_range=None,
-            mask_mod=None) -> torch.Tensor:
+def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, mask=None, bias=None,
+            softmax_scale=None, is_causal=False, window_size=None, softcap=None, sinks=None, seqused_k=None,
+            kv_slots=None, key_range=None, mask_mod=None) -> torch.Tensor:
     """Every call of the op this backend makes (``dmattn_ops.varlen_attention``'s arguments). A generate step in eager
     mode (no gradient, no mask_mod) goes to the op straight, one call a layer: the backend builds each argument itself
     (lengths from shapes, int32 metadata, a bool mask), so ``varlen_attention``'s Python type checks and keyword
@@ -672,12 +717,12 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, 
         rules.check_backend_built(q)
         left, right = (-1, -1) if window_size is None else window_size
         return dmattn_ops.ops.forward_below_autograd((
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, None, softmax_scale, is_causal,
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask, bias, softmax_scale, is_causal,
             left, right, softcap, sinks, seqused_k, kv_slots, key_range))[0]
     return dmattn_ops.varlen_attention(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=mask, softmax_scale=softmax_scale,
-        is_causal=is_causal, window_size=window_size, softcap=softcap, sinks=sinks, seqused_k=seqused_k,
-        kv_slots=kv_slots, key_range=key_range, mask_mod=mask_mod)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mask=mask, bias=bias,
+        softmax_scale=softmax_scale, is_causal=is_causal, window_size=window_size, softcap=softcap, sinks=sinks,
+        seqused_k=seqused_k, kv_slots=kv_slots, key_range=key_range, mask_mod=mask_mod)
 
 
 _METADATA = _kept.KeptTensors(16)
