@@ -1035,6 +1035,47 @@ def test_sparse_attention_hides_selected_keys_a_query_does_not_see(cache, op_cal
     assert decode and not bool(decode[0].all())
 
 
+def _tiny_minimax_m3(topk_blocks: int = 2):
+    """A 2-layer random-weight MiniMax M3 (text): a block-sparse layer (blocks of 2 keys, each query keeps 2 per index
+    head, the query's own among them) and a full one; 2 index heads over 2 KV heads of 4 query heads."""
+    cfg = transformers.MiniMaxM3VLTextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, dense_intermediate_size=128,
+        shared_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        rotary_dim=8, num_local_experts=4, num_experts_per_tok=2, index_n_heads=2, index_head_dim=16,
+        index_block_size=2, index_topk_blocks=topk_blocks, index_local_blocks=1,
+        layer_types=["minimax_m3_sparse", "full_attention"], max_position_embeddings=256, bos_token_id=1,
+        eos_token_id=2)
+    torch.manual_seed(0)
+    return transformers.MiniMaxM3VLForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_minimax_m3_block_sparse_attention_matches_eager(padding, op_calls):
+    """MiniMax M3's indexer keeps blocks of keys per query and index head (block_indices): the op's mask, key-side per
+    index head in a decode step. Logits and greedy generation (dynamic and static caches) as eager's; the selection
+    matters (more blocks give other logits). Left padding is left out: the model's indexer counts blocks from content
+    positions and can keep only padding for a query (its source says so), which eager then averages over every key
+    with equal weight and the op answers with zeros."""
+    ids, mask = _batch(padding)
+    model = _tiny_minimax_m3()
+    want = _logits(model, "eager", input_ids=ids, attention_mask=mask)
+    got = _logits(model, "dmattn", input_ids=ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+    dense = _logits(_tiny_minimax_m3(topk_blocks=8), "dmattn", input_ids=ids, attention_mask=mask)
+    assert (got - dense)[real].abs().max() > 1e-2
+    for extra in ({}, {"cache_implementation": "static"}):
+        runs = {}
+        for implementation in ("eager", "dmattn"):
+            model.set_attn_implementation(implementation)
+            op_calls.clear()
+            runs[implementation] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                                                  do_sample=False, pad_token_id=0, **extra)
+        assert torch.equal(runs["dmattn"], runs["eager"])
+        sparse_decode = [k["mask"] for _, k in op_calls[2:] if k["mask"] is not None and k["mask"].shape[-1] == 2]
+        assert sparse_decode and all(m.dim() == 2 and not bool(m.all()) for m in sparse_decode)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_selected_rows_gathers_each_sequences_picked_keys(batch):
     """_selected_rows' row view and its fallback (strides no row view allows: the head dim not contiguous) give
@@ -1049,7 +1090,8 @@ def test_selected_rows_gathers_each_sequences_picked_keys(batch):
 
 def test_latent_and_sparse_attention_refusals():
     """What the backend does not run says so: a value head dim wider than the key's, top-k indices or a position bias
-    over packed rows (cu_seq_lens_*), MiniMax M3's block indices, latent and sparse attention under paged|dmattn; and
+    over packed rows (cu_seq_lens_*), MiniMax M3's block indices there or beside a full mask, latent and sparse
+    attention under paged|dmattn; and
     a top-k call without the 4-D mask the mask function gives, a position bias of another shape."""
     module = torch.nn.Module()
     q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
@@ -1062,8 +1104,12 @@ def test_latent_and_sparse_attention_refusals():
     with pytest.raises(NotImplementedError, match="a position_bias over packed rows"):
         dmattn_transformers.attention_forward(module, q, k, k, None, position_bias=torch.zeros(1, 2, 3, 3),
                                               cu_seq_lens_q=cu, cu_seq_lens_k=cu)
-    with pytest.raises(NotImplementedError, match=r"block-sparse attention's block_indices \(MiniMax M3\)"):
-        dmattn_transformers.attention_forward(module, q, k, k, None, block_indices=top[:, None])
+    with pytest.raises(NotImplementedError, match=r"block_indices over packed rows \(cu_seq_lens_q\)"):
+        dmattn_transformers.attention_forward(module, q, k, k, None, block_indices=top[:, None], cu_seq_lens_q=cu,
+                                              cu_seq_lens_k=cu)
+    with pytest.raises(NotImplementedError, match="block_indices beside transformers' full mask"):
+        dmattn_transformers.attention_forward(module, q, k, k, torch.ones(1, 1, 3, 3, dtype=torch.bool),
+                                              block_indices=top[:, None])
     with pytest.raises(ValueError, match=r"a position_bias must be \(1 or batch, 1 / Hk / H heads, queries, >= keys\)"):
         dmattn_transformers.attention_forward(module, q, k, k, None, position_bias=torch.zeros(1, 2, 3, 2))
     with pytest.raises(ValueError, match="needs transformers' 4-D boolean mask"):

@@ -35,12 +35,14 @@ picks each query's top-k keys and transformers passes them as ``indices``) runs 
 decode step gathers those keys' rows and reads nothing else of the cache (``_attend_selected``); such a model's mask
 function gives transformers' full mask, which its indexer reads too.
 
-A model's additive score bias passed as ``position_bias`` (T5's relative position bias, which eager adds to the
-scores) becomes the op's query-side bias ``(B Lq, Hb, Lk)`` (_bias_rows); those calls take the packed copy of K and V.
+MiniMax M3's block-sparse attention (``block_indices``: blocks of keys kept per query and index head) runs as the
+op's mask per index head (_selected_blocks). A model's additive score bias passed as ``position_bias`` (T5's
+relative position bias, which eager adds to the scores) becomes the op's query-side bias ``(B Lq, Hb, Lk)``
+(_bias_rows). Those calls take the packed copy of K and V.
 
 What it refuses, with an error naming it: dropout while training, a value head dim wider than the key's,
-output_attentions, top-k indices or a position bias over packed rows, MiniMax M3's block indices (a keyword a model
-needs applied is never dropped: ignoring T5's position_bias gave other logits before it was run).
+output_attentions, top-k indices, block indices or a position bias over packed rows (a keyword a model needs applied
+is never dropped: ignoring T5's position_bias gave other logits before it was run).
 
 The cache is read in place, prefill and decode alike: the ``(batch, kv_heads, keys, head_dim)`` tensors seen as packed
 ``(rows, kv_heads, head_dim)`` rows (a strided view, ``_cache_as_rows``), sequence b at rows ``b R ..`` with the op's
@@ -421,6 +423,10 @@ def _attention(module, query, key, value, attention_mask, scaling, sliding_windo
     value = _as_key_wide(value, key.shape[-1])
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
         # transformers' full mask (padding_mask: parts this module does not express), or a prepared boolean one
+        if kwargs.get("block_indices") is not None:
+            raise NotImplementedError("dmattn_ops (attn_implementation='dmattn'): block-sparse attention's "
+                                      "block_indices beside transformers' full mask is not supported yet; use "
+                                      "attn_implementation='sdpa' or 'eager' for this model")
         cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
         if cu_q is not None and cu_k is not None and B == 1:  # packed rows: each query keeps to its own sequence
             return _attend_full_mask_packed(q, key, value, attention_mask, cu_q, cu_k, kwargs.get("max_length_q"),
@@ -478,17 +484,45 @@ def _attention(module, query, key, value, attention_mask, scaling, sliding_windo
     real = None if _is_unpadded(attention_mask) else attention_mask  # (B, Lk) bool or None: the keys b has
     if chunk is not None:  # each query's chunk, up to itself, as a key_range (causal and left padding included)
         extra["key_range"] = _chunk_ranges(positions, Lq, Lk, chunk)
+    blocks = kwargs.get("block_indices")
     # In place through an as_strided row view, in eager mode: compiled code gets the packed copy below (under
     # torch.compile an as_strided of the cache is taken against whatever layout inductor gives the cache).
-    if (B > 1 and sequence_ids is None and position_bias is None and _no_padding_copy(query)
+    if (B > 1 and sequence_ids is None and position_bias is None and blocks is None and _no_padding_copy(query)
             and not torch.compiler.is_compiling()):
         rows = _cache_as_rows(key, value)
         if rows is not None:
             return _attend_in_place(q, rows, real, Lk, extra, seen)
-    mask = real.reshape(B * Lk, 1) if real is not None else None  # key-side, one head
+    if blocks is not None:  # block-sparse attention: the selected blocks' keys, per index head, and the padding
+        mask = _selected_blocks(blocks, module, q.shape[2], key.shape[1], Lk, real)
+    else:
+        mask = real.reshape(B * Lk, 1) if real is not None else None  # key-side, one head
     if seen is not None:
         extra["seqused_k"] = seen
     return _attend_copied(q, key, value, Lk, mask, sequence_ids, position_bias, **extra)
+
+
+def _selected_blocks(blocks: torch.Tensor, module, H: int, Hk: int, Lk: int,
+                     real: Optional[torch.Tensor]) -> torch.Tensor:
+    """MiniMax M3's block-sparse attention: its indexer keeps, per index head, query and sequence, a few blocks of
+    ``index_block_size`` consecutive key slots (``block_indices (B, H_idx, Lq, k)``, -1 for none), and the query
+    sees the keys of those blocks (on top of causality and padding). As the op's mask: key-side ``(B Lk, Hm)`` for one
+    query per sequence (a decode step: the kernels skip the keys outside the blocks), query-side ``(B Lq, Hm, Lk)``
+    otherwise, with the padding folded in; Hm the index heads, which each serve H / H_idx query heads as transformers'
+    eager path maps them (repeated to H where that is not 1 or Hk)."""
+    B, H_idx, Lq, _ = blocks.shape
+    size = module.config.index_block_size
+    n_blocks = -(-Lk // size)
+    columns = blocks.to(torch.int64)
+    picked = torch.zeros((B, H_idx, Lq, n_blocks + 1), dtype=torch.bool, device=blocks.device)
+    picked.scatter_(-1, torch.where((columns >= 0) & (columns < n_blocks), columns, n_blocks), True)
+    keys = picked[..., :n_blocks].repeat_interleave(size, dim=-1)[..., :Lk]  # (B, H_idx, Lq, Lk)
+    if H_idx not in (1, Hk, H):
+        keys = keys.repeat_interleave(H // H_idx, dim=1)
+    if real is not None:
+        keys = keys & real[:, None, None, :Lk].to(torch.bool)
+    if Lq == 1:
+        return keys[:, :, 0].transpose(1, 2).reshape(B * Lk, keys.shape[1])
+    return keys.transpose(1, 2).reshape(B * Lq, keys.shape[1], Lk)
 
 
 def _refuse_together(kwargs: dict) -> None:
@@ -498,11 +532,13 @@ def _refuse_together(kwargs: dict) -> None:
         raise NotImplementedError(f"dmattn_ops (attn_implementation='dmattn'): {what} is not supported yet; use "
                                   "attn_implementation='sdpa' or 'eager' for this model")
 
-    if kwargs.get("block_indices") is not None:
-        fail("block-sparse attention's block_indices (MiniMax M3)")
     packed = kwargs.get("cu_seq_lens_q") is not None
-    if kwargs.get("indices") is not None and (packed or kwargs.get("position_bias") is not None):
-        fail("sparse attention's top-k indices over packed rows (cu_seq_lens_q) or beside a position_bias")
+    if kwargs.get("block_indices") is not None and (packed or kwargs.get("position_bias") is not None):
+        fail("block-sparse attention's block_indices over packed rows (cu_seq_lens_q) or beside a position_bias")
+    if kwargs.get("indices") is not None and (packed or kwargs.get("position_bias") is not None
+                                              or kwargs.get("block_indices") is not None):
+        fail("sparse attention's top-k indices over packed rows (cu_seq_lens_q), beside a position_bias or beside "
+             "block_indices")
     if kwargs.get("position_bias") is not None and packed:
         fail("a position_bias over packed rows (cu_seq_lens_q)")
 
