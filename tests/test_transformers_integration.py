@@ -943,9 +943,10 @@ def test_chunked_layer_without_its_mask_function_is_refused():
 
 
 # Multi-head latent attention (a value head dim below the key's) and DeepSeek Sparse Attention (an indexer's top-k keys
-# per query): DeepSeek-V3's MLA alone; DeepSeek-V3.2 and GLM-5 (glm_moe_dsa) with the indexer, judged against eager
-# (the implementation their indexer's mask is written for). Each keeps 5 keys per query under 12-token prompts.
-LATENT_FAMILIES = ["deepseek_v3", "deepseek_v32", "glm_moe_dsa"]
+# per query): DeepSeek-V3's MLA alone; DeepSeek-V3.2, GLM-5 (glm_moe_dsa) and HY-V4 (with learned sinks too) with the
+# indexer, judged against eager (the implementation their indexer's mask is written for). Each keeps 5 keys per query
+# under 12-token prompts.
+LATENT_FAMILIES = ["deepseek_v3", "deepseek_v32", "glm_moe_dsa", "hy_v4"]
 
 
 def _tiny_latent(family: str, index_topk: int = 5):
@@ -962,10 +963,18 @@ def _tiny_latent(family: str, index_topk: int = 5):
         cls = transformers.DeepseekV32ForCausalLM
     elif family == "glm_moe_dsa":
         cfg, cls = transformers.GlmMoeDsaConfig(**common, **indexer), transformers.GlmMoeDsaForCausalLM
+    elif family == "hy_v4":
+        cfg = transformers.HYV4Config(**common, **indexer, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        cls = transformers.HYV4ForCausalLM
     else:
         raise ValueError(family)
     torch.manual_seed(0)
-    return cls(cfg).eval()
+    model = cls(cfg).eval()
+    if family == "hy_v4":  # sinks start alike: make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 2.0)
+    return model
 
 
 @pytest.mark.parametrize("padding", ["none", "left", "right"])

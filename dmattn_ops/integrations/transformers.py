@@ -29,11 +29,11 @@ mask too (kept to each sequence where ``cu_seq_lens_*`` come).
 Encoder (non-causal) layers take the padding mask as a key-side mask too (BERT, RoBERTa; ModernBERT's local layers,
 whose bidirectional window transformers composes into the mask function, take its full mask).
 
-Multi-head latent attention (DeepSeek-V3 and its kin: a value head dim below the key's) runs with the values
-zero-padded to the key's head dim and the output cut back. DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5: an indexer
-picks each query's top-k keys and transformers passes them as ``indices``) runs each query over its selected keys: a
-decode step gathers those keys' rows and reads nothing else of the cache (``_attend_selected``); such a model's mask
-function gives transformers' full mask, which its indexer reads too.
+Multi-head latent attention (DeepSeek-V3 and its kin: a value head dim below the key's) runs with the values zero-padded
+to the key's head dim and the output cut back. DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5, HY-V4: an indexer picks
+each query's top-k keys and transformers passes them as ``indices``) runs each query over its selected keys: a decode
+step gathers those keys' rows and reads nothing else of the cache (``_attend_selected``); such a model's mask function
+gives transformers' full mask, which its indexer reads too.
 
 MiniMax M3's block-sparse attention (``block_indices``: blocks of keys kept per query and index head) runs as the
 op's mask per index head (_selected_blocks). A model's additive score bias passed as ``position_bias`` (T5's
