@@ -1085,6 +1085,47 @@ def test_minimax_m3_block_sparse_attention_matches_eager(padding, op_calls):
         assert sparse_decode and all(m.dim() == 2 and not bool(m.all()) for m in sparse_decode)
 
 
+def _tiny_doge(keep_window_size: int = 5):
+    """A 2-layer random-weight Doge: dynamic mask attention, each query keeping the keep_window_size keys of the
+    highest gates (a learned function of the values, per key and KV head) among those it sees."""
+    cfg = transformers.DogeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                  keep_window_size=keep_window_size)
+    torch.manual_seed(0)
+    model = transformers.DogeForCausalLM(cfg).eval()
+    with torch.no_grad():  # A starts at 0, which makes every gate 1: make them differ
+        for layer in model.model.layers:
+            layer.self_attn.A.normal_(0.0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_doges_dynamic_mask_matches_eager(padding, op_calls):
+    """Doge builds its attention mask itself (its gates as an additive bias, the keys past each query's top 5 hidden)
+    from transformers' 4-D mask, which the mask function gives it: the op's bias and mask, key-side in a decode step.
+    Logits and greedy generation (dynamic and static caches) as eager's; the top-k matters (keeping 64 gives other
+    logits)."""
+    ids, mask = _batch(padding)
+    model = _tiny_doge()
+    want = _logits(model, "eager", input_ids=ids, attention_mask=mask)
+    got = _logits(model, "dmattn", input_ids=ids, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
+    wide = _logits(_tiny_doge(keep_window_size=64), "dmattn", input_ids=ids, attention_mask=mask)
+    assert (got - wide)[real].abs().max() > 1e-3
+    for extra in ({}, {"cache_implementation": "static"}):
+        runs = {}
+        for implementation in ("eager", "dmattn"):
+            model.set_attn_implementation(implementation)
+            op_calls.clear()
+            runs[implementation] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                                                  do_sample=False, pad_token_id=0, **extra)
+        assert torch.equal(runs["dmattn"], runs["eager"])
+        decode = [k for a, k in op_calls if a[0].shape[0] == 3]  # one query per sequence
+        assert decode and all(k["mask"].dim() == 2 and k["bias"].shape == k["mask"].shape for k in decode)
+        assert not all(bool(k["mask"].all()) for k in decode)  # the top 5 of more keys
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_selected_rows_gathers_each_sequences_picked_keys(batch):
     """_selected_rows' row view and its fallback (strides no row view allows: the head dim not contiguous) give

@@ -35,10 +35,12 @@ each query's top-k keys and transformers passes them as ``indices``) runs each q
 step gathers those keys' rows and reads nothing else of the cache (``_attend_selected``); such a model's mask function
 gives transformers' full mask, which its indexer reads too.
 
-MiniMax M3's block-sparse attention (``block_indices``: blocks of keys kept per query and index head) runs as the
-op's mask per index head (_selected_blocks). A model's additive score bias passed as ``position_bias`` (T5's
-relative position bias, which eager adds to the scores) becomes the op's query-side bias ``(B Lq, Hb, Lk)``
-(_bias_rows). Those calls take the packed copy of K and V.
+MiniMax M3's block-sparse attention (``block_indices``: blocks of keys kept per query and index head) runs as the op's
+mask per index head (_selected_blocks). An additive 4-D mask a model makes itself (Doge's dynamic mask: each kept key's
+gate) runs as the op's bias beside the mask of its kept keys (_attend_additive); such a model, like a sparse-attention
+one, gets transformers' full mask from the mask function (``_READS_THE_MASK``). A model's additive score bias passed as
+``position_bias`` (T5's relative position bias, which eager adds to the scores) becomes the op's query-side bias
+``(B Lq, Hb, Lk)`` (_bias_rows). Those calls take the packed copy of K and V.
 
 What it refuses, with an error naming it: dropout while training, a value head dim wider than the key's,
 output_attentions, top-k indices, block indices or a position bias over packed rows (a keyword a model needs applied
@@ -155,8 +157,8 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     if packed and (chunk is not None or attention_mask is not None or kv_offset != 0 or q_length != kv_length or
                    structure.shape != (batch_size, kv_length)):
         structure = "full"  # packing beside a chunk, padding or a cache: not one the attention function expresses
-    if getattr(config, "index_topk", None) is not None:
-        structure = "full"  # a sparse-attention model (DeepSeek-V3.2, GLM-5): its indexer reads the 4-D mask too
+    if any(getattr(config, name, None) is not None for name in _READS_THE_MASK):
+        structure = "full"  # the model reads transformers' 4-D mask itself (its indexer, its dynamic mask)
     if structure == "full":
         from transformers.masking_utils import sdpa_mask
 
@@ -176,6 +178,11 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     if attention_mask is None:
         return seen
     return _unless_unpadded(attention_mask[:, -kv_length:].to(torch.bool))
+
+
+# Config attributes of models that read the attention mask transformers makes before their attention function gets
+# it, as a 4-D tensor: DeepSeek Sparse Attention's indexer (index_topk), Doge's dynamic mask (keep_window_size).
+_READS_THE_MASK = ("index_topk", "keep_window_size")
 
 
 def _keys_seen(batch_size: int, q_length: int, kv_length: int, q_offset, mask_function,
@@ -433,12 +440,19 @@ def _attention(module, query, key, value, attention_mask, scaling, sliding_windo
                                             kwargs.get("max_length_k"), scaling, softcap, sinks)
         return _attend_full_mask(q, key, value, attention_mask, scaling, softcap, sinks, position_bias)
     seen = None
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.is_floating_point():
+        # an additive mask the model made itself (Doge's dynamic mask: its gates where a key is kept)
+        if position_bias is not None or kwargs.get("cu_seq_lens_q") is not None:
+            raise NotImplementedError("dmattn_ops (attn_implementation='dmattn'): an additive 4-D attention mask "
+                                      "beside a position_bias or over packed rows is not supported yet")
+        window = (sliding_window - 1, -1) if sliding_window is not None else None
+        return _attend_additive(q, key, value, attention_mask, scaling, softcap, sinks, window)
     if attention_mask is not None and attention_mask.dim() == 1 and attention_mask.dtype == torch.int32:
         seen, attention_mask = attention_mask, None  # padding_mask: the tokens a static cache holds (_keys_seen)
     if attention_mask is not None and attention_mask.dim() != 2:
         raise NotImplementedError(f"dmattn_ops (attn_implementation='dmattn'): a prepared {attention_mask.dim()}-D "
                                   f"{attention_mask.dtype} attention mask is not supported; pass the 2-D padding mask "
-                                  "(or a boolean 4-D one, True where a query sees a key)")
+                                  "(or a 4-D one: boolean, True where a query sees a key, or additive)")
     sequence_ids = None
     if attention_mask is not None and attention_mask.dtype == torch.int64:  # a packed batch (padding_mask)
         sequence_ids, attention_mask = attention_mask, None
@@ -631,6 +645,28 @@ def _attend_full_mask(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, f
         mask = full.transpose(1, 2).reshape(B * Lq, Hm, Lk)
     return _attend_copied(q, key, value, Lk, mask.contiguous(), softmax_scale=scaling, softcap=softcap or None,
                           sinks=sinks, position_bias=position_bias)
+
+
+def _attend_additive(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, full: torch.Tensor, scaling, softcap,
+                     sinks, window) -> torch.Tensor:
+    """The batch under an additive 4-D mask ``(B, 1 or H, Lq, Lk)`` a model made (Doge's dynamic mask: each kept key's
+    gate, the dtype's lowest value where a key is hidden by causality, padding or the model's top-k): the op's bias
+    in the mask's layout (key-side ``(B Lk, Hm)`` for one query per sequence, query-side ``(B Lq, Hm, Lk)``
+    otherwise) and the op's mask of its entries above half the dtype's lowest value, so a hidden key is skipped, not
+    weighted by ``e^(lowest)``. The mask holds causality and padding; a sliding window is applied too. K and V are
+    copied packed. (A row whose every key is hidden gives zeros, where eager's softmax of equal lowest values averages
+    every key.)"""
+    B, Lq, H, _ = q.shape
+    _check_full_mask(full, B, H, Lq, key.shape[2])
+    Hm, Lk = full.shape[1], full.shape[3]
+    seen = full > torch.finfo(full.dtype).min / 2
+    bias = full if full.dtype in (q.dtype, torch.float32) else full.float()
+    if Lq == 1:  # the sequence's one query: its row is per key
+        seen, bias = (t[:, :, 0, :].transpose(1, 2).reshape(B * Lk, Hm) for t in (seen, bias))
+    else:
+        seen, bias = (t.transpose(1, 2).reshape(B * Lq, Hm, Lk) for t in (seen, bias))
+    return _attend_copied(q, key, value, Lk, seen.contiguous(), bias=bias.contiguous(), softmax_scale=scaling,
+                          softcap=softcap or None, sinks=sinks, window_size=window)
 
 
 def _attend_selected(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, full: Optional[torch.Tensor],
