@@ -1058,21 +1058,19 @@ def _tiny_minimax_m3(topk_blocks: int = 2):
     return transformers.MiniMaxM3VLForCausalLM(cfg).eval()
 
 
-@pytest.mark.parametrize("padding", ["none", "right"])
-def test_minimax_m3_block_sparse_attention_matches_eager(padding, op_calls):
-    """MiniMax M3's indexer keeps blocks of keys per query and index head (block_indices): the op's mask, key-side per
-    index head in a decode step. Logits and greedy generation (dynamic and static caches) as eager's; the selection
-    matters (more blocks give other logits). Left padding is left out: the model's indexer counts blocks from content
-    positions and can keep only padding for a query (its source says so), which eager then averages over every key
-    with equal weight and the op answers with zeros."""
+def _judge_a_selection_against_eager(build, padding: str, op_calls, moves: float) -> list:
+    """What a model that picks each query's keys itself is judged by: logits as eager's, other logits (by more than
+    `moves`) where it picks more (build(True)), and greedy generation with a dynamic and a static cache as eager's.
+    Returns each generation's op calls, (args, kwargs)."""
     ids, mask = _batch(padding)
-    model = _tiny_minimax_m3()
+    model = build(False)
     want = _logits(model, "eager", input_ids=ids, attention_mask=mask)
     got = _logits(model, "dmattn", input_ids=ids, attention_mask=mask)
     real = mask.bool()
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
-    dense = _logits(_tiny_minimax_m3(topk_blocks=8), "dmattn", input_ids=ids, attention_mask=mask)
-    assert (got - dense)[real].abs().max() > 1e-2
+    wider = _logits(build(True), "dmattn", input_ids=ids, attention_mask=mask)
+    assert (got - wider)[real].abs().max() > moves
+    calls = []
     for extra in ({}, {"cache_implementation": "static"}):
         runs = {}
         for implementation in ("eager", "dmattn"):
@@ -1081,7 +1079,20 @@ def test_minimax_m3_block_sparse_attention_matches_eager(padding, op_calls):
             runs[implementation] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
                                                   do_sample=False, pad_token_id=0, **extra)
         assert torch.equal(runs["dmattn"], runs["eager"])
-        sparse_decode = [k["mask"] for _, k in op_calls[2:] if k["mask"] is not None and k["mask"].shape[-1] == 2]
+        calls.append(list(op_calls))
+    return calls
+
+
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_minimax_m3_block_sparse_attention_matches_eager(padding, op_calls):
+    """MiniMax M3's indexer keeps blocks of keys per query and index head (block_indices): the op's mask, key-side per
+    index head in a decode step. Judged against eager (_judge_a_selection_against_eager: 8 blocks against 2). Left
+    padding is left out: the model's indexer counts blocks from content positions and can keep only padding for a
+    query (its source says so), which eager then averages over every key with equal weight and the op answers with
+    zeros."""
+    build = lambda wider: _tiny_minimax_m3(topk_blocks=8 if wider else 2)  # noqa: E731
+    for calls in _judge_a_selection_against_eager(build, padding, op_calls, 1e-2):
+        sparse_decode = [k["mask"] for _, k in calls[2:] if k["mask"] is not None and k["mask"].shape[-1] == 2]
         assert sparse_decode and all(m.dim() == 2 and not bool(m.all()) for m in sparse_decode)
 
 
@@ -1103,25 +1114,10 @@ def _tiny_doge(keep_window_size: int = 5):
 def test_doges_dynamic_mask_matches_eager(padding, op_calls):
     """Doge builds its attention mask itself (its gates as an additive bias, the keys past each query's top 5 hidden)
     from transformers' 4-D mask, which the mask function gives it: the op's bias and mask, key-side in a decode step.
-    Logits and greedy generation (dynamic and static caches) as eager's; the top-k matters (keeping 64 gives other
-    logits)."""
-    ids, mask = _batch(padding)
-    model = _tiny_doge()
-    want = _logits(model, "eager", input_ids=ids, attention_mask=mask)
-    got = _logits(model, "dmattn", input_ids=ids, attention_mask=mask)
-    real = mask.bool()
-    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-5)
-    wide = _logits(_tiny_doge(keep_window_size=64), "dmattn", input_ids=ids, attention_mask=mask)
-    assert (got - wide)[real].abs().max() > 1e-3
-    for extra in ({}, {"cache_implementation": "static"}):
-        runs = {}
-        for implementation in ("eager", "dmattn"):
-            model.set_attn_implementation(implementation)
-            op_calls.clear()
-            runs[implementation] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
-                                                  do_sample=False, pad_token_id=0, **extra)
-        assert torch.equal(runs["dmattn"], runs["eager"])
-        decode = [k for a, k in op_calls if a[0].shape[0] == 3]  # one query per sequence
+    Judged against eager (_judge_a_selection_against_eager: 64 keys kept against 5)."""
+    build = lambda wider: _tiny_doge(keep_window_size=64 if wider else 5)  # noqa: E731
+    for calls in _judge_a_selection_against_eager(build, padding, op_calls, 1e-3):
+        decode = [k for a, k in calls if a[0].shape[0] == 3]  # one query per sequence
         assert decode and all(k["mask"].dim() == 2 and k["bias"].shape == k["mask"].shape for k in decode)
         assert not all(bool(k["mask"].all()) for k in decode)  # the top 5 of more keys
 
