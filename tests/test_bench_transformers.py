@@ -38,3 +38,16 @@ def test_the_sparse_attention_model_steps_each_implementation(tmp_path):
     rows = payload["results"]
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert all(r["max_abs_logit_diff_vs_sdpa"] < 1e-4 and r["attention_function"]["calls_per_step"] == 2 for r in rows)
+
+
+def test_the_architecture_sweep_reports_each_architecture(tmp_path):
+    """tools/sweep_transformers_models.py on two architectures: each row says it ran, with the logit difference and
+    the greedy tokens' verdict (Llama: within 1e-4, the same tokens), or what failed."""
+    import sweep_transformers_models as sweep
+
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["llama", "no_such_architecture", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert results["llama"]["status"] == "ran" and results["llama"]["max_abs_logit_diff"] <= 1e-4
+    assert results["llama"]["same_greedy_tokens"]
+    assert results["no_such_architecture"]["status"].startswith("failed: ")
