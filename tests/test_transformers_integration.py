@@ -581,6 +581,15 @@ def test_gemma3_image_tokens_see_each_other_both_ways():
     assert torch.equal(tokens["dmattn"], tokens["sdpa"])
 
 
+def _seq2seq_batch():
+    """(encoder ids (2, 12), decoder ids (2, 5), the encoder's padding mask: row 0 right-padded after 8 tokens)."""
+    g = torch.Generator().manual_seed(4)
+    ids, decoder_ids = torch.randint(3, VOCAB, (2, 12), generator=g), torch.randint(3, VOCAB, (2, 5), generator=g)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, 8:] = 0
+    return ids, decoder_ids, mask
+
+
 def test_an_encoder_decoder_matches_sdpa():
     """BART: the decoder's cross-attention has fewer queries than keys and, without an attention_mask, every encoder
     key is real (no cache of slots): logits with and without a padding mask, and greedy generation, as sdpa's."""
@@ -589,10 +598,7 @@ def test_an_encoder_decoder_matches_sdpa():
                                   decoder_ffn_dim=128, max_position_embeddings=64)
     torch.manual_seed(0)
     model = transformers.BartForConditionalGeneration(cfg).eval()
-    g = torch.Generator().manual_seed(4)
-    ids, decoder_ids = torch.randint(3, VOCAB, (2, 12), generator=g), torch.randint(3, VOCAB, (2, 5), generator=g)
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[0, 8:] = 0
+    ids, decoder_ids, mask = _seq2seq_batch()
     for inputs in (dict(input_ids=ids, attention_mask=mask), dict(input_ids=ids)):
         want = _logits(model, "sdpa", decoder_input_ids=decoder_ids, **inputs)
         got = _logits(model, "dmattn", decoder_input_ids=decoder_ids, **inputs)
@@ -618,10 +624,7 @@ def test_t5s_relative_position_bias_reaches_the_op(op_calls):
     """T5 passes its relative position bias as position_bias, which eager adds to the scores (an attention function
     that ignored it ran, and gave other logits): the op's query-side bias. Logits with and without padding, and greedy
     generation with a dynamic and a static cache, as eager's."""
-    g = torch.Generator().manual_seed(4)
-    ids, decoder_ids = torch.randint(3, VOCAB, (2, 12), generator=g), torch.randint(3, VOCAB, (2, 5), generator=g)
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[0, 8:] = 0
+    ids, decoder_ids, mask = _seq2seq_batch()
     runs = {}
     for implementation in ("eager", "dmattn"):
         model = _tiny_t5(implementation)
@@ -635,6 +638,40 @@ def test_t5s_relative_position_bias_reaches_the_op(op_calls):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert all(torch.equal(got, want) for got, want in zip(runs["dmattn"][2:], runs["eager"][2:]))
     assert any(kwargs.get("bias") is not None for _, kwargs in op_calls)
+
+
+# Encoder-decoders whose decoder self-attention modules leave is_causal False and keep causality in the mask
+# transformers makes (UMT5, NLLB-MoE, Pegasus-X: a 2-D padding mask alone would run them bidirectional), and Switch
+# Transformers (an additive 4-D mask beside T5's position bias). Built from each default config, shrunk.
+SEQ2SEQ_SHRINK = dict(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                      encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2, decoder_start_token_id=0, num_experts=4)
+
+
+def _tiny_seq2seq(model_type: str, implementation: str):
+    cfg = transformers.AutoConfig.for_model(model_type)
+    for name, value in SEQ2SEQ_SHRINK.items():
+        if hasattr(cfg, name):
+            setattr(cfg, name, value)
+    torch.manual_seed(0)
+    return transformers.AutoModelForSeq2SeqLM.from_config(cfg, attn_implementation=implementation).eval()
+
+
+@pytest.mark.parametrize("model_type", ["umt5", "nllb-moe", "pegasus_x", "switch_transformers"])
+def test_encoder_decoders_whose_causality_is_in_the_mask_match_eager(model_type):
+    """Logits (a padded encoder batch) and greedy generation as eager's: the decoder's self-attention causal although
+    its modules say is_causal=False (the mask function gives such a decoder transformers' full mask)."""
+    ids, decoder_ids, mask = _seq2seq_batch()
+    runs = {}
+    for implementation in ("eager", "dmattn"):
+        model = _tiny_seq2seq(model_type, implementation)
+        with torch.no_grad():
+            runs[implementation] = (model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits,
+                                    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
+                                                   do_sample=False))
+    torch.testing.assert_close(runs["dmattn"][0], runs["eager"][0], rtol=1e-4, atol=1e-5)
+    assert torch.equal(runs["dmattn"][1], runs["eager"][1])
 
 
 def _tiny_encoder(name: str):

@@ -1,8 +1,11 @@
 """Every causal-LM architecture this transformers lists, built tiny from its default config, run under "eager" and
 "dmattn" on the same left-padded batch: the largest logit difference over the real tokens, and whether 5 greedy
-tokens agree. A correctness sweep by hand (minutes on the CPU; not in CI, whose tests pin the families that matter).
+tokens agree. --seq2seq: every encoder-decoder one instead (a right-padded encoder batch, decoder ids given, each
+model built with its implementation, which then reaches every stack). A correctness sweep by hand (minutes on the
+CPU; not in CI, whose tests pin the families that matter).
 
     python tools/sweep_transformers_models.py --json benchmarks/results/transformers_architecture_sweep_cpu.json
+    python tools/sweep_transformers_models.py --seq2seq --json benchmarks/results/transformers_seq2seq_sweep_cpu.json
     python tools/sweep_transformers_models.py llama doge          # some architectures only
 
 Each config is shrunk by the attribute names most architectures share (hidden 64, 2 layers, 4 query and 2 KV heads,
@@ -30,6 +33,11 @@ SMALL = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_
              intermediate_size=128, head_dim=16, max_position_embeddings=256, moe_intermediate_size=32,
              num_local_experts=4, num_experts=4, n_routed_experts=4, num_experts_per_tok=2, pad_token_id=0,
              bos_token_id=1, eos_token_id=2)
+SMALL_SEQ2SEQ = dict(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                     encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                     encoder_ffn_dim=128, decoder_ffn_dim=128, hidden_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, intermediate_size=128, max_position_embeddings=64, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2, decoder_start_token_id=0, num_experts=4)
 
 
 class _TimedOut(Exception):
@@ -67,6 +75,34 @@ def batch():
     return ids, mask
 
 
+def check_seq2seq(model_type: str) -> dict:
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    g = torch.Generator().manual_seed(4)
+    ids, decoder_ids = torch.randint(3, 100, (2, 12), generator=g), torch.randint(3, 100, (2, 5), generator=g)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, 8:] = 0
+    logits, tokens = {}, {}
+    for implementation in ("eager", "dmattn"):
+        cfg = AutoConfig.for_model(model_type)
+        for name, value in SMALL_SEQ2SEQ.items():
+            if hasattr(cfg, name):
+                try:
+                    setattr(cfg, name, value)
+                except Exception:  # noqa: BLE001 - a derived attribute: left as it is
+                    pass
+        torch.manual_seed(0)
+        model = AutoModelForSeq2SeqLM.from_config(cfg, attn_implementation=implementation).eval()
+        with torch.no_grad():
+            logits[implementation] = model(input_ids=ids, attention_mask=mask,
+                                           decoder_input_ids=decoder_ids).logits.float()
+            tokens[implementation] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
+                                                    do_sample=False, decoder_start_token_id=0)
+    return {"status": "ran", "max_abs_logit_diff": (logits["eager"] - logits["dmattn"]).abs().max().item(),
+            "logit_scale": logits["eager"].abs().max().item(),
+            "same_greedy_tokens": bool(torch.equal(tokens["eager"], tokens["dmattn"]))}
+
+
 def check(model_type: str) -> dict:
     model = tiny_model(model_type)
     ids, mask = batch()
@@ -86,25 +122,29 @@ def check(model_type: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("architectures", nargs="*", help="model types (default: every causal-LM one)")
+    ap.add_argument("--seq2seq", action="store_true", help="the encoder-decoder architectures (see above)")
     ap.add_argument("--timeout", type=int, default=40, help="seconds an architecture may take")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
 
     from dmattn_ops.integrations import transformers as dmattn_transformers
 
     dmattn_transformers.register()
     transformers.utils.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
-    names = args.architectures or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    names = args.architectures or sorted(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES if args.seq2seq
+                                         else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    run = check_seq2seq if args.seq2seq else check
     signal.signal(signal.SIGALRM, _timed_out)
     results = {}
     for name in names:
         signal.alarm(args.timeout)
         try:
-            results[name] = check(name)
+            results[name] = run(name)
         except _TimedOut:
             results[name] = {"status": f"timed out after {args.timeout} s"}
         except Exception as e:  # noqa: BLE001 - one architecture failing is reported, not fatal
@@ -120,8 +160,11 @@ def main(argv=None) -> int:
           f"{sum(r['max_abs_logit_diff'] <= 1e-4 for r in ran)}; the same greedy tokens: "
           f"{sum(r['same_greedy_tokens'] for r in ran)}")
     if args.json:
-        bc.write_json(args.json, {"workload": "transformers architecture sweep", "transformers": transformers.__version__,
-                                  "shrink": SMALL, "environment": bc.environment(torch.device("cpu"), REPO),
+        workload = "transformers architecture sweep" + (" (seq2seq)" if args.seq2seq else "")
+        bc.write_json(args.json, {"workload": workload,
+                                  "transformers": transformers.__version__,
+                                  "shrink": SMALL_SEQ2SEQ if args.seq2seq else SMALL,
+                                  "environment": bc.environment(torch.device("cpu"), REPO),
                                   "results": results,
                                   "command": "python " + " ".join([os.path.relpath(__file__, REPO)] +
                                                                   (argv or sys.argv[1:]))})

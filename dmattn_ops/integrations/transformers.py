@@ -40,7 +40,8 @@ mask per index head (_selected_blocks). An additive 4-D mask a model makes itsel
 gate) runs as the op's bias beside the mask of its kept keys (_attend_additive); such a model, like a sparse-attention
 one, gets transformers' full mask from the mask function (``_READS_THE_MASK``). A model's additive score bias passed as
 ``position_bias`` (T5's relative position bias, which eager adds to the scores) becomes the op's query-side bias
-``(B Lq, Hb, Lk)`` (_bias_rows). Those calls take the packed copy of K and V.
+``(B Lq, Hb, Lk)`` (_bias_rows). Those calls take the packed copy of K and V. An encoder-decoder's decoder
+self-attention gets transformers' full mask: some (UMT5, NLLB-MoE, Pegasus-X) keep its causality in that mask alone.
 
 What it refuses, with an error naming it: dropout while training, a value head dim wider than the key's,
 output_attentions, top-k indices, block indices or a position bias over packed rows (a keyword a model needs applied
@@ -159,6 +160,11 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
         structure = "full"  # packing beside a chunk, padding or a cache: not one the attention function expresses
     if any(getattr(config, name, None) is not None for name in _READS_THE_MASK):
         structure = "full"  # the model reads transformers' 4-D mask itself (its indexer, its dynamic mask)
+    if (getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False)) and \
+            _has_causal_part(mask_function):
+        # A decoder's self-attention in an encoder-decoder: some leave their modules' is_causal False and keep
+        # causality in this mask alone (UMT5, NLLB-MoE, Pegasus-X), so the attention function gets all of it.
+        structure = "full"
     if structure == "full":
         from transformers.masking_utils import sdpa_mask
 
@@ -441,10 +447,13 @@ def _attention(module, query, key, value, attention_mask, scaling, sliding_windo
         return _attend_full_mask(q, key, value, attention_mask, scaling, softcap, sinks, position_bias)
     seen = None
     if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.is_floating_point():
-        # an additive mask the model made itself (Doge's dynamic mask: its gates where a key is kept)
-        if position_bias is not None or kwargs.get("cu_seq_lens_q") is not None:
+        # an additive mask the model made itself (Doge's dynamic mask: its gates where a key is kept), and beside it
+        # a position bias eager adds too (Switch Transformers)
+        if kwargs.get("cu_seq_lens_q") is not None:
             raise NotImplementedError("dmattn_ops (attn_implementation='dmattn'): an additive 4-D attention mask "
-                                      "beside a position_bias or over packed rows is not supported yet")
+                                      "over packed rows is not supported yet")
+        if position_bias is not None:
+            attention_mask = attention_mask + position_bias[..., :attention_mask.shape[-1]]
         window = (sliding_window - 1, -1) if sliding_window is not None else None
         return _attend_additive(q, key, value, attention_mask, scaling, softcap, sinks, window)
     if attention_mask is not None and attention_mask.dim() == 1 and attention_mask.dtype == torch.int32:
