@@ -44,6 +44,7 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype, batch_size=None,
           topk=None):
     import transformers
 
+    model_cls = transformers.LlamaForCausalLM
     if model_name == "deepseek_v32":
         size = dict(hidden_size=256, q_lora_rank=96, kv_lora_rank=128, num_attention_heads=4) if tiny else \
             dict(hidden_size=1024, q_lora_rank=384, kv_lora_rank=512, num_attention_heads=16)
@@ -64,8 +65,6 @@ def build(tiny: bool, device: torch.device, dtype: torch.dtype, batch_size=None,
                                        num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=8,
                                        max_position_embeddings=8192)
         batch, lo, hi = 16, 1024, 2048
-    if model_name != "deepseek_v32":
-        model_cls = transformers.LlamaForCausalLM
     batch = batch_size or batch
     torch.manual_seed(0)
     model = model_cls(cfg).to(device=device, dtype=dtype).eval()

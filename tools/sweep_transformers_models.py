@@ -48,17 +48,31 @@ def _timed_out(*_):
     raise _TimedOut()
 
 
+def _shrink(cfg, small: dict) -> None:
+    """Sets each of small's attributes that cfg has (a derived or per-layer one that refuses is left as it is)."""
+    for name, value in small.items():
+        if hasattr(cfg, name):
+            try:
+                setattr(cfg, name, value)
+            except Exception:  # noqa: BLE001 - see above
+                pass
+
+
+def _verdict(logits: dict, tokens: dict, real=None) -> dict:
+    """A ran architecture's row: the largest logit difference (over the real tokens where given), the logits'
+    scale, and whether the greedy tokens agree."""
+    eager, ours = (logits[name] if real is None else logits[name][real] for name in ("eager", "dmattn"))
+    return {"status": "ran", "max_abs_logit_diff": (eager - ours).abs().max().item(),
+            "logit_scale": eager.abs().max().item(),
+            "same_greedy_tokens": bool(torch.equal(tokens["eager"], tokens["dmattn"]))}
+
+
 def tiny_model(model_type: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(model_type)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    for name, value in SMALL.items():
-        if hasattr(text, name):
-            try:
-                setattr(text, name, value)
-            except Exception:  # noqa: BLE001 - a derived or per-layer attribute: left as it is
-                pass
+    _shrink(text, SMALL)
     if getattr(text, "layer_types", None) is not None:
         text.layer_types = list(text.layer_types)[:SMALL["num_hidden_layers"]]
     torch.manual_seed(0)
@@ -85,12 +99,7 @@ def check_seq2seq(model_type: str) -> dict:
     logits, tokens = {}, {}
     for implementation in ("eager", "dmattn"):
         cfg = AutoConfig.for_model(model_type)
-        for name, value in SMALL_SEQ2SEQ.items():
-            if hasattr(cfg, name):
-                try:
-                    setattr(cfg, name, value)
-                except Exception:  # noqa: BLE001 - a derived attribute: left as it is
-                    pass
+        _shrink(cfg, SMALL_SEQ2SEQ)
         torch.manual_seed(0)
         model = AutoModelForSeq2SeqLM.from_config(cfg, attn_implementation=implementation).eval()
         with torch.no_grad():
@@ -98,9 +107,7 @@ def check_seq2seq(model_type: str) -> dict:
                                            decoder_input_ids=decoder_ids).logits.float()
             tokens[implementation] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
                                                     do_sample=False, decoder_start_token_id=0)
-    return {"status": "ran", "max_abs_logit_diff": (logits["eager"] - logits["dmattn"]).abs().max().item(),
-            "logit_scale": logits["eager"].abs().max().item(),
-            "same_greedy_tokens": bool(torch.equal(tokens["eager"], tokens["dmattn"]))}
+    return _verdict(logits, tokens)
 
 
 def check(model_type: str) -> dict:
@@ -113,10 +120,7 @@ def check(model_type: str) -> dict:
             logits[implementation] = model(input_ids=ids, attention_mask=mask).logits.float()
             tokens[implementation] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5,
                                                     do_sample=False, pad_token_id=0)
-    real = mask.bool()
-    return {"status": "ran", "max_abs_logit_diff": (logits["eager"] - logits["dmattn"])[real].abs().max().item(),
-            "logit_scale": logits["eager"][real].abs().max().item(),
-            "same_greedy_tokens": bool(torch.equal(tokens["eager"], tokens["dmattn"]))}
+    return _verdict(logits, tokens, mask.bool())
 
 
 def main(argv=None) -> int:

@@ -543,9 +543,7 @@ def _selected_blocks(blocks: torch.Tensor, module, H: int, Hk: int, Lk: int,
         keys = keys.repeat_interleave(H // H_idx, dim=1)
     if real is not None:
         keys = keys & real[:, None, None, :Lk].to(torch.bool)
-    if Lq == 1:
-        return keys[:, :, 0].transpose(1, 2).reshape(B * Lk, keys.shape[1])
-    return keys.transpose(1, 2).reshape(B * Lq, keys.shape[1], Lk)
+    return _op_layout(keys)
 
 
 def _refuse_together(kwargs: dict) -> None:
@@ -647,13 +645,18 @@ def _attend_full_mask(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, f
     makes it a key-side mask; more make it the op's query-side mask ``(B Lq, Hm, Lk)``. K and V are copied packed."""
     B, Lq, H, _ = q.shape
     _check_full_mask(full, B, H, Lq, key.shape[2])
-    Hm, Lk = full.shape[1], full.shape[3]
-    if Lq == 1:  # the sequence's one query: its row of the mask is per key
-        mask = full[:, :, 0, :].transpose(1, 2).reshape(B * Lk, Hm)
-    else:
-        mask = full.transpose(1, 2).reshape(B * Lq, Hm, Lk)
-    return _attend_copied(q, key, value, Lk, mask.contiguous(), softmax_scale=scaling, softcap=softcap or None,
-                          sinks=sinks, position_bias=position_bias)
+    return _attend_copied(q, key, value, full.shape[3], _op_layout(full).contiguous(), softmax_scale=scaling,
+                          softcap=softcap or None, sinks=sinks, position_bias=position_bias)
+
+
+def _op_layout(full: torch.Tensor) -> torch.Tensor:
+    """A per-(query, key) operand ``(B, Hm, Lq, Lk)`` in the op's layout for B packed sequences of Lq queries and Lk
+    keys: key-side ``(B Lk, Hm)`` where each sequence has one query (its row is per key), query-side
+    ``(B Lq, Hm, Lk)`` otherwise (a view where the strides allow)."""
+    B, Hm, Lq, Lk = full.shape
+    if Lq == 1:
+        return full[:, :, 0, :].transpose(1, 2).reshape(B * Lk, Hm)
+    return full.transpose(1, 2).reshape(B * Lq, Hm, Lk)
 
 
 def _attend_additive(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, full: torch.Tensor, scaling, softcap,
@@ -667,15 +670,11 @@ def _attend_additive(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fu
     every key.)"""
     B, Lq, H, _ = q.shape
     _check_full_mask(full, B, H, Lq, key.shape[2])
-    Hm, Lk = full.shape[1], full.shape[3]
     seen = full > torch.finfo(full.dtype).min / 2
     bias = full if full.dtype in (q.dtype, torch.float32) else full.float()
-    if Lq == 1:  # the sequence's one query: its row is per key
-        seen, bias = (t[:, :, 0, :].transpose(1, 2).reshape(B * Lk, Hm) for t in (seen, bias))
-    else:
-        seen, bias = (t.transpose(1, 2).reshape(B * Lq, Hm, Lk) for t in (seen, bias))
-    return _attend_copied(q, key, value, Lk, seen.contiguous(), bias=bias.contiguous(), softmax_scale=scaling,
-                          softcap=softcap or None, sinks=sinks, window_size=window)
+    return _attend_copied(q, key, value, full.shape[3], _op_layout(seen).contiguous(),
+                          bias=_op_layout(bias).contiguous(), softmax_scale=scaling, softcap=softcap or None,
+                          sinks=sinks, window_size=window)
 
 
 def _attend_selected(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, full: Optional[torch.Tensor],
@@ -702,14 +701,14 @@ def _attend_selected(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, fu
     if Lq == 1 and full.shape[1] == 1 and Lk > 0:
         picked = torch.where(named[:, 0], columns[:, 0], 0)  # (B, k); a column of no key reads key 0, hidden below
         seen = full[:, 0, 0].gather(1, picked) & named[:, 0]
-        k = picked.shape[1]
-        k_rows, v_rows = _selected_rows(key, picked), _as_key_wide(_selected_rows(value, picked), D)
-        cu_q, cu_k = _kept_tensors(("packed", B, 1, k), q.device, lambda: (
-            torch.arange(0, B + 1, dtype=torch.int32, device=q.device),
-            torch.arange(0, (B + 1) * k, k, dtype=torch.int32, device=q.device)))
-        out = _varlen(q.reshape(B, H, D), k_rows, v_rows, cu_q, cu_k, 1, k, mask=seen.reshape(B * k, 1),
-                      softmax_scale=scaling, softcap=softcap or None, sinks=sinks)
-        return out.view(B, 1, H, D)
+        k, Hk = picked.shape[1], key.shape[1]
+
+        def as_cache(rows):  # the gathered (B k, Hk, D) rows viewed as a (B, Hk, k, D) cache, which the packed call
+            return rows.view(B, k, Hk, D).transpose(1, 2)  # takes back as those rows without a copy
+
+        return _attend_copied(q, as_cache(_selected_rows(key, picked)),
+                              as_cache(_as_key_wide(_selected_rows(value, picked), D)), k, seen.reshape(B * k, 1),
+                              softmax_scale=scaling, softcap=softcap or None, sinks=sinks)
     # Each query's selection as a row of Lk + 1 columns, the last one a sink for the indices that name no key
     # (scatter_ needs every index in range).
     picked = torch.zeros((B, Lq, Lk + 1), dtype=torch.bool, device=q.device)
